@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import make_category  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Two categories in MVTec layout: an RGB one and a grayscale one (as magnetic_tile)."""
+    root = tmp_path_factory.mktemp("data")
+    make_category(root, "stripes", seed=1, rgb=True, period=9.0)
+    make_category(root, "gray", seed=2, rgb=False, period=13.0)
+    return root
+
+
+def write_recipe(path: Path, data_root: Path, **overrides) -> Path:
+    cfg = {
+        "data": {"sources": [{"root": str(data_root), "categories": ["stripes", "gray"]}], "image_size": 64},
+        "model": {"method": "stfpm", "backbone": "efficientnet_lite0", "pretrained": True,
+                  "taps": ["blocks.1", "blocks.3"], "smoothing_sigma": 1.0},
+        "train": {"epochs": 12, "batch_size": 8, "lr": 0.003, "threads": 2},
+        "compile": {"calib_samples": 8},
+    }
+    for section, values in overrides.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def recipe_factory(tmp_path, tiny_data):
+    def make(name: str = "tiny", **overrides) -> Path:
+        return write_recipe(tmp_path / f"{name}.yaml", tiny_data, **overrides)
+    return make

@@ -1,0 +1,69 @@
+"""The CLI's contract for user mistakes: one line, exit code 2, no traceback, nothing written."""
+
+import yaml
+from click.testing import CliRunner
+
+from uadc.cli import main
+
+
+def _assert_user_error(result, text, artifacts):
+    assert result.exit_code == 2, result.output
+    out = result.output.strip()
+    assert out.startswith("error: ") and text in out
+    assert len(out.splitlines()) == 1 and "Traceback" not in out
+    assert not artifacts.exists() or not any(artifacts.rglob("*"))
+
+
+def test_bad_recipe(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"data": {"sources": [{"root": "x"}]}, "model": {"backbone": "resnet19"}}))
+    art = tmp_path / "art"
+    res = CliRunner().invoke(main, ["train", str(bad), "--artifacts", str(art)])
+    _assert_user_error(res, "model.backbone: 'resnet19' is not one of", art)
+
+
+def test_missing_data_folder(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({"data": {"sources": [{"root": "nowhere", "categories": ["a"]}]}}))
+    art = tmp_path / "art"
+    res = CliRunner().invoke(main, ["train", str(r), "--artifacts", str(art)])
+    _assert_user_error(res, "data folder not found", art)
+
+
+def test_defect_without_mask(recipe_factory, tiny_data, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "gray" / "ground_truth" / "blob" / "002_mask.png").unlink()
+    r = recipe_factory(data={"sources": [{"root": str(data), "categories": ["stripes", "gray"]}]})
+    art = tmp_path / "art"
+    res = CliRunner().invoke(main, ["train", str(r), "--artifacts", str(art)])
+    _assert_user_error(res, "defect image without mask", art)
+
+
+def test_eval_without_checkpoint(recipe_factory, tmp_path):
+    art = tmp_path / "art"
+    res = CliRunner().invoke(main, ["eval", str(recipe_factory()), "--artifacts", str(art)])
+    _assert_user_error(res, "checkpoint not found", art)
+
+
+def test_unknown_target_and_calibrator(recipe_factory, tmp_path):
+    art = tmp_path / "art"
+    res = CliRunner().invoke(main, ["compile", str(recipe_factory()), "--target", "tpu", "--artifacts", str(art),
+                                    "--checkpoint", str(tmp_path / "none.pt")])
+    assert res.exit_code == 2 and "error: " in res.output
+
+
+def test_check_trt_missing_file(tmp_path):
+    res = CliRunner().invoke(main, ["check-trt", str(tmp_path / "nope.onnx")])
+    assert res.exit_code == 2 and "model not found" in res.output
+
+
+def test_recipe_schema_lists_keys():
+    res = CliRunner().invoke(main, ["recipe-schema"])
+    assert res.exit_code == 0 and "model.method" in res.output and "compile.calib_data" in res.output
+
+
+def test_calibrators_list():
+    res = CliRunner().invoke(main, ["calibrators", "list"])
+    assert res.exit_code == 0 and set(res.output.split()) >= {"entropy", "mse", "minmax", "percentile"}

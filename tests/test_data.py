@@ -1,0 +1,83 @@
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from synthetic import make_category
+from uadc.data import build_test_sets, build_train_set, resolve_sources, list_test_samples, validate_test_masks
+from uadc.errors import UadcError
+
+NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+@pytest.fixture
+def data(tmp_path):
+    make_category(tmp_path, "a", n_train=3, n_good=1, n_defect=2, seed=3)
+    make_category(tmp_path, "b", n_train=2, n_good=1, n_defect=1, seed=4, rgb=False)
+    return tmp_path
+
+
+def test_unified_train_set_and_per_category_tests(data):
+    pairs = resolve_sources([{"root": str(data), "categories": None}])
+    assert [c for _, c in pairs] == ["a", "b"]
+    train = build_train_set(pairs, 32, NORM)
+    assert len(train) == 5 and {s.category for s in train.samples} == {"a", "b"}
+    item = train[3]  # grayscale category comes back as 3-channel
+    assert item["image"].shape == (3, 32, 32) and item["label"] == 0
+    tests = build_test_sets(pairs, 32, NORM)
+    assert sorted(tests) == ["a", "b"]
+    labels = [s.label for s in tests["a"].samples]
+    assert labels == [1, 1, 0]
+    m = tests["a"][0]["mask"]
+    assert m.shape == (1, 32, 32) and set(np.unique(m.numpy())) <= {0.0, 1.0} and m.sum() > 0
+
+
+def test_normalisation(data):
+    ds = build_train_set(resolve_sources([{"root": str(data), "categories": ["a"]}]), 16, NORM)
+    x = ds[0]["image"].numpy()
+    assert -1.0 <= x.min() and x.max() <= 1.0
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(UadcError, match="data folder not found"):
+        resolve_sources([{"root": str(tmp_path / "nope"), "categories": ["a"]}])
+
+
+def test_missing_category(data):
+    with pytest.raises(UadcError, match="category 'zzz' not found"):
+        build_train_set(resolve_sources([{"root": str(data), "categories": ["zzz"]}]), 32, NORM)
+
+
+def test_empty_category(data):
+    for f in (data / "a" / "train" / "good").iterdir():
+        f.unlink()
+    with pytest.raises(UadcError, match="category 'a' has no training images"):
+        build_train_set([(data, "a")], 32, NORM)
+
+
+def test_unreadable_image(data):
+    (data / "a" / "train" / "good" / "000.png").write_bytes(b"not a png")
+    ds = build_train_set([(data, "a")], 32, NORM)
+    with pytest.raises(UadcError, match="unreadable image .*000.png"):
+        ds[0]
+
+
+def test_defect_without_mask(data):
+    (data / "a" / "ground_truth" / "blob" / "001_mask.png").unlink()
+    with pytest.raises(UadcError, match="defect image without mask: .*blob/001.png"):
+        list_test_samples(data, "a")
+
+
+def test_mask_size_mismatch(data):
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(data / "a" / "ground_truth" / "blob" / "000_mask.png")
+    ds = build_test_sets([(data, "a")], 32, NORM)["a"]
+    with pytest.raises(UadcError, match="mask size .* differs from image size"):
+        validate_test_masks(ds)
+
+
+def test_duplicate_category(data, tmp_path_factory):
+    other = tmp_path_factory.mktemp("other")
+    shutil.copytree(data / "a", other / "a")
+    with pytest.raises(UadcError, match="category 'a' appears twice"):
+        resolve_sources([{"root": str(data), "categories": ["a"]}, {"root": str(other), "categories": ["a"]}])

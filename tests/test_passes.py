@@ -1,0 +1,362 @@
+"""Pass pipeline, partition tags, Q/DQ insertion and calibration on a tiny hand-built KD graph.
+
+The graph is built with onnx.helper (fast, deterministic): a teacher Conv-Relu-Conv, a student
+that reads both the image (STFPM) and the teacher's first activation (PaSTe), and a head that
+squares the feature difference into an anomaly map and a score.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from uadc.calibrate import calibration_images, collect_ranges, tensors_to_calibrate
+from uadc.errors import UadcError
+from uadc.passes import (
+    PARTITION_KEY, PassContext, check_numerics, nodes_in, partition_check, partition_counts,
+    partition_of, quantize_qdq, run_ort, run_passes,
+)
+from uadc.targets import FLOAT_PASSES, get_target
+
+C = 4  # channels
+
+
+def _conv_w(rng, cout, cin):
+    return (rng.standard_normal((cout, cin, 3, 3)) * 0.3).astype(np.float32)
+
+
+def tiny_kd(seed: int = 0, with_bn: bool = False) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def init(name, arr):
+        inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def node(part, op, ins, out, **attrs):
+        n = helper.make_node(op, ins, [out], name=f"{part}/{op}_{len(nodes)}", **attrs)
+        n.metadata_props.add(key=PARTITION_KEY, value=part)
+        nodes.append(n)
+        return out
+
+    def conv(part, x, name, cin):
+        w = init(f"{name}.w", _conv_w(rng, C, cin))
+        b = init(f"{name}.b", (rng.standard_normal(C) * 0.1).astype(np.float32))
+        return node(part, "Conv", [x, w, b], name, pads=[1, 1, 1, 1])
+
+    t1 = conv("teacher", "image", "t1", 3)
+    if with_bn:  # foldable into the Conv by the simplifier
+        bn = [init(f"bn.{k}", v.astype(np.float32)) for k, v in [
+            ("scale", rng.uniform(0.5, 1.5, C)), ("bias", rng.standard_normal(C) * 0.1),
+            ("mean", rng.standard_normal(C) * 0.1), ("var", rng.uniform(0.5, 1.5, C))]]
+        t1 = node("teacher", "BatchNormalization", [t1, *bn], "t1bn")
+    t1r = node("teacher", "Relu", [t1], "t1r")
+    t2 = conv("teacher", t1r, "t2", C)
+    s1 = conv("student", "image", "s1", 3)
+    s1r = node("student", "Relu", [s1], "s1r")
+    sa = node("student", "Add", [s1r, t1r], "sa")
+    s2 = conv("student", sa, "s2", C)
+    d = node("head", "Sub", [t2, s2], "d")
+    d2 = node("head", "Mul", [d, d], "d2")
+    am = node("head", "ReduceMean", [d2, init("axes_c", np.array([1], np.int64))], "anomaly_map", keepdims=1)
+    node("head", "ReduceMax", [am, init("axes_all", np.array([1, 2, 3], np.int64))], "score", keepdims=0)
+    graph = helper.make_graph(
+        nodes, "tiny_kd", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", 1, 8, 8]),
+         helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    model.metadata_props.add(key="uadc.method", value="stfpm")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((6, 3, 8, 8)).astype(np.float32)
+
+
+def _ctx(target="ort-cpu-fp32", images=None, **kw) -> PassContext:
+    feeds = {"image": images[:2]} if images is not None else None
+    return PassContext(target=get_target(target), sample_feeds=feeds, **kw)
+
+
+def _strip_tag(model: onnx.ModelProto, name: str, keep_prefix: bool = False) -> None:
+    n = next(n for n in model.graph.node if n.name == name)
+    kept = [(p.key, p.value) for p in n.metadata_props if p.key != PARTITION_KEY]
+    del n.metadata_props[:]
+    for k, v in kept:
+        n.metadata_props.add(key=k, value=v)
+    if not keep_prefix:
+        n.name = name.split("/", 1)[1]
+
+
+# ------------------------------------------------------------------------------ pipeline
+
+def test_run_passes_records_and_dumps(tmp_path, images):
+    model = tiny_kd(with_bn=True)
+    out, records = run_passes(model, FLOAT_PASSES, _ctx(images=images, dump_dir=tmp_path))
+    assert [r["name"] for r in records] == FLOAT_PASSES
+    for r in records:
+        assert set(r) == {"name", "seconds", "nodes_before", "nodes_after"} and r["seconds"] >= 0
+    simplify = records[1]
+    assert simplify["nodes_before"] == 12 and simplify["nodes_after"] == 11  # BN folded into the Conv
+    assert records[-1]["nodes_after"] == len(out.graph.node)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "01_shape_inference.onnx", "02_simplify.onnx", "03_partition_check.onnx", "04_cleanup.onnx"]
+    assert len(onnx.load(tmp_path / "02_simplify.onnx").graph.node) == 11
+    # tags, model metadata and the dynamic batch survive the simplifier
+    assert all(partition_of(n) and n.name.startswith(partition_of(n) + "/") for n in out.graph.node)
+    assert all(any(p.key == PARTITION_KEY for p in n.metadata_props) for n in out.graph.node)
+    assert partition_counts(out) == {"teacher": 3, "student": 4, "head": 4}
+    assert any(p.key == "uadc.method" for p in out.metadata_props)
+    assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    x = images[:5]
+    for a, b in zip(run_ort(model, {"image": x}), run_ort(out, {"image": x})):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_pass_lists_available():
+    with pytest.raises(UadcError, match="available: .*simplify.*qdq"):
+        run_passes(tiny_kd(), ["shape_inference", "fold_everything"], _ctx())
+
+
+def test_numeric_check_catches_a_broken_pass(images):
+    model = tiny_kd()
+    feeds = {"image": images[:2]}
+
+    def nudged(delta):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        w = next(i for i in m.graph.initializer if i.name == "s2.w")
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) + np.float32(delta), w.name))
+        return m
+
+    assert check_numerics(model, nudged(1e-7), feeds) < 1e-4  # float noise passes
+    with pytest.raises(UadcError, match="changed numerics beyond float noise"):
+        check_numerics(model, nudged(0.05), feeds, what="broken_pass")
+
+
+def test_simplify_falls_back_and_rejects_numeric_changes(images, monkeypatch):
+    import uadc.passes as passes
+
+    model = tiny_kd(with_bn=True)
+    ctx = _ctx(images=images)
+
+    def crash(m, feeds):
+        raise RuntimeError("onnxsim exploded")
+
+    monkeypatch.setattr(passes, "_onnxsim", crash)
+    out = passes.simplify(model, ctx)  # onnxslim takes over
+    assert len(out.graph.node) == 11 and "untagged" not in partition_counts(out)
+
+    slim = passes._onnxslim
+
+    def broken(m, feeds):  # a "simplifier" that silently changes a weight
+        m = slim(m, feeds)
+        w = next(i for i in m.graph.initializer if i.name == "s2.w")
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float32(1.1), w.name))
+        return m
+
+    monkeypatch.setattr(passes, "_onnxslim", broken)
+    with pytest.raises(UadcError, match="simplify failed.*changed numerics beyond float noise"):
+        passes.simplify(model, ctx)
+
+
+# ---------------------------------------------------------------------------- partitions
+
+def test_partition_check_repairs_lost_tags():
+    model = tiny_kd()
+    _strip_tag(model, "student/Relu_4")                   # name and metadata lost: producers -> student
+    _strip_tag(model, "head/Sub_7")                       # teacher+student producers -> consumers: head
+    _strip_tag(model, "teacher/Conv_0", keep_prefix=True)  # metadata lost, prefix kept
+    out = partition_check(model, _ctx())
+    by_op = {(n.op_type, n.output[0]): n for n in out.graph.node}
+    for key, want in [(("Relu", "s1r"), "student"), (("Sub", "d"), "head"), (("Conv", "t1"), "teacher")]:
+        n = by_op[key]
+        assert partition_of(n) == want and n.name.startswith(f"{want}/")
+        assert [p.value for p in n.metadata_props if p.key == PARTITION_KEY] == [want]
+    assert partition_counts(out) == {"teacher": 3, "student": 4, "head": 4}
+
+
+def test_partition_check_fails_on_orphan():
+    model = tiny_kd()
+    model.graph.node.append(helper.make_node("Identity", ["image"], ["stray"], name="stray"))
+    model.graph.output.append(helper.make_tensor_value_info("stray", TensorProto.FLOAT, None))
+    with pytest.raises(UadcError, match="no partition.*stray"):
+        partition_check(model, _ctx())
+
+
+# --------------------------------------------------------------------------------- Q/DQ
+
+def _producers(model):
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _assert_qdq_only_on_student(model, reference):
+    prod = _producers(model)
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(partition_of(n) == "student" for n in qdq)
+    for n in model.graph.node:
+        part = partition_of(n)
+        for t in n.input:
+            dq = prod.get(t)
+            if part == "student" or dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            assert part == "head", f"{n.name} reads fake-quantized {t}"
+            q = prod[dq.input[0]]
+            assert partition_of(prod[q.input[0]]) == "student"  # boundary: the student's own output
+    # the teacher and head sub-graphs are untouched
+    for part in ("teacher", "head"):
+        def ops(m):
+            return sorted(n.op_type for n in m.graph.node if partition_of(n) == part)
+        assert ops(model) == ops(reference)
+    teacher_inputs = {t for n in model.graph.node if partition_of(n) == "teacher" for t in n.input}
+    assert teacher_inputs == {t for n in reference.graph.node if partition_of(n) == "teacher" for t in n.input}
+
+
+def _calibrated(model, images, target):
+    scheme = get_target(target).scheme
+    names = tensors_to_calibrate(model, ["student"])
+    return collect_ranges(model, images, names, "minmax", activation_symmetric=scheme.activation_symmetric)
+
+
+@pytest.mark.parametrize("target", ["ort-cpu-int8", "trt-int8"])
+def test_qdq_only_student(images, target):
+    model = tiny_kd()
+    ranges = _calibrated(model, images, target)
+    ctx = _ctx(target, images=images, ranges=ranges)
+    out, records = run_passes(model, get_target(target).passes, ctx)
+    assert records[3]["name"] == "qdq" and records[3]["nodes_after"] > records[3]["nodes_before"]
+    _assert_qdq_only_on_student(out, model)
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    acts = [n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    assert {n.input[0] for n in acts} >= {"image", "t1r"}  # student's input quantization
+    zero_points = [inits[n.input[2]] for n in acts]
+    weight_dq = {n.input[0].removesuffix("_QuantizeLinear_Output").removesuffix("_quantized"): n
+                 for n in out.graph.node if n.op_type == "DequantizeLinear"
+                 and n.input[0].removesuffix("_QuantizeLinear_Output").removesuffix("_quantized") in ("s1.w", "s2.w")}
+    assert set(weight_dq) == {"s1.w", "s2.w"}
+    if target == "trt-int8":
+        assert all(z.dtype == np.int8 and not z.any() for z in zero_points)
+        for dq in weight_dq.values():
+            axis = next(a.i for a in dq.attribute if a.name == "axis")
+            assert axis == 0 and inits[dq.input[1]].shape == (C,)         # per output channel
+            assert inits[dq.input[2]].dtype == np.int8 and not inits[dq.input[2]].any()
+        assert all(i.data_type != TensorProto.INT32 for i in out.graph.initializer)  # float biases
+    else:
+        assert all(z.dtype == np.uint8 for z in zero_points)
+        assert all(inits[dq.input[1]].size == 1 for dq in weight_dq.values())  # per-tensor weights
+    x = images
+    for a, b in zip(run_ort(model, {"image": x}), run_ort(out, {"image": x}, optimize=True)):
+        assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+
+
+def test_qdq_student_and_head(images):
+    model = tiny_kd()
+    names = tensors_to_calibrate(model, ["student", "head"])
+    assert {"d", "d2"} <= set(names) and "t2" not in names  # Mul is quantized, Sub is not
+    ranges = collect_ranges(model, images, names, "minmax")
+    out = quantize_qdq(model, _ctx("ort-cpu-int8", ranges=ranges, quantize_partitions=["student", "head"]))
+    prod = _producers(out)
+    qdq = [n for n in out.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert {partition_of(n) for n in qdq} == {"student", "head"}
+    mul = next(n for n in out.graph.node if n.op_type == "Mul")
+    assert prod[mul.input[0]].op_type == "DequantizeLinear" and partition_of(prod[mul.input[0]]) == "head"
+    for n in out.graph.node:
+        if partition_of(n) == "teacher":
+            assert all(prod.get(t) is None or prod[t].op_type != "DequantizeLinear" for t in n.input)
+
+
+def test_qdq_missing_range_names_tensor(images):
+    model = tiny_kd()
+    ranges = _calibrated(model, images, "ort-cpu-int8")
+    del ranges["t1r"]
+    with pytest.raises(UadcError, match="no calibrated range for tensor 't1r'"):
+        quantize_qdq(model, _ctx("ort-cpu-int8", ranges=ranges))
+    with pytest.raises(UadcError, match="calibrated activation ranges"):
+        quantize_qdq(model, _ctx("ort-cpu-int8"))
+
+
+def test_fp16_pass_keeps_partitions_and_io(images):
+    model = tiny_kd()
+    out, _ = run_passes(model, ["fp16", "cleanup"], _ctx())
+    assert "untagged" not in partition_counts(out)
+    assert nodes_in(out, ["teacher", "student", "head"]) == [n.name for n in out.graph.node]
+    ref, got = run_ort(model, {"image": images}), run_ort(out, {"image": images})
+    assert all(g.dtype == np.float32 for g in got)
+    for a, b in zip(ref, got):
+        assert np.abs(a - b).max() <= 1e-2 * np.abs(a).max()
+
+
+def test_cleanup_drops_dead_code():
+    model = tiny_kd()
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(3, np.float32), "unused"))
+    dead = helper.make_node("Relu", ["t2"], ["nobody_reads"], name="head/dead")
+    model.graph.node.append(dead)
+    out, rec = run_passes(model, ["cleanup"], _ctx())
+    assert rec[0]["nodes_before"] == 12 and rec[0]["nodes_after"] == 11
+    assert "unused" not in {i.name for i in out.graph.initializer}
+
+
+# ---------------------------------------------------------------------------- calibration
+
+def _relu_model() -> onnx.ModelProto:
+    nodes = [helper.make_node("Relu", ["image"], ["r"], name="student/relu"),
+             helper.make_node("Mul", ["image", "two"], ["m"], name="student/mul"),
+             helper.make_node("Add", ["r", "m"], ["out"], name="head/add")]
+    for n in nodes:
+        n.metadata_props.add(key=PARTITION_KEY, value=n.name.split("/")[0])
+    graph = helper.make_graph(nodes, "relu", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                            ["batch", 3, 4, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.float32(2.0), "two")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def test_collect_ranges_minmax():
+    x = np.random.default_rng(3).standard_normal((7, 3, 4, 4)).astype(np.float32)
+    model = _relu_model()
+    names = tensors_to_calibrate(model, ["student"])
+    assert names == ["image", "r", "m"]  # the initializer "two" and head tensors are not
+    r = collect_ranges(model, x, names, "minmax", batch_size=3)  # 3 + 3 + 1 images
+    assert r["r"] == (0.0, pytest.approx(float(x.max())))
+    assert r["m"] == (pytest.approx(2 * float(x.min())), pytest.approx(2 * float(x.max())))
+    assert all(type(v) is float for pair in r.values() for v in pair)
+    sym = collect_ranges(model, x, ["m"], "minmax", activation_symmetric=True)
+    a = 2 * float(np.abs(x).max())
+    assert sym["m"] == (pytest.approx(-a), pytest.approx(a))
+    # a symmetric calibrator on a never-negative tensor, asymmetric scheme: lo clipped to 0
+    clipped = collect_ranges(model, x, ["r"], "minmax", options={"symmetric": True})
+    assert clipped["r"] == (0.0, pytest.approx(float(x.max())))
+
+
+def test_tensors_to_calibrate_tiny_kd():
+    assert set(tensors_to_calibrate(tiny_kd(), ["student"])) == {"image", "s1", "s1r", "t1r", "sa", "s2"}
+
+
+def test_calibration_images():
+    seen = []
+
+    def load(idx):
+        seen.append(idx)
+        return np.stack([np.full((3, 8, 8), i, np.float32) for i in idx])
+
+    a = calibration_images("train", 5, seed=0, train_images=load, num_train=20, image_size=8)
+    b = calibration_images("train", 5, seed=0, train_images=load, num_train=20, image_size=8)
+    c = calibration_images("train", 5, seed=1, train_images=load, num_train=20, image_size=8)
+    assert a.shape == (5, 3, 8, 8) and a.dtype == np.float32
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert all(0 <= i < 20 for i in seen[0]) and len(set(seen[0])) == 5
+    rn = calibration_images("random-normal", 4, seed=0, train_images=None, num_train=0, image_size=8)
+    assert rn.shape == (4, 3, 8, 8) and rn.dtype == np.float32
+    assert np.array_equal(rn, calibration_images("random-normal", 4, 0, None, 0, 8))
+    assert not np.array_equal(rn, calibration_images("random-normal", 4, 1, None, 0, 8))
+    mixed = calibration_images("mixed", 6, seed=0, train_images=load, num_train=20, image_size=8)
+    is_train = np.array([np.all(m == m.flat[0]) for m in mixed])
+    assert mixed.shape == (6, 3, 8, 8) and is_train.sum() == 3
+    with pytest.raises(UadcError, match="unknown calibration data kind"):
+        calibration_images("imagenet", 4, 0, None, 0, 8)
+    with pytest.raises(UadcError, match="training set"):
+        calibration_images("train", 4, 0, None, 0, 8)

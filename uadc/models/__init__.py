@@ -1,0 +1,35 @@
+"""Anomaly-detection methods, one module each; ``build_model`` picks one from a recipe."""
+
+from __future__ import annotations
+
+from uadc.errors import UadcError
+from uadc.models.base import KDModel
+
+DEFAULT_TAPS = {
+    "efficientnet_lite0": ["blocks.2", "blocks.4", "blocks.10"],
+    "mobilenet_v2": ["features.3", "features.6", "features.13"],
+    "resnet18": ["layer1", "layer2", "layer3"],
+    "wide_resnet50_2": ["layer1", "layer2", "layer3"],
+}
+
+
+def model_config(recipe_model: dict) -> dict:
+    m = dict(recipe_model)
+    m["taps"] = m["taps"] or DEFAULT_TAPS[m["backbone"]]
+    return m
+
+
+def build_model(recipe_model: dict, image_size: int) -> KDModel:
+    m = model_config(recipe_model)
+    method = m["method"]
+    if method == "stfpm":
+        from uadc.models.stfpm import build_stfpm as build
+    elif method == "paste":
+        from uadc.models.paste import build_paste as build
+    elif method == "rd":
+        from uadc.models.rd import build_rd as build
+    elif method == "us":
+        from uadc.models.us import build_us as build
+    else:
+        raise UadcError(f"model.method: unknown method {method!r}")
+    return build(m, image_size)

@@ -1,0 +1,85 @@
+"""Scoring heads: teacher/student features -> anomaly map (N,1,H,W) and image score (N,).
+
+Heads are plain torch ops (normalise, distance, upsample, combine, gaussian smoothing, max) so
+the exported ONNX graph needs nothing but a runtime."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    radius = int(4 * sigma + 0.5)  # same truncation as scipy.ndimage.gaussian_filter
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+class GaussianBlur(nn.Module):
+    """Separable gaussian smoothing of a 1-channel map with reflect padding."""
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        self.sigma = float(sigma)
+        k = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
+        self.radius = (k.numel() - 1) // 2
+        self.register_buffer("kx", k.view(1, 1, 1, -1), persistent=False)
+        self.register_buffer("ky", k.view(1, 1, -1, 1), persistent=False)
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        if self.radius == 0:
+            return m
+        r = self.radius
+        m = F.conv2d(F.pad(m, (r, r, 0, 0), mode="reflect"), self.kx)
+        return F.conv2d(F.pad(m, (0, 0, r, r), mode="reflect"), self.ky)
+
+
+def l2_normalized_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """0.5 * ||t/|t| - s/|s| ||^2 over channels, (N,1,h,w), in [0, 2] (STFPM)."""
+    t = F.normalize(t, dim=1)
+    s = F.normalize(s, dim=1)
+    return 0.5 * ((t - s) ** 2).sum(dim=1, keepdim=True)
+
+
+def cosine_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """1 - cos(t, s) over channels, (N,1,h,w) (Reverse Distillation)."""
+    return 1.0 - F.cosine_similarity(t, s, dim=1).unsqueeze(1)
+
+
+class DistanceHead(nn.Module):
+    """Per-layer distance maps, upsampled to the input size, combined, smoothed; score = max."""
+
+    def __init__(self, image_size: int, distance: str = "l2", combine: str = "product", sigma: float = 4.0,
+                 skip_teacher: int = 0):
+        super().__init__()
+        self.image_size = image_size
+        self.distance = distance
+        self.combine = combine
+        self.skip_teacher = skip_teacher  # leading teacher outputs that are not compared (PaSTe split)
+        self.blur = GaussianBlur(sigma)
+
+    def layer_maps(self, t_feats, s_feats) -> list[torch.Tensor]:
+        fn = l2_normalized_distance if self.distance == "l2" else cosine_distance
+        return [fn(t, s) for t, s in zip(t_feats[self.skip_teacher:], s_feats)]
+
+    def forward(self, t_feats, s_feats) -> tuple[torch.Tensor, torch.Tensor]:
+        size = (self.image_size, self.image_size)
+        maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                for m in self.layer_maps(t_feats, s_feats)]
+        amap = maps[0]
+        for m in maps[1:]:
+            amap = amap * m if self.combine == "product" else amap + m
+        amap = self.blur(amap)
+        return amap, amap.flatten(1).amax(dim=1)
+
+
+def mean_layer_distance(head: DistanceHead, t_feats, s_feats) -> list[float]:
+    return [float(m.mean()) for m in head.layer_maps(t_feats, s_feats)]
+
+
+def conv_out(size: int, stride: int) -> int:
+    return math.ceil(size / stride)

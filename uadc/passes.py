@@ -1,0 +1,688 @@
+"""The compile pass pipeline: named ``(model, ctx) -> model`` functions run in order.
+
+Every node of a uadc graph belongs to a partition (``teacher``, ``student``, ``head``), recorded
+twice: as the node-name prefix (``student/node_Conv_3``) and as node metadata ``uadc.partition``.
+Tools that rebuild nodes (onnxsim, onnxslim, ORT's quantizer, the float16 converter) drop the
+metadata or add untagged nodes, so the passes restore tags by name and ``partition_check``
+re-derives the rest from the graph: name prefix, else producers, else consumers. Q/DQ nodes go
+to the quantized partition they serve (a Q/DQ pair between a teacher output and a student Conv
+is the student's input quantization).
+
+Passes:
+  shape_inference  onnx shape inference (non-strict)
+  simplify         onnxsim, falling back to onnxslim; numerics checked with onnxruntime
+  partition_check  every node gets exactly one partition, name prefix == metadata
+  qdq              Q/DQ insertion by ONNX Runtime's QDQQuantizer with *our* calibrated ranges,
+                   restricted to ``ctx.quantize_partitions``
+  fp16             float16 weights/compute, float32 graph I/O
+  cleanup          drop dead nodes/initializers, topological order, onnx checker
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import heapq
+import io
+import inspect
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from uadc.errors import UadcError
+from uadc.targets import Target
+
+log = logging.getLogger(__name__)
+
+PARTITIONS = ("teacher", "student", "head")
+PARTITION_KEY = "uadc.partition"
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+#: numerics gate for float-preserving passes: max |a - b| <= NUMERIC_RTOL * max(1, max |ref|)
+NUMERIC_RTOL = 1e-4
+
+
+@dataclass
+class PassContext:
+    target: Target
+    ranges: dict[str, tuple[float, float]] | None = None
+    quantize_partitions: list[str] = field(default_factory=lambda: ["student"])
+    sample_feeds: dict[str, np.ndarray] | None = None
+    dump_dir: Path | None = None
+    per_channel: bool | None = None   # overrides target.scheme.per_channel when set
+
+
+Pass = Callable[[onnx.ModelProto, PassContext], onnx.ModelProto]
+PASSES: dict[str, Pass] = {}
+
+
+def register_pass(name: str) -> Callable[[Pass], Pass]:
+    def deco(fn: Pass) -> Pass:
+        PASSES[name] = fn
+        return fn
+    return deco
+
+
+# --------------------------------------------------------------------------------- partitions
+
+def _meta_partition(node: onnx.NodeProto) -> str | None:
+    for p in node.metadata_props:
+        if p.key == PARTITION_KEY:
+            return p.value or None
+    return None
+
+
+def _prefix_partition(node: onnx.NodeProto) -> str | None:
+    head = node.name.split("/", 1)[0]
+    return head if "/" in node.name and head in PARTITIONS else None
+
+
+def partition_of(node: onnx.NodeProto) -> str | None:
+    """The node's partition: ``uadc.partition`` metadata, else the name prefix, else None."""
+    return _meta_partition(node) or _prefix_partition(node)
+
+
+def partition_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Nodes per partition (every partition listed; ``untagged`` only when there are some)."""
+    counts = dict.fromkeys(PARTITIONS, 0)
+    for n in model.graph.node:
+        p = partition_of(n) or "untagged"
+        counts[p] = counts.get(p, 0) + 1
+    return counts
+
+
+def nodes_in(model: onnx.ModelProto, partitions: list[str] | tuple[str, ...]) -> list[str]:
+    """Names of the nodes in ``partitions`` (graph order)."""
+    wanted = set(partitions)
+    return [n.name for n in model.graph.node if partition_of(n) in wanted]
+
+
+def _base_name(name: str) -> str:
+    head, _, rest = name.partition("/")
+    return rest if rest and head in PARTITIONS else name
+
+
+def set_partition(node: onnx.NodeProto, partition: str) -> None:
+    """Write ``partition`` as both the name prefix and the metadata entry."""
+    node.name = f"{partition}/{_base_name(node.name)}"
+    for p in node.metadata_props:
+        if p.key == PARTITION_KEY:
+            p.value = partition
+            return
+    node.metadata_props.add(key=PARTITION_KEY, value=partition)
+
+
+def _clear_partition(node: onnx.NodeProto) -> None:
+    keep = [(p.key, p.value) for p in node.metadata_props if p.key != PARTITION_KEY]
+    del node.metadata_props[:]
+    for k, v in keep:
+        node.metadata_props.add(key=k, value=v)
+    node.name = _base_name(node.name)
+
+
+class _Graph:
+    """Producer/consumer index of a graph's nodes (by position)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.nodes = list(model.graph.node)
+        self.initializers = {i.name for i in model.graph.initializer}
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
+        for i, n in enumerate(self.nodes):
+            for o in n.output:
+                if o:
+                    self.producer[o] = i
+            for t in n.input:
+                if t:
+                    self.consumers.setdefault(t, []).append(i)
+
+    def producers_of(self, i: int) -> list[int]:
+        return [self.producer[t] for t in self.nodes[i].input
+                if t and t not in self.initializers and t in self.producer]
+
+    def consumers_of(self, i: int) -> list[int]:
+        return [c for o in self.nodes[i].output for c in self.consumers.get(o, [])]
+
+
+def _one(parts: list[str | None]) -> str | None:
+    """The common partition of ``parts`` if they are all tagged and agree."""
+    s = set(parts)
+    return parts[0] if parts and len(s) == 1 and None not in s else None
+
+
+def _earliest(parts: list[str | None]) -> str | None:
+    tagged = [p for p in parts if p]
+    return min(tagged, key=PARTITIONS.index) if tagged else None
+
+
+def _qdq_partition(g: _Graph, part: list[str | None], i: int, quantized: set[str]) -> str | None:
+    """Partition of an untagged Q/DQ node: the quantized partition it serves.
+
+    Walk up the Q/DQ chain to the float producer and down to the float consumers. Output
+    quantization belongs to the producer (student Conv -> Q -> DQ -> head), input quantization to
+    the consumers (teacher output or image -> Q -> DQ -> student Conv)."""
+    j = i
+    while g.nodes[j].op_type in QDQ_OPS:
+        src = g.nodes[j].input[0]
+        if src not in g.producer or src in g.initializers:
+            j = -1
+            break
+        j = g.producer[src]
+    up = part[j] if j >= 0 else None
+    if up in quantized:
+        return up
+    down, stack, seen = [], [i], {i}
+    while stack:
+        for c in g.consumers_of(stack.pop()):
+            if c in seen:
+                continue
+            seen.add(c)
+            (stack if g.nodes[c].op_type in QDQ_OPS else down).append(c)
+    served = [part[c] for c in down if part[c] in quantized]
+    return _earliest(served)
+
+
+def _derive(g: _Graph, part: list[str | None], i: int, quantized: set[str], fallback: bool) -> str | None:
+    if g.nodes[i].op_type in QDQ_OPS:
+        p = _qdq_partition(g, part, i, quantized)
+        if p or not fallback:  # wait for the nodes it serves before guessing from neighbours
+            return p
+    prods = g.producers_of(i)
+    if prods and (p := _one([part[j] for j in prods])):
+        return p
+    return _earliest([part[c] for c in g.consumers_of(i)])
+
+
+def assign_partitions(model: onnx.ModelProto, quantize_partitions: list[str] | tuple[str, ...] = ("student",),
+                      strict: bool = True) -> int:
+    """Give every node a partition in place; return how many were derived (not already tagged).
+
+    Metadata wins over a disagreeing name prefix (tools rename, they do not re-tag). With
+    ``strict`` a node left without a partition raises UadcError; otherwise it stays untagged."""
+    g = _Graph(model)
+    part: list[str | None] = []
+    for n in g.nodes:
+        meta, prefix = _meta_partition(n), _prefix_partition(n)
+        if meta and prefix and meta != prefix:
+            log.warning("node %s: metadata says %s, name prefix says %s; using %s", n.name, meta, prefix, meta)
+        part.append(meta or prefix)
+    unknown = {p for p in part if p and p not in PARTITIONS}
+    if unknown:
+        raise UadcError(f"unknown partition tag(s) {sorted(unknown)}; expected {', '.join(PARTITIONS)}")
+    quantized = set(quantize_partitions)
+    todo = [i for i, p in enumerate(part) if p is None]
+    derived = len(todo)
+    fallback = False
+    while todo:  # propagate until nothing changes
+        left = []
+        for i in todo:
+            part[i] = _derive(g, part, i, quantized, fallback)
+            if part[i] is None:
+                left.append(i)
+        if len(left) == len(todo):
+            if fallback:
+                break
+            fallback = True  # stuck: let Q/DQ nodes take a neighbour's partition
+        else:
+            fallback = False
+        todo = left
+    orphans = [g.nodes[i].name or g.nodes[i].op_type for i in todo]
+    if orphans and strict:
+        raise UadcError(f"{len(orphans)} node(s) belong to no partition (cannot derive from name, "
+                        f"producers or consumers): {', '.join(orphans[:5])}")
+    used: set[str] = set()
+    for i, n in enumerate(g.nodes):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+        if part[i]:
+            set_partition(n, part[i])
+        name, k = n.name, 1
+        while n.name in used:  # keep names unique after re-prefixing
+            n.name, k = f"{name}_{k}", k + 1
+        used.add(n.name)
+    return derived - len(orphans)
+
+
+# --------------------------------------------------------------------------------- graph utils
+
+def topological_sort(model: onnx.ModelProto) -> None:
+    """Sort nodes in place, keeping the original order wherever the data flow allows."""
+    nodes = list(model.graph.node)
+    g = _Graph(model)
+    waiting = [len({t for t in n.input if t in g.producer}) for n in nodes]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for o in nodes[i].output:
+            for c in set(g.consumers.get(o, [])):
+                waiting[c] -= 1
+                if waiting[c] == 0:
+                    heapq.heappush(ready, c)
+    if len(order) != len(nodes):
+        raise UadcError(f"graph has a cycle or dangling inputs ({len(nodes) - len(order)} nodes unsortable)")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[i] for i in order)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+# ----------------------------------------------------------------------------------- numerics
+
+def default_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random N(0,1) inputs (symbolic dims -> 2) for a numeric check when no sample is given."""
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else 2 for d in tt.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[vi.name] = (rng.standard_normal(shape) if np.issubdtype(dtype, np.floating)
+                          else np.zeros(shape)).astype(dtype)
+    return feeds
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+            outputs: list[str] | None = None, optimize: bool = False) -> list[np.ndarray]:
+    """Run ``model`` on the CPU EP (graph optimisations off unless ``optimize``)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(outputs, feeds)
+
+
+def check_numerics(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                   what: str = "pass", rtol: float = NUMERIC_RTOL) -> float:
+    """Raise UadcError if ``candidate``'s outputs differ from ``reference``'s beyond float noise
+    (max |diff| > rtol * max(1, max |ref|), per output). Returns the worst relative error."""
+    names = [o.name for o in reference.graph.output]
+    ref = run_ort(reference, feeds, names)
+    try:
+        new = run_ort(candidate, feeds, names)
+    except Exception as exc:
+        raise UadcError(f"{what}: the transformed model no longer runs in onnxruntime: {exc}") from None
+    worst = 0.0
+    for name, a, b in zip(names, ref, new):
+        if a.shape != b.shape:
+            raise UadcError(f"{what}: output {name!r} changed shape {a.shape} -> {b.shape}")
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        if not np.array_equal(np.isnan(a64), np.isnan(b64)):
+            raise UadcError(f"{what}: output {name!r} changed where it is NaN")
+        finite = ~np.isnan(a64)
+        scale = max(1.0, float(np.abs(a64[finite]).max(initial=0.0)))
+        err = float(np.abs(a64[finite] - b64[finite]).max(initial=0.0)) / scale
+        worst = max(worst, err)
+        if err > rtol:
+            raise UadcError(f"{what} changed numerics beyond float noise: output {name!r} "
+                            f"max |diff| = {err * scale:.3g} (allowed {rtol * scale:.3g})")
+    return worst
+
+
+def _feeds(model: onnx.ModelProto, ctx: PassContext) -> dict[str, np.ndarray]:
+    return ctx.sample_feeds if ctx.sample_feeds is not None else default_feeds(model)
+
+
+# ------------------------------------------------------------------------------------- passes
+
+@register_pass("shape_inference")
+def shape_inference(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """ONNX shape inference, non-strict (an op it cannot infer keeps its unknown shape)."""
+    return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+
+
+def _restore_tags(model: onnx.ModelProto, before: onnx.ModelProto) -> None:
+    """Simplifiers keep node names but drop node metadata: re-attach tags by name, and keep
+    the model-level metadata the exporter wrote."""
+    tags = {n.name: partition_of(n) for n in before.graph.node}
+    for n in model.graph.node:
+        p = _meta_partition(n) or tags.get(n.name) or _prefix_partition(n)
+        if p:
+            set_partition(n, p)
+    have = {p.key for p in model.metadata_props}
+    for p in before.metadata_props:
+        if p.key not in have:
+            model.metadata_props.add(key=p.key, value=p.value)
+
+
+def _onnxsim(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    import onnxsim
+
+    kwargs = {"check_n": 1, "input_data": feeds}
+    if "certify" in inspect.signature(onnxsim.simplify).parameters:
+        kwargs["certify"] = False  # Z3 proofs are slow and we check numerics ourselves
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its check progress
+        out, ok = onnxsim.simplify(_copy(model), **kwargs)  # no input shapes: batch stays dynamic
+    if not ok:
+        raise RuntimeError("onnxsim's own output check failed")
+    return out
+
+
+def _onnxslim(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    import onnxslim
+
+    return onnxslim.slim(_copy(model))
+
+
+@register_pass("simplify")
+def simplify(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """onnxsim (constant folding, BN fusion, dead code), onnxslim when onnxsim fails; the result
+    must reproduce the input's outputs on ``ctx.sample_feeds`` within float noise."""
+    feeds = _feeds(model, ctx)
+    errors = []
+    for tool_name, tool in (("onnxsim", _onnxsim), ("onnxslim", _onnxslim)):
+        try:
+            out = tool(model, feeds)
+            _restore_tags(out, model)
+            assign_partitions(out, ctx.quantize_partitions, strict=False)  # fused nodes; orphans: partition_check
+            check_numerics(model, out, feeds, what=f"simplify ({tool_name})")
+            return out
+        except Exception as exc:  # a failing simplifier is not fatal while another is left
+            errors.append(f"{tool_name}: {exc}")
+            log.warning("simplify: %s", errors[-1])
+    raise UadcError("simplify failed: " + "; ".join(errors))
+
+
+@register_pass("partition_check")
+def partition_check(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Every node gets one partition (prefix and metadata agree); an orphan is an error."""
+    model = _copy(model)
+    derived = assign_partitions(model, ctx.quantize_partitions, strict=True)
+    if derived:
+        log.info("partition_check: derived the partition of %d node(s)", derived)
+    return model
+
+
+@register_pass("qdq")
+def qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Q/DQ insertion on ``ctx.quantize_partitions`` with ``ctx.ranges`` (see :func:`quantize_qdq`)."""
+    return quantize_qdq(model, ctx)
+
+
+@register_pass("fp16")
+def fp16(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Float16 weights and compute with float32 graph inputs/outputs.
+
+    Uses onnxruntime.transformers.float16 (onnxconverter-common's converter, vendored in every
+    onnxruntime wheel since long before our >=1.18 floor, so no hand-written fallback is kept;
+    onnxconverter-common itself is not a dependency). It appends its I/O Casts at the end of the
+    graph and leaves them untagged, so they are sorted and tagged here."""
+    try:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError as exc:
+        raise UadcError(f"fp16 pass needs onnxruntime.transformers.float16: {exc}") from None
+    out = convert_float_to_float16(_copy(model), keep_io_types=True)
+    topological_sort(out)
+    assign_partitions(out, ctx.quantize_partitions, strict=True)
+    onnx.checker.check_model(out, full_check=False)
+    return out
+
+
+@register_pass("cleanup")
+def cleanup(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Drop nodes whose outputs nobody reads and unused initializers; sort; run the checker."""
+    model = _copy(model)
+    graph = model.graph
+    while True:
+        needed = {o.name for o in graph.output} | {t for n in graph.node for t in n.input}
+        dead = [n for n in graph.node if not any(o in needed for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    needed = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in needed]
+    if len(keep) != len(graph.initializer):
+        dropped = {i.name for i in graph.initializer} - {i.name for i in keep}
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        inputs = [v for v in graph.input if v.name not in dropped]  # IR < 4 lists them as inputs too
+        del graph.input[:]
+        graph.input.extend(inputs)
+    value_names = needed | {t for n in graph.node for t in n.output}
+    keep_vi = [v for v in graph.value_info if v.name in value_names]
+    del graph.value_info[:]
+    graph.value_info.extend(keep_vi)
+    topological_sort(model)
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise UadcError(f"cleanup: the compiled model is not valid ONNX: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+# ---------------------------------------------------------------------------------------- QDQ
+
+def quantized_op_types() -> list[str]:
+    """Op types ORT's static quantizer handles in QDQ format (its default for quantize_static)."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted(set(QDQRegistry) | set(QLinearOpsRegistry))
+
+
+def _fork_shared(model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
+    """Give quantized-partition consumers their own copy of tensors they share with float ones.
+
+    ORT rewires *every* consumer of a quantized tensor to its DequantizeLinear output, so the
+    image (read by teacher and student) or a teacher activation feeding the student would reach
+    the float teacher fake-quantized. Activations get an ``Identity`` fork (removed again after
+    quantization); float initializers are duplicated. Tensors produced inside a quantized
+    partition are not forked: a float consumer of those reads the DQ output (partition boundary).
+    Returns {forked activation: original}."""
+    g = _Graph(model)
+    part = [partition_of(n) for n in g.nodes]
+    inits = {i.name: i for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}  # a graph output is a float reader too
+    forks: dict[str, str] = {}
+    new_nodes, new_inits = [], []
+    for tensor, users in g.consumers.items():
+        q_users = [c for c in users if part[c] in quantized]
+        if not q_users or (len(q_users) == len(users) and tensor not in outputs):
+            continue
+        if tensor in g.producer and part[g.producer[tensor]] in quantized:
+            continue
+        for p in sorted({part[c] for c in q_users}, key=PARTITIONS.index):
+            fork = f"{tensor}__{p}"
+            if tensor in inits:
+                if inits[tensor].data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+                    continue  # shapes/axes: never quantized
+                dup = copy.deepcopy(inits[tensor])
+                dup.name = fork
+                new_inits.append(dup)
+            else:
+                node = onnx.helper.make_node("Identity", [tensor], [fork], name=f"{p}/{fork}_fork")
+                node.metadata_props.add(key=PARTITION_KEY, value=p)
+                new_nodes.append(node)
+                forks[fork] = tensor
+            for c in q_users:
+                if part[c] == p:
+                    n = g.nodes[c]
+                    n.input[:] = [fork if t == tensor else t for t in n.input]
+    model.graph.node.extend(new_nodes)
+    model.graph.initializer.extend(new_inits)
+    if new_nodes:
+        topological_sort(model)
+    return forks
+
+
+def _unfork(model: onnx.ModelProto, forks: dict[str, str]) -> None:
+    """Remove the Identity forks: their readers (Q nodes by now) read the original tensor."""
+    keep = []
+    for n in model.graph.node:
+        if n.op_type == "Identity" and len(n.output) == 1 and n.output[0] in forks:
+            continue
+        n.input[:] = [forks.get(t, t) for t in n.input]
+        keep.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    vi = [v for v in model.graph.value_info if v.name not in forks]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(vi)
+
+
+def _qtype(name: str):
+    from onnxruntime.quantization import QuantType
+
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    if name not in types:
+        raise UadcError(f"unsupported quantization type {name!r}; expected one of {', '.join(types)}")
+    return types[name]
+
+
+def qdq_options(ctx: PassContext) -> tuple[bool, dict]:
+    """(per_channel, ORT extra_options) for the target's scheme.
+
+    TensorRT explicit quantization wants: symmetric int8 (zero points 0), float weights behind a
+    Q->DQ pair (TensorRT quantizes weights itself from the Q scale), float biases (no int32 DQ),
+    a dedicated Q/DQ pair per consumer, and no Q/DQ on Conv/Gemm/MatMul outputs (TensorRT fuses
+    the following activation and quantizes after it). ORT CPU uses the quantizer's defaults:
+    int8 DQ weights, int32 biases, removable Relu/Clip folded into the Q range."""
+    scheme = ctx.target.scheme
+    per_channel = scheme.per_channel if ctx.per_channel is None else bool(ctx.per_channel)
+    extra = {"ActivationSymmetric": scheme.activation_symmetric, "WeightSymmetric": scheme.weight_symmetric}
+    if ctx.target.runtime == "tensorrt":
+        extra.update({
+            "AddQDQPairToWeight": True,
+            "QuantizeBias": False,
+            "DedicatedQDQPair": True,
+            "OpTypesToExcludeOutputQuantization": ["Conv", "ConvTranspose", "Gemm", "MatMul"],
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        })
+    return per_channel, extra
+
+
+_MISSING_RE = re.compile(r"not specified for param (\S+?)\.?\s")
+
+
+def quantize_qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Insert Q/DQ with ORT's QDQQuantizer, ranges from ``ctx.ranges``, only on nodes of
+    ``ctx.quantize_partitions``; new nodes are tagged with the partition they serve."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    scheme = ctx.target.scheme
+    if scheme is None:
+        raise UadcError(f"target {ctx.target.name!r} has no Q/DQ scheme; the qdq pass is for int8 targets")
+    if ctx.ranges is None:
+        raise UadcError("qdq pass needs calibrated activation ranges (run calibration first)")
+    if _opset(model) < 13:
+        raise UadcError(f"qdq needs opset >= 13 (per-channel Q/DQ); the model has opset {_opset(model)}")
+    unknown = set(ctx.quantize_partitions) - set(PARTITIONS)
+    if unknown:
+        raise UadcError(f"unknown partition(s) to quantize: {sorted(unknown)}; expected {', '.join(PARTITIONS)}")
+    model = _copy(model)
+    assign_partitions(model, ctx.quantize_partitions, strict=True)  # tags drive the node selection
+    forks = _fork_shared(model, set(ctx.quantize_partitions))
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=False)  # ORT needs value types
+    names = nodes_in(model, ctx.quantize_partitions)
+    if not names:  # ORT reads an empty list as "quantize everything"
+        raise UadcError(f"no nodes in partition(s) {', '.join(ctx.quantize_partitions)} to quantize")
+    bad = {k: v for k, v in ctx.ranges.items() if not (np.isfinite(v).all() and v[0] <= v[1])}
+    if bad:
+        name, r = next(iter(bad.items()))
+        raise UadcError(f"qdq: invalid range {r} for tensor {name!r} ({len(bad)} invalid in all)")
+    ranges = dict(ctx.ranges)
+    ranges.update({f: ranges[o] for f, o in forks.items() if o in ranges})
+    tensors_range = TensorsData(CalibrationMethod.MinMax, {
+        k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in ranges.items()})
+    per_channel, extra = qdq_options(ctx)
+    before = {n.name for n in model.graph.node}
+    quantizer = QDQQuantizer(model, per_channel, False, _qtype(scheme.weight_type), _qtype(scheme.activation_type),
+                             tensors_range, names, [], quantized_op_types(), extra)
+    try:
+        quantizer.quantize_model()
+    except ValueError as exc:
+        m = _MISSING_RE.search(str(exc) + " ")
+        if m:
+            name = forks.get(m.group(1), m.group(1))
+            raise UadcError(f"qdq: no calibrated range for tensor {name!r} (input/output of a quantized "
+                            f"node); calibrate the same model the passes quantize") from None
+        raise
+    out = quantizer.model.model
+    _unfork(out, forks)
+    for n in out.graph.node:
+        if n.name not in before:  # ORT names new nodes after tensors: derive, never trust a prefix
+            _clear_partition(n)
+    assign_partitions(out, ctx.quantize_partitions, strict=True)
+    topological_sort(out)
+    _check_float_partitions(out, set(ctx.quantize_partitions))
+    if scheme.activation_symmetric and scheme.weight_symmetric:
+        _check_zero_points(out)
+    onnx.checker.check_model(out, full_check=False)
+    return out
+
+
+def _check_float_partitions(model: onnx.ModelProto, quantized: set[str]) -> None:
+    """A float-partition node may read a DequantizeLinear output only at a boundary: the Q/DQ
+    quantizes a tensor produced inside a quantized partition."""
+    g = _Graph(model)
+    for i, n in enumerate(g.nodes):
+        if partition_of(n) in quantized or n.op_type in QDQ_OPS:
+            continue
+        for t in n.input:
+            j = g.producer.get(t)
+            if j is None or g.nodes[j].op_type != "DequantizeLinear":
+                continue
+            q = g.producer.get(g.nodes[j].input[0])
+            src = g.producer.get(g.nodes[q].input[0]) if q is not None else None
+            if src is None or partition_of(g.nodes[src]) not in quantized:
+                raise RuntimeError(f"qdq: float node {n.name} reads fake-quantized tensor {t!r}")
+
+
+def _check_zero_points(model: onnx.ModelProto) -> None:
+    """Symmetric schemes (TensorRT) need every Q/DQ zero point to be 0."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type in QDQ_OPS and len(n.input) > 2 and n.input[2] in inits:
+            zp = onnx.numpy_helper.to_array(inits[n.input[2]])
+            if zp.any():
+                raise RuntimeError(f"qdq: symmetric scheme but {n.name} has a non-zero zero point")
+
+
+# ------------------------------------------------------------------------------------- runner
+
+def run_passes(model: onnx.ModelProto, names: list[str], ctx: PassContext) -> tuple[onnx.ModelProto, list[dict]]:
+    """Run passes ``names`` in order. Returns the model and one record per pass:
+    ``{"name", "seconds", "nodes_before", "nodes_after"}``. With ``ctx.dump_dir`` the model after
+    pass k is saved as ``{k:02d}_{name}.onnx`` (k from 1)."""
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise UadcError(f"unknown pass(es) {', '.join(map(repr, unknown))}; available: {', '.join(PASSES)}")
+    if ctx.dump_dir is not None:
+        Path(ctx.dump_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        from tqdm import tqdm
+        steps = tqdm(names, desc="passes", unit="pass", leave=False, disable=None)
+    except ImportError:  # progress is cosmetic
+        steps = names
+    records = []
+    for k, name in enumerate(steps, start=1):
+        before = len(model.graph.node)
+        t0 = time.perf_counter()
+        model = PASSES[name](model, ctx)
+        records.append({"name": name, "seconds": time.perf_counter() - t0,
+                        "nodes_before": before, "nodes_after": len(model.graph.node)})
+        if ctx.dump_dir is not None:
+            onnx.save(model, str(Path(ctx.dump_dir) / f"{k:02d}_{name}.onnx"))
+    return model, records
