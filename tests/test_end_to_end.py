@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from uadc.cli import main
-from uadc.export import node_partition
+from uadc.partitions import partition_of
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,8 @@ def test_compile_int8_student_only(trained):
     assert report["verification"]["torch_vs_ort_fp32"]["max_abs"] < 1e-4
     model = onnx.load(str(out / "model.onnx"))
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    assert qdq and {node_partition(n) for n in qdq} == {"student"}
-    assert {node_partition(n) for n in model.graph.node} == {"teacher", "student", "head"}
+    assert qdq and {partition_of(n) for n in qdq} == {"student"}
+    assert {partition_of(n) for n in model.graph.node} == {"teacher", "student", "head"}
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["uadc.method"] == "stfpm" and json.loads(meta["uadc.image_size"]) == 64
     for key in ("fp32", "compiled", "drop"):

@@ -21,7 +21,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from uadc.backends.tensorrt import (
     BuildSettings,
-    _compare_runners,
     build_engine,
     compare_onnx_vs_trt,
     plan_build,
@@ -39,6 +38,7 @@ from uadc.backends.trt_cache import (
 )
 from uadc.backends.trt_rules import RULES, Violation, check_trt_rules, format_violations
 from uadc.errors import UadcError
+from uadc.verify import compare
 
 TRT_OK, TRT_REASON = trt_available()
 needs_trt = pytest.mark.skipif(not TRT_OK, reason=f"TensorRT engine tests need TensorRT and a GPU: {TRT_REASON}")
@@ -581,13 +581,13 @@ def test_comparator_helper_reports_errors_per_output(tmp_path):
         ]
 
     feeds = [{"image": _images(2, seed)} for seed in range(2)]
-    same = _compare_runners(runners("a", "b"), feeds, atol=1e-6, rtol=1e-6)
+    same = compare(runners("a", "b"), feeds, atol=1e-6, rtol=1e-6)
     assert same["passed"] and same["iterations"] == 2
     assert set(same["outputs"]) == {"anomaly_map", "score"}
-    assert same["outputs"]["score"]["max_abs_error"] == 0.0 and same["outputs"]["score"]["passed"]
-    different = _compare_runners(runners("a", "c"), feeds, atol=1e-6, rtol=1e-6)
-    assert not different["passed"] and different["outputs"]["anomaly_map"]["max_abs_error"] > 1e-3
-    assert different["outputs"]["anomaly_map"]["mean_abs_error"] <= different["outputs"]["anomaly_map"]["max_abs_error"]
+    assert same["outputs"]["score"]["max_abs"] == 0.0 and same["outputs"]["score"]["passed"]
+    different = compare(runners("a", "c"), feeds, atol=1e-6, rtol=1e-6)
+    assert not different["passed"] and different["outputs"]["anomaly_map"]["max_abs"] > 1e-3
+    assert different["outputs"]["anomaly_map"]["mean_abs"] <= different["outputs"]["anomaly_map"]["max_abs"]
 
 
 @pytest.mark.skipif(TRT_OK, reason="checks the error raised where TensorRT is missing")
@@ -644,7 +644,7 @@ def test_int8_qdq_engine_close_to_onnxruntime(tmp_path):
     onnx_path, engine = _build(tmp_path, qdq_model(), BuildSettings(precision="int8", max_batch=2))
     report = compare_onnx_vs_trt(onnx_path, engine, [{"image": _images(2)}], atol=5e-2, rtol=5e-2)
     assert report["passed"], report
-    assert report["outputs"]["score"]["max_abs_error"] < 5e-2
+    assert report["outputs"]["score"]["max_abs"] < 5e-2
 
 
 @needs_trt

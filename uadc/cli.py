@@ -41,15 +41,17 @@ def main() -> None:
 @recipe_arg
 @click.option("--one-class", is_flag=True, help="train one model per category instead of one unified model")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="override train.epochs")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None,
+              help="evaluate on the test sets every N epochs (learning curve in the checkpoint history)")
 @artifacts_opt
-def train(recipe: Path, one_class: bool, epochs: int | None, artifacts: Path | None) -> None:
+def train(recipe: Path, one_class: bool, epochs: int | None, eval_every: int | None, artifacts: Path | None) -> None:
     """Train the recipe's model (unified multi-class by default)."""
     from uadc.recipe import load_recipe
     from uadc.train import train_recipe
     r = load_recipe(recipe)
     if epochs:
         r = r.with_overrides(train={"epochs": epochs})
-    for p in train_recipe(r, artifacts, one_class=one_class):
+    for p in train_recipe(r, artifacts, one_class=one_class, eval_every=eval_every):
         click.echo(f"checkpoint written: {p}")
 
 
@@ -106,6 +108,28 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
                           split=split, build_engine=build_engine, evaluate=not no_eval, qat_model=qat_model)
     out_dir = Compiler(r, artifacts, checkpoint, log=click.echo).compile(opts)
     _print_summary(out_dir / "report.json")
+
+
+@main.command()
+@recipe_arg
+@click.option("--target", default=None, help="int8 target: ort-cpu-int8, trt-int8, jetson-int8 "
+              "(default: the recipe's compile.target)")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="override qat.epochs")
+@click.option("--compile/--no-compile", "then_compile", default=True,
+              help="compile the QAT model into <artifacts>/<recipe>/<target>-qat (default: yes)")
+@artifacts_opt
+def qat(recipe: Path, target: str | None, epochs: int | None, then_compile: bool, artifacts: Path | None) -> None:
+    """Quantization-aware fine-tuning from the PTQ placement; writes qat_<target>/qat_model.onnx."""
+    from uadc.compile import CompileOptions
+    from uadc.qat import QatOptions, run_qat
+    from uadc.recipe import load_recipe
+    r = load_recipe(recipe)
+    target = target or r["compile"]["target"]
+    res = run_qat(r, QatOptions(target=target, epochs=epochs), artifacts, log=click.echo)
+    if then_compile:
+        out = r.artifact_dir(artifacts) / f"{target}-qat"
+        res.compiler.compile(CompileOptions(target=target, quantize=res.quantize, qat_model=res.model, out=out))
+        _print_summary(out / "report.json")
 
 
 def _print_summary(report_path: Path) -> None:

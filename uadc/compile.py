@@ -24,7 +24,8 @@ from uadc import __version__
 from uadc.backends.onnxruntime import latency_ms, make_session, ort_predictor
 from uadc.errors import UadcError
 from uadc.evaluate import evaluate, test_arrays_for, write_json_atomic
-from uadc.export import export_model, get_metadata, partition_bytes, partition_counts, split_partitions
+from uadc.export import export_model, get_metadata, partition_bytes, split_partitions
+from uadc.partitions import partition_counts
 from uadc.recipe import Recipe
 from uadc.targets import Target, get_target
 from uadc.train import checkpoint_path, input_normalization, load_checkpoint, prepare_data, train_recipe
@@ -274,11 +275,11 @@ def _drops(fp32: dict, comp: dict) -> dict:
 
 
 def _qdq_counts(model: onnx.ModelProto) -> dict[str, int]:
-    from uadc.export import node_partition
+    from uadc.partitions import partition_of
     counts: dict[str, int] = {}
     for n in model.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            p = node_partition(n) or "?"
+            p = partition_of(n) or "?"
             counts[p] = counts.get(p, 0) + 1
     return counts
 

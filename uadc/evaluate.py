@@ -89,12 +89,19 @@ def run_eval(recipe, checkpoint: Path | None = None, artifacts: Path | None = No
     model, blob = load_checkpoint(ckpt, recipe)
     result = evaluate(torch_predictor(model), test_arrays_for(recipe), recipe["eval"]["batch_size"])
     result.update(checkpoint=str(ckpt), recipe_hash=recipe.hash, train_seconds=blob.get("train_seconds"),
-                  epochs=len(blob.get("history", [])))
+                  epochs=len(blob.get("history", [])), model_stats=blob.get("stats"),
+                  learning_curve=[{"epoch": h["epoch"], "train_seconds": _seconds_until(blob["history"], h["epoch"]),
+                                   "mean": h["test"]["mean"]} for h in blob.get("history", []) if "test" in h])
     out = recipe.artifact_dir(artifacts) / "eval.json"
     write_json_atomic(out, result)
     print(format_table(result, f"{recipe.name} (unified, {result['epochs']} epochs)"))
     print(f"written: {out}")
     return result
+
+
+def _seconds_until(history: list[dict], epoch: int) -> float:
+    """Training time (test evaluations excluded) up to the end of ``epoch``."""
+    return round(sum(h["seconds"] for h in history if h["epoch"] <= epoch), 1)
 
 
 def run_eval_one_class(recipe, artifacts: Path | None = None) -> dict:

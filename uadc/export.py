@@ -3,7 +3,7 @@
 
 The torch dynamo exporter records each node's module path (``pkg.torch.onnx.name_scopes``);
 the first module under the root is the partition. Nodes without a module (shape helpers) take
-the partition of their consumers. Tags live in the node-name prefix (``student/node_Conv_3``)
+their partition from the graph (uadc.partitions). Tags live in the node-name prefix (``student/node_Conv_3``)
 and in node metadata ``uadc.partition``; the model's ``metadata_props`` carry the method,
 backbone, image size, normalisation, categories, recipe hash, uadc version and node counts.
 """
@@ -15,7 +15,6 @@ import contextlib
 import io
 import json
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -24,9 +23,8 @@ import torch
 from uadc import __version__
 from uadc.errors import UadcError
 from uadc.models import KDModel
+from uadc.partitions import PARTITIONS, assign_partitions, partition_counts, partition_of, set_partition
 
-PARTITIONS = ("teacher", "student", "head")
-PARTITION_KEY = "uadc.partition"
 INPUT_NAME, OUTPUT_NAMES = "image", ("anomaly_map", "score")
 
 
@@ -51,6 +49,7 @@ def export_model(model: KDModel, image_size: int, meta: dict, opset: int = 18) -
 
 
 def _scope_partition(node: onnx.NodeProto) -> str | None:
+    """The first module under the root in the exporter's recorded module path."""
     for p in node.metadata_props:
         if p.key == "pkg.torch.onnx.name_scopes":
             scopes = ast.literal_eval(p.value)
@@ -59,58 +58,16 @@ def _scope_partition(node: onnx.NodeProto) -> str | None:
     return None
 
 
-def node_partition(node: onnx.NodeProto) -> str | None:
-    for p in node.metadata_props:
-        if p.key == PARTITION_KEY:
-            return p.value
-    head = node.name.split("/", 1)[0]
-    return head if head in PARTITIONS else None
-
-
 def tag_partitions(model: onnx.ModelProto) -> None:
-    """Assign every node a partition (module scope, else consumers', else producers')."""
-    nodes = list(model.graph.node)
-    part = {id(n): node_partition(n) or _scope_partition(n) for n in nodes}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    producer: dict[str, onnx.NodeProto] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-        for o in n.output:
-            producer[o] = n
-    for _ in range(len(nodes)):  # propagate until nothing changes (graphs here are shallow)
-        changed = False
-        for n in nodes:
-            if part[id(n)]:
-                continue
-            cands = [part[id(c)] for o in n.output for c in consumers.get(o, []) if part[id(c)]]
-            cands = cands or [part[id(producer[i])] for i in n.input if i in producer and part[id(producer[i])]]
-            if cands:
-                # Shape helpers feeding several partitions go to the earliest one in data flow.
-                part[id(n)] = min(cands, key=PARTITIONS.index)
-                changed = True
-        if not changed:
-            break
-    missing = [n.name for n in nodes if not part[id(n)]]
-    if missing:
-        raise UadcError(f"export: {len(missing)} nodes belong to no partition (first: {missing[0]})")
-    for n in nodes:
-        set_node_partition(n, part[id(n)])
-
-
-def set_node_partition(node: onnx.NodeProto, partition: str) -> None:
-    base = node.name.split("/", 1)[1] if node.name.split("/", 1)[0] in PARTITIONS else node.name
-    node.name = f"{partition}/{base}"
-    for p in node.metadata_props:
-        if p.key == PARTITION_KEY:
-            p.value = partition
-            return
-    node.metadata_props.add(key=PARTITION_KEY, value=partition)
-
-
-def partition_counts(model: onnx.ModelProto) -> dict[str, int]:
-    c = Counter(node_partition(n) for n in model.graph.node)
-    return {p: c.get(p, 0) for p in PARTITIONS}
+    """Tag nodes by their module scope, then let the graph decide for the scope-less rest."""
+    for n in model.graph.node:
+        p = _scope_partition(n)
+        if p:
+            set_partition(n, p)
+    try:
+        assign_partitions(model, quantize_partitions=(), strict=True)
+    except UadcError as exc:
+        raise UadcError(f"export: {exc}") from None
 
 
 def set_metadata(model: onnx.ModelProto, meta: dict) -> None:
@@ -141,7 +98,7 @@ def partition_bytes(model: onnx.ModelProto) -> dict[str, int]:
     owner: dict[str, str] = {}
     for n in model.graph.node:
         for i in n.input:
-            owner.setdefault(i, node_partition(n) or "head")
+            owner.setdefault(i, partition_of(n) or "head")
     sizes = dict.fromkeys(PARTITIONS, 0)
     for init in model.graph.initializer:
         if init.name in owner:
@@ -151,14 +108,14 @@ def partition_bytes(model: onnx.ModelProto) -> dict[str, int]:
 
 def split_partitions(model: onnx.ModelProto, out_dir: Path) -> dict[str, Path]:
     """One ONNX per partition; inputs/outputs are the tensors crossing partition borders."""
-    producers = {o: node_partition(n) for n in model.graph.node for o in n.output}
+    producers = {o: partition_of(n) for n in model.graph.node for o in n.output}
     graph_outputs = {o.name for o in model.graph.output}
     paths = {}
     with_shapes = onnx.shape_inference.infer_shapes(model)
     for p in PARTITIONS:
         ins, outs = [], []
         for n in model.graph.node:
-            if node_partition(n) == p:
+            if partition_of(n) == p:
                 ins += [i for i in n.input if i and (i == INPUT_NAME or (i in producers and producers[i] != p))]
             else:
                 outs += [i for i in n.input if producers.get(i) == p]

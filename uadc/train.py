@@ -23,6 +23,7 @@ from uadc.data import build_test_sets, build_train_set, resolve_sources, validat
 from uadc.errors import UadcError
 from uadc.models import KDModel, build_model, model_config
 from uadc.models.backbones import normalization
+from uadc.profile import model_stats, peak_rss_mb
 from uadc.recipe import Recipe
 
 
@@ -144,8 +145,8 @@ def _recipe_yaml(recipe: Recipe) -> str:
 
 
 def model_hash(recipe: Recipe) -> str:
-    """Hash of what determines the weights (data, model, train), not eval/compile settings."""
-    return recipe.section_hash(("seed", "data", "model", "train"))
+    """Hash of what a checkpoint must agree with to be used (data and architecture)."""
+    return recipe.section_hash(("data", "model"))
 
 
 def checkpoint_path(recipe: Recipe, artifacts: Path | None = None, category: str | None = None) -> Path:
@@ -160,7 +161,8 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
         blob = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise UadcError(f"cannot read checkpoint {path}: {exc}") from None
-    if recipe is not None and blob.get("model_hash") != model_hash(recipe):
+    # Recompute from the stored recipe rather than trusting a stored hash of an older definition.
+    if recipe is not None and model_hash(Recipe(blob["recipe"], None)) != model_hash(recipe):
         raise UadcError(f"checkpoint {path} was trained with different data/model/train settings than "
                         f"recipe {recipe.path}; retrain with `uadc train`")
     trained = Recipe(blob["recipe"], None)
@@ -184,10 +186,30 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None):
     return pairs, train, tests
 
 
-def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool = False) -> list[Path]:
-    """Train unified (one model) or one-class (one per category); returns checkpoint paths."""
+def _learning_curve(recipe: Recipe, tests: dict, every: int, categories: list[str] | None):
+    """on_epoch callback: test metrics every ``every`` epochs (AUROC against training time)."""
+    from uadc.evaluate import evaluate, load_test_arrays, torch_predictor
+    arrays = {c: load_test_arrays(ds) for c, ds in tests.items() if not categories or c in categories}
+
+    def on_epoch(epoch: int, model: KDModel) -> dict | None:
+        if epoch % every and epoch != recipe["train"]["epochs"]:
+            return None
+        t0 = time.time()
+        res = evaluate(torch_predictor(model), arrays, recipe["eval"]["batch_size"], "learning curve")
+        tqdm.write(f"epoch {epoch}: test {({k: round(v, 4) for k, v in res['mean'].items()})}")
+        return {"test": res, "eval_seconds": round(time.time() - t0, 1)}
+
+    return on_epoch
+
+
+def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool = False,
+                 eval_every: int | None = None) -> list[Path]:
+    """Train unified (one model) or one-class (one per category); returns checkpoint paths.
+
+    ``eval_every``: also evaluate on the test sets every N epochs (time spent there is not
+    counted in ``train_seconds``)."""
     set_threads(recipe)
-    pairs, train_set, _ = prepare_data(recipe)
+    pairs, train_set, tests = prepare_data(recipe)
     cats = [c for _, c in pairs]
     groups = [(c, [i for i, s in enumerate(train_set.samples) if s.category == c]) for c in cats] if one_class \
         else [(None, list(range(len(train_set))))]
@@ -196,13 +218,23 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
         seed_everything(recipe["seed"])
         model = make_model(recipe)
         images = load_images(torch.utils.data.Subset(train_set, idx), "loading images")
-        if recipe["model"]["method"] in ("stfpm", "paste", "rd", "us"):
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)  # faster CPU convolutions
         t0 = time.time()
-        history = fit(model, images, recipe["train"], recipe["seed"], desc=f"train {cat or 'unified'}")
+        stages = {}
+        if hasattr(model, "pretrain_teacher"):  # US: the descriptor teacher is distilled first
+            t = recipe["train"]
+            stages["teacher_history"] = model.pretrain_teacher(images, epochs=t["epochs"], lr=t["lr"],
+                                                               batch_size=t["batch_size"], seed=recipe["seed"])
+        curve = _learning_curve(recipe, tests, eval_every, [cat] if cat else None) if eval_every else None
+        history = fit(model, images, recipe["train"], recipe["seed"], desc=f"train {cat or 'unified'}",
+                      on_epoch=curve)
+        if hasattr(model, "fit_head_stats"):  # US: standardise error/variance on normal data
+            stages["head_stats"] = model.fit_head_stats(images)
         path = checkpoint_path(recipe, artifacts, cat)
+        seconds = time.time() - t0 - sum(h.get("eval_seconds", 0) for h in history)
+        stats = {**model_stats(model, recipe["data"]["image_size"]), "train_peak_rss_mb": peak_rss_mb()}
         save_checkpoint(path, model, recipe, history, [cat] if cat else cats,
-                        {"train_seconds": round(time.time() - t0, 1), "one_class": bool(cat)})
+                        {"train_seconds": round(seconds, 1), "one_class": bool(cat), "stats": stats, **stages})
         paths.append(path)
     return paths
 

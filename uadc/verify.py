@@ -14,8 +14,9 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
-from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.comparator import Comparator
 
+from uadc.errors import UadcError
 from uadc.export import INPUT_NAME, OUTPUT_NAMES
 
 
@@ -51,23 +52,60 @@ def ort_runner(model: onnx.ModelProto, name: str, threads: int | None = None) ->
 
 
 def compare(runners: list[BaseRunner], feeds: list[dict[str, np.ndarray]], atol: float, rtol: float) -> dict:
-    """Run every runner on the same feeds; compare each against the first.
+    """Run every runner on the same feeds with Polygraphy's Comparator; the first is the reference.
 
-    Returns ``{"passed", "max_abs", "mean_abs", "outputs": {name: {max_abs, mean_abs, max_rel}}}``
-    for the first pair (the usual reference-vs-candidate use)."""
+    Returns ``{"passed", "atol", "rtol", "iterations", "max_abs", "mean_abs",
+    "outputs": {name: {"passed", "max_abs", "mean_abs"}}}``; an output passes when every element
+    is within Polygraphy's simple check (absolute or relative difference within atol / rtol)."""
+    if not feeds or not all(isinstance(feed, dict) and feed for feed in feeds):
+        raise UadcError("feeds must be a non-empty list of {input name: array} dicts")
+    if atol < 0 or rtol < 0:
+        raise UadcError(f"atol and rtol must be >= 0, got {atol}, {rtol}")
     with contextlib.redirect_stdout(io.StringIO()):  # Polygraphy logs every comparison
         results = Comparator.run(runners, data_loader=feeds)
-        acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
-    per_out: dict[str, dict] = {}
-    for iteration in next(iter(acc[0].values())):
-        for name, r in iteration.items():
-            d = per_out.setdefault(name, {"max_abs": 0.0, "mean_abs": [], "max_rel": 0.0})
-            d["max_abs"] = max(d["max_abs"], float(r.max_absdiff))
-            d["max_rel"] = max(d["max_rel"], float(r.max_reldiff))
-            d["mean_abs"].append(float(r.mean_absdiff))
-    for d in per_out.values():
-        d["mean_abs"] = float(np.mean(d["mean_abs"]))
-    return {"passed": bool(acc), "atol": atol, "rtol": rtol,
-            "max_abs": max(d["max_abs"] for d in per_out.values()),
-            "mean_abs": float(np.mean([d["mean_abs"] for d in per_out.values()])),
-            "outputs": per_out}
+        accuracy = Comparator.compare_accuracy(results, compare_func=_simple_compare(atol, rtol))
+    reference, candidate = (r.name for r in runners[:2])
+    outputs = _abs_errors(results[reference], results[candidate])
+    for name, passed in _passed_per_output(accuracy).items():
+        if name in outputs:
+            outputs[name]["passed"] = passed
+    return {"passed": bool(accuracy) and all(o.get("passed", False) for o in outputs.values()),
+            "atol": atol, "rtol": rtol, "iterations": len(feeds),
+            "max_abs": max(o["max_abs"] for o in outputs.values()),
+            "mean_abs": float(np.mean([o["mean_abs"] for o in outputs.values()])), "outputs": outputs}
+
+
+def _simple_compare(atol: float, rtol: float):
+    # Polygraphy 0.53 deprecates CompareFunc.simple in favour of SimpleCompareFunc; older ones lack the class.
+    try:
+        from polygraphy.comparator import SimpleCompareFunc
+    except ImportError:
+        from polygraphy.comparator import CompareFunc
+        return CompareFunc.simple(atol=atol, rtol=rtol)
+    return SimpleCompareFunc(atol=atol, rtol=rtol)
+
+
+def _abs_errors(reference: list, candidate: list) -> dict[str, dict]:
+    stats: dict[str, dict] = {}
+    for ref_iter, cand_iter in zip(reference, candidate):
+        for name, ref in ref_iter.items():
+            if name not in cand_iter:
+                continue
+            diff = np.abs(np.asarray(ref, dtype=np.float64) - np.asarray(cand_iter[name], dtype=np.float64))
+            entry = stats.setdefault(name, {"max_abs": 0.0, "sum": 0.0, "count": 0})
+            entry["max_abs"] = max(entry["max_abs"], float(diff.max(initial=0.0)))
+            entry["sum"] += float(diff.sum())
+            entry["count"] += diff.size
+    return {name: {"max_abs": e["max_abs"], "mean_abs": e["sum"] / max(e["count"], 1)} for name, e in stats.items()}
+
+
+def _passed_per_output(accuracy) -> dict[str, bool]:
+    # Polygraphy < 0.50 returns one AccuracyResult; newer ones a list with one per compare function.
+    results = [accuracy] if hasattr(accuracy, "items") else list(accuracy)
+    passed: dict[str, bool] = {}
+    for result in results:
+        for _, iterations in result.items():
+            for iteration in iterations:
+                for name, outcome in iteration.items():
+                    passed[name] = passed.get(name, True) and bool(outcome)
+    return passed

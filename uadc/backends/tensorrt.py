@@ -965,10 +965,7 @@ def compare_onnx_vs_trt(
 ) -> dict:
     """Run the same feeds through ONNX Runtime (CPU) and the engine with Polygraphy's Comparator.
 
-    Returns ``{"passed", "atol", "rtol", "iterations", "outputs": {name: {"passed",
-    "max_abs_error", "mean_abs_error"}}}``; an output passes when every element
-    is within Polygraphy's simple tolerance check (``SimpleCompareFunc``: absolute or relative
-    difference within ``atol`` / ``rtol``).
+    Returns :func:`uadc.verify.compare`'s dict (pass flag, per-output max/mean absolute error).
     """
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
@@ -978,71 +975,8 @@ def compare_onnx_vs_trt(
         OnnxrtRunner(SessionFromOnnx(str(_existing(onnx_path)), providers=["cpu"]), name="onnxruntime"),
         TrtRunner(EngineFromBytes(BytesFromPath(str(_existing(engine_path)))), name="tensorrt"),
     ]
-    return _compare_runners(runners, feeds, atol, rtol)
-
-
-def _compare_runners(runners: list[Any], feeds: list[dict[str, np.ndarray]], atol: float, rtol: float) -> dict:
-    """Comparator.run + compare_accuracy for two runners (the first is the reference)."""
-    from polygraphy.comparator import Comparator
-
-    if not feeds or not all(isinstance(feed, dict) and feed for feed in feeds):
-        raise UadcError("feeds must be a non-empty list of {input name: array} dicts")
-    if atol < 0 or rtol < 0:
-        raise UadcError(f"atol and rtol must be >= 0, got {atol}, {rtol}")
-    run_results = Comparator.run(runners, data_loader=feeds)
-    accuracy = Comparator.compare_accuracy(run_results, compare_func=_simple_compare(atol, rtol))
-    reference, candidate = (runner.name for runner in runners)
-    outputs = _abs_errors(run_results[reference], run_results[candidate])
-    for name, passed in _passed_per_output(accuracy).items():
-        if name in outputs:
-            outputs[name]["passed"] = passed
-    return {
-        "passed": bool(accuracy) and all(o.get("passed", False) for o in outputs.values()),
-        "atol": atol,
-        "rtol": rtol,
-        "iterations": len(feeds),
-        "outputs": outputs,
-    }
-
-
-def _simple_compare(atol: float, rtol: float) -> Any:
-    # Polygraphy 0.53 deprecates CompareFunc.simple in favour of SimpleCompareFunc; older ones lack the class.
-    try:
-        from polygraphy.comparator import SimpleCompareFunc
-    except ImportError:
-        from polygraphy.comparator import CompareFunc
-
-        return CompareFunc.simple(atol=atol, rtol=rtol)
-    return SimpleCompareFunc(atol=atol, rtol=rtol)
-
-
-def _abs_errors(reference: list[Any], candidate: list[Any]) -> dict[str, dict]:
-    stats: dict[str, dict] = {}
-    for ref_iter, cand_iter in zip(reference, candidate):
-        for name, ref in ref_iter.items():
-            if name not in cand_iter:
-                continue
-            diff = np.abs(np.asarray(ref, dtype=np.float64) - np.asarray(cand_iter[name], dtype=np.float64))
-            entry = stats.setdefault(name, {"max_abs_error": 0.0, "_sum": 0.0, "_count": 0})
-            entry["max_abs_error"] = max(entry["max_abs_error"], float(diff.max(initial=0.0)))
-            entry["_sum"] += float(diff.sum())
-            entry["_count"] += diff.size
-    return {
-        name: {"max_abs_error": e["max_abs_error"], "mean_abs_error": e["_sum"] / max(e["_count"], 1)}
-        for name, e in stats.items()
-    }
-
-
-def _passed_per_output(accuracy: Any) -> dict[str, bool]:
-    # Polygraphy < 0.50 returns one AccuracyResult; newer ones a list with one per compare function.
-    results = [accuracy] if hasattr(accuracy, "items") else list(accuracy)
-    passed: dict[str, bool] = {}
-    for result in results:
-        for _, iterations in result.items():
-            for iteration in iterations:
-                for name, outcome in iteration.items():
-                    passed[name] = passed.get(name, True) and bool(outcome)
-    return passed
+    from uadc.verify import compare
+    return compare(runners, feeds, atol, rtol)
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:
