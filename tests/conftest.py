@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import make_category  # noqa: E402
+from synthetic import make_category
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,8 @@ def run_eval(recipe, checkpoint: Path | None = None, artifacts: Path | None = No
     result.update(checkpoint=str(ckpt), recipe_hash=recipe.hash, train_seconds=blob.get("train_seconds"),
                   epochs=len(blob.get("history", [])), model_stats=blob.get("stats"),
                   learning_curve=[{"epoch": h["epoch"], "train_seconds": _seconds_until(blob["history"], h["epoch"]),
-                                   "mean": h["test"]["mean"]} for h in blob.get("history", []) if "test" in h])
+                                   "mean": h["test"]["mean"], "categories": h["test"]["categories"]}
+                                  for h in blob.get("history", []) if "test" in h])
     out = recipe.artifact_dir(artifacts) / "eval.json"
     write_json_atomic(out, result)
     print(format_table(result, f"{recipe.name} (unified, {result['epochs']} epochs)"))

@@ -6,33 +6,42 @@ the same ``qdq`` pass (ONNX Runtime's QDQ quantizer, the target's scheme) to get
 then reads the quantization *placement* off that model:
 
 * every graph edge ``(consumer node, input index)`` that reads an activation through Q -> DQ,
-  grouped by the Q node's scale initializer (ORT ties e.g. MaxPool/Reshape outputs to their
-  input's scale by re-using it; a tensor with one Q/DQ pair per consumer is one group), with
-  its scale, zero point and the zero-point dtype's clamp range;
+  grouped by the Q node's scale initializer (ORT re-uses the input's scale for e.g. MaxPool or
+  Reshape outputs; one tensor with a Q/DQ pair per consumer is one group) and, as ORT's
+  ``adjust_tensor_ranges`` does, a quantized Relu/Clip's sole-reader input tied to its output;
+  with scale, zero point and the zero-point dtype's clamp range;
 * every edge that reads a weight through DQ (int8 initializer) or Q -> DQ (TensorRT's float
-  weight pairs), with its per-channel axis or per-tensor.
+  weight pairs), per-channel axis or per-tensor, and every int32 bias DQ (ORT CPU scheme).
 
 A small ONNX -> torch interpreter (:class:`GraphInterpreter`) then runs the FP32 graph's teacher
-and student partitions with fake-quant at exactly those edges: activations through LSQ-style
-learnable-scale fake-quant (zero point fixed, initialised from the PTQ scale), weights through
-symmetric int8 fake-quant recomputed from the current weights every step (ORT's min-max rule,
-straight-through gradients). Student Conv/ConvTranspose weights and biases are the trainable
-parameters; the head is never interpreted: the loss is the torch model's own
-``loss(t_feats, s_feats)`` on the tensors the ONNX head reads (as it reads them: through DQ where
-the PTQ model does). Their order is derived by value matching against the torch model's
-``teacher_features`` / ``student_features`` on a probe batch (the ONNX graph does not record
-which head input is tap k).
+and student partitions with fake-quant at exactly those edges, computed the way ORT computes Q/DQ
+(divide by the scale, round half to even, saturate; torch's own fake_quantize multiplies by 1/s
+and flips ties): activations with an LSQ-style learnable scale (zero point fixed, initialised
+from the PTQ scale), weights with ORT's symmetric int8 min-max scale recomputed from the current
+weights every step, int32 biases at input scale x weight scale (their rounding alone flips a few
+percent of the int8 outputs), all with straight-through gradients. With unchanged weights and
+scales it reproduces the PTQ model up to rare float-accumulation ties (tests/test_qat.py). Where
+ORT removed a Relu/Clip and lets the Q clamp instead, the learned scale is capped so the
+quantized range stays inside the Clip's and both graphs still agree.
+
+Student Conv/ConvTranspose weights and biases (BN folded) and the activation scales are trained
+with Adam; the frozen teacher (when not quantized) runs once and is cached. The head is never
+interpreted: the loss is the torch model's own ``loss(t_feats, s_feats)`` on the tensors the ONNX
+head reads, as it reads them (through DQ where the PTQ model does). Their order (which head
+input is tap k, not recorded in the ONNX graph) is derived by value matching against the torch
+model's ``teacher_features`` / ``student_features`` on a probe batch.
 
 Export writes the tuned weights back into the FP32 initializers (by name) and runs the ``qdq``
 pass once more with ``ctx.ranges`` = the calibrated ranges overridden by the learned scales
 turned back into ranges ORT maps to the same scale/zero point (asymmetric: ``lo = (qmin - z) s``,
 ``hi = (qmax - z) s``; symmetric: ``+-s (qmax_s - qmin_s) / 2`` with ORT's symmetric clamp range),
 with no re-calibration. Same graph, same quantizer, same options -> same Q/DQ placement; only
-weights and scales differ. ``uadc compile --from-qat`` then runs the remaining target passes,
-verification, metrics and report exactly as for PTQ.
+weights and scales differ (checked after export: scales exact, head inputs as trained).
+``uadc compile --from-qat`` then runs the remaining target passes, verification, metrics and
+report exactly as for PTQ.
 
-Not emulated during training (each changes results by far less than one output step): the int32
-bias rounding of the ORT CPU scheme and ORT's rare weight-scale enlargement for int32 bias overflow.
+Not emulated: ORT's weight-scale enlargement when a bias would overflow int32 (only for biases
+~1e9 input x weight steps); ops outside :func:`supported_ops` raise UadcError.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from torch import nn
 from tqdm import tqdm
 
 from uadc.errors import UadcError
+from uadc.export import INPUT_NAME
 from uadc.passes import QDQ_OPS, PassContext, partition_of, run_ort, run_passes
 from uadc.recipe import Recipe
 from uadc.targets import Target, get_target
@@ -84,6 +94,7 @@ class Placement:
     act_edges: dict[tuple[str, int], int]            # (node, input index) -> acts index
     weight_edges: dict[tuple[str, int], int | None]  # (node, input index) -> channel axis / None
     weight_names: dict[tuple[str, int], str]         # (node, input index) -> FP32 initializer
+    bias_edges: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # -> (input, weight) index
 
     def head_view(self, model: onnx.ModelProto) -> dict[str, int]:
         """Tensors the head reads through Q/DQ -> their quantizer."""
@@ -118,7 +129,7 @@ def read_placement(ptq: onnx.ModelProto, fp32: onnx.ModelProto) -> Placement:
     fp32_nodes = {n.name: n for n in fp32.graph.node}
     groups: dict[str, int] = {}   # scale initializer / tensor -> acts index
     acts: list[ActQuant] = []
-    act_edges, weight_edges, weight_names = {}, {}, {}
+    act_edges, weight_edges, weight_names, bias_edges = {}, {}, {}, {}
     for n in ptq.graph.node:
         if n.op_type in QDQ_OPS:
             continue
@@ -130,8 +141,9 @@ def read_placement(ptq: onnx.ModelProto, fp32: onnx.ModelProto) -> Placement:
                 continue
             src, q = dq.input[0], producer.get(dq.input[0])
             scale = numpy_helper.to_array(inits[dq.input[1]])
-            if src in inits:  # int8 weight (or int32 bias: not emulated, see module docstring)
+            if src in inits:  # int8 weight, or int32 bias with scale input scale x weight scale
                 if inits[src].data_type == onnx.TensorProto.INT32:
+                    bias_edges[(n.name, i)] = (0, 1)  # ORT quantizes Conv/Gemm biases from inputs 0 and 1
                     continue
                 weight_edges[(n.name, i)] = _axis(dq, scale)
                 weight_names[(n.name, i)] = fp32_nodes[n.name].input[i]
@@ -140,7 +152,7 @@ def read_placement(ptq: onnx.ModelProto, fp32: onnx.ModelProto) -> Placement:
                 weight_names[(n.name, i)] = fp32_nodes[n.name].input[i]
             elif q is not None and q.op_type == "QuantizeLinear":
                 act_edges[(n.name, i)] = _act_group(q, inits, groups, acts)
-    return Placement(acts, act_edges, weight_edges, weight_names)
+    return Placement(acts, act_edges, weight_edges, weight_names, bias_edges)
 
 
 def _act_group(q: onnx.NodeProto, inits: dict, groups: dict[str, int], acts: list[ActQuant]) -> int:
@@ -156,6 +168,37 @@ def _act_group(q: onnx.NodeProto, inits: dict, groups: dict[str, int], acts: lis
     if tensor not in acts[k].tensors:
         acts[k].tensors.append(tensor)
     return k
+
+
+def _tie_activation_inputs(placement: Placement, fp32: onnx.ModelProto, quantize: list[str]) -> None:
+    """Mirror ORT's ``adjust_tensor_ranges``: a quantized Relu/Clip whose input has no other reader
+    gets the output's range on its input, so both quantizers must share one (learned) scale."""
+    readers: dict[str, int] = {}
+    for n in fp32.graph.node:
+        for t in set(n.input):
+            readers[t] = readers.get(t, 0) + 1
+    group_of = {t: k for k, a in enumerate(placement.acts) for t in a.tensors}
+    parent = list(range(len(placement.acts)))
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    for n in fp32.graph.node:
+        if n.op_type in ("Relu", "Clip") and partition_of(n) in quantize and readers.get(n.input[0]) == 1 \
+                and n.input[0] in group_of and n.output[0] in group_of:
+            parent[root(group_of[n.input[0]])] = root(group_of[n.output[0]])
+    if all(root(k) == k for k in range(len(parent))):
+        return
+    keep = [k for k in range(len(parent)) if root(k) == k]
+    index = {k: i for i, k in enumerate(keep)}
+    acts = [placement.acts[k] for k in keep]
+    for k, a in enumerate(placement.acts):
+        if root(k) != k:
+            acts[index[root(k)]].tensors.extend(t for t in a.tensors if t not in acts[index[root(k)]].tensors)
+    placement.acts = acts
+    placement.act_edges = {e: index[root(k)] for e, k in placement.act_edges.items()}
 
 
 def _clip_bounds(placement: Placement, fp32: onnx.ModelProto, ptq: onnx.ModelProto) -> None:
@@ -426,47 +469,87 @@ class _Node:
     fn: OpFn
 
 
+class _GradScale(torch.autograd.Function):
+    """Identity forward, gradient times ``g`` (LSQ's step-size gradient scaling)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g: float) -> torch.Tensor:
+        ctx.g = g
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.g, None
+
+
+def _round_ste(v: torch.Tensor) -> torch.Tensor:
+    return v + (torch.round(v) - v).detach()  # exact: |round(v) - v| <= 0.5 subtracts exactly
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """DequantizeLinear(QuantizeLinear(x)) bit-exactly as ONNX Runtime computes it (x / scale,
+    round half to even, saturate): torch's fake_quantize multiplies by 1/scale, which flips ties.
+    Gradients are LSQ's: straight-through for x inside the range, round(x/s) - x/s (inside) or
+    the clamp bound (outside) for the scale."""
+    q = torch.clamp(_round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
 class ActFakeQuant(nn.Module):
-    """Per-tensor activation fake-quant, one (learnable) scale per PTQ quantizer group."""
+    """Per-tensor activation fake-quant, one learnable scale per PTQ quantizer group; zero points
+    stay at their PTQ values. Each scale is ``s0 * r`` with ``r`` learned from 1: Adam's steps
+    (~lr) are then relative, where a raw scale of 5e-5 would be overshot below zero by one step;
+    and ``s0 * 1`` is ``s0`` exactly, so training starts bit-exactly at the PTQ model."""
+
+    MIN_RATIO = 1e-3
 
     def __init__(self, acts: list[ActQuant], learn: bool = True):
         super().__init__()
         self.specs, self.learn = acts, learn
-        self.scales = nn.ParameterList([nn.Parameter(torch.tensor([a.scale], dtype=torch.float32),
-                                                     requires_grad=learn) for a in acts])
-        self.register_buffer("zero_points", torch.tensor([float(a.zero_point) for a in acts]))
+        self.register_buffer("init_scales", torch.tensor([a.scale for a in acts], dtype=torch.float32))
+        self.ratios = nn.ParameterList([nn.Parameter(torch.ones(1), requires_grad=learn) for _ in acts])
+
+    def scale(self, k: int) -> torch.Tensor:
+        return self.init_scales[k:k + 1] * self.ratios[k]
 
     def forward(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        a, s = self.specs[k], self.scales[k]
-        if self.learn:  # LSQ gradient scaling: 1 / sqrt(numel * qmax), as torch's _LearnableFakeQuantize
-            g = 1.0 / math.sqrt(x.numel() * max(1, a.qmax))
-            return torch._fake_quantize_learnable_per_tensor_affine(x, s, self.zero_points[k:k + 1], a.qmin,
-                                                                    a.qmax, g)
-        return torch.fake_quantize_per_tensor_affine(x, s.detach(), self.zero_points[k:k + 1].int(), a.qmin, a.qmax)
+        a, s = self.specs[k], self.scale(k)
+        # LSQ gradient scaling 1 / sqrt(numel * qmax), as torch's _LearnableFakeQuantize
+        s = _GradScale.apply(s, 1.0 / math.sqrt(x.numel() * max(1, a.qmax))) if self.learn else s.detach()
+        return fake_quant(x, s, a.zero_point, a.qmin, a.qmax)
 
     @torch.no_grad()
     def project(self) -> None:
         """Keep scales positive and inside removed Clips' bounds after an optimizer step."""
-        for a, s in zip(self.specs, self.scales):
-            s.clamp_(min=1e-8, max=a.max_scale)
+        for a, s0, r in zip(self.specs, self.init_scales.tolist(), self.ratios):
+            r.clamp_(min=self.MIN_RATIO, max=a.max_scale / s0)
 
     def current(self) -> list[float]:
-        return [float(s.detach()) for s in self.scales]
+        return [float(self.scale(k).detach()) for k in range(len(self.specs))]
 
 
-def weight_fake_quant(w: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """Symmetric int8 fake-quant with ORT's min-max scale (max |w| / 127, per channel or tensor)
-    recomputed from the current weights; straight-through gradient."""
-    tiny = torch.finfo(torch.float32).tiny
-    if axis is None:
-        scale = float((w.detach().abs().amax().double() / 127.0).float())
-        return torch.fake_quantize_per_tensor_affine(w, scale if scale >= tiny else 1.0, 0, -127, 127)
-    axis %= w.dim()
-    dims = [d for d in range(w.dim()) if d != axis]
-    scale = (w.detach().abs().amax(dim=dims).double() / 127.0).float()
-    scale = torch.where(scale < tiny, torch.ones_like(scale), scale)
-    zp = torch.zeros(scale.shape, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w, scale, zp, axis, -127, 127)
+def weight_scale(w: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """ORT's symmetric int8 min-max weight scale, max |w| / 127 (per channel or tensor), computed
+    like ORT (float64, then float32; 1.0 where the weights are all zero)."""
+    w = w.detach()
+    a = w.abs().amax() if axis is None else w.abs().amax(dim=[d for d in range(w.dim()) if d != axis % w.dim()])
+    scale = (a.double() / 127.0).float()
+    return torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
+
+
+def weight_fake_quant(w: torch.Tensor, scale: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Symmetric int8 fake-quant at ``scale``; straight-through gradient. Divides like ORT's
+    quantize_nparray (torch's fake_quantize multiplies by 1/scale, which flips rare ties)."""
+    if axis is not None:
+        scale = scale.reshape([-1 if d == axis % w.dim() else 1 for d in range(w.dim())])
+    q = torch.clamp(torch.round(w.detach() / scale), -127, 127)
+    return w + (q * scale - w).detach()
+
+
+def bias_fake_quant(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """ORT CPU's int32 bias: round(b / (s_in * s_w)) in float64, clipped; straight-through."""
+    q = torch.round(b.detach().double() / scale.double()).clamp(-2 ** 31, 2 ** 31 - 1)
+    return b + (q.float() * scale - b).detach()
 
 
 class GraphInterpreter(nn.Module):
@@ -518,21 +601,32 @@ class GraphInterpreter(nn.Module):
             return self.consts[name]
         raise UadcError(f"qat: tensor {name!r} has no value (not fed, produced or an initializer)")
 
-    def _input(self, env: dict, node: _Node, i: int, name: str) -> torch.Tensor | None:
-        x = self._value(env, name)
-        if not self.quantize or x is None:
-            return x
-        key = (node.name, i)
-        if key in self.placement.act_edges:
-            return self.act_fq(self.placement.act_edges[key], x)
-        if key in self.placement.weight_edges:
-            return weight_fake_quant(x, self.placement.weight_edges[key])
-        return x
+    def _inputs(self, env: dict, node: _Node) -> list[torch.Tensor | None]:
+        """The node's inputs as the Q/DQ model feeds them (fake-quantized where it quantizes)."""
+        vals = [self._value(env, t) for t in node.inputs]
+        if not self.quantize:
+            return vals
+        pl, w_scales = self.placement, {}
+        for i, x in enumerate(vals):
+            key = (node.name, i)
+            if x is None:
+                continue
+            if key in pl.act_edges:
+                vals[i] = self.act_fq(pl.act_edges[key], x)
+            elif key in pl.weight_edges:
+                w_scales[i] = weight_scale(x, pl.weight_edges[key])
+                vals[i] = weight_fake_quant(x, w_scales[i], pl.weight_edges[key])
+        for i, x in enumerate(vals):
+            src = pl.bias_edges.get((node.name, i))
+            if x is not None and src is not None and (node.name, src[0]) in pl.act_edges and src[1] in w_scales:
+                s_in = self.act_fq.scale(pl.act_edges[(node.name, src[0])]).detach()
+                vals[i] = bias_fake_quant(x, s_in * w_scales[src[1]])  # float32 product, as ORT
+        return vals
 
     def forward(self, feeds: dict[str, torch.Tensor], outputs: list[str]) -> dict[str, torch.Tensor]:
         env = dict(feeds)
         for node in self.nodes:
-            res = node.fn([self._input(env, node, i, t) for i, t in enumerate(node.inputs)], node.attrs)
+            res = node.fn(self._inputs(env, node), node.attrs)
             for name, value in zip(node.outputs, res if isinstance(res, (list, tuple)) else [res]):
                 if name:
                     env[name] = value
@@ -553,7 +647,7 @@ class Split:
     student_tensors: list[str]  # student-produced tensors read by the head
 
 
-def split_graph(model: onnx.ModelProto, quantize: list[str], image: str = "image") -> Split:
+def split_graph(model: onnx.ModelProto, quantize: list[str], image: str = INPUT_NAME) -> Split:
     part = {n.name: partition_of(n) for n in model.graph.node}
     producer = {o: n.name for n in model.graph.node for o in n.output}
     in_net = {"student"} | (set(quantize) - {"head"})
@@ -571,14 +665,14 @@ def split_graph(model: onnx.ModelProto, quantize: list[str], image: str = "image
     head = {n.name for n in model.graph.node if part[n.name] == "head"}
     head_inputs = [t for t in read_by(head) if t == image or part[producer.get(t, "")] != "head"] \
         if head else []
-    frozen_set = set(frozen)
-    net_reads = [t for t in read_by(set(net)) if t == image or producer[t] in frozen_set]
-    frozen_outputs = list(dict.fromkeys(
-        [t for t in net_reads if t != image] + [t for t in head_inputs if producer.get(t) in frozen_set]))
     teacher_tensors = [t for t in dict.fromkeys(read_by(None, exclude="teacher") + list(graph_out))
                        if t in producer and part[producer[t]] == "teacher"]
     student_tensors = [t for t in dict.fromkeys(head_inputs + list(graph_out))
                        if t in producer and part[producer[t]] == "student"]
+    frozen_set = set(frozen)
+    net_reads = [t for t in read_by(set(net)) if t != image and producer[t] in frozen_set]
+    frozen_outputs = list(dict.fromkeys(
+        net_reads + [t for t in head_inputs + teacher_tensors if producer.get(t) in frozen_set]))
     return Split(frozen, net, frozen_outputs, head_inputs, teacher_tensors, student_tensors)
 
 
@@ -586,7 +680,7 @@ class QatNet(nn.Module):
     """Frozen FP32 prefix + fake-quantized net, both interpreted from the FP32 ONNX graph."""
 
     def __init__(self, fp32: onnx.ModelProto, placement: Placement | None, quantize: list[str],
-                 learn_scales: bool = True, image: str = "image"):
+                 learn_scales: bool = True, image: str = INPUT_NAME):
         super().__init__()
         self.image = image
         self.split = split_graph(fp32, quantize, image)
@@ -596,8 +690,7 @@ class QatNet(nn.Module):
         self.frozen = GraphInterpreter(fp32, self.split.frozen)
         self.net = GraphInterpreter(fp32, self.split.net, trainable, placement, learn_scales)
         self.head_view = placement.head_view(fp32) if placement is not None else {}
-        for p in self.frozen.parameters():
-            p.requires_grad_(False)
+        self._computed = {t for n in self.net.nodes for t in n.outputs}
 
     @property
     def quantize(self) -> bool:
@@ -615,8 +708,7 @@ class QatNet(nn.Module):
                 frozen: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``outputs`` as the head reads them (through the PTQ model's Q/DQ where it has one)."""
         feeds = {self.image: images, **(frozen if frozen is not None else self.frozen_features(images))}
-        computed = set(t for n in self.net.nodes for t in n.outputs)
-        env = self.net(feeds, [t for t in outputs if t in computed])
+        env = self.net(feeds, [t for t in outputs if t in self._computed])
         out = {}
         for t in outputs:
             v = env[t] if t in env else feeds[t]
@@ -781,8 +873,15 @@ def head_inputs_onnx(model: onnx.ModelProto, names: list[str], feeds: dict[str, 
     return dict(zip(names, values))
 
 
-def max_rel_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    return max(float(np.abs(a[k] - b[k]).max()) / max(1.0, float(np.abs(a[k]).max())) for k in a)
+def max_rel_diff(ref: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> float:
+    """Worst max |diff| / max(1, max |ref|) over tensors."""
+    return max(float(np.abs(ref[k] - new[k]).max()) / max(1.0, float(np.abs(ref[k]).max())) for k in ref)
+
+
+def differing_fraction(ref: dict[str, np.ndarray], new: dict[str, np.ndarray], rtol: float = 1e-5) -> float:
+    """Worst fraction of elements differing beyond float noise (|diff| > rtol * max(1, max |ref|))."""
+    return max(float((np.abs(ref[k] - new[k]) > rtol * max(1.0, float(np.abs(ref[k]).max()))).mean())
+               for k in ref)
 
 
 # ---------------------------------------------------------------------------------- pipeline
@@ -832,6 +931,7 @@ def ptq_init(compiler, target: Target, calibrator: str, calib_data: str, n: int,
 def build_qat_net(fp32: onnx.ModelProto, ptq: onnx.ModelProto, quantize: list[str],
                   learn_scales: bool = True) -> tuple[QatNet, Placement]:
     placement = read_placement(ptq, fp32)
+    _tie_activation_inputs(placement, fp32, quantize)
     _clip_bounds(placement, fp32, ptq)
     return QatNet(fp32, placement, quantize, learn_scales), placement
 
@@ -844,68 +944,120 @@ def _check_target(name: str) -> Target:
     return target
 
 
+def _settings(recipe: Recipe, opts: QatOptions, target: Target) -> dict:
+    """Options over recipe defaults; the PTQ initialisation defaults exactly as ``uadc compile``."""
+    cfg, q = recipe["compile"], recipe["qat"]
+    return {"epochs": opts.epochs or q["epochs"], "lr": q["lr"] if opts.lr is None else opts.lr,
+            "batch_size": opts.batch_size or q["batch_size"], "seed": recipe["seed"],
+            "quantize": opts.quantize or cfg["quantize"],
+            "per_channel": cfg["per_channel"] if opts.per_channel is None else opts.per_channel,
+            "learn_scales": opts.learn_scales,
+            "init": {"calibrator": opts.calibrator or cfg["calibrator"] or target.default_calibrator,
+                     "calib_data": opts.calib_data or cfg["calib_data"],
+                     "samples": opts.calib_samples or cfg["calib_samples"]}}
+
+
 def run_qat(recipe: Recipe, opts: QatOptions, artifacts: Path | None = None, compiler=None,
             log: Callable[[str], None] = print) -> QatResult:
-    """PTQ init -> fake-quant fine-tuning -> Q/DQ export; writes ``qat_model.onnx`` + ``qat.json``."""
-    from uadc.compile import Compiler, _atomic_dir
-    from uadc.evaluate import write_json_atomic
-    from uadc.train import load_images, model_hash, seed_everything, set_threads
+    """PTQ init -> fake-quant fine-tuning -> Q/DQ export; writes ``qat_model.onnx`` + ``qat.json``
+    atomically into ``opts.out`` (default ``<artifacts>/<recipe>/qat_<target>``)."""
+    from uadc.compile import Compiler
+    from uadc.train import load_images, seed_everything, set_threads
 
     target = _check_target(opts.target)
     t_start = time.time()
     compiler = compiler or Compiler(recipe, artifacts, log=log)
     set_threads(recipe)
-    cfg, q = recipe["compile"], recipe["qat"]
-    quantize = opts.quantize or cfg["quantize"]
-    calibrator = opts.calibrator or cfg["calibrator"] or target.default_calibrator
-    calib_data, n_calib = opts.calib_data or cfg["calib_data"], opts.calib_samples or cfg["calib_samples"]
-    epochs, lr, bs = opts.epochs or q["epochs"], opts.lr if opts.lr is not None else q["lr"], opts.batch_size or q["batch_size"]
+    st = _settings(recipe, opts, target)
     fp32 = compiler.fp32_simplified[0]
-    ptq, calibrated, ctx = ptq_init(compiler, target, calibrator, calib_data, n_calib, quantize, opts.per_channel)
-    net, placement = build_qat_net(fp32, ptq, quantize, opts.learn_scales)
+    init = st["init"]
+    ptq, calibrated, ctx = ptq_init(compiler, target, init["calibrator"], init["calib_data"], init["samples"],
+                                    st["quantize"], st["per_channel"])
+    net, placement = build_qat_net(fp32, ptq, st["quantize"], opts.learn_scales)
     seed_everything(recipe["seed"])
     images = load_images(compiler.train_set, "loading images")
     model = compiler.model.eval()
     order = loss_order(net, model, images[:PROBE_IMAGES])
     data = prepare_qat_data(net, images, recipe["train"]["cache_teacher"])
-    ptq_loss = mean_loss(net, model, order, data, bs)
+    losses = {"ptq_loss": mean_loss(net, model, order, data, st["batch_size"])}
     log(f"qat: {len(placement.acts)} activation quantizers, {len(placement.weight_edges)} quantized weights; "
-        f"PTQ loss {ptq_loss:.4f}")
-    history = fine_tune(net, model, order, data, epochs, lr, bs, recipe["seed"], log)
-    final_loss = mean_loss(net, model, order, data, bs)
-    symmetric = target.scheme.activation_symmetric
-    ranges = qat_ranges(net, calibrated, symmetric)
-    ctx.ranges = ranges
+        f"PTQ loss {losses['ptq_loss']:.4f}")
+    history = fine_tune(net, model, order, data, st["epochs"], st["lr"], st["batch_size"], recipe["seed"], log)
+    losses["final_loss"] = mean_loss(net, model, order, data, st["batch_size"])
+    ctx.ranges = qat_ranges(net, calibrated, target.scheme.activation_symmetric)
     qat_model, _ = run_passes(with_weights(fp32, net.net.weights()), ["qdq", "partition_check"], ctx)
-    check = _export_check(net, qat_model, order, images[:PROBE_IMAGES])
-    summary = {
-        "recipe": recipe.name, "recipe_hash": recipe.hash, "model_hash": model_hash(recipe),
-        "checkpoint": str(compiler.ckpt_path), "target": target.name,
-        "settings": {"epochs": epochs, "lr": lr, "batch_size": bs, "seed": recipe["seed"], "quantize": quantize,
-                     "per_channel": opts.per_channel, "learn_scales": opts.learn_scales,
-                     "init": {"calibrator": calibrator, "calib_data": calib_data, "samples": n_calib}},
-        "ptq_loss": ptq_loss, "final_loss": final_loss, "history": history,
-        "loss_order": {"teacher": order.teacher, "student": order.student},
-        "quantizers": [{"tensors": a.tensors, "zero_point": a.zero_point, "ptq_scale": a.scale, "qat_scale": s}
-                       for a, s in zip(placement.acts, net.net.act_fq.current())],
-        "ranges": {t: list(r) for t, r in ranges.items()}, "ptq_ranges": {t: list(r) for t, r in calibrated.items()},
-        "export_check_max_rel": check, "seconds": round(time.time() - t_start, 2),
-    }
+    summary = _summary(recipe, compiler, target, st, losses, history, order, net, ctx.ranges, calibrated)
+    summary["export_check"] = _export_check(net, qat_model, order, images[:PROBE_IMAGES])
+    summary["seconds"] = round(time.time() - t_start, 2)
     out = opts.out or qat_dir(recipe, target.name, artifacts)
+    _write(out, qat_model, summary)
+    log(f"QAT model written: {out / QAT_FILE} (loss {losses['ptq_loss']:.4f} -> {losses['final_loss']:.4f})")
+    return QatResult(qat_model, out / QAT_FILE, ptq, net, placement, order, summary, st["quantize"], compiler)
+
+
+def _summary(recipe: Recipe, compiler, target: Target, settings: dict, losses: dict, history: list[dict],
+             order: LossOrder, net: QatNet, ranges: dict, calibrated: dict) -> dict:
+    from uadc.train import model_hash
+    fq = net.net.act_fq
+    return {
+        "recipe": recipe.name, "recipe_hash": recipe.hash, "model_hash": model_hash(recipe),
+        "checkpoint": str(compiler.ckpt_path), "target": target.name, "settings": settings, **losses,
+        "history": history, "loss_order": {"teacher": order.teacher, "student": order.student},
+        "quantizers": [{"tensors": a.tensors, "zero_point": a.zero_point, "ptq_scale": a.scale, "qat_scale": s}
+                       for a, s in zip(fq.specs, fq.current())],
+        "ranges": {t: list(r) for t, r in ranges.items()}, "ptq_ranges": {t: list(r) for t, r in calibrated.items()},
+    }
+
+
+def _write(out: Path, qat_model: onnx.ModelProto, summary: dict) -> None:
+    from uadc.compile import _atomic_dir
+    from uadc.evaluate import write_json_atomic
     with _atomic_dir(out) as tmp:
         onnx.save(qat_model, str(tmp / QAT_FILE))
         write_json_atomic(tmp / QAT_JSON, summary)
-    log(f"QAT model written: {out / QAT_FILE} (loss {ptq_loss:.4f} -> {final_loss:.4f})")
-    return QatResult(qat_model, out / QAT_FILE, ptq, net, placement, order, summary, quantize, compiler)
+
+
+def onnx_frozen_features(model: onnx.ModelProto, net: QatNet, images: np.ndarray) -> dict[str, torch.Tensor]:
+    """The frozen (float) prefix's outputs computed by ORT: feeding these instead of the torch
+    interpreter's removes float noise (~1e-6) that would flip rare rounding ties downstream."""
+    names = net.split.frozen_outputs
+    if not names:
+        return {}
+    from uadc.calibrate import _with_outputs
+    values = run_ort(_with_outputs(model, names), {net.image: images}, names)
+    return {k: torch.from_numpy(v) for k, v in zip(names, values)}
+
+
+def learned_scale_error(net: QatNet, qdq_model: onnx.ModelProto) -> float:
+    """Worst relative difference between a learned scale and the exported Q node's scale (and
+    an infinite one if a zero point moved): the range round trip must be exact."""
+    inits = _inits(qdq_model)
+    learned = {t: (s, a) for a, s in zip(net.net.act_fq.specs, net.net.act_fq.current()) for t in a.tensors}
+    worst = 0.0
+    for n in qdq_model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] in learned:
+            s, a = learned[n.input[0]]
+            if int(numpy_helper.to_array(inits[n.input[2]])) != a.zero_point:
+                return math.inf
+            worst = max(worst, abs(float(numpy_helper.to_array(inits[n.input[1]])) - s) / s)
+    return worst
 
 
 @torch.no_grad()
-def _export_check(net: QatNet, qat_model: onnx.ModelProto, order: LossOrder, probe: torch.Tensor) -> float:
-    """The exported Q/DQ model must compute what was trained: worst relative difference of the
-    head's inputs, ORT (exported model) vs the fake-quantized interpreter."""
+def _export_check(net: QatNet, qat_model: onnx.ModelProto, order: LossOrder, probe: torch.Tensor) -> dict:
+    """The exported Q/DQ model must compute what was trained: learned scales survive the export,
+    and the head's inputs agree (ORT on the exported model vs the fake-quantized interpreter fed
+    with ORT's teacher tensors)."""
+    scale_err = learned_scale_error(net, qat_model)
+    if scale_err > 1e-5:
+        raise RuntimeError(f"qat export: learned scales did not survive the qdq pass (max rel diff {scale_err:.3g})")
     names = list(dict.fromkeys(order.teacher + order.student))
-    ours = {k: v.numpy() for k, v in net(probe, names).items()}
-    return max_rel_diff(ours, head_inputs_onnx(qat_model, names, {net.image: probe.numpy()}))
+    x = probe.numpy()
+    ours = {k: v.numpy() for k, v in net(probe, names, onnx_frozen_features(qat_model, net, x)).items()}
+    ref = head_inputs_onnx(qat_model, names, {net.image: x})
+    # Not always 0: float accumulation order (torch vs MLAS) can flip a rare rounding tie.
+    return {"scale_max_rel_diff": scale_err, "head_inputs_max_rel_diff": max_rel_diff(ref, ours),
+            "head_inputs_differing_fraction": differing_fraction(ref, ours)}
 
 
 def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None) -> onnx.ModelProto:

@@ -1,0 +1,123 @@
+"""bench.paper_tables end-to-end on tiny synthetic data (STFPM and PaSTe, 64 px, 2 epochs, one-class on,
+QAT skipped): every table is in the markdown with numbers, the JSON holds the same numbers, those
+numbers are the compile reports' own, and the figures exist."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bench.paper_tables import (BenchOptions, _reusable, ensure_checkpoints, main, prepare_recipe,
+                                qat_row, run_bench)
+
+TRAIN = {"epochs": 2, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, tiny_data):
+    from conftest import write_recipe
+    d = tmp_path_factory.mktemp("bench")
+    recipes = [write_recipe(d / "stfpm_tiny.yaml", tiny_data, train=TRAIN),
+               write_recipe(d / "paste_tiny.yaml", tiny_data, train=TRAIN,
+                            model={"method": "paste", "split": "blocks.0"})]
+    art, out = d / "artifacts", d / "out"
+    opts = BenchOptions(qat=False, one_class=True, latency_runs=3, log=lambda m: None)
+    result = run_bench(recipes, art, out, opts)
+    return result, recipes, art, out, opts
+
+
+def _section(md: str, title: str) -> str:
+    start = md.index(title)
+    end = md.find("\n## ", start + 1)
+    return md[start:end if end > 0 else None]
+
+
+def _numeric_rows(section: str) -> list[str]:
+    return [line for line in section.splitlines() if line.startswith("|") and re.search(r"\| [+-]?\d\.\d{4} ", line)]
+
+
+def test_markdown_and_json_agree(bench_run):
+    result, _, _, out, _ = bench_run
+    md = (out / "paper_tables.md").read_text()
+    saved = json.loads((out / "paper_tables.json").read_text())
+    assert saved["table4"]["cells"] == json.loads(json.dumps(result["table4"]["cells"]))
+    t2, t4, t57 = (_section(md, t) for t in ("## Table 2", "## Table 4", "## Tables 5–7"))
+    for s in (t2, t4, t57):
+        assert _numeric_rows(s), s
+    for e in saved["table2"]:
+        assert e["one_class"] is not None
+        for k in ("image_auroc", "pixel_auroc"):
+            assert f"{e['unified']['mean'][k]:.4f}" in t2 and f"{e['one_class']['mean'][k]:.4f}" in t2
+            for cat, v in e["unified"]["categories"].items():
+                assert f"{v[k]:.4f}" in t2, cat
+    assert len(saved["table4"]["cells"]) == 4
+    for c in saved["table4"]["cells"].values():
+        assert f"{c['image_auroc']:.4f} / {c['pixel_auroc']:.4f}" in t4
+    rows = saved["tables5_7"]
+    assert [r["precision"] for r in rows] == ["FP32", "INT8-PTQ", "INT8-PTQ", "INT8-QAT", "FP16"] * 2
+    for r in rows:
+        if r["note"]:
+            assert r["note"] in t57
+            continue
+        assert f"{r['image_auroc']:.4f} | {r['pixel_auroc']:.4f}" in t57 and f"{r['latency_p50_ms']:.2f}" in t57
+        assert f"{r['model_bytes']:,}" in t57
+    head = md[:md.index("## Table 2")]
+    assert "threads" in head and "torch" in head and "onnxruntime" in head and "total run time" in head
+
+
+def test_numbers_come_from_the_reports(bench_run):
+    result, _, _, _, _ = bench_run
+    for r in result["tables5_7"]:
+        if r["note"]:
+            continue
+        rep = json.loads(Path(r["source"]).read_text())
+        assert r["image_auroc"] == rep["metrics"]["compiled"]["mean"]["image_auroc"]
+        assert r["latency_p50_ms"] == rep["latency_ms"]["compiled"]["p50"] > 0
+        assert r["bytes"] == rep["bytes"] and rep["target"] == r["target"]
+        assert rep["quantized_partitions"] == ([] if r["precision"] == "FP32" else r["quantized"])
+    stfpm = [r for r in result["tables5_7"] if r["method"] == "stfpm" and r["precision"] == "INT8-PTQ"]
+    best = result["table4"]["cells"][result["table4"]["best"]]
+    assert all((r["calibrator"], r["calib_data"]) == (best["calibrator"], best["calib_data"]) for r in stfpm)
+    fp32 = next(r for r in result["tables5_7"] if r["method"] == "stfpm" and r["precision"] == "FP32")
+    assert stfpm[0]["bytes"]["student"] < fp32["bytes"]["student"] / 2  # INT8 student weights
+    assert result["tables5_7"][-1]["note"].startswith("FP16: no runtime here")
+
+
+def test_figures_exist(bench_run):
+    result, _, _, out, _ = bench_run
+    pngs = ["auroc_vs_latency.png"] + list(result["figures"]["overlays"].values())
+    assert sorted(result["figures"]["overlays"]) == ["gray", "stripes"]
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]  # atomic: no temp folder left
+
+
+def test_checkpoints_reused_and_checked(bench_run):
+    _, recipes, art, _, opts = bench_run
+    r = prepare_recipe(recipes[0], opts)
+    ck = ensure_checkpoints(r, art, True, lambda m: None)
+    assert ck["unified"]["reused"] and ck["unified"]["epochs"] == 2
+    assert all(i["reused"] for i in ck["one_class"].values())
+    other = r.with_overrides(model={"smoothing_sigma": 2.0})  # different model -> not reusable
+    assert _reusable(Path(ck["unified"]["path"]), other, lambda m: None) is None
+
+
+def test_budget_options_use_their_own_artifact_folder(recipe_factory):
+    r = prepare_recipe(recipe_factory("tiny", train={"epochs": 12}), BenchOptions(epochs_scale=0.5, threads=1))
+    assert r.name == "tiny_x0.5" and r["train"]["epochs"] == 6 and r["train"]["threads"] == 1
+
+
+def test_qat_missing_is_reported_not_fatal(bench_run, monkeypatch):
+    _, recipes, art, _, opts = bench_run
+    monkeypatch.setitem(sys.modules, "uadc.qat", None)  # import of uadc.qat now fails
+    row = qat_row(prepare_recipe(recipes[0], opts), None, ("entropy", "train"), art, BenchOptions(qat=True))
+    assert row["precision"] == "INT8-QAT" and row["note"].startswith("not available:")
+
+
+def test_cli_user_error(tmp_path):
+    res = CliRunner().invoke(main, ["--recipes", str(tmp_path / "nope.yaml"), "--artifacts", str(tmp_path / "a")])
+    assert res.exit_code == 2 and res.output.strip().startswith("error: recipe not found")
+    assert not (tmp_path / "a").exists()

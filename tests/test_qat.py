@@ -1,0 +1,271 @@
+"""Quantization-aware training: the ONNX -> torch interpreter, fake-quant placement fidelity
+against ONNX Runtime's PTQ Q/DQ models, fine-tuning, Q/DQ export and the CLI.
+
+Fidelity tolerances. FP32: the interpreter and ORT compute the same float math in different
+orders, so they agree to ~1e-6 relative (asserted: 1e-4). Fake-quant at the PTQ scales: same
+edges, ORT's divide-and-round, int32 biases, so the interpreter reproduces the Q/DQ model exactly
+except where float accumulation order (torch vs MLAS) flips a rounding tie, which then cascades
+through later quantizers. Asserted per student output: mean |diff| <= 1e-4 and max |diff| <= 1%
+of max |output|. Measured: 0 for ort-cpu-int8, mean 2e-5 / max 2e-3 for trt-int8; the placement
+bugs this caught while being written (bias rounding not emulated, a Relu's input not tied to its
+output's scale) showed ~4e-4 mean and 0.15 max.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from uadc.cli import main
+from uadc.errors import UadcError
+from uadc.passes import partition_of, run_ort
+from uadc.qat import (
+    GraphInterpreter, QatNet, QatOptions, build_qat_net, head_inputs_onnx, max_rel_diff, onnx_frozen_features,
+    ptq_init, run_qat, weight_scale,
+)
+from uadc.targets import get_target
+
+TARGET = "ort-cpu-int8"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------ interpreter
+
+def _ops_graph() -> onnx.ModelProto:
+    """Every op the interpreter promises, with non-default attributes, on a 2x4x9x9 input."""
+    rng = np.random.default_rng(0)
+    inits = []
+
+    def init(name, arr):
+        inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [
+        helper.make_node("Conv", ["x", init("w1", f32(6, 2, 3, 3)), init("b1", f32(6))], ["c1"], group=2,
+                         pads=[1, 0, 2, 1], strides=[2, 1], dilations=[1, 2]),
+        helper.make_node("Clip", ["c1", init("lo", np.float32(-0.5)), init("hi", np.float32(1.5))], ["c2"]),
+        helper.make_node("LeakyRelu", ["c2"], ["c3"], alpha=0.2),
+        helper.make_node("ConvTranspose", ["c3", init("w2", f32(6, 4, 3, 3)), init("b2", f32(4))], ["d1"],
+                         strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]),
+        helper.make_node("Relu", ["d1"], ["d2"]),
+        helper.make_node("Resize", ["d2", "", "", init("sizes", np.array([2, 4, 9, 9], np.int64))], ["r1"],
+                         mode="linear", coordinate_transformation_mode="half_pixel"),
+        helper.make_node("Resize", ["x", "", init("scales", np.array([1, 1, 2, 2], np.float32))], ["r2"],
+                         mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        helper.make_node("MaxPool", ["r2"], ["p1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                         ceil_mode=1),
+        helper.make_node("AveragePool", ["x"], ["p2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0),
+        helper.make_node("Sub", ["r1", "p2"], ["s1"]),
+        helper.make_node("Mul", ["s1", init("m", f32(1, 4, 1, 1))], ["s2"]),
+        helper.make_node("Div", ["s2", init("dv", np.float32(1.7))], ["s3"]),
+        helper.make_node("Add", ["s3", "x"], ["s4"]),
+        helper.make_node("Sigmoid", ["s4"], ["s5"]),
+        helper.make_node("Pad", ["s5", init("pads", np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64))], ["q1"],
+                         mode="reflect"),
+        helper.make_node("Pad", ["p1", init("pads2", np.array([0, 0, 1, 0, 0, 0, 1, 2], np.int64)),
+                                 init("pv", np.float32(0.25))], ["q2"], mode="constant"),
+        helper.make_node("Concat", ["q1", "q2"], ["k1"], axis=1),
+        helper.make_node("Identity", ["k1"], ["k2"]),
+        helper.make_node("GlobalAveragePool", ["k2"], ["g1"]),
+        helper.make_node("Reshape", ["g1", init("shape", np.array([0, -1], np.int64))], ["y"]),
+    ]
+    for i, n in enumerate(nodes):
+        n.name = f"{n.op_type}_{i}"
+    graph = helper.make_graph(nodes, "ops", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 9, 9])],
+                              [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in ("y", "k2", "d1")],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def test_interpreter_ops_match_onnxruntime():
+    model = _ops_graph()
+    x = np.random.default_rng(1).standard_normal((2, 4, 9, 9)).astype(np.float32)
+    ref = run_ort(model, {"x": x}, ["y", "k2", "d1"])
+    interp = GraphInterpreter(model, [n.name for n in model.graph.node])
+    with torch.no_grad():
+        out = interp({"x": torch.from_numpy(x)}, ["y", "k2", "d1"])
+    for name, r in zip(["y", "k2", "d1"], ref):
+        assert out[name].shape == r.shape, name
+        np.testing.assert_allclose(out[name].numpy(), r, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_unsupported_op_is_named():
+    node = helper.make_node("Softmax", ["x"], ["y"], name="student/node_softmax")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(UadcError, match=r"op Softmax \(node student/node_softmax\) is not supported"):
+        GraphInterpreter(model, ["student/node_softmax"])
+
+
+# ------------------------------------------------------------------------- trained tiny model
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory, tiny_data):
+    """A tiny STFPM checkpoint, its Compiler (export cached) and one QAT run for ort-cpu-int8."""
+    from conftest import write_recipe
+
+    from uadc.compile import Compiler
+    from uadc.recipe import load_recipe
+    from uadc.train import train_recipe
+    d = tmp_path_factory.mktemp("qat")
+    path = write_recipe(d / "tiny.yaml", tiny_data, train={"epochs": 4, "threads": 1},
+                        qat={"epochs": 3, "lr": 0.001, "batch_size": 8})
+    recipe, art = load_recipe(path), d / "artifacts"
+    train_recipe(recipe, art)
+    compiler = Compiler(recipe, art, log=lambda *a: None)
+    result = run_qat(recipe, QatOptions(TARGET), art, compiler=compiler, log=lambda *a: None)
+    return {"recipe_path": path, "recipe": recipe, "art": art, "compiler": compiler, "result": result}
+
+
+def _probe(compiler, n: int = 4) -> torch.Tensor:
+    return torch.from_numpy(compiler.sample_feeds(1, n)[0]["image"])  # test images, defects included
+
+
+def test_fp32_interpreter_reproduces_onnxruntime(qat_run):
+    compiler = qat_run["compiler"]
+    fp32 = compiler.fp32_simplified[0]
+    net = QatNet(fp32, None, ["student"])
+    x = _probe(compiler)
+    names = net.split.head_inputs
+    with torch.no_grad():
+        ours = {k: v.numpy() for k, v in net(x, names).items()}
+    ref = head_inputs_onnx(fp32, names, {"image": x.numpy()})
+    assert net.split.student_tensors and set(net.split.student_tensors) <= set(names)
+    assert max_rel_diff(ref, ours) < 1e-4
+
+
+def _rel_diffs(net, ptq, x) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per student output read by the head: |ours - ORT| / max |ORT|, with the teacher tensors
+    from ORT and with the teacher interpreted in torch."""
+    names = net.split.student_tensors
+    with torch.no_grad():
+        with_ort_teacher = net(x, names, onnx_frozen_features(ptq, net, x.numpy()))
+        own_teacher = net(x, names)
+    ref = head_inputs_onnx(ptq, names, {"image": x.numpy()})
+    return {k: (np.abs(with_ort_teacher[k].numpy() - ref[k]) / np.abs(ref[k]).max(),
+                np.abs(own_teacher[k].numpy() - ref[k]) / np.abs(ref[k]).max()) for k in names}
+
+
+@pytest.mark.parametrize("target", ["ort-cpu-int8", "trt-int8"])
+def test_fake_quant_at_ptq_scales_reproduces_ptq_model(qat_run, target):
+    compiler = qat_run["compiler"]
+    fp32 = compiler.fp32_simplified[0]
+    t = get_target(target)
+    ptq, _, _ = ptq_init(compiler, t, t.default_calibrator, "random-normal", 8, ["student"])
+    net, placement = build_qat_net(fp32, ptq, ["student"])
+    assert placement.acts and placement.weight_edges
+    # Weight scales recomputed from the weights are ORT's, bit for bit.
+    inits = {i.name: numpy_helper.to_array(i) for i in ptq.graph.initializer}
+    weights = {**net.net.weights(), **{k: v for k, v in net.net.consts.items()}}
+    for (node, i), axis in placement.weight_edges.items():
+        name = placement.weight_names[(node, i)]
+        ptq_scale = inits[f"{name}_scale"]
+        np.testing.assert_array_equal(weight_scale(weights[name], axis).numpy().reshape(ptq_scale.shape), ptq_scale)
+    for k, diffs in _rel_diffs(net, ptq, _probe(compiler)).items():
+        for d in diffs:
+            assert d.mean() <= 1e-4 and d.max() <= 1e-2, (k, d.mean(), d.max())
+
+
+def test_qat_loss_decreases(qat_run):
+    s = qat_run["result"].summary
+    h = s["history"]
+    assert len(h) == 3 and all(np.isfinite(e["loss"]) for e in h)
+    assert h[-1]["loss"] < h[0]["loss"]
+    assert s["final_loss"] < s["ptq_loss"]
+
+
+def _act_quant(model: onnx.ModelProto) -> dict[str, float]:
+    """Activation tensor -> scale of every QuantizeLinear whose input is not an initializer."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return {n.input[0]: float(numpy_helper.to_array(inits[n.input[1]])) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+def test_exported_qat_model_has_ptq_placement_and_qat_scales(qat_run):
+    res = qat_run["result"]
+    qat, ptq = res.model, res.ptq_model
+    qdq = [n for n in qat.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and {partition_of(n) for n in qdq} == {"student"}
+    assert sorted(n.op_type for n in qat.graph.node) == sorted(n.op_type for n in ptq.graph.node)
+    ptq_scales, qat_scales = _act_quant(ptq), _act_quant(qat)
+    assert set(qat_scales) == set(ptq_scales)
+    learned = {t: s for a, s in zip(res.net.net.act_fq.specs, res.net.net.act_fq.current()) for t in a.tensors}
+    for t, s in qat_scales.items():
+        assert s == pytest.approx(learned[t], rel=1e-6), t
+    assert sum(abs(qat_scales[t] - ptq_scales[t]) > 1e-4 * ptq_scales[t] for t in qat_scales) >= len(qat_scales) // 2
+    check = res.summary["export_check"]
+    assert check["scale_max_rel_diff"] <= 1e-6 and check["head_inputs_differing_fraction"] <= 5e-3
+    # Fine-tuned weights went in: the student's int8 weights changed, the teacher's did not.
+    p_inits = {i.name: numpy_helper.to_array(i) for i in ptq.graph.initializer}
+    q_inits = {i.name: numpy_helper.to_array(i) for i in qat.graph.initializer}
+    changed = {k for k in p_inits if k in q_inits and p_inits[k].shape == q_inits[k].shape
+               and not np.array_equal(p_inits[k], q_inits[k])}
+    assert any(k.startswith("student.") for k in changed) and not any(k.startswith("teacher.") for k in changed)
+    # Files: the model and qat.json (history, ranges, settings) next to it.
+    assert res.path.name == "qat_model.onnx" and res.path.parent.name == f"qat_{TARGET}"
+    meta = json.loads((res.path.parent / "qat.json").read_text())
+    assert [e["loss"] for e in meta["history"]] == [e["loss"] for e in res.summary["history"]]
+    assert set(meta["ranges"]) >= set(qat_scales) and meta["settings"]["epochs"] == 3
+    assert meta["loss_order"]["student"] and meta["loss_order"]["teacher"]
+
+
+def _keys(report: dict) -> dict:
+    return {k: sorted(v) if isinstance(v, dict) and k in ("metrics", "verification", "latency_ms") else None
+            for k, v in report.items()}
+
+
+def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
+    from uadc.compile import CompileOptions
+    recipe, path = qat_run["recipe"], qat_run["recipe_path"]
+    art = tmp_path / "art"
+    shutil.copytree(qat_run["art"] / recipe.name, art / recipe.name,
+                    ignore=shutil.ignore_patterns("qat_*"))  # the checkpoint, no QAT model yet
+    ptq_dir = qat_run["compiler"].compile(CompileOptions(TARGET, out=tmp_path / "ptq", latency_runs=3))
+    ptq_report = json.loads((ptq_dir / "report.json").read_text())
+
+    res = CliRunner().invoke(main, ["qat", str(path), "--target", TARGET, "--epochs", "1", "--artifacts", str(art)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "QAT model written" in res.output and "image AUROC" in res.output
+    qat_report = json.loads((art / recipe.name / f"{TARGET}-qat" / "report.json").read_text())
+    assert _keys(qat_report) == _keys(ptq_report)
+    assert qat_report["qdq_nodes"] == ptq_report["qdq_nodes"]
+    assert json.loads((art / recipe.name / f"qat_{TARGET}" / "qat.json").read_text())["settings"]["epochs"] == 1
+
+    out = tmp_path / "from_qat"
+    res = CliRunner().invoke(main, ["compile", str(path), "--target", TARGET, "--from-qat", "--artifacts", str(art),
+                                    "--out", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert _keys(report) == _keys(ptq_report)
+    compiled = onnx.load(str(out / "model.onnx"))
+    assert set(_act_quant(compiled)) == set(_act_quant(qat_run["result"].ptq_model))
+
+
+def test_compile_from_qat_without_qat_model(recipe_factory, tmp_path):
+    art = tmp_path / "art"
+    res = CliRunner().invoke(main, ["compile", str(recipe_factory()), "--target", TARGET, "--from-qat",
+                                    "--artifacts", str(art)])
+    assert res.exit_code == 2, res.output
+    out = res.output.strip()
+    assert out.startswith("error: ") and "run `uadc qat` first" in out and len(out.splitlines()) == 1
+    assert "Traceback" not in out and not art.exists()
+
+
+def test_qat_needs_int8_target(recipe_factory, tmp_path):
+    res = CliRunner().invoke(main, ["qat", str(recipe_factory()), "--target", "ort-cpu-fp32",
+                                    "--artifacts", str(tmp_path / "art")])
+    assert res.exit_code == 2 and "needs an int8 target" in res.output
