@@ -50,14 +50,30 @@ def predict(predictor: Predictor, images: np.ndarray, batch_size: int, desc: str
     return np.concatenate(maps), np.concatenate(scores)
 
 
-def evaluate(predictor: Predictor, test_arrays: dict[str, tuple], batch_size: int = 16, desc: str = "eval"
-             ) -> dict:
-    """{"mean": {...}, "categories": {cat: {...}}} with METRIC_KEYS per category."""
-    per_cat = {}
+def evaluate(predictor: Predictor, test_arrays: dict[str, tuple], batch_size: int = 16, desc: str = "eval",
+             defects: dict[str, list[str]] | None = None) -> dict:
+    """{"mean": {...}, "categories": {cat: {...}}} with METRIC_KEYS per category; with
+    ``defects`` (defect type per test image) also ``"defects": {cat: {type: {...}}}``."""
+    per_cat, per_defect = {}, {}
     for cat, (images, masks, labels) in test_arrays.items():
         maps, scores = predict(predictor, images, batch_size, f"{desc} {cat}")
         per_cat[cat] = metrics.compute_all(labels, scores, masks, maps)
-    return metrics.summarize(per_cat)
+        if defects and cat in defects:
+            per_defect[cat] = defect_breakdown(np.asarray(defects[cat]), labels, scores, masks, maps)
+    result = metrics.summarize(per_cat)
+    if per_defect:
+        result["defects"] = per_defect
+    return result
+
+
+def defect_breakdown(kinds: np.ndarray, labels, scores, masks, maps) -> dict[str, dict[str, float]]:
+    """Per defect type: image AUROC against the good images, pixel AUROC on that type's images."""
+    out = {}
+    for kind in sorted(set(kinds) - {"good"}):
+        sel, only = (kinds == kind) | (kinds == "good"), kinds == kind
+        out[kind] = {"count": int(only.sum()), "image_auroc": metrics.image_auroc(labels[sel], scores[sel]),
+                     "pixel_auroc": metrics.pixel_auroc(masks[only], maps[only])}
+    return out
 
 
 def format_table(result: dict, title: str = "") -> str:
@@ -87,7 +103,11 @@ def run_eval(recipe, checkpoint: Path | None = None, artifacts: Path | None = No
     set_threads(recipe)
     ckpt = checkpoint or checkpoint_path(recipe, artifacts)
     model, blob = load_checkpoint(ckpt, recipe)
-    result = evaluate(torch_predictor(model), test_arrays_for(recipe), recipe["eval"]["batch_size"])
+    from uadc.train import prepare_data
+    _, _, tests = prepare_data(recipe)
+    arrays = {c: load_test_arrays(ds) for c, ds in tests.items()}
+    kinds = {c: [s.defect for s in ds.samples] for c, ds in tests.items()}
+    result = evaluate(torch_predictor(model), arrays, recipe["eval"]["batch_size"], defects=kinds)
     result.update(checkpoint=str(ckpt), recipe_hash=recipe.hash, train_seconds=blob.get("train_seconds"),
                   epochs=len(blob.get("history", [])), model_stats=blob.get("stats"),
                   learning_curve=[{"epoch": h["epoch"], "train_seconds": _seconds_until(blob["history"], h["epoch"]),
@@ -96,6 +116,9 @@ def run_eval(recipe, checkpoint: Path | None = None, artifacts: Path | None = No
     out = recipe.artifact_dir(artifacts) / "eval.json"
     write_json_atomic(out, result)
     print(format_table(result, f"{recipe.name} (unified, {result['epochs']} epochs)"))
+    for cat, kinds in result.get("defects", {}).items():
+        print(f"{cat}: " + ", ".join(f"{k} {v['image_auroc']:.3f}/{v['pixel_auroc']:.3f}" for k, v in kinds.items())
+              + "  (image/pixel AUROC per defect type)")
     print(f"written: {out}")
     return result
 
