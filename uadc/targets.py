@@ -56,6 +56,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("ort-cpu-fp32", "onnxruntime", "fp32", FLOAT_PASSES, description="ONNX Runtime CPU, float32"),
     Target("ort-cpu-int8", "onnxruntime", "int8", INT8_PASSES,
            scheme=QDQScheme(activation_type="uint8", activation_symmetric=False, per_channel=True),
+           default_calibrator="minmax",  # best of `uadc calibrators compare` on our data (README)
            description="ONNX Runtime CPU, QDQ U8 activations / S8 weights"),
     Target("trt-fp16", "tensorrt", "fp16", FLOAT_PASSES, opset=17, min_trt_version="8.5", device="gpu",
            builder={"workspace_mb": 4096}, description="TensorRT GPU, builder-chosen FP16"),
