@@ -222,11 +222,12 @@ def _calibrated(model, images, target):
     return collect_ranges(model, images, names, "minmax", activation_symmetric=scheme.activation_symmetric)
 
 
-@pytest.mark.parametrize("target", ["ort-cpu-int8", "trt-int8"])
-def test_qdq_only_student(images, target):
+@pytest.mark.parametrize("target, per_channel", [("ort-cpu-int8", None), ("ort-cpu-int8", False),
+                                                 ("trt-int8", None)])
+def test_qdq_only_student(images, target, per_channel):
     model = tiny_kd()
     ranges = _calibrated(model, images, target)
-    ctx = _ctx(target, images=images, ranges=ranges)
+    ctx = _ctx(target, images=images, ranges=ranges, per_channel=per_channel)
     out, records = run_passes(model, get_target(target).passes, ctx)
     assert records[3]["name"] == "qdq" and records[3]["nodes_after"] > records[3]["nodes_before"]
     _assert_qdq_only_on_student(out, model)
@@ -247,7 +248,9 @@ def test_qdq_only_student(images, target):
         assert all(i.data_type != TensorProto.INT32 for i in out.graph.initializer)  # float biases
     else:
         assert all(z.dtype == np.uint8 for z in zero_points)
-        assert all(inits[dq.input[1]].size == 1 for dq in weight_dq.values())  # per-tensor weights
+        channel_wise = get_target(target).scheme.per_channel if per_channel is None else per_channel
+        sizes = {inits[dq.input[1]].size for dq in weight_dq.values()}
+        assert sizes == ({C} if channel_wise else {1})  # the target's (or the overridden) weight scales
     x = images
     for a, b in zip(run_ort(model, {"image": x}), run_ort(out, {"image": x}, optimize=True)):
         assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()

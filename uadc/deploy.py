@@ -50,11 +50,11 @@ def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto,
                "trtexec": trt_backend.trtexec_command("model.onnx", settings, shape),
                "min_trt_version": target.min_trt_version}
     ok, reason = trt_backend.trt_available()
-    if not build:
-        section["status"] = f"engine: not built (--build-engine not given; TensorRT here: {reason or 'yes'})"
-        return section
     if not ok:
         section["status"] = f"engine: not built (no TensorRT here: {reason})"
+        return section
+    if not build:
+        section["status"] = "engine: not built (--build-engine not given; build_engine.sh builds it on the device)"
         return section
     engine = trt_backend.build_engine(out / "model.onnx", out / "model.engine", settings, input_shape=shape)
     section["status"] = f"engine: built {engine.name}"
