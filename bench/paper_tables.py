@@ -30,7 +30,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from uadc.errors import UadcError
+from uadc.errors import UadcError, exit_on_user_error
 from uadc.recipe import Recipe, load_recipe
 
 DEFAULT_METHODS = ("stfpm", "paste", "rd", "us")
@@ -558,17 +558,11 @@ def main(recipes: str, data_recipe_dir: Path, artifacts: Path, out: Path | None,
     """Reproduce the seed paper's Tables 2, 4, 5-7 and figures on this project's data."""
     names = [n.strip() for n in recipes.split(",") if n.strip()]
     command = "python -m bench.paper_tables " + shlex.join(sys.argv[1:])
-    try:
+    with exit_on_user_error("interrupted; nothing was written to --out (finished checkpoints/artifacts are kept)"):
         opts = BenchOptions(epochs_scale=epochs_scale, one_class=not skip_one_class, qat=not skip_qat,
                             threads=threads, quick=quick_overrides(data_recipe_dir) if quick else None,
                             latency_runs=latency_runs or (10 if quick else 30))
         run_bench(resolve_recipe_paths(names, data_recipe_dir), artifacts, out or artifacts / "bench", opts, command)
-    except UadcError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted; nothing was written to --out (finished checkpoints/artifacts are kept)", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -11,19 +11,13 @@ from pathlib import Path
 import click
 
 from uadc import __version__
-from uadc.errors import UadcError
+from uadc.errors import UadcError, exit_on_user_error
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
-        try:
+        with exit_on_user_error():
             return super().invoke(ctx)
-        except UadcError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; no artifact was written for the unfinished step", err=True)
-            sys.exit(130)
 
 
 recipe_arg = click.argument("recipe", type=click.Path(path_type=Path))
