@@ -23,7 +23,7 @@ import torch
 from uadc import __version__
 from uadc.backends.onnxruntime import latency_ms, make_session, ort_predictor
 from uadc.errors import UadcError
-from uadc.evaluate import evaluate, test_arrays_for, write_json_atomic
+from uadc.evaluate import evaluate, load_test_arrays, write_json_atomic
 from uadc.export import export_model, get_metadata, partition_bytes, split_partitions
 from uadc.partitions import partition_counts
 from uadc.recipe import Recipe
@@ -54,6 +54,28 @@ class CompileOptions:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PtqSettings:
+    calibrator: str
+    calib_data: str
+    calib_samples: int
+    quantize: list[str]
+    per_channel: bool | None  # None: the target's scheme decides
+
+
+def ptq_settings(recipe: Recipe, target: Target, calibrator: str | None = None, calib_data: str | None = None,
+                 calib_samples: int | None = None, quantize: list[str] | None = None,
+                 per_channel: bool | None = None) -> PtqSettings:
+    """Explicit options over the recipe's ``compile`` section over the target's defaults
+    (shared by PTQ compiles and QAT's PTQ initialisation, so both calibrate alike)."""
+    cfg = recipe["compile"]
+    return PtqSettings(calibrator=calibrator or cfg["calibrator"] or target.default_calibrator,
+                       calib_data=calib_data or cfg["calib_data"],
+                       calib_samples=calib_samples or cfg["calib_samples"],
+                       quantize=quantize or cfg["quantize"],
+                       per_channel=cfg["per_channel"] if per_channel is None else per_channel)
+
+
 class Compiler:
     """Holds one recipe's trained model and the stages every target shares."""
 
@@ -63,8 +85,7 @@ class Compiler:
         ckpt = checkpoint or checkpoint_path(recipe, artifacts)
         if not ckpt.is_file() and checkpoint is None:
             log(f"no checkpoint at {ckpt}: training the recipe first")
-            prepare_data(recipe)  # validate data before spending time
-            train_recipe(recipe, artifacts)
+            train_recipe(recipe, artifacts)  # validates all data before it trains
         self.model, self.ckpt = load_checkpoint(ckpt, recipe)
         self.ckpt_path = ckpt
         self.size = recipe["data"]["image_size"]
@@ -84,12 +105,17 @@ class Compiler:
         return model, time.time() - t0
 
     @cached_property
+    def data(self) -> tuple:
+        """(pairs, train set, test sets), validated once (masks are read in the check)."""
+        return prepare_data(self.recipe)
+
+    @cached_property
     def test_arrays(self) -> dict[str, tuple]:
-        return test_arrays_for(self.recipe)
+        return {c: load_test_arrays(ds) for c, ds in self.data[2].items()}
 
     @cached_property
     def train_set(self):
-        return prepare_data(self.recipe)[1]
+        return self.data[1]
 
     def sample_feeds(self, batches: int = 2, batch: int = 2) -> list[dict[str, np.ndarray]]:
         """Real test images (defective ones included) for numeric checks."""
@@ -139,17 +165,14 @@ class Compiler:
 
     def compile(self, opts: CompileOptions) -> Path:
         target = get_target(opts.target)
-        cfg = self.recipe["compile"]
-        quantize = opts.quantize or cfg["quantize"]
-        calibrator = opts.calibrator or cfg["calibrator"] or target.default_calibrator
-        calib_data = opts.calib_data or cfg["calib_data"]
-        n_calib = opts.calib_samples or cfg["calib_samples"]
+        ptq = ptq_settings(self.recipe, target, opts.calibrator, opts.calib_data, opts.calib_samples,
+                           opts.quantize, opts.per_channel)
+        calibrator, calib_data, n_calib, quantize = ptq.calibrator, ptq.calib_data, ptq.calib_samples, ptq.quantize
         _check_options(target, calibrator, quantize, opts)
         suffix = "-qat" if opts.qat_model is not None else ""  # never overwrite the PTQ artifact
         out = opts.out or self.recipe.artifact_dir(self.artifacts) / f"{target.name}{suffix}"
         fp32, records = self.fp32_simplified
-        compiled, pass_records, calib = self._run_target_passes(target, fp32, calibrator, calib_data, n_calib,
-                                                                quantize, opts)
+        compiled, pass_records, calib = self._run_target_passes(target, fp32, ptq, opts)
         report = self._base_report(target, calibrator if calib else None, calib_data if calib else None,
                                    quantize if target.quantized else [], compiled)
         report["passes"] = records + pass_records
@@ -166,16 +189,13 @@ class Compiler:
         self.log(f"artifact written: {out}")
         return out
 
-    def _run_target_passes(self, target: Target, fp32: onnx.ModelProto, calibrator: str, calib_data: str,
-                           n_calib: int, quantize: list[str], opts: CompileOptions):
+    def _run_target_passes(self, target: Target, fp32: onnx.ModelProto, ptq: PtqSettings, opts: CompileOptions):
         from uadc.passes import PassContext, run_passes
         names = list(self.recipe["compile"]["passes"] or target.passes)
         # Shared pre-passes already ran on the FP32 model; skip them here.
         names = [n for n in names if n not in ("shape_inference", "simplify")]
-        ctx = PassContext(target=target, quantize_partitions=quantize, sample_feeds=self.sample_feeds(1)[0],
-                          dump_dir=opts.dump_passes,
-                          per_channel=opts.per_channel if opts.per_channel is not None
-                          else self.recipe["compile"]["per_channel"])
+        ctx = PassContext(target=target, quantize_partitions=ptq.quantize, sample_feeds=self.sample_feeds(1)[0],
+                          dump_dir=opts.dump_passes, per_channel=ptq.per_channel)
         calib = None
         model = fp32
         if opts.qat_model is not None:
@@ -184,9 +204,10 @@ class Compiler:
             calib = {"calibrator": "qat", "calib_data": "qat", "ranges": {}}
         elif "qdq" in names:
             t0 = time.time()
-            ranges, tensors = self._calibrate(fp32, calibrator, calib_data, n_calib, quantize, target)
+            ranges, tensors = self._calibrate(fp32, ptq.calibrator, ptq.calib_data, ptq.calib_samples, ptq.quantize,
+                                              target)
             ctx.ranges = ranges
-            calib = {"calibrator": calibrator, "calib_data": calib_data, "samples": n_calib,
+            calib = {"calibrator": ptq.calibrator, "calib_data": ptq.calib_data, "samples": ptq.calib_samples,
                      "seed": self.recipe["seed"], "ranges": ranges, "seconds": round(time.time() - t0, 3)}
         model, records = run_passes(model, names, ctx)
         if calib is not None and "seconds" in calib:

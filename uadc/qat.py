@@ -945,16 +945,15 @@ def _check_target(name: str) -> Target:
 
 
 def _settings(recipe: Recipe, opts: QatOptions, target: Target) -> dict:
-    """Options over recipe defaults; the PTQ initialisation defaults exactly as ``uadc compile``."""
-    cfg, q = recipe["compile"], recipe["qat"]
+    """Options over recipe defaults; the PTQ initialisation resolved by ``uadc compile``'s own rule."""
+    from uadc.compile import ptq_settings
+    q = recipe["qat"]
+    ptq = ptq_settings(recipe, target, opts.calibrator, opts.calib_data, opts.calib_samples, opts.quantize,
+                       opts.per_channel)
     return {"epochs": opts.epochs or q["epochs"], "lr": q["lr"] if opts.lr is None else opts.lr,
             "batch_size": opts.batch_size or q["batch_size"], "seed": recipe["seed"],
-            "quantize": opts.quantize or cfg["quantize"],
-            "per_channel": cfg["per_channel"] if opts.per_channel is None else opts.per_channel,
-            "learn_scales": opts.learn_scales,
-            "init": {"calibrator": opts.calibrator or cfg["calibrator"] or target.default_calibrator,
-                     "calib_data": opts.calib_data or cfg["calib_data"],
-                     "samples": opts.calib_samples or cfg["calib_samples"]}}
+            "quantize": ptq.quantize, "per_channel": ptq.per_channel, "learn_scales": opts.learn_scales,
+            "init": {"calibrator": ptq.calibrator, "calib_data": ptq.calib_data, "samples": ptq.calib_samples}}
 
 
 def run_qat(recipe: Recipe, opts: QatOptions, artifacts: Path | None = None, compiler=None,

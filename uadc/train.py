@@ -161,11 +161,11 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
         blob = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise UadcError(f"cannot read checkpoint {path}: {exc}") from None
-    # Recompute from the stored recipe rather than trusting a stored hash of an older definition.
-    if recipe is not None and model_hash(Recipe(blob["recipe"], None)) != model_hash(recipe):
-        raise UadcError(f"checkpoint {path} was trained with different data/model/train settings than "
-                        f"recipe {recipe.path}; retrain with `uadc train`")
     trained = Recipe(blob["recipe"], None)
+    # Recompute from the stored recipe rather than trusting a stored hash of an older definition.
+    if recipe is not None and model_hash(trained) != model_hash(recipe):
+        raise UadcError(f"checkpoint {path} was trained with different data/model settings than "
+                        f"recipe {recipe.path}; retrain with `uadc train`")
     model = make_model(trained)
     model.load_state_dict(blob["state_dict"])
     model.eval()
