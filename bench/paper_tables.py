@@ -1,11 +1,11 @@
 """``python -m bench.paper_tables``: the seed paper's tables and figures, recomputed on our data.
 
 1. checkpoints: ``<artifacts>/<recipe>/checkpoint.pt`` (and ``one_class/<cat>/checkpoint.pt``) are
-   reused when ``load_checkpoint`` accepts them for the recipe, otherwise trained;
+   reused when ``load_checkpoint`` accepts them for the recipe, otherwise trained (``uadc.train``);
 2. Table 2: one-class vs unified multi-class AUROC (torch FP32 evaluation of those checkpoints);
 3. Table 4: calibrator x calibration data for the default method (``compare_calibrators``);
-4. Tables 5-7: FP32 / INT8-PTQ / INT8-QAT compiles per method, every number read back from the
-   artifact's ``report.json`` (compiled, evaluated and timed in this process);
+4. Tables 5-7: FP32 / INT8-PTQ / INT8-QAT compiles per method (``uadc.compile`` from one
+   ``uadc.baseline`` per recipe), every number read back from the artifact's ``report.json``;
 5. figures: AUROC vs latency (PaSTe Fig. 1) and FP32-vs-INT8 anomaly-map overlays.
 
 Compile artifacts go to ``<artifacts>/<recipe>/bench/``; tables and figures to ``--out``, written
@@ -14,24 +14,30 @@ into a temporary folder and renamed into place only when everything succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
-import importlib
 import json
+import logging
+import os
 import re
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import click
 import numpy as np
-from tqdm import tqdm
 
-from uadc.errors import UadcError, exit_on_user_error
-from uadc.recipe import Recipe, load_recipe
+from uadc.config.recipe import Recipe, load_recipe
+from uadc.core.errors import UadcError
+
+if TYPE_CHECKING:
+    from uadc.pipeline.baseline import Baseline
 
 DEFAULT_METHODS = ("stfpm", "paste", "rd", "us")
 DEFAULT_METHOD = "stfpm"  # Table 4 and the overlays use it (the seed paper's default)
@@ -40,13 +46,10 @@ CALIBRATORS = ("entropy", "mse")          # KL vs L2, as in the paper's Table 4
 CALIB_SOURCES = ("train", "random-normal")
 FP16_NOTE = "FP16: no runtime here (TensorRT targets build on the device)"
 PARTITIONS = ("teacher", "student", "head")
+RESULT_JSON = "paper_tables.json"  # marks --out as a bench output (replaced by the next run)
 # quickstart.yaml keys that make a run small; method-specific keys (taps, combine, lr) stay the recipe's.
 QUICK_KEYS = {"data": ("image_size",), "model": ("smoothing_sigma",), "train": ("epochs", "batch_size"),
               "compile": ("calib_samples",)}
-
-
-def default_log(msg: str) -> None:
-    tqdm.write(f"[bench] {msg}")  # tqdm.write keeps the training/eval progress bars intact
 
 
 @dataclass
@@ -58,33 +61,23 @@ class BenchOptions:
     quick: dict | None = None          # section overrides from quickstart.yaml (--quick)
     latency_runs: int = 30
     overlay_images: int = 3
-    log: Callable[[str], None] = default_log
+    log: Callable[[str], None] = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------ recipes
-
 def resolve_recipe_paths(names: list[str], recipe_dir: Path) -> list[Path]:
     """``stfpm`` -> ``<recipe_dir>/stfpm_effnet_lite0.yaml``; a ``.yaml`` name is a path (or a file in recipe_dir)."""
-    paths = []
-    for n in names:
-        if n.endswith((".yaml", ".yml")):
-            p = Path(n)
-            paths.append(p if p.is_file() or p.is_absolute() else recipe_dir / n)
-        else:
-            paths.append(recipe_dir / f"{n}_effnet_lite0.yaml")
-    return paths
+    def one(n: str) -> Path:
+        if not n.endswith((".yaml", ".yml")):
+            return recipe_dir / f"{n}_effnet_lite0.yaml"
+        return Path(n) if Path(n).is_file() or Path(n).is_absolute() else recipe_dir / n
+    return [one(n) for n in names]
 
 
 def quick_overrides(recipe_dir: Path) -> dict:
     """The quickstart recipe's size/budget settings, as ``with_overrides`` sections (validated by load_recipe)."""
     cfg = load_recipe(recipe_dir / "quickstart.yaml").cfg
-    over = {s: {k: cfg[s][k] for k in keys} for s, keys in QUICK_KEYS.items()}
-    over["qat"] = {"epochs": 1}
-    return over
-
-
-def _scaled(epochs: int, scale: float) -> int:
-    return max(1, round(epochs * scale))
+    return {**{s: {k: cfg[s][k] for k in keys} for s, keys in QUICK_KEYS.items()}, "qat": {"epochs": 1}}
 
 
 def prepare_recipe(path: Path, opts: BenchOptions) -> Recipe:
@@ -92,19 +85,18 @@ def prepare_recipe(path: Path, opts: BenchOptions) -> Recipe:
 
     A reduced budget gets its own artifact folder (``<name>_quick``, ``<name>_x0.5``) so a bench
     run never overwrites, or reports as its own, the full-budget checkpoints."""
-    r = load_recipe(path)
-    suffix = ""
+    r, suffix = load_recipe(path), ""
+    scaled = lambda epochs: max(1, round(epochs * opts.epochs_scale))  # noqa: E731
     if opts.quick:  # never more epochs than the recipe's own (US trains fewer than quickstart)
         quick = {**opts.quick, "train": {**opts.quick["train"],
-                                         "epochs": min(opts.quick["train"]["epochs"], r["train"]["epochs"])}}
+                                         "epochs": min(opts.quick["train"]["epochs"], r.train.epochs)}}
         r, suffix = r.with_overrides(**quick), suffix + "_quick"
     if opts.epochs_scale != 1:
-        r = r.with_overrides(train={"epochs": _scaled(r["train"]["epochs"], opts.epochs_scale)},
-                             qat={"epochs": _scaled(r["qat"]["epochs"], opts.epochs_scale)})
+        r = r.with_overrides(train={"epochs": scaled(r.train.epochs)}, qat={"epochs": scaled(r.qat.epochs)})
         suffix += f"_x{opts.epochs_scale:g}"
     if opts.threads:
         r = r.with_overrides(train={"threads": opts.threads})
-    return Recipe({**r.cfg, "name": r.name + suffix}, r.path) if suffix else r
+    return r.with_overrides(name=r.name + suffix) if suffix else r
 
 
 def bench_dir(recipe: Recipe, artifacts: Path) -> Path:
@@ -112,15 +104,13 @@ def bench_dir(recipe: Recipe, artifacts: Path) -> Path:
 
 
 def _label(recipe: Recipe) -> dict:
-    m = recipe["model"]
-    return {"recipe": recipe.name, "method": m["method"], "backbone": m["backbone"]}
+    return {"recipe": recipe.name, "method": recipe.model.method, "backbone": recipe.model.backbone}
 
 
 # -------------------------------------------------------------------------------- checkpoints
-
 def _reusable(path: Path, recipe: Recipe, log: Callable[[str], None]) -> dict | None:
     """The checkpoint blob if it exists and ``load_checkpoint`` accepts it for this recipe."""
-    from uadc.train import load_checkpoint
+    from uadc.training.checkpoint import load_checkpoint
     if not path.is_file():
         return None
     try:
@@ -130,65 +120,60 @@ def _reusable(path: Path, recipe: Recipe, log: Callable[[str], None]) -> dict | 
         return None
 
 
-def _ckpt_info(path: Path, blob: dict, reused: bool) -> dict:
-    return {"path": str(path), "reused": reused, "epochs": len(blob.get("history", [])),
-            "train_seconds": blob.get("train_seconds")}
-
-
 def ensure_checkpoints(recipe: Recipe, artifacts: Path, one_class: bool, log: Callable[[str], None]) -> dict:
     """``{"unified": info, "one_class": {cat: info}}``; trains whatever is missing or stale."""
-    from uadc.data import resolve_sources
-    from uadc.train import checkpoint_path, load_checkpoint, train_recipe
+    from uadc.data.mvtec import resolve_sources
+    from uadc.pipeline import api
+    from uadc.training.checkpoint import checkpoint_path, load_checkpoint
     out: dict = {}
     for oc in ((False, True) if one_class else (False,)):
-        cats = [c for _, c in resolve_sources(recipe["data"]["sources"])] if oc else [None]
+        cats = [c for _, c in resolve_sources([s.model_dump() for s in recipe.data.sources])] if oc else [None]
         paths = {c: checkpoint_path(recipe, artifacts, c) for c in cats}
         blobs = {c: _reusable(p, recipe, log) for c, p in paths.items()}
         reused = all(b is not None for b in blobs.values())
         kind = "one-class" if oc else "unified"
         if reused:
             log(f"{recipe.name}: reusing {kind} checkpoint(s) {', '.join(map(str, paths.values()))}")
-        else:  # train_recipe trains every category of a one-class run, so any gap retrains all
-            log(f"{recipe.name}: training {kind} ({recipe['train']['epochs']} epochs)")
-            train_recipe(recipe, artifacts, one_class=oc)
+        else:  # a one-class run trains every category, so any gap retrains all
+            log(f"{recipe.name}: training {kind} ({recipe.train.epochs} epochs)")
+            api.train(recipe, one_class=oc, artifacts=artifacts)
             blobs = {c: load_checkpoint(p, recipe)[1] for c, p in paths.items()}
-        infos = {c: _ckpt_info(paths[c], blobs[c], reused) for c in cats}
-        out["one_class" if oc else "unified"] = infos if oc else infos[None]
+        infos = {c: {"path": str(paths[c]), "reused": reused, "epochs": len(blobs[c].get("history", [])),
+                     "train_seconds": blobs[c].get("train_seconds")} for c in cats}
+        out[kind.replace("-", "_")] = infos if oc else infos[None]
     return out
 
 
 # ------------------------------------------------------------------------------------ Table 2
-
-def table2_entry(recipe: Recipe, arrays: dict, ckpts: dict, log: Callable[[str], None]) -> dict:
-    """Unified model on every category vs each category's own model (torch FP32)."""
-    from uadc import metrics
-    from uadc.evaluate import evaluate, torch_predictor
-    from uadc.train import load_checkpoint, set_threads
-    set_threads(recipe)
-    bs = recipe["eval"]["batch_size"]
+def table2_entry(recipe: Recipe, base: Baseline, ckpts: dict, log: Callable[[str], None]) -> dict:
+    """Unified model (the baseline's) on every category vs each category's own model (torch FP32)."""
+    from uadc.core.scoped import torch_threads
+    from uadc.evaluation import metrics
+    from uadc.evaluation.run import evaluate, torch_predictor
+    from uadc.training.checkpoint import load_checkpoint
+    bs, arrays = recipe.eval.batch_size, base.test_arrays
     log(f"{recipe.name}: Table 2 evaluation")
-    model, _ = load_checkpoint(Path(ckpts["unified"]["path"]), recipe)
-    entry = {**_label(recipe), "unified": evaluate(torch_predictor(model), arrays, bs, "unified"),
-             "unified_source": ckpts["unified"]["path"], "one_class": None, "one_class_sources": None}
-    if "one_class" in ckpts:
-        per_cat = {}
-        for cat, info in ckpts["one_class"].items():
-            m, _ = load_checkpoint(Path(info["path"]), recipe)
-            per_cat[cat] = evaluate(torch_predictor(m), {cat: arrays[cat]}, bs, "one-class")["categories"][cat]
-        entry["one_class"] = metrics.summarize(per_cat)
-        entry["one_class_sources"] = {c: i["path"] for c, i in ckpts["one_class"].items()}
+    with torch_threads(base.threads):
+        entry = {**_label(recipe), "unified": evaluate(torch_predictor(base.model), arrays, bs, "unified").to_dict(),
+                 "unified_source": ckpts["unified"]["path"], "one_class": None, "one_class_sources": None}
+        if "one_class" in ckpts:
+            per_cat = {}
+            for cat, info in ckpts["one_class"].items():
+                m, _ = load_checkpoint(Path(info["path"]), recipe)
+                per_cat[cat] = evaluate(torch_predictor(m), {cat: arrays[cat]}, bs, "one-class").categories[cat]
+            entry["one_class"] = metrics.summarize(per_cat)
+            entry["one_class_sources"] = {c: i["path"] for c, i in ckpts["one_class"].items()}
     return entry
 
 
 # ------------------------------------------------------------------------------------ Table 4
-
-def table4(recipe: Recipe, artifacts: Path, log: Callable[[str], None]) -> dict:
-    """Calibrator x calibration data, ORT CPU INT8, student only."""
-    from uadc.compare import compare_calibrators
+def table4(recipe: Recipe, base: Baseline, artifacts: Path, log: Callable[[str], None]) -> dict:
+    """Calibrator x calibration data, ORT CPU INT8, student only (compiled from ``base``)."""
+    from uadc.pipeline.compare import compare_calibrators
     out = bench_dir(recipe, artifacts) / f"calibrators_{INT8_TARGET}"
     log(f"{recipe.name}: Table 4 ({' x '.join(CALIBRATORS)} by {' x '.join(CALIB_SOURCES)})")
     res = compare_calibrators(recipe, INT8_TARGET, list(CALIBRATORS), list(CALIB_SOURCES), None, ["student"], out,
-                              artifacts, log=log)
+                              artifacts, baseline=base)
     for cell in res["cells"].values():
         cell["source"] = str(out / f"{cell['calibrator']}_{cell['calib_data']}" / "report.json")
     return {**_label(recipe), **res, "source": str(out / "compare.json")}
@@ -200,7 +185,6 @@ def best_cell(t4: dict) -> tuple[str, str]:
 
 
 # -------------------------------------------------------------------------------- Tables 5-7
-
 def row_from_report(recipe: Recipe, precision: str, report_path: Path) -> dict:
     r = json.loads(report_path.read_text())
     m, lat = r["metrics"], r["latency_ms"]
@@ -225,64 +209,53 @@ PTQ_VARIANTS = [("FP32", "fp32", FP32_TARGET, None),
                 ("INT8-PTQ", "int8_ptq_student_teacher", INT8_TARGET, ["student", "teacher"])]
 
 
-def precision_rows(recipe: Recipe, arrays: dict, best: tuple[str, str], artifacts: Path, opts: BenchOptions
+def precision_rows(recipe: Recipe, base: Baseline, best: tuple[str, str], artifacts: Path, opts: BenchOptions
                    ) -> tuple[list[dict], dict[str, Path]]:
     """Rows for Tables 5-7 and the artifact folders they came from (by folder name)."""
-    from uadc.compile import CompileOptions, Compiler
-    compiler = Compiler(recipe, artifacts, log=opts.log)
-    compiler.test_arrays = arrays  # fills the cached_property slot: the test images are loaded once per recipe
+    from uadc.pipeline import api
     cal, src = best
     rows, dirs = [], {}
     for precision, slug, target, quantize in PTQ_VARIANTS:
         what = f"{precision} {'+'.join(quantize)}" if quantize else precision
         opts.log(f"{recipe.name}: {what} ({target})")
         q = quantize is not None
-        o = CompileOptions(target=target, calibrator=cal if q else None, calib_data=src if q else None,
-                           quantize=quantize, out=bench_dir(recipe, artifacts) / slug, latency_runs=opts.latency_runs)
-        dirs[slug] = compiler.compile(o)
-        rows.append(row_from_report(recipe, precision, dirs[slug] / "report.json"))
-    rows.append(qat_row(recipe, compiler, best, artifacts, opts))
+        res = api.compile(base, target, calibrator=cal if q else None, calibration=src if q else None,
+                          quantize=quantize, out=bench_dir(recipe, artifacts) / slug, force=True,
+                          latency_runs=opts.latency_runs, artifacts=artifacts)
+        dirs[slug] = res.path
+        rows.append(row_from_report(recipe, precision, res.path / "report.json"))
+    rows.append(qat_row(recipe, base, best, artifacts, opts))
     rows.append(note_row(recipe, "FP16", [], FP16_NOTE))
     return rows, dirs
 
 
-def _qat_model(qat, recipe: Recipe, compiler, best: tuple[str, str], out: Path, artifacts: Path, log):
-    """(Q/DQ model, quantized partitions) from uadc.qat, initialised from Table 4's best PTQ cell."""
-    cal, src = best
-    if hasattr(qat, "QatOptions"):
-        opts = qat.QatOptions(target=INT8_TARGET, calibrator=cal, calib_data=src, quantize=["student"], out=out)
-        res = qat.run_qat(recipe, opts, artifacts, compiler=compiler, log=log)
-        return res.model, res.quantize
-    # the simpler API announced while uadc.qat was being written
-    qat.run_qat(recipe, INT8_TARGET, artifacts, epochs=recipe["qat"]["epochs"])
-    return qat.load_qat_model(recipe, INT8_TARGET, artifacts), ["student"]
-
-
-def qat_row(recipe: Recipe, compiler, best: tuple[str, str], artifacts: Path, opts: BenchOptions) -> dict:
-    from uadc.compile import CompileOptions
+def qat_row(recipe: Recipe, base: Baseline | None, best: tuple[str, str], artifacts: Path, opts: BenchOptions) -> dict:
+    """``uadc.qat`` on the shared baseline, initialised from Table 4's best PTQ cell (student only), then
+    compiled like the PTQ rows."""
     if not opts.qat:
         return note_row(recipe, "INT8-QAT", ["student"], "skipped (--skip-qat)")
     try:
-        qat = importlib.import_module("uadc.qat")  # lazily: the QAT module is optional and newer than the rest
-        qat.run_qat  # noqa: B018  (presence check)
-    except (ImportError, AttributeError) as exc:
+        import uadc.quant.qat.run  # noqa: F401  (a missing QAT module is reported, not fatal)
+    except ImportError as exc:
         return note_row(recipe, "INT8-QAT", ["student"], f"not available: {exc}")
-    d = bench_dir(recipe, artifacts)
-    opts.log(f"{recipe.name}: INT8-QAT student ({recipe['qat']['epochs']} epochs)")
-    try:
-        model, quantize = _qat_model(qat, recipe, compiler, best, d / f"qat_{INT8_TARGET}", artifacts, opts.log)
-        out = compiler.compile(CompileOptions(target=INT8_TARGET, quantize=quantize, qat_model=model,
-                                              out=d / "int8_qat_student", latency_runs=opts.latency_runs))
-    except Exception as exc:  # QAT is new: one method failing there must not throw away the whole run
+    import onnx
+    from uadc.pipeline import api
+    opts.log(f"{recipe.name}: INT8-QAT student ({recipe.qat.epochs} epochs)")
+    init = recipe.with_overrides(compile={"calibrator": best[0], "calib_data": best[1], "quantize": ["student"]})
+    try:  # the QAT model goes to uadc qat's own folder, <artifacts>/<recipe>/qat_<target>
+        q = api.qat(init, INT8_TARGET, compile_after=False, artifacts=artifacts, source=base)
+        res = api.compile(base, INT8_TARGET, quantize=["student"], qat_model=onnx.load(str(q.qat_model_path)),
+                          out=bench_dir(recipe, artifacts) / "int8_qat_student", force=True,
+                          latency_runs=opts.latency_runs, artifacts=artifacts)
+    except Exception as exc:  # one method failing in QAT must not throw away the whole run
         opts.log(f"{recipe.name}: QAT failed:\n{traceback.format_exc()}")
         return note_row(recipe, "INT8-QAT", ["student"], f"failed: {type(exc).__name__}: {exc}")
-    row = row_from_report(recipe, "INT8-QAT", out / "report.json")
-    row.update(calibrator=f"qat (init {best[0]})", calib_data=best[1], qat_epochs=recipe["qat"]["epochs"])
+    row = row_from_report(recipe, "INT8-QAT", res.path / "report.json")
+    row.update(calibrator=f"qat (init {best[0]})", calib_data=best[1], qat_epochs=recipe.qat.epochs)
     return row
 
 
 # ------------------------------------------------------------------------------------ figures
-
 def _mpl():
     import matplotlib
     matplotlib.use("Agg")  # headless; must precede pyplot
@@ -309,8 +282,7 @@ def plot_auroc_vs_latency(rows: list[dict], path: Path, subtitle: str) -> None:
     handles = [ax.scatter([], [], color=colors[m], label=m) for m in models]
     handles += [ax.scatter([], [], color="gray", marker=mk, label=p) for p, mk in markers.items()]
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_xlabel("latency p50, batch 1 (ms)")
-    ax.set_ylabel("image AUROC (mean over categories)")
+    ax.set(xlabel="latency p50, batch 1 (ms)", ylabel="image AUROC (mean over categories)")
     ax.set_title(f"AUROC vs latency; marker area ∝ model bytes (largest {biggest / 1e6:.2f} MB)\n{subtitle}",
                  fontsize=9)
     ax.grid(alpha=0.3)
@@ -321,29 +293,24 @@ def plot_auroc_vs_latency(rows: list[dict], path: Path, subtitle: str) -> None:
 
 def _variant(r: dict) -> str:
     """FP32, PTQ-S, PTQ-S+T, QAT-S."""
-    if r["precision"] == "FP32":
-        return "FP32"
     q = "+".join(p[0].upper() for p in r.get("quantized") or [])
-    return f"{r['precision'].split('-')[-1]}-{q}"
+    return "FP32" if r["precision"] == "FP32" else f"{r['precision'].split('-')[-1]}-{q}"
 
 
 def defect_indices(labels: np.ndarray, n: int) -> list[int]:
     """n defective test images spread over the set (deterministic)."""
     bad = np.flatnonzero(labels)
-    if len(bad) <= n:
-        return bad.tolist()
-    return bad[np.linspace(0, len(bad) - 1, n).round().astype(int)].tolist()
+    return (bad if len(bad) <= n else bad[np.linspace(0, len(bad) - 1, n).round().astype(int)]).tolist()
 
 
 def plot_overlays(recipe: Recipe, arrays: dict, fp32_dir: Path, int8_dir: Path, out_dir: Path, n: int,
                   threads: int | None) -> dict[str, str]:
     """Per category: image | ground truth | FP32 map | INT8 map, maps from the artifacts' model.onnx (ORT)."""
-    from uadc.backends.onnxruntime import make_session, ort_predictor
-    from uadc.train import input_normalization
+    from uadc.backends.ort import make_session, ort_predictor
     plt = _mpl()
     fp32 = ort_predictor(make_session(fp32_dir / "model.onnx", threads))
     int8 = ort_predictor(make_session(int8_dir / "model.onnx", threads))
-    mean, std = (np.asarray(v, np.float32)[:, None, None] for v in input_normalization(recipe))
+    mean, std = (np.asarray(v, np.float32)[:, None, None] for v in recipe.normalization())
     files = {}
     for cat, (images, masks, labels) in arrays.items():
         idx = defect_indices(labels, n)
@@ -377,18 +344,14 @@ def plot_overlays(recipe: Recipe, arrays: dict, fp32_dir: Path, int8_dir: Path, 
 
 
 # ----------------------------------------------------------------------------------- markdown
-
 def _f(v, fmt: str = ".4f") -> str:
     return "—" if v is None else format(v + 0.0, fmt)  # + 0.0 turns -0.0 into 0.0
 
 
 def _rel(p: str | Path) -> str:
     """Paths in the tables: relative to the working directory when below it."""
-    p = Path(p)
-    try:
-        return str(p.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(p)
+    full, cwd = Path(p).resolve(), Path.cwd().resolve()
+    return str(full.relative_to(cwd)) if full.is_relative_to(cwd) else str(p)
 
 
 def render_header(meta: dict) -> list[str]:
@@ -428,23 +391,20 @@ def render_table2(t2: list[dict]) -> list[str]:
         for cat in list(u["categories"]) + ["mean"]:
             uv = u["mean"] if cat == "mean" else u["categories"][cat]
             ov = (o["mean"] if cat == "mean" else o["categories"][cat]) if o else {}
-            cells = []
-            for k in ("image_auroc", "pixel_auroc"):
-                d = uv[k] - ov[k] if k in ov else None
-                cells += [_f(ov.get(k)), _f(uv[k]), _f(d, "+.4f")]
+            cells = [c for k in ("image_auroc", "pixel_auroc")
+                     for c in (_f(ov.get(k)), _f(uv[k]), _f(uv[k] - ov[k] if k in ov else None, "+.4f"))]
             lines.append(f"| {'**mean**' if cat == 'mean' else cat} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
 
 def render_table4(t4: dict) -> list[str]:
-    from uadc.compare import render_matrix
-    lines = [f"## Table 4: PTQ calibration ({t4['method']} / {t4['backbone']}, {t4['target']}, student only)", "",
-             "Calibrators: entropy = KL divergence, mse = L2 error. Calibration data: training images vs "
-             "random normal noise.", "", render_matrix(t4, list(CALIBRATORS), list(CALIB_SOURCES)), "",
-             f"Sources: {_rel(t4['source'])}; cells: "
-             + ", ".join(f"{k} {_rel(c['source'])}" for k, c in t4["cells"].items()), ""]
-    return lines
+    from uadc.pipeline.compare import render_matrix
+    return [f"## Table 4: PTQ calibration ({t4['method']} / {t4['backbone']}, {t4['target']}, student only)", "",
+            "Calibrators: entropy = KL divergence, mse = L2 error. Calibration data: training images vs "
+            "random normal noise.", "", render_matrix(t4, list(CALIBRATORS), list(CALIB_SOURCES)), "",
+            f"Sources: {_rel(t4['source'])}; cells: "
+            + ", ".join(f"{k} {_rel(c['source'])}" for k, c in t4["cells"].items()), ""]
 
 
 def render_tables5_7(rows: list[dict], best: tuple[str, str]) -> list[str]:
@@ -484,57 +444,77 @@ def render_markdown(result: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------- run
+def _check_out(out: Path) -> None:
+    """--out may be absent, empty or a previous bench output (checked again before any training)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()) or \
+            (out.is_dir() and any(out.iterdir()) and not (out / RESULT_JSON).is_file()):
+        raise UadcError(f"--out {out} exists and is not a bench output (no {RESULT_JSON}); choose another --out")
 
-def _default_recipe(recipes: list[Recipe]) -> Recipe:
-    return next((r for r in recipes if r["model"]["method"] == DEFAULT_METHOD), recipes[0])
+
+@contextlib.contextmanager
+def _atomic_out(final: Path) -> Iterator[Path]:
+    """A temp folder beside ``final``, renamed into place (replacing ``final``) only when the block succeeds."""
+    _check_out(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) for _ in range(2))
+    try:
+        yield tmp
+        if final.exists():
+            os.replace(final, old / final.name)
+        os.replace(tmp, final)
+    finally:
+        for d in (tmp, old):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def run_bench(recipe_paths: list[Path], artifacts: Path, out: Path, opts: BenchOptions | None = None,
               command: str = "run_bench(...)") -> dict:
     """Everything above, in order; returns the data written to ``<out>/paper_tables.json``."""
-    from uadc.compile import _atomic_dir, environment
-    from uadc.evaluate import test_arrays_for
+    from uadc.core.io import atomic_write_json, atomic_write_text
+    from uadc.pipeline import api
+    from uadc.pipeline.compile import environment
     opts = opts or BenchOptions()
     t0, log = time.time(), opts.log
     recipes = [prepare_recipe(Path(p), opts) for p in recipe_paths]  # every recipe validated before any training
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         raise UadcError(f"two recipes share an artifact folder name: {names}")
+    _check_out(out)
     ckpts = {r.name: ensure_checkpoints(r, artifacts, opts.one_class, log) for r in recipes}
-    default = _default_recipe(recipes)
-    t4 = table4(default, artifacts, log)
+    default = next((r for r in recipes if r.model.method == DEFAULT_METHOD), recipes[0])
+    bases = {default.name: api.baseline(default, artifacts=artifacts, threads=opts.threads)}  # shared with Table 4
+    t4 = table4(default, bases[default.name], artifacts, log)
     best = best_cell(t4)
     t2, rows, overlay_src = [], [], None
-    for r in recipes:
-        arrays = test_arrays_for(r)
-        t2.append(table2_entry(r, arrays, ckpts[r.name], log))
-        r_rows, dirs = precision_rows(r, arrays, best, artifacts, opts)
+    for r in recipes:  # one baseline per recipe: export, test images and FP32 metrics computed once
+        base = bases.pop(r.name, None) or api.baseline(r, artifacts=artifacts, threads=opts.threads)
+        t2.append(table2_entry(r, base, ckpts[r.name], log))
+        r_rows, dirs = precision_rows(r, base, best, artifacts, opts)
         rows += r_rows
         if r is default:
-            overlay_src = (arrays, dirs["fp32"], dirs["int8_ptq_student"])  # kept until the figures are drawn
+            overlay_src = (base.test_arrays, dirs["fp32"], dirs["int8_ptq_student"])  # kept for the figures
     used = sorted({r["threads"] for r in rows if r.get("note") is None})  # what the reports measured with
     threads = used[0] if len(used) == 1 else used
     env = environment(threads)
-    with _atomic_dir(out) as tmp:
+    with _atomic_out(out) as tmp:
         log(f"figures -> {out}")
         subtitle = f"{env['cpu']}, threads: {threads}, batch 1, ONNX Runtime CPU"
         plot_auroc_vs_latency(rows, tmp / "auroc_vs_latency.png", subtitle)
-        overlays = plot_overlays(default, overlay_src[0], overlay_src[1], overlay_src[2], tmp, opts.overlay_images,
-                                 opts.threads)
+        overlays = plot_overlays(default, *overlay_src, tmp, opts.overlay_images, opts.threads)
         figures = {"auroc_vs_latency": "auroc_vs_latency.png", "overlays": overlays, "overlays_recipe": default.name,
                    "overlays_fp32": str(overlay_src[1]), "overlays_int8": str(overlay_src[2])}
         meta = {"command": command, "finished": _dt.datetime.now().isoformat(timespec="seconds"),
                 "seconds": round(time.time() - t0, 1), "threads": threads, "environment": env,
                 "latency_runs": opts.latency_runs, "epochs_scale": opts.epochs_scale, "quick": bool(opts.quick),
                 "quick_overrides": opts.quick, "qat": opts.qat, "one_class": opts.one_class,
-                "seeds": {r.name: r["seed"] for r in recipes},
-                "train_epochs": {r.name: r["train"]["epochs"] for r in recipes},
-                "qat_epochs": {r.name: r["qat"]["epochs"] for r in recipes},
+                "seeds": {r.name: r.seed for r in recipes},
+                "train_epochs": {r.name: r.train.epochs for r in recipes},
+                "qat_epochs": {r.name: r.qat.epochs for r in recipes},
                 "recipes": {r.name: str(r.path) for r in recipes}, "artifacts": str(artifacts), "cwd": str(Path.cwd()),
                 "checkpoints": ckpts}
         result = {"meta": meta, "table2": t2, "table4": t4, "tables5_7": rows, "figures": figures}
-        (tmp / "paper_tables.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-        (tmp / "paper_tables.md").write_text(render_markdown(result))
+        atomic_write_json(tmp / RESULT_JSON, result)
+        atomic_write_text(tmp / "paper_tables.md", render_markdown(result))
     log(f"written: {out / 'paper_tables.md'} ({time.time() - t0:.0f} s)")
     return result
 
@@ -558,12 +538,21 @@ def main(recipes: str, data_recipe_dir: Path, artifacts: Path, out: Path | None,
     """Reproduce the seed paper's Tables 2, 4, 5-7 and figures on this project's data."""
     names = [n.strip() for n in recipes.split(",") if n.strip()]
     command = "python -m bench.paper_tables " + shlex.join(sys.argv[1:])
-    with exit_on_user_error("interrupted; nothing was written to --out (finished checkpoints/artifacts are kept)"):
+    try:
         opts = BenchOptions(epochs_scale=epochs_scale, one_class=not skip_one_class, qat=not skip_qat,
                             threads=threads, quick=quick_overrides(data_recipe_dir) if quick else None,
                             latency_runs=latency_runs or (10 if quick else 30))
         run_bench(resolve_recipe_paths(names, data_recipe_dir), artifacts, out or artifacts / "bench", opts, command)
+    except UadcError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing was written to --out (finished checkpoints/artifacts are kept)", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
+    # uadc logs (compiles written, calibrator cells, QAT losses) to the "uadc" logger and never prints
+    logging.basicConfig(format="[uadc] %(message)s")
+    logging.getLogger("uadc").setLevel(logging.INFO)
     main()

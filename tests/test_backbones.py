@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from uadc.errors import UadcError
+from uadc.core.errors import UadcError
 from uadc.models.backbones import (IMAGENET_NORM, FeatureExtractor, available, build_backbone,
                                    normalization)
 

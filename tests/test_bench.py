@@ -1,6 +1,6 @@
 """bench.paper_tables end-to-end on tiny synthetic data (STFPM and PaSTe, 64 px, 2 epochs, one-class on,
-QAT skipped): every table is in the markdown with numbers, the JSON holds the same numbers, those
-numbers are the compile reports' own, and the figures exist."""
+QAT skipped there and run once on its own): every table is in the markdown with numbers, the JSON
+holds the same numbers, those numbers are the compile reports' own, and the figures exist."""
 
 import json
 import re
@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from bench.paper_tables import (BenchOptions, _reusable, ensure_checkpoints, main, prepare_recipe,
                                 qat_row, run_bench)
+from uadc.core.errors import UadcError
 
 TRAIN = {"epochs": 2, "threads": 1}
 
@@ -107,14 +108,37 @@ def test_checkpoints_reused_and_checked(bench_run):
 
 def test_budget_options_use_their_own_artifact_folder(recipe_factory):
     r = prepare_recipe(recipe_factory("tiny", train={"epochs": 12}), BenchOptions(epochs_scale=0.5, threads=1))
-    assert r.name == "tiny_x0.5" and r["train"]["epochs"] == 6 and r["train"]["threads"] == 1
+    assert r.name == "tiny_x0.5" and r.train.epochs == 6 and r.train.threads == 1
 
 
 def test_qat_missing_is_reported_not_fatal(bench_run, monkeypatch):
     _, recipes, art, _, opts = bench_run
-    monkeypatch.setitem(sys.modules, "uadc.qat", None)  # import of uadc.qat now fails
+    monkeypatch.setitem(sys.modules, "uadc.quant.qat.run", None)  # import of uadc.quant.qat.run now fails
     row = qat_row(prepare_recipe(recipes[0], opts), None, ("entropy", "train"), art, BenchOptions(qat=True))
     assert row["precision"] == "INT8-QAT" and row["note"].startswith("not available:")
+
+
+def test_qat_row_starts_from_the_given_cell(bench_run):
+    from uadc.pipeline import api
+    _, recipes, art, _, opts = bench_run
+    r = prepare_recipe(recipes[0], opts)
+    row = qat_row(r, api.baseline(r, artifacts=art), ("mse", "train"), art,
+                  BenchOptions(qat=True, latency_runs=2, log=lambda m: None))
+    assert row["note"] is None and row["precision"] == "INT8-QAT" and row["calibrator"] == "qat (init mse)"
+    rep = json.loads(Path(row["source"]).read_text())
+    assert rep["calibrator"] == "qat" and rep["quantized_partitions"] == ["student"]
+    assert row["image_auroc"] == rep["metrics"]["compiled"]["mean"]["image_auroc"]
+    init = json.loads((art / r.name / "qat_ort-cpu-int8" / "qat.json").read_text())["settings"]["init"]
+    assert (init["calibrator"], init["calib_data"]) == ("mse", "train")
+
+
+def test_out_must_be_a_bench_output(recipe_factory, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(UadcError, match="not a bench output"):  # refused before any training
+        run_bench([recipe_factory("tiny")], tmp_path / "a", out, BenchOptions(log=lambda m: None))
+    assert (out / "notes.txt").read_text() == "keep" and not (tmp_path / "a").exists()
 
 
 def test_cli_user_error(tmp_path):

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-import calibrators
-from calibrators import base, get_calibrator
-from calibrators.base import AbsHistogram, Calibrator, available_calibrators, register
-from calibrators.entropy import EntropyCalibrator, optimal_bin_count
-from calibrators.mse import MSECalibrator
-from calibrators.percentile import PercentileCalibrator
+import uadc.calibrators as calibrators
+from uadc.calibrators import base, get_calibrator
+from uadc.calibrators.base import AbsHistogram, Calibrator, available_calibrators, register
+from uadc.calibrators.entropy import EntropyCalibrator, optimal_bin_count
+from uadc.calibrators.mse import MSECalibrator
+from uadc.calibrators.percentile import PercentileCalibrator
 
 BUILTINS = ["entropy", "minmax", "mse", "percentile"]
 
@@ -364,7 +364,7 @@ def test_register_plugin(isolated_registry):
 
 
 def test_entry_point_plugin(isolated_registry, monkeypatch):
-    ep = EntryPoint(name="ep-minmax", value="calibrators.minmax:MinMaxCalibrator",
+    ep = EntryPoint(name="ep-minmax", value="uadc.calibrators.minmax:MinMaxCalibrator",
                     group=base.ENTRY_POINT_GROUP)
     monkeypatch.setattr(base, "entry_points", lambda group: [ep] if group == ep.group else [])
     assert "ep-minmax" in available_calibrators()

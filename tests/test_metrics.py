@@ -1,4 +1,4 @@
-"""Tests for uadc.metrics.  Expected values are derived by hand in the comments."""
+"""Tests for uadc.evaluation.metrics.  Expected values are derived by hand in the comments."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from uadc.metrics import (
+from uadc.evaluation.metrics import (
     aupro,
     compute_all,
     image_auroc,

@@ -12,13 +12,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from uadc.calibrate import calibration_images, collect_ranges, tensors_to_calibrate
-from uadc.errors import UadcError
-from uadc.passes import (
-    PARTITION_KEY, PassContext, check_numerics, nodes_in, partition_check, partition_counts,
-    partition_of, quantize_qdq, run_ort, run_passes,
-)
-from uadc.targets import FLOAT_PASSES, get_target
+from uadc.quant.calibrate import calibration_images, collect_ranges, tensors_to_calibrate
+from uadc.core.errors import UadcError
+from uadc.core.constants import PARTITION_KEY
+from uadc.export.partitions import nodes_in, partition_counts, partition_of
+from uadc.passes.pipeline import PassContext, check_numerics, partition_check, run_ort, run_passes
+from uadc.passes.qdq import quantize_qdq
+from uadc.config.targets import FLOAT_PASSES, get_target
 
 C = 4  # channels
 
@@ -139,7 +139,7 @@ def test_numeric_check_catches_a_broken_pass(images):
 
 
 def test_simplify_falls_back_and_rejects_numeric_changes(images, monkeypatch):
-    import uadc.passes as passes
+    import uadc.passes.pipeline as passes
 
     model = tiny_kd(with_bn=True)
     ctx = _ctx(images=images)

@@ -24,13 +24,15 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from uadc.cli import main
-from uadc.errors import UadcError
-from uadc.passes import partition_of, run_ort
-from uadc.qat import (
-    GraphInterpreter, QatNet, QatOptions, build_qat_net, head_inputs_onnx, max_rel_diff, onnx_frozen_features,
-    ptq_init, run_qat, weight_scale,
-)
-from uadc.targets import get_target
+from uadc.config.settings import resolve_ptq
+from uadc.config.targets import get_target
+from uadc.core.errors import UadcError
+from uadc.export.partitions import partition_of
+from uadc.passes.pipeline import run_ort
+from uadc.quant.qat.export import head_inputs_onnx, max_rel_diff, onnx_frozen_features
+from uadc.quant.qat.interpreter import GraphInterpreter, weight_scale
+from uadc.quant.qat.net import QatNet
+from uadc.quant.qat.run import QatOptions, build_qat_net, check_target, ptq_init, qat_settings, run_qat
 
 TARGET = "ort-cpu-int8"
 
@@ -114,35 +116,40 @@ def test_unsupported_op_is_named():
 
 @pytest.fixture(scope="module")
 def qat_run(tmp_path_factory, tiny_data):
-    """A tiny STFPM checkpoint, its Compiler (export cached) and one QAT run for ort-cpu-int8."""
+    """A tiny STFPM checkpoint, its FP32 Baseline (export cached) and one QAT run for ort-cpu-int8."""
     from conftest import write_recipe
 
-    from uadc.compile import Compiler
-    from uadc.recipe import load_recipe
-    from uadc.train import train_recipe
+    from uadc.config.recipe import load_recipe
+    from uadc.core.scoped import torch_threads
+    from uadc.pipeline import api
+    from uadc.training.run import load_images
     d = tmp_path_factory.mktemp("qat")
     path = write_recipe(d / "tiny.yaml", tiny_data, train={"epochs": 4, "threads": 1},
                         qat={"epochs": 3, "lr": 0.001, "batch_size": 8})
     recipe, art = load_recipe(path), d / "artifacts"
-    train_recipe(recipe, art)
-    compiler = Compiler(recipe, art, log=lambda *a: None)
-    result = run_qat(recipe, QatOptions(TARGET), art, compiler=compiler, log=lambda *a: None)
-    return {"recipe_path": path, "recipe": recipe, "art": art, "compiler": compiler, "result": result}
+    api.train(path, artifacts=art)
+    base = api.baseline(recipe, artifacts=art)
+    opts = QatOptions(TARGET)
+    _, ptq = qat_settings(recipe, opts, check_target(TARGET))
+    with torch_threads(recipe.train.threads):
+        images = load_images(base.data.train, "loading images")
+        result = run_qat(recipe, opts, base.fp32, base.model, images,
+                         base.calibration_images(ptq.calib_data, ptq.calib_samples), base.checkpoint, art)
+    return {"recipe_path": path, "recipe": recipe, "art": art, "baseline": base, "result": result}
 
 
-def _probe(compiler, n: int = 4) -> torch.Tensor:
-    return torch.from_numpy(compiler.sample_feeds(1, n)[0]["image"])  # test images, defects included
+def _probe(base, n: int = 4) -> torch.Tensor:
+    return torch.from_numpy(base.sample_feeds(1, n)[0]["image"])  # test images, defects included
 
 
 def test_fp32_interpreter_reproduces_onnxruntime(qat_run):
-    compiler = qat_run["compiler"]
-    fp32 = compiler.fp32_simplified[0]
-    net = QatNet(fp32, None, ["student"])
-    x = _probe(compiler)
+    base = qat_run["baseline"]
+    net = QatNet(base.fp32, None, ["student"])
+    x = _probe(base)
     names = net.split.head_inputs
     with torch.no_grad():
         ours = {k: v.numpy() for k, v in net(x, names).items()}
-    ref = head_inputs_onnx(fp32, names, {"image": x.numpy()})
+    ref = head_inputs_onnx(base.fp32, names, {"image": x.numpy()})
     assert net.split.student_tensors and set(net.split.student_tensors) <= set(names)
     assert max_rel_diff(ref, ours) < 1e-4
 
@@ -161,11 +168,12 @@ def _rel_diffs(net, ptq, x) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 @pytest.mark.parametrize("target", ["ort-cpu-int8", "trt-int8"])
 def test_fake_quant_at_ptq_scales_reproduces_ptq_model(qat_run, target):
-    compiler = qat_run["compiler"]
-    fp32 = compiler.fp32_simplified[0]
+    base = qat_run["baseline"]
     t = get_target(target)
-    ptq, _, _ = ptq_init(compiler, t, t.default_calibrator, "random-normal", 8, ["student"])
-    net, placement = build_qat_net(fp32, ptq, ["student"])
+    settings = resolve_ptq(qat_run["recipe"], t, t.default_calibrator, "random-normal", 8, ["student"])
+    images = base.calibration_images(settings.calib_data, settings.calib_samples)
+    ptq, _, _ = ptq_init(base.fp32, images, t, settings)
+    net, placement = build_qat_net(base.fp32, ptq, ["student"])
     assert placement.acts and placement.weight_edges
     # Weight scales recomputed from the weights are ORT's, bit for bit.
     inits = {i.name: numpy_helper.to_array(i) for i in ptq.graph.initializer}
@@ -174,7 +182,7 @@ def test_fake_quant_at_ptq_scales_reproduces_ptq_model(qat_run, target):
         name = placement.weight_names[(node, i)]
         ptq_scale = inits[f"{name}_scale"]
         np.testing.assert_array_equal(weight_scale(weights[name], axis).numpy().reshape(ptq_scale.shape), ptq_scale)
-    for k, diffs in _rel_diffs(net, ptq, _probe(compiler)).items():
+    for k, diffs in _rel_diffs(net, ptq, _probe(base)).items():
         for d in diffs:
             assert d.mean() <= 1e-4 and d.max() <= 1e-2, (k, d.mean(), d.max())
 
@@ -227,13 +235,18 @@ def _keys(report: dict) -> dict:
             for k, v in report.items()}
 
 
+def _artifacts_without_qat(qat_run, art):
+    """A copy of the fixture's artifacts: the checkpoint, no QAT model yet."""
+    name = qat_run["recipe"].name
+    shutil.copytree(qat_run["art"] / name, art / name, ignore=shutil.ignore_patterns("qat_*"))
+    return art
+
+
 def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
-    from uadc.compile import CompileOptions
+    from uadc.pipeline import api
     recipe, path = qat_run["recipe"], qat_run["recipe_path"]
-    art = tmp_path / "art"
-    shutil.copytree(qat_run["art"] / recipe.name, art / recipe.name,
-                    ignore=shutil.ignore_patterns("qat_*"))  # the checkpoint, no QAT model yet
-    ptq_dir = qat_run["compiler"].compile(CompileOptions(TARGET, out=tmp_path / "ptq", latency_runs=3))
+    art = _artifacts_without_qat(qat_run, tmp_path / "art")
+    ptq_dir = api.compile(qat_run["baseline"], TARGET, out=tmp_path / "ptq", latency_runs=3).path
     ptq_report = json.loads((ptq_dir / "report.json").read_text())
 
     res = CliRunner().invoke(main, ["qat", str(path), "--target", TARGET, "--epochs", "1", "--artifacts", str(art)],
@@ -255,17 +268,37 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
     assert set(_act_quant(compiled)) == set(_act_quant(qat_run["result"].ptq_model))
 
 
-def test_compile_from_qat_without_qat_model(recipe_factory, tmp_path):
+def test_compile_from_qat_without_qat_model(qat_run, tmp_path):
+    art = _artifacts_without_qat(qat_run, tmp_path / "art")
+    before = sorted(p.relative_to(art) for p in art.rglob("*"))
+    res = CliRunner().invoke(main, ["compile", str(qat_run["recipe_path"]), "--target", TARGET, "--from-qat",
+                                    "--artifacts", str(art)])
+    assert res.exit_code == 2, res.output
+    out = res.output.strip()
+    assert out.startswith("error: ") and "run `uadc qat` first" in out and len(out.splitlines()) == 1
+    assert "Traceback" not in out and sorted(p.relative_to(art) for p in art.rglob("*")) == before
+
+
+def test_compile_from_qat_without_checkpoint_does_not_train(recipe_factory, tmp_path):
     art = tmp_path / "art"
     res = CliRunner().invoke(main, ["compile", str(recipe_factory()), "--target", TARGET, "--from-qat",
                                     "--artifacts", str(art)])
     assert res.exit_code == 2, res.output
     out = res.output.strip()
-    assert out.startswith("error: ") and "run `uadc qat` first" in out and len(out.splitlines()) == 1
-    assert "Traceback" not in out and not art.exists()
+    assert out.startswith("error: ") and "no checkpoint" in out and "--train-if-missing" in out
+    assert len(out.splitlines()) == 1 and "Traceback" not in out and not art.exists()
 
 
 def test_qat_needs_int8_target(recipe_factory, tmp_path):
     res = CliRunner().invoke(main, ["qat", str(recipe_factory()), "--target", "ort-cpu-fp32",
                                     "--artifacts", str(tmp_path / "art")])
     assert res.exit_code == 2 and "needs an int8 target" in res.output
+
+
+def test_qat_without_checkpoint_does_not_train(recipe_factory, tmp_path):
+    art = tmp_path / "art"
+    res = CliRunner().invoke(main, ["qat", str(recipe_factory()), "--target", TARGET, "--artifacts", str(art)])
+    assert res.exit_code == 2, res.output
+    out = res.output.strip()
+    assert out.startswith("error: ") and "run `uadc train` first" in out and len(out.splitlines()) == 1
+    assert not art.exists()

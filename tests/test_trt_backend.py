@@ -22,23 +22,23 @@ from onnx import TensorProto, helper, numpy_helper
 from uadc.backends.tensorrt import (
     BuildSettings,
     build_engine,
-    compare_onnx_vs_trt,
     plan_build,
     run_engine,
     trt_available,
     trtexec_command,
     write_build_script,
 )
-from uadc.backends.trt_cache import (
+from uadc.backends.tensorrt.cache import (
     cache_header,
     read_calibration_cache,
     read_calibration_header,
     trt_version_code,
     write_calibration_cache,
 )
-from uadc.backends.trt_rules import RULES, Violation, check_trt_rules, format_violations
-from uadc.errors import UadcError
-from uadc.verify import compare
+from uadc.backends.tensorrt.rules import RULES, Violation, check_trt_rules, format_violations
+from uadc.core.errors import UadcError
+from uadc.verify.polygraphy_compare import compare
+from uadc.verify.trt import compare_onnx_vs_trt
 
 TRT_OK, TRT_REASON = trt_available()
 needs_trt = pytest.mark.skipif(not TRT_OK, reason=f"TensorRT engine tests need TensorRT and a GPU: {TRT_REASON}")

@@ -1,3 +1,50 @@
-"""uadc — Unified Anomaly Detection Compiler."""
+"""uadc — Unified Anomaly Detection Compiler.
 
-__version__ = "0.1.0"
+Public API (imported lazily, so ``import uadc.runtime`` stays free of torch)::
+
+    import uadc
+    recipe = uadc.load_recipe("recipes/quickstart.yaml")
+    uadc.train(recipe)                                   # -> TrainResult
+    uadc.evaluate(recipe)                                # -> EvalResult
+    base = uadc.baseline(recipe)                         # FP32 export shared by compiles
+    int8 = uadc.compile(base, "ort-cpu-int8")            # -> CompileResult
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.2.0"
+
+_API = {
+    "load_recipe": "uadc.config.recipe",
+    "Recipe": "uadc.config.recipe",
+    "UadcError": "uadc.core.errors",
+    "train": "uadc.pipeline.api",
+    "evaluate": "uadc.pipeline.api",
+    "compile": "uadc.pipeline.api",
+    "baseline": "uadc.pipeline.api",
+    "qat": "uadc.pipeline.api",
+    "compare_calibrators": "uadc.pipeline.api",
+    "Baseline": "uadc.pipeline.baseline",
+    "TrainResult": "uadc.training.run",
+    "EvalResult": "uadc.evaluation.run",
+    "CompileResult": "uadc.report.results",
+    "TARGETS": "uadc.config.targets",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'uadc' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

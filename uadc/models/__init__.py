@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from uadc.errors import UadcError
+from uadc.core.errors import UadcError
 from uadc.models.base import KDModel
 
 DEFAULT_TAPS = {

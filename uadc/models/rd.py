@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uadc.errors import UadcError
+from uadc.core.errors import UadcError
 from uadc.models.backbones import FeatureExtractor, build_backbone
 from uadc.models.base import KDModel
 from uadc.models.heads import DistanceHead, cosine_distance, mean_layer_distance

@@ -24,7 +24,7 @@ summed, upsampled to the image size, gaussian-smoothed; image score = max.
 Training order (``uadc/train.py`` for method ``us``)::
 
     model.pretrain_teacher(images, epochs=t["epochs"], lr=t["lr"], batch_size=t["batch_size"],
-                           seed=recipe["seed"])       # before fit(): it changes teacher outputs
+                           seed=recipe.seed)       # before fit(): it changes teacher outputs
     history = fit(model, images, t, seed, ...)       # the students, as for every method
     model.fit_head_stats(images)                     # after fit(): needs trained students
 

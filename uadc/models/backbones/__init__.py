@@ -13,17 +13,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from uadc.errors import UadcError
+from uadc.core.errors import UadcError
 
 # name -> (constructor, default weights loader or None, input normalisation (mean, std))
 _REGISTRY: dict[str, tuple[Callable[[], nn.Module], Callable[[], Path] | None, tuple]] = {}
 
-IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+from uadc.config.recipe import BACKBONE_NORMALIZATION, IMAGENET_NORM  # noqa: E402,F401  (owned by config)
 
 
-def register(name: str, default_weights: Callable[[], Path] | None = None, norm: tuple = IMAGENET_NORM):
+def register(name: str, default_weights: Callable[[], Path] | None = None):
     def wrap(ctor: Callable[[], nn.Module]):
-        _REGISTRY[name] = (ctor, default_weights, norm)
+        _REGISTRY[name] = (ctor, default_weights, BACKBONE_NORMALIZATION[name])
         return ctor
 
     return wrap

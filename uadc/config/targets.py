@@ -1,0 +1,78 @@
+"""Compilation targets: a named profile of pass list, Q/DQ scheme, precision, opset, runtime and
+builder settings. ``uadc compile --target NAME`` picks one; recipes may override the pass list.
+
+Scheme choices, measured on this project's models:
+- ORT CPU INT8 uses U8 activations / S8 weights (asymmetric activations): ORT's x86 kernels
+  run U8S8 convolutions fast, while symmetric S8 activations were slower than FP32. Weights are
+  per-channel: per-tensor scales destroyed the pretrained teacher (BN-folded depthwise weights
+  span very different ranges per channel) at no latency gain (README, calibration results).
+- TensorRT targets use symmetric S8 everywhere, per-channel weights on the output axis, zero
+  points 0 (TensorRT's explicit-quantization rules), opset >= 13.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from uadc.core.errors import UadcError
+
+FLOAT_PASSES = ["shape_inference", "simplify", "partition_check", "cleanup"]
+INT8_PASSES = ["shape_inference", "simplify", "partition_check", "qdq", "partition_check", "cleanup"]
+FP16_PASSES = ["shape_inference", "simplify", "partition_check", "fp16", "cleanup"]
+
+
+@dataclass(frozen=True)
+class QDQScheme:
+    activation_type: str = "uint8"      # "uint8" | "int8"
+    activation_symmetric: bool = False
+    weight_type: str = "int8"
+    weight_symmetric: bool = True
+    per_channel: bool = False
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    runtime: str                        # "onnxruntime" | "tensorrt"
+    precision: str                      # "fp32" | "fp16" | "int8"
+    passes: list[str]
+    opset: int = 18
+    scheme: QDQScheme | None = None
+    default_calibrator: str = "entropy"
+    min_trt_version: str | None = None
+    device: str = "cpu"                 # "cpu" | "gpu" | "jetson"
+    builder: dict = field(default_factory=dict)  # TensorRT builder settings
+    description: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision == "int8"
+
+
+_TRT_SCHEME = QDQScheme(activation_type="int8", activation_symmetric=True, weight_type="int8",
+                        weight_symmetric=True, per_channel=True)
+
+TARGETS: dict[str, Target] = {t.name: t for t in [
+    Target("ort-cpu-fp32", "onnxruntime", "fp32", FLOAT_PASSES, description="ONNX Runtime CPU, float32"),
+    Target("ort-cpu-int8", "onnxruntime", "int8", INT8_PASSES,
+           scheme=QDQScheme(activation_type="uint8", activation_symmetric=False, per_channel=True),
+           default_calibrator="minmax",  # best of `uadc calibrators compare` on our data (README)
+           description="ONNX Runtime CPU, QDQ U8 activations / S8 weights"),
+    Target("trt-fp16", "tensorrt", "fp16", FLOAT_PASSES, opset=17, min_trt_version="8.5", device="gpu",
+           builder={"workspace_mb": 4096}, description="TensorRT GPU, builder-chosen FP16"),
+    Target("trt-int8", "tensorrt", "int8", INT8_PASSES, opset=17, scheme=_TRT_SCHEME, min_trt_version="8.5",
+           device="gpu", builder={"workspace_mb": 4096}, description="TensorRT GPU, explicit symmetric Q/DQ"),
+    Target("jetson-fp32", "tensorrt", "fp32", FLOAT_PASSES, opset=17, min_trt_version="8.5", device="jetson",
+           builder={"workspace_mb": 1024}, description="Jetson (JetPack 5/6), TensorRT float32"),
+    Target("jetson-fp16", "tensorrt", "fp16", FLOAT_PASSES, opset=17, min_trt_version="8.5", device="jetson",
+           builder={"workspace_mb": 1024}, description="Jetson (JetPack 5/6), builder-chosen FP16"),
+    Target("jetson-int8", "tensorrt", "int8", INT8_PASSES, opset=17, scheme=_TRT_SCHEME, min_trt_version="8.5",
+           device="jetson", builder={"workspace_mb": 1024},
+           description="Jetson (JetPack 5/6), explicit symmetric Q/DQ, FP16 fallback"),
+]}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise UadcError(f"unknown target {name!r}; expected one of {', '.join(TARGETS)}")
+    return TARGETS[name]

@@ -1,0 +1,12 @@
+"""User-facing errors: the CLI prints these as one line and exits with their code (2)."""
+
+
+class UadcError(Exception):
+    """A problem caused by user input (recipe, data, paths, options) rather than a bug."""
+
+    exit_code = 2
+
+    def __str__(self) -> str:
+        # One line, bounded: a message built from user input never floods the terminal.
+        text = " ".join(super().__str__().split())
+        return text if len(text) <= 2000 else text[:1997] + "..."

@@ -1,0 +1,247 @@
+"""The one writer: every file and folder uadc produces goes through here.
+
+Promises (README "Guarantees"):
+- a file is written to a temp name unique to this process, flushed, then renamed into place,
+  so readers see the old file or the new one, never half of one;
+- an artifact folder is built in a temp folder beside its destination and renamed into place;
+  an existing destination is replaced only when it is a uadc output folder (it holds one of
+  ``OUTPUT_MARKERS``) and the caller allows it; anything else is left untouched (UadcError);
+- temp names carry the writer's pid, so concurrent writers never share one, and temps left by a
+  killed process (pid gone) are removed by the next writer in the same folder;
+- concurrent writers of one destination are serialised by a file lock;
+- folders are created with the default umask (readable by a deploy account), never 0700.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from uadc.core.errors import UadcError
+
+TMP_TAG = ".uadc-tmp-"
+# A folder holding one of these was written by uadc and may be replaced by a newer output.
+OUTPUT_MARKERS = ("artifact.json", "report.json", "qat.json", "compare.json", "sweep.json")
+_TMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TMP_TAG) + r"(?P<pid>\d+)-[0-9a-f]+(?:\.tmp)?$")
+
+
+def _tmp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Remove temps in ``folder`` left by writers that no longer run; returns what was removed."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TMP_RE.match(p.name)
+        if m and not _pid_alive(int(m.group("pid"))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            removed.append(p)
+    return removed
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create ``path`` (and parents); a regular file in the way is a user error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UadcError(f"not a folder: {path}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UadcError(f"cannot create folder {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before expensive work when ``folder`` (or its nearest existing parent) is not writable."""
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise UadcError(f"not a folder: {p}")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UadcError(f"folder is not writable: {p}")
+
+
+def atomic_write_bytes(path: Path, data: bytes | bytearray | memoryview, executable: bool = False) -> Path:
+    """``executable``: add execute bits wherever the umask left read bits (scripts)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UadcError(f"cannot write file {path}: a folder is in the way")
+    ensure_dir(path.parent)
+    clean_stale_temps(path.parent)
+    tmp = Path(str(_tmp_name(path)) + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(bytes(data))
+            f.flush()
+            os.fsync(f.fileno())
+        if executable:
+            mode = os.stat(tmp).st_mode
+            os.chmod(tmp, mode | ((mode & 0o444) >> 2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UadcError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_json(data: Any) -> str:
+    """Strict JSON (no bare NaN/Infinity, which is not JSON): non-finite floats become null."""
+    return json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 1) == 0:  # numpy scalar
+        return _finite(v.item())
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def atomic_write_json(path: Path, data: Any) -> Path:
+    return atomic_write_text(path, to_json(data))
+
+
+def atomic_save(path: Path, save: Any) -> Path:
+    """``save(tmp_path)`` writes the file (e.g. ``torch.save``, ``onnx.save``); then rename."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    clean_stale_temps(path.parent)
+    tmp = Path(str(_tmp_name(path)) + ".tmp")
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UadcError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return path
+
+
+def is_output_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / m).is_file() for m in OUTPUT_MARKERS)
+
+
+def check_replaceable(final: Path, replace: bool = True) -> None:
+    """Raise unless writing a new output at ``final`` destroys nothing uadc did not write."""
+    if not final.exists() and not final.is_symlink():
+        return
+    if final.is_symlink() or not final.is_dir():
+        raise UadcError(f"output path exists and is not a folder: {final}")
+    if not any(final.iterdir()):
+        return
+    if not is_output_dir(final):
+        raise UadcError(f"output folder {final} exists and was not written by uadc; "
+                        f"choose another --out (nothing was changed)")
+    if not replace:
+        raise UadcError(f"output folder {final} exists; pass --force to replace it")
+
+
+@contextlib.contextmanager
+def file_lock(target: Path, timeout: float = -1) -> Iterator[None]:
+    """Serialise writers of ``target`` across processes (a lock file beside it)."""
+    from filelock import FileLock, Timeout
+
+    ensure_dir(target.parent)
+    lock = FileLock(str(target.parent / f".{target.name}.lock"), timeout=timeout)
+    try:
+        with lock:
+            yield
+    except Timeout:
+        raise UadcError(f"{target} is being written by another uadc process") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temp folder; on success it replaces ``final`` in one rename.
+
+    ``final`` must be absent, empty or a uadc output folder (and ``replace`` true); otherwise
+    UadcError before anything is written. On failure the temp folder is removed and ``final``
+    is untouched."""
+    final = Path(final).absolute()
+    check_replaceable(final, replace)
+    ensure_dir(final.parent)
+    check_writable(final.parent)
+    with file_lock(final):
+        check_replaceable(final, replace)  # again, under the lock
+        clean_stale_temps(final.parent)
+        tmp = _tmp_name(final)
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = None
+        try:
+            if final.exists():
+                old = _tmp_name(final)
+                os.replace(final, old)
+            os.replace(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not final.exists():
+                os.replace(old, final)
+            raise UadcError(f"cannot write {final}: {exc.strerror or exc}") from None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def contained(root: Path, name: str, what: str = "name") -> Path:
+    """``root / name`` where ``name`` is one plain path component (no separators, no ..)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or name.startswith("."):
+        raise UadcError(f"{what} {name!r} is not a plain folder name (no '/', '..' or leading '.')")
+    return Path(root) / name
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

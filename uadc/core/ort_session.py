@@ -1,0 +1,34 @@
+"""The one ONNX Runtime session factory (every layer that runs a model opens it here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from uadc.core.errors import UadcError
+
+
+def make_session(model: Any, threads: int | None = None, optimize: bool = True) -> Any:
+    """A CPU ``InferenceSession`` for an ``onnx.ModelProto``, serialized bytes or a path.
+
+    ``threads`` sets intra-op threads for this session only (no process-wide state);
+    ``optimize=False`` keeps every tensor of the graph (calibration reads intermediate ones)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.log_severity_level = 3
+    if hasattr(model, "SerializeToString"):
+        src: Any = model.SerializeToString()
+    elif isinstance(model, (str, Path)):
+        src = str(model)
+    else:
+        src = model
+    try:
+        return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        raise UadcError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None

@@ -1,0 +1,58 @@
+"""Process-wide state a library call may need for a while, always restored on exit."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import warnings
+from typing import Iterator
+
+log = logging.getLogger("uadc")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Run the block with ``threads`` torch intra-op threads; the caller's count comes back."""
+    import torch
+
+    before = torch.get_num_threads()
+    n = int(threads) if threads else before
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def quiet_third_party() -> Iterator[io.StringIO]:
+    """Capture what third-party code prints to stdout/stderr (and its warnings) for the block.
+
+    The text is logged at DEBUG (``uadc --verbose`` shows it); sys.stdout/sys.stderr and the
+    warning filters are the caller's again afterwards. File descriptors are not touched."""
+    buf = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, \
+            contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        warnings.simplefilter("always")
+        try:
+            yield buf
+        finally:
+            pass
+    for w in caught:
+        log.debug("warning from %s: %s", w.filename, w.message)
+    text = buf.getvalue().strip()
+    if text:
+        log.debug("third-party output:\n%s", text[-4000:])
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def stderr_is_terminal() -> bool:
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())

@@ -1,0 +1,181 @@
+"""MVTec-layout datasets: one unified training set over several roots/categories, and
+per-category test sets with ground-truth masks.
+
+Layout per category: ``<root>/<cat>/train/good/*``, ``<root>/<cat>/test/<defect>/*`` and
+``<root>/<cat>/ground_truth/<defect>/<stem>_mask.png``. Every problem a user can cause (missing
+folder, empty category, unreadable image, defect without mask, mask size mismatch) is a
+``UadcError`` naming the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from uadc.core.errors import UadcError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    category: str
+    defect: str  # "good" or the defect type
+    mask_path: Path | None = None
+
+    @property
+    def label(self) -> int:
+        return 0 if self.defect == "good" else 1
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+
+def _category_dir(root: Path, category: str) -> Path:
+    if not root.is_dir():
+        raise UadcError(f"data folder not found: {root}")
+    cat = root / category
+    if not cat.is_dir():
+        found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+        raise UadcError(f"category {category!r} not found in {root} (found: {', '.join(found) or 'none'})")
+    return cat
+
+
+def list_categories(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise UadcError(f"data folder not found: {root}")
+    cats = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    if not cats:
+        raise UadcError(f"no MVTec-layout category (<cat>/train/good) in {root}")
+    return cats
+
+
+def list_train_samples(root: Path, category: str) -> list[Sample]:
+    good = _category_dir(root, category) / "train" / "good"
+    if not good.is_dir():
+        raise UadcError(f"missing folder {good}")
+    files = _images(good)
+    if not files:
+        raise UadcError(f"category {category!r} has no training images in {good}")
+    return [Sample(p, category, "good") for p in files]
+
+
+def list_test_samples(root: Path, category: str) -> list[Sample]:
+    cat = _category_dir(root, category)
+    test = cat / "test"
+    if not test.is_dir():
+        raise UadcError(f"missing folder {test}")
+    samples = []
+    for defect_dir in sorted(p for p in test.iterdir() if p.is_dir()):
+        defect = defect_dir.name
+        for img in _images(defect_dir):
+            mask = None
+            if defect != "good":
+                mask = cat / "ground_truth" / defect / f"{img.stem}_mask.png"
+                if not mask.is_file():
+                    raise UadcError(f"defect image without mask: {img} (expected {mask})")
+            samples.append(Sample(img, category, defect, mask))
+    if not samples:
+        raise UadcError(f"category {category!r} has no test images in {test}")
+    return samples
+
+
+def resolve_sources(sources: Sequence[dict]) -> list[tuple[Path, str]]:
+    """(root, category) pairs from recipe ``data.sources``; duplicate category names are errors."""
+    pairs, seen = [], {}
+    for src in sources:
+        root = Path(src["root"])
+        if not root.is_dir():
+            raise UadcError(f"data folder not found: {root}")
+        cats = src.get("categories") or list_categories(root)
+        for c in cats:
+            if c in seen:
+                raise UadcError(f"category {c!r} appears twice (in {seen[c]} and {root})")
+            seen[c] = root
+            pairs.append((root, c))
+    return pairs
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """RGB float32 HWC in [0, 1]; grayscale sources are replicated to three channels."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UadcError(f"unreadable image {path}: {exc}") from None
+
+
+def load_mask(sample: Sample, size: int) -> np.ndarray:
+    """Binary HxW float32 mask; zeros for good images."""
+    if sample.mask_path is None:
+        return np.zeros((size, size), np.float32)
+    try:
+        with Image.open(sample.mask_path) as m:
+            with Image.open(sample.path) as im:
+                if m.size != im.size:
+                    raise UadcError(f"mask size {m.size} differs from image size {im.size}: {sample.mask_path}")
+            m = m.convert("L")
+            if m.size != (size, size):
+                m = m.resize((size, size), Image.NEAREST)
+            return (np.asarray(m) > 127).astype(np.float32)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UadcError(f"unreadable mask {sample.mask_path}: {exc}") from None
+
+
+class ImageDataset(Dataset):
+    """Images normalised with (mean, std); items are dicts of image, mask, label, category."""
+
+    def __init__(self, samples: Sequence[Sample], image_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.samples = list(samples)
+        self.size = image_size
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        img = (load_image(s.path, self.size) - self.mean) / self.std
+        return {
+            "image": torch.from_numpy(img.transpose(2, 0, 1).copy()),
+            "mask": torch.from_numpy(load_mask(s, self.size))[None],
+            "label": s.label,
+            "category": s.category,
+        }
+
+
+def build_train_set(pairs: Sequence[tuple[Path, str]], image_size: int, norm: tuple, limit: int | None = None
+                    ) -> ImageDataset:
+    """Unified training set: the good images of every (root, category) together."""
+    samples = []
+    for root, cat in pairs:
+        samples += list_train_samples(root, cat)[:limit]
+    return ImageDataset(samples, image_size, *norm)
+
+
+def build_test_sets(pairs: Sequence[tuple[Path, str]], image_size: int, norm: tuple) -> dict[str, ImageDataset]:
+    return {cat: ImageDataset(list_test_samples(root, cat), image_size, *norm) for root, cat in pairs}
+
+
+def validate_test_masks(ds: ImageDataset) -> None:
+    """Fail early (before training) on defect images whose mask is missing or mis-sized."""
+    for s in ds.samples:
+        if s.mask_path is not None:
+            load_mask(s, ds.size)
+
+
+def stack(ds: ImageDataset, indices: Sequence[int] | None = None) -> torch.Tensor:
+    idx = range(len(ds)) if indices is None else indices
+    return torch.stack([ds[i]["image"] for i in idx])

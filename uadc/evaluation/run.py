@@ -1,0 +1,205 @@
+"""Evaluation: run any predictor (torch model, ONNX Runtime session, TensorRT engine) over the
+per-category test sets and compute image AUROC, pixel AUROC, AUPRO and pixel F1-max."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from uadc.config.recipe import Recipe
+from uadc.core.constants import EVAL_FILE, METRIC_KEYS
+from uadc.core.errors import UadcError
+from uadc.core.io import atomic_write_json
+from uadc.core.progress import progress
+from uadc.core.scoped import torch_threads
+from uadc.data.mvtec import ImageDataset
+from uadc.data.prepare import RecipeData, prepare_data
+from uadc.evaluation import metrics
+from uadc.models import KDModel
+from uadc.training.checkpoint import checkpoint_path, load_checkpoint
+
+# images (N,3,H,W) float32 normalised -> (anomaly maps (N,H,W), scores (N,))
+Predictor = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+TestArrays = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+@dataclass
+class EvalResult:
+    """Metrics per category and their mean (``eval.json``'s shape)."""
+
+    mean: dict[str, float]
+    categories: dict[str, dict[str, float]]
+    defects: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)   # checkpoint, epochs, learning curve, ...
+    path: Path | None = None                             # where eval.json was written
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"mean": self.mean, "categories": self.categories}
+        if self.defects:
+            d["defects"] = self.defects
+        d.update(self.extra)
+        return d
+
+    def to_json(self) -> str:
+        from uadc.core.io import to_json
+        return to_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalResult":
+        extra = {k: v for k, v in d.items() if k not in ("mean", "categories", "defects")}
+        return cls(d["mean"], d["categories"], d.get("defects") or {}, extra)
+
+
+def torch_predictor(model: torch.nn.Module) -> Predictor:
+    model.eval()
+
+    @torch.no_grad()
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        amap, score = model(torch.from_numpy(images))
+        return amap[:, 0].numpy(), score.numpy()
+
+    return run
+
+
+def load_test_arrays(ds: ImageDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, masks (N,H,W) bool, labels) for a test set, loaded once."""
+    items = [ds[i] for i in range(len(ds))]
+    images = np.stack([it["image"].numpy() for it in items])
+    masks = np.stack([it["mask"][0].numpy() > 0.5 for it in items])
+    labels = np.array([it["label"] for it in items])
+    return images, masks, labels
+
+
+def test_arrays(data: RecipeData, categories: list[str] | None = None) -> TestArrays:
+    return {c: load_test_arrays(ds) for c, ds in data.tests.items() if not categories or c in categories}
+
+
+def predict(predictor: Predictor, images: np.ndarray, batch_size: int, desc: str = "predict"
+            ) -> tuple[np.ndarray, np.ndarray]:
+    maps, scores = [], []
+    for i in progress(range(0, len(images), batch_size), desc=desc):
+        m, s = predictor(np.ascontiguousarray(images[i:i + batch_size]))
+        maps.append(np.asarray(m, np.float32))
+        scores.append(np.asarray(s, np.float32).reshape(-1))
+    maps_, scores_ = np.concatenate(maps), np.concatenate(scores)
+    if not (np.isfinite(scores_).all() and np.isfinite(maps_).all()):
+        raise UadcError(f"{desc}: the model produced non-finite outputs (NaN/Inf) on the test images; "
+                        f"check the weights for NaN/Inf")
+    return maps_, scores_
+
+
+def evaluate(predictor: Predictor, arrays: TestArrays, batch_size: int = 16, desc: str = "eval",
+             defects: dict[str, list[str]] | None = None) -> EvalResult:
+    """Metrics per category (and per defect type with ``defects``: type per test image)."""
+    per_cat, per_defect = {}, {}
+    for cat, (images, masks, labels) in arrays.items():
+        maps, scores = predict(predictor, images, batch_size, f"{desc} {cat}")
+        per_cat[cat] = metrics.compute_all(labels, scores, masks, maps)
+        if defects and cat in defects:
+            per_defect[cat] = defect_breakdown(np.asarray(defects[cat]), labels, scores, masks, maps)
+    s = metrics.summarize(per_cat)
+    return EvalResult(s["mean"], s["categories"], per_defect)
+
+
+def defect_breakdown(kinds: np.ndarray, labels, scores, masks, maps) -> dict[str, dict[str, float]]:
+    """Per defect type: image AUROC against the good images, pixel AUROC on that type's images."""
+    out = {}
+    for kind in sorted(set(kinds) - {"good"}):
+        sel, only = (kinds == kind) | (kinds == "good"), kinds == kind
+        out[kind] = {"count": int(only.sum()), "image_auroc": metrics.image_auroc(labels[sel], scores[sel]),
+                     "pixel_auroc": metrics.pixel_auroc(masks[only], maps[only])}
+    return out
+
+
+def format_table(result: EvalResult | dict, title: str = "") -> str:
+    d = result.to_dict() if isinstance(result, EvalResult) else result
+    head = f"{'category':<16}" + "".join(f"{k:>13}" for k in METRIC_KEYS)
+    rows = [title, head] if title else [head]
+    for cat, vals in list(d["categories"].items()) + [("mean", d["mean"])]:
+        rows.append(f"{cat:<16}" + "".join(f"{vals[k]:>13.4f}" for k in METRIC_KEYS))
+    return "\n".join(rows)
+
+
+def learning_curve(recipe: Recipe, every: int):
+    """For ``train_recipe(on_epoch=...)``: test metrics every ``every`` epochs (AUROC against
+    training time)."""
+    def factory(category: str | None, data: RecipeData):
+        arrays = test_arrays(data, [category] if category else None)
+
+        def on_epoch(epoch: int, model: KDModel) -> dict | None:
+            if epoch % every and epoch != recipe.train.epochs:
+                return None
+            t0 = time.time()
+            res = evaluate(torch_predictor(model), arrays, recipe.eval.batch_size, "learning curve")
+            return {"test": res.to_dict(), "eval_seconds": round(time.time() - t0, 1)}
+
+        return on_epoch
+
+    return factory
+
+
+def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifacts: Path | None = None,
+                        write: bool = True) -> EvalResult:
+    """Evaluate the unified checkpoint (per defect type too); writes ``eval.json`` beside it."""
+    ckpt = Path(checkpoint) if checkpoint else checkpoint_path(recipe, artifacts)
+    with torch_threads(recipe.train.threads):
+        model, blob = load_checkpoint(ckpt, recipe)
+        data = prepare_data(recipe)
+        kinds = {c: [s.defect for s in ds.samples] for c, ds in data.tests.items()}
+        result = evaluate(torch_predictor(model), test_arrays(data), recipe.eval.batch_size, defects=kinds)
+    history = blob.get("history", [])
+    result.extra = {"checkpoint": str(ckpt), "recipe_hash": recipe.hash, "train_seconds": blob.get("train_seconds"),
+                    "epochs": len(history), "model_stats": blob.get("stats"),
+                    "learning_curve": [{"epoch": h["epoch"], "train_seconds": _seconds_until(history, h["epoch"]),
+                                        "mean": h["test"]["mean"], "categories": h["test"]["categories"]}
+                                       for h in history if "test" in h]}
+    if write:
+        result.path = atomic_write_json(recipe.artifact_dir(artifacts) / EVAL_FILE, result.to_dict())
+    return result
+
+
+def _seconds_until(history: list[dict], epoch: int) -> float:
+    """Training time (test evaluations excluded) up to the end of ``epoch``."""
+    return round(sum(h["seconds"] for h in history if h["epoch"] <= epoch), 1)
+
+
+@dataclass
+class OneClassResult:
+    one_class: EvalResult
+    unified: EvalResult | None
+    path: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {"one_class": self.one_class.to_dict(), "unified": self.unified.to_dict() if self.unified else None}
+
+
+def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None) -> OneClassResult:
+    """Evaluate each per-category model on its category; compare with the unified model."""
+    with torch_threads(recipe.train.threads):
+        arrays = test_arrays(prepare_data(recipe))
+        per_cat = {}
+        for cat, arr in arrays.items():
+            model, _ = load_checkpoint(checkpoint_path(recipe, artifacts, cat), recipe)
+            per_cat[cat] = evaluate(torch_predictor(model), {cat: arr}, recipe.eval.batch_size).categories[cat]
+    s = metrics.summarize(per_cat)
+    one_class = EvalResult(s["mean"], s["categories"])
+    unified_path = recipe.artifact_dir(artifacts) / EVAL_FILE
+    unified = EvalResult.from_dict(json.loads(unified_path.read_text())) if unified_path.is_file() else None
+    result = OneClassResult(one_class, unified)
+    result.path = atomic_write_json(recipe.artifact_dir(artifacts) / "one_class_eval.json", result.to_dict())
+    return result
+
+
+def format_comparison(unified: EvalResult, one_class: EvalResult) -> str:
+    rows = [f"{'category':<16}{'metric':<13}{'unified':>10}{'one-class':>11}{'delta':>9}"]
+    for cat in one_class.categories:
+        for k in ("image_auroc", "pixel_auroc"):
+            u, o = unified.categories[cat][k], one_class.categories[cat][k]
+            rows.append(f"{cat:<16}{k:<13}{u:>10.4f}{o:>11.4f}{u - o:>+9.4f}")
+    return "\n".join(rows)

@@ -1,0 +1,155 @@
+"""Checkpoint -> one ONNX graph whose every node belongs to a partition: ``teacher``,
+``student`` or ``head``.
+
+The torch dynamo exporter records each node's module path (``pkg.torch.onnx.name_scopes``);
+the first module under the root is the partition. Nodes without a module (shape helpers) take
+their partition from the graph (uadc.export.partitions). Tags live in the node-name prefix (``student/node_Conv_3``)
+and in node metadata ``uadc.partition``; the model's ``metadata_props`` carry the method,
+backbone, image size, normalisation, categories, recipe hash, uadc version and node counts.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import onnx
+import torch
+
+from uadc import __version__
+from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES, PARTITIONS
+from uadc.core.errors import UadcError
+from uadc.core.scoped import quiet_third_party
+from uadc.export.partitions import assign_partitions, partition_counts, partition_of, set_partition
+from uadc.models import KDModel
+
+
+def export_model(model: KDModel, image_size: int, meta: dict, opset: int = 18) -> onnx.ModelProto:
+    """Export with a dynamic batch; returns the tagged model (not yet simplified)."""
+    model = model.eval()
+    x = torch.zeros(2, 3, image_size, image_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # The exporter narrates every step and warns about torchvision ops we never use (shown
+    # with `uadc --verbose`).
+    with quiet_third_party():
+        try:
+            program = torch.onnx.export(
+                model, (x,), dynamo=True, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                dynamic_shapes=({0: batch},), opset_version=opset, verbose=False, optimize=True)
+        except Exception as exc:  # a model the exporter cannot trace is a bug to report plainly
+            raise UadcError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    proto = program.model_proto
+    tag_partitions(proto)
+    set_metadata(proto, {**meta, "uadc_version": __version__, "partitions": partition_counts(proto)})
+    return proto
+
+
+def _scope_partition(node: onnx.NodeProto) -> str | None:
+    """The first module under the root in the exporter's recorded module path."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(p.value)
+            if len(scopes) > 1 and scopes[0] == "" and scopes[1] in PARTITIONS:
+                return scopes[1]
+    return None
+
+
+def tag_partitions(model: onnx.ModelProto) -> None:
+    """Tag nodes by their module scope, then let the graph decide for the scope-less rest."""
+    for n in model.graph.node:
+        p = _scope_partition(n)
+        if p:
+            set_partition(n, p)
+    try:
+        assign_partitions(model, quantize_partitions=(), strict=True)
+    except UadcError as exc:
+        raise UadcError(f"export: {exc}") from None
+
+
+def set_metadata(model: onnx.ModelProto, meta: dict) -> None:
+    """Model-level metadata as ``uadc.<key>`` entries (JSON for non-strings)."""
+    existing = {p.key: p for p in model.metadata_props}
+    for k, v in meta.items():
+        key = f"uadc.{k}"
+        value = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+        if key in existing:
+            existing[key].value = value
+        else:
+            model.metadata_props.add(key=key, value=value)
+
+
+def get_metadata(model: onnx.ModelProto) -> dict:
+    out = {}
+    for p in model.metadata_props:
+        if p.key.startswith("uadc."):
+            try:
+                out[p.key[5:]] = json.loads(p.value)
+            except json.JSONDecodeError:
+                out[p.key[5:]] = p.value
+    return out
+
+
+def partition_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Initializer bytes per partition (an initializer counts for its first consumer's partition)."""
+    owner: dict[str, str] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            owner.setdefault(i, partition_of(n) or "head")
+    sizes = dict.fromkeys(PARTITIONS, 0)
+    for init in model.graph.initializer:
+        if init.name in owner:
+            sizes[owner[init.name]] += len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
+    return sizes
+
+
+def split_partitions(model: onnx.ModelProto, out_dir: Path) -> dict[str, Path]:
+    """One ONNX per partition; inputs/outputs are the tensors crossing partition borders."""
+    producers = {o: partition_of(n) for n in model.graph.node for o in n.output}
+    graph_outputs = {o.name for o in model.graph.output}
+    paths = {}
+    with_shapes = onnx.shape_inference.infer_shapes(model)
+    for p in PARTITIONS:
+        ins, outs = [], []
+        for n in model.graph.node:
+            if partition_of(n) == p:
+                ins += [i for i in n.input if i and (i == INPUT_NAME or (i in producers and producers[i] != p))]
+            else:
+                outs += [i for i in n.input if producers.get(i) == p]
+        outs += [o for o in graph_outputs if producers.get(o) == p]
+        ins, outs = list(dict.fromkeys(ins)), list(dict.fromkeys(outs))
+        if not outs:
+            continue
+        sub = onnx.utils.Extractor(with_shapes).extract_model(ins, outs)
+        sub.metadata_props.extend(model.metadata_props)
+        path = out_dir / f"{p}.onnx"
+        onnx.save(sub, path)
+        paths[p] = path
+    return paths
+
+
+MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """Parse an ONNX file written by anyone: size-checked, no external data followed (a path
+    inside the file cannot make uadc read elsewhere), nothing executed; checked by onnx.checker."""
+    path = Path(path)
+    if not path.is_file():
+        raise UadcError(f"model not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise UadcError(f"{path}: empty file, not an ONNX model")
+    if size > MAX_ONNX_BYTES:
+        raise UadcError(f"{path}: {size} bytes is over the 2 GiB ONNX limit")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise UadcError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    if not model.graph.node:
+        raise UadcError(f"{path}: not an ONNX model (no graph nodes)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise UadcError(f"{path}: invalid ONNX model: {str(exc).splitlines()[0][:200]}") from None
+    return model

@@ -1,0 +1,198 @@
+"""Partition tags: every node of a uadc graph belongs to ``teacher``, ``student`` or ``head``.
+
+A tag is written twice: as the node-name prefix (``student/node_Conv_3``) and as node metadata
+``uadc.partition``. Tools that rebuild nodes (onnxsim, onnxslim, ORT's quantizer, the float16
+converter) drop the metadata or add untagged nodes; ``assign_partitions`` restores tags by
+name and derives the rest from the graph (producers, else consumers). Q/DQ nodes go to the
+quantized partition they serve.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+
+from uadc.core.errors import UadcError
+
+log = logging.getLogger(__name__)
+
+from uadc.core.constants import PARTITION_KEY, PARTITIONS, QDQ_OPS  # noqa: E402
+
+
+def meta_partition(node: onnx.NodeProto) -> str | None:
+    for p in node.metadata_props:
+        if p.key == PARTITION_KEY:
+            return p.value or None
+    return None
+
+
+def prefix_partition(node: onnx.NodeProto) -> str | None:
+    head = node.name.split("/", 1)[0]
+    return head if "/" in node.name and head in PARTITIONS else None
+
+
+def partition_of(node: onnx.NodeProto) -> str | None:
+    """The node's partition: ``uadc.partition`` metadata, else the name prefix, else None."""
+    return meta_partition(node) or prefix_partition(node)
+
+
+def partition_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Nodes per partition (every partition listed; ``untagged`` only when there are some)."""
+    counts = dict.fromkeys(PARTITIONS, 0)
+    for n in model.graph.node:
+        p = partition_of(n) or "untagged"
+        counts[p] = counts.get(p, 0) + 1
+    return counts
+
+
+def nodes_in(model: onnx.ModelProto, partitions: list[str] | tuple[str, ...]) -> list[str]:
+    """Names of the nodes in ``partitions`` (graph order)."""
+    wanted = set(partitions)
+    return [n.name for n in model.graph.node if partition_of(n) in wanted]
+
+
+def _base_name(name: str) -> str:
+    head, _, rest = name.partition("/")
+    return rest if rest and head in PARTITIONS else name
+
+
+def set_partition(node: onnx.NodeProto, partition: str) -> None:
+    """Write ``partition`` as both the name prefix and the metadata entry."""
+    node.name = f"{partition}/{_base_name(node.name)}"
+    for p in node.metadata_props:
+        if p.key == PARTITION_KEY:
+            p.value = partition
+            return
+    node.metadata_props.add(key=PARTITION_KEY, value=partition)
+
+
+def clear_partition(node: onnx.NodeProto) -> None:
+    keep = [(p.key, p.value) for p in node.metadata_props if p.key != PARTITION_KEY]
+    del node.metadata_props[:]
+    for k, v in keep:
+        node.metadata_props.add(key=k, value=v)
+    node.name = _base_name(node.name)
+
+
+class GraphIndex:
+    """Producer/consumer index of a graph's nodes (by position)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.nodes = list(model.graph.node)
+        self.initializers = {i.name for i in model.graph.initializer}
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
+        for i, n in enumerate(self.nodes):
+            for o in n.output:
+                if o:
+                    self.producer[o] = i
+            for t in n.input:
+                if t:
+                    self.consumers.setdefault(t, []).append(i)
+
+    def producers_of(self, i: int) -> list[int]:
+        return [self.producer[t] for t in self.nodes[i].input
+                if t and t not in self.initializers and t in self.producer]
+
+    def consumers_of(self, i: int) -> list[int]:
+        return [c for o in self.nodes[i].output for c in self.consumers.get(o, [])]
+
+
+def _one(parts: list[str | None]) -> str | None:
+    """The common partition of ``parts`` if they are all tagged and agree."""
+    s = set(parts)
+    return parts[0] if parts and len(s) == 1 and None not in s else None
+
+
+def _earliest(parts: list[str | None]) -> str | None:
+    tagged = [p for p in parts if p]
+    return min(tagged, key=PARTITIONS.index) if tagged else None
+
+
+def _qdq_partition(g: GraphIndex, part: list[str | None], i: int, quantized: set[str]) -> str | None:
+    """Partition of an untagged Q/DQ node: the quantized partition it serves.
+
+    Walk up the Q/DQ chain to the float producer and down to the float consumers. Output
+    quantization belongs to the producer (student Conv -> Q -> DQ -> head), input quantization to
+    the consumers (teacher output or image -> Q -> DQ -> student Conv)."""
+    j = i
+    while g.nodes[j].op_type in QDQ_OPS:
+        src = g.nodes[j].input[0]
+        if src not in g.producer or src in g.initializers:
+            j = -1
+            break
+        j = g.producer[src]
+    up = part[j] if j >= 0 else None
+    if up in quantized:
+        return up
+    down, stack, seen = [], [i], {i}
+    while stack:
+        for c in g.consumers_of(stack.pop()):
+            if c in seen:
+                continue
+            seen.add(c)
+            (stack if g.nodes[c].op_type in QDQ_OPS else down).append(c)
+    served = [part[c] for c in down if part[c] in quantized]
+    return _earliest(served)
+
+
+def _derive(g: GraphIndex, part: list[str | None], i: int, quantized: set[str], fallback: bool) -> str | None:
+    if g.nodes[i].op_type in QDQ_OPS:
+        p = _qdq_partition(g, part, i, quantized)
+        if p or not fallback:  # wait for the nodes it serves before guessing from neighbours
+            return p
+    prods = g.producers_of(i)
+    if prods and (p := _one([part[j] for j in prods])):
+        return p
+    return _earliest([part[c] for c in g.consumers_of(i)])
+
+
+def assign_partitions(model: onnx.ModelProto, quantize_partitions: list[str] | tuple[str, ...] = ("student",),
+                      strict: bool = True) -> int:
+    """Give every node a partition in place; return how many were derived (not already tagged).
+
+    Metadata wins over a disagreeing name prefix (tools rename, they do not re-tag). With
+    ``strict`` a node left without a partition raises UadcError; otherwise it stays untagged."""
+    g = GraphIndex(model)
+    part: list[str | None] = []
+    for n in g.nodes:
+        meta, prefix = meta_partition(n), prefix_partition(n)
+        if meta and prefix and meta != prefix:
+            log.warning("node %s: metadata says %s, name prefix says %s; using %s", n.name, meta, prefix, meta)
+        part.append(meta or prefix)
+    unknown = {p for p in part if p and p not in PARTITIONS}
+    if unknown:
+        raise UadcError(f"unknown partition tag(s) {sorted(unknown)}; expected {', '.join(PARTITIONS)}")
+    quantized = set(quantize_partitions)
+    todo = [i for i, p in enumerate(part) if p is None]
+    derived = len(todo)
+    fallback = False
+    while todo:  # propagate until nothing changes
+        left = []
+        for i in todo:
+            part[i] = _derive(g, part, i, quantized, fallback)
+            if part[i] is None:
+                left.append(i)
+        if len(left) == len(todo):
+            if fallback:
+                break
+            fallback = True  # stuck: let Q/DQ nodes take a neighbour's partition
+        else:
+            fallback = False
+        todo = left
+    orphans = [g.nodes[i].name or g.nodes[i].op_type for i in todo]
+    if orphans and strict:
+        raise UadcError(f"{len(orphans)} node(s) belong to no partition (cannot derive from name, "
+                        f"producers or consumers): {', '.join(orphans[:5])}")
+    used: set[str] = set()
+    for i, n in enumerate(g.nodes):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+        if part[i]:
+            set_partition(n, part[i])
+        name, k = n.name, 1
+        while n.name in used:  # keep names unique after re-prefixing
+            n.name, k = f"{name}_{k}", k + 1
+        used.add(n.name)
+    return derived - len(orphans)

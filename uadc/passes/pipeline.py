@@ -1,0 +1,332 @@
+"""The compile pass pipeline: named ``(model, ctx) -> model`` functions run in order.
+
+Every node of a uadc graph belongs to a partition (``teacher``, ``student``, ``head``), recorded
+twice: as the node-name prefix (``student/node_Conv_3``) and as node metadata ``uadc.partition``.
+Tools that rebuild nodes (onnxsim, onnxslim, ORT's quantizer, the float16 converter) drop the
+metadata or add untagged nodes, so the passes restore tags by name and ``partition_check``
+re-derives the rest from the graph: name prefix, else producers, else consumers. Q/DQ nodes go
+to the quantized partition they serve (a Q/DQ pair between a teacher output and a student Conv
+is the student's input quantization).
+
+Passes:
+  shape_inference  onnx shape inference (non-strict)
+  simplify         onnxsim, falling back to onnxslim; numerics checked with onnxruntime
+  partition_check  every node gets exactly one partition, name prefix == metadata
+  qdq              Q/DQ insertion by ONNX Runtime's QDQQuantizer with *our* calibrated ranges,
+                   restricted to ``ctx.quantize_partitions``
+  fp16             float16 weights/compute, float32 graph I/O
+  cleanup          drop dead nodes/initializers, topological order, onnx checker
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import heapq
+import io
+import inspect
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from uadc.config.targets import Target
+from uadc.core.constants import PARTITION_KEY, PARTITIONS, QDQ_OPS
+from uadc.core.errors import UadcError
+from uadc.core.ort_session import make_session
+from uadc.export.partitions import (
+    GraphIndex, assign_partitions, clear_partition, meta_partition, nodes_in, partition_of, prefix_partition,
+    set_partition,
+)
+
+log = logging.getLogger(__name__)
+#: numerics gate for float-preserving passes: max |a - b| <= NUMERIC_RTOL * max(1, max |ref|)
+NUMERIC_RTOL = 1e-4
+
+
+@dataclass
+class PassContext:
+    target: Target
+    ranges: dict[str, tuple[float, float]] | None = None
+    quantize_partitions: list[str] = field(default_factory=lambda: ["student"])
+    sample_feeds: dict[str, np.ndarray] | None = None
+    dump_dir: Path | None = None
+    per_channel: bool | None = None   # overrides target.scheme.per_channel when set
+
+
+Pass = Callable[[onnx.ModelProto, PassContext], onnx.ModelProto]
+PASSES: dict[str, Pass] = {}
+
+
+def register_pass(name: str) -> Callable[[Pass], Pass]:
+    def deco(fn: Pass) -> Pass:
+        PASSES[name] = fn
+        return fn
+    return deco
+
+
+# --------------------------------------------------------------------------------- graph utils
+
+def topological_sort(model: onnx.ModelProto) -> None:
+    """Sort nodes in place, keeping the original order wherever the data flow allows."""
+    nodes = list(model.graph.node)
+    g = GraphIndex(model)
+    waiting = [len({t for t in n.input if t in g.producer}) for n in nodes]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for o in nodes[i].output:
+            for c in set(g.consumers.get(o, [])):
+                waiting[c] -= 1
+                if waiting[c] == 0:
+                    heapq.heappush(ready, c)
+    if len(order) != len(nodes):
+        raise UadcError(f"graph has a cycle or dangling inputs ({len(nodes) - len(order)} nodes unsortable)")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[i] for i in order)
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+# ----------------------------------------------------------------------------------- numerics
+
+def default_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random N(0,1) inputs (symbolic dims -> 2) for a numeric check when no sample is given."""
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else 2 for d in tt.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[vi.name] = (rng.standard_normal(shape) if np.issubdtype(dtype, np.floating)
+                          else np.zeros(shape)).astype(dtype)
+    return feeds
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+            outputs: list[str] | None = None, optimize: bool = False) -> list[np.ndarray]:
+    """Run ``model`` on the CPU EP (graph optimisations off unless ``optimize``)."""
+    return make_session(model, optimize=optimize).run(outputs, feeds)
+
+
+def check_numerics(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                   what: str = "pass", rtol: float = NUMERIC_RTOL) -> float:
+    """Raise UadcError if ``candidate``'s outputs differ from ``reference``'s beyond float noise
+    (max |diff| > rtol * max(1, max |ref|), per output). Returns the worst relative error."""
+    names = [o.name for o in reference.graph.output]
+    ref = run_ort(reference, feeds, names)
+    try:
+        new = run_ort(candidate, feeds, names)
+    except Exception as exc:
+        raise UadcError(f"{what}: the transformed model no longer runs in onnxruntime: {exc}") from None
+    worst = 0.0
+    for name, a, b in zip(names, ref, new):
+        if a.shape != b.shape:
+            raise UadcError(f"{what}: output {name!r} changed shape {a.shape} -> {b.shape}")
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        if not np.array_equal(np.isnan(a64), np.isnan(b64)):
+            raise UadcError(f"{what}: output {name!r} changed where it is NaN")
+        finite = ~np.isnan(a64)
+        scale = max(1.0, float(np.abs(a64[finite]).max(initial=0.0)))
+        err = float(np.abs(a64[finite] - b64[finite]).max(initial=0.0)) / scale
+        worst = max(worst, err)
+        if err > rtol:
+            raise UadcError(f"{what} changed numerics beyond float noise: output {name!r} "
+                            f"max |diff| = {err * scale:.3g} (allowed {rtol * scale:.3g})")
+    return worst
+
+
+def _feeds(model: onnx.ModelProto, ctx: PassContext) -> dict[str, np.ndarray]:
+    return ctx.sample_feeds if ctx.sample_feeds is not None else default_feeds(model)
+
+
+# ------------------------------------------------------------------------------------- passes
+
+@register_pass("shape_inference")
+def shape_inference(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """ONNX shape inference, non-strict (an op it cannot infer keeps its unknown shape)."""
+    return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+
+
+def _restore_tags(model: onnx.ModelProto, before: onnx.ModelProto) -> None:
+    """Simplifiers keep node names but drop node metadata: re-attach tags by name, and keep
+    the model-level metadata the exporter wrote."""
+    tags = {n.name: partition_of(n) for n in before.graph.node}
+    for n in model.graph.node:
+        p = meta_partition(n) or tags.get(n.name) or prefix_partition(n)
+        if p:
+            set_partition(n, p)
+    have = {p.key for p in model.metadata_props}
+    for p in before.metadata_props:
+        if p.key not in have:
+            model.metadata_props.add(key=p.key, value=p.value)
+
+
+def _onnxsim(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    import onnxsim
+
+    kwargs = {"check_n": 1, "input_data": feeds}
+    if "certify" in inspect.signature(onnxsim.simplify).parameters:
+        kwargs["certify"] = False  # Z3 proofs are slow and we check numerics ourselves
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its check progress
+        out, ok = onnxsim.simplify(copy_model(model), **kwargs)  # no input shapes: batch stays dynamic
+    if not ok:
+        raise RuntimeError("onnxsim's own output check failed")
+    return out
+
+
+def _onnxslim(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    import onnxslim
+
+    return onnxslim.slim(copy_model(model))
+
+
+@register_pass("simplify")
+def simplify(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """onnxsim (constant folding, BN fusion, dead code), onnxslim when onnxsim fails; the result
+    must reproduce the input's outputs on ``ctx.sample_feeds`` within float noise."""
+    feeds = _feeds(model, ctx)
+    errors = []
+    for tool_name, tool in (("onnxsim", _onnxsim), ("onnxslim", _onnxslim)):
+        try:
+            out = tool(model, feeds)
+            _restore_tags(out, model)
+            assign_partitions(out, ctx.quantize_partitions, strict=False)  # fused nodes; orphans: partition_check
+            check_numerics(model, out, feeds, what=f"simplify ({tool_name})")
+            return out
+        except Exception as exc:  # a failing simplifier is not fatal while another is left
+            errors.append(f"{tool_name}: {exc}")
+            log.warning("simplify: %s", errors[-1])
+    raise UadcError("simplify failed: " + "; ".join(errors))
+
+
+@register_pass("partition_check")
+def partition_check(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Every node gets one partition (prefix and metadata agree); an orphan is an error."""
+    model = copy_model(model)
+    derived = assign_partitions(model, ctx.quantize_partitions, strict=True)
+    if derived:
+        log.info("partition_check: derived the partition of %d node(s)", derived)
+    return model
+
+
+@register_pass("fp16")
+def fp16(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Float16 weights and compute with float32 graph inputs/outputs.
+
+    Uses onnxruntime.transformers.float16 (onnxconverter-common's converter, vendored in every
+    onnxruntime wheel since long before our >=1.18 floor, so no hand-written fallback is kept;
+    onnxconverter-common itself is not a dependency). It appends its I/O Casts at the end of the
+    graph and leaves them untagged, so they are sorted and tagged here."""
+    try:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError as exc:
+        raise UadcError(f"fp16 pass needs onnxruntime.transformers.float16: {exc}") from None
+    out = convert_float_to_float16(copy_model(model), keep_io_types=True)
+    topological_sort(out)
+    assign_partitions(out, ctx.quantize_partitions, strict=True)
+    onnx.checker.check_model(out, full_check=False)
+    return out
+
+
+@register_pass("cleanup")
+def cleanup(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Drop nodes whose outputs nobody reads and unused initializers; sort; run the checker."""
+    model = copy_model(model)
+    graph = model.graph
+    while True:
+        needed = {o.name for o in graph.output} | {t for n in graph.node for t in n.input}
+        dead = [n for n in graph.node if not any(o in needed for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    needed = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in needed]
+    if len(keep) != len(graph.initializer):
+        dropped = {i.name for i in graph.initializer} - {i.name for i in keep}
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        inputs = [v for v in graph.input if v.name not in dropped]  # IR < 4 lists them as inputs too
+        del graph.input[:]
+        graph.input.extend(inputs)
+    value_names = needed | {t for n in graph.node for t in n.output}
+    keep_vi = [v for v in graph.value_info if v.name in value_names]
+    del graph.value_info[:]
+    graph.value_info.extend(keep_vi)
+    topological_sort(model)
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise UadcError(f"cleanup: the compiled model is not valid ONNX: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+# ------------------------------------------------------------------------------------- runner
+
+def run_passes(model: onnx.ModelProto, names: list[str], ctx: PassContext) -> tuple[onnx.ModelProto, list[dict]]:
+    """Run passes ``names`` in order. Returns the model and one record per pass:
+    ``{"name", "seconds", "nodes_before", "nodes_after"}``. With ``ctx.dump_dir`` the model after
+    pass k is saved as ``{k:02d}_{name}.onnx`` (k from 1)."""
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise UadcError(f"unknown pass(es) {', '.join(map(repr, unknown))}; available: {', '.join(PASSES)}")
+    if ctx.dump_dir is not None:
+        Path(ctx.dump_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        from uadc.core.progress import progress
+        steps = progress(names, desc="passes", unit="pass")
+    except ImportError:  # progress is cosmetic
+        steps = names
+    records = []
+    for k, name in enumerate(steps, start=1):
+        before = len(model.graph.node)
+        t0 = time.perf_counter()
+        model = PASSES[name](model, ctx)
+        records.append({"name": name, "seconds": time.perf_counter() - t0,
+                        "nodes_before": before, "nodes_after": len(model.graph.node)})
+        if ctx.dump_dir is not None:
+            onnx.save(model, str(Path(ctx.dump_dir) / f"{k:02d}_{name}.onnx"))
+    return model, records
+
+
+def check_finite(model: onnx.ModelProto, feeds: dict[str, np.ndarray], stage: str) -> None:
+    """A model with NaN/Inf weights, or NaN/Inf outputs on real inputs, is never shipped:
+    UadcError naming the weights (first few) or the outputs, and the stage that found them."""
+    from onnx import numpy_helper
+    bad = []
+    for init in model.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            bad.append(f"{init.name} ({int((~np.isfinite(a)).sum())} of {a.size})")
+    if bad:
+        raise UadcError(f"{stage}: NaN/Inf in the model weights: {', '.join(bad[:3])}"
+                        f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}; check the checkpoint")
+    names = [o.name for o in model.graph.output]
+    for name, value in zip(names, run_ort(model, feeds, names)):
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise UadcError(f"{stage}: the model outputs NaN/Inf ({name!r}) on real test images although its "
+                            f"weights are finite; the model is numerically broken")
+
+
+# The qdq pass registers itself on import (it needs the registry above).
+from uadc.passes import qdq as _qdq  # noqa: E402,F401

@@ -1,0 +1,215 @@
+"""Q/DQ insertion: ONNX Runtime's QDQ quantizer with *our* calibrated ranges, restricted to
+the partitions being quantized (registered as the ``qdq`` pass)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import io
+import re
+
+import onnx
+
+from uadc.core.constants import PARTITION_KEY, PARTITIONS, QDQ_OPS
+from uadc.core.errors import UadcError
+from uadc.export.partitions import GraphIndex, assign_partitions, clear_partition, meta_partition, nodes_in, partition_of, \
+    prefix_partition, set_partition
+import numpy as np
+
+from uadc.passes.pipeline import PassContext, copy_model, opset_of, register_pass, topological_sort
+
+@register_pass("qdq")
+def qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Q/DQ insertion on ``ctx.quantize_partitions`` with ``ctx.ranges`` (see :func:`quantize_qdq`)."""
+    return quantize_qdq(model, ctx)
+
+
+
+
+# ---------------------------------------------------------------------------------------- QDQ
+
+def quantized_op_types() -> list[str]:
+    """Op types ORT's static quantizer handles in QDQ format (its default for quantize_static)."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted(set(QDQRegistry) | set(QLinearOpsRegistry))
+
+
+def _fork_shared(model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
+    """Give quantized-partition consumers their own copy of tensors they share with float ones.
+
+    ORT rewires *every* consumer of a quantized tensor to its DequantizeLinear output, so the
+    image (read by teacher and student) or a teacher activation feeding the student would reach
+    the float teacher fake-quantized. Activations get an ``Identity`` fork (removed again after
+    quantization); float initializers are duplicated. Tensors produced inside a quantized
+    partition are not forked: a float consumer of those reads the DQ output (partition boundary).
+    Returns {forked activation: original}."""
+    g = GraphIndex(model)
+    part = [partition_of(n) for n in g.nodes]
+    inits = {i.name: i for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}  # a graph output is a float reader too
+    forks: dict[str, str] = {}
+    new_nodes, new_inits = [], []
+    for tensor, users in g.consumers.items():
+        q_users = [c for c in users if part[c] in quantized]
+        if not q_users or (len(q_users) == len(users) and tensor not in outputs):
+            continue
+        if tensor in g.producer and part[g.producer[tensor]] in quantized:
+            continue
+        for p in sorted({part[c] for c in q_users}, key=PARTITIONS.index):
+            fork = f"{tensor}__{p}"
+            if tensor in inits:
+                if inits[tensor].data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+                    continue  # shapes/axes: never quantized
+                dup = copy.deepcopy(inits[tensor])
+                dup.name = fork
+                new_inits.append(dup)
+            else:
+                node = onnx.helper.make_node("Identity", [tensor], [fork], name=f"{p}/{fork}_fork")
+                node.metadata_props.add(key=PARTITION_KEY, value=p)
+                new_nodes.append(node)
+                forks[fork] = tensor
+            for c in q_users:
+                if part[c] == p:
+                    n = g.nodes[c]
+                    n.input[:] = [fork if t == tensor else t for t in n.input]
+    model.graph.node.extend(new_nodes)
+    model.graph.initializer.extend(new_inits)
+    if new_nodes:
+        topological_sort(model)
+    return forks
+
+
+def _unfork(model: onnx.ModelProto, forks: dict[str, str]) -> None:
+    """Remove the Identity forks: their readers (Q nodes by now) read the original tensor."""
+    keep = []
+    for n in model.graph.node:
+        if n.op_type == "Identity" and len(n.output) == 1 and n.output[0] in forks:
+            continue
+        n.input[:] = [forks.get(t, t) for t in n.input]
+        keep.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    vi = [v for v in model.graph.value_info if v.name not in forks]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(vi)
+
+
+def _qtype(name: str):
+    from onnxruntime.quantization import QuantType
+
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    if name not in types:
+        raise UadcError(f"unsupported quantization type {name!r}; expected one of {', '.join(types)}")
+    return types[name]
+
+
+def qdq_options(ctx: PassContext) -> tuple[bool, dict]:
+    """(per_channel, ORT extra_options) for the target's scheme.
+
+    TensorRT explicit quantization wants: symmetric int8 (zero points 0), float weights behind a
+    Q->DQ pair (TensorRT quantizes weights itself from the Q scale), float biases (no int32 DQ),
+    a dedicated Q/DQ pair per consumer, and no Q/DQ on Conv/Gemm/MatMul outputs (TensorRT fuses
+    the following activation and quantizes after it). ORT CPU uses the quantizer's defaults:
+    int8 DQ weights, int32 biases, removable Relu/Clip folded into the Q range."""
+    scheme = ctx.target.scheme
+    per_channel = scheme.per_channel if ctx.per_channel is None else bool(ctx.per_channel)
+    extra = {"ActivationSymmetric": scheme.activation_symmetric, "WeightSymmetric": scheme.weight_symmetric}
+    if ctx.target.runtime == "tensorrt":
+        extra.update({
+            "AddQDQPairToWeight": True,
+            "QuantizeBias": False,
+            "DedicatedQDQPair": True,
+            "OpTypesToExcludeOutputQuantization": ["Conv", "ConvTranspose", "Gemm", "MatMul"],
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        })
+    return per_channel, extra
+
+
+_MISSING_RE = re.compile(r"not specified for param (\S+?)\.?\s")
+
+
+def quantize_qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Insert Q/DQ with ORT's QDQQuantizer, ranges from ``ctx.ranges``, only on nodes of
+    ``ctx.quantize_partitions``; new nodes are tagged with the partition they serve."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    scheme = ctx.target.scheme
+    if scheme is None:
+        raise UadcError(f"target {ctx.target.name!r} has no Q/DQ scheme; the qdq pass is for int8 targets")
+    if ctx.ranges is None:
+        raise UadcError("qdq pass needs calibrated activation ranges (run calibration first)")
+    if opset_of(model) < 13:
+        raise UadcError(f"qdq needs opset >= 13 (per-channel Q/DQ); the model has opset {opset_of(model)}")
+    unknown = set(ctx.quantize_partitions) - set(PARTITIONS)
+    if unknown:
+        raise UadcError(f"unknown partition(s) to quantize: {sorted(unknown)}; expected {', '.join(PARTITIONS)}")
+    model = copy_model(model)
+    assign_partitions(model, ctx.quantize_partitions, strict=True)  # tags drive the node selection
+    forks = _fork_shared(model, set(ctx.quantize_partitions))
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=False)  # ORT needs value types
+    names = nodes_in(model, ctx.quantize_partitions)
+    if not names:  # ORT reads an empty list as "quantize everything"
+        raise UadcError(f"no nodes in partition(s) {', '.join(ctx.quantize_partitions)} to quantize")
+    bad = {k: v for k, v in ctx.ranges.items() if not (np.isfinite(v).all() and v[0] <= v[1])}
+    if bad:
+        name, r = next(iter(bad.items()))
+        raise UadcError(f"qdq: invalid range {r} for tensor {name!r} ({len(bad)} invalid in all)")
+    ranges = dict(ctx.ranges)
+    ranges.update({f: ranges[o] for f, o in forks.items() if o in ranges})
+    tensors_range = TensorsData(CalibrationMethod.MinMax, {
+        k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in ranges.items()})
+    per_channel, extra = qdq_options(ctx)
+    before = {n.name for n in model.graph.node}
+    quantizer = QDQQuantizer(model, per_channel, False, _qtype(scheme.weight_type), _qtype(scheme.activation_type),
+                             tensors_range, names, [], quantized_op_types(), extra)
+    try:
+        quantizer.quantize_model()
+    except ValueError as exc:
+        m = _MISSING_RE.search(str(exc) + " ")
+        if m:
+            name = forks.get(m.group(1), m.group(1))
+            raise UadcError(f"qdq: no calibrated range for tensor {name!r} (input/output of a quantized "
+                            f"node); calibrate the same model the passes quantize") from None
+        raise
+    out = quantizer.model.model
+    _unfork(out, forks)
+    for n in out.graph.node:
+        if n.name not in before:  # ORT names new nodes after tensors: derive, never trust a prefix
+            clear_partition(n)
+    assign_partitions(out, ctx.quantize_partitions, strict=True)
+    topological_sort(out)
+    _check_float_partitions(out, set(ctx.quantize_partitions))
+    if scheme.activation_symmetric and scheme.weight_symmetric:
+        _check_zero_points(out)
+    onnx.checker.check_model(out, full_check=False)
+    return out
+
+
+def _check_float_partitions(model: onnx.ModelProto, quantized: set[str]) -> None:
+    """A float-partition node may read a DequantizeLinear output only at a boundary: the Q/DQ
+    quantizes a tensor produced inside a quantized partition."""
+    g = GraphIndex(model)
+    for i, n in enumerate(g.nodes):
+        if partition_of(n) in quantized or n.op_type in QDQ_OPS:
+            continue
+        for t in n.input:
+            j = g.producer.get(t)
+            if j is None or g.nodes[j].op_type != "DequantizeLinear":
+                continue
+            q = g.producer.get(g.nodes[j].input[0])
+            src = g.producer.get(g.nodes[q].input[0]) if q is not None else None
+            if src is None or partition_of(g.nodes[src]) not in quantized:
+                raise RuntimeError(f"qdq: float node {n.name} reads fake-quantized tensor {t!r}")
+
+
+def _check_zero_points(model: onnx.ModelProto) -> None:
+    """Symmetric schemes (TensorRT) need every Q/DQ zero point to be 0."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type in QDQ_OPS and len(n.input) > 2 and n.input[2] in inits:
+            zp = onnx.numpy_helper.to_array(inits[n.input[2]])
+            if zp.any():
+                raise RuntimeError(f"qdq: symmetric scheme but {n.name} has a non-zero zero point")

@@ -1,0 +1,156 @@
+"""The public Python API (re-exported as ``uadc.train``, ``uadc.compile``, ...).
+
+Every call returns a typed result, never prints, never trains unless asked to, and leaves
+process-wide state (torch threads, stdout) as it found it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from uadc.config.recipe import Recipe, load_recipe
+from uadc.core.errors import UadcError
+from uadc.core.scoped import torch_threads
+from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluate, evaluate_checkpoint, \
+    evaluate_one_class, learning_curve
+from uadc.models import KDModel
+from uadc.pipeline.baseline import Baseline, resolve_source
+from uadc.pipeline.compile import CompileOptions, compile_target
+from uadc.report.results import CompileResult
+from uadc.training.run import TrainResult, train_recipe
+
+RecipeLike = "str | Path | dict | Recipe"
+
+
+def train(recipe: RecipeLike, *, one_class: bool = False, epochs: int | None = None, eval_every: int | None = None,
+          artifacts: Path | None = None) -> TrainResult:
+    """Train the recipe's model (unified, or one per category) and write its checkpoint(s)."""
+    r = load_recipe(recipe)
+    if epochs:
+        r = r.with_overrides(train={"epochs": epochs})
+    if eval_every is not None and eval_every < 1:
+        raise UadcError(f"eval_every must be >= 1, got {eval_every}")
+    return train_recipe(r, artifacts, one_class=one_class,
+                        on_epoch=learning_curve(r, eval_every) if eval_every else None)
+
+
+def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_class: bool = False,
+             artifacts: Path | None = None, write: bool = True) -> EvalResult | OneClassResult:
+    """AD metrics on the recipe's test sets for: a recipe (its checkpoint), a checkpoint path,
+    a ``KDModel``, or a compiled artifact folder / ONNX file (run with ONNX Runtime)."""
+    if recipe is None:
+        if isinstance(model_or_artifact, (KDModel, Baseline)) or _is_onnx(model_or_artifact):
+            raise UadcError("evaluate: give the recipe whose test sets to use")
+        recipe = model_or_artifact
+    r = load_recipe(recipe)
+    if one_class:
+        return evaluate_one_class(r, artifacts)
+    if isinstance(model_or_artifact, KDModel):
+        from uadc.evaluation.run import test_arrays, torch_predictor
+        from uadc.data.prepare import prepare_data
+        with torch_threads(r.train.threads):
+            return _evaluate(torch_predictor(model_or_artifact), test_arrays(prepare_data(r)), r.eval.batch_size)
+    if _is_onnx(model_or_artifact):
+        from uadc.backends.ort import make_session, ort_predictor
+        from uadc.data.prepare import prepare_data
+        from uadc.evaluation.run import test_arrays
+        path = Path(model_or_artifact)
+        path = path / "model.onnx" if path.is_dir() else path
+        return _evaluate(ort_predictor(make_session(path, r.train.threads)), test_arrays(prepare_data(r)),
+                         r.eval.batch_size)
+    ckpt = Path(model_or_artifact) if isinstance(model_or_artifact, (str, Path)) and \
+        Path(model_or_artifact).suffix in (".pt", ".pth") else None
+    return evaluate_checkpoint(r, ckpt, artifacts, write=write)
+
+
+def _is_onnx(x: Any) -> bool:
+    if not isinstance(x, (str, Path)):
+        return False
+    p = Path(x)
+    return p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file())
+
+
+def baseline(source: Any, recipe: RecipeLike | None = None, *, artifacts: Path | None = None,
+             threads: int | None = None) -> Baseline:
+    """The FP32 baseline (export, FP32 metrics, latency) that several compiles can share.
+
+    ``source``: a recipe (its checkpoint), a checkpoint path (with ``recipe``) or a ``KDModel``
+    (with ``recipe``). Never trains: a missing checkpoint is an error naming ``uadc train``."""
+    if isinstance(source, Baseline):
+        return source
+    if recipe is None:
+        if isinstance(source, KDModel) or (isinstance(source, (str, Path)) and Path(source).suffix in (".pt", ".pth")):
+            from uadc.training.checkpoint import read_checkpoint
+            if isinstance(source, KDModel):
+                raise UadcError("compile: a KDModel needs the recipe it was trained with (recipe=...)")
+            recipe = read_checkpoint(Path(source))["recipe"]
+        else:
+            recipe = source
+    r = load_recipe(recipe)
+    return Baseline(r, resolve_source(source, r, artifacts), threads)
+
+
+def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None = None,
+            calibration: "str | Iterable[np.ndarray] | None" = None, calib_samples: int | None = None,
+            calibrator: str | None = None, quantize: Sequence[str] | None = None, per_channel: bool | None = None,
+            out: Path | None = None, force: bool = False, evaluate: bool = True, latency_runs: int = 30,
+            threads: int | None = None, artifacts: Path | None = None, split: bool = False,
+            build_engine: bool = False, dump_passes: Path | None = None, qat_model: Any = None) -> CompileResult:
+    """Compile ``source`` for ``target`` and write the artifact folder; returns its report.
+
+    ``source``: a recipe (with its checkpoint), a checkpoint path, a ``KDModel`` (with
+    ``recipe``) or a ``Baseline`` (to compile several targets from one export).
+    ``calibration``: a named source (``train``, ``random-normal``, ``mixed``) or any iterable of
+    images already normalised like the model's input ((3,H,W) or (N,3,H,W) float arrays)."""
+    b = baseline(source, recipe, artifacts=artifacts, threads=threads)
+    target = target or b.recipe.compile.target
+    named = calibration if isinstance(calibration, str) else None
+    own = None if calibration is None or isinstance(calibration, str) else calibration
+    opts = CompileOptions(target=target, calibrator=calibrator, calib_data=named, calib_samples=calib_samples,
+                          calibration=own, quantize=list(quantize) if quantize is not None else None,
+                          per_channel=per_channel, out=Path(out) if out else None, force=force,
+                          dump_passes=dump_passes, split=split, build_engine=build_engine, evaluate=evaluate,
+                          threads=threads, latency_runs=latency_runs, qat_model=qat_model, artifacts=artifacts)
+    with torch_threads(None):  # whatever a stage sets inside, the caller's count comes back
+        return compile_target(b, opts)
+
+
+@dataclass
+class QatRunResult:
+    qat_model_path: Path
+    summary: dict
+    compiled: CompileResult | None
+
+
+def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = None, compile_after: bool = True,
+        artifacts: Path | None = None, source: Any = None) -> QatRunResult:
+    """Quantization-aware fine-tuning from the PTQ placement; then (by default) compile it into
+    ``<artifacts>/<recipe>/<target>-qat``."""
+    from uadc.quant.qat.run import QatOptions, check_target, qat_settings, run_qat
+    from uadc.training.run import load_images
+    r = load_recipe(recipe)
+    target = target or r.compile.target
+    t = check_target(target)
+    b = baseline(source if source is not None else r, r, artifacts=artifacts)
+    opts = QatOptions(target=target, epochs=epochs)
+    _, ptq = qat_settings(r, opts, t)
+    with torch_threads(r.train.threads):
+        images = load_images(b.data.train, "loading images")
+        res = run_qat(r, opts, b.fp32, b.model, images, b.calibration_images(ptq.calib_data, ptq.calib_samples),
+                      b.checkpoint, artifacts)
+    compiled = None
+    if compile_after:
+        compiled = compile(b, target, quantize=res.quantize, qat_model=res.model, artifacts=artifacts)
+    return QatRunResult(res.path, res.summary, compiled)
+
+
+def compare_calibrators(recipe: RecipeLike, target: str = "ort-cpu-int8", calibrators: Sequence[str] = ("entropy", "mse"),
+                        sources: Sequence[str] = ("train", "random-normal"), *, calib_samples: int | None = None,
+                        quantize: Sequence[str] | None = None, out: Path | None = None,
+                        artifacts: Path | None = None) -> Any:
+    from uadc.pipeline.compare import compare_calibrators as run
+    return run(load_recipe(recipe), target, list(calibrators), list(sources), calib_samples,
+               list(quantize) if quantize else None, out, artifacts)

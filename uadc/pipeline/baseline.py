@@ -1,0 +1,173 @@
+"""The FP32 baseline of one trained model: everything every target of a compile shares.
+
+A ``Baseline`` is built from a recipe's checkpoint, a checkpoint path or a ``KDModel``; each
+stage (export, simplify, test arrays, FP32 metrics, torch-vs-ORT check) runs once, on first
+use. FP32 latency is measured per (runs, threads) setting, so two compiles with different
+latency settings each get their own figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+import torch
+
+from uadc.backends.ort import latency_ms, make_session, ort_predictor
+from uadc.config.recipe import Recipe
+from uadc.config.targets import get_target
+from uadc.core.constants import INPUT_NAME
+from uadc.core.errors import UadcError
+from uadc.core.scoped import default_threads, torch_threads
+from uadc.data.prepare import RecipeData, prepare_data
+from uadc.evaluation.run import EvalResult, evaluate, test_arrays
+from uadc.export.onnx_export import export_model
+from uadc.models import KDModel
+from uadc.passes.pipeline import PassContext, check_finite, run_passes
+from uadc.quant.calibrate import calibration_images
+from uadc.training.checkpoint import checkpoint_path, load_checkpoint
+from uadc.verify.polygraphy_compare import TorchCpuRunner, compare, ort_runner
+
+log = logging.getLogger(__name__)
+EXPORT_ATOL = 1e-4  # torch vs ORT FP32: same math, only float reassociation may differ
+
+
+@dataclass
+class ModelSource:
+    model: KDModel
+    checkpoint: Path | None
+    blob: dict
+
+
+def resolve_source(source: Any, recipe: Recipe, artifacts: Path | None = None) -> ModelSource:
+    """A recipe's own checkpoint, a checkpoint path, or a ``KDModel``; never trains."""
+    if isinstance(source, KDModel):
+        return ModelSource(source.eval(), None, {"categories": None})
+    if isinstance(source, (str, Path)) and Path(source).suffix in (".pt", ".pth"):
+        model, blob = load_checkpoint(Path(source), recipe)
+        return ModelSource(model, Path(source), blob)
+    ckpt = checkpoint_path(recipe, artifacts)
+    if not ckpt.is_file():
+        raise UadcError(f"no checkpoint for recipe {recipe.name!r} at {ckpt}: run `uadc train` first")
+    model, blob = load_checkpoint(ckpt, recipe)
+    return ModelSource(model, ckpt, blob)
+
+
+class Baseline:
+    """One trained model with its FP32 export and the stages all targets share."""
+
+    def __init__(self, recipe: Recipe, source: ModelSource, threads: int | None = None):
+        self.recipe = recipe
+        self.model = source.model
+        self.checkpoint = source.checkpoint
+        self.blob = source.blob
+        self.size = recipe.data.image_size
+        self.threads = threads or recipe.train.threads or default_threads()
+        self._latency: dict[tuple[int, int], dict] = {}
+
+    # -- data --------------------------------------------------------------------------------
+    @cached_property
+    def data(self) -> RecipeData:
+        return prepare_data(self.recipe)
+
+    @cached_property
+    def test_arrays(self) -> dict[str, tuple]:
+        return test_arrays(self.data)
+
+    @cached_property
+    def categories(self) -> list[str]:
+        return self.blob.get("categories") or self.data.categories
+
+    def sample_feeds(self, batches: int = 2, batch: int = 2) -> list[dict[str, np.ndarray]]:
+        """Real test images (defective ones included) for numeric checks."""
+        images = np.concatenate([a[0][::max(1, len(a[0]) // (batches * batch))] for a in self.test_arrays.values()])
+        return [{INPUT_NAME: images[i * batch:(i + 1) * batch]} for i in range(batches)]
+
+    def train_images(self, indices: list[int]) -> np.ndarray:
+        ds = self.data.train
+        return np.stack([ds[i]["image"].numpy() for i in indices])
+
+    def calibration_images(self, kind: str, n: int, images: Iterable[np.ndarray] | None = None) -> np.ndarray:
+        """``n`` images of a named kind, or the caller's own images (bring your own data)."""
+        if images is not None:
+            return own_calibration_images(images, self.size)
+        return calibration_images(kind, n, self.recipe.seed, self.train_images, len(self.data.train), self.size)
+
+    # -- FP32 model ------------------------------------------------------------------------------
+    @cached_property
+    def exported(self) -> tuple[onnx.ModelProto, float]:
+        t0 = time.time()
+        r = self.recipe
+        mean, std = r.normalization()
+        meta = {"method": r.model.method, "backbone": r.model.backbone, "image_size": self.size,
+                "normalization": {"mean": list(mean), "std": list(std)}, "categories": self.categories,
+                "recipe_hash": r.hash, "recipe_name": r.name}
+        model = export_model(self.model, self.size, meta)
+        return model, time.time() - t0
+
+    @cached_property
+    def fp32_simplified(self) -> tuple[onnx.ModelProto, list[dict]]:
+        model, seconds = self.exported
+        feeds = self.sample_feeds(1)[0]
+        check_finite(model, feeds, "export")
+        ctx = PassContext(target=get_target("ort-cpu-fp32"), sample_feeds=feeds)
+        simplified, records = run_passes(model, ["shape_inference", "simplify", "partition_check"], ctx)
+        return simplified, [{"name": "export", "seconds": round(seconds, 3),
+                             "nodes_before": 0, "nodes_after": len(model.graph.node)}] + records
+
+    @property
+    def fp32(self) -> onnx.ModelProto:
+        return self.fp32_simplified[0]
+
+    def metrics(self, model: onnx.ModelProto, desc: str) -> EvalResult:
+        sess = make_session(model, self.threads)
+        return evaluate(ort_predictor(sess), self.test_arrays, self.recipe.eval.batch_size, desc)
+
+    @cached_property
+    def fp32_metrics(self) -> EvalResult:
+        return self.metrics(self.fp32, "fp32")
+
+    def fp32_latency(self, runs: int = 30, threads: int | None = None) -> dict:
+        """torch eager and ORT FP32 latency at batch 1, measured once per (runs, threads)."""
+        threads = threads or self.threads
+        key = (runs, threads)
+        if key not in self._latency:
+            x = self.sample_feeds(1, 1)[0][INPUT_NAME]
+            with torch_threads(threads), torch.no_grad():
+                t_lat = latency_ms(lambda: self.model(torch.from_numpy(x)), runs)
+            sess = make_session(self.fp32, threads)
+            o_lat = latency_ms(lambda: sess.run(None, {INPUT_NAME: x}), runs)
+            self._latency[key] = {"torch_fp32": t_lat, "ort_fp32": o_lat}
+        return dict(self._latency[key])
+
+    @cached_property
+    def torch_vs_ort(self) -> dict:
+        feeds = self.sample_feeds()
+        shape = feeds[0][INPUT_NAME].shape
+        with torch_threads(self.threads):
+            return compare([TorchCpuRunner(self.model, shape), ort_runner(self.fp32, "ort-fp32", self.threads)],
+                           feeds, EXPORT_ATOL, 1e-3)
+
+
+def own_calibration_images(images: Iterable[np.ndarray], size: int) -> np.ndarray:
+    """Stack user-given calibration images: each (3,H,W) or (N,3,H,W), already normalised."""
+    parts = []
+    for i, im in enumerate(images):
+        a = np.asarray(im, dtype=np.float32)
+        a = a[None] if a.ndim == 3 else a
+        if a.ndim != 4 or a.shape[1:] != (3, size, size):
+            raise UadcError(f"calibration image {i}: expected shape (3, {size}, {size}) or (N, 3, {size}, {size}) "
+                            f"in the model's normalised input space, got {a.shape}")
+        parts.append(a)
+    if not parts:
+        raise UadcError("calibration: no images given")
+    out = np.ascontiguousarray(np.concatenate(parts))
+    if not np.isfinite(out).all():
+        raise UadcError("calibration images contain NaN or Inf")
+    return out

@@ -1,0 +1,228 @@
+"""Compile one target from a ``Baseline``: target passes (calibrate, Q/DQ, ...) -> Polygraphy
+verification -> latency -> AD metrics -> artifact folder written atomically -> ``CompileResult``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+
+from uadc import __version__
+from uadc.backends.ort import latency_ms, make_session
+from uadc.config.settings import PtqSettings, resolve_ptq
+from uadc.config.targets import Target, get_target
+from uadc.core.constants import INPUT_NAME, MODEL_FILE, QDQ_OPS, REPORT_FILE, REPORT_MD
+from uadc.core.errors import UadcError
+from uadc.core.io import atomic_dir, atomic_write_json, atomic_write_text, check_replaceable
+from uadc.export.onnx_export import partition_bytes, split_partitions
+from uadc.export.partitions import partition_counts, partition_of
+from uadc.passes.pipeline import PassContext, check_finite, run_passes
+from uadc.pipeline.baseline import Baseline
+from uadc.quant.calibrate import calibrate_ranges
+from uadc.report.markdown import render_markdown
+from uadc.report.results import CompileResult, Latency, Metrics
+from uadc.verify.polygraphy_compare import compare_stats, ort_runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompileOptions:
+    target: str
+    calibrator: str | None = None
+    calib_data: str | None = None
+    calib_samples: int | None = None
+    calibration: Iterable[np.ndarray] | None = None   # bring-your-own calibration images
+    quantize: list[str] | None = None
+    per_channel: bool | None = None
+    out: Path | None = None
+    force: bool = False                 # replace an existing uadc artifact at an explicit ``out``
+    dump_passes: Path | None = None
+    split: bool = False
+    build_engine: bool = False
+    evaluate: bool = True
+    threads: int | None = None          # ORT/torch threads for latency and metrics (default: baseline's)
+    latency_runs: int = 30
+    qat_model: onnx.ModelProto | None = None  # --from-qat: Q/DQ already in place, no calibration
+    artifacts: Path | None = None
+    passes: list[str] | None = field(default=None)  # override the recipe's/target's pass list
+
+
+def default_out(baseline: Baseline, target: Target, qat: bool, artifacts: Path | None) -> Path:
+    return baseline.recipe.artifact_dir(artifacts) / f"{target.name}{'-qat' if qat else ''}"
+
+
+def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
+    target = get_target(opts.target)
+    ptq = resolve_ptq(baseline.recipe, target, opts.calibrator, opts.calib_data, opts.calib_samples,
+                      opts.quantize, opts.per_channel)
+    _check_options(target, ptq, opts)
+    out = Path(opts.out) if opts.out else default_out(baseline, target, opts.qat_model is not None, opts.artifacts)
+    check_replaceable(out.absolute(), replace=opts.force or opts.out is None)  # before any work
+    threads = opts.threads or baseline.threads
+    fp32, records = baseline.fp32_simplified
+    compiled, pass_records, calib = _run_target_passes(baseline, target, fp32, ptq, opts)
+    check_finite(compiled, baseline.sample_feeds(1)[0], f"compile {target.name}")
+    t0 = time.time()
+    verification = _verify(baseline, compiled, target, threads)
+    verification["seconds"] = round(time.time() - t0, 3)
+    passes = records + pass_records
+    # export + every pass (calibration included) + Polygraphy checks; AD metrics and latency excluded
+    compile_seconds = round(sum(p["seconds"] for p in passes) + time.time() - t0, 2)
+    result = CompileResult(
+        target=target.name, precision=target.precision, runtime=target.runtime, device=target.device,
+        calibrator=ptq.calibrator if calib and calib["calibrator"] != "qat" else ("qat" if calib else None),
+        calib_data=ptq.calib_data if calib and calib["calibrator"] != "qat" else None,
+        quantized_partitions=list(ptq.quantize) if target.quantized else [],
+        recipe=baseline.recipe.name, recipe_hash=baseline.recipe.hash,
+        checkpoint=str(baseline.checkpoint) if baseline.checkpoint else None,
+        nodes=partition_counts(compiled), qdq_nodes=_qdq_counts(compiled), bytes=partition_bytes(compiled),
+        model_bytes=compiled.ByteSize(), passes=[{**p, "seconds": round(p["seconds"], 4)} for p in passes],
+        verification=verification, compile_seconds=compile_seconds,
+        latency=_latency(baseline, compiled, target, threads, opts.latency_runs),
+        environment=environment(threads))
+    if opts.evaluate:
+        result.metrics = _metrics(baseline, compiled, target)
+    with atomic_dir(out, replace=True) as tmp:
+        _write_artifacts(tmp, baseline, compiled, result, calib, target, opts)
+    result.path = out
+    log.info("artifact written: %s", out)
+    return result
+
+
+def _check_options(target: Target, ptq: PtqSettings, opts: CompileOptions) -> None:
+    from uadc.calibrators import available_calibrators
+    if target.quantized and opts.qat_model is None and ptq.calibrator not in available_calibrators():
+        raise UadcError(f"unknown calibrator {ptq.calibrator!r}; expected one of {', '.join(available_calibrators())}")
+    if not target.quantized and (opts.calibrator or opts.calib_data or opts.calibration is not None):
+        raise UadcError(f"target {target.name} is {target.precision}: calibration options do not apply")
+    if opts.qat_model is not None and not target.quantized:
+        raise UadcError(f"--from-qat needs an int8 target; {target.name} is {target.precision}")
+    if not 1 <= opts.latency_runs <= 10_000:
+        raise UadcError(f"latency runs must be within 1..10000, got {opts.latency_runs}")
+
+
+def _pass_names(baseline: Baseline, target: Target, opts: CompileOptions) -> list[str]:
+    names = list(opts.passes or baseline.recipe.compile.passes or target.passes)
+    # Shared pre-passes already ran on the FP32 model; skip them here.
+    return [n for n in names if n not in ("shape_inference", "simplify")]
+
+
+def _run_target_passes(baseline: Baseline, target: Target, fp32: onnx.ModelProto, ptq: PtqSettings,
+                       opts: CompileOptions):
+    names = _pass_names(baseline, target, opts)
+    ctx = PassContext(target=target, quantize_partitions=list(ptq.quantize), sample_feeds=baseline.sample_feeds(1)[0],
+                      dump_dir=opts.dump_passes, per_channel=ptq.per_channel)
+    calib = None
+    model = fp32
+    if opts.qat_model is not None:
+        model = opts.qat_model
+        names = [n for n in names if n != "qdq"]
+        calib = {"calibrator": "qat", "calib_data": "qat", "ranges": {}}
+    elif "qdq" in names:
+        t0 = time.time()
+        images = baseline.calibration_images(ptq.calib_data, ptq.calib_samples, opts.calibration)
+        ctx.ranges = calibrate_ranges(fp32, images, ptq, target)
+        calib = {"calibrator": ptq.calibrator,
+                 "calib_data": "user" if opts.calibration is not None else ptq.calib_data,
+                 "samples": int(len(images)), "seed": baseline.recipe.seed, "ranges": ctx.ranges,
+                 "seconds": round(time.time() - t0, 3)}
+    model, records = run_passes(model, names, ctx)
+    if calib is not None and "seconds" in calib:
+        records.insert(0, {"name": "calibrate", "seconds": calib["seconds"],
+                           "nodes_before": len(fp32.graph.node), "nodes_after": len(fp32.graph.node)})
+    return model, records, calib
+
+
+def _verify(baseline: Baseline, compiled: onnx.ModelProto, target: Target, threads: int) -> dict:
+    tvo = baseline.torch_vs_ort
+    fvc = compare_stats([ort_runner(baseline.fp32, "ort-fp32", threads), ort_runner(compiled, target.name, threads)],
+                        baseline.sample_feeds())  # statistics only: INT8 is expected to differ
+    return {"torch_vs_ort_fp32": {k: tvo[k] for k in ("passed", "max_abs", "mean_abs", "atol", "outputs")},
+            "fp32_vs_compiled": {k: fvc[k] for k in ("max_abs", "mean_abs", "outputs")}}
+
+
+def _runtime_label(target: Target) -> tuple[str, bool]:
+    if target.runtime == "onnxruntime":
+        return "onnxruntime CPU", False
+    return f"onnxruntime CPU emulating {target.runtime} ({target.device}, {target.precision})", True
+
+
+def _latency(baseline: Baseline, compiled: onnx.ModelProto, target: Target, threads: int, runs: int) -> Latency:
+    lat = baseline.fp32_latency(runs, threads)
+    x = baseline.sample_feeds(1, 1)[0][INPUT_NAME]
+    sess = make_session(compiled, threads)
+    runtime, emulated = _runtime_label(target)
+    return Latency(lat["torch_fp32"], lat["ort_fp32"], latency_ms(lambda: sess.run(None, {INPUT_NAME: x}), runs),
+                   batch=1, threads=threads, runtime=runtime, emulated=emulated)
+
+
+def _metrics(baseline: Baseline, compiled: onnx.ModelProto, target: Target) -> Metrics:
+    fp32 = baseline.fp32_metrics.to_dict()
+    comp = baseline.metrics(compiled, target.name).to_dict()
+    runtime, emulated = _runtime_label(target)
+    note = None
+    if emulated:
+        note = (f"TensorRT is not run here: 'compiled' is the {target.precision} ONNX evaluated with ONNX Runtime "
+                "on the CPU. On the device TensorRT fuses layers and may pick FP16 tactics for un-quantized "
+                "layers, so figures can differ slightly.")
+    return Metrics(fp32, comp, _drops(fp32, comp), runtime, note if target.quantized else None)
+
+
+def _write_artifacts(tmp: Path, baseline: Baseline, compiled, result: CompileResult, calib, target: Target,
+                     opts: CompileOptions) -> None:
+    onnx.save(compiled, str(tmp / MODEL_FILE))
+    if calib is not None:
+        atomic_write_json(tmp / "calibration.json", calib)
+    if opts.split:
+        (tmp / "partitions").mkdir()
+        split_partitions(compiled, tmp / "partitions")
+    if target.runtime == "tensorrt":
+        from uadc.evaluation.run import evaluate
+        from uadc.pipeline.trt_bundle import write_trt_files
+        run_metrics = (lambda predict: evaluate(predict, baseline.test_arrays, 8, "tensorrt")) if opts.evaluate \
+            else None
+        result.engine = write_trt_files(tmp, compiled, baseline.fp32, target, calib, baseline.size,
+                                        opts.build_engine, run_metrics, baseline.sample_feeds())
+    atomic_write_json(tmp / REPORT_FILE, result.to_dict())
+    atomic_write_text(tmp / REPORT_MD, render_markdown(result.to_dict()))
+
+
+def _drops(fp32: dict, comp: dict) -> dict:
+    """fp32 - compiled (raw fractions; positive = the artifact lost accuracy)."""
+    return {"mean": {k: round(fp32["mean"][k] - comp["mean"][k], 6) for k in fp32["mean"]},
+            "categories": {c: {k: round(v[k] - comp["categories"][c][k], 6) for k in v}
+                           for c, v in fp32["categories"].items()}}
+
+
+def _qdq_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in QDQ_OPS:
+            p = partition_of(n) or "?"
+            counts[p] = counts.get(p, 0) + 1
+    return counts
+
+
+def environment(threads: int) -> dict:
+    import onnxruntime
+    import polygraphy
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "polygraphy": polygraphy.__version__, "uadc": __version__, "platform": platform.platform()}

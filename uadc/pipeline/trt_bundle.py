@@ -1,0 +1,75 @@
+"""Device bundle for TensorRT targets (GPU and Jetson): the explicit-Q/DQ ONNX goes with a
+TensorRT calibration cache (same ranges, for implicit-mode builds on TensorRT <= 10 from the
+FP32 ONNX), ``build_engine.sh`` with the exact ``trtexec`` command, and a device README.
+Where ``tensorrt`` imports and a GPU exists, ``--build-engine`` builds ``model.engine`` here
+and adds Polygraphy's ORT-vs-TensorRT comparison and the AD metrics of the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from uadc.backends import tensorrt as trt_backend
+from uadc.backends.tensorrt.cache import write_calibration_cache
+from uadc.backends.tensorrt.rules import check_trt_rules
+from uadc.config.targets import Target
+
+PRECISION_NOTES = {
+    "fp32": "FP32 everywhere (TF32 off) so the engine matches ONNX Runtime.",
+    "fp16": "The ONNX stays FP32 and the builder runs layers in FP16 (BuilderFlag.FP16): TensorRT picks "
+            "per-layer precision with its own overflow-safe tactics, and the same file serves FP32 builds.",
+    "int8": "Explicit quantization: the ONNX carries symmetric INT8 Q/DQ from uadc's calibrators; layers "
+            "outside Q/DQ pairs run in FP16 (or FP32). Works on TensorRT 8.5-10.x (JetPack 5/6) and 11.",
+}
+
+
+def build_settings(target: Target) -> trt_backend.BuildSettings:
+    return trt_backend.BuildSettings(precision=target.precision,
+                                     workspace_mb=int(target.builder.get("workspace_mb", 1024)),
+                                     max_batch=int(target.builder.get("max_batch", 8)),
+                                     timing_cache="timing.cache")
+
+
+def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto, target: Target, calib: dict | None,
+                    image_size: int, build: bool, run_metrics=None, feeds=None) -> dict:
+    """Writes the bundle into ``out``; returns the report's ``engine`` section."""
+    settings = build_settings(target)
+    shape = (3, image_size, image_size)
+    cache = None
+    if calib and calib.get("ranges"):
+        onnx.save(fp32, out / "model_fp32.onnx")  # implicit-mode builds start from the float graph
+        amax = {k: max(abs(lo), abs(hi)) for k, (lo, hi) in calib["ranges"].items() if max(abs(lo), abs(hi)) > 0}
+        write_calibration_cache(out / "calibration.cache", amax)
+        cache = "calibration.cache"
+    write_build_script(out, settings, shape, target)
+    violations = check_trt_rules(compiled)
+    section = {"status": "engine: not built (no TensorRT here)", "trt_rule_violations": len(violations),
+               "build_script": "build_engine.sh", "calibration_cache": cache,
+               "trtexec": trt_backend.trtexec_command("model.onnx", settings, shape),
+               "min_trt_version": target.min_trt_version}
+    ok, reason = trt_backend.trt_available()
+    if not ok:
+        section["status"] = f"engine: not built (no TensorRT here: {reason})"
+        return section
+    if not build:
+        section["status"] = "engine: not built (--build-engine not given; build_engine.sh builds it on the device)"
+        return section
+    engine = trt_backend.build_engine(out / "model.onnx", out / "model.engine", settings, input_shape=shape)
+    section["status"] = f"engine: built {engine.name}"
+    if feeds:
+        from uadc.verify.trt import compare_onnx_vs_trt
+        section["ort_vs_trt"] = compare_onnx_vs_trt(out / "model.onnx", engine, feeds)
+    if run_metrics is not None:
+        def predict(images: np.ndarray):
+            outs = trt_backend.run_engine(engine, images, batch_size=8)
+            return outs["anomaly_map"][:, 0], outs["score"]
+        section["metrics"] = run_metrics(predict).to_dict()
+    return section
+
+
+def write_build_script(out: Path, settings, shape, target: Target) -> Path:
+    return trt_backend.write_build_script(out, "model.onnx", settings, shape,
+                                          min_trt_version=target.min_trt_version or "8.5",
+                                          precision_note=PRECISION_NOTES[target.precision])

@@ -1,0 +1,174 @@
+"""``uadc qat`` end to end: PTQ initialisation -> fake-quant fine-tuning -> Q/DQ export, and the
+loader ``uadc compile --from-qat`` uses. Design notes: :mod:`uadc.quant.qat`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from uadc.config.recipe import Recipe
+from uadc.config.settings import PtqSettings, resolve_ptq
+from uadc.config.targets import Target, get_target
+from uadc.core.errors import UadcError
+from uadc.core.io import atomic_dir, atomic_write_json
+from uadc.passes.pipeline import PassContext, run_passes
+from uadc.quant.calibrate import calibrate_ranges
+from uadc.quant.qat.export import export_check, qat_ranges, with_weights
+from uadc.quant.qat.finetune import fine_tune, mean_loss, prepare_qat_data
+from uadc.quant.qat.net import LossOrder, QatNet, loss_order
+from uadc.quant.qat.placement import Placement, clip_bounds, read_placement, tie_activation_inputs
+from uadc.training.checkpoint import model_hash
+
+log = logging.getLogger(__name__)
+
+QAT_FILE, QAT_JSON = "qat_model.onnx", "qat.json"
+PROBE_IMAGES = 4
+
+
+@dataclass
+class QatOptions:
+    target: str
+    epochs: int | None = None        # default: recipe qat.epochs
+    lr: float | None = None          # default: recipe qat.lr
+    batch_size: int | None = None    # default: recipe qat.batch_size
+    calibrator: str | None = None    # PTQ initialisation, defaults as for `uadc compile`
+    calib_data: str | None = None
+    calib_samples: int | None = None
+    quantize: list[str] | None = None
+    per_channel: bool | None = None  # as CompileOptions.per_channel (None: the target's)
+    learn_scales: bool = True
+    out: Path | None = None          # default: <artifacts>/<recipe>/qat_<target>
+
+
+@dataclass
+class QatResult:
+    model: onnx.ModelProto
+    path: Path
+    ptq_model: onnx.ModelProto
+    net: QatNet
+    placement: Placement
+    order: LossOrder
+    summary: dict
+    quantize: list[str]
+
+
+def qat_dir(recipe: Recipe, target: str, artifacts: Path | None = None) -> Path:
+    return recipe.artifact_dir(artifacts) / f"qat_{target}"
+
+
+def ptq_init(fp32: onnx.ModelProto, images: np.ndarray, target: Target, ptq: PtqSettings
+             ) -> tuple[onnx.ModelProto, dict, PassContext]:
+    """Calibrate and Q/DQ the FP32 model exactly as ``uadc compile`` does for PTQ."""
+    ranges = calibrate_ranges(fp32, images, ptq, target)
+    ctx = PassContext(target=target, ranges=ranges, quantize_partitions=list(ptq.quantize),
+                      per_channel=ptq.per_channel)
+    ptq_model, _ = run_passes(fp32, ["qdq", "partition_check"], ctx)
+    return ptq_model, ranges, ctx
+
+
+def build_qat_net(fp32: onnx.ModelProto, ptq: onnx.ModelProto, quantize: list[str],
+                  learn_scales: bool = True) -> tuple[QatNet, Placement]:
+    placement = read_placement(ptq, fp32)
+    tie_activation_inputs(placement, fp32, quantize)
+    clip_bounds(placement, fp32, ptq)
+    return QatNet(fp32, placement, quantize, learn_scales), placement
+
+
+def check_target(name: str) -> Target:
+    target = get_target(name)
+    if not target.quantized or target.scheme is None:
+        raise UadcError(f"uadc qat needs an int8 target (ort-cpu-int8, trt-int8, jetson-int8); "
+                        f"{name} is {target.precision}")
+    return target
+
+
+def qat_settings(recipe: Recipe, opts: QatOptions, target: Target) -> tuple[dict, PtqSettings]:
+    """Options over recipe defaults; the PTQ initialisation resolved by ``uadc compile``'s own rule."""
+    q = recipe.qat
+    ptq = resolve_ptq(recipe, target, opts.calibrator, opts.calib_data, opts.calib_samples, opts.quantize,
+                      opts.per_channel)
+    st = {"epochs": opts.epochs or q.epochs, "lr": q.lr if opts.lr is None else opts.lr,
+          "batch_size": opts.batch_size or q.batch_size, "seed": recipe.seed,
+          "quantize": list(ptq.quantize), "per_channel": ptq.per_channel, "learn_scales": opts.learn_scales,
+          "init": {"calibrator": ptq.calibrator, "calib_data": ptq.calib_data, "samples": ptq.calib_samples}}
+    return st, ptq
+
+
+def run_qat(recipe: Recipe, opts: QatOptions, fp32: onnx.ModelProto, model, train_images: torch.Tensor,
+            calib_images: np.ndarray, checkpoint: Path | None = None, artifacts: Path | None = None) -> QatResult:
+    """PTQ init -> fake-quant fine-tuning -> Q/DQ export; writes ``qat_model.onnx`` + ``qat.json``
+    atomically into ``opts.out`` (default ``<artifacts>/<recipe>/qat_<target>``).
+
+    ``fp32``: the simplified FP32 export; ``model``: the trained torch model; ``train_images``:
+    the normalised training images; ``calib_images``: PTQ calibration images."""
+    from uadc.training.fit import seed_everything
+
+    target = check_target(opts.target)
+    t_start = time.time()
+    st, ptq = qat_settings(recipe, opts, target)
+    ptq_model, calibrated, ctx = ptq_init(fp32, calib_images, target, ptq)
+    net, placement = build_qat_net(fp32, ptq_model, st["quantize"], opts.learn_scales)
+    seed_everything(recipe.seed)
+    model = model.eval()
+    order = loss_order(net, model, train_images[:PROBE_IMAGES])
+    data = prepare_qat_data(net, train_images, recipe.train.cache_teacher)
+    losses = {"ptq_loss": mean_loss(net, model, order, data, st["batch_size"])}
+    log.info("qat: %d activation quantizers, %d quantized weights; PTQ loss %.4f",
+             len(placement.acts), len(placement.weight_edges), losses["ptq_loss"])
+    history = fine_tune(net, model, order, data, st["epochs"], st["lr"], st["batch_size"], recipe.seed)
+    losses["final_loss"] = mean_loss(net, model, order, data, st["batch_size"])
+    ctx.ranges = qat_ranges(net, calibrated, target.scheme.activation_symmetric)
+    qat_model, _ = run_passes(with_weights(fp32, net.net.weights()), ["qdq", "partition_check"], ctx)
+    summary = _summary(recipe, checkpoint, target, st, losses, history, order, net, ctx.ranges, calibrated)
+    summary["export_check"] = export_check(net, qat_model, order, train_images[:PROBE_IMAGES])
+    summary["seconds"] = round(time.time() - t_start, 2)
+    out = opts.out or qat_dir(recipe, target.name, artifacts)
+    _write(out, qat_model, summary)
+    log.info("QAT model written: %s (loss %.4f -> %.4f)", out / QAT_FILE, losses["ptq_loss"], losses["final_loss"])
+    return QatResult(qat_model, out / QAT_FILE, ptq_model, net, placement, order, summary, st["quantize"])
+
+
+def _summary(recipe: Recipe, checkpoint: Path | None, target: Target, settings: dict, losses: dict,
+             history: list[dict], order: LossOrder, net: QatNet, ranges: dict, calibrated: dict) -> dict:
+    fq = net.net.act_fq
+    return {
+        "recipe": recipe.name, "recipe_hash": recipe.hash, "model_hash": model_hash(recipe),
+        "checkpoint": str(checkpoint) if checkpoint else None, "target": target.name, "settings": settings,
+        **losses, "history": history, "loss_order": {"teacher": order.teacher, "student": order.student},
+        "quantizers": [{"tensors": a.tensors, "zero_point": a.zero_point, "ptq_scale": a.scale, "qat_scale": s}
+                       for a, s in zip(fq.specs, fq.current())],
+        "ranges": {t: list(r) for t, r in ranges.items()}, "ptq_ranges": {t: list(r) for t, r in calibrated.items()},
+    }
+
+
+def _write(out: Path, qat_model: onnx.ModelProto, summary: dict) -> None:
+    with atomic_dir(out) as tmp:
+        onnx.save(qat_model, str(tmp / QAT_FILE))
+        atomic_write_json(tmp / QAT_JSON, summary)
+
+
+def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None) -> onnx.ModelProto:
+    """The Q/DQ model ``uadc qat`` wrote for ``target`` (UadcError if missing or stale)."""
+    import json
+
+    d = qat_dir(recipe, target, artifacts)
+    path = d / QAT_FILE
+    if not path.is_file():
+        raise UadcError(f"no QAT model for target {target} at {path}: run `uadc qat` first")
+    meta = d / QAT_JSON
+    if meta.is_file() and json.loads(meta.read_text()).get("model_hash") != model_hash(recipe):
+        raise UadcError(f"QAT model {path} was made from a different checkpoint than recipe {recipe.name}'s: "
+                        f"run `uadc qat` again")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:
+        raise UadcError(f"cannot read QAT model {path}: {exc}") from None
+
+
+__all__ = ["QatOptions", "QatResult", "run_qat", "load_qat_model"]

@@ -1,0 +1,113 @@
+"""Typed results of a compile: what ``report.json`` holds, as attributes.
+
+``CompileResult.to_dict()`` *is* report.json (schema ``REPORT_SCHEMA``); the CLI prints from the
+object, never by re-reading the file. Every figure names what produced it: ``latency.compiled``
+carries ``runtime``, and for TensorRT targets on a machine without TensorRT it says that ONNX
+Runtime emulated the artifact on the CPU (``emulated: true``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uadc.core.constants import REPORT_SCHEMA
+from uadc.core.io import to_json
+
+
+@dataclass
+class Latency:
+    """p50/p90 ms at ``batch``; each entry also names its runtime."""
+
+    torch_fp32: dict
+    ort_fp32: dict
+    compiled: dict
+    batch: int
+    threads: int
+    runtime: str                 # what ran "compiled"
+    emulated: bool               # True: not the target's own runtime (e.g. TensorRT emulated by ORT CPU)
+
+    @property
+    def speedup_vs_ort_fp32(self) -> float:
+        return self.ort_fp32["p50"] / self.compiled["p50"]
+
+    def to_dict(self) -> dict:
+        return {"torch_fp32": self.torch_fp32, "ort_fp32": self.ort_fp32, "compiled": self.compiled,
+                "batch": self.batch, "threads": self.threads, "runtime": self.runtime, "emulated": self.emulated}
+
+
+@dataclass
+class Metrics:
+    """AD metrics, each ``{"mean": {...}, "categories": {...}}``; drop = fp32 - compiled."""
+
+    fp32: dict
+    compiled: dict
+    drop: dict
+    compiled_by: str             # runtime that produced "compiled"
+    note: str | None = None
+
+    def to_dict(self) -> dict:
+        d = {"fp32": self.fp32, "compiled": self.compiled, "drop": self.drop, "compiled_by": self.compiled_by}
+        if self.note:
+            d["emulated_int8"] = self.compiled
+            d["compiled_note"] = self.note
+        return d
+
+
+@dataclass
+class CompileResult:
+    target: str
+    precision: str
+    runtime: str
+    device: str
+    calibrator: str | None
+    calib_data: str | None
+    quantized_partitions: list[str]
+    recipe: str
+    recipe_hash: str
+    checkpoint: str | None
+    nodes: dict[str, int]
+    qdq_nodes: dict[str, int]
+    bytes: dict[str, int]
+    model_bytes: int
+    passes: list[dict]
+    verification: dict
+    compile_seconds: float
+    latency: Latency
+    environment: dict
+    metrics: Metrics | None = None
+    engine: dict | None = None
+    path: Path | None = None     # the artifact folder
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # convenience figures
+    @property
+    def image_auroc(self) -> float | None:
+        return self.metrics.compiled["mean"]["image_auroc"] if self.metrics else None
+
+    @property
+    def pixel_auroc(self) -> float | None:
+        return self.metrics.compiled["mean"]["pixel_auroc"] if self.metrics else None
+
+    @property
+    def model_path(self) -> Path | None:
+        return self.path / "model.onnx" if self.path else None
+
+    def to_dict(self) -> dict:
+        d = {"schema": REPORT_SCHEMA, "target": self.target, "precision": self.precision, "runtime": self.runtime,
+             "device": self.device, "calibrator": self.calibrator, "calib_data": self.calib_data,
+             "quantized_partitions": list(self.quantized_partitions), "recipe": self.recipe,
+             "recipe_hash": self.recipe_hash, "checkpoint": self.checkpoint, "nodes": self.nodes,
+             "qdq_nodes": self.qdq_nodes, "bytes": self.bytes, "model_bytes": self.model_bytes,
+             "passes": self.passes, "verification": self.verification, "compile_seconds": self.compile_seconds,
+             "latency_ms": self.latency.to_dict(), "environment": self.environment}
+        if self.metrics is not None:
+            d["metrics"] = self.metrics.to_dict()
+        if self.engine is not None:
+            d["engine"] = self.engine
+        d.update(self.extra)
+        return d
+
+    def to_json(self) -> str:
+        return to_json(self.to_dict())

@@ -1,0 +1,86 @@
+"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)`` so a file from
+elsewhere can hold tensors and plain data, never code."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uadc import __version__
+from uadc.config.recipe import Recipe, recipe_from_dict
+from uadc.core.constants import CHECKPOINT_FILE
+from uadc.core.errors import UadcError
+from uadc.core.io import atomic_save, atomic_write_text
+from uadc.models import KDModel, build_model
+
+MAX_CHECKPOINT_BYTES = 4 << 30
+
+
+def model_hash(recipe: Recipe) -> str:
+    """Hash of what a checkpoint must agree with to be used (data and architecture)."""
+    return recipe.section_hash(("data", "model"))
+
+
+def checkpoint_path(recipe: Recipe, artifacts: Path | None = None, category: str | None = None) -> Path:
+    d = recipe.artifact_dir(artifacts)
+    return (d / "one_class" / category if category else d) / CHECKPOINT_FILE
+
+
+def make_model(recipe: Recipe) -> KDModel:
+    return build_model(recipe.cfg["model"], recipe.data.image_size)
+
+
+def save_checkpoint(path: Path, model: KDModel, recipe: Recipe, history: list[dict], categories: list[str],
+                    extra: dict | None = None) -> Path:
+    blob = {"state_dict": model.state_dict(), "recipe": recipe.cfg, "recipe_hash": recipe.hash,
+            "model_hash": model_hash(recipe), "history": history, "categories": categories,
+            "uadc_version": __version__, **(extra or {})}
+    atomic_save(path, lambda tmp: torch.save(blob, tmp))
+    import yaml
+    atomic_write_text(path.parent / "recipe.yaml", yaml.safe_dump(recipe.cfg, sort_keys=False))
+    return path
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's dict, loaded without running any code it may carry."""
+    path = Path(path)
+    if not path.is_file():
+        raise UadcError(f"checkpoint not found: {path} (run `uadc train` first)")
+    if path.stat().st_size > MAX_CHECKPOINT_BYTES:
+        raise UadcError(f"checkpoint {path} is larger than {MAX_CHECKPOINT_BYTES >> 30} GiB")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise UadcError(f"checkpoint {path} holds objects other than tensors and plain data; refused to load "
+                        f"it ({first[:200]})") from None
+    except Exception as exc:  # truncated zip, not a torch file, ...
+        raise UadcError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict) or \
+            not isinstance(blob.get("recipe"), dict):
+        raise UadcError(f"checkpoint {path} is not a uadc checkpoint (no state_dict/recipe)")
+    return blob
+
+
+def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, dict]:
+    """The model (eval mode) and the checkpoint dict; refuses a checkpoint of other settings."""
+    blob = read_checkpoint(path)
+    try:
+        trained = recipe_from_dict(blob["recipe"], keep_name=True)
+    except UadcError as exc:
+        raise UadcError(f"checkpoint {path}: its stored recipe is invalid ({exc})") from None
+    # Recompute from the stored recipe rather than trusting a stored hash of an older definition.
+    if recipe is not None and model_hash(trained) != model_hash(recipe):
+        raise UadcError(f"checkpoint {path} was trained with different data/model settings than "
+                        f"recipe {recipe.path or recipe.name}; retrain with `uadc train`")
+    model = make_model(trained)
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise UadcError(f"checkpoint {path}: weights do not fit the model ({str(exc).splitlines()[0][:200]})") \
+            from None
+    model.eval()
+    return model, blob

@@ -1,0 +1,102 @@
+"""The training loop: the teacher is frozen, so its features are computed once and cached
+(``train.cache_teacher``); each epoch then only runs the student. The mean teacher/student
+discrepancy per tap on the normal training images is logged every epoch: it shows convergence
+better than the loss."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from uadc.config.recipe import TrainConfig
+from uadc.core.errors import UadcError
+from uadc.core.progress import progress
+from uadc.models import KDModel
+
+log = logging.getLogger(__name__)
+EpochCallback = Callable[[int, KDModel], "dict | None"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def cache_teacher(model: KDModel, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    chunks = [model.teacher_features(images[i:i + batch_size])
+              for i in progress(range(0, len(images), batch_size), desc="teacher features")]
+    return [torch.cat(parts) for parts in zip(*chunks)]
+
+
+def _optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: str = "train",
+        on_epoch: EpochCallback | None = None) -> list[dict]:
+    """Train the student on preloaded normalised images; returns per-epoch history.
+
+    ``on_epoch(epoch, model)`` may return extra figures (e.g. test AUROC) for the history."""
+    bs = min(t.batch_size, len(images))
+    steps_per_epoch = max(1, len(images) // bs)  # drop the ragged last batch (BN statistics)
+    total = steps_per_epoch * t.epochs
+    t_cache = cache_teacher(model.eval(), images, 32) if t.cache_teacher else None
+    model.train()
+    opt = _optimizer(model.trainable_parameters(), t)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _lr_factor(s, total, t.warmup_epochs * steps_per_epoch, t.schedule))
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    bar = progress(total=total, desc=desc, unit="step")
+    for epoch in range(t.epochs):
+        perm = torch.randperm(len(images), generator=gen)
+        losses, disc, t0 = [], [], time.time()
+        for b in range(steps_per_epoch):
+            idx = perm[b * bs:(b + 1) * bs]
+            x = images[idx]
+            tf = [f[idx] for f in t_cache] if t_cache is not None else model.teacher_features(x)
+            sf = model.student_features(x, tf)
+            loss = model.loss(tf, sf)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise UadcError(f"training diverged: the loss is {loss.item()} at epoch {epoch + 1}, step {b + 1} "
+                                f"(non-finite input, weights or a too large train.lr={t.lr:g}); no checkpoint written")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            with torch.no_grad():
+                disc.append(model.discrepancy(tf, [s.detach() for s in sf]))
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses):.4f}")
+        d = np.mean(disc, axis=0).round(4).tolist()
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "discrepancy": d,
+                        "seconds": round(time.time() - t0, 2), "lr": opt.param_groups[0]["lr"]})
+        log.info("epoch %d/%d  loss %.4f  normal discrepancy per tap %s  (%.0f s)",
+                 epoch + 1, t.epochs, np.mean(losses), d, time.time() - t0)
+        if on_epoch is not None:
+            model.eval()
+            history[-1].update(on_epoch(epoch + 1, model) or {})
+            model.train()
+    bar.close()
+    model.eval()
+    return history

@@ -1,0 +1,99 @@
+"""Training a recipe: unified multi-class (all categories shuffled together) or one model per
+category. Returns a typed ``TrainResult``; the checkpoint is written atomically."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from uadc.config.recipe import Recipe
+from uadc.core.io import file_lock
+from uadc.core.progress import progress
+from uadc.core.scoped import torch_threads
+from uadc.data.prepare import RecipeData, prepare_data
+from uadc.models import KDModel
+from uadc.models.profile import model_stats, peak_rss_mb
+from uadc.training.checkpoint import checkpoint_path, make_model, save_checkpoint
+from uadc.training.fit import EpochCallback, fit, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedModel:
+    checkpoint: Path
+    category: str | None            # None: the unified model
+    train_seconds: float
+    epochs: int
+    final_loss: float
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    recipe: str
+    recipe_hash: str
+    one_class: bool
+    models: list[TrainedModel]
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        return [m.checkpoint for m in self.models]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for m in d["models"]:
+            m["checkpoint"] = str(m["checkpoint"])
+        return d
+
+
+def load_images(ds, desc: str) -> torch.Tensor:
+    return torch.stack([ds[i]["image"] for i in progress(range(len(ds)), desc=desc, unit="img")])
+
+
+def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool = False,
+                 on_epoch: Callable[[str | None, RecipeData], EpochCallback | None] | None = None) -> TrainResult:
+    """Train unified (one model) or one-class (one per category).
+
+    ``on_epoch(category, data)`` may return a per-epoch callback (learning curves); time it
+    spends (``eval_seconds`` in the history) is not counted in ``train_seconds``."""
+    data = prepare_data(recipe)
+    cats = data.categories
+    groups = [(c, [i for i, s in enumerate(data.train.samples) if s.category == c]) for c in cats] if one_class \
+        else [(None, list(range(len(data.train))))]
+    models = []
+    with torch_threads(recipe.train.threads):
+        for cat, idx in groups:
+            path = checkpoint_path(recipe, artifacts, cat)
+            with file_lock(path):
+                models.append(_train_one(recipe, data, cat, idx, cats, path, on_epoch))
+    return TrainResult(recipe.name, recipe.hash, one_class, models)
+
+
+def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, idx: list[int], cats: list[str], path: Path,
+               on_epoch) -> TrainedModel:
+    seed_everything(recipe.seed)
+    model: KDModel = make_model(recipe)
+    images = load_images(torch.utils.data.Subset(data.train, idx), "loading images")
+    images = images.contiguous(memory_format=torch.channels_last)  # faster CPU convolutions
+    t0 = time.time()
+    stages = {}
+    t = recipe.train
+    if hasattr(model, "pretrain_teacher"):  # US: the descriptor teacher is distilled first
+        stages["teacher_history"] = model.pretrain_teacher(images, epochs=t.epochs, lr=t.lr,
+                                                           batch_size=t.batch_size, seed=recipe.seed)
+    callback = on_epoch(cat, data) if on_epoch else None
+    history = fit(model, images, t, recipe.seed, desc=f"train {cat or 'unified'}", on_epoch=callback)
+    if hasattr(model, "fit_head_stats"):  # US: standardise error/variance on normal data
+        stages["head_stats"] = model.fit_head_stats(images)
+    seconds = round(time.time() - t0 - sum(h.get("eval_seconds", 0) for h in history), 1)
+    stats = {**model_stats(model, recipe.data.image_size), "train_peak_rss_mb": peak_rss_mb()}
+    save_checkpoint(path, model, recipe, history, [cat] if cat else cats,
+                    {"train_seconds": seconds, "one_class": bool(cat), "stats": stats, **stages})
+    log.info("checkpoint written: %s", path)
+    return TrainedModel(path, cat, seconds, len(history), history[-1]["loss"] if history else float("nan"), stats)
