@@ -68,7 +68,8 @@ class Baseline:
         self.checkpoint = source.checkpoint
         self.blob = source.blob
         self.size = recipe.data.image_size
-        self.threads = threads or recipe.train.threads or default_threads()
+        # torch's own default honours OMP_NUM_THREADS, as before
+        self.threads = threads or recipe.train.threads or torch.get_num_threads() or default_threads()
         self._latency: dict[tuple[int, int], dict] = {}
 
     # -- data --------------------------------------------------------------------------------
