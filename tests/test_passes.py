@@ -363,3 +363,48 @@ def test_calibration_images():
         calibration_images("imagenet", 4, 0, None, 0, 8)
     with pytest.raises(UadcError, match="training set"):
         calibration_images("train", 4, 0, None, 0, 8)
+
+
+# ------------------------------------------------------------------------------ opset / fp16 targets
+
+@pytest.mark.parametrize("target", ["jetson-fp32", "trt-fp16", "jetson-fp16"])
+def test_tensorrt_float_targets_ship_their_opset_and_type(target, images):
+    """Target.opset and the fp16 pass drive the model: opset 17 for TensorRT 8.5, FP16-typed
+    weights with float32 I/O for FP16 targets (TensorRT 11 has no FP16 builder flag)."""
+    from uadc.passes.pipeline import opset_of, run_ort
+
+    t = get_target(target)
+    model = tiny_kd()
+    out, _ = run_passes(model, t.passes, _ctx(target, images))
+    assert opset_of(out) == t.opset == 17
+    reduce_nodes = [n for n in out.graph.node if n.op_type in ("ReduceMean", "ReduceMax")]
+    assert reduce_nodes and all(len(n.input) == 1 and any(a.name == "axes" for a in n.attribute)
+                                for n in reduce_nodes)
+    half = any(i.data_type == TensorProto.FLOAT16 for i in out.graph.initializer)
+    assert half == (t.precision == "fp16")
+    assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in out.graph.output)
+    ref, new = run_ort(model, {"image": images}), run_ort(out, {"image": images})
+    tol = 2e-2 if half else 1e-5
+    for a, b in zip(ref, new):
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol * max(1.0, float(np.abs(a).max())))
+
+
+def test_opset_pass_rewrites_pad_and_resize_and_refuses_what_has_no_opset17_form(images):
+    from uadc.passes.opset import convert_opset
+    from uadc.passes.pipeline import opset_of, run_ort
+
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 3, 20, 20])
+    inits = [numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    nodes = [helper.make_node("Pad", ["image", "pads"], ["p"], name="head/pad", mode="reflect"),
+             helper.make_node("Resize", ["p", "", "scales"], ["out"], name="head/resize", mode="linear",
+                              antialias=0, keep_aspect_ratio_policy="stretch")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    out = convert_opset(model, _ctx("jetson-fp32", images))
+    assert opset_of(out) == 17
+    np.testing.assert_allclose(run_ort(out, {"image": images})[0], run_ort(model, {"image": images})[0])
+    model.graph.node[1].attribute.append(helper.make_attribute("axes", [2, 3]))
+    with pytest.raises(UadcError, match="Resize.*axes, new in opset 18"):
+        convert_opset(model, _ctx("jetson-fp32", images))

@@ -21,12 +21,9 @@ Passes:
 from __future__ import annotations
 
 import contextlib
-import copy
-import heapq
 import io
 import inspect
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +33,10 @@ import numpy as np
 import onnx
 
 from uadc.config.targets import Target
-from uadc.core.constants import PARTITION_KEY, PARTITIONS, QDQ_OPS
 from uadc.core.errors import UadcError
 from uadc.core.ort_session import make_session
 from uadc.export.partitions import (
-    GraphIndex, assign_partitions, clear_partition, meta_partition, nodes_in, partition_of, prefix_partition,
-    set_partition,
+    assign_partitions, meta_partition, partition_of, prefix_partition, set_partition,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +52,8 @@ class PassContext:
     sample_feeds: dict[str, np.ndarray] | None = None
     dump_dir: Path | None = None
     per_channel: bool | None = None   # overrides target.scheme.per_channel when set
+    #: tensor -> (scale, zero_point) used as-is (ORT TensorQuantOverrides), e.g. QAT's learned scales
+    quant_params: dict[str, tuple[float, int]] | None = None
 
 
 Pass = Callable[[onnx.ModelProto, PassContext], onnx.ModelProto]
@@ -72,26 +69,23 @@ def register_pass(name: str) -> Callable[[Pass], Pass]:
 
 # --------------------------------------------------------------------------------- graph utils
 
+def apply_ir_passes(model: onnx.ModelProto, passes: list) -> onnx.ModelProto:
+    """Run ``onnx_ir`` passes on a copy of ``model`` (node names, metadata and tags survive the
+    round trip); a graph they cannot process is a UadcError."""
+    import onnx_ir as ir
+
+    try:
+        result = ir.passes.PassManager(passes)(ir.serde.deserialize_model(model))
+        return ir.serde.serialize_model(result.model)
+    except Exception as exc:
+        raise UadcError(f"graph rewrite failed ({', '.join(type(p).__name__ for p in passes)}): {exc}") from None
+
+
 def topological_sort(model: onnx.ModelProto) -> None:
-    """Sort nodes in place, keeping the original order wherever the data flow allows."""
-    nodes = list(model.graph.node)
-    g = GraphIndex(model)
-    waiting = [len({t for t in n.input if t in g.producer}) for n in nodes]
-    ready = [i for i, w in enumerate(waiting) if w == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for o in nodes[i].output:
-            for c in set(g.consumers.get(o, [])):
-                waiting[c] -= 1
-                if waiting[c] == 0:
-                    heapq.heappush(ready, c)
-    if len(order) != len(nodes):
-        raise UadcError(f"graph has a cycle or dangling inputs ({len(nodes) - len(order)} nodes unsortable)")
-    del model.graph.node[:]
-    model.graph.node.extend(nodes[i] for i in order)
+    """Sort nodes in place (onnx_ir's TopologicalSortPass)."""
+    from onnx_ir.passes.common import TopologicalSortPass
+
+    model.CopyFrom(apply_ir_passes(model, [TopologicalSortPass()]))
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -250,30 +244,11 @@ def fp16(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
 
 @register_pass("cleanup")
 def cleanup(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
-    """Drop nodes whose outputs nobody reads and unused initializers; sort; run the checker."""
-    model = copy_model(model)
-    graph = model.graph
-    while True:
-        needed = {o.name for o in graph.output} | {t for n in graph.node for t in n.input}
-        dead = [n for n in graph.node if not any(o in needed for o in n.output if o)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-    needed = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
-    keep = [i for i in graph.initializer if i.name in needed]
-    if len(keep) != len(graph.initializer):
-        dropped = {i.name for i in graph.initializer} - {i.name for i in keep}
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-        inputs = [v for v in graph.input if v.name not in dropped]  # IR < 4 lists them as inputs too
-        del graph.input[:]
-        graph.input.extend(inputs)
-    value_names = needed | {t for n in graph.node for t in n.output}
-    keep_vi = [v for v in graph.value_info if v.name in value_names]
-    del graph.value_info[:]
-    graph.value_info.extend(keep_vi)
-    topological_sort(model)
+    """Drop nodes whose outputs nobody reads, unused initializers and opsets; sort (onnx_ir
+    passes); run the checker."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass, TopologicalSortPass
+
+    model = apply_ir_passes(model, [RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(), TopologicalSortPass()])
     try:
         onnx.checker.check_model(model, full_check=False)
     except onnx.checker.ValidationError as exc:
@@ -328,5 +303,5 @@ def check_finite(model: onnx.ModelProto, feeds: dict[str, np.ndarray], stage: st
                             f"weights are finite; the model is numerically broken")
 
 
-# The qdq pass registers itself on import (it needs the registry above).
-from uadc.passes import qdq as _qdq  # noqa: E402,F401
+# The qdq and opset passes register themselves on import (they need the registry above).
+from uadc.passes import opset as _opset, qdq as _qdq  # noqa: E402,F401

@@ -3,18 +3,14 @@ the partitions being quantized (registered as the ``qdq`` pass)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import inspect
-import io
 import re
 
 import onnx
 
 from uadc.core.constants import PARTITION_KEY, PARTITIONS, QDQ_OPS
 from uadc.core.errors import UadcError
-from uadc.export.partitions import GraphIndex, assign_partitions, clear_partition, meta_partition, nodes_in, partition_of, \
-    prefix_partition, set_partition
+from uadc.export.partitions import GraphIndex, assign_partitions, clear_partition, nodes_in, partition_of
 import numpy as np
 
 from uadc.passes.pipeline import PassContext, copy_model, opset_of, register_pass, topological_sort
@@ -105,6 +101,16 @@ def _qtype(name: str):
     return types[name]
 
 
+def _overrides(params: dict[str, tuple[float, int]], forks: dict[str, str], activation_type: str) -> dict:
+    """ORT TensorQuantOverrides fixing scale and zero point of the given tensors (and of their
+    forks), so learned scales reach the Q/DQ nodes exactly, with no range round trip."""
+    zp_type = {"uint8": np.uint8, "int8": np.int8}[activation_type]
+    by_tensor = dict(params)
+    by_tensor.update({f: params[o] for f, o in forks.items() if o in params})
+    return {t: [{"scale": np.array(s, dtype=np.float32), "zero_point": np.array(z, dtype=zp_type)}]
+            for t, (s, z) in by_tensor.items()}
+
+
 def qdq_options(ctx: PassContext) -> tuple[bool, dict]:
     """(per_channel, ORT extra_options) for the target's scheme.
 
@@ -162,9 +168,14 @@ def quantize_qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     tensors_range = TensorsData(CalibrationMethod.MinMax, {
         k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in ranges.items()})
     per_channel, extra = qdq_options(ctx)
+    if ctx.quant_params:
+        extra["TensorQuantOverrides"] = _overrides(ctx.quant_params, forks, scheme.activation_type)
     before = {n.name for n in model.graph.node}
-    quantizer = QDQQuantizer(model, per_channel, False, _qtype(scheme.weight_type), _qtype(scheme.activation_type),
-                             tensors_range, names, [], quantized_op_types(), extra)
+    # Keywords: the constructor is not public API and its positional order has changed before.
+    quantizer = QDQQuantizer(
+        model=model, per_channel=per_channel, reduce_range=False, weight_qType=_qtype(scheme.weight_type),
+        activation_qType=_qtype(scheme.activation_type), tensors_range=tensors_range, nodes_to_quantize=names,
+        nodes_to_exclude=[], op_types_to_quantize=quantized_op_types(), extra_options=extra)
     try:
         quantizer.quantize_model()
     except ValueError as exc:

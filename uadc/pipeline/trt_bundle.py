@@ -18,8 +18,8 @@ from uadc.config.targets import Target
 
 PRECISION_NOTES = {
     "fp32": "FP32 everywhere (TF32 off) so the engine matches ONNX Runtime.",
-    "fp16": "The ONNX stays FP32 and the builder runs layers in FP16 (BuilderFlag.FP16): TensorRT picks "
-            "per-layer precision with its own overflow-safe tactics, and the same file serves FP32 builds.",
+    "fp16": "The ONNX is FP16-typed (float32 inputs/outputs, the `fp16` pass): TensorRT 11 takes the precision "
+            "from the model (strong typing); 8.5-10.x build it with BuilderFlag.FP16.",
     "int8": "Explicit quantization: the ONNX carries symmetric INT8 Q/DQ from uadc's calibrators; layers "
             "outside Q/DQ pairs run in FP16 (or FP32). Works on TensorRT 8.5-10.x (JetPack 5/6) and 11.",
 }

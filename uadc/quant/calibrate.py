@@ -20,6 +20,7 @@ from uadc.core.constants import CALIBRATION_KINDS
 from uadc.core.errors import UadcError
 from uadc.core.ort_session import make_session
 from uadc.core.progress import progress
+from uadc.core.scoped import quiet_third_party
 from uadc.export.partitions import nodes_in
 from uadc.passes.qdq import quantized_op_types
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
@@ -93,13 +94,12 @@ def tensors_to_calibrate(model: onnx.ModelProto, partitions: list[str] | tuple[s
 # ------------------------------------------------------------------------------------- ranges
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in have:  # type only: shapes are not needed to fetch a tensor
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return out
+    """A copy of ``model`` that also outputs the tensors ``names`` (Polygraphy's ModifyOutputs)."""
+    from polygraphy.backend.onnx import ModifyOutputs
+
+    keep = [o.name for o in model.graph.output]
+    with quiet_third_party():  # Polygraphy logs what it marks
+        return ModifyOutputs(model, outputs=keep + [n for n in names if n not in keep], copy=True)()
 
 
 def _session(model: onnx.ModelProto):

@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import logging
 import os
 import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 import onnx
 
 from uadc.core.io import atomic_write_bytes
 from uadc.backends.tensorrt.cache import (
     parse_trt_version,
-    read_calibration_cache,
-    read_calibration_header,
-    trt_version_code,
 )
-from uadc.backends.tensorrt.rules import check_trt_rules, format_violations
 from uadc.core.errors import UadcError
 
 from uadc.backends.tensorrt.plan import BuildSettings, IMAGE_INPUT, MIN_TRT, plan_build  # noqa: F401
-from uadc.backends.tensorrt.build import check_input_shape, _has_qdq, _is_fp16_model, build_engine  # noqa: F401
+from uadc.backends.tensorrt.build import has_qdq, is_fp16_model
+from uadc.backends.tensorrt.plan import check_input_shape
 
 # --------------------------------------------------------------------------- trtexec and device bundle
 
@@ -117,10 +109,10 @@ def write_build_script(
     if min_version[:2] < MIN_TRT:
         raise UadcError(f"min_trt_version {min_trt_version} is too old; uadc needs TensorRT >= 8.4")
     model = _bundle_model(out_dir / onnx_name)
-    if model is not None and settings.precision == "int8" and calib_cache is None and not _has_qdq(model):
+    if model is not None and settings.precision == "int8" and calib_cache is None and not has_qdq(model):
         # trtexec --int8 without Q/DQ or a cache silently uses placeholder ranges (for benchmarking only).
         raise UadcError(f"{onnx_name} has no Q/DQ nodes: INT8 needs a Q/DQ model or a calibration cache")
-    fp16_model = model is not None and _is_fp16_model(model)
+    fp16_model = model is not None and is_fp16_model(model)
     variants = _script_variants(onnx_name, settings, chw, engine_name, calib_cache, min_trt_version, fp16_model)
     script = out_dir / "build_engine.sh"
     text = _render_script(onnx_name, engine_name, calib_cache, min_version, variants)

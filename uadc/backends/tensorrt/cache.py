@@ -32,9 +32,7 @@ import math
 import os
 import re
 import struct
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from uadc.core.errors import UadcError
 from uadc.core.io import atomic_write_bytes

@@ -34,33 +34,25 @@ import ctypes
 import functools
 import logging
 import os
-import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import onnx
 
-from uadc.core.io import atomic_write_bytes
 from uadc.backends.tensorrt.cache import (
     parse_trt_version,
-    read_calibration_cache,
-    read_calibration_header,
-    trt_version_code,
 )
-from uadc.backends.tensorrt.rules import check_trt_rules, format_violations
+from uadc.core.constants import INPUT_NAME
 from uadc.core.errors import UadcError
 
 
-_LOG = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
-IMAGE_INPUT = "image"
+IMAGE_INPUT = INPUT_NAME
 PRECISIONS = ("fp32", "fp16", "int8")
 MIN_TRT = (8, 4)  # IBuilderConfig.set_memory_pool_limit and trtexec --memPoolSize arrived in 8.4
-_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # Calibrator base class per cache header name (CalibrationAlgoType).
-_CALIBRATOR_BASES = {
+CALIBRATOR_BASES = {
     "EntropyCalibration2": "IInt8EntropyCalibrator2",
     "EntropyCalibration": "IInt8EntropyCalibrator",
     "MinMaxCalibration": "IInt8MinMaxCalibrator",
@@ -104,7 +96,7 @@ def _cuda_device_count() -> tuple[int, str]:
     return count.value, ""
 
 
-def _import_tensorrt() -> Any:
+def import_tensorrt() -> Any:
     ok, reason = trt_available()
     if not ok:
         raise UadcError(f"cannot build TensorRT engines here ({reason}); use write_build_script() for the device")

@@ -33,6 +33,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from uadc.core.constants import QDQ_OPS
+from uadc.export.partitions import GraphIndex
+
 __all__ = ["RULES", "Violation", "check_trt_rules", "format_violations"]
 
 RULES: dict[str, str] = {
@@ -60,7 +63,6 @@ _QOPERATOR_OPS = frozenset(
         "QAttention", "DynamicQuantizeLSTM",
     }
 )
-_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _ONNX_DEFAULT_AXIS = 1
 
@@ -104,25 +106,24 @@ def format_violations(violations: Iterable[Violation]) -> str:
     return "\n".join(lines) if lines else "no TensorRT Q/DQ rule violations"
 
 
-class _GraphIndex:
-    """Lookups over the main graph: producers, consumers, constants, shapes, dtypes."""
+class _GraphIndex(GraphIndex):
+    """The shared graph index plus what the rules need: node objects, constants, shapes, dtypes."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__(model)
         self.opset = _default_opset(model)
-        self.nodes = list(model.graph.node)
         self.all_nodes = list(_walk_nodes(model.graph))
         self.names = {id(node): node.name or f"{node.op_type}_{i}" for i, node in enumerate(self.nodes)}
         self.outputs = {out.name for out in model.graph.output}
-        self.initializers = {init.name: init for init in model.graph.initializer}
+        self.initializer_protos = {init.name: init for init in model.graph.initializer}
         self.constants = {
             node.output[0]: node for node in self.nodes if node.op_type == "Constant" and node.output
         }
-        self.producer = {out: node for node in self.nodes for out in node.output if out}
-        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-        for node in self.nodes:
-            for index, name in enumerate(node.input):
-                if name:
-                    self.consumers.setdefault(name, []).append((node, index))
+        self.producer_node = {t: self.nodes[i] for t, i in self.producer.items()}
+        # (consumer node, input index) per tensor, in graph order
+        self.uses = {t: [(self.nodes[i], k) for i in dict.fromkeys(users)
+                         for k, name in enumerate(self.nodes[i].input) if name == t]
+                     for t, users in self.consumers.items()}
         self.value_info = _infer_value_info(model)
         self._const_cache: dict[str, bool] = {}
 
@@ -132,7 +133,7 @@ class _GraphIndex:
     def value(self, tensor: str) -> np.ndarray | None:
         """Concrete value of an initializer or Constant output, else None (also for external data)."""
         if tensor in self.initializers:
-            init = self.initializers[tensor]
+            init = self.initializer_protos[tensor]
             if init.data_location == TensorProto.EXTERNAL:
                 return None  # weights stored beside the model; values are not needed for these rules
             return numpy_helper.to_array(init)
@@ -147,7 +148,7 @@ class _GraphIndex:
 
     def elem_type(self, tensor: str) -> int | None:
         if tensor in self.initializers:
-            return self.initializers[tensor].data_type
+            return self.initializer_protos[tensor].data_type
         node = self.constants.get(tensor)
         if node is not None:
             for attr in node.attribute:
@@ -161,7 +162,7 @@ class _GraphIndex:
     def shape(self, tensor: str) -> list[int | None] | None:
         """Static dims where known (None for symbolic/unknown dims); None when rank unknown."""
         if tensor in self.initializers:
-            return list(self.initializers[tensor].dims)
+            return list(self.initializer_protos[tensor].dims)
         value = self.value(tensor)
         if value is not None:
             return list(value.shape)
@@ -181,7 +182,7 @@ class _GraphIndex:
         if tensor in self.initializers or tensor in self.constants:
             result = True
         else:
-            node = self.producer.get(tensor)
+            node = self.producer_node.get(tensor)
             inputs = [name for name in node.input if name] if node is not None else []
             result = node is not None and all(self.is_const(name) for name in inputs)
         self._const_cache[tensor] = result
@@ -191,7 +192,7 @@ class _GraphIndex:
 def _check_qoperator_ops(graph: _GraphIndex) -> list[Violation]:
     found = []
     for index, node in enumerate(graph.all_nodes):
-        contrib_qdq = node.op_type in _QDQ_OPS and node.domain not in _DEFAULT_DOMAINS
+        contrib_qdq = node.op_type in QDQ_OPS and node.domain not in _DEFAULT_DOMAINS
         if node.op_type in _QOPERATOR_OPS or contrib_qdq:
             op = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
             found.append(
@@ -316,7 +317,7 @@ def _check_missing_zero_point(graph: _GraphIndex, node: onnx.NodeProto, name: st
         ]
     data = _input(node, 0)
     dtype = graph.elem_type(data)
-    producer = graph.producer.get(data)
+    producer = graph.producer_node.get(data)
     if dtype is not None and dtype != TensorProto.INT8 and not (producer and producer.op_type == "QuantizeLinear"):
         return [_wrong_type(name, f"dequantized input '{data}'", dtype)]
     return [
@@ -380,7 +381,7 @@ def _check_weight_axis(
                 "TensorRT needs one scale per output channel.",
             )
         )
-    for consumer, index in graph.consumers.get(node.output[0], []):
+    for consumer, index in graph.uses.get(node.output[0], []):
         expected = _output_channel_axis(consumer, index, rank)
         if expected is not None and axis != expected:
             default = "" if explicit else f" (no 'axis' attribute: ONNX defaults to {_ONNX_DEFAULT_AXIS})"
@@ -415,7 +416,7 @@ def _output_channel_axis(consumer: onnx.NodeProto, index: int, rank: int | None)
 def _check_pairing(graph: _GraphIndex, q_node: onnx.NodeProto) -> list[Violation]:
     name = graph.name(q_node)
     output = q_node.output[0]
-    consumers = graph.consumers.get(output, [])
+    consumers = graph.uses.get(output, [])
     problems = []
     if output in graph.outputs:
         problems.append(f"its output '{output}' is a graph output")
@@ -472,7 +473,7 @@ def _input(node: onnx.NodeProto, index: int) -> str:
 
 
 def _is_qdq(node: onnx.NodeProto) -> bool:
-    return node.op_type in _QDQ_OPS and node.domain in _DEFAULT_DOMAINS
+    return node.op_type in QDQ_OPS and node.domain in _DEFAULT_DOMAINS
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

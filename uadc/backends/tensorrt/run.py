@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import logging
 import os
-import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
-import onnx
 
-from uadc.core.io import atomic_write_bytes
-from uadc.backends.tensorrt.cache import (
-    parse_trt_version,
-    read_calibration_cache,
-    read_calibration_header,
-    trt_version_code,
-)
-from uadc.backends.tensorrt.rules import check_trt_rules, format_violations
 from uadc.core.errors import UadcError
 
 from uadc.backends.tensorrt.plan import IMAGE_INPUT  # noqa: F401

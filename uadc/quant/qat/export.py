@@ -15,7 +15,7 @@ from uadc.export.partitions import partition_of
 from uadc.passes.pipeline import run_ort
 from uadc.quant.calibrate import with_outputs
 from uadc.quant.qat.net import LossOrder, QatNet
-from uadc.quant.qat.placement import initializers, scale_to_range
+from uadc.quant.qat.placement import initializers
 
 
 def with_weights(fp32: onnx.ModelProto, weights: dict[str, torch.Tensor]) -> onnx.ModelProto:
@@ -28,14 +28,10 @@ def with_weights(fp32: onnx.ModelProto, weights: dict[str, torch.Tensor]) -> onn
     return out
 
 
-def qat_ranges(net: QatNet, calibrated: dict[str, tuple[float, float]], symmetric: bool) -> dict:
-    """Calibrated ranges with every fake-quantized tensor's range replaced by its learned scale's."""
-    ranges = dict(calibrated)
+def learned_params(net: QatNet) -> dict[str, tuple[float, int]]:
+    """Every fake-quantized tensor's learned (scale, zero point), for the qdq pass to use as-is."""
     fq = net.net.act_fq
-    for a, s in zip(fq.specs, fq.current()):
-        for t in a.tensors:
-            ranges[t] = scale_to_range(a, s, symmetric)
-    return ranges
+    return {t: (float(s), int(a.zero_point)) for a, s in zip(fq.specs, fq.current()) for t in a.tensors}
 
 
 def head_inputs_onnx(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -19,10 +19,10 @@ from uadc.core.errors import UadcError
 from uadc.core.io import atomic_dir, atomic_write_json
 from uadc.passes.pipeline import PassContext, run_passes
 from uadc.quant.calibrate import calibrate_ranges
-from uadc.quant.qat.export import export_check, qat_ranges, with_weights
+from uadc.quant.qat.export import export_check, learned_params, with_weights
 from uadc.quant.qat.finetune import fine_tune, mean_loss, prepare_qat_data
 from uadc.quant.qat.net import LossOrder, QatNet, loss_order
-from uadc.quant.qat.placement import Placement, clip_bounds, read_placement, tie_activation_inputs
+from uadc.quant.qat.placement import Placement, clip_bounds, read_placement, scale_to_range, tie_activation_inputs
 from uadc.training.checkpoint import model_hash
 
 log = logging.getLogger(__name__)
@@ -123,9 +123,9 @@ def run_qat(recipe: Recipe, opts: QatOptions, fp32: onnx.ModelProto, model, trai
              len(placement.acts), len(placement.weight_edges), losses["ptq_loss"])
     history = fine_tune(net, model, order, data, st["epochs"], st["lr"], st["batch_size"], recipe.seed)
     losses["final_loss"] = mean_loss(net, model, order, data, st["batch_size"])
-    ctx.ranges = qat_ranges(net, calibrated, target.scheme.activation_symmetric)
+    ctx.quant_params = learned_params(net)
     qat_model, _ = run_passes(with_weights(fp32, net.net.weights()), ["qdq", "partition_check"], ctx)
-    summary = _summary(recipe, checkpoint, target, st, losses, history, order, net, ctx.ranges, calibrated)
+    summary = _summary(recipe, checkpoint, target, st, losses, history, order, net, calibrated)
     summary["export_check"] = export_check(net, qat_model, order, train_images[:PROBE_IMAGES])
     summary["seconds"] = round(time.time() - t_start, 2)
     out = opts.out or qat_dir(recipe, target.name, artifacts)
@@ -135,8 +135,12 @@ def run_qat(recipe: Recipe, opts: QatOptions, fp32: onnx.ModelProto, model, trai
 
 
 def _summary(recipe: Recipe, checkpoint: Path | None, target: Target, settings: dict, losses: dict,
-             history: list[dict], order: LossOrder, net: QatNet, ranges: dict, calibrated: dict) -> dict:
+             history: list[dict], order: LossOrder, net: QatNet, calibrated: dict) -> dict:
     fq = net.net.act_fq
+    symmetric = bool(target.scheme.activation_symmetric)
+    # The float range each learned scale stands for (information only: the export uses the scales).
+    ranges = {**calibrated, **{t: scale_to_range(a, s, symmetric) for a, s in zip(fq.specs, fq.current())
+                               for t in a.tensors}}
     return {
         "recipe": recipe.name, "recipe_hash": recipe.hash, "model_hash": model_hash(recipe),
         "checkpoint": str(checkpoint) if checkpoint else None, "target": target.name, "settings": settings,
