@@ -36,3 +36,16 @@ def recipe_factory(tmp_path, tiny_data):
     def make(name: str = "tiny", **overrides) -> Path:
         return write_recipe(tmp_path / f"{name}.yaml", tiny_data, **overrides)
     return make
+
+
+@pytest.fixture(scope="session")
+def int8_artifact(tmp_path_factory, tiny_data):
+    """(recipe path, artifacts root, compiled ort-cpu-int8 folder with in-graph post-processing):
+    one tiny model shared by the deployment and runtime tests (tests/test_deploy.py, test_runtime.py)."""
+    import uadc
+    d = tmp_path_factory.mktemp("deploy")
+    recipe = write_recipe(d / "tiny.yaml", tiny_data, train={"epochs": 2, "threads": 1}, data={"val_fraction": 0.25})
+    art = d / "artifacts"
+    uadc.train(recipe, artifacts=art)
+    res = uadc.compile(recipe, "ort-cpu-int8", artifacts=art, latency_runs=2, threads=1, postprocess=True)
+    return recipe, art, res

@@ -49,3 +49,20 @@ def make_category(root: Path, name: str, size: int = 64, n_train: int = 16, n_go
         (cat / "ground_truth" / "blob").mkdir(parents=True, exist_ok=True)
         m.save(cat / "ground_truth" / "blob" / f"{i:03d}_mask.png")
     return cat
+
+
+def make_tiny_recipe(root: Path, name: str = "tiny", epochs: int = 1) -> Path:
+    """Two tiny categories (32 px) and a fast STFPM recipe for them under ``root``; returns its path."""
+    import yaml
+
+    data = root / "data"
+    make_category(data, "stripes", size=32, n_train=8, n_good=3, n_defect=3, seed=1, rgb=True)
+    make_category(data, "gray", size=32, n_train=8, n_good=3, n_defect=3, seed=2, rgb=False, period=13.0)
+    cfg = {"data": {"sources": [{"root": str(data), "categories": ["stripes", "gray"]}], "image_size": 32},
+           "model": {"method": "stfpm", "backbone": "efficientnet_lite0", "taps": ["blocks.1", "blocks.3"],
+                     "smoothing_sigma": 1.0},
+           "train": {"epochs": epochs, "batch_size": 8, "lr": 0.003, "threads": 1},
+           "eval": {"batch_size": 8}, "compile": {"calib_samples": 4}}
+    recipe = root / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    return recipe

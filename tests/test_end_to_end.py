@@ -52,7 +52,7 @@ def test_compile_int8_student_only(trained):
     assert res.exit_code == 0, res.output
     out = art / "tiny" / "ort-cpu-int8"
     report = json.loads((out / "report.json").read_text())
-    assert report["schema"] == 2 and report["quantized_partitions"] == ["student"]
+    assert report["schema"] == 3 and report["quantized_partitions"] == ["student"]
     assert report["verification"]["torch_vs_ort_fp32"]["passed"]
     assert report["verification"]["torch_vs_ort_fp32"]["max_abs"] < 1e-4
     model = onnx.load(str(out / "model.onnx"))

@@ -8,6 +8,8 @@ Public API (imported lazily, so ``import uadc.runtime`` stays free of torch)::
     uadc.evaluate(recipe)                                # -> EvalResult
     base = uadc.baseline(recipe)                         # FP32 export shared by compiles
     int8 = uadc.compile(base, "ort-cpu-int8")            # -> CompileResult
+    det = uadc.Detector.load(int8.path)                  # torch-free runtime (uadc.runtime)
+    det.predict("part.png", category="bottle")           # -> Prediction
 """
 
 from __future__ import annotations
@@ -26,11 +28,23 @@ _API = {
     "baseline": "uadc.pipeline.api",
     "qat": "uadc.pipeline.api",
     "compare_calibrators": "uadc.pipeline.api",
+    "sweep": "uadc.pipeline.api",
+    "verify": "uadc.pipeline.api",
+    "diff": "uadc.pipeline.api",
+    "VerifyResult": "uadc.verify.gate",
+    "DiffResult": "uadc.verify.gate",
+    "SweepResult": "uadc.pipeline.sweep.run",
     "Baseline": "uadc.pipeline.baseline",
     "TrainResult": "uadc.training.run",
     "EvalResult": "uadc.evaluation.run",
     "CompileResult": "uadc.report.results",
     "TARGETS": "uadc.config.targets",
+    "Detector": "uadc.runtime",
+    "Prediction": "uadc.runtime",
+    "Manifest": "uadc.core.manifest",
+    "read_manifest": "uadc.core.manifest",
+    "doctor": "uadc.pipeline.doctor",
+    "DoctorReport": "uadc.pipeline.doctor",
 }
 
 __all__ = ["__version__", *_API]

@@ -1,4 +1,4 @@
-"""Command line: ``uadc train | eval | compile | qat | calibrators | check-trt | recipe-schema``.
+"""Command line: ``uadc train | eval | compile | qat | calibrators | sweep | predict | check-trt | recipe-schema``.
 
 The only module that talks to the terminal. It calls the public API (``uadc.pipeline.api``) and
 prints from the typed results. A user mistake (UadcError) prints one ``error: ...`` line and
@@ -8,8 +8,10 @@ exits with code 2; nothing is written, because every artifact is written atomica
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -66,8 +68,57 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     root.propagate = False
-    if quiet:
-        set_progress(False)
+    set_progress(False if quiet else None)   # None: bars only when stderr is a terminal
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator:
+    """For --json: while the command runs, everything bound for stdout (our text, third-party
+    prints, C-level writes to fd 1) goes to stderr; yields the real stdout for the one document."""
+    real = sys.stdout
+    real.flush()
+    try:
+        fd = real.fileno()
+    except (AttributeError, OSError, ValueError):   # not a real file (click's test runner)
+        fd = None
+    saved = os.dup(fd) if fd is not None else None
+    if saved is not None:
+        os.dup2(sys.stderr.fileno(), fd)
+    sys.stdout = sys.stderr
+    try:
+        yield real
+    finally:
+        sys.stdout = real
+        if saved is not None:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def json_output(f):
+    """``--json``: print one JSON document on stdout, the result's ``to_dict()`` (+ ``path``, where
+    it was written), or ``{"error", "exit_code"}`` on a user error; the usual text goes to stderr."""
+    @functools.wraps(f)
+    def wrapper(*args, as_json: bool = False, **kwargs):
+        if not as_json:
+            return f(*args, **kwargs)
+        from uadc.core.io import to_json
+        error = None
+        with _stdout_to_stderr() as out:
+            try:
+                res = f(*args, **kwargs)
+            except UadcError as exc:
+                error, doc = exc, {"error": str(exc), "exit_code": exc.exit_code}
+            else:
+                doc = res.to_dict()
+                if getattr(res, "path", None) is not None and "path" not in doc:
+                    doc["path"] = str(res.path)
+        click.echo(to_json(doc), file=out, nl=False)
+        if error is not None:
+            raise error   # and the usual one-line `error:` on stderr
+        return res
+    return click.option("--json", "as_json", is_flag=True,
+                        help="print one JSON document (the result) on stdout; text goes to stderr")(wrapper)
 
 
 recipe_arg = click.argument("recipe", type=click.Path(path_type=Path))
@@ -91,12 +142,14 @@ def main(verbose: bool, quiet: bool) -> None:
 @click.option("--eval-every", type=click.IntRange(min=1), default=None,
               help="evaluate on the test sets every N epochs (learning curve in the checkpoint history)")
 @artifacts_opt
+@json_output
 def train(recipe: Path, one_class: bool, epochs: int | None, eval_every: int | None, artifacts: Path | None) -> None:
     """Train the recipe's model (unified multi-class by default)."""
     from uadc.pipeline import api
     res = api.train(recipe, one_class=one_class, epochs=epochs, eval_every=eval_every, artifacts=artifacts)
     for m in res.models:
         click.echo(f"checkpoint written: {m.checkpoint} ({m.train_seconds:.1f} s of training)")
+    return res
 
 
 @main.command("eval")
@@ -104,6 +157,7 @@ def train(recipe: Path, one_class: bool, epochs: int | None, eval_every: int | N
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="default: the recipe's")
 @click.option("--one-class", is_flag=True, help="evaluate the per-category models and compare with unified")
 @artifacts_opt
+@json_output
 def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: Path | None) -> None:
     """Evaluate per category and mean: image/pixel AUROC, AUPRO, pixel F1-max."""
     from uadc.config.recipe import load_recipe
@@ -115,13 +169,14 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
         click.echo(format_table(res.one_class, f"{r.name} (one model per category)"))
         click.echo(format_comparison(res.unified, res.one_class) if res.unified else
                    "no unified eval.json yet: run `uadc eval` for the unified-vs-one-class table")
-        return
+        return res
     res = api.evaluate(checkpoint or r, r, artifacts=artifacts)
     click.echo(format_table(res, f"{r.name} (unified, {res.extra.get('epochs')} epochs)"))
     for cat, kinds in res.defects.items():
         click.echo(f"{cat}: " + ", ".join(f"{k} {v['image_auroc']:.3f}/{v['pixel_auroc']:.3f}" for k, v in kinds.items())
                    + "  (image/pixel AUROC per defect type)")
     click.echo(f"written: {res.path}")
+    return res
 
 
 def _partitions(value: str | None) -> list[str] | None:
@@ -136,8 +191,8 @@ def _partitions(value: str | None) -> list[str] | None:
 
 @main.command("compile")
 @recipe_arg
-@click.option("--target", default=None, help="ort-cpu-fp32, ort-cpu-int8, trt-fp16, trt-int8, jetson-fp32, "
-              "jetson-fp16, jetson-int8 (default: the recipe's compile.target)")
+@click.option("--target", default=None, help="ort-cpu-fp32, ort-cpu-int8, openvino-cpu-fp32, openvino-cpu-int8, trt-fp16, "
+              "trt-int8, jetson-fp32, jetson-fp16, jetson-int8 (default: the recipe's compile.target)")
 @click.option("--calibrator", default=None, help="entropy | mse | minmax | percentile | a plug-in name")
 @click.option("--calib-data", type=click.Choice(["train", "random-normal", "mixed"]), default=None)
 @click.option("--calib-samples", type=click.IntRange(min=1, max=4096), default=None)
@@ -152,10 +207,13 @@ def _partitions(value: str | None) -> list[str] | None:
 @click.option("--no-eval", is_flag=True, help="skip the AD metrics (verification and latency still run)")
 @click.option("--from-qat", is_flag=True, help="use the QAT model from `uadc qat` (no calibration)")
 @click.option("--train-if-missing", is_flag=True, help="train the recipe first when it has no checkpoint")
+@click.option("--postprocess/--no-postprocess", default=None,
+              help="in-graph pred_score/pred_label/pred_mask outputs (default: the recipe's deploy.postprocess)")
 @artifacts_opt
+@json_output
 def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_samples, quantize, per_channel,
                 out, force, checkpoint, dump_passes, split, build_engine, no_eval, from_qat, train_if_missing,
-                artifacts) -> None:
+                postprocess, artifacts) -> None:
     """Export, run the target's passes, verify with Polygraphy and write the artifact folder."""
     from uadc.config.recipe import load_recipe
     from uadc.pipeline import api
@@ -177,8 +235,9 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
     res = api.compile(checkpoint or r, target, recipe=r, calibration=calib_data, calibrator=calibrator,
                       calib_samples=calib_samples, quantize=_partitions(quantize), per_channel=per_channel, out=out,
                       force=force, dump_passes=dump_passes, split=split, build_engine=build_engine,
-                      evaluate=not no_eval, qat_model=qat_model, artifacts=artifacts)
+                      evaluate=not no_eval, qat_model=qat_model, artifacts=artifacts, postprocess=postprocess)
     _print_summary(res)
+    return res
 
 
 @main.command()
@@ -211,7 +270,44 @@ def _print_summary(res) -> None:
                f"({lat.runtime}); compile {res.compile_seconds:.1f} s")
     if res.engine:
         click.echo(res.engine.get("status", ""))
+    dec = (res.deploy or {}).get("decisions")
+    if dec:
+        o = dec["overall"]
+        click.echo(f"decisions at false-alarm rate {res.deploy['false_alarm_rate']:g}: false-reject fp32 "
+                   f"{o['fp32']['false_reject_rate']:.3f} -> {o['compiled']['false_reject_rate']:.3f}, escape "
+                   f"{o['fp32']['escape_rate']:.3f} -> {o['compiled']['escape_rate']:.3f}, agreement {o['agreement']:.4f}")
     click.echo(f"artifact written: {res.path}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--category", default=None, help="thresholds to apply (default: each image's folder name if it is "
+              "a known category, else the global thresholds)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("predictions"), show_default=True,
+              help="folder for predictions.jsonl / predictions.csv (and overlays/)")
+@click.option("--overlays", is_flag=True, help="write PNG heat-map overlays with the mask contour")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True)
+def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out: Path, overlays: bool,
+            as_json: bool, batch_size: int) -> None:
+    """Run a compiled artifact (verified against its artifact.json) on image files and folders."""
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    det = Detector.load(artifact, batch_size=batch_size)
+    run = predict_paths(det, list(inputs), category, out, overlays, batch_size)
+    for path, reason in run.failed:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    s = run.summary()
+    if as_json:
+        click.echo(json.dumps(s))
+    else:
+        verdicts = ", ".join(f"{k} {v}" for k, v in sorted(s["verdicts"].items()))
+        click.echo(f"{s['images']} images ({verdicts}); {s['failed']} skipped; p50 latency {s['latency_ms_p50']} ms "
+                   f"per image ({det.backend_name})")
+        click.echo(f"written: {out / 'predictions.jsonl'}, {out / 'predictions.csv'}"
+                   + (f", {out / 'overlays'}/" if overlays else ""))
+    sys.exit(1 if run.failed else 0)
 
 
 @main.group()
@@ -243,6 +339,85 @@ def calibrators_compare(recipe: Path, target, names, sources, calib_samples, qua
     click.echo(res["markdown"])
 
 
+@main.command("sweep")
+@click.argument("sweep_file", type=click.Path(path_type=Path))
+@click.option("--address", default=None, help="Ray cluster to run on (e.g. auto, 10.0.0.5:6379); default: a local Ray")
+@click.option("--num-cpus", type=click.IntRange(min=1, max=4096), default=None,
+              help="CPUs of the local Ray (default: all cores)")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="folder for the table and cells (default: <artifacts>/sweeps/<name>)")
+@click.option("--sequential", is_flag=True, help="no Ray: run the cells one after another in this process")
+@click.option("--json", "as_json", is_flag=True, help="print the table as JSON")
+@artifacts_opt
+def sweep_cmd(sweep_file: Path, address, num_cpus, out, sequential, as_json, artifacts) -> None:
+    """Run a sweep file's recipe x target x calibration grid on Ray; exit 1 if a cell failed."""
+    from uadc.pipeline.sweep.run import run_sweep   # = api.sweep, without importing torch for a rerun
+    res = run_sweep(sweep_file, artifacts=artifacts, out=out, address=address, num_cpus=num_cpus,
+                    sequential=sequential)
+    click.echo(json.dumps(res.to_dict(), indent=2) if as_json else res.markdown)
+    click.echo(f"{len(res.rows)} cells: {res.executed} run, {res.reused} reused, {res.failed} failed; "
+               f"{res.trained} models trained; {res.wall_seconds:.1f} s; written: {res.out}", err=as_json)
+    sys.exit(1 if res.failed else 0)
+
+
+def _gate_options(f):
+    for opt in reversed([
+        click.option("--images", "images", multiple=True, type=click.Path(path_type=Path),
+                     help="folder of normal images to judge on (repeatable; default: the golden images)"),
+        click.option("--budget", "budget", multiple=True, metavar="KEY=VALUE",
+                     help="override a budget, e.g. spearman_min=0.95 (repeatable)"),
+        click.option("--recipe", type=click.Path(path_type=Path), default=None,
+                     help="take budgets from this recipe's verify: section (default: the ones stored at compile)"),
+        click.option("--normal-only", is_flag=True, help="judge on normal images only (no labelled test images)"),
+        click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="write the JSON report"),
+        click.option("--markdown", "md_out", type=click.Path(path_type=Path), default=None,
+                     help="write the Markdown report"),
+        click.option("--threads", type=click.IntRange(min=1, max=1024), default=None)]):
+        f = opt(f)
+    return f
+
+
+def _gate_report(res, json_out: Path | None, md_out: Path | None) -> None:
+    from uadc.core.io import atomic_write_text
+    if json_out:
+        atomic_write_text(json_out, res.to_json())
+    if md_out:
+        atomic_write_text(md_out, res.to_markdown())
+    click.echo(res.to_markdown(), nl=False)
+    for line in res.failures:
+        click.echo(f"REGRESSION: {line}", err=True)
+    click.echo(f"{res.kind}: {'PASS' if res.passed else 'REGRESSION'} ({len(res.failures)} figure(s) out of budget; "
+               f"{res.seconds:.1f} s)", err=True)
+    sys.exit(res.exit_code)
+
+
+@main.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--golden", type=click.Path(path_type=Path), default=None,
+              help="golden set (folder or golden.json) to judge against (default: the artifact's own)")
+@_gate_options
+def verify_cmd(artifact: Path, golden, images, budget, recipe, normal_only, json_out, md_out, threads) -> None:
+    """Judge an artifact against its golden FP32 outputs; exit 0 within budget, 1 regression, 2 usage error."""
+    from uadc.pipeline import api
+    from uadc.verify.gate import parse_budget_args
+    res = api.verify(artifact, images=list(images) or None, golden=golden, budgets=parse_budget_args(budget),
+                     recipe=recipe, normal_only=normal_only, threads=threads)
+    _gate_report(res, json_out, md_out)
+
+
+@main.command("diff")
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@_gate_options
+def diff_cmd(a: Path, b: Path, images, budget, recipe, normal_only, json_out, md_out, threads) -> None:
+    """Judge artifact B against artifact A with the same figures as `uadc verify`."""
+    from uadc.pipeline import api
+    from uadc.verify.gate import parse_budget_args
+    res = api.diff(a, b, images=list(images) or None, budgets=parse_budget_args(budget), recipe=recipe,
+                   normal_only=normal_only, threads=threads)
+    _gate_report(res, json_out, md_out)
+
+
 @main.command("check-trt")
 @click.argument("model", type=click.Path(path_type=Path))
 def check_trt(model: Path) -> None:
@@ -260,6 +435,48 @@ def recipe_schema(as_json: bool) -> None:
     """Print every recipe key with its type, default and meaning."""
     from uadc.config.recipe import describe_schema, json_schema
     click.echo(json.dumps(json_schema(), indent=2) if as_json else "\n".join(describe_schema()))
+
+
+@main.group()
+def recipes() -> None:
+    """The built-in recipes: any command takes their name instead of a path (`uadc train demo`)."""
+
+
+@recipes.command("list")
+def recipes_list() -> None:
+    """Name, what it is, and whether its data is found here."""
+    from uadc.config.packaged import packaged_recipes
+    from uadc.config.recipe import load_recipe
+    for p in packaged_recipes():
+        try:
+            roots = [(i, Path(s.root)) for i, s in enumerate(load_recipe(p.path).data.sources)]
+            missing = [f"data.sources[{i}].root" for i, root in roots if not root.is_dir()]
+            state = f"data missing: set {', '.join(missing)}" if missing else "data found"
+        except UadcError as exc:
+            state = f"needs edits: {exc}"
+        click.echo(f"{p.name:<24} {p.summary}  [{state}]")
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name: str) -> None:
+    """Print a built-in recipe (to copy and edit: `uadc recipes show demo > my.yaml`)."""
+    from uadc.config.packaged import packaged_recipe
+    p = packaged_recipe(name)
+    click.echo(f"# uadc built-in recipe {p.name!r} ({p.path}). Relative paths resolve against the recipe\n"
+               f"# file's folder: in a copy, make them absolute or relative to the copy.")
+    click.echo(p.path.read_text(), nl=False)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON document")
+def doctor(as_json: bool) -> None:
+    """What uadc sees here: versions, CPU INT8 features, threads, GPU/TensorRT, and per target
+    whether it can run, be emulated, or only be bundled for its device."""
+    from uadc.core.io import to_json
+    from uadc.pipeline.doctor import doctor as run_doctor
+    rep = run_doctor()
+    click.echo(to_json(rep.to_dict()) if as_json else rep.to_text(), nl=not as_json)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ metrics, and latency measurement."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 

@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
+from uadc.config.packaged import resolve_recipe_path
 from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
 from uadc.core.errors import UadcError
 
@@ -55,12 +56,23 @@ class Source(_Section):
     _root = field_validator("root")(_resolve)
 
 
+class ValSource(_Section):
+    category: str = Field(description="category the folder's normal images belong to")
+    folder: str = Field(description="folder of defect-free images of that category")
+
+    _folder = field_validator("folder")(_resolve)
+
+
 class DataConfig(_Section):
     sources: list[Source] = Field(min_length=1, description="list of {root, categories}")
     image_size: int = Field(256, ge=32, le=1024, description="square input size in pixels")
     normalization: Literal["backbone", "imagenet", "unit"] = Field(
         "backbone", description="input normalisation: the backbone's own, ImageNet mean/std, or [-1, 1]")
     train_limit: Optional[int] = Field(None, ge=1, le=10**6, description="use at most N train images per category")
+    val_fraction: float = Field(0.1, ge=0, le=0.5, description="share of each category's train/good held out "
+                                "(by seed) as validation normals for thresholds; never trained on")
+    val: Optional[list[ValSource]] = Field(None, min_length=1, description="explicit validation normals: "
+                                           "{category, folder}; such a category keeps all its train images")
 
 
 class ModelConfig(_Section):
@@ -72,11 +84,28 @@ class ModelConfig(_Section):
     split: Optional[str] = Field(None, description="paste: last teacher stage shared with the student")
     combine: Literal["product", "sum"] = Field("product", description="how per-layer maps combine")
     smoothing_sigma: float = Field(4.0, ge=0, le=64, description="gaussian sigma of the map (0: off)")
+    head: Literal["exact", "fast"] = Field(
+        "exact", description="scoring head: exact (maps upsampled, then combined and smoothed) or fast (combined and "
+        "smoothed at feature resolution, upsampled once; bench/head_equivalence.py checks it). No weights: a "
+        "checkpoint serves either")
     students: int = Field(3, ge=1, le=16, description="us: ensemble size")
     descriptor_dim: int = Field(128, ge=8, le=4096, description="us: patch descriptor channels")
     student_width: float = Field(1.0, ge=0.1, le=8, description="rd/us: student width multiplier")
 
     _weights = field_validator("weights")(_resolve)
+
+
+class DcamConfig(_Section):
+    """DCAM (Jena et al.): training-only attention on the student's maps; never exported."""
+    enabled: bool = Field(False, description="train with DCAM attention blocks and loss (stfpm, paste, rd)")
+    attention: Literal["channel", "spatial", "cbam"] = Field(
+        "cbam", description="attention block per student map: channel, spatial or both (CBAM)")
+    reduction: int = Field(16, ge=1, le=1024, description="channel-attention MLP reduction ratio")
+    kl_weight: float = Field(1.0, ge=0, le=1000, description="weight of the spatial KL (softmax over H*W per channel)")
+    cos_weight: float = Field(1.0, ge=0, le=1000, description="weight of the channel-wise cosine distance")
+    feature_weight: float = Field(
+        1.0, ge=0, le=1000, description="weight of the method's own loss on the raw student maps (what is exported)")
+    temperature: float = Field(1.0, gt=0, le=100, description="softmax temperature of the spatial KL")
 
 
 class TrainConfig(_Section):
@@ -90,6 +119,7 @@ class TrainConfig(_Section):
     warmup_epochs: int = Field(0, ge=0, le=10_000)
     cache_teacher: bool = Field(True, description="precompute frozen teacher features once")
     threads: Optional[int] = Field(None, ge=1, le=1024, description="torch intra-op threads (default: all cores)")
+    dcam: DcamConfig = Field(DcamConfig(), description="DCAM training option (training only; the export is unchanged)")
 
 
 class EvalConfig(_Section):
@@ -112,6 +142,34 @@ class QatConfig(_Section):
     batch_size: int = Field(16, ge=1, le=4096)
 
 
+class DeployConfig(_Section):
+    false_alarm_rate: float = Field(0.01, gt=0, lt=0.5, description="target share of normal images (and "
+                                    "pixels) flagged; sets the label-free operating thresholds")
+    threshold_margin: bool = Field(True, description="threshold = one-sided 95% upper confidence bound of the "
+                                   "quantile (a margin that shrinks as validation grows); false: plain quantile")
+    postprocess: bool = Field(False, description="append pred_score/pred_label/pred_mask to the graph")
+
+
+class VerifyConfig(_Section):
+    """Budgets of `uadc verify` / `uadc diff` and the golden image set `uadc compile` stores."""
+    spearman_min: float = Field(0.9, ge=-1, le=1, description="min rank correlation of image scores")
+    decision_agreement_min: float = Field(0.95, ge=0, le=1, description="min share of same decisions at the "
+                                          "operating threshold")
+    map_dice_min: float = Field(0.7, ge=0, le=1, description="min Dice of maps thresholded at the pixel threshold")
+    map_iou_min: float = Field(0.55, ge=0, le=1, description="min IoU of the thresholded maps")
+    top1_overlap_min: float = Field(0.7, ge=0, le=1, description="min overlap of the top-1 % map pixels")
+    score_ratio_tol: float = Field(0.2, ge=0, le=10, description="max |median(candidate/reference score) - 1|")
+    score_shift_max: float = Field(0.5, ge=0, le=100, description="max |median score shift| in reference "
+                                   "normal-score standard deviations")
+    image_auroc_drop_max: float = Field(0.02, ge=0, le=1, description="max image AUROC drop (labelled images)")
+    pixel_auroc_drop_max: float = Field(0.02, ge=0, le=1, description="max pixel AUROC drop (labelled images)")
+    aupro_drop_max: float = Field(0.03, ge=0, le=1, description="max AUPRO drop (labelled images)")
+    per_category: bool = Field(True, description="judge every category too, not only all images together")
+    golden_normals: int = Field(32, ge=1, le=4096, description="validation normals per category in the golden set")
+    golden_test: int = Field(8, ge=0, le=4096, description="labelled test images per category (half defective)")
+    golden_random: int = Field(4, ge=0, le=4096, description="N(0,1) inputs in the golden set")
+
+
 class RecipeConfig(_Section):
     name: Optional[str] = Field(None, description="artifact folder name; defaults to the file stem")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed for weights init, shuffling, calibration data")
@@ -121,6 +179,8 @@ class RecipeConfig(_Section):
     eval: EvalConfig = EvalConfig()
     compile: CompileConfig = CompileConfig()
     qat: QatConfig = QatConfig()
+    verify: VerifyConfig = VerifyConfig()
+    deploy: DeployConfig = DeployConfig()
 
     @field_validator("name")
     @classmethod
@@ -166,6 +226,14 @@ class Recipe:
     @property
     def qat(self) -> QatConfig:
         return self.config.qat
+
+    @property
+    def deploy(self) -> DeployConfig:
+        return self.config.deploy
+
+    @property
+    def verify(self) -> VerifyConfig:
+        return self.config.verify
 
     @property
     def seed(self) -> int:
@@ -220,12 +288,12 @@ def default_artifacts_root() -> Path:
 
 
 def load_recipe(source: "str | Path | dict | Recipe") -> Recipe:
-    """A recipe from a YAML file, a dict or a Recipe (returned as is)."""
+    """A recipe from a YAML file, a built-in recipe name (``demo``), a dict or a Recipe (returned as is)."""
     if isinstance(source, Recipe):
         return source
     if isinstance(source, dict):
         return recipe_from_dict(source)
-    path = Path(source)
+    path = resolve_recipe_path(source)  # a file, or a built-in recipe's name (``demo``)
     if not path.is_file():
         raise UadcError(f"recipe not found: {path}")
     if path.stat().st_size > MAX_RECIPE_BYTES:
@@ -259,7 +327,11 @@ def recipe_from_dict(raw: dict, path: Path | None = None, keep_name: bool = Fals
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    # reprlib: bounded depth and items, so nested YAML anchors (a "billion laughs") cannot expand
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 60, 60
+    text = r.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -308,6 +380,11 @@ def _check_semantics(cfg: RecipeConfig) -> None:
                         f"torchvision-format state dict path, or set model.pretrained: false")
     if m.method == "paste" and not m.split:
         raise UadcError("model.split: required for method paste (last teacher stage shared with the student)")
+    d = cfg.train.dcam
+    if d.enabled and m.method not in ("stfpm", "paste", "rd"):
+        raise UadcError(f"train.dcam.enabled: DCAM applies to stfpm, paste and rd, not {m.method!r}")
+    if d.enabled and d.kl_weight == 0 and d.cos_weight == 0:
+        raise UadcError("train.dcam: kl_weight and cos_weight are both 0 (that is training without DCAM)")
 
 
 def json_schema() -> dict:

@@ -18,7 +18,12 @@ from uadc.core.errors import UadcError
 
 FLOAT_PASSES = ["shape_inference", "simplify", "partition_check", "cleanup"]
 INT8_PASSES = ["shape_inference", "simplify", "partition_check", "qdq", "partition_check", "cleanup"]
-FP16_PASSES = ["shape_inference", "simplify", "partition_check", "fp16", "cleanup"]
+# TensorRT targets: ``opset`` brings the graph to Target.opset (17: TensorRT 8.5 / JetPack 5);
+# FP16 targets ship an FP16-typed model, which TensorRT 11 (always strongly typed) needs and
+# 8.5/10 build with the FP16 flag as before.
+TRT_FLOAT_PASSES = ["shape_inference", "simplify", "partition_check", "opset", "cleanup"]
+TRT_INT8_PASSES = ["shape_inference", "simplify", "partition_check", "qdq", "partition_check", "opset", "cleanup"]
+FP16_PASSES = ["shape_inference", "simplify", "partition_check", "fp16", "opset", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class QDQScheme:
 @dataclass(frozen=True)
 class Target:
     name: str
-    runtime: str                        # "onnxruntime" | "tensorrt"
+    runtime: str                        # "onnxruntime" | "openvino" | "tensorrt"
     precision: str                      # "fp32" | "fp16" | "int8"
     passes: list[str]
     opset: int = 18
@@ -58,15 +63,21 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            scheme=QDQScheme(activation_type="uint8", activation_symmetric=False, per_channel=True),
            default_calibrator="minmax",  # best of `uadc calibrators compare` on our data (README)
            description="ONNX Runtime CPU, QDQ U8 activations / S8 weights"),
-    Target("trt-fp16", "tensorrt", "fp16", FLOAT_PASSES, opset=17, min_trt_version="8.5", device="gpu",
-           builder={"workspace_mb": 4096}, description="TensorRT GPU, builder-chosen FP16"),
-    Target("trt-int8", "tensorrt", "int8", INT8_PASSES, opset=17, scheme=_TRT_SCHEME, min_trt_version="8.5",
+    Target("openvino-cpu-fp32", "openvino", "fp32", FLOAT_PASSES,
+           description="OpenVINO CPU (reads the ONNX), float32 (inference precision pinned to f32)"),
+    Target("openvino-cpu-int8", "openvino", "int8", INT8_PASSES,
+           scheme=QDQScheme(activation_type="uint8", activation_symmetric=False, per_channel=True),
+           default_calibrator="minmax",  # the same Q/DQ ONNX as ort-cpu-int8, run by OpenVINO
+           description="OpenVINO CPU (reads the Q/DQ ONNX), U8 activations / S8 weights"),
+    Target("trt-fp16", "tensorrt", "fp16", FP16_PASSES, opset=17, min_trt_version="8.5", device="gpu",
+           builder={"workspace_mb": 4096}, description="TensorRT GPU, FP16-typed model (float32 I/O)"),
+    Target("trt-int8", "tensorrt", "int8", TRT_INT8_PASSES, opset=17, scheme=_TRT_SCHEME, min_trt_version="8.5",
            device="gpu", builder={"workspace_mb": 4096}, description="TensorRT GPU, explicit symmetric Q/DQ"),
-    Target("jetson-fp32", "tensorrt", "fp32", FLOAT_PASSES, opset=17, min_trt_version="8.5", device="jetson",
+    Target("jetson-fp32", "tensorrt", "fp32", TRT_FLOAT_PASSES, opset=17, min_trt_version="8.5", device="jetson",
            builder={"workspace_mb": 1024}, description="Jetson (JetPack 5/6), TensorRT float32"),
-    Target("jetson-fp16", "tensorrt", "fp16", FLOAT_PASSES, opset=17, min_trt_version="8.5", device="jetson",
-           builder={"workspace_mb": 1024}, description="Jetson (JetPack 5/6), builder-chosen FP16"),
-    Target("jetson-int8", "tensorrt", "int8", INT8_PASSES, opset=17, scheme=_TRT_SCHEME, min_trt_version="8.5",
+    Target("jetson-fp16", "tensorrt", "fp16", FP16_PASSES, opset=17, min_trt_version="8.5", device="jetson",
+           builder={"workspace_mb": 1024}, description="Jetson (JetPack 5/6), FP16-typed model (float32 I/O)"),
+    Target("jetson-int8", "tensorrt", "int8", TRT_INT8_PASSES, opset=17, scheme=_TRT_SCHEME, min_trt_version="8.5",
            device="jetson", builder={"workspace_mb": 1024},
            description="Jetson (JetPack 5/6), explicit symmetric Q/DQ, FP16 fallback"),
 ]}

@@ -10,8 +10,18 @@ OUTPUT_NAMES = ("anomaly_map", "score")
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1")
 CALIBRATION_KINDS = ("train", "random-normal", "mixed")
 
-REPORT_SCHEMA = 2                         # report.json; changes are listed in README ("report.json")
+REPORT_SCHEMA = 3                         # report.json; changes are listed in README ("report.json")
 REPORT_FILE, REPORT_MD = "report.json", "report.md"
 MODEL_FILE = "model.onnx"
 CHECKPOINT_FILE = "checkpoint.pt"
 EVAL_FILE = "eval.json"
+MANIFEST_FILE = "artifact.json"              # every artifact folder: uadc.core.manifest
+MANIFEST_SCHEMA = 1
+PRED_OUTPUTS = ("pred_score", "pred_label", "pred_mask")  # optional in-graph post-processing
+CATEGORY_INPUT = "category"                # int64 (N,) index into the manifest's categories
+# golden outputs stored in every artifact (uadc.verify.golden) and the verify/diff report
+GOLDEN_INPUTS, GOLDEN_OUTPUTS, GOLDEN_META, GOLDEN_MASKS = (
+    "golden_inputs.json", "golden_outputs.json", "golden.json", "golden_masks.npz")
+GOLDEN_REFERENCE = "golden_reference.onnx"  # the FP32 model behind the golden outputs (quantized artifacts)
+GOLDEN_RUNNER = "uadc-fp32-reference"
+VERIFY_SCHEMA = 1

@@ -88,6 +88,14 @@ def check_writable(folder: Path) -> None:
         raise UadcError(f"not a folder: {p}")
     if not os.access(p, os.W_OK | os.X_OK):
         raise UadcError(f"folder is not writable: {p}")
+    # os.access says yes to root even where writes fail (immutable folder, read-only mount): probe
+    # with a pid-named temp (removed at once; clean_stale_temps removes it should we die here).
+    probe = _tmp_name(p / "probe")
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise UadcError(f"folder is not writable: {p} ({exc.strerror or exc})") from None
 
 
 def atomic_write_bytes(path: Path, data: bytes | bytearray | memoryview, executable: bool = False) -> Path:
@@ -212,6 +220,9 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
         tmp.mkdir()
         try:
             yield tmp
+        except OSError as exc:  # disk full, quota, ...: one line, and the temp is gone
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UadcError(f"cannot write {final}: {exc.strerror or exc}") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

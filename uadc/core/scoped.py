@@ -36,7 +36,7 @@ def quiet_third_party() -> Iterator[io.StringIO]:
     The text is logged at DEBUG (``uadc --verbose`` shows it); sys.stdout/sys.stderr and the
     warning filters are the caller's again afterwards. File descriptors are not touched."""
     buf = io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, \
+    with warnings.catch_warnings(record=True) as caught, _captured_logs() as records, \
             contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         warnings.simplefilter("always")
         try:
@@ -45,9 +45,38 @@ def quiet_third_party() -> Iterator[io.StringIO]:
             pass
     for w in caught:
         log.debug("warning from %s: %s", w.filename, w.message)
+    for r in records:
+        log.debug("log from %s: %s", r.name, r.getMessage())
     text = buf.getvalue().strip()
     if text:
         log.debug("third-party output:\n%s", text[-4000:])
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _captured_logs() -> Iterator[list[logging.LogRecord]]:
+    """Third-party loggers with their own handlers (torch's write to the stderr they saw at import,
+    e.g. the exporter's "torchvision is not installed" warnings) collect into a list instead; their
+    handlers come back afterwards. Loggers without handlers reach the redirected sys.stderr."""
+    collect = _Collect()
+    swapped = []
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.handlers and name.split(".")[0] != "uadc":
+            swapped.append((logger, logger.handlers[:]))
+            logger.handlers[:] = [collect]
+    try:
+        yield collect.records
+    finally:
+        for logger, handlers in swapped:
+            logger.handlers[:] = handlers
 
 
 def default_threads() -> int:

@@ -9,6 +9,7 @@ folder, empty category, unreadable image, defect without mask, mask size mismatc
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -60,11 +61,16 @@ def list_categories(root: Path) -> list[str]:
 
 def list_train_samples(root: Path, category: str) -> list[Sample]:
     good = _category_dir(root, category) / "train" / "good"
-    if not good.is_dir():
-        raise UadcError(f"missing folder {good}")
-    files = _images(good)
+    return _good_samples(good, category, f"missing folder {good}",
+                         f"category {category!r} has no training images in {good}")
+
+
+def _good_samples(folder: Path, category: str, missing: str, empty: str) -> list[Sample]:
+    if not folder.is_dir():
+        raise UadcError(missing)
+    files = _images(folder)
     if not files:
-        raise UadcError(f"category {category!r} has no training images in {good}")
+        raise UadcError(empty)
     return [Sample(p, category, "good") for p in files]
 
 
@@ -91,10 +97,12 @@ def list_test_samples(root: Path, category: str) -> list[Sample]:
 def resolve_sources(sources: Sequence[dict]) -> list[tuple[Path, str]]:
     """(root, category) pairs from recipe ``data.sources``; duplicate category names are errors."""
     pairs, seen = [], {}
-    for src in sources:
+    for i, src in enumerate(sources):
         root = Path(src["root"])
         if not root.is_dir():
-            raise UadcError(f"data folder not found: {root}")
+            # name the recipe key: a packaged recipe's relative root points beside the package
+            raise UadcError(f"data.sources[{i}].root: data folder not found: {root} (set this key in the recipe "
+                            f"to your data; relative paths resolve against the recipe file)")
         cats = src.get("categories") or list_categories(root)
         for c in cats:
             if c in seen:
@@ -108,12 +116,24 @@ def load_image(path: Path, size: int) -> np.ndarray:
     """RGB float32 HWC in [0, 1]; grayscale sources are replicated to three channels."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = _eight_bit(im, path).convert("RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as exc:
         raise UadcError(f"unreadable image {path}: {exc}") from None
+
+
+def _eight_bit(im: Image.Image, path: Path) -> Image.Image:
+    """16-bit grayscale as 8-bit (Pillow's convert() would saturate it to white)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise UadcError(f"unsupported image {path}: mode {im.mode} values outside 0..65535")
+        return Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")
+    if im.mode == "F":
+        raise UadcError(f"unsupported image {path}: 32-bit float pixels (mode F); save it as 8- or 16-bit")
+    return im
 
 
 def load_mask(sample: Sample, size: int) -> np.ndarray:
@@ -125,10 +145,12 @@ def load_mask(sample: Sample, size: int) -> np.ndarray:
             with Image.open(sample.path) as im:
                 if m.size != im.size:
                     raise UadcError(f"mask size {m.size} differs from image size {im.size}: {sample.mask_path}")
-            m = m.convert("L")
+            m = _eight_bit(m, sample.mask_path).convert("L")
             if m.size != (size, size):
                 m = m.resize((size, size), Image.NEAREST)
-            return (np.asarray(m) > 127).astype(np.float32)
+            a = np.asarray(m)
+            # masks stored as 0/1 (not 0/255) are binary too: an 8-bit threshold would empty them
+            return (a > (0 if a.max() == 1 else 127)).astype(np.float32)
     except (UnidentifiedImageError, OSError) as exc:
         raise UadcError(f"unreadable mask {sample.mask_path}: {exc}") from None
 
@@ -156,13 +178,32 @@ class ImageDataset(Dataset):
         }
 
 
-def build_train_set(pairs: Sequence[tuple[Path, str]], image_size: int, norm: tuple, limit: int | None = None
-                    ) -> ImageDataset:
-    """Unified training set: the good images of every (root, category) together."""
+def build_train_set(pairs: Sequence[tuple[Path, str]], image_size: int, norm: tuple, limit: int | None = None,
+                    exclude: frozenset[Path] = frozenset()) -> ImageDataset:
+    """Unified training set: the good images of every (root, category) together, minus ``exclude``
+    (the held-out validation normals)."""
     samples = []
     for root, cat in pairs:
-        samples += list_train_samples(root, cat)[:limit]
+        samples += [s for s in list_train_samples(root, cat) if s.path not in exclude][:limit]
     return ImageDataset(samples, image_size, *norm)
+
+
+def split_validation(samples: Sequence[Sample], fraction: float, seed: int) -> list[Sample]:
+    """The validation share of one category's train/good images: a seeded draw that depends only
+    on (seed, category, file list), so it is the same in every process and for every target."""
+    if fraction <= 0 or len(samples) < 2:
+        return []
+    n = min(len(samples) - 1, max(1, round(len(samples) * fraction)))
+    cat = samples[0].category
+    rng = np.random.default_rng([seed, zlib.crc32(cat.encode())])
+    picked = sorted(rng.choice(len(samples), n, replace=False))
+    return [samples[i] for i in picked]
+
+
+def list_folder_samples(folder: Path, category: str) -> list[Sample]:
+    """Defect-free images of ``category`` from a plain folder (recipe ``data.val``)."""
+    return _good_samples(folder, category, f"validation folder not found: {folder}",
+                         f"validation folder {folder} holds no images")
 
 
 def build_test_sets(pairs: Sequence[tuple[Path, str]], image_size: int, norm: tuple) -> dict[str, ImageDataset]:
@@ -170,10 +211,18 @@ def build_test_sets(pairs: Sequence[tuple[Path, str]], image_size: int, norm: tu
 
 
 def validate_test_masks(ds: ImageDataset) -> None:
-    """Fail early (before training) on defect images whose mask is missing or mis-sized."""
+    """Fail early (before training) on defect images whose mask is missing, mis-sized or empty.
+
+    Empty means empty at the mask's own resolution: a tiny defect that vanishes when resized to
+    the working size is legitimate (its image still counts for image AUROC)."""
     for s in ds.samples:
-        if s.mask_path is not None:
-            load_mask(s, ds.size)
+        load_image(s.path, ds.size)  # an unreadable test image fails here, not after training
+        if s.mask_path is None or load_mask(s, ds.size).any():
+            continue
+        with Image.open(s.mask_path) as m:
+            native = m.size
+        if native[0] == native[1] and not load_mask(s, native[0]).any():
+            raise UadcError(f"mask of defect image {s.path} marks no pixel: {s.mask_path}")
 
 
 def stack(ds: ImageDataset, indices: Sequence[int] | None = None) -> torch.Tensor:

@@ -1,34 +1,69 @@
-"""A recipe's data, validated once: the unified training set and per-category test sets."""
+"""A recipe's data, validated once: the unified training set, the held-out validation normals
+(the only images operating thresholds are set on) and the per-category test sets."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from uadc.config.recipe import Recipe
-from uadc.data.mvtec import ImageDataset, build_test_sets, build_train_set, resolve_sources, validate_test_masks
+from uadc.core.errors import UadcError
+from uadc.data.mvtec import (ImageDataset, Sample, build_test_sets, build_train_set, list_folder_samples,
+                             list_train_samples, resolve_sources, split_validation, validate_test_masks)
+
+log = logging.getLogger(__name__)
+MIN_VAL_IMAGES = 20   # below this a 1 % false-alarm quantile is mostly the margin (README)
 
 
 @dataclass
 class RecipeData:
     pairs: list[tuple[Path, str]]           # (root, category)
-    train: ImageDataset                      # good training images of every category
+    train: ImageDataset                      # good training images of every category (validation excluded)
     tests: dict[str, ImageDataset]           # category -> test set with masks
+    val: dict[str, ImageDataset] = field(default_factory=dict)  # category -> validation normals
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def categories(self) -> list[str]:
         return [c for _, c in self.pairs]
 
 
+def validation_samples(recipe: Recipe, pairs: list[tuple[Path, str]]) -> dict[str, list[Sample]]:
+    """category -> validation normals: ``data.val`` folders where given, else a seeded
+    ``data.val_fraction`` share of the category's train/good images."""
+    explicit: dict[str, list[Sample]] = {}
+    known = {c for _, c in pairs}
+    for v in recipe.data.val or []:
+        if v.category in known:
+            explicit.setdefault(v.category, []).extend(list_folder_samples(Path(v.folder), v.category))
+    out = {}
+    for root, cat in pairs:
+        out[cat] = explicit.get(cat) or split_validation(list_train_samples(root, cat), recipe.data.val_fraction,
+                                                         recipe.seed)
+    return out
+
+
 def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeData:
     """Validates all data (train and test, masks included) before any training starts."""
     pairs = resolve_sources([s.model_dump() for s in recipe.data.sources])
+    unknown = sorted({v.category for v in recipe.data.val or []} - {c for _, c in pairs})
+    if unknown:
+        raise UadcError(f"data.val: category {unknown[0]!r} is not in data.sources")
     if categories:
         pairs = [p for p in pairs if p[1] in categories]
     norm = recipe.normalization()
     size = recipe.data.image_size
-    train = build_train_set(pairs, size, norm, recipe.data.train_limit)
+    val_samples = validation_samples(recipe, pairs)
+    held_out = frozenset(s.path for ss in val_samples.values() for s in ss)
+    train = build_train_set(pairs, size, norm, recipe.data.train_limit, exclude=held_out)
     tests = build_test_sets(pairs, size, norm)
     for ds in tests.values():
         validate_test_masks(ds)
-    return RecipeData(pairs, train, tests)
+    val = {c: ImageDataset(ss, size, *norm) for c, ss in val_samples.items()}
+    warnings = [f"category {c!r} has {len(ds)} validation normals (< {MIN_VAL_IMAGES}): its thresholds rest "
+                f"mostly on the small-sample margin; raise data.val_fraction or give data.val"
+                for c, ds in val.items() if len(ds) < MIN_VAL_IMAGES]
+    for w in warnings:
+        log.warning(w)
+    return RecipeData(pairs, train, tests, val, warnings)

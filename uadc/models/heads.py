@@ -77,6 +77,43 @@ class DistanceHead(nn.Module):
         return amap, amap.flatten(1).amax(dim=1)
 
 
+class FastDistanceHead(DistanceHead):
+    """Same decisions as ``DistanceHead`` from less work: per-layer distances as one dot product
+    (for unit vectors 0.5*||a-b||^2 = 1 - a.b), maps combined at the finest feature resolution,
+    one upsample to the input size, then the same full-resolution smoothing.
+
+    Smoothing at feature resolution too (sigma / stride) was cheaper still, but moved image AUROC
+    by 0.3 point on magnetic_tile and map correlation to 0.998 (``bench/head_equivalence.py``), so
+    only the combine moved down."""
+
+    def layer_maps(self, t_feats, s_feats) -> list[torch.Tensor]:
+        maps = []
+        for t, s in zip(t_feats[self.skip_teacher:], s_feats):
+            norms = torch.clamp((t * t).sum(1, keepdim=True) * (s * s).sum(1, keepdim=True), min=1e-24)
+            cos = (t * s).sum(1, keepdim=True) * torch.rsqrt(norms)
+            maps.append(1.0 - cos)  # l2 of unit vectors (STFPM) and cosine distance (RD) alike
+        return maps
+
+    def forward(self, t_feats, s_feats) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.layer_maps(t_feats, s_feats)
+        h, w = max((m.shape[-2:] for m in maps), key=lambda hw: hw[0] * hw[1])
+        amap = None
+        for m in maps:
+            if m.shape[-2:] != (h, w):
+                m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+            amap = m if amap is None else (amap * m if self.combine == "product" else amap + m)
+        if (h, w) != (self.image_size, self.image_size):
+            amap = F.interpolate(amap, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        amap = self.blur(amap)
+        return amap, amap.flatten(1).amax(dim=1)
+
+
+def distance_head(m: dict, image_size: int, distance: str, skip_teacher: int = 0) -> DistanceHead:
+    """The recipe's scoring head: ``model.head`` exact (reference) or fast (same decisions, less work)."""
+    cls = FastDistanceHead if m.get("head", "exact") == "fast" else DistanceHead
+    return cls(image_size, distance, m["combine"], m["smoothing_sigma"], skip_teacher=skip_teacher)
+
+
 def mean_layer_distance(head: DistanceHead, t_feats, s_feats) -> list[float]:
     return [float(m.mean()) for m in head.layer_maps(t_feats, s_feats)]
 

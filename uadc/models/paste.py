@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from uadc.models.backbones import FeatureExtractor, build_backbone
-from uadc.models.heads import DistanceHead
+from uadc.models.heads import distance_head
 from uadc.models.stfpm import STFPM
 
 
@@ -33,5 +33,5 @@ def build_paste(m: dict, image_size: int) -> PaSTe:
     # The teacher also emits the split activation first; the head skips it.
     teacher = FeatureExtractor(build_backbone(m["backbone"], m["pretrained"], m["weights"]), [split] + taps)
     student = PasteStudent(FeatureExtractor(build_backbone(m["backbone"], pretrained=False), taps, start=split))
-    head = DistanceHead(image_size, "l2", m["combine"], m["smoothing_sigma"], skip_teacher=1)
+    head = distance_head(m, image_size, "l2", skip_teacher=1)
     return PaSTe(teacher, student, head)

@@ -52,7 +52,7 @@ from torch import nn
 from uadc.core.errors import UadcError
 from uadc.models.backbones import FeatureExtractor, build_backbone
 from uadc.models.base import KDModel
-from uadc.models.heads import DistanceHead, cosine_distance, mean_layer_distance
+from uadc.models.heads import cosine_distance, distance_head, mean_layer_distance
 
 PROBE_SIZE = 64  # a small input is enough to read each tap's channels and stride
 
@@ -178,5 +178,5 @@ class ReverseDistillation(KDModel):
 def build_rd(m: dict, image_size: int) -> ReverseDistillation:
     teacher = FeatureExtractor(build_backbone(m["backbone"], m["pretrained"], m["weights"]), m["taps"])
     student = RDStudent(tap_shapes(teacher), float(m.get("student_width", 1.0)))
-    head = DistanceHead(image_size, "cosine", m["combine"], m["smoothing_sigma"])
+    head = distance_head(m, image_size, "cosine")
     return ReverseDistillation(teacher, student, head)

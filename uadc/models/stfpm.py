@@ -9,7 +9,7 @@ from torch import nn
 
 from uadc.models.backbones import FeatureExtractor, build_backbone
 from uadc.models.base import KDModel
-from uadc.models.heads import DistanceHead, l2_normalized_distance, mean_layer_distance
+from uadc.models.heads import distance_head, l2_normalized_distance, mean_layer_distance
 
 
 class Student(nn.Module):
@@ -38,5 +38,5 @@ class STFPM(KDModel):
 def build_stfpm(m: dict, image_size: int) -> STFPM:
     teacher = FeatureExtractor(build_backbone(m["backbone"], m["pretrained"], m["weights"]), m["taps"])
     student = Student(FeatureExtractor(build_backbone(m["backbone"], pretrained=False), m["taps"]))
-    head = DistanceHead(image_size, "l2", m["combine"], m["smoothing_sigma"])
+    head = distance_head(m, image_size, "l2")
     return STFPM(teacher, student, head)

@@ -19,6 +19,7 @@ from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluat
 from uadc.models import KDModel
 from uadc.pipeline.baseline import Baseline, resolve_source
 from uadc.pipeline.compile import CompileOptions, compile_target
+from uadc.pipeline.sweep.run import SweepResult
 from uadc.report.results import CompileResult
 from uadc.training.run import TrainResult, train_recipe
 
@@ -98,13 +99,16 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
             calibrator: str | None = None, quantize: Sequence[str] | None = None, per_channel: bool | None = None,
             out: Path | None = None, force: bool = False, evaluate: bool = True, latency_runs: int = 30,
             threads: int | None = None, artifacts: Path | None = None, split: bool = False,
-            build_engine: bool = False, dump_passes: Path | None = None, qat_model: Any = None) -> CompileResult:
+            build_engine: bool = False, dump_passes: Path | None = None, qat_model: Any = None,
+            postprocess: bool | None = None) -> CompileResult:
     """Compile ``source`` for ``target`` and write the artifact folder; returns its report.
 
     ``source``: a recipe (with its checkpoint), a checkpoint path, a ``KDModel`` (with
     ``recipe``) or a ``Baseline`` (to compile several targets from one export).
     ``calibration``: a named source (``train``, ``random-normal``, ``mixed``) or any iterable of
-    images already normalised like the model's input ((3,H,W) or (N,3,H,W) float arrays)."""
+    images already normalised like the model's input ((3,H,W) or (N,3,H,W) float arrays).
+    ``postprocess``: add in-graph ``pred_score``/``pred_label``/``pred_mask`` (default: the
+    recipe's ``deploy.postprocess``)."""
     b = baseline(source, recipe, artifacts=artifacts, threads=threads)
     target = target or b.recipe.compile.target
     named = calibration if isinstance(calibration, str) else None
@@ -113,7 +117,8 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
                           calibration=own, quantize=list(quantize) if quantize is not None else None,
                           per_channel=per_channel, out=Path(out) if out else None, force=force,
                           dump_passes=dump_passes, split=split, build_engine=build_engine, evaluate=evaluate,
-                          threads=threads, latency_runs=latency_runs, qat_model=qat_model, artifacts=artifacts)
+                          threads=threads, latency_runs=latency_runs, qat_model=qat_model, artifacts=artifacts,
+                          postprocess=postprocess)
     with torch_threads(None):  # whatever a stage sets inside, the caller's count comes back
         return compile_target(b, opts)
 
@@ -154,3 +159,34 @@ def compare_calibrators(recipe: RecipeLike, target: str = "ort-cpu-int8", calibr
     from uadc.pipeline.compare import compare_calibrators as run
     return run(load_recipe(recipe), target, list(calibrators), list(sources), calib_samples,
                list(quantize) if quantize else None, out, artifacts)
+
+
+def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path | None = None,
+           budgets: dict | None = None, recipe: RecipeLike | None = None, normal_only: bool = False,
+           threads: int | None = None) -> Any:
+    """Judge an artifact against its golden FP32 outputs (``VerifyResult``; ``.exit_code`` 0/1).
+    ``budgets``: ``{key: value}`` overrides of the recipe's ``verify:`` budgets."""
+    from uadc.pipeline.verify import verify as run
+    with torch_threads(None):
+        return run(Path(artifact), images=images, golden=golden, budgets=budgets,
+                   recipe=load_recipe(recipe) if recipe is not None else None, normal_only=normal_only,
+                   threads=threads)
+
+
+def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dict | None = None,
+         recipe: RecipeLike | None = None, normal_only: bool = False, threads: int | None = None) -> Any:
+    """Judge artifact ``b`` against artifact ``a`` with the verify figures (``DiffResult``)."""
+    from uadc.pipeline.verify import diff as run
+    with torch_threads(None):
+        return run(Path(a), Path(b), images=images, budgets=budgets,
+                   recipe=load_recipe(recipe) if recipe is not None else None, normal_only=normal_only,
+                   threads=threads)
+
+
+def sweep(sweep_file: Any, *, artifacts: Path | None = None, out: Path | None = None, address: str | None = None,
+          num_cpus: int | None = None, sequential: bool = False) -> SweepResult:
+    """Run a sweep file's grid (recipes x axes) as Ray tasks (local Ray, or ``address``'s cluster);
+    ``sequential``: in this process without Ray. Returns a ``SweepResult`` (the table)."""
+    from uadc.pipeline.sweep.run import run_sweep
+    return run_sweep(sweep_file, artifacts=artifacts, out=out, address=address, num_cpus=num_cpus,
+                     sequential=sequential)

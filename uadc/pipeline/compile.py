@@ -15,16 +15,20 @@ import numpy as np
 import onnx
 
 from uadc import __version__
+from uadc.backends import openvino as ov
 from uadc.backends.ort import latency_ms, make_session
 from uadc.config.settings import PtqSettings, resolve_ptq
+from uadc.evaluation.run import evaluate
 from uadc.config.targets import Target, get_target
 from uadc.core.constants import INPUT_NAME, MODEL_FILE, QDQ_OPS, REPORT_FILE, REPORT_MD
 from uadc.core.errors import UadcError
-from uadc.core.io import atomic_dir, atomic_write_json, atomic_write_text, check_replaceable
+from uadc.core.io import atomic_dir, atomic_write_json, atomic_write_text, check_replaceable, check_writable
+from uadc.core.manifest import write_manifest
 from uadc.export.onnx_export import partition_bytes, split_partitions
 from uadc.export.partitions import partition_counts, partition_of
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
 from uadc.pipeline.baseline import Baseline
+from uadc.pipeline.deploy import deploy_evaluation, finalize_model
 from uadc.quant.calibrate import calibrate_ranges
 from uadc.report.markdown import render_markdown
 from uadc.report.results import CompileResult, Latency, Metrics
@@ -53,6 +57,7 @@ class CompileOptions:
     qat_model: onnx.ModelProto | None = None  # --from-qat: Q/DQ already in place, no calibration
     artifacts: Path | None = None
     passes: list[str] | None = field(default=None)  # override the recipe's/target's pass list
+    postprocess: bool | None = None     # in-graph pred_score/pred_label/pred_mask (default: recipe deploy.postprocess)
 
 
 def default_out(baseline: Baseline, target: Target, qat: bool, artifacts: Path | None) -> Path:
@@ -66,6 +71,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     _check_options(target, ptq, opts)
     out = Path(opts.out) if opts.out else default_out(baseline, target, opts.qat_model is not None, opts.artifacts)
     check_replaceable(out.absolute(), replace=opts.force or opts.out is None)  # before any work
+    check_writable(out.absolute().parent)
     threads = opts.threads or baseline.threads
     fp32, records = baseline.fp32_simplified
     compiled, pass_records, calib = _run_target_passes(baseline, target, fp32, ptq, opts)
@@ -90,8 +96,14 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
         environment=environment(threads))
     if opts.evaluate:
         result.metrics = _metrics(baseline, compiled, target)
+    on_target = (lambda m: ov.ov_predictor(ov.compile_model(m, threads))) if target.runtime == "openvino" else None
+    dep = deploy_evaluation(baseline, compiled, threads, decisions=opts.evaluate, predictor=on_target)
+    result.deploy = dep.section
+    postprocess = baseline.recipe.deploy.postprocess if opts.postprocess is None else opts.postprocess
+    compiled, manifest = finalize_model(baseline, compiled, target, dep.thresholds, postprocess)
     with atomic_dir(out, replace=True) as tmp:
         _write_artifacts(tmp, baseline, compiled, result, calib, target, opts)
+        write_manifest(tmp, manifest)   # last: hashes every file above
     result.path = out
     log.info("artifact written: %s", out)
     return result
@@ -143,30 +155,39 @@ def _run_target_passes(baseline: Baseline, target: Target, fp32: onnx.ModelProto
 
 def _verify(baseline: Baseline, compiled: onnx.ModelProto, target: Target, threads: int) -> dict:
     tvo = baseline.torch_vs_ort
-    fvc = compare_stats([ort_runner(baseline.fp32, "ort-fp32", threads), ort_runner(compiled, target.name, threads)],
+    cand = ov.ov_runner(compiled, target.name, threads) if target.runtime == "openvino" \
+        else ort_runner(compiled, target.name, threads)
+    fvc = compare_stats([ort_runner(baseline.fp32, "ort-fp32", threads), cand],
                         baseline.sample_feeds())  # statistics only: INT8 is expected to differ
     return {"torch_vs_ort_fp32": {k: tvo[k] for k in ("passed", "max_abs", "mean_abs", "atol", "outputs")},
             "fp32_vs_compiled": {k: fvc[k] for k in ("max_abs", "mean_abs", "outputs")}}
 
 
 def _runtime_label(target: Target) -> tuple[str, bool]:
-    if target.runtime == "onnxruntime":
-        return "onnxruntime CPU", False
+    if target.runtime in ("onnxruntime", "openvino"):
+        return ("onnxruntime CPU" if target.runtime == "onnxruntime" else ov.RUNTIME_LABEL), False
     return f"onnxruntime CPU emulating {target.runtime} ({target.device}, {target.precision})", True
 
 
 def _latency(baseline: Baseline, compiled: onnx.ModelProto, target: Target, threads: int, runs: int) -> Latency:
     lat = baseline.fp32_latency(runs, threads)
     x = baseline.sample_feeds(1, 1)[0][INPUT_NAME]
-    sess = make_session(compiled, threads)
+    if target.runtime == "openvino":
+        run = ov.infer_fn(ov.compile_model(compiled, threads))
+        fn = lambda: run(x)  # noqa: E731
+    else:
+        sess = make_session(compiled, threads)
+        fn = lambda: sess.run(None, {INPUT_NAME: x})  # noqa: E731
     runtime, emulated = _runtime_label(target)
-    return Latency(lat["torch_fp32"], lat["ort_fp32"], latency_ms(lambda: sess.run(None, {INPUT_NAME: x}), runs),
+    return Latency(lat["torch_fp32"], lat["ort_fp32"], latency_ms(fn, runs),
                    batch=1, threads=threads, runtime=runtime, emulated=emulated)
 
 
 def _metrics(baseline: Baseline, compiled: onnx.ModelProto, target: Target) -> Metrics:
     fp32 = baseline.fp32_metrics.to_dict()
-    comp = baseline.metrics(compiled, target.name).to_dict()
+    comp = (evaluate(ov.ov_predictor(ov.compile_model(compiled, baseline.threads)), baseline.test_arrays,
+                     baseline.recipe.eval.batch_size, target.name) if target.runtime == "openvino"
+            else baseline.metrics(compiled, target.name)).to_dict()
     runtime, emulated = _runtime_label(target)
     note = None
     if emulated:
@@ -179,6 +200,8 @@ def _metrics(baseline: Baseline, compiled: onnx.ModelProto, target: Target) -> M
 def _write_artifacts(tmp: Path, baseline: Baseline, compiled, result: CompileResult, calib, target: Target,
                      opts: CompileOptions) -> None:
     onnx.save(compiled, str(tmp / MODEL_FILE))
+    from uadc.pipeline.verify import write_golden_files
+    write_golden_files(tmp, baseline, compiled)  # FP32 reference outputs for `uadc verify` / polygraphy run
     if calib is not None:
         atomic_write_json(tmp / "calibration.json", calib)
     if opts.split:
@@ -225,4 +248,5 @@ def environment(threads: int) -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "polygraphy": polygraphy.__version__, "uadc": __version__, "platform": platform.platform()}
+            "polygraphy": polygraphy.__version__, "openvino": ov.version(), "uadc": __version__,
+            "platform": platform.platform()}

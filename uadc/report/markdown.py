@@ -12,6 +12,9 @@
 - ``bytes`` (initializer bytes per partition), ``model_bytes``, ``nodes`` and ``qdq_nodes`` per
   partition, ``passes`` [{name, seconds, nodes_before, nodes_after}], ``compile_seconds``
 - ``environment`` (cpu, cores, threads, versions), ``engine`` (TensorRT targets)
+- ``deploy`` (schema 3): ``false_alarm_rate``, ``estimator``, ``validation`` {cat: images},
+  ``thresholds`` {fp32, compiled} (uadc.core.manifest.Thresholds), ``decisions`` {categories:
+  {cat: {fp32, compiled: {false_reject_rate, escape_rate, ...}, agreement, mask {dice, iou}}}, overall}
 """
 
 from __future__ import annotations
@@ -29,6 +32,41 @@ def _metrics_table(metrics: dict) -> list[str]:
         for k in METRIC_KEYS:
             rows.append(f"| {cat} | {k} | {f[k]:.4f} | {c[k]:.4f} | {d[k]:+.4f} |")
     return rows
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def _deploy_lines(d: dict) -> list[str]:
+    """Operating thresholds (label-free) and the decisions they make on the test sets."""
+    lines = ["## Operating point and decisions", "",
+             f"- target false-alarm rate **{_pct(d['false_alarm_rate'])}**; thresholds from each model's own outputs "
+             f"on validation normals only ({', '.join(f'{c}: {n}' for c, n in d['validation'].items())} images)"]
+    if d.get("estimator"):
+        lines.append(f"- estimator: {d['estimator']}")
+    if d.get("note"):
+        lines += ["", f"> {d['note']}"]
+    thr = d["thresholds"]
+    lines += ["", "| category | FP32 image thr | compiled image thr | compiled pixel thr |", "|---|---:|---:|---:|"]
+    comp = thr.get("compiled") or {}
+    for cat, t in (comp.get("categories") or {}).items():
+        f = (thr.get("fp32") or {}).get("categories", {}).get(cat)
+        lines.append(f"| {cat} | {f['image']['value']:.5g} | {t['image']['value']:.5g} | {t['pixel']['value']:.5g} |"
+                     if f else f"| {cat} | n/a | {t['image']['value']:.5g} | {t['pixel']['value']:.5g} |")
+    dec = d.get("decisions")
+    if dec:
+        lines += ["", "| category | false-reject FP32 | false-reject compiled | escape FP32 | escape compiled | "
+                      "decision agreement | mask Dice | mask IoU |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for cat, c in list(dec["categories"].items()) + [("all", dec["overall"])]:
+            m = c.get("mask")
+            dice_iou = f"{m['dice']:.3f} | {m['iou']:.3f}" if m else " | "
+            f, k = c["fp32"], c["compiled"]
+            lines.append(f"| {cat} | {_pct(f['false_reject_rate'])} | {_pct(k['false_reject_rate'])}"
+                         f" | {_pct(f['escape_rate'])} | {_pct(k['escape_rate'])} | "
+                         f"{_pct(c['agreement'])} ({c['disagreements']} differ) | {dice_iou} |")
+        lines += ["", "Test labels are only reported here; no threshold is set on them."]
+    return lines + [""]
 
 
 def render_markdown(r: dict) -> str:
@@ -51,6 +89,8 @@ def render_markdown(r: dict) -> str:
         if "compiled_note" in r["metrics"]:
             lines += [f"> {r['metrics']['compiled_note']}", ""]
         lines += _metrics_table(r["metrics"]) + [""]
+    if r.get("deploy"):
+        lines += _deploy_lines(r["deploy"])
     lat = r["latency_ms"]
     lines += [f"## Latency (batch {lat['batch']}, {lat['threads']} threads, {r['environment']['cpu']})", "",
               "| runtime | p50 ms | p90 ms |", "|---|---:|---:|"]

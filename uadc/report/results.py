@@ -78,6 +78,7 @@ class CompileResult:
     environment: dict
     metrics: Metrics | None = None
     engine: dict | None = None
+    deploy: dict | None = None   # thresholds (FP32 and compiled) and decisions on the test sets
     path: Path | None = None     # the artifact folder
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -106,6 +107,8 @@ class CompileResult:
             d["metrics"] = self.metrics.to_dict()
         if self.engine is not None:
             d["engine"] = self.engine
+        if self.deploy is not None:
+            d["deploy"] = self.deploy
         d.update(self.extra)
         return d
 

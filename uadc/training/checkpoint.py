@@ -4,6 +4,8 @@ elsewhere can hold tensors and plain data, never code."""
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +54,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if path.stat().st_size > MAX_CHECKPOINT_BYTES:
         raise UadcError(f"checkpoint {path} is larger than {MAX_CHECKPOINT_BYTES >> 30} GiB")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol notes are not for the user
+            warnings.simplefilter("ignore")
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        # name what it holds, not torch's advice to retry with weights_only=False (which would run it)
+        found = re.search(r"(?:unsupported GLOBAL|Unsupported global|Unsupported operand) ?[^\n]*?(?=\.?\n|\.?$)",
+                          str(exc), re.IGNORECASE)
         raise UadcError(f"checkpoint {path} holds objects other than tensors and plain data; refused to load "
-                        f"it ({first[:200]})") from None
+                        f"it ({found.group(0)[:200] if found else 'unsupported content'})") from None
     except Exception as exc:  # truncated zip, not a torch file, ...
         raise UadcError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict) or \
@@ -72,10 +78,13 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
         trained = recipe_from_dict(blob["recipe"], keep_name=True)
     except UadcError as exc:
         raise UadcError(f"checkpoint {path}: its stored recipe is invalid ({exc})") from None
+    if recipe is not None:  # the scoring head holds no weights: the recipe asking now picks it
+        trained = trained.with_overrides(model={"head": recipe.model.head})
     # Recompute from the stored recipe rather than trusting a stored hash of an older definition.
     if recipe is not None and model_hash(trained) != model_hash(recipe):
         raise UadcError(f"checkpoint {path} was trained with different data/model settings than "
                         f"recipe {recipe.path or recipe.name}; retrain with `uadc train`")
+    check_finite_weights(blob["state_dict"], path)
     model = make_model(trained)
     try:
         model.load_state_dict(blob["state_dict"])
@@ -84,3 +93,14 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
             from None
     model.eval()
     return model, blob
+
+
+def check_finite_weights(state_dict: dict, path: Path) -> None:
+    """A checkpoint with NaN/Inf weights is refused before any export or artifact: the error
+    names the tensors, which is the cause (an export would only show NaN outputs downstream)."""
+    bad = [f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()})" for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise UadcError(f"checkpoint {path}: NaN/Inf in the weights: {', '.join(bad[:3])}{more}; "
+                        f"retrain (e.g. with a lower train.lr)")

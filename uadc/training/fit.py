@@ -18,6 +18,7 @@ from uadc.config.recipe import TrainConfig
 from uadc.core.errors import UadcError
 from uadc.core.progress import progress
 from uadc.models import KDModel
+from uadc.models.dcam import build_dcam
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, KDModel], "dict | None"]
@@ -59,8 +60,10 @@ def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: s
     steps_per_epoch = max(1, len(images) // bs)  # drop the ragged last batch (BN statistics)
     total = steps_per_epoch * t.epochs
     t_cache = cache_teacher(model.eval(), images, 32) if t.cache_teacher else None
+    # DCAM: training-only attention blocks and loss, dropped after training (never exported).
+    dcam = build_dcam(model, t.dcam, images[:2]) if t.dcam.enabled else None
     model.train()
-    opt = _optimizer(model.trainable_parameters(), t)
+    opt = _optimizer(model.trainable_parameters() + (list(dcam.parameters()) if dcam is not None else []), t)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _lr_factor(s, total, t.warmup_epochs * steps_per_epoch, t.schedule))
     gen = torch.Generator().manual_seed(seed)
@@ -74,7 +77,7 @@ def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: s
             x = images[idx]
             tf = [f[idx] for f in t_cache] if t_cache is not None else model.teacher_features(x)
             sf = model.student_features(x, tf)
-            loss = model.loss(tf, sf)
+            loss = dcam(model, tf, sf) if dcam is not None else model.loss(tf, sf)
             if not torch.isfinite(loss):
                 bar.close()
                 raise UadcError(f"training diverged: the loss is {loss.item()} at epoch {epoch + 1}, step {b + 1} "

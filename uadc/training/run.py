@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from uadc.config.recipe import Recipe
-from uadc.core.io import file_lock
+from uadc.core.io import check_writable, file_lock
 from uadc.core.progress import progress
 from uadc.core.scoped import torch_threads
 from uadc.data.prepare import RecipeData, prepare_data
@@ -62,6 +62,7 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
 
     ``on_epoch(category, data)`` may return a per-epoch callback (learning curves); time it
     spends (``eval_seconds`` in the history) is not counted in ``train_seconds``."""
+    check_writable(recipe.artifact_dir(artifacts))  # a read-only root fails before any work
     data = prepare_data(recipe)
     cats = data.categories
     groups = [(c, [i for i, s in enumerate(data.train.samples) if s.category == c]) for c in cats] if one_class \
@@ -70,16 +71,17 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
     with torch_threads(recipe.train.threads):
         for cat, idx in groups:
             path = checkpoint_path(recipe, artifacts, cat)
+            # read the images first: an unreadable one fails before any folder or lock exists
+            images = load_images(torch.utils.data.Subset(data.train, idx), "loading images")
             with file_lock(path):
-                models.append(_train_one(recipe, data, cat, idx, cats, path, on_epoch))
+                models.append(_train_one(recipe, data, cat, images, cats, path, on_epoch))
     return TrainResult(recipe.name, recipe.hash, one_class, models)
 
 
-def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, idx: list[int], cats: list[str], path: Path,
-               on_epoch) -> TrainedModel:
+def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, images: torch.Tensor, cats: list[str],
+               path: Path, on_epoch) -> TrainedModel:
     seed_everything(recipe.seed)
     model: KDModel = make_model(recipe)
-    images = load_images(torch.utils.data.Subset(data.train, idx), "loading images")
     images = images.contiguous(memory_format=torch.channels_last)  # faster CPU convolutions
     t0 = time.time()
     stages = {}

@@ -1,1 +1,18 @@
-"""verify"""
+"""verify: Polygraphy comparisons, golden outputs, anomaly-detection fidelity and the gate.
+
+``uadc.verify`` is both this package and the public function ``uadc.verify(...)``: whichever
+Python binds to the name ``uadc.verify`` first, calling it runs ``uadc.pipeline.api.verify``
+(imported by name at call time, so this low layer does not depend on the pipeline layer).
+"""
+
+import importlib
+import sys
+import types
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return importlib.import_module("uadc.pipeline.api").verify(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from uadc.backends.tensorrt.run import _existing
+from uadc.backends.tensorrt.run import existing_file
 from uadc.verify.polygraphy_compare import compare
 
 
@@ -26,8 +26,8 @@ def compare_onnx_vs_trt(
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
     runners = [
-        OnnxrtRunner(SessionFromOnnx(str(_existing(onnx_path)), providers=["cpu"]), name="onnxruntime"),
-        TrtRunner(EngineFromBytes(BytesFromPath(str(_existing(engine_path)))), name="tensorrt"),
+        OnnxrtRunner(SessionFromOnnx(str(existing_file(onnx_path)), providers=["cpu"]), name="onnxruntime"),
+        TrtRunner(EngineFromBytes(BytesFromPath(str(existing_file(engine_path)))), name="tensorrt"),
     ]
     return compare(runners, feeds, atol, rtol)
 

@@ -27,7 +27,7 @@ def run_engine(engine_path: str | os.PathLike, images: np.ndarray, batch_size: i
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
     collected: dict[str, list[np.ndarray]] = {}
-    with TrtRunner(EngineFromBytes(BytesFromPath(str(_existing(engine_path)))), name="tensorrt") as runner:
+    with TrtRunner(EngineFromBytes(BytesFromPath(str(existing_file(engine_path)))), name="tensorrt") as runner:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             real = len(chunk)
@@ -46,7 +46,7 @@ def _check_images(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def _existing(path: str | os.PathLike) -> Path:
+def existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise UadcError(f"file not found: {path}")

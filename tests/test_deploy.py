@@ -1,0 +1,208 @@
+"""Deployment artifacts: the validation split, label-free thresholds, decisions in the report,
+the artifact.json manifest (tamper check) and in-graph post-processing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from uadc.config.recipe import load_recipe
+from uadc.core.errors import UadcError
+from uadc.core.manifest import read_manifest
+from uadc.data.prepare import prepare_data
+from uadc.evaluation.thresholds import compute_thresholds, mask_overlap, quantile_threshold, rates
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = str(Path(sys.executable))
+
+
+# -- thresholds (numpy only) ------------------------------------------------------------------
+
+def test_quantile_estimator_bounds_the_false_alarm_rate():
+    rng = np.random.default_rng(0)
+    far = 0.01
+    hits = []
+    for seed in range(40):
+        val = np.random.default_rng(seed).lognormal(0, 0.5, 2000)
+        t, level = quantile_threshold(val, far)
+        assert t >= np.quantile(val, 1 - far) and level > 1 - far
+        hits.append((rng.lognormal(0, 0.5, 200_000) >= t).mean())
+    # an upper confidence bound: the real false-alarm rate is at most the target in most draws
+    assert np.mean(np.asarray(hits) <= far) >= 0.85 and max(hits) < 2 * far
+
+
+def test_small_validation_sets_get_a_margin_above_the_largest_value():
+    val = np.array([1.0, 1.1, 0.9, 1.05, 0.95])
+    t, level = quantile_threshold(val, 0.01)
+    assert t > val.max() and level == 1.0
+    plain, _ = quantile_threshold(val, 0.01, margin=False)
+    assert plain == pytest.approx(np.float32(np.quantile(val, 0.99)))
+    assert float(np.float32(t)) == t      # float32-exact: numpy, ORT and TensorRT decide alike
+
+
+def test_thresholds_normalise_to_one_half_per_category_and_global():
+    rng = np.random.default_rng(1)
+    val = {"a": (rng.random((30, 8, 8)), rng.normal(1, 0.1, 30)),
+           "b": (rng.random((25, 8, 8)) * 3, rng.normal(5, 0.5, 25))}
+    thr = compute_thresholds(val, 0.05)
+    for key in ("a", "b", None):
+        t = thr.get(key)
+        assert t.image.normalize(t.image.value) == pytest.approx(0.5)
+        assert t.pixel.normalize(t.pixel.value) == pytest.approx(0.5)
+        assert 0 <= t.image.normalize(-1e9) <= t.image.normalize(1e9) <= 1
+    assert thr.get("b").image.value > thr.get("a").image.value      # per-category operating points
+    assert thr.validation == {"a": 30, "b": 25}
+    with pytest.raises(UadcError, match="unknown category"):
+        thr.get("c")
+
+
+def test_decision_rates_and_mask_overlap():
+    r = rates(np.array([1, 0, 1, 1]), np.array([0, 0, 1, 1]))
+    assert (r["false_reject_rate"], r["escape_rate"]) == (0.5, 0.0)
+    a = np.zeros((2, 4, 4), bool)
+    b = a.copy()
+    a[0, :2], b[0, :1] = True, True
+    o = mask_overlap(a, b)
+    assert o["dice"] == pytest.approx(2 * 4 / 12) and o["iou"] == pytest.approx(4 / 8)
+    assert mask_overlap(np.zeros(3, bool), np.zeros(3, bool)) == {"dice": 1.0, "iou": 1.0}
+
+
+# -- validation split -------------------------------------------------------------------------
+
+def test_validation_split_is_seeded_per_category_and_never_trained_on(recipe_factory, caplog):
+    r = load_recipe(recipe_factory(data={"val_fraction": 0.25}))
+    with caplog.at_level(logging.WARNING, logger="uadc"):
+        d = prepare_data(r)
+    again = prepare_data(r)
+    train = {s.path for s in d.train.samples}
+    for cat, ds in d.val.items():
+        assert len(ds) == 4 and all(s.category == cat and s.label == 0 for s in ds.samples)
+        assert not train & {s.path for s in ds.samples}
+        assert [s.path for s in ds.samples] == [s.path for s in again.val[cat].samples]
+    assert len(d.train) == 2 * 12
+    other = prepare_data(r.with_overrides(seed=1))
+    assert [s.path for s in other.val["gray"].samples] != [s.path for s in d.val["gray"].samples]
+    assert "validation normals (< 20)" in caplog.text and d.warnings
+
+
+def test_explicit_validation_folder_and_no_split(recipe_factory, tiny_data):
+    folder = str(tiny_data / "stripes" / "test" / "good")
+    d = prepare_data(load_recipe(recipe_factory(data={"val": [{"category": "stripes", "folder": folder}]})))
+    assert [s.path.parent.name for s in d.val["stripes"].samples] == ["good"] * 4
+    assert len([s for s in d.train.samples if s.category == "stripes"]) == 16     # all kept for training
+    assert len(d.val["gray"]) == 2                                                  # default 0.1 of 16
+    none = prepare_data(load_recipe(recipe_factory("none", data={"val_fraction": 0.0})))
+    assert all(len(ds) == 0 for ds in none.val.values()) and len(none.train) == 32
+    with pytest.raises(UadcError, match="data.val: category 'nope'"):
+        prepare_data(load_recipe(recipe_factory("bad", data={"val": [{"category": "nope", "folder": folder}]})))
+    with pytest.raises(UadcError, match="data.val_fraction"):
+        load_recipe(recipe_factory("big", data={"val_fraction": 0.9}))
+    with pytest.raises(UadcError, match="deploy.false_alarm_rate"):
+        load_recipe(recipe_factory("far", deploy={"false_alarm_rate": 0}))
+
+
+# -- compiled artifact ------------------------------------------------------------------------
+
+def test_artifact_thresholds_come_from_its_own_validation_outputs(int8_artifact):
+    recipe, art, res = int8_artifact
+    m = read_manifest(res.path)
+    assert (m.target, m.precision, m.categories) == ("ort-cpu-int8", "int8", ["stripes", "gray"])
+    assert set(m.files) >= {"model.onnx", "report.json", "report.md", "calibration.json"}
+    # recompute from the artifact's outputs on the validation normals alone
+    from uadc.backends.ort import make_session, ort_predictor
+    from uadc.evaluation.run import load_test_arrays, predict
+    data = prepare_data(load_recipe(recipe))
+    run = ort_predictor(make_session(res.path / "model.onnx", 1))
+    val = {c: predict(run, load_test_arrays(ds)[0], 8) for c, ds in data.val.items()}
+    again = compute_thresholds(val, 0.01)
+    for c in m.categories:
+        assert m.thresholds.get(c).image.value == pytest.approx(again.get(c).image.value, rel=1e-5)
+        assert m.thresholds.get(c).pixel.value == pytest.approx(again.get(c).pixel.value, rel=1e-5)
+    assert m.thresholds.validation == {"stripes": 4, "gray": 4}
+    meta = {p.key: p.value for p in onnx.load(str(res.path / "model.onnx")).metadata_props}
+    essentials = json.loads(meta["uadc.deploy"])
+    assert essentials["thresholds"] == m.thresholds.to_dict() and essentials["preprocessing"]["image_size"] == 64
+
+
+def test_report_shows_decisions_fp32_vs_compiled(int8_artifact):
+    _, _, res = int8_artifact
+    report = json.loads((res.path / "report.json").read_text())
+    assert report["schema"] == 3
+    dec = report["deploy"]["decisions"]
+    for cat in ("stripes", "gray"):
+        c = dec["categories"][cat]
+        for side in ("fp32", "compiled"):
+            assert 0 <= c[side]["false_reject_rate"] <= 1 and 0 <= c[side]["escape_rate"] <= 1
+        assert 0 <= c["agreement"] <= 1 and 0 <= c["mask"]["dice"] <= 1
+    assert set(report["deploy"]["thresholds"]) == {"fp32", "compiled"}
+    md = (res.path / "report.md").read_text()
+    assert "## Operating point and decisions" in md and "decision agreement" in md
+
+
+def _tampered(res, tmp_path) -> Path:
+    bad = tmp_path / "tampered"
+    shutil.copytree(res.path, bad)
+    blob = bytearray((bad / "model.onnx").read_bytes())
+    blob[-1] ^= 1
+    (bad / "model.onnx").write_bytes(bytes(blob))
+    return bad
+
+
+def test_tampered_model_fails_load_and_predict_with_one_line(int8_artifact, tmp_path, tiny_data):
+    from uadc.runtime import Detector
+    _, _, res = int8_artifact
+    bad = _tampered(res, tmp_path)
+    with pytest.raises(UadcError) as e:
+        Detector.load(bad)
+    assert "model.onnx does not match its sha256" in str(e.value) and "\n" not in str(e.value)
+    p = subprocess.run([PY, "-m", "uadc.cli", "predict", str(bad), str(tiny_data / "gray" / "test"), "--out",
+                        str(tmp_path / "p")], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "does not match" in p.stderr
+    assert not (tmp_path / "p").exists()
+    (bad / "artifact.json").unlink()
+    with pytest.raises(UadcError, match="no artifact.json"):
+        Detector.load(bad)
+
+
+def test_in_graph_postprocess_matches_the_runtime(int8_artifact, tmp_path, tiny_data):
+    """polygraphy run --onnxrt on real test images: pred_label equals the runtime's label (global
+    thresholds by default), and feeding the category index gives the per-category decision."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import save_json
+    from uadc.core.ort_session import make_session
+    from uadc.runtime import Detector
+    _, _, res = int8_artifact
+    det = Detector.load(res.path)
+    files = [f for c in ("stripes", "gray") for f in sorted((tiny_data / c / "test").rglob("*.png"))]
+    images = np.stack([det.preprocess(f) for f in files])
+    save_json([{"image": images}], tmp_path / "in.json")
+    p = subprocess.run([str(Path(PY).parent / "polygraphy"), "run", str(res.path / "model.onnx"), "--onnxrt",
+                        "--load-inputs", str(tmp_path / "in.json"), "--save-outputs", str(tmp_path / "out.json")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    outs = RunResults.load(str(tmp_path / "out.json"))[0][1][0]
+    preds = det.predict(files)
+    assert [bool(x) for x in outs["pred_label"]] == [bool(q.label) for q in preds]
+    assert np.allclose(outs["pred_score"], [q.normalized_score for q in preds], atol=1e-6)
+    assert np.array_equal(outs["pred_mask"][:, 0], np.stack([q.mask for q in preds]))
+    sess = make_session(res.path / "model.onnx")
+    for cat in det.categories:
+        idx = det.manifest.postprocess["category_index"][cat]
+        label, = sess.run(["pred_label"], {"image": images, "category": np.full(len(images), idx, np.int64)})
+        assert [bool(x) for x in label] == [bool(q.label) for q in det.predict(files, category=cat)]
+
+
+def test_checkpoints_trained_before_the_split_are_flagged():
+    from types import SimpleNamespace
+    from uadc.pipeline.deploy import _trained_before_split
+    assert _trained_before_split(SimpleNamespace(blob={"recipe": {"data": {"image_size": 64}}}))
+    assert not _trained_before_split(SimpleNamespace(blob={"recipe": {"data": {"val_fraction": 0.1}}}))
+    assert not _trained_before_split(SimpleNamespace(blob={"categories": None}))      # a KDModel: no recipe

@@ -1,0 +1,71 @@
+"""`uadc doctor`: CPU features from /proc/cpuinfo, and what each target can do here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from uadc.cli import main
+from uadc.config.targets import TARGETS
+from uadc.pipeline import doctor as doc
+
+CPUINFO = """processor\t: 0
+model name\t: Test CPU 9000
+flags\t\t: fpu sse avx2 avx512f avx512_vnni amx_tile amx_int8
+"""
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    monkeypatch.setattr(doc, "_cpuinfo", lambda: CPUINFO.splitlines())
+
+
+def test_cpu_features_from_cpuinfo(fake_cpu):
+    r = doc.doctor()
+    assert r.cpu == "Test CPU 9000"
+    f = r.cpu_features
+    assert f["AVX-512 VNNI"] is True and f["AMX-INT8"] is True and f["AMX"] is True
+    assert f["AVX-VNNI"] is False and f["AMX-BF16"] is False
+    assert "AVX-512 VNNI" in next(t.detail for t in r.targets if t.target == "ort-cpu-int8")
+
+
+def test_no_cpuinfo_means_unknown(monkeypatch):
+    monkeypatch.setattr(doc, "_cpuinfo", lambda: [])
+    r = doc.doctor()
+    assert set(r.cpu_features.values()) == {None}
+    assert "unknown" in next(t.detail for t in r.targets if t.target == "ort-cpu-int8")
+
+
+def test_every_target_reported_and_trt_is_bundle_only_without_tensorrt(fake_cpu, monkeypatch):
+    monkeypatch.setattr(doc, "trt_available", lambda: (False, "tensorrt not importable: test"))
+    r = doc.doctor()
+    assert [t.target for t in r.targets] == list(TARGETS)
+    by = {t.target: t for t in r.targets}
+    assert by["ort-cpu-fp32"].can == by["ort-cpu-int8"].can == "run"
+    for name, t in TARGETS.items():
+        if t.runtime == "tensorrt":
+            assert by[name].can == "bundle only", name
+    assert "emulated by ONNX Runtime" in by["trt-int8"].detail
+    assert r.tensorrt is None and "test" in r.tensorrt_reason
+
+
+def test_trt_present_runs_gpu_targets_and_emulates_jetson_on_x86(fake_cpu, monkeypatch):
+    monkeypatch.setattr(doc, "trt_available", lambda: (True, "TensorRT 10.0 with 1 CUDA device(s)"))
+    monkeypatch.setattr(doc.platform, "machine", lambda: "x86_64")
+    by = {t.target: t.can for t in doc.doctor().targets}
+    assert by["trt-int8"] == "run" and by["jetson-int8"] == "emulate"
+    monkeypatch.setattr(doc.platform, "machine", lambda: "aarch64")
+    assert {t.target: t.can for t in doc.doctor().targets}["jetson-int8"] == "run"
+
+
+def test_cli_doctor_text_and_json(fake_cpu):
+    res = CliRunner().invoke(main, ["doctor"])
+    assert res.exit_code == 0, res.output
+    assert "AVX-512 VNNI yes" in res.output and "targets:" in res.output
+    res = CliRunner().invoke(main, ["doctor", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["cpu_features"]["AMX-INT8"] is True
+    assert {t["target"] for t in d["targets"]} == set(TARGETS)

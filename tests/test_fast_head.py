@@ -1,0 +1,96 @@
+"""``model.head: fast``: the same distances, maps that correlate with the exact head's, fewer
+ONNX nodes, picked by the recipe, and a checkpoint serves either head (heads hold no weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uadc.models.heads import DistanceHead, FastDistanceHead, distance_head
+
+
+def _features(seed: int = 0, size: int = 128):
+    """Teacher/student features at strides 4, 8, 16 with a local 'defect' where they differ."""
+    g = torch.Generator().manual_seed(seed)
+    t, s = [], []
+    for stride, ch in ((4, 24), (8, 40), (16, 80)):
+        n = size // stride
+        a = torch.randn(2, ch, n, n, generator=g)
+        b = a + 0.3 * torch.randn(2, ch, n, n, generator=g)
+        b[0, :, n // 4:n // 2, n // 4:n // 2] += 2.0 * torch.randn(ch, 1, 1, generator=g)
+        t.append(a)
+        s.append(b)
+    return t, s
+
+
+@pytest.mark.parametrize("distance,combine", [("l2", "product"), ("cosine", "sum")])
+def test_fast_distances_equal_exact(distance, combine):
+    t, s = _features()
+    exact, fast = DistanceHead(128, distance, combine, 2.0), FastDistanceHead(128, distance, combine, 2.0)
+    for me, mf in zip(exact.layer_maps(t, s), fast.layer_maps(t, s)):
+        torch.testing.assert_close(mf, me, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sigma", [2.0, 4.0])
+def test_fast_map_correlates_and_ranks_like_exact(sigma):
+    t, s = _features(1)
+    (me, se), (mf, sf) = DistanceHead(128, "l2", "product", sigma)(t, s), FastDistanceHead(128, "l2", "product", sigma)(t, s)
+    assert mf.shape == me.shape == (2, 1, 128, 128) and sf.shape == se.shape == (2,)
+    corr = np.corrcoef(me.numpy().ravel(), mf.numpy().ravel())[0, 1]
+    assert corr > 0.99, corr
+    assert (se[0] > se[1]) == (sf[0] > sf[1])  # the 'defect' image scores higher with both heads
+
+
+def test_single_tap_at_input_resolution_is_exact():
+    t, s = _features(2)
+    t, s = [F.interpolate(t[0], size=(128, 128))], [F.interpolate(s[0], size=(128, 128))]
+    exact, fast = DistanceHead(128, "l2", "product", 2.0), FastDistanceHead(128, "l2", "product", 2.0)
+    for a, b in zip(fast(t, s), exact(t, s)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_recipe_picks_the_head_and_checkpoints_serve_both(tmp_path, tiny_data):
+    from conftest import write_recipe
+    from uadc.config.recipe import load_recipe
+    from uadc.models import build_model
+    from uadc.training.checkpoint import load_checkpoint, save_checkpoint
+
+    exact_r = load_recipe(write_recipe(tmp_path / "exact.yaml", tiny_data))
+    fast_r = load_recipe(write_recipe(tmp_path / "fast.yaml", tiny_data, model={"head": "fast"}))
+    assert exact_r.model.head == "exact"  # default unchanged
+    model = build_model(exact_r.cfg["model"], exact_r.data.image_size)
+    assert type(model.head) is DistanceHead
+    assert type(distance_head(fast_r.cfg["model"], 64, "l2")) is FastDistanceHead
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", model, exact_r, [], ["stripes", "gray"])
+    loaded, _ = load_checkpoint(ckpt, fast_r)
+    assert type(loaded.head) is FastDistanceHead
+    model.head = FastDistanceHead(64, "l2", "product", 1.0)  # same weights, same head: same outputs
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_fast_head_exports_fewer_nodes_and_matches_in_ort(tmp_path, tiny_data):
+    from conftest import write_recipe
+    from uadc.backends.ort import make_session
+    from uadc.config.recipe import load_recipe
+    from uadc.export.onnx_export import export_model
+    from uadc.export.partitions import partition_of
+    from uadc.models import build_model
+
+    heads = {}
+    for kind in ("exact", "fast"):
+        r = load_recipe(write_recipe(tmp_path / f"{kind}.yaml", tiny_data, model={"head": kind}))
+        torch.manual_seed(0)
+        model = build_model(r.cfg["model"], r.data.image_size).eval()
+        onx = export_model(model, r.data.image_size, {})
+        heads[kind] = [n.op_type for n in onx.graph.node if partition_of(n) == "head"]
+        x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+        amap, score = make_session(onx, 1).run(None, {"image": x})
+        with torch.no_grad():
+            tmap, tscore = model(torch.from_numpy(x))
+        np.testing.assert_allclose(amap, tmap.numpy(), atol=1e-4, rtol=1e-3)
+    assert len(heads["fast"]) < len(heads["exact"]), heads
+    assert "Transpose" not in heads["fast"]

@@ -1,0 +1,85 @@
+"""Output a pipeline can read: `--json` prints exactly one JSON document on stdout (the API
+result's to_dict()), and stderr carries no progress bars and no third-party warnings."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_recipe
+from uadc.cli import main
+
+# what a normal run must not write to stderr: tqdm bars (carriage returns, "it/s", "| n/m"), torch's
+# glog-style log lines ("W1130 08:15:37.312000 ..."), Python warnings, the exporter's torchvision notes
+NOISE = [re.compile(p) for p in (r"\r", r"it/s\]", r"\|\s*\d+/\d+", r"^[WIE]\d{4} \d\d:\d\d", r"Warning:",
+                                 r"torchvision", r"^\[torch\.onnx\]")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data):
+    import uadc
+    d = tmp_path_factory.mktemp("json")
+    recipe = write_recipe(d / "tiny.yaml", tiny_data, train={"epochs": 1, "threads": 1})
+    uadc.train(recipe, artifacts=d / "artifacts")
+    return recipe, d / "artifacts"
+
+
+def _run(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "uadc.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_compile_json_one_document_and_clean_stderr(trained, tmp_path):
+    """A fresh process (the exporter warns once per process), stdout and stderr both pipes."""
+    recipe, art = trained
+    res = _run("compile", str(recipe), "--target", "ort-cpu-int8", "--artifacts", str(art), "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(res.stdout)                       # the whole of stdout is one JSON document
+    assert res.stdout.count("\n") == res.stdout.rstrip("\n").count("\n") + 1
+    report = json.loads((art / "tiny" / "ort-cpu-int8" / "report.json").read_text())
+    assert set(doc) == set(report) | {"path"}          # CompileResult.to_dict() keys, plus where
+    assert doc["target"] == "ort-cpu-int8" and doc["path"] == str(art / "tiny" / "ort-cpu-int8")
+    assert doc["metrics"]["compiled"]["mean"] == report["metrics"]["compiled"]["mean"]
+    noisy = [line for line in res.stderr.splitlines() if any(p.search(line) for p in NOISE)]
+    assert "\r" not in res.stderr and not noisy, noisy
+    assert "artifact written:" in res.stderr           # the human summary went to stderr
+
+
+def test_user_error_json_and_own_error_line(tmp_path):
+    res = CliRunner().invoke(main, ["compile", str(tmp_path / "missing.yaml"), "--json"])
+    assert res.exit_code == 2
+    assert json.loads(res.stdout) == {"error": f"recipe not found: {tmp_path / 'missing.yaml'}", "exit_code": 2}
+    assert [line for line in res.stderr.splitlines() if line.startswith("error:")] == \
+        [f"error: recipe not found: {tmp_path / 'missing.yaml'}"]
+
+
+def test_train_and_eval_json_keys_match_api(trained, tmp_path):
+    import uadc
+    recipe, art = trained
+    res = CliRunner().invoke(main, ["eval", str(recipe), "--artifacts", str(art), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    api = uadc.evaluate(recipe, recipe, artifacts=art)
+    assert set(doc) == set(api.to_dict()) | {"path"}
+    assert doc["mean"] == pytest.approx(api.mean)
+    out = tmp_path / "art2"
+    res = CliRunner().invoke(main, ["train", str(recipe), "--epochs", "1", "--artifacts", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert set(doc) == {"recipe", "recipe_hash", "one_class", "models"}
+    assert doc["models"][0]["checkpoint"] == str(out / "tiny" / "checkpoint.pt")
+
+
+def test_quiet_resets_between_invocations():
+    from uadc.core import progress
+    CliRunner().invoke(main, ["-q", "recipes", "list"])
+    assert progress._ENABLED is False
+    CliRunner().invoke(main, ["recipes", "list"])
+    assert progress._ENABLED is None                   # bars again only on a terminal

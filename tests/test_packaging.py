@@ -1,0 +1,119 @@
+"""Built-in recipes by name, the shipped demo data, and (opt-in, slow) the wheel in a fresh venv."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from uadc.cli import main
+from uadc.config.packaged import packaged_recipe, packaged_recipes, recipes_dir, resolve_recipe_path
+from uadc.config.recipe import load_recipe
+from uadc.core.errors import UadcError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DATA = ROOT / "examples" / "hazelnut_toy_256"
+
+
+def test_every_repository_recipe_is_packaged():
+    assert recipes_dir().resolve() == (ROOT / "recipes").resolve()
+    assert {r.name for r in packaged_recipes()} == {p.stem for p in (ROOT / "recipes").glob("*.yaml")}
+    assert "demo" in {r.name for r in packaged_recipes()}
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject.toml lists packages explicitly: a new folder missing there is absent from the wheel."""
+    tomllib = pytest.importorskip("tomllib")   # Python >= 3.11
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "uadc").rglob("__init__.py")}
+    assert found - listed == set()
+    assert {"uadc.recipes", "uadc.examples", "uadc.calibrators"} <= listed
+
+
+def test_name_resolves_to_packaged_recipe_and_a_path_still_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe("demo")
+    assert r.name == "demo" and r.path == packaged_recipe("demo").path
+    assert load_recipe("demo.yaml").path == r.path
+    # the demo's relative data root resolves against the recipe file, to the shipped data
+    assert Path(r.data.sources[0].root) == DEMO_DATA.resolve()
+    assert r.artifact_dir() == tmp_path / "artifacts" / "demo"
+    local = tmp_path / "demo"
+    local.write_text(yaml.safe_dump({"name": "mine", "data": {"sources": [{"root": "x"}]}}))
+    assert load_recipe("demo").name == "mine"            # an existing file is never shadowed
+    assert resolve_recipe_path("sub/demo") == Path("sub/demo")   # a path is a path
+
+
+def test_unknown_name_lists_builtins():
+    with pytest.raises(UadcError, match=r"recipe not found: nope \(not a file, nor a built-in recipe: .*demo"):
+        load_recipe("nope")
+
+
+def test_missing_data_names_the_recipe_key(tmp_path):
+    from uadc.data.prepare import prepare_data
+    src = yaml.safe_load(packaged_recipe("quickstart").path.read_text())
+    (tmp_path / "r").mkdir()
+    path = tmp_path / "r" / "q.yaml"
+    path.write_text(yaml.safe_dump(src))                  # ../../shared/data/... does not exist here
+    with pytest.raises(UadcError, match=r"^data\.sources\[0\]\.root: data folder not found: "):
+        prepare_data(load_recipe(path))
+
+
+def test_demo_data_complete_and_attributed():
+    sums = (DEMO_DATA / "SHA256SUMS").read_text().split("\n")
+    entries = [line.split(maxsplit=1) for line in sums if line.strip()]
+    assert len(entries) == 68
+    for digest, name in entries:
+        assert hashlib.sha256((DEMO_DATA / name.lstrip("*")).read_bytes()).hexdigest() == digest, name
+    assert "Attribution 4.0 International" in (DEMO_DATA / "LICENSE").read_text()
+    assert "CC BY 4.0" in (DEMO_DATA / "README.md").read_text()
+
+
+def test_cli_recipes_list_and_show():
+    res = CliRunner().invoke(main, ["recipes", "list"])
+    assert res.exit_code == 0, res.output
+    demo = next(line for line in res.output.splitlines() if line.startswith("demo "))
+    assert "[data found]" in demo
+    res = CliRunner().invoke(main, ["recipes", "show", "demo"])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load(res.output) == yaml.safe_load(packaged_recipe("demo").path.read_text())
+    res = CliRunner().invoke(main, ["recipes", "show", "nope"])
+    assert res.exit_code == 2 and "error: recipe not found: nope" in res.output
+
+
+@pytest.mark.skipif(os.environ.get("UADC_TEST_WHEEL") != "1",
+                    reason="slow (builds the wheel, installs it with its dependencies into a fresh venv, runs "
+                           "the demo): set UADC_TEST_WHEEL=1 (.ci/run does)")
+def test_wheel_runs_demo_in_fresh_venv(tmp_path):
+    """`python -m build` (sdist, then the wheel from it), installed outside the source tree."""
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "-o", str(dist), str(ROOT)], check=True,
+                   capture_output=True)
+    wheels, sdists = list(dist.glob("uadc-*.whl")), list(dist.glob("uadc-*.tar.gz"))
+    assert len(wheels) == 1 and len(sdists) == 1
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt")]
+    subprocess.run(pip + [str(wheels[0])], check=True)
+    work = tmp_path / "work"                    # no recipes/, no data, no source tree here
+    work.mkdir()
+    uadc = shutil.which("uadc", path=str(venv / "bin"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    for cmd in (["train", "demo", "--epochs", "2"], ["eval", "demo"],
+                ["compile", "demo", "--target", "ort-cpu-int8", "--json"]):
+        res = subprocess.run([uadc, *cmd], cwd=work, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, (cmd, res.stderr[-2000:])
+    doc = json.loads(res.stdout)               # compile --json: one document on stdout
+    assert Path(doc["path"]) == work / "artifacts" / "demo" / "ort-cpu-int8"
+    assert (Path(doc["path"]) / "model.onnx").is_file()
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import uadc.config.packaged as p; "
+                            "print(p.recipes_dir())"], cwd=work, env=env, capture_output=True, text=True, check=True)
+    assert Path(where.stdout.strip()).is_relative_to(venv)   # the recipes came from the wheel

@@ -1,0 +1,146 @@
+"""uadc.runtime: torch-free, preprocessing identical to the training loader, same scores as the
+in-process evaluation, and ``uadc predict`` over folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from uadc.core.errors import UadcError
+from uadc.core.manifest import Preprocessing
+from uadc.data.mvtec import ImageDataset, Sample
+from uadc.runtime.preprocess import preprocess
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+# Blocks ``import torch`` (and torchvision) for the whole interpreter, as on an edge box without it.
+BLOCKER = textwrap.dedent("""
+    import sys
+    class _NoTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "torchvision"):
+                raise ImportError(f"{name} is not installed on this box")
+            return None
+    sys.meta_path.insert(0, _NoTorch())
+""")
+
+
+def _loader_tensor(path: Path, size: int, mean, std) -> np.ndarray:
+    return ImageDataset([Sample(path, "c", "good")], size, mean, std)[0]["image"].numpy()
+
+
+@pytest.mark.parametrize("mode,shape", [("RGB", (50, 50)), ("L", (50, 50)), ("RGB", (37, 61)), ("L", (64, 40)),
+                                        ("RGBA", (64, 64)), ("RGB", (64, 64))])
+def test_preprocessing_equals_the_training_loader(tmp_path, mode, shape):
+    rng = np.random.default_rng(0)
+    channels = {"RGB": 3, "L": None, "RGBA": 4}[mode]
+    arr = rng.integers(0, 256, shape + ((channels,) if channels else ()), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    Image.fromarray(arr, mode).save(path)
+    for mean, std in [((0.5,) * 3, (0.5,) * 3), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]:
+        pre = Preprocessing(64, mean, std)
+        ref = _loader_tensor(path, 64, mean, std)
+        for source in (path, str(path), Image.open(path), arr):
+            got = preprocess(source, pre)
+            assert got.shape == (3, 64, 64) and got.dtype == np.float32
+            assert np.abs(got - ref).max() <= 1e-6
+
+
+def test_importing_the_runtime_loads_no_torch():
+    code = "import sys, uadc, uadc.runtime; print(sorted(m for m in ('torch', 'onnx', 'pydantic', 'scipy') " \
+           "if m in sys.modules)); uadc.Detector"
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def _eval_outputs(recipe, model: Path, category: str):
+    """In-process evaluation's raw outputs on a category's test set (uadc.evaluation.run)."""
+    from uadc.backends.ort import make_session, ort_predictor
+    from uadc.config.recipe import load_recipe
+    from uadc.data.prepare import prepare_data
+    from uadc.evaluation.run import load_test_arrays, predict
+    ds = prepare_data(load_recipe(recipe)).tests[category]
+    maps, scores = predict(ort_predictor(make_session(model, 1)), load_test_arrays(ds)[0], 8)
+    return [str(s.path) for s in ds.samples], maps, scores
+
+
+def test_runtime_without_torch_matches_in_process_evaluation(int8_artifact, tmp_path):
+    recipe, _, res = int8_artifact
+    paths, maps, scores = _eval_outputs(recipe, res.path / "model.onnx", "gray")
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    script = textwrap.dedent(f"""
+        import json, sys
+        try:
+            import torch
+            raise SystemExit("torch imported")
+        except ImportError:
+            pass
+        from uadc.runtime import Detector
+        det = Detector.load({str(res.path)!r})
+        preds = det.predict({paths!r}, category="gray")
+        json.dump({{"scores": [p.score for p in preds], "labels": [p.label for p in preds],
+                   "maps": [p.anomaly_map.tolist() for p in preds],
+                   "torch": "torch" in sys.modules}}, sys.stdout)
+    """)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    p = subprocess.run([PY, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    assert not out["torch"]
+    np.testing.assert_allclose(out["scores"], scores, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["maps"]), maps, atol=1e-5)
+    from uadc.runtime import Detector
+    thr = Detector.load(res.path).thresholds("gray").image.value
+    assert out["labels"] == [int(s >= thr) for s in scores]
+
+
+def test_predict_cli_writes_predictions_and_overlays(int8_artifact, tmp_path, tiny_data):
+    recipe, _, res = int8_artifact
+    paths, _, scores = _eval_outputs(recipe, res.path / "model.onnx", "stripes")
+    test = tiny_data / "stripes" / "test"
+    broken = tmp_path / "in" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    p = subprocess.run([PY, "-m", "uadc.cli", "predict", str(res.path), str(test), str(broken.parent), "--out",
+                        str(out), "--overlays", "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 1, p.stderr                     # the unreadable image is reported, the rest ran
+    assert f"skipped {broken}" in p.stderr
+    summary = json.loads(p.stdout)
+    assert summary["images"] == len(paths) and summary["failed"] == 1
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    by_path = {r["path"]: r for r in rows if "score" in r}
+    assert [r for r in rows if "error" in r][0]["path"] == str(broken)
+    np.testing.assert_allclose([by_path[q]["score"] for q in paths], scores, atol=1e-5)
+    assert {r["category"] for r in by_path.values()} == {"stripes"}      # from the folder name
+    assert (out / "predictions.csv").read_text().count("\n") == len(paths) + 1
+    overlays = sorted((out / "overlays").rglob("*.png"))
+    assert len(overlays) == len(paths) and Image.open(overlays[0]).size == (64, 64)
+
+
+def test_detector_inputs_and_errors(int8_artifact, tiny_data):
+    from uadc.runtime import Detector, Prediction
+    _, _, res = int8_artifact
+    det = Detector.load(res.path)
+    f = sorted((tiny_data / "gray" / "test" / "blob").glob("*.png"))[0]
+    one = det.predict(f, category="gray")
+    assert isinstance(one, Prediction) and one.anomaly_map.shape == (64, 64) and one.mask.dtype == bool
+    assert one.label == int(one.score >= one.threshold) and (one.normalized_score >= 0.5) == bool(one.label)
+    arr = np.asarray(Image.open(f))
+    again = det.predict([arr, Image.open(f)], category="gray")
+    assert [p.score for p in again] == pytest.approx([one.score] * 2, abs=1e-6)
+    glob = det.predict(f)
+    assert glob.category is None and glob.threshold == det.manifest.thresholds.global_.image.value
+    with pytest.raises(UadcError, match="unknown category"):
+        det.predict(f, category="nope")
+    with pytest.raises(UadcError, match="image array"):
+        det.predict(np.zeros((5, 5, 7), np.float64))

@@ -1,0 +1,167 @@
+"""`uadc sweep`: plan (cells, shared trainings, keys), sequential and Ray execution on a tiny
+synthetic recipe, resume from records, failed cells, exit codes, the install hint without Ray."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import write_recipe
+from uadc.cli import main
+from uadc.core.errors import UadcError
+from uadc.pipeline.sweep.plan import cell_key, make_plan
+from uadc.pipeline.sweep.spec import load_sweep
+from uadc.pipeline.sweep.store import record_path
+
+HAS_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAS_RAY, reason="ray is not installed (pip install 'uadc[sweep]')")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sweep_file(folder: Path, recipe: Path, **extra) -> Path:
+    doc = {"recipe": str(recipe), "axes": {"target": ["ort-cpu-fp32", "ort-cpu-int8"],
+                                           "calibrator": ["minmax", "no-such-calibrator"]},
+           "run": {"latency_runs": 3}, **extra}
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_data):
+    """A tiny recipe (2 epochs) and its artifacts root; the sweep trains the model itself."""
+    d = tmp_path_factory.mktemp("sweep")
+    recipe = write_recipe(d / "tiny.yaml", tiny_data, train={"epochs": 2, "threads": 1})
+    return d, recipe
+
+
+def test_plan_cells_collapse_float_targets_and_share_models(tiny):
+    d, recipe = tiny
+    spec, base, name = load_sweep(_sweep_file(d, recipe, axes={
+        "target": ["ort-cpu-fp32", "ort-cpu-int8"], "calibrator": ["minmax", "entropy"],
+        "calib_data": ["train", "mixed"], "seed": [0, 1]}))
+    plan = make_plan(spec, base, name)
+    # per seed: 1 fp32 cell (calibration axes do not apply) + 2 x 2 int8 cells; one model per seed
+    assert len(plan.cells) == 2 * (1 + 4)
+    assert sorted(m.name for m in plan.models.values()) == ["tiny", "tiny-seed1"]
+    assert len({c.id for c in plan.cells}) == len(plan.cells)
+    fp32 = [c for c in plan.cells if c.options["target"] == "ort-cpu-fp32"]
+    assert all(c.options["calibrator"] is None for c in fp32)
+
+
+def test_plan_fills_recipe_defaults_and_one_class_models(tiny):
+    d, recipe = tiny
+    spec, base, name = load_sweep(_sweep_file(d, recipe, axes={
+        "target": ["ort-cpu-int8"], "calibrator": [None, "minmax"], "one_class": [True]}))
+    plan = make_plan(spec, base, name)
+    # the recipe's default calibrator is minmax: None and "minmax" are one cell per model
+    assert sorted(m.name for m in plan.models.values()) == ["tiny-oc-gray", "tiny-oc-stripes"]
+    assert len(plan.cells) == 2
+    m = next(iter(plan.models.values()))
+    assert [s["categories"] for s in m.cfg["data"]["sources"]] == [[m.category]]
+
+
+def test_model_checkpoint_path_is_trainings(tiny, tmp_path):
+    from uadc.training.checkpoint import checkpoint_path
+    d, recipe = tiny
+    spec, base, name = load_sweep(_sweep_file(d, recipe, axes={"image_size": [48]}))
+    for m in make_plan(spec, base, name).models.values():
+        assert m.checkpoint(tmp_path) == checkpoint_path(m.recipe(), tmp_path)
+        assert m.name == "tiny-48px"
+
+
+def test_cell_key_follows_inputs(tiny):
+    d, recipe = tiny
+    spec, base, name = load_sweep(_sweep_file(d, recipe))
+    plan = make_plan(spec, base, name)
+    a, b = plan.cells[1], plan.cells[2]
+    model = plan.models[a.model]
+    assert cell_key(a, model, "x", spec.run) == cell_key(a, model, "x", spec.run)
+    assert cell_key(a, model, "x", spec.run) != cell_key(a, model, "y", spec.run)   # another checkpoint
+    assert cell_key(a, model, "x", spec.run) != cell_key(b, model, "x", spec.run)   # another option
+
+
+@pytest.mark.parametrize("doc, msg", [
+    ({"axes": {}}, "exactly one of 'recipe' or 'recipes'"),
+    ({"recipe": "r.yaml", "axes": {"calibratr": ["minmax"]}}, "axes.calibratr"),
+    ({"recipe": "r.yaml", "axes": {"target": []}}, "axes.target"),
+])
+def test_bad_sweep_file_is_one_line_error(tmp_path, doc, msg):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    with pytest.raises(UadcError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        load_sweep(p)
+
+
+def test_sequential_sweep_records_failures_and_resumes(tiny, tmp_path):
+    d, recipe = tiny
+    sweep = _sweep_file(tmp_path, recipe)
+    args = ["-q", "sweep", str(sweep), "--sequential", "--artifacts", str(d / "art"), "--out", str(tmp_path / "o")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1, res.output   # one cell has an unknown calibrator
+    table = json.loads((tmp_path / "o" / "sweep.json").read_text())
+    status = {c["cell"]: (c["status"], c["error"]) for c in table["cells"]}
+    assert len(status) == 3
+    bad = [s for s in status.values() if s[0] == "failed"]
+    assert len(bad) == 1 and bad[0][1].startswith("unknown calibrator 'no-such-calibrator'")
+    ok = [c for c in table["cells"] if c["status"] == "ok"]
+    assert all(0 <= c["image_auroc"] <= 1 and c["latency_ms"] > 0 and c["model_bytes"] > 0 for c in ok)
+    assert all((tmp_path / "o" / c["artifact"] / "report.json").is_file() for c in ok)
+    assert all(record_path(tmp_path / "o", c["key"]).is_file() for c in table["cells"])
+    for f in ("sweep.md", "sweep.csv", "pareto.png"):
+        assert (tmp_path / "o" / f).stat().st_size > 0
+    assert table["best"]["image_auroc"] in {c["cell"] for c in ok}
+    first = (tmp_path / "o" / "sweep.csv").read_text()
+    # rerun: finished cells are read back, only the failed one runs again; same table
+    res = CliRunner().invoke(main, [*args, "--json"])
+    assert res.exit_code == 1
+    again = json.loads(res.stdout)
+    assert (again["reused"], again["executed"], again["failed"], again["trained"]) == (2, 1, 1, 0)
+    assert (tmp_path / "o" / "sweep.csv").read_text() == first
+    # a finished cell whose artifact folder was deleted is computed again
+    import shutil
+    shutil.rmtree(tmp_path / "o" / ok[0]["artifact"])
+    again = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)
+    assert (again["reused"], again["executed"]) == (1, 2)
+
+
+@needs_ray
+def test_ray_sweep_matches_sequential(tiny, tmp_path):
+    import ray
+    d, recipe = tiny
+    sweep = _sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32", "ort-cpu-int8"],
+                                                "calibrator": ["minmax", "mse"]})
+    from uadc.pipeline import api
+    seq = api.sweep(sweep, artifacts=d / "art", out=tmp_path / "seq", sequential=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)   # never a `ray start` one
+    try:
+        on_ray = api.sweep(sweep, artifacts=d / "art", out=tmp_path / "ray")
+        assert ray.is_initialized()   # a Ray the caller started is left running
+    finally:
+        ray.shutdown()
+    assert on_ray.ok and on_ray.executed == 3 and on_ray.trained == 0
+    fields = ("cell", "status", "image_auroc", "pixel_auroc", "image_drop", "model_bytes")
+    assert [[r[f] for f in fields] for r in on_ray.rows] == [[r[f] for f in fields] for r in seq.rows]
+    assert not list(tmp_path.rglob("*.uadc-tmp-*"))
+
+
+def test_without_ray_one_line_install_hint(tiny, tmp_path, monkeypatch):
+    d, recipe = tiny
+    monkeypatch.setitem(sys.modules, "ray", None)   # import ray -> ImportError
+    res = CliRunner().invoke(main, ["sweep", str(_sweep_file(tmp_path, recipe)), "--artifacts", str(d / "art")])
+    assert res.exit_code == 2
+    assert res.stderr.strip().count("\n") == 0 and "pip install 'uadc[sweep]'" in res.stderr
+
+
+def test_example_sweep_files_are_valid():
+    files = sorted((REPO / "sweeps").glob("*.yaml"))
+    assert files
+    for f in files:
+        spec, base, name = load_sweep(f)
+        assert len(make_plan(spec, base, name).cells) >= 1

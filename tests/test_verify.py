@@ -1,0 +1,179 @@
+"""`uadc verify` / `uadc diff`: golden outputs in Polygraphy's formats (the Polygraphy CLI reads
+them), label-free fidelity figures, budgets, exit codes 0/1/2, stable JSON keys, the API."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+import uadc
+from uadc.cli import main
+from uadc.core.errors import UadcError
+from uadc.verify import fidelity
+from uadc.verify.gate import BUDGET_KEYS, RULES, budgets, parse_budget_args
+
+ROOT = Path(__file__).resolve().parent.parent
+POLYGRAPHY = Path(sys.executable).parent / "polygraphy"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tiny_data):
+    from conftest import write_recipe
+    d = tmp_path_factory.mktemp("verify")
+    recipe = write_recipe(d / "tiny.yaml", tiny_data, train={"epochs": 2, "threads": 1},
+                          data={"val_fraction": 0.25}, compile={"calib_samples": 4})
+    art = d / "artifacts"
+    uadc.train(recipe, artifacts=art)
+    b = uadc.baseline(recipe, artifacts=art)
+    fp32 = uadc.compile(b, "ort-cpu-fp32", evaluate=False, latency_runs=1, artifacts=art).path
+    int8 = uadc.compile(b, "ort-cpu-int8", evaluate=False, latency_runs=1, artifacts=art).path
+    return recipe, fp32, int8
+
+
+def _scaled_copy(src: Path, dst: Path, factor: float) -> Path:
+    """The artifact with every student conv weight scaled (an injected regression)."""
+    shutil.copytree(src, dst)
+    m = onnx.load(str(dst / "model.onnx"))
+    from uadc.export.partitions import partition_of
+    weights = {n.input[1] for n in m.graph.node if n.op_type == "Conv" and partition_of(n) == "student"}
+    for init in m.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
+    onnx.save(m, str(dst / "model.onnx"))
+    return dst
+
+
+# ------------------------------------------------------------------------------ figures (unit)
+
+def test_identical_outputs_give_perfect_figures():
+    rng = np.random.default_rng(0)
+    scores, maps = rng.random(20) + 1, rng.random((20, 16, 16))
+    cats = np.array(["a"] * 10 + ["b"] * 10)
+    thr = fidelity.reference_thresholds(scores, maps, cats)
+    f = fidelity.figures(scores, maps, scores, maps, cats, thr)
+    assert f["all"] == {"spearman": 1.0, "decision_agreement": 1.0, "map_dice": 1.0, "map_iou": 1.0,
+                        "top1_overlap": 1.0, "score_ratio": 1.0, "score_shift": 0.0}
+    assert set(f["categories"]) == {"a", "b"}
+
+
+def test_figures_see_reordering_and_drift():
+    rng = np.random.default_rng(1)
+    scores, maps = rng.random(30) + 1, rng.random((30, 16, 16))
+    cats = np.array(["a"] * 30)
+    thr = fidelity.reference_thresholds(scores, maps, cats)
+    rev = fidelity.figures(scores, maps, -scores + 5, maps[:, ::-1], cats, thr)["all"]
+    assert rev["spearman"] == pytest.approx(-1.0) and rev["top1_overlap"] < 0.2
+    up = fidelity.figures(scores, maps, scores * 1.5, maps * 1.5, cats, thr)["all"]
+    assert up["spearman"] == pytest.approx(1.0) and up["score_ratio"] == pytest.approx(1.5)
+    assert up["score_shift"] > 1 and up["decision_agreement"] < 0.9 and up["map_dice"] < 0.5
+
+
+def test_budgets_defaults_overrides_and_errors():
+    b = budgets()
+    assert set(b) == set(BUDGET_KEYS) and b["spearman_min"] == 0.9
+    assert budgets({"spearman_min": 0.5}, {"map_dice_min": "0.8"}) == {**b, "spearman_min": 0.5, "map_dice_min": 0.8}
+    with pytest.raises(UadcError, match="unknown budget"):
+        budgets(None, {"spearman": "1"})
+    with pytest.raises(UadcError, match="expected a number"):
+        budgets(None, {"spearman_min": "high"})
+    with pytest.raises(UadcError, match="spearman_min"):
+        budgets(None, {"spearman_min": "3"})
+    with pytest.raises(UadcError, match="KEY=VALUE"):
+        parse_budget_args(["spearman_min"])
+
+
+# ------------------------------------------------------------------------------ golden outputs
+
+def test_golden_files_are_polygraphy_formats_and_the_polygraphy_cli_passes(artifacts):
+    _, fp32, int8 = artifacts
+    for art in (fp32, int8):
+        meta = json.loads((art / "golden.json").read_text())
+        kinds = {im["kind"] for im in meta["images"]}
+        assert kinds == {"normal", "random", "test"} and meta["thresholds"]["global"]["n"] > 0
+        assert (art / meta["reference_model"]).is_file()
+    assert json.loads((int8 / "golden.json").read_text())["reference_model"] == "golden_reference.onnx"
+    if not POLYGRAPHY.is_file():
+        pytest.skip(f"polygraphy CLI not installed next to {sys.executable}")
+    r = subprocess.run([str(POLYGRAPHY), "run", str(fp32 / "model.onnx"), "--onnxrt",
+                        "--load-inputs", str(fp32 / "golden_inputs.json"),
+                        "--load-outputs", str(fp32 / "golden_outputs.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "PASSED" in r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------------------ verify / diff
+
+def test_verify_passes_on_the_artifact_itself_and_json_keys_are_stable(artifacts, tmp_path):
+    _, fp32, _ = artifacts
+    out = tmp_path / "v.json"
+    r = CliRunner().invoke(main, ["verify", str(fp32), "--json", str(out), "--markdown", str(tmp_path / "v.md")])
+    assert r.exit_code == 0, r.output
+    d = json.loads(out.read_text())
+    assert d["passed"] and d["exit_code"] == 0 and d["polygraphy"]["passed"]
+    assert set(d["figures"]) == set(RULES)  # labelled drops included: the golden set has test images
+    for fig in d["figures"].values():
+        assert set(fig) == {"value", "budget", "rule", "passed"}
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Regression gate"):]
+    for key in d:
+        assert f"`{key}`" in section, f"JSON key {key!r} not documented in README's Regression gate section"
+    assert (tmp_path / "v.md").read_text().startswith("# uadc verify: PASS")
+
+
+def test_verify_fails_an_injected_regression_with_exit_1(artifacts, tmp_path):
+    _, fp32, _ = artifacts
+    bad = _scaled_copy(fp32, tmp_path / "bad", 3.0)
+    r = CliRunner().invoke(main, ["verify", str(bad), "--normal-only", "--json", str(tmp_path / "bad.json")])
+    assert r.exit_code == 1, r.output
+    d = json.loads((tmp_path / "bad.json").read_text())
+    assert not d["passed"] and d["failures"] and d["labelled"] is None
+    assert "REGRESSION: " in r.output and re.search(r"REGRESSION: \w+(\[\w+\])? = ", r.output)
+    # the same artifact passes once the failing budgets are relaxed to the limit
+    relax = [f"--budget={RULES[n][0]}={-1 if n == 'spearman' else 0 if RULES[n][1] == 'min' else 100 if n == 'score_shift' else 10}" for n in d["figures"]]
+    r2 = CliRunner().invoke(main, ["verify", str(bad), "--normal-only", *relax])
+    assert r2.exit_code == 0, r2.output
+
+
+def test_usage_errors_exit_2(artifacts, tmp_path):
+    _, fp32, _ = artifacts
+    for args in (["verify", str(tmp_path / "missing")], ["verify", str(fp32), "--budget", "nope=1"],
+                 ["verify", str(fp32), "--golden", str(tmp_path)], ["diff", str(fp32)]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2, (args, r.output)
+
+
+def test_diff_int8_against_fp32_reports_every_figure(artifacts, tmp_path):
+    _, fp32, int8 = artifacts
+    res = uadc.diff(fp32, int8)
+    assert isinstance(res, uadc.DiffResult) and res.kind == "diff"
+    names = {f.name for f in res.figures if f.scope == "all"}
+    assert names == set(RULES)
+    assert set(res.categories) == {"stripes", "gray"}
+    assert res.to_dict()["polygraphy"]["max_abs"] > 0  # INT8 differs from FP32 tensor-wise
+    v = uadc.verify(int8, budgets={"spearman_min": -1})
+    assert isinstance(v, uadc.VerifyResult) and v.budgets["spearman_min"] == -1
+
+
+def test_verify_and_diff_on_an_image_folder(artifacts, tiny_data):
+    _, fp32, int8 = artifacts
+    folder = tiny_data / "stripes" / "test" / "good"
+    v = uadc.verify(int8, images=[folder])
+    assert v.images == {"user": len(list(folder.iterdir()))} and v.labelled is None
+    d = uadc.diff(fp32, fp32, images=[folder])
+    assert d.passed and d.figure("spearman").value == pytest.approx(1.0)
+
+
+def test_uadc_verify_is_callable_whatever_was_imported_first():
+    code = "import uadc.verify.gate, uadc; assert callable(uadc.verify) and callable(uadc.diff)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

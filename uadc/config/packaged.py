@@ -1,0 +1,89 @@
+"""Built-in recipes: the repository's ``recipes/`` folder, installed as ``uadc.recipes`` package
+data (and the demo data as ``uadc.examples``), so ``uadc train demo`` works from a wheel.
+
+A recipe argument that names an existing file is that file; otherwise a plain name (``demo``,
+``stfpm_effnet_lite0``, optionally with ``.yaml``) is the packaged recipe of that name. Relative
+paths inside a recipe resolve against the recipe file's folder, wherever it lives: the demo's
+``../examples/hazelnut_toy_256`` is inside the package; the other recipes' ``../../shared/data``
+only exists beside this project's source tree (elsewhere: copy the recipe with
+``uadc recipes show NAME > my.yaml`` and set ``data.sources[i].root``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from uadc.core.errors import UadcError
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class PackagedRecipe:
+    name: str
+    path: Path
+    summary: str            # the recipe's first comment line
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": str(self.path), "summary": self.summary}
+
+
+def recipes_dir() -> Path:
+    """Folder of the built-in recipes (installed package data, or the source tree's recipes/)."""
+    try:
+        return Path(str(resources.files("uadc.recipes")))
+    except ModuleNotFoundError:  # an editable install made before recipes/ became package data
+        return Path(__file__).resolve().parents[2] / "recipes"
+
+
+def packaged_recipes() -> list[PackagedRecipe]:
+    folder = recipes_dir()
+    paths = sorted(p for p in folder.iterdir() if p.suffix in RECIPE_SUFFIXES and p.is_file()) \
+        if folder.is_dir() else []
+    return [PackagedRecipe(p.stem, p, _summary(p)) for p in paths]
+
+
+def packaged_recipe(name: str) -> PackagedRecipe:
+    """The built-in recipe called ``name``; an unknown name is a one-line error listing them."""
+    stem = _stem(name)
+    for r in packaged_recipes():
+        if r.name == stem:
+            return r
+    names = ", ".join(r.name for r in packaged_recipes()) or "none"
+    raise UadcError(f"recipe not found: {name} (not a file, nor a built-in recipe: {names})")
+
+
+def resolve_recipe_path(source: "str | Path") -> Path:
+    """The file a recipe argument means: an existing file as given, else a built-in by name."""
+    path = Path(source)
+    if path.is_file() or not _is_name(str(source)):
+        return path
+    return packaged_recipe(str(source)).path
+
+
+def _is_name(text: str) -> bool:
+    return bool(text) and not any(c in text for c in "/\\") and text not in (".", "..")
+
+
+def _stem(name: str) -> str:
+    for suffix in RECIPE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _summary(path: Path) -> str:
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith("#"):
+                return line.lstrip("#").strip()
+            if line.strip():
+                break
+    except (OSError, UnicodeDecodeError):
+        pass
+    return ""
+
+
+__all__ = ["PackagedRecipe", "packaged_recipe", "packaged_recipes", "recipes_dir", "resolve_recipe_path"]

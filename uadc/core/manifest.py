@@ -1,0 +1,219 @@
+"""``artifact.json``: what an artifact folder holds and how to run it, readable without torch.
+
+A manifest names the model, its input and preprocessing, the categories, the operating
+thresholds with their normalisation constants, and the sha256 of every file in the folder.
+``read_manifest(folder)`` checks those hashes: a file changed after compile is a one-line
+``UadcError`` (exit 2), never a silently different model. Files that appear later and are not
+listed (``model.engine`` built on the device from the listed ``model.onnx``) are not refused;
+``Manifest.unlisted`` names them.
+
+Imports only the standard library, numpy and uadc.core, so ``uadc.runtime`` can use it on an
+edge box without PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uadc.core.constants import INPUT_NAME, MANIFEST_FILE, MANIFEST_SCHEMA, MODEL_FILE, OUTPUT_NAMES
+from uadc.core.errors import UadcError
+from uadc.core.io import TMP_TAG, atomic_write_json, sha256_file
+
+MAX_MANIFEST_BYTES = 16 << 20
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One operating threshold (raw model units) and its min-max normalisation (anomalib's
+    convention): ``normalize(threshold) == 0.5`` and [0, 1] spans ``[low, high]``, the range of
+    the validation normals' values, clipped beyond."""
+
+    value: float            # raw score / map value at which "defective" starts
+    low: float              # smallest validation value
+    high: float             # largest validation value
+    quantile: float         # quantile level of the validation values that gave ``value``
+    n: int                  # validation values it rests on (images, or pixels)
+
+    def normalize(self, x: Any) -> np.ndarray:
+        span = max(self.high - self.low, _EPS)
+        return np.clip((np.asarray(x, np.float32) - self.value) / span + 0.5, 0.0, 1.0).astype(np.float32)
+
+    def decide(self, x: Any) -> np.ndarray:
+        """True where ``x`` (raw) is at or above the threshold (a defect)."""
+        return np.asarray(x) >= self.value
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Threshold":
+        return cls(float(d["value"]), float(d["low"]), float(d["high"]), float(d["quantile"]), int(d["n"]))
+
+
+@dataclass(frozen=True)
+class CategoryThresholds:
+    image: Threshold        # on the image score
+    pixel: Threshold        # on anomaly-map values (the mask)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CategoryThresholds":
+        return cls(Threshold.from_dict(d["image"]), Threshold.from_dict(d["pixel"]))
+
+
+GLOBAL = "global"           # key of the thresholds over all categories' validation normals together
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Label-free operating points of one artifact, computed on its own validation outputs."""
+
+    false_alarm_rate: float
+    estimator: str                              # how the quantile was estimated (README)
+    categories: dict[str, CategoryThresholds]
+    global_: CategoryThresholds                 # serialised as "global"
+    validation: dict[str, int] = field(default_factory=dict)   # category -> validation images
+
+    def get(self, category: str | None = None) -> CategoryThresholds:
+        """A category's thresholds; ``None`` gives the global ones (category unknown)."""
+        if category is None or category == GLOBAL:
+            return self.global_
+        if category not in self.categories:
+            raise UadcError(f"unknown category {category!r}; this artifact knows "
+                            f"{', '.join(self.categories) or 'none'} (or omit it for the global threshold)")
+        return self.categories[category]
+
+    def to_dict(self) -> dict:
+        return {"false_alarm_rate": self.false_alarm_rate, "estimator": self.estimator,
+                "categories": {c: asdict(t) for c, t in self.categories.items()},
+                GLOBAL: asdict(self.global_), "validation": dict(self.validation)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Thresholds":
+        return cls(float(d["false_alarm_rate"]), str(d["estimator"]),
+                   {c: CategoryThresholds.from_dict(t) for c, t in d["categories"].items()},
+                   CategoryThresholds.from_dict(d[GLOBAL]), {k: int(v) for k, v in d.get("validation", {}).items()})
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the training loader does to a file (uadc.data.mvtec.load_image + normalisation)."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "bilinear"        # PIL filter; skipped when the image already has the size
+    color: str = "RGB"              # PIL convert() mode; grayscale is replicated to 3 channels
+    scale: float = 1 / 255          # uint8 -> [0, 1]
+    layout: str = "NCHW"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(int(d["image_size"]), tuple(float(x) for x in d["mean"]), tuple(float(x) for x in d["std"]),
+                   str(d.get("resize", "bilinear")), str(d.get("color", "RGB")), float(d.get("scale", 1 / 255)),
+                   str(d.get("layout", "NCHW")))
+
+
+@dataclass
+class Manifest:
+    uadc_version: str
+    recipe: str
+    recipe_hash: str
+    target: str
+    precision: str
+    runtime: str
+    preprocessing: Preprocessing
+    categories: list[str]
+    thresholds: Thresholds | None = None
+    model_file: str = MODEL_FILE
+    input_name: str = INPUT_NAME
+    input_shape: list[Any] = field(default_factory=list)      # ["batch", 3, H, W]
+    outputs: list[str] = field(default_factory=lambda: list(OUTPUT_NAMES))
+    postprocess: dict | None = None         # in-graph pred_* outputs: how the category is chosen
+    files: dict[str, str] = field(default_factory=dict)       # relative path -> sha256
+    schema: int = MANIFEST_SCHEMA
+    folder: Path | None = None              # where it was read from (not serialised)
+    unlisted: list[str] = field(default_factory=list)         # files present but not listed
+
+    def to_dict(self) -> dict:
+        return {"schema": self.schema, "uadc_version": self.uadc_version, "recipe": self.recipe,
+                "recipe_hash": self.recipe_hash, "target": self.target, "precision": self.precision,
+                "runtime": self.runtime, "model_file": self.model_file,
+                "input": {"name": self.input_name, "shape": list(self.input_shape), "dtype": "float32"},
+                "outputs": list(self.outputs), "preprocessing": asdict(self.preprocessing),
+                "categories": list(self.categories),
+                "thresholds": self.thresholds.to_dict() if self.thresholds else None,
+                "postprocess": self.postprocess, "files": dict(sorted(self.files.items()))}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        inp = d.get("input") or {}
+        return cls(str(d["uadc_version"]), str(d["recipe"]), str(d["recipe_hash"]), str(d["target"]),
+                   str(d["precision"]), str(d["runtime"]), Preprocessing.from_dict(d["preprocessing"]),
+                   list(d["categories"]), Thresholds.from_dict(d["thresholds"]) if d.get("thresholds") else None,
+                   str(d.get("model_file", MODEL_FILE)), str(inp.get("name", INPUT_NAME)), list(inp.get("shape", [])),
+                   list(d.get("outputs", OUTPUT_NAMES)), d.get("postprocess"), dict(d.get("files", {})),
+                   int(d.get("schema", MANIFEST_SCHEMA)))
+
+    def essentials(self) -> dict:
+        """What goes into the ONNX ``metadata_props`` (``uadc.deploy``): enough to run the
+        model and decide without the folder's other files."""
+        d = self.to_dict()
+        return {k: d[k] for k in ("schema", "uadc_version", "recipe_hash", "target", "precision", "input",
+                                  "preprocessing", "categories", "thresholds", "postprocess")}
+
+
+def _listed_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE
+                  and TMP_TAG not in p.name and not p.name.startswith(".uadc"))
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """Hash every file now in ``folder`` into the manifest and write ``artifact.json`` last."""
+    folder = Path(folder)
+    manifest.files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in _listed_files(folder)}
+    return atomic_write_json(folder / MANIFEST_FILE, manifest.to_dict())
+
+
+def read_manifest(folder: Path, verify: bool = True) -> Manifest:
+    """The manifest of an artifact folder; with ``verify``, every listed file must exist and
+    match its sha256 (one-line ``UadcError`` otherwise)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UadcError(f"artifact folder not found: {folder}")
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise UadcError(f"{folder} has no {MANIFEST_FILE}: not a uadc artifact folder (or compiled by an older "
+                        f"uadc; compile it again)")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise UadcError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a uadc manifest")
+    try:
+        manifest = Manifest.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UadcError(f"{path}: not a valid uadc manifest ({type(exc).__name__}: {exc})") from None
+    if manifest.schema > MANIFEST_SCHEMA:
+        raise UadcError(f"{path}: manifest schema {manifest.schema} is newer than this uadc reads "
+                        f"({MANIFEST_SCHEMA}); upgrade uadc")
+    manifest.folder = folder
+    if verify:
+        verify_files(folder, manifest)
+    listed = set(manifest.files)
+    manifest.unlisted = [p.relative_to(folder).as_posix() for p in _listed_files(folder)
+                         if p.relative_to(folder).as_posix() not in listed]
+    return manifest
+
+
+def verify_files(folder: Path, manifest: Manifest) -> None:
+    if manifest.model_file not in manifest.files:
+        raise UadcError(f"{folder / MANIFEST_FILE}: does not list {manifest.model_file}")
+    for rel, digest in manifest.files.items():
+        p = folder / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise UadcError(f"{folder / MANIFEST_FILE}: file entry {rel!r} leaves the artifact folder")
+        if not p.is_file():
+            raise UadcError(f"artifact {folder}: {rel} is missing (listed in {MANIFEST_FILE})")
+        if sha256_file(p) != digest:
+            raise UadcError(f"artifact {folder}: {rel} does not match its sha256 in {MANIFEST_FILE} (changed after "
+                            f"compile); compile the artifact again or restore the file")

@@ -1,0 +1,155 @@
+"""Label-free operating thresholds and the decisions they make.
+
+Thresholds come only from an artifact's own outputs on the *validation normals* (held out of
+training, uadc.data.prepare): no test image and no label is ever read to set one. For a target
+false-alarm rate ``a`` the threshold estimates the ``q = 1 - a`` quantile of the normal values:
+
+- estimator: the order statistic ``X_(j)`` whose rank makes it a one-sided 95 % upper confidence
+  bound of the quantile (distribution-free: smallest ``j`` with ``P(Binomial(n, q) <= j-1) >= 0.95``).
+  The margin this adds shrinks as the validation set grows.
+- when the validation set is too small for that (``j > n``, e.g. fewer than 299 images at
+  ``a = 0.01``), a one-sided normal tolerance bound on the log values (95 % confidence that at
+  least ``q`` of normals fall below; Natrella's k factor), never below the largest value seen.
+- with ``deploy.threshold_margin: false``: the plain empirical quantile (numpy "linear").
+
+Thresholds are rounded to float32, so ``score >= threshold`` decides the same in numpy, ONNX
+Runtime and TensorRT. Image thresholds use image scores; pixel thresholds use anomaly-map values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from uadc.core.manifest import GLOBAL, CategoryThresholds, Threshold, Thresholds
+
+CONFIDENCE = 0.95
+ESTIMATOR = ("one-sided 95% upper confidence bound of the (1 - false_alarm_rate) quantile of validation normals: "
+             "distribution-free order statistic, or a lognormal tolerance bound (>= max) when too few values")
+ESTIMATOR_PLAIN = "empirical (1 - false_alarm_rate) quantile of validation normals (numpy linear)"
+MAX_PIXELS = 2_000_000       # pixel values sampled (evenly) per threshold; quantiles need no more
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def tolerance_factor(n: int, q: float, confidence: float = CONFIDENCE) -> float:
+    """One-sided normal tolerance factor k (Natrella): mean + k sd covers ``q`` of the
+    population with ``confidence``."""
+    zp, zg = stats.norm.ppf(q), stats.norm.ppf(confidence)
+    a = 1 - zg ** 2 / (2 * max(n - 1, 1))
+    b = zp ** 2 - zg ** 2 / n
+    if a <= 0:   # n too small for the approximation: fall back to a wide, finite factor
+        return float(zp + 3 * zg)
+    return float((zp + math.sqrt(max(zp ** 2 - a * b, 0.0))) / a)
+
+
+def quantile_threshold(values: np.ndarray, far: float, margin: bool = True) -> tuple[float, float]:
+    """(threshold, quantile level of the values it sits at) for false-alarm rate ``far``."""
+    v = np.sort(np.asarray(values, np.float64).ravel())
+    n, q = len(v), 1.0 - far
+    if n == 0:
+        raise ValueError("no validation values")
+    if not margin:
+        return _f32(np.quantile(v, q)), q
+    j = int(stats.binom.ppf(CONFIDENCE, n, q)) + 1      # 1-based rank of the upper bound
+    if j <= n:
+        return _f32(v[j - 1]), j / n
+    if v[0] > 0 and n >= 2:
+        logs = np.log(v)
+        sd = float(logs.std(ddof=1))
+        bound = math.exp(float(logs.mean()) + tolerance_factor(n, q) * sd)
+    elif n >= 2:
+        bound = float(v.mean()) + tolerance_factor(n, q) * float(v.std(ddof=1))
+    else:
+        bound = float(v[-1])
+    return _f32(max(bound, v[-1])), 1.0
+
+
+def _sample_pixels(maps: np.ndarray) -> np.ndarray:
+    flat = np.asarray(maps, np.float32).ravel()
+    step = max(1, len(flat) // MAX_PIXELS)
+    return flat[::step]
+
+
+def threshold_of(values: np.ndarray, far: float, margin: bool) -> Threshold:
+    v = np.asarray(values, np.float32).ravel()
+    value, level = quantile_threshold(v, far, margin)
+    return Threshold(value=value, low=_f32(v.min()), high=_f32(v.max()), quantile=round(level, 6), n=int(v.size))
+
+
+def compute_thresholds(val: dict[str, tuple[np.ndarray, np.ndarray]], far: float, margin: bool = True
+                       ) -> Thresholds:
+    """``val``: category -> (maps (N,H,W), scores (N,)) of one artifact on its validation normals.
+    Per category and ``global`` (all categories' normals together)."""
+    cats = {c: (m, s) for c, (m, s) in val.items() if len(s)}
+    if not cats:
+        raise ValueError("no validation normals")
+    per = {c: CategoryThresholds(threshold_of(s, far, margin), threshold_of(_sample_pixels(m), far, margin))
+           for c, (m, s) in cats.items()}
+    all_scores = np.concatenate([s for _, s in cats.values()])
+    all_pixels = np.concatenate([_sample_pixels(m) for m, _ in cats.values()])
+    glob = CategoryThresholds(threshold_of(all_scores, far, margin), threshold_of(all_pixels, far, margin))
+    return Thresholds(far, ESTIMATOR if margin else ESTIMATOR_PLAIN, per, glob,
+                      {c: int(len(s)) for c, (_, s) in cats.items()})
+
+
+# -- decisions on the test sets (labels used to report, never to set) ---------------------------
+
+@dataclass
+class Decisions:
+    """Verdicts of one artifact on one category's test set at its operating point."""
+
+    labels: np.ndarray          # predicted 0/1 per image
+    masks: np.ndarray           # predicted (N,H,W) bool
+
+    @classmethod
+    def make(cls, thr: CategoryThresholds, maps: np.ndarray, scores: np.ndarray) -> "Decisions":
+        return cls(thr.image.decide(np.asarray(scores, np.float32)).astype(np.int8),
+                   thr.pixel.decide(np.asarray(maps, np.float32)))
+
+
+def rates(pred: np.ndarray, labels: np.ndarray) -> dict:
+    """False-reject rate on good test images and escape (miss) rate on defective ones."""
+    good, bad = labels == 0, labels == 1
+    return {"false_reject_rate": float(pred[good].mean()) if good.any() else None,
+            "escape_rate": float(1 - pred[bad].mean()) if bad.any() else None,
+            "good": int(good.sum()), "defective": int(bad.sum()),
+            "rejected": int(pred.sum())}
+
+
+def mask_overlap(a: np.ndarray, b: np.ndarray) -> dict:
+    """Dice and IoU of two sets of predicted masks over all their pixels (1.0 when both empty)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    inter, sa, sb = int(np.logical_and(a, b).sum()), int(a.sum()), int(b.sum())
+    union = sa + sb - inter
+    return {"dice": 1.0 if sa + sb == 0 else 2 * inter / (sa + sb), "iou": 1.0 if union == 0 else inter / union}
+
+
+def decision_report(fp32: dict[str, Decisions], compiled: dict[str, Decisions], labels: dict[str, np.ndarray]
+                    ) -> dict:
+    """Per category and overall: FP32 and compiled false-reject / escape rates, and their
+    agreement (share of test images with the same verdict; Dice/IoU of the masks)."""
+    out: dict = {"categories": {}}
+    tot_same = tot_n = 0
+    for cat, lab in labels.items():
+        f, c = fp32[cat], compiled[cat]
+        same = int((f.labels == c.labels).sum())
+        tot_same, tot_n = tot_same + same, tot_n + len(lab)
+        out["categories"][cat] = {"fp32": rates(f.labels, lab), "compiled": rates(c.labels, lab),
+                                  "agreement": same / len(lab), "disagreements": len(lab) - same,
+                                  "mask": mask_overlap(f.masks, c.masks)}
+    all_f = np.concatenate([fp32[c].labels for c in labels])
+    all_c = np.concatenate([compiled[c].labels for c in labels])
+    all_l = np.concatenate(list(labels.values()))
+    out["overall"] = {"fp32": rates(all_f, all_l), "compiled": rates(all_c, all_l),
+                      "agreement": tot_same / max(tot_n, 1), "disagreements": tot_n - tot_same}
+    return out
+
+
+__all__ = ["compute_thresholds", "quantile_threshold", "Decisions", "decision_report", "rates", "mask_overlap",
+           "GLOBAL", "ESTIMATOR"]

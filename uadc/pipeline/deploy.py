@@ -1,0 +1,134 @@
+"""Deployment glue of a compile: each artifact's own operating thresholds (from its outputs on
+the validation normals), the decisions FP32 and the artifact make on the test sets, and the
+``artifact.json`` manifest."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from uadc import __version__
+from uadc.backends.ort import make_session, ort_predictor
+from uadc.config.targets import Target
+from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES, PRED_OUTPUTS
+from uadc.core.manifest import Manifest, Preprocessing, Thresholds
+from uadc.evaluation.run import Predictor, load_test_arrays, predict
+from uadc.evaluation.thresholds import Decisions, compute_thresholds, decision_report
+from uadc.pipeline.baseline import Baseline
+
+log = logging.getLogger(__name__)
+Outputs = dict[str, tuple[np.ndarray, np.ndarray]]      # category -> (maps (N,H,W), scores (N,))
+_FP32_CACHE: "weakref.WeakKeyDictionary[Baseline, tuple]" = weakref.WeakKeyDictionary()
+_VAL_CACHE: "weakref.WeakKeyDictionary[Baseline, dict]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class DeployResult:
+    thresholds: Thresholds | None          # the artifact's own
+    fp32_thresholds: Thresholds | None
+    section: dict                          # report.json "deploy"
+
+
+def val_images(baseline: Baseline) -> dict[str, np.ndarray]:
+    """category -> validation normals (N,3,H,W), loaded once per baseline."""
+    if baseline not in _VAL_CACHE:
+        _VAL_CACHE[baseline] = {c: load_test_arrays(ds)[0] for c, ds in baseline.data.val.items() if len(ds)}
+    return _VAL_CACHE[baseline]
+
+
+def outputs_on(model: onnx.ModelProto, images: dict[str, np.ndarray], threads: int, batch: int, desc: str,
+               predictor: Callable[[onnx.ModelProto], Predictor] | None = None) -> Outputs:
+    run = predictor(model) if predictor else ort_predictor(make_session(model, threads))
+    return {c: predict(run, x, batch, f"{desc} {c}") for c, x in images.items()}
+
+
+def _thresholds(outputs: Outputs, baseline: Baseline) -> Thresholds | None:
+    d = baseline.recipe.deploy
+    return compute_thresholds(outputs, d.false_alarm_rate, d.threshold_margin) if outputs else None
+
+
+def _fp32(baseline: Baseline, threads: int) -> tuple[Thresholds | None, Outputs]:
+    """FP32 thresholds and test outputs, computed once per baseline (shared by every target)."""
+    if baseline not in _FP32_CACHE:
+        bs = baseline.recipe.eval.batch_size
+        thr = _thresholds(outputs_on(baseline.fp32, val_images(baseline), threads, bs, "fp32 val"), baseline)
+        tests = outputs_on(baseline.fp32, {c: a[0] for c, a in baseline.test_arrays.items()}, threads, bs,
+                           "fp32 decisions")
+        _FP32_CACHE[baseline] = (thr, tests)
+    return _FP32_CACHE[baseline]
+
+
+def deploy_evaluation(baseline: Baseline, compiled: onnx.ModelProto, threads: int, decisions: bool = True,
+                      predictor: Callable[[onnx.ModelProto], Predictor] | None = None) -> DeployResult:
+    """Thresholds of ``compiled`` from its own validation outputs; with ``decisions``, FP32 vs
+    compiled verdicts on the test sets (labels only reported, never used to set a threshold).
+    ``predictor(model)`` runs the artifact on its target runtime (default: ONNX Runtime CPU)."""
+    bs = baseline.recipe.eval.batch_size
+    val = val_images(baseline)
+    thr = _thresholds(outputs_on(compiled, val, threads, bs, "validation", predictor), baseline)
+    d = baseline.recipe.deploy
+    section: dict = {"false_alarm_rate": d.false_alarm_rate, "threshold_margin": d.threshold_margin,
+                     "validation": {c: int(len(x)) for c, x in val.items()},
+                     "thresholds": {"compiled": thr.to_dict() if thr else None}}
+    if thr is None:
+        section["note"] = "no validation normals (data.val_fraction 0 and no data.val): no thresholds"
+        return DeployResult(None, None, section)
+    section["estimator"] = thr.estimator
+    if _trained_before_split(baseline):
+        section["note"] = ("the checkpoint was trained before uadc held out validation normals (no data.val_fraction "
+                           "in its recipe): it has seen them, so these thresholds are optimistic; retrain")
+        log.warning(section["note"])
+    fp32_thr, fp32_tests = _fp32(baseline, threads) if decisions else (None, None)
+    if decisions and fp32_thr is not None:
+        section["thresholds"]["fp32"] = fp32_thr.to_dict()
+        comp_tests = outputs_on(compiled, {c: a[0] for c, a in baseline.test_arrays.items()}, threads, bs,
+                                "decisions", predictor)
+        labels = {c: a[2] for c, a in baseline.test_arrays.items()}
+        f = {c: Decisions.make(fp32_thr.get(c), *fp32_tests[c]) for c in labels}
+        k = {c: Decisions.make(thr.get(c), *comp_tests[c]) for c in labels}
+        section["decisions"] = decision_report(f, k, labels)
+    return DeployResult(thr, fp32_thr, section)
+
+
+def _trained_before_split(baseline: Baseline) -> bool:
+    stored = (baseline.blob or {}).get("recipe")
+    return isinstance(stored, dict) and "val_fraction" not in (stored.get("data") or {})
+
+
+def make_manifest(baseline: Baseline, target: Target, thresholds: Thresholds | None,
+                  postprocess: dict | None = None) -> Manifest:
+    r = baseline.recipe
+    mean, std = r.normalization()
+    pre = Preprocessing(image_size=baseline.size, mean=tuple(float(x) for x in mean), std=tuple(float(x) for x in std))
+    outputs = list(OUTPUT_NAMES) + (list(PRED_OUTPUTS) if postprocess else [])
+    return Manifest(uadc_version=__version__, recipe=r.name, recipe_hash=r.hash, target=target.name,
+                    precision=target.precision, runtime=target.runtime, preprocessing=pre,
+                    categories=list(baseline.categories), thresholds=thresholds, input_name=INPUT_NAME,
+                    input_shape=["batch", 3, baseline.size, baseline.size], outputs=outputs, postprocess=postprocess)
+
+
+def finalize_model(baseline: Baseline, compiled: onnx.ModelProto, target: Target, thresholds: Thresholds | None,
+                   postprocess: bool) -> tuple[onnx.ModelProto, Manifest]:
+    """The model file as saved (with ``pred_*`` outputs when asked) and its manifest; the
+    manifest's essentials also go into the model's ``metadata_props`` (``uadc.deploy``)."""
+    from uadc.export.onnx_export import set_metadata
+    from uadc.passes.postprocess import append_postprocess
+    info = None
+    if postprocess:
+        if thresholds is None:
+            from uadc.core.errors import UadcError
+            raise UadcError("postprocess: needs operating thresholds, and this recipe has no validation normals "
+                            "(set data.val_fraction > 0 or data.val)")
+        compiled, info = append_postprocess(compiled, thresholds, list(baseline.categories))
+    else:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(compiled)
+        compiled = copy
+    manifest = make_manifest(baseline, target, thresholds, info)
+    set_metadata(compiled, {"deploy": manifest.essentials()})
+    return compiled, manifest

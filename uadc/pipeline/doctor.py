@@ -1,0 +1,185 @@
+"""``uadc doctor``: what uadc sees on this machine and what each target can do here.
+
+Per target, one of:
+- ``run``: the target's own runtime is here; compile measures accuracy and latency on it.
+- ``emulate``: a stand-in runs here (a Jetson target's engine built on this machine's GPU); the
+  engine for the device itself must be built on the device.
+- ``bundle only``: the target's runtime is absent; ``uadc compile`` writes the device bundle
+  (model.onnx, build_engine.sh, ...) and predicts INT8 accuracy with ONNX Runtime running the
+  same Q/DQ model (``emulated_int8`` in report.json); no engine, no target latency.
+- ``unavailable``: an optional package is missing (the detail names it).
+
+Nothing heavy is imported: versions come from package metadata, CPU features from
+/proc/cpuinfo, TensorRT/GPU presence from the TensorRT backend's own check.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from uadc import __version__
+from uadc.backends.tensorrt.plan import trt_available
+from uadc.config.targets import TARGETS, Target
+
+PACKAGES = {"torch": ("torch",), "onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+            "polygraphy": ("polygraphy",), "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu11"),
+            "openvino": ("openvino",)}
+# /proc/cpuinfo flag -> name; the ones that decide INT8 speed on x86 CPUs
+CPU_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI",
+                "amx_tile": "AMX", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16"}
+
+
+@dataclass
+class TargetSupport:
+    target: str
+    runtime: str
+    precision: str
+    can: str            # run | emulate | bundle only | unavailable
+    detail: str
+
+
+@dataclass
+class DoctorReport:
+    uadc: str
+    python: str
+    platform: str
+    versions: dict[str, str | None]          # None: not installed
+    cpu: str
+    cpu_features: dict[str, bool | None]     # None: unknown (no /proc/cpuinfo)
+    cores: int
+    threads: dict[str, int | str | None]
+    gpu: str | None                          # None: no CUDA GPU visible
+    tensorrt: str | None                     # None: engines cannot be built here
+    tensorrt_reason: str
+    onnxruntime_providers: list[str]
+    targets: list[TargetSupport] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_text(self) -> str:
+        v = ", ".join(f"{k} {ver or 'not installed'}" for k, ver in self.versions.items())
+        feats = ", ".join(f"{k} {'yes' if on else 'no' if on is not None else '?'}"
+                          for k, on in self.cpu_features.items())
+        t = self.threads
+        lines = [f"uadc {self.uadc}, Python {self.python}, {self.platform}", f"versions: {v}",
+                 f"CPU: {self.cpu}; {self.cores} cores", f"CPU features for INT8: {feats}",
+                 f"threads: torch {t['torch']}, usable cores {t['affinity']}, OMP_NUM_THREADS "
+                 f"{t['omp_num_threads'] or 'unset'}",
+                 f"GPU: {self.gpu or 'none'}",
+                 f"TensorRT: {self.tensorrt or 'no'} ({self.tensorrt_reason})",
+                 f"ONNX Runtime providers: {', '.join(self.onnxruntime_providers) or 'none'}",
+                 "targets:"]
+        width = max(len(s.target) for s in self.targets) if self.targets else 0
+        lines += [f"  {s.target:<{width}}  {s.can:<11}  {s.detail}" for s in self.targets]
+        return "\n".join(lines)
+
+
+def doctor() -> DoctorReport:
+    versions = {name: _version(dists) for name, dists in PACKAGES.items()}
+    flags = _cpu_flags()
+    features = {label: (flag in flags if flags is not None else None) for flag, label in CPU_FEATURES.items()}
+    trt_ok, trt_reason = trt_available()
+    gpu = _gpu()
+    report = DoctorReport(
+        uadc=__version__, python=platform.python_version(), platform=platform.platform(), versions=versions,
+        cpu=_cpu_model(), cpu_features=features, cores=os.cpu_count() or 1, threads=_threads(),
+        gpu=gpu, tensorrt=versions["tensorrt"] if trt_ok else None,
+        tensorrt_reason=trt_reason or "found", onnxruntime_providers=_ort_providers())
+    report.targets = [_support(t, report, trt_ok) for t in TARGETS.values()]
+    return report
+
+
+def _support(t: Target, r: DoctorReport, trt_ok: bool) -> TargetSupport:
+    def out(can: str, detail: str) -> TargetSupport:
+        return TargetSupport(t.name, t.runtime, t.precision, can, detail)
+
+    if t.runtime == "onnxruntime":
+        if r.versions["onnxruntime"] is None:
+            return out("unavailable", "onnxruntime not installed")
+        return out("run", "ONNX Runtime CPU" + (_int8_note(r) if t.quantized else ""))
+    if t.runtime == "openvino":
+        if r.versions["openvino"] is None:
+            return out("unavailable", "OpenVINO not installed: pip install 'uadc[openvino]'")
+        return out("run", "OpenVINO CPU" + (_int8_note(r) if t.quantized else ""))
+    if t.runtime == "tensorrt":
+        if trt_ok and (t.device != "jetson" or platform.machine() == "aarch64"):
+            return out("run", f"TensorRT {r.versions['tensorrt']} on {r.gpu or 'the GPU'}: --build-engine builds it")
+        if trt_ok:
+            return out("emulate", "TensorRT engine built on this GPU stands in; build the device's engine on "
+                                  "the Jetson with the bundle's build_engine.sh")
+        acc = "; INT8 accuracy emulated by ONNX Runtime" if t.quantized else ""
+        return out("bundle only", f"writes model.onnx + build_engine.sh for the device{acc} "
+                                  f"({'no TensorRT' if r.versions['tensorrt'] is None else 'TensorRT unusable'}, "
+                                  f"{'no GPU' if r.gpu is None else r.gpu})")
+    return out("unavailable", f"unknown runtime {t.runtime!r}")
+
+
+def _int8_note(r: DoctorReport) -> str:
+    f = r.cpu_features
+    if f.get("AVX-512 VNNI") is None:
+        return "; CPU INT8 features unknown"
+    have = [k for k in ("AVX-512 VNNI", "AVX-VNNI", "AMX-INT8") if f.get(k)]
+    if have:
+        return "; CPU INT8 instructions: " + ", ".join(have)
+    return "; no VNNI/AMX: INT8 may not be faster than FP32 on this CPU"
+
+
+def _version(dists: tuple[str, ...]) -> str | None:
+    for d in dists:
+        try:
+            return metadata.version(d)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _cpu_model() -> str:
+    for line in _cpuinfo():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> set[str] | None:
+    for line in _cpuinfo():
+        if line.startswith(("flags", "Features")):   # x86 / ARM
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+def _threads() -> dict[str, int | str | None]:
+    import torch
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"torch": torch.get_num_threads(), "affinity": affinity,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def _gpu() -> str | None:
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    n = torch.cuda.device_count()
+    return f"{n} CUDA device(s): {torch.cuda.get_device_name(0)}"
+
+
+def _ort_providers() -> list[str]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    return list(onnxruntime.get_available_providers())
+
+
+__all__ = ["DoctorReport", "TargetSupport", "doctor"]

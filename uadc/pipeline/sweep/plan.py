@@ -1,0 +1,164 @@
+"""A sweep's plan: the trained models it needs and its cells, each cell keyed by a content hash.
+
+Work that cells share is planned once: one model (one training task) per distinct recipe and
+training settings, and per model one FP32 baseline that all of its cells compile from. A cell's
+key hashes everything its result depends on (recipe hash, checkpoint sha256, compile options,
+run settings, uadc version), so a finished cell is found again by a rerun and a changed input
+(a retrained checkpoint, another option) makes a new cell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uadc import __version__
+from uadc.config.recipe import Recipe, load_recipe, recipe_from_dict
+from uadc.config.settings import resolve_ptq
+from uadc.config.targets import TARGETS
+from uadc.core.constants import CHECKPOINT_FILE
+from uadc.core.errors import UadcError
+from uadc.pipeline.sweep.spec import MAX_CELLS, RunConfig, SweepSpec
+
+TRAIN_SECTIONS = ("seed", "data", "model", "train")   # what a checkpoint depends on
+
+
+@dataclass(frozen=True)
+class Model:
+    """One trained model: the recipe variant it is trained from (one training task)."""
+
+    key: str
+    name: str                   # artifact folder under the artifacts root
+    cfg: dict = field(compare=False, hash=False)  # the variant recipe (absolute data paths)
+    category: str | None = None   # one-class model: its category
+
+    def recipe(self) -> Recipe:
+        return recipe_from_dict(self.cfg, keep_name=True)
+
+    def checkpoint(self, artifacts: Path) -> Path:
+        """Where training writes it (``training.checkpoint.checkpoint_path``; spelled out here so a
+        rerun that only reads records never imports torch; a test keeps the two equal)."""
+        return self.recipe().artifact_dir(artifacts) / CHECKPOINT_FILE
+
+
+@dataclass(frozen=True)
+class Cell:
+    id: str                     # readable: model/target[/calibrator/data/samples/partitions]
+    model: str                  # Model.key
+    axes: dict = field(compare=False, hash=False)     # axis values, for the table
+    options: dict = field(compare=False, hash=False)  # compile options (None: the recipe's)
+
+    @property
+    def folder(self) -> str:
+        return slug(self.id)
+
+
+@dataclass
+class Plan:
+    name: str
+    models: dict[str, Model]
+    cells: list[Cell]
+    run: RunConfig
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "_", text.replace("/", "__")).lstrip(".") or "cell"
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def train_hash(recipe: Recipe) -> str:
+    return recipe.section_hash(TRAIN_SECTIONS)
+
+
+def cell_key(cell: Cell, model: Model, checkpoint_sha: str, run: RunConfig) -> str:
+    """Content hash of a cell's inputs; equal keys mean the same result."""
+    return _hash({"recipe": model.recipe().hash, "checkpoint": checkpoint_sha, "options": cell.options,
+                  "run": {"evaluate": run.evaluate, "latency_runs": run.latency_runs, "threads": run.threads},
+                  "uadc": __version__})[:20]
+
+
+def make_plan(spec: SweepSpec, base: Path, name: str) -> Plan:
+    models: dict[str, Model] = {}
+    cells: dict[tuple, Cell] = {}
+    for entry in spec.recipe_entries(base):
+        original = load_recipe(entry.path)
+        recipe = original
+        for overrides in (spec.overrides, entry.overrides):
+            if overrides:
+                recipe = _override(recipe, overrides)
+        for size, seed, one_class in itertools.product(*(spec.axes.values(a) for a in ("image_size", "seed",
+                                                                                        "one_class"))):
+            for model in _models(original, recipe, size, seed, bool(one_class)):
+                models.setdefault(model.key, model)
+                for cell in _cells(spec, model, {"image_size": size, "seed": seed, "one_class": bool(one_class)}):
+                    cells.setdefault((cell.model, json.dumps(cell.options, sort_keys=True)), cell)
+                    if len(cells) > MAX_CELLS:
+                        raise UadcError(f"sweep {name}: more than {MAX_CELLS} cells")
+    return Plan(name, models, list(cells.values()), spec.run)
+
+
+def _override(recipe: Recipe, overrides: dict) -> Recipe:
+    if not isinstance(overrides, dict):
+        raise UadcError("sweep overrides: expected {section: {key: value}}")
+    return recipe.with_overrides(**overrides)
+
+
+def _models(original: Recipe, recipe: Recipe, size: int | None, seed: int | None, one_class: bool) -> list[Model]:
+    """The variant(s) trained for one (image size, seed, one-class) point; readable names."""
+    parts = []
+    if train_hash(recipe) != train_hash(original):
+        parts.append(train_hash(recipe)[:8])   # overrides that change training get their own folder
+    if size is not None and size != recipe.data.image_size:
+        recipe = recipe.with_overrides(data={"image_size": size})
+        parts.append(f"{size}px")
+    if seed is not None and seed != recipe.seed:
+        recipe = recipe.with_overrides(seed=seed)
+        parts.append(f"seed{seed}")
+    name = "-".join([recipe.name, *parts])
+    variants = [(recipe.with_overrides(name=name) if parts else recipe, None)]
+    if one_class:
+        from uadc.data.mvtec import resolve_sources
+        variants = [(_one_category(recipe, root, cat, f"{name}-oc-{cat}"), cat)
+                    for root, cat in resolve_sources([s.model_dump() for s in recipe.data.sources])]
+    return [Model(_hash([r.name, train_hash(r)])[:16], r.name, r.cfg, cat) for r, cat in variants]
+
+
+def _one_category(recipe: Recipe, root: Path, category: str, name: str) -> Recipe:
+    """The recipe narrowed to one category: its training is that category's one-class model."""
+    val = [v.model_dump() for v in recipe.data.val or [] if v.category == category] or None
+    return recipe.with_overrides(name=name, data={"sources": [{"root": str(root), "categories": [category]}],
+                                                  "val": val})
+
+
+def _cells(spec: SweepSpec, model: Model, fixed: dict) -> list[Cell]:
+    recipe = model.recipe()
+    out = []
+    names = ("target", "calibrator", "calib_data", "calib_samples", "quantize")
+    for values in itertools.product(*(spec.axes.values(a) for a in names)):
+        opts = dict(zip(names, values))
+        opts["target"] = opts["target"] or recipe.compile.target
+        target = TARGETS.get(opts["target"])
+        if target is not None and not target.quantized:
+            opts.update(calibrator=None, calib_data=None, calib_samples=None, quantize=None)
+        elif target is not None:
+            try:  # the recipe's defaults filled in, so equal settings are one cell
+                ptq = resolve_ptq(recipe, target, opts["calibrator"], opts["calib_data"], opts["calib_samples"],
+                                  opts["quantize"])
+                opts.update(calibrator=ptq.calibrator, calib_data=ptq.calib_data, calib_samples=ptq.calib_samples,
+                            quantize=list(ptq.quantize))
+            except UadcError:
+                pass   # left as given: the cell fails with this error, the others run
+        cid = f"{model.name}/{opts['target']}"
+        if opts["calibrator"] is not None:
+            cid += f"/{opts['calibrator']}/{opts['calib_data']}/{opts['calib_samples']}/" \
+                   f"{'+'.join(opts['quantize'] or [])}"
+        axes = {**fixed, "category": model.category, **opts}
+        out.append(Cell(cid, model.key, axes, opts))
+    return out

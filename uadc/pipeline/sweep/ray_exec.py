@@ -1,0 +1,112 @@
+"""Run a plan on Ray: a local instance by default (the cores it is given), or an existing cluster.
+
+Tasks declare their resources: a training takes ``run.train_cpus`` CPUs, a baseline and a cell
+``run.threads`` CPUs (and ``run.gpus``). A model's baseline depends on its training and every
+cell on its model's baseline, as Ray object references, so Ray orders the work and cells of
+different models overlap. A worker killed mid-task (OOM, kill -9, a lost node) is retried by
+Ray (``max_retries``); the cell's artifact folder is written atomically, so a killed attempt
+leaves only a temp folder that the retry removes. Results stream back with ``ray.wait``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from uadc.core.errors import UadcError
+from uadc.pipeline.sweep import cells as C
+from uadc.pipeline.sweep.plan import Plan, cell_key
+from uadc.pipeline.sweep.run import INSTALL_HINT
+from uadc.pipeline.sweep.store import write_record
+
+log = logging.getLogger(__name__)
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UadcError(INSTALL_HINT) from None
+    return ray
+
+
+def run_on_ray(plan: Plan, out: Path, artifacts: Path, address: str | None, num_cpus: int | None,
+               done: dict[int, dict], on_record: Callable[[dict], None]) -> list[dict]:
+    """Every cell's record (in plan order); ``done`` (finished cells, by index) are not rerun."""
+    ray = import_ray()
+    started = not ray.is_initialized()
+    if started:
+        # "local": a new instance of our own even when `ray start` runs on this machine
+        kwargs = {"address": address} if address else {"address": "local", "num_cpus": num_cpus or os.cpu_count()}
+        try:
+            ray.init(**kwargs, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                     configure_logging=False)
+        except ConnectionError as exc:
+            raise UadcError(f"cannot connect to the Ray cluster at {address}: {C.one_line(exc)}") from None
+    try:
+        return _run(ray, plan, out, artifacts, done, on_record)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run(ray, plan: Plan, out: Path, artifacts: Path, done: dict[int, dict],
+         on_record: Callable[[dict], None]) -> list[dict]:
+    run = plan.run
+    total = int(ray.cluster_resources().get("CPU", 1))
+    opts = {"max_retries": run.max_retries, "retry_exceptions": False}
+    train_t = ray.remote(C.ensure_model)
+    base_t = ray.remote(num_cpus=run.threads, **opts)(C.build_baseline)
+    cell_t = ray.remote(num_cpus=run.threads, num_gpus=run.gpus, **opts)(C.run_cell)
+    records: dict[int, dict] = {}
+    infos, bases, pending = {}, {}, {}
+    for i, cell in enumerate(plan.cells):
+        if i in done:
+            records[i] = done[i]
+            on_record(records[i])
+            continue
+        model = plan.models[cell.model]
+        if model.key not in infos:
+            infos[model.key] = _model_info(ray, train_t, model, artifacts, run, total, opts)
+        info = infos[model.key]
+        if model.key not in bases:
+            bases[model.key] = base_t.options(name=f"baseline:{model.name}").remote(model, info, run)
+        # the task name is the worker's process title while it runs (ray::cell:<id>)
+        ref = cell_t.options(name=f"cell:{cell.id}").remote(cell, model, info, bases[model.key], out, artifacts, run)
+        pending[ref] = i
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        records[i] = _result(ray, ready[0], plan, i, infos, out)
+        on_record(records[i])
+    return [records[i] for i in range(len(plan.cells))]
+
+
+def _model_info(ray, train_t, model, artifacts: Path, run, total: int, opts: dict):
+    """A ModelInfo now when the checkpoint exists (cheap: a hash), else a training task's ref."""
+    if model.checkpoint(artifacts).is_file():
+        return C.ensure_model(model, artifacts, False)
+    cpus = min(total, run.train_cpus or model.recipe().train.threads or total)
+    return train_t.options(num_cpus=cpus, name=f"train:{model.name}", **opts).remote(model, artifacts, run.train)
+
+
+def _result(ray, ref, plan: Plan, i: int, infos: dict, out: Path) -> dict:
+    """The cell's record; a task that failed for good (retries spent, training failed) is recorded."""
+    try:
+        return ray.get(ref)
+    except Exception as exc:  # RayTaskError, WorkerCrashedError, ...: recorded, the sweep goes on
+        cell = plan.cells[i]
+        model = plan.models[cell.model]
+        info, key = infos[model.key], None
+        try:
+            info = info if isinstance(info, C.ModelInfo) else ray.get(info)
+            key = cell_key(cell, model, info.sha256, plan.run)
+        except Exception as train_exc:
+            exc, info = train_exc, None
+        cause = getattr(exc, "cause", None)
+        record = C.failed_record(cell, key, info, C.one_line(cause if isinstance(cause, BaseException) else exc))
+        if key is not None:
+            write_record(out, record)
+        return record

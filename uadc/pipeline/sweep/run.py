@@ -1,0 +1,137 @@
+"""``uadc sweep``: plan the grid, run it on Ray (or in this process), write the table."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from uadc.config.recipe import default_artifacts_root
+from uadc.core.errors import UadcError
+from uadc.core.io import check_writable, ensure_dir, sha256_file
+from uadc.pipeline.sweep.plan import Plan, cell_key, make_plan
+from uadc.pipeline.sweep.spec import load_sweep
+from uadc.pipeline.sweep.store import load_record
+from uadc.pipeline.sweep.table import write_table
+
+INSTALL_HINT = "`uadc sweep` runs on Ray, which is not installed: pip install 'uadc[sweep]' (or pass --sequential)"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepResult:
+    name: str
+    out: Path
+    rows: list[dict]                 # one per cell, in plan order (the table)
+    best: dict[str, str | None]      # objective -> cell id
+    pareto: list[str]                # cell ids on the AUROC-vs-latency front
+    files: dict[str, Path]
+    executed: int                    # cells computed by this run
+    reused: int                      # cells read from their records
+    failed: int
+    trained: int                     # models trained by this run
+    wall_seconds: float
+    markdown: str = field(repr=False, default="")
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "out": str(self.out), "rows": self.rows, "best": self.best, "pareto": self.pareto,
+                "files": {k: str(v) for k, v in self.files.items()}, "executed": self.executed,
+                "reused": self.reused, "failed": self.failed, "trained": self.trained,
+                "wall_seconds": self.wall_seconds}
+
+
+def run_sweep(source: Any, *, artifacts: Path | None = None, out: Path | None = None, address: str | None = None,
+              num_cpus: int | None = None, sequential: bool = False,
+              on_record: Callable[[dict], None] | None = None) -> SweepResult:
+    t0 = time.time()
+    if not sequential and importlib.util.find_spec("ray") is None:
+        raise UadcError(INSTALL_HINT)   # before any work
+    spec, base, name = load_sweep(source)
+    plan = make_plan(spec, base, name)
+    artifacts = Path(artifacts or default_artifacts_root()).absolute()   # workers may run elsewhere
+    out = Path(out).absolute() if out else artifacts / "sweeps" / name
+    check_writable(out)
+    ensure_dir(out)
+    seen: list[dict] = []
+
+    def note(rec: dict) -> None:
+        seen.append(rec)
+        status = "reused" if rec.get("reused") else rec["status"]
+        log.info("[%d/%d] %s: %s%s", len(seen), len(plan.cells), rec["cell"], status,
+                 f" ({rec['error']})" if rec["status"] == "failed" else "")
+        if on_record:
+            on_record(rec)
+
+    done = finished_records(plan, out, artifacts)
+    if len(done) == len(plan.cells):   # a finished sweep: read back, nothing started (no Ray, no torch)
+        records = [done[i] for i in range(len(plan.cells))]
+        for rec in records:
+            note(rec)
+    elif sequential:
+        records = run_sequential(plan, out, artifacts, done, note)
+    else:
+        from uadc.pipeline.sweep.ray_exec import run_on_ray
+        records = run_on_ray(plan, out, artifacts, address, num_cpus, done, note)
+    reused = sum(1 for r in records if r.get("reused"))
+    table = write_table(plan, records, out, plot=reused < len(records) or not (out / "pareto.png").is_file())
+    failed = sum(1 for r in records if r["status"] != "ok")
+    trained = len({r["model"] for r in records if r.get("trained") and not r.get("reused")})
+    return SweepResult(name, out, table["rows"], table["best"], table["pareto"], table["files"],
+                       len(records) - reused, reused, failed, trained, round(time.time() - t0, 2), table["markdown"])
+
+
+def finished_records(plan: Plan, out: Path, artifacts: Path) -> dict[int, dict]:
+    """Cells whose record is on disk (same checkpoint, same key), by plan index."""
+    shas: dict[str, str | None] = {}
+    done = {}
+    for i, cell in enumerate(plan.cells):
+        model = plan.models[cell.model]
+        if model.key not in shas:
+            ckpt = model.checkpoint(artifacts)
+            shas[model.key] = sha256_file(ckpt) if ckpt.is_file() else None
+        rec = load_record(out, cell_key(cell, model, shas[model.key], plan.run)) if shas[model.key] else None
+        if rec is not None:
+            done[i] = {**rec, "reused": True}
+    return done
+
+
+def run_sequential(plan: Plan, out: Path, artifacts: Path, done: dict[int, dict],
+                   on_record: Callable[[dict], None]) -> list[dict]:
+    """The same plan in this process, one cell after another (no Ray; for comparisons and tests)."""
+    from uadc.pipeline.sweep import cells as C
+    infos: dict[str, C.ModelInfo | str] = {}
+    states: dict[str, C.BaselineState] = {}
+    records = []
+    for i, cell in enumerate(plan.cells):
+        if i in done:
+            records.append(done[i])
+            on_record(done[i])
+            continue
+        model = plan.models[cell.model]
+        if model.key not in infos:
+            try:
+                infos[model.key] = C.ensure_model(model, artifacts, plan.run.train)
+            except UadcError as exc:
+                infos[model.key] = C.one_line(exc)
+        info = infos[model.key]
+        if isinstance(info, str):
+            rec = C.failed_record(cell, None, None, info)
+        else:
+            rec = load_record(out, cell_key(cell, model, info.sha256, plan.run))
+            if rec is not None:
+                rec = {**rec, "reused": True}
+            else:
+                if model.key not in states:
+                    states[model.key] = C.build_baseline(model, info, plan.run)
+                rec = C.run_cell(cell, model, info, states[model.key], out, artifacts, plan.run)
+        records.append(rec)
+        on_record(rec)
+    return records

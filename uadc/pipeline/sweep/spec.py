@@ -1,0 +1,133 @@
+"""Sweep files: which recipes (plus overrides) to compile over which axes, and how to run a cell.
+
+A sweep file is YAML, validated here with the same strictness as recipes::
+
+    name: default_grid
+    recipe: ../recipes/stfpm_effnet_lite0.yaml      # or  recipes: [a.yaml, {path: b.yaml, overrides: {...}}]
+    overrides: {compile: {calib_samples: 32}}       # applied to every recipe (before the axes)
+    axes:                                           # every axis is optional (omitted: the recipe's value)
+      target: [ort-cpu-fp32, ort-cpu-int8]
+      calibrator: [minmax, entropy, mse, percentile]
+      calib_data: [train, random-normal, mixed]
+      calib_samples: [32, 64]
+      quantize: [[student], [student, teacher]]
+      image_size: [128]
+      seed: [0]
+      one_class: [false]
+    run: {evaluate: true, latency_runs: 30, threads: 1}
+
+Cells are the cartesian product of the axes; for a float target the calibration axes do not
+apply, so its cells collapse into one. Relative recipe paths resolve against the sweep file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from uadc.core.errors import UadcError
+
+MAX_SWEEP_BYTES = 1 << 20
+MAX_CELLS = 10_000
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class RecipeEntry(_Strict):
+    path: str = Field(description="recipe YAML, relative to the sweep file")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="{section: {key: value}} for this recipe")
+
+
+class Axes(_Strict):
+    """Each axis: a list of values; a ``null`` value (or an omitted axis) is the recipe's own."""
+
+    target: Optional[list[Optional[str]]] = Field(None, min_length=1)
+    calibrator: Optional[list[Optional[str]]] = Field(None, min_length=1)
+    calib_data: Optional[list[Optional[str]]] = Field(None, min_length=1)
+    calib_samples: Optional[list[Optional[int]]] = Field(None, min_length=1)
+    quantize: Optional[list[Optional[list[str]]]] = Field(None, min_length=1)
+    image_size: Optional[list[Optional[int]]] = Field(None, min_length=1)
+    seed: Optional[list[Optional[int]]] = Field(None, min_length=1)
+    one_class: Optional[list[bool]] = Field(None, min_length=1)
+
+    def values(self, name: str) -> list:
+        """An omitted axis is one value: ``None`` (the recipe's own setting)."""
+        v = getattr(self, name)
+        return list(v) if v else [None]
+
+
+AXES = tuple(Axes.model_fields)
+
+
+class RunConfig(_Strict):
+    evaluate: bool = Field(True, description="AD metrics per cell (AUROC and drop vs FP32)")
+    latency_runs: int = Field(30, ge=1, le=10_000, description="batch-1 latency runs per cell")
+    threads: int = Field(1, ge=1, le=1024, description="ORT/torch threads of one cell (its declared CPUs)")
+    train: bool = Field(True, description="train a model whose checkpoint is missing (else: the cell fails)")
+    train_cpus: Optional[int] = Field(None, ge=1, le=1024, description="CPUs a training task declares "
+                                      "(default: all the cluster's, at most recipe train.threads)")
+    gpus: float = Field(0, ge=0, le=64, description="GPUs each cell declares (TensorRT engines)")
+    max_retries: int = Field(2, ge=0, le=20, description="retries of a cell whose worker died")
+
+
+class SweepSpec(_Strict):
+    name: Optional[str] = Field(None, description="output folder name (default: the sweep file's stem)")
+    recipe: Optional[str] = None
+    recipes: Optional[list[RecipeEntry | str]] = Field(None, min_length=1)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    axes: Axes = Axes()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _one_recipe_key(self) -> "SweepSpec":
+        if (self.recipe is None) == (self.recipes is None):
+            raise ValueError("give exactly one of 'recipe' or 'recipes'")
+        return self
+
+    def recipe_entries(self, base: Path) -> list[RecipeEntry]:
+        raw = [self.recipe] if self.recipe is not None else list(self.recipes or [])
+        out = []
+        for e in raw:
+            e = RecipeEntry(path=e) if isinstance(e, str) else e
+            p = Path(e.path)
+            out.append(RecipeEntry(path=str(p if p.is_absolute() else (base / p).resolve()), overrides=e.overrides))
+        return out
+
+
+def load_sweep(source: "str | Path | dict | SweepSpec") -> tuple[SweepSpec, Path, str]:
+    """(spec, base folder for relative paths, sweep name) from a YAML file, a dict or a spec."""
+    if isinstance(source, SweepSpec):
+        return source, Path.cwd(), source.name or "sweep"
+    if isinstance(source, dict):
+        spec = _validate(source, "sweep")
+        return spec, Path.cwd(), spec.name or "sweep"
+    path = Path(source)
+    if not path.is_file():
+        raise UadcError(f"sweep file not found: {path}")
+    if path.stat().st_size > MAX_SWEEP_BYTES:
+        raise UadcError(f"{path}: sweep file larger than {MAX_SWEEP_BYTES} bytes")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UadcError(f"{path}: not a valid YAML sweep file ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(raw, dict):
+        raise UadcError(f"{path}: expected a mapping at the top level")
+    spec = _validate(raw, str(path))
+    name = spec.name or path.stem
+    if not name or name.startswith(".") or any(c in name for c in "/\\\x00"):
+        raise UadcError(f"{path}: name {name!r} is not a plain folder name")
+    return spec, path.resolve().parent, name
+
+
+def _validate(raw: dict, where: str) -> SweepSpec:
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise UadcError(f"{where}: {loc}: {err['msg']}") from None

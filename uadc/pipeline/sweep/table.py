@@ -1,0 +1,136 @@
+"""The sweep's table: every cell's figures as ``sweep.json``, ``sweep.md`` and ``sweep.csv``, the
+best cell per objective and a Pareto plot of image AUROC vs latency (``pareto.png``).
+
+Built only from the cell records, so a rerun that reuses every cell writes the same files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+from uadc.core.io import atomic_save, atomic_write_json, atomic_write_text
+from uadc.pipeline.sweep.plan import Plan
+
+log = logging.getLogger(__name__)
+COLUMNS = ("cell", "status", "target", "calibrator", "calib_data", "calib_samples", "quantize", "image_size", "seed",
+           "one_class", "category", "image_auroc", "pixel_auroc", "image_drop", "pixel_drop", "decision_agreement",
+           "latency_ms", "ort_fp32_ms", "speedup_vs_fp32", "model_bytes", "compile_seconds", "error", "artifact")
+# objective -> (column, larger is better)
+OBJECTIVES = {"image_auroc": ("image_auroc", True), "pixel_auroc": ("pixel_auroc", True),
+              "latency": ("latency_ms", False), "size": ("model_bytes", False),
+              "compile_time": ("compile_seconds", False)}
+
+
+def make_rows(plan: Plan, records: list[dict]) -> list[dict]:
+    rows = []
+    for cell, rec in zip(plan.cells, records):
+        cfg = plan.models[cell.model].cfg
+        axes = {**cell.axes, "image_size": cfg["data"]["image_size"], "seed": cfg["seed"]}
+        if axes.get("quantize") is not None:
+            axes["quantize"] = "+".join(axes["quantize"])
+        row = {c: None for c in COLUMNS}
+        row.update({k: v for k, v in axes.items() if k in row})
+        row.update({k: v for k, v in rec.items() if k in row})
+        row.update(cell=cell.id, key=rec.get("key"))
+        rows.append(row)
+    return rows
+
+
+def best_cells(rows: list[dict]) -> dict[str, str | None]:
+    best = {}
+    for name, (col, larger) in OBJECTIVES.items():
+        ok = [r for r in rows if r["status"] == "ok" and r.get(col) is not None]
+        if not ok:
+            best[name] = None
+            continue
+        pick = max(ok, key=lambda r: r[col]) if larger else min(ok, key=lambda r: r[col])
+        best[name] = pick["cell"]   # ties: the first cell in plan order
+    return best
+
+
+def pareto_front(rows: list[dict]) -> list[str]:
+    """Cells no other cell beats on both image AUROC (higher) and latency (lower)."""
+    pts = [r for r in rows if r["status"] == "ok" and r.get("image_auroc") is not None]
+    front = []
+    for r in pts:
+        dominated = any(o["image_auroc"] >= r["image_auroc"] and o["latency_ms"] <= r["latency_ms"] and
+                        (o["image_auroc"] > r["image_auroc"] or o["latency_ms"] < r["latency_ms"]) for o in pts)
+        if not dominated:
+            front.append(r["cell"])
+    return front
+
+
+def write_table(plan: Plan, records: list[dict], out: Path, plot: bool = True) -> dict:
+    """The table files; ``plot=False`` keeps an existing pareto.png (same records, same plot)."""
+    rows = make_rows(plan, records)
+    best, front = best_cells(rows), pareto_front(rows)
+    md = render_markdown(plan.name, rows, best, front)
+    files = {"json": out / "sweep.json", "markdown": out / "sweep.md", "csv": out / "sweep.csv"}
+    atomic_write_json(files["json"], {"name": plan.name, "cells": rows, "best": best, "pareto": front,
+                                      "failed": [r["cell"] for r in rows if r["status"] != "ok"]})
+    atomic_write_text(files["markdown"], md + "\n")
+    atomic_write_text(files["csv"], _csv(rows))
+    png = write_pareto_png(rows, front, out / "pareto.png", plan.name) if plot else out / "pareto.png"
+    if png:
+        files["pareto"] = png
+    return {"rows": rows, "best": best, "pareto": front, "files": files, "markdown": md}
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=[*COLUMNS, "key"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _f(v, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def render_markdown(name: str, rows: list[dict], best: dict, front: list[str]) -> str:
+    lines = [f"Sweep {name}: {len(rows)} cells, {sum(r['status'] == 'ok' for r in rows)} ok. AUROC drop = FP32 - "
+             "compiled; latency p50 at batch 1.", "",
+             "| cell | status | image AUROC | pixel AUROC | image drop | pixel drop | agreement | latency ms | "
+             "x FP32 | MB | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        status = r["status"] if r["status"] == "ok" else f"failed: {r['error']}"
+        mb = None if r["model_bytes"] is None else r["model_bytes"] / 1e6
+        lines.append(f"| {r['cell']} | {status} | {_f(r['image_auroc'], '.4f')} | {_f(r['pixel_auroc'], '.4f')} | "
+                     f"{_f(r['image_drop'], '+.4f')} | {_f(r['pixel_drop'], '+.4f')} | "
+                     f"{_f(r['decision_agreement'], '.3f')} | {_f(r['latency_ms'], '.2f')} | "
+                     f"{_f(r['speedup_vs_fp32'], '.2f')} | {_f(mb, '.2f')} | {_f(r['compile_seconds'], '.1f')} |")
+    lines += ["", "Best cell per objective: " + "; ".join(f"{k}: **{v}**" for k, v in best.items() if v),
+              "", "Pareto front (image AUROC vs latency): " + (", ".join(front) or "none")]
+    return "\n".join(lines)
+
+
+def write_pareto_png(rows: list[dict], front: list[str], path: Path, title: str) -> Path | None:
+    """Image AUROC vs latency, front highlighted; skipped (None) without matplotlib or points."""
+    pts = [r for r in rows if r["status"] == "ok" and r.get("image_auroc") is not None]
+    if not pts:
+        return None
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.warning("matplotlib is not installed: no pareto.png")
+        return None
+    fig = Figure(figsize=(7, 4.5))   # no pyplot: no process-wide figure state
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    on = [r for r in pts if r["cell"] in front]
+    ax.scatter([r["latency_ms"] for r in pts], [r["image_auroc"] for r in pts], c="tab:gray", s=18, label="cell")
+    on.sort(key=lambda r: r["latency_ms"])
+    ax.plot([r["latency_ms"] for r in on], [r["image_auroc"] for r in on], "o-", c="tab:red", label="Pareto front")
+    for r in on:
+        ax.annotate(r["cell"].split("/", 1)[-1], (r["latency_ms"], r["image_auroc"]), fontsize=6,
+                    textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("latency p50, batch 1 (ms)")
+    ax.set_ylabel("image AUROC")
+    ax.set_title(f"sweep {title}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None}))

@@ -1,0 +1,335 @@
+"""``uadc verify`` / ``uadc diff``: run artifacts on their own runtime (ONNX Runtime, or
+TensorRT when the folder has ``model.engine`` and ``tensorrt`` imports) through Polygraphy,
+compare with the golden outputs (or with artifact A), and judge the anomaly-detection figures
+against the budgets (uadc.verify.gate).
+
+The golden set ``uadc compile`` stores (``write_golden_files``): the validation normals of every
+category (a seeded sample of train/good when the recipe has no validation split), a few N(0,1)
+inputs, and a seeded sample of labelled test images, with the FP32 reference's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+
+from uadc.config.recipe import VerifyConfig
+from uadc.core.constants import (GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MODEL_FILE, OUTPUT_NAMES,
+                                 REPORT_FILE)
+from uadc.core.errors import UadcError
+from uadc.core.ort_session import make_session
+from uadc.core.scoped import quiet_third_party
+from uadc.verify import fidelity
+from uadc.verify.gate import DiffResult, GateResult, VerifyResult, budgets as make_budgets, judge_all
+from uadc.verify.golden import GoldenSet, batches, read_golden, write_golden
+
+log = logging.getLogger(__name__)
+BATCH = 8
+TENSOR_ATOL, TENSOR_RTOL = 1e-4, 1e-3     # the Polygraphy tensor check (reported, not judged)
+FIGURE_KINDS = ("normal", "test", "user")  # random inputs feed the tensor check only
+_GOLDEN_CACHE: "weakref.WeakKeyDictionary[Any, GoldenSet]" = weakref.WeakKeyDictionary()
+
+
+# ----------------------------------------------------------------------------- golden set
+
+def _pick(n_have: int, n_want: int, rng: np.random.Generator) -> list[int]:
+    if n_have <= n_want:
+        return list(range(n_have))
+    return sorted(int(i) for i in rng.choice(n_have, n_want, replace=False))
+
+
+def build_golden(baseline: Any, cfg: VerifyConfig | None = None) -> GoldenSet:
+    """The golden set of a ``Baseline``: images chosen by seed, outputs of its FP32 ONNX."""
+    if cfg is None and baseline in _GOLDEN_CACHE:
+        return _GOLDEN_CACHE[baseline]
+    cfg = cfg or baseline.recipe.verify
+    rng = np.random.default_rng([baseline.recipe.seed, 10])
+    data = baseline.data
+    images, records, masks = [], [], []
+    val = getattr(data, "val", None) or {}
+    for cat in data.categories:
+        ds = val.get(cat)
+        source = "validation"
+        idx_all = list(range(len(ds))) if ds is not None and len(ds) else []
+        if not idx_all:  # no validation split: a seeded sample of the category's training normals
+            ds, source = data.train, "train"
+            idx_all = [i for i, s in enumerate(ds.samples) if s.category == cat]
+        for j in _pick(len(idx_all), cfg.golden_normals, rng):
+            i = idx_all[j]
+            images.append(ds[i]["image"].numpy())
+            records.append({"kind": "normal", "category": cat, "label": None,
+                            "source": f"{source}:{ds.samples[i].path.name}"})
+    size = baseline.size
+    for k in range(cfg.golden_random):
+        images.append(rng.standard_normal((3, size, size), dtype=np.float32))
+        records.append({"kind": "random", "category": None, "label": None, "source": f"N(0,1)#{k}"})
+    for cat, ds in data.tests.items():
+        labels = np.array([s.label for s in ds.samples])
+        for lab, want in ((0, cfg.golden_test // 2), (1, cfg.golden_test - cfg.golden_test // 2)):
+            where = np.flatnonzero(labels == lab)
+            for j in _pick(len(where), want, rng):
+                item = ds[int(where[j])]
+                images.append(item["image"].numpy())
+                masks.append(item["mask"][0].numpy() > 0.5)
+                s = ds.samples[int(where[j])]
+                records.append({"kind": "test", "category": cat, "label": int(lab),
+                                "source": f"test:{s.defect}/{s.path.name}"})
+    feeds = batches(np.stack(images), BATCH)
+    sess = make_session(baseline.fp32, baseline.threads)
+    outputs = [OrderedDict(zip(OUTPUT_NAMES, sess.run(list(OUTPUT_NAMES), dict(f)))) for f in feeds]
+    g = GoldenSet(feeds, outputs, records, np.stack(masks) if masks else None)
+    kinds = g.kinds()
+    normal = kinds == "normal"
+    g.meta = {"recipe": baseline.recipe.name, "recipe_hash": baseline.recipe.hash,
+              "verify": baseline.recipe.verify.model_dump(),
+              "thresholds": fidelity.reference_thresholds(
+                  g.output("score")[normal], g.output("anomaly_map")[normal, 0], g.categories()[normal],
+                  baseline.recipe.deploy.false_alarm_rate, baseline.recipe.deploy.threshold_margin),
+              "threshold_rule": "uadc.evaluation.thresholds on the FP32 reference's outputs on the golden normal "
+                                "images (the validation normals), per category and global"}
+    _GOLDEN_CACHE[baseline] = g
+    return g
+
+
+def write_golden_files(folder: Path, baseline: Any, compiled: onnx.ModelProto) -> None:
+    """Store the golden set in an artifact folder being written (``uadc compile``), and the FP32
+    reference model too when the artifact's own model is a different one (so ``uadc verify
+    --images`` has a reference to run)."""
+    g = build_golden(baseline)
+    same = compiled.graph.SerializeToString() == baseline.fp32.graph.SerializeToString()  # metadata may differ
+    if not same:
+        onnx.save(baseline.fp32, str(Path(folder) / GOLDEN_REFERENCE))
+    g.meta["reference_model"] = MODEL_FILE if same else GOLDEN_REFERENCE
+    write_golden(folder, g)
+
+
+# ------------------------------------------------------------------------------- runners
+
+def _model_path(artifact: Path) -> Path:
+    artifact = Path(artifact)
+    path = artifact / MODEL_FILE if artifact.is_dir() else artifact
+    if not path.is_file() or path.suffix != ".onnx":
+        raise UadcError(f"not a uadc artifact folder (no {MODEL_FILE}) or ONNX file: {artifact}")
+    return path
+
+
+def _report(artifact: Path) -> dict:
+    p = Path(artifact) / REPORT_FILE
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def artifact_runner(artifact: Path, name: str, threads: int | None = None) -> tuple[Any, str]:
+    """A Polygraphy runner for the artifact on its own runtime, and a label for it."""
+    model = _model_path(artifact)
+    folder = Path(artifact) if Path(artifact).is_dir() else None   # a bare ONNX file runs on ORT
+    engine = folder / "model.engine" if folder else None
+    if engine is not None and engine.is_file():
+        try:
+            import tensorrt  # noqa: F401
+            from polygraphy.backend.common import BytesFromPath
+            from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+            return TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name=name), "tensorrt (model.engine)"
+        except ImportError:
+            log.info("%s has model.engine but tensorrt is not importable: running model.onnx with ONNX Runtime",
+                     model.parent)
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    rep = _report(folder) if folder else {}
+    label = "onnxruntime CPU"
+    if rep.get("runtime") not in (None, "onnxruntime"):
+        label += f" (emulating {rep['runtime']} {rep.get('device', '')} {rep.get('precision', '')})".replace("  ", " ")
+    return OnnxrtRunner(lambda: make_session(model, threads), name=name), label
+
+
+def run_feeds(runners: Sequence[Any], feeds: list[dict[str, np.ndarray]]):
+    """Polygraphy ``RunResults`` of every runner on the same feeds."""
+    from polygraphy.comparator import Comparator
+    with quiet_third_party():
+        return Comparator.run(list(runners), data_loader=[OrderedDict(f) for f in feeds])
+
+
+def _outputs(iterations: list) -> tuple[np.ndarray, np.ndarray]:
+    maps = np.concatenate([np.asarray(it[OUTPUT_NAMES[0]]) for it in iterations]).astype(np.float32)
+    scores = np.concatenate([np.asarray(it[OUTPUT_NAMES[1]]).reshape(-1) for it in iterations]).astype(np.float32)
+    if not (np.isfinite(maps).all() and np.isfinite(scores).all()):
+        raise UadcError("the model produced non-finite outputs (NaN/Inf) on the verification images")
+    return maps.reshape(len(maps), *maps.shape[-2:]), scores
+
+
+def tensor_check(results, atol: float = TENSOR_ATOL, rtol: float = TENSOR_RTOL) -> dict:
+    """Polygraphy's comparator on two runners' results: pass flag and per-output errors."""
+    from polygraphy.comparator import Comparator
+    from uadc.verify.polygraphy_compare import _passed_per_output, _simple_compare
+    with quiet_third_party():
+        acc = Comparator.compare_accuracy(results, compare_func=_simple_compare(atol, rtol))
+    per: dict[str, dict] = {}
+    for result in ([acc] if hasattr(acc, "items") else list(acc)):
+        for _, iterations in result.items():
+            for iteration in iterations:
+                for name, r in iteration.items():
+                    e = per.setdefault(name, {"max_abs": 0.0, "means": []})
+                    e["max_abs"] = max(e["max_abs"], float(r.max_absdiff))
+                    e["means"].append(float(r.mean_absdiff))
+    passed = _passed_per_output(acc)
+    outputs = {n: {"passed": passed.get(n, False), "max_abs": e["max_abs"], "mean_abs": float(np.mean(e["means"]))}
+               for n, e in per.items()}
+    return {"passed": bool(outputs) and all(o["passed"] for o in outputs.values()), "atol": atol, "rtol": rtol,
+            "max_abs": max((o["max_abs"] for o in outputs.values()), default=0.0), "outputs": outputs}
+
+
+# ------------------------------------------------------------------------------- images
+
+def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512) -> tuple[np.ndarray, list[dict]]:
+    """Images under ``dirs`` (recursively, sorted), preprocessed as the model's metadata says;
+    category = the folder given. Taken as normal images (no labels)."""
+    from uadc.data.mvtec import IMAGE_EXTS, load_image
+    from uadc.export.onnx_export import get_metadata
+    meta = get_metadata(onnx.load(str(model_path), load_external_data=False))
+    try:
+        size = int(meta["image_size"])
+        mean = np.asarray(meta["normalization"]["mean"], np.float32)
+        std = np.asarray(meta["normalization"]["std"], np.float32)
+    except (KeyError, TypeError, ValueError):
+        raise UadcError(f"{model_path}: no uadc preprocessing metadata (image_size, normalization)") from None
+    images, records = [], []
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise UadcError(f"--images: not a folder: {d}")
+        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise UadcError(f"--images: no images ({', '.join(sorted(IMAGE_EXTS))}) under {d}")
+        for p in files[:limit]:
+            images.append(((load_image(p, size) - mean) / std).transpose(2, 0, 1))
+            records.append({"kind": "user", "category": d.name, "label": None, "source": str(p)})
+    return np.ascontiguousarray(np.stack(images), dtype=np.float32), records
+
+
+# --------------------------------------------------------------------------------- gate
+
+def _manifest_thresholds(artifact: Path, base: dict) -> dict | None:
+    """The artifact's own operating thresholds (artifact.json) in the gate's format, or None."""
+    if not Path(artifact).is_dir():
+        return None
+    try:
+        from uadc.core.manifest import read_manifest
+        t = read_manifest(Path(artifact), verify=False).thresholds
+    except (ImportError, UadcError):
+        return None
+    if t is None:
+        return None
+    out = {}
+    for cat, spread in base.items():
+        ct = t.get(cat if cat in t.categories else None)
+        out[cat] = {**spread, "image": ct.image.value, "pixel": ct.pixel.value, "quantile": ct.image.quantile,
+                    "n": ct.image.n, "source": "artifact.json"}
+    return out
+
+
+def _judge(kind: str, reference: str, candidate: str, runtime: dict, records: list[dict], masks: np.ndarray | None,
+           ref: tuple[np.ndarray, np.ndarray], cand: tuple[np.ndarray, np.ndarray], thresholds: tuple[dict, dict],
+           budgets: dict[str, float], per_category: bool, normal_only: bool, tensors: dict, t0: float) -> GateResult:
+    kinds = np.array([r["kind"] for r in records])
+    cats = np.array([r.get("category") or "" for r in records])
+    use = np.isin(kinds, ("normal",) if normal_only else FIGURE_KINDS)
+    if not use.any():
+        raise UadcError("no images to judge (normal_only and the golden set has no normal images)")
+    fid = fidelity.figures(ref[1][use], ref[0][use], cand[1][use], cand[0][use], cats[use], *thresholds)
+    lab = None
+    test = kinds == "test"
+    if not normal_only and test.any() and masks is not None:
+        labels = np.array([r["label"] for r in records])[test].astype(int)
+        lab = fidelity.labelled(ref[1][test], ref[0][test], cand[1][test], cand[0][test], labels, masks, cats[test])
+    figures = judge_all(fid, lab, budgets, per_category)
+    counts = {k: int(((kinds == k) & use).sum()) for k in FIGURE_KINDS if ((kinds == k) & use).any()}
+    cls = VerifyResult if kind == "verify" else DiffResult
+    notes = [] if lab is not None else ["no labelled images: AUROC/AUPRO drops not computed"]
+    return cls(kind, reference, candidate, runtime, counts, figures, fid["categories"], lab, tensors,
+               {"reference": thresholds[0], "candidate": thresholds[1]}, budgets, per_category, time.time() - t0, notes)
+
+
+def _budgets(recipe: Any, stored: dict | None, overrides: dict | None) -> tuple[dict[str, float], bool]:
+    """A given recipe's ``verify:`` section, else the one stored with the golden set, then overrides."""
+    base = recipe.verify.model_dump() if recipe is not None else dict(stored or {})
+    b = make_budgets(base, overrides)
+    return b, bool(base.get("per_category", VerifyConfig().per_category))
+
+
+def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path | None = None,
+           budgets: dict | None = None, recipe: Any = None, normal_only: bool = False,
+           threads: int | None = None) -> VerifyResult:
+    """Judge an artifact against its golden outputs (or ``golden``: another golden set).
+
+    With ``images``, the reference is the FP32 model behind the golden set (stored in the
+    artifact), run on those images, which are taken as normal ones."""
+    t0 = time.time()
+    artifact = Path(artifact)
+    model = _model_path(artifact)
+    g = read_golden(golden if golden is not None else model.parent)
+    b, per_cat = _budgets(recipe, g.meta.get("verify"), budgets)
+    cand_runner, cand_label = artifact_runner(artifact, "candidate", threads)
+    if images:
+        ref_model = g.path.parent / g.meta.get("reference_model", GOLDEN_REFERENCE)
+        if not ref_model.is_file():
+            raise UadcError(f"--images needs the reference model behind the golden set ({ref_model} is missing); "
+                            f"use `uadc diff REFERENCE {artifact} --images ...`")
+        res = diff(ref_model, artifact, images=images, budgets=budgets, recipe=recipe, normal_only=normal_only,
+                   threads=threads)
+        return VerifyResult(**{**res.__dict__, "kind": "verify", "seconds": time.time() - t0})
+    results = run_feeds([cand_runner], g.feeds)
+    from polygraphy.comparator import IterationResult, RunResults
+    golden_results = RunResults()
+    golden_results.append((GOLDEN_RUNNER, [IterationResult(OrderedDict((n, o[n]) for n in OUTPUT_NAMES),
+                                                           runner_name=GOLDEN_RUNNER) for o in g.outputs]))
+    golden_results.extend(results)
+    tensors = tensor_check(golden_results)
+    cand = _outputs(list(results.values())[0])
+    ref = _outputs(g.outputs)
+    ref_thr = g.meta["thresholds"]
+    cand_thr = _manifest_thresholds(artifact, ref_thr) or ref_thr
+    return _judge("verify", str(g.path), str(artifact), {"reference": "golden (FP32 reference outputs)",
+                                                         "candidate": cand_label},
+                  g.images, g.masks, ref, cand, (ref_thr, cand_thr), b, per_cat, normal_only, tensors, t0)
+
+
+def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dict | None = None, recipe: Any = None,
+         normal_only: bool = False, threads: int | None = None) -> DiffResult:
+    """Judge artifact ``b`` against artifact ``a`` on ``images`` (default: A's golden images)."""
+    t0 = time.time()
+    a, b = Path(a), Path(b)
+    ma = _model_path(a)
+    _model_path(b)  # a usage error before any work
+    g = read_golden(a) if a.is_dir() and (a / GOLDEN_META).is_file() else None
+    masks, stored = None, (g.meta.get("verify") if g else None)
+    if images:
+        x, records = load_image_dirs(images, ma)
+        feeds = batches(x, BATCH)
+    elif g is None:
+        raise UadcError(f"{a} has no golden set ({GOLDEN_META}) to take images from: pass --images DIR")
+    else:
+        feeds, records, masks = g.feeds, g.images, g.masks
+    ra, la = artifact_runner(a, "A", threads)
+    rb, lb = artifact_runner(b, "B", threads)
+    results = run_feeds([ra, rb], feeds)
+    tensors = tensor_check(results)
+    its = dict(results.items())
+    ref, cand = _outputs(its["A"]), _outputs(its["B"])
+    kinds = np.array([r["kind"] for r in records])
+    normal = np.isin(kinds, ("normal", "user"))
+    cats = np.array([r.get("category") or "" for r in records])
+    base = fidelity.reference_thresholds(ref[1][normal], ref[0][normal], cats[normal])
+    ref_thr = _manifest_thresholds(a, base) or base
+    cand_thr = _manifest_thresholds(b, ref_thr) or ref_thr
+    bud, per_cat = _budgets(recipe, stored, budgets)
+    return _judge("diff", str(a), str(b), {"reference": la, "candidate": lb}, records, masks, ref, cand,
+                  (ref_thr, cand_thr), bud, per_cat, normal_only, tensors, t0)

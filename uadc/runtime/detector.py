@@ -1,0 +1,177 @@
+"""``Detector``: load a compiled artifact folder and turn images into decisions.
+
+Torch-free by design (numpy, Pillow, onnxruntime; TensorRT through Polygraphy when the folder
+holds ``model.engine`` and ``tensorrt`` imports), so it runs on an edge box without PyTorch::
+
+    from uadc.runtime import Detector
+    det = Detector.load("artifacts/stfpm_effnet_lite0/ort-cpu-int8")   # checks artifact.json hashes
+    p = det.predict("part.png", category="bottle")
+    p.label, p.normalized_score, p.mask
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from uadc.core.errors import UadcError
+from uadc.core.manifest import CategoryThresholds, Manifest, read_manifest
+from uadc.runtime.preprocess import preprocess
+
+ENGINE_FILE = "model.engine"
+
+
+@dataclass
+class Prediction:
+    """One image's result. ``score``/``anomaly_map`` are raw model outputs; ``normalized_score``
+    maps the operating threshold to 0.5 (anomalib's convention); ``label`` is 1 for defective."""
+
+    score: float
+    normalized_score: float
+    label: int
+    anomaly_map: np.ndarray            # (H, W) float32, raw
+    mask: np.ndarray                   # (H, W) bool: anomaly_map >= pixel threshold
+    category: str | None               # None: the global thresholds were used
+    threshold: float                   # raw image threshold applied
+    latency_ms: float                  # model run time per image (batch time / batch size)
+    source: str | None = None          # the path, when predicted from a file
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        return "defective" if self.label else "good"
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (arrays left out: the mask's area is given instead)."""
+        return {"path": self.source, "category": self.category, "score": self.score,
+                "normalized_score": self.normalized_score, "label": self.label, "verdict": self.verdict,
+                "threshold": self.threshold, "mask_fraction": float(self.mask.mean()),
+                "latency_ms": round(self.latency_ms, 3), **self.extra}
+
+
+class _OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, model: Path, threads: int | None):
+        from uadc.core.ort_session import make_session
+        self.session = make_session(model, threads)
+
+    def run(self, images: np.ndarray, input_name: str) -> tuple[np.ndarray, np.ndarray]:
+        amap, score = self.session.run(["anomaly_map", "score"], {input_name: images})
+        return amap[:, 0], score.reshape(-1)
+
+
+class _TrtBackend:
+    name = "tensorrt"
+
+    def __init__(self, engine: Path):
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        self.runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name="uadc-runtime")
+        self.runner.activate()
+
+    def run(self, images: np.ndarray, input_name: str) -> tuple[np.ndarray, np.ndarray]:
+        out = self.runner.infer({input_name: images})
+        return np.array(out["anomaly_map"][:, 0], copy=True), np.array(out["score"], copy=True).reshape(-1)
+
+
+def _tensorrt_usable() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+class Detector:
+    """A loaded artifact: ``predict`` images, paths, PIL images, arrays or lists of them."""
+
+    def __init__(self, manifest: Manifest, backend: Any, batch_size: int = 8):
+        self.manifest = manifest
+        self.backend = backend
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, artifact: str | Path, backend: str = "auto", threads: int | None = None,
+             verify: bool = True, batch_size: int = 8) -> "Detector":
+        """Read and verify ``artifact.json`` (sha256 of every listed file), then open the model:
+        ``backend`` ``auto`` (TensorRT when ``model.engine`` exists and tensorrt imports, else
+        ONNX Runtime), ``onnxruntime`` or ``tensorrt``."""
+        folder = Path(artifact)
+        manifest = read_manifest(folder, verify=verify)
+        engine = folder / ENGINE_FILE
+        if backend not in ("auto", "onnxruntime", "tensorrt"):
+            raise UadcError(f"backend must be auto, onnxruntime or tensorrt, got {backend!r}")
+        if backend == "tensorrt" or (backend == "auto" and engine.is_file() and _tensorrt_usable()):
+            if not engine.is_file():
+                raise UadcError(f"{folder}: no {ENGINE_FILE} (run build_engine.sh on the device first)")
+            return cls(manifest, _TrtBackend(engine), batch_size)
+        return cls(manifest, _OrtBackend(folder / manifest.model_file, threads), batch_size)
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def categories(self) -> list[str]:
+        return list(self.manifest.categories)
+
+    @property
+    def image_size(self) -> int:
+        return self.manifest.preprocessing.image_size
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def thresholds(self, category: str | None = None) -> CategoryThresholds:
+        if self.manifest.thresholds is None:
+            raise UadcError(f"{self.manifest.folder}: the artifact has no operating thresholds (compiled without "
+                            f"validation normals: set data.val_fraction > 0 or data.val and compile again)")
+        return self.manifest.thresholds.get(category)
+
+    # -- running ----------------------------------------------------------------------------
+    def preprocess(self, source: Any) -> np.ndarray:
+        """(3, H, W) float32 model input of one image (path, PIL image or array)."""
+        return preprocess(source, self.manifest.preprocessing)
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """Raw outputs for preprocessed (N, 3, H, W) images: (maps (N,H,W), scores (N,), ms per image)."""
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        maps, scores, seconds = [], [], 0.0
+        for i in range(0, len(images), self.batch_size):
+            t0 = time.perf_counter()
+            m, s = self.backend.run(images[i:i + self.batch_size], self.manifest.input_name)
+            seconds += time.perf_counter() - t0
+            maps.append(np.asarray(m, np.float32))
+            scores.append(np.asarray(s, np.float32))
+        return np.concatenate(maps), np.concatenate(scores), 1000 * seconds / max(len(images), 1)
+
+    def decide(self, maps: np.ndarray, scores: np.ndarray, category: str | None = None,
+               latency_ms: float = 0.0, sources: Sequence[str | None] | None = None) -> list[Prediction]:
+        thr = self.thresholds(category)
+        norm = thr.image.normalize(scores)
+        labels = thr.image.decide(scores)
+        masks = thr.pixel.decide(maps)
+        sources = sources or [None] * len(scores)
+        return [Prediction(float(scores[i]), float(norm[i]), int(labels[i]), maps[i], masks[i], category,
+                           thr.image.value, latency_ms, sources[i]) for i in range(len(scores))]
+
+    def predict(self, inputs: Any, category: str | None = None) -> "Prediction | list[Prediction]":
+        """One image (path, PIL image, HxW(x3) array) -> ``Prediction``; a list/tuple of them or an
+        (N, H, W, 3) uint8 array -> list. ``category`` picks its thresholds (``None``: global)."""
+        single = not (isinstance(inputs, (list, tuple)) or (isinstance(inputs, np.ndarray) and inputs.ndim == 4))
+        items = [inputs] if single else list(inputs)
+        if not items:
+            return []
+        self.thresholds(category)          # an unknown category fails before any work
+        batch = np.stack([self.preprocess(x) for x in items])
+        maps, scores, ms = self.run(batch)
+        sources = [str(x) if isinstance(x, (str, Path)) else None for x in items]
+        preds = self.decide(maps, scores, category, ms, sources)
+        return preds[0] if single else preds
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Detector({m.folder}, target={m.target}, backend={self.backend_name}, categories={m.categories})"

@@ -1,0 +1,204 @@
+"""The regression gate: budgets, figures judged against them, and the typed results of
+``uadc verify`` / ``uadc diff`` (JSON with stable keys, Markdown).
+
+A budget is ``<figure>_min`` (value must be >= budget), ``<figure>_max`` (value <= budget, for
+``score_shift`` its absolute value) or ``score_ratio_tol`` (|ratio - 1| <= budget). Defaults
+live in the recipe's ``verify:`` section (uadc.config.recipe.VerifyConfig); the command line
+overrides them (``--budget spearman_min=0.95``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from uadc.config.recipe import VerifyConfig
+from uadc.core.constants import VERIFY_SCHEMA
+from uadc.core.errors import UadcError
+
+# figure -> (budget key, rule)
+RULES = {
+    "spearman": ("spearman_min", "min"),
+    "decision_agreement": ("decision_agreement_min", "min"),
+    "map_dice": ("map_dice_min", "min"),
+    "map_iou": ("map_iou_min", "min"),
+    "top1_overlap": ("top1_overlap_min", "min"),
+    "score_ratio": ("score_ratio_tol", "tol"),
+    "score_shift": ("score_shift_max", "abs_max"),
+    "image_auroc_drop": ("image_auroc_drop_max", "max"),
+    "pixel_auroc_drop": ("pixel_auroc_drop_max", "max"),
+    "aupro_drop": ("aupro_drop_max", "max"),
+}
+BUDGET_KEYS = tuple(k for k, _ in RULES.values())
+EXIT_PASS, EXIT_REGRESSION = 0, 1          # usage errors exit 2 (UadcError)
+
+
+def budgets(recipe_verify: dict | None = None, overrides: dict[str, Any] | None = None) -> dict[str, float]:
+    """Budgets: VerifyConfig defaults, then the recipe's ``verify:`` section, then overrides
+    (``KEY=VALUE`` strings or numbers). An unknown key or a bad value is a UadcError."""
+    base = dict(recipe_verify or {})
+    for key, value in (overrides or {}).items():
+        if key not in BUDGET_KEYS:
+            raise UadcError(f"--budget {key}: unknown budget; expected one of {', '.join(BUDGET_KEYS)}")
+        try:
+            base[key] = float(value)
+        except (TypeError, ValueError):
+            raise UadcError(f"--budget {key}={value}: expected a number") from None
+    from pydantic import ValidationError
+    try:
+        cfg = VerifyConfig.model_validate(base)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise UadcError(f"verify budget {loc}: {err['msg']}") from None
+    return {k: float(getattr(cfg, k)) for k in BUDGET_KEYS}
+
+
+def parse_budget_args(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UadcError(f"--budget {item!r}: expected KEY=VALUE, e.g. spearman_min=0.95")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float | None
+    budget: float
+    rule: str                 # min | max | abs_max | tol
+    passed: bool
+    scope: str = "all"        # "all" or a category
+
+    def describe(self) -> str:
+        where = "" if self.scope == "all" else f"[{self.scope}]"
+        v = "n/a" if self.value is None else f"{self.value:.4f}"
+        need = {"min": f">= {self.budget:g}", "max": f"<= {self.budget:g}", "abs_max": f"|x| <= {self.budget:g}",
+                "tol": f"within 1 +/- {self.budget:g}"}[self.rule]
+        return f"{self.name}{where} = {v} (budget {need})"
+
+
+def judge(name: str, value: float | None, budgets_: dict[str, float], scope: str = "all") -> Figure:
+    key, rule = RULES[name]
+    b = budgets_[key]
+    if value is None:
+        ok = False
+    elif rule == "min":
+        ok = value >= b
+    elif rule == "max":
+        ok = value <= b
+    elif rule == "abs_max":
+        ok = abs(value) <= b
+    else:
+        ok = abs(value - 1.0) <= b
+    return Figure(name, None if value is None else float(value), b, rule, bool(ok), scope)
+
+
+@dataclass
+class GateResult:
+    """Figures of a candidate against a reference on the same images, judged by budgets."""
+
+    kind: str                                   # "verify" | "diff"
+    reference: str                              # golden set or artifact A
+    candidate: str                              # the artifact judged
+    runtime: dict                               # {"reference": ..., "candidate": ...}
+    images: dict                                # images per kind used for the figures
+    figures: list[Figure]
+    categories: dict[str, dict[str, float]]     # per-category label-free figures
+    labelled: dict | None                       # AUROC/AUPRO drops where labels exist, else None
+    polygraphy: dict                            # tensor comparison (informational, not judged)
+    thresholds: dict
+    budgets: dict[str, float]
+    per_category: bool = True                   # categories judged too
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(f.passed for f in self.figures)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PASS if self.passed else EXIT_REGRESSION
+
+    @property
+    def failures(self) -> list[str]:
+        return [f.describe() for f in self.figures if not f.passed]
+
+    def figure(self, name: str, scope: str = "all") -> Figure | None:
+        return next((f for f in self.figures if f.name == name and f.scope == scope), None)
+
+    def to_dict(self) -> dict:
+        overall = {f.name: {"value": f.value, "budget": f.budget, "rule": f.rule, "passed": f.passed}
+                   for f in self.figures if f.scope == "all"}
+        cats: dict[str, dict] = {c: {k: {"value": v} for k, v in figs.items()} for c, figs in self.categories.items()}
+        for f in self.figures:
+            if f.scope != "all" and f.scope in cats and f.name in cats[f.scope]:
+                cats[f.scope][f.name].update(budget=f.budget, rule=f.rule, passed=f.passed)
+        return {"schema": VERIFY_SCHEMA, "kind": self.kind, "passed": self.passed, "exit_code": self.exit_code,
+                "reference": self.reference, "candidate": self.candidate, "runtime": self.runtime,
+                "images": self.images, "figures": overall, "categories": cats, "labelled": self.labelled,
+                "polygraphy": self.polygraphy, "thresholds": self.thresholds, "budgets": self.budgets,
+                "per_category": self.per_category, "failures": self.failures, "notes": self.notes,
+                "seconds": round(self.seconds, 2)}
+
+    def to_json(self) -> str:
+        from uadc.core.io import to_json
+        return to_json(self.to_dict())
+
+    def to_markdown(self) -> str:
+        d = self.to_dict()
+        lines = [f"# uadc {self.kind}: {'PASS' if self.passed else 'REGRESSION'}", "",
+                 f"- reference: `{self.reference}` ({self.runtime.get('reference')})",
+                 f"- candidate: `{self.candidate}` ({self.runtime.get('candidate')})",
+                 "- images: " + ", ".join(f"{k} {v}" for k, v in self.images.items()), "",
+                 "| figure | value | budget | result |", "|---|---|---|---|"]
+        for f in self.figures:
+            if f.scope == "all":
+                lines.append(_row(f))
+        cats = sorted(self.categories)
+        if cats:
+            names = list(next(iter(self.categories.values())))
+            lines += ["", "| category | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+            for c in cats:
+                cells = []
+                for n in names:
+                    v = self.categories[c][n]
+                    fig = self.figure(n, c)
+                    cells.append(f"{v:.4f}" + ("" if fig is None or fig.passed else " **FAIL**"))
+                lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        p = d["polygraphy"]
+        if p:
+            lines += ["", f"Polygraphy tensors (atol {p.get('atol')}, rtol {p.get('rtol')}; not judged): "
+                      f"{'pass' if p.get('passed') else 'differ'}, max abs {p.get('max_abs', 0):.3g}"]
+        if self.notes:
+            lines += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def _row(f: Figure) -> str:
+    need = {"min": ">= ", "max": "<= ", "abs_max": "|x| <= ", "tol": "1 ± "}[f.rule] + f"{f.budget:g}"
+    v = "n/a" if f.value is None else f"{f.value:.4f}"
+    return f"| {f.name} | {v} | {need} | {'pass' if f.passed else '**FAIL**'} |"
+
+
+class VerifyResult(GateResult):
+    """``uadc verify``: an artifact against its golden outputs."""
+
+
+class DiffResult(GateResult):
+    """``uadc diff A B``: artifact B judged against artifact A."""
+
+
+def judge_all(fid: dict, lab: dict | None, budgets_: dict[str, float], per_category: bool) -> list[Figure]:
+    """Every label-free figure overall (and per category when asked), then the labelled drops."""
+    out = [judge(n, v, budgets_) for n, v in fid["all"].items()]
+    if per_category and len(fid["categories"]) > 1:
+        for cat, figs in fid["categories"].items():
+            out += [judge(n, v, budgets_, cat) for n, v in figs.items()]
+    if lab is not None:
+        out += [judge(n, v, budgets_) for n, v in lab["all"].items()]
+    return out

@@ -1,0 +1,130 @@
+"""Golden outputs: the FP32 reference outputs on a fixed, recorded set of images, stored in
+Polygraphy's own formats so the Polygraphy CLI reads them unchanged::
+
+    polygraphy run ARTIFACT/model.onnx --onnxrt \\
+        --load-inputs ARTIFACT/golden_inputs.json --load-outputs ARTIFACT/golden_outputs.json
+
+``golden_inputs.json``: a list of feed dicts (``polygraphy.json``), one per batch;
+``golden_outputs.json``: a ``RunResults`` with one runner (the FP32 reference), one
+``IterationResult`` per batch; ``golden.json``: what uadc needs besides the tensors — per image
+its kind (``normal``: validation/train normals, ``random``: N(0,1) inputs, ``test``: labelled
+test images), category and label, the masks of labelled defects (``golden_masks.npz``), the
+operating thresholds and the reference model's hash.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from uadc.core.constants import (GOLDEN_INPUTS, GOLDEN_MASKS, GOLDEN_META, GOLDEN_OUTPUTS, GOLDEN_RUNNER,
+                                 INPUT_NAME, OUTPUT_NAMES)
+from uadc.core.errors import UadcError
+from uadc.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from uadc.core.scoped import quiet_third_party
+
+GOLDEN_SCHEMA = 1
+IMAGE_KINDS = ("normal", "random", "test", "user")
+
+
+@dataclass
+class GoldenSet:
+    """Reference inputs/outputs (batches of feed dicts / output dicts) and per-image records."""
+
+    feeds: list[dict[str, np.ndarray]]
+    outputs: list[dict[str, np.ndarray]]
+    images: list[dict]                       # {"kind", "category", "label" (int|None), "source"}
+    masks: np.ndarray | None = None          # (n_test, H, W) bool, rows follow the "test" images
+    meta: dict = field(default_factory=dict)  # thresholds, reference model hash, runner name, ...
+    path: Path | None = None
+
+    @property
+    def inputs(self) -> np.ndarray:
+        return np.concatenate([f[INPUT_NAME] for f in self.feeds])
+
+    def output(self, name: str) -> np.ndarray:
+        return np.concatenate([o[name] for o in self.outputs])
+
+    def kinds(self) -> np.ndarray:
+        return np.array([im["kind"] for im in self.images])
+
+    def categories(self) -> np.ndarray:
+        return np.array([im.get("category") or "" for im in self.images])
+
+
+def batches(images: np.ndarray, batch: int) -> list[dict[str, np.ndarray]]:
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    return [OrderedDict([(INPUT_NAME, images[i:i + batch])]) for i in range(0, len(images), batch)]
+
+
+def write_golden(folder: Path, golden: GoldenSet) -> list[Path]:
+    """Write the four golden files into ``folder`` (each atomically); returns their paths."""
+    from polygraphy.comparator import IterationResult, RunResults
+    from polygraphy.json import to_json as poly_json
+    _check(golden)
+    folder = Path(folder)
+    results = RunResults()
+    results.append((GOLDEN_RUNNER, [IterationResult(OrderedDict((n, np.asarray(o[n])) for n in OUTPUT_NAMES),
+                                                    runner_name=GOLDEN_RUNNER) for o in golden.outputs]))
+    written = [atomic_write_text(folder / GOLDEN_INPUTS, poly_json([OrderedDict(f) for f in golden.feeds])),
+               atomic_write_text(folder / GOLDEN_OUTPUTS, results.to_json())]
+    meta = {"schema": GOLDEN_SCHEMA, "runner": GOLDEN_RUNNER, "inputs": GOLDEN_INPUTS, "outputs": GOLDEN_OUTPUTS,
+            **golden.meta, "images": golden.images}
+    if golden.masks is not None and len(golden.masks):
+        buf = io.BytesIO()
+        np.savez_compressed(buf, masks=np.packbits(golden.masks.astype(bool), axis=-1),
+                            shape=np.array(golden.masks.shape))
+        written.append(atomic_write_bytes(folder / GOLDEN_MASKS, buf.getvalue()))
+        meta["masks"] = GOLDEN_MASKS
+    written.append(atomic_write_json(folder / GOLDEN_META, meta))
+    return written
+
+
+def read_golden(path: Path) -> GoldenSet:
+    """Read a golden set from an artifact folder or its ``golden.json``."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+    path = Path(path)
+    meta_path = path / GOLDEN_META if path.is_dir() else path
+    if not meta_path.is_file():
+        raise UadcError(f"no golden outputs at {path}: compile the artifact with this uadc version "
+                        f"(it writes {GOLDEN_META}), or pass --golden")
+    folder = meta_path.parent
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("schema") != GOLDEN_SCHEMA:
+            raise UadcError(f"{meta_path}: golden schema {meta.get('schema')!r}, expected {GOLDEN_SCHEMA}")
+        with quiet_third_party():  # Polygraphy logs every load
+            feeds = [dict(f) for f in load_json(str(folder / meta["inputs"]))]
+            results = RunResults.load(str(folder / meta["outputs"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UadcError(f"unreadable golden set {meta_path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    runs = dict(results.items())
+    if meta["runner"] not in runs:
+        raise UadcError(f"{folder / meta['outputs']}: no results of runner {meta['runner']!r}")
+    outputs = [{n: np.asarray(it[n]) for n in OUTPUT_NAMES} for it in runs[meta["runner"]]]
+    masks = None
+    if meta.get("masks"):
+        with np.load(folder / meta["masks"]) as z:
+            shape = tuple(int(s) for s in z["shape"])
+            masks = np.unpackbits(z["masks"], axis=-1, count=shape[-1]).astype(bool).reshape(shape)
+    images = meta.pop("images")
+    g = GoldenSet(feeds, outputs, images, masks, meta, meta_path)
+    _check(g)
+    return g
+
+
+def _check(g: GoldenSet) -> None:
+    n = sum(len(f[INPUT_NAME]) for f in g.feeds)
+    if len(g.feeds) != len(g.outputs) or n != len(g.images) or \
+            n != sum(len(o[OUTPUT_NAMES[1]]) for o in g.outputs):
+        raise UadcError(f"golden set {g.path or ''}: inputs, outputs and image records disagree "
+                        f"({len(g.feeds)} batches, {n} inputs, {len(g.images)} records)")
+    n_test = sum(1 for im in g.images if im["kind"] == "test")
+    if g.masks is not None and len(g.masks) != n_test:
+        raise UadcError(f"golden set {g.path or ''}: {len(g.masks)} masks for {n_test} test images")
