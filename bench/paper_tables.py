@@ -173,7 +173,7 @@ def table4(recipe: Recipe, base: Baseline, artifacts: Path, log: Callable[[str],
     out = bench_dir(recipe, artifacts) / f"calibrators_{INT8_TARGET}"
     log(f"{recipe.name}: Table 4 ({' x '.join(CALIBRATORS)} by {' x '.join(CALIB_SOURCES)})")
     res = compare_calibrators(recipe, INT8_TARGET, list(CALIBRATORS), list(CALIB_SOURCES), None, ["student"], out,
-                              artifacts, baseline=base)
+                              artifacts, baseline=base, reuse=False)
     for cell in res["cells"].values():
         cell["source"] = str(out / f"{cell['calibrator']}_{cell['calib_data']}" / "report.json")
     return {**_label(recipe), **res, "source": str(out / "compare.json")}
@@ -211,19 +211,25 @@ PTQ_VARIANTS = [("FP32", "fp32", FP32_TARGET, None),
 
 def precision_rows(recipe: Recipe, base: Baseline, best: tuple[str, str], artifacts: Path, opts: BenchOptions
                    ) -> tuple[list[dict], dict[str, Path]]:
-    """Rows for Tables 5-7 and the artifact folders they came from (by folder name)."""
-    from uadc.pipeline import api
+    """Rows for Tables 5-7 and the artifact folders they came from (by folder name).
+
+    The PTQ variants are one sweep (target x quantized partitions, Table 4's best calibration) from
+    the shared baseline, each compiled into its folder again by this run (latencies are this run's)."""
+    from uadc.pipeline.sweep.fixed import run_fixed_grid
+    from uadc.pipeline.sweep.spec import Axes
     cal, src = best
+    out = bench_dir(recipe, artifacts)
+    variant = {(target, tuple(q or ())): (precision, slug) for precision, slug, target, q in PTQ_VARIANTS}
+    axes = Axes(target=list(dict.fromkeys(v[2] for v in PTQ_VARIANTS)), calibrator=[cal], calib_data=[src],
+                quantize=[v[3] for v in PTQ_VARIANTS if v[3] is not None])
+    key = lambda c: (c.axes["target"], tuple(c.axes["quantize"] or ()))  # noqa: E731
+    opts.log(f"{recipe.name}: FP32 and INT8-PTQ ({cal} / {src}) compiles")
+    run_fixed_grid(recipe, axes, out, artifacts, lambda c: variant[key(c)][1], latency_runs=opts.latency_runs,
+                   what="bench Tables 5-7", baseline=base, reuse=False)
     rows, dirs = [], {}
-    for precision, slug, target, quantize in PTQ_VARIANTS:
-        what = f"{precision} {'+'.join(quantize)}" if quantize else precision
-        opts.log(f"{recipe.name}: {what} ({target})")
-        q = quantize is not None
-        res = api.compile(base, target, calibrator=cal if q else None, calibration=src if q else None,
-                          quantize=quantize, out=bench_dir(recipe, artifacts) / slug, force=True,
-                          latency_runs=opts.latency_runs, artifacts=artifacts)
-        dirs[slug] = res.path
-        rows.append(row_from_report(recipe, precision, res.path / "report.json"))
+    for precision, slug, _, _ in PTQ_VARIANTS:
+        dirs[slug] = out / slug
+        rows.append(row_from_report(recipe, precision, out / slug / "report.json"))
     rows.append(qat_row(recipe, base, best, artifacts, opts))
     rows.append(note_row(recipe, "FP16", [], FP16_NOTE))
     return rows, dirs

@@ -159,7 +159,8 @@ def test_unified_table_bench(bench_run):
     assert set(res["models"]["one_class"]) == {"stripes", "gray"}
     for infos in res["models"].values():
         for info in infos.values():
-            assert info["epochs"] == 1 and info["train_seconds"] > 0 and info["peak_rss_mb"] > 50
+            # train_seconds is rounded: a 1-epoch one-class model on tiny data can take < 0.05 s
+            assert info["epochs"] == 1 and info["train_seconds"] >= 0 and info["peak_rss_mb"] > 50
             assert not info["reused"]
     assert res["export"]["identical_graph"] is True
     assert res["export"]["graphs"]["unified"]["nodes"] == res["export"]["graphs"]["dcam"]["nodes"] > 0

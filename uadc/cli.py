@@ -329,13 +329,16 @@ def calibrators_list() -> None:
 @click.option("--calib-samples", type=click.IntRange(min=1, max=4096), default=None)
 @click.option("--quantize", default=None)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="folder for the matrix and cells")
+@click.option("--ray", "use_ray", is_flag=True, help="run the cells on a local Ray (pip install 'uadc[sweep]')")
+@click.option("--address", default=None, help="run the cells on this Ray cluster (implies --ray)")
 @artifacts_opt
-def calibrators_compare(recipe: Path, target, names, sources, calib_samples, quantize, out, artifacts) -> None:
-    """Compile every calibrator x data cell; print image/pixel AUROC and drop vs FP32."""
+def calibrators_compare(recipe: Path, target, names, sources, calib_samples, quantize, out, use_ray, address,
+                        artifacts) -> None:
+    """Compile every calibrator x data cell (a sweep); print image/pixel AUROC and drop vs FP32."""
     from uadc.pipeline import api
     res = api.compare_calibrators(recipe, target, _partitions(names), _partitions(sources),
                                   calib_samples=calib_samples, quantize=_partitions(quantize), out=out,
-                                  artifacts=artifacts)
+                                  artifacts=artifacts, ray=use_ray, address=address)
     click.echo(res["markdown"])
 
 

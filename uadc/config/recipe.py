@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from uadc.config.packaged import resolve_recipe_path
 from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
@@ -88,6 +88,10 @@ class ModelConfig(_Section):
         "exact", description="scoring head: exact (maps upsampled, then combined and smoothed) or fast (combined and "
         "smoothed at feature resolution, upsampled once; bench/head_equivalence.py checks it). No weights: a "
         "checkpoint serves either")
+    score_reduction: Literal["max", "topk_mean"] = Field(
+        "max", description="image score from the map: its max, or the mean of its top score_topk fraction of "
+        "pixels (bench/loco.py compares them leave-one-category-out). No weights: a checkpoint serves either")
+    score_topk: float = Field(0.01, gt=0, le=1, description="topk_mean: fraction of map pixels averaged")
     students: int = Field(3, ge=1, le=16, description="us: ensemble size")
     descriptor_dim: int = Field(128, ge=8, le=4096, description="us: patch descriptor channels")
     student_width: float = Field(1.0, ge=0.1, le=8, description="rd/us: student width multiplier")
@@ -294,21 +298,29 @@ def load_recipe(source: "str | Path | dict | Recipe") -> Recipe:
     if isinstance(source, dict):
         return recipe_from_dict(source)
     path = resolve_recipe_path(source)  # a file, or a built-in recipe's name (``demo``)
+    raw = read_yaml_mapping(path, "recipe")
+    return recipe_from_dict(raw, path)
+
+
+def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_RECIPE_BYTES) -> dict:
+    """A YAML file's top-level mapping (``safe_load``: no tags run code), size-bounded; one-line
+    UadcError for a missing, oversized, binary, malformed or non-mapping file."""
+    path = Path(path)
     if not path.is_file():
-        raise UadcError(f"recipe not found: {path}")
-    if path.stat().st_size > MAX_RECIPE_BYTES:
-        raise UadcError(f"{path}: recipe larger than {MAX_RECIPE_BYTES} bytes")
+        raise UadcError(f"{what} not found: {path}")
+    if path.stat().st_size > max_bytes:
+        raise UadcError(f"{path}: {what} larger than {max_bytes} bytes")
     try:
         raw = yaml.safe_load(path.read_text())
     except UnicodeDecodeError:
         raise UadcError(f"{path}: not a text file") from None
     except yaml.YAMLError as exc:
-        raise UadcError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UadcError(f"{path}: not valid YAML: {str(exc).splitlines()[0][:200]}") from None
     except RecursionError:
         raise UadcError(f"{path}: YAML nested too deeply") from None
     if raw is not None and not isinstance(raw, dict):
         raise UadcError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    return recipe_from_dict(raw or {}, path)
+    return raw or {}
 
 
 def recipe_from_dict(raw: dict, path: Path | None = None, keep_name: bool = False) -> Recipe:

@@ -1,7 +1,7 @@
 """Scoring heads: teacher/student features -> anomaly map (N,1,H,W) and image score (N,).
 
-Heads are plain torch ops (normalise, distance, upsample, combine, gaussian smoothing, max) so
-the exported ONNX graph needs nothing but a runtime."""
+Heads are plain torch ops (normalise, distance, upsample, combine, gaussian smoothing, max or
+mean of the top-k) so the exported ONNX graph needs nothing but a runtime."""
 
 from __future__ import annotations
 
@@ -38,6 +38,21 @@ class GaussianBlur(nn.Module):
         return F.conv2d(F.pad(m, (0, 0, r, r), mode="reflect"), self.ky)
 
 
+def topk_count(frac: float, pixels: int) -> int:
+    """Pixels the top-k mean averages: ``frac`` of the map, at least one."""
+    return max(1, min(pixels, round(frac * pixels)))
+
+
+def reduce_score(amap: torch.Tensor, reduction: str = "max", topk: float = 0.01) -> torch.Tensor:
+    """Image score (N,) from the map (N,1,H,W): its max, or the mean of its top ``topk`` fraction of
+    pixels (ONNX TopK + ReduceMean; k is fixed by the map size, so it is a constant in the graph).
+    A mean over the top pixels asks a defect to cover an area, not one hot pixel, to score high."""
+    flat = amap.flatten(1)
+    if reduction == "max":
+        return flat.amax(dim=1)
+    return torch.topk(flat, topk_count(topk, flat.shape[1]), dim=1).values.mean(dim=1)
+
+
 def l2_normalized_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """0.5 * ||t/|t| - s/|s| ||^2 over channels, (N,1,h,w), in [0, 2] (STFPM)."""
     t = F.normalize(t, dim=1)
@@ -51,11 +66,14 @@ def cosine_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 class DistanceHead(nn.Module):
-    """Per-layer distance maps, upsampled to the input size, combined, smoothed; score = max."""
+    """Per-layer distance maps, upsampled to the input size, combined, smoothed; score = max (or
+    top-k mean, ``reduce_score``)."""
 
     def __init__(self, image_size: int, distance: str = "l2", combine: str = "product", sigma: float = 4.0,
-                 skip_teacher: int = 0):
+                 skip_teacher: int = 0, score_reduction: str = "max", score_topk: float = 0.01):
         super().__init__()
+        self.score_reduction = score_reduction
+        self.score_topk = float(score_topk)
         self.image_size = image_size
         self.distance = distance
         self.combine = combine
@@ -74,7 +92,7 @@ class DistanceHead(nn.Module):
         for m in maps[1:]:
             amap = amap * m if self.combine == "product" else amap + m
         amap = self.blur(amap)
-        return amap, amap.flatten(1).amax(dim=1)
+        return amap, reduce_score(amap, self.score_reduction, self.score_topk)
 
 
 class FastDistanceHead(DistanceHead):
@@ -105,13 +123,14 @@ class FastDistanceHead(DistanceHead):
         if (h, w) != (self.image_size, self.image_size):
             amap = F.interpolate(amap, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         amap = self.blur(amap)
-        return amap, amap.flatten(1).amax(dim=1)
+        return amap, reduce_score(amap, self.score_reduction, self.score_topk)
 
 
 def distance_head(m: dict, image_size: int, distance: str, skip_teacher: int = 0) -> DistanceHead:
     """The recipe's scoring head: ``model.head`` exact (reference) or fast (same decisions, less work)."""
     cls = FastDistanceHead if m.get("head", "exact") == "fast" else DistanceHead
-    return cls(image_size, distance, m["combine"], m["smoothing_sigma"], skip_teacher=skip_teacher)
+    return cls(image_size, distance, m["combine"], m["smoothing_sigma"], skip_teacher=skip_teacher,
+               score_reduction=m.get("score_reduction", "max"), score_topk=m.get("score_topk", 0.01))
 
 
 def mean_layer_distance(head: DistanceHead, t_feats, s_feats) -> list[float]:

@@ -59,7 +59,7 @@ from torch import nn
 
 from uadc.models.backbones import FeatureExtractor, build_backbone
 from uadc.models.base import KDModel
-from uadc.models.heads import GaussianBlur
+from uadc.models.heads import GaussianBlur, reduce_score
 from uadc.models.rd import tap_shapes
 
 COMPACTNESS_WEIGHT = 1.0
@@ -136,9 +136,10 @@ def error_and_variance(t_feats, s_feats) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class USHead(nn.Module):
-    def __init__(self, image_size: int, sigma: float):
+    def __init__(self, image_size: int, sigma: float, score_reduction: str = "max", score_topk: float = 0.01):
         super().__init__()
         self.image_size = image_size
+        self.score_reduction, self.score_topk = score_reduction, float(score_topk)
         self.blur = GaussianBlur(sigma)
         for name, value in (("e_mean", 0.0), ("e_std", 1.0), ("v_mean", 0.0), ("v_std", 1.0)):
             self.register_buffer(name, torch.tensor(value))
@@ -148,7 +149,7 @@ class USHead(nn.Module):
         m = (e - self.e_mean) / self.e_std + (v - self.v_mean) / self.v_std
         m = F.interpolate(m, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         m = self.blur(m)
-        return m, m.flatten(1).amax(dim=1)
+        return m, reduce_score(m, self.score_reduction, self.score_topk)
 
 
 def compactness(d: torch.Tensor) -> torch.Tensor:
@@ -283,5 +284,5 @@ def build_us(m: dict, image_size: int) -> UninformedStudents:
     dim = int(m.get("descriptor_dim", 128))
     teacher = USTeacher(features, cin, dim)
     student = USStudents(int(m.get("students", 3)), dim, stride, float(m.get("student_width", 1.0)))
-    head = USHead(image_size, m["smoothing_sigma"])
+    head = USHead(image_size, m["smoothing_sigma"], m.get("score_reduction", "max"), m.get("score_topk", 0.01))
     return UninformedStudents(teacher, student, head)

@@ -155,10 +155,11 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
 def compare_calibrators(recipe: RecipeLike, target: str = "ort-cpu-int8", calibrators: Sequence[str] = ("entropy", "mse"),
                         sources: Sequence[str] = ("train", "random-normal"), *, calib_samples: int | None = None,
                         quantize: Sequence[str] | None = None, out: Path | None = None,
-                        artifacts: Path | None = None) -> Any:
+                        artifacts: Path | None = None, ray: bool = False, address: str | None = None) -> Any:
+    """The calibrator x calibration-data matrix (a sweep: in this process, or on Ray with ``ray``/``address``)."""
     from uadc.pipeline.compare import compare_calibrators as run
     return run(load_recipe(recipe), target, list(calibrators), list(sources), calib_samples,
-               list(quantize) if quantize else None, out, artifacts)
+               list(quantize) if quantize else None, out, artifacts, ray=ray, address=address)
 
 
 def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path | None = None,

@@ -1,39 +1,79 @@
 """``uadc calibrators compare``: one compile per calibrator x calibration-data cell on the same
 exported model, summarised as a matrix of image / pixel AUROC and their drop vs FP32 (the seed
-paper's Table 4 in one command)."""
+paper's Table 4 in one command).
+
+The grid is a sweep (``uadc.pipeline.sweep.fixed``): axes calibrator x calib_data, the target,
+samples and partitions fixed; in this process by default, on Ray with ``ray``/``address``. Each
+cell compiles into ``<out>/<calibrator>_<data>`` as before; its record lets a rerun with the same
+inputs reuse it.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from uadc.config.recipe import Recipe
+from uadc.config.recipe import Recipe, default_artifacts_root
+from uadc.config.settings import resolve_ptq
+from uadc.config.targets import get_target
+from uadc.core.errors import UadcError
 from uadc.core.io import atomic_write_json, atomic_write_text, contained
-from uadc.pipeline.baseline import Baseline, resolve_source
-from uadc.pipeline.compile import CompileOptions, compile_target
+from uadc.pipeline.baseline import Baseline
+from uadc.pipeline.sweep.fixed import run_fixed_grid
+from uadc.pipeline.sweep.spec import Axes
 
 log = logging.getLogger(__name__)
+LATENCY_RUNS = 10
 
 
 def compare_calibrators(recipe: Recipe, target: str, calibrators: list[str], sources: list[str],
                         calib_samples: int | None = None, quantize: list[str] | None = None, out: Path | None = None,
-                        artifacts: Path | None = None, baseline: Baseline | None = None) -> dict:
-    out = out or recipe.artifact_dir(artifacts) / f"calibrators_{target}"
-    b = baseline or Baseline(recipe, resolve_source(recipe, recipe, artifacts))
-    cells = {}
+                        artifacts: Path | None = None, baseline: Baseline | None = None, *, ray: bool = False,
+                        address: str | None = None, reuse: bool = True) -> dict:
+    """The matrix (also written as ``compare.json`` / ``compare.md`` under ``out``); ``baseline``: the
+    caller's FP32 baseline of the recipe's checkpoint, reused when the grid runs in this process;
+    ``reuse=False``: every cell compiled again (not read back from an earlier run's record)."""
+    _check_options(recipe, target, calibrators, sources, calib_samples, quantize)
+    artifacts = Path(artifacts or default_artifacts_root()).absolute()
+    out = Path(out or recipe.artifact_dir(artifacts) / f"calibrators_{target}").absolute()
+    axes = Axes(target=[target], calibrator=list(calibrators), calib_data=list(sources),
+                calib_samples=[calib_samples], quantize=[list(quantize) if quantize else None])
+    # named calibrators and data stay as given (only None takes the recipe's): a cell's axes are the pair
+    pair = lambda c: (c.axes["calibrator"], c.axes["calib_data"])  # noqa: E731
+    done = run_fixed_grid(recipe, axes, out, artifacts, lambda c: contained(out, "_".join(pair(c)), "calibrator").name,
+                          latency_runs=LATENCY_RUNS, what="calibrators compare", baseline=baseline, ray=ray,
+                          address=address, reuse=reuse)
+    return write_matrix(recipe, target, calibrators, sources, calib_samples, quantize, out,
+                        {pair(c): report for c, report in done})
+
+
+def _check_options(recipe: Recipe, target: str, calibrators: list[str], sources: list[str],
+                   calib_samples: int | None, quantize: list[str] | None) -> None:
+    """A user mistake is the command's one-line error before any cell runs (not a failed cell)."""
+    from uadc.calibrators import available_calibrators
+    t = get_target(target)
+    if not t.quantized:
+        raise UadcError(f"calibrators compare: target {target} is not quantized (nothing to calibrate)")
+    known = available_calibrators()
     for cal in calibrators:
-        for src in sources:
-            log.info("== %s / %s", cal, src)
-            opts = CompileOptions(target=target, calibrator=cal, calib_data=src, calib_samples=calib_samples,
-                                  quantize=quantize, out=contained(out, f"{cal}_{src}", "calibrator"), force=True,
-                                  latency_runs=10)
-            m = compile_target(b, opts).to_dict()["metrics"]
-            cells[f"{cal}/{src}"] = {
-                "calibrator": cal, "calib_data": src,
-                "image_auroc": m["compiled"]["mean"]["image_auroc"], "pixel_auroc": m["compiled"]["mean"]["pixel_auroc"],
-                "image_drop": m["drop"]["mean"]["image_auroc"], "pixel_drop": m["drop"]["mean"]["pixel_auroc"],
-                "categories": {c: v["image_auroc"] for c, v in m["compiled"]["categories"].items()}}
-    fp32 = b.fp32_metrics.mean
+        if cal not in known:
+            raise UadcError(f"unknown calibrator {cal!r}; expected one of {', '.join(known)}")
+    for src in sources:
+        resolve_ptq(recipe, t, calibrators[0] if calibrators else None, src, calib_samples, quantize)
+
+
+def write_matrix(recipe: Recipe, target: str, calibrators: list[str], sources: list[str], calib_samples: int | None,
+                 quantize: list[str] | None, out: Path, reports: dict) -> dict:
+    """``compare.json`` / ``compare.md`` from each cell's report (keyed by (calibrator, data))."""
+    cells = {}
+    for (cal, src), report in reports.items():
+        m = report["metrics"]
+        cells[f"{cal}/{src}"] = {
+            "calibrator": cal, "calib_data": src,
+            "image_auroc": m["compiled"]["mean"]["image_auroc"], "pixel_auroc": m["compiled"]["mean"]["pixel_auroc"],
+            "image_drop": m["drop"]["mean"]["image_auroc"], "pixel_drop": m["drop"]["mean"]["pixel_auroc"],
+            "categories": {c: v["image_auroc"] for c, v in m["compiled"]["categories"].items()}}
+    fp32 = next(iter(reports.values()))["metrics"]["fp32"]["mean"]
     best = min(cells.values(), key=lambda c: (c["image_drop"], c["pixel_drop"]))
     result = {"target": target, "quantized_partitions": quantize or recipe.compile.quantize,
               "calib_samples": calib_samples or recipe.compile.calib_samples,

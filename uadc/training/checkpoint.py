@@ -21,6 +21,9 @@ from uadc.models import KDModel, build_model
 MAX_CHECKPOINT_BYTES = 4 << 30
 
 
+HEAD_KEYS = ("head", "score_reduction", "score_topk")  # weight-free head settings a checkpoint serves alike
+
+
 def model_hash(recipe: Recipe) -> str:
     """Hash of what a checkpoint must agree with to be used (data and architecture)."""
     return recipe.section_hash(("data", "model"))
@@ -79,7 +82,7 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
     except UadcError as exc:
         raise UadcError(f"checkpoint {path}: its stored recipe is invalid ({exc})") from None
     if recipe is not None:  # the scoring head holds no weights: the recipe asking now picks it
-        trained = trained.with_overrides(model={"head": recipe.model.head})
+        trained = trained.with_overrides(model={k: recipe.cfg["model"][k] for k in HEAD_KEYS})
     # Recompute from the stored recipe rather than trusting a stored hash of an older definition.
     if recipe is not None and model_hash(trained) != model_hash(recipe):
         raise UadcError(f"checkpoint {path} was trained with different data/model settings than "

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from uadc.core.errors import UadcError
 from uadc.core.io import sha256_file
@@ -100,6 +102,17 @@ def _baseline(model: Model, info: ModelInfo, run: RunConfig, state: BaselineStat
     return b
 
 
+@contextmanager
+def given_baseline(info: ModelInfo, run: RunConfig, b: Baseline) -> Iterator[None]:
+    """In this process, the model's cells compile from the caller's baseline (already exported)."""
+    key = (info.key, info.sha256, run.threads)
+    _BASELINES[key] = b
+    try:
+        yield
+    finally:
+        _BASELINES.pop(key, None)
+
+
 def run_cell(cell: Cell, model: Model, info: ModelInfo, state: BaselineState, out: Path, artifacts: Path,
              run: RunConfig) -> dict:
     """Compile one cell (or return its finished record); a user error becomes a failed record."""
@@ -127,9 +140,10 @@ def _compile(cell: Cell, key: str, model: Model, info: ModelInfo, state: Baselin
     from uadc.pipeline import api
     b = _baseline(model, info, run, state)
     o = cell.options
+    folder = out / cell.artifact if cell.artifact else cell_dir(out, f"{cell.folder}-{key[:8]}")
     return api.compile(b, o["target"], calibration=o["calib_data"], calibrator=o["calibrator"],
                        calib_samples=o["calib_samples"], quantize=o["quantize"],
-                       out=cell_dir(out, f"{cell.folder}-{key[:8]}"), force=True, evaluate=run.evaluate,
+                       out=folder, force=True, evaluate=run.evaluate,
                        latency_runs=run.latency_runs, threads=run.threads, artifacts=artifacts)
 
 

@@ -22,7 +22,7 @@ from uadc.config.settings import resolve_ptq
 from uadc.config.targets import TARGETS
 from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError
-from uadc.pipeline.sweep.spec import MAX_CELLS, RunConfig, SweepSpec
+from uadc.pipeline.sweep.spec import MAX_CELLS, Axes, RunConfig, SweepSpec
 
 TRAIN_SECTIONS = ("seed", "data", "model", "train")   # what a checkpoint depends on
 
@@ -51,6 +51,8 @@ class Cell:
     model: str                  # Model.key
     axes: dict = field(compare=False, hash=False)     # axis values, for the table
     options: dict = field(compare=False, hash=False)  # compile options (None: the recipe's)
+    artifact: str | None = field(default=None, compare=False, hash=False)  # fixed folder under the sweep's
+    # out (``uadc calibrators compare``'s ``<calibrator>_<data>``); default cells/<id>-<key>
 
     @property
     def folder(self) -> str:
@@ -85,23 +87,31 @@ def cell_key(cell: Cell, model: Model, checkpoint_sha: str, run: RunConfig) -> s
 
 
 def make_plan(spec: SweepSpec, base: Path, name: str) -> Plan:
-    models: dict[str, Model] = {}
-    cells: dict[tuple, Cell] = {}
+    pairs = []
     for entry in spec.recipe_entries(base):
         original = load_recipe(entry.path)
         recipe = original
         for overrides in (spec.overrides, entry.overrides):
             if overrides:
                 recipe = _override(recipe, overrides)
-        for size, seed, one_class in itertools.product(*(spec.axes.values(a) for a in ("image_size", "seed",
-                                                                                        "one_class"))):
+        pairs.append((original, recipe))
+    return plan_recipes(pairs, spec.axes, spec.run, name)
+
+
+def plan_recipes(pairs: list[tuple[Recipe, Recipe]], axes: Axes, run: RunConfig, name: str) -> Plan:
+    """The plan of loaded recipes, each given as (as written, with the sweep's overrides)."""
+    models: dict[str, Model] = {}
+    cells: dict[tuple, Cell] = {}
+    for original, recipe in pairs:
+        for size, seed, one_class in itertools.product(*(axes.values(a) for a in ("image_size", "seed",
+                                                                                   "one_class"))):
             for model in _models(original, recipe, size, seed, bool(one_class)):
                 models.setdefault(model.key, model)
-                for cell in _cells(spec, model, {"image_size": size, "seed": seed, "one_class": bool(one_class)}):
+                for cell in _cells(axes, model, {"image_size": size, "seed": seed, "one_class": bool(one_class)}):
                     cells.setdefault((cell.model, json.dumps(cell.options, sort_keys=True)), cell)
                     if len(cells) > MAX_CELLS:
                         raise UadcError(f"sweep {name}: more than {MAX_CELLS} cells")
-    return Plan(name, models, list(cells.values()), spec.run)
+    return Plan(name, models, list(cells.values()), run)
 
 
 def _override(recipe: Recipe, overrides: dict) -> Recipe:
@@ -137,11 +147,11 @@ def _one_category(recipe: Recipe, root: Path, category: str, name: str) -> Recip
                                                   "val": val})
 
 
-def _cells(spec: SweepSpec, model: Model, fixed: dict) -> list[Cell]:
+def _cells(grid: Axes, model: Model, fixed: dict) -> list[Cell]:
     recipe = model.recipe()
     out = []
     names = ("target", "calibrator", "calib_data", "calib_samples", "quantize")
-    for values in itertools.product(*(spec.axes.values(a) for a in names)):
+    for values in itertools.product(*(grid.values(a) for a in names)):
         opts = dict(zip(names, values))
         opts["target"] = opts["target"] or recipe.compile.target
         target = TARGETS.get(opts["target"])

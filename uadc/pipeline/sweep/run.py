@@ -58,6 +58,16 @@ def run_sweep(source: Any, *, artifacts: Path | None = None, out: Path | None = 
     plan = make_plan(spec, base, name)
     artifacts = Path(artifacts or default_artifacts_root()).absolute()   # workers may run elsewhere
     out = Path(out).absolute() if out else artifacts / "sweeps" / name
+    return run_plan(plan, artifacts, out, address=address, num_cpus=num_cpus, sequential=sequential,
+                    on_record=on_record, t0=t0)
+
+
+def run_plan(plan: Plan, artifacts: Path, out: Path, *, address: str | None = None, num_cpus: int | None = None,
+             sequential: bool = False, on_record: Callable[[dict], None] | None = None, table: bool = True,
+             t0: float | None = None) -> SweepResult:
+    """Run a plan into ``out`` (absolute paths); ``table=False``: only the cell records, no sweep.* files
+    (``uadc calibrators compare`` writes its own matrix)."""
+    t0 = time.time() if t0 is None else t0
     check_writable(out)
     ensure_dir(out)
     seen: list[dict] = []
@@ -81,11 +91,14 @@ def run_sweep(source: Any, *, artifacts: Path | None = None, out: Path | None = 
         from uadc.pipeline.sweep.ray_exec import run_on_ray
         records = run_on_ray(plan, out, artifacts, address, num_cpus, done, note)
     reused = sum(1 for r in records if r.get("reused"))
-    table = write_table(plan, records, out, plot=reused < len(records) or not (out / "pareto.png").is_file())
+    if table:
+        t = write_table(plan, records, out, plot=reused < len(records) or not (out / "pareto.png").is_file())
+    else:
+        t = {"rows": records, "best": {}, "pareto": [], "files": {}, "markdown": ""}
     failed = sum(1 for r in records if r["status"] != "ok")
     trained = len({r["model"] for r in records if r.get("trained") and not r.get("reused")})
-    return SweepResult(name, out, table["rows"], table["best"], table["pareto"], table["files"],
-                       len(records) - reused, reused, failed, trained, round(time.time() - t0, 2), table["markdown"])
+    return SweepResult(plan.name, out, t["rows"], t["best"], t["pareto"], t["files"],
+                       len(records) - reused, reused, failed, trained, round(time.time() - t0, 2), t["markdown"])
 
 
 def finished_records(plan: Plan, out: Path, artifacts: Path) -> dict[int, dict]:

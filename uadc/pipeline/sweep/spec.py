@@ -25,9 +25,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from uadc.config.recipe import read_yaml_mapping
 from uadc.core.errors import UadcError
 
 MAX_SWEEP_BYTES = 1 << 20
@@ -107,16 +107,7 @@ def load_sweep(source: "str | Path | dict | SweepSpec") -> tuple[SweepSpec, Path
         spec = _validate(source, "sweep")
         return spec, Path.cwd(), spec.name or "sweep"
     path = Path(source)
-    if not path.is_file():
-        raise UadcError(f"sweep file not found: {path}")
-    if path.stat().st_size > MAX_SWEEP_BYTES:
-        raise UadcError(f"{path}: sweep file larger than {MAX_SWEEP_BYTES} bytes")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise UadcError(f"{path}: not a valid YAML sweep file ({str(exc).splitlines()[0][:200]})") from None
-    if not isinstance(raw, dict):
-        raise UadcError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "sweep file", MAX_SWEEP_BYTES)
     spec = _validate(raw, str(path))
     name = spec.name or path.stem
     if not name or name.startswith(".") or any(c in name for c in "/\\\x00"):

@@ -1,0 +1,120 @@
+"""`uadc calibrators compare` as a sweep: the matrix files and per-cell folders it always wrote,
+values read from the cells' reports, a rerun that reuses finished cells, one-line errors for a
+bad calibrator or a float target, the caller's baseline reused, and the same matrix on Ray."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_recipe
+from uadc.cli import main
+
+HAS_RAY = importlib.util.find_spec("ray") is not None
+CELL_KEYS = {"calibrator", "calib_data", "image_auroc", "pixel_auroc", "image_drop", "pixel_drop", "categories"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data):
+    import uadc
+    d = tmp_path_factory.mktemp("compare")
+    recipe = write_recipe(d / "tiny.yaml", tiny_data, train={"epochs": 1, "threads": 1})
+    uadc.train(recipe, artifacts=d / "art")
+    return d, recipe
+
+
+def _compare(recipe, art, out, *extra):
+    return CliRunner().invoke(main, ["-q", "calibrators", "compare", str(recipe), "--calibrators", "minmax,entropy",
+                                     "--calib-data", "train,random-normal", "--artifacts", str(art),
+                                     "--out", str(out), *extra])
+
+
+def test_compare_writes_matrix_and_cell_folders_and_reuses_cells(trained, tmp_path):
+    d, recipe = trained
+    out = tmp_path / "cmp"
+    res = _compare(recipe, d / "art", out)
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "compare.json").read_text())
+    assert set(result) == {"target", "quantized_partitions", "calib_samples", "fp32", "cells", "best"}
+    assert list(result["cells"]) == ["minmax/train", "minmax/random-normal", "entropy/train",
+                                     "entropy/random-normal"]
+    assert (result["target"], result["quantized_partitions"], result["calib_samples"]) == (
+        "ort-cpu-int8", ["student"], 8)
+    for name, cell in result["cells"].items():
+        assert set(cell) == CELL_KEYS
+        report = json.loads((out / name.replace("/", "_") / "report.json").read_text())
+        assert (report["calibrator"], report["calib_data"]) == tuple(name.split("/"))
+        m = report["metrics"]
+        assert cell["image_auroc"] == m["compiled"]["mean"]["image_auroc"]
+        assert cell["pixel_drop"] == m["drop"]["mean"]["pixel_auroc"]
+        assert result["fp32"]["image_auroc"] == m["fp32"]["mean"]["image_auroc"]
+    best = min(result["cells"].values(), key=lambda c: (c["image_drop"], c["pixel_drop"]))
+    assert result["best"] == f"{best['calibrator']}/{best['calib_data']}"
+    md = (out / "compare.md").read_text()
+    assert md.strip() == res.stdout.strip() and "| entropy |" in md and result["best"] in md
+    # a rerun with the same inputs reuses every cell: no folder is compiled again, same matrix
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/report.json")}
+    again = _compare(recipe, d / "art", out)
+    assert again.exit_code == 0, again.output
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/report.json")} == stamps
+    assert json.loads((out / "compare.json").read_text()) == result
+
+
+def test_compare_other_inputs_make_records_stale(trained, tmp_path):
+    """Other inputs recompile the same folder, so the first inputs' record no longer names their result."""
+    from uadc.pipeline import api
+    d, recipe = trained
+    run = lambda **kw: api.compare_calibrators(recipe, calibrators=["minmax"], sources=["train"],  # noqa: E731
+                                               out=tmp_path / "o", artifacts=d / "art", **kw)
+    first = run()
+    report = tmp_path / "o" / "minmax_train" / "report.json"
+    assert run(calib_samples=4)["calib_samples"] == 4
+    assert json.loads((report.parent / "calibration.json").read_text())["samples"] == 4
+    stamp = report.stat().st_mtime_ns
+    assert {k: v for k, v in run().items() if k != "markdown"} == {k: v for k, v in first.items() if k != "markdown"}
+    assert report.stat().st_mtime_ns != stamp   # compiled again, not the 4-sample folder read back
+    assert json.loads((report.parent / "calibration.json").read_text())["samples"] == 8
+    assert len(list((tmp_path / "o" / "records").glob("*.json"))) == 1
+
+
+@pytest.mark.parametrize("extra, text", [
+    (["--calibrators", "minmax,no-such-calibrator"], "unknown calibrator 'no-such-calibrator'"),
+    (["--target", "ort-cpu-fp32"], "is not quantized"),
+])
+def test_compare_user_errors_are_one_line(trained, tmp_path, extra, text):
+    d, recipe = trained
+    res = CliRunner().invoke(main, ["calibrators", "compare", str(recipe), "--calib-data", "train",
+                                    "--artifacts", str(d / "art"), "--out", str(tmp_path / "o"), *extra])
+    assert res.exit_code == 2, res.output
+    out = res.output.strip()
+    assert out.startswith("error: ") and text in out and len(out.splitlines()) == 1
+    assert not (tmp_path / "o" / "compare.json").exists()
+
+
+def test_compare_reuses_the_callers_baseline(trained, tmp_path):
+    import uadc
+    from uadc.pipeline.compare import compare_calibrators
+    from uadc.pipeline.sweep import cells
+    d, recipe = trained
+    b = uadc.baseline(uadc.load_recipe(recipe), artifacts=d / "art")
+    r = uadc.load_recipe(recipe)
+    res = compare_calibrators(r, "ort-cpu-int8", ["minmax"], ["train"], None, ["student"], tmp_path / "o",
+                              d / "art", baseline=b)
+    assert "fp32_simplified" in b.__dict__   # the cell compiled from the caller's export
+    assert res["fp32"]["image_auroc"] == b.fp32_metrics.mean["image_auroc"]
+    assert not any(v is b for v in cells._BASELINES.values())   # not kept past the call
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="ray is not installed (pip install 'uadc[sweep]')")
+def test_compare_on_ray_matches_in_process(trained, tmp_path):
+    from uadc.pipeline import api
+    d, recipe = trained
+    kw = {"calibrators": ["minmax"], "sources": ["random-normal"], "artifacts": d / "art"}
+    local = api.compare_calibrators(recipe, out=tmp_path / "local", **kw)
+    on_ray = api.compare_calibrators(recipe, out=tmp_path / "ray", ray=True, **kw)
+    assert on_ray["cells"] == local["cells"] and on_ray["fp32"] == local["fp32"]
+    assert (tmp_path / "ray" / "minmax_random-normal" / "report.json").is_file()
+    assert not list(tmp_path.rglob("*.uadc-tmp-*"))

@@ -1,0 +1,94 @@
+"""bench/loco.py: the leave-one-category-out choice never reads the held-out category's metrics, the
+post-hoc smoothing reproduces the head's own maps, and the whole run writes its table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench import loco
+
+
+def _res(values: dict[str, dict[str, float]]) -> tuple[list[dict], dict]:
+    settings = [{"smoothing_sigma": 2.0, "score_reduction": "max", "score_topk": None},
+                {"smoothing_sigma": 2.0, "score_reduction": "topk_mean", "score_topk": 0.01}]
+    res = {loco.key(s): {c: {"image_auroc": v, "pixel_auroc": 0.9} for c, v in values[loco.key(s)].items()}
+           for s in settings}
+    return settings, res
+
+
+def test_choice_ignores_the_held_out_category():
+    settings, res = _res({"sigma=2,max": {"a": 0.9, "b": 0.9, "c": 0.5},
+                          "sigma=2,top1%": {"a": 0.95, "b": 0.95, "c": 0.4}})
+    default = settings[0]
+    folds = {f["held_out"]: f for f in loco.leave_one_out(settings, res, default)}
+    assert folds["c"]["chosen_key"] == "sigma=2,top1%"   # chosen on a, b; worse on c, and reported so
+    assert folds["c"]["chosen_metrics"]["image_auroc"] == 0.4
+    assert folds["c"]["default_metrics"]["image_auroc"] == 0.5
+    # a held-out category's own numbers cannot move its choice
+    res["sigma=2,top1%"]["c"]["image_auroc"] = 0.0
+    assert {f["held_out"]: f["chosen_key"] for f in loco.leave_one_out(settings, res, default)}["c"] == \
+        "sigma=2,top1%"
+    # folds a and b: inner means over {b, c} / {a, c}: max 0.7 vs top1% 0.675 (after the edit 0.475)
+    assert folds["a"]["chosen_key"] == "sigma=2,max"
+
+
+def test_ties_go_to_the_recipe_setting():
+    settings, res = _res({"sigma=2,max": {"a": 0.9, "b": 0.8}, "sigma=2,top1%": {"a": 0.9, "b": 0.8}})
+    for default in settings:
+        assert {f["chosen_key"] for f in loco.leave_one_out(settings, res, default)} == {loco.key(default)}
+
+
+def test_grid_metrics_topk_helps_area_defects():
+    """Synthetic maps: anomalies are areas, a few normals have one hot pixel -> top-k mean ranks better."""
+    rng = np.random.default_rng(0)
+    maps = {}
+    for cat in ("a", "b"):
+        raw = rng.random((12, 32, 32)).astype(np.float32) * 0.1
+        masks = np.zeros((12, 32, 32), bool)
+        labels = np.array([0] * 6 + [1] * 6)
+        raw[:3, 4, 4] = 5.0                   # hot pixel on three normals
+        raw[6:, 10:20, 10:20] += 0.5          # defect areas
+        masks[6:, 10:20, 10:20] = True
+        maps[cat] = (raw, masks, labels)
+    settings, res = loco.grid_metrics(maps, (0.0,), (0.05,), lambda m: None)
+    assert [loco.key(s) for s in settings] == ["sigma=0,max", "sigma=0,top5%"]
+    assert res["sigma=0,top5%"]["a"]["image_auroc"] == 1.0
+    assert res["sigma=0,max"]["a"]["image_auroc"] < 1.0
+    assert res["sigma=0,max"]["a"]["pixel_auroc"] == res["sigma=0,top5%"]["a"]["pixel_auroc"]
+
+
+def test_run_loco_end_to_end(tmp_path, tiny_data):
+    """Tiny data in a --data layout, an untrained checkpoint reused from --artifacts: maps, grid, folds, files."""
+    from conftest import write_recipe
+    from uadc.config.recipe import load_recipe
+    from uadc.models import build_model
+    from uadc.training.checkpoint import checkpoint_path, save_checkpoint
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tiny").symlink_to(tiny_data)
+    base = write_recipe(tmp_path / "base.yaml", tiny_data)
+    recipe = loco.loco_recipe(base, data, epochs=1)
+    assert recipe.name == "base_loco_e1" and recipe.train.epochs == 1
+    assert recipe.cfg["data"]["sources"] == [{"root": str((data / "tiny").resolve()), "categories": ["gray", "stripes"]}]
+    torch.manual_seed(0)
+    model = build_model(recipe.cfg["model"], recipe.data.image_size)
+    save_checkpoint(checkpoint_path(recipe, tmp_path / "art"), model, recipe, [{"epoch": 1}], ["gray", "stripes"])
+    out = tmp_path / "out"
+    r = loco.run_loco(base, data, tmp_path / "art", out, epochs=1, threads=1, sigmas=(1.0,), topk=(0.01,),
+                      log=lambda m: None)
+    assert r["model"]["reused"] and r["default_key"] == "sigma=1,max"
+    assert [f["held_out"] for f in r["folds"]] == ["gray", "stripes"]
+    assert json.loads((out / loco.RESULT_JSON).read_text())["folds"] == json.loads(json.dumps(r["folds"]))
+    assert "| **mean** |" in (out / loco.RESULT_MD).read_text()
+    assert load_recipe(base).model.score_reduction == "max"
+
+
+def test_bad_data_folder_is_one_line_error(tmp_path):
+    from uadc.core.errors import UadcError
+    with pytest.raises(UadcError, match="no dataset folder"):
+        loco.loco_recipe(loco.RECIPE, tmp_path)
