@@ -133,14 +133,15 @@ def key(s: dict) -> str:
     return f"sigma={s['smoothing_sigma']:g},{red}"
 
 
-def leave_one_out(settings: list[dict], res: dict, default: dict) -> list[dict]:
-    """Per held-out category: the setting with the best mean image AUROC on the other categories."""
+def leave_one_out(settings: list[dict], res: dict, default: dict, key: Callable[[dict], str] = key,
+                  criterion: tuple[str, ...] = ("image_auroc",)) -> list[dict]:
+    """Per held-out category: the setting with the best mean ``criterion`` (image AUROC) on the other categories."""
     cats = list(next(iter(res.values())))
     order = [default] + [s for s in settings if key(s) != key(default)]  # ties go to the recipe's own
     folds = []
     for held in cats:
         others = [c for c in cats if c != held]
-        inner = {key(s): float(np.mean([res[key(s)][c]["image_auroc"] for c in others])) for s in order}
+        inner = {key(s): float(np.mean([res[key(s)][c][m] for c in others for m in criterion])) for s in order}
         chosen = max(order, key=lambda s: inner[key(s)])  # first maximum in ``order``
         folds.append({"held_out": held, "chosen": chosen, "chosen_key": key(chosen),
                       "inner_mean_image_auroc": inner[key(chosen)],

@@ -76,7 +76,8 @@ def variant_recipes(recipe: Recipe, opts: TableOptions, recipe_dir: Path = RECIP
 
 def _settings(cfg: dict) -> dict:
     cfg = json.loads(json.dumps(cfg))
-    cfg["train"].pop("threads", None)  # how fast, not what is trained
+    cfg["train"].pop("threads", None)  # how fast and where, not what is trained
+    cfg["train"].pop("device", None)
     return cfg
 
 

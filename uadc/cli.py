@@ -197,6 +197,8 @@ def _partitions(value: str | None) -> list[str] | None:
 @click.option("--calib-data", type=click.Choice(["train", "random-normal", "mixed"]), default=None)
 @click.option("--calib-samples", type=click.IntRange(min=1, max=4096), default=None)
 @click.option("--quantize", default=None, help="partitions to quantize, e.g. student or student,teacher")
+@click.option("--precision", type=click.Choice(["target", "auto"]), default=None, help="auto: INT8/FP32 per fused "
+              "group within the recipe's compile.auto budget (default: the recipe's compile.precision)")
 @click.option("--per-channel/--per-tensor", default=None, help="weight scales (default: the target's)")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="artifact folder")
 @click.option("--force", is_flag=True, help="replace an existing uadc artifact folder at --out")
@@ -213,7 +215,7 @@ def _partitions(value: str | None) -> list[str] | None:
 @json_output
 def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_samples, quantize, per_channel,
                 out, force, checkpoint, dump_passes, split, build_engine, no_eval, from_qat, train_if_missing,
-                postprocess, artifacts) -> None:
+                postprocess, artifacts, precision) -> None:
     """Export, run the target's passes, verify with Polygraphy and write the artifact folder."""
     from uadc.config.recipe import load_recipe
     from uadc.pipeline import api
@@ -235,7 +237,8 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
     res = api.compile(checkpoint or r, target, recipe=r, calibration=calib_data, calibrator=calibrator,
                       calib_samples=calib_samples, quantize=_partitions(quantize), per_channel=per_channel, out=out,
                       force=force, dump_passes=dump_passes, split=split, build_engine=build_engine,
-                      evaluate=not no_eval, qat_model=qat_model, artifacts=artifacts, postprocess=postprocess)
+                      evaluate=not no_eval, qat_model=qat_model, artifacts=artifacts, postprocess=postprocess,
+                      precision=precision)
     _print_summary(res)
     return res
 
@@ -270,6 +273,9 @@ def _print_summary(res) -> None:
                f"({lat.runtime}); compile {res.compile_seconds:.1f} s")
     if res.engine:
         click.echo(res.engine.get("status", ""))
+    if (ps := res.extra.get("precision_search")) is not None:
+        click.echo(f"precision auto: {ps['final']['int8_groups']} groups INT8, {ps['final']['fp32_groups']} FP32; "
+                   f"search {ps['seconds']:.1f} s (report.md lists every decision)")
     dec = (res.deploy or {}).get("decisions")
     if dec:
         o = dec["overall"]

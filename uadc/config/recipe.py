@@ -123,6 +123,8 @@ class TrainConfig(_Section):
     warmup_epochs: int = Field(0, ge=0, le=10_000)
     cache_teacher: bool = Field(True, description="precompute frozen teacher features once")
     threads: Optional[int] = Field(None, ge=1, le=1024, description="torch intra-op threads (default: all cores)")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the student trains (auto: cuda when "
+                                                   "torch sees a GPU); the checkpoint is always saved for CPU")
     dcam: DcamConfig = Field(DcamConfig(), description="DCAM training option (training only; the export is unchanged)")
 
 
@@ -130,8 +132,29 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, ge=1, le=4096)
 
 
+class AutoPrecisionConfig(_Section):
+    """Budget and effort of ``compile.precision: auto`` (label-free: FP32 vs candidate outputs per category on
+    validation normals plus copies with a pasted noise square, and N(0,1) inputs; each figure is the minimum
+    over the categories)."""
+    spearman_min: float = Field(0.99, ge=-1, le=1, description="min rank correlation of image scores vs FP32")
+    decision_agreement_min: float = Field(0.99, ge=0, le=1, description="min share of the same decisions at "
+                                          "the FP32 operating threshold")
+    top1_overlap_min: float = Field(0.9, ge=0, le=1, description="min overlap of the top-1 % map pixels vs FP32")
+    val_images: int = Field(16, ge=1, le=4096, description="validation normals per category the search scores "
+                            "(each also with a pasted noise square)")
+    random_images: int = Field(16, ge=0, le=4096, description="N(0,1) inputs the search scores")
+    min_saving: float = Field(0.05, ge=0, le=1, description="INT8 counts as faster only if it saves this share "
+                              "of a group's FP32 time (and 2 µs): timing noise must not flip a decision")
+    profile_runs: int = Field(100, ge=3, le=1000, description="profiled runs per model (each node's fastest counts)")
+
+
 class CompileConfig(_Section):
     target: str = "ort-cpu-int8"
+    precision: Literal["target", "auto"] = Field(
+        "target", description="target: the target's precision on the compile.quantize partitions; auto: per fused "
+        "group INT8 or FP32, the fastest assignment on the target runtime within the compile.auto budget "
+        "(ort-cpu-int8)")
+    auto: AutoPrecisionConfig = Field(AutoPrecisionConfig(), description="budget of precision: auto")
     passes: Optional[list[str]] = Field(None, description="override the target's pass list")
     calibrator: Optional[str] = Field(None, description="default: the target's (entropy for TensorRT)")
     calib_data: Literal["train", "random-normal", "mixed"] = "random-normal"

@@ -54,6 +54,8 @@ class PassContext:
     per_channel: bool | None = None   # overrides target.scheme.per_channel when set
     #: tensor -> (scale, zero_point) used as-is (ORT TensorQuantOverrides), e.g. QAT's learned scales
     quant_params: dict[str, tuple[float, int]] | None = None
+    #: quantize only these nodes of ``quantize_partitions`` (``compile.precision: auto``); None: all of them
+    quantize_nodes: list[str] | None = None
 
 
 Pass = Callable[[onnx.ModelProto, PassContext], onnx.ModelProto]

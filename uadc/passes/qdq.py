@@ -157,6 +157,9 @@ def quantize_qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     forks = _fork_shared(model, set(ctx.quantize_partitions))
     model = onnx.shape_inference.infer_shapes(model, strict_mode=False)  # ORT needs value types
     names = nodes_in(model, ctx.quantize_partitions)
+    if ctx.quantize_nodes is not None:
+        chosen = set(ctx.quantize_nodes)
+        names = [n for n in names if n in chosen]
     if not names:  # ORT reads an empty list as "quantize everything"
         raise UadcError(f"no nodes in partition(s) {', '.join(ctx.quantize_partitions)} to quantize")
     bad = {k: v for k, v in ctx.ranges.items() if not (np.isfinite(v).all() and v[0] <= v[1])}

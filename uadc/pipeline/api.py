@@ -100,7 +100,7 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
             out: Path | None = None, force: bool = False, evaluate: bool = True, latency_runs: int = 30,
             threads: int | None = None, artifacts: Path | None = None, split: bool = False,
             build_engine: bool = False, dump_passes: Path | None = None, qat_model: Any = None,
-            postprocess: bool | None = None) -> CompileResult:
+            postprocess: bool | None = None, precision: str | None = None) -> CompileResult:
     """Compile ``source`` for ``target`` and write the artifact folder; returns its report.
 
     ``source``: a recipe (with its checkpoint), a checkpoint path, a ``KDModel`` (with
@@ -108,7 +108,8 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
     ``calibration``: a named source (``train``, ``random-normal``, ``mixed``) or any iterable of
     images already normalised like the model's input ((3,H,W) or (N,3,H,W) float arrays).
     ``postprocess``: add in-graph ``pred_score``/``pred_label``/``pred_mask`` (default: the
-    recipe's ``deploy.postprocess``)."""
+    recipe's ``deploy.postprocess``). ``precision``: ``target`` or ``auto`` (per fused group INT8 or FP32
+    within the recipe's ``compile.auto`` budget; default: the recipe's ``compile.precision``)."""
     b = baseline(source, recipe, artifacts=artifacts, threads=threads)
     target = target or b.recipe.compile.target
     named = calibration if isinstance(calibration, str) else None
@@ -118,7 +119,7 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
                           per_channel=per_channel, out=Path(out) if out else None, force=force,
                           dump_passes=dump_passes, split=split, build_engine=build_engine, evaluate=evaluate,
                           threads=threads, latency_runs=latency_runs, qat_model=qat_model, artifacts=artifacts,
-                          postprocess=postprocess)
+                          postprocess=postprocess, precision=precision)
     with torch_threads(None):  # whatever a stage sets inside, the caller's count comes back
         return compile_target(b, opts)
 

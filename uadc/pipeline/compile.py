@@ -29,6 +29,7 @@ from uadc.export.partitions import partition_counts, partition_of
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.deploy import deploy_evaluation, finalize_model
+from uadc.pipeline.precision import AutoPrecision, auto_candidates, search_precision
 from uadc.quant.calibrate import calibrate_ranges
 from uadc.report.markdown import render_markdown
 from uadc.report.results import CompileResult, Latency, Metrics
@@ -58,6 +59,7 @@ class CompileOptions:
     artifacts: Path | None = None
     passes: list[str] | None = field(default=None)  # override the recipe's/target's pass list
     postprocess: bool | None = None     # in-graph pred_score/pred_label/pred_mask (default: recipe deploy.postprocess)
+    precision: str | None = None        # "target" | "auto" (default: the recipe's compile.precision)
 
 
 def default_out(baseline: Baseline, target: Target, qat: bool, artifacts: Path | None) -> Path:
@@ -69,12 +71,20 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     ptq = resolve_ptq(baseline.recipe, target, opts.calibrator, opts.calib_data, opts.calib_samples,
                       opts.quantize, opts.per_channel)
     _check_options(target, ptq, opts)
+    auto = auto_candidates(baseline, target, opts)  # None unless precision auto; unsupported targets fail here
     out = Path(opts.out) if opts.out else default_out(baseline, target, opts.qat_model is not None, opts.artifacts)
     check_replaceable(out.absolute(), replace=opts.force or opts.out is None)  # before any work
     check_writable(out.absolute().parent)
     threads = opts.threads or baseline.threads
     fp32, records = baseline.fp32_simplified
-    compiled, pass_records, calib = _run_target_passes(baseline, target, fp32, ptq, opts)
+    if auto is not None:
+        auto = search_precision(baseline, target, fp32, auto, _pass_names(baseline, target, opts), threads,
+                                opts.calibration)
+        ptq = auto.ptq
+    compiled, pass_records, calib = _run_target_passes(baseline, target, fp32, ptq, opts, auto)
+    if auto is not None:  # the search is compile time too
+        pass_records.insert(0, {"name": "precision_auto", "seconds": auto.record["seconds"],
+                                "nodes_before": len(fp32.graph.node), "nodes_after": len(fp32.graph.node)})
     check_finite(compiled, baseline.sample_feeds(1)[0], f"compile {target.name}")
     t0 = time.time()
     verification = _verify(baseline, compiled, target, threads)
@@ -94,6 +104,8 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
         verification=verification, compile_seconds=compile_seconds,
         latency=_latency(baseline, compiled, target, threads, opts.latency_runs),
         environment=environment(threads))
+    if auto is not None:
+        result.extra["precision_search"] = auto.record
     if opts.evaluate:
         result.metrics = _metrics(baseline, compiled, target)
     on_target = (lambda m: ov.ov_predictor(ov.compile_model(m, threads))) if target.runtime == "openvino" else None
@@ -128,10 +140,13 @@ def _pass_names(baseline: Baseline, target: Target, opts: CompileOptions) -> lis
 
 
 def _run_target_passes(baseline: Baseline, target: Target, fp32: onnx.ModelProto, ptq: PtqSettings,
-                       opts: CompileOptions):
+                       opts: CompileOptions, auto: AutoPrecision | None = None):
     names = _pass_names(baseline, target, opts)
+    if auto is not None and not auto.nodes:  # precision auto kept every group FP32
+        names = [n for n in names if n != "qdq"]
     ctx = PassContext(target=target, quantize_partitions=list(ptq.quantize), sample_feeds=baseline.sample_feeds(1)[0],
-                      dump_dir=opts.dump_passes, per_channel=ptq.per_channel)
+                      dump_dir=opts.dump_passes, per_channel=ptq.per_channel,
+                      quantize_nodes=auto.nodes if auto is not None else None)
     calib = None
     model = fp32
     if opts.qat_model is not None:
@@ -141,7 +156,7 @@ def _run_target_passes(baseline: Baseline, target: Target, fp32: onnx.ModelProto
     elif "qdq" in names:
         t0 = time.time()
         images = baseline.calibration_images(ptq.calib_data, ptq.calib_samples, opts.calibration)
-        ctx.ranges = calibrate_ranges(fp32, images, ptq, target)
+        ctx.ranges = auto.ranges if auto is not None else calibrate_ranges(fp32, images, ptq, target)
         calib = {"calibrator": ptq.calibrator,
                  "calib_data": "user" if opts.calibration is not None else ptq.calib_data,
                  "samples": int(len(images)), "seed": baseline.recipe.seed, "ranges": ctx.ranges,

@@ -12,6 +12,9 @@
 - ``bytes`` (initializer bytes per partition), ``model_bytes``, ``nodes`` and ``qdq_nodes`` per
   partition, ``passes`` [{name, seconds, nodes_before, nodes_after}], ``compile_seconds``
 - ``environment`` (cpu, cores, threads, versions), ``engine`` (TensorRT targets)
+- ``precision_search`` (``precision: auto`` only): ``budget``, ``candidates``, ``images``, ``profile``,
+  ``groups`` [{name, partition, op, nodes, precision, fp32_us, int8_us, fidelity_cost, reason}],
+  ``steps`` [{step, int8_groups, predicted_us, fidelity}], ``final``, ``seconds``
 - ``deploy`` (schema 3): ``false_alarm_rate``, ``estimator``, ``validation`` {cat: images},
   ``thresholds`` {fp32, compiled} (uadc.core.manifest.Thresholds), ``decisions`` {categories:
   {cat: {fp32, compiled: {false_reject_rate, escape_rate, ...}, agreement, mask {dice, iou}}}, overall}
@@ -69,6 +72,31 @@ def _deploy_lines(d: dict) -> list[str]:
     return lines + [""]
 
 
+def _precision_lines(p: dict) -> list[str]:
+    """``precision: auto``: every group's decision with its speed each way and fidelity cost."""
+    f, prof = p["final"], p["profile"]
+    budget = ", ".join(f"{k} ≥ {v:g}" for k, v in p["budget"].items())
+    lines = ["## Precision search (precision: auto)", "",
+             f"- {f['int8_groups']} groups INT8, {f['fp32_groups']} FP32, chosen in {p['seconds']:.1f} s; "
+             f"budget {budget}",
+             f"- predicted (ORT profile, batch {prof['batch']}): all FP32 {prof['fp32_us']:.0f} µs, all INT8 "
+             f"{prof['all_int8_us']:.0f} µs, chosen {f['predicted_us']:.0f} µs",
+             "- fidelity of the chosen assignment vs FP32: "
+             + ", ".join(f"{k} {v:.4f}" for k, v in f["fidelity"].items()), "",
+             "| step | INT8 groups | predicted µs | " + " | ".join(p["budget"]) + " |",
+             "|---|---:|---:|" + "---:|" * len(p["budget"])]
+    for st in p["steps"]:
+        lines.append(f"| {st['step']} | {st['int8_groups']} | {st['predicted_us']:.0f} | "
+                     + " | ".join(f"{st['fidelity'][k]:.4f}" for k in p["budget"]) + " |")
+    lines += ["", "| group | partition | op | precision | FP32 µs | INT8 µs | fidelity cost | why |",
+              "|---|---|---|---|---:|---:|---:|---|"]
+    for g in p["groups"]:
+        cost = "" if g["fidelity_cost"] is None else f"{g['fidelity_cost']:.4f}"
+        lines.append(f"| {g['name']} | {g['partition']} | {g['op']} | {g['precision']} | {g['fp32_us']:.1f} | "
+                     f"{g['int8_us']:.1f} | {cost} | {g['reason']} |")
+    return lines + [""]
+
+
 def render_markdown(r: dict) -> str:
     lines = [f"# uadc compile report: {r['recipe']} → {r['target']}", "",
              f"- precision: **{r['precision']}** on {r['runtime']}",
@@ -96,6 +124,8 @@ def render_markdown(r: dict) -> str:
               "| runtime | p50 ms | p90 ms |", "|---|---:|---:|"]
     for k in ("torch_fp32", "ort_fp32", "compiled"):
         lines.append(f"| {k} | {lat[k]['p50']:.2f} | {lat[k]['p90']:.2f} |")
+    if r.get("precision_search"):
+        lines += [""] + _precision_lines(r["precision_search"])
     lines += ["", "## Size", "", "| partition | nodes | Q/DQ nodes | weight bytes |", "|---|---:|---:|---:|"]
     for p, b in r["bytes"].items():
         lines.append(f"| {p} | {r['nodes'].get(p, 0)} | {r['qdq_nodes'].get(p, 0)} | {b:,} |")

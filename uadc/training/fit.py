@@ -61,7 +61,7 @@ def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: s
     total = steps_per_epoch * t.epochs
     t_cache = cache_teacher(model.eval(), images, 32) if t.cache_teacher else None
     # DCAM: training-only attention blocks and loss, dropped after training (never exported).
-    dcam = build_dcam(model, t.dcam, images[:2]) if t.dcam.enabled else None
+    dcam = build_dcam(model, t.dcam, images[:2]).to(images.device) if t.dcam.enabled else None
     model.train()
     opt = _optimizer(model.trainable_parameters() + (list(dcam.parameters()) if dcam is not None else []), t)
     sched = torch.optim.lr_scheduler.LambdaLR(

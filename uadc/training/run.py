@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from uadc.config.recipe import Recipe
+from uadc.core.errors import UadcError
 from uadc.core.io import check_writable, file_lock
 from uadc.core.progress import progress
 from uadc.core.scoped import torch_threads
@@ -81,21 +82,46 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
 def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, images: torch.Tensor, cats: list[str],
                path: Path, on_epoch) -> TrainedModel:
     seed_everything(recipe.seed)
-    model: KDModel = make_model(recipe)
-    images = images.contiguous(memory_format=torch.channels_last)  # faster CPU convolutions
+    device = train_device(recipe.train.device)
+    model: KDModel = make_model(recipe).to(device)
+    images = images.to(device).contiguous(memory_format=torch.channels_last)  # faster CPU convolutions
     t0 = time.time()
     stages = {}
     t = recipe.train
     if hasattr(model, "pretrain_teacher"):  # US: the descriptor teacher is distilled first
         stages["teacher_history"] = model.pretrain_teacher(images, epochs=t.epochs, lr=t.lr,
                                                            batch_size=t.batch_size, seed=recipe.seed)
-    callback = on_epoch(cat, data) if on_epoch else None
+    callback = _on_cpu(on_epoch(cat, data), device) if on_epoch else None
     history = fit(model, images, t, recipe.seed, desc=f"train {cat or 'unified'}", on_epoch=callback)
     if hasattr(model, "fit_head_stats"):  # US: standardise error/variance on normal data
         stages["head_stats"] = model.fit_head_stats(images)
     seconds = round(time.time() - t0 - sum(h.get("eval_seconds", 0) for h in history), 1)
+    model.cpu()
     stats = {**model_stats(model, recipe.data.image_size), "train_peak_rss_mb": peak_rss_mb()}
     save_checkpoint(path, model, recipe, history, [cat] if cat else cats,
-                    {"train_seconds": seconds, "one_class": bool(cat), "stats": stats, **stages})
+                    {"train_seconds": seconds, "train_device": str(device), "one_class": bool(cat), "stats": stats,
+                     **stages})
     log.info("checkpoint written: %s", path)
     return TrainedModel(path, cat, seconds, len(history), history[-1]["loss"] if history else float("nan"), stats)
+
+
+def train_device(name: str) -> torch.device:
+    """``train.device`` resolved; asking for a GPU torch cannot see is a one-line error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UadcError("train.device: cuda, but this torch sees no CUDA GPU (use cpu or auto)")
+    return torch.device(name)
+
+
+def _on_cpu(callback: EpochCallback | None, device: torch.device) -> EpochCallback | None:
+    """Per-epoch evaluation runs on CPU like every evaluation; the model goes back afterwards."""
+    if callback is None or device.type == "cpu":
+        return callback
+
+    def run(epoch: int, model: KDModel) -> dict | None:
+        try:
+            return callback(epoch, model.cpu())
+        finally:
+            model.to(device)
+    return run

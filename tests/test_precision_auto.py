@@ -1,0 +1,179 @@
+"""``compile.precision: auto``: per fused group INT8 or FP32 from ORT profiles and label-free
+fidelity, within the recipe's ``compile.auto`` budget; every decision recorded in the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import uadc
+from uadc.backends.ort_profile import NodeTime, node_times
+from uadc.config.targets import get_target
+from uadc.core.constants import QDQ_OPS
+from uadc.core.errors import UadcError
+from uadc.passes.groups import fused_groups
+from uadc.pipeline import precision as P
+from uadc.pipeline.compile import CompileOptions
+
+LOOSE = {"spearman_min": -1.0, "decision_agreement_min": 0.0, "top1_overlap_min": 0.0}
+STRICT = {"spearman_min": 1.0, "decision_agreement_min": 1.0, "top1_overlap_min": 1.0}
+SMALL = {"val_images": 4, "random_images": 4, "profile_runs": 3}
+
+
+@pytest.fixture(scope="module")
+def make_base(tmp_path_factory, tiny_data):
+    """Baselines of one model (pretrained teacher, untrained student) under budget overrides."""
+    from conftest import write_recipe
+    from uadc.config.recipe import load_recipe
+    from uadc.models import build_model
+    d = tmp_path_factory.mktemp("auto")
+    recipe = load_recipe(write_recipe(d / "tiny.yaml", tiny_data, train={"threads": 1},
+                                      data={"val_fraction": 0.25}))
+    model = build_model(recipe.cfg["model"], recipe.data.image_size)
+    cache = {}
+
+    def make(**auto):  # one baseline (one export) per budget
+        key = tuple(sorted(auto.items()))
+        if key not in cache:
+            cache[key] = uadc.baseline(model, recipe.with_overrides(compile={"auto": {**SMALL, **auto}}), threads=1)
+        return cache[key]
+    return make
+
+
+def _fake_profile(models, feeds, threads, runs=20, warmup=5):
+    """Deterministic stand-in for ORT's profiler: every FP32 node 100 µs, every node of the
+    quantized model 10 µs, its Q/DQ nodes 5 µs (so INT8 pays wherever it is not an island)."""
+    fp32, int8 = models
+    return [[NodeTime(n.name, n.op_type, 100.0) for n in fp32.graph.node],
+            [NodeTime(n.name, n.op_type, 5.0 if n.op_type in QDQ_OPS else 10.0, 1000) for n in int8.graph.node]]
+
+
+def _search(base):
+    target = get_target("ort-cpu-int8")
+    ptq = P.auto_candidates(base, target, CompileOptions(target=target.name, precision="auto"))
+    return P.search_precision(base, target, base.fp32, ptq, ["qdq", "partition_check", "cleanup"], 1)
+
+
+def test_recipe_validates_the_auto_fields(tmp_path, tiny_data):
+    from conftest import write_recipe
+    from uadc.config.recipe import load_recipe
+    r = load_recipe(write_recipe(tmp_path / "a.yaml", tiny_data, compile={"precision": "auto",
+                                                                            "auto": {"spearman_min": 0.95}}))
+    assert r.compile.precision == "auto" and r.compile.auto.spearman_min == 0.95
+    assert load_recipe(write_recipe(tmp_path / "b.yaml", tiny_data)).compile.precision == "target"  # default
+    for bad, msg in [({"precision": "fast"}, r"compile\.precision: 'fast' is not one of target, auto"),
+                     ({"auto": {"top1_overlap_min": 1.5}}, r"compile\.auto\.top1_overlap_min: 1\.5 is above"),
+                     ({"auto": {"profile_runs": 1}}, r"compile\.auto\.profile_runs: 1 is below"),
+                     ({"auto": {"budget": 1}}, r"compile\.auto\.budget: unknown key")]:
+        with pytest.raises(UadcError, match=msg):
+            load_recipe(write_recipe(tmp_path / "bad.yaml", tiny_data, compile=bad))
+
+
+@pytest.mark.parametrize("target", ["trt-int8", "jetson-int8", "ort-cpu-fp32"])
+def test_unsupported_target_is_a_one_line_error(make_base, tmp_path, target):
+    with pytest.raises(UadcError, match=f"precision auto is not supported for target {target}") as e:
+        uadc.compile(make_base(), target, precision="auto", out=tmp_path / "x", evaluate=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "x").exists()  # refused before any work
+
+
+def test_real_profile_maps_time_to_groups(make_base):
+    base = make_base()
+    fp32 = base.fp32
+    groups = fused_groups(fp32, ["teacher", "student", "head"])
+    assert any(g.op.endswith("dw + Clip") for g in groups) and any(g.op == "Conv 1x1 + Clip" for g in groups)
+    s = P._Search(base, get_target("ort-cpu-int8"), fp32, P.auto_candidates(
+        base, get_target("ort-cpu-int8"), CompileOptions("ort-cpu-int8", precision="auto")),
+        ["qdq", "partition_check", "cleanup"], 1, groups, _ranges(base))
+    feeds = base.sample_feeds(1, 1)[0]
+    p32, p8 = node_times([fp32, s.model(frozenset(range(len(groups))))], feeds, 1, runs=3, warmup=1)
+    t32, _, _ = P._group_times(p32, fp32, groups)
+    t8, _, qdq = P._group_times(p8, fp32, groups)
+    convs = [i for i, g in enumerate(groups) if g.op.startswith("Conv") and g.partition != "head"]
+    assert (t32[convs] > 0).mean() > 0.9 and (t8[convs] > 0).mean() > 0.9  # ORT's renamed nodes map back
+    assert qdq and all(t.op in QDQ_OPS for t in qdq)
+
+
+def _ranges(base):
+    from uadc.quant.calibrate import calibrate_ranges
+    target = get_target("ort-cpu-int8")
+    ptq = P.auto_candidates(base, target, CompileOptions(target.name, precision="auto"))
+    return calibrate_ranges(base.fp32, base.calibration_images(ptq.calib_data, ptq.calib_samples), ptq, target)
+
+
+def test_search_is_deterministic_and_records_every_group(make_base, monkeypatch):
+    monkeypatch.setattr(P, "node_times", _fake_profile)
+    base = make_base(spearman_min=0.999, top1_overlap_min=0.95)
+    a, b = _search(base), _search(base)
+    assert a.nodes == b.nodes and a.partitions == b.partitions
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert strip(a.record) == strip(b.record)
+    groups = fused_groups(base.fp32, ["teacher", "student", "head"])
+    rec = a.record
+    assert [g["name"] for g in rec["groups"]] == [g.name for g in groups]
+    for g in rec["groups"]:
+        assert g["precision"] in ("int8", "fp32") and g["reason"] and g["fp32_us"] >= 0 and g["int8_us"] >= 0
+    chosen = {n for g, grp in zip(rec["groups"], groups) if g["precision"] == "int8" for n in grp.nodes}
+    assert chosen == set(a.nodes)
+    assert rec["final"]["within_budget"] and rec["steps"][0]["step"] == "fastest"
+    assert P.Fidelity(base, base.fp32, base.recipe.compile.auto, 1).passes(rec["final"]["fidelity"])
+
+
+def test_stricter_budget_keeps_more_groups_fp32(make_base, monkeypatch):
+    monkeypatch.setattr(P, "node_times", _fake_profile)
+    loose, strict = _search(make_base(**LOOSE)), _search(make_base(**STRICT))
+    n_loose, n_strict = loose.record["final"]["int8_groups"], strict.record["final"]["int8_groups"]
+    assert n_loose > 0 and len(loose.record["steps"]) == 1  # the fastest assignment fits a loose budget
+    assert n_strict < n_loose
+    assert any(g["reason"] == "fidelity budget" for g in strict.record["groups"])
+    assert all(g["fidelity_cost"] is not None for g, h in zip(strict.record["groups"], loose.record["groups"])
+               if h["precision"] == "int8")  # every INT8 group of the fastest assignment was measured
+
+
+def test_compile_auto_quantizes_exactly_the_chosen_groups(make_base, tmp_path):
+    base = make_base(**LOOSE)
+    res = uadc.compile(base, "ort-cpu-int8", precision="auto", out=tmp_path / "auto", evaluate=False,
+                       latency_runs=2, threads=1)
+    rep = json.loads((tmp_path / "auto" / "report.json").read_text())
+    ps = rep["precision_search"]
+    assert ps == json.loads(json.dumps(res.extra["precision_search"]))
+    assert "## Precision search" in (tmp_path / "auto" / "report.md").read_text()
+    assert "precision_auto" in [p["name"] for p in rep["passes"]]  # the search counts as compile time
+    model = onnx.load(str(tmp_path / "auto" / "model.onnx"))
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    names = {n.name: n for n in model.graph.node}
+    for g in ps["groups"]:
+        node = names[g["name"]]
+        if not node.op_type == "Conv":
+            continue
+        w = made_by.get(node.input[1])  # INT8 weights reach the Conv through a DequantizeLinear
+        assert (w is not None and w.op_type == "DequantizeLinear") == (g["precision"] == "int8"), g
+    assert ps["final"]["int8_groups"] == sum(g["precision"] == "int8" for g in ps["groups"])
+    assert rep["quantized_partitions"] == sorted({g["partition"] for g in ps["groups"] if g["precision"] == "int8"},
+                                                 key=["teacher", "student", "head"].index)
+    assert np.isfinite(rep["latency_ms"]["compiled"]["p50"])
+
+
+def test_cli_precision_option(make_base, tmp_path):
+    from click.testing import CliRunner
+    from uadc.cli import main
+    from uadc.training.checkpoint import save_checkpoint
+    base = make_base()
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", base.model, base.recipe, [], ["stripes", "gray"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(base.recipe.cfg))  # JSON is YAML
+    res = CliRunner().invoke(main, ["compile", str(recipe), "--checkpoint", str(ckpt), "--target", "trt-int8",
+                                    "--precision", "auto", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "error: precision auto is not supported for target trt-int8" in res.output
+    res = CliRunner().invoke(main, ["compile", str(recipe), "--precision", "fastest"])
+    assert res.exit_code == 2 and "'fastest' is not one of 'target', 'auto'" in res.output
+
+
+def test_needs_validation_normals(make_base):
+    base = make_base()
+    base = uadc.baseline(base.model, base.recipe.with_overrides(data={"val_fraction": 0.0}), threads=1)
+    with pytest.raises(UadcError, match=r"no.*val_fraction > 0 or data\.val|has none"):
+        _search(base)
