@@ -221,7 +221,7 @@ def precision_rows(recipe: Recipe, base: Baseline, best: tuple[str, str], artifa
     out = bench_dir(recipe, artifacts)
     variant = {(target, tuple(q or ())): (precision, slug) for precision, slug, target, q in PTQ_VARIANTS}
     axes = Axes(target=list(dict.fromkeys(v[2] for v in PTQ_VARIANTS)), calibrator=[cal], calib_data=[src],
-                quantize=[v[3] for v in PTQ_VARIANTS if v[3] is not None])
+                quantize=[v[3] for v in PTQ_VARIANTS if v[3] is not None], precision=["target"])
     key = lambda c: (c.axes["target"], tuple(c.axes["quantize"] or ()))  # noqa: E731
     opts.log(f"{recipe.name}: FP32 and INT8-PTQ ({cal} / {src}) compiles")
     run_fixed_grid(recipe, axes, out, artifacts, lambda c: variant[key(c)][1], latency_runs=opts.latency_runs,

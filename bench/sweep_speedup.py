@@ -83,7 +83,7 @@ def presweep(sweep: Path, root: Path, log: Callable[[str], None] = _log) -> list
         row: dict = {"cell": cell.id}
         try:
             res = uadc.compile(model.recipe(), o["target"], calibration=o["calib_data"], calibrator=o["calibrator"],
-                               calib_samples=o["calib_samples"], quantize=o["quantize"],
+                               calib_samples=o["calib_samples"], quantize=o["quantize"], precision=o.get("precision"),
                                out=root / "out" / cell.folder, force=True, evaluate=run.evaluate,
                                latency_runs=run.latency_runs, threads=run.threads, artifacts=artifacts)
             row["status"] = "ok"

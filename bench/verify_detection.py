@@ -90,6 +90,7 @@ def main(recipe_path: Path, artifacts: Path | None, out: Path, reuse: bool) -> N
         if reuse and (root / name / "model.onnx").is_file():
             return root / name
         click.echo(f"compiling {name} ...", err=True)
+        kw.setdefault("precision", "target")  # each case is one fixed quantization, never a search
         return uadc.compile(base, target, out=root / name, force=True, evaluate=False, latency_runs=1, **kw).path
 
     fp32 = comp("fp32", "ort-cpu-fp32")

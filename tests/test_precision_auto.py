@@ -80,6 +80,32 @@ def test_unsupported_target_is_a_one_line_error(make_base, tmp_path, target):
     assert not (tmp_path / "x").exists()  # refused before any work
 
 
+def test_recipe_auto_is_a_default_that_other_targets_and_qat_skip(make_base):
+    """The recipe's ``precision: auto`` searches only where it can; the other targets and a QAT
+    model compile at the target's precision (one recipe serves every target), while
+    ``--precision auto`` on them is refused (above). Sweep cells resolve it the same way."""
+    from uadc.config.settings import auto_applies
+    from uadc.pipeline.sweep.plan import _cells, Model
+    from uadc.pipeline.sweep.spec import Axes
+    for name, explicit, qat, want in [("ort-cpu-int8", False, False, True), ("ort-cpu-int8", False, True, False),
+                                      ("jetson-int8", False, False, False), ("ort-cpu-fp32", False, False, False),
+                                      ("jetson-int8", True, False, True), ("ort-cpu-int8", True, True, True)]:
+        assert auto_applies("auto", get_target(name), explicit, qat) is want, (name, explicit, qat)
+    assert not auto_applies("target", get_target("ort-cpu-int8"), True)
+    base = make_base()
+    auto_recipe = base.recipe.with_overrides(compile={"precision": "auto"})
+    opts = CompileOptions(target="jetson-int8")
+    assert P.auto_candidates(base, get_target("jetson-int8"), opts) is None  # recipe says target
+    model = Model("k", auto_recipe.name, auto_recipe.cfg, None)
+    cells = {c.options["target"]: c.options for c in _cells(Axes(target=["ort-cpu-int8", "jetson-int8",
+                                                                         "ort-cpu-fp32"]), model, {})}
+    assert cells["ort-cpu-int8"]["precision"] == "auto" and cells["ort-cpu-int8"]["quantize"] is None
+    assert cells["jetson-int8"]["precision"] == "target" and cells["jetson-int8"]["quantize"] == ["student"]
+    assert cells["ort-cpu-fp32"]["precision"] == "target"
+    pinned = _cells(Axes(target=["ort-cpu-int8"], precision=["target"]), model, {})[0].options
+    assert pinned["precision"] == "target" and pinned["quantize"] == ["student"]
+
+
 def test_real_profile_maps_time_to_groups(make_base):
     base = make_base()
     fp32 = base.fp32
@@ -177,3 +203,22 @@ def test_needs_validation_normals(make_base):
     base = uadc.baseline(base.model, base.recipe.with_overrides(data={"val_fraction": 0.0}), threads=1)
     with pytest.raises(UadcError, match=r"no.*val_fraction > 0 or data\.val|has none"):
         _search(base)
+
+
+def test_sensitivity_units_are_runs_of_one_partition():
+    """Groups are ranked in units: consecutive groups of one partition, at most ~``most`` units,
+    so a 133-group model costs ~40 probe models, not 133."""
+    from uadc.passes.groups import Group
+    parts = ["teacher"] * 5 + ["student"] * 5 + ["head"]
+    groups = [Group(f"g{i}", p, "Conv", (f"n{i}",), (i,)) for i, p in enumerate(parts)]
+    units = P._units(groups, frozenset({0, 1, 2, 3, 4, 5, 6, 8, 9, 10}), most=4)
+    assert units == [[0, 1, 2], [3, 4], [5, 6], [8, 9], [10]]   # size 3; partition and gaps cut a run
+    assert all(len({groups[g].partition for g in u}) == 1 for u in units)
+    assert P._units(groups, frozenset(range(11)), most=40) == [[i] for i in range(11)]
+    assert sorted(g for u in P._units(groups, frozenset(range(11)), most=2) for g in u) == list(range(11))
+
+
+def test_probe_index_takes_normals_with_their_pasted_copies():
+    assert P._probe_index(10, 5, 2).tolist() == [0, 1, 5, 6]
+    assert P._probe_index(4, None, 8).tolist() == [0, 1, 2, 3]   # N(0,1) inputs: no copies
+    assert P._probe_index(6, 3, 8).tolist() == [0, 1, 2, 3, 4, 5]

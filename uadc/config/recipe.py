@@ -143,6 +143,9 @@ class AutoPrecisionConfig(_Section):
     val_images: int = Field(16, ge=1, le=4096, description="validation normals per category the search scores "
                             "(each also with a pasted noise square)")
     random_images: int = Field(16, ge=0, le=4096, description="N(0,1) inputs the search scores")
+    sensitivity_images: int = Field(8, ge=1, le=4096, description="of those, per category (and of the N(0,1) "
+                                    "inputs), how many rank the groups by their fidelity cost alone; every "
+                                    "assignment the search keeps is judged on all of them")
     min_saving: float = Field(0.05, ge=0, le=1, description="INT8 counts as faster only if it saves this share "
                               "of a group's FP32 time (and 2 µs): timing noise must not flip a decision")
     profile_runs: int = Field(100, ge=3, le=1000, description="profiled runs per model (each node's fastest counts)")

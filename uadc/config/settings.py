@@ -11,6 +11,17 @@ from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
 from uadc.core.errors import UadcError
 
 MAX_CALIB_SAMPLES = 4096
+AUTO_PRECISION_TARGETS = ("ort-cpu-int8",)  # where precision auto can profile the runtime
+
+
+def auto_applies(mode: str, target: Target, explicit: bool, qat: bool = False) -> bool:
+    """Whether a compile runs the precision search. Asked for explicitly (``--precision auto``),
+    it must apply (the search refuses other targets); the recipe's ``compile.precision: auto`` is
+    a default that applies to the PTQ compiles it supports, and every other target or a QAT model
+    compiles at the target's precision, so one recipe serves every target."""
+    if mode not in ("target", "auto"):
+        raise UadcError(f"--precision: {mode!r} is not one of target, auto")
+    return mode == "auto" and (explicit or (target.name in AUTO_PRECISION_TARGETS and not qat))
 
 
 @dataclass(frozen=True)

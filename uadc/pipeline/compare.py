@@ -37,7 +37,8 @@ def compare_calibrators(recipe: Recipe, target: str, calibrators: list[str], sou
     artifacts = Path(artifacts or default_artifacts_root()).absolute()
     out = Path(out or recipe.artifact_dir(artifacts) / f"calibrators_{target}").absolute()
     axes = Axes(target=[target], calibrator=list(calibrators), calib_data=list(sources),
-                calib_samples=[calib_samples], quantize=[list(quantize) if quantize else None])
+                calib_samples=[calib_samples], quantize=[list(quantize) if quantize else None],
+                precision=["target"])  # calibrators compared on fixed partitions, never a search per cell
     # named calibrators and data stay as given (only None takes the recipe's): a cell's axes are the pair
     pair = lambda c: (c.axes["calibrator"], c.axes["calib_data"])  # noqa: E731
     done = run_fixed_grid(recipe, axes, out, artifacts, lambda c: contained(out, "_".join(pair(c)), "calibrator").name,

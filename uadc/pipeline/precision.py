@@ -14,8 +14,9 @@ runtime whose label-free fidelity stays within the recipe's ``compile.auto`` bud
    decision agreement at the FP32 operating thresholds and top-1 % map overlap, per category on
    validation normals plus the same normals with a pasted noise square, and decision agreement
    on N(0,1) inputs; the budget holds for the minimum over these sets (``Fidelity``).
-4. If the fastest assignment breaks the budget: each INT8 group's fidelity cost alone (only it
-   quantized), groups ordered by that cost, and a bisection for the fewest reverted to
+4. If the fastest assignment breaks the budget: the fidelity cost of each unit of consecutive
+   INT8 groups alone (only it quantized, scored on a probe subset: ``sensitivity_images`` per
+   set), groups ordered by their unit's cost, and a bisection for the fewest reverted to
    FP32 that meets the budget; then islands that no longer pay are reverted too, and the final
    assignment is measured again. Every measurement is cached; decisions are recorded per group.
 """
@@ -31,7 +32,8 @@ import numpy as np
 import onnx
 
 from uadc.backends.ort_profile import NodeTime, node_times, source_name
-from uadc.config.settings import PtqSettings, resolve_ptq
+from uadc.config.settings import AUTO_PRECISION_TARGETS as SUPPORTED
+from uadc.config.settings import PtqSettings, auto_applies, resolve_ptq
 from uadc.config.targets import Target
 from uadc.core.constants import INPUT_NAME, PARTITIONS, QDQ_OPS
 from uadc.core.errors import UadcError
@@ -45,11 +47,11 @@ from uadc.quant.calibrate import calibrate_ranges
 from uadc.verify.fidelity import figures, reference_thresholds
 
 log = logging.getLogger(__name__)
-SUPPORTED = ("ort-cpu-int8",)
 MIN_SAVING_US = 2.0
 BUDGET = {"spearman": "spearman_min", "decision_agreement": "decision_agreement_min",
           "top1_overlap": "top1_overlap_min"}
 RANDOM = "random-normal"
+SENSITIVITY_UNITS = 40  # models built and scored to rank the INT8 groups (keeps 128 px within ~2 min)
 
 
 @dataclass
@@ -69,11 +71,10 @@ def check_supported(target: Target) -> None:
 
 def auto_candidates(baseline: Baseline, target: Target, opts) -> PtqSettings | None:
     """PTQ settings over the candidate partitions (``--quantize``, else all) when ``opts``
-    (CompileOptions) or the recipe ask for precision auto; None for ``target``. Checked before any work."""
+    (CompileOptions) or the recipe ask for precision auto and it applies (``auto_applies``); None for
+    ``target``. Checked before any work."""
     mode = opts.precision or baseline.recipe.compile.precision
-    if mode not in ("target", "auto"):
-        raise UadcError(f"--precision: {mode!r} is not one of target, auto")
-    if mode == "target":
+    if not auto_applies(mode, target, opts.precision is not None, opts.qat_model is not None):
         return None
     check_supported(target)
     if opts.qat_model is not None:
@@ -199,7 +200,9 @@ class Fidelity:
         if budget.random_images:
             size = baseline.size
             self.images[RANDOM] = rng.standard_normal((budget.random_images, 3, size, size), dtype=np.float32)
-        self.ref = self._outputs(fp32, "auto fp32")
+        self.probe = {c: _probe_index(len(x), self.normals.get(c), budget.sensitivity_images)
+                      for c, x in self.images.items()}
+        self.ref = outputs_on(fp32, self.images, threads, 8, "auto fp32")
         src = self.normals
         cats = np.concatenate([[c] * n for c, n in src.items()])  # thresholds from normals, label-free
         self.thresholds = reference_thresholds(np.concatenate([self.ref[c][1][:n] for c, n in src.items()]),
@@ -207,20 +210,29 @@ class Fidelity:
                                                baseline.recipe.deploy.false_alarm_rate,
                                                baseline.recipe.deploy.threshold_margin)
 
-    def _outputs(self, model: onnx.ModelProto, desc: str) -> dict:
-        return outputs_on(model, self.images, self.threads, 8, desc)
-
-    def measure(self, model: onnx.ModelProto) -> dict[str, float]:
-        """Each budget figure's minimum over the sets that judge it."""
-        out = self._outputs(model, "auto candidate")
-        cats = np.concatenate([[c] * len(self.ref[c][1]) for c in self.images])
+    def measure(self, model: onnx.ModelProto, probe: bool = False) -> dict[str, float]:
+        """Each budget figure's minimum over the sets that judge it; ``probe``: on the probe
+        subset only (ranking groups by cost, where ~110 single-group models are scored)."""
+        pick = (lambda c, a: a[self.probe[c]]) if probe else (lambda c, a: a)  # noqa: E731
+        out = outputs_on(model, {c: pick(c, x) for c, x in self.images.items()}, self.threads, 8, "auto candidate")
+        ref = {c: tuple(pick(c, a) for a in r) for c, r in self.ref.items()}
+        cats = np.concatenate([[c] * len(ref[c][1]) for c in self.images])
         cat = lambda d, k: np.concatenate([d[c][k] for c in self.images])  # noqa: E731
-        fig = figures(cat(self.ref, 1), cat(self.ref, 0), cat(out, 1), cat(out, 0), cats, self.thresholds)
+        fig = figures(cat(ref, 1), cat(ref, 0), cat(out, 1), cat(out, 0), cats, self.thresholds)
         return {k: round(min(f[k] for c, f in fig["categories"].items() if c != RANDOM or k == "decision_agreement"), 6)
                 for k in BUDGET}
 
     def passes(self, fig: dict[str, float]) -> bool:
         return all(fig[k] >= getattr(self.budget, attr) for k, attr in BUDGET.items())
+
+
+def _probe_index(n: int, normals: int | None, k: int) -> np.ndarray:
+    """The first ``k`` normals and their pasted copies (images are [normals, pasted]), or the
+    first ``k`` of a set without copies (N(0,1) inputs)."""
+    if normals is None:
+        return np.arange(min(k, n))
+    first = np.arange(min(k, normals))
+    return np.concatenate([first, first + normals])
 
 
 def _paste_noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -267,6 +279,12 @@ class _Search:
             self.models.pop(int8, None)  # only the figures are needed again
         return self.figs[int8]
 
+    def probe(self, int8: frozenset[int]) -> dict:
+        """Fidelity on the probe subset (never cached with, or taken for, the full figures)."""
+        fig = self.fid.measure(self.model(int8), probe=True)
+        self.models.pop(int8, None)
+        return fig
+
 
 def search_precision(baseline: Baseline, target: Target, fp32: onnx.ModelProto, ptq: PtqSettings,
                      passes: list[str], threads: int, calibration=None) -> AutoPrecision:
@@ -310,12 +328,30 @@ def search_precision(baseline: Baseline, target: Target, fp32: onnx.ModelProto, 
     return AutoPrecision(s.nodes(final), parts, ranges, replace(ptq, quantize=tuple(parts)), record)
 
 
+def _units(groups: list[Group], int8: frozenset[int], most: int = SENSITIVITY_UNITS) -> list[list[int]]:
+    """``int8`` in graph order as runs of consecutive groups of one partition, cut into at most
+    about ``most`` units of equal size (one EfficientNet block is ~3 groups)."""
+    order = sorted(int8)
+    size = max(1, -(-len(order) // most))
+    units: list[list[int]] = []
+    for gi in order:
+        last = units[-1] if units else None
+        if last and len(last) < size and last[-1] == gi - 1 and groups[last[-1]].partition == groups[gi].partition:
+            last.append(gi)
+        else:
+            units.append([gi])
+    return units
+
+
 def _revert_order(s: _Search, fastest: frozenset[int]) -> tuple[list[int], dict[int, float]]:
-    """INT8 groups by fidelity cost, highest first (graph order breaks ties). Only fidelity,
-    which reruns reproduce exactly, orders them: dividing by the µs each saves would let timing
-    noise reorder close groups and change the assignment on a rerun."""
-    sens = {gi: _loss(s.fidelity(frozenset({gi})))
-            for gi in progress(sorted(fastest), desc="precision auto: sensitivity", unit="group")}
+    """INT8 groups by the fidelity cost of their unit (only it quantized, on the probe subset),
+    highest first (graph order breaks ties). Units, not single groups, keep the number of models
+    built and scored small. Only fidelity, which reruns reproduce exactly, orders them: dividing
+    by the µs each saves would let timing noise reorder close groups and change the assignment."""
+    sens: dict[int, float] = {}
+    for unit in progress(_units(s.groups, fastest), desc="precision auto: sensitivity", unit="unit"):
+        cost = _loss(s.probe(frozenset(unit)))
+        sens.update({gi: cost for gi in unit})
     return sorted(fastest, key=lambda gi: (-sens[gi], gi)), sens
 
 
@@ -359,6 +395,7 @@ def _record(s: _Search, cm: CostModel, final: frozenset[int], sens: dict, steps:
         "candidates": sorted({g.partition for g in s.groups}, key=PARTITIONS.index),
         "images": {c: {"normals": n, "pasted": n} for c, n in s.fid.normals.items()}
         | ({RANDOM: int(len(s.fid.images[RANDOM]))} if RANDOM in s.fid.images else {}),
+        "sensitivity_images": {c: int(len(i)) for c, i in s.fid.probe.items()},
         "profile": {"batch": 1, "runs": b.profile_runs, "min_saving": b.min_saving,
                     "qdq_us_per_node": round(cm.per_node, 2), "qdq_ns_per_element": round(1000 * cm.per_element, 4),
                     "crossing_scale": round(cm.scale, 3), "other_fp32_us": round(cm.rest32, 1),

@@ -82,7 +82,9 @@ def _precision_lines(p: dict) -> list[str]:
              f"- predicted (ORT profile, batch {prof['batch']}): all FP32 {prof['fp32_us']:.0f} µs, all INT8 "
              f"{prof['all_int8_us']:.0f} µs, chosen {f['predicted_us']:.0f} µs",
              "- fidelity of the chosen assignment vs FP32: "
-             + ", ".join(f"{k} {v:.4f}" for k, v in f["fidelity"].items()), "",
+             + ", ".join(f"{k} {v:.4f}" for k, v in f["fidelity"].items()),
+             "- fidelity cost: of the group's unit (consecutive INT8 groups quantized alone, probe images: "
+             + ", ".join(f"{c} {n}" for c, n in p.get("sensitivity_images", {}).items()) + ")", "",
              "| step | INT8 groups | predicted µs | " + " | ".join(p["budget"]) + " |",
              "|---|---:|---:|" + "---:|" * len(p["budget"])]
     for st in p["steps"]:

@@ -142,7 +142,7 @@ def _compile(cell: Cell, key: str, model: Model, info: ModelInfo, state: Baselin
     o = cell.options
     folder = out / cell.artifact if cell.artifact else cell_dir(out, f"{cell.folder}-{key[:8]}")
     return api.compile(b, o["target"], calibration=o["calib_data"], calibrator=o["calibrator"],
-                       calib_samples=o["calib_samples"], quantize=o["quantize"],
+                       calib_samples=o["calib_samples"], quantize=o["quantize"], precision=o.get("precision"),
                        out=folder, force=True, evaluate=run.evaluate,
                        latency_runs=run.latency_runs, threads=run.threads, artifacts=artifacts)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from uadc import __version__
 from uadc.config.recipe import Recipe, load_recipe, recipe_from_dict
-from uadc.config.settings import resolve_ptq
+from uadc.config.settings import auto_applies, resolve_ptq
 from uadc.config.targets import TARGETS
 from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError
@@ -150,25 +150,29 @@ def _one_category(recipe: Recipe, root: Path, category: str, name: str) -> Recip
 def _cells(grid: Axes, model: Model, fixed: dict) -> list[Cell]:
     recipe = model.recipe()
     out = []
-    names = ("target", "calibrator", "calib_data", "calib_samples", "quantize")
+    names = ("target", "calibrator", "calib_data", "calib_samples", "quantize", "precision")
     for values in itertools.product(*(grid.values(a) for a in names)):
         opts = dict(zip(names, values))
         opts["target"] = opts["target"] or recipe.compile.target
         target = TARGETS.get(opts["target"])
         if target is not None and not target.quantized:
-            opts.update(calibrator=None, calib_data=None, calib_samples=None, quantize=None)
+            opts.update(calibrator=None, calib_data=None, calib_samples=None, quantize=None, precision="target")
         elif target is not None:
             try:  # the recipe's defaults filled in, so equal settings are one cell
+                explicit = opts["precision"] is not None
+                auto = auto_applies(opts["precision"] or recipe.compile.precision, target, explicit)
                 ptq = resolve_ptq(recipe, target, opts["calibrator"], opts["calib_data"], opts["calib_samples"],
                                   opts["quantize"])
                 opts.update(calibrator=ptq.calibrator, calib_data=ptq.calib_data, calib_samples=ptq.calib_samples,
-                            quantize=list(ptq.quantize))
+                            precision="auto" if auto else "target")
+                if not auto:  # auto: quantize names the candidates (None: every partition)
+                    opts["quantize"] = list(ptq.quantize)
             except UadcError:
                 pass   # left as given: the cell fails with this error, the others run
         cid = f"{model.name}/{opts['target']}"
         if opts["calibrator"] is not None:
             cid += f"/{opts['calibrator']}/{opts['calib_data']}/{opts['calib_samples']}/" \
-                   f"{'+'.join(opts['quantize'] or [])}"
+                   f"{'+'.join(opts['quantize'] or [])}" + ("/auto" if opts["precision"] == "auto" else "")
         axes = {**fixed, "category": model.category, **opts}
         out.append(Cell(cid, model.key, axes, opts))
     return out

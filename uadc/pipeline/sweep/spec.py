@@ -11,6 +11,7 @@ A sweep file is YAML, validated here with the same strictness as recipes::
       calib_data: [train, random-normal, mixed]
       calib_samples: [32, 64]
       quantize: [[student], [student, teacher]]
+      precision: [target, auto]                     # auto: quantize lists the candidates (null: all)
       image_size: [128]
       seed: [0]
       one_class: [false]
@@ -23,7 +24,7 @@ apply, so its cells collapse into one. Relative recipe paths resolve against the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -51,6 +52,7 @@ class Axes(_Strict):
     calib_data: Optional[list[Optional[str]]] = Field(None, min_length=1)
     calib_samples: Optional[list[Optional[int]]] = Field(None, min_length=1)
     quantize: Optional[list[Optional[list[str]]]] = Field(None, min_length=1)
+    precision: Optional[list[Optional[Literal["target", "auto"]]]] = Field(None, min_length=1)
     image_size: Optional[list[Optional[int]]] = Field(None, min_length=1)
     seed: Optional[list[Optional[int]]] = Field(None, min_length=1)
     one_class: Optional[list[bool]] = Field(None, min_length=1)
