@@ -212,7 +212,7 @@ class Fidelity:
 
     def measure(self, model: onnx.ModelProto, probe: bool = False) -> dict[str, float]:
         """Each budget figure's minimum over the sets that judge it; ``probe``: on the probe
-        subset only (ranking groups by cost, where ~110 single-group models are scored)."""
+        subset only (ranking units of groups by cost: up to ``SENSITIVITY_UNITS`` models scored)."""
         pick = (lambda c, a: a[self.probe[c]]) if probe else (lambda c, a: a)  # noqa: E731
         out = outputs_on(model, {c: pick(c, x) for c, x in self.images.items()}, self.threads, 8, "auto candidate")
         ref = {c: tuple(pick(c, a) for a in r) for c, r in self.ref.items()}
