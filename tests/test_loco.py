@@ -92,3 +92,36 @@ def test_bad_data_folder_is_one_line_error(tmp_path):
     from uadc.core.errors import UadcError
     with pytest.raises(UadcError, match="no dataset folder"):
         loco.loco_recipe(loco.RECIPE, tmp_path)
+
+
+def test_loco_head_end_to_end(tmp_path, tiny_data):
+    """Head-only LOCO: every tap subset x combine x sigma x reduction scored from maps computed
+    once; the recipe's own setting is in the grid, and its figures equal the head's own AUROC."""
+    from bench import loco_head
+    from conftest import write_recipe
+    from uadc.config.recipe import load_recipe
+    from uadc.models import build_model
+    from uadc.training.checkpoint import checkpoint_path, save_checkpoint
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_data, model={"taps": ["blocks.1", "blocks.2", "blocks.3"],
+                                                              "smoothing_sigma": 2.0})
+    recipe = load_recipe(path)
+    torch.manual_seed(0)
+    model = build_model(recipe.cfg["model"], recipe.data.image_size)
+    save_checkpoint(checkpoint_path(recipe, tmp_path / "art"), model, recipe, [{"epoch": 1}], ["stripes", "gray"])
+    out = tmp_path / "out"
+    assert loco_head.main(["--recipe", str(path), "--artifacts", str(tmp_path / "art"), "--out", str(out),
+                           "--sigmas", "2", "--topk", "0.05", "--threads", "1"]) == 0
+    r = json.loads((out / "loco_head.json").read_text())
+    assert len(r["grid"]) == 4 * 2 * 2      # subsets {01, 02, 12, 012} x combine x {max, top5%}
+    assert r["default_key"] == "taps=0+1+2,product,sigma=2,max"
+    assert [f["held_out"] for f in r["folds"]] == ["stripes", "gray"]
+    from uadc.data.prepare import prepare_data
+    from uadc.evaluation import metrics
+    from uadc.evaluation.run import predict, test_arrays, torch_predictor
+    images, masks, labels = test_arrays(prepare_data(recipe))["gray"]
+    maps, scores = predict(torch_predictor(model.eval()), images, 16)
+    own = r["all_settings"][r["default_key"]]["gray"]
+    assert abs(own["image_auroc"] - metrics.image_auroc(labels, scores)) < 1e-9
+    assert abs(own["pixel_auroc"] - metrics.pixel_auroc(masks, maps[:, 0] if maps.ndim == 4 else maps)) < 1e-6
+    assert loco_head.main(["--recipe", str(path), "--artifacts", str(tmp_path / "none")]) == 2
