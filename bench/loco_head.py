@@ -76,8 +76,10 @@ def grid(maps: dict, sigmas: list[float], topk: list[float], log) -> tuple[list[
             with torch.no_grad():
                 for cat, (m, _, _) in maps.items():
                     sel = m[:, list(taps)]
-                    smoothed[cat] = blur(sel.prod(1, keepdim=True) if combine == "product" else sel.sum(1, keepdim=True))
-            pix = {cat: metrics.pixel_auroc(masks, smoothed[cat][:, 0].numpy()) for cat, (_, masks, _) in maps.items()}
+                    combined = sel.prod(1, keepdim=True) if combine == "product" else sel.sum(1, keepdim=True)
+                    smoothed[cat] = blur(combined)
+            pix = {cat: metrics.pixel_auroc(masks, smoothed[cat][:, 0].numpy())
+                   for cat, (_, masks, _) in maps.items()}
             for k in [None, *topk]:
                 s = {"taps": list(taps), "combine": combine, "sigma": sigma, "topk": k}
                 settings.append(s)

@@ -16,8 +16,8 @@ from uadc.pipeline.sweep.plan import Plan
 log = logging.getLogger(__name__)
 COLUMNS = ("cell", "status", "target", "calibrator", "calib_data", "calib_samples", "quantize", "precision",
            "image_size", "seed", "one_class", "category", "image_auroc", "pixel_auroc", "image_drop", "pixel_drop",
-           "decision_agreement", "latency_ms", "ort_fp32_ms", "speedup_vs_fp32", "model_bytes", "compile_seconds", "error",
-           "artifact")
+           "decision_agreement", "latency_ms", "ort_fp32_ms", "speedup_vs_fp32", "model_bytes", "compile_seconds",
+           "error", "artifact")
 # objective -> (column, larger is better)
 OBJECTIVES = {"image_auroc": ("image_auroc", True), "pixel_auroc": ("pixel_auroc", True),
               "latency": ("latency_ms", False), "size": ("model_bytes", False),

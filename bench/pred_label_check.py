@@ -1,0 +1,71 @@
+"""``python -m bench.pred_label_check ARTIFACT [--recipe R]``: in-graph decisions vs the runtime's.
+
+For an artifact compiled with ``--postprocess``: every test image of the recipe's categories is
+preprocessed by ``uadc.runtime`` and run through ``polygraphy run model.onnx --onnxrt`` (which
+feeds only ``image``, so the ``category`` input takes its default: the global thresholds); its
+``pred_label`` must equal ``Detector.predict``'s global label. Then ONNX Runtime with the
+``category`` input set per category must equal ``Detector.predict(..., category=c)``. Prints the
+counts; exit 1 on any difference.
+
+    uadc compile recipes/stfpm_effnet_lite0.yaml --target ort-cpu-int8 --postprocess --out /tmp/pp
+    python -m bench.pred_label_check /tmp/pp
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _polygraphy_labels(model: Path, images: np.ndarray) -> np.ndarray:
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import save_json
+    with tempfile.TemporaryDirectory(prefix="uadc-pg-") as tmp:
+        save_json([{"image": images}], f"{tmp}/in.json")
+        p = subprocess.run([str(Path(sys.executable).parent / "polygraphy"), "run", str(model), "--onnxrt",
+                            "--load-inputs", f"{tmp}/in.json", "--save-outputs", f"{tmp}/out.json"],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"polygraphy run failed: {p.stderr.strip().splitlines()[-1:]}")
+        return np.asarray(RunResults.load(f"{tmp}/out.json")[0][1][0]["pred_label"], bool)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--recipe", default="recipes/stfpm_effnet_lite0.yaml")
+    a = ap.parse_args(argv)
+    from uadc.config.recipe import load_recipe
+    from uadc.core.ort_session import make_session
+    from uadc.data.mvtec import list_test_samples, resolve_sources
+    from uadc.runtime import Detector
+    recipe = load_recipe(a.recipe)
+    det = Detector.load(a.artifact)
+    if not det.manifest.postprocess:
+        print(f"error: {a.artifact} has no in-graph post-processing (compile with --postprocess)", file=sys.stderr)
+        return 2
+    sess = make_session(a.artifact / "model.onnx")
+    same = same_cat = total = 0
+    for root, cat in resolve_sources([s.model_dump() for s in recipe.data.sources]):
+        files = [s.path for s in list_test_samples(root, cat)]
+        images = np.stack([det.preprocess(f) for f in files])
+        same += int(np.sum(_polygraphy_labels(a.artifact / "model.onnx", images)
+                           == np.array([bool(q.label) for q in det.predict(files)])))
+        idx = det.manifest.postprocess["category_index"][cat]
+        label, = sess.run(["pred_label"], {"image": images, "category": np.full(len(images), idx, np.int64)})
+        own = np.array([bool(q.label) for q in det.predict(files, category=cat)])
+        same_cat += int(np.sum(np.asarray(label, bool) == own))
+        total += len(files)
+        print(f"{cat}: {len(files)} images", file=sys.stderr, flush=True)
+    print(f"polygraphy pred_label == runtime global label: {same}/{total}; "
+          f"per category (ORT, category input): {same_cat}/{total}")
+    return 0 if same == same_cat == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
