@@ -29,8 +29,13 @@ def uadc_cmd(*args: str) -> list[str]:
 
 
 def temps_under(root: Path) -> list[Path]:
-    """Every writer temp (file or folder) under ``root``."""
-    return [p for p in Path(root).rglob("*") if TMP_TAG in p.name]
+    """Every writer temp (file or folder) under ``root``. Walked with ``os.walk``, which skips a
+    folder that vanishes mid-walk (a writer finishing or cleaning up while we look), where
+    ``Path.rglob`` raises FileNotFoundError."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        found += [Path(folder) / n for n in (*dirs, *files) if TMP_TAG in n]
+    return found
 
 
 def artifact_problems(out: Path) -> list[str]:
