@@ -63,10 +63,9 @@ def _ab_rounds(paths: dict[str, Path], batch: int, threads: int, runs: int, roun
 
 def fast_copy(model):
     """The same trained model with the fast head (heads hold no weights)."""
-    from uadc.models.heads import FastDistanceHead
-    h = model.head
+    from uadc.models.heads import fast_like
     fast = copy.deepcopy(model)
-    fast.head = FastDistanceHead(h.image_size, h.distance, h.combine, h.blur.sigma, h.skip_teacher)
+    fast.head = fast_like(model.head)
     return fast.eval()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uadc.models.heads import DistanceHead, FastDistanceHead, distance_head
+from uadc.models.heads import DistanceHead, FastDistanceHead, distance_head, fast_like
 
 
 def _features(seed: int = 0, size: int = 128):
@@ -41,6 +41,34 @@ def test_fast_map_correlates_and_ranks_like_exact(sigma):
     corr = np.corrcoef(me.numpy().ravel(), mf.numpy().ravel())[0, 1]
     assert corr > 0.99, corr
     assert (se[0] > se[1]) == (sf[0] > sf[1])  # the 'defect' image scores higher with both heads
+
+
+@pytest.mark.parametrize("reduction,topk", [("topk_mean", 0.05), ("max", 0.01)])
+def test_fast_like_keeps_every_setting_and_scores_alike(reduction, topk):
+    exact = DistanceHead(128, "cosine", "sum", 2.0, skip_teacher=1, score_reduction=reduction, score_topk=topk)
+    fast = fast_like(exact)
+    assert type(fast) is FastDistanceHead
+    for attr in ("image_size", "distance", "combine", "skip_teacher", "score_reduction", "score_topk"):
+        assert getattr(fast, attr) == getattr(exact, attr), attr
+    assert fast.blur.sigma == exact.blur.sigma
+    t, s = _features(3)
+    t = [torch.randn_like(t[0])] + t  # the skipped leading teacher output
+    (_, se), (_, sf) = exact(t, s), fast(t, s)
+    assert (se[0] > se[1]) == (sf[0] > sf[1])
+
+
+@pytest.mark.parametrize("sigma,n", [(4.0, 128), (2.0, 64), (4.0, 20), (0.0, 16)])
+def test_matrix_blur_equals_the_separable_convolution(sigma, n):
+    from uadc.models.heads import GaussianBlur, MatrixBlur
+    m = torch.rand(3, 1, n, n, generator=torch.Generator().manual_seed(n))
+    torch.testing.assert_close(MatrixBlur(sigma, n)(m), GaussianBlur(sigma)(m), atol=1e-6, rtol=1e-5)
+
+
+def test_fast_top_k_mean_is_unsorted_and_takes_the_same_pixels():
+    from uadc.models.heads import reduce_score
+    amap = torch.rand(3, 1, 64, 64)
+    torch.testing.assert_close(reduce_score(amap, "topk_mean", 0.05, ordered=False),
+                               reduce_score(amap, "topk_mean", 0.05), atol=1e-6, rtol=1e-6)
 
 
 def test_single_tap_at_input_resolution_is_exact():
@@ -82,11 +110,15 @@ def test_fast_head_exports_fewer_nodes_and_matches_in_ort(tmp_path, tiny_data):
 
     heads = {}
     for kind in ("exact", "fast"):
-        r = load_recipe(write_recipe(tmp_path / f"{kind}.yaml", tiny_data, model={"head": kind}))
+        r = load_recipe(write_recipe(tmp_path / f"{kind}.yaml", tiny_data,
+                                        model={"head": kind, "score_reduction": "topk_mean", "score_topk": 0.05}))
         torch.manual_seed(0)
         model = build_model(r.cfg["model"], r.data.image_size).eval()
         onx = export_model(model, r.data.image_size, {})
-        heads[kind] = [n.op_type for n in onx.graph.node if partition_of(n) == "head"]
+        head = [n for n in onx.graph.node if partition_of(n) == "head"]
+        heads[kind] = [n.op_type for n in head]
+        topk = [a.i for n in head if n.op_type == "TopK" for a in n.attribute if a.name == "sorted"]
+        assert topk == ([1] if kind == "exact" else [0]), topk  # fast: same pixels, no final sort
         x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
         amap, score = make_session(onx, 1).run(None, {"image": x})
         with torch.no_grad():
@@ -94,3 +126,4 @@ def test_fast_head_exports_fewer_nodes_and_matches_in_ort(tmp_path, tiny_data):
         np.testing.assert_allclose(amap, tmap.numpy(), atol=1e-4, rtol=1e-3)
     assert len(heads["fast"]) < len(heads["exact"]), heads
     assert "Transpose" not in heads["fast"]
+    assert "MatMul" in heads["fast"] and "Conv" not in heads["fast"] and "Pad" not in heads["fast"]

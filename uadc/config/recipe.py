@@ -85,9 +85,9 @@ class ModelConfig(_Section):
     combine: Literal["product", "sum"] = Field("product", description="how per-layer maps combine")
     smoothing_sigma: float = Field(4.0, ge=0, le=64, description="gaussian sigma of the map (0: off)")
     head: Literal["exact", "fast"] = Field(
-        "exact", description="scoring head: exact (maps upsampled, then combined and smoothed) or fast (combined and "
-        "smoothed at feature resolution, upsampled once; bench/head_equivalence.py checks it). No weights: a "
-        "checkpoint serves either")
+        "exact", description="scoring head: exact (maps upsampled, then combined and smoothed) or fast (combined at "
+        "feature resolution, upsampled once, smoothed by two matrix products, unsorted top-k; "
+        "bench/head_equivalence.py checks it). No weights: a checkpoint serves either")
     score_reduction: Literal["max", "topk_mean"] = Field(
         "max", description="image score from the map: its max, or the mean of its top score_topk fraction of "
         "pixels (bench/loco.py compares them leave-one-category-out). No weights: a checkpoint serves either")

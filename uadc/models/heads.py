@@ -38,19 +38,52 @@ class GaussianBlur(nn.Module):
         return F.conv2d(F.pad(m, (0, 0, r, r), mode="reflect"), self.ky)
 
 
+def _reflect(i: int, n: int) -> int:
+    """Index ``i`` mirrored into [0, n) without repeating the edge (``F.pad(mode="reflect")``)."""
+    period = 2 * (n - 1)
+    i = abs(i) % period if period else 0
+    return period - i if i > n - 1 else i
+
+
+class MatrixBlur(nn.Module):
+    """``GaussianBlur`` of an n x n map as two matrix products, K @ m @ K^T, with the reflect
+    padding folded into K. Same result up to float rounding (<= 4e-7 on [0, 1) maps); ORT runs a
+    1-channel 1x33 Conv poorly (im2col, NCHWc reorders, pads), MatMul well: 5x faster at 128 px and
+    4x at 256 px on this CPU (batch 1 and 8)."""
+
+    def __init__(self, sigma: float, n: int):
+        super().__init__()
+        self.sigma = float(sigma)
+        k = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
+        r = (k.numel() - 1) // 2
+        mat = torch.zeros(n, n)
+        for i in range(n):
+            for j in range(-r, r + 1):
+                mat[i, _reflect(i + j, n)] += k[j + r]
+        self.identity = r == 0
+        self.register_buffer("k", mat, persistent=False)
+        self.register_buffer("kt", mat.t().contiguous(), persistent=False)
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        return m if self.identity else torch.matmul(torch.matmul(self.k, m), self.kt)
+
+
 def topk_count(frac: float, pixels: int) -> int:
     """Pixels the top-k mean averages: ``frac`` of the map, at least one."""
     return max(1, min(pixels, round(frac * pixels)))
 
 
-def reduce_score(amap: torch.Tensor, reduction: str = "max", topk: float = 0.01) -> torch.Tensor:
+def reduce_score(amap: torch.Tensor, reduction: str = "max", topk: float = 0.01,
+                 ordered: bool = True) -> torch.Tensor:
     """Image score (N,) from the map (N,1,H,W): its max, or the mean of its top ``topk`` fraction of
     pixels (ONNX TopK + ReduceMean; k is fixed by the map size, so it is a constant in the graph).
-    A mean over the top pixels asks a defect to cover an area, not one hot pixel, to score high."""
+    A mean over the top pixels asks a defect to cover an area, not one hot pixel, to score high.
+    ``ordered=False`` exports TopK with sorted=0: the same pixels, only the summation order differs,
+    and ORT's TopK skips the final sort (about 20 % of its time at 128 px)."""
     flat = amap.flatten(1)
     if reduction == "max":
         return flat.amax(dim=1)
-    return torch.topk(flat, topk_count(topk, flat.shape[1]), dim=1).values.mean(dim=1)
+    return torch.topk(flat, topk_count(topk, flat.shape[1]), dim=1, sorted=ordered).values.mean(dim=1)
 
 
 def l2_normalized_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -98,11 +131,16 @@ class DistanceHead(nn.Module):
 class FastDistanceHead(DistanceHead):
     """Same decisions as ``DistanceHead`` from less work: per-layer distances as one dot product
     (for unit vectors 0.5*||a-b||^2 = 1 - a.b), maps combined at the finest feature resolution,
-    one upsample to the input size, then the same full-resolution smoothing.
+    one upsample to the input size, then the same full-resolution smoothing as two matrix products
+    (``MatrixBlur``) and the top-k mean from an unsorted TopK.
 
     Smoothing at feature resolution too (sigma / stride) was cheaper still, but moved image AUROC
     by 0.3 point on magnetic_tile and map correlation to 0.998 (``bench/head_equivalence.py``), so
     only the combine moved down."""
+
+    def __init__(self, image_size: int, *args, **kwargs):
+        super().__init__(image_size, *args, **kwargs)
+        self.blur = MatrixBlur(self.blur.sigma, image_size)
 
     def layer_maps(self, t_feats, s_feats) -> list[torch.Tensor]:
         maps = []
@@ -123,7 +161,7 @@ class FastDistanceHead(DistanceHead):
         if (h, w) != (self.image_size, self.image_size):
             amap = F.interpolate(amap, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         amap = self.blur(amap)
-        return amap, reduce_score(amap, self.score_reduction, self.score_topk)
+        return amap, reduce_score(amap, self.score_reduction, self.score_topk, ordered=False)
 
 
 def distance_head(m: dict, image_size: int, distance: str, skip_teacher: int = 0) -> DistanceHead:
@@ -131,6 +169,12 @@ def distance_head(m: dict, image_size: int, distance: str, skip_teacher: int = 0
     cls = FastDistanceHead if m.get("head", "exact") == "fast" else DistanceHead
     return cls(image_size, distance, m["combine"], m["smoothing_sigma"], skip_teacher=skip_teacher,
                score_reduction=m.get("score_reduction", "max"), score_topk=m.get("score_topk", 0.01))
+
+
+def fast_like(head: DistanceHead) -> FastDistanceHead:
+    """The fast head with every setting of ``head`` (heads hold no weights, so it scores the same model)."""
+    return FastDistanceHead(head.image_size, head.distance, head.combine, head.blur.sigma, head.skip_teacher,
+                            head.score_reduction, head.score_topk)
 
 
 def mean_layer_distance(head: DistanceHead, t_feats, s_feats) -> list[float]:
