@@ -48,8 +48,8 @@ def _reflect(i: int, n: int) -> int:
 class MatrixBlur(nn.Module):
     """``GaussianBlur`` of an n x n map as two matrix products, K @ m @ K^T, with the reflect
     padding folded into K. Same result up to float rounding (<= 4e-7 on [0, 1) maps); ORT runs a
-    1-channel 1x33 Conv poorly (im2col, NCHWc reorders, pads), MatMul well: 5x faster at 128 px and
-    4x at 256 px on this CPU (batch 1 and 8)."""
+    1-channel 1x33 Conv poorly (im2col, NCHWc reorders, pads) and MatMul well
+    (``bench/head_equivalence.py`` times the heads)."""
 
     def __init__(self, sigma: float, n: int):
         super().__init__()
