@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from uadc.config.targets import inference_hint_of
+
 FALSE_ALARM_Q = 99.0  # threshold = this percentile of a system's validation-normal scores
 
 
@@ -47,8 +49,7 @@ def _time_child(kind: str, path: str, batch: int, threads: int, runs: int, size:
         compiled = ov.compile_model(path, threads, precision_hint=hint)
         run = ov.infer_fn(compiled)
         fn = lambda: run(x)  # noqa: E731
-        hint_used = compiled.get_property("INFERENCE_PRECISION_HINT")
-        used = hint_used.to_string() if hasattr(hint_used, "to_string") else str(hint_used)
+        used = ov.inference_precision(compiled)
     else:
         from uadc.backends.ort import make_session
         sess = make_session(path, threads)
@@ -107,8 +108,10 @@ def uadc_artifacts(base, artifacts: Path) -> list[dict]:
         if d.get("runtime") not in ("onnxruntime", "openvino") or not model.is_file():
             continue
         parts = ",".join(d.get("quantized_partitions") or []) or "-"
+        # OpenVINO artifacts run at their target's float precision (f32 pinned, or bf16), as uadc deploys them.
+        hint = inference_hint_of(d["target"])
         out.append({"name": f"uadc {rep.parent.name} ({d['target']}, int8: {parts})", "kind": d["runtime"],
-                    "path": model, "hint": "f32", "origin": "uadc", "target": d["target"]})
+                    "path": model, "hint": hint, "origin": "uadc", "target": d["target"]})
     return out
 
 

@@ -29,6 +29,9 @@ def test_cpu_features_from_cpuinfo(fake_cpu):
     assert f["AVX-512 VNNI"] is True and f["AMX-INT8"] is True and f["AMX"] is True
     assert f["AVX-VNNI"] is False and f["AMX-BF16"] is False
     assert "AVX-512 VNNI" in next(t.detail for t in r.targets if t.target == "ort-cpu-int8")
+    if r.versions["openvino"] is not None:  # bf16 targets say whether this CPU has bf16 at all
+        assert "no AMX-BF16 / AVX-512 BF16" in next(t.detail for t in r.targets if t.target == "openvino-cpu-bf16")
+        assert "bf16" not in next(t.detail for t in r.targets if t.target == "openvino-cpu-int8")
 
 
 def test_no_cpuinfo_means_unknown(monkeypatch):

@@ -15,10 +15,14 @@ from uadc.core.errors import UadcError
 
 
 def test_targets_share_the_ort_scheme_and_passes():
-    for prec in ("fp32", "int8"):
-        ov_t, ort_t = get_target(f"openvino-cpu-{prec}"), get_target(f"ort-cpu-{prec}")
-        assert ov_t.runtime == "openvino" and ov_t.precision == prec and ov_t.device == "cpu"
+    for ov_name, ort_name, hint in [("openvino-cpu-fp32", "ort-cpu-fp32", "f32"),
+                                    ("openvino-cpu-int8", "ort-cpu-int8", "f32"),
+                                    ("openvino-cpu-bf16", "ort-cpu-fp32", "bf16"),
+                                    ("openvino-cpu-int8-bf16", "ort-cpu-int8", "bf16")]:
+        ov_t, ort_t = get_target(ov_name), get_target(ort_name)
+        assert ov_t.runtime == "openvino" and ov_t.device == "cpu" and ov_t.quantized == ort_t.quantized
         assert ov_t.passes == ort_t.passes and ov_t.scheme == ort_t.scheme
+        assert ov_t.inference_hint == hint and ort_t.float_precision == "fp32"
 
 
 def test_missing_openvino_is_one_line_error(monkeypatch):

@@ -72,7 +72,7 @@ def test_recipe_validates_the_auto_fields(tmp_path, tiny_data):
             load_recipe(write_recipe(tmp_path / "bad.yaml", tiny_data, compile=bad))
 
 
-@pytest.mark.parametrize("target", ["trt-int8", "jetson-int8", "ort-cpu-fp32"])
+@pytest.mark.parametrize("target", ["trt-int8", "jetson-int8", "ort-cpu-fp32", "openvino-cpu-bf16"])
 def test_unsupported_target_is_a_one_line_error(make_base, tmp_path, target):
     with pytest.raises(UadcError, match=f"precision auto is not supported for target {target}") as e:
         uadc.compile(make_base(), target, precision="auto", out=tmp_path / "x", evaluate=False)
@@ -89,7 +89,10 @@ def test_recipe_auto_is_a_default_that_other_targets_and_qat_skip(make_base):
     from uadc.pipeline.sweep.spec import Axes
     for name, explicit, qat, want in [("ort-cpu-int8", False, False, True), ("ort-cpu-int8", False, True, False),
                                       ("jetson-int8", False, False, False), ("ort-cpu-fp32", False, False, False),
-                                      ("jetson-int8", True, False, True), ("ort-cpu-int8", True, True, True)]:
+                                      ("jetson-int8", True, False, True), ("ort-cpu-int8", True, True, True),
+                                      ("openvino-cpu-int8", False, False, True),
+                                      ("openvino-cpu-int8-bf16", False, False, True),
+                                      ("openvino-cpu-bf16", False, False, False)]:
         assert auto_applies("auto", get_target(name), explicit, qat) is want, (name, explicit, qat)
     assert not auto_applies("target", get_target("ort-cpu-int8"), True)
     base = make_base()
@@ -222,3 +225,45 @@ def test_probe_index_takes_normals_with_their_pasted_copies():
     assert P._probe_index(10, 5, 2).tolist() == [0, 1, 5, 6]
     assert P._probe_index(4, None, 8).tolist() == [0, 1, 2, 3]   # N(0,1) inputs: no copies
     assert P._probe_index(6, 3, 8).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_openvino_bf16_auto_judges_fidelity_on_openvino(make_base, tmp_path, monkeypatch):
+    """On an OpenVINO target the search scores candidates on OpenVINO at the target's float
+    precision: bf16 float layers spend budget too, and a budget they alone break is refused
+    before any work. The artifact runs on OpenVINO in ``Detector`` (bf16, as compiled)."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (optional extra uadc[openvino])")
+    from uadc.backends import openvino as ov
+    from uadc.runtime import Detector
+    monkeypatch.setattr(P, "node_times", _fake_profile)
+    base = make_base(**LOOSE)
+    bf16_here = ov.inference_precision(ov.compile_model(base.fp32, 1, "bf16")) == "bf16"
+    res = uadc.compile(base, "openvino-cpu-int8-bf16", precision="auto", out=tmp_path / "ov", evaluate=False,
+                       latency_runs=2, threads=1)
+    assert res.latency.runtime == ("openvino CPU (bf16)" if bf16_here
+                                   else "openvino CPU (f32: this CPU does not run bf16)")
+    ps = res.extra["precision_search"]
+    assert ps["final"]["int8_groups"] > 0 and ps["final"]["within_budget"]
+    if bf16_here:  # the float-only model is measured, not assumed equal to the FP32 reference
+        s = P._Search(base, get_target("openvino-cpu-int8-bf16"), base.fp32, P.auto_candidates(
+            base, get_target("openvino-cpu-int8-bf16"), CompileOptions("openvino-cpu-int8-bf16", precision="auto")),
+            ["qdq", "partition_check", "cleanup"], 1, fused_groups(base.fp32, ["student"]), {})
+        assert s.fidelity(frozenset())["spearman"] < 1.0
+        with pytest.raises(UadcError, match="with no layer quantized already breaks the fidelity budget") as e:
+            uadc.compile(make_base(**STRICT), "openvino-cpu-int8-bf16", precision="auto", out=tmp_path / "x",
+                         evaluate=False)
+        assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
+    det = Detector.load(tmp_path / "ov")
+    assert det.backend_name == "openvino"
+    assert Detector.load(tmp_path / "ov", backend="onnxruntime").backend_name == "onnxruntime"
+    x = base.sample_feeds(1, 2)[0]["image"]
+    maps, scores, _ = det.run(x)
+    assert maps.shape == (2, base.size, base.size) and np.isfinite(scores).all()
+    v = uadc.verify(tmp_path / "ov")  # on its own runtime too (the loose search's artifact need not pass)
+    assert v.runtime["candidate"] == "openvino CPU (bf16)" and v.figures
+    from bench import ab_latency
+    with pytest.raises(SystemExit, match="has no ort-cpu-fp32 artifact"):
+        ab_latency.systems(tmp_path)
+    uadc.compile(base, "ort-cpu-fp32", out=tmp_path / "ort-cpu-fp32", evaluate=False, latency_runs=2, threads=1)
+    t = ab_latency.measure(tmp_path, batch=1, threads=1, cycles=2, runs=2)
+    assert list(t) == ["ort-cpu-fp32", "ov"] and t["ort-cpu-fp32"]["ratio"] == 1.0
+    assert t["ov"]["runtime"] == "openvino" and t["ov"]["p50_ms"] > 0

@@ -131,6 +131,9 @@ def test_detector_inputs_and_errors(int8_artifact, tiny_data):
     from uadc.runtime import Detector, Prediction
     _, _, res = int8_artifact
     det = Detector.load(res.path)
+    assert det.backend_name == "onnxruntime"  # an ort-cpu-* artifact, whatever else imports
+    with pytest.raises(UadcError, match="backend must be auto, onnxruntime, openvino or tensorrt, got 'onnx'"):
+        Detector.load(res.path, backend="onnx")
     f = sorted((tiny_data / "gray" / "test" / "blob").glob("*.png"))[0]
     one = det.predict(f, category="gray")
     assert isinstance(one, Prediction) and one.anomaly_map.shape == (64, 64) and one.mask.dtype == bool

@@ -191,8 +191,9 @@ def _partitions(value: str | None) -> list[str] | None:
 
 @main.command("compile")
 @recipe_arg
-@click.option("--target", default=None, help="ort-cpu-fp32, ort-cpu-int8, openvino-cpu-fp32, openvino-cpu-int8, trt-fp16, "
-              "trt-int8, jetson-fp32, jetson-fp16, jetson-int8 (default: the recipe's compile.target)")
+@click.option("--target", default=None, help="ort-cpu-fp32, ort-cpu-int8, openvino-cpu-fp32, openvino-cpu-int8, "
+              "openvino-cpu-bf16, openvino-cpu-int8-bf16, trt-fp16, trt-int8, jetson-fp32, jetson-fp16, jetson-int8 "
+              "(default: the recipe's compile.target)")
 @click.option("--calibrator", default=None, help="entropy | mse | minmax | percentile | a plug-in name")
 @click.option("--calib-data", type=click.Choice(["train", "random-normal", "mixed"]), default=None)
 @click.option("--calib-samples", type=click.IntRange(min=1, max=4096), default=None)
@@ -295,12 +296,15 @@ def _print_summary(res) -> None:
 @click.option("--overlays", is_flag=True, help="write PNG heat-map overlays with the mask contour")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
+              show_default=True, help="auto: TensorRT when model.engine exists and tensorrt imports, OpenVINO for an "
+              "openvino-cpu-* artifact when openvino imports, else ONNX Runtime")
 def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out: Path, overlays: bool,
-            as_json: bool, batch_size: int) -> None:
+            as_json: bool, batch_size: int, backend: str) -> None:
     """Run a compiled artifact (verified against its artifact.json) on image files and folders."""
     from uadc.runtime import Detector
     from uadc.runtime.batch import predict_paths
-    det = Detector.load(artifact, batch_size=batch_size)
+    det = Detector.load(artifact, backend=backend, batch_size=batch_size)
     run = predict_paths(det, list(inputs), category, out, overlays, batch_size)
     for path, reason in run.failed:
         click.echo(f"skipped {path}: {reason}", err=True)

@@ -4,8 +4,10 @@
 ``uadc[openvino]``; every entry point raises one clear ``UadcError`` when it is missing.
 
 Precision: on CPUs with AMX/AVX-512 BF16, OpenVINO runs float layers in bfloat16 unless told
-otherwise. uadc's targets pin ``INFERENCE_PRECISION_HINT=f32`` so an ``fp32`` artifact is FP32
-and an ``int8`` artifact runs its un-quantized layers in FP32, as with ONNX Runtime.
+otherwise. Each uadc target sets ``INFERENCE_PRECISION_HINT`` from its ``float_precision``
+(``Target.inference_hint``): ``f32`` for ``openvino-cpu-fp32`` / ``-int8`` (FP32 float layers, as
+with ONNX Runtime), ``bf16`` for ``openvino-cpu-bf16`` / ``-int8-bf16``. A CPU without bf16 runs
+f32 whatever the hint; ``inference_precision`` reads back what OpenVINO chose.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def compile_model(model: Any, threads: int | None = None, precision_hint: str | 
         raise UadcError(f"OpenVINO cannot load the model: {str(exc).strip().splitlines()[0][:300]}") from None
 
 
+def inference_precision(compiled: Any) -> str:
+    """The float precision a compiled model runs in ("f32", "bf16", ...), as OpenVINO reports it."""
+    used = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return used.to_string() if hasattr(used, "to_string") else str(used)
+
+
 def infer_fn(compiled: Any) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """images (N,3,H,W) float32 -> (anomaly_map (N,1,H,W), score (N,)) with one infer request."""
     request = compiled.create_infer_request()
@@ -85,7 +93,7 @@ def ov_predictor(compiled: Any) -> Callable[[np.ndarray], tuple[np.ndarray, np.n
     return predict
 
 
-def ov_runner(model: Any, name: str, threads: int | None = None) -> Any:
+def ov_runner(model: Any, name: str, threads: int | None = None, precision_hint: str | None = "f32") -> Any:
     """A Polygraphy runner (Polygraphy has none for OpenVINO) for ``compare``/``compare_stats``."""
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
@@ -96,7 +104,7 @@ def ov_runner(model: Any, name: str, threads: int | None = None) -> Any:
             self._run = None
 
         def activate_impl(self) -> None:
-            compiled = compile_model(model, threads)
+            compiled = compile_model(model, threads, precision_hint)
             self._shape = tuple(d if d > 0 else -1 for d in compiled.input(0).get_partial_shape().get_min_shape())
             self._run = infer_fn(compiled)
 

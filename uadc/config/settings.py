@@ -11,7 +11,9 @@ from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
 from uadc.core.errors import UadcError
 
 MAX_CALIB_SAMPLES = 4096
-AUTO_PRECISION_TARGETS = ("ort-cpu-int8",)  # where precision auto can profile the runtime
+# Where precision auto applies: ORT's profile prices every group; the OpenVINO targets run the same
+# Q/DQ ONNX and take ORT's profile as their speed model (fidelity is checked on OpenVINO itself).
+AUTO_PRECISION_TARGETS = ("ort-cpu-int8", "openvino-cpu-int8", "openvino-cpu-int8-bf16")
 
 
 def auto_applies(mode: str, target: Target, explicit: bool, qat: bool = False) -> bool:

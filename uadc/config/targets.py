@@ -8,6 +8,9 @@ Scheme choices, measured on this project's models:
   span very different ranges per channel) at no latency gain (README, calibration results).
 - TensorRT targets use symmetric S8 everywhere, per-channel weights on the output axis, zero
   points 0 (TensorRT's explicit-quantization rules), opset >= 13.
+- OpenVINO targets run the same ONNX / Q/DQ ONNX as the ORT targets; ``float_precision`` is what
+  OpenVINO runs the un-quantized layers in: fp32 (pinned) or bf16 (AMX / AVX-512 BF16 CPUs). The
+  report records the precision OpenVINO actually ran in (``latency.runtime``).
 """
 
 from __future__ import annotations
@@ -48,10 +51,19 @@ class Target:
     device: str = "cpu"                 # "cpu" | "gpu" | "jetson"
     builder: dict = field(default_factory=dict)  # TensorRT builder settings
     description: str = ""
+    float_precision: str = "fp32"       # OpenVINO: un-quantized layers in "fp32" or "bf16"
 
     @property
     def quantized(self) -> bool:
         return self.precision == "int8"
+
+    @property
+    def inference_hint(self) -> str:
+        """OpenVINO's ``INFERENCE_PRECISION_HINT`` for this target's float layers."""
+        return OV_HINTS[self.float_precision]
+
+
+OV_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
 _TRT_SCHEME = QDQScheme(activation_type="int8", activation_symmetric=True, weight_type="int8",
@@ -69,6 +81,12 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            scheme=QDQScheme(activation_type="uint8", activation_symmetric=False, per_channel=True),
            default_calibrator="minmax",  # the same Q/DQ ONNX as ort-cpu-int8, run by OpenVINO
            description="OpenVINO CPU (reads the Q/DQ ONNX), U8 activations / S8 weights"),
+    Target("openvino-cpu-bf16", "openvino", "bf16", FLOAT_PASSES, float_precision="bf16",
+           description="OpenVINO CPU (reads the ONNX), bfloat16 inference on AMX / AVX-512 BF16 CPUs"),
+    Target("openvino-cpu-int8-bf16", "openvino", "int8", INT8_PASSES,
+           scheme=QDQScheme(activation_type="uint8", activation_symmetric=False, per_channel=True),
+           default_calibrator="minmax", float_precision="bf16",
+           description="OpenVINO CPU (reads the Q/DQ ONNX), INT8 + bfloat16 for the un-quantized layers"),
     Target("trt-fp16", "tensorrt", "fp16", FP16_PASSES, opset=17, min_trt_version="8.5", device="gpu",
            builder={"workspace_mb": 4096}, description="TensorRT GPU, FP16-typed model (float32 I/O)"),
     Target("trt-int8", "tensorrt", "int8", TRT_INT8_PASSES, opset=17, scheme=_TRT_SCHEME, min_trt_version="8.5",
@@ -81,6 +99,13 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            device="jetson", builder={"workspace_mb": 1024},
            description="Jetson (JetPack 5/6), explicit symmetric Q/DQ, FP16 fallback"),
 ]}
+
+
+def inference_hint_of(target: str | None) -> str:
+    """OpenVINO's precision hint for an artifact of target ``target`` (f32 for a name this version
+    does not know): the precision its thresholds were set at, so every runner uses it."""
+    known = TARGETS.get(target or "")
+    return known.inference_hint if known else "f32"
 
 
 def get_target(name: str) -> Target:

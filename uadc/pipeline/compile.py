@@ -28,7 +28,7 @@ from uadc.export.onnx_export import partition_bytes, split_partitions
 from uadc.export.partitions import partition_counts, partition_of
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
 from uadc.pipeline.baseline import Baseline
-from uadc.pipeline.deploy import deploy_evaluation, finalize_model
+from uadc.pipeline.deploy import deploy_evaluation, finalize_model, target_predictor
 from uadc.pipeline.precision import AutoPrecision, auto_candidates, search_precision
 from uadc.quant.calibrate import calibrate_ranges
 from uadc.report.markdown import render_markdown
@@ -108,8 +108,8 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
         result.extra["precision_search"] = auto.record
     if opts.evaluate:
         result.metrics = _metrics(baseline, compiled, target)
-    on_target = (lambda m: ov.ov_predictor(ov.compile_model(m, threads))) if target.runtime == "openvino" else None
-    dep = deploy_evaluation(baseline, compiled, threads, decisions=opts.evaluate, predictor=on_target)
+    dep = deploy_evaluation(baseline, compiled, threads, decisions=opts.evaluate,
+                            predictor=target_predictor(target, threads))
     result.deploy = dep.section
     postprocess = baseline.recipe.deploy.postprocess if opts.postprocess is None else opts.postprocess
     compiled, manifest = finalize_model(baseline, compiled, target, dep.thresholds, postprocess)
@@ -170,7 +170,7 @@ def _run_target_passes(baseline: Baseline, target: Target, fp32: onnx.ModelProto
 
 def _verify(baseline: Baseline, compiled: onnx.ModelProto, target: Target, threads: int) -> dict:
     tvo = baseline.torch_vs_ort
-    cand = ov.ov_runner(compiled, target.name, threads) if target.runtime == "openvino" \
+    cand = ov.ov_runner(compiled, target.name, threads, target.inference_hint) if target.runtime == "openvino" \
         else ort_runner(compiled, target.name, threads)
     fvc = compare_stats([ort_runner(baseline.fp32, "ort-fp32", threads), cand],
                         baseline.sample_feeds())  # statistics only: INT8 is expected to differ
@@ -178,31 +178,40 @@ def _verify(baseline: Baseline, compiled: onnx.ModelProto, target: Target, threa
             "fp32_vs_compiled": {k: fvc[k] for k in ("max_abs", "mean_abs", "outputs")}}
 
 
-def _runtime_label(target: Target) -> tuple[str, bool]:
-    if target.runtime in ("onnxruntime", "openvino"):
-        return ("onnxruntime CPU" if target.runtime == "onnxruntime" else ov.RUNTIME_LABEL), False
+def _runtime_label(target: Target, used: str | None = None) -> tuple[str, bool]:
+    """The runtime that produced the figures; OpenVINO's float precision when it is not f32, and
+    ``used`` (what OpenVINO reports it ran) when that is not what the target asked for."""
+    if target.runtime == "onnxruntime":
+        return "onnxruntime CPU", False
+    if target.runtime == "openvino":
+        hint = target.inference_hint
+        if used and used != hint:
+            return f"{ov.RUNTIME_LABEL} ({used}: this CPU does not run {hint})", False
+        return ov.RUNTIME_LABEL + ("" if hint == "f32" else f" ({hint})"), False
     return f"onnxruntime CPU emulating {target.runtime} ({target.device}, {target.precision})", True
 
 
 def _latency(baseline: Baseline, compiled: onnx.ModelProto, target: Target, threads: int, runs: int) -> Latency:
     lat = baseline.fp32_latency(runs, threads)
     x = baseline.sample_feeds(1, 1)[0][INPUT_NAME]
+    used = None
     if target.runtime == "openvino":
-        run = ov.infer_fn(ov.compile_model(compiled, threads))
+        ov_model = ov.compile_model(compiled, threads, target.inference_hint)
+        used, run = ov.inference_precision(ov_model), ov.infer_fn(ov_model)
         fn = lambda: run(x)  # noqa: E731
     else:
         sess = make_session(compiled, threads)
         fn = lambda: sess.run(None, {INPUT_NAME: x})  # noqa: E731
-    runtime, emulated = _runtime_label(target)
+    runtime, emulated = _runtime_label(target, used)
     return Latency(lat["torch_fp32"], lat["ort_fp32"], latency_ms(fn, runs),
                    batch=1, threads=threads, runtime=runtime, emulated=emulated)
 
 
 def _metrics(baseline: Baseline, compiled: onnx.ModelProto, target: Target) -> Metrics:
     fp32 = baseline.fp32_metrics.to_dict()
-    comp = (evaluate(ov.ov_predictor(ov.compile_model(compiled, baseline.threads)), baseline.test_arrays,
-                     baseline.recipe.eval.batch_size, target.name) if target.runtime == "openvino"
-            else baseline.metrics(compiled, target.name)).to_dict()
+    on_target = target_predictor(target, baseline.threads)
+    comp = (evaluate(on_target(compiled), baseline.test_arrays, baseline.recipe.eval.batch_size, target.name)
+            if on_target else baseline.metrics(compiled, target.name)).to_dict()
     runtime, emulated = _runtime_label(target)
     note = None
     if emulated:

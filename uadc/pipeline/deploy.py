@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from uadc import __version__
+from uadc.backends import openvino as ov
 from uadc.backends.ort import make_session, ort_predictor
 from uadc.config.targets import Target
 from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES, PRED_OUTPUTS
@@ -39,6 +40,14 @@ def val_images(baseline: Baseline) -> dict[str, np.ndarray]:
     if baseline not in _VAL_CACHE:
         _VAL_CACHE[baseline] = {c: load_test_arrays(ds)[0] for c, ds in baseline.data.val.items() if len(ds)}
     return _VAL_CACHE[baseline]
+
+
+def target_predictor(target: Target, threads: int) -> Callable[[onnx.ModelProto], Predictor] | None:
+    """``model -> Predictor`` on the target's CPU runtime when it is not ONNX Runtime (OpenVINO at
+    the target's float precision); None: ONNX Runtime."""
+    if target.runtime != "openvino":
+        return None
+    return lambda m: ov.ov_predictor(ov.compile_model(m, threads, target.inference_hint))
 
 
 def outputs_on(model: onnx.ModelProto, images: dict[str, np.ndarray], threads: int, batch: int, desc: str,

@@ -30,7 +30,7 @@ PACKAGES = {"torch": ("torch",), "onnx": ("onnx",), "onnxruntime": ("onnxruntime
             "openvino": ("openvino",)}
 # /proc/cpuinfo flag -> name; the ones that decide INT8 speed on x86 CPUs
 CPU_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI",
-                "amx_tile": "AMX", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16"}
+                "amx_tile": "AMX", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16", "avx512_bf16": "AVX-512 BF16"}
 
 
 @dataclass
@@ -105,7 +105,8 @@ def _support(t: Target, r: DoctorReport, trt_ok: bool) -> TargetSupport:
     if t.runtime == "openvino":
         if r.versions["openvino"] is None:
             return out("unavailable", "OpenVINO not installed: pip install 'uadc[openvino]'")
-        return out("run", "OpenVINO CPU" + (_int8_note(r) if t.quantized else ""))
+        bf16 = _bf16_note(r) if t.float_precision == "bf16" else ""
+        return out("run", "OpenVINO CPU" + (_int8_note(r) if t.quantized else "") + bf16)
     if t.runtime == "tensorrt":
         if trt_ok and (t.device != "jetson" or platform.machine() == "aarch64"):
             return out("run", f"TensorRT {r.versions['tensorrt']} on {r.gpu or 'the GPU'}: --build-engine builds it")
@@ -127,6 +128,16 @@ def _int8_note(r: DoctorReport) -> str:
     if have:
         return "; CPU INT8 instructions: " + ", ".join(have)
     return "; no VNNI/AMX: INT8 may not be faster than FP32 on this CPU"
+
+
+def _bf16_note(r: DoctorReport) -> str:
+    f = r.cpu_features
+    if f.get("AMX-BF16") is None:
+        return "; CPU bf16 features unknown"
+    have = [k for k in ("AMX-BF16", "AVX-512 BF16") if f.get(k)]
+    if have:
+        return "; CPU bf16 instructions: " + ", ".join(have)
+    return "; no AMX-BF16 / AVX-512 BF16: OpenVINO runs f32 (the report says which it ran)"
 
 
 def _version(dists: tuple[str, ...]) -> str | None:

@@ -13,7 +13,10 @@ runtime whose label-free fidelity stays within the recipe's ``compile.auto`` bud
 3. Fidelity, without labels (uadc.verify.fidelity): FP32 vs candidate image-score Spearman,
    decision agreement at the FP32 operating thresholds and top-1 % map overlap, per category on
    validation normals plus the same normals with a pasted noise square, and decision agreement
-   on N(0,1) inputs; the budget holds for the minimum over these sets (``Fidelity``).
+   on N(0,1) inputs; the budget holds for the minimum over these sets (``Fidelity``). Candidates
+   run on the target runtime (OpenVINO targets: OpenVINO at the target's float precision, so bf16
+   float layers spend budget too; a target whose float layers alone break it is refused); the
+   reference is always ONNX Runtime FP32. OpenVINO targets take ORT's profile as their speed model.
 4. If the fastest assignment breaks the budget: the fidelity cost of each unit of consecutive
    INT8 groups alone (only it quantized, scored on a probe subset: ``sensitivity_images`` per
    set), groups ordered by their unit's cost, and a bisection for the fewest reverted to
@@ -42,7 +45,7 @@ from uadc.export.partitions import GraphIndex
 from uadc.passes.groups import Boundaries, Group, fused_groups
 from uadc.passes.pipeline import PassContext, run_passes
 from uadc.pipeline.baseline import Baseline
-from uadc.pipeline.deploy import outputs_on, val_images
+from uadc.pipeline.deploy import outputs_on, target_predictor, val_images
 from uadc.quant.calibrate import calibrate_ranges
 from uadc.verify.fidelity import figures, reference_thresholds
 
@@ -186,8 +189,9 @@ class Fidelity:
     alone score alike, so their order and maps are mostly noise); plus N(0,1) inputs, judged on
     decision agreement only (their order and maps carry no structure)."""
 
-    def __init__(self, baseline: Baseline, fp32: onnx.ModelProto, budget, threads: int):
+    def __init__(self, baseline: Baseline, fp32: onnx.ModelProto, budget, threads: int, predictor=None):
         self.baseline, self.budget, self.threads = baseline, budget, threads
+        self.predictor = predictor  # candidates run on the target runtime; the reference is ORT FP32
         rng = np.random.default_rng(baseline.recipe.seed)
         self.images, self.normals = {}, {}
         for cat, x in val_images(baseline).items():
@@ -214,7 +218,8 @@ class Fidelity:
         """Each budget figure's minimum over the sets that judge it; ``probe``: on the probe
         subset only (ranking units of groups by cost: up to ``SENSITIVITY_UNITS`` models scored)."""
         pick = (lambda c, a: a[self.probe[c]]) if probe else (lambda c, a: a)  # noqa: E731
-        out = outputs_on(model, {c: pick(c, x) for c, x in self.images.items()}, self.threads, 8, "auto candidate")
+        out = outputs_on(model, {c: pick(c, x) for c, x in self.images.items()}, self.threads, 8, "auto candidate",
+                         self.predictor)
         ref = {c: tuple(pick(c, a) for a in r) for c, r in self.ref.items()}
         cats = np.concatenate([[c] * len(ref[c][1]) for c in self.images])
         cat = lambda d, k: np.concatenate([d[c][k] for c in self.images])  # noqa: E731
@@ -246,6 +251,10 @@ def _paste_noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def _figures_text(fig: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in fig.items())
+
+
 def _loss(fig: dict[str, float]) -> float:
     """Budget-independent fidelity cost (0: identical to FP32): the summed shortfalls from 1."""
     return round(sum(max(0.0, 1.0 - fig[k]) for k in BUDGET), 6)
@@ -259,14 +268,19 @@ class _Search:
         self.fp32, self.passes, self.groups = fp32, passes, groups
         self.ctx = PassContext(target=target, ranges=ranges, per_channel=ptq.per_channel)
         self.budget = baseline.recipe.compile.auto
-        self.fid = Fidelity(baseline, fp32, self.budget, threads)
+        predictor = target_predictor(target, threads)
+        self.fidelity_runtime = f"openvino CPU ({target.inference_hint})" if predictor else "onnxruntime CPU"
+        self.fid = Fidelity(baseline, fp32, self.budget, threads, predictor)
         self.models: dict[frozenset[int], onnx.ModelProto] = {}
-        self.figs: dict[frozenset[int], dict] = {frozenset(): {k: 1.0 for k in BUDGET}}
+        # ONNX Runtime runs the FP32 model as the reference; another runtime (OpenVINO, bf16) is measured
+        self.figs: dict[frozenset[int], dict] = {} if predictor else {frozenset(): {k: 1.0 for k in BUDGET}}
 
     def nodes(self, int8: frozenset[int]) -> list[str]:
         return [n for gi in sorted(int8) for n in self.groups[gi].nodes]
 
     def model(self, int8: frozenset[int]) -> onnx.ModelProto:
+        if not int8:
+            return self.fp32
         if int8 not in self.models:
             parts = sorted({self.groups[gi].partition for gi in int8})
             ctx = replace(self.ctx, quantize_partitions=parts, quantize_nodes=self.nodes(int8))
@@ -297,6 +311,10 @@ def search_precision(baseline: Baseline, target: Target, fp32: onnx.ModelProto, 
     if not groups:
         raise UadcError(f"precision auto: no quantizable nodes in {', '.join(ptq.quantize)}")
     s = _Search(baseline, target, fp32, ptq, passes, threads, groups, ranges)
+    if not s.fid.passes(s.fidelity(frozenset())):
+        raise UadcError(f"precision auto: {target.name} with no layer quantized already breaks the fidelity "
+                        f"budget ({_figures_text(s.figs[frozenset()])}; float layers in {target.float_precision}); "
+                        f"compile a target with fp32 float layers instead")
     everything = frozenset(range(len(groups)))
     feeds = {INPUT_NAME: baseline.sample_feeds(1, 1)[0][INPUT_NAME]}
     runs = s.budget.profile_runs
@@ -396,6 +414,7 @@ def _record(s: _Search, cm: CostModel, final: frozenset[int], sens: dict, steps:
         "images": {c: {"normals": n, "pasted": n} for c, n in s.fid.normals.items()}
         | ({RANDOM: int(len(s.fid.images[RANDOM]))} if RANDOM in s.fid.images else {}),
         "sensitivity_images": {c: int(len(i)) for c, i in s.fid.probe.items()},
+        "fidelity_runtime": s.fidelity_runtime,  # candidates run there; speed is ORT's profile either way
         "profile": {"batch": 1, "runs": b.profile_runs, "min_saving": b.min_saving,
                     "qdq_us_per_node": round(cm.per_node, 2), "qdq_ns_per_element": round(1000 * cm.per_element, 4),
                     "crossing_scale": round(cm.scale, 3), "other_fp32_us": round(cm.rest32, 1),

@@ -1,5 +1,6 @@
-"""``uadc verify`` / ``uadc diff``: run artifacts on their own runtime (ONNX Runtime, or
-TensorRT when the folder has ``model.engine`` and ``tensorrt`` imports) through Polygraphy,
+"""``uadc verify`` / ``uadc diff``: run artifacts on their own runtime (ONNX Runtime; OpenVINO for
+an OpenVINO target's artifact when ``openvino`` imports; TensorRT when the folder has
+``model.engine`` and ``tensorrt`` imports) through Polygraphy,
 compare with the golden outputs (or with artifact A), and judge the anomaly-detection figures
 against the budgets (uadc.verify.gate).
 
@@ -21,7 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
+from uadc.backends import openvino as ov
 from uadc.config.recipe import VerifyConfig
+from uadc.config.targets import inference_hint_of
 from uadc.core.constants import (GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MODEL_FILE, OUTPUT_NAMES,
                                  REPORT_FILE)
 from uadc.core.errors import UadcError
@@ -145,6 +148,9 @@ def artifact_runner(artifact: Path, name: str, threads: int | None = None) -> tu
                      model.parent)
     from polygraphy.backend.onnxrt import OnnxrtRunner
     rep = _report(folder) if folder else {}
+    if rep.get("runtime") == "openvino" and ov.version() is not None:
+        hint = inference_hint_of(rep.get("target"))
+        return ov.ov_runner(model, name, threads, hint), f"{ov.RUNTIME_LABEL} ({hint})"
     label = "onnxruntime CPU"
     if rep.get("runtime") not in (None, "onnxruntime"):
         label += f" (emulating {rep['runtime']} {rep.get('device', '')} {rep.get('precision', '')})".replace("  ", " ")

@@ -12,7 +12,8 @@
 - ``bytes`` (initializer bytes per partition), ``model_bytes``, ``nodes`` and ``qdq_nodes`` per
   partition, ``passes`` [{name, seconds, nodes_before, nodes_after}], ``compile_seconds``
 - ``environment`` (cpu, cores, threads, versions), ``engine`` (TensorRT targets)
-- ``precision_search`` (``precision: auto`` only): ``budget``, ``candidates``, ``images``, ``profile``,
+- ``precision_search`` (``precision: auto`` only): ``budget``, ``candidates``, ``images``, ``profile``
+  (ONNX Runtime's, the speed model of every target), ``fidelity_runtime`` (where candidates ran),
   ``groups`` [{name, partition, op, nodes, precision, fp32_us, int8_us, fidelity_cost, reason}],
   ``steps`` [{step, int8_groups, predicted_us, fidelity}], ``final``, ``seconds``
 - ``deploy`` (schema 3): ``false_alarm_rate``, ``estimator``, ``validation`` {cat: images},
@@ -81,7 +82,7 @@ def _precision_lines(p: dict) -> list[str]:
              f"budget {budget}",
              f"- predicted (ORT profile, batch {prof['batch']}): all FP32 {prof['fp32_us']:.0f} µs, all INT8 "
              f"{prof['all_int8_us']:.0f} µs, chosen {f['predicted_us']:.0f} µs",
-             "- fidelity of the chosen assignment vs FP32: "
+             f"- fidelity of the chosen assignment vs FP32 (run on {p.get('fidelity_runtime', 'onnxruntime CPU')}): "
              + ", ".join(f"{k} {v:.4f}" for k, v in f["fidelity"].items()),
              "- fidelity cost: of the group's unit (consecutive INT8 groups quantized alone, probe images: "
              + ", ".join(f"{c} {n}" for c, n in p.get("sensitivity_images", {}).items()) + ")", "",

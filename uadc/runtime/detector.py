@@ -1,7 +1,8 @@
 """``Detector``: load a compiled artifact folder and turn images into decisions.
 
 Torch-free by design (numpy, Pillow, onnxruntime; TensorRT through Polygraphy when the folder
-holds ``model.engine`` and ``tensorrt`` imports), so it runs on an edge box without PyTorch::
+holds ``model.engine`` and ``tensorrt`` imports; OpenVINO for the ``openvino-cpu-*`` targets when
+``openvino`` imports), so it runs on an edge box without PyTorch::
 
     from uadc.runtime import Detector
     det = Detector.load("artifacts/stfpm_effnet_lite0/ort-cpu-int8")   # checks artifact.json hashes
@@ -79,9 +80,23 @@ class _TrtBackend:
         return np.array(out["anomaly_map"][:, 0], copy=True), np.array(out["score"], copy=True).reshape(-1)
 
 
-def _tensorrt_usable() -> bool:
+class _OvBackend:
+    name = "openvino"
+
+    def __init__(self, model: Path, threads: int | None, target: str):
+        from uadc.backends import openvino as ov
+        from uadc.config.targets import inference_hint_of
+        # The artifact's thresholds were set on OpenVINO at its target's float precision (bf16 or f32).
+        self.run_fn = ov.infer_fn(ov.compile_model(model, threads, inference_hint_of(target)))
+
+    def run(self, images: np.ndarray, input_name: str) -> tuple[np.ndarray, np.ndarray]:
+        amap, score = self.run_fn(images)
+        return amap[:, 0], score.reshape(-1)
+
+
+def _importable(module: str) -> bool:
     try:
-        import tensorrt  # noqa: F401
+        __import__(module)
         return True
     except Exception:
         return False
@@ -99,18 +114,22 @@ class Detector:
     def load(cls, artifact: str | Path, backend: str = "auto", threads: int | None = None,
              verify: bool = True, batch_size: int = 8) -> "Detector":
         """Read and verify ``artifact.json`` (sha256 of every listed file), then open the model:
-        ``backend`` ``auto`` (TensorRT when ``model.engine`` exists and tensorrt imports, else
-        ONNX Runtime), ``onnxruntime`` or ``tensorrt``."""
+        ``backend`` ``auto`` (TensorRT when ``model.engine`` exists and tensorrt imports; OpenVINO
+        for an OpenVINO target's artifact when openvino imports; else ONNX Runtime),
+        ``onnxruntime``, ``openvino`` or ``tensorrt``."""
         folder = Path(artifact)
         manifest = read_manifest(folder, verify=verify)
         engine = folder / ENGINE_FILE
-        if backend not in ("auto", "onnxruntime", "tensorrt"):
-            raise UadcError(f"backend must be auto, onnxruntime or tensorrt, got {backend!r}")
-        if backend == "tensorrt" or (backend == "auto" and engine.is_file() and _tensorrt_usable()):
+        if backend not in ("auto", "onnxruntime", "openvino", "tensorrt"):
+            raise UadcError(f"backend must be auto, onnxruntime, openvino or tensorrt, got {backend!r}")
+        if backend == "tensorrt" or (backend == "auto" and engine.is_file() and _importable("tensorrt")):
             if not engine.is_file():
                 raise UadcError(f"{folder}: no {ENGINE_FILE} (run build_engine.sh on the device first)")
             return cls(manifest, _TrtBackend(engine), batch_size)
-        return cls(manifest, _OrtBackend(folder / manifest.model_file, threads), batch_size)
+        model = folder / manifest.model_file
+        if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
+            return cls(manifest, _OvBackend(model, threads, manifest.target), batch_size)
+        return cls(manifest, _OrtBackend(model, threads), batch_size)
 
     # -- properties -------------------------------------------------------------------------
     @property

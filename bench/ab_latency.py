@@ -1,0 +1,101 @@
+"""``python -m bench.ab_latency``: latency of every CPU artifact of a recipe against its
+``ort-cpu-fp32`` artifact, interleaved in one process so that every system sees the same machine.
+
+On a shared 2-core VM the machine's speed drifts by 30 % or more within minutes, so timings taken
+minutes apart (``bench.peers``: each system in its own process, rotated) can disagree by more
+than the effects measured. Here every system is loaded once and timed in blocks of runs, cycling
+through the systems ``--cycles`` times; each cycle's p50 is divided by ORT FP32's p50 in the same
+cycle, and the median of these paired ratios is reported (min-max across cycles beside it).
+OpenVINO artifacts run at their target's float precision, as uadc deploys them.
+
+    python -m bench.ab_latency artifacts/stfpm_effnet_lite0 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from uadc.config.targets import inference_hint_of
+
+REFERENCE = "ort-cpu-fp32"
+
+
+def _runner(folder: Path, runtime: str, target: str, threads: int, x: np.ndarray) -> Callable[[], object]:
+    model = folder / "model.onnx"
+    if runtime == "openvino":
+        from uadc.backends import openvino as ov
+        run = ov.infer_fn(ov.compile_model(model, threads, inference_hint_of(target)))
+        return lambda: run(x)
+    from uadc.backends.ort import make_session
+    sess = make_session(model, threads)
+    name = sess.get_inputs()[0].name
+    return lambda: sess.run(None, {name: x})
+
+
+def systems(folder: Path) -> dict[str, tuple[str, str]]:
+    """artifact name -> (runtime, target) for every CPU artifact under ``folder``, reference first."""
+    found = {}
+    for rep in sorted(folder.glob("*/report.json")):
+        d = json.loads(rep.read_text())
+        if d.get("runtime") in ("onnxruntime", "openvino") and (rep.parent / "model.onnx").is_file():
+            found[rep.parent.name] = (d["runtime"], d["target"])
+    if REFERENCE not in found:
+        raise SystemExit(f"error: {folder} has no {REFERENCE} artifact (uadc compile R --target {REFERENCE})")
+    return {REFERENCE: found.pop(REFERENCE), **found}
+
+
+def measure(folder: Path, batch: int, threads: int, cycles: int, runs: int) -> dict[str, dict]:
+    found = systems(folder)
+    size = json.loads((folder / REFERENCE / "artifact.json").read_text())["preprocessing"]["image_size"]
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    fns = {k: _runner(folder / k, rt, t, threads, x) for k, (rt, t) in found.items()}
+    for fn in fns.values():  # warm-up
+        for _ in range(5):
+            fn()
+    p50 = {k: [] for k in fns}
+    for _ in range(cycles):
+        for k, fn in fns.items():
+            ts = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            p50[k].append(float(np.median(ts)) * 1e3)
+    ref = np.array(p50[REFERENCE])
+    out = {}
+    for k, v in p50.items():
+        ratio = np.array(v) / ref
+        out[k] = {"runtime": found[k][0], "target": found[k][1], "p50_ms": round(float(np.median(v)), 3),
+                  "ratio": round(float(np.median(ratio)), 3), "ratio_min": round(float(ratio.min()), 3),
+                  "ratio_max": round(float(ratio.max()), 3)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path, help="<artifacts>/<recipe>: holds ort-cpu-fp32/ and the artifacts to time")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cycles", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=None, help="runs per block (default 30 at batch 1, 8 above)")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+    res = measure(a.folder, a.batch, a.threads, a.cycles, a.runs or (30 if a.batch == 1 else 8))
+    print(f"| artifact (batch {a.batch}, {a.threads} threads) | runtime | p50 ms | × ORT FP32 (paired) | min–max |")
+    print("|---|---|---:|---:|---|")
+    for k, r in res.items():
+        print(f"| {k} | {r['runtime']} | {r['p50_ms']:.2f} | {r['ratio']:.2f} | {r['ratio_min']:.2f}–{r['ratio_max']:.2f} |")
+    if a.json:
+        a.json.write_text(json.dumps({"batch": a.batch, "threads": a.threads, "cycles": a.cycles, "systems": res},
+                                     indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
