@@ -6,9 +6,11 @@ minutes apart (``bench.peers``: each system in its own process, rotated) can dis
 than the effects measured. Here every system is loaded once and timed in blocks of runs, cycling
 through the systems ``--cycles`` times; each cycle's p50 is divided by ORT FP32's p50 in the same
 cycle, and the median of these paired ratios is reported (min-max across cycles beside it).
-OpenVINO artifacts run at their target's float precision, as uadc deploys them.
+OpenVINO artifacts run at their target's float precision, as uadc deploys them. ``--peers`` adds
+the fastest peers of ``bench.peers`` to the same cycles: the reference FP32 ONNX run by OpenVINO
+with its own defaults (bf16 on AMX CPUs); ORT FP32 is the reference itself.
 
-    python -m bench.ab_latency artifacts/stfpm_effnet_lite0 --batch 8
+    python -m bench.ab_latency artifacts/stfpm_effnet_lite0 --batch 8 --peers
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import numpy as np
 from uadc.config.targets import inference_hint_of
 
 REFERENCE = "ort-cpu-fp32"
+OV_DEFAULTS = "peer: OpenVINO FP32 (defaults)"
 
 
-def _runner(folder: Path, runtime: str, target: str, threads: int, x: np.ndarray) -> Callable[[], object]:
+def _runner(folder: Path, runtime: str, target: str | None, threads: int, x: np.ndarray) -> Callable[[], object]:
+    """``target`` None: OpenVINO with its own defaults (a peer)."""
     model = folder / "model.onnx"
     if runtime == "openvino":
         from uadc.backends import openvino as ov
-        run = ov.infer_fn(ov.compile_model(model, threads, inference_hint_of(target)))
+        run = ov.infer_fn(ov.compile_model(model, threads, inference_hint_of(target) if target else None))
         return lambda: run(x)
     from uadc.backends.ort import make_session
     sess = make_session(model, threads)
@@ -50,11 +54,14 @@ def systems(folder: Path) -> dict[str, tuple[str, str]]:
     return {REFERENCE: found.pop(REFERENCE), **found}
 
 
-def measure(folder: Path, batch: int, threads: int, cycles: int, runs: int) -> dict[str, dict]:
+def measure(folder: Path, batch: int, threads: int, cycles: int, runs: int, peers: bool = False) -> dict[str, dict]:
     found = systems(folder)
     size = json.loads((folder / REFERENCE / "artifact.json").read_text())["preprocessing"]["image_size"]
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
     fns = {k: _runner(folder / k, rt, t, threads, x) for k, (rt, t) in found.items()}
+    if peers:
+        found[OV_DEFAULTS] = ("openvino", None)
+        fns[OV_DEFAULTS] = _runner(folder / REFERENCE, "openvino", None, threads, x)
     for fn in fns.values():  # warm-up
         for _ in range(5):
             fn()
@@ -71,7 +78,7 @@ def measure(folder: Path, batch: int, threads: int, cycles: int, runs: int) -> d
     out = {}
     for k, v in p50.items():
         ratio = np.array(v) / ref
-        out[k] = {"runtime": found[k][0], "target": found[k][1], "p50_ms": round(float(np.median(v)), 3),
+        out[k] = {"runtime": found[k][0], "target": found[k][1] or "peer", "p50_ms": round(float(np.median(v)), 3),
                   "ratio": round(float(np.median(ratio)), 3), "ratio_min": round(float(ratio.min()), 3),
                   "ratio_max": round(float(ratio.max()), 3)}
     return out
@@ -84,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cycles", type=int, default=8)
     ap.add_argument("--runs", type=int, default=None, help="runs per block (default 30 at batch 1, 8 above)")
+    ap.add_argument("--peers", action="store_true", help="add OpenVINO's defaults on the reference ONNX (a peer)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
-    res = measure(a.folder, a.batch, a.threads, a.cycles, a.runs or (30 if a.batch == 1 else 8))
+    res = measure(a.folder, a.batch, a.threads, a.cycles, a.runs or (30 if a.batch == 1 else 8), a.peers)
     print(f"| artifact (batch {a.batch}, {a.threads} threads) | runtime | p50 ms | × ORT FP32 (paired) | min–max |")
     print("|---|---|---:|---:|---|")
     for k, r in res.items():
