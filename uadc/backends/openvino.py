@@ -6,8 +6,8 @@
 Precision: on CPUs with AMX/AVX-512 BF16, OpenVINO runs float layers in bfloat16 unless told
 otherwise. Each uadc target sets ``INFERENCE_PRECISION_HINT`` from its ``float_precision``
 (``Target.inference_hint``): ``f32`` for ``openvino-cpu-fp32`` / ``-int8`` (FP32 float layers, as
-with ONNX Runtime), ``bf16`` for ``openvino-cpu-bf16`` / ``-int8-bf16``. A CPU without bf16 runs
-f32 whatever the hint; ``inference_precision`` reads back what OpenVINO chose.
+with ONNX Runtime), ``bf16`` for ``openvino-cpu-bf16`` / ``-int8-bf16``. What OpenVINO actually runs
+(on a CPU without bf16 it cannot honour that hint) is read back by ``inference_precision``.
 """
 
 from __future__ import annotations

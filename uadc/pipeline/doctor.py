@@ -137,7 +137,7 @@ def _bf16_note(r: DoctorReport) -> str:
     have = [k for k in ("AMX-BF16", "AVX-512 BF16") if f.get(k)]
     if have:
         return "; CPU bf16 instructions: " + ", ".join(have)
-    return "; no AMX-BF16 / AVX-512 BF16: OpenVINO runs f32 (the report says which it ran)"
+    return "; no AMX-BF16 / AVX-512 BF16: bf16 is not native here (the report says what OpenVINO ran)"
 
 
 def _version(dists: tuple[str, ...]) -> str | None:
