@@ -12,8 +12,6 @@ with ONNX Runtime), ``bf16`` for ``openvino-cpu-bf16`` / ``-int8-bf16``. What Op
 
 from __future__ import annotations
 
-import math
-import re
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -43,14 +41,12 @@ def version() -> str | None:
     return str(openvino.__version__)
 
 
-def compile_model(model: Any, threads: int | None = None, precision_hint: str | None = "f32",
-                  perf_count: bool = False) -> Any:
+def compile_model(model: Any, threads: int | None = None, precision_hint: str | None = "f32") -> Any:
     """An OpenVINO ``CompiledModel`` on the CPU for an ``onnx.ModelProto``, ONNX bytes or a path
     (``.onnx``, or OpenVINO IR ``.xml``).
 
     ``threads`` sets OpenVINO's inference threads for this model only; latency hint, one stream;
-    ``precision_hint=None`` keeps OpenVINO's own default (bf16 on AMX CPUs); ``perf_count``
-    turns on OpenVINO's per-node counters (``node_times``)."""
+    ``precision_hint=None`` keeps OpenVINO's own default (bf16 on AMX CPUs)."""
     ov = _ov()
     core = ov.Core()
     try:
@@ -65,51 +61,9 @@ def compile_model(model: Any, threads: int | None = None, precision_hint: str | 
             config["INFERENCE_PRECISION_HINT"] = precision_hint
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        if perf_count:
-            config["PERF_COUNT"] = True
         return core.compile_model(ov_model, "CPU", config)
     except RuntimeError as exc:  # OpenVINO raises RuntimeError with a long multi-line message
         raise UadcError(f"OpenVINO cannot load the model: {str(exc).strip().splitlines()[0][:300]}") from None
-
-
-# OpenVINO names a node after the ONNX node (or output tensor) it came from, plus suffixes for the
-# pieces its transformations split off; a Reorder into an integer type sits at an FP->INT8 crossing.
-_OV_SUFFIXES = re.compile(r"(/WithoutBiases|/sink_port_\d+)+$")
-_INT_REORDER = re.compile(r"_(u8|i8)_")
-
-
-def _source_name(ov_name: str) -> str:
-    return _OV_SUFFIXES.sub("", ov_name)
-
-
-def node_times(models: list, feeds: dict[str, np.ndarray], threads: int | None, runs: int = 20, warmup: int = 5,
-               precision_hint: str | None = "f32") -> list:
-    """Per model, each executed node's fastest time over ``runs`` runs (after ``warmup``), from
-    OpenVINO's own counters, as ``uadc.backends.ort_profile.NodeTime`` under the ONNX node or
-    tensor name it came from (the precision search's speed model on OpenVINO targets). Models run
-    in turn, run by run. Reorders into u8/i8 (where float meets INT8) are reported as
-    ``QuantizeLinear`` so the search prices crossings with them."""
-    from uadc.backends.ort_profile import NodeTime
-    if runs < 1:
-        raise UadcError(f"profiling needs at least one run, got {runs}")
-    requests = [compile_model(m, threads, precision_hint, perf_count=True).create_infer_request() for m in models]
-    x = np.ascontiguousarray(feeds[INPUT_NAME], dtype=np.float32)
-    best: list[dict[tuple[str, str], float]] = [{} for _ in models]
-    for i in range(warmup + runs):
-        for k, req in enumerate(requests):
-            req.infer({INPUT_NAME: x})
-            if i < warmup:
-                continue
-            run: dict[tuple[str, str], float] = {}  # nodes split from one source add up within a run
-            for p in req.get_profiling_info():
-                if str(p.status).endswith("NOT_RUN"):
-                    continue
-                op = "QuantizeLinear" if p.node_type == "Reorder" and _INT_REORDER.search(p.node_name) else p.node_type
-                key = (_source_name(p.node_name), op)
-                run[key] = run.get(key, 0.0) + p.real_time.total_seconds() * 1e6
-            for key, us in run.items():
-                best[k][key] = min(best[k].get(key, math.inf), us)
-    return [[NodeTime(name, op, us) for (name, op), us in b.items()] for b in best]
 
 
 def inference_precision(compiled: Any) -> str:

@@ -156,7 +156,7 @@ class CompileConfig(_Section):
     precision: Literal["target", "auto"] = Field(
         "target", description="target: the target's precision on the compile.quantize partitions; auto: per fused "
         "group INT8 or FP32, the fastest assignment within the compile.auto budget (ort-cpu-int8, "
-        "openvino-cpu-int8, openvino-cpu-int8-bf16; speed and fidelity measured on the target's runtime)")
+        "openvino-cpu-int8, openvino-cpu-int8-bf16; speed from ONNX Runtime's profile, fidelity on the target's runtime)")
     auto: AutoPrecisionConfig = Field(AutoPrecisionConfig(), description="budget of precision: auto")
     passes: Optional[list[str]] = Field(None, description="override the target's pass list")
     calibrator: Optional[str] = Field(None, description="default: the target's (entropy for TensorRT)")

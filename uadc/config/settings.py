@@ -11,8 +11,8 @@ from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
 from uadc.core.errors import UadcError
 
 MAX_CALIB_SAMPLES = 4096
-# Where precision auto applies: targets whose runtime can time every group here (ONNX Runtime's
-# profiler, OpenVINO's per-node counters) and run the candidates for their fidelity.
+# Where precision auto applies: ORT's profile prices every group; the OpenVINO targets run the same
+# Q/DQ ONNX and take ORT's profile as their speed model (fidelity is checked on OpenVINO itself).
 AUTO_PRECISION_TARGETS = ("ort-cpu-int8", "openvino-cpu-int8", "openvino-cpu-int8-bf16")
 
 

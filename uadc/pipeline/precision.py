@@ -5,9 +5,7 @@ runtime whose label-free fidelity stays within the recipe's ``compile.auto`` bud
    candidate group quantized (batch 1, the compile's threads, the two run in turn, each node's
    fastest of N runs). Each group gets its FP32 and INT8 time; the profiled Q/DQ nodes price an
    FP32<->INT8 crossing (per node + per element, least squares), so a mixed assignment pays for
-   its Q/DQ islands (a linear cost model). OpenVINO targets are timed by OpenVINO's own per-node
-   counters at the target's float precision (``backends.openvino.node_times``; its Reorders into
-   u8/i8 price the crossings).
+   its Q/DQ islands (a linear cost model).
 2. Fastest assignment: from several starts (INT8 where a group alone saves at least
    ``min_saving`` of its FP32 time and 2 µs; all FP32; all INT8 per set of partitions), single
    flips in graph order while the model says a flip saves that much (an FP32 group between INT8
@@ -18,7 +16,7 @@ runtime whose label-free fidelity stays within the recipe's ``compile.auto`` bud
    on N(0,1) inputs; the budget holds for the minimum over these sets (``Fidelity``). Candidates
    run on the target runtime (OpenVINO targets: OpenVINO at the target's float precision, so bf16
    float layers spend budget too; a target whose float layers alone break it is refused); the
-   reference is always ONNX Runtime FP32.
+   reference is always ONNX Runtime FP32. OpenVINO targets take ORT's profile as their speed model.
 4. If the fastest assignment breaks the budget: the fidelity cost of each unit of consecutive
    INT8 groups alone (only it quantized, scored on a probe subset: ``sensitivity_images`` per
    set), groups ordered by their unit's cost, and a bisection for the fewest reverted to
@@ -32,12 +30,10 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
-from functools import partial
 
 import numpy as np
 import onnx
 
-from uadc.backends import openvino as ov
 from uadc.backends.ort_profile import NodeTime, node_times, source_name
 from uadc.config.settings import AUTO_PRECISION_TARGETS as SUPPORTED
 from uadc.config.settings import PtqSettings, auto_applies, resolve_ptq
@@ -322,9 +318,7 @@ def search_precision(baseline: Baseline, target: Target, fp32: onnx.ModelProto, 
     everything = frozenset(range(len(groups)))
     feeds = {INPUT_NAME: baseline.sample_feeds(1, 1)[0][INPUT_NAME]}
     runs = s.budget.profile_runs
-    profile = node_times if target.runtime == "onnxruntime" else \
-        partial(ov.node_times, precision_hint=target.inference_hint)  # the target runtime's own counters
-    prof32, prof8 = profile([fp32, s.model(everything)], feeds, threads, runs)
+    prof32, prof8 = node_times([fp32, s.model(everything)], feeds, threads, runs)
     t32, rest32, _ = _group_times(prof32, fp32, groups)
     t8, rest8, qdq = _group_times(prof8, fp32, groups)
     cm = CostModel(t32, t8, rest32, rest8, Boundaries(fp32, groups), s.budget.min_saving, qdq)
@@ -420,8 +414,8 @@ def _record(s: _Search, cm: CostModel, final: frozenset[int], sens: dict, steps:
         "images": {c: {"normals": n, "pasted": n} for c, n in s.fid.normals.items()}
         | ({RANDOM: int(len(s.fid.images[RANDOM]))} if RANDOM in s.fid.images else {}),
         "sensitivity_images": {c: int(len(i)) for c, i in s.fid.probe.items()},
-        "fidelity_runtime": s.fidelity_runtime,  # candidates ran there, and were profiled there
-        "profile": {"runtime": s.fidelity_runtime, "batch": 1, "runs": b.profile_runs, "min_saving": b.min_saving,
+        "fidelity_runtime": s.fidelity_runtime,  # candidates run there; speed is ORT's profile either way
+        "profile": {"batch": 1, "runs": b.profile_runs, "min_saving": b.min_saving,
                     "qdq_us_per_node": round(cm.per_node, 2), "qdq_ns_per_element": round(1000 * cm.per_element, 4),
                     "crossing_scale": round(cm.scale, 3), "other_fp32_us": round(cm.rest32, 1),
                     "fp32_us": round(cm.cost(frozenset()), 1), "all_int8_us": round(cm.cost(cm.all), 1)},

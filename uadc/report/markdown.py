@@ -13,7 +13,7 @@
   partition, ``passes`` [{name, seconds, nodes_before, nodes_after}], ``compile_seconds``
 - ``environment`` (cpu, cores, threads, versions), ``engine`` (TensorRT targets)
 - ``precision_search`` (``precision: auto`` only): ``budget``, ``candidates``, ``images``, ``profile``
-  (``runtime``: where the nodes were timed, the target's runtime), ``fidelity_runtime`` (where candidates ran),
+  (ONNX Runtime's, the speed model of every target), ``fidelity_runtime`` (where candidates ran),
   ``groups`` [{name, partition, op, nodes, precision, fp32_us, int8_us, fidelity_cost, reason}],
   ``steps`` [{step, int8_groups, predicted_us, fidelity}], ``final``, ``seconds``
 - ``deploy`` (schema 3): ``false_alarm_rate``, ``estimator``, ``validation`` {cat: images},
@@ -80,7 +80,7 @@ def _precision_lines(p: dict) -> list[str]:
     lines = ["## Precision search (precision: auto)", "",
              f"- {f['int8_groups']} groups INT8, {f['fp32_groups']} FP32, chosen in {p['seconds']:.1f} s; "
              f"budget {budget}",
-             f"- predicted ({prof.get('runtime', 'onnxruntime CPU')} profile, batch {prof['batch']}): all FP32 {prof['fp32_us']:.0f} µs, all INT8 "
+             f"- predicted (ORT profile, batch {prof['batch']}): all FP32 {prof['fp32_us']:.0f} µs, all INT8 "
              f"{prof['all_int8_us']:.0f} µs, chosen {f['predicted_us']:.0f} µs",
              f"- fidelity of the chosen assignment vs FP32 (run on {p.get('fidelity_runtime', 'onnxruntime CPU')}): "
              + ", ".join(f"{k} {v:.4f}" for k, v in f["fidelity"].items()),
