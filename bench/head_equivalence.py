@@ -94,7 +94,7 @@ def run(recipe_path: str, artifacts: Path, threads: int, rounds: int, runs: int,
     from uadc.pipeline.baseline import Baseline, ModelSource
     from uadc.training.checkpoint import checkpoint_path, load_checkpoint
 
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path).with_overrides(model={"head": "exact"})  # the reference, whatever the recipe says
     ckpt = checkpoint_path(recipe, artifacts)
     model, blob = load_checkpoint(ckpt, recipe)
     fast = fast_copy(model)

@@ -169,7 +169,9 @@ def test_compile_auto_quantizes_exactly_the_chosen_groups(make_base, tmp_path):
     rep = json.loads((tmp_path / "auto" / "report.json").read_text())
     ps = rep["precision_search"]
     assert ps == json.loads(json.dumps(res.extra["precision_search"]))
-    assert "## Precision search" in (tmp_path / "auto" / "report.md").read_text()
+    md = (tmp_path / "auto" / "report.md").read_text()
+    assert "## Precision search" in md and "and over every category pooled" in md
+    assert ps["rank_sets"] == [] and ps["rank_min_images"] == 16  # 4 normals + 4 pasted per set: pooled only
     assert "precision_auto" in [p["name"] for p in rep["passes"]]  # the search counts as compile time
     model = onnx.load(str(tmp_path / "auto" / "model.onnx"))
     made_by = {o: n for n in model.graph.node for o in n.output}
@@ -219,6 +221,32 @@ def test_sensitivity_units_are_runs_of_one_partition():
     assert all(len({groups[g].partition for g in u}) == 1 for u in units)
     assert P._units(groups, frozenset(range(11)), most=40) == [[i] for i in range(11)]
     assert sorted(g for u in P._units(groups, frozenset(range(11)), most=2) for g in u) == list(range(11))
+
+
+def test_small_sets_rank_only_in_the_pool(make_base, monkeypatch):
+    """One swap among a few images must not decide the search: a set under rank_min_images counts
+    for the rank correlation only in the pool of every category (standardised per category)."""
+    fids = {name: P.Fidelity(b, b.fp32, b.recipe.compile.auto, 1)
+            for name, b in (("alone", make_base(rank_min_images=3)), ("pooled", make_base(rank_min_images=4096)))}
+    cat = next(iter(fids["alone"].normals))
+    assert fids["alone"].rank_sets() == list(fids["alone"].normals) and fids["pooled"].rank_sets() == []
+
+    def swapped(ref):  # the reference's outputs with one category's two closest scores swapped
+        def run(model, images, *args, **kwargs):
+            out = {c: (m.copy(), s.copy()) for c, (m, s) in ref.items() if c in images}
+            s = out[cat][1]
+            order = np.argsort(s)
+            k = int(np.argmin(np.diff(s[order])))
+            i, j = order[k], order[k + 1]
+            s[[i, j]] = s[[j, i]]
+            return out
+        return run
+    figs = {}
+    for name, fid in fids.items():
+        monkeypatch.setattr(P, "outputs_on", swapped(fid.ref))
+        figs[name] = fid.measure(fid.baseline.fp32)
+    assert figs["alone"]["spearman"] < figs["pooled"]["spearman"] < 1.0
+    assert figs["alone"]["decision_agreement"] == figs["pooled"]["decision_agreement"]
 
 
 def test_probe_index_takes_normals_with_their_pasted_copies():

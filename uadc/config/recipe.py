@@ -146,6 +146,10 @@ class AutoPrecisionConfig(_Section):
     sensitivity_images: int = Field(8, ge=1, le=4096, description="of those, per category (and of the N(0,1) "
                                     "inputs), how many rank the groups by their fidelity cost alone; every "
                                     "assignment the search keeps is judged on all of them")
+    rank_min_images: int = Field(16, ge=3, le=4096, description="a set (a category's normals and their pasted "
+                                 "copies) needs this many images for its own score rank correlation; smaller sets "
+                                 "are ranked in the pool of every category (scores standardised per category by "
+                                 "the FP32 normals), where one swap among a few images cannot decide the search")
     min_saving: float = Field(0.05, ge=0, le=1, description="INT8 counts as faster only if it saves this share "
                               "of a group's FP32 time (and 2 µs): timing noise must not flip a decision")
     profile_runs: int = Field(100, ge=3, le=1000, description="profiled runs per model (each node's fastest counts)")

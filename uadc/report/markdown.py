@@ -85,7 +85,9 @@ def _precision_lines(p: dict) -> list[str]:
              f"- fidelity of the chosen assignment vs FP32 (run on {p.get('fidelity_runtime', 'onnxruntime CPU')}): "
              + ", ".join(f"{k} {v:.4f}" for k, v in f["fidelity"].items()),
              "- fidelity cost: of the group's unit (consecutive INT8 groups quantized alone, probe images: "
-             + ", ".join(f"{c} {n}" for c, n in p.get("sensitivity_images", {}).items()) + ")", "",
+             + ", ".join(f"{c} {n}" for c, n in p.get("sensitivity_images", {}).items()) + ")",
+             *([f"- spearman: per category for {', '.join(p['rank_sets']) or 'none'} (≥ {p['rank_min_images']} "
+                "images), and over every category pooled"] if "rank_sets" in p else []), "",
              "| step | INT8 groups | predicted µs | " + " | ".join(p["budget"]) + " |",
              "|---|---:|---:|" + "---:|" * len(p["budget"])]
     for st in p["steps"]:

@@ -47,7 +47,8 @@ def reference_thresholds(scores: np.ndarray, maps: np.ndarray, categories: np.nd
     return out
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation; 1.0/0.0 for equal/unequal constant inputs."""
     from scipy.stats import spearmanr
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float(np.array_equal(a, b))  # constant inputs: equal or not, no ranking to compare
@@ -75,7 +76,7 @@ def label_free(ref_scores: np.ndarray, ref_maps: np.ndarray, cand_scores: np.nda
     r_top, c_top = _top_mask(ref_maps), _top_mask(cand_maps)
     ratio = cand_scores / np.where(np.abs(ref_scores) < _EPS, _EPS, ref_scores)
     return {
-        "spearman": _spearman(ref_scores, cand_scores),
+        "spearman": spearman(ref_scores, cand_scores),
         "decision_agreement": float(np.mean((ref_scores >= thr["image"]) == (cand_scores >= thr["cand_image"]))),
         "map_dice": float(2 * inter / total) if total else 1.0,
         "map_iou": float(inter / union) if union else 1.0,
