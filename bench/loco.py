@@ -133,6 +133,24 @@ def key(s: dict) -> str:
     return f"sigma={s['smoothing_sigma']:g},{red}"
 
 
+def trained_checkpoint(recipe_path: str | Path, artifacts: Path, checkpoint: Path | None = None) -> tuple[Recipe, Path]:
+    """The recipe and its trained checkpoint (``checkpoint`` or the recipe's own); UadcError if none."""
+    from uadc.training.checkpoint import checkpoint_path
+    recipe = load_recipe(recipe_path)
+    ckpt = Path(checkpoint) if checkpoint else checkpoint_path(recipe, artifacts)
+    if not ckpt.is_file():
+        raise UadcError(f"no checkpoint at {ckpt}: train the recipe first")
+    return recipe, ckpt
+
+
+def write_outputs(out: Path, stem: str, result: dict, markdown: str) -> None:
+    """``<out>/<stem>.json`` and ``<out>/<stem>.md``, each written atomically."""
+    from uadc.core.io import atomic_write_json, atomic_write_text, ensure_dir
+    ensure_dir(out)
+    atomic_write_json(out / f"{stem}.json", result)
+    atomic_write_text(out / f"{stem}.md", markdown)
+
+
 def leave_one_out(settings: list[dict], res: dict, default: dict, key: Callable[[dict], str] = key,
                   criterion: tuple[str, ...] = ("image_auroc",)) -> list[dict]:
     """Per held-out category: the setting with the best mean ``criterion`` (image AUROC) on the other categories."""

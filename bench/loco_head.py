@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.loco import leave_one_out
+from bench.loco import leave_one_out, trained_checkpoint, write_outputs
 
 CRITERION = ("image_auroc", "pixel_auroc")
 
@@ -124,17 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--topk", default="0.01,0.05")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
-    from uadc.config.recipe import load_recipe
     from uadc.core.errors import UadcError
-    from uadc.core.io import atomic_write_json, atomic_write_text, ensure_dir
     from uadc.core.scoped import torch_threads
-    from uadc.training.checkpoint import checkpoint_path
     log = lambda m: print(f"[loco_head] {m}", file=sys.stderr, flush=True)  # noqa: E731
     try:
-        recipe = load_recipe(a.recipe)
-        ckpt = checkpoint_path(recipe, a.artifacts)
-        if not ckpt.is_file():
-            raise UadcError(f"no checkpoint at {ckpt}: train the recipe first")
+        recipe, ckpt = trained_checkpoint(a.recipe, a.artifacts)
         sigmas, topk = [float(v) for v in a.sigmas.split(",")], [float(v) for v in a.topk.split(",")]
         default = recipe_setting(recipe)
         with torch_threads(a.threads):
@@ -152,10 +146,7 @@ def main(argv: list[str] | None = None) -> int:
          "mean": {w: {k: float(np.mean([f[f"{w}_metrics"][k] for f in folds])) for k in CRITERION}
                   for w in ("chosen", "default")},
          "unanimous": next(iter(chosen)) if len(chosen) == 1 else None, "all_settings": res}
-    out = a.out or a.artifacts / recipe.name / "loco_head"
-    ensure_dir(out)
-    atomic_write_json(out / "loco_head.json", r)
-    atomic_write_text(out / "loco_head.md", markdown(r))
+    write_outputs(a.out or a.artifacts / recipe.name / "loco_head", "loco_head", r, markdown(r))
     print(markdown(r))
     return 0
 

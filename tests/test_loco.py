@@ -125,3 +125,33 @@ def test_loco_head_end_to_end(tmp_path, tiny_data):
     assert abs(own["image_auroc"] - metrics.image_auroc(labels, scores)) < 1e-9
     assert abs(own["pixel_auroc"] - metrics.pixel_auroc(masks, maps[:, 0] if maps.ndim == 4 else maps)) < 1e-6
     assert loco_head.main(["--recipe", str(path), "--artifacts", str(tmp_path / "none")]) == 2
+
+
+def test_loco_image_knn_end_to_end(tmp_path, tiny_data):
+    """Image kNN LOCO: off plus every tap subset x k x weight; the setting a trained model holds
+    scores exactly as that model's own head does (the bench uses the head's code)."""
+    import uadc
+    from bench import loco_image_knn
+    from conftest import write_recipe
+    from uadc.config.recipe import load_recipe
+    from uadc.data.prepare import prepare_data
+    from uadc.evaluation import metrics
+    from uadc.evaluation.run import predict, test_arrays, torch_predictor
+    from uadc.training.checkpoint import load_checkpoint
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_data, model={"image_knn": {"weight": 1.0}},
+                        data={"val_fraction": 0.25}, train={"epochs": 1, "threads": 1})
+    ckpt = uadc.train(path, artifacts=tmp_path / "art").checkpoints[0]
+    out = tmp_path / "out"
+    assert loco_image_knn.main(["--recipe", str(path), "--artifacts", str(tmp_path / "art"), "--out", str(out),
+                                "--k", "1", "--weights", "1,2", "--threads", "1"]) == 0
+    r = json.loads((out / "loco_image_knn.json").read_text())
+    assert r["grid"][0] == "off" and len(r["grid"]) == 1 + 3 * 1 * 2   # subsets {0, 1, 01} x k x weights
+    assert [f["held_out"] for f in r["folds"]] == ["stripes", "gray"]
+    recipe = load_recipe(path)
+    model, _ = load_checkpoint(ckpt, recipe)
+    for cat, (images, _, labels) in test_arrays(prepare_data(recipe)).items():
+        _, scores = predict(torch_predictor(model), images, 16)
+        own = r["all_settings"]["taps=0+1,k=1,w=1"][cat]["image_auroc"]
+        assert abs(own - metrics.image_auroc(labels, scores)) < 1e-9, cat
+    assert loco_image_knn.main(["--recipe", str(path), "--artifacts", str(tmp_path / "none")]) == 2

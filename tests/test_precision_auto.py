@@ -51,10 +51,33 @@ def _fake_profile(models, feeds, threads, runs=20, warmup=5):
             [NodeTime(n.name, n.op_type, 5.0 if n.op_type in QDQ_OPS else 10.0, 1000) for n in int8.graph.node]]
 
 
-def _search(base):
+def _search(base, timing_cache=None):
     target = get_target("ort-cpu-int8")
     ptq = P.auto_candidates(base, target, CompileOptions(target=target.name, precision="auto"))
-    return P.search_precision(base, target, base.fp32, ptq, ["qdq", "partition_check", "cleanup"], 1)
+    return P.search_precision(base, target, base.fp32, ptq, ["qdq", "partition_check", "cleanup"], 1,
+                              timing_cache=timing_cache)
+
+
+def test_timing_cache_makes_a_rerun_reuse_the_profile(make_base, monkeypatch, tmp_path):
+    """A rerun must not re-decide speed from a new, noisy profile: the first profile is kept (keyed
+    by the models and settings) and reused; other models are profiled anew."""
+    calls = []
+
+    def noisy(models, feeds, threads, runs=20, warmup=5):  # a profile that differs on every call
+        calls.append(1)
+        return [[NodeTime(t.name, t.op, t.us * (1 + 0.5 * len(calls)), t.out_bytes) for t in ts]
+                for ts in _fake_profile(models, feeds, threads, runs, warmup)]
+    monkeypatch.setattr(P, "node_times", noisy)
+    base = make_base(spearman_min=0.999, top1_overlap_min=0.95)
+    a, b = _search(base, tmp_path / "tc"), _search(base, tmp_path / "tc")
+    assert len(calls) == 1 and a.nodes == b.nodes
+    assert a.record["profile"]["timing_cache"]["hit"] is False and b.record["profile"]["timing_cache"]["hit"] is True
+    assert [g["fp32_us"] for g in a.record["groups"]] == [g["fp32_us"] for g in b.record["groups"]]
+    cache_file = tmp_path / "tc" / a.record["profile"]["timing_cache"]["file"]
+    cache_file.write_text("{not json")            # a damaged entry is measured again, not an error
+    _search(base, tmp_path / "tc")
+    assert len(calls) == 2
+    assert _search(base).record["profile"]["timing_cache"] is None and len(calls) == 3
 
 
 def test_recipe_validates_the_auto_fields(tmp_path, tiny_data):

@@ -67,3 +67,54 @@ def _parse(events: list[dict], warmup: int) -> list[NodeTime]:
             sizes[key] = int(args.get("output_size", 0) or 0)
     return [NodeTime(name, op, float(min(v[warmup:] if len(v) > warmup else v)), sizes[(name, op)])
             for (name, op), v in times.items()]
+
+
+TIMING_CACHE_DIR = "timing_cache"   # beside a recipe's artifacts: reruns reuse the profiles
+
+
+def _cache_key(models: list, feeds: dict[str, np.ndarray], threads: int | None, runs: int, warmup: int) -> str:
+    """What a profile depends on: the models, the input shapes, the settings, the runtime and the CPU."""
+    import hashlib
+    import platform
+
+    import onnxruntime as ort
+    h = hashlib.sha256()
+    for m in models:
+        h.update(hashlib.sha256(m.SerializeToString() if hasattr(m, "SerializeToString") else bytes(m)).digest())
+    cpu = _cpu_name() or platform.processor()
+    h.update(json.dumps([{k: list(v.shape) for k, v in sorted(feeds.items())}, threads, runs, warmup,
+                         ort.__version__, cpu]).encode())
+    return h.hexdigest()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cached_node_times(cache_dir: Path, models: list, feeds: dict[str, np.ndarray], threads: int | None,
+                      runs: int = 20, warmup: int = 5, measure=None) -> tuple[list[list[NodeTime]], dict]:
+    """``node_times`` through a timing cache (as TensorRT keeps one): the first profile of these
+    exact models, inputs and settings on this CPU is stored in ``cache_dir``, and later calls reuse
+    it, so a rerun makes the same speed decisions instead of new ones from a noisy machine. Returns
+    the times and ``{"file", "hit"}``; delete the file (or the folder) to profile again."""
+    from dataclasses import asdict
+
+    from uadc.core.io import atomic_write_json
+    key = _cache_key(models, feeds, threads, runs, warmup)
+    path = Path(cache_dir) / f"{key[:24]}.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                return [[NodeTime(**t) for t in ts] for ts in data["times"]], {"file": path.name, "hit": True}
+        except (ValueError, TypeError, KeyError):
+            pass  # a damaged entry is measured again and rewritten
+    times = (measure or node_times)(models, feeds, threads, runs, warmup)
+    atomic_write_json(path, {"key": key, "times": [[asdict(t) for t in ts] for ts in times]})
+    return times, {"file": path.name, "hit": False}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from uadc.config.packaged import resolve_recipe_path
 from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
@@ -75,6 +75,18 @@ class DataConfig(_Section):
                                            "{category, folder}; such a category keeps all its train images")
 
 
+class ImageKnnConfig(_Section):
+    """Image score += weight x distance of the image's pooled teacher features to the nearest training
+    normals, both standardised on the validation normals: evidence of image-wide changes (uneven
+    brightness, wrong part) that a local map reduced by its top pixels ranks poorly."""
+    weight: float = Field(0.0, ge=0, le=100, description="weight of the standardised kNN distance (0: off)")
+    taps: Optional[list[str]] = Field(None, min_length=1, description="teacher taps pooled (subset of model.taps; "
+                                      "default: all)")
+    k: int = Field(1, ge=1, le=64, description="nearest training normals averaged")
+    max_bank: int = Field(4096, ge=1, le=100_000, description="at most this many training images in the bank "
+                          "(a seeded subset beyond)")
+
+
 class ModelConfig(_Section):
     method: Literal["stfpm", "paste", "rd", "us"] = "stfpm"
     backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2", "mobilenet_v2"] = "efficientnet_lite0"
@@ -92,11 +104,22 @@ class ModelConfig(_Section):
         "max", description="image score from the map: its max, or the mean of its top score_topk fraction of "
         "pixels (bench/loco.py compares them leave-one-category-out). No weights: a checkpoint serves either")
     score_topk: float = Field(0.01, gt=0, le=1, description="topk_mean: fraction of map pixels averaged")
+    image_knn: ImageKnnConfig = Field(default_factory=ImageKnnConfig,
+                                        description="image-level nearest-normal evidence added to the score")
     students: int = Field(3, ge=1, le=16, description="us: ensemble size")
     descriptor_dim: int = Field(128, ge=8, le=4096, description="us: patch descriptor channels")
     student_width: float = Field(1.0, ge=0.1, le=8, description="rd/us: student width multiplier")
 
     _weights = field_validator("weights")(_resolve)
+
+    @model_validator(mode="after")
+    def _knn_fits(self):
+        knn = self.image_knn
+        if knn.weight > 0 and self.method == "us":
+            raise ValueError("image_knn: not available for method us (its teacher is a descriptor network)")
+        if knn.weight > 0 and knn.taps and self.taps and not set(knn.taps) <= set(self.taps):
+            raise ValueError(f"image_knn.taps must be among model.taps ({', '.join(self.taps)})")
+        return self
 
 
 class DcamConfig(_Section):
@@ -153,6 +176,8 @@ class AutoPrecisionConfig(_Section):
     min_saving: float = Field(0.05, ge=0, le=1, description="INT8 counts as faster only if it saves this share "
                               "of a group's FP32 time (and 2 µs): timing noise must not flip a decision")
     profile_runs: int = Field(100, ge=3, le=1000, description="profiled runs per model (each node's fastest counts)")
+    timing_cache: bool = Field(True, description="keep the profiles in <artifacts>/<recipe>/timing_cache so a rerun "
+                               "makes the same speed decisions (delete the folder to profile again)")
 
 
 class CompileConfig(_Section):

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from uadc.core.errors import UadcError
 
 FLOAT_PASSES = ["shape_inference", "simplify", "partition_check", "cleanup"]
-INT8_PASSES = ["shape_inference", "simplify", "partition_check", "qdq", "partition_check", "cleanup"]
+# knn_bank: the image kNN's bank described by the quantized teacher (uadc.passes.knn; no-op without one)
+INT8_PASSES = ["shape_inference", "simplify", "partition_check", "qdq", "partition_check", "knn_bank", "cleanup"]
 # TensorRT targets: ``opset`` brings the graph to Target.opset (17: TensorRT 8.5 / JetPack 5);
 # FP16 targets ship an FP16-typed model, which TensorRT 11 (always strongly typed) needs and
 # 8.5/10 build with the FP16 flag as before.

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uadc.core.errors import UadcError
+
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     radius = int(4 * sigma + 0.5)  # same truncation as scipy.ndimage.gaussian_filter
@@ -98,6 +100,86 @@ def cosine_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.cosine_similarity(t, s, dim=1).unsqueeze(1)
 
 
+#: the compiled graph's bank initializer (``head`` . ``image_knn`` . buffer): ``knn_bank`` re-describes it
+BANK_INITIALIZER = "head.image_knn.bank_t"
+
+
+class ImageKNN(nn.Module):
+    """Image-level evidence for the score: how far the image's pooled teacher features lie from the
+    nearest training normals. Per tap the spatial mean is L2-normalised, so for unit blocks the
+    squared distance is ``2 * taps - 2 * q.b`` and the search is one MatMul + TopK in the graph.
+
+    ``score' = score + weight * (std_s / std_d) * dist``: the distance in units of the map score, each
+    term's spread measured on the validation normals of every category pooled (``fit``). It ranks as
+    the sum of the two standardised terms does, and stays a positive score on the map's scale, so
+    thresholds and score ratios keep their meaning. The raw score until fitted. The bank's size is
+    the training set's, so loading resizes the buffers to the checkpoint's."""
+
+    def __init__(self, tap_index: list[int], weight: float, k: int = 1):
+        super().__init__()
+        self.tap_index, self.weight, self.k = list(tap_index), float(weight), int(k)
+        self.register_buffer("bank_t", torch.zeros(0, 0))  # (D, M): M unit-per-tap descriptors, as MatMul reads them
+        self.register_buffer("stats", torch.zeros(0))      # score mean, std, distance mean, std
+
+    @property
+    def fitted(self) -> bool:
+        return self.stats.numel() == 4 and self.bank_t.numel() > 0
+
+    @property
+    def bank_size(self) -> int:
+        return self.bank_t.shape[1]
+
+    def describe(self, t_feats) -> torch.Tensor:
+        """(N, D): per tap, the L2-normalised spatial mean of the teacher's features."""
+        return torch.cat([F.normalize(t_feats[i].mean(dim=(2, 3)), dim=1) for i in self.tap_index], 1)
+
+    def distance(self, t_feats) -> torch.Tensor:
+        return self.distance_from(self.describe(t_feats))
+
+    def distance_from(self, desc: torch.Tensor) -> torch.Tensor:
+        """(N,) mean squared distance to the ``k`` nearest bank descriptors."""
+        sims = torch.matmul(desc, self.bank_t)
+        k = min(self.k, self.bank_size)
+        top = sims.amax(dim=1) if k == 1 else torch.topk(sims, k, dim=1).values.mean(dim=1)
+        return 2.0 * len(self.tap_index) - 2.0 * top
+
+    def combine(self, score: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        _, s_std, _, d_std = self.stats
+        return score + (self.weight * s_std / d_std) * dist
+
+    def forward(self, t_feats, score: torch.Tensor) -> torch.Tensor:
+        return self.combine(score, self.distance(t_feats)) if self.fitted else score
+
+    def set_bank(self, bank: torch.Tensor) -> None:
+        """``bank`` (M, D): the training images' descriptors."""
+        self.bank_t = bank.detach().float().t().contiguous()
+        self.stats = torch.zeros(0)
+
+    @staticmethod
+    def bank_indices(n: int, max_bank: int, seed: int) -> torch.Tensor:
+        """Which of ``n`` training images (in dataset order) the bank holds: all, or a seeded subset."""
+        if n <= max_bank:
+            return torch.arange(n)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_bank].sort().values
+
+    def set_stats(self, scores: torch.Tensor, dists: torch.Tensor) -> dict[str, float]:
+        """Standardisation from validation normals' raw scores and distances."""
+        stats = [float(scores.mean()), _spread(scores), float(dists.mean()), _spread(dists)]
+        self.stats = torch.tensor(stats, dtype=torch.float32)
+        return dict(zip(("score_mean", "score_std", "dist_mean", "dist_std"), stats))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("bank_t", "stats"):  # sizes are the data's, not the constructor's
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _spread(x: torch.Tensor) -> float:
+    # a floor keeps one repeated value (or a single image) from dividing by zero
+    return max(float(x.std()) if x.numel() > 1 else 0.0, 1e-6)
+
+
 class DistanceHead(nn.Module):
     """Per-layer distance maps, upsampled to the input size, combined, smoothed; score = max (or
     top-k mean, ``reduce_score``)."""
@@ -112,6 +194,7 @@ class DistanceHead(nn.Module):
         self.combine = combine
         self.skip_teacher = skip_teacher  # leading teacher outputs that are not compared (PaSTe split)
         self.blur = GaussianBlur(sigma)
+        self.image_knn: ImageKNN | None = None
 
     def layer_maps(self, t_feats, s_feats) -> list[torch.Tensor]:
         fn = l2_normalized_distance if self.distance == "l2" else cosine_distance
@@ -125,7 +208,10 @@ class DistanceHead(nn.Module):
         for m in maps[1:]:
             amap = amap * m if self.combine == "product" else amap + m
         amap = self.blur(amap)
-        return amap, reduce_score(amap, self.score_reduction, self.score_topk)
+        return amap, self.image_score(t_feats, reduce_score(amap, self.score_reduction, self.score_topk))
+
+    def image_score(self, t_feats, score: torch.Tensor) -> torch.Tensor:
+        return score if self.image_knn is None else self.image_knn(t_feats, score)
 
 
 class FastDistanceHead(DistanceHead):
@@ -161,20 +247,31 @@ class FastDistanceHead(DistanceHead):
         if (h, w) != (self.image_size, self.image_size):
             amap = F.interpolate(amap, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         amap = self.blur(amap)
-        return amap, reduce_score(amap, self.score_reduction, self.score_topk, ordered=False)
+        return amap, self.image_score(t_feats, reduce_score(amap, self.score_reduction, self.score_topk, ordered=False))
 
 
 def distance_head(m: dict, image_size: int, distance: str, skip_teacher: int = 0) -> DistanceHead:
     """The recipe's scoring head: ``model.head`` exact (reference) or fast (same decisions, less work)."""
     cls = FastDistanceHead if m.get("head", "exact") == "fast" else DistanceHead
-    return cls(image_size, distance, m["combine"], m["smoothing_sigma"], skip_teacher=skip_teacher,
+    head = cls(image_size, distance, m["combine"], m["smoothing_sigma"], skip_teacher=skip_teacher,
                score_reduction=m.get("score_reduction", "max"), score_topk=m.get("score_topk", 0.01))
+    knn = m.get("image_knn") or {}
+    if knn.get("weight", 0) > 0:
+        taps = knn.get("taps") or m["taps"]
+        unknown = [t for t in taps if t not in m["taps"]]
+        if unknown:
+            raise UadcError(f"model.image_knn.taps: {unknown[0]!r} is not one of model.taps ({', '.join(m['taps'])})")
+        head.image_knn = ImageKNN([skip_teacher + m["taps"].index(t) for t in taps], knn["weight"], knn.get("k", 1))
+    return head
 
 
 def fast_like(head: DistanceHead) -> FastDistanceHead:
-    """The fast head with every setting of ``head`` (heads hold no weights, so it scores the same model)."""
-    return FastDistanceHead(head.image_size, head.distance, head.combine, head.blur.sigma, head.skip_teacher,
+    """The fast head with every setting of ``head`` (the map part holds no weights, so it scores the same
+    model; the image kNN, which holds the bank, is shared)."""
+    fast = FastDistanceHead(head.image_size, head.distance, head.combine, head.blur.sigma, head.skip_teacher,
                             head.score_reduction, head.score_topk)
+    fast.image_knn = head.image_knn
+    return fast
 
 
 def mean_layer_distance(head: DistanceHead, t_feats, s_feats) -> list[float]:

@@ -15,6 +15,7 @@ Passes:
   qdq              Q/DQ insertion by ONNX Runtime's QDQQuantizer with *our* calibrated ranges,
                    restricted to ``ctx.quantize_partitions``
   fp16             float16 weights/compute, float32 graph I/O
+  knn_bank         the image kNN's bank re-described by the quantized teacher (uadc.passes.knn)
   cleanup          drop dead nodes/initializers, topological order, onnx checker
 """
 
@@ -56,6 +57,8 @@ class PassContext:
     quant_params: dict[str, tuple[float, int]] | None = None
     #: quantize only these nodes of ``quantize_partitions`` (``compile.precision: auto``); None: all of them
     quantize_nodes: list[str] | None = None
+    #: the training images of the image kNN's bank, in bank order (``knn_bank``); called only when needed
+    bank_images: Callable[[], np.ndarray] | None = None
 
 
 Pass = Callable[[onnx.ModelProto, PassContext], onnx.ModelProto]
@@ -305,5 +308,5 @@ def check_finite(model: onnx.ModelProto, feeds: dict[str, np.ndarray], stage: st
                             f"weights are finite; the model is numerically broken")
 
 
-# The qdq and opset passes register themselves on import (they need the registry above).
-from uadc.passes import opset as _opset, qdq as _qdq  # noqa: E402,F401
+# The qdq, opset and knn_bank passes register themselves on import (they need the registry above).
+from uadc.passes import knn as _knn, opset as _opset, qdq as _qdq  # noqa: E402,F401

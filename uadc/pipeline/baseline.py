@@ -29,6 +29,7 @@ from uadc.data.prepare import RecipeData, prepare_data
 from uadc.evaluation.run import EvalResult, evaluate, test_arrays
 from uadc.export.onnx_export import export_model
 from uadc.models import KDModel
+from uadc.models.heads import ImageKNN
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
 from uadc.quant.calibrate import calibration_images
 from uadc.training.checkpoint import checkpoint_path, load_checkpoint
@@ -88,6 +89,7 @@ class Baseline:
         # torch's own default honours OMP_NUM_THREADS, as before
         self.threads = threads or recipe.train.threads or torch.get_num_threads() or default_threads()
         self._latency: dict[tuple[int, int], dict] = {}
+        self._bank_images: np.ndarray | None = None
 
     # -- data --------------------------------------------------------------------------------
     @cached_property
@@ -110,6 +112,16 @@ class Baseline:
     def train_images(self, indices: list[int]) -> np.ndarray:
         ds = self.data.train
         return np.stack([ds[i]["image"].numpy() for i in indices])
+
+    def bank_images(self) -> np.ndarray:
+        """The training images of the model's image kNN bank, in bank order (``passes.knn``)."""
+        if self._bank_images is None:
+            cats = set(self.categories)
+            idx = [i for i, smp in enumerate(self.data.train.samples) if smp.category in cats]
+            knn = self.recipe.cfg["model"]["image_knn"]
+            keep = ImageKNN.bank_indices(len(idx), knn["max_bank"], self.recipe.seed).tolist()
+            self._bank_images = self.train_images([idx[i] for i in keep])
+        return self._bank_images
 
     def calibration_images(self, kind: str, n: int, images: Iterable[np.ndarray] | None = None) -> np.ndarray:
         """``n`` images of a named kind, or the caller's own images (bring your own data)."""

@@ -17,6 +17,7 @@ import onnx
 from uadc import __version__
 from uadc.backends import openvino as ov
 from uadc.backends.ort import latency_ms, make_session
+from uadc.backends.ort_profile import TIMING_CACHE_DIR
 from uadc.config.settings import PtqSettings, resolve_ptq
 from uadc.evaluation.run import evaluate
 from uadc.config.targets import Target, get_target
@@ -78,8 +79,9 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     threads = opts.threads or baseline.threads
     fp32, records = baseline.fp32_simplified
     if auto is not None:
+        cache = out.parent / TIMING_CACHE_DIR if baseline.recipe.compile.auto.timing_cache else None
         auto = search_precision(baseline, target, fp32, auto, _pass_names(baseline, target, opts), threads,
-                                opts.calibration)
+                                opts.calibration, cache)
         ptq = auto.ptq
     compiled, pass_records, calib = _run_target_passes(baseline, target, fp32, ptq, opts, auto)
     if auto is not None:  # the search is compile time too
@@ -146,7 +148,7 @@ def _run_target_passes(baseline: Baseline, target: Target, fp32: onnx.ModelProto
         names = [n for n in names if n != "qdq"]
     ctx = PassContext(target=target, quantize_partitions=list(ptq.quantize), sample_feeds=baseline.sample_feeds(1)[0],
                       dump_dir=opts.dump_passes, per_channel=ptq.per_channel,
-                      quantize_nodes=auto.nodes if auto is not None else None)
+                      quantize_nodes=auto.nodes if auto is not None else None, bank_images=baseline.bank_images)
     calib = None
     model = fp32
     if opts.qat_model is not None:

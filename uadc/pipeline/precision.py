@@ -5,7 +5,8 @@ runtime whose label-free fidelity stays within the recipe's ``compile.auto`` bud
    candidate group quantized (batch 1, the compile's threads, the two run in turn, each node's
    fastest of N runs). Each group gets its FP32 and INT8 time; the profiled Q/DQ nodes price an
    FP32<->INT8 crossing (per node + per element, least squares), so a mixed assignment pays for
-   its Q/DQ islands (a linear cost model).
+   its Q/DQ islands (a linear cost model). The profiles go to a timing cache (``timing_cache``)
+   so that a rerun on a noisy machine makes the same speed decisions.
 2. Fastest assignment: from several starts (INT8 where a group alone saves at least
    ``min_saving`` of its FP32 time and 2 µs; all FP32; all INT8 per set of partitions), single
    flips in graph order while the model says a flip saves that much (an FP32 group between INT8
@@ -33,11 +34,12 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from uadc.backends.ort_profile import NodeTime, node_times, source_name
+from uadc.backends.ort_profile import NodeTime, cached_node_times, node_times, source_name
 from uadc.config.settings import AUTO_PRECISION_TARGETS as SUPPORTED
 from uadc.config.settings import PtqSettings, auto_applies, resolve_ptq
 from uadc.config.targets import Target
@@ -284,7 +286,8 @@ class _Search:
     def __init__(self, baseline: Baseline, target: Target, fp32: onnx.ModelProto, ptq: PtqSettings,
                  passes: list[str], threads: int, groups: list[Group], ranges: dict):
         self.fp32, self.passes, self.groups = fp32, passes, groups
-        self.ctx = PassContext(target=target, ranges=ranges, per_channel=ptq.per_channel)
+        self.ctx = PassContext(target=target, ranges=ranges, per_channel=ptq.per_channel,
+                               bank_images=baseline.bank_images)
         self.budget = baseline.recipe.compile.auto
         predictor = target_predictor(target, threads)
         self.fidelity_runtime = f"openvino CPU ({target.inference_hint})" if predictor else "onnxruntime CPU"
@@ -319,8 +322,10 @@ class _Search:
 
 
 def search_precision(baseline: Baseline, target: Target, fp32: onnx.ModelProto, ptq: PtqSettings,
-                     passes: list[str], threads: int, calibration=None) -> AutoPrecision:
-    """The assignment (see the module docstring); ``ptq.quantize``: the candidate partitions."""
+                     passes: list[str], threads: int, calibration=None, timing_cache: Path | None = None
+                     ) -> AutoPrecision:
+    """The assignment (see the module docstring); ``ptq.quantize``: the candidate partitions;
+    ``timing_cache``: a folder that keeps the profiles for reruns (``cached_node_times``)."""
     check_supported(target)
     t0 = time.time()
     images = baseline.calibration_images(ptq.calib_data, ptq.calib_samples, calibration)
@@ -336,7 +341,11 @@ def search_precision(baseline: Baseline, target: Target, fp32: onnx.ModelProto, 
     everything = frozenset(range(len(groups)))
     feeds = {INPUT_NAME: baseline.sample_feeds(1, 1)[0][INPUT_NAME]}
     runs = s.budget.profile_runs
-    prof32, prof8 = node_times([fp32, s.model(everything)], feeds, threads, runs)
+    models = [fp32, s.model(everything)]
+    if timing_cache is not None:  # a rerun reuses the profiles: the same speed decisions
+        (prof32, prof8), cache = cached_node_times(timing_cache, models, feeds, threads, runs, measure=node_times)
+    else:
+        (prof32, prof8), cache = node_times(models, feeds, threads, runs), None
     t32, rest32, _ = _group_times(prof32, fp32, groups)
     t8, rest8, qdq = _group_times(prof8, fp32, groups)
     cm = CostModel(t32, t8, rest32, rest8, Boundaries(fp32, groups), s.budget.min_saving, qdq)
@@ -358,6 +367,7 @@ def search_precision(baseline: Baseline, target: Target, fp32: onnx.ModelProto, 
         steps.append(_step("all fp32 (faster than what fits the budget)", final, cm, s.fidelity(final)))
     reasons = [_reason(gi, faster, fastest, over_budget, final) for gi in range(len(groups))]
     record = _record(s, cm, final, sens, steps, reasons)
+    record["profile"]["timing_cache"] = cache
     record["seconds"] = round(time.time() - t0, 2)
     log.info("precision auto: %d of %d groups INT8 (%.1f s)", len(final), len(groups), record["seconds"])
     parts = sorted({groups[gi].partition for gi in final}, key=PARTITIONS.index)

@@ -103,3 +103,29 @@ def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: s
     bar.close()
     model.eval()
     return history
+
+
+@torch.no_grad()
+def fit_image_knn(model: KDModel, images: torch.Tensor, val_images: torch.Tensor, max_bank: int, seed: int,
+                  batch_size: int = 32) -> dict:
+    """Fill the head's image kNN (``model.image_knn``): the bank from the training images (a seeded
+    subset of ``max_bank`` beyond that), then the standardisation from the validation normals, whose
+    images are never in the bank. Needs at least two validation normals."""
+    knn = model.head.image_knn
+    if len(val_images) < 2:
+        raise UadcError("model.image_knn needs validation normals to standardise its score: set "
+                        "data.val_fraction > 0 or data.val")
+    was_training = model.training
+    model.eval()
+    bank = torch.cat([knn.describe(model.teacher(images[i:i + batch_size]))
+                      for i in progress(range(0, len(images), batch_size), desc="image kNN bank")])
+    knn.set_bank(bank[knn.bank_indices(len(bank), max_bank, seed).to(bank.device)].cpu())
+    scores, dists = [], []
+    for i in range(0, len(val_images), batch_size):
+        x = val_images[i:i + batch_size]
+        t = model.teacher(x)
+        scores.append(model.head(t, model.student(x, t))[1])   # raw: the stats are not set yet
+        dists.append(knn.distance(t))
+    stats = knn.set_stats(torch.cat(scores).cpu(), torch.cat(dists).cpu())
+    model.train(was_training)
+    return {"bank_images": knn.bank_size, "val_images": len(val_images), **stats}
