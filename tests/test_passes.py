@@ -104,7 +104,8 @@ def test_run_passes_records_and_dumps(tmp_path, images):
     assert simplify["nodes_before"] == 12 and simplify["nodes_after"] == 11  # BN folded into the Conv
     assert records[-1]["nodes_after"] == len(out.graph.node)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "01_shape_inference.onnx", "02_simplify.onnx", "03_partition_check.onnx", "04_cleanup.onnx"]
+        "01_shape_inference.onnx", "02_simplify.onnx", "03_partition_check.onnx", "04_knn_bank.onnx",
+        "05_cleanup.onnx"]
     assert len(onnx.load(tmp_path / "02_simplify.onnx").graph.node) == 11
     # tags, model metadata and the dynamic batch survive the simplifier
     assert all(partition_of(n) and n.name.startswith(partition_of(n) + "/") for n in out.graph.node)

@@ -83,6 +83,12 @@ def infer_fn(compiled: Any) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarr
     return run
 
 
+def run_first_output(compiled: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The first output of a compiled model for ``feeds`` (any single-output sub-graph)."""
+    res = compiled.create_infer_request().infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+    return np.array(res[compiled.output(0)])
+
+
 def ov_predictor(compiled: Any) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """images (N,3,H,W) -> (maps (N,H,W), scores (N,)) for uadc.evaluation.run."""
     run = infer_fn(compiled)

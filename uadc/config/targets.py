@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 from uadc.core.errors import UadcError
 
-FLOAT_PASSES = ["shape_inference", "simplify", "partition_check", "cleanup"]
-# knn_bank: the image kNN's bank described by the quantized teacher (uadc.passes.knn; no-op without one)
+# knn_bank: the image kNN's bank described by the compiled model (uadc.passes.knn): a no-op for an FP32
+# teacher on an FP32 runtime, so it matters for bf16 float layers and Q/DQ
+FLOAT_PASSES = ["shape_inference", "simplify", "partition_check", "knn_bank", "cleanup"]
 INT8_PASSES = ["shape_inference", "simplify", "partition_check", "qdq", "partition_check", "knn_bank", "cleanup"]
 # TensorRT targets: ``opset`` brings the graph to Target.opset (17: TensorRT 8.5 / JetPack 5);
 # FP16 targets ship an FP16-typed model, which TensorRT 11 (always strongly typed) needs and

@@ -5,8 +5,10 @@ model computed them. Once the teacher runs in INT8, every query descriptor carri
 quantization's systematic error while the bank does not, and the distances (a small spread on
 normal images) drift by more than the noise they should rank. Describing the bank with the same
 quantized teacher cancels the common part, as a memory bank is built with the network deployed.
-The teacher's sub-graph up to the descriptor is extracted and run by ONNX Runtime on the training
-images (``ctx.bank_images``); nothing changes when that sub-graph holds no Q/DQ (an FP32 teacher)."""
+The teacher's sub-graph up to the descriptor is extracted and run on the training images
+(``ctx.bank_images``) by the target's runtime at its float precision (``ctx.bank_runner``:
+OpenVINO bf16 moves the descriptors as INT8 does), else by ONNX Runtime; nothing changes when that
+sub-graph holds no Q/DQ and the float layers run in FP32."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from onnx import numpy_helper
 from uadc.core.constants import QDQ_OPS
 from uadc.core.errors import UadcError
 from uadc.core.ort_session import make_session
-from uadc.models.heads import BANK_INITIALIZER
+from uadc.models.heads import BANK_INITIALIZER, BANK_SQ_INITIALIZER, CENTER_INITIALIZER
 from uadc.passes.pipeline import PassContext, copy_model, register_pass
 
 log = logging.getLogger(__name__)
@@ -27,37 +29,50 @@ BATCH = 32
 
 
 def bank_query(model: onnx.ModelProto) -> str | None:
-    """The descriptor tensor the bank is matched against (the MatMul's other input), or None."""
+    """The descriptor tensor matched against the bank (the input the bank's centre is taken from), or
+    None when the graph has no image kNN."""
+    inits = {t.name for t in model.graph.initializer}
+    if not {BANK_INITIALIZER, CENTER_INITIALIZER, BANK_SQ_INITIALIZER} <= inits:
+        return None
     for node in model.graph.node:
-        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] == BANK_INITIALIZER:
+        if node.op_type == "Sub" and len(node.input) == 2 and node.input[1] == CENTER_INITIALIZER:
             return node.input[0]
     return None
 
 
 @register_pass("knn_bank")
 def knn_bank(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
-    """Re-describe the image kNN bank with the compiled teacher (no-op without a bank or Q/DQ)."""
+    """Re-describe the image kNN bank with the compiled teacher (no-op without a bank, or with an
+    FP32 teacher on an FP32 runtime)."""
     query = bank_query(model)
     if query is None or ctx.bank_images is None:
         return model
     inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     sub = onnx.utils.Extractor(model).extract_model(inputs[:1], [query])
-    if not any(n.op_type in QDQ_OPS for n in sub.graph.node):
+    exact = ctx.target.float_precision == "fp32"  # bf16 float layers move the descriptors too
+    if exact and not any(n.op_type in QDQ_OPS for n in sub.graph.node):
         return model
     images = ctx.bank_images()
     init = next(t for t in model.graph.initializer if t.name == BANK_INITIALIZER)
-    dims, size = tuple(init.dims), init.dims[1]
+    size = init.dims[1]
     if len(images) != size:
         raise UadcError(f"knn_bank: the image kNN bank holds {size} images but the recipe's training data gives "
                         f"{len(images)}; retrain with `uadc train`")
-    sess = make_session(sub)
-    desc = np.concatenate([sess.run([query], {inputs[0]: images[i:i + BATCH]})[0]
-                           for i in range(0, len(images), BATCH)])
+    if ctx.bank_runner is not None:
+        run = ctx.bank_runner
+    else:
+        sess = make_session(sub)
+        run = lambda _sub, feeds: sess.run([query], feeds)[0]  # noqa: E731
+    desc = np.concatenate([run(sub, {inputs[0]: images[i:i + BATCH]}) for i in range(0, len(images), BATCH)])
+    if desc.shape != (size, init.dims[0]):
+        raise UadcError(f"knn_bank: descriptors of shape {desc.shape} do not fit the bank {tuple(init.dims)}")
+    desc = desc.astype(np.float64)
+    center = desc.mean(axis=0)
+    centred = desc - center           # as ImageKNN.set_bank: the centre, the centred bank, its norms
+    arrays = {BANK_INITIALIZER: centred.T, CENTER_INITIALIZER: center, BANK_SQ_INITIALIZER: (centred ** 2).sum(1)}
     out = copy_model(model)
-    new = numpy_helper.from_array(np.ascontiguousarray(desc.T.astype(np.float32)), BANK_INITIALIZER)
-    if tuple(new.dims) != dims:
-        raise UadcError(f"knn_bank: descriptors of shape {desc.shape} do not fit the bank {dims}")
-    target = next(t for t in out.graph.initializer if t.name == BANK_INITIALIZER)
-    target.CopyFrom(new)
+    for t in out.graph.initializer:
+        if t.name in arrays:
+            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arrays[t.name], np.float32), t.name))
     log.debug("knn_bank: %d bank descriptors re-described by the compiled teacher", size)
     return out

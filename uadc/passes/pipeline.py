@@ -59,6 +59,8 @@ class PassContext:
     quantize_nodes: list[str] | None = None
     #: the training images of the image kNN's bank, in bank order (``knn_bank``); called only when needed
     bank_images: Callable[[], np.ndarray] | None = None
+    #: ``(sub-graph, feeds) -> output`` on the target's runtime (``knn_bank``); None: ONNX Runtime
+    bank_runner: Callable[[onnx.ModelProto, dict[str, np.ndarray]], np.ndarray] | None = None
 
 
 Pass = Callable[[onnx.ModelProto, PassContext], onnx.ModelProto]

@@ -29,7 +29,7 @@ from uadc.export.onnx_export import partition_bytes, split_partitions
 from uadc.export.partitions import partition_counts, partition_of
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
 from uadc.pipeline.baseline import Baseline
-from uadc.pipeline.deploy import deploy_evaluation, finalize_model, target_predictor
+from uadc.pipeline.deploy import bank_runner, deploy_evaluation, finalize_model, target_predictor
 from uadc.pipeline.precision import AutoPrecision, auto_candidates, search_precision
 from uadc.quant.calibrate import calibrate_ranges
 from uadc.report.markdown import render_markdown
@@ -148,7 +148,8 @@ def _run_target_passes(baseline: Baseline, target: Target, fp32: onnx.ModelProto
         names = [n for n in names if n != "qdq"]
     ctx = PassContext(target=target, quantize_partitions=list(ptq.quantize), sample_feeds=baseline.sample_feeds(1)[0],
                       dump_dir=opts.dump_passes, per_channel=ptq.per_channel,
-                      quantize_nodes=auto.nodes if auto is not None else None, bank_images=baseline.bank_images)
+                      quantize_nodes=auto.nodes if auto is not None else None, bank_images=baseline.bank_images,
+                      bank_runner=bank_runner(target, opts.threads or baseline.threads))
     calib = None
     model = fp32
     if opts.qat_model is not None:

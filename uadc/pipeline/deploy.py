@@ -50,6 +50,14 @@ def target_predictor(target: Target, threads: int) -> Callable[[onnx.ModelProto]
     return lambda m: ov.ov_predictor(ov.compile_model(m, threads, target.inference_hint))
 
 
+def bank_runner(target: Target, threads: int) -> Callable[[onnx.ModelProto, dict], np.ndarray] | None:
+    """``(sub-graph, feeds) -> output`` on the target's runtime at its float precision, for the
+    ``knn_bank`` pass (OpenVINO); None: ONNX Runtime, the pass's own."""
+    if target.runtime != "openvino":
+        return None
+    return lambda sub, feeds: ov.run_first_output(ov.compile_model(sub, threads, target.inference_hint), feeds)
+
+
 def outputs_on(model: onnx.ModelProto, images: dict[str, np.ndarray], threads: int, batch: int, desc: str,
                predictor: Callable[[onnx.ModelProto], Predictor] | None = None) -> Outputs:
     run = predictor(model) if predictor else ort_predictor(make_session(model, threads))

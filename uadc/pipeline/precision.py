@@ -50,7 +50,7 @@ from uadc.export.partitions import GraphIndex
 from uadc.passes.groups import Boundaries, Group, fused_groups
 from uadc.passes.pipeline import PassContext, run_passes
 from uadc.pipeline.baseline import Baseline
-from uadc.pipeline.deploy import outputs_on, target_predictor, val_images
+from uadc.pipeline.deploy import bank_runner, outputs_on, target_predictor, val_images
 from uadc.quant.calibrate import calibrate_ranges
 from uadc.verify.fidelity import figures, reference_thresholds, spearman
 
@@ -287,7 +287,7 @@ class _Search:
                  passes: list[str], threads: int, groups: list[Group], ranges: dict):
         self.fp32, self.passes, self.groups = fp32, passes, groups
         self.ctx = PassContext(target=target, ranges=ranges, per_channel=ptq.per_channel,
-                               bank_images=baseline.bank_images)
+                               bank_images=baseline.bank_images, bank_runner=bank_runner(target, threads))
         self.budget = baseline.recipe.compile.auto
         predictor = target_predictor(target, threads)
         self.fidelity_runtime = f"openvino CPU ({target.inference_hint})" if predictor else "onnxruntime CPU"
@@ -300,8 +300,9 @@ class _Search:
         return [n for gi in sorted(int8) for n in self.groups[gi].nodes]
 
     def model(self, int8: frozenset[int]) -> onnx.ModelProto:
-        if not int8:
-            return self.fp32
+        if not int8:  # bf16 float layers: the image kNN's bank is described at that precision too
+            return self.fp32 if self.ctx.target.float_precision == "fp32" else \
+                run_passes(self.fp32, ["knn_bank"], self.ctx)[0]
         if int8 not in self.models:
             parts = sorted({self.groups[gi].partition for gi in int8})
             ctx = replace(self.ctx, quantize_partitions=parts, quantize_nodes=self.nodes(int8))
