@@ -151,6 +151,21 @@ def write_outputs(out: Path, stem: str, result: dict, markdown: str) -> None:
     atomic_write_text(out / f"{stem}.md", markdown)
 
 
+def fold_table(r: dict, reference: str) -> list[str]:
+    """Markdown rows of ``r["folds"]`` and ``r["mean"]``: image and pixel AUROC, chosen / ``reference``."""
+    f = "{:.4f}".format
+    lines = [f"| held out | chosen without it | image AUROC chosen / {reference} | pixel AUROC chosen / {reference} |",
+             "|---|---|---|---|"]
+    for x in r["folds"]:
+        c, d = x["chosen_metrics"], x["default_metrics"]
+        lines.append(f"| {x['held_out']} | `{x['chosen_key']}` | {f(c['image_auroc'])} / {f(d['image_auroc'])} | "
+                     f"{f(c['pixel_auroc'])} / {f(d['pixel_auroc'])} |")
+    mc, md = r["mean"]["chosen"], r["mean"]["default"]
+    lines.append(f"| **mean** | | **{f(mc['image_auroc'])} / {f(md['image_auroc'])}** | "
+                 f"**{f(mc['pixel_auroc'])} / {f(md['pixel_auroc'])}** |")
+    return lines
+
+
 def leave_one_out(settings: list[dict], res: dict, default: dict, key: Callable[[dict], str] = key,
                   criterion: tuple[str, ...] = ("image_auroc",)) -> list[dict]:
     """Per held-out category: the setting with the best mean ``criterion`` (image AUROC) on the other categories."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.loco import leave_one_out, trained_checkpoint, write_outputs
+from bench.loco import fold_table, leave_one_out, trained_checkpoint, write_outputs
 
 CRITERION = ("image_auroc", "pixel_auroc")
 
@@ -96,22 +96,13 @@ def recipe_setting(recipe) -> dict:
 
 
 def markdown(r: dict) -> str:
-    f = "{:.4f}".format
     lines = [f"# Leave-one-category-out over head-only settings: {r['recipe']}", "",
              f"Checkpoint `{r['checkpoint']}`; taps {', '.join(f'{i}={t}' for i, t in enumerate(r['taps']))}; "
              f"{len(r['grid'])} settings; criterion: mean of image and pixel AUROC on the other categories.", "",
-             "| held out | chosen without it | image AUROC chosen / recipe | pixel AUROC chosen / recipe |",
-             "|---|---|---|---|"]
-    for x in r["folds"]:
-        c, d = x["chosen_metrics"], x["default_metrics"]
-        lines.append(f"| {x['held_out']} | `{x['chosen_key']}` | {f(c['image_auroc'])} / {f(d['image_auroc'])} | "
-                     f"{f(c['pixel_auroc'])} / {f(d['pixel_auroc'])} |")
-    mc, md = r["mean"]["chosen"], r["mean"]["default"]
-    lines += [f"| **mean** | | **{f(mc['image_auroc'])} / {f(md['image_auroc'])}** | "
-              f"**{f(mc['pixel_auroc'])} / {f(md['pixel_auroc'])}** |", "",
-              f"Recipe setting: `{r['default_key']}`. "
-              + (f"Every fold chose `{r['unanimous']}`." if r["unanimous"] else "The folds chose different settings."),
-              ""]
+             *fold_table(r, "recipe"), "",
+             f"Recipe setting: `{r['default_key']}`. "
+             + (f"Every fold chose `{r['unanimous']}`." if r["unanimous"] else "The folds chose different settings."),
+             ""]
     return "\n".join(lines)
 
 

@@ -155,3 +155,37 @@ def test_loco_image_knn_end_to_end(tmp_path, tiny_data):
         own = r["all_settings"]["taps=0+1,k=1,w=1"][cat]["image_auroc"]
         assert abs(own - metrics.image_auroc(labels, scores)) < 1e-9, cat
     assert loco_image_knn.main(["--recipe", str(path), "--artifacts", str(tmp_path / "none")]) == 2
+
+
+def test_loco_patch_knn_end_to_end(tmp_path, tiny_data):
+    """Patch kNN LOCO: off plus tap sets x bank sizes x weights, each fitted as training fits it; the
+    setting a trained model holds scores exactly as that model does (image and pixel AUROC)."""
+    import uadc
+    from bench import loco_patch_knn
+    from conftest import write_recipe
+    from uadc.config.recipe import load_recipe
+    from uadc.data.prepare import prepare_data
+    from uadc.evaluation import metrics
+    from uadc.evaluation.run import predict, test_arrays, torch_predictor
+    from uadc.training.checkpoint import load_checkpoint
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_data, data={"val_fraction": 0.25},
+                        model={"patch_knn": {"weight": 1.0, "bank": 40}, "image_knn": {"weight": 1.0}},
+                        train={"epochs": 1, "threads": 1})
+    ckpt = uadc.train(path, artifacts=tmp_path / "art").checkpoints[0]
+    out = tmp_path / "out"
+    assert loco_patch_knn.main(["--recipe", str(path), "--artifacts", str(tmp_path / "art"), "--out", str(out),
+                                "--taps", "blocks.3,blocks.1+blocks.3", "--banks", "20,40", "--weights", "1",
+                                "--threads", "1"]) == 0
+    r = json.loads((out / "loco_patch_knn.json").read_text())
+    assert r["grid"][0] == "off" and len(r["grid"]) == 1 + 2 * 2 * 1
+    assert [f["held_out"] for f in r["folds"]] == ["stripes", "gray"]
+    recipe = load_recipe(path)
+    model, _ = load_checkpoint(ckpt, recipe)
+    for cat, (images, masks, labels) in test_arrays(prepare_data(recipe)).items():
+        maps, scores = predict(torch_predictor(model), images, 16)
+        own = r["all_settings"]["taps=blocks.1+blocks.3,bank=40,w=1"][cat]
+        assert abs(own["image_auroc"] - metrics.image_auroc(labels, scores)) < 1e-6, cat
+        assert abs(own["pixel_auroc"] - metrics.pixel_auroc(masks, maps[:, 0] if maps.ndim == 4 else maps)) < 1e-6, cat
+    assert loco_patch_knn.main(["--recipe", str(path), "--artifacts", str(tmp_path / "art"),
+                                "--taps", "blocks.9"]) == 2

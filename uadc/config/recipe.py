@@ -87,6 +87,17 @@ class ImageKnnConfig(_Section):
                           "(a seeded subset beyond)")
 
 
+class PatchKnnConfig(_Section):
+    """Map += weight x distance of each location's teacher features to the nearest training patch (a
+    PatchCore-style memory bank, a greedy coreset of the training images' patches), in units of the
+    map's spread on the validation normals: local evidence the student's discrepancy misses (large,
+    low-contrast defects such as magnetic_tile's uneven surfaces)."""
+    weight: float = Field(0.0, ge=0, le=100, description="weight of the scaled patch distance (0: off)")
+    taps: Optional[list[str]] = Field(None, min_length=1, description="teacher taps described per location (subset "
+                                      "of model.taps; default: all), each 3x3 averaged, at the finest one's size")
+    bank: int = Field(2048, ge=1, le=65_536, description="patches kept (greedy coreset of the training patches)")
+
+
 class ModelConfig(_Section):
     method: Literal["stfpm", "paste", "rd", "us"] = "stfpm"
     backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2", "mobilenet_v2"] = "efficientnet_lite0"
@@ -106,6 +117,8 @@ class ModelConfig(_Section):
     score_topk: float = Field(0.01, gt=0, le=1, description="topk_mean: fraction of map pixels averaged")
     image_knn: ImageKnnConfig = Field(default_factory=ImageKnnConfig,
                                         description="image-level nearest-normal evidence added to the score")
+    patch_knn: PatchKnnConfig = Field(default_factory=PatchKnnConfig,
+                                      description="location-level nearest-normal evidence added to the map")
     students: int = Field(3, ge=1, le=16, description="us: ensemble size")
     descriptor_dim: int = Field(128, ge=8, le=4096, description="us: patch descriptor channels")
     student_width: float = Field(1.0, ge=0.1, le=8, description="rd/us: student width multiplier")
@@ -114,11 +127,12 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _knn_fits(self):
-        knn = self.image_knn
-        if knn.weight > 0 and self.method == "us":
-            raise ValueError("image_knn: not available for method us (its teacher is a descriptor network)")
-        if knn.weight > 0 and knn.taps and self.taps and not set(knn.taps) <= set(self.taps):
-            raise ValueError(f"image_knn.taps must be among model.taps ({', '.join(self.taps)})")
+        for name in ("image_knn", "patch_knn"):
+            knn = getattr(self, name)
+            if knn.weight > 0 and self.method == "us":
+                raise ValueError(f"{name}: not available for method us (its teacher is a descriptor network)")
+            if knn.weight > 0 and knn.taps and self.taps and not set(knn.taps) <= set(self.taps):
+                raise ValueError(f"{name}.taps must be among model.taps ({', '.join(self.taps)})")
         return self
 
 

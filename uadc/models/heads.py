@@ -106,7 +106,32 @@ CENTER_INITIALIZER = "head.image_knn.center"
 BANK_SQ_INITIALIZER = "head.image_knn.bank_sq"
 
 
-class ImageKNN(nn.Module):
+class _Bank(nn.Module):
+    """A nearest-neighbour bank: ``bank_t`` (D, M) centred descriptors as MatMul reads them, ``center``
+    (D,) their mean, ``bank_sq`` (M,) their squared norms, ``stats`` its scale. Sized by the data it was
+    fitted on: loading takes the checkpoint's sizes."""
+
+    @property
+    def bank_size(self) -> int:
+        return self.bank_t.shape[1]
+
+    def set_bank(self, bank: torch.Tensor) -> None:
+        """``bank`` (M, D): the training descriptors; the scale is unset until ``set_stats``."""
+        bank = bank.detach().float()
+        self.center = bank.mean(dim=0)
+        centred = bank - self.center
+        self.bank_t = centred.t().contiguous()
+        self.bank_sq = (centred * centred).sum(dim=1)
+        self.stats = torch.zeros(0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, _ in self.named_buffers(recurse=False):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class ImageKNN(_Bank):
     """Image-level evidence for the score: how far the image's pooled teacher features lie from the
     nearest training normals. Per tap the spatial mean is L2-normalised; the squared distance is
     ``|q-c|^2 + |b-c|^2 - 2 (q-c).(b-c)`` around the bank's mean ``c``, one MatMul in the graph. The
@@ -131,10 +156,6 @@ class ImageKNN(nn.Module):
     def fitted(self) -> bool:
         return self.stats.numel() == 4 and self.bank_t.numel() > 0
 
-    @property
-    def bank_size(self) -> int:
-        return self.bank_t.shape[1]
-
     def describe(self, t_feats) -> torch.Tensor:
         """(N, D): per tap, the L2-normalised spatial mean of the teacher's features."""
         return torch.cat([F.normalize(t_feats[i].mean(dim=(2, 3)), dim=1) for i in self.tap_index], 1)
@@ -157,15 +178,6 @@ class ImageKNN(nn.Module):
     def forward(self, t_feats, score: torch.Tensor) -> torch.Tensor:
         return self.combine(score, self.distance(t_feats)) if self.fitted else score
 
-    def set_bank(self, bank: torch.Tensor) -> None:
-        """``bank`` (M, D): the training images' descriptors."""
-        bank = bank.detach().float()
-        self.center = bank.mean(dim=0)
-        centred = bank - self.center
-        self.bank_t = centred.t().contiguous()
-        self.bank_sq = (centred * centred).sum(dim=1)
-        self.stats = torch.zeros(0)
-
     @staticmethod
     def bank_indices(n: int, max_bank: int, seed: int) -> torch.Tensor:
         """Which of ``n`` training images (in dataset order) the bank holds: all, or a seeded subset."""
@@ -179,11 +191,72 @@ class ImageKNN(nn.Module):
         self.stats = torch.tensor(stats, dtype=torch.float32)
         return dict(zip(("score_mean", "score_std", "dist_mean", "dist_std"), stats))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("bank_t", "center", "bank_sq", "stats"):  # sizes are the data's, not the constructor's
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+#: the patch kNN's bank initializers (``knn_bank`` re-describes only the image kNN's)
+PATCH_BANK_INITIALIZER = "head.patch_knn.bank_t"
+
+
+class PatchKNN(_Bank):
+    """Location-level evidence for the map (PatchCore-style): how far each location's teacher features
+    lie from the nearest training patch. Per tap the features are 3x3 averaged (a location sees its
+    neighbourhood) and resized to the finest chosen tap; the squared distance to the nearest of the
+    bank's patches (a greedy coreset of the training patches, ``training.fit``) is computed around
+    the bank's mean as in ``ImageKNN``: one MatMul and a ReduceMin in the graph.
+
+    ``map' = map + weight * (std_m / std_d) * dist`` where the head combines its layer maps, before
+    smoothing: the distance in units of the map, both spreads measured there on the validation
+    normals of every category pooled. It ranks as the standardised sum does and keeps the map positive;
+    the plain map until fitted. Buffers take the checkpoint's sizes on loading."""
+
+    def __init__(self, tap_index: list[int], weight: float):
+        super().__init__()
+        self.tap_index, self.weight = list(tap_index), float(weight)
+        self.register_buffer("bank_t", torch.zeros(0, 0))  # (D, M): M centred patch descriptors
+        self.register_buffer("center", torch.zeros(0))     # (D,)
+        self.register_buffer("bank_sq", torch.zeros(0))    # (M,)
+        self.register_buffer("stats", torch.zeros(0))      # map std, distance std (validation normals)
+
+    @property
+    def fitted(self) -> bool:
+        return self.stats.numel() == 2 and self.bank_t.numel() > 0
+
+    def describe(self, t_feats) -> torch.Tensor:
+        """(N, D, h, w): the chosen taps 3x3 averaged, at the finest one's size, channels concatenated."""
+        feats = [F.avg_pool2d(t_feats[i], 3, stride=1, padding=1, count_include_pad=False) for i in self.tap_index]
+        h, w = max((f.shape[-2:] for f in feats), key=lambda hw: hw[0] * hw[1])
+        return torch.cat([f if f.shape[-2:] == (h, w) else
+                          F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False) for f in feats], 1)
+
+    @staticmethod
+    def patches(desc: torch.Tensor) -> torch.Tensor:
+        """(N*h*w, D): one row per location."""
+        return desc.flatten(2).transpose(1, 2).reshape(-1, desc.shape[1])
+
+    def distance(self, t_feats) -> torch.Tensor:
+        """(N, 1, h, w): squared distance of each location to its nearest bank patch."""
+        q = self.describe(t_feats)
+        h, w = q.shape[-2:]
+        q = (q - self.center.view(1, -1, 1, 1)).flatten(2).transpose(1, 2)    # (N, hw, D)
+        d = (q * q).sum(dim=2, keepdim=True) + self.bank_sq - 2.0 * torch.matmul(q, self.bank_t)
+        return torch.clamp(d.amin(dim=2), min=0.0).reshape(-1, 1, h, w)
+
+    def resized(self, t_feats, size) -> torch.Tensor:
+        d = self.distance(t_feats)
+        return d if tuple(d.shape[-2:]) == tuple(size) else F.interpolate(d, size=size, mode="bilinear",
+                                                                          align_corners=False)
+
+    def forward(self, t_feats, amap: torch.Tensor) -> torch.Tensor:
+        if not self.fitted:
+            return amap
+        m_std, d_std = self.stats
+        return amap + (self.weight * m_std / d_std) * self.resized(t_feats, amap.shape[-2:])
+
+    def set_stats(self, maps: torch.Tensor, dists: torch.Tensor) -> dict[str, float]:
+        """Scale from validation normals' combined maps and distances (same size, before smoothing)."""
+        stats = [_spread(maps), _spread(dists)]
+        self.stats = torch.tensor(stats, dtype=torch.float32)
+        return dict(zip(("map_std", "dist_std"), stats))
 
 
 def _spread(x: torch.Tensor) -> float:
@@ -206,20 +279,35 @@ class DistanceHead(nn.Module):
         self.skip_teacher = skip_teacher  # leading teacher outputs that are not compared (PaSTe split)
         self.blur = GaussianBlur(sigma)
         self.image_knn: ImageKNN | None = None
+        self.patch_knn: PatchKNN | None = None
+
+    ordered_topk = True
 
     def layer_maps(self, t_feats, s_feats) -> list[torch.Tensor]:
         fn = l2_normalized_distance if self.distance == "l2" else cosine_distance
         return [fn(t, s) for t, s in zip(t_feats[self.skip_teacher:], s_feats)]
 
-    def forward(self, t_feats, s_feats) -> tuple[torch.Tensor, torch.Tensor]:
+    def combined(self, t_feats, s_feats) -> torch.Tensor:
+        """The layer maps upsampled to the input size and combined, before smoothing."""
         size = (self.image_size, self.image_size)
         maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=False)
                 for m in self.layer_maps(t_feats, s_feats)]
         amap = maps[0]
         for m in maps[1:]:
             amap = amap * m if self.combine == "product" else amap + m
-        amap = self.blur(amap)
-        return amap, self.image_score(t_feats, reduce_score(amap, self.score_reduction, self.score_topk))
+        return amap
+
+    def finish(self, amap: torch.Tensor) -> torch.Tensor:
+        """The combined map at the input size, smoothed."""
+        return self.blur(amap)
+
+    def forward(self, t_feats, s_feats) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = self.combined(t_feats, s_feats)
+        if self.patch_knn is not None:
+            amap = self.patch_knn(t_feats, amap)
+        amap = self.finish(amap)
+        return amap, self.image_score(t_feats, reduce_score(amap, self.score_reduction, self.score_topk,
+                                                            ordered=self.ordered_topk))
 
     def image_score(self, t_feats, score: torch.Tensor) -> torch.Tensor:
         return score if self.image_knn is None else self.image_knn(t_feats, score)
@@ -247,7 +335,10 @@ class FastDistanceHead(DistanceHead):
             maps.append(1.0 - cos)  # l2 of unit vectors (STFPM) and cosine distance (RD) alike
         return maps
 
-    def forward(self, t_feats, s_feats) -> tuple[torch.Tensor, torch.Tensor]:
+    ordered_topk = False
+
+    def combined(self, t_feats, s_feats) -> torch.Tensor:
+        """The layer maps combined at the finest one's resolution."""
         maps = self.layer_maps(t_feats, s_feats)
         h, w = max((m.shape[-2:] for m in maps), key=lambda hw: hw[0] * hw[1])
         amap = None
@@ -255,10 +346,12 @@ class FastDistanceHead(DistanceHead):
             if m.shape[-2:] != (h, w):
                 m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
             amap = m if amap is None else (amap * m if self.combine == "product" else amap + m)
-        if (h, w) != (self.image_size, self.image_size):
+        return amap
+
+    def finish(self, amap: torch.Tensor) -> torch.Tensor:
+        if amap.shape[-2:] != (self.image_size, self.image_size):
             amap = F.interpolate(amap, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        amap = self.blur(amap)
-        return amap, self.image_score(t_feats, reduce_score(amap, self.score_reduction, self.score_topk, ordered=False))
+        return self.blur(amap)
 
 
 def distance_head(m: dict, image_size: int, distance: str, skip_teacher: int = 0) -> DistanceHead:
@@ -268,20 +361,29 @@ def distance_head(m: dict, image_size: int, distance: str, skip_teacher: int = 0
                score_reduction=m.get("score_reduction", "max"), score_topk=m.get("score_topk", 0.01))
     knn = m.get("image_knn") or {}
     if knn.get("weight", 0) > 0:
-        taps = knn.get("taps") or m["taps"]
-        unknown = [t for t in taps if t not in m["taps"]]
-        if unknown:
-            raise UadcError(f"model.image_knn.taps: {unknown[0]!r} is not one of model.taps ({', '.join(m['taps'])})")
-        head.image_knn = ImageKNN([skip_teacher + m["taps"].index(t) for t in taps], knn["weight"], knn.get("k", 1))
+        head.image_knn = ImageKNN(_tap_index(m, knn, "image_knn", skip_teacher), knn["weight"], knn.get("k", 1))
+    patch = m.get("patch_knn") or {}
+    if patch.get("weight", 0) > 0:
+        head.patch_knn = PatchKNN(_tap_index(m, patch, "patch_knn", skip_teacher), patch["weight"])
     return head
+
+
+def _tap_index(m: dict, knn: dict, name: str, skip_teacher: int) -> list[int]:
+    """Positions in the teacher's outputs of a kNN's taps (default: all of ``model.taps``)."""
+    taps = knn.get("taps") or m["taps"]
+    unknown = [t for t in taps if t not in m["taps"]]
+    if unknown:
+        raise UadcError(f"model.{name}.taps: {unknown[0]!r} is not one of model.taps ({', '.join(m['taps'])})")
+    return [skip_teacher + m["taps"].index(t) for t in taps]
 
 
 def fast_like(head: DistanceHead) -> FastDistanceHead:
     """The fast head with every setting of ``head`` (the map part holds no weights, so it scores the same
-    model; the image kNN, which holds the bank, is shared)."""
+    model; the kNNs, which hold the banks, are shared; the patch kNN keeps the scale measured where the
+    fitting head combines its maps)."""
     fast = FastDistanceHead(head.image_size, head.distance, head.combine, head.blur.sigma, head.skip_teacher,
                             head.score_reduction, head.score_topk)
-    fast.image_knn = head.image_knn
+    fast.image_knn, fast.patch_knn = head.image_knn, head.patch_knn
     return fast
 
 

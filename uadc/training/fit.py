@@ -105,6 +105,12 @@ def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: s
     return history
 
 
+def _need_validation(val_images: torch.Tensor, name: str) -> None:
+    if len(val_images) < 2:
+        raise UadcError(f"model.{name} needs validation normals to standardise its score: set "
+                        "data.val_fraction > 0 or data.val")
+
+
 @torch.no_grad()
 def fit_image_knn(model: KDModel, images: torch.Tensor, val_images: torch.Tensor, max_bank: int, seed: int,
                   batch_size: int = 32) -> dict:
@@ -112,9 +118,7 @@ def fit_image_knn(model: KDModel, images: torch.Tensor, val_images: torch.Tensor
     subset of ``max_bank`` beyond that), then the standardisation from the validation normals, whose
     images are never in the bank. Needs at least two validation normals."""
     knn = model.head.image_knn
-    if len(val_images) < 2:
-        raise UadcError("model.image_knn needs validation normals to standardise its score: set "
-                        "data.val_fraction > 0 or data.val")
+    _need_validation(val_images, "image_knn")
     was_training = model.training
     model.eval()
     bank = torch.cat([knn.describe(model.teacher(images[i:i + batch_size]))
@@ -129,3 +133,48 @@ def fit_image_knn(model: KDModel, images: torch.Tensor, val_images: torch.Tensor
     stats = knn.set_stats(torch.cat(scores).cpu(), torch.cat(dists).cpu())
     model.train(was_training)
     return {"bank_images": knn.bank_size, "val_images": len(val_images), **stats}
+
+
+def greedy_coreset(x: torch.Tensor, m: int, seed: int) -> torch.Tensor:
+    """Indices of ``m`` rows of ``x`` chosen by greedy k-center (each pick the row farthest from those
+    picked), starting from a seeded row: the coreset covers the training patches' spread, rare ones
+    included, where a random subset of the same size leaves holes (PatchCore)."""
+    n = len(x)
+    if n <= m:
+        return torch.arange(n)
+    first = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
+    picked = torch.empty(m, dtype=torch.long)
+    picked[0] = first
+    nearest = ((x - x[first]) ** 2).sum(1)
+    for j in progress(range(1, m), desc="patch kNN coreset"):
+        i = int(nearest.argmax())
+        picked[j] = i
+        nearest = torch.minimum(nearest, ((x - x[i]) ** 2).sum(1))
+    return picked.sort().values
+
+
+@torch.no_grad()
+def fit_patch_knn(model: KDModel, images: torch.Tensor, val_images: torch.Tensor, bank: int, seed: int,
+                  batch_size: int = 32) -> dict:
+    """Fill the head's patch kNN (``model.patch_knn``): a greedy coreset of the training images' patch
+    descriptors, then the scale from the validation normals' combined maps (never in the bank). Runs
+    before ``fit_image_knn``, whose standardisation sees the map with the patch term in."""
+    knn = model.head.patch_knn
+    _need_validation(val_images, "patch_knn")
+    was_training = model.training
+    model.eval()
+    patches = torch.cat([knn.patches(knn.describe(model.teacher(images[i:i + batch_size]))).cpu()
+                         for i in progress(range(0, len(images), batch_size), desc="patch kNN bank")])
+    knn.set_bank(patches[greedy_coreset(patches, bank, seed)])
+    knn.to(images.device)
+    maps, dists = [], []
+    for i in range(0, len(val_images), batch_size):
+        x = val_images[i:i + batch_size]
+        t = model.teacher(x)
+        amap = model.head.combined(t, model.student(x, t))
+        maps.append(amap.cpu())
+        dists.append(knn.resized(t, amap.shape[-2:]).cpu())
+    stats = knn.set_stats(torch.cat(maps), torch.cat(dists))
+    knn.to(images.device)
+    model.train(was_training)
+    return {"bank_patches": knn.bank_size, "training_patches": len(patches), "val_images": len(val_images), **stats}

@@ -21,7 +21,7 @@ from uadc.data.prepare import RecipeData, prepare_data
 from uadc.models import KDModel
 from uadc.models.profile import model_stats, peak_rss_mb
 from uadc.training.checkpoint import checkpoint_path, make_model, save_checkpoint
-from uadc.training.fit import EpochCallback, fit, fit_image_knn, seed_everything
+from uadc.training.fit import EpochCallback, fit, fit_image_knn, fit_patch_knn, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, images: torch.
     seed_everything(recipe.seed)
     device = train_device(recipe.train.device)
     model: KDModel = make_model(recipe).to(device)
-    knn_val = _knn_validation(data, [cat] if cat else cats) if getattr(model.head, "image_knn", None) else None
+    banks = [n for n in ("patch_knn", "image_knn") if getattr(model.head, n, None) is not None]
+    knn_val = _knn_validation(data, [cat] if cat else cats, banks[0]) if banks else None
     images = images.to(device).contiguous(memory_format=torch.channels_last)  # faster CPU convolutions
     t0 = time.time()
     stages = {}
@@ -97,7 +98,10 @@ def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, images: torch.
     history = fit(model, images, t, recipe.seed, desc=f"train {cat or 'unified'}", on_epoch=callback)
     if hasattr(model, "fit_head_stats"):  # US: standardise error/variance on normal data
         stages["head_stats"] = model.fit_head_stats(images)
-    if knn_val is not None:
+    if "patch_knn" in banks:  # first: the image kNN standardises the score with the patch term in
+        stages["patch_knn"] = fit_patch_knn(model, images, knn_val.to(device),
+                                            recipe.cfg["model"]["patch_knn"]["bank"], recipe.seed)
+    if "image_knn" in banks:
         stages["image_knn"] = fit_image_knn(model, images, knn_val.to(device),
                                             recipe.cfg["model"]["image_knn"]["max_bank"], recipe.seed)
     seconds = round(time.time() - t0 - sum(h.get("eval_seconds", 0) for h in history), 1)
@@ -110,11 +114,11 @@ def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, images: torch.
     return TrainedModel(path, cat, seconds, len(history), history[-1]["loss"] if history else float("nan"), stats)
 
 
-def _knn_validation(data: RecipeData, cats: list[str]) -> torch.Tensor:
-    """The validation normals the image kNN standardises on; checked before any training."""
+def _knn_validation(data: RecipeData, cats: list[str], name: str) -> torch.Tensor:
+    """The validation normals the kNNs standardise on; checked before any training."""
     sets = [data.val[c] for c in cats if c in data.val and len(data.val[c])]
     if sum(len(s) for s in sets) < 2:
-        raise UadcError("model.image_knn needs at least 2 validation normals to standardise its score: "
+        raise UadcError(f"model.{name} needs at least 2 validation normals to standardise its score: "
                         "set data.val_fraction > 0 or give data.val")
     return load_images(ConcatDataset(sets), "validation normals")
 
