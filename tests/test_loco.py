@@ -180,6 +180,7 @@ def test_loco_patch_knn_end_to_end(tmp_path, tiny_data):
     r = json.loads((out / "loco_patch_knn.json").read_text())
     assert r["grid"][0] == "off" and len(r["grid"]) == 1 + 2 * 2 * 1
     assert [f["held_out"] for f in r["folds"]] == ["stripes", "gray"]
+    assert list(r["map_only"]["folds"]) == ["stripes", "gray"] and set(r["map_only"]["mean_pixel_auroc"]) == {"chosen", "default"}
     recipe = load_recipe(path)
     model, _ = load_checkpoint(ckpt, recipe)
     for cat, (images, masks, labels) in test_arrays(prepare_data(recipe)).items():
