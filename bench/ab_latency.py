@@ -8,9 +8,12 @@ through the systems ``--cycles`` times; each cycle's p50 is divided by ORT FP32'
 cycle, and the median of these paired ratios is reported (min-max across cycles beside it).
 OpenVINO artifacts run at their target's float precision, as uadc deploys them. ``--peers`` adds
 the fastest peers of ``bench.peers`` to the same cycles: the reference FP32 ONNX run by OpenVINO
-with its own defaults (bf16 on AMX CPUs); ORT FP32 is the reference itself.
+with its own defaults (bf16 on AMX CPUs); ORT FP32 is the reference itself (one plain session).
+``--scheduled`` adds every ONNX Runtime artifact run as ``uadc predict`` / ``Detector`` run it
+(``uadc.backends.parallel``, schedule ``auto``: teacher and student at once for one image, the
+batch split across the cores for more), reference included.
 
-    python -m bench.ab_latency artifacts/stfpm_effnet_lite0 --batch 8 --peers
+    python -m bench.ab_latency artifacts/stfpm_effnet_lite0 --batch 8 --peers --scheduled
 """
 
 from __future__ import annotations
@@ -29,9 +32,17 @@ REFERENCE = "ort-cpu-fp32"
 OV_DEFAULTS = "peer: OpenVINO FP32 (defaults)"
 
 
-def _runner(folder: Path, runtime: str, target: str | None, threads: int, x: np.ndarray) -> Callable[[], object]:
+SCHEDULED = " (uadc runtime)"
+
+
+def _runner(folder: Path, runtime: str, target: str | None, threads: int, x: np.ndarray,
+            scheduled: bool = False) -> Callable[[], object]:
     """``target`` None: OpenVINO with its own defaults (a peer)."""
     model = folder / "model.onnx"
+    if scheduled:
+        from uadc.backends.parallel import ParallelSession
+        sess = ParallelSession(model, threads, "auto")
+        return lambda: sess.run(None, {sess.get_inputs()[0].name: x})
     if runtime == "openvino":
         from uadc.backends import openvino as ov
         run = ov.infer_fn(ov.compile_model(model, threads, inference_hint_of(target) if target else None))
@@ -54,11 +65,17 @@ def systems(folder: Path) -> dict[str, tuple[str, str]]:
     return {REFERENCE: found.pop(REFERENCE), **found}
 
 
-def measure(folder: Path, batch: int, threads: int, cycles: int, runs: int, peers: bool = False) -> dict[str, dict]:
+def measure(folder: Path, batch: int, threads: int, cycles: int, runs: int, peers: bool = False,
+            scheduled: bool = False) -> dict[str, dict]:
     found = systems(folder)
     size = json.loads((folder / REFERENCE / "artifact.json").read_text())["preprocessing"]["image_size"]
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
     fns = {k: _runner(folder / k, rt, t, threads, x) for k, (rt, t) in found.items()}
+    if scheduled:
+        for k, (rt, t) in list(found.items()):
+            if rt == "onnxruntime":
+                found[k + SCHEDULED] = (rt, t)
+                fns[k + SCHEDULED] = _runner(folder / k, rt, t, threads, x, scheduled=True)
     if peers:
         found[OV_DEFAULTS] = ("openvino", None)
         fns[OV_DEFAULTS] = _runner(folder / REFERENCE, "openvino", None, threads, x)
@@ -92,9 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cycles", type=int, default=8)
     ap.add_argument("--runs", type=int, default=None, help="runs per block (default 30 at batch 1, 8 above)")
     ap.add_argument("--peers", action="store_true", help="add OpenVINO's defaults on the reference ONNX (a peer)")
+    ap.add_argument("--scheduled", action="store_true",
+                    help="add each ONNX Runtime artifact as uadc's runtime runs it (uadc.backends.parallel, auto)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
-    res = measure(a.folder, a.batch, a.threads, a.cycles, a.runs or (30 if a.batch == 1 else 8), a.peers)
+    res = measure(a.folder, a.batch, a.threads, a.cycles, a.runs or (30 if a.batch == 1 else 8), a.peers,
+                  a.scheduled)
     print(f"| artifact (batch {a.batch}, {a.threads} threads) | runtime | p50 ms | × ORT FP32 (paired) | min–max |")
     print("|---|---|---:|---:|---|")
     for k, r in res.items():

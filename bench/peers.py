@@ -9,7 +9,9 @@ Systems, all from the same trained checkpoint and the same calibration images (u
   CPUs that means bf16 inference; the JSON records the precision it used);
 - ``OpenVINO+NNCF INT8``: ``nncf.quantize`` with its default preset on the OpenVINO model;
 - ``uadc <artifact>``: every artifact folder under ``<artifacts>/<recipe>/`` with a
-  ``report.json`` and a CPU runtime (onnxruntime or openvino).
+  ``report.json`` and a CPU runtime (onnxruntime or openvino); each ONNX Runtime artifact once
+  more as ``uadc predict`` / ``Detector`` run it (``uadc.backends.parallel``, schedule auto:
+  teacher and student at once for one image, the batch split across the cores for more).
 
 Latency: p50 at each batch size, every timing in its own fresh process, systems in rotated order
 over ``--rounds`` rounds (median of the rounds quoted). Accuracy: image / pixel AUROC (mean over
@@ -37,6 +39,7 @@ import numpy as np
 
 from uadc.config.targets import inference_hint_of
 
+SCHEDULED = "onnxruntime-scheduled"
 FALSE_ALARM_Q = 99.0  # threshold = this percentile of a system's validation-normal scores
 
 
@@ -51,12 +54,20 @@ def _time_child(kind: str, path: str, batch: int, threads: int, runs: int, size:
         fn = lambda: run(x)  # noqa: E731
         used = ov.inference_precision(compiled)
     else:
-        from uadc.backends.ort import make_session
-        sess = make_session(path, threads)
+        sess = _ort_session(kind, path, threads)
         fn = lambda: sess.run(None, {"image": x})  # noqa: E731
         used = None
     lat = latency_ms(fn, runs, warmup=max(5, runs // 5))
     return {**lat, "inference_precision": used}
+
+
+def _ort_session(kind: str, path, threads: int):
+    """A plain session, or uadc's runtime schedule (``onnxruntime-scheduled``)."""
+    if kind == SCHEDULED:
+        from uadc.backends.parallel import ParallelSession
+        return ParallelSession(path, threads, "auto")
+    from uadc.backends.ort import make_session
+    return make_session(path, threads)
 
 
 # -- building the peers ---------------------------------------------------------------------------
@@ -112,6 +123,8 @@ def uadc_artifacts(base, artifacts: Path) -> list[dict]:
         hint = inference_hint_of(d["target"])
         out.append({"name": f"uadc {rep.parent.name} ({d['target']}, int8: {parts})", "kind": d["runtime"],
                     "path": model, "hint": hint, "origin": "uadc", "target": d["target"]})
+        if d["runtime"] == "onnxruntime":
+            out.append({**out[-1], "name": out[-1]["name"] + ", uadc runtime", "kind": SCHEDULED})
     return out
 
 
@@ -120,8 +133,8 @@ def _predictor(system: dict, threads: int):
     if system["kind"] == "openvino":
         from uadc.backends import openvino as ov
         return ov.ov_predictor(ov.compile_model(system["path"], threads, precision_hint=system.get("hint")))
-    from uadc.backends.ort import make_session, ort_predictor
-    return ort_predictor(make_session(system["path"], threads))
+    from uadc.backends.ort import ort_predictor
+    return ort_predictor(_ort_session(system["kind"], system["path"], threads))
 
 
 def accuracy(system: dict, base, val: dict, threads: int) -> dict:

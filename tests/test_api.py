@@ -77,6 +77,10 @@ def test_each_compile_uses_its_own_latency_settings(trained, tmp_path):
     assert (a.latency.ort_fp32["runs"], a.latency.compiled["runs"], a.latency.threads) == (3, 3, 1)
     assert (c.latency.ort_fp32["runs"], c.latency.torch_fp32["runs"], c.latency.threads) == (7, 7, 2)
     assert c.environment["threads"] == 2
+    # the compiled model as `uadc predict` runs it: on 2 threads teacher and student run at once
+    assert a.latency.deployed is None and c.latency.deployed["schedule"] == "branches"
+    assert c.latency.deployed["runs"] == 7 and c.to_dict()["latency_ms"]["deployed"]["p50"] > 0
+    assert "uadc runtime (branches)" in (tmp_path / "c" / "report.md").read_text()
     ev = uadc.evaluate(recipe, artifacts=art, write=False)
     assert isinstance(ev, uadc.EvalResult) and set(ev.categories) == {"stripes", "gray"}
     assert torch.get_num_threads() == threads and sys.stdout is stdout

@@ -43,12 +43,13 @@ def test_fast_map_correlates_and_ranks_like_exact(sigma):
     assert (se[0] > se[1]) == (sf[0] > sf[1])  # the 'defect' image scores higher with both heads
 
 
-@pytest.mark.parametrize("reduction,topk", [("topk_mean", 0.05), ("max", 0.01)])
-def test_fast_like_keeps_every_setting_and_scores_alike(reduction, topk):
-    exact = DistanceHead(128, "cosine", "sum", 2.0, skip_teacher=1, score_reduction=reduction, score_topk=topk)
+@pytest.mark.parametrize("reduction,topk,pool", [("topk_mean", 0.05, 1), ("max", 0.01, 1), ("topk_mean", 0.05, 4)])
+def test_fast_like_keeps_every_setting_and_scores_alike(reduction, topk, pool):
+    exact = DistanceHead(128, "cosine", "sum", 2.0, skip_teacher=1, score_reduction=reduction, score_topk=topk,
+                         score_pool=pool)
     fast = fast_like(exact)
     assert type(fast) is FastDistanceHead
-    for attr in ("image_size", "distance", "combine", "skip_teacher", "score_reduction", "score_topk"):
+    for attr in ("image_size", "distance", "combine", "skip_teacher", "score_reduction", "score_topk", "score_pool"):
         assert getattr(fast, attr) == getattr(exact, attr), attr
     assert fast.blur.sigma == exact.blur.sigma
     t, s = _features(3)

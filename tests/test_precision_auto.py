@@ -322,3 +322,5 @@ def test_openvino_bf16_auto_judges_fidelity_on_openvino(make_base, tmp_path, mon
     t = ab_latency.measure(tmp_path, batch=1, threads=1, cycles=2, runs=2, peers=True)
     assert list(t) == ["ort-cpu-fp32", "ov", ab_latency.OV_DEFAULTS] and t["ort-cpu-fp32"]["ratio"] == 1.0
     assert t["ov"]["runtime"] == "openvino" and t["ov"]["p50_ms"] > 0
+    t = ab_latency.measure(tmp_path, batch=2, threads=2, cycles=1, runs=2, scheduled=True)  # + ORT as uadc runs it
+    assert list(t) == ["ort-cpu-fp32", "ov", "ort-cpu-fp32" + ab_latency.SCHEDULED]

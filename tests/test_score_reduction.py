@@ -85,3 +85,56 @@ def test_checkpoint_serves_either_reduction_and_ort_agrees(tmp_path, tiny_data):
     amap, score = make_session(onx, 1).run(None, {"image": x})
     np.testing.assert_allclose(amap, tmap.numpy(), atol=1e-4, rtol=1e-3)
     np.testing.assert_allclose(score, tscore.numpy(), atol=1e-4, rtol=1e-3)
+
+
+def test_pooled_score_reads_the_average_pooled_map():
+    g = torch.Generator().manual_seed(2)
+    amap = torch.rand(3, 1, 32, 32, generator=g)
+    pooled = amap.reshape(3, 1, 8, 4, 8, 4).mean((3, 5))  # 4x4 blocks
+    torch.testing.assert_close(reduce_score(amap, "topk_mean", 0.05, pool=4), reduce_score(pooled, "topk_mean", 0.05))
+    torch.testing.assert_close(reduce_score(amap, "max", pool=4), pooled.flatten(1).amax(1))
+    assert not torch.allclose(reduce_score(amap, "topk_mean", 0.05, pool=4), reduce_score(amap, "topk_mean", 0.05))
+
+
+@pytest.mark.parametrize("cls", [DistanceHead, FastDistanceHead])
+def test_pooled_score_keeps_the_map_and_ranks_a_smooth_map_alike(cls):
+    """The map output is untouched; on smoothed maps the pooled top-k mean orders images as the full one."""
+    g = torch.Generator().manual_seed(3)
+    t = [torch.randn(12, 8, 16, 16, generator=g)]
+    s = [t[0] + torch.linspace(0.1, 2.0, 12).view(12, 1, 1, 1) * torch.randn(12, 8, 16, 16, generator=g)]
+    full_map, full = cls(64, "l2", "product", 4.0, score_reduction="topk_mean", score_topk=0.05)(t, s)
+    pool_map, pooled = cls(64, "l2", "product", 4.0, score_reduction="topk_mean", score_topk=0.05, score_pool=4)(t, s)
+    torch.testing.assert_close(pool_map, full_map)
+    assert not torch.allclose(pooled, full)
+    assert (torch.argsort(pooled) == torch.argsort(full)).all()
+
+
+def test_score_pool_must_divide_the_image_size(tmp_path, tiny_data):
+    from conftest import write_recipe
+    from uadc.config.recipe import load_recipe
+    assert load_recipe(write_recipe(tmp_path / "a.yaml", tiny_data, model={"score_pool": 4})).model.score_pool == 4
+    for bad in ({"score_pool": 0}, {"score_pool": 3}, {"score_pool": 2.5}):
+        with pytest.raises(UadcError, match="score_pool"):
+            load_recipe(write_recipe(tmp_path / "bad.yaml", tiny_data, model=bad))
+
+
+def test_pooled_score_in_the_exported_graph(tmp_path, tiny_data):
+    from conftest import write_recipe
+    from uadc.backends.ort import make_session
+    from uadc.config.recipe import load_recipe
+    from uadc.export.onnx_export import export_model
+    from uadc.models import build_model
+
+    r = load_recipe(write_recipe(tmp_path / "p.yaml", tiny_data, model={"head": "fast", "score_reduction": "topk_mean",
+                                                                        "score_topk": 0.05, "score_pool": 4}))
+    torch.manual_seed(0)
+    model = build_model(r.cfg["model"], r.data.image_size).eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        tmap, tscore = model(torch.from_numpy(x))
+    onx = export_model(model, r.data.image_size, {})
+    ops = [n.op_type for n in onx.graph.node]
+    assert "AveragePool" in ops and "TopK" in ops
+    amap, score = make_session(onx, 1).run(None, {"image": x})
+    np.testing.assert_allclose(amap, tmap.numpy(), atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(score, tscore.numpy(), atol=1e-4, rtol=1e-3)

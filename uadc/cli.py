@@ -271,7 +271,9 @@ def _print_summary(res) -> None:
     lat = res.latency
     click.echo(f"latency p50 (batch 1, {lat.threads} threads): torch {lat.torch_fp32['p50']:.2f} ms, "
                f"ORT fp32 {lat.ort_fp32['p50']:.2f} ms, compiled {lat.compiled['p50']:.2f} ms "
-               f"({lat.runtime}); compile {res.compile_seconds:.1f} s")
+               f"({lat.runtime})" + (f", {lat.deployed['p50']:.2f} ms as uadc predict runs it "
+                                     f"({lat.deployed['schedule']})" if lat.deployed else "")
+               + f"; compile {res.compile_seconds:.1f} s")
     if res.engine:
         click.echo(res.engine.get("status", ""))
     if (ps := res.extra.get("precision_search")) is not None:
@@ -299,12 +301,16 @@ def _print_summary(res) -> None:
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
               show_default=True, help="auto: TensorRT when model.engine exists and tensorrt imports, OpenVINO for an "
               "openvino-cpu-* artifact when openvino imports, else ONNX Runtime")
+@click.option("--schedule", type=click.Choice(["auto", "branches", "batch", "sequential"]), default="auto",
+              show_default=True, help="ONNX Runtime: run teacher and student at the same time (branches) or "
+              "split each batch across the cores (batch); auto: branches for one image, batch for more")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="cores to use (default: all available)")
 def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out: Path, overlays: bool,
-            as_json: bool, batch_size: int, backend: str) -> None:
+            as_json: bool, batch_size: int, backend: str, schedule: str, threads: int | None) -> None:
     """Run a compiled artifact (verified against its artifact.json) on image files and folders."""
     from uadc.runtime import Detector
     from uadc.runtime.batch import predict_paths
-    det = Detector.load(artifact, backend=backend, batch_size=batch_size)
+    det = Detector.load(artifact, backend=backend, batch_size=batch_size, schedule=schedule, threads=threads)
     run = predict_paths(det, list(inputs), category, out, overlays, batch_size)
     for path, reason in run.failed:
         click.echo(f"skipped {path}: {reason}", err=True)

@@ -80,18 +80,16 @@ class ImageKnnConfig(_Section):
     normals, both standardised on the validation normals: evidence of image-wide changes (uneven
     brightness, wrong part) that a local map reduced by its top pixels ranks poorly."""
     weight: float = Field(0.0, ge=0, le=100, description="weight of the standardised kNN distance (0: off)")
-    taps: Optional[list[str]] = Field(None, min_length=1, description="teacher taps pooled (subset of model.taps; "
-                                      "default: all)")
+    taps: Optional[list[str]] = Field(None, min_length=1, description="teacher taps pooled (default: all model.taps)")
     k: int = Field(1, ge=1, le=64, description="nearest training normals averaged")
     max_bank: int = Field(4096, ge=1, le=100_000, description="at most this many training images in the bank "
                           "(a seeded subset beyond)")
 
 
 class PatchKnnConfig(_Section):
-    """Map += weight x distance of each location's teacher features to the nearest training patch (a
-    PatchCore-style memory bank, a greedy coreset of the training images' patches), in units of the
-    map's spread on the validation normals: local evidence the student's discrepancy misses (large,
-    low-contrast defects such as magnetic_tile's uneven surfaces)."""
+    """Map += weight x distance of each location's teacher features to the nearest training patch (a PatchCore-style
+    memory bank: a greedy coreset of the training patches), in units of the map's spread on the validation normals:
+    local evidence the student's discrepancy misses (large, low-contrast defects like magnetic_tile's uneven)."""
     weight: float = Field(0.0, ge=0, le=100, description="weight of the scaled patch distance (0: off)")
     taps: Optional[list[str]] = Field(None, min_length=1, description="teacher taps described per location (subset "
                                       "of model.taps; default: all), each 3x3 averaged, at the finest one's size")
@@ -115,6 +113,8 @@ class ModelConfig(_Section):
         "max", description="image score from the map: its max, or the mean of its top score_topk fraction of "
         "pixels (bench/loco.py compares them leave-one-category-out). No weights: a checkpoint serves either")
     score_topk: float = Field(0.01, gt=0, le=1, description="topk_mean: fraction of map pixels averaged")
+    score_pool: int = Field(1, ge=1, le=16, description="the score reads the map average-pooled p x p (a cheaper TopK; "
+                            "the map keeps its size; bench/head_equivalence.py checks it); any checkpoint serves")
     image_knn: ImageKnnConfig = Field(default_factory=ImageKnnConfig,
                                         description="image-level nearest-normal evidence added to the score")
     patch_knn: PatchKnnConfig = Field(default_factory=PatchKnnConfig,
@@ -459,6 +459,8 @@ def _check_semantics(cfg: RecipeConfig) -> None:
     if m.pretrained and m.weights is None and m.backbone != "efficientnet_lite0":
         raise UadcError(f"model.weights: backbone {m.backbone!r} has no bundled weights; give a "
                         f"torchvision-format state dict path, or set model.pretrained: false")
+    if cfg.data.image_size % m.score_pool:
+        raise UadcError(f"model.score_pool: {m.score_pool} does not divide data.image_size ({cfg.data.image_size})")
     if m.method == "paste" and not m.split:
         raise UadcError("model.split: required for method paste (last teacher stage shared with the student)")
     d = cfg.train.dcam

@@ -21,7 +21,8 @@ from uadc import __version__
 from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES, PARTITIONS
 from uadc.core.errors import UadcError
 from uadc.core.scoped import quiet_third_party
-from uadc.export.partitions import assign_partitions, partition_counts, partition_of, set_partition
+from uadc.export.partitions import (assign_partitions, partition_counts, partition_models, partition_of,
+                                    set_partition)
 from uadc.models import KDModel
 
 
@@ -104,27 +105,11 @@ def partition_bytes(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def split_partitions(model: onnx.ModelProto, out_dir: Path) -> dict[str, Path]:
-    """One ONNX per partition; inputs/outputs are the tensors crossing partition borders."""
-    producers = {o: partition_of(n) for n in model.graph.node for o in n.output}
-    graph_outputs = {o.name for o in model.graph.output}
+    """One ONNX per partition (``partition_models``) written to ``out_dir``."""
     paths = {}
-    with_shapes = onnx.shape_inference.infer_shapes(model)
-    for p in PARTITIONS:
-        ins, outs = [], []
-        for n in model.graph.node:
-            if partition_of(n) == p:
-                ins += [i for i in n.input if i and (i == INPUT_NAME or (i in producers and producers[i] != p))]
-            else:
-                outs += [i for i in n.input if producers.get(i) == p]
-        outs += [o for o in graph_outputs if producers.get(o) == p]
-        ins, outs = list(dict.fromkeys(ins)), list(dict.fromkeys(outs))
-        if not outs:
-            continue
-        sub = onnx.utils.Extractor(with_shapes).extract_model(ins, outs)
-        sub.metadata_props.extend(model.metadata_props)
-        path = out_dir / f"{p}.onnx"
-        onnx.save(sub, path)
-        paths[p] = path
+    for p, sub in partition_models(model).items():
+        paths[p] = out_dir / f"{p}.onnx"
+        onnx.save(sub, paths[p])
     return paths
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import onnx
+import onnx.utils
 
 from uadc.core.errors import UadcError
 
@@ -44,6 +45,59 @@ def partition_counts(model: onnx.ModelProto) -> dict[str, int]:
         p = partition_of(n) or "untagged"
         counts[p] = counts.get(p, 0) + 1
     return counts
+
+
+def partition_models(model: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
+    """One model per partition, in ``PARTITIONS`` order (a partition without nodes is left out); its
+    inputs and outputs are the tensors crossing partition borders (the image counts as an input)."""
+    producers = {o: partition_of(n) for n in model.graph.node for o in n.output}
+    graph_input = model.graph.input[0].name
+    graph_outputs = {o.name for o in model.graph.output}
+    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
+    subs = {}
+    for p in PARTITIONS:
+        ins, outs = [], []
+        for n in model.graph.node:
+            if partition_of(n) == p:
+                ins += [i for i in n.input if i and (i == graph_input or (i in producers and producers[i] != p))]
+            else:
+                outs += [i for i in n.input if producers.get(i) == p]
+        outs += [o for o in graph_outputs if producers.get(o) == p]
+        ins, outs = list(dict.fromkeys(ins)), list(dict.fromkeys(outs))
+        if outs:
+            subs[p] = extractor.extract_model(ins, outs)
+            subs[p].metadata_props.extend(model.metadata_props)
+    return subs
+
+
+def branch_models(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto, onnx.ModelProto] | None:
+    """(teacher, student, join): the teacher's and the student's nodes (with whatever they need) from the
+    graph's input to the tensors the rest reads, and the rest (head, post-processing) from those to the
+    graph's outputs. None when one branch needs the other's tensors (PaSTe's student reads the teacher)."""
+    graph_input = model.graph.input[0].name
+    side = {o: partition_of(n) for n in model.graph.node for o in n.output}
+    crossing: dict[str, list[str]] = {"teacher": [], "student": []}
+    for n in model.graph.node:
+        here = partition_of(n)
+        for i in n.input:
+            if side.get(i) in crossing and side[i] != here:
+                crossing[side[i]].append(i)
+    for o in model.graph.output:
+        if side.get(o.name) in crossing:
+            crossing[side[o.name]].append(o.name)
+    if not all(crossing.values()):
+        return None
+    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
+    branches = []
+    for p, other in (("teacher", "student"), ("student", "teacher")):
+        sub = extractor.extract_model([graph_input], list(dict.fromkeys(crossing[p])))
+        if any(partition_of(n) == other for n in sub.graph.node):
+            return None
+        branches.append(sub)
+    inputs = [i.name for i in model.graph.input]  # the image, and e.g. post-processing's category
+    join = extractor.extract_model(inputs + list(dict.fromkeys(crossing["teacher"] + crossing["student"])),
+                                   [o.name for o in model.graph.output])
+    return branches[0], branches[1], join
 
 
 def nodes_in(model: onnx.ModelProto, partitions: list[str] | tuple[str, ...]) -> list[str]:

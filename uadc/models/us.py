@@ -136,10 +136,11 @@ def error_and_variance(t_feats, s_feats) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class USHead(nn.Module):
-    def __init__(self, image_size: int, sigma: float, score_reduction: str = "max", score_topk: float = 0.01):
+    def __init__(self, image_size: int, sigma: float, score_reduction: str = "max", score_topk: float = 0.01,
+                 score_pool: int = 1):
         super().__init__()
         self.image_size = image_size
-        self.score_reduction, self.score_topk = score_reduction, float(score_topk)
+        self.score_reduction, self.score_topk, self.score_pool = score_reduction, float(score_topk), int(score_pool)
         self.blur = GaussianBlur(sigma)
         for name, value in (("e_mean", 0.0), ("e_std", 1.0), ("v_mean", 0.0), ("v_std", 1.0)):
             self.register_buffer(name, torch.tensor(value))
@@ -149,7 +150,7 @@ class USHead(nn.Module):
         m = (e - self.e_mean) / self.e_std + (v - self.v_mean) / self.v_std
         m = F.interpolate(m, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         m = self.blur(m)
-        return m, reduce_score(m, self.score_reduction, self.score_topk)
+        return m, reduce_score(m, self.score_reduction, self.score_topk, pool=self.score_pool)
 
 
 def compactness(d: torch.Tensor) -> torch.Tensor:
@@ -284,5 +285,6 @@ def build_us(m: dict, image_size: int) -> UninformedStudents:
     dim = int(m.get("descriptor_dim", 128))
     teacher = USTeacher(features, cin, dim)
     student = USStudents(int(m.get("students", 3)), dim, stride, float(m.get("student_width", 1.0)))
-    head = USHead(image_size, m["smoothing_sigma"], m.get("score_reduction", "max"), m.get("score_topk", 0.01))
+    head = USHead(image_size, m["smoothing_sigma"], m.get("score_reduction", "max"), m.get("score_topk", 0.01),
+                  m.get("score_pool", 1))
     return UninformedStudents(teacher, student, head)

@@ -17,6 +17,7 @@ import onnx
 from uadc import __version__
 from uadc.backends import openvino as ov
 from uadc.backends.ort import latency_ms, make_session
+from uadc.backends.parallel import ParallelSession
 from uadc.backends.ort_profile import TIMING_CACHE_DIR
 from uadc.config.settings import PtqSettings, resolve_ptq
 from uadc.evaluation.run import evaluate
@@ -206,8 +207,12 @@ def _latency(baseline: Baseline, compiled: onnx.ModelProto, target: Target, thre
         sess = make_session(compiled, threads)
         fn = lambda: sess.run(None, {INPUT_NAME: x})  # noqa: E731
     runtime, emulated = _runtime_label(target, used)
+    deployed = None
+    if target.runtime == "onnxruntime" and threads > 1:  # TensorRT targets deploy on the device's runtime
+        with ParallelSession(compiled, threads, "auto") as par:
+            deployed = {**latency_ms(lambda: par.run(None, {INPUT_NAME: x}), runs), "schedule": par.plan(1)}
     return Latency(lat["torch_fp32"], lat["ort_fp32"], latency_ms(fn, runs),
-                   batch=1, threads=threads, runtime=runtime, emulated=emulated)
+                   batch=1, threads=threads, runtime=runtime, emulated=emulated, deployed=deployed)
 
 
 def _metrics(baseline: Baseline, compiled: onnx.ModelProto, target: Target) -> Metrics:

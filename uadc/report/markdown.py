@@ -6,7 +6,8 @@
   ``{"mean": {image_auroc, pixel_auroc, aupro, pixel_f1}, "categories": {cat: {...}}}``, and
   ``drop`` = fp32 - compiled with the same shape
 - ``latency_ms``: ``torch_fp32``, ``ort_fp32``, ``compiled`` each ``{p50, p90, runs}``, plus
-  ``batch`` and ``threads``
+  ``batch`` and ``threads``; ``deployed`` (ONNX Runtime targets, more than one thread): ``compiled``
+  as ``uadc predict`` runs it (``uadc.backends.parallel``), with its ``schedule``
 - ``verification``: ``torch_vs_ort_fp32`` {passed, max_abs, mean_abs, atol, outputs} and
   ``fp32_vs_compiled`` {max_abs, mean_abs, outputs}
 - ``bytes`` (initializer bytes per partition), ``model_bytes``, ``nodes`` and ``qdq_nodes`` per
@@ -129,6 +130,9 @@ def render_markdown(r: dict) -> str:
               "| runtime | p50 ms | p90 ms |", "|---|---:|---:|"]
     for k in ("torch_fp32", "ort_fp32", "compiled"):
         lines.append(f"| {k} | {lat[k]['p50']:.2f} | {lat[k]['p90']:.2f} |")
+    if lat.get("deployed"):
+        d = lat["deployed"]
+        lines.append(f"| compiled, uadc runtime ({d['schedule']}) | {d['p50']:.2f} | {d['p90']:.2f} |")
     if r.get("precision_search"):
         lines += [""] + _precision_lines(r["precision_search"])
     lines += ["", "## Size", "", "| partition | nodes | Q/DQ nodes | weight bytes |", "|---|---:|---:|---:|"]

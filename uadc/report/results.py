@@ -27,6 +27,7 @@ class Latency:
     threads: int
     runtime: str                 # what ran "compiled"
     emulated: bool               # True: not the target's own runtime (e.g. TensorRT emulated by ORT CPU)
+    deployed: dict | None = None  # "compiled" as uadc's runtime runs it (ORT: uadc.backends.parallel, auto)
 
     @property
     def speedup_vs_ort_fp32(self) -> float:
@@ -34,7 +35,8 @@ class Latency:
 
     def to_dict(self) -> dict:
         return {"torch_fp32": self.torch_fp32, "ort_fp32": self.ort_fp32, "compiled": self.compiled,
-                "batch": self.batch, "threads": self.threads, "runtime": self.runtime, "emulated": self.emulated}
+                "batch": self.batch, "threads": self.threads, "runtime": self.runtime, "emulated": self.emulated,
+                **({"deployed": self.deployed} if self.deployed else {})}
 
 
 @dataclass

@@ -57,9 +57,10 @@ class Prediction:
 class _OrtBackend:
     name = "onnxruntime"
 
-    def __init__(self, model: Path, threads: int | None):
-        from uadc.core.ort_session import make_session
-        self.session = make_session(model, threads)
+    def __init__(self, model: Path, threads: int | None, schedule: str = "auto"):
+        from uadc.backends.parallel import ParallelSession
+        # the cores split across teacher/student or batch chunks: the same outputs, sooner
+        self.session = ParallelSession(model, threads, schedule)
 
     def run(self, images: np.ndarray, input_name: str) -> tuple[np.ndarray, np.ndarray]:
         amap, score = self.session.run(["anomaly_map", "score"], {input_name: images})
@@ -112,11 +113,13 @@ class Detector:
 
     @classmethod
     def load(cls, artifact: str | Path, backend: str = "auto", threads: int | None = None,
-             verify: bool = True, batch_size: int = 8) -> "Detector":
+             verify: bool = True, batch_size: int = 8, schedule: str = "auto") -> "Detector":
         """Read and verify ``artifact.json`` (sha256 of every listed file), then open the model:
         ``backend`` ``auto`` (TensorRT when ``model.engine`` exists and tensorrt imports; OpenVINO
         for an OpenVINO target's artifact when openvino imports; else ONNX Runtime),
-        ``onnxruntime``, ``openvino`` or ``tensorrt``."""
+        ``onnxruntime``, ``openvino`` or ``tensorrt``. On ONNX Runtime, ``schedule`` says how the
+        ``threads`` cores (default: all this process may use) share the work
+        (``uadc.backends.parallel``): ``auto``, ``branches``, ``batch`` or ``sequential`` (one session)."""
         folder = Path(artifact)
         manifest = read_manifest(folder, verify=verify)
         engine = folder / ENGINE_FILE
@@ -129,7 +132,7 @@ class Detector:
         model = folder / manifest.model_file
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
             return cls(manifest, _OvBackend(model, threads, manifest.target), batch_size)
-        return cls(manifest, _OrtBackend(model, threads), batch_size)
+        return cls(manifest, _OrtBackend(model, threads, schedule), batch_size)
 
     # -- properties -------------------------------------------------------------------------
     @property

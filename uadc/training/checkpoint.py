@@ -21,7 +21,7 @@ from uadc.models import KDModel, build_model
 MAX_CHECKPOINT_BYTES = 4 << 30
 
 
-HEAD_KEYS = ("head", "score_reduction", "score_topk")  # weight-free head settings a checkpoint serves alike
+HEAD_KEYS = ("head", "score_reduction", "score_topk", "score_pool")  # weight-free head settings a checkpoint serves alike
 
 
 def model_hash(recipe: Recipe) -> str:
