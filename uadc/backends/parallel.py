@@ -72,7 +72,7 @@ class ParallelSession:
 
     def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         names = list(output_names or self.output_names)
-        batch = len(next(iter(feeds.values())))
+        batch = len(feeds[self._inputs[0].name])  # the image (a default-valued input may be left out)
         how = self.plan(batch)
         if how == "branches":
             return self._run_branches(names, feeds)
