@@ -65,6 +65,18 @@ def test_matrix_blur_equals_the_separable_convolution(sigma, n):
     torch.testing.assert_close(MatrixBlur(sigma, n)(m), GaussianBlur(sigma)(m), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("sigma,hw,n", [(4.0, (32, 32), 128), (4.0, (64, 64), 256), (2.0, (16, 24), 64),
+                                         (0.0, (16, 16), 64)])
+def test_matrix_blur_upsamples_a_smaller_map_as_resize_then_blur(sigma, hw, n):
+    """Folding the bilinear upsampling into the smoothing matrices is the same map as resizing first."""
+    from uadc.models.heads import GaussianBlur, MatrixBlur
+    m = torch.rand(2, 1, *hw, generator=torch.Generator().manual_seed(n))
+    ref = GaussianBlur(sigma)(F.interpolate(m, size=(n, n), mode="bilinear", align_corners=False))
+    out = MatrixBlur(sigma, n)(m)
+    assert out.shape == (2, 1, n, n)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
 def test_fast_top_k_mean_is_unsorted_and_takes_the_same_pixels():
     from uadc.models.heads import reduce_score
     amap = torch.rand(3, 1, 64, 64)
