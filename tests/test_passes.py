@@ -7,6 +7,8 @@ squares the feature difference into an anomaly map and a score.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
@@ -217,10 +219,14 @@ def _assert_qdq_only_on_student(model, reference):
     assert teacher_inputs == {t for n in reference.graph.node if partition_of(n) == "teacher" for t in n.input}
 
 
-def _calibrated(model, images, target):
+def _calibrated_parts(model, images, parts, target="ort-cpu-int8"):
     scheme = get_target(target).scheme
-    names = tensors_to_calibrate(model, ["student"])
+    names = tensors_to_calibrate(model, parts)
     return collect_ranges(model, images, names, "minmax", activation_symmetric=scheme.activation_symmetric)
+
+
+def _calibrated(model, images, target):
+    return _calibrated_parts(model, images, ["student"], target)
 
 
 @pytest.mark.parametrize("target, per_channel", [("ort-cpu-int8", None), ("ort-cpu-int8", False),
@@ -271,6 +277,28 @@ def test_qdq_student_and_head(images):
     for n in out.graph.node:
         if partition_of(n) == "teacher":
             assert all(prod.get(t) is None or prod[t].op_type != "DequantizeLinear" for t in n.input)
+
+
+@pytest.mark.parametrize("per_channel", [None, False])
+def test_weight_params_from_one_quantization_give_the_same_model(images, per_channel):
+    """The precision search feeds the weight scales ORT computed once back to every candidate: the
+    candidate must come out byte for byte as ORT builds it alone, and the scales must be used."""
+    from uadc.passes.qdq import weight_quant_params
+
+    model = tiny_kd()
+    ranges = _calibrated_parts(model, images, ["teacher", "student"])
+    full = quantize_qdq(model, _ctx("ort-cpu-int8", ranges=ranges, per_channel=per_channel,
+                                    quantize_partitions=["teacher", "student"]))
+    params = weight_quant_params(full)
+    assert {"t1.w", "t2.w", "s1.w", "s2.w"} <= set(params)
+    assert len(params["s1.w"]) == (C if per_channel is None else 1)
+    ctx = _ctx("ort-cpu-int8", ranges=ranges, per_channel=per_channel, quantize_partitions=["student"])
+    alone = quantize_qdq(model, ctx)
+    reused = quantize_qdq(model, replace(ctx, weight_params=params))
+    assert reused.SerializeToString() == alone.SerializeToString()
+    doubled = {k: [{**e, "scale": e["scale"] * 2} for e in v] for k, v in params.items()}
+    changed = weight_quant_params(quantize_qdq(model, replace(ctx, weight_params=doubled)))
+    np.testing.assert_allclose([e["scale"] for e in changed["s1.w"]], [e["scale"] * 2 for e in params["s1.w"]])
 
 
 def test_qdq_missing_range_names_tensor(images):

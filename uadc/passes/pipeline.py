@@ -55,6 +55,10 @@ class PassContext:
     per_channel: bool | None = None   # overrides target.scheme.per_channel when set
     #: tensor -> (scale, zero_point) used as-is (ORT TensorQuantOverrides), e.g. QAT's learned scales
     quant_params: dict[str, tuple[float, int]] | None = None
+    #: weight -> its ORT TensorQuantOverrides entries, read off an earlier Q/DQ of the same model with the
+    #: same scheme and ranges (``qdq.weight_quant_params``): the numbers ORT would compute, without its
+    #: per-channel loop (the precision search quantizes dozens of candidates)
+    weight_params: dict[str, list[dict]] | None = None
     #: quantize only these nodes of ``quantize_partitions`` (``compile.precision: auto``); None: all of them
     quantize_nodes: list[str] | None = None
     #: the training images of the image kNN's bank, in bank order (``knn_bank``); called only when needed

@@ -111,6 +111,37 @@ def _overrides(params: dict[str, tuple[float, int]], forks: dict[str, str], acti
             for t, (s, z) in by_tensor.items()}
 
 
+def weight_quant_params(model: onnx.ModelProto) -> dict[str, list[dict]]:
+    """Scale, zero point (and per-channel axis) of every weight ORT quantized in ``model`` (its
+    integer ``*_quantized`` initializers behind a DequantizeLinear), as TensorQuantOverrides entries
+    for ``PassContext.weight_params``. They depend only on the weight, the scheme and the input range
+    (ORT widens a weight's scale when the int32 bias would overflow), so every candidate of one search
+    shares them."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out: dict[str, list[dict]] = {}
+    for n in model.graph.node:
+        q = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if q is None or not n.input[0].endswith(WEIGHT_SUFFIX) or q.data_type not in _WEIGHT_TYPES \
+                or len(n.input) < 3 or not {n.input[1], n.input[2]} <= inits.keys():
+            continue
+        scale = onnx.numpy_helper.to_array(inits[n.input[1]])
+        zero = onnx.numpy_helper.to_array(inits[n.input[2]])
+        axis = next((a.i for a in n.attribute if a.name == "axis"), None)
+        name = n.input[0][:-len(WEIGHT_SUFFIX)]
+        if scale.ndim == 0:
+            out[name] = [{"scale": scale, "zero_point": zero}]
+        else:
+            out[name] = [{"scale": np.array(s), "zero_point": np.array(z)} for s, z in zip(scale, zero)]
+            out[name][0]["axis"] = 1 if axis is None else axis  # DequantizeLinear's default axis
+    return out
+
+
+def _weight_overrides(params: dict[str, list[dict]], model: onnx.ModelProto) -> dict[str, list[dict]]:
+    """``params`` for the float weights of ``model`` (ORT refuses overrides of absent tensors)."""
+    return {t.name: params[t.name] for t in model.graph.initializer
+            if t.name in params and t.data_type == onnx.TensorProto.FLOAT}
+
+
 def qdq_options(ctx: PassContext) -> tuple[bool, dict]:
     """(per_channel, ORT extra_options) for the target's scheme.
 
@@ -133,6 +164,8 @@ def qdq_options(ctx: PassContext) -> tuple[bool, dict]:
     return per_channel, extra
 
 
+WEIGHT_SUFFIX = "_quantized"  # ORT's name for a quantized initializer
+_WEIGHT_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 _MISSING_RE = re.compile(r"not specified for param (\S+?)\.?\s")
 
 
@@ -171,8 +204,10 @@ def quantize_qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     tensors_range = TensorsData(CalibrationMethod.MinMax, {
         k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in ranges.items()})
     per_channel, extra = qdq_options(ctx)
-    if ctx.quant_params:
-        extra["TensorQuantOverrides"] = _overrides(ctx.quant_params, forks, scheme.activation_type)
+    overrides = _overrides(ctx.quant_params, forks, scheme.activation_type) if ctx.quant_params else {}
+    overrides.update(_weight_overrides(ctx.weight_params or {}, model))
+    if overrides:
+        extra["TensorQuantOverrides"] = overrides
     before = {n.name for n in model.graph.node}
     # Keywords: the constructor is not public API and its positional order has changed before.
     quantizer = QDQQuantizer(

@@ -49,6 +49,7 @@ from uadc.core.progress import progress
 from uadc.export.partitions import GraphIndex
 from uadc.passes.groups import Boundaries, Group, fused_groups
 from uadc.passes.pipeline import PassContext, run_passes
+from uadc.passes.qdq import weight_quant_params
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.deploy import bank_runner, outputs_on, target_predictor, val_images
 from uadc.quant.calibrate import calibrate_ranges
@@ -307,6 +308,9 @@ class _Search:
             parts = sorted({self.groups[gi].partition for gi in int8})
             ctx = replace(self.ctx, quantize_partitions=parts, quantize_nodes=self.nodes(int8))
             self.models[int8] = run_passes(self.fp32, self.passes, ctx)[0]
+            # later candidates take these weights' scales as ORT computed them here (the same numbers)
+            known = self.ctx.weight_params or {}
+            self.ctx = replace(self.ctx, weight_params=known | weight_quant_params(self.models[int8]))
         return self.models[int8]
 
     def fidelity(self, int8: frozenset[int]) -> dict:
