@@ -13,7 +13,7 @@ from uadc.core.errors import UadcError
 from uadc.export.partitions import GraphIndex, assign_partitions, clear_partition, nodes_in, partition_of
 import numpy as np
 
-from uadc.passes.pipeline import PassContext, copy_model, opset_of, register_pass, topological_sort
+from uadc.passes.pipeline import PassContext, copy_model, opset_of, register_pass
 
 @register_pass("qdq")
 def qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
@@ -46,7 +46,8 @@ def _fork_shared(model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
     inits = {i.name: i for i in model.graph.initializer}
     outputs = {o.name for o in model.graph.output}  # a graph output is a float reader too
     forks: dict[str, str] = {}
-    new_nodes, new_inits = [], []
+    fork_nodes: dict[str, list[onnx.NodeProto]] = {}  # tensor -> its Identity forks
+    new_inits = []
     for tensor, users in g.consumers.items():
         q_users = [c for c in users if part[c] in quantized]
         if not q_users or (len(q_users) == len(users) and tensor not in outputs):
@@ -64,17 +65,29 @@ def _fork_shared(model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
             else:
                 node = onnx.helper.make_node("Identity", [tensor], [fork], name=f"{p}/{fork}_fork")
                 node.metadata_props.add(key=PARTITION_KEY, value=p)
-                new_nodes.append(node)
+                fork_nodes.setdefault(tensor, []).append(node)
                 forks[fork] = tensor
             for c in q_users:
                 if part[c] == p:
                     n = g.nodes[c]
                     n.input[:] = [fork if t == tensor else t for t in n.input]
-    model.graph.node.extend(new_nodes)
     model.graph.initializer.extend(new_inits)
-    if new_nodes:
-        topological_sort(model)
+    if fork_nodes:
+        _insert_after_producers(model, fork_nodes, g.producer)
     return forks
+
+
+def _insert_after_producers(model: onnx.ModelProto, after: dict[str, list[onnx.NodeProto]],
+                            producer: dict[str, int]) -> None:
+    """Put the nodes reading tensor t right after t's producer (graph inputs: first), so a sorted
+    graph stays sorted without another sort pass."""
+    ordered = [n for t, ns in after.items() if t not in producer for n in ns]
+    for n in model.graph.node:
+        ordered.append(n)
+        for t in n.output:
+            ordered.extend(after.get(t, ()))
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
 
 
 def _unfork(model: onnx.ModelProto, forks: dict[str, str]) -> None:
@@ -223,13 +236,13 @@ def quantize_qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
             raise UadcError(f"qdq: no calibrated range for tensor {name!r} (input/output of a quantized "
                             f"node); calibrate the same model the passes quantize") from None
         raise
+    quantizer.model.topological_sort()  # ORT appends its Q/DQ nodes; its own sort is the fast one
     out = quantizer.model.model
     _unfork(out, forks)
     for n in out.graph.node:
         if n.name not in before:  # ORT names new nodes after tensors: derive, never trust a prefix
             clear_partition(n)
     assign_partitions(out, ctx.quantize_partitions, strict=True)
-    topological_sort(out)
     _check_float_partitions(out, set(ctx.quantize_partitions))
     if scheme.activation_symmetric and scheme.weight_symmetric:
         _check_zero_points(out)
