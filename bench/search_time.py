@@ -1,0 +1,52 @@
+"""``python -m bench.search_time RECIPE [--artifacts A] [--cache DIR]``: time ``compile.precision: auto``'s search alone.
+
+Runs the search exactly as ``uadc compile RECIPE --target T`` does (same calibration, candidates,
+passes and threads) on the recipe's trained checkpoint, with nothing after it (no final compile,
+metrics or latency), and prints one JSON line: seconds, INT8 groups, nodes, timing-cache hit.
+To compare two versions of uadc on the same checkpoint, alternate runs with ``PYTHONPATH`` set to
+the other checkout (``git worktree add /tmp/old COMMIT``), sharing one ``--cache`` so that both
+reuse a profile where their graphs agree:
+
+    python -m bench.search_time recipes/stfpm_effnet_lite0.yaml --artifacts A --cache A/timing_cache
+    PYTHONPATH=/tmp/old python -m bench.search_time recipes/stfpm_effnet_lite0.yaml --artifacts A --cache A/timing_cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.search_time", description=__doc__.splitlines()[0])
+    ap.add_argument("recipe")
+    ap.add_argument("--artifacts", type=Path, default=None, help="artifacts root (default ./artifacts)")
+    ap.add_argument("--target", default="ort-cpu-int8")
+    ap.add_argument("--threads", type=int, default=None, help="default: the compile's")
+    ap.add_argument("--cache", type=Path, default=None, help="timing-cache folder (default: none, a fresh profile)")
+    args = ap.parse_args(argv)
+
+    import uadc
+    from uadc.config.targets import get_target
+    from uadc.pipeline.api import baseline
+    from uadc.pipeline.compile import CompileOptions, _pass_names
+    from uadc.pipeline.precision import auto_candidates, search_precision
+
+    b = baseline(args.recipe, artifacts=args.artifacts, threads=args.threads)
+    target = get_target(args.target)
+    opts = CompileOptions(target=args.target, precision="auto")
+    ptq = auto_candidates(b, target, opts)
+    fp32, _ = b.fp32_simplified
+    t0 = time.time()
+    auto = search_precision(b, target, fp32, ptq, _pass_names(b, target, opts), args.threads or b.threads,
+                            None, args.cache)
+    cache = auto.record["profile"]["timing_cache"]
+    print(json.dumps({"uadc": str(Path(uadc.__file__).parent), "seconds": round(time.time() - t0, 1),
+                      "int8_groups": auto.record["final"]["int8_groups"], "groups": len(auto.record["groups"]),
+                      "int8_nodes": len(auto.nodes), "timing_cache_hit": bool(cache and cache["hit"])}))
+
+
+if __name__ == "__main__":
+    main()
