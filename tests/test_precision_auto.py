@@ -17,6 +17,7 @@ from uadc.core.constants import QDQ_OPS
 from uadc.core.errors import UadcError
 from uadc.passes.groups import fused_groups
 from uadc.pipeline import precision as P
+from uadc.pipeline import precision_search as S
 from uadc.pipeline.compile import CompileOptions
 
 LOOSE = {"spearman_min": -1.0, "decision_agreement_min": 0.0, "top1_overlap_min": 0.0}
@@ -97,7 +98,7 @@ def test_recipe_validates_the_auto_fields(tmp_path, tiny_data):
             load_recipe(write_recipe(tmp_path / "bad.yaml", tiny_data, compile=bad))
 
 
-@pytest.mark.parametrize("target", ["trt-int8", "jetson-int8", "ort-cpu-fp32", "openvino-cpu-bf16"])
+@pytest.mark.parametrize("target", ["ort-cpu-fp32", "openvino-cpu-bf16", "trt-fp16"])
 def test_unsupported_target_is_a_one_line_error(make_base, tmp_path, target):
     with pytest.raises(UadcError, match=f"precision auto is not supported for target {target}") as e:
         uadc.compile(make_base(), target, precision="auto", out=tmp_path / "x", evaluate=False)
@@ -173,7 +174,7 @@ def test_search_is_deterministic_and_records_every_group(make_base, monkeypatch)
     chosen = {n for g, grp in zip(rec["groups"], groups) if g["precision"] == "int8" for n in grp.nodes}
     assert chosen == set(a.nodes)
     assert rec["final"]["within_budget"] and rec["steps"][0]["step"] == "fastest"
-    assert P.Fidelity(base, base.fp32, base.recipe.compile.auto, 1).passes(rec["final"]["fidelity"])
+    assert S.Fidelity(base, base.fp32, base.recipe.compile.auto, 1).passes(rec["final"]["fidelity"])
 
 
 def test_stricter_budget_keeps_more_groups_fp32(make_base, monkeypatch):
@@ -221,9 +222,9 @@ def test_cli_precision_option(make_base, tmp_path):
     ckpt = save_checkpoint(tmp_path / "ckpt.pt", base.model, base.recipe, [], ["stripes", "gray"])
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps(base.recipe.cfg))  # JSON is YAML
-    res = CliRunner().invoke(main, ["compile", str(recipe), "--checkpoint", str(ckpt), "--target", "trt-int8",
+    res = CliRunner().invoke(main, ["compile", str(recipe), "--checkpoint", str(ckpt), "--target", "jetson-fp16",
                                     "--precision", "auto", "--out", str(tmp_path / "x")])
-    assert res.exit_code == 2 and "error: precision auto is not supported for target trt-int8" in res.output
+    assert res.exit_code == 2 and "error: precision auto is not supported for target jetson-fp16" in res.output
     res = CliRunner().invoke(main, ["compile", str(recipe), "--precision", "fastest"])
     assert res.exit_code == 2 and "'fastest' is not one of 'target', 'auto'" in res.output
 
@@ -241,17 +242,17 @@ def test_sensitivity_units_are_runs_of_one_partition():
     from uadc.passes.groups import Group
     parts = ["teacher"] * 5 + ["student"] * 5 + ["head"]
     groups = [Group(f"g{i}", p, "Conv", (f"n{i}",), (i,)) for i, p in enumerate(parts)]
-    units = P._units(groups, frozenset({0, 1, 2, 3, 4, 5, 6, 8, 9, 10}), most=4)
+    units = S.units(groups, frozenset({0, 1, 2, 3, 4, 5, 6, 8, 9, 10}), most=4)
     assert units == [[0, 1, 2], [3, 4], [5, 6], [8, 9], [10]]   # size 3; partition and gaps cut a run
     assert all(len({groups[g].partition for g in u}) == 1 for u in units)
-    assert P._units(groups, frozenset(range(11)), most=40) == [[i] for i in range(11)]
-    assert sorted(g for u in P._units(groups, frozenset(range(11)), most=2) for g in u) == list(range(11))
+    assert S.units(groups, frozenset(range(11)), most=40) == [[i] for i in range(11)]
+    assert sorted(g for u in S.units(groups, frozenset(range(11)), most=2) for g in u) == list(range(11))
 
 
 def test_small_sets_rank_only_in_the_pool(make_base, monkeypatch):
     """One swap among a few images must not decide the search: a set under rank_min_images counts
     for the rank correlation only in the pool of every category (standardised per category)."""
-    fids = {name: P.Fidelity(b, b.fp32, b.recipe.compile.auto, 1)
+    fids = {name: S.Fidelity(b, b.fp32, b.recipe.compile.auto, 1)
             for name, b in (("alone", make_base(rank_min_images=3)), ("pooled", make_base(rank_min_images=4096)))}
     cat = next(iter(fids["alone"].normals))
     assert fids["alone"].rank_sets() == list(fids["alone"].normals) and fids["pooled"].rank_sets() == []
@@ -270,16 +271,16 @@ def test_small_sets_rank_only_in_the_pool(make_base, monkeypatch):
         return run
     figs = {}
     for name, fid in fids.items():
-        monkeypatch.setattr(P, "outputs_on", swapped(fid.ref))
+        monkeypatch.setattr(S, "outputs_on", swapped(fid.ref))
         figs[name] = fid.measure(fid.baseline.fp32)
     assert figs["alone"]["spearman"] < figs["pooled"]["spearman"] < 1.0
     assert figs["alone"]["decision_agreement"] == figs["pooled"]["decision_agreement"]
 
 
 def test_probe_index_takes_normals_with_their_pasted_copies():
-    assert P._probe_index(10, 5, 2).tolist() == [0, 1, 5, 6]
-    assert P._probe_index(4, None, 8).tolist() == [0, 1, 2, 3]   # N(0,1) inputs: no copies
-    assert P._probe_index(6, 3, 8).tolist() == [0, 1, 2, 3, 4, 5]
+    assert S._probe_index(10, 5, 2).tolist() == [0, 1, 5, 6]
+    assert S._probe_index(4, None, 8).tolist() == [0, 1, 2, 3]   # N(0,1) inputs: no copies
+    assert S._probe_index(6, 3, 8).tolist() == [0, 1, 2, 3, 4, 5]
 
 
 def test_openvino_bf16_auto_judges_fidelity_on_openvino(make_base, tmp_path, monkeypatch):

@@ -277,7 +277,10 @@ def _print_summary(res) -> None:
     if res.engine:
         click.echo(res.engine.get("status", ""))
     if (ps := res.extra.get("precision_search")) is not None:
-        click.echo(f"precision auto: {ps['final']['int8_groups']} groups INT8, {ps['final']['fp32_groups']} FP32; "
+        fs = ps.get("float_stage")  # TensorRT: the float layers' FP16/FP32 stage
+        floats = (f"{ps['final']['fp32_groups']} float; float layers: {fs['fp16_groups']} of {fs['groups']} groups "
+                  f"FP16, modelled on {ps['profile']['gpu']}") if fs else f"{ps['final']['fp32_groups']} FP32"
+        click.echo(f"precision auto: {ps['final']['int8_groups']} groups INT8, {floats}; "
                    f"search {ps['seconds']:.1f} s (report.md lists every decision)")
     dec = (res.deploy or {}).get("decisions")
     if dec:

@@ -4,9 +4,8 @@ The typed models below are the single source of truth: every key, its type, defa
 and meaning (``uadc recipe-schema`` prints them, ``--json`` as a JSON Schema for editors).
 Loading validates the whole document and reports the first problem with its key path
 (``model.backbone: 'resnet19' is not one of ...``). Relative paths resolve against the recipe.
-Numbers are finite and bounded, names are plain folder names: a recipe cannot make uadc
-allocate without bound or write outside its artifacts root.
-"""
+Numbers are finite and bounded, names are plain folder names: a recipe cannot make uadc allocate without
+bound or write outside its artifacts root."""
 
 from __future__ import annotations
 
@@ -184,22 +183,23 @@ class AutoPrecisionConfig(_Section):
                                     "inputs), how many rank the groups by their fidelity cost alone; every "
                                     "assignment the search keeps is judged on all of them")
     rank_min_images: int = Field(16, ge=3, le=4096, description="a set (a category's normals and their pasted "
-                                 "copies) needs this many images for its own score rank correlation; smaller sets "
-                                 "are ranked in the pool of every category (scores standardised per category by "
-                                 "the FP32 normals), where one swap among a few images cannot decide the search")
-    min_saving: float = Field(0.05, ge=0, le=1, description="INT8 counts as faster only if it saves this share "
-                              "of a group's FP32 time (and 2 µs): timing noise must not flip a decision")
+                                 "copies) needs this many images for its own score rank correlation; smaller sets are "
+                                 "ranked in the pool of every category (scores standardised per category by the FP32 "
+                                 "normals), where one swap among a few images cannot decide the search")
+    min_saving: float = Field(0.05, ge=0, le=1, description="INT8 counts as faster only if it saves this share of a "
+                              "group's FP32 time (and 2 µs when profiled): timing noise must not flip a decision")
     profile_runs: int = Field(100, ge=3, le=1000, description="profiled runs per model (each node's fastest counts)")
     timing_cache: bool = Field(True, description="keep the profiles in <artifacts>/<recipe>/timing_cache so a rerun "
                                "makes the same speed decisions (delete the folder to profile again)")
+    gpu: Optional[str] = Field(None, description="TensorRT: the GPU whose modelled latency prices the groups "
+                               "(orin-nano-8gb: jetson default, agx-orin-64gb, l4: trt default, h200)")
 
 
 class CompileConfig(_Section):
     target: str = "ort-cpu-int8"
-    precision: Literal["target", "auto"] = Field(
-        "target", description="target: the target's precision on the compile.quantize partitions; auto: per fused "
-        "group INT8 or FP32, the fastest assignment within the compile.auto budget (ort-cpu-int8, "
-        "openvino-cpu-int8, openvino-cpu-int8-bf16; speed from ONNX Runtime's profile, fidelity on the target's runtime)")
+    precision: Literal["target", "auto"] = Field("target", description="target: the target's precision on the "
+        "compile.quantize partitions; auto: per fused group INT8 or float, the fastest within the compile.auto budget "
+        "(CPU INT8 targets: ORT's profile; trt/jetson-int8 with --precision auto: FP16/FP32 too, modelled latency)")
     auto: AutoPrecisionConfig = Field(AutoPrecisionConfig(), description="budget of precision: auto")
     passes: Optional[list[str]] = Field(None, description="override the target's pass list")
     calibrator: Optional[str] = Field(None, description="default: the target's (entropy for TensorRT)")

@@ -14,6 +14,8 @@ MAX_CALIB_SAMPLES = 4096
 # Where precision auto applies: ORT's profile prices every group; the OpenVINO targets run the same
 # Q/DQ ONNX and take ORT's profile as their speed model (fidelity is checked on OpenVINO itself).
 AUTO_PRECISION_TARGETS = ("ort-cpu-int8", "openvino-cpu-int8", "openvino-cpu-int8-bf16")
+# Only on request (--precision auto): TensorRT's speed is a model here, not a measurement (uadc.pipeline.precision_trt).
+EXPLICIT_AUTO_TARGETS = ("trt-int8", "jetson-int8")
 
 
 def auto_applies(mode: str, target: Target, explicit: bool, qat: bool = False) -> bool:

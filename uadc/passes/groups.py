@@ -79,7 +79,7 @@ def fused_groups(model: onnx.ModelProto, partitions: list[str] | tuple[str, ...]
     return groups
 
 
-def _elements(model: onnx.ModelProto) -> dict[str, int]:
+def tensor_elements(model: onnx.ModelProto) -> dict[str, int]:
     """Elements of every tensor at batch 1 (symbolic dims count 1; unknown shapes count 0)."""
     g = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
     out = {}
@@ -95,7 +95,7 @@ class Boundaries:
 
     def __init__(self, model: onnx.ModelProto, groups: list[Group]):
         self.g = GraphIndex(model)
-        self.elements = _elements(model)
+        self.elements = tensor_elements(model)
         self.floats = float_tensors(model)
         self.group_of = {k: gi for gi, grp in enumerate(groups) for k in grp.index}
         self.outputs = {o.name for o in model.graph.output}

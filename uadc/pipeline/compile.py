@@ -29,9 +29,11 @@ from uadc.core.manifest import write_manifest
 from uadc.export.onnx_export import partition_bytes, split_partitions
 from uadc.export.partitions import partition_counts, partition_of
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
+from uadc.passes.simulate import simulate_fp16
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.deploy import bank_runner, deploy_evaluation, finalize_model, target_predictor
 from uadc.pipeline.precision import AutoPrecision, auto_candidates, search_precision
+from uadc.pipeline.precision_trt import fp32_layers
 from uadc.quant.calibrate import calibrate_ranges
 from uadc.report.markdown import render_markdown
 from uadc.report.results import CompileResult, Latency, Metrics
@@ -109,15 +111,19 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
         environment=environment(threads))
     if auto is not None:
         result.extra["precision_search"] = auto.record
+    fp16 = auto.fp16_nodes - set(auto.nodes) if auto is not None and auto.fp16_nodes else frozenset()
+    judged = simulate_fp16(compiled, fp16) if fp16 else compiled  # TensorRT: as its FP16 layers round
     if opts.evaluate:
-        result.metrics = _metrics(baseline, compiled, target)
-    dep = deploy_evaluation(baseline, compiled, threads, decisions=opts.evaluate,
+        result.metrics = _metrics(baseline, judged, target, bool(fp16))
+    dep = deploy_evaluation(baseline, judged, threads, decisions=opts.evaluate,
                             predictor=target_predictor(target, threads))
     result.deploy = dep.section
     postprocess = baseline.recipe.deploy.postprocess if opts.postprocess is None else opts.postprocess
     compiled, manifest = finalize_model(baseline, compiled, target, dep.thresholds, postprocess)
+    layers = fp32_layers(compiled, auto.nodes, auto.fp16_nodes) if auto is not None and auto.fp16_nodes is not None \
+        else None
     with atomic_dir(out, replace=True) as tmp:
-        _write_artifacts(tmp, baseline, compiled, result, calib, target, opts)
+        _write_artifacts(tmp, baseline, compiled, result, calib, target, opts, layers)
         write_manifest(tmp, manifest)   # last: hashes every file above
     result.path = out
     log.info("artifact written: %s", out)
@@ -215,7 +221,7 @@ def _latency(baseline: Baseline, compiled: onnx.ModelProto, target: Target, thre
                    batch=1, threads=threads, runtime=runtime, emulated=emulated, deployed=deployed)
 
 
-def _metrics(baseline: Baseline, compiled: onnx.ModelProto, target: Target) -> Metrics:
+def _metrics(baseline: Baseline, compiled: onnx.ModelProto, target: Target, fp16: bool = False) -> Metrics:
     fp32 = baseline.fp32_metrics.to_dict()
     on_target = target_predictor(target, baseline.threads)
     comp = (evaluate(on_target(compiled), baseline.test_arrays, baseline.recipe.eval.batch_size, target.name)
@@ -224,13 +230,14 @@ def _metrics(baseline: Baseline, compiled: onnx.ModelProto, target: Target) -> M
     note = None
     if emulated:
         note = (f"TensorRT is not run here: 'compiled' is the {target.precision} ONNX evaluated with ONNX Runtime "
-                "on the CPU. On the device TensorRT fuses layers and may pick FP16 tactics for un-quantized "
-                "layers, so figures can differ slightly.")
+                "on the CPU" + (", its FP16 layers simulated (weights and activations rounded). " if fp16 else
+                ". ") + "On the device TensorRT fuses layers and may pick other tactics, so figures can differ "
+                "slightly.")
     return Metrics(fp32, comp, _drops(fp32, comp), runtime, note if target.quantized else None)
 
 
 def _write_artifacts(tmp: Path, baseline: Baseline, compiled, result: CompileResult, calib, target: Target,
-                     opts: CompileOptions) -> None:
+                     opts: CompileOptions, fp32_layers: list[str] | None = None) -> None:
     onnx.save(compiled, str(tmp / MODEL_FILE))
     from uadc.pipeline.verify import write_golden_files
     write_golden_files(tmp, baseline, compiled)  # FP32 reference outputs for `uadc verify` / polygraphy run
@@ -245,7 +252,7 @@ def _write_artifacts(tmp: Path, baseline: Baseline, compiled, result: CompileRes
         run_metrics = (lambda predict: evaluate(predict, baseline.test_arrays, 8, "tensorrt")) if opts.evaluate \
             else None
         result.engine = write_trt_files(tmp, compiled, baseline.fp32, target, calib, baseline.size,
-                                        opts.build_engine, run_metrics, baseline.sample_feeds())
+                                        opts.build_engine, run_metrics, baseline.sample_feeds(), fp32_layers)
     atomic_write_json(tmp / REPORT_FILE, result.to_dict())
     atomic_write_text(tmp / REPORT_MD, render_markdown(result.to_dict()))
 

@@ -25,17 +25,28 @@ PRECISION_NOTES = {
 }
 
 
-def build_settings(target: Target) -> trt_backend.BuildSettings:
-    return trt_backend.BuildSettings(precision=target.precision,
+AUTO_NOTE = ("Precision auto: INT8 where the ONNX carries Q/DQ, FP32 for the layers named in --layerPrecisions "
+             "(obeyed), FP16 for every other float layer; weak typing, so TensorRT 8.5-10.x. TensorRT 11 (always "
+             "strongly typed) runs the FP16 choices in FP32.")
+
+
+def build_settings(target: Target, fp32_layers: list[str] | None = None,
+                   qdq: bool = True) -> trt_backend.BuildSettings:
+    """``fp32_layers``: precision auto's layers kept FP32 (the build then runs the other float ones FP16);
+    where it quantized nothing (no Q/DQ: ``qdq`` False) the build is FP16 with those layers FP32."""
+    precision = target.precision if fp32_layers is None or qdq else "fp16"
+    return trt_backend.BuildSettings(precision=precision,
                                      workspace_mb=int(target.builder.get("workspace_mb", 1024)),
                                      max_batch=int(target.builder.get("max_batch", 8)),
-                                     timing_cache="timing.cache")
+                                     timing_cache="timing.cache",
+                                     fp32_layers=tuple(fp32_layers) if fp32_layers is not None else None)
 
 
 def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto, target: Target, calib: dict | None,
-                    image_size: int, build: bool, run_metrics=None, feeds=None) -> dict:
+                    image_size: int, build: bool, run_metrics=None, feeds=None,
+                    fp32_layers: list[str] | None = None) -> dict:
     """Writes the bundle into ``out``; returns the report's ``engine`` section."""
-    settings = build_settings(target)
+    settings = build_settings(target, fp32_layers, trt_backend.has_qdq(compiled))
     shape = (3, image_size, image_size)
     cache = None
     if calib and calib.get("ranges"):
@@ -43,7 +54,7 @@ def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto,
         amax = {k: max(abs(lo), abs(hi)) for k, (lo, hi) in calib["ranges"].items() if max(abs(lo), abs(hi)) > 0}
         write_calibration_cache(out / "calibration.cache", amax)
         cache = "calibration.cache"
-    write_build_script(out, settings, shape, target)
+    write_build_script(out, settings, shape, target, AUTO_NOTE if fp32_layers is not None else None)
     violations = check_trt_rules(compiled)
     section = {"status": "engine: not built (no TensorRT here)", "trt_rule_violations": len(violations),
                "build_script": "build_engine.sh", "calibration_cache": cache,
@@ -69,7 +80,7 @@ def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto,
     return section
 
 
-def write_build_script(out: Path, settings, shape, target: Target) -> Path:
+def write_build_script(out: Path, settings, shape, target: Target, note: str | None = None) -> Path:
     return trt_backend.write_build_script(out, "model.onnx", settings, shape,
                                           min_trt_version=target.min_trt_version or "8.5",
-                                          precision_note=PRECISION_NOTES[target.precision])
+                                          precision_note=note or PRECISION_NOTES[target.precision])

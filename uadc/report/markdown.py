@@ -74,15 +74,26 @@ def _deploy_lines(d: dict) -> list[str]:
     return lines + [""]
 
 
+def _speed_line(p: dict) -> str:
+    f, prof = p["final"], p["profile"]
+    if "gpu" in prof:  # TensorRT: modelled, not profiled
+        fs = p["float_stage"]
+        return (f"- modelled on {prof['gpu']} ({prof['model']}): float layers {fs['fp16_groups']} of "
+                f"{fs['groups']} groups FP16 (the rest FP32); INT8 candidates all float {prof['float_us']:.1f} µs, "
+                f"all INT8 {prof['all_int8_us']:.1f} µs, chosen {f['predicted_us']:.1f} µs")
+    return (f"- predicted (ORT profile, batch {prof['batch']}): all FP32 {prof['fp32_us']:.0f} µs, all INT8 "
+            f"{prof['all_int8_us']:.0f} µs, chosen {f['predicted_us']:.0f} µs")
+
+
 def _precision_lines(p: dict) -> list[str]:
     """``precision: auto``: every group's decision with its speed each way and fidelity cost."""
-    f, prof = p["final"], p["profile"]
+    f = p["final"]
+    fp16 = "float_stage" in p
     budget = ", ".join(f"{k} ≥ {v:g}" for k, v in p["budget"].items())
     lines = ["## Precision search (precision: auto)", "",
-             f"- {f['int8_groups']} groups INT8, {f['fp32_groups']} FP32, chosen in {p['seconds']:.1f} s; "
-             f"budget {budget}",
-             f"- predicted (ORT profile, batch {prof['batch']}): all FP32 {prof['fp32_us']:.0f} µs, all INT8 "
-             f"{prof['all_int8_us']:.0f} µs, chosen {f['predicted_us']:.0f} µs",
+             f"- {f['int8_groups']} groups INT8, {f['fp32_groups']} {'float' if fp16 else 'FP32'}, chosen in "
+             f"{p['seconds']:.1f} s; budget {budget}",
+             _speed_line(p),
              f"- fidelity of the chosen assignment vs FP32 (run on {p.get('fidelity_runtime', 'onnxruntime CPU')}): "
              + ", ".join(f"{k} {v:.4f}" for k, v in f["fidelity"].items()),
              "- fidelity cost: of the group's unit (consecutive INT8 groups quantized alone, probe images: "
@@ -92,14 +103,18 @@ def _precision_lines(p: dict) -> list[str]:
              "| step | INT8 groups | predicted µs | " + " | ".join(p["budget"]) + " |",
              "|---|---:|---:|" + "---:|" * len(p["budget"])]
     for st in p["steps"]:
-        lines.append(f"| {st['step']} | {st['int8_groups']} | {st['predicted_us']:.0f} | "
+        lines.append(f"| {st['step']} | {st['int8_groups']} | {st['predicted_us']:.1f} | "
                      + " | ".join(f"{st['fidelity'][k]:.4f}" for k in p["budget"]) + " |")
-    lines += ["", "| group | partition | op | precision | FP32 µs | INT8 µs | fidelity cost | why |",
-              "|---|---|---|---|---:|---:|---:|---|"]
+    lines += ["", f"| group | partition | op | precision | FP32 µs |{' FP16 µs |' if fp16 else ''} INT8 µs | "
+              "fidelity cost | why |", f"|---|---|---|---|---:|{'---:|' if fp16 else ''}---:|---:|---|"]
     for g in p["groups"]:
         cost = "" if g["fidelity_cost"] is None else f"{g['fidelity_cost']:.4f}"
-        lines.append(f"| {g['name']} | {g['partition']} | {g['op']} | {g['precision']} | {g['fp32_us']:.1f} | "
+        half = f" {g['fp16_us']:.1f} |" if fp16 else ""
+        lines.append(f"| {g['name']} | {g['partition']} | {g['op']} | {g['precision']} | {g['fp32_us']:.1f} |{half} "
                      f"{g['int8_us']:.1f} | {cost} | {g['reason']} |")
+    if fp16:
+        lines += ["", "Float groups kept FP32 by the float stage: " + (", ".join(
+            f"{g['name']} ({g['reason']})" for g in p["float_stage"]["kept_fp32"]) or "none") + "."]
     return lines + [""]
 
 

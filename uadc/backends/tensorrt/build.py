@@ -68,11 +68,13 @@ def build_engine(
 
 def _build(trt: Any, onnx_path: Path, plan: BuildPlan, settings: BuildSettings, chw: tuple[int, ...],
            calib_cache: str | os.PathLike | None) -> bytes:
-    from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
+    from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath, SetLayerPrecisions
     from polygraphy.exception import PolygraphyException
 
     # TensorRT 11 has no STRONGLY_TYPED flag (every network is); the plan names it only where it exists.
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed="STRONGLY_TYPED" in plan.network_flags or None)
+    if plan.fp32_layers:  # precision auto: these layers FP32, the other float layers FP16
+        network = SetLayerPrecisions(network, {name: trt.float32 for name in plan.fp32_layers})
     config = _create_config(trt, plan, settings, chw, calib_cache)
     timing = str(settings.timing_cache) if settings.timing_cache is not None else None
     with quiet_third_party() as log:  # Polygraphy's logger prints; keep it for the error text
@@ -98,6 +100,7 @@ def _create_config(trt: Any, plan: BuildPlan, settings: BuildSettings, chw: tupl
         builder_optimization_level=settings.builder_optimization_level,
         load_timing_cache=str(timing) if timing is not None and Path(timing).is_file() else None,
         calibrator=_cache_calibrator(trt, Path(calib_cache), plan) if plan.calibration else None,
+        precision_constraints="obey" if plan.fp32_layers else None,
     )
     if settings.dla_core is None:
         return config

@@ -71,6 +71,8 @@ def _trtexec_args(
         args.append("--noTF32")
     if plan.strongly_typed and plan.major < 11:
         args.append("--stronglyTyped")  # TensorRT 11 is always strongly typed
+    if plan.fp32_layers:  # precision auto (trtexec >= 8.2 takes both)
+        args += ["--precisionConstraints=obey", "--layerPrecisions=" + ",".join(f"{n}:fp32" for n in plan.fp32_layers)]
     if calibration:
         args += [f"--calib={calib_cache}", f"--optShapesCalib={IMAGE_INPUT}:{shapes['opt']}"]
     if settings.dla_core is not None:

@@ -118,6 +118,9 @@ class BuildSettings:
     ``timing_cache``: file loaded before and saved after the build (speeds up
     rebuilds on the same GPU/TensorRT); relative to the bundle in build scripts.
     ``precision="fp32"`` also switches TF32 off, so the engine matches ONNX Runtime.
+    ``fp32_layers``: a mixed-precision build (``precision: auto``): INT8 from the Q/DQ nodes, these
+    layers FP32 (obeyed layer precisions) and every other float layer FP16; needs weak typing, so
+    TensorRT 11 (always strongly typed) runs them all in the model's FP32 instead.
     """
 
     precision: str = "fp32"
@@ -131,8 +134,11 @@ class BuildSettings:
     strongly_typed: bool | None = None
     builder_optimization_level: int | None = None
     int8_fp16_fallback: bool = True
+    fp32_layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.fp32_layers is not None:
+            _check_layer_names(self)
         if self.precision not in PRECISIONS:
             raise UadcError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.workspace_mb, int) or self.workspace_mb <= 0:
@@ -175,6 +181,7 @@ class BuildPlan:
     cleared_flags: tuple[str, ...]
     calibration: bool
     notes: tuple[str, ...] = field(default=())
+    fp32_layers: tuple[str, ...] = ()   # layer precisions to set (obeyed); empty: none
 
     @property
     def major(self) -> int:
@@ -215,6 +222,9 @@ def plan_build(
         notes.append("strongly typed network on DLA: only layers the model types as FP16/INT8 can run on DLA")
     if settings.dla_core is not None and settings.min_batch != settings.max_batch:
         notes.append("DLA is meant for static shapes: set min_batch = opt_batch = max_batch, or layers may fall back")
+    if settings.fp32_layers is not None and strongly:
+        notes.append("TensorRT 11 networks are strongly typed: the layers precision auto chose FP16 run in the "
+                     "model's FP32 type (slower than modelled, as accurate as FP32)")
     network_flags = (("EXPLICIT_BATCH",) if major < 10 else ()) + (
         ("STRONGLY_TYPED",) if strongly and major < 11 else ()
     )
@@ -227,6 +237,7 @@ def plan_build(
         cleared_flags=("TF32",) if settings.precision == "fp32" else (),
         calibration=calibration,
         notes=tuple(notes),
+        fp32_layers=tuple(settings.fp32_layers or ()) if not strongly else (),
     )
 
 
@@ -274,8 +285,8 @@ def _choose_strong_typing(settings: BuildSettings, major: int, calibration: bool
                 "strongly typed networks need TensorRT >= 10 (NetworkDefinitionCreationFlag.STRONGLY_TYPED)"
             )
         return True
-    if settings.strongly_typed is False:
-        return False
+    if settings.strongly_typed is False or settings.fp32_layers is not None:
+        return False  # layer precisions (precision auto) need weak typing
     return major >= 10 and settings.precision == "int8" and not calibration and settings.dla_core is None
 
 
@@ -291,6 +302,14 @@ def _builder_flags(settings: BuildSettings, strongly: bool) -> tuple[str, ...]:
     if settings.dla_core is not None and settings.gpu_fallback:
         flags.append("GPU_FALLBACK")
     return tuple(flags)
+
+
+def _check_layer_names(settings: BuildSettings) -> None:
+    if settings.precision == "fp32" or settings.strongly_typed is True:
+        raise UadcError("fp32_layers (a precision auto build) needs precision 'int8' or 'fp16' and weak typing")
+    bad = [n for n in settings.fp32_layers if not isinstance(n, str) or not n or any(c in n for c in ",: \n")]
+    if bad:
+        raise UadcError(f"fp32_layers: {bad[0]!r} is not a layer name trtexec can take (no ',', ':' or spaces)")
 
 
 def check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:

@@ -1,0 +1,196 @@
+"""``--precision auto`` on TensorRT targets: a modelled latency per fused group in FP32, FP16 and
+INT8 (``uadc.backends.tensorrt.cost``), FP16 layers simulated for fidelity (``uadc.passes.simulate``),
+and the engine build keeping the FP32 layers by obeyed layer precisions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import uadc
+from uadc.backends.tensorrt import BuildSettings, plan_build, trtexec_command
+from uadc.backends.tensorrt.cost import GPUS, gpu_spec, group_time_us, group_times, node_work
+from uadc.core.errors import UadcError
+from uadc.passes.groups import fused_groups, tensor_elements
+from uadc.passes.simulate import simulate_fp16
+
+LOOSE = {"spearman_min": -1.0, "decision_agreement_min": 0.0, "top1_overlap_min": 0.0}
+SMALL = {"val_images": 4, "random_images": 4, "sensitivity_images": 2}
+
+
+def _convs(size: int = 64, channels: int = 64) -> onnx.ModelProto:
+    """image -> 1x1 conv -> Relu -> 3x3 depthwise conv -> Add (residual) -> out."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((channels, 3, 1, 1)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((channels, 1, 3, 3)).astype(np.float32) / 3, "w2")
+    nodes = [helper.make_node("Conv", ["image", "w1"], ["a"], name="conv1"),
+             helper.make_node("Relu", ["a"], ["b"], name="relu1"),
+             helper.make_node("Conv", ["b", "w2"], ["c"], name="dw", group=channels, pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "b"], ["out"], name="add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                         [1, 3, size, size])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, channels, size, size])], [w1, w2])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"image": x})[0]
+
+
+def test_roofline_prices_each_precision():
+    model = _convs(size=128, channels=256)
+    spec = GPUS["orin-nano-8gb"]
+    g = {n.name: n for n in model.graph.node}
+    elements, inits = tensor_elements(model), {i.name: i for i in model.graph.initializer}
+    conv = node_work(g["conv1"], elements, inits)
+    assert conv.dense and conv.macs == 128 * 128 * 256 * 3 and conv.weights == 256 * 3
+    dw = node_work(g["dw"], elements, inits)
+    assert not dw.dense and dw.macs == 128 * 128 * 256 * 9
+    # by hand: max(compute, memory) + one launch, at each precision's rate and bytes
+    for p, nbytes in (("fp32", 4), ("fp16", 2), ("int8", 1)):
+        compute = dw.macs / spec.rate(p, False)
+        memory = (dw.activations + dw.weights) * nbytes / spec.bytes_per_us()
+        assert group_time_us([dw], p, spec) == pytest.approx(max(compute, memory) + spec.launch_us)
+    add = node_work(g["add"], elements, inits)
+    assert group_time_us([add], "fp16", spec) == pytest.approx(add.activations // 2 * 2 / spec.bytes_per_us())
+    times = group_times(model, fused_groups(model, ["teacher", "student", "head"]) or [], spec)
+    assert all(len(v) == 0 for v in times.values())  # untagged nodes: no partition, no group
+
+
+def test_tagged_groups_are_faster_in_lower_precision(make_tagged):
+    model = make_tagged
+    groups = fused_groups(model, ["student"])
+    assert [g.op for g in groups] == ["Conv 1x1 + Relu", "Conv 3x3 dw", "Add"]
+    for name in GPUS:
+        t = group_times(model, groups, GPUS[name])
+        assert (t["int8"] <= t["fp16"]).all() and (t["fp16"] <= t["fp32"]).all()
+        assert t["fp16"][0] < t["fp32"][0]  # the dense convolution gains on tensor cores
+    assert gpu_spec(None, "jetson").name == "orin-nano-8gb" and gpu_spec(None, "gpu").name == "l4"
+    with pytest.raises(UadcError, match="compile.auto.gpu: 'tpu' is not one of"):
+        gpu_spec("tpu", "gpu")
+
+
+@pytest.fixture
+def make_tagged():
+    model = _convs()
+    for n in model.graph.node:
+        n.name = f"student/{n.name}"
+        n.metadata_props.add(key="uadc.partition", value="student")
+    return model
+
+
+def test_fp16_simulation_rounds_only_the_chosen_nodes():
+    model = _convs(size=16)
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    ref = _run(model, x)
+    assert np.array_equal(_run(simulate_fp16(model, []), x), ref)
+    sim = simulate_fp16(model, ["add"])
+    out = _run(sim, x)
+    scale = np.abs(ref).max()
+    assert 0 < np.abs(out - ref).max() <= 3 * 2**-11 * scale  # three roundings of at most 2^-11 relative
+    assert np.array_equal(out, out.astype(np.float16).astype(np.float32))  # the output is FP16-stored
+    whole = _run(simulate_fp16(model, ["conv1", "relu1", "dw", "add"]), x)
+    assert 0 < np.abs(whole - ref).max() <= 1e-2 * scale
+    assert len(model.graph.node) == 4  # the input model is left alone
+    onnx.checker.check_model(sim)
+
+
+def test_layer_precisions_build_plan_and_trtexec():
+    s = BuildSettings(precision="int8", fp32_layers=("student/add", "head/node_Mul_3"))
+    for version in ("8.5.2", "10.3.0"):
+        plan = plan_build(s, version, has_qdq=True)
+        assert not plan.strongly_typed and {"INT8", "FP16"} <= set(plan.builder_flags)
+        assert plan.fp32_layers == ("student/add", "head/node_Mul_3")
+    eleven = plan_build(s, "11.0.0", has_qdq=True)
+    assert eleven.strongly_typed and eleven.fp32_layers == () and "strongly typed" in eleven.notes[0]
+    cmd = trtexec_command("model.onnx", s, (3, 64, 64), trt_version="10.3")
+    assert "--precisionConstraints=obey" in cmd and "--layerPrecisions=student/add:fp32,head/node_Mul_3:fp32" in cmd
+    assert "--layerPrecisions" not in trtexec_command("model.onnx", BuildSettings(precision="int8"), (3, 64, 64))
+    half = plan_build(BuildSettings(precision="fp16", fp32_layers=("a",)), "10.3.0", has_qdq=False)
+    assert half.builder_flags == ("FP16",) and half.fp32_layers == ("a",)  # precision auto quantized nothing
+    for bad in (dict(precision="fp32"), dict(precision="int8", strongly_typed=True)):
+        with pytest.raises(UadcError, match="fp32_layers"):
+            BuildSettings(fp32_layers=("a",), **bad)
+    with pytest.raises(UadcError, match="'a,b' is not a layer name"):
+        BuildSettings(precision="int8", fp32_layers=("a,b",))
+
+
+@pytest.fixture(scope="module")
+def trt_base(tmp_path_factory, tiny_data):
+    from conftest import write_recipe
+    from uadc.config.recipe import load_recipe
+    from uadc.models import build_model
+    d = tmp_path_factory.mktemp("trt_auto")
+    recipe = load_recipe(write_recipe(d / "tiny.yaml", tiny_data, train={"threads": 1}, data={"val_fraction": 0.25},
+                                      compile={"auto": {**SMALL, **LOOSE}}))
+    torch.manual_seed(0)
+    return uadc.baseline(build_model(recipe.cfg["model"], recipe.data.image_size), recipe, threads=1)
+
+
+def test_trt_auto_assigns_int8_fp16_fp32_and_ships_the_fp32_layers(trt_base, tmp_path):
+    runs = [uadc.compile(trt_base, "jetson-int8", precision="auto", out=tmp_path / f"a{i}", evaluate=False)
+            for i in range(2)]
+    recs = [json.loads((r.path / "report.json").read_text())["precision_search"] for r in runs]
+    assert [g["precision"] for g in recs[0]["groups"]] == [g["precision"] for g in recs[1]["groups"]]
+    rec = recs[0]
+    assert rec["profile"]["gpu"] == "orin-nano-8gb" and rec["fidelity_runtime"].endswith("(FP16 layers simulated)")
+    assert rec["float_stage"]["fp16_groups"] > 0 and rec["final"]["int8_groups"] > 0  # a loose budget takes both
+    for g in rec["groups"]:
+        assert g["op"].split()[0] in ("Conv", "MatMul", "Gemm", "Add") and g["fp16_us"] <= g["fp32_us"]
+    model = onnx.load(str(runs[0].path / "model.onnx"))
+    names = {n.name for n in model.graph.node}
+    script = (runs[0].path / "build_engine.sh").read_text()
+    spec = script.split("--layerPrecisions=")[1].split()[0].strip("'\"")
+    layers = [item.rsplit(":", 1) for item in spec.split(",")]
+    assert layers and all(p == "fp32" and n in names for n, p in layers)
+    assert "Precision auto" in (runs[0].path / "README.md").read_text()
+
+
+def test_fp16_that_breaks_the_budget_stays_fp32(trt_base, tmp_path, monkeypatch):
+    """Where FP16 costs too much fidelity (here a stand-in that also perturbs the FP16 layers'
+    weights by 30 %), the float stage returns groups to FP32 until the budget holds, and the
+    bundle keeps them FP32."""
+    import zlib
+    from uadc.pipeline import precision as P, precision_trt as T
+
+    def coarse(model, nodes):  # deterministic: the same nodes, the same perturbation
+        out = simulate_fp16(model, nodes)
+        for init in out.graph.initializer:
+            if init.name.endswith("__fp16w"):
+                w = numpy_helper.to_array(init)
+                rng = np.random.default_rng(zlib.crc32(init.name.encode()))
+                init.CopyFrom(numpy_helper.from_array(w * (1 + 0.3 * rng.standard_normal(w.shape)).astype(w.dtype),
+                                                      init.name))
+        return out
+    monkeypatch.setattr(T, "simulate_fp16", coarse)
+    monkeypatch.setattr(P, "simulate_fp16", coarse)
+    default = trt_base.recipe.with_overrides(compile={"auto": {"spearman_min": 0.99, "decision_agreement_min": 0.99,
+                                                               "top1_overlap_min": 0.9}})
+    base = uadc.baseline(trt_base.model, default, threads=1)
+    r = uadc.compile(base, "trt-int8", precision="auto", out=tmp_path / "s", evaluate=False)
+    rec = json.loads((r.path / "report.json").read_text())["precision_search"]
+    assert rec["profile"]["gpu"] == "l4" and rec["final"]["within_budget"]
+    fs = rec["float_stage"]
+    assert fs["fp16_groups"] < fs["groups"] and fs["steps"][0]["fidelity"]["spearman"] < 0.99
+    reverted = [g["name"] for g in fs["kept_fp32"] if g["reason"] == "fidelity budget"]
+    assert reverted and all(g["fidelity_cost"] is not None for g in fs["kept_fp32"] if g["name"] in reverted)
+    assert {g["precision"] for g in rec["groups"] if g["name"] in reverted} <= {"int8", "fp32"}
+    script = (r.path / "build_engine.sh").read_text()
+    assert ("--int8" in script) == (rec["final"]["int8_groups"] > 0)
+    kept = script.split("--layerPrecisions=")[1].split()[0]
+    int8 = {g["name"] for g in rec["groups"] if g["precision"] == "int8"}
+    assert all(f"{name}:fp32" in kept.split(",") for name in reverted if name not in int8)
+
+
+def test_unknown_gpu_fails_before_any_work(trt_base, tmp_path):
+    base = uadc.baseline(trt_base.model, trt_base.recipe.with_overrides(compile={"auto": {"gpu": "tpu"}}), threads=1)
+    with pytest.raises(UadcError, match="compile.auto.gpu: 'tpu' is not one of orin-nano-8gb") as e:
+        uadc.compile(base, "jetson-int8", precision="auto", out=tmp_path / "x", evaluate=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
