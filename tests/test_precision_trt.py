@@ -112,6 +112,7 @@ def test_layer_precisions_build_plan_and_trtexec():
     assert eleven.strongly_typed and eleven.fp32_layers == () and "strongly typed" in eleven.notes[0]
     cmd = trtexec_command("model.onnx", s, (3, 64, 64), trt_version="10.3")
     assert "--precisionConstraints=obey" in cmd and "--layerPrecisions=student/add:fp32,head/node_Mul_3:fp32" in cmd
+    assert "--noTF32" in cmd  # the pinned layers run IEEE FP32, as the search judged them
     assert "--layerPrecisions" not in trtexec_command("model.onnx", BuildSettings(precision="int8"), (3, 64, 64))
     half = plan_build(BuildSettings(precision="fp16", fp32_layers=("a",)), "10.3.0", has_qdq=False)
     assert half.builder_flags == ("FP16",) and half.fp32_layers == ("a",)  # precision auto quantized nothing

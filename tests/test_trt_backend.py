@@ -698,3 +698,34 @@ def test_engine_input_shape_comes_from_the_onnx_graph(tmp_path):
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
     with pytest.raises(UadcError, match="fixed batch of 2"):
         _onnx_chw(model, BuildSettings())
+
+
+def test_precision_auto_build_maps_fp32_layers_onto_polygraphy(tmp_path, monkeypatch):
+    """Without TensorRT: the build hands Polygraphy the layer precisions, obeyed constraints,
+    INT8 + FP16 and no TF32 (a stand-in ``tensorrt`` module and engine builder record them)."""
+    import types
+
+    import polygraphy.backend.trt as poly_trt
+    from uadc.backends.tensorrt import build as build_mod
+    fake = types.SimpleNamespace(__version__="10.3.0", float32="FLOAT32",
+                                 MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"))
+    seen = {}
+
+    class Recorder:
+        def __init__(self, network, config=None, save_timing_cache=None):
+            seen["network"], seen["config"] = network, config
+
+        def __call__(self):
+            return b"engine"
+    monkeypatch.setattr(build_mod, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(poly_trt, "EngineBytesFromNetwork", Recorder)
+    onnx.save(qdq_model(), str(tmp_path / "m.onnx"))
+    settings = BuildSettings(precision="int8", fp32_layers=("conv",), max_batch=2)
+    assert build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", settings).read_bytes() == b"engine"
+    assert isinstance(seen["network"], poly_trt.SetLayerPrecisions)
+    config = seen["config"]
+    assert config.precision_constraints == "obey" and config.fp16 and config.int8 and not config.tf32
+    plain = BuildSettings(precision="int8", strongly_typed=False, max_batch=2)
+    build_engine(tmp_path / "m.onnx", tmp_path / "p.engine", plain)
+    assert not isinstance(seen["network"], poly_trt.SetLayerPrecisions)
+    assert seen["config"].precision_constraints is None

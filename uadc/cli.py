@@ -199,7 +199,8 @@ def _partitions(value: str | None) -> list[str] | None:
 @click.option("--calib-samples", type=click.IntRange(min=1, max=4096), default=None)
 @click.option("--quantize", default=None, help="partitions to quantize, e.g. student or student,teacher")
 @click.option("--precision", type=click.Choice(["target", "auto"]), default=None, help="auto: INT8/FP32 per fused "
-              "group within the recipe's compile.auto budget (default: the recipe's compile.precision)")
+              "group within the recipe's compile.auto budget (trt/jetson-int8: INT8/FP16/FP32 from a latency model; "
+              "default: the recipe's compile.precision)")
 @click.option("--per-channel/--per-tensor", default=None, help="weight scales (default: the target's)")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="artifact folder")
 @click.option("--force", is_flag=True, help="replace an existing uadc artifact folder at --out")
