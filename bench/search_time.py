@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     auto = search_precision(b, target, fp32, ptq, _pass_names(b, target, opts), args.threads or b.threads,
                             None, args.cache)
-    cache = auto.record["profile"]["timing_cache"]
+    cache = auto.record["profile"].get("timing_cache")  # TensorRT: a latency model, no profile
     print(json.dumps({"uadc": str(Path(uadc.__file__).parent), "seconds": round(time.time() - t0, 1),
                       "int8_groups": auto.record["final"]["int8_groups"], "groups": len(auto.record["groups"]),
-                      "int8_nodes": len(auto.nodes), "timing_cache_hit": bool(cache and cache["hit"])}))
+                      "int8_nodes": len(auto.nodes), "timing_cache_hit": bool(cache and cache["hit"]),
+                      "fp16_groups": auto.record.get("float_stage", {}).get("fp16_groups")}))
 
 
 if __name__ == "__main__":

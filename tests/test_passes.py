@@ -279,20 +279,22 @@ def test_qdq_student_and_head(images):
             assert all(prod.get(t) is None or prod[t].op_type != "DequantizeLinear" for t in n.input)
 
 
+@pytest.mark.parametrize("target", ["ort-cpu-int8", "trt-int8"])
 @pytest.mark.parametrize("per_channel", [None, False])
-def test_weight_params_from_one_quantization_give_the_same_model(images, per_channel):
+def test_weight_params_from_one_quantization_give_the_same_model(images, per_channel, target):
     """The precision search feeds the weight scales ORT computed once back to every candidate: the
-    candidate must come out byte for byte as ORT builds it alone, and the scales must be used."""
+    candidate must come out byte for byte as ORT builds it alone, and the scales must be used
+    (TensorRT's scheme keeps float weights behind a Q/DQ pair: the scales are read from its Q)."""
     from uadc.passes.qdq import weight_quant_params
 
     model = tiny_kd()
-    ranges = _calibrated_parts(model, images, ["teacher", "student"])
-    full = quantize_qdq(model, _ctx("ort-cpu-int8", ranges=ranges, per_channel=per_channel,
+    ranges = _calibrated_parts(model, images, ["teacher", "student"], target)
+    full = quantize_qdq(model, _ctx(target, ranges=ranges, per_channel=per_channel,
                                     quantize_partitions=["teacher", "student"]))
     params = weight_quant_params(full)
     assert {"t1.w", "t2.w", "s1.w", "s2.w"} <= set(params)
     assert len(params["s1.w"]) == (C if per_channel is None else 1)
-    ctx = _ctx("ort-cpu-int8", ranges=ranges, per_channel=per_channel, quantize_partitions=["student"])
+    ctx = _ctx(target, ranges=ranges, per_channel=per_channel, quantize_partitions=["student"])
     alone = quantize_qdq(model, ctx)
     reused = quantize_qdq(model, replace(ctx, weight_params=params))
     assert reused.SerializeToString() == alone.SerializeToString()

@@ -135,9 +135,13 @@ def trt_base(tmp_path_factory, tiny_data):
     return uadc.baseline(build_model(recipe.cfg["model"], recipe.data.image_size), recipe, threads=1)
 
 
-def test_trt_auto_assigns_int8_fp16_fp32_and_ships_the_fp32_layers(trt_base, tmp_path):
+def test_trt_auto_assigns_int8_fp16_fp32_and_ships_the_fp32_layers(trt_base, tmp_path, monkeypatch):
+    from uadc.passes.pipeline import PASSES, opset_of
+    opset_runs, opset = [], PASSES["opset"]
+    monkeypatch.setitem(PASSES, "opset", lambda m, ctx: opset_runs.append(1) or opset(m, ctx))
     runs = [uadc.compile(trt_base, "jetson-int8", precision="auto", out=tmp_path / f"a{i}", evaluate=False)
             for i in range(2)]
+    assert len(opset_runs) == 2  # the search's candidates skip it (same ORT outputs); each shipped model runs it
     recs = [json.loads((r.path / "report.json").read_text())["precision_search"] for r in runs]
     assert [g["precision"] for g in recs[0]["groups"]] == [g["precision"] for g in recs[1]["groups"]]
     rec = recs[0]
@@ -146,6 +150,7 @@ def test_trt_auto_assigns_int8_fp16_fp32_and_ships_the_fp32_layers(trt_base, tmp
     for g in rec["groups"]:
         assert g["op"].split()[0] in ("Conv", "MatMul", "Gemm", "Add") and g["fp16_us"] <= g["fp32_us"]
     model = onnx.load(str(runs[0].path / "model.onnx"))
+    assert opset_of(model) == 17
     names = {n.name for n in model.graph.node}
     script = (runs[0].path / "build_engine.sh").read_text()
     spec = script.split("--layerPrecisions=")[1].split()[0].strip("'\"")

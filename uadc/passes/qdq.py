@@ -126,27 +126,38 @@ def _overrides(params: dict[str, tuple[float, int]], forks: dict[str, str], acti
 
 def weight_quant_params(model: onnx.ModelProto) -> dict[str, list[dict]]:
     """Scale, zero point (and per-channel axis) of every weight ORT quantized in ``model`` (its
-    integer ``*_quantized`` initializers behind a DequantizeLinear), as TensorQuantOverrides entries
-    for ``PassContext.weight_params``. They depend only on the weight, the scheme and the input range
-    (ORT widens a weight's scale when the int32 bias would overflow), so every candidate of one search
-    shares them."""
+    integer ``*_quantized`` initializers behind a DequantizeLinear; on TensorRT targets the float
+    weight behind its QuantizeLinear), as TensorQuantOverrides entries for ``PassContext.weight_params``.
+    They depend only on the weight, the scheme and the input range (ORT widens a weight's scale when
+    the int32 bias would overflow), so every candidate of one search shares them."""
     inits = {i.name: i for i in model.graph.initializer}
     out: dict[str, list[dict]] = {}
     for n in model.graph.node:
-        q = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
-        if q is None or not n.input[0].endswith(WEIGHT_SUFFIX) or q.data_type not in _WEIGHT_TYPES \
-                or len(n.input) < 3 or not {n.input[1], n.input[2]} <= inits.keys():
+        name = _quantized_weight(n, inits)
+        if name is None or len(n.input) < 3 or not {n.input[1], n.input[2]} <= inits.keys():
             continue
         scale = onnx.numpy_helper.to_array(inits[n.input[1]])
         zero = onnx.numpy_helper.to_array(inits[n.input[2]])
         axis = next((a.i for a in n.attribute if a.name == "axis"), None)
-        name = n.input[0][:-len(WEIGHT_SUFFIX)]
         if scale.ndim == 0:
             out[name] = [{"scale": scale, "zero_point": zero}]
         else:
             out[name] = [{"scale": np.array(s), "zero_point": np.array(z)} for s, z in zip(scale, zero)]
             out[name][0]["axis"] = 1 if axis is None else axis  # DequantizeLinear's default axis
     return out
+
+
+def _quantized_weight(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> str | None:
+    """The float weight whose quantization ``node`` holds, if it does: ORT CPU's integer weight
+    behind a DequantizeLinear, or TensorRT's float weight into a QuantizeLinear (``AddQDQPairToWeight``)."""
+    t = inits.get(node.input[0]) if node.input else None
+    if t is None:
+        return None
+    if node.op_type == "DequantizeLinear" and node.input[0].endswith(WEIGHT_SUFFIX) and t.data_type in _WEIGHT_TYPES:
+        return node.input[0][:-len(WEIGHT_SUFFIX)]
+    if node.op_type == "QuantizeLinear" and t.data_type == onnx.TensorProto.FLOAT:
+        return node.input[0]
+    return None
 
 
 def _weight_overrides(params: dict[str, list[dict]], model: onnx.ModelProto) -> dict[str, list[dict]]:

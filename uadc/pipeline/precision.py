@@ -120,13 +120,18 @@ def _group_times(times: list[NodeTime], model: onnx.ModelProto,
 
 # ----------------------------------------------------------------------------------- search
 
+# Target passes the candidates skip: they leave ONNX Runtime's outputs as they are (``opset`` rewrites
+# operator encodings for TensorRT 8.5 and checks its own numerics), and the compiled model runs them.
+SEARCH_SKIPS = ("opset",)
+
 class _Search(Candidates):
     """INT8 assignments of ``groups``, built by the target's passes; on TensorRT targets the
     float stage's FP16 nodes (``fp16_nodes``) are simulated in every candidate."""
 
     def __init__(self, baseline: Baseline, target: Target, fp32: onnx.ModelProto, ptq: PtqSettings,
                  passes: list[str], threads: int, groups: list[Group], ranges: dict):
-        self.fp32, self.passes, self.groups = fp32, passes, groups
+        self.fp32, self.groups = fp32, groups
+        self.passes = [p for p in passes if p not in SEARCH_SKIPS]
         self.ctx = PassContext(target=target, ranges=ranges, per_channel=ptq.per_channel,
                                bank_images=baseline.bank_images, bank_runner=bank_runner(target, threads))
         self.budget = baseline.recipe.compile.auto
