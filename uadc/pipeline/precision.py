@@ -124,6 +124,7 @@ def _group_times(times: list[NodeTime], model: onnx.ModelProto,
 # operator encodings for TensorRT 8.5 and checks its own numerics), and the compiled model runs them.
 SEARCH_SKIPS = ("opset",)
 
+
 class _Search(Candidates):
     """INT8 assignments of ``groups``, built by the target's passes; on TensorRT targets the
     float stage's FP16 nodes (``fp16_nodes``) are simulated in every candidate."""
