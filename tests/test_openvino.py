@@ -58,16 +58,24 @@ def test_openvino_fp32_and_int8_compile_verify_and_report(base, tmp_path):
     report = json.loads((tmp_path / "fp32" / "report.json").read_text())
     assert report["runtime"] == "openvino" and report["environment"]["openvino"] == ov.version()
     assert "on openvino" in (tmp_path / "fp32" / "report.md").read_text()
+    fp32_path = tmp_path / "fp32" / "model.onnx"
 
     int8 = uadc.compile(base, "openvino-cpu-int8", out=tmp_path / "int8", latency_runs=3, threads=1)
     assert sum(int8.qdq_nodes.values()) > 0 and int8.latency.runtime == "openvino CPU"
-    # OpenVINO runs the very Q/DQ ONNX that ONNX Runtime runs: maps and scores agree closely.
+    # OpenVINO runs the very Q/DQ ONNX that ONNX Runtime runs. Two INT8 kernels round differently
+    # (and by CPU: VNNI, AMX), so the maps are compared through the FP32 model: OpenVINO's INT8 map
+    # departs from it about as far as ONNX Runtime's does; not float (no departure), not broken.
     path = tmp_path / "int8" / "model.onnx"
     x = base.sample_feeds(1, 4)[0]["image"]
     amap_ov, score_ov = ov.infer_fn(ov.compile_model(path, 1))(x)
     amap_ort, score_ort = make_session(path, 1).run(None, {"image": x})
+    amap_fp32, _ = make_session(fp32_path, 1).run(None, {"image": x})
     assert amap_ov.shape == amap_ort.shape and score_ov.shape == score_ort.shape
-    assert np.corrcoef(amap_ov.ravel(), amap_ort.ravel())[0, 1] > 0.99
+    assert np.corrcoef(amap_ov.ravel(), amap_ort.ravel())[0, 1] > 0.95
+
+    def departure(amap):
+        return float(np.abs(amap - amap_fp32).mean() / np.abs(amap_fp32).mean())
+    assert 0.25 < departure(amap_ov) / departure(amap_ort) < 3.0
 
 
 def test_openvino_reports_unloadable_model(tmp_path):
