@@ -1,6 +1,7 @@
 """``--precision auto`` on TensorRT targets: a modelled latency per fused group in FP32, FP16 and
 INT8 (``uadc.backends.tensorrt.cost``), FP16 layers simulated for fidelity (``uadc.passes.simulate``),
-and the engine build keeping the FP32 layers by obeyed layer precisions."""
+the shipped model with those layers FP16-typed (``type_fp16``: strongly typed TensorRT 10/11 runs
+exactly them) and, on TensorRT 8.x, the FP32 layers kept by obeyed layer precisions."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import uadc
 from uadc.backends.tensorrt import BuildSettings, plan_build, trtexec_command
+from uadc.backends.tensorrt import build as trt_backend
 from uadc.backends.tensorrt.cost import GPUS, gpu_spec, group_time_us, group_times, node_work
 from uadc.core.errors import UadcError
 from uadc.passes.groups import fused_groups, tensor_elements
-from uadc.passes.simulate import simulate_fp16
+from uadc.passes.simulate import simulate_fp16, type_fp16
 
 LOOSE = {"spearman_min": -1.0, "decision_agreement_min": 0.0, "top1_overlap_min": 0.0}
 SMALL = {"val_images": 4, "random_images": 4, "sensitivity_images": 2}
@@ -102,6 +104,52 @@ def test_fp16_simulation_rounds_only_the_chosen_nodes():
     onnx.checker.check_model(sim)
 
 
+def test_fp16_typed_model_runs_the_chosen_nodes_in_fp16():
+    model = _convs(size=16)
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    ref = _run(model, x)
+    scale = np.abs(ref).max()
+    for nodes in (["conv1", "relu1", "dw", "add"], ["dw"], ["add"]):
+        typed = type_fp16(model, nodes)
+        onnx.checker.check_model(typed, full_check=True)
+        inits = {i.name: i.data_type for i in typed.graph.initializer}
+        by_name = {n.name: n for n in typed.graph.node}
+        for name in nodes:  # FP16 weights; every input and output FP16 (shape inference says so)
+            assert all(inits[t] == TensorProto.FLOAT16 for t in by_name[name].input if t in inits)
+        types = {v.name: v.type.tensor_type.elem_type
+                 for v in onnx.shape_inference.infer_shapes(typed, strict_mode=True).graph.value_info}
+        for name in nodes:
+            assert all(types[t] == TensorProto.FLOAT16 for t in by_name[name].output)
+        other = [n for n in typed.graph.node if n.name not in nodes and n.op_type != "Cast"]
+        assert all(types.get(t, TensorProto.FLOAT) == TensorProto.FLOAT for n in other for t in n.output)
+        casts = [n for n in typed.graph.node if n.op_type == "Cast"]
+        assert typed.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+        assert typed.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+        out, sim = _run(typed, x), _run(simulate_fp16(model, nodes), x)
+        assert 0 < np.abs(out - ref).max() <= 1e-2 * scale or nodes == ["add"]
+        assert np.abs(out - sim).max() <= 4 * 2**-11 * scale  # rounds where the simulation rounds
+        if nodes == ["dw"]:  # Relu's output read by dw (FP16) and by add (FP32): one cast each way
+            assert len(casts) == 2
+    whole = type_fp16(model, ["conv1", "relu1", "dw", "add"])
+    assert [n.op_type for n in whole.graph.node] == ["Cast", "Conv", "Relu", "Conv", "Add", "Cast"]  # no inner casts
+    assert len(model.graph.node) == 4 and type_fp16(model, []) == model  # the input model is left alone
+
+
+def test_fp16_typed_model_keeps_fixed_float_inputs():
+    """Resize's ``scales`` is always float32 (its schema says so): only X and the output turn FP16."""
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    node = helper.make_node("Resize", ["image", "", "scales"], ["out"], name="up", mode="linear")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 8, 8])], [scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    typed = type_fp16(model, ["up"])
+    onnx.checker.check_model(typed, full_check=True)
+    assert [i.data_type for i in typed.graph.initializer] == [TensorProto.FLOAT]
+    assert [n.op_type for n in typed.graph.node] == ["Cast", "Resize", "Cast"]
+    x = np.random.default_rng(0).standard_normal((1, 3, 4, 4)).astype(np.float32)
+    assert np.allclose(_run(typed, x), _run(model, x), atol=1e-2)
+
+
 def test_layer_precisions_build_plan_and_trtexec():
     s = BuildSettings(precision="int8", fp32_layers=("student/add", "head/node_Mul_3"))
     for version in ("8.5.2", "10.3.0"):
@@ -114,6 +162,16 @@ def test_layer_precisions_build_plan_and_trtexec():
     assert "--precisionConstraints=obey" in cmd and "--layerPrecisions=student/add:fp32,head/node_Mul_3:fp32" in cmd
     assert "--noTF32" in cmd  # the pinned layers run IEEE FP32, as the search judged them
     assert "--layerPrecisions" not in trtexec_command("model.onnx", BuildSettings(precision="int8"), (3, 64, 64))
+    # the shipped model types its FP16 layers: strongly typed from 10.x on, no layer precisions or flags
+    for version in ("10.3.0", "11.0.0"):
+        typed = plan_build(s, version, has_qdq=True, fp16_model=True)
+        assert typed.strongly_typed and typed.fp32_layers == () and typed.builder_flags == () and not typed.notes
+        assert typed.cleared_flags == ("TF32",)
+    assert not plan_build(s, "8.5.2", has_qdq=True, fp16_model=True).strongly_typed  # 8.x: no strong typing
+    dla = BuildSettings(precision="int8", fp32_layers=("a",), dla_core=0)
+    assert not plan_build(dla, "10.3.0", has_qdq=True, fp16_model=True).strongly_typed  # DLA: weak
+    cmd10 = trtexec_command("model.onnx", s, (3, 64, 64), trt_version="10.3", fp16_model=True)
+    assert "--stronglyTyped" in cmd10 and "--layerPrecisions" not in cmd10 and "--int8" not in cmd10
     half = plan_build(BuildSettings(precision="fp16", fp32_layers=("a",)), "10.3.0", has_qdq=False)
     assert half.builder_flags == ("FP16",) and half.fp32_layers == ("a",)  # precision auto quantized nothing
     for bad in (dict(precision="fp32"), dict(precision="int8", strongly_typed=True)):
@@ -139,8 +197,9 @@ def test_trt_auto_assigns_int8_fp16_fp32_and_ships_the_fp32_layers(trt_base, tmp
     from uadc.passes.pipeline import PASSES, opset_of
     opset_runs, opset = [], PASSES["opset"]
     monkeypatch.setitem(PASSES, "opset", lambda m, ctx: opset_runs.append(1) or opset(m, ctx))
-    runs = [uadc.compile(trt_base, "jetson-int8", precision="auto", out=tmp_path / f"a{i}", evaluate=False)
-            for i in range(2)]
+    # INT8 candidates in the student only: the loose budget takes them all, the teacher's and head's stay FP16
+    runs = [uadc.compile(trt_base, "jetson-int8", precision="auto", out=tmp_path / f"a{i}", evaluate=False,
+                         quantize=["student"]) for i in range(2)]
     assert len(opset_runs) == 2  # the search's candidates skip it (same ORT outputs); each shipped model runs it
     recs = [json.loads((r.path / "report.json").read_text())["precision_search"] for r in runs]
     assert [g["precision"] for g in recs[0]["groups"]] == [g["precision"] for g in recs[1]["groups"]]
@@ -152,11 +211,25 @@ def test_trt_auto_assigns_int8_fp16_fp32_and_ships_the_fp32_layers(trt_base, tmp
     model = onnx.load(str(runs[0].path / "model.onnx"))
     assert opset_of(model) == 17
     names = {n.name for n in model.graph.node}
+    # the chosen FP16 nodes are FP16-typed in the shipped model, and it computes what was judged
+    half = {n.name for n in model.graph.node if any(
+        i.name == t and i.data_type == TensorProto.FLOAT16 for t in n.input for i in model.graph.initializer)}
+    assert half and trt_backend.is_fp16_model(model)
+    typed, int8 = runs[0].verification["fp16_typed_vs_simulated"], runs[0].verification["fp32_vs_compiled"]
+    assert typed["nodes_fp16"] >= len(half) and typed["outputs"]["anomaly_map"]["max_rel"] < 0.02
+    assert typed["max_abs"] < 0.1 * int8["max_abs"]  # FP16-sized differences, far below the INT8 ones
     script = (runs[0].path / "build_engine.sh").read_text()
-    spec = script.split("--layerPrecisions=")[1].split()[0].strip("'\"")
+    eleven, rest = script.split("elif (( major >= 10 ))")
+    ten, eight = rest.rsplit("\nelse\n", 1)
+    for cmd in (eleven.split("major >= 11")[1], ten):  # strongly typed (always on 11): the model's types rule
+        assert "--layerPrecisions" not in cmd and "--fp16" not in cmd and "--int8" not in cmd
+    assert "--stronglyTyped" in ten
+    spec = eight.split("--layerPrecisions=")[1].split()[0].strip("'\"")  # TensorRT 8.x: weak typing + pins
     layers = [item.rsplit(":", 1) for item in spec.split(",")]
-    assert layers and all(p == "fp32" and n in names for n, p in layers)
+    assert layers and all(p == "fp32" and n in names and n not in half for n, p in layers)
+    assert "--fp16" in eight and "--int8" in eight
     assert "Precision auto" in (runs[0].path / "README.md").read_text()
+    assert "nodes FP16-typed) vs their simulation" in (runs[0].path / "report.md").read_text()
 
 
 def test_fp16_that_breaks_the_budget_stays_fp32(trt_base, tmp_path, monkeypatch):

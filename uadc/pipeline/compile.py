@@ -29,7 +29,7 @@ from uadc.core.manifest import write_manifest
 from uadc.export.onnx_export import partition_bytes, split_partitions
 from uadc.export.partitions import partition_counts, partition_of
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
-from uadc.passes.simulate import simulate_fp16
+from uadc.passes.simulate import simulate_fp16, type_fp16
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.deploy import bank_runner, deploy_evaluation, finalize_model, target_predictor
 from uadc.pipeline.precision import AutoPrecision, auto_candidates, search_precision
@@ -113,6 +113,10 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
         result.extra["precision_search"] = auto.record
     fp16 = auto.fp16_nodes - set(auto.nodes) if auto is not None and auto.fp16_nodes else frozenset()
     judged = simulate_fp16(compiled, fp16) if fp16 else compiled  # TensorRT: as its FP16 layers round
+    if fp16:  # ship those layers FP16-typed (strongly typed TensorRT runs exactly them), checked against `judged`
+        compiled, result.verification["fp16_typed_vs_simulated"] = _typed(baseline, compiled, judged, fp16, threads)
+        result.nodes, result.bytes = partition_counts(compiled), partition_bytes(compiled)
+        result.model_bytes = compiled.ByteSize()
     if opts.evaluate:
         result.metrics = _metrics(baseline, judged, target, bool(fp16))
     dep = deploy_evaluation(baseline, judged, threads, decisions=opts.evaluate,
@@ -186,6 +190,16 @@ def _verify(baseline: Baseline, compiled: onnx.ModelProto, target: Target, threa
                         baseline.sample_feeds())  # statistics only: INT8 is expected to differ
     return {"torch_vs_ort_fp32": {k: tvo[k] for k in ("passed", "max_abs", "mean_abs", "atol", "outputs")},
             "fp32_vs_compiled": {k: fvc[k] for k in ("max_abs", "mean_abs", "outputs")}}
+
+
+def _typed(baseline: Baseline, compiled: onnx.ModelProto, judged: onnx.ModelProto, fp16: frozenset[str],
+           threads: int) -> tuple[onnx.ModelProto, dict]:
+    """The model with the ``fp16`` nodes FP16-typed, and its outputs against the simulation's
+    (ONNX Runtime may skip a rounding the simulation makes: FP16-sized differences are expected)."""
+    typed = type_fp16(compiled, fp16)
+    stats = compare_stats([ort_runner(judged, "fp16-simulated", threads), ort_runner(typed, "fp16-typed", threads)],
+                          baseline.sample_feeds())
+    return typed, {"nodes_fp16": len(fp16), **{k: stats[k] for k in ("max_abs", "mean_abs", "outputs")}}
 
 
 def _runtime_label(target: Target, used: str | None = None) -> tuple[str, bool]:

@@ -14,9 +14,11 @@ kernel on the chosen GPU, ``compile.auto.gpu``), fidelity is measured as for the
    ops in float between Q/DQ), each priced against its float-stage precision, searched as on the
    CPU targets with the FP16 layers simulated in every candidate.
 
-The compiled model carries Q/DQ for the INT8 groups; ``fp32_layers`` names the layers TensorRT must
-keep in FP32 (everything neither INT8 nor chosen FP16), which the engine build applies as layer
-precisions with the FP16 flag and obeyed precision constraints (``uadc.backends.tensorrt``).
+The compiled model carries Q/DQ for the INT8 groups and types the chosen FP16 layers FP16
+(``uadc.passes.simulate.type_fp16``), so a strongly typed build (TensorRT 10.x, 11) runs exactly the
+assignment. For weakly typed builds (8.x, DLA) ``fp32_layers`` names the layers TensorRT must keep
+in FP32 (everything neither INT8 nor chosen FP16), applied as layer precisions with the FP16 flag
+and obeyed precision constraints (``uadc.backends.tensorrt``).
 """
 
 from __future__ import annotations
@@ -104,8 +106,9 @@ def trt_cost_model(fp32: onnx.ModelProto, groups: list[Group], spec: GpuSpec, st
 
 def fp32_layers(compiled: onnx.ModelProto, int8_nodes: list[str], fp16_nodes: frozenset[str]) -> list[str]:
     """Float nodes of the compiled model TensorRT must keep FP32: neither quantized nor chosen FP16
-    (nodes the passes added count as FP32, the safe side; shape arithmetic is not float)."""
+    (nodes the passes added count as FP32, the safe side; shape arithmetic is not float; a Cast's
+    type is its ``to``)."""
     skip = set(int8_nodes) | fp16_nodes
     floats = float_tensors(compiled)
-    return [n.name for n in compiled.graph.node if n.op_type not in QDQ_OPS and n.name and n.name not in skip
-            and any(o in floats for o in n.output)]
+    return [n.name for n in compiled.graph.node if n.op_type not in (*QDQ_OPS, "Cast") and n.name
+            and n.name not in skip and any(o in floats for o in n.output)]

@@ -25,9 +25,9 @@ PRECISION_NOTES = {
 }
 
 
-AUTO_NOTE = ("Precision auto: INT8 where the ONNX carries Q/DQ, FP32 for the layers named in --layerPrecisions "
-             "(obeyed), FP16 for every other float layer; weak typing, so TensorRT 8.5-10.x. TensorRT 11 (always "
-             "strongly typed) runs the FP16 choices in FP32.")
+AUTO_NOTE = ("Precision auto: INT8 where the ONNX carries Q/DQ, FP16 where it is FP16-typed, FP32 elsewhere. "
+             "TensorRT 10.x and 11 build it strongly typed, so the engine runs exactly that assignment; 8.x (and "
+             "DLA) build it weakly typed with --fp16 and the FP32 layers named in --layerPrecisions (obeyed).")
 
 
 def build_settings(target: Target, fp32_layers: list[str] | None = None,

@@ -9,7 +9,9 @@
   ``batch`` and ``threads``; ``deployed`` (ONNX Runtime targets, more than one thread): ``compiled``
   as ``uadc predict`` runs it (``uadc.backends.parallel``), with its ``schedule``
 - ``verification``: ``torch_vs_ort_fp32`` {passed, max_abs, mean_abs, atol, outputs} and
-  ``fp32_vs_compiled`` {max_abs, mean_abs, outputs}
+  ``fp32_vs_compiled`` {max_abs, mean_abs, outputs}; TensorRT precision auto with FP16 layers:
+  ``fp16_typed_vs_simulated`` {nodes_fp16, max_abs, mean_abs, outputs} (the shipped FP16-typed
+  model against the simulation its AUROC comes from, both on ONNX Runtime)
 - ``bytes`` (initializer bytes per partition), ``model_bytes``, ``nodes`` and ``qdq_nodes`` per
   partition, ``passes`` [{name, seconds, nodes_before, nodes_after}], ``compile_seconds``
 - ``environment`` (cpu, cores, threads, versions), ``engine`` (TensorRT targets)
@@ -132,7 +134,12 @@ def render_markdown(r: dict) -> str:
               f"- torch eager FP32 vs ONNX Runtime FP32: **{'PASSED' if t['passed'] else 'FAILED'}** "
               f"(max abs {t['max_abs']:.3g}, atol {t['atol']:g})",
               f"- ONNX Runtime FP32 vs compiled: max abs {v['fp32_vs_compiled']['max_abs']:.4g}, "
-              f"mean abs {v['fp32_vs_compiled']['mean_abs']:.4g}", ""]
+              f"mean abs {v['fp32_vs_compiled']['mean_abs']:.4g}"]
+    if "fp16_typed_vs_simulated" in v:
+        f = v["fp16_typed_vs_simulated"]
+        lines.append(f"- shipped model ({f['nodes_fp16']} nodes FP16-typed) vs their simulation: "
+                     f"max abs {f['max_abs']:.4g}, mean abs {f['mean_abs']:.4g}")
+    lines.append("")
     if "metrics" in r:
         lines += ["## Anomaly-detection metrics", ""]
         if "compiled_note" in r["metrics"]:

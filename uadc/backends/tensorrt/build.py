@@ -164,9 +164,11 @@ def has_qdq(model: onnx.ModelProto) -> bool:
 
 
 def is_fp16_model(model: onnx.ModelProto) -> bool:
-    """FP16-typed (e.g. AutoCast or the ``fp16`` pass) models carry FP16/BF16 weights."""
+    """FP16-typed models (AutoCast, the ``fp16`` pass, precision auto's FP16 layers) carry FP16/BF16
+    weights or cast activations to FP16/BF16."""
     half = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-    return any(init.data_type in half for init in model.graph.initializer)
+    return any(init.data_type in half for init in model.graph.initializer) or any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i in half for a in n.attribute) for n in model.graph.node)
 
 
 def _onnx_chw(model: onnx.ModelProto, settings: BuildSettings) -> tuple[int, ...]:

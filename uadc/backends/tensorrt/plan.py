@@ -23,6 +23,9 @@ DLA targets, which cannot run the FP32 layers a strongly typed FP32 Q/DQ model
 keeps, and everything on 8.x). With strong typing the layers between Q/DQ pairs
 run in the model's float type (FP32 for an FP32 export); set
 ``strongly_typed=False`` on 10.x to let TensorRT pick FP16 for them instead.
+A precision auto build (``fp32_layers`` set) is strongly typed on 10.x and 11 when its model
+types the chosen FP16 layers (``uadc.passes.simulate.type_fp16``), so TensorRT runs exactly the
+chosen assignment; on 8.x and DLA it is weakly typed with those layers' precisions obeyed.
 
 ``tensorrt`` and Polygraphy's TensorRT parts are imported lazily: this module
 imports and writes build scripts on machines without TensorRT or a GPU.
@@ -119,8 +122,9 @@ class BuildSettings:
     rebuilds on the same GPU/TensorRT); relative to the bundle in build scripts.
     ``precision="fp32"`` also switches TF32 off, so the engine matches ONNX Runtime.
     ``fp32_layers``: a mixed-precision build (``precision: auto``): INT8 from the Q/DQ nodes, these
-    layers FP32 (obeyed layer precisions) and every other float layer FP16; needs weak typing, so
-    TensorRT 11 (always strongly typed) runs them all in the model's FP32 instead.
+    layers FP32 and every other float layer FP16. With an FP16-typed model on TensorRT >= 10 (not
+    DLA) the build is strongly typed and the model's types say it; otherwise weak typing with these
+    layer precisions obeyed (an FP32-typed model on TensorRT 11 runs its FP16 choices in FP32).
     """
 
     precision: str = "fp32"
@@ -207,7 +211,7 @@ def plan_build(
     if version[:2] < MIN_TRT:
         raise UadcError(f"TensorRT {trt_version} is too old; uadc needs TensorRT >= 8.4 (8.5 on JetPack 5)")
     _check_precision_request(settings, version, has_qdq, calibration)
-    strongly = _choose_strong_typing(settings, major, calibration)
+    strongly = _choose_strong_typing(settings, major, calibration, fp16_model)
     if strongly and settings.precision == "fp16" and not fp16_model:
         raise UadcError(
             "a strongly typed network takes its precision from the model, and the model is not FP16-typed: "
@@ -222,7 +226,7 @@ def plan_build(
         notes.append("strongly typed network on DLA: only layers the model types as FP16/INT8 can run on DLA")
     if settings.dla_core is not None and settings.min_batch != settings.max_batch:
         notes.append("DLA is meant for static shapes: set min_batch = opt_batch = max_batch, or layers may fall back")
-    if settings.fp32_layers is not None and strongly:
+    if settings.fp32_layers is not None and strongly and not fp16_model:
         notes.append("TensorRT 11 networks are strongly typed: the layers precision auto chose FP16 run in the "
                      "model's FP32 type (slower than modelled, as accurate as FP32)")
     network_flags = (("EXPLICIT_BATCH",) if major < 10 else ()) + (
@@ -275,7 +279,7 @@ def _check_precision_request(
         )
 
 
-def _choose_strong_typing(settings: BuildSettings, major: int, calibration: bool) -> bool:
+def _choose_strong_typing(settings: BuildSettings, major: int, calibration: bool, fp16_model: bool) -> bool:
     if major >= 11:
         if settings.strongly_typed is False:
             raise UadcError("TensorRT 11 networks are always strongly typed; strongly_typed=False is impossible")
@@ -286,8 +290,10 @@ def _choose_strong_typing(settings: BuildSettings, major: int, calibration: bool
                 "strongly typed networks need TensorRT >= 10 (NetworkDefinitionCreationFlag.STRONGLY_TYPED)"
             )
         return True
-    if settings.strongly_typed is False or settings.fp32_layers is not None:
-        return False  # layer precisions (precision auto) need weak typing
+    if settings.strongly_typed is False:
+        return False
+    if settings.fp32_layers is not None:  # precision auto: its FP16 layers typed in the model run exactly as chosen
+        return fp16_model and major >= 10 and settings.dla_core is None  # else weak typing and layer precisions
     return major >= 10 and settings.precision == "int8" and not calibration and settings.dla_core is None
 
 
