@@ -38,7 +38,7 @@ def _convs(size: int = 64, channels: int = 64) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
                                                                          [1, 3, size, size])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, channels, size, size])], [w1, w2])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -141,7 +141,7 @@ def test_fp16_typed_model_keeps_fixed_float_inputs():
     node = helper.make_node("Resize", ["image", "", "scales"], ["out"], name="up", mode="linear")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 4, 4])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 8, 8])], [scales])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     typed = type_fp16(model, ["up"])
     onnx.checker.check_model(typed, full_check=True)
     assert [i.data_type for i in typed.graph.initializer] == [TensorProto.FLOAT]
