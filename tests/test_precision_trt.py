@@ -195,12 +195,14 @@ def trt_base(tmp_path_factory, tiny_data):
 
 def test_trt_auto_assigns_int8_fp16_fp32_and_ships_the_fp32_layers(trt_base, tmp_path, monkeypatch):
     from uadc.passes.pipeline import PASSES, opset_of
-    opset_runs, opset = [], PASSES["opset"]
-    monkeypatch.setitem(PASSES, "opset", lambda m, ctx: opset_runs.append(1) or opset(m, ctx))
+    opset_runs, opset, cleanup = [], PASSES["opset"], PASSES["cleanup"]
+    monkeypatch.setitem(PASSES, "opset", lambda m, ctx: opset_runs.append("opset") or opset(m, ctx))
+    monkeypatch.setitem(PASSES, "cleanup", lambda m, ctx: opset_runs.append("cleanup") or cleanup(m, ctx))
     # INT8 candidates in the student only: the loose budget takes them all, the teacher's and head's stay FP16
     runs = [uadc.compile(trt_base, "jetson-int8", precision="auto", out=tmp_path / f"a{i}", evaluate=False,
                          quantize=["student"]) for i in range(2)]
-    assert len(opset_runs) == 2  # the search's candidates skip it (same ORT outputs); each shipped model runs it
+    # the search's candidates skip both (same ORT outputs); each shipped model runs them
+    assert opset_runs == ["opset", "cleanup"] * 2
     recs = [json.loads((r.path / "report.json").read_text())["precision_search"] for r in runs]
     assert [g["precision"] for g in recs[0]["groups"]] == [g["precision"] for g in recs[1]["groups"]]
     rec = recs[0]

@@ -121,8 +121,9 @@ def _group_times(times: list[NodeTime], model: onnx.ModelProto,
 # ----------------------------------------------------------------------------------- search
 
 # Target passes the candidates skip: they leave ONNX Runtime's outputs as they are (``opset`` rewrites
-# operator encodings for TensorRT 8.5 and checks its own numerics), and the compiled model runs them.
-SEARCH_SKIPS = ("opset",)
+# operator encodings for TensorRT 8.5 and checks its own numerics; ``cleanup`` drops unread nodes and
+# initializers, sorts and runs the checker), and the compiled model runs them.
+SEARCH_SKIPS = ("opset", "cleanup")
 
 
 class _Search(Candidates):
