@@ -191,10 +191,60 @@ def test_compiled_bank_is_described_by_the_compiled_teacher(knn_trained, tmp_pat
     np.testing.assert_allclose(bank, (desc - desc.mean(0)).T, atol=1e-5)   # centred, as ImageKNN.set_bank
 
 
-def test_bank_of_another_size_is_refused(knn_trained):
+def _input_qdq(graph, scale: float = 0.05) -> None:
+    """A Q/DQ pair on the image input: the teacher's descriptors move, so ``knn_bank`` runs."""
     import onnx
 
     from uadc.core.constants import INPUT_NAME
+    q = onnx.helper.make_node("QuantizeLinear", [INPUT_NAME, "qs", "qz"], ["input_q"], name="teacher/q")
+    dq = onnx.helper.make_node("DequantizeLinear", ["input_q", "qs", "qz"], ["input_dq"], name="teacher/dq")
+    g = graph.graph
+    for n in g.node:
+        n.input[:] = ["input_dq" if i == INPUT_NAME else i for i in n.input]
+    g.node.insert(0, dq)
+    g.node.insert(0, q)
+    g.initializer.extend([onnx.numpy_helper.from_array(np.float32(scale), "qs"),
+                          onnx.numpy_helper.from_array(np.uint8(128), "qz")])
+
+
+def test_probe_bank_of_the_nearest_entries_scores_as_the_whole_bank(knn_trained):
+    """``bank_subset`` (the precision search's probes): describing only the FP32 nearest bank entries
+    of the scored images gives those images the scores the whole re-described bank gives."""
+    from uadc.config.recipe import load_recipe
+    from uadc.config.targets import get_target
+    from uadc.core.constants import INPUT_NAME
+    from uadc.core.ort_session import make_session
+    from uadc.export.onnx_export import export_model
+    from uadc.models.heads import BANK_INITIALIZER
+    from uadc.passes.knn import bank_neighbours, knn_bank
+    from uadc.passes.pipeline import PassContext
+    from uadc.pipeline.baseline import Baseline, resolve_source
+    from uadc.training.checkpoint import load_checkpoint
+    path, art, _ = knn_trained
+    recipe = load_recipe(path)
+    base = Baseline(recipe, resolve_source(None, recipe, art))
+    bank = base.bank_images()
+    model, _ = load_checkpoint(art / "knn" / "checkpoint.pt")
+    fp32 = export_model(model, recipe.data.image_size, {})
+    queries = np.concatenate([bank[:2] + 0.3, np.random.default_rng(0).standard_normal((2, *bank.shape[1:]))
+                              ]).astype(np.float32)
+    near = bank_neighbours(fp32, queries, 2)
+    assert near is not None and np.array_equal(near, np.unique(near)) and 1 <= len(near) < len(bank)
+    graph = fp32.__class__()
+    graph.CopyFrom(fp32)
+    _input_qdq(graph)
+    ctx = PassContext(target=get_target("ort-cpu-int8"), bank_images=lambda: bank)
+    whole = knn_bank(graph, ctx)
+    part = knn_bank(graph, PassContext(target=ctx.target, bank_images=ctx.bank_images, bank_subset=near))
+    dims = {m: next(t.dims for t in g.graph.initializer if t.name == BANK_INITIALIZER) for m, g in
+            (("whole", whole), ("part", part))}
+    assert dims["whole"][1] == len(bank) and dims["part"][1] == len(near)
+    score = lambda g: make_session(g).run(None, {INPUT_NAME: queries})[1]  # noqa: E731
+    np.testing.assert_allclose(score(part), score(whole), rtol=1e-5, atol=1e-7)
+    assert bank_neighbours(graph.__class__(), queries, 2) is None  # no image kNN: nothing to shrink
+
+
+def test_bank_of_another_size_is_refused(knn_trained):
     from uadc.export.onnx_export import export_model
     from uadc.models.heads import BANK_INITIALIZER
     from uadc.passes.knn import knn_bank
@@ -208,14 +258,47 @@ def test_bank_of_another_size_is_refused(knn_trained):
     ctx = PassContext(target=get_target("ort-cpu-int8"), bank_images=lambda: np.zeros((1, 3, 64, 64), np.float32))
     assert knn_bank(graph, ctx) is graph      # FP32 teacher: nothing to re-describe, images never read
     # a Q/DQ pair on the descriptor's path makes the pass run; the bank size must match the images
-    q = onnx.helper.make_node("QuantizeLinear", [INPUT_NAME, "qs", "qz"], ["input_q"], name="teacher/q")
-    dq = onnx.helper.make_node("DequantizeLinear", ["input_q", "qs", "qz"], ["input_dq"], name="teacher/dq")
-    g = graph.graph
-    for n in g.node:
-        n.input[:] = ["input_dq" if i == INPUT_NAME else i for i in n.input]
-    g.node.insert(0, dq)
-    g.node.insert(0, q)
-    g.initializer.extend([onnx.numpy_helper.from_array(np.float32(0.05), "qs"),
-                          onnx.numpy_helper.from_array(np.uint8(128), "qz")])
+    _input_qdq(graph)
     with pytest.raises(UadcError, match="bank holds .* images but the recipe's training data gives 1"):
         knn_bank(graph, ctx)
+
+
+def test_search_probes_with_the_nearest_bank_entries_rank_as_with_the_whole_bank(knn_trained, monkeypatch):
+    """The precision search's probes describe only the bank entries nearest their images: the same
+    sensitivities, steps and assignment as probes that re-describe the whole bank."""
+    import uadc
+    from uadc.backends.ort_profile import NodeTime
+    from uadc.config.recipe import load_recipe
+    from uadc.config.targets import get_target
+    from uadc.core.constants import QDQ_OPS
+    from uadc.pipeline import precision as P
+    from uadc.pipeline.compile import CompileOptions
+
+    def profile(models, feeds, threads, runs=20, warmup=5):  # every INT8 node pays: a strict budget reverts
+        fp32, int8 = models
+        return [[NodeTime(n.name, n.op_type, 100.0) for n in fp32.graph.node],
+                [NodeTime(n.name, n.op_type, 5.0 if n.op_type in QDQ_OPS else 10.0, 1000) for n in int8.graph.node]]
+
+    monkeypatch.setattr(P, "node_times", profile)
+    path, art, _ = knn_trained
+    recipe = load_recipe(path).with_overrides(compile={"auto": {"val_images": 4, "random_images": 4,
+                                                                "spearman_min": 0.999, "top1_overlap_min": 0.99}})
+    base = uadc.baseline(recipe, artifacts=art, threads=1)
+    target = get_target("ort-cpu-int8")
+    ptq = P.auto_candidates(base, target, CompileOptions(target=target.name, precision="auto"))
+    passes = ["qdq", "partition_check", "knn_bank"]
+    described = []
+    real = P._Search.probe_model
+
+    def spy(self, int8):
+        described.append(self.probe_bank)
+        return real(self, int8)
+
+    monkeypatch.setattr(P._Search, "probe_model", spy)
+    probed = P.search_precision(base, target, base.fp32, ptq, passes, 1)
+    assert described and all(b is not None and 0 < len(b) < len(base.bank_images()) for b in described)
+    monkeypatch.setattr(P._Search, "probe_bank", property(lambda self: None))
+    whole = P.search_precision(base, target, base.fp32, ptq, passes, 1)
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert any(g["fidelity_cost"] for g in whole.record["groups"])  # the probes ran and measured a cost
+    assert strip(probed.record) == strip(whole.record) and probed.nodes == whole.nodes

@@ -65,6 +65,9 @@ class PassContext:
     bank_images: Callable[[], np.ndarray] | None = None
     #: ``(sub-graph, feeds) -> output`` on the target's runtime (``knn_bank``); None: ONNX Runtime
     bank_runner: Callable[[onnx.ModelProto, dict[str, np.ndarray]], np.ndarray] | None = None
+    #: describe only these bank images (indices; ``knn_bank`` shrinks the bank to them): the precision
+    #: search's probes, which score a few images (``knn.bank_neighbours``); None: the whole bank
+    bank_subset: np.ndarray | None = None
 
 
 Pass = Callable[[onnx.ModelProto, PassContext], onnx.ModelProto]

@@ -23,7 +23,8 @@ runtime whose label-free fidelity stays within the recipe's ``compile.auto`` bud
    reference is always ONNX Runtime FP32. OpenVINO targets take ORT's profile as their speed model.
 4. If the fastest assignment breaks the budget: the fidelity cost of each unit of consecutive
    INT8 groups alone (only it quantized, scored on a probe subset: ``sensitivity_images`` per
-   set), groups ordered by their unit's cost, and a bisection for the fewest reverted to
+   set, with the image kNN's bank described only where those images find their nearest entries),
+   groups ordered by their unit's cost, and a bisection for the fewest reverted to
    FP32 that meets the budget; then islands that no longer pay are reverted too, and the final
    assignment is measured again. Every measurement is cached; decisions are recorded per group.
 """
@@ -33,6 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,7 @@ from uadc.core.constants import INPUT_NAME, PARTITIONS, QDQ_OPS
 from uadc.core.errors import UadcError
 from uadc.export.partitions import GraphIndex
 from uadc.passes.groups import Boundaries, Group, fused_groups
+from uadc.passes.knn import bank_neighbours
 from uadc.passes.pipeline import PassContext, run_passes
 from uadc.passes.qdq import weight_quant_params
 from uadc.passes.simulate import simulate_fp16
@@ -124,6 +127,10 @@ def _group_times(times: list[NodeTime], model: onnx.ModelProto,
 # operator encodings for TensorRT 8.5 and checks its own numerics; ``cleanup`` drops unread nodes and
 # initializers, sorts and runs the checker), and the compiled model runs them.
 SEARCH_SKIPS = ("opset", "cleanup")
+# A probe (the sensitivity of one unit, scored on a few images) describes only the image kNN's bank
+# entries among the FP32 nearest of its images: each image's nearest under the candidate's teacher is
+# among them (describing every training image is most of a probe's time).
+PROBE_NEIGHBOURS = 8
 
 
 class _Search(Candidates):
@@ -149,6 +156,24 @@ class _Search(Candidates):
         """Candidates from now on run ``nodes`` (those not quantized) as FP16 (TensorRT)."""
         self.fp16_nodes, self.figs = nodes, {}
         self.fidelity_runtime = "onnxruntime CPU (FP16 layers simulated)"
+
+    @cached_property
+    def probe_bank(self) -> np.ndarray | None:
+        """The image kNN's bank entries the probes describe (None: no image kNN, or no ``knn_bank`` pass)."""
+        if "knn_bank" not in self.passes:
+            return None
+        images = np.concatenate([x[self.fid.probe[c]] for c, x in self.fid.images.items()])
+        return bank_neighbours(self.fp32, images, PROBE_NEIGHBOURS)
+
+    def probe_model(self, int8: frozenset[int]) -> onnx.ModelProto:
+        if self.probe_bank is None or int8 in self.models:
+            return self.model(int8)
+        full, self.ctx = self.ctx, replace(self.ctx, bank_subset=self.probe_bank)
+        try:
+            return self.model(int8)
+        finally:  # the probe's model is not kept for full measurements; the weight scales it read are
+            self.ctx = replace(full, weight_params=self.ctx.weight_params)
+            self.models.pop(int8, None)
 
     def model(self, int8: frozenset[int]) -> onnx.ModelProto:
         if not int8:  # bf16 float layers: the image kNN's bank is described at that precision too

@@ -215,9 +215,13 @@ class Candidates:
             self.models.pop(low, None)  # only the figures are needed again
         return self.figs[low]
 
+    def probe_model(self, low: frozenset[int]) -> onnx.ModelProto:
+        """The model a probe scores (by default the candidate's own)."""
+        return self.model(low)
+
     def probe(self, low: frozenset[int]) -> dict:
         """Fidelity on the probe subset (never cached with, or taken for, the full figures)."""
-        fig = self.fid.measure(self.model(low), probe=True)
+        fig = self.fid.measure(self.probe_model(low), probe=True)
         self.models.pop(low, None)
         return fig
 
