@@ -267,19 +267,13 @@ def test_search_probes_with_the_nearest_bank_entries_rank_as_with_the_whole_bank
     """The precision search's probes describe only the bank entries nearest their images: the same
     sensitivities, steps and assignment as probes that re-describe the whole bank."""
     import uadc
-    from uadc.backends.ort_profile import NodeTime
+    from conftest import fake_profile
     from uadc.config.recipe import load_recipe
     from uadc.config.targets import get_target
-    from uadc.core.constants import QDQ_OPS
     from uadc.pipeline import precision as P
     from uadc.pipeline.compile import CompileOptions
 
-    def profile(models, feeds, threads, runs=20, warmup=5):  # every INT8 node pays: a strict budget reverts
-        fp32, int8 = models
-        return [[NodeTime(n.name, n.op_type, 100.0) for n in fp32.graph.node],
-                [NodeTime(n.name, n.op_type, 5.0 if n.op_type in QDQ_OPS else 10.0, 1000) for n in int8.graph.node]]
-
-    monkeypatch.setattr(P, "node_times", profile)
+    monkeypatch.setattr(P, "node_times", fake_profile)  # INT8 pays everywhere: the strict budget reverts
     path, art, _ = knn_trained
     recipe = load_recipe(path).with_overrides(compile={"auto": {"val_images": 4, "random_images": 4,
                                                                 "spearman_min": 0.999, "top1_overlap_min": 0.99}})

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import uadc
+from conftest import fake_profile
 from uadc.backends.ort_profile import NodeTime, node_times
 from uadc.config.targets import get_target
 from uadc.core.constants import QDQ_OPS
@@ -46,14 +47,6 @@ def make_base(tmp_path_factory, tiny_data):
     return make
 
 
-def _fake_profile(models, feeds, threads, runs=20, warmup=5):
-    """Deterministic stand-in for ORT's profiler: every FP32 node 100 µs, every node of the
-    quantized model 10 µs, its Q/DQ nodes 5 µs (so INT8 pays wherever it is not an island)."""
-    fp32, int8 = models
-    return [[NodeTime(n.name, n.op_type, 100.0) for n in fp32.graph.node],
-            [NodeTime(n.name, n.op_type, 5.0 if n.op_type in QDQ_OPS else 10.0, 1000) for n in int8.graph.node]]
-
-
 def _search(base, timing_cache=None):
     target = get_target("ort-cpu-int8")
     ptq = P.auto_candidates(base, target, CompileOptions(target=target.name, precision="auto"))
@@ -69,7 +62,7 @@ def test_timing_cache_makes_a_rerun_reuse_the_profile(make_base, monkeypatch, tm
     def noisy(models, feeds, threads, runs=20, warmup=5):  # a profile that differs on every call
         calls.append(1)
         return [[NodeTime(t.name, t.op, t.us * (1 + 0.5 * len(calls)), t.out_bytes) for t in ts]
-                for ts in _fake_profile(models, feeds, threads, runs, warmup)]
+                for ts in fake_profile(models, feeds, threads, runs, warmup)]
     monkeypatch.setattr(P, "node_times", noisy)
     base = make_base(spearman_min=0.999, top1_overlap_min=0.95)
     a, b = _search(base, tmp_path / "tc"), _search(base, tmp_path / "tc")
@@ -160,7 +153,7 @@ def _ranges(base):
 
 
 def test_search_is_deterministic_and_records_every_group(make_base, monkeypatch):
-    monkeypatch.setattr(P, "node_times", _fake_profile)
+    monkeypatch.setattr(P, "node_times", fake_profile)
     base = make_base(spearman_min=0.999, top1_overlap_min=0.95)
     a, b = _search(base), _search(base)
     assert a.nodes == b.nodes and a.partitions == b.partitions
@@ -178,7 +171,7 @@ def test_search_is_deterministic_and_records_every_group(make_base, monkeypatch)
 
 
 def test_stricter_budget_keeps_more_groups_fp32(make_base, monkeypatch):
-    monkeypatch.setattr(P, "node_times", _fake_profile)
+    monkeypatch.setattr(P, "node_times", fake_profile)
     loose, strict = _search(make_base(**LOOSE)), _search(make_base(**STRICT))
     n_loose, n_strict = loose.record["final"]["int8_groups"], strict.record["final"]["int8_groups"]
     assert n_loose > 0 and len(loose.record["steps"]) == 1  # the fastest assignment fits a loose budget
@@ -290,7 +283,7 @@ def test_openvino_bf16_auto_judges_fidelity_on_openvino(make_base, tmp_path, mon
     pytest.importorskip("openvino", reason="OpenVINO not installed (optional extra uadc[openvino])")
     from uadc.backends import openvino as ov
     from uadc.runtime import Detector
-    monkeypatch.setattr(P, "node_times", _fake_profile)
+    monkeypatch.setattr(P, "node_times", fake_profile)
     base = make_base(**LOOSE)
     bf16_here = ov.inference_precision(ov.compile_model(base.fp32, 1, "bf16")) == "bf16"
     res = uadc.compile(base, "openvino-cpu-int8-bf16", precision="auto", out=tmp_path / "ov", evaluate=False,
