@@ -318,3 +318,33 @@ def test_openvino_bf16_auto_judges_fidelity_on_openvino(make_base, tmp_path, mon
     assert t["ov"]["runtime"] == "openvino" and t["ov"]["p50_ms"] > 0
     t = ab_latency.measure(tmp_path, batch=2, threads=2, cycles=1, runs=2, scheduled=True)  # + ORT as uadc runs it
     assert list(t) == ["ort-cpu-fp32", "ov", "ort-cpu-fp32" + ab_latency.SCHEDULED]
+
+
+def test_candidate_with_non_finite_outputs_is_judged_the_worst(make_base):
+    """A candidate whose runtime returns NaN/Inf (an INT8 kernel overflowing; seen on ONNX Runtime
+    1.19's quantized head) fails the budget by the widest margin instead of aborting the search."""
+    base = make_base()
+    fid = S.Fidelity(base, base.fp32, base.recipe.compile.auto, 1)
+    bad = onnx.ModelProto()
+    bad.CopyFrom(base.fp32)
+    score = bad.graph.output[1].name
+    producer = next(n for n in bad.graph.node if score in n.output)
+    producer.output[list(producer.output).index(score)] = score + "_finite"
+    bad.graph.initializer.append(onnx.numpy_helper.from_array(np.array(np.nan, np.float32), "nan_factor"))
+    bad.graph.node.append(onnx.helper.make_node("Mul", [score + "_finite", "nan_factor"], [score], name="head/nan"))
+    fig = fid.measure(bad)
+    assert fig == S.WORST and not fid.passes(fig) and S.loss(fig) == 4.0  # spearman -1 counts 2
+    assert fid.passes(fid.measure(base.fp32))
+
+
+def test_a_profile_that_cannot_be_mapped_to_groups_is_a_one_line_error(make_base, monkeypatch):
+    """ONNX Runtime 1.19 names its fused INT8 convolutions ``QLinearConv_token_N``: nothing maps them back
+    to the model's groups, and a search on such a profile would think INT8 free. It stops instead."""
+    def unnamed(models, feeds, threads, runs=20, warmup=5):
+        fp32, int8 = fake_profile(models, feeds, threads, runs, warmup)
+        return [fp32, [NodeTime(f"{t.op}_token_{k}" if t.op != "QuantizeLinear" else t.name, t.op, t.us, t.out_bytes)
+                       for k, t in enumerate(int8)]]
+    monkeypatch.setattr(P, "node_times", unnamed)
+    with pytest.raises(UadcError, match=r"precision auto: ONNX Runtime .* names its fused INT8 kernels without the "
+                                        r"model's node names \(\d+ of \d+ quantized convolutions untimed\)"):
+        _search(make_base(**LOOSE))

@@ -10,3 +10,7 @@ class UadcError(Exception):
         # One line, bounded: a message built from user input never floods the terminal.
         text = " ".join(super().__str__().split())
         return text if len(text) <= 2000 else text[:1997] + "..."
+
+
+class NonFiniteOutputs(UadcError):
+    """A model produced NaN/Inf outputs on real inputs (a search may judge such a candidate instead)."""

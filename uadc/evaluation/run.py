@@ -14,7 +14,7 @@ import torch
 
 from uadc.config.recipe import Recipe
 from uadc.core.constants import EVAL_FILE, METRIC_KEYS
-from uadc.core.errors import UadcError
+from uadc.core.errors import NonFiniteOutputs
 from uadc.core.io import atomic_write_json
 from uadc.core.progress import progress
 from uadc.core.scoped import torch_threads
@@ -89,7 +89,7 @@ def predict(predictor: Predictor, images: np.ndarray, batch_size: int, desc: str
         scores.append(np.asarray(s, np.float32).reshape(-1))
     maps_, scores_ = np.concatenate(maps), np.concatenate(scores)
     if not (np.isfinite(scores_).all() and np.isfinite(maps_).all()):
-        raise UadcError(f"{desc}: the model produced non-finite outputs (NaN/Inf) on the test images; "
+        raise NonFiniteOutputs(f"{desc}: the model produced non-finite outputs (NaN/Inf) on the test images; "
                         f"check the weights for NaN/Inf")
     return maps_, scores_
 

@@ -243,6 +243,7 @@ def _ort_cost_model(s: _Search, baseline: Baseline, fp32: onnx.ModelProto, threa
         (prof32, prof8), cache = node_times(models, feeds, threads, b.profile_runs), None
     t32, rest32, _ = _group_times(prof32, fp32, s.groups)
     t8, rest8, qdq = _group_times(prof8, fp32, s.groups)
+    _check_mapped(t32, t8, s.groups)
     cm = CostModel(t32, t8, rest32, rest8, Boundaries(fp32, s.groups), b.min_saving, qdq)
     profile = {"batch": 1, "runs": b.profile_runs, "min_saving": b.min_saving,
                "qdq_us_per_node": round(cm.per_node, 2), "qdq_ns_per_element": round(1000 * cm.per_element, 4),
@@ -250,6 +251,19 @@ def _ort_cost_model(s: _Search, baseline: Baseline, fp32: onnx.ModelProto, threa
                "fp32_us": round(cm.cost(frozenset()), 1), "all_int8_us": round(cm.cost(cm.all), 1),
                "timing_cache": cache}
     return cm, profile, [{"float": "fp32"} for _ in s.groups]
+
+
+def _check_mapped(t32: np.ndarray, t8: np.ndarray, groups: list[Group]) -> None:
+    """Every group is quantized in the profiled INT8 model, so a convolution with no INT8 time is one
+    whose fused kernel ORT did not name after the model's node (ONNX Runtime 1.19 names them
+    ``QLinearConv_token_N``): with most of them unnamed the profile cannot price the groups."""
+    convs = [gi for gi, g in enumerate(groups) if g.op.startswith("Conv") and t32[gi] > 0]
+    untimed = sum(1 for gi in convs if t8[gi] <= 0)
+    if convs and untimed > len(convs) / 2:
+        import onnxruntime as ort
+        raise UadcError(f"precision auto: ONNX Runtime {ort.__version__}'s profile names its fused INT8 kernels "
+                        f"without the model's node names ({untimed} of {len(convs)} quantized convolutions "
+                        f"untimed), so it cannot time the groups; upgrade onnxruntime or use --precision target")
 
 
 def _assign(s: _Search, cm: CostModel) -> tuple[frozenset[int], dict, list[dict], list[str]]:

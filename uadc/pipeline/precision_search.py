@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from uadc.backends.ort_profile import NodeTime
-from uadc.core.errors import UadcError
+from uadc.core.errors import NonFiniteOutputs, UadcError
 from uadc.core.progress import progress
 from uadc.passes.groups import Boundaries, Group
 from uadc.pipeline.baseline import Baseline
@@ -22,6 +22,7 @@ MIN_SAVING_US = 2.0
 BUDGET = {"spearman": "spearman_min", "decision_agreement": "decision_agreement_min",
           "top1_overlap": "top1_overlap_min"}
 RANDOM = "random-normal"
+WORST = {"spearman": -1.0, "decision_agreement": 0.0, "top1_overlap": 0.0}  # a candidate with NaN/Inf outputs
 SENSITIVITY_UNITS = 40  # models built and scored to rank the INT8 groups (keeps 128 px within ~2 min)
 
 def fit_qdq(qdq: list[NodeTime]) -> tuple[float, float]:
@@ -139,8 +140,11 @@ class Fidelity:
         """Each budget figure's minimum over the sets that judge it; ``probe``: on the probe
         subset only (ranking units of groups by cost: up to ``SENSITIVITY_UNITS`` models scored)."""
         pick = (lambda c, a: a[self.probe[c]]) if probe else (lambda c, a: a)  # noqa: E731
-        out = outputs_on(model, {c: pick(c, x) for c, x in self.images.items()}, self.threads, 8, "auto candidate",
-                         self.predictor)
+        try:
+            out = outputs_on(model, {c: pick(c, x) for c, x in self.images.items()}, self.threads, 8,
+                             "auto candidate", self.predictor)
+        except NonFiniteOutputs:  # a runtime's INT8 kernel overflowed: as unfaithful as a candidate can be
+            return dict(WORST)
         ref = {c: tuple(pick(c, a) for a in r) for c, r in self.ref.items()}
         cats = np.concatenate([[c] * len(ref[c][1]) for c in self.images])
         cat = lambda d, k: np.concatenate([d[c][k] for c in self.images])  # noqa: E731
