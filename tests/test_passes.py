@@ -439,3 +439,45 @@ def test_opset_pass_rewrites_pad_and_resize_and_refuses_what_has_no_opset17_form
     model.graph.node[1].attribute.append(helper.make_attribute("axes", [2, 3]))
     with pytest.raises(UadcError, match="Resize.*axes, new in opset 18"):
         convert_opset(model, _ctx("jetson-fp32", images))
+
+
+def _saturating_conv(weight_bits_8: bool) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """A 1x1 convolution whose U8S8 pair sums overflow int16 with 8-bit weights: all-positive inputs
+    near the top of their range (u8 ~255) times equal weights (s8 127): 2 * 255 * 127 > 32767."""
+    w = numpy_helper.from_array(np.ones((4, 8, 1, 1), np.float32), "s.w")
+    conv = helper.make_node("Conv", ["image", "s.w"], ["map"], name="student/Conv_0")
+    conv.metadata_props.add(key=PARTITION_KEY, value="student")
+    graph = helper.make_graph([conv], "sat", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 8, 4, 4])],
+                              [helper.make_tensor_value_info("map", TensorProto.FLOAT, [1, 4, 4, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    ranges = {"image": (0.0, 1.0), "map": (0.0, 8.0)}
+    ctx = _ctx("ort-cpu-int8", ranges=ranges, reduce_range=False if weight_bits_8 else None)
+    return model, quantize_qdq(model, ctx)
+
+
+def _ort_exact(model, feeds, exact: bool):
+    """ONNX Runtime CPU; ``exact``: its U8U8 path (``session.x64quantprecision``), which never saturates."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    if exact:
+        opts.add_session_config_entry("session.x64quantprecision", "1")
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def test_cpu_int8_weights_take_7_bits_so_no_cpu_saturates():
+    """ORT CPU INT8 targets quantize weights to 7 bits (ORT's reduce_range): on x86 CPUs without VNNI
+    the fast U8S8 kernel sums pairs of products in int16, which 8-bit weights can overflow; 7-bit
+    ones cannot, so every CPU computes what the exact kernel does (on a VNNI CPU both paths are exact;
+    on an AVX2-only one the 8-bit model of ``_saturating_conv`` gives other numbers)."""
+    from uadc.passes.qdq import weight_bits
+    assert weight_bits(_ctx("ort-cpu-int8")) == 7 and weight_bits(_ctx("trt-int8")) == 8
+    assert weight_bits(_ctx("ort-cpu-int8", reduce_range=False)) == 8
+    feeds = {"image": np.full((1, 8, 4, 4), 0.99, np.float32)}
+    for eight in (False, True):
+        model, q = _saturating_conv(eight)
+        weights = [numpy_helper.to_array(i) for i in q.graph.initializer if i.data_type == TensorProto.INT8]
+        assert weights and max(int(np.abs(w).max()) for w in weights) == (127 if eight else 64)
+        exact = _ort_exact(q, feeds, True)
+        np.testing.assert_allclose(exact, run_ort(model, feeds)[0], atol=8 / 255 + 1e-6)
+        if not eight:  # measured on an AVX2-only CPU: the 8-bit model's fast path gave 4.05 for 7.91
+            np.testing.assert_array_equal(_ort_exact(q, feeds, False), exact)

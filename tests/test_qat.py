@@ -175,13 +175,14 @@ def test_fake_quant_at_ptq_scales_reproduces_ptq_model(qat_run, target):
     ptq, _, _ = ptq_init(base.fp32, images, t, settings)
     net, placement = build_qat_net(base.fp32, ptq, ["student"])
     assert placement.acts and placement.weight_edges
+    assert placement.weight_qmax == (64 if target == "ort-cpu-int8" else 127)  # CPU INT8: 7-bit weights
     # Weight scales recomputed from the weights are ORT's, bit for bit.
     inits = {i.name: numpy_helper.to_array(i) for i in ptq.graph.initializer}
     weights = {**net.net.weights(), **{k: v for k, v in net.net.consts.items()}}
     for (node, i), axis in placement.weight_edges.items():
         name = placement.weight_names[(node, i)]
         ptq_scale = inits[f"{name}_scale"]
-        np.testing.assert_array_equal(weight_scale(weights[name], axis).numpy().reshape(ptq_scale.shape), ptq_scale)
+        np.testing.assert_array_equal(weight_scale(weights[name], axis, placement.weight_qmax).numpy().reshape(ptq_scale.shape), ptq_scale)
     for k, diffs in _rel_diffs(net, ptq, _probe(base)).items():
         for d in diffs:
             assert d.mean() <= 1e-4 and d.max() <= 1e-2, (k, d.mean(), d.max())

@@ -207,6 +207,7 @@ class CompileConfig(_Section):
     calib_samples: int = Field(64, ge=1, le=4096)
     quantize: list[Literal["teacher", "student", "head"]] = Field(["student"], min_length=1)
     per_channel: Optional[bool] = Field(None, description="per-channel weight scales (default: target's)")
+    reduce_range: Optional[bool] = Field(None, description="7-bit weights: exact without VNNI (default: target's)")
 
 
 class QatConfig(_Section):
@@ -417,8 +418,7 @@ def _short(value: Any) -> str:
 
 
 def _first_error(exc: ValidationError) -> str:
-    """``key.path[i]: what was expected, got what`` for the first problem (pydantic's text is
-    reworded to read like the rest of uadc's errors)."""
+    """``key.path[i]: what was expected, got what`` for the first problem, worded as uadc's errors."""
     err = exc.errors(include_url=False)[0]
     loc = ""
     for part in err["loc"]:

@@ -35,6 +35,7 @@ class PtqSettings:
     calib_samples: int
     quantize: tuple[str, ...]
     per_channel: bool | None  # None: the target's scheme decides
+    reduce_range: bool | None = None  # 7-bit weights; None: the target's scheme decides
 
 
 def resolve_ptq(recipe: Recipe, target: Target, calibrator: str | None = None, calib_data: str | None = None,
@@ -56,4 +57,5 @@ def resolve_ptq(recipe: Recipe, target: Target, calibrator: str | None = None, c
                        calib_data=calib_data or cfg.calib_data,
                        calib_samples=calib_samples or cfg.calib_samples,
                        quantize=tuple(quantize or cfg.quantize),
-                       per_channel=cfg.per_channel if per_channel is None else per_channel)
+                       per_channel=cfg.per_channel if per_channel is None else per_channel,
+                       reduce_range=cfg.reduce_range)

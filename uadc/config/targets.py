@@ -6,6 +6,10 @@ Scheme choices, measured on this project's models:
   run U8S8 convolutions fast, while symmetric S8 activations were slower than FP32. Weights are
   per-channel: per-tensor scales destroyed the pretrained teacher (BN-folded depthwise weights
   span very different ranges per channel) at no latency gain (README, calibration results).
+  Weights take 7 bits (``weight_reduce_range``, ORT's ``reduce_range``): on x86 CPUs without VNNI
+  (AVX2 only) the U8S8 kernels add pairs of u8 x s8 products in int16 and saturate with 8-bit
+  weights, so the same artifact gave other scores there than on a VNNI CPU (and than the
+  verified ones); with 7-bit weights no sum can saturate, and every x86 CPU computes the same.
 - TensorRT targets use symmetric S8 everywhere, per-channel weights on the output axis, zero
   points 0 (TensorRT's explicit-quantization rules), opset >= 13.
 - OpenVINO targets run the same ONNX / Q/DQ ONNX as the ORT targets; ``float_precision`` is what
@@ -38,6 +42,7 @@ class QDQScheme:
     weight_type: str = "int8"
     weight_symmetric: bool = True
     per_channel: bool = False
+    weight_reduce_range: bool = False   # 7-bit weights (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -68,25 +73,27 @@ class Target:
 OV_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
+_CPU_SCHEME = QDQScheme(activation_type="uint8", activation_symmetric=False, per_channel=True,
+                        weight_reduce_range=True)
 _TRT_SCHEME = QDQScheme(activation_type="int8", activation_symmetric=True, weight_type="int8",
                         weight_symmetric=True, per_channel=True)
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("ort-cpu-fp32", "onnxruntime", "fp32", FLOAT_PASSES, description="ONNX Runtime CPU, float32"),
     Target("ort-cpu-int8", "onnxruntime", "int8", INT8_PASSES,
-           scheme=QDQScheme(activation_type="uint8", activation_symmetric=False, per_channel=True),
+           scheme=_CPU_SCHEME,
            default_calibrator="minmax",  # best of `uadc calibrators compare` on our data (README)
            description="ONNX Runtime CPU, QDQ U8 activations / S8 weights"),
     Target("openvino-cpu-fp32", "openvino", "fp32", FLOAT_PASSES,
            description="OpenVINO CPU (reads the ONNX), float32 (inference precision pinned to f32)"),
     Target("openvino-cpu-int8", "openvino", "int8", INT8_PASSES,
-           scheme=QDQScheme(activation_type="uint8", activation_symmetric=False, per_channel=True),
+           scheme=_CPU_SCHEME,
            default_calibrator="minmax",  # the same Q/DQ ONNX as ort-cpu-int8, run by OpenVINO
            description="OpenVINO CPU (reads the Q/DQ ONNX), U8 activations / S8 weights"),
     Target("openvino-cpu-bf16", "openvino", "bf16", FLOAT_PASSES, float_precision="bf16",
            description="OpenVINO CPU (reads the ONNX), bfloat16 inference on AMX / AVX-512 BF16 CPUs"),
     Target("openvino-cpu-int8-bf16", "openvino", "int8", INT8_PASSES,
-           scheme=QDQScheme(activation_type="uint8", activation_symmetric=False, per_channel=True),
+           scheme=_CPU_SCHEME,
            default_calibrator="minmax", float_precision="bf16",
            description="OpenVINO CPU (reads the Q/DQ ONNX), INT8 + bfloat16 for the un-quantized layers"),
     Target("trt-fp16", "tensorrt", "fp16", FP16_PASSES, opset=17, min_trt_version="8.5", device="gpu",

@@ -53,6 +53,7 @@ class PassContext:
     sample_feeds: dict[str, np.ndarray] | None = None
     dump_dir: Path | None = None
     per_channel: bool | None = None   # overrides target.scheme.per_channel when set
+    reduce_range: bool | None = None  # overrides target.scheme.weight_reduce_range when set
     #: tensor -> (scale, zero_point) used as-is (ORT TensorQuantOverrides), e.g. QAT's learned scales
     quant_params: dict[str, tuple[float, int]] | None = None
     #: weight -> its ORT TensorQuantOverrides entries, read off an earlier Q/DQ of the same model with the

@@ -166,8 +166,8 @@ def _weight_overrides(params: dict[str, list[dict]], model: onnx.ModelProto) -> 
             if t.name in params and t.data_type == onnx.TensorProto.FLOAT}
 
 
-def qdq_options(ctx: PassContext) -> tuple[bool, dict]:
-    """(per_channel, ORT extra_options) for the target's scheme.
+def qdq_options(ctx: PassContext) -> tuple[bool, bool, dict]:
+    """(per_channel, reduce_range, ORT extra_options) for the target's scheme and the context's overrides.
 
     TensorRT explicit quantization wants: symmetric int8 (zero points 0), float weights behind a
     Q->DQ pair (TensorRT quantizes weights itself from the Q scale), float biases (no int32 DQ),
@@ -176,6 +176,7 @@ def qdq_options(ctx: PassContext) -> tuple[bool, dict]:
     int8 DQ weights, int32 biases, removable Relu/Clip folded into the Q range."""
     scheme = ctx.target.scheme
     per_channel = scheme.per_channel if ctx.per_channel is None else bool(ctx.per_channel)
+    reduce_range = scheme.weight_reduce_range if ctx.reduce_range is None else bool(ctx.reduce_range)
     extra = {"ActivationSymmetric": scheme.activation_symmetric, "WeightSymmetric": scheme.weight_symmetric}
     if ctx.target.runtime == "tensorrt":
         extra.update({
@@ -185,7 +186,12 @@ def qdq_options(ctx: PassContext) -> tuple[bool, dict]:
             "OpTypesToExcludeOutputQuantization": ["Conv", "ConvTranspose", "Gemm", "MatMul"],
             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
         })
-    return per_channel, extra
+    return per_channel, reduce_range, extra
+
+
+def weight_bits(ctx: PassContext) -> int:
+    """Bits of the integer weights the qdq pass writes (7 with ``reduce_range``)."""
+    return 7 if qdq_options(ctx)[1] else 8
 
 
 WEIGHT_SUFFIX = "_quantized"  # ORT's name for a quantized initializer
@@ -227,7 +233,7 @@ def quantize_qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     ranges.update({f: ranges[o] for f, o in forks.items() if o in ranges})
     tensors_range = TensorsData(CalibrationMethod.MinMax, {
         k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in ranges.items()})
-    per_channel, extra = qdq_options(ctx)
+    per_channel, reduce_range, extra = qdq_options(ctx)
     overrides = _overrides(ctx.quant_params, forks, scheme.activation_type) if ctx.quant_params else {}
     overrides.update(_weight_overrides(ctx.weight_params or {}, model))
     if overrides:
@@ -235,7 +241,7 @@ def quantize_qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     before = {n.name for n in model.graph.node}
     # Keywords: the constructor is not public API and its positional order has changed before.
     quantizer = QDQQuantizer(
-        model=model, per_channel=per_channel, reduce_range=False, weight_qType=_qtype(scheme.weight_type),
+        model=model, per_channel=per_channel, reduce_range=reduce_range, weight_qType=_qtype(scheme.weight_type),
         activation_qType=_qtype(scheme.activation_type), tensors_range=tensors_range, nodes_to_quantize=names,
         nodes_to_exclude=[], op_types_to_quantize=quantized_op_types(), extra_options=extra)
     try:

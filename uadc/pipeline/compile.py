@@ -29,6 +29,7 @@ from uadc.core.manifest import write_manifest
 from uadc.export.onnx_export import partition_bytes, split_partitions
 from uadc.export.partitions import partition_counts, partition_of
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
+from uadc.passes.qdq import weight_bits
 from uadc.passes.simulate import simulate_fp16, type_fp16
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.deploy import bank_runner, deploy_evaluation, finalize_model, target_predictor
@@ -158,7 +159,7 @@ def _run_target_passes(baseline: Baseline, target: Target, fp32: onnx.ModelProto
     if auto is not None and not auto.nodes:  # precision auto kept every group FP32
         names = [n for n in names if n != "qdq"]
     ctx = PassContext(target=target, quantize_partitions=list(ptq.quantize), sample_feeds=baseline.sample_feeds(1)[0],
-                      dump_dir=opts.dump_passes, per_channel=ptq.per_channel,
+                      dump_dir=opts.dump_passes, per_channel=ptq.per_channel, reduce_range=ptq.reduce_range,
                       quantize_nodes=auto.nodes if auto is not None else None, bank_images=baseline.bank_images,
                       bank_runner=bank_runner(target, opts.threads or baseline.threads))
     calib = None
@@ -173,7 +174,8 @@ def _run_target_passes(baseline: Baseline, target: Target, fp32: onnx.ModelProto
         ctx.ranges = auto.ranges if auto is not None else calibrate_ranges(fp32, images, ptq, target)
         calib = {"calibrator": ptq.calibrator,
                  "calib_data": "user" if opts.calibration is not None else ptq.calib_data,
-                 "samples": int(len(images)), "seed": baseline.recipe.seed, "ranges": ctx.ranges,
+                 "samples": int(len(images)), "seed": baseline.recipe.seed, "weight_bits": weight_bits(ctx),
+                 "ranges": ctx.ranges,
                  "seconds": round(time.time() - t0, 3)}
     model, records = run_passes(model, names, ctx)
     if calib is not None and "seconds" in calib:

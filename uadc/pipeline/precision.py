@@ -141,7 +141,7 @@ class _Search(Candidates):
                  passes: list[str], threads: int, groups: list[Group], ranges: dict):
         self.fp32, self.groups = fp32, groups
         self.passes = [p for p in passes if p not in SEARCH_SKIPS]
-        self.ctx = PassContext(target=target, ranges=ranges, per_channel=ptq.per_channel,
+        self.ctx = PassContext(target=target, ranges=ranges, per_channel=ptq.per_channel, reduce_range=ptq.reduce_range,
                                bank_images=baseline.bank_images, bank_runner=bank_runner(target, threads))
         self.budget = baseline.recipe.compile.auto
         predictor = target_predictor(target, threads)

@@ -318,21 +318,21 @@ class ActFakeQuant(nn.Module):
         return [float(self.scale(k).detach()) for k in range(len(self.specs))]
 
 
-def weight_scale(w: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """ORT's symmetric int8 min-max weight scale, max |w| / 127 (per channel or tensor), computed
-    like ORT (float64, then float32; 1.0 where the weights are all zero)."""
+def weight_scale(w: torch.Tensor, axis: int | None, qmax: int = 127) -> torch.Tensor:
+    """ORT's symmetric int8 min-max weight scale, max |w| / qmax (127; 64 with 7-bit weights) per
+    channel or tensor, computed like ORT (float64, then float32; 1.0 where the weights are all zero)."""
     w = w.detach()
     a = w.abs().amax() if axis is None else w.abs().amax(dim=[d for d in range(w.dim()) if d != axis % w.dim()])
-    scale = (a.double() / 127.0).float()
+    scale = (a.double() / float(qmax)).float()
     return torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
 
 
-def weight_fake_quant(w: torch.Tensor, scale: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """Symmetric int8 fake-quant at ``scale``; straight-through gradient. Divides like ORT's
+def weight_fake_quant(w: torch.Tensor, scale: torch.Tensor, axis: int | None, qmax: int = 127) -> torch.Tensor:
+    """Symmetric int8 fake-quant at ``scale`` in [-qmax, qmax]; straight-through gradient. Divides like ORT's
     quantize_nparray (torch's fake_quantize multiplies by 1/scale, which flips rare ties)."""
     if axis is not None:
         scale = scale.reshape([-1 if d == axis % w.dim() else 1 for d in range(w.dim())])
-    q = torch.clamp(torch.round(w.detach() / scale), -127, 127)
+    q = torch.clamp(torch.round(w.detach() / scale), -qmax, qmax)
     return w + (q * scale - w).detach()
 
 
@@ -404,8 +404,8 @@ class GraphInterpreter(nn.Module):
             if key in pl.act_edges:
                 vals[i] = self.act_fq(pl.act_edges[key], x)
             elif key in pl.weight_edges:
-                w_scales[i] = weight_scale(x, pl.weight_edges[key])
-                vals[i] = weight_fake_quant(x, w_scales[i], pl.weight_edges[key])
+                w_scales[i] = weight_scale(x, pl.weight_edges[key], pl.weight_qmax)
+                vals[i] = weight_fake_quant(x, w_scales[i], pl.weight_edges[key], pl.weight_qmax)
         for i, x in enumerate(vals):
             src = pl.bias_edges.get((node.name, i))
             if x is not None and src is not None and (node.name, src[0]) in pl.act_edges and src[1] in w_scales:

@@ -39,6 +39,8 @@ class Placement:
     weight_edges: dict[tuple[str, int], int | None]  # (node, input index) -> channel axis / None
     weight_names: dict[tuple[str, int], str]         # (node, input index) -> FP32 initializer
     bias_edges: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # -> (input, weight) index
+    #: symmetric integer weights span [-weight_qmax, weight_qmax]: 127, or 64 for ORT's 7-bit ``reduce_range``
+    weight_qmax: int = 127
 
     def head_view(self, model: onnx.ModelProto) -> dict[str, int]:
         """Tensors the head reads through Q/DQ -> their quantizer."""
@@ -74,6 +76,7 @@ def read_placement(ptq: onnx.ModelProto, fp32: onnx.ModelProto) -> Placement:
     groups: dict[str, int] = {}   # scale initializer / tensor -> acts index
     acts: list[ActQuant] = []
     act_edges, weight_edges, weight_names, bias_edges = {}, {}, {}, {}
+    int_weights: list[int] = []
     for n in ptq.graph.node:
         if n.op_type in QDQ_OPS:
             continue
@@ -91,12 +94,18 @@ def read_placement(ptq: onnx.ModelProto, fp32: onnx.ModelProto) -> Placement:
                     continue
                 weight_edges[(n.name, i)] = _axis(dq, scale)
                 weight_names[(n.name, i)] = fp32_nodes[n.name].input[i]
+                int_weights.append(int(np.abs(numpy_helper.to_array(inits[src]).astype(np.int32)).max()))
             elif q is not None and q.op_type == "QuantizeLinear" and q.input[0] in inits:
                 weight_edges[(n.name, i)] = _axis(q, scale)  # TensorRT: float weight behind Q -> DQ
                 weight_names[(n.name, i)] = fp32_nodes[n.name].input[i]
             elif q is not None and q.op_type == "QuantizeLinear":
                 act_edges[(n.name, i)] = _act_group(q, inits, groups, acts)
-    return Placement(acts, act_edges, weight_edges, weight_names, bias_edges)
+    # min-max symmetric weights reach the range's end in their largest channel: 64 only with 7 bits
+    qmax = REDUCED_QMAX if int_weights and max(int_weights) <= REDUCED_QMAX else 127
+    return Placement(acts, act_edges, weight_edges, weight_names, bias_edges, qmax)
+
+
+REDUCED_QMAX = 64  # ORT's reduce_range int8 weights: [-64, 64]
 
 
 def _act_group(q: onnx.NodeProto, inits: dict, groups: dict[str, int], acts: list[ActQuant]) -> int:

@@ -67,7 +67,7 @@ def ptq_init(fp32: onnx.ModelProto, images: np.ndarray, target: Target, ptq: Ptq
     """Calibrate and Q/DQ the FP32 model exactly as ``uadc compile`` does for PTQ."""
     ranges = calibrate_ranges(fp32, images, ptq, target)
     ctx = PassContext(target=target, ranges=ranges, quantize_partitions=list(ptq.quantize),
-                      per_channel=ptq.per_channel)
+                      per_channel=ptq.per_channel, reduce_range=ptq.reduce_range)
     ptq_model, _ = run_passes(fp32, ["qdq", "partition_check"], ctx)
     return ptq_model, ranges, ctx
 
