@@ -457,11 +457,9 @@ def _saturating_conv(weight_bits_8: bool) -> tuple[onnx.ModelProto, onnx.ModelPr
 
 def _ort_exact(model, feeds, exact: bool):
     """ONNX Runtime CPU; ``exact``: its U8U8 path (``session.x64quantprecision``), which never saturates."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    if exact:
-        opts.add_session_config_entry("session.x64quantprecision", "1")
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    from uadc.core.ort_session import make_session
+    config = {"session.x64quantprecision": "1"} if exact else None
+    return make_session(model, config=config).run(None, feeds)[0]
 
 
 def test_cpu_int8_weights_take_7_bits_so_no_cpu_saturates():

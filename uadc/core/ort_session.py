@@ -9,12 +9,13 @@ from uadc.core.errors import UadcError
 
 
 def make_session(model: Any, threads: int | None = None, optimize: bool = True,
-                 profile_prefix: str | None = None) -> Any:
+                 profile_prefix: str | None = None, config: dict[str, str] | None = None) -> Any:
     """A CPU ``InferenceSession`` for an ``onnx.ModelProto``, serialized bytes or a path.
 
     ``threads`` sets intra-op threads for this session only (no process-wide state);
     ``optimize=False`` keeps every tensor of the graph (calibration reads intermediate ones);
-    ``profile_prefix`` turns on ORT's per-node profiler (``end_profiling()`` returns its file)."""
+    ``profile_prefix`` turns on ORT's per-node profiler (``end_profiling()`` returns its file);
+    ``config``: session config entries, e.g. ``{"session.x64quantprecision": "1"}``."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -24,6 +25,8 @@ def make_session(model: Any, threads: int | None = None, optimize: bool = True,
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.log_severity_level = 3
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(profile_prefix)
