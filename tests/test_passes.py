@@ -470,6 +470,7 @@ def test_cpu_int8_weights_take_7_bits_so_no_cpu_saturates():
     from uadc.passes.qdq import weight_bits
     assert weight_bits(_ctx("ort-cpu-int8")) == 7 and weight_bits(_ctx("trt-int8")) == 8
     assert weight_bits(_ctx("ort-cpu-int8", reduce_range=False)) == 8
+    assert weight_bits(_ctx("trt-int8", reduce_range=True)) == 8  # a recipe's switch is for the CPU targets
     feeds = {"image": np.full((1, 8, 4, 4), 0.99, np.float32)}
     for eight in (False, True):
         model, q = _saturating_conv(eight)

@@ -207,7 +207,7 @@ class CompileConfig(_Section):
     calib_samples: int = Field(64, ge=1, le=4096)
     quantize: list[Literal["teacher", "student", "head"]] = Field(["student"], min_length=1)
     per_channel: Optional[bool] = Field(None, description="per-channel weight scales (default: target's)")
-    reduce_range: Optional[bool] = Field(None, description="7-bit weights: exact without VNNI (default: target's)")
+    reduce_range: Optional[bool] = Field(None, description="CPU INT8: 7-bit weights, exact without VNNI (default: on)")
 
 
 class QatConfig(_Section):

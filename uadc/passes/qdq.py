@@ -176,7 +176,9 @@ def qdq_options(ctx: PassContext) -> tuple[bool, bool, dict]:
     int8 DQ weights, int32 biases, removable Relu/Clip folded into the Q range."""
     scheme = ctx.target.scheme
     per_channel = scheme.per_channel if ctx.per_channel is None else bool(ctx.per_channel)
-    reduce_range = scheme.weight_reduce_range if ctx.reduce_range is None else bool(ctx.reduce_range)
+    # TensorRT's int8 sums never saturate: the recipe's reduce_range (one recipe, every target) is for CPUs
+    cpu = ctx.target.runtime != "tensorrt"
+    reduce_range = bool(ctx.reduce_range) if ctx.reduce_range is not None and cpu else scheme.weight_reduce_range
     extra = {"ActivationSymmetric": scheme.activation_symmetric, "WeightSymmetric": scheme.weight_symmetric}
     if ctx.target.runtime == "tensorrt":
         extra.update({
