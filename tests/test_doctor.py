@@ -34,6 +34,13 @@ def test_cpu_features_from_cpuinfo(fake_cpu):
         assert "bf16" not in next(t.detail for t in r.targets if t.target == "openvino-cpu-int8")
 
 
+def test_avx2_only_cpu_warns_of_8_bit_weights(monkeypatch):
+    avx2_only = CPUINFO.replace(" avx512f avx512_vnni amx_tile amx_int8", "")
+    monkeypatch.setattr(doc, "_cpuinfo", lambda: avx2_only.splitlines())
+    detail = next(t.detail for t in doc.doctor().targets if t.target == "ort-cpu-int8")
+    assert "no VNNI/AMX" in detail and "8-bit weights" in detail and "saturate" in detail
+
+
 def test_no_cpuinfo_means_unknown(monkeypatch):
     monkeypatch.setattr(doc, "_cpuinfo", lambda: [])
     r = doc.doctor()

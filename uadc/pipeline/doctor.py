@@ -127,7 +127,8 @@ def _int8_note(r: DoctorReport) -> str:
     have = [k for k in ("AVX-512 VNNI", "AVX-VNNI", "AMX-INT8") if f.get(k)]
     if have:
         return "; CPU INT8 instructions: " + ", ".join(have)
-    return "; no VNNI/AMX: INT8 may not be faster than FP32 on this CPU"
+    return ("; no VNNI/AMX: INT8 may not be faster than FP32 on this CPU, and artifacts with 8-bit weights "
+            "(compile.reduce_range: false, or compiled before uadc's 7-bit default) saturate here: other scores")
 
 
 def _bf16_note(r: DoctorReport) -> str:
