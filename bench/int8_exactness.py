@@ -8,9 +8,11 @@ INT8 artifact under ``<A>/<recipe>/`` this runs the recipe's test images through
 pixel AUROC both ways, Spearman correlation of the scores with the ``ort-cpu-fp32`` artifact's (when
 there is one), the largest score and map differences between the two ways (as a fraction of the
 range), and the artifact's ``weight_bits``. On a VNNI CPU both ways agree for every artifact; on an
-AVX2-only one an 8-bit artifact differs and a 7-bit one does not.
+AVX2-only one an 8-bit artifact differs and a 7-bit one does not. ``--cycles N`` also times both
+sessions at ``--batch``, alternating them N times (blocks of runs), and reports the median of the
+paired ratios exact / default: what taking the exact path would cost on this CPU.
 
-    python -m bench.int8_exactness recipes/stfpm_effnet_lite0.yaml --artifacts A
+    python -m bench.int8_exactness recipes/stfpm_effnet_lite0.yaml --artifacts A --cycles 8 --batch 8
 """
 
 from __future__ import annotations
@@ -57,11 +59,30 @@ def compare(model: Path, arrays: dict, threads: int, reference: np.ndarray | Non
     return out
 
 
+def paired_latency(model: Path, threads: int, batch: int, size: int, cycles: int) -> dict:
+    from uadc.backends.ort import latency_ms, make_session
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    runs = {}
+    for name, config in (("default", None), ("exact", EXACT)):
+        session = make_session(model, threads, config=config)
+        feeds = {session.get_inputs()[0].name: x}
+        runs[name] = lambda s=session, f=feeds: s.run(None, f)
+    p50 = {name: [] for name in runs}
+    for _ in range(cycles):
+        for name, fn in runs.items():
+            p50[name].append(latency_ms(fn, runs=20 if batch == 1 else 6, warmup=3)["p50"])
+    ratio = np.array(p50["exact"]) / np.array(p50["default"])
+    return {f"b{batch}_p50_ms": {k: round(float(np.median(v)), 2) for k, v in p50.items()},
+            f"b{batch}_exact_over_default": round(float(np.median(ratio)), 2)}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.int8_exactness", description=__doc__.splitlines()[0])
     ap.add_argument("recipe")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cycles", type=int, default=0, help="time both sessions, alternating, this many times")
+    ap.add_argument("--batch", type=int, default=1, help="batch of the timing (with --cycles)")
     args = ap.parse_args(argv)
     from uadc.config.recipe import load_recipe
     from uadc.data.prepare import prepare_data
@@ -82,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         bits = json.loads(calib.read_text()).get("weight_bits", 8) if calib.is_file() else None
         row = {"artifact": report.parent.name, "weight_bits": bits}
         row.update(compare(model, arrays, args.threads, reference))
+        if args.cycles:
+            row.update(paired_latency(model, args.threads, args.batch, recipe.data.image_size, args.cycles))
         print(json.dumps(row), flush=True)
 
 
