@@ -147,6 +147,20 @@ def test_report_shows_decisions_fp32_vs_compiled(int8_artifact):
     assert "## Operating point and decisions" in md and "decision agreement" in md
 
 
+def test_int8_artifact_has_7_bit_weights_and_the_exact_path_agrees(int8_artifact, capsys):
+    """A compiled CPU INT8 artifact records 7-bit weights, and ``bench.int8_exactness`` finds its scores
+    and maps the same in the default session and in ORT's exact one (on an AVX2-only CPU an 8-bit
+    artifact differs: README "7-bit weights")."""
+    from bench import int8_exactness
+    recipe, art, res = int8_artifact
+    assert json.loads((res.path / "calibration.json").read_text())["weight_bits"] == 7
+    int8_exactness.main([str(recipe), "--artifacts", str(art), "--threads", "1", "--cycles", "1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    row = next(r for r in rows if r["artifact"] == res.path.name)
+    assert row["weight_bits"] == 7 and row["identical"] and row["score_max_diff"] == 0.0
+    assert row["auroc_this_cpu"] == row["auroc_exact"] and row["b1_p50_ms"]["exact"] > 0
+
+
 def _tampered(res, tmp_path) -> Path:
     bad = tmp_path / "tampered"
     shutil.copytree(res.path, bad)
