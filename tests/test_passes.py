@@ -303,6 +303,31 @@ def test_weight_params_from_one_quantization_give_the_same_model(images, per_cha
     np.testing.assert_allclose([e["scale"] for e in changed["s1.w"]], [e["scale"] * 2 for e in params["s1.w"]])
 
 
+@pytest.mark.parametrize("per_channel", [None, False])
+def test_weight_memo_gives_the_same_models_and_quantizes_each_weight_once(images, per_channel):
+    """The precision search shares ORT's integer weights between candidates (``PassContext.weight_memo``):
+    every candidate must come out byte for byte as ORT builds it alone, ORT's function must be back
+    afterwards, and a second candidate must find its weights in the memo."""
+    from onnxruntime.quantization import qdq_quantizer as ortq
+
+    original = getattr(ortq, "quantize_onnx_initializer", None)
+    if original is None:
+        pytest.skip("this ONNX Runtime (1.19.2, say) does not quantize weights through quantize_onnx_initializer")
+    model = tiny_kd()
+    ranges = _calibrated_parts(model, images, ["teacher", "student"], "ort-cpu-int8")
+    memo: dict = {}
+    for parts in (["teacher", "student"], ["student"], ["teacher", "student"]):
+        ctx = _ctx("ort-cpu-int8", ranges=ranges, per_channel=per_channel, quantize_partitions=parts)
+        alone = quantize_qdq(model, ctx)
+        before = len(memo)
+        shared = quantize_qdq(model, replace(ctx, weight_memo=memo))
+        assert ortq.quantize_onnx_initializer is original
+        assert shared.SerializeToString() == alone.SerializeToString()
+        if parts == ["teacher", "student"] and before == 0:
+            assert len(memo) == 4  # t1, t2, s1, s2
+        else:  # every weight came from the memo
+            assert len(memo) == before == 4
+
 def test_qdq_missing_range_names_tensor(images):
     model = tiny_kd()
     ranges = _calibrated(model, images, "ort-cpu-int8")

@@ -60,6 +60,9 @@ class PassContext:
     #: same scheme and ranges (``qdq.weight_quant_params``): the numbers ORT would compute, without its
     #: per-channel loop (the precision search quantizes dozens of candidates)
     weight_params: dict[str, list[dict]] | None = None
+    #: ORT's integer weights by (weight, scale, zero point), shared by the candidates of one search so that
+    #: ORT's per-channel Python loop quantizes each weight once (``qdq.reusing_quantized_weights``); None: off
+    weight_memo: dict | None = None
     #: quantize only these nodes of ``quantize_partitions`` (``compile.precision: auto``); None: all of them
     quantize_nodes: list[str] | None = None
     #: the training images of the image kNN's bank, in bank order (``knn_bank``); called only when needed

@@ -142,7 +142,8 @@ class _Search(Candidates):
         self.fp32, self.groups = fp32, groups
         self.passes = [p for p in passes if p not in SEARCH_SKIPS]
         self.ctx = PassContext(target=target, ranges=ranges, per_channel=ptq.per_channel, reduce_range=ptq.reduce_range,
-                               bank_images=baseline.bank_images, bank_runner=bank_runner(target, threads))
+                               bank_images=baseline.bank_images, bank_runner=bank_runner(target, threads),
+                               weight_memo={})
         self.budget = baseline.recipe.compile.auto
         predictor = target_predictor(target, threads)
         self.fidelity_runtime = f"openvino CPU ({target.inference_hint})" if predictor else "onnxruntime CPU"
