@@ -145,3 +145,34 @@ def test_cli_user_error(tmp_path):
     res = CliRunner().invoke(main, ["--recipes", str(tmp_path / "nope.yaml"), "--artifacts", str(tmp_path / "a")])
     assert res.exit_code == 2 and res.output.strip().startswith("error: recipe not found")
     assert not (tmp_path / "a").exists()
+
+
+def _search_record() -> dict:
+    groups = [  # (partition, op, fp32 µs, int8 µs, chosen)
+        ("teacher", "Conv 3x3 + Clip", 100.0, 60.0, "int8"), ("student", "Conv 3x3 dw + Clip", 40.0, 50.0, "fp32"),
+        ("student", "Conv 1x1", 80.0, 30.0, "fp32"), ("head", "Mul", 10.0, 12.0, "fp32")]
+    return {"profile": {"batch": 1, "fp32_us": 250.0, "all_int8_us": 172.0, "other_fp32_us": 20.0},
+            "final": {"predicted_us": 200.0, "qdq_us": 10.0},
+            "groups": [{"partition": p, "op": op, "fp32_us": a, "int8_us": b, "precision": c,
+                        "reason": "" if c == "int8" else "fidelity budget"} for p, op, a, b, c in groups]}
+
+
+def test_precision_breakdown_floor_and_parts(tmp_path, capsys):
+    """The floor takes each group at its faster precision plus the nodes outside the groups; the parts
+    add up to what the chosen assignment spends in its groups."""
+    from bench.precision_breakdown import breakdown, main
+    b = breakdown(_search_record())
+    assert b["floor_us"] == 20 + 60 + 40 + 30 + 10 and b["floor_ratio"] == round(160 / 250, 3)
+    assert b["groups_floor_ratio"] == round(140 / 230, 3) and b["chosen_ratio"] == 0.8
+    assert b["parts"]["backbone dense conv, INT8"] == {"groups": 1, "us": 60.0}
+    assert b["parts"]["backbone depthwise conv, FP32 (fidelity budget)"]["us"] == 40.0
+    assert sum(p["us"] for p in b["parts"].values()) == 60 + 40 + 80 + 10
+    assert b["kinds"]["backbone dense conv"] == {"fp32_us": 180.0, "int8_us": 90.0}
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "report.json").write_text(json.dumps({"precision_search": _search_record()}))
+    main([str(art)])
+    assert "**0.640x** of all FP32" in capsys.readouterr().out
+    (art / "report.json").write_text(json.dumps({"precision": "target"}))
+    with pytest.raises(SystemExit, match="not compiled with an ONNX Runtime precision-auto search"):
+        main([str(art)])
