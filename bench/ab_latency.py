@@ -9,6 +9,7 @@ cycle, and the median of these paired ratios is reported (min-max across cycles 
 OpenVINO artifacts run at their target's float precision, as uadc deploys them. ``--peers`` adds
 the fastest peers of ``bench.peers`` to the same cycles: the reference FP32 ONNX run by OpenVINO
 with its own defaults (bf16 on AMX CPUs); ORT FP32 is the reference itself (one plain session).
+``--nncf`` adds OpenVINO + NNCF INT8 with NNCF's defaults on that ONNX (needs ``uadc[bench]``).
 ``--scheduled`` adds every ONNX Runtime artifact run as ``uadc predict`` / ``Detector`` run it
 (``uadc.backends.parallel``, schedule ``auto``: teacher and student at once for one image, the
 batch split across the cores for more), reference included.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,6 +32,8 @@ from uadc.config.targets import inference_hint_of
 
 REFERENCE = "ort-cpu-fp32"
 OV_DEFAULTS = "peer: OpenVINO FP32 (defaults)"
+NNCF = "peer: OpenVINO + NNCF INT8 (defaults)"
+NNCF_CALIB = 32
 
 
 SCHEDULED = " (uadc runtime)"
@@ -53,6 +57,25 @@ def _runner(folder: Path, runtime: str, target: str | None, threads: int, x: np.
     return lambda: sess.run(None, {name: x})
 
 
+def _nncf_runner(reference: Path, threads: int, x: np.ndarray, tmp: Path) -> Callable[[], object]:
+    """OpenVINO + NNCF INT8 (``nncf.quantize`` defaults) on the reference ONNX, as ``bench.peers`` builds it but
+    calibrated on seeded N(0,1) inputs: only its latency is measured here (where NNCF puts its quantizers
+    follows the graph, not the calibration values; ``bench.peers`` reports its AUROC)."""
+    try:
+        import nncf
+        import openvino
+    except ImportError as exc:
+        raise SystemExit(f"error: --nncf needs nncf and openvino ({exc}); pip install 'uadc[bench]'") from None
+    from uadc.backends import openvino as ov
+    calib = np.random.default_rng(1).standard_normal((NNCF_CALIB, *x.shape[1:])).astype(np.float32)
+    model = nncf.quantize(openvino.Core().read_model(str(reference / "model.onnx")),
+                          nncf.Dataset([c[None] for c in calib]), subset_size=NNCF_CALIB)
+    xml = tmp / "nncf_int8.xml"
+    openvino.save_model(model, str(xml))
+    run = ov.infer_fn(ov.compile_model(xml, threads, None))
+    return lambda: run(x)
+
+
 def systems(folder: Path) -> dict[str, tuple[str, str]]:
     """artifact name -> (runtime, target) for every CPU artifact under ``folder``, reference first."""
     found = {}
@@ -66,7 +89,13 @@ def systems(folder: Path) -> dict[str, tuple[str, str]]:
 
 
 def measure(folder: Path, batch: int, threads: int, cycles: int, runs: int, peers: bool = False,
-            scheduled: bool = False) -> dict[str, dict]:
+            scheduled: bool = False, nncf: bool = False) -> dict[str, dict]:
+    with tempfile.TemporaryDirectory(prefix="uadc-ab-") as tmp:
+        return _measure(folder, batch, threads, cycles, runs, peers, scheduled, nncf, Path(tmp))
+
+
+def _measure(folder: Path, batch: int, threads: int, cycles: int, runs: int, peers: bool, scheduled: bool,
+             nncf: bool, tmp: Path) -> dict[str, dict]:
     found = systems(folder)
     size = json.loads((folder / REFERENCE / "artifact.json").read_text())["preprocessing"]["image_size"]
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
@@ -79,6 +108,9 @@ def measure(folder: Path, batch: int, threads: int, cycles: int, runs: int, peer
     if peers:
         found[OV_DEFAULTS] = ("openvino", None)
         fns[OV_DEFAULTS] = _runner(folder / REFERENCE, "openvino", None, threads, x)
+    if nncf:
+        found[NNCF] = ("openvino", None)
+        fns[NNCF] = _nncf_runner(folder / REFERENCE, threads, x, tmp)
     for fn in fns.values():  # warm-up
         for _ in range(5):
             fn()
@@ -109,12 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cycles", type=int, default=8)
     ap.add_argument("--runs", type=int, default=None, help="runs per block (default 30 at batch 1, 8 above)")
     ap.add_argument("--peers", action="store_true", help="add OpenVINO's defaults on the reference ONNX (a peer)")
+    ap.add_argument("--nncf", action="store_true",
+                    help="add OpenVINO + NNCF INT8 (NNCF's defaults) on the reference ONNX (a peer; latency only)")
     ap.add_argument("--scheduled", action="store_true",
                     help="add each ONNX Runtime artifact as uadc's runtime runs it (uadc.backends.parallel, auto)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     res = measure(a.folder, a.batch, a.threads, a.cycles, a.runs or (30 if a.batch == 1 else 8), a.peers,
-                  a.scheduled)
+                  a.scheduled, a.nncf)
     print(f"| artifact (batch {a.batch}, {a.threads} threads) | runtime | p50 ms | × ORT FP32 (paired) | min–max |")
     print("|---|---|---:|---:|---|")
     for k, r in res.items():

@@ -320,6 +320,17 @@ def test_openvino_bf16_auto_judges_fidelity_on_openvino(make_base, tmp_path, mon
     assert list(t) == ["ort-cpu-fp32", "ov", "ort-cpu-fp32" + ab_latency.SCHEDULED]
 
 
+def test_ab_latency_times_nncf_int8_beside_the_reference(make_base, tmp_path):
+    """``bench.ab_latency --nncf``: OpenVINO + NNCF INT8 of the reference ONNX, timed in the same cycles."""
+    pytest.importorskip("nncf", reason="NNCF is a bench extra (pip install 'uadc[bench]')")
+    from bench import ab_latency
+    uadc.compile(make_base(), "ort-cpu-fp32", out=tmp_path / "ort-cpu-fp32", evaluate=False, latency_runs=2,
+                 threads=1)
+    t = ab_latency.measure(tmp_path, batch=1, threads=1, cycles=2, runs=2, nncf=True)
+    assert list(t) == ["ort-cpu-fp32", ab_latency.NNCF]
+    assert t[ab_latency.NNCF]["runtime"] == "openvino" and t[ab_latency.NNCF]["p50_ms"] > 0
+
+
 def test_candidate_with_non_finite_outputs_is_judged_the_worst(make_base):
     """A candidate whose runtime returns NaN/Inf (an INT8 kernel overflowing; seen on ONNX Runtime
     1.19's quantized head) fails the budget by the widest margin instead of aborting the search."""
