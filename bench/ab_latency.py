@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| artifact (batch {a.batch}, {a.threads} threads) | runtime | p50 ms | × ORT FP32 (paired) | min–max |")
     print("|---|---|---:|---:|---|")
     for k, r in res.items():
-        print(f"| {k} | {r['runtime']} | {r['p50_ms']:.2f} | {r['ratio']:.2f} | {r['ratio_min']:.2f}–{r['ratio_max']:.2f} |")
+        print(f"| {k} | {r['runtime']} | {r['p50_ms']:.2f} | {r['ratio']:.2f} | "
+              f"{r['ratio_min']:.2f}–{r['ratio_max']:.2f} |")
     if a.json:
         a.json.write_text(json.dumps({"batch": a.batch, "threads": a.threads, "cycles": a.cycles, "systems": res},
                                      indent=2))
