@@ -1,11 +1,12 @@
-"""``python -m bench.search_time RECIPE [--artifacts A] [--cache DIR]``: time ``compile.precision: auto``'s search alone.
+"""``python -m bench.search_time RECIPE [--artifacts A] [--cache DIR]``: ``compile.precision: auto``'s search alone.
 
 Runs the search exactly as ``uadc compile RECIPE --target T`` does (same calibration, candidates,
 passes and threads) on the recipe's trained checkpoint, with nothing after it (no final compile,
 metrics or latency), and prints one JSON line: seconds, INT8 groups, nodes, timing-cache hit.
 To compare two versions of uadc on the same checkpoint, alternate runs with ``PYTHONPATH`` set to
 the other checkout (``git worktree add /tmp/old COMMIT``), sharing one ``--cache`` so that both
-reuse a profile where their graphs agree:
+reuse a profile where their graphs agree. ``--profile-batch 8 --record DIR`` profiles at batch 8 and
+writes the search's record to ``DIR/report.json`` for ``python -m bench.precision_breakdown DIR``:
 
     python -m bench.search_time recipes/stfpm_effnet_lite0.yaml --artifacts A --cache A/timing_cache
     PYTHONPATH=/tmp/old python -m bench.search_time recipes/stfpm_effnet_lite0.yaml --artifacts A --cache A/timing_cache
@@ -26,15 +27,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--target", default="ort-cpu-int8")
     ap.add_argument("--threads", type=int, default=None, help="default: the compile's")
     ap.add_argument("--cache", type=Path, default=None, help="timing-cache folder (default: none, a fresh profile)")
+    ap.add_argument("--profile-batch", type=int, default=None, help="override compile.auto.profile_batch")
+    ap.add_argument("--record", type=Path, default=None,
+                    help="write the search's record here as report.json (read by bench.precision_breakdown)")
     args = ap.parse_args(argv)
 
     import uadc
+    from uadc.config.recipe import load_recipe
     from uadc.config.targets import get_target
     from uadc.pipeline.api import baseline
     from uadc.pipeline.compile import CompileOptions, _pass_names
     from uadc.pipeline.precision import auto_candidates, search_precision
 
-    b = baseline(args.recipe, artifacts=args.artifacts, threads=args.threads)
+    recipe = load_recipe(args.recipe)
+    if args.profile_batch is not None:
+        auto = {**(recipe.cfg["compile"].get("auto") or {}), "profile_batch": args.profile_batch}
+        recipe = recipe.with_overrides(compile={"auto": auto})
+    b = baseline(recipe, artifacts=args.artifacts, threads=args.threads)
     target = get_target(args.target)
     opts = CompileOptions(target=args.target, precision="auto")
     ptq = auto_candidates(b, target, opts)
@@ -42,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     auto = search_precision(b, target, fp32, ptq, _pass_names(b, target, opts), args.threads or b.threads,
                             None, args.cache)
+    if args.record is not None:
+        args.record.mkdir(parents=True, exist_ok=True)
+        (args.record / "report.json").write_text(json.dumps({"precision_search": auto.record}, indent=1))
     cache = auto.record["profile"].get("timing_cache")  # TensorRT: a latency model, no profile
     print(json.dumps({"uadc": str(Path(uadc.__file__).parent), "seconds": round(time.time() - t0, 1),
                       "int8_groups": auto.record["final"]["int8_groups"], "groups": len(auto.record["groups"]),

@@ -176,3 +176,18 @@ def test_precision_breakdown_floor_and_parts(tmp_path, capsys):
     (art / "report.json").write_text(json.dumps({"precision": "target"}))
     with pytest.raises(SystemExit, match="not compiled with an ONNX Runtime precision-auto search"):
         main([str(art)])
+
+
+def test_search_time_profiles_at_the_asked_batch_and_writes_its_record(bench_run, tmp_path, capsys):
+    """``bench.search_time --profile-batch 2 --record DIR``: the search profiles 2 images a run, and DIR's
+    report.json is a record ``bench.precision_breakdown`` reads."""
+    from bench.precision_breakdown import main as breakdown_main
+    from bench.search_time import main as search_main
+    _, recipes, art, _, _ = bench_run
+    search_main([str(recipes[0]), "--artifacts", str(art), "--threads", "1", "--profile-batch", "2",
+                 "--record", str(tmp_path / "rec")])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    record = json.loads((tmp_path / "rec" / "report.json").read_text())["precision_search"]
+    assert record["profile"]["batch"] == 2 and record["final"]["int8_groups"] == line["int8_groups"]
+    breakdown_main([str(tmp_path / "rec")])
+    assert "ORT profile, batch 2:" in capsys.readouterr().out

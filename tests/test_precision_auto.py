@@ -14,7 +14,7 @@ import uadc
 from conftest import fake_profile
 from uadc.backends.ort_profile import NodeTime, node_times
 from uadc.config.targets import get_target
-from uadc.core.constants import QDQ_OPS
+from uadc.core.constants import INPUT_NAME, QDQ_OPS
 from uadc.core.errors import UadcError
 from uadc.passes.groups import fused_groups
 from uadc.pipeline import precision as P
@@ -76,6 +76,22 @@ def test_timing_cache_makes_a_rerun_reuse_the_profile(make_base, monkeypatch, tm
     assert _search(base).record["profile"]["timing_cache"] is None and len(calls) == 3
 
 
+def test_profile_runs_at_the_recipes_profile_batch(make_base, monkeypatch, tmp_path):
+    """A line that runs batch 8 is timed at batch 8 (``compile.auto.profile_batch``): the profiler gets that
+    many images, the record says so, and the timing cache does not serve a batch-1 profile for it."""
+    batches = []
+
+    def spy(models, feeds, threads, runs=20, warmup=5):
+        batches.append(len(feeds[INPUT_NAME]))
+        return fake_profile(models, feeds, threads, runs, warmup)
+    monkeypatch.setattr(P, "node_times", spy)
+    one = _search(make_base(), tmp_path / "tc")
+    two = _search(make_base(profile_batch=2), tmp_path / "tc")
+    assert batches == [1, 2]
+    assert one.record["profile"]["batch"] == 1 and two.record["profile"]["batch"] == 2
+    assert two.record["profile"]["timing_cache"]["hit"] is False
+
+
 def test_recipe_validates_the_auto_fields(tmp_path, tiny_data):
     from conftest import write_recipe
     from uadc.config.recipe import load_recipe
@@ -86,6 +102,7 @@ def test_recipe_validates_the_auto_fields(tmp_path, tiny_data):
     for bad, msg in [({"precision": "fast"}, r"compile\.precision: 'fast' is not one of target, auto"),
                      ({"auto": {"top1_overlap_min": 1.5}}, r"compile\.auto\.top1_overlap_min: 1\.5 is above"),
                      ({"auto": {"profile_runs": 1}}, r"compile\.auto\.profile_runs: 1 is below"),
+                     ({"auto": {"profile_batch": 0}}, r"compile\.auto\.profile_batch: 0 is below"),
                      ({"auto": {"budget": 1}}, r"compile\.auto\.budget: unknown key")]:
         with pytest.raises(UadcError, match=msg):
             load_recipe(write_recipe(tmp_path / "bad.yaml", tiny_data, compile=bad))

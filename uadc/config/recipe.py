@@ -127,8 +127,7 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _knn_fits(self):
         for name in ("image_knn", "patch_knn"):
-            knn = getattr(self, name)
-            if knn.weight > 0 and self.method == "us":
+            if (knn := getattr(self, name)).weight > 0 and self.method == "us":
                 raise ValueError(f"{name}: not available for method us (its teacher is a descriptor network)")
             if knn.weight > 0 and knn.taps and self.taps and not set(knn.taps) <= set(self.taps):
                 raise ValueError(f"{name}.taps must be among model.taps ({', '.join(self.taps)})")
@@ -189,6 +188,7 @@ class AutoPrecisionConfig(_Section):
     min_saving: float = Field(0.05, ge=0, le=1, description="INT8 counts as faster only if it saves this share of a "
                               "group's FP32 time (and 2 µs when profiled): timing noise must not flip a decision")
     profile_runs: int = Field(100, ge=3, le=1000, description="profiled runs per model (each node's fastest counts)")
+    profile_batch: int = Field(1, ge=1, le=64, description="images per profiled run: the batch the artifact runs at")
     timing_cache: bool = Field(True, description="keep the profiles in <artifacts>/<recipe>/timing_cache so a rerun "
                                "makes the same speed decisions (delete the folder to profile again)")
     gpu: Optional[str] = Field(None, description="TensorRT: the GPU whose modelled latency prices the groups "

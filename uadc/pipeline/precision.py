@@ -2,7 +2,7 @@
 runtime whose label-free fidelity stays within the recipe's ``compile.auto`` budget.
 
 1. Speed: ONNX Runtime's profiler times every node of the FP32 model and of the model with every
-   candidate group quantized (batch 1, the compile's threads, the two run in turn, each node's
+   candidate group quantized (batch ``profile_batch``, the compile's threads, the two run in turn, each node's
    fastest of N runs). Each group gets its FP32 and INT8 time; the profiled Q/DQ nodes price an
    FP32<->INT8 crossing (per node + per element, least squares), so a mixed assignment pays for
    its Q/DQ islands (a linear cost model). The profiles go to a timing cache (``timing_cache``)
@@ -234,8 +234,8 @@ def search_precision(baseline: Baseline, target: Target, fp32: onnx.ModelProto, 
 def _ort_cost_model(s: _Search, baseline: Baseline, fp32: onnx.ModelProto, threads: int,
                     timing_cache: Path | None) -> tuple[CostModel, dict, list[dict]]:
     """ONNX Runtime's profile of the FP32 and the all-INT8 model as the cost model."""
-    feeds = {INPUT_NAME: baseline.sample_feeds(1, 1)[0][INPUT_NAME]}
     b = s.budget
+    feeds = {INPUT_NAME: baseline.sample_feeds(1, b.profile_batch)[0][INPUT_NAME]}
     models = [fp32, s.model(frozenset(range(len(s.groups))))]
     if timing_cache is not None:  # a rerun reuses the profiles: the same speed decisions
         (prof32, prof8), cache = cached_node_times(timing_cache, models, feeds, threads, b.profile_runs,
@@ -246,7 +246,7 @@ def _ort_cost_model(s: _Search, baseline: Baseline, fp32: onnx.ModelProto, threa
     t8, rest8, qdq = _group_times(prof8, fp32, s.groups)
     _check_mapped(t32, t8, s.groups)
     cm = CostModel(t32, t8, rest32, rest8, Boundaries(fp32, s.groups), b.min_saving, qdq)
-    profile = {"batch": 1, "runs": b.profile_runs, "min_saving": b.min_saving,
+    profile = {"batch": int(len(feeds[INPUT_NAME])), "runs": b.profile_runs, "min_saving": b.min_saving,
                "qdq_us_per_node": round(cm.per_node, 2), "qdq_ns_per_element": round(1000 * cm.per_element, 4),
                "crossing_scale": round(cm.scale, 3), "other_fp32_us": round(cm.rest32, 1),
                "fp32_us": round(cm.cost(frozenset()), 1), "all_int8_us": round(cm.cost(cm.all), 1),
