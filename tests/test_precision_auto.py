@@ -78,7 +78,8 @@ def test_timing_cache_makes_a_rerun_reuse_the_profile(make_base, monkeypatch, tm
 
 def test_profile_runs_at_the_recipes_profile_batch(make_base, monkeypatch, tmp_path):
     """A line that runs batch 8 is timed at batch 8 (``compile.auto.profile_batch``): the profiler gets that
-    many images, the record says so, and the timing cache does not serve a batch-1 profile for it."""
+    many images (test images repeated where there are fewer), the record says so, and the timing cache does
+    not serve a batch-1 profile for it."""
     batches = []
 
     def spy(models, feeds, threads, runs=20, warmup=5):
@@ -86,9 +87,11 @@ def test_profile_runs_at_the_recipes_profile_batch(make_base, monkeypatch, tmp_p
         return fake_profile(models, feeds, threads, runs, warmup)
     monkeypatch.setattr(P, "node_times", spy)
     one = _search(make_base(), tmp_path / "tc")
-    two = _search(make_base(profile_batch=2), tmp_path / "tc")
-    assert batches == [1, 2]
-    assert one.record["profile"]["batch"] == 1 and two.record["profile"]["batch"] == 2
+    base = make_base(profile_batch=40)
+    assert len(base.sample_feeds(1, 40)[0][INPUT_NAME]) < 40
+    two = _search(base, tmp_path / "tc")
+    assert batches == [1, 40]
+    assert one.record["profile"]["batch"] == 1 and two.record["profile"]["batch"] == 40
     assert two.record["profile"]["timing_cache"]["hit"] is False
 
 

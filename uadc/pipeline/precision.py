@@ -235,7 +235,8 @@ def _ort_cost_model(s: _Search, baseline: Baseline, fp32: onnx.ModelProto, threa
                     timing_cache: Path | None) -> tuple[CostModel, dict, list[dict]]:
     """ONNX Runtime's profile of the FP32 and the all-INT8 model as the cost model."""
     b = s.budget
-    feeds = {INPUT_NAME: baseline.sample_feeds(1, b.profile_batch)[0][INPUT_NAME]}
+    x = baseline.sample_feeds(1, b.profile_batch)[0][INPUT_NAME]
+    feeds = {INPUT_NAME: np.resize(x, (b.profile_batch, *x.shape[1:]))}  # fewer test images: repeated
     models = [fp32, s.model(frozenset(range(len(s.groups))))]
     if timing_cache is not None:  # a rerun reuses the profiles: the same speed decisions
         (prof32, prof8), cache = cached_node_times(timing_cache, models, feeds, threads, b.profile_runs,
