@@ -190,3 +190,35 @@ def test_loco_patch_knn_end_to_end(tmp_path, tiny_data):
         assert abs(own["pixel_auroc"] - metrics.pixel_auroc(masks, maps[:, 0] if maps.ndim == 4 else maps)) < 1e-6, cat
     assert loco_patch_knn.main(["--recipe", str(path), "--artifacts", str(tmp_path / "art"),
                                 "--taps", "blocks.9"]) == 2
+
+
+def test_loco_channel_weight_end_to_end(tmp_path, tiny_data):
+    """Channel-weight LOCO: off plus each alpha; off scores exactly as the trained model does, and a
+    weighting that is not uniform moves the maps."""
+    import uadc
+    from bench import loco_channel_weight
+    from conftest import write_recipe
+    from uadc.config.recipe import load_recipe
+    from uadc.data.prepare import prepare_data
+    from uadc.evaluation import metrics
+    from uadc.evaluation.run import predict, test_arrays, torch_predictor
+    from uadc.training.checkpoint import load_checkpoint
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_data, data={"val_fraction": 0.25}, model={"image_knn": {"weight": 1.0}},
+                        train={"epochs": 1, "threads": 1})
+    ckpt = uadc.train(path, artifacts=tmp_path / "art").checkpoints[0]
+    out = tmp_path / "out"
+    assert loco_channel_weight.main(["--recipe", str(path), "--artifacts", str(tmp_path / "art"), "--out", str(out),
+                                     "--alphas", "1,4", "--threads", "1"]) == 0
+    r = json.loads((out / "loco_channel_weight.json").read_text())
+    assert r["grid"] == ["off", "alpha=1", "alpha=4"] and [f["held_out"] for f in r["folds"]] == ["stripes", "gray"]
+    assert r["all_settings"]["alpha=4"] != r["all_settings"]["off"]
+    recipe = load_recipe(path)
+    model, _ = load_checkpoint(ckpt, recipe)
+    for cat, (images, masks, labels) in test_arrays(prepare_data(recipe)).items():
+        maps, scores = predict(torch_predictor(model), images, 16)
+        own = r["all_settings"]["off"][cat]
+        assert abs(own["image_auroc"] - metrics.image_auroc(labels, scores)) < 1e-6, cat
+        assert abs(own["pixel_auroc"] - metrics.pixel_auroc(masks, maps[:, 0] if maps.ndim == 4 else maps)) < 1e-6, cat
+    assert loco_channel_weight.main(["--recipe", str(path), "--artifacts", str(tmp_path / "art"),
+                                     "--alphas", "x"]) == 2
