@@ -143,6 +143,28 @@ def trained_checkpoint(recipe_path: str | Path, artifacts: Path, checkpoint: Pat
     return recipe, ckpt
 
 
+def add_checkpoint_args(ap, stem: str) -> None:
+    """The arguments of a head-only study of one trained checkpoint (``bench.loco_*_knn`` and the like)."""
+    ap.add_argument("--recipe", default="recipes/stfpm_effnet_lite0.yaml")
+    ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    ap.add_argument("--checkpoint", type=Path, default=None, help="default: the recipe's")
+    ap.add_argument("--out", type=Path, default=None, help=f"default <artifacts>/<recipe>/{stem}")
+    ap.add_argument("--threads", type=int, default=2)
+
+
+def loco_summary(settings: list[dict], res: dict, default: dict, key: Callable[[dict], str],
+                 criterion: tuple[str, ...]) -> dict:
+    """Folds, their means (chosen and ``default``), and the setting best over every category."""
+    folds = leave_one_out(settings, res, default, key=key, criterion=criterion)
+    cats = list(res[key(default)])
+    best = max(settings, key=lambda s: float(np.mean([res[key(s)][c][m] for c in cats for m in criterion])))
+    return {"grid": [key(s) for s in settings], "folds": folds,
+            "mean": {w: {m: float(np.mean([f[f"{w}_metrics"][m] for f in folds])) for m in criterion}
+                     for w in ("chosen", "default")},
+            "best": best, "best_key": key(best), "best_per_category": res[key(best)],
+            "off_per_category": res[key(default)], "all_settings": res}
+
+
 def write_outputs(out: Path, stem: str, result: dict, markdown: str) -> None:
     """``<out>/<stem>.json`` and ``<out>/<stem>.md``, each written atomically."""
     from uadc.core.io import atomic_write_json, atomic_write_text, ensure_dir

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from bench.loco import fold_table, leave_one_out, trained_checkpoint, write_outputs
+from bench.loco import add_checkpoint_args, fold_table, loco_summary, trained_checkpoint, write_outputs
 from bench.loco_patch_knn import features, score_setting
 
 CRITERION = ("image_auroc", "pixel_auroc")
@@ -95,12 +94,8 @@ def markdown(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default="recipes/stfpm_effnet_lite0.yaml")
-    ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    ap.add_argument("--checkpoint", type=Path, default=None, help="default: the recipe's")
-    ap.add_argument("--out", type=Path, default=None, help="default <artifacts>/<recipe>/loco_channel_weight")
+    add_checkpoint_args(ap, "loco_channel_weight")
     ap.add_argument("--alphas", default="0.5,1,2,3,4", help="comma-separated exponents (0, off, is always in)")
-    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     from uadc.core.errors import UadcError
     from uadc.core.scoped import torch_threads
@@ -116,14 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UadcError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    folds = leave_one_out(settings, res, OFF, key=key, criterion=CRITERION)
-    cats = list(res["off"])
-    best = max(settings, key=lambda s: float(np.mean([res[key(s)][c][m] for c in cats for m in CRITERION])))
-    r = {"recipe": recipe.name, "checkpoint": str(ckpt), "grid": [key(s) for s in settings], "folds": folds,
-         "mean": {w: {m: float(np.mean([f[f"{w}_metrics"][m] for f in folds])) for m in CRITERION}
-                  for w in ("chosen", "default")},
-         "best": best, "best_key": key(best), "best_per_category": res[key(best)],
-         "off_per_category": res["off"], "all_settings": res}
+    r = {"recipe": recipe.name, "checkpoint": str(ckpt), **loco_summary(settings, res, OFF, key, CRITERION)}
     write_outputs(a.out or a.artifacts / recipe.name / "loco_channel_weight", "loco_channel_weight", r, markdown(r))
     print(markdown(r))
     return 0

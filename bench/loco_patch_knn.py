@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.loco import fold_table, leave_one_out, trained_checkpoint, write_outputs
+from bench.loco import (add_checkpoint_args, fold_table, leave_one_out, loco_summary, trained_checkpoint,
+                        write_outputs)
 
 CRITERION = ("image_auroc", "pixel_auroc")
 OFF = {"taps": [], "bank": 0, "weight": 0.0}
@@ -136,15 +137,11 @@ def markdown(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default="recipes/stfpm_effnet_lite0.yaml")
-    ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    ap.add_argument("--checkpoint", type=Path, default=None, help="default: the recipe's")
-    ap.add_argument("--out", type=Path, default=None, help="default <artifacts>/<recipe>/loco_patch_knn")
+    add_checkpoint_args(ap, "loco_patch_knn")
     ap.add_argument("--taps", default="blocks.10,blocks.10+blocks.14,blocks.4+blocks.10",
                     help="comma-separated tap sets, taps in a set joined by +")
     ap.add_argument("--banks", default="1024,2048")
     ap.add_argument("--weights", default="0.5,1,2,4")
-    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     from uadc.core.errors import UadcError
     from uadc.core.scoped import torch_threads
@@ -162,16 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except UadcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    folds = leave_one_out(settings, res, OFF, key=key, criterion=CRITERION)
     # were the term kept out of the image score, only the map (pixel AUROC) would change: choose on that alone
     map_only = leave_one_out(settings, res, OFF, key=key, criterion=("pixel_auroc",))
-    cats = list(res["off"])
-    best = max(settings, key=lambda s: float(np.mean([res[key(s)][c][m] for c in cats for m in CRITERION])))
-    r = {"recipe": recipe.name, "checkpoint": str(ckpt), "grid": [key(s) for s in settings], "folds": folds,
-         "mean": {w: {m: float(np.mean([f[f"{w}_metrics"][m] for f in folds])) for m in CRITERION}
-                  for w in ("chosen", "default")},
-         "best": best, "best_key": key(best), "best_per_category": res[key(best)],
-         "off_per_category": res["off"], "all_settings": res,
+    r = {"recipe": recipe.name, "checkpoint": str(ckpt), **loco_summary(settings, res, OFF, key, CRITERION),
          "map_only": {"folds": {f["held_out"]: f["chosen_key"] for f in map_only},
                       "mean_pixel_auroc": {w: float(np.mean([f[f"{w}_metrics"]["pixel_auroc"] for f in map_only]))
                                            for w in ("chosen", "default")}}}

@@ -163,11 +163,6 @@ def test_loco_patch_knn_end_to_end(tmp_path, tiny_data):
     import uadc
     from bench import loco_patch_knn
     from conftest import write_recipe
-    from uadc.config.recipe import load_recipe
-    from uadc.data.prepare import prepare_data
-    from uadc.evaluation import metrics
-    from uadc.evaluation.run import predict, test_arrays, torch_predictor
-    from uadc.training.checkpoint import load_checkpoint
 
     path = write_recipe(tmp_path / "r.yaml", tiny_data, data={"val_fraction": 0.25},
                         model={"patch_knn": {"weight": 1.0, "bank": 40}, "image_knn": {"weight": 1.0}},
@@ -181,13 +176,7 @@ def test_loco_patch_knn_end_to_end(tmp_path, tiny_data):
     assert r["grid"][0] == "off" and len(r["grid"]) == 1 + 2 * 2 * 1
     assert [f["held_out"] for f in r["folds"]] == ["stripes", "gray"]
     assert list(r["map_only"]["folds"]) == ["stripes", "gray"] and set(r["map_only"]["mean_pixel_auroc"]) == {"chosen", "default"}
-    recipe = load_recipe(path)
-    model, _ = load_checkpoint(ckpt, recipe)
-    for cat, (images, masks, labels) in test_arrays(prepare_data(recipe)).items():
-        maps, scores = predict(torch_predictor(model), images, 16)
-        own = r["all_settings"]["taps=blocks.1+blocks.3,bank=40,w=1"][cat]
-        assert abs(own["image_auroc"] - metrics.image_auroc(labels, scores)) < 1e-6, cat
-        assert abs(own["pixel_auroc"] - metrics.pixel_auroc(masks, maps[:, 0] if maps.ndim == 4 else maps)) < 1e-6, cat
+    _scores_as_the_model_does(r["all_settings"]["taps=blocks.1+blocks.3,bank=40,w=1"], path, ckpt)
     assert loco_patch_knn.main(["--recipe", str(path), "--artifacts", str(tmp_path / "art"),
                                 "--taps", "blocks.9"]) == 2
 
@@ -198,11 +187,6 @@ def test_loco_channel_weight_end_to_end(tmp_path, tiny_data):
     import uadc
     from bench import loco_channel_weight
     from conftest import write_recipe
-    from uadc.config.recipe import load_recipe
-    from uadc.data.prepare import prepare_data
-    from uadc.evaluation import metrics
-    from uadc.evaluation.run import predict, test_arrays, torch_predictor
-    from uadc.training.checkpoint import load_checkpoint
 
     path = write_recipe(tmp_path / "r.yaml", tiny_data, data={"val_fraction": 0.25}, model={"image_knn": {"weight": 1.0}},
                         train={"epochs": 1, "threads": 1})
@@ -213,12 +197,21 @@ def test_loco_channel_weight_end_to_end(tmp_path, tiny_data):
     r = json.loads((out / "loco_channel_weight.json").read_text())
     assert r["grid"] == ["off", "alpha=1", "alpha=4"] and [f["held_out"] for f in r["folds"]] == ["stripes", "gray"]
     assert r["all_settings"]["alpha=4"] != r["all_settings"]["off"]
-    recipe = load_recipe(path)
+    _scores_as_the_model_does(r["all_settings"]["off"], path, ckpt)
+    assert loco_channel_weight.main(["--recipe", str(path), "--artifacts", str(tmp_path / "art"),
+                                     "--alphas", "x"]) == 2
+
+
+def _scores_as_the_model_does(setting: dict, recipe_path, ckpt) -> None:
+    """``setting`` (category -> image / pixel AUROC) is what the trained checkpoint itself scores."""
+    from uadc.config.recipe import load_recipe
+    from uadc.data.prepare import prepare_data
+    from uadc.evaluation import metrics
+    from uadc.evaluation.run import predict, test_arrays, torch_predictor
+    from uadc.training.checkpoint import load_checkpoint
+    recipe = load_recipe(recipe_path)
     model, _ = load_checkpoint(ckpt, recipe)
     for cat, (images, masks, labels) in test_arrays(prepare_data(recipe)).items():
         maps, scores = predict(torch_predictor(model), images, 16)
-        own = r["all_settings"]["off"][cat]
-        assert abs(own["image_auroc"] - metrics.image_auroc(labels, scores)) < 1e-6, cat
-        assert abs(own["pixel_auroc"] - metrics.pixel_auroc(masks, maps[:, 0] if maps.ndim == 4 else maps)) < 1e-6, cat
-    assert loco_channel_weight.main(["--recipe", str(path), "--artifacts", str(tmp_path / "art"),
-                                     "--alphas", "x"]) == 2
+        assert abs(setting[cat]["image_auroc"] - metrics.image_auroc(labels, scores)) < 1e-6, cat
+        assert abs(setting[cat]["pixel_auroc"] - metrics.pixel_auroc(masks, maps[:, 0] if maps.ndim == 4 else maps)) < 1e-6, cat
