@@ -220,3 +220,41 @@ def test_checkpoints_trained_before_the_split_are_flagged():
     assert _trained_before_split(SimpleNamespace(blob={"recipe": {"data": {"image_size": 64}}}))
     assert not _trained_before_split(SimpleNamespace(blob={"recipe": {"data": {"val_fraction": 0.1}}}))
     assert not _trained_before_split(SimpleNamespace(blob={"categories": None}))      # a KDModel: no recipe
+
+
+def test_bundle_keeps_what_the_line_runs_and_leaves_the_golden_files_out(int8_artifact, tmp_path, tiny_data):
+    """`uadc bundle`: the deployment copy verifies, predicts exactly as the artifact, is byte-for-byte
+    reproducible, is judged against the full artifact's golden set, and refuses to overlap or to copy
+    a tampered artifact (nothing written)."""
+    import uadc
+    from uadc.core.constants import GOLDEN_FILES
+    from uadc.runtime import Detector
+    _, _, res = int8_artifact
+    out = tmp_path / "line"
+    b = uadc.bundle(res.path, out)
+    assert isinstance(b, uadc.BundleResult) and b.bytes < b.source_bytes
+    assert sorted(p.name for p in out.iterdir()) == sorted([*b.files, "artifact.json"])
+    assert not set(b.files) & set(GOLDEN_FILES) and set(b.left_out) <= set(GOLDEN_FILES) and "golden.json" in b.left_out
+    m = read_manifest(out)   # every kept file hashed; provenance recorded
+    assert set(m.files) == set(b.files) and m.bundle["left_out"] == b.left_out
+    assert m.thresholds.to_dict() == read_manifest(res.path).thresholds.to_dict()
+    files = sorted((tiny_data / "gray" / "test").rglob("*.png"))
+    full, line = Detector.load(res.path).predict(files), Detector.load(out).predict(files)
+    assert [p.score for p in full] == [p.score for p in line] and [p.label for p in full] == [p.label for p in line]
+    cli = subprocess.run([PY, "-m", "uadc.cli", "bundle", str(res.path), "--out", str(tmp_path / "again"), "--json"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert cli.returncode == 0 and json.loads(cli.stdout)["files"] == b.files, cli.stderr
+    assert all((out / f).read_bytes() == (tmp_path / "again" / f).read_bytes() for f in [*b.files, "artifact.json"])
+    with pytest.raises(UadcError, match="pass --golden"):
+        uadc.verify(out)
+    assert uadc.verify(out, golden=res.path).figures
+    for bad_out in (res.path / "sub", res.path.parent):
+        with pytest.raises(UadcError, match="overlaps the artifact"):
+            uadc.bundle(res.path, bad_out, force=True)
+    with pytest.raises(UadcError, match="exists; pass --force"):
+        uadc.bundle(res.path, out)
+    bad = _tampered(res, tmp_path)
+    p = subprocess.run([PY, "-m", "uadc.cli", "bundle", str(bad), "--out", str(tmp_path / "never")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "does not match its sha256" in p.stderr and p.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "never").exists()

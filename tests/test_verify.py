@@ -78,6 +78,28 @@ def test_figures_see_reordering_and_drift():
     assert up["score_shift"] > 1 and up["decision_agreement"] < 0.9 and up["map_dice"] < 0.5
 
 
+def test_score_shift_is_judged_only_where_the_normals_can_estimate_a_spread(artifacts):
+    """score_shift is in units of a category's normal-score spread: with 3 normals that spread is no
+    estimate, so the category's score_shift is reported, not judged; 12 normals are judged."""
+    from uadc.verify.gate import judge_all
+    rng = np.random.default_rng(2)
+    cats = np.array(["few"] * 3 + ["many"] * 12)
+    scores, maps = rng.random(15) + 1, rng.random((15, 8, 8))
+    thr = fidelity.reference_thresholds(scores, maps, cats)
+    few = fidelity.too_few_normals(thr, ["few", "many"])
+    assert few == {"few": 3}
+    fid = fidelity.figures(scores, maps, scores + 1.0, maps, cats, thr)   # drift on both
+    judged = {(f.name, f.scope): f.passed for f in judge_all(fid, None, budgets(), True, {"few": {"score_shift"}})}
+    assert ("score_shift", "few") not in judged and judged[("spearman", "few")]
+    assert judged[("score_shift", "many")] is False and judged[("score_shift", "all")] is False
+    # end to end: the tiny fixture holds out 4 normals per category
+    v = uadc.verify(artifacts[2])
+    assert set(fidelity.too_few_normals(v.thresholds["reference"], v.categories)) == {"stripes", "gray"}
+    assert all(v.figure("score_shift", c) is None and v.figure("spearman", c) is not None for c in v.categories)
+    assert v.figure("score_shift") is not None and sum("score_shift[" in n for n in v.notes) == 2
+    assert "budget" not in v.to_dict()["categories"]["gray"]["score_shift"]
+
+
 def test_budgets_defaults_overrides_and_errors():
     b = budgets()
     assert set(b) == set(BUDGET_KEYS) and b["spearman_min"] == 0.9

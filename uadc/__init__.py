@@ -31,6 +31,8 @@ _API = {
     "sweep": "uadc.pipeline.api",
     "verify": "uadc.pipeline.api",
     "diff": "uadc.pipeline.api",
+    "bundle": "uadc.pipeline.api",
+    "BundleResult": "uadc.pipeline.bundle",
     "VerifyResult": "uadc.verify.gate",
     "DiffResult": "uadc.verify.gate",
     "SweepResult": "uadc.pipeline.sweep.run",

@@ -1,4 +1,4 @@
-"""Command line: ``uadc train | eval | compile | qat | calibrators | sweep | predict | check-trt | recipe-schema``.
+"""Command line: ``uadc train | eval | compile | qat | calibrators | sweep | predict | verify | diff | bundle | ...``.
 
 The only module that talks to the terminal. It calls the public API (``uadc.pipeline.api``) and
 prints from the typed results. A user mistake (UadcError) prints one ``error: ...`` line and
@@ -439,6 +439,20 @@ def diff_cmd(a: Path, b: Path, images, budget, recipe, normal_only, json_out, md
     res = api.diff(a, b, images=list(images) or None, budgets=parse_budget_args(budget), recipe=recipe,
                    normal_only=normal_only, threads=threads)
     _gate_report(res, json_out, md_out)
+
+
+@main.command("bundle")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="folder for the deployment copy")
+@click.option("--force", is_flag=True, help="replace --out if uadc wrote it")
+@json_output
+def bundle_cmd(artifact: Path, out: Path, force: bool):
+    """Copy a verified artifact without its golden (regression-gate) files: what a line runs."""
+    from uadc.pipeline.bundle import bundle   # torch-free, unlike uadc.pipeline.api
+    res = bundle(artifact, out, force=force)
+    click.echo(f"{res.path}: {len(res.files) + 1} files, {res.bytes / 1e6:.1f} MB (the artifact: "
+               f"{res.source_bytes / 1e6:.1f} MB); left out: {', '.join(res.left_out) or 'nothing'}")
+    return res
 
 
 @main.command("check-trt")

@@ -234,7 +234,7 @@ class VerifyConfig(_Section):
     top1_overlap_min: float = Field(0.7, ge=0, le=1, description="min overlap of the top-1 % map pixels")
     score_ratio_tol: float = Field(0.2, ge=0, le=10, description="max |median(candidate/reference score) - 1|")
     score_shift_max: float = Field(0.5, ge=0, le=100, description="max |median score shift| in reference "
-                                   "normal-score standard deviations")
+                                   "normal-score standard deviations (per category: with >= 10 normals there)")
     image_auroc_drop_max: float = Field(0.02, ge=0, le=1, description="max image AUROC drop (labelled images)")
     pixel_auroc_drop_max: float = Field(0.02, ge=0, le=1, description="max pixel AUROC drop (labelled images)")
     aupro_drop_max: float = Field(0.03, ge=0, le=1, description="max AUPRO drop (labelled images)")

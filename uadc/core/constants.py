@@ -24,4 +24,6 @@ GOLDEN_INPUTS, GOLDEN_OUTPUTS, GOLDEN_META, GOLDEN_MASKS = (
     "golden_inputs.json", "golden_outputs.json", "golden.json", "golden_masks.npz")
 GOLDEN_REFERENCE = "golden_reference.onnx"  # the FP32 model behind the golden outputs (quantized artifacts)
 GOLDEN_RUNNER = "uadc-fp32-reference"
+# what `uadc bundle` leaves out of a deployment copy: the regression gate's files, not the runtime's
+GOLDEN_FILES = (GOLDEN_INPUTS, GOLDEN_OUTPUTS, GOLDEN_META, GOLDEN_MASKS, GOLDEN_REFERENCE)
 VERIFY_SCHEMA = 1

@@ -134,6 +134,7 @@ class Manifest:
     postprocess: dict | None = None         # in-graph pred_* outputs: how the category is chosen
     files: dict[str, str] = field(default_factory=dict)       # relative path -> sha256
     schema: int = MANIFEST_SCHEMA
+    bundle: dict | None = None              # a deployment bundle's provenance (uadc.pipeline.bundle)
     folder: Path | None = None              # where it was read from (not serialised)
     unlisted: list[str] = field(default_factory=list)         # files present but not listed
 
@@ -145,7 +146,8 @@ class Manifest:
                 "outputs": list(self.outputs), "preprocessing": asdict(self.preprocessing),
                 "categories": list(self.categories),
                 "thresholds": self.thresholds.to_dict() if self.thresholds else None,
-                "postprocess": self.postprocess, "files": dict(sorted(self.files.items()))}
+                "postprocess": self.postprocess, "files": dict(sorted(self.files.items())),
+                **({"bundle": self.bundle} if self.bundle else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
@@ -155,7 +157,7 @@ class Manifest:
                    list(d["categories"]), Thresholds.from_dict(d["thresholds"]) if d.get("thresholds") else None,
                    str(d.get("model_file", MODEL_FILE)), str(inp.get("name", INPUT_NAME)), list(inp.get("shape", [])),
                    list(d.get("outputs", OUTPUT_NAMES)), d.get("postprocess"), dict(d.get("files", {})),
-                   int(d.get("schema", MANIFEST_SCHEMA)))
+                   int(d.get("schema", MANIFEST_SCHEMA)), bundle=d.get("bundle"))
 
     def essentials(self) -> dict:
         """What goes into the ONNX ``metadata_props`` (``uadc.deploy``): enough to run the

@@ -185,6 +185,13 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
                    threads=threads)
 
 
+def bundle(artifact: Path, out: Path, *, force: bool = False) -> Any:
+    """Copy a verified artifact to ``out`` without its regression-gate (golden) files: what a line
+    runs (``BundleResult``). ``force`` replaces an earlier uadc output at ``out``."""
+    from uadc.pipeline.bundle import bundle as run
+    return run(Path(artifact), Path(out), force=force)
+
+
 def sweep(sweep_file: Any, *, artifacts: Path | None = None, out: Path | None = None, address: str | None = None,
           num_cpus: int | None = None, sequential: bool = False) -> SweepResult:
     """Run a sweep file's grid (recipes x axes) as Ray tasks (local Ray, or ``address``'s cluster);

@@ -256,10 +256,14 @@ def _judge(kind: str, reference: str, candidate: str, runtime: dict, records: li
     if not normal_only and test.any() and masks is not None:
         labels = np.array([r["label"] for r in records])[test].astype(int)
         lab = fidelity.labelled(ref[1][test], ref[0][test], cand[1][test], cand[0][test], labels, masks, cats[test])
-    figures = judge_all(fid, lab, budgets, per_category)
+    few = fidelity.too_few_normals(thresholds[0], fid["categories"])
+    figures = judge_all(fid, lab, budgets, per_category, {c: {"score_shift"} for c in few})
     counts = {k: int(((kinds == k) & use).sum()) for k in FIGURE_KINDS if ((kinds == k) & use).any()}
     cls = VerifyResult if kind == "verify" else DiffResult
     notes = [] if lab is not None else ["no labelled images: AUROC/AUPRO drops not computed"]
+    notes += [f"score_shift[{c}] not judged: {n} reference normals (fewer than {fidelity.MIN_SPREAD_NORMALS}) "
+              f"cannot estimate the score spread it is measured in" for c, n in sorted(few.items())
+              if per_category and len(fid["categories"]) > 1]
     return cls(kind, reference, candidate, runtime, counts, figures, fid["categories"], lab, tensors,
                {"reference": thresholds[0], "candidate": thresholds[1]}, budgets, per_category, time.time() - t0, notes)
 

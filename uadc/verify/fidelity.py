@@ -11,7 +11,10 @@ Figures (all computed on the same images, reference first):
   candidate's top-1 % (where the candidate looks, regardless of scale);
 * ``score_ratio``: median over images of candidate / reference score (1.0 = no drift);
 * ``score_shift``: median of (candidate - reference) scores in units of the reference normals'
-  score spread (standard deviation), the drift that moves images across a threshold.
+  score spread (standard deviation), the drift that moves images across a threshold. A category
+  with fewer than ``MIN_SPREAD_NORMALS`` reference normals has no usable spread (from 3 values
+  the 95 % interval of the standard deviation spans a factor of 12), so its ``score_shift`` is
+  reported but not judged there; the overall figure still is.
 
 Operating thresholds are per category; each side decides at its own: an artifact's
 ``artifact.json`` thresholds when it has them, otherwise the reference's, which are set
@@ -25,6 +28,7 @@ import numpy as np
 FIGURES = ("spearman", "decision_agreement", "map_dice", "map_iou", "top1_overlap", "score_ratio", "score_shift")
 LABELLED = ("image_auroc_drop", "pixel_auroc_drop", "aupro_drop")
 FALSE_ALARM_RATE = 0.01     # default of the recipe's deploy.false_alarm_rate
+MIN_SPREAD_NORMALS = 10    # fewer reference normals in a category: its score_shift is not judged
 _EPS = 1e-12
 
 
@@ -45,6 +49,13 @@ def reference_thresholds(scores: np.ndarray, maps: np.ndarray, categories: np.nd
         out[cat] = {"image": ct.image.value, "pixel": ct.pixel.value, "score_std": float(scores[sel].std()),
                     "n": int(sel.sum()), "quantile": ct.image.quantile, "source": "reference outputs"}
     return out
+
+
+def too_few_normals(thresholds: dict[str, dict], categories) -> dict[str, int]:
+    """``{category: n}`` for the categories (among ``categories``) whose reference normals are too
+    few to estimate the score spread ``score_shift`` is measured in."""
+    return {c: int(t.get("n", 0)) for c, t in thresholds.items()
+            if c != "global" and c in categories and int(t.get("n", 0)) < MIN_SPREAD_NORMALS}
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -193,12 +193,15 @@ class DiffResult(GateResult):
     """``uadc diff A B``: artifact B judged against artifact A."""
 
 
-def judge_all(fid: dict, lab: dict | None, budgets_: dict[str, float], per_category: bool) -> list[Figure]:
-    """Every label-free figure overall (and per category when asked), then the labelled drops."""
+def judge_all(fid: dict, lab: dict | None, budgets_: dict[str, float], per_category: bool,
+              unjudged: dict[str, set[str]] | None = None) -> list[Figure]:
+    """Every label-free figure overall (and per category when asked, but for ``unjudged``:
+    category -> figures reported only), then the labelled drops."""
     out = [judge(n, v, budgets_) for n, v in fid["all"].items()]
     if per_category and len(fid["categories"]) > 1:
         for cat, figs in fid["categories"].items():
-            out += [judge(n, v, budgets_, cat) for n, v in figs.items()]
+            skip = (unjudged or {}).get(cat, set())
+            out += [judge(n, v, budgets_, cat) for n, v in figs.items() if n not in skip]
     if lab is not None:
         out += [judge(n, v, budgets_) for n, v in lab["all"].items()]
     return out

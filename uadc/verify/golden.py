@@ -92,8 +92,8 @@ def read_golden(path: Path) -> GoldenSet:
     path = Path(path)
     meta_path = path / GOLDEN_META if path.is_dir() else path
     if not meta_path.is_file():
-        raise UadcError(f"no golden outputs at {path}: compile the artifact with this uadc version "
-                        f"(it writes {GOLDEN_META}), or pass --golden")
+        raise UadcError(f"no golden outputs at {path}: a deployment bundle (`uadc bundle`) leaves them out, an "
+                        f"older uadc did not write them; pass --golden FULL_ARTIFACT, or compile the artifact again")
     folder = meta_path.parent
     try:
         meta = json.loads(meta_path.read_text())

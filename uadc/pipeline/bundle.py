@@ -1,0 +1,69 @@
+"""A deployment bundle: a copy of an artifact with only what a line runs.
+
+An artifact folder carries the regression gate's files next to the model (golden inputs and
+outputs, their FP32 reference model: about nine tenths of an INT8 artifact's bytes). A line box
+needs the model, ``artifact.json`` and what the target's own files are (``build_engine.sh`` and
+the calibration cache of a TensorRT bundle, the reports). ``bundle`` verifies the artifact,
+copies every listed file but the golden ones, and writes a manifest of its own that records the
+source manifest's sha256 and what was left out. ``uadc verify BUNDLE --golden ARTIFACT`` still
+judges a bundle against the full artifact's golden set.
+
+Imports only uadc.core: no torch, no ONNX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uadc.core.constants import GOLDEN_FILES, MANIFEST_FILE
+from uadc.core.errors import UadcError
+from uadc.core.io import atomic_dir, sha256_file
+from uadc.core.manifest import read_manifest, write_manifest
+
+
+@dataclass
+class BundleResult:
+    """Where the bundle was written and what it holds (relative paths, bytes)."""
+
+    path: Path
+    source: Path
+    files: list[str]
+    left_out: list[str]
+    unlisted: list[str] = field(default_factory=list)   # files in the source that its manifest does not list
+    bytes: int = 0
+    source_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "source": str(self.source), "files": self.files, "left_out": self.left_out,
+                "unlisted": self.unlisted, "bytes": self.bytes, "source_bytes": self.source_bytes}
+
+
+def _check_apart(source: Path, out: Path) -> None:
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise UadcError(f"--out {out} overlaps the artifact {source}: choose a folder outside it")
+
+
+def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
+    """Write the deployment copy of ``artifact`` to ``out`` (atomically; ``force`` replaces an
+    earlier uadc output there). The artifact is verified against its manifest first."""
+    source = Path(artifact)
+    manifest = read_manifest(source)             # every listed file present and unchanged
+    _check_apart(source, Path(out))
+    keep = sorted(rel for rel in manifest.files if rel not in GOLDEN_FILES)
+    left_out = sorted(set(manifest.files) - set(keep))
+    provenance = {"source_manifest_sha256": sha256_file(source / MANIFEST_FILE), "left_out": left_out}
+    with atomic_dir(Path(out), replace=force) as tmp:
+        for rel in keep:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / rel, tmp / rel)   # keeps build_engine.sh executable
+            if sha256_file(tmp / rel) != manifest.files[rel]:
+                raise UadcError(f"artifact {source}: {rel} changed while it was being copied; nothing was written")
+        write_manifest(tmp, dataclasses.replace(manifest, files={}, bundle=provenance, folder=None, unlisted=[]))
+    final = Path(out)
+    return BundleResult(final, source, keep, left_out, list(manifest.unlisted),
+                        sum((final / rel).stat().st_size for rel in [*keep, MANIFEST_FILE]),
+                        sum((source / rel).stat().st_size for rel in [*manifest.files, MANIFEST_FILE]))
