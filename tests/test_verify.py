@@ -191,6 +191,14 @@ def test_verify_and_diff_on_an_image_folder(artifacts, tiny_data):
     folder = tiny_data / "stripes" / "test" / "good"
     v = uadc.verify(int8, images=[folder])
     assert v.images == {"user": len(list(folder.iterdir()))} and v.labelled is None
+    # the FP32 artifact against its own reference on normal images: both sides decide at deployment
+    # thresholds of the category the folder path names (not the reference at thresholds fitted on
+    # these very images against the artifact at its artifact.json ones)
+    own = uadc.verify(fp32, images=[folder])
+    assert own.passed, own.failures
+    assert set(own.categories) == {"stripes"} and own.thresholds["reference"]["stripes"]["source"] == "golden set"
+    bare = uadc.diff(fp32 / "model.onnx", int8, images=[folder])
+    assert bare.thresholds["candidate"] == bare.thresholds["reference"] and "no operating thresholds" in bare.notes[0]
     d = uadc.diff(fp32, fp32, images=[folder])
     assert d.passed and d.figure("spearman").value == pytest.approx(1.0)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -165,6 +165,15 @@ class Manifest:
         d = self.to_dict()
         return {k: d[k] for k in ("schema", "uadc_version", "recipe_hash", "target", "precision", "input",
                                   "preprocessing", "categories", "thresholds", "postprocess")}
+
+
+def infer_category(path: Path, categories: Sequence[str]) -> str | None:
+    """The category named by the nearest folder of ``path`` (``.../bottle/test/x.png`` ->
+    ``bottle``); ``None`` when no folder is a known category (the global thresholds apply)."""
+    for part in reversed(Path(path).absolute().parts[:-1]):
+        if part in categories:
+            return part
+    return None
 
 
 def _listed_files(folder: Path) -> list[Path]:

@@ -28,6 +28,7 @@ from uadc.config.targets import inference_hint_of
 from uadc.core.constants import (GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MODEL_FILE, OUTPUT_NAMES,
                                  REPORT_FILE)
 from uadc.core.errors import UadcError
+from uadc.core.manifest import Manifest, infer_category, read_manifest
 from uadc.core.ort_session import make_session
 from uadc.core.scoped import quiet_third_party
 from uadc.verify import fidelity
@@ -195,9 +196,11 @@ def tensor_check(results, atol: float = TENSOR_ATOL, rtol: float = TENSOR_RTOL) 
 
 # ------------------------------------------------------------------------------- images
 
-def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512) -> tuple[np.ndarray, list[dict]]:
+def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
+                    categories: Sequence[str] = ()) -> tuple[np.ndarray, list[dict]]:
     """Images under ``dirs`` (recursively, sorted), preprocessed as the model's metadata says;
-    category = the folder given. Taken as normal images (no labels)."""
+    category = the nearest folder named after one of ``categories`` (as ``uadc predict``), else
+    the folder given. Taken as normal images (no labels)."""
     from uadc.data.mvtec import IMAGE_EXTS, load_image
     from uadc.export.onnx_export import get_metadata
     meta = get_metadata(onnx.load(str(model_path), load_external_data=False))
@@ -217,21 +220,24 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512) ->
             raise UadcError(f"--images: no images ({', '.join(sorted(IMAGE_EXTS))}) under {d}")
         for p in files[:limit]:
             images.append(((load_image(p, size) - mean) / std).transpose(2, 0, 1))
-            records.append({"kind": "user", "category": d.name, "label": None, "source": str(p)})
+            records.append({"kind": "user", "category": infer_category(p, categories) or d.name, "label": None,
+                            "source": str(p)})
     return np.ascontiguousarray(np.stack(images), dtype=np.float32), records
 
 
 # --------------------------------------------------------------------------------- gate
 
+def _manifest(artifact: Path) -> Manifest | None:
+    try:
+        return read_manifest(Path(artifact), verify=False) if Path(artifact).is_dir() else None
+    except UadcError:
+        return None
+
+
 def _manifest_thresholds(artifact: Path, base: dict) -> dict | None:
     """The artifact's own operating thresholds (artifact.json) in the gate's format, or None."""
-    if not Path(artifact).is_dir():
-        return None
-    try:
-        from uadc.core.manifest import read_manifest
-        t = read_manifest(Path(artifact), verify=False).thresholds
-    except (ImportError, UadcError):
-        return None
+    m = _manifest(artifact)
+    t = m.thresholds if m is not None else None
     if t is None:
         return None
     out = {}
@@ -242,9 +248,23 @@ def _manifest_thresholds(artifact: Path, base: dict) -> dict | None:
     return out
 
 
+def _given_thresholds(given: dict | None, base: dict) -> dict | None:
+    """``given`` (a golden set's per-category thresholds) for each category of ``base``; an unknown
+    category takes the ``global`` ones, as the runtime does."""
+    if not given:
+        return None
+    return {cat: {**given.get(cat, given["global"]), "source": "golden set"} for cat in base}
+
+
+def _categories(*artifacts: Path) -> list[str]:
+    m = next((m for m in map(_manifest, artifacts) if m is not None), None)
+    return list(m.categories) if m is not None else []
+
+
 def _judge(kind: str, reference: str, candidate: str, runtime: dict, records: list[dict], masks: np.ndarray | None,
            ref: tuple[np.ndarray, np.ndarray], cand: tuple[np.ndarray, np.ndarray], thresholds: tuple[dict, dict],
-           budgets: dict[str, float], per_category: bool, normal_only: bool, tensors: dict, t0: float) -> GateResult:
+           budgets: dict[str, float], per_category: bool, normal_only: bool, tensors: dict, t0: float,
+           notes: list[str] | None = None) -> GateResult:
     kinds = np.array([r["kind"] for r in records])
     cats = np.array([r.get("category") or "" for r in records])
     use = np.isin(kinds, ("normal",) if normal_only else FIGURE_KINDS)
@@ -260,7 +280,7 @@ def _judge(kind: str, reference: str, candidate: str, runtime: dict, records: li
     figures = judge_all(fid, lab, budgets, per_category, {c: {"score_shift"} for c in few})
     counts = {k: int(((kinds == k) & use).sum()) for k in FIGURE_KINDS if ((kinds == k) & use).any()}
     cls = VerifyResult if kind == "verify" else DiffResult
-    notes = [] if lab is not None else ["no labelled images: AUROC/AUPRO drops not computed"]
+    notes = list(notes or []) + ([] if lab is not None else ["no labelled images: AUROC/AUPRO drops not computed"])
     notes += [f"score_shift[{c}] not judged: {n} reference normals (fewer than {fidelity.MIN_SPREAD_NORMALS}) "
               f"cannot estimate the score spread it is measured in" for c, n in sorted(few.items())
               if per_category and len(fid["categories"]) > 1]
@@ -294,7 +314,7 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
             raise UadcError(f"--images needs the reference model behind the golden set ({ref_model} is missing); "
                             f"use `uadc diff REFERENCE {artifact} --images ...`")
         res = diff(ref_model, artifact, images=images, budgets=budgets, recipe=recipe, normal_only=normal_only,
-                   threads=threads)
+                   threads=threads, reference_thresholds=g.meta["thresholds"])
         return VerifyResult(**{**res.__dict__, "kind": "verify", "seconds": time.time() - t0})
     results = run_feeds([cand_runner], g.feeds)
     from polygraphy.comparator import IterationResult, RunResults
@@ -313,8 +333,13 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
 
 
 def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dict | None = None, recipe: Any = None,
-         normal_only: bool = False, threads: int | None = None) -> DiffResult:
-    """Judge artifact ``b`` against artifact ``a`` on ``images`` (default: A's golden images)."""
+         normal_only: bool = False, threads: int | None = None, reference_thresholds: dict | None = None) -> DiffResult:
+    """Judge artifact ``b`` against artifact ``a`` on ``images`` (default: A's golden images).
+
+    Each side decides at its own operating thresholds: A's ``artifact.json`` ones (or
+    ``reference_thresholds``, the golden set's, when A is its bare reference model). When A has
+    none, both sides decide at thresholds fitted on A's outputs on these images, never B at its
+    deployment thresholds against A at fitted ones."""
     t0 = time.time()
     a, b = Path(a), Path(b)
     ma = _model_path(a)
@@ -322,7 +347,8 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
     g = read_golden(a) if a.is_dir() and (a / GOLDEN_META).is_file() else None
     masks, stored = None, (g.meta.get("verify") if g else None)
     if images:
-        x, records = load_image_dirs(images, ma)
+        known = [c for c in (reference_thresholds or {}) if c != "global"] or _categories(a, b)
+        x, records = load_image_dirs(images, ma, categories=known)
         feeds = batches(x, BATCH)
     elif g is None:
         raise UadcError(f"{a} has no golden set ({GOLDEN_META}) to take images from: pass --images DIR")
@@ -338,8 +364,14 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
     normal = np.isin(kinds, ("normal", "user"))
     cats = np.array([r.get("category") or "" for r in records])
     base = fidelity.reference_thresholds(ref[1][normal], ref[0][normal], cats[normal])
-    ref_thr = _manifest_thresholds(a, base) or base
-    cand_thr = _manifest_thresholds(b, ref_thr) or ref_thr
+    ref_thr = _manifest_thresholds(a, base) or _given_thresholds(reference_thresholds, base)
+    notes = []
+    if ref_thr is None:
+        ref_thr = cand_thr = base
+        notes.append("the reference has no operating thresholds: both sides decide at thresholds fitted on its "
+                     "outputs on these images")
+    else:
+        cand_thr = _manifest_thresholds(b, ref_thr) or ref_thr
     bud, per_cat = _budgets(recipe, stored, budgets)
     return _judge("diff", str(a), str(b), {"reference": la, "candidate": lb}, records, masks, ref, cand,
-                  (ref_thr, cand_thr), bud, per_cat, normal_only, tensors, t0)
+                  (ref_thr, cand_thr), bud, per_cat, normal_only, tensors, t0, notes)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from uadc.core.errors import UadcError
 from uadc.core.io import atomic_write_bytes, atomic_write_text, ensure_dir
+from uadc.core.manifest import infer_category
 from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction
 from uadc.runtime.preprocess import list_images, load_rgb
@@ -47,15 +48,6 @@ def _progress(it, **kw):
     except ImportError:
         return it
     return progress(it, **kw)
-
-
-def infer_category(path: Path, categories: Sequence[str]) -> str | None:
-    """The category named by the nearest folder of ``path`` (``.../bottle/test/x.png`` ->
-    ``bottle``); ``None`` when no folder is a known category (the global thresholds apply)."""
-    for part in reversed(Path(path).absolute().parts[:-1]):
-        if part in categories:
-            return part
-    return None
 
 
 def _colormap(x: np.ndarray) -> np.ndarray:
