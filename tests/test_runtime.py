@@ -4,6 +4,7 @@ in-process evaluation, and ``uadc predict`` over folders."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -125,6 +126,29 @@ def test_predict_cli_writes_predictions_and_overlays(int8_artifact, tmp_path, ti
     assert (out / "predictions.csv").read_text().count("\n") == len(paths) + 1
     overlays = sorted((out / "overlays").rglob("*.png"))
     assert len(overlays) == len(paths) and Image.open(overlays[0]).size == (64, 64)
+
+
+def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp_path, tiny_data):
+    """Pointing predict at an MVTec category folder scores its images, not its ground_truth masks;
+    a later run over a folder that holds an earlier run's output (overlays are PNGs) does not score
+    that output; a folder given explicitly is always walked."""
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    from uadc.runtime.preprocess import find_images
+    det = Detector.load(int8_artifact[2].path)
+    cat = tmp_path / "gray"
+    shutil.copytree(tiny_data / "gray", cat)
+    masks = list((cat / "ground_truth").rglob("*.png"))
+    images = [f for f in cat.rglob("*.png") if f not in masks]
+    assert masks and images
+    first = predict_paths(det, [cat], out=cat / "run1", overlays=True)
+    assert len(first.records) == len(images) and first.left_out == {"masks under ground_truth/": len(masks)}
+    again = predict_paths(det, [cat], out=tmp_path / "run2", overlays=True)
+    assert len(again.records) == len(images)
+    assert again.left_out == {"masks under ground_truth/": len(masks), "in a uadc predict output folder": len(images)}
+    assert "left out: " in again.summary_line() and again.summary()["left_out"] == again.left_out
+    assert len(find_images([cat / "ground_truth"]).files) == len(masks)            # given explicitly
+    assert len(find_images([cat / "run1" / "overlays"]).files) == len(images)
 
 
 def test_detector_inputs_and_errors(int8_artifact, tiny_data):

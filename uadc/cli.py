@@ -322,9 +322,7 @@ def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out:
     if as_json:
         click.echo(json.dumps(s))
     else:
-        verdicts = ", ".join(f"{k} {v}" for k, v in sorted(s["verdicts"].items()))
-        click.echo(f"{s['images']} images ({verdicts}); {s['failed']} skipped; p50 latency {s['latency_ms_p50']} ms "
-                   f"per image ({det.backend_name})")
+        click.echo(f"{run.summary_line()} ({det.backend_name})")
         click.echo(f"written: {out / 'predictions.jsonl'}, {out / 'predictions.csv'}"
                    + (f", {out / 'overlays'}/" if overlays else ""))
     sys.exit(1 if run.failed else 0)

@@ -18,6 +18,8 @@ EVAL_FILE = "eval.json"
 MANIFEST_FILE = "artifact.json"              # every artifact folder: uadc.core.manifest
 MANIFEST_SCHEMA = 1
 PRED_OUTPUTS = ("pred_score", "pred_label", "pred_mask")  # optional in-graph post-processing
+MASKS_FOLDER = "ground_truth"              # MVTec layout: <category>/ground_truth/<defect>/<stem>_mask.png
+PREDICTIONS_JSONL, PREDICTIONS_CSV = "predictions.jsonl", "predictions.csv"   # `uadc predict --out`
 CATEGORY_INPUT = "category"                # int64 (N,) index into the manifest's categories
 # golden outputs stored in every artifact (uadc.verify.golden) and the verify/diff report
 GOLDEN_INPUTS, GOLDEN_OUTPUTS, GOLDEN_META, GOLDEN_MASKS = (

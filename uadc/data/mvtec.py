@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -85,7 +86,7 @@ def list_test_samples(root: Path, category: str) -> list[Sample]:
         for img in _images(defect_dir):
             mask = None
             if defect != "good":
-                mask = cat / "ground_truth" / defect / f"{img.stem}_mask.png"
+                mask = cat / MASKS_FOLDER / defect / f"{img.stem}_mask.png"
                 if not mask.is_file():
                     raise UadcError(f"defect image without mask: {img} (expected {mask})")
             samples.append(Sample(img, category, defect, mask))

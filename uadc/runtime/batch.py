@@ -14,12 +14,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from uadc.core.constants import PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError
 from uadc.core.io import atomic_write_bytes, atomic_write_text, ensure_dir
 from uadc.core.manifest import infer_category
 from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction
-from uadc.runtime.preprocess import list_images, load_rgb
+from uadc.runtime.preprocess import find_images, load_rgb
 
 CSV_FIELDS = ("path", "category", "score", "normalized_score", "label", "verdict", "threshold", "mask_fraction",
               "latency_ms")
@@ -31,6 +32,7 @@ class PredictRun:
     failed: list[tuple[str, str]]             # (path, reason) of skipped images
     out: Path | None = None
     written: list[Path] = field(default_factory=list)
+    left_out: dict[str, int] = field(default_factory=dict)   # files a folder walk passed over, by reason
 
     def summary(self) -> dict:
         verdicts: dict[str, int] = {}
@@ -39,7 +41,15 @@ class PredictRun:
         lat = [r["latency_ms"] for r in self.records]
         return {"images": len(self.records), "failed": len(self.failed), "verdicts": verdicts,
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat else None,
-                "out": str(self.out) if self.out else None}
+                "left_out": dict(self.left_out), "out": str(self.out) if self.out else None}
+
+    def summary_line(self) -> str:
+        """``N images (verdicts); K skipped[; left out: ...]; p50 latency X ms per image``."""
+        s = self.summary()
+        verdicts = ", ".join(f"{k} {v}" for k, v in sorted(s["verdicts"].items()))
+        left = f"; left out: {_describe(self.left_out)}" if self.left_out else ""
+        return (f"{s['images']} images ({verdicts}); {s['failed']} skipped{left}; "
+                f"p50 latency {s['latency_ms_p50']} ms per image")
 
 
 def _progress(it, **kw):
@@ -88,12 +98,14 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
     and (``overlays``) overlays/<input folder>/<relative path>.png. ``category=None`` with
     ``infer``: each image's category comes from its folder names, else the global thresholds."""
     roots = [Path(p) for p in inputs]
-    files = list_images(roots)
+    found = find_images(roots, exclude=[Path(out)] if out else ())
+    files = found.files
     if not files:
-        raise UadcError(f"no images found in {', '.join(map(str, roots))}")
+        raise UadcError(f"no images found in {', '.join(map(str, roots))}"
+                        + (f" (left out: {_describe(found.skipped)})" if found.skipped else ""))
     if category is not None:
         detector.thresholds(category)
-    run = PredictRun([], [], Path(out) if out else None)
+    run = PredictRun([], [], Path(out) if out else None, left_out=found.skipped)
     if out and overlays:
         ensure_dir(Path(out) / "overlays")
     for i in _progress(range(0, len(files), batch_size), desc="predict", unit="batch"):
@@ -122,12 +134,16 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
     return run
 
 
+def _describe(skipped: dict[str, int]) -> str:
+    return ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+
+
 def _write_tables(run: PredictRun, out: Path) -> None:
     lines = "".join(json.dumps(r) + "\n" for r in run.records)
     lines += "".join(json.dumps({"path": p, "error": e}) + "\n" for p, e in run.failed)
-    run.written.insert(0, atomic_write_text(out / "predictions.jsonl", lines))
+    run.written.insert(0, atomic_write_text(out / PREDICTIONS_JSONL, lines))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
     w.writerows(run.records)
-    run.written.insert(1, atomic_write_text(out / "predictions.csv", buf.getvalue()))
+    run.written.insert(1, atomic_write_text(out / PREDICTIONS_CSV, buf.getvalue()))

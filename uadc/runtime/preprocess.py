@@ -5,12 +5,14 @@ in float32, HWC -> CHW."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from uadc.core.constants import MASKS_FOLDER, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError
 from uadc.core.manifest import Preprocessing
 
@@ -53,14 +55,45 @@ def preprocess(source: Any, pre: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(img.transpose(2, 0, 1))
 
 
-def list_images(paths: list[Path]) -> list[Path]:
-    """Files given directly, and image files found recursively in folders (sorted)."""
-    out: list[Path] = []
+@dataclass
+class FoundImages:
+    files: list[Path]
+    skipped: dict[str, int] = field(default_factory=dict)   # why -> how many image files a folder walk left out
+
+
+def _skip_reason(f: Path, root: Path, blocked: dict[Path, str]) -> str | None:
+    """Why a folder walk below ``root`` leaves ``f`` out: it lies in a ``blocked`` folder, or among
+    MVTec masks (``ground_truth/``)."""
+    for d, why in blocked.items():
+        if d == f.parent or d in f.parents:
+            return why
+    return f"masks under {MASKS_FOLDER}/" if MASKS_FOLDER in f.relative_to(root).parts[:-1] else None
+
+
+def find_images(paths: list[Path], exclude: list[Path] | tuple = ()) -> FoundImages:
+    """Files given directly, and image files found recursively in folders (sorted), except, in a
+    folder walk, files in folders below it that are ``exclude`` (the run's own output) or ``uadc
+    predict`` outputs, and under MVTec ``ground_truth/`` (masks, not parts); ``skipped`` counts them."""
+    found = FoundImages([])
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            root = p.absolute()
+            blocked = {Path(x).absolute(): "in the output folder" for x in exclude}
+            blocked.update({j.parent: "in a uadc predict output folder" for j in root.rglob(PREDICTIONS_JSONL)})
+            blocked = {d: why for d, why in blocked.items() if root in d.parents}   # the folder given is walked
+            for f in sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS):
+                why = _skip_reason(f, root, blocked)
+                if why is None:
+                    found.files.append(p / f.relative_to(root))
+                else:
+                    found.skipped[why] = found.skipped.get(why, 0) + 1
         elif p.exists():
-            out.append(p)
+            found.files.append(p)
         else:
             raise UadcError(f"input not found: {p}")
-    return out
+    return found
+
+
+def list_images(paths: list[Path]) -> list[Path]:
+    """Files given directly, and image files found recursively in folders (sorted; ``find_images``)."""
+    return find_images(paths).files
