@@ -4,8 +4,8 @@ in-process evaluation, and ``uadc predict`` over folders."""
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -54,6 +54,25 @@ def test_preprocessing_equals_the_training_loader(tmp_path, mode, shape):
             got = preprocess(source, pre)
             assert got.shape == (3, 64, 64) and got.dtype == np.float32
             assert np.abs(got - ref).max() <= 1e-6
+
+
+def test_16_bit_images_equal_the_training_loader_and_float_ones_are_refused_alike(tmp_path):
+    """A 16-bit grayscale PNG (line cameras write them) becomes the loader's tensor, not Pillow's
+    saturated white; 32-bit float pixels are one UadcError in both."""
+    from uadc.data.mvtec import load_image
+    arr = np.random.default_rng(3).integers(0, 65536, (48, 56), dtype=np.uint16)
+    path = tmp_path / "x16.png"
+    Image.fromarray(arr).save(path)
+    assert Image.open(path).mode.startswith("I")
+    pre = Preprocessing(64, (0.5,) * 3, (0.5,) * 3)
+    ref = _loader_tensor(path, 64, pre.mean, pre.std)
+    assert ref.std() > 0.2                                   # not saturated
+    for source in (path, Image.open(path)):
+        assert np.abs(preprocess(source, pre) - ref).max() <= 1e-6
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
+    for read in (lambda: load_image(tmp_path / "f.tif", 64), lambda: preprocess(tmp_path / "f.tif", pre)):
+        with pytest.raises(UadcError, match="mode F"):
+            read()
 
 
 def test_importing_the_runtime_loads_no_torch():
@@ -134,7 +153,7 @@ def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp
     that output; a folder given explicitly is always walked."""
     from uadc.runtime import Detector
     from uadc.runtime.batch import predict_paths
-    from uadc.runtime.preprocess import find_images
+    from uadc.core.images import find_images
     det = Detector.load(int8_artifact[2].path)
     cat = tmp_path / "gray"
     shutil.copytree(tiny_data / "gray", cat)

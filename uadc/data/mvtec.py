@@ -21,9 +21,7 @@ from torch.utils.data import Dataset
 
 from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
-
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
+from uadc.core.images import IMAGE_EXTS, eight_bit
 
 @dataclass(frozen=True)
 class Sample:
@@ -117,24 +115,12 @@ def load_image(path: Path, size: int) -> np.ndarray:
     """RGB float32 HWC in [0, 1]; grayscale sources are replicated to three channels."""
     try:
         with Image.open(path) as im:
-            im = _eight_bit(im, path).convert("RGB")
+            im = eight_bit(im, path).convert("RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as exc:
         raise UadcError(f"unreadable image {path}: {exc}") from None
-
-
-def _eight_bit(im: Image.Image, path: Path) -> Image.Image:
-    """16-bit grayscale as 8-bit (Pillow's convert() would saturate it to white)."""
-    if im.mode.startswith("I;16") or im.mode == "I":
-        a = np.asarray(im, dtype=np.float64)
-        if a.size and (a.min() < 0 or a.max() > 65535):
-            raise UadcError(f"unsupported image {path}: mode {im.mode} values outside 0..65535")
-        return Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")
-    if im.mode == "F":
-        raise UadcError(f"unsupported image {path}: 32-bit float pixels (mode F); save it as 8- or 16-bit")
-    return im
 
 
 def load_mask(sample: Sample, size: int) -> np.ndarray:
@@ -146,7 +132,7 @@ def load_mask(sample: Sample, size: int) -> np.ndarray:
             with Image.open(sample.path) as im:
                 if m.size != im.size:
                     raise UadcError(f"mask size {m.size} differs from image size {im.size}: {sample.mask_path}")
-            m = _eight_bit(m, sample.mask_path).convert("L")
+            m = eight_bit(m, sample.mask_path).convert("L")
             if m.size != (size, size):
                 m = m.resize((size, size), Image.NEAREST)
             a = np.asarray(m)

@@ -201,7 +201,8 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
     """Images under ``dirs`` (recursively, sorted), preprocessed as the model's metadata says;
     category = the nearest folder named after one of ``categories`` (as ``uadc predict``), else
     the folder given. Taken as normal images (no labels)."""
-    from uadc.data.mvtec import IMAGE_EXTS, load_image
+    from uadc.core.images import IMAGE_EXTS, find_images
+    from uadc.data.mvtec import load_image
     from uadc.export.onnx_export import get_metadata
     meta = get_metadata(onnx.load(str(model_path), load_external_data=False))
     try:
@@ -215,7 +216,7 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
         d = Path(d)
         if not d.is_dir():
             raise UadcError(f"--images: not a folder: {d}")
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        files = find_images([d]).files   # as `uadc predict` walks: no MVTec masks, no predict outputs
         if not files:
             raise UadcError(f"--images: no images ({', '.join(sorted(IMAGE_EXTS))}) under {d}")
         for p in files[:limit]:

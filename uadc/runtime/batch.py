@@ -16,11 +16,12 @@ from PIL import Image
 
 from uadc.core.constants import PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError
+from uadc.core.images import find_images
 from uadc.core.io import atomic_write_bytes, atomic_write_text, ensure_dir
 from uadc.core.manifest import infer_category
 from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction
-from uadc.runtime.preprocess import find_images, load_rgb
+from uadc.runtime.preprocess import load_rgb
 
 CSV_FIELDS = ("path", "category", "score", "normalized_score", "label", "verdict", "threshold", "mask_fraction",
               "latency_ms")

@@ -1,0 +1,73 @@
+"""Image files, read the same way by every layer: the training loader (uadc.data.mvtec), the
+torch-free runtime (uadc.runtime) and ``uadc verify --images``.
+
+``eight_bit`` brings 16-bit and 32-bit-integer grayscale to 8 bits by value (Pillow's
+``convert("RGB")`` would saturate them to white) and refuses float pixels; ``find_images`` walks
+folders for image files and leaves out what is not a part to judge (MVTec masks, earlier
+``uadc predict`` outputs). numpy and Pillow only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from uadc.core.constants import MASKS_FOLDER, PREDICTIONS_JSONL
+from uadc.core.errors import UadcError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def eight_bit(im: Image.Image, source: Any) -> Image.Image:
+    """16-bit (or 32-bit integer) grayscale as 8-bit ``L``; float pixels refused (UadcError)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise UadcError(f"unsupported image {source}: mode {im.mode} values outside 0..65535")
+        return Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")
+    if im.mode == "F":
+        raise UadcError(f"unsupported image {source}: 32-bit float pixels (mode F); save it as 8- or 16-bit")
+    return im
+
+
+@dataclass
+class FoundImages:
+    files: list[Path]
+    skipped: dict[str, int] = field(default_factory=dict)   # why -> how many image files a folder walk left out
+
+
+def _skip_reason(f: Path, root: Path, blocked: dict[Path, str]) -> str | None:
+    """Why a folder walk below ``root`` leaves ``f`` out: it lies in a ``blocked`` folder, or among
+    MVTec masks (``ground_truth/``)."""
+    for d, why in blocked.items():
+        if d == f.parent or d in f.parents:
+            return why
+    return f"masks under {MASKS_FOLDER}/" if MASKS_FOLDER in f.relative_to(root).parts[:-1] else None
+
+
+def find_images(paths: list[Path], exclude: list[Path] | tuple = ()) -> FoundImages:
+    """Files given directly, and image files found recursively in folders (sorted), except, in a
+    folder walk, files in folders below it that are ``exclude`` (the run's own output) or ``uadc
+    predict`` outputs, and under MVTec ``ground_truth/`` (masks, not parts); ``skipped`` counts them."""
+    found = FoundImages([])
+    for p in map(Path, paths):
+        if p.is_dir():
+            root = p.absolute()
+            blocked = {Path(x).absolute(): "in the output folder" for x in exclude}
+            blocked.update({j.parent: "in a uadc predict output folder" for j in root.rglob(PREDICTIONS_JSONL)})
+            blocked = {d: why for d, why in blocked.items() if root in d.parents}   # the folder given is walked
+            for f in sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS):
+                why = _skip_reason(f, root, blocked)
+                if why is None:
+                    found.files.append(p / f.relative_to(root))
+                else:
+                    found.skipped[why] = found.skipped.get(why, 0) + 1
+        elif p.exists():
+            found.files.append(p)
+        else:
+            raise UadcError(f"input not found: {p}")
+    return found
