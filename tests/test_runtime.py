@@ -168,6 +168,16 @@ def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp
     assert "left out: " in again.summary_line() and again.summary()["left_out"] == again.left_out
     assert len(find_images([cat / "ground_truth"]).files) == len(masks)            # given explicitly
     assert len(find_images([cat / "run1" / "overlays"]).files) == len(images)
+    # two input folders of one name (each category's test/good) and a file given twice: every
+    # prediction keeps its own overlay, named in its record
+    goods = [tiny_data / c / "test" / "good" for c in ("stripes", "gray")]
+    twice = sorted(goods[0].iterdir())[0]
+    run = predict_paths(det, [*goods, twice], out=tmp_path / "run3", overlays=True)
+    n = sum(len(list(g.iterdir())) for g in goods)
+    assert len(run.records) == n and run.left_out == {"given twice": 1}
+    named = [r["overlay"] for r in run.records]
+    assert len(set(named)) == n and {Path(o).parts[1] for o in named} == {"good", "good-2"}
+    assert all((tmp_path / "run3" / o).is_file() for o in named)
 
 
 def test_detector_inputs_and_errors(int8_artifact, tiny_data):

@@ -52,8 +52,9 @@ def _skip_reason(f: Path, root: Path, blocked: dict[Path, str]) -> str | None:
 def find_images(paths: list[Path], exclude: list[Path] | tuple = ()) -> FoundImages:
     """Files given directly, and image files found recursively in folders (sorted), except, in a
     folder walk, files in folders below it that are ``exclude`` (the run's own output) or ``uadc
-    predict`` outputs, and under MVTec ``ground_truth/`` (masks, not parts); ``skipped`` counts them."""
-    found = FoundImages([])
+    predict`` outputs, and under MVTec ``ground_truth/`` (masks, not parts); a file reached twice
+    is kept once. ``skipped`` counts what was left out, by reason."""
+    found, seen = FoundImages([]), set()
     for p in map(Path, paths):
         if p.is_dir():
             root = p.absolute()
@@ -61,13 +62,19 @@ def find_images(paths: list[Path], exclude: list[Path] | tuple = ()) -> FoundIma
             blocked.update({j.parent: "in a uadc predict output folder" for j in root.rglob(PREDICTIONS_JSONL)})
             blocked = {d: why for d, why in blocked.items() if root in d.parents}   # the folder given is walked
             for f in sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS):
-                why = _skip_reason(f, root, blocked)
-                if why is None:
-                    found.files.append(p / f.relative_to(root))
-                else:
-                    found.skipped[why] = found.skipped.get(why, 0) + 1
+                _add(found, seen, p / f.relative_to(root), _skip_reason(f, root, blocked))
         elif p.exists():
-            found.files.append(p)
+            _add(found, seen, p, None)
         else:
             raise UadcError(f"input not found: {p}")
     return found
+
+
+def _add(found: FoundImages, seen: set[Path], f: Path, why: str | None) -> None:
+    key = f.resolve()
+    why = why or ("given twice" if key in seen else None)
+    if why is None:
+        seen.add(key)
+        found.files.append(f)
+    else:
+        found.skipped[why] = found.skipped.get(why, 0) + 1

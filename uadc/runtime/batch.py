@@ -24,7 +24,7 @@ from uadc.runtime.detector import Detector, Prediction
 from uadc.runtime.preprocess import load_rgb
 
 CSV_FIELDS = ("path", "category", "score", "normalized_score", "label", "verdict", "threshold", "mask_fraction",
-              "latency_ms")
+              "latency_ms", "overlay")
 
 
 @dataclass
@@ -83,14 +83,29 @@ def overlay(rgb: np.ndarray, pred: Prediction, detector: Detector) -> np.ndarray
     return out
 
 
-def _overlay_name(path: Path, roots: list[Path]) -> Path:
+def _unique(name: Path, taken: set[Path]) -> Path:
+    """``name``, or ``stem-2``, ``stem-3``, ... when an earlier file of the run took it."""
+    out, k = name, 2
+    while out in taken:
+        out, k = name.with_name(f"{name.stem}-{k}{name.suffix}"), k + 1
+    taken.add(out)
+    return out
+
+
+def overlay_names(files: list[Path], roots: list[Path]) -> dict[Path, Path]:
+    """One distinct overlay path per file: ``<input folder>/<relative path>.png`` (two input folders
+    of one name, e.g. two ``test/good``, become ``good`` and ``good-2``), else ``<stem>.png``."""
+    labels: dict[Path, Path] = {}
+    used: set[Path] = set()
     for root in roots:
-        if root.is_dir():
-            try:
-                return Path(root.name) / path.relative_to(root).with_suffix(".png")
-            except ValueError:
-                continue
-    return Path(path.stem + ".png")
+        if root.is_dir() and root not in labels:
+            labels[root] = _unique(Path(root.absolute().name or "root"), used)
+    names: dict[Path, Path] = {}
+    taken: set[Path] = set()
+    for f in files:
+        rel = next((labels[r] / f.relative_to(r) for r in labels if r in f.parents), Path(f.name))
+        names[f] = _unique(rel.with_suffix(".png"), taken)
+    return names
 
 
 def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | None = None, out: Path | None = None,
@@ -109,6 +124,7 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
     run = PredictRun([], [], Path(out) if out else None, left_out=found.skipped)
     if out and overlays:
         ensure_dir(Path(out) / "overlays")
+        names = overlay_names(files, roots)
     for i in _progress(range(0, len(files), batch_size), desc="predict", unit="batch"):
         chunk, arrays = [], []
         for f in files[i:i + batch_size]:
@@ -128,8 +144,9 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
                 img = overlay(load_rgb(f, detector.manifest.preprocessing), pred, detector)
                 buf = io.BytesIO()
                 Image.fromarray(img).save(buf, format="PNG")
-                target = Path(out) / "overlays" / _overlay_name(f, roots)
+                target = Path(out) / "overlays" / names[f]
                 run.written.append(atomic_write_bytes(target, buf.getvalue()))
+                run.records[-1]["overlay"] = target.relative_to(out).as_posix()
     if out:
         _write_tables(run, Path(out))
     return run
