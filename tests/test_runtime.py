@@ -200,3 +200,11 @@ def test_detector_inputs_and_errors(int8_artifact, tiny_data):
         det.predict(f, category="nope")
     with pytest.raises(UadcError, match="image array"):
         det.predict(np.zeros((5, 5, 7), np.float64))
+    bomb = tiny_data.parent / f"bomb-{os.getpid()}.png"      # 46 KB that claims 20000 x 20000 pixels
+    Image.new("1", (20000, 20000)).save(bomb)
+    try:
+        with pytest.raises(UadcError, match="unreadable image .*DecompressionBombError") as e:
+            det.predict(bomb)
+        assert "\n" not in str(e.value)
+    finally:
+        bomb.unlink()

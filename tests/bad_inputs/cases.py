@@ -297,6 +297,11 @@ def _no_train_images(root: Path) -> None:
     (root / "gray" / "train" / "good").mkdir()
 
 
+def _bomb_image(root: Path) -> None:
+    """A 46 KB PNG that claims 20000 x 20000 pixels: over Pillow's decompression-bomb limit."""
+    Image.new("1", (20000, 20000)).save(root / "stripes" / "train" / "good" / "000.png")
+
+
 def _garbage_image(root: Path) -> None:
     (root / "stripes" / "test" / "good" / "000.png").write_bytes(b"\x89PNG not really")
 
@@ -364,6 +369,7 @@ CASES: list[Case] = [
     Case("data-masks-empty", TRAIN(), msg="marks no pixel", setup=with_data(_masks_empty)),
     Case("data-image-garbage", TRAIN(), msg="unreadable image", setup=with_data(_garbage_image)),
     Case("data-image-truncated", TRAIN(), msg="unreadable image", setup=with_data(_truncated_png)),
+    Case("data-image-bomb", TRAIN(), msg="DecompressionBombError", setup=with_data(_bomb_image)),
     Case("data-image-is-folder", TRAIN(), msg="zz.png", setup=with_data(_image_is_dir)),
     Case("data-image-float32", TRAIN(), msg="mode F", setup=with_data(_float_image)),
     Case("data-mask-size", TRAIN(), msg="mask size", setup=with_data(_mask_size)),

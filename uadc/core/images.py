@@ -9,9 +9,10 @@ folders for image files and leaves out what is not a part to judge (MVTec masks,
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
@@ -20,6 +21,20 @@ from uadc.core.constants import MASKS_FOLDER, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@contextlib.contextmanager
+def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
+    """``Image.open`` whose every failure on the file's content (not an image, truncated, a
+    decompression bomb over Pillow's pixel limit, a decoder's own exception on crafted bytes) is
+    one ``unreadable <what> PATH: ...`` UadcError; UadcErrors raised inside pass unchanged."""
+    try:
+        with Image.open(path) as im:
+            yield im
+    except UadcError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types on hostile files
+        raise UadcError(f"unreadable {what} {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def eight_bit(im: Image.Image, source: Any) -> Image.Image:

@@ -16,12 +16,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
-from uadc.core.images import IMAGE_EXTS, eight_bit
+from uadc.core.images import IMAGE_EXTS, eight_bit, open_image
 
 @dataclass(frozen=True)
 class Sample:
@@ -113,33 +113,27 @@ def resolve_sources(sources: Sequence[dict]) -> list[tuple[Path, str]]:
 
 def load_image(path: Path, size: int) -> np.ndarray:
     """RGB float32 HWC in [0, 1]; grayscale sources are replicated to three channels."""
-    try:
-        with Image.open(path) as im:
-            im = eight_bit(im, path).convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UadcError(f"unreadable image {path}: {exc}") from None
+    with open_image(path) as im:
+        im = eight_bit(im, path).convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im, dtype=np.float32) / 255.0
 
 
 def load_mask(sample: Sample, size: int) -> np.ndarray:
     """Binary HxW float32 mask; zeros for good images."""
     if sample.mask_path is None:
         return np.zeros((size, size), np.float32)
-    try:
-        with Image.open(sample.mask_path) as m:
-            with Image.open(sample.path) as im:
-                if m.size != im.size:
-                    raise UadcError(f"mask size {m.size} differs from image size {im.size}: {sample.mask_path}")
-            m = eight_bit(m, sample.mask_path).convert("L")
-            if m.size != (size, size):
-                m = m.resize((size, size), Image.NEAREST)
-            a = np.asarray(m)
-            # masks stored as 0/1 (not 0/255) are binary too: an 8-bit threshold would empty them
-            return (a > (0 if a.max() == 1 else 127)).astype(np.float32)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UadcError(f"unreadable mask {sample.mask_path}: {exc}") from None
+    with open_image(sample.mask_path, "mask") as m:
+        with open_image(sample.path) as im:
+            if m.size != im.size:
+                raise UadcError(f"mask size {m.size} differs from image size {im.size}: {sample.mask_path}")
+        m = eight_bit(m, sample.mask_path).convert("L")
+        if m.size != (size, size):
+            m = m.resize((size, size), Image.NEAREST)
+        a = np.asarray(m)
+        # masks stored as 0/1 (not 0/255) are binary too: an 8-bit threshold would empty them
+        return (a > (0 if a.max() == 1 else 127)).astype(np.float32)
 
 
 class ImageDataset(Dataset):
@@ -206,7 +200,7 @@ def validate_test_masks(ds: ImageDataset) -> None:
         load_image(s.path, ds.size)  # an unreadable test image fails here, not after training
         if s.mask_path is None or load_mask(s, ds.size).any():
             continue
-        with Image.open(s.mask_path) as m:
+        with open_image(s.mask_path, "mask") as m:
             native = m.size
         if native[0] == native[1] and not load_mask(s, native[0]).any():
             raise UadcError(f"mask of defect image {s.path} marks no pixel: {s.mask_path}")

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from uadc.core.errors import UadcError
-from uadc.core.images import eight_bit, find_images
+from uadc.core.images import eight_bit, find_images, open_image
 from uadc.core.manifest import Preprocessing
 
 _FILTERS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC}
@@ -29,11 +29,8 @@ def _from_pil(im: Image.Image, pre: Preprocessing, source: Any = "image") -> np.
 def load_rgb(source: Any, pre: Preprocessing) -> np.ndarray:
     """float32 HWC in [0, 1] at the model's size from a path, PIL image or uint8 array."""
     if isinstance(source, (str, Path)):
-        try:
-            with Image.open(source) as im:
-                return _from_pil(im, pre, source)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UadcError(f"unreadable image {source}: {exc}") from None
+        with open_image(source) as im:
+            return _from_pil(im, pre, source)
     if isinstance(source, Image.Image):
         return _from_pil(source, pre)
     arr = np.asarray(source)
