@@ -197,6 +197,10 @@ def test_verify_and_diff_on_an_image_folder(artifacts, tiny_data):
     own = uadc.verify(fp32, images=[folder])
     assert own.passed, own.failures
     assert set(own.categories) == {"stripes"} and own.thresholds["reference"]["stripes"]["source"] == "golden set"
+    from uadc.pipeline.verify import load_image_dirs
+    x, records, notes = load_image_dirs([folder], fp32 / "model.onnx", limit=2)
+    assert len(x) == len(records) == 2 and notes == [f"--images {folder}: judged the first 2 of its "
+                                                     f"{len(list(folder.iterdir()))} images (sorted by path)"]
     bare = uadc.diff(fp32 / "model.onnx", int8, images=[folder])
     assert bare.thresholds["candidate"] == bare.thresholds["reference"] and "no operating thresholds" in bare.notes[0]
     d = uadc.diff(fp32, fp32, images=[folder])

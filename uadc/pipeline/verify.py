@@ -197,10 +197,11 @@ def tensor_check(results, atol: float = TENSOR_ATOL, rtol: float = TENSOR_RTOL) 
 # ------------------------------------------------------------------------------- images
 
 def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
-                    categories: Sequence[str] = ()) -> tuple[np.ndarray, list[dict]]:
-    """Images under ``dirs`` (recursively, sorted), preprocessed as the model's metadata says;
-    category = the nearest folder named after one of ``categories`` (as ``uadc predict``), else
-    the folder given. Taken as normal images (no labels)."""
+                    categories: Sequence[str] = ()) -> tuple[np.ndarray, list[dict], list[str]]:
+    """Images under ``dirs`` (recursively, sorted, at most ``limit`` a folder), preprocessed as the
+    model's metadata says; category = the nearest folder named after one of ``categories`` (as
+    ``uadc predict``), else the folder given. Taken as normal images (no labels). Also returns a
+    note for each folder cut to ``limit``."""
     from uadc.core.images import IMAGE_EXTS, find_images
     from uadc.data.mvtec import load_image
     from uadc.export.onnx_export import get_metadata
@@ -211,7 +212,7 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
         std = np.asarray(meta["normalization"]["std"], np.float32)
     except (KeyError, TypeError, ValueError):
         raise UadcError(f"{model_path}: no uadc preprocessing metadata (image_size, normalization)") from None
-    images, records = [], []
+    images, records, notes = [], [], []
     for d in dirs:
         d = Path(d)
         if not d.is_dir():
@@ -219,11 +220,13 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
         files = find_images([d]).files   # as `uadc predict` walks: no MVTec masks, no predict outputs
         if not files:
             raise UadcError(f"--images: no images ({', '.join(sorted(IMAGE_EXTS))}) under {d}")
+        if len(files) > limit:
+            notes.append(f"--images {d}: judged the first {limit} of its {len(files)} images (sorted by path)")
         for p in files[:limit]:
             images.append(((load_image(p, size) - mean) / std).transpose(2, 0, 1))
             records.append({"kind": "user", "category": infer_category(p, categories) or d.name, "label": None,
                             "source": str(p)})
-    return np.ascontiguousarray(np.stack(images), dtype=np.float32), records
+    return np.ascontiguousarray(np.stack(images), dtype=np.float32), records, notes
 
 
 # --------------------------------------------------------------------------------- gate
@@ -346,10 +349,10 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
     ma = _model_path(a)
     _model_path(b)  # a usage error before any work
     g = read_golden(a) if a.is_dir() and (a / GOLDEN_META).is_file() else None
-    masks, stored = None, (g.meta.get("verify") if g else None)
+    masks, stored, notes = None, (g.meta.get("verify") if g else None), []
     if images:
         known = [c for c in (reference_thresholds or {}) if c != "global"] or _categories(a, b)
-        x, records = load_image_dirs(images, ma, categories=known)
+        x, records, notes = load_image_dirs(images, ma, categories=known)
         feeds = batches(x, BATCH)
     elif g is None:
         raise UadcError(f"{a} has no golden set ({GOLDEN_META}) to take images from: pass --images DIR")
@@ -366,7 +369,6 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
     cats = np.array([r.get("category") or "" for r in records])
     base = fidelity.reference_thresholds(ref[1][normal], ref[0][normal], cats[normal])
     ref_thr = _manifest_thresholds(a, base) or _given_thresholds(reference_thresholds, base)
-    notes = []
     if ref_thr is None:
         ref_thr = cand_thr = base
         notes.append("the reference has no operating thresholds: both sides decide at thresholds fitted on its "
