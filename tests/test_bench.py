@@ -191,3 +191,19 @@ def test_search_time_profiles_at_the_asked_batch_and_writes_its_record(bench_run
     assert record["profile"]["batch"] == 2 and record["final"]["int8_groups"] == line["int8_groups"]
     breakdown_main([str(tmp_path / "rec")])
     assert "ORT profile, batch 2:" in capsys.readouterr().out
+
+
+def test_threshold_coverage_compares_both_rules_in_every_scenario(tmp_path, capsys):
+    """Every scenario has a row per category for the own-spread rule and for uadc's, the JSON holds
+    what the table prints, and too few draws is a usage error."""
+    from bench.threshold_coverage import SCENARIOS, SIZES, main
+    assert main(["--draws", "30", "--json", str(tmp_path / "c.json")]) == 0
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert set(res["scenarios"]) == set(SCENARIOS) and res["draws"] == 30
+    for rules in res["scenarios"].values():
+        for rule in ("own", "uadc"):
+            assert [r["n"] for r in rules[rule]] == list(SIZES)
+            assert all(0 <= r[k] <= 1 for r in rules[rule] for k in ("covered", "far_mean", "far_p95"))
+    out = capsys.readouterr().out
+    assert out.count("\n| ") == 1 + len(SCENARIOS) * len(SIZES)      # the header, then a row per category
+    assert main(["--draws", "3"]) == 2

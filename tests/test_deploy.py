@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from scipy import stats
 
 from uadc.config.recipe import load_recipe
 from uadc.core.errors import UadcError
@@ -46,6 +47,32 @@ def test_small_validation_sets_get_a_margin_above_the_largest_value():
     plain, _ = quantile_threshold(val, 0.01, margin=False)
     assert plain == pytest.approx(np.float32(np.quantile(val, 0.99)))
     assert float(np.float32(t)) == t      # float32-exact: numpy, ORT and TensorRT decide alike
+
+
+def test_a_small_category_borrows_the_pooled_log_spread_and_keeps_its_coverage():
+    """Four categories of lognormal normals with one log spread (0.5) and their own means, with
+    3, 12, 21 and 30 validation normals: the 3-normal category's image threshold still bounds its
+    true 99 % quantile in at least about 95 % of draws, at a fraction of the own-spread bound. A
+    category whose own spread is the wider keeps its own bound."""
+    sizes, mus, q = (3, 12, 21, 30), (0.0, 2.0, -3.0, 1.0), stats.norm.ppf(0.99)
+    covered, ratio = [], []
+    for seed in range(300):
+        rng = np.random.default_rng(seed)
+        val = {c: (np.zeros((n, 2, 2), np.float32), rng.lognormal(mus[i], 0.5, n).astype(np.float32))
+               for i, (c, n) in enumerate(zip("abcd", sizes))}
+        t = compute_thresholds(val, 0.01)
+        covered.append(t.categories["a"].image.value >= np.exp(mus[0] + q * 0.5))
+        ratio.append(t.categories["a"].image.value / quantile_threshold(val["a"][1], 0.01)[0])
+    assert 0.93 <= np.mean(covered) <= 0.995           # a 95 % tolerance bound, neither lax nor vacuous
+    assert np.median(ratio) < 0.5                      # the own-spread bound on 3 values is far higher
+    rng = np.random.default_rng(0)
+    wide = {c: (np.zeros((n, 2, 2), np.float32), rng.lognormal(0, sd, n).astype(np.float32))
+            for c, n, sd in (("narrow", 30, 0.1), ("wide", 30, 1.5))}
+    t = compute_thresholds(wide, 0.01)
+    assert t.image_spread["df"] == 58 and 0.1 < t.image_spread["log_sd"] < 1.5
+    assert t.categories["wide"].image.value == quantile_threshold(wide["wide"][1], 0.01)[0]
+    assert t.categories["narrow"].image.value > quantile_threshold(wide["narrow"][1], 0.01)[0]
+    assert compute_thresholds({"a": wide["wide"]}, 0.01).image_spread is None     # one category: nothing to pool
 
 
 def test_thresholds_normalise_to_one_half_per_category_and_global():

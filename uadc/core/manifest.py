@@ -75,6 +75,7 @@ class Thresholds:
     categories: dict[str, CategoryThresholds]
     global_: CategoryThresholds                 # serialised as "global"
     validation: dict[str, int] = field(default_factory=dict)   # category -> validation images
+    image_spread: dict | None = None            # the pooled log spread of image scores (evaluation.thresholds)
 
     def get(self, category: str | None = None) -> CategoryThresholds:
         """A category's thresholds; ``None`` gives the global ones (category unknown)."""
@@ -88,13 +89,15 @@ class Thresholds:
     def to_dict(self) -> dict:
         return {"false_alarm_rate": self.false_alarm_rate, "estimator": self.estimator,
                 "categories": {c: asdict(t) for c, t in self.categories.items()},
-                GLOBAL: asdict(self.global_), "validation": dict(self.validation)}
+                GLOBAL: asdict(self.global_), "validation": dict(self.validation),
+                **({"image_spread": self.image_spread} if self.image_spread else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Thresholds":
         return cls(float(d["false_alarm_rate"]), str(d["estimator"]),
                    {c: CategoryThresholds.from_dict(t) for c, t in d["categories"].items()},
-                   CategoryThresholds.from_dict(d[GLOBAL]), {k: int(v) for k, v in d.get("validation", {}).items()})
+                   CategoryThresholds.from_dict(d[GLOBAL]), {k: int(v) for k, v in d.get("validation", {}).items()},
+                   d.get("image_spread"))
 
 
 @dataclass(frozen=True)

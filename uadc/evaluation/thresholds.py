@@ -10,6 +10,11 @@ false-alarm rate ``a`` the threshold estimates the ``q = 1 - a`` quantile of the
 - when the validation set is too small for that (``j > n``, e.g. fewer than 299 images at
   ``a = 0.01``), a one-sided normal tolerance bound on the log values (95 % confidence that at
   least ``q`` of normals fall below; Natrella's k factor), never below the largest value seen.
+  For image scores of a unified model a category's log-scale spread is the larger of its own and
+  the spread pooled over all categories (within-category variances weighted by degrees of
+  freedom), with the degrees of freedom of the one taken: a category with 3 normals borrows the
+  spread of all of them instead of a factor ``k`` of 13 on a spread from 3 values, and no
+  category is given a spread narrower than its own. Each category keeps its own mean.
 - with ``deploy.threshold_margin: false``: the plain empirical quantile (numpy "linear").
 
 Thresholds are rounded to float32, so ``score >= threshold`` decides the same in numpy, ONNX
@@ -28,7 +33,8 @@ from uadc.core.manifest import GLOBAL, CategoryThresholds, Threshold, Thresholds
 
 CONFIDENCE = 0.95
 ESTIMATOR = ("one-sided 95% upper confidence bound of the (1 - false_alarm_rate) quantile of validation normals: "
-             "distribution-free order statistic, or a lognormal tolerance bound (>= max) when too few values")
+             "distribution-free order statistic, or a lognormal tolerance bound (>= max) when too few values, "
+             "image scores with the larger of the category's own and the pooled log spread of all categories")
 ESTIMATOR_PLAIN = "empirical (1 - false_alarm_rate) quantile of validation normals (numpy linear)"
 MAX_PIXELS = 2_000_000       # pixel values sampled (evenly) per threshold; quantiles need no more
 
@@ -37,19 +43,43 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def tolerance_factor(n: int, q: float, confidence: float = CONFIDENCE) -> float:
+@dataclass(frozen=True)
+class PooledSpread:
+    """Within-category standard deviation of log values pooled over categories."""
+
+    sd: float
+    df: int                 # sum of (n_c - 1)
+
+    def to_dict(self) -> dict:
+        return {"log_sd": round(self.sd, 6), "df": self.df}
+
+
+def pooled_log_spread(groups: list[np.ndarray]) -> PooledSpread | None:
+    """The pooled log spread of per-category values, or None where it cannot be formed: fewer
+    than two categories with 2+ values, or a value <= 0."""
+    logs = [np.log(np.asarray(g, np.float64)) for g in groups if len(g) >= 2]
+    if len(logs) < 2 or not all(np.all(np.isfinite(x)) for x in logs):
+        return None
+    df = sum(len(x) - 1 for x in logs)
+    return PooledSpread(math.sqrt(sum((len(x) - 1) * x.var(ddof=1) for x in logs) / df), df)
+
+
+def tolerance_factor(n: int, q: float, confidence: float = CONFIDENCE, df: int | None = None) -> float:
     """One-sided normal tolerance factor k (Natrella): mean + k sd covers ``q`` of the
-    population with ``confidence``."""
+    population with ``confidence``; the mean from ``n`` values, the sd with ``df`` degrees of
+    freedom (default ``n - 1``: both from the same values)."""
     zp, zg = stats.norm.ppf(q), stats.norm.ppf(confidence)
-    a = 1 - zg ** 2 / (2 * max(n - 1, 1))
+    a = 1 - zg ** 2 / (2 * max(df if df is not None else n - 1, 1))
     b = zp ** 2 - zg ** 2 / n
     if a <= 0:   # n too small for the approximation: fall back to a wide, finite factor
         return float(zp + 3 * zg)
     return float((zp + math.sqrt(max(zp ** 2 - a * b, 0.0))) / a)
 
 
-def quantile_threshold(values: np.ndarray, far: float, margin: bool = True) -> tuple[float, float]:
-    """(threshold, quantile level of the values it sits at) for false-alarm rate ``far``."""
+def quantile_threshold(values: np.ndarray, far: float, margin: bool = True,
+                       spread: PooledSpread | None = None) -> tuple[float, float]:
+    """(threshold, quantile level of the values it sits at) for false-alarm rate ``far``;
+    ``spread``: a pooled log spread the tolerance bound uses where it is wider than the values' own."""
     v = np.sort(np.asarray(values, np.float64).ravel())
     n, q = len(v), 1.0 - far
     if n == 0:
@@ -59,10 +89,12 @@ def quantile_threshold(values: np.ndarray, far: float, margin: bool = True) -> t
     j = int(stats.binom.ppf(CONFIDENCE, n, q)) + 1      # 1-based rank of the upper bound
     if j <= n:
         return _f32(v[j - 1]), j / n
-    if v[0] > 0 and n >= 2:
-        logs = np.log(v)
-        sd = float(logs.std(ddof=1))
-        bound = math.exp(float(logs.mean()) + tolerance_factor(n, q) * sd)
+    own_sd = float(np.log(v).std(ddof=1)) if v[0] > 0 and n >= 2 else None
+    if v[0] > 0 and spread is not None and (own_sd is None or own_sd <= spread.sd):
+        # never narrower than the category's own spread: borrow only a wider one
+        bound = math.exp(float(np.log(v).mean()) + tolerance_factor(n, q, df=spread.df) * spread.sd)
+    elif own_sd is not None:
+        bound = math.exp(float(np.log(v).mean()) + tolerance_factor(n, q) * own_sd)
     elif n >= 2:
         bound = float(v.mean()) + tolerance_factor(n, q) * float(v.std(ddof=1))
     else:
@@ -76,9 +108,9 @@ def _sample_pixels(maps: np.ndarray) -> np.ndarray:
     return flat[::step]
 
 
-def threshold_of(values: np.ndarray, far: float, margin: bool) -> Threshold:
+def threshold_of(values: np.ndarray, far: float, margin: bool, spread: PooledSpread | None = None) -> Threshold:
     v = np.asarray(values, np.float32).ravel()
-    value, level = quantile_threshold(v, far, margin)
+    value, level = quantile_threshold(v, far, margin, spread)
     return Threshold(value=value, low=_f32(v.min()), high=_f32(v.max()), quantile=round(level, 6), n=int(v.size))
 
 
@@ -89,13 +121,14 @@ def compute_thresholds(val: dict[str, tuple[np.ndarray, np.ndarray]], far: float
     cats = {c: (m, s) for c, (m, s) in val.items() if len(s)}
     if not cats:
         raise ValueError("no validation normals")
-    per = {c: CategoryThresholds(threshold_of(s, far, margin), threshold_of(_sample_pixels(m), far, margin))
+    spread = pooled_log_spread([s for _, s in cats.values()]) if margin else None
+    per = {c: CategoryThresholds(threshold_of(s, far, margin, spread), threshold_of(_sample_pixels(m), far, margin))
            for c, (m, s) in cats.items()}
     all_scores = np.concatenate([s for _, s in cats.values()])
     all_pixels = np.concatenate([_sample_pixels(m) for m, _ in cats.values()])
     glob = CategoryThresholds(threshold_of(all_scores, far, margin), threshold_of(all_pixels, far, margin))
     return Thresholds(far, ESTIMATOR if margin else ESTIMATOR_PLAIN, per, glob,
-                      {c: int(len(s)) for c, (_, s) in cats.items()})
+                      {c: int(len(s)) for c, (_, s) in cats.items()}, spread.to_dict() if spread else None)
 
 
 # -- decisions on the test sets (labels used to report, never to set) ---------------------------
