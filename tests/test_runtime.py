@@ -178,6 +178,13 @@ def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp
     named = [r["overlay"] for r in run.records]
     assert len(set(named)) == n and {Path(o).parts[1] for o in named} == {"good", "good-2"}
     assert all((tmp_path / "run3" / o).is_file() for o in named)
+    assert run.warnings == []                                  # every folder path names a category
+    cam = tmp_path / "cam1"                                    # a camera's folder: no category in its path
+    shutil.copytree(goods[1], cam)
+    blind = predict_paths(det, [cam])
+    assert len(blind.warnings) == 1 and blind.warnings[0].startswith(f"{len(blind.records)} of {len(blind.records)} images")
+    assert "--category" in blind.warnings[0] and blind.summary()["warnings"] == blind.warnings
+    assert predict_paths(det, [cam], category="gray").warnings == []
 
 
 def test_detector_inputs_and_errors(int8_artifact, tiny_data):

@@ -318,6 +318,8 @@ def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out:
     run = predict_paths(det, list(inputs), category, out, overlays, batch_size)
     for path, reason in run.failed:
         click.echo(f"skipped {path}: {reason}", err=True)
+    for w in run.warnings:
+        click.echo(f"warning: {w}", err=True)
     s = run.summary()
     if as_json:
         click.echo(json.dumps(s))

@@ -34,6 +34,7 @@ class PredictRun:
     out: Path | None = None
     written: list[Path] = field(default_factory=list)
     left_out: dict[str, int] = field(default_factory=dict)   # files a folder walk passed over, by reason
+    warnings: list[str] = field(default_factory=list)        # what the caller should show the user
 
     def summary(self) -> dict:
         verdicts: dict[str, int] = {}
@@ -42,7 +43,8 @@ class PredictRun:
         lat = [r["latency_ms"] for r in self.records]
         return {"images": len(self.records), "failed": len(self.failed), "verdicts": verdicts,
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat else None,
-                "left_out": dict(self.left_out), "out": str(self.out) if self.out else None}
+                "left_out": dict(self.left_out), "warnings": list(self.warnings),
+                "out": str(self.out) if self.out else None}
 
     def summary_line(self) -> str:
         """``N images (verdicts); K skipped[; left out: ...]; p50 latency X ms per image``."""
@@ -147,6 +149,12 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
                 target = Path(out) / "overlays" / names[f]
                 run.written.append(atomic_write_bytes(target, buf.getvalue()))
                 run.records[-1]["overlay"] = target.relative_to(out).as_posix()
+    n_global = sum(r["category"] is None for r in run.records)
+    if n_global and len(detector.categories) > 1:
+        run.warnings.append(f"{n_global} of {len(run.records)} images are in no folder named after a category "
+                            f"({', '.join(detector.categories)}): they were judged at the global thresholds, set on "
+                            f"every category's normals together, which can sit far above one category's defect "
+                            f"scores; pass --category (or category=) to judge them as that product")
     if out:
         _write_tables(run, Path(out))
     return run
