@@ -54,8 +54,9 @@ def run(draws: int = 1000) -> dict:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"Image thresholds at a {res['false_alarm_rate']:.0%} false-alarm rate, {res['draws']} draws per scenario: "
-             "share of draws covering the true 99 % quantile (promise: 95 %), true false-alarm rate mean / p95.", "",
+    lines = [f"Image thresholds at a {res['false_alarm_rate']:.0%} false-alarm rate, {res['draws']} draws per "
+             "scenario: share of draws covering the true 99 % quantile (promise: 95 %), true false-alarm rate "
+             "mean / p95.", "",
              "| scenario | normals (log sd) | own spread: covered, FAR mean / p95 | uadc: covered, FAR mean / p95 |",
              "|---|---|---|---|"]
     for name, rules in res["scenarios"].items():

@@ -182,7 +182,8 @@ def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp
     cam = tmp_path / "cam1"                                    # a camera's folder: no category in its path
     shutil.copytree(goods[1], cam)
     blind = predict_paths(det, [cam])
-    assert len(blind.warnings) == 1 and blind.warnings[0].startswith(f"{len(blind.records)} of {len(blind.records)} images")
+    n = len(blind.records)
+    assert len(blind.warnings) == 1 and blind.warnings[0].startswith(f"{n} of {n} images")
     assert "--category" in blind.warnings[0] and blind.summary()["warnings"] == blind.warnings
     assert predict_paths(det, [cam], category="gray").warnings == []
 
