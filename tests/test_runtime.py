@@ -147,7 +147,7 @@ def test_predict_cli_writes_predictions_and_overlays(int8_artifact, tmp_path, ti
     assert len(overlays) == len(paths) and Image.open(overlays[0]).size == (64, 64)
 
 
-def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp_path, tiny_data):
+def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp_path, tiny_data, monkeypatch):
     """Pointing predict at an MVTec category folder scores its images, not its ground_truth masks;
     a later run over a folder that holds an earlier run's output (overlays are PNGs) does not score
     that output; a folder given explicitly is always walked."""
@@ -186,6 +186,14 @@ def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp
     assert len(blind.warnings) == 1 and blind.warnings[0].startswith(f"{n} of {n} images")
     assert "--category" in blind.warnings[0] and blind.summary()["warnings"] == blind.warnings
     assert predict_paths(det, [cam], category="gray").warnings == []
+    # a folder named like a spreadsheet formula: inert in the CSV, exact in the JSONL
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(goods[1], tmp_path / "=HYPERLINK(x)")
+    predict_paths(det, [Path("=HYPERLINK(x)")], category="gray", out=Path("run4"))
+    csv_rows = (tmp_path / "run4" / "predictions.csv").read_text().splitlines()[1:]
+    assert csv_rows and all(r.startswith("'=HYPERLINK(x)/") for r in csv_rows)
+    first = json.loads((tmp_path / "run4" / "predictions.jsonl").read_text().splitlines()[0])
+    assert first["path"].startswith("=HYPERLINK(x)/")
 
 
 def test_detector_inputs_and_errors(int8_artifact, tiny_data):

@@ -172,5 +172,11 @@ def _write_tables(run: PredictRun, out: Path) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
-    w.writerows(run.records)
+    w.writerows({k: _inert(v) for k, v in r.items()} for r in run.records)
     run.written.insert(1, atomic_write_text(out / PREDICTIONS_CSV, buf.getvalue()))
+
+
+def _inert(value: object) -> object:
+    """A text cell a spreadsheet would run as a formula (a file or folder named ``=HYPERLINK(...)``)
+    gets a leading ``'`` (OWASP's CSV-injection advice); predictions.jsonl keeps the exact text."""
+    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
