@@ -325,7 +325,7 @@ def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out:
         click.echo(json.dumps(s))
     else:
         click.echo(f"{run.summary_line()} ({det.backend_name})")
-        click.echo(f"written: {out / 'predictions.jsonl'}, {out / 'predictions.csv'}"
+        click.echo(f"written: {run.written[0]}, {run.written[1]}"     # predictions.jsonl, .csv
                    + (f", {out / 'overlays'}/" if overlays else ""))
     sys.exit(1 if run.failed else 0)
 
