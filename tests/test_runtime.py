@@ -194,6 +194,16 @@ def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp
     assert csv_rows and all(r.startswith("'=HYPERLINK(x)/") for r in csv_rows)
     first = json.loads((tmp_path / "run4" / "predictions.jsonl").read_text().splitlines()[0])
     assert first["path"].startswith("=HYPERLINK(x)/")
+    # --out holding someone else's predictions.csv / .jsonl: refused before any work, nothing changed
+    for name, text in (("predictions.csv", "id,score\n1,2\n"), ("predictions.jsonl", "not json\n")):
+        theirs = tmp_path / f"theirs-{name}"
+        theirs.mkdir()
+        (theirs / name).write_text(text)
+        with pytest.raises(UadcError, match="was not written by uadc predict"):
+            predict_paths(det, [cam], category="gray", out=theirs)
+        assert [f.name for f in theirs.iterdir()] == [name] and (theirs / name).read_text() == text
+    again = predict_paths(det, [cam], category="gray", out=Path("run4"))      # its own earlier output: replaced
+    assert len(again.records) == n
 
 
 def test_detector_inputs_and_errors(int8_artifact, tiny_data):

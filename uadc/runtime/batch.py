@@ -117,6 +117,8 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
     and (``overlays``) overlays/<input folder>/<relative path>.png. ``category=None`` with
     ``infer``: each image's category comes from its folder names, else the global thresholds."""
     roots = [Path(p) for p in inputs]
+    if out:
+        _check_out(Path(out))
     found = find_images(roots, exclude=[Path(out)] if out else ())
     files = found.files
     if not files:
@@ -159,6 +161,25 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
     if out:
         _write_tables(run, Path(out))
     return run
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, before any work, to overwrite prediction tables that uadc predict did not write."""
+    def first_line(f: Path) -> str:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            return fh.readline(4096)
+
+    def is_record(line: str) -> bool:
+        try:
+            return not line.strip() or "path" in json.loads(line)
+        except (ValueError, TypeError):
+            return False
+
+    for f, ours in ((out / PREDICTIONS_CSV, lambda line: line.startswith(",".join(CSV_FIELDS[:3]))),
+                    (out / PREDICTIONS_JSONL, is_record)):
+        if f.is_symlink() or (f.exists() and not (f.is_file() and ours(first_line(f)))):
+            raise UadcError(f"{f} exists and was not written by uadc predict; choose another --out "
+                            f"(nothing was changed)")
 
 
 def _describe(skipped: dict[str, int]) -> str:
