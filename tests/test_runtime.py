@@ -234,3 +234,41 @@ def test_detector_inputs_and_errors(int8_artifact, tiny_data):
         assert "\n" not in str(e.value)
     finally:
         bomb.unlink()
+
+
+def test_detector_takes_encoded_bytes_and_a_category_per_image_and_refuses_silent_nonsense(int8_artifact, tiny_data):
+    """What a service embeds: encoded bytes from a camera or an HTTP body, a mixed batch of
+    products, and arrays that would otherwise score silently wrong (empty, float 0..255, NaN)."""
+    import io
+    from uadc.runtime import Detector
+    _, _, res = int8_artifact
+    det = Detector.load(res.path)
+    f = sorted((tiny_data / "gray" / "test" / "blob").glob("*.png"))[0]
+    one = det.predict(f, category="gray")
+    raw = f.read_bytes()
+    with open(f, "rb") as fh:
+        same = [det.predict(raw, category="gray"), det.predict(io.BytesIO(raw), category="gray"),
+                det.predict(fh, category="gray"), det.predict(bytearray(raw), category="gray")]
+    assert [p.score for p in same] == [one.score] * 4 and all(p.source is None for p in same)
+    other = [c for c in det.categories if c != "gray"][0]
+    mixed = det.predict(iter([f, raw, f]), category=["gray", other, None])
+    assert [p.category for p in mixed] == ["gray", other, None]
+    assert [p.threshold for p in mixed] == [det.thresholds(c).image.value for c in ("gray", other, None)]
+    assert mixed[0].score == pytest.approx(one.score, abs=1e-6)
+    for cat in (["gray"], ["gray", "gray", "gray"], ["gray", 3]):
+        with pytest.raises(UadcError, match="one name for all images or one per image"):
+            det.predict([f, f], category=cat)
+    with pytest.raises(UadcError, match="unknown category 'nope'"):
+        det.predict([f, f], category=["gray", "nope"])
+    size = det.image_size
+    bad = {"empty": np.zeros((0, 0, 3), np.uint8), "must be finite and in \\[0, 1\\], got 0..255":
+           np.linspace(0, 255, size * size * 3, dtype=np.float32).reshape(size, size, 3),
+           "non-finite": np.full((size, size, 3), np.nan, np.float32)}
+    for msg, arr in bad.items():
+        with pytest.raises(UadcError, match=msg):
+            det.predict(arr)
+    assert det.predict(np.full((size, size, 3), 0.5, np.float32)).score > 0   # a float image in [0, 1] still runs
+    with pytest.raises(UadcError, match="^unreadable image bytes: "):
+        det.predict(b"not an image")
+    with pytest.raises(UadcError, match="expected a path, image bytes, a binary file, a PIL image or an array, got NoneType"):
+        det.predict([f, None])

@@ -10,6 +10,7 @@ folders for image files and leaves out what is not a part to judge (MVTec masks,
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,7 +35,9 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
     except UadcError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types on hostile files
-        raise UadcError(f"unreadable {what} {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        where = f" {path}" if isinstance(path, (str, Path)) else ""      # a stream has no name to show
+        why = re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))   # no memory address in the line
+        raise UadcError(f"unreadable {what}{where}: {type(exc).__name__}: {why[:200]}") from None
 
 
 def eight_bit(im: Image.Image, source: Any) -> Image.Image:

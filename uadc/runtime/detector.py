@@ -103,6 +103,14 @@ def _importable(module: str) -> bool:
         return False
 
 
+def _single(inputs: Any) -> bool:
+    """One image rather than a batch: a path, bytes, a file object, a PIL image or an array below 4-D."""
+    if isinstance(inputs, np.ndarray):
+        return inputs.ndim < 4
+    return isinstance(inputs, (str, Path, bytes, bytearray, memoryview)) or hasattr(inputs, "read") \
+        or hasattr(inputs, "getpixel") or not hasattr(inputs, "__iter__")
+
+
 class Detector:
     """A loaded artifact: ``predict`` images, paths, PIL images, arrays or lists of them."""
 
@@ -180,19 +188,33 @@ class Detector:
         return [Prediction(float(scores[i]), float(norm[i]), int(labels[i]), maps[i], masks[i], category,
                            thr.image.value, latency_ms, sources[i]) for i in range(len(scores))]
 
-    def predict(self, inputs: Any, category: str | None = None) -> "Prediction | list[Prediction]":
-        """One image (path, PIL image, HxW(x3) array) -> ``Prediction``; a list/tuple of them or an
-        (N, H, W, 3) uint8 array -> list. ``category`` picks its thresholds (``None``: global)."""
-        single = not (isinstance(inputs, (list, tuple)) or (isinstance(inputs, np.ndarray) and inputs.ndim == 4))
+    def predict(self, inputs: Any, category: "str | None | Sequence[str | None]" = None
+                ) -> "Prediction | list[Prediction]":
+        """One image (path, encoded bytes or binary file, PIL image, HxW(x3) array) -> ``Prediction``;
+        a list, tuple or other iterable of them, or an (N, H, W, 3) uint8 array -> list.
+        ``category`` picks the thresholds (``None``: global): one for all, or one per image."""
+        single = _single(inputs)
         items = [inputs] if single else list(inputs)
+        cats = self._per_image(category, len(items), single)
         if not items:
             return []
-        self.thresholds(category)          # an unknown category fails before any work
+        for c in dict.fromkeys(cats):
+            self.thresholds(c)              # an unknown category fails before any work
         batch = np.stack([self.preprocess(x) for x in items])
         maps, scores, ms = self.run(batch)
-        sources = [str(x) if isinstance(x, (str, Path)) else None for x in items]
-        preds = self.decide(maps, scores, category, ms, sources)
+        preds = [self.decide(maps[i:i + 1], scores[i:i + 1], cats[i], ms,
+                             [str(x) if isinstance(x, (str, Path)) else None])[0] for i, x in enumerate(items)]
         return preds[0] if single else preds
+
+    @staticmethod
+    def _per_image(category: Any, n: int, single: bool) -> list[str | None]:
+        if category is None or isinstance(category, str):
+            return [category] * n
+        cats = list(category)
+        if single or len(cats) != n or not all(c is None or isinstance(c, str) for c in cats):
+            raise UadcError(f"category: one name for all images or one per image (a list of {n} names "
+                            f"or None), got {category!r}"[:300])
+        return cats
 
     def __repr__(self) -> str:
         m = self.manifest

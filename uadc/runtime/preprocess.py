@@ -5,6 +5,7 @@ in float32, HWC -> CHW."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +27,52 @@ def _from_pil(im: Image.Image, pre: Preprocessing, source: Any = "image") -> np.
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
+def _encoded(source: Any) -> io.BytesIO | None:
+    """Encoded image bytes (``bytes``, ``bytearray``, ``memoryview``) or a binary file object, as a
+    stream Pillow reads: what a service receives from a camera or an HTTP body."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(source))
+    if hasattr(source, "read") and not isinstance(source, Image.Image):
+        data = source.read()
+        if not isinstance(data, bytes):
+            raise UadcError(f"image stream: expected a binary file object, got text from {type(source).__name__}")
+        return io.BytesIO(data)
+    return None
+
+
+def _from_array(arr: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    size = pre.image_size
+    if 0 in arr.shape:
+        raise UadcError(f"image array: empty, shape {arr.shape}")
+    if arr.dtype == np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4))):
+        return _from_pil(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr), pre)
+    if arr.dtype.kind == "f" and arr.shape == (size, size, 3):
+        # already RGB in [0, 1] at the model's size: a 0..255 float image or NaNs would score silently wrong
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise UadcError(f"image array: float pixels must be finite and in [0, 1], got "
+                            f"{'non-finite values' if not np.isfinite(arr).all() else f'{arr.min():g}..{arr.max():g}'}"
+                            f" (pass uint8 for 0..255)")
+        return arr.astype(np.float32)
+    raise UadcError(f"image array: expected uint8 HxW / HxWx3 / HxWx4, or float HxWx3 in [0, 1] at "
+                    f"{size}x{size}; got {arr.dtype} {arr.shape}")
+
+
 def load_rgb(source: Any, pre: Preprocessing) -> np.ndarray:
-    """float32 HWC in [0, 1] at the model's size from a path, PIL image or uint8 array."""
+    """float32 HWC in [0, 1] at the model's size from a path, encoded bytes or binary file object,
+    PIL image or array."""
     if isinstance(source, (str, Path)):
         with open_image(source) as im:
             return _from_pil(im, pre, source)
+    stream = _encoded(source)
+    if stream is not None:
+        with open_image(stream, "image bytes") as im:
+            return _from_pil(im, pre, "image bytes")
     if isinstance(source, Image.Image):
         return _from_pil(source, pre)
-    arr = np.asarray(source)
-    if arr.dtype == np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4))):
-        return _from_pil(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr), pre)
-    if arr.dtype.kind == "f" and arr.shape == (pre.image_size, pre.image_size, 3):
-        return arr.astype(np.float32)          # already RGB in [0, 1] at the model's size
-    raise UadcError(f"image array: expected uint8 HxW / HxWx3 / HxWx4, or float HxWx3 in [0, 1] at "
-                    f"{pre.image_size}x{pre.image_size}; got {arr.dtype} {arr.shape}")
+    if not isinstance(source, np.ndarray) and np.asarray(source).dtype == object:
+        raise UadcError(f"image: expected a path, image bytes, a binary file, a PIL image or an array, "
+                        f"got {type(source).__name__}")
+    return _from_array(np.asarray(source), pre)
 
 
 def preprocess(source: Any, pre: Preprocessing) -> np.ndarray:
