@@ -174,6 +174,37 @@ def test_usage_errors_exit_2(artifacts, tmp_path):
         assert r.exit_code == 2, (args, r.output)
 
 
+def test_report_paths_replace_only_earlier_reports_and_are_checked_before_the_work(artifacts, tmp_path, monkeypatch):
+    """`--json ART/model.onnx` once overwrote the artifact's model with the report, after the work."""
+    from uadc.pipeline import api
+    _, fp32, int8 = artifacts
+    model = int8 / "model.onnx"
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes")
+    before = {f: f.read_bytes() for f in (model, notes)}
+    calls = []
+    monkeypatch.setattr(api, "verify", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(api, "diff", lambda *a, **k: calls.append(a))
+    for cmd in (["verify", str(int8)], ["diff", str(fp32), str(int8)]):
+        for out, why in ((["--json", str(model)], "was not written by uadc verify or diff"),
+                         (["--markdown", str(notes)], "was not written by uadc verify or diff"),
+                         (["--json", str(tmp_path)], "was not written by uadc verify or diff"),
+                         (["--json", str(tmp_path / "x"), "--markdown", str(tmp_path / "x")], "name the same file")):
+            r = CliRunner().invoke(main, cmd + out)
+            assert r.exit_code == 2 and why in r.output, (cmd, out, r.output)
+    assert not calls and {f: f.read_bytes() for f in before} == before
+    monkeypatch.undo()
+    # an earlier report of either kind is replaced, and so is an empty file
+    (tmp_path / "empty.json").touch()
+    for _ in range(2):
+        r = CliRunner().invoke(main, ["diff", str(fp32), str(fp32), "--normal-only", "--json", str(tmp_path / "v.json"),
+                                      "--markdown", str(tmp_path / "v.md")])
+        assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["verify", str(fp32), "--normal-only", "--json", str(tmp_path / "v.json"),
+                                  "--markdown", str(tmp_path / "empty.json")])
+    assert r.exit_code == 0 and json.loads((tmp_path / "v.json").read_text())["kind"] == "verify", r.output
+
+
 def test_diff_int8_against_fp32_reports_every_figure(artifacts, tmp_path):
     _, fp32, int8 = artifacts
     res = uadc.diff(fp32, int8)

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -71,30 +70,6 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     set_progress(False if quiet else None)   # None: bars only when stderr is a terminal
 
 
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator:
-    """For --json: while the command runs, everything bound for stdout (our text, third-party
-    prints, C-level writes to fd 1) goes to stderr; yields the real stdout for the one document."""
-    real = sys.stdout
-    real.flush()
-    try:
-        fd = real.fileno()
-    except (AttributeError, OSError, ValueError):   # not a real file (click's test runner)
-        fd = None
-    saved = os.dup(fd) if fd is not None else None
-    if saved is not None:
-        os.dup2(sys.stderr.fileno(), fd)
-    sys.stdout = sys.stderr
-    try:
-        yield real
-    finally:
-        sys.stdout = real
-        if saved is not None:
-            sys.stderr.flush()
-            os.dup2(saved, fd)
-            os.close(saved)
-
-
 def json_output(f):
     """``--json``: print one JSON document on stdout, the result's ``to_dict()`` (+ ``path``, where
     it was written), or ``{"error", "exit_code"}`` on a user error; the usual text goes to stderr."""
@@ -103,8 +78,9 @@ def json_output(f):
         if not as_json:
             return f(*args, **kwargs)
         from uadc.core.io import to_json
+        from uadc.core.scoped import stdout_to_stderr
         error = None
-        with _stdout_to_stderr() as out:
+        with stdout_to_stderr() as out:
             try:
                 res = f(*args, **kwargs)
             except UadcError as exc:
@@ -397,7 +373,13 @@ def _gate_options(f):
                      help="write the Markdown report"),
         click.option("--threads", type=click.IntRange(min=1, max=1024), default=None)]):
         f = opt(f)
-    return f
+
+    @functools.wraps(f)
+    def checked(*args, json_out: Path | None = None, md_out: Path | None = None, **kwargs):
+        from uadc.verify.gate import check_report_paths
+        check_report_paths(json_out, md_out)       # before the work, not after it
+        return f(*args, json_out=json_out, md_out=md_out, **kwargs)
+    return checked
 
 
 def _gate_report(res, json_out: Path | None, md_out: Path | None) -> None:

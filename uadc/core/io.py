@@ -22,7 +22,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from uadc.core.errors import UadcError
 
@@ -96,6 +96,22 @@ def check_writable(folder: Path) -> None:
         probe.rmdir()
     except OSError as exc:
         raise UadcError(f"folder is not writable: {p} ({exc.strerror or exc})") from None
+
+
+def check_own_file(path: Path, ours: Callable[[str], bool], what: str) -> None:
+    """Refuse, before any work, a file output that would replace what ``what`` (a uadc command)
+    did not write: a folder, a symlink, a non-empty file whose first 4 KB ``ours`` does not
+    recognise (a model, a user's notes); and one whose folder is not writable."""
+    path = Path(path)
+    if path.is_symlink() or path.exists():
+        plain = path.is_file() and not path.is_symlink()
+        if plain:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                head = fh.read(4096)
+        if not plain or (head and not ours(head)):        # an empty file holds nothing to lose
+            raise UadcError(f"{path} exists and was not written by {what}; choose another path "
+                            f"(nothing was changed)")
+    check_writable(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes | bytearray | memoryview, executable: bool = False) -> Path:

@@ -17,7 +17,7 @@ from PIL import Image
 from uadc.core.constants import PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError
 from uadc.core.images import find_images
-from uadc.core.io import atomic_write_bytes, atomic_write_text, ensure_dir
+from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, ensure_dir
 from uadc.core.manifest import infer_category
 from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction
@@ -165,21 +165,14 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
 
 def _check_out(out: Path) -> None:
     """Refuse, before any work, to overwrite prediction tables that uadc predict did not write."""
-    def first_line(f: Path) -> str:
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            return fh.readline(4096)
-
-    def is_record(line: str) -> bool:
+    def is_record(head: str) -> bool:
         try:
-            return not line.strip() or "path" in json.loads(line)
+            return "path" in json.loads(head.split("\n", 1)[0])
         except (ValueError, TypeError):
             return False
 
-    for f, ours in ((out / PREDICTIONS_CSV, lambda line: line.startswith(",".join(CSV_FIELDS[:3]))),
-                    (out / PREDICTIONS_JSONL, is_record)):
-        if f.is_symlink() or (f.exists() and not (f.is_file() and ours(first_line(f)))):
-            raise UadcError(f"{f} exists and was not written by uadc predict; choose another --out "
-                            f"(nothing was changed)")
+    check_own_file(out / PREDICTIONS_CSV, lambda head: head.startswith(",".join(CSV_FIELDS[:3])), "uadc predict")
+    check_own_file(out / PREDICTIONS_JSONL, is_record, "uadc predict")
 
 
 def _describe(skipped: dict[str, int]) -> str:

@@ -9,12 +9,15 @@ overrides them (``--budget spearman_min=0.95``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from uadc.config.recipe import VerifyConfig
 from uadc.core.constants import VERIFY_SCHEMA
 from uadc.core.errors import UadcError
+from uadc.core.io import check_own_file
 
 # figure -> (budget key, rule)
 RULES = {
@@ -31,6 +34,19 @@ RULES = {
 }
 BUDGET_KEYS = tuple(k for k, _ in RULES.values())
 EXIT_PASS, EXIT_REGRESSION = 0, 1          # usage errors exit 2 (UadcError)
+_OWN_JSON = re.compile(r'\{\s*"schema": \d+,\s*"kind": "(verify|diff)"')
+_OWN_MARKDOWN = re.compile(r"# uadc (verify|diff): ")
+
+
+def check_report_paths(json_out: Path | None, md_out: Path | None) -> None:
+    """Before any work: ``--json`` / ``--markdown`` may replace an earlier verify/diff report of
+    their kind, never another file (an artifact's model.onnx, a user's notes) or each other."""
+    if json_out and md_out and Path(json_out).absolute() == Path(md_out).absolute():
+        raise UadcError(f"--json and --markdown name the same file: {json_out}")
+    if json_out:
+        check_own_file(Path(json_out), lambda head: bool(_OWN_JSON.match(head)), "uadc verify or diff (--json)")
+    if md_out:
+        check_own_file(Path(md_out), lambda head: bool(_OWN_MARKDOWN.match(head)), "uadc verify or diff (--markdown)")
 
 
 def budgets(recipe_verify: dict | None = None, overrides: dict[str, Any] | None = None) -> dict[str, float]:
