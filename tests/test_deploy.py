@@ -285,3 +285,23 @@ def test_bundle_keeps_what_the_line_runs_and_leaves_the_golden_files_out(int8_ar
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and "does not match its sha256" in p.stderr and p.stderr.strip().count("\n") == 0
     assert not (tmp_path / "never").exists()
+
+
+def test_evaluating_an_artifact_checks_it_takes_the_recipes_input(int8_artifact, tmp_path, tiny_data):
+    """An artifact evaluated with another recipe's test sets: a different size used to raise ONNX
+    Runtime's own multi-line error; a different normalisation scored silently wrong."""
+    import uadc
+    from conftest import write_recipe
+    recipe, _, res = int8_artifact
+    ok = uadc.evaluate(res.path, recipe)
+    assert ok.mean["image_auroc"] == pytest.approx(res.image_auroc, abs=1e-6)
+    for name, data, why in (("big", {"image_size": 96}, "takes 64x64 px images; recipe big makes 96 px ones"),
+                            ("imagenet", {"normalization": "imagenet"}, "normalises inputs with mean")):
+        other = write_recipe(tmp_path / f"{name}.yaml", tiny_data, data={"val_fraction": 0.25, **data})
+        with pytest.raises(UadcError, match=why) as e:
+            uadc.evaluate(res.path, other)
+        assert "\n" not in str(e.value)
+    copy = Path(shutil.copytree(res.path, tmp_path / "copy"))
+    (copy / "model.onnx").write_bytes(b"tampered")
+    with pytest.raises(UadcError, match="does not match its sha256"):
+        uadc.evaluate(copy, recipe)

@@ -12,7 +12,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from uadc.config.recipe import Recipe, load_recipe
+from uadc.core.constants import MANIFEST_FILE
 from uadc.core.errors import UadcError
+from uadc.core.manifest import read_manifest
 from uadc.core.scoped import torch_threads
 from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluate, evaluate_checkpoint, \
     evaluate_one_class, learning_curve
@@ -58,13 +60,29 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
         from uadc.backends.ort import make_session, ort_predictor
         from uadc.data.prepare import prepare_data
         from uadc.evaluation.run import test_arrays
-        path = Path(model_or_artifact)
-        path = path / "model.onnx" if path.is_dir() else path
-        return _evaluate(ort_predictor(make_session(path, r.train.threads)), test_arrays(prepare_data(r)),
-                         r.eval.batch_size)
+        session = make_session(_onnx_for(Path(model_or_artifact), r), r.train.threads)
+        size = session.get_inputs()[0].shape[2:]
+        if any(isinstance(d, int) and d != r.data.image_size for d in size):
+            raise UadcError(f"evaluate: {model_or_artifact} takes {'x'.join(map(str, size))} px images; recipe "
+                            f"{r.name} makes {r.data.image_size} px ones (give the recipe it was compiled from)")
+        return _evaluate(ort_predictor(session), test_arrays(prepare_data(r)), r.eval.batch_size)
     ckpt = Path(model_or_artifact) if isinstance(model_or_artifact, (str, Path)) and \
         Path(model_or_artifact).suffix in (".pt", ".pth") else None
     return evaluate_checkpoint(r, ckpt, artifacts, write=write)
+
+
+def _onnx_for(path: Path, r: Recipe) -> Path:
+    """The model an artifact folder names, the folder checked against its artifact.json and its
+    normalisation against the recipe's (another one scores silently wrong); or the ONNX file."""
+    if not (path.is_dir() and (path / MANIFEST_FILE).is_file()):
+        return path / "model.onnx" if path.is_dir() else path
+    m = read_manifest(path)
+    mean, std = r.normalization()
+    if not np.allclose(np.r_[m.preprocessing.mean, m.preprocessing.std], np.r_[mean, std], atol=1e-6):
+        raise UadcError(f"evaluate: {path} normalises inputs with mean {list(m.preprocessing.mean)} / std "
+                        f"{list(m.preprocessing.std)}; recipe {r.name} with {list(mean)} / {list(std)} "
+                        f"(give the recipe it was compiled from)")
+    return path / m.model_file
 
 
 def _is_onnx(x: Any) -> bool:
