@@ -205,6 +205,23 @@ def test_report_paths_replace_only_earlier_reports_and_are_checked_before_the_wo
     assert r.exit_code == 0 and json.loads((tmp_path / "v.json").read_text())["kind"] == "verify", r.output
 
 
+def test_models_that_take_another_input_are_refused_before_any_work(artifacts, tmp_path):
+    """A 128 px artifact diffed against a 256 px one ended in Polygraphy's shape-error traceback."""
+    from uadc.export.onnx_export import get_metadata, set_metadata
+    _, fp32, int8 = artifacts
+    m = onnx.load(str(int8 / "model.onnx"))
+    meta = get_metadata(m)
+    for name, change, why in (("big", {"image_size": 96}, "takes 64 px inputs and .* 96 px"),
+                              ("norm", {"normalization": {"mean": [0.0] * 3, "std": [1.0] * 3}}, "normalise inputs differently")):
+        set_metadata(m, {**meta, **change})
+        other = tmp_path / f"{name}.onnx"
+        onnx.save(m, str(other))
+        for args in (["diff", str(fp32), str(other)], ["diff", str(fp32), str(other), "--images", str(tmp_path)],
+                     ["verify", str(other), "--golden", str(fp32)]):
+            r = CliRunner().invoke(main, args)
+            assert r.exit_code == 2 and re.search(why, r.output) and "Traceback" not in r.output, (args, r.output)
+
+
 def test_diff_int8_against_fp32_reports_every_figure(artifacts, tmp_path):
     _, fp32, int8 = artifacts
     res = uadc.diff(fp32, int8)

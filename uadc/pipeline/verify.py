@@ -125,6 +125,33 @@ def _model_path(artifact: Path) -> Path:
     return path
 
 
+def _input_spec(model: Path) -> tuple[int, np.ndarray] | None:
+    """(image size, mean and std) from the model's uadc metadata; None without it (or the file)."""
+    from uadc.export.onnx_export import get_metadata, load_onnx
+    if not Path(model).is_file():
+        return None
+    meta = get_metadata(load_onnx(model))
+    try:
+        norm = meta["normalization"]
+        return int(meta["image_size"]), np.asarray([*norm["mean"], *norm["std"]], np.float64)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def check_same_input(ref: Path, cand: Path, size: int | None = None) -> None:
+    """Both models are fed the same tensors: refuse, before any work, two that take another input
+    size or normalisation (Polygraphy's shape error, or figures of wrongly fed models, otherwise).
+    ``size``: the reference's input size when ``ref`` has no metadata (the golden feeds')."""
+    a, b = _input_spec(ref), _input_spec(cand)
+    size_a = a[0] if a else size
+    if b and size_a is not None and size_a != b[0]:
+        raise UadcError(f"{ref} takes {size_a} px inputs and {cand} {b[0]} px: the figures compare both on the same "
+                        f"input tensors (compare each with its own golden set: uadc verify)")
+    if a and b and not np.allclose(a[1], b[1], atol=1e-6):
+        raise UadcError(f"{ref} and {cand} normalise inputs differently (mean/std {a[1].round(4).tolist()} vs "
+                        f"{b[1].round(4).tolist()}): the figures compare both on the same input tensors")
+
+
 def _report(artifact: Path) -> dict:
     p = Path(artifact) / REPORT_FILE
     try:
@@ -310,6 +337,8 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
     artifact = Path(artifact)
     model = _model_path(artifact)
     g = read_golden(golden if golden is not None else model.parent)
+    check_same_input(g.path.parent / g.meta.get("reference_model", GOLDEN_REFERENCE), model,
+                     int(g.feeds[0][next(iter(g.feeds[0]))].shape[-1]) if g.feeds else None)
     b, per_cat = _budgets(recipe, g.meta.get("verify"), budgets)
     cand_runner, cand_label = artifact_runner(artifact, "candidate", threads)
     if images:
@@ -347,7 +376,7 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
     t0 = time.time()
     a, b = Path(a), Path(b)
     ma = _model_path(a)
-    _model_path(b)  # a usage error before any work
+    check_same_input(ma, _model_path(b))  # usage errors before any work
     g = read_golden(a) if a.is_dir() and (a / GOLDEN_META).is_file() else None
     masks, stored, notes = None, (g.meta.get("verify") if g else None), []
     if images:
