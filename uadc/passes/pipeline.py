@@ -35,6 +35,7 @@ import onnx
 
 from uadc.config.targets import Target
 from uadc.core.errors import UadcError
+from uadc.core.io import atomic_write_bytes, ensure_dir
 from uadc.core.ort_session import make_session
 from uadc.export.partitions import (
     assign_partitions, meta_partition, partition_of, prefix_partition, set_partition,
@@ -284,7 +285,7 @@ def run_passes(model: onnx.ModelProto, names: list[str], ctx: PassContext) -> tu
     if unknown:
         raise UadcError(f"unknown pass(es) {', '.join(map(repr, unknown))}; available: {', '.join(PASSES)}")
     if ctx.dump_dir is not None:
-        Path(ctx.dump_dir).mkdir(parents=True, exist_ok=True)
+        ensure_dir(Path(ctx.dump_dir))
     try:
         from uadc.core.progress import progress
         steps = progress(names, desc="passes", unit="pass")
@@ -298,7 +299,7 @@ def run_passes(model: onnx.ModelProto, names: list[str], ctx: PassContext) -> tu
         records.append({"name": name, "seconds": time.perf_counter() - t0,
                         "nodes_before": before, "nodes_after": len(model.graph.node)})
         if ctx.dump_dir is not None:
-            onnx.save(model, str(Path(ctx.dump_dir) / f"{k:02d}_{name}.onnx"))
+            atomic_write_bytes(Path(ctx.dump_dir) / f"{k:02d}_{name}.onnx", model.SerializeToString())
     return model, records
 
 
