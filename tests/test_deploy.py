@@ -305,3 +305,33 @@ def test_evaluating_an_artifact_checks_it_takes_the_recipes_input(int8_artifact,
     (copy / "model.onnx").write_bytes(b"tampered")
     with pytest.raises(UadcError, match="does not match its sha256"):
         uadc.evaluate(copy, recipe)
+
+
+def test_a_product_with_defect_free_images_only_is_trained_compiled_and_given_thresholds(tmp_path, caplog):
+    """A new product line has good images and no labelled defects: no `test` folder. Training
+    stopped at `missing folder .../test`; now it is trained and gets thresholds, and is not evaluated."""
+    import uadc
+    from synthetic import make_category
+    from conftest import write_recipe
+    data = tmp_path / "data"
+    make_category(data, "stripes", size=32, n_train=12, seed=1)
+    make_category(data, "gray", size=32, n_train=12, seed=2, rgb=False, period=13.0)
+    shutil.rmtree(data / "gray" / "test")
+    shutil.rmtree(data / "gray" / "ground_truth")
+    recipe = write_recipe(tmp_path / "r.yaml", data, data={"image_size": 32, "val_fraction": 0.25},
+                          train={"epochs": 1, "threads": 1})
+    art = tmp_path / "art"
+    with caplog.at_level(logging.INFO, logger="uadc"):
+        uadc.train(recipe, artifacts=art)
+    assert "no test folder for gray: trained and given operating thresholds, not evaluated" in caplog.text
+    assert set(uadc.evaluate(recipe, artifacts=art, write=False).categories) == {"stripes"}
+    res = uadc.compile(recipe, "ort-cpu-int8", artifacts=art, latency_runs=1, threads=1)
+    assert set(res.metrics.compiled["categories"]) == {"stripes"}
+    assert {"stripes", "gray"} <= set(read_manifest(res.path).thresholds.categories)
+    shutil.rmtree(data / "stripes" / "test")      # no category with labels: compiled, not evaluated
+    with pytest.raises(UadcError, match="no labelled test images to evaluate on"):
+        uadc.evaluate(recipe, artifacts=art, write=False)
+    res = uadc.compile(recipe, "ort-cpu-int8", artifacts=art, latency_runs=1, threads=1, out=tmp_path / "no-test")
+    assert res.metrics is None and {"stripes", "gray"} <= set(read_manifest(res.path).thresholds.categories)
+    pred = uadc.Detector.load(res.path).predict(sorted((data / "gray" / "train" / "good").glob("*.png")), category="gray")
+    assert len(pred) == 12

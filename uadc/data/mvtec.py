@@ -188,7 +188,10 @@ def list_folder_samples(folder: Path, category: str) -> list[Sample]:
 
 
 def build_test_sets(pairs: Sequence[tuple[Path, str]], image_size: int, norm: tuple) -> dict[str, ImageDataset]:
-    return {cat: ImageDataset(list_test_samples(root, cat), image_size, *norm) for root, cat in pairs}
+    """The labelled test set of every category that has a ``test`` folder: a new product often has
+    defect-free images only, and is trained and given thresholds without one (not evaluated)."""
+    return {cat: ImageDataset(list_test_samples(root, cat), image_size, *norm) for root, cat in pairs
+            if (_category_dir(root, cat) / "test").exists()}
 
 
 def validate_test_masks(ds: ImageDataset) -> None:

@@ -20,7 +20,7 @@ MIN_VAL_IMAGES = 20   # below this a 1 % false-alarm quantile is mostly the marg
 class RecipeData:
     pairs: list[tuple[Path, str]]           # (root, category)
     train: ImageDataset                      # good training images of every category (validation excluded)
-    tests: dict[str, ImageDataset]           # category -> test set with masks
+    tests: dict[str, ImageDataset]           # category -> test set with masks (categories with a test folder)
     val: dict[str, ImageDataset] = field(default_factory=dict)  # category -> validation normals
     warnings: list[str] = field(default_factory=list)
 
@@ -66,4 +66,7 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeD
                 for c, ds in val.items() if len(ds) < MIN_VAL_IMAGES]
     for w in warnings:
         log.warning(w)
+    untested = [c for _, c in pairs if c not in tests]
+    if untested:
+        log.info("no test folder for %s: trained and given operating thresholds, not evaluated", ", ".join(untested))
     return RecipeData(pairs, train, tests, val, warnings)

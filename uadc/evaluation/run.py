@@ -14,7 +14,7 @@ import torch
 
 from uadc.config.recipe import Recipe
 from uadc.core.constants import EVAL_FILE, METRIC_KEYS
-from uadc.core.errors import NonFiniteOutputs
+from uadc.core.errors import NonFiniteOutputs, UadcError
 from uadc.core.io import atomic_write_json
 from uadc.core.progress import progress
 from uadc.core.scoped import torch_threads
@@ -94,9 +94,16 @@ def predict(predictor: Predictor, images: np.ndarray, batch_size: int, desc: str
     return maps_, scores_
 
 
+def _need_tests(arrays: TestArrays) -> None:
+    if not arrays:
+        raise UadcError("no labelled test images to evaluate on: no category has a test folder "
+                        "(<root>/<category>/test/good, test/<defect> with ground_truth masks)")
+
+
 def evaluate(predictor: Predictor, arrays: TestArrays, batch_size: int = 16, desc: str = "eval",
              defects: dict[str, list[str]] | None = None) -> EvalResult:
     """Metrics per category (and per defect type with ``defects``: type per test image)."""
+    _need_tests(arrays)
     per_cat, per_defect = {}, {}
     for cat, (images, masks, labels) in arrays.items():
         maps, scores = predict(predictor, images, batch_size, f"{desc} {cat}")
@@ -133,7 +140,7 @@ def learning_curve(recipe: Recipe, every: int):
         arrays = test_arrays(data, [category] if category else None)
 
         def on_epoch(epoch: int, model: KDModel) -> dict | None:
-            if epoch % every and epoch != recipe.train.epochs:
+            if not arrays or (epoch % every and epoch != recipe.train.epochs):   # no test folder: no curve
                 return None
             t0 = time.time()
             res = evaluate(torch_predictor(model), arrays, recipe.eval.batch_size, "learning curve")
@@ -183,6 +190,7 @@ def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None) -> OneClas
     """Evaluate each per-category model on its category; compare with the unified model."""
     with torch_threads(recipe.train.threads):
         arrays = test_arrays(prepare_data(recipe))
+        _need_tests(arrays)
         per_cat = {}
         for cat, arr in arrays.items():
             model, _ = load_checkpoint(checkpoint_path(recipe, artifacts, cat), recipe)

@@ -105,8 +105,11 @@ class Baseline:
         return self.blob.get("categories") or self.data.categories
 
     def sample_feeds(self, batches: int = 2, batch: int = 2) -> list[dict[str, np.ndarray]]:
-        """Real test images (defective ones included) for numeric checks."""
-        images = np.concatenate([a[0][::max(1, len(a[0]) // (batches * batch))] for a in self.test_arrays.values()])
+        """Real test images (defective ones included) for numeric checks; training images where no
+        category has a test folder."""
+        sets = [a[0] for a in self.test_arrays.values()] or \
+            [self.train_images(list(range(min(len(self.data.train), batches * batch))))]
+        images = np.concatenate([a[::max(1, len(a) // (batches * batch))] for a in sets])
         return [{INPUT_NAME: images[i * batch:(i + 1) * batch]} for i in range(batches)]
 
     def train_images(self, indices: list[int]) -> np.ndarray:

@@ -7,7 +7,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -81,6 +81,9 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     check_replaceable(out.absolute(), replace=opts.force or opts.out is None)  # before any work
     check_writable(out.absolute().parent)
     threads = opts.threads or baseline.threads
+    if opts.evaluate and not baseline.test_arrays:
+        log.warning("no category has a test folder: AUROC and test-set decisions are not measured")
+        opts = replace(opts, evaluate=False)
     fp32, records = baseline.fp32_simplified
     if auto is not None:
         cache = out.parent / TIMING_CACHE_DIR if baseline.recipe.compile.auto.timing_cache else None
