@@ -328,6 +328,11 @@ def test_a_product_with_defect_free_images_only_is_trained_compiled_and_given_th
     res = uadc.compile(recipe, "ort-cpu-int8", artifacts=art, latency_runs=1, threads=1)
     assert set(res.metrics.compiled["categories"]) == {"stripes"}
     assert {"stripes", "gray"} <= set(read_manifest(res.path).thresholds.categories)
+    shutil.rmtree(data / "stripes" / "test" / "good")   # defective test images only: AUROC undefined
+    with caplog.at_level(logging.WARNING, logger="uadc"):
+        with pytest.raises(UadcError, match="no labelled test images to evaluate on"):
+            uadc.evaluate(recipe, artifacts=art, write=False)
+    assert "category 'stripes': its test folder holds defective images only" in caplog.text
     shutil.rmtree(data / "stripes" / "test")      # no category with labels: compiled, not evaluated
     with pytest.raises(UadcError, match="no labelled test images to evaluate on"):
         uadc.evaluate(recipe, artifacts=art, write=False)

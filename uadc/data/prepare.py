@@ -44,6 +44,16 @@ def validation_samples(recipe: Recipe, pairs: list[tuple[Path, str]]) -> dict[st
     return out
 
 
+def _one_class(tests: dict[str, ImageDataset]) -> dict[str, str]:
+    """category -> "good" or "defective" for test sets that hold one kind only (AUROC undefined)."""
+    out = {}
+    for c, ds in tests.items():
+        kinds = {s.defect == "good" for s in ds.samples}
+        if len(kinds) == 1:
+            out[c] = "good" if kinds.pop() else "defective"
+    return out
+
+
 def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeData:
     """Validates all data (train and test, masks included) before any training starts."""
     pairs = resolve_sources([s.model_dump() for s in recipe.data.sources])
@@ -60,13 +70,17 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeD
     tests = build_test_sets(pairs, size, norm)
     for ds in tests.values():
         validate_test_masks(ds)
+    one_class = _one_class(tests)
+    tests = {c: ds for c, ds in tests.items() if c not in one_class}
     val = {c: ImageDataset(ss, size, *norm) for c, ss in val_samples.items()}
     warnings = [f"category {c!r} has {len(ds)} validation normals (< {MIN_VAL_IMAGES}): its thresholds rest "
                 f"mostly on the small-sample margin; raise data.val_fraction or give data.val"
                 for c, ds in val.items() if len(ds) < MIN_VAL_IMAGES]
+    warnings += [f"category {c!r}: its test folder holds {kind} images only, and AUROC needs good and defective "
+                 f"ones: not evaluated" for c, kind in one_class.items()]
     for w in warnings:
         log.warning(w)
-    untested = [c for _, c in pairs if c not in tests]
+    untested = [c for _, c in pairs if c not in tests and c not in one_class]
     if untested:
         log.info("no test folder for %s: trained and given operating thresholds, not evaluated", ", ".join(untested))
     return RecipeData(pairs, train, tests, val, warnings)

@@ -96,8 +96,8 @@ def predict(predictor: Predictor, images: np.ndarray, batch_size: int, desc: str
 
 def _need_tests(arrays: TestArrays) -> None:
     if not arrays:
-        raise UadcError("no labelled test images to evaluate on: no category has a test folder "
-                        "(<root>/<category>/test/good, test/<defect> with ground_truth masks)")
+        raise UadcError("no labelled test images to evaluate on: no category has a test folder with good and "
+                        "defective images (<root>/<category>/test/good, test/<defect> with ground_truth masks)")
 
 
 def evaluate(predictor: Predictor, arrays: TestArrays, batch_size: int = 16, desc: str = "eval",
