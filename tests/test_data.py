@@ -33,6 +33,27 @@ def test_unified_train_set_and_per_category_tests(data):
     assert m.shape == (1, 32, 32) and set(np.unique(m.numpy())) <= {0.0, 1.0} and m.sum() > 0
 
 
+def test_hidden_files_and_folders_are_not_images(data):
+    """A dataset copied from a Mac carries `._000.png` resource forks (not images): training
+    stopped on them as unreadable images; a notebook's `.ipynb_checkpoints/` under test/ became a
+    defect type. The predict walk leaves them out too, counted."""
+    from uadc.core.images import find_images
+    good = data / "a" / "train" / "good"
+    (good / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    hidden = data / "a" / "test" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    shutil.copy(good / "000.png", hidden / "000-checkpoint.png")
+    pairs = [(data, "a")]
+    train = build_train_set(pairs, 32, NORM)
+    assert len(train) == 3 and all(not s.path.name.startswith(".") for s in train.samples)
+    tests = build_test_sets(pairs, 32, NORM)
+    assert {s.defect for s in tests["a"].samples} == {"good", "blob"}
+    found = find_images([data / "a"])
+    assert not any(part.startswith(".") for f in found.files for part in f.parts[-3:])
+    assert found.skipped["hidden (a name starting with '.')"] == 2
+    assert find_images([good / "._000.png"]).files == [good / "._000.png"]   # a file named on purpose still runs
+
+
 def test_normalisation(data):
     ds = build_train_set(resolve_sources([{"root": str(data), "categories": ["a"]}]), 16, NORM)
     x = ds[0]["image"].numpy()

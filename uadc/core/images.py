@@ -59,12 +59,21 @@ class FoundImages:
 
 
 def _skip_reason(f: Path, root: Path, blocked: dict[Path, str]) -> str | None:
-    """Why a folder walk below ``root`` leaves ``f`` out: it lies in a ``blocked`` folder, or among
-    MVTec masks (``ground_truth/``)."""
+    """Why a folder walk below ``root`` leaves ``f`` out: it lies in a ``blocked`` folder, it or a
+    folder on its way is hidden, or it is among MVTec masks (``ground_truth/``)."""
     for d, why in blocked.items():
         if d == f.parent or d in f.parents:
             return why
-    return f"masks under {MASKS_FOLDER}/" if MASKS_FOLDER in f.relative_to(root).parts[:-1] else None
+    parts = f.relative_to(root).parts
+    if any(is_hidden(x) for x in parts):
+        return "hidden (a name starting with '.')"
+    return f"masks under {MASKS_FOLDER}/" if MASKS_FOLDER in parts[:-1] else None
+
+
+def is_hidden(name: str) -> bool:
+    """Dot names: macOS's ``._x.png`` resource forks copied with a dataset (not images), editor
+    and notebook folders, uadc's own temps. Left out of folder walks."""
+    return name.startswith(".")
 
 
 def find_images(paths: list[Path], exclude: list[Path] | tuple = ()) -> FoundImages:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
-from uadc.core.images import IMAGE_EXTS, eight_bit, open_image
+from uadc.core.images import IMAGE_EXTS, eight_bit, is_hidden, open_image
 
 @dataclass(frozen=True)
 class Sample:
@@ -36,7 +36,7 @@ class Sample:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not is_hidden(p.name))
 
 
 def _category_dir(root: Path, category: str) -> Path:
@@ -79,7 +79,7 @@ def list_test_samples(root: Path, category: str) -> list[Sample]:
     if not test.is_dir():
         raise UadcError(f"missing folder {test}")
     samples = []
-    for defect_dir in sorted(p for p in test.iterdir() if p.is_dir()):
+    for defect_dir in sorted(p for p in test.iterdir() if p.is_dir() and not is_hidden(p.name)):
         defect = defect_dir.name
         for img in _images(defect_dir):
             mask = None
