@@ -99,6 +99,19 @@ def test_bad_sweep_file_is_one_line_error(tmp_path, doc, msg):
         load_sweep(p)
 
 
+@pytest.mark.parametrize("axes, msg", [
+    ({"target": ["ort-cpu-fp32", "ort-cpu-int9"]}, "axes.target: unknown target 'ort-cpu-int9'; expected one of ort-cpu-fp32"),
+    ({"calib_data": ["training"]}, "axes.calib_data: unknown calib_data 'training'"),
+    ({"quantize": [["student", "techer"]]}, "axes.quantize: unknown quantize 'techer'"),
+])
+def test_misspelt_names_stop_the_sweep_before_any_work(tiny, axes, msg):
+    """A misspelt target ran every cell of it to a failure (exit 1 after the work); now exit 2 first."""
+    d, recipe = tiny
+    spec, base, name = load_sweep(_sweep_file(d, recipe, axes=axes))
+    with pytest.raises(UadcError, match=msg):
+        make_plan(spec, base, name)
+
+
 def test_sequential_sweep_records_failures_and_resumes(tiny, tmp_path):
     d, recipe = tiny
     sweep = _sweep_file(tmp_path, recipe)

@@ -20,7 +20,7 @@ from uadc import __version__
 from uadc.config.recipe import Recipe, load_recipe, recipe_from_dict
 from uadc.config.settings import auto_applies, resolve_ptq
 from uadc.config.targets import TARGETS
-from uadc.core.constants import CHECKPOINT_FILE
+from uadc.core.constants import CALIBRATION_KINDS, CHECKPOINT_FILE, PARTITIONS
 from uadc.core.errors import UadcError
 from uadc.pipeline.sweep.spec import MAX_CELLS, Axes, RunConfig, SweepSpec
 
@@ -100,6 +100,7 @@ def make_plan(spec: SweepSpec, base: Path, name: str) -> Plan:
 
 def plan_recipes(pairs: list[tuple[Recipe, Recipe]], axes: Axes, run: RunConfig, name: str) -> Plan:
     """The plan of loaded recipes, each given as (as written, with the sweep's overrides)."""
+    _check_names(axes, name)
     models: dict[str, Model] = {}
     cells: dict[tuple, Cell] = {}
     for original, recipe in pairs:
@@ -112,6 +113,20 @@ def plan_recipes(pairs: list[tuple[Recipe, Recipe]], axes: Axes, run: RunConfig,
                     if len(cells) > MAX_CELLS:
                         raise UadcError(f"sweep {name}: more than {MAX_CELLS} cells")
     return Plan(name, models, list(cells.values()), run)
+
+
+def _check_names(axes: Axes, name: str) -> None:
+    """A misspelt target, calibration source or partition (uadc's own names) is the sweep's one-line
+    error before any work, not a cell that fails in every combination. A calibrator is looked up
+    where its cell runs (a plug-in may be installed on the workers only), so an unknown one fails
+    its cells, as do combinations that do not apply."""
+    known = {"target": list(TARGETS), "calib_data": list(CALIBRATION_KINDS), "quantize": list(PARTITIONS)}
+    for axis, allowed in known.items():
+        for value in axes.values(axis):
+            for v in (value if isinstance(value, list) else [value]):
+                if v is not None and v not in allowed:
+                    raise UadcError(f"sweep {name}: axes.{axis}: unknown {axis} {v!r}; expected one of "
+                                    f"{', '.join(allowed)}")
 
 
 def _override(recipe: Recipe, overrides: dict) -> Recipe:
