@@ -126,6 +126,12 @@ def test_explicit_validation_folder_and_no_split(recipe_factory, tiny_data):
     assert [s.path.parent.name for s in d.val["stripes"].samples] == ["good"] * 4
     assert len([s for s in d.train.samples if s.category == "stripes"]) == 16     # all kept for training
     assert len(d.val["gray"]) == 2                                                  # default 0.1 of 16
+    assert any("category 'stripes': 4 of its 4 validation normals (data.val) are test images" in w for w in d.warnings)
+    # the category's own train/good as data.val, spelt another way: no training images left (it
+    # was trained without the category, silently)
+    train_good = tiny_data / "gray" / ".." / "gray" / "train" / "good"
+    with pytest.raises(UadcError, match="category 'gray' has no training images left: .* all 16 of its train/good"):
+        prepare_data(load_recipe(recipe_factory("all", data={"val": [{"category": "gray", "folder": str(train_good)}]})))
     none = prepare_data(load_recipe(recipe_factory("none", data={"val_fraction": 0.0})))
     assert all(len(ds) == 0 for ds in none.val.values()) and len(none.train) == 32
     with pytest.raises(UadcError, match="data.val: category 'nope'"):

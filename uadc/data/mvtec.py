@@ -164,8 +164,14 @@ def build_train_set(pairs: Sequence[tuple[Path, str]], image_size: int, norm: tu
     """Unified training set: the good images of every (root, category) together, minus ``exclude``
     (the held-out validation normals)."""
     samples = []
+    held_out = {p.resolve() for p in exclude}      # one file however its path is spelt
     for root, cat in pairs:
-        samples += [s for s in list_train_samples(root, cat) if s.path not in exclude][:limit]
+        listed = list_train_samples(root, cat)
+        kept = [s for s in listed if s.path.resolve() not in held_out][:limit]
+        if not kept:
+            raise UadcError(f"category {cat!r} has no training images left: its validation normals (data.val) "
+                            f"are all {len(listed)} of its train/good images; give data.val a folder of other images")
+        samples += kept
     return ImageDataset(samples, image_size, *norm)
 
 

@@ -54,6 +54,15 @@ def _one_class(tests: dict[str, ImageDataset]) -> dict[str, str]:
     return out
 
 
+def _val_in_tests(val: dict[str, list[Sample]], tests: dict[str, ImageDataset]) -> list[str]:
+    """Validation normals that are also test images: the thresholds are then set on the very images
+    whose decisions are reported (false-reject rates look better than the line will see)."""
+    test_files = {s.path.resolve() for ds in tests.values() for s in ds.samples}
+    return [f"category {c!r}: {n} of its {len(ss)} validation normals (data.val) are test images: thresholds "
+            f"are set on images the test decisions are reported on; give data.val images outside test/"
+            for c, ss in val.items() if (n := sum(s.path.resolve() in test_files for s in ss))]
+
+
 def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeData:
     """Validates all data (train and test, masks included) before any training starts."""
     pairs = resolve_sources([s.model_dump() for s in recipe.data.sources])
@@ -78,6 +87,7 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeD
                 for c, ds in val.items() if len(ds) < MIN_VAL_IMAGES]
     warnings += [f"category {c!r}: its test folder holds {kind} images only, and AUROC needs good and defective "
                  f"ones: not evaluated" for c, kind in one_class.items()]
+    warnings += _val_in_tests(val_samples, tests)
     for w in warnings:
         log.warning(w)
     untested = [c for _, c in pairs if c not in tests and c not in one_class]
