@@ -96,9 +96,13 @@ def test_user_calibration_images(trained, tmp_path):
     import json
     cal = json.loads((res.path / "calibration.json").read_text())
     assert cal["calib_data"] == "user" and cal["samples"] == 4
-    with pytest.raises(UadcError, match="expected shape"):
-        uadc.compile(recipe, "ort-cpu-int8", calibration=[np.zeros((3, 8, 8), np.float32)],
-                     out=tmp_path / "bad", artifacts=art, evaluate=False)
+    # wrong shape; 0..255 pixels, as uint8 or as float, would calibrate ranges no real input reaches
+    pixels = rng.integers(0, 256, (3, 64, 64))
+    for bad, why in (([np.zeros((3, 8, 8), np.float32)], "expected shape"),
+                     ([pixels.astype(np.uint8)], "calibration image 0: uint8 pixels; give float images normalised"),
+                     ([pixels.astype(np.float32)], "calibration images reach 255, far outside")):
+        with pytest.raises(UadcError, match=why):
+            uadc.compile(recipe, "ort-cpu-int8", calibration=bad, out=tmp_path / "bad", artifacts=art, evaluate=False)
     assert not (tmp_path / "bad").exists()
 
 

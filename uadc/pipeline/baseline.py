@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -129,7 +129,7 @@ class Baseline:
     def calibration_images(self, kind: str, n: int, images: Iterable[np.ndarray] | None = None) -> np.ndarray:
         """``n`` images of a named kind, or the caller's own images (bring your own data)."""
         if images is not None:
-            return own_calibration_images(images, self.size)
+            return own_calibration_images(images, self.size, self.recipe.normalization())
         return calibration_images(kind, n, self.recipe.seed, self.train_images, len(self.data.train), self.size)
 
     # -- FP32 model ------------------------------------------------------------------------------
@@ -188,11 +188,18 @@ class Baseline:
                            feeds, EXPORT_ATOL, 1e-3)
 
 
-def own_calibration_images(images: Iterable[np.ndarray], size: int) -> np.ndarray:
-    """Stack user-given calibration images: each (3,H,W) or (N,3,H,W), already normalised."""
+def own_calibration_images(images: Iterable[np.ndarray], size: int,
+                           norm: tuple[Sequence[float], Sequence[float]] | None = None) -> np.ndarray:
+    """Stack user-given calibration images: each (3,H,W) or (N,3,H,W), already normalised. Integer
+    pixels, or values ten times beyond the range ``norm`` (mean, std) maps [0, 1] to, are refused:
+    ranges calibrated on 0..255 images would quantize every real input to a few levels."""
     parts = []
     for i, im in enumerate(images):
-        a = np.asarray(im, dtype=np.float32)
+        raw = np.asarray(im)
+        if raw.dtype.kind in "iub":
+            raise UadcError(f"calibration image {i}: {raw.dtype} pixels; give float images normalised like the "
+                            f"model input ((x / 255 - mean) / std)")
+        a = raw.astype(np.float32)
         a = a[None] if a.ndim == 3 else a
         if a.ndim != 4 or a.shape[1:] != (3, size, size):
             raise UadcError(f"calibration image {i}: expected shape (3, {size}, {size}) or (N, 3, {size}, {size}) "
@@ -203,4 +210,10 @@ def own_calibration_images(images: Iterable[np.ndarray], size: int) -> np.ndarra
     out = np.ascontiguousarray(np.concatenate(parts))
     if not np.isfinite(out).all():
         raise UadcError("calibration images contain NaN or Inf")
+    if norm is not None:
+        mean, std = (np.asarray(v, np.float64) for v in norm)
+        span = float(np.max(np.abs(np.r_[(0 - mean) / std, (1 - mean) / std])))
+        if np.abs(out).max() > 10 * span:
+            raise UadcError(f"calibration images reach {np.abs(out).max():g}, far outside the model's normalised "
+                            f"input range (|x| <= {span:.3g}); give them as (x / 255 - mean) / std")
     return out
