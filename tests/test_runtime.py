@@ -255,6 +255,13 @@ def test_detector_takes_encoded_bytes_and_a_category_per_image_and_refuses_silen
     assert [p.category for p in mixed] == ["gray", other, None]
     assert [p.threshold for p in mixed] == [det.thresholds(c).image.value for c in ("gray", other, None)]
     assert mixed[0].score == pytest.approx(one.score, abs=1e-6)
+    # a batch at a time (peak memory): chunk boundaries keep each image's score and category
+    files = sorted((tiny_data / "gray" / "test").rglob("*.png"))[:5]
+    cats = ["gray", other, None, "gray", other]
+    small = Detector.load(res.path, batch_size=2).predict(files, category=cats)
+    whole = det.predict(files, category=cats)
+    assert [(p.category, p.source, p.threshold) for p in small] == [(p.category, p.source, p.threshold) for p in whole]
+    assert [p.score for p in small] == pytest.approx([p.score for p in whole], abs=1e-6)
     for cat in (["gray"], ["gray", "gray", "gray"], ["gray", 3]):
         with pytest.raises(UadcError, match="one name for all images or one per image"):
             det.predict([f, f], category=cat)

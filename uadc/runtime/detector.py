@@ -200,10 +200,12 @@ class Detector:
             return []
         for c in dict.fromkeys(cats):
             self.thresholds(c)              # an unknown category fails before any work
-        batch = np.stack([self.preprocess(x) for x in items])
-        maps, scores, ms = self.run(batch)
-        preds = [self.decide(maps[i:i + 1], scores[i:i + 1], cats[i], ms,
-                             [str(x) if isinstance(x, (str, Path)) else None])[0] for i, x in enumerate(items)]
+        preds: list[Prediction] = []
+        for i in range(0, len(items), self.batch_size):   # inputs a batch at a time: 3x a map's memory each
+            chunk = items[i:i + self.batch_size]
+            maps, scores, ms = self.run(np.stack([self.preprocess(x) for x in chunk]))
+            preds += [self.decide(maps[j:j + 1], scores[j:j + 1], cats[i + j], ms,
+                                  [str(x) if isinstance(x, (str, Path)) else None])[0] for j, x in enumerate(chunk)]
         return preds[0] if single else preds
 
     @staticmethod
