@@ -346,3 +346,42 @@ def test_a_product_with_defect_free_images_only_is_trained_compiled_and_given_th
     assert res.metrics is None and {"stripes", "gray"} <= set(read_manifest(res.path).thresholds.categories)
     pred = uadc.Detector.load(res.path).predict(sorted((data / "gray" / "train" / "good").glob("*.png")), category="gray")
     assert len(pred) == 12
+
+
+def test_image_level_labels_without_masks_give_image_auroc_only(tmp_path):
+    """Test images labelled good / defective with no `ground_truth/` masks (how many lines label
+    parts): training stopped at `defect image without mask`; now the category gets image AUROC and
+    no pixel metrics, and the mean pixel figures come from the categories with masks."""
+    import uadc
+    from click.testing import CliRunner
+    from synthetic import make_category
+    from conftest import write_recipe
+    from uadc.cli import main
+    data = tmp_path / "data"
+    make_category(data, "stripes", size=32, n_train=12, seed=1)
+    make_category(data, "gray", size=32, n_train=12, seed=2, rgb=False, period=13.0)
+    shutil.rmtree(data / "gray" / "ground_truth")
+    recipe = write_recipe(tmp_path / "r.yaml", data, data={"image_size": 32, "val_fraction": 0.25},
+                          train={"epochs": 1, "threads": 1})
+    art = tmp_path / "art"
+    uadc.train(recipe, artifacts=art)
+    ev = uadc.evaluate(recipe, artifacts=art, write=False)
+    assert set(ev.categories["gray"]) == {"image_auroc"} and "pixel_auroc" in ev.categories["stripes"]
+    assert ev.mean["pixel_auroc"] == ev.categories["stripes"]["pixel_auroc"]
+    assert set(ev.defects["gray"]["blob"]) == {"count", "image_auroc"}
+    res = uadc.compile(recipe, "ort-cpu-int8", artifacts=art, latency_runs=1, threads=1)
+    assert "pixel_auroc" not in res.metrics.drop["categories"]["gray"]
+    report = (res.path / "report.md").read_text()
+    assert "| gray | image_auroc |" in report and "| gray | pixel_auroc |" not in report
+    r = CliRunner().invoke(main, ["verify", str(res.path), "--json", str(tmp_path / "v.json")])
+    assert r.exit_code == 0, r.output
+    lab = json.loads((tmp_path / "v.json").read_text())["labelled"]
+    assert set(lab["categories"]["gray"]) == {"image_auroc_drop"} and "pixel_auroc_drop" in lab["all"]
+    r = CliRunner().invoke(main, ["eval", str(recipe), "--artifacts", str(art)])
+    assert r.exit_code == 0 and "gray: blob" in r.output, r.output
+    shutil.rmtree(data / "stripes" / "ground_truth")   # no masks anywhere: image AUROC is the whole table
+    ev = uadc.evaluate(recipe, artifacts=art, write=False)
+    assert set(ev.mean) == {"image_auroc"}
+    with pytest.raises(UadcError, match="defect image without mask: .* with no ground_truth/ folder at all"):
+        (data / "gray" / "ground_truth" / "blob").mkdir(parents=True)
+        uadc.evaluate(recipe, artifacts=art, write=False)

@@ -149,7 +149,8 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
     res = api.evaluate(checkpoint or r, r, artifacts=artifacts)
     click.echo(format_table(res, f"{r.name} (unified, {res.extra.get('epochs')} epochs)"))
     for cat, kinds in res.defects.items():
-        click.echo(f"{cat}: " + ", ".join(f"{k} {v['image_auroc']:.3f}/{v['pixel_auroc']:.3f}" for k, v in kinds.items())
+        click.echo(f"{cat}: " + ", ".join(f"{k} {v['image_auroc']:.3f}/{v.get('pixel_auroc', float('nan')):.3f}"
+                                          for k, v in kinds.items())
                    + "  (image/pixel AUROC per defect type)")
     click.echo(f"written: {res.path}")
     return res
@@ -243,8 +244,8 @@ def _print_summary(res) -> None:
     click.echo(f"torch vs ORT FP32: {'passed' if v['passed'] else 'FAILED'} (max abs {v['max_abs']:.2e})")
     if res.metrics is not None:
         f, c = res.metrics.fp32["mean"], res.metrics.compiled["mean"]
-        click.echo(f"image AUROC fp32 {f['image_auroc']:.4f} -> {res.target} {c['image_auroc']:.4f}; "
-                   f"pixel AUROC {f['pixel_auroc']:.4f} -> {c['pixel_auroc']:.4f}")
+        click.echo(f"image AUROC fp32 {f['image_auroc']:.4f} -> {res.target} {c['image_auroc']:.4f}" + (
+            f"; pixel AUROC {f['pixel_auroc']:.4f} -> {c['pixel_auroc']:.4f}" if "pixel_auroc" in f else ""))
     lat = res.latency
     click.echo(f"latency p50 (batch 1, {lat.threads} threads): torch {lat.torch_fp32['p50']:.2f} ms, "
                f"ORT fp32 {lat.ort_fp32['p50']:.2f} ms, compiled {lat.compiled['p50']:.2f} ms "

@@ -79,14 +79,16 @@ def list_test_samples(root: Path, category: str) -> list[Sample]:
     if not test.is_dir():
         raise UadcError(f"missing folder {test}")
     samples = []
+    masked = (cat / MASKS_FOLDER).is_dir()   # without ground_truth/: image-level labels, no pixel metrics
     for defect_dir in sorted(p for p in test.iterdir() if p.is_dir() and not is_hidden(p.name)):
         defect = defect_dir.name
         for img in _images(defect_dir):
             mask = None
-            if defect != "good":
+            if defect != "good" and masked:
                 mask = cat / MASKS_FOLDER / defect / f"{img.stem}_mask.png"
                 if not mask.is_file():
-                    raise UadcError(f"defect image without mask: {img} (expected {mask})")
+                    raise UadcError(f"defect image without mask: {img} (expected {mask}; with no "
+                                    f"{MASKS_FOLDER}/ folder at all the category is judged on image labels only)")
             samples.append(Sample(img, category, defect, mask))
     if not samples:
         raise UadcError(f"category {category!r} has no test images in {test}")

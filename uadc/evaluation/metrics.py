@@ -284,15 +284,18 @@ def _pro_area_sampled(
 
 
 def compute_all(
-    labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray
+    labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray
 ) -> dict[str, float]:
-    """All metrics for one category: keys ``image_auroc, pixel_auroc, aupro, pixel_f1``."""
-    return {
-        "image_auroc": image_auroc(labels, scores),
-        "pixel_auroc": pixel_auroc(masks, maps),
-        "aupro": aupro(masks, maps),
-        "pixel_f1": pixel_f1_max(masks, maps),
-    }
+    """All metrics for one category: keys ``image_auroc, pixel_auroc, aupro, pixel_f1``; the pixel
+    ones only where masks mark defect pixels (a test set with image-level labels has none)."""
+    out = {"image_auroc": image_auroc(labels, scores)}
+    if has_pixels(masks):
+        out.update(pixel_auroc=pixel_auroc(masks, maps), aupro=aupro(masks, maps), pixel_f1=pixel_f1_max(masks, maps))
+    return out
+
+
+def has_pixels(masks: np.ndarray | None) -> bool:
+    return masks is not None and bool(np.asarray(masks).any())
 
 
 def summarize(per_category: dict[str, dict[str, float]]) -> dict:

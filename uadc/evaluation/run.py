@@ -119,8 +119,9 @@ def defect_breakdown(kinds: np.ndarray, labels, scores, masks, maps) -> dict[str
     out = {}
     for kind in sorted(set(kinds) - {"good"}):
         sel, only = (kinds == kind) | (kinds == "good"), kinds == kind
-        out[kind] = {"count": int(only.sum()), "image_auroc": metrics.image_auroc(labels[sel], scores[sel]),
-                     "pixel_auroc": metrics.pixel_auroc(masks[only], maps[only])}
+        out[kind] = {"count": int(only.sum()), "image_auroc": metrics.image_auroc(labels[sel], scores[sel])}
+        if metrics.has_pixels(masks[only]):
+            out[kind]["pixel_auroc"] = metrics.pixel_auroc(masks[only], maps[only])
     return out
 
 
@@ -129,7 +130,7 @@ def format_table(result: EvalResult | dict, title: str = "") -> str:
     head = f"{'category':<16}" + "".join(f"{k:>13}" for k in METRIC_KEYS)
     rows = [title, head] if title else [head]
     for cat, vals in list(d["categories"].items()) + [("mean", d["mean"])]:
-        rows.append(f"{cat:<16}" + "".join(f"{vals[k]:>13.4f}" for k in METRIC_KEYS))
+        rows.append(f"{cat:<16}" + "".join(f"{vals[k]:>13.4f}" if k in vals else f"{'-':>13}" for k in METRIC_KEYS))
     return "\n".join(rows)
 
 
@@ -208,6 +209,8 @@ def format_comparison(unified: EvalResult, one_class: EvalResult) -> str:
     rows = [f"{'category':<16}{'metric':<13}{'unified':>10}{'one-class':>11}{'delta':>9}"]
     for cat in one_class.categories:
         for k in ("image_auroc", "pixel_auroc"):
+            if k not in one_class.categories[cat]:     # no test masks: image AUROC only
+                continue
             u, o = unified.categories[cat][k], one_class.categories[cat][k]
             rows.append(f"{cat:<16}{k:<13}{u:>10.4f}{o:>11.4f}{u - o:>+9.4f}")
     return "\n".join(rows)

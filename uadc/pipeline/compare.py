@@ -71,14 +71,14 @@ def write_matrix(recipe: Recipe, target: str, calibrators: list[str], sources: l
         m = report["metrics"]
         cells[f"{cal}/{src}"] = {
             "calibrator": cal, "calib_data": src,
-            "image_auroc": m["compiled"]["mean"]["image_auroc"], "pixel_auroc": m["compiled"]["mean"]["pixel_auroc"],
-            "image_drop": m["drop"]["mean"]["image_auroc"], "pixel_drop": m["drop"]["mean"]["pixel_auroc"],
+            "image_auroc": m["compiled"]["mean"]["image_auroc"], "pixel_auroc": m["compiled"]["mean"].get("pixel_auroc"),
+            "image_drop": m["drop"]["mean"]["image_auroc"], "pixel_drop": m["drop"]["mean"].get("pixel_auroc"),
             "categories": {c: v["image_auroc"] for c, v in m["compiled"]["categories"].items()}}
     fp32 = next(iter(reports.values()))["metrics"]["fp32"]["mean"]
-    best = min(cells.values(), key=lambda c: (c["image_drop"], c["pixel_drop"]))
+    best = min(cells.values(), key=lambda c: (c["image_drop"], c["pixel_drop"] or 0.0))   # None: no masks
     result = {"target": target, "quantized_partitions": quantize or recipe.compile.quantize,
               "calib_samples": calib_samples or recipe.compile.calib_samples,
-              "fp32": {"image_auroc": fp32["image_auroc"], "pixel_auroc": fp32["pixel_auroc"]},
+              "fp32": {"image_auroc": fp32["image_auroc"], "pixel_auroc": fp32.get("pixel_auroc")},
               "cells": cells, "best": f"{best['calibrator']}/{best['calib_data']}"}
     atomic_write_json(out / "compare.json", result)
     result["markdown"] = render_matrix(result, calibrators, sources)
@@ -86,18 +86,23 @@ def write_matrix(recipe: Recipe, target: str, calibrators: list[str], sources: l
     return result
 
 
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)     # pixel figures are None without test masks
+
+
 def render_matrix(result: dict, calibrators: list[str], sources: list[str]) -> str:
     f = result["fp32"]
     lines = [f"Calibrators on {result['target']} (quantized: {', '.join(result['quantized_partitions'])}; "
              f"{result['calib_samples']} samples). FP32: image AUROC {f['image_auroc']:.4f}, "
-             f"pixel AUROC {f['pixel_auroc']:.4f}. Cells: image / pixel AUROC (drop vs FP32).", "",
+             f"pixel AUROC {_num(f['pixel_auroc'], '.4f')}. Cells: image / pixel AUROC (drop vs FP32).", "",
              "| calibrator | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
     for cal in calibrators:
         row = []
         for src in sources:
             c = result["cells"][f"{cal}/{src}"]
-            row.append(f"{c['image_auroc']:.4f} / {c['pixel_auroc']:.4f} "
-                       f"({-c['image_drop']:+.4f} / {-c['pixel_drop']:+.4f})")
+            pixel_drop = None if c["pixel_drop"] is None else -c["pixel_drop"]
+            row.append(f"{c['image_auroc']:.4f} / {_num(c['pixel_auroc'], '.4f')} "
+                       f"({-c['image_drop']:+.4f} / {_num(pixel_drop, '+.4f')})")
         lines.append(f"| {cal} | " + " | ".join(row) + " |")
     lines += ["", f"Best cell (smallest image-AUROC drop): **{result['best']}**"]
     return "\n".join(lines)

@@ -37,7 +37,8 @@ def _metrics_table(metrics: dict) -> list[str]:
         c = comp["mean"] if cat == "mean" else comp["categories"][cat]
         d = drop["mean"] if cat == "mean" else drop["categories"][cat]
         for k in METRIC_KEYS:
-            rows.append(f"| {cat} | {k} | {f[k]:.4f} | {c[k]:.4f} | {d[k]:+.4f} |")
+            if k in f:   # pixel metrics only where the test set has masks
+                rows.append(f"| {cat} | {k} | {f[k]:.4f} | {c[k]:.4f} | {d[k]:+.4f} |")
     return rows
 
 

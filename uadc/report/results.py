@@ -91,7 +91,7 @@ class CompileResult:
 
     @property
     def pixel_auroc(self) -> float | None:
-        return self.metrics.compiled["mean"]["pixel_auroc"] if self.metrics else None
+        return self.metrics.compiled["mean"].get("pixel_auroc") if self.metrics else None
 
     @property
     def model_path(self) -> Path | None:

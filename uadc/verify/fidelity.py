@@ -134,10 +134,11 @@ def labelled(ref_scores: np.ndarray, ref_maps: np.ndarray, cand_scores: np.ndarr
             continue
         ref = metrics.compute_all(labels[sel], ref_scores[sel], masks[sel], ref_maps[sel])
         cand = metrics.compute_all(labels[sel], cand_scores[sel], masks[sel], cand_maps[sel])
-        per_cat[cat] = {f"{k}_drop": float(ref[k] - cand[k]) for k in ("image_auroc", "pixel_auroc", "aupro")}
+        per_cat[cat] = {f"{k}_drop": float(ref[k] - cand[k]) for k in ("image_auroc", "pixel_auroc", "aupro")
+                        if k in ref}        # pixel drops only where masks mark defect pixels
         for k, v in per_cat[cat].items():
             drops[k].append(v)
     if not per_cat:
         return None
-    return {"all": {k: float(np.mean(v)) for k, v in drops.items()}, "categories": per_cat,
+    return {"all": {k: float(np.mean(v)) for k, v in drops.items() if v}, "categories": per_cat,
             "images": int(len(labels)), "defects": int(np.sum(labels))}

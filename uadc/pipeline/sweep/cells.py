@@ -166,9 +166,9 @@ def summarize(res, out: Path) -> dict:
            "max_abs_vs_fp32": res.verification["fp32_vs_compiled"]["max_abs"]}
     m = res.metrics
     if m is not None:
-        row.update(image_auroc=m.compiled["mean"]["image_auroc"], pixel_auroc=m.compiled["mean"]["pixel_auroc"],
+        row.update(image_auroc=m.compiled["mean"]["image_auroc"], pixel_auroc=m.compiled["mean"].get("pixel_auroc"),
                    fp32_image_auroc=m.fp32["mean"]["image_auroc"],
-                   image_drop=m.drop["mean"]["image_auroc"], pixel_drop=m.drop["mean"]["pixel_auroc"])
+                   image_drop=m.drop["mean"]["image_auroc"], pixel_drop=m.drop["mean"].get("pixel_auroc"))
     # share of test images with the same accept/reject verdict as FP32 (where the report has it)
     decisions = (getattr(res, "deploy", None) or {}).get("decisions") or {}
     row["decision_agreement"] = (decisions.get("overall") or {}).get("agreement")
