@@ -54,6 +54,23 @@ def test_hidden_files_and_folders_are_not_images(data):
     assert find_images([good / "._000.png"]).files == [good / "._000.png"]   # a file named on purpose still runs
 
 
+def test_masks_named_as_other_mvtec_style_datasets_name_them(data):
+    """BTAD and VisA's MVTec-style split name a mask `<stem>.png` (BTAD's images may be .bmp);
+    only MVTec's `<stem>_mask.png` was found, so such a set stopped at `defect image without mask`."""
+    gt = data / "a" / "ground_truth" / "blob"
+    img_dir = data / "a" / "test" / "blob"
+    first, second = sorted(img_dir.glob("*.png"))
+    Image.open(first).save(img_dir / "000.bmp")
+    first.unlink()
+    (gt / "000_mask.png").rename(gt / "000.png")             # BTAD: <stem>.png for a .bmp image
+    (gt / "001_mask.png").rename(gt / "001_MASK.PNG")         # case of the name does not matter
+    samples = {s.path.name: s.mask_path.name for s in list_test_samples(data, "a") if s.mask_path}
+    assert samples == {"000.bmp": "000.png", "001.png": "001_MASK.PNG"}
+    (gt / "001_MASK.PNG").rename(gt / "001_other.png")
+    with pytest.raises(UadcError, match="defect image without mask: .*001.png"):
+        list_test_samples(data, "a")
+
+
 def test_normalisation(data):
     ds = build_train_set(resolve_sources([{"root": str(data), "categories": ["a"]}]), 16, NORM)
     x = ds[0]["image"].numpy()

@@ -2,9 +2,9 @@
 per-category test sets with ground-truth masks.
 
 Layout per category: ``<root>/<cat>/train/good/*``, ``<root>/<cat>/test/<defect>/*`` and
-``<root>/<cat>/ground_truth/<defect>/<stem>_mask.png``. Every problem a user can cause (missing
-folder, empty category, unreadable image, defect without mask, mask size mismatch) is a
-``UadcError`` naming the file.
+``<root>/<cat>/ground_truth/<defect>/<stem>_mask.png`` (or ``<stem>.png``, as BTAD names them).
+Every problem a user can cause (missing folder, empty category, unreadable image, defect without
+mask, mask size mismatch) is a ``UadcError`` naming the file.
 """
 
 from __future__ import annotations
@@ -73,6 +73,19 @@ def _good_samples(folder: Path, category: str, missing: str, empty: str) -> list
     return [Sample(p, category, "good") for p in files]
 
 
+def _mask_files(folder: Path) -> dict[str, Path]:
+    """Mask files of one defect folder by lower-cased name (``000_MASK.PNG`` is ``000_mask.png``)."""
+    return {p.name.lower(): p for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+
+
+def _mask_names(img: Path) -> list[str]:
+    """Names a defect image's mask goes by, in order: MVTec AD's ``<stem>_mask.png``, then the
+    ``<stem>.png`` of datasets laid out like it (BTAD, VisA's MVTec-style split), then either with
+    the image's own extension (``<stem>_mask.bmp``)."""
+    stem, ext = img.stem.lower(), img.suffix.lower()
+    return list(dict.fromkeys([f"{stem}_mask.png", f"{stem}.png", f"{stem}_mask{ext}", f"{stem}{ext}"]))
+
+
 def list_test_samples(root: Path, category: str) -> list[Sample]:
     cat = _category_dir(root, category)
     test = cat / "test"
@@ -82,12 +95,14 @@ def list_test_samples(root: Path, category: str) -> list[Sample]:
     masked = (cat / MASKS_FOLDER).is_dir()   # without ground_truth/: image-level labels, no pixel metrics
     for defect_dir in sorted(p for p in test.iterdir() if p.is_dir() and not is_hidden(p.name)):
         defect = defect_dir.name
+        masks = _mask_files(cat / MASKS_FOLDER / defect) if defect != "good" and masked else {}
         for img in _images(defect_dir):
             mask = None
             if defect != "good" and masked:
-                mask = cat / MASKS_FOLDER / defect / f"{img.stem}_mask.png"
-                if not mask.is_file():
-                    raise UadcError(f"defect image without mask: {img} (expected {mask}; with no "
+                mask = next((masks[n] for n in _mask_names(img) if n in masks), None)
+                if mask is None:
+                    raise UadcError(f"defect image without mask: {img} (expected "
+                                    f"{cat / MASKS_FOLDER / defect / (img.stem + '_mask.png')}; with no "
                                     f"{MASKS_FOLDER}/ folder at all the category is judged on image labels only)")
             samples.append(Sample(img, category, defect, mask))
     if not samples:
