@@ -48,7 +48,7 @@ def _from_array(arr: np.ndarray, pre: Preprocessing) -> np.ndarray:
         return _from_pil(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr), pre)
     if arr.dtype.kind == "f" and arr.shape == (size, size, 3):
         # already RGB in [0, 1] at the model's size: a 0..255 float image or NaNs would score silently wrong
-        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+        if not np.isfinite(arr).all() or arr.min() < -1e-6 or arr.max() > 1 + 1e-6:   # rounding allowed
             raise UadcError(f"image array: float pixels must be finite and in [0, 1], got "
                             f"{'non-finite values' if not np.isfinite(arr).all() else f'{arr.min():g}..{arr.max():g}'}"
                             f" (pass uint8 for 0..255)")
