@@ -111,6 +111,26 @@ class _Boom:
         return (os.system, (f"touch {_Boom.marker}",))
 
 
+def test_wrong_argument_types_are_one_line_errors(trained, tmp_path):
+    """What an embedding pipeline gets wrong: a raw TypeError, ValueError or torch RuntimeError
+    before; now one UadcError each, before any work."""
+    import torch
+    recipe, art = trained
+    threads = torch.get_num_threads()
+    for call, why in (
+            (lambda: uadc.compile(recipe, "ort-cpu-fp32", threads=-1, artifacts=art, out=tmp_path / "a"), "threads: expected"),
+            (lambda: uadc.compile(recipe, "ort-cpu-fp32", threads="2", artifacts=art, out=tmp_path / "b"), "threads: expected"),
+            (lambda: uadc.compile(recipe, ["ort-cpu-int8"], artifacts=art, out=tmp_path / "c"), "unknown target"),
+            (lambda: uadc.load_recipe(5), "recipe: expected a path, a built-in recipe's name, a dict or a Recipe, got int")):
+        with pytest.raises(UadcError, match=why):
+            call()
+    assert torch.get_num_threads() == threads and not any(tmp_path.iterdir())
+    compiled = uadc.compile(recipe, "ort-cpu-fp32", artifacts=art, out=tmp_path / "ok", evaluate=False, latency_runs=1)
+    for kw, why in (({"batch_size": 0}, "batch_size: expected"), ({"threads": -2}, "threads: expected")):
+        with pytest.raises(UadcError, match=why):
+            uadc.Detector.load(compiled.path, **kw)
+
+
 def test_crafted_checkpoint_runs_nothing(trained, tmp_path):
     recipe, art = trained
     marker = tmp_path / "pwned"

@@ -57,6 +57,9 @@ def packaged_recipe(name: str) -> PackagedRecipe:
 
 def resolve_recipe_path(source: "str | Path") -> Path:
     """The file a recipe argument means: an existing file as given, else a built-in by name."""
+    if not isinstance(source, (str, Path)):
+        raise UadcError(f"recipe: expected a path, a built-in recipe's name, a dict or a Recipe, "
+                        f"got {type(source).__name__}")
     path = Path(source)
     if path.is_file() or not _is_name(str(source)):
         return path

@@ -118,6 +118,6 @@ def inference_hint_of(target: str | None) -> str:
 
 
 def get_target(name: str) -> Target:
-    if name not in TARGETS:
+    if not isinstance(name, str) or name not in TARGETS:
         raise UadcError(f"unknown target {name!r}; expected one of {', '.join(TARGETS)}")
     return TARGETS[name]

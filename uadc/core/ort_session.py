@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from uadc.core.errors import UadcError
+from uadc.core.scoped import check_threads
 
 
 def make_session(model: Any, threads: int | None = None, optimize: bool = True,
@@ -19,6 +20,7 @@ def make_session(model: Any, threads: int | None = None, optimize: bool = True,
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    threads = check_threads(threads)
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1

@@ -8,9 +8,22 @@ import logging
 import os
 import sys
 import warnings
-from typing import Iterator
+from typing import Any, Iterator
+
+import numpy as np
+
+from uadc.core.errors import UadcError
 
 log = logging.getLogger("uadc")
+
+
+def check_threads(threads: Any) -> int | None:
+    """A thread count as given to the API: None or 0 (the default), else a whole number >= 1."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+        raise UadcError(f"threads: expected a whole number >= 1 (or None for the default), got {threads!r}")
+    return int(threads)
 
 
 @contextlib.contextmanager
@@ -18,6 +31,7 @@ def torch_threads(threads: int | None) -> Iterator[int]:
     """Run the block with ``threads`` torch intra-op threads; the caller's count comes back."""
     import torch
 
+    threads = check_threads(threads)
     before = torch.get_num_threads()
     n = int(threads) if threads else before
     if n != before:

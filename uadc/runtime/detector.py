@@ -21,6 +21,7 @@ import numpy as np
 
 from uadc.core.errors import UadcError
 from uadc.core.manifest import CategoryThresholds, Manifest, read_manifest
+from uadc.core.scoped import check_threads
 from uadc.runtime.preprocess import preprocess
 
 ENGINE_FILE = "model.engine"
@@ -129,6 +130,9 @@ class Detector:
         ``threads`` cores (default: all this process may use) share the work
         (``uadc.backends.parallel``): ``auto``, ``branches``, ``batch`` or ``sequential`` (one session)."""
         folder = Path(artifact)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UadcError(f"batch_size: expected a whole number >= 1, got {batch_size!r}")
+        threads = check_threads(threads)
         manifest = read_manifest(folder, verify=verify)
         engine = folder / ENGINE_FILE
         if backend not in ("auto", "onnxruntime", "openvino", "tensorrt"):
