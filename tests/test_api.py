@@ -111,7 +111,7 @@ class _Boom:
         return (os.system, (f"touch {_Boom.marker}",))
 
 
-def test_wrong_argument_types_are_one_line_errors(trained, tmp_path):
+def test_wrong_argument_types_are_one_line_errors(trained, tmp_path, tiny_data):
     """What an embedding pipeline gets wrong: a raw TypeError, ValueError or torch RuntimeError
     before; now one UadcError each, before any work."""
     import torch
@@ -125,10 +125,20 @@ def test_wrong_argument_types_are_one_line_errors(trained, tmp_path):
         with pytest.raises(UadcError, match=why):
             call()
     assert torch.get_num_threads() == threads and not any(tmp_path.iterdir())
+    with pytest.raises(UadcError, match=r"one_class.*run `uadc train --one-class` first"):
+        uadc.evaluate(recipe, one_class=True, artifacts=art)
+    with pytest.raises(UadcError, match="bundle: out must be a folder path, got NoneType"):
+        uadc.bundle(tmp_path, None)
     compiled = uadc.compile(recipe, "ort-cpu-fp32", artifacts=art, out=tmp_path / "ok", evaluate=False, latency_runs=1)
     for kw, why in (({"batch_size": 0}, "batch_size: expected"), ({"threads": -2}, "threads: expected")):
         with pytest.raises(UadcError, match=why):
             uadc.Detector.load(compiled.path, **kw)
+    # one folder as a string is that folder (it was read as one folder per character: "not a folder: /")
+    good = tiny_data / "gray" / "test" / "good"
+    assert uadc.verify(compiled.path, images=str(good)).images == {"user": len(list(good.glob("*.png")))}
+    q = uadc.compile(recipe, "ort-cpu-int8", quantize="student,teacher", artifacts=art, out=tmp_path / "q",
+                     evaluate=False, latency_runs=1, precision="target")
+    assert sorted(q.quantized_partitions) == ["student", "teacher"]
 
 
 def test_crafted_checkpoint_runs_nothing(trained, tmp_path):

@@ -133,7 +133,8 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
     named = calibration if isinstance(calibration, str) else None
     own = None if calibration is None or isinstance(calibration, str) else calibration
     opts = CompileOptions(target=target, calibrator=calibrator, calib_data=named, calib_samples=calib_samples,
-                          calibration=own, quantize=list(quantize) if quantize is not None else None,
+                          calibration=own, quantize=(quantize.split(",") if isinstance(quantize, str) else list(quantize))
+                          if quantize is not None else None,
                           per_channel=per_channel, out=Path(out) if out else None, force=force,
                           dump_passes=dump_passes, split=split, build_engine=build_engine, evaluate=evaluate,
                           threads=threads, latency_runs=latency_runs, qat_model=qat_model, artifacts=artifacts,
@@ -188,7 +189,7 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
     ``budgets``: ``{key: value}`` overrides of the recipe's ``verify:`` budgets."""
     from uadc.pipeline.verify import verify as run
     with torch_threads(None):
-        return run(Path(artifact), images=images, golden=golden, budgets=budgets,
+        return run(Path(artifact), images=_folders(images), golden=golden, budgets=budgets,
                    recipe=load_recipe(recipe) if recipe is not None else None, normal_only=normal_only,
                    threads=threads)
 
@@ -198,15 +199,22 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
     """Judge artifact ``b`` against artifact ``a`` with the verify figures (``DiffResult``)."""
     from uadc.pipeline.verify import diff as run
     with torch_threads(None):
-        return run(Path(a), Path(b), images=images, budgets=budgets,
+        return run(Path(a), Path(b), images=_folders(images), budgets=budgets,
                    recipe=load_recipe(recipe) if recipe is not None else None, normal_only=normal_only,
                    threads=threads)
+
+
+def _folders(images: "str | Path | Sequence[Path] | None") -> list[Path] | None:
+    """``images=`` as one folder or several (a bare string is one folder, not its characters)."""
+    return [Path(images)] if isinstance(images, (str, Path)) else images
 
 
 def bundle(artifact: Path, out: Path, *, force: bool = False) -> Any:
     """Copy a verified artifact to ``out`` without its regression-gate (golden) files: what a line
     runs (``BundleResult``). ``force`` replaces an earlier uadc output at ``out``."""
     from uadc.pipeline.bundle import bundle as run
+    if not isinstance(out, (str, Path)):
+        raise UadcError(f"bundle: out must be a folder path, got {type(out).__name__}")
     return run(Path(artifact), Path(out), force=force)
 
 

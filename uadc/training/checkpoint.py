@@ -19,6 +19,7 @@ from uadc.core.io import atomic_save, atomic_write_text
 from uadc.models import KDModel, build_model
 
 MAX_CHECKPOINT_BYTES = 4 << 30
+ONE_CLASS_DIR = "one_class"      # <artifacts>/<recipe>/one_class/<category>/checkpoint.pt
 
 
 HEAD_KEYS = ("head", "score_reduction", "score_topk", "score_pool")  # weight-free head settings a checkpoint serves alike
@@ -31,7 +32,7 @@ def model_hash(recipe: Recipe) -> str:
 
 def checkpoint_path(recipe: Recipe, artifacts: Path | None = None, category: str | None = None) -> Path:
     d = recipe.artifact_dir(artifacts)
-    return (d / "one_class" / category if category else d) / CHECKPOINT_FILE
+    return (d / ONE_CLASS_DIR / category if category else d) / CHECKPOINT_FILE
 
 
 def make_model(recipe: Recipe) -> KDModel:
@@ -53,7 +54,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's dict, loaded without running any code it may carry."""
     path = Path(path)
     if not path.is_file():
-        raise UadcError(f"checkpoint not found: {path} (run `uadc train` first)")
+        hint = "uadc train --one-class" if ONE_CLASS_DIR in path.parts else "uadc train"   # per-category models
+        raise UadcError(f"checkpoint not found: {path} (run `{hint}` first)")
     if path.stat().st_size > MAX_CHECKPOINT_BYTES:
         raise UadcError(f"checkpoint {path} is larger than {MAX_CHECKPOINT_BYTES >> 30} GiB")
     try:
