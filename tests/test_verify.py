@@ -4,6 +4,7 @@ them), label-free fidelity figures, budgets, exit codes 0/1/2, stable JSON keys,
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from onnx import numpy_helper
 import uadc
 from uadc.cli import main
 from uadc.core.errors import UadcError
+from uadc.core.manifest import read_manifest
 from uadc.verify import fidelity
 from uadc.verify.gate import BUDGET_KEYS, RULES, budgets, parse_budget_args
 
@@ -253,6 +255,16 @@ def test_verify_and_diff_on_an_image_folder(artifacts, tiny_data):
     assert bare.thresholds["candidate"] == bare.thresholds["reference"] and "no operating thresholds" in bare.notes[0]
     d = uadc.diff(fp32, fp32, images=[folder])
     assert d.passed and d.figure("spearman").value == pytest.approx(1.0)
+    assert not any("no folder named after a category" in n for n in own.notes + d.notes)
+    # a folder that names no category is judged at the global thresholds, and the report says so
+    cam = tiny_data.parent / f"cam1-{os.getpid()}"
+    shutil.copytree(folder, cam)
+    try:
+        v = uadc.verify(int8, images=[cam])
+    finally:
+        shutil.rmtree(cam)
+    assert any(f"images under {cam.name} are in no folder named after a category" in n for n in v.notes)
+    assert v.thresholds["candidate"][cam.name]["image"] == read_manifest(int8).thresholds.global_.image.value
 
 
 def test_uadc_verify_is_callable_whatever_was_imported_first():

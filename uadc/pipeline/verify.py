@@ -379,10 +379,13 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
     check_same_input(ma, _model_path(b))  # usage errors before any work
     g = read_golden(a) if a.is_dir() and (a / GOLDEN_META).is_file() else None
     masks, stored, notes = None, (g.meta.get("verify") if g else None), []
+    known: list[str] = []
+    unknown: list[str] = []
     if images:
         known = [c for c in (reference_thresholds or {}) if c != "global"] or _categories(a, b)
         x, records, notes = load_image_dirs(images, ma, categories=known)
         feeds = batches(x, BATCH)
+        unknown = sorted({r["category"] for r in records} - set(known)) if known else []
     elif g is None:
         raise UadcError(f"{a} has no golden set ({GOLDEN_META}) to take images from: pass --images DIR")
     else:
@@ -404,6 +407,9 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
                      "outputs on these images")
     else:
         cand_thr = _manifest_thresholds(b, ref_thr) or ref_thr
+        if unknown:
+            notes.append(f"images under {', '.join(unknown)} are in no folder named after a category "
+                         f"({', '.join(known)}): both sides decide them at the global thresholds")
     bud, per_cat = _budgets(recipe, stored, budgets)
     return _judge("diff", str(a), str(b), {"reference": la, "candidate": lb}, records, masks, ref, cand,
                   (ref_thr, cand_thr), bud, per_cat, normal_only, tensors, t0, notes)
