@@ -149,8 +149,8 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
     res = api.evaluate(checkpoint or r, r, artifacts=artifacts)
     click.echo(format_table(res, f"{r.name} (unified, {res.extra.get('epochs')} epochs)"))
     for cat, kinds in res.defects.items():
-        click.echo(f"{cat}: " + ", ".join(f"{k} {v['image_auroc']:.3f}/{v.get('pixel_auroc', float('nan')):.3f}"
-                                          for k, v in kinds.items())
+        click.echo(f"{cat}: " + ", ".join(f"{k} {v['image_auroc']:.3f}/" + (f"{v['pixel_auroc']:.3f}" if "pixel_auroc"
+                                          in v else "-") for k, v in kinds.items())
                    + "  (image/pixel AUROC per defect type)")
     click.echo(f"written: {res.path}")
     return res
