@@ -385,3 +385,25 @@ def test_image_level_labels_without_masks_give_image_auroc_only(tmp_path):
     with pytest.raises(UadcError, match="defect image without mask: .* with no ground_truth/ folder at all"):
         (data / "gray" / "ground_truth" / "blob").mkdir(parents=True)
         uadc.evaluate(recipe, artifacts=art, write=False)
+
+
+def test_a_category_without_validation_normals_takes_the_global_thresholds(tmp_path, caplog):
+    """One train/good image leaves no validation normal: compile stopped at `unknown category 'gray'`
+    (its decisions asked for thresholds it did not get); now it takes the global ones, said at load."""
+    import uadc
+    from synthetic import make_category
+    from conftest import write_recipe
+    data = tmp_path / "data"
+    make_category(data, "stripes", size=32, n_train=12, seed=1)
+    make_category(data, "gray", size=32, n_train=1, seed=2, rgb=False, period=13.0)
+    recipe = write_recipe(tmp_path / "r.yaml", data, data={"image_size": 32, "val_fraction": 0.25},
+                          train={"epochs": 1, "threads": 1})
+    art = tmp_path / "art"
+    with caplog.at_level(logging.WARNING, logger="uadc"):
+        uadc.train(recipe, artifacts=art)
+    assert "category 'gray' has no validation normals: it is judged at the global thresholds" in caplog.text
+    res = uadc.compile(recipe, "ort-cpu-int8", artifacts=art, latency_runs=1, threads=1)
+    t = read_manifest(res.path).thresholds
+    assert t.validation == {"stripes": 3, "gray": 0} and t.get("gray") == t.global_   # global: stripes alone here
+    pred = uadc.Detector.load(res.path).predict(sorted((data / "gray" / "test").rglob("*.png")), category="gray")
+    assert {p.threshold for p in pred} == {t.global_.image.value}

@@ -84,7 +84,9 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeD
     val = {c: ImageDataset(ss, size, *norm) for c, ss in val_samples.items()}
     warnings = [f"category {c!r} has {len(ds)} validation normals (< {MIN_VAL_IMAGES}): its thresholds rest "
                 f"mostly on the small-sample margin; raise data.val_fraction or give data.val"
-                for c, ds in val.items() if len(ds) < MIN_VAL_IMAGES]
+                for c, ds in val.items() if 0 < len(ds) < MIN_VAL_IMAGES]
+    warnings += [f"category {c!r} has no validation normals: it is judged at the global thresholds; give data.val "
+                 f"or more train/good images" for c, ds in val.items() if not len(ds) and any(len(v) for v in val.values())]
     warnings += [f"category {c!r}: its test folder holds {kind} images only, and AUROC needs good and defective "
                  f"ones: not evaluated" for c, kind in one_class.items()]
     warnings += _val_in_tests(val_samples, tests)

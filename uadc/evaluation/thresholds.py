@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from scipy import stats
@@ -114,10 +115,11 @@ def threshold_of(values: np.ndarray, far: float, margin: bool, spread: PooledSpr
     return Threshold(value=value, low=_f32(v.min()), high=_f32(v.max()), quantile=round(level, 6), n=int(v.size))
 
 
-def compute_thresholds(val: dict[str, tuple[np.ndarray, np.ndarray]], far: float, margin: bool = True
-                       ) -> Thresholds:
+def compute_thresholds(val: dict[str, tuple[np.ndarray, np.ndarray]], far: float, margin: bool = True,
+                       categories: Sequence[str] = ()) -> Thresholds:
     """``val``: category -> (maps (N,H,W), scores (N,)) of one artifact on its validation normals.
-    Per category and ``global`` (all categories' normals together)."""
+    Per category and ``global`` (all categories' normals together); a category of ``categories``
+    without normals takes the global ones (``validation`` 0), so it is still known at run time."""
     cats = {c: (m, s) for c, (m, s) in val.items() if len(s)}
     if not cats:
         raise ValueError("no validation normals")
@@ -127,8 +129,12 @@ def compute_thresholds(val: dict[str, tuple[np.ndarray, np.ndarray]], far: float
     all_scores = np.concatenate([s for _, s in cats.values()])
     all_pixels = np.concatenate([_sample_pixels(m) for m, _ in cats.values()])
     glob = CategoryThresholds(threshold_of(all_scores, far, margin), threshold_of(all_pixels, far, margin))
-    return Thresholds(far, ESTIMATOR if margin else ESTIMATOR_PLAIN, per, glob,
-                      {c: int(len(s)) for c, (_, s) in cats.items()}, spread.to_dict() if spread else None)
+    counts = {c: int(len(s)) for c, (_, s) in cats.items()}
+    for c in categories:
+        if c not in per:
+            per[c], counts[c] = glob, 0
+    return Thresholds(far, ESTIMATOR if margin else ESTIMATOR_PLAIN, per, glob, counts,
+                      spread.to_dict() if spread else None)
 
 
 # -- decisions on the test sets (labels used to report, never to set) ---------------------------

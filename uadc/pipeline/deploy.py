@@ -66,7 +66,7 @@ def outputs_on(model: onnx.ModelProto, images: dict[str, np.ndarray], threads: i
 
 def _thresholds(outputs: Outputs, baseline: Baseline) -> Thresholds | None:
     d = baseline.recipe.deploy
-    return compute_thresholds(outputs, d.false_alarm_rate, d.threshold_margin) if outputs else None
+    return compute_thresholds(outputs, d.false_alarm_rate, d.threshold_margin, baseline.categories) if outputs else None
 
 
 def _fp32(baseline: Baseline, threads: int) -> tuple[Thresholds | None, Outputs]:
