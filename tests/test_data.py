@@ -114,6 +114,13 @@ def test_mask_size_mismatch(data):
         validate_test_masks(ds)
 
 
+def test_a_category_named_global_is_refused(data):
+    """`global` names the thresholds over all categories: a category of that name would be judged at them."""
+    shutil.copytree(data / "a", data / "global")
+    with pytest.raises(UadcError, match="category name 'global' is reserved"):
+        resolve_sources([{"root": str(data), "categories": None}])
+
+
 def test_duplicate_category(data, tmp_path_factory):
     other = tmp_path_factory.mktemp("other")
     shutil.copytree(data / "a", other / "a")

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
 from uadc.core.images import IMAGE_EXTS, eight_bit, is_hidden, open_image
+from uadc.core.manifest import GLOBAL
 
 @dataclass(frozen=True)
 class Sample:
@@ -121,6 +122,9 @@ def resolve_sources(sources: Sequence[dict]) -> list[tuple[Path, str]]:
                             f"to your data; relative paths resolve against the recipe file)")
         cats = src.get("categories") or list_categories(root)
         for c in cats:
+            if c == GLOBAL:   # the key of the thresholds over all categories (artifact.json, --category)
+                raise UadcError(f"category name {GLOBAL!r} is reserved for the thresholds over all categories: "
+                                f"rename {root / c}")
             if c in seen:
                 raise UadcError(f"category {c!r} appears twice (in {seen[c]} and {root})")
             seen[c] = root
