@@ -317,15 +317,7 @@ def test_a_product_with_defect_free_images_only_is_trained_compiled_and_given_th
     """A new product line has good images and no labelled defects: no `test` folder. Training
     stopped at `missing folder .../test`; now it is trained and gets thresholds, and is not evaluated."""
     import uadc
-    from synthetic import make_category
-    from conftest import write_recipe
-    data = tmp_path / "data"
-    make_category(data, "stripes", size=32, n_train=12, seed=1)
-    make_category(data, "gray", size=32, n_train=12, seed=2, rgb=False, period=13.0)
-    shutil.rmtree(data / "gray" / "test")
-    shutil.rmtree(data / "gray" / "ground_truth")
-    recipe = write_recipe(tmp_path / "r.yaml", data, data={"image_size": 32, "val_fraction": 0.25},
-                          train={"epochs": 1, "threads": 1})
+    data, recipe = _two_products(tmp_path, change=lambda d: [shutil.rmtree(d / "gray" / x) for x in ("test", "ground_truth")])
     art = tmp_path / "art"
     with caplog.at_level(logging.INFO, logger="uadc"):
         uadc.train(recipe, artifacts=art)
@@ -354,15 +346,8 @@ def test_image_level_labels_without_masks_give_image_auroc_only(tmp_path):
     no pixel metrics, and the mean pixel figures come from the categories with masks."""
     import uadc
     from click.testing import CliRunner
-    from synthetic import make_category
-    from conftest import write_recipe
     from uadc.cli import main
-    data = tmp_path / "data"
-    make_category(data, "stripes", size=32, n_train=12, seed=1)
-    make_category(data, "gray", size=32, n_train=12, seed=2, rgb=False, period=13.0)
-    shutil.rmtree(data / "gray" / "ground_truth")
-    recipe = write_recipe(tmp_path / "r.yaml", data, data={"image_size": 32, "val_fraction": 0.25},
-                          train={"epochs": 1, "threads": 1})
+    data, recipe = _two_products(tmp_path, change=lambda d: shutil.rmtree(d / "gray" / "ground_truth"))
     art = tmp_path / "art"
     uadc.train(recipe, artifacts=art)
     ev = uadc.evaluate(recipe, artifacts=art, write=False)
@@ -391,13 +376,7 @@ def test_a_category_without_validation_normals_takes_the_global_thresholds(tmp_p
     """One train/good image leaves no validation normal: compile stopped at `unknown category 'gray'`
     (its decisions asked for thresholds it did not get); now it takes the global ones, said at load."""
     import uadc
-    from synthetic import make_category
-    from conftest import write_recipe
-    data = tmp_path / "data"
-    make_category(data, "stripes", size=32, n_train=12, seed=1)
-    make_category(data, "gray", size=32, n_train=1, seed=2, rgb=False, period=13.0)
-    recipe = write_recipe(tmp_path / "r.yaml", data, data={"image_size": 32, "val_fraction": 0.25},
-                          train={"epochs": 1, "threads": 1})
+    data, recipe = _two_products(tmp_path, gray_train=1)
     art = tmp_path / "art"
     with caplog.at_level(logging.WARNING, logger="uadc"):
         uadc.train(recipe, artifacts=art)
@@ -407,3 +386,16 @@ def test_a_category_without_validation_normals_takes_the_global_thresholds(tmp_p
     assert t.validation == {"stripes": 3, "gray": 0} and t.get("gray") == t.global_   # global: stripes alone here
     pred = uadc.Detector.load(res.path).predict(sorted((data / "gray" / "test").rglob("*.png")), category="gray")
     assert {p.threshold for p in pred} == {t.global_.image.value}
+
+
+def _two_products(tmp_path: Path, gray_train: int = 12, change=None) -> tuple[Path, Path]:
+    """(data root, recipe) of two tiny 32 px products, `change(data)` applied before the recipe is written."""
+    from synthetic import make_category
+    from conftest import write_recipe
+    data = tmp_path / "data"
+    make_category(data, "stripes", size=32, n_train=12, seed=1)
+    make_category(data, "gray", size=32, n_train=gray_train, seed=2, rgb=False, period=13.0)
+    if change:
+        change(data)
+    return data, write_recipe(tmp_path / "r.yaml", data, data={"image_size": 32, "val_fraction": 0.25},
+                              train={"epochs": 1, "threads": 1})
