@@ -126,3 +126,17 @@ def test_duplicate_category(data, tmp_path_factory):
     shutil.copytree(data / "a", other / "a")
     with pytest.raises(UadcError, match="category 'a' appears twice"):
         resolve_sources([{"root": str(data), "categories": ["a"]}, {"root": str(other), "categories": ["a"]}])
+
+
+def test_category_and_defect_folders_whose_names_are_not_utf8_are_refused(data):
+    """Their names become keys of uadc's outputs: a latin-1 category folder (`Gehäuse` from a
+    Windows zip) stopped `uadc train` with a UnicodeEncodeError traceback."""
+    import os
+    odd = os.fsdecode(b"Geh\xe4use")
+    shutil.copytree(data / "a", data / odd)
+    with pytest.raises(UadcError, match=r"category folder name is not UTF-8 text: .*Geh\\xe4use \(it becomes"):
+        resolve_sources([{"root": str(data)}])
+    shutil.rmtree(data / odd)
+    (data / "a" / "test" / "blob").rename(data / "a" / "test" / os.fsdecode(b"bl\xf6b"))
+    with pytest.raises(UadcError, match=r"defect type folder name is not UTF-8 text: .*bl\\xf6b"):
+        list_test_samples(data, "a")

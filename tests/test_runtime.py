@@ -279,3 +279,23 @@ def test_detector_takes_encoded_bytes_and_a_category_per_image_and_refuses_silen
         det.predict(b"not an image")
     with pytest.raises(UadcError, match="expected a path, image bytes, a binary file, a PIL image or an array, got NoneType"):
         det.predict([f, None])
+
+
+def test_file_names_that_are_not_utf8_are_written_as_escapes(int8_artifact, tmp_path, tiny_data):
+    """A file named in latin-1 (a zip made on Windows, unpacked here): `uadc predict --out` wrote
+    predictions.jsonl, then failed on predictions.csv with a UnicodeEncodeError traceback. Both tables
+    now give the name's bytes as \\xNN, and the overlay column names the overlay file on disk."""
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    det = Detector.load(int8_artifact[2].path)
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    src = sorted((tiny_data / "gray" / "test" / "good").iterdir())[0]
+    shutil.copy(src, os.fsdecode(os.fsencode(cam) + b"/caf\xe9.png"))
+    run = predict_paths(det, [cam], category="gray", out=tmp_path / "out", overlays=True)
+    row = json.loads((tmp_path / "out" / "predictions.jsonl").read_text(encoding="utf-8"))
+    assert row["path"] == str(cam / "caf\\xe9.png") and row["overlay"] == "overlays/cam/caf\\xe9.png"
+    assert (tmp_path / "out" / row["overlay"]).is_file()
+    csv_row = (tmp_path / "out" / "predictions.csv").read_text(encoding="utf-8").splitlines()[1]
+    assert csv_row.startswith(row["path"] + ",gray,") and csv_row.endswith(row["overlay"])
+    assert len(run.records) == 1

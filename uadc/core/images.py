@@ -76,6 +76,24 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def printable(text: str) -> str:
+    """``text`` with the bytes of a file name that is not UTF-8 (a latin-1 zip unpacked here; Python
+    keeps them as lone surrogates, which no UTF-8 file can hold) shown as ``\\xNN``; other text
+    unchanged."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:   # a surrogate that no file name produced
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_utf8_name(folder: Path, what: str) -> None:
+    """A folder whose name becomes a key of uadc's outputs (a category, a defect type) must be
+    UTF-8 text; one that is not is refused in one line rather than failing a write later."""
+    if printable(folder.name) != folder.name:
+        raise UadcError(f"{what} folder name is not UTF-8 text: {printable(str(folder))} (it becomes a key of "
+                        f"uadc's outputs; rename it, e.g. `convmv -f latin1 -t utf-8 -r --notest FOLDER`)")
+
+
 def find_images(paths: list[Path], exclude: list[Path] | tuple = ()) -> FoundImages:
     """Files given directly, and image files found recursively in folders (sorted), except, in a
     folder walk, files in folders below it that are ``exclude`` (the run's own output) or ``uadc

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
-from uadc.core.images import IMAGE_EXTS, eight_bit, is_hidden, open_image
+from uadc.core.images import IMAGE_EXTS, check_utf8_name, eight_bit, is_hidden, open_image
 from uadc.core.manifest import GLOBAL
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ def list_test_samples(root: Path, category: str) -> list[Sample]:
     samples = []
     masked = (cat / MASKS_FOLDER).is_dir()   # without ground_truth/: image-level labels, no pixel metrics
     for defect_dir in sorted(p for p in test.iterdir() if p.is_dir() and not is_hidden(p.name)):
+        check_utf8_name(defect_dir, "defect type")
         defect = defect_dir.name
         masks = _mask_files(cat / MASKS_FOLDER / defect) if defect != "good" and masked else {}
         for img in _images(defect_dir):
@@ -122,6 +123,7 @@ def resolve_sources(sources: Sequence[dict]) -> list[tuple[Path, str]]:
                             f"to your data; relative paths resolve against the recipe file)")
         cats = src.get("categories") or list_categories(root)
         for c in cats:
+            check_utf8_name(root / c, "category")
             if c == GLOBAL:   # the key of the thresholds over all categories (artifact.json, --category)
                 raise UadcError(f"category name {GLOBAL!r} is reserved for the thresholds over all categories: "
                                 f"rename {root / c}")

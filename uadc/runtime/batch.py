@@ -16,7 +16,7 @@ from PIL import Image
 
 from uadc.core.constants import PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError
-from uadc.core.images import find_images
+from uadc.core.images import find_images, printable
 from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, ensure_dir
 from uadc.core.manifest import infer_category
 from uadc.core.progress import progress
@@ -97,7 +97,8 @@ def _unique(name: Path, taken: set[Path]) -> Path:
 
 def overlay_names(files: list[Path], roots: list[Path]) -> dict[Path, Path]:
     """One distinct overlay path per file: ``<input folder>/<relative path>.png`` (two input folders
-    of one name, e.g. two ``test/good``, become ``good`` and ``good-2``), else ``<stem>.png``."""
+    of one name, e.g. two ``test/good``, become ``good`` and ``good-2``), else ``<stem>.png``; bytes of a
+    name that is not UTF-8 written as ``\\xNN``, as the tables give it."""
     labels: dict[Path, Path] = {}
     used: set[Path] = set()
     for root in roots:
@@ -107,7 +108,7 @@ def overlay_names(files: list[Path], roots: list[Path]) -> dict[Path, Path]:
     taken: set[Path] = set()
     for f in files:
         rel = next((labels[r] / f.relative_to(r) for r in labels if r in f.parents), Path(f.name))
-        names[f] = _unique(rel.with_suffix(".png"), taken)
+        names[f] = _unique(Path(printable(str(rel.with_suffix(".png")))), taken)   # the name the tables give
     return names
 
 
@@ -180,13 +181,15 @@ def _describe(skipped: dict[str, int]) -> str:
 
 
 def _write_tables(run: PredictRun, out: Path) -> None:
-    lines = "".join(json.dumps(r) + "\n" for r in run.records)
-    lines += "".join(json.dumps({"path": p, "error": e}) + "\n" for p, e in run.failed)
+    # a file name that is not UTF-8 is written as \\xNN in both tables (same text in each)
+    records = [{k: printable(v) if isinstance(v, str) else v for k, v in r.items()} for r in run.records]
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    lines += "".join(json.dumps({"path": printable(p), "error": printable(e)}) + "\n" for p, e in run.failed)
     run.written.insert(0, atomic_write_text(out / PREDICTIONS_JSONL, lines))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
-    w.writerows({k: _inert(v) for k, v in r.items()} for r in run.records)
+    w.writerows({k: _inert(v) for k, v in r.items()} for r in records)
     run.written.insert(1, atomic_write_text(out / PREDICTIONS_CSV, buf.getvalue()))
 
 
