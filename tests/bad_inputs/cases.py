@@ -349,6 +349,8 @@ CASES: list[Case] = [
     _recipe_case("recipe-calib-samples-huge", "compile.calib_samples: 1000000 is above the maximum",
                  compile={"calib_samples": 10**6}),
     _recipe_case("recipe-taps-empty", "model.taps: must not be empty", model={"taps": []}),
+    _recipe_case("recipe-taps-twice", "model: taps lists 'blocks.2' twice",
+                 model={"taps": ["blocks.2", "blocks.4", "blocks.2"]}),
     _recipe_case("recipe-method-unknown", "model.method: 'bogus' is not one of", model={"method": "bogus"}),
     _recipe_case("recipe-sources-empty", "data.sources: must not be empty", data={"sources": []}),
     _recipe_case("recipe-categories-empty", "categories: must not be empty",

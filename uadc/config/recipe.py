@@ -40,12 +40,8 @@ class _Section(BaseModel):
 
 
 def _resolve(value: Optional[str], info: ValidationInfo) -> Optional[str]:
-    if value is None:
-        return None
     base = (info.context or {}).get("base")
-    if base is None or Path(value).is_absolute():
-        return value
-    return str((Path(base) / value).resolve())
+    return value if value is None or base is None or Path(value).is_absolute() else str((Path(base) / value).resolve())
 
 
 class Source(_Section):
@@ -125,7 +121,11 @@ class ModelConfig(_Section):
     _weights = field_validator("weights")(_resolve)
 
     @model_validator(mode="after")
-    def _knn_fits(self):
+    def _taps_fit(self):
+        named = {"taps": self.taps, "image_knn.taps": self.image_knn.taps, "patch_knn.taps": self.patch_knn.taps}
+        for name, taps in named.items():
+            if taps and len(set(taps)) < len(taps):   # a tap twice would count its map twice
+                raise ValueError(f"{name} lists {next(t for t in taps if taps.count(t) > 1)!r} twice")
         for name in ("image_knn", "patch_knn"):
             if (knn := getattr(self, name)).weight > 0 and self.method == "us":
                 raise ValueError(f"{name}: not available for method us (its teacher is a descriptor network)")
