@@ -89,10 +89,13 @@ def test_cell_key_follows_inputs(tiny):
 
 @pytest.mark.parametrize("doc, msg", [
     ({"axes": {}}, "exactly one of 'recipe' or 'recipes'"),
-    ({"recipe": "r.yaml", "axes": {"calibratr": ["minmax"]}}, "axes.calibratr"),
-    ({"recipe": "r.yaml", "axes": {"target": []}}, "axes.target"),
+    ({"recipe": "r.yaml", "axes": {"calibratr": ["minmax"]}}, "axes.calibratr: unknown key"),
+    ({"recipe": "r.yaml", "axes": {"target": []}}, "axes.target: must not be empty"),
+    ({"recipe": "r.yaml", "axes": {"target": "ort-cpu-int8"}}, "axes.target: expected list, got 'ort-cpu-int8'"),
+    ({"recipe": "r.yaml", "run": {"latency_runs": -1}}, "run.latency_runs: -1 is below the minimum 1"),
 ])
 def test_bad_sweep_file_is_one_line_error(tmp_path, doc, msg):
+    """Worded as recipe errors are (pydantic's own "List should have at least 1 item after validation" before)."""
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump(doc))
     with pytest.raises(UadcError, match=msg.replace("(", r"\(").replace(")", r"\)")):

@@ -110,7 +110,7 @@ def test_budgets_defaults_overrides_and_errors():
         budgets(None, {"spearman": "1"})
     with pytest.raises(UadcError, match="expected a number"):
         budgets(None, {"spearman_min": "high"})
-    with pytest.raises(UadcError, match="spearman_min"):
+    with pytest.raises(UadcError, match="verify budget spearman_min: 3.0 is above the maximum 1"):
         budgets(None, {"spearman_min": "3"})
     with pytest.raises(UadcError, match="KEY=VALUE"):
         parse_budget_args(["spearman_min"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -20,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from uadc.config.packaged import resolve_recipe_path
+from uadc.config.validation import first_error
 from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
 from uadc.core.errors import UadcError
 
@@ -398,7 +398,7 @@ def recipe_from_dict(raw: dict, path: Path | None = None, keep_name: bool = Fals
     try:
         config = RecipeConfig.model_validate(raw, context={"base": base})
     except ValidationError as exc:
-        raise UadcError(_first_error(exc)) from None
+        raise UadcError(first_error(exc)) from None
     except RecursionError:
         raise UadcError("recipe: nested too deeply") from None
     if config.name is None and not keep_name:
@@ -406,51 +406,6 @@ def recipe_from_dict(raw: dict, path: Path | None = None, keep_name: bool = Fals
         config = config.model_copy(update={"name": stem if _is_plain(stem) else "recipe"})
     _check_semantics(config)
     return Recipe(config, path)
-
-
-def _short(value: Any) -> str:
-    # reprlib: bounded depth and items, so nested YAML anchors (a "billion laughs") cannot expand
-    import reprlib
-    r = reprlib.Repr()
-    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 60, 60
-    text = r.repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _first_error(exc: ValidationError) -> str:
-    """``key.path[i]: what was expected, got what`` for the first problem, worded as uadc's errors."""
-    err = exc.errors(include_url=False)[0]
-    loc = ""
-    for part in err["loc"]:
-        if isinstance(part, int):
-            loc += f"[{part}]"
-        elif part in ("literal", "str", "int", "float", "bool", "list", "none", "function-after"):
-            continue  # union branch labels
-        else:
-            loc += f".{part}" if loc else str(part)
-    loc = loc or "recipe"
-    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-    if kind == "extra_forbidden":
-        return f"{loc}: unknown key"
-    if kind == "missing":
-        return f"{loc}: at least one {{root, categories}} entry is required" if loc == "data.sources" \
-            else f"{loc}: required"
-    if kind == "literal_error":
-        expected = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
-        return f"{loc}: {_short(value)} is not one of {expected}"
-    if kind in ("greater_than_equal", "greater_than"):
-        return f"{loc}: {_short(value)} is below the minimum {ctx.get('ge', ctx.get('gt'))}"
-    if kind in ("less_than_equal", "less_than"):
-        return f"{loc}: {_short(value)} is above the maximum {ctx.get('le', ctx.get('lt'))}"
-    if kind == "finite_number" or (isinstance(value, float) and not math.isfinite(value)):
-        return f"{loc}: expected a finite number, got {_short(value)}"
-    if kind == "too_short":
-        return f"{loc}: must not be empty"
-    if kind.endswith("_type") or kind in ("model_type", "dict_type"):
-        expected = {"int_type": "int", "float_type": "number", "bool_type": "bool", "string_type": "str",
-                    "list_type": "list", "model_type": "a mapping", "dict_type": "a mapping"}.get(kind, kind)
-        return f"{loc}: expected {expected}, got {_short(value)}"
-    return f"{loc}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def _check_semantics(cfg: RecipeConfig) -> None:

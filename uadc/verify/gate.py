@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from uadc.config.recipe import VerifyConfig
+from uadc.config.validation import first_error
 from uadc.core.constants import VERIFY_SCHEMA
 from uadc.core.errors import UadcError
 from uadc.core.io import check_own_file
@@ -64,9 +65,7 @@ def budgets(recipe_verify: dict | None = None, overrides: dict[str, Any] | None 
     try:
         cfg = VerifyConfig.model_validate(base)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise UadcError(f"verify budget {loc}: {err['msg']}") from None
+        raise UadcError(f"verify budget {first_error(exc)}") from None
     return {k: float(getattr(cfg, k)) for k in BUDGET_KEYS}
 
 

@@ -29,6 +29,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from uadc.config.recipe import read_yaml_mapping
+from uadc.config.validation import first_error
 from uadc.core.errors import UadcError
 
 MAX_SWEEP_BYTES = 1 << 20
@@ -121,6 +122,4 @@ def _validate(raw: dict, where: str) -> SweepSpec:
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise UadcError(f"{where}: {loc}: {err['msg']}") from None
+        raise UadcError(f"{where}: {first_error(exc, root='(top level)')}") from None

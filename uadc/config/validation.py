@@ -1,0 +1,55 @@
+"""One wording for pydantic's validation errors: ``key.path[i]: what was expected, got what``."""
+
+from __future__ import annotations
+
+import math
+import reprlib
+from typing import Any
+
+from pydantic import ValidationError
+
+
+def short(value: Any) -> str:
+    """A bounded repr of a user's value for an error line."""
+    # reprlib: bounded depth and items, so nested YAML anchors (a "billion laughs") cannot expand
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 60, 60
+    text = r.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def first_error(exc: ValidationError, root: str = "recipe") -> str:
+    """``key.path[i]: what was expected, got what`` for the first problem, worded as uadc's errors
+    (recipes, sweep files, verify budgets); ``root`` names a problem of the whole document."""
+    err = exc.errors(include_url=False)[0]
+    loc = ""
+    for part in err["loc"]:
+        if isinstance(part, int):
+            loc += f"[{part}]"
+        elif part in ("literal", "str", "int", "float", "bool", "list", "none", "function-after"):
+            continue  # union branch labels
+        else:
+            loc += f".{part}" if loc else str(part)
+    loc = loc or root
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if kind == "missing":
+        return f"{loc}: at least one {{root, categories}} entry is required" if loc == "data.sources" \
+            else f"{loc}: required"
+    if kind == "literal_error":
+        expected = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
+        return f"{loc}: {short(value)} is not one of {expected}"
+    if kind in ("greater_than_equal", "greater_than"):
+        return f"{loc}: {short(value)} is below the minimum {ctx.get('ge', ctx.get('gt'))}"
+    if kind in ("less_than_equal", "less_than"):
+        return f"{loc}: {short(value)} is above the maximum {ctx.get('le', ctx.get('lt'))}"
+    if kind == "finite_number" or (isinstance(value, float) and not math.isfinite(value)):
+        return f"{loc}: expected a finite number, got {short(value)}"
+    if kind == "too_short":
+        return f"{loc}: must not be empty"
+    if kind.endswith("_type") or kind in ("model_type", "dict_type"):
+        expected = {"int_type": "int", "float_type": "number", "bool_type": "bool", "string_type": "str",
+                    "list_type": "list", "model_type": "a mapping", "dict_type": "a mapping"}.get(kind, kind)
+        return f"{loc}: expected {expected}, got {short(value)}"
+    return f"{loc}: {err['msg'].removeprefix('Value error, ')}"
