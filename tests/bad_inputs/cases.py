@@ -402,7 +402,8 @@ CASES: list[Case] = [
          setup=lambda e: ckpt_blob(e, lambda b: [1, 2, 3])),
     Case("ckpt-missing-weights", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="weights do not fit",
          setup=lambda e: ckpt_blob(e, lambda b: {**b, "state_dict": dict(list(b["state_dict"].items())[1:])})),
-    Case("ckpt-other-settings", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="different data/model settings",
+    Case("ckpt-other-settings", COMPILE("--checkpoint", "c.pt", "--out", "o"),      # the setting that differs, named
+         msg="tiny.yaml (data.image_size: 64 in the checkpoint, 32 in the recipe); retrain",
          setup=lambda e: ckpt_blob(e, lambda b: {**b, "recipe": {**b["recipe"],
                                                                  "data": {**b["recipe"]["data"], "image_size": 64}}})),
     Case("ckpt-stored-recipe-escapes", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="stored recipe is invalid",

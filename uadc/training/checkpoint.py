@@ -87,8 +87,10 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
         trained = trained.with_overrides(model={k: recipe.cfg["model"][k] for k in HEAD_KEYS})
     # Recompute from the stored recipe rather than trusting a stored hash of an older definition.
     if recipe is not None and model_hash(trained) != model_hash(recipe):
+        where = _first_difference({k: trained.cfg[k] for k in ("data", "model")},
+                                  {k: recipe.cfg[k] for k in ("data", "model")})
         raise UadcError(f"checkpoint {path} was trained with different data/model settings than "
-                        f"recipe {recipe.path or recipe.name}; retrain with `uadc train`")
+                        f"recipe {recipe.path or recipe.name} ({where}); retrain with `uadc train`")
     check_finite_weights(blob["state_dict"], path)
     model = make_model(trained)
     try:
@@ -98,6 +100,18 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
             from None
     model.eval()
     return model, blob
+
+
+def _first_difference(trained: Any, asked: Any, key: str = "") -> str:
+    """``key: <checkpoint's> in the checkpoint, <recipe's> in the recipe`` for the first setting that differs."""
+    if isinstance(trained, dict) and isinstance(asked, dict):
+        for k in sorted(set(trained) | set(asked)):
+            if trained.get(k) != asked.get(k):
+                return _first_difference(trained.get(k), asked.get(k), f"{key}.{k}" if key else k)
+    if isinstance(trained, list) and isinstance(asked, list) and len(trained) == len(asked):
+        i = next(i for i, (a, b) in enumerate(zip(trained, asked)) if a != b)
+        return _first_difference(trained[i], asked[i], f"{key}[{i}]")
+    return f"{key}: {trained!r:.120} in the checkpoint, {asked!r:.120} in the recipe"
 
 
 def check_finite_weights(state_dict: dict, path: Path) -> None:
