@@ -294,6 +294,13 @@ def test_qat_needs_int8_target(recipe_factory, tmp_path):
     res = CliRunner().invoke(main, ["qat", str(recipe_factory()), "--target", "ort-cpu-fp32",
                                     "--artifacts", str(tmp_path / "art")])
     assert res.exit_code == 2 and "needs an int8 target" in res.output
+    # compile --from-qat of a float target said "run `uadc qat` first", which uadc qat then refused;
+    # the list of QAT targets named three of the five that work
+    from uadc.config.recipe import load_recipe
+    from uadc.quant.qat.run import load_qat_model
+    with pytest.raises(UadcError, match=r"QAT needs an int8 target \(ort-cpu-int8, openvino-cpu-int8, .*\); "
+                       "ort-cpu-fp32 is fp32"):
+        load_qat_model(load_recipe(recipe_factory()), "ort-cpu-fp32", tmp_path / "art")
 
 
 def test_qat_without_checkpoint_does_not_train(recipe_factory, tmp_path):

@@ -18,6 +18,7 @@ from typing import Iterator
 import click
 
 from uadc import __version__
+from uadc.config.targets import QAT_TARGETS
 from uadc.core.errors import UadcError
 
 log = logging.getLogger("uadc")
@@ -224,7 +225,7 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
 
 @main.command()
 @recipe_arg
-@click.option("--target", default=None, help="int8 target: ort-cpu-int8, trt-int8, jetson-int8 "
+@click.option("--target", default=None, help=f"int8 target: {', '.join(QAT_TARGETS)} "
               "(default: the recipe's compile.target)")
 @click.option("--epochs", type=click.IntRange(min=1, max=10_000), default=None, help="override qat.epochs")
 @click.option("--compile/--no-compile", "then_compile", default=True,

@@ -110,6 +110,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
 ]}
 
 
+# targets a QAT model can be fine-tuned for (uadc qat) and compiled from (uadc compile --from-qat)
+QAT_TARGETS = tuple(n for n, t in TARGETS.items() if t.quantized and t.scheme is not None)
+
+
 def inference_hint_of(target: str | None) -> str:
     """OpenVINO's precision hint for an artifact of target ``target`` (f32 for a name this version
     does not know): the precision its thresholds were set at, so every runner uses it."""

@@ -14,7 +14,7 @@ import torch
 
 from uadc.config.recipe import Recipe
 from uadc.config.settings import PtqSettings, resolve_ptq
-from uadc.config.targets import Target, get_target
+from uadc.config.targets import QAT_TARGETS, Target, get_target
 from uadc.core.errors import UadcError
 from uadc.core.io import atomic_dir, atomic_write_json
 from uadc.passes.pipeline import PassContext, run_passes
@@ -83,8 +83,7 @@ def build_qat_net(fp32: onnx.ModelProto, ptq: onnx.ModelProto, quantize: list[st
 def check_target(name: str) -> Target:
     target = get_target(name)
     if not target.quantized or target.scheme is None:
-        raise UadcError(f"uadc qat needs an int8 target (ort-cpu-int8, trt-int8, jetson-int8); "
-                        f"{name} is {target.precision}")
+        raise UadcError(f"QAT needs an int8 target ({', '.join(QAT_TARGETS)}); {name} is {target.precision}")
     return target
 
 
@@ -161,6 +160,7 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None) -
     """The Q/DQ model ``uadc qat`` wrote for ``target`` (UadcError if missing or stale)."""
     import json
 
+    check_target(target)   # before "run uadc qat first": uadc qat would refuse it
     d = qat_dir(recipe, target, artifacts)
     path = d / QAT_FILE
     if not path.is_file():
