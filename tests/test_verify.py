@@ -135,6 +135,16 @@ def test_golden_files_are_polygraphy_formats_and_the_polygraphy_cli_passes(artif
     assert "PASSED" in r.stdout + r.stderr
 
 
+def test_golden_option_given_another_json_file_is_one_line(artifacts):
+    """`--golden ART/golden_inputs.json` (a list) ended in an AttributeError traceback;
+    `--golden ART/report.json` said `golden schema 3, expected 1`."""
+    _, fp32, _ = artifacts
+    for name in ("golden_inputs.json", "report.json"):
+        r = CliRunner().invoke(main, ["verify", str(fp32), "--golden", str(fp32 / name)])
+        assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == \
+            f"error: {fp32 / name} is not a golden set's golden.json; pass an artifact folder or its golden.json"
+
+
 # ------------------------------------------------------------------------------ verify / diff
 
 def test_verify_passes_on_the_artifact_itself_and_json_keys_are_stable(artifacts, tmp_path):

@@ -97,6 +97,9 @@ def read_golden(path: Path) -> GoldenSet:
     folder = meta_path.parent
     try:
         meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict) or not {"runner", "inputs", "outputs", "images"} <= set(meta):
+            raise UadcError(f"{meta_path} is not a golden set's {GOLDEN_META}; pass an artifact folder or its "
+                            f"{GOLDEN_META}")
         if meta.get("schema") != GOLDEN_SCHEMA:
             raise UadcError(f"{meta_path}: golden schema {meta.get('schema')!r}, expected {GOLDEN_SCHEMA}")
         with quiet_third_party():  # Polygraphy logs every load
