@@ -67,3 +67,19 @@ def test_recipe_schema_lists_keys():
 def test_calibrators_list():
     res = CliRunner().invoke(main, ["calibrators", "list"])
     assert res.exit_code == 0 and set(res.output.split()) >= {"entropy", "mse", "minmax", "percentile"}
+
+
+def test_eval_every_shows_the_learning_curve_on_the_epoch_lines(recipe_factory, tmp_path):
+    """`--eval-every N` recorded test AUROC in the checkpoint history but the epoch lines did not show it."""
+    import torch
+    art = tmp_path / "art"
+    res = CliRunner().invoke(main, ["train", str(recipe_factory(train={"epochs": 3, "threads": 1})),
+                                    "--eval-every", "2", "--artifacts", str(art)])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("epoch ")]
+    history = torch.load(art / "tiny" / "checkpoint.pt", weights_only=True)["history"]
+    assert len(lines) == 3 and [("test" in h) for h in history] == [False, True, True]   # and the last epoch
+    assert "test AUROC" not in lines[0]
+    for line, h in zip(lines[1:], history[1:]):
+        mean = h["test"]["mean"]
+        assert line.endswith(f"test AUROC image {mean['image_auroc']:.4f}, pixel {mean['pixel_auroc']:.4f}")

@@ -94,15 +94,22 @@ def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: s
         d = np.mean(disc, axis=0).round(4).tolist()
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "discrepancy": d,
                         "seconds": round(time.time() - t0, 2), "lr": opt.param_groups[0]["lr"]})
-        log.info("epoch %d/%d  loss %.4f  normal discrepancy per tap %s  (%.0f s)",
-                 epoch + 1, t.epochs, np.mean(losses), d, time.time() - t0)
         if on_epoch is not None:
             model.eval()
             history[-1].update(on_epoch(epoch + 1, model) or {})
             model.train()
+        log.info("epoch %d/%d  loss %.4f  normal discrepancy per tap %s  (%.0f s)%s", epoch + 1, t.epochs,
+                 np.mean(losses), d, history[-1]["seconds"], _curve_point(history[-1].get("test")))
     bar.close()
     model.eval()
     return history
+
+
+def _curve_point(test: dict | None) -> str:
+    """The learning curve's point on the epoch line (``--eval-every``): it was only in the checkpoint."""
+    mean = (test or {}).get("mean") or {}
+    figures = [f"{k.split('_')[0]} {mean[k]:.4f}" for k in ("image_auroc", "pixel_auroc") if k in mean]
+    return f"  test AUROC {', '.join(figures)}" if figures else ""
 
 
 def _need_validation(val_images: torch.Tensor, name: str) -> None:
