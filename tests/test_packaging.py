@@ -84,9 +84,23 @@ def test_cli_recipes_list_and_show():
     assert "[data found]" in demo
     res = CliRunner().invoke(main, ["recipes", "show", "demo"])
     assert res.exit_code == 0, res.output
-    assert yaml.safe_load(res.output) == yaml.safe_load(packaged_recipe("demo").path.read_text())
+    assert yaml.safe_load(res.output)["data"]["sources"][0]["root"] == str(DEMO_DATA.resolve())
     res = CliRunner().invoke(main, ["recipes", "show", "nope"])
     assert res.exit_code == 2 and "error: recipe not found: nope" in res.output
+
+
+def test_a_shown_recipe_saved_anywhere_reads_the_same_files(tmp_path):
+    """`uadc recipes show demo > my.yaml` then `uadc train my.yaml` stopped at `data folder not
+    found: ../examples/...` (its relative root resolved against the copy's folder)."""
+    for p in packaged_recipes():
+        res = CliRunner().invoke(main, ["recipes", "show", p.name])
+        assert res.exit_code == 0, res.output
+        copy = tmp_path / p.name / "elsewhere.yaml"
+        copy.parent.mkdir()
+        copy.write_text(res.output)
+        shown, original = load_recipe(copy).cfg, load_recipe(p.path).cfg
+        assert {**shown, "name": original["name"]} == original, p.name
+        assert res.output.count("#") == p.path.read_text().count("#") + 2     # comments kept, 2 header lines
 
 
 @pytest.mark.skipif(os.environ.get("UADC_TEST_WHEEL") != "1",

@@ -484,9 +484,9 @@ def recipes_show(name: str) -> None:
     """Print a built-in recipe (to copy and edit: `uadc recipes show demo > my.yaml`)."""
     from uadc.config.packaged import packaged_recipe
     p = packaged_recipe(name)
-    click.echo(f"# uadc built-in recipe {p.name!r} ({p.path}). Relative paths resolve against the recipe\n"
-               f"# file's folder: in a copy, make them absolute or relative to the copy.")
-    click.echo(p.path.read_text(), nl=False)
+    click.echo(f"# uadc built-in recipe {p.name!r} ({p.path}), its relative paths made absolute: a copy\n"
+               f"# reads the same files from any folder.")
+    click.echo(p.copy_text(), nl=False)
 
 
 @main.command()

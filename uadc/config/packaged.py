@@ -11,6 +11,8 @@ only exists beside this project's source tree (elsewhere: copy the recipe with
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,6 +20,8 @@ from pathlib import Path
 from uadc.core.errors import UadcError
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
+# a recipe line holding a path (data root, validation folder, weights file): its value, quoted or not
+_PATH_LINE = re.compile(r"^(\s*(?:-\s+)?(?:root|folder|weights):\s*)(['\"]?)([^'\"#\s]+)\2(.*)$")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,17 @@ class PackagedRecipe:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "path": str(self.path), "summary": self.summary}
+
+    def copy_text(self) -> str:
+        """The recipe's text with its relative paths made absolute (against its folder, as loading
+        resolves them), comments kept: a copy saved anywhere reads the same files."""
+        def absolute(m: re.Match) -> str:
+            if Path(m.group(3)).is_absolute():
+                return m.group(0)
+            path = str((self.path.parent / m.group(3)).resolve())
+            value = path if re.fullmatch(r"[\w./-]+", path) else json.dumps(path)   # quoted when YAML needs it
+            return f"{m.group(1)}{value}{m.group(4)}"
+        return "".join(_PATH_LINE.sub(absolute, line) for line in self.path.read_text().splitlines(keepends=True))
 
 
 def recipes_dir() -> Path:
