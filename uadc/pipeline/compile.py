@@ -144,6 +144,8 @@ def _check_options(target: Target, ptq: PtqSettings, opts: CompileOptions) -> No
         raise UadcError(f"unknown calibrator {ptq.calibrator!r}; expected one of {', '.join(available_calibrators())}")
     if not target.quantized and (opts.calibrator or opts.calib_data or opts.calibration is not None):
         raise UadcError(f"target {target.name} is {target.precision}: calibration options do not apply")
+    if opts.build_engine and target.runtime != "tensorrt":
+        raise UadcError(f"--build-engine builds a TensorRT engine; target {target.name} runs on {target.runtime}")
     if opts.qat_model is not None and not target.quantized:
         raise UadcError(f"--from-qat needs an int8 target; {target.name} is {target.precision}")
     if not 1 <= opts.latency_runs <= 10_000:
