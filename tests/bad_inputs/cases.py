@@ -453,7 +453,10 @@ CASES: list[Case] = [
     Case("opt-calibrator-unknown", COMPILE("--no-eval", "--target", "ort-cpu-int8", "--calibrator", "bogus",
                                            "--out", "o"), msg="unknown calibrator"),
     Case("opt-calibrator-on-fp32", COMPILE("--no-eval", "--target", "ort-cpu-fp32", "--calibrator", "entropy",
-                                           "--out", "o"), msg="do not apply"),
+                                           "--out", "o"), msg="quantization options do not apply (calibrator)"),
+    Case("opt-quantize-on-fp32", COMPILE("--no-eval", "--target", "ort-cpu-fp32", "--quantize", "student,teacher",
+                                         "--per-tensor", "--out", "o"),     # silently ignored before
+         msg="ort-cpu-fp32 is fp32: quantization options do not apply (quantize, per_channel)"),
     Case("opt-from-qat-on-fp32", COMPILE("--no-eval", "--target", "ort-cpu-fp32", "--from-qat", "--out", "o"),
          msg="QAT needs an int8 target"),
     Case("opt-build-engine-on-ort", COMPILE("--no-eval", "--target", "ort-cpu-int8", "--build-engine", "--out", "o"),

@@ -142,8 +142,11 @@ def _check_options(target: Target, ptq: PtqSettings, opts: CompileOptions) -> No
     from uadc.calibrators import available_calibrators
     if target.quantized and opts.qat_model is None and ptq.calibrator not in available_calibrators():
         raise UadcError(f"unknown calibrator {ptq.calibrator!r}; expected one of {', '.join(available_calibrators())}")
-    if not target.quantized and (opts.calibrator or opts.calib_data or opts.calibration is not None):
-        raise UadcError(f"target {target.name} is {target.precision}: calibration options do not apply")
+    given = {"calibrator": opts.calibrator, "calib_data": opts.calib_data, "calib_samples": opts.calib_samples,
+             "calibration": opts.calibration, "quantize": opts.quantize, "per_channel": opts.per_channel}
+    if not target.quantized and any(v is not None for v in given.values()):
+        named = ", ".join(k for k, v in given.items() if v is not None)
+        raise UadcError(f"target {target.name} is {target.precision}: quantization options do not apply ({named})")
     if opts.build_engine and target.runtime != "tensorrt":
         raise UadcError(f"--build-engine builds a TensorRT engine; target {target.name} runs on {target.runtime}")
     if opts.qat_model is not None and not target.quantized:
