@@ -299,3 +299,13 @@ def test_file_names_that_are_not_utf8_are_written_as_escapes(int8_artifact, tmp_
     csv_row = (tmp_path / "out" / "predictions.csv").read_text(encoding="utf-8").splitlines()[1]
     assert csv_row.startswith(row["path"] + ",gray,") and csv_row.endswith(row["overlay"])
     assert len(run.records) == 1
+
+
+def test_a_schedule_on_another_runtime_is_refused(int8_artifact):
+    """`uadc predict --backend openvino --schedule branches` ran, the schedule silently ignored."""
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino extra (uadc[openvino])")
+    from uadc.runtime import Detector
+    path = int8_artifact[2].path
+    with pytest.raises(UadcError, match="schedule 'branches' applies to ONNX Runtime, not to the OpenVINO backend"):
+        Detector.load(path, backend="openvino", schedule="branches")
+    assert Detector.load(path, backend="openvino").backend_name == "openvino"

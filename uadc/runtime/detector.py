@@ -112,6 +112,13 @@ def _single(inputs: Any) -> bool:
         or hasattr(inputs, "getpixel") or not hasattr(inputs, "__iter__")
 
 
+def _only_auto(schedule: str, runtime: str) -> None:
+    """A schedule splits ONNX Runtime's work; on another runtime one asked for would be ignored."""
+    if schedule != "auto":
+        raise UadcError(f"schedule {schedule!r} applies to ONNX Runtime, not to the {runtime} backend that runs "
+                        f"this artifact (leave the schedule auto, or choose backend onnxruntime)")
+
+
 class Detector:
     """A loaded artifact: ``predict`` images, paths, PIL images, arrays or lists of them."""
 
@@ -140,9 +147,11 @@ class Detector:
         if backend == "tensorrt" or (backend == "auto" and engine.is_file() and _importable("tensorrt")):
             if not engine.is_file():
                 raise UadcError(f"{folder}: no {ENGINE_FILE} (run build_engine.sh on the device first)")
+            _only_auto(schedule, "TensorRT")
             return cls(manifest, _TrtBackend(engine), batch_size)
         model = folder / manifest.model_file
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
+            _only_auto(schedule, "OpenVINO")
             return cls(manifest, _OvBackend(model, threads, manifest.target), batch_size)
         return cls(manifest, _OrtBackend(model, threads, schedule), batch_size)
 
