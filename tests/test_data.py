@@ -140,3 +140,18 @@ def test_category_and_defect_folders_whose_names_are_not_utf8_are_refused(data):
     (data / "a" / "test" / "blob").rename(data / "a" / "test" / os.fsdecode(b"bl\xf6b"))
     with pytest.raises(UadcError, match=r"defect type folder name is not UTF-8 text: .*bl\\xf6b"):
         list_test_samples(data, "a")
+
+
+def test_folder_walks_follow_symlinked_folders_once(data, tmp_path):
+    """A predict input organised with symlinked folders: their images were silently left out (not
+    even counted); a link back up must not loop."""
+    from uadc.core.images import find_images
+    walk = tmp_path / "walk"
+    (walk / "own").mkdir(parents=True)
+    shutil.copy(data / "a" / "train" / "good" / "000.png", walk / "own" / "x.png")
+    (walk / "linked").symlink_to(data / "a" / "test" / "blob", target_is_directory=True)
+    (walk / "own" / "up").symlink_to(walk, target_is_directory=True)
+    found = find_images([walk])
+    blobs = sorted(p.name for p in (data / "a" / "test" / "blob").glob("*.png"))
+    assert sorted(f.name for f in found.files) == sorted(blobs + ["x.png"]) and found.skipped == {}
+    assert all(f.parts[-2] in ("own", "linked") for f in found.files)     # named by the path walked

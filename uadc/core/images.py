@@ -10,6 +10,7 @@ folders for image files and leaves out what is not a part to judge (MVTec masks,
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,16 +104,32 @@ def find_images(paths: list[Path], exclude: list[Path] | tuple = ()) -> FoundIma
     for p in map(Path, paths):
         if p.is_dir():
             root = p.absolute()
+            files = _walk(root)
             blocked = {Path(x).absolute(): "in the output folder" for x in exclude}
-            blocked.update({j.parent: "in a uadc predict output folder" for j in root.rglob(PREDICTIONS_JSONL)})
+            blocked.update({j.parent: "in a uadc predict output folder" for j in files if j.name == PREDICTIONS_JSONL})
             blocked = {d: why for d, why in blocked.items() if root in d.parents}   # the folder given is walked
-            for f in sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS):
+            for f in sorted(f for f in files if f.suffix.lower() in IMAGE_EXTS and f.is_file()):
                 _add(found, seen, p / f.relative_to(root), _skip_reason(f, root, blocked))
         elif p.exists():
             _add(found, seen, p, None)
         else:
             raise UadcError(f"input not found: {p}")
     return found
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every file below ``root``, through symlinked folders too (a dataset organised with links),
+    each real folder once (a link back up is not a loop)."""
+    seen: set[str] = set()
+    files = []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        files += [Path(folder) / n for n in names]
+    return files
 
 
 def _add(found: FoundImages, seen: set[Path], f: Path, why: str | None) -> None:
