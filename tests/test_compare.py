@@ -118,3 +118,10 @@ def test_compare_on_ray_matches_in_process(trained, tmp_path):
     assert on_ray["cells"] == local["cells"] and on_ray["fp32"] == local["fp32"]
     assert (tmp_path / "ray" / "minmax_random-normal" / "report.json").is_file()
     assert not list(tmp_path.rglob("*.uadc-tmp-*"))
+
+
+def test_changes_print_without_a_negative_zero():
+    """report.md and the calibrator / sweep tables printed a drop of -3e-7 as `-0.0000`."""
+    from uadc.report.markdown import signed
+    assert [signed(-3e-7), signed(3e-7), signed(-0.00051), signed(0.0123), signed(None), signed(None, "")] == \
+        ["+0.0000", "+0.0000", "-0.0005", "+0.0123", "-", ""]

@@ -21,6 +21,7 @@ from uadc.core.io import atomic_write_json, atomic_write_text, contained
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.sweep.fixed import run_fixed_grid
 from uadc.pipeline.sweep.spec import Axes
+from uadc.report.markdown import signed
 
 log = logging.getLogger(__name__)
 LATENCY_RUNS = 10
@@ -102,7 +103,7 @@ def render_matrix(result: dict, calibrators: list[str], sources: list[str]) -> s
             c = result["cells"][f"{cal}/{src}"]
             pixel_drop = None if c["pixel_drop"] is None else -c["pixel_drop"]
             row.append(f"{c['image_auroc']:.4f} / {_num(c['pixel_auroc'], '.4f')} "
-                       f"({-c['image_drop']:+.4f} / {_num(pixel_drop, '+.4f')})")
+                       f"({signed(-c['image_drop'])} / {signed(pixel_drop)})")
         lines.append(f"| {cal} | " + " | ".join(row) + " |")
     lines += ["", f"Best cell (smallest image-AUROC drop): **{result['best']}**"]
     return "\n".join(lines)

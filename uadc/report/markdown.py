@@ -29,6 +29,11 @@ from __future__ import annotations
 from uadc.core.constants import METRIC_KEYS
 
 
+def signed(value: float | None, missing: str = "-") -> str:
+    """A change to 4 decimals with its sign; a rounding-size negative is +0.0000, not -0.0000."""
+    return missing if value is None else f"{round(value, 4) + 0.0:+.4f}"
+
+
 def _metrics_table(metrics: dict) -> list[str]:
     fp32, comp, drop = metrics["fp32"], metrics["compiled"], metrics["drop"]
     rows = ["| category | metric | FP32 | compiled | drop |", "|---|---|---:|---:|---:|"]
@@ -38,7 +43,7 @@ def _metrics_table(metrics: dict) -> list[str]:
         d = drop["mean"] if cat == "mean" else drop["categories"][cat]
         for k in METRIC_KEYS:
             if k in f:   # pixel metrics only where the test set has masks
-                rows.append(f"| {cat} | {k} | {f[k]:.4f} | {c[k]:.4f} | {d[k]:+.4f} |")
+                rows.append(f"| {cat} | {k} | {f[k]:.4f} | {c[k]:.4f} | {signed(d[k])} |")
     return rows
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from uadc.core.io import atomic_save, atomic_write_json, atomic_write_text
 from uadc.pipeline.sweep.plan import Plan
+from uadc.report.markdown import signed
 
 log = logging.getLogger(__name__)
 COLUMNS = ("cell", "status", "target", "calibrator", "calib_data", "calib_samples", "quantize", "precision",
@@ -100,7 +101,7 @@ def render_markdown(name: str, rows: list[dict], best: dict, front: list[str]) -
         status = r["status"] if r["status"] == "ok" else f"failed: {r['error']}"
         mb = None if r["model_bytes"] is None else r["model_bytes"] / 1e6
         lines.append(f"| {r['cell']} | {status} | {_f(r['image_auroc'], '.4f')} | {_f(r['pixel_auroc'], '.4f')} | "
-                     f"{_f(r['image_drop'], '+.4f')} | {_f(r['pixel_drop'], '+.4f')} | "
+                     f"{signed(r['image_drop'], '')} | {signed(r['pixel_drop'], '')} | "
                      f"{_f(r['decision_agreement'], '.3f')} | {_f(r['latency_ms'], '.2f')} | "
                      f"{_f(r['speedup_vs_fp32'], '.2f')} | {_f(mb, '.2f')} | {_f(r['compile_seconds'], '.1f')} |")
     lines += ["", "Best cell per objective: " + "; ".join(f"{k}: **{v}**" for k, v in best.items() if v),
