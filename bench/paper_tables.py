@@ -173,7 +173,7 @@ def table4(recipe: Recipe, base: Baseline, artifacts: Path, log: Callable[[str],
     out = bench_dir(recipe, artifacts) / f"calibrators_{INT8_TARGET}"
     log(f"{recipe.name}: Table 4 ({' x '.join(CALIBRATORS)} by {' x '.join(CALIB_SOURCES)})")
     res = compare_calibrators(recipe, INT8_TARGET, list(CALIBRATORS), list(CALIB_SOURCES), None, ["student"], out,
-                              artifacts, baseline=base, reuse=False)
+                              artifacts, baseline=base, reuse=False).to_dict()
     for cell in res["cells"].values():
         cell["source"] = str(out / f"{cell['calibrator']}_{cell['calib_data']}" / "report.json")
     return {**_label(recipe), **res, "source": str(out / "compare.json")}

@@ -71,10 +71,10 @@ def test_compare_other_inputs_make_records_stale(trained, tmp_path):
                                                out=tmp_path / "o", artifacts=d / "art", **kw)
     first = run()
     report = tmp_path / "o" / "minmax_train" / "report.json"
-    assert run(calib_samples=4)["calib_samples"] == 4
+    assert run(calib_samples=4).calib_samples == 4
     assert json.loads((report.parent / "calibration.json").read_text())["samples"] == 4
     stamp = report.stat().st_mtime_ns
-    assert {k: v for k, v in run().items() if k != "markdown"} == {k: v for k, v in first.items() if k != "markdown"}
+    assert run().to_dict() == first.to_dict()
     assert report.stat().st_mtime_ns != stamp   # compiled again, not the 4-sample folder read back
     assert json.loads((report.parent / "calibration.json").read_text())["samples"] == 8
     assert len(list((tmp_path / "o" / "records").glob("*.json"))) == 1
@@ -104,7 +104,7 @@ def test_compare_reuses_the_callers_baseline(trained, tmp_path):
     res = compare_calibrators(r, "ort-cpu-int8", ["minmax"], ["train"], None, ["student"], tmp_path / "o",
                               d / "art", baseline=b)
     assert "fp32_simplified" in b.__dict__   # the cell compiled from the caller's export
-    assert res["fp32"]["image_auroc"] == b.fp32_metrics.mean["image_auroc"]
+    assert res.fp32["image_auroc"] == b.fp32_metrics.mean["image_auroc"]
     assert not any(v is b for v in cells._BASELINES.values())   # not kept past the call
 
 
@@ -115,7 +115,7 @@ def test_compare_on_ray_matches_in_process(trained, tmp_path):
     kw = {"calibrators": ["minmax"], "sources": ["random-normal"], "artifacts": d / "art"}
     local = api.compare_calibrators(recipe, out=tmp_path / "local", **kw)
     on_ray = api.compare_calibrators(recipe, out=tmp_path / "ray", ray=True, **kw)
-    assert on_ray["cells"] == local["cells"] and on_ray["fp32"] == local["fp32"]
+    assert on_ray.cells == local.cells and on_ray.fp32 == local.fp32
     assert (tmp_path / "ray" / "minmax_random-normal" / "report.json").is_file()
     assert not list(tmp_path.rglob("*.uadc-tmp-*"))
 

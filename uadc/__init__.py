@@ -36,6 +36,7 @@ _API = {
     "VerifyResult": "uadc.verify.gate",
     "DiffResult": "uadc.verify.gate",
     "SweepResult": "uadc.pipeline.sweep.run",
+    "CompareResult": "uadc.pipeline.compare",
     "Baseline": "uadc.pipeline.baseline",
     "TrainResult": "uadc.training.run",
     "EvalResult": "uadc.evaluation.run",

@@ -337,7 +337,7 @@ def calibrators_compare(recipe: Path, target, names, sources, calib_samples, qua
     res = api.compare_calibrators(recipe, target, _partitions(names), _partitions(sources),
                                   calib_samples=calib_samples, quantize=_partitions(quantize), out=out,
                                   artifacts=artifacts, ray=use_ray, address=address)
-    click.echo(res["markdown"])
+    click.echo(res.markdown)
 
 
 @main.command("sweep")

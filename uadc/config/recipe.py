@@ -331,8 +331,8 @@ class Recipe:
         blob = json.dumps({k: cfg[k] for k in sections}, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def artifact_dir(self, root: Path | None = None) -> Path:
-        return (root or default_artifacts_root()) / self.name
+    def artifact_dir(self, root: "str | Path | None" = None) -> Path:
+        return (Path(root) if root is not None else default_artifacts_root()) / self.name
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std) of the model input in [0, 1] pixel units."""

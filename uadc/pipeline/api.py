@@ -20,10 +20,13 @@ from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluat
     evaluate_one_class, learning_curve
 from uadc.models import KDModel
 from uadc.pipeline.baseline import Baseline, resolve_source
+from uadc.pipeline.bundle import BundleResult
+from uadc.pipeline.compare import CompareResult
 from uadc.pipeline.compile import CompileOptions, compile_target
 from uadc.pipeline.sweep.run import SweepResult
 from uadc.report.results import CompileResult
 from uadc.training.run import TrainResult, train_recipe
+from uadc.verify.gate import DiffResult, VerifyResult
 
 RecipeLike = "str | Path | dict | Recipe"
 
@@ -175,8 +178,10 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
 def compare_calibrators(recipe: RecipeLike, target: str = "ort-cpu-int8", calibrators: Sequence[str] = ("entropy", "mse"),
                         sources: Sequence[str] = ("train", "random-normal"), *, calib_samples: int | None = None,
                         quantize: Sequence[str] | None = None, out: Path | None = None,
-                        artifacts: Path | None = None, ray: bool = False, address: str | None = None) -> Any:
-    """The calibrator x calibration-data matrix (a sweep: in this process, or on Ray with ``ray``/``address``)."""
+                        artifacts: Path | None = None, ray: bool = False, address: str | None = None
+                        ) -> CompareResult:
+    """The calibrator x calibration-data matrix (a sweep: in this process, or on Ray with ``ray``/``address``):
+    a ``CompareResult``, also written as ``compare.json`` / ``compare.md`` under ``out``."""
     from uadc.pipeline.compare import compare_calibrators as run
     return run(load_recipe(recipe), target, list(calibrators), list(sources), calib_samples,
                list(quantize) if quantize else None, out, artifacts, ray=ray, address=address)
@@ -184,7 +189,7 @@ def compare_calibrators(recipe: RecipeLike, target: str = "ort-cpu-int8", calibr
 
 def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path | None = None,
            budgets: dict | None = None, recipe: RecipeLike | None = None, normal_only: bool = False,
-           threads: int | None = None) -> Any:
+           threads: int | None = None) -> VerifyResult:
     """Judge an artifact against its golden FP32 outputs (``VerifyResult``; ``.exit_code`` 0/1).
     ``budgets``: ``{key: value}`` overrides of the recipe's ``verify:`` budgets."""
     from uadc.pipeline.verify import verify as run
@@ -195,7 +200,7 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
 
 
 def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dict | None = None,
-         recipe: RecipeLike | None = None, normal_only: bool = False, threads: int | None = None) -> Any:
+         recipe: RecipeLike | None = None, normal_only: bool = False, threads: int | None = None) -> DiffResult:
     """Judge artifact ``b`` against artifact ``a`` with the verify figures (``DiffResult``)."""
     from uadc.pipeline.verify import diff as run
     with torch_threads(None):
@@ -209,7 +214,7 @@ def _folders(images: "str | Path | Sequence[Path] | None") -> list[Path] | None:
     return [Path(images)] if isinstance(images, (str, Path)) else images
 
 
-def bundle(artifact: Path, out: Path, *, force: bool = False) -> Any:
+def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
     """Copy a verified artifact to ``out`` without its regression-gate (golden) files: what a line
     runs (``BundleResult``). ``force`` replaces an earlier uadc output at ``out``."""
     from uadc.pipeline.bundle import bundle as run

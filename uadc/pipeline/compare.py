@@ -11,13 +11,15 @@ inputs reuse it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from uadc.config.recipe import Recipe, default_artifacts_root
 from uadc.config.settings import resolve_ptq
 from uadc.config.targets import get_target
 from uadc.core.errors import UadcError
-from uadc.core.io import atomic_write_json, atomic_write_text, contained
+from uadc.core.io import atomic_write_json, atomic_write_text, contained, to_json
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.sweep.fixed import run_fixed_grid
 from uadc.pipeline.sweep.spec import Axes
@@ -27,10 +29,30 @@ log = logging.getLogger(__name__)
 LATENCY_RUNS = 10
 
 
+@dataclass
+class CompareResult:
+    """The calibrator x calibration-data matrix; ``to_dict()`` is ``compare.json``."""
+    target: str
+    quantized_partitions: list[str]
+    calib_samples: int
+    fp32: dict[str, float | None]                # mean image / pixel AUROC of the FP32 model
+    cells: dict[str, dict[str, Any]]             # "calibrator/data" -> AUROC, drops, per category
+    best: str                                    # the cell with the smallest image-AUROC drop
+    out: Path | None = None
+    markdown: str = field(repr=False, default="")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "quantized_partitions": list(self.quantized_partitions),
+                "calib_samples": self.calib_samples, "fp32": self.fp32, "cells": self.cells, "best": self.best}
+
+    def to_json(self) -> str:
+        return to_json(self.to_dict())
+
+
 def compare_calibrators(recipe: Recipe, target: str, calibrators: list[str], sources: list[str],
                         calib_samples: int | None = None, quantize: list[str] | None = None, out: Path | None = None,
                         artifacts: Path | None = None, baseline: Baseline | None = None, *, ray: bool = False,
-                        address: str | None = None, reuse: bool = True) -> dict:
+                        address: str | None = None, reuse: bool = True) -> CompareResult:
     """The matrix (also written as ``compare.json`` / ``compare.md`` under ``out``); ``baseline``: the
     caller's FP32 baseline of the recipe's checkpoint, reused when the grid runs in this process;
     ``reuse=False``: every cell compiled again (not read back from an earlier run's record)."""
@@ -65,7 +87,7 @@ def _check_options(recipe: Recipe, target: str, calibrators: list[str], sources:
 
 
 def write_matrix(recipe: Recipe, target: str, calibrators: list[str], sources: list[str], calib_samples: int | None,
-                 quantize: list[str] | None, out: Path, reports: dict) -> dict:
+                 quantize: list[str] | None, out: Path, reports: dict) -> CompareResult:
     """``compare.json`` / ``compare.md`` from each cell's report (keyed by (calibrator, data))."""
     cells = {}
     for (cal, src), report in reports.items():
@@ -77,13 +99,13 @@ def write_matrix(recipe: Recipe, target: str, calibrators: list[str], sources: l
             "categories": {c: v["image_auroc"] for c, v in m["compiled"]["categories"].items()}}
     fp32 = next(iter(reports.values()))["metrics"]["fp32"]["mean"]
     best = min(cells.values(), key=lambda c: (c["image_drop"], c["pixel_drop"] or 0.0))   # None: no masks
-    result = {"target": target, "quantized_partitions": quantize or recipe.compile.quantize,
-              "calib_samples": calib_samples or recipe.compile.calib_samples,
-              "fp32": {"image_auroc": fp32["image_auroc"], "pixel_auroc": fp32.get("pixel_auroc")},
-              "cells": cells, "best": f"{best['calibrator']}/{best['calib_data']}"}
-    atomic_write_json(out / "compare.json", result)
-    result["markdown"] = render_matrix(result, calibrators, sources)
-    atomic_write_text(out / "compare.md", result["markdown"] + "\n")
+    result = CompareResult(target, list(quantize or recipe.compile.quantize),
+                           calib_samples or recipe.compile.calib_samples,
+                           {"image_auroc": fp32["image_auroc"], "pixel_auroc": fp32.get("pixel_auroc")}, cells,
+                           f"{best['calibrator']}/{best['calib_data']}", out)
+    atomic_write_json(out / "compare.json", result.to_dict())
+    result.markdown = render_matrix(result.to_dict(), calibrators, sources)
+    atomic_write_text(out / "compare.md", result.markdown + "\n")
     return result
 
 
