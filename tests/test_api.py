@@ -200,3 +200,12 @@ def test_library_never_prints():
     offenders = [f"{p}:{i}" for p in (ROOT / "uadc").rglob("*.py") if p.name != "cli.py"
                  for i, line in enumerate(p.read_text().splitlines(), 1) if re.match(r"\s*print\(", line)]
     assert not offenders, offenders
+
+
+def test_artifacts_root_may_be_a_string(recipe_factory, tmp_path):
+    """`uadc.compile("demo", ..., artifacts="artifacts")` ended in `TypeError: unsupported operand
+    type(s) for /: 'str' and 'str'`; a str path is a path, as everywhere else in the API."""
+    import uadc
+    with pytest.raises(uadc.UadcError, match=r"no checkpoint for recipe 'tiny' at .*art/tiny/checkpoint.pt"):
+        uadc.compile(recipe_factory(), "ort-cpu-fp32", artifacts=str(tmp_path / "art"))
+    assert uadc.load_recipe(recipe_factory()).artifact_dir(str(tmp_path)) == tmp_path / "tiny"
