@@ -45,7 +45,7 @@ def base(tmp_path_factory, tiny_data):
     return uadc.baseline(model, recipe, threads=1)
 
 
-def test_openvino_fp32_and_int8_compile_verify_and_report(base, tmp_path):
+def test_openvino_fp32_and_int8_compile_verify_and_report(base, tmp_path, monkeypatch):
     pytest.importorskip("openvino", reason="OpenVINO not installed (optional extra uadc[openvino])")
     from uadc.backends import openvino as ov
     from uadc.backends.ort import make_session
@@ -59,6 +59,13 @@ def test_openvino_fp32_and_int8_compile_verify_and_report(base, tmp_path):
     assert report["runtime"] == "openvino" and report["environment"]["openvino"] == ov.version()
     assert "on openvino" in (tmp_path / "fp32" / "report.md").read_text()
     fp32_path = tmp_path / "fp32" / "model.onnx"
+    # uadc.evaluate(artifact) scores it on OpenVINO, as its compile did (it ran ONNX Runtime before)
+    calls = []
+    real = ov.ov_predictor
+    monkeypatch.setattr(ov, "ov_predictor", lambda compiled: calls.append(compiled) or real(compiled))
+    again = uadc.evaluate(tmp_path / "fp32", base.recipe, write=False)
+    assert len(calls) == 1 and again.mean == pytest.approx(fp32.metrics.compiled["mean"], abs=1e-9)
+    monkeypatch.undo()
 
     int8 = uadc.compile(base, "openvino-cpu-int8", out=tmp_path / "int8", latency_runs=3, threads=1)
     assert sum(int8.qdq_nodes.values()) > 0 and int8.latency.runtime == "openvino CPU"

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from uadc.config.recipe import Recipe, load_recipe
+from uadc.config.targets import TARGETS
 from uadc.core.constants import MANIFEST_FILE
 from uadc.core.errors import UadcError
 from uadc.core.manifest import read_manifest
@@ -23,6 +24,7 @@ from uadc.pipeline.baseline import Baseline, resolve_source
 from uadc.pipeline.bundle import BundleResult
 from uadc.pipeline.compare import CompareResult
 from uadc.pipeline.compile import CompileOptions, compile_target
+from uadc.pipeline.deploy import target_predictor
 from uadc.pipeline.sweep.run import SweepResult
 from uadc.report.results import CompileResult
 from uadc.training.run import TrainResult, train_recipe
@@ -46,7 +48,9 @@ def train(recipe: RecipeLike, *, one_class: bool = False, epochs: int | None = N
 def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_class: bool = False,
              artifacts: Path | None = None, write: bool = True) -> EvalResult | OneClassResult:
     """AD metrics on the recipe's test sets for: a recipe (its checkpoint), a checkpoint path,
-    a ``KDModel``, or a compiled artifact folder / ONNX file (run with ONNX Runtime)."""
+    a ``KDModel``, or a compiled artifact folder (run on its target's CPU runtime: ONNX Runtime or
+    OpenVINO; a TensorRT artifact's model by ONNX Runtime, as its compile emulates it) / ONNX file
+    (ONNX Runtime)."""
     if recipe is None:
         if isinstance(model_or_artifact, (KDModel, Baseline)) or _is_onnx(model_or_artifact):
             raise UadcError("evaluate: give the recipe whose test sets to use")
@@ -63,12 +67,15 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
         from uadc.backends.ort import make_session, ort_predictor
         from uadc.data.prepare import prepare_data
         from uadc.evaluation.run import test_arrays
-        session = make_session(_onnx_for(Path(model_or_artifact), r), r.train.threads)
+        model = _onnx_for(Path(model_or_artifact), r)
+        session = make_session(model, r.train.threads)
         size = session.get_inputs()[0].shape[2:]
         if any(isinstance(d, int) and d != r.data.image_size for d in size):
             raise UadcError(f"evaluate: {model_or_artifact} takes {'x'.join(map(str, size))} px images; recipe "
                             f"{r.name} makes {r.data.image_size} px ones (give the recipe it was compiled from)")
-        return _evaluate(ort_predictor(session), test_arrays(prepare_data(r)), r.eval.batch_size)
+        own = _own_runtime(Path(model_or_artifact), r.train.threads)
+        predictor = own(str(model)) if own else ort_predictor(session)
+        return _evaluate(predictor, test_arrays(prepare_data(r)), r.eval.batch_size)
     ckpt = Path(model_or_artifact) if isinstance(model_or_artifact, (str, Path)) and \
         Path(model_or_artifact).suffix in (".pt", ".pth") else None
     return evaluate_checkpoint(r, ckpt, artifacts, write=write)
@@ -86,6 +93,16 @@ def _onnx_for(path: Path, r: Recipe) -> Path:
                         f"{list(m.preprocessing.std)}; recipe {r.name} with {list(mean)} / {list(std)} "
                         f"(give the recipe it was compiled from)")
     return path / m.model_file
+
+
+def _own_runtime(path: Path, threads: int | None) -> Any:
+    """``model -> predictor`` on an artifact's own CPU runtime when that is not ONNX Runtime: an
+    OpenVINO artifact is scored by OpenVINO at its target's float precision, as its compile scored
+    it (ONNX Runtime gave FP32 figures for a bf16 artifact); None: ONNX Runtime."""
+    if not (path.is_dir() and (path / MANIFEST_FILE).is_file()):
+        return None
+    target = TARGETS.get(read_manifest(path, verify=False).target)
+    return target_predictor(target, threads) if target is not None else None
 
 
 def _is_onnx(x: Any) -> bool:
