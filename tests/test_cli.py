@@ -83,3 +83,29 @@ def test_eval_every_shows_the_learning_curve_on_the_epoch_lines(recipe_factory, 
     for line, h in zip(lines[1:], history[1:]):
         mean = h["test"]["mean"]
         assert line.endswith(f"test AUROC image {mean['image_auroc']:.4f}, pixel {mean['pixel_auroc']:.4f}")
+
+
+def test_readme_command_synopsis_lists_every_option():
+    """The README's "Commands" block lacked --artifacts everywhere, verify's --recipe / --normal-only /
+    --markdown, qat's --compile: the synopsis is checked against the CLI itself."""
+    import re
+    from pathlib import Path
+    import click
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme[readme.index("## Commands"):readme.index("### In a pipeline")]
+    missing = []
+
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, f"{path} {name}")
+            return
+        name = path[len("uadc "):]
+        line = next((ln for ln in re.split(r"\nuadc | \| uadc ", block)
+                     if ln.startswith(name + " ") or ln.strip() == name), None)
+        assert line is not None, f"{path} is not in the README synopsis"
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.name != "help":
+                missing.extend(f"{path} {o}" for o in p.opts if o.startswith("--") and o not in line)
+    walk(main, "uadc")
+    assert missing == []
