@@ -56,6 +56,24 @@ def test_preprocessing_equals_the_training_loader(tmp_path, mode, shape):
             assert np.abs(got - ref).max() <= 1e-6
 
 
+def test_a_palette_image_with_transparency_reads_without_pillow_warning(tmp_path):
+    """Pillow warned on stderr ("Palette images with Transparency expressed in bytes should be
+    converted to RGBA images") when the loader or `uadc predict` read one; same pixels now, no warning."""
+    import warnings
+    rng = np.random.default_rng(0)
+    path = tmp_path / "p.png"
+    Image.fromarray(rng.integers(0, 256, (40, 40, 4), dtype=np.uint8), "RGBA").convert("P").save(path)
+    assert Image.open(path).mode == "P" and "transparency" in Image.open(path).info
+    pre = Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, ref = preprocess(path, pre), _loader_tensor(path, 32, (0.5,) * 3, (0.5,) * 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        direct = np.asarray(Image.open(path).convert("RGB").resize((32, 32), Image.BILINEAR), np.float32) / 255
+    assert np.abs(got - ref).max() <= 1e-6 and np.abs(got - (direct.transpose(2, 0, 1) - 0.5) / 0.5).max() <= 1e-5
+
+
 def test_16_bit_images_equal_the_training_loader_and_float_ones_are_refused_alike(tmp_path):
     """A 16-bit grayscale PNG (line cameras write them) becomes the loader's tensor, not Pillow's
     saturated white; 32-bit float pixels are one UadcError in both."""

@@ -42,7 +42,8 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
 
 
 def eight_bit(im: Image.Image, source: Any) -> Image.Image:
-    """16-bit (or 32-bit integer) grayscale as 8-bit ``L``; float pixels refused (UadcError)."""
+    """16-bit (or 32-bit integer) grayscale as 8-bit ``L``; float pixels refused (UadcError); a
+    palette image with transparency as ``RGBA``."""
     if im.mode.startswith("I;16") or im.mode == "I":
         a = np.asarray(im, dtype=np.float64)
         if a.size and (a.min() < 0 or a.max() > 65535):
@@ -50,6 +51,8 @@ def eight_bit(im: Image.Image, source: Any) -> Image.Image:
         return Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")
     if im.mode == "F":
         raise UadcError(f"unsupported image {source}: 32-bit float pixels (mode F); save it as 8- or 16-bit")
+    if im.mode in ("P", "PA") and "transparency" in im.info:
+        return im.convert("RGBA")   # the same colours; converting the palette directly makes Pillow warn on stderr
     return im
 
 
