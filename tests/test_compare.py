@@ -109,12 +109,15 @@ def test_compare_reuses_the_callers_baseline(trained, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_RAY, reason="ray is not installed (pip install 'uadc[sweep]')")
-def test_compare_on_ray_matches_in_process(trained, tmp_path):
+def test_compare_on_ray_matches_in_process(trained, tmp_path, capfd):
     from uadc.pipeline import api
     d, recipe = trained
     kw = {"calibrators": ["minmax"], "sources": ["random-normal"], "artifacts": d / "art"}
     local = api.compare_calibrators(recipe, out=tmp_path / "local", **kw)
+    capfd.readouterr()
     on_ray = api.compare_calibrators(recipe, out=tmp_path / "ray", ray=True, **kw)
+    # Ray's start-up notes ("Token authentication is enabled for this Ray cluster...") stay out of stderr
+    assert "Ray" not in capfd.readouterr().err
     assert on_ray.cells == local.cells and on_ray.fp32 == local.fp32
     assert (tmp_path / "ray" / "minmax_random-normal" / "report.json").is_file()
     assert not list(tmp_path.rglob("*.uadc-tmp-*"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from uadc.core.errors import UadcError
+from uadc.core.scoped import quiet_third_party
 from uadc.pipeline.sweep import cells as C
 from uadc.pipeline.sweep.plan import Plan, cell_key
 from uadc.pipeline.sweep.run import INSTALL_HINT
@@ -41,8 +42,9 @@ def run_on_ray(plan: Plan, out: Path, artifacts: Path, address: str | None, num_
         # "local": a new instance of our own even when `ray start` runs on this machine
         kwargs = {"address": address} if address else {"address": "local", "num_cpus": num_cpus or os.cpu_count()}
         try:
-            ray.init(**kwargs, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                     configure_logging=False)
+            with quiet_third_party():   # Ray's start-up notes (token authentication, ...) under --verbose
+                ray.init(**kwargs, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                         configure_logging=False)
         except ConnectionError as exc:
             raise UadcError(f"cannot connect to the Ray cluster at {address}: {C.one_line(exc)}") from None
     try:
