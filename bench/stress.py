@@ -77,17 +77,17 @@ def checkpoint_problems(path: Path, recipe: Path) -> list[str]:
     return []
 
 
-def kill_when(proc: subprocess.Popen, delay: float, watch: Path | None = None) -> str:
-    """SIGKILL ``proc`` after ``delay`` s, or earlier the moment a writer temp appears under
-    ``watch`` (the most dangerous moment: the artifact is half written). Returns when."""
+def kill_when(proc: subprocess.Popen, delay: float, watch: Path | None = None, sig: int = signal.SIGKILL) -> str:
+    """``sig`` (SIGKILL) to ``proc`` after ``delay`` s, or earlier the moment a writer temp appears
+    under ``watch`` (the most dangerous moment: the artifact is half written). Returns when."""
     t0 = time.monotonic()
     while proc.poll() is None:
         if watch is not None and watch.exists() and [t for t in temps_under(watch)
                                                      if not t.name.startswith(".probe")]:  # not the write probe
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             return "while writing"
         if time.monotonic() - t0 >= delay:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             return f"after {delay:.1f} s"
         time.sleep(0.02)
     return "finished before the kill"

@@ -6,6 +6,7 @@ sound. Subprocesses, a tiny 32 px recipe, bounded loops (README "Guarantees").""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 import numpy as np
@@ -87,3 +88,17 @@ def test_concurrent_trains(setup):
     ckpt = art / recipe.stem / "checkpoint.pt"
     assert ckpt.is_file() and not checkpoint_problems(ckpt, recipe)
     assert not temps_under(art)
+
+
+def test_sigterm_while_writing_removes_the_temp_and_says_so(setup):
+    """SIGTERM (a pipeline's timeout, `docker stop`) killed uadc at once, silently, leaving its
+    temp folder until the next run; it now unwinds as Ctrl-C does: exit 143, one line, no temp."""
+    root, recipe = setup
+    art = root / "art_term"
+    assert _run("train", str(recipe), "--artifacts", str(art)).returncode == 0
+    p = _start("compile", str(recipe), "--artifacts", str(art), "--target", TARGET, "--no-eval")
+    when = kill_when(p, 60.0, art / recipe.stem, signal.SIGTERM)
+    _, err = p.communicate()
+    assert when == "while writing" and p.returncode == 143, (when, err[-2000:])
+    assert err.strip().splitlines()[-1] == "terminated (SIGTERM); no artifact was written for the unfinished step"
+    assert not temps_under(art) and not (art / recipe.stem / TARGET).exists()

@@ -11,7 +11,9 @@ import contextlib
 import functools
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -24,20 +26,35 @@ from uadc.core.errors import UadcError
 log = logging.getLogger("uadc")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a pipeline's timeout, `docker stop`, Kubernetes) unwinds as Ctrl-C does."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 @contextlib.contextmanager
 def exit_on_user_error(interrupted: str = "interrupted; no artifact was written for the unfinished step"
                        ) -> Iterator[None]:
-    """A UadcError becomes one ``error: ...`` line (on its own line) and its exit code."""
+    """A UadcError becomes one ``error: ...`` line (on its own line) and its exit code; Ctrl-C
+    (130) and SIGTERM (143) remove the unfinished step's temps and say so in one line."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         yield
     except UadcError as exc:
         _newline_after_bar()
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _newline_after_bar()
-        click.echo(interrupted, err=True)
-        sys.exit(130)
+        terminated = isinstance(exc, _Terminated)
+        click.echo(interrupted.replace("interrupted", "terminated (SIGTERM)") if terminated else interrupted, err=True)
+        sys.exit(143 if terminated else 130)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _newline_after_bar() -> None:
@@ -210,10 +227,8 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
                             f"`uadc train {recipe}` first (or pass --train-if-missing)")
         log.info("no checkpoint: training the recipe first (--train-if-missing)")
         api.train(r, artifacts=artifacts)
-    qat_model = None
-    if from_qat:
-        from uadc.quant.qat.run import load_qat_model
-        qat_model = load_qat_model(r, target, artifacts)
+    from uadc.quant.qat.run import load_qat_model
+    qat_model = load_qat_model(r, target, artifacts) if from_qat else None
     res = api.compile(checkpoint or r, target, recipe=r, calibration=calib_data, calibrator=calibrator,
                       calib_samples=calib_samples, quantize=_partitions(quantize), per_channel=per_channel, out=out,
                       force=force, dump_passes=dump_passes, split=split, build_engine=build_engine,
