@@ -349,6 +349,9 @@ CASES: list[Case] = [
     _recipe_case("recipe-calib-samples-huge", "compile.calib_samples: 1000000 is above the maximum",
                  compile={"calib_samples": 10**6}),
     _recipe_case("recipe-taps-empty", "model.taps: must not be empty", model={"taps": []}),
+    _recipe_case("recipe-split-on-stfpm", "model.split: applies to method paste, not 'stfpm'",   # ignored before
+                 model={"split": "blocks.1"}),
+    _recipe_case("recipe-students-on-stfpm", "model.students: applies to method us, not 'stfpm'", model={"students": 5}),
     _recipe_case("recipe-taps-twice", "model: taps lists 'blocks.2' twice",
                  model={"taps": ["blocks.2", "blocks.4", "blocks.2"]}),
     _recipe_case("recipe-method-unknown", "model.method: 'bogus' is not one of", model={"method": "bogus"}),

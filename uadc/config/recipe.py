@@ -31,6 +31,8 @@ UNIT_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # (mean, std) in [0, 1] pixel units that each backbone's pretrained weights expect.
 BACKBONE_NORMALIZATION = {"efficientnet_lite0": UNIT_NORM, "resnet18": IMAGENET_NORM,
                           "wide_resnet50_2": IMAGENET_NORM, "mobilenet_v2": IMAGENET_NORM}
+# model keys that only some methods read
+METHOD_KEYS = {"split": ("paste",), "students": ("us",), "descriptor_dim": ("us",), "student_width": ("rd", "us")}
 MAX_RECIPE_BYTES = 1 << 20
 MAX_SEED = 2**32 - 1  # numpy's seed range
 
@@ -418,6 +420,9 @@ def _check_semantics(cfg: RecipeConfig) -> None:
         raise UadcError(f"model.score_pool: {m.score_pool} does not divide data.image_size ({cfg.data.image_size})")
     if m.method == "paste" and not m.split:
         raise UadcError("model.split: required for method paste (last teacher stage shared with the student)")
+    for key, methods in METHOD_KEYS.items():   # set for another method, it would be ignored
+        if m.method not in methods and getattr(m, key) != ModelConfig.model_fields[key].default:
+            raise UadcError(f"model.{key}: applies to method {' or '.join(methods)}, not {m.method!r}")
     d = cfg.train.dcam
     if d.enabled and m.method not in ("stfpm", "paste", "rd"):
         raise UadcError(f"train.dcam.enabled: DCAM applies to stfpm, paste and rd, not {m.method!r}")
