@@ -95,9 +95,11 @@ def test_sigterm_while_writing_removes_the_temp_and_says_so(setup):
     temp until the next run; it now unwinds as Ctrl-C does: exit 143, one line, no temp."""
     root, recipe = setup
     art = root / "art_term"
-    p = _start("train", str(recipe), "--artifacts", str(art))
-    when = kill_when(p, 60.0, art / recipe.stem, signal.SIGTERM)     # the moment the checkpoint's temp appears
+    # one process trains, then compiles: stopped the moment a temp appears (the checkpoint's, which
+    # lives briefly, or else the artifact folder's)
+    p = _start("compile", str(recipe), "--artifacts", str(art), "--target", TARGET, "--no-eval", "--train-if-missing")
+    when = kill_when(p, 120.0, art / recipe.stem, signal.SIGTERM)
     _, err = p.communicate()
     assert when == "while writing" and p.returncode == 143, (when, err[-2000:])
     assert err.strip().splitlines()[-1] == "terminated (SIGTERM); no artifact was written for the unfinished step"
-    assert not temps_under(art) and not (art / recipe.stem / "checkpoint.pt").exists()
+    assert not temps_under(art) and not (art / recipe.stem / TARGET).exists()
