@@ -103,6 +103,20 @@ def test_a_shown_recipe_saved_anywhere_reads_the_same_files(tmp_path):
         assert res.output.count("#") == p.path.read_text().count("#") + 2     # comments kept, 2 header lines
 
 
+def test_recipes_show_takes_a_recipe_file_too(tmp_path, monkeypatch):
+    """`uadc recipes show recipes/x.yaml` said `recipe not found: ... (not a file, ...)` of a file that exists."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    mine = tmp_path / "sub" / "mine.yaml"
+    mine.write_text(packaged_recipe("demo").copy_text().replace(str(DEMO_DATA.resolve()), "../data"))
+    res = CliRunner().invoke(main, ["recipes", "show", "sub/mine.yaml"])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load(res.output)["data"]["sources"][0]["root"] == str(tmp_path / "data")
+    for bad, why in (("sub/none.yaml", "recipe not found: sub/none.yaml"), ("sub", "recipe not found: sub")):
+        res = CliRunner().invoke(main, ["recipes", "show", bad])
+        assert res.exit_code == 2 and f"error: {why}" in res.output, res.output
+
+
 @pytest.mark.skipif(os.environ.get("UADC_TEST_WHEEL") != "1",
                     reason="slow (builds the wheel, installs it with its dependencies into a fresh venv, runs "
                            "the demo): set UADC_TEST_WHEEL=1 (.ci/run does)")

@@ -496,10 +496,10 @@ def recipes_list() -> None:
 @recipes.command("show")
 @click.argument("name")
 def recipes_show(name: str) -> None:
-    """Print a built-in recipe (to copy and edit: `uadc recipes show demo > my.yaml`)."""
-    from uadc.config.packaged import packaged_recipe
-    p = packaged_recipe(name)
-    click.echo(f"# uadc built-in recipe {p.name!r} ({p.path}), its relative paths made absolute: a copy\n"
+    """Print a recipe, built-in or a file, with its relative paths made absolute (`uadc recipes show demo > my.yaml`)."""
+    from uadc.config.packaged import shown_recipe
+    p = shown_recipe(name)
+    click.echo(f"# uadc recipe {p.name!r} ({p.path}), its relative paths made absolute: a copy\n"
                f"# reads the same files from any folder.")
     click.echo(p.copy_text(), nl=False)
 

@@ -81,6 +81,18 @@ def resolve_recipe_path(source: "str | Path") -> Path:
     return packaged_recipe(str(source)).path
 
 
+def shown_recipe(source: str) -> PackagedRecipe:
+    """A recipe to print as a portable copy: a recipe file as given, else a built-in by name."""
+    path = resolve_recipe_path(source)
+    if not path.is_file():
+        raise UadcError(f"recipe not found: {source}")
+    try:
+        path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UadcError(f"recipe {source}: cannot read it as text ({type(exc).__name__})") from exc
+    return PackagedRecipe(_stem(path.name), path.resolve(), _summary(path))
+
+
 def _is_name(text: str) -> bool:
     return bool(text) and not any(c in text for c in "/\\") and text not in (".", "..")
 
@@ -104,4 +116,5 @@ def _summary(path: Path) -> str:
     return ""
 
 
-__all__ = ["PackagedRecipe", "packaged_recipe", "packaged_recipes", "recipes_dir", "resolve_recipe_path"]
+__all__ = ["PackagedRecipe", "packaged_recipe", "packaged_recipes", "recipes_dir", "resolve_recipe_path",
+           "shown_recipe"]
