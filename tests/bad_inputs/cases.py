@@ -322,6 +322,10 @@ CASES: list[Case] = [
     Case("recipe-is-folder", TRAIN(), msg="recipe not found", setup=lambda e: (e.d / R).mkdir()),
     Case("recipe-binary", TRAIN(), msg="not a text file", setup=text(R, b"\xff\xfe\x00\x81" * 64)),
     Case("recipe-bad-yaml", TRAIN(), msg="not valid YAML", setup=text(R, "data: [unclosed\n  x: {")),
+    Case("recipe-section-twice", TRAIN(), msg="not valid YAML: key 'data' appears twice in one mapping (lines 1 and 3)",
+         setup=text(R, "data:\n  image_size: 32\ndata:\n  image_size: 64\n")),      # the last one won silently
+    Case("recipe-key-twice", TRAIN(), msg="key 'epochs' appears twice in one mapping (lines 2 and 3)",
+         setup=text(R, "train:\n  epochs: 1\n  epochs: 2\n")),
     Case("recipe-top-level-list", TRAIN(), msg="expected a mapping", setup=text(R, "- a\n- b\n")),
     Case("recipe-empty", TRAIN(), msg="data: required", setup=text(R, "")),
     Case("recipe-python-tag", TRAIN(), msg="not valid YAML",

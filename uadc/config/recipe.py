@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from uadc.config.packaged import resolve_recipe_path
 from uadc.config.validation import first_error
+from uadc.config.yaml_file import read_yaml_mapping
 from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
 from uadc.core.errors import UadcError
 
@@ -370,29 +370,8 @@ def load_recipe(source: "str | Path | dict | Recipe") -> Recipe:
     if isinstance(source, dict):
         return recipe_from_dict(source)
     path = resolve_recipe_path(source)  # a file, or a built-in recipe's name (``demo``)
-    raw = read_yaml_mapping(path, "recipe")
+    raw = read_yaml_mapping(path, "recipe", MAX_RECIPE_BYTES)
     return recipe_from_dict(raw, path)
-
-
-def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_RECIPE_BYTES) -> dict:
-    """A YAML file's top-level mapping (``safe_load``: no tags run code), size-bounded; one-line
-    UadcError for a missing, oversized, binary, malformed or non-mapping file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UadcError(f"{what} not found: {path}")
-    if path.stat().st_size > max_bytes:
-        raise UadcError(f"{path}: {what} larger than {max_bytes} bytes")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except UnicodeDecodeError:
-        raise UadcError(f"{path}: not a text file") from None
-    except yaml.YAMLError as exc:
-        raise UadcError(f"{path}: not valid YAML: {str(exc).splitlines()[0][:200]}") from None
-    except RecursionError:
-        raise UadcError(f"{path}: YAML nested too deeply") from None
-    if raw is not None and not isinstance(raw, dict):
-        raise UadcError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    return raw or {}
 
 
 def recipe_from_dict(raw: dict, path: Path | None = None, keep_name: bool = False) -> Recipe:

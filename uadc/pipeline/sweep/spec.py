@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from uadc.config.recipe import read_yaml_mapping
+from uadc.config.yaml_file import read_yaml_mapping
 from uadc.config.validation import first_error
 from uadc.core.errors import UadcError
 

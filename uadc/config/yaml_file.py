@@ -1,0 +1,58 @@
+"""Reading a user's YAML file (recipe, sweep file): safe, size-bounded, one-line errors.
+
+``yaml.safe_load`` runs no tags, but it keeps the last of two equal keys silently: a ``data:``
+section appended to a copied recipe replaced the whole original one, and the error that followed
+named a key the user could see in the file. Here a key given twice in one mapping is refused with
+both line numbers (YAML 1.2 forbids it too).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from uadc.core.errors import UadcError
+
+MAX_YAML_BYTES = 1 << 20
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``SafeLoader`` that refuses a key repeated in one mapping (merge keys ``<<`` may override)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.YAMLError(f"key {key_node.value!r} appears twice in one mapping "
+                                         f"(lines {seen[key]} and {key_node.start_mark.line + 1})")
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) -> dict:
+    """A YAML file's top-level mapping, size-bounded; one-line UadcError for a missing, oversized,
+    binary, malformed (a repeated key included) or non-mapping file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UadcError(f"{what} not found: {path}")
+    if path.stat().st_size > max_bytes:
+        raise UadcError(f"{path}: {what} larger than {max_bytes} bytes")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader: no tags run code
+    except UnicodeDecodeError:
+        raise UadcError(f"{path}: not a text file") from None
+    except yaml.YAMLError as exc:
+        raise UadcError(f"{path}: not valid YAML: {str(exc).splitlines()[0][:200]}") from None
+    except RecursionError:
+        raise UadcError(f"{path}: YAML nested too deeply") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise UadcError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw or {}
+
+
+__all__ = ["MAX_YAML_BYTES", "read_yaml_mapping"]
