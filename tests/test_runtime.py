@@ -244,6 +244,12 @@ def test_detector_inputs_and_errors(int8_artifact, tiny_data):
         det.predict(f, category="nope")
     with pytest.raises(UadcError, match="image array"):
         det.predict(np.zeros((5, 5, 7), np.float64))
+    # an image among several is named by its place (a batch array has no file names); channels first is hinted
+    with pytest.raises(UadcError, match=r"^input 1: image array: .* got float64 \(3, 64, 64\) "
+                                        r"\(channels first\? pass HxWx3\)$"):
+        det.predict([arr, np.zeros((3, 64, 64))])
+    with pytest.raises(UadcError, match=r"^input 2: image array: empty"):
+        det.predict([arr, arr, np.zeros((0, 4), np.uint8)])
     bomb = tiny_data.parent / f"bomb-{os.getpid()}.png"      # 46 KB that claims 20000 x 20000 pixels
     Image.new("1", (20000, 20000)).save(bomb)
     try:

@@ -216,10 +216,20 @@ class Detector:
         preds: list[Prediction] = []
         for i in range(0, len(items), self.batch_size):   # inputs a batch at a time: 3x a map's memory each
             chunk = items[i:i + self.batch_size]
-            maps, scores, ms = self.run(np.stack([self.preprocess(x) for x in chunk]))
+            batch = [self._input(x, None if single else i + j) for j, x in enumerate(chunk)]
+            maps, scores, ms = self.run(np.stack(batch))
             preds += [self.decide(maps[j:j + 1], scores[j:j + 1], cats[i + j], ms,
                                   [str(x) if isinstance(x, (str, Path)) else None])[0] for j, x in enumerate(chunk)]
         return preds[0] if single else preds
+
+    def _input(self, x: Any, index: int | None) -> np.ndarray:
+        """One preprocessed input; an error names its place among several (an array batch has no names)."""
+        try:
+            return self.preprocess(x)
+        except UadcError as exc:
+            if index is None:
+                raise
+            raise UadcError(f"input {index}: {exc}") from None
 
     @staticmethod
     def _per_image(category: Any, n: int, single: bool) -> list[str | None]:

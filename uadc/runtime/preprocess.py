@@ -53,8 +53,9 @@ def _from_array(arr: np.ndarray, pre: Preprocessing) -> np.ndarray:
                             f"{'non-finite values' if not np.isfinite(arr).all() else f'{arr.min():g}..{arr.max():g}'}"
                             f" (pass uint8 for 0..255)")
         return arr.astype(np.float32)
+    hint = " (channels first? pass HxWx3)" if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[2] > 4 else ""
     raise UadcError(f"image array: expected uint8 HxW / HxWx3 / HxWx4, or float HxWx3 in [0, 1] at "
-                    f"{size}x{size}; got {arr.dtype} {arr.shape}")
+                    f"{size}x{size}; got {arr.dtype} {arr.shape}{hint}")
 
 
 def load_rgb(source: Any, pre: Preprocessing) -> np.ndarray:
