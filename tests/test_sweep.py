@@ -181,3 +181,18 @@ def test_example_sweep_files_are_valid():
     for f in files:
         spec, base, name = load_sweep(f)
         assert len(make_plan(spec, base, name).cells) >= 1
+
+
+def test_a_sweep_names_a_builtin_recipe_as_the_command_line_does(tmp_path):
+    """`recipe: demo` in a sweep file said `recipe not found: <sweep folder>/demo`."""
+    from uadc.config.packaged import packaged_recipe
+    (tmp_path / "mine.yaml").write_text(packaged_recipe("demo").copy_text())
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({"recipes": ["demo", "mine.yaml"], "axes": {"target": ["ort-cpu-fp32"]}}))
+    spec, base, _ = load_sweep(p)
+    assert [e.path for e in spec.recipe_entries(base)] == [str(packaged_recipe("demo").path.resolve()),
+                                                         str(tmp_path / "mine.yaml")]
+    p.write_text(yaml.safe_dump({"recipe": "demoo", "axes": {"target": ["ort-cpu-fp32"]}}))
+    spec, base, _ = load_sweep(p)
+    with pytest.raises(UadcError, match="recipe not found: demoo \\(not a file, nor a built-in recipe: .*demo"):
+        spec.recipe_entries(base)

@@ -70,12 +70,15 @@ def packaged_recipe(name: str) -> PackagedRecipe:
     raise UadcError(f"recipe not found: {name} (not a file, nor a built-in recipe: {names})")
 
 
-def resolve_recipe_path(source: "str | Path") -> Path:
-    """The file a recipe argument means: an existing file as given, else a built-in by name."""
+def resolve_recipe_path(source: "str | Path", base: Path | None = None) -> Path:
+    """The file a recipe argument means: an existing file as given (relative to ``base``, default the
+    current folder), else a built-in by name."""
     if not isinstance(source, (str, Path)):
         raise UadcError(f"recipe: expected a path, a built-in recipe's name, a dict or a Recipe, "
                         f"got {type(source).__name__}")
     path = Path(source)
+    if base is not None and not path.is_absolute():
+        path = base / path
     if path.is_file() or not _is_name(str(source)):
         return path
     return packaged_recipe(str(source)).path

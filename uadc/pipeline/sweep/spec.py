@@ -18,7 +18,8 @@ A sweep file is YAML, validated here with the same strictness as recipes::
     run: {evaluate: true, latency_runs: 30, threads: 1}
 
 Cells are the cartesian product of the axes; for a float target the calibration axes do not
-apply, so its cells collapse into one. Relative recipe paths resolve against the sweep file.
+apply, so its cells collapse into one. Relative recipe paths resolve against the sweep file; a plain
+name that is no file there is a built-in recipe (``demo``), as on the command line.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from uadc.config.yaml_file import read_yaml_mapping
+from uadc.config.packaged import resolve_recipe_path
 from uadc.config.validation import first_error
 from uadc.core.errors import UadcError
 
@@ -41,7 +43,7 @@ class _Strict(BaseModel):
 
 
 class RecipeEntry(_Strict):
-    path: str = Field(description="recipe YAML, relative to the sweep file")
+    path: str = Field(description="recipe YAML, relative to the sweep file, or a built-in recipe's name")
     overrides: dict[str, Any] = Field(default_factory=dict, description="{section: {key: value}} for this recipe")
 
 
@@ -97,8 +99,8 @@ class SweepSpec(_Strict):
         out = []
         for e in raw:
             e = RecipeEntry(path=e) if isinstance(e, str) else e
-            p = Path(e.path)
-            out.append(RecipeEntry(path=str(p if p.is_absolute() else (base / p).resolve()), overrides=e.overrides))
+            path = resolve_recipe_path(e.path, base)       # a file beside the sweep file, or a built-in name
+            out.append(RecipeEntry(path=str(path.resolve()), overrides=e.overrides))
         return out
 
 
