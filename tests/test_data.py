@@ -1,3 +1,4 @@
+import os
 import shutil
 
 import numpy as np
@@ -155,3 +156,20 @@ def test_folder_walks_follow_symlinked_folders_once(data, tmp_path):
     blobs = sorted(p.name for p in (data / "a" / "test" / "blob").glob("*.png"))
     assert sorted(f.name for f in found.files) == sorted(blobs + ["x.png"]) and found.skipped == {}
     assert all(f.parts[-2] in ("own", "linked") for f in found.files)     # named by the path walked
+
+
+def test_a_named_pipe_or_dangling_link_is_counted_not_read(data, tmp_path):
+    """A FIFO named like an image blocked `uadc predict` (and training) forever in the open; in a
+    folder walk it and a dangling link were dropped without a count."""
+    from uadc.core.images import find_images, open_image
+    walk = tmp_path / "walk"
+    walk.mkdir()
+    shutil.copy(data / "a" / "train" / "good" / "000.png", walk / "x.png")
+    os.mkfifo(walk / "pipe.png")
+    (walk / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    found = find_images([walk])
+    assert [f.name for f in found.files] == ["x.png"]
+    assert found.skipped == {"broken link": 1, "not a regular file": 1}
+    with pytest.raises(UadcError, match="unreadable image .*pipe.png: not a regular file"):
+        with open_image(walk / "pipe.png"):
+            pass

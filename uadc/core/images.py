@@ -29,7 +29,10 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
     """``Image.open`` whose every failure on the file's content (not an image, truncated, a
     decompression bomb over Pillow's pixel limit, a decoder's own exception on crafted bytes) is
-    one ``unreadable <what> PATH: ...`` UadcError; UadcErrors raised inside pass unchanged."""
+    one ``unreadable <what> PATH: ...`` UadcError; UadcErrors raised inside pass unchanged. A path
+    that is no regular file (a named pipe would block the open forever) is refused first."""
+    if isinstance(path, (str, Path)) and os.path.exists(path) and not os.path.isfile(path):
+        raise UadcError(f"unreadable {what} {path}: not a regular file")
     try:
         with Image.open(path) as im:
             yield im
@@ -64,14 +67,18 @@ class FoundImages:
 
 def _skip_reason(f: Path, root: Path, blocked: dict[Path, str]) -> str | None:
     """Why a folder walk below ``root`` leaves ``f`` out: it lies in a ``blocked`` folder, it or a
-    folder on its way is hidden, or it is among MVTec masks (``ground_truth/``)."""
+    folder on its way is hidden, it is among MVTec masks (``ground_truth/``), or it is no file."""
     for d, why in blocked.items():
         if d == f.parent or d in f.parents:
             return why
     parts = f.relative_to(root).parts
     if any(is_hidden(x) for x in parts):
         return "hidden (a name starting with '.')"
-    return f"masks under {MASKS_FOLDER}/" if MASKS_FOLDER in parts[:-1] else None
+    if MASKS_FOLDER in parts[:-1]:
+        return f"masks under {MASKS_FOLDER}/"
+    if not f.is_file():     # named like an image, but a dangling link, a pipe, a folder: counted, not read
+        return "broken link" if f.is_symlink() and not f.exists() else "not a regular file"
+    return None
 
 
 def is_hidden(name: str) -> bool:
@@ -111,7 +118,7 @@ def find_images(paths: list[Path], exclude: list[Path] | tuple = ()) -> FoundIma
             blocked = {Path(x).absolute(): "in the output folder" for x in exclude}
             blocked.update({j.parent: "in a uadc predict output folder" for j in files if j.name == PREDICTIONS_JSONL})
             blocked = {d: why for d, why in blocked.items() if root in d.parents}   # the folder given is walked
-            for f in sorted(f for f in files if f.suffix.lower() in IMAGE_EXTS and f.is_file()):
+            for f in sorted(f for f in files if f.suffix.lower() in IMAGE_EXTS):
                 _add(found, seen, p / f.relative_to(root), _skip_reason(f, root, blocked))
         elif p.exists():
             _add(found, seen, p, None)
