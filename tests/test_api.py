@@ -209,3 +209,14 @@ def test_artifacts_root_may_be_a_string(recipe_factory, tmp_path):
     with pytest.raises(uadc.UadcError, match=r"no checkpoint for recipe 'tiny' at .*art/tiny/checkpoint.pt"):
         uadc.compile(recipe_factory(), "ort-cpu-fp32", artifacts=str(tmp_path / "art"))
     assert uadc.load_recipe(recipe_factory()).artifact_dir(str(tmp_path)) == tmp_path / "tiny"
+
+
+def test_every_public_function_shows_its_typed_signature():
+    """`uadc.verify` is also the name of a package (the verify layer): once that package is imported,
+    `inspect.signature(uadc.verify)` read `(*args, **kwargs)`."""
+    import inspect
+    import uadc.verify.gate  # noqa: F401  (binds the package to the name uadc.verify)
+    from uadc.pipeline import api
+    for name in ("train", "evaluate", "compile", "verify", "diff", "bundle", "qat", "baseline"):
+        assert inspect.signature(getattr(uadc, name)) == inspect.signature(getattr(api, name)), name
+    assert "artifact" in inspect.signature(uadc.verify).parameters

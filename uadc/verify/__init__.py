@@ -10,9 +10,18 @@ import sys
 import types
 
 
+def _api_verify():
+    return importlib.import_module("uadc.pipeline.api").verify
+
+
 class _CallablePackage(types.ModuleType):
     def __call__(self, *args, **kwargs):
-        return importlib.import_module("uadc.pipeline.api").verify(*args, **kwargs)
+        return _api_verify()(*args, **kwargs)
+
+    @property
+    def __signature__(self):   # inspect.signature / IDEs show the function's typed parameters
+        import inspect
+        return inspect.signature(_api_verify())
 
 
 sys.modules[__name__].__class__ = _CallablePackage
