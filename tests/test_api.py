@@ -3,7 +3,6 @@ process-wide state is left alone, checkpoints cannot run code, the layout holds.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
