@@ -93,6 +93,9 @@ def test_cell_key_follows_inputs(tiny):
     ({"recipe": "r.yaml", "axes": {"target": []}}, "axes.target: must not be empty"),
     ({"recipe": "r.yaml", "axes": {"target": "ort-cpu-int8"}}, "axes.target: expected list, got 'ort-cpu-int8'"),
     ({"recipe": "r.yaml", "run": {"latency_runs": -1}}, "run.latency_runs: -1 is below the minimum 1"),
+    ({"recipe": "r.yaml", "axes": {"target": ["ort-cpu-fp32", "ort-cpu-fp32"]}},   # one cell twice in the table
+     "axes: target lists 'ort-cpu-fp32' twice"),
+    ({"recipe": "r.yaml", "axes": {"quantize": [["student"], ["student"]]}}, r"axes: quantize lists \['student'\] twice"),
 ])
 def test_bad_sweep_file_is_one_line_error(tmp_path, doc, msg):
     """Worded as recipe errors are (pydantic's own "List should have at least 1 item after validation" before)."""

@@ -57,10 +57,8 @@ def exit_on_user_error(interrupted: str = "interrupted; no artifact was written 
             signal.signal(signal.SIGTERM, previous)
 
 
-def _newline_after_bar() -> None:
-    # A progress bar may have left the cursor mid-line on a terminal.
-    if sys.stderr.isatty():
-        sys.stderr.write("\n")
+def _newline_after_bar() -> None:   # a progress bar may have left the cursor mid-line on a terminal
+    sys.stderr.write("\n" if sys.stderr.isatty() else "")
 
 
 class _Group(click.Group):
@@ -175,12 +173,15 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
 
 
 def _partitions(value: str | None) -> list[str] | None:
-    """``a,b`` -> [a, b]; an empty item (``,``) is a user error, not "the default"."""
+    """``a,b`` -> [a, b]; an empty item (``,``) is a user error, not "the default"; so is one given twice."""
     if value is None:
         return None
+    from uadc.config.validation import listed_twice
     items = [p.strip() for p in value.split(",")]
     if not items or any(not p for p in items):
         raise UadcError(f"expected a comma-separated list without empty items, got {value!r}")
+    if listed_twice(repr(value), items):
+        raise UadcError(listed_twice(repr(value), items))
     return items
 
 
@@ -500,8 +501,7 @@ def recipes_show(name: str) -> None:
     from uadc.config.packaged import shown_recipe
     p = shown_recipe(name)
     click.echo(f"# uadc recipe {p.name!r} ({p.path}), its relative paths made absolute: a copy\n"
-               f"# reads the same files from any folder.")
-    click.echo(p.copy_text(), nl=False)
+               f"# reads the same files from any folder.\n{p.copy_text()}", nl=False)
 
 
 @main.command()

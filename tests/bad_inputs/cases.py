@@ -466,6 +466,8 @@ CASES: list[Case] = [
          msg="ort-cpu-fp32 is fp32: quantization options do not apply (quantize, per_channel)"),
     Case("opt-from-qat-on-fp32", COMPILE("--no-eval", "--target", "ort-cpu-fp32", "--from-qat", "--out", "o"),
          msg="QAT needs an int8 target"),
+    Case("opt-quantize-twice", COMPILE("--no-eval", "--target", "ort-cpu-int8", "--quantize", "student,student",
+                                       "--out", "o"), msg="'student,student' lists 'student' twice"),
     Case("opt-build-engine-on-ort", COMPILE("--no-eval", "--target", "ort-cpu-int8", "--build-engine", "--out", "o"),
          msg="--build-engine builds a TensorRT engine; target ort-cpu-int8 runs on onnxruntime"),
     Case("opt-from-qat-missing", COMPILE("--no-eval", "--target", "ort-cpu-int8", "--from-qat", "--out", "o"),

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from uadc.config.packaged import resolve_recipe_path
-from uadc.config.validation import first_error
+from uadc.config.validation import first_error, listed_twice
 from uadc.config.yaml_file import read_yaml_mapping
 from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
 from uadc.core.errors import UadcError
@@ -126,8 +126,8 @@ class ModelConfig(_Section):
     def _taps_fit(self):
         named = {"taps": self.taps, "image_knn.taps": self.image_knn.taps, "patch_knn.taps": self.patch_knn.taps}
         for name, taps in named.items():
-            if taps and len(set(taps)) < len(taps):   # a tap twice would count its map twice
-                raise ValueError(f"{name} lists {next(t for t in taps if taps.count(t) > 1)!r} twice")
+            if taps and listed_twice(name, taps):     # a tap twice would count its map twice
+                raise ValueError(listed_twice(name, taps))
         for name in ("image_knn", "patch_knn"):
             if (knn := getattr(self, name)).weight > 0 and self.method == "us":
                 raise ValueError(f"{name}: not available for method us (its teacher is a descriptor network)")

@@ -18,6 +18,15 @@ def short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def listed_twice(name: str, items: "list | tuple") -> str | None:
+    """``NAME lists 'x' twice`` for the first value repeated in a user's list (a tap, an axis value,
+    a calibrator: each would count or run twice), else None. Values may be unhashable (lists)."""
+    for i, v in enumerate(items):
+        if v in items[:i]:
+            return f"{name} lists {v!r} twice"
+    return None
+
+
 def first_error(exc: ValidationError, root: str = "recipe") -> str:
     """``key.path[i]: what was expected, got what`` for the first problem, worded as uadc's errors
     (recipes, sweep files, verify budgets); ``root`` names a problem of the whole document."""

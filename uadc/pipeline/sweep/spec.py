@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from uadc.config.yaml_file import read_yaml_mapping
 from uadc.config.packaged import resolve_recipe_path
-from uadc.config.validation import first_error
+from uadc.config.validation import first_error, listed_twice
 from uadc.core.errors import UadcError
 
 MAX_SWEEP_BYTES = 1 << 20
@@ -59,6 +59,14 @@ class Axes(_Strict):
     image_size: Optional[list[Optional[int]]] = Field(None, min_length=1)
     seed: Optional[list[Optional[int]]] = Field(None, min_length=1)
     one_class: Optional[list[bool]] = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _no_value_twice(self) -> "Axes":
+        for name in type(self).model_fields:
+            twice = listed_twice(name, getattr(self, name) or [])
+            if twice:
+                raise ValueError(twice)
+        return self
 
     def values(self, name: str) -> list:
         """An omitted axis is one value: ``None`` (the recipe's own setting)."""
