@@ -76,6 +76,7 @@ def test_eval_every_shows_the_learning_curve_on_the_epoch_lines(recipe_factory, 
     res = CliRunner().invoke(main, ["train", str(recipe_factory(train={"epochs": 3, "threads": 1})),
                                     "--eval-every", "2", "--artifacts", str(art)])
     assert res.exit_code == 0, res.output
+    assert res.output.count("checkpoint written") == 1      # logged by the library and printed by the CLI before
     lines = [ln for ln in res.output.splitlines() if ln.startswith("epoch ")]
     history = torch.load(art / "tiny" / "checkpoint.pt", weights_only=True)["history"]
     assert len(lines) == 3 and [("test" in h) for h in history] == [False, True, True]   # and the last epoch

@@ -49,7 +49,7 @@ def test_compile_json_one_document_and_clean_stderr(trained, tmp_path):
     assert doc["metrics"]["compiled"]["mean"] == report["metrics"]["compiled"]["mean"]
     noisy = [line for line in res.stderr.splitlines() if any(p.search(line) for p in NOISE)]
     assert "\r" not in res.stderr and not noisy, noisy
-    assert "artifact written:" in res.stderr           # the human summary went to stderr
+    assert res.stderr.count("artifact written:") == 1   # the human summary went to stderr, once (logged too before)
 
 
 def test_user_error_json_and_own_error_line(tmp_path):

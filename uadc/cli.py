@@ -227,7 +227,7 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
             raise UadcError(f"no checkpoint for recipe {r.name!r} at {checkpoint_path(r, artifacts)}: run "
                             f"`uadc train {recipe}` first (or pass --train-if-missing)")
         log.info("no checkpoint: training the recipe first (--train-if-missing)")
-        api.train(r, artifacts=artifacts)
+        log.info("checkpoint written: %s", api.train(r, artifacts=artifacts).checkpoints[0])
     from uadc.quant.qat.run import load_qat_model
     qat_model = load_qat_model(r, target, artifacts) if from_qat else None
     res = api.compile(checkpoint or r, target, recipe=r, calibration=calib_data, calibrator=calibrator,

@@ -134,7 +134,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
         _write_artifacts(tmp, baseline, compiled, result, calib, target, opts, layers)
         write_manifest(tmp, manifest)   # last: hashes every file above
     result.path = out
-    log.info("artifact written: %s", out)
+    log.debug("artifact written: %s", out)   # the CLI prints its own result line
     return result
 
 

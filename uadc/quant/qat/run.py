@@ -129,7 +129,7 @@ def run_qat(recipe: Recipe, opts: QatOptions, fp32: onnx.ModelProto, model, trai
     summary["seconds"] = round(time.time() - t_start, 2)
     out = opts.out or qat_dir(recipe, target.name, artifacts)
     _write(out, qat_model, summary)
-    log.info("QAT model written: %s (loss %.4f -> %.4f)", out / QAT_FILE, losses["ptq_loss"], losses["final_loss"])
+    log.debug("QAT model written: %s (loss %.4f -> %.4f)", out / QAT_FILE, losses["ptq_loss"], losses["final_loss"])
     return QatResult(qat_model, out / QAT_FILE, ptq_model, net, placement, order, summary, st["quantize"])
 
 
