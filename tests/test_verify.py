@@ -114,6 +114,8 @@ def test_budgets_defaults_overrides_and_errors():
         budgets(None, {"spearman_min": "3"})
     with pytest.raises(UadcError, match="KEY=VALUE"):
         parse_budget_args(["spearman_min"])
+    with pytest.raises(UadcError, match=r"--budget spearman_min given twice \(0.95 and 0.9\)"):   # the last won
+        parse_budget_args(["spearman_min=0.95", "map_dice_min=0.8", " spearman_min = 0.9"])
 
 
 # ------------------------------------------------------------------------------ golden outputs

@@ -75,6 +75,8 @@ def parse_budget_args(items: list[str] | tuple[str, ...]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise UadcError(f"--budget {item!r}: expected KEY=VALUE, e.g. spearman_min=0.95")
+        if key.strip() in out:      # the last one won silently
+            raise UadcError(f"--budget {key.strip()} given twice ({out[key.strip()]} and {value.strip()})")
         out[key.strip()] = value.strip()
     return out
 
