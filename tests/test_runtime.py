@@ -224,6 +224,25 @@ def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp
     assert len(again.records) == n
 
 
+def test_runs_sharing_an_out_folder_take_turns(int8_artifact, tiny_data, tmp_path):
+    """Two `uadc predict --out same` at once could leave one run's predictions.jsonl beside the
+    other's predictions.csv; the second now waits for the first."""
+    import threading
+    from uadc.core.io import file_lock
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    det = Detector.load(int8_artifact[2].path)
+    out = tmp_path / "shared"
+    with file_lock(out):                     # another run holds the folder
+        t = threading.Thread(target=predict_paths, args=(det, [tiny_data / "gray" / "test" / "good"]),
+                             kwargs={"out": out})
+        t.start()
+        t.join(2.0)
+        assert t.is_alive() and not (out / "predictions.csv").exists()
+    t.join(60)
+    assert not t.is_alive() and (out / "predictions.csv").is_file() and (out / "predictions.jsonl").is_file()
+
+
 def test_detector_inputs_and_errors(int8_artifact, tiny_data):
     from uadc.runtime import Detector, Prediction
     _, _, res = int8_artifact

@@ -17,7 +17,7 @@ from PIL import Image
 from uadc.core.constants import PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError
 from uadc.core.images import find_images, printable
-from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, ensure_dir
+from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, ensure_dir, file_lock
 from uadc.core.manifest import infer_category
 from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction
@@ -116,7 +116,17 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
                   overlays: bool = False, batch_size: int = 8, infer: bool = True) -> PredictRun:
     """Predict every image under ``inputs``; with ``out``, write predictions.jsonl, predictions.csv
     and (``overlays``) overlays/<input folder>/<relative path>.png. ``category=None`` with
-    ``infer``: each image's category comes from its folder names, else the global thresholds."""
+    ``infer``: each image's category comes from its folder names, else the global thresholds.
+    Runs that share an ``out`` take turns (a lock beside it): two at once could leave one run's
+    jsonl beside the other's csv."""
+    if not out:
+        return _predict(detector, inputs, category, None, overlays, batch_size, infer)
+    with file_lock(Path(out)):
+        return _predict(detector, inputs, category, out, overlays, batch_size, infer)
+
+
+def _predict(detector: Detector, inputs: Sequence[Path], category: str | None, out: Path | None, overlays: bool,
+             batch_size: int, infer: bool) -> PredictRun:
     roots = [Path(p) for p in inputs]
     if out:
         _check_out(Path(out))
