@@ -224,6 +224,20 @@ def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp
     assert len(again.records) == n
 
 
+def test_eval_of_a_compiled_artifact_names_it_and_writes_nothing(int8_artifact):
+    """`uadc eval R --checkpoint ARTIFACT` titled its table `(unified, None epochs)` and ended `written: None`."""
+    from click.testing import CliRunner
+    from uadc.cli import main
+    recipe, art, res = int8_artifact
+    eval_json = art / "tiny" / "eval.json"
+    before = eval_json.read_bytes() if eval_json.exists() else None
+    out = CliRunner().invoke(main, ["eval", str(recipe), "--artifacts", str(art), "--checkpoint", str(res.path)])
+    assert out.exit_code == 0, out.output
+    assert f"tiny (unified, {res.path})" in out.output and "None" not in out.output
+    assert out.stdout.rstrip().endswith("not written: eval.json holds the checkpoint's figures")
+    assert (eval_json.read_bytes() if eval_json.exists() else None) == before
+
+
 def test_runs_sharing_an_out_folder_take_turns(int8_artifact, tiny_data, tmp_path):
     """Two `uadc predict --out same` at once could leave one run's predictions.jsonl beside the
     other's predictions.csv; the second now waits for the first."""

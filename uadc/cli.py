@@ -163,12 +163,13 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
                    "no unified eval.json yet: run `uadc eval` for the unified-vs-one-class table")
         return res
     res = api.evaluate(checkpoint or r, r, artifacts=artifacts)
-    click.echo(format_table(res, f"{r.name} (unified, {res.extra.get('epochs')} epochs)"))
+    epochs = res.extra.get("epochs")       # None for a compiled artifact: name it instead
+    click.echo(format_table(res, f"{r.name} (unified, {f'{epochs} epochs' if epochs else checkpoint})"))
     for cat, kinds in res.defects.items():
         click.echo(f"{cat}: " + ", ".join(f"{k} {v['image_auroc']:.3f}/" + (f"{v['pixel_auroc']:.3f}" if "pixel_auroc"
                                           in v else "-") for k, v in kinds.items())
                    + "  (image/pixel AUROC per defect type)")
-    click.echo(f"written: {res.path}")
+    click.echo(f"written: {res.path}" if res.path else "not written: eval.json holds the checkpoint's figures")
     return res
 
 
