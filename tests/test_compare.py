@@ -129,3 +129,23 @@ def test_changes_print_without_a_negative_zero():
     from uadc.report.markdown import signed
     assert [signed(-3e-7), signed(3e-7), signed(-0.00051), signed(0.0123), signed(None), signed(None, "")] == \
         ["+0.0000", "+0.0000", "-0.0005", "+0.0123", "-", ""]
+
+
+def test_verify_and_eval_tables_print_no_negative_zero():
+    """`uadc diff` printed `pixel_auroc_drop | -0.0000` (and its per-category table, `uadc eval
+    --one-class`'s comparison, the precision search's fidelity cost the same way)."""
+    from uadc.evaluation.run import format_comparison
+    from uadc.verify.gate import Figure, _row
+    row = _row(Figure("pixel_auroc_drop", -3e-6, 0.02, "max", True))
+    assert row == "| pixel_auroc_drop | 0.0000 | <= 0.02 | pass |"
+    assert Figure("x", -4e-6, 0.5, "abs_max", True).describe().startswith("x = 0.0000")
+    metrics = {"image_auroc": 0.91, "pixel_auroc": 0.9, "aupro": 0.8, "pixel_f1": 0.5}
+    uni = {"categories": {"a": metrics}, "mean": metrics}
+    close = {**metrics, "pixel_auroc": 0.9 + 2e-7}
+    table = format_comparison(_Res(uni), _Res({"categories": {"a": close}, "mean": close}))
+    assert "-0.0000" not in table and table.splitlines()[2].endswith("+0.0000")
+
+
+class _Res:
+    def __init__(self, d):
+        self.categories, self.mean = d["categories"], d["mean"]

@@ -16,6 +16,7 @@ from uadc.config.recipe import Recipe
 from uadc.core.constants import EVAL_FILE, METRIC_KEYS
 from uadc.core.errors import NonFiniteOutputs, UadcError
 from uadc.core.io import atomic_write_json
+from uadc.core.numbers import fixed
 from uadc.core.progress import progress
 from uadc.core.scoped import torch_threads
 from uadc.data.mvtec import ImageDataset
@@ -212,5 +213,5 @@ def format_comparison(unified: EvalResult, one_class: EvalResult) -> str:
             if k not in one_class.categories[cat]:     # no test masks: image AUROC only
                 continue
             u, o = unified.categories[cat][k], one_class.categories[cat][k]
-            rows.append(f"{cat:<16}{k:<13}{u:>10.4f}{o:>11.4f}{u - o:>+9.4f}")
+            rows.append(f"{cat:<16}{k:<13}{u:>10.4f}{o:>11.4f}{fixed(u - o, 4, sign=True):>9}")
     return "\n".join(rows)

@@ -27,11 +27,12 @@
 from __future__ import annotations
 
 from uadc.core.constants import METRIC_KEYS
+from uadc.core.numbers import fixed
 
 
 def signed(value: float | None, missing: str = "-") -> str:
     """A change to 4 decimals with its sign; a rounding-size negative is +0.0000, not -0.0000."""
-    return missing if value is None else f"{round(value, 4) + 0.0:+.4f}"
+    return missing if value is None else fixed(value, 4, sign=True)
 
 
 def _metrics_table(metrics: dict) -> list[str]:
@@ -116,7 +117,7 @@ def _precision_lines(p: dict) -> list[str]:
     lines += ["", f"| group | partition | op | precision | FP32 µs |{' FP16 µs |' if fp16 else ''} INT8 µs | "
               "fidelity cost | why |", f"|---|---|---|---|---:|{'---:|' if fp16 else ''}---:|---:|---|"]
     for g in p["groups"]:
-        cost = "" if g["fidelity_cost"] is None else f"{g['fidelity_cost']:.4f}"
+        cost = "" if g["fidelity_cost"] is None else fixed(g["fidelity_cost"])
         half = f" {g['fp16_us']:.1f} |" if fp16 else ""
         lines.append(f"| {g['name']} | {g['partition']} | {g['op']} | {g['precision']} | {g['fp32_us']:.1f} |{half} "
                      f"{g['int8_us']:.1f} | {cost} | {g['reason']} |")

@@ -19,6 +19,7 @@ from uadc.config.validation import first_error
 from uadc.core.constants import VERIFY_SCHEMA
 from uadc.core.errors import UadcError
 from uadc.core.io import check_own_file
+from uadc.core.numbers import fixed
 
 # figure -> (budget key, rule)
 RULES = {
@@ -92,7 +93,7 @@ class Figure:
 
     def describe(self) -> str:
         where = "" if self.scope == "all" else f"[{self.scope}]"
-        v = "n/a" if self.value is None else f"{self.value:.4f}"
+        v = "n/a" if self.value is None else fixed(self.value)
         need = {"min": f">= {self.budget:g}", "max": f"<= {self.budget:g}", "abs_max": f"|x| <= {self.budget:g}",
                 "tol": f"within 1 +/- {self.budget:g}"}[self.rule]
         return f"{self.name}{where} = {v} (budget {need})"
@@ -185,7 +186,7 @@ class GateResult:
                 for n in names:
                     v = self.categories[c][n]
                     fig = self.figure(n, c)
-                    cells.append(f"{v:.4f}" + ("" if fig is None or fig.passed else " **FAIL**"))
+                    cells.append(fixed(v) + ("" if fig is None or fig.passed else " **FAIL**"))
                 lines.append(f"| {c} | " + " | ".join(cells) + " |")
         p = d["polygraphy"]
         if p:
@@ -198,7 +199,7 @@ class GateResult:
 
 def _row(f: Figure) -> str:
     need = {"min": ">= ", "max": "<= ", "abs_max": "|x| <= ", "tol": "1 ± "}[f.rule] + f"{f.budget:g}"
-    v = "n/a" if f.value is None else f"{f.value:.4f}"
+    v = "n/a" if f.value is None else fixed(f.value)
     return f"| {f.name} | {v} | {need} | {'pass' if f.passed else '**FAIL**'} |"
 
 
