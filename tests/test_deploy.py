@@ -219,6 +219,28 @@ def test_tampered_model_fails_load_and_predict_with_one_line(int8_artifact, tmp_
         Detector.load(bad)
 
 
+@pytest.mark.parametrize("edit, why", [
+    (lambda d: d["thresholds"]["global"]["image"].update(value=float("nan")),
+     "threshold value must be a finite number"),
+    (lambda d: d["thresholds"]["categories"]["gray"]["pixel"].update(low=float("inf")),
+     "threshold low must be a finite"),
+    (lambda d: d["thresholds"].update(false_alarm_rate=float("nan")), "false_alarm_rate must be a finite"),
+    (lambda d: d["preprocessing"].update(std=[0.0, 0.5, 0.5]), "std must be a finite positive number, got 0.0"),
+])
+def test_a_manifest_with_non_finite_numbers_is_refused(int8_artifact, tmp_path, edit, why):
+    """artifact.json is JSON that Python reads NaN / Infinity from: a NaN threshold marked every
+    defect good (`score >= nan` is false), a zero std divided by zero; both loaded and predicted."""
+    from uadc.runtime import Detector
+    _, _, res = int8_artifact
+    bad = tmp_path / "edited"
+    shutil.copytree(res.path, bad)
+    doc = json.loads((bad / "artifact.json").read_text())
+    edit(doc)
+    (bad / "artifact.json").write_text(json.dumps(doc))
+    with pytest.raises(UadcError, match=f"not a valid uadc manifest \\(ValueError: {why}"):
+        Detector.load(bad)
+
+
 def test_in_graph_postprocess_matches_the_runtime(int8_artifact, tmp_path, tiny_data):
     """polygraphy run --onnxrt on real test images: pred_label equals the runtime's label (global
     thresholds by default), and feeding the category index gives the per-category decision."""

@@ -14,6 +14,7 @@ edge box without PyTorch.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +27,15 @@ from uadc.core.io import TMP_TAG, atomic_write_json, sha256_file
 
 MAX_MANIFEST_BYTES = 16 << 20
 _EPS = 1e-12
+
+
+def _finite(x: Any, what: str, positive: bool = False) -> float:
+    """A manifest number: NaN or inf (valid JSON to Python) would decide silently, e.g. a NaN
+    threshold passes every defect; a zero std would divide by zero."""
+    v = float(x)
+    if not math.isfinite(v) or (positive and v <= 0):
+        raise ValueError(f"{what} must be a finite{' positive' if positive else ''} number, got {x!r}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,7 @@ class Threshold:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Threshold":
-        return cls(float(d["value"]), float(d["low"]), float(d["high"]), float(d["quantile"]), int(d["n"]))
+        return cls(*(_finite(d[k], f"threshold {k}") for k in ("value", "low", "high", "quantile")), int(d["n"]))
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,7 @@ class Thresholds:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Thresholds":
-        return cls(float(d["false_alarm_rate"]), str(d["estimator"]),
+        return cls(_finite(d["false_alarm_rate"], "false_alarm_rate"), str(d["estimator"]),
                    {c: CategoryThresholds.from_dict(t) for c, t in d["categories"].items()},
                    CategoryThresholds.from_dict(d[GLOBAL]), {k: int(v) for k, v in d.get("validation", {}).items()},
                    d.get("image_spread"))
@@ -114,8 +124,9 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(int(d["image_size"]), tuple(float(x) for x in d["mean"]), tuple(float(x) for x in d["std"]),
-                   str(d.get("resize", "bilinear")), str(d.get("color", "RGB")), float(d.get("scale", 1 / 255)),
+        return cls(int(d["image_size"]), tuple(_finite(x, "mean") for x in d["mean"]),
+                   tuple(_finite(x, "std", positive=True) for x in d["std"]), str(d.get("resize", "bilinear")),
+                   str(d.get("color", "RGB")), _finite(d.get("scale", 1 / 255), "scale", positive=True),
                    str(d.get("layout", "NCHW")))
 
 
