@@ -238,6 +238,23 @@ def test_eval_of_a_compiled_artifact_names_it_and_writes_nothing(int8_artifact):
     assert (eval_json.read_bytes() if eval_json.exists() else None) == before
 
 
+def test_a_new_run_into_an_out_folder_removes_the_overlays_of_the_tables_it_replaces(int8_artifact, tiny_data,
+                                                                                      tmp_path):
+    """Overlays of the earlier run stayed beside the new tables: two runs mixed in overlays/."""
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    det = Detector.load(int8_artifact[2].path)
+    out, test = tmp_path / "p", tiny_data / "gray" / "test"
+    first = predict_paths(det, [test], out=out, overlays=True)
+    (out / "overlays" / "mine.png").write_bytes(b"not uadc's")          # the user's file stays
+    second = predict_paths(det, [test / "good"], out=out, overlays=True)
+    pngs = sorted(p.relative_to(out).as_posix() for p in (out / "overlays").rglob("*.png"))
+    assert len(second.records) < len(first.records)
+    assert pngs == sorted([r["overlay"] for r in second.records] + ["overlays/mine.png"])
+    predict_paths(det, [test / "good"], out=out)                          # no overlays this time
+    assert [p.name for p in (out / "overlays").rglob("*.png")] == ["mine.png"]
+
+
 def test_runs_sharing_an_out_folder_take_turns(int8_artifact, tiny_data, tmp_path):
     """Two `uadc predict --out same` at once could leave one run's predictions.jsonl beside the
     other's predictions.csv; the second now waits for the first."""

@@ -293,7 +293,7 @@ def _print_summary(res) -> None:
 @click.option("--category", default=None, help="thresholds to apply (default: each image's folder name if it is "
               "a known category, else the global thresholds)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("predictions"), show_default=True,
-              help="folder for predictions.jsonl / predictions.csv (and overlays/)")
+              help="folder for predictions.jsonl / predictions.csv (and overlays/); an earlier run's are replaced")
 @click.option("--overlays", is_flag=True, help="write PNG heat-map overlays with the mask contour")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True)

@@ -191,6 +191,7 @@ def _describe(skipped: dict[str, int]) -> str:
 
 
 def _write_tables(run: PredictRun, out: Path) -> None:
+    stale = _stale_overlays(out, run)
     # a file name that is not UTF-8 is written as \\xNN in both tables (same text in each)
     records = [{k: printable(v) if isinstance(v, str) else v for k, v in r.items()} for r in run.records]
     lines = "".join(json.dumps(r) + "\n" for r in records)
@@ -201,6 +202,26 @@ def _write_tables(run: PredictRun, out: Path) -> None:
     w.writeheader()
     w.writerows({k: _inert(v) for k, v in r.items()} for r in records)
     run.written.insert(1, atomic_write_text(out / PREDICTIONS_CSV, buf.getvalue()))
+    for p in stale:
+        p.unlink(missing_ok=True)
+
+
+def _stale_overlays(out: Path, run: PredictRun) -> list[Path]:
+    """Overlays that the earlier run's predictions.jsonl in ``out`` names and this run did not write
+    again: they belong to the tables being replaced, and left there they would mix two runs. Only
+    PNG files under ``out/overlays/``; anything else there is not uadc's."""
+    old, root = out / PREDICTIONS_JSONL, (out / "overlays").resolve()
+    if not old.is_file():
+        return []
+    named = set()
+    for line in old.read_text(errors="replace").splitlines():
+        try:
+            named.add(json.loads(line).get("overlay"))
+        except (ValueError, AttributeError):
+            continue
+    named -= {r.get("overlay") for r in run.records}
+    paths = [out / o for o in sorted(n for n in named if isinstance(n, str))]
+    return [p for p in paths if p.suffix == ".png" and root in p.resolve().parents and p.is_file()]
 
 
 def _inert(value: object) -> object:
