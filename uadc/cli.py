@@ -498,7 +498,7 @@ def recipes_list() -> None:
 @recipes.command("show")
 @click.argument("name")
 def recipes_show(name: str) -> None:
-    """Print a recipe (built-in, or a file) with its relative paths made absolute: `uadc recipes show demo > my.yaml`."""
+    """Print a recipe (built-in or a file), relative paths made absolute: `uadc recipes show demo > my.yaml`."""
     from uadc.config.packaged import shown_recipe
     p = shown_recipe(name)
     click.echo(f"# uadc recipe {p.name!r} ({p.path}), its relative paths made absolute: a copy\n"
