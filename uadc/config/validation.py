@@ -49,10 +49,14 @@ def first_error(exc: ValidationError, root: str = "recipe") -> str:
     if kind == "literal_error":
         expected = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
         return f"{loc}: {short(value)} is not one of {expected}"
-    if kind in ("greater_than_equal", "greater_than"):
-        return f"{loc}: {short(value)} is below the minimum {ctx.get('ge', ctx.get('gt'))}"
-    if kind in ("less_than_equal", "less_than"):
-        return f"{loc}: {short(value)} is above the maximum {ctx.get('le', ctx.get('lt'))}"
+    if kind == "greater_than_equal":
+        return f"{loc}: {short(value)} is below the minimum {ctx['ge']}"
+    if kind == "greater_than":    # an open bound: "0 is below the minimum 0.0" read as a contradiction
+        return f"{loc}: must be above {ctx['gt']}, got {short(value)}"
+    if kind == "less_than_equal":
+        return f"{loc}: {short(value)} is above the maximum {ctx['le']}"
+    if kind == "less_than":
+        return f"{loc}: must be below {ctx['lt']}, got {short(value)}"
     if kind == "finite_number" or (isinstance(value, float) and not math.isfinite(value)):
         return f"{loc}: expected a finite number, got {short(value)}"
     if kind == "too_short":
