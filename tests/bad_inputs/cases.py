@@ -356,6 +356,8 @@ CASES: list[Case] = [
     _recipe_case("recipe-split-on-stfpm", "model.split: applies to method paste, not 'stfpm'",   # ignored before
                  model={"split": "blocks.1"}),
     _recipe_case("recipe-students-on-stfpm", "model.students: applies to method us, not 'stfpm'", model={"students": 5}),
+    _recipe_case("recipe-tap-unknown", "unknown feature tap 'blocks.99'",        # left art/<name>/ and a lock before
+                 model={"taps": ["blocks.2", "blocks.99"]}),
     _recipe_case("recipe-taps-twice", "model: taps lists 'blocks.2' twice",
                  model={"taps": ["blocks.2", "blocks.4", "blocks.2"]}),
     _recipe_case("recipe-method-unknown", "model.method: 'bogus' is not one of", model={"method": "bogus"}),

@@ -75,16 +75,17 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
             path = checkpoint_path(recipe, artifacts, cat)
             # read the images first: an unreadable one fails before any folder or lock exists
             images = load_images(torch.utils.data.Subset(data.train, idx), "loading images")
+            seed_everything(recipe.seed)
+            model = make_model(recipe)      # so does a setting the model refuses (an unknown tap)
             with file_lock(path):
-                models.append(_train_one(recipe, data, cat, images, cats, path, on_epoch))
+                models.append(_train_one(recipe, data, cat, images, cats, path, on_epoch, model))
     return TrainResult(recipe.name, recipe.hash, one_class, models)
 
 
 def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, images: torch.Tensor, cats: list[str],
-               path: Path, on_epoch) -> TrainedModel:
-    seed_everything(recipe.seed)
+               path: Path, on_epoch, model: KDModel) -> TrainedModel:
     device = train_device(recipe.train.device)
-    model: KDModel = make_model(recipe).to(device)
+    model = model.to(device)
     banks = [n for n in ("patch_knn", "image_knn") if getattr(model.head, n, None) is not None]
     knn_val = _knn_validation(data, [cat] if cat else cats, banks[0]) if banks else None
     images = images.to(device).contiguous(memory_format=torch.channels_last)  # faster CPU convolutions
