@@ -402,8 +402,13 @@ CASES: list[Case] = [
          setup=lambda e: (e.d / "c.pt").write_bytes(e.s.ckpt.read_bytes()[: e.s.ckpt.stat().st_size // 2])),
     Case("ckpt-random-bytes", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="c.pt",
          setup=text("c.pt", bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))),
-    Case("ckpt-is-folder", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="checkpoint not found",
-         setup=lambda e: (e.d / "c.pt").mkdir()),
+    Case("ckpt-is-folder", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="checkpoint c.pt is a folder",
+         setup=lambda e: (e.d / "c.pt").mkdir()),                             # "not found" before
+    Case("ckpt-a-recipe", COMPILE("--checkpoint", "r.yaml", "--out", "o"),     # "holds objects other than tensors"
+         msg="cannot read checkpoint r.yaml: not a torch checkpoint file (it starts with b'data')",
+         setup=text("r.yaml", "data: {}\n")),
+    Case("ckpt-eval-not-a-file", lambda e: ["eval", str(e.s.recipe), "--checkpoint", "nope"],
+         msg="checkpoint not found: nope"),                                    # evaluated the recipe's own before
     Case("ckpt-missing", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="checkpoint not found"),
     Case("ckpt-no-recipe-key", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="not a uadc checkpoint",
          setup=lambda e: ckpt_blob(e, lambda b: {"state_dict": b["state_dict"]})),

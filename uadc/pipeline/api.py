@@ -20,7 +20,7 @@ from uadc.core.scoped import torch_threads
 from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluate, evaluate_checkpoint, \
     evaluate_one_class, learning_curve
 from uadc.models import KDModel
-from uadc.pipeline.baseline import Baseline, resolve_source
+from uadc.pipeline.baseline import Baseline, names_checkpoint, resolve_source
 from uadc.pipeline.bundle import BundleResult
 from uadc.pipeline.compare import CompareResult
 from uadc.pipeline.compile import CompileOptions, compile_target
@@ -77,7 +77,7 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
         predictor = own(str(model)) if own else ort_predictor(session)
         return _evaluate(predictor, test_arrays(prepare_data(r)), r.eval.batch_size)
     ckpt = Path(model_or_artifact) if isinstance(model_or_artifact, (str, Path)) and \
-        Path(model_or_artifact).suffix in (".pt", ".pth") else None
+        names_checkpoint(model_or_artifact, r) else None      # "--checkpoint nope" fell back to the recipe's
     return evaluate_checkpoint(r, ckpt, artifacts, write=write)
 
 

@@ -50,7 +50,7 @@ def resolve_source(source: Any, recipe: Recipe, artifacts: Path | None = None) -
     """A recipe's own checkpoint, a checkpoint path, or a ``KDModel``; never trains."""
     if isinstance(source, KDModel):
         return ModelSource(source.eval(), None, {"categories": None})
-    if isinstance(source, (str, Path)) and _names_checkpoint(source, recipe):
+    if isinstance(source, (str, Path)) and names_checkpoint(source, recipe):
         model, blob = load_checkpoint(Path(source), recipe)
         return ModelSource(model, Path(source), blob)
     ckpt = checkpoint_path(recipe, artifacts)
@@ -60,16 +60,16 @@ def resolve_source(source: Any, recipe: Recipe, artifacts: Path | None = None) -
     return ModelSource(model, ckpt, blob)
 
 
-def _names_checkpoint(source: str | Path, recipe: Recipe) -> bool:
-    """A path is a checkpoint unless it names the recipe itself (``--checkpoint x.bin`` must not
-    silently fall back to the recipe's own checkpoint)."""
+def names_checkpoint(source: str | Path, recipe: Recipe) -> bool:
+    """A path is a checkpoint unless it names the recipe itself (``--checkpoint x.bin``, or another
+    recipe's YAML, must not silently fall back to the recipe's own checkpoint)."""
     p = Path(source)
     if p.suffix in (".pt", ".pth"):
         return True
-    if p.suffix in (".yaml", ".yml") or str(source) == recipe.name:
+    if str(source) == recipe.name:
         return False
     if recipe.path is None:
-        return True
+        return p.suffix not in (".yaml", ".yml")
     from uadc.config.packaged import resolve_recipe_path
     try:  # the recipe's own file, or a built-in recipe's name
         return resolve_recipe_path(source).resolve() != Path(recipe.path).resolve()

@@ -53,11 +53,17 @@ def save_checkpoint(path: Path, model: KDModel, recipe: Recipe, history: list[di
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's dict, loaded without running any code it may carry."""
     path = Path(path)
+    if path.is_dir():
+        raise UadcError(f"checkpoint {path} is a folder; give its checkpoint file (checkpoint.pt)")
     if not path.is_file():
         hint = "uadc train --one-class" if ONE_CLASS_DIR in path.parts else "uadc train"   # per-category models
         raise UadcError(f"checkpoint not found: {path} (run `{hint}` first)")
     if path.stat().st_size > MAX_CHECKPOINT_BYTES:
         raise UadcError(f"checkpoint {path} is larger than {MAX_CHECKPOINT_BYTES >> 30} GiB")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head and head[:1] != b"\x80" and head != b"PK\x03\x04":     # neither torch's zip nor a pickle: a recipe?
+        raise UadcError(f"cannot read checkpoint {path}: not a torch checkpoint file (it starts with {head!r})")
     try:
         with warnings.catch_warnings():  # torch's pickle-protocol notes are not for the user
             warnings.simplefilter("ignore")
