@@ -3,6 +3,8 @@ in-process evaluation, and ``uadc predict`` over folders."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -160,7 +162,9 @@ def test_predict_cli_writes_predictions_and_overlays(int8_artifact, tmp_path, ti
     assert [r for r in rows if "error" in r][0]["path"] == str(broken)
     np.testing.assert_allclose([by_path[q]["score"] for q in paths], scores, atol=1e-5)
     assert {r["category"] for r in by_path.values()} == {"stripes"}      # from the folder name
-    assert (out / "predictions.csv").read_text().count("\n") == len(paths) + 1
+    csv_rows = list(csv.DictReader(io.StringIO((out / "predictions.csv").read_text())))
+    assert len(csv_rows) == len(paths) + 1                 # the unreadable one too (only in the JSONL before)
+    assert [(r["path"], r["verdict"]) for r in csv_rows if r["error"]] == [(str(broken), "error")]
     overlays = sorted((out / "overlays").rglob("*.png"))
     assert len(overlays) == len(paths) and Image.open(overlays[0]).size == (64, 64)
 
@@ -371,7 +375,7 @@ def test_file_names_that_are_not_utf8_are_written_as_escapes(int8_artifact, tmp_
     assert row["path"] == str(cam / "caf\\xe9.png") and row["overlay"] == "overlays/cam/caf\\xe9.png"
     assert (tmp_path / "out" / row["overlay"]).is_file()
     csv_row = (tmp_path / "out" / "predictions.csv").read_text(encoding="utf-8").splitlines()[1]
-    assert csv_row.startswith(row["path"] + ",gray,") and csv_row.endswith(row["overlay"])
+    assert csv_row.startswith(row["path"] + ",gray,") and csv_row.endswith(row["overlay"] + ",")   # no error
     assert len(run.records) == 1
 
 

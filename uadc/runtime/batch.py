@@ -24,7 +24,7 @@ from uadc.runtime.detector import Detector, Prediction
 from uadc.runtime.preprocess import load_rgb
 
 CSV_FIELDS = ("path", "category", "score", "normalized_score", "label", "verdict", "threshold", "mask_fraction",
-              "latency_ms", "overlay")
+              "latency_ms", "overlay", "error")   # an image that could not be read: verdict "error", the reason
 
 
 @dataclass
@@ -200,7 +200,8 @@ def _write_tables(run: PredictRun, out: Path) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
-    w.writerows({k: _inert(v) for k, v in r.items()} for r in records)
+    failed = [{"path": printable(p), "verdict": "error", "error": printable(e)} for p, e in run.failed]
+    w.writerows({k: _inert(v) for k, v in r.items()} for r in records + failed)   # a CSV reader sees them too
     run.written.insert(1, atomic_write_text(out / PREDICTIONS_CSV, buf.getvalue()))
     for p in stale:
         p.unlink(missing_ok=True)
