@@ -169,6 +169,18 @@ def test_predict_cli_writes_predictions_and_overlays(int8_artifact, tmp_path, ti
     assert len(overlays) == len(paths) and Image.open(overlays[0]).size == (64, 64)
 
 
+def test_an_image_over_pillows_warning_limit_predicts_without_its_warning(int8_artifact, tmp_path):
+    """A 92-megapixel image (1-2x Pillow's pixel limit: read, resized) printed Pillow's
+    DecompressionBombWarning on stderr; uadc's lines only now."""
+    big = tmp_path / "in" / "big.png"
+    big.parent.mkdir()
+    Image.new("L", (9600, 9600), 128).save(big)
+    p = subprocess.run([PY, "-m", "uadc.cli", "predict", str(int8_artifact[2].path), str(big.parent), "--out",
+                        str(tmp_path / "out"), "--category", "gray"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert "DecompressionBomb" not in p.stderr and p.stdout.startswith("1 images"), p.stderr
+
+
 def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp_path, tiny_data, monkeypatch):
     """Pointing predict at an MVTec category folder scores its images, not its ground_truth masks;
     a later run over a folder that holds an earlier run's output (overlays are PNGs) does not score

@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -84,6 +85,9 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     root.propagate = False
     set_progress(False if quiet else None)   # None: bars only when stderr is a terminal
+    # Pillow warns on stderr about images of 1-2x its pixel limit; uadc reads them (each is resized to the
+    # model's size) and refuses larger ones in one line, so the warning is noise (this is the CLI's process)
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
 
 
 def json_output(f):
@@ -173,19 +177,6 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
     return res
 
 
-def _partitions(value: str | None) -> list[str] | None:
-    """``a,b`` -> [a, b]; an empty item (``,``) is a user error, not "the default"; so is one given twice."""
-    if value is None:
-        return None
-    from uadc.config.validation import listed_twice
-    items = [p.strip() for p in value.split(",")]
-    if not items or any(not p for p in items):
-        raise UadcError(f"expected a comma-separated list without empty items, got {value!r}")
-    if listed_twice(repr(value), items):
-        raise UadcError(listed_twice(repr(value), items))
-    return items
-
-
 @main.command("compile")
 @recipe_arg
 @click.option("--target", default=None, help="ort-cpu-fp32, ort-cpu-int8, openvino-cpu-fp32, openvino-cpu-int8, "
@@ -217,6 +208,7 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
                 postprocess, artifacts, precision) -> None:
     """Export, run the target's passes, verify with Polygraphy and write the artifact folder."""
     from uadc.config.recipe import load_recipe
+    from uadc.config.validation import comma_list
     from uadc.pipeline import api
     from uadc.training.checkpoint import checkpoint_path
     r = load_recipe(recipe)
@@ -232,7 +224,7 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
     from uadc.quant.qat.run import load_qat_model
     qat_model = load_qat_model(r, target, artifacts) if from_qat else None
     res = api.compile(checkpoint or r, target, recipe=r, calibration=calib_data, calibrator=calibrator,
-                      calib_samples=calib_samples, quantize=_partitions(quantize), per_channel=per_channel, out=out,
+                      calib_samples=calib_samples, quantize=comma_list(quantize), per_channel=per_channel, out=out,
                       force=force, dump_passes=dump_passes, split=split, build_engine=build_engine,
                       evaluate=not no_eval, qat_model=qat_model, artifacts=artifacts, postprocess=postprocess,
                       precision=precision)
@@ -350,9 +342,10 @@ def calibrators_list() -> None:
 def calibrators_compare(recipe: Path, target, names, sources, calib_samples, quantize, out, use_ray, address,
                         artifacts) -> None:
     """Compile every calibrator x data cell (a sweep); print image/pixel AUROC and drop vs FP32."""
+    from uadc.config.validation import comma_list
     from uadc.pipeline import api
-    res = api.compare_calibrators(recipe, target, _partitions(names), _partitions(sources),
-                                  calib_samples=calib_samples, quantize=_partitions(quantize), out=out,
+    res = api.compare_calibrators(recipe, target, comma_list(names), comma_list(sources),
+                                  calib_samples=calib_samples, quantize=comma_list(quantize), out=out,
                                   artifacts=artifacts, ray=use_ray, address=address)
     click.echo(res.markdown)
 

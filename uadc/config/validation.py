@@ -1,4 +1,5 @@
-"""One wording for pydantic's validation errors: ``key.path[i]: what was expected, got what``."""
+"""One wording for user-input errors: pydantic's validation errors (``key.path[i]: what was expected, got
+what``), a value listed twice, a command-line comma list."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import reprlib
 from typing import Any
 
 from pydantic import ValidationError
+
+from uadc.core.errors import UadcError
 
 
 def short(value: Any) -> str:
@@ -25,6 +28,19 @@ def listed_twice(name: str, items: "list | tuple") -> str | None:
         if v in items[:i]:
             return f"{name} lists {v!r} twice"
     return None
+
+
+def comma_list(value: str | None) -> list[str] | None:
+    """A command-line ``a,b`` -> [a, b]; an empty item (``,``) is a user error, not "the default";
+    so is one given twice."""
+    if value is None:
+        return None
+    items = [p.strip() for p in value.split(",")]
+    if not items or any(not p for p in items):
+        raise UadcError(f"expected a comma-separated list without empty items, got {value!r}")
+    if listed_twice(repr(value), items):
+        raise UadcError(listed_twice(repr(value), items))
+    return items
 
 
 def first_error(exc: ValidationError, root: str = "recipe") -> str:
