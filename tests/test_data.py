@@ -72,6 +72,21 @@ def test_masks_named_as_other_mvtec_style_datasets_name_them(data):
         list_test_samples(data, "a")
 
 
+def test_images_in_subfolders_of_train_good_are_named_in_a_warning(data, caplog):
+    """train/good/cam1/*.png (one folder per camera) was left out of training without a word."""
+    good = data / "a" / "train" / "good"
+    (good / "cam1").mkdir()
+    shutil.copy(good / "000.png", good / "cam1" / "x.png")
+    shutil.copy(good / "000.png", good / "cam1" / "y.png")
+    (good / ".ipynb_checkpoints").mkdir()
+    shutil.copy(good / "000.png", good / ".ipynb_checkpoints" / "z.png")      # hidden: not counted
+    with caplog.at_level("WARNING", logger="uadc.data.mvtec"):
+        train = build_train_set([(data, "a")], 32, NORM)
+    assert len(train) == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{good}: 2 images in its subfolders are not read (the MVTec layout keeps them directly in the folder)"]
+
+
 def test_normalisation(data):
     ds = build_train_set(resolve_sources([{"root": str(data), "categories": ["a"]}]), 16, NORM)
     x = ds[0]["image"].numpy()

@@ -9,6 +9,7 @@ mask, mask size mismatch) is a ``UadcError`` naming the file.
 
 from __future__ import annotations
 
+import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ from uadc.core.errors import UadcError
 from uadc.core.images import IMAGE_EXTS, check_utf8_name, eight_bit, is_hidden, open_image
 from uadc.core.manifest import GLOBAL
 
+log = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class Sample:
     path: Path
@@ -37,7 +41,15 @@ class Sample:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not is_hidden(p.name))
+    """The images directly in ``folder`` (the MVTec layout); images in its subfolders (one per camera,
+    a copy nested one level too deep) are not read, and a warning counts them."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not is_hidden(p.name))
+    nested = sum(1 for p in folder.rglob("*") if p.parent != folder and p.suffix.lower() in IMAGE_EXTS
+                 and not any(is_hidden(x) for x in p.relative_to(folder).parts))
+    if nested:
+        log.warning("%s: %d images in its subfolders are not read (the MVTec layout keeps them directly in "
+                    "the folder)", folder, nested)
+    return files
 
 
 def _category_dir(root: Path, category: str) -> Path:
