@@ -56,6 +56,18 @@ def test_readme_python_api_example_runs(trained, monkeypatch):
     assert not int8.latency.emulated
 
 
+def test_training_is_deterministic_whatever_the_callers_random_state(tiny_data, tmp_path):
+    from conftest import write_recipe
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_data, train={"epochs": 1, "threads": 1})
+    weights = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        ckpt = uadc.train(recipe, artifacts=tmp_path / f"art{caller_seed}").checkpoints[0]
+        weights.append(torch.load(ckpt, weights_only=False)["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_compile_without_checkpoint_is_one_line_error_and_trains_nothing(recipe_factory, tmp_path):
     art = tmp_path / "art"
     with pytest.raises(UadcError) as e:

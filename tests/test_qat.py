@@ -127,6 +127,8 @@ def qat_run(tmp_path_factory, tiny_data):
     path = write_recipe(d / "tiny.yaml", tiny_data, train={"epochs": 4, "threads": 1},
                         qat={"epochs": 3, "lr": 0.001, "batch_size": 8})
     recipe, art = load_recipe(path), d / "artifacts"
+    expected = _global_draws(1234)  # the caller's streams, untouched by uadc below
+    _global_draws(1234, draw=False)
     api.train(path, artifacts=art)
     base = api.baseline(recipe, artifacts=art)
     opts = QatOptions(TARGET)
@@ -135,7 +137,24 @@ def qat_run(tmp_path_factory, tiny_data):
         images = load_images(base.data.train, "loading images")
         result = run_qat(recipe, opts, base.fp32, base.model, images,
                          base.calibration_images(ptq.calib_data, ptq.calib_samples), base.checkpoint, art)
-    return {"recipe_path": path, "recipe": recipe, "art": art, "baseline": base, "result": result}
+    return {"recipe_path": path, "recipe": recipe, "art": art, "baseline": base, "result": result,
+            "streams_kept": _global_draws() == expected}
+
+
+def _global_draws(seed: int | None = None, draw: bool = True) -> tuple | None:
+    """Seed (if given) Python's, NumPy's and torch's global generators, then draw from each."""
+    import random
+    if seed is not None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+    return (random.random(), float(np.random.random()), float(torch.rand(1))) if draw else None
+
+
+def test_training_and_qat_leave_the_callers_random_streams_alone(qat_run):
+    # both seed the generators a model's initialisation draws from; a pipeline's own seeded
+    # stream was reset to the recipe's seed by every uadc.train call
+    assert qat_run["streams_kept"]
 
 
 def _probe(base, n: int = 4) -> torch.Tensor:

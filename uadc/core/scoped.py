@@ -44,6 +44,26 @@ def torch_threads(threads: int | None) -> Iterator[int]:
 
 
 @contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block from ``seed`` on Python's, NumPy's and torch's global generators (a model's
+    initialisation and dropout draw from them); the caller's streams come back on exit."""
+    import random
+
+    import torch
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
 def quiet_third_party() -> Iterator[io.StringIO]:
     """Capture what third-party code prints to stdout/stderr (and its warnings) for the block.
 

@@ -98,7 +98,8 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
         raise UadcError(f"checkpoint {path} was trained with different data/model settings than "
                         f"recipe {recipe.path or recipe.name} ({where}); retrain with `uadc train`")
     check_finite_weights(blob["state_dict"], path)
-    model = make_model(trained)
+    with torch.random.fork_rng():  # its random initialisation is overwritten: leave the caller's stream
+        model = make_model(trained)
     try:
         model.load_state_dict(blob["state_dict"])
     except (RuntimeError, KeyError, TypeError) as exc:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from typing import Callable
 
@@ -22,12 +21,6 @@ from uadc.models.dcam import build_dcam
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, KDModel], "dict | None"]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @torch.no_grad()

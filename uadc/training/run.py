@@ -16,12 +16,12 @@ from uadc.config.recipe import Recipe
 from uadc.core.errors import UadcError
 from uadc.core.io import check_writable, file_lock
 from uadc.core.progress import progress
-from uadc.core.scoped import torch_threads
+from uadc.core.scoped import seeded, torch_threads
 from uadc.data.prepare import RecipeData, prepare_data
 from uadc.models import KDModel
 from uadc.models.profile import model_stats, peak_rss_mb
 from uadc.training.checkpoint import checkpoint_path, make_model, save_checkpoint
-from uadc.training.fit import EpochCallback, fit, fit_image_knn, fit_patch_knn, seed_everything
+from uadc.training.fit import EpochCallback, fit, fit_image_knn, fit_patch_knn
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,10 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
             path = checkpoint_path(recipe, artifacts, cat)
             # read the images first: an unreadable one fails before any folder or lock exists
             images = load_images(torch.utils.data.Subset(data.train, idx), "loading images")
-            seed_everything(recipe.seed)
-            model = make_model(recipe)      # so does a setting the model refuses (an unknown tap)
-            with file_lock(path):
-                models.append(_train_one(recipe, data, cat, images, cats, path, on_epoch, model))
+            with seeded(recipe.seed):       # the caller's random streams come back afterwards
+                model = make_model(recipe)  # a setting the model refuses (an unknown tap) fails here too
+                with file_lock(path):
+                    models.append(_train_one(recipe, data, cat, images, cats, path, on_epoch, model))
     return TrainResult(recipe.name, recipe.hash, one_class, models)
 
 

@@ -17,6 +17,7 @@ from uadc.config.settings import PtqSettings, resolve_ptq
 from uadc.config.targets import QAT_TARGETS, Target, get_target
 from uadc.core.errors import UadcError
 from uadc.core.io import atomic_dir, atomic_write_json
+from uadc.core.scoped import seeded
 from uadc.passes.pipeline import PassContext, run_passes
 from uadc.quant.calibrate import calibrate_ranges
 from uadc.quant.qat.export import export_check, learned_params, with_weights
@@ -106,22 +107,20 @@ def run_qat(recipe: Recipe, opts: QatOptions, fp32: onnx.ModelProto, model, trai
 
     ``fp32``: the simplified FP32 export; ``model``: the trained torch model; ``train_images``:
     the normalised training images; ``calib_images``: PTQ calibration images."""
-    from uadc.training.fit import seed_everything
-
     target = check_target(opts.target)
     t_start = time.time()
     st, ptq = qat_settings(recipe, opts, target)
     ptq_model, calibrated, ctx = ptq_init(fp32, calib_images, target, ptq)
     net, placement = build_qat_net(fp32, ptq_model, st["quantize"], opts.learn_scales)
-    seed_everything(recipe.seed)
-    model = model.eval()
-    order = loss_order(net, model, train_images[:PROBE_IMAGES])
-    data = prepare_qat_data(net, train_images, recipe.train.cache_teacher)
-    losses = {"ptq_loss": mean_loss(net, model, order, data, st["batch_size"])}
-    log.info("qat: %d activation quantizers, %d quantized weights; PTQ loss %.4f",
-             len(placement.acts), len(placement.weight_edges), losses["ptq_loss"])
-    history = fine_tune(net, model, order, data, st["epochs"], st["lr"], st["batch_size"], recipe.seed)
-    losses["final_loss"] = mean_loss(net, model, order, data, st["batch_size"])
+    with seeded(recipe.seed):  # the caller's random streams come back afterwards
+        model = model.eval()
+        order = loss_order(net, model, train_images[:PROBE_IMAGES])
+        data = prepare_qat_data(net, train_images, recipe.train.cache_teacher)
+        losses = {"ptq_loss": mean_loss(net, model, order, data, st["batch_size"])}
+        log.info("qat: %d activation quantizers, %d quantized weights; PTQ loss %.4f",
+                 len(placement.acts), len(placement.weight_edges), losses["ptq_loss"])
+        history = fine_tune(net, model, order, data, st["epochs"], st["lr"], st["batch_size"], recipe.seed)
+        losses["final_loss"] = mean_loss(net, model, order, data, st["batch_size"])
     ctx.quant_params = learned_params(net)
     qat_model, _ = run_passes(with_weights(fp32, net.net.weights()), ["qdq", "partition_check"], ctx)
     summary = _summary(recipe, checkpoint, target, st, losses, history, order, net, calibrated)
