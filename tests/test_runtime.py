@@ -93,6 +93,8 @@ def test_16_bit_images_equal_the_training_loader_and_float_ones_are_refused_alik
     for read in (lambda: load_image(tmp_path / "f.tif", 64), lambda: preprocess(tmp_path / "f.tif", pre)):
         with pytest.raises(UadcError, match="mode F"):
             read()
+    with pytest.raises(UadcError, match=r"^unsupported image \(a PIL image\): 32-bit float"):   # was 'image image'
+        preprocess(Image.open(tmp_path / "f.tif"), pre)
 
 
 def test_importing_the_runtime_loads_no_torch():
@@ -357,6 +359,13 @@ def test_detector_takes_encoded_bytes_and_a_category_per_image_and_refuses_silen
             det.predict([f, f], category=cat)
     with pytest.raises(UadcError, match="unknown category 'nope'"):
         det.predict([f, f], category=["gray", "nope"])
+    for cat in (3, {"gray"}):    # a TypeError from list(3) before; a set has no order to pair with images
+        with pytest.raises(UadcError, match="^category: a name or None for one image, got "):
+            det.predict(f, category=cat)
+        with pytest.raises(UadcError, match="one name for all images or one per image"):
+            det.predict([f, f], category=cat)
+    with pytest.raises(UadcError, match="a folder, not an image file"):     # said 'not a regular file'
+        det.predict(f.parent)
     size = det.image_size
     bad = {"empty": np.zeros((0, 0, 3), np.uint8), "must be finite and in \\[0, 1\\], got 0..255":
            np.linspace(0, 255, size * size * 3, dtype=np.float32).reshape(size, size, 3),

@@ -32,7 +32,8 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
     one ``unreadable <what> PATH: ...`` UadcError; UadcErrors raised inside pass unchanged. A path
     that is no regular file (a named pipe would block the open forever) is refused first."""
     if isinstance(path, (str, Path)) and os.path.exists(path) and not os.path.isfile(path):
-        raise UadcError(f"unreadable {what} {path}: not a regular file")
+        raise UadcError(f"unreadable {what} {path}: " + ("a folder, not an image file" if os.path.isdir(path)
+                                                           else "not a regular file"))
     try:
         with Image.open(path) as im:
             yield im

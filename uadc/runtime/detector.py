@@ -235,10 +235,11 @@ class Detector:
     def _per_image(category: Any, n: int, single: bool) -> list[str | None]:
         if category is None or isinstance(category, str):
             return [category] * n
-        cats = list(category)
-        if single or len(cats) != n or not all(c is None or isinstance(c, str) for c in cats):
-            raise UadcError(f"category: one name for all images or one per image (a list of {n} names "
-                            f"or None), got {category!r}"[:300])
+        cats = list(category) if isinstance(category, (list, tuple)) else None   # not a number, a set
+        if cats is None or single or len(cats) != n or not all(c is None or isinstance(c, str) for c in cats):
+            want = "a name or None for one image" if single else \
+                f"one name for all images or one per image (a list of {n} names or None)"
+            raise UadcError(f"category: {want}, got {category!r}"[:300])
         return cats
 
     def __repr__(self) -> str:

@@ -19,7 +19,7 @@ from uadc.core.manifest import Preprocessing
 _FILTERS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC}
 
 
-def _from_pil(im: Image.Image, pre: Preprocessing, source: Any = "image") -> np.ndarray:
+def _from_pil(im: Image.Image, pre: Preprocessing, source: Any = "(a PIL image)") -> np.ndarray:
     im = eight_bit(im, source).convert(pre.color)
     size = pre.image_size
     if im.size != (size, size):
