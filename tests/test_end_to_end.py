@@ -83,5 +83,10 @@ def test_compile_jetson_int8_bundle(trained):
     assert "not built" in report["engine"]["status"]
     for f in ("model.onnx", "model_fp32.onnx", "calibration.cache", "build_engine.sh", "README.md"):
         assert (out / f).is_file(), f
-    res = CliRunner().invoke(main, ["check-trt", str(out / "model.onnx")])
-    assert res.exit_code == 0 and "0 violations" in res.output
+    for given in (out / "model.onnx", out):     # the artifact folder reads its model.onnx ('model not found' before)
+        res = CliRunner().invoke(main, ["check-trt", str(given)])
+        assert res.exit_code == 0 and "0 violations of TensorRT Q/DQ rules\n" in res.output, res.output
+    res = CliRunner().invoke(main, ["check-trt", str(out / "model_fp32.onnx")])  # passes, but checks nothing
+    assert res.exit_code == 0 and "0 violations of TensorRT Q/DQ rules (it has no Q/DQ nodes)" in res.output
+    res = CliRunner().invoke(main, ["check-trt", str(art)])
+    assert res.exit_code == 2 and f"{art}: a folder without model.onnx" in res.output

@@ -22,6 +22,7 @@ import click
 
 from uadc import __version__
 from uadc.config.targets import QAT_TARGETS
+from uadc.core.constants import MODEL_FILE
 from uadc.core.errors import UadcError
 
 log = logging.getLogger("uadc")
@@ -452,11 +453,15 @@ def bundle_cmd(artifact: Path, out: Path, force: bool):
 @main.command("check-trt")
 @click.argument("model", type=click.Path(path_type=Path))
 def check_trt(model: Path) -> None:
-    """List every violation of TensorRT's explicit-quantization (Q/DQ) rules in an ONNX model."""
+    """List every violation of TensorRT's explicit-quantization (Q/DQ) rules in an ONNX model (or artifact folder)."""
     from uadc.backends.tensorrt.rules import check_trt_rules, format_violations
     from uadc.export.onnx_export import load_onnx
-    violations = check_trt_rules(load_onnx(model))
-    click.echo(format_violations(violations) if violations else f"{model}: 0 violations of TensorRT Q/DQ rules")
+    if model.is_dir() and not (model / MODEL_FILE).is_file():
+        raise UadcError(f"{model}: a folder without {MODEL_FILE}; give an ONNX file or an artifact folder")
+    onnx_model = load_onnx(model / MODEL_FILE if model.is_dir() else model)
+    violations = check_trt_rules(onnx_model)
+    none = "" if any(n.op_type == "QuantizeLinear" for n in onnx_model.graph.node) else " (it has no Q/DQ nodes)"
+    click.echo(format_violations(violations) if violations else f"{model}: 0 violations of TensorRT Q/DQ rules{none}")
     sys.exit(1 if violations else 0)
 
 
