@@ -82,6 +82,11 @@ def test_cli_recipes_list_and_show():
     assert res.exit_code == 0, res.output
     demo = next(line for line in res.output.splitlines() if line.startswith("demo "))
     assert "[data found]" in demo
+    # each summary is the header's first sentence, whole (it was the first comment line, cut mid-sentence)
+    for r in packaged_recipes():
+        assert r.summary.endswith((".", "!", "?")) and r.summary.count("(") == r.summary.count(")"), r.summary
+    default = next(r for r in packaged_recipes() if r.name == "stfpm_effnet_lite0")
+    assert default.summary.endswith("Magnetic-tile, Hazelnut-Toy).")
     res = CliRunner().invoke(main, ["recipes", "show", "demo"])
     assert res.exit_code == 0, res.output
     assert yaml.safe_load(res.output)["data"]["sources"][0]["root"] == str(DEMO_DATA.resolve())

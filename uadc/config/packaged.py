@@ -108,15 +108,17 @@ def _stem(name: str) -> str:
 
 
 def _summary(path: Path) -> str:
+    """The first sentence of the recipe's leading comment block (whole, not cut at a line end)."""
+    lines = []
     try:
         for line in path.read_text().splitlines():
-            if line.startswith("#"):
-                return line.lstrip("#").strip()
-            if line.strip():
+            if not line.startswith("#"):
                 break
+            lines.append(line.lstrip("#").strip())
     except (OSError, UnicodeDecodeError):
         pass
-    return ""
+    text = " ".join(x for x in lines if x)
+    return re.split(r"(?<=[.!?])\s+(?=[A-Z(`])", text, maxsplit=1)[0].strip()
 
 
 __all__ = ["PackagedRecipe", "packaged_recipe", "packaged_recipes", "recipes_dir", "resolve_recipe_path",
