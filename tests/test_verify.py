@@ -164,6 +164,9 @@ def test_verify_passes_on_the_artifact_itself_and_json_keys_are_stable(artifacts
     for key in d:
         assert f"`{key}`" in section, f"JSON key {key!r} not documented in README's Regression gate section"
     assert (tmp_path / "v.md").read_text().startswith("# uadc verify: PASS")
+    # `--json -`: the JSON alone on stdout, for a pipeline to read (it wrote a file named '-' before)
+    r = CliRunner().invoke(main, ["verify", str(fp32), "--json", "-"])
+    assert r.exit_code == 0 and json.loads(r.stdout).keys() == d.keys() and not (Path.cwd() / "-").exists()
 
 
 def test_verify_fails_an_injected_regression_with_exit_1(artifacts, tmp_path):
@@ -203,7 +206,8 @@ def test_report_paths_replace_only_earlier_reports_and_are_checked_before_the_wo
         for out, why in ((["--json", str(model)], "was not written by uadc verify or diff"),
                          (["--markdown", str(notes)], "was not written by uadc verify or diff"),
                          (["--json", str(tmp_path)], "was not written by uadc verify or diff"),
-                         (["--json", str(tmp_path / "x"), "--markdown", str(tmp_path / "x")], "name the same file")):
+                         (["--json", str(tmp_path / "x"), "--markdown", str(tmp_path / "x")], "name the same file"),
+                         (["--markdown", "-"], "the Markdown report is on stdout already")):
             r = CliRunner().invoke(main, cmd + out)
             assert r.exit_code == 2 and why in r.output, (cmd, out, r.output)
     assert not calls and {f: f.read_bytes() for f in before} == before

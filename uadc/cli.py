@@ -381,9 +381,10 @@ def _gate_options(f):
         click.option("--recipe", type=click.Path(path_type=Path), default=None,
                      help="take budgets from this recipe's verify: section (default: the ones stored at compile)"),
         click.option("--normal-only", is_flag=True, help="judge on normal images only (no labelled test images)"),
-        click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="write the JSON report"),
+        click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+                     help="write the JSON report (-: on stdout instead of the Markdown)"),
         click.option("--markdown", "md_out", type=click.Path(path_type=Path), default=None,
-                     help="write the Markdown report"),
+                     help="write the Markdown report (also on stdout)"),
         click.option("--threads", type=click.IntRange(min=1, max=1024), default=None)]):
         f = opt(f)
 
@@ -397,11 +398,10 @@ def _gate_options(f):
 
 def _gate_report(res, json_out: Path | None, md_out: Path | None) -> None:
     from uadc.core.io import atomic_write_text
-    if json_out:
-        atomic_write_text(json_out, res.to_json())
-    if md_out:
-        atomic_write_text(md_out, res.to_markdown())
-    click.echo(res.to_markdown(), nl=False)
+    for path, text in ((json_out, res.to_json), (md_out, res.to_markdown)):
+        if path and str(path) != "-":
+            atomic_write_text(path, text())
+    click.echo(res.to_json() if str(json_out) == "-" else res.to_markdown(), nl=False)   # `--json -`: JSON alone
     for line in res.failures:
         click.echo(f"REGRESSION: {line}", err=True)
     click.echo(f"{res.kind}: {'PASS' if res.passed else 'REGRESSION'} ({len(res.failures)} figure(s) out of budget; "

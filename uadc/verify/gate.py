@@ -45,7 +45,9 @@ def check_report_paths(json_out: Path | None, md_out: Path | None) -> None:
     their kind, never another file (an artifact's model.onnx, a user's notes) or each other."""
     if json_out and md_out and Path(json_out).absolute() == Path(md_out).absolute():
         raise UadcError(f"--json and --markdown name the same file: {json_out}")
-    if json_out:
+    if str(md_out) == "-":
+        raise UadcError("--markdown -: the Markdown report is on stdout already (or `--json -` puts the JSON there)")
+    if json_out and str(json_out) != "-":   # `-`: stdout
         check_own_file(Path(json_out), lambda head: bool(_OWN_JSON.match(head)), "uadc verify or diff (--json)")
     if md_out:
         check_own_file(Path(md_out), lambda head: bool(_OWN_MARKDOWN.match(head)), "uadc verify or diff (--markdown)")
