@@ -101,5 +101,5 @@ def test_sigterm_while_writing_removes_the_temp_and_says_so(setup):
     when = kill_when(p, 120.0, art / recipe.stem, signal.SIGTERM)
     _, err = p.communicate()
     assert when == "while writing" and p.returncode == 143, (when, err[-2000:])
-    assert err.strip().splitlines()[-1] == "terminated (SIGTERM); no artifact was written for the unfinished step"
+    assert err.strip().splitlines()[-1] == "terminated (SIGTERM); nothing was written for the unfinished step"
     assert not temps_under(art) and not (art / recipe.stem / TARGET).exists()

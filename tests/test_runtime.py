@@ -273,6 +273,34 @@ def test_a_new_run_into_an_out_folder_removes_the_overlays_of_the_tables_it_repl
     assert [p.name for p in (out / "overlays").rglob("*.png")] == ["mine.png"]
 
 
+def test_a_run_stopped_half_way_leaves_the_out_folder_as_it_was(int8_artifact, tiny_data, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) half-way through `uadc predict --overlays` left the overlays written so far
+    beside the earlier run's tables, some of them overwritten: two runs mixed, no table naming them."""
+    from uadc.runtime import Detector, batch
+    det = Detector.load(int8_artifact[2].path)
+    out, test = tmp_path / "p", tiny_data / "gray" / "test"
+    batch.predict_paths(det, [test / "good"], out=out, overlays=True)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    made = []
+    real = batch.overlay
+
+    def stop_at_the_third(*args):
+        made.append(1)
+        if len(made) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(batch, "overlay", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        batch.predict_paths(det, [test], out=out, overlays=True, batch_size=1)
+    assert len(made) == 3 and {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".overlays")]    # no staging folder left
+    monkeypatch.undo()
+    run = batch.predict_paths(det, [test], out=out, overlays=True)
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "overlays").rglob("*.png")) == \
+        sorted(r["overlay"] for r in run.records) and all(p.is_file() for p in run.written)
+
+
 def test_runs_sharing_an_out_folder_take_turns(int8_artifact, tiny_data, tmp_path):
     """Two `uadc predict --out same` at once could leave one run's predictions.jsonl beside the
     other's predictions.csv; the second now waits for the first."""

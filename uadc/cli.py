@@ -37,7 +37,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def exit_on_user_error(interrupted: str = "interrupted; no artifact was written for the unfinished step"
+def exit_on_user_error(interrupted: str = "interrupted; nothing was written for the unfinished step"
                        ) -> Iterator[None]:
     """A UadcError becomes one ``error: ...`` line (on its own line) and its exit code; Ctrl-C
     (130) and SIGTERM (143) remove the unfinished step's temps and say so in one line."""

@@ -9,6 +9,8 @@ Promises (README "Guarantees"):
 - temp names carry the writer's pid, so concurrent writers never share one, and temps left by a
   killed process (pid gone) are removed by the next writer in the same folder;
 - concurrent writers of one destination are serialised by a file lock;
+- files added to a folder one by one (predict's overlays) are staged beside it and moved in only
+  once all are written, so a run stopped half-way adds none;
 - folders are created with the default umask (readable by a deploy account), never 0700.
 """
 
@@ -255,6 +257,28 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
             raise UadcError(f"cannot write {final}: {exc.strerror or exc}") from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_files(final: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``final``; on success each file in it moves to the same
+    relative path under ``final`` (created if need be; other files there stay). On failure or
+    interruption the temp folder is removed and ``final`` is untouched: a run stopped half-way
+    leaves none of the files it added one by one (predict's overlays)."""
+    final = Path(final)
+    ensure_dir(final.parent)
+    clean_stale_temps(final.parent)
+    tmp = _tmp_name(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            ensure_dir(final / f.parent.relative_to(tmp))
+            os.replace(f, final / f.relative_to(tmp))
+    except OSError as exc:  # disk full, quota, ...: one line
+        raise UadcError(f"cannot write {final}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def contained(root: Path, name: str, what: str = "name") -> Path:

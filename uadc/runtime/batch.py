@@ -4,6 +4,7 @@ skipped; the run goes on."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -17,7 +18,7 @@ from PIL import Image
 from uadc.core.constants import PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError
 from uadc.core.images import find_images, printable
-from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, ensure_dir, file_lock
+from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, file_lock, staged_files
 from uadc.core.manifest import infer_category
 from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction
@@ -138,9 +139,24 @@ def _predict(detector: Detector, inputs: Sequence[Path], category: str | None, o
     if category is not None:
         detector.thresholds(category)
     run = PredictRun([], [], Path(out) if out else None, left_out=found.skipped)
-    if out and overlays:
-        ensure_dir(Path(out) / "overlays")
-        names = overlay_names(files, roots)
+    names = overlay_names(files, roots) if out and overlays else {}
+    # overlays move into out/overlays/ once every image ran: a run stopped half-way leaves none of them
+    with staged_files(Path(out) / "overlays") if names else contextlib.nullcontext() as stage:
+        _run_images(detector, files, category, infer, batch_size, run, stage, names)
+    n_global = sum(r["category"] is None for r in run.records)
+    if n_global and len(detector.categories) > 1:
+        run.warnings.append(f"{n_global} of {len(run.records)} images are in no folder named after a category "
+                            f"({', '.join(detector.categories)}): they were judged at the global thresholds, set on "
+                            f"every category's normals together, which can sit far above one category's defect "
+                            f"scores; pass --category (or category=) to judge them as that product")
+    if out:
+        _write_tables(run, Path(out))
+    return run
+
+
+def _run_images(detector: Detector, files: list[Path], category: str | None, infer: bool, batch_size: int,
+                run: PredictRun, stage: Path | None, names: dict[Path, Path]) -> None:
+    """Predict ``files`` a batch at a time into ``run``; with ``stage``, each overlay is written there."""
     for i in _progress(range(0, len(files), batch_size), desc="predict", unit="batch"):
         chunk, arrays = [], []
         for f in files[i:i + batch_size]:
@@ -156,22 +172,13 @@ def _predict(detector: Detector, inputs: Sequence[Path], category: str | None, o
             cat = category if category is not None else (infer_category(f, detector.categories) if infer else None)
             pred = detector.decide(maps[j:j + 1], scores[j:j + 1], cat, ms, [str(f)])[0]
             run.records.append(pred.to_dict())
-            if out and overlays:
+            if stage is not None:
                 img = overlay(load_rgb(f, detector.manifest.preprocessing), pred, detector)
                 buf = io.BytesIO()
                 Image.fromarray(img).save(buf, format="PNG")
-                target = Path(out) / "overlays" / names[f]
-                run.written.append(atomic_write_bytes(target, buf.getvalue()))
-                run.records[-1]["overlay"] = target.relative_to(out).as_posix()
-    n_global = sum(r["category"] is None for r in run.records)
-    if n_global and len(detector.categories) > 1:
-        run.warnings.append(f"{n_global} of {len(run.records)} images are in no folder named after a category "
-                            f"({', '.join(detector.categories)}): they were judged at the global thresholds, set on "
-                            f"every category's normals together, which can sit far above one category's defect "
-                            f"scores; pass --category (or category=) to judge them as that product")
-    if out:
-        _write_tables(run, Path(out))
-    return run
+                atomic_write_bytes(stage / names[f], buf.getvalue())
+                run.written.append(run.out / "overlays" / names[f])
+                run.records[-1]["overlay"] = ("overlays" / names[f]).as_posix()
 
 
 def _check_out(out: Path) -> None:
