@@ -301,6 +301,31 @@ def test_a_run_stopped_half_way_leaves_the_out_folder_as_it_was(int8_artifact, t
         sorted(r["overlay"] for r in run.records) and all(p.is_file() for p in run.written)
 
 
+def test_staged_files_move_in_on_success_only_and_across_disks(tmp_path, monkeypatch):
+    import errno
+    import os
+    from uadc.core import io as uio
+    final = tmp_path / "overlays"
+    with uio.staged_files(final) as stage:
+        uio.atomic_write_bytes(stage / "a" / "x.png", b"1")
+    assert (final / "a" / "x.png").read_bytes() == b"1" and [p.name for p in tmp_path.iterdir()] == ["overlays"]
+    with pytest.raises(RuntimeError), uio.staged_files(final) as stage:
+        uio.atomic_write_bytes(stage / "a" / "x.png", b"2")
+        raise RuntimeError
+    assert (final / "a" / "x.png").read_bytes() == b"1" and [p.name for p in tmp_path.iterdir()] == ["overlays"]
+    real = os.replace
+
+    def no_rename_across(src, dst):   # out/overlays a link to another disk
+        if ".uadc-tmp-" in str(src) and not str(src).endswith(".tmp"):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst)
+
+    monkeypatch.setattr(uio.os, "replace", no_rename_across)
+    with uio.staged_files(final) as stage:
+        uio.atomic_write_bytes(stage / "a" / "x.png", b"3")
+    assert (final / "a" / "x.png").read_bytes() == b"3" and [p.name for p in tmp_path.iterdir()] == ["overlays"]
+
+
 def test_runs_sharing_an_out_folder_take_turns(int8_artifact, tiny_data, tmp_path):
     """Two `uadc predict --out same` at once could leave one run's predictions.jsonl beside the
     other's predictions.csv; the second now waits for the first."""

@@ -17,6 +17,7 @@ Promises (README "Guarantees"):
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -273,8 +274,13 @@ def staged_files(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            ensure_dir(final / f.parent.relative_to(tmp))
-            os.replace(f, final / f.relative_to(tmp))
+            try:
+                ensure_dir(final / f.parent.relative_to(tmp))
+                os.replace(f, final / f.relative_to(tmp))
+            except OSError as exc:   # ``final`` a link to another disk: no rename across, copy it in
+                if exc.errno != errno.EXDEV:
+                    raise
+                atomic_write_bytes(final / f.relative_to(tmp), f.read_bytes())
     except OSError as exc:  # disk full, quota, ...: one line
         raise UadcError(f"cannot write {final}: {exc.strerror or exc}") from None
     finally:
