@@ -149,6 +149,32 @@ def test_golden_option_given_another_json_file_is_one_line(artifacts):
 
 # ------------------------------------------------------------------------------ verify / diff
 
+def test_compile_judges_its_artifact_by_its_own_regression_gate(artifacts, tiny_data, tmp_path):
+    """A compile whose artifact `uadc verify` then failed (full INT8 at 256 px: 26 figures out of
+    budget) said only `artifact written`; the gate's verdict is now in report.json and a warning."""
+    from conftest import write_recipe
+    _, fp32, int8 = artifacts
+    for folder in (fp32, int8):
+        gate = json.loads((folder / "report.json").read_text())["verification"]["gate"]
+        assert gate["passed"] and gate["failures"] == [] and uadc.verify(folder).passed
+        assert "regression gate (`uadc verify` on the golden set, stored budgets): **PASS**" in \
+            (folder / "report.md").read_text()
+        read_manifest(folder)                    # report.json rewritten with the gate: the hashes still hold
+    strict = write_recipe(tmp_path / "tiny.yaml", tiny_data, train={"epochs": 2, "threads": 1},
+                          data={"val_fraction": 0.25}, compile={"calib_samples": 4},
+                          verify={"score_ratio_tol": 0.0, "score_shift_max": 0.0})   # no INT8 model meets these
+    out = tmp_path / "strict"
+    r = CliRunner().invoke(main, ["compile", str(strict), "--target", "ort-cpu-int8", "--artifacts",
+                                  str(fp32.parent.parent), "--out", str(out), "--no-eval"])
+    assert r.exit_code == 0, r.output        # what was asked for is written, and said to fail
+    gate = json.loads((out / "report.json").read_text())["verification"]["gate"]
+    assert not gate["passed"] and gate["failures"] and "; regression gate: REGRESSION" in r.output
+    assert f"{out} fails its own regression gate: {len(gate['failures'])} figure(s) out of budget " \
+           f"({gate['failures'][0]}" in r.output and f"`uadc verify {out}` lists them" in r.output
+    v = CliRunner().invoke(main, ["verify", str(out), "--json", "-"])
+    assert v.exit_code == 1 and json.loads(v.stdout)["failures"] == gate["failures"]
+
+
 def test_verify_passes_on_the_artifact_itself_and_json_keys_are_stable(artifacts, tmp_path):
     _, fp32, _ = artifacts
     out = tmp_path / "v.json"

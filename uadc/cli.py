@@ -252,7 +252,9 @@ def qat(recipe: Path, target: str | None, epochs: int | None, then_compile: bool
 
 def _print_summary(res) -> None:
     v = res.verification["torch_vs_ort_fp32"]
-    click.echo(f"torch vs ORT FP32: {'passed' if v['passed'] else 'FAILED'} (max abs {v['max_abs']:.2e})")
+    gate = res.verification.get("gate")
+    click.echo(f"torch vs ORT FP32: {'passed' if v['passed'] else 'FAILED'} (max abs {v['max_abs']:.2e})" + (
+        f"; regression gate: {'PASS' if gate['passed'] else 'REGRESSION'}" if gate else ""))
     if res.metrics is not None:
         f, c = res.metrics.fp32["mean"], res.metrics.compiled["mean"]
         click.echo(f"image AUROC fp32 {f['image_auroc']:.4f} -> {res.target} {c['image_auroc']:.4f}" + (

@@ -133,9 +133,25 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     with atomic_dir(out, replace=True) as tmp:
         _write_artifacts(tmp, baseline, compiled, result, calib, target, opts, layers)
         write_manifest(tmp, manifest)   # last: hashes every file above
+        if target.runtime != "tensorrt":   # the artifact judged as `uadc verify` will judge it (its thresholds too)
+            result.verification["gate"] = _own_gate(tmp, threads)
+            _write_reports(tmp, result)
+            write_manifest(tmp, manifest)
     result.path = out
+    gate = result.verification.get("gate")
+    if gate and not gate["passed"]:
+        log.warning("%s fails its own regression gate: %d figure(s) out of budget (%s%s); `uadc verify %s` "
+                    "lists them", out, len(gate["failures"]), gate["failures"][0],
+                    ", ..." if len(gate["failures"]) > 1 else "", out)
     log.debug("artifact written: %s", out)   # the CLI prints its own result line
     return result
+
+
+def _own_gate(folder: Path, threads: int) -> dict:
+    """``uadc verify`` of the artifact against its golden set, with the budgets stored there."""
+    from uadc.pipeline.verify import verify
+    res = verify(folder, threads=threads)
+    return {"passed": res.passed, "failures": list(res.failures), "seconds": round(res.seconds, 3)}
 
 
 def _check_options(target: Target, ptq: PtqSettings, opts: CompileOptions) -> None:
@@ -277,8 +293,12 @@ def _write_artifacts(tmp: Path, baseline: Baseline, compiled, result: CompileRes
             else None
         result.engine = write_trt_files(tmp, compiled, baseline.fp32, target, calib, baseline.size,
                                         opts.build_engine, run_metrics, baseline.sample_feeds(), fp32_layers)
-    atomic_write_json(tmp / REPORT_FILE, result.to_dict())
-    atomic_write_text(tmp / REPORT_MD, render_markdown(result.to_dict()))
+    _write_reports(tmp, result)
+
+
+def _write_reports(folder: Path, result: CompileResult) -> None:
+    atomic_write_json(folder / REPORT_FILE, result.to_dict())
+    atomic_write_text(folder / REPORT_MD, render_markdown(result.to_dict()))
 
 
 def _drops(fp32: dict, comp: dict) -> dict:

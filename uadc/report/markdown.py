@@ -9,7 +9,8 @@
   ``batch`` and ``threads``; ``deployed`` (ONNX Runtime targets, more than one thread): ``compiled``
   as ``uadc predict`` runs it (``uadc.backends.parallel``), with its ``schedule``
 - ``verification``: ``torch_vs_ort_fp32`` {passed, max_abs, mean_abs, atol, outputs} and
-  ``fp32_vs_compiled`` {max_abs, mean_abs, outputs}; TensorRT precision auto with FP16 layers:
+  ``fp32_vs_compiled`` {max_abs, mean_abs, outputs}; ``gate`` {passed, failures, seconds}: the artifact's
+  own regression gate (``uadc verify``; CPU targets); TensorRT precision auto with FP16 layers:
   ``fp16_typed_vs_simulated`` {nodes_fp16, max_abs, mean_abs, outputs} (the shipped FP16-typed
   model against the simulation its AUROC comes from, both on ONNX Runtime)
 - ``bytes`` (initializer bytes per partition), ``model_bytes``, ``nodes`` and ``qdq_nodes`` per
@@ -142,6 +143,12 @@ def render_markdown(r: dict) -> str:
               f"(max abs {t['max_abs']:.3g}, atol {t['atol']:g})",
               f"- ONNX Runtime FP32 vs compiled: max abs {v['fp32_vs_compiled']['max_abs']:.4g}, "
               f"mean abs {v['fp32_vs_compiled']['mean_abs']:.4g}"]
+    if "gate" in v:
+        g = v["gate"]
+        lines.append(f"- regression gate (`uadc verify` on the golden set, stored budgets): "
+                     f"**{'PASS' if g['passed'] else 'REGRESSION'}**" + (
+                         f", {len(g['failures'])} figure(s) out of budget: " + "; ".join(g["failures"][:5])
+                         + ("; ..." if len(g["failures"]) > 5 else "") if g["failures"] else ""))
     if "fp16_typed_vs_simulated" in v:
         f = v["fp16_typed_vs_simulated"]
         lines.append(f"- shipped model ({f['nodes_fp16']} nodes FP16-typed) vs their simulation: "
