@@ -489,7 +489,7 @@ CASES: list[Case] = [
     Case("onnx-random-bytes", lambda e: ["check-trt", "m.onnx"], msg="not an ONNX model",
          setup=text("m.onnx", bytes(np.random.default_rng(1).integers(0, 256, 2048, dtype=np.uint8)))),
     Case("onnx-text", lambda e: ["check-trt", "m.onnx"], msg="m.onnx", setup=text("m.onnx", "hello world\n")),
-    Case("onnx-folder", lambda e: ["check-trt", "m.onnx"], msg="model not found",
+    Case("onnx-folder", lambda e: ["check-trt", "m.onnx"], msg="m.onnx: a folder without model.onnx; give an ONNX file or an artifact folder",
          setup=lambda e: (e.d / "m.onnx").mkdir()),
     Case("onnx-huge-claimed", lambda e: ["check-trt", "huge.onnx"], msg="over the 2 GiB", setup=_huge_sparse),
     Case("onnx-external-data-path", lambda e: ["check-trt", "ext.onnx"], msg="ext.onnx", setup=_onnx_with_external),
