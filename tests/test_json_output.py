@@ -60,6 +60,24 @@ def test_user_error_json_and_own_error_line(tmp_path):
         [f"error: recipe not found: {tmp_path / 'missing.yaml'}"]
 
 
+@pytest.mark.parametrize("stop, code, said", [(KeyboardInterrupt, 130, "interrupted"),
+                                              ("terminated", 143, "terminated (SIGTERM)")])
+def test_a_stopped_run_still_prints_one_json_document(trained, monkeypatch, stop, code, said):
+    """SIGTERM (a pipeline's timeout) or Ctrl-C during `--json` left stdout empty: no document to read."""
+    import uadc.cli
+    from uadc.pipeline import api
+    stop = uadc.cli._Terminated if stop == "terminated" else stop
+
+    def stopped(*args, **kwargs):
+        raise stop()
+
+    monkeypatch.setattr(api, "evaluate", stopped)
+    recipe, art = trained
+    res = CliRunner().invoke(main, ["eval", str(recipe), "--artifacts", str(art), "--json"])
+    assert res.exit_code == code and json.loads(res.stdout) == {"error": said, "exit_code": code}
+    assert res.stderr.strip().splitlines()[-1] == f"{said}; nothing was written for the unfinished step"
+
+
 def test_train_and_eval_json_keys_match_api(trained, tmp_path):
     import uadc
     recipe, art = trained

@@ -22,7 +22,6 @@ import click
 
 from uadc import __version__
 from uadc.config.targets import QAT_TARGETS
-from uadc.core.constants import MODEL_FILE
 from uadc.core.errors import UadcError
 
 log = logging.getLogger("uadc")
@@ -92,8 +91,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 def json_output(f):
-    """``--json``: print one JSON document on stdout, the result's ``to_dict()`` (+ ``path``, where
-    it was written), or ``{"error", "exit_code"}`` on a user error; the usual text goes to stderr."""
+    """``--json``: one JSON document on stdout, the result's ``to_dict()`` (+ ``path``), or ``{"error",
+    "exit_code"}`` on a user error, Ctrl-C (130) or SIGTERM (143); the usual text goes to stderr."""
     @functools.wraps(f)
     def wrapper(*args, as_json: bool = False, **kwargs):
         if not as_json:
@@ -104,8 +103,10 @@ def json_output(f):
         with stdout_to_stderr() as out:
             try:
                 res = f(*args, **kwargs)
-            except UadcError as exc:
-                error, doc = exc, {"error": str(exc), "exit_code": exc.exit_code}
+            except (UadcError, KeyboardInterrupt) as exc:   # Ctrl-C / SIGTERM: still one document
+                code = getattr(exc, "exit_code", 143 if isinstance(exc, _Terminated) else 130)
+                error, doc = exc, {"error": str(exc) or ("terminated (SIGTERM)" if code == 143 else "interrupted"),
+                                   "exit_code": code}
             else:
                 doc = res.to_dict()
                 if getattr(res, "path", None) is not None and "path" not in doc:
@@ -252,9 +253,9 @@ def qat(recipe: Path, target: str | None, epochs: int | None, then_compile: bool
 
 def _print_summary(res) -> None:
     v = res.verification["torch_vs_ort_fp32"]
-    gate = res.verification.get("gate")
-    click.echo(f"torch vs ORT FP32: {'passed' if v['passed'] else 'FAILED'} (max abs {v['max_abs']:.2e})" + (
-        f"; regression gate: {'PASS' if gate['passed'] else 'REGRESSION'}" if gate else ""))
+    g = res.verification.get("gate")
+    gate = "" if g is None else f"; regression gate: {'PASS' if g['passed'] else 'REGRESSION'}"
+    click.echo(f"torch vs ORT FP32: {'passed' if v['passed'] else 'FAILED'} (max abs {v['max_abs']:.2e}){gate}")
     if res.metrics is not None:
         f, c = res.metrics.fp32["mean"], res.metrics.compiled["mean"]
         click.echo(f"image AUROC fp32 {f['image_auroc']:.4f} -> {res.target} {c['image_auroc']:.4f}" + (
@@ -456,13 +457,9 @@ def bundle_cmd(artifact: Path, out: Path, force: bool):
 @click.argument("model", type=click.Path(path_type=Path))
 def check_trt(model: Path) -> None:
     """List every violation of TensorRT's explicit-quantization (Q/DQ) rules in an ONNX model (or artifact folder)."""
-    from uadc.backends.tensorrt.rules import check_trt_rules, format_violations
-    from uadc.export.onnx_export import load_onnx
-    if model.is_dir() and not (model / MODEL_FILE).is_file():
-        raise UadcError(f"{model}: a folder without {MODEL_FILE}; give an ONNX file or an artifact folder")
-    onnx_model = load_onnx(model / MODEL_FILE if model.is_dir() else model)
-    violations = check_trt_rules(onnx_model)
-    none = "" if any(n.op_type == "QuantizeLinear" for n in onnx_model.graph.node) else " (it has no Q/DQ nodes)"
+    from uadc.backends.tensorrt.rules import check_trt_file, format_violations
+    violations, has_qdq = check_trt_file(model)
+    none = "" if has_qdq else " (it has no Q/DQ nodes)"
     click.echo(format_violations(violations) if violations else f"{model}: 0 violations of TensorRT Q/DQ rules{none}")
     sys.exit(1 if violations else 0)
 
