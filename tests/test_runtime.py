@@ -169,6 +169,10 @@ def test_predict_cli_writes_predictions_and_overlays(int8_artifact, tmp_path, ti
     assert [(r["path"], r["verdict"]) for r in csv_rows if r["error"]] == [(str(broken), "error")]
     overlays = sorted((out / "overlays").rglob("*.png"))
     assert len(overlays) == len(paths) and Image.open(overlays[0]).size == (64, 64)
+    # a user error with --json is a JSON document too, as for train / eval / compile (stdout was empty)
+    p = subprocess.run([PY, "-m", "uadc.cli", "predict", str(tmp_path / "nope"), str(test), "--json"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and json.loads(p.stdout)["exit_code"] == 2 and "nope" in json.loads(p.stdout)["error"]
 
 
 def test_an_image_over_pillows_warning_limit_predicts_without_its_warning(int8_artifact, tmp_path):

@@ -96,7 +96,7 @@ def json_output(f):
     @functools.wraps(f)
     def wrapper(*args, as_json: bool = False, **kwargs):
         if not as_json:
-            return f(*args, **kwargs)
+            sys.exit(getattr(f(*args, **kwargs), "exit_code", 0))
         from uadc.core.io import to_json
         from uadc.core.scoped import stdout_to_stderr
         error = None
@@ -114,7 +114,7 @@ def json_output(f):
         click.echo(to_json(doc), file=out, nl=False)
         if error is not None:
             raise error   # and the usual one-line `error:` on stderr
-        return res
+        sys.exit(getattr(res, "exit_code", 0))
     return click.option("--json", "as_json", is_flag=True,
                         help="print one JSON document (the result) on stdout; text goes to stderr")(wrapper)
 
@@ -291,7 +291,6 @@ def _print_summary(res) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("predictions"), show_default=True,
               help="folder for predictions.jsonl / predictions.csv (and overlays/); an earlier run's are replaced")
 @click.option("--overlays", is_flag=True, help="write PNG heat-map overlays with the mask contour")
-@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
               show_default=True, help="auto: TensorRT when model.engine exists and tensorrt imports, OpenVINO for an "
@@ -300,8 +299,9 @@ def _print_summary(res) -> None:
               show_default=True, help="ONNX Runtime: run teacher and student at the same time (branches) or "
               "split each batch across the cores (batch); auto: branches for one image, batch for more")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="cores to use (default: all available)")
+@json_output
 def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out: Path, overlays: bool,
-            as_json: bool, batch_size: int, backend: str, schedule: str, threads: int | None) -> None:
+            batch_size: int, backend: str, schedule: str, threads: int | None):
     """Run a compiled artifact (verified against its artifact.json) on image files and folders."""
     from uadc.runtime import Detector
     from uadc.runtime.batch import predict_paths
@@ -311,14 +311,10 @@ def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out:
         click.echo(f"skipped {path}: {reason}", err=True)
     for w in run.warnings:
         click.echo(f"warning: {w}", err=True)
-    s = run.summary()
-    if as_json:
-        click.echo(json.dumps(s))
-    else:
-        click.echo(f"{run.summary_line()} ({det.backend_name})")
-        click.echo(f"written: {run.written[0]}, {run.written[1]}"     # predictions.jsonl, .csv
-                   + (f", {out / 'overlays'}/" if overlays else ""))
-    sys.exit(1 if run.failed else 0)
+    click.echo(f"{run.summary_line()} ({det.backend_name})")
+    click.echo(f"written: {run.written[0]}, {run.written[1]}"     # predictions.jsonl, .csv
+               + (f", {out / 'overlays'}/" if overlays else ""))
+    return run   # exit 1 when an image could not be read (run.exit_code)
 
 
 @main.group()

@@ -47,6 +47,14 @@ class PredictRun:
                 "left_out": dict(self.left_out), "warnings": list(self.warnings),
                 "out": str(self.out) if self.out else None}
 
+    def to_dict(self) -> dict:   # `uadc predict --json`
+        return self.summary()
+
+    @property
+    def exit_code(self) -> int:
+        """1 when an image could not be read (the rest ran), else 0."""
+        return 1 if self.failed else 0
+
     def summary_line(self) -> str:
         """``N images (verdicts); K skipped[; left out: ...]; p50 latency X ms per image``."""
         s = self.summary()
