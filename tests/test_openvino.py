@@ -92,3 +92,84 @@ def test_openvino_reports_unloadable_model(tmp_path):
     bad.write_bytes(b"not an onnx model")
     with pytest.raises(UadcError, match="OpenVINO cannot load the model"):
         ov.compile_model(bad)
+
+
+def _knn_like_graph(offset: float = 40.0):
+    """image -> teacher conv -> anomaly_map (head), and a score tail the map does not need: the
+    distance of the pooled features to a far-away bank point as |q|^2 + |b|^2 - 2 q.b, which subtracts
+    near-equal numbers (as the image kNN's centred distance does)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3
+    bank = (np.full((8, 1), offset) + rng.standard_normal((8, 1))).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bank, "bank"),
+             numpy_helper.from_array(np.array([(bank ** 2).sum()], np.float32), "bank_sq"),
+             numpy_helper.from_array(np.array([2.0], np.float32), "two"),
+             numpy_helper.from_array(np.array([1, 2], np.int64), "axes_c"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "axes_hw")]
+    shift = numpy_helper.from_array(np.full((8,), offset, np.float32), "shift")
+    nodes = [helper.make_node("Conv", ["image", "w"], ["feat0"], "teacher/conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["feat0", "shift_b"], ["feat"], "teacher/shift"),
+             helper.make_node("Sub", ["feat", "shift_b"], ["centred"], "head/centre"),
+             helper.make_node("Mul", ["centred", "centred"], ["sq"], "head/sq"),
+             helper.make_node("ReduceMean", ["sq", "axes_c1"], ["anomaly_map"], "head/map", keepdims=1),
+             helper.make_node("ReduceMean", ["feat", "axes_hw"], ["q"], "head/pool", keepdims=0),
+             helper.make_node("Mul", ["q", "q"], ["q2"], "head/q2"),
+             helper.make_node("ReduceSum", ["q2", "axes_one"], ["qsq"], "head/qsq", keepdims=0),
+             helper.make_node("MatMul", ["q", "bank"], ["dot"], "head/dot"),
+             helper.make_node("Reshape", ["dot", "flat"], ["dot1"], "head/flat"),
+             helper.make_node("Add", ["qsq", "bank_sq"], ["norms"], "head/norms"),
+             helper.make_node("Mul", ["dot1", "two"], ["dot2"], "head/dot2"),
+             helper.make_node("Sub", ["norms", "dot2"], ["score"], "head/dist")]
+    inits += [shift, numpy_helper.from_array(np.array([1], np.int64), "axes_c1"),
+              numpy_helper.from_array(np.array([1], np.int64), "axes_one"),
+              numpy_helper.from_array(np.array([-1], np.int64), "flat")]
+    nodes.insert(1, helper.make_node("Reshape", ["shift", "shift_shape"], ["shift_b"], "teacher/shift_shape"))
+    inits.append(numpy_helper.from_array(np.array([1, 8, 1, 1], np.int64), "shift_shape"))
+    del inits[4]  # axes_c: unused
+    graph = helper.make_graph(nodes, "knn_like", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 3, 8, 8])],
+                              [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [None, 1, 8, 8]),
+                               helper.make_tensor_value_info("score", TensorProto.FLOAT, [None])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_float_tail_cuts_where_the_map_stops():
+    from uadc.backends.ort import make_session
+    from uadc.export.partitions import float_tail, partition_of
+    model = _knn_like_graph()
+    body, tail = float_tail(model)
+    assert [o.name for o in body.graph.output] == ["anomaly_map", "feat"]
+    assert [i.name for i in tail.graph.input] == ["feat"] and [o.name for o in tail.graph.output] == ["score"]
+    assert {n.name for n in tail.graph.node} == {"head/pool", "head/q2", "head/qsq", "head/dot", "head/flat",
+                                                  "head/norms", "head/dot2", "head/dist"}
+    assert all(partition_of(n) == "head" for n in tail.graph.node)
+    x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    amap, score = make_session(model, 1).run(None, {"image": x})
+    b_map, feat = make_session(body, 1).run(None, {"image": x})
+    (t_score,) = make_session(tail, 1).run(None, {"feat": feat})
+    np.testing.assert_array_equal(b_map, amap)
+    np.testing.assert_allclose(t_score, score, rtol=1e-6)
+    # a graph whose outputs all need the map (or without a head) has no tail
+    only_map = _knn_like_graph()
+    del only_map.graph.output[1]
+    assert float_tail(only_map) is None
+
+
+def test_bf16_runs_the_score_tail_in_f32():
+    """OpenVINO at bf16 rounded the kNN-style distance (near-equal terms subtracted) to noise; the
+    network runs in bf16 and the nodes the map does not need in f32, so the score keeps FP32's value."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (optional extra uadc[openvino])")
+    from uadc.backends import openvino as ov
+    model = _knn_like_graph()
+    compiled = ov.compile_model(model, 1, "bf16")
+    if ov.inference_precision(compiled) != "bf16":
+        pytest.skip("this CPU has no bf16: OpenVINO runs f32 whatever the hint")
+    assert isinstance(compiled, ov.TwoPartModel)
+    x = np.random.default_rng(2).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    amap32, score32 = ov.infer_fn(ov.compile_model(model, 1, "f32"))(x)
+    amap16, score16 = ov.infer_fn(compiled)(x)
+    _, whole16 = ov.infer_fn(ov._compile(model, 1, "bf16"))(x)   # one bf16 model: what uadc ran before
+    assert np.abs(whole16 - score32).max() > 0.05 * np.abs(score32).max()  # the graph is bf16-sensitive
+    np.testing.assert_allclose(score16, score32, rtol=0.02)
+    assert amap16.shape == amap32.shape and np.abs(amap16 - amap32).max() < 0.05 * np.abs(amap32).max()
+    assert ov.run_first_output(compiled, {"image": x}).shape == amap32.shape  # the graph's first output

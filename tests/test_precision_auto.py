@@ -379,3 +379,25 @@ def test_a_profile_that_cannot_be_mapped_to_groups_is_a_one_line_error(make_base
     with pytest.raises(UadcError, match=r"precision auto: ONNX Runtime .* names its fused INT8 kernels without the "
                                         r"model's node names \(\d+ of \d+ quantized convolutions untimed\)"):
         _search(make_base(**LOOSE))
+
+
+def test_a_candidate_the_runtime_cannot_run_is_judged_worst():
+    """OpenVINO 2026.4 at bf16 fails to build some mixed INT8 graphs: such a candidate must lose the
+    search (and be reported), not stop the compile with a traceback."""
+    from uadc.core.errors import RuntimeFault
+    from uadc.pipeline.precision_search import WORST, Candidates
+
+    class Broken(Candidates):
+        low_key = "int8_groups"
+
+        def __init__(self):
+            self.groups, self.models, self.figs = [], {}, {}
+            self.fid = type("Fid", (), {"measure": lambda self, model, probe=False: {}})()
+
+        def model(self, low):
+            raise RuntimeFault("OpenVINO failed to run the model: object is not initialized")
+
+    c = Broken()
+    assert c.fidelity(frozenset({1, 2})) == WORST and c.probe(frozenset({3})) == WORST
+    assert c.faults == ["2 int8_groups: OpenVINO failed to run the model: object is not initialized",
+                        "1 int8_groups: OpenVINO failed to run the model: object is not initialized"]

@@ -8,6 +8,11 @@ otherwise. Each uadc target sets ``INFERENCE_PRECISION_HINT`` from its ``float_p
 (``Target.inference_hint``): ``f32`` for ``openvino-cpu-fp32`` / ``-int8`` (FP32 float layers, as
 with ONNX Runtime), ``bf16`` for ``openvino-cpu-bf16`` / ``-int8-bf16``. What OpenVINO actually runs
 (on a CPU without bf16 it cannot honour that hint) is read back by ``inference_precision``.
+At a reduced float precision the graph runs in two compiled parts: the teacher, the student and the
+anomaly map at that precision, and the nodes the map does not need (the score's reduction, the image
+kNN) in f32 (``uadc.export.partitions.float_tail``): the kNN distance subtracts near-equal numbers,
+and in bf16 it shrank bottle's normal scores by a third. OpenVINO's per-node "keep f32" marks do not
+survive its own fusions, so the cut is made in the graph.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES
-from uadc.core.errors import UadcError
+from uadc.core.errors import RuntimeFault, UadcError
 
 RUNTIME_LABEL = "openvino CPU"
 
@@ -41,12 +46,100 @@ def version() -> str | None:
     return str(openvino.__version__)
 
 
+class TwoPartModel:
+    """A graph compiled as two OpenVINO models: ``body`` at the reduced float precision, ``tail`` in f32
+    (module docstring). Offers what uadc uses of a ``CompiledModel``: ``input``, ``get_property`` (the
+    body's: the precision the network runs in) and, through ``infer_fn`` / ``run_first_output``, the
+    outputs by name."""
+
+    def __init__(self, body: Any, tail: Any, output_names: list[str]):
+        self.body, self.tail, self.output_names = body, tail, output_names  # the whole graph's outputs
+
+    def input(self, index: int) -> Any:
+        return self.body.input(index)
+
+    def get_property(self, name: str) -> Any:
+        return self.body.get_property(name)
+
+    def requester(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        body, tail = self.body.create_infer_request(), self.tail.create_infer_request()
+        tail_inputs = [i.get_any_name() for i in self.tail.inputs]
+
+        def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            got = _by_name(body.infer(feeds))
+            got.update(_by_name(tail.infer({n: got[n] if n in got else feeds[n] for n in tail_inputs})))
+            return got
+        return run
+
+
+def _requester(compiled: Any) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """``feeds -> {output name: array}`` with one infer request (two for a ``TwoPartModel``); every
+    output holds one row per input image, else ``RuntimeFault`` (OpenVINO 2026.4 at bf16 returned
+    zero rows for some mixed INT8 graphs)."""
+    if isinstance(compiled, TwoPartModel):
+        inner = compiled.requester()
+    else:
+        request = compiled.create_infer_request()
+        inner = lambda feeds: _by_name(request.infer(feeds))  # noqa: E731
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            got = inner(feeds)
+        except RuntimeError as exc:
+            raise RuntimeFault(f"OpenVINO failed to run the model: {_message(exc)}") from None
+        rows = len(next(iter(feeds.values())))
+        short = {n: a.shape for n, a in got.items() if a.ndim and a.shape[0] != rows}
+        if short:
+            raise RuntimeFault(f"OpenVINO returned outputs {short} for {rows} image(s)")
+        return got
+    return run
+
+
+def _message(exc: BaseException) -> str:
+    """OpenVINO's own words: the last line of its message (the first lines name its source files)."""
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip() and not ln.startswith("Exception from")]
+    return (lines[-1] if lines else str(exc))[:300]
+
+
+def _by_name(results: Any) -> dict[str, np.ndarray]:
+    """An infer request's results under every name of each output tensor (OpenVINO may merge names)."""
+    return {name: arr for port, v in results.items() for arr in (np.array(v),) for name in port.get_names()}
+
+
+def _output_names(compiled: Any) -> list[str]:
+    if isinstance(compiled, TwoPartModel):
+        return compiled.output_names
+    return [o.get_any_name() for o in compiled.outputs]
+
+
 def compile_model(model: Any, threads: int | None = None, precision_hint: str | None = "f32") -> Any:
     """An OpenVINO ``CompiledModel`` on the CPU for an ``onnx.ModelProto``, ONNX bytes or a path
-    (``.onnx``, or OpenVINO IR ``.xml``).
+    (``.onnx``, or OpenVINO IR ``.xml``); a ``TwoPartModel`` for an ONNX graph at a float precision
+    other than f32 whose score has nodes the map does not need (module docstring).
 
     ``threads`` sets OpenVINO's inference threads for this model only; latency hint, one stream;
     ``precision_hint=None`` keeps OpenVINO's own default (bf16 on AMX CPUs)."""
+    if precision_hint not in (None, "f32") and not str(model).endswith(".xml"):
+        from uadc.export.partitions import float_tail
+        graph = _onnx_model(model)
+        parts = float_tail(graph)
+        if parts is not None:
+            return TwoPartModel(_compile(parts[0], threads, precision_hint), _compile(parts[1], threads, "f32"),
+                                [o.name for o in graph.graph.output])
+    return _compile(model, threads, precision_hint)
+
+
+def _onnx_model(model: Any) -> Any:
+    import onnx
+    if hasattr(model, "SerializeToString"):
+        return model
+    try:
+        return onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(Path(model)))
+    except Exception as exc:  # onnx raises DecodeError / OSError for a damaged or missing file
+        raise UadcError(f"OpenVINO cannot load the model: {exc}") from None
+
+
+def _compile(model: Any, threads: int | None, precision_hint: str | None) -> Any:
     ov = _ov()
     core = ov.Core()
     try:
@@ -63,7 +156,7 @@ def compile_model(model: Any, threads: int | None = None, precision_hint: str | 
             config["INFERENCE_NUM_THREADS"] = int(threads)
         return core.compile_model(ov_model, "CPU", config)
     except RuntimeError as exc:  # OpenVINO raises RuntimeError with a long multi-line message
-        raise UadcError(f"OpenVINO cannot load the model: {str(exc).strip().splitlines()[0][:300]}") from None
+        raise RuntimeFault(f"OpenVINO cannot load the model: {_message(exc)}") from None
 
 
 def inference_precision(compiled: Any) -> str:
@@ -74,19 +167,17 @@ def inference_precision(compiled: Any) -> str:
 
 def infer_fn(compiled: Any) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """images (N,3,H,W) float32 -> (anomaly_map (N,1,H,W), score (N,)) with one infer request."""
-    request = compiled.create_infer_request()
-    outs = [compiled.output(n) for n in OUTPUT_NAMES]
+    request = _requester(compiled)
 
     def run(images: np.ndarray):
-        res = request.infer({INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
-        return tuple(np.array(res[o]) for o in outs)
+        res = request({INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
+        return tuple(res[n] for n in OUTPUT_NAMES)
     return run
 
 
 def run_first_output(compiled: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """The first output of a compiled model for ``feeds`` (any single-output sub-graph)."""
-    res = compiled.create_infer_request().infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
-    return np.array(res[compiled.output(0)])
+    return _requester(compiled)({k: np.ascontiguousarray(v) for k, v in feeds.items()})[_output_names(compiled)[0]]
 
 
 def ov_predictor(compiled: Any) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:

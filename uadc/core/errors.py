@@ -14,3 +14,8 @@ class UadcError(Exception):
 
 class NonFiniteOutputs(UadcError):
     """A model produced NaN/Inf outputs on real inputs (a search may judge such a candidate instead)."""
+
+
+class RuntimeFault(UadcError):
+    """A runtime could not compile or run a graph uadc built, or returned outputs that do not fit its
+    inputs (a runtime defect on that graph): a search judges such a candidate as unfaithful."""

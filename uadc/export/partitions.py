@@ -250,3 +250,37 @@ def assign_partitions(model: onnx.ModelProto, quantize_partitions: list[str] | t
             n.name, k = f"{name}_{k}", k + 1
         used.add(n.name)
     return derived - len(orphans)
+
+
+def float_tail(model: onnx.ModelProto, keep: str = "anomaly_map") -> tuple[onnx.ModelProto, onnx.ModelProto] | None:
+    """(body, tail): the graph cut where it stops feeding the ``keep`` output. The tail holds every node
+    outside the teacher and student that ``keep`` does not need: the score's top-k reduction and the
+    image kNN (whose distance subtracts near-equal numbers, so it needs FP32), or a descriptor
+    sub-graph's pooling. The body computes ``keep`` (when the graph has it) and the tensors the tail
+    reads; the tail reads those (and the image, when it does) and computes the other outputs. None
+    when no node is in the tail."""
+    g = GraphIndex(model)
+    outputs = [o.name for o in model.graph.output]
+    needed: set[int] = set()
+    stack = [g.producer[keep]] if keep in g.producer and keep in outputs else []
+    while stack:
+        i = stack.pop()
+        if i not in needed:
+            needed.add(i)
+            stack += g.producers_of(i)
+    tail = [i for i, n in enumerate(g.nodes) if i not in needed and partition_of(n) not in ("teacher", "student")]
+    if not tail:
+        return None
+    made = {o for i in tail for o in g.nodes[i].output}
+    graph_inputs = [i.name for i in model.graph.input if i.name not in g.initializers]
+    reads = [t for i in tail for t in g.nodes[i].input if t and t not in made and t not in g.initializers]
+    crossing = list(dict.fromkeys(t for t in reads if t not in graph_inputs))
+    tail_inputs = [t for t in graph_inputs if t in reads] + crossing
+    body_outputs = list(dict.fromkeys([o for o in outputs if o not in made] + crossing))
+    tail_outputs = [o for o in outputs if o in made]
+    if not body_outputs or not tail_outputs:
+        return None
+    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
+    for t in crossing:  # a quantized tensor is a DequantizeLinear output that Q/DQ insertion left untyped
+        extractor.value_infos.setdefault(t, onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    return extractor.extract_model(graph_inputs, body_outputs), extractor.extract_model(tail_inputs, tail_outputs)

@@ -45,7 +45,7 @@ from uadc.config.settings import AUTO_PRECISION_TARGETS, EXPLICIT_AUTO_TARGETS
 from uadc.config.settings import PtqSettings, auto_applies, resolve_ptq
 from uadc.config.targets import Target
 from uadc.core.constants import INPUT_NAME, PARTITIONS, QDQ_OPS
-from uadc.core.errors import UadcError
+from uadc.core.errors import RuntimeFault, UadcError
 from uadc.export.partitions import GraphIndex
 from uadc.passes.groups import Boundaries, Group, fused_groups
 from uadc.passes.knn import bank_neighbours
@@ -213,6 +213,9 @@ def search_precision(baseline: Baseline, target: Target, fp32: onnx.ModelProto, 
         stage = fp16_stage(fp32, s.fid, spec, s.budget.min_saving)
         s.simulate_fp16(stage.nodes)
     if not s.fid.passes(s.fidelity(frozenset())):
+        if s.faults:
+            raise RuntimeFault(f"precision auto: {target.name} with no layer quantized fails on its runtime "
+                               f"({s.faults[0].split(': ', 1)[1]})")
         raise UadcError(f"precision auto: {target.name} with no layer quantized already breaks the fidelity "
                         f"budget ({figures_text(s.figs[frozenset()])}; float layers in {target.float_precision}); "
                         f"compile a target with fp32 float layers instead")
@@ -323,6 +326,7 @@ def _record(s: _Search, cm: CostModel, final: frozenset[int], sens: dict, steps:
         "rank_sets": s.fid.rank_sets(),  # ranked on their own; every category also counts in the pooled rank
         "rank_min_images": b.rank_min_images,
         "fidelity_runtime": s.fidelity_runtime,  # candidates run there; speed is the profile or model either way
+        "faults": s.faults,  # candidates the runtime could not build or run (judged worst)
         "profile": profile,
         "groups": groups,
         "steps": steps,

@@ -6,18 +6,20 @@ the sensitivity ordering and bisection that bring the fastest assignment within 
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 import onnx
 
 from uadc.backends.ort_profile import NodeTime
-from uadc.core.errors import NonFiniteOutputs, UadcError
+from uadc.core.errors import NonFiniteOutputs, RuntimeFault, UadcError
 from uadc.core.progress import progress
 from uadc.passes.groups import Boundaries, Group
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.deploy import outputs_on, val_images
 from uadc.verify.fidelity import figures, reference_thresholds, spearman
 
+log = logging.getLogger(__name__)
 MIN_SAVING_US = 2.0
 BUDGET = {"spearman": "spearman_min", "decision_agreement": "decision_agreement_min",
           "top1_overlap": "top1_overlap_min"}
@@ -215,7 +217,7 @@ class Candidates:
 
     def fidelity(self, low: frozenset[int]) -> dict:
         if low not in self.figs:
-            self.figs[low] = self.fid.measure(self.model(low))
+            self.figs[low] = self._measured(low, False)
             self.models.pop(low, None)  # only the figures are needed again
         return self.figs[low]
 
@@ -225,9 +227,24 @@ class Candidates:
 
     def probe(self, low: frozenset[int]) -> dict:
         """Fidelity on the probe subset (never cached with, or taken for, the full figures)."""
-        fig = self.fid.measure(self.probe_model(low), probe=True)
+        fig = self._measured(low, True)
         self.models.pop(low, None)
         return fig
+
+    @property
+    def faults(self) -> list[str]:
+        """What the target runtime said of the candidates it could not build or run."""
+        return self.__dict__.setdefault("_faults", [])
+
+    def _measured(self, low: frozenset[int], probe: bool) -> dict:
+        """A candidate the target runtime cannot build or run (``RuntimeFault``) is as unfaithful as a
+        candidate can be; what the runtime said is kept for the report (``faults``)."""
+        try:
+            return self.fid.measure(self.probe_model(low) if probe else self.model(low), probe=probe)
+        except RuntimeFault as exc:
+            self.faults.append(f"{len(low)} {self.low_key}: {exc}")
+            log.warning("precision auto: a candidate with %d groups low failed on the target runtime (%s)", len(low), exc)
+            return dict(WORST)
 
 
 def units(groups: list[Group], int8: frozenset[int], most: int = SENSITIVITY_UNITS) -> list[list[int]]:
