@@ -41,6 +41,19 @@ def test_defect_without_mask(recipe_factory, tiny_data, tmp_path):
     _assert_user_error(res, "defect image without mask", art)
 
 
+def test_training_never_overwrites_the_recipe_file_it_reads(tiny_data, tmp_path):
+    """An artifacts folder holding the user's own recipe at <artifacts>/<name>/recipe.yaml: training
+    refuses before any work instead of replacing the file (comments and all) with uadc's copy."""
+    from conftest import write_recipe
+    (tmp_path / "exp1").mkdir()
+    own = write_recipe(tmp_path / "exp1" / "recipe.yaml", tiny_data)
+    text = "# my notes\nname: exp1\n" + own.read_text()
+    own.write_text(text)
+    res = CliRunner().invoke(main, ["train", str(own), "--artifacts", str(tmp_path)])
+    assert res.exit_code == 2 and "would overwrite the recipe file itself" in res.output, res.output
+    assert own.read_text() == text and sorted(p.name for p in own.parent.iterdir()) == ["recipe.yaml"]
+
+
 def test_eval_without_checkpoint(recipe_factory, tmp_path):
     art = tmp_path / "art"
     res = CliRunner().invoke(main, ["eval", str(recipe_factory()), "--artifacts", str(art)])

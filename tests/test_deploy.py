@@ -226,10 +226,18 @@ def test_tampered_model_fails_load_and_predict_with_one_line(int8_artifact, tmp_
      "threshold low must be a finite"),
     (lambda d: d["thresholds"].update(false_alarm_rate=float("nan")), "false_alarm_rate must be a finite"),
     (lambda d: d["preprocessing"].update(std=[0.0, 0.5, 0.5]), "std must be a finite positive number, got 0.0"),
+    # preprocessing the model cannot take: each failed later as a traceback or blamed every image
+    (lambda d: d["preprocessing"].update(image_size=d["preprocessing"]["image_size"] * 2),
+     "input shape .* does not take"),
+    (lambda d: d["preprocessing"].update(image_size=0), "image_size must be 1 to"),
+    (lambda d: d["preprocessing"].update(mean=[0.5, 0.5]), "mean and std need 3 values"),
+    (lambda d: d["preprocessing"].update(resize="lanczos"), "resize must be bilinear or nearest or bicubic"),
+    (lambda d: d["preprocessing"].update(color="L"), "color must be RGB"),
 ])
 def test_a_manifest_with_non_finite_numbers_is_refused(int8_artifact, tmp_path, edit, why):
     """artifact.json is JSON that Python reads NaN / Infinity from: a NaN threshold marked every
-    defect good (`score >= nan` is false), a zero std divided by zero; both loaded and predicted."""
+    defect good (`score >= nan` is false), a zero std divided by zero; both loaded and predicted.
+    Preprocessing that does not fit the model is refused the same way."""
     from uadc.runtime import Detector
     _, _, res = int8_artifact
     bad = tmp_path / "edited"
@@ -239,6 +247,31 @@ def test_a_manifest_with_non_finite_numbers_is_refused(int8_artifact, tmp_path, 
     (bad / "artifact.json").write_text(json.dumps(doc))
     with pytest.raises(UadcError, match=f"not a valid uadc manifest \\(ValueError: {why}"):
         Detector.load(bad)
+
+
+def test_a_manifest_that_misdescribes_the_model_or_cannot_be_read_is_one_error(int8_artifact, tmp_path):
+    """Consistent edits of the input (name, or size and shape together) are caught against the model the
+    runtime opened; numbers beyond float range and nesting beyond recursion are invalid manifests."""
+    from uadc.runtime import Detector
+    _, _, res = int8_artifact
+    for edit, why in ((lambda t: t.replace('"name": "image"', '"name": "img"'), "the manifest was edited"),
+                      (lambda t: _resized(t, 2), "the manifest was edited"),
+                      (lambda t: t.replace('"schema": ', '"schema": 1e400, "x": ', 1), "OverflowError"),
+                      (lambda t: "[" * 100000 + "]" * 100000, "RecursionError")):
+        bad = tmp_path / "edited"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(res.path, bad)
+        (bad / "artifact.json").write_text(edit((bad / "artifact.json").read_text()))
+        with pytest.raises(UadcError, match=why):
+            Detector.load(bad)
+
+
+def _resized(text: str, factor: int) -> str:
+    doc = json.loads(text)
+    size = doc["preprocessing"]["image_size"]
+    doc["preprocessing"]["image_size"] = size * factor
+    doc["input"]["shape"] = [*doc["input"]["shape"][:2], size * factor, size * factor]
+    return json.dumps(doc)
 
 
 def test_in_graph_postprocess_matches_the_runtime(int8_artifact, tmp_path, tiny_data):
@@ -303,6 +336,8 @@ def test_bundle_keeps_what_the_line_runs_and_leaves_the_golden_files_out(int8_ar
     with pytest.raises(UadcError, match="pass --golden"):
         uadc.verify(out)
     assert uadc.verify(out, golden=res.path).figures
+    with pytest.raises(UadcError, match="golden set not found: .*typo"):    # not "a bundle leaves them out"
+        uadc.verify(out, golden=tmp_path / "typo")
     for bad_out in (res.path / "sub", res.path.parent):
         with pytest.raises(UadcError, match="overlaps the artifact"):
             uadc.bundle(res.path, bad_out, force=True)

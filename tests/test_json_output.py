@@ -101,3 +101,17 @@ def test_quiet_resets_between_invocations():
     assert progress._ENABLED is False
     CliRunner().invoke(main, ["recipes", "list"])
     assert progress._ENABLED is None                   # bars again only on a terminal
+
+
+@pytest.mark.parametrize("args, said", [
+    (["sweep", "{d}/no-such-sweep.yaml", "--json"], "sweep file not found"),
+    (["verify", "{d}/no-such-artifact", "--json", "-"], "not a uadc artifact folder"),
+    (["diff", "{d}/a", "{d}/b", "--budget", "spearman_min=2", "--json", "-"], "not a uadc artifact folder"),
+])
+def test_sweep_verify_diff_json_user_error_is_one_document(tmp_path, args, said):
+    """Every command with a JSON mode prints a JSON document on stdout for a user error too."""
+    res = CliRunner().invoke(main, [a.format(d=tmp_path) for a in args])
+    assert res.exit_code == 2
+    doc = json.loads(res.stdout)
+    assert set(doc) == {"error", "exit_code"} and doc["exit_code"] == 2 and said in doc["error"], doc
+    assert [line for line in res.stderr.splitlines() if line.startswith("error:")] == [f"error: {doc['error']}"]

@@ -263,3 +263,28 @@ def test_summarize_mean() -> None:
     summary = summarize(per_category)
     assert summary["mean"] == pytest.approx({"image_auroc": 0.9, "aupro": 0.75})
     assert summary["categories"] == per_category
+
+
+def test_one_class_comparison_uses_only_this_recipes_unified_eval(tmp_path):
+    """`uadc eval --one-class` compares with the unified eval.json beside it: one of another recipe
+    (a category added since) raised KeyError in the table, a damaged one JSONDecodeError."""
+    import json
+
+    from uadc.config.recipe import recipe_from_dict
+    from uadc.evaluation.run import EvalResult, _unified_eval
+    recipe = recipe_from_dict({"data": {"sources": [{"root": str(tmp_path), "categories": ["a", "b"]}]}})
+    per_cat = {c: {"image_auroc": 0.9, "pixel_auroc": 0.8} for c in ("a", "b")}
+    path = tmp_path / "eval.json"
+
+    def written(cats, recipe_hash=recipe.hash) -> EvalResult | None:
+        doc = EvalResult({"image_auroc": 0.9}, {c: dict(per_cat["a"]) for c in cats}, {}, {"recipe_hash": recipe_hash})
+        path.write_text(json.dumps(doc.to_dict()))
+        return _unified_eval(path, recipe, per_cat)
+
+    assert written(["a", "b"]).categories["b"]["pixel_auroc"] == 0.8
+    assert written(["a"]) is None                            # an earlier recipe without category b
+    assert written(["a", "b"], recipe_hash="other") is None  # the same categories, other settings
+    path.write_text('{"mean": ')
+    assert _unified_eval(path, recipe, per_cat) is None
+    path.unlink()
+    assert _unified_eval(path, recipe, per_cat) is None

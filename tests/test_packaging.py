@@ -120,6 +120,19 @@ def test_recipes_show_takes_a_recipe_file_too(tmp_path, monkeypatch):
     for bad, why in (("sub/none.yaml", "recipe not found: sub/none.yaml"), ("sub", "recipe not found: sub")):
         res = CliRunner().invoke(main, ["recipes", "show", bad])
         assert res.exit_code == 2 and f"error: {why}" in res.output, res.output
+    # a quoted root with a space is rewritten; a root the line rewrite cannot see (flow style, an anchor)
+    # is refused rather than left relative (the copy read other files) or broken (invalid YAML)
+    forms = {"quoted": '    - root: "../sub dir/data"  # note\n      categories: [a]\n',
+             "flow": "  sources: [{root: ../data, categories: [a]}]\n",
+             "anchor": "    - root: &r ../data\n      categories: [a]\n"}
+    for name, lines in forms.items():
+        (tmp_path / "sub" / f"{name}.yaml").write_text("data:\n" + ("" if name == "flow" else "  sources:\n") + lines)
+        res = CliRunner().invoke(main, ["recipes", "show", f"sub/{name}.yaml"])
+        if name == "quoted":
+            assert res.exit_code == 0 and "# note" in res.output, res.output
+            assert yaml.safe_load(res.output)["data"]["sources"][0]["root"] == str(tmp_path / "sub dir" / "data")
+        else:
+            assert res.exit_code == 2 and "cannot copy it with its paths made absolute" in res.output, res.output
 
 
 @pytest.mark.skipif(os.environ.get("UADC_TEST_WHEEL") != "1",

@@ -288,6 +288,22 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
     compiled = onnx.load(str(out / "model.onnx"))
     assert set(_act_quant(compiled)) == set(_act_quant(qat_run["result"].ptq_model))
 
+    # Stale or damaged: the recipe trained again since (another checkpoint file, same settings), or a
+    # qat.json that is not the summary uadc wrote, is one error line, not a silent mixed artifact.
+    import torch
+    ckpt = art / recipe.name / "checkpoint.pt"
+    blob = torch.load(ckpt, weights_only=True)
+    torch.save({**blob, "train_seconds": (blob.get("train_seconds") or 0) + 1}, ckpt)
+    meta = art / recipe.name / f"qat_{TARGET}" / "qat.json"
+    for damage, said in ((None, "fine-tuned from another checkpoint"), ("[1, 2]", "other model settings"),
+                         ("{not json", "cannot read QAT summary")):
+        if damage is not None:
+            meta.write_text(damage)
+        res = CliRunner().invoke(main, ["compile", str(path), "--target", TARGET, "--from-qat", "--artifacts",
+                                        str(art), "--out", str(tmp_path / "stale")])
+        assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
+        assert not (tmp_path / "stale").exists()
+
 
 def test_compile_from_qat_without_qat_model(qat_run, tmp_path):
     art = _artifacts_without_qat(qat_run, tmp_path / "art")

@@ -41,11 +41,27 @@ def test_defaults_filled_and_paths_resolved(tmp_path):
     (_with(model={"method": "paste"}), "model.split: required for method paste"),
     (_with(model={"backbone": "resnet18"}), "model.weights: backbone 'resnet18' has no bundled weights"),
     ([1, 2], "recipe: expected a mapping"),
+    # a category names a folder under the data root and, one-class, under the artifacts: one plain name
+    ({"data": {"sources": [{"root": "x", "categories": ["/tmp/data/bottle"]}]}},
+     "data.sources[0].categories: '/tmp/data/bottle' is not a plain folder name"),
+    ({"data": {"sources": [{"root": "x", "categories": ["ok", "../../etc"]}]}},
+     "data.sources[0].categories: '../../etc' is not a plain folder name"),
+    ({"data": {"sources": [{"root": "x", "categories": ["a\nb"]}]}}, "is not a plain folder name"),
+    ({**SRC, "name": "a\nb"}, "name: must be a plain folder name"),
 ])
 def test_validation_errors_name_the_key(cfg, message):
     with pytest.raises(UadcError) as e:
         recipe_from_dict(cfg)
     assert message in str(e.value)
+
+
+def test_exponent_numbers_are_numbers(tmp_path):
+    """`lr: 1e-3` is a string to PyYAML's YAML 1.1 (floats need a dot): it was refused as
+    `train.lr: expected number, got '1e-3'`."""
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(SRC) + "train:\n  lr: 1e-3\n  weight_decay: 5E-4\n")
+    r = load_recipe(p)
+    assert (r.train.lr, r.train.weight_decay) == (0.001, 0.0005)
 
 
 def test_missing_and_malformed_files(tmp_path):

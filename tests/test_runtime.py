@@ -208,6 +208,13 @@ def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp
     assert "left out: " in again.summary_line() and again.summary()["left_out"] == again.left_out
     assert len(find_images([cat / "ground_truth"]).files) == len(masks)            # given explicitly
     assert len(find_images([cat / "run1" / "overlays"]).files) == len(images)
+    # the output folder is the input folder: each run scores the images, never the overlays it wrote there
+    flat = tmp_path / "flat"
+    shutil.copytree(cat / "test" / "good", flat)
+    n = len(list(flat.iterdir()))
+    for left_out in ({}, {"in a uadc predict output folder": n}):
+        run = predict_paths(det, [flat], out=flat, overlays=True)
+        assert len(run.records) == n and run.left_out == left_out, run.left_out
     # two input folders of one name (each category's test/good) and a file given twice: every
     # prediction keeps its own overlay, named in its record
     goods = [tiny_data / c / "test" / "good" for c in ("stripes", "gray")]
@@ -431,6 +438,17 @@ def test_detector_takes_encoded_bytes_and_a_category_per_image_and_refuses_silen
         with pytest.raises(UadcError, match=msg):
             det.predict(arr)
     assert det.predict(np.full((size, size, 3), 0.5, np.float32)).score > 0   # a float image in [0, 1] still runs
+    # careless handles: a file opened in text mode (its read() fails to decode a PNG), a closed file, a
+    # closed PIL image: one UadcError each, not UnicodeDecodeError / ValueError from deep inside
+    from PIL import Image
+    closed_image, closed_file = Image.open(f), open(f, "rb")
+    closed_image.close()
+    closed_file.close()
+    with open(f) as text:
+        for handle, msg in ((text, "expected a binary file object"), (closed_file, "cannot read it"),
+                            (closed_image, "cannot read its pixels")):
+            with pytest.raises(UadcError, match=msg):
+                det.predict(handle)
     with pytest.raises(UadcError, match="^unreadable image bytes: "):
         det.predict(b"not an image")
     with pytest.raises(UadcError, match="expected a path, image bytes, a binary file, a PIL image or an array, got NoneType"):

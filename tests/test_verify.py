@@ -68,6 +68,18 @@ def test_identical_outputs_give_perfect_figures():
     assert set(f["categories"]) == {"a", "b"}
 
 
+def test_a_score_on_its_threshold_is_not_a_disagreement_by_float_noise():
+    """With one validation normal the threshold is that image's score: an FP32 rebuild 4e-7 below it
+    'disagreed' and failed its own gate; a real move across the threshold still counts."""
+    scores, maps = np.array([0.4, 0.9, 1.3]), np.random.default_rng(0).random((3, 8, 8))
+    cats = np.array(["a"] * 3)
+    thr = {c: {"image": 0.9, "pixel": 0.5, "score_std": 0.3} for c in ("global", "a")}
+    noisy = scores + np.array([0.0, -4e-7, 0.0])
+    assert fidelity.figures(scores, maps, noisy, maps, cats, thr)["all"]["decision_agreement"] == 1.0
+    moved = scores + np.array([0.6, 0.0, 0.0])     # image 0 crosses its threshold
+    assert fidelity.figures(scores, maps, moved, maps, cats, thr)["all"]["decision_agreement"] == pytest.approx(2 / 3)
+
+
 def test_figures_see_reordering_and_drift():
     rng = np.random.default_rng(1)
     scores, maps = rng.random(30) + 1, rng.random((30, 16, 16))

@@ -16,7 +16,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import click
 
@@ -90,6 +90,21 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
 
 
+@contextlib.contextmanager
+def _errors_as_json(out: Any):
+    """A user error, Ctrl-C (130) or SIGTERM (143) in the block is also one JSON document on ``out``
+    (None: not), then raised on to the usual one-line ``error:``."""
+    try:
+        yield
+    except (UadcError, KeyboardInterrupt) as exc:
+        if out is not None:
+            from uadc.core.io import to_json
+            code = getattr(exc, "exit_code", 143 if isinstance(exc, _Terminated) else 130)
+            doc = {"error": str(exc) or ("terminated (SIGTERM)" if code == 143 else "interrupted"), "exit_code": code}
+            click.echo(to_json(doc), file=out, nl=False)
+        raise
+
+
 def json_output(f):
     """``--json``: one JSON document on stdout, the result's ``to_dict()`` (+ ``path``), or ``{"error",
     "exit_code"}`` on a user error, Ctrl-C (130) or SIGTERM (143); the usual text goes to stderr."""
@@ -99,21 +114,12 @@ def json_output(f):
             sys.exit(getattr(f(*args, **kwargs), "exit_code", 0))
         from uadc.core.io import to_json
         from uadc.core.scoped import stdout_to_stderr
-        error = None
-        with stdout_to_stderr() as out:
-            try:
-                res = f(*args, **kwargs)
-            except (UadcError, KeyboardInterrupt) as exc:   # Ctrl-C / SIGTERM: still one document
-                code = getattr(exc, "exit_code", 143 if isinstance(exc, _Terminated) else 130)
-                error, doc = exc, {"error": str(exc) or ("terminated (SIGTERM)" if code == 143 else "interrupted"),
-                                   "exit_code": code}
-            else:
-                doc = res.to_dict()
-                if getattr(res, "path", None) is not None and "path" not in doc:
-                    doc["path"] = str(res.path)
-        click.echo(to_json(doc), file=out, nl=False)
-        if error is not None:
-            raise error   # and the usual one-line `error:` on stderr
+        with _errors_as_json(sys.stdout), stdout_to_stderr():   # the document once fd 1 is stdout again
+            res = f(*args, **kwargs)
+            doc = res.to_dict()
+            if getattr(res, "path", None) is not None and "path" not in doc:
+                doc["path"] = str(res.path)
+        click.echo(to_json(doc), nl=False)
         sys.exit(getattr(res, "exit_code", 0))
     return click.option("--json", "as_json", is_flag=True,
                         help="print one JSON document (the result) on stdout; text goes to stderr")(wrapper)
@@ -166,7 +172,7 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
         res = api.evaluate(r, one_class=True, artifacts=artifacts)
         click.echo(format_table(res.one_class, f"{r.name} (one model per category)"))
         click.echo(format_comparison(res.unified, res.one_class) if res.unified else
-                   "no unified eval.json yet: run `uadc eval` for the unified-vs-one-class table")
+                   "no unified eval.json of this recipe: run `uadc eval` for the unified-vs-one-class table")
         return res
     res = api.evaluate(checkpoint or r, r, artifacts=artifacts)
     epochs = res.extra.get("epochs")       # None for a compiled artifact: name it instead
@@ -224,7 +230,7 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
         log.info("no checkpoint: training the recipe first (--train-if-missing)")
         log.info("checkpoint written: %s", api.train(r, artifacts=artifacts).checkpoints[0])
     from uadc.quant.qat.run import load_qat_model
-    qat_model = load_qat_model(r, target, artifacts) if from_qat else None
+    qat_model = load_qat_model(r, target, artifacts, checkpoint or checkpoint_path(r, artifacts)) if from_qat else None
     res = api.compile(checkpoint or r, target, recipe=r, calibration=calib_data, calibrator=calibrator,
                       calib_samples=calib_samples, quantize=comma_list(quantize), per_channel=per_channel, out=out,
                       force=force, dump_passes=dump_passes, split=split, build_engine=build_engine,
@@ -358,17 +364,17 @@ def calibrators_compare(recipe: Path, target, names, sources, calib_samples, qua
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="folder for the table and cells (default: <artifacts>/sweeps/<name>)")
 @click.option("--sequential", is_flag=True, help="no Ray: run the cells one after another in this process")
-@click.option("--json", "as_json", is_flag=True, help="print the table as JSON")
 @artifacts_opt
-def sweep_cmd(sweep_file: Path, address, num_cpus, out, sequential, as_json, artifacts) -> None:
+@json_output
+def sweep_cmd(sweep_file: Path, address, num_cpus, out, sequential, artifacts):
     """Run a sweep file's recipe x target x calibration grid on Ray; exit 1 if a cell failed."""
     from uadc.pipeline.sweep.run import run_sweep   # = api.sweep, without importing torch for a rerun
     res = run_sweep(sweep_file, artifacts=artifacts, out=out, address=address, num_cpus=num_cpus,
                     sequential=sequential)
-    click.echo(json.dumps(res.to_dict(), indent=2) if as_json else res.markdown)
+    click.echo(res.markdown)   # with --json: on stderr, the table as the JSON document
     click.echo(f"{len(res.rows)} cells: {res.executed} run, {res.reused} reused, {res.failed} failed; "
-               f"{res.trained} models trained; {res.wall_seconds:.1f} s; written: {res.out}", err=as_json)
-    sys.exit(1 if res.failed else 0)
+               f"{res.trained} models trained; {res.wall_seconds:.1f} s; written: {res.out}")
+    return res
 
 
 def _gate_options(f):
@@ -390,8 +396,9 @@ def _gate_options(f):
     @functools.wraps(f)
     def checked(*args, json_out: Path | None = None, md_out: Path | None = None, **kwargs):
         from uadc.verify.gate import check_report_paths
-        check_report_paths(json_out, md_out)       # before the work, not after it
-        return f(*args, json_out=json_out, md_out=md_out, **kwargs)
+        with _errors_as_json(sys.stdout if str(json_out) == "-" else None):   # `--json -`: a document, always
+            check_report_paths(json_out, md_out)       # before the work, not after it
+            return f(*args, json_out=json_out, md_out=md_out, **kwargs)
     return checked
 
 

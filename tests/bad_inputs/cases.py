@@ -414,6 +414,13 @@ CASES: list[Case] = [
          setup=lambda e: ckpt_blob(e, lambda b: {"state_dict": b["state_dict"]})),
     Case("ckpt-a-list", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="not a uadc checkpoint",
          setup=lambda e: ckpt_blob(e, lambda b: [1, 2, 3])),
+    # metadata eval reads beside the weights: a TypeError / KeyError / unserialisable tensor before
+    *[Case(f"ckpt-eval-bad-{key}-{i}", lambda e: ["eval", str(e.s.recipe), "--checkpoint", "c.pt"],
+           msg=f"its {key} is not what uadc train writes", setup=lambda e, k=key, v=value: ckpt_blob(e, lambda b: {**b, k: v()}))
+      for key, values in (("history", (lambda: [1], lambda: None, lambda: [{"test": {}}],
+                                       lambda: [{"epoch": 1, "seconds": 1.0, "test": 5}])),
+                          ("stats", (lambda: {"x": __import__("torch").zeros(3)},)), ("train_seconds", (lambda: "1 s",)))
+      for i, value in enumerate(values)],
     Case("ckpt-missing-weights", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="weights do not fit",
          setup=lambda e: ckpt_blob(e, lambda b: {**b, "state_dict": dict(list(b["state_dict"].items())[1:])})),
     Case("ckpt-other-settings", COMPILE("--checkpoint", "c.pt", "--out", "o"),      # the setting that differs, named
@@ -451,6 +458,9 @@ CASES: list[Case] = [
     Case("out-read-only", COMPILE("--no-eval", "--out", "ro/out"), msg="not writable", setup=readonly("ro")),
     Case("dump-passes-is-file", COMPILE("--no-eval", "--out", "o", "--dump-passes", "f.txt"), msg="not a folder",
          setup=text("f.txt", "keep")),
+    # the whole compile ran, then "exists and was not written by uadc (nothing was changed)": it had dumped there
+    *[Case(f"dump-passes-overlaps-out-{i}", COMPILE("--no-eval", "--out", out, "--dump-passes", dump), msg="overlap")
+      for i, (out, dump) in enumerate((("o", "o"), ("o", "o/passes"), ("d/o", "d")))],
     Case("artifacts-is-file", TRAIN(), msg="art", setup=both(lambda e: recipe(e), text("art", "a file"))),
     Case("artifacts-read-only", TRAIN(), msg="not writable", setup=both(lambda e: recipe(e), readonly("art"))),
     Case("out-force-replaces-uadc-folder", COMPILE("--target", "ort-cpu-fp32", "--no-eval", "--out", "old_out",

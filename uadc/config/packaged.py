@@ -21,7 +21,7 @@ from uadc.core.errors import UadcError
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 # a recipe line holding a path (data root, validation folder, weights file): its value, quoted or not
-_PATH_LINE = re.compile(r"^(\s*(?:-\s+)?(?:root|folder|weights):\s*)(['\"]?)([^'\"#\s]+)\2(.*)$")
+_PATH_LINE = re.compile(r"^(\s*(?:-\s+)?(?:root|folder|weights):\s*)(?:(['\"])([^'\"\\]+)\2|([^'\"#\s]+))(.*)$")
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,37 @@ class PackagedRecipe:
         """The recipe's text with its relative paths made absolute (against its folder, as loading
         resolves them), comments kept: a copy saved anywhere reads the same files."""
         def absolute(m: re.Match) -> str:
-            if Path(m.group(3)).is_absolute():
+            written = m.group(3) or m.group(4)
+            if Path(written).is_absolute():
                 return m.group(0)
-            path = str((self.path.parent / m.group(3)).resolve())
+            path = str((self.path.parent / written).resolve())
             value = path if re.fullmatch(r"[\w./-]+", path) else json.dumps(path)   # quoted when YAML needs it
-            return f"{m.group(1)}{value}{m.group(4)}"
-        return "".join(_PATH_LINE.sub(absolute, line) for line in self.path.read_text().splitlines(keepends=True))
+            return f"{m.group(1)}{value}{m.group(5)}"
+        original = self.path.read_text()
+        text = "".join(_PATH_LINE.sub(absolute, line) for line in original.splitlines(keepends=True))
+        # the rewrite reads plain `key: value` lines: check that the copy reads what the recipe reads
+        if _path_values(text, None) != _path_values(original, self.path.parent):
+            raise UadcError(f"{self.path}: cannot copy it with its paths made absolute (a path written in flow "
+                            f"style, or with an anchor or a tag): copy the file and set data.sources[].root, "
+                            f"data.val[].folder and model.weights to absolute paths by hand")
+        return text
+
+
+def _path_values(text: str, base: Path | None) -> list | None:
+    """The recipe's path settings, resolved against ``base`` (None: as written); None if unreadable."""
+    import yaml
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(doc, dict):
+        return []
+    data, model = doc.get("data") or {}, doc.get("model") or {}
+    entries = [("root", s) for s in data.get("sources") or [] if isinstance(s, dict)] + \
+        [("folder", v) for v in data.get("val") or [] if isinstance(v, dict)] + [("weights", model)]
+    values = [e.get(k) for k, e in entries if isinstance(e, dict) and e.get(k) is not None]
+    return [str((base / v).resolve()) if base is not None and isinstance(v, str) and not Path(v).is_absolute()
+            else v for v in values]
 
 
 def recipes_dir() -> Path:

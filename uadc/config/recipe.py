@@ -22,6 +22,7 @@ from uadc.config.validation import first_error, listed_twice
 from uadc.config.yaml_file import read_yaml_mapping
 from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
 from uadc.core.errors import UadcError
+from uadc.core.io import is_plain_name
 
 METHODS = ("stfpm", "paste", "rd", "us")
 BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2", "mobilenet_v2")
@@ -51,6 +52,15 @@ class Source(_Section):
     categories: Optional[list[str]] = Field(None, min_length=1, description="categories under root; all if omitted")
 
     _root = field_validator("root")(_resolve)
+
+    @field_validator("categories")
+    @classmethod
+    def _plain_categories(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        # a category names a folder under root and under the artifacts (one-class models)
+        bad = [c for c in v or [] if not is_plain_name(c)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a plain folder name under root (no '/', '..' or leading '.')")
+        return v
 
 
 class ValSource(_Section):
@@ -267,8 +277,7 @@ class RecipeConfig(_Section):
 
 
 def _is_plain(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and not name.startswith(".") and \
-        not any(c in name for c in "/\\\x00") and len(name) <= 128
+    return is_plain_name(name) and len(name) <= 128
 
 
 class Recipe:
@@ -350,6 +359,9 @@ class Recipe:
         cfg = copy.deepcopy(self.cfg)
         for section, values in sections.items():
             if isinstance(cfg.get(section), dict):
+                if not isinstance(values, dict):
+                    raise UadcError(f"override {section}: expected a mapping of {section} keys "
+                                    f"({{{section}: {{key: value}}}}), got {type(values).__name__} {values!r:.80}")
                 cfg[section].update(values)
             else:
                 cfg[section] = values

@@ -8,6 +8,7 @@ both line numbers (YAML 1.2 forbids it too).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -32,6 +33,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                          f"(lines {seen[key]} and {key_node.start_mark.line + 1})")
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads `1e-3` as text (its floats need a dot); YAML 1.2 and every user read a number
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) -> dict:

@@ -20,6 +20,7 @@ MANIFEST_SCHEMA = 1
 PRED_OUTPUTS = ("pred_score", "pred_label", "pred_mask")  # optional in-graph post-processing
 MASKS_FOLDER = "ground_truth"              # MVTec layout: <category>/ground_truth/<defect>/<stem>_mask.png
 PREDICTIONS_JSONL, PREDICTIONS_CSV = "predictions.jsonl", "predictions.csv"   # `uadc predict --out`
+OVERLAYS_DIR = "overlays"   # `uadc predict --out --overlays`: <out>/overlays/<input folder>/...
 CATEGORY_INPUT = "category"                # int64 (N,) index into the manifest's categories
 # golden outputs stored in every artifact (uadc.verify.golden) and the verify/diff report
 GOLDEN_INPUTS, GOLDEN_OUTPUTS, GOLDEN_META, GOLDEN_MASKS = (

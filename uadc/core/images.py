@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from uadc.core.constants import MASKS_FOLDER, PREDICTIONS_JSONL
+from uadc.core.constants import MASKS_FOLDER, OVERLAYS_DIR, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -118,7 +118,9 @@ def find_images(paths: list[Path], exclude: list[Path] | tuple = ()) -> FoundIma
             files = _walk(root)
             blocked = {Path(x).absolute(): "in the output folder" for x in exclude}
             blocked.update({j.parent: "in a uadc predict output folder" for j in files if j.name == PREDICTIONS_JSONL})
-            blocked = {d: why for d, why in blocked.items() if root in d.parents}   # the folder given is walked
+            # the folder given is walked, even an output folder; but not the overlays a run wrote into it
+            blocked = {d if d != root else d / OVERLAYS_DIR: why for d, why in blocked.items()
+                       if d == root or root in d.parents}
             for f in sorted(f for f in files if f.suffix.lower() in IMAGE_EXTS):
                 _add(found, seen, p / f.relative_to(root), _skip_reason(f, root, blocked))
         elif p.exists():

@@ -164,6 +164,17 @@ def _finite(v: Any) -> Any:
     return v
 
 
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file read back (one uadc wrote); missing, unreadable or damaged: one UadcError line."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UadcError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
+        raise UadcError(f"cannot read {what} {path}: {reason}") from None
+
+
 def atomic_write_json(path: Path, data: Any) -> Path:
     return atomic_write_text(path, to_json(data))
 
@@ -212,13 +223,19 @@ def file_lock(target: Path, timeout: float = -1) -> Iterator[None]:
     """Serialise writers of ``target`` across processes (a lock file beside it)."""
     from filelock import FileLock, Timeout
 
+    check_writable(target.parent)   # else filelock retries a lock it can never create, forever
     ensure_dir(target.parent)
     lock = FileLock(str(target.parent / f".{target.name}.lock"), timeout=timeout)
     try:
-        with lock:
-            yield
+        lock.acquire()
     except Timeout:
         raise UadcError(f"{target} is being written by another uadc process") from None
+    except OSError as exc:
+        raise UadcError(f"cannot lock {target}: {exc.strerror or exc}") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager
@@ -287,9 +304,16 @@ def staged_files(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def is_plain_name(name: str) -> bool:
+    """One path component that stays inside the folder it is joined to: no separators, no ``..``,
+    no leading dot (hidden), no control characters (a newline in a folder name breaks every log)."""
+    return bool(name) and name not in (".", "..") and not name.startswith(".") and \
+        not any(c in "/\\" or ord(c) < 32 or c == "\x7f" for c in name)
+
+
 def contained(root: Path, name: str, what: str = "name") -> Path:
-    """``root / name`` where ``name`` is one plain path component (no separators, no ..)."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or name.startswith("."):
+    """``root / name`` where ``name`` is one plain path component (:func:`is_plain_name`)."""
+    if not is_plain_name(name):
         raise UadcError(f"{what} {name!r} is not a plain folder name (no '/', '..' or leading '.')")
     return Path(root) / name
 

@@ -26,6 +26,8 @@ from uadc.core.errors import UadcError
 from uadc.core.io import TMP_TAG, atomic_write_json, sha256_file
 
 MAX_MANIFEST_BYTES = 16 << 20
+RESIZE_FILTERS = ("bilinear", "nearest", "bicubic")   # PIL filters the runtime resizes with
+MAX_IMAGE_SIZE = 8192
 _EPS = 1e-12
 
 
@@ -124,10 +126,19 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(int(d["image_size"]), tuple(_finite(x, "mean") for x in d["mean"]),
-                   tuple(_finite(x, "std", positive=True) for x in d["std"]), str(d.get("resize", "bilinear")),
-                   str(d.get("color", "RGB")), _finite(d.get("scale", 1 / 255), "scale", positive=True),
-                   str(d.get("layout", "NCHW")))
+        size = int(d["image_size"])
+        if not 1 <= size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be 1 to {MAX_IMAGE_SIZE}, got {size}")
+        mean, std = tuple(_finite(x, "mean") for x in d["mean"]), tuple(_finite(x, "std", True) for x in d["std"])
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {len(mean)} and {len(std)}")
+        pre = cls(size, mean, std, str(d.get("resize", "bilinear")), str(d.get("color", "RGB")),
+                  _finite(d.get("scale", 1 / 255), "scale", positive=True), str(d.get("layout", "NCHW")))
+        for key, value, allowed in (("resize", pre.resize, RESIZE_FILTERS), ("color", pre.color, ("RGB",)),
+                                    ("layout", pre.layout, ("NCHW",))):
+            if value not in allowed:
+                raise ValueError(f"{key} must be {' or '.join(allowed)}, got {value!r}")
+        return pre
 
 
 @dataclass
@@ -166,12 +177,24 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
         inp = d.get("input") or {}
-        return cls(str(d["uadc_version"]), str(d["recipe"]), str(d["recipe_hash"]), str(d["target"]),
+        m = cls(str(d["uadc_version"]), str(d["recipe"]), str(d["recipe_hash"]), str(d["target"]),
                    str(d["precision"]), str(d["runtime"]), Preprocessing.from_dict(d["preprocessing"]),
                    list(d["categories"]), Thresholds.from_dict(d["thresholds"]) if d.get("thresholds") else None,
                    str(d.get("model_file", MODEL_FILE)), str(inp.get("name", INPUT_NAME)), list(inp.get("shape", [])),
                    list(d.get("outputs", OUTPUT_NAMES)), d.get("postprocess"), dict(d.get("files", {})),
                    int(d.get("schema", MANIFEST_SCHEMA)), bundle=d.get("bundle"))
+        size = m.preprocessing.image_size
+        if m.input_shape and m.input_shape[1:] != [3, size, size]:
+            raise ValueError(f"input shape {m.input_shape} does not take {size} x {size} RGB images")
+        return m
+
+    def check_model_input(self, name: str, shape: Sequence[Any]) -> None:
+        """The model's own input (from its runtime) is what the manifest says it feeds."""
+        size = self.preprocessing.image_size
+        if name != self.input_name or list(shape)[1:] != [3, size, size]:
+            raise UadcError(f"{(self.folder or Path('.')) / MANIFEST_FILE} says the model takes {self.input_name!r} "
+                            f"[batch, 3, {size}, {size}], but {self.model_file} takes {name!r} {list(shape)}: "
+                            f"the manifest was edited; compile the artifact again")
 
     def essentials(self) -> dict:
         """What goes into the ONNX ``metadata_props`` (``uadc.deploy``): enough to run the
@@ -216,8 +239,8 @@ def read_manifest(folder: Path, verify: bool = True) -> Manifest:
         raise UadcError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a uadc manifest")
     try:
         manifest = Manifest.from_dict(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UadcError(f"{path}: not a valid uadc manifest ({type(exc).__name__}: {exc})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+        raise UadcError(f"{path}: not a valid uadc manifest ({type(exc).__name__}: {str(exc)[:200]})") from None
     if manifest.schema > MANIFEST_SCHEMA:
         raise UadcError(f"{path}: manifest schema {manifest.schema} is newer than this uadc reads "
                         f"({MANIFEST_SCHEMA}); upgrade uadc")

@@ -3,7 +3,6 @@ per-category test sets and compute image AUROC, pixel AUROC, AUPRO and pixel F1-
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from uadc.config.recipe import Recipe
 from uadc.core.constants import EVAL_FILE, METRIC_KEYS
 from uadc.core.errors import NonFiniteOutputs, UadcError
-from uadc.core.io import atomic_write_json
+from uadc.core.io import atomic_write_json, read_json
 from uadc.core.numbers import fixed
 from uadc.core.progress import progress
 from uadc.core.scoped import torch_threads
@@ -199,11 +198,25 @@ def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None) -> OneClas
             per_cat[cat] = evaluate(torch_predictor(model), {cat: arr}, recipe.eval.batch_size).categories[cat]
     s = metrics.summarize(per_cat)
     one_class = EvalResult(s["mean"], s["categories"])
-    unified_path = recipe.artifact_dir(artifacts) / EVAL_FILE
-    unified = EvalResult.from_dict(json.loads(unified_path.read_text())) if unified_path.is_file() else None
-    result = OneClassResult(one_class, unified)
+    result = OneClassResult(one_class, _unified_eval(recipe.artifact_dir(artifacts) / EVAL_FILE, recipe, per_cat))
     result.path = atomic_write_json(recipe.artifact_dir(artifacts) / "one_class_eval.json", result.to_dict())
     return result
+
+
+def _unified_eval(path: Path, recipe: Recipe, categories: dict) -> EvalResult | None:
+    """The unified model's ``eval.json`` to compare with, if it is this recipe's and covers every
+    category (an older recipe's, or a damaged file, is no basis for a comparison: None)."""
+    if not path.is_file():
+        return None
+    try:
+        res = EvalResult.from_dict(read_json(path, "unified evaluation"))
+        fits = res.extra.get("recipe_hash") == recipe.hash and all(
+            isinstance(res.categories.get(c), dict) and all(isinstance(res.categories[c].get(k), (int, float))
+                                                          for k in m if k in ("image_auroc", "pixel_auroc"))
+            for c, m in categories.items())
+    except (UadcError, KeyError, TypeError, AttributeError):
+        fits = False
+    return res if fits else None
 
 
 def format_comparison(unified: EvalResult, one_class: EvalResult) -> str:

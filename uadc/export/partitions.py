@@ -14,11 +14,10 @@ import logging
 import onnx
 import onnx.utils
 
+from uadc.core.constants import PARTITION_KEY, PARTITIONS, QDQ_OPS
 from uadc.core.errors import UadcError
 
 log = logging.getLogger(__name__)
-
-from uadc.core.constants import PARTITION_KEY, PARTITIONS, QDQ_OPS  # noqa: E402
 
 
 def meta_partition(node: onnx.NodeProto) -> str | None:

@@ -71,6 +71,16 @@ def default_out(baseline: Baseline, target: Target, qat: bool, artifacts: Path |
     return baseline.recipe.artifact_dir(artifacts) / f"{target.name}{'-qat' if qat else ''}"
 
 
+def _check_apart(out: Path, dump: Path | None) -> None:
+    """The pass dumps are written while the artifact is built in a temp folder that replaces
+    ``out``: one inside the other would be replaced, or become part of the artifact."""
+    if dump is None:
+        return
+    a, b = out.absolute().resolve(), Path(dump).absolute().resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise UadcError(f"--dump-passes {dump} and the artifact folder {out} overlap: give the dumps their own folder")
+
+
 def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     target = get_target(opts.target)
     ptq = resolve_ptq(baseline.recipe, target, opts.calibrator, opts.calib_data, opts.calib_samples,
@@ -80,6 +90,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     out = Path(opts.out) if opts.out else default_out(baseline, target, opts.qat_model is not None, opts.artifacts)
     check_replaceable(out.absolute(), replace=opts.force or opts.out is None)  # before any work
     check_writable(out.absolute().parent)
+    _check_apart(out, opts.dump_passes)
     threads = opts.threads or baseline.threads
     if opts.evaluate and not baseline.test_arrays:
         log.warning("no category has a test folder: AUROC and test-set decisions are not measured")

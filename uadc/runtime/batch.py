@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from uadc.core.constants import PREDICTIONS_CSV, PREDICTIONS_JSONL
+from uadc.core.constants import OVERLAYS_DIR, PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError
 from uadc.core.images import find_images, printable
 from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, file_lock, staged_files
@@ -149,7 +149,7 @@ def _predict(detector: Detector, inputs: Sequence[Path], category: str | None, o
     run = PredictRun([], [], Path(out) if out else None, left_out=found.skipped)
     names = overlay_names(files, roots) if out and overlays else {}
     # overlays move into out/overlays/ once every image ran: a run stopped half-way leaves none of them
-    with staged_files(Path(out) / "overlays") if names else contextlib.nullcontext() as stage:
+    with staged_files(Path(out) / OVERLAYS_DIR) if names else contextlib.nullcontext() as stage:
         _run_images(detector, files, category, infer, batch_size, run, stage, names)
     n_global = sum(r["category"] is None for r in run.records)
     if n_global and len(detector.categories) > 1:
@@ -185,8 +185,8 @@ def _run_images(detector: Detector, files: list[Path], category: str | None, inf
                 buf = io.BytesIO()
                 Image.fromarray(img).save(buf, format="PNG")
                 atomic_write_bytes(stage / names[f], buf.getvalue())
-                run.written.append(run.out / "overlays" / names[f])
-                run.records[-1]["overlay"] = ("overlays" / names[f]).as_posix()
+                run.written.append(run.out / OVERLAYS_DIR / names[f])
+                run.records[-1]["overlay"] = (OVERLAYS_DIR / names[f]).as_posix()
 
 
 def _check_out(out: Path) -> None:
@@ -226,7 +226,7 @@ def _stale_overlays(out: Path, run: PredictRun) -> list[Path]:
     """Overlays that the earlier run's predictions.jsonl in ``out`` names and this run did not write
     again: they belong to the tables being replaced, and left there they would mix two runs. Only
     PNG files under ``out/overlays/``; anything else there is not uadc's."""
-    old, root = out / PREDICTIONS_JSONL, (out / "overlays").resolve()
+    old, root = out / PREDICTIONS_JSONL, (out / OVERLAYS_DIR).resolve()
     if not old.is_file():
         return []
     named = set()

@@ -153,7 +153,10 @@ class Detector:
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
             _only_auto(schedule, "OpenVINO")
             return cls(manifest, _OvBackend(model, threads, manifest.target), batch_size)
-        return cls(manifest, _OrtBackend(model, threads, schedule), batch_size)
+        backend = _OrtBackend(model, threads, schedule)
+        first = backend.session.get_inputs()[0]   # the runtime's own view of the model
+        manifest.check_model_input(first.name, first.shape)
+        return cls(manifest, backend, batch_size)
 
     # -- properties -------------------------------------------------------------------------
     @property

@@ -14,12 +14,16 @@ from PIL import Image
 
 from uadc.core.errors import UadcError
 from uadc.core.images import eight_bit, find_images, open_image
-from uadc.core.manifest import Preprocessing
+from uadc.core.manifest import RESIZE_FILTERS, Preprocessing
 
-_FILTERS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC}
+_FILTERS = {name: getattr(Image.Resampling, name.upper()) for name in RESIZE_FILTERS}
 
 
 def _from_pil(im: Image.Image, pre: Preprocessing, source: Any = "(a PIL image)") -> np.ndarray:
+    try:
+        im.load()
+    except (OSError, ValueError) as exc:   # a closed image, a truncated file behind a lazy one
+        raise UadcError(f"image {source}: cannot read its pixels ({exc})") from None
     im = eight_bit(im, source).convert(pre.color)
     size = pre.image_size
     if im.size != (size, size):
@@ -33,8 +37,13 @@ def _encoded(source: Any) -> io.BytesIO | None:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return io.BytesIO(bytes(source))
     if hasattr(source, "read") and not isinstance(source, Image.Image):
-        data = source.read()
-        if not isinstance(data, bytes):
+        try:
+            data = source.read()
+        except UnicodeDecodeError:   # a file opened in text mode: its read() decodes, and PNG is not text
+            data = None
+        except (OSError, ValueError) as exc:   # closed, not readable
+            raise UadcError(f"image stream: cannot read it ({exc})") from None
+        if not isinstance(data, (bytes, bytearray)):
             raise UadcError(f"image stream: expected a binary file object, got text from {type(source).__name__}")
         return io.BytesIO(data)
     return None

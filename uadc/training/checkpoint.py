@@ -15,11 +15,12 @@ from uadc import __version__
 from uadc.config.recipe import Recipe, recipe_from_dict
 from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError
-from uadc.core.io import atomic_save, atomic_write_text
+from uadc.core.io import atomic_save, atomic_write_text, contained
 from uadc.models import KDModel, build_model
 
 MAX_CHECKPOINT_BYTES = 4 << 30
 ONE_CLASS_DIR = "one_class"      # <artifacts>/<recipe>/one_class/<category>/checkpoint.pt
+RECIPE_COPY = "recipe.yaml"      # the trained recipe, beside its checkpoint (for people; uadc reads the checkpoint)
 
 
 HEAD_KEYS = ("head", "score_reduction", "score_topk", "score_pool")  # weight-free head settings a checkpoint serves alike
@@ -32,7 +33,7 @@ def model_hash(recipe: Recipe) -> str:
 
 def checkpoint_path(recipe: Recipe, artifacts: Path | None = None, category: str | None = None) -> Path:
     d = recipe.artifact_dir(artifacts)
-    return (d / ONE_CLASS_DIR / category if category else d) / CHECKPOINT_FILE
+    return (contained(d / ONE_CLASS_DIR, category, "category") if category else d) / CHECKPOINT_FILE
 
 
 def make_model(recipe: Recipe) -> KDModel:
@@ -45,9 +46,27 @@ def save_checkpoint(path: Path, model: KDModel, recipe: Recipe, history: list[di
             "model_hash": model_hash(recipe), "history": history, "categories": categories,
             "uadc_version": __version__, **(extra or {})}
     atomic_save(path, lambda tmp: torch.save(blob, tmp))
-    import yaml
-    atomic_write_text(path.parent / "recipe.yaml", yaml.safe_dump(recipe.cfg, sort_keys=False))
+    atomic_write_text(path.parent / RECIPE_COPY, _recipe_text(recipe))
     return path
+
+
+def _recipe_text(recipe: Recipe) -> str:
+    import yaml
+    return yaml.safe_dump(recipe.cfg, sort_keys=False)
+
+
+def check_recipe_copy(path: Path, recipe: Recipe) -> None:
+    """Before training: the recipe copy written beside checkpoint ``path`` must not replace the
+    recipe file being trained (an artifacts folder that holds the user's own recipe), unless it
+    is already that copy, word for word."""
+    copy = path.parent / RECIPE_COPY
+    try:
+        same = recipe.path is not None and copy.is_file() and copy.samefile(recipe.path)
+        if same and copy.read_text(encoding="utf-8") != _recipe_text(recipe):
+            raise UadcError(f"training would overwrite the recipe file itself with uadc's copy of it: {copy} "
+                            f"(keep recipes outside the artifacts folder, or pass another --artifacts)")
+    except (OSError, UnicodeDecodeError):
+        return   # unreadable: the write reports it
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -79,7 +98,32 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict) or \
             not isinstance(blob.get("recipe"), dict):
         raise UadcError(f"checkpoint {path} is not a uadc checkpoint (no state_dict/recipe)")
+    _check_metadata(blob, path)
     return blob
+
+
+def _plain_data(v: Any) -> bool:
+    """What eval.json can carry on: numbers, text, None, and lists / str-keyed dicts of them."""
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain_data(x) for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return all(_plain_data(x) for x in v)
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def _check_metadata(blob: dict, path: Path) -> None:
+    """The fields ``uadc eval`` reads besides the weights (the training history, stats, seconds)."""
+    history = blob.get("history", [])
+    ok = isinstance(history, list) and all(
+        isinstance(h, dict) and isinstance(h.get("epoch"), int) and isinstance(h.get("seconds"), (int, float))
+        and ("test" not in h or isinstance(h["test"], dict) and {"mean", "categories"} <= set(h["test"]))
+        for h in history)
+    for key, fine in (("history", ok), ("stats", _plain_data(blob.get("stats"))),
+                      ("train_seconds", blob.get("train_seconds") is None or isinstance(blob["train_seconds"], (int, float))),
+                      ("categories", _plain_data(blob.get("categories")))):
+        if not fine:
+            raise UadcError(f"checkpoint {path}: its {key} is not what uadc train writes (edited or damaged); "
+                            f"retrain with `uadc train`")
 
 
 def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, dict]:

@@ -20,7 +20,7 @@ from uadc.core.scoped import seeded, torch_threads
 from uadc.data.prepare import RecipeData, prepare_data
 from uadc.models import KDModel
 from uadc.models.profile import model_stats, peak_rss_mb
-from uadc.training.checkpoint import checkpoint_path, make_model, save_checkpoint
+from uadc.training.checkpoint import check_recipe_copy, checkpoint_path, make_model, save_checkpoint
 from uadc.training.fit import EpochCallback, fit, fit_image_knn, fit_patch_knn
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,12 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
     cats = data.categories
     groups = [(c, [i for i, s in enumerate(data.train.samples) if s.category == c]) for c in cats] if one_class \
         else [(None, list(range(len(data.train))))]
+    paths = [checkpoint_path(recipe, artifacts, cat) for cat, _ in groups]
+    for path in paths:
+        check_recipe_copy(path, recipe)
     models = []
     with torch_threads(recipe.train.threads):
-        for cat, idx in groups:
-            path = checkpoint_path(recipe, artifacts, cat)
+        for (cat, idx), path in zip(groups, paths):
             # read the images first: an unreadable one fails before any folder or lock exists
             images = load_images(torch.utils.data.Subset(data.train, idx), "loading images")
             with seeded(recipe.seed):       # the caller's random streams come back afterwards

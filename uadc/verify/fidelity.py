@@ -30,6 +30,10 @@ LABELLED = ("image_auroc_drop", "pixel_auroc_drop", "aupro_drop")
 FALSE_ALARM_RATE = 0.01     # default of the recipe's deploy.false_alarm_rate
 MIN_SPREAD_NORMALS = 10    # fewer reference normals in a category: its score_shift is not judged
 _EPS = 1e-12
+# A score this close (relative) to its threshold is decided by float rounding, not by the model: with
+# few validation normals a threshold can sit exactly on one golden image's score, and an FP32 rebuild
+# 4e-7 below it "disagreed". Such an image counts as agreeing; INT8 / bf16 errors are far larger.
+TIE_RTOL = 1e-5
 
 
 def reference_thresholds(scores: np.ndarray, maps: np.ndarray, categories: np.ndarray,
@@ -88,13 +92,19 @@ def label_free(ref_scores: np.ndarray, ref_maps: np.ndarray, cand_scores: np.nda
     ratio = cand_scores / np.where(np.abs(ref_scores) < _EPS, _EPS, ref_scores)
     return {
         "spearman": spearman(ref_scores, cand_scores),
-        "decision_agreement": float(np.mean((ref_scores >= thr["image"]) == (cand_scores >= thr["cand_image"]))),
+        "decision_agreement": _agreement(ref_scores, thr["image"], cand_scores, thr["cand_image"]),
         "map_dice": float(2 * inter / total) if total else 1.0,
         "map_iou": float(inter / union) if union else 1.0,
         "top1_overlap": float(np.mean((r_top & c_top).sum(1) / r_top.sum(1))),
         "score_ratio": float(np.median(ratio)),
         "score_shift": float(np.median(cand_scores - ref_scores) / max(score_std, _EPS)),
     }
+
+
+def _agreement(ref: np.ndarray, ref_thr: np.ndarray, cand: np.ndarray, cand_thr: np.ndarray) -> float:
+    """Share of images both sides decide alike; a score within ``TIE_RTOL`` of its threshold is a tie."""
+    tie = np.isclose(ref, ref_thr, rtol=TIE_RTOL, atol=0) | np.isclose(cand, cand_thr, rtol=TIE_RTOL, atol=0)
+    return float(np.mean(((ref >= ref_thr) == (cand >= cand_thr)) | tie))
 
 
 def figures(ref_scores: np.ndarray, ref_maps: np.ndarray, cand_scores: np.ndarray, cand_maps: np.ndarray,

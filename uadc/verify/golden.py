@@ -91,6 +91,8 @@ def read_golden(path: Path) -> GoldenSet:
     from polygraphy.json import load_json
     path = Path(path)
     meta_path = path / GOLDEN_META if path.is_dir() else path
+    if not path.exists():
+        raise UadcError(f"golden set not found: {path} (give an artifact folder or its {GOLDEN_META})")
     if not meta_path.is_file():
         raise UadcError(f"no golden outputs at {path}: a deployment bundle (`uadc bundle`) leaves them out, an "
                         f"older uadc did not write them; pass --golden FULL_ARTIFACT, or compile the artifact again")

@@ -41,6 +41,11 @@ class SweepResult:
     def ok(self) -> bool:
         return self.failed == 0
 
+    @property
+    def exit_code(self) -> int:
+        """What ``uadc sweep`` exits with: 1 if a cell failed."""
+        return 0 if self.ok else 1
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "out": str(self.out), "rows": self.rows, "best": self.best, "pareto": self.pareto,
                 "files": {k: str(v) for k, v in self.files.items()}, "executed": self.executed,

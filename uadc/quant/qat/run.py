@@ -16,7 +16,7 @@ from uadc.config.recipe import Recipe
 from uadc.config.settings import PtqSettings, resolve_ptq
 from uadc.config.targets import QAT_TARGETS, Target, get_target
 from uadc.core.errors import UadcError
-from uadc.core.io import atomic_dir, atomic_write_json
+from uadc.core.io import atomic_dir, atomic_write_json, read_json, sha256_file
 from uadc.core.scoped import seeded
 from uadc.passes.pipeline import PassContext, run_passes
 from uadc.quant.calibrate import calibrate_ranges
@@ -141,7 +141,9 @@ def _summary(recipe: Recipe, checkpoint: Path | None, target: Target, settings: 
                                for t in a.tensors}}
     return {
         "recipe": recipe.name, "recipe_hash": recipe.hash, "model_hash": model_hash(recipe),
-        "checkpoint": str(checkpoint) if checkpoint else None, "target": target.name, "settings": settings,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "checkpoint_sha256": sha256_file(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
+        "target": target.name, "settings": settings,
         **losses, "history": history, "loss_order": {"teacher": order.teacher, "student": order.student},
         "quantizers": [{"tensors": a.tensors, "zero_point": a.zero_point, "ptq_scale": a.scale, "qat_scale": s}
                        for a, s in zip(fq.specs, fq.current())],
@@ -155,19 +157,24 @@ def _write(out: Path, qat_model: onnx.ModelProto, summary: dict) -> None:
         atomic_write_json(tmp / QAT_JSON, summary)
 
 
-def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None) -> onnx.ModelProto:
-    """The Q/DQ model ``uadc qat`` wrote for ``target`` (UadcError if missing or stale)."""
-    import json
-
+def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
+                   checkpoint: Path | None = None) -> onnx.ModelProto:
+    """The Q/DQ model ``uadc qat`` wrote for ``target``; UadcError if it is missing, or stale: made
+    for other model settings, or (given the ``checkpoint`` it is compiled with) fine-tuned from
+    another checkpoint file, e.g. before the recipe was trained again."""
     check_target(target)   # before "run uadc qat first": uadc qat would refuse it
     d = qat_dir(recipe, target, artifacts)
     path = d / QAT_FILE
     if not path.is_file():
         raise UadcError(f"no QAT model for target {target} at {path}: run `uadc qat` first")
-    meta = d / QAT_JSON
-    if meta.is_file() and json.loads(meta.read_text()).get("model_hash") != model_hash(recipe):
-        raise UadcError(f"QAT model {path} was made from a different checkpoint than recipe {recipe.name}'s: "
-                        f"run `uadc qat` again")
+    meta = read_json(d / QAT_JSON, "QAT summary")
+    again = "run `uadc qat` again"
+    if not isinstance(meta, dict) or meta.get("model_hash") != model_hash(recipe):
+        raise UadcError(f"QAT model {path} was made for other model settings than recipe {recipe.name}'s: {again}")
+    sha = meta.get("checkpoint_sha256")
+    if checkpoint is not None and sha is not None and Path(checkpoint).is_file() and sha != sha256_file(checkpoint):
+        raise UadcError(f"QAT model {path} was fine-tuned from another checkpoint than {checkpoint} (trained again "
+                        f"since?): {again}")
     try:
         return onnx.load(str(path))
     except Exception as exc:
