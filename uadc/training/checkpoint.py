@@ -115,9 +115,11 @@ def _check_metadata(blob: dict, path: Path) -> None:
     """The fields ``uadc eval`` reads besides the weights (the training history, stats, seconds)."""
     history = blob.get("history", [])
     ok = isinstance(history, list) and all(
-        isinstance(h, dict) and isinstance(h.get("epoch"), int) and isinstance(h.get("seconds"), (int, float))
+        isinstance(h, dict) and isinstance(h.get("epoch"), int) and isinstance(h.get("seconds", 0), (int, float))
         and ("test" not in h or isinstance(h["test"], dict) and {"mean", "categories"} <= set(h["test"]))
         for h in history)
+    # the learning curve sums every epoch's seconds
+    ok = ok and (not any("test" in h for h in history) or all("seconds" in h for h in history))
     for key, fine in (("history", ok), ("stats", _plain_data(blob.get("stats"))),
                       ("train_seconds", blob.get("train_seconds") is None or isinstance(blob["train_seconds"], (int, float))),
                       ("categories", _plain_data(blob.get("categories")))):
