@@ -131,14 +131,31 @@ def test_wrong_argument_types_are_one_line_errors(trained, tmp_path, tiny_data):
     for call, why in (
             (lambda: uadc.compile(recipe, "ort-cpu-fp32", threads=-1, artifacts=art, out=tmp_path / "a"), "threads: expected"),
             (lambda: uadc.compile(recipe, "ort-cpu-fp32", threads="2", artifacts=art, out=tmp_path / "b"), "threads: expected"),
-            (lambda: uadc.compile(recipe, ["ort-cpu-int8"], artifacts=art, out=tmp_path / "c"), "unknown target"),
-            (lambda: uadc.load_recipe(5), "recipe: expected a path, a built-in recipe's name, a dict or a Recipe, got int")):
+            (lambda: uadc.compile(recipe, ["ort-cpu-int8"], artifacts=art, out=tmp_path / "c"), "target: expected a target"),
+            (lambda: uadc.load_recipe(5), "recipe: expected a path, a built-in recipe's name, a dict or a Recipe, got int"),
+            # a pathlib TypeError, a count silently replaced by the recipe's, a string iterated letter by letter
+            (lambda: uadc.verify(None), "artifact: expected a path, got NoneType"),
+            (lambda: uadc.diff(art, None), "b: expected a path"),
+            (lambda: uadc.Detector.load(5), "artifact: expected a path, got int"),
+            (lambda: uadc.compile(recipe, "ort-cpu-fp32", artifacts=art, out=5), "out: expected a path"),
+            (lambda: uadc.compile(recipe, "", artifacts=art), "target: expected a target's name"),
+            (lambda: uadc.compile(recipe, "ort-cpu-int8", artifacts=art, quantize=5), "quantize: expected names"),
+            (lambda: uadc.compile(recipe, "ort-cpu-int8", artifacts=art, calib_samples="4"), "calib_samples: expected a whole"),
+            (lambda: uadc.compile(recipe, "ort-cpu-int8", artifacts=art, qat_model="junk", out=tmp_path / "q0"),
+             "qat_model: expected the onnx.ModelProto"),
+            (lambda: uadc.train(recipe, epochs=0, artifacts=art), "epochs: expected a whole number >= 1, got 0"),
+            (lambda: uadc.qat(recipe, "ort-cpu-int8", epochs=-2, artifacts=art), "epochs: expected a whole number >= 1"),
+            (lambda: uadc.evaluate(5, recipe), "evaluate: expected a recipe, a checkpoint"),
+            (lambda: uadc.verify(art, budgets=["x"]), "budgets: expected {key: value}"),
+            (lambda: uadc.compare_calibrators(recipe, calibrators="minmax,nope", sources="train", artifacts=art,
+                                              out=tmp_path / "cc"), "unknown calibrator 'nope'"),   # 'm' before
+            (lambda: uadc.sweep(None), "sweep: expected a sweep file's path")):
         with pytest.raises(UadcError, match=why):
             call()
     assert torch.get_num_threads() == threads and not any(tmp_path.iterdir())
     with pytest.raises(UadcError, match=r"one_class.*run `uadc train --one-class` first"):
         uadc.evaluate(recipe, one_class=True, artifacts=art)
-    with pytest.raises(UadcError, match="bundle: out must be a folder path, got NoneType"):
+    with pytest.raises(UadcError, match="bundle: out: expected a path, got NoneType"):
         uadc.bundle(tmp_path, None)
     compiled = uadc.compile(recipe, "ort-cpu-fp32", artifacts=art, out=tmp_path / "ok", evaluate=False, latency_runs=1)
     for kw, why in (({"batch_size": 0}, "batch_size: expected"), ({"threads": -2}, "threads: expected")):

@@ -181,6 +181,22 @@ def test_layer_precisions_build_plan_and_trtexec():
         BuildSettings(precision="int8", fp32_layers=("a,b",))
 
 
+def test_an_auto_result_with_every_layer_fp32_ships_an_fp32_build(tmp_path):
+    """Precision auto that quantized nothing and kept every float layer FP32 (a small model, no group saving
+    its min_saving) shipped an FP16 build: TensorRT 11's branch of build_engine.sh refused it (not FP16-typed)."""
+    from uadc.config.targets import get_target
+    from uadc.pipeline.precision_trt import fp32_layers
+    from uadc.pipeline.trt_bundle import write_trt_files
+    model = _convs(size=8, channels=8)
+    every = fp32_layers(model, [], frozenset())
+    assert every
+    section = write_trt_files(tmp_path, model, model, get_target("trt-int8"), None, 8, False, fp32_layers=every)
+    script = (tmp_path / "build_engine.sh").read_text()
+    assert "--fp16" not in script and "--layerPrecisions" not in script and "cannot build" not in script
+    assert "--noTF32" in section["trtexec"] and "--fp16" not in section["trtexec"]
+    assert plan_build(BuildSettings(precision="fp32"), "11.0.0", has_qdq=False).builder_flags == ()
+
+
 @pytest.fixture(scope="module")
 def trt_base(tmp_path_factory, tiny_data):
     from conftest import write_recipe

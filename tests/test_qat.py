@@ -288,6 +288,15 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
     compiled = onnx.load(str(out / "model.onnx"))
     assert set(_act_quant(compiled)) == set(_act_quant(qat_run["result"].ptq_model))
 
+    # Options the QAT model makes moot were accepted and ignored (and --quantize written into the report)
+    for extra, said in ((["--quantize", "teacher"], "the QAT model quantizes student, not teacher"),
+                        (["--calibrator", "mse"], "calibrator do(es) not apply"),
+                        (["--per-tensor"], "per_channel do(es) not apply")):
+        res = CliRunner().invoke(main, ["compile", str(path), "--target", TARGET, "--from-qat", "--artifacts", str(art),
+                                        "--out", str(tmp_path / "moot"), *extra])
+        assert res.exit_code == 2 and said in res.output, res.output
+    assert report["quantized_partitions"] == ["student"]
+
     # Stale or damaged: the recipe trained again since (another checkpoint file, same settings), or a
     # qat.json that is not the summary uadc wrote, is one error line, not a silent mixed artifact.
     import torch

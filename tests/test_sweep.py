@@ -170,6 +170,23 @@ def test_ray_sweep_matches_sequential(tiny, tmp_path):
     assert not list(tmp_path.rglob("*.uadc-tmp-*"))
 
 
+@needs_ray
+def test_a_ray_uadc_starts_leaves_the_process_as_it_was(tiny, tmp_path):
+    """Ray sets environment variables (PYTHONBREAKPOINT, RAY_*), replaces sys.excepthook and seeds
+    Python's random: after the sweep they are the caller's again. An address Ray cannot parse is one line."""
+    import os
+    import random
+    from uadc.pipeline import api
+    d, recipe = tiny
+    sweep = _sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32"]})
+    with pytest.raises(UadcError, match="cannot connect to the Ray cluster at nonsense"):   # a raw ValueError before
+        api.sweep(sweep, artifacts=d / "art", out=tmp_path / "bad", address="nonsense")
+    random.seed(3)
+    env, hook, state = dict(os.environ), sys.excepthook, random.getstate()
+    assert api.sweep(sweep, artifacts=d / "art", out=tmp_path / "own", num_cpus=1).ok
+    assert dict(os.environ) == env and sys.excepthook is hook and random.getstate() == state
+
+
 def test_without_ray_one_line_install_hint(tiny, tmp_path, monkeypatch):
     d, recipe = tiny
     monkeypatch.setitem(sys.modules, "ray", None)   # import ray -> ImportError

@@ -43,6 +43,16 @@ def comma_list(value: str | None) -> list[str] | None:
     return items
 
 
+def name_list(value: Any, name: str) -> list[str] | None:
+    """An API list of names: ``"a,b"`` as on the command line, or a sequence of strings (a bare
+    string was iterated letter by letter: "unknown calibrator 'm'")."""
+    if value is None or isinstance(value, str):
+        return comma_list(value)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+        return comma_list(",".join(value))
+    raise UadcError(f"{name}: expected names as 'a,b' or a non-empty list of strings, got {value!r:.80}")
+
+
 def first_error(exc: ValidationError, root: str = "recipe") -> str:
     """``key.path[i]: what was expected, got what`` for the first problem, worded as uadc's errors
     (recipes, sweep files, verify budgets); ``root`` names a problem of the whole document."""

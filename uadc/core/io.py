@@ -318,6 +318,16 @@ def contained(root: Path, name: str, what: str = "name") -> Path:
     return Path(root) / name
 
 
+def as_path(value: Any, name: str, optional: bool = False) -> Path | None:
+    """An API path argument: a non-empty str or os.PathLike (or None when ``optional``), else one
+    UadcError line rather than pathlib's TypeError from deep inside."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (str, os.PathLike)) and str(value):
+        return Path(value)
+    raise UadcError(f"{name}: expected a path, got {type(value).__name__} {value!r:.60}")
+
+
 def sha256_file(path: Path) -> str:
     import hashlib
 

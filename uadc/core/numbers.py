@@ -1,6 +1,11 @@
-"""Numbers as uadc's tables print them."""
+"""Numbers as uadc's tables print them, and counts as its API takes them."""
 
 from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from uadc.core.errors import UadcError
 
 
 def fixed(value: float, places: int = 4, sign: bool = False) -> str:
@@ -11,3 +16,11 @@ def fixed(value: float, places: int = 4, sign: bool = False) -> str:
 
 
 __all__ = ["fixed"]
+
+
+def whole_number(value: Any, name: str, minimum: int = 1) -> int:
+    """An API count (epochs, CPUs, samples): a whole number >= ``minimum``, else one UadcError line
+    (``epochs=0`` fell back to the recipe's, ``epochs=-2`` wrote a QAT model without fine-tuning)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise UadcError(f"{name}: expected a whole number >= {minimum}, got {value!r}")
+    return int(value)

@@ -64,6 +64,24 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def process_state_kept() -> Iterator[None]:
+    """For a library that starts services in this process (Ray): on exit the environment variables,
+    ``sys.excepthook`` and Python's and NumPy's global random streams are the caller's again."""
+    import random
+
+    env, hook, py_state, np_state = dict(os.environ), sys.excepthook, random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        os.environ.update(env)
+        sys.excepthook = hook
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
 def quiet_third_party() -> Iterator[io.StringIO]:
     """Capture what third-party code prints to stdout/stderr (and its warnings) for the block.
 

@@ -5,6 +5,7 @@ process-wide state (torch threads, stdout) as it found it."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -13,9 +14,12 @@ import numpy as np
 
 from uadc.config.recipe import Recipe, load_recipe
 from uadc.config.targets import TARGETS
+from uadc.config.validation import name_list
 from uadc.core.constants import MANIFEST_FILE
 from uadc.core.errors import UadcError
 from uadc.core.manifest import read_manifest
+from uadc.core.io import as_path
+from uadc.core.numbers import whole_number
 from uadc.core.scoped import torch_threads
 from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluate, evaluate_checkpoint, \
     evaluate_one_class, learning_curve
@@ -37,11 +41,11 @@ def train(recipe: RecipeLike, *, one_class: bool = False, epochs: int | None = N
           artifacts: Path | None = None) -> TrainResult:
     """Train the recipe's model (unified, or one per category) and write its checkpoint(s)."""
     r = load_recipe(recipe)
-    if epochs:
-        r = r.with_overrides(train={"epochs": epochs})
-    if eval_every is not None and eval_every < 1:
-        raise UadcError(f"eval_every must be >= 1, got {eval_every}")
-    return train_recipe(r, artifacts, one_class=one_class,
+    if epochs is not None:
+        r = r.with_overrides(train={"epochs": whole_number(epochs, "epochs")})
+    if eval_every is not None:
+        whole_number(eval_every, "eval_every")
+    return train_recipe(r, as_path(artifacts, "artifacts", optional=True), one_class=one_class,
                         on_epoch=learning_curve(r, eval_every) if eval_every else None)
 
 
@@ -51,6 +55,7 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
     a ``KDModel``, or a compiled artifact folder (run on its target's CPU runtime: ONNX Runtime or
     OpenVINO; a TensorRT artifact's model by ONNX Runtime, as its compile emulates it) / ONNX file
     (ONNX Runtime)."""
+    _check_source(model_or_artifact, "evaluate")
     if recipe is None:
         if isinstance(model_or_artifact, (KDModel, Baseline)) or _is_onnx(model_or_artifact):
             raise UadcError("evaluate: give the recipe whose test sets to use")
@@ -112,6 +117,13 @@ def _is_onnx(x: Any) -> bool:
     return p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file())
 
 
+def _check_source(source: Any, what: str) -> None:
+    """What a model argument may be; anything else fell back to the recipe's checkpoint silently."""
+    if not isinstance(source, (KDModel, Baseline, Recipe, dict, str, os.PathLike)) or source in ("", {}):
+        raise UadcError(f"{what}: expected a recipe, a checkpoint, a KDModel, a Baseline or an artifact / ONNX path, "
+                        f"got {type(source).__name__} {source!r:.60}")
+
+
 def baseline(source: Any, recipe: RecipeLike | None = None, *, artifacts: Path | None = None,
              threads: int | None = None) -> Baseline:
     """The FP32 baseline (export, FP32 metrics, latency) that several compiles can share.
@@ -120,6 +132,7 @@ def baseline(source: Any, recipe: RecipeLike | None = None, *, artifacts: Path |
     (with ``recipe``). Never trains: a missing checkpoint is an error naming ``uadc train``."""
     if isinstance(source, Baseline):
         return source
+    _check_source(source, "compile")
     if recipe is None:
         if isinstance(source, KDModel) or (isinstance(source, (str, Path)) and Path(source).suffix in (".pt", ".pth")):
             from uadc.training.checkpoint import read_checkpoint
@@ -148,14 +161,18 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
     ``postprocess``: add in-graph ``pred_score``/``pred_label``/``pred_mask`` (default: the
     recipe's ``deploy.postprocess``). ``precision``: ``target`` or ``auto`` (per fused group INT8 or FP32
     within the recipe's ``compile.auto`` budget; default: the recipe's ``compile.precision``)."""
-    b = baseline(source, recipe, artifacts=artifacts, threads=threads)
+    if target is not None and not (isinstance(target, str) and target):
+        raise UadcError(f"target: expected a target's name (uadc compile --help lists them), got {target!r:.60}")
+    out, dump_passes = as_path(out, "out", optional=True), as_path(dump_passes, "dump_passes", optional=True)
+    if calib_samples is not None:
+        whole_number(calib_samples, "calib_samples")
+    b = baseline(source, recipe, artifacts=as_path(artifacts, "artifacts", optional=True), threads=threads)
     target = target or b.recipe.compile.target
     named = calibration if isinstance(calibration, str) else None
     own = None if calibration is None or isinstance(calibration, str) else calibration
     opts = CompileOptions(target=target, calibrator=calibrator, calib_data=named, calib_samples=calib_samples,
-                          calibration=own, quantize=(quantize.split(",") if isinstance(quantize, str) else list(quantize))
-                          if quantize is not None else None,
-                          per_channel=per_channel, out=Path(out) if out else None, force=force,
+                          calibration=own, quantize=name_list(quantize, "quantize"),
+                          per_channel=per_channel, out=out, force=force,
                           dump_passes=dump_passes, split=split, build_engine=build_engine, evaluate=evaluate,
                           threads=threads, latency_runs=latency_runs, qat_model=qat_model, artifacts=artifacts,
                           postprocess=postprocess, precision=precision)
@@ -200,8 +217,13 @@ def compare_calibrators(recipe: RecipeLike, target: str = "ort-cpu-int8", calibr
     """The calibrator x calibration-data matrix (a sweep: in this process, or on Ray with ``ray``/``address``):
     a ``CompareResult``, also written as ``compare.json`` / ``compare.md`` under ``out``."""
     from uadc.pipeline.compare import compare_calibrators as run
-    return run(load_recipe(recipe), target, list(calibrators), list(sources), calib_samples,
-               list(quantize) if quantize else None, out, artifacts, ray=ray, address=address)
+    names = {k: name_list(v, k) for k, v in (("calibrators", calibrators), ("sources", sources))}
+    for k, v in names.items():
+        if v is None:
+            raise UadcError(f"{k}: give at least one name")
+    return run(load_recipe(recipe), target, names["calibrators"], names["sources"], calib_samples,
+               name_list(quantize, "quantize"), as_path(out, "out", optional=True),
+               as_path(artifacts, "artifacts", optional=True), ray=ray, address=address)
 
 
 def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path | None = None,
@@ -211,7 +233,8 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
     ``budgets``: ``{key: value}`` overrides of the recipe's ``verify:`` budgets."""
     from uadc.pipeline.verify import verify as run
     with torch_threads(None):
-        return run(Path(artifact), images=_folders(images), golden=golden, budgets=budgets,
+        return run(as_path(artifact, "artifact"), images=_folders(images), golden=as_path(golden, "golden", True),
+                   budgets=_budgets(budgets),
                    recipe=load_recipe(recipe) if recipe is not None else None, normal_only=normal_only,
                    threads=threads)
 
@@ -221,23 +244,31 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
     """Judge artifact ``b`` against artifact ``a`` with the verify figures (``DiffResult``)."""
     from uadc.pipeline.verify import diff as run
     with torch_threads(None):
-        return run(Path(a), Path(b), images=_folders(images), budgets=budgets,
+        return run(as_path(a, "a"), as_path(b, "b"), images=_folders(images), budgets=_budgets(budgets),
                    recipe=load_recipe(recipe) if recipe is not None else None, normal_only=normal_only,
                    threads=threads)
 
 
 def _folders(images: "str | Path | Sequence[Path] | None") -> list[Path] | None:
     """``images=`` as one folder or several (a bare string is one folder, not its characters)."""
-    return [Path(images)] if isinstance(images, (str, Path)) else images
+    if images is None or isinstance(images, (str, Path)):
+        return None if images is None else [as_path(images, "images")]
+    if not isinstance(images, (list, tuple)):
+        raise UadcError(f"images: expected a folder or a list of folders, got {type(images).__name__}")
+    return [as_path(i, "images[]") for i in images]
+
+
+def _budgets(budgets: Any) -> dict | None:
+    if budgets is not None and not isinstance(budgets, dict):
+        raise UadcError(f"budgets: expected {{key: value}}, e.g. {{'spearman_min': 0.95}}, got {budgets!r:.60}")
+    return budgets
 
 
 def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
     """Copy a verified artifact to ``out`` without its regression-gate (golden) files: what a line
     runs (``BundleResult``). ``force`` replaces an earlier uadc output at ``out``."""
     from uadc.pipeline.bundle import bundle as run
-    if not isinstance(out, (str, Path)):
-        raise UadcError(f"bundle: out must be a folder path, got {type(out).__name__}")
-    return run(Path(artifact), Path(out), force=force)
+    return run(as_path(artifact, "bundle: artifact"), as_path(out, "bundle: out"), force=force)
 
 
 def sweep(sweep_file: Any, *, artifacts: Path | None = None, out: Path | None = None, address: str | None = None,
@@ -245,5 +276,7 @@ def sweep(sweep_file: Any, *, artifacts: Path | None = None, out: Path | None = 
     """Run a sweep file's grid (recipes x axes) as Ray tasks (local Ray, or ``address``'s cluster);
     ``sequential``: in this process without Ray. Returns a ``SweepResult`` (the table)."""
     from uadc.pipeline.sweep.run import run_sweep
-    return run_sweep(sweep_file, artifacts=artifacts, out=out, address=address, num_cpus=num_cpus,
-                     sequential=sequential)
+    if not isinstance(sweep_file, (str, os.PathLike, dict)):
+        raise UadcError(f"sweep: expected a sweep file's path or its dict, got {type(sweep_file).__name__}")
+    return run_sweep(sweep_file, artifacts=as_path(artifacts, "artifacts", True), out=as_path(out, "out", True),
+                     address=address, num_cpus=num_cpus, sequential=sequential)

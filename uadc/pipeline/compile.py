@@ -22,7 +22,7 @@ from uadc.backends.ort_profile import TIMING_CACHE_DIR
 from uadc.config.settings import PtqSettings, resolve_ptq
 from uadc.evaluation.run import evaluate
 from uadc.config.targets import Target, get_target
-from uadc.core.constants import INPUT_NAME, MODEL_FILE, QDQ_OPS, REPORT_FILE, REPORT_MD
+from uadc.core.constants import INPUT_NAME, MODEL_FILE, PARTITIONS, QDQ_OPS, REPORT_FILE, REPORT_MD
 from uadc.core.errors import UadcError
 from uadc.core.io import atomic_dir, atomic_write_json, atomic_write_text, check_replaceable, check_writable
 from uadc.core.manifest import write_manifest
@@ -116,7 +116,8 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
         target=target.name, precision=target.precision, runtime=target.runtime, device=target.device,
         calibrator=ptq.calibrator if calib and calib["calibrator"] != "qat" else ("qat" if calib else None),
         calib_data=ptq.calib_data if calib and calib["calibrator"] != "qat" else None,
-        quantized_partitions=list(ptq.quantize) if target.quantized else [],
+        quantized_partitions=(_qat_partitions(opts.qat_model) if opts.qat_model is not None else list(ptq.quantize))
+        if target.quantized else [],
         recipe=baseline.recipe.name, recipe_hash=baseline.recipe.hash,
         checkpoint=str(baseline.checkpoint) if baseline.checkpoint else None,
         nodes=partition_counts(compiled), qdq_nodes=_qdq_counts(compiled), bytes=partition_bytes(compiled),
@@ -176,10 +177,29 @@ def _check_options(target: Target, ptq: PtqSettings, opts: CompileOptions) -> No
         raise UadcError(f"target {target.name} is {target.precision}: quantization options do not apply ({named})")
     if opts.build_engine and target.runtime != "tensorrt":
         raise UadcError(f"--build-engine builds a TensorRT engine; target {target.name} runs on {target.runtime}")
-    if opts.qat_model is not None and not target.quantized:
-        raise UadcError(f"--from-qat needs an int8 target; {target.name} is {target.precision}")
+    if opts.qat_model is not None:
+        _check_qat_options(target, opts, given)
     if not 1 <= opts.latency_runs <= 10_000:
         raise UadcError(f"latency runs must be within 1..10000, got {opts.latency_runs}")
+
+
+def _check_qat_options(target: Target, opts: CompileOptions, given: dict) -> None:
+    """A QAT model carries its own scales and quantized partitions: calibration options would be
+    ignored, and another ``quantize`` would only be written into the report."""
+    if not isinstance(opts.qat_model, onnx.ModelProto):
+        raise UadcError(f"qat_model: expected the onnx.ModelProto uadc.qat wrote, got {type(opts.qat_model).__name__}")
+    if not target.quantized:
+        raise UadcError(f"--from-qat needs an int8 target; {target.name} is {target.precision}")
+    ignored = [k for k, v in given.items() if v is not None and k != "quantize"]
+    if ignored:
+        raise UadcError(f"--from-qat: the QAT model carries its own scales; {', '.join(ignored)} do(es) not apply")
+    if opts.quantize is not None and sorted(opts.quantize) != _qat_partitions(opts.qat_model):
+        raise UadcError(f"--from-qat: the QAT model quantizes {', '.join(_qat_partitions(opts.qat_model)) or 'nothing'}, "
+                        f"not {', '.join(opts.quantize)}")
+
+
+def _qat_partitions(model: onnx.ModelProto) -> list[str]:
+    return sorted(p for p in _qdq_counts(model) if p in PARTITIONS)
 
 
 def _pass_names(baseline: Baseline, target: Target, opts: CompileOptions) -> list[str]:

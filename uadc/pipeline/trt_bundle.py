@@ -15,6 +15,7 @@ from uadc.backends import tensorrt as trt_backend
 from uadc.backends.tensorrt.cache import write_calibration_cache
 from uadc.backends.tensorrt.rules import check_trt_rules
 from uadc.config.targets import Target
+from uadc.pipeline.precision_trt import fp32_layers as float_layers
 
 PRECISION_NOTES = {
     "fp32": "FP32 everywhere (TF32 off) so the engine matches ONNX Runtime.",
@@ -31,10 +32,11 @@ AUTO_NOTE = ("Precision auto: INT8 where the ONNX carries Q/DQ, FP16 where it is
 
 
 def build_settings(target: Target, fp32_layers: list[str] | None = None,
-                   qdq: bool = True) -> trt_backend.BuildSettings:
+                   qdq: bool = True, precision: str | None = None) -> trt_backend.BuildSettings:
     """``fp32_layers``: precision auto's layers kept FP32 (the build then runs the other float ones FP16);
-    where it quantized nothing (no Q/DQ: ``qdq`` False) the build is FP16 with those layers FP32."""
-    precision = target.precision if fp32_layers is None or qdq else "fp16"
+    where it quantized nothing (no Q/DQ: ``qdq`` False) the build is FP16 with those layers FP32.
+    ``precision``: the build's, instead of the one these imply."""
+    precision = precision or (target.precision if fp32_layers is None or qdq else "fp16")
     return trt_backend.BuildSettings(precision=precision,
                                      workspace_mb=int(target.builder.get("workspace_mb", 1024)),
                                      max_batch=int(target.builder.get("max_batch", 8)),
@@ -46,7 +48,12 @@ def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto,
                     image_size: int, build: bool, run_metrics=None, feeds=None,
                     fp32_layers: list[str] | None = None) -> dict:
     """Writes the bundle into ``out``; returns the report's ``engine`` section."""
-    settings = build_settings(target, fp32_layers, trt_backend.has_qdq(compiled))
+    qdq = trt_backend.has_qdq(compiled)
+    if fp32_layers is not None and not qdq and set(float_layers(compiled, [], frozenset())) <= set(fp32_layers):
+        # precision auto kept every layer FP32: an FP32 build (an FP16 one asked TensorRT 11 for an FP16-typed model)
+        settings = build_settings(target, None, qdq, precision="fp32")
+    else:
+        settings = build_settings(target, fp32_layers, qdq)
     shape = (3, image_size, image_size)
     cache = None
     if calib and calib.get("ranges"):

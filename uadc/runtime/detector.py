@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from uadc.core.errors import UadcError
+from uadc.core.io import as_path
 from uadc.core.manifest import CategoryThresholds, Manifest, read_manifest
 from uadc.core.scoped import check_threads
 from uadc.runtime.preprocess import preprocess
@@ -136,7 +137,7 @@ class Detector:
         ``onnxruntime``, ``openvino`` or ``tensorrt``. On ONNX Runtime, ``schedule`` says how the
         ``threads`` cores (default: all this process may use) share the work
         (``uadc.backends.parallel``): ``auto``, ``branches``, ``batch`` or ``sequential`` (one session)."""
-        folder = Path(artifact)
+        folder = as_path(artifact, "artifact")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UadcError(f"batch_size: expected a whole number >= 1, got {batch_size!r}")
         threads = check_threads(threads)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from uadc.core.errors import UadcError
-from uadc.core.scoped import quiet_third_party
+from uadc.core.scoped import process_state_kept, quiet_third_party
 from uadc.pipeline.sweep import cells as C
 from uadc.pipeline.sweep.plan import Plan, cell_key
 from uadc.pipeline.sweep.run import INSTALL_HINT
@@ -37,20 +37,20 @@ def run_on_ray(plan: Plan, out: Path, artifacts: Path, address: str | None, num_
                done: dict[int, dict], on_record: Callable[[dict], None]) -> list[dict]:
     """Every cell's record (in plan order); ``done`` (finished cells, by index) are not rerun."""
     ray = import_ray()
-    started = not ray.is_initialized()
-    if started:
-        # "local": a new instance of our own even when `ray start` runs on this machine
-        kwargs = {"address": address} if address else {"address": "local", "num_cpus": num_cpus or os.cpu_count()}
+    if ray.is_initialized():   # the caller's own Ray session: use it, leave it running
+        return _run(ray, plan, out, artifacts, done, on_record)
+    # "local": a new instance of our own even when `ray start` runs on this machine
+    kwargs = {"address": address} if address else {"address": "local", "num_cpus": num_cpus or os.cpu_count()}
+    with process_state_kept():   # Ray sets environment variables, sys.excepthook, seeds Python's random
         try:
             with quiet_third_party():   # Ray's start-up notes (token authentication, ...) under --verbose
                 ray.init(**kwargs, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                          configure_logging=False)
-        except ConnectionError as exc:
+        except (ConnectionError, ValueError) as exc:   # ValueError: an address Ray cannot parse
             raise UadcError(f"cannot connect to the Ray cluster at {address}: {C.one_line(exc)}") from None
-    try:
-        return _run(ray, plan, out, artifacts, done, on_record)
-    finally:
-        if started:
+        try:
+            return _run(ray, plan, out, artifacts, done, on_record)
+        finally:
             ray.shutdown()
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from uadc.config.recipe import default_artifacts_root
 from uadc.core.errors import UadcError
 from uadc.core.io import check_writable, ensure_dir, sha256_file
+from uadc.core.numbers import whole_number
 from uadc.pipeline.sweep.plan import Plan, cell_key, make_plan
 from uadc.pipeline.sweep.spec import load_sweep
 from uadc.pipeline.sweep.store import load_record
@@ -73,6 +74,8 @@ def run_plan(plan: Plan, artifacts: Path, out: Path, *, address: str | None = No
     """Run a plan into ``out`` (absolute paths); ``table=False``: only the cell records, no sweep.* files
     (``uadc calibrators compare`` writes its own matrix)."""
     t0 = time.time() if t0 is None else t0
+    if num_cpus is not None:
+        whole_number(num_cpus, "num_cpus")
     check_writable(out)
     ensure_dir(out)
     seen: list[dict] = []

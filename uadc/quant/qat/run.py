@@ -17,6 +17,7 @@ from uadc.config.settings import PtqSettings, resolve_ptq
 from uadc.config.targets import QAT_TARGETS, Target, get_target
 from uadc.core.errors import UadcError
 from uadc.core.io import atomic_dir, atomic_write_json, read_json, sha256_file
+from uadc.core.numbers import whole_number
 from uadc.core.scoped import seeded
 from uadc.passes.pipeline import PassContext, run_passes
 from uadc.quant.calibrate import calibrate_ranges
@@ -93,7 +94,7 @@ def qat_settings(recipe: Recipe, opts: QatOptions, target: Target) -> tuple[dict
     q = recipe.qat
     ptq = resolve_ptq(recipe, target, opts.calibrator, opts.calib_data, opts.calib_samples, opts.quantize,
                       opts.per_channel)
-    st = {"epochs": opts.epochs or q.epochs, "lr": q.lr if opts.lr is None else opts.lr,
+    st = {"epochs": q.epochs if opts.epochs is None else whole_number(opts.epochs, "epochs"), "lr": q.lr if opts.lr is None else opts.lr,
           "batch_size": opts.batch_size or q.batch_size, "seed": recipe.seed,
           "quantize": list(ptq.quantize), "per_channel": ptq.per_channel, "learn_scales": opts.learn_scales,
           "init": {"calibrator": ptq.calibrator, "calib_data": ptq.calib_data, "samples": ptq.calib_samples}}
