@@ -104,7 +104,7 @@ def test_quiet_resets_between_invocations():
 
 
 @pytest.mark.parametrize("args, said", [
-    (["sweep", "{d}/no-such-sweep.yaml", "--json"], "sweep file not found"),
+    (["sweep", "{d}/no-such-sweep.yaml", "--sequential", "--json"], "sweep file not found"),   # with or without Ray
     (["verify", "{d}/no-such-artifact", "--json", "-"], "not a uadc artifact folder"),
     (["diff", "{d}/a", "{d}/b", "--budget", "spearman_min=2", "--json", "-"], "not a uadc artifact folder"),
 ])
