@@ -54,6 +54,22 @@ def test_training_never_overwrites_the_recipe_file_it_reads(tiny_data, tmp_path)
     assert own.read_text() == text and sorted(p.name for p in own.parent.iterdir()) == ["recipe.yaml"]
 
 
+def test_eval_of_a_one_class_checkpoint_keeps_the_unified_eval_json(recipe_factory, tmp_path):
+    """`uadc eval --checkpoint one_class/gray/checkpoint.pt` was titled "unified" and replaced the unified
+    eval.json, which `eval --one-class` then compared against; `--one-class --checkpoint X` ignored X."""
+    import json
+    r, art = recipe_factory(train={"epochs": 1, "threads": 1}), tmp_path / "art"
+    for args in (["train", str(r)], ["train", str(r), "--one-class"], ["eval", str(r)]):
+        assert CliRunner().invoke(main, [*args, "--artifacts", str(art)]).exit_code == 0
+    unified = (art / "tiny" / "eval.json").read_text()
+    res = CliRunner().invoke(main, ["eval", str(r), "--artifacts", str(art), "--checkpoint",
+                                    str(art / "tiny" / "one_class" / "gray" / "checkpoint.pt")])
+    assert res.exit_code == 0 and "tiny (one-class gray, 1 epochs)" in res.output and "not written" in res.output
+    assert (art / "tiny" / "eval.json").read_text() == unified and "one_class" not in json.loads(unified)
+    res = CliRunner().invoke(main, ["eval", str(r), "--one-class", "--artifacts", str(art), "--checkpoint", "nope.pt"])
+    _assert_user_error(res, "drop --checkpoint", tmp_path / "none")
+
+
 def test_eval_without_checkpoint(recipe_factory, tmp_path):
     art = tmp_path / "art"
     res = CliRunner().invoke(main, ["eval", str(recipe_factory()), "--artifacts", str(art)])

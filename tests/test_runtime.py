@@ -312,6 +312,36 @@ def test_a_run_stopped_half_way_leaves_the_out_folder_as_it_was(int8_artifact, t
         sorted(r["overlay"] for r in run.records) and all(p.is_file() for p in run.written)
 
 
+def test_ctrl_c_while_the_overlays_move_in_lands_after_the_tables(int8_artifact, tiny_data, tmp_path, monkeypatch):
+    """The overlays moved in one by one, then the tables were written: Ctrl-C in between left part of a
+    run's overlays beside the earlier run's tables, named by neither. Now the signal waits for both."""
+    import os
+    import signal
+    from uadc.core import io as uio
+    from uadc.runtime import Detector, batch
+    det = Detector.load(int8_artifact[2].path)
+    out, test = tmp_path / "p", tiny_data / "gray" / "test"
+    batch.predict_paths(det, [test / "good"], out=out, overlays=True)
+    real, moved = os.replace, []
+
+    def interrupted(src, dst):
+        if (out / "overlays") not in Path(dst).parents or "uadc-tmp" in str(dst):   # an overlay's own write
+            return real(src, dst)
+        moved.append(dst)
+        if len(moved) == 2:
+            signal.raise_signal(signal.SIGINT)   # as a Ctrl-C typed at that moment
+        return real(src, dst)
+
+    monkeypatch.setattr(uio.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        batch.predict_paths(det, [test], out=out, overlays=True)
+    monkeypatch.undo()
+    assert len(moved) > 2 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    named = sorted(json.loads(line)["overlay"] for line in (out / "predictions.jsonl").read_text().splitlines())
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "overlays").rglob("*.png")) == named
+    assert len(named) == len([f for f in test.rglob("*.png")])   # the whole new run, nothing of the old
+
+
 def test_staged_files_move_in_on_success_only_and_across_disks(tmp_path, monkeypatch):
     import errno
     import os

@@ -80,6 +80,20 @@ def test_a_score_on_its_threshold_is_not_a_disagreement_by_float_noise():
     assert fidelity.figures(scores, maps, moved, maps, cats, thr)["all"]["decision_agreement"] == pytest.approx(2 / 3)
 
 
+def test_too_few_images_leave_a_figure_unjudged_not_failed():
+    """Two images (same order, INT8-sized differences) gave spearman 0.0 and a REGRESSION; one
+    reference normal gave score_shift 1e9 (a float difference over 1e-12)."""
+    from uadc.verify.gate import budgets, judge_all
+    scores, maps = np.array([9.55e-5, 8.18e-5]), np.random.default_rng(0).random((2, 8, 8))
+    cats = np.array(["a", "a"])
+    thr = {c: {"image": 1.0, "pixel": 2.0, "score_std": 0.0} for c in ("global", "a")}
+    f = fidelity.figures(scores, maps, scores * 1.07, maps, cats, thr)
+    assert f["all"]["spearman"] is None and f["all"]["score_shift"] is None and f["all"]["decision_agreement"] == 1.0
+    judged = judge_all(f, None, budgets(), per_category=False)
+    assert {x.name for x in judged} == {"decision_agreement", "map_dice", "map_iou", "top1_overlap", "score_ratio"}
+    assert all(x.passed for x in judged if x.name != "score_ratio")
+
+
 def test_figures_see_reordering_and_drift():
     rng = np.random.default_rng(1)
     scores, maps = rng.random(30) + 1, rng.random((30, 16, 16))

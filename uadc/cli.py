@@ -165,10 +165,12 @@ def train(recipe: Path, one_class: bool, epochs: int | None, eval_every: int | N
 def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: Path | None) -> None:
     """Evaluate per category and mean: image/pixel AUROC, AUPRO, pixel F1-max."""
     from uadc.config.recipe import load_recipe
-    from uadc.evaluation.run import format_comparison, format_table
+    from uadc.evaluation.run import format_comparison, format_defects, format_table
     from uadc.pipeline import api
     r = load_recipe(recipe)
     if one_class:
+        if checkpoint is not None:   # it was ignored, even a path that does not exist
+            raise UadcError("--one-class evaluates each category's own checkpoint; drop --checkpoint")
         res = api.evaluate(r, one_class=True, artifacts=artifacts)
         click.echo(format_table(res.one_class, f"{r.name} (one model per category)"))
         click.echo(format_comparison(res.unified, res.one_class) if res.unified else
@@ -176,12 +178,10 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
         return res
     res = api.evaluate(checkpoint or r, r, artifacts=artifacts)
     epochs = res.extra.get("epochs")       # None for a compiled artifact: name it instead
-    click.echo(format_table(res, f"{r.name} (unified, {f'{epochs} epochs' if epochs else checkpoint})"))
-    for cat, kinds in res.defects.items():
-        click.echo(f"{cat}: " + ", ".join(f"{k} {v['image_auroc']:.3f}/" + (f"{v['pixel_auroc']:.3f}" if "pixel_auroc"
-                                          in v else "-") for k, v in kinds.items())
-                   + "  (image/pixel AUROC per defect type)")
-    click.echo(f"written: {res.path}" if res.path else "not written: eval.json holds the checkpoint's figures")
+    kind = f"one-class {', '.join(res.extra['trained_on'])}" if res.extra.get("one_class") else "unified"
+    click.echo(format_table(res, f"{r.name} ({kind}, {f'{epochs} epochs' if epochs else checkpoint})"))
+    click.echo(format_defects(res), nl=bool(res.defects))
+    click.echo(f"written: {res.path}" if res.path else "not written: eval.json holds the unified checkpoint's figures")
     return res
 
 

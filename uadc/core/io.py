@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from uadc.core.errors import UadcError
+from uadc.core.scoped import signals_deferred
 
 TMP_TAG = ".uadc-tmp-"
 # A folder holding one of these was written by uadc and may be replaced by a newer output.
@@ -278,11 +279,12 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def staged_files(final: Path) -> Iterator[Path]:
+def staged_files(final: Path, then: Callable[[], Any] | None = None) -> Iterator[Path]:
     """Yield an empty temp folder beside ``final``; on success each file in it moves to the same
-    relative path under ``final`` (created if need be; other files there stay). On failure or
-    interruption the temp folder is removed and ``final`` is untouched: a run stopped half-way
-    leaves none of the files it added one by one (predict's overlays)."""
+    relative path under ``final`` (created if need be; other files there stay), then ``then()``
+    runs (predict's tables), with Ctrl-C / SIGTERM held until both are done. On failure or
+    interruption before that the temp folder is removed and ``final`` is untouched: a run stopped
+    half-way leaves none of the files it added one by one (predict's overlays)."""
     final = Path(final)
     ensure_dir(final.parent)
     clean_stale_temps(final.parent)
@@ -290,14 +292,17 @@ def staged_files(final: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            try:
-                ensure_dir(final / f.parent.relative_to(tmp))
-                os.replace(f, final / f.relative_to(tmp))
-            except OSError as exc:   # ``final`` a link to another disk: no rename across, copy it in
-                if exc.errno != errno.EXDEV:
-                    raise
-                atomic_write_bytes(final / f.relative_to(tmp), f.read_bytes())
+        with signals_deferred():   # moved one by one: an interrupt in between mixed two runs
+            for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                try:
+                    ensure_dir(final / f.parent.relative_to(tmp))
+                    os.replace(f, final / f.relative_to(tmp))
+                except OSError as exc:   # ``final`` a link to another disk: no rename across, copy it in
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    atomic_write_bytes(final / f.relative_to(tmp), f.read_bytes())
+            if then is not None:
+                then()
     except OSError as exc:  # disk full, quota, ...: one line
         raise UadcError(f"cannot write {final}: {exc.strerror or exc}") from None
     finally:

@@ -64,6 +64,31 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C or SIGTERM arriving in the block takes effect right after it, through the handler the
+    caller had: a commit of several files (overlays, then the tables naming them) is all or nothing.
+    Outside the main thread (no signal handlers there) the block just runs."""
+    import signal
+    import threading
+
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    old = {k: signal.getsignal(k) for k in kinds} if threading.current_thread() is threading.main_thread() else {}
+    if not old or None in old.values():   # a handler not set from Python cannot be put back
+        yield
+        return
+    got: list[int] = []
+    for k in kinds:
+        signal.signal(k, lambda number, frame: got.append(number))
+    try:
+        yield
+    finally:
+        for k, handler in old.items():
+            signal.signal(k, handler)
+        if got:
+            signal.raise_signal(got[0])
+
+
+@contextlib.contextmanager
 def process_state_kept() -> Iterator[None]:
     """For a library that starts services in this process (Ray): on exit the environment variables,
     ``sys.excepthook`` and Python's and NumPy's global random streams are the caller's again."""

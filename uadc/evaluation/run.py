@@ -162,12 +162,14 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
         kinds = {c: [s.defect for s in ds.samples] for c, ds in data.tests.items()}
         result = evaluate(torch_predictor(model), test_arrays(data), recipe.eval.batch_size, defects=kinds)
     history = blob.get("history", [])
+    one_class = bool(blob.get("one_class"))
     result.extra = {"checkpoint": str(ckpt), "recipe_hash": recipe.hash, "train_seconds": blob.get("train_seconds"),
+                    **({"one_class": True, "trained_on": list(blob.get("categories") or [])} if one_class else {}),
                     "epochs": len(history), "model_stats": blob.get("stats"),
                     "learning_curve": [{"epoch": h["epoch"], "train_seconds": _seconds_until(history, h["epoch"]),
                                         "mean": h["test"]["mean"], "categories": h["test"]["categories"]}
                                        for h in history if "test" in h]}
-    if write:
+    if write and not one_class:   # eval.json is the unified model's: the one-class comparison reads it
         result.path = atomic_write_json(recipe.artifact_dir(artifacts) / EVAL_FILE, result.to_dict())
     return result
 
@@ -210,13 +212,20 @@ def _unified_eval(path: Path, recipe: Recipe, categories: dict) -> EvalResult | 
         return None
     try:
         res = EvalResult.from_dict(read_json(path, "unified evaluation"))
-        fits = res.extra.get("recipe_hash") == recipe.hash and all(
+        fits = res.extra.get("recipe_hash") == recipe.hash and not res.extra.get("one_class") and all(
             isinstance(res.categories.get(c), dict) and all(isinstance(res.categories[c].get(k), (int, float))
                                                           for k in m if k in ("image_auroc", "pixel_auroc"))
             for c, m in categories.items())
     except (UadcError, KeyError, TypeError, AttributeError):
         fits = False
     return res if fits else None
+
+
+def format_defects(res: EvalResult) -> str:
+    """One line per category: image / pixel AUROC of each defect type."""
+    return "\n".join(f"{cat}: " + ", ".join(f"{k} {v['image_auroc']:.3f}/" + (f"{v['pixel_auroc']:.3f}" if "pixel_auroc"
+                                                in v else "-") for k, v in kinds.items())
+                     + "  (image/pixel AUROC per defect type)" for cat, kinds in res.defects.items())
 
 
 def format_comparison(unified: EvalResult, one_class: EvalResult) -> str:

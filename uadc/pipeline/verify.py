@@ -312,6 +312,10 @@ def _judge(kind: str, reference: str, candidate: str, runtime: dict, records: li
     counts = {k: int(((kinds == k) & use).sum()) for k in FIGURE_KINDS if ((kinds == k) & use).any()}
     cls = VerifyResult if kind == "verify" else DiffResult
     notes = list(notes or []) + ([] if lab is not None else ["no labelled images: AUROC/AUPRO drops not computed"])
+    unmeasured = [f"{n}[{c}]" for c, figs in (("all", fid["all"]), *fid["categories"].items()) for n, v in figs.items()
+                  if v is None and (c == "all" or per_category and len(fid["categories"]) > 1)]
+    notes += [f"not judged, too few images to measure: {', '.join(unmeasured)} (spearman needs "
+              f"{fidelity.MIN_RANK_IMAGES} images; score_shift a spread of the reference normals)"] if unmeasured else []
     notes += [f"score_shift[{c}] not judged: {n} reference normals (fewer than {fidelity.MIN_SPREAD_NORMALS}) "
               f"cannot estimate the score spread it is measured in" for c, n in sorted(few.items())
               if per_category and len(fid["categories"]) > 1]

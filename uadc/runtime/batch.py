@@ -19,6 +19,7 @@ from uadc.core.constants import OVERLAYS_DIR, PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError
 from uadc.core.images import find_images, printable
 from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, file_lock, staged_files
+from uadc.core.scoped import signals_deferred
 from uadc.core.manifest import infer_category
 from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction
@@ -148,17 +149,20 @@ def _predict(detector: Detector, inputs: Sequence[Path], category: str | None, o
         detector.thresholds(category)
     run = PredictRun([], [], Path(out) if out else None, left_out=found.skipped)
     names = overlay_names(files, roots) if out and overlays else {}
-    # overlays move into out/overlays/ once every image ran: a run stopped half-way leaves none of them
-    with staged_files(Path(out) / OVERLAYS_DIR) if names else contextlib.nullcontext() as stage:
+    tables = (lambda: _write_tables(run, Path(out))) if out else None
+    # overlays move into out/overlays/ once every image ran, the tables naming them right after, as
+    # one step: a run stopped half-way leaves none of them, one stopped while they move in all of them
+    with staged_files(Path(out) / OVERLAYS_DIR, then=tables) if names else contextlib.nullcontext() as stage:
         _run_images(detector, files, category, infer, batch_size, run, stage, names)
-    n_global = sum(r["category"] is None for r in run.records)
-    if n_global and len(detector.categories) > 1:
-        run.warnings.append(f"{n_global} of {len(run.records)} images are in no folder named after a category "
-                            f"({', '.join(detector.categories)}): they were judged at the global thresholds, set on "
-                            f"every category's normals together, which can sit far above one category's defect "
-                            f"scores; pass --category (or category=) to judge them as that product")
-    if out:
-        _write_tables(run, Path(out))
+        n_global = sum(r["category"] is None for r in run.records)
+        if n_global and len(detector.categories) > 1:
+            run.warnings.append(f"{n_global} of {len(run.records)} images are in no folder named after a category "
+                                f"({', '.join(detector.categories)}): they were judged at the global thresholds, set "
+                                f"on every category's normals together, which can sit far above one category's "
+                                f"defect scores; pass --category (or category=) to judge them as that product")
+    if tables is not None and not names:
+        with signals_deferred():   # predictions.jsonl and .csv: both or neither
+            tables()
     return run
 
 

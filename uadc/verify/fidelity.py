@@ -29,6 +29,7 @@ FIGURES = ("spearman", "decision_agreement", "map_dice", "map_iou", "top1_overla
 LABELLED = ("image_auroc_drop", "pixel_auroc_drop", "aupro_drop")
 FALSE_ALARM_RATE = 0.01     # default of the recipe's deploy.false_alarm_rate
 MIN_SPREAD_NORMALS = 10    # fewer reference normals in a category: its score_shift is not judged
+MIN_RANK_IMAGES = 3        # fewer images: no ranking to correlate (spearman is None, not judged)
 _EPS = 1e-12
 # A score this close (relative) to its threshold is decided by float rounding, not by the model: with
 # few validation normals a threshold can sit exactly on one golden image's score, and an FP32 rebuild
@@ -91,13 +92,14 @@ def label_free(ref_scores: np.ndarray, ref_maps: np.ndarray, cand_scores: np.nda
     r_top, c_top = _top_mask(ref_maps), _top_mask(cand_maps)
     ratio = cand_scores / np.where(np.abs(ref_scores) < _EPS, _EPS, ref_scores)
     return {
-        "spearman": spearman(ref_scores, cand_scores),
+        "spearman": spearman(ref_scores, cand_scores) if len(ref_scores) >= MIN_RANK_IMAGES else None,
         "decision_agreement": _agreement(ref_scores, thr["image"], cand_scores, thr["cand_image"]),
         "map_dice": float(2 * inter / total) if total else 1.0,
         "map_iou": float(inter / union) if union else 1.0,
         "top1_overlap": float(np.mean((r_top & c_top).sum(1) / r_top.sum(1))),
         "score_ratio": float(np.median(ratio)),
-        "score_shift": float(np.median(cand_scores - ref_scores) / max(score_std, _EPS)),
+        # no spread (one reference normal): a shift in its units is float noise over 1e-12, not a figure
+        "score_shift": float(np.median(cand_scores - ref_scores) / score_std) if score_std > _EPS else None,
     }
 
 

@@ -188,7 +188,7 @@ class GateResult:
                 for n in names:
                     v = self.categories[c][n]
                     fig = self.figure(n, c)
-                    cells.append(fixed(v) + ("" if fig is None or fig.passed else " **FAIL**"))
+                    cells.append(("n/a" if v is None else fixed(v)) + ("" if fig is None or fig.passed else " **FAIL**"))
                 lines.append(f"| {c} | " + " | ".join(cells) + " |")
         p = d["polygraphy"]
         if p:
@@ -217,11 +217,11 @@ def judge_all(fid: dict, lab: dict | None, budgets_: dict[str, float], per_categ
               unjudged: dict[str, set[str]] | None = None) -> list[Figure]:
     """Every label-free figure overall (and per category when asked, but for ``unjudged``:
     category -> figures reported only), then the labelled drops."""
-    out = [judge(n, v, budgets_) for n, v in fid["all"].items()]
+    out = [judge(n, v, budgets_) for n, v in fid["all"].items() if v is not None]   # None: not measurable
     if per_category and len(fid["categories"]) > 1:
         for cat, figs in fid["categories"].items():
             skip = (unjudged or {}).get(cat, set())
-            out += [judge(n, v, budgets_, cat) for n, v in figs.items() if n not in skip]
+            out += [judge(n, v, budgets_, cat) for n, v in figs.items() if n not in skip and v is not None]
     if lab is not None:
         out += [judge(n, v, budgets_) for n, v in lab["all"].items()]
     return out
