@@ -135,10 +135,12 @@ def atomic_write_bytes(path: Path, data: bytes | bytearray | memoryview, executa
             mode = os.stat(tmp).st_mode
             os.chmod(tmp, mode | ((mode & 0o444) >> 2))
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:   # Ctrl-C / SIGTERM mid-write too: no temp left behind
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise UadcError(f"cannot write {path}: {exc.strerror or exc}") from None
+        if isinstance(exc, OSError):
+            raise UadcError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
     return path
 
 
