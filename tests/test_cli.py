@@ -106,13 +106,37 @@ def test_eval_every_shows_the_learning_curve_on_the_epoch_lines(recipe_factory, 
                                     "--eval-every", "2", "--artifacts", str(art)])
     assert res.exit_code == 0, res.output
     assert res.output.count("checkpoint written") == 1      # logged by the library and printed by the CLI before
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("epoch ")]
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("train unified: epoch ")]
     history = torch.load(art / "tiny" / "checkpoint.pt", weights_only=True)["history"]
     assert len(lines) == 3 and [("test" in h) for h in history] == [False, True, True]   # and the last epoch
     assert "test AUROC" not in lines[0]
     for line, h in zip(lines[1:], history[1:]):
         mean = h["test"]["mean"]
         assert line.endswith(f"test AUROC image {mean['image_auroc']:.4f}, pixel {mean['pixel_auroc']:.4f}")
+
+
+def test_one_class_epoch_lines_name_their_category(recipe_factory, tmp_path):
+    """One-class training printed "epoch 1/1 ..." for every category: which model's loss was it?"""
+    res = CliRunner().invoke(main, ["train", str(recipe_factory()), "--one-class", "--artifacts", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    epochs = [ln.split(":")[0] for ln in res.output.splitlines() if ": epoch 1/" in ln]
+    assert epochs == ["train stripes", "train gray"], res.output
+
+
+def test_learning_curve_seconds_include_teacher_caching(recipe_factory, tmp_path, monkeypatch):
+    """The learning curve's train_seconds summed the epochs only: the teacher-feature caching before
+    the first epoch (minutes at 256 px) was missing, so it disagreed with the checkpoint's train_seconds."""
+    import json
+    import time
+    from uadc.training import fit
+    slow = fit.cache_teacher
+    monkeypatch.setattr(fit, "cache_teacher", lambda *a: (time.sleep(0.6), slow(*a))[1])
+    r, art = recipe_factory(train={"epochs": 1, "threads": 1}), tmp_path / "art"
+    assert CliRunner().invoke(main, ["train", str(r), "--eval-every", "1", "--artifacts", str(art)]).exit_code == 0
+    res = CliRunner().invoke(main, ["eval", str(r), "--artifacts", str(art)])
+    assert res.exit_code == 0, res.output
+    extra = json.loads((art / "tiny" / "eval.json").read_text())
+    assert extra["learning_curve"][-1]["train_seconds"] >= 0.6 and extra["train_seconds"] >= 0.6
 
 
 def test_readme_command_synopsis_lists_every_option():

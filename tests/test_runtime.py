@@ -513,3 +513,21 @@ def test_a_schedule_on_another_runtime_is_refused(int8_artifact):
     with pytest.raises(UadcError, match="schedule 'branches' applies to ONNX Runtime, not to the OpenVINO backend"):
         Detector.load(path, backend="openvino", schedule="branches")
     assert Detector.load(path, backend="openvino").backend_name == "openvino"
+
+
+def test_a_bf16_artifact_on_an_fp32_runtime_says_its_thresholds_may_not_fit(int8_artifact, tmp_path, caplog):
+    """An openvino-cpu-bf16 artifact run with `--backend onnxruntime` (or without openvino installed)
+    applied thresholds set on bf16 outputs to fp32 ones without a word."""
+    import json
+    import logging
+    import shutil
+    from uadc.runtime import Detector
+    folder = tmp_path / "bf16"
+    shutil.copytree(int8_artifact[2].path, folder)
+    meta = json.loads((folder / "artifact.json").read_text())
+    (folder / "artifact.json").write_text(json.dumps({**meta, "target": "openvino-cpu-bf16", "runtime": "openvino"}))
+    with caplog.at_level(logging.WARNING, logger="uadc"):
+        Detector.load(folder, backend="onnxruntime")
+        Detector.load(int8_artifact[2].path, backend="onnxruntime")   # its own runtime: no warning
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "set on OpenVINO in bf16; ONNX Runtime computes in fp32" in warned[0], warned

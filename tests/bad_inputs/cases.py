@@ -418,7 +418,8 @@ CASES: list[Case] = [
     *[Case(f"ckpt-eval-bad-{key}-{i}", lambda e: ["eval", str(e.s.recipe), "--checkpoint", "c.pt"],
            msg=f"its {key} is not what uadc train writes", setup=lambda e, k=key, v=value: ckpt_blob(e, lambda b: {**b, k: v()}))
       for key, values in (("history", (lambda: [1], lambda: None, lambda: [{"test": {}}],
-                                       lambda: [{"epoch": 1, "seconds": 1.0, "test": 5}])),
+                                       lambda: [{"epoch": 1, "seconds": 1.0, "test": 5}],
+                                       lambda: [{"epoch": 1, "seconds": 1.0, "setup_seconds": "2"}])),
                           ("stats", (lambda: {"x": __import__("torch").zeros(3)},)), ("train_seconds", (lambda: "1 s",)))
       for i, value in enumerate(values)],
     Case("ckpt-missing-weights", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="weights do not fit",

@@ -175,8 +175,8 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
 
 
 def _seconds_until(history: list[dict], epoch: int) -> float:
-    """Training time (test evaluations excluded) up to the end of ``epoch``."""
-    return round(sum(h["seconds"] for h in history if h["epoch"] <= epoch), 1)
+    """Training time (test evaluations excluded, teacher caching included) up to the end of ``epoch``."""
+    return round(sum(h["seconds"] + h.get("setup_seconds", 0) for h in history if h["epoch"] <= epoch), 1)
 
 
 @dataclass

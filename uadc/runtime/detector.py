@@ -12,6 +12,7 @@ holds ``model.engine`` and ``tensorrt`` imports; OpenVINO for the ``openvino-cpu
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from uadc.core.scoped import check_threads
 from uadc.runtime.preprocess import preprocess
 
 ENGINE_FILE = "model.engine"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,6 +115,15 @@ def _single(inputs: Any) -> bool:
         or hasattr(inputs, "getpixel") or not hasattr(inputs, "__iter__")
 
 
+def _check_precision(manifest: Manifest, backend: str) -> None:
+    """A bf16 artifact's thresholds were set on bf16 outputs; another runtime computes in fp32."""
+    from uadc.config.targets import inference_hint_of
+    if manifest.runtime == "openvino" and backend != "openvino" and inference_hint_of(manifest.target) == "bf16":
+        log.warning("%s: its thresholds were set on OpenVINO in bf16; %s computes in fp32, so images scored near a "
+                    "threshold may be decided differently (run it with backend openvino, or compile an fp32 "
+                    "target for this runtime)", manifest.folder, backend)
+
+
 def _only_auto(schedule: str, runtime: str) -> None:
     """A schedule splits ONNX Runtime's work; on another runtime one asked for would be ignored."""
     if schedule != "auto":
@@ -149,11 +160,13 @@ class Detector:
             if not engine.is_file():
                 raise UadcError(f"{folder}: no {ENGINE_FILE} (run build_engine.sh on the device first)")
             _only_auto(schedule, "TensorRT")
+            _check_precision(manifest, "TensorRT")
             return cls(manifest, _TrtBackend(engine), batch_size)
         model = folder / manifest.model_file
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
             _only_auto(schedule, "OpenVINO")
             return cls(manifest, _OvBackend(model, threads, manifest.target), batch_size)
+        _check_precision(manifest, "ONNX Runtime")
         backend = _OrtBackend(model, threads, schedule)
         first = backend.session.get_inputs()[0]   # the runtime's own view of the model
         manifest.check_model_input(first.name, first.shape)

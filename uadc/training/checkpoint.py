@@ -116,6 +116,7 @@ def _check_metadata(blob: dict, path: Path) -> None:
     history = blob.get("history", [])
     ok = isinstance(history, list) and all(
         isinstance(h, dict) and isinstance(h.get("epoch"), int) and isinstance(h.get("seconds", 0), (int, float))
+        and isinstance(h.get("setup_seconds", 0), (int, float))
         and ("test" not in h or isinstance(h["test"], dict) and {"mean", "categories"} <= set(h["test"]))
         for h in history)
     # the learning curve sums every epoch's seconds

@@ -52,6 +52,7 @@ def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: s
     bs = min(t.batch_size, len(images))
     steps_per_epoch = max(1, len(images) // bs)  # drop the ragged last batch (BN statistics)
     total = steps_per_epoch * t.epochs
+    t_setup = time.time()   # teacher caching and DCAM set-up count as training time too
     t_cache = cache_teacher(model.eval(), images, 32) if t.cache_teacher else None
     # DCAM: training-only attention blocks and loss, dropped after training (never exported).
     dcam = build_dcam(model, t.dcam, images[:2]).to(images.device) if t.dcam.enabled else None
@@ -61,6 +62,7 @@ def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: s
         opt, lambda s: _lr_factor(s, total, t.warmup_epochs * steps_per_epoch, t.schedule))
     gen = torch.Generator().manual_seed(seed)
     history = []
+    setup_seconds = round(time.time() - t_setup, 2)
     bar = progress(total=total, desc=desc, unit="step")
     for epoch in range(t.epochs):
         perm = torch.randperm(len(images), generator=gen)
@@ -86,12 +88,13 @@ def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: s
             bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses):.4f}")
         d = np.mean(disc, axis=0).round(4).tolist()
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "discrepancy": d,
-                        "seconds": round(time.time() - t0, 2), "lr": opt.param_groups[0]["lr"]})
+                        "seconds": round(time.time() - t0, 2), "lr": opt.param_groups[0]["lr"],
+                        **({"setup_seconds": setup_seconds} if epoch == 0 else {})})
         if on_epoch is not None:
             model.eval()
             history[-1].update(on_epoch(epoch + 1, model) or {})
             model.train()
-        log.info("epoch %d/%d  loss %.4f  normal discrepancy per tap %s  (%.0f s)%s", epoch + 1, t.epochs,
+        log.info("%s: epoch %d/%d  loss %.4f  normal discrepancy per tap %s  (%.0f s)%s", desc, epoch + 1, t.epochs,
                  np.mean(losses), d, history[-1]["seconds"], _curve_point(history[-1].get("test")))
     bar.close()
     model.eval()
