@@ -229,7 +229,24 @@ def test_tampered_model_fails_load_and_predict_with_one_line(int8_artifact, tmp_
     # preprocessing the model cannot take: each failed later as a traceback or blamed every image
     (lambda d: d["preprocessing"].update(image_size=d["preprocessing"]["image_size"] * 2),
      "input shape .* does not take"),
-    (lambda d: d["preprocessing"].update(image_size=0), "image_size must be 1 to"),
+    (lambda d: d["preprocessing"].update(image_size=0), "image_size must be a whole number >= 1, got 0"),
+    (lambda d: d["preprocessing"].update(image_size=d["preprocessing"]["image_size"] + 0.9), "image_size must be a whole"),
+    (lambda d: d["preprocessing"].update(scale=2.0), "scale must be 1/255"),   # ignored: the runtime divides by 255
+    # values of the wrong type or out of range were taken as they came (a threshold "0.5", a rate of 2)
+    (lambda d: d["thresholds"].update(false_alarm_rate=2), "false_alarm_rate must be 0 to 1"),
+    (lambda d: d["thresholds"].update(false_alarm_rate=-0.5), "false_alarm_rate must be 0 to 1"),
+    (lambda d: d["thresholds"]["global"]["image"].update(quantile=7), "threshold quantile must be 0 to 1"),
+    (lambda d: d["thresholds"]["global"]["image"].update(n=-3), "threshold n must be a whole number >= 0"),
+    (lambda d: d["thresholds"]["global"]["image"].update(low=1e9), "threshold low .* is above its high"),
+    (lambda d: d["thresholds"]["global"]["image"].update(value="0.5"), "threshold value must be a finite number"),
+    (lambda d: d["thresholds"]["global"]["image"].update(value=True), "threshold value must be a finite number"),
+    (lambda d: d.update(schema=-1), "schema must be a whole number >= 1"),
+    (lambda d: d.update(runtime="tensorflow"), "runtime must be onnxruntime, openvino, tensorrt"),
+    (lambda d: d.update(categories=[1, 2]), "categories must be a list of distinct names"),
+    (lambda d: d.update(categories="stripes"), "categories must be a list of distinct names"),
+    (lambda d: d.update(categories=["gray", "gray"]), "categories must be a list of distinct names"),
+    (lambda d: d.update(categories=[]), "thresholds are for \\['gray', 'stripes'\\], categories are \\[\\]"),
+    (lambda d: d["thresholds"]["categories"].pop("gray"), "thresholds are for \\['stripes'\\]"),
     (lambda d: d["preprocessing"].update(mean=[0.5, 0.5]), "mean and std need 3 values"),
     (lambda d: d["preprocessing"].update(resize="lanczos"), "resize must be bilinear or nearest or bicubic"),
     (lambda d: d["preprocessing"].update(color="L"), "color must be RGB"),
@@ -256,7 +273,8 @@ def test_a_manifest_that_misdescribes_the_model_or_cannot_be_read_is_one_error(i
     _, _, res = int8_artifact
     for edit, why in ((lambda t: t.replace('"name": "image"', '"name": "img"'), "the manifest was edited"),
                       (lambda t: _resized(t, 2), "the manifest was edited"),
-                      (lambda t: t.replace('"schema": ', '"schema": 1e400, "x": ', 1), "OverflowError"),
+                      (lambda t: t.replace('"schema": ', '"schema": 1e400, "x": ', 1), "schema must be a whole number"),
+                      (lambda t: t.replace('"n": ', '"n": 1e400, "x": ', 1), "threshold n must be a whole number"),
                       (lambda t: "[" * 100000 + "]" * 100000, "RecursionError")):
         bad = tmp_path / "edited"
         shutil.rmtree(bad, ignore_errors=True)

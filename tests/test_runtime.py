@@ -518,16 +518,130 @@ def test_a_schedule_on_another_runtime_is_refused(int8_artifact):
 def test_a_bf16_artifact_on_an_fp32_runtime_says_its_thresholds_may_not_fit(int8_artifact, tmp_path, caplog):
     """An openvino-cpu-bf16 artifact run with `--backend onnxruntime` (or without openvino installed)
     applied thresholds set on bf16 outputs to fp32 ones without a word."""
-    import json
     import logging
-    import shutil
     from uadc.runtime import Detector
-    folder = tmp_path / "bf16"
-    shutil.copytree(int8_artifact[2].path, folder)
-    meta = json.loads((folder / "artifact.json").read_text())
-    (folder / "artifact.json").write_text(json.dumps({**meta, "target": "openvino-cpu-bf16", "runtime": "openvino"}))
+    folder = _edited_artifact(int8_artifact[2].path, tmp_path / "bf16", target="openvino-cpu-bf16",
+                              runtime="openvino")
     with caplog.at_level(logging.WARNING, logger="uadc"):
         Detector.load(folder, backend="onnxruntime")
         Detector.load(int8_artifact[2].path, backend="onnxruntime")   # its own runtime: no warning
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "set on OpenVINO in bf16; ONNX Runtime computes in fp32" in warned[0], warned
+
+
+def _edited_artifact(src: Path, dst: Path, model=None, **changes) -> Path:
+    """A copy of artifact ``src`` with ``changes`` in artifact.json and in the model's own uadc.deploy
+    metadata (or another ``model`` in its place), every sha256 updated: a consistent, edited artifact."""
+    import onnx
+    from uadc.core.io import sha256_file
+    from uadc.core.manifest import Manifest
+    from uadc.export.onnx_export import set_metadata
+    shutil.copytree(src, dst)
+    meta = {**json.loads((dst / "artifact.json").read_text()), **changes}
+    m = onnx.load(str(dst / "model.onnx")) if model is None else model
+    if model is None:
+        set_metadata(m, {"deploy": Manifest.from_dict(meta).essentials()})
+    onnx.save(m, str(dst / "model.onnx"))
+    meta["files"]["model.onnx"] = sha256_file(dst / "model.onnx")
+    (dst / "artifact.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_a_model_that_is_not_the_artifacts_own_is_refused(int8_artifact, tmp_path):
+    """A model.onnx swapped for another one (its sha256 in artifact.json updated too: the golden
+    reference, the FP32 model of another compile) ran at this artifact's thresholds."""
+    import onnx
+    from uadc.runtime import Detector
+    src = int8_artifact[2].path
+    golden = onnx.load(str(src / "golden_reference.onnx")) if (src / "golden_reference.onnx").is_file() else None
+    other = onnx.load(str(src / "model.onnx"))
+    for p in other.metadata_props:
+        if p.key == "uadc.deploy":
+            p.value = p.value.replace('"int8"', '"fp32"')
+    for name, model in (("other", other), ("golden", golden)):
+        if model is None:
+            continue
+        folder = _edited_artifact(src, tmp_path / name, model=model)
+        with pytest.raises(UadcError, match="is not the model artifact.json was written for"):
+            Detector.load(folder)
+    assert Detector.load(_edited_artifact(src, tmp_path / "same")).backend_name == "onnxruntime"   # consistent edit
+
+
+def test_a_model_whose_outputs_do_not_fit_or_are_not_finite_gets_no_verdict(int8_artifact, tmp_path, tiny_data):
+    """A NaN score compares False with every threshold: the image was called good, and predictions.jsonl
+    held a bare NaN (invalid JSON). A score per channel, or a map of another size, was decided silently."""
+    import onnx
+    from onnx import TensorProto, helper
+    from uadc.core.errors import NonFiniteOutputs, RuntimeFault
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    src = int8_artifact[2].path
+    size = Detector.load(src).image_size
+
+    def model(score_nodes, score_shape, map_size):
+        nodes = [helper.make_node("ReduceMax", ["image"], ["m"], axes=[1], keepdims=1),
+                 helper.make_node("Resize", ["m", "", "scales"], ["anomaly_map"]), *score_nodes]
+        scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, map_size / size, map_size / size])
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                          ["batch", 3, size, size])],
+                              [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("score", TensorProto.FLOAT, score_shape)], [scales])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.metadata_props.extend(onnx.load(str(src / "model.onnx")).metadata_props)
+        return m
+    nan = model([helper.make_node("ReduceMin", ["image"], ["r"], axes=[1, 2, 3], keepdims=0),
+                 helper.make_node("Log", ["r"], ["score"])], ["batch"], size)   # log of a negative value: NaN
+    wide = model([helper.make_node("ReduceMax", ["image"], ["score"], axes=[2, 3], keepdims=0)], ["batch", 3], size)
+    small = model([helper.make_node("ReduceMax", ["image"], ["score"], axes=[1, 2, 3], keepdims=0)], ["batch"],
+                  size // 2)
+    good = tiny_data / "gray" / "test" / "good"
+    det = Detector.load(_edited_artifact(src, tmp_path / "nan", model=nan))
+    with pytest.raises(NonFiniteOutputs, match="NaN/Inf"):
+        det.predict(sorted(good.iterdir())[0])
+    run = predict_paths(det, good, out=tmp_path / "out")
+    assert run.records == [] and len(run.failed) == len(list(good.iterdir())) and run.exit_code == 1
+    assert run.summary()["failures"][0]["error"].endswith("check the artifact with `uadc verify`)")
+    for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines():
+        assert set(json.loads(line, parse_constant=pytest.fail)) == {"path", "error"}
+    for name, m in (("wide", wide), ("small", small)):
+        det = Detector.load(_edited_artifact(src, tmp_path / name, model=m))
+        with pytest.raises(RuntimeFault, match="expected \\[1, .*\\] and \\[1\\]"):
+            det.predict(sorted(good.iterdir())[0])
+
+
+def test_run_takes_preprocessed_batches_only(int8_artifact):
+    """Detector.run with an empty batch, another size or a single image raised numpy's / ONNX Runtime's own errors."""
+    from uadc.runtime import Detector, read_manifest
+    det = Detector.load(int8_artifact[2].path)
+    s = det.image_size
+    for bad in (np.zeros((0, 3, s, s), np.float32), np.zeros((1, 3, s // 2, s // 2), np.float32),
+                np.zeros((3, s, s), np.float32), [["a"]]):
+        with pytest.raises(UadcError, match=f"run: expected preprocessed images .*\\(N, 3, {s}, {s}\\)"):
+            det.run(bad)
+    assert det.run(np.zeros((2, 3, s, s)))[1].shape == (2,)
+    with pytest.raises(UadcError, match="artifact: expected a path"):
+        read_manifest(None)
+
+
+def test_folder_walks_survive_link_loops_and_judge_folders_that_once_received_out(int8_artifact, tmp_path, tiny_data):
+    """A symlink loop named like an image ended `uadc predict` with a RuntimeError traceback; a camera
+    folder that once received `--out` was left out whole from a later run over its parent (its parts
+    unjudged, exit 0); `list_images("folder")` walked "/" a character at a time."""
+    from PIL import Image
+    from uadc.runtime import Detector, list_images
+    from uadc.runtime.batch import predict_paths
+    det = Detector.load(int8_artifact[2].path)
+    line = tmp_path / "line"
+    for cam in ("cam1", "cam2"):
+        shutil.copytree(tiny_data / "gray" / "test" / "good", line / cam)
+    n = len(list((line / "cam1").iterdir()))
+    (line / "cam2" / "l1.png").symlink_to("l2.png")
+    (line / "cam2" / "l2.png").symlink_to("l1.png")
+    predict_paths(det, [line / "cam1"], category="gray", out=line / "cam1", overlays=True)
+    run = predict_paths(det, [line], category="gray", out=tmp_path / "results")
+    assert len(run.records) == 2 * n, run.left_out
+    assert run.left_out == {"broken link": 2, "in a uadc predict output folder": n}
+    assert len(list_images(str(line / "cam2"))) == n == len(list_images(line / "cam2"))
+    assert len(predict_paths(det, line / "cam2", category="gray").records) == n
+    with pytest.raises(UadcError, match="empty, 0x0 pixels"):
+        det.predict(Image.new("RGB", (0, 0)))

@@ -106,21 +106,24 @@ def check_utf8_name(folder: Path, what: str) -> None:
                         f"uadc's outputs; rename it, e.g. `convmv -f latin1 -t utf-8 -r --notest FOLDER`)")
 
 
-def find_images(paths: list[Path], exclude: list[Path] | tuple = ()) -> FoundImages:
+def find_images(paths: "list[Path] | Path | str", exclude: list[Path] | tuple = ()) -> FoundImages:
     """Files given directly, and image files found recursively in folders (sorted), except, in a
-    folder walk, files in folders below it that are ``exclude`` (the run's own output) or ``uadc
-    predict`` outputs, and under MVTec ``ground_truth/`` (masks, not parts); a file reached twice
-    is kept once. ``skipped`` counts what was left out, by reason."""
+    folder walk, the overlays of ``exclude`` (the run's own output folder) and of earlier ``uadc
+    predict`` output folders, and files under MVTec ``ground_truth/`` (masks, not parts); a file
+    reached twice is kept once. ``skipped`` counts what was left out, by reason. One path may be
+    given alone."""
+    if isinstance(paths, (str, Path)):   # not walked a character at a time
+        paths = [paths]
     found, seen = FoundImages([]), set()
     for p in map(Path, paths):
         if p.is_dir():
             root = p.absolute()
             files = _walk(root)
-            blocked = {Path(x).absolute(): "in the output folder" for x in exclude}
-            blocked.update({j.parent: "in a uadc predict output folder" for j in files if j.name == PREDICTIONS_JSONL})
-            # the folder given is walked, even an output folder; but not the overlays a run wrote into it
-            blocked = {d if d != root else d / OVERLAYS_DIR: why for d, why in blocked.items()
-                       if d == root or root in d.parents}
+            # only the overlays: a camera folder that once received --out still holds parts to judge
+            blocked = {Path(x).absolute() / OVERLAYS_DIR: "in the output folder" for x in exclude}
+            blocked.update({j.parent / OVERLAYS_DIR: "in a uadc predict output folder"
+                            for j in files if j.name == PREDICTIONS_JSONL})
+            blocked = {d: why for d, why in blocked.items() if root in d.parents}
             for f in sorted(f for f in files if f.suffix.lower() in IMAGE_EXTS):
                 _add(found, seen, p / f.relative_to(root), _skip_reason(f, root, blocked))
         elif p.exists():
@@ -146,7 +149,12 @@ def _walk(root: Path) -> list[Path]:
 
 
 def _add(found: FoundImages, seen: set[Path], f: Path, why: str | None) -> None:
-    key = f.resolve()
+    key = None
+    if why is None:
+        try:
+            key = f.resolve(strict=True)
+        except (OSError, RuntimeError):   # a symlink loop (RuntimeError before Python 3.13), a link gone
+            why = "broken link"
     why = why or ("given twice" if key in seen else None)
     if why is None:
         seen.add(key)

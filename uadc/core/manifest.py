@@ -21,9 +21,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from uadc.core.constants import INPUT_NAME, MANIFEST_FILE, MANIFEST_SCHEMA, MODEL_FILE, OUTPUT_NAMES
+from uadc.core.constants import (DEPLOY_METADATA, INPUT_NAME, MANIFEST_FILE, MANIFEST_SCHEMA, MODEL_FILE,
+                                 OUTPUT_NAMES, RUNTIMES)
 from uadc.core.errors import UadcError
-from uadc.core.io import TMP_TAG, atomic_write_json, sha256_file
+from uadc.core.io import TMP_TAG, as_path, atomic_write_json, sha256_file
 
 MAX_MANIFEST_BYTES = 16 << 20
 RESIZE_FILTERS = ("bilinear", "nearest", "bicubic")   # PIL filters the runtime resizes with
@@ -34,10 +35,23 @@ _EPS = 1e-12
 def _finite(x: Any, what: str, positive: bool = False) -> float:
     """A manifest number: NaN or inf (valid JSON to Python) would decide silently, e.g. a NaN
     threshold passes every defect; a zero std would divide by zero."""
-    v = float(x)
+    v = float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan   # not "0.5", not true
     if not math.isfinite(v) or (positive and v <= 0):
         raise ValueError(f"{what} must be a finite{' positive' if positive else ''} number, got {x!r}")
     return v
+
+
+def _in(x: Any, what: str, low: float, high: float) -> float:
+    v = _finite(x, what)
+    if not low <= v <= high:
+        raise ValueError(f"{what} must be {low:g} to {high:g}, got {x!r}")
+    return v
+
+
+def _whole(x: Any, what: str, low: int = 0) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < low:
+        raise ValueError(f"{what} must be a whole number >= {low}, got {x!r}")
+    return x
 
 
 @dataclass(frozen=True)
@@ -62,7 +76,11 @@ class Threshold:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Threshold":
-        return cls(*(_finite(d[k], f"threshold {k}") for k in ("value", "low", "high", "quantile")), int(d["n"]))
+        t = cls(*(_finite(d[k], f"threshold {k}") for k in ("value", "low", "high")),
+                _in(d["quantile"], "threshold quantile", 0, 1), _whole(d["n"], "threshold n"))
+        if t.low > t.high:
+            raise ValueError(f"threshold low {t.low!r} is above its high {t.high!r}")
+        return t
 
 
 @dataclass(frozen=True)
@@ -106,9 +124,10 @@ class Thresholds:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Thresholds":
-        return cls(_finite(d["false_alarm_rate"], "false_alarm_rate"), str(d["estimator"]),
+        return cls(_in(d["false_alarm_rate"], "false_alarm_rate", 0, 1), str(d["estimator"]),
                    {c: CategoryThresholds.from_dict(t) for c, t in d["categories"].items()},
-                   CategoryThresholds.from_dict(d[GLOBAL]), {k: int(v) for k, v in d.get("validation", {}).items()},
+                   CategoryThresholds.from_dict(d[GLOBAL]),
+                   {k: _whole(v, "validation count") for k, v in d.get("validation", {}).items()},
                    d.get("image_spread"))
 
 
@@ -126,8 +145,8 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        size = int(d["image_size"])
-        if not 1 <= size <= MAX_IMAGE_SIZE:
+        size = _whole(d["image_size"], "image_size", 1)
+        if size > MAX_IMAGE_SIZE:
             raise ValueError(f"image_size must be 1 to {MAX_IMAGE_SIZE}, got {size}")
         mean, std = tuple(_finite(x, "mean") for x in d["mean"]), tuple(_finite(x, "std", True) for x in d["std"])
         if len(mean) != 3 or len(std) != 3:
@@ -138,6 +157,8 @@ class Preprocessing:
                                     ("layout", pre.layout, ("NCHW",))):
             if value not in allowed:
                 raise ValueError(f"{key} must be {' or '.join(allowed)}, got {value!r}")
+        if abs(pre.scale - 1 / 255) > 1e-12:   # the runtime, as the training loader, divides by 255
+            raise ValueError(f"scale must be 1/255, got {pre.scale!r}")
         return pre
 
 
@@ -182,10 +203,17 @@ class Manifest:
                    list(d["categories"]), Thresholds.from_dict(d["thresholds"]) if d.get("thresholds") else None,
                    str(d.get("model_file", MODEL_FILE)), str(inp.get("name", INPUT_NAME)), list(inp.get("shape", [])),
                    list(d.get("outputs", OUTPUT_NAMES)), d.get("postprocess"), dict(d.get("files", {})),
-                   int(d.get("schema", MANIFEST_SCHEMA)), bundle=d.get("bundle"))
+                   _whole(d.get("schema", MANIFEST_SCHEMA), "schema", 1), bundle=d.get("bundle"))
         size = m.preprocessing.image_size
         if m.input_shape and m.input_shape[1:] != [3, size, size]:
             raise ValueError(f"input shape {m.input_shape} does not take {size} x {size} RGB images")
+        if m.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be {', '.join(RUNTIMES)}, got {m.runtime!r}")
+        cats = d["categories"]
+        if not isinstance(cats, list) or not all(isinstance(c, str) and c for c in cats) or len(set(cats)) != len(cats):
+            raise ValueError(f"categories must be a list of distinct names, got {cats!r:.100}")
+        if m.thresholds and set(m.thresholds.categories) != set(cats):
+            raise ValueError(f"thresholds are for {sorted(m.thresholds.categories)}, categories are {sorted(cats)}")
         return m
 
     def check_model_input(self, name: str, shape: Sequence[Any]) -> None:
@@ -195,6 +223,20 @@ class Manifest:
             raise UadcError(f"{(self.folder or Path('.')) / MANIFEST_FILE} says the model takes {self.input_name!r} "
                             f"[batch, 3, {size}, {size}], but {self.model_file} takes {name!r} {list(shape)}: "
                             f"the manifest was edited; compile the artifact again")
+
+    def check_model_metadata(self, props: dict[str, str]) -> None:
+        """The model file carries the essentials compile wrote into it (``uadc.deploy``): another
+        model put in its place (its sha256 updated too) would be decided at these thresholds."""
+        try:
+            theirs = json.loads(props.get(DEPLOY_METADATA) or "null")
+        except ValueError:
+            theirs = None
+        mine = json.loads(json.dumps(self.essentials()))
+        if theirs != mine:
+            differ = sorted(k for k in mine if not isinstance(theirs, dict) or theirs.get(k) != mine[k])
+            raise UadcError(f"{(self.folder or Path('.')) / self.model_file} is not the model {MANIFEST_FILE} was "
+                            f"written for (its {DEPLOY_METADATA} metadata differs: {', '.join(differ)}); "
+                            f"compile the artifact again")
 
     def essentials(self) -> dict:
         """What goes into the ONNX ``metadata_props`` (``uadc.deploy``): enough to run the
@@ -228,7 +270,7 @@ def write_manifest(folder: Path, manifest: Manifest) -> Path:
 def read_manifest(folder: Path, verify: bool = True) -> Manifest:
     """The manifest of an artifact folder; with ``verify``, every listed file must exist and
     match its sha256 (one-line ``UadcError`` otherwise)."""
-    folder = Path(folder)
+    folder = as_path(folder, "artifact")
     if not folder.is_dir():
         raise UadcError(f"artifact folder not found: {folder}")
     path = folder / MANIFEST_FILE

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from uadc.core.constants import OVERLAYS_DIR, PREDICTIONS_CSV, PREDICTIONS_JSONL
-from uadc.core.errors import UadcError
+from uadc.core.errors import NonFiniteOutputs, UadcError
 from uadc.core.images import find_images, printable
 from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, file_lock, staged_files
 from uadc.core.scoped import signals_deferred
@@ -25,6 +25,7 @@ from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction
 from uadc.runtime.preprocess import load_rgb
 
+MAX_LISTED = 100   # failures named in the summary (--json); the tables name every one
 CSV_FIELDS = ("path", "category", "score", "normalized_score", "label", "verdict", "threshold", "mask_fraction",
               "latency_ms", "overlay", "error")   # an image that could not be read: verdict "error", the reason
 
@@ -43,7 +44,9 @@ class PredictRun:
         for r in self.records:
             verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + 1
         lat = [r["latency_ms"] for r in self.records]
-        return {"images": len(self.records), "failed": len(self.failed), "verdicts": verdicts,
+        return {"images": len(self.records), "failed": len(self.failed),
+                "failures": [{"path": printable(f), "error": printable(e)} for f, e in self.failed[:MAX_LISTED]],
+                "verdicts": verdicts,
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat else None,
                 "left_out": dict(self.left_out), "warnings": list(self.warnings),
                 "out": str(self.out) if self.out else None}
@@ -53,7 +56,7 @@ class PredictRun:
 
     @property
     def exit_code(self) -> int:
-        """1 when an image could not be read (the rest ran), else 0."""
+        """1 when an image could not be read or got no verdict (the rest ran), else 0."""
         return 1 if self.failed else 0
 
     def summary_line(self) -> str:
@@ -137,7 +140,7 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
 
 def _predict(detector: Detector, inputs: Sequence[Path], category: str | None, out: Path | None, overlays: bool,
              batch_size: int, infer: bool) -> PredictRun:
-    roots = [Path(p) for p in inputs]
+    roots = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
     if out:
         _check_out(Path(out))
     found = find_images(roots, exclude=[Path(out)] if out else ())
@@ -182,7 +185,11 @@ def _run_images(detector: Detector, files: list[Path], category: str | None, inf
         maps, scores, ms = detector.run(np.stack(arrays))
         for j, f in enumerate(chunk):
             cat = category if category is not None else (infer_category(f, detector.categories) if infer else None)
-            pred = detector.decide(maps[j:j + 1], scores[j:j + 1], cat, ms, [str(f)])[0]
+            try:
+                pred = detector.decide(maps[j:j + 1], scores[j:j + 1], cat, ms, [str(f)])[0]
+            except NonFiniteOutputs as exc:   # no verdict for this image; the others stand
+                run.failed.append((str(f), str(exc)))
+                continue
             run.records.append(pred.to_dict())
             if stage is not None:
                 img = overlay(load_rgb(f, detector.manifest.preprocessing), pred, detector)

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from uadc.core.errors import UadcError
+from uadc.core.errors import NonFiniteOutputs, RuntimeFault, UadcError
 from uadc.core.io import as_path
 from uadc.core.manifest import CategoryThresholds, Manifest, read_manifest
 from uadc.core.scoped import check_threads
@@ -69,6 +69,9 @@ class _OrtBackend:
     def run(self, images: np.ndarray, input_name: str) -> tuple[np.ndarray, np.ndarray]:
         amap, score = self.session.run(["anomaly_map", "score"], {input_name: images})
         return amap[:, 0], score.reshape(-1)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.whole.get_modelmeta().custom_metadata_map)
 
 
 class _TrtBackend:
@@ -170,6 +173,7 @@ class Detector:
         backend = _OrtBackend(model, threads, schedule)
         first = backend.session.get_inputs()[0]   # the runtime's own view of the model
         manifest.check_model_input(first.name, first.shape)
+        manifest.check_model_metadata(backend.metadata())
         return cls(manifest, backend, batch_size)
 
     # -- properties -------------------------------------------------------------------------
@@ -198,7 +202,7 @@ class Detector:
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Raw outputs for preprocessed (N, 3, H, W) images: (maps (N,H,W), scores (N,), ms per image)."""
-        images = np.ascontiguousarray(images, dtype=np.float32)
+        images = self._batch(images)
         maps, scores, seconds = [], [], 0.0
         for i in range(0, len(images), self.batch_size):
             t0 = time.perf_counter()
@@ -206,15 +210,43 @@ class Detector:
             seconds += time.perf_counter() - t0
             maps.append(np.asarray(m, np.float32))
             scores.append(np.asarray(s, np.float32))
-        return np.concatenate(maps), np.concatenate(scores), 1000 * seconds / max(len(images), 1)
+            self._check_outputs(maps[-1], scores[-1], len(images[i:i + self.batch_size]))
+        return np.concatenate(maps), np.concatenate(scores), 1000 * seconds / len(images)
+
+    def _batch(self, images: Any) -> np.ndarray:
+        """(N, 3, H, W) float32 at the model's size, N >= 1: the runtime's own error would not say what to pass."""
+        size = self.image_size
+        try:
+            arr = np.ascontiguousarray(images, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise UadcError(f"run: expected preprocessed images as an (N, 3, {size}, {size}) float32 array ({exc})"
+                            ) from None
+        if arr.ndim != 4 or arr.shape[1:] != (3, size, size) or not len(arr):
+            raise UadcError(f"run: expected preprocessed images (N, 3, {size}, {size}) with N >= 1, got shape "
+                            f"{arr.shape} (Detector.preprocess makes one (3, {size}, {size}) image)")
+        return arr
+
+    def _check_outputs(self, maps: np.ndarray, scores: np.ndarray, n: int) -> None:
+        """One score and one image-sized map per input image: other shapes would be decided wrongly."""
+        size = self.image_size
+        if maps.shape != (n, size, size) or scores.shape != (n,):
+            raise RuntimeFault(f"{self.manifest.model_file} gave an anomaly map {list(maps.shape)} and scores "
+                               f"{list(scores.shape)} for {n} image(s); expected [{n}, {size}, {size}] and [{n}] "
+                               f"(not the model this artifact was compiled with)")
 
     def decide(self, maps: np.ndarray, scores: np.ndarray, category: str | None = None,
                latency_ms: float = 0.0, sources: Sequence[str | None] | None = None) -> list[Prediction]:
         thr = self.thresholds(category)
+        sources = sources or [None] * len(scores)
+        finite = np.isfinite(scores) & np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)
+        if not finite.all():   # NaN compares False with every threshold: a defect would pass as good
+            i = int(np.argmin(finite))
+            raise NonFiniteOutputs(f"{sources[i] or f'image {i}'}: the model's score or anomaly map is NaN/Inf, so "
+                                   f"it has no verdict (a runtime or precision fault; check the artifact with "
+                                   f"`uadc verify`)")
         norm = thr.image.normalize(scores)
         labels = thr.image.decide(scores)
         masks = thr.pixel.decide(maps)
-        sources = sources or [None] * len(scores)
         return [Prediction(float(scores[i]), float(norm[i]), int(labels[i]), maps[i], masks[i], category,
                            thr.image.value, latency_ms, sources[i]) for i in range(len(scores))]
 

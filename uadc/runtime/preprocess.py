@@ -24,6 +24,8 @@ def _from_pil(im: Image.Image, pre: Preprocessing, source: Any = "(a PIL image)"
         im.load()
     except (OSError, ValueError) as exc:   # a closed image, a truncated file behind a lazy one
         raise UadcError(f"image {source}: cannot read its pixels ({exc})") from None
+    if 0 in im.size:
+        raise UadcError(f"image {source}: empty, {im.size[0]}x{im.size[1]} pixels")
     im = eight_bit(im, source).convert(pre.color)
     size = pre.image_size
     if im.size != (size, size):
@@ -93,6 +95,6 @@ def preprocess(source: Any, pre: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(img.transpose(2, 0, 1))
 
 
-def list_images(paths: list[Path]) -> list[Path]:
+def list_images(paths: "list[Path] | Path | str") -> list[Path]:
     """Files given directly, and image files found recursively in folders (sorted; ``find_images``)."""
     return find_images(paths).files
