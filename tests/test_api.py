@@ -248,3 +248,50 @@ def test_every_public_function_shows_its_typed_signature():
     for name in ("train", "evaluate", "compile", "verify", "diff", "bundle", "qat", "baseline"):
         assert inspect.signature(getattr(uadc, name)) == inspect.signature(getattr(api, name)), name
     assert "artifact" in inspect.signature(uadc.verify).parameters
+
+
+def test_the_api_leaves_the_callers_random_stream_and_root_logger_alone(trained, tmp_path):
+    """Two promises of the README broken by libraries uadc imports or calls: the first `uadc.<name>` in a
+    process imported sklearn, whose `rich` draws from Python's `random` at import; ORT's quantizer calls
+    `logging.info`, which gave the caller's root logger a handler (`WARNING:uadc...` lines after)."""
+    import logging
+    import subprocess
+    code = ("import random, uadc\nrandom.seed(0); a = random.random()\nrandom.seed(0)\n"
+            "uadc.train, uadc.compile, uadc.evaluate, uadc.Detector\nassert random.random() == a, 'stream moved'\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-500:]
+    recipe, art = trained
+    root = logging.getLogger()
+    kept = root.handlers[:]
+    root.handlers[:] = []            # as in a script: pytest's own capture handlers put aside
+    try:
+        uadc.compile(recipe, "ort-cpu-int8", artifacts=art, out=tmp_path / "i8", quantize="student,teacher",
+                     latency_runs=1, threads=1, evaluate=False)
+        assert root.handlers == []
+    finally:
+        root.handlers[:] = kept
+
+
+def test_a_stop_during_onnx_export_is_a_stop_not_an_export_failure(monkeypatch):
+    """torch turned a Ctrl-C / SIGTERM landing in its lazy imports into an AttributeError inside the
+    exporter's error: `uadc compile` reported "ONNX export failed" (exit 2, ANSI colour codes in the line)."""
+    from uadc.export import onnx_export
+    from uadc.models import KDModel
+
+    def stopped(*a, **k):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
+
+    monkeypatch.setattr(onnx_export.torch.onnx, "export", stopped)
+    model = KDModel.__new__(KDModel)
+    monkeypatch.setattr(KDModel, "eval", lambda self: self)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_model(model, 32, {})
+
+    def failed(*a, **k):
+        raise RuntimeError("Failed to export. \x1b[96mThis is step 1/3\x1b[0m of exporting")
+    monkeypatch.setattr(onnx_export.torch.onnx, "export", failed)
+    with pytest.raises(UadcError, match=r"^ONNX export failed: RuntimeError: Failed to export. This is step 1/3 of"):
+        onnx_export.export_model(model, 32, {})

@@ -154,6 +154,9 @@ def test_golden_files_are_polygraphy_formats_and_the_polygraphy_cli_passes(artif
         assert kinds == {"normal", "random", "test"} and meta["thresholds"]["global"]["n"] > 0
         assert (art / meta["reference_model"]).is_file()
     assert json.loads((int8 / "golden.json").read_text())["reference_model"] == "golden_reference.onnx"
+    # the FP32 artifact's model is the export itself (shape annotations aside): no second copy of it
+    assert json.loads((fp32 / "golden.json").read_text())["reference_model"] == "model.onnx"
+    assert not (fp32 / "golden_reference.onnx").exists()
     if not POLYGRAPHY.is_file():
         pytest.skip(f"polygraphy CLI not installed next to {sys.executable}")
     r = subprocess.run([str(POLYGRAPHY), "run", str(fp32 / "model.onnx"), "--onnxrt",

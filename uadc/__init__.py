@@ -58,7 +58,12 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'uadc' has no attribute {name!r}")
     import importlib
-    value = getattr(importlib.import_module(module), name)
+    import random
+    state = random.getstate()   # a library imported on the way may draw (rich seeds itself at import)
+    try:
+        value = getattr(importlib.import_module(module), name)
+    finally:
+        random.setstate(state)
     globals()[name] = value
     return value
 

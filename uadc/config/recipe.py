@@ -104,8 +104,10 @@ class PatchKnnConfig(_Section):
 
 
 class ModelConfig(_Section):
-    method: Literal["stfpm", "paste", "rd", "us"] = "stfpm"
-    backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2", "mobilenet_v2"] = "efficientnet_lite0"
+    method: Literal["stfpm", "paste", "rd", "us"] = Field("stfpm", description="the knowledge-distillation method: "
+        "STFPM, PaSTe (partial student), Reverse Distillation or Uninformed Students")
+    backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2", "mobilenet_v2"] = Field(
+        "efficientnet_lite0", description="teacher network (the student mirrors it)")
     pretrained: bool = Field(True, description="teacher weights: the packaged ones or model.weights")
     weights: Optional[str] = Field(None, description="torchvision/lukemelas-format state dict")
     taps: Optional[list[str]] = Field(None, min_length=1, description="teacher stages whose features are distilled")
@@ -160,14 +162,15 @@ class DcamConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(10, ge=1, le=10_000)
-    batch_size: int = Field(16, ge=1, le=4096)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0, le=100)
-    weight_decay: float = Field(0.0, ge=0, le=10)
-    momentum: float = Field(0.9, ge=0, le=1)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: int = Field(0, ge=0, le=10_000)
+    epochs: int = Field(10, ge=1, le=10_000, description="passes over the training images")
+    batch_size: int = Field(16, ge=1, le=4096, description="images per optimiser step")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="the student's optimiser")
+    lr: float = Field(1e-3, gt=0, le=100, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="L2 weight decay")
+    momentum: float = Field(0.9, ge=0, le=1, description="sgd only: momentum")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="learning rate after warm-up: cosine "
+                                                    "decay to 0, or constant")
+    warmup_epochs: int = Field(0, ge=0, le=10_000, description="epochs of linear warm-up to train.lr")
     cache_teacher: bool = Field(True, description="precompute frozen teacher features once")
     threads: Optional[int] = Field(None, ge=1, le=1024, description="torch intra-op threads (default: all cores)")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the student trains (auto: cuda when "
@@ -176,7 +179,7 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    batch_size: int = Field(16, ge=1, le=4096)
+    batch_size: int = Field(16, ge=1, le=4096, description="images per forward pass when scoring the test sets")
 
 
 class AutoPrecisionConfig(_Section):
@@ -208,24 +211,27 @@ class AutoPrecisionConfig(_Section):
 
 
 class CompileConfig(_Section):
-    target: str = "ort-cpu-int8"
+    target: str = Field("ort-cpu-int8", description="what `uadc compile` builds without --target (`uadc doctor` "
+                        "lists the targets)")
     precision: Literal["target", "auto"] = Field("target", description="target: the target's precision on the "
         "compile.quantize partitions; auto: per fused group INT8 or float, the fastest within the compile.auto budget "
         "(CPU INT8 targets: ORT's profile; trt/jetson-int8 with --precision auto: FP16/FP32 too, modelled latency)")
     auto: AutoPrecisionConfig = Field(AutoPrecisionConfig(), description="budget of precision: auto")
     passes: Optional[list[str]] = Field(None, description="override the target's pass list")
     calibrator: Optional[str] = Field(None, description="default: the target's (entropy for TensorRT)")
-    calib_data: Literal["train", "random-normal", "mixed"] = "random-normal"
-    calib_samples: int = Field(64, ge=1, le=4096)
-    quantize: list[Literal["teacher", "student", "head"]] = Field(["student"], min_length=1)
+    calib_data: Literal["train", "random-normal", "mixed"] = Field("random-normal", description="calibration "
+        "inputs: training images, N(0, 1) noise at the input's size, or half of each")
+    calib_samples: int = Field(64, ge=1, le=4096, description="calibration inputs")
+    quantize: list[Literal["teacher", "student", "head"]] = Field(["student"], min_length=1, description=
+        "partitions an INT8 target quantizes at precision: target (auto searches all of them, or --quantize's)")
     per_channel: Optional[bool] = Field(None, description="per-channel weight scales (default: target's)")
     reduce_range: Optional[bool] = Field(None, description="CPU INT8: 7-bit weights, exact without VNNI (default: on)")
 
 
 class QatConfig(_Section):
-    epochs: int = Field(2, ge=1, le=10_000)
-    lr: float = Field(1e-4, gt=0, le=100)
-    batch_size: int = Field(16, ge=1, le=4096)
+    epochs: int = Field(2, ge=1, le=10_000, description="fine-tuning passes over the training images")
+    lr: float = Field(1e-4, gt=0, le=100, description="fine-tuning learning rate")
+    batch_size: int = Field(16, ge=1, le=4096, description="images per fine-tuning step")
 
 
 class DeployConfig(_Section):

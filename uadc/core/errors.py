@@ -19,3 +19,16 @@ class NonFiniteOutputs(UadcError):
 class RuntimeFault(UadcError):
     """A runtime could not compile or run a graph uadc built, or returned outputs that do not fit its
     inputs (a runtime defect on that graph): a search judges such a candidate as unfaithful."""
+
+
+def raise_interrupt_behind(exc: BaseException) -> None:
+    """Re-raise a Ctrl-C / SIGTERM that a library turned into an ordinary exception (torch's lazy
+    imports during ONNX export chain it as the cause of an AttributeError), so that a stop is a stop,
+    not a failure of the step it landed in."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            raise cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__

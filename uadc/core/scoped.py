@@ -186,3 +186,19 @@ def stdout_to_stderr() -> Iterator:
             sys.stderr.flush()
             os.dup2(saved, fd)
             os.close(saved)
+
+
+@contextlib.contextmanager
+def root_logging_untouched() -> Iterator[None]:
+    """A library's bare ``logging.info(...)`` configures the caller's root logger (``basicConfig``)
+    when it has no handler, and every later log line of the process then prints twice or as
+    ``WARNING:name:``: a NullHandler holds the place during the block and leaves with it."""
+    root = logging.getLogger()
+    guard = None if root.handlers else logging.NullHandler()
+    if guard is not None:
+        root.addHandler(guard)
+    try:
+        yield
+    finally:
+        if guard is not None:
+            root.removeHandler(guard)

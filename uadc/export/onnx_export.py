@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import onnx
@@ -19,7 +20,7 @@ import torch
 
 from uadc import __version__
 from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES, PARTITIONS
-from uadc.core.errors import UadcError
+from uadc.core.errors import UadcError, raise_interrupt_behind
 from uadc.core.scoped import quiet_third_party
 from uadc.export.partitions import (assign_partitions, partition_counts, partition_models, partition_of,
                                     set_partition)
@@ -39,7 +40,9 @@ def export_model(model: KDModel, image_size: int, meta: dict, opset: int = 18) -
                 model, (x,), dynamo=True, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                 dynamic_shapes=({0: batch},), opset_version=opset, verbose=False, optimize=True)
         except Exception as exc:  # a model the exporter cannot trace is a bug to report plainly
-            raise UadcError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            raise_interrupt_behind(exc)
+            first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()[0]   # the exporter colours its text
+            raise UadcError(f"ONNX export failed: {type(exc).__name__}: {first}") from None
     proto = program.model_proto
     tag_partitions(proto)
     set_metadata(proto, {**meta, "uadc_version": __version__, "partitions": partition_counts(proto)})

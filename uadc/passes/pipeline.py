@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from uadc.config.targets import Target
-from uadc.core.errors import UadcError
+from uadc.core.errors import UadcError, raise_interrupt_behind
 from uadc.core.io import atomic_write_bytes, ensure_dir
 from uadc.core.ort_session import make_session
 from uadc.export.partitions import (
@@ -97,6 +97,7 @@ def apply_ir_passes(model: onnx.ModelProto, passes: list) -> onnx.ModelProto:
         result = ir.passes.PassManager(passes)(ir.serde.deserialize_model(model))
         return ir.serde.serialize_model(result.model)
     except Exception as exc:
+        raise_interrupt_behind(exc)
         raise UadcError(f"graph rewrite failed ({', '.join(type(p).__name__ for p in passes)}): {exc}") from None
 
 

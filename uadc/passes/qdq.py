@@ -14,6 +14,7 @@ import onnx
 
 from uadc.core.constants import PARTITION_KEY, PARTITIONS, QDQ_OPS
 from uadc.core.errors import UadcError
+from uadc.core.scoped import root_logging_untouched
 from uadc.export.partitions import GraphIndex, assign_partitions, clear_partition, nodes_in, partition_of
 from uadc.passes.pipeline import PassContext, copy_model, opset_of, register_pass
 
@@ -244,12 +245,13 @@ def quantize_qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         extra["TensorQuantOverrides"] = overrides
     before = {n.name for n in model.graph.node}
     # Keywords: the constructor is not public API and its positional order has changed before.
-    quantizer = QDQQuantizer(
-        model=model, per_channel=per_channel, reduce_range=reduce_range, weight_qType=_qtype(scheme.weight_type),
-        activation_qType=_qtype(scheme.activation_type), tensors_range=tensors_range, nodes_to_quantize=names,
-        nodes_to_exclude=[], op_types_to_quantize=quantized_op_types(), extra_options=extra)
     try:
-        with reusing_quantized_weights(ctx.weight_memo):
+        with root_logging_untouched(), reusing_quantized_weights(ctx.weight_memo):   # ORT logs with logging.info
+            quantizer = QDQQuantizer(
+                model=model, per_channel=per_channel, reduce_range=reduce_range,
+                weight_qType=_qtype(scheme.weight_type), activation_qType=_qtype(scheme.activation_type),
+                tensors_range=tensors_range, nodes_to_quantize=names, nodes_to_exclude=[],
+                op_types_to_quantize=quantized_op_types(), extra_options=extra)
             quantizer.quantize_model()
     except ValueError as exc:
         m = _MISSING_RE.search(str(exc) + " ")
