@@ -185,6 +185,12 @@ def test_an_image_over_pillows_warning_limit_predicts_without_its_warning(int8_a
                         str(tmp_path / "out"), "--category", "gray"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     assert "DecompressionBomb" not in p.stderr and p.stdout.startswith("1 images"), p.stderr
+    import warnings
+    from uadc.runtime import Detector
+    with warnings.catch_warnings(record=True) as seen:     # the library, in a caller's process, is quiet too
+        warnings.simplefilter("always")
+        Detector.load(int8_artifact[2].path).predict(big, category="gray")
+    assert not [w for w in seen if "DecompressionBomb" in w.category.__name__]
 
 
 def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp_path, tiny_data, monkeypatch):
@@ -282,6 +288,7 @@ def test_a_new_run_into_an_out_folder_removes_the_overlays_of_the_tables_it_repl
     assert pngs == sorted([r["overlay"] for r in second.records] + ["overlays/mine.png"])
     predict_paths(det, [test / "good"], out=out)                          # no overlays this time
     assert [p.name for p in (out / "overlays").rglob("*.png")] == ["mine.png"]
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["mine.png"]   # emptied folders gone too
 
 
 def test_a_run_stopped_half_way_leaves_the_out_folder_as_it_was(int8_artifact, tiny_data, tmp_path, monkeypatch):
@@ -645,3 +652,19 @@ def test_folder_walks_survive_link_loops_and_judge_folders_that_once_received_ou
     assert len(predict_paths(det, line / "cam2", category="gray").records) == n
     with pytest.raises(UadcError, match="empty, 0x0 pixels"):
         det.predict(Image.new("RGB", (0, 0)))
+
+
+def test_runs_into_one_out_folder_share_one_lock_however_it_is_spelt(tmp_path, monkeypatch):
+    """The lock was named after the spelling: `--out o` and a link to it locked different files, and
+    `--out .` made `..lock` in the parent."""
+    from uadc.core.io import file_lock
+    real = tmp_path / "o"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    monkeypatch.chdir(real)
+    with file_lock(tmp_path / "o"):
+        for spelling in (tmp_path / "link", Path("."), tmp_path / "o" / ".." / "o"):
+            with pytest.raises(UadcError, match="is being written by another uadc process"):
+                with file_lock(spelling, timeout=0):
+                    pass
+    assert not (tmp_path / "o" / "..lock").exists() and (tmp_path / ".o.lock").exists()

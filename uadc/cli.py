@@ -14,7 +14,6 @@ import logging
 import signal
 import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -85,9 +84,6 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     root.propagate = False
     set_progress(False if quiet else None)   # None: bars only when stderr is a terminal
-    # Pillow warns on stderr about images of 1-2x its pixel limit; uadc reads them (each is resized to the
-    # model's size) and refuses larger ones in one line, so the warning is noise (this is the CLI's process)
-    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,7 +36,10 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
         raise UadcError(f"unreadable {what} {path}: " + ("a folder, not an image file" if os.path.isdir(path)
                                                            else "not a regular file"))
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():   # an image of 1-2x Pillow's pixel limit is read (and resized), not noted
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             yield im
     except UadcError:
         raise

@@ -223,9 +223,11 @@ def check_replaceable(final: Path, replace: bool = True) -> None:
 
 @contextlib.contextmanager
 def file_lock(target: Path, timeout: float = -1) -> Iterator[None]:
-    """Serialise writers of ``target`` across processes (a lock file beside it)."""
+    """Serialise writers of ``target`` across processes (a lock file beside it, named after the real
+    path: ``out``, ``./out/`` and a link to it share one lock; ``.`` is not ``..lock``)."""
     from filelock import FileLock, Timeout
 
+    target = Path(os.path.realpath(target))
     check_writable(target.parent)   # else filelock retries a lock it can never create, forever
     ensure_dir(target.parent)
     lock = FileLock(str(target.parent / f".{target.name}.lock"), timeout=timeout)

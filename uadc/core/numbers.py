@@ -24,3 +24,11 @@ def whole_number(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise UadcError(f"{name}: expected a whole number >= {minimum}, got {value!r}")
     return int(value)
+
+
+def flags(**values: Any) -> None:
+    """API switches are True or False (or None where "the default" is meant): ``force="no"`` is a
+    non-empty string, which Python reads as true, and replaced an artifact folder."""
+    for name, value in values.items():
+        if value is not None and not isinstance(value, bool):
+            raise UadcError(f"{name}: expected True or False, got {value!r:.60}")

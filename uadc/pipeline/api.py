@@ -19,7 +19,7 @@ from uadc.core.constants import MANIFEST_FILE
 from uadc.core.errors import UadcError
 from uadc.core.manifest import read_manifest
 from uadc.core.io import as_path
-from uadc.core.numbers import whole_number
+from uadc.core.numbers import flags, whole_number
 from uadc.core.scoped import torch_threads
 from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluate, evaluate_checkpoint, \
     evaluate_one_class, learning_curve
@@ -40,6 +40,7 @@ RecipeLike = "str | Path | dict | Recipe"
 def train(recipe: RecipeLike, *, one_class: bool = False, epochs: int | None = None, eval_every: int | None = None,
           artifacts: Path | None = None) -> TrainResult:
     """Train the recipe's model (unified, or one per category) and write its checkpoint(s)."""
+    flags(one_class=one_class)
     r = load_recipe(recipe)
     if epochs is not None:
         r = r.with_overrides(train={"epochs": whole_number(epochs, "epochs")})
@@ -56,6 +57,7 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
     OpenVINO; a TensorRT artifact's model by ONNX Runtime, as its compile emulates it) / ONNX file
     (ONNX Runtime)."""
     _check_source(model_or_artifact, "evaluate")
+    flags(one_class=one_class, write=write)
     if recipe is None:
         if isinstance(model_or_artifact, (KDModel, Baseline)) or _is_onnx(model_or_artifact):
             raise UadcError("evaluate: give the recipe whose test sets to use")
@@ -163,6 +165,8 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
     within the recipe's ``compile.auto`` budget; default: the recipe's ``compile.precision``)."""
     if target is not None and not (isinstance(target, str) and target):
         raise UadcError(f"target: expected a target's name (uadc compile --help lists them), got {target!r:.60}")
+    flags(force=force, evaluate=evaluate, split=split, build_engine=build_engine, per_channel=per_channel,
+          postprocess=postprocess)
     out, dump_passes = as_path(out, "out", optional=True), as_path(dump_passes, "dump_passes", optional=True)
     if calib_samples is not None:
         whole_number(calib_samples, "calib_samples")
@@ -193,6 +197,7 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
     ``<artifacts>/<recipe>/<target>-qat``."""
     from uadc.quant.qat.run import QatOptions, check_target, qat_settings, run_qat
     from uadc.training.run import load_images
+    flags(compile_after=compile_after)
     r = load_recipe(recipe)
     target = target or r.compile.target
     t = check_target(target)
@@ -232,6 +237,7 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
     """Judge an artifact against its golden FP32 outputs (``VerifyResult``; ``.exit_code`` 0/1).
     ``budgets``: ``{key: value}`` overrides of the recipe's ``verify:`` budgets."""
     from uadc.pipeline.verify import verify as run
+    flags(normal_only=normal_only)
     with torch_threads(None):
         return run(as_path(artifact, "artifact"), images=_folders(images), golden=as_path(golden, "golden", True),
                    budgets=_budgets(budgets),
@@ -243,6 +249,7 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
          recipe: RecipeLike | None = None, normal_only: bool = False, threads: int | None = None) -> DiffResult:
     """Judge artifact ``b`` against artifact ``a`` with the verify figures (``DiffResult``)."""
     from uadc.pipeline.verify import diff as run
+    flags(normal_only=normal_only)
     with torch_threads(None):
         return run(as_path(a, "a"), as_path(b, "b"), images=_folders(images), budgets=_budgets(budgets),
                    recipe=load_recipe(recipe) if recipe is not None else None, normal_only=normal_only,
@@ -268,6 +275,7 @@ def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
     """Copy a verified artifact to ``out`` without its regression-gate (golden) files: what a line
     runs (``BundleResult``). ``force`` replaces an earlier uadc output at ``out``."""
     from uadc.pipeline.bundle import bundle as run
+    flags(force=force)
     return run(as_path(artifact, "bundle: artifact"), as_path(out, "bundle: out"), force=force)
 
 
@@ -278,5 +286,6 @@ def sweep(sweep_file: Any, *, artifacts: Path | None = None, out: Path | None = 
     from uadc.pipeline.sweep.run import run_sweep
     if not isinstance(sweep_file, (str, os.PathLike, dict)):
         raise UadcError(f"sweep: expected a sweep file's path or its dict, got {type(sweep_file).__name__}")
+    flags(sequential=sequential)
     return run_sweep(sweep_file, artifacts=as_path(artifacts, "artifacts", True), out=as_path(out, "out", True),
                      address=address, num_cpus=num_cpus, sequential=sequential)

@@ -55,7 +55,10 @@ def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
     _check_apart(source, Path(out))
     keep = sorted(rel for rel in manifest.files if rel not in GOLDEN_FILES)
     left_out = sorted(set(manifest.files) - set(keep))
-    provenance = {"source_manifest_sha256": sha256_file(source / MANIFEST_FILE), "left_out": left_out}
+    earlier = (manifest.bundle or {}).get("left_out") if isinstance(manifest.bundle, dict) else None
+    earlier = [x for x in earlier if isinstance(x, str)] if isinstance(earlier, list) else []   # a bundle's bundle
+    provenance = {"source_manifest_sha256": sha256_file(source / MANIFEST_FILE),
+                  "left_out": sorted(set(left_out) | set(earlier))}
     with atomic_dir(Path(out), replace=force) as tmp:
         for rel in keep:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)

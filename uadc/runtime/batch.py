@@ -231,6 +231,10 @@ def _write_tables(run: PredictRun, out: Path) -> None:
     run.written.insert(1, atomic_write_text(out / PREDICTIONS_CSV, buf.getvalue()))
     for p in stale:
         p.unlink(missing_ok=True)
+    for d in sorted({p.parent for p in stale}, key=lambda d: -len(d.parts)):   # their folders, emptied
+        while d != out and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+            d = d.parent
 
 
 def _stale_overlays(out: Path, run: PredictRun) -> list[Path]:
