@@ -3,6 +3,7 @@ process-wide state is left alone, checkpoints cannot run code, the layout holds.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -295,3 +296,15 @@ def test_a_stop_during_onnx_export_is_a_stop_not_an_export_failure(monkeypatch):
     monkeypatch.setattr(onnx_export.torch.onnx, "export", failed)
     with pytest.raises(UadcError, match=r"^ONNX export failed: RuntimeError: Failed to export. This is step 1/3 of"):
         onnx_export.export_model(model, 32, {})
+
+
+def test_two_compiles_of_one_model_write_the_same_files_but_reports(trained, tmp_path):
+    """calibration.json held the calibration's seconds: two INT8 compiles of one checkpoint never had the
+    same files (and so never the same artifact.json or bundle); only report.json / report.md time things."""
+    recipe, art = trained
+    b = uadc.baseline(recipe, artifacts=art, threads=1)
+    paths = [uadc.compile(b, "ort-cpu-int8", out=tmp_path / n, latency_runs=1, threads=1, evaluate=False,
+                          precision="target").path for n in ("a", "b")]
+    files = [json.loads((p / "artifact.json").read_text())["files"] for p in paths]
+    differ = sorted(k for k in files[0] if files[0][k] != files[1].get(k))
+    assert differ == ["report.json", "report.md"], differ

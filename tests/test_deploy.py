@@ -49,6 +49,33 @@ def test_small_validation_sets_get_a_margin_above_the_largest_value():
     assert float(np.float32(t)) == t      # float32-exact: numpy, ORT and TensorRT decide alike
 
 
+def test_thresholds_on_tied_few_or_far_apart_values_keep_their_meaning():
+    """Found by a metrics review: tied values at the threshold were all defects (`>=`): all-equal scores and
+    maps that are mostly exact zeros gave a 100 % false-alarm rate, the single normal of a category was
+    judged defective; 2 normals fell back to a factor of 7.3 where the exact one is 37.1 (coverage 0.74, not
+    0.95); scores over many orders of magnitude gave an infinite threshold the manifest then refused;
+    pixel values sampled at a stride that aliased with the map width saw every other column only."""
+    from uadc.evaluation.thresholds import MAX_PIXELS, _sample_pixels, tolerance_factor
+    for values in (np.full(500, 0.3), np.r_[np.zeros(995), np.linspace(0.1, 0.5, 5)], np.array([0.5])):
+        t, _ = quantile_threshold(values, 0.01)
+        assert (values >= t).mean() <= 0.01 and t <= max(values.max(), 0) * 1.0001 + 1e-30
+    assert tolerance_factor(2, 0.99) == pytest.approx(stats.nct.ppf(0.95, 1, stats.norm.ppf(0.99) * 2 ** 0.5)
+                                                      / 2 ** 0.5)
+    rng, covered = np.random.default_rng(0), []
+    for _ in range(2000):
+        covered.append(quantile_threshold(rng.lognormal(0, 0.5, 2), 0.01)[0] >= np.exp(0.5 * stats.norm.ppf(0.99)))
+    assert np.mean(covered) >= 0.93
+    t, _ = quantile_threshold(np.array([1e-3, 1, 1e3]), 0.01)
+    assert np.isfinite(t) and t >= 1e3
+    val = {"a": (np.zeros((3, 2, 2), np.float32), np.array([1e-20, 1, 1e20], np.float32))}
+    assert np.isfinite(compute_thresholds(val, 0.01).categories["a"].image.value)
+    maps = np.zeros((64, 256, 256), np.float32)
+    maps[:, :, 1::2] = 0.5                     # odd columns raised: half the values
+    sample = _sample_pixels(maps)
+    assert len(sample) == MAX_PIXELS and abs((sample == 0.5).mean() - 0.5) < 0.01
+    assert np.array_equal(sample, _sample_pixels(maps))   # deterministic
+
+
 def test_a_small_category_borrows_the_pooled_log_spread_and_keeps_its_coverage():
     """Four categories of lognormal normals with one log spread (0.5) and their own means, with
     3, 12, 21 and 30 validation normals: the 3-normal category's image threshold still bounds its

@@ -53,9 +53,9 @@ def two_region_case() -> tuple[np.ndarray, np.ndarray]:
 def reference_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> float:
     """Slow, obvious AUPRO: loop over every distinct threshold, MVTec-style trapezoid."""
     masks = masks.astype(bool)
-    regions = []  # boolean index masks of each connected component (4-connectivity)
+    regions = []  # boolean index masks of each connected component (8-connectivity)
     for i in range(masks.shape[0]):
-        lab, n = ndimage.label(masks[i])  # scipy default 2-D structure = 4-connectivity
+        lab, n = ndimage.label(masks[i], structure=np.ones((3, 3)))  # as MVTec's compute_pro
         for r in range(1, n + 1):
             full = np.zeros(masks.shape, dtype=bool)
             full[i] = lab == r
@@ -158,15 +158,17 @@ def test_aupro_all_equal_scores() -> None:
     assert aupro(masks, maps, fpr_limit=1.0) == pytest.approx(0.5, abs=1e-9)
 
 
-def test_aupro_uses_4_connectivity() -> None:
-    # Diagonal neighbours are separate regions: {(0,0)} (size 1) and {(1,1),(1,2)} (size 2).
+def test_aupro_uses_8_connectivity_as_the_mvtec_reference() -> None:
+    """MVTec's compute_pro labels regions with a 3x3 structure of ones; uadc used scipy's default
+    (4-connectivity) and counted a diagonal crack's pieces as separate defects."""
+    # Diagonal neighbours are one region: {(0,0), (1,1), (1,2)} (size 3).
     masks = np.zeros((1, 3, 3), dtype=bool)
     masks[0, 0, 0] = masks[0, 1, 1] = masks[0, 1, 2] = True
     maps = np.full(masks.shape, 0.5)
     maps[0, 0, 0] = 1.0
     maps[0, 1, 1] = maps[0, 1, 2] = 0.0
-    # t=1.0: (0, PRO=(1+0)/2=0.5); t=0.5: (1, 0.5) -> AUPRO = 0.5.  (8-connectivity: 1/3.)
-    assert aupro(masks, maps) == pytest.approx(0.5, abs=1e-12)
+    # t=1.0: (0, PRO=1/3); t=0.5: (1, 1/3) -> AUPRO = 1/3.  (4-connectivity: (1+0)/2 = 0.5.)
+    assert aupro(masks, maps) == pytest.approx(1 / 3, abs=1e-12)
 
 
 def test_aupro_regions_do_not_span_images() -> None:

@@ -66,6 +66,8 @@ def test_identical_outputs_give_perfect_figures():
     assert f["all"] == {"spearman": 1.0, "decision_agreement": 1.0, "map_dice": 1.0, "map_iou": 1.0,
                         "top1_overlap": 1.0, "score_ratio": 1.0, "score_shift": 0.0}
     assert set(f["categories"]) == {"a", "b"}
+    zeros = np.r_[np.zeros(12), scores[12:]]        # scores of 0 on both sides: no drift (score_ratio was 0)
+    assert fidelity.figures(zeros, maps, zeros.copy(), maps, cats, thr)["all"]["score_ratio"] == 1.0
 
 
 def test_a_score_on_its_threshold_is_not_a_disagreement_by_float_noise():

@@ -6,9 +6,10 @@ AUPRO follows the MVTec AD definition (Bergmann et al., IJCV 2021, "The MVTec
 Anomaly Detection Dataset ...") and its reference evaluation code:
 
 * Regions are the connected components of each ground-truth mask, found per
-  image with ``scipy.ndimage.label`` and scipy's default 2-D structure, i.e.
-  **4-connectivity** (this is what the MVTec reference code does; diagonal
-  neighbours are separate regions).  Components never span two images.
+  image with ``scipy.ndimage.label`` and a 3x3 structure of ones, i.e.
+  **8-connectivity**, as the MVTec AD reference code's ``compute_pro`` does
+  (diagonal neighbours are one region; a thin diagonal crack is one defect).
+  Components never span two images.
 * For a threshold ``t`` a pixel is "positive" when ``score >= t``.
   PRO(t) is the mean, over all regions of all images, of the fraction of the
   region's pixels that are positive; FPR(t) is the fraction of normal pixels
@@ -191,11 +192,14 @@ def aupro(
     return float(area / fpr_limit)
 
 
+_EIGHT = np.ones((3, 3), dtype=int)   # 8-connectivity: the MVTec AD reference's structuring element
+
+
 def _region_pixel_weights(gt: np.ndarray) -> np.ndarray:
     """Weight ``1 / (num_regions * region_size)`` of every anomalous pixel, in flat C order.
 
-    Regions are the connected components of each image's mask under scipy's default
-    2-D structure (4-connectivity, as in the MVTec AD reference); they never span images.
+    Regions are the connected components of each image's mask under 8-connectivity (as in the
+    MVTec AD reference); they never span images.
     With these weights PRO(t) is simply the sum of the weights of pixels with score >= t.
     """
     ids_per_image = []
@@ -203,7 +207,7 @@ def _region_pixel_weights(gt: np.ndarray) -> np.ndarray:
     for image_gt in gt:
         if not image_gt.any():
             continue
-        labels, n = ndimage.label(image_gt)
+        labels, n = ndimage.label(image_gt, structure=_EIGHT)
         ids_per_image.append(labels[image_gt] + (num_regions - 1))  # 0-based global ids
         num_regions += n
     if num_regions == 0:

@@ -18,7 +18,11 @@ false-alarm rate ``a`` the threshold estimates the ``q = 1 - a`` quantile of the
 - with ``deploy.threshold_margin: false``: the plain empirical quantile (numpy "linear").
 
 Thresholds are rounded to float32, so ``score >= threshold`` decides the same in numpy, ONNX
-Runtime and TensorRT. Image thresholds use image scores; pixel thresholds use anomaly-map values.
+Runtime and TensorRT, and sit just above (``TIE_RTOL``) the validation value they land on: a normal
+at the threshold, or tied values (a map that is mostly exact zeros, all-equal scores, the one normal
+of a category), are decided normal, also when a runtime rounds them an ulp differently. Image
+thresholds use image scores; pixel thresholds use anomaly-map values, sampled at random (seeded)
+beyond ``MAX_PIXELS``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,11 @@ ESTIMATOR = ("one-sided 95% upper confidence bound of the (1 - false_alarm_rate)
              "distribution-free order statistic, or a lognormal tolerance bound (>= max) when too few values, "
              "image scores with the larger of the category's own and the pooled log spread of all categories")
 ESTIMATOR_PLAIN = "empirical (1 - false_alarm_rate) quantile of validation normals (numpy linear)"
-MAX_PIXELS = 2_000_000       # pixel values sampled (evenly) per threshold; quantiles need no more
+MAX_PIXELS = 2_000_000       # pixel values sampled per threshold; quantiles need no more
+# A score this close (relative) to its threshold is decided by float rounding, not by the model; verify
+# counts such an image as agreeing, and a threshold is set this far above the value it lands on.
+TIE_RTOL = 1e-5
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _f32(x: float) -> float:
@@ -72,8 +80,9 @@ def tolerance_factor(n: int, q: float, confidence: float = CONFIDENCE, df: int |
     zp, zg = stats.norm.ppf(q), stats.norm.ppf(confidence)
     a = 1 - zg ** 2 / (2 * max(df if df is not None else n - 1, 1))
     b = zp ** 2 - zg ** 2 / n
-    if a <= 0:   # n too small for the approximation: fall back to a wide, finite factor
-        return float(zp + 3 * zg)
+    if a <= 0:   # too few degrees of freedom for the approximation: the exact noncentral-t factor
+        return float(stats.nct.ppf(confidence, max(df if df is not None else n - 1, 1), zp * math.sqrt(n))
+                     / math.sqrt(n))
     return float((zp + math.sqrt(max(zp ** 2 - a * b, 0.0))) / a)
 
 
@@ -86,27 +95,52 @@ def quantile_threshold(values: np.ndarray, far: float, margin: bool = True,
     if n == 0:
         raise ValueError("no validation values")
     if not margin:
-        return _f32(np.quantile(v, q)), q
+        return _above(np.quantile(v, q), v), q
     j = int(stats.binom.ppf(CONFIDENCE, n, q)) + 1      # 1-based rank of the upper bound
     if j <= n:
-        return _f32(v[j - 1]), j / n
+        return _above(v[j - 1], v), j / n
+    return _above(max(_tolerance_bound(v, q, spread), v[-1]), v), 1.0
+
+
+def _tolerance_bound(v: np.ndarray, q: float, spread: PooledSpread | None) -> float:
+    """The lognormal tolerance bound of sorted ``v`` (normal on the raw values where a value is <= 0, or
+    where the log-scale bound overflows: scores over many orders of magnitude)."""
+    n = len(v)
     own_sd = float(np.log(v).std(ddof=1)) if v[0] > 0 and n >= 2 else None
     if v[0] > 0 and spread is not None and (own_sd is None or own_sd <= spread.sd):
         # never narrower than the category's own spread: borrow only a wider one
-        bound = math.exp(float(np.log(v).mean()) + tolerance_factor(n, q, df=spread.df) * spread.sd)
+        bound = _exp(float(np.log(v).mean()) + tolerance_factor(n, q, df=spread.df) * spread.sd)
     elif own_sd is not None:
-        bound = math.exp(float(np.log(v).mean()) + tolerance_factor(n, q) * own_sd)
+        bound = _exp(float(np.log(v).mean()) + tolerance_factor(n, q) * own_sd)
     elif n >= 2:
         bound = float(v.mean()) + tolerance_factor(n, q) * float(v.std(ddof=1))
     else:
         bound = float(v[-1])
-    return _f32(max(bound, v[-1])), 1.0
+    if not abs(bound) < F32_MAX and n >= 2:
+        bound = float(v.mean()) + tolerance_factor(n, q) * float(v.std(ddof=1))
+    return bound if abs(bound) < F32_MAX else float(v[-1])
+
+
+def _exp(x: float) -> float:
+    return math.exp(min(x, 700.0))   # beyond float32 either way; math.exp raises past ~709
+
+
+def _above(t: float, v: np.ndarray) -> float:
+    """``t`` in float32, moved just above a validation value within ``TIE_RTOL`` of it (``>=`` would
+    call that normal, and every value tied with it, a defect)."""
+    t32 = np.float32(t)
+    if np.isclose(v, t32, rtol=TIE_RTOL, atol=0).any():
+        t32 = max(np.float32(t32 + TIE_RTOL * abs(t32)), np.nextafter(t32, np.float32(np.inf)))
+    return float(t32)
 
 
 def _sample_pixels(maps: np.ndarray) -> np.ndarray:
+    """At most ``MAX_PIXELS`` values, drawn at random with a fixed seed: a stride aliased with the
+    image width (every other column only) and missed column-structured values."""
     flat = np.asarray(maps, np.float32).ravel()
-    step = max(1, len(flat) // MAX_PIXELS)
-    return flat[::step]
+    if len(flat) <= MAX_PIXELS:
+        return flat
+    return flat[np.sort(np.random.default_rng(0).choice(len(flat), MAX_PIXELS, replace=False))]
 
 
 def threshold_of(values: np.ndarray, far: float, margin: bool, spread: PooledSpread | None = None) -> Threshold:

@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from uadc.evaluation.thresholds import TIE_RTOL   # a score this close to its threshold is a tie
+
 FIGURES = ("spearman", "decision_agreement", "map_dice", "map_iou", "top1_overlap", "score_ratio", "score_shift")
 LABELLED = ("image_auroc_drop", "pixel_auroc_drop", "aupro_drop")
 FALSE_ALARM_RATE = 0.01     # default of the recipe's deploy.false_alarm_rate
 MIN_SPREAD_NORMALS = 10    # fewer reference normals in a category: its score_shift is not judged
 MIN_RANK_IMAGES = 3        # fewer images: no ranking to correlate (spearman is None, not judged)
 _EPS = 1e-12
-# A score this close (relative) to its threshold is decided by float rounding, not by the model: with
-# few validation normals a threshold can sit exactly on one golden image's score, and an FP32 rebuild
-# 4e-7 below it "disagreed". Such an image counts as agreeing; INT8 / bf16 errors are far larger.
-TIE_RTOL = 1e-5
 
 
 def reference_thresholds(scores: np.ndarray, maps: np.ndarray, categories: np.ndarray,
@@ -90,7 +88,8 @@ def label_free(ref_scores: np.ndarray, ref_maps: np.ndarray, cand_scores: np.nda
     r_px, c_px = ref_maps >= thr["pixel"][:, None], cand_maps >= thr["cand_pixel"][:, None]
     inter, union, total = (r_px & c_px).sum(), (r_px | c_px).sum(), r_px.sum() + c_px.sum()
     r_top, c_top = _top_mask(ref_maps), _top_mask(cand_maps)
-    ratio = cand_scores / np.where(np.abs(ref_scores) < _EPS, _EPS, ref_scores)
+    zero = np.abs(ref_scores) < _EPS      # both zero: no drift (0 / 1e-12 read as a ratio of 0)
+    ratio = np.where(zero & (np.abs(cand_scores) < _EPS), 1.0, cand_scores / np.where(zero, _EPS, ref_scores))
     return {
         "spearman": spearman(ref_scores, cand_scores) if len(ref_scores) >= MIN_RANK_IMAGES else None,
         "decision_agreement": _agreement(ref_scores, thr["image"], cand_scores, thr["cand_image"]),
