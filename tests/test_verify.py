@@ -42,8 +42,10 @@ def artifacts(tmp_path_factory, tiny_data):
     return recipe, fp32, int8
 
 
-def _scaled_copy(src: Path, dst: Path, factor: float) -> Path:
-    """The artifact with every student conv weight scaled (an injected regression)."""
+def _scaled_copy(src: Path, dst: Path, factor: float, rehash: bool = True) -> Path:
+    """The artifact with every student conv weight scaled (an injected regression), its sha256 in
+    artifact.json updated to match (``rehash``: else a file changed after compile)."""
+    from uadc.core.io import sha256_file
     shutil.copytree(src, dst)
     m = onnx.load(str(dst / "model.onnx"))
     from uadc.export.partitions import partition_of
@@ -52,6 +54,10 @@ def _scaled_copy(src: Path, dst: Path, factor: float) -> Path:
         if init.name in weights:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
     onnx.save(m, str(dst / "model.onnx"))
+    if rehash:
+        meta = json.loads((dst / "artifact.json").read_text())
+        meta["files"]["model.onnx"] = sha256_file(dst / "model.onnx")
+        (dst / "artifact.json").write_text(json.dumps(meta))
     return dst
 
 
@@ -91,9 +97,12 @@ def test_too_few_images_leave_a_figure_unjudged_not_failed():
     thr = {c: {"image": 1.0, "pixel": 2.0, "score_std": 0.0} for c in ("global", "a")}
     f = fidelity.figures(scores, maps, scores * 1.07, maps, cats, thr)
     assert f["all"]["spearman"] is None and f["all"]["score_shift"] is None and f["all"]["decision_agreement"] == 1.0
-    judged = judge_all(f, None, budgets(), per_category=False)
+    figs = judge_all(f, None, budgets(), per_category=False)
+    judged = [x for x in figs if x.judged]
     assert {x.name for x in judged} == {"decision_agreement", "map_dice", "map_iou", "top1_overlap", "score_ratio"}
     assert all(x.passed for x in judged if x.name != "score_ratio")
+    # reported as null, not left out (a script reading figures.spearman got a KeyError)
+    assert {(x.name, x.value) for x in figs if not x.judged} == {("spearman", None), ("score_shift", None)}
 
 
 def test_figures_see_reordering_and_drift():
@@ -122,11 +131,16 @@ def test_score_shift_is_judged_only_where_the_normals_can_estimate_a_spread(arti
     judged = {(f.name, f.scope): f.passed for f in judge_all(fid, None, budgets(), True, {"few": {"score_shift"}})}
     assert ("score_shift", "few") not in judged and judged[("spearman", "few")]
     assert judged[("score_shift", "many")] is False and judged[("score_shift", "all")] is False
-    # end to end: the tiny fixture holds out 4 normals per category
+    # end to end: the tiny fixture holds out 4 normals per category, 8 in all: the overall score_shift, in
+    # units of 8 normals' spread, is reported and not judged either (2 normals made a sound INT8 compile fail)
     v = uadc.verify(artifacts[2])
-    assert set(fidelity.too_few_normals(v.thresholds["reference"], v.categories)) == {"stripes", "gray"}
+    assert set(fidelity.too_few_normals(v.thresholds["reference"], v.categories)) == {"stripes", "gray", "global"}
     assert all(v.figure("score_shift", c) is None and v.figure("spearman", c) is not None for c in v.categories)
-    assert v.figure("score_shift") is not None and sum("score_shift[" in n for n in v.notes) == 2
+    assert sum("score_shift[" in n for n in v.notes) == 2 and any(n.startswith("score_shift not judged: 8 ")
+                                                                  for n in v.notes)
+    overall = v.figure("score_shift")
+    assert overall.value is not None and not overall.judged and overall.passed
+    assert v.to_dict()["figures"]["score_shift"]["judged"] is False
     assert "budget" not in v.to_dict()["categories"]["gray"]["score_shift"]
 
 
@@ -215,7 +229,7 @@ def test_verify_passes_on_the_artifact_itself_and_json_keys_are_stable(artifacts
     assert d["passed"] and d["exit_code"] == 0 and d["polygraphy"]["passed"]
     assert set(d["figures"]) == set(RULES)  # labelled drops included: the golden set has test images
     for fig in d["figures"].values():
-        assert set(fig) == {"value", "budget", "rule", "passed"}
+        assert set(fig) == {"value", "budget", "rule", "passed", "judged"}
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Regression gate"):]
     for key in d:
@@ -238,6 +252,11 @@ def test_verify_fails_an_injected_regression_with_exit_1(artifacts, tmp_path):
     relax = [f"--budget={RULES[n][0]}={-1 if n == 'spearman' else 0 if RULES[n][1] == 'min' else 100 if n == 'score_shift' else 10}" for n in d["figures"]]
     r2 = CliRunner().invoke(main, ["verify", str(bad), "--normal-only", *relax])
     assert r2.exit_code == 0, r2.output
+    # an edit that leaves artifact.json's sha256 behind is refused as loading refuses it (it passed a x1.001 edit)
+    tampered = _scaled_copy(fp32, tmp_path / "tampered", 1.001, rehash=False)
+    for args in (["verify", str(tampered)], ["diff", str(fp32), str(tampered)]):
+        r3 = CliRunner().invoke(main, args)
+        assert r3.exit_code == 2 and "model.onnx does not match its sha256" in r3.output, r3.output
 
 
 def test_usage_errors_exit_2(artifacts, tmp_path):

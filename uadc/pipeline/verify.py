@@ -25,8 +25,8 @@ import onnx
 from uadc.backends import openvino as ov
 from uadc.config.recipe import VerifyConfig
 from uadc.config.targets import inference_hint_of
-from uadc.core.constants import (GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MODEL_FILE, OUTPUT_NAMES,
-                                 REPORT_FILE)
+from uadc.core.constants import (GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MANIFEST_FILE, MODEL_FILE,
+                                 OUTPUT_NAMES, REPORT_FILE)
 from uadc.core.errors import UadcError
 from uadc.core.manifest import Manifest, infer_category, read_manifest
 from uadc.core.ort_session import make_session
@@ -173,6 +173,8 @@ def artifact_runner(artifact: Path, name: str, threads: int | None = None) -> tu
     """A Polygraphy runner for the artifact on its own runtime, and a label for it."""
     model = _model_path(artifact)
     folder = Path(artifact) if Path(artifact).is_dir() else None   # a bare ONNX file runs on ORT
+    if folder is not None and (folder / MANIFEST_FILE).is_file():
+        read_manifest(folder)   # a file changed after compile fails the gate as it fails loading: one line
     engine = folder / "model.engine" if folder else None
     if engine is not None and engine.is_file():
         try:
@@ -317,7 +319,8 @@ def _judge(kind: str, reference: str, candidate: str, runtime: dict, records: li
         labels = np.array([r["label"] for r in records])[test].astype(int)
         lab = fidelity.labelled(ref[1][test], ref[0][test], cand[1][test], cand[0][test], labels, masks, cats[test])
     few = fidelity.too_few_normals(thresholds[0], fid["categories"])
-    figures = judge_all(fid, lab, budgets, per_category, {c: {"score_shift"} for c in few})
+    figures = judge_all(fid, lab, budgets, per_category,
+                        {"all" if c == "global" else c: {"score_shift"} for c in few})
     counts = {k: int(((kinds == k) & use).sum()) for k in FIGURE_KINDS if ((kinds == k) & use).any()}
     cls = VerifyResult if kind == "verify" else DiffResult
     notes = list(notes or []) + ([] if lab is not None else ["no labelled images: AUROC/AUPRO drops not computed"])
@@ -327,7 +330,9 @@ def _judge(kind: str, reference: str, candidate: str, runtime: dict, records: li
               f"{fidelity.MIN_RANK_IMAGES} images; score_shift a spread of the reference normals)"] if unmeasured else []
     notes += [f"score_shift[{c}] not judged: {n} reference normals (fewer than {fidelity.MIN_SPREAD_NORMALS}) "
               f"cannot estimate the score spread it is measured in" for c, n in sorted(few.items())
-              if per_category and len(fid["categories"]) > 1]
+              if c != "global" and per_category and len(fid["categories"]) > 1]
+    notes += [f"score_shift not judged: {few['global']} reference normals in all (fewer than "
+              f"{fidelity.MIN_SPREAD_NORMALS}) cannot estimate the score spread it is measured in"] if "global" in few else []
     return cls(kind, reference, candidate, runtime, counts, figures, fid["categories"], lab, tensors,
                {"reference": thresholds[0], "candidate": thresholds[1]}, budgets, per_category, time.time() - t0, notes)
 

@@ -55,10 +55,11 @@ def reference_thresholds(scores: np.ndarray, maps: np.ndarray, categories: np.nd
 
 
 def too_few_normals(thresholds: dict[str, dict], categories) -> dict[str, int]:
-    """``{category: n}`` for the categories (among ``categories``) whose reference normals are too
-    few to estimate the score spread ``score_shift`` is measured in."""
+    """``{category: n}`` for the categories (among ``categories``; ``global``: all of them together, the
+    overall figure's unit) whose reference normals are too few to estimate the score spread
+    ``score_shift`` is measured in."""
     return {c: int(t.get("n", 0)) for c, t in thresholds.items()
-            if c != "global" and c in categories and int(t.get("n", 0)) < MIN_SPREAD_NORMALS}
+            if (c == "global" or c in categories) and int(t.get("n", 0)) < MIN_SPREAD_NORMALS}
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -92,6 +92,7 @@ class Figure:
     rule: str                 # min | max | abs_max | tol
     passed: bool
     scope: str = "all"        # "all" or a category
+    judged: bool = True       # False: reported (or unmeasurable, value None), not held to its budget
 
     def describe(self) -> str:
         where = "" if self.scope == "all" else f"[{self.scope}]"
@@ -152,8 +153,8 @@ class GateResult:
         return next((f for f in self.figures if f.name == name and f.scope == scope), None)
 
     def to_dict(self) -> dict:
-        overall = {f.name: {"value": f.value, "budget": f.budget, "rule": f.rule, "passed": f.passed}
-                   for f in self.figures if f.scope == "all"}
+        overall = {f.name: {"value": f.value, "budget": f.budget, "rule": f.rule, "passed": f.passed,
+                            "judged": f.judged} for f in self.figures if f.scope == "all"}
         cats: dict[str, dict] = {c: {k: {"value": v} for k, v in figs.items()} for c, figs in self.categories.items()}
         for f in self.figures:
             if f.scope != "all" and f.scope in cats and f.name in cats[f.scope]:
@@ -202,7 +203,7 @@ class GateResult:
 def _row(f: Figure) -> str:
     need = {"min": ">= ", "max": "<= ", "abs_max": "|x| <= ", "tol": "1 ± "}[f.rule] + f"{f.budget:g}"
     v = "n/a" if f.value is None else fixed(f.value)
-    return f"| {f.name} | {v} | {need} | {'pass' if f.passed else '**FAIL**'} |"
+    return f"| {f.name} | {v} | {need} | {'not judged' if not f.judged else 'pass' if f.passed else '**FAIL**'} |"
 
 
 class VerifyResult(GateResult):
@@ -217,7 +218,9 @@ def judge_all(fid: dict, lab: dict | None, budgets_: dict[str, float], per_categ
               unjudged: dict[str, set[str]] | None = None) -> list[Figure]:
     """Every label-free figure overall (and per category when asked, but for ``unjudged``:
     category -> figures reported only), then the labelled drops."""
-    out = [judge(n, v, budgets_) for n, v in fid["all"].items() if v is not None]   # None: not measurable
+    skip_all = (unjudged or {}).get("all", set())     # None: not measurable; skip_all: too few normals
+    out = [judge(n, v, budgets_) if v is not None and n not in skip_all else
+           Figure(n, v, budgets_[RULES[n][0]], RULES[n][1], True, judged=False) for n, v in fid["all"].items()]
     if per_category and len(fid["categories"]) > 1:
         for cat, figs in fid["categories"].items():
             skip = (unjudged or {}).get(cat, set())
