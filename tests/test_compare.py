@@ -14,7 +14,8 @@ from conftest import write_recipe
 from uadc.cli import main
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
-CELL_KEYS = {"calibrator", "calib_data", "image_auroc", "pixel_auroc", "image_drop", "pixel_drop", "categories"}
+CELL_KEYS = {"calibrator", "calib_data", "image_auroc", "pixel_auroc", "image_drop", "pixel_drop", "categories",
+             "gate_passed"}
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,13 @@ def test_compare_writes_matrix_and_cell_folders_and_reuses_cells(trained, tmp_pa
         assert cell["image_auroc"] == m["compiled"]["mean"]["image_auroc"]
         assert cell["pixel_drop"] == m["drop"]["mean"]["pixel_auroc"]
         assert result["fp32"]["image_auroc"] == m["fp32"]["mean"]["image_auroc"]
-    best = min(result["cells"].values(), key=lambda c: (c["image_drop"], c["pixel_drop"]))
+        assert cell["gate_passed"] is report["verification"]["gate"]["passed"]
+    # the best cell passes its own regression gate where any cell does (one that failed it was recommended)
+    best = min(result["cells"].values(), key=lambda c: (c["gate_passed"] is False, c["image_drop"], c["pixel_drop"]))
     assert result["best"] == f"{best['calibrator']}/{best['calib_data']}"
     md = (out / "compare.md").read_text()
     assert md.strip() == res.stdout.strip() and "| entropy |" in md and result["best"] in md
+    assert "(change vs FP32;" in md and "drop vs FP32" not in md     # the cells show compiled - FP32
     # a rerun with the same inputs reuses every cell: no folder is compiled again, same matrix
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/report.json")}
     again = _compare(recipe, d / "art", out)

@@ -401,3 +401,35 @@ def test_a_candidate_the_runtime_cannot_run_is_judged_worst():
     assert c.fidelity(frozenset({1, 2})) == WORST and c.probe(frozenset({3})) == WORST
     assert c.faults == ["2 int8_groups: OpenVINO failed to run the model: object is not initialized",
                         "1 int8_groups: OpenVINO failed to run the model: object is not initialized"]
+
+
+def test_a_search_that_keeps_every_group_float_ships_and_reports_a_float_model(make_base, tmp_path, monkeypatch):
+    """`--precision auto` that found INT8 nowhere faster shipped the plain FP32 graph labelled `precision: int8`
+    in report.json and artifact.json, with its candidate partitions named as quantized."""
+    from uadc.backends.ort_profile import NodeTime
+    from uadc.core.manifest import read_manifest
+
+    def int8_slower(models, feeds, threads, runs=20, warmup=5):
+        fp32, int8 = models
+        return [[NodeTime(n.name, n.op_type, 10.0) for n in fp32.graph.node],
+                [NodeTime(n.name, n.op_type, 100.0, 1000) for n in int8.graph.node]]
+    monkeypatch.setattr(P, "node_times", int8_slower)
+    res = uadc.compile(make_base(**LOOSE), "ort-cpu-int8", precision="auto", out=tmp_path / "a", evaluate=False,
+                       latency_runs=1, threads=1)
+    assert res.extra["precision_search"]["final"]["int8_groups"] == 0 and sum(res.qdq_nodes.values()) == 0
+    assert res.precision == "fp32" and res.quantized_partitions == []
+    assert read_manifest(tmp_path / "a").precision == "fp32"
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["precision"] == "fp32"
+
+
+def test_report_counts_the_nodes_of_the_model_as_shipped(make_base, tmp_path):
+    """With in-graph post-processing the report counted the head before the pred_* nodes were added, and the
+    model's own uadc.partitions metadata still held the FP32 export's counts."""
+    import onnx
+    from uadc.export.onnx_export import get_metadata
+    from uadc.export.partitions import partition_counts
+    res = uadc.compile(make_base(**LOOSE), "ort-cpu-int8", precision="target", postprocess=True, out=tmp_path / "p",
+                       evaluate=False, latency_runs=1, threads=1)
+    model = onnx.load(str(tmp_path / "p" / "model.onnx"))
+    assert res.nodes == partition_counts(model) and res.model_bytes == model.ByteSize()
+    assert get_metadata(model)["partitions"] == partition_counts(model)

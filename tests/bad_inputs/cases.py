@@ -428,6 +428,10 @@ CASES: list[Case] = [
          msg="tiny.yaml (data.image_size: 64 in the checkpoint, 32 in the recipe); retrain",
          setup=lambda e: ckpt_blob(e, lambda b: {**b, "recipe": {**b["recipe"],
                                                                  "data": {**b["recipe"]["data"], "image_size": 64}}})),
+    # the seed draws the validation split: another seed's checkpoint trained on this recipe's validation normals
+    Case("ckpt-other-seed", COMPILE("--checkpoint", "c.pt", "--out", "o"),
+         msg="has seed 0: the seed draws the validation normals held out of training",
+         setup=lambda e: ckpt_blob(e, lambda b: {**b, "recipe": {**b["recipe"], "seed": 7}})),
     Case("ckpt-stored-recipe-escapes", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="stored recipe is invalid",
          setup=lambda e: ckpt_blob(e, lambda b: {**b, "recipe": {**b["recipe"], "name": "../../x"}})),
     Case("ckpt-nan-eval", lambda e: ["eval", str(e.s.recipe), "--checkpoint", str(e.s.nan_ckpt)],

@@ -19,6 +19,26 @@ def ort_predictor(session):
     return run
 
 
+def paired_latency_ms(fns: list, runs: int = 30, warmup: int = 5) -> list[dict[str, float]]:
+    """``latency_ms`` of each of ``fns``, their runs interleaved: a ratio of two is measured under the
+    same machine load (one timed after the other was not: an FP32 artifact ran 1.48x "faster" than FP32)."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(runs):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append((time.perf_counter() - t0) * 1000)
+    return [_summary(t, runs) for t in times]
+
+
+def _summary(times: list[float], runs: int) -> dict[str, float]:
+    return {"p50": round(float(np.percentile(times, 50)), 3), "p90": round(float(np.percentile(times, 90)), 3),
+            "runs": runs}
+
+
 def latency_ms(fn, runs: int = 30, warmup: int = 5) -> dict[str, float]:
     """p50/p90 wall time of ``fn()`` in milliseconds after warm-up runs."""
     for _ in range(warmup):
@@ -28,5 +48,4 @@ def latency_ms(fn, runs: int = 30, warmup: int = 5) -> dict[str, float]:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1000)
-    return {"p50": round(float(np.percentile(times, 50)), 3), "p90": round(float(np.percentile(times, 90)), 3),
-            "runs": runs}
+    return _summary(times, runs)

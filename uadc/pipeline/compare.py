@@ -96,9 +96,11 @@ def write_matrix(recipe: Recipe, target: str, calibrators: list[str], sources: l
             "calibrator": cal, "calib_data": src,
             "image_auroc": m["compiled"]["mean"]["image_auroc"], "pixel_auroc": m["compiled"]["mean"].get("pixel_auroc"),
             "image_drop": m["drop"]["mean"]["image_auroc"], "pixel_drop": m["drop"]["mean"].get("pixel_auroc"),
-            "categories": {c: v["image_auroc"] for c, v in m["compiled"]["categories"].items()}}
+            "categories": {c: v["image_auroc"] for c, v in m["compiled"]["categories"].items()},
+            "gate_passed": ((report.get("verification") or {}).get("gate") or {}).get("passed")}
     fp32 = next(iter(reports.values()))["metrics"]["fp32"]["mean"]
-    best = min(cells.values(), key=lambda c: (c["image_drop"], c["pixel_drop"] or 0.0))   # None: no masks
+    # a cell failing its own regression gate is no recommendation, whatever its AUROC; None: no masks
+    best = min(cells.values(), key=lambda c: (c["gate_passed"] is False, c["image_drop"], c["pixel_drop"] or 0.0))
     result = CompareResult(target, list(quantize or recipe.compile.quantize),
                            calib_samples or recipe.compile.calib_samples,
                            {"image_auroc": fp32["image_auroc"], "pixel_auroc": fp32.get("pixel_auroc")}, cells,
@@ -117,7 +119,8 @@ def render_matrix(result: dict, calibrators: list[str], sources: list[str]) -> s
     f = result["fp32"]
     lines = [f"Calibrators on {result['target']} (quantized: {', '.join(result['quantized_partitions'])}; "
              f"{result['calib_samples']} samples). FP32: image AUROC {f['image_auroc']:.4f}, "
-             f"pixel AUROC {_num(f['pixel_auroc'], '.4f')}. Cells: image / pixel AUROC (drop vs FP32).", "",
+             f"pixel AUROC {_num(f['pixel_auroc'], '.4f')}. Cells: image / pixel AUROC (change vs FP32; "
+             f"REGRESSION: the cell fails its own regression gate).", "",
              "| calibrator | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
     for cal in calibrators:
         row = []
@@ -125,7 +128,9 @@ def render_matrix(result: dict, calibrators: list[str], sources: list[str]) -> s
             c = result["cells"][f"{cal}/{src}"]
             pixel_drop = None if c["pixel_drop"] is None else -c["pixel_drop"]
             row.append(f"{c['image_auroc']:.4f} / {_num(c['pixel_auroc'], '.4f')} "
-                       f"({signed(-c['image_drop'])} / {signed(pixel_drop)})")
+                       f"({signed(-c['image_drop'])} / {signed(pixel_drop)})"
+                       + (" REGRESSION" if c.get("gate_passed") is False else ""))
         lines.append(f"| {cal} | " + " | ".join(row) + " |")
-    lines += ["", f"Best cell (smallest image-AUROC drop): **{result['best']}**"]
+    lines += ["", f"Best cell (smallest image-AUROC drop, passing its regression gate where any does): "
+                  f"**{result['best']}**"]
     return "\n".join(lines)

@@ -16,7 +16,7 @@ import onnx
 
 from uadc import __version__
 from uadc.backends import openvino as ov
-from uadc.backends.ort import latency_ms, make_session
+from uadc.backends.ort import latency_ms, make_session, paired_latency_ms
 from uadc.backends.parallel import ParallelSession
 from uadc.backends.ort_profile import TIMING_CACHE_DIR
 from uadc.config.settings import PtqSettings, resolve_ptq
@@ -112,12 +112,13 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     passes = records + pass_records
     # export + every pass (calibration included) + Polygraphy checks; AD metrics and latency excluded
     compile_seconds = round(sum(p["seconds"] for p in passes) + time.time() - t0, 2)
+    shipped = _shipped(target, auto)
     result = CompileResult(
-        target=target.name, precision=target.precision, runtime=target.runtime, device=target.device,
+        target=target.name, precision=shipped.precision, runtime=target.runtime, device=target.device,
         calibrator=ptq.calibrator if calib and calib["calibrator"] != "qat" else ("qat" if calib else None),
         calib_data=ptq.calib_data if calib and calib["calibrator"] != "qat" else None,
         quantized_partitions=(_qat_partitions(opts.qat_model) if opts.qat_model is not None else list(ptq.quantize))
-        if target.quantized else [],
+        if shipped.quantized else [],
         recipe=baseline.recipe.name, recipe_hash=baseline.recipe.hash,
         checkpoint=str(baseline.checkpoint) if baseline.checkpoint else None,
         nodes=partition_counts(compiled), qdq_nodes=_qdq_counts(compiled), bytes=partition_bytes(compiled),
@@ -139,7 +140,10 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
                             predictor=target_predictor(target, threads))
     result.deploy = dep.section
     postprocess = baseline.recipe.deploy.postprocess if opts.postprocess is None else opts.postprocess
-    compiled, manifest = finalize_model(baseline, compiled, target, dep.thresholds, postprocess)
+    compiled, manifest = finalize_model(baseline, compiled, shipped, dep.thresholds, postprocess)
+    # the model as shipped: in-graph post-processing adds head nodes and outputs
+    result.nodes, result.bytes, result.model_bytes = partition_counts(compiled), partition_bytes(compiled), \
+        compiled.ByteSize()
     layers = fp32_layers(compiled, auto.nodes, auto.fp16_nodes) if auto is not None and auto.fp16_nodes is not None \
         else None
     with atomic_dir(out, replace=True) as tmp:
@@ -206,6 +210,14 @@ def _pass_names(baseline: Baseline, target: Target, opts: CompileOptions) -> lis
     names = list(opts.passes or baseline.recipe.compile.passes or target.passes)
     # Shared pre-passes already ran on the FP32 model; skip them here.
     return [n for n in names if n not in ("shape_inference", "simplify")]
+
+
+def _shipped(target: Target, auto: AutoPrecision | None) -> Target:
+    """An INT8 CPU target whose precision search kept every group float ships a float model (the report
+    and artifact.json said int8 over a graph without one Q/DQ node); TensorRT decides its own build."""
+    if auto is None or auto.nodes or not target.quantized or target.runtime == "tensorrt":
+        return target
+    return replace(target, precision=target.float_precision)
 
 
 def _run_target_passes(baseline: Baseline, target: Target, fp32: onnx.ModelProto, ptq: PtqSettings,
@@ -284,11 +296,14 @@ def _latency(baseline: Baseline, compiled: onnx.ModelProto, target: Target, thre
         sess = make_session(compiled, threads)
         fn = lambda: sess.run(None, {INPUT_NAME: x})  # noqa: E731
     runtime, emulated = _runtime_label(target, used)
+    fp32 = make_session(baseline.fp32, threads)
+    # ORT FP32 and the artifact timed in turns: their ratio under one machine load
+    ort_fp32, comp = paired_latency_ms([lambda: fp32.run(None, {INPUT_NAME: x}), fn], runs)
     deployed = None
     if target.runtime == "onnxruntime" and threads > 1:  # TensorRT targets deploy on the device's runtime
         with ParallelSession(compiled, threads, "auto") as par:
             deployed = {**latency_ms(lambda: par.run(None, {INPUT_NAME: x}), runs), "schedule": par.plan(1)}
-    return Latency(lat["torch_fp32"], lat["ort_fp32"], latency_ms(fn, runs),
+    return Latency(lat["torch_fp32"], ort_fp32, comp,
                    batch=1, threads=threads, runtime=runtime, emulated=emulated, deployed=deployed)
 
 

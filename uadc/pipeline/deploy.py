@@ -134,6 +134,7 @@ def finalize_model(baseline: Baseline, compiled: onnx.ModelProto, target: Target
     """The model file as saved (with ``pred_*`` outputs when asked) and its manifest; the
     manifest's essentials also go into the model's ``metadata_props`` (``uadc.deploy``)."""
     from uadc.export.onnx_export import set_metadata
+    from uadc.export.partitions import partition_counts
     from uadc.passes.postprocess import append_postprocess
     info = None
     if postprocess:
@@ -147,5 +148,6 @@ def finalize_model(baseline: Baseline, compiled: onnx.ModelProto, target: Target
         copy.CopyFrom(compiled)
         compiled = copy
     manifest = make_manifest(baseline, target, thresholds, info)
-    set_metadata(compiled, {"deploy": manifest.essentials()})
+    # the counts the export recorded describe the FP32 graph, not this one (Q/DQ, post-processing)
+    set_metadata(compiled, {"deploy": manifest.essentials(), "partitions": partition_counts(compiled)})
     return compiled, manifest

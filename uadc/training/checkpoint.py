@@ -144,6 +144,11 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
                                   {k: recipe.cfg[k] for k in ("data", "model")})
         raise UadcError(f"checkpoint {path} was trained with different data/model settings than "
                         f"recipe {recipe.path or recipe.name} ({where}); retrain with `uadc train`")
+    if recipe is not None and trained.seed != recipe.seed and recipe.data.val_fraction > 0:
+        raise UadcError(f"checkpoint {path} was trained with seed {trained.seed}, recipe {recipe.path or recipe.name} "
+                        f"has seed {recipe.seed}: the seed draws the validation normals held out of training, so this "
+                        f"recipe's would include images the checkpoint trained on (its thresholds set on them); use "
+                        f"seed {trained.seed} or retrain with `uadc train`")
     check_finite_weights(blob["state_dict"], path)
     with torch.random.fork_rng():  # its random initialisation is overwritten: leave the caller's stream
         model = make_model(trained)
