@@ -213,7 +213,8 @@ def test_int8_artifact_has_7_bit_weights_and_the_exact_path_agrees(int8_artifact
     artifact differs: README "7-bit weights")."""
     from bench import int8_exactness
     recipe, art, res = int8_artifact
-    assert json.loads((res.path / "calibration.json").read_text())["weight_bits"] == 7
+    cal = json.loads((res.path / "calibration.json").read_text())
+    assert cal["weight_bits"] == 7 and cal["per_channel"] is True   # the weight scheme as written
     int8_exactness.main([str(recipe), "--artifacts", str(art), "--threads", "1", "--cycles", "1"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     row = next(r for r in rows if r["artifact"] == res.path.name)

@@ -105,8 +105,8 @@ def test_run_passes_records_and_dumps(tmp_path, images):
     simplify = records[1]
     assert simplify["nodes_before"] == 12 and simplify["nodes_after"] == 11  # BN folded into the Conv
     assert records[-1]["nodes_after"] == len(out.graph.node)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "01_shape_inference.onnx", "02_simplify.onnx", "03_partition_check.onnx", "04_knn_bank.onnx",
+    assert sorted(p.name for p in tmp_path.iterdir()) == [      # and the model they started from
+        "00_input.onnx", "01_shape_inference.onnx", "02_simplify.onnx", "03_partition_check.onnx", "04_knn_bank.onnx",
         "05_cleanup.onnx"]
     assert len(onnx.load(tmp_path / "02_simplify.onnx").graph.node) == 11
     # tags, model metadata and the dynamic batch survive the simplifier

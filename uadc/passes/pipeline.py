@@ -281,12 +281,14 @@ def cleanup(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
 def run_passes(model: onnx.ModelProto, names: list[str], ctx: PassContext) -> tuple[onnx.ModelProto, list[dict]]:
     """Run passes ``names`` in order. Returns the model and one record per pass:
     ``{"name", "seconds", "nodes_before", "nodes_after"}``. With ``ctx.dump_dir`` the model after
-    pass k is saved as ``{k:02d}_{name}.onnx`` (k from 1)."""
+    pass k is saved as ``{k:02d}_{name}.onnx`` (k from 1), the model it starts from (the export after
+    the shared stages: shape inference, simplify) as ``00_input.onnx``."""
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise UadcError(f"unknown pass(es) {', '.join(map(repr, unknown))}; available: {', '.join(PASSES)}")
     if ctx.dump_dir is not None:
         ensure_dir(Path(ctx.dump_dir))
+        atomic_write_bytes(Path(ctx.dump_dir) / "00_input.onnx", model.SerializeToString())
     try:
         from uadc.core.progress import progress
         steps = progress(names, desc="passes", unit="pass")

@@ -29,7 +29,7 @@ from uadc.core.manifest import write_manifest
 from uadc.export.onnx_export import partition_bytes, split_partitions
 from uadc.export.partitions import partition_counts, partition_of
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
-from uadc.passes.qdq import weight_bits
+from uadc.passes.qdq import qdq_options, weight_bits
 from uadc.passes.simulate import simulate_fp16, type_fp16
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.deploy import bank_runner, deploy_evaluation, finalize_model, target_predictor
@@ -242,6 +242,7 @@ def _run_target_passes(baseline: Baseline, target: Target, fp32: onnx.ModelProto
         calib = {"calibrator": ptq.calibrator,
                  "calib_data": "user" if opts.calibration is not None else ptq.calib_data,
                  "samples": int(len(images)), "seed": baseline.recipe.seed, "weight_bits": weight_bits(ctx),
+                 "per_channel": qdq_options(ctx)[0],   # the weight scales as written (the target's or asked)
                  "ranges": ctx.ranges,
                  "seconds": round(time.time() - t0, 3)}
     model, records = run_passes(model, names, ctx)
