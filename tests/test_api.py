@@ -325,3 +325,27 @@ def test_ort_fp32_and_the_artifact_are_timed_in_turns(trained, tmp_path, monkeyp
     order = []
     ort.paired_latency_ms([lambda: order.append("a"), lambda: order.append("b")], runs=2, warmup=0)
     assert order == ["a", "b", "a", "b"]
+
+
+def test_wrong_argument_types_are_one_line_each(trained, tmp_path):
+    """Found by an API review: each raised a TypeError from deep inside (or, `latency_runs=2.5`, after the
+    whole compile; `ray="no"` started Ray; `threads=-1` was taken by `baseline` and failed a later call)."""
+    recipe, art = trained
+    b = uadc.baseline(recipe, artifacts=art, threads=1)
+    for call, why in ((lambda: uadc.evaluate(recipe, artifacts=5), "artifacts: expected a path"),
+                      (lambda: uadc.baseline(recipe, artifacts=5), "artifacts: expected a path"),
+                      (lambda: uadc.qat(recipe, artifacts=5), "artifacts: expected a path"),
+                      (lambda: uadc.baseline(recipe, artifacts=art, threads=-1), "threads: expected a whole number"),
+                      (lambda: uadc.compile(b, "ort-cpu-fp32", latency_runs="5"), "latency_runs: expected a whole"),
+                      (lambda: uadc.compile(b, "ort-cpu-fp32", latency_runs=2.5), "latency_runs: expected a whole"),
+                      (lambda: uadc.compile(b, "ort-cpu-int8", calibration=5), "calibration: expected train"),
+                      (lambda: uadc.compare_calibrators(recipe, calib_samples="4"), "calib_samples: expected"),
+                      (lambda: uadc.compare_calibrators(recipe, ray="no"), "ray: expected True or False"),
+                      (lambda: uadc.Detector.load(tmp_path, verify="no"), "verify: expected True or False")):
+        with pytest.raises(UadcError, match=why):
+            call()
+    assert repr(b).startswith("Baseline(recipe=tiny, checkpoint=")
+    # no logging set up by the caller: uadc's warnings go nowhere (logging's last resort printed them)
+    p = subprocess.run([sys.executable, "-c", "import logging, uadc\nlogging.getLogger('uadc.x').warning('w')"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stderr == "", p.stderr

@@ -173,3 +173,18 @@ def test_bf16_runs_the_score_tail_in_f32():
     np.testing.assert_allclose(score16, score32, rtol=0.02)
     assert amap16.shape == amap32.shape and np.abs(amap16 - amap32).max() < 0.05 * np.abs(amap32).max()
     assert ov.run_first_output(compiled, {"image": x}).shape == amap32.shape  # the graph's first output
+
+
+def test_a_detector_on_openvino_can_be_shared_by_threads(base, tmp_path, tiny_data):
+    """Four threads predicting through one OpenVINO Detector: most calls failed with "Infer Request is busy"
+    (one infer request), reported as a RuntimeFault of the graph."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (optional extra uadc[openvino])")
+    from concurrent.futures import ThreadPoolExecutor
+    from uadc.runtime import Detector
+    res = uadc.compile(base, "openvino-cpu-fp32", out=tmp_path / "ov", latency_runs=1, threads=1, evaluate=False)
+    det = Detector.load(res.path)
+    files = sorted((tiny_data / "gray" / "test").rglob("*.png"))[:6] * 8
+    serial = [det.predict(f).score for f in files[:6]]
+    with ThreadPoolExecutor(4) as pool:
+        scores = list(pool.map(lambda f: det.predict(f).score, files))
+    assert det.backend_name == "openvino" and scores == serial * 8

@@ -181,9 +181,21 @@ def test_a_ray_uadc_starts_leaves_the_process_as_it_was(tiny, tmp_path):
     sweep = _sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32"]})
     with pytest.raises(UadcError, match="cannot connect to the Ray cluster at nonsense"):   # a raw ValueError before
         api.sweep(sweep, artifacts=d / "art", out=tmp_path / "bad", address="nonsense")
+    with pytest.raises(UadcError, match="address: expected a Ray address"):      # a TypeError inside ray.init
+        api.sweep(sweep, artifacts=d / "art", out=tmp_path / "bad", address=5)
     random.seed(3)
     env, hook, state = dict(os.environ), sys.excepthook, random.getstate()
-    assert api.sweep(sweep, artifacts=d / "art", out=tmp_path / "own", num_cpus=1).ok
+    import signal
+    import warnings
+
+    def mine(signum, frame):
+        pass
+    previous, filters = signal.signal(signal.SIGTERM, mine), warnings.filters[:]
+    try:   # Ray's own SIGTERM handler stayed: the caller's next SIGTERM ended the process
+        assert api.sweep(sweep, artifacts=d / "art", out=tmp_path / "own", num_cpus=1).ok
+        assert signal.getsignal(signal.SIGTERM) is mine and warnings.filters == filters
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert dict(os.environ) == env and sys.excepthook is hook and random.getstate() == state
 
 

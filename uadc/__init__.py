@@ -14,9 +14,14 @@ Public API (imported lazily, so ``import uadc.runtime`` stays free of torch)::
 
 from __future__ import annotations
 
+import logging as _logging
 from typing import Any
 
 __version__ = "0.2.0"
+
+# A library's convention: uadc's warnings reach a handler the caller configures, never stderr by default
+# (logging's last resort printed them in scripts that set up no logging). The CLI installs its own.
+_logging.getLogger("uadc").addHandler(_logging.NullHandler())
 
 _API = {
     "load_recipe": "uadc.config.recipe",

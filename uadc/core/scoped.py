@@ -91,10 +91,16 @@ def signals_deferred() -> Iterator[None]:
 @contextlib.contextmanager
 def process_state_kept() -> Iterator[None]:
     """For a library that starts services in this process (Ray): on exit the environment variables,
-    ``sys.excepthook`` and Python's and NumPy's global random streams are the caller's again."""
+    ``sys.excepthook``, the SIGTERM / SIGINT handlers (Ray's ended the process on the caller's next
+    SIGTERM), the warning filters and Python's and NumPy's global random streams are the caller's again."""
     import random
+    import signal
+    import threading
 
     env, hook, py_state, np_state = dict(os.environ), sys.excepthook, random.getstate(), np.random.get_state()
+    main = threading.current_thread() is threading.main_thread()   # handlers belong to the main thread
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    filters = warnings.filters[:]
     try:
         yield
     finally:
@@ -102,6 +108,9 @@ def process_state_kept() -> Iterator[None]:
             del os.environ[key]
         os.environ.update(env)
         sys.excepthook = hook
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        warnings.filters[:] = filters
         random.setstate(py_state)
         np.random.set_state(np_state)
 

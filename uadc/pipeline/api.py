@@ -20,7 +20,7 @@ from uadc.core.errors import UadcError
 from uadc.core.manifest import read_manifest
 from uadc.core.io import as_path
 from uadc.core.numbers import flags, whole_number
-from uadc.core.scoped import torch_threads
+from uadc.core.scoped import check_threads, torch_threads
 from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluate, evaluate_checkpoint, \
     evaluate_one_class, learning_curve
 from uadc.models import KDModel
@@ -58,6 +58,7 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
     (ONNX Runtime)."""
     _check_source(model_or_artifact, "evaluate")
     flags(one_class=one_class, write=write)
+    artifacts = as_path(artifacts, "artifacts", optional=True)
     if recipe is None:
         if isinstance(model_or_artifact, (KDModel, Baseline)) or _is_onnx(model_or_artifact):
             raise UadcError("evaluate: give the recipe whose test sets to use")
@@ -144,7 +145,8 @@ def baseline(source: Any, recipe: RecipeLike | None = None, *, artifacts: Path |
         else:
             recipe = source
     r = load_recipe(recipe)
-    return Baseline(r, resolve_source(source, r, artifacts), threads)
+    return Baseline(r, resolve_source(source, r, as_path(artifacts, "artifacts", optional=True)),
+                    check_threads(threads))
 
 
 def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None = None,
@@ -170,6 +172,10 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
     out, dump_passes = as_path(out, "out", optional=True), as_path(dump_passes, "dump_passes", optional=True)
     if calib_samples is not None:
         whole_number(calib_samples, "calib_samples")
+    whole_number(latency_runs, "latency_runs")
+    if calibration is not None and not isinstance(calibration, str) and not hasattr(calibration, "__iter__"):
+        raise UadcError(f"calibration: expected train, random-normal, mixed or an iterable of image arrays, "
+                        f"got {type(calibration).__name__}")
     b = baseline(source, recipe, artifacts=as_path(artifacts, "artifacts", optional=True), threads=threads)
     target = target or b.recipe.compile.target
     named = calibration if isinstance(calibration, str) else None
@@ -198,6 +204,7 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
     from uadc.quant.qat.run import QatOptions, check_target, qat_settings, run_qat
     from uadc.training.run import load_images
     flags(compile_after=compile_after)
+    artifacts = as_path(artifacts, "artifacts", optional=True)
     r = load_recipe(recipe)
     target = target or r.compile.target
     t = check_target(target)
@@ -222,6 +229,9 @@ def compare_calibrators(recipe: RecipeLike, target: str = "ort-cpu-int8", calibr
     """The calibrator x calibration-data matrix (a sweep: in this process, or on Ray with ``ray``/``address``):
     a ``CompareResult``, also written as ``compare.json`` / ``compare.md`` under ``out``."""
     from uadc.pipeline.compare import compare_calibrators as run
+    flags(ray=ray)
+    if calib_samples is not None:
+        whole_number(calib_samples, "calib_samples")
     names = {k: name_list(v, k) for k, v in (("calibrators", calibrators), ("sources", sources))}
     for k, v in names.items():
         if v is None:

@@ -80,6 +80,9 @@ def names_checkpoint(source: str | Path, recipe: Recipe) -> bool:
 class Baseline:
     """One trained model with its FP32 export and the stages all targets share."""
 
+    def __repr__(self) -> str:
+        return f"Baseline(recipe={self.recipe.name}, checkpoint={self.checkpoint}, {self.size} px)"
+
     def __init__(self, recipe: Recipe, source: ModelSource, threads: int | None = None):
         self.recipe = recipe
         self.model = source.model

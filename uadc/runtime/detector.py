@@ -13,6 +13,7 @@ holds ``model.engine`` and ``tensorrt`` imports; OpenVINO for the ``openvino-cpu
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,10 +97,12 @@ class _OvBackend:
         from uadc.config.targets import inference_hint_of
         # The artifact's thresholds were set on OpenVINO at its target's float precision (bf16 or f32).
         self.run_fn = ov.infer_fn(ov.compile_model(model, threads, inference_hint_of(target)))
+        self.lock = threading.Lock()   # one infer request: threads sharing a Detector take turns ("busy")
 
     def run(self, images: np.ndarray, input_name: str) -> tuple[np.ndarray, np.ndarray]:
-        amap, score = self.run_fn(images)
-        return amap[:, 0], score.reshape(-1)
+        with self.lock:
+            amap, score = self.run_fn(images)
+            return np.array(amap[:, 0], copy=True), np.array(score, copy=True).reshape(-1)
 
 
 def _importable(module: str) -> bool:
@@ -152,6 +155,8 @@ class Detector:
         ``threads`` cores (default: all this process may use) share the work
         (``uadc.backends.parallel``): ``auto``, ``branches``, ``batch`` or ``sequential`` (one session)."""
         folder = as_path(artifact, "artifact")
+        if not isinstance(verify, bool):   # "no" is a non-empty string: read as true
+            raise UadcError(f"verify: expected True or False, got {verify!r:.60}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UadcError(f"batch_size: expected a whole number >= 1, got {batch_size!r}")
         threads = check_threads(threads)
