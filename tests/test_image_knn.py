@@ -296,3 +296,22 @@ def test_search_probes_with_the_nearest_bank_entries_rank_as_with_the_whole_bank
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
     assert any(g["fidelity_cost"] for g in whole.record["groups"])  # the probes ran and measured a cost
     assert strip(probed.record) == strip(whole.record) and probed.nodes == whole.nodes
+
+
+def test_another_head_setting_on_a_knn_checkpoint_says_the_scale_is_the_trained_heads(knn_trained, caplog):
+    """A checkpoint serves any head setting, but the kNN term was scaled to the score of the head it was trained
+    with: `score_reduction: topk_mean` on a `max` checkpoint weighted the kNN ~7 % off, silently."""
+    import logging
+    from uadc.config.recipe import load_recipe
+    from uadc.training.checkpoint import load_checkpoint
+    path, art, _ = knn_trained
+    recipe = load_recipe(path)
+    ckpt = recipe.artifact_dir(art) / "checkpoint.pt"
+    with caplog.at_level(logging.WARNING, logger="uadc"):
+        load_checkpoint(ckpt, recipe)
+        assert not caplog.records
+        other = recipe.with_overrides(model={"score_reduction": "topk_mean" if recipe.cfg["model"]["score_reduction"]
+                                             == "max" else "max"})
+        load_checkpoint(ckpt, other)
+    assert len(caplog.records) == 1 and "its image_knn scale was measured with the trained score_reduction" \
+        in caplog.records[0].getMessage()

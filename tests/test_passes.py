@@ -506,3 +506,24 @@ def test_cpu_int8_weights_take_7_bits_so_no_cpu_saturates():
         np.testing.assert_allclose(exact, run_ort(model, feeds)[0], atol=8 / 255 + 1e-6)
         if not eight:  # measured on an AVX2-only CPU: the 8-bit model's fast path gave 4.05 for 7.91
             np.testing.assert_array_equal(_ort_exact(q, feeds, False), exact)
+
+
+def test_native_lines_written_while_onnxsim_probes_go_to_the_debug_log(images, monkeypatch, capfd, caplog):
+    """ONNX Runtime, run inside onnxsim, printed its own colour-coded C++ error line on every US compile (and
+    uadc a warning for the fallback that then worked): stderr carries uadc's own lines only."""
+    import logging
+    import os
+
+    import onnxsim
+    from uadc.passes import pipeline as P
+
+    def noisy(model, **kwargs):
+        os.write(2, b"\x1b[1;31m[E:onnxruntime:, sequential_executor.cc] Scale value should be greater than 0\n")
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL")
+    monkeypatch.setattr(onnxsim, "simplify", noisy)
+    with caplog.at_level(logging.DEBUG, logger="uadc"):
+        out = P.simplify(tiny_kd(with_bn=True), _ctx(images=images))   # onnxslim takes over
+    assert len(out.graph.node) > 0 and capfd.readouterr().err == ""
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("Scale value should be greater than 0" in m for m in logged)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -356,6 +356,11 @@ CASES: list[Case] = [
     _recipe_case("recipe-split-on-stfpm", "model.split: applies to method paste, not 'stfpm'",   # ignored before
                  model={"split": "blocks.1"}),
     _recipe_case("recipe-students-on-stfpm", "model.students: applies to method us, not 'stfpm'", model={"students": 5}),
+    # US scores with its own head: a fast head or a summed map was accepted and ignored
+    _recipe_case("recipe-fast-head-on-us", "model.head: applies to method stfpm or paste or rd, not 'us'",
+                 model={"method": "us", "head": "fast"}),
+    _recipe_case("recipe-combine-on-us", "model.combine: applies to method stfpm or paste or rd, not 'us'",
+                 model={"method": "us", "combine": "sum"}),
     _recipe_case("recipe-tap-unknown", "unknown feature tap 'blocks.99'",        # left art/<name>/ and a lock before
                  model={"taps": ["blocks.2", "blocks.99"]}),
     _recipe_case("recipe-taps-twice", "model: taps lists 'blocks.2' twice",

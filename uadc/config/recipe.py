@@ -33,7 +33,8 @@ UNIT_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 BACKBONE_NORMALIZATION = {"efficientnet_lite0": UNIT_NORM, "resnet18": IMAGENET_NORM,
                           "wide_resnet50_2": IMAGENET_NORM, "mobilenet_v2": IMAGENET_NORM}
 # model keys that only some methods read
-METHOD_KEYS = {"split": ("paste",), "students": ("us",), "descriptor_dim": ("us",), "student_width": ("rd", "us")}
+METHOD_KEYS = {"split": ("paste",), "students": ("us",), "descriptor_dim": ("us",), "student_width": ("rd", "us"),
+               "head": ("stfpm", "paste", "rd"), "combine": ("stfpm", "paste", "rd")}   # US: its own head
 MAX_RECIPE_BYTES = 1 << 20
 MAX_SEED = 2**32 - 1  # numpy's seed range
 

@@ -211,3 +211,25 @@ def root_logging_untouched() -> Iterator[None]:
     finally:
         if guard is not None:
             root.removeHandler(guard)
+
+
+@contextlib.contextmanager
+def native_stderr_logged() -> Iterator[None]:
+    """What native code writes to fd 2 during the block (ONNX Runtime's own error lines while onnxsim
+    probes a graph) goes to a temp file and is logged at DEBUG (``uadc --verbose``); fd 2 is the
+    caller's again afterwards."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace").strip()
+            if text:
+                logging.getLogger("uadc").debug("native output: %s", text)

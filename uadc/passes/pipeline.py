@@ -37,6 +37,7 @@ from uadc.config.targets import Target
 from uadc.core.errors import UadcError, raise_interrupt_behind
 from uadc.core.io import atomic_write_bytes, ensure_dir
 from uadc.core.ort_session import make_session
+from uadc.core.scoped import native_stderr_logged
 from uadc.export.partitions import (
     assign_partitions, meta_partition, partition_of, prefix_partition, set_partition,
 )
@@ -201,7 +202,8 @@ def _onnxsim(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.Model
     kwargs = {"check_n": 1, "input_data": feeds}
     if "certify" in inspect.signature(onnxsim.simplify).parameters:
         kwargs["certify"] = False  # Z3 proofs are slow and we check numerics ourselves
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its check progress
+    # it prints its check progress; ONNX Runtime, run inside it, logs a graph it cannot run to fd 2
+    with contextlib.redirect_stdout(io.StringIO()), native_stderr_logged():
         out, ok = onnxsim.simplify(copy_model(model), **kwargs)  # no input shapes: batch stays dynamic
     if not ok:
         raise RuntimeError("onnxsim's own output check failed")
@@ -228,8 +230,9 @@ def simplify(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
             check_numerics(model, out, feeds, what=f"simplify ({tool_name})")
             return out
         except Exception as exc:  # a failing simplifier is not fatal while another is left
+            raise_interrupt_behind(exc)
             errors.append(f"{tool_name}: {exc}")
-            log.warning("simplify: %s", errors[-1])
+            log.debug("simplify: %s", errors[-1])   # the next tool runs; all failing is the error
     raise UadcError("simplify failed: " + "; ".join(errors))
 
 

@@ -3,6 +3,7 @@ elsewhere can hold tensors and plain data, never code."""
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 import warnings
@@ -17,6 +18,8 @@ from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError
 from uadc.core.io import atomic_save, atomic_write_text, contained
 from uadc.models import KDModel, build_model
+
+log = logging.getLogger(__name__)
 
 MAX_CHECKPOINT_BYTES = 4 << 30
 ONE_CLASS_DIR = "one_class"      # <artifacts>/<recipe>/one_class/<category>/checkpoint.pt
@@ -137,6 +140,7 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
     except UadcError as exc:
         raise UadcError(f"checkpoint {path}: its stored recipe is invalid ({exc})") from None
     if recipe is not None:  # the scoring head holds no weights: the recipe asking now picks it
+        _warn_knn_scale(trained, recipe, path)
         trained = trained.with_overrides(model={k: recipe.cfg["model"][k] for k in HEAD_KEYS})
     # Recompute from the stored recipe rather than trusting a stored hash of an older definition.
     if recipe is not None and model_hash(trained) != model_hash(recipe):
@@ -159,6 +163,17 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
             from None
     model.eval()
     return model, blob
+
+
+def _warn_knn_scale(trained: Recipe, recipe: Recipe, path: Path) -> None:
+    """The kNN terms were scaled to the score / map of the head the checkpoint trained with: under
+    another head setting their weight is not the recipe's (a silent ~7 % on the reviewer's case)."""
+    changed = [k for k in HEAD_KEYS if trained.cfg["model"][k] != recipe.cfg["model"][k]]
+    knn = [n for n in ("image_knn", "patch_knn") if trained.cfg["model"][n]["weight"] > 0]
+    if changed and knn:
+        log.warning("checkpoint %s: its %s scale was measured with the trained %s; under this recipe's the term's "
+                    "weight differs from model.%s.weight (retrain to rescale it)", path, " and ".join(knn),
+                    ", ".join(f"{k}: {trained.cfg['model'][k]}" for k in changed), knn[0])
 
 
 def _first_difference(trained: Any, asked: Any, key: str = "") -> str:
