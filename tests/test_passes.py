@@ -521,6 +521,9 @@ def test_native_lines_written_while_onnxsim_probes_go_to_the_debug_log(images, m
         os.write(2, b"\x1b[1;31m[E:onnxruntime:, sequential_executor.cc] Scale value should be greater than 0\n")
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL")
     monkeypatch.setattr(onnxsim, "simplify", noisy)
+    logger = logging.getLogger("uadc")   # as a script has it (a CLI test in this process may have set it up)
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", True)
     with caplog.at_level(logging.DEBUG, logger="uadc"):
         out = P.simplify(tiny_kd(with_bn=True), _ctx(images=images))   # onnxslim takes over
     assert len(out.graph.node) > 0 and capfd.readouterr().err == ""
