@@ -8,6 +8,18 @@ import yaml
 from synthetic import make_category
 
 
+@pytest.fixture(autouse=True)
+def _uadc_logger_as_found():
+    """A CLI test sets the ``uadc`` logger up (its stderr handler, no propagation); the next test in the
+    worker then saw it (a test of what reaches stderr failed by test order alone): put it back after each."""
+    import logging
+    logger = logging.getLogger("uadc")
+    kept = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.propagate = kept[0], kept[2]
+    logger.setLevel(kept[1])
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """Two categories in MVTec layout: an RGB one and a grayscale one (as magnetic_tile)."""
