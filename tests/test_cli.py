@@ -1,3 +1,4 @@
+import pytest
 """The CLI's contract for user mistakes: one line, exit code 2, no traceback, nothing written."""
 
 import yaml
@@ -66,6 +67,19 @@ def test_eval_of_a_one_class_checkpoint_keeps_the_unified_eval_json(recipe_facto
                                     str(art / "tiny" / "one_class" / "gray" / "checkpoint.pt")])
     assert res.exit_code == 0 and "tiny (one-class gray, 1 epochs)" in res.output and "not written" in res.output
     assert (art / "tiny" / "eval.json").read_text() == unified and "one_class" not in json.loads(unified)
+    # judged on its own category only (it was scored on every category of the recipe, the mean too)
+    assert "stripes" in json.loads(unified)["categories"] and "stripes" not in res.stdout.replace("category 'stripes' has", "")
+    import uadc
+    with pytest.raises(uadc.UadcError, match=r"one-class model of \['gray'\], the recipe covers"):
+        uadc.compile(art / "tiny" / "one_class" / "gray" / "checkpoint.pt", "ort-cpu-fp32", recipe=r,
+                     artifacts=art, out=tmp_path / "oc")       # failed at the manifest after all the work
+    assert not (tmp_path / "oc").exists()
+    # another recipe's checkpoint is judged but not written as this recipe's eval.json (eval --one-class read it)
+    other = recipe_factory("other", train={"epochs": 2, "threads": 1})
+    assert CliRunner().invoke(main, ["train", str(other), "--artifacts", str(art)]).exit_code == 0
+    res = CliRunner().invoke(main, ["eval", str(r), "--artifacts", str(art), "--checkpoint",
+                                    str(art / "other" / "checkpoint.pt")])
+    assert res.exit_code == 0 and "not written" in res.output and (art / "tiny" / "eval.json").read_text() == unified
     res = CliRunner().invoke(main, ["eval", str(r), "--one-class", "--artifacts", str(art), "--checkpoint", "nope.pt"])
     _assert_user_error(res, "drop --checkpoint", tmp_path / "none")
 

@@ -188,3 +188,37 @@ def test_a_named_pipe_or_dangling_link_is_counted_not_read(data, tmp_path):
     with pytest.raises(UadcError, match="unreadable image .*pipe.png: not a regular file"):
         with open_image(walk / "pipe.png"):
             pass
+
+
+def test_a_hidden_folder_is_no_category(data):
+    """A `.hidden/train/good/` under the data root was taken for a category (and stopped training as
+    empty), while hidden names are left out everywhere else."""
+    (data / ".trash" / "train" / "good").mkdir(parents=True)
+    assert [c for _, c in resolve_sources([{"root": str(data), "categories": None}])] == ["a", "b"]
+
+
+def test_masks_whose_names_differ_only_in_case_go_to_their_own_image(data):
+    """`A.png` and `a.png` both got `a_mask.png` (masks were looked up by lower-cased name only)."""
+    blob, gt = data / "a" / "test" / "blob", data / "a" / "ground_truth" / "blob"
+    for stem in ("A", "a"):
+        shutil.copy(blob / "000.png", blob / f"{stem}.png")
+    shutil.copy(gt / "000_mask.png", gt / "A_mask.png")
+    shutil.copy(gt / "001_mask.png", gt / "a_mask.png")
+    masks = {s.path.name: s.mask_path.name for s in list_test_samples(data, "a") if s.mask_path}
+    if os.path.exists(blob / "A.PNG"):
+        pytest.skip("a case-insensitive file system cannot hold A.png and a.png side by side")
+    assert masks["A.png"] == "A_mask.png" and masks["a.png"] == "a_mask.png" and masks["000.png"] == "000_mask.png"
+
+
+def test_a_camera_jpeg_rotated_by_its_exif_tag_is_read_as_displayed(tmp_path):
+    """EXIF Orientation was ignored: a phone's JPEG (pixels stored rotated, tag 6) was read sideways,
+    misaligned with its mask (drawn on the displayed image) and with what an operator sees."""
+    from uadc.data.mvtec import load_image
+    pix = np.zeros((16, 32, 3), np.uint8)
+    pix[:, :8] = 255                                   # stored: 32 wide, bright left edge
+    im = Image.fromarray(pix)
+    exif = im.getexif()
+    exif[0x0112] = 6                                   # displayed rotated 90 degrees clockwise
+    im.save(tmp_path / "cam.jpg", exif=exif, quality=100)
+    up = load_image(tmp_path / "cam.jpg", 32)
+    assert up[:4].mean() > 0.9 and up[-4:].mean() < 0.1   # the bright edge is on top, as displayed

@@ -40,6 +40,8 @@ def test_defaults_filled_and_paths_resolved(tmp_path):
     ({"data": {}}, "data.sources: at least one"),
     (_with(model={"method": "paste"}), "model.split: required for method paste"),
     (_with(model={"backbone": "resnet18"}), "model.weights: backbone 'resnet18' has no bundled weights"),
+    # US's students describe one stage: every tap after the first was ignored, silently
+    (_with(model={"method": "us", "taps": ["blocks.1", "blocks.3"]}), "model.taps: method us describes one teacher stage"),
     ([1, 2], "recipe: expected a mapping"),
     # a category names a folder under the data root and, one-class, under the artifacts: one plain name
     ({"data": {"sources": [{"root": "x", "categories": ["/tmp/data/bottle"]}]}},

@@ -269,7 +269,7 @@ def test_eval_of_a_compiled_artifact_names_it_and_writes_nothing(int8_artifact):
     out = CliRunner().invoke(main, ["eval", str(recipe), "--artifacts", str(art), "--checkpoint", str(res.path)])
     assert out.exit_code == 0, out.output
     assert f"tiny (unified, {res.path})" in out.output and "None" not in out.output
-    assert out.stdout.rstrip().endswith("not written: eval.json holds the unified checkpoint's figures")
+    assert out.stdout.rstrip().endswith("not written: eval.json holds the recipe's own unified checkpoint's figures")
     assert (eval_json.read_bytes() if eval_json.exists() else None) == before
 
 

@@ -150,6 +150,24 @@ def test_sequential_sweep_records_failures_and_resumes(tiny, tmp_path):
     assert (again["reused"], again["executed"]) == (1, 2)
 
 
+def test_a_rerun_reusing_every_cell_of_another_grid_redraws_the_plot(tiny, tmp_path):
+    """A rerun whose cells were all reused kept pareto.png, though the last run had plotted another
+    grid into the same folder: the plot showed cells the table beside it did not hold."""
+    d, recipe = tiny
+    out = tmp_path / "o"
+    for targets in (["ort-cpu-fp32"], ["ort-cpu-fp32", "ort-cpu-int8"], ["ort-cpu-fp32"]):
+        sweep = _sweep_file(tmp_path, recipe, axes={"target": targets, "calibrator": ["minmax"]})
+        res = CliRunner().invoke(main, ["-q", "sweep", str(sweep), "--sequential", "--artifacts", str(d / "art"),
+                                        "--out", str(out), "--json"])
+        assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["executed"] == 0
+    assert (out / "pareto.png").stat().st_mtime_ns >= (out / "sweep.json").stat().st_mtime_ns
+    png, table = (out / "pareto.png").read_bytes(), (out / "sweep.json").read_text()
+    assert CliRunner().invoke(main, ["-q", "sweep", str(sweep), "--sequential", "--artifacts", str(d / "art"),
+                                     "--out", str(out)]).exit_code == 0
+    assert (out / "pareto.png").read_bytes() == png and (out / "sweep.json").read_text() == table   # same grid: kept
+
+
 @needs_ray
 def test_ray_sweep_matches_sequential(tiny, tmp_path):
     import ray

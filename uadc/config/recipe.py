@@ -111,7 +111,8 @@ class ModelConfig(_Section):
         "efficientnet_lite0", description="teacher network (the student mirrors it)")
     pretrained: bool = Field(True, description="teacher weights: the packaged ones or model.weights")
     weights: Optional[str] = Field(None, description="torchvision/lukemelas-format state dict")
-    taps: Optional[list[str]] = Field(None, min_length=1, description="teacher stages whose features are distilled")
+    taps: Optional[list[str]] = Field(None, min_length=1, description="teacher stages whose features are distilled "
+                                      "(method us: one stage)")
     split: Optional[str] = Field(None, description="paste: last teacher stage shared with the student")
     combine: Literal["product", "sum"] = Field("product", description="how per-layer maps combine")
     smoothing_sigma: float = Field(4.0, ge=0, le=64, description="gaussian sigma of the map (0: off)")
@@ -422,6 +423,9 @@ def _check_semantics(cfg: RecipeConfig) -> None:
     for key, methods in METHOD_KEYS.items():   # set for another method, it would be ignored
         if m.method not in methods and getattr(m, key) != ModelConfig.model_fields[key].default:
             raise UadcError(f"model.{key}: applies to method {' or '.join(methods)}, not {m.method!r}")
+    if m.method == "us" and m.taps and len(m.taps) > 1:    # its students describe one stage: the rest was ignored
+        raise UadcError(f"model.taps: method us describes one teacher stage, not {len(m.taps)}; give one, e.g. "
+                        f"taps: [{m.taps[-1]}]")
     d = cfg.train.dcam
     if d.enabled and m.method not in ("stfpm", "paste", "rd"):
         raise UadcError(f"train.dcam.enabled: DCAM applies to stfpm, paste and rd, not {m.method!r}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from uadc.core.constants import MASKS_FOLDER, OVERLAYS_DIR, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError
@@ -40,13 +40,21 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
         with im:
-            yield im
+            yield _upright(im)
     except UadcError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types on hostile files
         where = f" {path}" if isinstance(path, (str, Path)) else ""      # a stream has no name to show
         why = re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))   # no memory address in the line
         raise UadcError(f"unreadable {what}{where}: {type(exc).__name__}: {why[:200]}") from None
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """The image as displayed: a camera's JPEG stores its pixels rotated with an EXIF Orientation
+    tag, and masks (and operators) see the displayed image."""
+    if im.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+        return im
+    return ImageOps.exif_transpose(im)
 
 
 def eight_bit(im: Image.Image, source: Any) -> Image.Image:

@@ -65,7 +65,7 @@ def _category_dir(root: Path, category: str) -> Path:
 def list_categories(root: Path) -> list[str]:
     if not root.is_dir():
         raise UadcError(f"data folder not found: {root}")
-    cats = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    cats = sorted(p.name for p in root.iterdir() if not is_hidden(p.name) and (p / "train" / "good").is_dir())
     if not cats:
         raise UadcError(f"no MVTec-layout category (<cat>/train/good) in {root}")
     return cats
@@ -87,16 +87,18 @@ def _good_samples(folder: Path, category: str, missing: str, empty: str) -> list
 
 
 def _mask_files(folder: Path) -> dict[str, Path]:
-    """Mask files of one defect folder by lower-cased name (``000_MASK.PNG`` is ``000_mask.png``)."""
-    return {p.name.lower(): p for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+    """Mask files of one defect folder by exact name and by lower-cased name (``000_MASK.PNG`` is
+    ``000_mask.png``, unless a name differs only in case: ``A_mask.png`` is A's, ``a_mask.png`` a's)."""
+    files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+    return {p.name.lower(): p for p in files} | {p.name: p for p in files}
 
 
 def _mask_names(img: Path) -> list[str]:
     """Names a defect image's mask goes by, in order: MVTec AD's ``<stem>_mask.png``, then the
     ``<stem>.png`` of datasets laid out like it (BTAD, VisA's MVTec-style split), then either with
     the image's own extension (``<stem>_mask.bmp``)."""
-    stem, ext = img.stem.lower(), img.suffix.lower()
-    return list(dict.fromkeys([f"{stem}_mask.png", f"{stem}.png", f"{stem}_mask{ext}", f"{stem}{ext}"]))
+    names = [f"{img.stem}_mask.png", f"{img.stem}.png", f"{img.stem}_mask{img.suffix}", f"{img.stem}{img.suffix}"]
+    return list(dict.fromkeys(names + [n.lower() for n in names]))   # exact spelling first
 
 
 def list_test_samples(root: Path, category: str) -> list[Sample]:

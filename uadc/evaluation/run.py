@@ -22,7 +22,7 @@ from uadc.data.mvtec import ImageDataset
 from uadc.data.prepare import RecipeData, prepare_data
 from uadc.evaluation import metrics
 from uadc.models import KDModel
-from uadc.training.checkpoint import checkpoint_path, load_checkpoint
+from uadc.training.checkpoint import checkpoint_path, judged_categories, load_checkpoint
 
 # images (N,3,H,W) float32 normalised -> (anomaly maps (N,H,W), scores (N,))
 Predictor = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -159,8 +159,9 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
     with torch_threads(recipe.train.threads):
         model, blob = load_checkpoint(ckpt, recipe)
         data = prepare_data(recipe)
-        kinds = {c: [s.defect for s in ds.samples] for c, ds in data.tests.items()}
-        result = evaluate(torch_predictor(model), test_arrays(data), recipe.eval.batch_size, defects=kinds)
+        cats = judged_categories(blob, data.categories, ckpt)     # a one-class model: its own category
+        kinds = {c: [s.defect for s in ds.samples] for c, ds in data.tests.items() if c in cats}
+        result = evaluate(torch_predictor(model), test_arrays(data, cats), recipe.eval.batch_size, defects=kinds)
     history = blob.get("history", [])
     one_class = bool(blob.get("one_class"))
     result.extra = {"checkpoint": str(ckpt), "recipe_hash": recipe.hash, "train_seconds": blob.get("train_seconds"),
@@ -169,7 +170,8 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
                     "learning_curve": [{"epoch": h["epoch"], "train_seconds": _seconds_until(history, h["epoch"]),
                                         "mean": h["test"]["mean"], "categories": h["test"]["categories"]}
                                        for h in history if "test" in h]}
-    if write and not one_class:   # eval.json is the unified model's: the one-class comparison reads it
+    own = ckpt.resolve() == checkpoint_path(recipe, artifacts).resolve()
+    if write and own and not one_class:   # eval.json is the recipe's own model's: the one-class comparison reads it
         result.path = atomic_write_json(recipe.artifact_dir(artifacts) / EVAL_FILE, result.to_dict())
     return result
 

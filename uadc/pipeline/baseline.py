@@ -32,7 +32,7 @@ from uadc.models import KDModel
 from uadc.models.heads import ImageKNN
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
 from uadc.quant.calibrate import calibration_images
-from uadc.training.checkpoint import checkpoint_path, load_checkpoint
+from uadc.training.checkpoint import checkpoint_path, judged_categories, load_checkpoint
 from uadc.verify.polygraphy_compare import TorchCpuRunner, compare, ort_runner
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,9 @@ class Baseline:
     # -- data --------------------------------------------------------------------------------
     @cached_property
     def data(self) -> RecipeData:
-        return prepare_data(self.recipe)
+        data = prepare_data(self.recipe)
+        judged_categories(self.blob, data.categories, self.checkpoint, subset=False)
+        return data
 
     @cached_property
     def test_arrays(self) -> dict[str, tuple]:

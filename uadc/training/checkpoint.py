@@ -165,6 +165,17 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
     return model, blob
 
 
+def judged_categories(blob: dict, categories: list[str], path: Path | None, subset: bool = True) -> list[str]:
+    """The recipe's categories a checkpoint is judged on: a one-class model's own (with ``subset``;
+    else they must be the recipe's). Judged on all, it gave figures, or compiled thresholds, for
+    products it never saw (or failed at the manifest after all the work)."""
+    own = list(blob.get("categories") or []) if blob.get("one_class") else list(categories)
+    if sorted(own) != sorted(categories) and not (subset and set(own) <= set(categories)):
+        raise UadcError(f"checkpoint {path} is the one-class model of {own}, the recipe covers {sorted(categories)}: "
+                        f"use `uadc eval --one-class`, or a recipe whose data.sources list only {own}")
+    return own
+
+
 def _warn_knn_scale(trained: Recipe, recipe: Recipe, path: Path) -> None:
     """The kNN terms were scaled to the score / map of the head the checkpoint trained with: under
     another head setting their weight is not the recipe's (a silent ~7 % on the reviewer's case)."""

@@ -100,7 +100,7 @@ def run_plan(plan: Plan, artifacts: Path, out: Path, *, address: str | None = No
         records = run_on_ray(plan, out, artifacts, address, num_cpus, done, note)
     reused = sum(1 for r in records if r.get("reused"))
     if table:
-        t = write_table(plan, records, out, plot=reused < len(records) or not (out / "pareto.png").is_file())
+        t = write_table(plan, records, out)
     else:
         t = {"rows": records, "best": {}, "pareto": [], "files": {}, "markdown": ""}
     failed = sum(1 for r in records if r["status"] != "ok")

@@ -10,7 +10,7 @@ import io
 import logging
 from pathlib import Path
 
-from uadc.core.io import atomic_save, atomic_write_json, atomic_write_text
+from uadc.core.io import atomic_save, atomic_write_json, atomic_write_text, to_json
 from uadc.pipeline.sweep.plan import Plan
 from uadc.report.markdown import signed
 
@@ -64,20 +64,30 @@ def pareto_front(rows: list[dict]) -> list[str]:
     return front
 
 
-def write_table(plan: Plan, records: list[dict], out: Path, plot: bool = True) -> dict:
-    """The table files; ``plot=False`` keeps an existing pareto.png (same records, same plot)."""
+def write_table(plan: Plan, records: list[dict], out: Path) -> dict:
+    """The table files; pareto.png is redrawn unless sweep.json already holds this very table (a
+    rerun that reused every cell of the same grid keeps its files byte-identical)."""
     rows = make_rows(plan, records)
     best, front = best_cells(rows), pareto_front(rows)
     md = render_markdown(plan.name, rows, best, front)
     files = {"json": out / "sweep.json", "markdown": out / "sweep.md", "csv": out / "sweep.csv"}
-    atomic_write_json(files["json"], {"name": plan.name, "cells": rows, "best": best, "pareto": front,
-                                      "failed": [r["cell"] for r in rows if r["status"] != "ok"]})
+    doc = {"name": plan.name, "cells": rows, "best": best, "pareto": front,
+           "failed": [r["cell"] for r in rows if r["status"] != "ok"]}
+    plot = not (out / "pareto.png").is_file() or _previous(files["json"]) != to_json(doc)
+    atomic_write_json(files["json"], doc)
     atomic_write_text(files["markdown"], md + "\n")
     atomic_write_text(files["csv"], _csv(rows))
     png = write_pareto_png(rows, front, out / "pareto.png", plan.name) if plot else out / "pareto.png"
     if png:
         files["pareto"] = png
     return {"rows": rows, "best": best, "pareto": front, "files": files, "markdown": md}
+
+
+def _previous(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _csv(rows: list[dict]) -> str:
