@@ -171,3 +171,13 @@ def test_onnx_nodes_tagged_by_partition(exported):
         assert node.op_type in {"Shape", "Gather", "Concat", "Unsqueeze", "Squeeze", "Reshape",
                                 "Constant", "Slice", "Cast"}, (node.op_type, scopes)
     assert seen == PARTITIONS
+
+
+def test_a_batch_of_one_image_at_a_1x1_bottleneck_is_one_line(recipe_factory, tmp_path):
+    """RD at 32 px with batch_size 1 (or train_limit 1) ended in torch's batch-norm traceback."""
+    import uadc
+    r = recipe_factory(data={"image_size": 32}, model={"method": "rd", "taps": None},
+                       train={"epochs": 1, "batch_size": 1, "threads": 1})
+    with pytest.raises(uadc.UadcError, match=r"batches of 1 image reach a 1x1 feature map.*raise train.batch_size"):
+        uadc.train(r, artifacts=tmp_path / "a")
+    assert not (tmp_path / "a" / "tiny" / "checkpoint.pt").exists()

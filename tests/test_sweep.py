@@ -217,6 +217,22 @@ def test_a_ray_uadc_starts_leaves_the_process_as_it_was(tiny, tmp_path):
     assert dict(os.environ) == env and sys.excepthook is hook and random.getstate() == state
 
 
+@needs_ray
+def test_an_address_where_nothing_answers_is_one_line_not_a_hang(tiny, tmp_path):
+    """`--address 127.0.0.1:1` hung for ever: Ray retries its connection and never raises."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]               # free, and closed once the block ends
+    d, recipe = tiny
+    res = CliRunner().invoke(main, ["sweep", str(_sweep_file(tmp_path, recipe)), "--artifacts", str(d / "art"),
+                                    "--out", str(tmp_path / "o"), "--address", f"127.0.0.1:{port}"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip() == f"error: cannot connect to the Ray cluster at 127.0.0.1:{port}: nothing answers " \
+                                 f"there ({res.stderr.split('there (')[1].strip()}"
+    assert not (tmp_path / "o" / "sweep.json").exists()
+
+
 def test_without_ray_one_line_install_hint(tiny, tmp_path, monkeypatch):
     d, recipe = tiny
     monkeypatch.setitem(sys.modules, "ray", None)   # import ray -> ImportError

@@ -478,14 +478,15 @@ def recipes() -> None:
 
 @recipes.command("list")
 def recipes_list() -> None:
-    """Name, what it is, and whether its data is found here."""
+    """Name, what it is, and whether its data (and weights file) is found here."""
     from uadc.config.packaged import packaged_recipes
     from uadc.config.recipe import load_recipe
     for p in packaged_recipes():
         try:
-            roots = [(i, Path(s.root)) for i, s in enumerate(load_recipe(p.path).data.sources)]
-            missing = [f"data.sources[{i}].root" for i, root in roots if not root.is_dir()]
-            state = f"data missing: set {', '.join(missing)}" if missing else "data found"
+            r = load_recipe(p.path)
+            missing = [f"data.sources[{i}].root" for i, s in enumerate(r.data.sources) if not Path(s.root).is_dir()]
+            missing += ["model.weights"] if r.model.weights and not Path(r.model.weights).is_file() else []
+            state = f"files missing: set {', '.join(missing)}" if missing else "data found"
         except UadcError as exc:
             state = f"needs edits: {exc}"
         click.echo(f"{p.name:<24} {p.summary}  [{state}]")

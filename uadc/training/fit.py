@@ -71,8 +71,16 @@ def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: s
             idx = perm[b * bs:(b + 1) * bs]
             x = images[idx]
             tf = [f[idx] for f in t_cache] if t_cache is not None else model.teacher_features(x)
-            sf = model.student_features(x, tf)
-            loss = dcam(model, tf, sf) if dcam is not None else model.loss(tf, sf)
+            try:
+                sf = model.student_features(x, tf)
+                loss = dcam(model, tf, sf) if dcam is not None else model.loss(tf, sf)
+            except ValueError as exc:   # batch normalisation of one value per channel (torch's own traceback)
+                bar.close()
+                if "more than 1 value per channel" not in str(exc):
+                    raise
+                raise UadcError(f"training batches of {len(idx)} image reach a 1x1 feature map, which batch "
+                                f"normalisation cannot train on: raise train.batch_size (or data.image_size, or "
+                                f"give more training images)") from None
             if not torch.isfinite(loss):
                 bar.close()
                 raise UadcError(f"training diverged: the loss is {loss.item()} at epoch {epoch + 1}, step {b + 1} "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +45,7 @@ def run_on_ray(plan: Plan, out: Path, artifacts: Path, address: str | None, num_
             return _run(ray, plan, out, artifacts, done, on_record)
         # "local": a new instance of our own even when `ray start` runs on this machine
         kwargs = {"address": address} if address else {"address": "local", "num_cpus": num_cpus or os.cpu_count()}
+        _check_answers(address)
         try:
             with quiet_third_party():   # Ray's start-up notes (token authentication, ...) under --verbose
                 ray.init(**kwargs, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
@@ -54,6 +56,19 @@ def run_on_ray(plan: Plan, out: Path, artifacts: Path, address: str | None, num_
             return _run(ray, plan, out, artifacts, done, on_record)
         finally:
             ray.shutdown()
+
+
+def _check_answers(address: str | None, timeout: float = 5.0) -> None:
+    """A ``host:port`` where nothing listens: Ray retried its connection for ever (the command hung,
+    its log lines on stderr), so ask the port once first."""
+    host, _, port = (address or "").removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():   # auto, local, or one Ray parses and refuses itself
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError, OverflowError) as exc:
+        raise UadcError(f"cannot connect to the Ray cluster at {address}: nothing answers there "
+                        f"({C.one_line(exc) or type(exc).__name__})") from None
 
 
 def _run(ray, plan: Plan, out: Path, artifacts: Path, done: dict[int, dict],
