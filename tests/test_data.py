@@ -222,3 +222,10 @@ def test_a_camera_jpeg_rotated_by_its_exif_tag_is_read_as_displayed(tmp_path):
     im.save(tmp_path / "cam.jpg", exif=exif, quality=100)
     up = load_image(tmp_path / "cam.jpg", 32)
     assert up[:4].mean() > 0.9 and up[-4:].mean() < 0.1   # the bright edge is on top, as displayed
+
+
+def test_one_folder_under_two_category_names_is_refused(data):
+    """`data/link` -> `data/a` was trained on and judged twice (both in the mean), without a word."""
+    os.symlink(data / "a", data / "link")
+    with pytest.raises(UadcError, match=r"categories 'a' and 'link' are the same folder"):
+        resolve_sources([{"root": str(data), "categories": None}])

@@ -161,6 +161,10 @@ def test_explicit_validation_folder_and_no_split(recipe_factory, tiny_data):
         prepare_data(load_recipe(recipe_factory("all", data={"val": [{"category": "gray", "folder": str(train_good)}]})))
     none = prepare_data(load_recipe(recipe_factory("none", data={"val_fraction": 0.0})))
     assert all(len(ds) == 0 for ds in none.val.values()) and len(none.train) == 32
+    # one folder listed twice (spelt another way): its normals counted twice, the small-sample warning silenced
+    twice = [{"category": "stripes", "folder": folder}, {"category": "stripes", "folder": folder + "/."}]
+    with pytest.raises(UadcError, match=r"data.val\[1\]: folder .* is data.val\[0\]'s too"):
+        prepare_data(load_recipe(recipe_factory("twice", data={"val": twice})))
     with pytest.raises(UadcError, match="data.val: category 'nope'"):
         prepare_data(load_recipe(recipe_factory("bad", data={"val": [{"category": "nope", "folder": folder}]})))
     with pytest.raises(UadcError, match="data.val_fraction"):

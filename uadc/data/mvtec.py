@@ -128,7 +128,7 @@ def list_test_samples(root: Path, category: str) -> list[Sample]:
 
 def resolve_sources(sources: Sequence[dict]) -> list[tuple[Path, str]]:
     """(root, category) pairs from recipe ``data.sources``; duplicate category names are errors."""
-    pairs, seen = [], {}
+    pairs, seen, folders = [], {}, {}
     for i, src in enumerate(sources):
         root = Path(src["root"])
         if not root.is_dir():
@@ -144,6 +144,11 @@ def resolve_sources(sources: Sequence[dict]) -> list[tuple[Path, str]]:
             if c in seen:
                 raise UadcError(f"category {c!r} appears twice (in {seen[c]} and {root})")
             seen[c] = root
+            real = (root / c).resolve()   # a link (or another root) reaching a category already listed
+            if real in folders:
+                raise UadcError(f"categories {folders[real]!r} and {c!r} are the same folder ({real}): its images "
+                                f"would be trained on and judged twice")
+            folders[real] = c
             pairs.append((root, c))
     return pairs
 

@@ -34,7 +34,12 @@ def validation_samples(recipe: Recipe, pairs: list[tuple[Path, str]]) -> dict[st
     ``data.val_fraction`` share of the category's train/good images."""
     explicit: dict[str, list[Sample]] = {}
     known = {c for _, c in pairs}
-    for v in recipe.data.val or []:
+    listed: dict[Path, int] = {}
+    for i, v in enumerate(recipe.data.val or []):
+        real = Path(v.folder).resolve()
+        if real in listed:   # its normals counted twice: thresholds on a doubled sample, the small-sample warning off
+            raise UadcError(f"data.val[{i}]: folder {v.folder} is data.val[{listed[real]}]'s too")
+        listed[real] = i
         if v.category in known:
             explicit.setdefault(v.category, []).extend(list_folder_samples(Path(v.folder), v.category))
     out = {}
