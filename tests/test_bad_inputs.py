@@ -137,3 +137,8 @@ def test_image_and_mask_modes(tmp_path):
     Image.fromarray(mask).save(tmp_path / "m.png")
     s = Sample(tmp_path / "i16.png", "c", "blob", tmp_path / "m.png")
     assert load_mask(s, 32).sum() == 25
+    # label masks (0/2, 0/100, 0/1/2): any non-zero value; they were "marks no pixel" errors
+    mask[20:22, 20:30] = 2
+    for scale in (1, 50):
+        Image.fromarray(mask * scale).save(tmp_path / "m.png")
+        assert load_mask(s, 32).sum() == 45

@@ -229,3 +229,12 @@ def test_one_folder_under_two_category_names_is_refused(data):
     os.symlink(data / "a", data / "link")
     with pytest.raises(UadcError, match=r"categories 'a' and 'link' are the same folder"):
         resolve_sources([{"root": str(data), "categories": None}])
+
+
+def test_images_of_types_not_read_are_named_in_a_warning(data, caplog):
+    """`.webp` / `.gif` images were left out of training and test without a word."""
+    good = data / "a" / "train" / "good"
+    Image.open(good / "000.png").save(good / "x.gif")
+    Image.open(good / "001.png").save(good / "y.webp")
+    train = build_train_set([(data, "a")], 32, NORM)
+    assert len(train) == 3 and "its .gif / .webp images are not read (uadc reads .png" in caplog.text

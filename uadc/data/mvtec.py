@@ -40,10 +40,17 @@ class Sample:
         return 0 if self.defect == "good" else 1
 
 
+_OTHER_IMAGE_EXTS = frozenset((".webp", ".gif", ".avif", ".heic", ".heif", ".jp2", ".pgm", ".ppm", ".pnm", ".ico",
+                               ".tga", ".jxl"))
+
+
 def _images(folder: Path) -> list[Path]:
     """The images directly in ``folder`` (the MVTec layout); images in its subfolders (one per camera,
     a copy nested one level too deep) are not read, and a warning counts them."""
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not is_hidden(p.name))
+    other = sorted({p.suffix.lower() for p in folder.iterdir() if p.suffix.lower() in _OTHER_IMAGE_EXTS})
+    if other:   # .webp / .gif images were left out of training and test without a word
+        log.warning("%s: its %s images are not read (uadc reads %s)", folder, " / ".join(other), " ".join(IMAGE_EXTS))
     nested = sum(1 for p in folder.rglob("*") if p.parent != folder and p.suffix.lower() in IMAGE_EXTS
                  and not any(is_hidden(x) for x in p.relative_to(folder).parts))
     if nested:
@@ -174,8 +181,9 @@ def load_mask(sample: Sample, size: int) -> np.ndarray:
         if m.size != (size, size):
             m = m.resize((size, size), Image.NEAREST)
         a = np.asarray(m)
-        # masks stored as 0/1 (not 0/255) are binary too: an 8-bit threshold would empty them
-        return (a > (0 if a.max() == 1 else 127)).astype(np.float32)
+        # masks stored as 0/1, 0/2 or 0/100 (label or index masks, not 0/255) mark their defect with any
+        # non-zero value: an 8-bit threshold would empty them; 0/255 ones keep it (JPEG noise near 0)
+        return (a > (0 if a.max() < 128 else 127)).astype(np.float32)
 
 
 class ImageDataset(Dataset):
