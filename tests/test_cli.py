@@ -177,3 +177,13 @@ def test_readme_command_synopsis_lists_every_option():
                 missing.extend(f"{path} {o}" for o in p.opts if o.startswith("--") and o not in line)
     walk(main, "uadc")
     assert missing == []
+
+
+def test_a_checkpoint_path_that_cannot_be_written_fails_before_training(recipe_factory, tmp_path, monkeypatch):
+    """A folder where checkpoint.pt goes: the whole training ran, then `cannot write ...: Is a directory`."""
+    import uadc.training.run as run
+    art = tmp_path / "art"
+    (art / "tiny" / "checkpoint.pt").mkdir(parents=True)
+    monkeypatch.setattr(run, "load_images", lambda *a: pytest.fail("the training started"))
+    res = CliRunner().invoke(main, ["train", str(recipe_factory(train={"epochs": 1})), "--artifacts", str(art)])
+    assert res.exit_code == 2 and "something other than a file is there" in res.output, res.output
