@@ -19,6 +19,8 @@ batch split across the cores for more), reference included.
 
 from __future__ import annotations
 
+from bench import as_script, positive, summary
+
 import argparse
 import json
 import tempfile
@@ -134,12 +136,12 @@ def _measure(folder: Path, batch: int, threads: int, cycles: int, runs: int, pee
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=summary(__doc__))
     ap.add_argument("folder", type=Path, help="<artifacts>/<recipe>: holds ort-cpu-fp32/ and the artifacts to time")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cycles", type=int, default=8)
-    ap.add_argument("--runs", type=int, default=None, help="runs per block (default 30 at batch 1, 8 above)")
+    ap.add_argument("--batch", type=positive, default=1)
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--cycles", type=positive, default=8)
+    ap.add_argument("--runs", type=positive, default=None, help="runs per block (default 30 at batch 1, 8 above)")
     ap.add_argument("--peers", action="store_true", help="add OpenVINO's defaults on the reference ONNX (a peer)")
     ap.add_argument("--nncf", action="store_true",
                     help="add OpenVINO + NNCF INT8 (NNCF's defaults) on the reference ONNX (a peer; latency only)")
@@ -147,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="add each ONNX Runtime artifact as uadc's runtime runs it (uadc.backends.parallel, auto)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
-    res = measure(a.folder, a.batch, a.threads, a.cycles, a.runs or (30 if a.batch == 1 else 8), a.peers,
+    if a.json and not a.json.parent.is_dir():   # before the timing, not after it
+        ap.error(f"--json {a.json}: no folder {a.json.parent}")
+    res = measure(a.folder, a.batch, a.threads, a.cycles, a.runs if a.runs is not None else (30 if a.batch == 1 else 8), a.peers,
                   a.scheduled, a.nncf)
     print(f"| artifact (batch {a.batch}, {a.threads} threads) | runtime | p50 ms | × ORT FP32 (paired) | min–max |")
     print("|---|---|---:|---:|---|")
@@ -161,4 +165,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    as_script(main)

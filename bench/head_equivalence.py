@@ -18,6 +18,8 @@ Writes ``head_equivalence.json`` and ``head_equivalence.md`` to ``--out`` (defau
 
 from __future__ import annotations
 
+from bench import as_script, summary
+
 import argparse
 import copy
 import json
@@ -152,7 +154,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=summary(__doc__))
     ap.add_argument("--recipe", default="recipes/stfpm_effnet_lite0.yaml")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     ap.add_argument("--out", type=Path, default=None)
@@ -178,4 +180,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    as_script(main)

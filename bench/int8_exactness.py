@@ -17,6 +17,8 @@ paired ratios exact / default: what taking the exact path would cost on this CPU
 
 from __future__ import annotations
 
+from bench import as_script, summary
+
 import argparse
 import json
 from pathlib import Path
@@ -77,7 +79,7 @@ def paired_latency(model: Path, threads: int, batch: int, size: int, cycles: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.int8_exactness", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.int8_exactness", description=summary(__doc__))
     ap.add_argument("recipe")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     ap.add_argument("--threads", type=int, default=2)
@@ -87,18 +89,20 @@ def main(argv: list[str] | None = None) -> None:
     from uadc.config.recipe import load_recipe
     from uadc.data.prepare import prepare_data
     from uadc.evaluation.run import test_arrays
+    from uadc.core.errors import UadcError
     recipe = load_recipe(args.recipe)
-    arrays = test_arrays(prepare_data(recipe))
     folder = recipe.artifact_dir(args.artifacts)
+    reports = [r for r in sorted(folder.glob("*/report.json")) if (r.parent / "model.onnx").is_file()
+               and (d := json.loads(r.read_text())).get("runtime") == "onnxruntime" and d.get("precision") == "int8"]
+    if not reports:   # it printed nothing and exited 0
+        raise UadcError(f"no ONNX Runtime INT8 artifact under {folder} (uadc compile {args.recipe} --target ort-cpu-int8)")
+    arrays = test_arrays(prepare_data(recipe))
     fp32 = folder / "ort-cpu-fp32" / "model.onnx"
     reference = None
     if fp32.is_file():
         reference = np.concatenate([v[1] for v in _scores(fp32, arrays, args.threads, None).values()])
-    for report in sorted(folder.glob("*/report.json")):
-        d = json.loads(report.read_text())
+    for report in reports:
         model = report.parent / "model.onnx"
-        if d.get("runtime") != "onnxruntime" or d.get("precision") != "int8" or not model.is_file():
-            continue
         calib = report.parent / "calibration.json"
         bits = json.loads(calib.read_text()).get("weight_bits", 8) if calib.is_file() else None
         row = {"artifact": report.parent.name, "weight_bits": bits}
@@ -109,4 +113,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    as_script(main)

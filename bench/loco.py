@@ -15,6 +15,8 @@ Writes ``loco.md`` and ``loco.json`` (same numbers) to ``--out``.
 
 from __future__ import annotations
 
+from bench import as_script
+
 import datetime as _dt
 import shlex
 import sys
@@ -307,4 +309,4 @@ def main(recipe: Path, data: Path, artifacts: Path, out: Path | None, epochs: in
 
 
 if __name__ == "__main__":
-    main()
+    as_script(main)

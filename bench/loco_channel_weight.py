@@ -16,6 +16,8 @@ Writes ``loco_channel_weight.json`` / ``.md``.
 
 from __future__ import annotations
 
+from bench import as_script, summary
+
 import argparse
 import sys
 
@@ -93,7 +95,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=summary(__doc__))
     add_checkpoint_args(ap, "loco_channel_weight")
     ap.add_argument("--alphas", default="0.5,1,2,3,4", help="comma-separated exponents (0, off, is always in)")
     a = ap.parse_args(argv)
@@ -118,4 +120,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    as_script(main)

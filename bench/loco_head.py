@@ -19,6 +19,8 @@ recipe's setting must be in the grid (checked). Writes ``loco_head.json`` / ``lo
 
 from __future__ import annotations
 
+from bench import as_script, summary
+
 import argparse
 import itertools
 import sys
@@ -107,7 +109,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=summary(__doc__))
     ap.add_argument("--recipe", default="recipes/stfpm_effnet_lite0.yaml")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     ap.add_argument("--out", type=Path, default=None, help="default <artifacts>/<recipe>/loco_head")
@@ -120,8 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda m: print(f"[loco_head] {m}", file=sys.stderr, flush=True)  # noqa: E731
     try:
         recipe, ckpt = trained_checkpoint(a.recipe, a.artifacts)
-        sigmas, topk = [float(v) for v in a.sigmas.split(",")], [float(v) for v in a.topk.split(",")]
+        try:
+            sigmas, topk = [float(v) for v in a.sigmas.split(",")], [float(v) for v in a.topk.split(",")]
+        except ValueError as exc:
+            raise UadcError(f"--sigmas / --topk: comma-separated numbers ({exc})") from None
         default = recipe_setting(recipe)
+        if default["sigma"] not in sigmas or default["topk"] is not None and default["topk"] not in topk:
+            raise UadcError(f"the recipe's setting {key(default)} is not in the grid (add its sigma / top-k)")
         with torch_threads(a.threads):
             maps = layer_maps(recipe, ckpt)
             settings, res = grid(maps, sigmas, topk, log)
@@ -143,4 +150,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    as_script(main)

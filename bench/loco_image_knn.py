@@ -19,6 +19,8 @@ mean over every category, what a recipe would adopt. Writes ``loco_image_knn.jso
 
 from __future__ import annotations
 
+from bench import as_script, summary
+
 import argparse
 import itertools
 import sys
@@ -124,7 +126,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=summary(__doc__))
     ap.add_argument("--recipe", default="recipes/stfpm_effnet_lite0.yaml")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the recipe's")
@@ -161,4 +163,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    as_script(main)

@@ -20,6 +20,8 @@ image score, which would leave image AUROC as it is off). Writes ``loco_patch_kn
 
 from __future__ import annotations
 
+from bench import as_script, summary
+
 import argparse
 import sys
 from pathlib import Path
@@ -136,7 +138,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=summary(__doc__))
     add_checkpoint_args(ap, "loco_patch_knn")
     ap.add_argument("--taps", default="blocks.10,blocks.10+blocks.14,blocks.4+blocks.10",
                     help="comma-separated tap sets, taps in a set joined by +")
@@ -171,4 +173,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    as_script(main)

@@ -15,6 +15,8 @@ so an interrupted run keeps what finished.
 
 from __future__ import annotations
 
+from bench import as_script
+
 import datetime as _dt
 import shlex
 import sys
@@ -189,4 +191,4 @@ def main(recipe: Path, data: Path, grid: Path, artifacts: Path, out: Path | None
 
 
 if __name__ == "__main__":
-    main()
+    as_script(main)

@@ -543,6 +543,8 @@ def main(recipes: str, data_recipe_dir: Path, artifacts: Path, out: Path | None,
          skip_one_class: bool, skip_qat: bool, threads: int | None, quick: bool, latency_runs: int | None) -> None:
     """Reproduce the seed paper's Tables 2, 4, 5-7 and figures on this project's data."""
     names = [n.strip() for n in recipes.split(",") if n.strip()]
+    if not names:   # an IndexError deep in the run
+        raise click.BadParameter("no recipe given", param_hint="--recipes")
     command = "python -m bench.paper_tables " + shlex.join(sys.argv[1:])
     try:
         opts = BenchOptions(epochs_scale=epochs_scale, one_class=not skip_one_class, qat=not skip_qat,

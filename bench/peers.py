@@ -27,6 +27,8 @@ NNCF, OpenVINO and matplotlib are bench dependencies (``pip install 'uadc[bench]
 
 from __future__ import annotations
 
+from bench import as_script, summary
+
 import argparse
 import json
 import subprocess
@@ -254,7 +256,7 @@ def plot(result: dict, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     import os
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=summary(__doc__))
     ap.add_argument("--recipes", default="recipes/stfpm_effnet_lite0.yaml",
                     help="comma-separated recipes, one per input size (each needs its checkpoint)")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
@@ -293,4 +295,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    as_script(main)

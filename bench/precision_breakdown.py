@@ -13,6 +13,8 @@ FP32 and in INT8, the precision chosen and why) and prints, in Markdown:
 
 from __future__ import annotations
 
+from bench import as_script, summary
+
 import argparse
 import json
 from collections import defaultdict
@@ -72,7 +74,7 @@ def markdown(name: str, b: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.precision_breakdown", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.precision_breakdown", description=summary(__doc__))
     ap.add_argument("artifacts", nargs="+", type=Path, help="artifact folders compiled with precision auto")
     ap.add_argument("--json", action="store_true", help="one JSON object per artifact instead of Markdown")
     args = ap.parse_args(argv)
@@ -88,4 +90,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    as_script(main)

@@ -13,6 +13,8 @@ counts; exit 1 on any difference.
 
 from __future__ import annotations
 
+from bench import as_script, summary
+
 import argparse
 import subprocess
 import sys
@@ -36,7 +38,7 @@ def _polygraphy_labels(model: Path, images: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=summary(__doc__))
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--recipe", default="recipes/stfpm_effnet_lite0.yaml")
     a = ap.parse_args(argv)
@@ -48,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     det = Detector.load(a.artifact)
     if not det.manifest.postprocess:
         print(f"error: {a.artifact} has no in-graph post-processing (compile with --postprocess)", file=sys.stderr)
+        return 2
+    missing = sorted({c for _, c in resolve_sources([s.model_dump() for s in recipe.data.sources])}
+                     - set(det.manifest.postprocess["category_index"]))
+    if missing:   # a KeyError after the first polygraphy run
+        print(f"error: {a.artifact} has no category {missing[0]!r} of recipe {a.recipe}: give its own with --recipe",
+              file=sys.stderr)
         return 2
     sess = make_session(a.artifact / "model.onnx")
     same = same_cat = total = 0
@@ -68,4 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    as_script(main)

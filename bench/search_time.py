@@ -14,6 +14,8 @@ writes the search's record to ``DIR/report.json`` for ``python -m bench.precisio
 
 from __future__ import annotations
 
+from bench import as_script, summary
+
 import argparse
 import json
 import time
@@ -21,7 +23,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.search_time", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.search_time", description=summary(__doc__))
     ap.add_argument("recipe")
     ap.add_argument("--artifacts", type=Path, default=None, help="artifacts root (default ./artifacts)")
     ap.add_argument("--target", default="ort-cpu-int8")
@@ -62,4 +64,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    as_script(main)

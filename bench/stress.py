@@ -9,6 +9,8 @@ line. Prints a one-line summary per run and exits 1 on any broken promise.
 
 from __future__ import annotations
 
+from bench import as_script
+
 import argparse
 import json
 import os
@@ -173,4 +175,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    as_script(main)

@@ -18,6 +18,8 @@ image / pixel AUROC is identical across the runs (mismatches are listed, never h
 
 from __future__ import annotations
 
+from bench import as_script
+
 import datetime as _dt
 import json
 import os
@@ -292,4 +294,4 @@ def main(sweep: Path, checkpoint: Path | None, out: Path, order: str, num_cpus: 
 
 
 if __name__ == "__main__":
-    main()
+    as_script(main)

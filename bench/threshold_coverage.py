@@ -13,6 +13,8 @@ true false-alarm rate, mean and 95th percentile over the draws. No model, no dat
 
 from __future__ import annotations
 
+from bench import as_script, summary
+
 import argparse
 import json
 import math
@@ -67,7 +69,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=summary(__doc__))
     ap.add_argument("--draws", type=int, default=1000)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args(argv)
@@ -82,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    as_script(main)

@@ -13,6 +13,8 @@ the answer decides whether a fusion pass is worth writing.
 
 from __future__ import annotations
 
+from bench import as_script, summary
+
 import argparse
 import json
 import sys
@@ -127,7 +129,7 @@ def paired(sessions: dict, x: np.ndarray, cycles: int, runs: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=summary(__doc__))
     ap.add_argument("--recipe", default="recipes/stfpm_effnet_lite0.yaml")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     ap.add_argument("--batches", default="1,8")
@@ -176,4 +178,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    as_script(main)

@@ -18,6 +18,8 @@ Writes ``unified_table.md`` and ``unified_table.json`` (same numbers) to ``--out
 
 from __future__ import annotations
 
+from bench import as_script
+
 import collections
 import datetime as _dt
 import json
@@ -66,7 +68,7 @@ def variant_recipes(recipe: Recipe, opts: TableOptions, recipe_dir: Path = RECIP
         from bench.paper_tables import quick_overrides
         r, tag = r.with_overrides(**quick_overrides(recipe_dir)), "_quick"
     if opts.epochs:
-        r, tag = r.with_overrides(train={"epochs": opts.epochs}), f"_e{opts.epochs}"
+        r, tag = r.with_overrides(train={"epochs": opts.epochs}), f"{tag}_e{opts.epochs}"   # --quick --epochs: both
     if opts.threads:
         r = r.with_overrides(train={"threads": opts.threads})
     dcam = r.cfg["train"]["dcam"]
@@ -319,4 +321,4 @@ def main(recipe: Path, artifacts: Path, out: Path | None, epochs: int | None, qu
 
 
 if __name__ == "__main__":
-    main()
+    as_script(main)

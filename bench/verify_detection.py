@@ -20,6 +20,8 @@ golden test images for context (not used by the verdict). Writes ``verify_detect
 
 from __future__ import annotations
 
+from bench import as_script, summary
+
 import shutil
 import time
 from pathlib import Path
@@ -74,10 +76,11 @@ def _qat(recipe, base, art: Path, out: Path):
     return uadc.compile(base, "ort-cpu-int8", qat_model=qm, out=out, force=True, evaluate=False, latency_runs=1).path
 
 
-@click.command()
+@click.command(help=summary(__doc__))
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=Path("recipes/stfpm_effnet_lite0.yaml"))
 @click.option("--artifacts", type=click.Path(path_type=Path), default=None, help="artifacts root (checkpoint inside)")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results"))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results"),
+              help="folder for the result tables (verify_detection.md / .json)")
 @click.option("--reuse", is_flag=True, help="reuse case artifacts already in <artifacts>/<recipe>/verify_bench")
 def main(recipe_path: Path, artifacts: Path | None, out: Path, reuse: bool) -> None:
     t_all = time.time()
@@ -100,7 +103,9 @@ def main(recipe_path: Path, artifacts: Path | None, out: Path, reuse: bool) -> N
         click.echo("compiling identical rebuild ...", err=True)
         uadc.compile(rebuild, "ort-cpu-fp32", out=root / "rebuild", force=True, evaluate=False, latency_runs=1)
     cases.append(("identical rebuild (fresh export, FP32)", "PASS", root / "rebuild"))
-    cases.append(("student INT8 (recipe PTQ: minmax, mixed, 64)", "PASS", comp("int8", "ort-cpu-int8")))
+    c = recipe.compile
+    cases.append((f"student INT8 (recipe PTQ: {c.calibrator or 'minmax'}, {c.calib_data}, {c.calib_samples})", "PASS",
+                  comp("int8", "ort-cpu-int8")))
     click.echo("QAT ...", err=True)
     done = [p for p in (root / "qat", recipe.artifact_dir(artifacts) / "ort-cpu-int8-qat") if (p / "model.onnx").is_file()]
     qat = done[0] if reuse and done else _qat(recipe, base, artifacts, root / "qat")
@@ -170,4 +175,4 @@ def _markdown(rows: list[dict], budgets: dict, images: dict, seconds: float) -> 
 
 
 if __name__ == "__main__":
-    main()
+    as_script(main)

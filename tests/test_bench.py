@@ -207,3 +207,34 @@ def test_threshold_coverage_compares_both_rules_in_every_scenario(tmp_path, caps
     out = capsys.readouterr().out
     assert out.count("\n| ") == 1 + len(SCENARIOS) * len(SIZES)      # the header, then a row per category
     assert main(["--draws", "3"]) == 2
+
+
+def test_bench_scripts_user_mistakes_and_help(recipe_factory, tmp_path, capsys):
+    """Bench scripts: a UadcError was a traceback, `--cycles 0` numpy's, an empty artifacts folder printed
+    nothing and exited 0, `--help` showed the docstring's first line cut mid-sentence, `--quick --epochs N`
+    trained into the plain `--epochs N` folders."""
+    import importlib
+    from bench import as_script, summary
+    from bench import ab_latency, int8_exactness
+    from bench.unified_table import TableOptions, variant_recipes
+    from uadc.config.recipe import load_recipe
+
+    def boom():
+        raise UadcError("recipe not found: x.yaml")
+    with pytest.raises(SystemExit) as e:
+        as_script(boom)
+    assert e.value.code == 2 and capsys.readouterr().err == "error: recipe not found: x.yaml\n"
+    r = recipe_factory()
+    with pytest.raises(UadcError, match="no ONNX Runtime INT8 artifact under"):
+        int8_exactness.main([str(r), "--artifacts", str(tmp_path / "none")])
+    for bad in (["--cycles", "0"], ["--runs", "0"], ["--batch", "x"]):
+        with pytest.raises(SystemExit):
+            ab_latency.main([str(tmp_path), *bad])
+        assert "error: argument" in capsys.readouterr().err
+    for name in ("ab_latency", "threshold_coverage", "int8_exactness", "verify_detection", "peers"):
+        doc = summary(importlib.import_module(f"bench.{name}").__doc__)
+        assert doc.rstrip(")`").endswith((".", "?", ":")) and "\n" not in doc, (name, doc)
+    dcam = load_recipe(recipe_factory("d", train={"dcam": {"enabled": True}}))
+    plain, quick = ({k: v.name for k, v in variant_recipes(dcam, o).items()}
+                    for o in (TableOptions(epochs=1), TableOptions(epochs=1, quick=True)))
+    assert plain["dcam"] != quick["dcam"] and quick["dcam"].endswith("_quick_e1")
