@@ -137,6 +137,8 @@ def test_train_fits_it_and_the_exported_graph_scores_as_torch(tmp_path, tiny_dat
 def test_train_without_validation_normals_fails_before_training(tmp_path, tiny_data):
     import uadc
     recipe = _recipe(tmp_path, tiny_data, val_fraction=0.0, patch_knn={"weight": 1.0})
-    with pytest.raises(UadcError, match="model.patch_knn needs at least 2 validation normals"):
+    # the count and the categories (a one-class run said "set data.val_fraction > 0" when it was 0.1)
+    with pytest.raises(UadcError, match=r"model.patch_knn needs at least 2 validation normals to standardise its "
+                                        r"score, \S+ has 0: raise data.val_fraction"):
         uadc.train(recipe.path, artifacts=tmp_path / "art")
     assert not (tmp_path / "art" / "r" / "checkpoint.pt").exists()

@@ -123,9 +123,9 @@ def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, images: torch.
 def _knn_validation(data: RecipeData, cats: list[str], name: str) -> torch.Tensor:
     """The validation normals the kNNs standardise on; checked before any training."""
     sets = [data.val[c] for c in cats if c in data.val and len(data.val[c])]
-    if sum(len(s) for s in sets) < 2:
-        raise UadcError(f"model.{name} needs at least 2 validation normals to standardise its score: "
-                        "set data.val_fraction > 0 or give data.val")
+    if (n := sum(len(s) for s in sets)) < 2:   # one-class: one category's share of a small train/good
+        raise UadcError(f"model.{name} needs at least 2 validation normals to standardise its score, "
+                        f"{'/'.join(cats)} has {n}: raise data.val_fraction or give data.val")
     return load_images(ConcatDataset(sets), "validation normals")
 
 
