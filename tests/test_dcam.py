@@ -80,7 +80,7 @@ def test_recipe_keys_are_strict(recipe_factory):
         with pytest.raises(UadcError, match=msg):
             load_recipe(recipe_factory(train={"dcam": dcam}))
     with pytest.raises(UadcError, match="DCAM applies to stfpm, paste and rd, not 'us'"):
-        load_recipe(recipe_factory(model={"method": "us"}, train={"dcam": {"enabled": True}}))
+        load_recipe(recipe_factory(model={"method": "us", "taps": ["blocks.3"]}, train={"dcam": {"enabled": True}}))
 
 
 @pytest.mark.parametrize("model_cfg", [{"method": "paste", "split": "blocks.0"}, {"method": "rd"}],
