@@ -84,7 +84,7 @@ def test_cli_recipes_list_and_show():
     assert "[data found]" in demo
     # its data found, but no weights file: `uadc train stfpm_resnet18` stopped at once (listed "data found")
     resnet = next(line for line in res.output.splitlines() if line.startswith("stfpm_resnet18 "))
-    assert resnet.endswith("set model.weights]") or (ROOT / "weights" / "resnet18.pth").is_file()
+    assert resnet.endswith(" model.weights]") or (ROOT / "weights" / "resnet18.pth").is_file()
     # each summary is the header's first sentence, whole (it was the first comment line, cut mid-sentence)
     for r in packaged_recipes():
         assert r.summary.endswith((".", "!", "?")) and r.summary.count("(") == r.summary.count(")"), r.summary
