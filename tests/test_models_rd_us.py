@@ -181,3 +181,15 @@ def test_a_batch_of_one_image_at_a_1x1_bottleneck_is_one_line(recipe_factory, tm
     with pytest.raises(uadc.UadcError, match=r"batches of 1 image reach a 1x1 feature map.*raise train.batch_size"):
         uadc.train(r, artifacts=tmp_path / "a")
     assert not (tmp_path / "a" / "tiny" / "checkpoint.pt").exists()
+
+
+def test_the_epoch_line_names_what_each_discrepancy_is_for(recipe_factory, tmp_path, caplog):
+    """US logged "normal discrepancy per tap [a, b]" for one tap: the values are per student."""
+    import logging
+    import uadc
+    r = recipe_factory(data={"image_size": 32}, model={"method": "us", "taps": ["blocks.3"], "students": 2,
+                                                       "descriptor_dim": 16}, train={"epochs": 1, "threads": 1})
+    with caplog.at_level(logging.INFO, logger="uadc"):
+        uadc.train(r, artifacts=tmp_path / "a")
+    line = next(m for m in caplog.messages if ": epoch 1/1" in m)
+    assert "normal discrepancy per student [" in line and line.split("[")[1].count(",") == 1, line

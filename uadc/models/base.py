@@ -16,6 +16,7 @@ class KDModel(nn.Module):
     """
 
     method = "kd"
+    discrepancy_per = "tap"   # what each value of ``discrepancy`` is for (the training log names it)
 
     def __init__(self, teacher: nn.Module, student: nn.Module, head: nn.Module):
         super().__init__()

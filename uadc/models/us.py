@@ -185,6 +185,7 @@ def scalar_stats(chunks) -> tuple[float, float]:
 
 class UninformedStudents(KDModel):
     method = "us"
+    discrepancy_per = "student"   # its students all describe one tap
 
     def loss(self, t_feats, s_feats) -> torch.Tensor:
         return sum(F.mse_loss(s, t_feats[0]) for s in s_feats)
