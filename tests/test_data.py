@@ -87,6 +87,22 @@ def test_images_in_subfolders_of_train_good_are_named_in_a_warning(data, caplog)
         f"{good}: 2 images in its subfolders are not read (the MVTec layout keeps them directly in the folder)"]
 
 
+def test_subfolder_warning_is_given_once_per_folder_by_prepare_data(data, caplog):
+    """The validation split and the training set both listed train/good: the warning came twice."""
+    from uadc.config.recipe import load_recipe
+    from uadc.data.prepare import prepare_data
+
+    good = data / "a" / "train" / "good"
+    (good / "cam1").mkdir()
+    shutil.copy(good / "000.png", good / "cam1" / "x.png")
+    recipe = load_recipe({"data": {"sources": [{"root": str(data), "categories": ["a"]}], "image_size": 32},
+                          "model": {"backbone": "efficientnet_lite0", "taps": ["blocks.1"]}})
+    with caplog.at_level("WARNING", logger="uadc.data.mvtec"):
+        prepare_data(recipe)
+    assert [r.getMessage() for r in caplog.records if "subfolders" in r.getMessage()] == [
+        f"{good}: 1 image in its subfolders is not read (the MVTec layout keeps them directly in the folder)"]
+
+
 def test_normalisation(data):
     ds = build_train_set(resolve_sources([{"root": str(data), "categories": ["a"]}]), 16, NORM)
     x = ds[0]["image"].numpy()

@@ -54,8 +54,8 @@ def _images(folder: Path) -> list[Path]:
     nested = sum(1 for p in folder.rglob("*") if p.parent != folder and p.suffix.lower() in IMAGE_EXTS
                  and not any(is_hidden(x) for x in p.relative_to(folder).parts))
     if nested:
-        log.warning("%s: %d images in its subfolders are not read (the MVTec layout keeps them directly in "
-                    "the folder)", folder, nested)
+        log.warning("%s: %d image%s in its subfolders %s not read (the MVTec layout keeps them directly in "
+                    "the folder)", folder, nested, "s" * (nested != 1), "are" if nested != 1 else "is")
     return files
 
 
@@ -210,17 +210,18 @@ class ImageDataset(Dataset):
 
 
 def build_train_set(pairs: Sequence[tuple[Path, str]], image_size: int, norm: tuple, limit: int | None = None,
-                    exclude: frozenset[Path] = frozenset()) -> ImageDataset:
-    """Unified training set: the good images of every (root, category) together, minus ``exclude``
-    (the held-out validation normals)."""
+                    exclude: frozenset[Path] = frozenset(),
+                    listed: dict[str, list[Sample]] | None = None) -> ImageDataset:
+    """Unified training set: the good images of every (root, category) together (``listed`` where
+    the caller has listed them already), minus ``exclude`` (the held-out validation normals)."""
     samples = []
     held_out = {p.resolve() for p in exclude}      # one file however its path is spelt
     for root, cat in pairs:
-        listed = list_train_samples(root, cat)
-        kept = [s for s in listed if s.path.resolve() not in held_out][:limit]
+        found = listed[cat] if listed is not None else list_train_samples(root, cat)
+        kept = [s for s in found if s.path.resolve() not in held_out][:limit]
         if not kept:
             raise UadcError(f"category {cat!r} has no training images left: its validation normals (data.val) "
-                            f"are all {len(listed)} of its train/good images; give data.val a folder of other images")
+                            f"are all {len(found)} of its train/good images; give data.val a folder of other images")
         samples += kept
     return ImageDataset(samples, image_size, *norm)
 

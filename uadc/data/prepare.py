@@ -29,23 +29,23 @@ class RecipeData:
         return [c for _, c in self.pairs]
 
 
-def validation_samples(recipe: Recipe, pairs: list[tuple[Path, str]]) -> dict[str, list[Sample]]:
+def validation_samples(recipe: Recipe, pairs: list[tuple[Path, str]],
+                       listed: dict[str, list[Sample]]) -> dict[str, list[Sample]]:
     """category -> validation normals: ``data.val`` folders where given, else a seeded
-    ``data.val_fraction`` share of the category's train/good images."""
+    ``data.val_fraction`` share of the category's train/good images (``listed``)."""
     explicit: dict[str, list[Sample]] = {}
     known = {c for _, c in pairs}
-    listed: dict[Path, int] = {}
+    seen: dict[Path, int] = {}
     for i, v in enumerate(recipe.data.val or []):
         real = Path(v.folder).resolve()
-        if real in listed:   # its normals counted twice: thresholds on a doubled sample, the small-sample warning off
-            raise UadcError(f"data.val[{i}]: folder {v.folder} is data.val[{listed[real]}]'s too")
-        listed[real] = i
+        if real in seen:   # its normals counted twice: thresholds on a doubled sample, the small-sample warning off
+            raise UadcError(f"data.val[{i}]: folder {v.folder} is data.val[{seen[real]}]'s too")
+        seen[real] = i
         if v.category in known:
             explicit.setdefault(v.category, []).extend(list_folder_samples(Path(v.folder), v.category))
     out = {}
     for root, cat in pairs:
-        out[cat] = explicit.get(cat) or split_validation(list_train_samples(root, cat), recipe.data.val_fraction,
-                                                         recipe.seed)
+        out[cat] = explicit.get(cat) or split_validation(listed[cat], recipe.data.val_fraction, recipe.seed)
     return out
 
 
@@ -78,9 +78,10 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeD
         pairs = [p for p in pairs if p[1] in categories]
     norm = recipe.normalization()
     size = recipe.data.image_size
-    val_samples = validation_samples(recipe, pairs)
+    listed = {cat: list_train_samples(root, cat) for root, cat in pairs}   # listed once: its warnings once
+    val_samples = validation_samples(recipe, pairs, listed)
     held_out = frozenset(s.path for ss in val_samples.values() for s in ss)
-    train = build_train_set(pairs, size, norm, recipe.data.train_limit, exclude=held_out)
+    train = build_train_set(pairs, size, norm, recipe.data.train_limit, exclude=held_out, listed=listed)
     tests = build_test_sets(pairs, size, norm)
     for ds in tests.values():
         validate_test_masks(ds)
