@@ -48,7 +48,7 @@ class SweepResult:
         return 0 if self.ok else 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "out": str(self.out), "rows": self.rows, "best": self.best, "pareto": self.pareto,
+        return {"name": self.name, "out": str(self.out), "cells": self.rows, "best": self.best, "pareto": self.pareto,
                 "files": {k: str(v) for k, v in self.files.items()}, "executed": self.executed,
                 "reused": self.reused, "failed": self.failed, "trained": self.trained,
                 "wall_seconds": self.wall_seconds}
