@@ -115,3 +115,24 @@ def test_sweep_verify_diff_json_user_error_is_one_document(tmp_path, args, said)
     doc = json.loads(res.stdout)
     assert set(doc) == {"error", "exit_code"} and doc["exit_code"] == 2 and said in doc["error"], doc
     assert [line for line in res.stderr.splitlines() if line.startswith("error:")] == [f"error: {doc['error']}"]
+
+
+@pytest.mark.parametrize("args, said", [
+    (["predict", "--json"], "Missing argument 'ARTIFACT'."),
+    (["compile", "r.yaml", "--json", "--bogus"], "No such option '--bogus'."),
+    (["verify", "art", "--json", "-", "--budget"], "Option '--budget' requires an argument."),
+    (["diff", "a", "b", "--json=-", "--threads", "0"], "Invalid value for '--threads'"),
+    (["nosuch", "--json"], "No such command 'nosuch'."),
+])
+def test_a_usage_error_under_json_is_one_document_too(args, said):
+    """Click's usage errors (an unknown option, a missing argument) left stdout empty under --json."""
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2
+    doc = json.loads(res.stdout)
+    assert set(doc) == {"error", "exit_code"} and doc["exit_code"] == 2 and doc["error"].startswith(said), doc
+
+
+@pytest.mark.parametrize("args", [["verify", "art", "--json", "r.json", "--bogus"], ["predict", "--bogus"]])
+def test_a_usage_error_without_json_on_stdout_leaves_stdout_empty(args):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and res.stdout == "" and "No such option" in res.stderr

@@ -63,8 +63,23 @@ def _newline_after_bar() -> None:   # a progress bar may have left the cursor mi
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
+        args = [*(ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args), *ctx.args]
         with exit_on_user_error():
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except click.ClickException as exc:   # a usage error too is one JSON document under --json
+                if self._json_on_stdout(ctx, args):
+                    from uadc.core.io import to_json
+                    click.echo(to_json({"error": exc.format_message(), "exit_code": exc.exit_code}), nl=False)
+                raise
+
+    def _json_on_stdout(self, ctx: click.Context, args: list[str]) -> bool:
+        """``--json -`` (verify, diff), or ``--json`` where it is a flag (or the command is unknown)."""
+        if "--json=-" in args or any(a == "--json" and b == "-" for a, b in zip(args, args[1:])):
+            return True
+        cmd = self.get_command(ctx, args[0]) if args else None
+        return "--json" in args and (cmd is None or any("--json" in getattr(p, "opts", ()) and
+                                                        getattr(p, "is_flag", False) for p in cmd.params))
 
 
 class _LogHandler(logging.Handler):
@@ -254,35 +269,7 @@ def qat(recipe: Path, target: str | None, epochs: int | None, then_compile: bool
 
 
 def _print_summary(res) -> None:
-    v = res.verification["torch_vs_ort_fp32"]
-    g = res.verification.get("gate")
-    gate = "" if g is None else f"; regression gate: {'PASS' if g['passed'] else 'REGRESSION'}"
-    click.echo(f"torch vs ORT FP32: {'passed' if v['passed'] else 'FAILED'} (max abs {v['max_abs']:.2e}){gate}")
-    if res.metrics is not None:
-        f, c = res.metrics.fp32["mean"], res.metrics.compiled["mean"]
-        click.echo(f"image AUROC fp32 {f['image_auroc']:.4f} -> {res.target} {c['image_auroc']:.4f}" + (
-            f"; pixel AUROC {f['pixel_auroc']:.4f} -> {c['pixel_auroc']:.4f}" if "pixel_auroc" in f else ""))
-    lat = res.latency
-    click.echo(f"latency p50 (batch 1, {lat.threads} threads): torch {lat.torch_fp32['p50']:.2f} ms, "
-               f"ORT fp32 {lat.ort_fp32['p50']:.2f} ms, compiled {lat.compiled['p50']:.2f} ms "
-               f"({lat.runtime})" + (f", {lat.deployed['p50']:.2f} ms as uadc predict runs it "
-                                     f"({lat.deployed['schedule']})" if lat.deployed else "")
-               + f"; compile {res.compile_seconds:.1f} s")
-    if res.engine:
-        click.echo(res.engine.get("status", ""))
-    if (ps := res.extra.get("precision_search")) is not None:
-        fs = ps.get("float_stage")  # TensorRT: the float layers' FP16/FP32 stage
-        floats = (f"{ps['final']['fp32_groups']} float; float layers: {fs['fp16_groups']} of {fs['groups']} groups "
-                  f"FP16, modelled on {ps['profile']['gpu']}") if fs else f"{ps['final']['fp32_groups']} FP32"
-        click.echo(f"precision auto: {ps['final']['int8_groups']} groups INT8, {floats}; "
-                   f"search {ps['seconds']:.1f} s (report.md lists every decision)")
-    dec = (res.deploy or {}).get("decisions")
-    if dec:
-        o = dec["overall"]
-        click.echo(f"decisions at false-alarm rate {res.deploy['false_alarm_rate']:g}: false-reject fp32 "
-                   f"{o['fp32']['false_reject_rate']:.3f} -> {o['compiled']['false_reject_rate']:.3f}, escape "
-                   f"{o['fp32']['escape_rate']:.3f} -> {o['compiled']['escape_rate']:.3f}, agreement {o['agreement']:.4f}")
-    click.echo(f"artifact written: {res.path}")
+    click.echo("\n".join(res.summary_lines()))
 
 
 @main.command()

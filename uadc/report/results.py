@@ -116,3 +116,36 @@ class CompileResult:
 
     def to_json(self) -> str:
         return to_json(self.to_dict())
+
+    def summary_lines(self) -> list[str]:
+        """What ``uadc compile`` prints: verification, metrics, latency, precision search, decisions."""
+        v = self.verification["torch_vs_ort_fp32"]
+        g = self.verification.get("gate")
+        gate = "" if g is None else f"; regression gate: {'PASS' if g['passed'] else 'REGRESSION'}"
+        lines = [f"torch vs ORT FP32: {'passed' if v['passed'] else 'FAILED'} (max abs {v['max_abs']:.2e}){gate}"]
+        if self.metrics is not None:
+            f, c = self.metrics.fp32["mean"], self.metrics.compiled["mean"]
+            lines.append(f"image AUROC fp32 {f['image_auroc']:.4f} -> {self.target} {c['image_auroc']:.4f}" + (
+                f"; pixel AUROC {f['pixel_auroc']:.4f} -> {c['pixel_auroc']:.4f}" if "pixel_auroc" in f else ""))
+        lat = self.latency
+        deployed = (f", {lat.deployed['p50']:.2f} ms as uadc predict runs it ({lat.deployed['schedule']})"
+                    if lat.deployed else "")
+        lines.append(f"latency p50 (batch 1, {lat.threads} threads): torch {lat.torch_fp32['p50']:.2f} ms, "
+                     f"ORT fp32 {lat.ort_fp32['p50']:.2f} ms, compiled {lat.compiled['p50']:.2f} ms "
+                     f"({lat.runtime}){deployed}; compile {self.compile_seconds:.1f} s")
+        if self.engine:
+            lines.append(self.engine.get("status", ""))
+        if (ps := self.extra.get("precision_search")) is not None:
+            fs = ps.get("float_stage")  # TensorRT: the float layers' FP16/FP32 stage
+            floats = (f"{ps['final']['fp32_groups']} float; float layers: {fs['fp16_groups']} of {fs['groups']} "
+                      f"groups FP16, modelled on {ps['profile']['gpu']}") if fs else f"{ps['final']['fp32_groups']} FP32"
+            lines.append(f"precision auto: {ps['final']['int8_groups']} groups INT8, {floats}; "
+                         f"search {ps['seconds']:.1f} s (report.md lists every decision)")
+        if dec := (self.deploy or {}).get("decisions"):
+            o, far = dec["overall"], self.deploy["false_alarm_rate"]
+            lines.append(f"decisions at false-alarm rate {far:g}: false-reject fp32 "
+                         f"{o['fp32']['false_reject_rate']:.3f} -> {o['compiled']['false_reject_rate']:.3f}, escape "
+                         f"{o['fp32']['escape_rate']:.3f} -> {o['compiled']['escape_rate']:.3f}, "
+                         f"agreement {o['agreement']:.4f}")
+        lines.append(f"artifact written: {self.path}")
+        return lines
