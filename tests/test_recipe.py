@@ -111,3 +111,18 @@ def test_recipe_schema_gives_every_key_a_meaning():
     assert res.exit_code == 0
     bare = [ln for ln in res.output.splitlines() if ln and not ln.startswith(" ") and "): " not in ln]
     assert bare == [], bare
+
+
+@pytest.mark.parametrize("split, taps, message", [
+    ("blocks.5", ["blocks.1", "blocks.3"], "model.taps: 'blocks.1' is not after model.split 'blocks.5'"),
+    ("blocks.3", ["blocks.3", "blocks.5"], "model.taps: 'blocks.3' is not after model.split 'blocks.3'"),
+    ("blocks.99", ["blocks.5"], "model.split: unknown stage 'blocks.99'; stages are: stem, blocks.0"),
+    ("stem", ["blocks.3", "blocks.1"], "feature taps must be in network order: blocks.1, blocks.3"),
+])
+def test_paste_split_errors_name_the_wrong_key(split, taps, message):
+    """They blamed the taps' order ('must be in network order: blocks.1, blocks.3, blocks.5') for a late split."""
+    from uadc.models import build_model
+    r = recipe_from_dict(_with(model={"method": "paste", "split": split, "taps": taps, "pretrained": False}))
+    with pytest.raises(UadcError) as e:
+        build_model(r.cfg["model"], 64)
+    assert str(e.value).startswith(message), e.value
