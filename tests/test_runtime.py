@@ -145,6 +145,16 @@ def test_runtime_without_torch_matches_in_process_evaluation(int8_artifact, tmp_
     assert out["labels"] == [int(s >= thr) for s in scores]
 
 
+def test_a_file_name_of_the_longest_legal_length_is_written(tmp_path):
+    """A 255-byte name plus the temp's tag went over the limit: `predict --overlays` lost the whole run."""
+    from uadc.core import io as uio
+    name = "é" * 125 + "b.png"     # 255 bytes in UTF-8: the temp's cut must not split a character's bytes wrongly
+    with uio.staged_files(tmp_path / "overlays") as stage:
+        uio.atomic_write_bytes(stage / "L" / name, b"1")
+    assert (tmp_path / "overlays" / "L" / name).read_bytes() == b"1"
+    assert [p.name for p in (tmp_path / "overlays" / "L").iterdir()] == [name]
+
+
 def test_predict_cli_writes_predictions_and_overlays(int8_artifact, tmp_path, tiny_data):
     recipe, _, res = int8_artifact
     paths, _, scores = _eval_outputs(recipe, res.path / "model.onnx", "stripes")

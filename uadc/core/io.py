@@ -37,7 +37,11 @@ _TMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TMP_TAG) + r"(?P<pid>\d+)-[0
 
 
 def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """A hidden temp beside ``final``; its name is cut so that it, with ``.tmp``, stays within the
+    255 bytes a file name may have (a legal 255-byte name plus the tag failed to write)."""
+    tag = f"{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    name = os.fsdecode(os.fsencode(final.name)[:255 - len(tag) - len(".") - len(".tmp")])
+    return final.with_name(f".{name}{tag}")
 
 
 def _pid_alive(pid: int) -> bool:
