@@ -118,6 +118,44 @@ def test_user_calibration_images(trained, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_the_model_given_is_the_model_judged(trained, tmp_path, tiny_data):
+    """evaluate(Baseline, recipe) scored the recipe's checkpoint; an artifact's model.onnx skipped the
+    normalisation check its folder gets; a checkpoint alone was read as a recipe file; recipe= beside
+    a Baseline was ignored; user calibration images were reported as the recipe's calib_data."""
+    import numpy as np
+    from conftest import write_recipe
+    recipe, art = trained
+    other = tmp_path / "e2"
+    uadc.train(recipe, epochs=1, artifacts=other)         # another model of the same recipe
+    ckpt = other / "tiny" / "checkpoint.pt"
+    own = uadc.evaluate(ckpt, recipe, write=False)
+    b = uadc.baseline(ckpt, recipe)
+    via_baseline = uadc.evaluate(b, write=False)
+    assert via_baseline.extra["checkpoint"] == str(ckpt) and via_baseline.mean == own.mean
+    assert uadc.evaluate(ckpt, write=False).mean == own.mean                 # its own recipe, as compile reads it
+    imagenet = write_recipe(tmp_path / "imagenet.yaml", tiny_data, train={"epochs": 1, "threads": 1})
+    imagenet.write_text(imagenet.read_text().replace("data:\n", "data:\n  normalization: imagenet\n"))
+    for call in (lambda: uadc.baseline(b, imagenet), lambda: uadc.evaluate(b, imagenet),
+                 lambda: uadc.compile(b, "ort-cpu-fp32", recipe=imagenet, out=tmp_path / "x")):
+        with pytest.raises(UadcError, match="the Baseline was built from recipe 'tiny' and recipe= gives another"):
+            call()
+    with pytest.raises(UadcError, match="one_class judges the recipe's per-category checkpoints"):
+        uadc.evaluate(b, one_class=True)
+    images = [np.random.default_rng(0).standard_normal((3, 64, 64)).astype(np.float32) for _ in range(4)]
+    c = uadc.compile(b, "ort-cpu-int8", calibration=images, out=tmp_path / "c", evaluate=False, latency_runs=1)
+    assert c.calib_data == "user" and json.loads((c.path / "report.json").read_text())["calib_data"] == "user"
+    for bad in ([str(tiny_data / "gray" / "test" / "good" / "000.png")], ["train"], {"a": 1}):
+        with pytest.raises(UadcError, match="calibration image 0: expected an image array, got str"):
+            uadc.compile(b, "ort-cpu-int8", calibration=bad, out=tmp_path / "bad", evaluate=False)
+    with pytest.raises(UadcError, match="normalises inputs with mean"):
+        uadc.evaluate(c.path / "model.onnx", imagenet)
+    import typing
+    assert typing.get_type_hints(uadc.evaluate)["recipe"] == typing.Optional[uadc.pipeline.api.RecipeLike]
+    for name in uadc.__all__:     # Sphinx, typeguard and pydantic's validate_call read them
+        if callable(f := getattr(uadc, name)) and not isinstance(f, type):
+            typing.get_type_hints(f)
+
+
 class _Boom:
     def __reduce__(self):
         return (os.system, (f"touch {_Boom.marker}",))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from uadc.report.results import CompileResult
 from uadc.training.run import TrainResult, train_recipe
 from uadc.verify.gate import DiffResult, VerifyResult
 
-RecipeLike = "str | Path | dict | Recipe"
+RecipeLike = Union[str, os.PathLike, dict, Recipe]   # a real alias: typing.get_type_hints resolves it
 
 
 def train(recipe: RecipeLike, *, one_class: bool = False, epochs: int | None = None, eval_every: int | None = None,
@@ -59,10 +59,19 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
     _check_source(model_or_artifact, "evaluate")
     flags(one_class=one_class, write=write)
     artifacts = as_path(artifacts, "artifacts", optional=True)
+    if one_class and (isinstance(model_or_artifact, (KDModel, Baseline)) or _is_onnx(model_or_artifact) or
+                      _is_checkpoint(model_or_artifact)):   # the model was ignored
+        raise UadcError("evaluate: one_class judges the recipe's per-category checkpoints; give the recipe")
+    if isinstance(model_or_artifact, Baseline):   # its own model (the recipe's checkpoint was scored instead)
+        b = model_or_artifact
+        r = _baseline_recipe(b, recipe, "evaluate")
+        if b.checkpoint is None:
+            return evaluate(b.model, r, artifacts=artifacts, write=write)
+        return evaluate_checkpoint(r, Path(b.checkpoint), artifacts, write=write)
     if recipe is None:
-        if isinstance(model_or_artifact, (KDModel, Baseline)) or _is_onnx(model_or_artifact):
+        if isinstance(model_or_artifact, KDModel) or _is_onnx(model_or_artifact):
             raise UadcError("evaluate: give the recipe whose test sets to use")
-        recipe = model_or_artifact
+        recipe = _checkpoint_recipe(model_or_artifact)
     r = load_recipe(recipe)
     if one_class:
         return evaluate_one_class(r, artifacts)
@@ -92,15 +101,18 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
 def _onnx_for(path: Path, r: Recipe) -> Path:
     """The model an artifact folder names, the folder checked against its artifact.json and its
     normalisation against the recipe's (another one scores silently wrong); or the ONNX file."""
-    if not (path.is_dir() and (path / MANIFEST_FILE).is_file()):
+    folder = path if path.is_dir() else path.parent   # an artifact's model file is checked as its folder is
+    if not (folder / MANIFEST_FILE).is_file():
         return path / "model.onnx" if path.is_dir() else path
-    m = read_manifest(path)
+    m = read_manifest(folder)
+    if not path.is_dir() and path.resolve() != (folder / m.model_file).resolve():
+        return path   # another ONNX beside an artifact: its manifest does not describe it
     mean, std = r.normalization()
     if not np.allclose(np.r_[m.preprocessing.mean, m.preprocessing.std], np.r_[mean, std], atol=1e-6):
         raise UadcError(f"evaluate: {path} normalises inputs with mean {list(m.preprocessing.mean)} / std "
                         f"{list(m.preprocessing.std)}; recipe {r.name} with {list(mean)} / {list(std)} "
                         f"(give the recipe it was compiled from)")
-    return path / m.model_file
+    return folder / m.model_file
 
 
 def _own_runtime(path: Path, threads: int | None) -> Any:
@@ -120,6 +132,26 @@ def _is_onnx(x: Any) -> bool:
     return p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file())
 
 
+def _is_checkpoint(x: Any) -> bool:
+    return isinstance(x, (str, os.PathLike)) and Path(x).suffix in (".pt", ".pth")
+
+
+def _checkpoint_recipe(source: Any) -> Any:
+    """The recipe a checkpoint path holds (it was read as a recipe file: "not a text file"); else ``source``."""
+    if _is_checkpoint(source):
+        from uadc.training.checkpoint import read_checkpoint
+        return read_checkpoint(Path(source))["recipe"]
+    return source
+
+
+def _baseline_recipe(b: Baseline, recipe: RecipeLike | None, what: str) -> Recipe:
+    """A Baseline's own recipe; another ``recipe`` was ignored without a word: refused."""
+    if recipe is not None and load_recipe(recipe).hash != b.recipe.hash:
+        raise UadcError(f"{what}: the Baseline was built from recipe {b.recipe.name!r} and recipe= gives another "
+                        f"({load_recipe(recipe).name!r}); drop recipe= or build a Baseline from that recipe")
+    return b.recipe
+
+
 def _check_source(source: Any, what: str) -> None:
     """What a model argument may be; anything else fell back to the recipe's checkpoint silently."""
     if not isinstance(source, (KDModel, Baseline, Recipe, dict, str, os.PathLike)) or source in ("", {}):
@@ -134,16 +166,13 @@ def baseline(source: Any, recipe: RecipeLike | None = None, *, artifacts: Path |
     ``source``: a recipe (its checkpoint), a checkpoint path (with ``recipe``) or a ``KDModel``
     (with ``recipe``). Never trains: a missing checkpoint is an error naming ``uadc train``."""
     if isinstance(source, Baseline):
+        _baseline_recipe(source, recipe, "compile")
         return source
     _check_source(source, "compile")
     if recipe is None:
-        if isinstance(source, KDModel) or (isinstance(source, (str, Path)) and Path(source).suffix in (".pt", ".pth")):
-            from uadc.training.checkpoint import read_checkpoint
-            if isinstance(source, KDModel):
-                raise UadcError("compile: a KDModel needs the recipe it was trained with (recipe=...)")
-            recipe = read_checkpoint(Path(source))["recipe"]
-        else:
-            recipe = source
+        if isinstance(source, KDModel):
+            raise UadcError("compile: a KDModel needs the recipe it was trained with (recipe=...)")
+        recipe = _checkpoint_recipe(source)
     r = load_recipe(recipe)
     return Baseline(r, resolve_source(source, r, as_path(artifacts, "artifacts", optional=True)),
                     check_threads(threads))

@@ -201,6 +201,9 @@ def own_calibration_images(images: Iterable[np.ndarray], size: int,
     parts = []
     for i, im in enumerate(images):
         raw = np.asarray(im)
+        if raw.dtype.kind not in "iubf":   # a path, a name, a dict: numpy's "could not convert string to float"
+            raise UadcError(f"calibration image {i}: expected an image array, got {type(im).__name__} {im!r:.60} "
+                            f"(image files are not read here; give normalised arrays, or train / random-normal / mixed)")
         if raw.dtype.kind in "iub":
             raise UadcError(f"calibration image {i}: {raw.dtype} pixels; give float images normalised like the "
                             f"model input ((x / 255 - mean) / std)")

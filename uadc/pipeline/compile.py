@@ -116,7 +116,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     result = CompileResult(
         target=target.name, precision=shipped.precision, runtime=target.runtime, device=target.device,
         calibrator=ptq.calibrator if calib and calib["calibrator"] != "qat" else ("qat" if calib else None),
-        calib_data=ptq.calib_data if calib and calib["calibrator"] != "qat" else None,
+        calib_data=calib.get("calib_data", ptq.calib_data) if calib and calib["calibrator"] != "qat" else None,
         quantized_partitions=(_qat_partitions(opts.qat_model) if opts.qat_model is not None else list(ptq.quantize))
         if shipped.quantized else [],
         recipe=baseline.recipe.name, recipe_hash=baseline.recipe.hash,
