@@ -129,6 +129,8 @@ def test_runtime_without_torch_matches_in_process_evaluation(int8_artifact, tmp_
         from uadc.runtime import Detector
         det = Detector.load({str(res.path)!r})
         preds = det.predict({paths!r}, category="gray")
+        import uadc
+        uadc.bundle({str(res.path)!r}, {str(tmp_path / "bundle")!r})   # the CLI's was torch-free, the API's not
         json.dump({{"scores": [p.score for p in preds], "labels": [p.label for p in preds],
                    "maps": [p.anomaly_map.tolist() for p in preds],
                    "torch": "torch" in sys.modules}}, sys.stdout)
@@ -137,7 +139,7 @@ def test_runtime_without_torch_matches_in_process_evaluation(int8_artifact, tmp_
     p = subprocess.run([PY, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout)
-    assert not out["torch"]
+    assert not out["torch"] and (tmp_path / "bundle" / "artifact.json").is_file()
     np.testing.assert_allclose(out["scores"], scores, atol=1e-5)
     np.testing.assert_allclose(np.asarray(out["maps"]), maps, atol=1e-5)
     from uadc.runtime import Detector

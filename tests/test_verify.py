@@ -259,6 +259,20 @@ def test_verify_fails_an_injected_regression_with_exit_1(artifacts, tmp_path):
         assert r3.exit_code == 2 and "model.onnx does not match its sha256" in r3.output, r3.output
 
 
+def test_a_golden_set_of_another_recipes_model_is_refused(artifacts, tmp_path):
+    """It judged every figure out of budget: "REGRESSION", exit 1, nothing saying why."""
+    _, fp32, int8 = artifacts
+    other = tmp_path / "other"
+    shutil.copytree(int8, other)
+    meta = json.loads((other / "artifact.json").read_text())
+    (other / "artifact.json").write_text(json.dumps({**meta, "recipe": "tiny2", "recipe_hash": "0" * 16}))
+    r = CliRunner().invoke(main, ["verify", str(other), "--golden", str(fp32)])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith(
+        f"error: golden set {fp32 / 'golden.json'} is recipe 'tiny''s (hash {meta['recipe_hash']}), {other} recipe "
+        f"'tiny2''s (hash 0000000000000000)"), r.output
+    assert CliRunner().invoke(main, ["verify", str(int8), "--golden", str(fp32)]).exit_code in (0, 1)   # its own
+
+
 def test_usage_errors_exit_2(artifacts, tmp_path):
     _, fp32, _ = artifacts
     for args in (["verify", str(tmp_path / "missing")], ["verify", str(fp32), "--budget", "nope=1"],

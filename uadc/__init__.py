@@ -36,7 +36,7 @@ _API = {
     "sweep": "uadc.pipeline.api",
     "verify": "uadc.pipeline.api",
     "diff": "uadc.pipeline.api",
-    "bundle": "uadc.pipeline.api",
+    "bundle": "uadc.pipeline.bundle",   # torch-free, as `uadc bundle` is
     "BundleResult": "uadc.pipeline.bundle",
     "VerifyResult": "uadc.verify.gate",
     "DiffResult": "uadc.verify.gate",

@@ -25,7 +25,6 @@ from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluat
     evaluate_one_class, learning_curve
 from uadc.models import KDModel
 from uadc.pipeline.baseline import Baseline, names_checkpoint, resolve_source
-from uadc.pipeline.bundle import BundleResult
 from uadc.pipeline.compare import CompareResult
 from uadc.pipeline.compile import CompileOptions, compile_target
 from uadc.pipeline.deploy import target_predictor
@@ -308,14 +307,6 @@ def _budgets(budgets: Any) -> dict | None:
     if budgets is not None and not isinstance(budgets, dict):
         raise UadcError(f"budgets: expected {{key: value}}, e.g. {{'spearman_min': 0.95}}, got {budgets!r:.60}")
     return budgets
-
-
-def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
-    """Copy a verified artifact to ``out`` without its regression-gate (golden) files: what a line
-    runs (``BundleResult``). ``force`` replaces an earlier uadc output at ``out``."""
-    from uadc.pipeline.bundle import bundle as run
-    flags(force=force)
-    return run(as_path(artifact, "bundle: artifact"), as_path(out, "bundle: out"), force=force)
 
 
 def sweep(sweep_file: Any, *, artifacts: Path | None = None, out: Path | None = None, address: str | None = None,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from uadc.core.constants import GOLDEN_FILES, MANIFEST_FILE
 from uadc.core.errors import UadcError
-from uadc.core.io import atomic_dir, sha256_file
+from uadc.core.io import as_path, atomic_dir, sha256_file
+from uadc.core.numbers import flags
 from uadc.core.manifest import read_manifest, write_manifest
 
 
@@ -49,8 +50,10 @@ def _check_apart(source: Path, out: Path) -> None:
 
 def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
     """Write the deployment copy of ``artifact`` to ``out`` (atomically; ``force`` replaces an
-    earlier uadc output there). The artifact is verified against its manifest first."""
-    source = Path(artifact)
+    earlier uadc output there). The artifact is verified against its manifest first. Torch-free:
+    an edge box without torch runs it (``uadc.bundle`` is this function)."""
+    flags(force=force)
+    source, out = as_path(artifact, "bundle: artifact"), as_path(out, "bundle: out")
     manifest = read_manifest(source)             # every listed file present and unchanged
     _check_apart(source, Path(out))
     keep = sorted(rel for rel in manifest.files if rel not in GOLDEN_FILES)

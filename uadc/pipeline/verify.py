@@ -276,6 +276,16 @@ def _manifest(artifact: Path) -> Manifest | None:
         return None
 
 
+def _check_golden_model(folder: Path, g: GoldenSet) -> None:
+    """A golden set of another recipe's model judged every figure a REGRESSION (exit 1): one error."""
+    m = _manifest(folder)
+    theirs, ours = g.meta.get("recipe_hash"), m.recipe_hash if m is not None else None
+    if theirs and ours and theirs != ours:
+        raise UadcError(f"golden set {g.path} is recipe {g.meta.get('recipe')!r}'s (hash {theirs}), {folder} recipe "
+                        f"{m.recipe!r}'s (hash {ours}): verify judges an artifact against its own model's golden "
+                        f"outputs; compare two models with `uadc diff A B`")
+
+
 def _manifest_thresholds(artifact: Path, base: dict) -> dict | None:
     """The artifact's own operating thresholds (artifact.json) in the gate's format, or None."""
     m = _manifest(artifact)
@@ -355,6 +365,7 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
     artifact = Path(artifact)
     model = _model_path(artifact)
     g = read_golden(golden if golden is not None else model.parent)
+    _check_golden_model(model.parent, g)
     check_same_input(g.path.parent / g.meta.get("reference_model", GOLDEN_REFERENCE), model,
                      int(g.feeds[0][next(iter(g.feeds[0]))].shape[-1]) if g.feeds else None)
     b, per_cat = _budgets(recipe, g.meta.get("verify"), budgets)
