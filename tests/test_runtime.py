@@ -147,6 +147,22 @@ def test_runtime_without_torch_matches_in_process_evaluation(int8_artifact, tmp_
     assert out["labels"] == [int(s >= thr) for s in scores]
 
 
+def test_folder_walks_name_the_images_they_do_not_read(tmp_path):
+    """.webp / .gif files in a folder were dropped without a word ("no images found in W")."""
+    from uadc.core.images import find_images
+    (tmp_path / "W" / "sub").mkdir(parents=True)
+    for name in ("W/a.webp", "W/sub/b.gif", "W/c.png", "W/.hidden/d.webp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    found = find_images(tmp_path / "W")
+    assert found.files == [tmp_path / "W" / "c.png"]
+    assert list(found.skipped) == ["not read (.webp; uadc reads .png .jpg .jpeg .bmp .tif .tiff)",   # hidden: not
+                                   "not read (.gif; uadc reads .png .jpg .jpeg .bmp .tif .tiff)"]
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(UadcError, match="input is a broken link or a link loop: "):
+        find_images(tmp_path / "loop")
+
+
 def test_a_file_name_of_the_longest_legal_length_is_written(tmp_path):
     """A 255-byte name plus the temp's tag went over the limit: `predict --overlays` lost the whole run."""
     from uadc.core import io as uio

@@ -24,6 +24,9 @@ from uadc.core.constants import MASKS_FOLDER, OVERLAYS_DIR, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# images of formats uadc does not read in a folder walk: named in a warning / left_out, not dropped silently
+OTHER_IMAGE_EXTS = frozenset((".webp", ".gif", ".avif", ".heic", ".heif", ".jp2", ".pgm", ".ppm", ".pnm", ".ico",
+                              ".tga", ".jxl"))
 
 
 @contextlib.contextmanager
@@ -138,10 +141,15 @@ def find_images(paths: "list[Path] | Path | str", exclude: list[Path] | tuple = 
             blocked = {d: why for d, why in blocked.items() if root in d.parents}
             for f in sorted(f for f in files if f.suffix.lower() in IMAGE_EXTS):
                 _add(found, seen, p / f.relative_to(root), _skip_reason(f, root, blocked))
+            for f in sorted(files):
+                if f.suffix.lower() in OTHER_IMAGE_EXTS and not any(is_hidden(x) for x in f.relative_to(root).parts):
+                    why = f"not read ({f.suffix.lower()}; uadc reads {' '.join(IMAGE_EXTS)})"
+                    found.skipped[why] = found.skipped.get(why, 0) + 1
         elif p.exists():
             _add(found, seen, p, None)
         else:
-            raise UadcError(f"input not found: {p}")
+            raise UadcError(f"input is a broken link or a link loop: {p}" if p.is_symlink() else
+                            f"input not found: {p}")
     return found
 
 

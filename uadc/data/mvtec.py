@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
-from uadc.core.images import IMAGE_EXTS, check_utf8_name, eight_bit, is_hidden, open_image
+from uadc.core.images import IMAGE_EXTS, OTHER_IMAGE_EXTS, check_utf8_name, eight_bit, is_hidden, open_image
 from uadc.core.manifest import GLOBAL
 
 log = logging.getLogger(__name__)
@@ -40,15 +40,11 @@ class Sample:
         return 0 if self.defect == "good" else 1
 
 
-_OTHER_IMAGE_EXTS = frozenset((".webp", ".gif", ".avif", ".heic", ".heif", ".jp2", ".pgm", ".ppm", ".pnm", ".ico",
-                               ".tga", ".jxl"))
-
-
 def _images(folder: Path) -> list[Path]:
     """The images directly in ``folder`` (the MVTec layout); images in its subfolders (one per camera,
     a copy nested one level too deep) are not read, and a warning counts them."""
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not is_hidden(p.name))
-    other = sorted({p.suffix.lower() for p in folder.iterdir() if p.suffix.lower() in _OTHER_IMAGE_EXTS})
+    other = sorted({p.suffix.lower() for p in folder.iterdir() if p.suffix.lower() in OTHER_IMAGE_EXTS})
     if other:   # .webp / .gif images were left out of training and test without a word
         log.warning("%s: its %s images are not read (uadc reads %s)", folder, " / ".join(other), " ".join(IMAGE_EXTS))
     nested = sum(1 for p in folder.rglob("*") if p.parent != folder and p.suffix.lower() in IMAGE_EXTS
