@@ -540,6 +540,23 @@ def test_file_names_that_are_not_utf8_are_written_as_escapes(int8_artifact, tmp_
     assert len(run.records) == 1
 
 
+def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path):
+    """A folder named in latin-1 ended in pybind's "incompatible constructor arguments" (cut off); the
+    model file for its folder said "artifact folder not found"; a broken link as --out "File exists"."""
+    from uadc.core.io import ensure_dir
+    from uadc.runtime import Detector
+    _, _, res = int8_artifact
+    latin1 = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    shutil.copytree(res.path, latin1)
+    assert Detector.load(latin1).manifest.target == "ort-cpu-int8"
+    with pytest.raises(UadcError, match=f"not an artifact folder: {res.path / 'model.onnx'} is a file; give the "
+                                        f"folder that holds its artifact.json"):
+        Detector.load(res.path / "model.onnx")
+    (tmp_path / "dang").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UadcError, match=f"cannot create folder {tmp_path / 'dang'}: it is a broken link"):
+        ensure_dir(tmp_path / "dang")
+
+
 def test_a_schedule_on_another_runtime_is_refused(int8_artifact):
     """`uadc predict --backend openvino --schedule branches` ran, the schedule silently ignored."""
     pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino extra (uadc[openvino])")

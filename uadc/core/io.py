@@ -80,6 +80,8 @@ def ensure_dir(path: Path) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UadcError(f"not a folder: {path}")
+    if path.is_symlink() and not path.exists():
+        raise UadcError(f"cannot create folder {path}: it is a broken link (to {os.readlink(path)})")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

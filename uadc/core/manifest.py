@@ -272,7 +272,8 @@ def read_manifest(folder: Path, verify: bool = True) -> Manifest:
     match its sha256 (one-line ``UadcError`` otherwise)."""
     folder = as_path(folder, "artifact")
     if not folder.is_dir():
-        raise UadcError(f"artifact folder not found: {folder}")
+        raise UadcError(f"not an artifact folder: {folder} is a file; give the folder that holds its {MANIFEST_FILE}"
+                        if folder.exists() else f"artifact folder not found: {folder}")
     path = folder / MANIFEST_FILE
     if not path.is_file():
         raise UadcError(f"{folder} has no {MANIFEST_FILE}: not a uadc artifact folder (or compiled by an older "

@@ -36,9 +36,18 @@ def make_session(model: Any, threads: int | None = None, optimize: bool = True,
         src: Any = model.SerializeToString()
     elif isinstance(model, (str, Path)):
         src = str(model)
+        if not src.isascii() and src.encode("utf-8", "surrogateescape") != src.encode("utf-8", "replace"):
+            src = _read_model(Path(model))   # a name that is not UTF-8: ORT takes UTF-8 paths only
     else:
         src = model
     try:
         return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
         raise UadcError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+
+
+def _read_model(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UadcError(f"cannot read model {path}: {exc.strerror or exc}") from None
