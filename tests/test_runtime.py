@@ -552,6 +552,11 @@ def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path):
     with pytest.raises(UadcError, match=f"not an artifact folder: {res.path / 'model.onnx'} is a file; give the "
                                         f"folder that holds its artifact.json"):
         Detector.load(res.path / "model.onnx")
+    from uadc.runtime.batch import predict_paths
+    for out in (latin1, latin1 / "sub"):    # written into the artifact, which then held files its manifest does not list
+        with pytest.raises(UadcError, match=f"--out {out}: inside the artifact folder {latin1}; choose a folder"):
+            predict_paths(Detector.load(res.path), [res.path / "model.onnx"], out=out)
+    assert sorted(p.name for p in latin1.iterdir()) == sorted(p.name for p in res.path.iterdir())
     (tmp_path / "dang").symlink_to(tmp_path / "nowhere")
     with pytest.raises(UadcError, match=f"cannot create folder {tmp_path / 'dang'}: it is a broken link"):
         ensure_dir(tmp_path / "dang")

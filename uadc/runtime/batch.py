@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from uadc.core.constants import OVERLAYS_DIR, PREDICTIONS_CSV, PREDICTIONS_JSONL
+from uadc.core.constants import MANIFEST_FILE, OVERLAYS_DIR, PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import NonFiniteOutputs, UadcError
 from uadc.core.images import find_images, printable
 from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, file_lock, staged_files
@@ -134,6 +134,7 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
     jsonl beside the other's csv."""
     if not out:
         return _predict(detector, inputs, category, None, overlays, batch_size, infer)
+    _check_outside_artifacts(Path(out))   # before its lock file is made beside it
     with file_lock(Path(out)):
         return _predict(detector, inputs, category, out, overlays, batch_size, infer)
 
@@ -198,6 +199,12 @@ def _run_images(detector: Detector, files: list[Path], category: str | None, inf
                 atomic_write_bytes(stage / names[f], buf.getvalue())
                 run.written.append(run.out / OVERLAYS_DIR / names[f])
                 run.records[-1]["overlay"] = (OVERLAYS_DIR / names[f]).as_posix()
+
+
+def _check_outside_artifacts(out: Path) -> None:
+    inside = next((d for d in (out, *out.absolute().parents) if (d / MANIFEST_FILE).is_file()), None)
+    if inside is not None:   # its files are hashed in artifact.json: a bundle of it listed them as unlisted
+        raise UadcError(f"--out {out}: inside the artifact folder {inside}; choose a folder outside it")
 
 
 def _check_out(out: Path) -> None:
