@@ -32,6 +32,7 @@ _API = {
     "compile": "uadc.pipeline.api",
     "baseline": "uadc.pipeline.api",
     "qat": "uadc.pipeline.api",
+    "QatRunResult": "uadc.pipeline.api",
     "compare_calibrators": "uadc.pipeline.api",
     "sweep": "uadc.pipeline.api",
     "verify": "uadc.pipeline.api",

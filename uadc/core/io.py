@@ -159,6 +159,13 @@ def to_json(data: Any) -> str:
     return json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
 
 
+class JsonResult:
+    """``to_json()`` for a result with ``to_dict()``: the document ``--json`` prints (strict JSON)."""
+
+    def to_json(self) -> str:
+        return to_json(self.to_dict())   # type: ignore[attr-defined]
+
+
 def _finite(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None

@@ -24,7 +24,7 @@ import numpy as np
 from uadc.core.constants import (DEPLOY_METADATA, INPUT_NAME, MANIFEST_FILE, MANIFEST_SCHEMA, MODEL_FILE,
                                  OUTPUT_NAMES, RUNTIMES)
 from uadc.core.errors import UadcError
-from uadc.core.io import TMP_TAG, as_path, atomic_write_json, sha256_file
+from uadc.core.io import TMP_TAG, JsonResult, as_path, atomic_write_json, sha256_file
 
 MAX_MANIFEST_BYTES = 16 << 20
 RESIZE_FILTERS = ("bilinear", "nearest", "bicubic")   # PIL filters the runtime resizes with
@@ -163,7 +163,7 @@ class Preprocessing:
 
 
 @dataclass
-class Manifest:
+class Manifest(JsonResult):
     uadc_version: str
     recipe: str
     recipe_hash: str

@@ -18,7 +18,7 @@ from uadc.config.validation import name_list
 from uadc.core.constants import MANIFEST_FILE
 from uadc.core.errors import UadcError
 from uadc.core.manifest import read_manifest
-from uadc.core.io import as_path
+from uadc.core.io import JsonResult, as_path
 from uadc.core.numbers import flags, whole_number
 from uadc.core.scoped import check_threads, torch_threads
 from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluate, evaluate_checkpoint, \
@@ -219,10 +219,17 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
 
 
 @dataclass
-class QatRunResult:
+class QatRunResult(JsonResult):
+    """What ``uadc.qat`` returns: the fine-tuned model's path, its summary (``qat.json``) and, when
+    compiled after, that compile's report."""
+
     qat_model_path: Path
     summary: dict
     compiled: CompileResult | None
+
+    def to_dict(self) -> dict:
+        return {"qat_model_path": str(self.qat_model_path), "summary": self.summary,
+                "compiled": self.compiled.to_dict() if self.compiled is not None else None}
 
 
 def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = None, compile_after: bool = True,

@@ -20,13 +20,13 @@ from pathlib import Path
 
 from uadc.core.constants import GOLDEN_FILES, MANIFEST_FILE
 from uadc.core.errors import UadcError
-from uadc.core.io import as_path, atomic_dir, sha256_file
+from uadc.core.io import JsonResult, as_path, atomic_dir, sha256_file
 from uadc.core.numbers import flags
 from uadc.core.manifest import read_manifest, write_manifest
 
 
 @dataclass
-class BundleResult:
+class BundleResult(JsonResult):
     """Where the bundle was written and what it holds (relative paths, bytes)."""
 
     path: Path

@@ -24,6 +24,7 @@ from pathlib import Path
 from uadc import __version__
 from uadc.backends.tensorrt.plan import trt_available
 from uadc.config.targets import TARGETS, Target
+from uadc.core.io import JsonResult
 
 PACKAGES = {"torch": ("torch",), "onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
             "polygraphy": ("polygraphy",), "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu11"),
@@ -43,7 +44,7 @@ class TargetSupport:
 
 
 @dataclass
-class DoctorReport:
+class DoctorReport(JsonResult):
     uadc: str
     python: str
     platform: str
@@ -80,6 +81,8 @@ class DoctorReport:
 
 
 def doctor() -> DoctorReport:
+    """What uadc sees on this machine (``uadc doctor``): versions, CPU INT8 features, threads,
+    GPU / TensorRT, and per target whether it runs here, is emulated, or can only be bundled."""
     versions = {name: _version(dists) for name, dists in PACKAGES.items()}
     flags = _cpu_flags()
     features = {label: (flag in flags if flags is not None else None) for flag, label in CPU_FEATURES.items()}

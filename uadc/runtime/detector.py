@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from uadc.core.errors import NonFiniteOutputs, RuntimeFault, UadcError
-from uadc.core.io import as_path
+from uadc.core.io import JsonResult, as_path
 from uadc.core.manifest import CategoryThresholds, Manifest, read_manifest
 from uadc.core.scoped import check_threads
 from uadc.runtime.preprocess import preprocess
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Prediction:
+class Prediction(JsonResult):
     """One image's result. ``score``/``anomaly_map`` are raw model outputs; ``normalized_score``
     maps the operating threshold to 0.5 (anomalib's convention); ``label`` is 1 for defective."""
 
@@ -195,6 +195,7 @@ class Detector:
         return self.backend.name
 
     def thresholds(self, category: str | None = None) -> CategoryThresholds:
+        """The operating thresholds (image and pixel) of ``category``; None: the global ones."""
         if self.manifest.thresholds is None:
             raise UadcError(f"{self.manifest.folder}: the artifact has no operating thresholds (compiled without "
                             f"validation normals: set data.val_fraction > 0 or data.val and compile again)")
@@ -241,6 +242,7 @@ class Detector:
 
     def decide(self, maps: np.ndarray, scores: np.ndarray, category: str | None = None,
                latency_ms: float = 0.0, sources: Sequence[str | None] | None = None) -> list[Prediction]:
+        """Predictions from raw model outputs (maps (N,H,W), scores (N,)) at ``category``'s thresholds."""
         thr = self.thresholds(category)
         sources = sources or [None] * len(scores)
         finite = np.isfinite(scores) & np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)

@@ -14,7 +14,7 @@ from torch.utils.data import ConcatDataset
 
 from uadc.config.recipe import Recipe
 from uadc.core.errors import UadcError
-from uadc.core.io import check_writable, file_lock
+from uadc.core.io import JsonResult, check_writable, file_lock
 from uadc.core.progress import progress
 from uadc.core.scoped import seeded, torch_threads
 from uadc.data.prepare import RecipeData, prepare_data
@@ -37,7 +37,7 @@ class TrainedModel:
 
 
 @dataclass
-class TrainResult:
+class TrainResult(JsonResult):
     recipe: str
     recipe_hash: str
     one_class: bool

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from uadc.config.recipe import default_artifacts_root
 from uadc.core.errors import UadcError
-from uadc.core.io import check_writable, ensure_dir, sha256_file
+from uadc.core.io import JsonResult, check_writable, ensure_dir, sha256_file
 from uadc.core.numbers import whole_number
 from uadc.pipeline.sweep.plan import Plan, cell_key, make_plan
 from uadc.pipeline.sweep.spec import load_sweep
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SweepResult:
+class SweepResult(JsonResult):
     name: str
     out: Path
     rows: list[dict]                 # one per cell, in plan order (the table)
