@@ -166,3 +166,13 @@ def test_wheel_runs_demo_in_fresh_venv(tmp_path):
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import uadc.config.packaged as p; "
                             "print(p.recipes_dir())"], cwd=work, env=env, capture_output=True, text=True, check=True)
     assert Path(where.stdout.strip()).is_relative_to(venv)   # the recipes came from the wheel
+
+
+def test_a_missing_recipe_path_named_like_a_built_in_says_built_ins_go_by_name(tmp_path, monkeypatch):
+    """The README's `recipes/quickstart.yaml` outside a checkout said only `recipe not found`."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UadcError, match=r"recipe not found: recipes/quickstart.yaml \(outside a uadc checkout, "
+                                        r"built-in recipes go by name: give 'quickstart'\)"):
+        load_recipe("recipes/quickstart.yaml")
+    with pytest.raises(UadcError, match=r"^recipe not found: recipes/nope.yaml$"):
+        load_recipe("recipes/nope.yaml")

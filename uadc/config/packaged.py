@@ -109,9 +109,18 @@ def resolve_recipe_path(source: "str | Path", base: Path | None = None) -> Path:
     return packaged_recipe(str(source)).path
 
 
+def check_recipe_file(path: Path) -> None:
+    """A missing recipe file named like a built-in one (the README's ``recipes/quickstart.yaml``
+    outside a checkout) says that built-ins go by name."""
+    if not path.exists() and not path.is_symlink() and _stem(path.name) in {r.name for r in packaged_recipes()}:
+        raise UadcError(f"recipe not found: {path} (outside a uadc checkout, built-in recipes go by name: "
+                        f"give {_stem(path.name)!r})")
+
+
 def shown_recipe(source: str) -> PackagedRecipe:
     """A recipe to print as a portable copy: a recipe file as given, else a built-in by name."""
     path = resolve_recipe_path(source)
+    check_recipe_file(path)
     if not path.is_file():
         raise UadcError(f"recipe not found: {source}")
     try:

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from uadc.config.packaged import resolve_recipe_path
+from uadc.config.packaged import check_recipe_file, resolve_recipe_path
 from uadc.config.validation import first_error, listed_twice
 from uadc.config.yaml_file import read_yaml_mapping
 from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
@@ -391,6 +391,7 @@ def load_recipe(source: "str | Path | dict | Recipe") -> Recipe:
     if isinstance(source, dict):
         return recipe_from_dict(source)
     path = resolve_recipe_path(source)  # a file, or a built-in recipe's name (``demo``)
+    check_recipe_file(path)
     raw = read_yaml_mapping(path, "recipe", MAX_RECIPE_BYTES)
     return recipe_from_dict(raw, path)
 

@@ -22,7 +22,7 @@ def check_threads(threads: Any) -> int | None:
     if threads is None:
         return None
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
-        raise UadcError(f"threads: expected a whole number >= 1 (or None for the default), got {threads!r}")
+        raise UadcError(f"threads: expected a whole number >= 1 (or None or 0 for the default), got {threads!r}")
     return int(threads)
 
 
