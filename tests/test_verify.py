@@ -148,7 +148,7 @@ def test_budgets_defaults_overrides_and_errors():
     b = budgets()
     assert set(b) == set(BUDGET_KEYS) and b["spearman_min"] == 0.9
     assert budgets({"spearman_min": 0.5}, {"map_dice_min": "0.8"}) == {**b, "spearman_min": 0.5, "map_dice_min": 0.8}
-    with pytest.raises(UadcError, match="unknown budget"):
+    with pytest.raises(UadcError, match=r"budget \w+ \(--budget\): unknown"):
         budgets(None, {"spearman": "1"})
     with pytest.raises(UadcError, match="expected a number"):
         budgets(None, {"spearman_min": "high"})

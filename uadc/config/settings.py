@@ -24,7 +24,7 @@ def auto_applies(mode: str, target: Target, explicit: bool, qat: bool = False) -
     a default that applies to the PTQ compiles it supports, and every other target or a QAT model
     compiles at the target's precision, so one recipe serves every target."""
     if mode not in ("target", "auto"):
-        raise UadcError(f"--precision: {mode!r} is not one of target, auto")
+        raise UadcError(f"precision (--precision): {mode!r} is not one of target, auto")
     return mode == "auto" and (explicit or (target.name in AUTO_PRECISION_TARGETS and not qat))
 
 
@@ -45,14 +45,14 @@ def resolve_ptq(recipe: Recipe, target: Target, calibrator: str | None = None, c
     if quantize is not None:
         quantize = [p for p in quantize]
         if not quantize or any(not p for p in quantize):
-            raise UadcError("--quantize: give one or more partitions, e.g. student or student,teacher")
+            raise UadcError("quantize (--quantize): give one or more partitions, e.g. student or student,teacher")
         bad = [p for p in quantize if p not in PARTITIONS]
         if bad:
-            raise UadcError(f"--quantize: {bad[0]!r} is not a partition ({', '.join(PARTITIONS)})")
+            raise UadcError(f"quantize (--quantize): {bad[0]!r} is not a partition ({', '.join(PARTITIONS)})")
     if calib_data is not None and calib_data not in CALIBRATION_KINDS:
-        raise UadcError(f"--calib-data: {calib_data!r} is not one of {', '.join(CALIBRATION_KINDS)}")
+        raise UadcError(f"calib_data (--calib-data): {calib_data!r} is not one of {', '.join(CALIBRATION_KINDS)}")
     if calib_samples is not None and not 1 <= calib_samples <= MAX_CALIB_SAMPLES:
-        raise UadcError(f"--calib-samples: {calib_samples} is outside 1..{MAX_CALIB_SAMPLES}")
+        raise UadcError(f"calib_samples (--calib-samples): {calib_samples} is outside 1..{MAX_CALIB_SAMPLES}")
     return PtqSettings(calibrator=calibrator or cfg.calibrator or target.default_calibrator,
                        calib_data=calib_data or cfg.calib_data,
                        calib_samples=calib_samples or cfg.calib_samples,

@@ -15,7 +15,7 @@ import numpy as np
 from uadc.config.recipe import Recipe, load_recipe
 from uadc.config.targets import TARGETS
 from uadc.config.validation import name_list
-from uadc.core.constants import MANIFEST_FILE
+from uadc.core.constants import CALIBRATION_KINDS, MANIFEST_FILE
 from uadc.core.errors import UadcError
 from uadc.core.manifest import read_manifest
 from uadc.core.io import JsonResult, as_path
@@ -195,12 +195,16 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
     within the recipe's ``compile.auto`` budget; default: the recipe's ``compile.precision``)."""
     if target is not None and not (isinstance(target, str) and target):
         raise UadcError(f"target: expected a target's name (uadc compile --help lists them), got {target!r:.60}")
+    if calibrator is not None and not (isinstance(calibrator, str) and calibrator):   # ['mse'] was "unknown"
+        raise UadcError(f"calibrator: expected a calibrator's name (entropy, mse, ...), got {calibrator!r:.60}")
     flags(force=force, evaluate=evaluate, split=split, build_engine=build_engine, per_channel=per_channel,
           postprocess=postprocess)
     out, dump_passes = as_path(out, "out", optional=True), as_path(dump_passes, "dump_passes", optional=True)
     if calib_samples is not None:
         whole_number(calib_samples, "calib_samples")
     whole_number(latency_runs, "latency_runs")
+    if isinstance(calibration, str) and calibration not in CALIBRATION_KINDS:
+        raise UadcError(f"calibration: {calibration!r} is not one of {', '.join(CALIBRATION_KINDS)} (or give images)")
     if calibration is not None and not isinstance(calibration, str) and not hasattr(calibration, "__iter__"):
         raise UadcError(f"calibration: expected train, random-normal, mixed or an iterable of image arrays, "
                         f"got {type(calibration).__name__}")

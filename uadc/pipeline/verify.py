@@ -254,10 +254,10 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
     for d in dirs:
         d = Path(d)
         if not d.is_dir():
-            raise UadcError(f"--images: not a folder: {d}")
+            raise UadcError(f"images (--images): not a folder: {d}")
         files = find_images([d]).files   # as `uadc predict` walks: no MVTec masks, no predict outputs
         if not files:
-            raise UadcError(f"--images: no images ({', '.join(sorted(IMAGE_EXTS))}) under {d}")
+            raise UadcError(f"images (--images): no images ({', '.join(sorted(IMAGE_EXTS))}) under {d}")
         if len(files) > limit:
             notes.append(f"--images {d}: judged the first {limit} of its {len(files)} images (sorted by path)")
         for p in files[:limit]:

@@ -59,11 +59,11 @@ def budgets(recipe_verify: dict | None = None, overrides: dict[str, Any] | None 
     base = dict(recipe_verify or {})
     for key, value in (overrides or {}).items():
         if key not in BUDGET_KEYS:
-            raise UadcError(f"--budget {key}: unknown budget; expected one of {', '.join(BUDGET_KEYS)}")
+            raise UadcError(f"budget {key} (--budget): unknown; expected one of {', '.join(BUDGET_KEYS)}")
         try:
             base[key] = float(value)
         except (TypeError, ValueError):
-            raise UadcError(f"--budget {key}={value}: expected a number") from None
+            raise UadcError(f"budget {key}={value} (--budget): expected a number") from None
     from pydantic import ValidationError
     try:
         cfg = VerifyConfig.model_validate(base)
