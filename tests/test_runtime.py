@@ -447,6 +447,10 @@ def test_detector_inputs_and_errors(int8_artifact, tiny_data):
         det.predict([arr, np.zeros((3, 64, 64))])
     with pytest.raises(UadcError, match=r"^input 2: image array: empty"):
         det.predict([arr, arr, np.zeros((0, 4), np.uint8)])
+    with pytest.raises(UadcError, match=r"^image: expected a path, image bytes, .* got int$"):   # "got int64 ()"
+        det.predict(3)
+    with pytest.raises(UadcError, match=r"^inputs: expected an image or a list of images, got a dict$"):
+        det.predict({str(f): 1})     # its keys were read as paths
     bomb = tiny_data.parent / f"bomb-{os.getpid()}.png"      # 46 KB that claims 20000 x 20000 pixels
     Image.new("1", (20000, 20000)).save(bomb)
     try:

@@ -100,6 +100,8 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
 def _onnx_for(path: Path, r: Recipe) -> Path:
     """The model an artifact folder names, the folder checked against its artifact.json and its
     normalisation against the recipe's (another one scores silently wrong); or the ONNX file."""
+    if not path.exists():   # ONNX Runtime's "[ONNXRuntimeError] : 3 : NO_SUCHFILE ..." before
+        raise UadcError(f"evaluate: model not found: {path}")
     folder = path if path.is_dir() else path.parent   # an artifact's model file is checked as its folder is
     if not (folder / MANIFEST_FILE).is_file():
         return path / "model.onnx" if path.is_dir() else path

@@ -262,6 +262,8 @@ class Detector:
         """One image (path, encoded bytes or binary file, PIL image, HxW(x3) array) -> ``Prediction``;
         a list, tuple or other iterable of them, or an (N, H, W, 3) uint8 array -> list.
         ``category`` picks the thresholds (``None``: global): one for all, or one per image."""
+        if isinstance(inputs, dict):   # its keys were read as image paths
+            raise UadcError("inputs: expected an image or a list of images, got a dict")
         single = _single(inputs)
         items = [inputs] if single else list(inputs)
         cats = self._per_image(category, len(items), single)

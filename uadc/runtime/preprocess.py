@@ -81,7 +81,7 @@ def load_rgb(source: Any, pre: Preprocessing) -> np.ndarray:
             return _from_pil(im, pre, "image bytes")
     if isinstance(source, Image.Image):
         return _from_pil(source, pre)
-    if not isinstance(source, np.ndarray) and np.asarray(source).dtype == object:
+    if not isinstance(source, np.ndarray) and (np.asarray(source).dtype == object or np.ndim(source) == 0):
         raise UadcError(f"image: expected a path, image bytes, a binary file, a PIL image or an array, "
                         f"got {type(source).__name__}")
     return _from_array(np.asarray(source), pre)
