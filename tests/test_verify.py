@@ -259,6 +259,36 @@ def test_verify_fails_an_injected_regression_with_exit_1(artifacts, tmp_path):
         assert r3.exit_code == 2 and "model.onnx does not match its sha256" in r3.output, r3.output
 
 
+def test_golden_files_are_checked_not_trusted(artifacts, tmp_path):
+    """A missing or damaged golden_masks.npz was a traceback and exit 1 (a "regression" to CI); budgets
+    edited in another folder's golden.json passed a failing artifact through --golden; a damaged
+    golden_outputs.json was blamed on golden.json."""
+    _, fp32, int8 = artifacts
+    gone = tmp_path / "gone"
+    shutil.copytree(int8, gone)
+    (gone / "golden_masks.npz").unlink()
+    r = CliRunner().invoke(main, ["verify", str(gone), "--json", "-"])
+    assert r.exit_code == 2 and json.loads(r.stdout)["error"] == \
+        f"artifact {gone}: golden_masks.npz is missing (listed in artifact.json)"
+    edited = tmp_path / "edited"
+    shutil.copytree(fp32, edited)
+    g = json.loads((edited / "golden.json").read_text())
+    g["verify"]["image_auroc_drop_max"] = 0.5
+    (edited / "golden.json").write_text(json.dumps(g))
+    r = CliRunner().invoke(main, ["verify", str(int8), "--golden", str(edited)])
+    assert r.exit_code == 2 and "golden.json does not match its sha256 in artifact.json" in r.output
+    loose = tmp_path / "loose"            # a golden set without its artifact.json: each file named when damaged
+    shutil.copytree(fp32, loose)
+    (loose / "artifact.json").unlink()
+    (loose / "golden_outputs.json").write_text("{")
+    with pytest.raises(UadcError, match=f"unreadable golden set file {loose / 'golden_outputs.json'}: "):
+        uadc.verify(int8, golden=loose)
+    (loose / "golden_outputs.json").write_bytes((fp32 / "golden_outputs.json").read_bytes())
+    (loose / "golden_masks.npz").write_text("hi")
+    with pytest.raises(UadcError, match=f"unreadable golden set file {loose / 'golden_masks.npz'}: "):
+        uadc.verify(int8, golden=loose)
+
+
 def test_a_golden_set_of_another_recipes_model_is_refused(artifacts, tmp_path):
     """It judged every figure out of budget: "REGRESSION", exit 1, nothing saying why."""
     _, fp32, int8 = artifacts

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from uadc.core.constants import (GOLDEN_INPUTS, GOLDEN_MASKS, GOLDEN_META, GOLDEN_OUTPUTS, GOLDEN_RUNNER,
-                                 INPUT_NAME, OUTPUT_NAMES)
+                                 INPUT_NAME, MANIFEST_FILE, OUTPUT_NAMES)
 from uadc.core.errors import UadcError
+from uadc.core.manifest import read_manifest
 from uadc.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from uadc.core.scoped import quiet_third_party
 
@@ -97,31 +100,42 @@ def read_golden(path: Path) -> GoldenSet:
         raise UadcError(f"no golden outputs at {path}: a deployment bundle (`uadc bundle`) leaves them out, an "
                         f"older uadc did not write them; pass --golden FULL_ARTIFACT, or compile the artifact again")
     folder = meta_path.parent
-    try:
-        meta = json.loads(meta_path.read_text())
-        if not isinstance(meta, dict) or not {"runner", "inputs", "outputs", "images"} <= set(meta):
-            raise UadcError(f"{meta_path} is not a golden set's {GOLDEN_META}; pass an artifact folder or its "
-                            f"{GOLDEN_META}")
-        if meta.get("schema") != GOLDEN_SCHEMA:
-            raise UadcError(f"{meta_path}: golden schema {meta.get('schema')!r}, expected {GOLDEN_SCHEMA}")
-        with quiet_third_party():  # Polygraphy logs every load
-            feeds = [dict(f) for f in load_json(str(folder / meta["inputs"]))]
-            results = RunResults.load(str(folder / meta["outputs"]))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UadcError(f"unreadable golden set {meta_path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if (folder / MANIFEST_FILE).is_file():   # checked, not trusted: an edited golden.json's budgets passed anything
+        read_manifest(folder)
+    meta = _read(meta_path, lambda: json.loads(meta_path.read_text()))
+    if not isinstance(meta, dict) or not {"runner", "inputs", "outputs", "images"} <= set(meta):
+        raise UadcError(f"{meta_path} is not a golden set's {GOLDEN_META}; pass an artifact folder or its "
+                        f"{GOLDEN_META}")
+    if meta.get("schema") != GOLDEN_SCHEMA:
+        raise UadcError(f"{meta_path}: golden schema {meta.get('schema')!r}, expected {GOLDEN_SCHEMA}")
+    with quiet_third_party():  # Polygraphy logs every load
+        feeds = _read(folder / str(meta["inputs"]), lambda: [dict(f) for f in load_json(str(folder / meta["inputs"]))])
+        results = _read(folder / str(meta["outputs"]), lambda: RunResults.load(str(folder / meta["outputs"])))
     runs = dict(results.items())
     if meta["runner"] not in runs:
         raise UadcError(f"{folder / meta['outputs']}: no results of runner {meta['runner']!r}")
     outputs = [{n: np.asarray(it[n]) for n in OUTPUT_NAMES} for it in runs[meta["runner"]]]
-    masks = None
-    if meta.get("masks"):
-        with np.load(folder / meta["masks"]) as z:
-            shape = tuple(int(s) for s in z["shape"])
-            masks = np.unpackbits(z["masks"], axis=-1, count=shape[-1]).astype(bool).reshape(shape)
+    masks = _read(folder / str(meta["masks"]), lambda: _masks(folder / meta["masks"])) if meta.get("masks") else None
     images = meta.pop("images")
     g = GoldenSet(feeds, outputs, images, masks, meta, meta_path)
     _check(g)
     return g
+
+
+def _read(path: Path, load: Any) -> Any:
+    """``load()``; a missing or damaged golden file is one error naming that file (a traceback and
+    exit 1, a "regression", for a damaged golden_masks.npz before)."""
+    try:
+        return load()
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {str(exc)[:200]}"
+        raise UadcError(f"unreadable golden set file {path}: {reason}") from None
+
+
+def _masks(path: Path) -> np.ndarray:
+    with np.load(path) as z:
+        shape = tuple(int(s) for s in z["shape"])
+        return np.unpackbits(z["masks"], axis=-1, count=shape[-1]).astype(bool).reshape(shape)
 
 
 def _check(g: GoldenSet) -> None:
