@@ -289,6 +289,22 @@ def test_golden_files_are_checked_not_trusted(artifacts, tmp_path):
         uadc.verify(int8, golden=loose)
 
 
+def test_a_side_without_a_categorys_thresholds_is_named_in_the_notes(artifacts, tmp_path):
+    """B decided 'gray' at its global thresholds, reported as `source: artifact.json`, with no note."""
+    _, fp32, _ = artifacts
+    b = tmp_path / "b"
+    shutil.copytree(fp32, b)
+    meta = json.loads((b / "artifact.json").read_text())
+    del meta["thresholds"]["categories"]["gray"]
+    meta["categories"] = ["stripes"]
+    (b / "artifact.json").write_text(json.dumps(meta))
+    d = json.loads(CliRunner().invoke(main, ["diff", str(fp32), str(b), "--json", "-"]).stdout)
+    assert d["thresholds"]["candidate"]["gray"]["source"].startswith("artifact.json global")
+    assert d["thresholds"]["candidate"]["stripes"]["source"] == d["thresholds"]["reference"]["gray"]["source"] == \
+        "artifact.json"
+    assert "the candidate has no thresholds of its own for gray: decided at its global thresholds" in d["notes"]
+
+
 def test_a_golden_set_of_another_recipes_model_is_refused(artifacts, tmp_path):
     """It judged every figure out of budget: "REGRESSION", exit 1, nothing saying why."""
     _, fp32, int8 = artifacts

@@ -286,6 +286,9 @@ def _check_golden_model(folder: Path, g: GoldenSet) -> None:
                         f"outputs; compare two models with `uadc diff A B`")
 
 
+GLOBAL_FALLBACK = "artifact.json global (no thresholds of its own for this category)"
+
+
 def _manifest_thresholds(artifact: Path, base: dict) -> dict | None:
     """The artifact's own operating thresholds (artifact.json) in the gate's format, or None."""
     m = _manifest(artifact)
@@ -294,9 +297,10 @@ def _manifest_thresholds(artifact: Path, base: dict) -> dict | None:
         return None
     out = {}
     for cat, spread in base.items():
+        own = cat in t.categories or cat == "global"
         ct = t.get(cat if cat in t.categories else None)
         out[cat] = {**spread, "image": ct.image.value, "pixel": ct.pixel.value, "quantile": ct.image.quantile,
-                    "n": ct.image.n, "source": "artifact.json"}
+                    "n": ct.image.n, "source": "artifact.json" if own else GLOBAL_FALLBACK}
     return out
 
 
@@ -334,6 +338,9 @@ def _judge(kind: str, reference: str, candidate: str, runtime: dict, records: li
     counts = {k: int(((kinds == k) & use).sum()) for k in FIGURE_KINDS if ((kinds == k) & use).any()}
     cls = VerifyResult if kind == "verify" else DiffResult
     notes = list(notes or []) + ([] if lab is not None else ["no labelled images: AUROC/AUPRO drops not computed"])
+    notes += [f"the {side} has no thresholds of its own for {', '.join(fell)}: decided at its global thresholds"
+              for side, thr in zip(("reference", "candidate"), thresholds)
+              if (fell := [c for c, t in thr.items() if t.get("source") == GLOBAL_FALLBACK])]
     unmeasured = [f"{n}[{c}]" for c, figs in (("all", fid["all"]), *fid["categories"].items()) for n, v in figs.items()
                   if v is None and (c == "all" or per_category and len(fid["categories"]) > 1)]
     notes += [f"not judged, too few images to measure: {', '.join(unmeasured)} (spearman needs "
