@@ -48,9 +48,11 @@ def check_report_paths(json_out: Path | None, md_out: Path | None) -> None:
     if str(md_out) == "-":
         raise UadcError("--markdown -: the Markdown report is on stdout already (or `--json -` puts the JSON there)")
     if json_out and str(json_out) != "-":   # `-`: stdout
-        check_own_file(Path(json_out), lambda head: bool(_OWN_JSON.match(head)), "uadc verify or diff as a --json report")
+        check_own_file(Path(json_out), lambda head: bool(_OWN_JSON.match(head)),
+                       "uadc verify or diff as a --json report")
     if md_out:
-        check_own_file(Path(md_out), lambda head: bool(_OWN_MARKDOWN.match(head)), "uadc verify or diff as a --markdown report")
+        check_own_file(Path(md_out), lambda head: bool(_OWN_MARKDOWN.match(head)),
+                       "uadc verify or diff as a --markdown report")
 
 
 def budgets(recipe_verify: dict | None = None, overrides: dict[str, Any] | None = None) -> dict[str, float]:
