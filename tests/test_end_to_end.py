@@ -70,6 +70,11 @@ def test_compile_int8_student_only(trained):
     assert cal["calibrator"] == "entropy" and cal["ranges"]
     assert sorted(p.name for p in (out / "partitions").iterdir()) == ["head.onnx", "student.onnx", "teacher.onnx"]
     assert (out / "report.md").read_text().startswith("# uadc compile report")
+    # ORT's asymmetric Q/DQ breaks TensorRT's rules: a count, and that the artifact is no TensorRT one (52 bare lines)
+    res = CliRunner().invoke(main, ["check-trt", str(out)])
+    n = res.output.count("\nQDQ") + res.output.startswith("QDQ")
+    assert res.exit_code == 1 and res.output.splitlines()[-1] == \
+        f"{out}: {n} violations of TensorRT Q/DQ rules; its target ort-cpu-int8 is not a TensorRT one"
 
 
 def test_compile_jetson_int8_bundle(trained):

@@ -444,9 +444,16 @@ def bundle_cmd(artifact: Path, out: Path, force: bool):
 def check_trt(model: Path) -> None:
     """List every violation of TensorRT's explicit-quantization (Q/DQ) rules in an ONNX model (or artifact folder)."""
     from uadc.backends.tensorrt.rules import check_trt_file, format_violations
+    from uadc.config.targets import TARGETS
+    from uadc.core.manifest import read_manifest
     violations, has_qdq = check_trt_file(model)
     none = "" if has_qdq else " (it has no Q/DQ nodes)"
-    click.echo(format_violations(violations) if violations else f"{model}: 0 violations of TensorRT Q/DQ rules{none}")
+    target = read_manifest(model, verify=False).target if (model / "artifact.json").is_file() else None
+    other = f"; its target {target} is not a TensorRT one" if target and TARGETS[target].runtime != "tensorrt" else ""
+    if violations:
+        click.echo(format_violations(violations))
+    n = len(violations)
+    click.echo(f"{model}: {n} violation{'' if n == 1 else 's'} of TensorRT Q/DQ rules{none}{other}")
     sys.exit(1 if violations else 0)
 
 
