@@ -187,3 +187,14 @@ def test_a_checkpoint_path_that_cannot_be_written_fails_before_training(recipe_f
     monkeypatch.setattr(run, "load_images", lambda *a: pytest.fail("the training started"))
     res = CliRunner().invoke(main, ["train", str(recipe_factory(train={"epochs": 1})), "--artifacts", str(art)])
     assert res.exit_code == 2 and "something other than a file is there" in res.output, res.output
+
+
+def test_logged_warnings_read_as_warnings(capsys):
+    """`category 'x' has 7 validation normals ...` came bare on stderr; predict's own said `warning:`."""
+    import logging
+    from uadc.cli import _LogHandler
+    h = _LogHandler()
+    h.setFormatter(logging.Formatter("%(message)s"))
+    for level, msg in ((logging.WARNING, "few normals"), (logging.INFO, "checkpoint written")):
+        h.emit(logging.LogRecord("uadc.data", level, __file__, 1, msg, None, None))
+    assert capsys.readouterr().err == "warning: few normals\ncheckpoint written\n"

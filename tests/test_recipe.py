@@ -39,6 +39,10 @@ def test_defaults_filled_and_paths_resolved(tmp_path):
     ({"data": {"sources": [{"root": "x", "cats": []}]}}, "data.sources[0].cats: unknown key"),
     ({"data": {}}, "data.sources: at least one"),
     (_with(model={"method": "paste"}), "model.split: required for method paste"),
+    # a traceback from the blur's padding after the whole training (inside the schema's range)
+    (_with(model={"smoothing_sigma": 8}, data={"image_size": 32}),
+     "model.smoothing_sigma: 8 blurs 32 px each way, which needs data.image_size > 32 (it is 32)"),
+    (_with(model={"smoothing_sigma": 64}), "model.smoothing_sigma: 64 blurs 256 px each way"),
     (_with(model={"backbone": "resnet18"}), "model.weights: backbone 'resnet18' has no bundled weights"),
     # US's students describe one stage: every tap after the first was ignored, silently
     (_with(model={"method": "us", "taps": ["blocks.1", "blocks.3"]}), "model.taps: method us describes one teacher stage"),

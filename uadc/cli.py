@@ -87,7 +87,8 @@ class _LogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
-        tqdm.write(self.format(record), file=sys.stderr)
+        text = self.format(record)   # warnings read as such, as `uadc predict`'s own do
+        tqdm.write(f"warning: {text}" if record.levelno == logging.WARNING else text, file=sys.stderr)
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:

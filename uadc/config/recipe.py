@@ -417,6 +417,10 @@ def _check_semantics(cfg: RecipeConfig) -> None:
     if m.pretrained and m.weights is None and m.backbone != "efficientnet_lite0":
         raise UadcError(f"model.weights: backbone {m.backbone!r} has no bundled weights; give a "
                         f"torchvision-format state dict path, or set model.pretrained: false")
+    radius = int(4 * m.smoothing_sigma + 0.5)   # the blur's reflect padding needs radius < the map's size
+    if radius >= cfg.data.image_size:
+        raise UadcError(f"model.smoothing_sigma: {m.smoothing_sigma:g} blurs {radius} px each way, which needs "
+                        f"data.image_size > {radius} (it is {cfg.data.image_size}); lower it")
     if cfg.data.image_size % m.score_pool:
         raise UadcError(f"model.score_pool: {m.score_pool} does not divide data.image_size ({cfg.data.image_size})")
     if m.method == "paste" and not m.split:

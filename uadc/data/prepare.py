@@ -88,9 +88,10 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeD
     one_class = _one_class(tests)
     tests = {c: ds for c, ds in tests.items() if c not in one_class}
     val = {c: ImageDataset(ss, size, *norm) for c, ss in val_samples.items()}
-    warnings = [f"category {c!r} has {len(ds)} validation normals (< {MIN_VAL_IMAGES}): its thresholds rest "
-                f"mostly on the small-sample margin; raise data.val_fraction or give data.val"
-                for c, ds in val.items() if 0 < len(ds) < MIN_VAL_IMAGES]
+    rest = ("rest mostly on the small-sample margin" if recipe.deploy.threshold_margin else   # the demo: no margin
+            "are the quantile of a few images (deploy.threshold_margin: false), a rough estimate")
+    warnings = [f"category {c!r} has {len(ds)} validation normals (< {MIN_VAL_IMAGES}): its thresholds {rest}; "
+                f"raise data.val_fraction or give data.val" for c, ds in val.items() if 0 < len(ds) < MIN_VAL_IMAGES]
     warnings += [f"category {c!r} has no validation normals: it is judged at the global thresholds; give data.val "
                  f"or more train/good images" for c, ds in val.items() if not len(ds) and any(len(v) for v in val.values())]
     warnings += [f"category {c!r}: its test folder holds {kind} images only, and AUROC needs good and defective "
