@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -44,6 +45,10 @@ class _Section(BaseModel):
 
 
 def _resolve(value: Optional[str], info: ValidationInfo) -> Optional[str]:
+    long = next((part for part in Path(value or "").parts if len(os.fsencode(part)) > 255), None)
+    if long is not None:   # the filesystem's limit: an OSError traceback later
+        raise ValueError(f"a part of the path is {len(os.fsencode(long))} bytes long ({long[:24]}...); a file "
+                         f"system allows 255")
     base = (info.context or {}).get("base")
     return value if value is None or base is None or Path(value).is_absolute() else str((Path(base) / value).resolve())
 
@@ -58,9 +63,10 @@ class Source(_Section):
     @classmethod
     def _plain_categories(cls, v: Optional[list[str]]) -> Optional[list[str]]:
         # a category names a folder under root and under the artifacts (one-class models)
-        bad = [c for c in v or [] if not is_plain_name(c)]
+        bad = [c for c in v or [] if not is_plain_name(c) or len(os.fsencode(c)) > 255]
         if bad:
-            raise ValueError(f"{bad[0]!r} is not a plain folder name under root (no '/', '..' or leading '.')")
+            raise ValueError(f"{bad[0][:60]!r} is not a plain folder name under root (no '/', '..' or leading '.', "
+                             f"at most 255 bytes)")
         return v
 
 
@@ -281,7 +287,7 @@ class RecipeConfig(_Section):
     @classmethod
     def _plain_name(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and not _is_plain(v):
-            raise ValueError("must be a plain folder name (no '/', '..' or leading '.')")
+            raise ValueError("must be a plain folder name (no '/', '..' or leading '.', at most 128 characters)")
         return v
 
 
