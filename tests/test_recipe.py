@@ -58,6 +58,8 @@ def test_defaults_filled_and_paths_resolved(tmp_path):
     ({"data": {"sources": [{"root": "x", "categories": ["a" * 300]}]}}, "at most 255 bytes"),
     ({"data": {"sources": [{"root": "/tmp/" + "a" * 300}]}}, "data.sources[0].root: a part of the path is 300 bytes"),
     (_with(model={"weights": "w" * 256 + ".pt"}), "model.weights: a part of the path is 259 bytes long"),
+    # trained in full before `uadc compile` said "unknown target"
+    (_with(compile={"target": "ORT-CPU-INT8"}), "compile.target: 'ORT-CPU-INT8' is not a target; expected one of"),
 ])
 def test_validation_errors_name_the_key(cfg, message):
     with pytest.raises(UadcError) as e:

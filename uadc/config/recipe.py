@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from uadc.config.packaged import check_recipe_file, resolve_recipe_path
+from uadc.config.targets import TARGETS
 from uadc.config.validation import first_error, listed_twice
 from uadc.config.yaml_file import read_yaml_mapping
 from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
@@ -235,6 +236,13 @@ class CompileConfig(_Section):
         "partitions an INT8 target quantizes at precision: target (auto searches all of them, or --quantize's)")
     per_channel: Optional[bool] = Field(None, description="per-channel weight scales (default: target's)")
     reduce_range: Optional[bool] = Field(None, description="CPU INT8: 7-bit weights, exact without VNNI (default: on)")
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, v: str) -> str:   # else a whole training ran before `uadc compile` refused it
+        if v not in TARGETS:
+            raise ValueError(f"{v[:60]!r} is not a target; expected one of {', '.join(TARGETS)}")
+        return v
 
 
 class QatConfig(_Section):

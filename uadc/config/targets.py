@@ -123,5 +123,5 @@ def inference_hint_of(target: str | None) -> str:
 
 def get_target(name: str) -> Target:
     if not isinstance(name, str) or name not in TARGETS:
-        raise UadcError(f"unknown target {name!r}; expected one of {', '.join(TARGETS)}")
+        raise UadcError(f"unknown target {str(name)[:60]!r}; expected one of {', '.join(TARGETS)}")
     return TARGETS[name]
