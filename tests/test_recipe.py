@@ -58,6 +58,7 @@ def test_defaults_filled_and_paths_resolved(tmp_path):
     ({"data": {"sources": [{"root": "x", "categories": ["a" * 300]}]}}, "at most 255 bytes"),
     ({"data": {"sources": [{"root": "/tmp/" + "a" * 300}]}}, "data.sources[0].root: a part of the path is 300 bytes"),
     (_with(model={"weights": "w" * 256 + ".pt"}), "model.weights: a part of the path is 259 bytes long"),
+    (_with(data={"val_fraction": 0}, deploy={"postprocess": True}), "deploy.postprocess: the in-graph decisions need"),
     # trained in full before `uadc compile` said "unknown target"
     (_with(compile={"target": "ORT-CPU-INT8"}), "compile.target: 'ORT-CPU-INT8' is not a target; expected one of"),
 ])

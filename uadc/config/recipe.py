@@ -445,6 +445,9 @@ def _check_semantics(cfg: RecipeConfig) -> None:
     if m.method == "us" and m.taps and len(m.taps) > 1:    # its students describe one stage: the rest was ignored
         raise UadcError(f"model.taps: method us describes one teacher stage, not {len(m.taps)}; give one, e.g. "
                         f"taps: [{m.taps[-1]}]")
+    if cfg.deploy.postprocess and cfg.data.val_fraction == 0 and not cfg.data.val:   # refused after training before
+        raise UadcError("deploy.postprocess: the in-graph decisions need operating thresholds, set on validation "
+                        "normals; set data.val_fraction > 0 or give data.val")
     d = cfg.train.dcam
     if d.enabled and m.method not in ("stfpm", "paste", "rd"):
         raise UadcError(f"train.dcam.enabled: DCAM applies to stfpm, paste and rd, not {m.method!r}")
