@@ -77,6 +77,20 @@ def test_exponent_numbers_are_numbers(tmp_path):
     assert (r.train.lr, r.train.weight_decay) == (0.001, 0.0005)
 
 
+def test_numbers_and_booleans_read_as_yaml_1_2(tmp_path):
+    """PyYAML's YAML 1.1 read `seed: 010` as 8 and `epochs: 1:30` as 90, silently; `enabled: no` as false."""
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(SRC) + "seed: 010\ntrain:\n  epochs: 0x10\n")
+    r = load_recipe(p)
+    assert (r.seed, r.train.epochs) == (10, 16)
+    for text, message in (("seed: 1:30\n", "seed: expected int, got '1:30'"),
+                          ("train:\n  dcam:\n    enabled: no\n", "train.dcam.enabled: expected bool, got 'no'")):
+        p.write_text(yaml.safe_dump(SRC) + text)
+        with pytest.raises(UadcError, match=message):
+            load_recipe(p)
+    assert yaml.safe_load("a: no") == {"a": False}     # PyYAML's own loader is left as it was
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(UadcError, match="recipe not found"):
         load_recipe(tmp_path / "none.yaml")

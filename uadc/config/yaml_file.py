@@ -35,9 +35,29 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-# YAML 1.1 (PyYAML) reads `1e-3` as text (its floats need a dot); YAML 1.2 and every user read a number
+# YAML 1.2 numbers and booleans, as every other tool reads them; PyYAML's YAML 1.1 read `seed: 010` as 8,
+# `1:30` as 90, `0b11` as 3, `no` / `on` as booleans, and `1e-3` as text (its floats need a dot)
+_BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_UniqueKeyLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                       list("-+0123456789"))
 _UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+    try:
+        return int(text[2:] if base != 10 else text, base)
+    except ValueError:   # an explicit !!int tag on something else
+        raise yaml.constructor.ConstructorError(None, None, f"not an integer: {text!r}", node.start_mark) from None
+
+
+_UniqueKeyLoader.add_constructor(_INT, _yaml12_int)
 
 
 def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) -> dict:
