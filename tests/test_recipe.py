@@ -59,6 +59,9 @@ def test_defaults_filled_and_paths_resolved(tmp_path):
     ({"data": {"sources": [{"root": "/tmp/" + "a" * 300}]}}, "data.sources[0].root: a part of the path is 300 bytes"),
     (_with(model={"weights": "w" * 256 + ".pt"}), "model.weights: a part of the path is 259 bytes long"),
     (_with(data={"val_fraction": 0}, deploy={"postprocess": True}), "deploy.postprocess: the in-graph decisions need"),
+    (_with(compile={"quantize": ["student", "student"]}), "compile.quantize: a partition is listed twice"),
+    (_with(model={"pretrained": False, "weights": "w.pt"}), "model.weights: given with model.pretrained: false"),
+    (_with(model={"weights": ""}), "model.weights: an empty path"),
     # trained in full before `uadc compile` said "unknown target"
     (_with(compile={"target": "ORT-CPU-INT8"}), "compile.target: 'ORT-CPU-INT8' is not a target; expected one of"),
 ])
@@ -97,6 +100,9 @@ def test_missing_and_malformed_files(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed")
     with pytest.raises(UadcError, match="not valid YAML"):
+        load_recipe(bad)
+    bad.write_text("data:\n\tsources: []\n")     # a tab: where it is, not only "while scanning for the next token"
+    with pytest.raises(UadcError, match=r"not valid YAML: .*\(line 2, column 1: found character '\\t'"):
         load_recipe(bad)
 
 
@@ -142,7 +148,7 @@ def test_recipe_schema_gives_every_key_a_meaning():
     ("blocks.5", ["blocks.1", "blocks.3"], "model.taps: 'blocks.1' is not after model.split 'blocks.5'"),
     ("blocks.3", ["blocks.3", "blocks.5"], "model.taps: 'blocks.3' is not after model.split 'blocks.3'"),
     ("blocks.99", ["blocks.5"], "model.split: unknown stage 'blocks.99'; stages are: stem, blocks.0"),
-    ("stem", ["blocks.3", "blocks.1"], "feature taps must be in network order: blocks.1, blocks.3"),
+    ("stem", ["blocks.3", "blocks.1"], "model.taps: feature taps must be in network order: blocks.1, blocks.3"),
 ])
 def test_paste_split_errors_name_the_wrong_key(split, taps, message):
     """They blamed the taps' order ('must be in network order: blocks.1, blocks.3, blocks.5') for a late split."""
@@ -151,3 +157,12 @@ def test_paste_split_errors_name_the_wrong_key(split, taps, message):
     with pytest.raises(UadcError) as e:
         build_model(r.cfg["model"], 64)
     assert str(e.value).startswith(message), e.value
+
+
+def test_a_warm_up_as_long_as_the_training_is_warned_about(recipe_factory, tmp_path, caplog):
+    """warmup_epochs 5 with epochs 1 never reached train.lr (image AUROC 0.61 against 1.00), silently."""
+    import uadc
+    recipe = recipe_factory(train={"epochs": 1, "warmup_epochs": 1, "threads": 1})
+    with caplog.at_level("WARNING", logger="uadc"):
+        uadc.train(recipe, artifacts=tmp_path / "art")
+    assert "train.warmup_epochs (1) >= train.epochs (1): the learning rate never reaches train.lr" in caplog.text

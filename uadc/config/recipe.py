@@ -46,6 +46,8 @@ class _Section(BaseModel):
 
 
 def _resolve(value: Optional[str], info: ValidationInfo) -> Optional[str]:
+    if value is not None and not value.strip():   # "" resolved to the recipe's own folder
+        raise ValueError("an empty path")
     long = next((part for part in Path(value or "").parts if len(os.fsencode(part)) > 255), None)
     if long is not None:   # the filesystem's limit: an OSError traceback later
         raise ValueError(f"a part of the path is {len(os.fsencode(long))} bytes long ({long[:24]}...); a file "
@@ -445,6 +447,11 @@ def _check_semantics(cfg: RecipeConfig) -> None:
     if m.method == "us" and m.taps and len(m.taps) > 1:    # its students describe one stage: the rest was ignored
         raise UadcError(f"model.taps: method us describes one teacher stage, not {len(m.taps)}; give one, e.g. "
                         f"taps: [{m.taps[-1]}]")
+    if len(set(cfg.compile.quantize)) != len(cfg.compile.quantize):
+        raise UadcError(f"compile.quantize: a partition is listed twice: {', '.join(cfg.compile.quantize)}")
+    if m.weights is not None and not m.pretrained:   # the file was loaded all the same
+        raise UadcError("model.weights: given with model.pretrained: false; drop model.weights for a random "
+                        "teacher, or set pretrained: true")
     if cfg.deploy.postprocess and cfg.data.val_fraction == 0 and not cfg.data.val:   # refused after training before
         raise UadcError("deploy.postprocess: the in-graph decisions need operating thresholds, set on validation "
                         "normals; set data.val_fraction > 0 or give data.val")

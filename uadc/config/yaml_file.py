@@ -73,7 +73,10 @@ def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) ->
     except UnicodeDecodeError:
         raise UadcError(f"{path}: not a text file") from None
     except yaml.YAMLError as exc:
-        raise UadcError(f"{path}: not valid YAML: {str(exc).splitlines()[0][:200]}") from None
+        mark = getattr(exc, "problem_mark", None)   # a tab: "while scanning for the next token", where?
+        where = f" (line {mark.line + 1}, column {mark.column + 1}: {exc.problem})" if mark and \
+            getattr(exc, "problem", None) else ""
+        raise UadcError(f"{path}: not valid YAML: {str(exc).splitlines()[0][:200]}{where}") from None
     except RecursionError:
         raise UadcError(f"{path}: YAML nested too deeply") from None
     if raw is not None and not isinstance(raw, dict):

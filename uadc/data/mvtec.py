@@ -146,7 +146,7 @@ def resolve_sources(sources: Sequence[dict]) -> list[tuple[Path, str]]:
                 raise UadcError(f"category name {GLOBAL!r} is reserved for the thresholds over all categories: "
                                 f"rename {root / c}")
             if c in seen:
-                raise UadcError(f"category {c!r} appears twice (in {seen[c]} and {root})")
+                raise UadcError(f"data.sources: category {c!r} appears twice (in {seen[c]} and {root})")
             seen[c] = root
             real = (root / c).resolve()   # a link (or another root) reaching a category already listed
             if real in folders:

@@ -93,10 +93,10 @@ class FeatureExtractor(nn.Module):
         names = [n for n, _ in backbone.stages()]
         for t in taps:
             if t not in names:
-                raise UadcError(f"unknown feature tap {t!r}; stages are: {', '.join(names)}")
+                raise UadcError(f"model.taps: unknown feature tap {t!r}; stages are: {', '.join(names)}")
         order = sorted(taps, key=names.index)
         if order != list(taps):
-            raise UadcError(f"feature taps must be in network order: {', '.join(order)}")
+            raise UadcError(f"model.taps: feature taps must be in network order: {', '.join(order)}")
         first = 0 if start is None else names.index(start) + 1
         last = names.index(taps[-1])
         if first > names.index(taps[0]):
