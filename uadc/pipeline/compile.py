@@ -26,6 +26,7 @@ from uadc.core.constants import INPUT_NAME, MODEL_FILE, PARTITIONS, QDQ_OPS, REP
 from uadc.core.errors import UadcError
 from uadc.core.io import atomic_dir, atomic_write_json, atomic_write_text, check_replaceable, check_writable
 from uadc.core.manifest import write_manifest
+from uadc.core.progress import progress
 from uadc.export.onnx_export import partition_bytes, split_partitions
 from uadc.export.partitions import partition_counts, partition_of
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
@@ -95,7 +96,9 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     if opts.evaluate and not baseline.test_arrays:
         log.warning("no category has a test folder: AUROC and test-set decisions are not measured")
         opts = replace(opts, evaluate=False)
+    stages = progress(total=5, desc=f"{target.name}: export (1/5)", bar_format="{desc}")
     fp32, records = baseline.fp32_simplified
+    _stage(stages, target, "precision search" if auto is not None else "passes")
     if auto is not None:
         cache = out.parent / TIMING_CACHE_DIR if baseline.recipe.compile.auto.timing_cache else None
         auto = search_precision(baseline, target, fp32, auto, _pass_names(baseline, target, opts), threads,
@@ -107,6 +110,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
                                 "nodes_before": len(fp32.graph.node), "nodes_after": len(fp32.graph.node)})
     check_finite(compiled, baseline.sample_feeds(1)[0], f"compile {target.name}")
     t0 = time.time()
+    _stage(stages, target, "verify")
     verification = _verify(baseline, compiled, target, threads)
     verification["seconds"] = round(time.time() - t0, 3)
     passes = records + pass_records
@@ -134,6 +138,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
         compiled, result.verification["fp16_typed_vs_simulated"] = _typed(baseline, compiled, judged, fp16, threads)
         result.nodes, result.bytes = partition_counts(compiled), partition_bytes(compiled)
         result.model_bytes = compiled.ByteSize()
+    _stage(stages, target, "metrics and thresholds")
     if opts.evaluate:
         result.metrics = _metrics(baseline, judged, target, bool(fp16))
     dep = deploy_evaluation(baseline, judged, threads, decisions=opts.evaluate,
@@ -146,6 +151,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
         compiled.ByteSize()
     layers = fp32_layers(compiled, auto.nodes, auto.fp16_nodes) if auto is not None and auto.fp16_nodes is not None \
         else None
+    _stage(stages, target, "write and gate")
     with atomic_dir(out, replace=True) as tmp:
         _write_artifacts(tmp, baseline, compiled, result, calib, target, opts, layers)
         write_manifest(tmp, manifest)   # last: hashes every file above
@@ -153,6 +159,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
             result.verification["gate"] = _own_gate(tmp, threads)
             _write_reports(tmp, result)
             write_manifest(tmp, manifest)
+    stages.close()
     result.path = out
     gate = result.verification.get("gate")
     if gate and not gate["passed"]:
@@ -161,6 +168,12 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
                     ", ..." if len(gate["failures"]) > 1 else "", out)
     log.debug("artifact written: %s", out)   # the CLI prints its own result line
     return result
+
+
+def _stage(bar, target: Target, name: str) -> None:
+    """The next compile stage on the bar (a terminal only): minutes could pass without a line."""
+    bar.update(1)
+    bar.set_description_str(f"{target.name}: {name} ({bar.n + 1}/{bar.total})")
 
 
 def _own_gate(folder: Path, threads: int) -> dict:
