@@ -176,3 +176,14 @@ def test_a_missing_recipe_path_named_like_a_built_in_says_built_ins_go_by_name(t
         load_recipe("recipes/quickstart.yaml")
     with pytest.raises(UadcError, match=r"^recipe not found: recipes/nope.yaml$"):
         load_recipe("recipes/nope.yaml")
+
+
+def test_the_readmes_example_paths_outside_a_checkout_name_the_installed_ones(tmp_path, monkeypatch):
+    """`uadc predict ART examples/hazelnut_toy_256/...` from a wheel said only `input not found`."""
+    from uadc.core.images import find_images
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UadcError, match=r"input not found: examples/hazelnut_toy_256/hazelnut_toy/test \(the demo "
+                                        r"images installed with uadc are at .*hazelnut_toy_256/hazelnut_toy/test\)$"):
+        find_images("examples/hazelnut_toy_256/hazelnut_toy/test")
+    with pytest.raises(UadcError, match=r"^input not found: examples/nope$"):
+        find_images("examples/nope")

@@ -149,8 +149,20 @@ def find_images(paths: "list[Path] | Path | str", exclude: list[Path] | tuple = 
             _add(found, seen, p, None)
         else:
             raise UadcError(f"input is a broken link or a link loop: {p}" if p.is_symlink() else
-                            f"input not found: {p}")
+                            f"input not found: {p}{_installed_example(p)}")
     return found
+
+
+def _installed_example(p: Path) -> str:
+    """A hint for the README's ``examples/...`` paths run outside a checkout: where the wheel put them."""
+    if p.is_absolute() or p.parts[:1] != ("examples",):
+        return ""
+    from importlib import resources
+    try:
+        installed = Path(str(resources.files("uadc.examples"))).joinpath(*p.parts[1:])
+    except ModuleNotFoundError:
+        return ""
+    return f" (the demo images installed with uadc are at {installed})" if installed.exists() else ""
 
 
 def _walk(root: Path) -> list[Path]:
