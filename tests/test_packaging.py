@@ -187,3 +187,14 @@ def test_the_readmes_example_paths_outside_a_checkout_name_the_installed_ones(tm
         find_images("examples/hazelnut_toy_256/hazelnut_toy/test")
     with pytest.raises(UadcError, match=r"^input not found: examples/nope$"):
         find_images("examples/nope")
+
+
+def test_a_built_in_recipe_without_its_data_says_how_to_copy_it(tmp_path, monkeypatch):
+    """`uadc train quickstart` from a wheel: "data folder not found: .../site-packages/shared/..." only."""
+    import uadc.config.packaged as packaged
+    from uadc.data.prepare import prepare_data
+    (tmp_path / "quick.yaml").write_text("data:\n  sources: [{root: ../nowhere}]\n")
+    monkeypatch.setattr(packaged, "recipes_dir", lambda: tmp_path)
+    with pytest.raises(UadcError, match=r"data folder not found: .*; built-in recipe 'quick': `uadc recipes show "
+                                        r"quick > my.yaml`, set the key there and run my.yaml$"):
+        prepare_data(load_recipe(tmp_path / "quick.yaml"))

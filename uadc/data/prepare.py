@@ -68,9 +68,20 @@ def _val_in_tests(val: dict[str, list[Sample]], tests: dict[str, ImageDataset]) 
             for c, ss in val.items() if (n := sum(s.path.resolve() in test_files for s in ss))]
 
 
+def _sources(recipe: Recipe) -> list[tuple[Path, str]]:
+    try:
+        return resolve_sources([s.model_dump() for s in recipe.data.sources])
+    except UadcError as exc:   # a built-in recipe cannot be edited where it is installed: say how to copy it
+        from uadc.config.packaged import recipes_dir
+        if recipe.path is None or Path(recipe.path).resolve().parent != recipes_dir().resolve():
+            raise
+        raise UadcError(f"{exc}; built-in recipe {recipe.name!r}: `uadc recipes show {recipe.name} > my.yaml`, set "
+                        f"the key there and run my.yaml") from None
+
+
 def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeData:
     """Validates all data (train and test, masks included) before any training starts."""
-    pairs = resolve_sources([s.model_dump() for s in recipe.data.sources])
+    pairs = _sources(recipe)
     unknown = sorted({v.category for v in recipe.data.val or []} - {c for _, c in pairs})
     if unknown:
         raise UadcError(f"data.val: category {unknown[0]!r} is not in data.sources")
