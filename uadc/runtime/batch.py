@@ -65,7 +65,7 @@ class PredictRun:
         verdicts = ", ".join(f"{k} {v}" for k, v in sorted(s["verdicts"].items()))
         left = f"; left out: {_describe(self.left_out)}" if self.left_out else ""
         latency = f"; p50 latency {s['latency_ms_p50']} ms per image" if self.records else ""
-        counts = f"{s['images']} images" + (f" ({verdicts})" if verdicts else "")
+        counts = f"{s['images']} image{'' if s['images'] == 1 else 's'}" + (f" ({verdicts})" if verdicts else "")
         return f"{counts}; {s['failed']} skipped{left}{latency}"
 
 
