@@ -166,3 +166,24 @@ def test_a_warm_up_as_long_as_the_training_is_warned_about(recipe_factory, tmp_p
     with caplog.at_level("WARNING", logger="uadc"):
         uadc.train(recipe, artifacts=tmp_path / "art")
     assert "train.warmup_epochs (1) >= train.epochs (1): the learning rate never reaches train.lr" in caplog.text
+
+
+def test_a_checkpoint_is_not_judged_on_categories_found_since_it_was_trained(recipe_factory, tiny_data, tmp_path):
+    """With no categories list, a category folder added after training was scored (an untrained product in
+    the mean, eval.json rewritten) and a removed one dropped, without a word."""
+    import shutil
+    import uadc
+    from synthetic import make_category
+    data = tmp_path / "data"
+    for c in ("stripes", "gray"):
+        shutil.copytree(tiny_data / c, data / c)
+    recipe = recipe_factory(data={"sources": [{"root": str(data)}]}, train={"epochs": 1, "threads": 1})
+    uadc.train(recipe, artifacts=tmp_path / "art")
+    make_category(data, "dots", size=32, n_train=4, n_good=2, n_defect=2, seed=5)
+    with pytest.raises(UadcError, match=r"was trained on gray, stripes; the recipe's data now holds dots, gray, "
+                                        r"stripes \(new: dots\): train again, or list data.sources\[\].categories"):
+        uadc.evaluate(recipe, artifacts=tmp_path / "art")
+    shutil.rmtree(data / "dots")
+    shutil.rmtree(data / "gray")
+    with pytest.raises(UadcError, match=r"now holds stripes \(gone: gray\)"):
+        uadc.evaluate(recipe, artifacts=tmp_path / "art")

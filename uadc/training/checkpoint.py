@@ -169,7 +169,14 @@ def judged_categories(blob: dict, categories: list[str], path: Path | None, subs
     """The recipe's categories a checkpoint is judged on: a one-class model's own (with ``subset``;
     else they must be the recipe's). Judged on all, it gave figures, or compiled thresholds, for
     products it never saw (or failed at the manifest after all the work)."""
-    own = list(blob.get("categories") or []) if blob.get("one_class") else list(categories)
+    trained = list(blob.get("categories") or [])
+    if trained and not blob.get("one_class") and sorted(trained) != sorted(categories):   # folders found anew
+        change = [f"{what}: {', '.join(cats)}" for what, cats in (("new", sorted(set(categories) - set(trained))),
+                                                                 ("gone", sorted(set(trained) - set(categories)))) if cats]
+        raise UadcError(f"checkpoint {path} was trained on {', '.join(sorted(trained))}; the recipe's data now holds "
+                        f"{', '.join(sorted(categories))} ({'; '.join(change)}): train again, or list "
+                        f"data.sources[].categories")
+    own = trained if blob.get("one_class") else list(categories)
     if sorted(own) != sorted(categories) and not (subset and set(own) <= set(categories)):
         raise UadcError(f"checkpoint {path} is the one-class model of {own}, the recipe covers {sorted(categories)}: "
                         f"use `uadc eval --one-class`, or a recipe whose data.sources list only {own}")
