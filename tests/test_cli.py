@@ -82,6 +82,12 @@ def test_eval_of_a_one_class_checkpoint_keeps_the_unified_eval_json(recipe_facto
     assert res.exit_code == 0 and "not written" in res.output and (art / "tiny" / "eval.json").read_text() == unified
     res = CliRunner().invoke(main, ["eval", str(r), "--one-class", "--artifacts", str(art), "--checkpoint", "nope.pt"])
     _assert_user_error(res, "drop --checkpoint", tmp_path / "none")
+    res = CliRunner().invoke(main, ["eval", str(r), "--one-class", "--artifacts", str(art)])
+    assert res.exit_code == 0 and "unified" in res.output and "no unified eval.json" not in res.output
+    # retrained: the eval.json of the model it replaced is no basis for the comparison (it was compared)
+    assert CliRunner().invoke(main, ["train", str(r), "--artifacts", str(art), "--epochs", "2"]).exit_code == 0
+    res = CliRunner().invoke(main, ["eval", str(r), "--one-class", "--artifacts", str(art)])
+    assert res.exit_code == 0 and "no unified eval.json of this recipe's current checkpoint" in res.output
 
 
 def test_eval_without_checkpoint(recipe_factory, tmp_path):

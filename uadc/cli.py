@@ -186,7 +186,8 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
         res = api.evaluate(r, one_class=True, artifacts=artifacts)
         click.echo(format_table(res.one_class, f"{r.name} (one model per category)"))
         click.echo(format_comparison(res.unified, res.one_class) if res.unified else
-                   "no unified eval.json of this recipe: run `uadc eval` for the unified-vs-one-class table")
+                   "no unified eval.json of this recipe's current checkpoint: run `uadc eval` for the "
+                   "unified-vs-one-class table")
         return res
     res = api.evaluate(checkpoint or r, r, artifacts=artifacts)
     epochs = res.extra.get("epochs")       # None for a compiled artifact: name it instead

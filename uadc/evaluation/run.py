@@ -14,7 +14,7 @@ import torch
 from uadc.config.recipe import Recipe
 from uadc.core.constants import EVAL_FILE, METRIC_KEYS
 from uadc.core.errors import NonFiniteOutputs, UadcError
-from uadc.core.io import atomic_write_json, read_json
+from uadc.core.io import atomic_write_json, read_json, sha256_file
 from uadc.core.numbers import fixed
 from uadc.core.progress import progress
 from uadc.core.scoped import torch_threads
@@ -164,7 +164,8 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
         result = evaluate(torch_predictor(model), test_arrays(data, cats), recipe.eval.batch_size, defects=kinds)
     history = blob.get("history", [])
     one_class = bool(blob.get("one_class"))
-    result.extra = {"checkpoint": str(ckpt), "recipe_hash": recipe.hash, "train_seconds": blob.get("train_seconds"),
+    result.extra = {"checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt), "recipe_hash": recipe.hash,
+                    "train_seconds": blob.get("train_seconds"),
                     **({"one_class": True, "trained_on": list(blob.get("categories") or [])} if one_class else {}),
                     "epochs": len(history), "model_stats": blob.get("stats"),
                     "learning_curve": [{"epoch": h["epoch"], "train_seconds": _seconds_until(history, h["epoch"]),
@@ -202,19 +203,22 @@ def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None) -> OneClas
             per_cat[cat] = evaluate(torch_predictor(model), {cat: arr}, recipe.eval.batch_size).categories[cat]
     s = metrics.summarize(per_cat)
     one_class = EvalResult(s["mean"], s["categories"])
-    result = OneClassResult(one_class, _unified_eval(recipe.artifact_dir(artifacts) / EVAL_FILE, recipe, per_cat))
+    result = OneClassResult(one_class, _unified_eval(recipe.artifact_dir(artifacts) / EVAL_FILE, recipe, per_cat,
+                                                     checkpoint_path(recipe, artifacts)))
     result.path = atomic_write_json(recipe.artifact_dir(artifacts) / "one_class_eval.json", result.to_dict())
     return result
 
 
-def _unified_eval(path: Path, recipe: Recipe, categories: dict) -> EvalResult | None:
-    """The unified model's ``eval.json`` to compare with, if it is this recipe's and covers every
-    category (an older recipe's, or a damaged file, is no basis for a comparison: None)."""
-    if not path.is_file():
+def _unified_eval(path: Path, recipe: Recipe, categories: dict, checkpoint: Path) -> EvalResult | None:
+    """The unified model's ``eval.json`` to compare with, if it is this recipe's, of the checkpoint there
+    now (a retrained model's was compared before) and covers every category (an older recipe's, or a
+    damaged file, is no basis for a comparison: None)."""
+    if not path.is_file() or not checkpoint.is_file():
         return None
     try:
         res = EvalResult.from_dict(read_json(path, "unified evaluation"))
-        fits = res.extra.get("recipe_hash") == recipe.hash and not res.extra.get("one_class") and all(
+        fits = res.extra.get("recipe_hash") == recipe.hash and not res.extra.get("one_class") and \
+            res.extra.get("checkpoint_sha256") == sha256_file(checkpoint) and all(
             isinstance(res.categories.get(c), dict) and all(isinstance(res.categories[c].get(k), (int, float))
                                                           for k in m if k in ("image_auroc", "pixel_auroc"))
             for c, m in categories.items())
