@@ -187,3 +187,14 @@ def test_a_checkpoint_is_not_judged_on_categories_found_since_it_was_trained(rec
     shutil.rmtree(data / "gray")
     with pytest.raises(UadcError, match=r"now holds stripes \(gone: gray\)"):
         uadc.evaluate(recipe, artifacts=tmp_path / "art")
+
+
+def test_a_checkpoint_of_other_training_settings_is_named(recipe_factory, tmp_path, caplog):
+    """Another recipe file (lr 100) trained into the same folder: `uadc eval` reported it as this recipe's."""
+    import uadc
+    recipe = recipe_factory(train={"epochs": 1, "threads": 1})
+    uadc.train(recipe, artifacts=tmp_path / "art", epochs=2)
+    with caplog.at_level("INFO", logger="uadc"):
+        uadc.evaluate(recipe, artifacts=tmp_path / "art", write=False)
+    assert "was trained with other training settings than recipe" in caplog.text
+    assert "(train.epochs: 2 in the checkpoint, 1 in the recipe)" in caplog.text

@@ -153,6 +153,9 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
                         f"has seed {recipe.seed}: the seed draws the validation normals held out of training, so this "
                         f"recipe's would include images the checkpoint trained on (its thresholds set on them); use "
                         f"seed {trained.seed} or retrain with `uadc train`")
+    if recipe is not None and trained.cfg["train"] != recipe.cfg["train"]:   # same model, other training: say so
+        log.info("checkpoint %s was trained with other training settings than recipe %s (%s)", path,
+                 recipe.path or recipe.name, _first_difference(trained.cfg["train"], recipe.cfg["train"], "train"))
     check_finite_weights(blob["state_dict"], path)
     with torch.random.fork_rng():  # its random initialisation is overwritten: leave the caller's stream
         model = make_model(trained)
