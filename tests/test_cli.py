@@ -204,3 +204,12 @@ def test_logged_warnings_read_as_warnings(capsys):
     for level, msg in ((logging.WARNING, "few normals"), (logging.INFO, "checkpoint written")):
         h.emit(logging.LogRecord("uadc.data", level, __file__, 1, msg, None, None))
     assert capsys.readouterr().err == "warning: few normals\ncheckpoint written\n"
+
+
+def test_checkpoint_option_given_the_recipe_file_is_refused(recipe_factory, tmp_path):
+    """`uadc eval R --checkpoint R` evaluated R's own checkpoint and rewrote its eval.json."""
+    r = recipe_factory()
+    for cmd in (["eval", str(r)], ["compile", str(r), "--no-eval"]):
+        res = CliRunner().invoke(main, [*cmd, "--checkpoint", str(r), "--artifacts", str(tmp_path / "art")])
+        assert res.exit_code == 2 and res.output.strip().splitlines()[-1] == \
+            f"error: --checkpoint {r}: a recipe file, not a checkpoint (checkpoint.pt)", res.output

@@ -189,13 +189,19 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
                    "no unified eval.json of this recipe's current checkpoint: run `uadc eval` for the "
                    "unified-vs-one-class table")
         return res
-    res = api.evaluate(checkpoint or r, r, artifacts=artifacts)
+    res = api.evaluate(_checkpoint(checkpoint) or r, r, artifacts=artifacts)
     epochs = res.extra.get("epochs")       # None for a compiled artifact: name it instead
     kind = f"one-class {', '.join(res.extra['trained_on'])}" if res.extra.get("one_class") else "unified"
     click.echo(format_table(res, f"{r.name} ({kind}, {f'{epochs} epochs' if epochs else checkpoint})"))
     click.echo(format_defects(res), nl=bool(res.defects))
     click.echo(f"written: {res.path}" if res.path else "not written: eval.json holds the recipe's own unified checkpoint's figures")
     return res
+
+
+def _checkpoint(path: Path | None) -> Path | None:
+    if path is not None and path.suffix in (".yaml", ".yml"):   # the recipe's own file fell back to its checkpoint
+        raise UadcError(f"--checkpoint {path}: a recipe file, not a checkpoint (checkpoint.pt)")
+    return path
 
 
 @main.command("compile")
@@ -244,7 +250,7 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
         log.info("checkpoint written: %s", api.train(r, artifacts=artifacts).checkpoints[0])
     from uadc.quant.qat.run import load_qat_model
     qat_model = load_qat_model(r, target, artifacts, checkpoint or checkpoint_path(r, artifacts)) if from_qat else None
-    res = api.compile(checkpoint or r, target, recipe=r, calibration=calib_data, calibrator=calibrator,
+    res = api.compile(_checkpoint(checkpoint) or r, target, recipe=r, calibration=calib_data, calibrator=calibrator,
                       calib_samples=calib_samples, quantize=comma_list(quantize), per_channel=per_channel, out=out,
                       force=force, dump_passes=dump_passes, split=split, build_engine=build_engine,
                       evaluate=not no_eval, qat_model=qat_model, artifacts=artifacts, postprocess=postprocess,
