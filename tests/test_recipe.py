@@ -198,3 +198,18 @@ def test_a_checkpoint_of_other_training_settings_is_named(recipe_factory, tmp_pa
         uadc.evaluate(recipe, artifacts=tmp_path / "art", write=False)
     assert "was trained with other training settings than recipe" in caplog.text
     assert "(train.epochs: 2 in the checkpoint, 1 in the recipe)" in caplog.text
+
+
+def test_one_class_knn_validation_is_checked_for_every_category_before_training(tmp_path):
+    """Category a was trained and written, then b stopped with "needs at least 2 validation normals"."""
+    import uadc
+    from conftest import write_recipe
+    from synthetic import make_category
+    make_category(tmp_path / "d", "a", size=32, n_train=16, seed=1)
+    make_category(tmp_path / "d", "b", size=32, n_train=8, seed=2)
+    recipe = write_recipe(tmp_path / "k.yaml", tmp_path / "d", data={
+        "sources": [{"root": str(tmp_path / "d")}], "image_size": 32, "val_fraction": 0.15},
+        model={"image_knn": {"weight": 1.0}}, train={"epochs": 1, "threads": 1})
+    with pytest.raises(UadcError, match="model.image_knn needs at least 2 validation normals .* b has 1"):
+        uadc.train(recipe, one_class=True, artifacts=tmp_path / "art")
+    assert not list((tmp_path / "art").rglob("checkpoint.pt"))

@@ -75,6 +75,9 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
         check_writable(path.parent)
         if path.exists() and not path.is_file():
             raise UadcError(f"cannot write {path}: something other than a file is there")
+    knn = [n for n in ("patch_knn", "image_knn") if recipe.cfg["model"][n]["weight"] > 0]
+    for cat, _ in groups if knn else []:   # every model's, before the first trains (one-class: found after some)
+        _knn_sets(data, [cat] if cat else cats, knn[0])
     models = []
     with torch_threads(recipe.train.threads):
         for (cat, idx), path in zip(groups, paths):
@@ -120,13 +123,17 @@ def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, images: torch.
     return TrainedModel(path, cat, seconds, len(history), history[-1]["loss"] if history else float("nan"), stats)
 
 
-def _knn_validation(data: RecipeData, cats: list[str], name: str) -> torch.Tensor:
-    """The validation normals the kNNs standardise on; checked before any training."""
+def _knn_sets(data: RecipeData, cats: list[str], name: str) -> list:
+    """The validation sets the kNNs standardise on (at least 2 images)."""
     sets = [data.val[c] for c in cats if c in data.val and len(data.val[c])]
     if (n := sum(len(s) for s in sets)) < 2:   # one-class: one category's share of a small train/good
         raise UadcError(f"model.{name} needs at least 2 validation normals to standardise its score, "
                         f"{'/'.join(cats)} has {n}: raise data.val_fraction or give data.val")
-    return load_images(ConcatDataset(sets), "validation normals")
+    return sets
+
+
+def _knn_validation(data: RecipeData, cats: list[str], name: str) -> torch.Tensor:
+    return load_images(ConcatDataset(_knn_sets(data, cats, name)), "validation normals")
 
 
 def train_device(name: str) -> torch.device:
