@@ -213,3 +213,21 @@ def test_one_class_knn_validation_is_checked_for_every_category_before_training(
     with pytest.raises(UadcError, match="model.image_knn needs at least 2 validation normals .* b has 1"):
         uadc.train(recipe, one_class=True, artifacts=tmp_path / "art")
     assert not list((tmp_path / "art").rglob("checkpoint.pt"))
+
+
+def test_a_one_class_run_stopped_half_way_names_the_models_it_replaced(recipe_factory, tmp_path, monkeypatch, caplog):
+    """Ctrl-C while the 2nd category trained said "nothing was written for the unfinished step"; the 1st was new."""
+    import uadc
+    import uadc.training.run as run
+    calls = []
+
+    def one(recipe, data, cat, *a):
+        calls.append(cat)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run.TrainedModel(tmp_path / "x.pt", cat, 0.0, 1, 0.0)
+
+    monkeypatch.setattr(run, "_train_one", one)
+    with caplog.at_level("WARNING", logger="uadc"), pytest.raises(KeyboardInterrupt):
+        uadc.train(recipe_factory(train={"epochs": 1, "threads": 1}), one_class=True, artifacts=tmp_path / "art")
+    assert f"stopped after writing the models of {calls[0]}; the other categories keep their earlier ones" in caplog.text

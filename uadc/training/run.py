@@ -3,11 +3,12 @@ category. Returns a typed ``TrainResult``; the checkpoint is written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import ConcatDataset
@@ -78,8 +79,8 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
     knn = [n for n in ("patch_knn", "image_knn") if recipe.cfg["model"][n]["weight"] > 0]
     for cat, _ in groups if knn else []:   # every model's, before the first trains (one-class: found after some)
         _knn_sets(data, [cat] if cat else cats, knn[0])
-    models = []
-    with torch_threads(recipe.train.threads):
+    models: list[TrainedModel] = []
+    with torch_threads(recipe.train.threads), _stopped_after(models):
         for (cat, idx), path in zip(groups, paths):
             # read the images first: an unreadable one fails before any folder or lock exists
             images = load_images(torch.utils.data.Subset(data.train, idx), "loading images")
@@ -88,6 +89,18 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
                 with file_lock(path):
                     models.append(_train_one(recipe, data, cat, images, cats, path, on_epoch, model))
     return TrainResult(recipe.name, recipe.hash, one_class, models)
+
+
+@contextlib.contextmanager
+def _stopped_after(models: list[TrainedModel]) -> Iterator[None]:
+    """A one-class run stopped half-way has replaced some categories' models: name them."""
+    try:
+        yield
+    except BaseException:
+        if models:
+            log.warning("stopped after writing the models of %s; the other categories keep their earlier ones",
+                        ", ".join(m.category or "unified" for m in models))
+        raise
 
 
 def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, images: torch.Tensor, cats: list[str],
