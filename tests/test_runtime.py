@@ -402,7 +402,7 @@ def test_staged_files_move_in_on_success_only_and_across_disks(tmp_path, monkeyp
     assert (final / "a" / "x.png").read_bytes() == b"3" and [p.name for p in tmp_path.iterdir()] == ["overlays"]
 
 
-def test_runs_sharing_an_out_folder_take_turns(int8_artifact, tiny_data, tmp_path):
+def test_runs_sharing_an_out_folder_take_turns(int8_artifact, tiny_data, tmp_path, caplog):
     """Two `uadc predict --out same` at once could leave one run's predictions.jsonl beside the
     other's predictions.csv; the second now waits for the first."""
     import threading
@@ -411,12 +411,14 @@ def test_runs_sharing_an_out_folder_take_turns(int8_artifact, tiny_data, tmp_pat
     from uadc.runtime.batch import predict_paths
     det = Detector.load(int8_artifact[2].path)
     out = tmp_path / "shared"
+    caplog.set_level("INFO", logger="uadc")
     with file_lock(out):                     # another run holds the folder
         t = threading.Thread(target=predict_paths, args=(det, [tiny_data / "gray" / "test" / "good"]),
                              kwargs={"out": out})
         t.start()
         t.join(2.0)
         assert t.is_alive() and not (out / "predictions.csv").exists()
+        assert f"waiting for another uadc process writing {out}" in caplog.text   # it waited without a word
     t.join(60)
     assert not t.is_alive() and (out / "predictions.csv").is_file() and (out / "predictions.jsonl").is_file()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -245,7 +246,13 @@ def file_lock(target: Path, timeout: float = -1) -> Iterator[None]:
     ensure_dir(target.parent)
     lock = FileLock(str(target.parent / f".{target.name}.lock"), timeout=timeout)
     try:
-        lock.acquire()
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if timeout == 0:
+                raise
+            logging.getLogger("uadc").info("waiting for another uadc process writing %s", target)   # it waited mute
+            lock.acquire()
     except Timeout:
         raise UadcError(f"{target} is being written by another uadc process") from None
     except OSError as exc:
