@@ -61,6 +61,13 @@ def _newline_after_bar() -> None:   # a progress bar may have left the cursor mi
     sys.stderr.write("\n" if sys.stderr.isatty() else "")
 
 
+def _show_usage_error(exc: click.ClickException, file: Any = None) -> None:
+    """click's usage and hint lines, then the error on a line starting ``error:`` as every other."""
+    if isinstance(exc, click.UsageError) and exc.ctx is not None:
+        click.echo(f"{exc.ctx.get_usage()}\nTry '{exc.ctx.command_path} --help' for help.\n", err=True)
+    click.echo(f"error: {exc.format_message()}", err=True)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         args = [*(ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args), *ctx.args]
@@ -71,6 +78,7 @@ class _Group(click.Group):
                 if self._json_on_stdout(ctx, args):
                     from uadc.core.io import to_json
                     click.echo(to_json({"error": exc.format_message(), "exit_code": exc.exit_code}), nl=False)
+                exc.show = functools.partial(_show_usage_error, exc)
                 raise
 
     def _json_on_stdout(self, ctx: click.Context, args: list[str]) -> bool:
@@ -482,16 +490,9 @@ def recipes() -> None:
 def recipes_list() -> None:
     """Name, what it is, and whether its data (and weights file) is found here."""
     from uadc.config.packaged import packaged_recipes
-    from uadc.config.recipe import load_recipe
+    from uadc.config.settings import recipe_file_state
     for p in packaged_recipes():
-        try:
-            r = load_recipe(p.path)
-            missing = [f"data.sources[{i}].root" for i, s in enumerate(r.data.sources) if not Path(s.root).is_dir()]
-            missing += ["model.weights"] if r.model.weights and not Path(r.model.weights).is_file() else []
-            state = f"files missing: set {', '.join(missing)}" if missing else "data found"
-        except UadcError as exc:
-            state = f"needs edits: {exc}"
-        click.echo(f"{p.name:<24} {p.summary}  [{state}]")
+        click.echo(f"{p.name:<24} {p.summary}  [{recipe_file_state(p.path)}]")
 
 
 @recipes.command("show")

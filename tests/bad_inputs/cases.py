@@ -410,7 +410,7 @@ CASES: list[Case] = [
     Case("ckpt-is-folder", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="checkpoint c.pt is a folder",
          setup=lambda e: (e.d / "c.pt").mkdir()),                             # "not found" before
     Case("ckpt-a-recipe", COMPILE("--checkpoint", "r.yaml", "--out", "o"),     # "holds objects other than tensors"
-         msg="cannot read checkpoint r.yaml: not a torch checkpoint file (it starts with b'data')",
+         msg="--checkpoint r.yaml: a recipe file, not a checkpoint (checkpoint.pt)",
          setup=text("r.yaml", "data: {}\n")),
     Case("ckpt-eval-not-a-file", lambda e: ["eval", str(e.s.recipe), "--checkpoint", "nope"],
          msg="checkpoint not found: nope"),                                    # evaluated the recipe's own before

@@ -44,7 +44,7 @@ class Case:
     setup: Callable[[Env], None] | None = None
     allow: tuple[str, ...] = ()       # paths (relative to the case folder) that may change
     check: Callable[[Env, Result], None] | None = None  # success cases: the output is sound
-    usage: bool = False               # a click usage error (exit 2, "Error: ..." last line)
+    usage: bool = False               # a click usage error (exit 2, usage lines, then "error: ..." last)
     slow: bool = False                # runs an export/compile/training
     tags: tuple[str, ...] = field(default=())
 
@@ -94,8 +94,8 @@ def outcome_problems(case: Case, res: Result) -> list[str]:
         problems.append(f"exit code {res.exit_code}, expected {case.code}")
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     if case.code == 2 and case.usage:
-        if not lines or not lines[-1].startswith("Error:"):
-            problems.append("a usage error ends with click's 'Error: ...' line")
+        if not lines or not lines[-1].startswith("error: ") or not lines[0].startswith("Usage: "):
+            problems.append("a usage error is click's usage line, then one 'error: ...' line as every other error")
     elif case.code == 2:
         errors = [ln for ln in lines if ln.startswith("error: ")]
         if len(errors) != 1 or lines[-1] != errors[0]:

@@ -4,8 +4,9 @@ over the target's defaults (used by compile, calibrator comparisons and QAT's PT
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from uadc.config.recipe import Recipe
+from uadc.config.recipe import Recipe, load_recipe
 from uadc.config.targets import Target
 from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
 from uadc.core.errors import UadcError
@@ -59,3 +60,14 @@ def resolve_ptq(recipe: Recipe, target: Target, calibrator: str | None = None, c
                        quantize=tuple(quantize or cfg.quantize),
                        per_channel=cfg.per_channel if per_channel is None else per_channel,
                        reduce_range=cfg.reduce_range)
+
+
+def recipe_file_state(path: Path) -> str:
+    """What `uadc recipes list` says of a recipe file: whether its data (and weights file) is here."""
+    try:
+        r = load_recipe(path)
+    except UadcError as exc:
+        return f"needs edits: {exc}"
+    missing = [f"data.sources[{i}].root" for i, s in enumerate(r.data.sources) if not Path(s.root).is_dir()]
+    missing += ["model.weights"] if r.model.weights and not Path(r.model.weights).is_file() else []
+    return f"files missing: set {', '.join(missing)}" if missing else "data found"
