@@ -65,7 +65,7 @@ def test_eval_of_a_one_class_checkpoint_keeps_the_unified_eval_json(recipe_facto
     unified = (art / "tiny" / "eval.json").read_text()
     res = CliRunner().invoke(main, ["eval", str(r), "--artifacts", str(art), "--checkpoint",
                                     str(art / "tiny" / "one_class" / "gray" / "checkpoint.pt")])
-    assert res.exit_code == 0 and "tiny (one-class gray, 1 epochs)" in res.output and "not written" in res.output
+    assert res.exit_code == 0 and "tiny (one-class gray, 1 epoch)" in res.output and "not written" in res.output
     assert (art / "tiny" / "eval.json").read_text() == unified and "one_class" not in json.loads(unified)
     # judged on its own category only (it was scored on every category of the recipe, the mean too)
     assert "stripes" in json.loads(unified)["categories"] and "stripes" not in res.stdout.replace("category 'stripes' has", "")

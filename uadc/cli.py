@@ -200,7 +200,7 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
     res = api.evaluate(_checkpoint(checkpoint) or r, r, artifacts=artifacts)
     epochs = res.extra.get("epochs")       # None for a compiled artifact: name it instead
     kind = f"one-class {', '.join(res.extra['trained_on'])}" if res.extra.get("one_class") else "unified"
-    click.echo(format_table(res, f"{r.name} ({kind}, {f'{epochs} epochs' if epochs else checkpoint})"))
+    click.echo(format_table(res, f"{r.name} ({kind}, {f'{epochs} epoch' + 's' * (epochs != 1) if epochs else checkpoint})"))
     click.echo(format_defects(res), nl=bool(res.defects))
     click.echo(f"written: {res.path}" if res.path else "not written: eval.json holds the recipe's own unified checkpoint's figures")
     return res

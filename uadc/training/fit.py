@@ -105,7 +105,7 @@ def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: s
             model.eval()
             history[-1].update(on_epoch(epoch + 1, model) or {})
             model.train()
-        log.info("%s: epoch %d/%d  loss %.4f  normal discrepancy per %s %s  (%.0f s)%s", desc, epoch + 1, t.epochs,
+        log.info("%s: epoch %d/%d  loss %.4f  normal discrepancy per %s %s  (%.1f s)%s", desc, epoch + 1, t.epochs,
                  np.mean(losses), model.discrepancy_per, d, history[-1]["seconds"],
                  _curve_point(history[-1].get("test")))
     bar.close()

@@ -132,7 +132,6 @@ def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, images: torch.
     save_checkpoint(path, model, recipe, history, [cat] if cat else cats,
                     {"train_seconds": seconds, "train_device": str(device), "one_class": bool(cat), "stats": stats,
                      **stages})
-    log.debug("checkpoint written: %s", path)   # the CLI prints its own result line
     return TrainedModel(path, cat, seconds, len(history), history[-1]["loss"] if history else float("nan"), stats)
 
 
