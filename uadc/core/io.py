@@ -106,7 +106,9 @@ def check_writable(folder: Path) -> None:
         probe.mkdir()
         probe.rmdir()
     except OSError as exc:
-        raise UadcError(f"folder is not writable: {p} ({exc.strerror or exc})") from None
+        wanted = Path(folder).absolute()
+        under = f"; {wanted} cannot be made there" if wanted != p else ""   # /proc/x: said only "/proc"
+        raise UadcError(f"folder is not writable: {p} ({exc.strerror or exc}){under}") from None
 
 
 def check_own_file(path: Path, ours: Callable[[str], bool], what: str) -> None:
