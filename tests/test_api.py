@@ -137,7 +137,7 @@ def test_the_model_given_is_the_model_judged(trained, tmp_path, tiny_data):
     imagenet.write_text(imagenet.read_text().replace("data:\n", "data:\n  normalization: imagenet\n"))
     for call in (lambda: uadc.baseline(b, imagenet), lambda: uadc.evaluate(b, imagenet),
                  lambda: uadc.compile(b, "ort-cpu-fp32", recipe=imagenet, out=tmp_path / "x")):
-        with pytest.raises(UadcError, match="the Baseline was built from recipe 'tiny' and recipe= gives another"):
+        with pytest.raises(UadcError, match="the Baseline was built from recipe 'tiny' and recipe= gives other data"):
             call()
     with pytest.raises(UadcError, match="one_class judges the recipe's per-category checkpoints"):
         uadc.evaluate(b, one_class=True)
@@ -288,8 +288,10 @@ def test_every_public_function_shows_its_typed_signature():
     import inspect
     import uadc.verify.gate  # noqa: F401  (binds the package to the name uadc.verify)
     from uadc.pipeline import api
-    for name in ("train", "evaluate", "compile", "verify", "diff", "bundle", "qat", "baseline"):
+    from uadc.pipeline import bundle
+    for name in ("train", "evaluate", "compile", "verify", "diff", "qat", "baseline"):
         assert inspect.signature(getattr(uadc, name)) == inspect.signature(getattr(api, name)), name
+    assert inspect.signature(uadc.bundle) == inspect.signature(bundle.bundle)     # torch-free, as the CLI's
     assert "artifact" in inspect.signature(uadc.verify).parameters
 
 

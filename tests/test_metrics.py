@@ -277,16 +277,22 @@ def test_one_class_comparison_uses_only_this_recipes_unified_eval(tmp_path):
     recipe = recipe_from_dict({"data": {"sources": [{"root": str(tmp_path), "categories": ["a", "b"]}]}})
     per_cat = {c: {"image_auroc": 0.9, "pixel_auroc": 0.8} for c in ("a", "b")}
     path = tmp_path / "eval.json"
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(b"weights")
+    from uadc.core.io import sha256_file
+    sha = sha256_file(ckpt)
 
-    def written(cats, recipe_hash=recipe.hash) -> EvalResult | None:
-        doc = EvalResult({"image_auroc": 0.9}, {c: dict(per_cat["a"]) for c in cats}, {}, {"recipe_hash": recipe_hash})
+    def written(cats, recipe_hash=recipe.hash, checkpoint_sha=sha) -> EvalResult | None:
+        doc = EvalResult({"image_auroc": 0.9}, {c: dict(per_cat["a"]) for c in cats}, {},
+                         {"recipe_hash": recipe_hash, "checkpoint_sha256": checkpoint_sha})
         path.write_text(json.dumps(doc.to_dict()))
-        return _unified_eval(path, recipe, per_cat)
+        return _unified_eval(path, recipe, per_cat, ckpt)
 
     assert written(["a", "b"]).categories["b"]["pixel_auroc"] == 0.8
     assert written(["a"]) is None                            # an earlier recipe without category b
     assert written(["a", "b"], recipe_hash="other") is None  # the same categories, other settings
+    assert written(["a", "b"], checkpoint_sha="0" * 64) is None   # a model retrained since
     path.write_text('{"mean": ')
-    assert _unified_eval(path, recipe, per_cat) is None
+    assert _unified_eval(path, recipe, per_cat, ckpt) is None
     path.unlink()
-    assert _unified_eval(path, recipe, per_cat) is None
+    assert _unified_eval(path, recipe, per_cat, ckpt) is None

@@ -212,7 +212,7 @@ def test_an_image_over_pillows_warning_limit_predicts_without_its_warning(int8_a
     p = subprocess.run([PY, "-m", "uadc.cli", "predict", str(int8_artifact[2].path), str(big.parent), "--out",
                         str(tmp_path / "out"), "--category", "gray"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr
-    assert "DecompressionBomb" not in p.stderr and p.stdout.startswith("1 images"), p.stderr
+    assert "DecompressionBomb" not in p.stderr and p.stdout.startswith("1 image "), p.stderr
     import warnings
     from uadc.runtime import Detector
     with warnings.catch_warnings(record=True) as seen:     # the library, in a caller's process, is quiet too

@@ -146,10 +146,12 @@ def _checkpoint_recipe(source: Any) -> Any:
 
 
 def _baseline_recipe(b: Baseline, recipe: RecipeLike | None, what: str) -> Recipe:
-    """A Baseline's own recipe; another ``recipe`` was ignored without a word: refused."""
-    if recipe is not None and load_recipe(recipe).hash != b.recipe.hash:
-        raise UadcError(f"{what}: the Baseline was built from recipe {b.recipe.name!r} and recipe= gives another "
-                        f"({load_recipe(recipe).name!r}); drop recipe= or build a Baseline from that recipe")
+    """A Baseline's own recipe; a ``recipe`` of other data or model settings was ignored without a word:
+    refused (other compile / qat settings are the caller's to use, as uadc.qat does)."""
+    model = ("data", "model")
+    if recipe is not None and load_recipe(recipe).section_hash(model) != b.recipe.section_hash(model):
+        raise UadcError(f"{what}: the Baseline was built from recipe {b.recipe.name!r} and recipe= gives other data "
+                        f"or model settings; drop recipe= or build a Baseline from that recipe")
     return b.recipe
 
 

@@ -276,14 +276,16 @@ def _manifest(artifact: Path) -> Manifest | None:
         return None
 
 
-def _check_golden_model(folder: Path, g: GoldenSet) -> None:
-    """A golden set of another recipe's model judged every figure a REGRESSION (exit 1): one error."""
+def _golden_of_another_recipe(folder: Path, g: GoldenSet) -> list[str]:
+    """A note when the golden set is another recipe's (recipe files differ in any section, or in name,
+    for one model too, so not an error): every figure out of budget then may only mean another model."""
     m = _manifest(folder)
     theirs, ours = g.meta.get("recipe_hash"), m.recipe_hash if m is not None else None
-    if theirs and ours and theirs != ours:
-        raise UadcError(f"golden set {g.path} is recipe {g.meta.get('recipe')!r}'s (hash {theirs}), {folder} recipe "
-                        f"{m.recipe!r}'s (hash {ours}): verify judges an artifact against its own model's golden "
-                        f"outputs; compare two models with `uadc diff A B`")
+    if not (theirs and ours and theirs != ours):
+        return []
+    return [f"the golden set is recipe {g.meta.get('recipe')}'s (hash {theirs}), the artifact recipe {m.recipe}'s "
+            f"(hash {ours}): if they are different models, the figures measure that difference (`uadc diff A B` "
+            f"compares two models)"]
 
 
 GLOBAL_FALLBACK = "artifact.json global (no thresholds of its own for this category)"
@@ -372,7 +374,7 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
     artifact = Path(artifact)
     model = _model_path(artifact)
     g = read_golden(golden if golden is not None else model.parent)
-    _check_golden_model(model.parent, g)
+    notes = _golden_of_another_recipe(model.parent, g)
     check_same_input(g.path.parent / g.meta.get("reference_model", GOLDEN_REFERENCE), model,
                      int(g.feeds[0][next(iter(g.feeds[0]))].shape[-1]) if g.feeds else None)
     b, per_cat = _budgets(recipe, g.meta.get("verify"), budgets)
@@ -384,7 +386,8 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
                             f"use `uadc diff REFERENCE {artifact} --images ...`")
         res = diff(ref_model, artifact, images=images, budgets=budgets, recipe=recipe, normal_only=normal_only,
                    threads=threads, reference_thresholds=g.meta["thresholds"])
-        return VerifyResult(**{**res.__dict__, "kind": "verify", "seconds": time.time() - t0})
+        return VerifyResult(**{**res.__dict__, "kind": "verify", "seconds": time.time() - t0,
+                               "notes": notes + list(res.notes)})
     results = run_feeds([cand_runner], g.feeds)
     from polygraphy.comparator import IterationResult, RunResults
     golden_results = RunResults()
@@ -398,7 +401,7 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
     cand_thr = _manifest_thresholds(artifact, ref_thr) or ref_thr
     return _judge("verify", str(g.path), str(artifact), {"reference": "golden (FP32 reference outputs)",
                                                          "candidate": cand_label},
-                  g.images, g.masks, ref, cand, (ref_thr, cand_thr), b, per_cat, normal_only, tensors, t0)
+                  g.images, g.masks, ref, cand, (ref_thr, cand_thr), b, per_cat, normal_only, tensors, t0, notes)
 
 
 def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dict | None = None, recipe: Any = None,
