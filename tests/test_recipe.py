@@ -231,3 +231,17 @@ def test_a_one_class_run_stopped_half_way_names_the_models_it_replaced(recipe_fa
     with caplog.at_level("WARNING", logger="uadc"), pytest.raises(KeyboardInterrupt):
         uadc.train(recipe_factory(train={"epochs": 1, "threads": 1}), one_class=True, artifacts=tmp_path / "art")
     assert f"stopped after writing the models of {calls[0]}; the other categories keep their earlier ones" in caplog.text
+
+
+def test_a_checkpoint_whose_stored_compile_settings_a_newer_uadc_refuses_still_loads(recipe_factory, tmp_path):
+    """Load-time checks added to compile / deploy keys made older checkpoints unusable ("its stored recipe is
+    invalid: compile.target ..."), although the model depends on data, model and train only."""
+    import torch
+    import uadc
+    recipe = recipe_factory(train={"epochs": 1, "threads": 1})
+    ckpt = uadc.train(recipe, artifacts=tmp_path / "art").checkpoints[0]
+    blob = torch.load(ckpt, weights_only=True)
+    blob["recipe"]["compile"]["target"] = "ort-cpu-int9"
+    blob["recipe"]["compile"]["quantize"] = ["student", "student"]
+    torch.save(blob, ckpt)
+    assert uadc.evaluate(ckpt, recipe, write=False).mean["image_auroc"] >= 0

@@ -132,11 +132,15 @@ def _check_metadata(blob: dict, path: Path) -> None:
                             f"retrain with `uadc train`")
 
 
+_MODEL_SECTIONS = ("name", "seed", "data", "model", "train")
+
+
 def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, dict]:
     """The model (eval mode) and the checkpoint dict; refuses a checkpoint of other settings."""
     blob = read_checkpoint(path)
-    try:
-        trained = recipe_from_dict(blob["recipe"], keep_name=True)
+    try:   # only what the model depends on: a stored compile / deploy section a newer uadc refuses is no matter
+        stored = {k: v for k, v in blob["recipe"].items() if k in _MODEL_SECTIONS}
+        trained = recipe_from_dict(stored, keep_name=True)
     except UadcError as exc:
         raise UadcError(f"checkpoint {path}: its stored recipe is invalid ({exc})") from None
     if recipe is not None:  # the scoring head holds no weights: the recipe asking now picks it
