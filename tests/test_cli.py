@@ -213,3 +213,8 @@ def test_checkpoint_option_given_the_recipe_file_is_refused(recipe_factory, tmp_
         res = CliRunner().invoke(main, [*cmd, "--checkpoint", str(r), "--artifacts", str(tmp_path / "art")])
         assert res.exit_code == 2 and res.output.strip().splitlines()[-1] == \
             f"error: --checkpoint {r}: a recipe file, not a checkpoint (checkpoint.pt)", res.output
+
+
+def test_a_bare_group_shows_its_help_not_an_error():
+    res = CliRunner().invoke(main, ["recipes"])
+    assert "error:" not in res.output and "Commands:" in res.output

@@ -1,6 +1,5 @@
-"""Command line: ``uadc train | eval | compile | qat | calibrators | sweep | predict | verify | diff | bundle | ...``.
-
-The only module that talks to the terminal. It calls the public API (``uadc.pipeline.api``) and
+"""Command line: ``uadc train | eval | compile | qat | calibrators | sweep | predict | verify | diff | bundle | ...``;
+the only module that talks to the terminal. It calls the public API (``uadc.pipeline.api``) and
 prints from the typed results. A user mistake (UadcError) prints one ``error: ...`` line and
 exits with code 2; nothing is written, because every artifact is written atomically at the end.
 """
@@ -61,8 +60,7 @@ def _newline_after_bar() -> None:   # a progress bar may have left the cursor mi
     sys.stderr.write("\n" if sys.stderr.isatty() else "")
 
 
-def _show_usage_error(exc: click.ClickException, file: Any = None) -> None:
-    """click's usage and hint lines, then the error on a line starting ``error:`` as every other."""
+def _show_usage_error(exc: click.ClickException, file: Any = None) -> None:   # "error: ..." as every other
     if isinstance(exc, click.UsageError) and exc.ctx is not None:
         click.echo(f"{exc.ctx.get_usage()}\nTry '{exc.ctx.command_path} --help' for help.\n", err=True)
     click.echo(f"error: {exc.format_message()}", err=True)
@@ -78,7 +76,8 @@ class _Group(click.Group):
                 if self._json_on_stdout(ctx, args):
                     from uadc.core.io import to_json
                     click.echo(to_json({"error": exc.format_message(), "exit_code": exc.exit_code}), nl=False)
-                exc.show = functools.partial(_show_usage_error, exc)
+                if not isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):   # message: the help
+                    exc.show = functools.partial(_show_usage_error, exc)
                 raise
 
     def _json_on_stdout(self, ctx: click.Context, args: list[str]) -> bool:
@@ -465,7 +464,8 @@ def check_trt(model: Path) -> None:
     violations, has_qdq = check_trt_file(model)
     none = "" if has_qdq else " (it has no Q/DQ nodes)"
     target = read_manifest(model, verify=False).target if (model / "artifact.json").is_file() else None
-    other = f"; its target {target} is not a TensorRT one" if target and TARGETS[target].runtime != "tensorrt" else ""
+    known = TARGETS.get(target) if target else None   # a newer uadc's target: no note
+    other = f"; its target {target} is not a TensorRT one" if known and known.runtime != "tensorrt" else ""
     if violations:
         click.echo(format_violations(violations))
     n = len(violations)

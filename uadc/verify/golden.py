@@ -125,9 +125,10 @@ def read_golden(path: Path) -> GoldenSet:
 def _read(path: Path, load: Any) -> Any:
     """``load()``; a missing or damaged golden file is one error naming that file (a traceback and
     exit 1, a "regression", for a damaged golden_masks.npz before)."""
+    from polygraphy.exception import PolygraphyException
     try:
         return load()
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, PolygraphyException) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {str(exc)[:200]}"
         raise UadcError(f"unreadable golden set file {path}: {reason}") from None
 
