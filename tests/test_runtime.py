@@ -158,6 +158,8 @@ def test_folder_walks_name_the_images_they_do_not_read(tmp_path):
     assert found.files == [tmp_path / "W" / "c.png"]
     assert list(found.skipped) == ["not read (.webp; uadc reads .png .jpg .jpeg .bmp .tif .tiff)",   # hidden: not
                                    "not read (.gif; uadc reads .png .jpg .jpeg .bmp .tif .tiff)"]
+    again = find_images([tmp_path / "W", tmp_path / "W", tmp_path / "W" / "sub"]).skipped   # each file once
+    assert {k: v for k, v in again.items() if k.startswith("not read")} == {k: 1 for k in found.skipped}
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     with pytest.raises(UadcError, match="input is a broken link or a link loop: "):
         find_images(tmp_path / "loop")

@@ -129,7 +129,7 @@ def find_images(paths: "list[Path] | Path | str", exclude: list[Path] | tuple = 
     given alone."""
     if isinstance(paths, (str, Path)):   # not walked a character at a time
         paths = [paths]
-    found, seen = FoundImages([]), set()
+    found, seen, others = FoundImages([]), set(), set()
     for p in map(Path, paths):
         if p.is_dir():
             root = p.absolute()
@@ -141,8 +141,9 @@ def find_images(paths: "list[Path] | Path | str", exclude: list[Path] | tuple = 
             blocked = {d: why for d, why in blocked.items() if root in d.parents}
             for f in sorted(f for f in files if f.suffix.lower() in IMAGE_EXTS):
                 _add(found, seen, p / f.relative_to(root), _skip_reason(f, root, blocked))
-            for f in sorted(files):
-                if f.suffix.lower() in OTHER_IMAGE_EXTS and not any(is_hidden(x) for x in f.relative_to(root).parts):
+            for f in sorted(f for f in files if f.suffix.lower() in OTHER_IMAGE_EXTS):
+                if _skip_reason(f, root, blocked) is None and (key := f.resolve()) not in others:
+                    others.add(key)   # once, however many of the inputs reach it
                     why = f"not read ({f.suffix.lower()}; uadc reads {' '.join(IMAGE_EXTS)})"
                     found.skipped[why] = found.skipped.get(why, 0) + 1
         elif p.exists():
