@@ -87,6 +87,7 @@ def test_numbers_and_booleans_read_as_yaml_1_2(tmp_path):
     r = load_recipe(p)
     assert (r.seed, r.train.epochs) == (10, 16)
     for text, message in (("seed: 1:30\n", "seed: expected int, got '1:30'"),
+                          ("train:\n  lr: 1:30.0\n", "train.lr: expected number, got '1:30.0'"),
                           ("train:\n  dcam:\n    enabled: no\n", "train.dcam.enabled: expected bool, got 'no'")):
         p.write_text(yaml.safe_dump(SRC) + text)
         with pytest.raises(UadcError, match=message):

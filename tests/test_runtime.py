@@ -173,6 +173,9 @@ def test_a_file_name_of_the_longest_legal_length_is_written(tmp_path):
         uio.atomic_write_bytes(stage / "L" / name, b"1")
     assert (tmp_path / "overlays" / "L" / name).read_bytes() == b"1"
     assert [p.name for p in (tmp_path / "overlays" / "L").iterdir()] == [name]
+    with uio.atomic_dir(tmp_path / ("é" * 127)) as tmp:     # its lock file's name, beside it, went over too
+        (tmp / "x").write_text("1")
+    assert (tmp_path / ("é" * 127) / "x").read_text() == "1"
 
 
 def test_predict_cli_writes_predictions_and_overlays(int8_artifact, tmp_path, tiny_data):

@@ -246,7 +246,8 @@ def file_lock(target: Path, timeout: float = -1) -> Iterator[None]:
     target = Path(os.path.realpath(target))
     check_writable(target.parent)   # else filelock retries a lock it can never create, forever
     ensure_dir(target.parent)
-    lock = FileLock(str(target.parent / f".{target.name}.lock"), timeout=timeout)
+    name = os.fsdecode(os.fsencode(target.name)[:255 - len("..lock")])   # a 255-byte name's lock fits too
+    lock = FileLock(str(target.parent / f".{name}.lock"), timeout=timeout)
     try:
         try:
             lock.acquire(timeout=0)
