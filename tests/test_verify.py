@@ -422,6 +422,7 @@ def test_verify_and_diff_on_an_image_folder(artifacts, tiny_data):
     finally:
         shutil.rmtree(cam)
     assert any(f"images under {cam.name} are in no folder named after a category" in n for n in v.notes)
+    assert not any("has no thresholds of its own" in n for n in v.notes)   # the note above says it, once
     assert v.thresholds["candidate"][cam.name]["image"] == read_manifest(int8).thresholds.global_.image.value
 
 

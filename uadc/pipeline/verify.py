@@ -322,7 +322,7 @@ def _categories(*artifacts: Path) -> list[str]:
 def _judge(kind: str, reference: str, candidate: str, runtime: dict, records: list[dict], masks: np.ndarray | None,
            ref: tuple[np.ndarray, np.ndarray], cand: tuple[np.ndarray, np.ndarray], thresholds: tuple[dict, dict],
            budgets: dict[str, float], per_category: bool, normal_only: bool, tensors: dict, t0: float,
-           notes: list[str] | None = None) -> GateResult:
+           notes: list[str] | None = None, no_category: Sequence[str] = ()) -> GateResult:
     kinds = np.array([r["kind"] for r in records])
     cats = np.array([r.get("category") or "" for r in records])
     use = np.isin(kinds, ("normal",) if normal_only else FIGURE_KINDS)
@@ -342,7 +342,7 @@ def _judge(kind: str, reference: str, candidate: str, runtime: dict, records: li
     notes = list(notes or []) + ([] if lab is not None else ["no labelled images: AUROC/AUPRO drops not computed"])
     notes += [f"the {side} has no thresholds of its own for {', '.join(fell)}: decided at its global thresholds"
               for side, thr in zip(("reference", "candidate"), thresholds)
-              if (fell := [c for c, t in thr.items() if t.get("source") == GLOBAL_FALLBACK])]
+              if (fell := [c for c, t in thr.items() if t.get("source") == GLOBAL_FALLBACK and c not in no_category])]
     unmeasured = [f"{n}[{c}]" for c, figs in (("all", fid["all"]), *fid["categories"].items()) for n, v in figs.items()
                   if v is None and (c == "all" or per_category and len(fid["categories"]) > 1)]
     notes += [f"not judged, too few images to measure: {', '.join(unmeasured)} (spearman needs "
@@ -451,4 +451,4 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
                          f"({', '.join(known)}): both sides decide them at the global thresholds")
     bud, per_cat = _budgets(recipe, stored, budgets)
     return _judge("diff", str(a), str(b), {"reference": la, "candidate": lb}, records, masks, ref, cand,
-                  (ref_thr, cand_thr), bud, per_cat, normal_only, tensors, t0, notes)
+                  (ref_thr, cand_thr), bud, per_cat, normal_only, tensors, t0, notes, unknown)
