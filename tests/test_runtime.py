@@ -568,6 +568,9 @@ def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path):
         with pytest.raises(UadcError, match=f"--out {out}: inside the artifact folder {latin1}; choose a folder"):
             predict_paths(Detector.load(res.path), [res.path / "model.onnx"], out=out)
     assert sorted(p.name for p in latin1.iterdir()) == sorted(p.name for p in res.path.iterdir())
+    with pytest.raises(UadcError, match=r"an artifact of target ort-cpu-int8 has no TensorRT engine; backend auto "
+                                        r"or onnxruntime$"):      # "run build_engine.sh", which it has not
+        Detector.load(res.path, backend="tensorrt")
     (tmp_path / "dang").symlink_to(tmp_path / "nowhere")
     with pytest.raises(UadcError, match=f"cannot create folder {tmp_path / 'dang'}: it is a broken link"):
         ensure_dir(tmp_path / "dang")

@@ -166,7 +166,10 @@ class Detector:
             raise UadcError(f"backend must be auto, onnxruntime, openvino or tensorrt, got {backend!r}")
         if backend == "tensorrt" or (backend == "auto" and engine.is_file() and _importable("tensorrt")):
             if not engine.is_file():
-                raise UadcError(f"{folder}: no {ENGINE_FILE} (run build_engine.sh on the device first)")
+                raise UadcError(f"{folder}: no {ENGINE_FILE} (run build_engine.sh on the device first)"
+                                if manifest.runtime == "tensorrt" else
+                                f"{folder}: an artifact of target {manifest.target} has no TensorRT engine; backend auto or "
+                                f"{manifest.runtime}")
             _only_auto(schedule, "TensorRT")
             _check_precision(manifest, "TensorRT")
             return cls(manifest, _TrtBackend(engine), batch_size)
