@@ -216,9 +216,12 @@ def search_precision(baseline: Baseline, target: Target, fp32: onnx.ModelProto, 
         if s.faults:
             raise RuntimeFault(f"precision auto: {target.name} with no layer quantized fails on its runtime "
                                f"({s.faults[0].split(': ', 1)[1]})")
+        advice = ("compile a target with fp32 float layers instead" if target.float_precision != "fp32" else
+                  f"its runtime ({target.runtime}, fp32) scores these images differently from the ONNX Runtime FP32 "
+                  f"reference already (near-tied scores); loosen compile.auto or compile with --precision target")
         raise UadcError(f"precision auto: {target.name} with no layer quantized already breaks the fidelity "
                         f"budget ({figures_text(s.figs[frozenset()])}; float layers in {target.float_precision}); "
-                        f"compile a target with fp32 float layers instead")
+                        f"{advice}")
     if trt:
         cm, profile, extra = trt_cost_model(fp32, groups, spec, stage, s.budget.min_saving)
     else:
