@@ -168,25 +168,24 @@ def test_wheel_runs_demo_in_fresh_venv(tmp_path):
     assert Path(where.stdout.strip()).is_relative_to(venv)   # the recipes came from the wheel
 
 
-def test_a_missing_recipe_path_named_like_a_built_in_says_built_ins_go_by_name(tmp_path, monkeypatch):
-    """The README's `recipes/quickstart.yaml` outside a checkout said only `recipe not found`."""
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(UadcError, match=r"recipe not found: recipes/quickstart.yaml \(outside a uadc checkout, "
-                                        r"built-in recipes go by name: give 'quickstart'\)"):
-        load_recipe("recipes/quickstart.yaml")
-    with pytest.raises(UadcError, match=r"^recipe not found: recipes/nope.yaml$"):
-        load_recipe("recipes/nope.yaml")
-
-
-def test_the_readmes_example_paths_outside_a_checkout_name_the_installed_ones(tmp_path, monkeypatch):
-    """`uadc predict ART examples/hazelnut_toy_256/...` from a wheel said only `input not found`."""
+@pytest.mark.parametrize("call, found, missing, hint", [
+    (load_recipe, "recipes/quickstart.yaml", "recipes/nope.yaml",
+     r"recipe not found: recipes/quickstart.yaml \(outside a uadc checkout, built-in recipes go by name: give "
+     r"'quickstart'\)$"),
+    ("find_images", "examples/hazelnut_toy_256/hazelnut_toy/test", "examples/nope",
+     r"input not found: examples/hazelnut_toy_256/hazelnut_toy/test \(the demo images installed with uadc are at "
+     r".*hazelnut_toy_256/hazelnut_toy/test\)$"),
+])
+def test_the_readmes_checkout_paths_elsewhere_name_what_to_give(call, found, missing, hint, tmp_path, monkeypatch):
+    """The README's `recipes/quickstart.yaml` and `examples/...` paths outside a checkout (a wheel install)
+    said only `recipe not found` / `input not found`."""
     from uadc.core.images import find_images
+    call = find_images if call == "find_images" else call
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UadcError, match=r"input not found: examples/hazelnut_toy_256/hazelnut_toy/test \(the demo "
-                                        r"images installed with uadc are at .*hazelnut_toy_256/hazelnut_toy/test\)$"):
-        find_images("examples/hazelnut_toy_256/hazelnut_toy/test")
-    with pytest.raises(UadcError, match=r"^input not found: examples/nope$"):
-        find_images("examples/nope")
+    with pytest.raises(UadcError, match=hint):
+        call(found)
+    with pytest.raises(UadcError, match=f"^[a-z ]+ not found: {missing}$"):
+        call(missing)
 
 
 def test_a_built_in_recipe_without_its_data_says_how_to_copy_it(tmp_path, monkeypatch):
