@@ -281,6 +281,9 @@ def test_fp16_that_breaks_the_budget_stays_fp32(trt_base, tmp_path, monkeypatch)
     assert {g["precision"] for g in rec["groups"] if g["name"] in reverted} <= {"int8", "fp32"}
     script = (r.path / "build_engine.sh").read_text()
     assert ("--int8" in script) == (rec["final"]["int8_groups"] > 0)
+    # the precision shipped: int8 said over a build without one INT8 layer before
+    shipped = "int8" if rec["final"]["int8_groups"] else "fp16" if fs["fp16_groups"] else "fp32"
+    assert r.precision == json.loads((r.path / "artifact.json").read_text())["precision"] == shipped
     kept = script.split("--layerPrecisions=")[1].split()[0]
     int8 = {g["name"] for g in rec["groups"] if g["precision"] == "int8"}
     assert all(f"{name}:fp32" in kept.split(",") for name in reverted if name not in int8)

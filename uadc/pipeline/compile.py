@@ -226,10 +226,13 @@ def _pass_names(baseline: Baseline, target: Target, opts: CompileOptions) -> lis
 
 
 def _shipped(target: Target, auto: AutoPrecision | None) -> Target:
-    """An INT8 CPU target whose precision search kept every group float ships a float model (the report
-    and artifact.json said int8 over a graph without one Q/DQ node); TensorRT decides its own build."""
-    if auto is None or auto.nodes or not target.quantized or target.runtime == "tensorrt":
+    """An INT8 target whose precision search kept every group float ships a float model (the report
+    and artifact.json said int8 over a graph without one Q/DQ node): its float precision, for
+    TensorRT fp16 where the float stage runs layers FP16. The engine build itself follows ``target``."""
+    if auto is None or auto.nodes or not target.quantized:
         return target
+    if target.runtime == "tensorrt":
+        return replace(target, precision="fp16" if auto.fp16_nodes else "fp32")
     return replace(target, precision=target.float_precision)
 
 
