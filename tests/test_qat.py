@@ -285,6 +285,7 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     assert _keys(report) == _keys(ptq_report)
+    assert "- calibrator: **qat** (scales learned by quantization-aware fine-tuning" in (out / "report.md").read_text()
     compiled = onnx.load(str(out / "model.onnx"))
     assert set(_act_quant(compiled)) == set(_act_quant(qat_run["result"].ptq_model))
 

@@ -132,7 +132,9 @@ def render_markdown(r: dict) -> str:
     lines = [f"# uadc compile report: {r['recipe']} → {r['target']}", "",
              f"- precision: **{r['precision']}** on {r['runtime']}",
              f"- quantized partitions: {', '.join(r['quantized_partitions']) or 'none'}"]
-    if r.get("calibrator"):
+    if r.get("calibrator") == "qat":   # "calibration data: **None**" before
+        lines.append("- calibrator: **qat** (scales learned by quantization-aware fine-tuning, `uadc qat`)")
+    elif r.get("calibrator"):
         lines.append(f"- calibrator: **{r['calibrator']}**, calibration data: **{r['calib_data']}**")
     lines += [f"- compile time (export → passes → verification, without AD metrics): "
               f"{r.get('compile_seconds', float('nan')):.1f} s", ""]
