@@ -61,7 +61,8 @@ def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto,
         amax = {k: max(abs(lo), abs(hi)) for k, (lo, hi) in calib["ranges"].items() if max(abs(lo), abs(hi)) > 0}
         write_calibration_cache(out / "calibration.cache", amax)
         cache = "calibration.cache"
-    write_build_script(out, settings, shape, target, AUTO_NOTE if fp32_layers is not None else None)
+    notes = [AUTO_NOTE if fp32_layers is not None else None, _IMPLICIT_NOTE if cache else None]
+    write_build_script(out, settings, shape, target, "\n\n".join(n for n in notes if n) or None)
     violations = check_trt_rules(compiled)
     section = {"status": "engine: not built (no TensorRT here)", "trt_rule_violations": len(violations),
                "build_script": "build_engine.sh", "calibration_cache": cache,
@@ -85,6 +86,13 @@ def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto,
             return outs["anomaly_map"][:, 0], outs["score"]
         section["metrics"] = run_metrics(predict).to_dict()
     return section
+
+
+# the bundle's README listed model.onnx and build_engine.sh only
+_IMPLICIT_NOTE = ("`model_fp32.onnx` and `calibration.cache` (the same ranges as the Q/DQ nodes) are for an "
+                  "implicit-quantization build on TensorRT 10 or older, e.g. `trtexec --onnx=model_fp32.onnx --int8 "
+                  "--calib=calibration.cache`; `build_engine.sh` builds the explicit Q/DQ `model.onnx`, the model "
+                  "uadc verified.")
 
 
 def write_build_script(out: Path, settings, shape, target: Target, note: str | None = None) -> Path:
