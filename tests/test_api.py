@@ -379,6 +379,8 @@ def test_wrong_argument_types_are_one_line_each(trained, tmp_path):
     for call, why in ((lambda: uadc.evaluate(recipe, artifacts=5), "artifacts: expected a path"),
                       (lambda: uadc.baseline(recipe, artifacts=5), "artifacts: expected a path"),
                       (lambda: uadc.qat(recipe, artifacts=5), "artifacts: expected a path"),
+                      # "checkpoint not found: FILE/tiny/checkpoint.pt" for a file given as the root
+                      (lambda: uadc.evaluate(recipe, artifacts=recipe), f"artifacts: not a folder: {recipe}"),
                       (lambda: uadc.baseline(recipe, artifacts=art, threads=-1), "threads: expected a whole number"),
                       (lambda: uadc.compile(b, "ort-cpu-fp32", latency_runs="5"), "latency_runs: expected a whole"),
                       (lambda: uadc.compile(b, "ort-cpu-fp32", latency_runs=2.5), "latency_runs: expected a whole"),

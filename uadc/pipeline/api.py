@@ -45,7 +45,7 @@ def train(recipe: RecipeLike, *, one_class: bool = False, epochs: int | None = N
         r = r.with_overrides(train={"epochs": whole_number(epochs, "epochs")})
     if eval_every is not None:
         whole_number(eval_every, "eval_every")
-    return train_recipe(r, as_path(artifacts, "artifacts", optional=True), one_class=one_class,
+    return train_recipe(r, _artifacts_root(artifacts), one_class=one_class,
                         on_epoch=learning_curve(r, eval_every) if eval_every else None)
 
 
@@ -57,7 +57,7 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
     (ONNX Runtime)."""
     _check_source(model_or_artifact, "evaluate")
     flags(one_class=one_class, write=write)
-    artifacts = as_path(artifacts, "artifacts", optional=True)
+    artifacts = _artifacts_root(artifacts)
     if one_class and (isinstance(model_or_artifact, (KDModel, Baseline)) or _is_onnx(model_or_artifact) or
                       _is_checkpoint(model_or_artifact)):   # the model was ignored
         raise UadcError("evaluate: one_class judges the recipe's per-category checkpoints; give the recipe")
@@ -133,6 +133,14 @@ def _is_onnx(x: Any) -> bool:
     return p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file())
 
 
+def _artifacts_root(artifacts: Any) -> Path | None:
+    """``artifacts=`` as a path; a file there said "checkpoint not found: FILE/<recipe>/checkpoint.pt"."""
+    root = as_path(artifacts, "artifacts", optional=True)
+    if root is not None and root.exists() and not root.is_dir():
+        raise UadcError(f"artifacts: not a folder: {root}")
+    return root
+
+
 def _is_checkpoint(x: Any) -> bool:
     return isinstance(x, (str, os.PathLike)) and Path(x).suffix in (".pt", ".pth")
 
@@ -177,7 +185,7 @@ def baseline(source: Any, recipe: RecipeLike | None = None, *, artifacts: Path |
             raise UadcError("compile: a KDModel needs the recipe it was trained with (recipe=...)")
         recipe = _checkpoint_recipe(source)
     r = load_recipe(recipe)
-    return Baseline(r, resolve_source(source, r, as_path(artifacts, "artifacts", optional=True)),
+    return Baseline(r, resolve_source(source, r, _artifacts_root(artifacts)),
                     check_threads(threads))
 
 
@@ -212,7 +220,7 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
     if calibration is not None and not isinstance(calibration, str) and not hasattr(calibration, "__iter__"):
         raise UadcError(f"calibration: expected train, random-normal, mixed or an iterable of image arrays, "
                         f"got {type(calibration).__name__}")
-    b = baseline(source, recipe, artifacts=as_path(artifacts, "artifacts", optional=True), threads=threads)
+    b = baseline(source, recipe, artifacts=_artifacts_root(artifacts), threads=threads)
     target = target or b.recipe.compile.target
     named = calibration if isinstance(calibration, str) else None
     own = None if calibration is None or isinstance(calibration, str) else calibration
@@ -247,7 +255,7 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
     from uadc.quant.qat.run import QatOptions, check_target, qat_settings, run_qat
     from uadc.training.run import load_images
     flags(compile_after=compile_after)
-    artifacts = as_path(artifacts, "artifacts", optional=True)
+    artifacts = _artifacts_root(artifacts)
     r = load_recipe(recipe)
     target = target or r.compile.target
     t = check_target(target)
@@ -281,7 +289,7 @@ def compare_calibrators(recipe: RecipeLike, target: str = "ort-cpu-int8", calibr
             raise UadcError(f"{k}: give at least one name")
     return run(load_recipe(recipe), target, names["calibrators"], names["sources"], calib_samples,
                name_list(quantize, "quantize"), as_path(out, "out", optional=True),
-               as_path(artifacts, "artifacts", optional=True), ray=ray, address=address)
+               _artifacts_root(artifacts), ray=ray, address=address)
 
 
 def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path | None = None,
