@@ -3,6 +3,7 @@ loader ``uadc compile --from-qat`` uses. Design notes: :mod:`uadc.quant.qat`."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from uadc.training.checkpoint import model_hash
 log = logging.getLogger(__name__)
 
 QAT_FILE, QAT_JSON = "qat_model.onnx", "qat.json"
+QAT_METADATA = "uadc.qat"   # metadata_props key of a loaded QAT model: its settings and qat.json
 PROBE_IMAGES = 4
 
 
@@ -177,9 +179,17 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
         raise UadcError(f"QAT model {path} was fine-tuned from another checkpoint than {checkpoint} (trained again "
                         f"since?): {again}")
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path))
     except Exception as exc:
         raise UadcError(f"cannot read QAT model {path}: {exc}") from None
+    return with_qat_record(model, meta.get("settings"), d / QAT_JSON)
 
 
-__all__ = ["QatOptions", "QatResult", "run_qat", "load_qat_model"]
+def with_qat_record(model: onnx.ModelProto, settings: dict | None, summary: Path) -> onnx.ModelProto:
+    """``model`` with what it was fine-tuned with in its metadata, for the compile's report (none before)."""
+    entry = model.metadata_props.add()
+    entry.key, entry.value = QAT_METADATA, json.dumps({"settings": settings, "summary": str(summary)})
+    return model
+
+
+__all__ = ["QatOptions", "QatResult", "run_qat", "load_qat_model", "with_qat_record"]
