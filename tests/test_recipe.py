@@ -194,7 +194,10 @@ def test_a_checkpoint_of_other_training_settings_is_named(recipe_factory, tmp_pa
     """Another recipe file (lr 100) trained into the same folder: `uadc eval` reported it as this recipe's."""
     import uadc
     recipe = recipe_factory(train={"epochs": 1, "threads": 1})
-    uadc.train(recipe, artifacts=tmp_path / "art", epochs=2)
+    ckpt = uadc.train(recipe, artifacts=tmp_path / "art", epochs=2).checkpoints[0]
+    import torch
+    lrs = [h["lr"] for h in torch.load(ckpt, weights_only=True)["history"]]
+    assert 0 < lrs[1] < lrs[0] <= 0.003   # each epoch's last step (the last epoch said 0.0: the rate after it)
     with caplog.at_level("INFO", logger="uadc"):
         uadc.evaluate(recipe, artifacts=tmp_path / "art", write=False)
     assert "was trained with other training settings than recipe" in caplog.text

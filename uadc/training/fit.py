@@ -90,6 +90,7 @@ def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: s
                                 f"(non-finite input, weights or a too large train.lr={t.lr:g}); no checkpoint written")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            lr = opt.param_groups[0]["lr"]   # the rate this step used (the history said the next epoch's)
             opt.step()
             sched.step()
             losses.append(loss.item())
@@ -99,7 +100,7 @@ def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: s
             bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses):.4f}")
         d = np.mean(disc, axis=0).round(4).tolist()
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "discrepancy": d,
-                        "seconds": round(time.time() - t0, 2), "lr": opt.param_groups[0]["lr"],
+                        "seconds": round(time.time() - t0, 2), "lr": lr,
                         **({"setup_seconds": setup_seconds} if epoch == 0 else {})})
         if on_epoch is not None:
             model.eval()
