@@ -263,3 +263,25 @@ def test_a_sweep_names_a_builtin_recipe_as_the_command_line_does(tmp_path):
     spec, base, _ = load_sweep(p)
     with pytest.raises(UadcError, match="recipe not found: demoo \\(not a file, nor a built-in recipe: .*demo"):
         spec.recipe_entries(base)
+
+
+def test_a_grid_never_writes_into_a_folder_it_did_not_make(tiny, tmp_path):
+    """`uadc sweep --out .` overwrote a user's sweep.md / sweep.csv, `--out ART/<recipe>` put cells beside the
+    checkpoint, a symlink was written through; `calibrators compare --out` overwrote a user's compare.md."""
+    d, recipe = tiny
+    sweep = _sweep_file(tmp_path, recipe)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "sweep.md").write_text("MY REPORT")
+    (tmp_path / "art" / "tiny").mkdir(parents=True)
+    (tmp_path / "art" / "tiny" / "checkpoint.pt").write_bytes(b"x")
+    (tmp_path / "lnk").symlink_to(tmp_path / "elsewhere")
+    for out, said in ((mine, "a folder that no uadc grid wrote (it holds sweep.md)"),
+                      (tmp_path / "art" / "tiny", "a recipe's artifact folder (it holds checkpoint.pt)"),
+                      (tmp_path / "lnk", "a symlink; give the folder it points to")):
+        for args in (["sweep", str(sweep), "--sequential"], ["calibrators", "compare", str(recipe)]):
+            res = CliRunner().invoke(main, [*args, "--out", str(out), "--artifacts", str(d / "art")])
+            assert res.exit_code == 2 and res.output.strip().splitlines()[-1] == f"error: --out {out}: {said}" + (
+                "; choose an empty or new folder (nothing was changed)" if out == mine else
+                "; choose another" if "artifact" in said else ""), res.output
+    assert (mine / "sweep.md").read_text() == "MY REPORT" and not (tmp_path / "elsewhere").exists()

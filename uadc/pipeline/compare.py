@@ -22,6 +22,7 @@ from uadc.core.errors import UadcError
 from uadc.core.io import atomic_write_json, atomic_write_text, contained, to_json
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.sweep.fixed import run_fixed_grid
+from uadc.pipeline.sweep.run import check_grid_out
 from uadc.pipeline.sweep.spec import Axes
 from uadc.report.markdown import signed
 
@@ -59,6 +60,7 @@ def compare_calibrators(recipe: Recipe, target: str, calibrators: list[str], sou
     _check_options(recipe, target, calibrators, sources, calib_samples, quantize)
     artifacts = Path(artifacts or default_artifacts_root()).absolute()
     out = Path(out or recipe.artifact_dir(artifacts) / f"calibrators_{target}").absolute()
+    check_grid_out(out)
     axes = Axes(target=[target], calibrator=list(calibrators), calib_data=list(sources),
                 calib_samples=[calib_samples], quantize=[list(quantize) if quantize else None],
                 precision=["target"])  # calibrators compared on fixed partitions, never a search per cell

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from uadc.config.recipe import default_artifacts_root
+from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError
 from uadc.core.io import JsonResult, check_writable, ensure_dir, sha256_file
 from uadc.core.numbers import whole_number
 from uadc.pipeline.sweep.plan import Plan, cell_key, make_plan
 from uadc.pipeline.sweep.spec import load_sweep
-from uadc.pipeline.sweep.store import load_record
+from uadc.pipeline.sweep.store import RECORDS, load_record
 from uadc.pipeline.sweep.table import write_table
 
 INSTALL_HINT = "`uadc sweep` runs on Ray, which is not installed: pip install 'uadc[sweep]' (or pass --sequential)"
@@ -64,8 +65,23 @@ def run_sweep(source: Any, *, artifacts: Path | None = None, out: Path | None = 
     plan = make_plan(spec, base, name)
     artifacts = Path(artifacts or default_artifacts_root()).absolute()   # workers may run elsewhere
     out = Path(out).absolute() if out else artifacts / "sweeps" / name
+    check_grid_out(out)
     return run_plan(plan, artifacts, out, address=address, num_cpus=num_cpus, sequential=sequential,
                     on_record=on_record, t0=t0)
+
+
+def check_grid_out(out: Path) -> None:
+    """A grid writes into its folder as it runs, and a rerun resumes there: an existing folder must be
+    empty or one a grid wrote (``records/``, ``sweep.json``, ``compare.json``). A user's folder, or a
+    recipe's own artifact folder, had files overwritten and cells written beside its checkpoint."""
+    if out.is_symlink():
+        raise UadcError(f"--out {out}: a symlink; give the folder it points to")
+    found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if CHECKPOINT_FILE in found:
+        raise UadcError(f"--out {out}: a recipe's artifact folder (it holds {CHECKPOINT_FILE}); choose another")
+    if found and not {RECORDS, "sweep.json", "compare.json"} & set(found):
+        raise UadcError(f"--out {out}: a folder that no uadc grid wrote (it holds {found[0]}); choose an empty or "
+                        f"new folder (nothing was changed)")
 
 
 def run_plan(plan: Plan, artifacts: Path, out: Path, *, address: str | None = None, num_cpus: int | None = None,
