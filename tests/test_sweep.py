@@ -141,7 +141,8 @@ def test_sequential_sweep_records_failures_and_resumes(tiny, tmp_path):
     res = CliRunner().invoke(main, [*args, "--json"])
     assert res.exit_code == 1
     again = json.loads(res.stdout)
-    assert (again["reused"], again["executed"], again["failed"], again["trained"]) == (2, 1, 1, 0)
+    assert (again["reused"], again["executed"], len(again["failed"]), again["trained"]) == (2, 1, 1, 0)
+    assert again["failed"] == json.loads((tmp_path / "o" / "sweep.json").read_text())["failed"]   # int vs list
     assert again["cells"] == json.loads((tmp_path / "o" / "sweep.json").read_text())["cells"]   # named as there
     assert (tmp_path / "o" / "sweep.csv").read_text() == first
     # a finished cell whose artifact folder was deleted is computed again

@@ -51,7 +51,8 @@ class SweepResult(JsonResult):
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "out": str(self.out), "cells": self.rows, "best": self.best, "pareto": self.pareto,
                 "files": {k: str(v) for k, v in self.files.items()}, "executed": self.executed,
-                "reused": self.reused, "failed": self.failed, "trained": self.trained,
+                "reused": self.reused, "trained": self.trained,
+                "failed": [r["cell"] for r in self.rows if r.get("status") != "ok"],   # as sweep.json (a count before)
                 "wall_seconds": self.wall_seconds}
 
 
