@@ -91,6 +91,8 @@ def test_cell_key_follows_inputs(tiny):
     ({"axes": {}}, "exactly one of 'recipe' or 'recipes'"),
     ({"recipe": "r.yaml", "axes": {"calibratr": ["minmax"]}}, "axes.calibratr: unknown key"),
     ({"recipe": "r.yaml", "axes": {"target": []}}, "axes.target: must not be empty"),
+    # failed in each cell after the FP32 baseline, two rows with one label
+    ({"recipe": "r.yaml", "axes": {"calib_samples": [0, -1]}}, r"axes.calib_samples\[0\]: 0 is below the minimum 1"),
     ({"recipe": "r.yaml", "axes": {"target": "ort-cpu-int8"}}, "axes.target: expected list, got 'ort-cpu-int8'"),
     ({"recipe": "r.yaml", "run": {"latency_runs": -1}}, "run.latency_runs: -1 is below the minimum 1"),
     ({"recipe": "r.yaml", "axes": {"target": ["ort-cpu-fp32", "ort-cpu-fp32"]}},   # one cell twice in the table

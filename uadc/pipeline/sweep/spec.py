@@ -25,7 +25,7 @@ name that is no file there is a built-in recipe (``demo``), as on the command li
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -53,7 +53,7 @@ class Axes(_Strict):
     target: Optional[list[Optional[str]]] = Field(None, min_length=1)
     calibrator: Optional[list[Optional[str]]] = Field(None, min_length=1)
     calib_data: Optional[list[Optional[str]]] = Field(None, min_length=1)
-    calib_samples: Optional[list[Optional[int]]] = Field(None, min_length=1)
+    calib_samples: Optional[list[Optional[Annotated[int, Field(ge=1, le=4096)]]]] = Field(None, min_length=1)
     quantize: Optional[list[Optional[list[str]]]] = Field(None, min_length=1)
     precision: Optional[list[Optional[Literal["target", "auto"]]]] = Field(None, min_length=1)
     image_size: Optional[list[Optional[int]]] = Field(None, min_length=1)
