@@ -91,6 +91,7 @@ def test_cell_key_follows_inputs(tiny):
     ({"axes": {}}, "exactly one of 'recipe' or 'recipes'"),
     ({"recipe": "r.yaml", "axes": {"calibratr": ["minmax"]}}, "axes.calibratr: unknown key"),
     ({"recipe": "r.yaml", "axes": {"target": []}}, "axes.target: must not be empty"),
+    ({"recipes": [{"overrides": {}}]}, r"recipes\[0\]\.path: required"),     # "recipes[0].RecipeEntry.path"
     # failed in each cell after the FP32 baseline, two rows with one label
     ({"recipe": "r.yaml", "axes": {"calib_samples": [0, -1]}}, r"axes.calib_samples\[0\]: 0 is below the minimum 1"),
     ({"recipe": "r.yaml", "axes": {"target": "ort-cpu-int8"}}, "axes.target: expected list, got 'ort-cpu-int8'"),
@@ -288,3 +289,13 @@ def test_a_grid_never_writes_into_a_folder_it_did_not_make(tiny, tmp_path):
                 "; choose an empty or new folder (nothing was changed)" if out == mine else
                 "; choose another" if "artifact" in said else ""), res.output
     assert (mine / "sweep.md").read_text() == "MY REPORT" and not (tmp_path / "elsewhere").exists()
+
+
+def test_a_recipe_listed_twice_is_refused_as_an_axis_value_is(tiny, tmp_path):
+    """`recipes: [r.yaml, r.yaml]` merged into one model's cells without a word."""
+    d, recipe = tiny
+    path = tmp_path / "twice.yaml"
+    path.write_text(yaml.safe_dump({"recipes": [str(recipe), str(recipe)], "axes": {"target": ["ort-cpu-fp32"]}}))
+    spec, base, name = load_sweep(path)
+    with pytest.raises(UadcError, match=f"recipes: {recipe} is listed twice"):
+        make_plan(spec, base, name)

@@ -61,8 +61,9 @@ def first_error(exc: ValidationError, root: str = "recipe") -> str:
     for part in err["loc"]:
         if isinstance(part, int):
             loc += f"[{part}]"
-        elif part in ("literal", "str", "int", "float", "bool", "list", "none", "function-after"):
-            continue  # union branch labels
+        elif part in ("literal", "str", "int", "float", "bool", "list", "none", "function-after") or (
+                isinstance(part, str) and part[:1].isupper() and part.isidentifier()):
+            continue  # union branch labels, a model's among them (`recipes[0].RecipeEntry.path`)
         else:
             loc += f".{part}" if loc else str(part)
     loc = loc or root

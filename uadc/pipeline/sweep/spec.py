@@ -108,7 +108,10 @@ class SweepSpec(_Strict):
         for e in raw:
             e = RecipeEntry(path=e) if isinstance(e, str) else e
             path = resolve_recipe_path(e.path, base)       # a file beside the sweep file, or a built-in name
-            out.append(RecipeEntry(path=str(path.resolve()), overrides=e.overrides))
+            entry = RecipeEntry(path=str(path.resolve()), overrides=e.overrides)
+            if entry in out:   # merged into one cell silently, while an axis value given twice is an error
+                raise UadcError(f"recipes: {e.path} is listed twice (with the same overrides)")
+            out.append(entry)
         return out
 
 
