@@ -189,6 +189,21 @@ def test_folder_walks_follow_symlinked_folders_once(data, tmp_path):
     assert all(f.parts[-2] in ("own", "linked") for f in found.files)     # named by the path walked
 
 
+@pytest.mark.parametrize("camera", ["bb", "zz"])   # listed before / after the link's name
+def test_a_folder_and_a_link_to_it_are_walked_by_the_real_path_whatever_the_names(data, tmp_path, camera):
+    """Which of a folder and a symlink to it was kept followed the file system's listing order, and
+    the kept path's folder name is the image's category in `uadc predict`; of a file and a link to
+    it, the link was kept and the file reported as 'given twice'."""
+    from uadc.core.images import find_images
+    walk = tmp_path / "walk"
+    (walk / camera).mkdir(parents=True)
+    shutil.copy(data / "a" / "test" / "blob" / "000.png", walk / camera / "img.png")
+    (walk / "stripes").symlink_to(camera, target_is_directory=True)
+    (walk / camera / "a_link.png").symlink_to("img.png")
+    found = find_images([walk])
+    assert found.files == [walk / camera / "img.png"] and found.skipped == {"given twice": 1}
+
+
 def test_a_named_pipe_or_dangling_link_is_counted_not_read(data, tmp_path):
     """A FIFO named like an image blocked `uadc predict` (and training) forever in the open; in a
     folder walk it and a dangling link were dropped without a count."""

@@ -123,6 +123,8 @@ def test_sweep_verify_diff_json_user_error_is_one_document(tmp_path, args, said)
     (["verify", "art", "--json", "-", "--budget"], "Option '--budget' requires an argument."),
     (["diff", "a", "b", "--json=-", "--threads", "0"], "Invalid value for '--threads'"),
     (["nosuch", "--json"], "No such command 'nosuch'."),
+    (["--bogus", "train", "--json"], "No such option '--bogus'."),   # an option before the command
+    (["--json", "train"], "No such option '--json'."),
 ])
 def test_a_usage_error_under_json_is_one_document_too(args, said):
     """Click's usage errors (an unknown option, a missing argument) left stdout empty under --json."""
@@ -136,3 +138,10 @@ def test_a_usage_error_under_json_is_one_document_too(args, said):
 def test_a_usage_error_without_json_on_stdout_leaves_stdout_empty(args):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and res.stdout == "" and "No such option" in res.stderr
+
+
+def test_an_option_before_the_command_gives_the_same_error_line():
+    """`uadc --bogus train` gave click's `Error:` while every other mistake reads `error: ...`."""
+    res = CliRunner().invoke(main, ["--bogus", "train"])
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.splitlines()[-1] == "error: No such option '--bogus'. Did you mean '--verbose'?"

@@ -97,6 +97,46 @@ def test_16_bit_images_equal_the_training_loader_and_float_ones_are_refused_alik
         preprocess(Image.open(tmp_path / "f.tif"), pre)
 
 
+def test_dim_high_bit_images_and_animations_are_noted_once_per_folder(tmp_path, caplog):
+    """12-bit camera data in 16-bit PNGs read nearly black, and an animated GIF was scored on its
+    first frame, both without a word."""
+    import logging
+    pre = Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
+    for i in range(2):
+        Image.fromarray(np.linspace(0, 4095, 1024).reshape(32, 32).astype(np.uint16)).save(tmp_path / f"c{i}.png")
+    full = tmp_path / "full"
+    full.mkdir()
+    Image.fromarray(np.linspace(0, 65535, 1024).reshape(32, 32).astype(np.uint16)).save(full / "f.png")
+    frames = [Image.new("RGB", (32, 32), (v, v, v)) for v in (10, 200)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with caplog.at_level(logging.WARNING, "uadc"):
+        for name in ("c0.png", "c1.png", "full/f.png", "anim.gif"):
+            preprocess(tmp_path / name, pre)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said   # c1.png is in c0.png's folder; full/f.png uses the whole range
+    assert "c0.png: I;16 pixels only up to 4095 of 65535" in said[0] and "12-bit" in said[0]
+    assert "anim.gif: several frames" in said[1] and "reads the first" in said[1]
+
+
+def test_predict_lines_cannot_be_faked_by_file_names_or_split_by_library_warnings(int8_artifact, tmp_path):
+    """A file named `bad\\nerror: fake.png` printed a line of its own starting `error:`; Pillow's
+    warning on a damaged EXIF block reached stderr raw, on two lines."""
+    _, _, res = int8_artifact
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "bad\nerror: fake.png").write_bytes(b"junk")
+    exif = Image.Exif()
+    exif[0x010E] = "a description long enough to cut"
+    Image.new("RGB", (32, 32), (90, 90, 90)).save(folder / "exif.jpg", exif=exif.tobytes()[:-6])
+    p = subprocess.run([PY, "-m", "uadc.cli", "predict", str(res.path), str(folder), "--out", str(tmp_path / "o"),
+                        "--category", "stripes"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 1, p.stderr
+    lines = p.stderr.splitlines()
+    assert not [x for x in lines if x.startswith("error:")], lines
+    assert [x for x in lines if x.startswith("skipped ")][0].startswith(f"skipped {folder}/bad\\x0aerror: fake.png: ")
+    assert "warning: Truncated File Read" in lines and "Warning:" not in p.stderr, lines
+
+
 def test_importing_the_runtime_loads_no_torch():
     code = "import sys, uadc, uadc.runtime; print(sorted(m for m in ('torch', 'onnx', 'pydantic', 'scipy') " \
            "if m in sys.modules)); uadc.Detector"

@@ -13,14 +13,15 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import click
 
 from uadc import __version__
 from uadc.config.targets import QAT_TARGETS
-from uadc.core.errors import UadcError
+from uadc.core.errors import UadcError, one_line
 
 log = logging.getLogger("uadc")
 
@@ -67,18 +68,28 @@ def _show_usage_error(exc: click.ClickException, file: Any = None) -> None:   # 
 
 
 class _Group(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        given = list(args)   # click's parser consumes the list
+        try:
+            return super().parse_args(ctx, args)
+        except click.ClickException as exc:   # an option before the command: `uadc --bogus train`
+            self._usage_failed(ctx, given, exc)
+
     def invoke(self, ctx: click.Context):
         args = [*(ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args), *ctx.args]
         with exit_on_user_error():
             try:
                 return super().invoke(ctx)
-            except click.ClickException as exc:   # a usage error too is one JSON document under --json
-                if self._json_on_stdout(ctx, args):
-                    from uadc.core.io import to_json
-                    click.echo(to_json({"error": exc.format_message(), "exit_code": exc.exit_code}), nl=False)
-                if not isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):   # message: the help
-                    exc.show = functools.partial(_show_usage_error, exc)
-                raise
+            except click.ClickException as exc:
+                self._usage_failed(ctx, args, exc)
+
+    def _usage_failed(self, ctx: click.Context, args: list[str], exc: click.ClickException) -> NoReturn:
+        if self._json_on_stdout(ctx, args):   # a usage error too is one JSON document under --json
+            from uadc.core.io import to_json
+            click.echo(to_json({"error": exc.format_message(), "exit_code": exc.exit_code}), nl=False)
+        if not isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):   # message: the help
+            exc.show = functools.partial(_show_usage_error, exc)
+        raise exc
 
     def _json_on_stdout(self, ctx: click.Context, args: list[str]) -> bool:
         """``--json -`` (verify, diff), or ``--json`` where it is a flag (or the command is unknown)."""
@@ -107,6 +118,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     root.propagate = False
     set_progress(False if quiet else None)   # None: bars only when stderr is a terminal
+    if not verbose:   # a library's warning (Pillow on a damaged EXIF block) as one `warning:` line, not two raw ones
+        warnings.showwarning = lambda message, *_args, **_kw: log.warning("%s", one_line(str(message)))
 
 
 @contextlib.contextmanager
@@ -262,7 +275,7 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
                       force=force, dump_passes=dump_passes, split=split, build_engine=build_engine,
                       evaluate=not no_eval, qat_model=qat_model, artifacts=artifacts, postprocess=postprocess,
                       precision=precision)
-    _print_summary(res)
+    click.echo("\n".join(res.summary_lines()))
     return res
 
 
@@ -280,11 +293,7 @@ def qat(recipe: Path, target: str | None, epochs: int | None, then_compile: bool
     res = api.qat(recipe, target, epochs=epochs, compile_after=then_compile, artifacts=artifacts)
     click.echo(f"QAT model written: {res.qat_model_path}")
     if res.compiled is not None:
-        _print_summary(res.compiled)
-
-
-def _print_summary(res) -> None:
-    click.echo("\n".join(res.summary_lines()))
+        click.echo("\n".join(res.compiled.summary_lines()))
 
 
 @main.command()
@@ -312,9 +321,9 @@ def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out:
     det = Detector.load(artifact, backend=backend, batch_size=batch_size, schedule=schedule, threads=threads)
     run = predict_paths(det, list(inputs), category, out, overlays, batch_size)
     for path, reason in run.failed:
-        click.echo(f"skipped {path}: {reason}", err=True)
+        click.echo(f"skipped {one_line(path)}: {reason}", err=True)
     for w in run.warnings:
-        click.echo(f"warning: {w}", err=True)
+        click.echo(f"warning: {one_line(w)}", err=True)
     click.echo(f"{run.summary_line()} ({det.backend_name})")
     click.echo(f"written: {run.written[0]}, {run.written[1]}"     # predictions.jsonl, .csv
                + (f", {out / 'overlays'}/" if overlays else ""))

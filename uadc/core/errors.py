@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints these as one line and exits with their code (2)."""
 
+import re
+
 
 class UadcError(Exception):
     """A problem caused by user input (recipe, data, paths, options) rather than a bug."""
@@ -10,6 +12,12 @@ class UadcError(Exception):
         # One line, bounded: a message built from user input never floods the terminal.
         text = " ".join(super().__str__().split())
         return text if len(text) <= 2000 else text[:1997] + "..."
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters shown as ``\\xNN``: a file name holding a newline cannot
+    start a line of its own (a fake ``error:`` line for a pipeline's grep)."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class NonFiniteOutputs(UadcError):

@@ -10,6 +10,7 @@ folders for image files and leaves out what is not a part to judge (MVTec masks,
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import warnings
@@ -22,6 +23,9 @@ from PIL import ExifTags, Image, ImageOps
 
 from uadc.core.constants import MASKS_FOLDER, OVERLAYS_DIR, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError
+
+log = logging.getLogger(__name__)
+_NOTED: set[tuple[str, str]] = set()   # (what, folder): a dataset's folder of like images warns once, not per image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # images of formats uadc does not read in a folder walk: named in a warning / left_out, not dropped silently
@@ -43,6 +47,9 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
         with im:
+            if getattr(im, "is_animated", False):
+                _note_once("frames", path, f"{path}: several frames (an animation or a multi-page file); uadc "
+                                           "reads the first")
             yield _upright(im)
     except UadcError:
         raise
@@ -60,6 +67,13 @@ def _upright(im: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(im)
 
 
+def _note_once(what: str, source: Any, text: str) -> None:
+    key = (what, os.path.dirname(str(source)))
+    if key not in _NOTED:
+        _NOTED.add(key)
+        log.warning("%s (noted once per folder)", text)
+
+
 def eight_bit(im: Image.Image, source: Any) -> Image.Image:
     """16-bit (or 32-bit integer) grayscale as 8-bit ``L``; float pixels refused (UadcError); a
     palette image with transparency as ``RGBA``."""
@@ -67,6 +81,9 @@ def eight_bit(im: Image.Image, source: Any) -> Image.Image:
         a = np.asarray(im, dtype=np.float64)
         if a.size and (a.min() < 0 or a.max() > 65535):
             raise UadcError(f"unsupported image {source}: mode {im.mode} values outside 0..65535")
+        if a.size and a.max() < 4096:   # 12-bit camera data in a 16-bit file reads nearly black
+            _note_once("dim", source, f"{source}: {im.mode} pixels only up to {int(a.max())} of 65535; uadc maps "
+                                      "0..65535 to 0..255, so it reads nearly black: scale 12-bit data to 16 bits")
         return Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")
     if im.mode == "F":
         raise UadcError(f"unsupported image {source}: 32-bit float pixels (mode F); save it as 8- or 16-bit")
@@ -139,8 +156,10 @@ def find_images(paths: "list[Path] | Path | str", exclude: list[Path] | tuple = 
             blocked.update({j.parent / OVERLAYS_DIR: "in a uadc predict output folder"
                             for j in files if j.name == PREDICTIONS_JSONL})
             blocked = {d: why for d, why in blocked.items() if root in d.parents}
-            for f in sorted(f for f in files if f.suffix.lower() in IMAGE_EXTS):
+            start = len(found.files)   # of a file and a link to it, the file is kept
+            for f in sorted((f for f in files if f.suffix.lower() in IMAGE_EXTS), key=lambda f: (f.is_symlink(), f)):
                 _add(found, seen, p / f.relative_to(root), _skip_reason(f, root, blocked))
+            found.files[start:] = sorted(found.files[start:])
             for f in sorted(f for f in files if f.suffix.lower() in OTHER_IMAGE_EXTS):
                 if _skip_reason(f, root, blocked) is None and (key := f.resolve()) not in others:
                     others.add(key)   # once, however many of the inputs reach it
@@ -168,10 +187,18 @@ def _installed_example(p: Path) -> str:
 
 def _walk(root: Path) -> list[Path]:
     """Every file below ``root``, through symlinked folders too (a dataset organised with links),
-    each real folder once (a link back up is not a loop)."""
-    seen: set[str] = set()
+    each real folder once (a link back up is not a loop). The real tree is walked first, so a folder
+    also reached through a link is listed by its real path, whatever order the file system lists names in."""
+    plain: set[str] = set()
     files = []
+    for folder, subfolders, names in os.walk(root):
+        plain.add(folder)
+        files += [Path(folder) / n for n in names]
+    seen = {os.path.realpath(f) for f in plain}
     for folder, subfolders, names in os.walk(root, followlinks=True):
+        subfolders.sort()   # two links to one folder: the first name listed, on every file system
+        if folder in plain:
+            continue
         real = os.path.realpath(folder)
         if real in seen:
             subfolders[:] = []
