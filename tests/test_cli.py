@@ -1,4 +1,5 @@
 import pytest
+import shutil
 """The CLI's contract for user mistakes: one line, exit code 2, no traceback, nothing written."""
 
 import yaml
@@ -88,6 +89,21 @@ def test_eval_of_a_one_class_checkpoint_keeps_the_unified_eval_json(recipe_facto
     assert CliRunner().invoke(main, ["train", str(r), "--artifacts", str(art), "--epochs", "2"]).exit_code == 0
     res = CliRunner().invoke(main, ["eval", str(r), "--one-class", "--artifacts", str(art)])
     assert res.exit_code == 0 and "no unified eval.json of this recipe's current checkpoint" in res.output
+    # which models were judged is recorded (a partial retrain mixed models, unseen); write=False wrote all the same
+    written = art / "tiny" / "one_class_eval.json"
+    models = json.loads(written.read_text())["one_class"]["models"]
+    assert sorted(models) == ["gray", "stripes"] and all(len(m["checkpoint_sha256"]) == 64 for m in models.values())
+    written.unlink()
+    assert uadc.evaluate(r, one_class=True, artifacts=art, write=False).path is None and not written.exists()
+    with pytest.raises(uadc.UadcError, match=r"one_class takes the recipe alone"):   # the first was ignored
+        uadc.evaluate(other, r, one_class=True, artifacts=art)
+    gray = art / "tiny" / "one_class" / "gray" / "checkpoint.pt"    # another category's, or the unified, model
+    for wrong, said in ((art / "tiny" / "one_class" / "stripes" / "checkpoint.pt", "a one-class model of stripes"),
+                        (art / "tiny" / "checkpoint.pt", "a unified model of stripes, gray")):
+        shutil.copy(wrong, gray)
+        res = CliRunner().invoke(main, ["eval", str(r), "--one-class", "--artifacts", str(art)])
+        assert res.exit_code == 2 and res.output.splitlines()[-1].endswith(
+            f"not the one-class model of 'gray' ({said}); retrain with `uadc train --one-class`"), res.output
 
 
 def test_eval_without_checkpoint(recipe_factory, tmp_path):

@@ -145,3 +145,12 @@ def test_an_option_before_the_command_gives_the_same_error_line():
     res = CliRunner().invoke(main, ["--bogus", "train"])
     assert res.exit_code == 2 and res.stdout == ""
     assert res.stderr.splitlines()[-1] == "error: No such option '--bogus'. Did you mean '--verbose'?"
+    res = CliRunner().invoke(main, ["--bogus", "verify", "a", "--json", "r.json"])   # --json takes a file there
+    assert res.exit_code == 2 and res.stdout == ""
+
+
+@pytest.mark.parametrize("args, said", [(["doctor", "-q"], "uadc -q doctor ..."),
+                                        (["recipes", "list", "--verbose"], "uadc --verbose recipes list ...")])
+def test_a_global_option_after_the_command_says_where_it_goes(args, said):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and res.stderr.splitlines()[-1].endswith(f"goes before the command, {said}")

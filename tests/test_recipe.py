@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,18 @@ def test_one_class_knn_validation_is_checked_for_every_category_before_training(
     with pytest.raises(UadcError, match="model.image_knn needs at least 2 validation normals .* b has 1"):
         uadc.train(recipe, one_class=True, artifacts=tmp_path / "art")
     assert not list((tmp_path / "art").rglob("checkpoint.pt"))
+
+
+@pytest.mark.parametrize("compile_cfg, said", [
+    ({"calibrator": "bogus"}, "compile.calibrator: unknown calibrator 'bogus'; expected one of "),
+    ({"passes": ["cleanup", "nonsense"]}, "compile.passes: unknown pass(es) 'nonsense'; available: "),
+    ({"auto": {"gpu": "bogus-gpu"}}, "compile.auto.gpu: 'bogus-gpu' is not one of ")])
+def test_compile_settings_only_compile_used_are_checked_before_training(recipe_factory, tmp_path, compile_cfg, said):
+    """A misspelt compile.calibrator / passes / auto.gpu let a whole training run before `uadc compile` refused it."""
+    import uadc
+    with pytest.raises(UadcError, match="^" + re.escape(said)):
+        uadc.train(recipe_factory(compile=compile_cfg, train={"epochs": 1, "threads": 1}), artifacts=tmp_path / "art")
+    assert not (tmp_path / "art").exists()
 
 
 def test_a_one_class_run_stopped_half_way_names_the_models_it_replaced(recipe_factory, tmp_path, monkeypatch, caplog):

@@ -4,6 +4,7 @@ in-process evaluation, and ``uadc predict`` over folders."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -611,6 +612,11 @@ def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path):
     with pytest.raises(UadcError, match=r"an artifact of target ort-cpu-int8 has no TensorRT engine; backend auto "
                                         r"or onnxruntime$"):      # "run build_engine.sh", which it has not
         Detector.load(res.path, backend="tensorrt")
+    if importlib.util.find_spec("tensorrt") is None:   # an engine but no TensorRT: Polygraphy's traceback, exit 1
+        shutil.copytree(res.path, tmp_path / "eng")
+        (tmp_path / "eng" / "model.engine").write_bytes(b"junk")
+        with pytest.raises(UadcError, match=r"^backend tensorrt: the tensorrt Python package does not import here"):
+            Detector.load(tmp_path / "eng", backend="tensorrt")
     (tmp_path / "dang").symlink_to(tmp_path / "nowhere")
     with pytest.raises(UadcError, match=f"cannot create folder {tmp_path / 'dang'}: it is a broken link"):
         ensure_dir(tmp_path / "dang")

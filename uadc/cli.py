@@ -84,6 +84,10 @@ class _Group(click.Group):
                 self._usage_failed(ctx, args, exc)
 
     def _usage_failed(self, ctx: click.Context, args: list[str], exc: click.ClickException) -> NoReturn:
+        if isinstance(exc, click.NoSuchOption) and exc.ctx and exc.ctx.parent and \
+                exc.option_name in ("-q", "--quiet", "-v", "--verbose", "--version"):   # `uadc doctor -q`
+            exc.message = f"{exc.message.rstrip('.')}: {exc.option_name} goes before the command, " \
+                          f"uadc {exc.option_name} {exc.ctx.command_path.split(' ', 1)[1]} ..."
         if self._json_on_stdout(ctx, args):   # a usage error too is one JSON document under --json
             from uadc.core.io import to_json
             click.echo(to_json({"error": exc.format_message(), "exit_code": exc.exit_code}), nl=False)
@@ -95,7 +99,8 @@ class _Group(click.Group):
         """``--json -`` (verify, diff), or ``--json`` where it is a flag (or the command is unknown)."""
         if "--json=-" in args or any(a == "--json" and b == "-" for a, b in zip(args, args[1:])):
             return True
-        cmd = self.get_command(ctx, args[0]) if args else None
+        name = next((a for a in args if not a.startswith("-")), None)   # `uadc -q verify ...`
+        cmd = self.get_command(ctx, name) if name else None
         return "--json" in args and (cmd is None or any("--json" in getattr(p, "opts", ()) and
                                                         getattr(p, "is_flag", False) for p in cmd.params))
 
@@ -467,19 +472,10 @@ def bundle_cmd(artifact: Path, out: Path, force: bool):
 @click.argument("model", type=click.Path(path_type=Path))
 def check_trt(model: Path) -> None:
     """List every violation of TensorRT's explicit-quantization (Q/DQ) rules in an ONNX model (or artifact folder)."""
-    from uadc.backends.tensorrt.rules import check_trt_file, format_violations
-    from uadc.config.targets import TARGETS
-    from uadc.core.manifest import read_manifest
-    violations, has_qdq = check_trt_file(model)
-    none = "" if has_qdq else " (it has no Q/DQ nodes)"
-    target = read_manifest(model, verify=False).target if (model / "artifact.json").is_file() else None
-    known = TARGETS.get(target) if target else None   # a newer uadc's target: no note
-    other = f"; its target {target} is not a TensorRT one" if known and known.runtime != "tensorrt" else ""
-    if violations:
-        click.echo(format_violations(violations))
-    n = len(violations)
-    click.echo(f"{model}: {n} violation{'' if n == 1 else 's'} of TensorRT Q/DQ rules{none}{other}")
-    sys.exit(1 if violations else 0)
+    from uadc.backends.tensorrt.check import check_trt_model
+    res = check_trt_model(model)
+    click.echo("\n".join(res.lines()))
+    sys.exit(res.exit_code)
 
 
 @main.command("recipe-schema")

@@ -192,20 +192,29 @@ class OneClassResult:
         return {"one_class": self.one_class.to_dict(), "unified": self.unified.to_dict() if self.unified else None}
 
 
-def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None) -> OneClassResult:
-    """Evaluate each per-category model on its category; compare with the unified model."""
+def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None, write: bool = True) -> OneClassResult:
+    """Evaluate each per-category model on its category; compare with the unified model. Each
+    checkpoint must be its category's one-class model (a copied or unified one was scored as it)."""
     with torch_threads(recipe.train.threads):
         arrays = test_arrays(prepare_data(recipe))
         _need_tests(arrays)
-        per_cat = {}
+        per_cat, models = {}, {}
         for cat, arr in arrays.items():
-            model, _ = load_checkpoint(checkpoint_path(recipe, artifacts, cat), recipe)
+            path = checkpoint_path(recipe, artifacts, cat)
+            model, blob = load_checkpoint(path, recipe)
+            if not blob.get("one_class") or list(blob.get("categories") or []) != [cat]:
+                raise UadcError(f"{path}: not the one-class model of {cat!r} (a {'one-class' if blob.get('one_class') else 'unified'} "
+                                f"model of {', '.join(blob.get('categories') or ['?'])}); retrain with `uadc train "
+                                f"--one-class`")
+            models[cat] = {"checkpoint": str(path), "checkpoint_sha256": sha256_file(path),
+                           "epochs": len(blob.get("history", []))}   # a partial retrain mixes models: visible here
             per_cat[cat] = evaluate(torch_predictor(model), {cat: arr}, recipe.eval.batch_size).categories[cat]
     s = metrics.summarize(per_cat)
-    one_class = EvalResult(s["mean"], s["categories"])
+    one_class = EvalResult(s["mean"], s["categories"], extra={"recipe_hash": recipe.hash, "models": models})
     result = OneClassResult(one_class, _unified_eval(recipe.artifact_dir(artifacts) / EVAL_FILE, recipe, per_cat,
                                                      checkpoint_path(recipe, artifacts)))
-    result.path = atomic_write_json(recipe.artifact_dir(artifacts) / "one_class_eval.json", result.to_dict())
+    if write:
+        result.path = atomic_write_json(recipe.artifact_dir(artifacts) / "one_class_eval.json", result.to_dict())
     return result
 
 

@@ -26,7 +26,7 @@ from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluat
 from uadc.models import KDModel
 from uadc.pipeline.baseline import Baseline, names_checkpoint, resolve_source
 from uadc.pipeline.compare import CompareResult
-from uadc.pipeline.compile import CompileOptions, compile_target
+from uadc.pipeline.compile import CompileOptions, check_compile_settings, compile_target
 from uadc.pipeline.deploy import target_predictor
 from uadc.pipeline.sweep.run import SweepResult
 from uadc.report.results import CompileResult
@@ -41,6 +41,7 @@ def train(recipe: RecipeLike, *, one_class: bool = False, epochs: int | None = N
     """Train the recipe's model (unified, or one per category) and write its checkpoint(s)."""
     flags(one_class=one_class)
     r = load_recipe(recipe)
+    check_compile_settings(r)
     if epochs is not None:
         r = r.with_overrides(train={"epochs": whole_number(epochs, "epochs")})
     if eval_every is not None:
@@ -61,6 +62,8 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
     if one_class and (isinstance(model_or_artifact, (KDModel, Baseline)) or _is_onnx(model_or_artifact) or
                       _is_checkpoint(model_or_artifact)):   # the model was ignored
         raise UadcError("evaluate: one_class judges the recipe's per-category checkpoints; give the recipe")
+    if one_class and recipe is not None:   # the first argument was ignored
+        raise UadcError("evaluate: one_class takes the recipe alone: evaluate(recipe, one_class=True)")
     if isinstance(model_or_artifact, Baseline):   # its own model (the recipe's checkpoint was scored instead)
         b = model_or_artifact
         r = _baseline_recipe(b, recipe, "evaluate")
@@ -73,7 +76,7 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
         recipe = _checkpoint_recipe(model_or_artifact)
     r = load_recipe(recipe)
     if one_class:
-        return evaluate_one_class(r, artifacts)
+        return evaluate_one_class(r, artifacts, write=write)
     if isinstance(model_or_artifact, KDModel):
         from uadc.evaluation.run import test_arrays, torch_predictor
         from uadc.data.prepare import prepare_data

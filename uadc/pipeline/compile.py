@@ -20,6 +20,7 @@ from uadc.backends import openvino as ov
 from uadc.backends.ort import latency_ms, make_session, paired_latency_ms
 from uadc.backends.parallel import ParallelSession
 from uadc.backends.ort_profile import TIMING_CACHE_DIR
+from uadc.config.recipe import Recipe
 from uadc.config.settings import PtqSettings, resolve_ptq
 from uadc.evaluation.run import evaluate
 from uadc.config.targets import Target, get_target
@@ -186,6 +187,23 @@ def _own_gate(folder: Path, threads: int) -> dict:
     from uadc.pipeline.verify import verify
     res = verify(folder, threads=threads)
     return {"passed": res.passed, "failures": list(res.failures), "seconds": round(res.seconds, 3)}
+
+
+def check_compile_settings(recipe: Recipe) -> None:
+    """The recipe's compile.calibrator / passes / auto.gpu, which only `uadc compile` used: checked
+    before a training that would otherwise end in their error (as compile.target is at load)."""
+    from uadc.backends.tensorrt.cost import GPUS
+    from uadc.calibrators import available_calibrators
+    from uadc.passes.pipeline import PASSES
+    c = recipe.compile
+    if c.calibrator is not None and c.calibrator not in available_calibrators():
+        raise UadcError(f"compile.calibrator: unknown calibrator {c.calibrator!r}; expected one of "
+                        f"{', '.join(available_calibrators())}")
+    unknown = [p for p in c.passes or [] if p not in PASSES]
+    if unknown:
+        raise UadcError(f"compile.passes: unknown pass(es) {', '.join(map(repr, unknown))}; available: {', '.join(PASSES)}")
+    if c.auto.gpu is not None and c.auto.gpu not in GPUS:
+        raise UadcError(f"compile.auto.gpu: {c.auto.gpu!r} is not one of {', '.join(GPUS)}")
 
 
 def _check_options(target: Target, ptq: PtqSettings, opts: CompileOptions) -> None:

@@ -105,6 +105,12 @@ class _OvBackend:
             return np.array(amap[:, 0], copy=True), np.array(score, copy=True).reshape(-1)
 
 
+def _check_importable(module: str, how: str) -> None:   # one line, not the loader's traceback
+    if not _importable(module):
+        raise UadcError(f"backend {module}: the {module} Python package does not import here ({how}); "
+                        f"backend auto runs the artifact with what is here")
+
+
 def _importable(module: str) -> bool:
     try:
         __import__(module)
@@ -170,11 +176,13 @@ class Detector:
                                 if manifest.runtime == "tensorrt" else
                                 f"{folder}: an artifact of target {manifest.target} has no TensorRT engine; backend auto or "
                                 f"{manifest.runtime}")
+            _check_importable("tensorrt", "it needs an NVIDIA GPU with TensorRT")
             _only_auto(schedule, "TensorRT")
             _check_precision(manifest, "TensorRT")
             return cls(manifest, _TrtBackend(engine), batch_size)
         model = folder / manifest.model_file
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
+            _check_importable("openvino", "pip install 'uadc[openvino]'")
             _only_auto(schedule, "OpenVINO")
             return cls(manifest, _OvBackend(model, threads, manifest.target), batch_size)
         _check_precision(manifest, "ONNX Runtime")

@@ -1,6 +1,6 @@
 """TensorRT backend, by concern: ``plan`` (availability, build settings, the per-version build
 plan), ``build`` (engine building), ``bundle`` (trtexec commands, build script, device README),
-``run`` (engine runner), ``rules`` (explicit-quantization rule checker), ``cache`` (INT8
+``run`` (engine runner), ``rules`` (explicit-quantization rule checker), ``check`` (its result for a file or artifact), ``cache`` (INT8
 calibration cache). ``tensorrt`` itself is imported lazily: all of this works without it."""
 
 from uadc.backends.tensorrt.build import build_engine, has_qdq

@@ -27,15 +27,13 @@ Usable on any ONNX model: a model without Q/DQ only gets the QOperator check.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from uadc.core.constants import MODEL_FILE, QDQ_OPS
-from uadc.core.errors import UadcError
+from uadc.core.constants import QDQ_OPS
 from uadc.export.partitions import GraphIndex
 
 __all__ = ["RULES", "Violation", "check_trt_rules", "format_violations"]
@@ -100,17 +98,6 @@ def check_trt_rules(model: onnx.ModelProto) -> list[Violation]:
         if node.op_type == "QuantizeLinear":
             violations.extend(_check_pairing(graph, node))
     return violations
-
-
-def check_trt_file(path: Path) -> tuple[list[Violation], bool]:
-    """The violations in an ONNX file (or an artifact folder's model.onnx), and whether it has Q/DQ
-    nodes at all (a float model passes without being checked)."""
-    from uadc.export.onnx_export import load_onnx   # torch: only when a file is checked
-    path = Path(path)
-    if path.is_dir() and not (path / MODEL_FILE).is_file():
-        raise UadcError(f"{path}: a folder without {MODEL_FILE}; give an ONNX file or an artifact folder")
-    model = load_onnx(path / MODEL_FILE if path.is_dir() else path)
-    return check_trt_rules(model), any(n.op_type in QDQ_OPS for n in model.graph.node)
 
 
 def format_violations(violations: Iterable[Violation]) -> str:
