@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -220,6 +221,43 @@ def test_a_ray_uadc_starts_leaves_the_process_as_it_was(tiny, tmp_path):
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert dict(os.environ) == env and sys.excepthook is hook and random.getstate() == state
+
+
+@needs_ray
+@pytest.mark.parametrize("run, said", [({"threads": 3}, "run.threads: each cell asks for 3 CPUs, but no Ray node "
+                                        "has more than 2; lower run.threads or raise --num-cpus"),
+                                       ({"gpus": 1}, "run.gpus: each cell asks for 1 GPUs, but no Ray node has more "
+                                        "than 0; this machine has none Ray can use: set run.gpus: 0")])
+def test_a_cell_asking_more_than_the_local_ray_has_is_refused_not_a_hang(tiny, tmp_path, run, said):
+    """run.threads above the local Ray's CPUs (or run.gpus without a GPU) waited for ever, printing nothing."""
+    from uadc.pipeline import api
+    d, recipe = tiny
+    sweep = _sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32"]}, run={"latency_runs": 3, **run})
+    with pytest.raises(UadcError, match="^" + re.escape(said) + "$"):
+        api.sweep(sweep, artifacts=d / "art", out=tmp_path / "o", num_cpus=2)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.json"))
+
+
+@needs_ray
+def test_sigterm_during_a_ray_sweep_exits_143_not_with_rays_abort(tiny, tmp_path):
+    """Ray's SIGTERM handler, installed by ray.init, replaced uadc's: `docker stop` aborted the process
+    (SIGABRT, a C++ stack dump) instead of exit 143 and its one line."""
+    import signal
+    import subprocess
+    d, recipe = tiny
+    sweep = _sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-int8"], "calibrator": ["minmax", "mse", "percentile",
+                                                                                           "entropy"]})
+    p = subprocess.Popen([sys.executable, "-m", "uadc.cli", "sweep", str(sweep), "--artifacts", str(d / "art"), "--out",
+                          str(tmp_path / "o"), "--num-cpus", "2"], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    lines = []
+    for line in p.stderr:   # the first cell done: Ray runs the others
+        lines.append(line)
+        if line.startswith("[1/"):
+            p.send_signal(signal.SIGTERM)
+            break
+    rest = p.communicate(timeout=120)[1]
+    assert p.returncode == 143, "".join(lines) + rest
+    assert rest.strip().splitlines()[-1].startswith("terminated (SIGTERM)") and "SIGTERM received" not in rest
 
 
 @needs_ray

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -42,20 +44,41 @@ def run_on_ray(plan: Plan, out: Path, artifacts: Path, address: str | None, num_
     with process_state_kept():   # Ray (its import too) sets environment variables, sys.excepthook, signal
         ray = import_ray()       # handlers, warning filters, seeds Python's random
         if ray.is_initialized():   # the caller's own Ray session: use it, leave it running
+            _check_fits(ray, plan.run, local=False)
             return _run(ray, plan, out, artifacts, done, on_record)
         # "local": a new instance of our own even when `ray start` runs on this machine
         kwargs = {"address": address} if address else {"address": "local", "num_cpus": num_cpus or os.cpu_count()}
         _check_answers(address)
+        main_thread = threading.current_thread() is threading.main_thread()
+        on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
         try:
             with quiet_third_party():   # Ray's start-up notes (token authentication, ...) under --verbose
                 ray.init(**kwargs, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                          configure_logging=False)
         except (ConnectionError, ValueError) as exc:   # ValueError: an address Ray cannot parse
             raise UadcError(f"cannot connect to the Ray cluster at {address}: {C.one_line(exc)}") from None
+        if main_thread:   # Ray's handler aborted the process (SIGABRT, a C++ stack dump) on `docker stop`
+            signal.signal(signal.SIGTERM, on_sigterm)
         try:
+            _check_fits(ray, plan.run, local=address is None)
             return _run(ray, plan, out, artifacts, done, on_record)
         finally:
             ray.shutdown()
+
+
+def _check_fits(ray, run, local: bool) -> None:
+    """A task asking for more CPUs (run.threads) or GPUs (run.gpus) than any node has waited for
+    ever, without a word (Ray's own warning is not shown): refused on the local Ray, noted on a cluster
+    (an autoscaler may add such a node)."""
+    nodes = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+    for key, what, need in (("threads", "CPU", run.threads), ("gpus", "GPU", run.gpus)):
+        have = max((r.get(what, 0) for r in nodes), default=0)
+        if need and need > have:
+            said = f"run.{key}: each cell asks for {need:g} {what}s, but no Ray node has more than {have:g}"
+            if local:
+                raise UadcError(said + ("; lower run.threads or raise --num-cpus" if what == "CPU" else
+                                        "; this machine has none Ray can use: set run.gpus: 0"))
+            log.warning("%s: the cells wait until a node that has them joins", said)
 
 
 def _check_answers(address: str | None, timeout: float = 5.0) -> None:
