@@ -238,6 +238,23 @@ def test_a_cell_asking_more_than_the_local_ray_has_is_refused_not_a_hang(tiny, t
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.json"))
 
 
+def test_two_sweeps_into_one_folder_take_turns_and_the_second_reuses(tiny, tmp_path):
+    """Both runs compiled every cell (the record check was not under a lock), and the sweep.json left
+    behind disagreed with the cells' own report.json."""
+    import subprocess
+    d, recipe = tiny
+    sweep = _sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32", "ort-cpu-int8"], "calibrator": ["minmax"]})
+    cmd = [sys.executable, "-m", "uadc.cli", "sweep", str(sweep), "--artifacts", str(d / "art"), "--out",
+           str(tmp_path / "o"), "--sequential", "--json"]
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for _ in (0, 1)]
+    docs = [json.loads(p.communicate(timeout=300)[0]) for p in runs]
+    assert sorted((doc["executed"], doc["reused"]) for doc in docs) == [(0, 2), (2, 0)], docs
+    table = json.loads((tmp_path / "o" / "sweep.json").read_text())
+    for row in table["cells"]:
+        report = json.loads((tmp_path / "o" / row["artifact"] / "report.json").read_text())
+        assert row["latency_ms"] == report["latency_ms"]["compiled"]["p50"], (row, report["latency_ms"])
+
+
 @needs_ray
 def test_sigterm_during_a_ray_sweep_exits_143_not_with_rays_abort(tiny, tmp_path):
     """Ray's SIGTERM handler, installed by ray.init, replaced uadc's: `docker stop` aborted the process

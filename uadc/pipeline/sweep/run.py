@@ -12,7 +12,7 @@ from typing import Any, Callable
 from uadc.config.recipe import default_artifacts_root
 from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError
-from uadc.core.io import JsonResult, check_writable, ensure_dir, sha256_file
+from uadc.core.io import JsonResult, check_writable, ensure_dir, file_lock, sha256_file
 from uadc.core.numbers import whole_number
 from uadc.pipeline.sweep.plan import Plan, cell_key, make_plan
 from uadc.pipeline.sweep.spec import load_sweep
@@ -95,6 +95,12 @@ def run_plan(plan: Plan, artifacts: Path, out: Path, *, address: str | None = No
         whole_number(num_cpus, "num_cpus")
     check_writable(out)
     ensure_dir(out)
+    with file_lock(out):   # a second run into the folder waits, then reuses (both compiled every cell before)
+        return _run_plan(plan, artifacts, out, address, num_cpus, sequential, on_record, table, t0)
+
+
+def _run_plan(plan: Plan, artifacts: Path, out: Path, address: str | None, num_cpus: int | None, sequential: bool,
+              on_record: Callable[[dict], None] | None, table: bool, t0: float) -> SweepResult:
     seen: list[dict] = []
 
     def note(rec: dict) -> None:
