@@ -238,6 +238,24 @@ def test_a_cell_asking_more_than_the_local_ray_has_is_refused_not_a_hang(tiny, t
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.json"))
 
 
+def test_best_cells_and_the_front_skip_gate_failures_and_emulated_latencies():
+    """An emulated TensorRT latency (ONNX Runtime on the CPU) was ranked with real ones, and a cell
+    failing its own regression gate could be named best; neither was marked in sweep.md."""
+    from uadc.pipeline.sweep.table import best_cells, pareto_front, render_markdown
+    def row(cell, auroc, ms, **kw):
+        return {"cell": cell, "status": "ok", "image_auroc": auroc, "pixel_auroc": auroc, "latency_ms": ms,
+                "model_bytes": 10, "compile_seconds": 1.0, "image_drop": 0.0, "pixel_drop": 0.0, "decision_agreement": 1.0,
+                "speedup_vs_fp32": 1.0, "gate_passed": True, "emulated": False, **kw}
+    rows = [row("fp32", 0.90, 2.0), row("int8", 0.89, 1.0), row("trt", 0.89, 0.3, emulated=True, gate_passed=None),
+            row("bad", 0.99, 0.5, gate_passed=False)]
+    best = best_cells(rows)
+    assert best["image_auroc"] == "fp32" and best["latency"] == "int8"
+    assert pareto_front(rows) == ["fp32", "int8"]
+    md = render_markdown("g", rows, best, pareto_front(rows))
+    assert "| trt | ok |" in md and "| 0.30* |" in md and "| bad | ok, REGRESSION |" in md
+    assert "*: emulated by ONNX Runtime" in md and "never a best cell" in md
+
+
 def test_two_sweeps_into_one_folder_take_turns_and_the_second_reuses(tiny, tmp_path):
     """Both runs compiled every cell (the record check was not under a lock), and the sweep.json left
     behind disagreed with the cells' own report.json."""
@@ -250,6 +268,7 @@ def test_two_sweeps_into_one_folder_take_turns_and_the_second_reuses(tiny, tmp_p
     docs = [json.loads(p.communicate(timeout=300)[0]) for p in runs]
     assert sorted((doc["executed"], doc["reused"]) for doc in docs) == [(0, 2), (2, 0)], docs
     table = json.loads((tmp_path / "o" / "sweep.json").read_text())
+    assert [r["gate_passed"] for r in table["cells"]] == [True, True] and not any(r["emulated"] for r in table["cells"])
     for row in table["cells"]:
         report = json.loads((tmp_path / "o" / row["artifact"] / "report.json").read_text())
         assert row["latency_ms"] == report["latency_ms"]["compiled"]["p50"], (row, report["latency_ms"])

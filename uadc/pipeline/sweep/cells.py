@@ -172,4 +172,6 @@ def summarize(res, out: Path) -> dict:
     # share of test images with the same accept/reject verdict as FP32 (where the report has it)
     decisions = (getattr(res, "deploy", None) or {}).get("decisions") or {}
     row["decision_agreement"] = (decisions.get("overall") or {}).get("agreement")
+    row["gate_passed"] = ((res.verification or {}).get("gate") or {}).get("passed")   # None: TensorRT (no gate here)
+    row["emulated"] = bool(lat.emulated)   # TensorRT timed by ONNX Runtime on this CPU: no latency of the target
     return row

@@ -108,6 +108,9 @@ def _run_plan(plan: Plan, artifacts: Path, out: Path, address: str | None, num_c
         status = "reused" if rec.get("reused") else rec["status"]
         log.info("[%d/%d] %s: %s%s", len(seen), len(plan.cells), rec["cell"], status,
                  f" ({rec['error']})" if rec["status"] == "failed" else "")
+        if rec.get("gate_passed") is False and not rec.get("reused") and not sequential:   # the worker's warning is not shown
+            log.warning("%s fails its own regression gate; `uadc verify %s` lists the figures", rec["cell"],
+                        out / rec["artifact"])
         if on_record:
             on_record(rec)
 

@@ -17,7 +17,7 @@ from uadc.report.markdown import signed
 log = logging.getLogger(__name__)
 COLUMNS = ("cell", "status", "target", "calibrator", "calib_data", "calib_samples", "quantize", "precision",
            "image_size", "seed", "one_class", "category", "image_auroc", "pixel_auroc", "image_drop", "pixel_drop",
-           "decision_agreement", "latency_ms", "ort_fp32_ms", "speedup_vs_fp32", "model_bytes", "compile_seconds",
+           "decision_agreement", "gate_passed", "latency_ms", "emulated", "ort_fp32_ms", "speedup_vs_fp32", "model_bytes", "compile_seconds",
            "error", "artifact")
 # objective -> (column, larger is better)
 OBJECTIVES = {"image_auroc": ("image_auroc", True), "pixel_auroc": ("pixel_auroc", True),
@@ -41,9 +41,11 @@ def make_rows(plan: Plan, records: list[dict]) -> list[dict]:
 
 
 def best_cells(rows: list[dict]) -> dict[str, str | None]:
+    """Per objective, the best cell that passes its own regression gate (one that fails it is no
+    recommendation); latency only among latencies measured on the target's runtime (not emulated)."""
     best = {}
     for name, (col, larger) in OBJECTIVES.items():
-        ok = [r for r in rows if r["status"] == "ok" and r.get(col) is not None]
+        ok = [r for r in _eligible(rows) if r.get(col) is not None and not (col == "latency_ms" and r.get("emulated"))]
         if not ok:
             best[name] = None
             continue
@@ -52,9 +54,14 @@ def best_cells(rows: list[dict]) -> dict[str, str | None]:
     return best
 
 
+def _eligible(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == "ok" and r.get("gate_passed") is not False]
+
+
 def pareto_front(rows: list[dict]) -> list[str]:
-    """Cells no other cell beats on both image AUROC (higher) and latency (lower)."""
-    pts = [r for r in rows if r["status"] == "ok" and r.get("image_auroc") is not None]
+    """Cells no other cell beats on both image AUROC (higher) and latency (lower), among those that
+    pass their gate and were timed on their target's runtime (an emulated latency is no latency)."""
+    pts = [r for r in _eligible(rows) if r.get("image_auroc") is not None and not r.get("emulated")]
     front = []
     for r in pts:
         dominated = any(o["image_auroc"] >= r["image_auroc"] and o["latency_ms"] <= r["latency_ms"] and
@@ -108,12 +115,18 @@ def render_markdown(name: str, rows: list[dict], best: dict, front: list[str]) -
              "| cell | status | image AUROC | pixel AUROC | image drop | pixel drop | agreement | latency ms | "
              "x FP32 | MB | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        status = r["status"] if r["status"] == "ok" else f"failed: {r['error']}"
+        status = ("ok, REGRESSION" if r.get("gate_passed") is False else "ok") if r["status"] == "ok" else \
+            f"failed: {r['error']}"
         mb = None if r["model_bytes"] is None else r["model_bytes"] / 1e6
         lines.append(f"| {r['cell']} | {status} | {_f(r['image_auroc'], '.4f')} | {_f(r['pixel_auroc'], '.4f')} | "
                      f"{signed(r['image_drop'], '')} | {signed(r['pixel_drop'], '')} | "
-                     f"{_f(r['decision_agreement'], '.3f')} | {_f(r['latency_ms'], '.2f')} | "
+                     f"{_f(r['decision_agreement'], '.3f')} | {_f(r['latency_ms'], '.2f')}{'*' if r.get('emulated') else ''} | "
                      f"{_f(r['speedup_vs_fp32'], '.2f')} | {_f(mb, '.2f')} | {_f(r['compile_seconds'], '.1f')} |")
+    if any(r.get("emulated") for r in rows):
+        lines += ["", "*: emulated by ONNX Runtime on this CPU, not the target's runtime: no latency objective, "
+                  "not on the Pareto front."]
+    if any(r.get("gate_passed") is False for r in rows):
+        lines += ["", "REGRESSION: the cell fails its own regression gate (`uadc verify`): never a best cell."]
     lines += ["", "Best cell per objective: " + "; ".join(f"{k}: **{v}**" for k, v in best.items() if v),
               "", "Pareto front (image AUROC vs latency): " + (", ".join(front) or "none")]
     return "\n".join(lines)
@@ -121,7 +134,7 @@ def render_markdown(name: str, rows: list[dict], best: dict, front: list[str]) -
 
 def write_pareto_png(rows: list[dict], front: list[str], path: Path, title: str) -> Path | None:
     """Image AUROC vs latency, front highlighted; skipped (None) without matplotlib or points."""
-    pts = [r for r in rows if r["status"] == "ok" and r.get("image_auroc") is not None]
+    pts = [r for r in rows if r["status"] == "ok" and r.get("image_auroc") is not None and not r.get("emulated")]
     if not pts:
         return None
     try:
