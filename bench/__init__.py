@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -22,6 +23,32 @@ def as_script(main: Callable[[], Any]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     raise SystemExit(code)
+
+
+def non_negative(text: str) -> int:
+    """An argparse type: a whole number of 0 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is below 0")
+    return n
+
+
+def positives(text: str) -> list[int]:
+    """An argparse type: a comma-separated list of whole numbers of 1 or more (``--batches 1,8``)."""
+    return [positive(x.strip()) for x in text.split(",")]
+
+
+def out_file(text: str) -> Path:
+    """An argparse type: a file to write whose folder exists (checked before the work, not after it)."""
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no folder {path.parent}")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: a folder; give a file name")
+    return path
 
 
 def positive(text: str) -> int:

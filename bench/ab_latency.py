@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from uadc.config.targets import inference_hint_of
+from uadc.core.errors import UadcError
 
 REFERENCE = "ort-cpu-fp32"
 OV_DEFAULTS = "peer: OpenVINO FP32 (defaults)"
@@ -67,7 +68,7 @@ def _nncf_runner(reference: Path, threads: int, x: np.ndarray, tmp: Path) -> Cal
         import nncf
         import openvino
     except ImportError as exc:
-        raise SystemExit(f"error: --nncf needs nncf and openvino ({exc}); pip install 'uadc[bench]'") from None
+        raise UadcError(f"--nncf needs nncf and openvino ({exc}); pip install 'uadc[bench]'") from None
     from uadc.backends import openvino as ov
     calib = np.random.default_rng(1).standard_normal((NNCF_CALIB, *x.shape[1:])).astype(np.float32)
     model = nncf.quantize(openvino.Core().read_model(str(reference / "model.onnx")),
@@ -86,7 +87,7 @@ def systems(folder: Path) -> dict[str, tuple[str, str]]:
         if d.get("runtime") in ("onnxruntime", "openvino") and (rep.parent / "model.onnx").is_file():
             found[rep.parent.name] = (d["runtime"], d["target"])
     if REFERENCE not in found:
-        raise SystemExit(f"error: {folder} has no {REFERENCE} artifact (uadc compile R --target {REFERENCE})")
+        raise UadcError(f"{folder} has no {REFERENCE} artifact (uadc compile R --target {REFERENCE})")
     return {REFERENCE: found.pop(REFERENCE), **found}
 
 

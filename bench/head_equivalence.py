@@ -18,7 +18,7 @@ Writes ``head_equivalence.json`` and ``head_equivalence.md`` to ``--out`` (defau
 
 from __future__ import annotations
 
-from bench import as_script, summary
+from bench import as_script, positive, positives, summary
 
 import argparse
 import copy
@@ -158,18 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default="recipes/stfpm_effnet_lite0.yaml")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--runs", type=int, default=100)
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--rounds", type=positive, default=3)
+    ap.add_argument("--runs", type=positive, default=100)
+    ap.add_argument("--batches", type=positives, default=[1, 8])
     ap.add_argument("--time", default=None, help=argparse.SUPPRESS)  # child process: time one ONNX
-    ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=positive, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.time:
         print(json.dumps(_time_onnx(a.time, a.batch, a.threads, a.runs)))
         return 0
     from uadc.core.io import atomic_write_json, atomic_write_text
-    r = run(a.recipe, a.artifacts, a.threads, a.rounds, a.runs, [int(b) for b in a.batches.split(",")])
+    r = run(a.recipe, a.artifacts, a.threads, a.rounds, a.runs, a.batches)
     out = a.out or a.artifacts / r["recipe"] / "head_equivalence"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "head_equivalence.json", r)

@@ -17,7 +17,7 @@ paired ratios exact / default: what taking the exact path would cost on this CPU
 
 from __future__ import annotations
 
-from bench import as_script, summary
+from bench import as_script, non_negative, positive, summary
 
 import argparse
 import json
@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.int8_exactness", description=summary(__doc__))
     ap.add_argument("recipe")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cycles", type=int, default=0, help="time both sessions, alternating, this many times")
-    ap.add_argument("--batch", type=int, default=1, help="batch of the timing (with --cycles)")
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--cycles", type=non_negative, default=0, help="time both sessions, alternating, this many times")
+    ap.add_argument("--batch", type=positive, default=1, help="batch of the timing (with --cycles)")
     args = ap.parse_args(argv)
     from uadc.config.recipe import load_recipe
     from uadc.data.prepare import prepare_data

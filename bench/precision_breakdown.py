@@ -20,6 +20,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from uadc.core.errors import UadcError
+
 
 def kind(group: dict) -> str:
     """``backbone dense conv`` / ``backbone depthwise conv`` / ``backbone Add`` / ``head``."""
@@ -81,10 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     for art in args.artifacts:
         report = art / "report.json"
         if not report.is_file():
-            raise SystemExit(f"error: {art} has no report.json (not a compiled artifact)")
+            raise UadcError(f"{art} has no report.json (not a compiled artifact)")
         search = json.loads(report.read_text()).get("precision_search")
         if not search or "profile" not in search or "fp32_us" not in search["profile"]:
-            raise SystemExit(f"error: {art} was not compiled with an ONNX Runtime precision-auto search")
+            raise UadcError(f"{art} was not compiled with an ONNX Runtime precision-auto search")
         b = breakdown(search)
         print(json.dumps({"artifact": str(art), **b}) if args.json else markdown(str(art), b))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from bench import as_script, summary
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -25,8 +26,9 @@ import numpy as np
 
 
 def _polygraphy_labels(model: Path, images: np.ndarray) -> np.ndarray:
-    from polygraphy.comparator import RunResults
-    from polygraphy.json import save_json
+    with contextlib.redirect_stdout(sys.stderr):   # Polygraphy's log lines: stdout is the result's
+        from polygraphy.comparator import RunResults
+        from polygraphy.json import save_json
     with tempfile.TemporaryDirectory(prefix="uadc-pg-") as tmp:
         save_json([{"image": images}], f"{tmp}/in.json")
         p = subprocess.run([str(Path(sys.executable).parent / "polygraphy"), "run", str(model), "--onnxrt",
@@ -34,7 +36,9 @@ def _polygraphy_labels(model: Path, images: np.ndarray) -> np.ndarray:
                            capture_output=True, text=True)
         if p.returncode != 0:
             raise RuntimeError(f"polygraphy run failed: {p.stderr.strip().splitlines()[-1:]}")
-        return np.asarray(RunResults.load(f"{tmp}/out.json")[0][1][0]["pred_label"], bool)
+        with contextlib.redirect_stdout(sys.stderr):
+            results = RunResults.load(f"{tmp}/out.json")
+        return np.asarray(results[0][1][0]["pred_label"], bool)
 
 
 def main(argv: list[str] | None = None) -> int:

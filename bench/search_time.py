@@ -14,7 +14,7 @@ writes the search's record to ``DIR/report.json`` for ``python -m bench.precisio
 
 from __future__ import annotations
 
-from bench import as_script, summary
+from bench import as_script, positive, summary
 
 import argparse
 import json
@@ -27,12 +27,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("recipe")
     ap.add_argument("--artifacts", type=Path, default=None, help="artifacts root (default ./artifacts)")
     ap.add_argument("--target", default="ort-cpu-int8")
-    ap.add_argument("--threads", type=int, default=None, help="default: the compile's")
+    ap.add_argument("--threads", type=positive, default=None, help="default: the compile's")
     ap.add_argument("--cache", type=Path, default=None, help="timing-cache folder (default: none, a fresh profile)")
-    ap.add_argument("--profile-batch", type=int, default=None, help="override compile.auto.profile_batch")
+    ap.add_argument("--profile-batch", type=positive, default=None, help="override compile.auto.profile_batch")
     ap.add_argument("--record", type=Path, default=None,
                     help="write the search's record here as report.json (read by bench.precision_breakdown)")
     args = ap.parse_args(argv)
+    if args.record is not None and (args.record.exists() and not args.record.is_dir() or
+                                    (args.record / "artifact.json").exists()):   # before the search, not after it
+        ap.error(f"--record {args.record}: " + ("not a folder" if not args.record.is_dir() else
+                                                "an artifact folder (its report.json would be replaced)"))
 
     import uadc
     from uadc.config.recipe import load_recipe

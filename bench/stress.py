@@ -9,7 +9,7 @@ line. Prints a one-line summary per run and exits 1 on any broken promise.
 
 from __future__ import annotations
 
-from bench import as_script
+from bench import as_script, non_negative, positive
 
 import argparse
 import json
@@ -143,16 +143,24 @@ def stress(recipe: Path, art: Path, n: int, kills: int, seed: int, target: str =
             "corrupt_after_next_run": artifact_problems(out), "temps_after_next_run": len(temps_under(art))}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=4, help="concurrent compiles")
-    ap.add_argument("--kill", type=int, default=2, help="how many of them get SIGKILL")
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--n", type=positive, default=4, help="concurrent compiles")
+    ap.add_argument("--kill", type=non_negative, default=2, help="how many of them get SIGKILL")
+    ap.add_argument("--rounds", type=positive, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target", default="ort-cpu-int8")
-    ap.add_argument("--workdir", type=Path, default=None, help="default: a new temporary folder")
-    args = ap.parse_args()
-    root = args.workdir or Path(tempfile.mkdtemp(prefix="uadc-stress-"))
+    ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder, removed at the end")
+    args = ap.parse_args(argv)
+    if args.kill > args.n:
+        ap.error(f"--kill {args.kill}: more than --n {args.n}")
+    if args.workdir is not None:
+        return _run(args, args.workdir)
+    with tempfile.TemporaryDirectory(prefix="uadc-stress-") as tmp:   # each run left ~1.4 MB in /tmp
+        return _run(args, Path(tmp))
+
+
+def _run(args: argparse.Namespace, root: Path) -> int:
     recipe = make_setup(root)
     art = root / "art"
     if subprocess.run(uadc_cmd("train", str(recipe), "--artifacts", str(art))).returncode:

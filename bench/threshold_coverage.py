@@ -13,13 +13,12 @@ true false-alarm rate, mean and 95th percentile over the draws. No model, no dat
 
 from __future__ import annotations
 
-from bench import as_script, summary
+from bench import as_script, out_file, summary
 
 import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 from scipy import stats
@@ -71,7 +70,7 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=summary(__doc__))
     ap.add_argument("--draws", type=int, default=1000)
-    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--json", type=out_file, default=None, help="also write the figures here")
     a = ap.parse_args(argv)
     if a.draws < 10:
         print("error: --draws must be at least 10", file=sys.stderr)

@@ -13,7 +13,7 @@ the answer decides whether a fusion pass is worth writing.
 
 from __future__ import annotations
 
-from bench import as_script, summary
+from bench import as_script, out_file, positive, positives, summary
 
 import argparse
 import json
@@ -132,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=summary(__doc__))
     ap.add_argument("--recipe", default="recipes/stfpm_effnet_lite0.yaml")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--cycles", type=int, default=10)
-    ap.add_argument("--runs", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--batches", type=positives, default=[1, 8])
+    ap.add_argument("--cycles", type=positive, default=10)
+    ap.add_argument("--runs", type=positive, default=60)
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--json", type=out_file, default=None)
     a = ap.parse_args(argv)
     import onnx
     import torch
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     separate, fused = build(model)
     out = {"recipe": recipe.name, "threads": a.threads, "batches": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for batch in [int(b) for b in a.batches.split(",")]:
+        for batch in a.batches:
             paths = {n: Path(tmp) / f"{n}{batch}.onnx" for n in ("separate", "fused")}
             with torch.no_grad():
                 export(separate, batch, size, paths["separate"])

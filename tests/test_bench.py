@@ -174,8 +174,8 @@ def test_precision_breakdown_floor_and_parts(tmp_path, capsys):
     main([str(art)])
     assert "**0.640x** of all FP32" in capsys.readouterr().out
     (art / "report.json").write_text(json.dumps({"precision": "target"}))
-    with pytest.raises(SystemExit, match="not compiled with an ONNX Runtime precision-auto search"):
-        main([str(art)])
+    with pytest.raises(UadcError, match="not compiled with an ONNX Runtime precision-auto search"):
+        main([str(art)])   # as a script: one error: line and exit 2 (SystemExit("error: ...") exited 1)
 
 
 def test_search_time_profiles_at_the_asked_batch_and_writes_its_record(bench_run, tmp_path, capsys):
@@ -231,6 +231,23 @@ def test_bench_scripts_user_mistakes_and_help(recipe_factory, tmp_path, capsys):
         with pytest.raises(SystemExit):
             ab_latency.main([str(tmp_path), *bad])
         assert "error: argument" in capsys.readouterr().err
+    from bench import head_equivalence, search_time, stress, threshold_coverage, twin_fusion
+    art = tmp_path / "artifact"
+    art.mkdir()
+    (art / "artifact.json").write_text("{}")
+    for main, bad, said in (   # a traceback after the work, NaN figures, or nothing tested, before
+            (int8_exactness.main, ["r.yaml", "--cycles", "-2"], "-2 is below 0"),
+            (int8_exactness.main, ["r.yaml", "--batch", "0"], "0 is below 1"),
+            (head_equivalence.main, ["--rounds", "0"], "0 is below 1"),
+            (head_equivalence.main, ["--batches", "1,x"], "'x' is not a whole number"),
+            (twin_fusion.main, ["--batches", "0"], "0 is below 1"),
+            (stress.main, ["--n", "0"], "0 is below 1"),
+            (stress.main, ["--n", "2", "--kill", "3"], "--kill 3: more than --n 2"),
+            (threshold_coverage.main, ["--json", str(tmp_path / "nodir" / "x.json")], "no folder"),
+            (search_time.main, ["r.yaml", "--record", str(art)], "an artifact folder")):
+        with pytest.raises(SystemExit) as e:
+            main(bad)
+        assert e.value.code == 2 and said in capsys.readouterr().err, bad
     for name in ("ab_latency", "threshold_coverage", "int8_exactness", "verify_detection", "peers"):
         doc = summary(importlib.import_module(f"bench.{name}").__doc__)
         assert doc.rstrip(")`").endswith((".", "?", ":")) and "\n" not in doc, (name, doc)
@@ -238,3 +255,18 @@ def test_bench_scripts_user_mistakes_and_help(recipe_factory, tmp_path, capsys):
     plain, quick = ({k: v.name for k, v in variant_recipes(dcam, o).items()}
                     for o in (TableOptions(epochs=1), TableOptions(epochs=1, quick=True)))
     assert plain["dcam"] != quick["dcam"] and quick["dcam"].endswith("_quick_e1")
+
+
+def test_verify_detection_cases_are_judged_not_refused_as_tampered(int8_artifact, tmp_path):
+    """The injected cases rewrote model.onnx but not its sha256 in artifact.json: `uadc verify` refused
+    the first one as changed after compile and the bench stopped without its table."""
+    import uadc
+    from bench.verify_detection import scale_first_student_conv, wrong_normalisation
+    recipe, art, _ = int8_artifact
+    src = uadc.compile(recipe, "ort-cpu-fp32", artifacts=art, out=tmp_path / "fp32", evaluate=False, latency_runs=1,
+                       threads=1).path
+    scale_first_student_conv(src, tmp_path / "conv", 3.0)
+    wrong_normalisation(src, tmp_path / "norm", ((0.5,) * 3, (0.5,) * 3), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    for case in ("conv", "norm"):
+        res = uadc.verify(tmp_path / case, golden=src, normal_only=True)
+        assert not res.passed, case   # judged, and caught
