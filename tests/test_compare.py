@@ -87,7 +87,8 @@ def test_compare_other_inputs_make_records_stale(trained, tmp_path):
 @pytest.mark.parametrize("extra, text", [
     (["--calibrators", "minmax,no-such-calibrator"], "unknown calibrator 'no-such-calibrator'"),
     (["--target", "ort-cpu-fp32"], "is not quantized"),
-    (["--calibrators", "minmax,minmax"], "'minmax,minmax' lists 'minmax' twice"),   # its row printed twice
+    (["--calibrators", "minmax,minmax"], "--calibrators: 'minmax,minmax' lists 'minmax' twice"),   # printed twice
+    (["--calibrators", ""], "error: --calibrators: expected a comma-separated list without empty items"),   # which?
 ])
 def test_compare_user_errors_are_one_line(trained, tmp_path, extra, text):
     d, recipe = trained

@@ -108,7 +108,11 @@ def test_a_shown_recipe_saved_anywhere_reads_the_same_files(tmp_path):
         copy.write_text(res.output)
         shown, original = load_recipe(copy).cfg, load_recipe(p.path).cfg
         assert {**shown, "name": original["name"]} == original, p.name
-        assert res.output.count("#") == p.path.read_text().count("#") + 2     # comments kept, 2 header lines
+        named = "name" in yaml.safe_load(p.path.read_text())   # else a header line says how to keep the name
+        assert res.output.count("#") == p.path.read_text().count("#") + 2 + (not named)    # comments kept
+        assert named or f"add `name: {p.name}` to share" in res.output
+    res = CliRunner().invoke(main, ["recipes", "show", str(ROOT / "sweeps" / "default_grid.yaml")])
+    assert res.exit_code == 2 and res.output.startswith("error: ")   # printed as a recipe before
 
 
 def test_recipes_show_takes_a_recipe_file_too(tmp_path, monkeypatch):
@@ -135,7 +139,8 @@ def test_recipes_show_takes_a_recipe_file_too(tmp_path, monkeypatch):
             assert res.exit_code == 0 and "# note" in res.output, res.output
             assert yaml.safe_load(res.output)["data"]["sources"][0]["root"] == str(tmp_path / "sub dir" / "data")
         else:
-            assert res.exit_code == 2 and "cannot copy it with its paths made absolute" in res.output, res.output
+            assert res.exit_code == 2 and "cannot copy it with its paths made absolute (a path not written as a " \
+                                          "plain `key: value` line" in res.output, res.output
 
 
 @pytest.mark.skipif(os.environ.get("UADC_TEST_WHEEL") != "1",

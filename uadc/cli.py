@@ -276,7 +276,7 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
     from uadc.quant.qat.run import load_qat_model
     qat_model = load_qat_model(r, target, artifacts, checkpoint or checkpoint_path(r, artifacts)) if from_qat else None
     res = api.compile(_checkpoint(checkpoint) or r, target, recipe=r, calibration=calib_data, calibrator=calibrator,
-                      calib_samples=calib_samples, quantize=comma_list(quantize), per_channel=per_channel, out=out,
+                      calib_samples=calib_samples, quantize=comma_list(quantize, "--quantize"), per_channel=per_channel, out=out,
                       force=force, dump_passes=dump_passes, split=split, build_engine=build_engine,
                       evaluate=not no_eval, qat_model=qat_model, artifacts=artifacts, postprocess=postprocess,
                       precision=precision)
@@ -362,8 +362,8 @@ def calibrators_compare(recipe: Path, target, names, sources, calib_samples, qua
     """Compile every calibrator x data cell (a sweep); print image/pixel AUROC and drop vs FP32."""
     from uadc.config.validation import comma_list
     from uadc.pipeline import api
-    res = api.compare_calibrators(recipe, target, comma_list(names), comma_list(sources),
-                                  calib_samples=calib_samples, quantize=comma_list(quantize), out=out,
+    res = api.compare_calibrators(recipe, target, comma_list(names, "--calibrators"), comma_list(sources, "--calib-data"),
+                                  calib_samples=calib_samples, quantize=comma_list(quantize, "--quantize"), out=out,
                                   artifacts=artifacts, ray=use_ray, address=address)
     click.echo(res.markdown)
 
@@ -384,8 +384,7 @@ def sweep_cmd(sweep_file: Path, address, num_cpus, out, sequential, artifacts):
     res = run_sweep(sweep_file, artifacts=artifacts, out=out, address=address, num_cpus=num_cpus,
                     sequential=sequential)
     click.echo(res.markdown)   # with --json: on stderr, the table as the JSON document
-    click.echo(f"{len(res.rows)} cells: {res.executed} run, {res.reused} reused, {res.failed} failed; "
-               f"{res.trained} models trained; {res.wall_seconds:.1f} s; written: {res.out}")
+    click.echo(res.summary_line())
     return res
 
 
@@ -463,8 +462,7 @@ def bundle_cmd(artifact: Path, out: Path, force: bool):
     """Copy a verified artifact without its golden (regression-gate) files: what a line runs."""
     from uadc.pipeline.bundle import bundle   # torch-free, unlike uadc.pipeline.api
     res = bundle(artifact, out, force=force)
-    click.echo(f"{res.path}: {len(res.files) + 1} files, {res.bytes / 1e6:.1f} MB (the artifact: "
-               f"{res.source_bytes / 1e6:.1f} MB); left out: {', '.join(res.left_out) or 'nothing'}")
+    click.echo(res.summary_line())
     return res
 
 
@@ -505,9 +503,10 @@ def recipes_list() -> None:
 def recipes_show(name: str) -> None:
     """Print a recipe (built-in or a file), relative paths made absolute: `uadc recipes show demo > my.yaml`."""
     from uadc.config.packaged import shown_recipe
+    from uadc.config.recipe import load_recipe
     p = shown_recipe(name)
-    click.echo(f"# uadc recipe {p.name!r} ({p.path}), its relative paths made absolute: a copy\n"
-               f"# reads the same files from any folder.\n{p.copy_text()}", nl=False)
+    load_recipe(p.path)   # a sweep file or a README was printed as a recipe
+    click.echo(p.shown_text(), nl=False)
 
 
 @main.command()

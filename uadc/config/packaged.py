@@ -47,10 +47,20 @@ class PackagedRecipe:
         text = "".join(_PATH_LINE.sub(absolute, line) for line in original.splitlines(keepends=True))
         # the rewrite reads plain `key: value` lines: check that the copy reads what the recipe reads
         if _path_values(text, None) != _path_values(original, self.path.parent):
-            raise UadcError(f"{self.path}: cannot copy it with its paths made absolute (a path written in flow "
-                            f"style, or with an anchor or a tag): copy the file and set data.sources[].root, "
-                            f"data.val[].folder and model.weights to absolute paths by hand")
+            raise UadcError(f"{self.path}: cannot copy it with its paths made absolute (a path not written as a "
+                            f"plain `key: value` line: flow style, an anchor, a tag, a block scalar or an escaped "
+                            f"quote): copy the file and set data.sources[].root, data.val[].folder and model.weights "
+                            f"to absolute paths by hand")
         return text
+
+    def shown_text(self) -> str:
+        """What `uadc recipes show` prints: a header, then :meth:`copy_text`."""
+        import yaml
+        named = isinstance(doc := yaml.safe_load(self.path.read_text()), dict) and doc.get("name") is not None
+        name = "" if named else (f"\n# Its name (artifacts folder) is its file name: add `name: {self.name}` to share "
+                                 f"this recipe's checkpoint.")
+        return (f"# uadc recipe {self.name!r} ({self.path}), its relative paths made absolute: a copy\n"
+                f"# reads the same files from any folder.{name}\n{self.copy_text()}")
 
 
 def _path_values(text: str, base: Path | None) -> list | None:

@@ -30,16 +30,17 @@ def listed_twice(name: str, items: "list | tuple") -> str | None:
     return None
 
 
-def comma_list(value: str | None) -> list[str] | None:
+def comma_list(value: str | None, name: str | None = None) -> list[str] | None:
     """A command-line ``a,b`` -> [a, b]; an empty item (``,``) is a user error, not "the default";
-    so is one given twice."""
+    so is one given twice. ``name`` (the option or argument) starts the error."""
     if value is None:
         return None
     items = [p.strip() for p in value.split(",")]
+    where = f"{name}: " if name else ""
     if not items or any(not p for p in items):
-        raise UadcError(f"expected a comma-separated list without empty items, got {value!r}")
+        raise UadcError(f"{where}expected a comma-separated list without empty items, got {value!r}")
     if listed_twice(repr(value), items):
-        raise UadcError(listed_twice(repr(value), items))
+        raise UadcError(where + listed_twice(repr(value), items))
     return items
 
 
@@ -47,9 +48,9 @@ def name_list(value: Any, name: str) -> list[str] | None:
     """An API list of names: ``"a,b"`` as on the command line, or a sequence of strings (a bare
     string was iterated letter by letter: "unknown calibrator 'm'")."""
     if value is None or isinstance(value, str):
-        return comma_list(value)
+        return comma_list(value, name)
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
-        return comma_list(",".join(value))
+        return comma_list(",".join(value), name)
     raise UadcError(f"{name}: expected names as 'a,b' or a non-empty list of strings, got {value!r:.80}")
 
 

@@ -37,6 +37,10 @@ class BundleResult(JsonResult):
     bytes: int = 0
     source_bytes: int = 0
 
+    def summary_line(self) -> str:
+        return (f"{self.path}: {len(self.files) + 1} files, {self.bytes / 1e6:.1f} MB (the artifact: "
+                f"{self.source_bytes / 1e6:.1f} MB); left out: {', '.join(self.left_out) or 'nothing'}")
+
     def to_dict(self) -> dict:
         return {"path": str(self.path), "source": str(self.source), "files": self.files, "left_out": self.left_out,
                 "unlisted": self.unlisted, "bytes": self.bytes, "source_bytes": self.source_bytes}
@@ -69,7 +73,7 @@ def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
             if sha256_file(tmp / rel) != manifest.files[rel]:
                 raise UadcError(f"artifact {source}: {rel} changed while it was being copied; nothing was written")
         write_manifest(tmp, dataclasses.replace(manifest, files={}, bundle=provenance, folder=None, unlisted=[]))
-    final = Path(out)
-    return BundleResult(final, source, keep, left_out, list(manifest.unlisted),
+    final = Path(out)   # left out: a bundle's bundle's too (it said "nothing"); the path absolute, as compile's
+    return BundleResult(final.absolute(), source, keep, provenance["left_out"], list(manifest.unlisted),
                         sum((final / rel).stat().st_size for rel in [*keep, MANIFEST_FILE]),
                         sum((source / rel).stat().st_size for rel in [*manifest.files, MANIFEST_FILE]))

@@ -48,6 +48,10 @@ class SweepResult(JsonResult):
         """What ``uadc sweep`` exits with: 1 if a cell failed."""
         return 0 if self.ok else 1
 
+    def summary_line(self) -> str:
+        return (f"{len(self.rows)} cells: {self.executed} run, {self.reused} reused, {self.failed} failed; "
+                f"{self.trained} models trained; {self.wall_seconds:.1f} s; written: {self.out}")
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "out": str(self.out), "cells": self.rows, "best": self.best, "pareto": self.pareto,
                 "files": {k: str(v) for k, v in self.files.items()}, "executed": self.executed,
