@@ -210,9 +210,7 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
             raise UadcError("--one-class evaluates each category's own checkpoint; drop --checkpoint")
         res = api.evaluate(r, one_class=True, artifacts=artifacts)
         click.echo(format_table(res.one_class, f"{r.name} (one model per category)"))
-        click.echo(format_comparison(res.unified, res.one_class) if res.unified else
-                   "no unified eval.json of this recipe's current checkpoint: run `uadc eval` for the "
-                   "unified-vs-one-class table")
+        click.echo(format_comparison(res.unified, res.one_class))
         return res
     res = api.evaluate(_checkpoint(checkpoint) or r, r, artifacts=artifacts)
     epochs = res.extra.get("epochs")       # None for a compiled artifact: name it instead
@@ -492,10 +490,8 @@ def recipes() -> None:
 @recipes.command("list")
 def recipes_list() -> None:
     """Name, what it is, and whether its data (and weights file) is found here."""
-    from uadc.config.packaged import packaged_recipes
-    from uadc.config.settings import recipe_file_state
-    for p in packaged_recipes():
-        click.echo(f"{p.name:<24} {p.summary}  [{recipe_file_state(p.path)}]")
+    from uadc.config.settings import recipe_lines
+    click.echo("\n".join(recipe_lines()))
 
 
 @recipes.command("show")

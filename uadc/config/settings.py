@@ -62,6 +62,12 @@ def resolve_ptq(recipe: Recipe, target: Target, calibrator: str | None = None, c
                        reduce_range=cfg.reduce_range)
 
 
+def recipe_lines() -> list[str]:
+    """`uadc recipes list`: name, what it is, and whether its data (and weights file) is found here."""
+    from uadc.config.packaged import packaged_recipes
+    return [f"{p.name:<24} {p.summary}  [{recipe_file_state(p.path)}]" for p in packaged_recipes()]
+
+
 def recipe_file_state(path: Path) -> str:
     """What `uadc recipes list` says of a recipe file: whether its data (and weights file) is here."""
     try:

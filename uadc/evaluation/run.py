@@ -243,7 +243,9 @@ def format_defects(res: EvalResult) -> str:
                      + "  (image/pixel AUROC per defect type)" for cat, kinds in res.defects.items())
 
 
-def format_comparison(unified: EvalResult, one_class: EvalResult) -> str:
+def format_comparison(unified: EvalResult | None, one_class: EvalResult) -> str:
+    if unified is None:
+        return "no unified eval.json of this recipe's current checkpoint: run `uadc eval` for the unified-vs-one-class table"
     rows = [f"{'category':<16}{'metric':<13}{'unified':>10}{'one-class':>11}{'delta':>9}"]
     for cat in one_class.categories:
         for k in ("image_auroc", "pixel_auroc"):
