@@ -254,6 +254,11 @@ def test_best_cells_and_the_front_skip_gate_failures_and_emulated_latencies():
     md = render_markdown("g", rows, best, pareto_front(rows))
     assert "| trt | ok |" in md and "| 0.30* |" in md and "| bad | ok, REGRESSION |" in md
     assert "*: emulated by ONNX Runtime" in md and "never a best cell" in md
+    # a one-class cell (its own category's figures) beat the unified mean over every category
+    oc = [row("tiny-oc-a/fp32", 0.999, 0.1, category="a"), row("tiny-oc-b/fp32", 0.95, 0.1, category="b")]
+    assert best_cells(rows + oc)["image_auroc"] == "fp32" and "tiny-oc-a/fp32" not in pareto_front(rows + oc)
+    assert best_cells(oc[:1])["image_auroc"] == "tiny-oc-a/fp32" and best_cells(oc)["image_auroc"] is None
+    assert "never ranked against cells judged on other images" in render_markdown("g", oc, {}, [])
 
 
 def test_two_sweeps_into_one_folder_take_turns_and_the_second_reuses(tiny, tmp_path):

@@ -55,7 +55,13 @@ def best_cells(rows: list[dict]) -> dict[str, str | None]:
 
 
 def _eligible(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r["status"] == "ok" and r.get("gate_passed") is not False]
+    """Cells ranked against each other: those judged on the same test images. A one-class cell is
+    judged on its own category only (its figures beat a unified mean over every category without
+    being better): with unified cells in the grid only they are ranked; else cells of one category."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get("gate_passed") is not False]
+    groups = {r.get("category") for r in ok}
+    same = None if None in groups else next(iter(groups)) if len(groups) == 1 else "none"
+    return [r for r in ok if r.get("category") == same]
 
 
 def pareto_front(rows: list[dict]) -> list[str]:
@@ -125,6 +131,9 @@ def render_markdown(name: str, rows: list[dict], best: dict, front: list[str]) -
     if any(r.get("emulated") for r in rows):
         lines += ["", "*: emulated by ONNX Runtime on this CPU, not the target's runtime: no latency objective, "
                   "not on the Pareto front."]
+    if any(r.get("category") for r in rows):
+        lines += ["", "One-class cells are judged on their own category only: never ranked against cells judged "
+                  "on other images."]
     if any(r.get("gate_passed") is False for r in rows):
         lines += ["", "REGRESSION: the cell fails its own regression gate (`uadc verify`): never a best cell."]
     lines += ["", "Best cell per objective: " + "; ".join(f"{k}: **{v}**" for k, v in best.items() if v),
