@@ -394,6 +394,21 @@ def test_diff_int8_against_fp32_reports_every_figure(artifacts, tmp_path):
     assert isinstance(v, uadc.VerifyResult) and v.budgets["spearman_min"] == -1
 
 
+def test_diff_refuses_a_candidate_that_does_not_cover_the_images_categories(artifacts, tiny_data, tmp_path):
+    """A stripes-only model diffed against the unified one was judged on gray too and called a REGRESSION."""
+    from conftest import write_recipe
+    recipe, fp32, _ = artifacts
+    one = write_recipe(tmp_path / "one.yaml", tiny_data, train={"epochs": 1, "threads": 1}, data={
+        "val_fraction": 0.25, "sources": [{"root": str(tiny_data), "categories": ["stripes"]}]})
+    uadc.train(one, artifacts=tmp_path / "art")
+    stripes = uadc.compile(one, "ort-cpu-fp32", evaluate=False, latency_runs=1, artifacts=tmp_path / "art").path
+    with pytest.raises(UadcError, match=rf"^{re.escape(str(stripes))} covers stripes only; the images include gray, "
+                                        r"which it was not trained on: pass --images"):
+        uadc.diff(fp32, stripes)
+    d = uadc.diff(fp32, stripes, images=[tiny_data / "stripes" / "test" / "good"])   # the shared category: judged
+    assert set(d.categories) == {"stripes"}
+
+
 def test_verify_and_diff_on_an_image_folder(artifacts, tiny_data):
     _, fp32, int8 = artifacts
     folder = tiny_data / "stripes" / "test" / "good"

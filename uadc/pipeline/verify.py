@@ -314,6 +314,17 @@ def _given_thresholds(given: dict | None, base: dict) -> dict | None:
     return {cat: {**given.get(cat, given["global"]), "source": "golden set"} for cat in base}
 
 
+def _check_covers(candidate: Path, records: list[dict], categories: list[str]) -> None:
+    """A candidate trained on fewer of the reference's ``categories`` than the images hold (a
+    one-category model against a unified one) failed as a REGRESSION on products it never saw:
+    refused, naming them. Images in folders that are no category are decided globally, as before."""
+    own = _categories(candidate)
+    outside = sorted({r.get("category") for r in records} & set(categories) - set(own)) if own else []
+    if outside:
+        raise UadcError(f"{candidate} covers {', '.join(own)} only; the images include {', '.join(outside)}, which "
+                        f"it was not trained on: pass --images with images of the categories it covers")
+
+
 def _categories(*artifacts: Path) -> list[str]:
     m = next((m for m in map(_manifest, artifacts) if m is not None), None)
     return list(m.categories) if m is not None else []
@@ -429,6 +440,7 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
         raise UadcError(f"{a} has no golden set ({GOLDEN_META}) to take images from: pass --images DIR")
     else:
         feeds, records, masks = g.feeds, g.images, g.masks
+    _check_covers(b, records, known or _categories(a))
     ra, la = artifact_runner(a, "A", threads)
     rb, lb = artifact_runner(b, "B", threads)
     results = run_feeds([ra, rb], feeds)
