@@ -71,10 +71,15 @@ def test_eval_of_a_one_class_checkpoint_keeps_the_unified_eval_json(recipe_facto
     # judged on its own category only (it was scored on every category of the recipe, the mean too)
     assert "stripes" in json.loads(unified)["categories"] and "stripes" not in res.stdout.replace("category 'stripes' has", "")
     import uadc
-    with pytest.raises(uadc.UadcError, match=r"one-class model of \['gray'\], the recipe covers"):
+    with pytest.raises(uadc.UadcError, match=r"one-class model of \['gray'\], the recipe covers .*a recipe whose "
+                                             r"data.sources list only gray .*axes: \{one_class: \[true\]\}"):
         uadc.compile(art / "tiny" / "one_class" / "gray" / "checkpoint.pt", "ort-cpu-fp32", recipe=r,
                      artifacts=art, out=tmp_path / "oc")       # failed at the manifest after all the work
     assert not (tmp_path / "oc").exists()
+    # the recipe copy beside a one-class checkpoint, compiled, silently built the unified model: it says so
+    copy = (art / "tiny" / "one_class" / "gray" / "recipe.yaml").read_text()
+    assert copy.startswith("# The recipe whose one-class model of 'gray' is checkpoint.pt here")
+    assert not (art / "tiny" / "recipe.yaml").read_text().startswith("#")
     # another recipe's checkpoint is judged but not written as this recipe's eval.json (eval --one-class read it)
     other = recipe_factory("other", train={"epochs": 2, "threads": 1})
     assert CliRunner().invoke(main, ["train", str(other), "--artifacts", str(art)]).exit_code == 0

@@ -269,3 +269,17 @@ def test_images_of_types_not_read_are_named_in_a_warning(data, caplog):
     Image.open(good / "001.png").save(good / "y.webp")
     train = build_train_set([(data, "a")], 32, NORM)
     assert len(train) == 3 and "its .gif / .webp images are not read (uadc reads .png" in caplog.text
+
+
+def test_an_unreadable_validation_image_stops_before_training(data, tmp_path):
+    """A damaged validation normal passed train and eval (neither reads them) and stopped `uadc compile`."""
+    from uadc.config.recipe import recipe_from_dict
+    from uadc.data.prepare import prepare_data
+    val = tmp_path / "val"
+    val.mkdir()
+    shutil.copy(data / "a" / "train" / "good" / "000.png", val / "000.png")
+    (val / "001.png").write_bytes(b"garbage")
+    recipe = recipe_from_dict({"data": {"sources": [{"root": str(data)}], "image_size": 32,
+                                        "val": [{"category": "a", "folder": str(val)}]}})
+    with pytest.raises(UadcError, match=r"unreadable image .*001.png"):
+        prepare_data(recipe)

@@ -49,23 +49,29 @@ def save_checkpoint(path: Path, model: KDModel, recipe: Recipe, history: list[di
             "model_hash": model_hash(recipe), "history": history, "categories": categories,
             "uadc_version": __version__, **(extra or {})}
     atomic_save(path, lambda tmp: torch.save(blob, tmp))
-    atomic_write_text(path.parent / RECIPE_COPY, _recipe_text(recipe))
+    one_class = categories[0] if (extra or {}).get("one_class") else None
+    atomic_write_text(path.parent / RECIPE_COPY, _recipe_text(recipe, one_class))
     return path
 
 
-def _recipe_text(recipe: Recipe) -> str:
+def _recipe_text(recipe: Recipe, one_class: str | None = None) -> str:
+    """The copy; a one-class model's says that the file, compiled, is the recipe's unified model
+    (it was compiled silently as if it were this one)."""
     import yaml
-    return yaml.safe_dump(recipe.cfg, sort_keys=False)
+    head = (f"# The recipe whose one-class model of {one_class!r} is {CHECKPOINT_FILE} here (`uadc train --one-class`).\n"
+            f"# For reading: given to uadc, this file means the recipe's unified model, not this one.\n"
+            if one_class else "")
+    return head + yaml.safe_dump(recipe.cfg, sort_keys=False)
 
 
-def check_recipe_copy(path: Path, recipe: Recipe) -> None:
+def check_recipe_copy(path: Path, recipe: Recipe, one_class: str | None = None) -> None:
     """Before training: the recipe copy written beside checkpoint ``path`` must not replace the
     recipe file being trained (an artifacts folder that holds the user's own recipe), unless it
     is already that copy, word for word."""
     copy = path.parent / RECIPE_COPY
     try:
         same = recipe.path is not None and copy.is_file() and copy.samefile(recipe.path)
-        if same and copy.read_text(encoding="utf-8") != _recipe_text(recipe):
+        if same and copy.read_text(encoding="utf-8") != _recipe_text(recipe, one_class):
             raise UadcError(f"training would overwrite the recipe file itself with uadc's copy of it: {copy} "
                             f"(keep recipes outside the artifacts folder, or pass another --artifacts)")
     except (OSError, UnicodeDecodeError):
@@ -187,7 +193,9 @@ def judged_categories(blob: dict, categories: list[str], path: Path | None, subs
     own = trained if blob.get("one_class") else list(categories)
     if sorted(own) != sorted(categories) and not (subset and set(own) <= set(categories)):
         raise UadcError(f"checkpoint {path} is the one-class model of {own}, the recipe covers {sorted(categories)}: "
-                        f"use `uadc eval --one-class`, or a recipe whose data.sources list only {own}")
+                        f"judge it with `uadc eval --one-class`; to deploy one model per category, train a recipe whose "
+                        f"data.sources list only {', '.join(own)} (`uadc train`), or run a sweep with `axes: "
+                        f"{{one_class: [true]}}`, which trains and compiles one per category")
     return own
 
 

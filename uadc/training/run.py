@@ -71,8 +71,8 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
     groups = [(c, [i for i, s in enumerate(data.train.samples) if s.category == c]) for c in cats] if one_class \
         else [(None, list(range(len(data.train))))]
     paths = [checkpoint_path(recipe, artifacts, cat) for cat, _ in groups]
-    for path in paths:   # a checkpoint path that cannot be written fails before the training, not after
-        check_recipe_copy(path, recipe)
+    for (cat, _), path in zip(groups, paths):   # a checkpoint path that cannot be written fails before the training
+        check_recipe_copy(path, recipe, cat)
         check_writable(path.parent)
         if path.exists() and not path.is_file():
             raise UadcError(f"cannot write {path}: something other than a file is there")
