@@ -154,6 +154,10 @@ def test_sequential_sweep_records_failures_and_resumes(tiny, tmp_path):
     shutil.rmtree(tmp_path / "o" / ok[0]["artifact"])
     again = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)
     assert (again["reused"], again["executed"]) == (1, 2)
+    (tmp_path / "o" / ok[1]["artifact"] / "model.onnx").unlink()   # only its model gone: it was "reused"
+    again = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)
+    assert (again["reused"], again["executed"]) == (1, 2)
+    assert (tmp_path / "o" / ok[1]["artifact"] / "model.onnx").is_file()
 
 
 def test_a_rerun_reusing_every_cell_of_another_grid_redraws_the_plot(tiny, tmp_path):

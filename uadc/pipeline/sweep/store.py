@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 
 from uadc.core.constants import REPORT_FILE
+from uadc.core.errors import UadcError
 from uadc.core.io import atomic_write_json
+from uadc.core.manifest import read_manifest
 
 RECORDS = "records"
 CELLS = "cells"
@@ -28,8 +30,13 @@ def load_record(out: Path, key: str) -> dict | None:
         return None
     if not isinstance(rec, dict) or rec.get("status") != "ok" or rec.get("key") != key:
         return None
-    # the artifact it names must still be there (a deleted cell folder is computed again)
-    return rec if (Path(out) / str(rec.get("artifact")) / REPORT_FILE).is_file() else None
+    # the artifact it names must still be there, whole (a deleted cell folder, or model.onnx, is computed again)
+    folder = Path(out) / str(rec.get("artifact"))
+    try:
+        read_manifest(folder)
+    except UadcError:
+        return None
+    return rec if (folder / REPORT_FILE).is_file() else None
 
 
 def write_record(out: Path, record: dict) -> Path:
