@@ -122,6 +122,18 @@ def test_misspelt_names_stop_the_sweep_before_any_work(tiny, axes, msg):
         make_plan(spec, base, name)
 
 
+@pytest.mark.parametrize("extra, msg", [
+    ({"overrides": {"compile": {"calib_sampls": 8}}}, "sweep overrides: compile.calib_sampls: unknown key"),
+    ({"overrides": {"compile.calib_samples": 8}}, "sweep overrides: 'compile.calib_samples': write it nested, "
+                                                  "{compile: {calib_samples: ...}}"),   # "unknown key" of a real one
+])
+def test_override_errors_say_they_come_from_the_sweep_file(tiny, tmp_path, extra, msg):
+    d, recipe = tiny
+    spec, base, name = load_sweep(_sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32"]}, **extra))
+    with pytest.raises(UadcError, match="^" + re.escape(msg)):
+        make_plan(spec, base, name)
+
+
 def test_sequential_sweep_records_failures_and_resumes(tiny, tmp_path):
     d, recipe = tiny
     sweep = _sweep_file(tmp_path, recipe)

@@ -91,9 +91,9 @@ def make_plan(spec: SweepSpec, base: Path, name: str) -> Plan:
     for entry in spec.recipe_entries(base):
         original = load_recipe(entry.path)
         recipe = original
-        for overrides in (spec.overrides, entry.overrides):
+        for overrides, where in ((spec.overrides, "overrides"), (entry.overrides, f"overrides of {entry.path}")):
             if overrides:
-                recipe = _override(recipe, overrides)
+                recipe = _override(recipe, overrides, where)
         pairs.append((original, recipe))
     return plan_recipes(pairs, spec.axes, spec.run, name)
 
@@ -129,10 +129,18 @@ def _check_names(axes: Axes, name: str) -> None:
                                     f"{', '.join(allowed)}")
 
 
-def _override(recipe: Recipe, overrides: dict) -> Recipe:
+def _override(recipe: Recipe, overrides: dict, where: str = "overrides") -> Recipe:
+    """The recipe with a sweep file's overrides; an error names them (it read as the recipe's own)."""
     if not isinstance(overrides, dict):
-        raise UadcError("sweep overrides: expected {section: {key: value}}")
-    return recipe.with_overrides(**overrides)
+        raise UadcError(f"sweep {where}: expected {{section: {{key: value}}}}")
+    dotted = next((k for k in overrides if isinstance(k, str) and "." in k), None)
+    if dotted:   # `compile.calib_samples: 8` said "unknown key" of a key that exists
+        section, _, key = dotted.partition(".")
+        raise UadcError(f"sweep {where}: {dotted!r}: write it nested, {{{section}: {{{key}: ...}}}}")
+    try:
+        return recipe.with_overrides(**overrides)
+    except UadcError as exc:
+        raise UadcError(f"sweep {where}: {exc}") from None
 
 
 def _models(original: Recipe, recipe: Recipe, size: int | None, seed: int | None, one_class: bool) -> list[Model]:
