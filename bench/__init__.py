@@ -25,15 +25,19 @@ def as_script(main: Callable[[], Any]) -> None:
     raise SystemExit(code)
 
 
-def non_negative(text: str) -> int:
-    """An argparse type: a whole number of 0 or more."""
+def _at_least(text: str, low: int) -> int:
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{n} is below 0")
+    if n < low:
+        raise argparse.ArgumentTypeError(f"{n} is below {low}")
     return n
+
+
+def non_negative(text: str) -> int:
+    """An argparse type: a whole number of 0 or more."""
+    return _at_least(text, 0)
 
 
 def positives(text: str) -> list[int]:
@@ -53,10 +57,4 @@ def out_file(text: str) -> Path:
 
 def positive(text: str) -> int:
     """An argparse type: a whole number of 1 or more (``--cycles 0`` ended in numpy's traceback)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} is below 1")
-    return n
+    return _at_least(text, 1)
