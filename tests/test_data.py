@@ -280,6 +280,9 @@ def test_an_unreadable_validation_image_stops_before_training(data, tmp_path):
     shutil.copy(data / "a" / "train" / "good" / "000.png", val / "000.png")
     (val / "001.png").write_bytes(b"garbage")
     recipe = recipe_from_dict({"data": {"sources": [{"root": str(data)}], "image_size": 32,
-                                        "val": [{"category": "a", "folder": str(val)}]}})
+                                        "val": [{"category": "a", "folder": str(val)}]}, "train": {"epochs": 1}})
+    prepare_data(recipe)   # eval and compile of an artifact read no validation image: not stopped by one
+    import uadc
     with pytest.raises(UadcError, match=r"unreadable image .*001.png"):
-        prepare_data(recipe)
+        uadc.train(recipe, artifacts=tmp_path / "art")
+    assert not list((tmp_path / "art").rglob("checkpoint.pt"))

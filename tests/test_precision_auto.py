@@ -330,7 +330,7 @@ def test_openvino_bf16_auto_judges_fidelity_on_openvino(make_base, tmp_path, mon
     v = uadc.verify(tmp_path / "ov")  # on its own runtime too (the loose search's artifact need not pass)
     assert v.runtime["candidate"] == "openvino CPU (bf16)" and v.figures
     from bench import ab_latency
-    with pytest.raises(SystemExit, match="has no ort-cpu-fp32 artifact"):
+    with pytest.raises(UadcError, match="has no ort-cpu-fp32 artifact"):   # as a script: exit 2
         ab_latency.systems(tmp_path)
     uadc.compile(base, "ort-cpu-fp32", out=tmp_path / "ort-cpu-fp32", evaluate=False, latency_runs=2, threads=1)
     t = ab_latency.measure(tmp_path, batch=1, threads=1, cycles=2, runs=2, peers=True)

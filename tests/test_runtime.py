@@ -117,6 +117,12 @@ def test_dim_high_bit_images_and_animations_are_noted_once_per_folder(tmp_path, 
     assert len(said) == 2, said   # c1.png is in c0.png's folder; full/f.png uses the whole range
     assert "c0.png: I;16 pixels only up to 4095 of 65535" in said[0] and "12-bit" in said[0]
     assert "anim.gif: several frames" in said[1] and "reads the first" in said[1]
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    frames[0].save(sub / "x\nerror: fake.gif", save_all=True, append_images=frames[1:])
+    with caplog.at_level(logging.WARNING, "uadc"):
+        preprocess(sub / "x\nerror: fake.gif", pre)
+    assert caplog.records[-1].getMessage().startswith(f"{sub}/x\\x0aerror: fake.gif: several frames")
 
 
 def test_predict_lines_cannot_be_faked_by_file_names_or_split_by_library_warnings(int8_artifact, tmp_path):

@@ -275,6 +275,8 @@ def test_best_cells_and_the_front_skip_gate_failures_and_emulated_latencies():
     assert best_cells(rows + oc)["image_auroc"] == "fp32" and "tiny-oc-a/fp32" not in pareto_front(rows + oc)
     assert best_cells(oc[:1])["image_auroc"] == "tiny-oc-a/fp32" and best_cells(oc)["image_auroc"] is None
     assert "never ranked against cells judged on other images" in render_markdown("g", oc, {}, [])
+    named_none = [row("x/fp32", 0.9, 0.1, category="none"), row("y/fp32", 0.99, 0.1, category="gray")]
+    assert best_cells(named_none)["image_auroc"] is None   # a category called "none" was taken for the sentinel
 
 
 def test_two_sweeps_into_one_folder_take_turns_and_the_second_reuses(tiny, tmp_path):

@@ -293,19 +293,20 @@ def test_golden_files_are_checked_not_trusted(artifacts, tmp_path):
 
 
 def test_a_side_without_a_categorys_thresholds_is_named_in_the_notes(artifacts, tmp_path):
-    """B decided 'gray' at its global thresholds, reported as `source: artifact.json`, with no note."""
+    """A side decided 'gray' at its global thresholds, reported as `source: artifact.json`, with no note.
+    (A candidate without gray is refused now; a reference without it is judged, and named.)"""
     _, fp32, _ = artifacts
-    b = tmp_path / "b"
-    shutil.copytree(fp32, b)
-    meta = json.loads((b / "artifact.json").read_text())
+    a = tmp_path / "a"
+    shutil.copytree(fp32, a)
+    meta = json.loads((a / "artifact.json").read_text())
     del meta["thresholds"]["categories"]["gray"]
     meta["categories"] = ["stripes"]
-    (b / "artifact.json").write_text(json.dumps(meta))
-    d = json.loads(CliRunner().invoke(main, ["diff", str(fp32), str(b), "--json", "-"]).stdout)
-    assert d["thresholds"]["candidate"]["gray"]["source"].startswith("artifact.json global")
-    assert d["thresholds"]["candidate"]["stripes"]["source"] == d["thresholds"]["reference"]["gray"]["source"] == \
+    (a / "artifact.json").write_text(json.dumps(meta))
+    d = json.loads(CliRunner().invoke(main, ["diff", str(a), str(fp32), "--json", "-"]).stdout)
+    assert d["thresholds"]["reference"]["gray"]["source"].startswith("artifact.json global")
+    assert d["thresholds"]["reference"]["stripes"]["source"] == d["thresholds"]["candidate"]["gray"]["source"] == \
         "artifact.json"
-    assert "the candidate has no thresholds of its own for gray: decided at its global thresholds" in d["notes"]
+    assert "the reference has no thresholds of its own for gray: decided at its global thresholds" in d["notes"]
 
 
 def test_a_golden_set_of_another_recipe_is_named_in_the_notes(artifacts, tmp_path):
@@ -405,6 +406,9 @@ def test_diff_refuses_a_candidate_that_does_not_cover_the_images_categories(arti
     with pytest.raises(UadcError, match=rf"^{re.escape(str(stripes))} covers stripes only; the images include gray, "
                                         r"which it was not trained on: pass --images"):
         uadc.diff(fp32, stripes)
+    with pytest.raises(UadcError, match=r"covers stripes only; the images include gray"):   # another's golden set
+        uadc.verify(stripes, golden=fp32)
+    assert uadc.verify(stripes).images   # its own golden set: judged
     d = uadc.diff(fp32, stripes, images=[tiny_data / "stripes" / "test" / "good"])   # the shared category: judged
     assert set(d.categories) == {"stripes"}
 

@@ -26,11 +26,12 @@ from uadc.core.errors import UadcError, one_line
 log = logging.getLogger("uadc")
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (a pipeline's timeout, `docker stop`, Kubernetes) unwinds as Ctrl-C does."""
+class _Terminated(KeyboardInterrupt):   # SIGTERM (`docker stop`, a pipeline's timeout) unwinds as Ctrl-C does
+    seen = False   # remembered: a library (Ray's wait) may re-raise it as a plain KeyboardInterrupt
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
+    _Terminated.seen = True
     raise _Terminated()
 
 
@@ -49,7 +50,7 @@ def exit_on_user_error(interrupted: str = "interrupted; nothing was written for 
         sys.exit(exc.exit_code)
     except KeyboardInterrupt as exc:
         _newline_after_bar()
-        terminated = isinstance(exc, _Terminated)
+        terminated = isinstance(exc, _Terminated) or _Terminated.seen
         click.echo(interrupted.replace("interrupted", "terminated (SIGTERM)") if terminated else interrupted, err=True)
         sys.exit(143 if terminated else 130)
     finally:
@@ -85,7 +86,7 @@ class _Group(click.Group):
 
     def _usage_failed(self, ctx: click.Context, args: list[str], exc: click.ClickException) -> NoReturn:
         if isinstance(exc, click.NoSuchOption) and exc.ctx and exc.ctx.parent and \
-                exc.option_name in ("-q", "--quiet", "-v", "--verbose", "--version"):   # `uadc doctor -q`
+                exc.option_name in ("-q", "--quiet", "-v", "--verbose"):   # `uadc doctor -q`
             exc.message = f"{exc.message.rstrip('.')}: {exc.option_name} goes before the command, " \
                           f"uadc {exc.option_name} {exc.ctx.command_path.split(' ', 1)[1]} ..."
         if self._json_on_stdout(ctx, args):   # a usage error too is one JSON document under --json
@@ -99,8 +100,7 @@ class _Group(click.Group):
         """``--json -`` (verify, diff), or ``--json`` where it is a flag (or the command is unknown)."""
         if "--json=-" in args or any(a == "--json" and b == "-" for a, b in zip(args, args[1:])):
             return True
-        name = next((a for a in args if not a.startswith("-")), None)   # `uadc -q verify ...`
-        cmd = self.get_command(ctx, name) if name else None
+        cmd = self.get_command(ctx, next((a for a in args if not a.startswith("-")), ""))   # `uadc -q verify ...`
         return "--json" in args and (cmd is None or any("--json" in getattr(p, "opts", ()) and
                                                         getattr(p, "is_flag", False) for p in cmd.params))
 
@@ -136,7 +136,7 @@ def _errors_as_json(out: Any):
     except (UadcError, KeyboardInterrupt) as exc:
         if out is not None:
             from uadc.core.io import to_json
-            code = getattr(exc, "exit_code", 143 if isinstance(exc, _Terminated) else 130)
+            code = getattr(exc, "exit_code", 143 if isinstance(exc, _Terminated) or _Terminated.seen else 130)
             doc = {"error": str(exc) or ("terminated (SIGTERM)" if code == 143 else "interrupted"), "exit_code": code}
             click.echo(to_json(doc), file=out, nl=False)
         raise

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from uadc.core.constants import MASKS_FOLDER, OVERLAYS_DIR, PREDICTIONS_JSONL
-from uadc.core.errors import UadcError
+from uadc.core.errors import UadcError, one_line
 
 log = logging.getLogger(__name__)
 _NOTED: set[tuple[str, str]] = set()   # (what, folder): a dataset's folder of like images warns once, not per image
@@ -48,8 +48,7 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
             im = Image.open(path)
         with im:
             if getattr(im, "is_animated", False):
-                _note_once("frames", path, f"{path}: several frames (an animation or a multi-page file); uadc "
-                                           "reads the first")
+                _note_once("frames", path, "several frames (an animation or a multi-page file); uadc reads the first")
             yield _upright(im)
     except UadcError:
         raise
@@ -68,10 +67,16 @@ def _upright(im: Image.Image) -> Image.Image:
 
 
 def _note_once(what: str, source: Any, text: str) -> None:
-    key = (what, os.path.dirname(str(source)))
+    """``source: text`` as a warning, once per folder (bytes and PIL images: once); a newline in a
+    file name cannot start a line of its own."""
+    named = isinstance(source, (str, Path))
+    key = (what, os.path.dirname(str(source)) if named else "")
     if key not in _NOTED:
+        if len(_NOTED) > 10_000:   # a long-running service sees many folders
+            _NOTED.clear()
         _NOTED.add(key)
-        log.warning("%s (noted once per folder)", text)
+        shown = one_line(printable(str(source))) if named else "an image given as bytes or a PIL image"
+        log.warning("%s: %s (noted once per folder)", shown, text)
 
 
 def eight_bit(im: Image.Image, source: Any) -> Image.Image:
@@ -82,8 +87,8 @@ def eight_bit(im: Image.Image, source: Any) -> Image.Image:
         if a.size and (a.min() < 0 or a.max() > 65535):
             raise UadcError(f"unsupported image {source}: mode {im.mode} values outside 0..65535")
         if a.size and a.max() < 4096:   # 12-bit camera data in a 16-bit file reads nearly black
-            _note_once("dim", source, f"{source}: {im.mode} pixels only up to {int(a.max())} of 65535; uadc maps "
-                                      "0..65535 to 0..255, so it reads nearly black: scale 12-bit data to 16 bits")
+            _note_once("dim", source, f"{im.mode} pixels only up to {int(a.max())} of 65535; uadc maps 0..65535 to "
+                                      "0..255, so it reads nearly black: scale 12-bit data to 16 bits")
         return Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")
     if im.mode == "F":
         raise UadcError(f"unsupported image {source}: 32-bit float pixels (mode F); save it as 8- or 16-bit")
@@ -190,10 +195,13 @@ def _walk(root: Path) -> list[Path]:
     each real folder once (a link back up is not a loop). The real tree is walked first, so a folder
     also reached through a link is listed by its real path, whatever order the file system lists names in."""
     plain: set[str] = set()
-    files = []
+    files, linked = [], False
     for folder, subfolders, names in os.walk(root):
         plain.add(folder)
         files += [Path(folder) / n for n in names]
+        linked = linked or any(os.path.islink(os.path.join(folder, d)) for d in subfolders)
+    if not linked:   # no symlinked folder: the tree is walked once
+        return files
     seen = {os.path.realpath(f) for f in plain}
     for folder, subfolders, names in os.walk(root, followlinks=True):
         subfolders.sort()   # two links to one folder: the first name listed, on every file system

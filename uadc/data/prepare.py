@@ -10,7 +10,7 @@ from pathlib import Path
 from uadc.config.recipe import Recipe
 from uadc.core.errors import UadcError
 from uadc.data.mvtec import (ImageDataset, Sample, build_test_sets, build_train_set, list_folder_samples,
-                             list_train_samples, load_image, resolve_sources, split_validation, validate_test_masks)
+                             list_train_samples, resolve_sources, split_validation, validate_test_masks)
 
 log = logging.getLogger(__name__)
 MIN_VAL_IMAGES = 20   # below this a 1 % false-alarm quantile is mostly the margin (README)
@@ -99,8 +99,6 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeD
     one_class = _one_class(tests)
     tests = {c: ds for c, ds in tests.items() if c not in one_class}
     val = {c: ImageDataset(ss, size, *norm) for c, ss in val_samples.items()}
-    for s in (s for ss in val_samples.values() for s in ss):   # an unreadable one failed at compile, after training
-        load_image(s.path, size)
     rest = ("rest mostly on the small-sample margin" if recipe.deploy.threshold_margin else   # the demo: no margin
             "are the quantile of a few images (deploy.threshold_margin: false), a rough estimate")
     warnings = [f"category {c!r} has {len(ds)} validation normals (< {MIN_VAL_IMAGES}): its thresholds {rest}; "

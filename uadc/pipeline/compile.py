@@ -190,20 +190,23 @@ def _own_gate(folder: Path, threads: int) -> dict:
 
 
 def check_compile_settings(recipe: Recipe) -> None:
-    """The recipe's compile.calibrator / passes / auto.gpu, which only `uadc compile` used: checked
-    before a training that would otherwise end in their error (as compile.target is at load)."""
+    """The recipe's compile settings that only `uadc compile` reads, before a training that would end
+    in their error: unknown compile.passes are refused (every compile runs them); an unknown
+    calibrator or auto.gpu is a warning (used by some targets only, --calibrator overrides it, a
+    plug-in may be installed where compiling happens)."""
     from uadc.backends.tensorrt.cost import GPUS
     from uadc.calibrators import available_calibrators
     from uadc.passes.pipeline import PASSES
     c = recipe.compile
-    if c.calibrator is not None and c.calibrator not in available_calibrators():
-        raise UadcError(f"compile.calibrator: unknown calibrator {c.calibrator!r}; expected one of "
-                        f"{', '.join(available_calibrators())}")
     unknown = [p for p in c.passes or [] if p not in PASSES]
     if unknown:
         raise UadcError(f"compile.passes: unknown pass(es) {', '.join(map(repr, unknown))}; available: {', '.join(PASSES)}")
+    if c.calibrator is not None and c.calibrator not in available_calibrators():
+        log.warning("compile.calibrator: unknown calibrator %r here (known: %s); `uadc compile` to an INT8 target will "
+                    "refuse it unless --calibrator overrides it", c.calibrator, ", ".join(available_calibrators()))
     if c.auto.gpu is not None and c.auto.gpu not in GPUS:
-        raise UadcError(f"compile.auto.gpu: {c.auto.gpu!r} is not one of {', '.join(GPUS)}")
+        log.warning("compile.auto.gpu: %r is not one of %s; `uadc compile --precision auto` on TensorRT will refuse "
+                    "it", c.auto.gpu, ", ".join(GPUS))
 
 
 def _check_options(target: Target, ptq: PtqSettings, opts: CompileOptions) -> None:

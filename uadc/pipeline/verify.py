@@ -399,6 +399,7 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
                    threads=threads, reference_thresholds=g.meta["thresholds"])
         return VerifyResult(**{**res.__dict__, "kind": "verify", "seconds": time.time() - t0,
                                "notes": notes + list(res.notes)})
+    _check_covers(artifact, g.images, sorted({r.get("category") for r in g.images} - {None, ""}))   # --golden: another's
     results = run_feeds([cand_runner], g.feeds)
     from polygraphy.comparator import IterationResult, RunResults
     golden_results = RunResults()

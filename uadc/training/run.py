@@ -18,6 +18,7 @@ from uadc.core.errors import UadcError
 from uadc.core.io import JsonResult, check_writable, file_lock
 from uadc.core.progress import progress
 from uadc.core.scoped import seeded, torch_threads
+from uadc.data.mvtec import load_image
 from uadc.data.prepare import RecipeData, prepare_data
 from uadc.models import KDModel
 from uadc.models.profile import model_stats, peak_rss_mb
@@ -67,6 +68,9 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
     spends (``eval_seconds`` in the history) is not counted in ``train_seconds``."""
     check_writable(recipe.artifact_dir(artifacts))  # a read-only root fails before any work
     data = prepare_data(recipe)
+    for ds in data.val.values():   # an unreadable validation normal stopped `uadc compile`, after the training
+        for s in ds.samples:
+            load_image(s.path, ds.size)
     cats = data.categories
     groups = [(c, [i for i, s in enumerate(data.train.samples) if s.category == c]) for c in cats] if one_class \
         else [(None, list(range(len(data.train))))]

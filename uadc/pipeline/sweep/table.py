@@ -57,10 +57,13 @@ def best_cells(rows: list[dict]) -> dict[str, str | None]:
 def _eligible(rows: list[dict]) -> list[dict]:
     """Cells ranked against each other: those judged on the same test images. A one-class cell is
     judged on its own category only (its figures beat a unified mean over every category without
-    being better): with unified cells in the grid only they are ranked; else cells of one category."""
+    being better): with unified cells in the grid only they are ranked; else the cells of one
+    category; one-class cells of several categories are not ranked at all."""
     ok = [r for r in rows if r["status"] == "ok" and r.get("gate_passed") is not False]
     groups = {r.get("category") for r in ok}
-    same = None if None in groups else next(iter(groups)) if len(groups) == 1 else "none"
+    if None not in groups and len(groups) > 1:
+        return []
+    same = None if None in groups else next(iter(groups), None)
     return [r for r in ok if r.get("category") == same]
 
 
