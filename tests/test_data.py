@@ -286,3 +286,32 @@ def test_an_unreadable_validation_image_stops_before_training(data, tmp_path):
     with pytest.raises(UadcError, match=r"unreadable image .*001.png"):
         uadc.train(recipe, artifacts=tmp_path / "art")
     assert not list((tmp_path / "art").rglob("checkpoint.pt"))
+
+
+def test_a_category_folder_without_train_good_is_named_not_dropped_silently(data, caplog):
+    """Images straight in train/, or in train/Good, left the category out of the unified model and its
+    mean without a word."""
+    (data / "flat" / "train").mkdir(parents=True)
+    shutil.copy(data / "a" / "train" / "good" / "000.png", data / "flat" / "train" / "000.png")
+    (data / "capital" / "train" / "Good").mkdir(parents=True)
+    (data / "notes").mkdir()   # a folder with no train/ or test/ is no category, and no warning
+    with caplog.at_level("WARNING", logger="uadc"):
+        assert [c for _, c in resolve_sources([{"root": str(data), "categories": None}])] == ["a", "b"]
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("but no train/good/: left out" in m for m in said)
+    assert said[0].startswith(f"{data / 'capital'} has train/") and said[1].startswith(f"{data / 'flat'} has train/")
+
+
+def test_test_images_that_are_training_images_or_loose_in_test_are_named(data, caplog):
+    """A test/good linked to train/good gave AUROC on images the model trained on, and images straight in
+    test/ were left out of the figures; neither said a word."""
+    from uadc.config.recipe import recipe_from_dict
+    from uadc.data.prepare import prepare_data
+    shutil.rmtree(data / "a" / "test" / "good")
+    (data / "a" / "test" / "good").symlink_to(data / "a" / "train" / "good", target_is_directory=True)
+    shutil.copy(data / "b" / "test" / "good" / "000.png", data / "b" / "test" / "x.png")
+    recipe = recipe_from_dict({"data": {"sources": [{"root": str(data)}], "image_size": 32, "val_fraction": 0}})
+    with caplog.at_level("WARNING", logger="uadc"):
+        prepare_data(recipe)
+    assert "category 'a': 3 of its training images are test images too" in caplog.text
+    assert f"{data / 'b' / 'test'}: 1 image directly in it is not read" in caplog.text

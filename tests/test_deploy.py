@@ -510,3 +510,23 @@ def _two_products(tmp_path: Path, gray_train: int = 12, change=None) -> tuple[Pa
         change(data)
     return data, write_recipe(tmp_path / "r.yaml", data, data={"image_size": 32, "val_fraction": 0.25},
                               train={"epochs": 1, "threads": 1})
+
+
+def test_thresholds_are_not_set_on_images_trained_on_after_train_good_changed(tmp_path):
+    """The validation split is drawn from train/good's files now: files added after training moved
+    trained-on images into it, and the compiled thresholds were set on them without a word."""
+    import uadc
+    from conftest import write_recipe
+    from synthetic import make_category
+    make_category(tmp_path / "d", "stripes", size=32, n_train=12, seed=1)
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "d", data={
+        "sources": [{"root": str(tmp_path / "d"), "categories": ["stripes"]}], "image_size": 32, "val_fraction": 0.25},
+        train={"epochs": 1, "threads": 1})
+    uadc.train(recipe, artifacts=tmp_path / "art")
+    assert uadc.baseline(recipe, artifacts=tmp_path / "art").data.val["stripes"].samples   # unchanged: fine
+    good = tmp_path / "d" / "stripes" / "train" / "good"
+    for i in range(8):
+        shutil.copy(good / "000.png", good / f"1{i:02d}.png")
+    with pytest.raises(UadcError, match=r"the train/good files changed since training, and the validation normals "
+                                        r"drawn now include \d+ it was not holding out"):
+        uadc.baseline(recipe, artifacts=tmp_path / "art").data

@@ -68,7 +68,14 @@ def _category_dir(root: Path, category: str) -> Path:
 def list_categories(root: Path) -> list[str]:
     if not root.is_dir():
         raise UadcError(f"data folder not found: {root}")
-    cats = sorted(p.name for p in root.iterdir() if not is_hidden(p.name) and (p / "train" / "good").is_dir())
+    folders = sorted(p for p in root.iterdir() if not is_hidden(p.name) and p.is_dir())
+    cats = [p.name for p in folders if (p / "train" / "good").is_dir()]
+    for p in folders:   # a category laid out a little differently was left out without a word
+        near = [x.name for x in p.iterdir() if x.is_dir() and x.name.lower() in ("train", "test")] \
+            if p.name not in cats else []
+        if near:
+            log.warning("%s has %s/ but no train/good/: left out (uadc reads <category>/train/good/*.png; list "
+                        "the folders it should read there)", p, " and ".join(sorted(near)))
     if not cats:
         raise UadcError(f"no MVTec-layout category (<cat>/train/good) in {root}")
     return cats
@@ -110,6 +117,10 @@ def list_test_samples(root: Path, category: str) -> list[Sample]:
     if not test.is_dir():
         raise UadcError(f"missing folder {test}")
     samples = []
+    loose = sum(1 for p in test.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not is_hidden(p.name))
+    if loose:   # no defect type to label them: left out of the figures without a word
+        log.warning("%s: %d image%s directly in it %s not read (test images go in test/good/ or test/<defect type>/)",
+                    test, loose, "s" * (loose != 1), "are" if loose != 1 else "is")
     masked = (cat / MASKS_FOLDER).is_dir()   # without ground_truth/: image-level labels, no pixel metrics
     for defect_dir in sorted(p for p in test.iterdir() if p.is_dir() and not is_hidden(p.name)):
         check_utf8_name(defect_dir, "defect type")

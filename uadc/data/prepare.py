@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,15 @@ def _val_in_tests(val: dict[str, list[Sample]], tests: dict[str, ImageDataset]) 
             for c, ss in val.items() if (n := sum(s.path.resolve() in test_files for s in ss))]
 
 
+def _train_in_tests(train: list[Sample], tests: dict[str, ImageDataset]) -> list[str]:
+    """Training images that are also test images (a test/good linked to train/good): AUROC on images
+    the model trained on, with no warning."""
+    test_files = {s.path.resolve() for ds in tests.values() for s in ds.samples}
+    both = Counter(s.category for s in train if s.path.resolve() in test_files)
+    return [f"category {c!r}: {n} of its training images are test images too: its figures judge images the model "
+            f"trained on; keep train/ and test/ apart" for c, n in both.items()]
+
+
 def _sources(recipe: Recipe) -> list[tuple[Path, str]]:
     try:
         return resolve_sources([s.model_dump() for s in recipe.data.sources])
@@ -107,7 +117,7 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeD
                  f"or more train/good images" for c, ds in val.items() if not len(ds) and any(len(v) for v in val.values())]
     warnings += [f"category {c!r}: its test folder holds {kind} images only, and AUROC needs good and defective "
                  f"ones: not evaluated" for c, kind in one_class.items()]
-    warnings += _val_in_tests(val_samples, tests)
+    warnings += _val_in_tests(val_samples, tests) + _train_in_tests(train.samples, tests)
     for w in warnings:
         log.warning(w)
     untested = [c for _, c in pairs if c not in tests and c not in one_class]

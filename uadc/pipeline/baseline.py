@@ -32,7 +32,7 @@ from uadc.models import KDModel
 from uadc.models.heads import ImageKNN
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
 from uadc.quant.calibrate import calibration_images
-from uadc.training.checkpoint import checkpoint_path, judged_categories, load_checkpoint
+from uadc.training.checkpoint import check_held_out, checkpoint_path, judged_categories, load_checkpoint
 from uadc.verify.polygraphy_compare import TorchCpuRunner, compare, ort_runner
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class Baseline:
     def data(self) -> RecipeData:
         data = prepare_data(self.recipe)
         judged_categories(self.blob, data.categories, self.checkpoint, subset=False)
+        check_held_out(self.blob, self.recipe, data, self.checkpoint)
         return data
 
     @cached_property

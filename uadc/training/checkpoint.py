@@ -179,6 +179,28 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
     return model, blob
 
 
+def held_out(recipe: Recipe, data: Any, categories: list[str]) -> list[str]:
+    """``category/file`` of the validation normals split from train/good (not data.val folders): the
+    images the checkpoint did not train on."""
+    own = {v.category for v in recipe.data.val or []}
+    return sorted(f"{c}/{s.path.name}" for c in categories if c not in own and c in data.val
+                  for s in data.val[c].samples)
+
+
+def check_held_out(blob: dict, recipe: Recipe, data: Any, path: Path | None) -> None:
+    """Thresholds are set on validation normals the model never trained on; the split is drawn from
+    the files in train/good now, so after files were added or removed it held images it trained on."""
+    stored = blob.get("held_out")
+    if stored is None:   # a checkpoint from before this record
+        return
+    now = set(held_out(recipe, data, [c for c in blob.get("categories") or [] if c in data.val]))
+    new = sorted(now - set(stored))
+    if new:
+        raise UadcError(f"checkpoint {path}: the train/good files changed since training, and the validation normals "
+                        f"drawn now include {len(new)} it was not holding out (e.g. {new[0]}): thresholds would be set "
+                        f"on images it trained on; retrain, or restore the files")
+
+
 def judged_categories(blob: dict, categories: list[str], path: Path | None, subset: bool = True) -> list[str]:
     """The recipe's categories a checkpoint is judged on: a one-class model's own (with ``subset``;
     else they must be the recipe's). Judged on all, it gave figures, or compiled thresholds, for

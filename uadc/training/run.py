@@ -22,7 +22,7 @@ from uadc.data.mvtec import load_image
 from uadc.data.prepare import RecipeData, prepare_data
 from uadc.models import KDModel
 from uadc.models.profile import model_stats, peak_rss_mb
-from uadc.training.checkpoint import check_recipe_copy, checkpoint_path, make_model, save_checkpoint
+from uadc.training.checkpoint import check_recipe_copy, checkpoint_path, held_out, make_model, save_checkpoint
 from uadc.training.fit import EpochCallback, fit, fit_image_knn, fit_patch_knn
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, images: torch.
     stats = {**model_stats(model, recipe.data.image_size), "train_peak_rss_mb": peak_rss_mb()}
     save_checkpoint(path, model, recipe, history, [cat] if cat else cats,
                     {"train_seconds": seconds, "train_device": str(device), "one_class": bool(cat), "stats": stats,
-                     **stages})
+                     "held_out": held_out(recipe, data, [cat] if cat else cats), **stages})
     return TrainedModel(path, cat, seconds, len(history), history[-1]["loss"] if history else float("nan"), stats)
 
 
