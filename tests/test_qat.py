@@ -280,7 +280,8 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
     summary = art / recipe.name / f"qat_{TARGET}" / "qat.json"
     assert json.loads(summary.read_text())["settings"]["epochs"] == 1
     # what the QAT model was fine-tuned with is in the compile's report (it was recorded nowhere)
-    assert qat_report["qat"] == {"settings": json.loads(summary.read_text())["settings"], "summary": str(summary)}
+    assert qat_report["qat"] == {"settings": json.loads(summary.read_text())["settings"], "summary": str(summary),
+                                 "target": TARGET}
 
     out = tmp_path / "from_qat"
     res = CliRunner().invoke(main, ["compile", str(path), "--target", TARGET, "--from-qat", "--artifacts", str(art),
@@ -292,6 +293,21 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
     assert "- calibrator: **qat** (scales learned by quantization-aware fine-tuning" in (out / "report.md").read_text()
     compiled = onnx.load(str(out / "model.onnx"))
     assert set(_act_quant(compiled)) == set(_act_quant(qat_run["result"].ptq_model))
+
+    # a QAT model fine-tuned for one target compiled for another shipped, e.g. TensorRT with the CPU's
+    # asymmetric 7-bit scheme; a model without Q/DQ was reported as an int8 QAT artifact
+    import shutil
+    shutil.copytree(art / recipe.name / f"qat_{TARGET}", art / recipe.name / "qat_trt-int8")
+    res = CliRunner().invoke(main, ["compile", str(path), "--target", "trt-int8", "--from-qat", "--artifacts", str(art),
+                                    "--out", str(tmp_path / "trt")])
+    assert res.exit_code == 2 and f"was fine-tuned for {TARGET}, not trt-int8" in res.output, res.output
+    from uadc.quant.qat.run import load_qat_model
+    qat_model = load_qat_model(recipe, TARGET, art)
+    with pytest.raises(UadcError, match=f"qat_model: fine-tuned for {TARGET}, not trt-int8"):
+        api.compile(qat_run["baseline"], "trt-int8", qat_model=qat_model, out=tmp_path / "trt2")
+    with pytest.raises(UadcError, match="qat_model: it has no Q/DQ nodes"):
+        api.compile(qat_run["baseline"], TARGET, qat_model=qat_run["baseline"].fp32, out=tmp_path / "fp32q")
+    assert not (tmp_path / "trt").exists() and not (tmp_path / "trt2").exists() and not (tmp_path / "fp32q").exists()
 
     # Options the QAT model makes moot were accepted and ignored (and --quantize written into the report)
     for extra, said in ((["--quantize", "teacher"], "the QAT model quantizes student, not teacher"),

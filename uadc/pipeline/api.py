@@ -271,7 +271,7 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
                       b.checkpoint, artifacts)
     compiled = None
     if compile_after:
-        model = with_qat_record(res.model, res.summary.get("settings"), res.path.parent / QAT_JSON)
+        model = with_qat_record(res.model, res.summary.get("settings"), res.path.parent / QAT_JSON, target)
         compiled = compile(b, target, quantize=res.quantize, qat_model=model, artifacts=artifacts)
     return QatRunResult(res.path, res.summary, compiled)
 

@@ -233,6 +233,11 @@ def _check_qat_options(target: Target, opts: CompileOptions, given: dict) -> Non
         raise UadcError(f"qat_model: expected the onnx.ModelProto uadc.qat wrote, got {type(opts.qat_model).__name__}")
     if not target.quantized:
         raise UadcError(f"--from-qat needs an int8 target; {target.name} is {target.precision}")
+    if not any(n.op_type in QDQ_OPS for n in opts.qat_model.graph.node):   # reported as an int8 QAT artifact before
+        raise UadcError("qat_model: it has no Q/DQ nodes (not a QAT model); give the model uadc.qat wrote")
+    made_for = json.loads({p.key: p.value for p in opts.qat_model.metadata_props}.get(QAT_METADATA, "{}")).get("target")
+    if made_for not in (None, target.name):
+        raise UadcError(f"qat_model: fine-tuned for {made_for}, not {target.name}: run `uadc qat --target {target.name}`")
     ignored = [k for k, v in given.items() if v is not None and k != "quantize"]
     if ignored:
         raise UadcError(f"--from-qat: the QAT model carries its own scales; {', '.join(ignored)} do(es) not apply")

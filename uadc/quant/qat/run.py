@@ -174,6 +174,9 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
     again = "run `uadc qat` again"
     if not isinstance(meta, dict) or meta.get("model_hash") != model_hash(recipe):
         raise UadcError(f"QAT model {path} was made for other model settings than recipe {recipe.name}'s: {again}")
+    if meta.get("target") not in (None, target):   # a TensorRT artifact shipped with CPU-style quantization
+        raise UadcError(f"QAT model {path} was fine-tuned for {meta['target']}, not {target}: run "
+                        f"`uadc qat --target {target}`")
     sha = meta.get("checkpoint_sha256")
     if checkpoint is not None and sha is not None and Path(checkpoint).is_file() and sha != sha256_file(checkpoint):
         raise UadcError(f"QAT model {path} was fine-tuned from another checkpoint than {checkpoint} (trained again "
@@ -182,13 +185,15 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
         model = onnx.load(str(path))
     except Exception as exc:
         raise UadcError(f"cannot read QAT model {path}: {exc}") from None
-    return with_qat_record(model, meta.get("settings"), d / QAT_JSON)
+    return with_qat_record(model, meta.get("settings"), d / QAT_JSON, meta.get("target"))
 
 
-def with_qat_record(model: onnx.ModelProto, settings: dict | None, summary: Path) -> onnx.ModelProto:
-    """``model`` with what it was fine-tuned with in its metadata, for the compile's report (none before)."""
+def with_qat_record(model: onnx.ModelProto, settings: dict | None, summary: Path,
+                    target: str | None = None) -> onnx.ModelProto:
+    """``model`` with what it was fine-tuned with (and for) in its metadata, for the compile's report
+    and its target check."""
     entry = model.metadata_props.add()
-    entry.key, entry.value = QAT_METADATA, json.dumps({"settings": settings, "summary": str(summary)})
+    entry.key, entry.value = QAT_METADATA, json.dumps({"settings": settings, "summary": str(summary), "target": target})
     return model
 
 
