@@ -85,6 +85,19 @@ def test_openvino_fp32_and_int8_compile_verify_and_report(base, tmp_path, monkey
     assert 0.25 < departure(amap_ov) / departure(amap_ort) < 3.0
 
 
+def test_verify_without_openvino_says_bf16_was_not_exercised(base, tmp_path, monkeypatch, caplog):
+    """A bf16 artifact verified where openvino does not import ran its ONNX graph on ONNX Runtime in
+    FP32 (max_abs 0 against the golden outputs), labelled "emulating openvino cpu bf16": a vacuous PASS."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (optional extra uadc[openvino])")
+    from uadc.backends import openvino as ov
+    res = uadc.compile(base, "openvino-cpu-bf16", out=tmp_path / "bf16", latency_runs=1, threads=1, evaluate=False)
+    monkeypatch.setattr(ov, "version", lambda: None)
+    with caplog.at_level("WARNING", logger="uadc"):
+        v = uadc.verify(res.path, threads=1)
+    assert v.runtime["candidate"] == "onnxruntime CPU (openvino not importable: the ONNX graph, bf16 not exercised)"
+    assert "its bf16 inference is not exercised" in caplog.text
+
+
 def test_openvino_reports_unloadable_model(tmp_path):
     pytest.importorskip("openvino", reason="OpenVINO not installed (optional extra uadc[openvino])")
     from uadc.backends import openvino as ov
