@@ -430,6 +430,9 @@ def test_verify_and_diff_on_an_image_folder(artifacts, tiny_data):
                                                      f"{len(list(folder.iterdir()))} images (sorted by path)"]
     bare = uadc.diff(fp32 / "model.onnx", int8, images=[folder])
     assert bare.thresholds["candidate"] == bare.thresholds["reference"] and "no operating thresholds" in bare.notes[0]
+    bare_b = uadc.diff(fp32, fp32 / "model.onnx", images=[folder])   # said its borrowed thresholds were its own
+    assert all(t["source"] == "the reference's (none of its own)" for t in bare_b.thresholds["candidate"].values())
+    assert "the candidate has no operating thresholds of its own (a bare model)" in " ".join(bare_b.notes)
     d = uadc.diff(fp32, fp32, images=[folder])
     assert d.passed and d.figure("spearman").value == pytest.approx(1.0)
     assert not any("no folder named after a category" in n for n in own.notes + d.notes)

@@ -463,7 +463,11 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
         notes.append("the reference has no operating thresholds: both sides decide at thresholds fitted on its "
                      "outputs on these images")
     else:
-        cand_thr = _manifest_thresholds(b, ref_thr) or ref_thr
+        cand_thr = _manifest_thresholds(b, ref_thr)
+        if cand_thr is None:   # a bare model: reported as deciding at "artifact.json" thresholds of its own
+            cand_thr = {c: {**t, "source": "the reference's (none of its own)"} for c, t in ref_thr.items()}
+            notes.append("the candidate has no operating thresholds of its own (a bare model): it decides at the "
+                         "reference's")
         if unknown:
             notes.append(f"images under {', '.join(unknown)} are in no folder named after a category "
                          f"({', '.join(known)}): both sides decide them at the global thresholds")
