@@ -381,6 +381,13 @@ def test_models_that_take_another_input_are_refused_before_any_work(artifacts, t
                      ["verify", str(other), "--golden", str(fp32)]):
             r = CliRunner().invoke(main, args)
             assert r.exit_code == 2 and re.search(why, r.output) and "Traceback" not in r.output, (args, r.output)
+    bare = onnx.load(str(int8 / "model.onnx"))   # no uadc metadata: its graph's input size is read
+    del bare.metadata_props[:]
+    for d in bare.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.dim_value = 96
+    onnx.save(bare, str(tmp_path / "bare96.onnx"))
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "bare96.onnx"), "--golden", str(fp32)])
+    assert r.exit_code == 2 and re.search("takes 64 px inputs and .* 96 px", r.output), r.output
 
 
 def test_diff_int8_against_fp32_reports_every_figure(artifacts, tmp_path):

@@ -147,14 +147,23 @@ def _input_spec(model: Path) -> tuple[int, np.ndarray] | None:
         return None
 
 
+def _graph_size(model: Path) -> int | None:
+    """The model's fixed input width from its graph (a model without uadc's metadata)."""
+    from uadc.export.onnx_export import load_onnx
+    if not Path(model).is_file():
+        return None
+    dims = load_onnx(model).graph.input[0].type.tensor_type.shape.dim
+    return dims[-1].dim_value or None if dims else None
+
+
 def check_same_input(ref: Path, cand: Path, size: int | None = None) -> None:
     """Both models are fed the same tensors: refuse, before any work, two that take another input
     size or normalisation (Polygraphy's shape error, or figures of wrongly fed models, otherwise).
     ``size``: the reference's input size when ``ref`` has no metadata (the golden feeds')."""
     a, b = _input_spec(ref), _input_spec(cand)
-    size_a = a[0] if a else size
-    if b and size_a is not None and size_a != b[0]:
-        raise UadcError(f"{ref} takes {size_a} px inputs and {cand} {b[0]} px: the figures compare both on the same "
+    size_a, size_b = a[0] if a else size, b[0] if b else _graph_size(cand)
+    if size_b and size_a is not None and size_a != size_b:   # Polygraphy's traceback (exit 1) before
+        raise UadcError(f"{ref} takes {size_a} px inputs and {cand} {size_b} px: the figures compare both on the same "
                         f"input tensors (compare each with its own golden set: uadc verify)")
     if a and b and not np.allclose(a[1], b[1], atol=1e-6):
         raise UadcError(f"{ref} and {cand} normalise inputs differently (mean/std {a[1].round(4).tolist()} vs "
