@@ -468,6 +468,13 @@ CASES: list[Case] = [
     Case("out-read-only", COMPILE("--no-eval", "--out", "ro/out"), msg="not writable", setup=readonly("ro")),
     Case("dump-passes-is-file", COMPILE("--no-eval", "--out", "o", "--dump-passes", "f.txt"), msg="not a folder",
          setup=text("f.txt", "keep")),
+    # a user's file of a dump's name was overwritten, and an earlier dump's files mixed in with this one's
+    Case("dump-passes-into-a-users-folder", COMPILE("--no-eval", "--out", "o", "--dump-passes", "mine"),
+         msg="--dump-passes mine: a folder holding notes.txt, not only an earlier dump",
+         setup=both(lambda e: (e.d / "mine").mkdir(), text("mine/notes.txt", "keep"), text("mine/02_qdq.onnx", "mine"))),
+    # `uadc qat`'s folder (qat.json counts as uadc's) was replaced with a compile artifact under --force
+    Case("out-is-a-qat-folder", COMPILE("--no-eval", "--out", "q", "--force"), msg="the folder of a QAT model",
+         setup=both(lambda e: (e.d / "q").mkdir(), text("q/qat.json", "{}"), text("q/qat_model.onnx", "x"))),
     # the whole compile ran, then "exists and was not written by uadc (nothing was changed)": it had dumped there
     *[Case(f"dump-passes-overlaps-out-{i}", COMPILE("--no-eval", "--out", out, "--dump-passes", dump), msg="overlap")
       for i, (out, dump) in enumerate((("o", "o"), ("o", "o/passes"), ("d/o", "d")))],

@@ -291,6 +291,8 @@ def run_passes(model: onnx.ModelProto, names: list[str], ctx: PassContext) -> tu
         raise UadcError(f"unknown pass(es) {', '.join(map(repr, unknown))}; available: {', '.join(PASSES)}")
     if ctx.dump_dir is not None:
         ensure_dir(Path(ctx.dump_dir))
+        for old in Path(ctx.dump_dir).glob("[0-9][0-9]_*.onnx"):   # an earlier dump's: not mixed with this one
+            old.unlink()
         atomic_write_bytes(Path(ctx.dump_dir) / "00_input.onnx", model.SerializeToString())
     try:
         from uadc.core.progress import progress

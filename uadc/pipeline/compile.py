@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -75,14 +76,24 @@ def default_out(baseline: Baseline, target: Target, qat: bool, artifacts: Path |
     return baseline.recipe.artifact_dir(artifacts) / f"{target.name}{'-qat' if qat else ''}"
 
 
+DUMP_NAME = re.compile(r"\d\d_\w+\.onnx")   # what --dump-passes writes: 00_input.onnx, 01_<pass>.onnx, ...
+
+
 def _check_apart(out: Path, dump: Path | None) -> None:
     """The pass dumps are written while the artifact is built in a temp folder that replaces
     ``out``: one inside the other would be replaced, or become part of the artifact."""
+    if (out / "qat.json").is_file() and not (out / "artifact.json").is_file():   # replaced with --force before
+        raise UadcError(f"--out {out}: the folder of a QAT model (`uadc qat` wrote it); choose another")
     if dump is None:
         return
     a, b = out.absolute().resolve(), Path(dump).absolute().resolve()
     if a == b or a in b.parents or b in a.parents:
         raise UadcError(f"--dump-passes {dump} and the artifact folder {out} overlap: give the dumps their own folder")
+    other = sorted(p.name for p in Path(dump).iterdir() if not DUMP_NAME.fullmatch(p.name)) \
+        if Path(dump).is_dir() else []
+    if other:   # a user's file of the same name was overwritten, an earlier dump's mixed in
+        raise UadcError(f"--dump-passes {dump}: a folder holding {other[0]}, not only an earlier dump; give an empty "
+                        f"or new folder")
 
 
 def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
