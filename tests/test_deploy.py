@@ -530,3 +530,14 @@ def test_thresholds_are_not_set_on_images_trained_on_after_train_good_changed(tm
     with pytest.raises(UadcError, match=r"the train/good files changed since training, and the validation normals "
                                         r"drawn now include \d+ it was not holding out"):
         uadc.baseline(recipe, artifacts=tmp_path / "art").data
+
+
+def test_an_artifact_without_thresholds_is_a_warning_at_compile(recipe_factory, tmp_path, caplog):
+    """val_fraction 0 and no data.val: train, eval and compile were silent, and `uadc predict` failed on the line."""
+    import uadc
+    r = recipe_factory("nothr", data={"val_fraction": 0.0}, train={"epochs": 1, "threads": 1})
+    uadc.train(r, artifacts=tmp_path / "art")
+    with caplog.at_level("WARNING", logger="uadc"):
+        res = uadc.compile(r, "ort-cpu-fp32", artifacts=tmp_path / "art", evaluate=False, latency_runs=1)
+    assert "the artifact has no operating thresholds, so `uadc predict` cannot decide with it" in caplog.text
+    assert "on validation normals only (no images)" in (res.path / "report.md").read_text()

@@ -94,6 +94,8 @@ def deploy_evaluation(baseline: Baseline, compiled: onnx.ModelProto, threads: in
                      "thresholds": {"compiled": thr.to_dict() if thr else None}}
     if thr is None:
         section["note"] = "no validation normals (data.val_fraction 0 and no data.val): no thresholds"
+        log.warning("no validation normals (data.val_fraction 0 and no data.val): the artifact has no operating "
+                    "thresholds, so `uadc predict` cannot decide with it; set data.val_fraction > 0 or give data.val")
         return DeployResult(None, None, section)
     section["estimator"] = thr.estimator
     if _trained_before_split(baseline):

@@ -55,9 +55,10 @@ def _pct(x: float | None) -> str:
 
 def _deploy_lines(d: dict) -> list[str]:
     """Operating thresholds (label-free) and the decisions they make on the test sets."""
+    counts = ", ".join(f"{c}: {n}" for c, n in d["validation"].items()) or "no"   # "( images)" before
     lines = ["## Operating point and decisions", "",
              f"- target false-alarm rate **{_pct(d['false_alarm_rate'])}**; thresholds from each model's own outputs "
-             f"on validation normals only ({', '.join(f'{c}: {n}' for c, n in d['validation'].items())} images)"]
+             f"on validation normals only ({counts} images)"]
     if d.get("estimator"):
         lines.append(f"- estimator: {d['estimator']}")
     if d.get("note"):
