@@ -238,7 +238,7 @@ def test_predict_cli_writes_predictions_and_overlays(int8_artifact, tmp_path, ti
     assert p.returncode == 1, p.stderr                     # the unreadable image is reported, the rest ran
     assert f"skipped {broken}" in p.stderr
     summary = json.loads(p.stdout)
-    assert summary["images"] == len(paths) and summary["failed"] == 1
+    assert summary["images"] == len(paths) and summary["failed"] == 1 and summary["backend"] == "onnxruntime"
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     by_path = {r["path"]: r for r in rows if "score" in r}
     assert [r for r in rows if "error" in r][0]["path"] == str(broken)
@@ -650,6 +650,11 @@ def test_a_bf16_artifact_on_an_fp32_runtime_says_its_thresholds_may_not_fit(int8
         Detector.load(int8_artifact[2].path, backend="onnxruntime")   # its own runtime: no warning
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "set on OpenVINO in bf16; ONNX Runtime computes in fp32" in warned[0], warned
+    caplog.clear()   # an INT8 artifact of one runtime on another: its kernels round INT8 differently
+    ov_int8 = _edited_artifact(int8_artifact[2].path, tmp_path / "ovint8", target="openvino-cpu-int8", runtime="openvino")
+    with caplog.at_level(logging.WARNING, logger="uadc"):
+        Detector.load(ov_int8, backend="onnxruntime")
+    assert "its thresholds were set on OpenVINO's INT8 kernels; ONNX Runtime rounds INT8 differently" in caplog.text
 
 
 def _edited_artifact(src: Path, dst: Path, model=None, **changes) -> Path:

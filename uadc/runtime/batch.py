@@ -38,6 +38,7 @@ class PredictRun:
     written: list[Path] = field(default_factory=list)
     left_out: dict[str, int] = field(default_factory=dict)   # files a folder walk passed over, by reason
     warnings: list[str] = field(default_factory=list)        # what the caller should show the user
+    backend: str | None = None                                # the runtime that made the verdicts
 
     def summary(self) -> dict:
         verdicts: dict[str, int] = {}
@@ -48,7 +49,7 @@ class PredictRun:
                 "failures": [{"path": printable(f), "error": printable(e)} for f, e in self.failed[:MAX_LISTED]],
                 "verdicts": verdicts,
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat else None,
-                "left_out": dict(self.left_out), "warnings": list(self.warnings),
+                "left_out": dict(self.left_out), "warnings": list(self.warnings), "backend": self.backend,
                 "out": str(self.out) if self.out else None}
 
     def to_dict(self) -> dict:   # `uadc predict --json`
@@ -151,7 +152,7 @@ def _predict(detector: Detector, inputs: Sequence[Path], category: str | None, o
                         + (f" (left out: {_describe(found.skipped)})" if found.skipped else ""))
     if category is not None:
         detector.thresholds(category)
-    run = PredictRun([], [], Path(out) if out else None, left_out=found.skipped)
+    run = PredictRun([], [], Path(out) if out else None, left_out=found.skipped, backend=detector.backend_name)
     names = overlay_names(files, roots) if out and overlays else {}
     tables = (lambda: _write_tables(run, Path(out))) if out else None
     # overlays move into out/overlays/ once every image ran, the tables naming them right after, as

@@ -128,9 +128,15 @@ def _single(inputs: Any) -> bool:
 
 
 def _check_precision(manifest: Manifest, backend: str) -> None:
-    """A bf16 artifact's thresholds were set on bf16 outputs; another runtime computes in fp32."""
-    from uadc.config.targets import inference_hint_of
-    if manifest.runtime == "openvino" and backend != "openvino" and inference_hint_of(manifest.target) == "bf16":
+    """A bf16 artifact's thresholds were set on bf16 outputs; another runtime computes in fp32. An INT8
+    artifact's were set on its own runtime's INT8 kernels, which another runtime rounds differently."""
+    from uadc.config.targets import TARGETS, inference_hint_of
+    own = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "tensorrt": "TensorRT"}.get(manifest.runtime)
+    target = TARGETS.get(manifest.target)
+    if own and own != backend and target is not None and target.quantized and manifest.runtime != "tensorrt":
+        log.warning("%s: its thresholds were set on %s's INT8 kernels; %s rounds INT8 differently, so images scored "
+                    "near a threshold may be decided differently", manifest.folder, own, backend)
+    elif manifest.runtime == "openvino" and backend != "openvino" and inference_hint_of(manifest.target) == "bf16":
         log.warning("%s: its thresholds were set on OpenVINO in bf16; %s computes in fp32, so images scored near a "
                     "threshold may be decided differently (run it with backend openvino, or compile an fp32 "
                     "target for this runtime)", manifest.folder, backend)
@@ -184,6 +190,7 @@ class Detector:
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
             _check_importable("openvino", "pip install 'uadc[openvino]'")
             _only_auto(schedule, "OpenVINO")
+            _check_precision(manifest, "OpenVINO")
             return cls(manifest, _OvBackend(model, threads, manifest.target), batch_size)
         _check_precision(manifest, "ONNX Runtime")
         backend = _OrtBackend(model, threads, schedule)
