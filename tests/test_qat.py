@@ -305,6 +305,11 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
     qat_model = load_qat_model(recipe, TARGET, art)
     with pytest.raises(UadcError, match=f"qat_model: fine-tuned for {TARGET}, not trt-int8"):
         api.compile(qat_run["baseline"], "trt-int8", qat_model=qat_model, out=tmp_path / "trt2")
+    wide = onnx.ModelProto()
+    wide.CopyFrom(qat_model)
+    wide.graph.input[0].type.tensor_type.shape.dim[-1].dim_value = 999
+    with pytest.raises(UadcError, match="qat_model: it takes 999 px inputs, the model being compiled "):
+        api.compile(qat_run["baseline"], TARGET, qat_model=wide, out=tmp_path / "wide")
     with pytest.raises(UadcError, match="qat_model: it has no Q/DQ nodes"):
         api.compile(qat_run["baseline"], TARGET, qat_model=qat_run["baseline"].fp32, out=tmp_path / "fp32q")
     assert not (tmp_path / "trt").exists() and not (tmp_path / "trt2").exists() and not (tmp_path / "fp32q").exists()

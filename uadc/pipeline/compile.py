@@ -101,6 +101,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     ptq = resolve_ptq(baseline.recipe, target, opts.calibrator, opts.calib_data, opts.calib_samples,
                       opts.quantize, opts.per_channel)
     _check_options(target, ptq, opts)
+    _check_qat_size(opts.qat_model, baseline.size)
     auto = auto_candidates(baseline, target, opts)  # None unless precision auto; unsupported targets fail here
     out = Path(opts.out) if opts.out else default_out(baseline, target, opts.qat_model is not None, opts.artifacts)
     check_replaceable(out.absolute(), replace=opts.force or opts.out is None)  # before any work
@@ -235,6 +236,12 @@ def _check_options(target: Target, ptq: PtqSettings, opts: CompileOptions) -> No
         _check_qat_options(target, opts, given)
     if not 1 <= opts.latency_runs <= 10_000:
         raise UadcError(f"latency runs must be within 1..10000, got {opts.latency_runs}")
+
+
+def _check_qat_size(model: onnx.ModelProto | None, size: int) -> None:   # ONNX Runtime's raw InvalidArgument before
+    dims = model.graph.input[0].type.tensor_type.shape.dim if model is not None and model.graph.input else []
+    if len(dims) == 4 and dims[-1].dim_value and dims[-1].dim_value != size:
+        raise UadcError(f"qat_model: it takes {dims[-1].dim_value} px inputs, the model being compiled {size} px")
 
 
 def _check_qat_options(target: Target, opts: CompileOptions, given: dict) -> None:
