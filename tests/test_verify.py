@@ -402,6 +402,16 @@ def test_diff_int8_against_fp32_reports_every_figure(artifacts, tmp_path):
     assert isinstance(v, uadc.VerifyResult) and v.budgets["spearman_min"] == -1
 
 
+def test_a_golden_set_of_another_checkpoint_of_the_recipe_is_noted(artifacts, tmp_path):
+    """Retrained (same recipe), its artifact verified against the old artifact's golden set failed with no hint."""
+    recipe, fp32, _ = artifacts
+    uadc.train(recipe, artifacts=tmp_path / "art", epochs=1)
+    new = uadc.compile(recipe, "ort-cpu-fp32", evaluate=False, latency_runs=1, artifacts=tmp_path / "art").path
+    notes = uadc.verify(new, golden=fp32).notes
+    assert any(n.startswith("the golden set is of another checkpoint of recipe tiny than the artifact's") for n in notes)
+    assert not any("another checkpoint" in n for n in uadc.verify(fp32).notes)
+
+
 def test_diff_refuses_a_candidate_that_does_not_cover_the_images_categories(artifacts, tiny_data, tmp_path):
     """A stripes-only model diffed against the unified one was judged on gray too and called a REGRESSION."""
     from conftest import write_recipe

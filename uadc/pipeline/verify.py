@@ -28,6 +28,7 @@ from uadc.config.targets import inference_hint_of
 from uadc.core.constants import (GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MANIFEST_FILE, MODEL_FILE,
                                  OUTPUT_NAMES, REPORT_FILE)
 from uadc.core.errors import UadcError
+from uadc.core.io import sha256_file
 from uadc.core.manifest import Manifest, infer_category, read_manifest
 from uadc.core.ort_session import make_session
 from uadc.core.scoped import quiet_third_party
@@ -93,6 +94,7 @@ def build_golden(baseline: Any, cfg: VerifyConfig | None = None) -> GoldenSet:
     kinds = g.kinds()
     normal = kinds == "normal"
     g.meta = {"recipe": baseline.recipe.name, "recipe_hash": baseline.recipe.hash,
+              "checkpoint_sha256": sha256_file(baseline.checkpoint) if baseline.checkpoint else None,
               "verify": baseline.recipe.verify.model_dump(),
               "thresholds": fidelity.reference_thresholds(
                   g.output("score")[normal], g.output("anomaly_map")[normal, 0], g.categories()[normal],
@@ -171,11 +173,7 @@ def check_same_input(ref: Path, cand: Path, size: int | None = None) -> None:
 
 
 def _report(artifact: Path) -> dict:
-    p = Path(artifact) / REPORT_FILE
-    try:
-        return json.loads(p.read_text()) if p.is_file() else {}
-    except (OSError, ValueError):
-        return {}
+    return _json_or_empty(Path(artifact) / REPORT_FILE)
 
 
 def artifact_runner(artifact: Path, name: str, threads: int | None = None) -> tuple[Any, str]:
@@ -290,11 +288,23 @@ def _manifest(artifact: Path) -> Manifest | None:
         return None
 
 
+def _json_or_empty(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def _golden_of_another_recipe(folder: Path, g: GoldenSet) -> list[str]:
     """A note when the golden set is another recipe's (recipe files differ in any section, or in name,
     for one model too, so not an error): every figure out of budget then may only mean another model."""
     m = _manifest(folder)
     theirs, ours = g.meta.get("recipe_hash"), m.recipe_hash if m is not None else None
+    own = _json_or_empty(folder / GOLDEN_META).get("checkpoint_sha256")   # the artifact's own golden set's
+    if theirs == ours and own and g.meta.get("checkpoint_sha256") not in (None, own):   # retrained, same recipe
+        return [f"the golden set is of another checkpoint of recipe {m.recipe} than the artifact's (trained again?): "
+                f"the figures measure that difference too"]
     if not (theirs and ours and theirs != ours):
         return []
     return [f"the golden set is recipe {g.meta.get('recipe')}'s (hash {theirs}), the artifact recipe {m.recipe}'s "
