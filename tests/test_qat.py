@@ -340,6 +340,20 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
         assert not (tmp_path / "stale").exists()
 
 
+def test_a_stop_during_the_compile_after_qat_says_the_qat_model_was_written(qat_run, tmp_path, monkeypatch, caplog):
+    """Ctrl-C in the compile that follows `uadc qat` said "nothing was written", while the QAT model had been."""
+    from uadc.pipeline import api
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+    art = _artifacts_without_qat(qat_run, tmp_path / "art")
+    monkeypatch.setattr(api, "compile", stop)
+    with caplog.at_level("INFO", logger="uadc"), pytest.raises(KeyboardInterrupt):
+        api.qat(qat_run["recipe_path"], TARGET, epochs=1, artifacts=art)
+    written = art / qat_run["recipe"].name / f"qat_{TARGET}" / "qat_model.onnx"
+    assert written.is_file() and f"QAT model written: {written}" in caplog.text
+
+
 def test_compile_from_qat_without_qat_model(qat_run, tmp_path):
     art = _artifacts_without_qat(qat_run, tmp_path / "art")
     before = sorted(p.relative_to(art) for p in art.rglob("*"))

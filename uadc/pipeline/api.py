@@ -5,6 +5,7 @@ process-wide state (torch threads, stdout) as it found it."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from uadc.report.results import CompileResult
 from uadc.training.run import TrainResult, train_recipe
 from uadc.verify.gate import DiffResult, VerifyResult
 
+log = logging.getLogger(__name__)
 RecipeLike = Union[str, os.PathLike, dict, Recipe]   # a real alias: typing.get_type_hints resolves it
 
 
@@ -269,6 +271,7 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
         images = load_images(b.data.train, "loading images")
         res = run_qat(r, opts, b.fp32, b.model, images, b.calibration_images(ptq.calib_data, ptq.calib_samples),
                       b.checkpoint, artifacts)
+    log.info("QAT model written: %s", res.path)   # before the compile: a stop there keeps it (said "nothing written")
     compiled = None
     if compile_after:
         model = with_qat_record(res.model, res.summary.get("settings"), res.path.parent / QAT_JSON, target)
