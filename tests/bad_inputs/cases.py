@@ -472,6 +472,9 @@ CASES: list[Case] = [
     Case("dump-passes-into-a-users-folder", COMPILE("--no-eval", "--out", "o", "--dump-passes", "mine"),
          msg="--dump-passes mine: a folder holding notes.txt, not only an earlier dump",
          setup=both(lambda e: (e.d / "mine").mkdir(), text("mine/notes.txt", "keep"), text("mine/02_qdq.onnx", "mine"))),
+    # a file where precision auto keeps its profiles: "not a folder: .../timing_cache", after the export
+    Case("timing-cache-is-a-file", COMPILE("--no-eval", "--out", "o", "--target", "ort-cpu-int8", "--precision", "auto"),
+         msg="precision auto keeps its ONNX Runtime profiles there", setup=text("timing_cache", "x")),
     # `uadc qat`'s folder (qat.json counts as uadc's) was replaced with a compile artifact under --force
     Case("out-is-a-qat-folder", COMPILE("--no-eval", "--out", "q", "--force"), msg="the folder of a QAT model",
          setup=both(lambda e: (e.d / "q").mkdir(), text("q/qat.json", "{}"), text("q/qat_model.onnx", "x"))),

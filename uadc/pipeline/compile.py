@@ -107,6 +107,10 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     check_replaceable(out.absolute(), replace=opts.force or opts.out is None)  # before any work
     check_writable(out.absolute().parent)
     _check_apart(out, opts.dump_passes)
+    cache = out.absolute().parent / TIMING_CACHE_DIR
+    if auto is not None and baseline.recipe.compile.auto.timing_cache and cache.exists() and not cache.is_dir():
+        raise UadcError(f"{cache}: not a folder; precision auto keeps its ONNX Runtime profiles there, beside --out "
+                        f"(remove the file, or set compile.auto.timing_cache: false)")   # "not a folder: ..." before
     threads = opts.threads or baseline.threads
     if opts.evaluate and not baseline.test_arrays:
         log.warning("no category has a test folder: AUROC and test-set decisions are not measured")
