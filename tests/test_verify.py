@@ -366,6 +366,20 @@ def test_report_paths_replace_only_earlier_reports_and_are_checked_before_the_wo
     assert r.exit_code == 0 and json.loads((tmp_path / "v.json").read_text())["kind"] == "verify", r.output
 
 
+def test_a_run_that_stops_replaces_the_earlier_reports_with_its_error(artifacts, tmp_path):
+    """After exit 2 the --json / --markdown files held the previous run's PASS, which a pipeline read."""
+    _, fp32, _ = artifacts
+    rep, md = tmp_path / "v.json", tmp_path / "v.md"
+    r = CliRunner().invoke(main, ["verify", str(fp32), "--normal-only", "--json", str(rep), "--markdown", str(md)])
+    assert r.exit_code == 0 and json.loads(rep.read_text())["passed"], r.output
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "gone"), "--json", str(rep), "--markdown", str(md)])
+    doc = json.loads(rep.read_text())
+    assert r.exit_code == 2 and doc["exit_code"] == 2 and not doc["passed"] and "gone" in doc["error"], r.output
+    assert md.read_text().startswith("# uadc verify: ERROR") and "gone" in md.read_text()
+    r = CliRunner().invoke(main, ["diff", str(fp32), str(fp32), "--normal-only", "--json", str(rep)])
+    assert r.exit_code == 0 and json.loads(rep.read_text())["kind"] == "diff", r.output   # still replaceable
+
+
 def test_models_that_take_another_input_are_refused_before_any_work(artifacts, tmp_path):
     """A 128 px artifact diffed against a 256 px one ended in Polygraphy's shape-error traceback."""
     from uadc.export.onnx_export import get_metadata, set_metadata

@@ -1,8 +1,6 @@
-"""Command line: ``uadc train | eval | compile | qat | calibrators | sweep | predict | verify | diff | bundle | ...``;
-the only module that talks to the terminal. It calls the public API (``uadc.pipeline.api``) and
-prints from the typed results. A user mistake (UadcError) prints one ``error: ...`` line and
-exits with code 2; nothing is written, because every artifact is written atomically at the end.
-"""
+"""Command line (``uadc train | eval | compile | qat | sweep | predict | verify | diff | ...``): the only module
+that talks to the terminal. It calls the public API (``uadc.pipeline.api``) and prints from the typed results.
+A user mistake (UadcError) is one ``error: ...`` line and exit 2; every artifact is written atomically at the end."""
 
 from __future__ import annotations
 
@@ -128,17 +126,19 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 @contextlib.contextmanager
-def _errors_as_json(out: Any):
+def _errors_as_json(out: Any, also: Any = None):
     """A user error, Ctrl-C (130) or SIGTERM (143) in the block is also one JSON document on ``out``
-    (None: not), then raised on to the usual one-line ``error:``."""
+    (None: not) and given to ``also(message, code)``, then raised on to the usual one-line ``error:``."""
     try:
         yield
     except (UadcError, KeyboardInterrupt) as exc:
+        code = getattr(exc, "exit_code", 143 if isinstance(exc, _Terminated) or _Terminated.seen else 130)
+        message = str(exc) or ("terminated (SIGTERM)" if code == 143 else "interrupted")
         if out is not None:
             from uadc.core.io import to_json
-            code = getattr(exc, "exit_code", 143 if isinstance(exc, _Terminated) or _Terminated.seen else 130)
-            doc = {"error": str(exc) or ("terminated (SIGTERM)" if code == 143 else "interrupted"), "exit_code": code}
-            click.echo(to_json(doc), file=out, nl=False)
+            click.echo(to_json({"error": message, "exit_code": code}), file=out, nl=False)
+        if also is not None:
+            also(message, code)
         raise
 
 
@@ -403,10 +403,11 @@ def _gate_options(f):
 
     @functools.wraps(f)
     def checked(*args, json_out: Path | None = None, md_out: Path | None = None, **kwargs):
-        from uadc.verify.gate import check_report_paths
+        from uadc.verify.gate import check_report_paths, write_error_reports
         with _errors_as_json(sys.stdout if str(json_out) == "-" else None):   # `--json -`: a document, always
             check_report_paths(json_out, md_out)       # before the work, not after it
-            return f(*args, json_out=json_out, md_out=md_out, **kwargs)
+            with _errors_as_json(None, functools.partial(write_error_reports, f.__name__[:-4], json_out, md_out)):
+                return f(*args, json_out=json_out, md_out=md_out, **kwargs)
     return checked
 
 

@@ -55,6 +55,17 @@ def check_report_paths(json_out: Path | None, md_out: Path | None) -> None:
                        "uadc verify or diff as a --markdown report")
 
 
+def write_error_reports(kind: str, json_out: Path | None, md_out: Path | None, message: str, code: int) -> None:
+    """A run that stopped (user error, Ctrl-C) replaces the earlier reports at ``--json`` /
+    ``--markdown``: a pipeline reading them after exit 2 must not find the last run's PASS."""
+    from uadc.core.io import atomic_write_text, to_json
+    if json_out and str(json_out) != "-":
+        atomic_write_text(Path(json_out), to_json({"schema": VERIFY_SCHEMA, "kind": kind, "passed": False,
+                                                   "exit_code": code, "error": message}))
+    if md_out:
+        atomic_write_text(Path(md_out), f"# uadc {kind}: ERROR\n\n{message} (exit {code})\n")
+
+
 def budgets(recipe_verify: dict | None = None, overrides: dict[str, Any] | None = None) -> dict[str, float]:
     """Budgets: VerifyConfig defaults, then the recipe's ``verify:`` section, then overrides
     (``KEY=VALUE`` strings or numbers). An unknown key or a bad value is a UadcError."""
