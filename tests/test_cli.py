@@ -156,6 +156,15 @@ def test_eval_every_shows_the_learning_curve_on_the_epoch_lines(recipe_factory, 
         assert line.endswith(f"test AUROC image {mean['image_auroc']:.4f}, pixel {mean['pixel_auroc']:.4f}")
 
 
+def test_compile_after_one_class_training_names_what_compiles_them(recipe_factory, tmp_path):
+    """It said only "run `uadc train`", as if the one-class checkpoints beside it were not there."""
+    r, art = recipe_factory(train={"epochs": 1, "threads": 1}), tmp_path / "art"
+    assert CliRunner().invoke(main, ["train", str(r), "--one-class", "--artifacts", str(art)]).exit_code == 0
+    res = CliRunner().invoke(main, ["compile", str(r), "--target", "ort-cpu-fp32", "--artifacts", str(art)])
+    assert res.exit_code == 2 and "one-class models of gray, stripes, which do not compile from this recipe" in res.output
+    assert "axes: {one_class: [true]}" in res.output and not (art / "tiny" / "ort-cpu-fp32").exists(), res.output
+
+
 def test_one_class_epoch_lines_name_their_category(recipe_factory, tmp_path):
     """One-class training printed "epoch 1/1 ..." for every category: which model's loss was it?"""
     res = CliRunner().invoke(main, ["train", str(recipe_factory()), "--one-class", "--artifacts", str(tmp_path / "a")])

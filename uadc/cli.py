@@ -260,15 +260,14 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
     from uadc.config.recipe import load_recipe
     from uadc.config.validation import comma_list
     from uadc.pipeline import api
-    from uadc.training.checkpoint import checkpoint_path
+    from uadc.training.checkpoint import checkpoint_path, missing_checkpoint
     r = load_recipe(recipe)
     target = target or r.compile.target
     if dump_passes is not None and dump_passes.exists() and not dump_passes.is_dir():
         raise UadcError(f"--dump-passes: not a folder: {dump_passes}")
     if checkpoint is None and not checkpoint_path(r, artifacts).is_file():
         if not train_if_missing:
-            raise UadcError(f"no checkpoint for recipe {r.name!r} at {checkpoint_path(r, artifacts)}: run "
-                            f"`uadc train {recipe}` first (or pass --train-if-missing)")
+            raise missing_checkpoint(r, artifacts, recipe)
         log.info("no checkpoint: training the recipe first (--train-if-missing)")
         log.info("checkpoint written: %s", api.train(r, artifacts=artifacts).checkpoints[0])
     from uadc.quant.qat.run import load_qat_model

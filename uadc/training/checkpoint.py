@@ -39,6 +39,18 @@ def checkpoint_path(recipe: Recipe, artifacts: Path | None = None, category: str
     return (contained(d / ONE_CLASS_DIR, category, "category") if category else d) / CHECKPOINT_FILE
 
 
+def missing_checkpoint(recipe: Recipe, artifacts: Path | None, given: Any) -> UadcError:
+    """The error for a recipe without its unified checkpoint; one-class checkpoints beside it do not
+    stand in for it, so the advice names what compiles them."""
+    path = checkpoint_path(recipe, artifacts)
+    one_class = sorted(p.parent.name for p in (path.parent / ONE_CLASS_DIR).glob(f"*/{CHECKPOINT_FILE}"))
+    extra = (f"; {path.parent / ONE_CLASS_DIR} holds one-class models of {', '.join(one_class)}, which do not compile "
+             f"from this recipe: to deploy one model per category, train a recipe whose data.sources list only one "
+             f"category, or run a sweep with `axes: {{one_class: [true]}}`" if one_class else "")
+    return UadcError(f"no checkpoint for recipe {recipe.name!r} at {path}: run `uadc train {given}` first "
+                     f"(or pass --train-if-missing){extra}")
+
+
 def make_model(recipe: Recipe) -> KDModel:
     return build_model(recipe.cfg["model"], recipe.data.image_size)
 
