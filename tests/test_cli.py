@@ -163,6 +163,16 @@ def test_compile_after_one_class_training_names_what_compiles_them(recipe_factor
     res = CliRunner().invoke(main, ["compile", str(r), "--target", "ort-cpu-fp32", "--artifacts", str(art)])
     assert res.exit_code == 2 and "one-class models of gray, stripes, which do not compile from this recipe" in res.output
     assert "axes: {one_class: [true]}" in res.output and not (art / "tiny" / "ort-cpu-fp32").exists(), res.output
+    # given to a one-category recipe, it said "retrain with `uadc train --one-class`", which compiles nothing either
+    import yaml
+    cfg = yaml.safe_load(r.read_text())
+    cfg["data"]["sources"][0]["categories"] = ["gray"]
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(main, ["compile", str(tmp_path / "one.yaml"), "--target", "ort-cpu-fp32", "--checkpoint",
+                                    str(art / "tiny" / "one_class" / "gray" / "checkpoint.pt"), "--artifacts", str(art)])
+    assert res.exit_code == 2 and res.output.rstrip().endswith(
+        "retrain with `uadc train` (a one-class checkpoint is judged by `uadc eval --one-class` of the recipe that "
+        "trained it)"), res.output
 
 
 def test_one_class_epoch_lines_name_their_category(recipe_factory, tmp_path):

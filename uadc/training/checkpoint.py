@@ -151,6 +151,7 @@ def _check_metadata(blob: dict, path: Path) -> None:
 
 
 _MODEL_SECTIONS = ("name", "seed", "data", "model", "train")
+_ONE_CLASS_HINT = " (a one-class checkpoint is judged by `uadc eval --one-class` of the recipe that trained it)"
 
 
 def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, dict]:
@@ -169,8 +170,8 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
         where = _first_difference({k: trained.cfg[k] for k in ("data", "model")},
                                   {k: recipe.cfg[k] for k in ("data", "model")})
         raise UadcError(f"checkpoint {path} was trained with different data/model settings than "
-                        f"recipe {recipe.path or recipe.name} ({where}); retrain with `uadc train"
-                        f"{' --one-class' if blob.get('one_class') else ''}`")
+                        f"recipe {recipe.path or recipe.name} ({where}); retrain with `uadc train`"
+                        f"{_ONE_CLASS_HINT if blob.get('one_class') else ''}")
     if recipe is not None and trained.seed != recipe.seed and recipe.data.val_fraction > 0:
         raise UadcError(f"checkpoint {path} was trained with seed {trained.seed}, recipe {recipe.path or recipe.name} "
                         f"has seed {recipe.seed}: the seed draws the validation normals held out of training, so this "
