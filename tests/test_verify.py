@@ -380,6 +380,24 @@ def test_a_run_that_stops_replaces_the_earlier_reports_with_its_error(artifacts,
     assert r.exit_code == 0 and json.loads(rep.read_text())["kind"] == "diff", r.output   # still replaceable
 
 
+def test_a_category_without_validation_normals_passes_its_own_gate(tmp_path):
+    """The golden set fitted that category a threshold of its own on the training normals it drew, the
+    artifact decides it at its global one: an FP32 artifact failed its own gate on identical outputs."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import make_tiny_recipe
+    recipe = make_tiny_recipe(tmp_path, "one", epochs=1)
+    for f in sorted((tmp_path / "data" / "gray" / "train" / "good").iterdir())[1:]:
+        f.unlink()
+    art = tmp_path / "art"
+    uadc.train(recipe, artifacts=art)
+    fp32 = uadc.compile(recipe, "ort-cpu-fp32", evaluate=False, latency_runs=1, artifacts=art).path
+    res = uadc.verify(fp32)
+    assert res.passed, res.failures
+    thr = res.to_dict()["thresholds"]
+    assert thr["candidate"]["gray"]["source"].startswith("artifact.json global")
+    assert thr["reference"]["gray"]["image"] == thr["reference"]["global"]["image"]
+
+
 def test_models_that_take_another_input_are_refused_before_any_work(artifacts, tmp_path):
     """A 128 px artifact diffed against a 256 px one ended in Polygraphy's shape-error traceback."""
     from uadc.export.onnx_export import get_metadata, set_metadata

@@ -96,13 +96,27 @@ def build_golden(baseline: Any, cfg: VerifyConfig | None = None) -> GoldenSet:
     g.meta = {"recipe": baseline.recipe.name, "recipe_hash": baseline.recipe.hash,
               "checkpoint_sha256": sha256_file(baseline.checkpoint) if baseline.checkpoint else None,
               "verify": baseline.recipe.verify.model_dump(),
-              "thresholds": fidelity.reference_thresholds(
-                  g.output("score")[normal], g.output("anomaly_map")[normal, 0], g.categories()[normal],
-                  baseline.recipe.deploy.false_alarm_rate, baseline.recipe.deploy.threshold_margin),
+              "thresholds": _golden_thresholds(g, normal, baseline.recipe.deploy),
               "threshold_rule": "uadc.evaluation.thresholds on the FP32 reference's outputs on the golden normal "
-                                "images (the validation normals), per category and global"}
+                                "images drawn from the validation normals, per category and global; a category "
+                                "without validation normals takes the global ones, as compile does (with none at "
+                                "all: fitted on the training normals drawn instead)"}
     _GOLDEN_CACHE[baseline] = g
     return g
+
+
+def _golden_thresholds(g: GoldenSet, normal: np.ndarray, deploy: Any) -> dict[str, dict]:
+    """The reference's thresholds as compile sets the artifact's: on validation normals only. Fitted
+    on the training normals drawn for a category without any, they differed from the artifact's
+    global ones, and an FP32 artifact failed its own gate on identical outputs."""
+    cats = g.categories()
+    fit = normal & np.array([r["source"].startswith("validation:") for r in g.images])
+    fit = fit if fit.any() else normal
+    thr = fidelity.reference_thresholds(g.output("score")[fit], g.output("anomaly_map")[fit, 0], cats[fit],
+                                        deploy.false_alarm_rate, deploy.threshold_margin)
+    for cat in sorted(set(cats[normal].tolist()) - set(thr)):
+        thr[cat] = {**thr["global"], "source": "reference outputs, global (no validation normals of its own)"}
+    return thr
 
 
 def write_golden_files(folder: Path, baseline: Any, compiled: onnx.ModelProto) -> None:
@@ -323,7 +337,7 @@ def _manifest_thresholds(artifact: Path, base: dict) -> dict | None:
         return None
     out = {}
     for cat, spread in base.items():
-        own = cat in t.categories or cat == "global"
+        own = cat == "global" or (cat in t.categories and t.validation.get(cat, 1) > 0)   # 0: a copy of global
         ct = t.get(cat if cat in t.categories else None)
         out[cat] = {**spread, "image": ct.image.value, "pixel": ct.pixel.value, "quantile": ct.image.quantile,
                     "n": ct.image.n, "source": "artifact.json" if own else GLOBAL_FALLBACK}
