@@ -432,6 +432,12 @@ def test_diff_int8_against_fp32_reports_every_figure(artifacts, tmp_path):
     assert res.to_dict()["polygraphy"]["max_abs"] > 0  # INT8 differs from FP32 tensor-wise
     v = uadc.verify(int8, budgets={"spearman_min": -1})
     assert isinstance(v, uadc.VerifyResult) and v.budgets["spearman_min"] == -1
+    # every Markdown row has its header's cells: `|x| <=` (score_shift) and a category "a|b" split rows
+    res.categories = {"a|b" if c == "gray" else c: v for c, v in res.categories.items()}
+    for table in re.findall(r"(?:^\|.*\n)+", res.to_markdown(), re.M):
+        cells = [len(re.findall(r"(?<!\\)\|", row)) for row in table.splitlines()]
+        assert len(set(cells)) == 1, table
+    assert "| a\\|b |" in res.to_markdown() and "\\|x\\| <=" in res.to_markdown()
 
 
 def test_a_golden_set_of_another_checkpoint_of_the_recipe_is_noted(artifacts, tmp_path):

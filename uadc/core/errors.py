@@ -20,6 +20,11 @@ def one_line(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def md_cell(text: object) -> str:
+    """``text`` fit for one Markdown table cell: a ``|`` in a category's name split the row."""
+    return one_line(str(text)).replace("|", "\\|")
+
+
 class NonFiniteOutputs(UadcError):
     """A model produced NaN/Inf outputs on real inputs (a search may judge such a candidate instead)."""
 

@@ -18,7 +18,7 @@ from typing import Any
 from uadc.config.recipe import Recipe, default_artifacts_root
 from uadc.config.settings import resolve_ptq
 from uadc.config.targets import get_target
-from uadc.core.errors import UadcError
+from uadc.core.errors import UadcError, md_cell
 from uadc.core.io import atomic_write_json, atomic_write_text, contained, to_json
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.sweep.fixed import run_fixed_grid
@@ -123,7 +123,7 @@ def render_matrix(result: dict, calibrators: list[str], sources: list[str]) -> s
              f"{result['calib_samples']} samples). FP32: image AUROC {f['image_auroc']:.4f}, "
              f"pixel AUROC {_num(f['pixel_auroc'], '.4f')}. Cells: image / pixel AUROC (change vs FP32; "
              f"REGRESSION: the cell fails its own regression gate).", "",
-             "| calibrator | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+             "| calibrator | " + " | ".join(map(md_cell, sources)) + " |", "|---|" + "---|" * len(sources)]
     for cal in calibrators:
         row = []
         for src in sources:
@@ -132,7 +132,7 @@ def render_matrix(result: dict, calibrators: list[str], sources: list[str]) -> s
             row.append(f"{c['image_auroc']:.4f} / {_num(c['pixel_auroc'], '.4f')} "
                        f"({signed(-c['image_drop'])} / {signed(pixel_drop)})"
                        + (" REGRESSION" if c.get("gate_passed") is False else ""))
-        lines.append(f"| {cal} | " + " | ".join(row) + " |")
+        lines.append(f"| {md_cell(cal)} | " + " | ".join(row) + " |")
     lines += ["", f"Best cell (smallest image-AUROC drop, passing its regression gate where any does): "
                   f"**{result['best']}**"]
     return "\n".join(lines)

@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 from uadc.core.constants import METRIC_KEYS
+from uadc.core.errors import md_cell
 from uadc.core.numbers import fixed
 
 
@@ -45,7 +46,7 @@ def _metrics_table(metrics: dict) -> list[str]:
         d = drop["mean"] if cat == "mean" else drop["categories"][cat]
         for k in METRIC_KEYS:
             if k in f:   # pixel metrics only where the test set has masks
-                rows.append(f"| {cat} | {k} | {f[k]:.4f} | {c[k]:.4f} | {signed(d[k])} |")
+                rows.append(f"| {md_cell(cat)} | {k} | {f[k]:.4f} | {c[k]:.4f} | {signed(d[k])} |")
     return rows
 
 
@@ -68,8 +69,8 @@ def _deploy_lines(d: dict) -> list[str]:
     comp = thr.get("compiled") or {}
     for cat, t in (comp.get("categories") or {}).items():
         f = (thr.get("fp32") or {}).get("categories", {}).get(cat)
-        lines.append(f"| {cat} | {f['image']['value']:.5g} | {t['image']['value']:.5g} | {t['pixel']['value']:.5g} |"
-                     if f else f"| {cat} | n/a | {t['image']['value']:.5g} | {t['pixel']['value']:.5g} |")
+        fp32 = f"{f['image']['value']:.5g}" if f else "n/a"
+        lines.append(f"| {md_cell(cat)} | {fp32} | {t['image']['value']:.5g} | {t['pixel']['value']:.5g} |")
     dec = d.get("decisions")
     if dec:
         lines += ["", "| category | false-reject FP32 | false-reject compiled | escape FP32 | escape compiled | "
@@ -78,7 +79,7 @@ def _deploy_lines(d: dict) -> list[str]:
             m = c.get("mask")
             dice_iou = f"{m['dice']:.3f} | {m['iou']:.3f}" if m else " | "
             f, k = c["fp32"], c["compiled"]
-            lines.append(f"| {cat} | {_pct(f['false_reject_rate'])} | {_pct(k['false_reject_rate'])}"
+            lines.append(f"| {md_cell(cat)} | {_pct(f['false_reject_rate'])} | {_pct(k['false_reject_rate'])}"
                          f" | {_pct(f['escape_rate'])} | {_pct(k['escape_rate'])} | "
                          f"{_pct(c['agreement'])} ({c['disagreements']} differ) | {dice_iou} |")
         lines += ["", "Test labels are only reported here; no threshold is set on them."]

@@ -17,7 +17,7 @@ from typing import Any
 from uadc.config.recipe import VerifyConfig
 from uadc.config.validation import first_error
 from uadc.core.constants import VERIFY_SCHEMA
-from uadc.core.errors import UadcError
+from uadc.core.errors import UadcError, md_cell
 from uadc.core.io import check_own_file
 from uadc.core.numbers import fixed
 
@@ -203,7 +203,7 @@ class GateResult:
                     v = self.categories[c][n]
                     fig = self.figure(n, c)
                     cells.append(("n/a" if v is None else fixed(v)) + ("" if fig is None or fig.passed else " **FAIL**"))
-                lines.append(f"| {c} | " + " | ".join(cells) + " |")
+                lines.append(f"| {md_cell(c)} | " + " | ".join(cells) + " |")
         p = d["polygraphy"]
         if p:
             lines += ["", f"Polygraphy tensors (atol {p.get('atol')}, rtol {p.get('rtol')}; not judged): "
@@ -216,7 +216,7 @@ class GateResult:
 def _row(f: Figure) -> str:
     need = {"min": ">= ", "max": "<= ", "abs_max": "|x| <= ", "tol": "1 ± "}[f.rule] + f"{f.budget:g}"
     v = "n/a" if f.value is None else fixed(f.value)
-    return f"| {f.name} | {v} | {need} | {'not judged' if not f.judged else 'pass' if f.passed else '**FAIL**'} |"
+    return f"| {f.name} | {v} | {md_cell(need)} | {'not judged' if not f.judged else 'pass' if f.passed else '**FAIL**'} |"
 
 
 class VerifyResult(GateResult):

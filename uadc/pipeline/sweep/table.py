@@ -10,6 +10,7 @@ import io
 import logging
 from pathlib import Path
 
+from uadc.core.errors import md_cell
 from uadc.core.io import atomic_save, atomic_write_json, atomic_write_text, to_json
 from uadc.pipeline.sweep.plan import Plan
 from uadc.report.markdown import signed
@@ -127,7 +128,7 @@ def render_markdown(name: str, rows: list[dict], best: dict, front: list[str]) -
         status = ("ok, REGRESSION" if r.get("gate_passed") is False else "ok") if r["status"] == "ok" else \
             f"failed: {r['error']}"
         mb = None if r["model_bytes"] is None else r["model_bytes"] / 1e6
-        lines.append(f"| {r['cell']} | {status} | {_f(r['image_auroc'], '.4f')} | {_f(r['pixel_auroc'], '.4f')} | "
+        lines.append(f"| {md_cell(r['cell'])} | {md_cell(status)} | {_f(r['image_auroc'], '.4f')} | {_f(r['pixel_auroc'], '.4f')} | "
                      f"{signed(r['image_drop'], '')} | {signed(r['pixel_drop'], '')} | "
                      f"{_f(r['decision_agreement'], '.3f')} | {_f(r['latency_ms'], '.2f')}{'*' if r.get('emulated') else ''} | "
                      f"{_f(r['speedup_vs_fp32'], '.2f')} | {_f(mb, '.2f')} | {_f(r['compile_seconds'], '.1f')} |")
