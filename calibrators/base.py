@@ -88,20 +88,53 @@ def _load_entry_point(name: str) -> type[Calibrator] | None:
     ep = _entry_points().get(name)
     if ep is None:
         return None
-    cls = ep.load()
+    try:   # a plug-in's import error (syntax, missing module) is its own, named, not a traceback
+        cls = ep.load()
+    except Exception as exc:
+        raise ValueError(f"cannot load plug-in {ep.value}: {type(exc).__name__}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, Calibrator)):
         raise TypeError(f"entry point {name!r} ({ep.value}) is not a Calibrator subclass")
     # Built-ins are also declared as entry points; loading one returns the registered class.
     return _REGISTRY.get(name) or register(name)(cls)
 
 
+def _check_shadowing(name: str, cls: type[Calibrator]) -> None:
+    """A plug-in's entry point named like a registered calibrator was silently not used."""
+    own = f"{cls.__module__}:{cls.__qualname__}"
+    other = [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name and ep.value != own]
+    if other:
+        raise ValueError(f"calibrator {name!r} is {own}, and a plug-in declares another under the same name "
+                         f"({', '.join(other)}): rename the plug-in's entry point")
+
+
 def get_calibrator(name: str, **options: Any) -> Calibrator:
-    """Instantiate calibrator ``name`` with its options; ``ValueError`` for an unknown name."""
+    """Instantiate calibrator ``name`` with its options; ``ValueError`` for an unknown name, a plug-in
+    that does not load or shadows another calibrator, or one whose constructor fails."""
     cls = _REGISTRY.get(name) or _load_entry_point(name)
     if cls is None:
         raise ValueError(
             f"unknown calibrator {name!r}; available: {', '.join(available_calibrators())}")
-    return cls(**options)
+    _check_shadowing(name, cls)
+    try:
+        return cls(**options)
+    except (ValueError, TypeError):   # an unknown option's TypeError, as any constructor's
+        raise
+    except Exception as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+
+def fingerprint(name: str) -> str:
+    """What a cached result calibrated by ``name`` must agree with: its class and its module's source
+    (a plug-in edited since gave the old ranges from a cache)."""
+    import hashlib
+    import inspect
+    import sys
+    cls = type(get_calibrator(name))
+    try:
+        source = inspect.getsource(sys.modules[cls.__module__]).encode()
+    except (OSError, TypeError, KeyError):
+        source = b""
+    return hashlib.sha256(f"{cls.__module__}:{cls.__qualname__}".encode() + source).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------ input handling

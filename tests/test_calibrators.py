@@ -371,3 +371,40 @@ def test_entry_point_plugin(isolated_registry, monkeypatch):
     cal = get_calibrator("ep-minmax", symmetric=True)
     assert isinstance(cal, calibrators.MinMaxCalibrator)
     assert calibrators.MinMaxCalibrator.name == "minmax"  # built-in keeps its own name
+
+
+def test_a_plugin_that_does_not_load_or_shadows_another_is_named(isolated_registry, monkeypatch, tmp_path):
+    """Its import error was a traceback; an entry point named like a built-in was silently not used."""
+    eps = [EntryPoint(name="gone", value="qa_no_such_module_x:X", group=base.ENTRY_POINT_GROUP),
+           EntryPoint(name="minmax", value="qa_plugin:Clash", group=base.ENTRY_POINT_GROUP)]
+    monkeypatch.setattr(base, "entry_points", lambda group: eps if group == base.ENTRY_POINT_GROUP else [])
+    with pytest.raises(ValueError, match=r"cannot load plug-in qa_no_such_module_x:X: ModuleNotFoundError"):
+        get_calibrator("gone")
+    with pytest.raises(ValueError, match=r"calibrator 'minmax' is .*MinMaxCalibrator, and a plug-in declares "
+                                         r"another under the same name \(qa_plugin:Clash\): rename"):
+        get_calibrator("minmax")
+
+    class Fails(Calibrator):
+        def __init__(self, **options):
+            raise KeyError("setting")
+        observe = compute_range = None
+    register("fails")(Fails)
+    with pytest.raises(ValueError, match=r"KeyError: 'setting'"):
+        get_calibrator("fails")
+
+
+def test_fingerprint_follows_the_calibrators_code(isolated_registry, monkeypatch, tmp_path):
+    """A cached `calibrators compare` cell kept a plug-in's old ranges after its code changed."""
+    import importlib
+    mod = tmp_path / "qa_fp_plugin.py"
+    body = ("from uadc.calibrators import Calibrator\nclass G(Calibrator):\n    def observe(self, x): pass\n"
+            "    def compute_range(self): return {}\n")
+    mod.write_text(body.format("(0.0, 1.0)"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ep = EntryPoint(name="qa-fp", value="qa_fp_plugin:G", group=base.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(base, "entry_points", lambda group: [ep] if group == ep.group else [])
+    before = calibrators.fingerprint("qa-fp")
+    assert before == calibrators.fingerprint("qa-fp") and before != calibrators.fingerprint("minmax")
+    mod.write_text(body.format("(-1.0, 1.0)"))
+    importlib.invalidate_caches()
+    assert calibrators.fingerprint("qa-fp") != before

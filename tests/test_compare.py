@@ -39,7 +39,8 @@ def test_compare_writes_matrix_and_cell_folders_and_reuses_cells(trained, tmp_pa
     res = _compare(recipe, d / "art", out)
     assert res.exit_code == 0, res.output
     result = json.loads((out / "compare.json").read_text())
-    assert set(result) == {"target", "quantized_partitions", "calib_samples", "fp32", "cells", "best"}
+    assert set(result) == {"target", "quantized_partitions", "calib_samples", "fp32", "cells", "best", "failed"}
+    assert result["failed"] == []
     assert list(result["cells"]) == ["minmax/train", "minmax/random-normal", "entropy/train",
                                      "entropy/random-normal"]
     assert (result["target"], result["quantized_partitions"], result["calib_samples"]) == (
@@ -98,6 +99,29 @@ def test_compare_user_errors_are_one_line(trained, tmp_path, extra, text):
     out = res.output.strip()
     assert out.startswith("error: ") and text in out and len(out.splitlines()) == 1
     assert not (tmp_path / "o" / "compare.json").exists()
+
+
+def test_a_failing_cell_is_marked_and_the_others_still_compared(trained, tmp_path, monkeypatch):
+    """One plug-in raising in its cells threw the whole comparison away (no compare.json), exit 2."""
+    from uadc.calibrators import Calibrator, base
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    class Boom(Calibrator):
+        def observe(self, x):
+            pass
+
+        def compute_range(self):
+            raise RuntimeError("boom from plugin")
+    base.register("qa-boom")(Boom)
+    d, recipe = trained
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(main, ["-q", "calibrators", "compare", str(recipe), "--calibrators", "qa-boom,minmax",
+                                    "--calib-data", "random-normal", "--artifacts", str(d / "art"), "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    result = json.loads((out / "compare.json").read_text())
+    assert result["failed"] == ["qa-boom/random-normal"] and result["best"] == "minmax/random-normal"
+    assert "boom from plugin" in result["cells"]["qa-boom/random-normal"]["error"]
+    assert "| qa-boom | failed: " in res.stdout and "| minmax | " in res.stdout
 
 
 def test_compare_reuses_the_callers_baseline(trained, tmp_path):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -530,3 +532,38 @@ def test_native_lines_written_while_onnxsim_probes_go_to_the_debug_log(images, m
     logged = [r.getMessage() for r in caplog.records]
     assert any("Scale value should be greater than 0" in m for m in logged)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_calibrators_failures_are_one_line_naming_it(monkeypatch):
+    """A plug-in raising in observe/compute_range was a traceback; a 3-tuple or strings read as "no finite
+    values", its NaN as an anonymous qdq error."""
+    from uadc.calibrators import Calibrator, base
+    from uadc.core.errors import UadcError
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    x = np.random.default_rng(3).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    model = _relu_model()
+    cases = {"boom-range": (lambda s: 1 / 0, "compute_range of tensor 'image' failed: ZeroDivisionError"),
+             "three": (lambda s: (0.0, 1.0, 2.0), "returned (0.0, 1.0, 2.0) for tensor 'image'; expected (lo, hi)"),
+             "words": (lambda s: ("a", "b"), "returned ('a', 'b') for tensor 'image'"),
+             "nan": (lambda s: (float("nan"), 1.0), "returned (nan, 1.0) for tensor 'image'; expected finite"),
+             "inverted": (lambda s: (1.0, -1.0), "returned (1.0, -1.0)")}
+    for name, (rng_fn, text) in cases.items():
+        base.register(name)(type(name, (Calibrator,), {"observe": lambda s, v: None, "compute_range": rng_fn}))
+        with pytest.raises(UadcError, match=re.escape(f"calibrator {name!r}: ") + ".*" + re.escape(text)):
+            collect_ranges(model, x, ["image"], name)
+
+    def observe(self, v):
+        raise RuntimeError("plug-in bug")
+    base.register("boom-observe")(type("B", (Calibrator,), {"observe": observe, "compute_range": lambda s: (0, 1)}))
+    with pytest.raises(UadcError, match=r"calibrator 'boom-observe': observe of tensor 'image' failed: RuntimeError"):
+        collect_ranges(model, x, ["image"], "boom-observe")
+
+
+def test_more_training_samples_than_images_is_a_warning(caplog):
+    """`--calib-data train --calib-samples 100` on 14 images recorded 100 samples, silently drawn with replacement."""
+    imgs = lambda idx: np.zeros((len(idx), 3, 4, 4), np.float32)   # noqa: E731
+    with caplog.at_level("WARNING", logger="uadc"):
+        calibration_images("train", 4, 0, imgs, 14, 4)
+        assert not caplog.records
+        calibration_images("train", 100, 0, imgs, 14, 4)
+    assert "100 samples drawn from 14 training images (with replacement: 14 distinct ones)" in caplog.text

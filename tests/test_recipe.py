@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import write_recipe
 from uadc.core.errors import UadcError
 from uadc.config.recipe import describe_schema, load_recipe, recipe_from_dict
 
@@ -265,3 +266,15 @@ def test_a_checkpoint_whose_stored_compile_settings_a_newer_uadc_refuses_still_l
     blob["recipe"]["compile"]["quantize"] = ["student", "student"]
     torch.save(blob, ckpt)
     assert uadc.evaluate(ckpt, recipe, write=False).mean["image_auroc"] >= 0
+
+
+def test_calibration_settings_that_mean_nothing_are_refused(tmp_path):
+    """`mixed` with one sample calibrated on N(0,1) alone, recorded as "mixed"; `calibrator: ''` read as the default."""
+    from uadc.config.settings import resolve_ptq
+    from uadc.config.targets import TARGETS
+    r = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path))
+    with pytest.raises(UadcError, match="calib_data mixed takes half training images.*at least 2, got 1"):
+        resolve_ptq(r, TARGETS["ort-cpu-int8"], calib_data="mixed", calib_samples=1)
+    assert resolve_ptq(r, TARGETS["ort-cpu-int8"], calib_data="mixed", calib_samples=2).calib_samples == 2
+    with pytest.raises(UadcError, match="compile.calibrator"):
+        load_recipe(write_recipe(tmp_path / "e.yaml", tmp_path, compile={"calibrator": ""}))

@@ -355,13 +355,14 @@ def calibrators_list() -> None:
 @artifacts_opt
 def calibrators_compare(recipe: Path, target, names, sources, calib_samples, quantize, out, use_ray, address,
                         artifacts) -> None:
-    """Compile every calibrator x data cell (a sweep); print image/pixel AUROC and drop vs FP32."""
+    """Compile each calibrator x data cell (a sweep); print image/pixel AUROC, drop vs FP32; exit 1: a cell failed."""
     from uadc.config.validation import comma_list
     from uadc.pipeline import api
     res = api.compare_calibrators(recipe, target, comma_list(names, "--calibrators"), comma_list(sources, "--calib-data"),
                                   calib_samples=calib_samples, quantize=comma_list(quantize, "--quantize"), out=out,
                                   artifacts=artifacts, ray=use_ray, address=address)
     click.echo(res.markdown)
+    sys.exit(res.exit_code)
 
 
 @main.command("sweep")

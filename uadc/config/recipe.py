@@ -230,7 +230,7 @@ class CompileConfig(_Section):
         "(CPU INT8 targets: ORT's profile; trt/jetson-int8 with --precision auto: FP16/FP32 too, modelled latency)")
     auto: AutoPrecisionConfig = Field(AutoPrecisionConfig(), description="budget of precision: auto")
     passes: Optional[list[str]] = Field(None, description="override the target's pass list")
-    calibrator: Optional[str] = Field(None, description="default: the target's (entropy for TensorRT)")
+    calibrator: Optional[str] = Field(None, min_length=1, description="default: the target's (entropy for TensorRT)")
     calib_data: Literal["train", "random-normal", "mixed"] = Field("random-normal", description="calibration "
         "inputs: training images, N(0, 1) noise at the input's size, or half of each")
     calib_samples: int = Field(64, ge=1, le=4096, description="calibration inputs")

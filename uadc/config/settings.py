@@ -54,9 +54,12 @@ def resolve_ptq(recipe: Recipe, target: Target, calibrator: str | None = None, c
         raise UadcError(f"calib_data (--calib-data): {calib_data!r} is not one of {', '.join(CALIBRATION_KINDS)}")
     if calib_samples is not None and not 1 <= calib_samples <= MAX_CALIB_SAMPLES:
         raise UadcError(f"calib_samples (--calib-samples): {calib_samples} is outside 1..{MAX_CALIB_SAMPLES}")
+    data, samples = calib_data or cfg.calib_data, calib_samples or cfg.calib_samples
+    if data == "mixed" and samples < 2:   # half of one image is none: it calibrated on N(0,1) alone, recorded "mixed"
+        raise UadcError(f"calib_data mixed takes half training images, half N(0,1) noise: calib_samples must be at "
+                        f"least 2, got {samples}")
     return PtqSettings(calibrator=calibrator or cfg.calibrator or target.default_calibrator,
-                       calib_data=calib_data or cfg.calib_data,
-                       calib_samples=calib_samples or cfg.calib_samples,
+                       calib_data=data, calib_samples=samples,
                        quantize=tuple(quantize or cfg.quantize),
                        per_channel=cfg.per_channel if per_channel is None else per_channel,
                        reduce_range=cfg.reduce_range)

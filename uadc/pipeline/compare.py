@@ -42,9 +42,19 @@ class CompareResult:
     out: Path | None = None
     markdown: str = field(repr=False, default="")
 
+    @property
+    def failed(self) -> list[str]:
+        """Cells that failed (their ``error`` in ``cells``): the others are still compared."""
+        return [k for k, c in self.cells.items() if c.get("error")]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0     # as a sweep with failed cells
+
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "quantized_partitions": list(self.quantized_partitions),
-                "calib_samples": self.calib_samples, "fp32": self.fp32, "cells": self.cells, "best": self.best}
+                "calib_samples": self.calib_samples, "fp32": self.fp32, "cells": self.cells, "best": self.best,
+                "failed": self.failed}
 
     def to_json(self) -> str:
         return to_json(self.to_dict())
@@ -68,7 +78,7 @@ def compare_calibrators(recipe: Recipe, target: str, calibrators: list[str], sou
     pair = lambda c: (c.axes["calibrator"], c.axes["calib_data"])  # noqa: E731
     done = run_fixed_grid(recipe, axes, out, artifacts, lambda c: contained(out, "_".join(pair(c)), "calibrator").name,
                           latency_runs=LATENCY_RUNS, what="calibrators compare", baseline=baseline, ray=ray,
-                          address=address, reuse=reuse)
+                          address=address, reuse=reuse, keep_failed=True)
     return write_matrix(recipe, target, calibrators, sources, calib_samples, quantize, out,
                         {pair(c): report for c, report in done})
 
@@ -76,7 +86,7 @@ def compare_calibrators(recipe: Recipe, target: str, calibrators: list[str], sou
 def _check_options(recipe: Recipe, target: str, calibrators: list[str], sources: list[str],
                    calib_samples: int | None, quantize: list[str] | None) -> None:
     """A user mistake is the command's one-line error before any cell runs (not a failed cell)."""
-    from uadc.calibrators import available_calibrators
+    from uadc.calibrators import available_calibrators, get_calibrator
     t = get_target(target)
     if not t.quantized:
         raise UadcError(f"calibrators compare: target {target} is not quantized (nothing to calibrate)")
@@ -84,6 +94,10 @@ def _check_options(recipe: Recipe, target: str, calibrators: list[str], sources:
     for cal in calibrators:
         if cal not in known:
             raise UadcError(f"unknown calibrator {cal!r}; expected one of {', '.join(known)}")
+        try:   # a plug-in that does not load failed every cell of its row, after the others' work
+            get_calibrator(cal)
+        except (ValueError, TypeError) as exc:
+            raise UadcError(f"calibrator {cal!r}: {exc}") from None
     for src in sources:
         resolve_ptq(recipe, t, calibrators[0] if calibrators else None, src, calib_samples, quantize)
 
@@ -93,6 +107,9 @@ def write_matrix(recipe: Recipe, target: str, calibrators: list[str], sources: l
     """``compare.json`` / ``compare.md`` from each cell's report (keyed by (calibrator, data))."""
     cells = {}
     for (cal, src), report in reports.items():
+        if "error" in report:
+            cells[f"{cal}/{src}"] = {"calibrator": cal, "calib_data": src, "error": report["error"]}
+            continue
         m = report["metrics"]
         cells[f"{cal}/{src}"] = {
             "calibrator": cal, "calib_data": src,
@@ -100,9 +117,10 @@ def write_matrix(recipe: Recipe, target: str, calibrators: list[str], sources: l
             "image_drop": m["drop"]["mean"]["image_auroc"], "pixel_drop": m["drop"]["mean"].get("pixel_auroc"),
             "categories": {c: v["image_auroc"] for c, v in m["compiled"]["categories"].items()},
             "gate_passed": ((report.get("verification") or {}).get("gate") or {}).get("passed")}
-    fp32 = next(iter(reports.values()))["metrics"]["fp32"]["mean"]
+    fp32 = next(r for r in reports.values() if "error" not in r)["metrics"]["fp32"]["mean"]
     # a cell failing its own regression gate is no recommendation, whatever its AUROC; None: no masks
-    best = min(cells.values(), key=lambda c: (c["gate_passed"] is False, c["image_drop"], c["pixel_drop"] or 0.0))
+    best = min((c for c in cells.values() if "error" not in c),
+               key=lambda c: (c["gate_passed"] is False, c["image_drop"], c["pixel_drop"] or 0.0))
     result = CompareResult(target, list(quantize or recipe.compile.quantize),
                            calib_samples or recipe.compile.calib_samples,
                            {"image_auroc": fp32["image_auroc"], "pixel_auroc": fp32.get("pixel_auroc")}, cells,
@@ -128,6 +146,9 @@ def render_matrix(result: dict, calibrators: list[str], sources: list[str]) -> s
         row = []
         for src in sources:
             c = result["cells"][f"{cal}/{src}"]
+            if c.get("error"):
+                row.append(md_cell(f"failed: {c['error']}"))
+                continue
             pixel_drop = None if c["pixel_drop"] is None else -c["pixel_drop"]
             row.append(f"{c['image_auroc']:.4f} / {_num(c['pixel_auroc'], '.4f')} "
                        f"({signed(-c['image_drop'])} / {signed(pixel_drop)})"

@@ -8,7 +8,8 @@ calibrate exposed as extra outputs and streams each tensor into its own calibrat
 
 from __future__ import annotations
 
-from typing import Callable
+import logging
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -23,6 +24,8 @@ from uadc.core.progress import progress
 from uadc.core.scoped import quiet_third_party
 from uadc.export.partitions import nodes_in
 from uadc.passes.qdq import quantized_op_types
+
+log = logging.getLogger(__name__)
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                 onnx.TensorProto.BFLOAT16)
 
@@ -34,6 +37,9 @@ def _train_images(n: int, rng: np.random.Generator, train_images: Callable[[list
     if train_images is None or num_train < 1:
         raise UadcError("calibration from training images needs the training set (none given or empty)")
     idx = rng.choice(num_train, size=n, replace=n > num_train)  # with replacement only if we must
+    if n > num_train:   # the recorded sample count overstated what the ranges rest on
+        log.warning("calibration: %d samples drawn from %d training images (with replacement: %d distinct ones)",
+                    n, num_train, len(set(idx.tolist())))
     return np.asarray(train_images([int(i) for i in idx]), dtype=np.float32)
 
 
@@ -117,6 +123,38 @@ def _input_name(model: onnx.ModelProto) -> tuple[str, int | None]:
     return inputs[0].name, fixed
 
 
+def _plugin_call(calibrator: str, tensor: str, what: str, fn: Callable, *args: Any) -> Any:
+    """A calibrator's code (a plug-in's too) that fails is one line naming it, not a traceback."""
+    try:
+        return fn(*args)
+    except UadcError:
+        raise
+    except Exception as exc:
+        raise UadcError(f"calibrator {calibrator!r}: {what} of tensor {tensor!r} failed: "
+                        f"{type(exc).__name__}: {exc}") from None
+
+
+def _range_of(calibrator: str, tensor: str, cal: Any) -> tuple[float, float]:
+    """``compute_range()`` checked: two finite floats, lo <= hi (a plug-in's 3-tuple or strings read
+    as "no finite values", its NaN as an anonymous qdq error)."""
+    try:
+        got = cal.compute_range()
+    except ValueError as exc:   # the protocol's "nothing observed"
+        raise UadcError(f"calibrator {calibrator!r}: tensor {tensor!r} produced no finite values ({exc})") from None
+    except Exception as exc:
+        raise UadcError(f"calibrator {calibrator!r}: compute_range of tensor {tensor!r} failed: "
+                        f"{type(exc).__name__}: {exc}") from None
+    try:
+        lo, hi = (float(v) for v in got)
+    except (TypeError, ValueError):
+        raise UadcError(f"calibrator {calibrator!r}: compute_range returned {got!r} for tensor {tensor!r}; "
+                        f"expected (lo, hi), two numbers") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
+        raise UadcError(f"calibrator {calibrator!r}: compute_range returned ({lo}, {hi}) for tensor {tensor!r}; "
+                        f"expected finite lo <= hi")
+    return lo, hi
+
+
 def collect_ranges(model: onnx.ModelProto, images: np.ndarray, tensor_names: list[str], calibrator: str,
                    options: dict | None = None, batch_size: int = 8,
                    activation_symmetric: bool = False) -> dict[str, tuple[float, float]]:
@@ -133,7 +171,7 @@ def collect_ranges(model: onnx.ModelProto, images: np.ndarray, tensor_names: lis
         return {}
     try:
         cals = {t: get_calibrator(calibrator, **(options or {})) for t in tensor_names}
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:   # unknown, a plug-in that does not load, its constructor failing
         raise UadcError(f"calibrator {calibrator!r}: {exc}") from None
     input_name, fixed_batch = _input_name(model)
     try:
@@ -149,16 +187,13 @@ def collect_ranges(model: onnx.ModelProto, images: np.ndarray, tensor_names: lis
         if fixed_batch and len(batch) != fixed_batch:
             continue  # a static-batch model cannot take the remainder
         for name, value in zip(tensor_names, sess.run(tensor_names, {input_name: batch})):
-            cals[name].observe(value)
+            _plugin_call(calibrator, name, "observe", cals[name].observe, value)
             finite = value[np.isfinite(value)]
             if finite.size:
                 lo_seen[name] = min(lo_seen[name], float(finite.min()))
     ranges = {}
     for name, cal in cals.items():
-        try:
-            lo, hi = (float(v) for v in cal.compute_range())
-        except ValueError:
-            raise UadcError(f"calibration: tensor {name!r} produced no finite values") from None
+        lo, hi = _range_of(calibrator, name, cal)
         if activation_symmetric:
             a = max(abs(lo), abs(hi))
             lo, hi = -a, a

@@ -31,8 +31,9 @@ RAY_HINT = "--ray runs the grid on Ray, which is not installed: pip install 'uad
 
 def run_fixed_grid(recipe: Recipe, axes: Axes, out: Path, artifacts: Path, folder: Callable[[Cell], str], *,
                    latency_runs: int, what: str, baseline: Any = None, ray: bool = False, address: str | None = None,
-                   reuse: bool = True) -> list[tuple[Cell, dict]]:
-    """(cell, its report.json) in plan order; a failed cell is ``what``'s one-line UadcError."""
+                   reuse: bool = True, keep_failed: bool = False) -> list[tuple[Cell, dict]]:
+    """(cell, its report.json) in plan order; a failed cell is ``what``'s one-line UadcError, or
+    (``keep_failed``, unless every cell failed) ``(cell, {"error": ...})``."""
     local = not (ray or address)
     if not local and importlib.util.find_spec("ray") is None:
         raise UadcError(RAY_HINT)
@@ -55,10 +56,12 @@ def run_fixed_grid(recipe: Recipe, axes: Axes, out: Path, artifacts: Path, folde
               if baseline is not None and local else nullcontext())
     with seeded:
         res = run_plan(plan, artifacts, out, address=address, sequential=local, table=False)
-    failed = [r for r in res.rows if r["status"] != "ok"]
-    if failed:
-        raise UadcError(f"{what}: {failed[0]['cell']}: {failed[0]['error']}")
-    return [(c, json.loads((out / c.artifact / REPORT_FILE).read_text())) for c in plan.cells]
+    failed = {r["cell"]: r["error"] for r in res.rows if r["status"] != "ok"}
+    if failed and (not keep_failed or len(failed) == len(plan.cells)):
+        cell, error = next(iter(failed.items()))
+        raise UadcError(f"{what}: {cell}: {error}")
+    return [(c, {"error": failed[c.id]} if c.id in failed else json.loads((out / c.artifact / REPORT_FILE).read_text()))
+            for c in plan.cells]
 
 
 def _torch_threads() -> int:

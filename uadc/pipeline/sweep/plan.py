@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from uadc import __version__
+from uadc.calibrators import fingerprint
 from uadc.config.recipe import Recipe, load_recipe, recipe_from_dict
 from uadc.config.settings import auto_applies, resolve_ptq
 from uadc.config.targets import TARGETS
@@ -83,7 +84,18 @@ def cell_key(cell: Cell, model: Model, checkpoint_sha: str, run: RunConfig) -> s
     """Content hash of a cell's inputs; equal keys mean the same result."""
     return _hash({"recipe": model.recipe().hash, "checkpoint": checkpoint_sha, "options": cell.options,
                   "run": {"evaluate": run.evaluate, "latency_runs": run.latency_runs, "threads": run.threads},
-                  "uadc": __version__})[:20]
+                  "uadc": __version__, "calibrator": _calibrator_code(cell.options.get("calibrator"))})[:20]
+
+
+def _calibrator_code(name: str | None) -> str | None:
+    """A plug-in calibrator's code (edited since, a cached cell kept the old ranges); its name where
+    it does not load here (installed on the workers only: the cell itself says why)."""
+    if name is None:
+        return None
+    try:
+        return fingerprint(name)
+    except (ValueError, TypeError):
+        return name
 
 
 def make_plan(spec: SweepSpec, base: Path, name: str) -> Plan:
