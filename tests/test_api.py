@@ -406,3 +406,16 @@ def test_every_public_name_is_documented_and_every_result_prints_as_json():
         if isinstance(obj, type) and hasattr(obj, "to_dict"):
             assert callable(getattr(obj, "to_json", None)), name
     assert "QatRunResult" in uadc.__all__ and json.loads(uadc.doctor().to_json())["uadc"] == uadc.__version__
+
+
+def test_a_writer_that_fails_like_a_full_disk_is_one_line_and_leaves_no_temp(tmp_path):
+    """torch.save reports ENOSPC as a RuntimeError of its zip writer: `uadc train` on a full disk was a traceback."""
+    from uadc.core.io import atomic_save
+
+    def save(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 34240 vs 34136\nmore")
+    with pytest.raises(uadc.UadcError, match=r"cannot write .*checkpoint.pt: \[enforce fail.*34136 \([\d,]+ bytes free "
+                                             r"where it goes\)$"):
+        atomic_save(tmp_path / "checkpoint.pt", save)
+    assert list(tmp_path.iterdir()) == []

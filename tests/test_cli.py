@@ -163,6 +163,10 @@ def test_compile_after_one_class_training_names_what_compiles_them(recipe_factor
     res = CliRunner().invoke(main, ["compile", str(r), "--target", "ort-cpu-fp32", "--artifacts", str(art)])
     assert res.exit_code == 2 and "one-class models of gray, stripes, which do not compile from this recipe" in res.output
     assert "axes: {one_class: [true]}" in res.output and not (art / "tiny" / "ort-cpu-fp32").exists(), res.output
+    assert f"run `uadc train {r} --artifacts {art}` first" in res.output   # it trained into ./artifacts
+    (tmp_path / "afile").write_text("")
+    res = CliRunner().invoke(main, ["compile", str(r), "--artifacts", str(tmp_path / "afile")])
+    assert res.exit_code == 2 and res.output.strip() == f"error: artifacts: not a folder: {tmp_path / 'afile'}"
     # given to a one-category recipe, it said "retrain with `uadc train --one-class`", which compiles nothing either
     import yaml
     cfg = yaml.safe_load(r.read_text())

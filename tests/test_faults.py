@@ -77,6 +77,22 @@ def test_kill_compile_then_recompile_and_concurrent(setup):
     assert not temps_under(art), temps_under(art)
 
 
+def test_two_compiles_into_one_new_out_folder_never_replace_each_other(setup):
+    """Both exited 0 and the later one silently replaced the earlier's artifact, without --force."""
+    root, recipe = setup
+    art = root / "art_out"
+    assert _run("train", str(recipe), "--artifacts", str(art)).returncode == 0
+    out = root / "one_out"
+    pair = [_start("compile", str(recipe), "--artifacts", str(art), "--target", t, "--no-eval", "--out", str(out))
+            for t in ("ort-cpu-fp32", TARGET)]
+    errs = [p.communicate()[1] for p in pair]
+    assert sorted(p.returncode for p in pair) == [0, 2], errs
+    loser = errs[[p.returncode for p in pair].index(2)]
+    assert one_error_line(loser) and "exists; pass --force to replace it" in loser, loser
+    winner = ("ort-cpu-fp32", TARGET)[[p.returncode for p in pair].index(0)]
+    assert f'"target": "{winner}"' in (out / "artifact.json").read_text() and not artifact_problems(out)
+
+
 def test_concurrent_trains(setup):
     """Two trains of one recipe at once (the old fixed ``.tmp`` name crashed 3 of 4 pairs)."""
     root, recipe = setup

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from uadc.core.errors import UadcError
+from uadc.core.errors import UadcError, one_line
 from uadc.core.scoped import signals_deferred
 
 TMP_TAG = ".uadc-tmp-"
@@ -211,6 +211,12 @@ def atomic_save(path: Path, save: Any) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise UadcError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except RuntimeError as exc:   # torch.save reports a full disk as its writer's RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        free = shutil.disk_usage(path.parent).free
+        raise UadcError(f"cannot write {path}: {one_line(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)} "
+                        f"({free:,} bytes free where it goes)") from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

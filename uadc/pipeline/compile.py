@@ -174,7 +174,8 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     layers = fp32_layers(compiled, auto.nodes, auto.fp16_nodes) if auto is not None and auto.fp16_nodes is not None \
         else None
     _stage(stages, target, "write and gate")
-    with atomic_dir(out, replace=True) as tmp:
+    # re-checked under the lock: a compile that finished into the same new --out meanwhile is not replaced
+    with atomic_dir(out, replace=opts.force or opts.out is None) as tmp:
         _write_artifacts(tmp, baseline, compiled, result, calib, target, opts, layers)
         write_manifest(tmp, manifest)   # last: hashes every file above
         if target.runtime != "tensorrt":   # the artifact judged as `uadc verify` will judge it (its thresholds too)

@@ -42,12 +42,15 @@ def checkpoint_path(recipe: Recipe, artifacts: Path | None = None, category: str
 def missing_checkpoint(recipe: Recipe, artifacts: Path | None, given: Any) -> UadcError:
     """The error for a recipe without its unified checkpoint; one-class checkpoints beside it do not
     stand in for it, so the advice names what compiles them."""
+    if artifacts is not None and Path(artifacts).exists() and not Path(artifacts).is_dir():
+        return UadcError(f"artifacts: not a folder: {artifacts}")
     path = checkpoint_path(recipe, artifacts)
     one_class = sorted(p.parent.name for p in (path.parent / ONE_CLASS_DIR).glob(f"*/{CHECKPOINT_FILE}"))
     extra = (f"; {path.parent / ONE_CLASS_DIR} holds one-class models of {', '.join(one_class)}, which do not compile "
              f"from this recipe: to deploy one model per category, train a recipe whose data.sources list only one "
              f"category, or run a sweep with `axes: {{one_class: [true]}}`" if one_class else "")
-    return UadcError(f"no checkpoint for recipe {recipe.name!r} at {path}: run `uadc train {given}` first "
+    where = f" --artifacts {artifacts}" if artifacts is not None else ""   # else it trained into ./artifacts
+    return UadcError(f"no checkpoint for recipe {recipe.name!r} at {path}: run `uadc train {given}{where}` first "
                      f"(or pass --train-if-missing){extra}")
 
 
