@@ -301,11 +301,19 @@ def test_the_api_leaves_the_callers_random_stream_and_root_logger_alone(trained,
     `logging.info`, which gave the caller's root logger a handler (`WARNING:uadc...` lines after)."""
     import logging
     import subprocess
-    code = ("import random, uadc\nrandom.seed(0); a = random.random()\nrandom.seed(0)\n"
-            "uadc.train, uadc.compile, uadc.evaluate, uadc.Detector\nassert random.random() == a, 'stream moved'\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-500:]
     recipe, art = trained
+    # nor the environment (scikit-learn's KMP_DUPLICATE_LIB_OK, which children inherit; torch's
+    # TORCHINDUCTOR_CACHE_DIR at the first optimizer and export) or the warning filters (scipy, sympy)
+    code = ("import os, random, warnings, numpy, uadc\nrandom.seed(0); a = random.random()\nrandom.seed(0)\n"
+            "env, filters = dict(os.environ), warnings.filters[:]\n"
+            "uadc.train, uadc.compile, uadc.evaluate, uadc.Detector\nassert random.random() == a, 'stream moved'\n"
+            f"uadc.train({str(recipe)!r}, artifacts={str(tmp_path / 'env')!r}, epochs=1)\n"
+            f"uadc.compile({str(recipe)!r}, 'ort-cpu-int8', artifacts={str(tmp_path / 'env')!r}, evaluate=False, "
+            "latency_runs=1)\n"
+            "assert dict(os.environ) == env, set(os.environ) ^ set(env)\nassert warnings.filters == filters\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-500:]
     root = logging.getLogger()
     kept = root.handlers[:]
     root.handlers[:] = []            # as in a script: pytest's own capture handlers put aside

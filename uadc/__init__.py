@@ -65,9 +65,12 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'uadc' has no attribute {name!r}")
     import importlib
     import random
+
+    from uadc.core.scoped import environment_kept
     state = random.getstate()   # a library imported on the way may draw (rich seeds itself at import)
     try:
-        value = getattr(importlib.import_module(module), name)
+        with environment_kept():   # or set environment variables and warning filters (scikit-learn, scipy)
+            value = getattr(importlib.import_module(module), name)
     finally:
         random.setstate(state)
     globals()[name] = value

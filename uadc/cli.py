@@ -260,16 +260,13 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
     from uadc.config.recipe import load_recipe
     from uadc.config.validation import comma_list
     from uadc.pipeline import api
-    from uadc.training.checkpoint import checkpoint_path, missing_checkpoint
+    from uadc.training.checkpoint import checkpoint_path
     r = load_recipe(recipe)
     target = target or r.compile.target
     if dump_passes is not None and dump_passes.exists() and not dump_passes.is_dir():
         raise UadcError(f"--dump-passes: not a folder: {dump_passes}")
-    if checkpoint is None and not checkpoint_path(r, artifacts).is_file():
-        if not train_if_missing:
-            raise missing_checkpoint(r, artifacts, recipe)
-        log.info("no checkpoint: training the recipe first (--train-if-missing)")
-        log.info("checkpoint written: %s", api.train(r, artifacts=artifacts).checkpoints[0])
+    if checkpoint is None:
+        api.ensure_checkpoint(r, artifacts, recipe, train_if_missing)
     from uadc.quant.qat.run import load_qat_model
     qat_model = load_qat_model(r, target, artifacts, checkpoint or checkpoint_path(r, artifacts)) if from_qat else None
     res = api.compile(_checkpoint(checkpoint) or r, target, recipe=r, calibration=calib_data, calibrator=calibrator,

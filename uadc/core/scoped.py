@@ -89,6 +89,21 @@ def signals_deferred() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def environment_kept() -> Iterator[None]:
+    """A library that sets environment variables or warning filters as it is first imported
+    (scikit-learn's ``KMP_DUPLICATE_LIB_OK``, which children inherit; torch._dynamo's cache folder;
+    scipy's filters): on exit both are the caller's again."""
+    env, filters = dict(os.environ), warnings.filters[:]
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        os.environ.update(env)
+        warnings.filters[:] = filters
+
+
+@contextlib.contextmanager
 def process_state_kept() -> Iterator[None]:
     """For a library that starts services in this process (Ray): on exit the environment variables,
     ``sys.excepthook``, the SIGTERM / SIGINT handlers (Ray's ended the process on the caller's next
@@ -97,20 +112,16 @@ def process_state_kept() -> Iterator[None]:
     import signal
     import threading
 
-    env, hook, py_state, np_state = dict(os.environ), sys.excepthook, random.getstate(), np.random.get_state()
+    hook, py_state, np_state = sys.excepthook, random.getstate(), np.random.get_state()
     main = threading.current_thread() is threading.main_thread()   # handlers belong to the main thread
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
-    filters = warnings.filters[:]
     try:
-        yield
+        with environment_kept():
+            yield
     finally:
-        for key in set(os.environ) - set(env):
-            del os.environ[key]
-        os.environ.update(env)
         sys.excepthook = hook
         for sig, handler in handlers.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        warnings.filters[:] = filters
         random.setstate(py_state)
         np.random.set_state(np_state)
 

@@ -31,6 +31,7 @@ from uadc.pipeline.compile import CompileOptions, check_compile_settings, compil
 from uadc.pipeline.deploy import target_predictor
 from uadc.pipeline.sweep.run import SweepResult
 from uadc.report.results import CompileResult
+from uadc.training.checkpoint import checkpoint_path, missing_checkpoint
 from uadc.training.run import TrainResult, train_recipe
 from uadc.verify.gate import DiffResult, VerifyResult
 
@@ -50,6 +51,17 @@ def train(recipe: RecipeLike, *, one_class: bool = False, epochs: int | None = N
         whole_number(eval_every, "eval_every")
     return train_recipe(r, _artifacts_root(artifacts), one_class=one_class,
                         on_epoch=learning_curve(r, eval_every) if eval_every else None)
+
+
+def ensure_checkpoint(recipe: Recipe, artifacts: Path | None, given: Any, train_if_missing: bool = False) -> None:
+    """`uadc compile`'s checkpoint of ``recipe``: there, or trained first (``train_if_missing``), or the
+    error that says how to get it (``given``: the recipe as the user named it)."""
+    if checkpoint_path(recipe, artifacts).is_file():
+        return
+    if not train_if_missing:
+        raise missing_checkpoint(recipe, artifacts, given)
+    log.info("no checkpoint: training the recipe first (--train-if-missing)")
+    log.info("checkpoint written: %s", train(recipe, artifacts=artifacts).checkpoints[0])
 
 
 def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_class: bool = False,

@@ -16,6 +16,7 @@ import torch
 from uadc.config.recipe import TrainConfig
 from uadc.core.errors import UadcError
 from uadc.core.progress import progress
+from uadc.core.scoped import environment_kept
 from uadc.models import KDModel
 from uadc.models.dcam import build_dcam
 
@@ -31,9 +32,10 @@ def cache_teacher(model: KDModel, images: torch.Tensor, batch_size: int) -> list
 
 
 def _optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    with environment_kept():   # the first optimizer imports torch._dynamo, which sets TORCHINDUCTOR_CACHE_DIR
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
 def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
