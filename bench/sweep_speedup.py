@@ -64,7 +64,7 @@ def plan_of(sweep: Path):
 def commands(sweep: Path, root: Path, num_cpus: int) -> dict[str, list[str]]:
     """The subprocess of each run; ``root`` is the run's fresh folder (artifacts/ and out/ inside)."""
     exe = Path(sys.executable).parent / "uadc"
-    uadc = [str(exe)] if exe.is_file() else [sys.executable, "-c", "from uadc.cli import main; main()"]
+    uadc = [str(exe)] if exe.is_file() else [sys.executable, "-c", "from uadc.cli import run; run()"]
     common = ["--artifacts", str(root / "artifacts"), "--out", str(root / "out")]
     return {"a": [*uadc, "sweep", str(sweep), "--num-cpus", str(num_cpus), *common],
             "b": [*uadc, "sweep", str(sweep), "--sequential", *common],

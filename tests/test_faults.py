@@ -119,3 +119,22 @@ def test_sigterm_while_writing_removes_the_temp_and_says_so(setup):
     assert when == "while writing" and p.returncode == 143, (when, err[-2000:])
     assert err.strip().splitlines()[-1] == "terminated (SIGTERM); nothing was written for the unfinished step"
     assert not temps_under(art) and not (art / recipe.stem / TARGET).exists()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_after_the_result_is_out_keeps_its_exit_code(setup, sig, code):
+    """A SIGTERM in the second or two of interpreter teardown after a success document ended the
+    process with 143 and no word: a pipeline saw a failure next to `{"recipe": ...}`."""
+    import json
+    import time
+    root, recipe = setup
+    cmd = uadc_cmd("train", str(recipe), "--artifacts", str(root / f"art_late{code}"), "--json")
+    p = subprocess.Popen([cmd[0], "-u", *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    first = ""                           # the document, written unbuffered as the command returns
+    while not first.endswith("\n}") and p.poll() is None:
+        first += p.stdout.read(1)
+    time.sleep(0.05)
+    p.send_signal(sig)
+    rest, err = p.communicate()
+    doc = json.loads(first + rest)
+    assert p.returncode == 0 and doc["recipe"] == recipe.stem, (p.returncode, err[-1000:])

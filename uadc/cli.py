@@ -204,6 +204,7 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
     from uadc.config.recipe import load_recipe
     from uadc.evaluation.run import format_comparison, format_defects, format_table
     from uadc.pipeline import api
+    from uadc.training.checkpoint import checkpoint_arg
     r = load_recipe(recipe)
     if one_class:
         if checkpoint is not None:   # it was ignored, even a path that does not exist
@@ -212,19 +213,13 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
         click.echo(format_table(res.one_class, f"{r.name} (one model per category)"))
         click.echo(format_comparison(res.unified, res.one_class))
         return res
-    res = api.evaluate(_checkpoint(checkpoint) or r, r, artifacts=artifacts)
+    res = api.evaluate(checkpoint_arg(checkpoint) or r, r, artifacts=artifacts)
     epochs = res.extra.get("epochs")       # None for a compiled artifact: name it instead
     kind = f"one-class {', '.join(res.extra['trained_on'])}" if res.extra.get("one_class") else "unified"
     click.echo(format_table(res, f"{r.name} ({kind}, {f'{epochs} epoch' + 's' * (epochs != 1) if epochs else checkpoint})"))
     click.echo(format_defects(res), nl=bool(res.defects))
     click.echo(f"written: {res.path}" if res.path else "not written: eval.json holds the recipe's own unified checkpoint's figures")
     return res
-
-
-def _checkpoint(path: Path | None) -> Path | None:
-    if path is not None and path.suffix in (".yaml", ".yml"):   # the recipe's own file fell back to its checkpoint
-        raise UadcError(f"--checkpoint {path}: a recipe file, not a checkpoint (checkpoint.pt)")
-    return path
 
 
 @main.command("compile")
@@ -260,7 +255,7 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
     from uadc.config.recipe import load_recipe
     from uadc.config.validation import comma_list
     from uadc.pipeline import api
-    from uadc.training.checkpoint import checkpoint_path
+    from uadc.training.checkpoint import checkpoint_arg, checkpoint_path
     r = load_recipe(recipe)
     target = target or r.compile.target
     if dump_passes is not None and dump_passes.exists() and not dump_passes.is_dir():
@@ -269,7 +264,7 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
         api.ensure_checkpoint(r, artifacts, recipe, train_if_missing)
     from uadc.quant.qat.run import load_qat_model
     qat_model = load_qat_model(r, target, artifacts, checkpoint or checkpoint_path(r, artifacts)) if from_qat else None
-    res = api.compile(_checkpoint(checkpoint) or r, target, recipe=r, calibration=calib_data, calibrator=calibrator,
+    res = api.compile(checkpoint_arg(checkpoint) or r, target, recipe=r, calibration=calib_data, calibrator=calibrator,
                       calib_samples=calib_samples, quantize=comma_list(quantize, "--quantize"), per_channel=per_channel, out=out,
                       force=force, dump_passes=dump_passes, split=split, build_engine=build_engine,
                       evaluate=not no_eval, qat_model=qat_model, artifacts=artifacts, postprocess=postprocess,
@@ -409,10 +404,7 @@ def _gate_options(f):
 
 
 def _gate_report(res, json_out: Path | None, md_out: Path | None) -> None:
-    from uadc.core.io import atomic_write_text
-    for path, text in ((json_out, res.to_json), (md_out, res.to_markdown)):
-        if path and str(path) != "-":
-            atomic_write_text(path, text())
+    res.write_reports(json_out, md_out)
     click.echo(res.to_json() if str(json_out) == "-" else res.to_markdown(), nl=False)   # `--json -`: JSON alone
     for line in res.failures:
         click.echo(f"REGRESSION: {line}", err=True)
@@ -513,5 +505,15 @@ def doctor(as_json: bool) -> None:
     click.echo(to_json(rep.to_dict()) if as_json else rep.to_text(), nl=not as_json)
 
 
+def run() -> None:
+    """The console script: once the command has exited, its exit code stands through the teardown."""
+    try:
+        main()
+    except SystemExit:
+        from uadc.core.scoped import settle_exit
+        settle_exit()
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    run()

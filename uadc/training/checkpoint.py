@@ -39,6 +39,13 @@ def checkpoint_path(recipe: Recipe, artifacts: Path | None = None, category: str
     return (contained(d / ONE_CLASS_DIR, category, "category") if category else d) / CHECKPOINT_FILE
 
 
+def checkpoint_arg(path: Path | None) -> Path | None:
+    """``--checkpoint``: a recipe file there fell back to the recipe's own checkpoint, silently."""
+    if path is not None and Path(path).suffix in (".yaml", ".yml"):
+        raise UadcError(f"--checkpoint {path}: a recipe file, not a checkpoint (checkpoint.pt)")
+    return path
+
+
 def missing_checkpoint(recipe: Recipe, artifacts: Path | None, given: Any) -> UadcError:
     """The error for a recipe without its unified checkpoint; one-class checkpoints beside it do not
     stand in for it, so the advice names what compiles them."""

@@ -183,6 +183,13 @@ class GateResult:
         from uadc.core.io import to_json
         return to_json(self.to_dict())
 
+    def write_reports(self, json_out: Path | None = None, md_out: Path | None = None) -> None:
+        """The JSON / Markdown reports at these paths (``-``: stdout's, not written here)."""
+        from uadc.core.io import atomic_write_text
+        for path, text in ((json_out, self.to_json), (md_out, self.to_markdown)):
+            if path and str(path) != "-":
+                atomic_write_text(Path(path), text())
+
     def to_markdown(self) -> str:
         d = self.to_dict()
         lines = [f"# uadc {self.kind}: {'PASS' if self.passed else 'REGRESSION'}", "",
