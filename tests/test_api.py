@@ -427,3 +427,21 @@ def test_a_writer_that_fails_like_a_full_disk_is_one_line_and_leaves_no_temp(tmp
                                              r"where it goes\)$"):
         atomic_save(tmp_path / "checkpoint.pt", save)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_recipe_changed_in_place_is_checked_again(recipe_factory, tmp_path):
+    """`r.train.epochs = -1` trained an empty checkpoint over a good one, which nothing could load after;
+    `r.data.sources = []` and `r.train.batch_size = 0` were tracebacks deep inside."""
+    r = uadc.load_recipe(recipe_factory(train={"epochs": 1, "threads": 1}))
+    for section, key, value, text in (("train", "epochs", -1, "epochs: -1 is below the minimum 1"),
+                                      ("train", "batch_size", 0, "batch_size: 0 is below the minimum 1"),
+                                      ("train", "epochs", "x", "epochs: expected int"),
+                                      ("eval", "batch_size", 0, "batch_size: 0 is below the minimum 1")):
+        with pytest.raises(uadc.UadcError, match=text):
+            setattr(getattr(r, section), key, value)
+    r.train.epochs = 2                      # a valid change is taken
+    assert r.train.epochs == 2 and uadc.load_recipe(r).train.epochs == 2
+    r.data.sources.clear()                  # a list changed in place escapes the assignment check
+    with pytest.raises(uadc.UadcError, match="data.sources: must not be empty"):
+        uadc.train(r, artifacts=tmp_path / "art")
+    assert not (tmp_path / "art").exists()

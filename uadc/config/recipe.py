@@ -42,7 +42,15 @@ MAX_SEED = 2**32 - 1  # numpy's seed range
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
+    # validate_assignment: `recipe.train.epochs = -1` is refused where it is written (it trained an empty checkpoint)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False,
+                              validate_assignment=True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:   # the API's one kind of error, as for a recipe file
+            raise UadcError(first_error(exc)) from None
 
 
 def _resolve(value: Optional[str], info: ValidationInfo) -> Optional[str]:
@@ -401,9 +409,9 @@ def default_artifacts_root() -> Path:
 
 
 def load_recipe(source: "str | Path | dict | Recipe") -> Recipe:
-    """A recipe from a YAML file, a built-in recipe name (``demo``), a dict or a Recipe (returned as is)."""
+    """A recipe from a YAML file, a built-in recipe name (``demo``), a dict or a Recipe (checked again)."""
     if isinstance(source, Recipe):
-        return source
+        return recipe_from_dict(source.cfg, source.path, keep_name=True)
     if isinstance(source, dict):
         return recipe_from_dict(source)
     path = resolve_recipe_path(source)  # a file, or a built-in recipe's name (``demo``)
