@@ -222,7 +222,11 @@ def test_a_ray_uadc_starts_leaves_the_process_as_it_was(tiny, tmp_path):
     with pytest.raises(UadcError, match="cannot connect to the Ray cluster at nonsense"):   # a raw ValueError before
         api.sweep(sweep, artifacts=d / "art", out=tmp_path / "bad", address="nonsense")
     with pytest.raises(UadcError, match="address: expected a Ray address"):      # a TypeError inside ray.init
-        api.sweep(sweep, artifacts=d / "art", out=tmp_path / "bad", address=5)
+        api.sweep(sweep, artifacts=d / "art", out=tmp_path / "bad5", address=5)
+    assert not (tmp_path / "bad5").exists()          # refused before the folder was made
+    for kw, text in (({"address": "127.0.0.1:1"}, "address"), ({"num_cpus": 2}, "num_cpus")):   # were ignored
+        with pytest.raises(UadcError, match=f"{text} .*sets up Ray; a sequential run uses none"):
+            api.sweep(sweep, artifacts=d / "art", out=tmp_path / "seq", sequential=True, **kw)
     random.seed(3)
     env, hook, state = dict(os.environ), sys.excepthook, random.getstate()
     import signal

@@ -39,8 +39,6 @@ def import_ray():
 def run_on_ray(plan: Plan, out: Path, artifacts: Path, address: str | None, num_cpus: int | None,
                done: dict[int, dict], on_record: Callable[[dict], None]) -> list[dict]:
     """Every cell's record (in plan order); ``done`` (finished cells, by index) are not rerun."""
-    if address is not None and not (isinstance(address, str) and address):
-        raise UadcError(f"address: expected a Ray address such as auto or 10.0.0.5:6379, got {address!r:.60}")
     with process_state_kept():   # Ray (its import too) sets environment variables, sys.excepthook, signal
         ray = import_ray()       # handlers, warning filters, seeds Python's random
         if ray.is_initialized():   # the caller's own Ray session: use it, leave it running

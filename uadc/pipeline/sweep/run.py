@@ -97,6 +97,11 @@ def run_plan(plan: Plan, artifacts: Path, out: Path, *, address: str | None = No
     t0 = time.time() if t0 is None else t0
     if num_cpus is not None:
         whole_number(num_cpus, "num_cpus")
+    if address is not None and not (isinstance(address, str) and address):   # before the folder is made
+        raise UadcError(f"address: expected a Ray address such as auto or 10.0.0.5:6379, got {address!r:.60}")
+    if sequential and (address is not None or num_cpus is not None):   # they were silently ignored
+        raise UadcError(f"{'address (--address)' if address is not None else 'num_cpus (--num-cpus)'} sets up Ray; "
+                        f"a sequential run uses none: give one or the other")
     check_writable(out)
     ensure_dir(out)
     with file_lock(out):   # a second run into the folder waits, then reuses (both compiled every cell before)
