@@ -189,6 +189,9 @@ def test_wrong_argument_types_are_one_line_errors(trained, tmp_path, tiny_data):
             (lambda: uadc.train(recipe, epochs=0, artifacts=art), "epochs: expected a whole number >= 1, got 0"),
             (lambda: uadc.qat(recipe, "ort-cpu-int8", epochs=-2, artifacts=art), "epochs: expected a whole number >= 1"),
             (lambda: uadc.evaluate(5, recipe), "evaluate: expected a recipe, a checkpoint"),
+            (lambda: uadc.compile(5), r"compile: expected a recipe, a checkpoint, a KDModel or a Baseline, got int"),
+            (lambda: uadc.compile(tmp_path / "x.onnx", "ort-cpu-fp32"), r"x.onnx is a compiled model; compile "
+             r"starts from its recipe or checkpoint"),     # it read "recipe not found"
             (lambda: uadc.verify(art, budgets=["x"]), "budgets: expected {key: value}"),
             (lambda: uadc.compare_calibrators(recipe, calibrators="minmax,nope", sources="train", artifacts=art,
                                               out=tmp_path / "cc"), "unknown calibrator 'nope'"),   # 'm' before

@@ -88,7 +88,7 @@ def test_two_compiles_into_one_new_out_folder_never_replace_each_other(setup):
     errs = [p.communicate()[1] for p in pair]
     assert sorted(p.returncode for p in pair) == [0, 2], errs
     loser = errs[[p.returncode for p in pair].index(2)]
-    assert one_error_line(loser) and "exists; pass --force to replace it" in loser, loser
+    assert one_error_line(loser) and "exists; pass --force" in loser, loser
     winner = ("ort-cpu-fp32", TARGET)[[p.returncode for p in pair].index(0)]
     assert f'"target": "{winner}"' in (out / "artifact.json").read_text() and not artifact_problems(out)
 

@@ -240,7 +240,7 @@ def check_replaceable(final: Path, replace: bool = True) -> None:
         raise UadcError(f"output folder {final} exists and was not written by uadc; "
                         f"choose another --out (nothing was changed)")
     if not replace:
-        raise UadcError(f"output folder {final} exists; pass --force to replace it")
+        raise UadcError(f"output folder {final} exists; pass --force (force=True) to replace it")
 
 
 @contextlib.contextmanager

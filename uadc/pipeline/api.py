@@ -181,10 +181,15 @@ def _baseline_recipe(b: Baseline, recipe: RecipeLike | None, what: str) -> Recip
 
 
 def _check_source(source: Any, what: str) -> None:
-    """What a model argument may be; anything else fell back to the recipe's checkpoint silently."""
+    """What a model argument may be; anything else fell back to the recipe's checkpoint silently. An
+    artifact or ONNX model is judged by evaluate, never compiled again (it read "recipe not found")."""
+    outputs = " or an artifact / ONNX path" if what == "evaluate" else ""
     if not isinstance(source, (KDModel, Baseline, Recipe, dict, str, os.PathLike)) or source in ("", {}):
-        raise UadcError(f"{what}: expected a recipe, a checkpoint, a KDModel, a Baseline or an artifact / ONNX path, "
-                        f"got {type(source).__name__} {source!r:.60}")
+        raise UadcError(f"{what}: expected a recipe, a checkpoint, a KDModel{',' if outputs else ' or'} a Baseline"
+                        f"{outputs}, got {type(source).__name__} {source!r:.60}")
+    if not outputs and _is_onnx(source):
+        raise UadcError(f"{what}: {source} is a compiled model; compile starts from its recipe or checkpoint "
+                        f"(`uadc.evaluate` judges an artifact)")
 
 
 def baseline(source: Any, recipe: RecipeLike | None = None, *, artifacts: Path | None = None,
