@@ -448,3 +448,25 @@ def test_a_recipe_changed_in_place_is_checked_again(recipe_factory, tmp_path):
     with pytest.raises(uadc.UadcError, match="data.sources: must not be empty"):
         uadc.train(r, artifacts=tmp_path / "art")
     assert not (tmp_path / "art").exists()
+
+
+def test_eval_and_qat_check_where_they_write_before_the_work(trained, monkeypatch):
+    """On a read-only artifacts folder both ran to the end (QAT's epochs too) and only then failed."""
+    import uadc.evaluation.run as ev
+    import uadc.quant.qat.run as qr
+    recipe, art = trained
+    readonly = (art / "tiny").absolute()
+
+    def check(folder):
+        if readonly in (Path(folder).absolute(), *Path(folder).absolute().parents):
+            raise uadc.UadcError(f"folder is not writable: {readonly}")
+    work = []
+    for mod in (ev, qr):
+        monkeypatch.setattr(mod, "check_writable", check)
+    monkeypatch.setattr(ev, "load_checkpoint", lambda *a, **k: work.append("eval"))
+    monkeypatch.setattr(qr, "ptq_init", lambda *a, **k: work.append("qat"))
+    for call in (lambda: uadc.evaluate(recipe, artifacts=art), lambda: uadc.evaluate(recipe, one_class=True, artifacts=art),
+                 lambda: uadc.qat(recipe, "ort-cpu-int8", artifacts=art, compile_after=False)):
+        with pytest.raises(uadc.UadcError, match="folder is not writable"):
+            call()
+    assert work == []

@@ -14,7 +14,7 @@ import torch
 from uadc.config.recipe import Recipe
 from uadc.core.constants import EVAL_FILE, METRIC_KEYS
 from uadc.core.errors import NonFiniteOutputs, UadcError
-from uadc.core.io import atomic_write_json, read_json, sha256_file
+from uadc.core.io import atomic_write_json, check_writable, read_json, sha256_file
 from uadc.core.numbers import fixed
 from uadc.core.progress import progress
 from uadc.core.scoped import torch_threads
@@ -156,6 +156,9 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
                         write: bool = True) -> EvalResult:
     """Evaluate the unified checkpoint (per defect type too); writes ``eval.json`` beside it."""
     ckpt = Path(checkpoint) if checkpoint else checkpoint_path(recipe, artifacts)
+    own = ckpt.resolve() == checkpoint_path(recipe, artifacts).resolve()
+    if write and own:   # before the work: a read-only folder stopped it at the end
+        check_writable(recipe.artifact_dir(artifacts))
     with torch_threads(recipe.train.threads):
         model, blob = load_checkpoint(ckpt, recipe)
         data = prepare_data(recipe)
@@ -171,7 +174,6 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
                     "learning_curve": [{"epoch": h["epoch"], "train_seconds": _seconds_until(history, h["epoch"]),
                                         "mean": h["test"]["mean"], "categories": h["test"]["categories"]}
                                        for h in history if "test" in h]}
-    own = ckpt.resolve() == checkpoint_path(recipe, artifacts).resolve()
     if write and own and not one_class:   # eval.json is the recipe's own model's: the one-class comparison reads it
         result.path = atomic_write_json(recipe.artifact_dir(artifacts) / EVAL_FILE, result.to_dict())
     return result
@@ -195,6 +197,8 @@ class OneClassResult:
 def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None, write: bool = True) -> OneClassResult:
     """Evaluate each per-category model on its category; compare with the unified model. Each
     checkpoint must be its category's one-class model (a copied or unified one was scored as it)."""
+    if write:
+        check_writable(recipe.artifact_dir(artifacts))
     with torch_threads(recipe.train.threads):
         arrays = test_arrays(prepare_data(recipe))
         _need_tests(arrays)

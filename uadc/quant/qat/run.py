@@ -17,7 +17,7 @@ from uadc.config.recipe import Recipe
 from uadc.config.settings import PtqSettings, resolve_ptq
 from uadc.config.targets import QAT_TARGETS, Target, get_target
 from uadc.core.errors import UadcError
-from uadc.core.io import atomic_dir, atomic_write_json, read_json, sha256_file
+from uadc.core.io import atomic_dir, atomic_write_json, check_replaceable, check_writable, read_json, sha256_file
 from uadc.core.numbers import whole_number
 from uadc.core.scoped import seeded
 from uadc.passes.pipeline import PassContext, run_passes
@@ -113,6 +113,9 @@ def run_qat(recipe: Recipe, opts: QatOptions, fp32: onnx.ModelProto, model, trai
     target = check_target(opts.target)
     t_start = time.time()
     st, ptq = qat_settings(recipe, opts, target)
+    out = opts.out or qat_dir(recipe, target.name, artifacts)
+    check_replaceable(Path(out).absolute())   # before the epochs: a read-only or foreign folder stopped it after them
+    check_writable(Path(out).absolute().parent)
     ptq_model, calibrated, ctx = ptq_init(fp32, calib_images, target, ptq)
     net, placement = build_qat_net(fp32, ptq_model, st["quantize"], opts.learn_scales)
     with seeded(recipe.seed):  # the caller's random streams come back afterwards
@@ -129,7 +132,6 @@ def run_qat(recipe: Recipe, opts: QatOptions, fp32: onnx.ModelProto, model, trai
     summary = _summary(recipe, checkpoint, target, st, losses, history, order, net, calibrated)
     summary["export_check"] = export_check(net, qat_model, order, train_images[:PROBE_IMAGES])
     summary["seconds"] = round(time.time() - t_start, 2)
-    out = opts.out or qat_dir(recipe, target.name, artifacts)
     _write(out, qat_model, summary)
     log.debug("QAT model written: %s (loss %.4f -> %.4f)", out / QAT_FILE, losses["ptq_loss"], losses["final_loss"])
     return QatResult(qat_model, out / QAT_FILE, ptq_model, net, placement, order, summary, st["quantize"])
