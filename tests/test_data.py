@@ -315,3 +315,14 @@ def test_test_images_that_are_training_images_or_loose_in_test_are_named(data, c
         prepare_data(recipe)
     assert "category 'a': 3 of its training images are test images too" in caplog.text
     assert f"{data / 'b' / 'test'}: 1 image directly in it is not read" in caplog.text
+
+
+def test_an_image_removed_while_a_folder_is_read_is_named_so(tmp_path):
+    """It was counted "not a regular file", and its read error showed Python's FileNotFoundError."""
+    from uadc.core.errors import UadcError
+    from uadc.core.images import _skip_reason, open_image
+    gone = tmp_path / "sub" / "img.png"
+    assert _skip_reason(gone, tmp_path, {}) == "gone while the folder was read"
+    with pytest.raises(UadcError, match=r"^unreadable image .*img.png: No such file or directory$"):
+        with open_image(gone):
+            pass

@@ -54,6 +54,8 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types on hostile files
         where = f" {path}" if isinstance(path, (str, Path)) else ""      # a stream has no name to show
+        if isinstance(exc, OSError) and exc.strerror:   # the system's reason (a file removed meanwhile), not a class
+            raise UadcError(f"unreadable {what}{where}: {exc.strerror}") from None
         why = re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))   # no memory address in the line
         raise UadcError(f"unreadable {what}{where}: {type(exc).__name__}: {why[:200]}") from None
 
@@ -115,7 +117,9 @@ def _skip_reason(f: Path, root: Path, blocked: dict[Path, str]) -> str | None:
     if MASKS_FOLDER in parts[:-1]:
         return f"masks under {MASKS_FOLDER}/"
     if not f.is_file():     # named like an image, but a dangling link, a pipe, a folder: counted, not read
-        return "broken link" if f.is_symlink() and not f.exists() else "not a regular file"
+        if f.is_symlink() and not f.exists():
+            return "broken link"
+        return "not a regular file" if f.exists() else "gone while the folder was read"   # removed meanwhile
     return None
 
 
