@@ -412,6 +412,10 @@ def test_evaluating_an_artifact_checks_it_takes_the_recipes_input(int8_artifact,
     recipe, _, res = int8_artifact
     ok = uadc.evaluate(res.path, recipe)
     assert ok.mean["image_auroc"] == pytest.approx(res.image_auroc, abs=1e-6)
+    # the document names the model judged, and has the per-defect figures a checkpoint's has
+    d = ok.to_dict()
+    assert d["model"] == str((res.path / "model.onnx").absolute()) and d["runtime"] == "onnxruntime"
+    assert len(d["model_sha256"]) == 64 and set(d["defects"]) == set(d["categories"])
     for name, data, why in (("big", {"image_size": 96}, "takes 64x64 px images; recipe big makes 96 px ones"),
                             ("imagenet", {"normalization": "imagenet"}, "normalises inputs with mean")):
         other = write_recipe(tmp_path / f"{name}.yaml", tiny_data, data={"val_fraction": 0.25, **data})

@@ -19,7 +19,7 @@ from uadc.config.validation import name_list
 from uadc.core.constants import CALIBRATION_KINDS, MANIFEST_FILE
 from uadc.core.errors import UadcError
 from uadc.core.manifest import read_manifest
-from uadc.core.io import JsonResult, as_path
+from uadc.core.io import JsonResult, as_path, sha256_file
 from uadc.core.numbers import flags, whole_number
 from uadc.core.scoped import check_threads, torch_threads
 from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluate, evaluate_checkpoint, \
@@ -108,7 +108,12 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
                             f"{r.name} makes {r.data.image_size} px ones (give the recipe it was compiled from)")
         own = _own_runtime(Path(model_or_artifact), r.train.threads)
         predictor = own(str(model)) if own else ort_predictor(session)
-        return _evaluate(predictor, test_arrays(prepare_data(r)), r.eval.batch_size)
+        data = prepare_data(r)   # per defect type, and which model was judged (the document said neither)
+        res = _evaluate(predictor, test_arrays(data), r.eval.batch_size,
+                        defects={c: [x.defect for x in ds.samples] for c, ds in data.tests.items()})
+        res.extra = {"model": str(Path(model).absolute()), "model_sha256": sha256_file(model),
+                     "runtime": "openvino" if own else "onnxruntime", "recipe_hash": r.hash}
+        return res
     ckpt = Path(model_or_artifact) if isinstance(model_or_artifact, (str, Path)) and \
         names_checkpoint(model_or_artifact, r) else None      # "--checkpoint nope" fell back to the recipe's
     return evaluate_checkpoint(r, ckpt, artifacts, write=write)
