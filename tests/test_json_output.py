@@ -113,7 +113,10 @@ def test_sweep_verify_diff_json_user_error_is_one_document(tmp_path, args, said)
     res = CliRunner().invoke(main, [a.format(d=tmp_path) for a in args])
     assert res.exit_code == 2
     doc = json.loads(res.stdout)
-    assert set(doc) == {"error", "exit_code"} and doc["exit_code"] == 2 and said in doc["error"], doc
+    assert doc["exit_code"] == 2 and said in doc["error"], doc
+    # verify / diff: the shape of their reports (a pipeline reads `passed`), as written at --json FILE
+    gate = {"schema", "kind", "passed"} if args[0] in ("verify", "diff") else set()
+    assert set(doc) == {"error", "exit_code"} | gate and doc.get("kind", args[0]) == args[0] and not doc.get("passed")
     assert [line for line in res.stderr.splitlines() if line.startswith("error:")] == [f"error: {doc['error']}"]
 
 

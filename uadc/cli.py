@@ -395,10 +395,11 @@ def _gate_options(f):
 
     @functools.wraps(f)
     def checked(*args, json_out: Path | None = None, md_out: Path | None = None, **kwargs):
-        from uadc.verify.gate import check_report_paths, write_error_reports
-        with _errors_as_json(sys.stdout if str(json_out) == "-" else None):   # `--json -`: a document, always
+        from uadc.verify.gate import check_report_paths, error_document, write_error_reports
+        kind, stdout = f.__name__[:-4], str(json_out) == "-"   # `--json -`: a document, always, as in a file
+        with _errors_as_json(None, lambda *e: stdout and click.echo(error_document(kind, *e), nl=False)):
             check_report_paths(json_out, md_out)       # before the work, not after it
-            with _errors_as_json(None, functools.partial(write_error_reports, f.__name__[:-4], json_out, md_out)):
+            with _errors_as_json(None, functools.partial(write_error_reports, kind, json_out, md_out)):
                 return f(*args, json_out=json_out, md_out=md_out, **kwargs)
     return checked
 

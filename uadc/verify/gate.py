@@ -55,13 +55,18 @@ def check_report_paths(json_out: Path | None, md_out: Path | None) -> None:
                        "uadc verify or diff as a --markdown report")
 
 
+def error_document(kind: str, message: str, code: int) -> str:
+    """The JSON report of a run that stopped, the same at ``--json FILE`` and ``--json -``."""
+    from uadc.core.io import to_json
+    return to_json({"schema": VERIFY_SCHEMA, "kind": kind, "passed": False, "exit_code": code, "error": message})
+
+
 def write_error_reports(kind: str, json_out: Path | None, md_out: Path | None, message: str, code: int) -> None:
     """A run that stopped (user error, Ctrl-C) replaces the earlier reports at ``--json`` /
     ``--markdown``: a pipeline reading them after exit 2 must not find the last run's PASS."""
-    from uadc.core.io import atomic_write_text, to_json
+    from uadc.core.io import atomic_write_text
     if json_out and str(json_out) != "-":
-        atomic_write_text(Path(json_out), to_json({"schema": VERIFY_SCHEMA, "kind": kind, "passed": False,
-                                                   "exit_code": code, "error": message}))
+        atomic_write_text(Path(json_out), error_document(kind, message, code))
     if md_out:
         atomic_write_text(Path(md_out), f"# uadc {kind}: ERROR\n\n{message} (exit {code})\n")
 
