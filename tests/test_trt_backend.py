@@ -179,6 +179,10 @@ def _missing_zero_point(m):
         del _node(m, name).input[2]
 
 
+def _dq_without_zero_point(m):   # an absent zero point is 0: no QDQ010 "different zero point" besides QDQ003
+    del _node(m, "dq_x").input[2]
+
+
 def _nonpositive_scale(m):
     _set_init(m, "w_scale", np.array([0.01, 0.0, 0.02, 0.01], np.float32))
 
@@ -242,6 +246,7 @@ VIOLATION_CASES = {
     "asymmetric_zero_point": (_asymmetric, {"QDQ002"}),
     "uint8_zero_point": (_uint8_zero_point, {"QDQ003"}),
     "missing_zero_point_is_uint8": (_missing_zero_point, {"QDQ003"}),
+    "dq_without_zero_point": (_dq_without_zero_point, {"QDQ003"}),
     "non_positive_scale": (_nonpositive_scale, {"QDQ004"}),
     "runtime_scale": (_runtime_scale, {"QDQ005"}),
     "dynamic_shaped_scale": (_dynamic_shaped_scale, {"QDQ005", "QDQ006"}),
@@ -262,6 +267,27 @@ def test_each_violation_is_caught_with_its_rule_id(case):
     violations = check_trt_rules(model)
     assert {v.rule for v in violations} == expected, format_violations(violations)
     assert all(isinstance(v, Violation) and v.node and v.message and v.rule in RULES for v in violations)
+
+
+def test_qdq_in_subgraphs_and_in_external_data_is_checked(tmp_path):
+    """Both passed with 0 violations: check-trt read the top-level graph only, and took the values it
+    could not read (external data) as fine."""
+    from uadc.backends.tensorrt.check import check_trt_model
+    m = qdq_model()
+    _asymmetric(m)
+    onnx.save(m, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.data", size_threshold=0)
+    res = check_trt_model(tmp_path / "ext.onnx")
+    assert {v.rule for v in res.violations} == {"QDQ002"} and res.has_qdq
+    body = lambda k, zp: helper.make_graph(   # noqa: E731
+        [helper.make_node("QuantizeLinear", ["image", f"s{k}", f"z{k}"], [f"q{k}"], name=f"q{k}"),
+         helper.make_node("DequantizeLinear", [f"q{k}", f"s{k}", f"z{k}"], [f"o{k}"], name=f"dq{k}")],
+        f"body{k}", [], [helper.make_tensor_value_info(f"o{k}", TensorProto.FLOAT, None)],
+        [_init(f"s{k}", np.float32(0.5)), _init(f"z{k}", np.int8(zp))])
+    cond = helper.make_node("If", ["c"], ["feat"], then_branch=body(1, 5), else_branch=body(2, 0))
+    inputs, outputs = _io()
+    sub = helper.make_model(helper.make_graph([cond], "g", [*inputs, helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                                              outputs), opset_imports=[helper.make_opsetid("", 13)])
+    assert [(v.rule, v.node) for v in check_trt_rules(sub)] == [("QDQ002", "q1"), ("QDQ002", "dq1")]
 
 
 def test_violation_names_node_and_explains_fix():

@@ -136,8 +136,9 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         raise UadcError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
     if not model.graph.node:
         raise UadcError(f"{path}: not an ONNX model (no graph nodes)")
-    try:
-        onnx.checker.check_model(model)
+    external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
+    try:   # external data: checked beside the file (as a proto, in the working folder) and kept inside its folder
+        onnx.checker.check_model(str(path) if external else model)
     except Exception as exc:
         raise UadcError(f"{path}: invalid ONNX model: {str(exc).splitlines()[0][:200]}") from None
     return model

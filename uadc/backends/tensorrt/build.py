@@ -24,7 +24,7 @@ from uadc.backends.tensorrt.plan import (
     import_tensorrt,
     plan_build,
 )
-from uadc.backends.tensorrt.rules import check_trt_rules, format_violations
+from uadc.backends.tensorrt.rules import check_trt_rules, format_violations, load_qdq_params
 from uadc.core.constants import QDQ_OPS
 from uadc.core.errors import UadcError
 from uadc.core.io import atomic_write_bytes
@@ -142,21 +142,10 @@ def _load_onnx(path: Path) -> onnx.ModelProto:
         raise UadcError(f"ONNX model not found: {path}")
     try:
         model = onnx.load(str(path), load_external_data=False)
-        _load_qdq_params(model, path.parent)
+        load_qdq_params(model, path.parent)
     except Exception as exc:
         raise UadcError(f"cannot read ONNX model {path}: {exc}") from exc
     return model
-
-
-def _load_qdq_params(model: onnx.ModelProto, base_dir: Path) -> None:
-    from onnx.external_data_helper import load_external_data_for_tensor
-
-    names = {name for node in model.graph.node if node.op_type in QDQ_OPS for name in node.input[1:3]}
-    for init in model.graph.initializer:
-        if init.name in names and init.data_location == onnx.TensorProto.EXTERNAL:
-            load_external_data_for_tensor(init, str(base_dir))
-            init.data_location = onnx.TensorProto.DEFAULT
-            del init.external_data[:]
 
 
 def has_qdq(model: onnx.ModelProto) -> bool:

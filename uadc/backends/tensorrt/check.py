@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from uadc.backends.tensorrt.rules import Violation, check_trt_rules, format_violations
+from uadc.backends.tensorrt.rules import Violation, check_trt_rules, format_violations, load_qdq_params, walk_nodes
 from uadc.config.targets import TARGETS
 from uadc.core.constants import MANIFEST_FILE, MODEL_FILE, QDQ_OPS
 from uadc.core.errors import UadcError
@@ -37,8 +37,13 @@ def check_trt_model(path: Path) -> TrtRuleCheck:
     path = Path(path)
     if path.is_dir() and not (path / MODEL_FILE).is_file():
         raise UadcError(f"{path}: a folder without {MODEL_FILE}; give an ONNX file or an artifact folder")
-    model = load_onnx(path / MODEL_FILE if path.is_dir() else path)
+    file = path / MODEL_FILE if path.is_dir() else path
+    model = load_onnx(file)
+    try:   # Q/DQ parameters kept as external data were judged as fine, unread
+        load_qdq_params(model, file.parent)
+    except (OSError, ValueError) as exc:
+        raise UadcError(f"cannot read the Q/DQ parameters of {file} (external data): {exc}") from None
     target = read_manifest(path, verify=False).target if (path / MANIFEST_FILE).is_file() else None
     known = TARGETS.get(target) if target else None   # a newer uadc's target: no note
     other = target if known and known.runtime != "tensorrt" else None
-    return TrtRuleCheck(path, check_trt_rules(model), any(n.op_type in QDQ_OPS for n in model.graph.node), other)
+    return TrtRuleCheck(path, check_trt_rules(model), any(n.op_type in QDQ_OPS for n in walk_nodes(model.graph)), other)

@@ -27,6 +27,7 @@ Usable on any ONNX model: a model without Q/DQ only gets the QOperator check.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -54,15 +55,11 @@ RULES: dict[str, str] = {
 
 # QOperator-format and integer ops (ONNX and ORT com.microsoft) that the
 # TensorRT ONNX parser does not import; TensorRT wants the QDQ format instead.
-_QOPERATOR_OPS = frozenset(
-    {
-        "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear",
-        "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "QLinearAdd", "QLinearMul",
-        "QLinearSigmoid", "QLinearLeakyRelu", "QLinearAveragePool", "QLinearGlobalAveragePool",
-        "QLinearConcat", "QLinearSoftmax", "QLinearReduceMean", "QLinearWhere", "QLinearConvTranspose",
-        "QAttention", "DynamicQuantizeLSTM",
-    }
-)
+_QOPERATOR_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSoftmax", "QLinearReduceMean",
+    "QLinearWhere", "QLinearConvTranspose", "QAttention", "DynamicQuantizeLSTM"})
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _ONNX_DEFAULT_AXIS = 1
 
@@ -80,18 +77,13 @@ def check_trt_rules(model: onnx.ModelProto) -> list[Violation]:
     """Return every TensorRT Q/DQ rule the model breaks (empty list when clean)."""
     graph = _GraphIndex(model)
     violations = _check_qoperator_ops(graph)
-    qdq_nodes = [node for node in graph.nodes if _is_qdq(node)]
+    qdq_nodes = [node for node in graph.all_nodes if _is_qdq(node)]   # inside If/Loop bodies too
     if not qdq_nodes:
         return violations
     if graph.opset < 13:
-        violations.append(
-            Violation(
-                "QDQ001",
-                "<model>",
-                f"default-domain opset is {graph.opset}; TensorRT Q/DQ needs opset >= 13 (per-channel scales "
-                "and the 'axis' attribute arrived in opset 13). Re-export with opset_version >= 13.",
-            )
-        )
+        violations.append(Violation("QDQ001", "<model>", f"default-domain opset is {graph.opset}; TensorRT Q/DQ needs "
+                                    "opset >= 13 (per-channel scales and the 'axis' attribute arrived in opset 13). "
+                                    "Re-export with opset_version >= 13."))
     for node in qdq_nodes:
         violations.extend(_check_qdq_node(graph, node))
     for node in qdq_nodes:
@@ -112,13 +104,19 @@ class _GraphIndex(GraphIndex):
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__(model)
         self.opset = _default_opset(model)
-        self.all_nodes = list(_walk_nodes(model.graph))
+        self.all_nodes = list(walk_nodes(model.graph))
         self.names = {id(node): node.name or f"{node.op_type}_{i}" for i, node in enumerate(self.nodes)}
-        self.outputs = {out.name for out in model.graph.output}
-        self.initializer_protos = {init.name: init for init in model.graph.initializer}
+        graphs = list(_walk_graphs(model.graph))   # a subgraph's Q/DQ parameters are its own initializers
+        self.outputs = {out.name for g in graphs for out in g.output}
+        self.initializer_protos = {init.name: init for g in graphs for init in g.initializer}
         self.constants = {
-            node.output[0]: node for node in self.nodes if node.op_type == "Constant" and node.output
+            node.output[0]: node for node in self.all_nodes if node.op_type == "Constant" and node.output
         }
+        self.all_uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in self.all_nodes:
+            for k, name in enumerate(node.input):
+                if name:
+                    self.all_uses.setdefault(name, []).append((node, k))
         self.producer_node = {t: self.nodes[i] for t, i in self.producer.items()}
         # (consumer node, input index) per tensor, in graph order
         self.uses = {t: [(self.nodes[i], k) for i in dict.fromkeys(users)
@@ -132,10 +130,10 @@ class _GraphIndex(GraphIndex):
 
     def value(self, tensor: str) -> np.ndarray | None:
         """Concrete value of an initializer or Constant output, else None (also for external data)."""
-        if tensor in self.initializers:
+        if tensor in self.initializer_protos:
             init = self.initializer_protos[tensor]
             if init.data_location == TensorProto.EXTERNAL:
-                return None  # weights stored beside the model; values are not needed for these rules
+                return None  # weights stored beside the model (load_qdq_params reads the Q/DQ ones first)
             return numpy_helper.to_array(init)
         node = self.constants.get(tensor)
         if node is not None:
@@ -211,14 +209,8 @@ def _check_qdq_node(graph: _GraphIndex, node: onnx.NodeProto) -> list[Violation]
     name = graph.name(node)
     attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
     if attrs.get("block_size", 0):
-        return [
-            Violation(
-                "QDQ009",
-                name,
-                f"block_size={attrs['block_size']} (blocked quantization) is not supported for INT8 "
-                "Q/DQ by TensorRT; use per-tensor activations and per-channel weights.",
-            )
-        ]
+        return [Violation("QDQ009", name, f"block_size={attrs['block_size']} (blocked quantization) is not supported "
+                          "for INT8 Q/DQ by TensorRT; use per-tensor activations and per-channel weights.")]
     found = _check_scale(graph, node, name)
     found += _check_zero_point(graph, node, name, attrs)
     found += _check_per_channel(graph, node, name, attrs)
@@ -416,7 +408,7 @@ def _output_channel_axis(consumer: onnx.NodeProto, index: int, rank: int | None)
 def _check_pairing(graph: _GraphIndex, q_node: onnx.NodeProto) -> list[Violation]:
     name = graph.name(q_node)
     output = q_node.output[0]
-    consumers = graph.uses.get(output, [])
+    consumers = graph.all_uses.get(output, [])
     problems = []
     if output in graph.outputs:
         problems.append(f"its output '{output}' is a graph output")
@@ -429,19 +421,18 @@ def _check_pairing(graph: _GraphIndex, q_node: onnx.NodeProto) -> list[Violation
             problems.append(f"DequantizeLinear '{graph.name(consumer)}' uses a different scale/zero point/axis")
     if not problems:
         return []
-    return [
-        Violation(
-            "QDQ010",
-            name,
-            "QuantizeLinear must be followed only by DequantizeLinear nodes with the same scale, zero point "
-            f"and axis (TensorRT fuses Q/DQ pairs), but {'; '.join(problems)}.",
-        )
-    ]
+    return [Violation("QDQ010", name, "QuantizeLinear must be followed only by DequantizeLinear nodes with the same "
+                      f"scale, zero point and axis (TensorRT fuses Q/DQ pairs), but {'; '.join(problems)}.")]
 
 
 def _same_params(graph: _GraphIndex, q_node: onnx.NodeProto, dq_node: onnx.NodeProto) -> bool:
     for index in (1, 2):
-        if not _same_tensor(graph, _input(q_node, index), _input(dq_node, index)):
+        left, right = _input(q_node, index), _input(dq_node, index)
+        if index == 2 and not (left and right):   # an absent zero point is 0 (a missing one is QDQ003's matter)
+            given = graph.value(left or right) if (left or right) else np.zeros(1)
+            if given is not None and not np.any(given):
+                continue
+        if not _same_tensor(graph, left, right):
             return False
     q_scale = graph.value(_input(q_node, 1))
     if q_scale is not None and q_scale.size > 1:
@@ -483,15 +474,33 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def _walk_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+def _walk_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
+    yield graph
     for node in graph.node:
-        yield node
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _walk_nodes(attr.g)
+                yield from _walk_graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    yield from _walk_nodes(sub)
+                    yield from _walk_graphs(sub)
+
+
+def walk_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+    for g in _walk_graphs(graph):
+        yield from g.node
+
+
+def load_qdq_params(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Read the Q/DQ scales and zero points a model keeps as external data (subgraphs' too), and no
+    other weights: the rules judged those values as fine, unread, and TensorRT reads its weights itself."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+    names = {name for node in walk_nodes(model.graph) if node.op_type in QDQ_OPS for name in node.input[1:3]}
+    for g in _walk_graphs(model.graph):
+        for init in g.initializer:
+            if init.name in names and init.data_location == onnx.TensorProto.EXTERNAL:
+                load_external_data_for_tensor(init, str(base_dir))
+                init.data_location = onnx.TensorProto.DEFAULT
+                del init.external_data[:]
 
 
 def _infer_value_info(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
