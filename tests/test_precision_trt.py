@@ -294,3 +294,17 @@ def test_unknown_gpu_fails_before_any_work(trt_base, tmp_path):
     with pytest.raises(UadcError, match="compile.auto.gpu: 'tpu' is not one of orin-nano-8gb") as e:
         uadc.compile(base, "jetson-int8", precision="auto", out=tmp_path / "x", evaluate=False)
     assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
+
+
+def test_an_emulated_target_says_so_in_report_md_and_labels_the_precision_it_ships(trt_base, tmp_path):
+    """report.md never said its TensorRT 'compiled' figures came from ONNX Runtime (float targets lost the
+    note too), and precision auto that kept every group float was labelled int8."""
+    from types import SimpleNamespace
+    from uadc.config.targets import get_target
+    from uadc.pipeline.compile import _runtime_label, _shipped
+    res = uadc.compile(trt_base, "trt-fp16", out=tmp_path / "f16", latency_runs=1)
+    md = (res.path / "report.md").read_text()
+    assert "| compiled, onnxruntime CPU emulating tensorrt (gpu, fp16) |" in md and "> Emulated: " in md
+    assert "TensorRT is not run here: 'compiled' is the fp16 ONNX evaluated with ONNX Runtime" in md
+    kept_float = SimpleNamespace(nodes=[], fp16_nodes=frozenset())
+    assert _runtime_label(_shipped(get_target("trt-int8"), kept_float))[0].endswith("(gpu, fp32)")

@@ -147,7 +147,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
         nodes=partition_counts(compiled), qdq_nodes=_qdq_counts(compiled), bytes=partition_bytes(compiled),
         model_bytes=compiled.ByteSize(), passes=[{**p, "seconds": round(p["seconds"], 4)} for p in passes],
         verification=verification, compile_seconds=compile_seconds,
-        latency=_latency(baseline, compiled, target, threads, opts.latency_runs),
+        latency=_latency(baseline, compiled, shipped, threads, opts.latency_runs),   # labelled as shipped
         environment=environment(threads))
     if auto is not None:
         result.extra["precision_search"] = auto.record
@@ -162,7 +162,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
         result.model_bytes = compiled.ByteSize()
     _stage(stages, target, "metrics and thresholds")
     if opts.evaluate:
-        result.metrics = _metrics(baseline, judged, target, bool(fp16))
+        result.metrics = _metrics(baseline, judged, shipped, bool(fp16))
     dep = deploy_evaluation(baseline, judged, threads, decisions=opts.evaluate,
                             predictor=target_predictor(target, threads))
     result.deploy = dep.section
@@ -390,7 +390,7 @@ def _metrics(baseline: Baseline, compiled: onnx.ModelProto, target: Target, fp16
                 "on the CPU" + (", its FP16 layers simulated (weights and activations rounded). " if fp16 else
                 ". ") + "On the device TensorRT fuses layers and may pick other tactics, so figures can differ "
                 "slightly.")
-    return Metrics(fp32, comp, _drops(fp32, comp), runtime, note if target.quantized else None)
+    return Metrics(fp32, comp, _drops(fp32, comp), runtime, note)   # float TensorRT targets are emulated too
 
 
 def _write_artifacts(tmp: Path, baseline: Baseline, compiled, result: CompileResult, calib, target: Target,

@@ -168,8 +168,12 @@ def render_markdown(r: dict) -> str:
     lat = r["latency_ms"]
     lines += [f"## Latency (batch {lat['batch']}, {lat['threads']} threads, {r['environment']['cpu']})", "",
               "| runtime | p50 ms | p90 ms |", "|---|---:|---:|"]
-    for k in ("torch_fp32", "ort_fp32", "compiled"):
-        lines.append(f"| {k} | {lat[k]['p50']:.2f} | {lat[k]['p90']:.2f} |")
+    for k in ("torch_fp32", "ort_fp32", "compiled"):   # the compiled row names what ran it (ORT emulating TensorRT)
+        name = f"compiled, {lat['runtime']}" if k == "compiled" and lat.get("runtime") else k
+        lines.append(f"| {md_cell(name)} | {lat[k]['p50']:.2f} | {lat[k]['p90']:.2f} |")
+    if lat.get("emulated"):
+        lines += ["", f"> Emulated: {lat['runtime']} on this CPU; the target's own runtime was not run, so this is no "
+                      "latency of the device."]
     if lat.get("deployed"):
         d = lat["deployed"]
         lines.append(f"| compiled, uadc runtime ({d['schedule']}) | {d['p50']:.2f} | {d['p90']:.2f} |")
