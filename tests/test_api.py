@@ -470,3 +470,12 @@ def test_eval_and_qat_check_where_they_write_before_the_work(trained, monkeypatc
         with pytest.raises(uadc.UadcError, match="folder is not writable"):
             call()
     assert work == []
+
+
+def test_a_baselines_compiles_go_where_its_checkpoint_is(trained, tmp_path, monkeypatch):
+    """`uadc.compile(uadc.baseline(r, artifacts=A), ...)` read A's checkpoint and wrote into ./artifacts."""
+    recipe, art = trained
+    monkeypatch.chdir(tmp_path)
+    b = uadc.baseline(recipe, artifacts=art, threads=1)
+    res = uadc.compile(b, "ort-cpu-fp32", evaluate=False, latency_runs=1)
+    assert res.path.absolute() == (art / "tiny" / "ort-cpu-fp32").absolute() and not (tmp_path / "artifacts").exists()

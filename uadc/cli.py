@@ -457,7 +457,7 @@ def bundle_cmd(artifact: Path, out: Path, force: bool):
 @main.command("check-trt")
 @click.argument("model", type=click.Path(path_type=Path))
 def check_trt(model: Path) -> None:
-    """List every violation of TensorRT's explicit-quantization (Q/DQ) rules in an ONNX model (or artifact folder)."""
+    """List every violation of TensorRT's Q/DQ rules in an ONNX model (or artifact folder); exit 1 if any."""
     from uadc.backends.tensorrt.check import check_trt_model
     res = check_trt_model(model)
     click.echo("\n".join(res.lines()))

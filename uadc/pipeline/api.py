@@ -212,8 +212,8 @@ def baseline(source: Any, recipe: RecipeLike | None = None, *, artifacts: Path |
             raise UadcError("compile: a KDModel needs the recipe it was trained with (recipe=...)")
         recipe = _checkpoint_recipe(source)
     r = load_recipe(recipe)
-    return Baseline(r, resolve_source(source, r, _artifacts_root(artifacts)),
-                    check_threads(threads))
+    root = _artifacts_root(artifacts)
+    return Baseline(r, resolve_source(source, r, root), check_threads(threads), root)
 
 
 def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None = None,
@@ -248,6 +248,7 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
         raise UadcError(f"calibration: expected train, random-normal, mixed or an iterable of image arrays, "
                         f"got {type(calibration).__name__}")
     b = baseline(source, recipe, artifacts=_artifacts_root(artifacts), threads=threads)
+    artifacts = artifacts if artifacts is not None else b.artifacts
     target = target or b.recipe.compile.target
     named = calibration if isinstance(calibration, str) else None
     own = None if calibration is None or isinstance(calibration, str) else calibration

@@ -83,8 +83,10 @@ class Baseline:
     def __repr__(self) -> str:
         return f"Baseline(recipe={self.recipe.name}, checkpoint={self.checkpoint}, {self.size} px)"
 
-    def __init__(self, recipe: Recipe, source: ModelSource, threads: int | None = None):
+    def __init__(self, recipe: Recipe, source: ModelSource, threads: int | None = None,
+                 artifacts: Path | None = None):
         self.recipe = recipe
+        self.artifacts = artifacts   # the root it was read from: its compiles' default (./artifacts was)
         self.model = source.model
         self.checkpoint = source.checkpoint
         self.blob = source.blob

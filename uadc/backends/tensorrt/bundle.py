@@ -343,7 +343,8 @@ def _precision_text(settings: BuildSettings, calib_cache: str | None) -> str:
         "validate scores against the ONNX model before deploying.",
         "int8": "INT8, explicit quantization: the model carries QuantizeLinear/DequantizeLinear nodes whose "
         "scales were calibrated before export, and TensorRT follows them exactly. Layers outside Q/DQ pairs "
-        "keep the model's float type where the network is strongly typed (`--stronglyTyped`, TensorRT 11) "
+        "keep the model's float type where the network is strongly typed (`--stronglyTyped` on TensorRT 10.x; "
+        "TensorRT 11 is always strongly typed) "
         "and may run in FP16 where `--fp16` is set.",
     }
     text = texts[settings.precision]
