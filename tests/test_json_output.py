@@ -157,3 +157,11 @@ def test_an_option_before_the_command_gives_the_same_error_line():
 def test_a_global_option_after_the_command_says_where_it_goes(args, said):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and res.stderr.splitlines()[-1].endswith(f"goes before the command, {said}")
+
+
+def test_python_dash_m_uadc_is_the_command():
+    """`python -m uadc` said "'uadc' is a package and cannot be directly executed"."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "uadc", "--version"], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.startswith("uadc, version"), p.stderr
