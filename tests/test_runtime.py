@@ -452,6 +452,11 @@ def test_staged_files_move_in_on_success_only_and_across_disks(tmp_path, monkeyp
     with uio.staged_files(final) as stage:
         uio.atomic_write_bytes(stage / "a" / "x.png", b"3")
     assert (final / "a" / "x.png").read_bytes() == b"3" and [p.name for p in tmp_path.iterdir()] == ["overlays"]
+    # a new --out folder made for a run that could write nothing (a full disk) is not left behind, empty
+    monkeypatch.setattr(uio.os, "replace", real)
+    with pytest.raises(uio.UadcError, match="No space left"), uio.staged_files(tmp_path / "new" / "overlays") as stage:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert not (tmp_path / "new").exists()
 
 
 def test_runs_sharing_an_out_folder_take_turns(int8_artifact, tiny_data, tmp_path, caplog):

@@ -319,10 +319,12 @@ def staged_files(final: Path, then: Callable[[], Any] | None = None) -> Iterator
     interruption before that the temp folder is removed and ``final`` is untouched: a run stopped
     half-way leaves none of the files it added one by one (predict's overlays)."""
     final = Path(final)
+    made = not final.parent.exists()   # removed again, if still empty, when nothing could be written
     ensure_dir(final.parent)
     clean_stale_temps(final.parent)
     tmp = _tmp_name(final)
     tmp.mkdir()
+    done = False
     try:
         yield tmp
         with signals_deferred():   # moved one by one: an interrupt in between mixed two runs
@@ -336,10 +338,14 @@ def staged_files(final: Path, then: Callable[[], Any] | None = None) -> Iterator
                     atomic_write_bytes(final / f.relative_to(tmp), f.read_bytes())
             if then is not None:
                 then()
+        done = True
     except OSError as exc:  # disk full, quota, ...: one line
         raise UadcError(f"cannot write {final}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made and not done:
+            with contextlib.suppress(OSError):
+                final.parent.rmdir()
 
 
 def is_plain_name(name: str) -> bool:
