@@ -2,6 +2,7 @@
 student (DCAM changes the weights) and are dropped afterwards: the checkpoint and the ONNX export of a
 DCAM-trained model are node-for-node the plain student's."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,26 @@ def test_dcam_export_is_node_for_node_the_plain_student(bench_run):
     init_p = {i.name: onnx.numpy_helper.to_array(i) for i in protos["unified"].graph.initializer}
     init_d = {i.name: onnx.numpy_helper.to_array(i) for i in protos["dcam"].graph.initializer}
     assert any(not np.array_equal(init_p[k], init_d[k]) for k in init_p)  # the weights are DCAM's own
+
+
+def test_the_report_says_which_detector_and_whether_it_trained_with_dcam(bench_run, tmp_path):
+    """report.json / report.md named the recipe alone: a DCAM-trained checkpoint compiled under a plain
+    recipe read exactly like a plain one."""
+    import uadc
+    res, variants, _ = bench_run
+    for v, r in (("unified", variants["plain"]), ("dcam", variants["dcam"])):
+        out = uadc.compile(Path(res["models"][v]["unified"]["path"]), "ort-cpu-fp32", recipe=variants["plain"],
+                           out=tmp_path / v, evaluate=False, latency_runs=1, threads=1)
+        m = json.loads((out.path / "report.json").read_text())["model"]
+        assert m["method"] == "stfpm" and m["taps"] == r.cfg["model"]["taps"] and m["dcam"] is (v == "dcam")
+        assert ("trained with DCAM" in (out.path / "report.md").read_text()) is (v == "dcam")
+
+
+def test_a_checkpoint_of_another_method_is_refused_naming_the_method():
+    """It named the first differing key alphabetically (`model.combine`), not the method."""
+    from uadc.training.checkpoint import _first_difference
+    said = _first_difference({"model": {"combine": "product", "method": "us"}}, {"model": {"combine": "sum", "method": "rd"}})
+    assert said == "model.method: 'us' in the checkpoint, 'rd' in the recipe"
 
 
 @pytest.fixture(scope="module")

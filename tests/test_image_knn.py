@@ -315,3 +315,13 @@ def test_another_head_setting_on_a_knn_checkpoint_says_the_scale_is_the_trained_
         load_checkpoint(ckpt, other)
     assert len(caplog.records) == 1 and "its image_knn scale was measured with the trained score_reduction" \
         in caplog.records[0].getMessage()
+
+
+def test_k_above_the_bank_is_a_warning(recipe_factory, tmp_path, caplog):
+    """k larger than the bank silently averaged over every bank image."""
+    import uadc
+    r = recipe_factory(train={"epochs": 1, "threads": 1}, data={"val_fraction": 0.25},
+                       model={"image_knn": {"weight": 1.0, "k": 64, "taps": ["blocks.3"]}})
+    with caplog.at_level("WARNING", logger="uadc"):
+        uadc.train(r, artifacts=tmp_path / "art")
+    assert "model.image_knn.k 64 is more than its bank of" in caplog.text

@@ -149,6 +149,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
         verification=verification, compile_seconds=compile_seconds,
         latency=_latency(baseline, compiled, shipped, threads, opts.latency_runs),   # labelled as shipped
         environment=environment(threads))
+    result.extra["model"] = _model_record(baseline)
     if auto is not None:
         result.extra["precision_search"] = auto.record
     if opts.qat_model is not None:   # --from-qat: what the model was fine-tuned with (recorded nowhere before)
@@ -277,6 +278,14 @@ def _pass_names(baseline: Baseline, target: Target, opts: CompileOptions) -> lis
     names = list(opts.passes or baseline.recipe.compile.passes or target.passes)
     # Shared pre-passes already ran on the FP32 model; skip them here.
     return [n for n in names if n not in ("shape_inference", "simplify")]
+
+
+def _model_record(baseline: Baseline) -> dict:
+    """Which detector the artifact is (the reports named the recipe alone): the model settings, and
+    whether its checkpoint trained with DCAM (a training option; null: no checkpoint to say)."""
+    trained = (baseline.blob or {}).get("recipe") or {}
+    dcam = (trained.get("train") or {}).get("dcam") if trained else None
+    return {**baseline.recipe.cfg["model"], "dcam": bool(dcam.get("enabled")) if isinstance(dcam, dict) else None}
 
 
 def _shipped(target: Target, auto: AutoPrecision | None) -> Target:

@@ -134,6 +134,9 @@ def render_markdown(r: dict) -> str:
     lines = [f"# uadc compile report: {r['recipe']} → {r['target']}", "",
              f"- precision: **{r['precision']}** on {r['runtime']}",
              f"- quantized partitions: {', '.join(r['quantized_partitions']) or 'none'}"]
+    if m := r.get("model"):   # which detector: the recipe name alone did not say
+        dcam = {True: ", trained with DCAM", False: "", None: ""}[m.get("dcam")]
+        lines.append(f"- model: {m['method']} on {m['backbone']}, taps {', '.join(m.get('taps') or [])}{dcam}")
     if r.get("calibrator") == "qat":   # "calibration data: **None**" before
         lines.append("- calibrator: **qat** (scales learned by quantization-aware fine-tuning, `uadc qat`)")
     elif r.get("calibrator"):

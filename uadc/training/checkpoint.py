@@ -257,8 +257,9 @@ def _warn_knn_scale(trained: Recipe, recipe: Recipe, path: Path) -> None:
 
 def _first_difference(trained: Any, asked: Any, key: str = "") -> str:
     """``key: <checkpoint's> in the checkpoint, <recipe's> in the recipe`` for the first setting that differs."""
-    if isinstance(trained, dict) and isinstance(asked, dict):
-        for k in sorted(set(trained) | set(asked)):
+    if isinstance(trained, dict) and isinstance(asked, dict):   # the method first, not an option that follows from it
+        order = {k: i for i, k in enumerate(("method", "backbone", "taps"))}
+        for k in sorted(set(trained) | set(asked), key=lambda k: (order.get(k, len(order)), k)):
             if trained.get(k) != asked.get(k):
                 return _first_difference(trained.get(k), asked.get(k), f"{key}.{k}" if key else k)
     if isinstance(trained, list) and isinstance(asked, list) and len(trained) == len(asked):
