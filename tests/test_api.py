@@ -479,3 +479,24 @@ def test_a_baselines_compiles_go_where_its_checkpoint_is(trained, tmp_path, monk
     b = uadc.baseline(recipe, artifacts=art, threads=1)
     res = uadc.compile(b, "ort-cpu-fp32", evaluate=False, latency_runs=1)
     assert res.path.absolute() == (art / "tiny" / "ort-cpu-fp32").absolute() and not (tmp_path / "artifacts").exists()
+
+
+def test_a_checkpoint_follows_its_data_to_another_folder(tmp_path):
+    """A moved project (or the demo in another venv's site-packages) refused its own checkpoint: the check
+    compared the data's absolute path. Now the same training files at another path are the same data."""
+    import shutil
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import make_tiny_recipe
+    make_tiny_recipe(tmp_path / "p1", "tiny", epochs=1)      # data.sources root: p1/data, absolute in the recipe
+    recipe = tmp_path / "p1" / "tiny.yaml"
+    recipe.write_text(recipe.read_text().replace(str(tmp_path / "p1" / "data"), "data"))   # as a user writes it
+    uadc.train(recipe, artifacts=tmp_path / "p1" / "art")
+    shutil.move(tmp_path / "p1", tmp_path / "p2")
+    moved = tmp_path / "p2"
+    res = uadc.evaluate(moved / "tiny.yaml", artifacts=moved / "art", write=False)
+    assert 0 <= res.mean["image_auroc"] <= 1
+    good = sorted((moved / "data" / "gray" / "train" / "good").iterdir())[0]
+    good.write_bytes(good.read_bytes() + b"\0")               # other training data at the new place: refused
+    with pytest.raises(uadc.UadcError, match=r"trained on data elsewhere \(data.sources\[0\].root: .*p1/data.* in "
+                                             r"the checkpoint, .*p2/data.* in the recipe\), and its training files differ"):
+        uadc.evaluate(moved / "tiny.yaml", artifacts=moved / "art", write=False)

@@ -3,6 +3,9 @@ elsewhere can hold tensors and plain data, never code."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import logging
 import pickle
 import re
@@ -30,8 +33,45 @@ HEAD_KEYS = ("head", "score_reduction", "score_topk", "score_pool")  # weight-fr
 
 
 def model_hash(recipe: Recipe) -> str:
-    """Hash of what a checkpoint must agree with to be used (data and architecture)."""
-    return recipe.section_hash(("data", "model"))
+    """Hash of what a checkpoint must agree with to be used (data and architecture), without where the
+    files live: the demo in another venv's site-packages, or a moved project, is the same training
+    (the data itself is compared by ``data_files`` when its folders moved)."""
+    cfg = copy.deepcopy({k: recipe.cfg[k] for k in ("data", "model")})
+    for s in cfg["data"]["sources"]:
+        s["root"] = None
+    for v in cfg["data"].get("val") or []:
+        v["folder"] = None
+    cfg["model"]["weights"] = None   # the initial weights' file: the trained ones are the checkpoint's
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _data_folders(recipe: Recipe) -> list[str]:
+    return [str(s.root) for s in recipe.data.sources] + [str(v.folder) for v in recipe.data.val or []]
+
+
+def data_files(recipe: Recipe) -> str:
+    """The training data wherever it lives: each category's train/good and data.val file names and sizes."""
+    from uadc.data.mvtec import resolve_sources
+    folders = [(cat, Path(root) / cat / "train" / "good")
+               for root, cat in resolve_sources([s.model_dump() for s in recipe.data.sources])]
+    folders += [(f"val:{v.category}", Path(v.folder)) for v in recipe.data.val or []]
+    items = [(tag, f.name, f.stat().st_size) for tag, d in folders if d.is_dir()
+             for f in sorted(d.iterdir()) if f.is_file() and not f.name.startswith(".")]
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def _check_moved_data(blob: dict, trained: Recipe, recipe: Recipe, path: Path) -> None:
+    """Data folders other than at training: the same files (by name and size) are the same data."""
+    if _data_folders(trained) == _data_folders(recipe):
+        return
+    stored = blob.get("data_files")
+    if stored is not None and stored == data_files(recipe):
+        log.info("checkpoint %s: its training data is now at another path (the same files)", path)
+        return
+    where = _first_difference(trained.cfg["data"], recipe.cfg["data"], "data")
+    raise UadcError(f"checkpoint {path} was trained on data elsewhere ({where}), and "
+                    f"{'its training files differ' if stored else 'it predates the record of its training files'}: "
+                    f"point data.sources at the data it trained on, or retrain with `uadc train`")
 
 
 def checkpoint_path(recipe: Recipe, artifacts: Path | None = None, category: str | None = None) -> Path:
@@ -68,7 +108,8 @@ def make_model(recipe: Recipe) -> KDModel:
 def save_checkpoint(path: Path, model: KDModel, recipe: Recipe, history: list[dict], categories: list[str],
                     extra: dict | None = None) -> Path:
     blob = {"state_dict": model.state_dict(), "recipe": recipe.cfg, "recipe_hash": recipe.hash,
-            "model_hash": model_hash(recipe), "history": history, "categories": categories,
+            "model_hash": model_hash(recipe), "data_files": data_files(recipe), "history": history,
+            "categories": categories,
             "uadc_version": __version__, **(extra or {})}
     atomic_save(path, lambda tmp: torch.save(blob, tmp))
     one_class = categories[0] if (extra or {}).get("one_class") else None
@@ -182,6 +223,8 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
         raise UadcError(f"checkpoint {path} was trained with different data/model settings than "
                         f"recipe {recipe.path or recipe.name} ({where}); retrain with `uadc train`"
                         f"{_ONE_CLASS_HINT if blob.get('one_class') else ''}")
+    if recipe is not None:
+        _check_moved_data(blob, trained, recipe, path)
     if recipe is not None and trained.seed != recipe.seed and recipe.data.val_fraction > 0:
         raise UadcError(f"checkpoint {path} was trained with seed {trained.seed}, recipe {recipe.path or recipe.name} "
                         f"has seed {recipe.seed}: the seed draws the validation normals held out of training, so this "
