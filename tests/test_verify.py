@@ -290,6 +290,22 @@ def test_golden_files_are_checked_not_trusted(artifacts, tmp_path):
     (loose / "golden_masks.npz").write_text("hi")
     with pytest.raises(UadcError, match=f"unreadable golden set file {loose / 'golden_masks.npz'}: "):
         uadc.verify(int8, golden=loose)
+    # the files golden.json names stay in its folder, regular and bounded: an edited one read any file (its
+    # text in the error), or /dev/zero until the machine ran out of memory
+    (loose / "golden_masks.npz").write_bytes((fp32 / "golden_masks.npz").read_bytes())
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"password": "TOPSECRET"}')
+    (loose / "link.json").symlink_to(secret)
+    meta = json.loads((fp32 / "golden.json").read_text())
+    for key, name, why in (("outputs", str(secret), "is not a file name in its folder"),
+                           ("inputs", "../secret.json", "is not a file name in its folder"),
+                           ("inputs", "/dev/zero", "is not a file name in its folder"),
+                           ("outputs", "link.json", "is not a regular file"),
+                           ("masks", 5, "is not a file name in its folder")):
+        (loose / "golden.json").write_text(json.dumps({**meta, key: name}))
+        with pytest.raises(UadcError, match=why) as e:
+            uadc.verify(int8, golden=loose)
+        assert "TOPSECRET" not in str(e.value)
 
 
 def test_a_side_without_a_categorys_thresholds_is_named_in_the_notes(artifacts, tmp_path):

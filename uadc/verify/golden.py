@@ -28,8 +28,10 @@ from uadc.core.constants import (GOLDEN_INPUTS, GOLDEN_MASKS, GOLDEN_META, GOLDE
                                  INPUT_NAME, MANIFEST_FILE, OUTPUT_NAMES)
 from uadc.core.errors import UadcError
 from uadc.core.manifest import read_manifest
-from uadc.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from uadc.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, is_plain_name
 from uadc.core.scoped import quiet_third_party
+
+MAX_GOLDEN_BYTES = 2 << 30   # far above a 1024 px golden set (base64 float32 in JSON)
 
 GOLDEN_SCHEMA = 1
 IMAGE_KINDS = ("normal", "random", "test", "user")
@@ -108,18 +110,33 @@ def read_golden(path: Path) -> GoldenSet:
                         f"{GOLDEN_META}")
     if meta.get("schema") != GOLDEN_SCHEMA:
         raise UadcError(f"{meta_path}: golden schema {meta.get('schema')!r}, expected {GOLDEN_SCHEMA}")
+    inputs, outputs_file = (_member(folder, meta[k], k, meta_path) for k in ("inputs", "outputs"))
+    mask_file = _member(folder, meta["masks"], "masks", meta_path) if meta.get("masks") else None
     with quiet_third_party():  # Polygraphy logs every load
-        feeds = _read(folder / str(meta["inputs"]), lambda: [dict(f) for f in load_json(str(folder / meta["inputs"]))])
-        results = _read(folder / str(meta["outputs"]), lambda: RunResults.load(str(folder / meta["outputs"])))
+        feeds = _read(inputs, lambda: [dict(f) for f in load_json(str(inputs))])
+        results = _read(outputs_file, lambda: RunResults.load(str(outputs_file)))
     runs = dict(results.items())
     if meta["runner"] not in runs:
-        raise UadcError(f"{folder / meta['outputs']}: no results of runner {meta['runner']!r}")
+        raise UadcError(f"{outputs_file}: no results of runner {meta['runner']!r}")
     outputs = [{n: np.asarray(it[n]) for n in OUTPUT_NAMES} for it in runs[meta["runner"]]]
-    masks = _read(folder / str(meta["masks"]), lambda: _masks(folder / meta["masks"])) if meta.get("masks") else None
+    masks = _read(mask_file, lambda: _masks(mask_file)) if mask_file else None
     images = meta.pop("images")
     g = GoldenSet(feeds, outputs, images, masks, meta, meta_path)
     _check(g)
     return g
+
+
+def _member(folder: Path, name: Any, key: str, meta_path: Path) -> Path:
+    """A file the golden set names: a regular file of bounded size in its own folder. An edited
+    golden.json read any file on the machine (its text shown in the error), or /dev/zero until memory ran out."""
+    if not isinstance(name, str) or not is_plain_name(name):
+        raise UadcError(f"{meta_path}: {key} {name!r:.80} is not a file name in its folder")
+    path = folder / name
+    if path.is_symlink() or not path.is_file():
+        raise UadcError(f"{meta_path}: {key} {name!r} is not a regular file in {folder}")
+    if path.stat().st_size > MAX_GOLDEN_BYTES:
+        raise UadcError(f"{path}: {path.stat().st_size} bytes is over the golden files' limit of {MAX_GOLDEN_BYTES}")
+    return path
 
 
 def _read(path: Path, load: Any) -> Any:
@@ -129,7 +146,9 @@ def _read(path: Path, load: Any) -> Any:
     try:
         return load()
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, PolygraphyException) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {str(exc)[:200]}"
+        reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else
+                  "not in Polygraphy's format" if isinstance(exc, PolygraphyException) else   # its text quotes the file
+                  f"{type(exc).__name__}: {str(exc)[:200]}")
         raise UadcError(f"unreadable golden set file {path}: {reason}") from None
 
 
