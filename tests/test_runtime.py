@@ -794,3 +794,20 @@ def test_runs_into_one_out_folder_share_one_lock_however_it_is_spelt(tmp_path, m
                 with file_lock(spelling, timeout=0):
                     pass
     assert not (tmp_path / "o" / "..lock").exists() and (tmp_path / ".o.lock").exists()
+
+
+def test_overlays_linked_to_another_folder_are_replaced_without_a_traceback(int8_artifact, tiny_data, tmp_path):
+    """With out/overlays a link (another disk), a run after one with overlays removed the stale ones, then
+    ended in NotADirectoryError: the emptied-folder cleanup called rmdir on the link."""
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    _, _, res = int8_artifact
+    det = Detector.load(res.path, threads=1)
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "overlays").symlink_to(elsewhere)
+    predict_paths(det, [tiny_data / "gray" / "test"], out=out, overlays=True)
+    assert list(elsewhere.rglob("*.png"))
+    predict_paths(det, [tiny_data / "gray" / "test"], out=out)      # no overlays now: the earlier ones are stale
+    assert (out / "overlays").is_symlink() and elsewhere.is_dir() and not list(elsewhere.rglob("*.png"))

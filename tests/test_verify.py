@@ -523,3 +523,24 @@ def test_uadc_verify_is_callable_whatever_was_imported_first():
     code = "import uadc.verify.gate, uadc; assert callable(uadc.verify) and callable(uadc.diff)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_model_that_fails_as_it_runs_is_one_line(artifacts, tiny_data, tmp_path):
+    """A bare ONNX whose node fails at run time gave ONNX Runtime's traceback, exit 1."""
+    from onnx import TensorProto, helper
+    _, fp32, _ = artifacts
+    m = onnx.load(str(fp32 / "model.onnx"))
+    size = m.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    g = helper.make_graph(
+        [helper.make_node("Reshape", ["image", "shape"], ["bad"]), helper.make_node("ReduceSum", ["bad"], ["score"], keepdims=0),
+         helper.make_node("Identity", ["image"], ["anomaly_map"])], "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", 3, size, size]),
+         helper.make_tensor_value_info("score", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(np.array([-1, 7], np.int64), "shape")])   # 3 x size^2 is no multiple of 7
+    bad = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    bad.metadata_props.extend(m.metadata_props)
+    onnx.save(bad, str(tmp_path / "bad.onnx"))
+    r = CliRunner().invoke(main, ["diff", str(fp32), str(tmp_path / "bad.onnx"), "--images", str(tiny_data / "gray" / "test")])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith(
+        "error: a model could not run on the verification images:"), r.output

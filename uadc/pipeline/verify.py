@@ -27,7 +27,7 @@ from uadc.config.recipe import VerifyConfig
 from uadc.config.targets import inference_hint_of
 from uadc.core.constants import (GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MANIFEST_FILE, MODEL_FILE,
                                  OUTPUT_NAMES, REPORT_FILE)
-from uadc.core.errors import UadcError
+from uadc.core.errors import RuntimeFault, UadcError, raise_interrupt_behind
 from uadc.core.io import sha256_file
 from uadc.core.manifest import Manifest, infer_category, read_manifest
 from uadc.core.ort_session import make_session
@@ -225,8 +225,15 @@ def artifact_runner(artifact: Path, name: str, threads: int | None = None) -> tu
 def run_feeds(runners: Sequence[Any], feeds: list[dict[str, np.ndarray]]):
     """Polygraphy ``RunResults`` of every runner on the same feeds."""
     from polygraphy.comparator import Comparator
-    with quiet_third_party():
-        return Comparator.run(list(runners), data_loader=[OrderedDict(f) for f in feeds])
+    try:
+        with quiet_third_party():
+            return Comparator.run(list(runners), data_loader=[OrderedDict(f) for f in feeds])
+    except UadcError:
+        raise
+    except Exception as exc:   # a model that fails as it runs (a bare ONNX's huge buffer): one line, not a traceback
+        raise_interrupt_behind(exc)
+        raise RuntimeFault(f"a model could not run on the verification images: {type(exc).__name__}: "
+                           f"{(str(exc).splitlines() or [''])[0][:300]}") from None
 
 
 def _outputs(iterations: list) -> tuple[np.ndarray, np.ndarray]:

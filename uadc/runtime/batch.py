@@ -240,7 +240,7 @@ def _write_tables(run: PredictRun, out: Path) -> None:
     for p in stale:
         p.unlink(missing_ok=True)
     for d in sorted({p.parent for p in stale}, key=lambda d: -len(d.parts)):   # their folders, emptied
-        while d != out and d.is_dir() and not any(d.iterdir()):
+        while d != out and d.is_dir() and not d.is_symlink() and not any(d.iterdir()):   # overlays/ may link elsewhere
             d.rmdir()
             d = d.parent
 
