@@ -401,6 +401,8 @@ CASES: list[Case] = [
          msg="refused to load", setup=crafted_torch, check=no_marker),
     Case("ckpt-crafted-other-suffix", COMPILE("--checkpoint", "evil.bin", "--out", "o"), msg="refused to load",
          setup=lambda e: (crafted_torch(e), (e.d / "evil.pt").rename(e.d / "evil.bin")), check=no_marker),
+    Case("ckpt-unreadable", COMPILE("--checkpoint", "c.pt", "--out", "o"),   # open() fails: an I/O error (traceback)
+         msg="cannot read checkpoint c.pt: Input/output error", setup=lambda e: (e.d / "c.pt").symlink_to("/proc/self/mem")),
     Case("ckpt-empty", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="cannot read checkpoint",
          setup=text("c.pt", b"")),
     Case("ckpt-truncated", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="cannot read checkpoint",

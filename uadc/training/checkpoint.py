@@ -151,8 +151,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise UadcError(f"checkpoint not found: {path} (run `{hint}` first)")
     if path.stat().st_size > MAX_CHECKPOINT_BYTES:
         raise UadcError(f"checkpoint {path} is larger than {MAX_CHECKPOINT_BYTES >> 30} GiB")
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:   # an I/O error, or a file open() cannot read (permissions, /proc/self/mem): one line
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise UadcError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     if head and head[:1] != b"\x80" and head != b"PK\x03\x04":     # neither torch's zip nor a pickle: a recipe?
         raise UadcError(f"cannot read checkpoint {path}: not a torch checkpoint file (it starts with {head!r})")
     try:
