@@ -99,12 +99,20 @@ def _load_entry_point(name: str) -> type[Calibrator] | None:
 
 
 def _check_shadowing(name: str, cls: type[Calibrator]) -> None:
-    """A plug-in's entry point named like a registered calibrator was silently not used."""
+    """A plug-in's entry point named like a registered calibrator was silently not used. Compared by
+    what it loads (``pkg:Cls`` re-exported from ``pkg.mod`` is the same class)."""
     own = f"{cls.__module__}:{cls.__qualname__}"
-    other = [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name and ep.value != own]
+    other = [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name and not _loads(ep, cls)]
     if other:
         raise ValueError(f"calibrator {name!r} is {own}, and a plug-in declares another under the same name "
                          f"({', '.join(other)}): rename the plug-in's entry point")
+
+
+def _loads(ep: Any, cls: type) -> bool:
+    try:
+        return ep.load() is cls
+    except Exception:   # a broken plug-in under the same name is another one
+        return False
 
 
 def get_calibrator(name: str, **options: Any) -> Calibrator:

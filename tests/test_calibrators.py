@@ -371,6 +371,10 @@ def test_entry_point_plugin(isolated_registry, monkeypatch):
     cal = get_calibrator("ep-minmax", symmetric=True)
     assert isinstance(cal, calibrators.MinMaxCalibrator)
     assert calibrators.MinMaxCalibrator.name == "minmax"  # built-in keeps its own name
+    # a plug-in's class re-exported from its package (`pkg:Cls`, defined in pkg.mod) is not "another" calibrator
+    ep2 = EntryPoint(name="ep-minmax", value="uadc.calibrators:MinMaxCalibrator", group=base.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(base, "entry_points", lambda group: [ep, ep2] if group == ep.group else [])
+    assert isinstance(get_calibrator("ep-minmax"), calibrators.MinMaxCalibrator)
 
 
 def test_a_plugin_that_does_not_load_or_shadows_another_is_named(isolated_registry, monkeypatch, tmp_path):

@@ -278,3 +278,13 @@ def test_calibration_settings_that_mean_nothing_are_refused(tmp_path):
     assert resolve_ptq(r, TARGETS["ort-cpu-int8"], calib_data="mixed", calib_samples=2).calib_samples == 2
     with pytest.raises(UadcError, match="compile.calibrator"):
         load_recipe(write_recipe(tmp_path / "e.yaml", tmp_path, compile={"calibrator": ""}))
+
+
+def test_the_model_hash_names_the_weights_file_not_its_folder(tmp_path):
+    """A moved project (its weights file with it) is the same model; another file is another teacher."""
+    from uadc.training.checkpoint import model_hash
+    recipes = {}
+    for name, weights in (("a", "x/w.pth"), ("b", "y/w.pth"), ("c", "x/w2.pth")):
+        recipes[name] = load_recipe(write_recipe(tmp_path / f"{name}.yaml", tmp_path / name / "data",
+                                                 model={"weights": str(tmp_path / weights)}))
+    assert model_hash(recipes["a"]) == model_hash(recipes["b"]) != model_hash(recipes["c"])

@@ -288,6 +288,10 @@ def test_qdq_in_subgraphs_and_in_external_data_is_checked(tmp_path):
     sub = helper.make_model(helper.make_graph([cond], "g", [*inputs, helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
                                               outputs), opset_imports=[helper.make_opsetid("", 13)])
     assert [(v.rule, v.node) for v in check_trt_rules(sub)] == [("QDQ002", "q1"), ("QDQ002", "dq1")]
+    del sub.graph.output[:]
+    sub.graph.output.append(helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["N", 3, 8, 8]))
+    onnx.save(sub, str(tmp_path / "sub.onnx"), save_as_external_data=True, location="sub.data", size_threshold=0)
+    assert [v.rule for v in check_trt_model(tmp_path / "sub.onnx").violations] == ["QDQ002", "QDQ002"]   # from any cwd
 
 
 def test_violation_names_node_and_explains_fix():

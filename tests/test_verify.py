@@ -295,17 +295,24 @@ def test_golden_files_are_checked_not_trusted(artifacts, tmp_path):
     (loose / "golden_masks.npz").write_bytes((fp32 / "golden_masks.npz").read_bytes())
     secret = tmp_path / "secret.json"
     secret.write_text('{"password": "TOPSECRET"}')
-    (loose / "link.json").symlink_to(secret)
+    (loose / "link.json").symlink_to(secret)     # a link is followed (`cp -rs`, DVC), to a regular file only
+    (loose / "zero.json").symlink_to("/dev/zero")
     meta = json.loads((fp32 / "golden.json").read_text())
     for key, name, why in (("outputs", str(secret), "is not a file name in its folder"),
                            ("inputs", "../secret.json", "is not a file name in its folder"),
                            ("inputs", "/dev/zero", "is not a file name in its folder"),
-                           ("outputs", "link.json", "is not a regular file"),
+                           ("inputs", "zero.json", "is missing or not a regular file"),
+                           ("outputs", "link.json", "link.json: not in Polygraphy's format"),
                            ("masks", 5, "is not a file name in its folder")):
         (loose / "golden.json").write_text(json.dumps({**meta, key: name}))
         with pytest.raises(UadcError, match=why) as e:
             uadc.verify(int8, golden=loose)
         assert "TOPSECRET" not in str(e.value)
+    linked = tmp_path / "linked"          # a golden set of links to its files still judges
+    linked.mkdir()
+    for f in fp32.iterdir():
+        (linked / f.name).symlink_to(f)
+    assert uadc.verify(int8, golden=linked).figures
 
 
 def test_a_side_without_a_categorys_thresholds_is_named_in_the_notes(artifacts, tmp_path):

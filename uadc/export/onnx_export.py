@@ -119,6 +119,14 @@ def split_partitions(model: onnx.ModelProto, out_dir: Path) -> dict[str, Path]:
 MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit
 
 
+def _has_external_data(graph: onnx.GraphProto) -> bool:
+    """Initializers kept beside the file, in the graph or its If/Loop bodies."""
+    subs = [a.g for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    subs += [g for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+    external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in graph.initializer)
+    return external or any(map(_has_external_data, subs))
+
+
 def load_onnx(path: Path) -> onnx.ModelProto:
     """Parse an ONNX file written by anyone: size-checked, no external data followed (a path
     inside the file cannot make uadc read elsewhere), nothing executed; checked by onnx.checker."""
@@ -136,7 +144,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         raise UadcError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
     if not model.graph.node:
         raise UadcError(f"{path}: not an ONNX model (no graph nodes)")
-    external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
+    external = _has_external_data(model.graph)
     try:   # external data: checked beside the file (as a proto, in the working folder) and kept inside its folder
         onnx.checker.check_model(str(path) if external else model)
     except Exception as exc:

@@ -41,7 +41,8 @@ def model_hash(recipe: Recipe) -> str:
         s["root"] = None
     for v in cfg["data"].get("val") or []:
         v["folder"] = None
-    cfg["model"]["weights"] = None   # the initial weights' file: the trained ones are the checkpoint's
+    if cfg["model"].get("weights"):   # the initial weights' file by name: another file is another teacher
+        cfg["model"]["weights"] = Path(cfg["model"]["weights"]).name
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -66,7 +67,7 @@ def _check_moved_data(blob: dict, trained: Recipe, recipe: Recipe, path: Path) -
         return
     stored = blob.get("data_files")
     if stored is not None and stored == data_files(recipe):
-        log.info("checkpoint %s: its training data is now at another path (the same files)", path)
+        log.info("checkpoint %s: its training data is now at another path (files of the same names and sizes)", path)
         return
     where = _first_difference(trained.cfg["data"], recipe.cfg["data"], "data")
     raise UadcError(f"checkpoint {path} was trained on data elsewhere ({where}), and "
@@ -238,7 +239,9 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
                  recipe.path or recipe.name, _first_difference(trained.cfg["train"], recipe.cfg["train"], "train"))
     check_finite_weights(blob["state_dict"], path)
     with torch.random.fork_rng():  # its random initialisation is overwritten: leave the caller's stream
-        model = make_model(trained)
+        # every weight comes from the checkpoint: the initial weights' file is not read (moved with a project,
+        # its stored path is gone)
+        model = build_model({**trained.cfg["model"], "pretrained": False, "weights": None}, trained.data.image_size)
     try:
         model.load_state_dict(blob["state_dict"])
     except (RuntimeError, KeyError, TypeError) as exc:

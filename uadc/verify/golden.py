@@ -131,9 +131,9 @@ def _member(folder: Path, name: Any, key: str, meta_path: Path) -> Path:
     golden.json read any file on the machine (its text shown in the error), or /dev/zero until memory ran out."""
     if not isinstance(name, str) or not is_plain_name(name):
         raise UadcError(f"{meta_path}: {key} {name!r:.80} is not a file name in its folder")
-    path = folder / name
-    if path.is_symlink() or not path.is_file():
-        raise UadcError(f"{meta_path}: {key} {name!r} is not a regular file in {folder}")
+    path = folder / name   # a link is followed (an artifact copied with `cp -rs`, DVC): to a regular file only
+    if not path.is_file():
+        raise UadcError(f"{meta_path}: {key} {name!r} is missing or not a regular file in {folder}")
     if path.stat().st_size > MAX_GOLDEN_BYTES:
         raise UadcError(f"{path}: {path.stat().st_size} bytes is over the golden files' limit of {MAX_GOLDEN_BYTES}")
     return path

@@ -174,7 +174,9 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
         raise UadcError(f"no QAT model for target {target} at {path}: run `uadc qat` first")
     meta = read_json(d / QAT_JSON, "QAT summary")
     again = "run `uadc qat` again"
-    if not isinstance(meta, dict) or meta.get("model_hash") != model_hash(recipe):
+    # a qat.json of uadc before 0.2's path-free model hash holds the hash of the data and model sections
+    hashes = (model_hash(recipe), recipe.section_hash(("data", "model")))
+    if not isinstance(meta, dict) or meta.get("model_hash") not in hashes:
         raise UadcError(f"QAT model {path} was made for other model settings than recipe {recipe.name}'s: {again}")
     if meta.get("target") not in (None, target):   # a TensorRT artifact shipped with CPU-style quantization
         raise UadcError(f"QAT model {path} was fine-tuned for {meta['target']}, not {target}: run "
