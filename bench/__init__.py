@@ -45,6 +45,20 @@ def positives(text: str) -> list[int]:
     return [positive(x.strip()) for x in text.split(",")]
 
 
+def positive_floats(text: str) -> list[float]:
+    """An argparse type: comma-separated finite numbers above 0 (``--weights 0.5,1``)."""
+    out = []
+    for x in text.split(","):
+        try:
+            v = float(x)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{x.strip()!r} is not a number") from None
+        if not 0 < v < float("inf"):
+            raise argparse.ArgumentTypeError(f"{x.strip()} is not a finite number above 0")
+        out.append(v)
+    return out
+
+
 def out_file(text: str) -> Path:
     """An argparse type: a file to write whose folder exists (checked before the work, not after it)."""
     path = Path(text)

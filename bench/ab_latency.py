@@ -19,7 +19,7 @@ batch split across the cores for more), reference included.
 
 from __future__ import annotations
 
-from bench import as_script, positive, summary
+from bench import as_script, out_file, positive, summary
 
 import argparse
 import json
@@ -32,6 +32,7 @@ import numpy as np
 
 from uadc.config.targets import inference_hint_of
 from uadc.core.errors import UadcError
+from uadc.core.io import atomic_write_json
 
 REFERENCE = "ort-cpu-fp32"
 OV_DEFAULTS = "peer: OpenVINO FP32 (defaults)"
@@ -148,10 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="add OpenVINO + NNCF INT8 (NNCF's defaults) on the reference ONNX (a peer; latency only)")
     ap.add_argument("--scheduled", action="store_true",
                     help="add each ONNX Runtime artifact as uadc's runtime runs it (uadc.backends.parallel, auto)")
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--json", type=out_file, default=None, help="also write the figures here")   # checked first
     a = ap.parse_args(argv)
-    if a.json and not a.json.parent.is_dir():   # before the timing, not after it
-        ap.error(f"--json {a.json}: no folder {a.json.parent}")
     res = measure(a.folder, a.batch, a.threads, a.cycles, a.runs if a.runs is not None else (30 if a.batch == 1 else 8), a.peers,
                   a.scheduled, a.nncf)
     print(f"| artifact (batch {a.batch}, {a.threads} threads) | runtime | p50 ms | × ORT FP32 (paired) | min–max |")
@@ -160,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {k} | {r['runtime']} | {r['p50_ms']:.2f} | {r['ratio']:.2f} | "
               f"{r['ratio_min']:.2f}–{r['ratio_max']:.2f} |")
     if a.json:
-        a.json.write_text(json.dumps({"batch": a.batch, "threads": a.threads, "cycles": a.cycles, "systems": res},
-                                     indent=2))
+        atomic_write_json(a.json, {"batch": a.batch, "threads": a.threads, "cycles": a.cycles, "systems": res})
     return 0
 
 

@@ -285,7 +285,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--recipe", type=click.Path(path_type=Path), default=RECIPE, show_default=True,
               help="settings of the unified model (its data.sources are replaced by every category in --data)")
-@click.option("--data", type=click.Path(path_type=Path), default=DATA, show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=DATA, show_default=True,
+              help="a folder of datasets, each holding MVTec-layout category folders")
 @click.option("--artifacts", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="default: <artifacts>/bench_loco")
 @click.option("--epochs", type=click.IntRange(min=1, max=10_000), default=None, help="override train.epochs")

@@ -19,7 +19,7 @@ mean over every category, what a recipe would adopt. Writes ``loco_image_knn.jso
 
 from __future__ import annotations
 
-from bench import as_script, summary
+from bench import as_script, positive_floats, positives, summary
 
 import argparse
 import itertools
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the recipe's")
     ap.add_argument("--out", type=Path, default=None, help="default <artifacts>/<recipe>/loco_image_knn")
-    ap.add_argument("--k", default="1,3")
-    ap.add_argument("--weights", default="0.25,0.5,1,2")
+    ap.add_argument("--k", type=positives, default="1,3")
+    ap.add_argument("--weights", type=positive_floats, default="0.25,0.5,1,2")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     from uadc.core.errors import UadcError
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda m: print(f"[loco_image_knn] {m}", file=sys.stderr, flush=True)  # noqa: E731
     try:
         recipe, ckpt = trained_checkpoint(a.recipe, a.artifacts, a.checkpoint)
-        ks, weights = [int(v) for v in a.k.split(",")], [float(v) for v in a.weights.split(",")]
+        ks, weights = a.k, a.weights
         with torch_threads(a.threads):
             d = descriptors(recipe, ckpt)
             settings, res = grid(d, ks, weights, log)

@@ -20,7 +20,7 @@ image score, which would leave image AUROC as it is off). Writes ``loco_patch_kn
 
 from __future__ import annotations
 
-from bench import as_script, summary
+from bench import as_script, positive_floats, positives, summary
 
 import argparse
 import sys
@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     add_checkpoint_args(ap, "loco_patch_knn")
     ap.add_argument("--taps", default="blocks.10,blocks.10+blocks.14,blocks.4+blocks.10",
                     help="comma-separated tap sets, taps in a set joined by +")
-    ap.add_argument("--banks", default="1024,2048")
-    ap.add_argument("--weights", default="0.5,1,2,4")
+    ap.add_argument("--banks", type=positives, default="1024,2048")
+    ap.add_argument("--weights", type=positive_floats, default="0.5,1,2,4")
     a = ap.parse_args(argv)
     from uadc.core.errors import UadcError
     from uadc.core.scoped import torch_threads
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [t for ts in taps_list for t in ts if t not in recipe.cfg["model"]["taps"]]
         if unknown:
             raise UadcError(f"--taps: {unknown[0]!r} is not one of the recipe's taps")
-        banks, weights = [int(v) for v in a.banks.split(",")], [float(v) for v in a.weights.split(",")]
+        banks, weights = a.banks, a.weights
         with torch_threads(a.threads):
             d = features(recipe, ckpt)
             settings, res = grid(d, recipe, taps_list, banks, weights, log)

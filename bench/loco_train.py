@@ -169,7 +169,8 @@ def render_markdown(r: dict) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--recipe", type=click.Path(path_type=Path), default=RECIPE, show_default=True)
-@click.option("--data", type=click.Path(path_type=Path), default=DATA, show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=DATA, show_default=True,
+              help="a folder of datasets, each holding MVTec-layout category folders")
 @click.option("--grid", type=click.Path(path_type=Path), default=GRID, show_default=True)
 @click.option("--artifacts", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="default: <artifacts>/bench_loco_train")

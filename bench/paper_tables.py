@@ -23,9 +23,9 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -462,7 +462,10 @@ def _atomic_out(final: Path) -> Iterator[Path]:
     """A temp folder beside ``final``, renamed into place (replacing ``final``) only when the block succeeds."""
     _check_out(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) for _ in range(2))
+    # mkdir, not tempfile.mkdtemp: its 0700 became the output folder's mode (others could not read it)
+    tmp, old = (final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}" for _ in range(2))
+    tmp.mkdir()
+    old.mkdir()
     try:
         yield tmp
         if final.exists():

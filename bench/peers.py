@@ -27,7 +27,7 @@ NNCF, OpenVINO and matplotlib are bench dependencies (``pip install 'uadc[bench]
 
 from __future__ import annotations
 
-from bench import as_script, summary
+from bench import as_script, positive, positives, summary
 
 import argparse
 import json
@@ -237,6 +237,7 @@ def plot(result: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    from uadc.core.io import atomic_save
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in result["recipes"]:
         for s in r["systems"]:
@@ -249,7 +250,7 @@ def plot(result: dict, path: Path) -> bool:
     ax.set_ylabel("mean image AUROC")
     ax.set_title("AUROC vs latency (circles: uadc, squares: peers)")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
     plt.close(fig)
     return True
 
@@ -261,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated recipes, one per input size (each needs its checkpoint)")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     ap.add_argument("--out", type=Path, default=None, help="default <artifacts>/peers")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--runs", type=int, default=50, help="timed runs per process at batch 1 (batch > 1: a quarter)")
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--batches", type=positives, default="1,8")
+    ap.add_argument("--rounds", type=positive, default=3)
+    ap.add_argument("--runs", type=positive, default=50, help="timed runs per process at batch 1 (batch > 1: a quarter)")
     ap.add_argument("--time", nargs=2, default=None, help=argparse.SUPPRESS)  # child: KIND PATH
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=128, help=argparse.SUPPRESS)
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     load0 = os.getloadavg()
     t0 = time.time()
-    recipes = [run_recipe(p, a.artifacts, a.threads, [int(b) for b in a.batches.split(",")], a.rounds, a.runs, log)
+    recipes = [run_recipe(p, a.artifacts, a.threads, a.batches, a.rounds, a.runs, log)
                for p in a.recipes.split(",")]
     env = environment(a.threads)
     env.update({"loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(result)
     atomic_write_text(out / "peers.md", md)
     plotted = plot(result, out / "peers.png")
+    if not plotted:   # an earlier run's plot beside this run's tables
+        (out / "peers.png").unlink(missing_ok=True)
     print(md + ("" if plotted else "\n(no peers.png: matplotlib not installed)\n"))
     return 0
 

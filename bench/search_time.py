@@ -21,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+from uadc.core.io import atomic_write_json
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.search_time", description=summary(__doc__))
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
                             None, args.cache)
     if args.record is not None:
         args.record.mkdir(parents=True, exist_ok=True)
-        (args.record / "report.json").write_text(json.dumps({"precision_search": auto.record}, indent=1))
+        atomic_write_json(args.record / "report.json", {"precision_search": auto.record})
     cache = auto.record["profile"].get("timing_cache")  # TensorRT: a latency model, no profile
     print(json.dumps({"uadc": str(Path(uadc.__file__).parent), "seconds": round(time.time() - t0, 1),
                       "int8_groups": auto.record["final"]["int8_groups"], "groups": len(auto.record["groups"]),

@@ -16,12 +16,13 @@ from __future__ import annotations
 from bench import as_script, out_file, summary
 
 import argparse
-import json
 import math
 import sys
 
 import numpy as np
 from scipy import stats
+
+from uadc.core.io import atomic_write_json
 
 SIZES = (3, 30, 21, 12)
 MEANS = (0.0, 2.0, -3.0, 1.0)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     res = run(a.draws)
     if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+        atomic_write_json(a.json, res)
     print(markdown(res), end="")
     return 0
 

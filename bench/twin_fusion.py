@@ -16,13 +16,14 @@ from __future__ import annotations
 from bench import as_script, out_file, positive, positives, summary
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from uadc.core.io import atomic_write_json
 
 
 def _fold(conv, bn):
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"p50 {row['separate_ms']:.2f} -> {row['fused_ms']:.2f} ms, fused / separate {row['ratio']:.3f} "
                   f"({row['ratio_min']:.3f}-{row['ratio_max']:.3f})", flush=True)
     if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
+        atomic_write_json(a.json, out)
     return 0
 
 

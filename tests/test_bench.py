@@ -94,6 +94,10 @@ def test_figures_exist(bench_run):
     for name in pngs:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]  # atomic: no temp folder left
+    import os
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask   # tempfile.mkdtemp's 0700 was kept
 
 
 def test_checkpoints_reused_and_checked(bench_run):
@@ -231,7 +235,8 @@ def test_bench_scripts_user_mistakes_and_help(recipe_factory, tmp_path, capsys):
         with pytest.raises(SystemExit):
             ab_latency.main([str(tmp_path), *bad])
         assert "error: argument" in capsys.readouterr().err
-    from bench import head_equivalence, search_time, stress, threshold_coverage, twin_fusion
+    from bench import head_equivalence, loco_image_knn, loco_patch_knn, peers, search_time, stress, threshold_coverage, \
+        twin_fusion
     art = tmp_path / "artifact"
     art.mkdir()
     (art / "artifact.json").write_text("{}")
@@ -244,7 +249,14 @@ def test_bench_scripts_user_mistakes_and_help(recipe_factory, tmp_path, capsys):
             (stress.main, ["--n", "0"], "0 is below 1"),
             (stress.main, ["--n", "2", "--kill", "3"], "--kill 3: more than --n 2"),
             (threshold_coverage.main, ["--json", str(tmp_path / "nodir" / "x.json")], "no folder"),
-            (search_time.main, ["r.yaml", "--record", str(art)], "an artifact folder")):
+            (search_time.main, ["r.yaml", "--record", str(art)], "an artifact folder"),
+            # a traceback after all the timing (a folder as --json), or after the feature extraction
+            (ab_latency.main, [str(tmp_path), "--json", str(tmp_path)], "a folder; give a file name"),
+            (peers.main, ["--batches", "0,x"], "0 is below 1"),
+            (peers.main, ["--runs", "0"], "0 is below 1"),
+            (loco_image_knn.main, ["--k", "0"], "0 is below 1"),
+            (loco_image_knn.main, ["--weights", "1,nan"], "nan is not a finite number above 0"),
+            (loco_patch_knn.main, ["--banks", "x"], "'x' is not a whole number")):
         with pytest.raises(SystemExit) as e:
             main(bad)
         assert e.value.code == 2 and said in capsys.readouterr().err, bad

@@ -79,3 +79,27 @@ def test_cli_doctor_text_and_json(fake_cpu):
     d = json.loads(res.output)
     assert d["cpu_features"]["AMX-INT8"] is True
     assert {t["target"] for t in d["targets"]} == set(TARGETS)
+
+
+@pytest.mark.parametrize("blocked", ["onnx", "polygraphy"])
+def test_a_package_that_does_not_import_is_one_line_and_doctor_says_so(blocked, tmp_path):
+    """With onnx (or polygraphy) installed but not importable, `uadc doctor` itself ended in a traceback
+    (it imported the TensorRT build module, which imports onnx) or said `run` for every target, and
+    compile / verify ended in `ModuleNotFoundError` tracebacks."""
+    import subprocess
+    import sys
+    code = (f"import sys; sys.modules[{blocked!r}] = None; sys.argv = ['uadc'] + sys.argv[1:]\n"
+            "from uadc.cli import run; run()")
+
+    def uadc(*args):
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path)
+
+    p = uadc("doctor", "--json")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert {t["can"] for t in json.loads(p.stdout)["targets"]} == {"unavailable"}
+    assert f"{blocked} does not import here" in json.loads(p.stdout)["targets"][0]["detail"]
+    for args in (["verify", str(tmp_path)], ["diff", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")]):
+        (tmp_path / "a.onnx").write_bytes(b"")
+        p = uadc(*args)
+        assert p.returncode == 2 and p.stderr.startswith(f"error: the {blocked} module does not import here ("), p.stderr
+        assert "Traceback" not in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr

@@ -159,6 +159,13 @@ def test_a_global_option_after_the_command_says_where_it_goes(args, said):
     assert res.exit_code == 2 and res.stderr.splitlines()[-1].endswith(f"goes before the command, {said}")
 
 
+def test_quiet_and_verbose_together_are_a_usage_error():
+    """`uadc -q -v ...` ran: -v won the logs and -q the progress bars, without a word."""
+    res = CliRunner().invoke(main, ["-q", "-v", "recipes", "list"])
+    assert res.exit_code == 2 and res.stderr.splitlines()[-1] == "error: -q and -v say opposite things: give one"
+    assert res.stdout == ""
+
+
 def test_python_dash_m_uadc_is_the_command():
     """`python -m uadc` said "'uadc' is a package and cannot be directly executed"."""
     import subprocess

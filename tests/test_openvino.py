@@ -32,6 +32,27 @@ def test_missing_openvino_is_one_line_error(monkeypatch):
         ov.compile_model(b"")
     assert "\n" not in str(e.value)
     assert ov.version() is None
+    from uadc.pipeline.doctor import doctor   # it said `run` for OpenVINO targets whenever the package's metadata existed
+    assert {t.can for t in doctor().targets if t.runtime == "openvino"} == {"unavailable"}
+
+
+def test_an_openvino_target_without_openvino_is_refused_before_any_work(base, tmp_path, monkeypatch):
+    """compile exported, calibrated and checked the model (50 s on 32 px data), and qat ran all its epochs
+    and wrote its model, before saying that OpenVINO is not installed."""
+    import uadc.pipeline.api as api
+    import uadc.pipeline.compile as comp
+
+    def work_started(*_a, **_k):
+        raise AssertionError("the work started")
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    monkeypatch.setattr(comp, "resolve_ptq", work_started)
+    with pytest.raises(UadcError, match=r"^OpenVINO is not installed: pip install 'uadc\[openvino\]'$"):
+        uadc.compile(base, "openvino-cpu-int8", out=tmp_path / "a")
+    monkeypatch.setattr(api, "baseline", work_started)   # it loads the checkpoint and the images QAT trains on
+    with pytest.raises(UadcError, match=r"^OpenVINO is not installed"):
+        uadc.qat(base.recipe, target="openvino-cpu-int8", artifacts=tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.fixture(scope="module")

@@ -140,8 +140,12 @@ def test_predict_lines_cannot_be_faked_by_file_names_or_split_by_library_warning
     assert p.returncode == 1, p.stderr
     lines = p.stderr.splitlines()
     assert not [x for x in lines if x.startswith("error:")], lines
-    assert [x for x in lines if x.startswith("skipped ")][0].startswith(f"skipped {folder}/bad\\x0aerror: fake.png: ")
+    shown = f"{folder}/bad\\x0aerror: fake.png"   # the same name in the reason (it read `bad error: fake.png`)
+    assert [x for x in lines if x.startswith("skipped ")][0].startswith(f"skipped {shown}: unreadable image {shown}: ")
     assert "warning: Truncated File Read" in lines and "Warning:" not in p.stderr, lines
+    gone = subprocess.run([PY, "-m", "uadc.cli", "predict", str(res.path), str(folder / "no\nsuch.png")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert gone.returncode == 2 and gone.stderr.startswith(f"error: input not found: {folder}/no\\x0asuch.png"), gone.stderr
 
 
 def test_importing_the_runtime_loads_no_torch():
@@ -643,7 +647,7 @@ def test_a_schedule_on_another_runtime_is_refused(int8_artifact):
     assert Detector.load(path, backend="openvino").backend_name == "openvino"
 
 
-def test_a_bf16_artifact_on_an_fp32_runtime_says_its_thresholds_may_not_fit(int8_artifact, tmp_path, caplog):
+def test_a_bf16_artifact_on_an_fp32_runtime_says_its_thresholds_may_not_fit(int8_artifact, tiny_data, tmp_path, caplog):
     """An openvino-cpu-bf16 artifact run with `--backend onnxruntime` (or without openvino installed)
     applied thresholds set on bf16 outputs to fp32 ones without a word."""
     import logging
@@ -658,8 +662,54 @@ def test_a_bf16_artifact_on_an_fp32_runtime_says_its_thresholds_may_not_fit(int8
     caplog.clear()   # an INT8 artifact of one runtime on another: its kernels round INT8 differently
     ov_int8 = _edited_artifact(int8_artifact[2].path, tmp_path / "ovint8", target="openvino-cpu-int8", runtime="openvino")
     with caplog.at_level(logging.WARNING, logger="uadc"):
-        Detector.load(ov_int8, backend="onnxruntime")
-    assert "its thresholds were set on OpenVINO's INT8 kernels; ONNX Runtime rounds INT8 differently" in caplog.text
+        det = Detector.load(ov_int8, backend="onnxruntime")
+    said = "its thresholds were set on OpenVINO's INT8 kernels; ONNX Runtime rounds INT8 differently"
+    assert said in caplog.text and len(det.warnings) == 1 and said in det.warnings[0]
+    # `uadc predict --json` listed only the category warning: a pipeline reading stdout never saw this one
+    from click.testing import CliRunner
+    from uadc.cli import main
+    res = CliRunner().invoke(main, ["predict", str(ov_int8), str(tiny_data / "gray" / "test"), "--backend",
+                                    "onnxruntime", "--out", str(tmp_path / "p"), "--json"])
+    doc = json.loads(res.stdout)
+    assert [w for w in doc["warnings"] if said in w] == det.warnings, (res.output, doc)
+
+
+def test_a_path_through_a_category_folder_is_judged_by_the_folder_it_is_in(tmp_path):
+    """`uadc predict art stripes/../../odd/x.png` judged x.png as a `stripes` image (its thresholds),
+    while `odd/x.png` took the global ones: the verdict changed with how the path was written."""
+    from uadc.core.manifest import infer_category
+    cats = ["stripes", "gray"]
+    assert infer_category(Path("data/stripes/test/../../odd/x.png"), cats) is None
+    assert infer_category(Path("data/stripes/../gray/x.png"), cats) == "gray"
+    assert infer_category(Path("data/stripes/test/good/x.png"), cats) == "stripes"
+    (tmp_path / "gray").symlink_to(tmp_path)   # a linked folder's own name still counts
+    assert infer_category(tmp_path / "gray" / "x.png", cats) == "gray"
+
+
+def test_a_user_mistake_in_predict_leaves_no_out_folder_or_lock(int8_artifact, tiny_data, tmp_path, monkeypatch):
+    """An unknown --category or no images at all were refused after the lock was taken: `--out new/sub`
+    left new/ and new/.sub.lock behind, the default out a ./.predictions.lock."""
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    det = Detector.load(int8_artifact[2].path)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UadcError, match="unknown category 'nope'"):
+        predict_paths(det, [tiny_data / "gray" / "test"], category="nope", out=Path("new/sub"))
+    with pytest.raises(UadcError, match="no images found in empty"):
+        predict_paths(det, [Path("empty")], out=Path("predictions"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_more_threads_than_cores_are_the_cores(int8_artifact, caplog):
+    """`uadc predict --threads 64` on 2 cores opened 64 sessions (each its own copy of the model) and ran
+    six times slower than with 2."""
+    import logging
+    from uadc.backends.parallel import ParallelSession, available_cores
+    with caplog.at_level(logging.WARNING, logger="uadc"), \
+            ParallelSession(int8_artifact[2].path / "model.onnx", available_cores() + 5) as sess:
+        assert sess.threads == available_cores() and len(sess._chunks) in (0, available_cores())
+    assert f"threads {available_cores() + 5}: this process may run on {available_cores()} core(s)" in caplog.text
 
 
 def _edited_artifact(src: Path, dst: Path, model=None, **changes) -> Path:

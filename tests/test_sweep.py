@@ -100,6 +100,12 @@ def test_cell_key_follows_inputs(tiny):
     ({"recipe": "r.yaml", "axes": {"target": ["ort-cpu-fp32", "ort-cpu-fp32"]}},   # one cell twice in the table
      "axes: target lists 'ort-cpu-fp32' twice"),
     ({"recipe": "r.yaml", "axes": {"quantize": [["student"], ["student"]]}}, r"axes: quantize lists \['student'\] twice"),
+    # converted where a recipe refuses them: seed 1 (a new model), False, 8, 64
+    ({"recipe": "r.yaml", "axes": {"seed": [True]}}, r"axes.seed\[0\]: expected int, got True"),
+    ({"recipe": "r.yaml", "axes": {"one_class": ["no"]}}, r"axes.one_class\[0\]: expected bool, got 'no'"),
+    ({"recipe": "r.yaml", "axes": {"calib_samples": ["8"]}}, r"axes.calib_samples\[0\]: expected int, got '8'"),
+    ({"recipe": "r.yaml", "run": {"evaluate": "off"}}, r"run.evaluate: expected bool, got 'off'"),
+    ({"recipe": "r.yaml", "axes": {"quantize": [[]]}}, r"axes.quantize\[0\]: must not be empty"),   # a failed cell
 ])
 def test_bad_sweep_file_is_one_line_error(tmp_path, doc, msg):
     """Worded as recipe errors are (pydantic's own "List should have at least 1 item after validation" before)."""
@@ -274,6 +280,8 @@ def test_best_cells_and_the_front_skip_gate_failures_and_emulated_latencies():
     md = render_markdown("g", rows, best, pareto_front(rows))
     assert "| trt | ok |" in md and "| 0.30* |" in md and "| bad | ok, REGRESSION |" in md
     assert "*: emulated by ONNX Runtime" in md and "never a best cell" in md
+    # "x FP32" read as the README's latency ratios (0.37 "x FP32": faster), for a cell 2.7 times slower
+    assert "| speed-up vs ORT FP32 |" in md and "speed-up = ORT FP32's p50 / the cell's (below 1: slower)" in md
     # a one-class cell (its own category's figures) beat the unified mean over every category
     oc = [row("tiny-oc-a/fp32", 0.999, 0.1, category="a"), row("tiny-oc-b/fp32", 0.95, 0.1, category="b")]
     assert best_cells(rows + oc)["image_auroc"] == "fp32" and "tiny-oc-a/fp32" not in pareto_front(rows + oc)
@@ -336,7 +344,27 @@ def test_an_address_where_nothing_answers_is_one_line_not_a_hang(tiny, tmp_path)
     assert res.exit_code == 2, res.output
     assert res.stderr.strip() == f"error: cannot connect to the Ray cluster at 127.0.0.1:{port}: nothing answers " \
                                  f"there ({res.stderr.split('there (')[1].strip()}"
-    assert not (tmp_path / "o" / "sweep.json").exists()
+    assert not (tmp_path / "o").exists()   # a new --out Ray could not fill was left behind, empty
+    # --num-cpus sizes a local Ray only: with a cluster's address it was silently ignored
+    res = CliRunner().invoke(main, ["sweep", str(_sweep_file(tmp_path, recipe)), "--artifacts", str(d / "art"),
+                                    "--out", str(tmp_path / "o"), "--address", "10.0.0.5:6379", "--num-cpus", "2"])
+    assert res.exit_code == 2 and res.stderr.startswith("error: num_cpus (--num-cpus) sizes a Ray instance of this "
+                                                        "run's own; the cluster at 10.0.0.5:6379"), res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_grid_of_millions_of_combinations_is_refused_before_planning(tiny, tmp_path):
+    """A float target folds its calibration axes into one cell, so 300 calibrators x 4096 sample counts x 3
+    sources planned 3.7 million combinations, for minutes, before any cell limit could be reached."""
+    import time
+    d, recipe = tiny
+    axes = {"target": ["ort-cpu-fp32"], "calibrator": [f"c{i}" for i in range(300)],
+            "calib_samples": list(range(1, 4097)), "calib_data": ["train", "random-normal", "mixed"]}
+    spec, base, name = load_sweep(_sweep_file(tmp_path, recipe, axes=axes))
+    t0 = time.perf_counter()
+    with pytest.raises(UadcError, match=r"^sweep .*: 3686400 combinations of recipes and axis values \(at most 100000;"):
+        make_plan(spec, base, name)
+    assert time.perf_counter() - t0 < 10
 
 
 def test_without_ray_one_line_install_hint(tiny, tmp_path, monkeypatch):

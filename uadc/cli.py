@@ -19,7 +19,7 @@ import click
 
 from uadc import __version__
 from uadc.config.targets import QAT_TARGETS
-from uadc.core.errors import UadcError, one_line
+from uadc.core.errors import UadcError, dependencies_checked, one_line
 
 log = logging.getLogger("uadc")
 
@@ -41,7 +41,8 @@ def exit_on_user_error(interrupted: str = "interrupted; nothing was written for 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
-        yield
+        with dependencies_checked():
+            yield
     except UadcError as exc:
         _newline_after_bar()
         click.echo(f"error: {exc}", err=True)
@@ -109,15 +110,15 @@ class _LogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
         text = self.format(record)   # warnings read as such, as `uadc predict`'s own do
-        tqdm.write(f"warning: {text}" if record.levelno == logging.WARNING else text, file=sys.stderr)
+        tqdm.write(f"warning: {one_line(text)}" if record.levelno == logging.WARNING else text, file=sys.stderr)
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     from uadc.core.progress import set_progress
-    handler = _LogHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    if verbose and quiet:   # verbose won the logs, quiet the progress bars
+        raise click.UsageError("-q and -v say opposite things: give one")
     root = logging.getLogger("uadc")
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_LogHandler()]   # its default format: the message
     root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     root.propagate = False
     set_progress(False if quiet else None)   # None: bars only when stderr is a terminal
@@ -151,7 +152,7 @@ def json_output(f):
             sys.exit(getattr(f(*args, **kwargs), "exit_code", 0))
         from uadc.core.io import to_json
         from uadc.core.scoped import stdout_to_stderr
-        with _errors_as_json(sys.stdout), stdout_to_stderr():   # the document once fd 1 is stdout again
+        with _errors_as_json(sys.stdout), stdout_to_stderr(), dependencies_checked():   # the document once fd 1 is stdout
             res = f(*args, **kwargs)
             doc = res.to_dict()
             if getattr(res, "path", None) is not None and "path" not in doc:
@@ -304,7 +305,7 @@ def qat(recipe: Path, target: str | None, epochs: int | None, then_compile: bool
 @click.option("--schedule", type=click.Choice(["auto", "branches", "batch", "sequential"]), default="auto",
               show_default=True, help="ONNX Runtime: run teacher and student at the same time (branches) or "
               "split each batch across the cores (batch); auto: branches for one image, batch for more")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="cores to use (default: all available)")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="cores to use (default and most: all available)")
 @json_output
 def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out: Path, overlays: bool,
             batch_size: int, backend: str, schedule: str, threads: int | None):
@@ -315,8 +316,6 @@ def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out:
     run = predict_paths(det, list(inputs), category, out, overlays, batch_size)
     for path, reason in run.failed:
         click.echo(f"skipped {one_line(path)}: {reason}", err=True)
-    for w in run.warnings:
-        click.echo(f"warning: {one_line(w)}", err=True)
     click.echo(f"{run.summary_line()} ({det.backend_name})")
     click.echo(f"written: {run.written[0]}, {run.written[1]}"     # predictions.jsonl, .csv
                + (f", {out / 'overlays'}/" if overlays else ""))
@@ -399,7 +398,8 @@ def _gate_options(f):
         kind, stdout = f.__name__[:-4], str(json_out) == "-"   # `--json -`: a document, always, as in a file
         with _errors_as_json(None, lambda *e: stdout and click.echo(error_document(kind, *e), nl=False)):
             check_report_paths(json_out, md_out)       # before the work, not after it
-            with _errors_as_json(None, functools.partial(write_error_reports, kind, json_out, md_out)):
+            with _errors_as_json(None, functools.partial(write_error_reports, kind, json_out, md_out)), \
+                    dependencies_checked():
                 return f(*args, json_out=json_out, md_out=md_out, **kwargs)
     return checked
 

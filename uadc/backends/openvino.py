@@ -31,19 +31,35 @@ RUNTIME_LABEL = "openvino CPU"
 
 
 def _ov() -> Any:
-    try:
-        import openvino
-    except ImportError:
-        raise UadcError("OpenVINO is not installed: pip install 'uadc[openvino]'") from None
+    why = import_error()
+    if why is not None:
+        raise UadcError(why)
+    import openvino
     return openvino
 
 
-def version() -> str | None:
+def require() -> None:
+    """Refuse an OpenVINO target before any work (an export, a calibration, QAT's epochs) when
+    openvino does not import here."""
+    _ov()
+
+
+def import_error() -> str | None:
+    """Why ``import openvino`` fails here (not installed, or installed and broken: a missing shared
+    library, a numpy it was not built for), or None."""
     try:
-        import openvino
-    except ImportError:
-        return None
-    return str(openvino.__version__)
+        import openvino  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name == "openvino":
+            return "OpenVINO is not installed: pip install 'uadc[openvino]'"
+        return f"OpenVINO does not import here: {exc}"
+    except Exception as exc:  # noqa: BLE001 - a broken install raises ImportError, OSError, AttributeError...
+        return f"OpenVINO does not import here: {type(exc).__name__}: {exc}"
+    return None
+
+
+def version() -> str | None:
+    return None if import_error() else str(_ov().__version__)
 
 
 class TwoPartModel:

@@ -16,6 +16,7 @@ session, ``run(output_names, feeds)`` returns the outputs; ``close()`` stops its
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
@@ -25,6 +26,7 @@ import numpy as np
 from uadc.core.errors import UadcError
 from uadc.core.ort_session import make_session
 
+log = logging.getLogger(__name__)
 SCHEDULES = ("auto", "branches", "batch", "sequential")
 
 
@@ -42,7 +44,10 @@ class ParallelSession:
     def __init__(self, model: Any, threads: int | None = None, schedule: str = "auto"):
         if schedule not in SCHEDULES:
             raise UadcError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        self.threads = max(1, int(threads or available_cores()))
+        cores = available_cores()
+        self.threads = min(max(1, int(threads or cores)), cores)
+        if threads and threads > cores:   # each extra core meant one more session (its own copy of the model)
+            log.warning("threads %d: this process may run on %d core(s); using %d", threads, cores, cores)
         self.schedule = schedule
         self.whole = make_session(model, self.threads)
         self._inputs = self.whole.get_inputs()

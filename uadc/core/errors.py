@@ -1,6 +1,8 @@
 """User-facing errors: the CLI prints these as one line and exits with their code (2)."""
 
+import contextlib
 import re
+from typing import Iterator
 
 
 class UadcError(Exception):
@@ -32,6 +34,21 @@ class NonFiniteOutputs(UadcError):
 class RuntimeFault(UadcError):
     """A runtime could not compile or run a graph uadc built, or returned outputs that do not fit its
     inputs (a runtime defect on that graph): a search judges such a candidate as unfaithful."""
+
+
+@contextlib.contextmanager
+def dependencies_checked() -> Iterator[None]:
+    """A package uadc imports that does not import here (uninstalled after uadc, or a broken install)
+    is one UadcError naming it, not a traceback ending in ``ModuleNotFoundError``. (uadc's own modules
+    missing is a broken uadc: that traceback stands.)"""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        name = (exc.name or "").split(".")[0]
+        if not name or name == "uadc":
+            raise
+        raise UadcError(f"the {name} module does not import here ({exc}); this command needs it: install uadc's "
+                        f"dependencies again (pip install uadc, with the extras you use)") from None
 
 
 def raise_interrupt_behind(exc: BaseException) -> None:

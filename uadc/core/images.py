@@ -40,7 +40,7 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
     one ``unreadable <what> PATH: ...`` UadcError; UadcErrors raised inside pass unchanged. A path
     that is no regular file (a named pipe would block the open forever) is refused first."""
     if isinstance(path, (str, Path)) and os.path.exists(path) and not os.path.isfile(path):
-        raise UadcError(f"unreadable {what} {path}: " + ("a folder, not an image file" if os.path.isdir(path)
+        raise UadcError(f"unreadable {what} {shown(path)}: " + ("a folder, not an image file" if os.path.isdir(path)
                                                            else "not a regular file"))
     try:
         with warnings.catch_warnings():   # an image of 1-2x Pillow's pixel limit is read (and resized), not noted
@@ -53,7 +53,7 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
     except UadcError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types on hostile files
-        where = f" {path}" if isinstance(path, (str, Path)) else ""      # a stream has no name to show
+        where = f" {shown(path)}" if isinstance(path, (str, Path)) else ""      # a stream has no name to show
         if isinstance(exc, OSError) and exc.strerror:   # the system's reason (a file removed meanwhile), not a class
             raise UadcError(f"unreadable {what}{where}: {exc.strerror}") from None
         why = re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))   # no memory address in the line
@@ -77,8 +77,8 @@ def _note_once(what: str, source: Any, text: str) -> None:
         if len(_NOTED) > 10_000:   # a long-running service sees many folders
             _NOTED.clear()
         _NOTED.add(key)
-        shown = one_line(printable(str(source))) if named else "an image given as bytes or a PIL image"
-        log.warning("%s: %s (noted once per folder)", shown, text)
+        log.warning("%s: %s (noted once per folder)", shown(source) if named else
+                    "an image given as bytes or a PIL image", text)
 
 
 def eight_bit(im: Image.Image, source: Any) -> Image.Image:
@@ -87,13 +87,13 @@ def eight_bit(im: Image.Image, source: Any) -> Image.Image:
     if im.mode.startswith("I;16") or im.mode == "I":
         a = np.asarray(im, dtype=np.float64)
         if a.size and (a.min() < 0 or a.max() > 65535):
-            raise UadcError(f"unsupported image {source}: mode {im.mode} values outside 0..65535")
+            raise UadcError(f"unsupported image {shown(source)}: mode {im.mode} values outside 0..65535")
         if a.size and a.max() < 4096:   # 12-bit camera data in a 16-bit file reads nearly black
             _note_once("dim", source, f"{im.mode} pixels only up to {int(a.max())} of 65535; uadc maps 0..65535 to "
                                       "0..255, so it reads nearly black: scale 12-bit data to 16 bits")
         return Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")
     if im.mode == "F":
-        raise UadcError(f"unsupported image {source}: 32-bit float pixels (mode F); save it as 8- or 16-bit")
+        raise UadcError(f"unsupported image {shown(source)}: 32-bit float pixels (mode F); save it as 8- or 16-bit")
     if im.mode in ("P", "PA") and "transparency" in im.info:
         return im.convert("RGBA")   # the same colours; converting the palette directly makes Pillow warn on stderr
     return im
@@ -139,6 +139,12 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def shown(path: Any) -> str:
+    """A path as an error or warning line names it: a newline in a file name is written ``\\x0a``
+    (the message is one line; a table's row names the file in its own escaping), not-UTF-8 bytes ``\\xNN``."""
+    return one_line(printable(str(path)))
+
+
 def check_utf8_name(folder: Path, what: str) -> None:
     """A folder whose name becomes a key of uadc's outputs (a category, a defect type) must be
     UTF-8 text; one that is not is refused in one line rather than failing a write later."""
@@ -177,8 +183,8 @@ def find_images(paths: "list[Path] | Path | str", exclude: list[Path] | tuple = 
         elif p.exists():
             _add(found, seen, p, None)
         else:
-            raise UadcError(f"input is a broken link or a link loop: {p}" if p.is_symlink() else
-                            f"input not found: {p}{_installed_example(p)}")
+            raise UadcError(f"input is a broken link or a link loop: {shown(p)}" if p.is_symlink() else
+                            f"input not found: {shown(p)}{_installed_example(p)}")
     return found
 
 

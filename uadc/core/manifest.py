@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -248,8 +249,10 @@ class Manifest(JsonResult):
 
 def infer_category(path: Path, categories: Sequence[str]) -> str | None:
     """The category named by the nearest folder of ``path`` (``.../bottle/test/x.png`` ->
-    ``bottle``); ``None`` when no folder is a known category (the global thresholds apply)."""
-    for part in reversed(Path(path).absolute().parts[:-1]):
+    ``bottle``); ``None`` when no folder is a known category (the global thresholds apply). The path is
+    normalised first: ``stripes/../../odd/x.png`` is not in ``stripes`` (links are not followed: a
+    linked folder's own name counts)."""
+    for part in reversed(Path(os.path.normpath(Path(path).absolute())).parts[:-1]):
         if part in categories:
             return part
     return None

@@ -287,6 +287,9 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
     r = load_recipe(recipe)
     target = target or r.compile.target
     t = check_target(target)
+    if t.runtime == "openvino":
+        from uadc.backends.openvino import require
+        require()   # before QAT's epochs, not when its compile starts
     b = baseline(source if source is not None else r, r, artifacts=artifacts)
     opts = QatOptions(target=target, epochs=epochs)
     _, ptq = qat_settings(r, opts, t)

@@ -98,6 +98,8 @@ def _check_apart(out: Path, dump: Path | None) -> None:
 
 def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     target = get_target(opts.target)
+    if target.runtime == "openvino":
+        ov.require()   # before the export, the calibration and the search, not after them
     ptq = resolve_ptq(baseline.recipe, target, opts.calibrator, opts.calib_data, opts.calib_samples,
                       opts.quantize, opts.per_channel)
     _check_options(target, ptq, opts)

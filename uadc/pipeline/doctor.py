@@ -15,6 +15,7 @@ Nothing heavy is imported: versions come from package metadata, CPU features fro
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from uadc import __version__
+from uadc.backends.openvino import import_error as ov_import_error
 from uadc.backends.tensorrt.plan import trt_available
 from uadc.config.targets import TARGETS, Target
 from uadc.core.io import JsonResult
@@ -93,8 +95,21 @@ def doctor() -> DoctorReport:
         cpu=_cpu_model(), cpu_features=features, cores=os.cpu_count() or 1, threads=_threads(),
         gpu=gpu, tensorrt=versions["tensorrt"] if trt_ok else None,
         tensorrt_reason=trt_reason or "found", onnxruntime_providers=_ort_providers())
-    report.targets = [_support(t, report, trt_ok) for t in TARGETS.values()]
+    broken = _compile_blocker()
+    report.targets = [TargetSupport(t.name, t.runtime, t.precision, "unavailable", broken) if broken else
+                      _support(t, report, trt_ok) for t in TARGETS.values()]
     return report
+
+
+def _compile_blocker() -> str | None:
+    """Why no target compiles here: a package every compile imports that does not import (its
+    metadata alone said "installed"), or None."""
+    for name in ("onnx", "onnxruntime", "polygraphy.backend.onnxrt"):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - ImportError, or OSError for a missing shared library
+            return f"{name.split('.')[0]} does not import here ({type(exc).__name__}: {exc}); every compile needs it"
+    return None
 
 
 def _support(t: Target, r: DoctorReport, trt_ok: bool) -> TargetSupport:
@@ -106,8 +121,8 @@ def _support(t: Target, r: DoctorReport, trt_ok: bool) -> TargetSupport:
             return out("unavailable", "onnxruntime not installed")
         return out("run", "ONNX Runtime CPU" + (_int8_note(r) if t.quantized else ""))
     if t.runtime == "openvino":
-        if r.versions["openvino"] is None:
-            return out("unavailable", "OpenVINO not installed: pip install 'uadc[openvino]'")
+        if r.versions["openvino"] is None or ov_import_error() is not None:   # installed yet broken: say why
+            return out("unavailable", ov_import_error() or "OpenVINO not installed: pip install 'uadc[openvino]'")
         bf16 = _bf16_note(r) if t.float_precision == "bf16" else ""
         return out("run", "OpenVINO CPU" + (_int8_note(r) if t.quantized else "") + bf16)
     if t.runtime == "tensorrt":

@@ -8,6 +8,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +18,7 @@ from PIL import Image
 
 from uadc.core.constants import MANIFEST_FILE, OVERLAYS_DIR, PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import NonFiniteOutputs, UadcError
-from uadc.core.images import find_images, printable
+from uadc.core.images import FoundImages, find_images, printable
 from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, file_lock, staged_files
 from uadc.core.scoped import signals_deferred
 from uadc.core.manifest import infer_category
@@ -25,6 +26,7 @@ from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction
 from uadc.runtime.preprocess import load_rgb
 
+log = logging.getLogger(__name__)
 MAX_LISTED = 100   # failures named in the summary (--json); the tables name every one
 CSV_FIELDS = ("path", "category", "score", "normalized_score", "label", "verdict", "threshold", "mask_fraction",
               "latency_ms", "overlay", "error")   # an image that could not be read: verdict "error", the reason
@@ -37,7 +39,7 @@ class PredictRun:
     out: Path | None = None
     written: list[Path] = field(default_factory=list)
     left_out: dict[str, int] = field(default_factory=dict)   # files a folder walk passed over, by reason
-    warnings: list[str] = field(default_factory=list)        # what the caller should show the user
+    warnings: list[str] = field(default_factory=list)   # every warning of the run (also logged), the Detector's too
     backend: str | None = None                                # the runtime that made the verdicts
 
     def summary(self) -> dict:
@@ -133,26 +135,27 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
     ``infer``: each image's category comes from its folder names, else the global thresholds.
     Runs that share an ``out`` take turns (a lock beside it): two at once could leave one run's
     jsonl beside the other's csv."""
-    if not out:
-        return _predict(detector, inputs, category, None, overlays, batch_size, infer)
-    _check_outside_artifacts(Path(out))   # before its lock file is made beside it
-    with file_lock(Path(out)):
-        return _predict(detector, inputs, category, out, overlays, batch_size, infer)
-
-
-def _predict(detector: Detector, inputs: Sequence[Path], category: str | None, out: Path | None, overlays: bool,
-             batch_size: int, infer: bool) -> PredictRun:
     roots = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
-    if out:
-        _check_out(Path(out))
-    found = find_images(roots, exclude=[Path(out)] if out else ())
-    files = found.files
-    if not files:
-        raise UadcError(f"no images found in {', '.join(map(str, roots))}"
-                        + (f" (left out: {_describe(found.skipped)})" if found.skipped else ""))
     if category is not None:
         detector.thresholds(category)
-    run = PredictRun([], [], Path(out) if out else None, left_out=found.skipped, backend=detector.backend_name)
+    # the user's mistakes are refused before the lock (and the folders it needs) is made
+    found = find_images(roots, exclude=[Path(out)] if out else ())
+    if not found.files:
+        raise UadcError(f"no images found in {', '.join(map(str, roots))}"
+                        + (f" (left out: {_describe(found.skipped)})" if found.skipped else ""))
+    if not out:
+        return _predict(detector, found, category, None, overlays, batch_size, infer, roots)
+    _check_outside_artifacts(Path(out))
+    _check_out(Path(out))
+    with file_lock(Path(out)):
+        return _predict(detector, found, category, out, overlays, batch_size, infer, roots)
+
+
+def _predict(detector: Detector, found: FoundImages, category: str | None, out: Path | None, overlays: bool,
+             batch_size: int, infer: bool, roots: list[Path]) -> PredictRun:
+    files = found.files
+    run = PredictRun([], [], Path(out) if out else None, left_out=found.skipped, backend=detector.backend_name,
+                     warnings=list(detector.warnings))
     names = overlay_names(files, roots) if out and overlays else {}
     tables = (lambda: _write_tables(run, Path(out))) if out else None
     # overlays move into out/overlays/ once every image ran, the tables naming them right after, as
@@ -165,6 +168,7 @@ def _predict(detector: Detector, inputs: Sequence[Path], category: str | None, o
                                 f"({', '.join(detector.categories)}): they were judged at the global thresholds, set "
                                 f"on every category's normals together, which can sit far above one category's "
                                 f"defect scores; pass --category (or category=) to judge them as that product")
+            log.warning("%s", run.warnings[-1])
     if tables is not None and not names:
         with signals_deferred():   # predictions.jsonl and .csv: both or neither
             tables()

@@ -127,19 +127,24 @@ def _single(inputs: Any) -> bool:
         or hasattr(inputs, "getpixel") or not hasattr(inputs, "__iter__")
 
 
-def _check_precision(manifest: Manifest, backend: str) -> None:
+def _check_precision(manifest: Manifest, backend: str) -> list[str]:
     """A bf16 artifact's thresholds were set on bf16 outputs; another runtime computes in fp32. An INT8
-    artifact's were set on its own runtime's INT8 kernels, which another runtime rounds differently."""
+    artifact's were set on its own runtime's INT8 kernels, which another runtime rounds differently.
+    The warning is logged and returned (``Detector.warnings``: a ``--json`` summary lists it)."""
     from uadc.config.targets import TARGETS, inference_hint_of
     own = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "tensorrt": "TensorRT"}.get(manifest.runtime)
     target = TARGETS.get(manifest.target)
+    said = []
     if own and own != backend and target is not None and target.quantized and manifest.runtime != "tensorrt":
-        log.warning("%s: its thresholds were set on %s's INT8 kernels; %s rounds INT8 differently, so images scored "
-                    "near a threshold may be decided differently", manifest.folder, own, backend)
+        said.append(f"{manifest.folder}: its thresholds were set on {own}'s INT8 kernels; {backend} rounds INT8 "
+                    "differently, so images scored near a threshold may be decided differently")
     elif manifest.runtime == "openvino" and backend != "openvino" and inference_hint_of(manifest.target) == "bf16":
-        log.warning("%s: its thresholds were set on OpenVINO in bf16; %s computes in fp32, so images scored near a "
-                    "threshold may be decided differently (run it with backend openvino, or compile an fp32 "
-                    "target for this runtime)", manifest.folder, backend)
+        said.append(f"{manifest.folder}: its thresholds were set on OpenVINO in bf16; {backend} computes in fp32, so "
+                    "images scored near a threshold may be decided differently (run it with backend openvino, or "
+                    "compile an fp32 target for this runtime)")
+    for text in said:
+        log.warning("%s", text)
+    return said
 
 
 def _only_auto(schedule: str, runtime: str) -> None:
@@ -152,10 +157,11 @@ def _only_auto(schedule: str, runtime: str) -> None:
 class Detector:
     """A loaded artifact: ``predict`` images, paths, PIL images, arrays or lists of them."""
 
-    def __init__(self, manifest: Manifest, backend: Any, batch_size: int = 8):
+    def __init__(self, manifest: Manifest, backend: Any, batch_size: int = 8, warnings: Sequence[str] = ()):
         self.manifest = manifest
         self.backend = backend
         self.batch_size = batch_size
+        self.warnings = list(warnings)   # what loading it found (also logged): its thresholds may not fit this runtime
 
     @classmethod
     def load(cls, artifact: str | Path, backend: str = "auto", threads: int | None = None,
@@ -184,20 +190,19 @@ class Detector:
                                 f"{manifest.runtime}")
             _check_importable("tensorrt", "it needs an NVIDIA GPU with TensorRT")
             _only_auto(schedule, "TensorRT")
-            _check_precision(manifest, "TensorRT")
-            return cls(manifest, _TrtBackend(engine), batch_size)
+            return cls(manifest, _TrtBackend(engine), batch_size, _check_precision(manifest, "TensorRT"))
         model = folder / manifest.model_file
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
             _check_importable("openvino", "pip install 'uadc[openvino]'")
             _only_auto(schedule, "OpenVINO")
-            _check_precision(manifest, "OpenVINO")
-            return cls(manifest, _OvBackend(model, threads, manifest.target), batch_size)
-        _check_precision(manifest, "ONNX Runtime")
+            said = _check_precision(manifest, "OpenVINO")
+            return cls(manifest, _OvBackend(model, threads, manifest.target), batch_size, said)
+        said = _check_precision(manifest, "ONNX Runtime")
         backend = _OrtBackend(model, threads, schedule)
         first = backend.session.get_inputs()[0]   # the runtime's own view of the model
         manifest.check_model_input(first.name, first.shape)
         manifest.check_model_metadata(backend.metadata())
-        return cls(manifest, backend, batch_size)
+        return cls(manifest, backend, batch_size, said)
 
     # -- properties -------------------------------------------------------------------------
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from uadc.config.settings import auto_applies, resolve_ptq
 from uadc.config.targets import TARGETS
 from uadc.core.constants import CALIBRATION_KINDS, CHECKPOINT_FILE, PARTITIONS
 from uadc.core.errors import UadcError
-from uadc.pipeline.sweep.spec import MAX_CELLS, Axes, RunConfig, SweepSpec
+from uadc.pipeline.sweep.spec import AXES, MAX_CELLS, MAX_COMBINATIONS, Axes, RunConfig, SweepSpec
 
 TRAIN_SECTIONS = ("seed", "data", "model", "train")   # what a checkpoint depends on
 
@@ -113,6 +114,10 @@ def make_plan(spec: SweepSpec, base: Path, name: str) -> Plan:
 def plan_recipes(pairs: list[tuple[Recipe, Recipe]], axes: Axes, run: RunConfig, name: str) -> Plan:
     """The plan of loaded recipes, each given as (as written, with the sweep's overrides)."""
     _check_names(axes, name)
+    combinations = len(pairs) * math.prod(len(axes.values(a)) for a in AXES)
+    if combinations > MAX_COMBINATIONS:
+        raise UadcError(f"sweep {name}: {combinations} combinations of recipes and axis values (at most "
+                        f"{MAX_COMBINATIONS}; at most {MAX_CELLS} distinct cells)")
     models: dict[str, Model] = {}
     cells: dict[tuple, Cell] = {}
     for original, recipe in pairs:

@@ -10,6 +10,7 @@ leaves only a temp folder that the retry removes. Results stream back with ``ray
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -45,7 +46,8 @@ def run_on_ray(plan: Plan, out: Path, artifacts: Path, address: str | None, num_
             _check_fits(ray, plan.run, local=False)
             return _run(ray, plan, out, artifacts, done, on_record)
         # "local": a new instance of our own even when `ray start` runs on this machine
-        kwargs = {"address": address} if address else {"address": "local", "num_cpus": num_cpus or os.cpu_count()}
+        local = address in (None, "local")   # --num-cpus sizes it (a cluster's CPUs are its own: refused before)
+        kwargs = {"address": "local", "num_cpus": num_cpus or os.cpu_count()} if local else {"address": address}
         _check_answers(address)
         main_thread = threading.current_thread() is threading.main_thread()
         on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
@@ -58,7 +60,7 @@ def run_on_ray(plan: Plan, out: Path, artifacts: Path, address: str | None, num_
         if main_thread:   # Ray's handler aborted the process (SIGABRT, a C++ stack dump) on `docker stop`
             signal.signal(signal.SIGTERM, on_sigterm)
         try:
-            _check_fits(ray, plan.run, local=address is None)
+            _check_fits(ray, plan.run, local=local)
             return _run(ray, plan, out, artifacts, done, on_record)
         finally:
             ray.shutdown()
@@ -116,11 +118,17 @@ def _run(ray, plan: Plan, out: Path, artifacts: Path, done: dict[int, dict],
         # the task name is the worker's process title while it runs (ray::cell:<id>)
         ref = cell_t.options(name=f"cell:{cell.id}").remote(cell, model, info, bases[model.key], out, artifacts, run)
         pending[ref] = i
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(ready[0])
-        records[i] = _result(ray, ready[0], plan, i, infos, out)
-        on_record(records[i])
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ready[0])
+            records[i] = _result(ray, ready[0], plan, i, infos, out)
+            on_record(records[i])
+    except BaseException:   # Ctrl-C / SIGTERM: cells went on finishing (and writing) through Ray's shutdown
+        for ref in [*pending, *bases.values(), *(v for v in infos.values() if not isinstance(v, C.ModelInfo))]:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
     return [records[i] for i in range(len(plan.cells))]
 
 

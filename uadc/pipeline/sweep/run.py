@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import time
@@ -102,10 +103,20 @@ def run_plan(plan: Plan, artifacts: Path, out: Path, *, address: str | None = No
     if sequential and (address is not None or num_cpus is not None):   # they were silently ignored
         raise UadcError(f"{'address (--address)' if address is not None else 'num_cpus (--num-cpus)'} sets up Ray; "
                         f"a sequential run uses none: give one or the other")
+    if num_cpus is not None and address not in (None, "local"):   # it was silently ignored
+        raise UadcError(f"num_cpus (--num-cpus) sizes a Ray instance of this run's own; the cluster at {address} "
+                        f"has its own CPUs: give one or the other")
     check_writable(out)
+    made = not out.exists()
     ensure_dir(out)
-    with file_lock(out):   # a second run into the folder waits, then reuses (both compiled every cell before)
-        return _run_plan(plan, artifacts, out, address, num_cpus, sequential, on_record, table, t0)
+    try:
+        with file_lock(out):   # a second run into the folder waits, then reuses (both compiled every cell before)
+            return _run_plan(plan, artifacts, out, address, num_cpus, sequential, on_record, table, t0)
+    except BaseException:
+        if made:   # a new --out that nothing was written into (Ray could not start, a cell did not fit)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
 
 
 def _run_plan(plan: Plan, artifacts: Path, out: Path, address: str | None, num_cpus: int | None, sequential: bool,

@@ -36,10 +36,13 @@ from uadc.core.errors import UadcError
 
 MAX_SWEEP_BYTES = 1 << 20
 MAX_CELLS = 10_000
+# combinations of the axes planned (a float target folds its calibration axes into one cell each): past
+# this, planning alone ran for minutes before any cell limit was reached
+MAX_COMBINATIONS = 100_000
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class _Strict(BaseModel):   # as strict as a recipe: `seed: [true]` was seed 1, `evaluate: "off"` False
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class RecipeEntry(_Strict):
@@ -54,7 +57,7 @@ class Axes(_Strict):
     calibrator: Optional[list[Optional[str]]] = Field(None, min_length=1)
     calib_data: Optional[list[Optional[str]]] = Field(None, min_length=1)
     calib_samples: Optional[list[Optional[Annotated[int, Field(ge=1, le=4096)]]]] = Field(None, min_length=1)
-    quantize: Optional[list[Optional[list[str]]]] = Field(None, min_length=1)
+    quantize: Optional[list[Optional[Annotated[list[str], Field(min_length=1)]]]] = Field(None, min_length=1)
     precision: Optional[list[Optional[Literal["target", "auto"]]]] = Field(None, min_length=1)
     image_size: Optional[list[Optional[int]]] = Field(None, min_length=1)
     seed: Optional[list[Optional[int]]] = Field(None, min_length=1)
