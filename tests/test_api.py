@@ -500,3 +500,13 @@ def test_a_checkpoint_follows_its_data_to_another_folder(tmp_path):
     with pytest.raises(uadc.UadcError, match=r"trained on data elsewhere \(data.sources\[0\].root: .*p1/data.* in "
                                              r"the checkpoint, .*p2/data.* in the recipe\), and its training files differ"):
         uadc.evaluate(moved / "tiny.yaml", artifacts=moved / "art", write=False)
+
+
+def test_eval_names_the_recipe_its_checkpoint_trained_with(recipe_factory, tmp_path):
+    """eval.json's recipe_hash is the evaluating recipe's; after `train --epochs 2` a pipeline joining the
+    train and eval documents on it found no match. The training's own is now beside it."""
+    import uadc
+    r = recipe_factory(data={"image_size": 32}, train={"epochs": 1, "threads": 1})
+    trained = uadc.train(r, artifacts=tmp_path, epochs=2)
+    res = uadc.evaluate(r, artifacts=tmp_path)
+    assert res.extra["trained_recipe_hash"] == trained.recipe_hash != res.extra["recipe_hash"]

@@ -138,3 +138,26 @@ def test_a_signal_after_the_result_is_out_keeps_its_exit_code(setup, sig, code):
     rest, err = p.communicate()
     doc = json.loads(first + rest)
     assert p.returncode == 0 and doc["recipe"] == recipe.stem, (p.returncode, err[-1000:])
+
+
+def test_ctrl_c_between_the_checkpoint_and_its_recipe_copy_lands_after_both(recipe_factory, tmp_path, monkeypatch):
+    """The checkpoint was renamed into place, then recipe.yaml written: Ctrl-C in between left the new
+    model beside the earlier model's recipe (epochs 2 in the checkpoint, 1 in its recipe copy)."""
+    import yaml
+    import uadc
+    from uadc.training import checkpoint as ck
+    r = recipe_factory(data={"image_size": 32}, train={"epochs": 1, "threads": 1})
+    uadc.train(r, artifacts=tmp_path)
+    real = ck.atomic_write_text
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)   # as a Ctrl-C typed right after the checkpoint's rename
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ck, "atomic_write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        uadc.train(r, artifacts=tmp_path, epochs=2)
+    monkeypatch.undo()
+    folder = tmp_path / "tiny"
+    assert ck.read_checkpoint(folder / "checkpoint.pt")["recipe"]["train"]["epochs"] == 2
+    assert yaml.safe_load((folder / "recipe.yaml").read_text())["train"]["epochs"] == 2

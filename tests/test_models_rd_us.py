@@ -178,9 +178,29 @@ def test_a_batch_of_one_image_at_a_1x1_bottleneck_is_one_line(recipe_factory, tm
     import uadc
     r = recipe_factory(data={"image_size": 32}, model={"method": "rd", "taps": None},
                        train={"epochs": 1, "batch_size": 1, "threads": 1})
-    with pytest.raises(uadc.UadcError, match=r"batches of 1 image reach a 1x1 feature map.*raise train.batch_size"):
+    with pytest.raises(uadc.UadcError, match=r"^the model: training batches of 1 image \(\d+ training images, "
+                                             r"train.batch_size 1\) reach a 1x1 feature map.*raise train.batch_size"):
         uadc.train(r, artifacts=tmp_path / "a")
     assert not (tmp_path / "a" / "tiny" / "checkpoint.pt").exists()
+
+
+def test_a_one_class_category_of_one_image_is_refused_before_any_model_is_replaced(tiny_data, tmp_path):
+    """`train --one-class` replaced stripes' model, then failed on gray (1 training image) with advice to
+    raise train.batch_size, which cannot help: a batch holds at most the category's images."""
+    import shutil
+    import uadc
+    from conftest import write_recipe
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for f in sorted((data / "gray" / "train" / "good").iterdir())[1:]:
+        f.unlink()
+    r = write_recipe(tmp_path / "tiny.yaml", data, data={"image_size": 32, "val_fraction": 0.0},
+                     model={"taps": ["blocks.1", "blocks.14"]}, train={"epochs": 1, "batch_size": 32, "threads": 1})
+    with pytest.raises(uadc.UadcError, match=r"^category gray: training batches of 1 image \(1 training image, "
+                                             r"train.batch_size 32\) reach a 1x1 feature map.*give it more training "
+                                             r"images .*nothing was trained$"):
+        uadc.train(r, artifacts=tmp_path / "a", one_class=True)
+    assert not list((tmp_path / "a").rglob("checkpoint.pt"))
 
 
 def test_the_epoch_line_names_what_each_discrepancy_is_for(recipe_factory, tmp_path, caplog):

@@ -168,7 +168,8 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
     history = blob.get("history", [])
     one_class = bool(blob.get("one_class"))
     result.extra = {"checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt), "recipe_hash": recipe.hash,
-                    "train_seconds": blob.get("train_seconds"),
+                    # the training's own (train --json's): another when `train --epochs N` overrode the recipe
+                    "trained_recipe_hash": blob.get("recipe_hash"), "train_seconds": blob.get("train_seconds"),
                     **({"one_class": True, "trained_on": list(blob.get("categories") or [])} if one_class else {}),
                     "epochs": len(history), "model_stats": blob.get("stats"),
                     "learning_curve": [{"epoch": h["epoch"], "train_seconds": _seconds_until(history, h["epoch"]),

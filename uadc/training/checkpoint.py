@@ -20,6 +20,7 @@ from uadc.config.recipe import Recipe, recipe_from_dict
 from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError
 from uadc.core.io import atomic_save, atomic_write_text, contained
+from uadc.core.scoped import signals_deferred
 from uadc.models import KDModel, build_model
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,10 @@ def save_checkpoint(path: Path, model: KDModel, recipe: Recipe, history: list[di
             "model_hash": model_hash(recipe), "data_files": data_files(recipe), "history": history,
             "categories": categories,
             "uadc_version": __version__, **(extra or {})}
-    atomic_save(path, lambda tmp: torch.save(blob, tmp))
     one_class = categories[0] if (extra or {}).get("one_class") else None
-    atomic_write_text(path.parent / RECIPE_COPY, _recipe_text(recipe, one_class))
+    with signals_deferred():   # both or neither: a stop in between left the earlier model's recipe beside the new one
+        atomic_save(path, lambda tmp: torch.save(blob, tmp))
+        atomic_write_text(path.parent / RECIPE_COPY, _recipe_text(recipe, one_class))
     return path
 
 

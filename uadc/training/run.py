@@ -83,6 +83,7 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
     knn = [n for n in ("patch_knn", "image_knn") if recipe.cfg["model"][n]["weight"] > 0]
     for cat, _ in groups if knn else []:   # every model's, before the first trains (one-class: found after some)
         _knn_sets(data, [cat] if cat else cats, knn[0])
+    _check_single_image_batches(recipe, groups)
     models: list[TrainedModel] = []
     with torch_threads(recipe.train.threads), _stopped_after(models):
         for (cat, idx), path in zip(groups, paths):
@@ -93,6 +94,30 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
                 with file_lock(path):
                     models.append(_train_one(recipe, data, cat, images, cats, path, on_epoch, model))
     return TrainResult(recipe.name, recipe.hash, one_class, models)
+
+
+def _check_single_image_batches(recipe: Recipe, groups: list[tuple[str | None, list[int]]]) -> None:
+    """Batches of one image (one training image, or train.batch_size 1) fail in batch normalisation
+    where a feature map is 1x1; found for every model before the first trains (a one-class run
+    replaced some categories' models before failing on another's)."""
+    single = [(cat, len(idx)) for cat, idx in groups if min(recipe.train.batch_size, len(idx)) == 1]
+    if not single:
+        return
+    size = recipe.data.image_size
+    with seeded(recipe.seed), torch.no_grad():
+        model = make_model(recipe).train()
+        try:
+            x = torch.zeros(1, 3, size, size)
+            model.student_features(x, model.teacher_features(x))
+        except ValueError as exc:
+            if "more than 1 value per channel" not in str(exc):
+                raise
+            cat, n = single[0]
+            raise UadcError(f"{'category ' + cat if cat else 'the model'}: training batches of 1 image ({n} training "
+                            f"image{'s' * (n != 1)}, train.batch_size {recipe.train.batch_size}) reach a 1x1 feature "
+                            f"map, which batch normalisation cannot train on: "
+                            + ("give it more training images" if n == 1 else "raise train.batch_size")
+                            + f" (or raise data.image_size {size}); nothing was trained") from None
 
 
 @contextlib.contextmanager
