@@ -81,7 +81,7 @@ def test_cli_doctor_text_and_json(fake_cpu):
     assert {t["target"] for t in d["targets"]} == set(TARGETS)
 
 
-@pytest.mark.parametrize("blocked", ["onnx", "polygraphy"])
+@pytest.mark.parametrize("blocked", ["onnx", "polygraphy", "torch"])
 def test_a_package_that_does_not_import_is_one_line_and_doctor_says_so(blocked, tmp_path):
     """With onnx (or polygraphy) installed but not importable, `uadc doctor` itself ended in a traceback
     (it imported the TensorRT build module, which imports onnx) or said `run` for every target, and
@@ -98,8 +98,36 @@ def test_a_package_that_does_not_import_is_one_line_and_doctor_says_so(blocked, 
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     assert {t["can"] for t in json.loads(p.stdout)["targets"]} == {"unavailable"}
     assert f"{blocked} does not import here" in json.loads(p.stdout)["targets"][0]["detail"]
+    if blocked == "torch":   # doctor itself reads torch's threads and GPUs: it refused to run at all
+        return
     for args in (["verify", str(tmp_path)], ["diff", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")]):
         (tmp_path / "a.onnx").write_bytes(b"")
         p = uadc(*args)
         assert p.returncode == 2 and p.stderr.startswith(f"error: the {blocked} module does not import here ("), p.stderr
         assert "Traceback" not in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+
+
+def test_only_a_failed_import_of_a_package_is_one_line(tmp_path, monkeypatch):
+    """A broken install (a package whose module code raises ImportError or OSError: a missing shared
+    library) was a traceback; an error a package raises as it runs, or uadc's own import, must stay one."""
+    import sys
+    from uadc.core.errors import UadcError, dependencies_checked
+    (tmp_path / "brokenpkg").mkdir()
+    (tmp_path / "brokenpkg" / "__init__.py").write_text("raise OSError('libbroken.so: cannot open shared object file')")
+    (tmp_path / "workingpkg.py").write_text("def boom():\n    raise OSError('disk full')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def as_uadc(code: str) -> None:   # run from a frame of uadc's, as its lazy imports are
+        exec(compile(code, "uadc_code.py", "exec"), {"__name__": "uadc.somewhere"})
+
+    with pytest.raises(UadcError, match=r"^the brokenpkg module does not import here \(OSError: libbroken.so"):
+        with dependencies_checked():
+            as_uadc("import brokenpkg")
+    with pytest.raises(OSError, match="disk full"), dependencies_checked():
+        as_uadc("import workingpkg; workingpkg.boom()")
+    with pytest.raises(ImportError, match="cannot import name 'nothing'"), dependencies_checked():
+        as_uadc("from uadc.core.errors import nothing")   # a bug of uadc's: its traceback stands
+    monkeypatch.setitem(sys.modules, "json.nothing", None)
+    with pytest.raises(UadcError, match=r"^json .* has no module json.nothing .*a version uadc does not support"):
+        with dependencies_checked():
+            as_uadc("import json.nothing")

@@ -38,16 +38,22 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cap_threads(threads: int | None) -> int:
+    """``threads`` (None or 0: every core), at most the cores this process may run on: more ran slower
+    (threads queueing for cores), and a figure timed at N threads would have run on fewer. Said once."""
+    cores = available_cores()
+    if threads and threads > cores:
+        log.warning("threads %d: this process may run on %d core(s); using %d", threads, cores, cores)
+    return min(max(1, int(threads or cores)), cores)
+
+
 class ParallelSession:
     """A session-like runner of one uadc ONNX (ModelProto, bytes or path) on ``threads`` cores."""
 
     def __init__(self, model: Any, threads: int | None = None, schedule: str = "auto"):
         if schedule not in SCHEDULES:
             raise UadcError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        cores = available_cores()
-        self.threads = min(max(1, int(threads or cores)), cores)
-        if threads and threads > cores:   # each extra core meant one more session (its own copy of the model)
-            log.warning("threads %d: this process may run on %d core(s); using %d", threads, cores, cores)
+        self.threads = cap_threads(threads)   # each thread past the cores was one more session, model and all
         self.schedule = schedule
         self.whole = make_session(model, self.threads)
         self._inputs = self.whole.get_inputs()

@@ -1,7 +1,10 @@
 """User-facing errors: the CLI prints these as one line and exits with their code (2)."""
 
 import contextlib
+import importlib
+import logging
 import re
+import sys
 from typing import Iterator
 
 
@@ -38,17 +41,56 @@ class RuntimeFault(UadcError):
 
 @contextlib.contextmanager
 def dependencies_checked() -> Iterator[None]:
-    """A package uadc imports that does not import here (uninstalled after uadc, or a broken install)
-    is one UadcError naming it, not a traceback ending in ``ModuleNotFoundError``. (uadc's own modules
-    missing is a broken uadc: that traceback stands.)"""
+    """A package uadc imports that does not import here (uninstalled after uadc; a broken install: a
+    missing shared library, an ABI mismatch; a version without a module uadc uses) is one UadcError
+    naming it, not a traceback (with ``-v`` the traceback is logged too). Only a failure of an import
+    made by uadc's code is converted: uadc's own modules missing, or an error while a package runs,
+    keep their traceback."""
     try:
         yield
-    except ModuleNotFoundError as exc:
-        name = (exc.name or "").split(".")[0]
-        if not name or name == "uadc":
+    except (ImportError, OSError) as exc:
+        name = _failed_import(exc)
+        if name is None:
             raise
-        raise UadcError(f"the {name} module does not import here ({exc}); this command needs it: install uadc's "
+        logging.getLogger("uadc").debug("the import of %s failed", name, exc_info=exc)
+        why = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] == name and \
+                exc.name != name and _imports(name):   # the package is there, without that module
+            raise UadcError(f"{name} {_version(name)} has no module {exc.name} ({why}): a version uadc does not "
+                            f"support; install the one its requirements name (pip install uadc)") from None
+        raise UadcError(f"the {name} module does not import here ({why}); this command needs it: install uadc's "
                         f"dependencies again (pip install uadc, with the extras you use)") from None
+
+
+def _failed_import(exc: BaseException) -> str | None:
+    """The top-level package whose import, made by uadc's code, raised ``exc``; None for anything else."""
+    frames, tb = [], exc.__traceback__   # (module, code name); Python leaves importlib's own frames out
+    while tb is not None:
+        frames.append((str(tb.tb_frame.f_globals.get("__name__", "")), tb.tb_frame.f_code.co_name))
+        tb = tb.tb_next
+    ours = [i for i, (n, _) in enumerate(frames) if n == "uadc" or n.startswith("uadc.")]
+    if not ours:
+        return None
+    if ours[-1] + 1 == len(frames):   # raised at uadc's import line: the module it names (ImportError's name)
+        name = getattr(exc, "name", None) or ""
+    elif frames[ours[-1] + 1][1] == "<module>":   # raised while a package's own module code ran: its import
+        name = frames[ours[-1] + 1][0]
+    else:
+        return None   # raised while a package's function ran: not an import
+    name = name.split(".")[0]
+    return name if name and name != "uadc" else None
+
+
+def _imports(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+        return True
+    except Exception:  # noqa: BLE001 - any failure: it does not import
+        return False
+
+
+def _version(name: str) -> str:
+    return str(getattr(sys.modules.get(name), "__version__", "(version unknown)"))
 
 
 def raise_interrupt_behind(exc: BaseException) -> None:

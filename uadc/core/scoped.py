@@ -103,6 +103,24 @@ def environment_kept() -> Iterator[None]:
         warnings.filters[:] = filters
 
 
+@contextlib.contextmanager
+def logged_warnings(logger: str = "uadc") -> Iterator[list[str]]:
+    """The messages of the warnings logged under ``logger`` in the block, in order (logged as usual
+    too): a result can list every warning its run printed (``uadc predict --json``'s ``warnings``)."""
+    said: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    handler, log = _Keep(logging.WARNING), logging.getLogger(logger)
+    log.addHandler(handler)
+    try:
+        yield said
+    finally:
+        log.removeHandler(handler)
+
+
 def settle_exit() -> None:
     """The process's outcome is decided and written: SIGTERM and Ctrl-C are ignored through the
     interpreter's teardown (a second or two with torch loaded), where their default action ended it

@@ -19,7 +19,7 @@ import onnx
 from uadc import __version__
 from uadc.backends import openvino as ov
 from uadc.backends.ort import latency_ms, make_session, paired_latency_ms
-from uadc.backends.parallel import ParallelSession
+from uadc.backends.parallel import ParallelSession, cap_threads
 from uadc.backends.ort_profile import TIMING_CACHE_DIR
 from uadc.config.recipe import Recipe
 from uadc.config.settings import PtqSettings, resolve_ptq
@@ -113,7 +113,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     if auto is not None and baseline.recipe.compile.auto.timing_cache and cache.exists() and not cache.is_dir():
         raise UadcError(f"{cache}: not a folder; precision auto keeps its ONNX Runtime profiles there, beside --out "
                         f"(remove the file, or set compile.auto.timing_cache: false)")   # "not a folder: ..." before
-    threads = opts.threads or baseline.threads
+    threads = cap_threads(opts.threads or baseline.threads)   # every figure at the thread count it states
     if opts.evaluate and not baseline.test_arrays:
         log.warning("no category has a test folder: AUROC and test-set decisions are not measured")
         opts = replace(opts, evaluate=False)

@@ -7,10 +7,11 @@ Per target, one of:
 - ``bundle only``: the target's runtime is absent; ``uadc compile`` writes the device bundle
   (model.onnx, build_engine.sh, ...) and predicts INT8 accuracy with ONNX Runtime running the
   same Q/DQ model (``emulated_int8`` in report.json); no engine, no target latency.
-- ``unavailable``: an optional package is missing (the detail names it).
+- ``unavailable``: a package is missing or does not import (the detail names it and why).
 
-Nothing heavy is imported: versions come from package metadata, CPU features from
-/proc/cpuinfo, TensorRT/GPU presence from the TensorRT backend's own check.
+Versions come from package metadata, CPU features from /proc/cpuinfo, TensorRT/GPU presence from
+the TensorRT backend's own check; the packages every compile needs (torch, onnx, ONNX Runtime,
+Polygraphy) and OpenVINO are imported, as metadata alone says "installed" of a broken install.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from uadc import __version__
 from uadc.backends.openvino import import_error as ov_import_error
@@ -104,7 +106,7 @@ def doctor() -> DoctorReport:
 def _compile_blocker() -> str | None:
     """Why no target compiles here: a package every compile imports that does not import (its
     metadata alone said "installed"), or None."""
-    for name in ("onnx", "onnxruntime", "polygraphy.backend.onnxrt"):
+    for name in ("torch", "onnx", "onnxruntime", "polygraphy.backend.onnxrt"):
         try:
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - ImportError, or OSError for a missing shared library
@@ -189,16 +191,24 @@ def _cpu_flags() -> set[str] | None:
     return None
 
 
+def _torch() -> Any:
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - not importable: the targets say so (_compile_blocker)
+        return None
+    return torch
+
+
 def _threads() -> dict[str, int | str | None]:
-    import torch
+    torch = _torch()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"torch": torch.get_num_threads(), "affinity": affinity,
+    return {"torch": torch.get_num_threads() if torch else None, "affinity": affinity,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
 def _gpu() -> str | None:
-    import torch
-    if not torch.cuda.is_available():
+    torch = _torch()
+    if torch is None or not torch.cuda.is_available():
         return None
     n = torch.cuda.device_count()
     return f"{n} CUDA device(s): {torch.cuda.get_device_name(0)}"

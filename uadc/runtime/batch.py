@@ -20,7 +20,7 @@ from uadc.core.constants import MANIFEST_FILE, OVERLAYS_DIR, PREDICTIONS_CSV, PR
 from uadc.core.errors import NonFiniteOutputs, UadcError
 from uadc.core.images import FoundImages, find_images, printable
 from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, file_lock, staged_files
-from uadc.core.scoped import signals_deferred
+from uadc.core.scoped import logged_warnings, signals_deferred
 from uadc.core.manifest import infer_category
 from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction
@@ -143,12 +143,13 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
     if not found.files:
         raise UadcError(f"no images found in {', '.join(map(str, roots))}"
                         + (f" (left out: {_describe(found.skipped)})" if found.skipped else ""))
-    if not out:
-        return _predict(detector, found, category, None, overlays, batch_size, infer, roots)
-    _check_outside_artifacts(Path(out))
-    _check_out(Path(out))
-    with file_lock(Path(out)):
-        return _predict(detector, found, category, out, overlays, batch_size, infer, roots)
+    if out:
+        _check_outside_artifacts(Path(out))
+        _check_out(Path(out))
+    with file_lock(Path(out)) if out else contextlib.nullcontext(), logged_warnings() as said:
+        run = _predict(detector, found, category, out, overlays, batch_size, infer, roots)
+    run.warnings += said   # every warning the run logged (an image noted once per folder, the category one)
+    return run
 
 
 def _predict(detector: Detector, found: FoundImages, category: str | None, out: Path | None, overlays: bool,
@@ -164,11 +165,10 @@ def _predict(detector: Detector, found: FoundImages, category: str | None, out: 
         _run_images(detector, files, category, infer, batch_size, run, stage, names)
         n_global = sum(r["category"] is None for r in run.records)
         if n_global and len(detector.categories) > 1:
-            run.warnings.append(f"{n_global} of {len(run.records)} images are in no folder named after a category "
-                                f"({', '.join(detector.categories)}): they were judged at the global thresholds, set "
-                                f"on every category's normals together, which can sit far above one category's "
-                                f"defect scores; pass --category (or category=) to judge them as that product")
-            log.warning("%s", run.warnings[-1])
+            log.warning("%d of %d images are in no folder named after a category (%s): they were judged at the global "
+                        "thresholds, set on every category's normals together, which can sit far above one category's "
+                        "defect scores; pass --category (or category=) to judge them as that product", n_global,
+                        len(run.records), ", ".join(detector.categories))
     if tables is not None and not names:
         with signals_deferred():   # predictions.jsonl and .csv: both or neither
             tables()

@@ -24,7 +24,7 @@ import numpy as np
 from uadc.core.errors import NonFiniteOutputs, RuntimeFault, UadcError
 from uadc.core.io import JsonResult, as_path
 from uadc.core.manifest import CategoryThresholds, Manifest, read_manifest
-from uadc.core.scoped import check_threads
+from uadc.core.scoped import check_threads, logged_warnings
 from uadc.runtime.preprocess import preprocess
 
 ENGINE_FILE = "model.engine"
@@ -127,24 +127,19 @@ def _single(inputs: Any) -> bool:
         or hasattr(inputs, "getpixel") or not hasattr(inputs, "__iter__")
 
 
-def _check_precision(manifest: Manifest, backend: str) -> list[str]:
+def _check_precision(manifest: Manifest, backend: str) -> None:
     """A bf16 artifact's thresholds were set on bf16 outputs; another runtime computes in fp32. An INT8
-    artifact's were set on its own runtime's INT8 kernels, which another runtime rounds differently.
-    The warning is logged and returned (``Detector.warnings``: a ``--json`` summary lists it)."""
+    artifact's were set on its own runtime's INT8 kernels, which another runtime rounds differently."""
     from uadc.config.targets import TARGETS, inference_hint_of
     own = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "tensorrt": "TensorRT"}.get(manifest.runtime)
     target = TARGETS.get(manifest.target)
-    said = []
     if own and own != backend and target is not None and target.quantized and manifest.runtime != "tensorrt":
-        said.append(f"{manifest.folder}: its thresholds were set on {own}'s INT8 kernels; {backend} rounds INT8 "
-                    "differently, so images scored near a threshold may be decided differently")
+        log.warning("%s: its thresholds were set on %s's INT8 kernels; %s rounds INT8 differently, so images scored "
+                    "near a threshold may be decided differently", manifest.folder, own, backend)
     elif manifest.runtime == "openvino" and backend != "openvino" and inference_hint_of(manifest.target) == "bf16":
-        said.append(f"{manifest.folder}: its thresholds were set on OpenVINO in bf16; {backend} computes in fp32, so "
-                    "images scored near a threshold may be decided differently (run it with backend openvino, or "
-                    "compile an fp32 target for this runtime)")
-    for text in said:
-        log.warning("%s", text)
-    return said
+        log.warning("%s: its thresholds were set on OpenVINO in bf16; %s computes in fp32, so images scored near a "
+                    "threshold may be decided differently (run it with backend openvino, or compile an fp32 "
+                    "target for this runtime)", manifest.folder, backend)
 
 
 def _only_auto(schedule: str, runtime: str) -> None:
@@ -161,7 +156,7 @@ class Detector:
         self.manifest = manifest
         self.backend = backend
         self.batch_size = batch_size
-        self.warnings = list(warnings)   # what loading it found (also logged): its thresholds may not fit this runtime
+        self.warnings = list(warnings)   # logged as it loaded (its thresholds may not fit this runtime, threads capped)
 
     @classmethod
     def load(cls, artifact: str | Path, backend: str = "auto", threads: int | None = None,
@@ -171,7 +166,16 @@ class Detector:
         for an OpenVINO target's artifact when openvino imports; else ONNX Runtime),
         ``onnxruntime``, ``openvino`` or ``tensorrt``. On ONNX Runtime, ``schedule`` says how the
         ``threads`` cores (default: all this process may use) share the work
-        (``uadc.backends.parallel``): ``auto``, ``branches``, ``batch`` or ``sequential`` (one session)."""
+        (``uadc.backends.parallel``): ``auto``, ``branches``, ``batch`` or ``sequential`` (one session).
+        ``warnings``: what it logged as it loaded."""
+        with logged_warnings() as said:
+            det = cls._open(artifact, backend, threads, verify, batch_size, schedule)
+        det.warnings = said
+        return det
+
+    @classmethod
+    def _open(cls, artifact: str | Path, backend: str, threads: int | None, verify: bool, batch_size: int,
+              schedule: str) -> "Detector":
         folder = as_path(artifact, "artifact")
         if not isinstance(verify, bool):   # "no" is a non-empty string: read as true
             raise UadcError(f"verify: expected True or False, got {verify!r:.60}")
@@ -190,19 +194,20 @@ class Detector:
                                 f"{manifest.runtime}")
             _check_importable("tensorrt", "it needs an NVIDIA GPU with TensorRT")
             _only_auto(schedule, "TensorRT")
-            return cls(manifest, _TrtBackend(engine), batch_size, _check_precision(manifest, "TensorRT"))
+            _check_precision(manifest, "TensorRT")
+            return cls(manifest, _TrtBackend(engine), batch_size)
         model = folder / manifest.model_file
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
             _check_importable("openvino", "pip install 'uadc[openvino]'")
             _only_auto(schedule, "OpenVINO")
-            said = _check_precision(manifest, "OpenVINO")
-            return cls(manifest, _OvBackend(model, threads, manifest.target), batch_size, said)
-        said = _check_precision(manifest, "ONNX Runtime")
+            _check_precision(manifest, "OpenVINO")
+            return cls(manifest, _OvBackend(model, threads, manifest.target), batch_size)
+        _check_precision(manifest, "ONNX Runtime")
         backend = _OrtBackend(model, threads, schedule)
         first = backend.session.get_inputs()[0]   # the runtime's own view of the model
         manifest.check_model_input(first.name, first.shape)
         manifest.check_model_metadata(backend.metadata())
-        return cls(manifest, backend, batch_size, said)
+        return cls(manifest, backend, batch_size)
 
     # -- properties -------------------------------------------------------------------------
     @property
