@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,21 @@ def fake_profile(models, feeds, threads, runs=20, warmup=5):
     fp32, int8 = models
     return [[NodeTime(n.name, n.op_type, 100.0) for n in fp32.graph.node],
             [NodeTime(n.name, n.op_type, 5.0 if n.op_type in QDQ_OPS else 10.0, 1000) for n in int8.graph.node]]
+
+
+def edited_artifact(src: Path, dst: Path, model=None, **changes) -> Path:
+    """A copy of artifact ``src`` with ``changes`` in artifact.json and in the model's own uadc.deploy
+    metadata (or another ``model`` in its place), every sha256 updated: a consistent, edited artifact."""
+    import onnx
+    from uadc.core.io import sha256_file
+    from uadc.core.manifest import Manifest
+    from uadc.export.onnx_export import set_metadata
+    shutil.copytree(src, dst)
+    meta = {**json.loads((dst / "artifact.json").read_text()), **changes}
+    m = onnx.load(str(dst / "model.onnx")) if model is None else model
+    if model is None:
+        set_metadata(m, {"deploy": Manifest.from_dict(meta).essentials()})
+    onnx.save(m, str(dst / "model.onnx"))
+    meta["files"]["model.onnx"] = sha256_file(dst / "model.onnx")
+    (dst / "artifact.json").write_text(json.dumps(meta))
+    return dst

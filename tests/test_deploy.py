@@ -545,3 +545,21 @@ def test_an_artifact_without_thresholds_is_a_warning_at_compile(recipe_factory, 
         res = uadc.compile(r, "ort-cpu-fp32", artifacts=tmp_path / "art", evaluate=False, latency_runs=1)
     assert "the artifact has no operating thresholds, so `uadc predict` cannot decide with it" in caplog.text
     assert "on validation normals only (no images)" in (res.path / "report.md").read_text()
+
+
+def test_force_never_replaces_a_folder_only_named_like_uadcs_and_out_stays_outside_artifacts(int8_artifact, tmp_path):
+    """`--force` deleted a user's folder (a photo beside it) because it held a file named report.json; an
+    --out inside another artifact was accepted, and that artifact's next compile deleted it without --force."""
+    import uadc
+    recipe, art, res = int8_artifact
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.json").write_text('{"mine": 1}')
+    (mine / "photo.jpg").write_bytes(b"precious")
+    with pytest.raises(UadcError, match=f"output folder {mine} exists and was not written by uadc"):
+        uadc.compile(recipe, "ort-cpu-fp32", artifacts=art, out=mine, force=True, evaluate=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["photo.jpg", "report.json"]
+    nested = res.path / "nested"
+    with pytest.raises(UadcError, match=f"--out {nested}: inside the artifact folder {res.path}; choose a folder"):
+        uadc.compile(recipe, "ort-cpu-fp32", artifacts=art, out=nested, evaluate=False)
+    assert not nested.exists()

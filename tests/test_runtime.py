@@ -23,6 +23,8 @@ from uadc.core.manifest import Preprocessing
 from uadc.data.mvtec import ImageDataset, Sample
 from uadc.runtime.preprocess import preprocess
 
+from conftest import edited_artifact as _edited_artifact
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
@@ -723,24 +725,6 @@ def test_more_threads_than_cores_are_the_cores(int8_artifact, tiny_data, tmp_pat
     assert rep.latency.threads == available_cores() == rep.environment["threads"], rep.latency
 
 
-def _edited_artifact(src: Path, dst: Path, model=None, **changes) -> Path:
-    """A copy of artifact ``src`` with ``changes`` in artifact.json and in the model's own uadc.deploy
-    metadata (or another ``model`` in its place), every sha256 updated: a consistent, edited artifact."""
-    import onnx
-    from uadc.core.io import sha256_file
-    from uadc.core.manifest import Manifest
-    from uadc.export.onnx_export import set_metadata
-    shutil.copytree(src, dst)
-    meta = {**json.loads((dst / "artifact.json").read_text()), **changes}
-    m = onnx.load(str(dst / "model.onnx")) if model is None else model
-    if model is None:
-        set_metadata(m, {"deploy": Manifest.from_dict(meta).essentials()})
-    onnx.save(m, str(dst / "model.onnx"))
-    meta["files"]["model.onnx"] = sha256_file(dst / "model.onnx")
-    (dst / "artifact.json").write_text(json.dumps(meta))
-    return dst
-
-
 def test_a_model_that_is_not_the_artifacts_own_is_refused(int8_artifact, tmp_path):
     """A model.onnx swapped for another one (its sha256 in artifact.json updated too: the golden
     reference, the FP32 model of another compile) ran at this artifact's thresholds."""
@@ -872,3 +856,25 @@ def test_overlays_linked_to_another_folder_are_replaced_without_a_traceback(int8
     assert list(elsewhere.rglob("*.png"))
     predict_paths(det, [tiny_data / "gray" / "test"], out=out)      # no overlays now: the earlier ones are stale
     assert (out / "overlays").is_symlink() and elsewhere.is_dir() and not list(elsewhere.rglob("*.png"))
+
+
+def test_split_partitions_of_a_postprocessed_model_keep_its_category_input(int8_artifact):
+    """`compile --split --postprocess`: head.onnx lost the `category` input (a constant at its default, the
+    global thresholds), so teacher -> student -> head decided otherwise than model.onnx."""
+    import onnx
+    from uadc.core.ort_session import make_session
+    from uadc.export.partitions import partition_models
+    model = onnx.load(str(int8_artifact[2].path / "model.onnx"))
+    assert [i.name for i in model.graph.input] == ["image", "category"]
+    subs = partition_models(model)
+    assert "category" in [i.name for i in subs["head"].graph.input]
+    x = np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype(np.float32)
+    feeds = {"image": x, "category": np.array([0, 0, 1, 1], np.int64)}
+    whole = make_session(model, 1)
+    want = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, feeds)))
+    env = dict(feeds)
+    for p in ("teacher", "student", "head"):
+        s = make_session(subs[p], 1)
+        env.update(zip([o.name for o in s.get_outputs()], s.run(None, {i.name: env[i.name] for i in s.get_inputs()})))
+    for name, value in want.items():
+        np.testing.assert_array_equal(env[name], value, err_msg=name)

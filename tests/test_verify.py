@@ -319,12 +319,11 @@ def test_a_side_without_a_categorys_thresholds_is_named_in_the_notes(artifacts, 
     """A side decided 'gray' at its global thresholds, reported as `source: artifact.json`, with no note.
     (A candidate without gray is refused now; a reference without it is judged, and named.)"""
     _, fp32, _ = artifacts
+    from conftest import edited_artifact
+    thresholds = json.loads((fp32 / "artifact.json").read_text())["thresholds"]
+    del thresholds["categories"]["gray"]
+    edited_artifact(fp32, tmp_path / "a", thresholds=thresholds, categories=["stripes"])
     a = tmp_path / "a"
-    shutil.copytree(fp32, a)
-    meta = json.loads((a / "artifact.json").read_text())
-    del meta["thresholds"]["categories"]["gray"]
-    meta["categories"] = ["stripes"]
-    (a / "artifact.json").write_text(json.dumps(meta))
     d = json.loads(CliRunner().invoke(main, ["diff", str(a), str(fp32), "--json", "-"]).stdout)
     assert d["thresholds"]["reference"]["gray"]["source"].startswith("artifact.json global")
     assert d["thresholds"]["reference"]["stripes"]["source"] == d["thresholds"]["candidate"]["gray"]["source"] == \
@@ -336,10 +335,9 @@ def test_a_golden_set_of_another_recipe_is_named_in_the_notes(artifacts, tmp_pat
     """Every figure out of budget, "REGRESSION", and nothing said the golden set was another recipe's. Not
     refused: a copy of the recipe under another name (or with other verify budgets) is the same model."""
     _, fp32, int8 = artifacts
-    other = tmp_path / "other"
-    shutil.copytree(int8, other)
-    meta = json.loads((other / "artifact.json").read_text())
-    (other / "artifact.json").write_text(json.dumps({**meta, "recipe": "tiny2", "recipe_hash": "0" * 16}))
+    from conftest import edited_artifact
+    other = edited_artifact(int8, tmp_path / "other", recipe="tiny2", recipe_hash="0" * 16)
+    meta = json.loads((int8 / "artifact.json").read_text())
     r = CliRunner().invoke(main, ["verify", str(other), "--golden", str(fp32), "--json", "-"])
     assert r.exit_code in (0, 1) and json.loads(r.stdout)["notes"][0] == (
         f"the golden set is recipe tiny's (hash {meta['recipe_hash']}), the artifact recipe tiny2's (hash "
@@ -551,3 +549,38 @@ def test_a_model_that_fails_as_it_runs_is_one_line(artifacts, tiny_data, tmp_pat
     r = CliRunner().invoke(main, ["diff", str(fp32), str(tmp_path / "bad.onnx"), "--images", str(tiny_data / "gray" / "test")])
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith(
         "error: a model could not run on the verification images:"), r.output
+
+
+def test_an_edited_manifest_or_an_unlisted_golden_file_is_refused_by_the_gate_and_bundle(artifacts, tiny_data,
+                                                                                        tmp_path):
+    """verify / diff / bundle judged (and shipped) an artifact.json whose thresholds were edited, which
+    predict refused; a reference model swapped in and struck from the manifest was used unchecked; bundle
+    --force replaced a compiled artifact; a spread from 2 images was judged with the artifact's count."""
+    _, fp32, int8 = artifacts
+    edited = tmp_path / "edited"
+    shutil.copytree(fp32, edited)
+    meta = json.loads((edited / "artifact.json").read_text())
+    meta["thresholds"]["categories"]["stripes"]["image"]["value"] *= 1.001
+    (edited / "artifact.json").write_text(json.dumps(meta))
+    said = "is not the model artifact.json was written for (its uadc.deploy metadata differs: thresholds)"
+    for run in (lambda: uadc.verify(edited), lambda: uadc.diff(fp32, edited), lambda: uadc.diff(edited, fp32),
+                lambda: uadc.bundle(edited, tmp_path / "b")):
+        with pytest.raises(UadcError, match=re.escape(said)):
+            run()
+    swapped = tmp_path / "swapped"
+    shutil.copytree(int8, swapped)
+    meta = json.loads((swapped / "artifact.json").read_text())
+    reference = json.loads((swapped / "golden.json").read_text()).get("reference_model", "model.onnx")
+    del meta["files"][reference]
+    (swapped / "artifact.json").write_text(json.dumps(meta))
+    with pytest.raises(UadcError, match=f"{reference}: not listed in {swapped / 'artifact.json'}"):
+        uadc.verify(swapped)
+    with pytest.raises(UadcError, match="a compiled artifact, not a bundle; bundles replace only earlier bundles"):
+        uadc.bundle(int8, edited, force=True)
+    assert (edited / "golden.json").is_file()
+    two = tmp_path / "two" / "stripes"
+    two.mkdir(parents=True)
+    for f in sorted((tiny_data / "stripes" / "test" / "good").iterdir())[:2]:
+        shutil.copy(f, two / f.name)
+    d = uadc.diff(fp32, int8, images=[two.parent])
+    assert d.thresholds["reference"]["stripes"]["n"] == 2

@@ -444,7 +444,7 @@ def diff_cmd(a: Path, b: Path, images, budget, recipe, normal_only, json_out, md
 @main.command("bundle")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="folder for the deployment copy")
-@click.option("--force", is_flag=True, help="replace --out if uadc wrote it")
+@click.option("--force", is_flag=True, help="replace --out if it is an earlier bundle")
 @json_output
 def bundle_cmd(artifact: Path, out: Path, force: bool):
     """Copy a verified artifact without its golden (regression-gate) files: what a line runs."""

@@ -33,7 +33,11 @@ from uadc.core.scoped import signals_deferred
 
 TMP_TAG = ".uadc-tmp-"
 # A folder holding one of these was written by uadc and may be replaced by a newer output.
-OUTPUT_MARKERS = ("artifact.json", "report.json", "qat.json", "compare.json", "sweep.json")
+# a folder uadc wrote holds one of these, as uadc writes it (keys it always has): a user's own
+# report.json made --force delete the folder and every file beside it
+OUTPUT_MARKERS = {"artifact.json": ("schema", "uadc_version", "files"), "report.json": ("schema", "target", "recipe_hash"),
+                  "qat.json": ("recipe_hash", "model_hash", "target"), "compare.json": ("cells", "target", "fp32"),
+                  "sweep.json": ("cells", "pareto", "name")}
 _TMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TMP_TAG) + r"(?P<pid>\d+)-[0-9a-f]+(?:\.tmp)?$")
 
 
@@ -225,7 +229,17 @@ def atomic_save(path: Path, save: Any) -> Path:
 
 
 def is_output_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / m).is_file() for m in OUTPUT_MARKERS)
+    return path.is_dir() and any(_is_marker(path / name, keys) for name, keys in OUTPUT_MARKERS.items())
+
+
+def _is_marker(path: Path, keys: tuple[str, ...]) -> bool:
+    try:
+        if not path.is_file() or path.stat().st_size > 256 << 20:
+            return False
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):   # unreadable, not UTF-8, not JSON: not uadc's
+        return False
+    return isinstance(doc, dict) and all(k in doc for k in keys)
 
 
 def check_replaceable(final: Path, replace: bool = True) -> None:

@@ -239,12 +239,43 @@ class Manifest(JsonResult):
                             f"written for (its {DEPLOY_METADATA} metadata differs: {', '.join(differ)}); "
                             f"compile the artifact again")
 
+    def check_model_file(self) -> None:
+        """:meth:`check_model_metadata` on the folder's model file, read here (``uadc verify``, ``diff``,
+        ``bundle`` and every runtime judged an edited manifest's thresholds, which predict refused)."""
+        self.check_model_metadata(model_metadata((self.folder or Path(".")) / self.model_file))
+
     def essentials(self) -> dict:
         """What goes into the ONNX ``metadata_props`` (``uadc.deploy``): enough to run the
         model and decide without the folder's other files."""
         d = self.to_dict()
         return {k: d[k] for k in ("schema", "uadc_version", "recipe_hash", "target", "precision", "input",
                                   "preprocessing", "categories", "thresholds", "postprocess")}
+
+
+def model_metadata(path: Path) -> dict[str, str]:
+    """An ONNX file's ``metadata_props`` (through onnx where it is installed, else ONNX Runtime's reader)."""
+    try:
+        import onnx
+    except ImportError:   # the torch-free runtime may run without onnx
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return dict(sess.get_modelmeta().custom_metadata_map)
+    try:
+        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and others: a damaged file
+        raise UadcError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+
+
+def check_outside_artifacts(out: Path, below: bool = False) -> None:
+    """Refuse an output folder in an artifact folder (one holding ``artifact.json``); ``below``: only in
+    one strictly above ``out`` (``out`` itself may be an artifact, to be replaced)."""
+    out = Path(out)
+    inside = next((d for d in (() if below else (out,)) + tuple(out.absolute().parents)
+                   if (d / MANIFEST_FILE).is_file()), None)
+    if inside is not None:
+        raise UadcError(f"--out {out}: inside the artifact folder {inside}; choose a folder outside it")
 
 
 def infer_category(path: Path, categories: Sequence[str]) -> str | None:

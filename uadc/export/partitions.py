@@ -48,9 +48,10 @@ def partition_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 def partition_models(model: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
     """One model per partition, in ``PARTITIONS`` order (a partition without nodes is left out); its
-    inputs and outputs are the tensors crossing partition borders (the image counts as an input)."""
+    inputs and outputs are the tensors crossing partition borders (the graph's inputs count as inputs: the
+    image, and post-processing's ``category``, which became a constant at its default otherwise)."""
     producers = {o: partition_of(n) for n in model.graph.node for o in n.output}
-    graph_input = model.graph.input[0].name
+    graph_inputs = {i.name for i in model.graph.input}
     graph_outputs = {o.name for o in model.graph.output}
     extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
     subs = {}
@@ -58,7 +59,7 @@ def partition_models(model: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
         ins, outs = [], []
         for n in model.graph.node:
             if partition_of(n) == p:
-                ins += [i for i in n.input if i and (i == graph_input or (i in producers and producers[i] != p))]
+                ins += [i for i in n.input if i and (i in graph_inputs or (i in producers and producers[i] != p))]
             else:
                 outs += [i for i in n.input if producers.get(i) == p]
         outs += [o for o in graph_outputs if producers.get(o) == p]

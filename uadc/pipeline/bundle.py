@@ -20,7 +20,7 @@ from pathlib import Path
 
 from uadc.core.constants import GOLDEN_FILES, MANIFEST_FILE
 from uadc.core.errors import UadcError
-from uadc.core.io import JsonResult, as_path, atomic_dir, sha256_file
+from uadc.core.io import JsonResult, as_path, atomic_dir, read_json, sha256_file
 from uadc.core.numbers import flags
 from uadc.core.manifest import read_manifest, write_manifest
 
@@ -52,6 +52,16 @@ def _check_apart(source: Path, out: Path) -> None:
         raise UadcError(f"--out {out} overlaps the artifact {source}: choose a folder outside it")
 
 
+def _check_not_an_artifact(out: Path) -> None:
+    """``--force`` replaces an earlier bundle, never a compiled artifact (its golden set, its reports)."""
+    if not (out / MANIFEST_FILE).is_file():
+        return
+    doc = read_json(out / MANIFEST_FILE, "artifact manifest")
+    if isinstance(doc, dict) and "bundle" not in doc:
+        raise UadcError(f"--out {out}: a compiled artifact, not a bundle; bundles replace only earlier bundles "
+                        f"(choose another --out)")
+
+
 def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
     """Write the deployment copy of ``artifact`` to ``out`` (atomically; ``force`` replaces an
     earlier uadc output there). The artifact is verified against its manifest first. Torch-free:
@@ -59,7 +69,9 @@ def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
     flags(force=force)
     source, out = as_path(artifact, "bundle: artifact"), as_path(out, "bundle: out")
     manifest = read_manifest(source)             # every listed file present and unchanged
+    manifest.check_model_file()                  # and artifact.json the one compile wrote for its model
     _check_apart(source, Path(out))
+    _check_not_an_artifact(Path(out))
     keep = sorted(rel for rel in manifest.files if rel not in GOLDEN_FILES)
     left_out = sorted(set(manifest.files) - set(keep))
     earlier = (manifest.bundle or {}).get("left_out") if isinstance(manifest.bundle, dict) else None

@@ -28,7 +28,7 @@ from uadc.config.targets import Target, get_target
 from uadc.core.constants import INPUT_NAME, MODEL_FILE, PARTITIONS, QDQ_OPS, REPORT_FILE, REPORT_MD
 from uadc.core.errors import UadcError
 from uadc.core.io import atomic_dir, atomic_write_json, atomic_write_text, check_replaceable, check_writable
-from uadc.core.manifest import write_manifest
+from uadc.core.manifest import check_outside_artifacts, write_manifest
 from uadc.core.progress import progress
 from uadc.export.onnx_export import partition_bytes, split_partitions
 from uadc.export.partitions import partition_counts, partition_of
@@ -106,6 +106,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     _check_qat_size(opts.qat_model, baseline.size)
     auto = auto_candidates(baseline, target, opts)  # None unless precision auto; unsupported targets fail here
     out = Path(opts.out) if opts.out else default_out(baseline, target, opts.qat_model is not None, opts.artifacts)
+    check_outside_artifacts(out, below=True)   # a later compile of that artifact deleted it, without --force
     check_replaceable(out.absolute(), replace=opts.force or opts.out is None)  # before any work
     check_writable(out.absolute().parent)
     _check_apart(out, opts.dump_passes)

@@ -195,7 +195,7 @@ def artifact_runner(artifact: Path, name: str, threads: int | None = None) -> tu
     model = _model_path(artifact)
     folder = Path(artifact) if Path(artifact).is_dir() else None   # a bare ONNX file runs on ORT
     if folder is not None and (folder / MANIFEST_FILE).is_file():
-        read_manifest(folder)   # a file changed after compile fails the gate as it fails loading: one line
+        read_manifest(folder).check_model_file()   # a file (or the manifest) changed after compile: one line
     engine = folder / "model.engine" if folder else None
     if engine is not None and engine.is_file():
         try:
@@ -346,8 +346,9 @@ def _manifest_thresholds(artifact: Path, base: dict) -> dict | None:
     for cat, spread in base.items():
         own = cat == "global" or (cat in t.categories and t.validation.get(cat, 1) > 0)   # 0: a copy of global
         ct = t.get(cat if cat in t.categories else None)
-        out[cat] = {**spread, "image": ct.image.value, "pixel": ct.pixel.value, "quantile": ct.image.quantile,
-                    "n": ct.image.n, "source": "artifact.json" if own else GLOBAL_FALLBACK}
+        # "n" stays the spread's: the normals its score_std came from (the artifact's count judged a spread of 2)
+        out[cat] = {"n": ct.image.n, **spread, "image": ct.image.value, "pixel": ct.pixel.value,
+                    "quantile": ct.image.quantile, "source": "artifact.json" if own else GLOBAL_FALLBACK}
     return out
 
 
@@ -400,7 +401,8 @@ def _judge(kind: str, reference: str, candidate: str, runtime: dict, records: li
               for side, thr in zip(("reference", "candidate"), thresholds)
               if (fell := [c for c, t in thr.items() if t.get("source") == GLOBAL_FALLBACK and c not in no_category])]
     unmeasured = [f"{n}[{c}]" for c, figs in (("all", fid["all"]), *fid["categories"].items()) for n, v in figs.items()
-                  if v is None and (c == "all" or per_category and len(fid["categories"]) > 1)]
+                  if v is None and (c == "all" or per_category and len(fid["categories"]) > 1)
+                  and not (n == "score_shift" and (c if c != "all" else "global") in few)]   # said below, why
     notes += [f"not judged, too few images to measure: {', '.join(unmeasured)} (spearman needs "
               f"{fidelity.MIN_RANK_IMAGES} images; score_shift a spread of the reference normals)"] if unmeasured else []
     notes += [f"score_shift[{c}] not judged: {n} reference normals (fewer than {fidelity.MIN_SPREAD_NORMALS}) "

@@ -16,12 +16,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from uadc.core.constants import MANIFEST_FILE, OVERLAYS_DIR, PREDICTIONS_CSV, PREDICTIONS_JSONL
+from uadc.core.constants import OVERLAYS_DIR, PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import NonFiniteOutputs, UadcError
 from uadc.core.images import FoundImages, find_images, printable
 from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, file_lock, staged_files
 from uadc.core.scoped import logged_warnings, signals_deferred
-from uadc.core.manifest import infer_category
+from uadc.core.manifest import check_outside_artifacts, infer_category
 from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction
 from uadc.runtime.preprocess import load_rgb
@@ -144,7 +144,7 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
         raise UadcError(f"no images found in {', '.join(map(str, roots))}"
                         + (f" (left out: {_describe(found.skipped)})" if found.skipped else ""))
     if out:
-        _check_outside_artifacts(Path(out))
+        check_outside_artifacts(Path(out))   # its files are hashed in artifact.json: a bundle listed ours as unlisted
         _check_out(Path(out))
     with file_lock(Path(out)) if out else contextlib.nullcontext(), logged_warnings() as said:
         run = _predict(detector, found, category, out, overlays, batch_size, infer, roots)
@@ -204,12 +204,6 @@ def _run_images(detector: Detector, files: list[Path], category: str | None, inf
                 atomic_write_bytes(stage / names[f], buf.getvalue())
                 run.written.append(run.out / OVERLAYS_DIR / names[f])
                 run.records[-1]["overlay"] = (OVERLAYS_DIR / names[f]).as_posix()
-
-
-def _check_outside_artifacts(out: Path) -> None:
-    inside = next((d for d in (out, *out.absolute().parents) if (d / MANIFEST_FILE).is_file()), None)
-    if inside is not None:   # its files are hashed in artifact.json: a bundle of it listed them as unlisted
-        raise UadcError(f"--out {out}: inside the artifact folder {inside}; choose a folder outside it")
 
 
 def _check_out(out: Path) -> None:

@@ -195,12 +195,15 @@ class Detector:
             _check_importable("tensorrt", "it needs an NVIDIA GPU with TensorRT")
             _only_auto(schedule, "TensorRT")
             _check_precision(manifest, "TensorRT")
+            if (folder / manifest.model_file).is_file():   # the ONNX the engine was built from, as compile wrote it
+                manifest.check_model_file()
             return cls(manifest, _TrtBackend(engine), batch_size)
         model = folder / manifest.model_file
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
             _check_importable("openvino", "pip install 'uadc[openvino]'")
             _only_auto(schedule, "OpenVINO")
             _check_precision(manifest, "OpenVINO")
+            manifest.check_model_file()   # ONNX Runtime's session checks it below
             return cls(manifest, _OvBackend(model, threads, manifest.target), batch_size)
         _check_precision(manifest, "ONNX Runtime")
         backend = _OrtBackend(model, threads, schedule)

@@ -102,8 +102,9 @@ def read_golden(path: Path) -> GoldenSet:
         raise UadcError(f"no golden outputs at {path}: a deployment bundle (`uadc bundle`) leaves them out, an "
                         f"older uadc did not write them; pass --golden FULL_ARTIFACT, or compile the artifact again")
     folder = meta_path.parent
+    listed = None
     if (folder / MANIFEST_FILE).is_file():   # checked, not trusted: an edited golden.json's budgets passed anything
-        read_manifest(folder)
+        listed = set(read_manifest(folder).files)
     meta = _read(meta_path, lambda: json.loads(meta_path.read_text()))
     if not isinstance(meta, dict) or not {"runner", "inputs", "outputs", "images"} <= set(meta):
         raise UadcError(f"{meta_path} is not a golden set's {GOLDEN_META}; pass an artifact folder or its "
@@ -112,6 +113,12 @@ def read_golden(path: Path) -> GoldenSet:
         raise UadcError(f"{meta_path}: golden schema {meta.get('schema')!r}, expected {GOLDEN_SCHEMA}")
     inputs, outputs_file = (_member(folder, meta[k], k, meta_path) for k in ("inputs", "outputs"))
     mask_file = _member(folder, meta["masks"], "masks", meta_path) if meta.get("masks") else None
+    used = [meta_path.name, inputs.name, outputs_file.name, *([mask_file.name] if mask_file else []),
+            *([meta["reference_model"]] if isinstance(meta.get("reference_model"), str) else [])]
+    unlisted = [n for n in used if listed is not None and n not in listed]
+    if unlisted:   # a reference model swapped in, its name struck from the manifest: judged as if compile wrote it
+        raise UadcError(f"{folder / unlisted[0]}: not listed in {folder / MANIFEST_FILE}, so not the file compile wrote; "
+                        f"compile the artifact again")
     with quiet_third_party():  # Polygraphy logs every load
         feeds = _read(inputs, lambda: [dict(f) for f in load_json(str(inputs))])
         results = _read(outputs_file, lambda: RunResults.load(str(outputs_file)))
