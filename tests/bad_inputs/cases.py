@@ -264,7 +264,7 @@ def _symlink_out(e: Env) -> None:
 def _fake_uadc_out(e: Env) -> None:
     d = e.d / "old_out"
     d.mkdir()
-    (d / "report.json").write_text("{}")
+    (d / "report.json").write_text('{"schema": 3, "target": "ort-cpu-fp32", "recipe_hash": "0123456789abcdef"}')
     (d / "old.txt").write_text("from an older compile")
 
 
@@ -479,7 +479,9 @@ CASES: list[Case] = [
          msg="precision auto keeps its ONNX Runtime profiles there", setup=text("timing_cache", "x")),
     # `uadc qat`'s folder (qat.json counts as uadc's) was replaced with a compile artifact under --force
     Case("out-is-a-qat-folder", COMPILE("--no-eval", "--out", "q", "--force"), msg="the folder of a QAT model",
-         setup=both(lambda e: (e.d / "q").mkdir(), text("q/qat.json", "{}"), text("q/qat_model.onnx", "x"))),
+         setup=both(lambda e: (e.d / "q").mkdir(), text("q/qat.json", '{"recipe_hash": "r", "model_hash": "m", '
+                                                                     '"target": "ort-cpu-int8"}'),
+                    text("q/qat_model.onnx", "x"))),
     # the whole compile ran, then "exists and was not written by uadc (nothing was changed)": it had dumped there
     *[Case(f"dump-passes-overlaps-out-{i}", COMPILE("--no-eval", "--out", out, "--dump-passes", dump), msg="overlap")
       for i, (out, dump) in enumerate((("o", "o"), ("o", "o/passes"), ("d/o", "d")))],
