@@ -46,7 +46,7 @@ def test_an_openvino_target_without_openvino_is_refused_before_any_work(base, tm
         raise AssertionError("the work started")
 
     monkeypatch.setitem(sys.modules, "openvino", None)
-    monkeypatch.setattr(comp, "resolve_ptq", work_started)
+    monkeypatch.setattr(comp, "check_replaceable", work_started)   # the first step after the options' checks
     with pytest.raises(UadcError, match=r"^OpenVINO is not installed: pip install 'uadc\[openvino\]'$"):
         uadc.compile(base, "openvino-cpu-int8", out=tmp_path / "a")
     monkeypatch.setattr(api, "baseline", work_started)   # it loads the checkpoint and the images QAT trains on

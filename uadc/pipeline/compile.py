@@ -98,13 +98,13 @@ def _check_apart(out: Path, dump: Path | None) -> None:
 
 def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     target = get_target(opts.target)
-    if target.runtime == "openvino":
-        ov.require()   # before the export, the calibration and the search, not after them
     ptq = resolve_ptq(baseline.recipe, target, opts.calibrator, opts.calib_data, opts.calib_samples,
                       opts.quantize, opts.per_channel)
     _check_options(target, ptq, opts)
     _check_qat_size(opts.qat_model, baseline.size)
     auto = auto_candidates(baseline, target, opts)  # None unless precision auto; unsupported targets fail here
+    if target.runtime == "openvino":
+        ov.require()   # the options first, then the runtime: before the export, calibration and search
     out = Path(opts.out) if opts.out else default_out(baseline, target, opts.qat_model is not None, opts.artifacts)
     check_outside_artifacts(out, below=True)   # a later compile of that artifact deleted it, without --force
     check_replaceable(out.absolute(), replace=opts.force or opts.out is None)  # before any work
