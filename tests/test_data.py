@@ -3,7 +3,7 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from synthetic import make_category
 from uadc.data.mvtec import build_test_sets, build_train_set, resolve_sources, list_test_samples, validate_test_masks
@@ -253,6 +253,13 @@ def test_a_camera_jpeg_rotated_by_its_exif_tag_is_read_as_displayed(tmp_path):
     im.save(tmp_path / "cam.jpg", exif=exif, quality=100)
     up = load_image(tmp_path / "cam.jpg", 32)
     assert up[:4].mean() > 0.9 and up[-4:].mean() < 0.1   # the bright edge is on top, as displayed
+    # the runtime reads it so whether given as a path, bytes or an opened PIL image (which was sideways)
+    from uadc.core.manifest import Preprocessing
+    from uadc.runtime.preprocess import load_rgb
+    pre = Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
+    with Image.open(tmp_path / "cam.jpg") as opened:
+        for source in (tmp_path / "cam.jpg", (tmp_path / "cam.jpg").read_bytes(), opened):
+            np.testing.assert_array_equal(load_rgb(source, pre), up)
 
 
 def test_one_folder_under_two_category_names_is_refused(data):
@@ -326,3 +333,46 @@ def test_an_image_removed_while_a_folder_is_read_is_named_so(tmp_path):
     with pytest.raises(UadcError, match=r"^unreadable image .*img.png: No such file or directory$"):
         with open_image(gone):
             pass
+
+
+@pytest.mark.parametrize("where", ["train/good", "test/blob"])
+def test_a_link_loop_or_dangling_link_among_images_is_one_line_naming_it(data, where):
+    """A link loop in train/good/ was a RuntimeError traceback (Path.resolve); a dangling link in a
+    defect folder was reported as a 'defect image without mask'."""
+    folder = data / "a" / where
+    os.symlink("loop.png", folder / "loop.png")
+    with pytest.raises(UadcError, match=r"unreadable image .*loop.png: broken link"):
+        (build_train_set if where == "train/good" else build_test_sets)([(data, "a")], 32, NORM)
+    (folder / "loop.png").unlink()
+    os.symlink(data / "gone.png", folder / "003.png")
+    with pytest.raises(UadcError, match=r"unreadable image .*003.png: broken link"):
+        (build_train_set if where == "train/good" else build_test_sets)([(data, "a")], 32, NORM)
+
+
+def _mask_of(tmp_path, mask: Image.Image, size=(48, 32), fmt="PNG"):
+    from uadc.data.mvtec import Sample
+    Image.new("RGB", size, (90, 90, 90)).save(tmp_path / "img.png")
+    name = tmp_path / f"m.{'jpg' if fmt == 'JPEG' else 'png'}"
+    mask.save(name, fmt, **({"quality": 75} if fmt == "JPEG" else {}))
+    return Sample(tmp_path / "img.png", "c", "blob", name)
+
+
+def test_masks_in_16_bits_jpeg_soft_or_not_square_mark_what_they_show(tmp_path):
+    """A 0/1 label mask in 16 bits came out empty (8-bit rounding first); a red mask saved as JPEG
+    marked its ringing too (26.8 % of the image instead of 2.8 %), as did a soft mask peaking below
+    128; an empty mask of a non-square image passed the 'marks no pixel' check."""
+    from uadc.data.mvtec import ImageDataset, load_mask
+    box = np.zeros((32, 48), np.uint8)
+    box[8:16, 10:30] = 1                                                      # 160 of 1536 pixels
+    s = _mask_of(tmp_path, Image.fromarray(box.astype(np.uint16)), fmt="PNG")
+    assert Image.open(s.mask_path).mode.startswith("I")
+    assert load_mask(s, 48).sum() == pytest.approx(160 * 48 * 48 / 1536, rel=0.1)
+    red = np.zeros((32, 48, 3), np.uint8)
+    red[8:16, 10:30, 0] = 255                                                 # L value 76
+    s = _mask_of(tmp_path, Image.fromarray(red), fmt="JPEG")
+    assert abs(int(load_mask(s, 48).sum()) - 160 * 48 * 48 // 1536) < 40
+    s = _mask_of(tmp_path, Image.fromarray(box * 100).filter(ImageFilter.GaussianBlur(2)))   # peak < 128
+    assert 100 < load_mask(s, 48).sum() < 300
+    s = _mask_of(tmp_path, Image.fromarray(np.zeros((32, 48), np.uint8)))
+    with pytest.raises(UadcError, match="marks no pixel"):
+        validate_test_masks(ImageDataset([s], 32, *NORM))

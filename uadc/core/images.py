@@ -49,7 +49,7 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
         with im:
             if getattr(im, "is_animated", False):
                 _note_once("frames", path, "several frames (an animation or a multi-page file); uadc reads the first")
-            yield _upright(im)
+            yield upright(im)
     except UadcError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types on hostile files
@@ -60,7 +60,7 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
         raise UadcError(f"unreadable {what}{where}: {type(exc).__name__}: {why[:200]}") from None
 
 
-def _upright(im: Image.Image) -> Image.Image:
+def upright(im: Image.Image) -> Image.Image:
     """The image as displayed: a camera's JPEG stores its pixels rotated with an EXIF Orientation
     tag, and masks (and operators) see the displayed image."""
     if im.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
@@ -116,11 +116,17 @@ def _skip_reason(f: Path, root: Path, blocked: dict[Path, str]) -> str | None:
         return "hidden (a name starting with '.')"
     if MASKS_FOLDER in parts[:-1]:
         return f"masks under {MASKS_FOLDER}/"
-    if not f.is_file():     # named like an image, but a dangling link, a pipe, a folder: counted, not read
-        if f.is_symlink() and not f.exists():
-            return "broken link"
-        return "not a regular file" if f.exists() else "gone while the folder was read"   # removed meanwhile
-    return None
+    return not_a_file(f)   # named like an image, but a dangling link, a pipe, a folder: counted, not read
+
+
+def not_a_file(f: Path) -> str | None:
+    """Why ``f``, named like an image, is no file to read (a dangling link or a link loop, a pipe, a
+    folder, removed meanwhile); None for a regular file."""
+    if f.is_file():
+        return None
+    if f.is_symlink() and not f.exists():
+        return "broken link"
+    return "not a regular file" if f.exists() else "gone while the folder was read"
 
 
 def is_hidden(name: str) -> bool:

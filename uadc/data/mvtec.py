@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 
 from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
-from uadc.core.images import IMAGE_EXTS, OTHER_IMAGE_EXTS, check_utf8_name, eight_bit, is_hidden, open_image
+from uadc.core.images import (IMAGE_EXTS, OTHER_IMAGE_EXTS, check_utf8_name, eight_bit, is_hidden, not_a_file,
+                              open_image)
 from uadc.core.manifest import GLOBAL
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ def _images(folder: Path) -> list[Path]:
     """The images directly in ``folder`` (the MVTec layout); images in its subfolders (one per camera,
     a copy nested one level too deep) are not read, and a warning counts them."""
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not is_hidden(p.name))
+    for p in files:   # a link loop made every later path lookup a traceback; a dangling link "had no mask"
+        if why := not_a_file(p):
+            raise UadcError(f"unreadable image {p}: {why}")
     other = sorted({p.suffix.lower() for p in folder.iterdir() if p.suffix.lower() in OTHER_IMAGE_EXTS})
     if other:   # .webp / .gif images were left out of training and test without a word
         log.warning("%s: its %s images are not read (uadc reads %s)", folder, " / ".join(other), " ".join(IMAGE_EXTS))
@@ -177,21 +181,30 @@ def load_image(path: Path, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.float32) / 255.0
 
 
-def load_mask(sample: Sample, size: int) -> np.ndarray:
-    """Binary HxW float32 mask; zeros for good images."""
-    if sample.mask_path is None:
-        return np.zeros((size, size), np.float32)
+def _mask_pixels(sample: Sample) -> np.ndarray:
+    """A defect image's mask as booleans at the mask's own size. Binary masks (0/255, 0/65535) cut at
+    half their peak, as do soft or JPEG-saved ones (many values: ringing near 0 marks nothing); label
+    or index masks (a few values, all below 128: 0/1, 0/2, 0/100, in 8 or 16 bits) mark their defect
+    with any non-zero value, which a fixed 8-bit threshold would empty."""
     with open_image(sample.mask_path, "mask") as m:
         with open_image(sample.path) as im:
             if m.size != im.size:
                 raise UadcError(f"mask size {m.size} differs from image size {im.size}: {sample.mask_path}")
-        m = eight_bit(m, sample.mask_path).convert("L")
-        if m.size != (size, size):
-            m = m.resize((size, size), Image.NEAREST)
-        a = np.asarray(m)
-        # masks stored as 0/1, 0/2 or 0/100 (label or index masks, not 0/255) mark their defect with any
-        # non-zero value: an 8-bit threshold would empty them; 0/255 ones keep it (JPEG noise near 0)
-        return (a > (0 if a.max() < 128 else 127)).astype(np.float32)
+        deep = m.mode.startswith("I;16") or m.mode == "I"   # raw values: 8 bits would round 0/1 to 0/0
+        a = np.asarray(m, dtype=np.float64) if deep else np.asarray(eight_bit(m, sample.mask_path).convert("L"))
+    peak = float(a.max(initial=0))
+    label = peak < 128 and np.unique(a).size <= 8
+    return a > (0 if label else peak / 2)
+
+
+def load_mask(sample: Sample, size: int) -> np.ndarray:
+    """Binary HxW float32 mask; zeros for good images."""
+    if sample.mask_path is None:
+        return np.zeros((size, size), np.float32)
+    a = _mask_pixels(sample)
+    if a.shape != (size, size):
+        a = np.asarray(Image.fromarray(a).resize((size, size), Image.NEAREST))
+    return a.astype(np.float32)
 
 
 class ImageDataset(Dataset):
@@ -266,11 +279,7 @@ def validate_test_masks(ds: ImageDataset) -> None:
     the working size is legitimate (its image still counts for image AUROC)."""
     for s in ds.samples:
         load_image(s.path, ds.size)  # an unreadable test image fails here, not after training
-        if s.mask_path is None or load_mask(s, ds.size).any():
-            continue
-        with open_image(s.mask_path, "mask") as m:
-            native = m.size
-        if native[0] == native[1] and not load_mask(s, native[0]).any():
+        if s.mask_path is not None and not _mask_pixels(s).any():
             raise UadcError(f"mask of defect image {s.path} marks no pixel: {s.mask_path}")
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from uadc.core.errors import UadcError
-from uadc.core.images import eight_bit, find_images, open_image
+from uadc.core.images import eight_bit, find_images, open_image, upright
 from uadc.core.manifest import RESIZE_FILTERS, Preprocessing
 
 _FILTERS = {name: getattr(Image.Resampling, name.upper()) for name in RESIZE_FILTERS}
@@ -79,8 +79,8 @@ def load_rgb(source: Any, pre: Preprocessing) -> np.ndarray:
     if stream is not None:
         with open_image(stream, "image bytes") as im:
             return _from_pil(im, pre, "image bytes")
-    if isinstance(source, Image.Image):
-        return _from_pil(source, pre)
+    if isinstance(source, Image.Image):   # as displayed, as a path or bytes of it are read
+        return _from_pil(upright(source), pre)
     if not isinstance(source, np.ndarray) and (np.asarray(source).dtype == object or np.ndim(source) == 0):
         raise UadcError(f"image: expected a path, image bytes, a binary file, a PIL image or an array, "
                         f"got {type(source).__name__}")
