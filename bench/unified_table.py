@@ -34,9 +34,9 @@ from typing import Callable
 
 import click
 import numpy as np
-import yaml
 
 from uadc.config.recipe import Recipe, load_recipe, recipe_from_dict
+from uadc.config.yaml_file import dump_yaml
 from uadc.core.errors import UadcError
 
 VARIANTS = ("one_class", "unified", "dcam")
@@ -100,7 +100,7 @@ def train_in_child(recipe: Recipe, artifacts: Path, one_class: bool) -> None:
     """``uadc -q train`` in a fresh process: its checkpoint's peak RSS is that training's alone."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{recipe.name}.yaml"
-        path.write_text(yaml.safe_dump(recipe.cfg, sort_keys=False))  # data roots are already absolute
+        path.write_text(dump_yaml(recipe.cfg))  # data roots are already absolute
         cmd = [sys.executable, "-m", "uadc.cli", "-q", "train", str(path), "--artifacts", str(artifacts)]
         proc = subprocess.run(cmd + (["--one-class"] if one_class else []), capture_output=True, text=True)
     if proc.returncode != 0:

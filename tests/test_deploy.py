@@ -157,7 +157,7 @@ def test_explicit_validation_folder_and_no_split(recipe_factory, tiny_data):
     # the category's own train/good as data.val, spelt another way: no training images left (it
     # was trained without the category, silently)
     train_good = tiny_data / "gray" / ".." / "gray" / "train" / "good"
-    with pytest.raises(UadcError, match="category 'gray' has no training images left: .* all 16 of its train/good"):
+    with pytest.raises(UadcError, match="category 'gray' has no training images left: all 16 of its train/good"):
         prepare_data(load_recipe(recipe_factory("all", data={"val": [{"category": "gray", "folder": str(train_good)}]})))
     none = prepare_data(load_recipe(recipe_factory("none", data={"val_fraction": 0.0})))
     assert all(len(ds) == 0 for ds in none.val.values()) and len(none.train) == 32

@@ -64,6 +64,12 @@ def test_defaults_filled_and_paths_resolved(tmp_path):
     (_with(compile={"quantize": ["student", "student"]}), "compile.quantize: a partition is listed twice"),
     (_with(model={"pretrained": False, "weights": "w.pt"}), "model.weights: given with model.pretrained: false"),
     (_with(model={"weights": ""}), "model.weights: an empty path"),
+    # a typo named, not suggested
+    (_with(train={"epoch": 3}), "train.epoch: unknown key (did you mean 'epochs'?)"),
+    ({**SRC, "trian": {}}, "trian: unknown key (did you mean 'train'?)"),
+    # refused 20 s into training: the kNN's taps against the backbone's default taps
+    (_with(model={"image_knn": {"weight": 1.0, "taps": ["blocks.9"]}}), "image_knn.taps must be among model.taps "
+                                                                         "(blocks.2, blocks.4, blocks.10)"),
     # trained in full before `uadc compile` said "unknown target"
     (_with(compile={"target": "ORT-CPU-INT8"}), "compile.target: 'ORT-CPU-INT8' is not a target; expected one of"),
 ])
@@ -288,3 +294,18 @@ def test_the_model_hash_names_the_weights_file_not_its_folder(tmp_path):
         recipes[name] = load_recipe(write_recipe(tmp_path / f"{name}.yaml", tmp_path / name / "data",
                                                  model={"weights": str(tmp_path / weights)}))
     assert model_hash(recipes["a"]) == model_hash(recipes["b"]) != model_hash(recipes["c"])
+
+
+def test_the_recipe_copy_reads_back_with_the_same_hash_and_odd_file_names_need_a_name(tmp_path):
+    """Strings YAML 1.2 reads as numbers (`1e3`, `0o17`) were written bare in the recipe copy beside a
+    checkpoint, which then did not load; every recipe whose file name is no folder name (`.a.yaml`)
+    trained into the same `recipe/` folder."""
+    from uadc.config.yaml_file import dump_yaml
+    cfg = {"name": "1e5", "data": {"sources": [{"root": str(tmp_path), "categories": ["1e3", "0o17", "yes", "a: b"]}]}}
+    recipe = recipe_from_dict(cfg)
+    (tmp_path / "copy.yaml").write_text(dump_yaml(recipe.cfg))
+    again = load_recipe(tmp_path / "copy.yaml")
+    assert again.hash == recipe.hash and again.name == "1e5"
+    (tmp_path / ".a.yaml").write_text(yaml.safe_dump(SRC))
+    with pytest.raises(UadcError, match=r"\.a\.yaml: its file name is no plain folder name .* give the recipe a name"):
+        load_recipe(tmp_path / ".a.yaml")

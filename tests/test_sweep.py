@@ -428,3 +428,19 @@ def test_a_recipe_listed_twice_is_refused_as_an_axis_value_is(tiny, tmp_path):
     spec, base, name = load_sweep(path)
     with pytest.raises(UadcError, match=f"recipes: {recipe} is listed twice"):
         make_plan(spec, base, name)
+
+
+def test_overrides_merge_nested_keys_and_read_paths_from_the_sweep_file(tiny, tmp_path, tiny_data):
+    """`{model: {image_knn: {k: 3}}}` reset the kNN's other keys (weight 0: the kNN silently off);
+    a relative `root` in the sweep file was read from the recipe's folder (another folder's data)."""
+    d, recipe = tiny
+    import shutil
+    shutil.copytree(tiny_data, tmp_path / "mine")
+    knn = {"weight": 0.5, "taps": ["blocks.3"], "k": 1}
+    base_recipe = write_recipe(d / "knn.yaml", tiny_data, model={"image_knn": knn})
+    over = {"model": {"image_knn": {"k": 3}}, "data": {"sources": [{"root": "mine", "categories": ["gray"]}]}}
+    spec, base, name = load_sweep(_sweep_file(tmp_path, base_recipe, axes={"target": ["ort-cpu-fp32"]},
+                                              overrides=over))
+    model = next(iter(make_plan(spec, base, name).models.values())).recipe()
+    assert model.model.image_knn.model_dump() == {**knn, "k": 3, "max_bank": model.model.image_knn.max_bank}
+    assert Path(model.data.sources[0].root) == tmp_path / "mine"

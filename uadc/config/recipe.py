@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from uadc.config.packaged import check_recipe_file, resolve_recipe_path
 from uadc.config.targets import TARGETS
-from uadc.config.validation import first_error, listed_twice
+from uadc.config.validation import first_error, listed_twice, merged, submodel
 from uadc.config.yaml_file import read_yaml_mapping
-from uadc.core.constants import CALIBRATION_KINDS, PARTITIONS
+from uadc.core.constants import CALIBRATION_KINDS, DEFAULT_TAPS, PARTITIONS
 from uadc.core.errors import UadcError
 from uadc.core.io import is_plain_name
 
@@ -50,7 +50,7 @@ class _Section(BaseModel):
         try:
             super().__setattr__(name, value)
         except ValidationError as exc:   # the API's one kind of error, as for a recipe file
-            raise UadcError(first_error(exc)) from None
+            raise UadcError(first_error(exc, model=type(self))) from None
 
 
 def _resolve(value: Optional[str], info: ValidationInfo) -> Optional[str]:
@@ -129,7 +129,8 @@ class ModelConfig(_Section):
     pretrained: bool = Field(True, description="teacher weights: the packaged ones or model.weights")
     weights: Optional[str] = Field(None, description="torchvision/lukemelas-format state dict")
     taps: Optional[list[str]] = Field(None, min_length=1, description="teacher stages whose features are distilled "
-                                      "(method us: one stage)")
+                                      "(method us: one stage; default: the backbone's, e.g. efficientnet_lite0 "
+                                      "blocks.2, blocks.4, blocks.10)")
     split: Optional[str] = Field(None, description="paste: last teacher stage shared with the student")
     combine: Literal["product", "sum"] = Field("product", description="how per-layer maps combine")
     smoothing_sigma: float = Field(4.0, ge=0, le=64, description="gaussian sigma of the map (0: off)")
@@ -162,8 +163,9 @@ class ModelConfig(_Section):
         for name in ("image_knn", "patch_knn"):
             if (knn := getattr(self, name)).weight > 0 and self.method == "us":
                 raise ValueError(f"{name}: not available for method us (its teacher is a descriptor network)")
-            if knn.weight > 0 and knn.taps and self.taps and not set(knn.taps) <= set(self.taps):
-                raise ValueError(f"{name}.taps must be among model.taps ({', '.join(self.taps)})")
+            taps = self.taps or DEFAULT_TAPS.get(self.backbone, ())   # refused 20 s into training, not here
+            if knn.weight > 0 and knn.taps and taps and not set(knn.taps) <= set(taps):
+                raise ValueError(f"{name}.taps must be among model.taps ({', '.join(taps)})")
         return self
 
 
@@ -191,7 +193,8 @@ class TrainConfig(_Section):
                                                     "decay to 0, or constant")
     warmup_epochs: int = Field(0, ge=0, le=10_000, description="epochs of linear warm-up to train.lr")
     cache_teacher: bool = Field(True, description="precompute frozen teacher features once")
-    threads: Optional[int] = Field(None, ge=1, le=1024, description="torch intra-op threads (default: all cores)")
+    threads: Optional[int] = Field(None, ge=1, le=1024, description="torch intra-op threads (default: torch's own, "
+                                                                      "all cores unless OMP_NUM_THREADS says)")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the student trains (auto: cuda when "
                                                    "torch sees a GPU); the checkpoint is always saved for CPU")
     dcam: DcamConfig = Field(DcamConfig(), description="DCAM training option (training only; the export is unchanged)")
@@ -387,18 +390,20 @@ class Recipe:
             return UNIT_NORM
         return BACKBONE_NORMALIZATION[self.model.backbone]
 
-    def with_overrides(self, **sections: dict) -> "Recipe":
-        """A new recipe with ``section={key: value}`` overrides, validated again."""
+    def with_overrides(self, *, relative_to: Path | None = None, **sections: dict) -> "Recipe":
+        """A new recipe with ``section={key: value}`` overrides (nested mappings merged, lists replaced),
+        validated again; relative paths among them resolve against ``relative_to`` (a sweep file's
+        folder), else the recipe's."""
         cfg = copy.deepcopy(self.cfg)
         for section, values in sections.items():
             if isinstance(cfg.get(section), dict):
                 if not isinstance(values, dict):
                     raise UadcError(f"override {section}: expected a mapping of {section} keys "
                                     f"({{{section}: {{key: value}}}}), got {type(values).__name__} {values!r:.80}")
-                cfg[section].update(values)
+                cfg[section] = merged(cfg[section], values)   # {image_knn: {k: 3}} kept its taps
             else:
                 cfg[section] = values
-        return recipe_from_dict(cfg, self.path, keep_name=True)
+        return recipe_from_dict(cfg, self.path, keep_name=True, base=relative_to)
 
     def __repr__(self) -> str:
         return f"Recipe(name={self.name!r}, path={str(self.path) if self.path else None!r})"
@@ -420,17 +425,20 @@ def load_recipe(source: "str | Path | dict | Recipe") -> Recipe:
     return recipe_from_dict(raw, path)
 
 
-def recipe_from_dict(raw: dict, path: Path | None = None, keep_name: bool = False) -> Recipe:
-    base = path.resolve().parent if path else Path.cwd()
+def recipe_from_dict(raw: dict, path: Path | None = None, keep_name: bool = False, base: Path | None = None) -> Recipe:
+    base = base or (path.resolve().parent if path else Path.cwd())
     try:
         config = RecipeConfig.model_validate(raw, context={"base": base})
     except ValidationError as exc:
-        raise UadcError(first_error(exc)) from None
+        raise UadcError(first_error(exc, model=RecipeConfig)) from None
     except RecursionError:
         raise UadcError("recipe: nested too deeply") from None
     if config.name is None and not keep_name:
         stem = path.stem if path else "recipe"
-        config = config.model_copy(update={"name": stem if _is_plain(stem) else "recipe"})
+        if not _is_plain(stem):   # every such recipe trained into one folder, `recipe/`, over the others
+            raise UadcError(f"{path}: its file name is no plain folder name for its artifacts; give the recipe "
+                            f"a name: key")
+        config = config.model_copy(update={"name": stem})
     _check_semantics(config)
     return Recipe(config, path)
 
@@ -480,7 +488,7 @@ def describe_schema(model: type[BaseModel] = RecipeConfig, prefix: str = "") -> 
     lines = []
     for key, f in model.model_fields.items():
         ann = f.annotation
-        sub = _submodel(ann)
+        sub = submodel(ann)
         if sub is not None and not _is_list(ann):
             lines += describe_schema(sub, f"{prefix}{key}.")
             continue
@@ -495,16 +503,6 @@ def describe_schema(model: type[BaseModel] = RecipeConfig, prefix: str = "") -> 
         if sub is not None:
             lines += describe_schema(sub, f"{prefix}{key}[].")
     return lines
-
-
-def _submodel(ann: Any) -> type[BaseModel] | None:
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for a in getattr(ann, "__args__", ()) or ():
-        found = _submodel(a)
-        if found is not None:
-            return found
-    return None
 
 
 def _is_list(ann: Any) -> bool:

@@ -3,11 +3,13 @@ what``), a value listed twice, a command-line comma list."""
 
 from __future__ import annotations
 
+import difflib
 import math
 import reprlib
+import typing
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from uadc.core.errors import UadcError
 
@@ -54,23 +56,55 @@ def name_list(value: Any, name: str) -> list[str] | None:
     raise UadcError(f"{name}: expected names as 'a,b' or a non-empty list of strings, got {value!r:.80}")
 
 
-def first_error(exc: ValidationError, root: str = "recipe") -> str:
+def merged(base: dict, over: dict) -> dict:
+    """``over`` laid on ``base``: mappings merged key by key at every depth, anything else (a list
+    included) replaced whole."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
+    return out
+
+
+def _is_label(part: Any) -> bool:
+    """A union branch's label in an error location, a model's among them (`recipes[0].RecipeEntry.path`)."""
+    return part in ("literal", "str", "int", "float", "bool", "list", "none", "function-after") or (
+        isinstance(part, str) and part[:1].isupper() and part.isidentifier())
+
+
+def submodel(annotation: Any) -> type[BaseModel] | None:
+    """The model class in a field's annotation (``Optional[X]``, ``list[X]``), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in typing.get_args(annotation) if (m := submodel(a))), None)
+
+
+def _did_you_mean(model: type[BaseModel] | None, loc: tuple) -> str:
+    """`` (did you mean 'epochs'?)`` for a mistyped key of ``model`` at ``loc``, else ''."""
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int) or _is_label(part):
+            continue
+        field = model.model_fields.get(part)
+        model = submodel(field.annotation) if field else None
+    near = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), 1, 0.6) if model else []
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def first_error(exc: ValidationError, root: str = "recipe", model: type[BaseModel] | None = None) -> str:
     """``key.path[i]: what was expected, got what`` for the first problem, worded as uadc's errors
-    (recipes, sweep files, verify budgets); ``root`` names a problem of the whole document."""
+    (recipes, sweep files, verify budgets); ``root`` names a problem of the whole document, and
+    ``model`` (the document's) suggests the key meant by an unknown one."""
     err = exc.errors(include_url=False)[0]
     loc = ""
     for part in err["loc"]:
         if isinstance(part, int):
             loc += f"[{part}]"
-        elif part in ("literal", "str", "int", "float", "bool", "list", "none", "function-after") or (
-                isinstance(part, str) and part[:1].isupper() and part.isidentifier()):
-            continue  # union branch labels, a model's among them (`recipes[0].RecipeEntry.path`)
-        else:
+        elif not _is_label(part):
             loc += f".{part}" if loc else str(part)
     loc = loc or root
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "extra_forbidden":
-        return f"{loc}: unknown key"
+        return f"{loc}: unknown key{_did_you_mean(model, err['loc'])}"
     if kind == "missing":
         return f"{loc}: at least one {{root, categories}} entry is required" if loc == "data.sources" \
             else f"{loc}: required"

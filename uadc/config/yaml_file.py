@@ -61,6 +61,24 @@ def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
 _UniqueKeyLoader.add_constructor(_INT, _yaml12_int)
 
 
+class _Dumper(yaml.SafeDumper):
+    """Quotes a string wherever uadc's reader would take it unquoted for something else: PyYAML
+    writes YAML 1.1, so a category named ``1e3`` was written bare and read back as a number."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    plain = _UniqueKeyLoader.resolve(_UniqueKeyLoader, yaml.ScalarNode, value, (True, False))
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=None if plain.endswith(":str") else "'")
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump_yaml(data: dict) -> str:
+    """``data`` as YAML that ``read_yaml_mapping`` reads back equal (keys in their order)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
+
+
 def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) -> dict:
     """A YAML file's top-level mapping, size-bounded; one-line UadcError for a missing, oversized,
     binary, malformed (a repeated key included) or non-mapping file."""
@@ -85,4 +103,4 @@ def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) ->
     return raw or {}
 
 
-__all__ = ["MAX_YAML_BYTES", "read_yaml_mapping"]
+__all__ = ["MAX_YAML_BYTES", "dump_yaml", "read_yaml_mapping"]

@@ -9,6 +9,12 @@ OUTPUT_NAMES = ("anomaly_map", "score")
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1")
 CALIBRATION_KINDS = ("train", "random-normal", "mixed")
+DEFAULT_TAPS = {   # model.taps when a recipe leaves it out (method us takes one stage)
+    "efficientnet_lite0": ("blocks.2", "blocks.4", "blocks.10"),
+    "mobilenet_v2": ("features.3", "features.6", "features.13"),
+    "resnet18": ("layer1", "layer2", "layer3"),
+    "wide_resnet50_2": ("layer1", "layer2", "layer3"),
+}
 
 REPORT_SCHEMA = 3                         # report.json; changes are listed in README ("report.json")
 REPORT_FILE, REPORT_MD = "report.json", "report.md"

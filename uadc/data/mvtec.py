@@ -241,8 +241,8 @@ def build_train_set(pairs: Sequence[tuple[Path, str]], image_size: int, norm: tu
         found = listed[cat] if listed is not None else list_train_samples(root, cat)
         kept = [s for s in found if s.path.resolve() not in held_out][:limit]
         if not kept:
-            raise UadcError(f"category {cat!r} has no training images left: its validation normals (data.val) "
-                            f"are all {len(found)} of its train/good images; give data.val a folder of other images")
+            raise UadcError(f"category {cat!r} has no training images left: all {len(found)} of its train/good images "
+                            f"are listed as validation normals (data.val); give data.val a folder of other images")
         samples += kept
     return ImageDataset(samples, image_size, *norm)
 

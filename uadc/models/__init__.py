@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
+from uadc.core.constants import DEFAULT_TAPS
 from uadc.core.errors import UadcError
 from uadc.models.base import KDModel
-
-DEFAULT_TAPS = {
-    "efficientnet_lite0": ["blocks.2", "blocks.4", "blocks.10"],
-    "mobilenet_v2": ["features.3", "features.6", "features.13"],
-    "resnet18": ["layer1", "layer2", "layer3"],
-    "wide_resnet50_2": ["layer1", "layer2", "layer3"],
-}
 
 
 def model_config(recipe_model: dict) -> dict:
     m = dict(recipe_model)
-    m["taps"] = m["taps"] or DEFAULT_TAPS[m["backbone"]]
+    m["taps"] = m["taps"] or list(DEFAULT_TAPS[m["backbone"]])
     return m
 
 

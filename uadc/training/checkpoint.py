@@ -17,6 +17,7 @@ import torch
 
 from uadc import __version__
 from uadc.config.recipe import Recipe, recipe_from_dict
+from uadc.config.yaml_file import dump_yaml
 from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError
 from uadc.core.io import atomic_save, atomic_write_text, contained
@@ -123,11 +124,10 @@ def save_checkpoint(path: Path, model: KDModel, recipe: Recipe, history: list[di
 def _recipe_text(recipe: Recipe, one_class: str | None = None) -> str:
     """The copy; a one-class model's says that the file, compiled, is the recipe's unified model
     (it was compiled silently as if it were this one)."""
-    import yaml
     head = (f"# The recipe whose one-class model of {one_class!r} is {CHECKPOINT_FILE} here (`uadc train --one-class`).\n"
             f"# For reading: given to uadc, this file means the recipe's unified model, not this one.\n"
             if one_class else "")
-    return head + yaml.safe_dump(recipe.cfg, sort_keys=False)
+    return head + dump_yaml(recipe.cfg)
 
 
 def check_recipe_copy(path: Path, recipe: Recipe, one_class: str | None = None) -> None:

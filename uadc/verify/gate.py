@@ -86,7 +86,7 @@ def budgets(recipe_verify: dict | None = None, overrides: dict[str, Any] | None 
     try:
         cfg = VerifyConfig.model_validate(base)
     except ValidationError as exc:
-        raise UadcError(f"verify budget {first_error(exc)}") from None
+        raise UadcError(f"verify budget {first_error(exc, model=VerifyConfig)}") from None
     return {k: float(getattr(cfg, k)) for k in BUDGET_KEYS}
 
 

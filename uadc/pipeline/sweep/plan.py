@@ -106,7 +106,7 @@ def make_plan(spec: SweepSpec, base: Path, name: str) -> Plan:
         recipe = original
         for overrides, where in ((spec.overrides, "overrides"), (entry.overrides, f"overrides of {entry.path}")):
             if overrides:
-                recipe = _override(recipe, overrides, where)
+                recipe = _override(recipe, overrides, where, base)
         pairs.append((original, recipe))
     return plan_recipes(pairs, spec.axes, spec.run, name)
 
@@ -146,8 +146,9 @@ def _check_names(axes: Axes, name: str) -> None:
                                     f"{', '.join(allowed)}")
 
 
-def _override(recipe: Recipe, overrides: dict, where: str = "overrides") -> Recipe:
-    """The recipe with a sweep file's overrides; an error names them (it read as the recipe's own)."""
+def _override(recipe: Recipe, overrides: dict, where: str, base: Path) -> Recipe:
+    """The recipe with a sweep file's overrides (their relative paths from ``base``, the sweep file's
+    folder: they read another folder's data); an error names them (it read as the recipe's own)."""
     if not isinstance(overrides, dict):
         raise UadcError(f"sweep {where}: expected {{section: {{key: value}}}}")
     dotted = next((k for k in overrides if isinstance(k, str) and "." in k), None)
@@ -155,7 +156,7 @@ def _override(recipe: Recipe, overrides: dict, where: str = "overrides") -> Reci
         section, _, key = dotted.partition(".")
         raise UadcError(f"sweep {where}: {dotted!r}: write it nested, {{{section}: {{{key}: ...}}}}")
     try:
-        return recipe.with_overrides(**overrides)
+        return recipe.with_overrides(relative_to=base, **overrides)
     except UadcError as exc:
         raise UadcError(f"sweep {where}: {exc}") from None
 

@@ -138,4 +138,4 @@ def _validate(raw: dict, where: str) -> SweepSpec:
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as exc:
-        raise UadcError(f"{where}: {first_error(exc, root='(top level)')}") from None
+        raise UadcError(f"{where}: {first_error(exc, root='(top level)', model=SweepSpec)}") from None
