@@ -94,6 +94,9 @@ def test_compile_jetson_int8_bundle(trained):
     for f in ("model.onnx", "model_fp32.onnx", "calibration.cache", "build_engine.sh", "README.md"):
         assert (out / f).is_file(), f
     assert "`model_fp32.onnx` and `calibration.cache` (the same ranges" in (out / "README.md").read_text()
+    # for TensorRT 8.5 too, which parses opset 17 (it was the exported opset 18)
+    from uadc.passes.pipeline import opset_of
+    assert opset_of(onnx.load(out / "model_fp32.onnx")) == 17 == opset_of(onnx.load(out / "model.onnx"))
     for given in (out / "model.onnx", out):     # the artifact folder reads its model.onnx ('model not found' before)
         res = CliRunner().invoke(main, ["check-trt", str(given)])
         assert res.exit_code == 0 and "0 violations of TensorRT Q/DQ rules\n" in res.output, res.output

@@ -194,6 +194,9 @@ def test_an_auto_result_with_every_layer_fp32_ships_an_fp32_build(tmp_path):
     script = (tmp_path / "build_engine.sh").read_text()
     assert "--fp16" not in script and "--layerPrecisions" not in script and "cannot build" not in script
     assert "--noTF32" in section["trtexec"] and "--fp16" not in section["trtexec"]
+    assert section["trtexec_for"].startswith("TensorRT 8.5 ")   # one of the script's commands: it says which
+    readme = (tmp_path / "README.md").read_text()   # it described a strongly/weakly typed mixed build
+    assert "FP32 everywhere" in readme and "Precision auto" not in readme
     assert plan_build(BuildSettings(precision="fp32"), "11.0.0", has_qdq=False).builder_flags == ()
 
 

@@ -367,6 +367,22 @@ def test_reads_cache_written_by_tensorrt(tmp_path):
     assert set(amax) == {"data", "(Unnamed Layer* 0) [Convolution]_output", "prob"}
 
 
+def test_a_calibration_cache_reaches_tensorrt_from_memory_and_is_never_rewritten(tmp_path):
+    """Polygraphy's Calibrator reads a cache only from a file: given one in memory it gave TensorRT
+    none (and no batches), so every build from `calibration.cache` failed on a real GPU."""
+    from types import SimpleNamespace
+    from uadc.backends.tensorrt.build import _cache_calibrator
+    path = tmp_path / "c.cache"
+    write_calibration_cache(path, {"image": 1.0}, trt_version="8.5.1", calibrator="MinMaxCalibration")
+    trt = SimpleNamespace(IInt8EntropyCalibrator2=type("Entropy2", (), {}), IInt8MinMaxCalibrator=type("MinMax", (), {}))
+    cal = _cache_calibrator(trt, path, plan_build(BuildSettings(precision="int8"), "8.5.1", has_qdq=False,
+                                                  calibration=True))
+    assert isinstance(cal, trt.IInt8MinMaxCalibrator)
+    assert cal.read_calibration_cache() == path.read_bytes() and cal.get_batch(["image"]) is None
+    cal.write_calibration_cache(memoryview(b"other"))
+    assert cal.read_calibration_cache() == path.read_bytes() == b"TRT-8501-MinMaxCalibration\nimage: 3c010204\n"
+
+
 def test_version_codes():
     assert trt_version_code("8.5.2.2") == 8502
     assert trt_version_code("8.6") == 8600

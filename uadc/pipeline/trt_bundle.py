@@ -15,6 +15,8 @@ from uadc.backends import tensorrt as trt_backend
 from uadc.backends.tensorrt.cache import write_calibration_cache
 from uadc.backends.tensorrt.rules import check_trt_rules
 from uadc.config.targets import Target
+from uadc.passes.opset import convert_opset
+from uadc.passes.pipeline import PassContext
 from uadc.pipeline.precision_trt import fp32_layers as float_layers
 
 PRECISION_NOTES = {
@@ -56,17 +58,22 @@ def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto,
         settings = build_settings(target, fp32_layers, qdq)
     shape = (3, image_size, image_size)
     cache = None
-    if calib and calib.get("ranges"):
-        onnx.save(fp32, out / "model_fp32.onnx")  # implicit-mode builds start from the float graph
+    if calib and calib.get("ranges"):   # implicit-mode builds start from the float graph, at the target's opset
+        onnx.save(convert_opset(fp32, PassContext(target, sample_feeds=feeds[0] if feeds else None)),
+                  out / "model_fp32.onnx")
         amax = {k: max(abs(lo), abs(hi)) for k, (lo, hi) in calib["ranges"].items() if max(abs(lo), abs(hi)) > 0}
         write_calibration_cache(out / "calibration.cache", amax)
         cache = "calibration.cache"
-    notes = [AUTO_NOTE if fp32_layers is not None else None, _IMPLICIT_NOTE if cache else None]
+    # precision auto that kept every layer FP32 builds FP32, and its README says so
+    auto = None if fp32_layers is None else AUTO_NOTE if settings.precision != "fp32" else PRECISION_NOTES["fp32"]
+    notes = [auto, _IMPLICIT_NOTE if cache else None]
     write_build_script(out, settings, shape, target, "\n\n".join(n for n in notes if n) or None)
     violations = check_trt_rules(compiled)
+    oldest = target.min_trt_version or "8.5"
     section = {"status": "engine: not built (no TensorRT here)", "trt_rule_violations": len(violations),
                "build_script": "build_engine.sh", "calibration_cache": cache,
-               "trtexec": trt_backend.trtexec_command("model.onnx", settings, shape),
+               "trtexec": trt_backend.trtexec_command("model.onnx", settings, shape, trt_version=oldest),
+               "trtexec_for": f"TensorRT {oldest} (build_engine.sh runs the command for the device's version)",
                "min_trt_version": target.min_trt_version}
     ok, reason = trt_backend.trt_available()
     if not ok:
@@ -97,5 +104,5 @@ _IMPLICIT_NOTE = ("`model_fp32.onnx` and `calibration.cache` (the same ranges as
 
 def write_build_script(out: Path, settings, shape, target: Target, note: str | None = None) -> Path:
     return trt_backend.write_build_script(out, "model.onnx", settings, shape,
-                                          min_trt_version=target.min_trt_version or "8.5",
+                                          min_trt_version=target.min_trt_version or "8.5",   # as in write_trt_files
                                           precision_note=note or PRECISION_NOTES[target.precision])

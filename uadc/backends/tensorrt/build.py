@@ -6,7 +6,6 @@ and writes the engine atomically. tensorrt and Polygraphy's TensorRT parts are i
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -119,12 +118,11 @@ def _use_dla(trt: Any, builder: Any, config: Any, settings: BuildSettings, plan:
 
 
 def _cache_calibrator(trt: Any, cache_path: Path, plan: BuildPlan) -> Any:
-    """Polygraphy's calibrator replaying ``cache_path`` (in memory, so the file is never rewritten).
+    """A calibrator replaying ``cache_path`` from memory (the file is never rewritten). It has no
+    batches: a cache TensorRT rejects fails the build loudly instead of calibrating on nothing.
 
-    With no data loader, a cache TensorRT rejects ends calibration without batches and the build
-    fails loudly instead of calibrating on nothing."""
-    from polygraphy.backend.trt import Calibrator
-
+    Not Polygraphy's Calibrator: it reads a cache only from a file (an in-memory one gave TensorRT
+    no cache, so every build from a cache failed)."""
     code, algorithm = read_calibration_header(cache_path)
     base_name = CALIBRATOR_BASES.get(algorithm)
     if base_name is None:
@@ -133,7 +131,27 @@ def _cache_calibrator(trt: Any, cache_path: Path, plan: BuildPlan) -> Any:
     expected = trt_version_code(".".join(str(p) for p in plan.trt_version))
     if code != expected:
         LOG.warning("calibration cache %s was written for TensorRT code %s, this is %s", cache_path, code, expected)
-    return Calibrator(data_loader=[], cache=io.BytesIO(cache_path.read_bytes()), BaseClass=getattr(trt, base_name))
+    return _replay(getattr(trt, base_name), cache_path.read_bytes())
+
+
+def _replay(base: type, cache: bytes) -> Any:
+    class CacheReplay(base):   # TensorRT's calibrator interface
+        def __init__(self) -> None:
+            base.__init__(self)
+
+        def get_batch_size(self) -> int:
+            return 1
+
+        def get_batch(self, names: list, *args: Any) -> None:
+            return None
+
+        def read_calibration_cache(self) -> bytes:
+            return cache
+
+        def write_calibration_cache(self, data: Any) -> None:
+            return None
+
+    return CacheReplay()
 
 
 def _load_onnx(path: Path) -> onnx.ModelProto:
