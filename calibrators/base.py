@@ -148,9 +148,10 @@ def fingerprint(name: str) -> str:
 # ------------------------------------------------------------------------------ input handling
 
 def finite_values(x: np.ndarray) -> np.ndarray:
-    """Flatten ``x`` to 1-D floats and drop non-finite values (copies only when needed)."""
+    """Flatten ``x`` to 1-D floats (float32 at least: float16 bins of a histogram collapse) and drop
+    non-finite values (copies only when needed)."""
     a = np.asarray(x)
-    if not np.issubdtype(a.dtype, np.floating):
+    if a.dtype not in (np.float32, np.float64):
         a = a.astype(np.float64)
     a = a.reshape(-1)
     finite = np.isfinite(a)

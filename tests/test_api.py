@@ -107,14 +107,19 @@ def test_user_calibration_images(trained, tmp_path):
                        evaluate=False, latency_runs=2)
     import json
     cal = json.loads((res.path / "calibration.json").read_text())
-    assert cal["calib_data"] == "user" and cal["samples"] == 4
-    # wrong shape; 0..255 pixels, as uint8 or as float, would calibrate ranges no real input reaches
+    assert cal["calib_data"] == "user" and cal["samples"] == 4 == cal["distinct_samples"]
+    # wrong shape; 0..255 pixels, as uint8 or as float, would calibrate ranges no real input reaches; one value
+    # throughout calibrated the input at scale 1 (a few levels); calib_samples was taken, and ignored
     pixels = rng.integers(0, 256, (3, 64, 64))
-    for bad, why in (([np.zeros((3, 8, 8), np.float32)], "expected shape"),
-                     ([pixels.astype(np.uint8)], "calibration image 0: uint8 pixels; give float images normalised"),
-                     ([pixels.astype(np.float32)], "calibration images reach 255, far outside")):
+    for bad, why, extra in (([np.zeros((3, 8, 8), np.float32)], "expected shape", {}),
+                            ([pixels.astype(np.uint8)], "calibration image 0: uint8 pixels; give float images", {}),
+                            ([pixels.astype(np.float32)], "calibration images reach 255, far outside", {}),
+                            ([np.zeros((2, 3, 64, 64), np.float32)], r"are all one value \(0\): the input's range", {}),
+                            (images, "calib_samples: given with calibration images, which are all used",
+                             {"calib_samples": 2})):
         with pytest.raises(UadcError, match=why):
-            uadc.compile(recipe, "ort-cpu-int8", calibration=bad, out=tmp_path / "bad", artifacts=art, evaluate=False)
+            uadc.compile(recipe, "ort-cpu-int8", calibration=bad, out=tmp_path / "bad", artifacts=art, evaluate=False,
+                         **extra)
     assert not (tmp_path / "bad").exists()
 
 
@@ -310,9 +315,11 @@ def test_the_api_leaves_the_callers_random_stream_and_root_logger_alone(trained,
     code = ("import os, random, warnings, numpy, uadc\nrandom.seed(0); a = random.random()\nrandom.seed(0)\n"
             "env, filters = dict(os.environ), warnings.filters[:]\n"
             "uadc.train, uadc.compile, uadc.evaluate, uadc.Detector\nassert random.random() == a, 'stream moved'\n"
+            # a compile first: its export imported sympy (a filter) outside the block that keeps them
+            f"uadc.compile({str(recipe)!r}, 'ort-cpu-int8', artifacts={str(art)!r}, out={str(tmp_path / 'c')!r}, "
+            "evaluate=False, latency_runs=1)\n"
+            "assert warnings.filters == filters, [f for f in warnings.filters if f not in filters]\n"
             f"uadc.train({str(recipe)!r}, artifacts={str(tmp_path / 'env')!r}, epochs=1)\n"
-            f"uadc.compile({str(recipe)!r}, 'ort-cpu-int8', artifacts={str(tmp_path / 'env')!r}, evaluate=False, "
-            "latency_runs=1)\n"
             "assert dict(os.environ) == env, set(os.environ) ^ set(env)\nassert warnings.filters == filters\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -510,3 +517,51 @@ def test_eval_names_the_recipe_its_checkpoint_trained_with(recipe_factory, tmp_p
     trained = uadc.train(r, artifacts=tmp_path, epochs=2)
     res = uadc.evaluate(r, artifacts=tmp_path)
     assert res.extra["trained_recipe_hash"] == trained.recipe_hash != res.extra["recipe_hash"]
+
+
+def test_quiet_blocks_in_two_threads_leave_the_process_as_found_and_other_threads_heard():
+    """Two API calls at once (each muting third-party output) left sys.stdout a buffer for good when
+    the first ended before the second, and the app's other threads' prints and logs were swallowed
+    meanwhile; a Detector loading in one thread listed another's warnings."""
+    import io
+    import logging
+    import threading
+    import warnings
+    from uadc.core.scoped import logged_warnings, quiet_third_party
+    app, heard = logging.getLogger("some_app"), io.StringIO()
+    handler = logging.StreamHandler(heard)
+    app.addHandler(handler)
+    before = (sys.stdout, sys.stderr, warnings.showwarning)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    said: dict[str, list] = {}
+
+    def first():
+        with quiet_third_party(), logged_warnings() as mine:
+            a_in.set()
+            b_in.wait(10)
+            print("muted a")
+            logging.getLogger("uadc").warning("a's warning")
+        said["a"] = mine
+        a_out.set()
+
+    def second():
+        a_in.wait(10)
+        with quiet_third_party(), logged_warnings() as mine:
+            b_in.set()
+            a_out.wait(10)    # the first block ends while this one runs
+            app.warning("muted b")
+        said["b"] = mine
+
+    try:
+        threads = [threading.Thread(target=f) for f in (first, second)]
+        for t in threads:
+            t.start()
+        b_in.wait(10)
+        app.warning("heard meanwhile")    # this thread is in no quiet block
+        for t in threads:
+            t.join(10)
+        assert (sys.stdout, sys.stderr, warnings.showwarning) == before
+        assert heard.getvalue() == "heard meanwhile\n" and not handler.filters
+        assert said == {"a": ["a's warning"], "b": []}
+    finally:
+        app.removeHandler(handler)

@@ -302,6 +302,16 @@ def test_non_finite_values_are_ignored(name):
     assert dirty.compute_range() == clean.compute_range()
 
 
+@pytest.mark.parametrize("name", BUILTINS)
+def test_float16_tensors_calibrate_as_their_float32_values(name):
+    """entropy and percentile raised numpy's 'Too many bins for data range' on float16 tensors."""
+    x = _gauss(20_000).astype(np.float16)
+    half, full = get_calibrator(name), get_calibrator(name)
+    half.observe(x)
+    full.observe(x.astype(np.float32))
+    assert half.compute_range() == full.compute_range()
+
+
 def test_symmetric_flags():
     assert EntropyCalibrator.symmetric and PercentileCalibrator.symmetric
     assert not MSECalibrator.symmetric and not calibrators.MinMaxCalibrator.symmetric

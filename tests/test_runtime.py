@@ -557,6 +557,10 @@ def test_detector_takes_encoded_bytes_and_a_category_per_image_and_refuses_silen
             det.predict([f, f], category=cat)
     with pytest.raises(UadcError, match="unknown category 'nope'"):
         det.predict([f, f], category=["gray", "nope"])
+    with pytest.raises(UadcError, match=r"decide: expected maps \(N, H, W\) and scores \(N,\), got \(2, 32, 32\) and \(3,\)"):
+        det.decide(np.zeros((2, 32, 32), np.float32), np.zeros(3, np.float32))   # numpy's broadcast error
+    with pytest.raises(UadcError, match="verify: expected True or False, got 'x'"):
+        __import__("uadc").read_manifest(res.path, verify="x")
     for cat in (3, {"gray"}):    # a TypeError from list(3) before; a set has no order to pair with images
         with pytest.raises(UadcError, match="^category: a name or None for one image, got "):
             det.predict(f, category=cat)

@@ -26,6 +26,7 @@ from uadc.core.constants import (DEPLOY_METADATA, INPUT_NAME, MANIFEST_FILE, MAN
                                  OUTPUT_NAMES, RUNTIMES)
 from uadc.core.errors import UadcError
 from uadc.core.io import TMP_TAG, JsonResult, as_path, atomic_write_json, sha256_file
+from uadc.core.numbers import flags
 
 MAX_MANIFEST_BYTES = 16 << 20
 RESIZE_FILTERS = ("bilinear", "nearest", "bicubic")   # PIL filters the runtime resizes with
@@ -305,6 +306,7 @@ def read_manifest(folder: Path, verify: bool = True) -> Manifest:
     """The manifest of an artifact folder; with ``verify``, every listed file must exist and
     match its sha256 (one-line ``UadcError`` otherwise)."""
     folder = as_path(folder, "artifact")
+    flags(verify=verify)   # verify="no" read as true
     if not folder.is_dir():
         raise UadcError(f"not an artifact folder: {folder} is a file; give the folder that holds its {MANIFEST_FILE}"
                         if folder.exists() else f"artifact folder not found: {folder}")

@@ -7,8 +7,9 @@ import io
 import logging
 import os
 import sys
+import threading
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -88,19 +89,44 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(got[0])
 
 
+_SHARED = threading.RLock()
+_users: dict[str, int] = {}
+_saved: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def _shared_state(name: str, save: Callable[[], Any], restore: Callable[[Any], None]) -> Iterator[None]:
+    """Process-wide state changed by nested or concurrent blocks (API calls in several threads): the
+    first block in saves it, the last one out restores it. (Each restoring its own copy, a block
+    that ended first left the other's change in place for good: sys.stdout a buffer.)"""
+    with _SHARED:
+        if not _users.get(name):
+            _saved[name] = save()
+        _users[name] = _users.get(name, 0) + 1
+    try:
+        yield
+    finally:
+        with _SHARED:
+            _users[name] -= 1
+            if not _users[name]:
+                restore(_saved.pop(name))
+
+
+def _restore_environment(saved: tuple[dict, list]) -> None:
+    env, filters = saved
+    for key in set(os.environ) - set(env):
+        del os.environ[key]
+    os.environ.update(env)
+    warnings.filters[:] = filters
+
+
 @contextlib.contextmanager
 def environment_kept() -> Iterator[None]:
     """A library that sets environment variables or warning filters as it is first imported
     (scikit-learn's ``KMP_DUPLICATE_LIB_OK``, which children inherit; torch._dynamo's cache folder;
     scipy's filters): on exit both are the caller's again."""
-    env, filters = dict(os.environ), warnings.filters[:]
-    try:
+    with _shared_state("environment", lambda: (dict(os.environ), warnings.filters[:]), _restore_environment):
         yield
-    finally:
-        for key in set(os.environ) - set(env):
-            del os.environ[key]
-        os.environ.update(env)
-        warnings.filters[:] = filters
 
 
 @contextlib.contextmanager
@@ -114,6 +140,8 @@ def logged_warnings(logger: str = "uadc") -> Iterator[list[str]]:
             said.append(record.getMessage())
 
     handler, log = _Keep(logging.WARNING), logging.getLogger(logger)
+    me = threading.get_ident()   # another thread's run (a Detector loading beside this one) is not this one's
+    handler.addFilter(lambda record: record.thread == me)
     log.addHandler(handler)
     try:
         yield said
@@ -154,54 +182,111 @@ def process_state_kept() -> Iterator[None]:
         np.random.set_state(np_state)
 
 
-@contextlib.contextmanager
-def quiet_third_party() -> Iterator[io.StringIO]:
-    """Capture what third-party code prints to stdout/stderr (and its warnings) for the block.
+class _Capture:
+    """What third-party code did in one thread's quiet block."""
 
-    The text is logged at DEBUG (``uadc --verbose`` shows it); sys.stdout/sys.stderr and the
-    warning filters are the caller's again afterwards. File descriptors are not touched."""
-    buf = io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, _captured_logs() as records, \
-            contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        warnings.simplefilter("always")
-        try:
-            yield buf
-        finally:
-            pass
-    for w in caught:
-        log.debug("warning from %s: %s", w.filename, w.message)
-    for r in records:
-        log.debug("log from %s: %s", r.name, r.getMessage())
-    text = buf.getvalue().strip()
-    if text:
-        log.debug("third-party output:\n%s", text[-4000:])
-
-
-class _Collect(logging.Handler):
     def __init__(self) -> None:
-        super().__init__()
+        self.text = io.StringIO()
+        self.warnings: list[tuple[str, Any]] = []
         self.records: list[logging.LogRecord] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+
+_quiet: dict[int, list[_Capture]] = {}   # thread -> its open quiet blocks, innermost last
+
+
+def _capture(thread: int | None = None) -> _Capture | None:
+    blocks = _quiet.get(threading.get_ident() if thread is None else thread)
+    return blocks[-1] if blocks else None
+
+
+class _Routed:
+    """``sys.stdout`` / ``sys.stderr`` while quiet blocks run: what a thread inside one writes goes to
+    its capture; every other thread (the embedding app's) writes to the stream as before."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        cap = _capture()
+        return cap.text.write(text) if cap else self.stream.write(text)
+
+    def flush(self) -> None:
+        if _capture() is None:
+            self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+class _QuietRecords(logging.Filter):
+    """On third-party loggers' handlers (torch's write to the stderr they saw at import): a record
+    made in a quiet block goes to its capture; other threads' pass (the app's logs kept flowing)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        cap = _capture(record.thread)
+        if cap is None:
+            return True
+        if not cap.records or cap.records[-1] is not record:   # once, however many handlers it reaches
+            cap.records.append(record)
+        return False
+
+
+_RECORDS = _QuietRecords()
+
+
+def _route() -> tuple:
+    show = warnings.showwarning
+
+    def routed_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                       line: Any = None) -> None:
+        cap = _capture()
+        if cap is None:
+            return show(message, category, filename, lineno, file, line)
+        cap.warnings.append((filename, message))
+
+    handlers = [h for name, lg in list(logging.root.manager.loggerDict.items()) if isinstance(lg, logging.Logger)
+                and name.split(".")[0] != "uadc" for h in lg.handlers]
+    for h in handlers:
+        h.addFilter(_RECORDS)
+    saved = (sys.stdout, sys.stderr, show, routed_warning, handlers)
+    sys.stdout, sys.stderr, warnings.showwarning = _Routed(sys.stdout), _Routed(sys.stderr), routed_warning
+    return saved
+
+
+def _unroute(saved: tuple) -> None:
+    out, err, show, routed_warning, handlers = saved
+    if isinstance(sys.stdout, _Routed):   # unless someone replaced it meanwhile
+        sys.stdout = out
+    if isinstance(sys.stderr, _Routed):
+        sys.stderr = err
+    if warnings.showwarning is routed_warning:
+        warnings.showwarning = show
+    for h in handlers:
+        h.removeFilter(_RECORDS)
 
 
 @contextlib.contextmanager
-def _captured_logs() -> Iterator[list[logging.LogRecord]]:
-    """Third-party loggers with their own handlers (torch's write to the stderr they saw at import,
-    e.g. the exporter's "torchvision is not installed" warnings) collect into a list instead; their
-    handlers come back afterwards. Loggers without handlers reach the redirected sys.stderr."""
-    collect = _Collect()
-    swapped = []
-    for name, logger in list(logging.root.manager.loggerDict.items()):
-        if isinstance(logger, logging.Logger) and logger.handlers and name.split(".")[0] != "uadc":
-            swapped.append((logger, logger.handlers[:]))
-            logger.handlers[:] = [collect]
-    try:
-        yield collect.records
-    finally:
-        for logger, handlers in swapped:
-            logger.handlers[:] = handlers
+def quiet_third_party() -> Iterator[io.StringIO]:
+    """Capture what third-party code run by this thread prints to stdout/stderr, warns and logs to
+    loggers of its own for the block; the text is logged at DEBUG (``uadc --verbose`` shows it).
+    Other threads print and log as before; afterwards sys.stdout/sys.stderr, ``warnings.showwarning``
+    and the loggers are the caller's again. File descriptors are not touched."""
+    cap, me = _Capture(), threading.get_ident()
+    with _shared_state("quiet", _route, _unroute):
+        _quiet.setdefault(me, []).append(cap)
+        try:
+            yield cap.text
+        finally:
+            _quiet[me].remove(cap)
+            if not _quiet[me]:
+                del _quiet[me]
+    for filename, message in cap.warnings:
+        log.debug("warning from %s: %s", filename, message)
+    for r in cap.records:
+        log.debug("log from %s: %s", r.name, r.getMessage())
+    text = cap.text.getvalue().strip()
+    if text:
+        log.debug("third-party output:\n%s", text[-4000:])
 
 
 def default_threads() -> int:

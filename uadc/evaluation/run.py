@@ -14,7 +14,7 @@ import torch
 from uadc.config.recipe import Recipe
 from uadc.core.constants import EVAL_FILE, METRIC_KEYS
 from uadc.core.errors import NonFiniteOutputs, UadcError
-from uadc.core.io import atomic_write_json, check_writable, read_json, sha256_file
+from uadc.core.io import JsonResult, atomic_write_json, check_writable, read_json, sha256_file
 from uadc.core.numbers import fixed
 from uadc.core.progress import progress
 from uadc.core.scoped import torch_threads
@@ -186,7 +186,10 @@ def _seconds_until(history: list[dict], epoch: int) -> float:
 
 
 @dataclass
-class OneClassResult:
+class OneClassResult(JsonResult):
+    """``uadc.evaluate(..., one_class=True)``: every category's one-class model on its category, and
+    the unified model's figures (None where it was not evaluated) beside them."""
+
     one_class: EvalResult
     unified: EvalResult | None
     path: Path | None = None

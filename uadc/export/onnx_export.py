@@ -31,10 +31,10 @@ def export_model(model: KDModel, image_size: int, meta: dict, opset: int = 18) -
     """Export with a dynamic batch; returns the tagged model (not yet simplified)."""
     model = model.eval()
     x = torch.zeros(2, 3, image_size, image_size)
-    batch = torch.export.Dim("batch", min=1, max=4096)
     # The exporter narrates every step and warns about torchvision ops we never use (shown
     # with `uadc --verbose`).
     with quiet_third_party(), environment_kept():   # torch.export sets TORCHINDUCTOR_CACHE_DIR as it traces
+        batch = torch.export.Dim("batch", min=1, max=4096)   # imports sympy, which adds a warning filter
         try:
             program = torch.onnx.export(
                 model, (x,), dynamo=True, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),

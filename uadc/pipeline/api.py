@@ -247,6 +247,9 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
     if calibration is not None and not isinstance(calibration, str) and not hasattr(calibration, "__iter__"):
         raise UadcError(f"calibration: expected train, random-normal, mixed or an iterable of image arrays, "
                         f"got {type(calibration).__name__}")
+    if calibration is not None and not isinstance(calibration, str) and calib_samples is not None:
+        raise UadcError("calib_samples: given with calibration images, which are all used (it counts the images "
+                        "drawn from train, random-normal or mixed); leave it out or pass fewer images")
     b = baseline(source, recipe, artifacts=_artifacts_root(artifacts), threads=threads)
     artifacts = artifacts if artifacts is not None else b.artifacts
     target = target or b.recipe.compile.target

@@ -221,6 +221,9 @@ def own_calibration_images(images: Iterable[np.ndarray], size: int,
     out = np.ascontiguousarray(np.concatenate(parts))
     if not np.isfinite(out).all():
         raise UadcError("calibration images contain NaN or Inf")
+    if out.min() == out.max():   # the input's range was zero-wide: ORT quantized it at scale 1 (a few levels)
+        raise UadcError(f"calibration images are all one value ({float(out.min()):g}): the input's range would be "
+                        f"zero-wide; give real images, or train / random-normal / mixed")
     if norm is not None:
         mean, std = (np.asarray(v, np.float64) for v in norm)
         span = float(np.max(np.abs(np.r_[(0 - mean) / std, (1 - mean) / std])))

@@ -323,7 +323,8 @@ def _run_target_passes(baseline: Baseline, target: Target, fp32: onnx.ModelProto
         ctx.ranges = auto.ranges if auto is not None else calibrate_ranges(fp32, images, ptq, target)
         calib = {"calibrator": ptq.calibrator,
                  "calib_data": "user" if opts.calibration is not None else ptq.calib_data,
-                 "samples": int(len(images)), "seed": baseline.recipe.seed, "weight_bits": weight_bits(ctx),
+                 "samples": int(len(images)), "distinct_samples": len({im.tobytes() for im in images}),
+                 "seed": baseline.recipe.seed, "weight_bits": weight_bits(ctx),
                  "per_channel": qdq_options(ctx)[0],   # the weight scales as written (the target's or asked)
                  "ranges": ctx.ranges,
                  "seconds": round(time.time() - t0, 3)}

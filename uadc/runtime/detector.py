@@ -275,6 +275,9 @@ class Detector:
                latency_ms: float = 0.0, sources: Sequence[str | None] | None = None) -> list[Prediction]:
         """Predictions from raw model outputs (maps (N,H,W), scores (N,)) at ``category``'s thresholds."""
         thr = self.thresholds(category)
+        maps, scores = np.asarray(maps), np.asarray(scores)
+        if maps.ndim != 3 or scores.shape != (len(maps),):   # numpy's broadcast error, or a wrong pairing
+            raise UadcError(f"decide: expected maps (N, H, W) and scores (N,), got {maps.shape} and {scores.shape}")
         sources = sources or [None] * len(scores)
         finite = np.isfinite(scores) & np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)
         if not finite.all():   # NaN compares False with every threshold: a defect would pass as good

@@ -19,11 +19,13 @@ from uadc.core.manifest import RESIZE_FILTERS, Preprocessing
 _FILTERS = {name: getattr(Image.Resampling, name.upper()) for name in RESIZE_FILTERS}
 
 
-def _from_pil(im: Image.Image, pre: Preprocessing, source: Any = "(a PIL image)") -> np.ndarray:
+def _from_pil(im: Image.Image, pre: Preprocessing, source: Any = "(a PIL image)", turn: bool = False) -> np.ndarray:
+    """``turn``: by its EXIF orientation (files are turned as they are opened)."""
     try:
         im.load()
     except (OSError, ValueError) as exc:   # a closed image, a truncated file behind a lazy one
         raise UadcError(f"image {source}: cannot read its pixels ({exc})") from None
+    im = upright(im) if turn else im
     if 0 in im.size:
         raise UadcError(f"image {source}: empty, {im.size[0]}x{im.size[1]} pixels")
     im = eight_bit(im, source).convert(pre.color)
@@ -80,7 +82,7 @@ def load_rgb(source: Any, pre: Preprocessing) -> np.ndarray:
         with open_image(stream, "image bytes") as im:
             return _from_pil(im, pre, "image bytes")
     if isinstance(source, Image.Image):   # as displayed, as a path or bytes of it are read
-        return _from_pil(upright(source), pre)
+        return _from_pil(source, pre, turn=True)
     if not isinstance(source, np.ndarray) and (np.asarray(source).dtype == object or np.ndim(source) == 0):
         raise UadcError(f"image: expected a path, image bytes, a binary file, a PIL image or an array, "
                         f"got {type(source).__name__}")
