@@ -499,8 +499,26 @@ def test_a_category_without_validation_normals_takes_the_global_thresholds(tmp_p
     res = uadc.compile(recipe, "ort-cpu-int8", artifacts=art, latency_runs=1, threads=1)
     t = read_manifest(res.path).thresholds
     assert t.validation == {"stripes": 3, "gray": 0} and t.get("gray") == t.global_   # global: stripes alone here
-    pred = uadc.Detector.load(res.path).predict(sorted((data / "gray" / "test").rglob("*.png")), category="gray")
+    det = uadc.Detector.load(res.path)
+    pred = det.predict(sorted((data / "gray" / "test").rglob("*.png")), category="gray")
     assert {p.threshold for p in pred} == {t.global_.image.value}
+    # said where it is used too (at compile only, before), and in the reports; `global` rows have no category
+    assert det.warnings == [f"{res.path}: 'gray' had no validation normals and is judged at the global thresholds"]
+    assert json.loads((res.path / "report.json").read_text())["deploy"]["validation"] == {"stripes": 3, "gray": 0}
+    md = (res.path / "report.md").read_text()
+    assert "| gray (no validation normals: the global ones) |" in md and "\n| global |" in md
+    assert det.predict(pred[0].source, category="global").category is None
+
+
+def test_one_validation_normal_without_a_spread_to_borrow_is_a_warning(tmp_path, caplog):
+    """Its image threshold is that image's score, without margin: half of the normals called defective, silently."""
+    import uadc
+    data, recipe = _two_products(tmp_path, gray_train=4)     # gray: 1 normal; stripes: 3 (one spread: none pooled)
+    uadc.train(recipe, artifacts=tmp_path / "art")
+    with caplog.at_level(logging.WARNING, logger="uadc"):
+        res = uadc.compile(recipe, "ort-cpu-fp32", artifacts=tmp_path / "art", latency_runs=1, threads=1)
+    assert read_manifest(res.path).thresholds.validation == {"stripes": 3, "gray": 1}
+    assert "'gray': one validation normal each and no spread to borrow" in caplog.text
 
 
 def _two_products(tmp_path: Path, gray_train: int = 12, change=None) -> tuple[Path, Path]:

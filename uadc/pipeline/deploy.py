@@ -90,7 +90,7 @@ def deploy_evaluation(baseline: Baseline, compiled: onnx.ModelProto, threads: in
     thr = _thresholds(outputs_on(compiled, val, threads, bs, "validation", predictor), baseline)
     d = baseline.recipe.deploy
     section: dict = {"false_alarm_rate": d.false_alarm_rate, "threshold_margin": d.threshold_margin,
-                     "validation": {c: int(len(x)) for c, x in val.items()},
+                     "validation": {c: int(len(val.get(c, ()))) for c in baseline.categories},   # 0s too
                      "thresholds": {"compiled": thr.to_dict() if thr else None}}
     if thr is None:
         section["note"] = "no validation normals (data.val_fraction 0 and no data.val): no thresholds"
@@ -98,6 +98,10 @@ def deploy_evaluation(baseline: Baseline, compiled: onnx.ModelProto, threads: in
                     "thresholds, so `uadc predict` cannot decide with it; set data.val_fraction > 0 or give data.val")
         return DeployResult(None, None, section)
     section["estimator"] = thr.estimator
+    if d.threshold_margin and not thr.image_spread and (one := [c for c, n in thr.validation.items() if n == 1]):
+        log.warning("%s: one validation normal each and no spread to borrow from other categories: the image "
+                    "threshold is that image's score, without margin (about half of normal images would be called "
+                    "defective); give data.val more normals or raise data.val_fraction", ", ".join(map(repr, one)))
     if _trained_before_split(baseline):
         section["note"] = ("the checkpoint was trained before uadc held out validation normals (no data.val_fraction "
                            "in its recipe): it has seen them, so these thresholds are optimistic; retrain")

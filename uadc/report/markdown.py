@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from uadc.core.constants import METRIC_KEYS
 from uadc.core.errors import md_cell
+from uadc.core.manifest import GLOBAL
 from uadc.core.numbers import fixed
 
 
@@ -66,11 +67,14 @@ def _deploy_lines(d: dict) -> list[str]:
         lines += ["", f"> {d['note']}"]
     thr = d["thresholds"]
     lines += ["", "| category | FP32 image thr | compiled image thr | compiled pixel thr |", "|---|---:|---:|---:|"]
-    comp = thr.get("compiled") or {}
-    for cat, t in (comp.get("categories") or {}).items():
-        f = (thr.get("fp32") or {}).get("categories", {}).get(cat)
+    comp, none = thr.get("compiled") or {}, {c for c, n in d["validation"].items() if not n}
+    rows = [(c, t, (thr.get("fp32") or {}).get("categories", {}).get(c)) for c, t in (comp.get("categories") or {}).items()]
+    if comp.get(GLOBAL):   # uncategorised images, and the in-graph default
+        rows.append((GLOBAL, comp[GLOBAL], (thr.get("fp32") or {}).get(GLOBAL)))
+    for cat, t, f in rows:
         fp32 = f"{f['image']['value']:.5g}" if f else "n/a"
-        lines.append(f"| {md_cell(cat)} | {fp32} | {t['image']['value']:.5g} | {t['pixel']['value']:.5g} |")
+        name = md_cell(cat) + (" (no validation normals: the global ones)" if cat in none else "")
+        lines.append(f"| {name} | {fp32} | {t['image']['value']:.5g} | {t['pixel']['value']:.5g} |")
     dec = d.get("decisions")
     if dec:
         lines += ["", "| category | false-reject FP32 | false-reject compiled | escape FP32 | escape compiled | "

@@ -23,7 +23,7 @@ import numpy as np
 
 from uadc.core.errors import NonFiniteOutputs, RuntimeFault, UadcError
 from uadc.core.io import JsonResult, as_path
-from uadc.core.manifest import CategoryThresholds, Manifest, read_manifest
+from uadc.core.manifest import GLOBAL, CategoryThresholds, Manifest, read_manifest
 from uadc.core.scoped import check_threads, logged_warnings
 from uadc.runtime.preprocess import preprocess
 
@@ -170,6 +170,10 @@ class Detector:
         ``warnings``: what it logged as it loaded."""
         with logged_warnings() as said:
             det = cls._open(artifact, backend, threads, verify, batch_size, schedule)
+            thr = det.manifest.thresholds
+            if none := [c for c, n in (thr.validation.items() if thr else ()) if n == 0]:   # named at compile only
+                log.warning("%s: %s had no validation normals and %s judged at the global thresholds",
+                            det.manifest.folder, ", ".join(map(repr, none)), "is" if len(none) == 1 else "are")
         det.warnings = said
         return det
 
@@ -177,8 +181,6 @@ class Detector:
     def _open(cls, artifact: str | Path, backend: str, threads: int | None, verify: bool, batch_size: int,
               schedule: str) -> "Detector":
         folder = as_path(artifact, "artifact")
-        if not isinstance(verify, bool):   # "no" is a non-empty string: read as true
-            raise UadcError(f"verify: expected True or False, got {verify!r:.60}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UadcError(f"batch_size: expected a whole number >= 1, got {batch_size!r}")
         threads = check_threads(threads)
@@ -325,14 +327,14 @@ class Detector:
 
     @staticmethod
     def _per_image(category: Any, n: int, single: bool) -> list[str | None]:
-        if category is None or isinstance(category, str):
-            return [category] * n
+        if category is None or isinstance(category, str):   # "global" is None: a row's empty category
+            return [None if category == GLOBAL else category] * n
         cats = list(category) if isinstance(category, (list, tuple)) else None   # not a number, a set
         if cats is None or single or len(cats) != n or not all(c is None or isinstance(c, str) for c in cats):
             want = "a name or None for one image" if single else \
                 f"one name for all images or one per image (a list of {n} names or None)"
             raise UadcError(f"category: {want}, got {category!r}"[:300])
-        return cats
+        return [None if c == GLOBAL else c for c in cats]
 
     def __repr__(self) -> str:
         m = self.manifest
