@@ -565,3 +565,20 @@ def test_quiet_blocks_in_two_threads_leave_the_process_as_found_and_other_thread
         assert said == {"a": ["a's warning"], "b": []}
     finally:
         app.removeHandler(handler)
+
+
+def test_third_party_warnings_in_a_quiet_block_are_kept_whatever_the_callers_filters():
+    """Under a caller's `error` filter (pytest's filterwarnings, PYTHONWARNINGS) torch's exporter's
+    FutureWarning became an export failure; the filters are the caller's again afterwards."""
+    import warnings
+    from uadc.core.scoped import environment_kept, quiet_third_party
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before = warnings.filters[:]
+        with quiet_third_party():
+            warnings.warn("the exporter's", FutureWarning)
+            with environment_kept():
+                warnings.simplefilter("ignore", UserWarning)   # a library setting a filter as it imports
+        assert warnings.filters == before
+        with pytest.raises(FutureWarning):
+            warnings.warn("the caller's own", FutureWarning)

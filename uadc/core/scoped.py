@@ -112,12 +112,22 @@ def _shared_state(name: str, save: Callable[[], Any], restore: Callable[[Any], N
                 restore(_saved.pop(name))
 
 
+_ALWAYS = ("always", None, Warning, None, 0)   # first while quiet blocks run: every warning is theirs to keep
+
+
+def _set_filters(filters: list, quiet: bool) -> None:
+    """The warning filters, with ``_ALWAYS`` first exactly while a quiet block runs (in any thread)."""
+    kept = [f for f in filters if f is not _ALWAYS]
+    warnings.filters[:] = ([_ALWAYS] if quiet else []) + kept
+    getattr(warnings, "_filters_mutated", lambda: None)()   # what catch_warnings does: cached decisions go
+
+
 def _restore_environment(saved: tuple[dict, list]) -> None:
     env, filters = saved
     for key in set(os.environ) - set(env):
         del os.environ[key]
     os.environ.update(env)
-    warnings.filters[:] = filters
+    _set_filters(filters, bool(_users.get("quiet")))
 
 
 @contextlib.contextmanager
@@ -250,6 +260,9 @@ def _route() -> tuple:
         h.addFilter(_RECORDS)
     saved = (sys.stdout, sys.stderr, show, routed_warning, handlers)
     sys.stdout, sys.stderr, warnings.showwarning = _Routed(sys.stdout), _Routed(sys.stderr), routed_warning
+    # a caller's `error` filter made the exporter's FutureWarning an export failure; `default` marked a
+    # warning seen here as shown, so the caller never saw it
+    _set_filters(warnings.filters[:], True)
     return saved
 
 
@@ -263,6 +276,7 @@ def _unroute(saved: tuple) -> None:
         warnings.showwarning = show
     for h in handlers:
         h.removeFilter(_RECORDS)
+    _set_filters(warnings.filters[:], False)
 
 
 @contextlib.contextmanager

@@ -182,19 +182,19 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
 
 def _mask_pixels(sample: Sample) -> np.ndarray:
-    """A defect image's mask as booleans at the mask's own size. Binary masks (0/255, 0/65535) cut at
-    half their peak, as do soft or JPEG-saved ones (many values: ringing near 0 marks nothing); label
-    or index masks (a few values, all below 128: 0/1, 0/2, 0/100, in 8 or 16 bits) mark their defect
-    with any non-zero value, which a fixed 8-bit threshold would empty."""
+    """A defect image's mask as booleans at the mask's own size. Binary masks (0/255, 0/65535) are cut
+    at half their peak; label or instance masks (values all below 128: 0/1, 0/2, 1..N per defect, in
+    8 or 16 bits) mark their defect with any non-zero value, which a fixed 8-bit cut would empty. A
+    JPEG-saved mask is always cut at half its peak: its ringing near 0 is noise, not defect."""
     with open_image(sample.mask_path, "mask") as m:
         with open_image(sample.path) as im:
             if m.size != im.size:
                 raise UadcError(f"mask size {m.size} differs from image size {im.size}: {sample.mask_path}")
+        lossy = m.format == "JPEG" or sample.mask_path.suffix.lower() in (".jpg", ".jpeg")
         deep = m.mode.startswith("I;16") or m.mode == "I"   # raw values: 8 bits would round 0/1 to 0/0
         a = np.asarray(m, dtype=np.float64) if deep else np.asarray(eight_bit(m, sample.mask_path).convert("L"))
     peak = float(a.max(initial=0))
-    label = peak < 128 and np.unique(a).size <= 8
-    return a > (0 if label else peak / 2)
+    return a > (peak / 2 if lossy or peak >= 128 else 0)
 
 
 def load_mask(sample: Sample, size: int) -> np.ndarray:
