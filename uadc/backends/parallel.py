@@ -138,10 +138,12 @@ def _branch_sessions(model: Any, threads: int, required: bool):
         return None
     proto = model if hasattr(model, "graph") else onnx.load_from_string(model) if isinstance(model, bytes) \
         else onnx.load(str(model), load_external_data=False)
-    parts = branch_models(proto)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    parts = None if external else branch_models(proto)   # the parts read external data from the working folder
     if parts is None:
         if required:
             raise UadcError("schedule 'branches': the graph has no independent teacher and student partitions "
-                            "(e.g. PaSTe's student reads teacher features); use 'batch' or 'auto'")
+                            "(e.g. PaSTe's student reads teacher features) or keeps weights in external data "
+                            "files; use 'batch' or 'auto'")
         return None
     return tuple(make_session(p, threads) for p in parts)

@@ -264,9 +264,14 @@ def model_metadata(path: Path) -> dict[str, str]:
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         return dict(sess.get_modelmeta().custom_metadata_map)
     try:
-        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and others: a damaged file
         raise UadcError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        # uadc writes none; `bundle` shipped such a model without the file it reads (or one a link led to)
+        raise UadcError(f"{path}: keeps weights in external data files, which uadc never writes: not the model "
+                        f"compile wrote")
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def check_outside_artifacts(out: Path, below: bool = False) -> None:
@@ -339,6 +344,8 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
         p = folder / rel
         if ".." in Path(rel).parts or Path(rel).is_absolute():
             raise UadcError(f"{folder / MANIFEST_FILE}: file entry {rel!r} leaves the artifact folder")
+        if p.is_symlink():   # `bundle` copied what it pointed to (any file) into the deployment copy
+            raise UadcError(f"artifact {folder}: {rel} is a link; an artifact's files are plain files")
         if not p.is_file():
             raise UadcError(f"artifact {folder}: {rel} is missing (listed in {MANIFEST_FILE})")
         if sha256_file(p) != digest:
