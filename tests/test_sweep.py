@@ -176,6 +176,13 @@ def test_sequential_sweep_records_failures_and_resumes(tiny, tmp_path):
     again = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)
     assert (again["reused"], again["executed"]) == (1, 2)
     assert (tmp_path / "o" / ok[1]["artifact"] / "model.onnx").is_file()
+    # a record naming a folder outside the sweep's cells, or another target's cell, was reused as the cell's
+    shutil.copytree(tmp_path / "o" / ok[0]["artifact"], tmp_path / "elsewhere")
+    for rec, artifact in ((ok[0], str(tmp_path / "elsewhere")), (ok[1], ok[0]["artifact"])):
+        doc = json.loads(record_path(tmp_path / "o", rec["key"]).read_text())
+        record_path(tmp_path / "o", rec["key"]).write_text(json.dumps({**doc, "artifact": artifact}))
+    again = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)
+    assert (again["reused"], again["executed"]) == (0, 3)
 
 
 def test_a_rerun_reusing_every_cell_of_another_grid_redraws_the_plot(tiny, tmp_path):

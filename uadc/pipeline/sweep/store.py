@@ -30,11 +30,17 @@ def load_record(out: Path, key: str) -> dict | None:
         return None
     if not isinstance(rec, dict) or rec.get("status") != "ok" or rec.get("key") != key:
         return None
-    # the artifact it names must still be there, whole (a deleted cell folder, or model.onnx, is computed again)
-    folder = Path(out) / str(rec.get("artifact"))
+    # the artifact it names must still be there, whole (a deleted cell folder, or model.onnx, is computed
+    # again), one of this sweep's cells (a record naming any folder was reused) and of the record's target
+    folder = (Path(out) / str(rec.get("artifact"))).resolve()
+    if (Path(out) / CELLS).resolve() not in folder.parents:
+        return None
     try:
-        read_manifest(folder)
+        manifest = read_manifest(folder)
+        manifest.check_model_file()
     except UadcError:
+        return None
+    if (manifest.target, manifest.precision) != (rec.get("target"), rec.get("precision")):
         return None
     return rec if (folder / REPORT_FILE).is_file() else None
 
