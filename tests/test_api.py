@@ -232,7 +232,18 @@ def test_crafted_checkpoint_runs_nothing(trained, tmp_path):
     with pytest.raises(UadcError) as e:
         uadc.evaluate(evil, recipe, artifacts=art)
     assert "refused" in str(e.value) and "\n" not in str(e.value)
-    assert not marker.exists()
+    # a recipe's model.weights file alike: torch's advice to retry with weights_only=False (running it) was quoted
+    from uadc.models.backbones import load_state_dict_file
+    with pytest.raises(UadcError, match=r"^weights file .*evil.pt holds objects other than tensors") as e:
+        load_state_dict_file(torch.nn.Linear(1, 1), evil, "x")
+    assert "weights_only" not in str(e.value) and not marker.exists()
+    # weights of another dtype were cast silently (int64: truncated to whole numbers)
+    blob = torch.load(art / "tiny" / "checkpoint.pt", weights_only=True)
+    name = next(k for k, v in blob["state_dict"].items() if v.dtype == torch.float32)
+    blob["state_dict"][name] = blob["state_dict"][name].long()
+    torch.save(blob, tmp_path / "int.pt")
+    with pytest.raises(UadcError, match=f"int.pt: weight {re.escape(name)} is torch.int64, the model's is torch.float32"):
+        uadc.evaluate(tmp_path / "int.pt", recipe, artifacts=art)
 
 
 def test_no_top_level_calibrators_module_and_plugin_entry_point(tmp_path):

@@ -789,6 +789,12 @@ def test_a_model_whose_outputs_do_not_fit_or_are_not_finite_gets_no_verdict(int8
         det = Detector.load(_edited_artifact(src, tmp_path / name, model=m))
         with pytest.raises(RuntimeFault, match="expected \\[1, .*\\] and \\[1\\]"):
             det.predict(sorted(good.iterdir())[0])
+    # a graph the runtime fails to run (an allocation, a shape only known then): ORT's traceback before
+    fails = model([helper.make_node("Reshape", ["image", "seven"], ["score"])], ["batch"], size)
+    fails.graph.initializer.append(helper.make_tensor("seven", TensorProto.INT64, [1], [7]))
+    det = Detector.load(_edited_artifact(src, tmp_path / "fails", model=fails))
+    with pytest.raises(RuntimeFault, match="ONNX Runtime failed to run the model: .*"):
+        det.predict(sorted(good.iterdir())[0])
 
 
 def test_run_takes_preprocessed_batches_only(int8_artifact):

@@ -283,6 +283,9 @@ def test_golden_files_are_checked_not_trusted(artifacts, tmp_path):
     (loose / "golden_outputs.json").write_text("{")
     with pytest.raises(UadcError, match=f"unreadable golden set file {loose / 'golden_outputs.json'}: "):
         uadc.verify(int8, golden=loose)
+    (loose / "golden_outputs.json").write_text("[" * 100_000 + "]" * 100_000)   # a RecursionError traceback
+    with pytest.raises(UadcError, match=f"unreadable golden set file {loose / 'golden_outputs.json'}: nested too deeply"):
+        uadc.verify(int8, golden=loose)
     (loose / "golden_outputs.json").write_text("{}")         # valid JSON, no RunResults: Polygraphy's own error
     with pytest.raises(UadcError, match=f"unreadable golden set file {loose / 'golden_outputs.json'}: "):
         uadc.verify(int8, golden=loose)

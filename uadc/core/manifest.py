@@ -344,8 +344,6 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
         p = folder / rel
         if ".." in Path(rel).parts or Path(rel).is_absolute():
             raise UadcError(f"{folder / MANIFEST_FILE}: file entry {rel!r} leaves the artifact folder")
-        if p.is_symlink():   # `bundle` copied what it pointed to (any file) into the deployment copy
-            raise UadcError(f"artifact {folder}: {rel} is a link; an artifact's files are plain files")
         if not p.is_file():
             raise UadcError(f"artifact {folder}: {rel} is missing (listed in {MANIFEST_FILE})")
         if sha256_file(p) != digest:

@@ -68,7 +68,13 @@ class _OrtBackend:
         self.session = ParallelSession(model, threads, schedule)
 
     def run(self, images: np.ndarray, input_name: str) -> tuple[np.ndarray, np.ndarray]:
-        amap, score = self.session.run(["anomaly_map", "score"], {input_name: images})
+        try:
+            amap, score = self.session.run(["anomaly_map", "score"], {input_name: images})
+        except UadcError:
+            raise
+        except Exception as exc:   # ORT's Fail / RuntimeException (an allocation it cannot make): a traceback before
+            why = (str(exc).strip().splitlines() or [""])[-1][:300]
+            raise RuntimeFault(f"ONNX Runtime failed to run the model: {type(exc).__name__}: {why}") from None
         return amap[:, 0], score.reshape(-1)
 
     def metadata(self) -> dict[str, str]:

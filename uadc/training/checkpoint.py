@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import pickle
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from uadc import __version__
 from uadc.config.recipe import Recipe, recipe_from_dict
 from uadc.config.yaml_file import dump_yaml
 from uadc.core.constants import CHECKPOINT_FILE
-from uadc.core.errors import UadcError
+from uadc.core.errors import UadcError, pickle_refusal
 from uadc.core.io import atomic_save, atomic_write_text, contained
 from uadc.core.scoped import signals_deferred
 from uadc.models import KDModel, build_model
@@ -166,11 +165,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # name what it holds, not torch's advice to retry with weights_only=False (which would run it)
-        found = re.search(r"(?:unsupported GLOBAL|Unsupported global|Unsupported operand) ?[^\n]*?(?=\.?\n|\.?$)",
-                          str(exc), re.IGNORECASE)
-        raise UadcError(f"checkpoint {path} holds objects other than tensors and plain data; refused to load "
-                        f"it ({found.group(0)[:200] if found else 'unsupported content'})") from None
+        raise UadcError(f"checkpoint {path} {pickle_refusal(exc)}") from None
     except Exception as exc:  # truncated zip, not a torch file, ...
         raise UadcError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict) or \
@@ -244,6 +239,11 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
         # every weight comes from the checkpoint: the initial weights' file is not read (moved with a project,
         # its stored path is gone)
         model = build_model({**trained.cfg["model"], "pretrained": False, "weights": None}, trained.data.image_size)
+    own = model.state_dict()   # load_state_dict casts: int64 weights were truncated to whole numbers, silently
+    odd = next(((k, v.dtype) for k, v in blob["state_dict"].items() if k in own and isinstance(v, torch.Tensor)
+                and v.dtype != own[k].dtype), None)
+    if odd:
+        raise UadcError(f"checkpoint {path}: weight {odd[0]} is {odd[1]}, the model's is {own[odd[0]].dtype}")
     try:
         model.load_state_dict(blob["state_dict"])
     except (RuntimeError, KeyError, TypeError) as exc:

@@ -152,8 +152,10 @@ def _read(path: Path, load: Any) -> Any:
     from polygraphy.exception import PolygraphyException
     try:
         return load()
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, PolygraphyException) as exc:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, RecursionError, zipfile.BadZipFile,
+            PolygraphyException) as exc:
         reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else
+                  "nested too deeply" if isinstance(exc, RecursionError) else
                   "not in Polygraphy's format" if isinstance(exc, PolygraphyException) else   # its text quotes the file
                   f"{type(exc).__name__}: {str(exc)[:200]}")
         raise UadcError(f"unreadable golden set file {path}: {reason}") from None

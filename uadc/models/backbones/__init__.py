@@ -7,13 +7,14 @@ original checkpoints (torchvision, lukemelas EfficientNet) so their state dicts 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from uadc.core.errors import UadcError
+from uadc.core.errors import UadcError, pickle_refusal
 
 # name -> (constructor, default weights loader or None, input normalisation (mean, std))
 _REGISTRY: dict[str, tuple[Callable[[], nn.Module], Callable[[], Path] | None, tuple]] = {}
@@ -66,8 +67,10 @@ def load_state_dict_file(model: nn.Module, path: Path, name: str) -> None:
         raise UadcError(f"weights file for {name!r} not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:   # not torch's advice to retry unsafely, which would run it
+        raise UadcError(f"weights file {path} {pickle_refusal(exc)}") from None
     except Exception as exc:  # corrupt or foreign file: report, don't trace
-        raise UadcError(f"cannot read weights file {path}: {exc}") from None
+        raise UadcError(f"cannot read weights file {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:
