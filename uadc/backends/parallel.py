@@ -9,8 +9,9 @@ graph has coarser parallelism of its own:
   (``uadc.export.partitions.branch_models``);
 * ``batch``: a batch is split into one chunk per core, each run by its own whole-model session.
 
-Every image goes through the same kernels as in one session, so outputs match a plain session's
-(checked in tests). ``auto`` picks ``branches`` for a single image and ``batch`` for more. Like a
+Every image goes through the same kernels as in one session, so outputs match a plain session's at
+the same batch size (checked in tests); as in any session, an image's score may differ in the last
+float bits (~1e-7) with the size of the batch it runs in. ``auto`` picks ``branches`` for a single image and ``batch`` for more. Like a
 session, ``run(output_names, feeds)`` returns the outputs; ``close()`` stops its worker threads.
 """
 
