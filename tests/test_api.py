@@ -593,3 +593,40 @@ def test_third_party_warnings_in_a_quiet_block_are_kept_whatever_the_callers_fil
         assert warnings.filters == before
         with pytest.raises(FutureWarning):
             warnings.warn("the caller's own", FutureWarning)
+
+
+def test_simplifying_a_graph_leaves_the_apps_other_threads_printing():
+    """onnxsim ran under a process-wide redirect_stdout: an embedding app's prints from its other threads
+    during a compile were lost."""
+    import io
+    import threading
+    import time
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+    from uadc.passes.pipeline import _onnxsim
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.ones(108, np.float32))
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": np.ones((1, 3, 8, 8), np.float32)}
+    heard, made, stop = io.StringIO(), [0], threading.Event()
+
+    def tick():
+        while not stop.is_set():
+            print("tick")
+            made[0] += 1
+            time.sleep(0.001)
+
+    before, sys.stdout = sys.stdout, heard
+    t = threading.Thread(target=tick)
+    try:
+        t.start()
+        for _ in range(5):
+            assert isinstance(_onnxsim(model, feeds), onnx.ModelProto)
+    finally:
+        stop.set()
+        t.join()
+        sys.stdout = before
+    assert made[0] and heard.getvalue().count("tick\n") == made[0]

@@ -21,8 +21,6 @@ Passes:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import inspect
 import logging
 import time
@@ -37,7 +35,7 @@ from uadc.config.targets import Target
 from uadc.core.errors import UadcError, raise_interrupt_behind
 from uadc.core.io import atomic_write_bytes, ensure_dir
 from uadc.core.ort_session import make_session
-from uadc.core.scoped import native_stderr_logged
+from uadc.core.scoped import native_stderr_logged, quiet_third_party
 from uadc.export.partitions import (
     assign_partitions, meta_partition, partition_of, prefix_partition, set_partition,
 )
@@ -203,7 +201,7 @@ def _onnxsim(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.Model
     if "certify" in inspect.signature(onnxsim.simplify).parameters:
         kwargs["certify"] = False  # Z3 proofs are slow and we check numerics ourselves
     # it prints its check progress; ONNX Runtime, run inside it, logs a graph it cannot run to fd 2
-    with contextlib.redirect_stdout(io.StringIO()), native_stderr_logged():
+    with quiet_third_party(), native_stderr_logged():   # this thread's prints only: an app's other threads print
         out, ok = onnxsim.simplify(copy_model(model), **kwargs)  # no input shapes: batch stays dynamic
     if not ok:
         raise RuntimeError("onnxsim's own output check failed")
