@@ -508,6 +508,9 @@ def test_a_category_without_validation_normals_takes_the_global_thresholds(tmp_p
     md = (res.path / "report.md").read_text()
     assert "| gray (no validation normals: the global ones) |" in md and "\n| global |" in md
     assert det.predict(pred[0].source, category="global").category is None
+    from uadc.runtime.batch import predict_paths      # `uadc predict --category global`: its rows alike, unwarned
+    run = predict_paths(det, pred[0].source, category="global")
+    assert run.records[0]["category"] is None and not any("in no folder named" in w for w in run.warnings)
 
 
 def test_one_validation_normal_without_a_spread_to_borrow_is_a_warning(tmp_path, caplog):

@@ -33,8 +33,8 @@ def md_cell(text: object) -> str:
 def pickle_refusal(exc: BaseException) -> str:
     """What torch's ``weights_only`` loader refused in a file, without its advice to retry with
     ``weights_only=False`` (which would run the file's code)."""
-    found = re.search(r"(?:unsupported GLOBAL|Unsupported global|Unsupported operand) ?[^\n]*?(?=\.?\n|\.?$)",
-                      str(exc), re.IGNORECASE)
+    found = re.search(r"(?:unsupported GLOBAL|Unsupported global|Unsupported operand) ?[^\n]*?"
+                      r"(?= was not an allowed|\.?\n|\.?$)", str(exc), re.IGNORECASE)
     return f"holds objects other than tensors and plain data; refused to load it " \
            f"({found.group(0)[:200] if found else 'unsupported content'})"
 

@@ -112,7 +112,10 @@ def _shared_state(name: str, save: Callable[[], Any], restore: Callable[[Any], N
                 restore(_saved.pop(name))
 
 
-_ALWAYS = ("always", None, Warning, None, 0)   # first while quiet blocks run: every warning is theirs to keep
+# First while quiet blocks run: every warning is theirs to keep, whatever the caller's filters (an `error`
+# filter made the exporter's FutureWarning, which Python attributes to copyreg, an export failure). Filters
+# are process-wide: meanwhile other threads' warnings are shown (to them) rather than raised or ignored.
+_ALWAYS = ("always", None, Warning, None, 0)
 
 
 def _set_filters(filters: list, quiet: bool) -> None:
@@ -283,7 +286,8 @@ def _unroute(saved: tuple) -> None:
 def quiet_third_party() -> Iterator[io.StringIO]:
     """Capture what third-party code run by this thread prints to stdout/stderr, warns and logs to
     loggers of its own for the block; the text is logged at DEBUG (``uadc --verbose`` shows it).
-    Other threads print and log as before; afterwards sys.stdout/sys.stderr, ``warnings.showwarning``
+    Other threads print and log as before (their warnings are shown rather than raised or ignored
+    meanwhile: warning filters are process-wide); afterwards sys.stdout/sys.stderr, ``warnings.showwarning``
     and the loggers are the caller's again. File descriptors are not touched."""
     cap, me = _Capture(), threading.get_ident()
     with _shared_state("quiet", _route, _unroute):

@@ -21,7 +21,7 @@ from uadc.core.errors import NonFiniteOutputs, UadcError
 from uadc.core.images import FoundImages, find_images, printable
 from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, file_lock, staged_files
 from uadc.core.scoped import logged_warnings, signals_deferred
-from uadc.core.manifest import check_outside_artifacts, infer_category
+from uadc.core.manifest import GLOBAL, check_outside_artifacts, infer_category
 from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction
 from uadc.runtime.preprocess import load_rgb
@@ -164,7 +164,7 @@ def _predict(detector: Detector, found: FoundImages, category: str | None, out: 
     with staged_files(Path(out) / OVERLAYS_DIR, then=tables) if names else contextlib.nullcontext() as stage:
         _run_images(detector, files, category, infer, batch_size, run, stage, names)
         n_global = sum(r["category"] is None for r in run.records)
-        if n_global and len(detector.categories) > 1:
+        if n_global and len(detector.categories) > 1 and category != GLOBAL:   # not when asked for
             log.warning("%d of %d images are in no folder named after a category (%s): they were judged at the global "
                         "thresholds, set on every category's normals together, which can sit far above one category's "
                         "defect scores; pass --category (or category=) to judge them as that product", n_global,

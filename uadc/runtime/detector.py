@@ -283,6 +283,7 @@ class Detector:
                latency_ms: float = 0.0, sources: Sequence[str | None] | None = None) -> list[Prediction]:
         """Predictions from raw model outputs (maps (N,H,W), scores (N,)) at ``category``'s thresholds."""
         thr = self.thresholds(category)
+        category = None if category == GLOBAL else category   # as uncategorised rows: no category
         maps, scores = np.asarray(maps), np.asarray(scores)
         if maps.ndim != 3 or scores.shape != (len(maps),):   # numpy's broadcast error, or a wrong pairing
             raise UadcError(f"decide: expected maps (N, H, W) and scores (N,), got {maps.shape} and {scores.shape}")

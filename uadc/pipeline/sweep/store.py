@@ -31,9 +31,9 @@ def load_record(out: Path, key: str) -> dict | None:
     if not isinstance(rec, dict) or rec.get("status") != "ok" or rec.get("key") != key:
         return None
     # the artifact it names must still be there, whole (a deleted cell folder, or model.onnx, is computed
-    # again), one of this sweep's cells (a record naming any folder was reused) and of the record's target
+    # again), in this run's folder (a record naming any folder was reused) and of the record's target
     folder = (Path(out) / str(rec.get("artifact"))).resolve()
-    if (Path(out) / CELLS).resolve() not in folder.parents:
+    if Path(out).resolve() not in folder.parents:
         return None
     try:
         manifest = read_manifest(folder)
