@@ -22,6 +22,24 @@ def _uadc_logger_as_found():
     logger.setLevel(kept[1])
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_kept():
+    """A test that leaves Ctrl-C's or SIGTERM's handler changed fails here (a later test of Ctrl-C in the
+    same worker saw no KeyboardInterrupt: failures that came and went with the order of test files)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    before = {k: signal.getsignal(k) for k in kinds}
+    yield
+    after = {k: signal.getsignal(k) for k in kinds}
+    for k, handler in before.items():
+        signal.signal(k, handler if handler is not None else signal.SIG_DFL)
+    assert after == before, f"signal handlers left changed: {after} (were {before})"
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """Two categories in MVTec layout: an RGB one and a grayscale one (as magnetic_tile)."""

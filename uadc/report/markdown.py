@@ -57,7 +57,8 @@ def _pct(x: float | None) -> str:
 
 def _deploy_lines(d: dict) -> list[str]:
     """Operating thresholds (label-free) and the decisions they make on the test sets."""
-    counts = ", ".join(f"{c}: {n}" for c, n in d["validation"].items()) or "no"   # "( images)" before
+    counts = ", ".join(f"{c}: {n}" for c, n in d["validation"].items()) if any(d["validation"].values()) \
+        else "no"   # "( images)" before; "stripes: 0, gray: 0" said no more
     lines = ["## Operating point and decisions", "",
              f"- target false-alarm rate **{_pct(d['false_alarm_rate'])}**; thresholds from each model's own outputs "
              f"on validation normals only ({counts} images)"]
