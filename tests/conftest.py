@@ -32,12 +32,13 @@ def _signal_handlers_kept():
         yield
         return
     kinds = (signal.SIGINT, signal.SIGTERM)
-    before = {k: signal.getsignal(k) for k in kinds}
+    before = {k: signal.getsignal(k) for k in kinds}, signal.pthread_sigmask(signal.SIG_BLOCK, [])
     yield
-    after = {k: signal.getsignal(k) for k in kinds}
-    for k, handler in before.items():
+    after = {k: signal.getsignal(k) for k in kinds}, signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    for k, handler in before[0].items():
         signal.signal(k, handler if handler is not None else signal.SIG_DFL)
-    assert after == before, f"signal handlers left changed: {after} (were {before})"
+    signal.pthread_sigmask(signal.SIG_SETMASK, before[1])
+    assert after == before, f"signal handlers or blocked signals left changed: {after} (were {before})"
 
 
 @pytest.fixture(scope="session")
