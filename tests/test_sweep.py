@@ -211,12 +211,15 @@ def test_ray_sweep_matches_sequential(tiny, tmp_path):
                                                 "calibrator": ["minmax", "mse"]})
     from uadc.pipeline import api
     seq = api.sweep(sweep, artifacts=d / "art", out=tmp_path / "seq", sequential=True)
+    import signal
+    on_sigterm = signal.getsignal(signal.SIGTERM)   # ray.init (this test's own) replaces it
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)   # never a `ray start` one
     try:
         on_ray = api.sweep(sweep, artifacts=d / "art", out=tmp_path / "ray")
         assert ray.is_initialized()   # a Ray the caller started is left running
     finally:
         ray.shutdown()
+        signal.signal(signal.SIGTERM, on_sigterm)
     assert on_ray.ok and on_ray.executed == 3 and on_ray.trained == 0
     fields = ("cell", "status", "image_auroc", "pixel_auroc", "image_drop", "model_bytes")
     assert [[r[f] for f in fields] for r in on_ray.rows] == [[r[f] for f in fields] for r in seq.rows]
