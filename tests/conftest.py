@@ -22,6 +22,19 @@ def _uadc_logger_as_found():
     logger.setLevel(kept[1])
 
 
+def _native_handler(sig) -> int | None:
+    """The handler the C library holds (glibc, Linux): a native library replacing it is invisible to
+    ``signal.getsignal``, which answers from Python's own table."""
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return None
+    buf = ctypes.create_string_buffer(256)   # struct sigaction: sa_handler is its first field
+    if ctypes.CDLL(None).sigaction(int(sig), None, buf) != 0:
+        return None
+    return int.from_bytes(buf.raw[:8], sys.byteorder)
+
+
 @pytest.fixture(autouse=True)
 def _signal_handlers_kept():
     """A test that leaves Ctrl-C's or SIGTERM's handler changed fails here (a later test of Ctrl-C in the
@@ -32,9 +45,11 @@ def _signal_handlers_kept():
         yield
         return
     kinds = (signal.SIGINT, signal.SIGTERM)
-    before = {k: signal.getsignal(k) for k in kinds}, signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    before = ({k: signal.getsignal(k) for k in kinds}, signal.pthread_sigmask(signal.SIG_BLOCK, []),
+              [_native_handler(k) for k in kinds])
     yield
-    after = {k: signal.getsignal(k) for k in kinds}, signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    after = ({k: signal.getsignal(k) for k in kinds}, signal.pthread_sigmask(signal.SIG_BLOCK, []),
+             [_native_handler(k) for k in kinds])
     for k, handler in before[0].items():
         signal.signal(k, handler if handler is not None else signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, before[1])
