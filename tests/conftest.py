@@ -56,6 +56,18 @@ def _signal_handlers_kept():
     assert after == before, f"signal handlers or blocked signals left changed: {after} (were {before})"
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt in this test whatever the test run inherited: a run started in the
+    background by a non-interactive shell (``cmd &``) ignores SIGINT, and a re-raised Ctrl-C was then
+    ignored as its caller asked (those runs failed the Ctrl-C tests). The inherited handler is put back."""
+    import signal
+    inherited = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited if inherited is not None else signal.SIG_DFL)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """Two categories in MVTec layout: an RGB one and a grayscale one (as magnetic_tile)."""

@@ -140,7 +140,8 @@ def test_a_signal_after_the_result_is_out_keeps_its_exit_code(setup, sig, code):
     assert p.returncode == 0 and doc["recipe"] == recipe.stem, (p.returncode, err[-1000:])
 
 
-def test_ctrl_c_between_the_checkpoint_and_its_recipe_copy_lands_after_both(recipe_factory, tmp_path, monkeypatch):
+def test_ctrl_c_between_the_checkpoint_and_its_recipe_copy_lands_after_both(recipe_factory, tmp_path, monkeypatch,
+                                                                            ctrl_c_raises):
     """The checkpoint was renamed into place, then recipe.yaml written: Ctrl-C in between left the new
     model beside the earlier model's recipe (epochs 2 in the checkpoint, 1 in its recipe copy)."""
     import yaml

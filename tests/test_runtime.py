@@ -405,7 +405,8 @@ def test_a_run_stopped_half_way_leaves_the_out_folder_as_it_was(int8_artifact, t
         sorted(r["overlay"] for r in run.records) and all(p.is_file() for p in run.written)
 
 
-def test_ctrl_c_while_the_overlays_move_in_lands_after_the_tables(int8_artifact, tiny_data, tmp_path, monkeypatch):
+def test_ctrl_c_while_the_overlays_move_in_lands_after_the_tables(int8_artifact, tiny_data, tmp_path, monkeypatch,
+                                                                  ctrl_c_raises):
     """The overlays moved in one by one, then the tables were written: Ctrl-C in between left part of a
     run's overlays beside the earlier run's tables, named by neither. Now the signal waits for both."""
     import os
