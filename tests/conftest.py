@@ -35,6 +35,21 @@ def _native_handler(sig) -> int | None:
     return int.from_bytes(buf.raw[:8], sys.byteorder)
 
 
+def _signal_stack() -> tuple | None:
+    """The thread's alternate signal stack (Linux): a native library leaving it at memory it freed made the
+    next Ctrl-C of the worker a SIGSEGV (OpenVINO's CPU plugin), in whatever test came next."""
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return None
+    class StackT(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+    got = StackT()
+    if ctypes.CDLL(None).sigaltstack(None, ctypes.byref(got)) != 0:
+        return None
+    return got.ss_sp, got.ss_flags, got.ss_size
+
+
 @pytest.fixture(autouse=True)
 def _signal_handlers_kept():
     """A test that leaves Ctrl-C's or SIGTERM's handler changed fails here (a later test of Ctrl-C in the
@@ -46,14 +61,14 @@ def _signal_handlers_kept():
         return
     kinds = (signal.SIGINT, signal.SIGTERM)
     before = ({k: signal.getsignal(k) for k in kinds}, signal.pthread_sigmask(signal.SIG_BLOCK, []),
-              [_native_handler(k) for k in kinds])
+              [_native_handler(k) for k in kinds], _signal_stack())
     yield
     after = ({k: signal.getsignal(k) for k in kinds}, signal.pthread_sigmask(signal.SIG_BLOCK, []),
-             [_native_handler(k) for k in kinds])
+             [_native_handler(k) for k in kinds], _signal_stack())
     for k, handler in before[0].items():
         signal.signal(k, handler if handler is not None else signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, before[1])
-    assert after == before, f"signal handlers or blocked signals left changed: {after} (were {before})"
+    assert after == before, f"signal handlers, blocked signals or the signal stack left changed: {after} (were {before})"
 
 
 @pytest.fixture

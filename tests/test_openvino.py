@@ -222,3 +222,30 @@ def test_a_detector_on_openvino_can_be_shared_by_threads(base, tmp_path, tiny_da
     with ThreadPoolExecutor(4) as pool:
         scores = list(pool.map(lambda f: det.predict(f).score, files))
     assert det.backend_name == "openvino" and scores == serial * 8
+
+
+_TWO_MODELS_THEN_CTRL_C = """
+import gc, signal, onnx
+from onnx import TensorProto, helper
+from uadc.backends import openvino as ov
+io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in "xy"]
+graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", io[:1], io[1:])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+first, second = ov.compile_model(model), ov.compile_model(model)
+del first; gc.collect(); del second; gc.collect()   # released in the order they were made
+try:
+    signal.raise_signal(signal.SIGINT)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+"""
+
+
+def test_ctrl_c_after_two_openvino_models_are_released_is_a_keyboard_interrupt(tmp_path):
+    """OpenVINO's CPU plugin left the thread's signal stack pointing at memory it had freed (two models
+    released first-in first-out): the next Ctrl-C ended the process with SIGSEGV (a test worker died on it)."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (optional extra uadc[openvino])")
+    import subprocess
+    for faults in ([], ["-X", "faulthandler"]):   # no signal stack of its own, and faulthandler's
+        p = subprocess.run([sys.executable, *faults, "-c", _TWO_MODELS_THEN_CTRL_C], capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+        assert (p.returncode, p.stdout.strip()) == (0, "KeyboardInterrupt"), (faults, p.returncode, p.stderr[-800:])

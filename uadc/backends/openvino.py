@@ -26,6 +26,7 @@ import numpy as np
 
 from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES
 from uadc.core.errors import RuntimeFault, UadcError
+from uadc.core.scoped import signal_stack_kept
 
 RUNTIME_LABEL = "openvino CPU"
 
@@ -156,7 +157,11 @@ def _onnx_model(model: Any) -> Any:
 
 
 def _compile(model: Any, threads: int | None, precision_hint: str | None) -> Any:
-    ov = _ov()
+    with signal_stack_kept():   # the CPU plugin's own signal stack, freed with it (signal_stack_kept)
+        return _compile_here(_ov(), model, threads, precision_hint)
+
+
+def _compile_here(ov: Any, model: Any, threads: int | None, precision_hint: str | None) -> Any:
     core = ov.Core()
     try:
         if hasattr(model, "SerializeToString"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import logging
 import os
@@ -87,6 +88,31 @@ def signals_deferred() -> Iterator[None]:
             signal.signal(k, handler)
         if got:
             signal.raise_signal(got[0])
+
+
+class _AltStack(ctypes.Structure):   # Linux's stack_t
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def signal_stack_kept() -> Iterator[None]:
+    """The calling thread's alternate signal stack is put back after the block (Linux).
+
+    OpenVINO's CPU plugin points it at a stack of its own while the plugin lives and frees that
+    stack when the plugin goes: with two plugins released out of order, or one released from another
+    thread, the thread was left pointing at freed memory, and its next signal (Ctrl-C: Python's
+    handlers run on that stack) crashed the process with SIGSEGV instead of raising KeyboardInterrupt."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    kept = _AltStack()
+    saved = libc.sigaltstack(None, ctypes.byref(kept)) == 0
+    try:
+        yield
+    finally:
+        if saved:
+            libc.sigaltstack(ctypes.byref(kept), None)
 
 
 _SHARED = threading.RLock()
