@@ -889,3 +889,19 @@ def test_split_partitions_of_a_postprocessed_model_keep_its_category_input(int8_
         env.update(zip([o.name for o in s.get_outputs()], s.run(None, {i.name: env[i.name] for i in s.get_inputs()})))
     for name, value in want.items():
         np.testing.assert_array_equal(env[name], value, err_msg=name)
+
+
+def test_an_unverified_load_reads_no_model_from_outside_the_artifact(int8_artifact, tmp_path):
+    """``Detector.load(..., verify=False)`` skipped the only check of ``model_file``: an artifact.json naming
+    ``../elsewhere/model.onnx`` (or an absolute path) loaded and ran a model from outside the folder."""
+    from uadc.runtime import Detector
+    src = int8_artifact[2].path
+    shutil.copytree(src, tmp_path / "elsewhere")
+    for i, name in enumerate(("../elsewhere/model.onnx", str(tmp_path / "elsewhere" / "model.onnx"))):
+        folder = tmp_path / f"a{i}"
+        shutil.copytree(src, folder)
+        meta = json.loads((folder / "artifact.json").read_text())
+        (folder / "artifact.json").write_text(json.dumps({**meta, "model_file": name}))
+        for verify in (False, True):
+            with pytest.raises(UadcError, match=r"artifact\.json: file entry .* leaves the artifact folder$"):
+                Detector.load(folder, verify=verify)

@@ -329,6 +329,9 @@ def read_manifest(folder: Path, verify: bool = True) -> Manifest:
         raise UadcError(f"{path}: manifest schema {manifest.schema} is newer than this uadc reads "
                         f"({MANIFEST_SCHEMA}); upgrade uadc")
     manifest.folder = folder
+    for rel in (manifest.model_file, *manifest.files):   # even unverified, nothing is read from outside the folder
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise UadcError(f"{path}: file entry {rel!r} leaves the artifact folder")
     if verify:
         verify_files(folder, manifest)
     listed = set(manifest.files)
@@ -342,8 +345,6 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
         raise UadcError(f"{folder / MANIFEST_FILE}: does not list {manifest.model_file}")
     for rel, digest in manifest.files.items():
         p = folder / rel
-        if ".." in Path(rel).parts or Path(rel).is_absolute():
-            raise UadcError(f"{folder / MANIFEST_FILE}: file entry {rel!r} leaves the artifact folder")
         if not p.is_file():
             raise UadcError(f"artifact {folder}: {rel} is missing (listed in {MANIFEST_FILE})")
         if sha256_file(p) != digest:
