@@ -202,7 +202,8 @@ def settle_exit() -> None:
 def process_state_kept() -> Iterator[None]:
     """For a library that starts services in this process (Ray): on exit the environment variables,
     ``sys.excepthook``, the SIGTERM / SIGINT handlers (Ray's ended the process on the caller's next
-    SIGTERM), the warning filters and Python's and NumPy's global random streams are the caller's again."""
+    SIGTERM), the thread's signal stack, the warning filters and Python's and NumPy's global random
+    streams are the caller's again."""
     import random
     import signal
     import threading
@@ -211,7 +212,7 @@ def process_state_kept() -> Iterator[None]:
     main = threading.current_thread() is threading.main_thread()   # handlers belong to the main thread
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
-        with environment_kept():
+        with environment_kept(), signal_stack_kept():
             yield
     finally:
         sys.excepthook = hook
