@@ -1,7 +1,9 @@
-import pytest
-import shutil
 """The CLI's contract for user mistakes: one line, exit code 2, no traceback, nothing written."""
 
+import json
+import shutil
+
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -127,6 +129,8 @@ def test_unknown_target_and_calibrator(recipe_factory, tmp_path):
 def test_check_trt_missing_file(tmp_path):
     res = CliRunner().invoke(main, ["check-trt", str(tmp_path / "nope.onnx")])
     assert res.exit_code == 2 and "model not found" in res.output
+    res = CliRunner().invoke(main, ["check-trt", str(tmp_path / "nope.onnx"), "--json"])   # one document, as every --json
+    assert res.exit_code == 2 and json.loads(res.stdout) == {"error": res.stderr.strip()[len("error: "):], "exit_code": 2}
 
 
 def test_recipe_schema_lists_keys():

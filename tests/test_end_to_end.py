@@ -75,6 +75,9 @@ def test_compile_int8_student_only(trained):
     n = res.output.count("\nQDQ") + res.output.startswith("QDQ")
     assert res.exit_code == 1 and res.output.splitlines()[-1] == \
         f"{out}: {n} violations of TensorRT Q/DQ rules; its target ort-cpu-int8 is not a TensorRT one"
+    doc = json.loads(CliRunner().invoke(main, ["check-trt", str(out), "--json"]).stdout)   # the same, for a pipeline
+    assert doc["exit_code"] == 1 and len(doc["violations"]) == n and doc["other_target"] == "ort-cpu-int8"
+    assert doc["has_qdq"] and set(doc["violations"][0]) == {"rule", "node", "message"}
     meta = json.loads((out / "artifact.json").read_text())      # a newer uadc's target: no note, no KeyError
     (out / "artifact.json").write_text(json.dumps({**meta, "target": "ort-gpu-future"}))
     res = CliRunner().invoke(main, ["check-trt", str(out)])

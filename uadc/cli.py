@@ -456,12 +456,12 @@ def bundle_cmd(artifact: Path, out: Path, force: bool):
 
 @main.command("check-trt")
 @click.argument("model", type=click.Path(path_type=Path))
-def check_trt(model: Path) -> None:
+@json_output
+def check_trt(model: Path):
     """List every violation of TensorRT's Q/DQ rules in an ONNX model (or artifact folder); exit 1 if any."""
     from uadc.backends.tensorrt.check import check_trt_model
-    res = check_trt_model(model)
-    click.echo("\n".join(res.lines()))
-    sys.exit(res.exit_code)
+    click.echo("\n".join((res := check_trt_model(model)).lines()))
+    return res
 
 
 @main.command("recipe-schema")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from uadc.backends.tensorrt.rules import Violation, check_trt_rules, format_violations, load_qdq_params, walk_nodes
@@ -22,6 +22,11 @@ class TrtRuleCheck:
     @property
     def exit_code(self) -> int:
         return 1 if self.violations else 0
+
+    def to_dict(self) -> dict:
+        """``uadc check-trt --json``'s document."""
+        return {"model": str(self.model), "violations": [asdict(v) for v in self.violations],
+                "has_qdq": self.has_qdq, "other_target": self.other_target, "exit_code": self.exit_code}
 
     def lines(self) -> list[str]:
         n = len(self.violations)
