@@ -334,8 +334,11 @@ def test_folder_walks_leave_out_masks_and_earlier_predictions(int8_artifact, tmp
     first = json.loads((tmp_path / "run4" / "predictions.jsonl").read_text().splitlines()[0])
     assert first["path"].startswith("=HYPERLINK(x)/")
     # --out holding someone else's predictions.csv / .jsonl: refused before any work, nothing changed
-    for name, text in (("predictions.csv", "id,score\n1,2\n"), ("predictions.jsonl", "not json\n")):
-        theirs = tmp_path / f"theirs-{name}"
+    # ... also a user's table that starts as ours does (a JSONL of paths, a CSV of path,category,score)
+    for name, text in (("predictions.csv", "id,score\n1,2\n"), ("predictions.jsonl", "not json\n"),
+                       ("predictions.jsonl", '{"path": "x"}\n'), ("predictions.jsonl", '"path notes"\n'),
+                       ("predictions.csv", "path,category,score\nx,y,1\n")):
+        theirs = tmp_path / f"theirs-{name}-{len(text)}"
         theirs.mkdir()
         (theirs / name).write_text(text)
         with pytest.raises(UadcError, match="was not written by uadc predict"):
@@ -375,6 +378,15 @@ def test_a_new_run_into_an_out_folder_removes_the_overlays_of_the_tables_it_repl
     predict_paths(det, [test / "good"], out=out)                          # no overlays this time
     assert [p.name for p in (out / "overlays").rglob("*.png")] == ["mine.png"]
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["mine.png"]   # emptied folders gone too
+    # a file where an overlay would go that the tables do not name is the user's: refused, not overwritten
+    theirs = out / second.records[0]["overlay"]
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"the user's notes")
+    tables = {f: (out / f).read_bytes() for f in ("predictions.jsonl", "predictions.csv")}
+    with pytest.raises(UadcError, match="was not written by uadc predict"):
+        predict_paths(det, [test / "good"], out=out, overlays=True)
+    assert theirs.read_bytes() == b"the user's notes"
+    assert {f: (out / f).read_bytes() for f in tables} == tables
 
 
 def test_a_run_stopped_half_way_leaves_the_out_folder_as_it_was(int8_artifact, tiny_data, tmp_path, monkeypatch):

@@ -158,6 +158,8 @@ def _predict(detector: Detector, found: FoundImages, category: str | None, out: 
     run = PredictRun([], [], Path(out) if out else None, left_out=found.skipped, backend=detector.backend_name,
                      warnings=list(detector.warnings))
     names = overlay_names(files, roots) if out and overlays else {}
+    if names:
+        _check_overlays_free(Path(out), names)
     tables = (lambda: _write_tables(run, Path(out))) if out else None
     # overlays move into out/overlays/ once every image ran, the tables naming them right after, as
     # one step: a run stopped half-way leaves none of them, one stopped while they move in all of them
@@ -208,14 +210,27 @@ def _run_images(detector: Detector, files: list[Path], category: str | None, inf
 
 def _check_out(out: Path) -> None:
     """Refuse, before any work, to overwrite prediction tables that uadc predict did not write."""
-    def is_record(head: str) -> bool:
+    def is_record(head: str) -> bool:   # a user's JSONL of paths is no prediction: an image's row or a failure's
         try:
-            return "path" in json.loads(head.split("\n", 1)[0])
-        except (ValueError, TypeError):
+            first = json.loads(head.split("\n", 1)[0])
+        except ValueError:
             return False
+        return isinstance(first, dict) and ({"path", "score", "verdict"} <= first.keys() or set(first) == {"path", "error"})
 
-    check_own_file(out / PREDICTIONS_CSV, lambda head: head.startswith(",".join(CSV_FIELDS[:3])), "uadc predict")
+    header = ",".join(CSV_FIELDS)   # the whole header: a user's table may start with path,category,score too
+    check_own_file(out / PREDICTIONS_CSV, lambda head: head.split("\n", 1)[0].rstrip("\r") == header, "uadc predict")
     check_own_file(out / PREDICTIONS_JSONL, is_record, "uadc predict")
+
+
+def _check_overlays_free(out: Path, names: dict[Path, Path]) -> None:
+    """An overlay this run would write where a file lies that the replaced tables do not name is a
+    user's file (or another tool's): refused before any image runs."""
+    ours = _named_overlays(out)
+    for name in names.values():
+        rel = Path(OVERLAYS_DIR) / name
+        if ((out / rel).exists() or (out / rel).is_symlink()) and rel.as_posix() not in ours:
+            raise UadcError(f"{out / rel} exists and was not written by uadc predict; choose another --out "
+                            f"(nothing was changed)")
 
 
 def _describe(skipped: dict[str, int]) -> str:
@@ -247,18 +262,22 @@ def _stale_overlays(out: Path, run: PredictRun) -> list[Path]:
     """Overlays that the earlier run's predictions.jsonl in ``out`` names and this run did not write
     again: they belong to the tables being replaced, and left there they would mix two runs. Only
     PNG files under ``out/overlays/``; anything else there is not uadc's."""
-    old, root = out / PREDICTIONS_JSONL, (out / OVERLAYS_DIR).resolve()
+    root = (out / OVERLAYS_DIR).resolve()
+    paths = [out / o for o in sorted(_named_overlays(out) - {r.get("overlay") for r in run.records})]
+    return [p for p in paths if p.suffix == ".png" and root in p.resolve().parents and p.is_file()]
+
+
+def _named_overlays(out: Path) -> set[str]:
+    """The overlays (paths relative to ``out``) that the predictions.jsonl in ``out`` names."""
+    old, named = out / PREDICTIONS_JSONL, set()
     if not old.is_file():
-        return []
-    named = set()
+        return named
     for line in old.read_text(errors="replace").splitlines():
         try:
             named.add(json.loads(line).get("overlay"))
         except (ValueError, AttributeError):
             continue
-    named -= {r.get("overlay") for r in run.records}
-    paths = [out / o for o in sorted(n for n in named if isinstance(n, str))]
-    return [p for p in paths if p.suffix == ".png" and root in p.resolve().parents and p.is_file()]
+    return {n for n in named if isinstance(n, str)}
 
 
 def _inert(value: object) -> object:
