@@ -106,6 +106,10 @@ def test_cell_key_follows_inputs(tiny):
     ({"recipe": "r.yaml", "axes": {"calib_samples": ["8"]}}, r"axes.calib_samples\[0\]: expected int, got '8'"),
     ({"recipe": "r.yaml", "run": {"evaluate": "off"}}, r"run.evaluate: expected bool, got 'off'"),
     ({"recipe": "r.yaml", "axes": {"quantize": [[]]}}, r"axes.quantize\[0\]: must not be empty"),   # a failed cell
+    ({"recipe": "r.yaml", "axes": {"quantize": [["student", "student"]]}},   # a trained model, then a failed cell
+     r"axes: quantize\[0\] lists 'student' twice"),
+    # the sweep's folder under <artifacts>/sweeps/: a newline made two lines of every listing
+    ({"name": "a\nb", "recipe": "r.yaml", "axes": {"target": ["ort-cpu-fp32"]}}, r"name 'a\\nb' is not a plain folder name"),
 ])
 def test_bad_sweep_file_is_one_line_error(tmp_path, doc, msg):
     """Worded as recipe errors are (pydantic's own "List should have at least 1 item after validation" before)."""
@@ -113,6 +117,8 @@ def test_bad_sweep_file_is_one_line_error(tmp_path, doc, msg):
     p.write_text(yaml.safe_dump(doc))
     with pytest.raises(UadcError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         load_sweep(p)
+    with pytest.raises(UadcError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        load_sweep(doc)   # a dict (the API) is held to the same rules
 
 
 @pytest.mark.parametrize("axes, msg", [

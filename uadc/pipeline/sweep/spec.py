@@ -33,6 +33,7 @@ from uadc.config.yaml_file import read_yaml_mapping
 from uadc.config.packaged import resolve_recipe_path
 from uadc.config.validation import first_error, listed_twice
 from uadc.core.errors import UadcError
+from uadc.core.io import is_plain_name
 
 MAX_SWEEP_BYTES = 1 << 20
 MAX_CELLS = 10_000
@@ -67,6 +68,10 @@ class Axes(_Strict):
     def _no_value_twice(self) -> "Axes":
         for name in type(self).model_fields:
             twice = listed_twice(name, getattr(self, name) or [])
+            if twice:
+                raise ValueError(twice)
+        for i, partitions in enumerate(self.quantize or []):   # one entry's partition twice: a failed cell after the work
+            twice = listed_twice(f"quantize[{i}]", partitions or [])
             if twice:
                 raise ValueError(twice)
         return self
@@ -120,18 +125,18 @@ class SweepSpec(_Strict):
 
 def load_sweep(source: "str | Path | dict | SweepSpec") -> tuple[SweepSpec, Path, str]:
     """(spec, base folder for relative paths, sweep name) from a YAML file, a dict or a spec."""
-    if isinstance(source, SweepSpec):
-        return source, Path.cwd(), source.name or "sweep"
-    if isinstance(source, dict):
-        spec = _validate(source, "sweep")
-        return spec, Path.cwd(), spec.name or "sweep"
-    path = Path(source)
-    raw = read_yaml_mapping(path, "sweep file", MAX_SWEEP_BYTES)
-    spec = _validate(raw, str(path))
-    name = spec.name or path.stem
-    if not name or name.startswith(".") or any(c in name for c in "/\\\x00"):
-        raise UadcError(f"{path}: name {name!r} is not a plain folder name")
-    return spec, path.resolve().parent, name
+    if isinstance(source, (SweepSpec, dict)):
+        spec, base, where, stem = (source if isinstance(source, SweepSpec) else _validate(source, "sweep"),
+                                   Path.cwd(), "sweep", "sweep")
+    else:
+        path = Path(source)
+        spec = _validate(read_yaml_mapping(path, "sweep file", MAX_SWEEP_BYTES), str(path))
+        base, where, stem = path.resolve().parent, str(path), path.stem
+    name = spec.name or stem   # the folder under <artifacts>/sweeps/: a newline in it broke every listing
+    if not is_plain_name(name) or len(name) > 128:
+        raise UadcError(f"{where}: name {name!r} is not a plain folder name (no '/', '..', leading '.' or control "
+                        f"character, at most 128 characters)")
+    return spec, base, name
 
 
 def _validate(raw: dict, where: str) -> SweepSpec:
