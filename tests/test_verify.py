@@ -160,6 +160,23 @@ def test_budgets_defaults_overrides_and_errors():
         parse_budget_args(["spearman_min=0.95", "map_dice_min=0.8", " spearman_min = 0.9"])
 
 
+def test_a_figure_at_its_budget_passes_whatever_the_last_bit():
+    """Five scores with one adjacent swap: Spearman 0.9 exactly, scipy's 0.8999999999999998 failed
+    `spearman = 0.9000 (budget >= 0.9)` and the gate exited 1."""
+    from scipy.stats import spearmanr
+    from uadc.verify.gate import judge
+    rho = float(spearmanr([1, 2, 3, 4, 5], [1, 2, 3, 5, 4])[0])
+    assert rho != 0.9 and abs(rho - 0.9) < 1e-12                       # the case as scipy computes it
+    b = budgets()
+    assert judge("spearman", rho, b).passed and not judge("spearman", 0.8999, b).passed
+    assert judge("spearman", rho, b).describe() == "spearman = 0.9000 (budget >= 0.9)"
+    for name, (key, rule) in RULES.items():   # every rule: at the budget up to rounding passes, a bit beyond fails
+        inside = {"min": b[key] * (1 - 1e-15), "max": b[key] * (1 + 1e-15), "abs_max": -b[key] * (1 + 1e-15),
+                  "tol": 1 + b[key] * (1 + 1e-15)}[rule]
+        outside = {"min": b[key] - 1e-4, "max": b[key] + 1e-4, "abs_max": -b[key] - 1e-4, "tol": 1 + b[key] + 1e-4}[rule]
+        assert judge(name, inside, b).passed and not judge(name, outside, b).passed, name
+
+
 # ------------------------------------------------------------------------------ golden outputs
 
 def test_golden_files_are_polygraphy_formats_and_the_polygraphy_cli_passes(artifacts):
