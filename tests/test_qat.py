@@ -354,6 +354,30 @@ def test_a_stop_during_the_compile_after_qat_says_the_qat_model_was_written(qat_
     assert written.is_file() and f"QAT model written: {written}" in caplog.text
 
 
+def test_a_users_folder_where_qat_writes_is_refused_before_the_epochs(qat_run, tmp_path, monkeypatch):
+    """A user's folder at <target>-qat was refused only by the compile after the epochs (the QAT model
+    already replaced), with "choose another --out", an option uadc qat does not have."""
+    from uadc.pipeline import api
+    from uadc.quant.qat import run as qat_run_module
+    art = _artifacts_without_qat(qat_run, tmp_path / "art")
+    folder = art / qat_run["recipe"].name
+    monkeypatch.setattr(qat_run_module, "fine_tune", lambda *a, **k: pytest.fail("fine-tuned before the refusal"))
+    for name, flags in ((f"{TARGET}-qat", []), (f"qat_{TARGET}", ["--no-compile"])):
+        (folder / name).mkdir()
+        (folder / name / "notes.txt").write_text("mine")
+        before = sorted(p.relative_to(art) for p in art.rglob("*"))
+        res = CliRunner().invoke(main, ["qat", str(qat_run["recipe_path"]), "--target", TARGET, "--artifacts", str(art),
+                                        *flags])
+        assert res.exit_code == 2, res.output
+        line = res.output.strip().splitlines()[-1]
+        assert line.startswith(f"error: output folder {folder / name} exists and was not written by uadc; move that "
+                               "folder away (uadc qat has no --out)") and "--out (" not in line, line
+        assert sorted(p.relative_to(art) for p in art.rglob("*")) == before
+        with pytest.raises(UadcError, match="move that folder away"):
+            api.qat(qat_run["recipe_path"], TARGET, artifacts=art, compile_after=not flags)
+        shutil.rmtree(folder / name)
+
+
 def test_compile_from_qat_without_qat_model(qat_run, tmp_path):
     art = _artifacts_without_qat(qat_run, tmp_path / "art")
     before = sorted(p.relative_to(art) for p in art.rglob("*"))

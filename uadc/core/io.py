@@ -242,8 +242,9 @@ def _is_marker(path: Path, keys: tuple[str, ...]) -> bool:
     return isinstance(doc, dict) and all(k in doc for k in keys)
 
 
-def check_replaceable(final: Path, replace: bool = True) -> None:
-    """Raise unless writing a new output at ``final`` destroys nothing uadc did not write."""
+def check_replaceable(final: Path, replace: bool = True, remedy: str = "choose another --out") -> None:
+    """Raise unless writing a new output at ``final`` destroys nothing uadc did not write (the error
+    ends with ``remedy``: what the user can change)."""
     if not final.exists() and not final.is_symlink():
         return
     if final.is_symlink() or not final.is_dir():
@@ -252,7 +253,7 @@ def check_replaceable(final: Path, replace: bool = True) -> None:
         return
     if not is_output_dir(final):
         raise UadcError(f"output folder {final} exists and was not written by uadc; "
-                        f"choose another --out (nothing was changed)")
+                        f"{remedy} (nothing was changed)")
     if not replace:
         raise UadcError(f"output folder {final} exists; pass --force (force=True) to replace it")
 

@@ -19,7 +19,7 @@ from uadc.config.validation import name_list
 from uadc.core.constants import CALIBRATION_KINDS, MANIFEST_FILE
 from uadc.core.errors import UadcError
 from uadc.core.manifest import read_manifest
-from uadc.core.io import JsonResult, as_path, sha256_file
+from uadc.core.io import JsonResult, as_path, check_replaceable, sha256_file
 from uadc.core.numbers import flags, whole_number
 from uadc.core.scoped import check_threads, torch_threads
 from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluate, evaluate_checkpoint, \
@@ -27,7 +27,7 @@ from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluat
 from uadc.models import KDModel
 from uadc.pipeline.baseline import Baseline, names_checkpoint, resolve_source
 from uadc.pipeline.compare import CompareResult
-from uadc.pipeline.compile import CompileOptions, check_compile_settings, compile_target
+from uadc.pipeline.compile import CompileOptions, check_compile_settings, compile_target, default_out
 from uadc.pipeline.deploy import target_predictor
 from uadc.pipeline.sweep.run import SweepResult
 from uadc.report.results import CompileResult
@@ -283,7 +283,7 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
         artifacts: Path | None = None, source: Any = None) -> QatRunResult:
     """Quantization-aware fine-tuning from the PTQ placement; then (by default) compile it into
     ``<artifacts>/<recipe>/<target>-qat``."""
-    from uadc.quant.qat.run import QAT_JSON, QatOptions, check_target, qat_settings, run_qat, with_qat_record
+    from uadc.quant.qat.run import QAT_JSON, QatOptions, check_target, qat_dir, qat_settings, run_qat, with_qat_record
     from uadc.training.run import load_images
     flags(compile_after=compile_after)
     artifacts = _artifacts_root(artifacts)
@@ -293,6 +293,11 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
     if t.runtime == "openvino":
         from uadc.backends.openvino import require
         require()   # before QAT's epochs, not when its compile starts
+    # both folders it writes, before any work: a user's folder at the compile's was refused after the epochs
+    remedy = "move that folder away (uadc qat has no --out)"
+    check_replaceable(qat_dir(r, target, artifacts).absolute(), remedy=remedy)
+    if compile_after:
+        check_replaceable(default_out(r, t, True, artifacts).absolute(), remedy=remedy + " or pass --no-compile")
     b = baseline(source if source is not None else r, r, artifacts=artifacts)
     opts = QatOptions(target=target, epochs=epochs)
     _, ptq = qat_settings(r, opts, t)

@@ -72,8 +72,8 @@ class CompileOptions:
     precision: str | None = None        # "target" | "auto" (default: the recipe's compile.precision)
 
 
-def default_out(baseline: Baseline, target: Target, qat: bool, artifacts: Path | None) -> Path:
-    return baseline.recipe.artifact_dir(artifacts) / f"{target.name}{'-qat' if qat else ''}"
+def default_out(recipe: Recipe, target: Target, qat: bool, artifacts: Path | None) -> Path:
+    return recipe.artifact_dir(artifacts) / f"{target.name}{'-qat' if qat else ''}"
 
 
 DUMP_NAME = re.compile(r"\d\d_\w+\.onnx")   # what --dump-passes writes: 00_input.onnx, 01_<pass>.onnx, ...
@@ -105,7 +105,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     auto = auto_candidates(baseline, target, opts)  # None unless precision auto; unsupported targets fail here
     if target.runtime == "openvino":
         ov.require()   # the options first, then the runtime: before the export, calibration and search
-    out = Path(opts.out) if opts.out else default_out(baseline, target, opts.qat_model is not None, opts.artifacts)
+    out = Path(opts.out) if opts.out else default_out(baseline.recipe, target, opts.qat_model is not None, opts.artifacts)
     check_outside_artifacts(out, below=True)   # a later compile of that artifact deleted it, without --force
     check_replaceable(out.absolute(), replace=opts.force or opts.out is None)  # before any work
     check_writable(out.absolute().parent)
