@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -99,6 +100,23 @@ def test_compare_user_errors_are_one_line(trained, tmp_path, extra, text):
     out = res.output.strip()
     assert out.startswith("error: ") and text in out and len(out.splitlines()) == 1
     assert not (tmp_path / "o" / "compare.json").exists()
+
+
+def test_a_checkpoint_of_other_settings_is_one_line_before_any_cell(trained, tmp_path, tiny_data):
+    """Every cell ran to the same failure, then exit 2 with --out half-written (records, no matrix)."""
+    d, _ = trained
+    other = write_recipe(d / "tiny48.yaml", tiny_data, train={"epochs": 1, "threads": 1}, data={"image_size": 48})
+    (d / "art" / "tiny48").mkdir()                               # the 64 px checkpoint where the 48 px recipe looks
+    shutil.copy(d / "art" / "tiny" / "checkpoint.pt", d / "art" / "tiny48")
+    try:
+        res = _compare(other, d / "art", tmp_path / "o")
+    finally:
+        shutil.rmtree(d / "art" / "tiny48")
+    assert res.exit_code == 2, res.output
+    out = res.output.strip()
+    assert out.startswith("error: ") and len(out.splitlines()) == 1, out
+    assert "data.image_size: 64" in out and f"recipe {other}" in out
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_failing_cell_is_marked_and_the_others_still_compared(trained, tmp_path, monkeypatch):

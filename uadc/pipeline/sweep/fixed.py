@@ -49,6 +49,9 @@ def run_fixed_grid(recipe: Recipe, axes: Axes, out: Path, artifacts: Path, folde
     given = getattr(baseline, "checkpoint", None)
     if given is not None and Path(given).resolve() != ckpt.resolve():
         raise UadcError(f"{what}: the baseline's checkpoint {given} is not the recipe's {ckpt}")
+    if baseline is None:   # a checkpoint of other settings failed every cell, after the work, into a half-made out
+        from uadc.training.checkpoint import load_checkpoint
+        load_checkpoint(ckpt, recipe)
     _drop_records(plan, out, sha256_file(ckpt) if reuse else None)
     from uadc.pipeline.sweep import cells as C
     from uadc.pipeline.sweep.run import run_plan
