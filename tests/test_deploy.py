@@ -388,6 +388,12 @@ def test_bundle_keeps_what_the_line_runs_and_leaves_the_golden_files_out(int8_ar
     assert uadc.verify(out, golden=res.path).figures
     with pytest.raises(UadcError, match="golden set not found: .*typo"):    # not "a bundle leaves them out"
         uadc.verify(out, golden=tmp_path / "typo")
+    damaged = tmp_path / "damaged"                              # an artifact whose listed golden.json is gone: that
+    shutil.copytree(res.path, damaged)
+    (damaged / "golden.json").unlink()
+    with pytest.raises(UadcError, match="golden.json is missing") as gone:
+        uadc.verify(damaged)
+    assert "leaves them out" not in str(gone.value)
     for bad_out in (res.path / "sub", res.path.parent):
         with pytest.raises(UadcError, match="overlaps the artifact"):
             uadc.bundle(res.path, bad_out, force=True)

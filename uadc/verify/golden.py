@@ -99,6 +99,8 @@ def read_golden(path: Path) -> GoldenSet:
     if not path.exists():
         raise UadcError(f"golden set not found: {path} (give an artifact folder or its {GOLDEN_META})")
     if not meta_path.is_file():
+        if (meta_path.parent / MANIFEST_FILE).is_file():
+            read_manifest(meta_path.parent)   # an artifact whose listed golden.json is gone: that, not "a bundle"
         raise UadcError(f"no golden outputs at {path}: a deployment bundle (`uadc bundle`) leaves them out, an "
                         f"older uadc did not write them; pass --golden FULL_ARTIFACT, or compile the artifact again")
     folder = meta_path.parent
