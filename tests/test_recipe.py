@@ -106,6 +106,8 @@ def test_numbers_and_booleans_read_as_yaml_1_2(tmp_path):
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(UadcError, match="recipe not found"):
         load_recipe(tmp_path / "none.yaml")
+    with pytest.raises(UadcError, match=f"^recipe {re.escape(str(tmp_path))}: a folder, not a YAML file$"):
+        load_recipe(tmp_path)                                    # it said "not found" of a folder that is there
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed")
     with pytest.raises(UadcError, match="not valid YAML"):

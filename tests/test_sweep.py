@@ -125,6 +125,8 @@ def test_bad_sweep_file_is_one_line_error(tmp_path, doc, msg):
     ({"target": ["ort-cpu-fp32", "ort-cpu-int9"]}, "axes.target: unknown target 'ort-cpu-int9'; expected one of ort-cpu-fp32"),
     ({"calib_data": ["training"]}, "axes.calib_data: unknown calib_data 'training'"),
     ({"quantize": [["student", "techer"]]}, "axes.quantize: unknown quantize 'techer'"),
+    # read as the recipe's own mistake
+    ({"image_size": [64, 0]}, "axes.image_size 0: data.image_size: 0 is below the minimum 32"),
 ])
 def test_misspelt_names_stop_the_sweep_before_any_work(tiny, axes, msg):
     """A misspelt target ran every cell of it to a failure (exit 1 after the work); now exit 2 first."""

@@ -84,7 +84,7 @@ def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) ->
     binary, malformed (a repeated key included) or non-mapping file."""
     path = Path(path)
     if not path.is_file():
-        raise UadcError(f"{what} not found: {path}")
+        raise UadcError(f"{what} {path}: a folder, not a YAML file" if path.is_dir() else f"{what} not found: {path}")
     if path.stat().st_size > max_bytes:
         raise UadcError(f"{path}: {what} larger than {max_bytes} bytes")
     try:

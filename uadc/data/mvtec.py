@@ -152,8 +152,8 @@ def resolve_sources(sources: Sequence[dict]) -> list[tuple[Path, str]]:
         if not root.is_dir():
             # name the recipe key: a packaged recipe's relative root points beside the package
             raise UadcError(f"data.sources[{i}].root: data folder not found: {root} (set this key in the recipe "
-                            f"to your data; relative paths resolve against the recipe file, or the current folder "
-                            f"for a recipe given as a dict)")
+                            f"to your data; relative paths resolve against the file that sets them, the recipe or a "
+                            f"sweep file's overrides, or the current folder for a recipe given as a dict)")
         cats = src.get("categories") or list_categories(root)
         for c in cats:
             check_utf8_name(root / c, "category")

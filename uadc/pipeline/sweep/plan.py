@@ -123,7 +123,12 @@ def plan_recipes(pairs: list[tuple[Recipe, Recipe]], axes: Axes, run: RunConfig,
     for original, recipe in pairs:
         for size, seed, one_class in itertools.product(*(axes.values(a) for a in ("image_size", "seed",
                                                                                    "one_class"))):
-            for model in _models(original, recipe, size, seed, bool(one_class)):
+            try:   # an image size or seed the recipe refuses: named as the sweep's (it read as the recipe's own)
+                variants = _models(original, recipe, size, seed, bool(one_class))
+            except UadcError as exc:
+                given = ", ".join(f"axes.{k} {v}" for k, v in (("image_size", size), ("seed", seed)) if v is not None)
+                raise UadcError(f"sweep {name}: {given}: {exc}" if given else str(exc)) from None
+            for model in variants:
                 models.setdefault(model.key, model)
                 for cell in _cells(axes, model, {"image_size": size, "seed": seed, "one_class": bool(one_class)}):
                     cells.setdefault((cell.model, json.dumps(cell.options, sort_keys=True)), cell)
