@@ -319,7 +319,7 @@ def _recipe_case(id: str, msg: str, **sections) -> Case:
 CASES: list[Case] = [
     # recipes ---------------------------------------------------------------------------------
     Case("recipe-missing", TRAIN(), msg="recipe not found"),
-    Case("recipe-is-folder", TRAIN(), msg="recipe not found", setup=lambda e: (e.d / R).mkdir()),
+    Case("recipe-is-folder", TRAIN(), msg="a folder, not a YAML file", setup=lambda e: (e.d / R).mkdir()),
     Case("recipe-binary", TRAIN(), msg="not a text file", setup=text(R, b"\xff\xfe\x00\x81" * 64)),
     Case("recipe-bad-yaml", TRAIN(), msg="not valid YAML", setup=text(R, "data: [unclosed\n  x: {")),
     Case("recipe-section-twice", TRAIN(), msg="not valid YAML: key 'data' appears twice in one mapping (lines 1 and 3)",
