@@ -116,6 +116,8 @@ def resolve_recipe_path(source: "str | Path", base: Path | None = None) -> Path:
         path = base / path
     if path.is_file() or not _is_name(str(source)):
         return path
+    if path.is_dir() and str(source) not in {r.name for r in packaged_recipes()}:
+        return path   # a folder given as the recipe: said to be one, not "not found" (a built-in's name still wins)
     return packaged_recipe(str(source)).path
 
 
