@@ -607,6 +607,7 @@ def test_simplifying_a_graph_leaves_the_apps_other_threads_printing():
     import time
     import numpy as np
     import onnx
+    import onnxsim  # noqa: F401 - its first import redirects the process's stdout for a moment (not uadc's doing)
     from onnx import TensorProto, helper
     from uadc.passes.pipeline import _onnxsim
     w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.ones(108, np.float32))
@@ -634,3 +635,36 @@ def test_simplifying_a_graph_leaves_the_apps_other_threads_printing():
         t.join()
         sys.stdout = before
     assert made[0] and heard.getvalue().count("tick\n") == made[0]
+
+
+def test_simplifying_a_graph_leaves_the_apps_other_threads_stderr_alone(capfd, caplog, monkeypatch):
+    """onnxsim's step pointed the process's fd 2 at a temp file: while a compile ran in one thread, the
+    app's log lines and native writes from its other threads went into uadc's DEBUG log, not to stderr.
+    Only the command line's own process has its fd 2 caught (ONNX Runtime's lines logged instead)."""
+    import threading
+    import time
+    from uadc.core import scoped
+    made, stop = [0], threading.Event()
+
+    def tick():
+        while not stop.is_set():
+            os.write(2, b"tick\n")
+            made[0] += 1
+            time.sleep(0.001)
+
+    t = threading.Thread(target=tick)
+    t.start()
+    try:
+        for _ in range(20):
+            with scoped.native_stderr_logged():
+                time.sleep(0.005)
+    finally:
+        stop.set()
+        t.join()
+    assert made[0] and capfd.readouterr().err.count("tick\n") == made[0]
+    monkeypatch.setattr(scoped, "_OWNED", True)       # `uadc compile`: the process is uadc's
+    with caplog.at_level("DEBUG", logger="uadc"):
+        with scoped.native_stderr_logged():
+            os.write(2, b"onnxruntime: a graph it cannot run\n")
+    assert "a graph it cannot run" not in capfd.readouterr().err
+    assert "native output: onnxruntime: a graph it cannot run" in caplog.text

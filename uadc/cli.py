@@ -115,6 +115,7 @@ class _LogHandler(logging.Handler):
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     from uadc.core.progress import set_progress
+    from uadc.core.scoped import own_process
     if verbose and quiet:   # verbose won the logs, quiet the progress bars
         raise click.UsageError("-q and -v say opposite things: give one")
     root = logging.getLogger("uadc")
@@ -122,6 +123,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     root.propagate = False
     set_progress(False if quiet else None)   # None: bars only when stderr is a terminal
+    own_process()   # the command's process is uadc's: native lines on fd 2 may be caught and logged
     if not verbose:   # a library's warning (Pillow on a damaged EXIF block) as one `warning:` line, not two raw ones
         warnings.showwarning = lambda message, *_args, **_kw: log.warning("%s", one_line(str(message)))
 
@@ -164,8 +166,7 @@ def json_output(f):
 
 
 recipe_arg = click.argument("recipe", type=click.Path(path_type=Path))
-artifacts_opt = click.option("--artifacts", type=click.Path(path_type=Path), default=None,
-                             help="artifacts root (default: ./artifacts)")
+artifacts_opt = click.option("--artifacts", type=click.Path(path_type=Path), default=None, help="artifacts root (default: ./artifacts)")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -369,8 +370,7 @@ def calibrators_compare(recipe: Path, target, names, sources, calib_samples, qua
 def sweep_cmd(sweep_file: Path, address, num_cpus, out, sequential, artifacts):
     """Run a sweep file's recipe x target x calibration grid on Ray; exit 1 if a cell failed."""
     from uadc.pipeline.sweep.run import run_sweep   # = api.sweep, without importing torch for a rerun
-    res = run_sweep(sweep_file, artifacts=artifacts, out=out, address=address, num_cpus=num_cpus,
-                    sequential=sequential)
+    res = run_sweep(sweep_file, artifacts=artifacts, out=out, address=address, num_cpus=num_cpus, sequential=sequential)
     click.echo(res.markdown)   # with --json: on stderr, the table as the JSON document
     click.echo(res.summary_line())
     return res

@@ -382,13 +382,26 @@ def root_logging_untouched() -> Iterator[None]:
             root.removeHandler(guard)
 
 
+_OWNED = False   # set by the command line: the process is uadc's alone
+
+
+def own_process() -> None:
+    """The command line's claim: no other code of the process writes to fd 2 meanwhile."""
+    global _OWNED
+    _OWNED = True
+
+
 @contextlib.contextmanager
 def native_stderr_logged() -> Iterator[None]:
-    """What native code writes to fd 2 during the block (ONNX Runtime's own error lines while onnxsim
-    probes a graph) goes to a temp file and is logged at DEBUG (``uadc --verbose``); fd 2 is the
-    caller's again afterwards."""
+    """In the command line's process, what native code writes to fd 2 during the block (ONNX
+    Runtime's own error lines while onnxsim probes a graph) goes to a temp file and is logged at
+    DEBUG (``uadc --verbose``); fd 2 is the caller's again afterwards. In a caller's process nothing
+    is caught: fd 2 is the whole process's, and every thread's lines went to the temp file."""
     import tempfile
 
+    if not _OWNED:
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as tmp:

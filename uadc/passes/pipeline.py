@@ -201,7 +201,7 @@ def _onnxsim(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.Model
     if "certify" in inspect.signature(onnxsim.simplify).parameters:
         kwargs["certify"] = False  # Z3 proofs are slow and we check numerics ourselves
     # it prints its check progress; ONNX Runtime, run inside it, logs a graph it cannot run to fd 2
-    with quiet_third_party(), native_stderr_logged():   # this thread's prints only: an app's other threads print
+    with quiet_third_party(), native_stderr_logged():   # this thread's prints (fd 2 only in the CLI's process)
         out, ok = onnxsim.simplify(copy_model(model), **kwargs)  # no input shapes: batch stays dynamic
     if not ok:
         raise RuntimeError("onnxsim's own output check failed")
