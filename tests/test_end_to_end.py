@@ -83,6 +83,14 @@ def test_compile_int8_student_only(trained):
     res = CliRunner().invoke(main, ["check-trt", str(out)])
     (out / "artifact.json").write_text(json.dumps(meta))
     assert res.exit_code == 1 and res.output.splitlines()[-1] == f"{out}: {n} violations of TensorRT Q/DQ rules"
+    # a partition judged alone: ONNX Runtime's traceback (exit 1, nothing on stdout under --json) or an AttributeError
+    for part in ("student", "head"):
+        model = out / "partitions" / f"{part}.onnx"
+        for args in (["eval", str(recipe), "--artifacts", str(art), "--checkpoint", str(model), "--json"],
+                     ["diff", str(out), str(model), "--json", "-"], ["verify", str(model), "--golden", str(out), "--json", "-"]):
+            res = CliRunner().invoke(main, args)
+            assert res.exit_code == 2 and json.loads(res.stdout)["error"].startswith(
+                f"{model}: not a whole uadc model (input 'image', outputs anomaly_map, score)"), (args, res.output)
 
 
 def test_compile_jetson_int8_bundle(trained):

@@ -150,3 +150,17 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     except Exception as exc:
         raise UadcError(f"{path}: invalid ONNX model: {str(exc).splitlines()[0][:200]}") from None
     return model
+
+
+def check_whole_model(model: onnx.ModelProto, path: Path) -> None:
+    """A whole uadc detector: the image input (other inputs only with a default) and the anomaly map
+    and score outputs. A partition of a ``--split`` compile or another model is one line here, not a
+    runtime's traceback about a feed or an output it lacks."""
+    defaults = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in defaults]
+    outputs = {o.name for o in model.graph.output}
+    if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= outputs:
+        named = lambda xs: ", ".join(xs[:5]) + (f" and {len(xs) - 5} more" if len(xs) > 5 else "") or "nothing"  # noqa: E731
+        raise UadcError(f"{path}: not a whole uadc model (input {INPUT_NAME!r}, outputs {', '.join(OUTPUT_NAMES)}); it "
+                        f"takes {named(inputs)} and gives {named(sorted(outputs))} (a --split compile's partitions are "
+                        f"not judged alone)")

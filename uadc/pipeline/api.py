@@ -100,7 +100,9 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
         from uadc.backends.ort import make_session, ort_predictor
         from uadc.data.prepare import prepare_data
         from uadc.evaluation.run import test_arrays
+        from uadc.export.onnx_export import check_whole_model, load_onnx
         model = _onnx_for(Path(model_or_artifact), r)
+        check_whole_model(load_onnx(model), model)   # a --split partition: ONNX Runtime's traceback, exit 1
         session = make_session(model, r.train.threads)
         size = session.get_inputs()[0].shape[2:]
         if any(isinstance(d, int) and d != r.data.image_size for d in size):

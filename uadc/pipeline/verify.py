@@ -152,10 +152,11 @@ def _model_path(artifact: Path) -> Path:
 
 def _input_spec(model: Path) -> tuple[int, np.ndarray] | None:
     """(image size, mean and std) from the model's uadc metadata; None without it (or the file)."""
-    from uadc.export.onnx_export import get_metadata, load_onnx
+    from uadc.export.onnx_export import check_whole_model, get_metadata, load_onnx
     if not Path(model).is_file():
         return None
-    meta = get_metadata(load_onnx(model))
+    check_whole_model(onnx_model := load_onnx(model), model)   # a --split partition: a traceback later
+    meta = get_metadata(onnx_model)
     try:
         norm = meta["normalization"]
         return int(meta["image_size"]), np.asarray([*norm["mean"], *norm["std"]], np.float64)
