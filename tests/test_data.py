@@ -77,7 +77,8 @@ def test_images_in_subfolders_of_train_good_are_named_in_a_warning(data, caplog)
     good = data / "a" / "train" / "good"
     (good / "cam1").mkdir()
     shutil.copy(good / "000.png", good / "cam1" / "x.png")
-    shutil.copy(good / "000.png", good / "cam1" / "y.png")
+    (good / "cam2.png").mkdir()                          # a folder named like an image: "unreadable image" before
+    shutil.copy(good / "000.png", good / "cam2.png" / "y.png")
     (good / ".ipynb_checkpoints").mkdir()
     shutil.copy(good / "000.png", good / ".ipynb_checkpoints" / "z.png")      # hidden: not counted
     with caplog.at_level("WARNING", logger="uadc.data.mvtec"):

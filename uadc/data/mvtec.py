@@ -44,7 +44,8 @@ class Sample:
 def _images(folder: Path) -> list[Path]:
     """The images directly in ``folder`` (the MVTec layout); images in its subfolders (one per camera,
     a copy nested one level too deep) are not read, and a warning counts them."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not is_hidden(p.name))
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not is_hidden(p.name)
+                   and not p.is_dir())   # a folder named ``x.png`` is a subfolder, counted below
     for p in files:   # a link loop made every later path lookup a traceback; a dangling link "had no mask"
         if why := not_a_file(p):
             raise UadcError(f"unreadable image {p}: {why}")
