@@ -467,6 +467,9 @@ CASES: list[Case] = [
                                                "--force"],
          msg="was not written by uadc", setup=both(lambda e: recipe(e), _ckpt_in_recipe_dir)),
     Case("out-under-a-file", COMPILE("--no-eval", "--out", "f.txt/sub"), msg="not a folder", setup=text("f.txt", "x")),
+    # an artifact in train/good: the next run read it as data (named x.png: "unreadable image", every run)
+    Case("out-inside-the-data", lambda e: COMPILE("--no-eval", "--out", str(e.s.data / "gray" / "train" / "good" / "x.png"))(e),
+         msg="inside the recipe's data folder"),
     Case("out-read-only", COMPILE("--no-eval", "--out", "ro/out"), msg="not writable", setup=readonly("ro")),
     Case("dump-passes-is-file", COMPILE("--no-eval", "--out", "o", "--dump-passes", "f.txt"), msg="not a folder",
          setup=text("f.txt", "keep")),
