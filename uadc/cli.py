@@ -20,6 +20,7 @@ import click
 from uadc import __version__
 from uadc.config.targets import QAT_TARGETS
 from uadc.core.errors import UadcError, dependencies_checked, one_line
+from uadc.core.scoped import own_process
 
 log = logging.getLogger("uadc")
 
@@ -77,7 +78,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         args = [*(ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args), *ctx.args]
-        with exit_on_user_error():
+        with exit_on_user_error(), own_process():   # its process is uadc's: native lines on fd 2 caught and logged
             try:
                 return super().invoke(ctx)
             except click.ClickException as exc:
@@ -115,7 +116,6 @@ class _LogHandler(logging.Handler):
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     from uadc.core.progress import set_progress
-    from uadc.core.scoped import own_process
     if verbose and quiet:   # verbose won the logs, quiet the progress bars
         raise click.UsageError("-q and -v say opposite things: give one")
     root = logging.getLogger("uadc")
@@ -123,7 +123,6 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     root.propagate = False
     set_progress(False if quiet else None)   # None: bars only when stderr is a terminal
-    own_process()   # the command's process is uadc's: native lines on fd 2 may be caught and logged
     if not verbose:   # a library's warning (Pillow on a damaged EXIF block) as one `warning:` line, not two raw ones
         warnings.showwarning = lambda message, *_args, **_kw: log.warning("%s", one_line(str(message)))
 

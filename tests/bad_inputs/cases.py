@@ -275,7 +275,9 @@ def _ckpt_in_recipe_dir(e: Env) -> None:
 
 
 def _image_is_dir(root: Path) -> None:
-    (root / "stripes" / "train" / "good" / "zz.png").mkdir()
+    good = root / "stripes" / "train" / "good"
+    (good / "zz.png").mkdir()
+    shutil.copy(sorted(good.glob("*.png"))[0], good / "zz.png" / "a.png")
 
 
 def _float_image(root: Path) -> None:
@@ -386,7 +388,9 @@ CASES: list[Case] = [
     Case("data-image-garbage", TRAIN(), msg="unreadable image", setup=with_data(_garbage_image)),
     Case("data-image-truncated", TRAIN(), msg="unreadable image", setup=with_data(_truncated_png)),
     Case("data-image-bomb", TRAIN(), msg="DecompressionBombError", setup=with_data(_bomb_image)),
-    Case("data-image-is-folder", TRAIN(), msg="zz.png", setup=with_data(_image_is_dir)),
+    # a folder named like an image is a subfolder (README: not read, counted): it was an "unreadable image" every run
+    Case("data-image-is-folder", TRAIN("--epochs", "1"), code=0, slow=True, allow=("art",),
+         msg="1 image in its subfolders is not read", setup=with_data(_image_is_dir), check=_sound_checkpoint),
     Case("data-image-float32", TRAIN(), msg="mode F", setup=with_data(_float_image)),
     Case("data-mask-size", TRAIN(), msg="mask size", setup=with_data(_mask_size)),
     Case("data-no-train-images", TRAIN(), msg="gray", setup=with_data(_no_train_images)),

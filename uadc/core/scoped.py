@@ -382,13 +382,19 @@ def root_logging_untouched() -> Iterator[None]:
             root.removeHandler(guard)
 
 
-_OWNED = False   # set by the command line: the process is uadc's alone
+_OWNED = False   # while the command line runs a command: the process is uadc's alone
 
 
-def own_process() -> None:
-    """The command line's claim: no other code of the process writes to fd 2 meanwhile."""
+@contextlib.contextmanager
+def own_process() -> Iterator[None]:
+    """The command line's claim while its command runs: no other code of the process writes to fd
+    2 meanwhile (an app that calls ``uadc.cli.main`` in-process has it back afterwards)."""
     global _OWNED
-    _OWNED = True
+    before, _OWNED = _OWNED, True
+    try:
+        yield
+    finally:
+        _OWNED = before
 
 
 @contextlib.contextmanager
