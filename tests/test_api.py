@@ -466,6 +466,11 @@ def test_a_recipe_changed_in_place_is_checked_again(recipe_factory, tmp_path):
             setattr(getattr(r, section), key, value)
     r.train.epochs = 2                      # a valid change is taken
     assert r.train.epochs == 2 and uadc.load_recipe(r).train.epochs == 2
+    for name in ("train", "seed", "colour"):   # a whole section was Python's AttributeError (no setter)
+        with pytest.raises(uadc.UadcError, match=rf"recipe.{name} cannot be replaced: set recipe.config.{name}"):
+            setattr(r, name, {"epochs": 3})
+    r.config.train = {"epochs": 3}          # the way it names is checked and taken
+    assert r.train.epochs == 3
     r.data.sources.clear()                  # a list changed in place escapes the assignment check
     with pytest.raises(uadc.UadcError, match="data.sources: must not be empty"):
         uadc.train(r, artifacts=tmp_path / "art")

@@ -164,7 +164,7 @@ def json_output(f):
                         help="print one JSON document (the result) on stdout; text goes to stderr")(wrapper)
 
 
-recipe_arg = click.argument("recipe", type=click.Path(path_type=Path))
+recipe_arg = click.argument("recipe", type=click.Path(path_type=str))   # as typed: `demo/` is a folder, not the built-in
 artifacts_opt = click.option("--artifacts", type=click.Path(path_type=Path), default=None, help="artifacts root (default: ./artifacts)")
 
 

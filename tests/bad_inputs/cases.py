@@ -322,6 +322,9 @@ CASES: list[Case] = [
     # recipes ---------------------------------------------------------------------------------
     Case("recipe-missing", TRAIN(), msg="recipe not found"),
     Case("recipe-is-folder", TRAIN(), msg="a folder, not a YAML file", setup=lambda e: (e.d / R).mkdir()),
+    # `demo/` names a folder; click's Path made it `demo`, and the built-in demo trained
+    Case("recipe-is-folder-named-like-a-builtin", lambda e: ["train", "demo/", "--artifacts", "art"],
+         msg="recipe demo: a folder, not a YAML file", setup=lambda e: (e.d / "demo").mkdir()),
     Case("recipe-binary", TRAIN(), msg="not a text file", setup=text(R, b"\xff\xfe\x00\x81" * 64)),
     Case("recipe-bad-yaml", TRAIN(), msg="not valid YAML", setup=text(R, "data: [unclosed\n  x: {")),
     Case("recipe-section-twice", TRAIN(), msg="not valid YAML: key 'data' appears twice in one mapping (lines 1 and 3)",

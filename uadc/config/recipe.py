@@ -1,11 +1,10 @@
 """Recipe files: a YAML document describing data, model, training, evaluation and compilation.
 
-The typed models below are the single source of truth: every key, its type, default, bounds
-and meaning (``uadc recipe-schema`` prints them, ``--json`` as a JSON Schema for editors).
-Loading validates the whole document and reports the first problem with its key path
-(``model.backbone: 'resnet19' is not one of ...``). Relative paths resolve against the recipe.
-Numbers are finite and bounded, names are plain folder names: a recipe cannot make uadc allocate without
-bound or write outside its artifacts root."""
+The typed models below are the single source of truth: every key, its type, default, bounds and meaning
+(``uadc recipe-schema`` prints them, ``--json`` as a JSON Schema for editors). Loading validates the whole
+document and reports the first problem with its key path (``model.backbone: 'resnet19' is not one of ...``).
+Relative paths resolve against the recipe. Numbers are finite and bounded, names plain folder names: no
+recipe makes uadc allocate without bound or write outside its artifacts root."""
 
 from __future__ import annotations
 
@@ -323,7 +322,12 @@ class Recipe:
         self.config = config
         self.path = path
 
-    # sections
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in ("config", "path"):   # a read-only property raised Python's AttributeError, not the API's error
+            raise UadcError(f"recipe.{name} cannot be replaced: set recipe.config.{name} (checked) or use "
+                            f"recipe.with_overrides()")
+        object.__setattr__(self, name, value)
+
     @property
     def data(self) -> DataConfig:
         return self.config.data
@@ -487,8 +491,7 @@ def describe_schema(model: type[BaseModel] = RecipeConfig, prefix: str = "") -> 
     """Human-readable key list (``uadc recipe-schema`` and the README)."""
     lines = []
     for key, f in model.model_fields.items():
-        ann = f.annotation
-        sub = submodel(ann)
+        ann, sub = f.annotation, submodel(f.annotation)
         if sub is not None and not _is_list(ann):
             lines += describe_schema(sub, f"{prefix}{key}.")
             continue
@@ -510,8 +513,7 @@ def _is_list(ann: Any) -> bool:
 
 
 def _type_name(ann: Any) -> str:
-    text = str(ann).replace("typing.", "").replace("uadc.config.recipe.", "")
-    return text.replace("<class '", "").replace("'>", "")
+    return str(ann).replace("typing.", "").replace("uadc.config.recipe.", "").replace("<class '", "").replace("'>", "")
 
 
 __all__ = ["Recipe", "RecipeConfig", "load_recipe", "recipe_from_dict", "json_schema", "describe_schema",
