@@ -227,6 +227,18 @@ def test_compile_auto_quantizes_exactly_the_chosen_groups(make_base, tmp_path):
     assert np.isfinite(rep["latency_ms"]["compiled"]["p50"])
 
 
+def test_calibration_images_from_a_generator_serve_the_search_and_the_compile(make_base, tmp_path, monkeypatch):
+    """The search read the generator, and the compile after it found it empty: 'calibration: no images given'."""
+    monkeypatch.setattr(P, "node_times", fake_profile)   # INT8 pays: the compile calibrates
+    base = make_base(**LOOSE)
+    rng = np.random.default_rng(0)
+    images = (rng.standard_normal((3, base.size, base.size)).astype(np.float32) for _ in range(4))
+    res = uadc.compile(base, "ort-cpu-int8", precision="auto", calibration=images, out=tmp_path / "gen",
+                       evaluate=False, latency_runs=1, threads=1)
+    cal = json.loads((res.path / "calibration.json").read_text())
+    assert cal["calib_data"] == "user" and cal["samples"] == 4 == cal["distinct_samples"]
+
+
 def test_cli_precision_option(make_base, tmp_path):
     from click.testing import CliRunner
     from uadc.cli import main

@@ -123,6 +123,8 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     check_replaceable(out.absolute(), replace=opts.force or opts.out is None)  # before any work
     check_writable(out.absolute().parent)
     _check_apart(out, opts.dump_passes)
+    if opts.calibration is not None:   # checked before the export (8-14 s), and read once: a generator fed two stages
+        opts = replace(opts, calibration=baseline.calibration_images(ptq.calib_data, ptq.calib_samples, opts.calibration))
     cache = out.absolute().parent / TIMING_CACHE_DIR
     if auto is not None and baseline.recipe.compile.auto.timing_cache and cache.exists() and not cache.is_dir():
         raise UadcError(f"{cache}: not a folder; precision auto keeps its ONNX Runtime profiles there, beside --out "
