@@ -107,6 +107,37 @@ def test_a_package_that_does_not_import_is_one_line_and_doctor_says_so(blocked, 
         assert "Traceback" not in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
 
 
+@pytest.mark.parametrize("broken", ["onnxruntime", "PIL", "filelock"])
+def test_a_package_whose_shared_library_is_missing_is_reported(broken, tmp_path):
+    """An onnxruntime raising OSError (its .so gone) ended doctor, the tool for that case, in an error (CLI)
+    or a traceback (API); a broken Pillow or filelock left every target `run` while every compile failed."""
+    import os
+    import subprocess
+    import sys
+    (tmp_path / broken).mkdir()
+    (tmp_path / broken / "__init__.py").write_text(f"raise OSError('lib{broken}.so: cannot open shared object file')")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    code = "import sys; sys.argv = ['uadc', 'doctor', '--json']\nfrom uadc.cli import run; run()"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    targets = json.loads(p.stdout)["targets"]
+    assert {t["can"] for t in targets} == {"unavailable"}
+    assert targets[0]["detail"].startswith(f"{broken} does not import here (OSError: lib{broken}.so")
+
+
+def test_arm_cpu_features_and_no_x86_saturation_note(monkeypatch):
+    """On an Arm CPU doctor said "AVX2 no" and warned of x86's 8-bit-weight saturation, which Arm does not have."""
+    arm = "processor\t: 0\nFeatures\t: fp asimd aes crc32 atomics asimddp i8mm bf16\n"
+    monkeypatch.setattr(doc, "_cpuinfo", lambda: arm.splitlines())
+    r = doc.doctor()
+    assert r.cpu_features == {"dot product": True, "I8MM": True, "BF16": True, "SVE": False}
+    by = {t.target: t.detail for t in r.targets}
+    assert by["ort-cpu-int8"].endswith("CPU INT8 instructions: dot product, I8MM")
+    monkeypatch.setattr(doc, "_cpuinfo", lambda: arm.replace(" asimddp i8mm bf16", "").splitlines())
+    detail = {t.target: t.detail for t in doc.doctor().targets}["ort-cpu-int8"]
+    assert "no dot product / I8MM" in detail and "saturate" not in detail and "VNNI" not in detail
+
+
 def test_only_a_failed_import_of_a_package_is_one_line(tmp_path, monkeypatch):
     """A broken install (a package whose module code raises ImportError or OSError: a missing shared
     library) was a traceback; an error a package raises as it runs, or uadc's own import, must stay one."""

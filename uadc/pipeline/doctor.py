@@ -10,8 +10,8 @@ Per target, one of:
 - ``unavailable``: a package is missing or does not import (the detail names it and why).
 
 Versions come from package metadata, CPU features from /proc/cpuinfo, TensorRT/GPU presence from
-the TensorRT backend's own check; the packages every compile needs (torch, onnx, ONNX Runtime,
-Polygraphy) and OpenVINO are imported, as metadata alone says "installed" of a broken install.
+the TensorRT backend's own check; the packages every compile needs (``COMPILE_NEEDS``) and OpenVINO
+are imported, as metadata alone says "installed" of a broken install.
 """
 
 from __future__ import annotations
@@ -33,9 +33,14 @@ from uadc.core.io import JsonResult
 PACKAGES = {"torch": ("torch",), "onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
             "polygraphy": ("polygraphy",), "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu11"),
             "openvino": ("openvino",)}
-# /proc/cpuinfo flag -> name; the ones that decide INT8 speed on x86 CPUs
+# /proc/cpuinfo flag -> name: the ones that decide INT8 / bf16 speed, on x86 ("flags") and on Arm ("Features")
 CPU_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI",
                 "amx_tile": "AMX", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16", "avx512_bf16": "AVX-512 BF16"}
+ARM_FEATURES = {"asimddp": "dot product", "i8mm": "I8MM", "bf16": "BF16", "sve": "SVE"}
+INT8_FEATURES = ("AVX-512 VNNI", "AVX-VNNI", "AMX-INT8", "dot product", "I8MM")
+BF16_FEATURES = ("AMX-BF16", "AVX-512 BF16", "BF16")
+# modules every compile imports besides the backends': metadata alone says "installed" of a broken install
+COMPILE_NEEDS = ("torch", "onnx", "onnxruntime", "polygraphy.backend.onnxrt", "PIL", "filelock", "onnxsim", "sklearn")
 
 
 @dataclass
@@ -88,8 +93,8 @@ def doctor() -> DoctorReport:
     """What uadc sees on this machine (``uadc doctor``): versions, CPU INT8 features, threads,
     GPU / TensorRT, and per target whether it runs here, is emulated, or can only be bundled."""
     versions = {name: _version(dists) for name, dists in PACKAGES.items()}
-    flags = _cpu_flags()
-    features = {label: (flag in flags if flags is not None else None) for flag, label in CPU_FEATURES.items()}
+    table, flags = _cpu_flags()
+    features = {label: (flag in flags if flags is not None else None) for flag, label in table.items()}
     trt_ok, trt_reason = trt_available()
     gpu = _gpu()
     report = DoctorReport(
@@ -106,7 +111,7 @@ def doctor() -> DoctorReport:
 def _compile_blocker() -> str | None:
     """Why no target compiles here: a package every compile imports that does not import (its
     metadata alone said "installed"), or None."""
-    for name in ("torch", "onnx", "onnxruntime", "polygraphy.backend.onnxrt"):
+    for name in COMPILE_NEEDS:
         try:
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - ImportError, or OSError for a missing shared library
@@ -142,23 +147,26 @@ def _support(t: Target, r: DoctorReport, trt_ok: bool) -> TargetSupport:
 
 def _int8_note(r: DoctorReport) -> str:
     f = r.cpu_features
-    if f.get("AVX-512 VNNI") is None:
+    if set(f.values()) == {None}:
         return "; CPU INT8 features unknown"
-    have = [k for k in ("AVX-512 VNNI", "AVX-VNNI", "AMX-INT8") if f.get(k)]
+    have = [k for k in INT8_FEATURES if f.get(k)]
     if have:
         return "; CPU INT8 instructions: " + ", ".join(have)
+    if "dot product" in f:   # Arm: no x86 u8 x s8 pair sums, so nothing saturates
+        return "; no dot product / I8MM: INT8 may not be faster than FP32 on this CPU"
     return ("; no VNNI/AMX: INT8 may not be faster than FP32 on this CPU, and artifacts with 8-bit weights "
             "(compile.reduce_range: false, or compiled before uadc's 7-bit default) saturate here: other scores")
 
 
 def _bf16_note(r: DoctorReport) -> str:
     f = r.cpu_features
-    if f.get("AMX-BF16") is None:
+    if set(f.values()) == {None}:
         return "; CPU bf16 features unknown"
-    have = [k for k in ("AMX-BF16", "AVX-512 BF16") if f.get(k)]
+    have = [k for k in BF16_FEATURES if f.get(k)]
     if have:
         return "; CPU bf16 instructions: " + ", ".join(have)
-    return "; no AMX-BF16 / AVX-512 BF16: bf16 is not native here (the report says what OpenVINO ran)"
+    return (f"; no {' / '.join(k for k in BF16_FEATURES if k in f)}: bf16 is not native here (the report says what "
+            f"OpenVINO ran)")
 
 
 def _version(dists: tuple[str, ...]) -> str | None:
@@ -184,11 +192,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_flags() -> set[str] | None:
+def _cpu_flags() -> tuple[dict[str, str], set[str] | None]:
+    """The feature table of this CPU's kind and its flags (None: unknown)."""
     for line in _cpuinfo():
-        if line.startswith(("flags", "Features")):   # x86 / ARM
-            return set(line.split(":", 1)[1].split())
-    return None
+        if line.startswith(("flags", "Features")):   # x86 / Arm
+            return (CPU_FEATURES if line.startswith("flags") else ARM_FEATURES), set(line.split(":", 1)[1].split())
+    return (ARM_FEATURES if platform.machine() in ("aarch64", "arm64") else CPU_FEATURES), None
 
 
 def _torch() -> Any:
@@ -217,7 +226,7 @@ def _gpu() -> str | None:
 def _ort_providers() -> list[str]:
     try:
         import onnxruntime
-    except ImportError:
+    except Exception:  # noqa: BLE001 - OSError for a missing shared library: the targets say why
         return []
     return list(onnxruntime.get_available_providers())
 
