@@ -149,6 +149,22 @@ def test_the_report_says_which_detector_and_whether_it_trained_with_dcam(bench_r
         assert ("trained with DCAM" in (out.path / "report.md").read_text()) is (v == "dcam")
 
 
+def test_the_report_names_the_taps_a_recipe_without_taps_uses(tiny_data, tmp_path):
+    """A recipe without model.taps compiled to a report of `taps ` (none) and `"taps": null`."""
+    from types import SimpleNamespace
+    from conftest import write_recipe
+    from uadc.config.recipe import load_recipe
+    from uadc.core.constants import DEFAULT_TAPS
+    from uadc.pipeline.compile import _model_record
+    r = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_data))
+    for model, taps in (({"taps": None}, list(DEFAULT_TAPS["efficientnet_lite0"])),
+                        ({"taps": None, "method": "us", "head": "exact"}, list(DEFAULT_TAPS["efficientnet_lite0"])[:1]),
+                        ({"taps": None, "backbone": "mobilenet_v2", "pretrained": False},
+                         list(DEFAULT_TAPS["mobilenet_v2"]))):
+        cfg = r.with_overrides(model=model)
+        assert _model_record(SimpleNamespace(blob=None, recipe=cfg))["taps"] == taps, model
+
+
 def test_a_checkpoint_of_another_method_is_refused_naming_the_method():
     """It named the first differing key alphabetically (`model.combine`), not the method."""
     from uadc.training.checkpoint import _first_difference

@@ -8,8 +8,12 @@ from uadc.models.base import KDModel
 
 
 def model_config(recipe_model: dict) -> dict:
+    """The recipe's model section with the taps the model uses (the backbone's default when none are given;
+    Uninformed Students describe the first only)."""
     m = dict(recipe_model)
     m["taps"] = m["taps"] or list(DEFAULT_TAPS[m["backbone"]])
+    if m["method"] == "us":
+        m["taps"] = m["taps"][:1]
     return m
 
 

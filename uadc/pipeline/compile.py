@@ -30,6 +30,7 @@ from uadc.core.errors import UadcError
 from uadc.core.io import atomic_dir, atomic_write_json, atomic_write_text, check_replaceable, check_writable
 from uadc.core.manifest import check_outside_artifacts, write_manifest
 from uadc.core.progress import progress
+from uadc.models import model_config
 from uadc.export.onnx_export import partition_bytes, split_partitions
 from uadc.export.partitions import partition_counts, partition_of
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
@@ -303,7 +304,8 @@ def _model_record(baseline: Baseline) -> dict:
     whether its checkpoint trained with DCAM (a training option; null: no checkpoint to say)."""
     trained = (baseline.blob or {}).get("recipe") or {}
     dcam = (trained.get("train") or {}).get("dcam") if trained else None
-    return {**baseline.recipe.cfg["model"], "dcam": bool(dcam.get("enabled")) if isinstance(dcam, dict) else None}
+    model = model_config(baseline.recipe.cfg["model"])   # the taps used: a recipe without taps showed none
+    return {**model, "dcam": bool(dcam.get("enabled")) if isinstance(dcam, dict) else None}
 
 
 def _shipped(target: Target, auto: AutoPrecision | None) -> Target:
