@@ -598,6 +598,14 @@ def test_an_edited_manifest_or_an_unlisted_golden_file_is_refused_by_the_gate_an
     with pytest.raises(UadcError, match="a compiled artifact, not a bundle; bundles replace only earlier bundles"):
         uadc.bundle(int8, edited, force=True)
     assert (edited / "golden.json").is_file()
+    for marker, doc in (("sweep.json", {"cells": [], "pareto": [], "name": "s"}),   # it wiped every cell's artifact
+                        ("compare.json", {"cells": [], "target": "ort-cpu-int8", "fp32": {}})):
+        outputs = tmp_path / marker.split(".")[0]
+        shutil.copytree(int8, outputs / "cells" / "a")
+        (outputs / marker).write_text(json.dumps(doc))
+        with pytest.raises(UadcError, match=r"a uadc output folder \(a sweep, a comparison, a QAT run\), not a bundle"):
+            uadc.bundle(int8, outputs, force=True)
+        assert (outputs / "cells" / "a" / "golden.json").is_file()
     two = tmp_path / "two" / "stripes"
     two.mkdir(parents=True)
     for f in sorted((tiny_data / "stripes" / "test" / "good").iterdir())[:2]:

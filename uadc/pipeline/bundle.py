@@ -20,7 +20,7 @@ from pathlib import Path
 
 from uadc.core.constants import GOLDEN_FILES, MANIFEST_FILE
 from uadc.core.errors import UadcError
-from uadc.core.io import JsonResult, as_path, atomic_dir, read_json, sha256_file
+from uadc.core.io import JsonResult, as_path, atomic_dir, is_output_dir, read_json, sha256_file
 from uadc.core.numbers import flags
 from uadc.core.manifest import read_manifest, write_manifest
 
@@ -53,12 +53,16 @@ def _check_apart(source: Path, out: Path) -> None:
 
 
 def _check_not_an_artifact(out: Path) -> None:
-    """``--force`` replaces an earlier bundle, never a compiled artifact (its golden set, its reports)."""
-    if not (out / MANIFEST_FILE).is_file():
+    """``--force`` replaces an earlier bundle, never another uadc output: a compiled artifact (its golden set,
+    its reports), a sweep's or a comparison's folder (every cell's artifact)."""
+    if out.is_symlink() or not out.is_dir() or not any(out.iterdir()):
+        return   # a file or a link: refused where the bundle is written
+    doc = read_json(out / MANIFEST_FILE, "artifact manifest") if (out / MANIFEST_FILE).is_file() else None
+    if isinstance(doc, dict) and "bundle" in doc:
         return
-    doc = read_json(out / MANIFEST_FILE, "artifact manifest")
-    if isinstance(doc, dict) and "bundle" not in doc:
-        raise UadcError(f"--out {out}: a compiled artifact, not a bundle; bundles replace only earlier bundles "
+    if doc is not None or is_output_dir(out):
+        what = "a compiled artifact" if doc is not None else "a uadc output folder (a sweep, a comparison, a QAT run)"
+        raise UadcError(f"--out {out}: {what}, not a bundle; bundles replace only earlier bundles "
                         f"(choose another --out)")
 
 
