@@ -136,6 +136,23 @@ def test_misspelt_names_stop_the_sweep_before_any_work(tiny, axes, msg):
         make_plan(spec, base, name)
 
 
+def test_two_recipes_of_one_name_and_other_settings_are_refused(tiny, tmp_path):
+    """Both trained into artifacts/tiny/: one model trained, and the second recipe's cells ran its checkpoint."""
+    d, recipe = tiny
+    (tmp_path / "other").mkdir()
+    other = tmp_path / "other" / "tiny.yaml"
+    doc = yaml.safe_load(recipe.read_text())
+    doc["train"]["epochs"] = 3
+    other.write_text(yaml.safe_dump(doc))
+    sweep = tmp_path / "dup.yaml"
+    sweep.write_text(yaml.safe_dump({"recipes": [str(recipe), str(other)], "axes": {"target": ["ort-cpu-fp32"]}}))
+    with pytest.raises(UadcError, match=r"^sweep dup: two recipes train as 'tiny' with different settings"):
+        make_plan(*load_sweep(sweep))
+    doc["name"] = "tiny3"
+    other.write_text(yaml.safe_dump(doc))
+    assert sorted(m.name for m in make_plan(*load_sweep(sweep)).models.values()) == ["tiny", "tiny3"]
+
+
 @pytest.mark.parametrize("extra, msg", [
     ({"overrides": {"compile": {"calib_sampls": 8}}}, "sweep overrides: compile.calib_sampls: unknown key"),
     ({"overrides": {"compile.calib_samples": 8}}, "sweep overrides: 'compile.calib_samples': write it nested, "

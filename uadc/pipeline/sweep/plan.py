@@ -134,7 +134,18 @@ def plan_recipes(pairs: list[tuple[Recipe, Recipe]], axes: Axes, run: RunConfig,
                     cells.setdefault((cell.model, json.dumps(cell.options, sort_keys=True)), cell)
                     if len(cells) > MAX_CELLS:
                         raise UadcError(f"sweep {name}: more than {MAX_CELLS} cells")
+    _check_distinct_names(models, name)
     return Plan(name, models, list(cells.values()), run)
+
+
+def _check_distinct_names(models: dict[str, Model], name: str) -> None:
+    """Two models of one name train into one folder: the second's cells ran the first's checkpoint."""
+    seen: set[str] = set()
+    for m in models.values():
+        if m.name in seen:
+            raise UadcError(f"sweep {name}: two recipes train as {m.name!r} with different settings, into one "
+                            f"artifacts folder; give each its own name: key (in the recipe or its overrides)")
+        seen.add(m.name)
 
 
 def _check_names(axes: Axes, name: str) -> None:
