@@ -128,6 +128,10 @@ def test_sweep_verify_diff_json_user_error_is_one_document(tmp_path, args, said)
     (["nosuch", "--json"], "No such command 'nosuch'."),
     (["--bogus", "train", "--json"], "No such option '--bogus'."),   # an option before the command
     (["--json", "train"], "No such option '--json'."),
+    # "" (an unset $DIR) was the working folder: predict walked all of it, or wrote its tables there
+    (["predict", "art", "", "--json"], "Invalid value for 'INPUTS...': an empty path"),
+    (["predict", "art", "x.png", "--out", "", "--json"], "Invalid value for '--out': an empty path"),
+    (["train", "", "--json"], "Invalid value for 'RECIPE': an empty path"),
 ])
 def test_a_usage_error_under_json_is_one_document_too(args, said):
     """Click's usage errors (an unknown option, a missing argument) left stdout empty under --json."""

@@ -18,7 +18,7 @@ from typing import Any, Iterator, NoReturn
 import click
 
 from uadc import __version__
-from uadc.config.targets import QAT_TARGETS
+from uadc.config.targets import QAT_TARGETS, TARGETS
 from uadc.core.errors import UadcError, dependencies_checked, one_line
 from uadc.core.scoped import own_process
 
@@ -164,8 +164,13 @@ def json_output(f):
                         help="print one JSON document (the result) on stdout; text goes to stderr")(wrapper)
 
 
-recipe_arg = click.argument("recipe", type=click.Path(path_type=str))   # as typed: `demo/` is a folder, not the built-in
-artifacts_opt = click.option("--artifacts", type=click.Path(path_type=Path), default=None, help="artifacts root (default: ./artifacts)")
+class _Path(click.Path):   # "" (an unset $DIR) was Path("."): predict walked the whole working folder, wrote there
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        return self.fail("an empty path", param, ctx) if value == "" else super().convert(value, param, ctx)
+
+
+recipe_arg = click.argument("recipe", type=_Path(path_type=str))   # as typed: `demo/` is a folder, not the built-in
+artifacts_opt = click.option("--artifacts", type=_Path(path_type=Path), default=None, help="artifacts root (default: ./artifacts)")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -196,7 +201,7 @@ def train(recipe: Path, one_class: bool, epochs: int | None, eval_every: int | N
 
 @main.command("eval")
 @recipe_arg
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="default: the recipe's")
+@click.option("--checkpoint", type=_Path(path_type=Path), default=None, help="default: the recipe's")
 @click.option("--one-class", is_flag=True, help="evaluate the per-category models and compare with unified")
 @artifacts_opt
 @json_output
@@ -225,21 +230,18 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
 
 @main.command("compile")
 @recipe_arg
-@click.option("--target", default=None, help="ort-cpu-fp32, ort-cpu-int8, openvino-cpu-fp32, openvino-cpu-int8, "
-              "openvino-cpu-bf16, openvino-cpu-int8-bf16, trt-fp16, trt-int8, jetson-fp32, jetson-fp16, jetson-int8 "
-              "(default: the recipe's compile.target)")
+@click.option("--target", default=None, help=f"{', '.join(TARGETS)} (default: the recipe's compile.target)")
 @click.option("--calibrator", default=None, help="entropy | mse | minmax | percentile | a plug-in name")
 @click.option("--calib-data", type=click.Choice(["train", "random-normal", "mixed"]), default=None)
 @click.option("--calib-samples", type=click.IntRange(min=1, max=4096), default=None)
 @click.option("--quantize", default=None, help="partitions to quantize, e.g. student or student,teacher")
-@click.option("--precision", type=click.Choice(["target", "auto"]), default=None, help="auto: INT8/FP32 per fused "
-              "group within the recipe's compile.auto budget (trt/jetson-int8: INT8/FP16/FP32 from a latency model; "
-              "default: the recipe's compile.precision)")
+@click.option("--precision", type=click.Choice(["target", "auto"]), default=None, help="auto: INT8/FP32 per fused group "
+              "in the recipe's compile.auto budget (trt/jetson-int8: also FP16) (default: the recipe's compile.precision)")
 @click.option("--per-channel/--per-tensor", default=None, help="weight scales (default: the target's)")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="artifact folder")
+@click.option("--out", type=_Path(path_type=Path), default=None, help="artifact folder")
 @click.option("--force", is_flag=True, help="replace an existing uadc artifact folder at --out")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None)
-@click.option("--dump-passes", type=click.Path(path_type=Path), default=None, help="save the model after every pass")
+@click.option("--checkpoint", type=_Path(path_type=Path), default=None)
+@click.option("--dump-passes", type=_Path(path_type=Path), default=None, help="save the model after every pass")
 @click.option("--split", is_flag=True, help="also write one ONNX per partition")
 @click.option("--build-engine", is_flag=True, help="build model.engine where TensorRT and a GPU exist")
 @click.option("--no-eval", is_flag=True, help="skip the AD metrics (verification and latency still run)")
@@ -276,8 +278,7 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
 
 @main.command()
 @recipe_arg
-@click.option("--target", default=None, help=f"int8 target: {', '.join(QAT_TARGETS)} "
-              "(default: the recipe's compile.target)")
+@click.option("--target", default=None, help=f"int8 target: {', '.join(QAT_TARGETS)} (default: the recipe's compile.target)")
 @click.option("--epochs", type=click.IntRange(min=1, max=10_000), default=None, help="override qat.epochs")
 @click.option("--compile/--no-compile", "then_compile", default=True,
               help="compile the QAT model into <artifacts>/<recipe>/<target>-qat (default: yes)")
@@ -291,11 +292,11 @@ def qat(recipe: Path, target: str | None, epochs: int | None, then_compile: bool
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("artifact", type=_Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=_Path(path_type=Path))
 @click.option("--category", default=None, help="thresholds to apply (default: each image's folder name if it is "
               "a known category, else the global thresholds)")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("predictions"), show_default=True,
+@click.option("--out", type=_Path(path_type=Path), default=Path("predictions"), show_default=True,
               help="folder for predictions.jsonl / predictions.csv (and overlays/); an earlier run's are replaced")
 @click.option("--overlays", is_flag=True, help="write PNG heat-map overlays with the mask contour")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True)
@@ -340,7 +341,7 @@ def calibrators_list() -> None:
 @click.option("--calib-data", "sources", default="train,random-normal", help="comma-separated data sources")
 @click.option("--calib-samples", type=click.IntRange(min=1, max=4096), default=None)
 @click.option("--quantize", default=None)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="folder for the matrix and cells")
+@click.option("--out", type=_Path(path_type=Path), default=None, help="folder for the matrix and cells")
 @click.option("--ray", "use_ray", is_flag=True, help="run the cells on a local Ray (pip install 'uadc[sweep]')")
 @click.option("--address", default=None, help="run the cells on this Ray cluster (implies --ray)")
 @artifacts_opt
@@ -357,11 +358,11 @@ def calibrators_compare(recipe: Path, target, names, sources, calib_samples, qua
 
 
 @main.command("sweep")
-@click.argument("sweep_file", type=click.Path(path_type=Path))
+@click.argument("sweep_file", type=_Path(path_type=Path))
 @click.option("--address", default=None, help="Ray cluster to run on (e.g. auto, 10.0.0.5:6379); default: a local Ray")
 @click.option("--num-cpus", type=click.IntRange(min=1, max=4096), default=None,
               help="CPUs of the local Ray (default: all cores)")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=_Path(path_type=Path), default=None,
               help="folder for the table and cells (default: <artifacts>/sweeps/<name>)")
 @click.option("--sequential", is_flag=True, help="no Ray: run the cells one after another in this process")
 @artifacts_opt
@@ -377,16 +378,16 @@ def sweep_cmd(sweep_file: Path, address, num_cpus, out, sequential, artifacts):
 
 def _gate_options(f):
     for opt in reversed([
-        click.option("--images", "images", multiple=True, type=click.Path(path_type=Path),
+        click.option("--images", "images", multiple=True, type=_Path(path_type=Path),
                      help="folder of normal images to judge on (repeatable; default: the golden images)"),
         click.option("--budget", "budget", multiple=True, metavar="KEY=VALUE",
                      help="override a budget, e.g. spearman_min=0.95 (repeatable)"),
-        click.option("--recipe", type=click.Path(path_type=Path), default=None,
+        click.option("--recipe", type=_Path(path_type=Path), default=None,
                      help="take budgets from this recipe's verify: section (default: the ones stored at compile)"),
         click.option("--normal-only", is_flag=True, help="judge on normal images only (no labelled test images)"),
-        click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+        click.option("--json", "json_out", type=_Path(path_type=Path), default=None,
                      help="write the JSON report (-: on stdout instead of the Markdown)"),
-        click.option("--markdown", "md_out", type=click.Path(path_type=Path), default=None,
+        click.option("--markdown", "md_out", type=_Path(path_type=Path), default=None,
                      help="write the Markdown report (also on stdout)"),
         click.option("--threads", type=click.IntRange(min=1, max=1024), default=None)]):
         f = opt(f)
@@ -414,8 +415,8 @@ def _gate_report(res, json_out: Path | None, md_out: Path | None) -> None:
 
 
 @main.command("verify")
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--golden", type=click.Path(path_type=Path), default=None,
+@click.argument("artifact", type=_Path(path_type=Path))
+@click.option("--golden", type=_Path(path_type=Path), default=None,
               help="golden set (folder or golden.json) to judge against (default: the artifact's own)")
 @_gate_options
 def verify_cmd(artifact: Path, golden, images, budget, recipe, normal_only, json_out, md_out, threads) -> None:
@@ -428,8 +429,8 @@ def verify_cmd(artifact: Path, golden, images, budget, recipe, normal_only, json
 
 
 @main.command("diff")
-@click.argument("a", type=click.Path(path_type=Path))
-@click.argument("b", type=click.Path(path_type=Path))
+@click.argument("a", type=_Path(path_type=Path))
+@click.argument("b", type=_Path(path_type=Path))
 @_gate_options
 def diff_cmd(a: Path, b: Path, images, budget, recipe, normal_only, json_out, md_out, threads) -> None:
     """Judge artifact B against artifact A with the same figures as `uadc verify`."""
@@ -441,8 +442,8 @@ def diff_cmd(a: Path, b: Path, images, budget, recipe, normal_only, json_out, md
 
 
 @main.command("bundle")
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="folder for the deployment copy")
+@click.argument("artifact", type=_Path(path_type=Path))
+@click.option("--out", type=_Path(path_type=Path), required=True, help="folder for the deployment copy")
 @click.option("--force", is_flag=True, help="replace --out if it is an earlier bundle")
 @json_output
 def bundle_cmd(artifact: Path, out: Path, force: bool):
@@ -454,7 +455,7 @@ def bundle_cmd(artifact: Path, out: Path, force: bool):
 
 
 @main.command("check-trt")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=_Path(path_type=Path))
 @json_output
 def check_trt(model: Path):
     """List every violation of TensorRT's Q/DQ rules in an ONNX model (or artifact folder); exit 1 if any."""
@@ -497,8 +498,7 @@ def recipes_show(name: str) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON document")
 def doctor(as_json: bool) -> None:
-    """What uadc sees here: versions, CPU INT8 features, threads, GPU/TensorRT, and per target
-    whether it can run, be emulated, or only be bundled for its device."""
+    """What uadc sees here: versions, CPU INT8 features, threads, GPU/TensorRT, and what each target can do here."""
     from uadc.core.io import to_json
     from uadc.pipeline.doctor import doctor as run_doctor
     rep = run_doctor()
