@@ -274,6 +274,12 @@ def test_tampered_model_fails_load_and_predict_with_one_line(int8_artifact, tmp_
     (lambda d: d["thresholds"]["global"]["image"].update(value=True), "threshold value must be a finite number"),
     (lambda d: d.update(schema=-1), "schema must be a whole number >= 1"),
     (lambda d: d.update(runtime="tensorflow"), "runtime must be onnxruntime, openvino, tensorrt"),
+    # artifact.json alone edited: OpenVINO ran an ONNX Runtime artifact and its thresholds' warning was silenced
+    (lambda d: d.update(runtime="openvino"), "target 'ort-cpu-int8' does not run on openvino"),
+    (lambda d: d.update(runtime="tensorrt"), "target 'ort-cpu-int8' does not run on tensorrt"),
+    (lambda d: d.update(target="no-such-target"), "unknown target 'no-such-target'"),
+    (lambda d: d.update(precision="int3"), "precision must be fp32, fp16, bf16, int8, got 'int3'"),
+    (lambda d: d.update(postprocess="yes"), "postprocess must be a mapping or null, got 'yes'"),
     (lambda d: d.update(categories=[1, 2]), "categories must be a list of distinct names"),
     (lambda d: d.update(categories="stripes"), "categories must be a list of distinct names"),
     (lambda d: d.update(categories=["gray", "gray"]), "categories must be a list of distinct names"),
@@ -611,3 +617,13 @@ def test_an_artifact_with_external_weights_is_not_run_in_parts_or_bundled(int8_a
     with pytest.raises(UadcError, match="no independent teacher and student partitions .* or keeps weights in external"):
         uadc.Detector.load(art, schedule="branches")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_category_named_global_gets_its_own_thresholds():
+    """A product folder named `global` got the thresholds over every category instead of its own."""
+    from uadc.core.manifest import CategoryThresholds, Threshold, Thresholds
+    own, pooled = (CategoryThresholds(Threshold(v, 0.0, 2.0, 0.99, 10), Threshold(v, 0.0, 2.0, 0.99, 10))
+                   for v in (1.0, 1.5))
+    t = Thresholds(0.01, "quantile", {"global": own, "bottle": pooled}, pooled)
+    assert t.get("global") is own and t.get(None) is pooled
+    assert Thresholds(0.01, "quantile", {"bottle": own}, pooled).get("global") is pooled   # the global key still works

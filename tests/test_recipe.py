@@ -311,3 +311,13 @@ def test_the_recipe_copy_reads_back_with_the_same_hash_and_odd_file_names_need_a
     (tmp_path / ".a.yaml").write_text(yaml.safe_dump(SRC))
     with pytest.raises(UadcError, match=r"\.a\.yaml: its file name is no plain folder name .* give the recipe a name"):
         load_recipe(tmp_path / ".a.yaml")
+
+
+def test_every_target_runs_where_its_family_says_and_ships_a_known_precision():
+    """artifact.json's runtime is checked against its target's family (core.constants, read without the
+    target table): a new target outside the families, or one that ships another precision, would be refused."""
+    from uadc.config.targets import TARGETS
+    from uadc.core.constants import ARTIFACT_PRECISIONS, TARGET_RUNTIMES
+    for name, t in TARGETS.items():
+        assert [r for prefix, r in TARGET_RUNTIMES.items() if name.startswith(prefix)] == [t.runtime], name
+        assert {t.precision, t.float_precision} <= set(ARTIFACT_PRECISIONS), name

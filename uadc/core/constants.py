@@ -24,6 +24,10 @@ EVAL_FILE = "eval.json"
 MANIFEST_FILE = "artifact.json"              # every artifact folder: uadc.core.manifest
 MANIFEST_SCHEMA = 1
 RUNTIMES = ("onnxruntime", "openvino", "tensorrt")   # what an artifact's target runs on
+# the runtime each target family runs on (config.targets names the targets; tests hold them to this), so an
+# edited artifact.json cannot switch an artifact's runtime; the precisions an artifact may ship in
+TARGET_RUNTIMES = {"ort-": "onnxruntime", "openvino-": "openvino", "trt-": "tensorrt", "jetson-": "tensorrt"}
+ARTIFACT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEPLOY_METADATA = "uadc.deploy"     # the model's metadata_props key holding its manifest's essentials
 PRED_OUTPUTS = ("pred_score", "pred_label", "pred_mask")  # optional in-graph post-processing
 MASKS_FOLDER = "ground_truth"              # MVTec layout: <category>/ground_truth/<defect>/<stem>_mask.png

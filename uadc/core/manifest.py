@@ -22,8 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from uadc.core.constants import (DEPLOY_METADATA, INPUT_NAME, MANIFEST_FILE, MANIFEST_SCHEMA, MODEL_FILE,
-                                 OUTPUT_NAMES, RUNTIMES)
+from uadc.core.constants import (ARTIFACT_PRECISIONS, DEPLOY_METADATA, INPUT_NAME, MANIFEST_FILE, MANIFEST_SCHEMA,
+                                 MODEL_FILE, OUTPUT_NAMES, RUNTIMES, TARGET_RUNTIMES)
 from uadc.core.errors import UadcError
 from uadc.core.io import TMP_TAG, JsonResult, as_path, atomic_write_json, sha256_file
 from uadc.core.numbers import flags
@@ -111,7 +111,7 @@ class Thresholds:
 
     def get(self, category: str | None = None) -> CategoryThresholds:
         """A category's thresholds; ``None`` gives the global ones (category unknown)."""
-        if category is None or category == GLOBAL:
+        if category is None or (category == GLOBAL and GLOBAL not in self.categories):   # a category may be named so
             return self.global_
         if category not in self.categories:
             raise UadcError(f"unknown category {category!r}; this artifact knows "
@@ -211,6 +211,14 @@ class Manifest(JsonResult):
             raise ValueError(f"input shape {m.input_shape} does not take {size} x {size} RGB images")
         if m.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be {', '.join(RUNTIMES)}, got {m.runtime!r}")
+        runs_on = next((r for prefix, r in TARGET_RUNTIMES.items() if m.target.startswith(prefix)), None)
+        if runs_on != m.runtime:   # an edited runtime chose another backend and silenced its warnings
+            raise ValueError(f"target {m.target!r} does not run on {m.runtime}" if runs_on else
+                             f"unknown target {m.target!r}")
+        if m.precision not in ARTIFACT_PRECISIONS:
+            raise ValueError(f"precision must be {', '.join(ARTIFACT_PRECISIONS)}, got {m.precision!r}")
+        if m.postprocess is not None and not isinstance(m.postprocess, dict):
+            raise ValueError(f"postprocess must be a mapping or null, got {m.postprocess!r:.60}")
         cats = d["categories"]
         if not isinstance(cats, list) or not all(isinstance(c, str) and c for c in cats) or len(set(cats)) != len(cats):
             raise ValueError(f"categories must be a list of distinct names, got {cats!r:.100}")
