@@ -111,6 +111,10 @@ def test_a_shown_recipe_saved_anywhere_reads_the_same_files(tmp_path):
         named = "name" in yaml.safe_load(p.path.read_text())   # else a header line says how to keep the name
         assert res.output.count("#") == p.path.read_text().count("#") + 2 + (not named)    # comments kept
         assert named or f"add `name: {p.name}` to share" in res.output
+        again = CliRunner().invoke(main, ["recipes", "show", str(copy)])   # a copy shown again: headers stacked,
+        assert again.exit_code == 0 and again.output.count("# uadc recipe ") == 1, again.output   # naming its stem
+        shown_name = yaml.safe_load(p.path.read_text()).get("name") or "elsewhere"
+        assert again.output.startswith(f"# uadc recipe {shown_name!r} ({copy})")
     res = CliRunner().invoke(main, ["recipes", "show", str(ROOT / "sweeps" / "default_grid.yaml")])
     assert res.exit_code == 2 and res.output.startswith("error: ")   # printed as a recipe before
 

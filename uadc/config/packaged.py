@@ -21,6 +21,8 @@ from uadc.core.errors import UadcError
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 # a recipe line holding a path (data root, validation folder, weights file): its value, quoted or not
+_SHOWN_HEADER = re.compile(r"\A# uadc recipe .*\n# reads the same files from any folder\.\n"
+                           r"(?:# Its name \(artifacts folder\) is its file name: .*\n)?")
 _PATH_LINE = re.compile(r"^(\s*(?:-\s+)?(?:root|folder|weights):\s*)(?:(['\"])([^'\"\\]+)\2|([^'\"#\s]+))(.*)$")
 
 
@@ -59,8 +61,9 @@ class PackagedRecipe:
         named = isinstance(doc := yaml.safe_load(self.path.read_text()), dict) and doc.get("name") is not None
         name = "" if named else (f"\n# Its name (artifacts folder) is its file name: add `name: {self.name}` to share "
                                  f"this recipe's checkpoint.")
-        return (f"# uadc recipe {self.name!r} ({self.path}), its relative paths made absolute: a copy\n"
-                f"# reads the same files from any folder.{name}\n{self.copy_text()}")
+        body = _SHOWN_HEADER.sub("", self.copy_text(), count=1)   # a copy shown again: one header, not two
+        return (f"# uadc recipe {str(doc['name']) if named else self.name!r} ({self.path}), its relative paths made "
+                f"absolute: a copy\n# reads the same files from any folder.{name}\n{body}")
 
 
 def _path_values(text: str, base: Path | None) -> list | None:
