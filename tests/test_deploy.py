@@ -627,3 +627,18 @@ def test_a_category_named_global_gets_its_own_thresholds():
     t = Thresholds(0.01, "quantile", {"global": own, "bottle": pooled}, pooled)
     assert t.get("global") is own and t.get(None) is pooled
     assert Thresholds(0.01, "quantile", {"bottle": own}, pooled).get("global") is pooled   # the global key still works
+
+
+def test_a_model_with_a_custom_operator_is_refused_by_bundle_too(int8_artifact, tmp_path):
+    """A consistent artifact (hashes, uadc.deploy) whose model holds an operator of another domain: predict and
+    verify refused it (ONNX Runtime cannot load it), `uadc bundle` shipped it with exit 0."""
+    import uadc
+    from conftest import edited_artifact
+    _, _, res = int8_artifact
+    m = onnx.load(str(res.path / "model.onnx"))
+    m.graph.node.append(onnx.helper.make_node("Evil", [m.graph.input[0].name], ["evil_out"], domain="com.evil"))
+    m.opset_import.append(onnx.helper.make_opsetid("com.evil", 1))
+    bad = edited_artifact(res.path, tmp_path / "evil", model=m)
+    with pytest.raises(UadcError, match=r"model.onnx: uses operators of domain 'com.evil', which uadc never writes"):
+        uadc.bundle(bad, tmp_path / "b")
+    assert not (tmp_path / "b").exists()

@@ -31,6 +31,7 @@ from uadc.core.numbers import flags
 MAX_MANIFEST_BYTES = 16 << 20
 RESIZE_FILTERS = ("bilinear", "nearest", "bicubic")   # PIL filters the runtime resizes with
 MAX_IMAGE_SIZE = 8192
+ONNX_DOMAINS = frozenset(("", "ai.onnx", "com.microsoft"))   # the operator sets of the models compile writes
 _EPS = 1e-12
 
 
@@ -278,6 +279,10 @@ def model_metadata(path: Path) -> dict[str, str]:
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         # uadc writes none; `bundle` shipped such a model without the file it reads (or one a link led to)
         raise UadcError(f"{path}: keeps weights in external data files, which uadc never writes: not the model "
+                        f"compile wrote")
+    foreign = sorted({n.domain for n in model.graph.node} - ONNX_DOMAINS)
+    if foreign:   # a custom operator: bundle shipped it (exit 0) and the line's runtime could not load it
+        raise UadcError(f"{path}: uses operators of domain {foreign[0]!r}, which uadc never writes: not the model "
                         f"compile wrote")
     return {p.key: p.value for p in model.metadata_props}
 
