@@ -685,3 +685,32 @@ def test_simplifying_a_graph_leaves_the_apps_other_threads_stderr_alone(capfd, c
     with scoped.native_stderr_logged():                                  # the claim ended with the command
         os.write(2, b"the app's line\n")
     assert "the app's line" in capfd.readouterr().err.splitlines()
+
+
+def test_any_path_object_names_the_same_file_as_its_string(trained, tmp_path, tiny_data):
+    """A checkpoint given as an os.PathLike that is not pathlib.Path (PurePosixPath, py.path.local, an app's own
+    path class) was not taken for a path: compile / evaluate / baseline silently used the recipe's own checkpoint;
+    a recipe or an image given so was refused."""
+    from pathlib import PurePosixPath
+    recipe, art = trained
+
+    class AppPath(os.PathLike):
+        def __init__(self, p):
+            self.p = str(p)
+
+        def __fspath__(self):
+            return self.p
+    other = tmp_path / "other"
+    uadc.train(recipe, epochs=1, artifacts=other)        # another model of the recipe: not its own checkpoint
+    ckpt = other / "tiny" / "checkpoint.pt"
+    want = uadc.evaluate(str(ckpt), recipe, write=False).mean
+    assert want != uadc.evaluate(recipe, artifacts=art, write=False).mean
+    for kind in (AppPath, PurePosixPath):
+        assert uadc.baseline(kind(ckpt), recipe).checkpoint == ckpt
+        assert uadc.evaluate(kind(ckpt), recipe, write=False).mean == want
+        assert uadc.load_recipe(kind(recipe)).name == "tiny"
+    c = uadc.compile(AppPath(ckpt), "ort-cpu-fp32", recipe=recipe, out=tmp_path / "c", evaluate=False, latency_runs=1)
+    assert json.loads((c.path / "report.json").read_text())["checkpoint"] == str(ckpt)
+    image = next((tiny_data / "gray" / "test" / "good").iterdir())
+    det = uadc.Detector.load(AppPath(c.path))
+    assert det.predict(AppPath(image)).score == det.predict(PurePosixPath(image)).score == det.predict(str(image)).score

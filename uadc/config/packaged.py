@@ -12,6 +12,7 @@ only exists beside this project's source tree (elsewhere: copy the recipe with
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -111,7 +112,7 @@ def packaged_recipe(name: str) -> PackagedRecipe:
 def resolve_recipe_path(source: "str | Path", base: Path | None = None) -> Path:
     """The file a recipe argument means: an existing file as given (relative to ``base``, default the
     current folder), else a built-in by name."""
-    if not isinstance(source, (str, Path)):
+    if not isinstance(source, (str, os.PathLike)):
         raise UadcError(f"recipe: expected a path, a built-in recipe's name, a dict or a Recipe, "
                         f"got {type(source).__name__}")
     path = Path(source)

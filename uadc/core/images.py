@@ -39,7 +39,7 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
     decompression bomb over Pillow's pixel limit, a decoder's own exception on crafted bytes) is
     one ``unreadable <what> PATH: ...`` UadcError; UadcErrors raised inside pass unchanged. A path
     that is no regular file (a named pipe would block the open forever) is refused first."""
-    if isinstance(path, (str, Path)) and os.path.exists(path) and not os.path.isfile(path):
+    if isinstance(path, (str, os.PathLike)) and os.path.exists(path) and not os.path.isfile(path):
         raise UadcError(f"unreadable {what} {shown(path)}: " + ("a folder, not an image file" if os.path.isdir(path)
                                                            else "not a regular file"))
     try:
@@ -53,7 +53,7 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
     except UadcError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types on hostile files
-        where = f" {shown(path)}" if isinstance(path, (str, Path)) else ""      # a stream has no name to show
+        where = f" {shown(path)}" if isinstance(path, (str, os.PathLike)) else ""      # a stream has no name to show
         if isinstance(exc, OSError) and exc.strerror:   # the system's reason (a file removed meanwhile), not a class
             raise UadcError(f"unreadable {what}{where}: {exc.strerror}") from None
         why = re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))   # no memory address in the line
@@ -71,7 +71,7 @@ def upright(im: Image.Image) -> Image.Image:
 def _note_once(what: str, source: Any, text: str) -> None:
     """``source: text`` as a warning, once per folder (bytes and PIL images: once); a newline in a
     file name cannot start a line of its own."""
-    named = isinstance(source, (str, Path))
+    named = isinstance(source, (str, os.PathLike))
     key = (what, os.path.dirname(str(source)) if named else "")
     if key not in _NOTED:
         if len(_NOTED) > 10_000:   # a long-running service sees many folders
@@ -165,7 +165,7 @@ def find_images(paths: "list[Path] | Path | str", exclude: list[Path] | tuple = 
     predict`` output folders, and files under MVTec ``ground_truth/`` (masks, not parts); a file
     reached twice is kept once. ``skipped`` counts what was left out, by reason. One path may be
     given alone."""
-    if isinstance(paths, (str, Path)):   # not walked a character at a time
+    if isinstance(paths, (str, os.PathLike)):   # not walked a character at a time
         paths = [paths]
     found, seen, others = FoundImages([]), set(), set()
     for p in map(Path, paths):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def make_session(model: Any, threads: int | None = None, optimize: bool = True,
         opts.profile_file_prefix = str(profile_prefix)
     if hasattr(model, "SerializeToString"):
         src: Any = model.SerializeToString()
-    elif isinstance(model, (str, Path)):
+    elif isinstance(model, (str, os.PathLike)):
         src = str(model)
         if not src.isascii() and src.encode("utf-8", "surrogateescape") != src.encode("utf-8", "replace"):
             src = _read_model(Path(model))   # a name that is not UTF-8: ORT takes UTF-8 paths only

@@ -116,7 +116,7 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
         res.extra = {"model": str(Path(model).absolute()), "model_sha256": sha256_file(model),
                      "runtime": "openvino" if own else "onnxruntime", "recipe_hash": r.hash}
         return res
-    ckpt = Path(model_or_artifact) if isinstance(model_or_artifact, (str, Path)) and \
+    ckpt = Path(model_or_artifact) if isinstance(model_or_artifact, (str, os.PathLike)) and \
         names_checkpoint(model_or_artifact, r) else None      # "--checkpoint nope" fell back to the recipe's
     return evaluate_checkpoint(r, ckpt, artifacts, write=write)
 
@@ -151,7 +151,7 @@ def _own_runtime(path: Path, threads: int | None) -> Any:
 
 
 def _is_onnx(x: Any) -> bool:
-    if not isinstance(x, (str, Path)):
+    if not isinstance(x, (str, os.PathLike)):
         return False
     p = Path(x)
     return p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file())
@@ -362,7 +362,7 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
 
 def _folders(images: "str | Path | Sequence[Path] | None") -> list[Path] | None:
     """``images=`` as one folder or several (a bare string is one folder, not its characters)."""
-    if images is None or isinstance(images, (str, Path)):
+    if images is None or isinstance(images, (str, os.PathLike)):
         return None if images is None else [as_path(images, "images")]
     if not isinstance(images, (list, tuple)):
         raise UadcError(f"images: expected a folder or a list of folders, got {type(images).__name__}")

@@ -9,6 +9,7 @@ latency settings each get their own figures.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -50,7 +51,7 @@ def resolve_source(source: Any, recipe: Recipe, artifacts: Path | None = None) -
     """A recipe's own checkpoint, a checkpoint path, or a ``KDModel``; never trains."""
     if isinstance(source, KDModel):
         return ModelSource(source.eval(), None, {"categories": None})
-    if isinstance(source, (str, Path)) and names_checkpoint(source, recipe):
+    if isinstance(source, (str, os.PathLike)) and names_checkpoint(source, recipe):
         model, blob = load_checkpoint(Path(source), recipe)
         return ModelSource(model, Path(source), blob)
     ckpt = checkpoint_path(recipe, artifacts)

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -135,7 +136,7 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
     ``infer``: each image's category comes from its folder names, else the global thresholds.
     Runs that share an ``out`` take turns (a lock beside it): two at once could leave one run's
     jsonl beside the other's csv."""
-    roots = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    roots = [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     if category is not None:
         detector.thresholds(category)
     # the user's mistakes are refused before the lock (and the folders it needs) is made

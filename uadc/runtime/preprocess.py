@@ -6,6 +6,7 @@ in float32, HWC -> CHW."""
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ def _from_array(arr: np.ndarray, pre: Preprocessing) -> np.ndarray:
 def load_rgb(source: Any, pre: Preprocessing) -> np.ndarray:
     """float32 HWC in [0, 1] at the model's size from a path, encoded bytes or binary file object,
     PIL image or array."""
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, os.PathLike)):
         with open_image(source) as im:
             return _from_pil(im, pre, source)
     stream = _encoded(source)
