@@ -476,6 +476,14 @@ def test_a_recipe_changed_in_place_is_checked_again(recipe_factory, tmp_path):
             setattr(r, name, {"epochs": 3})
     r.config.train = {"epochs": 3}          # the way it names is checked and taken
     assert r.train.epochs == 3
+    import warnings
+    taps = list(r.model.taps)
+    r.model.taps.append(3)                  # pydantic's serializer warned (printed; raised under -W error) first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(uadc.UadcError, match=r"model.taps\[2\]: expected str, got 3"):
+            uadc.load_recipe(r)
+    r.model.taps[:] = taps
     r.data.sources.clear()                  # a list changed in place escapes the assignment check
     with pytest.raises(uadc.UadcError, match="data.sources: must not be empty"):
         uadc.train(r, artifacts=tmp_path / "art")

@@ -371,7 +371,7 @@ class Recipe:
     @property
     def cfg(self) -> dict:
         """Plain dict of every key (stored in checkpoints; the source of the hashes)."""
-        return self.config.model_dump(mode="json")
+        return self.config.model_dump(mode="json", warnings=False)   # a list edited in place is checked on load
 
     @property
     def hash(self) -> str:
