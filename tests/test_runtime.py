@@ -917,3 +917,19 @@ def test_an_unverified_load_reads_no_model_from_outside_the_artifact(int8_artifa
         for verify in (False, True):
             with pytest.raises(UadcError, match=r"artifact\.json: file entry .* leaves the artifact folder$"):
                 Detector.load(folder, verify=verify)
+
+
+def test_wrong_types_at_the_runtimes_helpers_are_one_line(int8_artifact):
+    """A list as the category (TypeError: unhashable), sources that do not pair with the scores (IndexError), and
+    None or a number as the images to list (TypeError: not iterable) were raw exceptions."""
+    import numpy as np
+    from uadc.runtime import Detector, list_images
+    det = Detector.load(int8_artifact[2].path)
+    with pytest.raises(UadcError, match=r"^category: expected a category's name or None, got list \['gray'\]"):
+        det.thresholds(["gray"])
+    size = det.manifest.preprocessing.image_size
+    with pytest.raises(UadcError, match="^decide: 1 sources for 2 images$"):
+        det.decide(np.zeros((2, size, size), np.float32), np.zeros(2, np.float32), sources=["a.png"])
+    for bad, name in ((None, "NoneType"), (5, "int"), (["a", 3], "int")):
+        with pytest.raises(UadcError, match=f"^images: expected a path or a list of paths, got {name} "):
+            list_images(bad)

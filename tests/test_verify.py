@@ -152,6 +152,8 @@ def test_budgets_defaults_overrides_and_errors():
         budgets(None, {"spearman": "1"})
     with pytest.raises(UadcError, match="expected a number"):
         budgets(None, {"spearman_min": "high"})
+    with pytest.raises(UadcError, match=r"budget spearman_min=True \(--budget\): expected a number"):
+        budgets(None, {"spearman_min": True})   # a budget of 1.0
     with pytest.raises(UadcError, match="verify budget spearman_min: 3.0 is above the maximum 1"):
         budgets(None, {"spearman_min": "3"})
     with pytest.raises(UadcError, match="KEY=VALUE"):

@@ -167,6 +167,9 @@ def find_images(paths: "list[Path] | Path | str", exclude: list[Path] | tuple = 
     given alone."""
     if isinstance(paths, (str, os.PathLike)):   # not walked a character at a time
         paths = [paths]
+    paths = list(paths) if hasattr(paths, "__iter__") and not isinstance(paths, (bytes, dict)) else [paths]
+    for bad in (p for p in paths if not isinstance(p, (str, os.PathLike))):   # None: "not iterable" from the walk
+        raise UadcError(f"images: expected a path or a list of paths, got {type(bad).__name__} {bad!r:.60}")
     found, seen, others = FoundImages([]), set(), set()
     for p in map(Path, paths):
         if p.is_dir():

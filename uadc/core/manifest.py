@@ -114,6 +114,9 @@ class Thresholds:
         """A category's thresholds; ``None`` gives the global ones (category unknown)."""
         if category is None or (category == GLOBAL and GLOBAL not in self.categories):   # a category may be named so
             return self.global_
+        if not isinstance(category, str):   # a list: "unhashable type" from the lookup below
+            raise UadcError(f"category: expected a category's name or None, got {type(category).__name__} "
+                            f"{category!r:.60}")
         if category not in self.categories:
             raise UadcError(f"unknown category {category!r}; this artifact knows "
                             f"{', '.join(self.categories) or 'none'} (or omit it for the global threshold)")

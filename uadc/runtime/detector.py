@@ -288,7 +288,9 @@ class Detector:
         maps, scores = np.asarray(maps), np.asarray(scores)
         if maps.ndim != 3 or scores.shape != (len(maps),):   # numpy's broadcast error, or a wrong pairing
             raise UadcError(f"decide: expected maps (N, H, W) and scores (N,), got {maps.shape} and {scores.shape}")
-        sources = sources or [None] * len(scores)
+        sources = list(sources) if sources is not None else [None] * len(scores)
+        if len(sources) != len(scores):   # an IndexError, or a verdict named after another image
+            raise UadcError(f"decide: {len(sources)} sources for {len(scores)} images")
         finite = np.isfinite(scores) & np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)
         if not finite.all():   # NaN compares False with every threshold: a defect would pass as good
             i = int(np.argmin(finite))

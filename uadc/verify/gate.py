@@ -79,6 +79,8 @@ def budgets(recipe_verify: dict | None = None, overrides: dict[str, Any] | None 
         if key not in BUDGET_KEYS:
             raise UadcError(f"budget {key} (--budget): unknown; expected one of {', '.join(BUDGET_KEYS)}")
         try:
+            if isinstance(value, bool):   # True read as a budget of 1.0
+                raise TypeError
             base[key] = float(value)
         except (TypeError, ValueError):
             raise UadcError(f"budget {key}={value} (--budget): expected a number") from None
