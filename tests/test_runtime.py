@@ -924,7 +924,11 @@ def test_wrong_types_at_the_runtimes_helpers_are_one_line(int8_artifact):
     None or a number as the images to list (TypeError: not iterable) were raw exceptions."""
     import numpy as np
     from uadc.runtime import Detector, list_images
-    det = Detector.load(int8_artifact[2].path)
+    det = Detector.load(int8_artifact[2].path, batch_size=np.int64(4))   # refused, while threads=np.int64 was taken
+    assert det.batch_size == 4 and type(det.batch_size) is int
+    for bad in (0, True, 2.0, "4"):
+        with pytest.raises(UadcError, match="^batch_size: expected a whole number >= 1"):
+            Detector.load(int8_artifact[2].path, batch_size=bad)
     with pytest.raises(UadcError, match=r"^category: expected a category's name or None, got list \['gray'\]"):
         det.thresholds(["gray"])
     size = det.manifest.preprocessing.image_size

@@ -188,8 +188,9 @@ class Detector:
     def _open(cls, artifact: str | Path, backend: str, threads: int | None, verify: bool, batch_size: int,
               schedule: str) -> "Detector":
         folder = as_path(artifact, "artifact")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UadcError(f"batch_size: expected a whole number >= 1, got {batch_size!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise UadcError(f"batch_size: expected a whole number >= 1, got {batch_size!r}")   # numpy's as threads=
+        batch_size = int(batch_size)
         threads = check_threads(threads)
         manifest = read_manifest(folder, verify=verify)
         engine = folder / ENGINE_FILE
