@@ -149,6 +149,15 @@ def test_the_model_given_is_the_model_judged(trained, tmp_path, tiny_data):
                  lambda: uadc.compile(b, "ort-cpu-fp32", recipe=imagenet, out=tmp_path / "x")):
         with pytest.raises(UadcError, match="the Baseline was built from recipe 'tiny' and recipe= gives other data"):
             call()
+    calibrator = tmp_path / "mse.yaml"   # only compile settings differ: the Baseline's calibrator ran, silently
+    calibrator.write_text(recipe.read_text().replace("compile:\n", "compile:\n  calibrator: mse\n"))
+    assert "calibrator: mse" in calibrator.read_text()
+    for call in (lambda: uadc.compile(b, "ort-cpu-int8", recipe=calibrator, out=tmp_path / "x"),
+                 lambda: uadc.evaluate(b, calibrator)):
+        with pytest.raises(UadcError, match="the Baseline was built from recipe 'tiny' and recipe= gives other "
+                                            "compile settings; drop recipe="):
+            call()
+    assert uadc.evaluate(b, recipe, write=False).mean == own.mean   # its own recipe is taken
     with pytest.raises(UadcError, match="one_class judges the recipe's per-category checkpoints"):
         uadc.evaluate(b, one_class=True)
     images = [np.random.default_rng(0).standard_normal((3, 64, 64)).astype(np.float32) for _ in range(4)]

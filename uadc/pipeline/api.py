@@ -178,12 +178,13 @@ def _checkpoint_recipe(source: Any) -> Any:
 
 
 def _baseline_recipe(b: Baseline, recipe: RecipeLike | None, what: str) -> Recipe:
-    """A Baseline's own recipe; a ``recipe`` of other data or model settings was ignored without a word:
-    refused (other compile / qat settings are the caller's to use, as uadc.qat does)."""
-    model = ("data", "model")
-    if recipe is not None and load_recipe(recipe).section_hash(model) != b.recipe.section_hash(model):
-        raise UadcError(f"{what}: the Baseline was built from recipe {b.recipe.name!r} and recipe= gives other data "
-                        f"or model settings; drop recipe= or build a Baseline from that recipe")
+    """A Baseline's own recipe; a ``recipe`` of other settings was ignored without a word (its compile settings
+    too: the Baseline's calibrator ran): refused."""
+    other = load_recipe(recipe).cfg if recipe is not None else b.recipe.cfg
+    differ = [k for k in b.recipe.cfg if k != "name" and other.get(k) != b.recipe.cfg[k]]
+    if differ:
+        raise UadcError(f"{what}: the Baseline was built from recipe {b.recipe.name!r} and recipe= gives other "
+                        f"{' and '.join(differ)} settings; drop recipe= or build a Baseline from that recipe")
     return b.recipe
 
 
