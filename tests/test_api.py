@@ -146,7 +146,8 @@ def test_the_model_given_is_the_model_judged(trained, tmp_path, tiny_data):
     imagenet = write_recipe(tmp_path / "imagenet.yaml", tiny_data, train={"epochs": 1, "threads": 1})
     imagenet.write_text(imagenet.read_text().replace("data:\n", "data:\n  normalization: imagenet\n"))
     for call in (lambda: uadc.baseline(b, imagenet), lambda: uadc.evaluate(b, imagenet),
-                 lambda: uadc.compile(b, "ort-cpu-fp32", recipe=imagenet, out=tmp_path / "x")):
+                 lambda: uadc.compile(b, "ort-cpu-fp32", recipe=imagenet, out=tmp_path / "x"),
+                 lambda: uadc.qat(imagenet, "ort-cpu-int8", source=b, compile_after=False, artifacts=tmp_path / "q")):
         with pytest.raises(UadcError, match="the Baseline was built from recipe 'tiny' and recipe= gives other data"):
             call()
     calibrator = tmp_path / "mse.yaml"   # only compile settings differ: the Baseline's calibrator ran, silently

@@ -177,11 +177,11 @@ def _checkpoint_recipe(source: Any) -> Any:
     return source
 
 
-def _baseline_recipe(b: Baseline, recipe: RecipeLike | None, what: str) -> Recipe:
-    """A Baseline's own recipe; a ``recipe`` of other settings was ignored without a word (its compile settings
-    too: the Baseline's calibrator ran): refused."""
+def _baseline_recipe(b: Baseline, recipe: RecipeLike | None, what: str, sections: tuple[str, ...] = ()) -> Recipe:
+    """A Baseline's own recipe; a ``recipe`` of other settings (in ``sections``, default all) was ignored without
+    a word (its compile settings too: the Baseline's calibrator ran): refused."""
     other = load_recipe(recipe).cfg if recipe is not None else b.recipe.cfg
-    differ = [k for k in b.recipe.cfg if k != "name" and other.get(k) != b.recipe.cfg[k]]
+    differ = [k for k in sections or b.recipe.cfg if k != "name" and other.get(k) != b.recipe.cfg[k]]
     if differ:
         raise UadcError(f"{what}: the Baseline was built from recipe {b.recipe.name!r} and recipe= gives other "
                         f"{' and '.join(differ)} settings; drop recipe= or build a Baseline from that recipe")
@@ -301,7 +301,11 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
     check_replaceable(qat_dir(r, target, artifacts).absolute(), remedy=remedy)
     if compile_after:
         check_replaceable(default_out(r, t, True, artifacts).absolute(), remedy=remedy + " or pass --no-compile")
-    b = baseline(source if source is not None else r, r, artifacts=artifacts)
+    if isinstance(source, Baseline):   # its model and data; the recipe's own QAT and PTQ settings are QAT's to use
+        b = source
+        _baseline_recipe(b, r, "qat", ("data", "model"))
+    else:
+        b = baseline(source if source is not None else r, r, artifacts=artifacts)
     opts = QatOptions(target=target, epochs=epochs)
     _, ptq = qat_settings(r, opts, t)
     with torch_threads(r.train.threads):
