@@ -3,6 +3,7 @@
 defects must be separated clearly, the export must be exact and Q/DQ must stay in the student."""
 
 import json
+import shutil
 
 import onnx
 import pytest
@@ -104,7 +105,8 @@ def test_compile_jetson_int8_bundle(trained):
     assert "not built" in report["engine"]["status"]
     for f in ("model.onnx", "model_fp32.onnx", "calibration.cache", "build_engine.sh", "README.md"):
         assert (out / f).is_file(), f
-    assert "`model_fp32.onnx` and `calibration.cache` (the same ranges" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()   # the explicit-INT8 note was dropped where the implicit one was added
+    assert "`model_fp32.onnx` and `calibration.cache` (the same ranges" in readme and "Explicit quantization" in readme
     # for TensorRT 8.5 too, which parses opset 17 (it was the exported opset 18)
     from uadc.passes.pipeline import opset_of
     assert opset_of(onnx.load(out / "model_fp32.onnx")) == 17 == opset_of(onnx.load(out / "model.onnx"))
@@ -115,3 +117,8 @@ def test_compile_jetson_int8_bundle(trained):
     assert res.exit_code == 0 and "0 violations of TensorRT Q/DQ rules (it has no Q/DQ nodes)" in res.output
     res = CliRunner().invoke(main, ["check-trt", str(art)])
     assert res.exit_code == 2 and f"{art}: a folder without model.onnx" in res.output
+    qat_like = art / "qat_like"   # `uadc qat`'s folder holds qat_model.onnx: named, not only "without model.onnx"
+    qat_like.mkdir()
+    shutil.copy(out / "model.onnx", qat_like / "qat_model.onnx")
+    res = CliRunner().invoke(main, ["check-trt", str(qat_like)])
+    assert res.exit_code == 2 and f"(it holds qat_model.onnx: give {qat_like / 'qat_model.onnx'})" in res.output

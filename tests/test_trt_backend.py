@@ -585,6 +585,30 @@ def test_build_script_written_executable_and_dispatches_by_version(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is needed to run the generated script")
+def test_build_script_builds_its_own_folders_model_wherever_it_is_run_from(tmp_path):
+    """`bash -- -b/build_engine.sh`: dirname took `-b` for an option, `cd ""` stayed, and trtexec built the caller's
+    model.onnx (exit 0); with CDPATH set, `cd b` entered another folder's b; TRTEXEC=./x was looked up after the cd."""
+    log = tmp_path / "log"
+    for name in ("-b", "b"):
+        bundle = tmp_path / "work" / name
+        bundle.mkdir(parents=True)
+        onnx.save(qdq_model(), bundle / "model.onnx")
+        write_build_script(bundle, "model.onnx", BuildSettings(precision="int8"), (3, H, W))
+    (tmp_path / "work" / "model.onnx").write_text("decoy")
+    (tmp_path / "other" / "b").mkdir(parents=True)
+    (tmp_path / "other" / "b" / "model.onnx").write_text("decoy")
+    _fake_trtexec(tmp_path / "work" / "tools", "100300", log)
+    fake = tmp_path / "work" / "tools" / "trtexec"
+    fake.write_text(fake.read_text().replace('echo "$*"', 'echo "$PWD $*"'))
+    env = dict(os.environ, CDPATH=str(tmp_path / "other"), TRTEXEC="./tools/trtexec")
+    for name in ("-b", "b"):
+        run = subprocess.run(["bash", "--", f"{name}/build_engine.sh"], env=env, cwd=tmp_path / "work",
+                             capture_output=True, text=True, timeout=20)
+        assert run.returncode == 0, run.stderr
+        assert log.read_text().split()[0] == str((tmp_path / "work" / name).resolve()), (name, log.read_text())
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is needed to run the generated script")
 def test_build_script_refuses_calibration_on_trt11_and_missing_trtexec(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"")
     (tmp_path / "calib.cache").write_text("TRT-8501-EntropyCalibration2\nimage: 3c010204\n")

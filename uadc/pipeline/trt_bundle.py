@@ -23,8 +23,9 @@ PRECISION_NOTES = {
     "fp32": "FP32 everywhere (TF32 off) so the engine matches ONNX Runtime.",
     "fp16": "The ONNX is FP16-typed (float32 inputs/outputs, the `fp16` pass): TensorRT 11 takes the precision "
             "from the model (strong typing); 8.5-10.x build it with BuilderFlag.FP16.",
-    "int8": "Explicit quantization: the ONNX carries symmetric INT8 Q/DQ from uadc's calibrators; layers "
-            "outside Q/DQ pairs run in FP16 (or FP32). Works on TensorRT 8.5-10.x (JetPack 5/6) and 11.",
+    "int8": "Explicit quantization: the ONNX carries symmetric INT8 Q/DQ (scales from uadc's calibration, or "
+            "learned by QAT); layers outside Q/DQ pairs run in FP16 (or FP32). Works on TensorRT 8.5-10.x (JetPack "
+            "5/6) and 11.",
 }
 
 
@@ -66,7 +67,7 @@ def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto,
         cache = "calibration.cache"
     # precision auto that kept every layer FP32 builds FP32, and its README says so
     auto = None if fp32_layers is None else AUTO_NOTE if settings.precision != "fp32" else PRECISION_NOTES["fp32"]
-    notes = [auto, _IMPLICIT_NOTE if cache else None]
+    notes = [auto or PRECISION_NOTES[settings.precision], _IMPLICIT_NOTE if cache else None]   # both, not either
     write_build_script(out, settings, shape, target, "\n\n".join(n for n in notes if n) or None)
     violations = check_trt_rules(compiled)
     oldest = target.min_trt_version or "8.5"

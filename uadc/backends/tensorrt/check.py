@@ -41,7 +41,9 @@ def check_trt_model(path: Path) -> TrtRuleCheck:
     from uadc.export.onnx_export import load_onnx   # torch: only when a file is checked
     path = Path(path)
     if path.is_dir() and not (path / MODEL_FILE).is_file():
-        raise UadcError(f"{path}: a folder without {MODEL_FILE}; give an ONNX file or an artifact folder")
+        held = sorted(p.name for p in path.glob("*.onnx") if p.is_file())   # uadc qat's folder: qat_model.onnx
+        raise UadcError(f"{path}: a folder without {MODEL_FILE}; give an ONNX file or an artifact folder"
+                        + (f" (it holds {', '.join(held[:3])}: give {path / held[0]})" if held else ""))
     file = path / MODEL_FILE if path.is_dir() else path
     model = load_onnx(file)
     try:   # Q/DQ parameters kept as external data were judged as fine, unread
