@@ -937,3 +937,64 @@ def test_wrong_types_at_the_runtimes_helpers_are_one_line(int8_artifact):
     for bad, name in ((None, "NoneType"), (5, "int"), (["a", 3], "int")):
         with pytest.raises(UadcError, match=f"^images: expected a path or a list of paths, got {name} "):
             list_images(bad)
+
+
+def test_a_stream_with_no_end_is_one_line_and_short_reads_are_whole_images(int8_artifact, tiny_data, monkeypatch):
+    """`Detector.predict(open('/dev/zero', 'rb'))` read until the system killed the process (22 GB);
+    a raw stream's read(n) returns fewer bytes than asked, and its image must still be whole."""
+    from uadc.runtime import Detector
+    det = Detector.load(int8_artifact[2].path)
+    f = sorted((tiny_data / "gray" / "test" / "blob").glob("*.png"))[0]
+
+    class Stream:
+        def __init__(self, data: bytes | None, step: int):
+            self.data, self.step = data, step
+
+        def read(self, n=-1):
+            if self.data is None:                   # no end
+                return b"\0" * min(n, self.step)
+            part, self.data = self.data[:min(n, self.step)], self.data[min(n, self.step):]
+            return part
+
+    assert det.predict(Stream(f.read_bytes(), 100)).score == pytest.approx(det.predict(f).score, abs=1e-6)
+    monkeypatch.setattr(sys.modules["uadc.runtime.preprocess"], "MAX_STREAM_BYTES", 3 << 20)
+    with pytest.raises(UadcError, match="^image stream: more than 3 MiB without an end"):
+        det.predict(Stream(None, 1 << 20))
+
+
+def test_overlays_of_an_input_folder_given_as_dotdot_stay_under_overlays(int8_artifact, tiny_data, tmp_path,
+                                                                         monkeypatch):
+    """`uadc predict ART .. --out .. --overlays` from inside cam/stripes/ labelled the input folder '..':
+    its overlays went to overlays/../stripes/a.png, over the input images themselves (exit 0)."""
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    det = Detector.load(int8_artifact[2].path)
+    cam = tmp_path / "cam"
+    (cam / "stripes").mkdir(parents=True)
+    for i, src in enumerate(sorted((tiny_data / "stripes" / "test").rglob("*.png"))[:2]):
+        (cam / "stripes" / f"{i}.png").write_bytes(src.read_bytes())
+    before = {p: p.read_bytes() for p in (cam / "stripes").iterdir()}
+    monkeypatch.chdir(cam / "stripes")
+    run = predict_paths(det, [Path("..")], out=Path(".."), overlays=True)
+    assert {p: p.read_bytes() for p in (cam / "stripes").iterdir()} == before
+    assert sorted(r["overlay"] for r in run.records) == ["overlays/cam/stripes/0.png", "overlays/cam/stripes/1.png"]
+    assert all((cam / r["overlay"]).is_file() for r in run.records)
+
+
+def test_an_earlier_overlay_that_cannot_be_removed_is_refused_before_the_tables_change(int8_artifact, tiny_data,
+                                                                                       tmp_path, monkeypatch):
+    """An earlier run's overlay in a folder the user cannot change: the run replaced the tables and the
+    overlays, then failed removing the old ones (exit 2): two runs mixed, reported as a failure."""
+    import os
+    from uadc.runtime import Detector, batch
+    det = Detector.load(int8_artifact[2].path)
+    out, test = tmp_path / "p", tiny_data / "gray" / "test"
+    batch.predict_paths(det, [test / "good"], out=out, overlays=True)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    locked = out / "overlays" / "good"       # root ignores a chmod: the system's answer is simulated
+    real = os.access
+    monkeypatch.setattr(batch.os, "access", lambda p, mode, **kw: Path(p) != locked and real(p, mode, **kw))
+    with pytest.raises(UadcError, match=r"cannot remove .*overlays/good/.*\.png, an overlay of the earlier run: its "
+                                        r"folder is not writable; choose another --out \(nothing was changed\)"):
+        batch.predict_paths(det, [test], out=out, overlays=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -19,7 +19,7 @@ from PIL import Image
 
 from uadc.core.constants import OVERLAYS_DIR, PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import NonFiniteOutputs, UadcError
-from uadc.core.images import FoundImages, find_images, printable
+from uadc.core.images import FoundImages, find_images, printable, shown
 from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, file_lock, staged_files
 from uadc.core.scoped import logged_warnings, signals_deferred
 from uadc.core.manifest import GLOBAL, check_outside_artifacts, infer_category
@@ -120,7 +120,9 @@ def overlay_names(files: list[Path], roots: list[Path]) -> dict[Path, Path]:
     used: set[Path] = set()
     for root in roots:
         if root.is_dir() and root not in labels:
-            labels[root] = _unique(Path(root.absolute().name or "root"), used)
+            # named as the folder it is: '..' or 'a/..' is a name pathlib keeps, and overlays/../x
+            # wrote over the input images themselves
+            labels[root] = _unique(Path(Path(os.path.abspath(root)).name or "root"), used)
     names: dict[Path, Path] = {}
     taken: set[Path] = set()
     for f in files:
@@ -159,6 +161,8 @@ def _predict(detector: Detector, found: FoundImages, category: str | None, out: 
     run = PredictRun([], [], Path(out) if out else None, left_out=found.skipped, backend=detector.backend_name,
                      warnings=list(detector.warnings))
     names = overlay_names(files, roots) if out and overlays else {}
+    if out:
+        _check_overlays_removable(Path(out))
     if names:
         _check_overlays_free(Path(out), names)
     tables = (lambda: _write_tables(run, Path(out))) if out else None
@@ -234,6 +238,15 @@ def _check_overlays_free(out: Path, names: dict[Path, Path]) -> None:
                             f"(nothing was changed)")
 
 
+def _check_overlays_removable(out: Path) -> None:
+    """The earlier run's overlays are each replaced or removed once the images ran: one in a folder
+    this user cannot change is refused now (then, the tables were replaced and the run failed)."""
+    for p in _overlay_files(out, _named_overlays(out)):
+        if not os.access(p.parent, os.W_OK | os.X_OK):
+            raise UadcError(f"cannot remove {shown(p)}, an overlay of the earlier run: its folder is not writable; "
+                            f"choose another --out (nothing was changed)")
+
+
 def _describe(skipped: dict[str, int]) -> str:
     return ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
 
@@ -263,8 +276,12 @@ def _stale_overlays(out: Path, run: PredictRun) -> list[Path]:
     """Overlays that the earlier run's predictions.jsonl in ``out`` names and this run did not write
     again: they belong to the tables being replaced, and left there they would mix two runs. Only
     PNG files under ``out/overlays/``; anything else there is not uadc's."""
+    return _overlay_files(out, _named_overlays(out) - {r.get("overlay") for r in run.records})
+
+
+def _overlay_files(out: Path, named: set[str]) -> list[Path]:
     root = (out / OVERLAYS_DIR).resolve()
-    paths = [out / o for o in sorted(_named_overlays(out) - {r.get("overlay") for r in run.records})]
+    paths = [out / o for o in sorted(named)]
     return [p for p in paths if p.suffix == ".png" and root in p.resolve().parents and p.is_file()]
 
 

@@ -17,6 +17,8 @@ from uadc.core.errors import UadcError
 from uadc.core.images import eight_bit, find_images, open_image, upright
 from uadc.core.manifest import RESIZE_FILTERS, Preprocessing
 
+MAX_STREAM_BYTES = 1 << 30   # an 8-bit RGB image at twice Pillow's pixel limit (refused there) is 0.54 GB
+_CHUNK = 16 << 20
 _FILTERS = {name: getattr(Image.Resampling, name.upper()) for name in RESIZE_FILTERS}
 
 
@@ -43,15 +45,31 @@ def _encoded(source: Any) -> io.BytesIO | None:
         return io.BytesIO(bytes(source))
     if hasattr(source, "read") and not isinstance(source, Image.Image):
         try:
-            data = source.read()
+            data = _read_capped(source)
         except UnicodeDecodeError:   # a file opened in text mode: its read() decodes, and PNG is not text
             data = None
         except (OSError, ValueError) as exc:   # closed, not readable
             raise UadcError(f"image stream: cannot read it ({exc})") from None
-        if not isinstance(data, (bytes, bytearray)):
+        if data is None:
             raise UadcError(f"image stream: expected a binary file object, got text from {type(source).__name__}")
         return io.BytesIO(data)
     return None
+
+
+def _read_capped(source: Any) -> bytes | None:
+    """The stream's bytes up to its end, in chunks (a raw stream's read(n) may return fewer), refused
+    past MAX_STREAM_BYTES: a stream with no end (a device, a stalled camera feed) filled the memory
+    until the system killed the process. None: the stream gives text."""
+    parts, size = [], 0
+    while True:
+        part = source.read(_CHUNK)
+        if not isinstance(part, (bytes, bytearray)) or not part:
+            return None if isinstance(part, str) else b"".join(parts)
+        size += len(part)
+        if size > MAX_STREAM_BYTES:
+            raise UadcError(f"image stream: more than {MAX_STREAM_BYTES >> 20} MiB without an end; an image file "
+                            f"is smaller (a device or a stream that does not end?)")
+        parts.append(part)
 
 
 def _from_array(arr: np.ndarray, pre: Preprocessing) -> np.ndarray:
