@@ -998,3 +998,16 @@ def test_an_earlier_overlay_that_cannot_be_removed_is_refused_before_the_tables_
                                         r"folder is not writable; choose another --out \(nothing was changed\)"):
         batch.predict_paths(det, [test], out=out, overlays=True)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_out_folder_with_a_newline_is_named_on_one_line(int8_artifact, tiny_data, tmp_path):
+    """`uadc predict --out 'a<newline>b'` printed its `written:` line raw: a log reader saw two lines."""
+    from click.testing import CliRunner
+    from uadc.cli import main
+    out = tmp_path / "a\nb"
+    r = CliRunner().invoke(main, ["predict", str(int8_artifact[2].path), str(tiny_data / "gray" / "test" / "good"),
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    written = [line for line in r.output.splitlines() if line.startswith("written:")]
+    assert len(written) == 1 and "a\\x0ab/predictions.jsonl" in written[0]
+    assert (out / "predictions.jsonl").is_file()

@@ -195,7 +195,7 @@ def train(recipe: Path, one_class: bool, epochs: int | None, eval_every: int | N
     from uadc.pipeline import api
     res = api.train(recipe, one_class=one_class, epochs=epochs, eval_every=eval_every, artifacts=artifacts)
     for m in res.models:
-        click.echo(f"checkpoint written: {m.checkpoint} ({m.train_seconds:.1f} s of training)")
+        click.echo(one_line(f"checkpoint written: {m.checkpoint} ({m.train_seconds:.1f} s of training)"))
     return res
 
 
@@ -224,7 +224,7 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
     kind = f"one-class {', '.join(res.extra['trained_on'])}" if res.extra.get("one_class") else "unified"
     click.echo(format_table(res, f"{r.name} ({kind}, {f'{epochs} epoch' + 's' * (epochs != 1) if epochs else checkpoint})"))
     click.echo(format_defects(res), nl=bool(res.defects))
-    click.echo(f"written: {res.path}" if res.path else "not written: eval.json holds the recipe's own unified checkpoint's figures")
+    click.echo(one_line(f"written: {res.path}") if res.path else "not written: eval.json holds the recipe's own unified checkpoint's figures")
     return res
 
 
@@ -318,8 +318,8 @@ def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out:
     for path, reason in run.failed:
         click.echo(f"skipped {one_line(path)}: {reason}", err=True)
     click.echo(f"{run.summary_line()} ({det.backend_name})")
-    click.echo(f"written: {run.written[0]}, {run.written[1]}"     # predictions.jsonl, .csv
-               + (f", {out / 'overlays'}/" if overlays else ""))
+    click.echo(one_line(f"written: {run.written[0]}, {run.written[1]}"     # predictions.jsonl, .csv
+                        + (f", {out / 'overlays'}/" if overlays else "")))
     return run   # exit 1 when an image could not be read (run.exit_code)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from uadc.core.constants import REPORT_SCHEMA
+from uadc.core.errors import one_line
 from uadc.core.io import to_json
 
 
@@ -147,5 +148,5 @@ class CompileResult:
                          f"{o['fp32']['false_reject_rate']:.3f} -> {o['compiled']['false_reject_rate']:.3f}, escape "
                          f"{o['fp32']['escape_rate']:.3f} -> {o['compiled']['escape_rate']:.3f}, "
                          f"agreement {o['agreement']:.4f}")
-        lines.append(f"artifact written: {self.path}")
+        lines.append(one_line(f"artifact written: {self.path}"))   # an --out holding a newline: one line
         return lines
