@@ -1011,3 +1011,16 @@ def test_an_out_folder_with_a_newline_is_named_on_one_line(int8_artifact, tiny_d
     written = [line for line in r.output.splitlines() if line.startswith("written:")]
     assert len(written) == 1 and "a\\x0ab/predictions.jsonl" in written[0]
     assert (out / "predictions.jsonl").is_file()
+
+
+def test_an_out_folder_through_a_missing_folder_and_dotdot_is_refused(int8_artifact, tiny_data, tmp_path):
+    """`predict --out mine/x/..` (x missing): the check of what is there looked at nothing, then the writer
+    made x/ and replaced the user's own predictions.jsonl in mine/."""
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "predictions.jsonl").write_text("my own notes\n")
+    with pytest.raises(UadcError, match=r"'\.\.' follows .*mine/x, which is no folder"):
+        predict_paths(Detector.load(int8_artifact[2].path), [tiny_data / "gray" / "test" / "good"], out=mine / "x" / "..")
+    assert (mine / "predictions.jsonl").read_text() == "my own notes\n" and not (mine / "x").exists()

@@ -393,7 +393,9 @@ def test_report_paths_replace_only_earlier_reports_and_are_checked_before_the_wo
                          (["--markdown", str(notes)], "was not written by uadc verify or diff"),
                          (["--json", str(tmp_path)], "was not written by uadc verify or diff"),
                          (["--json", str(tmp_path / "x"), "--markdown", str(tmp_path / "x")], "name the same file"),
-                         (["--markdown", "-"], "the Markdown report is on stdout already")):
+                         (["--markdown", "-"], "the Markdown report is on stdout already"),
+                         # x/ missing: the check looked at nothing, then the writer made x/ and the path the model
+                         (["--json", str(int8 / "x" / ".." / "model.onnx")], "'..' follows")):
             r = CliRunner().invoke(main, cmd + out)
             assert r.exit_code == 2 and why in r.output, (cmd, out, r.output)
     assert not calls and {f: f.read_bytes() for f in before} == before

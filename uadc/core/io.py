@@ -80,9 +80,20 @@ def clean_stale_temps(folder: Path) -> list[Path]:
     return removed
 
 
+def check_no_phantom_parent(path: Path) -> None:
+    """Refuse a ``..`` that follows a folder that does not exist. The system refuses such a path, but
+    the folders a writer makes on the way give it a meaning past every check of what is there:
+    ``verify --json ART/x/../model.onnx`` replaced the artifact's model with its report."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        if part == ".." and not Path(*parts[:i]).is_dir():   # Path() is '.'
+            raise UadcError(f"{path}: '..' follows {Path(*parts[:i])}, which is no folder; name the path without it")
+
+
 def ensure_dir(path: Path) -> Path:
     """Create ``path`` (and parents); a regular file in the way is a user error."""
     path = Path(path)
+    check_no_phantom_parent(path)
     if path.exists() and not path.is_dir():
         raise UadcError(f"not a folder: {path}")
     if path.is_symlink() and not path.exists():
@@ -96,6 +107,7 @@ def ensure_dir(path: Path) -> Path:
 
 def check_writable(folder: Path) -> None:
     """Fail before expensive work when ``folder`` (or its nearest existing parent) is not writable."""
+    check_no_phantom_parent(folder)
     p = Path(folder).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -120,6 +132,7 @@ def check_own_file(path: Path, ours: Callable[[str], bool], what: str) -> None:
     did not write: a folder, a symlink, a non-empty file whose first 4 KB ``ours`` does not
     recognise (a model, a user's notes); and one whose folder is not writable."""
     path = Path(path)
+    check_no_phantom_parent(path)
     if path.is_symlink() or path.exists():
         plain = path.is_file() and not path.is_symlink()
         if plain:
@@ -245,6 +258,7 @@ def _is_marker(path: Path, keys: tuple[str, ...]) -> bool:
 def check_replaceable(final: Path, replace: bool = True, remedy: str = "choose another --out") -> None:
     """Raise unless writing a new output at ``final`` destroys nothing uadc did not write (the error
     ends with ``remedy``: what the user can change)."""
+    check_no_phantom_parent(final)
     if not final.exists() and not final.is_symlink():
         return
     if final.is_symlink() or not final.is_dir():
