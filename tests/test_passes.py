@@ -109,8 +109,15 @@ def test_run_passes_records_and_dumps(tmp_path, images):
     assert records[-1]["nodes_after"] == len(out.graph.node)
     assert sorted(p.name for p in tmp_path.iterdir()) == [      # and the model they started from
         "00_input.onnx", "01_shape_inference.onnx", "02_simplify.onnx", "03_partition_check.onnx", "04_knn_bank.onnx",
-        "05_cleanup.onnx"]
+        "05_cleanup.onnx", "passes.json"]
     assert len(onnx.load(tmp_path / "02_simplify.onnx").graph.node) == 11
+    run_passes(model, FLOAT_PASSES[:2], _ctx(images=images, dump_dir=tmp_path))   # an earlier dump's are replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00_input.onnx", "01_shape_inference.onnx", "02_simplify.onnx", "passes.json"]
+    (tmp_path / "passes.json").unlink()   # a folder of models named like dumps is not replaced
+    with pytest.raises(UadcError, match="a folder holding 00_input.onnx, not an earlier dump"):
+        run_passes(model, FLOAT_PASSES, _ctx(images=images, dump_dir=tmp_path))
+    assert len(list(tmp_path.iterdir())) == 3
     # tags, model metadata and the dynamic batch survive the simplifier
     assert all(partition_of(n) and n.name.startswith(partition_of(n) + "/") for n in out.graph.node)
     assert all(any(p.key == PARTITION_KEY for p in n.metadata_props) for n in out.graph.node)

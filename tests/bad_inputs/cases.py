@@ -482,8 +482,12 @@ CASES: list[Case] = [
          setup=text("f.txt", "keep")),
     # a user's file of a dump's name was overwritten, and an earlier dump's files mixed in with this one's
     Case("dump-passes-into-a-users-folder", COMPILE("--no-eval", "--out", "o", "--dump-passes", "mine"),
-         msg="--dump-passes mine: a folder holding notes.txt, not only an earlier dump",
+         msg="--dump-passes mine: a folder holding notes.txt, not an earlier dump",
          setup=both(lambda e: (e.d / "mine").mkdir(), text("mine/notes.txt", "keep"), text("mine/02_qdq.onnx", "mine"))),
+    # a folder of the user's models named like dumps (and no marker): every one was deleted
+    Case("dump-passes-into-a-folder-of-models", COMPILE("--no-eval", "--out", "o", "--dump-passes", "mine"),
+         msg="--dump-passes mine: a folder holding 00_base.onnx, not an earlier dump (no passes.json of uadc)",
+         setup=both(lambda e: (e.d / "mine").mkdir(), text("mine/00_base.onnx", "m"), text("mine/01_resnet.onnx", "m"))),
     # a file where precision auto keeps its profiles: "not a folder: .../timing_cache", after the export
     Case("timing-cache-is-a-file", COMPILE("--no-eval", "--out", "o", "--target", "ort-cpu-int8", "--precision", "auto"),
          msg="precision auto keeps its ONNX Runtime profiles there", setup=text("timing_cache", "x")),

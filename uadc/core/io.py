@@ -242,10 +242,10 @@ def atomic_save(path: Path, save: Any) -> Path:
 
 
 def is_output_dir(path: Path) -> bool:
-    return path.is_dir() and any(_is_marker(path / name, keys) for name, keys in OUTPUT_MARKERS.items())
+    return path.is_dir() and any(is_marker(path / name, keys) for name, keys in OUTPUT_MARKERS.items())
 
 
-def _is_marker(path: Path, keys: tuple[str, ...]) -> bool:
+def is_marker(path: Path, keys: tuple[str, ...]) -> bool:
     try:
         if not path.is_file() or path.stat().st_size > 256 << 20:
             return False

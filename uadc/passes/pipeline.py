@@ -22,7 +22,9 @@ Passes:
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ import onnx
 
 from uadc.config.targets import Target
 from uadc.core.errors import UadcError, raise_interrupt_behind
-from uadc.core.io import atomic_write_bytes, ensure_dir
+from uadc.core.io import atomic_write_bytes, atomic_write_text, ensure_dir, is_marker
 from uadc.core.ort_session import make_session
 from uadc.core.scoped import native_stderr_logged, quiet_third_party
 from uadc.export.partitions import (
@@ -279,6 +281,23 @@ def cleanup(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
 
 # ------------------------------------------------------------------------------------- runner
 
+DUMP_NAME = re.compile(r"\d\d_\w+\.onnx")   # what a dump holds: 00_input.onnx, 01_<pass>.onnx, ...
+DUMP_MARKER, DUMP_KIND = "passes.json", "uadc pass dumps"   # only a folder marked so has its dumps replaced
+
+
+def check_dump_dir(dump: Path) -> None:
+    """A dump folder must be new, empty or an earlier dump's (its marker and dumps only): a user's
+    files of a dump's name (``01_resnet.onnx``) were replaced, and other files mixed in."""
+    dump = Path(dump)
+    if dump.exists() and not dump.is_dir():
+        raise UadcError(f"--dump-passes: not a folder: {dump}")
+    names = sorted(p.name for p in dump.iterdir()) if dump.is_dir() else []
+    other = [n for n in names if not DUMP_NAME.fullmatch(n) and n != DUMP_MARKER]
+    if other or (names and not is_marker(dump / DUMP_MARKER, ("kind", "passes"))):
+        raise UadcError(f"--dump-passes {dump}: a folder holding {(other or names)[0]}, not an earlier dump"
+                        f"{'' if other else f' (no {DUMP_MARKER} of uadc)'}; give an empty or new folder")
+
+
 def run_passes(model: onnx.ModelProto, names: list[str], ctx: PassContext) -> tuple[onnx.ModelProto, list[dict]]:
     """Run passes ``names`` in order. Returns the model and one record per pass:
     ``{"name", "seconds", "nodes_before", "nodes_after"}``. With ``ctx.dump_dir`` the model after
@@ -288,9 +307,12 @@ def run_passes(model: onnx.ModelProto, names: list[str], ctx: PassContext) -> tu
     if unknown:
         raise UadcError(f"unknown pass(es) {', '.join(map(repr, unknown))}; available: {', '.join(PASSES)}")
     if ctx.dump_dir is not None:
+        check_dump_dir(ctx.dump_dir)
         ensure_dir(Path(ctx.dump_dir))
-        for old in Path(ctx.dump_dir).glob("[0-9][0-9]_*.onnx"):   # an earlier dump's: not mixed with this one
-            old.unlink()
+        atomic_write_text(Path(ctx.dump_dir) / DUMP_MARKER, json.dumps({"kind": DUMP_KIND, "passes": names}) + "\n")
+        for old in Path(ctx.dump_dir).iterdir():   # an earlier dump's: not mixed with this one
+            if DUMP_NAME.fullmatch(old.name):
+                old.unlink()
         atomic_write_bytes(Path(ctx.dump_dir) / "00_input.onnx", model.SerializeToString())
     try:
         from uadc.core.progress import progress

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import platform
-import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +32,7 @@ from uadc.core.progress import progress
 from uadc.models import model_config
 from uadc.export.onnx_export import partition_bytes, split_partitions
 from uadc.export.partitions import partition_counts, partition_of
-from uadc.passes.pipeline import PassContext, check_finite, run_passes
+from uadc.passes.pipeline import PassContext, check_dump_dir, check_finite, run_passes
 from uadc.passes.qdq import qdq_options, weight_bits
 from uadc.passes.simulate import simulate_fp16, type_fp16
 from uadc.pipeline.baseline import Baseline
@@ -89,7 +88,6 @@ def default_out(recipe: Recipe, target: Target, qat: bool, artifacts: Path | Non
     return recipe.artifact_dir(artifacts) / f"{target.name}{'-qat' if qat else ''}"
 
 
-DUMP_NAME = re.compile(r"\d\d_\w+\.onnx")   # what --dump-passes writes: 00_input.onnx, 01_<pass>.onnx, ...
 
 
 def _check_apart(out: Path, dump: Path | None) -> None:
@@ -102,11 +100,7 @@ def _check_apart(out: Path, dump: Path | None) -> None:
     a, b = out.absolute().resolve(), Path(dump).absolute().resolve()
     if a == b or a in b.parents or b in a.parents:
         raise UadcError(f"--dump-passes {dump} and the artifact folder {out} overlap: give the dumps their own folder")
-    other = sorted(p.name for p in Path(dump).iterdir() if not DUMP_NAME.fullmatch(p.name)) \
-        if Path(dump).is_dir() else []
-    if other:   # a user's file of the same name was overwritten, an earlier dump's mixed in
-        raise UadcError(f"--dump-passes {dump}: a folder holding {other[0]}, not only an earlier dump; give an empty "
-                        f"or new folder")
+    check_dump_dir(dump)
 
 
 def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
