@@ -1024,3 +1024,22 @@ def test_an_out_folder_through_a_missing_folder_and_dotdot_is_refused(int8_artif
     with pytest.raises(UadcError, match=r"'\.\.' follows .*mine/x, which is no folder"):
         predict_paths(Detector.load(int8_artifact[2].path), [tiny_data / "gray" / "test" / "good"], out=mine / "x" / "..")
     assert (mine / "predictions.jsonl").read_text() == "my own notes\n" and not (mine / "x").exists()
+
+
+def test_a_closed_detector_ends_its_threads_and_refuses_to_run(int8_artifact, tiny_data):
+    """close() / ``with`` end the worker threads of the ONNX Runtime schedule (they outlived every
+    Detector before); a run after it is one line, not the pool's RuntimeError."""
+    import threading
+    from uadc.runtime import Detector
+    _, _, res = int8_artifact
+    f = sorted((tiny_data / "gray" / "test" / "blob").glob("*.png"))[0]
+    before = set(threading.enumerate())
+    with Detector.load(res.path, threads=2, schedule="batch") as det:
+        det.predict([f, f, f], category="gray")
+        assert det.backend.session._pool is not None or det.backend.session.threads == 1   # a worker split the batch
+    assert det.closed and set(threading.enumerate()) <= before
+    with pytest.raises(UadcError, match=r"this Detector was closed; load the artifact again$"):
+        det.predict(f, category="gray")
+    with pytest.raises(UadcError, match="was closed"):
+        det.run(np.zeros((1, 3, 64, 64), np.float32))
+    det.close()   # twice is no error

@@ -313,8 +313,8 @@ def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out:
     """Run a compiled artifact (verified against its artifact.json) on image files and folders."""
     from uadc.runtime import Detector
     from uadc.runtime.batch import predict_paths
-    det = Detector.load(artifact, backend=backend, batch_size=batch_size, schedule=schedule, threads=threads)
-    run = predict_paths(det, list(inputs), category, out, overlays, batch_size)
+    with Detector.load(artifact, backend=backend, batch_size=batch_size, schedule=schedule, threads=threads) as det:
+        run = predict_paths(det, list(inputs), category, out, overlays, batch_size)
     for path, reason in run.failed:
         click.echo(f"skipped {one_line(path)}: {reason}", err=True)
     click.echo(f"{run.summary_line()} ({det.backend_name})")

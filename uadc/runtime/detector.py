@@ -81,6 +81,9 @@ class _OrtBackend:
     def metadata(self) -> dict[str, str]:
         return dict(self.session.whole.get_modelmeta().custom_metadata_map)
 
+    def close(self) -> None:   # its worker threads end; the sessions go with the Detector
+        self.session.close()
+
 
 class _TrtBackend:
     name = "tensorrt"
@@ -94,6 +97,10 @@ class _TrtBackend:
     def run(self, images: np.ndarray, input_name: str) -> tuple[np.ndarray, np.ndarray]:
         out = self.runner.infer({input_name: images})
         return np.array(out["anomaly_map"][:, 0], copy=True), np.array(out["score"], copy=True).reshape(-1)
+
+    def close(self) -> None:   # the engine's context and device buffers
+        if self.runner.is_active:
+            self.runner.deactivate()
 
 
 class _OvBackend:
@@ -110,6 +117,10 @@ class _OvBackend:
         with self.lock:
             amap, score = self.run_fn(images)
             return np.array(amap[:, 0], copy=True), np.array(score, copy=True).reshape(-1)
+
+    def close(self) -> None:
+        with self.lock:
+            self.run_fn = None   # the compiled model and its infer request go with it
 
 
 def _check_importable(module: str, how: str) -> None:   # one line, not the loader's traceback
@@ -164,6 +175,24 @@ class Detector:
         self.backend = backend
         self.batch_size = batch_size
         self.warnings = list(warnings)   # logged as it loaded (its thresholds may not fit this runtime, threads capped)
+        self.closed = False
+
+    def close(self) -> None:
+        """Free the runtime (worker threads, sessions, a TensorRT context); later runs are an error. Also
+        ``with Detector.load(...) as det:``."""
+        if not self.closed:
+            self.closed = True
+            self.backend.close()
+
+    def _check_open(self) -> None:   # the backend's own error would be an AttributeError or a dead pool's
+        if self.closed:
+            raise UadcError(f"{self.manifest.folder}: this Detector was closed; load the artifact again")
+
+    def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def load(cls, artifact: str | Path, backend: str = "auto", threads: int | None = None,
@@ -249,6 +278,7 @@ class Detector:
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Raw outputs for preprocessed (N, 3, H, W) images: (maps (N,H,W), scores (N,), ms per image)."""
+        self._check_open()
         images = self._batch(images)
         maps, scores, seconds = [], [], 0.0
         for i in range(0, len(images), self.batch_size):
@@ -311,6 +341,7 @@ class Detector:
         ``category`` picks the thresholds (``None``: global): one for all, or one per image."""
         if isinstance(inputs, dict):   # its keys were read as image paths
             raise UadcError("inputs: expected an image or a list of images, got a dict")
+        self._check_open()
         single = _single(inputs)
         items = [inputs] if single else list(inputs)
         cats = self._per_image(category, len(items), single)
