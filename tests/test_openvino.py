@@ -31,7 +31,7 @@ def test_missing_openvino_is_one_line_error(monkeypatch):
     with pytest.raises(UadcError, match=r"uadc\[openvino\]") as e:
         ov.compile_model(b"")
     assert "\n" not in str(e.value)
-    assert ov.version() is None
+    assert ov.import_error() is not None
     from uadc.pipeline.doctor import doctor   # it said `run` for OpenVINO targets whenever the package's metadata existed
     assert {t.can for t in doctor().targets if t.runtime == "openvino"} == {"unavailable"}
 
@@ -249,3 +249,22 @@ def test_ctrl_c_after_two_openvino_models_are_released_is_a_keyboard_interrupt(t
         p = subprocess.run([sys.executable, *faults, "-c", _TWO_MODELS_THEN_CTRL_C], capture_output=True, text=True,
                            timeout=300, cwd=tmp_path)
         assert (p.returncode, p.stdout.strip()) == (0, "KeyboardInterrupt"), (faults, p.returncode, p.stderr[-800:])
+
+
+def test_a_compile_for_onnx_runtime_does_not_import_openvino(int8_artifact, tmp_path):
+    """The report's environment records OpenVINO's version; importing it for that started OpenVINO's
+    telemetry (a thread left running, a client ID and counters written to ~/intel/) in every compile."""
+    import os
+    import subprocess
+    recipe, art, _ = int8_artifact
+    code = ("import sys, uadc; r = uadc.compile(sys.argv[1], 'ort-cpu-fp32', artifacts=sys.argv[2], out=sys.argv[3], "
+            "latency_runs=1, threads=1, evaluate=False); print(r.environment['openvino'], "
+            "'openvino' in sys.modules)")
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
+    got = subprocess.run([sys.executable, "-c", code, str(recipe), str(art), str(tmp_path / "fp32")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0, got.stderr[-2000:]
+    from importlib import metadata
+    assert got.stdout.split() == [metadata.version("openvino"), "False"]
+    assert not (tmp_path / "home" / "intel").exists()

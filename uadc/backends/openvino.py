@@ -60,7 +60,14 @@ def import_error() -> str | None:
 
 
 def version() -> str | None:
-    return None if import_error() else str(_ov().__version__)
+    """The installed OpenVINO's version, or None, without importing it: ``import openvino`` starts its
+    telemetry (a thread, and a client ID and counters written to ~/intel/), which a run that records the
+    version only has no business starting."""
+    from importlib import metadata
+    try:
+        return metadata.version("openvino")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 class TwoPartModel:

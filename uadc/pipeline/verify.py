@@ -209,7 +209,7 @@ def artifact_runner(artifact: Path, name: str, threads: int | None = None) -> tu
                      model.parent)
     from polygraphy.backend.onnxrt import OnnxrtRunner
     rep = _report(folder) if folder else {}
-    if rep.get("runtime") == "openvino" and ov.version() is not None:
+    if rep.get("runtime") == "openvino" and ov.import_error() is None:
         hint = inference_hint_of(rep.get("target"))
         return ov.ov_runner(model, name, threads, hint), f"{ov.RUNTIME_LABEL} ({hint})"
     label = "onnxruntime CPU"
