@@ -732,3 +732,44 @@ def test_any_path_object_names_the_same_file_as_its_string(trained, tmp_path, ti
     image = next((tiny_data / "gray" / "test" / "good").iterdir())
     det = uadc.Detector.load(AppPath(c.path))
     assert det.predict(AppPath(image)).score == det.predict(PurePosixPath(image)).score == det.predict(str(image)).score
+
+
+def test_train_compile_and_predict_leave_no_thread_running(tiny_data, tmp_path):
+    """A library call leaves the process as it found it: tqdm's monitor thread (started by a bar that
+    drew nothing), OpenVINO's telemetry pool (imported for a version string) and the Detector's workers
+    outlived the calls."""
+    from conftest import write_recipe
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_data, train={"epochs": 1, "threads": 1},
+                          data={"val_fraction": 0.25})
+    image = sorted((tiny_data / "gray" / "test").rglob("*.png"))[0]
+    code = textwrap.dedent(f"""
+        import threading, uadc
+        before = set(threading.enumerate())
+        uadc.train({str(recipe)!r}, artifacts={str(tmp_path / 'a')!r})
+        res = uadc.compile({str(recipe)!r}, "ort-cpu-int8", artifacts={str(tmp_path / 'a')!r}, latency_runs=1, threads=2)
+        with uadc.Detector.load(res.path, threads=2) as det:
+            det.predict([{str(image)!r}] * 3)
+        print(sorted(t.name for t in set(threading.enumerate()) - before))
+    """)
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HOME": str(tmp_path)})
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_progress_bars_draw_when_asked_and_quiet_ones_start_no_thread(capsys):
+    import threading
+    from uadc.core.progress import progress, set_progress
+    old = set_progress(True)   # as the CLI on a terminal
+    try:
+        list(progress(range(3), desc="counting"))
+    finally:
+        set_progress(False)
+    assert "counting" in capsys.readouterr().err
+    before = {t for t in threading.enumerate() if t.name == "tqdm_monitor"}
+    try:
+        list(progress(range(3), desc="silent"))
+    finally:
+        set_progress(old)
+    assert capsys.readouterr().err == ""
+    assert {t for t in threading.enumerate() if t.name == "tqdm_monitor"} <= before

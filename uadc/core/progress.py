@@ -3,7 +3,10 @@ when the CLI says ``--quiet``. Library code calls ``progress(...)`` and never pr
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable
+
+from uadc.core.scoped import stderr_is_terminal
 
 _ENABLED: bool | None = None  # None: only on a terminal
 
@@ -18,7 +21,16 @@ def set_progress(enabled: bool | None) -> bool | None:
 def progress(iterable: Iterable | None = None, **kw: Any) -> Any:
     from tqdm import tqdm
 
-    disable = (not _ENABLED) if _ENABLED is not None else None  # tqdm: None = auto (tty only)
+    disable = (not _ENABLED) if _ENABLED is not None else not stderr_is_terminal()
     kw.setdefault("leave", False)
     kw.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, disable=disable, **kw)
+    return (_quiet_bar() if disable else tqdm)(iterable, disable=disable, **kw)
+
+
+@functools.cache
+def _quiet_bar() -> type:
+    """tqdm without its monitor thread: tqdm's first bar starts one, drawn or not, which lives to the end
+    of the process (a library call left it behind)."""
+    from tqdm import tqdm
+    return type("QuietBar", (tqdm,), {"monitor_interval": 0})
+

@@ -334,6 +334,19 @@ def quiet_third_party() -> Iterator[io.StringIO]:
         log.debug("third-party output:\n%s", text[-4000:])
 
 
+@contextlib.contextmanager
+def tqdm_monitor_off() -> Iterator[None]:
+    """Progress bars made inside start no tqdm monitor thread: torch.fx's interpreter makes a bar (drawn or
+    not) per graph it runs as torch.onnx exports, and the thread it started outlived the call."""
+    from tqdm import tqdm
+
+    def restore(interval: float) -> None:
+        tqdm.monitor_interval = interval
+    with _shared_state("tqdm monitor", lambda: tqdm.monitor_interval, restore):
+        tqdm.monitor_interval = 0
+        yield
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 

@@ -21,7 +21,7 @@ import torch
 from uadc import __version__
 from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES, PARTITIONS
 from uadc.core.errors import UadcError, raise_interrupt_behind
-from uadc.core.scoped import environment_kept, quiet_third_party
+from uadc.core.scoped import environment_kept, quiet_third_party, tqdm_monitor_off
 from uadc.export.partitions import (assign_partitions, partition_counts, partition_models, partition_of,
                                     set_partition)
 from uadc.models import KDModel
@@ -33,7 +33,8 @@ def export_model(model: KDModel, image_size: int, meta: dict, opset: int = 18) -
     x = torch.zeros(2, 3, image_size, image_size)
     # The exporter narrates every step and warns about torchvision ops we never use (shown
     # with `uadc --verbose`).
-    with quiet_third_party(), environment_kept():   # torch.export sets TORCHINDUCTOR_CACHE_DIR as it traces
+    # torch.export sets TORCHINDUCTOR_CACHE_DIR as it traces
+    with quiet_third_party(), environment_kept(), tqdm_monitor_off():
         batch = torch.export.Dim("batch", min=1, max=4096)   # imports sympy, which adds a warning filter
         try:
             program = torch.onnx.export(
