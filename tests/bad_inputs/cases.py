@@ -333,6 +333,13 @@ CASES: list[Case] = [
          setup=text(R, "train:\n  epochs: 1\n  epochs: 2\n")),
     Case("recipe-top-level-list", TRAIN(), msg="expected a mapping", setup=text(R, "- a\n- b\n")),
     Case("recipe-empty", TRAIN(), msg="data: required", setup=text(R, "")),
+    # PyYAML's constructors raised ValueError / KeyError / AttributeError: a traceback, exit 1
+    Case("recipe-float-tag-on-text", TRAIN(), msg="not valid YAML: cannot read 'abc' as float (ValueError) (line 1, column 7)",
+         setup=text(R, "seed: !!float abc\n")),
+    Case("recipe-bool-tag-on-text", TRAIN(), msg="not valid YAML: cannot read 'maybe' as bool (KeyError) (line 2",
+         setup=text(R, "data:\n  image_size: !!bool maybe\n")),
+    Case("recipe-timestamp-tag-on-text", TRAIN(), msg="cannot read 'x' as timestamp (AttributeError)",
+         setup=text(R, "name: !!timestamp x\n")),
     Case("recipe-python-tag", TRAIN(), msg="not valid YAML",
          setup=lambda e: (e.d / R).write_text(f"data: !!python/object/apply:os.system ['touch {e.d / MARKER}']\n"),
          check=no_marker),

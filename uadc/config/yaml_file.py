@@ -34,6 +34,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as exc:
+            # a tag on a value it cannot read (`!!float abc`, `!!bool maybe`, `!!timestamp x`): PyYAML's
+            # constructors raise these raw, a traceback where a line and column say it
+            what = node.value if isinstance(node, yaml.ScalarNode) else node.id
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {what!r} as {node.tag.rsplit(':', 1)[-1]} ({type(exc).__name__})",
+                node.start_mark) from None
+
 
 # YAML 1.2 numbers and booleans, as every other tool reads them; PyYAML's YAML 1.1 read `seed: 010` as 8,
 # `1:30` as 90, `0b11` as 3, `no` / `on` as booleans, and `1e-3` as text (its floats need a dot)
@@ -92,10 +103,11 @@ def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) ->
     except UnicodeDecodeError:
         raise UadcError(f"{path}: not a text file") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)   # a tab: "while scanning for the next token", where?
-        where = f" (line {mark.line + 1}, column {mark.column + 1}: {exc.problem})" if mark and \
-            getattr(exc, "problem", None) else ""
-        raise UadcError(f"{path}: not valid YAML: {str(exc).splitlines()[0][:200]}{where}") from None
+        mark, first = getattr(exc, "problem_mark", None), str(exc).splitlines()[0][:200]
+        problem = getattr(exc, "problem", None)   # a tab: "while scanning for the next token", where?
+        where = f" (line {mark.line + 1}, column {mark.column + 1}" + (f": {problem})" if problem != first else ")") \
+            if mark and problem else ""
+        raise UadcError(f"{path}: not valid YAML: {first}{where}") from None
     except RecursionError:
         raise UadcError(f"{path}: YAML nested too deeply") from None
     if raw is not None and not isinstance(raw, dict):
