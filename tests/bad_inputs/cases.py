@@ -314,6 +314,10 @@ TRAIN = lambda *a: (lambda e: ["train", R, "--artifacts", "art", *a])        # n
 COMPILE = lambda *a: (lambda e: ["compile", str(e.s.recipe), "--artifacts", str(e.s.art), *a])  # noqa: E731
 
 
+def _OWN_COMPILE(*a):   # noqa: N802 - the case folder's r.yaml, with the shared checkpoint
+    return lambda e: ["compile", R, "--artifacts", "art", "--checkpoint", str(e.s.ckpt), "--no-eval", "--out", "o", *a]
+
+
 def _recipe_case(id: str, msg: str, **sections) -> Case:
     return Case(id, TRAIN(), msg=msg, setup=lambda e: recipe(e, **sections))
 
@@ -467,6 +471,13 @@ CASES: list[Case] = [
     Case("ckpt-outputs-overflow", lambda e: ["compile", str(e.s.recipe), "--artifacts", "art", "--checkpoint",
                                              str(e.s.huge_ckpt), "--no-eval"],
          msg="export: ", slow=True, check=lambda e, res: _names_nan(res.stderr)),
+    # a pass list that cannot make its target: without qdq an FP32 model shipped as int8 (exit 0), [] was ignored
+    Case("passes-int8-without-qdq", _OWN_COMPILE(), msg="compile.passes ['cleanup']: target ort-cpu-int8 needs qdq",
+         setup=lambda e: recipe(e, compile={"passes": ["cleanup"]})),
+    Case("passes-empty", _OWN_COMPILE(), msg="compile.passes []: target ort-cpu-int8 needs qdq",
+         setup=lambda e: recipe(e, compile={"passes": []})),
+    Case("passes-fp32-with-qdq", _OWN_COMPILE("--target", "ort-cpu-fp32"),
+         msg="target ort-cpu-fp32 does not take qdq", setup=lambda e: recipe(e, compile={"passes": ["qdq", "cleanup"]})),
     # outputs ---------------------------------------------------------------------------------
     Case("out-user-folder", COMPILE("--no-eval", "--out", "mine"), msg="was not written by uadc",
          setup=mkdir_files("mine", {"thesis.tex": "years of work"})),

@@ -108,6 +108,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     ptq = resolve_ptq(baseline.recipe, target, opts.calibrator, opts.calib_data, opts.calib_samples,
                       opts.quantize, opts.per_channel)
     _check_options(target, ptq, opts)
+    _pass_names(baseline, target, opts)   # a pass list that cannot make the target: before the export
     _check_qat_size(opts.qat_model, baseline.size)
     auto = auto_candidates(baseline, target, opts)  # None unless precision auto; unsupported targets fail here
     if target.runtime == "openvino":
@@ -287,8 +288,19 @@ def _qat_partitions(model: onnx.ModelProto) -> list[str]:
     return sorted(p for p in _qdq_counts(model) if p in PARTITIONS)
 
 
+# the passes that make a target what it says it is (its precision, the opset its runtime reads)
+PRECISION_PASSES = ("qdq", "fp16", "opset")
+
+
 def _pass_names(baseline: Baseline, target: Target, opts: CompileOptions) -> list[str]:
-    names = list(opts.passes or baseline.recipe.compile.passes or target.passes)
+    given = opts.passes if opts.passes is not None else baseline.recipe.compile.passes
+    names = list(target.passes if given is None else given)
+    need = [p for p in PRECISION_PASSES if p in target.passes and p not in names]
+    extra = [p for p in PRECISION_PASSES if p in names and p not in target.passes]
+    if need or extra:   # without qdq an INT8 target shipped the FP32 model as int8, exit 0; [] was ignored
+        raise UadcError(f"compile.passes {names}: target {target.name} "
+                        + (f"needs {', '.join(need)}" if need else f"does not take {', '.join(extra)}")
+                        + f" (its own list: {', '.join(target.passes)})")
     # Shared pre-passes already ran on the FP32 model; skip them here.
     return [n for n in names if n not in ("shape_inference", "simplify")]
 
