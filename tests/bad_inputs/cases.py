@@ -284,6 +284,13 @@ def _float_image(root: Path) -> None:
     Image.fromarray(np.zeros((32, 32), np.float32)).save(root / "stripes" / "train" / "good" / "000.tiff")
 
 
+def _flipped_ckpt(e: Env) -> None:
+    b = bytearray(e.s.ckpt.read_bytes())
+    mid = len(b) // 2   # inside the weights (they are most of the file)
+    b[mid:mid + 64] = bytes(x ^ 0xFF for x in b[mid:mid + 64])
+    (e.d / "c.pt").write_bytes(bytes(b))
+
+
 def _truncated_png(root: Path) -> None:
     p = root / "stripes" / "train" / "good" / "000.png"
     p.write_bytes(p.read_bytes()[:60])
@@ -425,6 +432,11 @@ CASES: list[Case] = [
          setup=text("c.pt", b"")),
     Case("ckpt-truncated", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="cannot read checkpoint",
          setup=lambda e: (e.d / "c.pt").write_bytes(e.s.ckpt.read_bytes()[: e.s.ckpt.stat().st_size // 2])),
+    # torch.load does not check the zip's CRCs: eval scored the damaged weights and compile shipped them, exit 0
+    Case("ckpt-bytes-flipped", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="does not match its checksum",
+         setup=_flipped_ckpt),
+    Case("ckpt-bytes-flipped-eval", lambda e: ["eval", str(e.s.recipe), "--checkpoint", "c.pt"],
+         msg="checkpoint c.pt is damaged: ", setup=_flipped_ckpt),
     Case("ckpt-random-bytes", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="c.pt",
          setup=text("c.pt", bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))),
     Case("ckpt-is-folder", COMPILE("--checkpoint", "c.pt", "--out", "o"), msg="checkpoint c.pt is a folder",
