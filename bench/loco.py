@@ -43,7 +43,7 @@ def _log(msg: str) -> None:
 
 def loco_recipe(base: Path, data_root: Path, epochs: int | None = None, threads: int | None = None) -> Recipe:
     """The base recipe's settings, unified over every MVTec-layout category under ``data_root``'s datasets."""
-    from uadc.data.mvtec import list_categories
+    from uadc.data.sources import list_categories
     if not data_root.is_dir():
         raise UadcError(f"--data {data_root}: not a folder")
     recipe = load_recipe(base)

@@ -122,7 +122,7 @@ def _reusable(path: Path, recipe: Recipe, log: Callable[[str], None]) -> dict | 
 
 def ensure_checkpoints(recipe: Recipe, artifacts: Path, one_class: bool, log: Callable[[str], None]) -> dict:
     """``{"unified": info, "one_class": {cat: info}}``; trains whatever is missing or stale."""
-    from uadc.data.mvtec import resolve_sources
+    from uadc.data.sources import resolve_sources
     from uadc.pipeline import api
     from uadc.training.checkpoint import checkpoint_path, load_checkpoint
     out: dict = {}

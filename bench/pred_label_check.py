@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from uadc.config.recipe import load_recipe
     from uadc.core.ort_session import make_session
-    from uadc.data.mvtec import list_test_samples, resolve_sources
+    from uadc.data.mvtec import list_test_samples
+    from uadc.data.sources import resolve_sources
     from uadc.runtime import Detector
     recipe = load_recipe(a.recipe)
     det = Detector.load(a.artifact)

@@ -110,7 +110,7 @@ def train_in_child(recipe: Recipe, artifacts: Path, one_class: bool) -> None:
 
 def ensure_models(variants: dict[str, Recipe], artifacts: Path, opts: TableOptions) -> dict[str, dict]:
     """``{variant: {category | "unified": info}}`` with checkpoint path, epochs, seconds, peak RSS."""
-    from uadc.data.mvtec import resolve_sources
+    from uadc.data.sources import resolve_sources
     from uadc.training.checkpoint import checkpoint_path
     plain = variants["plain"]
     cats = [c for _, c in resolve_sources([s.model_dump() for s in plain.data.sources])]

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from synthetic import make_category
-from uadc.data.mvtec import build_test_sets, build_train_set, resolve_sources, list_test_samples, validate_test_masks
+from uadc.data.mvtec import build_test_sets, build_train_set, list_test_samples, validate_test_masks
+from uadc.data.sources import resolve_sources
 from uadc.core.errors import UadcError
 
 NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -100,6 +100,8 @@ def test_cell_key_follows_inputs(tiny):
     ({"recipe": "r.yaml", "axes": {"target": ["ort-cpu-fp32", "ort-cpu-fp32"]}},   # one cell twice in the table
      "axes: target lists 'ort-cpu-fp32' twice"),
     ({"recipe": "r.yaml", "axes": {"quantize": [["student"], ["student"]]}}, r"axes: quantize lists \['student'\] twice"),
+    ({"recipe": "r.yaml", "axes": {"quantize": [["student", "teacher"], ["teacher", "student"]]}},   # one cell, run twice
+     r"axes: quantize lists \['student', 'teacher'\] twice (the same partitions in another order)"),
     # converted where a recipe refuses them: seed 1 (a new model), False, 8, 64
     ({"recipe": "r.yaml", "axes": {"seed": [True]}}, r"axes.seed\[0\]: expected int, got True"),
     ({"recipe": "r.yaml", "axes": {"one_class": ["no"]}}, r"axes.one_class\[0\]: expected bool, got 'no'"),
@@ -226,6 +228,29 @@ def test_a_rerun_reusing_every_cell_of_another_grid_redraws_the_plot(tiny, tmp_p
     assert CliRunner().invoke(main, ["-q", "sweep", str(sweep), "--sequential", "--artifacts", str(d / "art"),
                                      "--out", str(out)]).exit_code == 0
     assert (out / "pareto.png").read_bytes() == png and (out / "sweep.json").read_text() == table   # same grid: kept
+    # nothing to plot (no evaluation): the last run's plot of other cells stayed beside the new table
+    sweep = _sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32"]}, run={"latency_runs": 2, "evaluate": False})
+    res = CliRunner().invoke(main, ["-q", "sweep", str(sweep), "--sequential", "--artifacts", str(d / "art"),
+                                    "--out", str(out), "--json"])
+    assert res.exit_code == 0 and "pareto" not in json.loads(res.stdout)["files"], res.output
+    assert not (out / "pareto.png").exists()
+
+
+def test_a_grid_out_in_the_data_or_artifacts_through_a_file_is_refused_before_any_work(tiny, tmp_path, tiny_data):
+    """The cells refused such an --out one by one after the FP32 baseline (exit 1), leaving records, tables and a
+    lock file in the user's dataset; an --artifacts that is a file failed every cell and wrote a table of failures."""
+    d, recipe = tiny
+    sweep = _sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32"]})
+    before = sorted(p.relative_to(tiny_data) for p in tiny_data.rglob("*"))
+    inside = tiny_data / "gray" / "test" / "good" / "results"
+    for args, said in ((["--out", str(inside)], "inside the recipe's data folder"),
+                       (["--artifacts", str(recipe), "--out", str(tmp_path / "o")], "not a folder")):
+        res = CliRunner().invoke(main, ["-q", "sweep", str(sweep), "--sequential", "--artifacts", str(d / "art"), *args])
+        assert res.exit_code == 2 and said in res.output, res.output
+    res = CliRunner().invoke(main, ["-q", "calibrators", "compare", str(recipe), "--artifacts", str(d / "art"),
+                                    "--calibrators", "minmax", "--calib-data", "train", "--out", str(inside)])
+    assert res.exit_code == 2 and "inside the recipe's data folder" in res.output, res.output
+    assert sorted(p.relative_to(tiny_data) for p in tiny_data.rglob("*")) == before and not (tmp_path / "o").exists()
 
 
 @needs_ray

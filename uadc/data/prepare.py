@@ -11,7 +11,8 @@ from pathlib import Path
 from uadc.config.recipe import Recipe
 from uadc.core.errors import UadcError
 from uadc.data.mvtec import (ImageDataset, Sample, build_test_sets, build_train_set, list_folder_samples,
-                             list_train_samples, resolve_sources, split_validation, validate_test_masks)
+                             list_train_samples, split_validation, validate_test_masks)
+from uadc.data.sources import resolve_sources
 
 log = logging.getLogger(__name__)
 MIN_VAL_IMAGES = 20   # below this a 1 % false-alarm quantile is mostly the margin (README)

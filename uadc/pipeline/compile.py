@@ -29,6 +29,7 @@ from uadc.core.errors import UadcError
 from uadc.core.io import atomic_dir, atomic_write_json, atomic_write_text, check_replaceable, check_writable
 from uadc.core.manifest import check_outside_artifacts, write_manifest
 from uadc.core.progress import progress
+from uadc.data.sources import check_outside_data
 from uadc.models import model_config
 from uadc.export.onnx_export import partition_bytes, split_partitions
 from uadc.export.partitions import partition_counts, partition_of
@@ -72,21 +73,8 @@ class CompileOptions:
     precision: str | None = None        # "target" | "auto" (default: the recipe's compile.precision)
 
 
-def _check_outside_data(out: Path, recipe: Recipe) -> None:
-    """An artifact written into a category's folder or a validation folder is read as data by the
-    recipe's next run (one named ``x.png`` in train/good stopped it), and puts files in the user's dataset."""
-    from uadc.data.mvtec import resolve_sources
-    folders = [root / cat for root, cat in resolve_sources([s.model_dump() for s in recipe.data.sources])]
-    where = Path(os.path.realpath(out))
-    for folder in [*folders, *(Path(v.folder) for v in recipe.data.val or [])]:
-        real = Path(os.path.realpath(folder))
-        if where == real or real in where.parents:
-            raise UadcError(f"--out {out}: inside the recipe's data folder {folder}; choose a folder outside its data")
-
-
 def default_out(recipe: Recipe, target: Target, qat: bool, artifacts: Path | None) -> Path:
     return recipe.artifact_dir(artifacts) / f"{target.name}{'-qat' if qat else ''}"
-
 
 
 
@@ -115,7 +103,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
         ov.require()   # the options first, then the runtime: before the export, calibration and search
     out = Path(opts.out) if opts.out else default_out(baseline.recipe, target, opts.qat_model is not None, opts.artifacts)
     check_outside_artifacts(out, below=True)   # a later compile of that artifact deleted it, without --force
-    _check_outside_data(out, baseline.recipe)
+    check_outside_data(out, baseline.recipe)
     check_replaceable(out.absolute(), replace=opts.force or opts.out is None)  # before any work
     check_writable(out.absolute().parent)
     _check_apart(out, opts.dump_passes)

@@ -53,7 +53,7 @@ def _data_folders(recipe: Recipe) -> list[str]:
 
 def data_files(recipe: Recipe) -> str:
     """The training data wherever it lives: each category's train/good and data.val file names and sizes."""
-    from uadc.data.mvtec import resolve_sources
+    from uadc.data.sources import resolve_sources
     folders = [(cat, Path(root) / cat / "train" / "good")
                for root, cat in resolve_sources([s.model_dump() for s in recipe.data.sources])]
     folders += [(f"val:{v.category}", Path(v.folder)) for v in recipe.data.val or []]

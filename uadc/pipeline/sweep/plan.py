@@ -191,7 +191,7 @@ def _models(original: Recipe, recipe: Recipe, size: int | None, seed: int | None
     name = "-".join([recipe.name, *parts])
     variants = [(recipe.with_overrides(name=name) if parts else recipe, None)]
     if one_class:
-        from uadc.data.mvtec import resolve_sources
+        from uadc.data.sources import resolve_sources
         variants = [(_one_category(recipe, root, cat, f"{name}-oc-{cat}"), cat)
                     for root, cat in resolve_sources([s.model_dump() for s in recipe.data.sources])]
     return [Model(_hash([r.name, train_hash(r)])[:16], r.name, r.cfg, cat) for r, cat in variants]

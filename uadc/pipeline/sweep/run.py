@@ -15,6 +15,7 @@ from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError
 from uadc.core.io import JsonResult, check_writable, ensure_dir, file_lock, sha256_file
 from uadc.core.numbers import whole_number
+from uadc.data.sources import check_outside_data
 from uadc.pipeline.sweep.plan import Plan, cell_key, make_plan
 from uadc.pipeline.sweep.spec import load_sweep
 from uadc.pipeline.sweep.store import RECORDS, load_record
@@ -107,6 +108,9 @@ def run_plan(plan: Plan, artifacts: Path, out: Path, *, address: str | None = No
         raise UadcError(f"num_cpus (--num-cpus) sizes a Ray instance of this run's own; the cluster at {address} "
                         f"has its own CPUs: give one or the other")
     check_writable(out)
+    check_writable(artifacts)   # a file there failed every cell (exit 1) and wrote a table of failures
+    for model in plan.models.values():   # the cells checked theirs only after the baseline, their records written
+        check_outside_data(out, model.recipe())
     made = not out.exists()
     ensure_dir(out)
     try:

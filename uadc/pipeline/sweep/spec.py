@@ -74,6 +74,10 @@ class Axes(_Strict):
             twice = listed_twice(f"quantize[{i}]", partitions or [])
             if twice:
                 raise ValueError(twice)
+        # [student, teacher] and [teacher, student] are one setting: the same cell compiled and listed twice
+        twice = listed_twice("quantize", [sorted(q) if q else q for q in self.quantize or []])
+        if twice:
+            raise ValueError(f"{twice} (the same partitions in another order)")
         return self
 
     def values(self, name: str) -> list:

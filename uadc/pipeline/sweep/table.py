@@ -97,6 +97,8 @@ def write_table(plan: Plan, records: list[dict], out: Path) -> dict:
     png = write_pareto_png(rows, front, out / "pareto.png", plan.name) if plot else out / "pareto.png"
     if png:
         files["pareto"] = png
+    elif plot:   # nothing to plot now (no AUROC, every cell failed): the last run's plot showed other cells
+        (out / "pareto.png").unlink(missing_ok=True)
     return {"rows": rows, "best": best, "pareto": front, "files": files, "markdown": md}
 
 
