@@ -773,3 +773,21 @@ def test_progress_bars_draw_when_asked_and_quiet_ones_start_no_thread(capsys):
         set_progress(old)
     assert capsys.readouterr().err == ""
     assert {t for t in threading.enumerate() if t.name == "tqdm_monitor"} <= before
+
+
+def test_a_baseline_kept_across_a_retrain_names_the_checkpoint_it_read(recipe_factory, tmp_path):
+    """golden.json's checkpoint_sha256 (what `uadc verify` tells a retrain by) hashed the file at compile time:
+    a Baseline built before `uadc train` ran again named the new checkpoint for the old model."""
+    from uadc.core.io import sha256_file
+    from uadc.verify.golden import read_golden
+    r, art = recipe_factory(train={"epochs": 1, "threads": 1}), tmp_path / "art"
+    uadc.train(r, artifacts=art)
+    ckpt = next(art.rglob("checkpoint.pt"))
+    read = sha256_file(ckpt)
+    base = uadc.baseline(r, artifacts=art)
+    uadc.train(r, artifacts=art, epochs=2)
+    assert sha256_file(ckpt) != read
+    res = uadc.compile(base, "ort-cpu-fp32", out=tmp_path / "fp32", latency_runs=1, threads=1, evaluate=False)
+    assert read_golden(res.path).meta["checkpoint_sha256"] == read
+    with pytest.raises(UadcError, match="the Baseline's checkpoint .* was trained again since the Baseline read it"):
+        uadc.evaluate(base)   # it scored the new checkpoint as the Baseline's model

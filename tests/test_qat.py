@@ -136,7 +136,8 @@ def qat_run(tmp_path_factory, tiny_data):
     with torch_threads(recipe.train.threads):
         images = load_images(base.data.train, "loading images")
         result = run_qat(recipe, opts, base.fp32, base.model, images,
-                         base.calibration_images(ptq.calib_data, ptq.calib_samples), base.checkpoint, art)
+                         base.calibration_images(ptq.calib_data, ptq.calib_samples), base.checkpoint, art,
+                         base.checkpoint_sha256)
     return {"recipe_path": path, "recipe": recipe, "art": art, "baseline": base, "result": result,
             "streams_kept": _global_draws() == expected}
 
@@ -419,3 +420,19 @@ def test_qat_without_checkpoint_does_not_train(recipe_factory, tmp_path):
     out = res.output.strip()
     assert out.startswith("error: ") and "run `uadc train` first" in out and len(out.splitlines()) == 1
     assert not art.exists()
+
+
+def test_qat_with_another_recipes_baseline_compiles_into_its_own_folder(qat_run, tmp_path):
+    """uadc.qat(recipe b, source=Baseline of recipe a) wrote the QAT model under b and compiled it into a's
+    folder with a's deploy settings (b's postprocess and false-alarm rate ignored)."""
+    import yaml
+
+    import uadc
+    cfg = yaml.safe_load(qat_run["recipe_path"].read_text())
+    cfg.update(name="other", deploy={"postprocess": True, "false_alarm_rate": 0.2})
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(cfg))
+    res = uadc.qat(tmp_path / "other.yaml", TARGET, epochs=1, source=qat_run["baseline"], artifacts=tmp_path / "art")
+    assert res.compiled.path == tmp_path / "art" / "other" / f"{TARGET}-qat"
+    manifest = json.loads((res.compiled.path / "artifact.json").read_text())
+    assert manifest["recipe"] == "other" and "pred_label" in manifest["outputs"] and manifest["postprocess"]
+    assert not (qat_run["art"] / qat_run["recipe"].name / f"{TARGET}-qat").exists()

@@ -260,7 +260,7 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
     from uadc.pipeline import api
     from uadc.training.checkpoint import checkpoint_arg, checkpoint_path
     r = load_recipe(recipe)
-    target = target or r.compile.target
+    target = r.compile.target if target is None else target   # "" is no target (it ran the recipe's)
     if dump_passes is not None and dump_passes.exists() and not dump_passes.is_dir():
         raise UadcError(f"--dump-passes: not a folder: {dump_passes}")
     if checkpoint is None:

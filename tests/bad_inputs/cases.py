@@ -483,6 +483,10 @@ CASES: list[Case] = [
     Case("ckpt-outputs-overflow", lambda e: ["compile", str(e.s.recipe), "--artifacts", "art", "--checkpoint",
                                              str(e.s.huge_ckpt), "--no-eval"],
          msg="export: ", slow=True, check=lambda e, res: _names_nan(res.stderr)),
+    # an empty --target (an unset shell variable) compiled the recipe's target, exit 0
+    Case("target-empty", COMPILE("--target", "", "--no-eval", "--out", "o"), msg="expected a target's name"),
+    Case("target-empty-qat", lambda e: ["qat", str(e.s.recipe), "--artifacts", str(e.s.art), "--target", "",
+                                        "--no-compile"], msg="unknown target ''"),
     # a pass list that cannot make its target: without qdq an FP32 model shipped as int8 (exit 0), [] was ignored
     Case("passes-int8-without-qdq", _OWN_COMPILE(), msg="compile.passes ['cleanup']: target ort-cpu-int8 needs qdq",
          setup=lambda e: recipe(e, compile={"passes": ["cleanup"]})),

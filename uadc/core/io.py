@@ -402,10 +402,16 @@ def as_path(value: Any, name: str, optional: bool = False) -> Path | None:
 
 
 def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_stream(f)
+
+
+def sha256_stream(f: Any) -> str:
+    """The sha256 of a binary file's bytes from its start (it is read to its end)."""
     import hashlib
 
+    f.seek(0)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
     return h.hexdigest()

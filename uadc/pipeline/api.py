@@ -83,6 +83,9 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
         r = _baseline_recipe(b, recipe, "evaluate")
         if b.checkpoint is None:
             return evaluate(b.model, r, artifacts=artifacts, write=write)
+        if Path(b.checkpoint).is_file() and sha256_file(b.checkpoint) != b.checkpoint_sha256:   # it scored the new file
+            raise UadcError(f"evaluate: the Baseline's checkpoint {b.checkpoint} was trained again since the Baseline "
+                            f"read it; build a new one (uadc.baseline) or evaluate the checkpoint itself")
         return evaluate_checkpoint(r, Path(b.checkpoint), artifacts, write=write)
     if recipe is None:
         if isinstance(model_or_artifact, KDModel) or _is_onnx(model_or_artifact):
@@ -255,7 +258,7 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
                         "drawn from train, random-normal or mixed); leave it out or pass fewer images")
     b = baseline(source, recipe, artifacts=_artifacts_root(artifacts), threads=threads)
     artifacts = artifacts if artifacts is not None else b.artifacts
-    target = target or b.recipe.compile.target
+    target = b.recipe.compile.target if target is None else target
     named = calibration if isinstance(calibration, str) else None
     own = None if calibration is None or isinstance(calibration, str) else calibration
     opts = CompileOptions(target=target, calibrator=calibrator, calib_data=named, calib_samples=calib_samples,
@@ -291,7 +294,7 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
     flags(compile_after=compile_after)
     artifacts = _artifacts_root(artifacts)
     r = load_recipe(recipe)
-    target = target or r.compile.target
+    target = r.compile.target if target is None else target   # "" is no target (it ran the recipe's)
     t = check_target(target)
     if t.runtime == "openvino":
         from uadc.backends.openvino import require
@@ -304,6 +307,7 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
     if isinstance(source, Baseline):   # its model and data; the recipe's own QAT and PTQ settings are QAT's to use
         b = source
         _baseline_recipe(b, r, "qat", ("data", "model"))
+        b = b.with_recipe(r)   # its artifact goes to r's folder with r's deploy settings (it went to the Baseline's)
     else:
         b = baseline(source if source is not None else r, r, artifacts=artifacts)
     opts = QatOptions(target=target, epochs=epochs)
@@ -311,7 +315,7 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
     with torch_threads(r.train.threads):
         images = load_images(b.data.train, "loading images")
         res = run_qat(r, opts, b.fp32, b.model, images, b.calibration_images(ptq.calib_data, ptq.calib_samples),
-                      b.checkpoint, artifacts)
+                      b.checkpoint, artifacts, b.checkpoint_sha256)
     log.info("QAT model written: %s", res.path)   # before the compile: a stop there keeps it (said "nothing written")
     compiled = None
     if compile_after:

@@ -8,6 +8,7 @@ latency settings each get their own figures.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -91,11 +92,20 @@ class Baseline:
         self.model = source.model
         self.checkpoint = source.checkpoint
         self.blob = source.blob
+        # of the bytes the model was read from: the file may be trained again while the Baseline lives
+        self.checkpoint_sha256: str | None = getattr(source.blob, "sha256", None) or None
         self.size = recipe.data.image_size
         # torch's own default honours OMP_NUM_THREADS, as before
         self.threads = threads or recipe.train.threads or torch.get_num_threads() or default_threads()
         self._latency: dict[tuple[int, int], dict] = {}
         self._bank_images: np.ndarray | None = None
+
+    def with_recipe(self, recipe: Recipe) -> "Baseline":
+        """This model and data (exports and figures shared) under ``recipe``'s name, compile and deploy
+        settings; the caller checks that its data and model settings are this one's."""
+        other = copy.copy(self)
+        other.recipe = recipe
+        return other
 
     # -- data --------------------------------------------------------------------------------
     @cached_property

@@ -28,7 +28,6 @@ from uadc.config.targets import inference_hint_of
 from uadc.core.constants import (GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MANIFEST_FILE, MODEL_FILE,
                                  OUTPUT_NAMES, REPORT_FILE)
 from uadc.core.errors import RuntimeFault, UadcError, raise_interrupt_behind
-from uadc.core.io import sha256_file
 from uadc.core.manifest import Manifest, infer_category, read_manifest
 from uadc.core.ort_session import make_session
 from uadc.core.scoped import quiet_third_party
@@ -94,7 +93,7 @@ def build_golden(baseline: Any, cfg: VerifyConfig | None = None) -> GoldenSet:
     kinds = g.kinds()
     normal = kinds == "normal"
     g.meta = {"recipe": baseline.recipe.name, "recipe_hash": baseline.recipe.hash,
-              "checkpoint_sha256": sha256_file(baseline.checkpoint) if baseline.checkpoint else None,
+              "checkpoint_sha256": baseline.checkpoint_sha256,
               "verify": baseline.recipe.verify.model_dump(),
               "thresholds": _golden_thresholds(g, normal, baseline.recipe.deploy),
               "threshold_rule": "uadc.evaluation.thresholds on the FP32 reference's outputs on the golden normal "

@@ -19,7 +19,7 @@ from uadc.config.recipe import Recipe, recipe_from_dict
 from uadc.config.yaml_file import dump_yaml
 from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError, pickle_refusal
-from uadc.core.io import atomic_save, atomic_write_text, contained
+from uadc.core.io import atomic_save, atomic_write_text, contained, sha256_stream
 from uadc.core.scoped import signals_deferred
 from uadc.models import KDModel, build_model
 
@@ -143,7 +143,13 @@ def check_recipe_copy(path: Path, recipe: Recipe, one_class: str | None = None) 
         return   # unreadable: the write reports it
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
+class CheckpointBlob(dict):
+    """A checkpoint's dict, with ``sha256``: the digest of the very bytes it was read from (hashing the
+    file again later named the checkpoint trained since, not the model read)."""
+    sha256: str = ""
+
+
+def read_checkpoint(path: Path) -> CheckpointBlob:
     """The checkpoint's dict, loaded without running any code it may carry."""
     path = Path(path)
     if path.is_dir():
@@ -154,35 +160,40 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if path.stat().st_size > MAX_CHECKPOINT_BYTES:
         raise UadcError(f"checkpoint {path} is larger than {MAX_CHECKPOINT_BYTES >> 30} GiB")
     try:   # an I/O error, or a file open() cannot read (permissions, /proc/self/mem): one line
-        with open(path, "rb") as f:
-            head = f.read(4)
+        f = open(path, "rb")
+        head, digest = f.read(4), sha256_stream(f)   # one open file: a retrain replacing it meanwhile is not read
     except OSError as exc:
         raise UadcError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
-    if head and head[:1] != b"\x80" and head != b"PK\x03\x04":     # neither torch's zip nor a pickle: a recipe?
-        raise UadcError(f"cannot read checkpoint {path}: not a torch checkpoint file (it starts with {head!r})")
-    if head == b"PK\x03\x04":
-        _check_zip_crc(path)
-    try:
-        with warnings.catch_warnings():  # torch's pickle-protocol notes are not for the user
-            warnings.simplefilter("ignore")
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UadcError(f"checkpoint {path} {pickle_refusal(exc)}") from None
-    except Exception as exc:  # truncated zip, not a torch file, ...
-        raise UadcError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    with f:
+        if head and head[:1] != b"\x80" and head != b"PK\x03\x04":   # neither torch's zip nor a pickle: a recipe?
+            raise UadcError(f"cannot read checkpoint {path}: not a torch checkpoint file (it starts with {head!r})")
+        if head == b"PK\x03\x04":
+            _check_zip_crc(f, path)
+        try:
+            f.seek(0)
+            with warnings.catch_warnings():  # torch's pickle-protocol notes are not for the user
+                warnings.simplefilter("ignore")
+                blob = torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UadcError(f"checkpoint {path} {pickle_refusal(exc)}") from None
+        except Exception as exc:  # truncated zip, not a torch file, ...
+            raise UadcError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict) or \
             not isinstance(blob.get("recipe"), dict):
         raise UadcError(f"checkpoint {path} is not a uadc checkpoint (no state_dict/recipe)")
     _check_metadata(blob, path)
+    blob = CheckpointBlob(blob)
+    blob.sha256 = digest
     return blob
 
 
-def _check_zip_crc(path: Path) -> None:
+def _check_zip_crc(f: Any, path: Path) -> None:
     """torch's zip records a CRC for every member but torch.load does not check them: 64 bytes flipped
     in the weights loaded, and eval and compile went on with a damaged model (exit 0)."""
     import zipfile
     try:
-        with zipfile.ZipFile(path) as z:
+        f.seek(0)
+        with zipfile.ZipFile(f) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:   # a truncated or mangled archive
         raise UadcError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}") from None

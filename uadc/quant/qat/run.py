@@ -104,7 +104,8 @@ def qat_settings(recipe: Recipe, opts: QatOptions, target: Target) -> tuple[dict
 
 
 def run_qat(recipe: Recipe, opts: QatOptions, fp32: onnx.ModelProto, model, train_images: torch.Tensor,
-            calib_images: np.ndarray, checkpoint: Path | None = None, artifacts: Path | None = None) -> QatResult:
+            calib_images: np.ndarray, checkpoint: Path | None = None, artifacts: Path | None = None,
+            checkpoint_sha256: str | None = None) -> QatResult:
     """PTQ init -> fake-quant fine-tuning -> Q/DQ export; writes ``qat_model.onnx`` + ``qat.json``
     atomically into ``opts.out`` (default ``<artifacts>/<recipe>/qat_<target>``).
 
@@ -129,7 +130,7 @@ def run_qat(recipe: Recipe, opts: QatOptions, fp32: onnx.ModelProto, model, trai
         losses["final_loss"] = mean_loss(net, model, order, data, st["batch_size"])
     ctx.quant_params = learned_params(net)
     qat_model, _ = run_passes(with_weights(fp32, net.net.weights()), ["qdq", "partition_check"], ctx)
-    summary = _summary(recipe, checkpoint, target, st, losses, history, order, net, calibrated)
+    summary = _summary(recipe, checkpoint, checkpoint_sha256, target, st, losses, history, order, net, calibrated)
     summary["export_check"] = export_check(net, qat_model, order, train_images[:PROBE_IMAGES])
     summary["seconds"] = round(time.time() - t_start, 2)
     _write(out, qat_model, summary)
@@ -137,7 +138,7 @@ def run_qat(recipe: Recipe, opts: QatOptions, fp32: onnx.ModelProto, model, trai
     return QatResult(qat_model, out / QAT_FILE, ptq_model, net, placement, order, summary, st["quantize"])
 
 
-def _summary(recipe: Recipe, checkpoint: Path | None, target: Target, settings: dict, losses: dict,
+def _summary(recipe: Recipe, checkpoint: Path | None, sha256: str | None, target: Target, settings: dict, losses: dict,
              history: list[dict], order: LossOrder, net: QatNet, calibrated: dict) -> dict:
     fq = net.net.act_fq
     symmetric = bool(target.scheme.activation_symmetric)
@@ -147,7 +148,7 @@ def _summary(recipe: Recipe, checkpoint: Path | None, target: Target, settings: 
     return {
         "recipe": recipe.name, "recipe_hash": recipe.hash, "model_hash": model_hash(recipe),
         "checkpoint": str(checkpoint) if checkpoint else None,
-        "checkpoint_sha256": sha256_file(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
+        "checkpoint_sha256": sha256,   # of the model fine-tuned (the file may have been trained again since)
         "target": target.name, "settings": settings,
         **losses, "history": history, "loss_order": {"teacher": order.teacher, "student": order.student},
         "quantizers": [{"tensors": a.tensors, "zero_point": a.zero_point, "ptq_scale": a.scale, "qat_scale": s}
