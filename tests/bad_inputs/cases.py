@@ -332,6 +332,11 @@ def _recipe_case(id: str, msg: str, **sections) -> Case:
 CASES: list[Case] = [
     # recipes ---------------------------------------------------------------------------------
     Case("recipe-missing", TRAIN(), msg="recipe not found"),
+    # its newline became a space in the error line: another file's name
+    Case("recipe-missing-newline-in-name", lambda e: ["train", "a\nb.yaml", "--artifacts", "art"],
+         msg="recipe not found: a\\x0ab.yaml"),
+    Case("sweep-file-newline-in-name", lambda e: ["sweep", "a\nb.yaml", "--sequential"],
+         msg="sweep file not found: a\\x0ab.yaml"),
     Case("recipe-is-folder", TRAIN(), msg="a folder, not a YAML file", setup=lambda e: (e.d / R).mkdir()),
     # `demo/` names a folder; click's Path made it `demo`, and the built-in demo trained
     Case("recipe-is-folder-named-like-a-builtin", lambda e: ["train", "demo/", "--artifacts", "art"],

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from uadc.core.errors import UadcError
+from uadc.core.images import shown
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 # a recipe line holding a path (data root, validation folder, weights file): its value, quoted or not
@@ -106,7 +107,7 @@ def packaged_recipe(name: str) -> PackagedRecipe:
         if r.name == stem:
             return r
     names = ", ".join(r.name for r in packaged_recipes()) or "none"
-    raise UadcError(f"recipe not found: {name} (not a file, nor a built-in recipe: {names})")
+    raise UadcError(f"recipe not found: {shown(name)} (not a file, nor a built-in recipe: {names})")
 
 
 def resolve_recipe_path(source: "str | Path", base: Path | None = None) -> Path:
@@ -129,7 +130,7 @@ def check_recipe_file(path: Path) -> None:
     """A missing recipe file named like a built-in one (the README's ``recipes/quickstart.yaml``
     outside a checkout) says that built-ins go by name."""
     if not path.exists() and not path.is_symlink() and _stem(path.name) in {r.name for r in packaged_recipes()}:
-        raise UadcError(f"recipe not found: {path} (outside a uadc checkout, built-in recipes go by name: "
+        raise UadcError(f"recipe not found: {shown(path)} (outside a uadc checkout, built-in recipes go by name: "
                         f"give {_stem(path.name)!r})")
 
 
@@ -138,7 +139,7 @@ def shown_recipe(source: str) -> PackagedRecipe:
     path = resolve_recipe_path(source)
     check_recipe_file(path)
     if not path.is_file():
-        raise UadcError(f"recipe not found: {source}")
+        raise UadcError(f"recipe not found: {shown(source)}")
     try:
         path.read_text()
     except (OSError, UnicodeDecodeError) as exc:

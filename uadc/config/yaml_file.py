@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from uadc.core.errors import UadcError
+from uadc.core.images import shown
 
 MAX_YAML_BYTES = 1 << 20
 
@@ -94,24 +95,25 @@ def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) ->
     """A YAML file's top-level mapping, size-bounded; one-line UadcError for a missing, oversized,
     binary, malformed (a repeated key included) or non-mapping file."""
     path = Path(path)
+    named = shown(path)   # a newline in its name would end the error line
     if not path.is_file():
-        raise UadcError(f"{what} {path}: a folder, not a YAML file" if path.is_dir() else f"{what} not found: {path}")
+        raise UadcError(f"{what} {named}: a folder, not a YAML file" if path.is_dir() else f"{what} not found: {named}")
     if path.stat().st_size > max_bytes:
-        raise UadcError(f"{path}: {what} larger than {max_bytes} bytes")
+        raise UadcError(f"{named}: {what} larger than {max_bytes} bytes")
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader: no tags run code
     except UnicodeDecodeError:
-        raise UadcError(f"{path}: not a text file") from None
+        raise UadcError(f"{named}: not a text file") from None
     except yaml.YAMLError as exc:
         mark, first = getattr(exc, "problem_mark", None), str(exc).splitlines()[0][:200]
         problem = getattr(exc, "problem", None)   # a tab: "while scanning for the next token", where?
         where = f" (line {mark.line + 1}, column {mark.column + 1}" + (f": {problem})" if problem != first else ")") \
             if mark and problem else ""
-        raise UadcError(f"{path}: not valid YAML: {first}{where}") from None
+        raise UadcError(f"{named}: not valid YAML: {first}{where}") from None
     except RecursionError:
-        raise UadcError(f"{path}: YAML nested too deeply") from None
+        raise UadcError(f"{named}: YAML nested too deeply") from None
     if raw is not None and not isinstance(raw, dict):
-        raise UadcError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise UadcError(f"{named}: expected a mapping at the top level, got {type(raw).__name__}")
     return raw or {}
 
 
