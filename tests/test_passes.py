@@ -577,3 +577,34 @@ def test_more_training_samples_than_images_is_a_warning(caplog):
         assert not caplog.records
         calibration_images("train", 100, 0, imgs, 14, 4)
     assert "100 samples drawn from 14 training images (with replacement: 14 distinct ones)" in caplog.text
+
+
+def _normalised_head() -> onnx.ModelProto:
+    """x / max(||x||, eps) as torch exports F.normalize: a Clip with a lower bound alone."""
+    from uadc.export.partitions import set_partition
+    nodes = [helper.make_node("ReduceL2", ["x", "axes"], ["n"], keepdims=1, name="head/norm"),
+             helper.make_node("Clip", ["n", "eps"], ["c"], name="head/clamp_min"),
+             helper.make_node("Div", ["x", "c"], ["y"], name="head/div")]
+    for n in nodes:
+        set_partition(n, "head")
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 3, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 3, 3])],
+                          [numpy_helper.from_array(np.array([1], np.int64), "axes"),
+                           numpy_helper.from_array(np.array(1e-12, np.float32), "eps")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9   # ONNX Runtime 1.19 reads up to 10
+    return model
+
+
+def test_fp16_clips_with_a_lower_bound_alone_get_an_upper_one():
+    """ONNX Runtime 1.19's FP16 Clip without max returns 0 (the CI's floor stage runs this on 1.19.2): every
+    trt-fp16 / jetson-fp16 anomaly map was NaN there, and compile refused the model as numerically broken."""
+    from uadc.passes.simulate import type_fp16
+    model = _normalised_head()
+    x = np.random.default_rng(0).normal(size=(2, 4, 3, 3)).astype(np.float32)
+    ref = run_ort(model, {"x": x})[0]
+    for half in (run_passes(model, ["fp16"], _ctx())[0], type_fp16(model, [n.name for n in model.graph.node])):
+        clip = next(n for n in half.graph.node if n.op_type == "Clip")
+        assert len(clip.input) == 3 and clip.input[2]
+        got = run_ort(half, {"x": x})[0]
+        assert np.isfinite(got).all() and np.abs(got - ref).max() < 1e-2

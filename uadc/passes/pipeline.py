@@ -259,10 +259,36 @@ def fp16(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     except ImportError as exc:
         raise UadcError(f"fp16 pass needs onnxruntime.transformers.float16: {exc}") from None
     out = convert_float_to_float16(copy_model(model), keep_io_types=True)
+    bound_fp16_clips(out)
     topological_sort(out)
     assign_partitions(out, ctx.quantize_partitions, strict=True)
     onnx.checker.check_model(out, full_check=False)
     return out
+
+
+FP16_CLIP_MAX = "uadc_fp16_clip_max"
+
+
+def bound_fp16_clips(model: onnx.ModelProto) -> int:
+    """Give every FP16 ``Clip`` with a lower bound alone an explicit upper one, FP16's largest value (the
+    same function): ONNX Runtime 1.19's FP16 Clip without ``max`` returns 0, and the head's
+    ``clamp_min`` before a division made every FP16 anomaly map NaN there. Returns how many."""
+    from onnx import TensorProto, numpy_helper
+    g = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    half = {v.name for v in [*g.value_info, *g.input] if v.type.tensor_type.elem_type == TensorProto.FLOAT16} | {
+        i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT16}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == "Clip" and len(node.input) >= 2 and node.input[1] and node.input[0] in half and \
+                (len(node.input) < 3 or not node.input[2]):
+            if not count and FP16_CLIP_MAX not in {i.name for i in model.graph.initializer}:
+                model.graph.initializer.append(numpy_helper.from_array(np.array(65504.0, np.float16), FP16_CLIP_MAX))
+            if len(node.input) == 2:
+                node.input.append(FP16_CLIP_MAX)
+            else:
+                node.input[2] = FP16_CLIP_MAX
+            count += 1
+    return count
 
 
 @register_pass("cleanup")

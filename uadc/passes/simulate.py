@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from uadc.passes.groups import float_tensors
-from uadc.passes.pipeline import opset_of
+from uadc.passes.pipeline import bound_fp16_clips, opset_of
 
 
 def _rounded(init: TensorProto, name: str) -> TensorProto:
@@ -157,6 +157,7 @@ def type_fp16(model: onnx.ModelProto, nodes: Iterable[str]) -> onnx.ModelProto:
     unread = back - read
     new_nodes = [n for n in new_nodes if not (n.op_type == "Cast" and n.output[0] in unread)]
     _rebuilt(out, new_nodes, new_inits)
+    bound_fp16_clips(out)
     kept_info = [v for v in out.graph.value_info if v.name not in unread]
     del out.graph.value_info[:]
     out.graph.value_info.extend(kept_info)
