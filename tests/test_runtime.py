@@ -200,6 +200,20 @@ def test_runtime_without_torch_matches_in_process_evaluation(int8_artifact, tmp_
     assert out["labels"] == [int(s >= thr) for s in scores]
 
 
+def test_predict_on_a_runtime_only_install_says_its_warnings(int8_artifact, tiny_data, tmp_path):
+    """Without tqdm (an edge box's runtime-only install) every warning was `error: the tqdm module does not
+    import here` (exit 2, no tables): the CLI's log handler imported it for each line."""
+    _, _, res = int8_artifact
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER.replace('("torch", "torchvision")', '("torch", "torchvision", "tqdm")'))
+    shutil.copytree(tiny_data / "gray" / "test" / "blob", tmp_path / "cam1")   # no category's name: a warning
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    p = subprocess.run([PY, "-m", "uadc", "predict", str(res.path), "cam1", "--out", "P"], capture_output=True,
+                       text=True, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "warning: " in p.stderr and "judged at the global thresholds" in p.stderr
+    assert (tmp_path / "P" / "predictions.jsonl").is_file()
+
+
 def test_folder_walks_name_the_images_they_do_not_read(tmp_path):
     """.webp / .gif files in a folder were dropped without a word ("no images found in W")."""
     from uadc.core.images import find_images

@@ -109,9 +109,14 @@ class _LogHandler(logging.Handler):
     """Log records to stderr through tqdm.write so they never glue onto a progress bar."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
         text = self.format(record)   # warnings read as such, as `uadc predict`'s own do
-        tqdm.write(f"warning: {one_line(text)}" if record.levelno == logging.WARNING else text, file=sys.stderr)
+        line = f"warning: {one_line(text)}" if record.levelno == logging.WARNING else text
+        try:
+            from tqdm import tqdm
+        except ImportError:   # an edge box's runtime-only install: no bars to keep apart (every warning was exit 2)
+            print(line, file=sys.stderr)
+            return
+        tqdm.write(line, file=sys.stderr)
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
