@@ -642,3 +642,18 @@ def test_a_model_with_a_custom_operator_is_refused_by_bundle_too(int8_artifact, 
     with pytest.raises(UadcError, match=r"model.onnx: uses operators of domain 'com.evil', which uadc never writes"):
         uadc.bundle(bad, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_device_readme_names_the_models_own_outputs_and_its_builtin_category(int8_artifact, tmp_path):
+    """The TensorRT bundle's README said `anomaly_map` and `score` of every model: with in-graph post-processing
+    it named neither the pred_* outputs nor that TensorRT builds the category input's default in as a constant."""
+    from uadc.backends.tensorrt.bundle import write_build_script
+    from uadc.backends.tensorrt.plan import BuildSettings
+    _, _, res = int8_artifact
+    shutil.copy(res.path / "model.onnx", tmp_path / "model.onnx")
+    write_build_script(tmp_path, "model.onnx", BuildSettings(precision="int8"), (3, 64, 64))
+    readme = (tmp_path / "README.md").read_text()
+    for name in ("anomaly_map", "score", "pred_score", "pred_label", "pred_mask"):
+        assert f"`{name}` " in readme
+    assert "`pred_label` bool (" in readme and "`category` has a default" in readme
+    assert "TensorRT's ONNX parser builds in as a constant" in readme

@@ -120,10 +120,36 @@ def write_build_script(
     text = _render_script(onnx_name, engine_name, calib_cache, min_version, variants)
     atomic_write_bytes(script, text.encode("utf-8"), executable=True)
     readme = _render_readme(
-        onnx_name, engine_name, settings, chw, calib_cache, min_trt_version, variants, precision_note
+        onnx_name, engine_name, settings, chw, calib_cache, min_trt_version, variants, precision_note,
+        _io_text(model, chw, settings)
     )
     atomic_write_bytes(out_dir / "README.md", readme.encode("utf-8"))
     return script
+
+
+def _io_text(model: onnx.ModelProto | None, chw: tuple[int, ...], settings: BuildSettings) -> str:
+    """The engine's inputs and outputs as the bundle's model has them (the README named two outputs of
+    every model, also of one with in-graph post-processing)."""
+    text = (f"Input `{IMAGE_INPUT}`: float32 (N, {chw[0]}, {chw[1]}, {chw[2]}), preprocessed exactly as for the ONNX "
+            f"model, with {settings.min_batch} <= N <= {settings.max_batch} (fastest at N = {settings.opt_batch}). ")
+    if model is None:
+        return text + "Outputs: those `artifact.json` lists (`anomaly_map` (N, 1, H, W) and `score` (N), at least)."
+    types = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.BOOL: "bool", onnx.TensorProto.INT64: "int64",
+             onnx.TensorProto.FLOAT16: "float16"}
+
+    def shape(v: onnx.ValueInfoProto) -> str:
+        dims = [d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim]
+        return f"{types.get(v.type.tensor_type.elem_type, 'tensor')} ({', '.join(dims)})"
+    outputs = ", ".join(f"`{o.name}` {shape(o)}" for o in model.graph.output)
+    text += f"Outputs: {outputs}."
+    defaults = {i.name for i in model.graph.initializer} & {i.name for i in model.graph.input}
+    if defaults:   # onnx-tensorrt imports an input that has an initializer as that constant
+        text += (f" The model's input{'s' if len(defaults) > 1 else ''} {', '.join(f'`{n}`' for n in sorted(defaults))} "
+                 f"{'have defaults' if len(defaults) > 1 else 'has a default'} (in-graph post-processing's category: "
+                 f"the global thresholds), which TensorRT's ONNX parser builds in as a constant: the engine's "
+                 f"`pred_*` outputs are the global decision. For one category's, compare `score` and `anomaly_map` "
+                 f"with its thresholds in `artifact.json` (`thresholds.categories`), as `uadc predict` does.")
+    return text
 
 
 def _bundle_model(path: Path) -> onnx.ModelProto | None:
@@ -269,6 +295,7 @@ def _render_readme(
     min_trt_version: str,
     variants: dict[int, list[str] | str],
     precision_note: str | None,
+    io_text: str = "",
 ) -> str:
     shapes = settings.batch_shapes(chw)
     opt = "x".join(str(d) for d in shapes["opt"])
@@ -298,10 +325,7 @@ def _render_readme(
         "",
         "## Run",
         "",
-        f"Input `{IMAGE_INPUT}`: float32 (N, {chw[0]}, {chw[1]}, {chw[2]}), preprocessed exactly as for the ONNX "
-        "model, "
-        f"with {settings.min_batch} <= N <= {settings.max_batch} (fastest at N = {settings.opt_batch}). "
-        "Outputs: `anomaly_map` (N, 1, H, W) and `score` (N).",
+        io_text,
         "",
         "```bash",
         f"trtexec --loadEngine={engine_name} --shapes={IMAGE_INPUT}:{opt}   # latency/throughput benchmark",
