@@ -665,6 +665,9 @@ def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path):
         (tmp_path / "eng" / "model.engine").write_bytes(b"junk")
         with pytest.raises(UadcError, match=r"^backend tensorrt: the tensorrt Python package does not import here"):
             Detector.load(tmp_path / "eng", backend="tensorrt")
+        said = Detector.load(tmp_path / "eng").warnings   # auto ran the ONNX on the CPU without a word
+        assert any("model.engine is here but tensorrt does not import: running model.onnx on ONNX Runtime" in w
+                   for w in said), said
     (tmp_path / "dang").symlink_to(tmp_path / "nowhere")
     with pytest.raises(UadcError, match=f"cannot create folder {tmp_path / 'dang'}: it is a broken link"):
         ensure_dir(tmp_path / "dang")

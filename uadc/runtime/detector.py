@@ -238,6 +238,9 @@ class Detector:
                 manifest.check_model_file()
             return cls(manifest, _TrtBackend(engine), batch_size)
         model = folder / manifest.model_file
+        if backend == "auto" and engine.is_file():   # a JetPack venv without tensorrt ran the ONNX on the CPU unsaid
+            log.warning("%s: %s is here but tensorrt does not import: running %s on ONNX Runtime (CPU) instead",
+                        folder, ENGINE_FILE, manifest.model_file)
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
             _check_importable("openvino", "pip install 'uadc[openvino]'")
             _only_auto(schedule, "OpenVINO")
