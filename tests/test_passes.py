@@ -608,3 +608,14 @@ def test_fp16_clips_with_a_lower_bound_alone_get_an_upper_one():
         assert len(clip.input) == 3 and clip.input[2]
         got = run_ort(half, {"x": x})[0]
         assert np.isfinite(got).all() and np.abs(got - ref).max() < 1e-2
+
+
+def test_an_activation_behind_an_op_the_quantizer_leaves_float_is_no_group():
+    """RD's head clamps each norm (ReduceL2 -> Clip) and the image kNN its distance (ReduceMin -> Clip): ORT's
+    quantizer never quantizes such a Clip, yet each was a group that precision auto could call INT8 (the report
+    listed the head as quantized with no Q/DQ node in it)."""
+    from uadc.passes.groups import fused_groups
+    from uadc.passes.qdq import quantized_op_types
+    model = _normalised_head()
+    assert "Clip" in quantized_op_types()
+    assert "head/clamp_min" not in [g.name for g in fused_groups(model, ["head"])]

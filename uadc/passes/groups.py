@@ -1,7 +1,8 @@
 """Fused groups: the units ``compile.precision: auto`` assigns a precision to.
 
 A group is one node ONNX Runtime's Q/DQ quantizer handles (Conv, Add, Mul, Resize, ...) plus
-the activation that follows it when that activation is its only reader (Conv -> Clip runs as
+the activation that follows it when that activation is its only reader (an activation is a group of its own
+only behind an op the quantizer handles: after any other it stays float) (Conv -> Clip runs as
 one fused kernel in FP32 and as one QLinearConv in INT8, the Clip folded into the Q range).
 Depthwise convolutions are groups of their own, so they can stay FP32 where INT8 is slower.
 ``Boundaries`` counts the elements that cross between FP32 and INT8 nodes under an assignment:
@@ -63,6 +64,10 @@ def fused_groups(model: onnx.ModelProto, partitions: list[str] | tuple[str, ...]
     groups = []
     for i, n in enumerate(g.nodes):
         if i in taken or n.op_type not in ops or partition_of(n) not in wanted or not _has_float_input(n, floats):
+            continue
+        if n.op_type in ACTIVATIONS and not any(g.nodes[p].op_type in ops for p in g.producers_of(i)):
+            # ORT quantizes an activation only behind a quantized input: one after ReduceL2 (a norm's clamp) or
+            # ReduceMin (the kNN's) stays float whatever the search chose, and the report called it INT8
             continue
         members = [i]
         label = _conv_label(n, inits) if n.op_type in ("Conv", "ConvTranspose") else n.op_type
