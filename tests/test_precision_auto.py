@@ -74,6 +74,11 @@ def test_timing_cache_makes_a_rerun_reuse_the_profile(make_base, monkeypatch, tm
     _search(base, tmp_path / "tc")
     assert len(calls) == 2
     assert _search(base).record["profile"]["timing_cache"] is None and len(calls) == 3
+    # another fidelity budget is another recipe hash in the models' metadata, not another graph: the same profile
+    # (each edit of compile.auto profiled anew, and its decisions could not be told from timing noise)
+    other = make_base(spearman_min=0.99, top1_overlap_min=0.95)
+    assert other.fp32.metadata_props != base.fp32.metadata_props
+    assert _search(other, tmp_path / "tc").record["profile"]["timing_cache"]["hit"] is True and len(calls) == 3
 
 
 def test_profile_runs_at_the_recipes_profile_batch(make_base, monkeypatch, tmp_path):

@@ -80,11 +80,26 @@ def _cache_key(models: list, feeds: dict[str, np.ndarray], threads: int | None, 
     import onnxruntime as ort
     h = hashlib.sha256()
     for m in models:
-        h.update(hashlib.sha256(m.SerializeToString() if hasattr(m, "SerializeToString") else bytes(m)).digest())
+        h.update(hashlib.sha256(_graph_bytes(m)).digest())
     cpu = _cpu_name() or platform.processor()
     h.update(json.dumps([{k: list(v.shape) for k, v in sorted(feeds.items())}, threads, runs, warmup,
                          ort.__version__, cpu]).encode())
     return h.hexdigest()
+
+
+def _graph_bytes(model) -> bytes:
+    """What ONNX Runtime runs of a model: its metadata (the recipe's hash, the deploy settings) left out,
+    so a recipe edit that does not change the graph (a fidelity budget) keeps its profile; it profiled
+    anew, and a changed decision could not be told from timing noise."""
+    if not hasattr(model, "SerializeToString"):
+        return bytes(model)
+    if not model.metadata_props and not model.doc_string:
+        return model.SerializeToString()
+    bare = type(model)()
+    bare.CopyFrom(model)
+    del bare.metadata_props[:]
+    bare.doc_string = ""
+    return bare.SerializeToString()
 
 
 def _cpu_name() -> str:
