@@ -450,3 +450,16 @@ def test_report_counts_the_nodes_of_the_model_as_shipped(make_base, tmp_path):
     model = onnx.load(str(tmp_path / "p" / "model.onnx"))
     assert res.nodes == partition_counts(model) and res.model_bytes == model.ByteSize()
     assert get_metadata(model)["partitions"] == partition_counts(model)
+
+
+def test_a_search_where_only_all_fp32_fits_records_that_step():
+    """The bisection took "every group reverted" for granted: report.json's steps ended at a row over budget
+    while `final` said 0 INT8 groups, with no step that reached it."""
+    from types import SimpleNamespace
+    from uadc.pipeline.precision_search import bisect
+    s = SimpleNamespace(low_key="int8_groups", fid=SimpleNamespace(passes=lambda fig: fig["n"] == 0),
+                        fidelity=lambda cand: {"n": len(cand)})
+    steps: list = []
+    assert bisect(s, SimpleNamespace(cost=lambda c: float(len(c))), frozenset(range(5)), list(range(5)), steps) == \
+        frozenset()
+    assert steps[-1]["int8_groups"] == 0 and steps[-1]["step"].startswith("revert 5 (every INT8 group")

@@ -287,7 +287,11 @@ def bisect(s: Candidates, cm: CostModel, fastest: frozenset[int], order: list[in
             hi = mid
         else:
             lo = mid
-    return fastest - set(order[:hi])
+    final = fastest - set(order[:hi])
+    if hi == len(order):   # none fewer fits: the table ended at a step over budget, the final one unrecorded
+        steps.append(step(f"revert {hi} (every INT8 group: none fewer fits the budget)", final, cm, s.fidelity(final),
+                          s.low_key))
+    return final
 
 
 def step(name: str, int8: frozenset[int], cm: CostModel, fig: dict, key: str = "int8_groups") -> dict:
