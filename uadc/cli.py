@@ -35,8 +35,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def exit_on_user_error(interrupted: str = "interrupted; nothing was written for the unfinished step"
-                       ) -> Iterator[None]:
+def exit_on_user_error(interrupted: str = "interrupted; nothing was written for the unfinished step") -> Iterator[None]:
     """A UadcError becomes one ``error: ...`` line (on its own line) and its exit code; Ctrl-C
     (130) and SIGTERM (143) remove the unfinished step's temps and say so in one line."""
     main_thread = threading.current_thread() is threading.main_thread()
@@ -105,18 +104,15 @@ class _Group(click.Group):
                                                         getattr(p, "is_flag", False) for p in cmd.params))
 
 
-class _LogHandler(logging.Handler):
-    """Log records to stderr through tqdm.write so they never glue onto a progress bar."""
-
+class _LogHandler(logging.Handler):   # to stderr through tqdm.write: a record never glues onto a progress bar
     def emit(self, record: logging.LogRecord) -> None:
         text = self.format(record)   # warnings read as such, as `uadc predict`'s own do
         line = f"warning: {one_line(text)}" if record.levelno == logging.WARNING else text
-        try:
+        try:   # tqdm is optional on an edge box's runtime-only install (there every warning was exit 2)
             from tqdm import tqdm
-        except ImportError:   # an edge box's runtime-only install: no bars to keep apart (every warning was exit 2)
+            tqdm.write(line, file=sys.stderr)
+        except ImportError:
             print(line, file=sys.stderr)
-            return
-        tqdm.write(line, file=sys.stderr)
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
