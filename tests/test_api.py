@@ -791,3 +791,19 @@ def test_a_baseline_kept_across_a_retrain_names_the_checkpoint_it_read(recipe_fa
     assert read_golden(res.path).meta["checkpoint_sha256"] == read
     with pytest.raises(UadcError, match="the Baseline's checkpoint .* was trained again since the Baseline read it"):
         uadc.evaluate(base)   # it scored the new checkpoint as the Baseline's model
+
+
+def test_training_over_another_recipes_checkpoint_of_one_name_says_so(tiny_data, tmp_path, caplog):
+    """Two recipe files named alike share <artifacts>/<name>: training one replaced the other's model unsaid."""
+    from conftest import write_recipe
+    (tmp_path / "b").mkdir()
+    a = write_recipe(tmp_path / "r.yaml", tiny_data, train={"epochs": 1, "threads": 1})
+    b = write_recipe(tmp_path / "b" / "r.yaml", tiny_data, train={"epochs": 1, "threads": 1}, data={"image_size": 32})
+    art = tmp_path / "art"
+    with caplog.at_level("WARNING", logger="uadc"):
+        uadc.train(a, artifacts=art)
+        uadc.train(a, artifacts=art, epochs=2)   # the same model trained longer: nothing to say
+        assert "replacing a checkpoint" not in caplog.text
+        uadc.train(b, artifacts=art)
+    assert "replacing a checkpoint trained with other data/model settings (data.image_size: 64 in the checkpoint, " \
+           "32 in the recipe); recipes that share the name 'r' share this folder" in caplog.text

@@ -332,6 +332,23 @@ def _warn_knn_scale(trained: Recipe, recipe: Recipe, path: Path) -> None:
                     ", ".join(f"{k}: {trained.cfg['model'][k]}" for k in changed), knn[0])
 
 
+def note_replaced_checkpoint(path: Path, recipe: Recipe) -> None:
+    """A warning before training replaces a checkpoint of other data/model settings: two recipe files of
+    one ``name`` share ``<artifacts>/<name>``, and training one replaced the other's model without a word."""
+    if not path.is_file():
+        return
+    try:
+        stored = read_checkpoint(path)["recipe"]
+        trained = recipe_from_dict({k: v for k, v in stored.items() if k in _MODEL_SECTIONS}, keep_name=True)
+    except (UadcError, KeyError, TypeError):   # unreadable or foreign: nothing to say of its settings
+        return
+    if model_hash(trained) != model_hash(recipe):
+        where = _first_difference({k: trained.cfg[k] for k in ("data", "model")},
+                                  {k: recipe.cfg[k] for k in ("data", "model")})
+        log.warning("%s: replacing a checkpoint trained with other data/model settings (%s); recipes that share the "
+                    "name %r share this folder", path, where, recipe.name)
+
+
 def _first_difference(trained: Any, asked: Any, key: str = "") -> str:
     """``key: <checkpoint's> in the checkpoint, <recipe's> in the recipe`` for the first setting that differs."""
     if isinstance(trained, dict) and isinstance(asked, dict):   # the method first, not an option that follows from it

@@ -22,7 +22,8 @@ from uadc.data.mvtec import load_image
 from uadc.data.prepare import RecipeData, prepare_data
 from uadc.models import KDModel
 from uadc.models.profile import model_stats, peak_rss_mb
-from uadc.training.checkpoint import check_recipe_copy, checkpoint_path, held_out, make_model, save_checkpoint
+from uadc.training.checkpoint import (check_recipe_copy, checkpoint_path, held_out, make_model, note_replaced_checkpoint,
+                                     save_checkpoint)
 from uadc.training.fit import EpochCallback, fit, fit_image_knn, fit_patch_knn
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
     paths = [checkpoint_path(recipe, artifacts, cat) for cat, _ in groups]
     for (cat, _), path in zip(groups, paths):   # a checkpoint path that cannot be written fails before the training
         check_recipe_copy(path, recipe, cat)
+        if cat is None:   # a one-class checkpoint holds its category's settings alone
+            note_replaced_checkpoint(path, recipe)
         check_writable(path.parent)
         if path.exists() and not path.is_file():
             raise UadcError(f"cannot write {path}: something other than a file is there")
