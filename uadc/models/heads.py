@@ -217,7 +217,7 @@ class ImageKNN(_Bank):
     def set_stats(self, scores: torch.Tensor, dists: torch.Tensor) -> dict[str, float]:
         """Standardisation from validation normals' raw scores and distances."""
         stats = [float(scores.mean()), _spread(scores), float(dists.mean()), _spread(dists)]
-        self.stats = torch.tensor(stats, dtype=torch.float32)
+        self.stats = torch.tensor(stats, dtype=torch.float32, device=self.center.device)  # beside the bank
         return dict(zip(("score_mean", "score_std", "dist_mean", "dist_std"), stats))
 
 
@@ -284,7 +284,7 @@ class PatchKNN(_Bank):
     def set_stats(self, maps: torch.Tensor, dists: torch.Tensor) -> dict[str, float]:
         """Scale from validation normals' combined maps and distances (same size, before smoothing)."""
         stats = [_spread(maps), _spread(dists)]
-        self.stats = torch.tensor(stats, dtype=torch.float32)
+        self.stats = torch.tensor(stats, dtype=torch.float32, device=self.center.device)
         return dict(zip(("map_std", "dist_std"), stats))
 
 

@@ -213,7 +213,7 @@ class UninformedStudents(KDModel):
         desc = self.teacher.descriptor
         with torch.random.fork_rng():  # own seed, leave the global stream to the students
             torch.manual_seed(seed)
-            decoder = nn.Conv2d(desc.conv2.out_channels, f_mean.shape[1], 1)
+            decoder = nn.Conv2d(desc.conv2.out_channels, f_mean.shape[1], 1).to(images.device)
         params = list(desc.parameters()) + list(decoder.parameters())
         for p in params:
             p.requires_grad_(True)

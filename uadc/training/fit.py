@@ -141,7 +141,7 @@ def fit_image_knn(model: KDModel, images: torch.Tensor, val_images: torch.Tensor
     model.eval()
     bank = torch.cat([knn.describe(model.teacher(images[i:i + batch_size]))
                       for i in progress(range(0, len(images), batch_size), desc="image kNN bank")])
-    knn.set_bank(bank[knn.bank_indices(len(bank), max_bank, seed).to(bank.device)].cpu())
+    knn.set_bank(bank[knn.bank_indices(len(bank), max_bank, seed).to(bank.device)])  # on the model's device
     if knn.k > knn.bank_size:   # the term averaged over every bank image, silently
         log.warning("model.image_knn.k %d is more than its bank of %d training images: each score averages "
                     "over all of them (lower k, or raise image_knn.max_bank)", knn.k, knn.bank_size)
