@@ -642,7 +642,7 @@ def test_simplifying_a_graph_leaves_the_apps_other_threads_printing():
     g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], [w])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     feeds = {"x": np.ones((1, 3, 8, 8), np.float32)}
     heard, made, stop = io.StringIO(), [0], threading.Event()
 

@@ -44,7 +44,7 @@ def shared(tmp_path_factory) -> Shared:
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), root / "relu.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), root / "relu.onnx")
     return Shared(root, data, recipe, art, ckpt, broken["nan"], broken["inf"], broken["huge"], root / "relu.onnx")
 
 
@@ -97,7 +97,7 @@ def test_finite_gate_names_weights_and_outputs():
                               "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
                               [numpy_helper.from_array(np.array([w], np.float32), "w")])
-        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     feeds = {"x": np.ones(1, np.float32)}
     check_finite(model(2.0), feeds, "ok")
     with pytest.raises(UadcError, match=r"stage: NaN/Inf in the model weights: w \(1 of 1\)"):

@@ -107,7 +107,7 @@ def test_unsupported_op_is_named():
     node = helper.make_node("Softmax", ["x"], ["y"], name="student/node_softmax")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     with pytest.raises(UadcError, match=r"op Softmax \(node student/node_softmax\) is not supported"):
         GraphInterpreter(model, ["student/node_softmax"])
 

@@ -798,7 +798,7 @@ def test_a_model_whose_outputs_do_not_fit_or_are_not_finite_gets_no_verdict(int8
                                                                           ["batch", 3, size, size])],
                               [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, None),
                                helper.make_tensor_value_info("score", TensorProto.FLOAT, score_shape)], [scales])
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
         m.metadata_props.extend(onnx.load(str(src / "model.onnx")).metadata_props)
         return m
     nan = model([helper.make_node("ReduceMin", ["image"], ["r"], axes=[1, 2, 3], keepdims=0),

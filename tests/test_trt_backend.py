@@ -314,7 +314,7 @@ def test_weight_axis_rule_knows_gemm_and_conv_transpose():
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=9)
     assert check_trt_rules(model) == []
     for node in model.graph.node[:2]:
         node.attribute[0].i = 0

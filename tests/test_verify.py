@@ -567,7 +567,7 @@ def test_a_model_that_fails_as_it_runs_is_one_line(artifacts, tiny_data, tmp_pat
         [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", 3, size, size]),
          helper.make_tensor_value_info("score", TensorProto.FLOAT, [])],
         [numpy_helper.from_array(np.array([-1, 7], np.int64), "shape")])   # 3 x size^2 is no multiple of 7
-    bad = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    bad = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     bad.metadata_props.extend(m.metadata_props)
     onnx.save(bad, str(tmp_path / "bad.onnx"))
     r = CliRunner().invoke(main, ["diff", str(fp32), str(tmp_path / "bad.onnx"), "--images", str(tiny_data / "gray" / "test")])
