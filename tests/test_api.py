@@ -807,3 +807,19 @@ def test_training_over_another_recipes_checkpoint_of_one_name_says_so(tiny_data,
         uadc.train(b, artifacts=art)
     assert "replacing a checkpoint trained with other data/model settings (data.image_size: 64 in the checkpoint, " \
            "32 in the recipe); recipes that share the name 'r' share this folder" in caplog.text
+
+
+def test_a_kdmodel_left_on_another_device_is_one_line(recipe_factory, tmp_path):
+    """A model trained on a GPU and handed over as it was failed deep inside torch (a device-mismatch
+    RuntimeError); uadc evaluates and exports on the CPU. The meta device stands in for the GPU here."""
+    from uadc.config.recipe import load_recipe
+    from uadc.training.checkpoint import make_model
+    recipe = recipe_factory()
+    model = make_model(load_recipe(recipe)).to("meta")
+    for call in (lambda: uadc.evaluate(model, recipe, write=False),
+                 lambda: uadc.baseline(model, recipe),
+                 lambda: uadc.compile(model, "ort-cpu-fp32", recipe=recipe, out=tmp_path / "c", latency_runs=1)):
+        with pytest.raises(UadcError, match=r"^the KDModel's weights are on meta; uadc evaluates and compiles on "
+                                            r"the CPU: pass model.cpu\(\)$"):
+            call()
+    assert not (tmp_path / "c").exists()

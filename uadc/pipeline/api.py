@@ -25,7 +25,7 @@ from uadc.core.scoped import check_threads, torch_threads
 from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluate, evaluate_checkpoint, \
     evaluate_one_class, learning_curve
 from uadc.models import KDModel
-from uadc.pipeline.baseline import Baseline, names_checkpoint, resolve_source
+from uadc.pipeline.baseline import Baseline, names_checkpoint, on_cpu, resolve_source
 from uadc.pipeline.compare import CompareResult
 from uadc.pipeline.compile import CompileOptions, check_compile_settings, compile_target, default_out
 from uadc.pipeline.deploy import target_predictor
@@ -98,7 +98,7 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
         from uadc.evaluation.run import test_arrays, torch_predictor
         from uadc.data.prepare import prepare_data
         with torch_threads(r.train.threads):
-            return _evaluate(torch_predictor(model_or_artifact), test_arrays(prepare_data(r)), r.eval.batch_size)
+            return _evaluate(torch_predictor(on_cpu(model_or_artifact)), test_arrays(prepare_data(r)), r.eval.batch_size)
     if _is_onnx(model_or_artifact):
         from uadc.backends.ort import make_session, ort_predictor
         from uadc.data.prepare import prepare_data

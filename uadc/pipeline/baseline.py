@@ -51,7 +51,7 @@ class ModelSource:
 def resolve_source(source: Any, recipe: Recipe, artifacts: Path | None = None) -> ModelSource:
     """A recipe's own checkpoint, a checkpoint path, or a ``KDModel``; never trains."""
     if isinstance(source, KDModel):
-        return ModelSource(source.eval(), None, {"categories": None})
+        return ModelSource(on_cpu(source).eval(), None, {"categories": None})
     if isinstance(source, (str, os.PathLike)) and names_checkpoint(source, recipe):
         model, blob = load_checkpoint(Path(source), recipe)
         return ModelSource(model, Path(source), blob)
@@ -60,6 +60,15 @@ def resolve_source(source: Any, recipe: Recipe, artifacts: Path | None = None) -
         raise UadcError(f"no checkpoint for recipe {recipe.name!r} at {ckpt}: run `uadc train` first")
     model, blob = load_checkpoint(ckpt, recipe)
     return ModelSource(model, ckpt, blob)
+
+
+def on_cpu(model: KDModel) -> KDModel:
+    """uadc evaluates and exports on the CPU: a model left on a GPU failed deep inside torch."""
+    where = {str(t.device) for t in (*model.parameters(), *model.buffers()) if t.device.type != "cpu"}
+    if where:
+        raise UadcError(f"the KDModel's weights are on {', '.join(sorted(where))}; uadc evaluates and compiles "
+                        f"on the CPU: pass model.cpu()")
+    return model
 
 
 def names_checkpoint(source: str | Path, recipe: Recipe) -> bool:
