@@ -281,7 +281,7 @@ def test_no_top_level_calibrators_module_and_plugin_entry_point(tmp_path):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dummy-cal\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[uadc.calibrators]\nhalf = dummy_cal:HalfRange\n")
-    env["PYTHONPATH"] = str(site)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))  # uadc may come from there
     r = subprocess.run([sys.executable, "-m", "uadc.cli", "calibrators", "list"], cwd=tmp_path, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

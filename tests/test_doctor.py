@@ -116,7 +116,7 @@ def test_a_package_whose_shared_library_is_missing_is_reported(broken, tmp_path)
     import sys
     (tmp_path / broken).mkdir()
     (tmp_path / broken / "__init__.py").write_text(f"raise OSError('lib{broken}.so: cannot open shared object file')")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     code = "import sys; sys.argv = ['uadc', 'doctor', '--json']\nfrom uadc.cli import run; run()"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
