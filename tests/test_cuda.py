@@ -44,7 +44,7 @@ def test_each_method_trains_on_the_gpu_and_its_checkpoint_runs_on_the_cpu(case, 
     cfg.update(name=f"cuda_{case}",
                data={"sources": [{"root": str(data), "categories": ["stripes"]}], "image_size": 64,
                      "val_fraction": 0.25, "normalization": cfg["data"].get("normalization", "imagenet")},
-               train={**cfg["train"], "epochs": 2, "batch_size": 4, "device": "cuda"})
+               train={**cfg["train"], "epochs": 2, "batch_size": 4, "device": "cuda", "threads": 2})  # workers share the cores
     cfg["compile"]["calib_samples"] = 4
     recipe = tmp_path / f"cuda_{case}.yaml"
     recipe.write_text(yaml.safe_dump(cfg))
@@ -54,5 +54,5 @@ def test_each_method_trains_on_the_gpu_and_its_checkpoint_runs_on_the_cpu(case, 
     assert ckpt["train_device"].startswith("cuda")
     res = uadc.evaluate(recipe, artifacts=tmp_path / "art")
     assert math.isfinite(res.mean["image_auroc"]) and math.isfinite(res.mean["pixel_auroc"])
-    out = uadc.compile(recipe, target="ort-cpu-int8", artifacts=tmp_path / "art", latency_runs=1)
+    out = uadc.compile(recipe, target="ort-cpu-int8", artifacts=tmp_path / "art", latency_runs=1, threads=2)
     assert out.precision == "int8"
