@@ -823,3 +823,20 @@ def test_a_kdmodel_left_on_another_device_is_one_line(recipe_factory, tmp_path):
                                             r"the CPU: pass model.cpu\(\)$"):
             call()
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("method", ["stfpm", "us"])
+def test_training_on_the_cpu_of_a_gpu_machine_leaves_cuda_alone(method, recipe_factory, tmp_path, monkeypatch):
+    """Seeding forked every CUDA generator, and US seeded them too: on a GPU machine each CPU training
+    (the default) and each checkpoint load started a CUDA context. CUDA is faked here: one device whose
+    generators record any use."""
+    touched = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name in ("get_rng_state", "set_rng_state", "manual_seed", "manual_seed_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _n=name, **k: touched.append(_n))
+    recipe = recipe_factory(model={"method": method, "taps": ["blocks.3"] if method == "us" else ["blocks.1", "blocks.3"]},
+                            train={"epochs": 1, "threads": 1})
+    before = torch.get_rng_state()
+    uadc.train(recipe, artifacts=tmp_path / "art")
+    uadc.baseline(recipe, artifacts=tmp_path / "art")   # loads the checkpoint
+    assert touched == [] and torch.equal(torch.get_rng_state(), before)

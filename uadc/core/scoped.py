@@ -46,18 +46,23 @@ def torch_threads(threads: int | None) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int, cuda: bool = False) -> Iterator[None]:
     """Run the block from ``seed`` on Python's, NumPy's and torch's global generators (a model's
-    initialisation and dropout draw from them); the caller's streams come back on exit."""
+    initialisation and dropout draw from them); the caller's streams come back on exit. torch's CUDA
+    generators take part only with ``cuda`` (training on a GPU): forking them starts a CUDA context,
+    which a CPU run on a GPU machine has no use for."""
     import random
 
     import torch
 
     py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=None if cuda else []):
         random.seed(seed)
         np.random.seed(seed)
-        torch.manual_seed(seed)
+        if cuda:
+            torch.manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:

@@ -211,8 +211,8 @@ class UninformedStudents(KDModel):
                                       for i in range(0, len(images), 32))
         f_mean, f_std = f_mean.view(1, -1, 1, 1), f_std.view(1, -1, 1, 1)
         desc = self.teacher.descriptor
-        with torch.random.fork_rng():  # own seed, leave the global stream to the students
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # own seed, leave the global stream to the students
+            torch.default_generator.manual_seed(seed)   # initialised on the CPU, moved after
             decoder = nn.Conv2d(desc.conv2.out_channels, f_mean.shape[1], 1).to(images.device)
         params = list(desc.parameters()) + list(decoder.parameters())
         for p in params:

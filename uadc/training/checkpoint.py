@@ -261,7 +261,7 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
         log.info("checkpoint %s was trained with other training settings than recipe %s (%s)", path,
                  recipe.path or recipe.name, _first_difference(trained.cfg["train"], recipe.cfg["train"], "train"))
     check_finite_weights(blob["state_dict"], path)
-    with torch.random.fork_rng():  # its random initialisation is overwritten: leave the caller's stream
+    with torch.random.fork_rng(devices=[]):  # its (CPU) initialisation is overwritten: leave the caller's stream
         # every weight comes from the checkpoint: the initial weights' file is not read (moved with a project,
         # its stored path is gone)
         model = build_model({**trained.cfg["model"], "pretrained": False, "weights": None}, trained.data.image_size)

@@ -92,7 +92,8 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
         for (cat, idx), path in zip(groups, paths):
             # read the images first: an unreadable one fails before any folder or lock exists
             images = load_images(torch.utils.data.Subset(data.train, idx), "loading images")
-            with seeded(recipe.seed):       # the caller's random streams come back afterwards
+            # the caller's random streams come back afterwards
+            with seeded(recipe.seed, cuda=train_device(recipe.train.device).type == "cuda"):
                 model = make_model(recipe)  # a setting the model refuses (an unknown tap) fails here too
                 with file_lock(path):
                     models.append(_train_one(recipe, data, cat, images, cats, path, on_epoch, model))
