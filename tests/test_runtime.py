@@ -1060,3 +1060,81 @@ def test_a_closed_detector_ends_its_threads_and_refuses_to_run(int8_artifact, ti
     with pytest.raises(UadcError, match="was closed"):
         det.run(np.zeros((1, 3, 64, 64), np.float32))
     det.close()   # twice is no error
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork: POSIX only")
+@pytest.mark.parametrize("schedule", ["branches", "batch"])
+def test_a_warm_detector_runs_in_a_forked_child(int8_artifact, tiny_data, schedule):
+    """A server that loads the model before forking its workers (gunicorn --preload): the child's copy of
+    the worker pool had no threads, so its first predict waited for ever."""
+    import signal
+    from uadc.backends.parallel import available_cores
+    from uadc.runtime import Detector
+    if available_cores() < 2:
+        pytest.skip("one core: the schedule runs without a worker pool")
+    _, _, res = int8_artifact
+    f = sorted((tiny_data / "gray" / "test" / "blob").glob("*.png"))[0]
+    with Detector.load(res.path, threads=2, schedule=schedule) as det:
+        want = det.predict([f, f], category="gray")[0].score   # warm: the pool's thread exists
+        pid = os.fork()
+        if pid == 0:   # the child: a hang ends it by SIGALRM, a wrong score by exit 1
+            signal.alarm(60)
+            try:
+                os._exit(0 if det.predict([f, f], category="gray")[0].score == want else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+def test_a_detector_closed_while_another_thread_runs_it_says_so(int8_artifact, tiny_data, monkeypatch):
+    """close() from one thread while another predicts: the run failed with the dead pool's error, read as
+    'ONNX Runtime failed to run the model' (or, on OpenVINO, a TypeError traceback)."""
+    from uadc.runtime import Detector
+    _, _, res = int8_artifact
+    f = sorted((tiny_data / "gray" / "test" / "blob").glob("*.png"))[0]
+    det = Detector.load(res.path, threads=2, schedule="branches")
+    session = det.backend.session
+    if session._pool is None:
+        pytest.skip("one core: the schedule runs without a worker pool")
+    plan = session.plan
+
+    def closed_meanwhile(batch):   # the other thread's close lands after this call planned its work
+        how = plan(batch)
+        det.close()
+        return how
+    monkeypatch.setattr(session, "plan", closed_meanwhile)
+    with pytest.raises(UadcError, match=r"this Detector was closed; load the artifact again$"):
+        det.predict(f, category="gray")
+
+
+def test_a_broken_link_as_out_is_refused_before_any_image_runs(int8_artifact, tiny_data, tmp_path, monkeypatch):
+    """It was refused after every image had run, leaving a lock file beside it."""
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    _, _, res = int8_artifact
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    with Detector.load(res.path) as det:
+        monkeypatch.setattr(det, "run", lambda *a: pytest.fail("an image ran"))
+        with pytest.raises(UadcError, match=r"cannot create folder .*out: it is a broken link"):
+            predict_paths(det, [tiny_data / "gray" / "test"], out=tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_16_bit_image_is_read_in_integers():
+    """16-bit pixels went through float64 (about 25 bytes a pixel at the peak): a 364 KB PNG of 13300^2
+    constant pixels took 4.6 GB. The same 8-bit values (round(v / 257)) in a fraction of the memory."""
+    import tracemalloc
+    from PIL import Image
+    from uadc.core.images import eight_bit
+    ramp = Image.frombytes("I;16", (256, 256), np.arange(65536, dtype="<u2").tobytes())
+    want = np.round(np.arange(65536) / 257.0).astype(np.uint8).reshape(256, 256)
+    assert np.array_equal(np.asarray(eight_bit(ramp, "ramp")), want)
+    big = Image.frombytes("I;16", (2000, 2000), np.full(4_000_000, 40000, "<u2").tobytes())
+    tracemalloc.start()
+    try:
+        out = eight_bit(big, "big")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.asarray(out).max() == 156 and peak < 8 * 4_000_000, peak   # uint32 work array: 4 bytes a pixel

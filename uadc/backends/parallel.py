@@ -61,6 +61,7 @@ class ParallelSession:
         self.output_names = [o.name for o in self.whole.get_outputs()]
         parallel = self.threads > 1 and schedule != "sequential"
         self._pool = ThreadPoolExecutor(self.threads - 1) if parallel else None
+        self._pid = os.getpid()
         self._branches = _branch_sessions(model, max(1, self.threads // 2), schedule == "branches") \
             if parallel and schedule in ("auto", "branches") else None
         self._chunks = [make_session(model, 1) for _ in range(self.threads)] \
@@ -92,9 +93,16 @@ class ParallelSession:
             return self._run_batch(names, feeds, batch)
         return self.whole.run(names, feeds)
 
+    def _workers(self) -> ThreadPoolExecutor:
+        """The pool; a forked child (a server's preloaded workers) gets its own: the parent's threads do not
+        exist there, and work handed to the copied pool never ran (the child hung)."""
+        if self._pid != os.getpid() and self._pool is not None:
+            self._pool, self._pid = ThreadPoolExecutor(self.threads - 1), os.getpid()
+        return self._pool
+
     def _run_branches(self, names: list[str], feeds: dict) -> list[np.ndarray]:
         teacher, student, head = self._branches
-        later = self._pool.submit(_run_all, student, feeds)
+        later = self._workers().submit(_run_all, student, feeds)
         values = {**feeds, **_run_all(teacher, feeds)}
         values.update(later.result())
         out = dict(zip([o.name for o in head.get_outputs()],  # inputs with a default may be left out
@@ -105,7 +113,8 @@ class ParallelSession:
         n = min(len(self._chunks), batch)
         bounds = np.linspace(0, batch, n + 1).astype(int)
         parts = [{k: v[a:b] for k, v in feeds.items()} for a, b in zip(bounds[:-1], bounds[1:])]
-        later = [self._pool.submit(s.run, names, f) for s, f in zip(self._chunks[1:n], parts[1:])]
+        pool = self._workers()
+        later = [pool.submit(s.run, names, f) for s, f in zip(self._chunks[1:n], parts[1:])]
         outs = [self._chunks[0].run(names, parts[0])] + [f.result() for f in later]
         return [np.concatenate([o[i] for o in outs]) for i in range(len(names))]
 

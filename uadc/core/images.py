@@ -85,13 +85,17 @@ def eight_bit(im: Image.Image, source: Any) -> Image.Image:
     """16-bit (or 32-bit integer) grayscale as 8-bit ``L``; float pixels refused (UadcError); a
     palette image with transparency as ``RGBA``."""
     if im.mode.startswith("I;16") or im.mode == "I":
-        a = np.asarray(im, dtype=np.float64)
+        a = np.asarray(im)   # uint16 or int32: a float64 copy made a 16-bit image cost 25 bytes a pixel
         if a.size and (a.min() < 0 or a.max() > 65535):
             raise UadcError(f"unsupported image {shown(source)}: mode {im.mode} values outside 0..65535")
         if a.size and a.max() < 4096:   # 12-bit camera data in a 16-bit file reads nearly black
             _note_once("dim", source, f"{im.mode} pixels only up to {int(a.max())} of 65535; uadc maps 0..65535 to "
                                       "0..255, so it reads nearly black: scale 12-bit data to 16 bits")
-        return Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")
+        b = a.astype(np.uint32)   # round(a / 257) in integers: (2a + 257) // 514 (a / 257 never ends in .5)
+        b *= 2
+        b += 257
+        b //= 514
+        return Image.fromarray(b.astype(np.uint8), "L")
     if im.mode == "F":
         raise UadcError(f"unsupported image {shown(source)}: 32-bit float pixels (mode F); save it as 8- or 16-bit")
     if im.mode in ("P", "PA") and "transparency" in im.info:

@@ -90,14 +90,20 @@ def check_no_phantom_parent(path: Path) -> None:
             raise UadcError(f"{path}: '..' follows {Path(*parts[:i])}, which is no folder; name the path without it")
 
 
-def ensure_dir(path: Path) -> Path:
-    """Create ``path`` (and parents); a regular file in the way is a user error."""
+def check_dir_creatable(path: Path) -> None:
+    """What ``ensure_dir`` refuses, for a check before any work: a file or a broken link in the way."""
     path = Path(path)
     check_no_phantom_parent(path)
     if path.exists() and not path.is_dir():
         raise UadcError(f"not a folder: {path}")
     if path.is_symlink() and not path.exists():
         raise UadcError(f"cannot create folder {path}: it is a broken link (to {os.readlink(path)})")
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create ``path`` (and parents); a regular file in the way is a user error."""
+    path = Path(path)
+    check_dir_creatable(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

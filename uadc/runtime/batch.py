@@ -20,7 +20,8 @@ from PIL import Image
 from uadc.core.constants import OVERLAYS_DIR, PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import NonFiniteOutputs, UadcError
 from uadc.core.images import FoundImages, find_images, printable, shown
-from uadc.core.io import atomic_write_bytes, atomic_write_text, check_own_file, file_lock, staged_files
+from uadc.core.io import (atomic_write_bytes, atomic_write_text, check_dir_creatable, check_own_file, file_lock,
+                          staged_files)
 from uadc.core.scoped import logged_warnings, signals_deferred
 from uadc.core.manifest import GLOBAL, check_outside_artifacts, infer_category
 from uadc.core.progress import progress
@@ -214,7 +215,9 @@ def _run_images(detector: Detector, files: list[Path], category: str | None, inf
 
 
 def _check_out(out: Path) -> None:
-    """Refuse, before any work, to overwrite prediction tables that uadc predict did not write."""
+    """Refuse, before any work, to overwrite prediction tables that uadc predict did not write (or to
+    write into a broken link, found after every image had run)."""
+    check_dir_creatable(out)
     def is_record(head: str) -> bool:   # a user's JSONL of paths is no prediction: an image's row or a failure's
         try:
             first = json.loads(head.split("\n", 1)[0])

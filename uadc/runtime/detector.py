@@ -286,7 +286,11 @@ class Detector:
         maps, scores, seconds = [], [], 0.0
         for i in range(0, len(images), self.batch_size):
             t0 = time.perf_counter()
-            m, s = self.backend.run(images[i:i + self.batch_size], self.manifest.input_name)
+            try:
+                m, s = self.backend.run(images[i:i + self.batch_size], self.manifest.input_name)
+            except Exception:
+                self._check_open()   # closed by another thread meanwhile: say so, not the dead pool's error
+                raise
             seconds += time.perf_counter() - t0
             maps.append(np.asarray(m, np.float32))
             scores.append(np.asarray(s, np.float32))
