@@ -840,3 +840,75 @@ def test_training_on_the_cpu_of_a_gpu_machine_leaves_cuda_alone(method, recipe_f
     uadc.train(recipe, artifacts=tmp_path / "art")
     uadc.baseline(recipe, artifacts=tmp_path / "art")   # loads the checkpoint
     assert touched == [] and torch.equal(torch.get_rng_state(), before)
+
+
+class _PluginRange:
+    """A plug-in calibrator's observe / compute_range, misbehaving as ``how`` says."""
+    def __init__(self, how: str):
+        self.how, self.hi = how, 0.0
+
+    def observe(self, x) -> None:
+        import warnings
+
+        import numpy as np
+        self.hi = max(self.hi, float(np.abs(x).max()))
+        if self.how == "noisy":   # prints, reseeds NumPy, sets a variable and a warning filter
+            print("PLUGIN SAYS", self.hi)
+            np.random.seed(5)
+            os.environ["UADC_QA_PLUGIN"] = "1"
+            warnings.simplefilter("ignore", UserWarning)
+        elif self.how == "exit":
+            sys.exit(3)
+
+    def compute_range(self):
+        return {"strings": ("-1", "1"), "bools": (False, True), "below": (-5.0, -1.0)}.get(self.how, (-self.hi, self.hi))
+
+
+@pytest.mark.parametrize("how, why", [
+    ("noisy", None),
+    ("exit", r"calibrator 'qa-exit': observe of tensor '.+' called sys.exit\(3\)$"),   # it ended uadc without a word
+    ("strings", r"calibrator 'qa-strings': compute_range returned \('-1', '1'\) .*expected \(lo, hi\), two numbers"),
+    ("bools", r"calibrator 'qa-bools': compute_range returned \(False, True\)"),
+    ("below", r"calibrator 'qa-below': compute_range returned \(-5.0, -1.0\) for tensor '.+', whose values were all >= 0"),
+])
+def test_a_plugin_calibrator_is_kept_in_its_place(how, why, trained, tmp_path, monkeypatch, capsys):
+    """A plug-in's prints reached stdout, its seeds / variables / warning filters outlived the call, its
+    sys.exit ended uadc silently, strings and booleans compiled as ranges, and a range below a tensor
+    that never went negative was blamed on the qdq pass ('invalid range (0.0, -1.0)')."""
+    import warnings
+
+    import numpy as np
+    from uadc.calibrators import base
+    from uadc.calibrators.base import Calibrator, register
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    register(f"qa-{how}")(type(f"QA{how}", (Calibrator,), {
+        "__init__": lambda self, **o: (Calibrator.__init__(self, **o), setattr(self, "p", _PluginRange(how)))[0],
+        "observe": lambda self, x: self.p.observe(x), "compute_range": lambda self: self.p.compute_range()}))
+    recipe, art = trained
+    np.random.seed(1234)
+    state, filters = np.random.get_state()[1].copy(), warnings.filters[:]
+    compile_it = lambda: uadc.compile(recipe, "ort-cpu-int8", calibrator=f"qa-{how}", artifacts=art,
+                                      out=tmp_path / "c", evaluate=False, latency_runs=1)
+    if why:
+        with pytest.raises(UadcError, match=why):
+            compile_it()
+        assert not (tmp_path / "c").exists()
+    else:
+        compile_it()
+        assert "PLUGIN" not in capsys.readouterr().out
+    assert np.array_equal(np.random.get_state()[1], state) and warnings.filters == filters
+    assert "UADC_QA_PLUGIN" not in os.environ
+
+
+def test_calibration_images_and_qat_epochs_have_the_recipes_bounds(trained, tmp_path):
+    """An endless calibration generator was read until the memory ran out; qat(epochs=10**6) ran until killed."""
+    import itertools
+
+    import numpy as np
+    recipe, art = trained
+    endless = itertools.repeat(np.zeros((512, 3, 64, 64), np.float32))
+    with pytest.raises(UadcError, match=r"^calibration: more than 4096 images given"):
+        uadc.compile(recipe, "ort-cpu-int8", calibration=endless, artifacts=art, out=tmp_path / "c", evaluate=False)
+    with pytest.raises(UadcError, match=r"^qat.epochs: 1000000 is above the maximum 10000"):
+        uadc.qat(recipe, "ort-cpu-int8", epochs=10**6, artifacts=art)
+    assert not any(tmp_path.iterdir())

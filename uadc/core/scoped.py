@@ -46,28 +46,40 @@ def torch_threads(threads: int | None) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def seeded(seed: int, cuda: bool = False) -> Iterator[None]:
-    """Run the block from ``seed`` on Python's, NumPy's and torch's global generators (a model's
-    initialisation and dropout draw from them); the caller's streams come back on exit. torch's CUDA
-    generators take part only with ``cuda`` (training on a GPU): forking them starts a CUDA context,
-    which a CPU run on a GPU machine has no use for."""
+def streams_kept(cuda: bool = False) -> Iterator[None]:
+    """Python's, NumPy's and torch's global random streams are the caller's again on exit, whatever the
+    block draws or seeds (a calibrator plug-in's ``np.random.seed``). torch's CUDA generators take part
+    only with ``cuda``: forking them starts a CUDA context, which a CPU run on a GPU machine has no use for."""
     import random
 
     import torch
 
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=None if cuda else []):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, cuda: bool = False) -> Iterator[None]:
+    """Run the block from ``seed`` on Python's, NumPy's and torch's global generators (a model's
+    initialisation and dropout draw from them; CUDA's only with ``cuda``, training on a GPU); the
+    caller's streams come back on exit."""
+    import random
+
+    import torch
+
+    with streams_kept(cuda):
         random.seed(seed)
         np.random.seed(seed)
         if cuda:
             torch.manual_seed(seed)
         else:
             torch.default_generator.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        yield
 
 
 @contextlib.contextmanager

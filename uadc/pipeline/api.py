@@ -294,6 +294,8 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
     flags(compile_after=compile_after)
     artifacts = _artifacts_root(artifacts)
     r = load_recipe(recipe)
+    if epochs is not None:   # the recipe's bound (epochs=10**6 ran until killed)
+        r.with_overrides(qat={"epochs": whole_number(epochs, "epochs")})
     target = r.compile.target if target is None else target   # "" is no target (it ran the recipe's)
     t = check_target(target)
     if t.runtime == "openvino":

@@ -23,6 +23,7 @@ import torch
 
 from uadc.backends.ort import latency_ms, make_session, ort_predictor
 from uadc.config.recipe import Recipe
+from uadc.config.settings import MAX_CALIB_SAMPLES
 from uadc.config.targets import get_target
 from uadc.core.constants import INPUT_NAME
 from uadc.core.errors import UadcError
@@ -221,7 +222,7 @@ def own_calibration_images(images: Iterable[np.ndarray], size: int,
     """Stack user-given calibration images: each (3,H,W) or (N,3,H,W), already normalised. Integer
     pixels, or values ten times beyond the range ``norm`` (mean, std) maps [0, 1] to, are refused:
     ranges calibrated on 0..255 images would quantize every real input to a few levels."""
-    parts = []
+    parts, n = [], 0
     for i, im in enumerate(images):
         raw = np.asarray(im)
         if raw.dtype.kind not in "iubf":   # a path, a name, a dict: numpy's "could not convert string to float"
@@ -236,6 +237,9 @@ def own_calibration_images(images: Iterable[np.ndarray], size: int,
             raise UadcError(f"calibration image {i}: expected shape (3, {size}, {size}) or (N, 3, {size}, {size}) "
                             f"in the model's normalised input space, got {a.shape}")
         parts.append(a)
+        n += len(a)
+        if n > MAX_CALIB_SAMPLES:   # an endless generator was read until the memory ran out
+            raise UadcError(f"calibration: more than {MAX_CALIB_SAMPLES} images given (calib_samples' limit)")
     if not parts:
         raise UadcError("calibration: no images given")
     out = np.ascontiguousarray(np.concatenate(parts))

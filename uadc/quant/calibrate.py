@@ -9,6 +9,7 @@ calibrate exposed as extra outputs and streams each tensor into its own calibrat
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Any, Callable
 
 import numpy as np
@@ -21,7 +22,7 @@ from uadc.core.constants import CALIBRATION_KINDS
 from uadc.core.errors import UadcError
 from uadc.core.ort_session import make_session
 from uadc.core.progress import progress
-from uadc.core.scoped import quiet_third_party
+from uadc.core.scoped import environment_kept, quiet_third_party, streams_kept
 from uadc.export.partitions import nodes_in
 from uadc.passes.qdq import quantized_op_types
 
@@ -124,12 +125,20 @@ def _input_name(model: onnx.ModelProto) -> tuple[str, int | None]:
 
 
 def _plugin_call(calibrator: str, tensor: str, what: str, fn: Callable, *args: Any) -> Any:
-    """A calibrator's code (a plug-in's too) that fails is one line naming it, not a traceback."""
+    """A calibrator's code (a plug-in's too) that fails, or calls sys.exit (which ended uadc without a
+    word), is one line naming it, not a traceback; what it prints is logged at DEBUG, not on stdout."""
     try:
-        return fn(*args)
+        with quiet_third_party():
+            return fn(*args)
     except UadcError:
         raise
+    except SystemExit as exc:
+        raise UadcError(f"calibrator {calibrator!r}: {what} of tensor {tensor!r} called sys.exit({exc.code!r})") \
+            from None
     except Exception as exc:
+        if what == "compute_range" and isinstance(exc, ValueError):   # the protocol's "nothing observed"
+            raise UadcError(f"calibrator {calibrator!r}: tensor {tensor!r} produced no finite values ({exc})") \
+                from None
         raise UadcError(f"calibrator {calibrator!r}: {what} of tensor {tensor!r} failed: "
                         f"{type(exc).__name__}: {exc}") from None
 
@@ -137,14 +146,10 @@ def _plugin_call(calibrator: str, tensor: str, what: str, fn: Callable, *args: A
 def _range_of(calibrator: str, tensor: str, cal: Any) -> tuple[float, float]:
     """``compute_range()`` checked: two finite floats, lo <= hi (a plug-in's 3-tuple or strings read
     as "no finite values", its NaN as an anonymous qdq error)."""
-    try:
-        got = cal.compute_range()
-    except ValueError as exc:   # the protocol's "nothing observed"
-        raise UadcError(f"calibrator {calibrator!r}: tensor {tensor!r} produced no finite values ({exc})") from None
-    except Exception as exc:
-        raise UadcError(f"calibrator {calibrator!r}: compute_range of tensor {tensor!r} failed: "
-                        f"{type(exc).__name__}: {exc}") from None
-    try:
+    got = _plugin_call(calibrator, tensor, "compute_range", cal.compute_range)
+    try:   # numbers: "-1" or True read as floats and compiled
+        if not all(isinstance(v, (numbers.Real, np.number)) and not isinstance(v, (bool, np.bool_)) for v in got):
+            raise TypeError
         lo, hi = (float(v) for v in got)
     except (TypeError, ValueError):
         raise UadcError(f"calibrator {calibrator!r}: compute_range returned {got!r} for tensor {tensor!r}; "
@@ -170,7 +175,8 @@ def collect_ranges(model: onnx.ModelProto, images: np.ndarray, tensor_names: lis
     if not tensor_names:
         return {}
     try:
-        cals = {t: get_calibrator(calibrator, **(options or {})) for t in tensor_names}
+        with quiet_third_party():   # a plug-in's constructor may print
+            cals = {t: get_calibrator(calibrator, **(options or {})) for t in tensor_names}
     except (ValueError, TypeError) as exc:   # unknown, a plug-in that does not load, its constructor failing
         raise UadcError(f"calibrator {calibrator!r}: {exc}") from None
     input_name, fixed_batch = _input_name(model)
@@ -198,6 +204,9 @@ def collect_ranges(model: onnx.ModelProto, images: np.ndarray, tensor_names: lis
             a = max(abs(lo), abs(hi))
             lo, hi = -a, a
         elif lo_seen[name] >= 0.0:
+            if hi < 0.0:   # our own clamp would make (0, hi) and the qdq pass blame an "invalid range"
+                raise UadcError(f"calibrator {calibrator!r}: compute_range returned ({lo}, {hi}) for tensor {name!r}, "
+                                f"whose values were all >= 0")
             lo = max(lo, 0.0)
         ranges[name] = (lo, hi)
     return ranges
@@ -207,7 +216,8 @@ def calibrate_ranges(fp32: onnx.ModelProto, images: np.ndarray, ptq: PtqSettings
     """Float ranges of every tensor the Q/DQ pass needs (the target's scheme), from ``images``."""
     tensors = tensors_to_calibrate(fp32, list(ptq.quantize))
     sym = bool(target.scheme and target.scheme.activation_symmetric)
-    try:
-        return collect_ranges(fp32, images, tensors, ptq.calibrator, None, 8, activation_symmetric=sym)
+    try:   # a calibrator's (a plug-in's) seeds, environment variables and warning filters stay in the call
+        with streams_kept(), environment_kept():
+            return collect_ranges(fp32, images, tensors, ptq.calibrator, None, 8, activation_symmetric=sym)
     except ValueError as exc:
         raise UadcError(f"calibrator {ptq.calibrator!r}: {exc}") from None
