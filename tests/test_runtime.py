@@ -1138,3 +1138,15 @@ def test_a_16_bit_image_is_read_in_integers():
     finally:
         tracemalloc.stop()
     assert np.asarray(out).max() == 156 and peak < 8 * 4_000_000, peak   # uint32 work array: 4 bytes a pixel
+
+
+def test_a_kept_prediction_holds_its_own_map_not_its_batch(int8_artifact, tiny_data):
+    """Prediction.anomaly_map / .mask were views of the batch's arrays: a service that kept one result kept
+    every map of its batch alive."""
+    from uadc.runtime import Detector
+    _, _, res = int8_artifact
+    files = sorted((tiny_data / "gray" / "test").rglob("*.png"))[:4]
+    with Detector.load(res.path) as det:
+        preds = det.predict(files, category="gray")
+    assert len(preds) == 4
+    assert all(p.anomaly_map.base is None and p.mask.base is None for p in preds)

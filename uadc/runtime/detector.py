@@ -338,7 +338,8 @@ class Detector:
         norm = thr.image.normalize(scores)
         labels = thr.image.decide(scores)
         masks = thr.pixel.decide(maps)
-        return [Prediction(float(scores[i]), float(norm[i]), int(labels[i]), maps[i], masks[i], category,
+        # each its own arrays: a view kept the whole batch's maps alive as long as one result was kept
+        return [Prediction(float(scores[i]), float(norm[i]), int(labels[i]), maps[i].copy(), masks[i].copy(), category,
                            thr.image.value, latency_ms, sources[i]) for i in range(len(scores))]
 
     def predict(self, inputs: Any, category: "str | None | Sequence[str | None]" = None
