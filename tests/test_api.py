@@ -128,6 +128,20 @@ def test_user_calibration_images(trained, tmp_path, monkeypatch):
     assert not (tmp_path / "bad").exists()
 
 
+def test_one_array_as_calibration_is_one_image_or_one_batch():
+    """A bare (3,H,W) array was iterated as three (H,W) images: 'expected (3,H,W) ..., got (H,W)'."""
+    import numpy as np
+    from uadc.pipeline.baseline import own_calibration_images
+    rng = np.random.default_rng(0)
+    one = rng.standard_normal((3, 16, 16)).astype(np.float32)
+    assert own_calibration_images(one, 16).shape == (1, 3, 16, 16)
+    batch = rng.standard_normal((5, 3, 16, 16)).astype(np.float32)
+    assert np.array_equal(own_calibration_images(batch, 16), batch)
+    assert own_calibration_images([one, batch], 16).shape == (6, 3, 16, 16)
+    with pytest.raises(UadcError, match=r"got \(1, 3, 8, 8\)"):
+        own_calibration_images(np.zeros((3, 8, 8), np.float32), 16)
+
+
 def test_the_model_given_is_the_model_judged(trained, tmp_path, tiny_data):
     """evaluate(Baseline, recipe) scored the recipe's checkpoint; an artifact's model.onnx skipped the
     normalisation check its folder gets; a checkpoint alone was read as a recipe file; recipe= beside

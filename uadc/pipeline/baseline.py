@@ -219,10 +219,13 @@ class Baseline:
 
 def own_calibration_images(images: Iterable[np.ndarray], size: int,
                            norm: tuple[Sequence[float], Sequence[float]] | None = None) -> np.ndarray:
-    """Stack user-given calibration images: each (3,H,W) or (N,3,H,W), already normalised. Integer
-    pixels, or values ten times beyond the range ``norm`` (mean, std) maps [0, 1] to, are refused:
+    """Stack user-given calibration images: each (3,H,W) or (N,3,H,W), already normalised (one array alone is
+    one image or one batch). Integer pixels, or values ten times beyond the range ``norm`` (mean, std) maps
+    [0, 1] to, are refused:
     ranges calibrated on 0..255 images would quantize every real input to a few levels."""
     parts, n = [], 0
+    if isinstance(images, np.ndarray) and images.ndim in (3, 4):   # one (3,H,W) image was 3 images of (H,W)
+        images = [images]
     for i, im in enumerate(images):
         raw = np.asarray(im)
         if raw.dtype.kind not in "iubf":   # a path, a name, a dict: numpy's "could not convert string to float"
