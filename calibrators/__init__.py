@@ -11,7 +11,7 @@ Each calibrator observes batches of one tensor and computes its float range ``(l
 group or registered in-process with ``@register(name)``.
 """
 
-from .base import Calibrator, available_calibrators, fingerprint, get_calibrator, register
+from .base import Calibrator, available_calibrators, calibrator_problem, fingerprint, get_calibrator, register
 from .entropy import EntropyCalibrator
 from .minmax import MinMaxCalibrator
 from .mse import MSECalibrator
@@ -19,5 +19,5 @@ from .percentile import PercentileCalibrator
 
 __all__ = [
     "Calibrator", "EntropyCalibrator", "MSECalibrator", "MinMaxCalibrator",
-    "PercentileCalibrator", "available_calibrators", "fingerprint", "get_calibrator", "register",
+    "PercentileCalibrator", "available_calibrators", "calibrator_problem", "fingerprint", "get_calibrator", "register",
 ]

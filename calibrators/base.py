@@ -84,6 +84,19 @@ def available_calibrators() -> list[str]:
     return sorted(set(_REGISTRY) | set(_entry_points()))
 
 
+def calibrator_problem(name: str) -> str | None:
+    """Why calibrator ``name`` cannot be used (a plug-in that does not load, is no ``Calibrator`` or
+    shadows another), or None: ``uadc calibrators list`` listed broken plug-ins as usable."""
+    try:
+        cls = _REGISTRY.get(name) or _load_entry_point(name)
+        if cls is None:
+            return f"unknown calibrator {name!r}"
+        _check_shadowing(name, cls)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
 def _load_entry_point(name: str) -> type[Calibrator] | None:
     ep = _entry_points().get(name)
     if ep is None:

@@ -397,6 +397,15 @@ def test_a_plugin_that_does_not_load_or_shadows_another_is_named(isolated_regist
     with pytest.raises(ValueError, match=r"calibrator 'minmax' is .*MinMaxCalibrator, and a plug-in declares "
                                          r"another under the same name \(qa_plugin:Clash\): rename"):
         get_calibrator("minmax")
+    # `calibrators list` showed both as usable
+    from click.testing import CliRunner
+    from uadc.cli import main
+    out = CliRunner().invoke(main, ["calibrators", "list"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert "entropy" in lines and "mse" in lines
+    assert any(x.startswith("gone  (unusable: cannot load plug-in qa_no_such_module_x:X") for x in lines)
+    assert any(x.startswith("minmax  (unusable: calibrator 'minmax' is ") for x in lines)
 
     class Fails(Calibrator):
         def __init__(self, **options):

@@ -331,8 +331,8 @@ def calibrators() -> None:
 
 @calibrators.command("list")
 def calibrators_list() -> None:
-    from uadc.calibrators import available_calibrators
-    click.echo("\n".join(available_calibrators()))
+    from uadc.calibrators import available_calibrators, calibrator_problem
+    click.echo("\n".join(f"{n}  (unusable: {p})" if (p := calibrator_problem(n)) else n for n in available_calibrators()))
 
 
 @calibrators.command("compare")
