@@ -26,8 +26,9 @@ def one_line(text: str) -> str:
 
 
 def md_cell(text: object) -> str:
-    """``text`` fit for one Markdown table cell: a ``|`` in a category's name split the row."""
-    return one_line(str(text)).replace("|", "\\|")
+    """``text`` fit for one Markdown table cell: a ``|`` in a category's name split the row, and a
+    ``\\`` before it (``a\\|b``) escaped the escape."""
+    return one_line(str(text)).replace("\\", "\\\\").replace("|", "\\|")
 
 
 def pickle_refusal(exc: BaseException) -> str:
