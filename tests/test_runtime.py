@@ -1011,10 +1011,30 @@ def test_an_earlier_overlay_that_cannot_be_removed_is_refused_before_the_tables_
     locked = out / "overlays" / "good"       # root ignores a chmod: the system's answer is simulated
     real = os.access
     monkeypatch.setattr(batch.os, "access", lambda p, mode, **kw: Path(p) != locked and real(p, mode, **kw))
-    with pytest.raises(UadcError, match=r"cannot remove .*overlays/good/.*\.png, an overlay of the earlier run: its "
-                                        r"folder is not writable; choose another --out \(nothing was changed\)"):
+    with pytest.raises(UadcError, match=r"cannot remove the earlier run's overlays in .*overlays/good \(folder is not "
+                                        r"writable: .*\); choose another --out \(nothing was changed\)"):
         batch.predict_paths(det, [test], out=out, overlays=True)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_overlay_folder_that_cannot_be_written_is_refused_before_any_image_runs(int8_artifact, tiny_data,
+                                                                                  tmp_path, monkeypatch):
+    """A subfolder of overlays/ the user cannot write: the overlays sorted before it moved in, then the run
+    failed naming overlays/, with no tables naming the ones it had moved."""
+    import os
+    from uadc.runtime import Detector, batch
+    det = Detector.load(int8_artifact[2].path)
+    out, test = tmp_path / "p", tiny_data / "gray" / "test"
+    locked = out / "overlays" / "test" / "good"
+    locked.mkdir(parents=True)
+    real = os.access         # root ignores a chmod: the system's answer is simulated
+    monkeypatch.setattr(batch.os, "access", lambda p, mode, **kw: Path(p) != locked and real(p, mode, **kw))
+    ran = []
+    monkeypatch.setattr(det, "run", lambda *a, **k: ran.append(1))
+    with pytest.raises(UadcError, match=r"cannot write overlays into .*overlays/test/good \(folder is not writable: "
+                                        r".*\); choose another --out \(nothing was changed\)"):
+        batch.predict_paths(det, [test], out=out, overlays=True)
+    assert not ran and sorted(out.rglob("*")) == [out / "overlays", locked.parent, locked]
 
 
 def test_an_out_folder_with_a_newline_is_named_on_one_line(int8_artifact, tiny_data, tmp_path):

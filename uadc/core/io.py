@@ -364,13 +364,14 @@ def staged_files(final: Path, then: Callable[[], Any] | None = None) -> Iterator
         yield tmp
         with signals_deferred():   # moved one by one: an interrupt in between mixed two runs
             for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                dest = final / f.relative_to(tmp)
                 try:
-                    ensure_dir(final / f.parent.relative_to(tmp))
-                    os.replace(f, final / f.relative_to(tmp))
+                    ensure_dir(dest.parent)
+                    os.replace(f, dest)
                 except OSError as exc:   # ``final`` a link to another disk: no rename across, copy it in
                     if exc.errno != errno.EXDEV:
-                        raise
-                    atomic_write_bytes(final / f.relative_to(tmp), f.read_bytes())
+                        raise UadcError(f"cannot write {dest}: {exc.strerror or exc}") from None
+                    atomic_write_bytes(dest, f.read_bytes())
             if then is not None:
                 then()
         done = True

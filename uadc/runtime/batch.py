@@ -20,8 +20,8 @@ from PIL import Image
 from uadc.core.constants import OVERLAYS_DIR, PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import NonFiniteOutputs, UadcError
 from uadc.core.images import FoundImages, find_images, printable, shown
-from uadc.core.io import (atomic_write_bytes, atomic_write_text, check_dir_creatable, check_own_file, file_lock,
-                          staged_files)
+from uadc.core.io import (atomic_write_bytes, atomic_write_text, check_dir_creatable, check_own_file, check_writable,
+                          file_lock, staged_files)
 from uadc.core.scoped import logged_warnings, signals_deferred
 from uadc.core.manifest import GLOBAL, check_outside_artifacts, infer_category
 from uadc.core.progress import progress
@@ -232,22 +232,30 @@ def _check_out(out: Path) -> None:
 
 def _check_overlays_free(out: Path, names: dict[Path, Path]) -> None:
     """An overlay this run would write where a file lies that the replaced tables do not name is a
-    user's file (or another tool's): refused before any image runs."""
+    user's file (or another tool's), and one whose folder this user cannot change would fail once
+    the others moved in: both refused before any image runs."""
     ours = _named_overlays(out)
     for name in names.values():
         rel = Path(OVERLAYS_DIR) / name
         if ((out / rel).exists() or (out / rel).is_symlink()) and rel.as_posix() not in ours:
             raise UadcError(f"{out / rel} exists and was not written by uadc predict; choose another --out "
                             f"(nothing was changed)")
+    _check_folders_writable({(out / OVERLAYS_DIR / name).parent for name in names.values()}, "write overlays into")
+
+
+def _check_folders_writable(folders: set[Path], what: str) -> None:
+    for d in sorted(folders):
+        try:
+            check_writable(d)   # probes: os.access says yes to root where a write fails (immutable, read-only)
+        except UadcError as exc:
+            raise UadcError(f"cannot {what} {shown(d)} ({exc}); choose another --out (nothing was changed)") from None
 
 
 def _check_overlays_removable(out: Path) -> None:
     """The earlier run's overlays are each replaced or removed once the images ran: one in a folder
     this user cannot change is refused now (then, the tables were replaced and the run failed)."""
-    for p in _overlay_files(out, _named_overlays(out)):
-        if not os.access(p.parent, os.W_OK | os.X_OK):
-            raise UadcError(f"cannot remove {shown(p)}, an overlay of the earlier run: its folder is not writable; "
-                            f"choose another --out (nothing was changed)")
+    _check_folders_writable({p.parent for p in _overlay_files(out, _named_overlays(out))},
+                            "remove the earlier run's overlays in")
 
 
 def _describe(skipped: dict[str, int]) -> str:
