@@ -162,3 +162,19 @@ def test_only_a_failed_import_of_a_package_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UadcError, match=r"^json .* has no module json.nothing .*a version uadc does not support"):
         with dependencies_checked():
             as_uadc("import json.nothing")
+
+
+def test_doctor_leaves_the_callers_process_as_found(tmp_path):
+    """A service's health check: `uadc.doctor()` set scikit-learn's KMP_* variables (children inherit them),
+    added warning filters, drew from Python's random stream, and left OpenVINO's telemetry thread running."""
+    import subprocess
+    import sys
+    code = ("import os, random, threading, warnings\nimport numpy as np\nimport uadc.pipeline.doctor as d\n"
+            "def state(): return (dict(os.environ), warnings.filters[:], random.getstate(), np.random.get_state()[1]"
+            ".tolist(), sorted(t.name for t in threading.enumerate()))\n"
+            "before = state(); d.doctor(); after = state()\n"
+            "print([i for i, (a, b) in enumerate(zip(before, after)) if a != b], set(after[0]) - set(before[0]), "
+            "after[4])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("[] set() ['MainThread']"), p.stdout

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +22,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from uadc.core.constants import MASKS_FOLDER, OVERLAYS_DIR, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError, one_line
+from uadc.core.scoped import warnings_ignored
 
 log = logging.getLogger(__name__)
 _NOTED: set[tuple[str, str]] = set()   # (what, folder): a dataset's folder of like images warns once, not per image
@@ -43,8 +43,7 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
         raise UadcError(f"unreadable {what} {shown(path)}: " + ("a folder, not an image file" if os.path.isdir(path)
                                                            else "not a regular file"))
     try:
-        with warnings.catch_warnings():   # an image of 1-2x Pillow's pixel limit is read (and resized), not noted
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings_ignored(Image.DecompressionBombWarning):   # 1-2x Pillow's pixel limit: read and resized
             im = Image.open(path)
         with im:
             if getattr(im, "is_animated", False):

@@ -48,19 +48,22 @@ def torch_threads(threads: int | None) -> Iterator[int]:
 @contextlib.contextmanager
 def streams_kept(cuda: bool = False) -> Iterator[None]:
     """Python's, NumPy's and torch's global random streams are the caller's again on exit, whatever the
-    block draws or seeds (a calibrator plug-in's ``np.random.seed``). torch's CUDA generators take part
-    only with ``cuda``: forking them starts a CUDA context, which a CPU run on a GPU machine has no use for."""
+    block draws or seeds (a calibrator plug-in's ``np.random.seed``); such blocks in several threads run
+    one at a time (two trainings at once drew from each other's seeded streams). torch's CUDA generators
+    take part only with ``cuda``: forking them starts a CUDA context, which a CPU run on a GPU machine
+    has no use for."""
     import random
 
     import torch
 
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=None if cuda else []):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+    with _RANDOM:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=None if cuda else []):
+            try:
+                yield
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
 
 
 @contextlib.contextmanager
@@ -135,6 +138,15 @@ def signal_stack_kept() -> Iterator[None]:
 _SHARED = threading.RLock()
 _users: dict[str, int] = {}
 _saved: dict[str, Any] = {}
+_RANDOM = threading.RLock()   # held by streams_kept / seeded blocks
+
+
+def _new_locks() -> None:   # a child forked while another thread held one would wait for ever
+    global _SHARED, _RANDOM
+    _SHARED, _RANDOM = threading.RLock(), threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_locks)
 
 
 @contextlib.contextmanager
@@ -161,11 +173,36 @@ def _shared_state(name: str, save: Callable[[], Any], restore: Callable[[Any], N
 _ALWAYS = ("always", None, Warning, None, 0)
 
 
+class _Ignore(tuple):
+    """A filter of :func:`warnings_ignored`: one object per block, so it is found by identity."""
+
+
+_ignoring: set[int] = set()   # ids of the _Ignore filters whose blocks run
+
+
 def _set_filters(filters: list, quiet: bool) -> None:
-    """The warning filters, with ``_ALWAYS`` first exactly while a quiet block runs (in any thread)."""
-    kept = [f for f in filters if f is not _ALWAYS]
+    """The warning filters, with ``_ALWAYS`` first exactly while a quiet block runs (in any thread), and
+    no ignore filter of a block that ended (a copy saved while it ran put it back for good)."""
+    kept = [f for f in filters if f is not _ALWAYS and not (isinstance(f, _Ignore) and id(f) not in _ignoring)]
     warnings.filters[:] = ([_ALWAYS] if quiet else []) + kept
     getattr(warnings, "_filters_mutated", lambda: None)()   # what catch_warnings does: cached decisions go
+
+
+@contextlib.contextmanager
+def warnings_ignored(category: type[Warning] = Warning) -> Iterator[None]:
+    """Warnings of ``category`` are ignored in the block. Not ``catch_warnings``: it puts back the copy
+    it saved, so two threads' blocks that overlapped left the later one's filter in place for good (every
+    warning of the app ignored after calls from several threads)."""
+    item = _Ignore(("ignore", None, category, None, 0))
+    with _SHARED:
+        _ignoring.add(id(item))
+        _set_filters([item, *warnings.filters], bool(_users.get("quiet")))
+    try:
+        yield
+    finally:
+        with _SHARED:
+            _ignoring.discard(id(item))
+            _set_filters(warnings.filters[:], bool(_users.get("quiet")))
 
 
 def _restore_environment(saved: tuple[dict, list]) -> None:

@@ -10,8 +10,8 @@ Per target, one of:
 - ``unavailable``: a package is missing or does not import (the detail names it and why).
 
 Versions come from package metadata, CPU features from /proc/cpuinfo, TensorRT/GPU presence from
-the TensorRT backend's own check; the packages every compile needs (``COMPILE_NEEDS``) and OpenVINO
-are imported, as metadata alone says "installed" of a broken install.
+the TensorRT backend's own check; the packages every compile needs (``COMPILE_NEEDS``) are imported,
+and OpenVINO in a child process, as metadata alone says "installed" of a broken install.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +31,7 @@ from uadc.backends.openvino import import_error as ov_import_error
 from uadc.backends.tensorrt.plan import trt_available
 from uadc.config.targets import TARGETS, Target
 from uadc.core.io import JsonResult
+from uadc.core.scoped import process_state_kept
 
 PACKAGES = {"torch": ("torch",), "onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
             "polygraphy": ("polygraphy",), "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu11"),
@@ -92,6 +95,11 @@ class DoctorReport(JsonResult):
 def doctor() -> DoctorReport:
     """What uadc sees on this machine (``uadc doctor``): versions, CPU INT8 features, threads,
     GPU / TensorRT, and per target whether it runs here, is emulated, or can only be bundled."""
+    with process_state_kept():   # its imports' environment variables, warning filters and draws (torch may not import)
+        return _doctor()
+
+
+def _doctor() -> DoctorReport:
     versions = {name: _version(dists) for name, dists in PACKAGES.items()}
     table, flags = _cpu_flags()
     features = {label: (flag in flags if flags is not None else None) for flag, label in table.items()}
@@ -103,9 +111,27 @@ def doctor() -> DoctorReport:
         gpu=gpu, tensorrt=versions["tensorrt"] if trt_ok else None,
         tensorrt_reason=trt_reason or "found", onnxruntime_providers=_ort_providers())
     broken = _compile_blocker()
+    ov = _openvino_error() if versions["openvino"] else "OpenVINO not installed: pip install 'uadc[openvino]'"
     report.targets = [TargetSupport(t.name, t.runtime, t.precision, "unavailable", broken) if broken else
-                      _support(t, report, trt_ok) for t in TARGETS.values()]
+                      _support(t, report, trt_ok, ov) for t in TARGETS.values()]
     return report
+
+
+def _openvino_error() -> str | None:
+    """Why the installed OpenVINO does not import, or None; found by a child process unless this one
+    imported it already: ``import openvino`` starts OpenVINO's telemetry, whose thread outlived the call."""
+    if "openvino" in sys.modules:
+        return ov_import_error()
+    code = "from uadc.backends.openvino import import_error; print(import_error() or '', end='')"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}   # this process's uadc
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"OpenVINO's import could not be checked: {exc}"
+    if done.returncode:   # a broken shared library may end the process rather than raise
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"OpenVINO does not import here: the import ended with exit code {done.returncode} ({last[:200]})"
+    return done.stdout.strip() or None
 
 
 def _compile_blocker() -> str | None:
@@ -119,7 +145,7 @@ def _compile_blocker() -> str | None:
     return None
 
 
-def _support(t: Target, r: DoctorReport, trt_ok: bool) -> TargetSupport:
+def _support(t: Target, r: DoctorReport, trt_ok: bool, ov_error: str | None) -> TargetSupport:
     def out(can: str, detail: str) -> TargetSupport:
         return TargetSupport(t.name, t.runtime, t.precision, can, detail)
 
@@ -128,8 +154,8 @@ def _support(t: Target, r: DoctorReport, trt_ok: bool) -> TargetSupport:
             return out("unavailable", "onnxruntime not installed")
         return out("run", "ONNX Runtime CPU" + (_int8_note(r) if t.quantized else ""))
     if t.runtime == "openvino":
-        if r.versions["openvino"] is None or ov_import_error() is not None:   # installed yet broken: say why
-            return out("unavailable", ov_import_error() or "OpenVINO not installed: pip install 'uadc[openvino]'")
+        if ov_error is not None:   # not installed, or installed yet broken: say why
+            return out("unavailable", ov_error)
         bf16 = _bf16_note(r) if t.float_precision == "bf16" else ""
         return out("run", "OpenVINO CPU" + (_int8_note(r) if t.quantized else "") + bf16)
     if t.runtime == "tensorrt":

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import pickle
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from uadc.config.yaml_file import dump_yaml
 from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError, pickle_refusal
 from uadc.core.io import atomic_save, atomic_write_text, contained, sha256_stream
-from uadc.core.scoped import signals_deferred
+from uadc.core.scoped import signals_deferred, warnings_ignored
 from uadc.models import KDModel, build_model
 
 log = logging.getLogger(__name__)
@@ -171,8 +170,7 @@ def read_checkpoint(path: Path) -> CheckpointBlob:
             _check_zip_crc(f, path)
         try:
             f.seek(0)
-            with warnings.catch_warnings():  # torch's pickle-protocol notes are not for the user
-                warnings.simplefilter("ignore")
+            with warnings_ignored():  # torch's pickle-protocol notes are not for the user
                 blob = torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise UadcError(f"checkpoint {path} {pickle_refusal(exc)}") from None
