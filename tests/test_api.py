@@ -624,6 +624,59 @@ def test_quiet_blocks_in_two_threads_leave_the_process_as_found_and_other_thread
         app.removeHandler(handler)
 
 
+def test_ignore_blocks_and_seeded_blocks_in_two_threads_leave_the_process_as_found():
+    """Each loaded image and checkpoint ran catch_warnings, which puts back the copy it saved: two threads'
+    blocks overlapping left an `ignore` filter for good (every later warning of the app ignored). Two
+    trainings in threads seeded and drew from the same global streams: neither was reproducible."""
+    import threading
+    import time
+    import warnings
+    import torch
+    from uadc.core.scoped import environment_kept, seeded, warnings_ignored
+    before = warnings.filters[:]
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with warnings_ignored(UserWarning):
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second():
+        a_in.wait(10)
+        with environment_kept(), warnings_ignored():   # a copy of the filters saved while the first block runs
+            b_in.set()
+            a_out.wait(10)
+    threads = [threading.Thread(target=f) for f in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert warnings.filters == before
+
+    with seeded(0):
+        alone = torch.rand(6)
+    drawn, started = [], threading.Event()
+
+    def training():
+        with seeded(0):
+            drawn.append(torch.rand(3))
+            started.set()
+            time.sleep(0.3)                # another training starts meanwhile
+            drawn.append(torch.rand(3))
+
+    def other():
+        started.wait(10)
+        with seeded(1):
+            time.sleep(0.6)                # its draws come from seed 1 until it ends
+    threads = [threading.Thread(target=f) for f in (training, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert torch.equal(torch.cat(drawn), alone)
+
+
 def test_third_party_warnings_in_a_quiet_block_are_kept_whatever_the_callers_filters():
     """Under a caller's `error` filter (pytest's filterwarnings, PYTHONWARNINGS) torch's exporter's
     FutureWarning (attributed to copyreg) became an export failure; the filters are the caller's again."""
