@@ -543,6 +543,16 @@ def test_a_baselines_compiles_go_where_its_checkpoint_is(trained, tmp_path, monk
     b = uadc.baseline(recipe, artifacts=art, threads=1)
     res = uadc.compile(b, "ort-cpu-fp32", evaluate=False, latency_runs=1)
     assert res.path.absolute() == (art / "tiny" / "ort-cpu-fp32").absolute() and not (tmp_path / "artifacts").exists()
+    # read from ./artifacts, then the caller moved: its compiles went to the new folder's ./artifacts
+    monkeypatch.chdir(art.parent)
+    b = uadc.baseline(recipe, artifacts=Path(art.name), threads=1)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    res = uadc.compile(b, "ort-cpu-fp32", evaluate=False, latency_runs=1, force=True)
+    assert res.path == (art / "tiny" / "ort-cpu-fp32").absolute() and not list((tmp_path / "elsewhere").iterdir())
+    for bad in ("4", -1, 2.5, True):   # a Baseline source skipped the check: a TypeError, or clamped silently
+        with pytest.raises(UadcError, match=r"threads: expected a whole number >= 1"):
+            uadc.compile(b, "ort-cpu-fp32", evaluate=False, threads=bad, out=tmp_path / "t")
 
 
 def test_a_checkpoint_follows_its_data_to_another_folder(tmp_path):

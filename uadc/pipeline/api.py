@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 
-from uadc.config.recipe import Recipe, load_recipe
+from uadc.config.recipe import Recipe, default_artifacts_root, load_recipe
 from uadc.config.targets import TARGETS
 from uadc.config.validation import name_list
 from uadc.core.constants import CALIBRATION_KINDS, MANIFEST_FILE
@@ -219,6 +219,7 @@ def baseline(source: Any, recipe: RecipeLike | None = None, *, artifacts: Path |
         recipe = _checkpoint_recipe(source)
     r = load_recipe(recipe)
     root = _artifacts_root(artifacts)
+    root = root.absolute() if root is not None else default_artifacts_root()   # a later os.chdir moved its compiles
     return Baseline(r, resolve_source(source, r, root), check_threads(threads), root)
 
 
@@ -248,6 +249,7 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
     if calib_samples is not None:
         whole_number(calib_samples, "calib_samples")
     whole_number(latency_runs, "latency_runs")
+    threads = check_threads(threads)   # a Baseline source skips baseline()'s check
     if isinstance(calibration, str) and calibration not in CALIBRATION_KINDS:
         raise UadcError(f"calibration: {calibration!r} is not one of {', '.join(CALIBRATION_KINDS)} (or give images)")
     if calibration is not None and not isinstance(calibration, str) and not hasattr(calibration, "__iter__"):
