@@ -619,3 +619,16 @@ def test_an_activation_behind_an_op_the_quantizer_leaves_float_is_no_group():
     model = _normalised_head()
     assert "Clip" in quantized_op_types()
     assert "head/clamp_min" not in [g.name for g in fused_groups(model, ["head"])]
+
+
+def test_onnx_runtimes_quantizer_is_imported_leaving_sys_path_as_found():
+    """Its import appended onnxruntime/transformers to sys.path for good: an app's `import metrics` (or
+    `benchmark`, `models`, ...) then loaded ORT's module of that name."""
+    import subprocess
+    import sys
+    code = ("import sys\nbefore = sys.path[:]\nfrom uadc.passes.qdq import quantized_op_types\n"
+            "from uadc.quant.qat.placement import scale_to_range\nassert quantized_op_types()\n"
+            "print(sys.path == before, [p for p in sys.path if p not in before])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "True []"

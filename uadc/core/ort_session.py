@@ -10,6 +10,20 @@ from uadc.core.errors import UadcError
 from uadc.core.scoped import check_threads
 
 
+def ort_quantization(module: str = "") -> Any:
+    """``onnxruntime.quantization`` (or its ``module``), imported with ``sys.path`` left as found: its import of
+    ``onnxruntime.transformers`` appends that folder to ``sys.path``, whose ``metrics``, ``benchmark``,
+    ``models``, ... modules then shadowed an embedding app's own (or answered imports meant to fail)."""
+    import importlib
+    import sys
+
+    before = set(sys.path)
+    try:
+        return importlib.import_module("onnxruntime.quantization" + (f".{module}" if module else ""))
+    finally:   # the modules it imported through that folder are loaded already
+        sys.path[:] = [p for p in sys.path if p in before]
+
+
 def make_session(model: Any, threads: int | None = None, optimize: bool = True,
                  profile_prefix: str | None = None, config: dict[str, str] | None = None) -> Any:
     """A CPU ``InferenceSession`` for an ``onnx.ModelProto``, serialized bytes or a path.

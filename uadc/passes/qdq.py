@@ -14,6 +14,7 @@ import onnx
 
 from uadc.core.constants import PARTITION_KEY, PARTITIONS, QDQ_OPS
 from uadc.core.errors import UadcError
+from uadc.core.ort_session import ort_quantization
 from uadc.core.scoped import root_logging_untouched
 from uadc.export.partitions import GraphIndex, assign_partitions, clear_partition, nodes_in, partition_of
 from uadc.passes.pipeline import PassContext, copy_model, opset_of, register_pass
@@ -30,9 +31,8 @@ def qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
 
 def quantized_op_types() -> list[str]:
     """Op types ORT's static quantizer handles in QDQ format (its default for quantize_static)."""
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-    return sorted(set(QDQRegistry) | set(QLinearOpsRegistry))
+    registry = ort_quantization("registry")
+    return sorted(set(registry.QDQRegistry) | set(registry.QLinearOpsRegistry))
 
 
 def _fork_shared(model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
@@ -109,8 +109,7 @@ def _unfork(model: onnx.ModelProto, forks: dict[str, str]) -> None:
 
 
 def _qtype(name: str):
-    from onnxruntime.quantization import QuantType
-
+    QuantType = ort_quantization().QuantType
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     if name not in types:
         raise UadcError(f"unsupported quantization type {name!r}; expected one of {', '.join(types)}")
@@ -207,8 +206,9 @@ _MISSING_RE = re.compile(r"not specified for param (\S+?)\.?\s")
 def quantize_qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     """Insert Q/DQ with ORT's QDQQuantizer, ranges from ``ctx.ranges``, only on nodes of
     ``ctx.quantize_partitions``; new nodes are tagged with the partition they serve."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    cal = ort_quantization("calibrate")
+    CalibrationMethod, TensorData, TensorsData = cal.CalibrationMethod, cal.TensorData, cal.TensorsData
+    QDQQuantizer = ort_quantization("qdq_quantizer").QDQQuantizer
 
     scheme = ctx.target.scheme
     if scheme is None:
@@ -284,7 +284,7 @@ def reusing_quantized_weights(memo: dict | None):
     20 ms a weight, a fifth of a candidate's build), and the precision search's candidates quantize the
     same weights to the same scales. ORT's module-level function is swapped for the call (under a lock)
     and restored; ORT versions that do not route weights through it (1.19.2) quantize as before."""
-    from onnxruntime.quantization import qdq_quantizer as ortq
+    ortq = ort_quantization("qdq_quantizer")
 
     original = getattr(ortq, "quantize_onnx_initializer", None)
     if memo is None or original is None:

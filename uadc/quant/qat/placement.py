@@ -15,6 +15,7 @@ from onnx import numpy_helper
 
 from uadc.core.constants import QDQ_OPS
 from uadc.core.errors import UadcError
+from uadc.core.ort_session import ort_quantization
 from uadc.export.partitions import partition_of
 
 
@@ -174,7 +175,7 @@ def clip_bounds(placement: Placement, fp32: onnx.ModelProto, ptq: onnx.ModelProt
 def scale_to_range(a: ActQuant, scale: float, symmetric: bool) -> tuple[float, float]:
     """A float range ORT's compute_scale_zp turns back into (``scale``, ``a.zero_point``)."""
     if symmetric:
-        from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+        get_qmin_qmax_for_qType = ort_quantization("quant_utils").get_qmin_qmax_for_qType
         dtype = onnx.TensorProto.INT8 if a.qmin < 0 else onnx.TensorProto.UINT8
         qmin, qmax = (int(v) for v in get_qmin_qmax_for_qType(dtype, symmetric=True))
         half = scale * (qmax - qmin) / 2.0
