@@ -381,3 +381,26 @@ def test_masks_in_16_bits_jpeg_soft_or_not_square_mark_what_they_show(tmp_path):
     s = _mask_of(tmp_path, Image.fromarray(np.zeros((32, 48), np.uint8)))
     with pytest.raises(UadcError, match="marks no pixel"):
         validate_test_masks(ImageDataset([s], 32, *NORM))
+
+
+def test_colour_masks_inverted_masks_and_a_capitalised_good_folder(tmp_path, data, caplog):
+    """A colour mask (one colour per class) lost its red defect: luminance 76, below the cut its white one
+    set; an alpha-only mask on white marked the whole image; black-on-white masks were read without a
+    word (pixel AUROC ~0.4); `test/Good` was scored as a defect type (image AUROC 1.0 -> 0.78)."""
+    from uadc.data.mvtec import ImageDataset, load_mask
+    colours = np.zeros((32, 48, 3), np.uint8)
+    colours[4:12, 4:12] = (255, 0, 0)
+    colours[20:28, 20:28] = 255
+    assert load_mask(_mask_of(tmp_path, Image.fromarray(colours)), 48).sum() == pytest.approx(128 * 1.5, rel=0.1)
+    alpha = np.full((32, 48, 4), 255, np.uint8)
+    alpha[..., 3] = 0
+    alpha[8:16, 10:30, 3] = 255
+    assert load_mask(_mask_of(tmp_path, Image.fromarray(alpha, "RGBA")), 48).sum() == pytest.approx(160 * 1.5, rel=0.1)
+    inverted = np.full((32, 48), 255, np.uint8)
+    inverted[8:16, 10:30] = 0
+    with caplog.at_level("WARNING", logger="uadc"):
+        validate_test_masks(ImageDataset([_mask_of(tmp_path, Image.fromarray(inverted))], 32, *NORM))
+    assert "c/blob: 1 of 1 masks mark more than half their image" in caplog.text and "invert them" in caplog.text
+    (data / "a" / "test" / "good").rename(data / "a" / "test" / "Good")
+    samples = list_test_samples(data, "a")
+    assert {s.defect for s in samples} == {"good", "blob"} and sum(s.label == 0 for s in samples) == 1

@@ -296,3 +296,19 @@ def test_one_class_comparison_uses_only_this_recipes_unified_eval(tmp_path):
     assert _unified_eval(path, recipe, per_cat, ckpt) is None
     path.unlink()
     assert _unified_eval(path, recipe, per_cat, ckpt) is None
+
+
+def test_a_defect_type_whose_masks_cover_the_image_has_no_pixel_auroc():
+    """A colour cast marked over the whole image is legitimate data: its breakdown's pixel AUROC (no normal
+    pixel among that type's images) raised ValueError, and `uadc eval` ended in a traceback."""
+    from uadc.evaluation.run import defect_breakdown
+    rng = np.random.default_rng(0)
+    kinds = np.array(["good"] * 3 + ["color"] * 2 + ["scratch"] * 2)
+    labels = (kinds != "good").astype(int)
+    masks = np.zeros((7, 8, 8), np.float32)
+    masks[3:5] = 1
+    masks[5:, 2:4, 2:4] = 1
+    maps = rng.random((7, 8, 8)).astype(np.float32)
+    out = defect_breakdown(kinds, labels, rng.random(7), masks, maps)
+    assert "pixel_auroc" not in out["color"] and "image_auroc" in out["color"]
+    assert 0 <= out["scratch"]["pixel_auroc"] <= 1

@@ -112,7 +112,7 @@ def list_test_samples(root: Path, category: str) -> list[Sample]:
     masked = (cat / MASKS_FOLDER).is_dir()   # without ground_truth/: image-level labels, no pixel metrics
     for defect_dir in sorted(p for p in test.iterdir() if p.is_dir() and not is_hidden(p.name)):
         check_utf8_name(defect_dir, "defect type")
-        defect = defect_dir.name
+        defect = "good" if defect_dir.name.lower() == "good" else defect_dir.name   # test/Good was a defect type
         masks = _mask_files(cat / MASKS_FOLDER / defect) if defect != "good" and masked else {}
         for img in _images(defect_dir):
             mask = None
@@ -148,9 +148,19 @@ def _mask_pixels(sample: Sample) -> np.ndarray:
                 raise UadcError(f"mask size {m.size} differs from image size {im.size}: {sample.mask_path}")
         lossy = m.format == "JPEG" or sample.mask_path.suffix.lower() in (".jpg", ".jpeg")
         deep = m.mode.startswith("I;16") or m.mode == "I"   # raw values: 8 bits would round 0/1 to 0/0
-        a = np.asarray(m, dtype=np.float64) if deep else np.asarray(eight_bit(m, sample.mask_path).convert("L"))
+        a = np.asarray(m, dtype=np.float64) if deep else _mask_levels(eight_bit(m, sample.mask_path))
     peak = float(a.max(initial=0))
     return a > (peak / 2 if lossy or peak >= 128 else 0)
+
+
+def _mask_levels(m: Image.Image) -> np.ndarray:
+    """A mask's level per pixel. A colour mask (one colour per defect class, as annotation tools export
+    them) counts its brightest channel, over black where it is transparent: luminance made a red defect
+    76 of 255, below the cut a white one set, and dropped it."""
+    if m.mode in ("1", "L"):
+        return np.asarray(m.convert("L"))
+    rgba = np.asarray(m.convert("RGBA"), dtype=np.float64)
+    return rgba[..., :3].max(axis=2) * (rgba[..., 3] / 255.0)
 
 
 def load_mask(sample: Sample, size: int) -> np.ndarray:
@@ -233,10 +243,21 @@ def validate_test_masks(ds: ImageDataset) -> None:
 
     Empty means empty at the mask's own resolution: a tiny defect that vanishes when resized to
     the working size is legitimate (its image still counts for image AUROC)."""
+    most: dict[tuple[str, str], list[int]] = {}
     for s in ds.samples:
         load_image(s.path, ds.size)  # an unreadable test image fails here, not after training
-        if s.mask_path is not None and not _mask_pixels(s).any():
+        if s.mask_path is None:
+            continue
+        marked = _mask_pixels(s)
+        if not marked.any():
             raise UadcError(f"mask of defect image {s.path} marks no pixel: {s.mask_path}")
+        counts = most.setdefault((s.category, s.defect), [0, 0])
+        counts[0] += marked.mean() > 0.5
+        counts[1] += 1
+    for (cat, defect), (n, total) in most.items():
+        if n:   # inverted masks gave pixel AUROC ~0.4 without a word (a colour cast marked whole is real)
+            log.warning("%s/%s: %d of %d masks mark more than half their image; masks mark defects non-zero on "
+                        "black: if yours are black on white, invert them", cat, defect, n, total)
 
 
 def stack(ds: ImageDataset, indices: Sequence[int] | None = None) -> torch.Tensor:

@@ -299,7 +299,12 @@ def compute_all(
 
 
 def has_pixels(masks: np.ndarray | None) -> bool:
-    return masks is not None and bool(np.asarray(masks).any())
+    """Pixel metrics are defined: the masks mark defect pixels and leave normal ones (a defect type whose
+    masks cover their images whole, a colour cast, has none: its breakdown stopped uadc eval)."""
+    if masks is None:
+        return False
+    m = np.asarray(masks)
+    return bool(m.any()) and not bool(m.all())
 
 
 def summarize(per_category: dict[str, dict[str, float]]) -> dict:
