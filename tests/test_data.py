@@ -404,3 +404,21 @@ def test_colour_masks_inverted_masks_and_a_capitalised_good_folder(tmp_path, dat
     (data / "a" / "test" / "good").rename(data / "a" / "test" / "Good")
     samples = list_test_samples(data, "a")
     assert {s.defect for s in samples} == {"good", "blob"} and sum(s.label == 0 for s in samples) == 1
+
+
+def test_a_category_named_in_another_unicode_form_is_the_same_category(tmp_path):
+    """A folder copied from macOS is named in NFD, the name typed in a recipe or `--category` in NFC:
+    'category Prüfteil not found (found: Prüfteil)', 'unknown category', and images under a folder of the
+    typed name were judged at the global thresholds (3 defects called good)."""
+    import unicodedata
+    from uadc.core.manifest import CategoryThresholds, Threshold, Thresholds, infer_category
+    nfc, nfd = unicodedata.normalize("NFC", "Prüfteil"), unicodedata.normalize("NFD", "Prüfteil")
+    assert nfc != nfd
+    make_category(tmp_path, nfd, n_train=2, n_good=1, n_defect=1)
+    pairs = resolve_sources([{"root": str(tmp_path), "categories": [nfc]}])
+    assert pairs == [(tmp_path, nfd)] and len(build_train_set(pairs, 32, NORM)) == 2
+    assert infer_category(tmp_path / "line" / nfc / "x.png", [nfd, "gray"]) == nfd
+    t = Threshold(value=1.0, low=0.0, high=2.0, quantile=0.99, n=4)
+    ct = CategoryThresholds(t, t)
+    th = Thresholds(0.01, "x", {nfd: ct}, CategoryThresholds(t, t))
+    assert th.get(nfc) is ct

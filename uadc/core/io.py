@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import unicodedata
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -382,6 +383,12 @@ def staged_files(final: Path, then: Callable[[], Any] | None = None) -> Iterator
         if made and not done:
             with contextlib.suppress(OSError):
                 final.parent.rmdir()
+
+
+def same_name(a: str, b: str) -> bool:
+    """Two names that read the same: a folder copied from macOS is named in decomposed Unicode (NFD),
+    the name a user types is composed (NFC); 'Prüfteil' was "not found (found: Prüfteil)"."""
+    return a == b or unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b)
 
 
 def is_plain_name(name: str) -> bool:

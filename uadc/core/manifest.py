@@ -25,7 +25,7 @@ import numpy as np
 from uadc.core.constants import (ARTIFACT_PRECISIONS, DEPLOY_METADATA, INPUT_NAME, MANIFEST_FILE, MANIFEST_SCHEMA,
                                  MODEL_FILE, OUTPUT_NAMES, RUNTIMES, TARGET_RUNTIMES)
 from uadc.core.errors import UadcError
-from uadc.core.io import TMP_TAG, JsonResult, as_path, atomic_write_json, sha256_file
+from uadc.core.io import TMP_TAG, JsonResult, as_path, atomic_write_json, same_name, sha256_file
 from uadc.core.numbers import flags
 
 MAX_MANIFEST_BYTES = 16 << 20
@@ -117,6 +117,7 @@ class Thresholds:
         if not isinstance(category, str):   # a list: "unhashable type" from the lookup below
             raise UadcError(f"category: expected a category's name or None, got {type(category).__name__} "
                             f"{category!r:.60}")
+        category = next((c for c in self.categories if same_name(c, category)), category)
         if category not in self.categories:
             raise UadcError(f"unknown category {category!r}; this artifact knows "
                             f"{', '.join(self.categories) or 'none'} (or omit it for the global threshold)")
@@ -306,8 +307,9 @@ def infer_category(path: Path, categories: Sequence[str]) -> str | None:
     normalised first: ``stripes/../../odd/x.png`` is not in ``stripes`` (links are not followed: a
     linked folder's own name counts)."""
     for part in reversed(Path(os.path.normpath(Path(path).absolute())).parts[:-1]):
-        if part in categories:
-            return part
+        found = next((c for c in categories if same_name(c, part)), None)
+        if found is not None:
+            return found
     return None
 
 

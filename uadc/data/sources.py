@@ -11,6 +11,7 @@ from typing import Sequence
 from uadc.config.recipe import Recipe
 from uadc.core.errors import UadcError
 from uadc.core.images import check_utf8_name, is_hidden
+from uadc.core.io import same_name
 from uadc.core.manifest import GLOBAL
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def resolve_sources(sources: Sequence[dict]) -> list[tuple[Path, str]]:
                             f"sweep file's overrides, or the current folder for a recipe given as a dict)")
         cats = src.get("categories") or list_categories(root)
         for c in cats:
+            if not (root / c).exists():   # the folder's name in another Unicode form (copied from macOS: NFD)
+                c = next((p.name for p in root.iterdir() if same_name(p.name, c)), c)
             check_utf8_name(root / c, "category")
             if c == GLOBAL:   # the key of the thresholds over all categories (artifact.json, --category)
                 raise UadcError(f"category name {GLOBAL!r} is reserved for the thresholds over all categories: "
