@@ -579,6 +579,23 @@ def test_an_artifact_without_thresholds_is_a_warning_at_compile(recipe_factory, 
         res = uadc.compile(r, "ort-cpu-fp32", artifacts=tmp_path / "art", evaluate=False, latency_runs=1)
     assert "the artifact has no operating thresholds, so `uadc predict` cannot decide with it" in caplog.text
     assert "on validation normals only (no images)" in (res.path / "report.md").read_text()
+    assert "(data.val_fraction 0 and no data.val)" in caplog.text
+    # one training image per category and data.val_fraction 0.1: the advice was "set data.val_fraction > 0"
+    from conftest import write_recipe
+    from synthetic import make_category
+    for c, seed in (("stripes", 1), ("gray", 2)):
+        make_category(tmp_path / "one", c, size=32, n_train=1, n_good=1, n_defect=1, seed=seed)
+    one = write_recipe(tmp_path / "one.yaml", tmp_path / "one", data={"image_size": 32},
+                       train={"epochs": 1, "threads": 1})
+    uadc.train(one, artifacts=tmp_path / "art")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="uadc"):
+        res = uadc.compile(one, "ort-cpu-fp32", artifacts=tmp_path / "art", evaluate=False, latency_runs=1)
+    assert "(data.val_fraction 0.1 holds out none of a single training image per category, and no data.val)" \
+        in caplog.text and "give data.val (defect-free images per category)" in caplog.text
+    with pytest.raises(UadcError, match=r"no operating thresholds \(compiled without validation normals: give "
+                                        r"data.val \(defect-free images per category\), or set data.val_fraction"):
+        uadc.Detector.load(res.path).thresholds()
 
 
 def test_force_never_replaces_a_folder_only_named_like_uadcs_and_out_stays_outside_artifacts(int8_artifact, tmp_path):

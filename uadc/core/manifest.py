@@ -97,6 +97,9 @@ class CategoryThresholds:
 
 
 GLOBAL = "global"           # key of the thresholds over all categories' validation normals together
+# what to do when no normals were held out for thresholds (a single training image has none to spare)
+NO_VALIDATION_ADVICE = ("give data.val (defect-free images per category), or set data.val_fraction > 0 where it "
+                        "is 0 (a category with one training image has none to hold out)")
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ import onnx
 from uadc import __version__
 from uadc.backends import openvino as ov
 from uadc.backends.ort import make_session, ort_predictor
+from uadc.config.recipe import Recipe
 from uadc.config.targets import Target
 from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES, PRED_OUTPUTS
-from uadc.core.manifest import Manifest, Preprocessing, Thresholds
+from uadc.core.manifest import NO_VALIDATION_ADVICE, Manifest, Preprocessing, Thresholds
 from uadc.evaluation.run import Predictor, load_test_arrays, predict
 from uadc.evaluation.thresholds import Decisions, compute_thresholds, decision_report
 from uadc.pipeline.baseline import Baseline
@@ -93,9 +94,10 @@ def deploy_evaluation(baseline: Baseline, compiled: onnx.ModelProto, threads: in
                      "validation": {c: int(len(val.get(c, ()))) for c in baseline.categories},   # 0s too
                      "thresholds": {"compiled": thr.to_dict() if thr else None}}
     if thr is None:
-        section["note"] = "no validation normals (data.val_fraction 0 and no data.val): no thresholds"
-        log.warning("no validation normals (data.val_fraction 0 and no data.val): the artifact has no operating "
-                    "thresholds, so `uadc predict` cannot decide with it; set data.val_fraction > 0 or give data.val")
+        why = _no_validation(baseline.recipe)
+        section["note"] = f"no validation normals ({why}): no thresholds"
+        log.warning("no validation normals (%s): the artifact has no operating thresholds, so `uadc predict` cannot "
+                    "decide with it; %s", why, NO_VALIDATION_ADVICE)
         return DeployResult(None, None, section)
     section["estimator"] = thr.estimator
     if d.threshold_margin and not thr.image_spread and (one := [c for c, n in thr.validation.items() if n == 1]):
@@ -146,8 +148,8 @@ def finalize_model(baseline: Baseline, compiled: onnx.ModelProto, target: Target
     if postprocess:
         if thresholds is None:
             from uadc.core.errors import UadcError
-            raise UadcError("postprocess: needs operating thresholds, and this recipe has no validation normals "
-                            "(set data.val_fraction > 0 or data.val)")
+            raise UadcError(f"postprocess: needs operating thresholds, and this recipe has no validation normals "
+                            f"({_no_validation(baseline.recipe)}): {NO_VALIDATION_ADVICE}")
         compiled, info = append_postprocess(compiled, thresholds, list(baseline.categories))
     else:
         copy = onnx.ModelProto()
@@ -157,3 +159,10 @@ def finalize_model(baseline: Baseline, compiled: onnx.ModelProto, target: Target
     # the counts the export recorded describe the FP32 graph, not this one (Q/DQ, post-processing)
     set_metadata(compiled, {"deploy": manifest.essentials(), "partitions": partition_counts(compiled)})
     return compiled, manifest
+
+
+def _no_validation(recipe: Recipe) -> str:
+    """Why no normals were held out: with data.val_fraction > 0, every category has one training image."""
+    f = recipe.data.val_fraction
+    return "data.val_fraction 0 and no data.val" if f <= 0 else \
+        f"data.val_fraction {f:g} holds out none of a single training image per category, and no data.val"

@@ -24,7 +24,7 @@ import numpy as np
 
 from uadc.core.errors import NonFiniteOutputs, RuntimeFault, UadcError
 from uadc.core.io import JsonResult, as_path
-from uadc.core.manifest import GLOBAL, CategoryThresholds, Manifest, read_manifest
+from uadc.core.manifest import GLOBAL, NO_VALIDATION_ADVICE, CategoryThresholds, Manifest, read_manifest
 from uadc.core.scoped import check_threads, logged_warnings
 from uadc.runtime.preprocess import preprocess
 
@@ -277,7 +277,7 @@ class Detector:
         """The operating thresholds (image and pixel) of ``category``; None: the global ones."""
         if self.manifest.thresholds is None:
             raise UadcError(f"{self.manifest.folder}: the artifact has no operating thresholds (compiled without "
-                            f"validation normals: set data.val_fraction > 0 or data.val and compile again)")
+                            f"validation normals: {NO_VALIDATION_ADVICE}, and compile again)")
         return self.manifest.thresholds.get(category)
 
     # -- running ----------------------------------------------------------------------------
