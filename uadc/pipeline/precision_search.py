@@ -13,6 +13,7 @@ import onnx
 
 from uadc.backends.ort_profile import NodeTime
 from uadc.core.errors import NonFiniteOutputs, RuntimeFault, UadcError
+from uadc.core.manifest import NO_VALIDATION_ADVICE
 from uadc.core.progress import progress
 from uadc.passes.groups import Boundaries, Group
 from uadc.pipeline.baseline import Baseline
@@ -120,8 +121,8 @@ class Fidelity:
             self.normals[cat] = len(idx)
             self.images[cat] = np.concatenate([x[idx], _paste_noise(x[idx], rng)])
         if not self.images:
-            raise UadcError("precision auto measures fidelity on validation normals and this recipe has none "
-                            "(set data.val_fraction > 0 or data.val)")
+            raise UadcError(f"precision auto measures fidelity on validation normals and this recipe has none: "
+                            f"{NO_VALIDATION_ADVICE}")
         if budget.random_images:
             size = baseline.size
             self.images[RANDOM] = rng.standard_normal((budget.random_images, 3, size, size), dtype=np.float32)

@@ -15,6 +15,7 @@ import torch
 
 from uadc.config.recipe import TrainConfig
 from uadc.core.errors import UadcError
+from uadc.core.manifest import NO_VALIDATION_ADVICE
 from uadc.core.progress import progress
 from uadc.core.scoped import environment_kept
 from uadc.models import KDModel
@@ -125,8 +126,7 @@ def _curve_point(test: dict | None) -> str:
 
 def _need_validation(val_images: torch.Tensor, name: str) -> None:
     if len(val_images) < 2:
-        raise UadcError(f"model.{name} needs validation normals to standardise its score: set "
-                        "data.val_fraction > 0 or data.val")
+        raise UadcError(f"model.{name} needs validation normals to standardise its score: {NO_VALIDATION_ADVICE}")
 
 
 @torch.no_grad()
