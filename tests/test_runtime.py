@@ -1177,3 +1177,8 @@ def test_a_kept_prediction_holds_its_own_map_not_its_batch(int8_artifact, tiny_d
     for p in preds:
         p.latency_ms = 0.0
     assert preds == again and preds[1] in again and preds[0] != preds[1] and preds[0] != "x"
+    import pickle
+    assert pickle.loads(pickle.dumps(preds[0])) == preds[0]
+    with pytest.raises(UadcError, match=r"a Detector cannot be pickled \(it holds runtime sessions\): pass its "
+                                        r"artifact folder"):   # TypeError: cannot pickle 'onnxruntime...' object
+        pickle.dumps(det)

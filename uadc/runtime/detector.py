@@ -392,6 +392,10 @@ class Detector:
             raise UadcError(f"category: {want}, got {category!r}"[:300])
         return [None if c == GLOBAL else c for c in cats]
 
+    def __reduce__(self) -> Any:   # its runtime sessions are native objects: pickle's TypeError named a C type
+        raise UadcError(f"a Detector cannot be pickled (it holds runtime sessions): pass its artifact folder "
+                        f"{self.manifest.folder} and Detector.load it in the other process")
+
     def __repr__(self) -> str:
         m = self.manifest
         return f"Detector({m.folder}, target={m.target}, backend={self.backend_name}, categories={m.categories})"
