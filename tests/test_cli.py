@@ -1,6 +1,7 @@
 """The CLI's contract for user mistakes: one line, exit code 2, no traceback, nothing written."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -266,3 +267,33 @@ def test_checkpoint_option_given_the_recipe_file_is_refused(recipe_factory, tmp_
 def test_a_bare_group_shows_its_help_not_an_error():
     res = CliRunner().invoke(main, ["recipes"])
     assert "error:" not in res.output and "Commands:" in res.output
+
+
+def test_a_signal_held_until_a_step_was_written_says_so(capsys):
+    """SIGTERM during predict's final commit (tables and overlays, written whole) said "nothing was written
+    for the unfinished step", of a run whose results had all been written."""
+    import contextlib
+    import signal
+    from uadc.cli import exit_on_user_error
+    from uadc.core.process import signals_deferred
+    for held, says in ((True, "terminated (SIGTERM) just after a step was written in full; nothing after it ran"),
+                       (False, "terminated (SIGTERM); nothing was written for the unfinished step")):
+        with pytest.raises(SystemExit) as stop:
+            with exit_on_user_error():
+                with signals_deferred() if held else contextlib.nullcontext():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    for _ in range(1000):   # the handler runs between bytecodes
+                        pass
+        assert stop.value.code == 143 and capsys.readouterr().err.strip() == says
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fill stdout")
+def test_stdout_that_cannot_be_written_is_one_error_line(tmp_path):
+    """`uadc ... > /dev/full` (a full disk) ended in a 25-line traceback and exit 1; with --json the error
+    document's own write raised a second one."""
+    import subprocess
+    import sys
+    for args in (["calibrators", "list"], ["recipes", "list"]):
+        with open("/dev/full", "w") as full:
+            p = subprocess.run([sys.executable, "-m", "uadc", *args], stdout=full, stderr=subprocess.PIPE, text=True)
+        assert p.returncode == 2 and p.stderr == "error: cannot write to stdout: No space left on device\n", p.stderr

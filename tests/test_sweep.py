@@ -262,7 +262,7 @@ def test_ray_sweep_matches_sequential(tiny, tmp_path):
     from uadc.pipeline import api
     seq = api.sweep(sweep, artifacts=d / "art", out=tmp_path / "seq", sequential=True)
     import signal
-    from uadc.core.scoped import signal_stack_kept
+    from uadc.core.process import signal_stack_kept
     on_sigterm = signal.getsignal(signal.SIGTERM)   # ray.init (this test's own) replaces it, and the signal stack
     with signal_stack_kept():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)   # never a `ray start` one

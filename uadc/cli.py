@@ -20,6 +20,7 @@ import click
 from uadc import __version__
 from uadc.config.targets import QAT_TARGETS, TARGETS
 from uadc.core.errors import UadcError, dependencies_checked, one_line
+from uadc.core.process import interruption, stdout_failures_as_errors
 from uadc.core.scoped import own_process
 
 log = logging.getLogger("uadc")
@@ -49,8 +50,8 @@ def exit_on_user_error(interrupted: str = "interrupted; nothing was written for 
         sys.exit(exc.exit_code)
     except KeyboardInterrupt as exc:
         _newline_after_bar()
-        terminated = isinstance(exc, _Terminated) or _Terminated.seen
-        click.echo(interrupted.replace("interrupted", "terminated (SIGTERM)") if terminated else interrupted, err=True)
+        terminated, text = isinstance(exc, _Terminated) or _Terminated.seen, interruption(exc, interrupted)
+        click.echo(text.replace("interrupted", "terminated (SIGTERM)") if terminated else text, err=True)
         sys.exit(143 if terminated else 130)
     finally:
         if main_thread:
@@ -77,7 +78,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         args = [*(ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args), *ctx.args]
-        with exit_on_user_error(), own_process():   # its process is uadc's: native lines on fd 2 caught and logged
+        with exit_on_user_error(), own_process(), stdout_failures_as_errors():   # its process is uadc's
             try:
                 return super().invoke(ctx)
             except click.ClickException as exc:
@@ -136,7 +137,7 @@ def _errors_as_json(out: Any, also: Any = None):
         yield
     except (UadcError, KeyboardInterrupt) as exc:
         code = getattr(exc, "exit_code", 143 if isinstance(exc, _Terminated) or _Terminated.seen else 130)
-        message = str(exc) or ("terminated (SIGTERM)" if code == 143 else "interrupted")
+        message = str(exc) or interruption(exc).replace("interrupted", "terminated (SIGTERM)" if code == 143 else "interrupted")
         if out is not None:
             from uadc.core.io import to_json
             click.echo(to_json({"error": message, "exit_code": code}), file=out, nl=False)
@@ -511,10 +512,7 @@ def run() -> None:
     try:
         main()
     except SystemExit:
-        from uadc.core.scoped import settle_exit
+        from uadc.core.process import settle_exit
         settle_exit()
         raise
 
-
-if __name__ == "__main__":
-    run()

@@ -26,7 +26,7 @@ import numpy as np
 
 from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES
 from uadc.core.errors import RuntimeFault, UadcError
-from uadc.core.scoped import signal_stack_kept
+from uadc.core.process import signal_stack_kept
 
 RUNTIME_LABEL = "openvino CPU"
 

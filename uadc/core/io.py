@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from uadc.core.errors import UadcError, one_line
-from uadc.core.scoped import signals_deferred
+from uadc.core.process import signals_deferred
 
 TMP_TAG = ".uadc-tmp-"
 # A folder holding one of these was written by uadc and may be replaced by a newer output.

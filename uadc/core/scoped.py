@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import logging
 import os
@@ -15,6 +14,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from uadc.core.errors import UadcError
+from uadc.core.process import signal_stack_kept
 
 log = logging.getLogger("uadc")
 
@@ -83,56 +83,6 @@ def seeded(seed: int, cuda: bool = False) -> Iterator[None]:
         else:
             torch.default_generator.manual_seed(seed)
         yield
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Ctrl-C or SIGTERM arriving in the block takes effect right after it, through the handler the
-    caller had: a commit of several files (overlays, then the tables naming them) is all or nothing.
-    Outside the main thread (no signal handlers there) the block just runs."""
-    import signal
-    import threading
-
-    kinds = (signal.SIGINT, signal.SIGTERM)
-    old = {k: signal.getsignal(k) for k in kinds} if threading.current_thread() is threading.main_thread() else {}
-    if not old or None in old.values():   # a handler not set from Python cannot be put back
-        yield
-        return
-    got: list[int] = []
-    for k in kinds:
-        signal.signal(k, lambda number, frame: got.append(number))
-    try:
-        yield
-    finally:
-        for k, handler in old.items():
-            signal.signal(k, handler)
-        if got:
-            signal.raise_signal(got[0])
-
-
-class _AltStack(ctypes.Structure):   # Linux's stack_t
-    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
-
-
-@contextlib.contextmanager
-def signal_stack_kept() -> Iterator[None]:
-    """The calling thread's alternate signal stack is put back after the block (Linux).
-
-    OpenVINO's CPU plugin points it at a stack of its own while the plugin lives and frees that
-    stack when the plugin goes: with two plugins released out of order, or one released from another
-    thread, the thread was left pointing at freed memory, and its next signal (Ctrl-C: Python's
-    handlers run on that stack) crashed the process with SIGSEGV instead of raising KeyboardInterrupt."""
-    if not sys.platform.startswith("linux"):
-        yield
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    kept = _AltStack()
-    saved = libc.sigaltstack(None, ctypes.byref(kept)) == 0
-    try:
-        yield
-    finally:
-        if saved:
-            libc.sigaltstack(ctypes.byref(kept), None)
 
 
 _SHARED = threading.RLock()
@@ -240,16 +190,6 @@ def logged_warnings(logger: str = "uadc") -> Iterator[list[str]]:
         yield said
     finally:
         log.removeHandler(handler)
-
-
-def settle_exit() -> None:
-    """The process's outcome is decided and written: SIGTERM and Ctrl-C are ignored through the
-    interpreter's teardown (a second or two with torch loaded), where their default action ended it
-    with 143 / 130 and no word, after a success document. (A Python handler would be reset to the
-    default as the interpreter finalizes; an ignored signal stays ignored.) Main thread only."""
-    import signal
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

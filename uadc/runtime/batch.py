@@ -22,7 +22,8 @@ from uadc.core.errors import NonFiniteOutputs, UadcError
 from uadc.core.images import FoundImages, find_images, printable, shown
 from uadc.core.io import (atomic_write_bytes, atomic_write_text, check_dir_creatable, check_own_file, check_writable,
                           file_lock, staged_files)
-from uadc.core.scoped import logged_warnings, signals_deferred
+from uadc.core.process import signals_deferred
+from uadc.core.scoped import logged_warnings
 from uadc.core.manifest import GLOBAL, check_outside_artifacts, infer_category
 from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction

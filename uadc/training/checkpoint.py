@@ -19,7 +19,8 @@ from uadc.config.yaml_file import dump_yaml
 from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError, pickle_refusal
 from uadc.core.io import atomic_save, atomic_write_text, contained, sha256_stream
-from uadc.core.scoped import signals_deferred, warnings_ignored
+from uadc.core.process import signals_deferred
+from uadc.core.scoped import warnings_ignored
 from uadc.models import KDModel, build_model
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,129 @@
+"""The process around a run: Ctrl-C / SIGTERM held back while a step is written, the thread's signal
+stack, the command line's exit, and its stdout failing (a full disk, a closed pipe)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+from typing import Any, Callable, Iterator
+
+from uadc.core.errors import UadcError
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C or SIGTERM arriving in the block takes effect right after it, through the handler the
+    caller had: a commit of several files (overlays, then the tables naming them) is all or nothing.
+    Outside the main thread (no signal handlers there) the block just runs."""
+    import signal
+    import threading
+
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    old = {k: signal.getsignal(k) for k in kinds} if threading.current_thread() is threading.main_thread() else {}
+    if not old or None in old.values():   # a handler not set from Python cannot be put back
+        yield
+        return
+    got: list[int] = []
+    for k in kinds:
+        signal.signal(k, lambda number, frame: got.append(number))
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        for k, handler in old.items():
+            signal.signal(k, handler)
+        if got:
+            try:
+                signal.raise_signal(got[0])
+            except BaseException as exc:   # the caller's handler raised it: the step it waited for is whole
+                exc.uadc_after_step = done   # type: ignore[attr-defined]
+                raise
+
+
+def interruption(exc: BaseException, default: str = "interrupted") -> str:
+    """How to name the Ctrl-C / SIGTERM ``exc``: ``default``, unless :func:`signals_deferred` held it back
+    while a step was being written and it took effect once the step was whole (the command line said
+    "nothing was written" of a run whose last step, predict's tables, had just been written in full)."""
+    after = getattr(exc, "uadc_after_step", False)
+    return "interrupted just after a step was written in full; nothing after it ran" if after else default
+
+
+class _FailingStdout:
+    """``sys.stdout`` of the command line: a write that fails (a full disk, a closed pipe) is one error line
+    rather than a traceback, and fd 1 then points at /dev/null so the exit's flush fails no more."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.failed: UadcError | None = None   # kept: click's probe of the stream swallows what it raises
+
+    def _guarded(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except OSError as exc:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            self.failed = self.failed or UadcError(f"cannot write to stdout: {exc.strerror or exc}")
+            raise self.failed from None
+
+    def write(self, text: str) -> int:
+        return self._guarded(lambda: self.stream.write(text))
+
+    def flush(self) -> None:
+        self._guarded(self.stream.flush)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def stdout_failures_as_errors() -> Iterator[None]:
+    """For the command line's own process: see :class:`_FailingStdout`."""
+    guard = sys.stdout = _FailingStdout(sys.stdout)
+    try:
+        yield
+    finally:
+        try:
+            guard.flush()   # what is still buffered: else it failed in the interpreter's exit, a traceback
+        finally:
+            if sys.stdout is guard:
+                sys.stdout = guard.stream
+        if guard.failed is not None:   # the output is lost, whatever the command went on to say
+            raise guard.failed
+
+
+class _AltStack(ctypes.Structure):   # Linux's stack_t
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def signal_stack_kept() -> Iterator[None]:
+    """The calling thread's alternate signal stack is put back after the block (Linux).
+
+    OpenVINO's CPU plugin points it at a stack of its own while the plugin lives and frees that
+    stack when the plugin goes: with two plugins released out of order, or one released from another
+    thread, the thread was left pointing at freed memory, and its next signal (Ctrl-C: Python's
+    handlers run on that stack) crashed the process with SIGSEGV instead of raising KeyboardInterrupt."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    kept = _AltStack()
+    saved = libc.sigaltstack(None, ctypes.byref(kept)) == 0
+    try:
+        yield
+    finally:
+        if saved:
+            libc.sigaltstack(ctypes.byref(kept), None)
+
+
+def settle_exit() -> None:
+    """The process's outcome is decided and written: SIGTERM and Ctrl-C are ignored through the
+    interpreter's teardown (a second or two with torch loaded), where their default action ended it
+    with 143 / 130 and no word, after a success document. (A Python handler would be reset to the
+    default as the interpreter finalizes; an ignored signal stays ignored.) Main thread only."""
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
