@@ -532,7 +532,7 @@ def test_verify_and_diff_on_an_image_folder(artifacts, tiny_data):
     assert bare.thresholds["candidate"] == bare.thresholds["reference"] and "no operating thresholds" in bare.notes[0]
     bare_b = uadc.diff(fp32, fp32 / "model.onnx", images=[folder])   # said its borrowed thresholds were its own
     assert all(t["source"] == "the reference's (none of its own)" for t in bare_b.thresholds["candidate"].values())
-    assert "the candidate has no operating thresholds of its own (a bare model)" in " ".join(bare_b.notes)
+    assert "the candidate has no operating thresholds of its own (a bare model, or compiled without validation normals)" in " ".join(bare_b.notes)
     d = uadc.diff(fp32, fp32, images=[folder])
     assert d.passed and d.figure("spearman").value == pytest.approx(1.0)
     assert not any("no folder named after a category" in n for n in own.notes + d.notes)
@@ -616,3 +616,53 @@ def test_an_edited_manifest_or_an_unlisted_golden_file_is_refused_by_the_gate_an
         shutil.copy(f, two / f.name)
     d = uadc.diff(fp32, int8, images=[two.parent])
     assert d.thresholds["reference"]["stripes"]["n"] == 2
+
+
+def test_the_gate_judges_each_categorys_drops_and_its_stored_budgets_with_images(artifacts, tiny_data, tmp_path,
+                                                                                 monkeypatch):
+    """Found by a review: one category losing 11 points of image AUROC passed (the overall drop is the mean over
+    categories); `verify --images` judged at the default budgets, not those stored with the golden set; a folder
+    without artifact.json (its golden budgets edited to pass anything) passed a constant model; a NaN candidate was
+    exit 2, a usage error, where it is a regression."""
+    from onnx import helper
+    from uadc.verify.gate import judge_all
+    _, fp32, int8 = artifacts
+    lab = {"all": {"image_auroc_drop": 0.015}, "categories": {"a": {"image_auroc_drop": 0.11},
+                                                               "b": {"image_auroc_drop": -0.08}}}
+    figs = judge_all({"all": {}, "categories": {}}, lab, budgets({}), True)
+    assert [(f.name, f.scope, f.passed) for f in figs] == [("image_auroc_drop", "all", True),
+                                                             ("image_auroc_drop", "a", False),
+                                                             ("image_auroc_drop", "b", True)]
+    # the golden set's stored budgets reach the --images path
+    import uadc.pipeline.verify as pv
+    real = pv.read_golden
+
+    def strict(path):
+        g = real(path)
+        g.meta["verify"] = {**g.meta["verify"], "spearman_min": 0.99, "map_dice_min": 0.95}
+        return g
+    monkeypatch.setattr(pv, "read_golden", strict)
+    v = uadc.verify(int8, images=[tiny_data / "stripes" / "test" / "good"])
+    assert v.budgets["spearman_min"] == 0.99 and v.budgets["map_dice_min"] == 0.95
+    monkeypatch.setattr(pv, "read_golden", real)
+    # a folder without artifact.json is no artifact; a golden set outside one lends no budgets
+    loose = tmp_path / "loose"
+    shutil.copytree(fp32, loose)
+    (loose / "artifact.json").unlink()
+    with pytest.raises(UadcError, match=r"loose has no artifact.json: not a uadc artifact folder"):
+        uadc.verify(loose)
+    v = uadc.verify(int8, golden=loose, budgets={"spearman_min": -1})
+    assert any("is in no artifact folder (artifact.json): nothing checks its files" in n for n in v.notes)
+    assert v.budgets["map_dice_min"] == budgets({})["map_dice_min"] and v.budgets["spearman_min"] == -1
+    # a candidate whose scores are NaN: a regression, naming it
+    m = onnx.load(str(fp32 / "model.onnx"))
+    out = next(o for o in m.graph.output if o.name == "score")
+    for n in m.graph.node:
+        n.output[:] = ["score_raw" if x == "score" else x for x in n.output]
+    m.graph.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan_c"))
+    m.graph.node.append(helper.make_node("Mul", ["score_raw", "nan_c"], [out.name]))
+    onnx.save(m, str(tmp_path / "nan.onnx"))
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "nan.onnx"), "--golden", str(fp32), "--json", "-"])
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 1 and doc["exit_code"] == 1 and doc["passed"] is False
+    assert doc["error"].startswith(f"REGRESSION: the candidate ({tmp_path / 'nan.onnx'}) produced non-finite")

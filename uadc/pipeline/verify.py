@@ -28,12 +28,14 @@ from uadc.config.targets import inference_hint_of
 from uadc.core.constants import (GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MANIFEST_FILE, MODEL_FILE,
                                  OUTPUT_NAMES, REPORT_FILE)
 from uadc.core.errors import RuntimeFault, UadcError, raise_interrupt_behind
-from uadc.core.manifest import Manifest, infer_category, read_manifest
+from uadc.core.manifest import Manifest, read_manifest
 from uadc.core.ort_session import make_session
 from uadc.core.scoped import quiet_third_party
 from uadc.verify import fidelity
-from uadc.verify.gate import DiffResult, GateResult, VerifyResult, budgets as make_budgets, judge_all
+from uadc.verify.gate import (DiffResult, GateResult, NonFiniteCandidate, VerifyResult, budgets as make_budgets,
+                              judge_all)
 from uadc.verify.golden import GoldenSet, batches, read_golden, write_golden
+from uadc.verify.images import load_image_dirs
 
 log = logging.getLogger(__name__)
 BATCH = 8
@@ -236,11 +238,12 @@ def run_feeds(runners: Sequence[Any], feeds: list[dict[str, np.ndarray]]):
                            f"{(str(exc).splitlines() or [''])[0][:300]}") from None
 
 
-def _outputs(iterations: list) -> tuple[np.ndarray, np.ndarray]:
+def _outputs(iterations: list, side: str) -> tuple[np.ndarray, np.ndarray]:
     maps = np.concatenate([np.asarray(it[OUTPUT_NAMES[0]]) for it in iterations]).astype(np.float32)
     scores = np.concatenate([np.asarray(it[OUTPUT_NAMES[1]]).reshape(-1) for it in iterations]).astype(np.float32)
     if not (np.isfinite(maps).all() and np.isfinite(scores).all()):
-        raise UadcError("the model produced non-finite outputs (NaN/Inf) on the verification images")
+        said = f"the {side} produced non-finite outputs (NaN/Inf) on the verification images"
+        raise NonFiniteCandidate(f"REGRESSION: {said}") if side.startswith("candidate") else UadcError(said)
     return maps.reshape(len(maps), *maps.shape[-2:]), scores
 
 
@@ -263,41 +266,6 @@ def tensor_check(results, atol: float = TENSOR_ATOL, rtol: float = TENSOR_RTOL) 
                for n, e in per.items()}
     return {"passed": bool(outputs) and all(o["passed"] for o in outputs.values()), "atol": atol, "rtol": rtol,
             "max_abs": max((o["max_abs"] for o in outputs.values()), default=0.0), "outputs": outputs}
-
-
-# ------------------------------------------------------------------------------- images
-
-def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
-                    categories: Sequence[str] = ()) -> tuple[np.ndarray, list[dict], list[str]]:
-    """Images under ``dirs`` (recursively, sorted, at most ``limit`` a folder), preprocessed as the
-    model's metadata says; category = the nearest folder named after one of ``categories`` (as
-    ``uadc predict``), else the folder given. Taken as normal images (no labels). Also returns a
-    note for each folder cut to ``limit``."""
-    from uadc.core.images import IMAGE_EXTS, find_images
-    from uadc.data.mvtec import load_image
-    from uadc.export.onnx_export import get_metadata
-    meta = get_metadata(onnx.load(str(model_path), load_external_data=False))
-    try:
-        size = int(meta["image_size"])
-        mean = np.asarray(meta["normalization"]["mean"], np.float32)
-        std = np.asarray(meta["normalization"]["std"], np.float32)
-    except (KeyError, TypeError, ValueError):
-        raise UadcError(f"{model_path}: no uadc preprocessing metadata (image_size, normalization)") from None
-    images, records, notes = [], [], []
-    for d in dirs:
-        d = Path(d)
-        if not d.is_dir():
-            raise UadcError(f"images (--images): not a folder: {d}")
-        files = find_images([d]).files   # as `uadc predict` walks: no MVTec masks, no predict outputs
-        if not files:
-            raise UadcError(f"images (--images): no images ({', '.join(sorted(IMAGE_EXTS))}) under {d}")
-        if len(files) > limit:
-            notes.append(f"--images {d}: judged the first {limit} of its {len(files)} images (sorted by path)")
-        for p in files[:limit]:
-            images.append(((load_image(p, size) - mean) / std).transpose(2, 0, 1))
-            records.append({"kind": "user", "category": infer_category(p, categories) or d.name, "label": None,
-                            "source": str(p)})
-    return np.ascontiguousarray(np.stack(images), dtype=np.float32), records, notes
 
 
 # --------------------------------------------------------------------------------- gate
@@ -414,6 +382,13 @@ def _judge(kind: str, reference: str, candidate: str, runtime: dict, records: li
                {"reference": thresholds[0], "candidate": thresholds[1]}, budgets, per_category, time.time() - t0, notes)
 
 
+def _bare_candidate(ref_thr: dict, notes: list[str]) -> dict:
+    """A bare model decides at the reference's thresholds (it was reported as deciding at its own)."""
+    notes.append("the candidate has no operating thresholds of its own (a bare model, or compiled without validation "
+                 "normals): it decides at the reference's")
+    return {c: {**t, "source": "the reference's (none of its own)"} for c, t in ref_thr.items()}
+
+
 def _budgets(recipe: Any, stored: dict | None, overrides: dict | None) -> tuple[dict[str, float], bool]:
     """A given recipe's ``verify:`` section, else the one stored with the golden set, then overrides."""
     base = recipe.verify.model_dump() if recipe is not None else dict(stored or {})
@@ -431,11 +406,19 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
     t0 = time.time()
     artifact = Path(artifact)
     model = _model_path(artifact)
+    if artifact.is_dir() and not (artifact / MANIFEST_FILE).is_file():   # it passed: predict refuses such a folder
+        raise UadcError(f"{artifact} has no {MANIFEST_FILE}: not a uadc artifact folder (to judge a bare model, "
+                        f"`uadc verify {artifact / MODEL_FILE} --golden ARTIFACT`)")
     g = read_golden(golden if golden is not None else model.parent)
     notes = _golden_of_another_recipe(model.parent, g)
     check_same_input(g.path.parent / g.meta.get("reference_model", GOLDEN_REFERENCE), model,
                      int(g.feeds[0][next(iter(g.feeds[0]))].shape[-1]) if g.feeds else None)
-    b, per_cat = _budgets(recipe, g.meta.get("verify"), budgets)
+    stored = g.meta.get("verify")
+    if not (g.path.parent / MANIFEST_FILE).is_file():   # no manifest checked its files: its budgets passed anything
+        stored = None
+        notes.append(f"the golden set {g.path} is in no artifact folder ({MANIFEST_FILE}): nothing checks its files, "
+                     f"and its stored budgets are not used (the defaults; --recipe or --budget set others)")
+    b, per_cat = _budgets(recipe, stored, budgets)
     cand_runner, cand_label = artifact_runner(artifact, "candidate", threads)
     if images:
         ref_model = g.path.parent / g.meta.get("reference_model", GOLDEN_REFERENCE)
@@ -443,7 +426,7 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
             raise UadcError(f"--images needs the reference model behind the golden set ({ref_model} is missing); "
                             f"use `uadc diff REFERENCE {artifact} --images ...`")
         res = diff(ref_model, artifact, images=images, budgets=budgets, recipe=recipe, normal_only=normal_only,
-                   threads=threads, reference_thresholds=g.meta["thresholds"])
+                   threads=threads, reference_thresholds=g.meta["thresholds"], reference_budgets=stored or {})
         return VerifyResult(**{**res.__dict__, "kind": "verify", "seconds": time.time() - t0,
                                "notes": notes + list(res.notes)})
     _check_covers(artifact, g.images, sorted({r.get("category") for r in g.images} - {None, ""}))   # --golden: another's
@@ -454,29 +437,32 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
                                                            runner_name=GOLDEN_RUNNER) for o in g.outputs]))
     golden_results.extend(results)
     tensors = tensor_check(golden_results)
-    cand = _outputs(list(results.values())[0])
-    ref = _outputs(g.outputs)
+    cand = _outputs(list(results.values())[0], f"candidate ({artifact})")
+    ref = _outputs(g.outputs, f"golden set ({g.path})")
     ref_thr = g.meta["thresholds"]
-    cand_thr = _manifest_thresholds(artifact, ref_thr) or ref_thr
+    cand_thr = _manifest_thresholds(artifact, ref_thr) or _bare_candidate(ref_thr, notes)
     return _judge("verify", str(g.path), str(artifact), {"reference": "golden (FP32 reference outputs)",
                                                          "candidate": cand_label},
                   g.images, g.masks, ref, cand, (ref_thr, cand_thr), b, per_cat, normal_only, tensors, t0, notes)
 
 
 def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dict | None = None, recipe: Any = None,
-         normal_only: bool = False, threads: int | None = None, reference_thresholds: dict | None = None) -> DiffResult:
+         normal_only: bool = False, threads: int | None = None, reference_thresholds: dict | None = None,
+         reference_budgets: dict | None = None) -> DiffResult:
     """Judge artifact ``b`` against artifact ``a`` on ``images`` (default: A's golden images).
 
     Each side decides at its own operating thresholds: A's ``artifact.json`` ones (or
     ``reference_thresholds``, the golden set's, when A is its bare reference model). When A has
     none, both sides decide at thresholds fitted on A's outputs on these images, never B at its
-    deployment thresholds against A at fitted ones."""
+    deployment thresholds against A at fitted ones. Budgets: ``recipe``'s, else those stored with
+    A's golden set (or ``reference_budgets``, the golden set's, when A is its bare reference model)."""
     t0 = time.time()
     a, b = Path(a), Path(b)
     ma = _model_path(a)
     check_same_input(ma, _model_path(b))  # usage errors before any work
     g = read_golden(a) if a.is_dir() and (a / GOLDEN_META).is_file() else None
-    masks, stored, notes = None, (g.meta.get("verify") if g else None), []
+    masks, notes = None, []
+    stored = g.meta.get("verify") if g is not None and (a / MANIFEST_FILE).is_file() else reference_budgets
     known: list[str] = []
     unknown: list[str] = []
     if images:
@@ -494,7 +480,7 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
     results = run_feeds([ra, rb], feeds)
     tensors = tensor_check(results)
     its = dict(results.items())
-    ref, cand = _outputs(its["A"]), _outputs(its["B"])
+    ref, cand = _outputs(its["A"], f"reference (A, {a})"), _outputs(its["B"], f"candidate (B, {b})")
     kinds = np.array([r["kind"] for r in records])
     normal = np.isin(kinds, ("normal", "user"))
     cats = np.array([r.get("category") or "" for r in records])
@@ -505,11 +491,7 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
         notes.append("the reference has no operating thresholds: both sides decide at thresholds fitted on its "
                      "outputs on these images")
     else:
-        cand_thr = _manifest_thresholds(b, ref_thr)
-        if cand_thr is None:   # a bare model: reported as deciding at "artifact.json" thresholds of its own
-            cand_thr = {c: {**t, "source": "the reference's (none of its own)"} for c, t in ref_thr.items()}
-            notes.append("the candidate has no operating thresholds of its own (a bare model): it decides at the "
-                         "reference's")
+        cand_thr = _manifest_thresholds(b, ref_thr) or _bare_candidate(ref_thr, notes)
         if unknown:
             notes.append(f"images under {', '.join(unknown)} are in no folder named after a category "
                          f"({', '.join(known)}): both sides decide them at the global thresholds")

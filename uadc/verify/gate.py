@@ -182,9 +182,9 @@ class GateResult:
         overall = {f.name: {"value": f.value, "budget": f.budget, "rule": f.rule, "passed": f.passed,
                             "judged": f.judged} for f in self.figures if f.scope == "all"}
         cats: dict[str, dict] = {c: {k: {"value": v} for k, v in figs.items()} for c, figs in self.categories.items()}
-        for f in self.figures:
-            if f.scope != "all" and f.scope in cats and f.name in cats[f.scope]:
-                cats[f.scope][f.name].update(budget=f.budget, rule=f.rule, passed=f.passed)
+        for f in self.figures:   # a category's labelled drops join its label-free figures
+            if f.scope != "all" and f.scope in cats:
+                cats[f.scope].setdefault(f.name, {"value": f.value}).update(budget=f.budget, rule=f.rule, passed=f.passed)
         return {"schema": VERIFY_SCHEMA, "kind": self.kind, "passed": self.passed, "exit_code": self.exit_code,
                 "reference": self.reference, "candidate": self.candidate, "runtime": self.runtime,
                 "images": self.images, "figures": overall, "categories": cats, "labelled": self.labelled,
@@ -217,13 +217,14 @@ class GateResult:
         if cats:
             names = list(next(iter(self.categories.values())))
             lines += ["", "| category | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-            for c in cats:
-                cells = []
-                for n in names:
-                    v = self.categories[c][n]
-                    fig = self.figure(n, c)
-                    cells.append(("n/a" if v is None else fixed(v)) + ("" if fig is None or fig.passed else " **FAIL**"))
-                lines.append(f"| {md_cell(c)} | " + " | ".join(cells) + " |")
+            lines += [f"| {md_cell(c)} | " + " | ".join(_cell(self.categories[c][n], self.figure(n, c)) for n in names)
+                      + " |" for c in cats]
+        drops = (self.labelled or {}).get("categories") or {}
+        names = sorted({n for figs in drops.values() for n in figs})
+        if len(drops) > 1:
+            lines += ["", "| category | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+            lines += [f"| {md_cell(c)} | " + " | ".join(_cell(drops[c].get(n), self.figure(n, c)) for n in names) + " |"
+                      for c in sorted(drops)]
         p = d["polygraphy"]
         if p:
             lines += ["", f"Polygraphy tensors (atol {p.get('atol')}, rtol {p.get('rtol')}; not judged): "
@@ -233,10 +234,20 @@ class GateResult:
         return "\n".join(lines) + "\n"
 
 
+def _cell(v: float | None, fig: Figure | None) -> str:
+    return ("n/a" if v is None else fixed(v)) + ("" if fig is None or fig.passed else " **FAIL**")
+
+
 def _row(f: Figure) -> str:
     need = {"min": ">= ", "max": "<= ", "abs_max": "|x| <= ", "tol": "1 ± "}[f.rule] + f"{f.budget:g}"
     v = "n/a" if f.value is None else fixed(f.value)
     return f"| {f.name} | {v} | {md_cell(need)} | {'not judged' if not f.judged else 'pass' if f.passed else '**FAIL**'} |"
+
+
+class NonFiniteCandidate(UadcError):
+    """The candidate's NaN / Inf outputs: a broken model is a regression (exit 1), not a usage error (2)."""
+
+    exit_code = 1
 
 
 class VerifyResult(GateResult):
@@ -258,6 +269,8 @@ def judge_all(fid: dict, lab: dict | None, budgets_: dict[str, float], per_categ
         for cat, figs in fid["categories"].items():
             skip = (unjudged or {}).get(cat, set())
             out += [judge(n, v, budgets_, cat) for n, v in figs.items() if n not in skip and v is not None]
-    if lab is not None:
+    if lab is not None:   # the overall drops are means over categories: one category's own loss hid in them
         out += [judge(n, v, budgets_) for n, v in lab["all"].items()]
+        if per_category and len(lab["categories"]) > 1:
+            out += [judge(n, v, budgets_, cat) for cat, figs in lab["categories"].items() for n, v in figs.items()]
     return out

@@ -1,0 +1,48 @@
+"""Images a user gives ``uadc verify`` / ``uadc diff`` (``--images``), read as the model reads them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from uadc.core.errors import UadcError
+from uadc.core.images import IMAGE_EXTS, find_images
+from uadc.core.manifest import infer_category
+from uadc.data.mvtec import load_image
+from uadc.export.onnx_export import get_metadata
+
+
+def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
+                    categories: Sequence[str] = ()) -> tuple[np.ndarray, list[dict], list[str]]:
+    """Images under ``dirs`` (recursively, sorted, at most ``limit`` a folder), preprocessed as the
+    model's metadata says; category = the nearest folder named after one of ``categories`` (as
+    ``uadc predict``), else the folder given. Taken as normal images (no labels). Also returns a
+    note for each folder cut to ``limit``."""
+    meta = get_metadata(onnx.load(str(model_path), load_external_data=False))
+    try:
+        size = int(meta["image_size"])
+        mean = np.asarray(meta["normalization"]["mean"], np.float32)
+        std = np.asarray(meta["normalization"]["std"], np.float32)
+    except (KeyError, TypeError, ValueError):
+        raise UadcError(f"{model_path}: no uadc preprocessing metadata (image_size, normalization)") from None
+    images, records, notes = [], [], []
+    seen: set[Path] = set()
+    for d in map(Path, dirs):
+        if d.resolve() in seen:   # one folder given twice was judged twice
+            continue
+        seen.add(d.resolve())
+        if not d.is_dir():
+            raise UadcError(f"images (--images): not a folder: {d}")
+        files = find_images([d]).files   # as `uadc predict` walks: no MVTec masks, no predict outputs
+        if not files:
+            raise UadcError(f"images (--images): no images ({', '.join(sorted(IMAGE_EXTS))}) under {d}")
+        if len(files) > limit:
+            notes.append(f"--images {d}: judged the first {limit} of its {len(files)} images (sorted by path)")
+        for p in files[:limit]:
+            images.append(((load_image(p, size) - mean) / std).transpose(2, 0, 1))
+            records.append({"kind": "user", "category": infer_category(p, categories) or d.name, "label": None,
+                            "source": str(p)})
+    return np.ascontiguousarray(np.stack(images), dtype=np.float32), records, notes
