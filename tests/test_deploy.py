@@ -367,7 +367,7 @@ def test_checkpoints_trained_before_the_split_are_flagged():
     assert not _trained_before_split(SimpleNamespace(blob={"categories": None}))      # a KDModel: no recipe
 
 
-def test_bundle_keeps_what_the_line_runs_and_leaves_the_golden_files_out(int8_artifact, tmp_path, tiny_data):
+def test_bundle_keeps_what_the_line_runs_and_leaves_the_golden_files_out(int8_artifact, tmp_path, tiny_data, caplog):
     """`uadc bundle`: the deployment copy verifies, predicts exactly as the artifact, is byte-for-byte
     reproducible, is judged against the full artifact's golden set, and refuses to overlap or to copy
     a tampered artifact (nothing written)."""
@@ -378,6 +378,15 @@ def test_bundle_keeps_what_the_line_runs_and_leaves_the_golden_files_out(int8_ar
     out = tmp_path / "line"
     b = uadc.bundle(res.path, out)
     assert isinstance(b, uadc.BundleResult) and b.bytes < b.source_bytes
+    # an artifact that failed its own gate at compile went out without a word
+    from uadc.pipeline.bundle import _warn_of_a_failed_gate
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "report.json").write_text(json.dumps(
+        {"verification": {"gate": {"passed": False, "failures": ["image_auroc_drop 0.0556 > 0.02"]}}}))
+    with caplog.at_level("WARNING", logger="uadc"):
+        _warn_of_a_failed_gate(tmp_path / "failed", {"report.json": "x"})
+    assert "failed its own regression gate at compile (image_auroc_drop 0.0556 > 0.02): the bundle ships it" \
+        in caplog.text
     assert sorted(p.name for p in out.iterdir()) == sorted([*b.files, "artifact.json"])
     assert not set(b.files) & set(GOLDEN_FILES) and set(b.left_out) <= set(GOLDEN_FILES) and "golden.json" in b.left_out
     m = read_manifest(out)   # every kept file hashed; provenance recorded

@@ -45,21 +45,17 @@ def exit_on_user_error(interrupted: str = "interrupted; nothing was written for 
         with dependencies_checked():
             yield
     except UadcError as exc:
-        _newline_after_bar()
+        sys.stderr.write("\n" if sys.stderr.isatty() else "")   # a progress bar may have left the cursor mid-line
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt as exc:
-        _newline_after_bar()
+        sys.stderr.write("\n" if sys.stderr.isatty() else "")   # a progress bar may have left the cursor mid-line
         terminated, text = isinstance(exc, _Terminated) or _Terminated.seen, interruption(exc, interrupted)
         click.echo(text.replace("interrupted", "terminated (SIGTERM)") if terminated else text, err=True)
         sys.exit(143 if terminated else 130)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _newline_after_bar() -> None:   # a progress bar may have left the cursor mid-line on a terminal
-    sys.stderr.write("\n" if sys.stderr.isatty() else "")
 
 
 def _show_usage_error(exc: click.ClickException, file: Any = None) -> None:   # "error: ..." as every other
@@ -409,8 +405,7 @@ def _gate_options(f):
 def _gate_report(res, json_out: Path | None, md_out: Path | None) -> None:
     res.write_reports(json_out, md_out)
     click.echo(res.to_json() if str(json_out) == "-" else res.to_markdown(), nl=False)   # `--json -`: JSON alone
-    for line in res.failures:
-        click.echo(f"REGRESSION: {line}", err=True)
+    click.echo("".join(f"REGRESSION: {line}\n" for line in res.failures), err=True, nl=False)
     click.echo(f"{res.kind}: {'PASS' if res.passed else 'REGRESSION'} ({len(res.failures)} figure(s) out of budget; "
                f"{res.seconds:.1f} s)", err=True)
     sys.exit(res.exit_code)
@@ -516,3 +511,7 @@ def run() -> None:
         settle_exit()
         raise
 
+
+
+if __name__ == "__main__":
+    run()

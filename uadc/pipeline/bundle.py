@@ -14,15 +14,18 @@ Imports only uadc.core: no torch, no ONNX.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uadc.core.constants import GOLDEN_FILES, MANIFEST_FILE
+from uadc.core.constants import GOLDEN_FILES, MANIFEST_FILE, REPORT_FILE
 from uadc.core.errors import UadcError
 from uadc.core.io import JsonResult, as_path, atomic_dir, is_output_dir, read_json, sha256_file
 from uadc.core.numbers import flags
 from uadc.core.manifest import read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,7 +92,18 @@ def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
             if sha256_file(tmp / rel) != manifest.files[rel]:
                 raise UadcError(f"artifact {source}: {rel} changed while it was being copied; nothing was written")
         write_manifest(tmp, dataclasses.replace(manifest, files={}, bundle=provenance, folder=None, unlisted=[]))
+    _warn_of_a_failed_gate(source, manifest.files)
     final = Path(out)   # left out: a bundle's bundle's too (it said "nothing"); the path absolute, as compile's
     return BundleResult(final.absolute(), source, keep, provenance["left_out"], list(manifest.unlisted),
                         sum((final / rel).stat().st_size for rel in [*keep, MANIFEST_FILE]),
                         sum((source / rel).stat().st_size for rel in [*manifest.files, MANIFEST_FILE]))
+
+
+def _warn_of_a_failed_gate(source: Path, files: dict) -> None:
+    """A bundle of an artifact that failed its own regression gate at compile went out without a word."""
+    report = read_json(source / REPORT_FILE, "report") if REPORT_FILE in files else None
+    gate = ((report or {}).get("verification") or {}).get("gate") if isinstance(report, dict) else None
+    if isinstance(gate, dict) and gate.get("passed") is False:
+        first = (gate.get("failures") or ["a figure out of budget"])[0]
+        log.warning("%s failed its own regression gate at compile (%s): the bundle ships it as compiled; "
+                    "`uadc verify %s` lists the figures", source, first, source)
