@@ -684,3 +684,16 @@ def test_a_device_readme_names_the_models_own_outputs_and_its_builtin_category(i
         assert f"`{name}` " in readme
     assert "`pred_label` bool (" in readme and "`category` has a default" in readme
     assert "TensorRT's ONNX parser builds in as a constant" in readme
+
+
+def test_a_damaged_bundle_says_to_bundle_it_again(int8_artifact, tmp_path):
+    """A bundle on a line PC whose file changed said "compile the artifact again", which a line PC cannot."""
+    import uadc
+    from uadc.runtime import Detector
+    _, _, res = int8_artifact
+    out = uadc.bundle(res.path, tmp_path / "line").path
+    with open(out / "report.md", "a") as f:
+        f.write("edited\n")
+    with pytest.raises(UadcError, match=r"report.md does not match its sha256 in artifact.json \(changed after "
+                                        r"bundle\); bundle it again from its artifact \(or restore the file\)"):
+        Detector.load(out)

@@ -234,13 +234,18 @@ class Manifest(JsonResult):
             raise ValueError(f"thresholds are for {sorted(m.thresholds.categories)}, categories are {sorted(cats)}")
         return m
 
+    def again(self) -> str:
+        """What makes the folder whole again: a bundle (on a line PC) is made again from its artifact."""
+        return "bundle it again from its artifact (or restore the file)" if self.bundle else \
+            "compile the artifact again (or restore the file)"
+
     def check_model_input(self, name: str, shape: Sequence[Any]) -> None:
         """The model's own input (from its runtime) is what the manifest says it feeds."""
         size = self.preprocessing.image_size
         if name != self.input_name or list(shape)[1:] != [3, size, size]:
             raise UadcError(f"{(self.folder or Path('.')) / MANIFEST_FILE} says the model takes {self.input_name!r} "
                             f"[batch, 3, {size}, {size}], but {self.model_file} takes {name!r} {list(shape)}: "
-                            f"the manifest was edited; compile the artifact again")
+                            f"the manifest was edited; {self.again()}")
 
     def check_model_metadata(self, props: dict[str, str]) -> None:
         """The model file carries the essentials compile wrote into it (``uadc.deploy``): another
@@ -254,7 +259,7 @@ class Manifest(JsonResult):
             differ = sorted(k for k in mine if not isinstance(theirs, dict) or theirs.get(k) != mine[k])
             raise UadcError(f"{(self.folder or Path('.')) / self.model_file} is not the model {MANIFEST_FILE} was "
                             f"written for (its {DEPLOY_METADATA} metadata differs: {', '.join(differ)}); "
-                            f"compile the artifact again")
+                            f"{self.again()}")
 
     def check_model_file(self) -> None:
         """:meth:`check_model_metadata` on the folder's model file, read here (``uadc verify``, ``diff``,
@@ -370,4 +375,4 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
             raise UadcError(f"artifact {folder}: {rel} is missing (listed in {MANIFEST_FILE})")
         if sha256_file(p) != digest:
             raise UadcError(f"artifact {folder}: {rel} does not match its sha256 in {MANIFEST_FILE} (changed after "
-                            f"compile); compile the artifact again or restore the file")
+                            f"{'bundle' if manifest.bundle else 'compile'}); {manifest.again()}")
