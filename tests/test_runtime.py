@@ -1182,3 +1182,28 @@ def test_a_kept_prediction_holds_its_own_map_not_its_batch(int8_artifact, tiny_d
     with pytest.raises(UadcError, match=r"a Detector cannot be pickled \(it holds runtime sessions\): pass its "
                                         r"artifact folder"):   # TypeError: cannot pickle 'onnxruntime...' object
         pickle.dumps(det)
+
+
+def test_an_out_folder_under_a_folder_the_user_cannot_write_holds_its_own_lock(int8_artifact, tiny_data, tmp_path,
+                                                                              monkeypatch):
+    """A service's writable /srv/qc/line1 under a root-owned /srv/qc: `--out /srv/qc/line1` was refused
+    ("folder is not writable: /srv/qc"), since the lock went beside the folder."""
+    from uadc.core import io
+    from uadc.runtime import Detector, batch
+    parent = tmp_path / "srv"
+    out = parent / "line1"
+    out.mkdir(parents=True)
+    real = io.check_writable
+
+    def root_owned(folder):   # root ignores a chmod: the system's answer is simulated
+        if Path(os.path.realpath(folder)) == Path(os.path.realpath(parent)):
+            raise UadcError(f"folder is not writable: {parent}")
+        return real(folder)
+    monkeypatch.setattr(io, "check_writable", root_owned)
+    with Detector.load(int8_artifact[2].path) as det:
+        run = batch.predict_paths(det, [tiny_data / "gray" / "test" / "good"], out=out)
+    assert run.records and (out / "predictions.jsonl").is_file() and (out / ".uadc.lock").is_file()
+    assert sorted(p.name for p in parent.iterdir()) == ["line1"]
+    with pytest.raises(UadcError, match="folder is not writable"):   # a new folder there still needs the parent
+        batch.predict_paths(Detector.load(int8_artifact[2].path), [tiny_data / "gray" / "test" / "good"],
+                            out=parent / "line2")

@@ -33,6 +33,7 @@ from uadc.core.errors import UadcError, one_line
 from uadc.core.process import signals_deferred
 
 TMP_TAG = ".uadc-tmp-"
+LOCK_INSIDE = "uadc.lock"   # a folder's own lock file (hidden) where its parent cannot hold one
 # A folder holding one of these was written by uadc and may be replaced by a newer output.
 # a folder uadc wrote holds one of these, as uadc writes it (keys it always has): a user's own
 # report.json made --force delete the folder and every file beside it
@@ -280,16 +281,24 @@ def check_replaceable(final: Path, replace: bool = True, remedy: str = "choose a
 
 
 @contextlib.contextmanager
-def file_lock(target: Path, timeout: float = -1) -> Iterator[None]:
+def file_lock(target: Path, timeout: float = -1, inside: bool = False) -> Iterator[None]:
     """Serialise writers of ``target`` across processes (a lock file beside it, named after the real
-    path: ``out``, ``./out/`` and a link to it share one lock; ``.`` is not ``..lock``)."""
+    path: ``out``, ``./out/`` and a link to it share one lock; ``.`` is not ``..lock``). ``inside``: a
+    folder kept in place (predict's ``--out``) whose parent this user cannot write holds its lock itself
+    (a service's writable /srv/qc/line1 under a root-owned /srv/qc was refused)."""
     from filelock import FileLock, Timeout
 
     target = Path(os.path.realpath(target))
-    check_writable(target.parent)   # else filelock retries a lock it can never create, forever
-    ensure_dir(target.parent)
-    name = os.fsdecode(os.fsencode(target.name)[:255 - len("..lock")])   # a 255-byte name's lock fits too
-    lock = FileLock(str(target.parent / f".{name}.lock"), timeout=timeout)
+    lock_file = target.parent / f".{os.fsdecode(os.fsencode(target.name)[:255 - len('..lock')])}.lock"
+    try:
+        check_writable(target.parent)   # else filelock retries a lock it can never create, forever
+    except UadcError:
+        if not (inside and target.is_dir()):
+            raise
+        check_writable(target)
+        lock_file = target / f".{LOCK_INSIDE}"
+    ensure_dir(lock_file.parent)
+    lock = FileLock(str(lock_file), timeout=timeout)
     try:
         try:
             lock.acquire(timeout=0)

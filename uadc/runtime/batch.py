@@ -151,7 +151,7 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
     if out:
         check_outside_artifacts(Path(out))   # its files are hashed in artifact.json: a bundle listed ours as unlisted
         _check_out(Path(out))
-    with file_lock(Path(out)) if out else contextlib.nullcontext(), logged_warnings() as said:
+    with file_lock(Path(out), inside=True) if out else contextlib.nullcontext(), logged_warnings() as said:
         run = _predict(detector, found, category, out, overlays, batch_size, infer, roots)
     run.warnings += said   # every warning the run logged (an image noted once per folder, the category one)
     return run
