@@ -492,6 +492,20 @@ def test_a_recipe_listed_twice_is_refused_as_an_axis_value_is(tiny, tmp_path):
         make_plan(spec, base, name)
 
 
+def test_two_entries_of_one_model_with_other_compile_settings_are_refused(tiny, tmp_path):
+    """A second entry of the same recipe with other compile / verify settings (per_channel false, a budget) was
+    dropped: its cells were taken as duplicates of the first's, and `1 cells: 1 run` said nothing."""
+    d, recipe = tiny
+    path = tmp_path / "pc.yaml"
+    path.write_text(yaml.safe_dump({"recipes": [str(recipe), {"path": str(recipe), "overrides": {
+        "compile": {"per_channel": False}, "verify": {"decision_agreement_min": 0.5}}}],
+        "axes": {"target": ["ort-cpu-int8"]}}))
+    spec, base, name = load_sweep(path)
+    with pytest.raises(UadcError, match=r"two recipe entries train the same model 'tiny' and differ in compile, "
+                                        r"verify only, so one's cells would run the other's settings"):
+        make_plan(spec, base, name)
+
+
 def test_overrides_merge_nested_keys_and_read_paths_from_the_sweep_file(tiny, tmp_path, tiny_data):
     """`{model: {image_knn: {k: 3}}}` reset the kNN's other keys (weight 0: the kNN silently off);
     a relative `root` in the sweep file was read from the recipe's folder (another folder's data)."""

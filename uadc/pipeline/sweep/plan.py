@@ -129,13 +129,23 @@ def plan_recipes(pairs: list[tuple[Recipe, Recipe]], axes: Axes, run: RunConfig,
                 given = ", ".join(f"axes.{k} {v}" for k, v in (("image_size", size), ("seed", seed)) if v is not None)
                 raise UadcError(f"sweep {name}: {given}: {exc}" if given else str(exc)) from None
             for model in variants:
-                models.setdefault(model.key, model)
+                _check_same_settings(models.setdefault(model.key, model), model, name)
                 for cell in _cells(axes, model, {"image_size": size, "seed": seed, "one_class": bool(one_class)}):
                     cells.setdefault((cell.model, json.dumps(cell.options, sort_keys=True)), cell)
                     if len(cells) > MAX_CELLS:
                         raise UadcError(f"sweep {name}: more than {MAX_CELLS} cells")
     _check_distinct_names(models, name)
     return Plan(name, models, list(cells.values()), run)
+
+
+def _check_same_settings(kept: Model, model: Model, name: str) -> None:
+    """Two recipe entries that train one model (one name, one training) but differ elsewhere (compile,
+    verify, deploy): the second's cells were dropped as duplicates of the first's, without a word."""
+    differ = sorted(k for k in set(kept.cfg) | set(model.cfg) if kept.cfg.get(k) != model.cfg.get(k))
+    if differ:
+        raise UadcError(f"sweep {name}: two recipe entries train the same model {model.name!r} and differ in "
+                        f"{', '.join(differ)} only, so one's cells would run the other's settings: give one its own "
+                        f"name: key (it trains its own model), or sweep the setting as an axis")
 
 
 def _check_distinct_names(models: dict[str, Model], name: str) -> None:
