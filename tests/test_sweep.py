@@ -506,6 +506,23 @@ def test_two_entries_of_one_model_with_other_compile_settings_are_refused(tiny, 
         make_plan(spec, base, name)
 
 
+def test_a_cell_key_follows_the_data_files(tmp_path, tiny_data):
+    """Test images removed since: a rerun reused every finished cell with the old AUROC (sweep and compare)."""
+    import shutil
+    from uadc.pipeline.sweep.plan import cell_key
+    shutil.copytree(tiny_data, tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "data", train={"epochs": 1, "threads": 1})
+
+    def keys():
+        spec, base, name = load_sweep(_sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-int8"]}))
+        plan = make_plan(spec, base, name)
+        return [cell_key(c, plan.models[c.model], "sha", plan.run) for c in plan.cells]
+    before = keys()
+    assert keys() == before
+    next((tmp_path / "data" / "gray" / "test").glob("*/*.png")).unlink()
+    assert keys() != before
+
+
 def test_overrides_merge_nested_keys_and_read_paths_from_the_sweep_file(tiny, tmp_path, tiny_data):
     """`{model: {image_knn: {k: 3}}}` reset the kNN's other keys (weight 0: the kNN silently off);
     a relative `root` in the sweep file was read from the recipe's folder (another folder's data)."""

@@ -74,3 +74,18 @@ def check_outside_data(out: Path, recipe: Recipe) -> None:
         real = Path(os.path.realpath(folder))
         if where == real or real in where.parents:
             raise UadcError(f"--out {out}: inside the recipe's data folder {folder}; choose a folder outside its data")
+
+
+def data_fingerprint(recipe: Recipe) -> str:
+    """The names and sizes of every file under the recipe's category folders (train, test, masks) and
+    validation folders, hashed: a grid's finished cells were reused after test images were removed."""
+    import hashlib
+    import json
+    folders = [root / cat for root, cat in resolve_sources([s.model_dump() for s in recipe.data.sources])]
+    items = []
+    for folder in [*folders, *(Path(v.folder) for v in recipe.data.val or [])]:
+        for here, dirs, files in os.walk(folder):
+            dirs.sort()
+            items += [(os.path.relpath(os.path.join(here, f), folder), os.path.getsize(os.path.join(here, f)))
+                      for f in sorted(files) if os.path.isfile(os.path.join(here, f))]
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]

@@ -2,9 +2,10 @@
 
 Work that cells share is planned once: one model (one training task) per distinct recipe and
 training settings, and per model one FP32 baseline that all of its cells compile from. A cell's
-key hashes everything its result depends on (recipe hash, checkpoint sha256, compile options,
-run settings, uadc version), so a finished cell is found again by a rerun and a changed input
-(a retrained checkpoint, another option) makes a new cell.
+key hashes everything its result depends on (recipe hash, the names and sizes of the data files,
+checkpoint sha256, compile options, run settings, uadc version), so a finished cell is found again
+by a rerun and a changed input (a retrained checkpoint, another option, a test image removed)
+makes a new cell.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from uadc.config.settings import auto_applies, resolve_ptq
 from uadc.config.targets import TARGETS
 from uadc.core.constants import CALIBRATION_KINDS, CHECKPOINT_FILE, PARTITIONS
 from uadc.core.errors import UadcError
+from uadc.data.sources import data_fingerprint
 from uadc.pipeline.sweep.spec import AXES, MAX_CELLS, MAX_COMBINATIONS, Axes, RunConfig, SweepSpec
 
 TRAIN_SECTIONS = ("seed", "data", "model", "train")   # what a checkpoint depends on
@@ -37,6 +39,7 @@ class Model:
     name: str                   # artifact folder under the artifacts root
     cfg: dict = field(compare=False, hash=False)  # the variant recipe (absolute data paths)
     category: str | None = None   # one-class model: its category
+    data: str = field(default="", compare=False, hash=False)   # its data files' names and sizes, hashed
 
     def recipe(self) -> Recipe:
         return recipe_from_dict(self.cfg, keep_name=True)
@@ -83,7 +86,8 @@ def train_hash(recipe: Recipe) -> str:
 
 def cell_key(cell: Cell, model: Model, checkpoint_sha: str, run: RunConfig) -> str:
     """Content hash of a cell's inputs; equal keys mean the same result."""
-    return _hash({"recipe": model.recipe().hash, "checkpoint": checkpoint_sha, "options": cell.options,
+    return _hash({"recipe": model.recipe().hash, "data": model.data, "checkpoint": checkpoint_sha,
+                  "options": cell.options,
                   "run": {"evaluate": run.evaluate, "latency_runs": run.latency_runs, "threads": run.threads},
                   "uadc": __version__, "calibrator": _calibrator_code(cell.options.get("calibrator"))})[:20]
 
@@ -204,7 +208,7 @@ def _models(original: Recipe, recipe: Recipe, size: int | None, seed: int | None
         from uadc.data.sources import resolve_sources
         variants = [(_one_category(recipe, root, cat, f"{name}-oc-{cat}"), cat)
                     for root, cat in resolve_sources([s.model_dump() for s in recipe.data.sources])]
-    return [Model(_hash([r.name, train_hash(r)])[:16], r.name, r.cfg, cat) for r, cat in variants]
+    return [Model(_hash([r.name, train_hash(r)])[:16], r.name, r.cfg, cat, data_fingerprint(r)) for r, cat in variants]
 
 
 def _one_category(recipe: Recipe, root: Path, category: str, name: str) -> Recipe:
