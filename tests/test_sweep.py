@@ -302,12 +302,17 @@ def test_a_ray_uadc_starts_leaves_the_process_as_it_was(tiny, tmp_path):
 
     def mine(signum, frame):
         pass
-    previous, filters = signal.signal(signal.SIGTERM, mine), warnings.filters[:]
+    import faulthandler
+    previous, filters, faults = signal.signal(signal.SIGTERM, mine), warnings.filters[:], faulthandler.is_enabled()
+    faulthandler.disable()   # pytest turns it on; Ray's driver turned it on for good
     try:   # Ray's own SIGTERM handler stayed: the caller's next SIGTERM ended the process
         assert api.sweep(sweep, artifacts=d / "art", out=tmp_path / "own", num_cpus=1).ok
         assert signal.getsignal(signal.SIGTERM) is mine and warnings.filters == filters
+        assert not faulthandler.is_enabled()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if faults:
+            faulthandler.enable(file=sys.__stderr__)
     assert dict(os.environ) == env and sys.excepthook is hook and random.getstate() == state
 
 

@@ -196,13 +196,15 @@ def logged_warnings(logger: str = "uadc") -> Iterator[list[str]]:
 def process_state_kept() -> Iterator[None]:
     """For a library that starts services in this process (Ray): on exit the environment variables,
     ``sys.excepthook``, the SIGTERM / SIGINT handlers (Ray's ended the process on the caller's next
-    SIGTERM), the thread's signal stack, the warning filters and Python's and NumPy's global random
-    streams are the caller's again."""
+    SIGTERM), the thread's signal stack, the warning filters, Python's and NumPy's global random
+    streams and whether faulthandler is on are the caller's again."""
+    import faulthandler
     import random
     import signal
     import threading
 
     hook, py_state, np_state = sys.excepthook, random.getstate(), np.random.get_state()
+    faults = faulthandler.is_enabled()   # Ray's driver enables it for good
     main = threading.current_thread() is threading.main_thread()   # handlers belong to the main thread
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
@@ -214,6 +216,8 @@ def process_state_kept() -> Iterator[None]:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         random.setstate(py_state)
         np.random.set_state(np_state)
+        if not faults and faulthandler.is_enabled():
+            faulthandler.disable()
 
 
 class _Capture:
