@@ -542,3 +542,12 @@ def test_overrides_merge_nested_keys_and_read_paths_from_the_sweep_file(tiny, tm
     model = next(iter(make_plan(spec, base, name).models.values())).recipe()
     assert model.model.image_knn.model_dump() == {**knn, "k": 3, "max_bank": model.model.image_knn.max_bank}
     assert Path(model.data.sources[0].root) == tmp_path / "mine"
+
+
+def test_sweep_csv_cells_are_inert_and_no_best_cell_says_none():
+    """A recipe named `=1+2` wrote a sweep.csv row a spreadsheet runs as a formula (predictions.csv made such
+    names inert); with no eligible cell sweep.md said `Best cell per objective: ` and nothing."""
+    from uadc.pipeline.sweep import table
+    text = table._csv([{"cell": "=1+2/ort-cpu-fp32", "status": "ok"}])
+    assert "\n'=1+2/ort-cpu-fp32,ok," in text
+    assert "Best cell per objective: none" in table.render_markdown("s", [], {"image_auroc": None}, [])

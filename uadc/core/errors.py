@@ -31,6 +31,12 @@ def md_cell(text: object) -> str:
     return one_line(str(text)).replace("\\", "\\\\").replace("|", "\\|")
 
 
+def csv_cell(value: object) -> object:
+    """A text cell a spreadsheet would run as a formula (a file, folder or recipe named ``=HYPERLINK(...)``)
+    gets a leading ``'`` (OWASP's CSV-injection advice); the JSON outputs keep the exact text."""
+    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def pickle_refusal(exc: BaseException) -> str:
     """What torch's ``weights_only`` loader refused in a file, without its advice to retry with
     ``weights_only=False`` (which would run the file's code)."""

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from uadc.core.constants import OVERLAYS_DIR, PREDICTIONS_CSV, PREDICTIONS_JSONL
-from uadc.core.errors import NonFiniteOutputs, UadcError
+from uadc.core.errors import NonFiniteOutputs, UadcError, csv_cell
 from uadc.core.images import FoundImages, find_images, printable, shown
 from uadc.core.io import (atomic_write_bytes, atomic_write_text, check_dir_creatable, check_own_file, check_writable,
                           file_lock, staged_files)
@@ -274,7 +274,7 @@ def _write_tables(run: PredictRun, out: Path) -> None:
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
     failed = [{"path": printable(p), "verdict": "error", "error": printable(e)} for p, e in run.failed]
-    w.writerows({k: _inert(v) for k, v in r.items()} for r in records + failed)   # a CSV reader sees them too
+    w.writerows({k: csv_cell(v) for k, v in r.items()} for r in records + failed)   # a CSV reader sees them too
     run.written.insert(1, atomic_write_text(out / PREDICTIONS_CSV, buf.getvalue()))
     for p in stale:
         p.unlink(missing_ok=True)
@@ -308,9 +308,3 @@ def _named_overlays(out: Path) -> set[str]:
         except (ValueError, AttributeError):
             continue
     return {n for n in named if isinstance(n, str)}
-
-
-def _inert(value: object) -> object:
-    """A text cell a spreadsheet would run as a formula (a file or folder named ``=HYPERLINK(...)``)
-    gets a leading ``'`` (OWASP's CSV-injection advice); predictions.jsonl keeps the exact text."""
-    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value

@@ -10,7 +10,7 @@ import io
 import logging
 from pathlib import Path
 
-from uadc.core.errors import md_cell
+from uadc.core.errors import csv_cell, md_cell
 from uadc.core.io import atomic_save, atomic_write_json, atomic_write_text, to_json
 from uadc.pipeline.sweep.plan import Plan
 from uadc.report.markdown import signed
@@ -113,7 +113,7 @@ def _csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=[*COLUMNS, "key"], lineterminator="\n")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)   # a recipe named =1+2 ran as a formula
     return buf.getvalue()
 
 
@@ -142,7 +142,7 @@ def render_markdown(name: str, rows: list[dict], best: dict, front: list[str]) -
                   "on other images."]
     if any(r.get("gate_passed") is False for r in rows):
         lines += ["", "REGRESSION: the cell fails its own regression gate (`uadc verify`): never a best cell."]
-    lines += ["", "Best cell per objective: " + "; ".join(f"{k}: **{v}**" for k, v in best.items() if v),
+    lines += ["", "Best cell per objective: " + ("; ".join(f"{k}: **{v}**" for k, v in best.items() if v) or "none"),
               "", "Pareto front (image AUROC vs latency): " + (", ".join(front) or "none")]
     return "\n".join(lines)
 
