@@ -551,3 +551,18 @@ def test_sweep_csv_cells_are_inert_and_no_best_cell_says_none():
     text = table._csv([{"cell": "=1+2/ort-cpu-fp32", "status": "ok"}])
     assert "\n'=1+2/ort-cpu-fp32,ok," in text
     assert "Best cell per objective: none" in table.render_markdown("s", [], {"image_auroc": None}, [])
+
+
+def test_a_checkpoint_of_other_training_settings_fails_its_cells_naming_them(tmp_path, tiny_data):
+    """train.epochs edited in the recipe since its checkpoint was trained: the sweep ran every cell on the old
+    model and reported them as fresh results ("3 run, 0 models trained")."""
+    import uadc
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_data, data={"image_size": 32}, train={"epochs": 1, "threads": 1})
+    uadc.train(recipe, artifacts=tmp_path / "art")
+    recipe.write_text(recipe.read_text().replace("epochs: 1", "epochs: 2"))
+    res = uadc.sweep({"recipe": str(recipe), "axes": {"target": ["ort-cpu-fp32"]}, "run": {"latency_runs": 1}},
+                     artifacts=tmp_path / "art", out=tmp_path / "out", sequential=True)
+    assert not res.ok and res.trained == 0
+    (rec,) = json.loads((tmp_path / "out" / "sweep.json").read_text())["cells"]
+    assert "was trained with other training settings than r's recipe (train.epochs: 1 in the checkpoint, 2 in the " \
+           "recipe); a sweep trains missing models only" in rec["error"]

@@ -231,14 +231,25 @@ _MODEL_SECTIONS = ("name", "seed", "data", "model", "train")
 _ONE_CLASS_HINT = " (a one-class checkpoint is judged by `uadc eval --one-class` of the recipe that trained it)"
 
 
+def trained_recipe(blob: dict, path: Path) -> Recipe:
+    """The recipe a checkpoint was trained with (its stored sections, defaults filled in)."""
+    try:   # only what the model depends on: a stored compile / deploy section a newer uadc refuses is no matter
+        return recipe_from_dict({k: v for k, v in blob["recipe"].items() if k in _MODEL_SECTIONS}, keep_name=True)
+    except UadcError as exc:
+        raise UadcError(f"checkpoint {path}: its stored recipe is invalid ({exc})") from None
+
+
+def other_training(path: Path, recipe: Recipe) -> str | None:
+    """The first training setting (threads aside) in which the checkpoint differs from ``recipe``, or None."""
+    trained = {k: v for k, v in trained_recipe(read_checkpoint(path), path).cfg["train"].items() if k != "threads"}
+    asked = {k: v for k, v in recipe.cfg["train"].items() if k != "threads"}
+    return None if trained == asked else _first_difference(trained, asked, "train")
+
+
 def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, dict]:
     """The model (eval mode) and the checkpoint dict; refuses a checkpoint of other settings."""
     blob = read_checkpoint(path)
-    try:   # only what the model depends on: a stored compile / deploy section a newer uadc refuses is no matter
-        stored = {k: v for k, v in blob["recipe"].items() if k in _MODEL_SECTIONS}
-        trained = recipe_from_dict(stored, keep_name=True)
-    except UadcError as exc:
-        raise UadcError(f"checkpoint {path}: its stored recipe is invalid ({exc})") from None
+    trained = trained_recipe(blob, path)
     if recipe is not None:  # the scoring head holds no weights: the recipe asking now picks it
         _warn_knn_scale(trained, recipe, path)
         trained = trained.with_overrides(model={k: recipe.cfg["model"][k] for k in HEAD_KEYS})

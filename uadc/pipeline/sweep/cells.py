@@ -57,10 +57,15 @@ def one_line(exc: BaseException) -> str:
 def ensure_model(model: Model, artifacts: Path, allow_train: bool) -> ModelInfo:
     """The model's checkpoint (trained here when missing and allowed) and its sha256."""
     from uadc.pipeline import api
-    from uadc.training.checkpoint import checkpoint_path
+    from uadc.training.checkpoint import checkpoint_path, other_training
     r = model.recipe()
     ckpt = checkpoint_path(r, artifacts)
     trained, seconds = False, 0.0
+    differ = other_training(ckpt, r) if ckpt.is_file() else None
+    if differ:   # the recipe's train section edited since: its cells ran the old model as if new
+        raise UadcError(f"checkpoint {ckpt} was trained with other training settings than {model.name}'s recipe "
+                        f"({differ}); a sweep trains missing models only: retrain it with `uadc train`, or give "
+                        f"the recipe another name: key")
     if not ckpt.is_file():
         if not allow_train:
             raise UadcError(f"no checkpoint for {model.name} at {ckpt} (run.train is false)")
