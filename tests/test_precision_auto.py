@@ -463,3 +463,16 @@ def test_a_search_where_only_all_fp32_fits_records_that_step():
     assert bisect(s, SimpleNamespace(cost=lambda c: float(len(c))), frozenset(range(5)), list(range(5)), steps) == \
         frozenset()
     assert steps[-1]["int8_groups"] == 0 and steps[-1]["step"].startswith("revert 5 (every INT8 group")
+
+
+def test_a_compile_to_another_out_uses_the_recipes_timing_cache_where_it_exists(recipe_factory, tmp_path):
+    """`--out DIR` profiled anew beside DIR (and shipped 3 INT8 groups where the recipe's own folder had 8)."""
+    from types import SimpleNamespace
+    from uadc.config.recipe import load_recipe
+    from uadc.pipeline.compile import _timing_cache
+    base = SimpleNamespace(recipe=load_recipe(recipe_factory("tc")))
+    opts = SimpleNamespace(artifacts=tmp_path / "art")
+    out = tmp_path / "deploy" / "x"
+    assert _timing_cache(base, opts, out) == (tmp_path / "deploy" / "timing_cache").absolute()
+    (tmp_path / "art" / "tc" / "timing_cache").mkdir(parents=True)
+    assert _timing_cache(base, opts, out) == (tmp_path / "art" / "tc" / "timing_cache").absolute()

@@ -799,3 +799,13 @@ def test_precision_auto_build_maps_fp32_layers_onto_polygraphy(tmp_path, monkeyp
     build_engine(tmp_path / "m.onnx", tmp_path / "p.engine", plain)
     assert not isinstance(seen["network"], poly_trt.SetLayerPrecisions)
     assert seen["config"].precision_constraints is None
+
+
+def test_only_an_int8_targets_emulated_figures_are_called_emulated_int8():
+    """trt-fp16 / jetson-fp32 reports carried `emulated_int8`: FP16 / FP32 figures that a script read as INT8."""
+    from uadc.report.results import Metrics
+    m = {"mean": {"image_auroc": 1.0}}
+    note = "TensorRT is not run here"
+    assert "emulated_int8" in Metrics(m, m, {}, "onnxruntime CPU", note, True).to_dict()
+    d = Metrics(m, m, {}, "onnxruntime CPU", note, False).to_dict()
+    assert "emulated_int8" not in d and d["compiled_note"] == note

@@ -225,9 +225,9 @@ class AutoPrecisionConfig(_Section):
                               "group's FP32 time (and 2 µs when profiled): timing noise must not flip a decision")
     profile_runs: int = Field(100, ge=3, le=1000, description="profiled runs per model (each node's fastest counts)")
     profile_batch: int = Field(1, ge=1, le=64, description="images per profiled run (CPU targets): the deployed batch")
-    timing_cache: bool = Field(True, description="keep the profiles in timing_cache/ beside the artifact folder "
-                               "(<artifacts>/<recipe>/timing_cache by default) so a rerun makes the same speed "
-                               "decisions (delete the folder to profile again)")
+    timing_cache: bool = Field(True, description="keep the profiles in <artifacts>/<recipe>/timing_cache (beside "
+                               "--out when that does not exist) so a rerun makes the same speed decisions (delete "
+                               "the folder to profile again)")
     gpu: Optional[str] = Field(None, description="TensorRT: the GPU whose modelled latency prices the groups "
                                "(orin-nano-8gb: jetson default, agx-orin-64gb, l4: trt default, h200)")
 

@@ -78,6 +78,13 @@ def default_out(recipe: Recipe, target: Target, qat: bool, artifacts: Path | Non
 
 
 
+def _timing_cache(baseline: Baseline, opts: CompileOptions, out: Path) -> Path:
+    """Precision auto's profiles: the recipe's own cache where one exists (``--out`` elsewhere profiled
+    again and shipped another assignment of the same checkpoint), else beside the artifact folder."""
+    own = baseline.recipe.artifact_dir(opts.artifacts) / TIMING_CACHE_DIR
+    return own.absolute() if own.is_dir() else out.absolute().parent / TIMING_CACHE_DIR
+
+
 def _check_apart(out: Path, dump: Path | None) -> None:
     """The pass dumps are written while the artifact is built in a temp folder that replaces
     ``out``: one inside the other would be replaced, or become part of the artifact."""
@@ -109,7 +116,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     _check_apart(out, opts.dump_passes)
     if opts.calibration is not None:   # checked before the export (8-14 s), and read once: a generator fed two stages
         opts = replace(opts, calibration=baseline.calibration_images(ptq.calib_data, ptq.calib_samples, opts.calibration))
-    cache = out.absolute().parent / TIMING_CACHE_DIR
+    cache = _timing_cache(baseline, opts, out)
     if auto is not None and baseline.recipe.compile.auto.timing_cache and cache.exists() and not cache.is_dir():
         raise UadcError(f"{cache}: not a folder; precision auto keeps its ONNX Runtime profiles there, beside --out "
                         f"(remove the file, or set compile.auto.timing_cache: false)")   # "not a folder: ..." before
@@ -121,7 +128,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     fp32, records = baseline.fp32_simplified
     _stage(stages, target, "precision search" if auto is not None else "passes")
     if auto is not None:
-        cache = out.parent / TIMING_CACHE_DIR if baseline.recipe.compile.auto.timing_cache else None
+        cache = cache if baseline.recipe.compile.auto.timing_cache else None
         auto = search_precision(baseline, target, fp32, auto, _pass_names(baseline, target, opts), threads,
                                 opts.calibration, cache)
         ptq = auto.ptq
@@ -414,7 +421,7 @@ def _metrics(baseline: Baseline, compiled: onnx.ModelProto, target: Target, fp16
                 "on the CPU" + (", its FP16 layers simulated (weights and activations rounded). " if fp16 else
                 ". ") + "On the device TensorRT fuses layers and may pick other tactics, so figures can differ "
                 "slightly.")
-    return Metrics(fp32, comp, _drops(fp32, comp), runtime, note)   # float TensorRT targets are emulated too
+    return Metrics(fp32, comp, _drops(fp32, comp), runtime, note, target.quantized)   # float TensorRT: emulated too
 
 
 def _write_artifacts(tmp: Path, baseline: Baseline, compiled, result: CompileResult, calib, target: Target,

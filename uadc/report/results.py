@@ -49,12 +49,12 @@ class Metrics:
     drop: dict
     compiled_by: str             # runtime that produced "compiled"
     note: str | None = None
+    int8: bool = True            # an emulated FP16 / FP32 TensorRT target's figures are no INT8 prediction
 
     def to_dict(self) -> dict:
         d = {"fp32": self.fp32, "compiled": self.compiled, "drop": self.drop, "compiled_by": self.compiled_by}
         if self.note:
-            d["emulated_int8"] = self.compiled
-            d["compiled_note"] = self.note
+            d.update({"emulated_int8": self.compiled} if self.int8 else {}, compiled_note=self.note)
         return d
 
 
