@@ -269,12 +269,13 @@ def test_a_bare_group_shows_its_help_not_an_error():
     assert "error:" not in res.output and "Commands:" in res.output
 
 
-def test_a_signal_held_until_a_step_was_written_says_so(capsys):
+def test_a_signal_held_until_a_step_was_written_says_so(capsys, monkeypatch):
     """SIGTERM during predict's final commit (tables and overlays, written whole) said "nothing was written
     for the unfinished step", of a run whose results had all been written."""
     import contextlib
     import signal
-    from uadc.cli import exit_on_user_error
+    from uadc.cli import _Terminated, exit_on_user_error
+    monkeypatch.setattr(_Terminated, "seen", False)   # remembered for the process: not past this test
     from uadc.core.process import signals_deferred
     for held, says in ((True, "terminated (SIGTERM) just after a step was written in full; nothing after it ran"),
                        (False, "terminated (SIGTERM); nothing was written for the unfinished step")):
