@@ -81,7 +81,10 @@ def data_fingerprint(recipe: Recipe) -> str:
     validation folders, hashed: a grid's finished cells were reused after test images were removed."""
     import hashlib
     import json
-    folders = [root / cat for root, cat in resolve_sources([s.model_dump() for s in recipe.data.sources])]
+    try:
+        folders = [root / cat for root, cat in resolve_sources([s.model_dump() for s in recipe.data.sources])]
+    except UadcError as exc:   # not there (yet): a plan is made without it, and the cells say why they fail
+        return f"unavailable: {exc}"[:200]
     items = []
     for folder in [*folders, *(Path(v.folder) for v in recipe.data.val or [])]:
         for here, dirs, files in os.walk(folder):
