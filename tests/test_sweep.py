@@ -566,3 +566,37 @@ def test_a_checkpoint_of_other_training_settings_fails_its_cells_naming_them(tmp
     (rec,) = json.loads((tmp_path / "out" / "sweep.json").read_text())["cells"]
     assert "was trained with other training settings than r's recipe (train.epochs: 1 in the checkpoint, 2 in the " \
            "recipe); a sweep trains missing models only" in rec["error"]
+
+
+def test_two_sweeps_missing_one_model_train_it_once(tmp_path, tiny_data, monkeypatch):
+    """Two sweeps (other --out, one --artifacts) both trained the missing model; the second replaced the
+    checkpoint that the first's records name. Now the second waits, then uses the first's checkpoint."""
+    import shutil
+    import threading
+    import time
+    import uadc
+    from uadc.pipeline import api
+    from uadc.pipeline.sweep import cells as C
+    from uadc.pipeline.sweep.plan import make_plan
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_data, data={"image_size": 32}, train={"epochs": 1, "threads": 1})
+    uadc.train(recipe, artifacts=tmp_path / "ready")       # a real checkpoint the fake training puts in place
+    spec, base, name = load_sweep(_sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32"]}))
+    (model,) = make_plan(spec, base, name).models.values()
+    calls = []
+
+    def slow_train(r, artifacts):
+        calls.append(1)
+        time.sleep(0.5)                                     # the other sweep arrives meanwhile
+        (artifacts / "r").mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "ready" / "r" / "checkpoint.pt", artifacts / "r" / "checkpoint.pt")
+    monkeypatch.setattr(api, "train", slow_train)
+    infos = []
+    threads = [threading.Thread(target=lambda: infos.append(C.ensure_model(model, tmp_path / "art", True)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join(30)
+    assert len(calls) == 1 and len(infos) == 2 and infos[0].sha256 == infos[1].sha256
+    assert sorted(i.trained for i in infos) == [False, True]

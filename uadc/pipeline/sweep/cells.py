@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from uadc.core.errors import UadcError
-from uadc.core.io import sha256_file
+from uadc.core.io import file_lock, sha256_file
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.sweep.plan import Cell, Model, cell_key
 from uadc.pipeline.sweep.spec import RunConfig
@@ -61,18 +61,22 @@ def ensure_model(model: Model, artifacts: Path, allow_train: bool) -> ModelInfo:
     r = model.recipe()
     ckpt = checkpoint_path(r, artifacts)
     trained, seconds = False, 0.0
-    differ = other_training(ckpt, r) if ckpt.is_file() else None
-    if differ:   # the recipe's train section edited since: its cells ran the old model as if new
-        raise UadcError(f"checkpoint {ckpt} was trained with other training settings than {model.name}'s recipe "
-                        f"({differ}); a sweep trains missing models only: retrain it with `uadc train`, or give "
-                        f"the recipe another name: key")
-    if not ckpt.is_file():
-        if not allow_train:
-            raise UadcError(f"no checkpoint for {model.name} at {ckpt} (run.train is false)")
-        t0 = time.time()
-        api.train(r, artifacts=artifacts)
-        trained, seconds = True, round(time.time() - t0, 1)
-    return ModelInfo(model.key, str(ckpt), sha256_file(ckpt), trained, seconds)
+    # another sweep (another --out) missing the same model waits, then uses its checkpoint: both trained it, and
+    # the second replaced the checkpoint the first's records name
+    with file_lock(ckpt.parent):
+        differ = other_training(ckpt, r) if ckpt.is_file() else None
+        if differ:   # the recipe's train section edited since: its cells ran the old model as if new
+            raise UadcError(f"checkpoint {ckpt} was trained with other training settings than {model.name}'s "
+                            f"recipe ({differ}); a sweep trains missing models only: retrain it with `uadc train`, "
+                            f"or give the recipe another name: key")
+        if not ckpt.is_file():
+            if not allow_train:
+                raise UadcError(f"no checkpoint for {model.name} at {ckpt} (run.train is false)")
+            t0 = time.time()
+            api.train(r, artifacts=artifacts)
+            trained, seconds = True, round(time.time() - t0, 1)
+        sha = sha256_file(ckpt)
+    return ModelInfo(model.key, str(ckpt), sha, trained, seconds)
 
 
 def build_baseline(model: Model, info: ModelInfo, run: RunConfig) -> BaselineState:
