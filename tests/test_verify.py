@@ -666,3 +666,10 @@ def test_the_gate_judges_each_categorys_drops_and_its_stored_budgets_with_images
     doc = json.loads(r.stdout)
     assert r.exit_code == 1 and doc["exit_code"] == 1 and doc["passed"] is False
     assert doc["error"].startswith(f"REGRESSION: the candidate ({tmp_path / 'nan.onnx'}) produced non-finite")
+
+
+def test_a_masks_folder_given_as_images_is_refused(artifacts, tiny_data):
+    """`--images data/gray/ground_truth` judged the masks as normal images and passed."""
+    _, fp32, _ = artifacts
+    with pytest.raises(UadcError, match=r"ground_truth/ folder of masks; give a folder of images"):
+        uadc.verify(fp32, images=[tiny_data / "gray" / "ground_truth"])

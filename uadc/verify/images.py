@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
+from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
 from uadc.core.images import IMAGE_EXTS, find_images
 from uadc.core.manifest import infer_category
@@ -36,6 +37,8 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
         seen.add(d.resolve())
         if not d.is_dir():
             raise UadcError(f"images (--images): not a folder: {d}")
+        if MASKS_FOLDER in d.resolve().parts:   # its masks were judged as normal images, PASS
+            raise UadcError(f"images (--images): {d} is in a {MASKS_FOLDER}/ folder of masks; give a folder of images")
         files = find_images([d]).files   # as `uadc predict` walks: no MVTec masks, no predict outputs
         if not files:
             raise UadcError(f"images (--images): no images ({', '.join(sorted(IMAGE_EXTS))}) under {d}")
