@@ -247,7 +247,7 @@ def test_a_checkpoint_path_that_cannot_be_written_fails_before_training(recipe_f
 def test_logged_warnings_read_as_warnings(capsys):
     """`category 'x' has 7 validation normals ...` came bare on stderr; predict's own said `warning:`."""
     import logging
-    from uadc.cli import _LogHandler
+    from uadc.cli.terminal import _LogHandler
     h = _LogHandler()
     h.setFormatter(logging.Formatter("%(message)s"))
     for level, msg in ((logging.WARNING, "few normals"), (logging.INFO, "checkpoint written")):
@@ -274,7 +274,7 @@ def test_a_signal_held_until_a_step_was_written_says_so(capsys, monkeypatch):
     for the unfinished step", of a run whose results had all been written."""
     import contextlib
     import signal
-    from uadc.cli import _Terminated, exit_on_user_error
+    from uadc.cli.terminal import _Terminated, exit_on_user_error
     monkeypatch.setattr(_Terminated, "seen", False)   # remembered for the process: not past this test
     from uadc.core.process import signals_deferred
     for held, says in ((True, "terminated (SIGTERM) just after a step was written in full; nothing after it ran"),
@@ -298,3 +298,18 @@ def test_stdout_that_cannot_be_written_is_one_error_line(tmp_path):
         with open("/dev/full", "w") as full:
             p = subprocess.run([sys.executable, "-m", "uadc", *args], stdout=full, stderr=subprocess.PIPE, text=True)
         assert p.returncode == 2 and p.stderr == "error: cannot write to stdout: No space left on device\n", p.stderr
+
+
+@pytest.mark.parametrize("args, said", [
+    (["predict", "x", "y", "--category", "a", "--category=b"], "--category given twice ('a', then 'b'): give it once"),
+    (["compile", "demo", "--per-channel", "--per-tensor"], "--per-channel and --per-tensor both given: give one"),
+    (["calibrators", "compare", "demo", "--target", "a", "--target", "b"], "--target given twice"),
+    (["predict", "x", "y", "--category", "a", "--category=a"], "artifact folder not found: x"),   # the same: fine
+    (["verify", "x", "--budget", "a=1", "--budget", "b=2"], "no model.onnx"),     # repeatable
+])
+def test_an_option_given_twice_with_two_values_is_refused(tmp_path, monkeypatch, args, said):
+    """`--category a --category b` judged every image at b's thresholds without a word (click keeps the last)."""
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and said in res.output, res.output
+    assert res.output.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in res.output

@@ -64,9 +64,9 @@ def test_user_error_json_and_own_error_line(tmp_path):
                                               ("terminated", 143, "terminated (SIGTERM)")])
 def test_a_stopped_run_still_prints_one_json_document(trained, monkeypatch, stop, code, said):
     """SIGTERM (a pipeline's timeout) or Ctrl-C during `--json` left stdout empty: no document to read."""
-    import uadc.cli
+    import uadc.cli.terminal
     from uadc.pipeline import api
-    stop = uadc.cli._Terminated if stop == "terminated" else stop
+    stop = uadc.cli.terminal._Terminated if stop == "terminated" else stop
 
     def stopped(*args, **kwargs):
         raise stop()

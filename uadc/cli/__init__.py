@@ -1,171 +1,20 @@
-"""Command line (``uadc train | eval | compile | qat | sweep | predict | verify | diff | ...``): the only module
+"""Command line (``uadc train | eval | compile | qat | sweep | predict | verify | diff | ...``): the only package
 that talks to the terminal. It calls the public API (``uadc.pipeline.api``) and prints from the typed results.
 A user mistake (UadcError) is one ``error: ...`` line and exit 2; every artifact is written atomically at the end."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import logging
-import signal
 import sys
-import threading
-import warnings
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
 
 import click
 
 from uadc import __version__
+from uadc.cli.terminal import _errors_as_json, _Group, _Path, _setup_logging, json_output
 from uadc.config.targets import QAT_TARGETS, TARGETS
 from uadc.core.errors import UadcError, dependencies_checked, one_line
-from uadc.core.process import interruption, stdout_failures_as_errors
-from uadc.core.scoped import own_process
-
-log = logging.getLogger("uadc")
-
-
-class _Terminated(KeyboardInterrupt):   # SIGTERM (`docker stop`, a pipeline's timeout) unwinds as Ctrl-C does
-    seen = False   # remembered: a library (Ray's wait) may re-raise it as a plain KeyboardInterrupt
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    _Terminated.seen = True
-    raise _Terminated()
-
-
-@contextlib.contextmanager
-def exit_on_user_error(interrupted: str = "interrupted; nothing was written for the unfinished step") -> Iterator[None]:
-    """A UadcError becomes one ``error: ...`` line (on its own line) and its exit code; Ctrl-C
-    (130) and SIGTERM (143) remove the unfinished step's temps and say so in one line."""
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
-    try:
-        with dependencies_checked():
-            yield
-    except UadcError as exc:
-        sys.stderr.write("\n" if sys.stderr.isatty() else "")   # a progress bar may have left the cursor mid-line
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt as exc:
-        sys.stderr.write("\n" if sys.stderr.isatty() else "")   # a progress bar may have left the cursor mid-line
-        terminated, text = isinstance(exc, _Terminated) or _Terminated.seen, interruption(exc, interrupted)
-        click.echo(text.replace("interrupted", "terminated (SIGTERM)") if terminated else text, err=True)
-        sys.exit(143 if terminated else 130)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _show_usage_error(exc: click.ClickException, file: Any = None) -> None:   # "error: ..." as every other
-    if isinstance(exc, click.UsageError) and exc.ctx is not None:
-        click.echo(f"{exc.ctx.get_usage()}\nTry '{exc.ctx.command_path} --help' for help.\n", err=True)
-    click.echo(f"error: {exc.format_message()}", err=True)
-
-
-class _Group(click.Group):
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        given = list(args)   # click's parser consumes the list
-        try:
-            return super().parse_args(ctx, args)
-        except click.ClickException as exc:   # an option before the command: `uadc --bogus train`
-            self._usage_failed(ctx, given, exc)
-
-    def invoke(self, ctx: click.Context):
-        args = [*(ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args), *ctx.args]
-        with exit_on_user_error(), own_process(), stdout_failures_as_errors():   # its process is uadc's
-            try:
-                return super().invoke(ctx)
-            except click.ClickException as exc:
-                self._usage_failed(ctx, args, exc)
-
-    def _usage_failed(self, ctx: click.Context, args: list[str], exc: click.ClickException) -> NoReturn:
-        if isinstance(exc, click.NoSuchOption) and exc.ctx and exc.ctx.parent and \
-                exc.option_name in ("-q", "--quiet", "-v", "--verbose"):   # `uadc doctor -q`
-            exc.message = f"{exc.message.rstrip('.')}: {exc.option_name} goes before the command, " \
-                          f"uadc {exc.option_name} {exc.ctx.command_path.split(' ', 1)[1]} ..."
-        if self._json_on_stdout(ctx, args):   # a usage error too is one JSON document under --json
-            from uadc.core.io import to_json
-            click.echo(to_json({"error": exc.format_message(), "exit_code": exc.exit_code}), nl=False)
-        if not isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):   # message: the help
-            exc.show = functools.partial(_show_usage_error, exc)
-        raise exc
-
-    def _json_on_stdout(self, ctx: click.Context, args: list[str]) -> bool:
-        """``--json -`` (verify, diff), or ``--json`` where it is a flag (or the command is unknown)."""
-        if "--json=-" in args or any(a == "--json" and b == "-" for a, b in zip(args, args[1:])):
-            return True
-        cmd = self.get_command(ctx, next((a for a in args if not a.startswith("-")), ""))   # `uadc -q verify ...`
-        return "--json" in args and (cmd is None or any("--json" in getattr(p, "opts", ()) and
-                                                        getattr(p, "is_flag", False) for p in cmd.params))
-
-
-class _LogHandler(logging.Handler):   # to stderr through tqdm.write: a record never glues onto a progress bar
-    def emit(self, record: logging.LogRecord) -> None:
-        text = self.format(record)   # warnings read as such, as `uadc predict`'s own do
-        line = f"warning: {one_line(text)}" if record.levelno == logging.WARNING else text
-        try:   # tqdm is optional on an edge box's runtime-only install (there every warning was exit 2)
-            from tqdm import tqdm
-            tqdm.write(line, file=sys.stderr)
-        except ImportError:
-            print(line, file=sys.stderr)
-
-
-def _setup_logging(verbose: bool, quiet: bool) -> None:
-    from uadc.core.progress import set_progress
-    if verbose and quiet:   # verbose won the logs, quiet the progress bars
-        raise click.UsageError("-q and -v say opposite things: give one")
-    root = logging.getLogger("uadc")
-    root.handlers[:] = [_LogHandler()]   # its default format: the message
-    root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
-    root.propagate = False
-    set_progress(False if quiet else None)   # None: bars only when stderr is a terminal
-    if not verbose:   # a library's warning (Pillow on a damaged EXIF block) as one `warning:` line, not two raw ones
-        warnings.showwarning = lambda message, *_args, **_kw: log.warning("%s", one_line(str(message)))
-
-
-@contextlib.contextmanager
-def _errors_as_json(out: Any, also: Any = None):
-    """A user error, Ctrl-C (130) or SIGTERM (143) in the block is also one JSON document on ``out``
-    (None: not) and given to ``also(message, code)``, then raised on to the usual one-line ``error:``."""
-    try:
-        yield
-    except (UadcError, KeyboardInterrupt) as exc:
-        code = getattr(exc, "exit_code", 143 if isinstance(exc, _Terminated) or _Terminated.seen else 130)
-        message = str(exc) or interruption(exc).replace("interrupted", "terminated (SIGTERM)" if code == 143 else "interrupted")
-        if out is not None:
-            from uadc.core.io import to_json
-            click.echo(to_json({"error": message, "exit_code": code}), file=out, nl=False)
-        if also is not None:
-            also(message, code)
-        raise
-
-
-def json_output(f):
-    """``--json``: one JSON document on stdout, the result's ``to_dict()`` (+ ``path``), or ``{"error",
-    "exit_code"}`` on a user error, Ctrl-C (130) or SIGTERM (143); the usual text goes to stderr."""
-    @functools.wraps(f)
-    def wrapper(*args, as_json: bool = False, **kwargs):
-        if not as_json:
-            sys.exit(getattr(f(*args, **kwargs), "exit_code", 0))
-        from uadc.core.io import to_json
-        from uadc.core.scoped import stdout_to_stderr
-        with _errors_as_json(sys.stdout), stdout_to_stderr(), dependencies_checked():   # the document once fd 1 is stdout
-            res = f(*args, **kwargs)
-            doc = res.to_dict()
-            if getattr(res, "path", None) is not None and "path" not in doc:
-                doc["path"] = str(res.path)
-        click.echo(to_json(doc), nl=False)
-        sys.exit(getattr(res, "exit_code", 0))
-    return click.option("--json", "as_json", is_flag=True,
-                        help="print one JSON document (the result) on stdout; text goes to stderr")(wrapper)
-
-
-class _Path(click.Path):   # "" (an unset $DIR) was Path("."): predict walked the whole working folder, wrote there
-    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        return self.fail("an empty path", param, ctx) if value == "" else super().convert(value, param, ctx)
-
 
 recipe_arg = click.argument("recipe", type=_Path(path_type=str))   # as typed: `demo/` is a folder, not the built-in
 artifacts_opt = click.option("--artifacts", type=_Path(path_type=Path), default=None, help="artifacts root (default: ./artifacts)")
@@ -510,8 +359,3 @@ def run() -> None:
         from uadc.core.process import settle_exit
         settle_exit()
         raise
-
-
-
-if __name__ == "__main__":
-    run()

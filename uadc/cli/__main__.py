@@ -1,0 +1,3 @@
+from uadc.cli import run
+
+run()
