@@ -321,3 +321,47 @@ def test_every_target_runs_where_its_family_says_and_ships_a_known_precision():
     for name, t in TARGETS.items():
         assert [r for prefix, r in TARGET_RUNTIMES.items() if name.startswith(prefix)] == [t.runtime], name
         assert {t.precision, t.float_precision} <= set(ARTIFACT_PRECISIONS), name
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"dta": {}, **{k: v for k, v in SRC.items() if k != "data"}}, "dta: unknown key (did you mean 'data'?)"),  # "data: required"
+    ({"data": {"source": SRC["data"]["sources"]}}, "data.source: unknown key (did you mean 'sources'?)"),
+    ({"data": {"sources": [{"rot": "data", "categories": ["a"]}]}}, "data.sources[0].rot: unknown key (did you mean 'root'?)"),
+    (_with(train={"LR": 0.1}), "train.LR: unknown key (did you mean 'lr'?)"),   # "train: unknown key"
+    ({**SRC, "Seed": 1}, "Seed: unknown key (did you mean 'seed'?)"),             # "recipe: unknown key"
+    ({**SRC, "compile.calib_samples": 8}, "compile.calib_samples: unknown key; write it nested, {compile: {calib_samples: ...}}"),
+    ({**SRC, "name": "\ud800x"}, "name: must be a plain folder name"),          # passed, then file_lock raised
+    ({**SRC, "name": "a\u2028b"}, "name: must be a plain folder name"),         # a line break to splitlines
+    (_with(compile={"calibrator": ""}), "compile.calibrator: must not be empty"),   # pydantic's own words
+])
+def test_validation_names_the_key_the_user_wrote(cfg, message):
+    with pytest.raises(UadcError) as e:
+        recipe_from_dict(cfg)
+    assert message in str(e.value)
+
+
+def test_a_huge_integer_is_one_line_and_aliased_names_are_quick(tmp_path):
+    """A 5000-digit hex seed ended in `ValueError: Exceeds the limit (4300 digits)` from the error's own repr."""
+    from uadc.config.validation import short
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(SRC) + "seed: 0x" + "f" * 5000 + "\n")
+    with pytest.raises(UadcError, match=r"an integer of 5002 characters is too long"):
+        load_recipe(p)
+    assert short(16 ** 5000) == "an integer of 20001 bits"
+    long = "a" * 5000   # aliased 1000 times: each name was checked letter by letter before its length
+    with pytest.raises(UadcError, match=r"'a{60}' is not a plain folder name"):
+        recipe_from_dict({"data": {"sources": [{"root": "data", "categories": [long] * 1000}]}})
+
+
+def test_recipes_show_reads_as_loading_does(tmp_path):
+    """A BOM (Notepad) ended up after the header, so the copy failed: `\ufeffcompile: unknown key (did you mean
+    'compile'?)`; `name: no` was shown as 'False' (YAML 1.1); a newline in the file's path wrote a recipe line."""
+    from uadc.config.packaged import shown_recipe
+    (d := tmp_path / "x\nseed: 7\n#").mkdir()
+    p = d / "b.yaml"
+    p.write_text("\ufeff" + yaml.safe_dump({**SRC, "name": "no"}).replace("name: 'no'", "name: no"))
+    copy = tmp_path / "c.yaml"
+    copy.write_text(text := shown_recipe(str(p)).shown_text())
+    assert text.startswith("# uadc recipe 'no' (") and "\ufeff" not in text
+    r = load_recipe(copy)
+    assert (r.name, r.seed) == ("no", load_recipe(p).seed)

@@ -243,9 +243,9 @@ def test_a_grid_out_in_the_data_or_artifacts_through_a_file_is_refused_before_an
     sweep = _sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32"]})
     before = sorted(p.relative_to(tiny_data) for p in tiny_data.rglob("*"))
     inside = tiny_data / "gray" / "test" / "good" / "results"
-    for args, said in ((["--out", str(inside)], "inside the recipe's data folder"),
+    for args, said in ((["--artifacts", str(d / "art"), "--out", str(inside)], "inside the recipe's data folder"),
                        (["--artifacts", str(recipe), "--out", str(tmp_path / "o")], "not a folder")):
-        res = CliRunner().invoke(main, ["-q", "sweep", str(sweep), "--sequential", "--artifacts", str(d / "art"), *args])
+        res = CliRunner().invoke(main, ["-q", "sweep", str(sweep), "--sequential", *args])
         assert res.exit_code == 2 and said in res.output, res.output
     res = CliRunner().invoke(main, ["-q", "calibrators", "compare", str(recipe), "--artifacts", str(d / "art"),
                                     "--calibrators", "minmax", "--calib-data", "train", "--out", str(inside)])
@@ -600,3 +600,17 @@ def test_two_sweeps_missing_one_model_train_it_once(tmp_path, tiny_data, monkeyp
         t.join(30)
     assert len(calls) == 1 and len(infos) == 2 and infos[0].sha256 == infos[1].sha256
     assert sorted(i.trained for i in infos) == [False, True]
+
+
+def test_a_sweeps_bad_recipe_and_empty_axis_value_are_named(tiny, tmp_path):
+    """`recipes: [a.yaml, bad.yaml]` said `train.epoch: unknown key` without naming the file; `calibrator: [""]`
+    ran the target's default calibrator without a word."""
+    d, recipe = tiny
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.read_text() + "\nseeds: 1\n")
+    sweep = tmp_path / "grid.yaml"
+    for doc, said in (({"recipes": [str(recipe), str(bad)]}, f"sweep grid: recipe {bad}: seeds: unknown key (did you mean 'seed'?)"),
+                      ({"recipe": str(recipe), "axes": {"calibrator": [""]}}, "axes.calibrator[0]: must not be empty")):
+        sweep.write_text(yaml.safe_dump(doc))
+        res = CliRunner().invoke(main, ["-q", "sweep", str(sweep), "--sequential", "--artifacts", str(d / "art")])
+        assert res.exit_code == 2 and said in res.output, res.output

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from uadc.config.yaml_file import load_yaml_text
 from uadc.core.errors import UadcError
 from uadc.core.images import shown
 
@@ -47,7 +48,7 @@ class PackagedRecipe:
             path = str((self.path.parent / written).resolve())
             value = path if re.fullmatch(r"[\w./-]+", path) else json.dumps(path)   # quoted when YAML needs it
             return f"{m.group(1)}{value}{m.group(5)}"
-        original = self.path.read_text()
+        original = self.path.read_text().removeprefix("\ufeff")   # a BOM (Notepad) in the copy came after its header
         text = "".join(_PATH_LINE.sub(absolute, line) for line in original.splitlines(keepends=True))
         # the rewrite reads plain `key: value` lines: check that the copy reads what the recipe reads
         if _path_values(text, None) != _path_values(original, self.path.parent):
@@ -59,21 +60,18 @@ class PackagedRecipe:
 
     def shown_text(self) -> str:
         """What `uadc recipes show` prints: a header, then :meth:`copy_text`."""
-        import yaml
-        named = isinstance(doc := yaml.safe_load(self.path.read_text()), dict) and doc.get("name") is not None
+        named = isinstance(doc := _loaded(self.path.read_text()), dict) and doc.get("name") is not None
         name = "" if named else (f"\n# Its name (artifacts folder) is its file name: add `name: {self.name}` to share "
                                  f"this recipe's checkpoint.")
         body = _SHOWN_HEADER.sub("", self.copy_text(), count=1)   # a copy shown again: one header, not two
-        return (f"# uadc recipe {str(doc['name']) if named else self.name!r} ({self.path}), its relative paths made "
+        return (f"# uadc recipe {str(doc['name']) if named else self.name!r} ({shown(self.path)}), its relative paths made "
                 f"absolute: a copy\n# reads the same files from any folder.{name}\n{body}")
 
 
 def _path_values(text: str, base: Path | None) -> list | None:
     """The recipe's path settings, resolved against ``base`` (None: as written); None if unreadable."""
-    import yaml
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError:
+    doc = _loaded(text)
+    if doc is _UNREADABLE:
         return None
     if not isinstance(doc, dict):
         return []
@@ -83,6 +81,18 @@ def _path_values(text: str, base: Path | None) -> list | None:
     values = [e.get(k) for k, e in entries if isinstance(e, dict) and e.get(k) is not None]
     return [str((base / v).resolve()) if base is not None and isinstance(v, str) and not Path(v).is_absolute()
             else v for v in values]
+
+
+_UNREADABLE = object()
+
+
+def _loaded(text: str) -> object:
+    """The recipe's text read as loading reads it (YAML 1.2: `root: on` is a folder), else _UNREADABLE."""
+    import yaml
+    try:
+        return load_yaml_text(text)
+    except (yaml.YAMLError, RecursionError):
+        return _UNREADABLE
 
 
 def recipes_dir() -> Path:
@@ -139,7 +149,8 @@ def shown_recipe(source: str) -> PackagedRecipe:
     path = resolve_recipe_path(source)
     check_recipe_file(path)
     if not path.is_file():
-        raise UadcError(f"recipe not found: {shown(source)}")
+        raise UadcError(f"recipe {shown(source)}: a folder, not a YAML file" if path.is_dir()
+                        else f"recipe not found: {shown(source)}")
     try:
         path.read_text()
     except (OSError, UnicodeDecodeError) as exc:

@@ -19,16 +19,25 @@ def short(value: Any) -> str:
     # reprlib: bounded depth and items, so nested YAML anchors (a "billion laughs") cannot expand
     r = reprlib.Repr()
     r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 60, 60
-    text = r.repr(value)
+    try:
+        text = r.repr(value)
+    except ValueError:   # an int past Python's 4300-digit limit for repr
+        text = f"an integer of {value.bit_length()} bits" if isinstance(value, int) else type(value).__name__
     return text if len(text) <= 80 else text[:77] + "..."
 
 
 def listed_twice(name: str, items: "list | tuple") -> str | None:
     """``NAME lists 'x' twice`` for the first value repeated in a user's list (a tap, an axis value,
     a calibrator: each would count or run twice), else None. Values may be unhashable (lists)."""
-    for i, v in enumerate(items):
-        if v in items[:i]:
-            return f"{name} lists {v!r} twice"
+    seen: set = set()
+    for i, v in enumerate(items):   # a set where values hash: 60k seeds took 29 s, checked pairwise
+        try:
+            if v in seen:
+                return f"{name} lists {short(v)} twice"
+            seen.add(v)
+        except TypeError:
+            if v in items[:i]:
+                return f"{name} lists {short(v)} twice"
     return None
 
 
@@ -67,9 +76,14 @@ def merged(base: dict, over: dict) -> dict:
 
 
 def _is_label(part: Any) -> bool:
-    """A union branch's label in an error location, a model's among them (`recipes[0].RecipeEntry.path`)."""
+    """A union branch's label in an error location, a model's among them (`recipes[0].RecipeEntry.path`);
+    a user's capitalised key (`LR`) is not one: it was dropped from "unknown key"."""
     return part in ("literal", "str", "int", "float", "bool", "list", "none", "function-after") or (
-        isinstance(part, str) and part[:1].isupper() and part.isidentifier())
+        isinstance(part, str) and part in _model_names(BaseModel))
+
+
+def _model_names(model: type) -> set[str]:
+    return {n for sub in model.__subclasses__() for n in (sub.__name__, *_model_names(sub))}
 
 
 def submodel(annotation: Any) -> type[BaseModel] | None:
@@ -86,7 +100,7 @@ def _did_you_mean(model: type[BaseModel] | None, loc: tuple) -> str:
             continue
         field = model.model_fields.get(part)
         model = submodel(field.annotation) if field else None
-    near = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), 1, 0.6) if model else []
+    near = difflib.get_close_matches(str(loc[-1]).lower(), list(model.model_fields), 1, 0.6) if model else []   # `LR`
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
@@ -94,7 +108,10 @@ def first_error(exc: ValidationError, root: str = "recipe", model: type[BaseMode
     """``key.path[i]: what was expected, got what`` for the first problem, worded as uadc's errors
     (recipes, sweep files, verify budgets); ``root`` names a problem of the whole document, and
     ``model`` (the document's) suggests the key meant by an unknown one."""
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    if err["type"] == "missing":   # `dta:` said "data: required", never naming the misspelt key beside it
+        err = next((e for e in errors if e["type"] == "extra_forbidden" and e["loc"][:-1] == err["loc"][:-1]), err)
     loc = ""
     for part in err["loc"]:
         if isinstance(part, int):
@@ -104,6 +121,9 @@ def first_error(exc: ValidationError, root: str = "recipe", model: type[BaseMode
     loc = loc or root
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "extra_forbidden":
+        section, dot, key = str(err["loc"][-1]).partition(".")
+        if dot and model is not None and len(err["loc"]) == 1 and section in model.model_fields:
+            return f"{loc}: unknown key; write it nested, {{{section}: {{{key}: ...}}}}"
         return f"{loc}: unknown key{_did_you_mean(model, err['loc'])}"
     if kind == "missing":
         return f"{loc}: at least one {{root, categories}} entry is required" if loc == "data.sources" \
@@ -121,7 +141,7 @@ def first_error(exc: ValidationError, root: str = "recipe", model: type[BaseMode
         return f"{loc}: must be below {ctx['lt']}, got {short(value)}"
     if kind == "finite_number" or (isinstance(value, float) and not math.isfinite(value)):
         return f"{loc}: expected a finite number, got {short(value)}"
-    if kind == "too_short":
+    if kind in ("too_short", "string_too_short"):
         return f"{loc}: must not be empty"
     if kind.endswith("_type") or kind in ("model_type", "dict_type"):
         expected = {"int_type": "int", "float_type": "number", "bool_type": "bool", "string_type": "str",

@@ -63,6 +63,9 @@ _UniqueKeyLoader.add_implicit_resolver(   # YAML 1.2 core floats: no `1:30.0` (9
 
 def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     text = loader.construct_scalar(node)
+    if len(text) > 100:   # no setting needs more; a 5000-digit one ended in a traceback wherever it was shown
+        raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(text)} characters is too long",
+                                                node.start_mark)
     base = {"0o": 8, "0x": 16}.get(text[:2], 10)
     try:
         return int(text[2:] if base != 10 else text, base)
@@ -91,6 +94,11 @@ def dump_yaml(data: dict) -> str:
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
+def load_yaml_text(text: str) -> object:
+    """``text`` read as uadc reads every YAML file (YAML 1.2 scalars, a repeated key refused); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no tags run code
+
+
 def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) -> dict:
     """A YAML file's top-level mapping, size-bounded; one-line UadcError for a missing, oversized,
     binary, malformed (a repeated key included) or non-mapping file."""
@@ -101,7 +109,7 @@ def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) ->
     if path.stat().st_size > max_bytes:
         raise UadcError(f"{named}: {what} larger than {max_bytes} bytes")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader: no tags run code
+        raw = load_yaml_text(path.read_text())
     except UnicodeDecodeError:
         raise UadcError(f"{named}: not a text file") from None
     except yaml.YAMLError as exc:
@@ -117,4 +125,4 @@ def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) ->
     return raw or {}
 
 
-__all__ = ["MAX_YAML_BYTES", "dump_yaml", "read_yaml_mapping"]
+__all__ = ["MAX_YAML_BYTES", "dump_yaml", "load_yaml_text", "read_yaml_mapping"]

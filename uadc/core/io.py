@@ -403,8 +403,17 @@ def same_name(a: str, b: str) -> bool:
 def is_plain_name(name: str) -> bool:
     """One path component that stays inside the folder it is joined to: no separators, no ``..``,
     no leading dot (hidden), no control characters (a newline in a folder name breaks every log)."""
-    return bool(name) and name not in (".", "..") and not name.startswith(".") and \
-        not any(c in "/\\" or ord(c) < 32 or c == "\x7f" for c in name)
+    return bool(name) and name not in (".", "..") and not name.startswith(".") and _encodable(name) and \
+        not any(c in "/\\\x85\u2028\u2029" or ord(c) < 32 or 0x7f <= ord(c) < 0xa0 for c in name)   # C0, C1, line breaks
+
+
+def _encodable(name: str) -> bool:
+    """A file name the OS can take: a lone surrogate (YAML's "\\ud800") passed, then file_lock raised."""
+    try:
+        os.fsencode(name)
+        return True
+    except UnicodeError:
+        return False
 
 
 def contained(root: Path, name: str, what: str = "name") -> Path:

@@ -25,6 +25,7 @@ from uadc.config.settings import auto_applies, resolve_ptq
 from uadc.config.targets import TARGETS
 from uadc.core.constants import CALIBRATION_KINDS, CHECKPOINT_FILE, PARTITIONS
 from uadc.core.errors import UadcError
+from uadc.core.images import shown
 from uadc.data.sources import data_fingerprint
 from uadc.pipeline.sweep.spec import AXES, MAX_CELLS, MAX_COMBINATIONS, Axes, RunConfig, SweepSpec
 
@@ -106,7 +107,11 @@ def _calibrator_code(name: str | None) -> str | None:
 def make_plan(spec: SweepSpec, base: Path, name: str) -> Plan:
     pairs = []
     for entry in spec.recipe_entries(base):
-        original = load_recipe(entry.path)
+        try:
+            original = load_recipe(entry.path)
+        except UadcError as exc:   # which of its recipes: the line named a key, never the file
+            named = shown(entry.path)
+            raise UadcError(f"sweep {name}: " + (str(exc) if named in str(exc) else f"recipe {named}: {exc}")) from None
         recipe = original
         for overrides, where in ((spec.overrides, "overrides"), (entry.overrides, f"overrides of {entry.path}")):
             if overrides:

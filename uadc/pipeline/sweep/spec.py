@@ -46,6 +46,9 @@ class _Strict(BaseModel):   # as strict as a recipe: `seed: [true]` was seed 1, 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+_Name = Annotated[str, Field(min_length=1)]
+
+
 class RecipeEntry(_Strict):
     path: str = Field(description="recipe YAML, relative to the sweep file, or a built-in recipe's name")
     overrides: dict[str, Any] = Field(default_factory=dict, description="{section: {key: value}} for this recipe")
@@ -54,11 +57,11 @@ class RecipeEntry(_Strict):
 class Axes(_Strict):
     """Each axis: a list of values; a ``null`` value (or an omitted axis) is the recipe's own."""
 
-    target: Optional[list[Optional[str]]] = Field(None, min_length=1)
-    calibrator: Optional[list[Optional[str]]] = Field(None, min_length=1)
-    calib_data: Optional[list[Optional[str]]] = Field(None, min_length=1)
+    target: Optional[list[Optional[_Name]]] = Field(None, min_length=1)   # "": null (the recipe's), unsaid
+    calibrator: Optional[list[Optional[_Name]]] = Field(None, min_length=1)
+    calib_data: Optional[list[Optional[_Name]]] = Field(None, min_length=1)
     calib_samples: Optional[list[Optional[Annotated[int, Field(ge=1, le=4096)]]]] = Field(None, min_length=1)
-    quantize: Optional[list[Optional[Annotated[list[str], Field(min_length=1)]]]] = Field(None, min_length=1)
+    quantize: Optional[list[Optional[Annotated[list[_Name], Field(min_length=1)]]]] = Field(None, min_length=1)
     precision: Optional[list[Optional[Literal["target", "auto"]]]] = Field(None, min_length=1)
     image_size: Optional[list[Optional[int]]] = Field(None, min_length=1)
     seed: Optional[list[Optional[int]]] = Field(None, min_length=1)
