@@ -111,12 +111,28 @@ def test_verify_without_openvino_says_bf16_was_not_exercised(base, tmp_path, mon
     FP32 (max_abs 0 against the golden outputs), labelled "emulating openvino cpu bf16": a vacuous PASS."""
     pytest.importorskip("openvino", reason="OpenVINO not installed (optional extra uadc[openvino])")
     from uadc.backends import openvino as ov
+    if ov.precision_here("bf16") != "bf16":
+        pytest.skip("this CPU does not run bf16: a bf16 target is refused at compile")
     res = uadc.compile(base, "openvino-cpu-bf16", out=tmp_path / "bf16", latency_runs=1, threads=1, evaluate=False)
     monkeypatch.setattr(ov, "import_error", lambda: "OpenVINO is not installed")
     with caplog.at_level("WARNING", logger="uadc"):
         v = uadc.verify(res.path, threads=1)
     assert v.runtime["candidate"] == "onnxruntime CPU (openvino not importable: the ONNX graph, bf16 not exercised)"
     assert "its bf16 inference is not exercised" in caplog.text
+
+
+def test_a_bf16_target_on_a_cpu_without_bf16_is_refused_before_any_work(base, tmp_path, monkeypatch):
+    """OpenVINO takes the bf16 hint on such a CPU and computes in f32 without a word: the artifact said bf16
+    while its thresholds and kNN bank were f32 ones, and a bf16 CPU then scored it 1.4x differently."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (optional extra uadc[openvino])")
+    from uadc.backends import openvino as ov
+    import uadc.pipeline.compile as comp
+    monkeypatch.setattr(ov, "precision_here", lambda hint: "f32")
+    monkeypatch.setattr(comp, "check_replaceable", lambda *a, **k: pytest.fail("the work started"))
+    for target in ("openvino-cpu-bf16", "openvino-cpu-int8-bf16"):
+        with pytest.raises(UadcError, match=f"^{target}: this CPU does not run bf16 \\(OpenVINO computes in f32 here"):
+            uadc.compile(base, target, out=tmp_path / "a")
+    assert not list(tmp_path.iterdir())
 
 
 def test_openvino_reports_unloadable_model(tmp_path):

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -683,18 +684,33 @@ def test_a_schedule_on_another_runtime_is_refused(int8_artifact):
     assert Detector.load(path, backend="openvino").backend_name == "openvino"
 
 
-def test_a_bf16_artifact_on_an_fp32_runtime_says_its_thresholds_may_not_fit(int8_artifact, tiny_data, tmp_path, caplog):
+def test_a_bf16_artifact_on_an_fp32_runtime_says_its_thresholds_may_not_fit(int8_artifact, tiny_data, tmp_path, caplog,
+                                                                           monkeypatch):
     """An openvino-cpu-bf16 artifact run with `--backend onnxruntime` (or without openvino installed)
-    applied thresholds set on bf16 outputs to fp32 ones without a word."""
+    applied thresholds set on bf16 outputs to fp32 ones without a word. Its kNN bank is made of bf16
+    features too: ONNX Runtime scored one 1.4x higher, so backend auto refuses to fall back to it, and to an
+    OpenVINO that runs f32 on this CPU; on OpenVINO in bf16 it said the same, falsely ("OpenVINO" != "openvino")."""
     import logging
-    from uadc.runtime import Detector
+    from uadc.runtime import Detector, detector
     folder = _edited_artifact(int8_artifact[2].path, tmp_path / "bf16", target="openvino-cpu-bf16",
                               runtime="openvino")
     with caplog.at_level(logging.WARNING, logger="uadc"):
         Detector.load(folder, backend="onnxruntime")
         Detector.load(int8_artifact[2].path, backend="onnxruntime")   # its own runtime: no warning
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 1 and "set on OpenVINO in bf16; ONNX Runtime computes in fp32" in warned[0], warned
+    said = "its thresholds and kNN bank were made by OpenVINO in bf16, and ONNX Runtime computes in fp32 here"
+    assert len(warned) == 1 and said in warned[0], warned
+    if detector._importable("openvino"):
+        from uadc.backends import openvino as ov
+        ran = Detector.load(folder, backend="openvino")
+        assert (ran.warnings == []) is (ov.precision_here("bf16") == "bf16"), ran.warnings
+        monkeypatch.setattr(detector._OvBackend, "__init__", lambda self, *a: self.__dict__.update(
+            precision="f32", lock=threading.Lock(), run_fn=None))
+        with pytest.raises(UadcError, match="OpenVINO computes in f32 here: .*choose the backend to run it anyway"):
+            Detector.load(folder)   # a CPU without bf16: OpenVINO takes the hint and computes in f32
+    monkeypatch.setattr(detector, "_importable", lambda module: False)
+    with pytest.raises(UadcError, match="ONNX Runtime computes in fp32 here: .*run it where OpenVINO runs bf16"):
+        Detector.load(folder)
     caplog.clear()   # an INT8 artifact of one runtime on another: its kernels round INT8 differently
     ov_int8 = _edited_artifact(int8_artifact[2].path, tmp_path / "ovint8", target="openvino-cpu-int8", runtime="openvino")
     with caplog.at_level(logging.WARNING, logger="uadc"):

@@ -17,6 +17,7 @@ survive its own fusions, so the cut is made in the graph.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -191,6 +192,27 @@ def inference_precision(compiled: Any) -> str:
     """The float precision a compiled model runs in ("f32", "bf16", ...), as OpenVINO reports it."""
     used = compiled.get_property("INFERENCE_PRECISION_HINT")
     return used.to_string() if hasattr(used, "to_string") else str(used)
+
+
+@functools.lru_cache(maxsize=None)
+def precision_here(hint: str) -> str:
+    """The float precision OpenVINO runs at on this CPU when asked for ``hint``: a CPU without bf16
+    takes the bf16 hint and computes in f32 without a word."""
+    from onnx import TensorProto, helper
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 8], [0.0] * 64)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [w])
+    return inference_precision(_compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), 1, hint))
+
+
+def require_precision(hint: str, target: str) -> None:
+    """Refuse, before any work, a target whose float precision this CPU does not run: its thresholds
+    and kNN bank would be made in f32 under a bf16 label, and a bf16 CPU would score them differently."""
+    if hint != "f32" and (used := precision_here(hint)) != hint:
+        raise UadcError(f"{target}: this CPU does not run {hint} (OpenVINO computes in {used} here, so the artifact's "
+                        f"thresholds and kNN bank would not be {hint} ones): compile it on a CPU with AMX or AVX-512 "
+                        f"BF16, or compile an fp32 target here")
 
 
 def infer_fn(compiled: Any) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:

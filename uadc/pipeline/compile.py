@@ -108,6 +108,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     auto = auto_candidates(baseline, target, opts)  # None unless precision auto; unsupported targets fail here
     if target.runtime == "openvino":
         ov.require()   # the options first, then the runtime: before the export, calibration and search
+        ov.require_precision(target.inference_hint, target.name)
     out = Path(opts.out) if opts.out else default_out(baseline.recipe, target, opts.qat_model is not None, opts.artifacts)
     check_outside_artifacts(out, below=True)   # a later compile of that artifact deleted it, without --force
     check_outside_data(out, baseline.recipe)

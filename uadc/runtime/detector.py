@@ -116,7 +116,9 @@ class _OvBackend:
         from uadc.backends import openvino as ov
         from uadc.config.targets import inference_hint_of
         # The artifact's thresholds were set on OpenVINO at its target's float precision (bf16 or f32).
-        self.run_fn = ov.infer_fn(ov.compile_model(model, threads, inference_hint_of(target)))
+        compiled = ov.compile_model(model, threads, inference_hint_of(target))
+        self.precision = ov.inference_precision(compiled)   # "f32" where the CPU does not run the bf16 asked for
+        self.run_fn = ov.infer_fn(compiled)
         self.lock = threading.Lock()   # one infer request: threads sharing a Detector take turns ("busy")
 
     def run(self, images: np.ndarray, input_name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -151,19 +153,24 @@ def _single(inputs: Any) -> bool:
         or hasattr(inputs, "getpixel") or not hasattr(inputs, "__iter__")
 
 
-def _check_precision(manifest: Manifest, backend: str) -> None:
-    """A bf16 artifact's thresholds were set on bf16 outputs; another runtime computes in fp32. An INT8
-    artifact's were set on its own runtime's INT8 kernels, which another runtime rounds differently."""
+def _check_precision(manifest: Manifest, backend: str, runs_in: str = "fp32", auto: bool = False) -> None:
+    """An INT8 artifact's thresholds were set on its own runtime's INT8 kernels, which another runtime
+    rounds differently. A bf16 artifact's thresholds and kNN bank were made of bf16 features: in fp32
+    ONNX Runtime scored one 1.4x higher and flipped 4 of 80 decisions, so backend auto refuses to run it so."""
     from uadc.config.targets import TARGETS, inference_hint_of
     own = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "tensorrt": "TensorRT"}.get(manifest.runtime)
     target = TARGETS.get(manifest.target)
     if own and own != backend and target is not None and target.quantized and manifest.runtime != "tensorrt":
         log.warning("%s: its thresholds were set on %s's INT8 kernels; %s rounds INT8 differently, so images scored "
                     "near a threshold may be decided differently", manifest.folder, own, backend)
-    elif manifest.runtime == "openvino" and backend != "openvino" and inference_hint_of(manifest.target) == "bf16":
-        log.warning("%s: its thresholds were set on OpenVINO in bf16; %s computes in fp32, so images scored near a "
-                    "threshold may be decided differently (run it with backend openvino, or compile an fp32 "
-                    "target for this runtime)", manifest.folder, backend)
+    if manifest.runtime == "openvino" and inference_hint_of(manifest.target) == "bf16" and runs_in != "bf16":
+        said = (f"{manifest.folder}: its thresholds and kNN bank were made by OpenVINO in bf16, and {backend} computes "
+                f"in {runs_in} here: its scores shift, and images near a threshold are decided differently")
+        if auto:
+            raise UadcError(f"{said}; run it where OpenVINO runs bf16 (a CPU with AMX or AVX-512 BF16, pip install "
+                            f"'uadc[openvino]'), compile an fp32 target for this machine, or choose the backend to run "
+                            f"it anyway")
+        log.warning("%s", said)
 
 
 def _only_auto(schedule: str, runtime: str) -> None:
@@ -250,10 +257,15 @@ class Detector:
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
             _check_importable("openvino", "pip install 'uadc[openvino]'")
             _only_auto(schedule, "OpenVINO")
-            _check_precision(manifest, "OpenVINO")
             manifest.check_model_file()   # ONNX Runtime's session checks it below
-            return cls(manifest, _OvBackend(model, threads, manifest.target), batch_size)
-        _check_precision(manifest, "ONNX Runtime")
+            ovb = _OvBackend(model, threads, manifest.target)
+            try:
+                _check_precision(manifest, "OpenVINO", ovb.precision, auto=backend == "auto")
+            except UadcError:
+                ovb.close()
+                raise
+            return cls(manifest, ovb, batch_size)
+        _check_precision(manifest, "ONNX Runtime", auto=backend == "auto")
         backend = _OrtBackend(model, threads, schedule)
         first = backend.session.get_inputs()[0]   # the runtime's own view of the model
         manifest.check_model_input(first.name, first.shape)
