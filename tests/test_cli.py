@@ -59,14 +59,17 @@ def test_training_never_overwrites_the_recipe_file_it_reads(tiny_data, tmp_path)
     assert own.read_text() == text and sorted(p.name for p in own.parent.iterdir()) == ["recipe.yaml"]
 
 
-def test_eval_of_a_one_class_checkpoint_keeps_the_unified_eval_json(recipe_factory, tmp_path):
+def test_eval_of_a_one_class_checkpoint_keeps_the_unified_eval_json(recipe_factory, tmp_path, monkeypatch):
     """`uadc eval --checkpoint one_class/gray/checkpoint.pt` was titled "unified" and replaced the unified
     eval.json, which `eval --one-class` then compared against; `--one-class --checkpoint X` ignored X."""
     import json
     r, art = recipe_factory(train={"epochs": 1, "threads": 1}), tmp_path / "art"
-    for args in (["train", str(r)], ["train", str(r), "--one-class"], ["eval", str(r)]):
+    for args in (["train", str(r)], ["train", str(r), "--one-class"]):
         assert CliRunner().invoke(main, [*args, "--artifacts", str(art)]).exit_code == 0
+    monkeypatch.chdir(tmp_path)   # a relative --artifacts: eval.json named the checkpoint relative to the cwd
+    assert CliRunner().invoke(main, ["eval", str(r), "--artifacts", "art"]).exit_code == 0
     unified = (art / "tiny" / "eval.json").read_text()
+    assert json.loads(unified)["checkpoint"] == str(art / "tiny" / "checkpoint.pt")
     res = CliRunner().invoke(main, ["eval", str(r), "--artifacts", str(art), "--checkpoint",
                                     str(art / "tiny" / "one_class" / "gray" / "checkpoint.pt")])
     assert res.exit_code == 0 and "tiny (one-class gray, 1 epoch)" in res.output and "not written" in res.output

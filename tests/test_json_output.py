@@ -36,7 +36,7 @@ def _run(*args: str, cwd) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_compile_json_one_document_and_clean_stderr(trained, tmp_path):
+def test_compile_json_one_document_and_clean_stderr(trained, tmp_path, tiny_data):
     """A fresh process (the exporter warns once per process), stdout and stderr both pipes."""
     recipe, art = trained
     res = _run("compile", str(recipe), "--target", "ort-cpu-int8", "--artifacts", str(art), "--json", cwd=tmp_path)
@@ -50,6 +50,11 @@ def test_compile_json_one_document_and_clean_stderr(trained, tmp_path):
     noisy = [line for line in res.stderr.splitlines() if any(p.search(line) for p in NOISE)]
     assert "\r" not in res.stderr and not noisy, noisy
     assert res.stderr.count("artifact written:") == 1   # the human summary went to stderr, once (logged too before)
+    # every partition, as `nodes` has ({"student": 52} alone: report["qdq_nodes"]["teacher"] was a KeyError)
+    assert list(report["qdq_nodes"]) == ["teacher", "student", "head"] and report["qdq_nodes"]["teacher"] == 0
+    good = sorted((tiny_data / "gray" / "test" / "good").glob("*.png"))[:1]
+    pred = CliRunner().invoke(main, ["predict", doc["path"], *map(str, good), "--out", str(tmp_path / "p"), "--json"])
+    assert list(json.loads(pred.stdout)["verdicts"]) == ["defective", "good"], pred.output   # in the order first seen
 
 
 def test_user_error_json_and_own_error_line(tmp_path):

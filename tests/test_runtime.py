@@ -639,6 +639,10 @@ def test_file_names_that_are_not_utf8_are_written_as_escapes(int8_artifact, tmp_
     csv_row = (tmp_path / "out" / "predictions.csv").read_text(encoding="utf-8").splitlines()[1]
     assert csv_row.startswith(row["path"] + ",gray,") and csv_row.endswith(row["overlay"] + ",")   # no error
     assert len(run.records) == 1
+    (junk := Path(os.fsdecode(os.fsencode(cam) + b"/bad\xe9.png"))).write_bytes(b"junk")   # Pillow's repr: `\udce9`
+    run = predict_paths(det, [junk], category="gray", out=tmp_path / "out2")
+    assert run.failed[0][1] == f"unreadable image {cam}/bad\\xe9.png: UnidentifiedImageError: cannot identify image " \
+                               f"file '{cam}/bad\\xe9.png'", run.failed
 
 
 def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path):

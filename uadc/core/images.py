@@ -56,6 +56,8 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
         if isinstance(exc, OSError) and exc.strerror:   # the system's reason (a file removed meanwhile), not a class
             raise UadcError(f"unreadable {what}{where}: {exc.strerror}") from None
         why = re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))   # no memory address in the line
+        if where:   # Pillow names the file by repr: a latin-1 name's byte read `\udce9`, not `\xe9` as shown
+            why = why.replace(repr(str(path)), f"'{shown(path)}'")
         raise UadcError(f"unreadable {what}{where}: {type(exc).__name__}: {why[:200]}") from None
 
 

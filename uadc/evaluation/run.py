@@ -167,7 +167,8 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
         result = evaluate(torch_predictor(model), test_arrays(data, cats), recipe.eval.batch_size, defects=kinds)
     history = blob.get("history", [])
     one_class = bool(blob.get("one_class"))
-    result.extra = {"checkpoint": str(ckpt), "checkpoint_sha256": blob.sha256, "recipe_hash": recipe.hash,
+    result.extra = {"checkpoint": str(Path(ckpt).absolute()),   # eval.json's bytes: not the working folder's
+                    "checkpoint_sha256": blob.sha256, "recipe_hash": recipe.hash,
                     # the training's own (train --json's): another when `train --epochs N` overrode the recipe
                     "trained_recipe_hash": blob.get("recipe_hash"), "train_seconds": blob.get("train_seconds"),
                     **({"one_class": True, "trained_on": list(blob.get("categories") or [])} if one_class else {}),
@@ -214,7 +215,7 @@ def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None, write: boo
                 raise UadcError(f"{path}: not the one-class model of {cat!r} (a {'one-class' if blob.get('one_class') else 'unified'} "
                                 f"model of {', '.join(blob.get('categories') or ['?'])}); retrain with `uadc train "
                                 f"--one-class`")
-            models[cat] = {"checkpoint": str(path), "checkpoint_sha256": blob.sha256,
+            models[cat] = {"checkpoint": str(Path(path).absolute()), "checkpoint_sha256": blob.sha256,
                            "epochs": len(blob.get("history", []))}   # a partial retrain mixes models: visible here
             per_cat[cat] = evaluate(torch_predictor(model), {cat: arr}, recipe.eval.batch_size).categories[cat]
     s = metrics.summarize(per_cat)

@@ -34,14 +34,14 @@ class BundleResult(JsonResult):
 
     path: Path
     source: Path
-    files: list[str]
+    files: list[str]   # those its artifact.json lists (and hashes); bytes count artifact.json too
     left_out: list[str]
     unlisted: list[str] = field(default_factory=list)   # files in the source that its manifest does not list
     bytes: int = 0
     source_bytes: int = 0
 
     def summary_line(self) -> str:
-        return (f"{self.path}: {len(self.files) + 1} files, {self.bytes / 1e6:.1f} MB (the artifact: "
+        return (f"{self.path}: {len(self.files)} files and {MANIFEST_FILE}, {self.bytes / 1e6:.1f} MB (the artifact: "
                 f"{self.source_bytes / 1e6:.1f} MB); left out: {', '.join(self.left_out) or 'nothing'}")
 
     def to_dict(self) -> dict:

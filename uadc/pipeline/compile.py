@@ -281,7 +281,7 @@ def _check_qat_options(target: Target, opts: CompileOptions, given: dict) -> Non
 
 
 def _qat_partitions(model: onnx.ModelProto) -> list[str]:
-    return sorted(p for p in _qdq_counts(model) if p in PARTITIONS)
+    return sorted(p for p, n in _qdq_counts(model).items() if p in PARTITIONS and n)
 
 
 # the passes that make a target what it says it is (its precision, the opset its runtime reads)
@@ -459,7 +459,7 @@ def _drops(fp32: dict, comp: dict) -> dict:
 
 
 def _qdq_counts(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
+    counts = dict.fromkeys(PARTITIONS, 0)   # every partition, as `nodes` has: a reader's ['teacher'] was a KeyError
     for n in model.graph.node:
         if n.op_type in QDQ_OPS:
             p = partition_of(n) or "?"

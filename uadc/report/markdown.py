@@ -174,7 +174,7 @@ def render_markdown(r: dict) -> str:
     if r.get("deploy"):
         lines += _deploy_lines(r["deploy"])
     lat = r["latency_ms"]
-    lines += [f"## Latency (batch {lat['batch']}, {lat['threads']} threads, {r['environment']['cpu']})", "",
+    lines += [f"## Latency (batch {lat['batch']}, {lat['threads']} thread{'s' * (lat['threads'] != 1)}, {r['environment']['cpu']})", "",
               "| runtime | p50 ms | p90 ms |", "|---|---:|---:|"]
     for k in ("torch_fp32", "ort_fp32", "compiled"):   # the compiled row names what ran it (ORT emulating TensorRT)
         name = f"compiled, {lat['runtime']}" if k == "compiled" and lat.get("runtime") else k

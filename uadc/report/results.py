@@ -131,7 +131,7 @@ class CompileResult:
         lat = self.latency
         deployed = (f", {lat.deployed['p50']:.2f} ms as uadc predict runs it ({lat.deployed['schedule']})"
                     if lat.deployed else "")
-        lines.append(f"latency p50 (batch 1, {lat.threads} threads): torch {lat.torch_fp32['p50']:.2f} ms, "
+        lines.append(f"latency p50 (batch 1, {lat.threads} thread{'s' * (lat.threads != 1)}): torch {lat.torch_fp32['p50']:.2f} ms, "
                      f"ORT fp32 {lat.ort_fp32['p50']:.2f} ms, compiled {lat.compiled['p50']:.2f} ms "
                      f"({lat.runtime}){deployed}; compile {self.compile_seconds:.1f} s")
         if self.engine:

@@ -46,7 +46,7 @@ class PredictRun:
     backend: str | None = None                                # the runtime that made the verdicts
 
     def summary(self) -> dict:
-        verdicts: dict[str, int] = {}
+        verdicts = {"defective": 0, "good": 0}   # both, in one order: a pipeline reads the same keys every run
         for r in self.records:
             verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + 1
         lat = [r["latency_ms"] for r in self.records]
@@ -68,7 +68,7 @@ class PredictRun:
     def summary_line(self) -> str:
         """``N images (verdicts); K skipped[; left out: ...]; p50 latency X ms per image``."""
         s = self.summary()
-        verdicts = ", ".join(f"{k} {v}" for k, v in sorted(s["verdicts"].items()))
+        verdicts = ", ".join(f"{k} {v}" for k, v in sorted(s["verdicts"].items()) if v)
         left = f"; left out: {_describe(self.left_out)}" if self.left_out else ""
         latency = f"; p50 latency {s['latency_ms_p50']} ms per image" if self.records else ""
         counts = f"{s['images']} image{'' if s['images'] == 1 else 's'}" + (f" ({verdicts})" if verdicts else "")
