@@ -686,6 +686,9 @@ def test_a_schedule_on_another_runtime_is_refused(int8_artifact):
     with pytest.raises(UadcError, match="schedule 'branches' applies to ONNX Runtime, not to the OpenVINO backend"):
         Detector.load(path, backend="openvino", schedule="branches")
     assert Detector.load(path, backend="openvino").backend_name == "openvino"
+    from uadc.backends.parallel import available_cores   # OpenVINO capped more threads than cores without a word
+    assert Detector.load(path, backend="openvino", threads=1024).warnings[0] == \
+        f"threads 1024: this process may run on {available_cores()} core(s); using {available_cores()}"
 
 
 def test_a_bf16_artifact_on_an_fp32_runtime_says_its_thresholds_may_not_fit(int8_artifact, tiny_data, tmp_path, caplog,
@@ -1227,3 +1230,14 @@ def test_an_out_folder_under_a_folder_the_user_cannot_write_holds_its_own_lock(i
     with pytest.raises(UadcError, match="folder is not writable"):   # a new folder there still needs the parent
         batch.predict_paths(Detector.load(int8_artifact[2].path), [tiny_data / "gray" / "test" / "good"],
                             out=parent / "line2")
+
+
+def test_a_broken_openvino_install_is_named_as_such(int8_artifact, monkeypatch):
+    """An openvino that is installed and fails to import (a missing shared library) said "pip install
+    'uadc[openvino]'", while compile gave the real reason."""
+    from uadc.backends import openvino as ov
+    from uadc.runtime import Detector, detector
+    monkeypatch.setattr(detector, "_importable", lambda module: False)
+    monkeypatch.setattr(ov, "import_error", lambda: "OpenVINO does not import here: ImportError: libopenvino.so")
+    with pytest.raises(UadcError, match=r"does not import here \(OpenVINO does not import here: ImportError: libopenvino"):
+        Detector.load(int8_artifact[2].path, backend="openvino")

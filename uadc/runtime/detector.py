@@ -255,10 +255,12 @@ class Detector:
             log.warning("%s: %s is here but tensorrt does not import: running %s on ONNX Runtime (CPU) instead",
                         folder, ENGINE_FILE, manifest.model_file)
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
-            _check_importable("openvino", "pip install 'uadc[openvino]'")
+            from uadc.backends.openvino import import_error   # installed and broken: its reason, not "pip install"
+            _check_importable("openvino", import_error() or "pip install 'uadc[openvino]'")
             _only_auto(schedule, "OpenVINO")
             manifest.check_model_file()   # ONNX Runtime's session checks it below
-            ovb = _OvBackend(model, threads, manifest.target)
+            from uadc.backends.parallel import cap_threads   # more than the cores: said, as on ONNX Runtime
+            ovb = _OvBackend(model, cap_threads(threads) if threads else None, manifest.target)
             try:
                 _check_precision(manifest, "OpenVINO", ovb.precision, auto=backend == "auto")
             except UadcError:
