@@ -291,7 +291,7 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
         artifacts: Path | None = None, source: Any = None) -> QatRunResult:
     """Quantization-aware fine-tuning from the PTQ placement; then (by default) compile it into
     ``<artifacts>/<recipe>/<target>-qat``."""
-    from uadc.quant.qat.run import QAT_JSON, QatOptions, check_target, qat_dir, qat_settings, run_qat, with_qat_record
+    from uadc.quant.qat.run import QatOptions, check_target, qat_dir, qat_settings, run_qat, with_qat_record
     from uadc.training.run import load_images
     flags(compile_after=compile_after)
     artifacts = _artifacts_root(artifacts)
@@ -323,7 +323,7 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
     log.info("QAT model written: %s", res.path)   # before the compile: a stop there keeps it (said "nothing written")
     compiled = None
     if compile_after:
-        model = with_qat_record(res.model, res.summary.get("settings"), res.path.parent / QAT_JSON, target)
+        model = with_qat_record(res.model, res.summary.get("settings"), res.path, target)
         compiled = compile(b, target, quantize=res.quantize, qat_model=model, artifacts=artifacts)
     return QatRunResult(res.path, res.summary, compiled)
 

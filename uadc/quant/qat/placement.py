@@ -95,7 +95,8 @@ def read_placement(ptq: onnx.ModelProto, fp32: onnx.ModelProto) -> Placement:
                     continue
                 weight_edges[(n.name, i)] = _axis(dq, scale)
                 weight_names[(n.name, i)] = fp32_nodes[n.name].input[i]
-                int_weights.append(int(np.abs(numpy_helper.to_array(inits[src]).astype(np.int32)).max()))
+                if inits[src].data_type == onnx.TensorProto.INT8:   # a head's uint8 constant (127) made 7-bit 8-bit
+                    int_weights.append(int(np.abs(numpy_helper.to_array(inits[src]).astype(np.int32)).max()))
             elif q is not None and q.op_type == "QuantizeLinear" and q.input[0] in inits:
                 weight_edges[(n.name, i)] = _axis(q, scale)  # TensorRT: float weight behind Q -> DQ
                 weight_names[(n.name, i)] = fp32_nodes[n.name].input[i]

@@ -21,8 +21,9 @@ from uadc.core.io import atomic_dir, atomic_write_json, check_replaceable, check
 from uadc.core.numbers import whole_number
 from uadc.core.scoped import seeded
 from uadc.passes.pipeline import PassContext, run_passes
+from uadc.passes.qdq import qdq_options, weight_bits
 from uadc.quant.calibrate import calibrate_ranges
-from uadc.quant.qat.export import export_check, learned_params, with_weights
+from uadc.quant.qat.export import EXPORT_TOLERANCE, export_check, learned_params, with_weights
 from uadc.quant.qat.finetune import fine_tune, mean_loss, prepare_qat_data
 from uadc.quant.qat.net import LossOrder, QatNet, loss_order
 from uadc.quant.qat.placement import Placement, clip_bounds, read_placement, scale_to_range, tie_activation_inputs
@@ -130,8 +131,13 @@ def run_qat(recipe: Recipe, opts: QatOptions, fp32: onnx.ModelProto, model, trai
         losses["final_loss"] = mean_loss(net, model, order, data, st["batch_size"])
     ctx.quant_params = learned_params(net)
     qat_model, _ = run_passes(with_weights(fp32, net.net.weights()), ["qdq", "partition_check"], ctx)
+    st["weights"] = _weights(ctx)   # checked against the recipe at compile: 8-bit shipped under a 7-bit recipe
     summary = _summary(recipe, checkpoint, checkpoint_sha256, target, st, losses, history, order, net, calibrated)
-    summary["export_check"] = export_check(net, qat_model, order, train_images[:PROBE_IMAGES])
+    summary["export_check"] = check = export_check(net, qat_model, order, train_images[:PROBE_IMAGES])
+    if check["head_inputs_differing_fraction"] > EXPORT_TOLERANCE:   # its losses describe another model
+        log.warning("qat: the exported model differs from the fine-tuned one on %.1f%% of the head's inputs "
+                    "(qat.json export_check); its losses do not describe what it ships",
+                    100 * check["head_inputs_differing_fraction"])
     summary["seconds"] = round(time.time() - t_start, 2)
     _write(out, qat_model, summary)
     log.debug("QAT model written: %s (loss %.4f -> %.4f)", out / QAT_FILE, losses["ptq_loss"], losses["final_loss"])
@@ -182,6 +188,11 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
     if meta.get("target") not in (None, target):   # a TensorRT artifact shipped with CPU-style quantization
         raise UadcError(f"QAT model {path} was fine-tuned for {meta['target']}, not {target}: run "
                         f"`uadc qat --target {target}`")
+    made, wanted = (meta.get("settings") or {}).get("weights"), _weights(PassContext(
+        target=get_target(target), per_channel=recipe.compile.per_channel, reduce_range=recipe.compile.reduce_range))
+    if made is not None and made != wanted and (made["bits"] != wanted["bits"] or recipe.compile.per_channel is not None):
+        raise UadcError(f"QAT model {path} has {_said(made)} weights, recipe {recipe.name} asks for {_said(wanted)} "
+                        f"(compile.reduce_range / per_channel): {again}")
     sha = meta.get("checkpoint_sha256")
     if checkpoint is not None and sha is not None and Path(checkpoint).is_file() and sha != sha256_file(checkpoint):
         raise UadcError(f"QAT model {path} was fine-tuned from another checkpoint than {checkpoint} (trained again "
@@ -190,15 +201,25 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
         model = onnx.load(str(path))
     except Exception as exc:
         raise UadcError(f"cannot read QAT model {path}: {exc}") from None
-    return with_qat_record(model, meta.get("settings"), d / QAT_JSON, meta.get("target"))
+    return with_qat_record(model, meta.get("settings"), path, meta.get("target"))
 
 
-def with_qat_record(model: onnx.ModelProto, settings: dict | None, summary: Path,
+def _weights(ctx: PassContext) -> dict:
+    per_channel, _, _ = qdq_options(ctx)
+    return {"bits": weight_bits(ctx), "per_channel": per_channel}
+
+
+def _said(weights: dict) -> str:
+    return f"{weights['bits']}-bit {'per-channel' if weights['per_channel'] else 'per-tensor'}"
+
+
+def with_qat_record(model: onnx.ModelProto, settings: dict | None, qat_file: Path,
                     target: str | None = None) -> onnx.ModelProto:
-    """``model`` with what it was fine-tuned with (and for) in its metadata, for the compile's report
-    and its target check."""
+    """``model`` (read from ``qat_file``) with what it was fine-tuned with (and for) in its metadata, for the
+    compile's report and its target check; the file's sha256 ties the report to it (a later `uadc qat` replaces it)."""
     entry = model.metadata_props.add()
-    entry.key, entry.value = QAT_METADATA, json.dumps({"settings": settings, "summary": str(summary), "target": target})
+    entry.key, entry.value = QAT_METADATA, json.dumps({"settings": settings, "summary": str(qat_file.parent / QAT_JSON),
+                                                       "model_sha256": sha256_file(qat_file), "target": target})
     return model
 
 
