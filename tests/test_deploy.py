@@ -697,3 +697,24 @@ def test_a_damaged_bundle_says_to_bundle_it_again(int8_artifact, tmp_path):
     with pytest.raises(UadcError, match=r"report.md does not match its sha256 in artifact.json \(changed after "
                                         r"bundle\); bundle it again from its artifact \(or restore the file\)"):
         Detector.load(out)
+
+
+def test_threshold_factors_plain_quantiles_and_the_pooled_pixels():
+    """Found by a metrics review: Natrella's k was 13.33 at n = 3 (exact 10.55) and under-covered from n = 6; the
+    plain quantile (numpy "linear") flagged 1 of 7 validation normals at 1 %; a NaN value gave a NaN threshold;
+    the global pixel threshold counted a category of 4 images as much as one of 40."""
+    from uadc.evaluation.thresholds import MAX_PIXELS, tolerance_factor
+    for n, df in ((3, None), (10, None), (30, None), (1, 10)):
+        exact = stats.nct.ppf(0.95, df or n - 1, stats.norm.ppf(0.99) * n ** 0.5) / n ** 0.5
+        assert tolerance_factor(n, 0.99, df=df) == pytest.approx(exact, rel=1e-9)
+    for n in (7, 30, 150, 1000):
+        v = np.arange(1, n + 1.0)
+        t, _ = quantile_threshold(v, 0.01, margin=False)
+        assert (v >= t).mean() <= 0.01 or n < 99, (n, t)   # below 99 normals: above the largest
+    with pytest.raises(ValueError, match="finite"):
+        quantile_threshold(np.array([1.0, 2.0, np.nan]), 0.01)
+    rng = np.random.default_rng(0)
+    big, small = rng.uniform(0, 1, (40, 256, 256)), rng.uniform(1, 2, (4, 256, 256))
+    glob = compute_thresholds({"a": (big, np.ones(40)), "b": (small, np.ones(4))}, 0.05).global_.pixel.value
+    pooled = np.concatenate([big.ravel(), small.ravel()])
+    assert len(pooled) > MAX_PIXELS and abs((pooled >= glob).mean() - 0.05) < 0.002, (pooled >= glob).mean()

@@ -267,7 +267,7 @@ class DeployConfig(_Section):
     false_alarm_rate: float = Field(0.01, gt=0, lt=0.5, description="target share of normal images (and "
                                     "pixels) flagged; sets the label-free operating thresholds")
     threshold_margin: bool = Field(True, description="threshold = one-sided 95% upper confidence bound of the "
-                                   "quantile (a margin that shrinks as validation grows); false: plain quantile")
+                                   "quantile (shrinks as validation grows; pixels: an estimate); false: plain quantile")
     postprocess: bool = Field(False, description="append pred_score/pred_label/pred_mask to the graph")
 
 
