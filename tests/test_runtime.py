@@ -671,8 +671,30 @@ def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path):
         with pytest.raises(UadcError, match=r"^backend tensorrt: the tensorrt Python package does not import here"):
             Detector.load(tmp_path / "eng", backend="tensorrt")
         said = Detector.load(tmp_path / "eng").warnings   # auto ran the ONNX on the CPU without a word
-        assert any("model.engine is here but tensorrt does not import: running model.onnx on ONNX Runtime" in w
-                   for w in said), said
+        assert any("model.engine is here but TensorRT cannot run here (tensorrt does not import): running model.onnx "
+                   "on ONNX Runtime" in w for w in said), said
+        # an engine of another TensorRT version (a JetPack upgrade), or damaged: Polygraphy's 21-frame traceback
+        fake = tmp_path / "fake" / "tensorrt"
+        fake.mkdir(parents=True)
+        (fake / "__init__.py").write_text(textwrap.dedent("""
+            __version__ = "10.3.0"
+            class ILogger:
+                class Severity:
+                    VERBOSE = 0; INFO = 1; WARNING = 2; ERROR = 3; INTERNAL_ERROR = 4
+                def __init__(self, *a, **k): pass
+            Logger = ILogger
+            class Runtime:
+                def __init__(self, logger): pass
+                def __enter__(self): return self
+                def __exit__(self, *a): return False
+                def deserialize_cuda_engine(self, buf): return None
+            def init_libnvinfer_plugins(*a, **k): return True
+            """))
+        code = f"import uadc; uadc.Detector.load({str(tmp_path / 'eng')!r}, backend='tensorrt')"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(fake.parent)})
+        assert "UadcError" in r.stderr and "TensorRT cannot load it" in r.stderr and \
+            "run build_engine.sh again on this device" in r.stderr, r.stderr[-2000:]
     (tmp_path / "dang").symlink_to(tmp_path / "nowhere")
     with pytest.raises(UadcError, match=f"cannot create folder {tmp_path / 'dang'}: it is a broken link"):
         ensure_dir(tmp_path / "dang")

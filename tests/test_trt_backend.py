@@ -237,6 +237,15 @@ def _q_without_dq(m):
     m.graph.node.remove(_node(m, "dq_x"))
 
 
+def _scale_of_rank_4(m):   # (K,1,1,1): ONNX Runtime refuses it ("scale must be 1D"); check-trt passed it
+    w, _ = _weights()
+    _set_init(m, "w_scale", (np.abs(w).reshape(4, -1).max(axis=1) / 127).astype(np.float32).reshape(4, 1, 1, 1))
+
+
+def _fp16_scale_before_opset_19(m):
+    _set_init(m, "x_scale", np.float16(4.0 / 127))
+
+
 def _qoperator_op(m):
     m.graph.node.append(helper.make_node("DynamicQuantizeLinear", ["image"], ["y", "y_s", "y_zp"], name="dql"))
 
@@ -256,6 +265,8 @@ VIOLATION_CASES = {
     "q_with_other_scale_in_dq": (_unpaired_q, {"QDQ010"}),
     "q_without_dq": (_q_without_dq, {"QDQ010"}),
     "qoperator_op": (_qoperator_op, {"QDQ011"}),
+    "scale_of_rank_4": (_scale_of_rank_4, {"QDQ012"}),
+    "fp16_scale_before_opset_19": (_fp16_scale_before_opset_19, {"QDQ012"}),
 }
 
 
@@ -520,7 +531,7 @@ def test_trtexec_int8_commands():
     qdq_10 = _tokens(trtexec_command("m.onnx", settings, (3, 64, 64), trt_version="10.3"))
     assert "--stronglyTyped" in qdq_10 and "--int8" not in qdq_10 and "--fp16" not in qdq_10
     implicit = _tokens(trtexec_command("m.onnx", settings, (3, 64, 64), calib_cache="calib.cache", trt_version="8.5"))
-    assert "--int8" in implicit and "--calib=calib.cache" in implicit
+    assert "--int8" in implicit and "--calib=calib.cache.device" in implicit   # headed with the device's version
     with pytest.raises(UadcError):
         trtexec_command("m.onnx", settings, (3, 64, 64), calib_cache="calib.cache", trt_version="11.0")
 
@@ -606,6 +617,11 @@ def test_build_script_builds_its_own_folders_model_wherever_it_is_run_from(tmp_p
                              capture_output=True, text=True, timeout=20)
         assert run.returncode == 0, run.stderr
         assert log.read_text().split()[0] == str((tmp_path / "work" / name).resolve()), (name, log.read_text())
+    # TRTEXEC=trtexec, a name on PATH: "trtexec not found" (the -x test looked in the bundle's folder)
+    env = dict(os.environ, TRTEXEC="trtexec", PATH=f"{tmp_path / 'work' / 'tools'}{os.pathsep}{os.environ['PATH']}")
+    run = subprocess.run(["bash", "b/build_engine.sh"], env=env, cwd=tmp_path / "work", capture_output=True, text=True,
+                         timeout=20)
+    assert run.returncode == 0, run.stderr
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is needed to run the generated script")
@@ -614,6 +630,12 @@ def test_build_script_refuses_calibration_on_trt11_and_missing_trtexec(tmp_path)
     (tmp_path / "calib.cache").write_text("TRT-8501-EntropyCalibration2\nimage: 3c010204\n")
     settings = BuildSettings(precision="int8")
     script = write_build_script(tmp_path, "model.onnx", settings, (3, H, W), calib_cache="calib.cache")
+    # the cache read on the device names that device's TensorRT (a cache headed 8.5 was refused on JetPack 6)
+    for code in ("8502", "100300"):
+        _fake_trtexec(tmp_path / f"bin{code}", code, tmp_path / "log")
+        result = _run_script(script, tmp_path / f"bin{code}")
+        assert result.returncode == 0 and "--calib=calib.cache.device" in (tmp_path / "log").read_text(), result.stderr
+        assert (tmp_path / "calib.cache.device").read_text() == f"TRT-{code}-EntropyCalibration2\nimage: 3c010204\n"
     _fake_trtexec(tmp_path / "bin", "110000", tmp_path / "log")
     result = _run_script(script, tmp_path / "bin")
     assert result.returncode == 3 and "removed implicit INT8 calibration" in result.stderr

@@ -106,7 +106,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            builder={"workspace_mb": 1024}, description="Jetson (JetPack 5/6), FP16-typed model (float32 I/O)"),
     Target("jetson-int8", "tensorrt", "int8", TRT_INT8_PASSES, opset=17, scheme=_TRT_SCHEME, min_trt_version="8.5",
            device="jetson", builder={"workspace_mb": 1024},
-           description="Jetson (JetPack 5/6), explicit symmetric Q/DQ, FP16 fallback"),
+           description="Jetson (JetPack 5/6), explicit symmetric Q/DQ; other layers FP16 on TensorRT 8, "
+                       "FP32 on 10 (strongly typed)"),
 ]}
 
 

@@ -99,7 +99,9 @@ def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto,
 # the bundle's README listed model.onnx and build_engine.sh only
 _IMPLICIT_NOTE = ("`model_fp32.onnx` and `calibration.cache` (the same ranges as the Q/DQ nodes) are for an "
                   "implicit-quantization build on TensorRT 10 or older, e.g. `trtexec --onnx=model_fp32.onnx --int8 "
-                  "--calib=calibration.cache`; `build_engine.sh` builds the explicit Q/DQ `model.onnx`, the model "
+                  "--calib=calibration.cache`; its first line, `TRT-8500-EntropyCalibration2`, names the TensorRT "
+                  "version that reads it: put the device's version code there first (`TRT-100300-...` for 10.3.0, "
+                  "`TRT-8502-...` for 8.5.2). `build_engine.sh` builds the explicit Q/DQ `model.onnx`, the model "
                   "uadc verified.")
 
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from uadc.core.errors import NonFiniteOutputs, RuntimeFault, UadcError
+from uadc.core.errors import NonFiniteOutputs, RuntimeFault, UadcError, one_line
 from uadc.core.io import JsonResult, as_path
 from uadc.core.manifest import GLOBAL, NO_VALIDATION_ADVICE, CategoryThresholds, Manifest, read_manifest
 from uadc.core.scoped import check_threads, logged_warnings
@@ -98,15 +98,32 @@ class _TrtBackend:
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
         self.runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name="uadc-runtime")
-        self.runner.activate()
+        try:
+            self.runner.activate()
+        except Exception as exc:  # noqa: BLE001 - Polygraphy's "Could not deserialize engine", CUDA errors
+            raise UadcError(f"{engine}: TensorRT cannot load it ({one_line(str(exc))[:200]}); an engine runs only on the "
+                            f"TensorRT version and GPU it was built on: run build_engine.sh again on this device") from None
+        self.max_batch = _max_batch(self.runner)
 
     def run(self, images: np.ndarray, input_name: str) -> tuple[np.ndarray, np.ndarray]:
-        out = self.runner.infer({input_name: images})
-        return np.array(out["anomaly_map"][:, 0], copy=True), np.array(out["score"], copy=True).reshape(-1)
+        step = self.max_batch or len(images)   # a --batch-size above the engine's profile: in its batches
+        outs = [self.runner.infer({input_name: images[i:i + step]}) for i in range(0, len(images), step)]
+        return (np.concatenate([np.array(o["anomaly_map"][:, 0], copy=True) for o in outs]),
+                np.concatenate([np.array(o["score"], copy=True).reshape(-1) for o in outs]))
 
     def close(self) -> None:   # the engine's context and device buffers
         if self.runner.is_active:
             self.runner.deactivate()
+
+
+def _max_batch(runner: Any) -> int | None:
+    """The largest batch the engine's first optimisation profile takes (None: unknown, or not dynamic)."""
+    try:
+        engine = runner.engine
+        name = engine.get_tensor_name(0)
+        return int(engine.get_tensor_profile_shape(name, 0)[2][0]) or None
+    except Exception:  # noqa: BLE001 - an engine without profiles, an older TensorRT API
+        return None
 
 
 class _OvBackend:
@@ -135,6 +152,14 @@ def _check_importable(module: str, how: str) -> None:   # one line, not the load
     if not _importable(module):
         raise UadcError(f"backend {module}: the {module} Python package does not import here ({how}); "
                         f"backend auto runs the artifact with what is here")
+
+
+def _trt_here() -> tuple[bool, str]:
+    """TensorRT imports and sees a CUDA GPU (a container started without the NVIDIA runtime: ONNX Runtime)."""
+    if not _importable("tensorrt"):
+        return False, "tensorrt does not import"
+    from uadc.backends.tensorrt.plan import trt_available
+    return trt_available()
 
 
 def _importable(module: str) -> bool:
@@ -238,7 +263,8 @@ class Detector:
         engine = folder / ENGINE_FILE
         if backend not in ("auto", "onnxruntime", "openvino", "tensorrt"):
             raise UadcError(f"backend must be auto, onnxruntime, openvino or tensorrt, got {backend!r}")
-        if backend == "tensorrt" or (backend == "auto" and engine.is_file() and _importable("tensorrt")):
+        trt_here, trt_why = _trt_here() if backend == "auto" and engine.is_file() else (False, "")
+        if backend == "tensorrt" or (backend == "auto" and engine.is_file() and trt_here):
             if not engine.is_file():
                 raise UadcError(f"{folder}: no {ENGINE_FILE} (run build_engine.sh on the device first)"
                                 if manifest.runtime == "tensorrt" else
@@ -252,8 +278,8 @@ class Detector:
             return cls(manifest, _TrtBackend(engine), batch_size)
         model = folder / manifest.model_file
         if backend == "auto" and engine.is_file():   # a JetPack venv without tensorrt ran the ONNX on the CPU unsaid
-            log.warning("%s: %s is here but tensorrt does not import: running %s on ONNX Runtime (CPU) instead",
-                        folder, ENGINE_FILE, manifest.model_file)
+            log.warning("%s: %s is here but TensorRT cannot run here (%s): running %s on ONNX Runtime (CPU) instead",
+                        folder, ENGINE_FILE, trt_why, manifest.model_file)
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
             from uadc.backends.openvino import import_error   # installed and broken: its reason, not "pip install"
             _check_importable("openvino", import_error() or "pip install 'uadc[openvino]'")

@@ -74,7 +74,7 @@ def _trtexec_args(
     if plan.fp32_layers:  # precision auto (trtexec >= 8.2 takes both)
         args += ["--precisionConstraints=obey", "--layerPrecisions=" + ",".join(f"{n}:fp32" for n in plan.fp32_layers)]
     if calibration:
-        args += [f"--calib={calib_cache}", f"--optShapesCalib={IMAGE_INPUT}:{shapes['opt']}"]
+        args += [f"--calib={device_cache(calib_cache)}", f"--optShapesCalib={IMAGE_INPUT}:{shapes['opt']}"]
     if settings.dla_core is not None:
         args.append(f"--useDLACore={settings.dla_core}")
         if "GPU_FALLBACK" in plan.builder_flags:
@@ -208,6 +208,7 @@ def _render_script(
         "# Usage: ./build_engine.sh [extra trtexec options]   (TRTEXEC=/path/to/trtexec overrides the lookup)",
         "set -euo pipefail",
         'TRTEXEC="${TRTEXEC:-$(command -v trtexec || true)}"',
+        'if [[ -n "${TRTEXEC}" && "${TRTEXEC}" != */* ]]; then TRTEXEC="$(command -v -- "${TRTEXEC}" || true)"; fi  # a name on PATH',
         'if [[ "${TRTEXEC}" == */* && "${TRTEXEC}" != /* ]]; then TRTEXEC="${PWD}/${TRTEXEC}"; fi  # the caller\'s ./',
         "# its own folder, always: a folder named -x made dirname fail and `cd \"\"` stay, CDPATH led elsewhere",
         'HERE="$(dirname -- "${BASH_SOURCE[0]}")"',
@@ -229,7 +230,7 @@ def _render_script(
             "    exit 1",
             "fi",
         ]
-    lines += _version_lines(min_version) + _dispatch_lines(variants) + [
+    lines += _version_lines(min_version) + _cache_lines(calib_cache) + _dispatch_lines(variants) + [
         "",
         'echo "+ ${cmd[*]} $*"',
         '"${cmd[@]}" "$@"',
@@ -262,6 +263,25 @@ def _version_lines(min_version: tuple[int, int, int]) -> list[str]:
         f'    echo "error: this bundle needs TensorRT >= {min_text}" >&2',
         "    exit 1",
         "fi",
+        "",
+    ]
+
+
+def device_cache(calib_cache: str) -> str:
+    """The copy of the calibration cache that build_engine.sh heads with the device's TensorRT version."""
+    return f"{calib_cache}.device"
+
+
+def _cache_lines(calib_cache: str | None) -> list[str]:
+    """TensorRT reads a calibration cache whose header names its own version (``TRT-<code>-<calibrator>``);
+    one written for 8.5.0 was refused on JetPack 6, which then calibrated on nothing."""
+    if not calib_cache:
+        return []
+    q = shlex.quote
+    return [
+        "# the cache's first line names the TensorRT version that reads it: this device's",
+        f"{{ printf 'TRT-%s-%s\\n' \"${{code}}\" \"$(head -n 1 {q(calib_cache)} | sed 's/^TRT-[0-9]*-//')\"; "
+        f"tail -n +2 {q(calib_cache)}; }} > {q(device_cache(calib_cache))}",
         "",
     ]
 

@@ -51,6 +51,7 @@ RULES: dict[str, str] = {
     "QDQ009": "blocked quantization (block_size)",
     "QDQ010": "QuantizeLinear not paired with a matching DequantizeLinear",
     "QDQ011": "QOperator / integer op TensorRT cannot run",
+    "QDQ012": "scale that is not a scalar or 1-D float32 (float16 from opset 19)",
 }
 
 # QOperator-format and integer ops (ONNX and ORT com.microsoft) that the
@@ -221,6 +222,21 @@ def _check_scale(graph: _GraphIndex, node: onnx.NodeProto, name: str) -> list[Vi
     scale = _input(node, 1)
     if not scale:
         return []
+    return _check_scale_form(graph, scale, name) + _check_scale_values(graph, scale, name)
+
+
+def _check_scale_form(graph: _GraphIndex, scale: str, name: str) -> list[Violation]:
+    """A (K,1,1,1) scale or an fp16 one before opset 19 passed: ONNX Runtime refuses the model, as the spec does."""
+    shape, dtype = graph.shape(scale), graph.elem_type(scale)
+    allowed = (TensorProto.FLOAT, TensorProto.FLOAT16) if graph.opset >= 19 else (TensorProto.FLOAT,)
+    problems = ([f"has {len(shape)} dimensions {shape}"] if shape is not None and len(shape) > 1 else []) + \
+        ([f"is {TensorProto.DataType.Name(dtype).lower()}"] if dtype is not None and dtype not in allowed else [])
+    return [Violation("QDQ012", name, f"scale '{scale}' {' and '.join(problems)}; Q/DQ scales are a scalar or 1-D "
+                      f"{'float32 or float16' if graph.opset >= 19 else 'float32 (float16 from opset 19)'}. "
+                      "Reshape it to 1-D (one value per channel) and store it as float32.")] if problems else []
+
+
+def _check_scale_values(graph: _GraphIndex, scale: str, name: str) -> list[Violation]:
     value = graph.value(scale)
     if value is not None:
         values = value.astype(np.float64).ravel()
