@@ -128,7 +128,7 @@ def test_recipes_show_takes_a_recipe_file_too(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["recipes", "show", "sub/mine.yaml"])
     assert res.exit_code == 0, res.output
     assert yaml.safe_load(res.output)["data"]["sources"][0]["root"] == str(tmp_path / "data")
-    for bad, why in (("sub/none.yaml", "recipe not found: sub/none.yaml"), ("sub", "recipe not found: sub")):
+    for bad, why in (("sub/none.yaml", "recipe not found: sub/none.yaml"), ("sub", "recipe sub: a folder, not a YAML file")):
         res = CliRunner().invoke(main, ["recipes", "show", bad])
         assert res.exit_code == 2 and f"error: {why}" in res.output, res.output
     # a quoted root with a space is rewritten; a root the line rewrite cannot see (flow style, an anchor)

@@ -15,7 +15,6 @@ from uadc import __version__
 from uadc.cli.terminal import _errors_as_json, _Group, _Path, _setup_logging, json_output
 from uadc.config.targets import QAT_TARGETS, TARGETS
 from uadc.core.errors import UadcError, dependencies_checked, one_line
-from uadc.core.images import shown
 
 recipe_arg = click.argument("recipe", type=_Path(path_type=str))   # as typed: `demo/` is a folder, not the built-in
 artifacts_opt = click.option("--artifacts", type=_Path(path_type=Path), default=None, help="artifacts root (default: ./artifacts)")
@@ -163,6 +162,7 @@ def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out:
     from uadc.runtime.batch import predict_paths
     with Detector.load(artifact, backend=backend, batch_size=batch_size, schedule=schedule, threads=threads) as det:
         run = predict_paths(det, list(inputs), category, out, overlays, batch_size)
+    from uadc.core.images import shown   # not at import: `uadc doctor` runs where Pillow is broken
     for path, reason in run.failed:
         click.echo(f"skipped {shown(path)}: {reason}", err=True)
     click.echo(f"{run.summary_line()} ({det.backend_name})")
