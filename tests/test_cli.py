@@ -316,3 +316,32 @@ def test_an_option_given_twice_with_two_values_is_refused(tmp_path, monkeypatch,
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and said in res.output, res.output
     assert res.output.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in res.output
+
+
+def test_one_class_training_reads_every_image_first_and_says_what_it_replaces(tiny_data, tmp_path, caplog):
+    """An unreadable training image of the second category stopped `train --one-class` after the first
+    category's model was replaced (a folder of 2-epoch and 1-epoch models); a one-class checkpoint of other
+    model settings was replaced without the warning a unified one gives."""
+    import hashlib
+
+    import uadc
+    from conftest import write_recipe
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    r = write_recipe(tmp_path / "tiny.yaml", data, train={"epochs": 1, "threads": 1})
+    art = tmp_path / "art"
+    uadc.train(r, one_class=True, artifacts=art)
+    ckpts = sorted((art / "tiny" / "one_class").rglob("checkpoint.pt"))
+    before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpts]
+    (sorted((data / "stripes" / "train" / "good").glob("*.png"))[-1]).write_bytes(b"junk")   # the second category
+    with pytest.raises(uadc.UadcError, match="unreadable image"):
+        uadc.train(r, one_class=True, epochs=2, artifacts=art)
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpts] == before
+    shutil.rmtree(data)
+    shutil.copytree(tiny_data, data)
+    (tmp_path / "other").mkdir()
+    other = write_recipe(tmp_path / "other" / "tiny.yaml", data, train={"epochs": 1, "threads": 1},
+                         model={"taps": ["blocks.2", "blocks.4"]})
+    with caplog.at_level("WARNING", logger="uadc"):
+        uadc.train(other, one_class=True, artifacts=art)
+    assert caplog.text.count("replacing a checkpoint trained with other data/model settings (model.taps") == 2

@@ -422,3 +422,31 @@ def test_a_category_named_in_another_unicode_form_is_the_same_category(tmp_path)
     ct = CategoryThresholds(t, t)
     th = Thresholds(0.01, "x", {nfd: ct}, CategoryThresholds(t, t))
     assert th.get(nfc) is ct
+
+
+def test_a_masks_folder_in_another_case_jfif_images_and_a_turned_images_mask(data, caplog):
+    """`Ground_Truth/` (or `ground_truth/Blob`) turned pixel metrics off without a word; `.jfif` training images
+    (web JPEGs saved on Windows) were skipped silently; a mask sized as the image's file, not as the image turned
+    upright by its EXIF orientation, was "mask size (48, 32) differs from image size (32, 48)" unexplained."""
+    (data / "a" / "ground_truth").rename(data / "a" / "Ground_Truth")
+    (data / "a" / "Ground_Truth" / "blob").rename(data / "a" / "Ground_Truth" / "Blob")
+    assert all(s.mask_path is not None for s in list_test_samples(data, "a") if s.label == 1)
+    (data / "b" / "ground_truth").rename(data / "b" / "GroundTruth")
+    with caplog.at_level("WARNING", logger="uadc"):
+        assert all(s.mask_path is None for s in list_test_samples(data, "b"))
+    assert "no ground_truth/ folder, so no pixel metrics; its masks are not read from GroundTruth/" in caplog.text
+    first = sorted((data / "a" / "train" / "good").glob("*.png"))[0]
+    Image.open(first).convert("RGB").save(first.with_suffix(".jfif"), "JPEG")
+    first.unlink()
+    pairs = resolve_sources([{"root": str(data), "categories": ["a"]}])
+    assert len(build_train_set(pairs, 32, NORM)) == 3
+    img = next(s for s in list_test_samples(data, "a") if s.label == 1)
+    im = Image.open(img.path).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6   # rotate 90 degrees to view: width and height swap
+    im.resize((48, 32)).save(img.path, exif=exif)
+    Image.new("L", (48, 32)).save(img.mask_path)
+    from uadc.data.mvtec import load_mask
+    with pytest.raises(UadcError, match=r"mask size \(48, 32\) differs from image size \(32, 48\) \(after its EXIF "
+                                        r"orientation, which turns it upright\)"):
+        load_mask(img, 32)

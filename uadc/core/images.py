@@ -27,7 +27,7 @@ from uadc.core.scoped import warnings_ignored
 log = logging.getLogger(__name__)
 _NOTED: set[tuple[str, str]] = set()   # (what, folder): a dataset's folder of like images warns once, not per image
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff")   # .jfif: a web JPEG saved on Windows
 # images of formats uadc does not read in a folder walk: named in a warning / left_out, not dropped silently
 OTHER_IMAGE_EXTS = frozenset((".webp", ".gif", ".avif", ".heic", ".heif", ".jp2", ".pgm", ".ppm", ".pnm", ".ico",
                               ".tga", ".jxl"))
@@ -119,7 +119,7 @@ def _skip_reason(f: Path, root: Path, blocked: dict[Path, str]) -> str | None:
     parts = f.relative_to(root).parts
     if any(is_hidden(x) for x in parts):
         return "hidden (a name starting with '.')"
-    if MASKS_FOLDER in parts[:-1]:
+    if MASKS_FOLDER in (part.lower() for part in parts[:-1]):   # Ground_Truth too, as data reads it
         return f"masks under {MASKS_FOLDER}/"
     return not_a_file(f)   # named like an image, but a dangling link, a pipe, a folder: counted, not read
 

@@ -99,6 +99,19 @@ def _mask_names(img: Path) -> list[str]:
     return list(dict.fromkeys(names + [n.lower() for n in names]))   # exact spelling first
 
 
+_MASK_LOOKALIKES = ("groundtruth", "ground-truth", "gt", "masks", "mask")
+
+
+def _child_dir(parent: Path | None, name: str) -> Path | None:
+    """``parent/name``, or the one folder there whose name differs in letter case only (``Ground_Truth``: pixel
+    metrics were off without a word); None where there is neither."""
+    if parent is None:
+        return None
+    if (parent / name).is_dir():
+        return parent / name
+    return next((p for p in sorted(parent.iterdir()) if p.is_dir() and p.name.lower() == name.lower()), None)
+
+
 def list_test_samples(root: Path, category: str) -> list[Sample]:
     cat = _category_dir(root, category)
     test = cat / "test"
@@ -109,18 +122,22 @@ def list_test_samples(root: Path, category: str) -> list[Sample]:
     if loose:   # no defect type to label them: left out of the figures without a word
         log.warning("%s: %d image%s directly in it %s not read (test images go in test/good/ or test/<defect type>/)",
                     test, loose, "s" * (loose != 1), "are" if loose != 1 else "is")
-    masked = (cat / MASKS_FOLDER).is_dir()   # without ground_truth/: image-level labels, no pixel metrics
+    gt = _child_dir(cat, MASKS_FOLDER)   # without ground_truth/: image-level labels, no pixel metrics
+    masked = gt is not None
+    if not masked and (near := [p.name for p in cat.iterdir() if p.is_dir() and p.name.lower() in _MASK_LOOKALIKES]):
+        log.warning("%s: no %s/ folder, so no pixel metrics; its masks are not read from %s/", cat, MASKS_FOLDER,
+                    near[0])
     for defect_dir in sorted(p for p in test.iterdir() if p.is_dir() and not is_hidden(p.name)):
         check_utf8_name(defect_dir, "defect type")
         defect = "good" if defect_dir.name.lower() == "good" else defect_dir.name   # test/Good was a defect type
-        masks = _mask_files(cat / MASKS_FOLDER / defect) if defect != "good" and masked else {}
+        masks = _mask_files(_child_dir(gt, defect) or gt / defect) if defect != "good" and masked else {}
         for img in _images(defect_dir):
             mask = None
             if defect != "good" and masked:
                 mask = next((masks[n] for n in _mask_names(img) if n in masks), None)
                 if mask is None:
                     raise UadcError(f"defect image without mask: {img} (expected "
-                                    f"{cat / MASKS_FOLDER / defect / (img.stem + '_mask.png')}; with no "
+                                    f"{gt / defect / (img.stem + '_mask.png')}; with no "
                                     f"{MASKS_FOLDER}/ folder at all the category is judged on image labels only)")
             samples.append(Sample(img, category, defect, mask))
     if not samples:
@@ -137,6 +154,16 @@ def load_image(path: Path, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.float32) / 255.0
 
 
+def _turned(path: Path) -> str:
+    """Why an image's size reads transposed: uadc turns it upright by its EXIF orientation, as viewers do."""
+    try:
+        with Image.open(path) as raw:
+            turned = raw.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # the orientations that swap width and height
+    except Exception:  # noqa: BLE001 - it opened a moment ago: no reason to add
+        return ""
+    return " (after its EXIF orientation, which turns it upright)" if turned else ""
+
+
 def _mask_pixels(sample: Sample) -> np.ndarray:
     """A defect image's mask as booleans at the mask's own size. Binary masks (0/255, 0/65535) are cut
     at half their peak; label or instance masks (values all below 128: 0/1, 0/2, 1..N per defect, in
@@ -145,7 +172,8 @@ def _mask_pixels(sample: Sample) -> np.ndarray:
     with open_image(sample.mask_path, "mask") as m:
         with open_image(sample.path) as im:
             if m.size != im.size:
-                raise UadcError(f"mask size {m.size} differs from image size {im.size}: {sample.mask_path}")
+                raise UadcError(f"mask size {m.size} differs from image size {im.size}{_turned(sample.path)}: "
+                                f"{sample.mask_path}")
         lossy = m.format == "JPEG" or sample.mask_path.suffix.lower() in (".jpg", ".jpeg")
         deep = m.mode.startswith("I;16") or m.mode == "I"   # raw values: 8 bits would round 0/1 to 0/0
         a = np.asarray(m, dtype=np.float64) if deep else _mask_levels(eight_bit(m, sample.mask_path))

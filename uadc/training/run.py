@@ -78,8 +78,7 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
     paths = [checkpoint_path(recipe, artifacts, cat) for cat, _ in groups]
     for (cat, _), path in zip(groups, paths):   # a checkpoint path that cannot be written fails before the training
         check_recipe_copy(path, recipe, cat)
-        if cat is None:   # a one-class checkpoint holds its category's settings alone
-            note_replaced_checkpoint(path, recipe)
+        note_replaced_checkpoint(path, recipe)   # a one-class one too: it stores the whole recipe
         check_writable(path.parent)
         if path.exists() and not path.is_file():
             raise UadcError(f"cannot write {path}: something other than a file is there")
@@ -89,9 +88,10 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
     _check_single_image_batches(recipe, groups)
     models: list[TrainedModel] = []
     with torch_threads(recipe.train.threads), _stopped_after(models):
-        for (cat, idx), path in zip(groups, paths):
-            # read the images first: an unreadable one fails before any folder or lock exists
-            images = load_images(torch.utils.data.Subset(data.train, idx), "loading images")
+        # every model's images first: an unreadable one fails before any folder or lock exists (one-class: it
+        # was found after earlier categories' models were replaced); all of them, as a unified model reads
+        loaded = [load_images(torch.utils.data.Subset(data.train, idx), "loading images") for _, idx in groups]
+        for (cat, _), path, images in zip(groups, paths, loaded):
             # the caller's random streams come back afterwards
             with seeded(recipe.seed, cuda=train_device(recipe.train.device).type == "cuda"):
                 model = make_model(recipe)  # a setting the model refuses (an unknown tap) fails here too

@@ -37,7 +37,7 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
         seen.add(d.resolve())
         if not d.is_dir():
             raise UadcError(f"images (--images): not a folder: {d}")
-        if MASKS_FOLDER in d.resolve().parts:   # its masks were judged as normal images, PASS
+        if MASKS_FOLDER in (p.lower() for p in d.resolve().parts):   # its masks were judged as normal images, PASS
             raise UadcError(f"images (--images): {d} is in a {MASKS_FOLDER}/ folder of masks; give a folder of images")
         files = find_images([d]).files   # as `uadc predict` walks: no MVTec masks, no predict outputs
         if not files:
