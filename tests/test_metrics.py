@@ -312,3 +312,18 @@ def test_a_defect_type_whose_masks_cover_the_image_has_no_pixel_auroc():
     out = defect_breakdown(kinds, labels, rng.random(7), masks, maps)
     assert "pixel_auroc" not in out["color"] and "image_auroc" in out["color"]
     assert 0 <= out["scratch"]["pixel_auroc"] <= 1
+
+
+def test_infinite_scores_and_no_images_are_refused_alike():
+    """AUPRO took an infinite map value and returned a figure while the AUROCs refused it in sklearn's words;
+    `image_auroc([], [])` said the labels held "only one class (good)"."""
+    from uadc.evaluation.metrics import aupro, image_auroc, pixel_auroc
+    masks = np.zeros((1, 8, 8), bool)
+    masks[0, 2:4, 2:4] = True
+    maps = np.random.default_rng(0).random((1, 8, 8))
+    maps[0, 0, 0] = np.inf
+    for metric in (aupro, pixel_auroc):
+        with pytest.raises(ValueError, match="maps contains infinite values"):
+            metric(masks, maps)
+    with pytest.raises(ValueError, match="no images"):
+        image_auroc(np.array([]), np.array([]))

@@ -60,8 +60,8 @@ def _as_scores(values: np.ndarray, name: str) -> np.ndarray:
     arr = np.asarray(values)
     if arr.dtype == np.float16 or not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32 if arr.dtype == np.float16 else np.float64)
-    if arr.size and np.isnan(arr).any():
-        raise ValueError(f"{name} contains NaN values")
+    if arr.size and not np.isfinite(arr).all():   # inf too: AUPRO took it, the AUROCs refused it (sklearn's words)
+        raise ValueError(f"{name} contains {'NaN' if np.isnan(arr).any() else 'infinite'} values")
     return arr
 
 
@@ -119,6 +119,8 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
         raise ValueError(f"labels ({y.size}) and scores ({s.size}) differ in length")
     if not np.isin(y, (0, 1)).all():
         raise ValueError("labels must be 0 (good) or 1 (anomalous)")
+    if y.size == 0:
+        raise ValueError("image AUROC is undefined: no images")
     if np.unique(y).size < 2:
         raise ValueError(
             "image AUROC is undefined: labels contain only one class "
