@@ -309,6 +309,7 @@ def test_stdout_that_cannot_be_written_is_one_error_line(tmp_path):
     (["calibrators", "compare", "demo", "--target", "a", "--target", "b"], "--target given twice"),
     (["predict", "x", "y", "--category", "a", "--category=a"], "artifact folder not found: x"),   # the same: fine
     (["verify", "x", "--budget", "a=1", "--budget", "b=2"], "no model.onnx"),     # repeatable
+    (["predict", "x", "y", "--category", "--category", "--out", "o"], "artifact folder not found: x"),   # a value
 ])
 def test_an_option_given_twice_with_two_values_is_refused(tmp_path, monkeypatch, args, said):
     """`--category a --category b` judged every image at b's thresholds without a word (click keeps the last)."""

@@ -178,3 +178,15 @@ def test_doctor_leaves_the_callers_process_as_found(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("[] set() ['MainThread']"), p.stdout
+
+
+def test_bf16_targets_are_unavailable_where_openvino_computes_f32(monkeypatch):
+    """doctor said `run` for openvino-cpu-bf16 on a CPU where OpenVINO takes the bf16 hint and computes in f32,
+    which compile refuses."""
+    monkeypatch.setattr(doc, "_version", lambda dists: "2026.0")
+    monkeypatch.setattr(doc, "_openvino_check", lambda: (None, "f32"))
+    targets = {t.target: t for t in doc.doctor().targets}
+    for name in ("openvino-cpu-bf16", "openvino-cpu-int8-bf16"):
+        assert (targets[name].can, targets[name].detail) == (
+            "unavailable", "OpenVINO computes in f32 on this CPU when asked for bf16"), targets[name]
+    assert targets["openvino-cpu-int8"].can == "run"

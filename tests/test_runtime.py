@@ -1263,3 +1263,28 @@ def test_a_broken_openvino_install_is_named_as_such(int8_artifact, monkeypatch):
     monkeypatch.setattr(ov, "import_error", lambda: "OpenVINO does not import here: ImportError: libopenvino.so")
     with pytest.raises(UadcError, match=r"does not import here \(OpenVINO does not import here: ImportError: libopenvino"):
         Detector.load(int8_artifact[2].path, backend="openvino")
+
+
+def test_tensorrt_batches_above_the_engines_profile_run_in_its_batches():
+    """`uadc predict --batch-size 16` on an engine built for at most 8 images: each chunk must be copied as it comes,
+    since Polygraphy's runner reuses its output buffers (every chunk but the last took the last one's scores)."""
+    from uadc.runtime.detector import _TrtBackend
+
+    class Reusing:   # one output buffer per name, rewritten by every call, as TrtRunner.infer does
+        is_active = True
+
+        def __init__(self):
+            self.buf = {"anomaly_map": np.zeros((4, 1, 2, 2), np.float32), "score": np.zeros(4, np.float32)}
+
+        def infer(self, feed):
+            x = feed["images"]
+            assert len(x) <= 4, "above the engine's profile"
+            self.buf["anomaly_map"][:len(x)] = x[:, :1]
+            self.buf["score"][:len(x)] = x.reshape(len(x), -1).max(1)
+            return {k: v[:len(x)] for k, v in self.buf.items()}
+
+    backend = _TrtBackend.__new__(_TrtBackend)
+    backend.runner, backend.max_batch = Reusing(), 4
+    images = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((10, 3, 2, 2), np.float32)
+    maps, scores = backend.run(images, "images")
+    assert scores.tolist() == list(range(10)) and maps[:, 0, 0].tolist() == list(range(10))

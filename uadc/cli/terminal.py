@@ -61,14 +61,19 @@ def _show_usage_error(exc: click.ClickException, file: Any = None) -> None:   # 
 
 def _refuse_repeats(cmd: click.Command, args: list[str]) -> None:
     """`--category a --category b` ran with b alone: an option given twice must say the same thing."""
+    opts = {n: p for p in cmd.params if isinstance(p, click.Option) for n in (*p.opts, *p.secondary_opts)}
     seen: dict[str, tuple[str, str]] = {}
-    for i, arg in enumerate(args[:args.index("--") if "--" in args else None]):
-        name, eq, value = arg.partition("=")
-        opt = next((p for p in cmd.params if isinstance(p, click.Option) and not p.multiple and not p.count
-                    and name in (*p.opts, *p.secondary_opts)), None)
+    i, end = 0, args.index("--") if "--" in args else len(args)
+    while i < end:
+        name, eq, value = args[i].partition("=")
+        opt, i = opts.get(name), i + 1
         if opt is None:
             continue
-        value = name if opt.is_flag else value if eq else " ".join(args[i + 1:i + 2])
+        if not opt.is_flag and not eq:   # the next argument is its value, whatever it looks like (`--out --x`)
+            value, i = " ".join(args[i:i + 1]), i + 1
+        if opt.multiple or opt.count:
+            continue
+        value = name if opt.is_flag else value
         first, said = seen.setdefault(opt.name, (name, value))
         if said != value:
             raise click.UsageError(f"{first} and {name} both given: give one" if opt.is_flag else

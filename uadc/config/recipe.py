@@ -75,8 +75,8 @@ class Source(_Section):
         # a folder under root and under the artifacts (one-class models); length first (0.4 MB of aliases: 57 s)
         bad = [c for c in v or [] if len(c) > 255 or not is_plain_name(c) or len(os.fsencode(c)) > 255]
         if bad:
-            raise ValueError(f"{bad[0][:60]!r} is not a plain folder name under root (no '/', '..' or leading '.', "
-                             f"at most 255 bytes)")
+            raise ValueError(f"{bad[0][:60]!r} is not a plain folder name under root (no '/', '..', leading '.' or "
+                             f"control character, at most 255 bytes)")
         return v
 
 

@@ -404,7 +404,7 @@ def is_plain_name(name: str) -> bool:
     """One path component that stays inside the folder it is joined to: no separators, no ``..``,
     no leading dot (hidden), no control characters (a newline in a folder name breaks every log)."""
     return bool(name) and name not in (".", "..") and not name.startswith(".") and _encodable(name) and \
-        not any(c in "/\\\x85\u2028\u2029" or ord(c) < 32 or 0x7f <= ord(c) < 0xa0 for c in name)   # C0, C1, line breaks
+        not any(c in "/\\\x7f\x85\u2028\u2029" or ord(c) < 32 for c in name)   # controls and line breaks
 
 
 def _encodable(name: str) -> bool:
@@ -419,7 +419,8 @@ def _encodable(name: str) -> bool:
 def contained(root: Path, name: str, what: str = "name") -> Path:
     """``root / name`` where ``name`` is one plain path component (:func:`is_plain_name`)."""
     if not is_plain_name(name):
-        raise UadcError(f"{what} {name!r} is not a plain folder name (no '/', '..' or leading '.')")
+        raise UadcError(f"{what} {name!r} is not a plain folder name (no '/', '..', leading '.', control or "
+                        f"line-break character)")
     return Path(root) / name
 
 

@@ -9,7 +9,7 @@ false-alarm rate ``a`` the threshold estimates the ``q = 1 - a`` quantile of the
   The margin this adds shrinks as the validation set grows.
 - when the validation set is too small for that (``j > n``, e.g. fewer than 299 images at
   ``a = 0.01``), a one-sided normal tolerance bound on the log values (95 % confidence that at
-  least ``q`` of normals fall below; Natrella's k factor), never below the largest value seen.
+  least ``q`` of normals fall below; the exact noncentral-t k factor), never below the largest value seen.
   For image scores of a unified model a category's log-scale spread is the larger of its own and
   the spread pooled over all categories (within-category variances weighted by degrees of
   freedom), with the degrees of freedom of the one taken: a category with 3 normals borrows the

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from uadc import __version__
-from uadc.backends.openvino import import_error as ov_import_error
+from uadc.backends.openvino import import_error as ov_import_error, precision_here
 from uadc.backends.tensorrt.plan import trt_available
 from uadc.config.targets import TARGETS, Target
 from uadc.core.io import JsonResult
@@ -111,27 +111,34 @@ def _doctor() -> DoctorReport:
         gpu=gpu, tensorrt=versions["tensorrt"] if trt_ok else None,
         tensorrt_reason=trt_reason or "found", onnxruntime_providers=_ort_providers())
     broken = _compile_blocker()
-    ov = _openvino_error() if versions["openvino"] else "OpenVINO not installed: pip install 'uadc[openvino]'"
+    ov, bf16 = _openvino_check() if versions["openvino"] else ("OpenVINO not installed: pip install 'uadc[openvino]'",
+                                                                None)
     report.targets = [TargetSupport(t.name, t.runtime, t.precision, "unavailable", broken) if broken else
-                      _support(t, report, trt_ok, ov) for t in TARGETS.values()]
+                      _support(t, report, trt_ok, ov, bf16) for t in TARGETS.values()]
     return report
 
 
-def _openvino_error() -> str | None:
-    """Why the installed OpenVINO does not import, or None; found by a child process unless this one
-    imported it already: ``import openvino`` starts OpenVINO's telemetry, whose thread outlived the call."""
+_OV_CHECK = ("from uadc.backends.openvino import import_error, precision_here\n"
+             "why = import_error()\nprint(why or '', precision_here('bf16') if why is None else '', sep='\\n', end='')")
+
+
+def _openvino_check() -> tuple[str | None, str | None]:
+    """(why the installed OpenVINO does not import, or None; the precision it computes in when asked for
+    bf16), found by a child process unless this one imported it already: ``import openvino`` starts
+    OpenVINO's telemetry, whose thread outlived the call."""
     if "openvino" in sys.modules:
-        return ov_import_error()
-    code = "from uadc.backends.openvino import import_error; print(import_error() or '', end='')"
+        why = ov_import_error()
+        return why, None if why else precision_here("bf16")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}   # this process's uadc
     try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+        done = subprocess.run([sys.executable, "-c", _OV_CHECK], capture_output=True, text=True, timeout=300, env=env)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"OpenVINO's import could not be checked: {exc}"
+        return f"OpenVINO's import could not be checked: {exc}", None
     if done.returncode:   # a broken shared library may end the process rather than raise
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        return f"OpenVINO does not import here: the import ended with exit code {done.returncode} ({last[:200]})"
-    return done.stdout.strip() or None
+        return f"OpenVINO does not import here: the import ended with exit code {done.returncode} ({last[:200]})", None
+    why, _, used = done.stdout.partition("\n")
+    return why.strip() or None, used.strip() or None
 
 
 def _compile_blocker() -> str | None:
@@ -145,7 +152,8 @@ def _compile_blocker() -> str | None:
     return None
 
 
-def _support(t: Target, r: DoctorReport, trt_ok: bool, ov_error: str | None) -> TargetSupport:
+def _support(t: Target, r: DoctorReport, trt_ok: bool, ov_error: str | None, bf16: str | None = None
+             ) -> TargetSupport:
     def out(can: str, detail: str) -> TargetSupport:
         return TargetSupport(t.name, t.runtime, t.precision, can, detail)
 
@@ -156,8 +164,10 @@ def _support(t: Target, r: DoctorReport, trt_ok: bool, ov_error: str | None) -> 
     if t.runtime == "openvino":
         if ov_error is not None:   # not installed, or installed yet broken: say why
             return out("unavailable", ov_error)
-        bf16 = _bf16_note(r) if t.float_precision == "bf16" else ""
-        return out("run", "OpenVINO CPU" + (_int8_note(r) if t.quantized else "") + bf16)
+        if t.float_precision == "bf16" and bf16 not in (None, "bf16"):   # compile refuses it here
+            return out("unavailable", f"OpenVINO computes in {bf16} on this CPU when asked for bf16")
+        note = _bf16_note(r) if t.float_precision == "bf16" else ""
+        return out("run", "OpenVINO CPU" + (_int8_note(r) if t.quantized else "") + note)
     if t.runtime == "tensorrt":
         if trt_ok and (t.device != "jetson" or platform.machine() == "aarch64"):
             return out("run", f"TensorRT {r.versions['tensorrt']} on {r.gpu or 'the GPU'}: --build-engine builds it")
@@ -191,8 +201,7 @@ def _bf16_note(r: DoctorReport) -> str:
     have = [k for k in BF16_FEATURES if f.get(k)]
     if have:
         return "; CPU bf16 instructions: " + ", ".join(have)
-    return (f"; no {' / '.join(k for k in BF16_FEATURES if k in f)}: bf16 is not native here (the report says what "
-            f"OpenVINO ran)")
+    return f"; no {' / '.join(k for k in BF16_FEATURES if k in f)}: OpenVINO emulates bf16 here (slower)"
 
 
 def _version(dists: tuple[str, ...]) -> str | None:

@@ -107,9 +107,12 @@ class _TrtBackend:
 
     def run(self, images: np.ndarray, input_name: str) -> tuple[np.ndarray, np.ndarray]:
         step = self.max_batch or len(images)   # a --batch-size above the engine's profile: in its batches
-        outs = [self.runner.infer({input_name: images[i:i + step]}) for i in range(0, len(images), step)]
-        return (np.concatenate([np.array(o["anomaly_map"][:, 0], copy=True) for o in outs]),
-                np.concatenate([np.array(o["score"], copy=True).reshape(-1) for o in outs]))
+        maps, scores = [], []
+        for i in range(0, len(images), step):   # copied at once: the runner reuses its output buffers
+            out = self.runner.infer({input_name: images[i:i + step]})
+            maps.append(np.array(out["anomaly_map"][:, 0], copy=True))
+            scores.append(np.array(out["score"], copy=True).reshape(-1))
+        return np.concatenate(maps), np.concatenate(scores)
 
     def close(self) -> None:   # the engine's context and device buffers
         if self.runner.is_active:
