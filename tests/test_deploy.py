@@ -45,7 +45,7 @@ def test_small_validation_sets_get_a_margin_above_the_largest_value():
     t, level = quantile_threshold(val, 0.01)
     assert t > val.max() and level == 1.0
     plain, _ = quantile_threshold(val, 0.01, margin=False)
-    assert plain == pytest.approx(np.float32(np.quantile(val, 0.99)))
+    assert plain == pytest.approx(np.quantile(val, 0.99, method="weibull"), rel=2e-5)   # rank q(n+1), just above
     assert float(np.float32(t)) == t      # float32-exact: numpy, ORT and TensorRT decide alike
 
 
@@ -91,7 +91,7 @@ def test_a_small_category_borrows_the_pooled_log_spread_and_keeps_its_coverage()
         covered.append(t.categories["a"].image.value >= np.exp(mus[0] + q * 0.5))
         ratio.append(t.categories["a"].image.value / quantile_threshold(val["a"][1], 0.01)[0])
     assert 0.93 <= np.mean(covered) <= 0.995           # a 95 % tolerance bound, neither lax nor vacuous
-    assert np.median(ratio) < 0.5                      # the own-spread bound on 3 values is far higher
+    assert np.median(ratio) < 0.8                      # the own-spread bound on 3 values is higher (0.71, exact k)
     rng = np.random.default_rng(0)
     wide = {c: (np.zeros((n, 2, 2), np.float32), rng.lognormal(0, sd, n).astype(np.float32))
             for c, n, sd in (("narrow", 30, 0.1), ("wide", 30, 1.5))}

@@ -224,8 +224,8 @@ def test_folder_walks_name_the_images_they_do_not_read(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
     found = find_images(tmp_path / "W")
     assert found.files == [tmp_path / "W" / "c.png"]
-    assert list(found.skipped) == ["not read (.webp; uadc reads .png .jpg .jpeg .bmp .tif .tiff)",   # hidden: not
-                                   "not read (.gif; uadc reads .png .jpg .jpeg .bmp .tif .tiff)"]
+    assert list(found.skipped) == ["not read (.webp; uadc reads .png .jpg .jpeg .jpe .jfif .bmp .tif .tiff)",   # hidden: not
+                                   "not read (.gif; uadc reads .png .jpg .jpeg .jpe .jfif .bmp .tif .tiff)"]
     again = find_images([tmp_path / "W", tmp_path / "W", tmp_path / "W" / "sub"]).skipped   # each file once
     assert {k: v for k, v in again.items() if k.startswith("not read")} == {k: 1 for k in found.skipped}
     (tmp_path / "loop").symlink_to(tmp_path / "loop")

@@ -242,38 +242,20 @@ def _check_scale_values(graph: _GraphIndex, scale: str, name: str) -> list[Viola
         values = value.astype(np.float64).ravel()
         if values.size == 0 or not np.all(np.isfinite(values)) or not np.all(values > 0):
             bad = values[~(np.isfinite(values) & (values > 0))][:4].tolist()
-            return [
-                Violation(
-                    "QDQ004",
-                    name,
-                    f"scale '{scale}' has non-positive or non-finite values {bad}; TensorRT requires every "
-                    "scale coefficient > 0. Recalibrate, or clamp amax to a small positive value "
-                    "for constant/dead channels.",
-                )
-            ]
+            return [Violation("QDQ004", name, f"scale '{scale}' has non-positive or non-finite values {bad}; TensorRT "
+                              "requires every scale coefficient > 0. Recalibrate, or clamp amax to a small positive "
+                              "value for constant/dead channels.")]
         return []
     found = []
     if not graph.is_const(scale):
-        found.append(
-            Violation(
-                "QDQ005",
-                name,
-                f"scale '{scale}' is computed at runtime; TensorRT 8.x requires Q/DQ scales to be build-time "
-                "constants (scalar or 1-D). Fold it into a constant initializer "
-                "(e.g. onnxsim / polygraphy surgeon sanitize --fold-constants).",
-            )
-        )
+        found.append(Violation("QDQ005", name, f"scale '{scale}' is computed at runtime; TensorRT 8.x requires Q/DQ "
+                               "scales to be build-time constants (scalar or 1-D). Fold it into a constant initializer "
+                               "(e.g. onnxsim / polygraphy surgeon sanitize --fold-constants)."))
     shape = graph.shape(scale)
     if shape is None or any(dim is None for dim in shape):
-        found.append(
-            Violation(
-                "QDQ006",
-                name,
-                f"scale '{scale}' has a dynamic or unknown shape {shape}; TensorRT decides per-tensor vs "
-                "per-channel quantization from the scale's static size. Give the scale a static shape "
-                "(scalar or 1-D of the channel count).",
-            )
-        )
+        found.append(Violation("QDQ006", name, f"scale '{scale}' has a dynamic or unknown shape {shape}; TensorRT "
+                               "decides per-tensor vs per-channel quantization from the scale's static size. Give the "
+                               "scale a static shape (scalar or 1-D of the channel count)."))
     return found
 
 
