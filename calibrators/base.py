@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Callable, ClassVar, TypeVar
 
 import numpy as np
@@ -140,22 +141,33 @@ def get_calibrator(name: str, **options: Any) -> Calibrator:
         return cls(**options)
     except (ValueError, TypeError):   # an unknown option's TypeError, as any constructor's
         raise
+    except SystemExit as exc:   # ended uadc with its exit code and no word
+        raise ValueError(f"its constructor called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise ValueError(f"{type(exc).__name__}: {exc}") from None
 
 
 def fingerprint(name: str) -> str:
-    """What a cached result calibrated by ``name`` must agree with: its class and its module's source
-    (a plug-in edited since gave the old ranges from a cache)."""
+    """What a cached result calibrated by ``name`` must agree with: its class and its source: a built-in's
+    module, a plug-in's whole top-level package (a helper module it calls, edited since, gave the old
+    ranges from a cache)."""
     import hashlib
     import inspect
     import sys
     cls = type(get_calibrator(name))
+    digest = hashlib.sha256(f"{cls.__module__}:{cls.__qualname__}".encode())
+    own = __name__.rsplit(".", 1)[0]   # this package: a built-in's source is its module
+    top = None if cls.__module__.startswith(own + ".") else sys.modules.get(cls.__module__.split(".")[0])
+    folders = [Path(d) for d in getattr(top, "__path__", [])] if top is not None else []
+    files = sorted((f.relative_to(d).as_posix(), f) for d in folders for f in d.rglob("*.py"))
     try:
-        source = inspect.getsource(sys.modules[cls.__module__]).encode()
+        for rel, f in files:
+            digest.update(rel.encode() + b"\0" + f.read_bytes())
+        if not files:   # a built-in, or a plug-in that is one module
+            digest.update(inspect.getsource(sys.modules[cls.__module__]).encode())
     except (OSError, TypeError, KeyError):
-        source = b""
-    return hashlib.sha256(f"{cls.__module__}:{cls.__qualname__}".encode() + source).hexdigest()[:16]
+        pass
+    return digest.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------ input handling

@@ -632,3 +632,65 @@ def test_onnx_runtimes_quantizer_is_imported_leaving_sys_path_as_found():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "True []"
+
+
+def test_a_plugin_that_changes_its_batch_or_the_process_is_contained(monkeypatch, tmp_path):
+    """A plug-in's in-place np.abs(x, out=x) made every tensor look non-negative, so lo was clipped to 0 and pixel
+    AUROC fell 0.985 -> 0.947 without a word; sys.exit in its constructor ended uadc with no line; its os.chdir and
+    np.seterr outlived the calibration."""
+    import os
+    from uadc.calibrators import Calibrator, base
+    from uadc.config.settings import PtqSettings
+    from uadc.config.targets import get_target
+    from uadc.core.errors import UadcError
+    from uadc.quant.calibrate import calibrate_ranges
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    x = np.random.default_rng(3).standard_normal((4, 3, 4, 4)).astype(np.float32)
+
+    class InPlace(Calibrator):
+        def __init__(self):
+            self.m = 0.0
+
+        def observe(self, v):
+            np.abs(v, out=v)
+            self.m = max(self.m, float(v.max()))
+
+        def compute_range(self):
+            os.chdir(tmp_path)
+            np.seterr(all="raise")
+            return -self.m, self.m
+    base.register("inplace")(InPlace)
+    lo, hi = collect_ranges(_relu_model(), x, ["image"], "inplace")["image"]
+    assert lo == pytest.approx(-float(np.abs(x).max())) and hi == -lo
+    folder, errors = os.getcwd(), np.geterr()
+    calibrate_ranges(_relu_model(), x, PtqSettings("inplace", "train", 4, ("student",), None), get_target("ort-cpu-int8"))
+    assert (os.getcwd(), np.geterr()) == (folder, errors)
+
+    class Exits(Calibrator):
+        def __init__(self):
+            raise SystemExit(3)
+        observe = compute_range = None
+    base.register("exits")(Exits)
+    with pytest.raises(UadcError, match=r"calibrator 'exits': its constructor called sys.exit\(3\)"):
+        collect_ranges(_relu_model(), x, ["image"], "exits")
+
+
+def test_a_plugin_packages_helper_module_is_in_its_fingerprint(monkeypatch, tmp_path):
+    """`calibrators compare` reused a cell's old ranges after a helper module of the plug-in's package changed."""
+    import importlib
+    from importlib.metadata import EntryPoint
+    from uadc.calibrators import base, fingerprint
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    pkg = tmp_path / "qa_pkg_plugin"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from uadc.calibrators import Calibrator\nfrom . import helper\n"
+                                     "class G(Calibrator):\n    def observe(self, x): pass\n"
+                                     "    def compute_range(self): return helper.RANGE\n")
+    (pkg / "helper.py").write_text("RANGE = (0.0, 1.0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ep = EntryPoint(name="qa-pkg", value="qa_pkg_plugin:G", group=base.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(base, "entry_points", lambda group: [ep] if group == ep.group else [])
+    before = fingerprint("qa-pkg")
+    (pkg / "helper.py").write_text("RANGE = (0.0, 0.05)\n")
+    importlib.invalidate_caches()
+    assert fingerprint("qa-pkg") != before

@@ -20,6 +20,7 @@ from uadc.config.settings import resolve_ptq
 from uadc.config.targets import get_target
 from uadc.core.errors import UadcError, md_cell
 from uadc.core.io import atomic_write_json, atomic_write_text, contained, to_json
+from uadc.core.scoped import quiet_third_party
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.sweep.fixed import run_fixed_grid
 from uadc.pipeline.sweep.run import check_grid_out
@@ -95,7 +96,8 @@ def _check_options(recipe: Recipe, target: str, calibrators: list[str], sources:
         if cal not in known:
             raise UadcError(f"unknown calibrator {cal!r}; expected one of {', '.join(known)}")
         try:   # a plug-in that does not load failed every cell of its row, after the others' work
-            get_calibrator(cal)
+            with quiet_third_party():   # a plug-in's constructor may print: not on stdout
+                get_calibrator(cal)
         except (ValueError, TypeError) as exc:
             raise UadcError(f"calibrator {cal!r}: {exc}") from None
     for src in sources:

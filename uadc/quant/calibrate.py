@@ -8,9 +8,11 @@ calibrate exposed as extra outputs and streams each tensor into its own calibrat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -193,10 +195,10 @@ def collect_ranges(model: onnx.ModelProto, images: np.ndarray, tensor_names: lis
         if fixed_batch and len(batch) != fixed_batch:
             continue  # a static-batch model cannot take the remainder
         for name, value in zip(tensor_names, sess.run(tensor_names, {input_name: batch})):
-            _plugin_call(calibrator, name, "observe", cals[name].observe, value)
-            finite = value[np.isfinite(value)]
-            if finite.size:
+            finite = value[np.isfinite(value)]   # before the calibrator sees it: a plug-in's np.abs(x, out=x)
+            if finite.size:                      # made every tensor look non-negative (lo clipped to 0)
                 lo_seen[name] = min(lo_seen[name], float(finite.min()))
+            _plugin_call(calibrator, name, "observe", cals[name].observe, value)
     ranges = {}
     for name, cal in cals.items():
         lo, hi = _range_of(calibrator, name, cal)
@@ -212,12 +214,24 @@ def collect_ranges(model: onnx.ModelProto, images: np.ndarray, tensor_names: lis
     return ranges
 
 
+@contextlib.contextmanager
+def _folder_and_numpy_kept() -> Iterator[None]:
+    """A plug-in's os.chdir (a relative --out then went elsewhere) and np.seterr end with the calibration."""
+    folder, errors = os.getcwd(), np.geterr()
+    try:
+        yield
+    finally:
+        np.seterr(**errors)
+        if os.getcwd() != folder:
+            os.chdir(folder)
+
+
 def calibrate_ranges(fp32: onnx.ModelProto, images: np.ndarray, ptq: PtqSettings, target: Target) -> dict:
     """Float ranges of every tensor the Q/DQ pass needs (the target's scheme), from ``images``."""
     tensors = tensors_to_calibrate(fp32, list(ptq.quantize))
     sym = bool(target.scheme and target.scheme.activation_symmetric)
-    try:   # a calibrator's (a plug-in's) seeds, environment variables and warning filters stay in the call
-        with streams_kept(), environment_kept():
+    try:   # a calibrator's (a plug-in's) seeds, environment variables, warning filters, folder and numpy errors
+        with streams_kept(), environment_kept(), _folder_and_numpy_kept():   # stay in the call
             return collect_ranges(fp32, images, tensors, ptq.calibrator, None, 8, activation_symmetric=sym)
     except ValueError as exc:
         raise UadcError(f"calibrator {ptq.calibrator!r}: {exc}") from None

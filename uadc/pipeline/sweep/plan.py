@@ -26,6 +26,7 @@ from uadc.config.targets import TARGETS
 from uadc.core.constants import CALIBRATION_KINDS, CHECKPOINT_FILE, PARTITIONS
 from uadc.core.errors import UadcError
 from uadc.core.images import shown
+from uadc.core.scoped import quiet_third_party
 from uadc.data.sources import data_fingerprint
 from uadc.pipeline.sweep.spec import AXES, MAX_CELLS, MAX_COMBINATIONS, Axes, RunConfig, SweepSpec
 
@@ -99,7 +100,8 @@ def _calibrator_code(name: str | None) -> str | None:
     if name is None:
         return None
     try:
-        return fingerprint(name)
+        with quiet_third_party():   # a plug-in's constructor may print: not on stdout
+            return fingerprint(name)
     except (ValueError, TypeError):
         return name
 
