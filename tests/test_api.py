@@ -392,8 +392,9 @@ def test_a_stop_during_onnx_export_is_a_stop_not_an_export_failure(monkeypatch):
             raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
 
     monkeypatch.setattr(onnx_export.torch.onnx, "export", stopped)
+    import contextlib
     model = KDModel.__new__(KDModel)
-    monkeypatch.setattr(KDModel, "eval", lambda self: self)
+    monkeypatch.setattr(onnx_export, "eval_mode", contextlib.nullcontext)   # a bare model has no modules
     with pytest.raises(KeyboardInterrupt):
         onnx_export.export_model(model, 32, {})
 
@@ -551,7 +552,7 @@ def test_a_baselines_compiles_go_where_its_checkpoint_is(trained, tmp_path, monk
     res = uadc.compile(b, "ort-cpu-fp32", evaluate=False, latency_runs=1, force=True)
     assert res.path == (art / "tiny" / "ort-cpu-fp32").absolute() and not list((tmp_path / "elsewhere").iterdir())
     for bad in ("4", -1, 2.5, True):   # a Baseline source skipped the check: a TypeError, or clamped silently
-        with pytest.raises(UadcError, match=r"threads: expected a whole number >= 1"):
+        with pytest.raises(UadcError, match=r"threads: expected a whole number from 1 to 1024"):
             uadc.compile(b, "ort-cpu-fp32", evaluate=False, threads=bad, out=tmp_path / "t")
 
 
@@ -989,3 +990,37 @@ def test_calibration_images_and_qat_epochs_have_the_recipes_bounds(trained, tmp_
     with pytest.raises(UadcError, match=r"^qat.epochs: 1000000 is above the maximum 10000"):
         uadc.qat(recipe, "ort-cpu-int8", epochs=10**6, artifacts=art)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_api_under_a_callers_torch_and_process_settings(tmp_path, recipe_factory):
+    """Found by an API review: training under the caller's torch.no_grad()/inference_mode() or float64 default dtype
+    raised torch's raw errors; evaluate and compile left the caller's model in eval mode, and the exporter fixed
+    multiprocessing's start method; threads=10**6 aborted the process; evaluate=None (default on) skipped it."""
+    import multiprocessing.context as mpc
+
+    import torch
+
+    import uadc
+    r, art = recipe_factory(train={"epochs": 1, "threads": 1}), tmp_path / "art"
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.inference_mode():
+            uadc.train(r, artifacts=art)
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(dtype)
+    model = uadc.baseline(r, artifacts=art).model.train()
+    model.teacher.eval()
+    modes = [m.training for m in model.modules()]
+    unset = mpc._default_context._actual_context is None
+    uadc.evaluate(model, r, write=False)
+    uadc.compile(model, "ort-cpu-fp32", recipe=r, artifacts=art, out=tmp_path / "c", evaluate=False, latency_runs=1)
+    assert [m.training for m in model.modules()] == modes
+    assert (mpc._default_context._actual_context is None) == unset
+    with pytest.raises(uadc.UadcError, match="threads: expected a whole number from 1 to 1024"):
+        uadc.compile(r, "ort-cpu-fp32", artifacts=art, threads=10 ** 6)
+    with pytest.raises(uadc.UadcError, match="evaluate: expected True or False, got None"):
+        uadc.compile(r, "ort-cpu-fp32", artifacts=art, evaluate=None)
+    with pytest.raises(uadc.UadcError, match="the KDModel's weights are float64; .*pass model.float()"):
+        uadc.evaluate(model.double(), r, write=False)

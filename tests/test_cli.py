@@ -346,3 +346,14 @@ def test_one_class_training_reads_every_image_first_and_says_what_it_replaces(ti
     with caplog.at_level("WARNING", logger="uadc"):
         uadc.train(other, one_class=True, artifacts=art)
     assert caplog.text.count("replacing a checkpoint trained with other data/model settings (model.taps") == 2
+
+
+def test_an_error_line_is_at_most_2000_characters_with_its_prefix(recipe_factory, tmp_path):
+    """A message capped at 2000 became a 2007-character line once "error: " was put before it."""
+    r = recipe_factory()
+    doc = yaml.safe_load(r.read_text())
+    doc["x" * 3000] = 1
+    r.write_text(yaml.safe_dump(doc))
+    res = CliRunner().invoke(main, ["train", str(r), "--artifacts", str(tmp_path / "art")])
+    line = res.output.strip().splitlines()[-1]
+    assert res.exit_code == 2 and line.startswith("error: ") and len(line) == 2000, len(line)

@@ -374,3 +374,6 @@ def test_a_category_with_a_c1_character_is_a_plain_name():
     assert recipe_from_dict({"data": {"sources": [{"root": "d", "categories": ["bob\x92s"]}]}}).data.sources[0] \
         .categories == ["bob\x92s"]
     assert not is_plain_name("a\x85b") and not is_plain_name("a\u2028b") and not is_plain_name("a\x7fb")
+    # shown escaped, though: \x9b is a terminal's CSI, and a bidi override showed `tiny\u202egpj.exe` as `tinyexe.jpg`
+    from uadc.core.errors import one_line
+    assert not is_plain_name("tiny\u202egpj.exe") and one_line("a\x9bb\u202ec") == "a\\x9bb\\u202ec"

@@ -14,6 +14,7 @@ import click
 from uadc import __version__
 from uadc.cli.terminal import _errors_as_json, _Group, _Path, _setup_logging, json_output
 from uadc.config.targets import QAT_TARGETS, TARGETS
+from uadc.core.constants import MAX_THREADS
 from uadc.core.errors import UadcError, dependencies_checked, one_line
 
 recipe_arg = click.argument("recipe", type=_Path(path_type=str))   # as typed: `demo/` is a folder, not the built-in
@@ -153,7 +154,7 @@ def qat(recipe: Path, target: str | None, epochs: int | None, then_compile: bool
 @click.option("--schedule", type=click.Choice(["auto", "branches", "batch", "sequential"]), default="auto",
               show_default=True, help="ONNX Runtime: run teacher and student at the same time (branches) or "
               "split each batch across the cores (batch); auto: branches for one image, batch for more")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="cores to use (default and most: all available)")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="cores to use (default and most: all available)")
 @json_output
 def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out: Path, overlays: bool,
             batch_size: int, backend: str, schedule: str, threads: int | None):
@@ -237,7 +238,7 @@ def _gate_options(f):
                      help="write the JSON report (-: on stdout instead of the Markdown)"),
         click.option("--markdown", "md_out", type=_Path(path_type=Path), default=None,
                      help="write the Markdown report (also on stdout)"),
-        click.option("--threads", type=click.IntRange(min=1, max=1024), default=None)]):
+        click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None)]):
         f = opt(f)
 
     @functools.wraps(f)

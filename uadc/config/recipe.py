@@ -21,7 +21,7 @@ from uadc.config.packaged import check_recipe_file, resolve_recipe_path
 from uadc.config.targets import TARGETS
 from uadc.config.validation import first_error, listed_twice, merged, submodel
 from uadc.config.yaml_file import read_yaml_mapping
-from uadc.core.constants import CALIBRATION_KINDS, DEFAULT_TAPS, PARTITIONS
+from uadc.core.constants import CALIBRATION_KINDS, DEFAULT_TAPS, MAX_THREADS, PARTITIONS
 from uadc.core.errors import UadcError
 from uadc.core.io import is_plain_name
 
@@ -192,7 +192,7 @@ class TrainConfig(_Section):
                                                     "decay to 0, or constant")
     warmup_epochs: int = Field(0, ge=0, le=10_000, description="epochs of linear warm-up to train.lr")
     cache_teacher: bool = Field(True, description="precompute frozen teacher features once")
-    threads: Optional[int] = Field(None, ge=1, le=1024, description="torch intra-op threads (default: torch's own, "
+    threads: Optional[int] = Field(None, ge=1, le=MAX_THREADS, description="torch intra-op threads (default: torch's own, "
                                                                       "all cores unless OMP_NUM_THREADS says)")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the student trains (auto: cuda when "
                                                    "torch sees a GPU); the checkpoint is always saved for CPU")

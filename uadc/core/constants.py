@@ -42,3 +42,4 @@ GOLDEN_RUNNER = "uadc-fp32-reference"
 # what `uadc bundle` leaves out of a deployment copy: the regression gate's files, not the runtime's
 GOLDEN_FILES = (GOLDEN_INPUTS, GOLDEN_OUTPUTS, GOLDEN_META, GOLDEN_MASKS, GOLDEN_REFERENCE)
 VERIFY_SCHEMA = 1
+MAX_THREADS = 1024                          # threads any setting or argument may ask for (10**6 aborted oneDNN)

@@ -16,13 +16,15 @@ class UadcError(Exception):
     def __str__(self) -> str:
         # One line, bounded: a message built from user input never floods the terminal.
         text = " ".join(super().__str__().split())
-        return text if len(text) <= 2000 else text[:1997] + "..."
+        return text if len(text) <= 1993 else text[:1990] + "..."   # the line, with "error: ", at most 2000
 
 
 def one_line(text: str) -> str:
-    """``text`` with its control characters shown as ``\\xNN``: a file name holding a newline cannot
-    start a line of its own (a fake ``error:`` line for a pipeline's grep)."""
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
+    """``text`` with its control characters shown as ``\\xNN`` (``\\uNNNN``): a file name holding a newline cannot
+    start a line of its own (a fake ``error:`` line for a pipeline's grep), a C1 one (``\\x9b``, a terminal's CSI)
+    cannot drive the terminal, a bidi override cannot show ``x.exe`` as ``exe.x``."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]",
+                  lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
 
 
 def md_cell(text: object) -> str:

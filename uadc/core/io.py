@@ -404,7 +404,11 @@ def is_plain_name(name: str) -> bool:
     """One path component that stays inside the folder it is joined to: no separators, no ``..``,
     no leading dot (hidden), no control characters (a newline in a folder name breaks every log)."""
     return bool(name) and name not in (".", "..") and not name.startswith(".") and _encodable(name) and \
-        not any(c in "/\\\x7f\x85\u2028\u2029" or ord(c) < 32 for c in name)   # controls and line breaks
+        not any(c in _NOT_IN_NAMES or ord(c) < 32 for c in name)   # controls, line breaks, bidi overrides
+
+
+# other C1 characters stay: a Windows-1252 name read as latin-1 holds them (U+0092 for an apostrophe)
+_NOT_IN_NAMES = frozenset("/\\\x7f\x85\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def _encodable(name: str) -> bool:

@@ -26,9 +26,10 @@ def whole_number(value: Any, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
-def flags(**values: Any) -> None:
-    """API switches are True or False (or None where "the default" is meant): ``force="no"`` is a
-    non-empty string, which Python reads as true, and replaced an artifact folder."""
+def flags(optional: tuple[str, ...] = (), **values: Any) -> None:
+    """API switches are True or False (None too for those in ``optional``, where it means "the
+    default"): ``force="no"`` is a non-empty string, which Python reads as true, and replaced an
+    artifact folder; ``evaluate=None`` skipped the evaluation whose default is on."""
     for name, value in values.items():
-        if value is not None and not isinstance(value, bool):
+        if not isinstance(value, bool) and not (value is None and name in optional):
             raise UadcError(f"{name}: expected True or False, got {value!r:.60}")

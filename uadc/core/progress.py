@@ -30,7 +30,11 @@ def progress(iterable: Iterable | None = None, **kw: Any) -> Any:
 @functools.cache
 def _quiet_bar() -> type:
     """tqdm without its monitor thread: tqdm's first bar starts one, drawn or not, which lives to the end
-    of the process (a library call left it behind)."""
+    of the process (a library call left it behind); and with a thread lock of its own: tqdm's own lock
+    holds a multiprocessing RLock, which fixed the caller's start method (a later
+    ``multiprocessing.set_start_method('spawn')`` raised "context has already been set")."""
+    import threading
+
     from tqdm import tqdm
-    return type("QuietBar", (tqdm,), {"monitor_interval": 0})
+    return type("QuietBar", (tqdm,), {"monitor_interval": 0, "_lock": threading.RLock()})
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from uadc.core.constants import MAX_THREADS
 from uadc.core.errors import UadcError
 from uadc.core.process import signal_stack_kept
 
@@ -23,9 +24,53 @@ def check_threads(threads: Any) -> int | None:
     """A thread count as given to the API: None or 0 (the default), else a whole number >= 1."""
     if threads is None:
         return None
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
-        raise UadcError(f"threads: expected a whole number >= 1 (or None or 0 for the default), got {threads!r}")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 0 <= threads <= MAX_THREADS:
+        raise UadcError(f"threads: expected a whole number from 1 to {MAX_THREADS} (or None or 0 for the default), "
+                        f"got {threads!r}")   # 10**6 aborted the caller's process in oneDNN
     return int(threads)
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """``model`` (a torch module) in eval mode in the block, each module's own mode back after it: a caller's
+    model mid-fine-tune was left in eval mode by evaluate and compile (its BatchNorm stopped updating)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model.eval()
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def start_method_kept() -> Iterator[None]:
+    """torch's ONNX exporter fixes multiprocessing's start method ('fork'); a caller's later
+    ``set_start_method('spawn')`` then raised "context has already been set". Unset again if it was."""
+    import multiprocessing.context as mpc
+
+    unset = mpc._default_context._actual_context is None
+    try:
+        yield
+    finally:
+        if unset:
+            mpc._default_context._actual_context = None
+
+
+@contextlib.contextmanager
+def training_state() -> Iterator[None]:
+    """Gradients on and float32 as torch's default dtype in the block, the caller's back after it:
+    training under a caller's ``torch.no_grad()`` or ``inference_mode()`` (a pipeline's habit) raised
+    torch's "element 0 of tensors does not require grad", and under ``set_default_dtype(float64)`` a
+    dtype mismatch deep in a backbone."""
+    import torch
+
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
 
 
 @contextlib.contextmanager

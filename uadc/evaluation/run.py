@@ -17,7 +17,7 @@ from uadc.core.errors import NonFiniteOutputs, UadcError
 from uadc.core.io import JsonResult, atomic_write_json, check_writable, read_json, sha256_file
 from uadc.core.numbers import fixed
 from uadc.core.progress import progress
-from uadc.core.scoped import torch_threads
+from uadc.core.scoped import eval_mode, torch_threads
 from uadc.data.mvtec import ImageDataset
 from uadc.data.prepare import RecipeData, prepare_data
 from uadc.evaluation import metrics
@@ -57,11 +57,11 @@ class EvalResult:
 
 
 def torch_predictor(model: torch.nn.Module) -> Predictor:
-    model.eval()
-
+    """The model in eval mode for each call (:func:`eval_mode`), the caller's modes back after it."""
     @torch.no_grad()
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        amap, score = model(torch.from_numpy(images))
+        with eval_mode(model):
+            amap, score = model(torch.from_numpy(images))
         return amap[:, 0].numpy(), score.numpy()
 
     return run

@@ -21,7 +21,7 @@ import torch
 from uadc import __version__
 from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES, PARTITIONS
 from uadc.core.errors import UadcError, raise_interrupt_behind
-from uadc.core.scoped import environment_kept, quiet_third_party, tqdm_monitor_off
+from uadc.core.scoped import environment_kept, eval_mode, quiet_third_party, start_method_kept, tqdm_monitor_off
 from uadc.export.partitions import (assign_partitions, partition_counts, partition_models, partition_of,
                                     set_partition)
 from uadc.models import KDModel
@@ -29,12 +29,11 @@ from uadc.models import KDModel
 
 def export_model(model: KDModel, image_size: int, meta: dict, opset: int = 18) -> onnx.ModelProto:
     """Export with a dynamic batch; returns the tagged model (not yet simplified)."""
-    model = model.eval()
     x = torch.zeros(2, 3, image_size, image_size)
     # The exporter narrates every step and warns about torchvision ops we never use (shown
     # with `uadc --verbose`).
-    # torch.export sets TORCHINDUCTOR_CACHE_DIR as it traces
-    with quiet_third_party(), environment_kept(), tqdm_monitor_off():
+    # torch.export sets TORCHINDUCTOR_CACHE_DIR as it traces, and multiprocessing's start method
+    with quiet_third_party(), environment_kept(), tqdm_monitor_off(), start_method_kept(), eval_mode(model):
         batch = torch.export.Dim("batch", min=1, max=4096)   # imports sympy, which adds a warning filter
         try:
             program = torch.onnx.export(

@@ -21,7 +21,7 @@ from uadc.core.errors import UadcError
 from uadc.core.manifest import read_manifest
 from uadc.core.io import JsonResult, as_path, check_replaceable, sha256_file
 from uadc.core.numbers import flags, whole_number
-from uadc.core.scoped import check_threads, torch_threads
+from uadc.core.scoped import check_threads, torch_threads, training_state
 from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluate, evaluate_checkpoint, \
     evaluate_one_class, learning_curve
 from uadc.models import KDModel
@@ -49,8 +49,9 @@ def train(recipe: RecipeLike, *, one_class: bool = False, epochs: int | None = N
         r = r.with_overrides(train={"epochs": whole_number(epochs, "epochs")})
     if eval_every is not None:
         whole_number(eval_every, "eval_every")
-    return train_recipe(r, _artifacts_root(artifacts), one_class=one_class,
-                        on_epoch=learning_curve(r, eval_every) if eval_every else None)
+    with training_state():   # under a caller's torch.no_grad() or float64 default: torch's raw errors
+        return train_recipe(r, _artifacts_root(artifacts), one_class=one_class,
+                            on_epoch=learning_curve(r, eval_every) if eval_every else None)
 
 
 def ensure_checkpoint(recipe: Recipe, artifacts: Path | None, given: Any, train_if_missing: bool = False) -> None:
@@ -243,8 +244,8 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
         raise UadcError(f"target: expected a target's name (uadc compile --help lists them), got {target!r:.60}")
     if calibrator is not None and not (isinstance(calibrator, str) and calibrator):   # ['mse'] was "unknown"
         raise UadcError(f"calibrator: expected a calibrator's name (entropy, mse, ...), got {calibrator!r:.60}")
-    flags(force=force, evaluate=evaluate, split=split, build_engine=build_engine, per_channel=per_channel,
-          postprocess=postprocess)
+    flags(("per_channel", "postprocess"), force=force, evaluate=evaluate, split=split, build_engine=build_engine,
+          per_channel=per_channel, postprocess=postprocess)
     out, dump_passes = as_path(out, "out", optional=True), as_path(dump_passes, "dump_passes", optional=True)
     if calib_samples is not None:
         whole_number(calib_samples, "calib_samples")
@@ -291,8 +292,7 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
         artifacts: Path | None = None, source: Any = None) -> QatRunResult:
     """Quantization-aware fine-tuning from the PTQ placement; then (by default) compile it into
     ``<artifacts>/<recipe>/<target>-qat``."""
-    from uadc.quant.qat.run import QatOptions, check_target, qat_dir, qat_settings, run_qat, with_qat_record
-    from uadc.training.run import load_images
+    from uadc.quant.qat.run import check_target, qat_dir, with_qat_record
     flags(compile_after=compile_after)
     artifacts = _artifacts_root(artifacts)
     r = load_recipe(recipe)
@@ -308,6 +308,19 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
     check_replaceable(qat_dir(r, target, artifacts).absolute(), remedy=remedy)
     if compile_after:
         check_replaceable(default_out(r, t, True, artifacts).absolute(), remedy=remedy + " or pass --no-compile")
+    with training_state():   # what it loads and fine-tunes: never inference tensors of a caller's inference_mode()
+        res, b = _qat_run(r, target, t, epochs, source, artifacts)
+    log.info("QAT model written: %s", res.path)   # before the compile: a stop there keeps it (said "nothing written")
+    compiled = None
+    if compile_after:
+        model = with_qat_record(res.model, res.summary.get("settings"), res.path, target)
+        compiled = compile(b, target, quantize=res.quantize, qat_model=model, artifacts=artifacts)
+    return QatRunResult(res.path, res.summary, compiled)
+
+
+def _qat_run(r: Recipe, target: str, t: Any, epochs: int | None, source: Any, artifacts: Path | None) -> tuple:
+    from uadc.quant.qat.run import QatOptions, qat_settings, run_qat
+    from uadc.training.run import load_images
     if isinstance(source, Baseline):   # its model and data; the recipe's own QAT and PTQ settings are QAT's to use
         b = source
         _baseline_recipe(b, r, "qat", ("data", "model"))
@@ -320,12 +333,7 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
         images = load_images(b.data.train, "loading images")
         res = run_qat(r, opts, b.fp32, b.model, images, b.calibration_images(ptq.calib_data, ptq.calib_samples),
                       b.checkpoint, artifacts, b.checkpoint_sha256)
-    log.info("QAT model written: %s", res.path)   # before the compile: a stop there keeps it (said "nothing written")
-    compiled = None
-    if compile_after:
-        model = with_qat_record(res.model, res.summary.get("settings"), res.path, target)
-        compiled = compile(b, target, quantize=res.quantize, qat_model=model, artifacts=artifacts)
-    return QatRunResult(res.path, res.summary, compiled)
+    return res, b
 
 
 def compare_calibrators(recipe: RecipeLike, target: str = "ort-cpu-int8", calibrators: Sequence[str] = ("entropy", "mse"),

@@ -52,7 +52,8 @@ class ModelSource:
 def resolve_source(source: Any, recipe: Recipe, artifacts: Path | None = None) -> ModelSource:
     """A recipe's own checkpoint, a checkpoint path, or a ``KDModel``; never trains."""
     if isinstance(source, KDModel):
-        return ModelSource(on_cpu(source).eval(), None, {"categories": None})
+        # a copy: the caller's model (mid-fine-tune, its BatchNorm in train mode) was left in eval mode
+        return ModelSource(copy.deepcopy(on_cpu(source)).eval(), None, {"categories": None})
     if isinstance(source, (str, os.PathLike)) and names_checkpoint(source, recipe):
         model, blob = load_checkpoint(Path(source), recipe)
         return ModelSource(model, Path(source), blob)
@@ -69,6 +70,11 @@ def on_cpu(model: KDModel) -> KDModel:
     if where:
         raise UadcError(f"the KDModel's weights are on {', '.join(sorted(where))}; uadc evaluates and compiles "
                         f"on the CPU: pass model.cpu()")
+    kinds = {str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *model.buffers())
+             if t.is_floating_point() and t.dtype != torch.float32}
+    if kinds:   # a raw "Input type ... and weight type" error, or one that blamed ONNX Runtime
+        raise UadcError(f"the KDModel's weights are {', '.join(sorted(kinds))}; uadc evaluates and compiles float32 "
+                        f"models: pass model.float()")
     return model
 
 

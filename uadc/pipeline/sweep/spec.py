@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from uadc.config.yaml_file import read_yaml_mapping
 from uadc.config.packaged import resolve_recipe_path
 from uadc.config.validation import first_error, listed_twice
+from uadc.core.constants import MAX_THREADS
 from uadc.core.errors import UadcError
 from uadc.core.io import is_plain_name
 
@@ -95,7 +96,7 @@ AXES = tuple(Axes.model_fields)
 class RunConfig(_Strict):
     evaluate: bool = Field(True, description="AD metrics per cell (AUROC and drop vs FP32)")
     latency_runs: int = Field(30, ge=1, le=10_000, description="batch-1 latency runs per cell")
-    threads: int = Field(1, ge=1, le=1024, description="ORT/torch threads of one cell (its declared CPUs)")
+    threads: int = Field(1, ge=1, le=MAX_THREADS, description="ORT/torch threads of one cell (its declared CPUs)")
     train: bool = Field(True, description="train a model whose checkpoint is missing (else: the cell fails)")
     train_cpus: Optional[int] = Field(None, ge=1, le=1024, description="CPUs a training task declares "
                                       "(default: all the cluster's, at most recipe train.threads)")
