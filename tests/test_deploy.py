@@ -718,3 +718,11 @@ def test_threshold_factors_plain_quantiles_and_the_pooled_pixels():
     glob = compute_thresholds({"a": (big, np.ones(40)), "b": (small, np.ones(4))}, 0.05).global_.pixel.value
     pooled = np.concatenate([big.ravel(), small.ravel()])
     assert len(pooled) > MAX_PIXELS and abs((pooled >= glob).mean() - 0.05) < 0.002, (pooled >= glob).mean()
+
+
+def test_thresholds_under_a_callers_strict_numpy_errors():
+    """All-zero validation values under a caller's np.seterr(all="raise"): the threshold just above 0.0 is
+    subnormal, and numpy raised "underflow encountered in nextafter"."""
+    with np.errstate(all="raise"):
+        thr = compute_thresholds({"a": (np.zeros((3, 2, 2), np.float32), np.zeros(3, np.float32))}, 0.01)
+    assert thr.categories["a"].image.value > 0 and thr.categories["a"].pixel.value > 0

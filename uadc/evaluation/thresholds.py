@@ -30,6 +30,7 @@ rise and fall together, so it estimates the quantile rather than bounding it wit
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -85,6 +86,17 @@ def tolerance_factor(n: int, q: float, confidence: float = CONFIDENCE, df: int |
     return float(stats.nct.ppf(confidence, dof, stats.norm.ppf(q) * math.sqrt(n)) / math.sqrt(n))
 
 
+def _own_numpy_errors(fn):
+    """numpy's floating-point errors handled here, whatever the caller set: log(0) of a zero score and the
+    subnormal just above 0.0 raised under a caller's ``np.seterr(all="raise")``; both are checked for."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_own_numpy_errors
 def quantile_threshold(values: np.ndarray, far: float, margin: bool = True,
                        spread: PooledSpread | None = None) -> tuple[float, float]:
     """(threshold, quantile level of the values it sits at) for false-alarm rate ``far``;
@@ -158,6 +170,7 @@ def threshold_of(values: np.ndarray, far: float, margin: bool, spread: PooledSpr
     return Threshold(value=value, low=_f32(v.min()), high=_f32(v.max()), quantile=round(level, 6), n=int(v.size))
 
 
+@_own_numpy_errors
 def compute_thresholds(val: dict[str, tuple[np.ndarray, np.ndarray]], far: float, margin: bool = True,
                        categories: Sequence[str] = ()) -> Thresholds:
     """``val``: category -> (maps (N,H,W), scores (N,)) of one artifact on its validation normals.
