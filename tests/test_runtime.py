@@ -1043,6 +1043,22 @@ def test_overlays_of_an_input_folder_given_as_dotdot_stay_under_overlays(int8_ar
     assert all((cam / r["overlay"]).is_file() for r in run.records)
 
 
+def test_an_image_named_as_a_folder_of_images_gets_its_own_overlay(int8_artifact, tiny_data, tmp_path):
+    """`x.jpg` beside a folder `x.png/` took overlays/cam/x.png as a file; the folder's overlays then
+    failed to write, after every image had run (exit 2, no tables)."""
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    det = Detector.load(int8_artifact[2].path)
+    cam = tmp_path / "cam"
+    (cam / "x.png").mkdir(parents=True)
+    src = sorted((tiny_data / "stripes" / "test").rglob("*.png"))[:2]
+    (cam / "x.bmp").write_bytes(src[0].read_bytes())   # a PNG under another suffix is read as what it is
+    (cam / "x.png" / "y.png").write_bytes(src[1].read_bytes())
+    run = predict_paths(det, [cam], out=tmp_path / "p", overlays=True)
+    assert sorted(r["overlay"] for r in run.records) == ["overlays/cam/x-2.png", "overlays/cam/x.png/y.png"]
+    assert all((tmp_path / "p" / r["overlay"]).is_file() for r in run.records) and not run.failed
+
+
 def test_an_earlier_overlay_that_cannot_be_removed_is_refused_before_the_tables_change(int8_artifact, tiny_data,
                                                                                        tmp_path, monkeypatch):
     """An earlier run's overlay in a folder the user cannot change: the run replaced the tables and the

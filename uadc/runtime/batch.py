@@ -125,12 +125,12 @@ def overlay_names(files: list[Path], roots: list[Path]) -> dict[Path, Path]:
             # named as the folder it is: '..' or 'a/..' is a name pathlib keeps, and overlays/../x
             # wrote over the input images themselves
             labels[root] = _unique(Path(Path(os.path.abspath(root)).name or "root"), used)
-    names: dict[Path, Path] = {}
-    taken: set[Path] = set()
-    for f in files:
-        rel = next((labels[r] / f.relative_to(r) for r in labels if r in f.parents), Path(f.name))
-        names[f] = _unique(Path(printable(str(rel.with_suffix(".png")))), taken)   # the name the tables give
-    return names
+    wanted = {f: Path(printable(str(next((labels[r] / f.relative_to(r) for r in labels if r in f.parents),
+                                         Path(f.name)).with_suffix(".png")))) for f in files}   # as the tables say
+    # a folder's name is taken too: `x.jpg` beside a folder `x.png/` wrote overlays/x.png as a file, and
+    # the folder's overlays then failed, after every image had run
+    taken = {d for name in wanted.values() for d in name.parents}
+    return {f: _unique(name, taken) for f, name in wanted.items()}
 
 
 def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | None = None, out: Path | None = None,
