@@ -73,12 +73,17 @@ def test_timing_cache_makes_a_rerun_reuse_the_profile(make_base, monkeypatch, tm
     cache_file.write_text("{not json")            # a damaged entry is measured again, not an error
     _search(base, tmp_path / "tc")
     assert len(calls) == 2
-    assert _search(base).record["profile"]["timing_cache"] is None and len(calls) == 3
+    key = json.loads(cache_file.read_text())["key"]
+    for times in ([], [[]], "x", [[{"name": "n", "op": "Conv", "us": "fast"}]]):   # cut short or edited: decided on
+        cache_file.write_text(json.dumps({"key": key, "times": times}))             # no profile, taken as a hit
+        assert _search(base, tmp_path / "tc").record["profile"]["timing_cache"]["hit"] is False
+    assert len(calls) == 6
+    assert _search(base).record["profile"]["timing_cache"] is None and len(calls) == 7
     # another fidelity budget is another recipe hash in the models' metadata, not another graph: the same profile
     # (each edit of compile.auto profiled anew, and its decisions could not be told from timing noise)
     other = make_base(spearman_min=0.99, top1_overlap_min=0.95)
     assert other.fp32.metadata_props != base.fp32.metadata_props
-    assert _search(other, tmp_path / "tc").record["profile"]["timing_cache"]["hit"] is True and len(calls) == 3
+    assert _search(other, tmp_path / "tc").record["profile"]["timing_cache"]["hit"] is True and len(calls) == 7
 
 
 def test_profile_runs_at_the_recipes_profile_batch(make_base, monkeypatch, tmp_path):

@@ -9,6 +9,7 @@ so a caller can map a time back to a node or tensor of the model it gave.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from dataclasses import dataclass
@@ -126,9 +127,12 @@ def cached_node_times(cache_dir: Path, models: list, feeds: dict[str, np.ndarray
     if path.is_file():
         try:
             data = json.loads(path.read_text())
-            if data.get("key") == key:
-                return [[NodeTime(**t) for t in ts] for ts in data["times"]], {"file": path.name, "hit": True}
-        except (ValueError, TypeError, KeyError):
+            times = [[NodeTime(**t) for t in ts] for ts in data["times"]] if data.get("key") == key else None
+            # an entry cut short (`"times": []`, a model without nodes) decided on no profile at all
+            if times is not None and len(times) == len(models) and all(times) and \
+                    all(isinstance(t.us, (int, float)) and math.isfinite(t.us) and t.us >= 0 for ts in times for t in ts):
+                return times, {"file": path.name, "hit": True}
+        except (ValueError, TypeError, KeyError, AttributeError):
             pass  # a damaged entry is measured again and rewritten
     times = (measure or node_times)(models, feeds, threads, runs, warmup)
     atomic_write_json(path, {"key": key, "times": [[asdict(t) for t in ts] for ts in times]})
