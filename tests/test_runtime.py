@@ -1304,3 +1304,39 @@ def test_tensorrt_batches_above_the_engines_profile_run_in_its_batches():
     images = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((10, 3, 2, 2), np.float32)
     maps, scores = backend.run(images, "images")
     assert scores.tolist() == list(range(10)) and maps[:, 0, 0].tolist() == list(range(10))
+
+
+def test_an_engine_built_from_another_model_is_refused(int8_artifact, tmp_path, monkeypatch, caplog):
+    """A new artifact's files copied over a device folder that kept its model.engine: the old engine ran with the
+    new thresholds, without a word. build_engine.sh records the sha256 of the model.onnx it built from."""
+    import hashlib
+    import subprocess
+    from types import SimpleNamespace
+
+    from uadc.backends.tensorrt.bundle import _render_script
+    from uadc.runtime import Detector, detector
+    art = tmp_path / "art"
+    shutil.copytree(int8_artifact[2].path, art)
+    (art / "model.engine").write_bytes(b"engine")
+    monkeypatch.setattr(detector, "_check_importable", lambda module, how: None)
+    monkeypatch.setattr(detector, "_check_precision", lambda *a, **k: None)
+    monkeypatch.setattr(detector, "_TrtBackend", lambda engine: SimpleNamespace(name="tensorrt", close=lambda: None))
+    with caplog.at_level("WARNING"):
+        det = Detector.load(art, backend="tensorrt")   # built by hand: nothing says from what
+    assert any("nothing records which model.onnx it was built from" in w for w in det.warnings), det.warnings
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "trtexec").write_text("#!/bin/sh\necho '&&&& RUNNING TensorRT.trtexec [TensorRT v100300]'\n")
+    (tools / "trtexec").chmod(0o755)
+    (art / "build_engine.sh").write_text(_render_script("model.onnx", "model.engine", None, (8, 5, 0),
+                                                        {10: ["--onnx=model.onnx"]}))
+    run = subprocess.run(["bash", str(art / "build_engine.sh")], env=dict(os.environ, TRTEXEC=str(tools / "trtexec")),
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    sha = hashlib.sha256((art / "model.onnx").read_bytes()).hexdigest()
+    assert (art / "model.engine.onnx.sha256").read_text() == sha + "\n"
+    assert not Detector.load(art, backend="tensorrt").warnings
+    (art / "model.engine.onnx.sha256").write_text("0" * 64 + "\n")   # the engine of the artifact compiled before
+    with pytest.raises(UadcError, match=r"model.engine was built from another model.onnx \(sha256 000000000000, this "
+                                        rf"artifact's is {sha[:12]}\): rerun build_engine.sh on this device"):
+        Detector.load(art, backend="tensorrt")

@@ -22,8 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from uadc.core.constants import (ARTIFACT_PRECISIONS, DEPLOY_METADATA, INPUT_NAME, MANIFEST_FILE, MANIFEST_SCHEMA,
-                                 MODEL_FILE, OUTPUT_NAMES, RUNTIMES, TARGET_RUNTIMES)
+from uadc.core.constants import (ARTIFACT_PRECISIONS, DEPLOY_METADATA, ENGINE_SOURCE_SUFFIX, INPUT_NAME, MANIFEST_FILE,
+                                 MANIFEST_SCHEMA, MODEL_FILE, OUTPUT_NAMES, RUNTIMES, TARGET_RUNTIMES)
 from uadc.core.errors import UadcError
 from uadc.core.io import TMP_TAG, JsonResult, as_path, atomic_write_json, same_name, sha256_file
 from uadc.core.numbers import flags
@@ -265,6 +265,26 @@ class Manifest(JsonResult):
         """:meth:`check_model_metadata` on the folder's model file, read here (``uadc verify``, ``diff``,
         ``bundle`` and every runtime judged an edited manifest's thresholds, which predict refused)."""
         self.check_model_metadata(model_metadata((self.folder or Path(".")) / self.model_file))
+
+    def check_engine(self, engine: Path) -> str | None:
+        """A ``model.engine`` built from another ``model.onnx`` (a new artifact's files copied over a device
+        folder that kept its engine) ran with this manifest's thresholds: refused when build_engine.sh's
+        record says so; the warning to give when nothing records it (an engine built by hand)."""
+        listed, model = self.files.get(Path(engine).name), self.files.get(self.model_file)
+        if listed is not None:   # built at compile (--build-engine): its hash is checked with the others
+            return None
+        record = Path(engine).with_name(Path(engine).name + ENGINE_SOURCE_SUFFIX)
+        try:
+            built = record.read_text(encoding="ascii", errors="replace").strip()[:64] if record.is_file() else None
+        except OSError as exc:
+            raise UadcError(f"{record}: cannot be read ({exc.strerror})") from None
+        if built is None:
+            return (f"{engine}: nothing records which {self.model_file} it was built from (no {record.name}, "
+                    f"which build_engine.sh writes); if {self.model_file} changed since, rerun build_engine.sh")
+        if model is not None and built != model:
+            raise UadcError(f"{engine} was built from another {self.model_file} (sha256 {built[:12]}, this "
+                            f"artifact's is {model[:12]}): rerun build_engine.sh on this device")
+        return None
 
     def essentials(self) -> dict:
         """What goes into the ONNX ``metadata_props`` (``uadc.deploy``): enough to run the

@@ -25,7 +25,7 @@ import onnx
 from uadc.backends import openvino as ov
 from uadc.config.recipe import VerifyConfig
 from uadc.config.targets import inference_hint_of
-from uadc.core.constants import (GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MANIFEST_FILE, MODEL_FILE,
+from uadc.core.constants import (ENGINE_FILE, GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MANIFEST_FILE, MODEL_FILE,
                                  OUTPUT_NAMES, REPORT_FILE)
 from uadc.core.errors import RuntimeFault, UadcError, raise_interrupt_behind
 from uadc.core.manifest import Manifest, read_manifest
@@ -196,15 +196,19 @@ def artifact_runner(artifact: Path, name: str, threads: int | None = None) -> tu
     """A Polygraphy runner for the artifact on its own runtime, and a label for it."""
     model = _model_path(artifact)
     folder = Path(artifact) if Path(artifact).is_dir() else None   # a bare ONNX file runs on ORT
-    if folder is not None and (folder / MANIFEST_FILE).is_file():
-        read_manifest(folder).check_model_file()   # a file (or the manifest) changed after compile: one line
-    engine = folder / "model.engine" if folder else None
+    manifest = read_manifest(folder) if folder is not None and (folder / MANIFEST_FILE).is_file() else None
+    if manifest is not None:
+        manifest.check_model_file()   # a file (or the manifest) changed after compile: one line
+    engine = folder / ENGINE_FILE if folder else None
     if engine is not None and engine.is_file():
         try:
             import tensorrt  # noqa: F401
             from polygraphy.backend.common import BytesFromPath
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-            return TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name=name), "tensorrt (model.engine)"
+            unrecorded = manifest.check_engine(engine) if manifest is not None else None
+            if unrecorded:
+                log.warning("%s", unrecorded)
+            return TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name=name), f"tensorrt ({ENGINE_FILE})"
         except ImportError:
             log.info("%s has model.engine but tensorrt is not importable: running model.onnx with ONNX Runtime",
                      model.parent)

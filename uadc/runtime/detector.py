@@ -22,13 +22,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from uadc.core.constants import ENGINE_FILE
 from uadc.core.errors import NonFiniteOutputs, RuntimeFault, UadcError, one_line
 from uadc.core.io import JsonResult, as_path
 from uadc.core.manifest import GLOBAL, NO_VALIDATION_ADVICE, CategoryThresholds, Manifest, read_manifest
 from uadc.core.scoped import check_threads, logged_warnings
 from uadc.runtime.preprocess import preprocess
 
-ENGINE_FILE = "model.engine"
 log = logging.getLogger(__name__)
 
 
@@ -278,6 +278,9 @@ class Detector:
             _check_precision(manifest, "TensorRT")
             if (folder / manifest.model_file).is_file():   # the ONNX the engine was built from, as compile wrote it
                 manifest.check_model_file()
+            unrecorded = manifest.check_engine(engine)
+            if unrecorded:
+                log.warning("%s", unrecorded)
             return cls(manifest, _TrtBackend(engine), batch_size)
         model = folder / manifest.model_file
         if backend == "auto" and engine.is_file():   # a JetPack venv without tensorrt ran the ONNX on the CPU unsaid

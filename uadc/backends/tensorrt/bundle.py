@@ -9,6 +9,7 @@ from typing import Sequence
 
 import onnx
 
+from uadc.core.constants import ENGINE_SOURCE_SUFFIX
 from uadc.core.io import atomic_write_bytes
 from uadc.backends.tensorrt.cache import (
     parse_trt_version,
@@ -230,10 +231,20 @@ def _render_script(
             "    exit 1",
             "fi",
         ]
+    record = q(engine_name + ENGINE_SOURCE_SUFFIX)   # which model.onnx the engine is: the runtime checks it
     lines += _version_lines(min_version) + _cache_lines(calib_cache) + _dispatch_lines(variants) + [
         "",
+        f"rm -f -- {record}",
         'echo "+ ${cmd[*]} $*"',
         '"${cmd[@]}" "$@"',
+        f"sha=\"$( (sha256sum -- {q(onnx_name)} 2>/dev/null || shasum -a 256 -- {q(onnx_name)} 2>/dev/null || true)"
+        " | cut -d' ' -f1)\"",
+        'if [[ -n "${sha}" ]]; then',
+        f'    printf \'%s\\n\' "${{sha}}" > {q(engine_name + ENGINE_SOURCE_SUFFIX + ".tmp")}',
+        f"    mv -f -- {q(engine_name + ENGINE_SOURCE_SUFFIX + '.tmp')} {record}",
+        "else",
+        f"    echo {q(f'warning: neither sha256sum nor shasum here: {record} not written (uadc will warn that nothing records the model.onnx the engine was built from)')} >&2",
+        "fi",
         f'echo {q(f"engine written to {engine_name}")}" (TensorRT ${{major}}.${{minor}}.${{patch}}; '
         'only valid on this GPU model and TensorRT version)"',
         "",
