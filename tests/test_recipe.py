@@ -6,7 +6,8 @@ import yaml
 
 from conftest import write_recipe
 from uadc.core.errors import UadcError
-from uadc.config.recipe import describe_schema, load_recipe, recipe_from_dict
+from uadc.config.recipe import load_recipe, recipe_from_dict
+from uadc.config.schema import describe_schema
 
 SRC = {"data": {"sources": [{"root": "data", "categories": ["a"]}]}}
 
@@ -377,3 +378,12 @@ def test_a_category_with_a_c1_character_is_a_plain_name():
     # shown escaped, though: \x9b is a terminal's CSI, and a bidi override showed `tiny\u202egpj.exe` as `tinyexe.jpg`
     from uadc.core.errors import one_line
     assert not is_plain_name("tiny\u202egpj.exe") and one_line("a\x9bb\u202ec") == "a\\x9bb\\u202ec"
+
+
+def test_section_hash_takes_a_name_or_names_and_refuses_unknown_ones(tmp_path, tiny_data):
+    """`recipe.section_hash("data")` hashed the sections 'd', 'a', 't', 'a' (a KeyError 'd')."""
+    from conftest import write_recipe
+    r = load_recipe(write_recipe(tmp_path / "a.yaml", tiny_data))
+    assert r.section_hash("data") == r.section_hash(("data",)) != r.section_hash(("data", "model"))
+    with pytest.raises(UadcError, match="section_hash: no recipe section 'dta'"):
+        r.section_hash(("dta",))

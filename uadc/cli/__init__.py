@@ -316,7 +316,7 @@ def check_trt(model: Path):
 @click.option("--json", "as_json", is_flag=True, help="print the JSON Schema (for editors)")
 def recipe_schema(as_json: bool) -> None:
     """Print every recipe key with its type, default and meaning."""
-    from uadc.config.recipe import describe_schema, json_schema
+    from uadc.config.schema import describe_schema, json_schema
     click.echo(json.dumps(json_schema(), indent=2) if as_json else "\n".join(describe_schema()))
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from uadc.config.packaged import check_recipe_file, resolve_recipe_path
 from uadc.config.targets import TARGETS
-from uadc.config.validation import first_error, listed_twice, merged, submodel
+from uadc.config.validation import first_error, listed_twice, merged
 from uadc.config.yaml_file import read_yaml_mapping
 from uadc.core.constants import CALIBRATION_KINDS, DEFAULT_TAPS, MAX_THREADS, PARTITIONS
 from uadc.core.errors import UadcError
@@ -377,8 +377,13 @@ class Recipe:
     def hash(self) -> str:
         return self.section_hash(tuple(self.cfg))
 
-    def section_hash(self, sections: tuple[str, ...]) -> str:
+    def section_hash(self, sections: "str | tuple[str, ...]") -> str:
+        """A short hash of the named sections (``"data"`` or ``("data", "model")``)."""
         cfg = self.cfg
+        sections = (sections,) if isinstance(sections, str) else tuple(sections)   # "data" hashed 'd', 'a', ...
+        unknown = [k for k in sections if k not in cfg]
+        if unknown:
+            raise UadcError(f"section_hash: no recipe section {unknown[0]!r}; sections are {', '.join(cfg)}")
         blob = json.dumps({k: cfg[k] for k in sections}, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -482,39 +487,4 @@ def _check_semantics(cfg: RecipeConfig) -> None:
         raise UadcError("train.dcam: kl_weight and cos_weight are both 0 (that is training without DCAM)")
 
 
-def json_schema() -> dict:
-    """JSON Schema of a recipe file (``uadc recipe-schema --json``)."""
-    return RecipeConfig.model_json_schema()
-
-
-def describe_schema(model: type[BaseModel] = RecipeConfig, prefix: str = "") -> list[str]:
-    """Human-readable key list (``uadc recipe-schema`` and the README)."""
-    lines = []
-    for key, f in model.model_fields.items():
-        ann, sub = f.annotation, submodel(f.annotation)
-        if sub is not None and not _is_list(ann):
-            lines += describe_schema(sub, f"{prefix}{key}.")
-            continue
-        default = None if f.is_required() else f.default
-        if isinstance(default, BaseModel):
-            default = default.model_dump()
-        req = "required" if f.is_required() else f"default {default!r}"
-        bounds = ", ".join(f"{k} {getattr(m, k)}" for m in f.metadata for k in ("ge", "gt", "le", "lt")
-                           if hasattr(m, k))
-        line = f"{prefix}{key} ({_type_name(ann)}, {req}{', ' + bounds if bounds else ''})"
-        lines.append(line + (f": {f.description}" if f.description else ""))
-        if sub is not None:
-            lines += describe_schema(sub, f"{prefix}{key}[].")
-    return lines
-
-
-def _is_list(ann: Any) -> bool:
-    return getattr(ann, "__origin__", None) is list or any(_is_list(a) for a in getattr(ann, "__args__", ()) or ())
-
-
-def _type_name(ann: Any) -> str:
-    return str(ann).replace("typing.", "").replace("uadc.config.recipe.", "").replace("<class '", "").replace("'>", "")
-
-
-__all__ = ["Recipe", "RecipeConfig", "load_recipe", "recipe_from_dict", "json_schema", "describe_schema",
-           "PARTITIONS", "default_artifacts_root"]
+__all__ = ["Recipe", "RecipeConfig", "load_recipe", "recipe_from_dict", "PARTITIONS", "default_artifacts_root"]
