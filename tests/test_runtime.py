@@ -185,15 +185,22 @@ def test_runtime_without_torch_matches_in_process_evaluation(int8_artifact, tmp_
         preds = det.predict({paths!r}, category="gray")
         import uadc
         uadc.bundle({str(res.path)!r}, {str(tmp_path / "bundle")!r})   # the CLI's was torch-free, the API's not
+        sys.modules["torch"] = None   # as an install without torch fails its import (the blocker's frame aside)
+        try:   # what the runtime's install lacks is one UadcError naming it (a ModuleNotFoundError traceback)
+            uadc.train
+            said = None
+        except uadc.UadcError as exc:
+            said = str(exc)
         json.dump({{"scores": [p.score for p in preds], "labels": [p.label for p in preds],
-                   "maps": [p.anomaly_map.tolist() for p in preds],
-                   "torch": "torch" in sys.modules}}, sys.stdout)
+                   "maps": [p.anomaly_map.tolist() for p in preds], "said": said,
+                   "torch": sys.modules.get("torch") is not None}}, sys.stdout)
     """)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
     p = subprocess.run([PY, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout)
     assert not out["torch"] and (tmp_path / "bundle" / "artifact.json").is_file()
+    assert out["said"].startswith("the torch module does not import here (ModuleNotFoundError: import of torch"), out
     np.testing.assert_allclose(out["scores"], scores, atol=1e-5)
     np.testing.assert_allclose(np.asarray(out["maps"]), maps, atol=1e-5)
     from uadc.runtime import Detector
@@ -755,7 +762,7 @@ def test_a_bf16_artifact_on_an_fp32_runtime_says_its_thresholds_may_not_fit(int8
     assert [w for w in doc["warnings"] if said in w] == det.warnings, (res.output, doc)
 
 
-def test_a_path_through_a_category_folder_is_judged_by_the_folder_it_is_in(tmp_path):
+def test_a_path_through_a_category_folder_is_judged_by_the_folder_it_is_in(tmp_path, monkeypatch):
     """`uadc predict art stripes/../../odd/x.png` judged x.png as a `stripes` image (its thresholds),
     while `odd/x.png` took the global ones: the verdict changed with how the path was written."""
     from uadc.core.manifest import infer_category
@@ -765,6 +772,9 @@ def test_a_path_through_a_category_folder_is_judged_by_the_folder_it_is_in(tmp_p
     assert infer_category(Path("data/stripes/test/good/x.png"), cats) == "stripes"
     (tmp_path / "gray").symlink_to(tmp_path)   # a linked folder's own name still counts
     assert infer_category(tmp_path / "gray" / "x.png", cats) == "gray"
+    # the folder it is run from is not the image's: `cd gray; uadc predict art cam1` judged cam1's images as gray
+    monkeypatch.chdir(tmp_path / "gray")
+    assert infer_category(Path("cam1/x.png"), cats) is None and infer_category(Path("../x.png"), cats) is None
 
 
 def test_a_user_mistake_in_predict_leaves_no_out_folder_or_lock(int8_artifact, tiny_data, tmp_path, monkeypatch):
@@ -1340,3 +1350,30 @@ def test_an_engine_built_from_another_model_is_refused(int8_artifact, tmp_path, 
     with pytest.raises(UadcError, match=r"model.engine was built from another model.onnx \(sha256 000000000000, this "
                                         rf"artifact's is {sha[:12]}\): rerun build_engine.sh on this device"):
         Detector.load(art, backend="tensorrt")
+
+
+def test_an_image_gone_after_scoring_keeps_its_overlay_and_a_long_row_is_still_ours(int8_artifact, tiny_data, tmp_path):
+    """--overlays read each image again after scoring: a camera folder's rotating buffer deleting a frame meanwhile
+    failed the whole run (exit 2, no tables). A rerun into an --out whose first row was longer than 4 KB (long
+    non-ASCII paths, escaped six characters each) was refused as "not written by uadc predict"."""
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    det = Detector.load(int8_artifact[2].path)
+    live = tmp_path.joinpath("live", *["検査画像第一ライン" * 9] * 6)   # 243 bytes a folder, a system's limit 255
+    live.mkdir(parents=True)
+    for i, src in enumerate(sorted((tiny_data / "stripes" / "test").rglob("*.png"))[:2]):
+        (live / f"{i}.png").write_bytes(src.read_bytes())
+    scored = det.run
+
+    def run_then_rotate(images):
+        out = scored(images)
+        (live / "1.png").unlink(missing_ok=True)   # the camera's buffer moves on
+        return out
+    det.run = run_then_rotate
+    out = tmp_path / "p"
+    run = predict_paths(det, [tmp_path / "live"], out=out, overlays=True, category="stripes")
+    assert len(run.records) == 2 and not run.failed and all((out / r["overlay"]).is_file() for r in run.records)
+    assert len((out / "predictions.jsonl").read_text().split("\n", 1)[0]) > 4096
+    (live / "1.png").write_bytes((live / "0.png").read_bytes())
+    again = predict_paths(det, [tmp_path / "live"], out=out, overlays=True, category="stripes")
+    assert len(again.records) == 2

@@ -70,10 +70,11 @@ def __getattr__(name: str) -> Any:
     import importlib
     import random
 
+    from uadc.core.errors import dependencies_checked
     from uadc.core.scoped import environment_kept
     state = random.getstate()   # a library imported on the way may draw (rich seeds itself at import)
-    try:
-        with environment_kept():   # or set environment variables and warning filters (scikit-learn, scipy)
+    try:   # pydantic or torch missing (the runtime's own install): one UadcError naming it, as the CLI says it
+        with environment_kept(), dependencies_checked():   # or set environment variables and warning filters
             value = getattr(importlib.import_module(module), name)
     finally:
         random.setstate(state)

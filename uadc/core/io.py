@@ -137,8 +137,8 @@ def check_writable(folder: Path) -> None:
 
 def check_own_file(path: Path, ours: Callable[[str], bool], what: str) -> None:
     """Refuse, before any work, a file output that would replace what ``what`` (a uadc command)
-    did not write: a folder, a symlink, a non-empty file whose first 4 KB ``ours`` does not
-    recognise (a model, a user's notes); and one whose folder is not writable."""
+    did not write: a folder, a symlink, a non-empty file whose first 4 KB (and first line, up to 1 MiB)
+    ``ours`` does not recognise (a model, a user's notes); and one whose folder is not writable."""
     path = Path(path)
     check_no_phantom_parent(path)
     if path.is_symlink() or path.exists():
@@ -146,6 +146,8 @@ def check_own_file(path: Path, ours: Callable[[str], bool], what: str) -> None:
         if plain:
             with open(path, encoding="utf-8", errors="replace") as fh:
                 head = fh.read(4096)
+                if "\n" not in head:   # a long first row (non-ASCII paths): cut off, it was "not ours"
+                    head += fh.readline(1 << 20)
         if not plain or (head and not ours(head)):        # an empty file holds nothing to lose
             raise UadcError(f"{path} exists and was not written by {what}; choose another path "
                             f"(nothing was changed)")
@@ -269,7 +271,9 @@ def check_replaceable(final: Path, replace: bool = True, remedy: str = "choose a
     check_no_phantom_parent(final)
     if not final.exists() and not final.is_symlink():
         return
-    if final.is_symlink() or not final.is_dir():
+    if final.is_symlink():   # replacing it would replace the link, not the folder it names: refused either way
+        raise UadcError(f"output path is a symbolic link: {final}; give the folder it points to, or another path")
+    if not final.is_dir():
         raise UadcError(f"output path exists and is not a folder: {final}")
     if not any(final.iterdir()):
         return

@@ -330,11 +330,12 @@ def check_outside_artifacts(out: Path, below: bool = False) -> None:
 
 
 def infer_category(path: Path, categories: Sequence[str]) -> str | None:
-    """The category named by the nearest folder of ``path`` (``.../bottle/test/x.png`` ->
+    """The category named by the nearest folder of ``path`` as given (``.../bottle/test/x.png`` ->
     ``bottle``); ``None`` when no folder is a known category (the global thresholds apply). The path is
     normalised first: ``stripes/../../odd/x.png`` is not in ``stripes`` (links are not followed: a
-    linked folder's own name counts)."""
-    for part in reversed(Path(os.path.normpath(Path(path).absolute())).parts[:-1]):
+    linked folder's own name counts). A relative path's working directory is not read: ``cam1/x.png``
+    run from a folder named ``gray`` was judged a ``gray`` image, without a word."""
+    for part in reversed(Path(os.path.normpath(path)).parts[:-1]):
         found = next((c for c in categories if same_name(c, part)), None)
         if found is not None:
             return found

@@ -27,7 +27,7 @@ from uadc.core.scoped import logged_warnings
 from uadc.core.manifest import GLOBAL, check_outside_artifacts, infer_category
 from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction
-from uadc.runtime.preprocess import load_rgb
+from uadc.runtime.preprocess import load_rgb, model_input
 
 log = logging.getLogger(__name__)
 MAX_LISTED = 100   # failures named in the summary (--json); the tables name every one
@@ -188,13 +188,17 @@ def _run_images(detector: Detector, files: list[Path], category: str | None, inf
                 run: PredictRun, stage: Path | None, names: dict[Path, Path]) -> None:
     """Predict ``files`` a batch at a time into ``run``; with ``stage``, each overlay is written there."""
     for i in _progress(range(0, len(files), batch_size), desc="predict", unit="batch"):
-        chunk, arrays = [], []
+        chunk, arrays, rgbs = [], [], []
+        pre = detector.manifest.preprocessing
         for f in files[i:i + batch_size]:
-            try:
-                arrays.append(detector.preprocess(f))
-                chunk.append(f)
+            try:   # an overlay shows the pixels scored: read again, a file gone meanwhile failed the run (exit 2,
+                rgb = load_rgb(f, pre) if stage is not None else None   # no tables), a replaced one showed another
+                arrays.append(model_input(rgb, pre) if rgb is not None else detector.preprocess(f))
             except UadcError as exc:
                 run.failed.append((str(f), str(exc)))
+                continue
+            chunk.append(f)
+            rgbs.append(rgb)
         if not chunk:
             continue
         maps, scores, ms = detector.run(np.stack(arrays))
@@ -207,7 +211,7 @@ def _run_images(detector: Detector, files: list[Path], category: str | None, inf
                 continue
             run.records.append(pred.to_dict())
             if stage is not None:
-                img = overlay(load_rgb(f, detector.manifest.preprocessing), pred, detector)
+                img = overlay(rgbs[j], pred, detector)
                 buf = io.BytesIO()
                 Image.fromarray(img).save(buf, format="PNG")
                 atomic_write_bytes(stage / names[f], buf.getvalue())

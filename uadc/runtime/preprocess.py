@@ -110,9 +110,12 @@ def load_rgb(source: Any, pre: Preprocessing) -> np.ndarray:
 
 def preprocess(source: Any, pre: Preprocessing) -> np.ndarray:
     """One image -> the model's (3, H, W) float32 input, exactly as the training loader makes it."""
-    mean = np.asarray(pre.mean, np.float32)
-    std = np.asarray(pre.std, np.float32)
-    img = (load_rgb(source, pre) - mean) / std
+    return model_input(load_rgb(source, pre), pre)
+
+
+def model_input(rgb: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """:func:`load_rgb`'s HWC image -> the model's (3, H, W) float32 input."""
+    img = (rgb - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
     return np.ascontiguousarray(img.transpose(2, 0, 1))
 
 
