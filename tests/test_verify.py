@@ -443,6 +443,26 @@ def test_a_category_without_validation_normals_passes_its_own_gate(tmp_path):
     assert thr["reference"]["gray"]["image"] == thr["reference"]["global"]["image"]
 
 
+def test_an_fp32_artifact_decides_as_its_reference_with_more_validation_normals_than_the_golden_set(tmp_path,
+                                                                                                  tiny_data):
+    """The reference's thresholds were fitted on the golden set's normals (at most verify.golden_normals a category),
+    the artifact's on every validation normal: an FP32 artifact failed its own gate on identical outputs
+    (decision_agreement 0.92), or passed with map_dice 0.977 for 1.0."""
+    from conftest import write_recipe
+    recipe = write_recipe(tmp_path / "gn.yaml", tiny_data, data={"val_fraction": 0.5},
+                          train={"epochs": 1, "threads": 1}, verify={"golden_normals": 2})
+    art = tmp_path / "art"
+    uadc.train(recipe, artifacts=art)
+    fp32 = uadc.compile(recipe, "ort-cpu-fp32", evaluate=False, latency_runs=1, artifacts=art).path
+    res = uadc.verify(fp32)
+    assert res.polygraphy["max_abs"] == 0 and res.passed, res.failures
+    for name in ("decision_agreement", "map_dice", "map_iou"):
+        assert res.figure(name).value == 1.0, (name, res.figure(name))
+    ref, cand = res.thresholds["reference"], res.thresholds["candidate"]
+    assert all(ref[c]["image"] == pytest.approx(cand[c]["image"], rel=1e-6) for c in ("stripes", "gray", "global"))
+    assert ref["stripes"]["n"] == 8 and res.images["normal"] == 4   # the validation normals, not the golden two
+
+
 def test_models_that_take_another_input_are_refused_before_any_work(artifacts, tmp_path):
     """A 128 px artifact diffed against a 256 px one ended in Polygraphy's shape-error traceback."""
     from uadc.export.onnx_export import get_metadata, set_metadata
@@ -662,10 +682,14 @@ def test_the_gate_judges_each_categorys_drops_and_its_stored_budgets_with_images
     m.graph.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan_c"))
     m.graph.node.append(helper.make_node("Mul", ["score_raw", "nan_c"], [out.name]))
     onnx.save(m, str(tmp_path / "nan.onnx"))
-    r = CliRunner().invoke(main, ["verify", str(tmp_path / "nan.onnx"), "--golden", str(fp32), "--json", "-"])
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "nan.onnx"), "--golden", str(fp32), "--json", "-",
+                                  "--markdown", str(tmp_path / "nan.md")])
     doc = json.loads(r.stdout)
     assert r.exit_code == 1 and doc["exit_code"] == 1 and doc["passed"] is False
     assert doc["error"].startswith(f"REGRESSION: the candidate ({tmp_path / 'nan.onnx'}) produced non-finite")
+    # its line is a REGRESSION line, as the README says (it was `error: REGRESSION: ...`: `^REGRESSION:` missed it)
+    assert r.stderr.splitlines()[-1].startswith("REGRESSION: the candidate (") and "error: " not in r.stderr
+    assert (tmp_path / "nan.md").read_text().startswith("# uadc verify: REGRESSION\n")
 
 
 def test_a_masks_folder_given_as_images_is_refused(artifacts, tiny_data):
@@ -673,3 +697,23 @@ def test_a_masks_folder_given_as_images_is_refused(artifacts, tiny_data):
     _, fp32, _ = artifacts
     with pytest.raises(UadcError, match=r"ground_truth/ folder of masks; give a folder of images"):
         uadc.verify(fp32, images=[tiny_data / "gray" / "ground_truth"])
+
+
+def test_images_with_normal_only_nested_folders_and_score_shift_agree_with_diff(artifacts, tiny_data):
+    """`--images DIR --normal-only` was refused ("the golden set has no normal images"; --images are taken as
+    normals); nested --images folders judged their common images twice; verify --images measured score_shift in
+    the golden normals' spread, diff --images in the images', so the two disagreed on one pair; --normal-only said
+    "no labelled images" of a golden set full of them."""
+    _, fp32, int8 = artifacts
+    good, test = tiny_data / "stripes" / "test" / "good", tiny_data / "stripes" / "test"
+    n_good, n_test = len(list(good.iterdir())), len(list(test.rglob("*.png")))
+    v = uadc.verify(int8, images=[good], normal_only=True)
+    assert v.images == {"user": n_good}
+    assert uadc.diff(fp32, int8, images=[good], normal_only=True).images == {"user": n_good}
+    nested = uadc.verify(int8, images=[test, good])
+    assert nested.images == {"user": n_test} and any(f"{n_good} of its images are under another" in n
+                                                     for n in nested.notes)
+    d = uadc.diff(fp32, int8, images=[test])
+    assert uadc.verify(int8, images=[test]).figure("score_shift").value == pytest.approx(d.figure("score_shift").value)
+    notes = uadc.verify(int8, normal_only=True).notes
+    assert any(n.startswith("--normal-only: the labelled test images are left out") for n in notes), notes

@@ -41,7 +41,7 @@ def exit_on_user_error(interrupted: str = "interrupted; nothing was written for 
             yield
     except UadcError as exc:
         sys.stderr.write("\n" if sys.stderr.isatty() else "")   # a progress bar may have left the cursor mid-line
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"{exc.line_prefix}{exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt as exc:
         sys.stderr.write("\n" if sys.stderr.isatty() else "")   # a progress bar may have left the cursor mid-line

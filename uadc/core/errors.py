@@ -12,6 +12,7 @@ class UadcError(Exception):
     """A problem caused by user input (recipe, data, paths, options) rather than a bug."""
 
     exit_code = 2
+    line_prefix = "error: "   # the command line's line for it
 
     def __str__(self) -> str:
         # One line, bounded: a message built from user input never floods the terminal.

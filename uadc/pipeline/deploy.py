@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 Outputs = dict[str, tuple[np.ndarray, np.ndarray]]      # category -> (maps (N,H,W), scores (N,))
 _FP32_CACHE: "weakref.WeakKeyDictionary[Baseline, tuple]" = weakref.WeakKeyDictionary()
 _VAL_CACHE: "weakref.WeakKeyDictionary[Baseline, dict]" = weakref.WeakKeyDictionary()
+_FP32_VAL_CACHE: "weakref.WeakKeyDictionary[Baseline, dict]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -70,11 +71,20 @@ def _thresholds(outputs: Outputs, baseline: Baseline) -> Thresholds | None:
     return compute_thresholds(outputs, d.false_alarm_rate, d.threshold_margin, baseline.categories) if outputs else None
 
 
+def fp32_val_outputs(baseline: Baseline, threads: int | None) -> Outputs:
+    """The FP32 model's outputs on every validation normal, computed once per baseline (the FP32
+    thresholds, and the golden set's reference thresholds, rest on them)."""
+    if baseline not in _FP32_VAL_CACHE:
+        _FP32_VAL_CACHE[baseline] = outputs_on(baseline.fp32, val_images(baseline), threads,
+                                               baseline.recipe.eval.batch_size, "fp32 val")
+    return _FP32_VAL_CACHE[baseline]
+
+
 def _fp32(baseline: Baseline, threads: int) -> tuple[Thresholds | None, Outputs]:
     """FP32 thresholds and test outputs, computed once per baseline (shared by every target)."""
     if baseline not in _FP32_CACHE:
         bs = baseline.recipe.eval.batch_size
-        thr = _thresholds(outputs_on(baseline.fp32, val_images(baseline), threads, bs, "fp32 val"), baseline)
+        thr = _thresholds(fp32_val_outputs(baseline, threads), baseline)
         tests = outputs_on(baseline.fp32, {c: a[0] for c, a in baseline.test_arrays.items()}, threads, bs,
                            "fp32 decisions")
         _FP32_CACHE[baseline] = (thr, tests)

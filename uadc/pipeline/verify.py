@@ -31,6 +31,7 @@ from uadc.core.errors import RuntimeFault, UadcError, raise_interrupt_behind
 from uadc.core.manifest import Manifest, read_manifest
 from uadc.core.ort_session import make_session
 from uadc.core.scoped import quiet_third_party
+from uadc.pipeline.deploy import fp32_val_outputs
 from uadc.verify import fidelity
 from uadc.verify.gate import (DiffResult, GateResult, NonFiniteCandidate, VerifyResult, budgets as make_budgets,
                               judge_all)
@@ -97,25 +98,28 @@ def build_golden(baseline: Any, cfg: VerifyConfig | None = None) -> GoldenSet:
     g.meta = {"recipe": baseline.recipe.name, "recipe_hash": baseline.recipe.hash,
               "checkpoint_sha256": baseline.checkpoint_sha256,
               "verify": baseline.recipe.verify.model_dump(),
-              "thresholds": _golden_thresholds(g, normal, baseline.recipe.deploy),
-              "threshold_rule": "uadc.evaluation.thresholds on the FP32 reference's outputs on the golden normal "
-                                "images drawn from the validation normals, per category and global; a category "
+              "thresholds": _golden_thresholds(g, normal, baseline),
+              "threshold_rule": "uadc.evaluation.thresholds on the FP32 reference's outputs on every validation "
+                                "normal, per category and global, as compile sets an artifact's; a category "
                                 "without validation normals takes the global ones, as compile does (with none at "
-                                "all: fitted on the training normals drawn instead)"}
+                                "all: fitted on the golden set's training normals instead)"}
     _GOLDEN_CACHE[baseline] = g
     return g
 
 
-def _golden_thresholds(g: GoldenSet, normal: np.ndarray, deploy: Any) -> dict[str, dict]:
-    """The reference's thresholds as compile sets the artifact's: on validation normals only. Fitted
-    on the training normals drawn for a category without any, they differed from the artifact's
-    global ones, and an FP32 artifact failed its own gate on identical outputs."""
-    cats = g.categories()
-    fit = normal & np.array([r["source"].startswith("validation:") for r in g.images])
-    fit = fit if fit.any() else normal
-    thr = fidelity.reference_thresholds(g.output("score")[fit], g.output("anomaly_map")[fit, 0], cats[fit],
-                                        deploy.false_alarm_rate, deploy.threshold_margin)
-    for cat in sorted(set(cats[normal].tolist()) - set(thr)):
+def _golden_thresholds(g: GoldenSet, normal: np.ndarray, baseline: Any) -> dict[str, dict]:
+    """The reference's thresholds as compile sets the artifact's: on every validation normal (fitted on
+    the golden set's few, at most ``verify.golden_normals`` a category, an FP32 artifact failed its own
+    gate on identical outputs; fitted on the training normals drawn for a category without any, they
+    differed from the artifact's global ones)."""
+    deploy, val = baseline.recipe.deploy, fp32_val_outputs(baseline, baseline.threads)
+    if val:
+        cats = np.concatenate([[c] * len(val[c][1]) for c in sorted(val)])
+        scores, maps = (np.concatenate([val[c][i] for c in sorted(val)]) for i in (1, 0))
+    else:   # no validation normals anywhere: the golden set's training normals
+        cats, scores, maps = g.categories()[normal], g.output("score")[normal], g.output("anomaly_map")[normal, 0]
+    thr = fidelity.reference_thresholds(scores, maps, cats, deploy.false_alarm_rate, deploy.threshold_margin)
+    for cat in sorted(set(g.categories()[normal].tolist()) - set(thr)):
         thr[cat] = {**thr["global"], "source": "reference outputs, global (no validation normals of its own)"}
     return thr
 
@@ -326,10 +330,13 @@ def _manifest_thresholds(artifact: Path, base: dict) -> dict | None:
 
 def _given_thresholds(given: dict | None, base: dict) -> dict | None:
     """``given`` (a golden set's per-category thresholds) for each category of ``base``; an unknown
-    category takes the ``global`` ones, as the runtime does."""
+    category takes the ``global`` ones, as the runtime does. The score spread stays ``base``'s, as
+    for an artifact's own thresholds (`verify --images` measured score_shift in the golden normals'
+    spread, `diff --images` in the images', and the two disagreed 10x on one pair)."""
     if not given:
         return None
-    return {cat: {**given.get(cat, given["global"]), "source": "golden set"} for cat in base}
+    return {cat: {**given.get(cat, given["global"]), "n": base[cat]["n"], "score_std": base[cat]["score_std"],
+                  "source": "golden set"} for cat in base}
 
 
 def _check_covers(candidate: Path, records: list[dict], categories: list[str]) -> None:
@@ -354,7 +361,7 @@ def _judge(kind: str, reference: str, candidate: str, runtime: dict, records: li
            notes: list[str] | None = None, no_category: Sequence[str] = ()) -> GateResult:
     kinds = np.array([r["kind"] for r in records])
     cats = np.array([r.get("category") or "" for r in records])
-    use = np.isin(kinds, ("normal",) if normal_only else FIGURE_KINDS)
+    use = np.isin(kinds, ("normal", "user") if normal_only else FIGURE_KINDS)   # --images are taken as normals
     if not use.any():
         raise UadcError("no images to judge (normal_only and the golden set has no normal images)")
     fid = fidelity.figures(ref[1][use], ref[0][use], cand[1][use], cand[0][use], cats[use], *thresholds)
@@ -368,7 +375,9 @@ def _judge(kind: str, reference: str, candidate: str, runtime: dict, records: li
                         {"all" if c == "global" else c: {"score_shift"} for c in few})
     counts = {k: int(((kinds == k) & use).sum()) for k in FIGURE_KINDS if ((kinds == k) & use).any()}
     cls = VerifyResult if kind == "verify" else DiffResult
-    notes = list(notes or []) + ([] if lab is not None else ["no labelled images: AUROC/AUPRO drops not computed"])
+    notes = list(notes or []) + ([] if lab is not None else [
+        "--normal-only: the labelled test images are left out, so AUROC/AUPRO drops are not computed"
+        if normal_only and test.any() else "no labelled images: AUROC/AUPRO drops not computed"])
     notes += [f"the {side} has no thresholds of its own for {', '.join(fell)}: decided at its global thresholds"
               for side, thr in zip(("reference", "candidate"), thresholds)
               if (fell := [c for c, t in thr.items() if t.get("source") == GLOBAL_FALLBACK and c not in no_category])]

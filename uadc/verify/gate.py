@@ -68,7 +68,8 @@ def write_error_reports(kind: str, json_out: Path | None, md_out: Path | None, m
     if json_out and str(json_out) != "-":
         atomic_write_text(Path(json_out), error_document(kind, message, code))
     if md_out:
-        atomic_write_text(Path(md_out), f"# uadc {kind}: ERROR\n\n{message} (exit {code})\n")
+        verdict = "REGRESSION" if message.startswith("REGRESSION: ") else "ERROR"   # a NaN candidate: no mistake
+        atomic_write_text(Path(md_out), f"# uadc {kind}: {verdict}\n\n{message} (exit {code})\n")
 
 
 def budgets(recipe_verify: dict | None = None, overrides: dict[str, Any] | None = None) -> dict[str, float]:
@@ -245,9 +246,11 @@ def _row(f: Figure) -> str:
 
 
 class NonFiniteCandidate(UadcError):
-    """The candidate's NaN / Inf outputs: a broken model is a regression (exit 1), not a usage error (2)."""
+    """The candidate's NaN / Inf outputs: a broken model is a regression (exit 1), not a usage error (2);
+    its line is a ``REGRESSION: ...`` line, as a figure out of budget's, not an ``error:`` one."""
 
     exit_code = 1
+    line_prefix = ""
 
 
 class VerifyResult(GateResult):

@@ -31,6 +31,7 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
         raise UadcError(f"{model_path}: no uadc preprocessing metadata (image_size, normalization)") from None
     images, records, notes = [], [], []
     seen: set[Path] = set()
+    judged: set[Path] = set()   # `--images data/gray --images data/gray/test` judged the test images twice
     for d in map(Path, dirs):
         if d.resolve() in seen:   # one folder given twice was judged twice
             continue
@@ -42,6 +43,12 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
         files = find_images([d]).files   # as `uadc predict` walks: no MVTec masks, no predict outputs
         if not files:
             raise UadcError(f"images (--images): no images ({', '.join(sorted(IMAGE_EXTS))}) under {d}")
+        again = [p for p in files if p.resolve() in judged]
+        if again:
+            notes.append(f"--images {d}: {len(again)} of its images are under another --images folder too: "
+                         f"judged once")
+            files = [p for p in files if p.resolve() not in judged]
+        judged.update(p.resolve() for p in files[:limit])
         if len(files) > limit:
             notes.append(f"--images {d}: judged the first {limit} of its {len(files)} images (sorted by path)")
         for p in files[:limit]:
