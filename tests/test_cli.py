@@ -310,8 +310,6 @@ def test_stdout_that_cannot_be_written_is_one_error_line(tmp_path):
     (["predict", "x", "y", "--category", "a", "--category=a"], "artifact folder not found: x"),   # the same: fine
     (["verify", "x", "--budget", "a=1", "--budget", "b=2"], "no model.onnx"),     # repeatable
     (["predict", "x", "y", "--category", "--category", "--out", "o"], "artifact folder not found: x"),   # a value
-    ([], "error: no command given: `"),   # the help, then (exit 2) the line every mistake ends with
-    (["recipes"], " recipes COMMAND`, one of those listed above"),
 ])
 def test_an_option_given_twice_with_two_values_is_refused(tmp_path, monkeypatch, args, said):
     """`--category a --category b` judged every image at b's thresholds without a word (click keeps the last)."""

@@ -59,12 +59,6 @@ def _show_usage_error(exc: click.ClickException, file: Any = None) -> None:   # 
     click.echo(f"error: {exc.format_message()}", err=True)
 
 
-def _show_help_then_error(exc: click.ClickException, show_help: Any, file: Any = None) -> None:
-    show_help(file)   # a bare `uadc` / `uadc recipes` exits 2: its error line is the last on stderr, as every other's
-    command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "uadc"
-    click.echo(f"error: no command given: `{command} COMMAND`, one of those listed above", err=True)
-
-
 def _refuse_repeats(cmd: click.Command, args: list[str]) -> None:
     """`--category a --category b` ran with b alone: an option given twice must say the same thing."""
     opts = {n: p for p in cmd.params if isinstance(p, click.Option) for n in (*p.opts, *p.secondary_opts)}
@@ -122,9 +116,7 @@ class _Group(click.Group):
         if self._json_on_stdout(ctx, args):   # a usage error too is one JSON document under --json
             from uadc.core.io import to_json
             click.echo(to_json({"error": exc.format_message(), "exit_code": exc.exit_code}), nl=False)
-        if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):   # `uadc`: the help, then the line
-            exc.show = functools.partial(_show_help_then_error, exc, exc.show)
-        else:
+        if not isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):   # message: the help
             exc.show = functools.partial(_show_usage_error, exc)
         raise exc
 
