@@ -166,3 +166,24 @@ def test_ctrl_c_between_the_checkpoint_and_its_recipe_copy_lands_after_both(reci
     folder = tmp_path / "tiny"
     assert ck.read_checkpoint(folder / "checkpoint.pt")["recipe"]["train"]["epochs"] == 2
     assert yaml.safe_load((folder / "recipe.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_another_machines_temp_is_left_to_it(tmp_path, monkeypatch):
+    """Every write removed the temps of writers whose pid is not alive here: a sweep cell on one Ray node deleted
+    another node's cell while it was being written (a shared artifacts root). A temp names its machine now; another
+    machine's is removed only once a week old, this machine's as soon as its writer is gone."""
+    import os
+    import time
+    from uadc.core import io
+    dead = 4_000_000   # above Linux's largest pid
+    here, there, old = (tmp_path / f".cell{io.TMP_TAG}{dead}@{host}-deadbeef" for host in
+                        (io._host(), "0123abcd" if io._host() != "0123abcd" else "3210dcba", "89abcdef"))
+    for p in (here, there, old):
+        p.mkdir()
+        (p / "model.onnx").write_bytes(b"half")
+    week = time.time() - (io.FOREIGN_TEMP_DAYS + 1) * 86400
+    os.utime(old, (week, week))
+    ours = io._tmp_name(tmp_path / "cell")
+    assert io._TMP_RE.match(ours.name).group("host") == io._host()
+    io.atomic_write_bytes(tmp_path / "x.txt", b"x")   # a write cleans its folder
+    assert there.is_dir() and not here.exists() and not old.exists()

@@ -412,6 +412,23 @@ def test_an_address_where_nothing_answers_is_one_line_not_a_hang(tiny, tmp_path)
     assert res.stderr.strip() == f"error: cannot connect to the Ray cluster at 127.0.0.1:{port}: nothing answers " \
                                  f"there ({res.stderr.split('there (')[1].strip()}"
     assert not (tmp_path / "o").exists()   # a new --out Ray could not fill was left behind, empty
+    # a port that answers but is no Ray (an HTTP server, Ray's dashboard): ray.init retried for ever
+    import http.server
+    import threading
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):   # the server's log lines would reach the command's stderr
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        res = CliRunner().invoke(main, ["sweep", str(_sweep_file(tmp_path, recipe)), "--artifacts", str(d / "art"),
+                                        "--out", str(tmp_path / "o"), "--address", f"127.0.0.1:{server.server_port}"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert res.exit_code == 2 and res.stderr.startswith(f"error: cannot connect to the Ray cluster at 127.0.0.1:"
+                                                        f"{server.server_port}: something answers there but not as "
+                                                        f"Ray's gRPC server does (it answered b'"), res.output
     # --num-cpus sizes a local Ray only: with a cluster's address it was silently ignored
     res = CliRunner().invoke(main, ["sweep", str(_sweep_file(tmp_path, recipe)), "--artifacts", str(d / "art"),
                                     "--out", str(tmp_path / "o"), "--address", "10.0.0.5:6379", "--num-cpus", "2"])
@@ -526,6 +543,34 @@ def test_a_cell_key_follows_the_data_files(tmp_path, tiny_data):
     assert keys() == before
     next((tmp_path / "data" / "gray" / "test").glob("*/*.png")).unlink()
     assert keys() != before
+    # a test folder linked from elsewhere is read by the loader: its files count too (os.walk did not follow it)
+    blob = tmp_path / "data" / "stripes" / "test" / "blob"
+    shutil.move(blob, tmp_path / "store")
+    blob.symlink_to(tmp_path / "store")
+    (blob / "loop").symlink_to(tmp_path / "data")   # a link back up is walked once, not forever
+    linked = keys()
+    next((tmp_path / "store").glob("*.png")).unlink()
+    assert keys() != linked
+
+
+def test_a_sweep_stopped_in_its_first_cell_resumes_in_its_folder(tiny, tmp_path, monkeypatch):
+    """Stopped while its first cell ran, a sweep left only cells/ (and a cell's lock) in --out: its rerun, and a
+    second sweep started meanwhile, refused the folder as "a folder that no uadc grid wrote"."""
+    import uadc
+    from uadc.pipeline.sweep import run as sweep_run
+    d, recipe = tiny
+    sweep = _sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32"]})
+
+    def stopped(plan, out, artifacts, done, note):   # the first cell's lock taken, then Ctrl-C
+        (out / "cells").mkdir()
+        (out / "cells" / ".tiny__ort-cpu-fp32.lock").write_text("")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sweep_run, "run_sequential", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        uadc.sweep(sweep, sequential=True, artifacts=d / "art", out=tmp_path / "o")
+    monkeypatch.undo()
+    res = uadc.sweep(sweep, sequential=True, artifacts=d / "art", out=tmp_path / "o")
+    assert [r["status"] for r in res.rows] == ["ok"]
 
 
 def test_overrides_merge_nested_keys_and_read_paths_from_the_sweep_file(tiny, tmp_path, tiny_data):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import math
@@ -40,13 +41,28 @@ LOCK_INSIDE = "uadc.lock"   # a folder's own lock file (hidden) where its parent
 OUTPUT_MARKERS = {"artifact.json": ("schema", "uadc_version", "files"), "report.json": ("schema", "target", "recipe_hash"),
                   "qat.json": ("recipe_hash", "model_hash", "target"), "compare.json": ("cells", "target", "fp32"),
                   "sweep.json": ("cells", "pareto", "name")}
-_TMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TMP_TAG) + r"(?P<pid>\d+)-[0-9a-f]+(?:\.tmp)?$")
+_TMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TMP_TAG) + r"(?P<pid>\d+)(?:@(?P<host>[0-9a-f]{8}))?-[0-9a-f]+"
+                     r"(?:\.tmp)?$")
+FOREIGN_TEMP_DAYS = 7   # another machine's temp (a shared artifacts root) is removed once this old
+
+
+@functools.lru_cache(maxsize=1)
+def _host() -> str:
+    """This machine (and container) in a temp's name: a pid means nothing on another one, and a sweep
+    cell on one Ray node removed another node's cell while it was being written."""
+    import hashlib
+    import socket
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return hashlib.sha256(f"{socket.gethostname()}|{boot}".encode()).hexdigest()[:8]
 
 
 def _tmp_name(final: Path) -> Path:
     """A hidden temp beside ``final``; its name is cut so that it, with ``.tmp``, stays within the
     255 bytes a file name may have (a legal 255-byte name plus the tag failed to write)."""
-    tag = f"{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tag = f"{TMP_TAG}{os.getpid()}@{_host()}-{uuid.uuid4().hex[:8]}"
     name = os.fsdecode(os.fsencode(final.name)[:255 - len(tag) - len(".") - len(".tmp")])
     return final.with_name(f".{name}{tag}")
 
@@ -64,15 +80,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temps(folder: Path) -> list[Path]:
-    """Remove temps in ``folder`` left by writers that no longer run; returns what was removed."""
+    """Remove temps in ``folder`` left by writers that no longer run (this machine's whose process is
+    gone; another machine's after ``FOREIGN_TEMP_DAYS``); returns what was removed."""
     removed = []
     try:
         entries = list(folder.iterdir())
     except OSError:
         return removed
     for p in entries:
-        m = _TMP_RE.match(p.name)
-        if m and not _pid_alive(int(m.group("pid"))):
+        if _stale(p):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -80,6 +96,19 @@ def clean_stale_temps(folder: Path) -> list[Path]:
                     p.unlink()
             removed.append(p)
     return removed
+
+
+def _stale(p: Path) -> bool:
+    import time
+    m = _TMP_RE.match(p.name)
+    if m is None:
+        return False
+    if m.group("host") in (None, _host()):   # no host: an older uadc's temp, taken as this machine's
+        return not _pid_alive(int(m.group("pid")))
+    try:
+        return time.time() - p.lstat().st_mtime > FOREIGN_TEMP_DAYS * 86400
+    except OSError:
+        return False
 
 
 def check_no_phantom_parent(path: Path) -> None:

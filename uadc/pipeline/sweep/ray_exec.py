@@ -88,10 +88,32 @@ def _check_answers(address: str | None, timeout: float = 5.0) -> None:
     if not host or not port.isdigit():   # auto, local, or one Ray parses and refuses itself
         return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        conn = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     except (OSError, ValueError, OverflowError) as exc:
         raise UadcError(f"cannot connect to the Ray cluster at {address}: nothing answers there "
                         f"({C.one_line(exc) or type(exc).__name__})") from None
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):   # a TLS cluster's handshake is its own
+            _check_grpc(conn, address)
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])   # + an empty SETTINGS
+
+
+def _check_grpc(conn: socket.socket, address: str) -> None:
+    """Ray's GCS and client server speak gRPC, whose server opens with an HTTP/2 SETTINGS frame. A port that
+    answers otherwise (an HTTP server, Ray's dashboard on 8265) made ray.init retry for ever."""
+    try:
+        conn.sendall(_HTTP2_PREFACE)
+        head = conn.recv(9)
+    except OSError as exc:
+        head, why = b"", C.one_line(exc) or type(exc).__name__
+    else:
+        why = f"it answered {head[:8]!r}" if head else "it closed the connection"
+    if len(head) < 4 or head[3] != 4:   # the frame type of SETTINGS
+        raise UadcError(f"cannot connect to the Ray cluster at {address}: something answers there but not as Ray's "
+                        f"gRPC server does ({why}); give the head node's GCS address (default port 6379), or "
+                        f"ray://HOST:10001 for Ray Client")
 
 
 def _run(ray, plan: Plan, out: Path, artifacts: Path, done: dict[int, dict],

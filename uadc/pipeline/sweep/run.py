@@ -115,10 +115,13 @@ def run_plan(plan: Plan, artifacts: Path, out: Path, *, address: str | None = No
     ensure_dir(out)
     try:
         with file_lock(out):   # a second run into the folder waits, then reuses (both compiled every cell before)
+            # the grid's mark before its first cell: one stopped in it left cells/ alone, which its rerun refused
+            ensure_dir(out / RECORDS)
             return _run_plan(plan, artifacts, out, address, num_cpus, sequential, on_record, table, t0)
     except BaseException:
-        if made:   # a new --out that nothing was written into (Ray could not start, a cell did not fit)
-            with contextlib.suppress(OSError):
+        if made and [p.name for p in out.iterdir()] in ([], [RECORDS]):   # a new --out that nothing was written
+            with contextlib.suppress(OSError):   # into (Ray could not start, a cell did not fit)
+                (out / RECORDS).rmdir()
                 out.rmdir()
         raise
 
