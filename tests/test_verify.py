@@ -254,6 +254,8 @@ def test_verify_passes_on_the_artifact_itself_and_json_keys_are_stable(artifacts
     for key in d:
         assert f"`{key}`" in section, f"JSON key {key!r} not documented in README's Regression gate section"
     assert (tmp_path / "v.md").read_text().startswith("# uadc verify: PASS")
+    ref, cand = d["thresholds"]["reference"], d["thresholds"]["candidate"]   # one order on both sides
+    assert all(list(ref[c]) == list(cand[c]) for c in ref), (ref, cand)
     # `--json -`: the JSON alone on stdout, for a pipeline to read (it wrote a file named '-' before)
     r = CliRunner().invoke(main, ["verify", str(fp32), "--json", "-"])
     assert r.exit_code == 0 and json.loads(r.stdout).keys() == d.keys() and not (Path.cwd() / "-").exists()

@@ -322,8 +322,9 @@ def _manifest_thresholds(artifact: Path, base: dict) -> dict | None:
     for cat, spread in base.items():
         own = cat == "global" or (cat in t.categories and t.validation.get(cat, 1) > 0)   # 0: a copy of global
         ct = t.get(cat if cat in t.categories else None)
-        # "n" stays the spread's: the normals its score_std came from (the artifact's count judged a spread of 2)
-        out[cat] = {"n": ct.image.n, **spread, "image": ct.image.value, "pixel": ct.pixel.value,
+        # "n" stays the spread's: the normals its score_std came from (the artifact's count judged a spread of 2);
+        # the keys in the reference's order
+        out[cat] = {**spread, "image": ct.image.value, "pixel": ct.pixel.value,
                     "quantile": ct.image.quantile, "source": "artifact.json" if own else GLOBAL_FALLBACK}
     return out
 
