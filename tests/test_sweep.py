@@ -54,6 +54,11 @@ def test_plan_cells_collapse_float_targets_and_share_models(tiny):
     assert len({c.id for c in plan.cells}) == len(plan.cells)
     fp32 = [c for c in plan.cells if c.options["target"] == "ort-cpu-fp32"]
     assert all(c.options["calibrator"] is None for c in fp32)
+    # precision auto over every partition: its id names them ("/8//auto" before)
+    spec, base, name = load_sweep(_sweep_file(d, recipe, axes={"target": ["ort-cpu-int8"], "calibrator": ["minmax"],
+                                                               "precision": ["auto"]}))
+    ids = [c.id for c in make_plan(spec, base, name).cells]
+    assert ids == ["tiny/ort-cpu-int8/minmax/random-normal/8/all/auto"]
 
 
 def test_plan_fills_recipe_defaults_and_one_class_models(tiny):
@@ -178,6 +183,8 @@ def test_sequential_sweep_records_failures_and_resumes(tiny, tmp_path):
     assert len(status) == 3
     bad = [s for s in status.values() if s[0] == "failed"]
     assert len(bad) == 1 and bad[0][1].startswith("unknown calibrator 'no-such-calibrator'")
+    # the precision shipped; a failed cell shipped none (its axis value, `target`, read as one)
+    assert sorted(str(c["precision"]) for c in table["cells"]) == ["None", "fp32", "int8"]
     ok = [c for c in table["cells"] if c["status"] == "ok"]
     assert all(0 <= c["image_auroc"] <= 1 and c["latency_ms"] > 0 and c["model_bytes"] > 0 for c in ok)
     assert all((tmp_path / "o" / c["artifact"] / "report.json").is_file() for c in ok)

@@ -250,7 +250,7 @@ def _cells(grid: Axes, model: Model, fixed: dict) -> list[Cell]:
         cid = f"{model.name}/{opts['target']}"
         if opts["calibrator"] is not None:
             cid += f"/{opts['calibrator']}/{opts['calib_data']}/{opts['calib_samples']}/" \
-                   f"{'+'.join(opts['quantize'] or [])}" + ("/auto" if opts["precision"] == "auto" else "")
+                   f"{'+'.join(opts['quantize'] or ['all'])}" + ("/auto" if opts["precision"] == "auto" else "")
         axes = {**fixed, "category": model.category, **opts}
         out.append(Cell(cid, model.key, axes, opts))
     return out

@@ -36,6 +36,8 @@ def make_rows(plan: Plan, records: list[dict]) -> list[dict]:
         row = {c: None for c in COLUMNS}
         row.update({k: v for k, v in axes.items() if k in row})
         row.update({k: v for k, v in rec.items() if k in row})
+        if rec.get("status") != "ok":   # the precision shipped: a failed cell's axis value (target, auto) read as one
+            row["precision"] = None
         row.update(cell=cell.id, key=rec.get("key"))
         rows.append(row)
     return rows
