@@ -229,7 +229,9 @@ def test_wrong_argument_types_are_one_line_errors(trained, tmp_path, tiny_data):
             (lambda: uadc.verify(art, budgets=["x"]), "budgets: expected {key: value}"),
             (lambda: uadc.compare_calibrators(recipe, calibrators="minmax,nope", sources="train", artifacts=art,
                                               out=tmp_path / "cc"), "unknown calibrator 'nope'"),   # 'm' before
-            (lambda: uadc.sweep(None), "sweep: expected a sweep file's path")):
+            (lambda: uadc.sweep(None), "sweep: expected a sweep file's path"),
+            (lambda: uadc.compare_calibrators(recipe, None, artifacts=art, out=tmp_path / "cn"),
+             "target: expected a target name, one of ort-cpu-fp32")):   # "unknown target 'None'"
         with pytest.raises(UadcError, match=why):
             call()
     assert torch.get_num_threads() == threads and not any(tmp_path.iterdir())

@@ -123,6 +123,8 @@ def inference_hint_of(target: str | None) -> str:
 
 
 def get_target(name: str) -> Target:
-    if not isinstance(name, str) or name not in TARGETS:
+    if not isinstance(name, str):   # compare_calibrators(r, None) said "unknown target 'None'"
+        raise UadcError(f"target: expected a target name, one of {', '.join(TARGETS)}; got {type(name).__name__}")
+    if name not in TARGETS:
         raise UadcError(f"unknown target {str(name)[:60]!r}; expected one of {', '.join(TARGETS)}")
     return TARGETS[name]
