@@ -176,14 +176,16 @@ def test_another_machines_temp_is_left_to_it(tmp_path, monkeypatch):
     import time
     from uadc.core import io
     dead = 4_000_000   # above Linux's largest pid
-    here, there, old = (tmp_path / f".cell{io.TMP_TAG}{dead}@{host}-deadbeef" for host in
-                        (io._host(), "0123abcd" if io._host() != "0123abcd" else "3210dcba", "89abcdef"))
-    for p in (here, there, old):
+    host, boot = io._host()
+    other = "0123abcd" if host != "0123abcd" else "3210dcba"
+    here, there, old = (tmp_path / f".cell{io.TMP_TAG}{dead}@{h}.{boot}-deadbeef" for h in (host, other, other[::-1]))
+    rebooted = tmp_path / f".ckpt{io.TMP_TAG}{os.getpid()}@{host}.{'0000' if boot != '0000' else '1111'}-deadbeef"
+    for p in (here, there, old, rebooted):   # an earlier boot's writer no longer runs, whatever its pid is now
         p.mkdir()
         (p / "model.onnx").write_bytes(b"half")
     week = time.time() - (io.FOREIGN_TEMP_DAYS + 1) * 86400
     os.utime(old, (week, week))
     ours = io._tmp_name(tmp_path / "cell")
-    assert io._TMP_RE.match(ours.name).group("host") == io._host()
+    assert io._TMP_RE.match(ours.name).group("host", "boot") == io._host()
     io.atomic_write_bytes(tmp_path / "x.txt", b"x")   # a write cleans its folder
-    assert there.is_dir() and not here.exists() and not old.exists()
+    assert there.is_dir() and not here.exists() and not old.exists() and not rebooted.exists()

@@ -181,6 +181,19 @@ def test_a_warm_up_as_long_as_the_training_is_warned_about(recipe_factory, tmp_p
     assert "not a multiple of" not in caplog.text   # 64 px: the stride-8 features line up
 
 
+def test_the_misalignment_warning_finds_the_deepest_stride(caplog):
+    """At 40 px a stride-32 map is 2 wide: the stride was taken for 16, and 32 or 48 recommended (48 then warned)."""
+    import torch
+    from uadc.training.fit import _warn_misaligned
+    for size, sides, said in ((40, (10, 5, 2), "40 is not a multiple of 32,"), (48, (12, 6, 2), "48 is not a multiple "
+                                                                                           "of 32,"),
+                              (64, (16, 8, 2), None), (33, (17, 9, 5), "33 is not a multiple of 8,")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="uadc"):
+            _warn_misaligned(None, torch.zeros(1, 3, size, size), [torch.zeros(1, 1, s, s) for s in sides])
+        assert said in caplog.text if said else "not a multiple" not in caplog.text, (size, caplog.text)
+
+
 def test_an_image_size_the_deepest_features_do_not_divide_is_warned_about(recipe_factory, tmp_path, caplog):
     """33 or 129 px (SAME padding, bilinear upsampling): the maps peaked at the image borders, and image AUROC
     fell from 1.0 at 32 px to 0.44 at 33 on the tiny set, without a word (the schema allows any size >= 32)."""

@@ -190,7 +190,7 @@ def test_runtime_without_torch_matches_in_process_evaluation(int8_artifact, tmp_
             uadc.train
             said = None
         except uadc.UadcError as exc:
-            said = str(exc)
+            said = str(exc) if isinstance(exc, ImportError) else "not an ImportError"   # a caller's guard catches it
         json.dump({{"scores": [p.score for p in preds], "labels": [p.label for p in preds],
                    "maps": [p.anomaly_map.tolist() for p in preds], "said": said,
                    "torch": sys.modules.get("torch") is not None}}, sys.stdout)
@@ -772,9 +772,12 @@ def test_a_path_through_a_category_folder_is_judged_by_the_folder_it_is_in(tmp_p
     assert infer_category(Path("data/stripes/test/good/x.png"), cats) == "stripes"
     (tmp_path / "gray").symlink_to(tmp_path)   # a linked folder's own name still counts
     assert infer_category(tmp_path / "gray" / "x.png", cats) == "gray"
-    # the folder it is run from is not the image's: `cd gray; uadc predict art cam1` judged cam1's images as gray
-    monkeypatch.chdir(tmp_path / "gray")
-    assert infer_category(Path("cam1/x.png"), cats) is None and infer_category(Path("../x.png"), cats) is None
+    # the folder it is run from counts (`uadc predict art .` in gray/test), and named_in says it was not in the path
+    from uadc.core.manifest import named_in
+    (tmp_path / "real" / "gray").mkdir(parents=True)   # a real folder: the working folder is its resolved path
+    monkeypatch.chdir(tmp_path / "real" / "gray")
+    assert infer_category(Path("cam1/x.png"), cats) == "gray" and not named_in(Path("cam1/x.png"), "gray")
+    assert named_in(Path("../gray/cam1/x.png"), "gray") and not named_in(Path("gray"), "gray")   # a file's folders
 
 
 def test_a_user_mistake_in_predict_leaves_no_out_folder_or_lock(int8_artifact, tiny_data, tmp_path, monkeypatch):
@@ -1336,7 +1339,9 @@ def test_an_engine_built_from_another_model_is_refused(int8_artifact, tmp_path, 
     assert any("nothing records which model.onnx it was built from" in w for w in det.warnings), det.warnings
     tools = tmp_path / "tools"
     tools.mkdir()
-    (tools / "trtexec").write_text("#!/bin/sh\necho '&&&& RUNNING TensorRT.trtexec [TensorRT v100300]'\n")
+    (tools / "trtexec").write_text("#!/bin/sh\necho '&&&& RUNNING TensorRT.trtexec [TensorRT v100300]'\n"
+                                   '[ "$1" = --help ] && exit 0\n[ -n "$FAIL" ] && exit 1\n'   # FAIL=1: the build fails
+                                   'echo engine > model.engine\n')
     (tools / "trtexec").chmod(0o755)
     (art / "build_engine.sh").write_text(_render_script("model.onnx", "model.engine", None, (8, 5, 0),
                                                         {10: ["--onnx=model.onnx"]}))
@@ -1350,6 +1355,32 @@ def test_an_engine_built_from_another_model_is_refused(int8_artifact, tmp_path, 
     with pytest.raises(UadcError, match=r"model.engine was built from another model.onnx \(sha256 000000000000, this "
                                         rf"artifact's is {sha[:12]}\): rerun build_engine.sh on this device"):
         Detector.load(art, backend="tensorrt")
+    # a rebuild that fails leaves no engine of the model before (it ran, with a warning only, once its record was gone)
+    failed = subprocess.run(["bash", str(art / "build_engine.sh")], capture_output=True, text=True, timeout=30,
+                            env=dict(os.environ, TRTEXEC=str(tools / "trtexec"), FAIL="1"))
+    assert failed.returncode == 1 and not (art / "model.engine").exists()
+    with pytest.raises(UadcError, match="has no TensorRT engine"):   # the ONNX Runtime artifact this test borrows
+        Detector.load(art, backend="tensorrt")
+
+
+def test_a_category_taken_from_the_folder_predict_runs_in_is_said(int8_artifact, tiny_data, tmp_path, monkeypatch,
+                                                                   caplog):
+    """`cd gray; uadc predict ART cam1` judged cam1's images at gray's thresholds without a word (a project folder
+    named like a product); `uadc predict ART .` inside gray/test is judged as gray, as before, and said so too."""
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    det = Detector.load(int8_artifact[2].path)
+    shutil.copytree(tiny_data / "gray" / "test" / "blob", tmp_path / "gray" / "cam1")
+    monkeypatch.chdir(tmp_path / "gray")
+    with caplog.at_level("WARNING", logger="uadc"):
+        run = predict_paths(det, [Path("cam1")])
+    n = len(run.records)
+    assert n and {r["category"] for r in run.records} == {"gray"}
+    assert f"{n} images judged as gray: taken from a folder above the inputs given" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="uadc"):
+        predict_paths(det, [tmp_path / "gray" / "cam1"])   # named in the path: nothing to say
+    assert "taken from a folder above" not in caplog.text
 
 
 def test_an_image_gone_after_scoring_keeps_its_overlay_and_a_long_row_is_still_ours(int8_artifact, tiny_data, tmp_path):

@@ -443,6 +443,7 @@ def test_a_category_without_validation_normals_passes_its_own_gate(tmp_path):
     thr = res.to_dict()["thresholds"]
     assert thr["candidate"]["gray"]["source"].startswith("artifact.json global")
     assert thr["reference"]["gray"]["image"] == thr["reference"]["global"]["image"]
+    assert thr["reference"]["gray"]["n"] == 0   # the global spread is not this category's own (it said 5 normals)
 
 
 def test_an_fp32_artifact_decides_as_its_reference_with_more_validation_normals_than_the_golden_set(tmp_path,

@@ -58,6 +58,11 @@ class RuntimeFault(UadcError):
     inputs (a runtime defect on that graph): a search judges such a candidate as unfaithful."""
 
 
+class MissingDependency(UadcError, ImportError):
+    """A package uadc needs does not import here: one line, and still an ``ImportError`` to a caller that
+    guards an optional import (``try: from uadc import train except ImportError``)."""
+
+
 @contextlib.contextmanager
 def dependencies_checked() -> Iterator[None]:
     """A package uadc imports that does not import here (uninstalled after uadc; a broken install: a
@@ -75,10 +80,10 @@ def dependencies_checked() -> Iterator[None]:
         why = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] == name and \
                 exc.name != name and _imports(name):   # the package is there, without that module
-            raise UadcError(f"{name} {_version(name)} has no module {exc.name} ({why}): a version uadc does not "
-                            f"support; install the one its requirements name (pip install uadc)") from None
-        raise UadcError(f"the {name} module does not import here ({why}); this command needs it: install uadc's "
-                        f"dependencies again (pip install uadc, with the extras you use)") from None
+            raise MissingDependency(f"{name} {_version(name)} has no module {exc.name} ({why}): a version uadc does "
+                                    f"not support; install the one its requirements name (pip install uadc)") from None
+        raise MissingDependency(f"the {name} module does not import here ({why}); this needs it: install uadc's "
+                                f"dependencies again (pip install uadc, with the extras you use)") from None
 
 
 def _failed_import(exc: BaseException) -> str | None:

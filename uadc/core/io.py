@@ -41,28 +41,29 @@ LOCK_INSIDE = "uadc.lock"   # a folder's own lock file (hidden) where its parent
 OUTPUT_MARKERS = {"artifact.json": ("schema", "uadc_version", "files"), "report.json": ("schema", "target", "recipe_hash"),
                   "qat.json": ("recipe_hash", "model_hash", "target"), "compare.json": ("cells", "target", "fp32"),
                   "sweep.json": ("cells", "pareto", "name")}
-_TMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TMP_TAG) + r"(?P<pid>\d+)(?:@(?P<host>[0-9a-f]{8}))?-[0-9a-f]+"
-                     r"(?:\.tmp)?$")
+_TMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TMP_TAG)
+                     + r"(?P<pid>\d+)(?:@(?P<host>[0-9a-f]{8})\.(?P<boot>[0-9a-f]{4}))?-[0-9a-f]+(?:\.tmp)?$")
 FOREIGN_TEMP_DAYS = 7   # another machine's temp (a shared artifacts root) is removed once this old
 
 
 @functools.lru_cache(maxsize=1)
-def _host() -> str:
-    """This machine (and container) in a temp's name: a pid means nothing on another one, and a sweep
-    cell on one Ray node removed another node's cell while it was being written."""
+def _host() -> tuple[str, str]:
+    """This machine (and container) and its boot in a temp's name: a pid means nothing on another
+    machine (a sweep cell on one Ray node removed another node's cell while it was being written),
+    and no writer of an earlier boot still runs."""
     import hashlib
     import socket
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         boot = ""
-    return hashlib.sha256(f"{socket.gethostname()}|{boot}".encode()).hexdigest()[:8]
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8], hashlib.sha256(boot.encode()).hexdigest()[:4]
 
 
 def _tmp_name(final: Path) -> Path:
     """A hidden temp beside ``final``; its name is cut so that it, with ``.tmp``, stays within the
     255 bytes a file name may have (a legal 255-byte name plus the tag failed to write)."""
-    tag = f"{TMP_TAG}{os.getpid()}@{_host()}-{uuid.uuid4().hex[:8]}"
+    tag = f"{TMP_TAG}{os.getpid()}@{'.'.join(_host())}-{uuid.uuid4().hex[:8]}"
     name = os.fsdecode(os.fsencode(final.name)[:255 - len(tag) - len(".") - len(".tmp")])
     return final.with_name(f".{name}{tag}")
 
@@ -103,8 +104,9 @@ def _stale(p: Path) -> bool:
     m = _TMP_RE.match(p.name)
     if m is None:
         return False
-    if m.group("host") in (None, _host()):   # no host: an older uadc's temp, taken as this machine's
-        return not _pid_alive(int(m.group("pid")))
+    host, boot = _host()
+    if m.group("host") in (None, host):   # no host: an older uadc's temp, taken as this machine's
+        return m.group("boot") not in (None, boot) or not _pid_alive(int(m.group("pid")))   # an earlier boot's
     try:
         return time.time() - p.lstat().st_mtime > FOREIGN_TEMP_DAYS * 86400
     except OSError:

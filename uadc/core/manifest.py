@@ -330,16 +330,22 @@ def check_outside_artifacts(out: Path, below: bool = False) -> None:
 
 
 def infer_category(path: Path, categories: Sequence[str]) -> str | None:
-    """The category named by the nearest folder of ``path`` as given (``.../bottle/test/x.png`` ->
-    ``bottle``); ``None`` when no folder is a known category (the global thresholds apply). The path is
+    """The category named by the nearest folder of ``path`` (``.../bottle/test/x.png`` ->
+    ``bottle``; a relative path's working folder counts: ``uadc predict ART .`` in ``bottle/test``);
+    ``None`` when no folder is a known category (the global thresholds apply). The path is
     normalised first: ``stripes/../../odd/x.png`` is not in ``stripes`` (links are not followed: a
-    linked folder's own name counts). A relative path's working directory is not read: ``cam1/x.png``
-    run from a folder named ``gray`` was judged a ``gray`` image, without a word."""
-    for part in reversed(Path(os.path.normpath(path)).parts[:-1]):
+    linked folder's own name counts). :func:`named_in` says whether the path as given names it."""
+    for part in reversed(Path(os.path.normpath(Path(path).absolute())).parts[:-1]):
         found = next((c for c in categories if same_name(c, part)), None)
         if found is not None:
             return found
     return None
+
+
+def named_in(path: Path, category: str) -> bool:
+    """Whether ``path`` as written (not its working folder) names ``category``: ``cam1/x.png`` run in a
+    folder named ``gray`` was judged a ``gray`` image without a word."""
+    return any(same_name(category, part) for part in Path(os.path.normpath(path)).parts[:-1])
 
 
 def _listed_files(folder: Path) -> list[Path]:

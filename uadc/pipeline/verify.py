@@ -120,7 +120,8 @@ def _golden_thresholds(g: GoldenSet, normal: np.ndarray, baseline: Any) -> dict[
         cats, scores, maps = g.categories()[normal], g.output("score")[normal], g.output("anomaly_map")[normal, 0]
     thr = fidelity.reference_thresholds(scores, maps, cats, deploy.false_alarm_rate, deploy.threshold_margin)
     for cat in sorted(set(g.categories()[normal].tolist()) - set(thr)):
-        thr[cat] = {**thr["global"], "source": "reference outputs, global (no validation normals of its own)"}
+        thr[cat] = {**thr["global"], "n": 0,   # none of its own: the global spread is not this category's
+                    "source": "reference outputs, global (no validation normals of its own)"}
     return thr
 
 

@@ -24,7 +24,7 @@ from uadc.core.io import (atomic_write_bytes, atomic_write_text, check_dir_creat
                           file_lock, staged_files)
 from uadc.core.process import signals_deferred
 from uadc.core.scoped import logged_warnings
-from uadc.core.manifest import GLOBAL, check_outside_artifacts, infer_category
+from uadc.core.manifest import GLOBAL, check_outside_artifacts, infer_category, named_in
 from uadc.core.progress import progress
 from uadc.runtime.detector import Detector, Prediction
 from uadc.runtime.preprocess import load_rgb, model_input
@@ -170,6 +170,8 @@ def _predict(detector: Detector, found: FoundImages, category: str | None, out: 
     tables = (lambda: _write_tables(run, Path(out))) if out else None
     # overlays move into out/overlays/ once every image ran, the tables naming them right after, as
     # one step: a run stopped half-way leaves none of them, one stopped while they move in all of them
+    if category is None and infer:
+        _warn_categories_from_above(files, detector.categories)
     with staged_files(Path(out) / OVERLAYS_DIR, then=tables) if names else contextlib.nullcontext() as stage:
         _run_images(detector, files, category, infer, batch_size, run, stage, names)
         n_global = sum(r["category"] is None for r in run.records)
@@ -182,6 +184,19 @@ def _predict(detector: Detector, found: FoundImages, category: str | None, out: 
         with signals_deferred():   # predictions.jsonl and .csv: both or neither
             tables()
     return run
+
+
+def _warn_categories_from_above(files: list[Path], categories: list[str]) -> None:
+    """A category named only by the folder uadc runs in (``cd gray; uadc predict ART cam1``): judged so, and said."""
+    above: dict[str, int] = {}
+    for f in files:
+        cat = infer_category(f, categories)
+        if cat is not None and not named_in(f, cat):
+            above[cat] = above.get(cat, 0) + 1
+    if above:
+        log.warning("%s: taken from a folder above the inputs given (the one uadc runs in, %s), not from their paths; "
+                    "pass --category (or category=) if that folder is not the product", ", ".join(
+                        f"{n} image{'s' * (n > 1)} judged as {c}" for c, n in sorted(above.items())), shown(Path.cwd()))
 
 
 def _run_images(detector: Detector, files: list[Path], category: str | None, infer: bool, batch_size: int,

@@ -41,12 +41,13 @@ def _warn_misaligned(model: KDModel, images: torch.Tensor, t_cache: list[torch.T
         with torch.no_grad():
             t_cache = model.eval().teacher_features(images[:1])
     side = min(int(f.shape[-1]) for f in t_cache) if t_cache else size
-    stride = 2 ** round(math.log2(size / max(side, 1)))
+    stride = 2 ** math.ceil(math.log2(size / max(side, 1)) - 1e-9)   # side = ceil(size / stride): 40 px, stride 32
     if stride > 1 and size % stride:
         low = size - size % stride
         log.warning("data.image_size %d is not a multiple of %d, the stride of the model's deepest features: their "
-                    "cells do not line up with the pixels, and anomaly maps can peak at the image borders (a review measured "
-                    "far lower AUROC at 33 and 129 px than at 32 and 128); %d or %d line up", size, stride, low, low + stride)
+                    "cells do not line up with the pixels, and anomaly maps can peak at the image borders (a review "
+                    "measured far lower AUROC at 33 and 129 px than at 32 and 128); %d or %d line up",
+                    size, stride, low, low + stride)
 
 
 def _optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +15,11 @@ from uadc.core.images import IMAGE_EXTS, find_images
 from uadc.core.manifest import infer_category
 from uadc.data.mvtec import load_image
 from uadc.export.onnx_export import get_metadata
+
+
+def _folder_name(d: Path) -> str:
+    """The folder's own name (``.`` and ``..`` named as the folders they are, not ``''`` and ``..``)."""
+    return Path(os.path.abspath(d)).name or str(d)
 
 
 def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
@@ -53,6 +59,6 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
             notes.append(f"--images {d}: judged the first {limit} of its {len(files)} images (sorted by path)")
         for p in files[:limit]:
             images.append(((load_image(p, size) - mean) / std).transpose(2, 0, 1))
-            records.append({"kind": "user", "category": infer_category(p, categories) or d.name, "label": None,
+            records.append({"kind": "user", "category": infer_category(p, categories) or _folder_name(d), "label": None,
                             "source": str(p)})
     return np.ascontiguousarray(np.stack(images), dtype=np.float32), records, notes

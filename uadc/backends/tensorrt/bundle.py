@@ -234,7 +234,7 @@ def _render_script(
     record = q(engine_name + ENGINE_SOURCE_SUFFIX)   # which model.onnx the engine is: the runtime checks it
     lines += _version_lines(min_version) + _cache_lines(calib_cache) + _dispatch_lines(variants) + [
         "",
-        f"rm -f -- {record}",
+        f"rm -f -- {q(engine_name)} {record}   # a failed build leaves no engine of the model.onnx before",
         'echo "+ ${cmd[*]} $*"',
         '"${cmd[@]}" "$@"',
         f"sha=\"$( (sha256sum -- {q(onnx_name)} 2>/dev/null || shasum -a 256 -- {q(onnx_name)} 2>/dev/null || true)"

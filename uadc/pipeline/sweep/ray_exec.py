@@ -103,13 +103,14 @@ _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 
 def _check_grpc(conn: socket.socket, address: str) -> None:
     """Ray's GCS and client server speak gRPC, whose server opens with an HTTP/2 SETTINGS frame. A port that
     answers otherwise (an HTTP server, Ray's dashboard on 8265) made ray.init retry for ever."""
+    head, why = b"", ""
     try:
         conn.sendall(_HTTP2_PREFACE)
-        head = conn.recv(9)
+        while len(head) < 4 and (part := conn.recv(9 - len(head))):   # a frame may come in several segments
+            head += part
     except OSError as exc:
-        head, why = b"", C.one_line(exc) or type(exc).__name__
-    else:
-        why = f"it answered {head[:8]!r}" if head else "it closed the connection"
+        why = C.one_line(exc) or type(exc).__name__
+    why = why or (f"it answered {head[:8]!r}" if head else "it closed the connection")
     if len(head) < 4 or head[3] != 4:   # the frame type of SETTINGS
         raise UadcError(f"cannot connect to the Ray cluster at {address}: something answers there but not as Ray's "
                         f"gRPC server does ({why}); give the head node's GCS address (default port 6379), or "
