@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 
 import numpy as np
@@ -324,6 +325,16 @@ def test_test_images_that_are_training_images_or_loose_in_test_are_named(data, c
         prepare_data(recipe)
     assert "category 'a': 3 of its training images are test images too" in caplog.text
     assert f"{data / 'b' / 'test'}: 1 image directly in it is not read" in caplog.text
+    # hard links (cp -al, rsync --link-dest) are the same files: a test/good of them was trained on without a word
+    shutil.rmtree(data / "b" / "test" / "good")
+    shutil.copytree(data / "b" / "train" / "good", data / "b" / "test" / "good", copy_function=os.link)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="uadc"):
+        prepare_data(recipe_from_dict({"data": {"sources": [{"root": str(data)}], "image_size": 32, "val_fraction": 0.5}}))
+    n = len(list((data / "b" / "train" / "good").iterdir()))
+    assert f"category 'b': {n - n // 2} of its training images are test images too" in caplog.text, caplog.text
+    assert f"category 'b': {n // 2} of its {n // 2} validation normals (drawn from train/good by " \
+           f"data.val_fraction) are test images" in caplog.text
 
 
 def test_an_image_removed_while_a_folder_is_read_is_named_so(tmp_path):
@@ -450,3 +461,38 @@ def test_a_masks_folder_in_another_case_jfif_images_and_a_turned_images_mask(dat
     with pytest.raises(UadcError, match=r"mask size \(48, 32\) differs from image size \(32, 48\) \(after its EXIF "
                                         r"orientation, which turns it upright\)"):
         load_mask(img, 32)
+
+
+def test_a_validation_folder_of_masks_is_refused(data):
+    """A data.val folder under ground_truth/, or holding *_mask files, was taken as validation normals: a threshold
+    13x above the normals' range (escape rate 0.75), no warning."""
+    from uadc.config.recipe import recipe_from_dict
+    from uadc.core.errors import UadcError
+    from uadc.data.prepare import prepare_data
+    mixed = data.parent / "valb"
+    mixed.mkdir()
+    shutil.copy(next((data / "b" / "train" / "good").iterdir()), mixed / "000.png")
+    shutil.copy(next((data / "b" / "ground_truth").rglob("*_mask.png")), mixed)
+    masks = next((data / "b" / "ground_truth").iterdir())
+    for folder, said in ((masks, "is in a ground_truth/ folder of masks"), (mixed, "holds masks (000_mask.png")):
+        recipe = recipe_from_dict({"data": {"sources": [{"root": str(data)}], "image_size": 32,
+                                            "val": [{"category": "b", "folder": str(folder)}]}})
+        with pytest.raises(UadcError, match=re.escape(said)):
+            prepare_data(recipe)
+
+
+def test_a_validation_category_typed_in_the_other_unicode_form_is_its_folder(data):
+    """`data.val: [{category: café}]` typed NFC beside a folder café copied from macOS (NFD): "category 'café' is
+    not in data.sources", naming what looked like the same name."""
+    import unicodedata
+    from uadc.config.recipe import recipe_from_dict
+    from uadc.data.prepare import prepare_data
+    nfd, nfc = unicodedata.normalize("NFD", "café"), unicodedata.normalize("NFC", "café")
+    (data / "b").rename(data / nfd)
+    val = data.parent / "val"
+    val.mkdir()
+    for i, src in enumerate(sorted((data / nfd / "train" / "good").iterdir())[:2]):
+        shutil.copy(src, val / f"v{i}.png")
+    d = prepare_data(recipe_from_dict({"data": {"sources": [{"root": str(data)}], "image_size": 32,
+                                                "val": [{"category": nfc, "folder": str(val)}]}}))
+    assert len(d.val[nfd]) == 2

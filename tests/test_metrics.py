@@ -273,6 +273,7 @@ def test_one_class_comparison_uses_only_this_recipes_unified_eval(tmp_path):
     import json
 
     from uadc.config.recipe import recipe_from_dict
+    from uadc.data.sources import data_fingerprint
     from uadc.evaluation.run import EvalResult, _unified_eval
     recipe = recipe_from_dict({"data": {"sources": [{"root": str(tmp_path), "categories": ["a", "b"]}]}})
     per_cat = {c: {"image_auroc": 0.9, "pixel_auroc": 0.8} for c in ("a", "b")}
@@ -282,9 +283,9 @@ def test_one_class_comparison_uses_only_this_recipes_unified_eval(tmp_path):
     from uadc.core.io import sha256_file
     sha = sha256_file(ckpt)
 
-    def written(cats, recipe_hash=recipe.hash, checkpoint_sha=sha) -> EvalResult | None:
+    def written(cats, recipe_hash=recipe.hash, checkpoint_sha=sha, data=data_fingerprint(recipe)) -> EvalResult | None:
         doc = EvalResult({"image_auroc": 0.9}, {c: dict(per_cat["a"]) for c in cats}, {},
-                         {"recipe_hash": recipe_hash, "checkpoint_sha256": checkpoint_sha})
+                         {"recipe_hash": recipe_hash, "checkpoint_sha256": checkpoint_sha, "data_fingerprint": data})
         path.write_text(json.dumps(doc.to_dict()))
         return _unified_eval(path, recipe, per_cat, ckpt)
 
@@ -292,6 +293,7 @@ def test_one_class_comparison_uses_only_this_recipes_unified_eval(tmp_path):
     assert written(["a"]) is None                            # an earlier recipe without category b
     assert written(["a", "b"], recipe_hash="other") is None  # the same categories, other settings
     assert written(["a", "b"], checkpoint_sha="0" * 64) is None   # a model retrained since
+    assert written(["a", "b"], data="0" * 16) is None   # test images removed since: 8 images' figures against 4's
     path.write_text('{"mean": ')
     assert _unified_eval(path, recipe, per_cat, ckpt) is None
     path.unlink()

@@ -534,6 +534,11 @@ def test_diff_refuses_a_candidate_that_does_not_cover_the_images_categories(arti
     assert uadc.verify(stripes).images   # its own golden set: judged
     d = uadc.diff(fp32, stripes, images=[tiny_data / "stripes" / "test" / "good"])   # the shared category: judged
     assert set(d.categories) == {"stripes"}
+    # `uadc eval RECIPE --checkpoint ARTIFACT` scored gray under the stripes model's name, exit 0
+    for given in (stripes, stripes / "model.onnx"):
+        with pytest.raises(UadcError, match=r"was compiled for stripes; recipe \w+'s test data holds gray, which it "
+                                            r"was not trained on"):
+            uadc.evaluate(given, recipe)
 
 
 def test_verify_and_diff_on_an_image_folder(artifacts, tiny_data):

@@ -113,6 +113,16 @@ def _stale(p: Path) -> bool:
         return False
 
 
+def file_key(path: Path) -> tuple:
+    """One file however it is reached: a symlink, another spelling, or a hard link (``cp -al``,
+    ``rsync --link-dest``: a test/good of hard links to train/good was trained on without a word)."""
+    try:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+    except OSError:   # gone: its path, as before
+        return (Path(path).resolve(),)
+
+
 def check_no_phantom_parent(path: Path) -> None:
     """Refuse a ``..`` that follows a folder that does not exist. The system refuses such a path, but
     the folders a writer makes on the way give it a meaning past every check of what is there:

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
+from uadc.core.io import file_key
 from uadc.core.images import (IMAGE_EXTS, OTHER_IMAGE_EXTS, check_utf8_name, eight_bit, is_hidden, not_a_file,
                               open_image)
 
@@ -230,10 +231,10 @@ def build_train_set(pairs: Sequence[tuple[Path, str]], image_size: int, norm: tu
     """Unified training set: the good images of every (root, category) together (``listed`` where
     the caller has listed them already), minus ``exclude`` (the held-out validation normals)."""
     samples = []
-    held_out = {p.resolve() for p in exclude}      # one file however its path is spelt
+    held_out = {file_key(p) for p in exclude}      # one file however its path is spelt, or hard-linked
     for root, cat in pairs:
         found = listed[cat] if listed is not None else list_train_samples(root, cat)
-        kept = [s for s in found if s.path.resolve() not in held_out][:limit]
+        kept = [s for s in found if file_key(s.path) not in held_out][:limit]
         if not kept:
             raise UadcError(f"category {cat!r} has no training images left: all {len(found)} of its train/good images "
                             f"are listed as validation normals (data.val); give data.val a folder of other images")
@@ -254,9 +255,18 @@ def split_validation(samples: Sequence[Sample], fraction: float, seed: int) -> l
 
 
 def list_folder_samples(folder: Path, category: str) -> list[Sample]:
-    """Defect-free images of ``category`` from a plain folder (recipe ``data.val``)."""
-    return _good_samples(folder, category, f"validation folder not found: {folder}",
-                         f"validation folder {folder} holds no images")
+    """Defect-free images of ``category`` from a plain folder (recipe ``data.val``). Masks are no
+    normals: a folder under ``ground_truth/``, or holding ``*_mask`` files, set a threshold 13x too high."""
+    if MASKS_FOLDER in (p.lower() for p in Path(folder).resolve().parts):
+        raise UadcError(f"validation folder {folder} is in a {MASKS_FOLDER}/ folder of masks; give a folder of "
+                        f"defect-free images")
+    samples = _good_samples(folder, category, f"validation folder not found: {folder}",
+                            f"validation folder {folder} holds no images")
+    masks = [s.path.name for s in samples if s.path.stem.lower().endswith("_mask")]
+    if masks:
+        raise UadcError(f"validation folder {folder} holds masks ({masks[0]}{' and others' if len(masks) > 1 else ''}: "
+                        f"named *_mask); give a folder of defect-free images only")
+    return samples
 
 
 def build_test_sets(pairs: Sequence[tuple[Path, str]], image_size: int, norm: tuple) -> dict[str, ImageDataset]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from uadc.config.recipe import Recipe
 from uadc.core.errors import UadcError
+from uadc.core.io import file_key, same_name
 from uadc.data.mvtec import (ImageDataset, Sample, build_test_sets, build_train_set, list_folder_samples,
                              list_train_samples, split_validation, validate_test_masks)
 from uadc.data.sources import resolve_sources
@@ -36,19 +37,25 @@ def validation_samples(recipe: Recipe, pairs: list[tuple[Path, str]],
     """category -> validation normals: ``data.val`` folders where given, else a seeded
     ``data.val_fraction`` share of the category's train/good images (``listed``)."""
     explicit: dict[str, list[Sample]] = {}
-    known = {c for _, c in pairs}
     seen: dict[Path, int] = {}
     for i, v in enumerate(recipe.data.val or []):
         real = Path(v.folder).resolve()
         if real in seen:   # its normals counted twice: thresholds on a doubled sample, the small-sample warning off
             raise UadcError(f"data.val[{i}]: folder {v.folder} is data.val[{seen[real]}]'s too")
         seen[real] = i
-        if v.category in known:
-            explicit.setdefault(v.category, []).extend(list_folder_samples(Path(v.folder), v.category))
+        cat = _own_name(v.category, pairs)
+        if cat is not None:
+            explicit.setdefault(cat, []).extend(list_folder_samples(Path(v.folder), cat))
     out = {}
     for root, cat in pairs:
         out[cat] = explicit.get(cat) or split_validation(listed[cat], recipe.data.val_fraction, recipe.seed)
     return out
+
+
+def _own_name(category: str, pairs: list[tuple[Path, str]]) -> str | None:
+    """The category a data.val entry names, typed in either Unicode form (a folder copied from macOS is
+    NFD): 'café' typed was "not in data.sources" beside the folder café."""
+    return next((c for _, c in pairs if same_name(c, category)), None)
 
 
 def _one_class(tests: dict[str, ImageDataset]) -> dict[str, str]:
@@ -61,20 +68,24 @@ def _one_class(tests: dict[str, ImageDataset]) -> dict[str, str]:
     return out
 
 
-def _val_in_tests(val: dict[str, list[Sample]], tests: dict[str, ImageDataset]) -> list[str]:
+def _val_in_tests(val: dict[str, list[Sample]], tests: dict[str, ImageDataset], given: set[str]) -> list[str]:
     """Validation normals that are also test images: the thresholds are then set on the very images
-    whose decisions are reported (false-reject rates look better than the line will see)."""
-    test_files = {s.path.resolve() for ds in tests.values() for s in ds.samples}
-    return [f"category {c!r}: {n} of its {len(ss)} validation normals (data.val) are test images: thresholds "
-            f"are set on images the test decisions are reported on; give data.val images outside test/"
-            for c, ss in val.items() if (n := sum(s.path.resolve() in test_files for s in ss))]
+    whose decisions are reported (false-reject rates look better than the line will see). ``given``:
+    the categories whose normals come from data.val (the others' from data.val_fraction)."""
+    def _val_source(c: str) -> str:   # it said "(data.val)" of normals drawn from a test/good linked to train/good
+        return "data.val" if c in given else "drawn from train/good by data.val_fraction"
+
+    test_files = {file_key(s.path) for ds in tests.values() for s in ds.samples}
+    return [f"category {c!r}: {n} of its {len(ss)} validation normals ({_val_source(c)}) are test images: "
+            f"thresholds are set on images the test decisions are reported on; keep them apart"
+            for c, ss in val.items() if (n := sum(file_key(s.path) in test_files for s in ss))]
 
 
 def _train_in_tests(train: list[Sample], tests: dict[str, ImageDataset]) -> list[str]:
     """Training images that are also test images (a test/good linked to train/good): AUROC on images
     the model trained on, with no warning."""
-    test_files = {s.path.resolve() for ds in tests.values() for s in ds.samples}
-    both = Counter(s.category for s in train if s.path.resolve() in test_files)
+    test_files = {file_key(s.path) for ds in tests.values() for s in ds.samples}
+    both = Counter(s.category for s in train if file_key(s.path) in test_files)
     return [f"category {c!r}: {n} of its training images are test images too: its figures judge images the model "
             f"trained on; keep train/ and test/ apart" for c, n in both.items()]
 
@@ -93,7 +104,7 @@ def _sources(recipe: Recipe) -> list[tuple[Path, str]]:
 def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeData:
     """Validates all data (train and test, masks included) before any training starts."""
     pairs = _sources(recipe)
-    unknown = sorted({v.category for v in recipe.data.val or []} - {c for _, c in pairs})
+    unknown = sorted(v.category for v in recipe.data.val or [] if _own_name(v.category, pairs) is None)
     if unknown:
         raise UadcError(f"data.val: category {unknown[0]!r} is not in data.sources")
     if categories:
@@ -118,7 +129,8 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeD
                  f"or more train/good images" for c, ds in val.items() if not len(ds) and any(len(v) for v in val.values())]
     warnings += [f"category {c!r}: its test folder holds {kind} images only, and AUROC needs good and defective "
                  f"ones: not evaluated" for c, kind in one_class.items()]
-    warnings += _val_in_tests(val_samples, tests) + _train_in_tests(train.samples, tests)
+    warnings += _val_in_tests(val_samples, tests, {_own_name(v.category, pairs) for v in recipe.data.val or []})
+    warnings += _train_in_tests(train.samples, tests)
     for w in warnings:
         log.warning(w)
     untested = [c for _, c in pairs if c not in tests and c not in one_class]

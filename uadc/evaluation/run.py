@@ -20,6 +20,7 @@ from uadc.core.progress import progress
 from uadc.core.scoped import eval_mode, torch_threads
 from uadc.data.mvtec import ImageDataset
 from uadc.data.prepare import RecipeData, prepare_data
+from uadc.data.sources import data_fingerprint
 from uadc.evaluation import metrics
 from uadc.models import KDModel
 from uadc.training.checkpoint import checkpoint_path, judged_categories, load_checkpoint
@@ -169,6 +170,7 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
     one_class = bool(blob.get("one_class"))
     result.extra = {"checkpoint": str(Path(ckpt).absolute()),   # eval.json's bytes: not the working folder's
                     "checkpoint_sha256": blob.sha256, "recipe_hash": recipe.hash,
+                    "data_fingerprint": data_fingerprint(recipe),   # the test images judged (names and sizes)
                     # the training's own (train --json's): another when `train --epochs N` overrode the recipe
                     "trained_recipe_hash": blob.get("recipe_hash"), "train_seconds": blob.get("train_seconds"),
                     **({"one_class": True, "trained_on": list(blob.get("categories") or [])} if one_class else {}),
@@ -229,14 +231,16 @@ def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None, write: boo
 
 def _unified_eval(path: Path, recipe: Recipe, categories: dict, checkpoint: Path) -> EvalResult | None:
     """The unified model's ``eval.json`` to compare with, if it is this recipe's, of the checkpoint there
-    now (a retrained model's was compared before) and covers every category (an older recipe's, or a
-    damaged file, is no basis for a comparison: None)."""
+    now (a retrained model's was compared before), of the data there now (test images removed since:
+    8 images' figures against 4's) and covers every category (an older recipe's, or a damaged file, is
+    no basis for a comparison: None)."""
     if not path.is_file() or not checkpoint.is_file():
         return None
     try:
         res = EvalResult.from_dict(read_json(path, "unified evaluation"))
         fits = res.extra.get("recipe_hash") == recipe.hash and not res.extra.get("one_class") and \
-            res.extra.get("checkpoint_sha256") == sha256_file(checkpoint) and all(
+            res.extra.get("checkpoint_sha256") == sha256_file(checkpoint) and \
+            res.extra.get("data_fingerprint") == data_fingerprint(recipe) and all(
             isinstance(res.categories.get(c), dict) and all(isinstance(res.categories[c].get(k), (int, float))
                                                           for k in m if k in ("image_auroc", "pixel_auroc"))
             for c, m in categories.items())

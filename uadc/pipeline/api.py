@@ -5,6 +5,7 @@ process-wide state (torch threads, stdout) as it found it."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -16,9 +17,9 @@ import numpy as np
 from uadc.config.recipe import Recipe, default_artifacts_root, load_recipe
 from uadc.config.targets import TARGETS
 from uadc.config.validation import name_list
-from uadc.core.constants import CALIBRATION_KINDS, MANIFEST_FILE
+from uadc.core.constants import CALIBRATION_KINDS, DEPLOY_METADATA, MANIFEST_FILE
 from uadc.core.errors import UadcError
-from uadc.core.manifest import read_manifest
+from uadc.core.manifest import model_metadata, read_manifest
 from uadc.core.io import JsonResult, as_path, check_replaceable, sha256_file
 from uadc.core.numbers import flags, whole_number
 from uadc.core.scoped import check_threads, torch_threads, training_state
@@ -115,6 +116,7 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
         own = _own_runtime(Path(model_or_artifact), r.train.threads)
         predictor = own(str(model)) if own else ort_predictor(session)
         data = prepare_data(r)   # per defect type, and which model was judged (the document said neither)
+        _check_compiled_for(model, model_or_artifact, data.tests, r)
         res = _evaluate(predictor, test_arrays(data), r.eval.batch_size,
                         defects={c: [x.defect for x in ds.samples] for c, ds in data.tests.items()})
         res.extra = {"model": str(Path(model).absolute()), "model_sha256": sha256_file(model),
@@ -123,6 +125,19 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
     ckpt = Path(model_or_artifact) if isinstance(model_or_artifact, (str, os.PathLike)) and \
         names_checkpoint(model_or_artifact, r) else None      # "--checkpoint nope" fell back to the recipe's
     return evaluate_checkpoint(r, ckpt, artifacts, write=write)
+
+
+def _check_compiled_for(model: Path, given: Any, tests: dict, r: Recipe) -> None:
+    """Categories a compiled model was not trained on were scored under its name, exit 0."""
+    try:
+        doc = json.loads(model_metadata(model).get(DEPLOY_METADATA) or "null")
+    except ValueError:
+        return
+    own = list(doc.get("categories") or []) if isinstance(doc, dict) else []
+    outside = sorted(set(tests) - set(own)) if own else []
+    if outside:
+        raise UadcError(f"evaluate: {given} was compiled for {', '.join(own)}; recipe {r.name}'s test data holds "
+                        f"{', '.join(outside)}, which it was not trained on (give the recipe it was compiled from)")
 
 
 def _onnx_for(path: Path, r: Recipe) -> Path:
