@@ -213,3 +213,19 @@ def test_the_epoch_line_names_what_each_discrepancy_is_for(recipe_factory, tmp_p
         uadc.train(r, artifacts=tmp_path / "a")
     line = next(m for m in caplog.messages if ": epoch 1/1" in m)
     assert "normal discrepancy per student [" in line and line.split("[")[1].count(",") == 1, line
+
+
+def test_rd_compiles_to_trt_fp16(tmp_path):
+    """The opset pass judged an FP16-typed model at float32's tolerance: ONNX Runtime's FP16 ReduceL2 and Resize
+    differ by an FP16 step between opsets 18 and 17, and every RD compile to trt-fp16 or jetson-fp16 was refused."""
+    import sys
+    from pathlib import Path
+
+    import uadc
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import make_tiny_recipe
+    recipe = make_tiny_recipe(tmp_path)
+    recipe.write_text(recipe.read_text().replace("method: stfpm", "method: rd"))
+    uadc.train(recipe, artifacts=tmp_path / "art")
+    res = uadc.compile(recipe, "trt-fp16", evaluate=False, latency_runs=1, artifacts=tmp_path / "art")
+    assert res.precision == "fp16" and [p["name"] for p in res.passes][-2:] == ["opset", "cleanup"]

@@ -704,3 +704,23 @@ def test_a_plugin_packages_helper_module_is_in_its_fingerprint(monkeypatch, tmp_
     (pkg / "helper.py").write_text("RANGE = (0.0, 0.05)\n")
     importlib.invalidate_caches()
     assert fingerprint("qa-pkg") != before
+
+
+def test_a_pass_list_that_moves_or_drops_the_shared_passes_says_they_run_first(caplog):
+    """`passes: [qdq, simplify, shape_inference, cleanup]` ran simplify first and recorded ["qdq", "cleanup"],
+    without a word; leaving simplify out still ran it."""
+    from types import SimpleNamespace
+
+    from uadc.config.targets import get_target
+    from uadc.pipeline.compile import CompileOptions, _pass_names
+    target = get_target("ort-cpu-int8")
+    for given, said in ((["qdq", "simplify", "shape_inference", "cleanup"], "(it has simplify, shape_inference)"),
+                        (["partition_check", "qdq", "cleanup"], "(it has neither)"),
+                        (["shape_inference", "simplify", "qdq", "cleanup"], None), (None, None)):
+        base = SimpleNamespace(recipe=SimpleNamespace(compile=SimpleNamespace(passes=given)))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="uadc"):
+            names = _pass_names(base, target, CompileOptions(target=target.name), warn=True)
+        assert "simplify" not in names and "shape_inference" not in names
+        assert (said in caplog.text and "run once on the shared FP32 export" in caplog.text) if said else \
+            not caplog.text, (given, caplog.text)

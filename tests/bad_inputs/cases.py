@@ -499,6 +499,9 @@ CASES: list[Case] = [
          setup=lambda e: recipe(e, compile={"passes": []})),
     Case("passes-fp32-with-qdq", _OWN_COMPILE("--target", "ort-cpu-fp32"),
          msg="target ort-cpu-fp32 does not take qdq", setup=lambda e: recipe(e, compile={"passes": ["qdq", "cleanup"]})),
+    # qdq twice: ORT quantized a quantized model into a Q/DQ cycle, and the partition walk looped for ever
+    Case("passes-qdq-twice", _OWN_COMPILE(), msg="qdq is listed 2 times; it runs once",
+         setup=lambda e: recipe(e, compile={"passes": ["partition_check", "qdq", "qdq", "cleanup"]})),
     # outputs ---------------------------------------------------------------------------------
     Case("out-user-folder", COMPILE("--no-eval", "--out", "mine"), msg="was not written by uadc",
          setup=mkdir_files("mine", {"thesis.tex": "years of work"})),

@@ -89,7 +89,8 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
 @click.option("--out", type=_Path(path_type=Path), default=None, help="artifact folder")
 @click.option("--force", is_flag=True, help="replace an existing uadc artifact folder at --out")
 @click.option("--checkpoint", type=_Path(path_type=Path), default=None)
-@click.option("--dump-passes", type=_Path(path_type=Path), default=None, help="save the model after every pass")
+@click.option("--dump-passes", type=_Path(path_type=Path), default=None,
+              help="save the model after every pass (before --postprocess adds its nodes)")
 @click.option("--split", is_flag=True, help="also write one ONNX per partition")
 @click.option("--build-engine", is_flag=True, help="build model.engine where TensorRT and a GPU exist")
 @click.option("--no-eval", is_flag=True, help="skip the AD metrics (verification and latency still run)")

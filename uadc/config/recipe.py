@@ -240,7 +240,8 @@ class CompileConfig(_Section):
         "compile.quantize partitions; auto: per fused group INT8 or float, the fastest within the compile.auto budget "
         "(CPU INT8 targets: ORT's profile; trt/jetson-int8 with --precision auto: FP16/FP32 too, modelled latency)")
     auto: AutoPrecisionConfig = Field(AutoPrecisionConfig(), description="budget of precision: auto")
-    passes: Optional[list[str]] = Field(None, description="override the target's pass list (keep its qdq/fp16/opset)")
+    passes: Optional[list[str]] = Field(None, description="override the target's pass list (keep its qdq/fp16/opset, "
+                                   "once each; shape_inference and simplify always run first, on the shared export)")
     calibrator: Optional[str] = Field(None, min_length=1, description="default: the target's (entropy for TensorRT)")
     calib_data: Literal["train", "random-normal", "mixed"] = Field("random-normal", description="calibration "
         "inputs: training images, N(0, 1) noise at the input's size, or half of each")

@@ -52,7 +52,7 @@ def partition_models(model: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
     image, and post-processing's ``category``, which became a constant at its default otherwise)."""
     producers = {o: partition_of(n) for n in model.graph.node for o in n.output}
     graph_inputs = {i.name for i in model.graph.input}
-    graph_outputs = {o.name for o in model.graph.output}
+    graph_outputs = [o.name for o in model.graph.output]   # in the graph's order: a set's differed from run to run
     extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
     subs = {}
     for p in PARTITIONS:

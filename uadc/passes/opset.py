@@ -12,7 +12,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from uadc.core.errors import UadcError
-from uadc.passes.pipeline import PassContext, check_numerics, copy_model, default_feeds, opset_of, register_pass
+from uadc.passes.pipeline import (NUMERIC_RTOL, PassContext, check_numerics, copy_model, default_feeds, opset_of,
+                                  register_pass)
 
 # Reduce ops that took ``axes`` from an attribute before 18 and from an input since (ReduceSum: 13).
 _AXES_TO_ATTRIBUTE = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
@@ -41,8 +42,19 @@ def convert_opset(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
             imp.version = want
     onnx.checker.check_model(out, full_check=False)
     feeds = ctx.sample_feeds if ctx.sample_feeds is not None else default_feeds(model)
-    check_numerics(model, out, feeds, what="opset")
+    # an FP16-typed model (the fp16 pass runs first): ONNX Runtime's FP16 ReduceL2 and Resize kernels differ by
+    # an FP16 step between opsets 18 and 17, and every RD compile to trt-fp16 was refused at the float32 gate
+    check_numerics(model, out, feeds, what="opset", rtol=FP16_RTOL if _half_typed(model) else NUMERIC_RTOL)
     return out
+
+
+FP16_RTOL = 2e-3   # two FP16 steps (2^-10) of the output's scale
+
+
+def _half_typed(model: onnx.ModelProto) -> bool:
+    return any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer) or any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute)
+        for n in model.graph.node)
 
 
 def _downgrade(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> None:

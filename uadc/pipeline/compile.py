@@ -103,7 +103,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     ptq = resolve_ptq(baseline.recipe, target, opts.calibrator, opts.calib_data, opts.calib_samples,
                       opts.quantize, opts.per_channel)
     _check_options(target, ptq, opts)
-    _pass_names(baseline, target, opts)   # a pass list that cannot make the target: before the export
+    _pass_names(baseline, target, opts, warn=True)   # a pass list that cannot make the target: before the export
     _check_qat_size(opts.qat_model, baseline.size)
     auto = auto_candidates(baseline, target, opts)  # None unless precision auto; unsupported targets fail here
     if target.runtime == "openvino":
@@ -286,9 +286,10 @@ def _qat_partitions(model: onnx.ModelProto) -> list[str]:
 
 # the passes that make a target what it says it is (its precision, the opset its runtime reads)
 PRECISION_PASSES = ("qdq", "fp16", "opset")
+SHARED_PASSES = ("shape_inference", "simplify")   # run on the FP32 export every target shares
 
 
-def _pass_names(baseline: Baseline, target: Target, opts: CompileOptions) -> list[str]:
+def _pass_names(baseline: Baseline, target: Target, opts: CompileOptions, warn: bool = False) -> list[str]:
     given = opts.passes if opts.passes is not None else baseline.recipe.compile.passes
     names = list(target.passes if given is None else given)
     need = [p for p in PRECISION_PASSES if p in target.passes and p not in names]
@@ -297,8 +298,14 @@ def _pass_names(baseline: Baseline, target: Target, opts: CompileOptions) -> lis
         raise UadcError(f"compile.passes {names}: target {target.name} "
                         + (f"needs {', '.join(need)}" if need else f"does not take {', '.join(extra)}")
                         + f" (its own list: {', '.join(target.passes)})")
-    # Shared pre-passes already ran on the FP32 model; skip them here.
-    return [n for n in names if n not in ("shape_inference", "simplify")]
+    twice = next((p for p in PRECISION_PASSES if names.count(p) > 1), None)   # qdq twice: an endless Q/DQ walk
+    if twice:
+        raise UadcError(f"compile.passes {names}: {twice} is listed {names.count(twice)} times; it runs once")
+    shared = [n for n in names if n in SHARED_PASSES]
+    if warn and given is not None and names[:len(shared)] != list(SHARED_PASSES):   # dropped or moved, silently
+        log.warning("compile.passes: %s run once on the shared FP32 export, before the other passes, whatever the "
+                    "list says (it has %s)", " and ".join(SHARED_PASSES), ", ".join(shared) or "neither")
+    return [n for n in names if n not in SHARED_PASSES]
 
 
 def _model_record(baseline: Baseline) -> dict:
