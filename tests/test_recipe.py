@@ -192,6 +192,11 @@ def test_the_misalignment_warning_finds_the_deepest_stride(caplog):
         with caplog.at_level("WARNING", logger="uadc"):
             _warn_misaligned(None, torch.zeros(1, 3, size, size), [torch.zeros(1, 1, s, s) for s in sides])
         assert said in caplog.text if said else "not a multiple" not in caplog.text, (size, caplog.text)
+    from types import SimpleNamespace   # RD: its embedding is a stride-2 block below the deepest tap (40 px: silent)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="uadc"):
+        _warn_misaligned(SimpleNamespace(below_taps=2), torch.zeros(1, 3, 40, 40), [torch.zeros(1, 1, 5, 5)])
+    assert "40 is not a multiple of 16" in caplog.text
 
 
 def test_an_image_size_the_deepest_features_do_not_divide_is_warned_about(recipe_factory, tmp_path, caplog):

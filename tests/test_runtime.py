@@ -1388,6 +1388,9 @@ def test_a_category_taken_from_the_folder_predict_runs_in_is_said(int8_artifact,
     with caplog.at_level("WARNING", logger="uadc"):
         predict_paths(det, [tmp_path / "gray" / "cam1"])   # named in the path: nothing to say
     assert "taken from a folder above" not in caplog.text
+    import uadc   # verify --images takes it so too, and says so in a note
+    notes = uadc.verify(int8_artifact[2].path, images=[Path("cam1")]).notes
+    assert any("images take their category from a folder above the path given" in n for n in notes), notes
 
 
 def test_an_image_gone_after_scoring_keeps_its_overlay_and_a_long_row_is_still_ours(int8_artifact, tiny_data, tmp_path):

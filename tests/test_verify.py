@@ -539,6 +539,13 @@ def test_diff_refuses_a_candidate_that_does_not_cover_the_images_categories(arti
         with pytest.raises(UadcError, match=r"was compiled for stripes; recipe \w+'s test data holds gray, which it "
                                             r"was not trained on"):
             uadc.evaluate(given, recipe)
+    from uadc.config.recipe import load_recipe
+    from uadc.pipeline.api import _check_compiled_for
+    m = onnx.load(str(stripes / "model.onnx"))
+    for bad in ('{"categories": 5}', '{"categories": [["x"]]}', "[" * 100000 + "]" * 100000):   # a traceback
+        next(p for p in m.metadata_props if p.key == "uadc.deploy").value = bad
+        onnx.save(m, str(tmp_path / "bad.onnx"))
+        _check_compiled_for(tmp_path / "bad.onnx", "bad.onnx", {"gray": None}, load_recipe(recipe))   # judged as before
 
 
 def test_verify_and_diff_on_an_image_folder(artifacts, tiny_data):

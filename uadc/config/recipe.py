@@ -90,7 +90,8 @@ class ValSource(_Section):
 class DataConfig(_Section):
     sources: list[Source] = Field(min_length=1, description="list of {root, categories}")
     image_size: int = Field(256, ge=32, le=1024, description="square input size in pixels; a multiple of the deepest "
-                            "tap's stride (16 or 32) keeps features aligned (training warns otherwise)")
+                            "features' stride (16 or 32; RD's embedding twice its deepest tap's) keeps them aligned "
+                            "(training warns otherwise)")
     normalization: Literal["backbone", "imagenet", "unit"] = Field(
         "backbone", description="input normalisation: the backbone's own, ImageNet mean/std, or [-1, 1]")
     train_limit: Optional[int] = Field(None, ge=1, le=10**6, description="use at most N train images per category")

@@ -42,7 +42,7 @@ OUTPUT_MARKERS = {"artifact.json": ("schema", "uadc_version", "files"), "report.
                   "qat.json": ("recipe_hash", "model_hash", "target"), "compare.json": ("cells", "target", "fp32"),
                   "sweep.json": ("cells", "pareto", "name")}
 _TMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TMP_TAG)
-                     + r"(?P<pid>\d+)(?:@(?P<host>[0-9a-f]{8})\.(?P<boot>[0-9a-f]{4}))?-[0-9a-f]+(?:\.tmp)?$")
+                     + r"(?P<pid>\d+)(?:@(?P<host>[0-9a-f]{8})(?:\.(?P<boot>[0-9a-f]{4}))?)?-[0-9a-f]+(?:\.tmp)?$")
 FOREIGN_TEMP_DAYS = 7   # another machine's temp (a shared artifacts root) is removed once this old
 
 
@@ -118,9 +118,9 @@ def file_key(path: Path) -> tuple:
     ``rsync --link-dest``: a test/good of hard links to train/good was trained on without a word)."""
     try:
         st = os.stat(path)
-        return st.st_dev, st.st_ino
     except OSError:   # gone: its path, as before
         return (Path(path).resolve(),)
+    return (st.st_dev, st.st_ino) if st.st_ino else (Path(path).resolve(),)   # 0: no inode numbers there
 
 
 def check_no_phantom_parent(path: Path) -> None:

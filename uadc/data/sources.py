@@ -89,8 +89,10 @@ def data_fingerprint(recipe: Recipe) -> str:
     for folder in [*folders, *(Path(v.folder) for v in recipe.data.val or [])]:
         real = {os.path.realpath(folder)}   # linked folders followed, as the loader reads them (each real one once)
         for here, dirs, files in os.walk(folder, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(here, d)) not in real)
+            # hidden names are not read (.DS_Store, ._x.png, .ipynb_checkpoints/): opening the folder in Finder
+            # changed the fingerprint, and the one-class comparison was dropped
+            dirs[:] = sorted(d for d in dirs if not is_hidden(d) and os.path.realpath(os.path.join(here, d)) not in real)
             real.update(os.path.realpath(os.path.join(here, d)) for d in dirs)
             items += [(os.path.relpath(os.path.join(here, f), folder), os.path.getsize(os.path.join(here, f)))
-                      for f in sorted(files) if os.path.isfile(os.path.join(here, f))]
+                      for f in sorted(files) if not is_hidden(f) and os.path.isfile(os.path.join(here, f))]
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]

@@ -17,6 +17,7 @@ class KDModel(nn.Module):
 
     method = "kd"
     discrepancy_per = "tap"   # what each value of ``discrepancy`` is for (the training log names it)
+    below_taps = 1   # how much further than the deepest tap the model downsamples (RD's embedding: 2)
 
     def __init__(self, teacher: nn.Module, student: nn.Module, head: nn.Module):
         super().__init__()

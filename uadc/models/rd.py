@@ -167,6 +167,7 @@ class RDStudent(nn.Module):
 
 class ReverseDistillation(KDModel):
     method = "rd"
+    below_taps = 2   # the one-class embedding: a stride-2 block below the deepest tap
 
     def loss(self, t_feats, s_feats) -> torch.Tensor:
         return sum(cosine_distance(t, s).mean() for t, s in zip(t_feats, s_feats))

@@ -131,9 +131,11 @@ def _check_compiled_for(model: Path, given: Any, tests: dict, r: Recipe) -> None
     """Categories a compiled model was not trained on were scored under its name, exit 0."""
     try:
         doc = json.loads(model_metadata(model).get(DEPLOY_METADATA) or "null")
-    except ValueError:
+    except (ValueError, RecursionError):
         return
-    own = list(doc.get("categories") or []) if isinstance(doc, dict) else []
+    own = doc.get("categories") if isinstance(doc, dict) else None
+    if not isinstance(own, list) or not all(isinstance(c, str) for c in own):   # unreadable: judged as before
+        return
     outside = sorted(set(tests) - set(own)) if own else []
     if outside:
         raise UadcError(f"evaluate: {given} was compiled for {', '.join(own)}; recipe {r.name}'s test data holds "

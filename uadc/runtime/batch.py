@@ -194,7 +194,8 @@ def _warn_categories_from_above(files: list[Path], categories: list[str]) -> Non
         if cat is not None and not named_in(f, cat):
             above[cat] = above.get(cat, 0) + 1
     if above:
-        log.warning("%s: taken from a folder above the inputs given (the one uadc runs in, %s), not from their paths; "
+        log.warning("%s: taken from a folder above the inputs given (the folder uadc runs in, %s, or a `..`), not from "
+                    "their paths; "
                     "pass --category (or category=) if that folder is not the product", ", ".join(
                         f"{n} image{'s' * (n > 1)} judged as {c}" for c, n in sorted(above.items())), shown(Path.cwd()))
 

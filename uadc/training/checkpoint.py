@@ -18,7 +18,7 @@ from uadc.config.recipe import Recipe, recipe_from_dict
 from uadc.config.yaml_file import dump_yaml
 from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError, pickle_refusal
-from uadc.core.io import atomic_save, atomic_write_text, contained, sha256_stream
+from uadc.core.io import atomic_save, atomic_write_text, contained, same_name, sha256_stream
 from uadc.core.process import signals_deferred
 from uadc.core.scoped import warnings_ignored
 from uadc.models import KDModel, build_model
@@ -292,8 +292,8 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
 def held_out(recipe: Recipe, data: Any, categories: list[str]) -> list[str]:
     """``category/file`` of the validation normals split from train/good (not data.val folders): the
     images the checkpoint did not train on."""
-    own = {v.category for v in recipe.data.val or []}
-    return sorted(f"{c}/{s.path.name}" for c in categories if c not in own and c in data.val
+    own = [v.category for v in recipe.data.val or []]   # typed in either Unicode form, as prepare_data reads them
+    return sorted(f"{c}/{s.path.name}" for c in categories if not any(same_name(c, o) for o in own) and c in data.val
                   for s in data.val[c].samples)
 
 

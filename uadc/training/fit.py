@@ -42,6 +42,7 @@ def _warn_misaligned(model: KDModel, images: torch.Tensor, t_cache: list[torch.T
             t_cache = model.eval().teacher_features(images[:1])
     side = min(int(f.shape[-1]) for f in t_cache) if t_cache else size
     stride = 2 ** math.ceil(math.log2(size / max(side, 1)) - 1e-9)   # side = ceil(size / stride): 40 px, stride 32
+    stride *= int(getattr(model, "below_taps", 1))   # RD's embedding halves the deepest tap again
     if stride > 1 and size % stride:
         low = size - size % stride
         log.warning("data.image_size %d is not a multiple of %d, the stride of the model's deepest features: their "

@@ -12,7 +12,7 @@ import onnx
 from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
 from uadc.core.images import IMAGE_EXTS, find_images
-from uadc.core.manifest import infer_category
+from uadc.core.manifest import infer_category, named_in
 from uadc.data.mvtec import load_image
 from uadc.export.onnx_export import get_metadata
 
@@ -57,8 +57,13 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
         judged.update(p.resolve() for p in files[:limit])
         if len(files) > limit:
             notes.append(f"--images {d}: judged the first {limit} of its {len(files)} images (sorted by path)")
+        above = 0
         for p in files[:limit]:
             images.append(((load_image(p, size) - mean) / std).transpose(2, 0, 1))
-            records.append({"kind": "user", "category": infer_category(p, categories) or _folder_name(d), "label": None,
-                            "source": str(p)})
+            cat = infer_category(p, categories)
+            above += cat is not None and not named_in(p, cat)
+            records.append({"kind": "user", "category": cat or _folder_name(d), "label": None, "source": str(p)})
+        if above:   # as predict says it: the folder it runs in named the product, not the path given
+            notes.append(f"--images {d}: {above} images take their category from a folder above the path given (the "
+                         f"folder uadc runs in or a `..`), not from the path itself")
     return np.ascontiguousarray(np.stack(images), dtype=np.float32), records, notes
