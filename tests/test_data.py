@@ -496,3 +496,8 @@ def test_a_validation_category_typed_in_the_other_unicode_form_is_its_folder(dat
     d = prepare_data(recipe_from_dict({"data": {"sources": [{"root": str(data)}], "image_size": 32,
                                                 "val": [{"category": nfc, "folder": str(val)}]}}))
     assert len(d.val[nfd]) == 2
+    # a hard-linked copy of the folder listed too (cp -al): its normals counted twice, thresholds on a doubled sample
+    shutil.copytree(val, data.parent / "val_copy", copy_function=os.link)
+    d = prepare_data(recipe_from_dict({"data": {"sources": [{"root": str(data)}], "image_size": 32, "val": [
+        {"category": nfc, "folder": str(val)}, {"category": nfd, "folder": str(data.parent / "val_copy")}]}}))
+    assert len(d.val[nfd]) == 2

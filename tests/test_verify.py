@@ -728,6 +728,11 @@ def test_images_with_normal_only_nested_folders_and_score_shift_agree_with_diff(
     nested = uadc.verify(int8, images=[test, good])
     assert nested.images == {"user": n_test} and any(f"{n_good} of its images are under another" in n
                                                      for n in nested.notes)
+    import os   # a hard-linked copy (cp -al) holds the same images
+    linked = tiny_data.parent / f"linked-{os.getpid()}" / "stripes"
+    if not linked.exists():
+        shutil.copytree(good, linked, copy_function=os.link)
+    assert uadc.verify(int8, images=[good, linked]).images == {"user": n_good}
     d = uadc.diff(fp32, int8, images=[test])
     assert uadc.verify(int8, images=[test]).figure("score_shift").value == pytest.approx(d.figure("score_shift").value)
     notes = uadc.verify(int8, normal_only=True).notes

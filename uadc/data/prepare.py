@@ -47,8 +47,9 @@ def validation_samples(recipe: Recipe, pairs: list[tuple[Path, str]],
         if cat is not None:
             explicit.setdefault(cat, []).extend(list_folder_samples(Path(v.folder), cat))
     out = {}
-    for root, cat in pairs:
-        out[cat] = explicit.get(cat) or split_validation(listed[cat], recipe.data.val_fraction, recipe.seed)
+    for root, cat in pairs:   # a file in two data.val folders (a `cp -al` copy listed too) counts once
+        given = list({file_key(s.path): s for s in explicit.get(cat, [])}.values())
+        out[cat] = given or split_validation(listed[cat], recipe.data.val_fraction, recipe.seed)
     return out
 
 

@@ -12,6 +12,7 @@ import onnx
 from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
 from uadc.core.images import IMAGE_EXTS, find_images
+from uadc.core.io import file_key
 from uadc.core.manifest import infer_category, named_in
 from uadc.data.mvtec import load_image
 from uadc.export.onnx_export import get_metadata
@@ -37,7 +38,7 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
         raise UadcError(f"{model_path}: no uadc preprocessing metadata (image_size, normalization)") from None
     images, records, notes = [], [], []
     seen: set[Path] = set()
-    judged: set[Path] = set()   # `--images data/gray --images data/gray/test` judged the test images twice
+    judged: set[tuple] = set()   # `--images data/gray --images data/gray/test` judged the test images twice
     for d in map(Path, dirs):
         if d.resolve() in seen:   # one folder given twice was judged twice
             continue
@@ -49,12 +50,12 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
         files = find_images([d]).files   # as `uadc predict` walks: no MVTec masks, no predict outputs
         if not files:
             raise UadcError(f"images (--images): no images ({', '.join(sorted(IMAGE_EXTS))}) under {d}")
-        again = [p for p in files if p.resolve() in judged]
+        again = [p for p in files if file_key(p) in judged]   # a hard link too
         if again:
             notes.append(f"--images {d}: {len(again)} of its images are under another --images folder too: "
                          f"judged once")
-            files = [p for p in files if p.resolve() not in judged]
-        judged.update(p.resolve() for p in files[:limit])
+            files = [p for p in files if file_key(p) not in judged]
+        judged.update(file_key(p) for p in files[:limit])
         if len(files) > limit:
             notes.append(f"--images {d}: judged the first {limit} of its {len(files)} images (sorted by path)")
         above = 0
