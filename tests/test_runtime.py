@@ -222,6 +222,16 @@ def test_predict_on_a_runtime_only_install_says_its_warnings(int8_artifact, tiny
     assert (tmp_path / "P" / "predictions.jsonl").is_file()
 
 
+def test_a_hard_linked_copy_of_an_image_runs_once(tmp_path):
+    """A camera folder and its `cp -al` backup given together: each image ran twice (resolved paths differ)."""
+    from uadc.core.images import find_images
+    (tmp_path / "cam").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cam" / "a.png")
+    os.link(tmp_path / "cam" / "a.png", tmp_path / "b.png")
+    found = find_images([tmp_path / "cam", tmp_path / "b.png"])
+    assert found.files == [tmp_path / "cam" / "a.png"] and dict(found.skipped) == {"given twice": 1}
+
+
 def test_folder_walks_name_the_images_they_do_not_read(tmp_path):
     """.webp / .gif files in a folder were dropped without a word ("no images found in W")."""
     from uadc.core.images import find_images

@@ -22,6 +22,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from uadc.core.constants import MASKS_FOLDER, OVERLAYS_DIR, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError, one_line
+from uadc.core.io import file_key
 from uadc.core.scoped import warnings_ignored
 
 log = logging.getLogger(__name__)
@@ -240,11 +241,12 @@ def _walk(root: Path) -> list[Path]:
     return files
 
 
-def _add(found: FoundImages, seen: set[Path], f: Path, why: str | None) -> None:
+def _add(found: FoundImages, seen: set[tuple], f: Path, why: str | None) -> None:
     key = None
     if why is None:
         try:
-            key = f.resolve(strict=True)
+            f.resolve(strict=True)
+            key = file_key(f)   # a hard link (cp -al) is the file too: it ran twice
         except (OSError, RuntimeError):   # a symlink loop (RuntimeError before Python 3.13), a link gone
             why = "broken link"
     why = why or ("given twice" if key in seen else None)
