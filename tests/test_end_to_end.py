@@ -94,6 +94,29 @@ def test_compile_int8_student_only(trained):
                 f"{model}: not a whole uadc model (input 'image', outputs anomaly_map, score)"), (args, res.output)
 
 
+def test_the_calibration_cache_holds_the_qdq_models_own_ranges(trained, tmp_path):
+    """With the head quantized, ORT's quantizer gives each Resize output its input's scale; the
+    cache gave it the output's own calibrated range (1.648 vs 1.690 on the demo), so an implicit
+    build ran other ranges than the explicit one the README calls the same."""
+    from onnx import numpy_helper
+
+    from uadc.backends.tensorrt.cache import read_calibration_cache
+    recipe, art = trained
+    res = CliRunner().invoke(main, ["compile", str(recipe), "--target", "jetson-int8", "--artifacts", str(art),
+                                    "--out", str(tmp_path / "all"), "--no-eval", "--quantize",
+                                    "student,teacher,head"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    model = onnx.load(tmp_path / "all" / "model.onnx")
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    qdq = {n.input[0]: float(consts[n.input[1]]) * 127 for n in model.graph.node
+           if n.op_type == "QuantizeLinear" and n.input[0] not in consts}
+    cache = read_calibration_cache(tmp_path / "all" / "calibration.cache")
+    assert "Resize" in {producer.get(t) for t in qdq}
+    for tensor, amax in qdq.items():
+        assert cache[tensor] == pytest.approx(amax, rel=1e-6), tensor
+
+
 def test_compile_jetson_int8_bundle(trained):
     recipe, art = trained
     res = CliRunner().invoke(main, ["compile", str(recipe), "--target", "jetson-int8", "--artifacts", str(art),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from uadc.backends import tensorrt as trt_backend
 from uadc.backends.tensorrt.cache import write_calibration_cache
@@ -47,6 +48,23 @@ def build_settings(target: Target, fp32_layers: list[str] | None = None,
                                      fp32_layers=tuple(fp32_layers) if fp32_layers is not None else None)
 
 
+def cache_amax(compiled: onnx.ModelProto, ranges: dict) -> dict[str, float]:
+    """Each tensor's amax for the calibration cache: the calibrated range, replaced by the Q/DQ
+    model's own scale x 127 wherever an activation is quantized there, so an implicit build uses
+    the explicit build's ranges (the quantizer gives a Resize's output its input's scale, not the
+    output's own calibrated range). A Q/DQ tensor without a calibrated range is left out."""
+    amax = {k: max(abs(lo), abs(hi)) for k, (lo, hi) in ranges.items()}
+    consts = {i.name: i for i in compiled.graph.initializer}
+    consts.update({n.output[0]: n.attribute[0].t for n in compiled.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    for node in compiled.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in amax and node.input[1] in consts:
+            scale = numpy_helper.to_array(consts[node.input[1]])
+            if scale.size == 1:   # activations are per-tensor (per-channel scales are weights')
+                amax[node.input[0]] = float(scale.reshape(())) * 127.0
+    return {k: v for k, v in amax.items() if v > 0}
+
+
 def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto, target: Target, calib: dict | None,
                     image_size: int, build: bool, run_metrics=None, feeds=None,
                     fp32_layers: list[str] | None = None) -> dict:
@@ -62,8 +80,7 @@ def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto,
     if calib and calib.get("ranges"):   # implicit-mode builds start from the float graph, at the target's opset
         onnx.save(convert_opset(fp32, PassContext(target, sample_feeds=feeds[0] if feeds else None)),
                   out / "model_fp32.onnx")
-        amax = {k: max(abs(lo), abs(hi)) for k, (lo, hi) in calib["ranges"].items() if max(abs(lo), abs(hi)) > 0}
-        write_calibration_cache(out / "calibration.cache", amax)
+        write_calibration_cache(out / "calibration.cache", cache_amax(compiled, calib["ranges"]))
         cache = "calibration.cache"
     # precision auto that kept every layer FP32 builds FP32, and its README says so
     auto = None if fp32_layers is None else AUTO_NOTE if settings.precision != "fp32" else PRECISION_NOTES["fp32"]
