@@ -29,6 +29,10 @@ def trained(tmp_path_factory, tiny_data):
     art = d / "artifacts"
     res = uadc.train(recipe, artifacts=art)
     assert isinstance(res, uadc.TrainResult) and res.checkpoints[0].is_file()
+    # each category's 16 train/good images: learned from or held out as validation normals, counted
+    images = res.to_dict()["models"][0]["images"]
+    assert set(images) == {"stripes", "gray"} and all(
+        n["train"] + n["validation"] == 16 and n["validation"] >= 1 for n in images.values()), images
     return recipe, art
 
 

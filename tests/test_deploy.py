@@ -438,6 +438,9 @@ def test_evaluating_an_artifact_checks_it_takes_the_recipes_input(int8_artifact,
     d = ok.to_dict()
     assert d["model"] == str((res.path / "model.onnx").absolute()) and d["runtime"] == "onnxruntime"
     assert len(d["model_sha256"]) == 64 and set(d["defects"]) == set(d["categories"])
+    # the counts the figures rest on (tiny_data: 4 good and 6 defective test images per category)
+    assert d["test_images"] == {c: {"good": 4, "defective": 6} for c in d["categories"]}
+    assert uadc.EvalResult.from_dict(d).to_dict() == d
     for name, data, why in (("big", {"image_size": 96}, "takes 64x64 px images; recipe big makes 96 px ones"),
                             ("imagenet", {"normalization": "imagenet"}, "normalises inputs with mean")):
         other = write_recipe(tmp_path / f"{name}.yaml", tiny_data, data={"val_fraction": 0.25, **data})

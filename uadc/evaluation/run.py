@@ -39,11 +39,14 @@ class EvalResult:
     defects: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)   # checkpoint, epochs, learning curve, ...
     path: Path | None = None                             # where eval.json was written
+    images: dict[str, dict[str, int]] = field(default_factory=dict)   # per category: good / defective test images
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"mean": self.mean, "categories": self.categories}
         if self.defects:
             d["defects"] = self.defects
+        if self.images:
+            d["test_images"] = self.images
         d.update(self.extra)
         return d
 
@@ -53,8 +56,8 @@ class EvalResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvalResult":
-        extra = {k: v for k, v in d.items() if k not in ("mean", "categories", "defects")}
-        return cls(d["mean"], d["categories"], d.get("defects") or {}, extra)
+        extra = {k: v for k, v in d.items() if k not in ("mean", "categories", "defects", "test_images")}
+        return cls(d["mean"], d["categories"], d.get("defects") or {}, extra, images=d.get("test_images") or {})
 
 
 def torch_predictor(model: torch.nn.Module) -> Predictor:
@@ -105,14 +108,15 @@ def evaluate(predictor: Predictor, arrays: TestArrays, batch_size: int = 16, des
              defects: dict[str, list[str]] | None = None) -> EvalResult:
     """Metrics per category (and per defect type with ``defects``: type per test image)."""
     _need_tests(arrays)
-    per_cat, per_defect = {}, {}
+    per_cat, per_defect, counts = {}, {}, {}
     for cat, (images, masks, labels) in arrays.items():
+        counts[cat] = {"good": int((labels == 0).sum()), "defective": int((labels != 0).sum())}
         maps, scores = predict(predictor, images, batch_size, f"{desc} {cat}")
         per_cat[cat] = metrics.compute_all(labels, scores, masks, maps)
         if defects and cat in defects:
             per_defect[cat] = defect_breakdown(np.asarray(defects[cat]), labels, scores, masks, maps)
     s = metrics.summarize(per_cat)
-    return EvalResult(s["mean"], s["categories"], per_defect)
+    return EvalResult(s["mean"], s["categories"], per_defect, images=counts)
 
 
 def defect_breakdown(kinds: np.ndarray, labels, scores, masks, maps) -> dict[str, dict[str, float]]:
@@ -209,7 +213,7 @@ def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None, write: boo
     with torch_threads(recipe.train.threads):
         arrays = test_arrays(prepare_data(recipe))
         _need_tests(arrays)
-        per_cat, models = {}, {}
+        per_cat, models, counts = {}, {}, {}
         for cat, arr in arrays.items():
             path = checkpoint_path(recipe, artifacts, cat)
             model, blob = load_checkpoint(path, recipe)
@@ -219,9 +223,11 @@ def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None, write: boo
                                 f"--one-class`")
             models[cat] = {"checkpoint": str(Path(path).absolute()), "checkpoint_sha256": blob.sha256,
                            "epochs": len(blob.get("history", []))}   # a partial retrain mixes models: visible here
-            per_cat[cat] = evaluate(torch_predictor(model), {cat: arr}, recipe.eval.batch_size).categories[cat]
+            res = evaluate(torch_predictor(model), {cat: arr}, recipe.eval.batch_size)
+            per_cat[cat], counts[cat] = res.categories[cat], res.images[cat]
     s = metrics.summarize(per_cat)
-    one_class = EvalResult(s["mean"], s["categories"], extra={"recipe_hash": recipe.hash, "models": models})
+    one_class = EvalResult(s["mean"], s["categories"], extra={"recipe_hash": recipe.hash, "models": models},
+                           images=counts)
     result = OneClassResult(one_class, _unified_eval(recipe.artifact_dir(artifacts) / EVAL_FILE, recipe, per_cat,
                                                      checkpoint_path(recipe, artifacts)))
     if write:

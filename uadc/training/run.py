@@ -37,6 +37,7 @@ class TrainedModel:
     epochs: int
     final_loss: float
     stats: dict = field(default_factory=dict)
+    images: dict[str, dict[str, int]] = field(default_factory=dict)   # per category: train / validation images
 
 
 @dataclass
@@ -165,7 +166,10 @@ def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, images: torch.
     save_checkpoint(path, model, recipe, history, [cat] if cat else cats,
                     {"train_seconds": seconds, "train_device": str(device), "one_class": bool(cat), "stats": stats,
                      "held_out": held_out(recipe, data, [cat] if cat else cats), **stages})
-    return TrainedModel(path, cat, seconds, len(history), history[-1]["loss"] if history else float("nan"), stats)
+    counts = {c: {"train": sum(s.category == c for s in data.train.samples),
+                  "validation": len(data.val[c]) if c in data.val else 0} for c in ([cat] if cat else cats)}
+    return TrainedModel(path, cat, seconds, len(history), history[-1]["loss"] if history else float("nan"), stats,
+                        counts)
 
 
 def _knn_sets(data: RecipeData, cats: list[str], name: str) -> list:
