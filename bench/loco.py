@@ -192,7 +192,8 @@ def fold_table(r: dict, reference: str) -> list[str]:
 
 def leave_one_out(settings: list[dict], res: dict, default: dict, key: Callable[[dict], str] = key,
                   criterion: tuple[str, ...] = ("image_auroc",)) -> list[dict]:
-    """Per held-out category: the setting with the best mean ``criterion`` (image AUROC) on the other categories."""
+    """Per held-out category: the setting with the best mean ``criterion`` (image AUROC by default) on the
+    other categories; ``inner_criterion`` is that mean (of every metric in ``criterion``)."""
     cats = list(next(iter(res.values())))
     order = [default] + [s for s in settings if key(s) != key(default)]  # ties go to the recipe's own
     folds = []
@@ -200,9 +201,9 @@ def leave_one_out(settings: list[dict], res: dict, default: dict, key: Callable[
         others = [c for c in cats if c != held]
         inner = {key(s): float(np.mean([res[key(s)][c][m] for c in others for m in criterion])) for s in order}
         chosen = max(order, key=lambda s: inner[key(s)])  # first maximum in ``order``
-        folds.append({"held_out": held, "chosen": chosen, "chosen_key": key(chosen),
-                      "inner_mean_image_auroc": inner[key(chosen)],
-                      "inner_default_image_auroc": inner[key(default)],
+        folds.append({"held_out": held, "chosen": chosen, "chosen_key": key(chosen), "criterion": list(criterion),
+                      "inner_criterion": inner[key(chosen)],
+                      "inner_default_criterion": inner[key(default)],
                       "chosen_metrics": res[key(chosen)][held], "default_metrics": res[key(default)][held]})
     return folds
 
@@ -256,8 +257,8 @@ def render_markdown(r: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|"]
     for x in r["folds"]:
         c, d = x["chosen_metrics"], x["default_metrics"]
-        lines.append(f"| {x['held_out']} | `{x['chosen_key']}` | {f(x['inner_mean_image_auroc'])} / "
-                     f"{f(x['inner_default_image_auroc'])} | {f(c['image_auroc'])} | {f(d['image_auroc'])} | "
+        lines.append(f"| {x['held_out']} | `{x['chosen_key']}` | {f(x['inner_criterion'])} / "
+                     f"{f(x['inner_default_criterion'])} | {f(c['image_auroc'])} | {f(d['image_auroc'])} | "
                      f"{f(c['pixel_auroc'])} | {f(d['pixel_auroc'])} |")
     mc, md = r["mean"]["chosen"], r["mean"]["default"]
     lines.append(f"| **mean** | | | **{f(mc['image_auroc'])}** | **{f(md['image_auroc'])}** | "
@@ -273,13 +274,26 @@ def render_markdown(r: dict) -> str:
 
 
 def _floats(text: str) -> tuple[float, ...]:
+    """Comma-separated finite numbers of 0 or more, none twice (a sigma of nan or -1 was scored and could be chosen)."""
     try:
         vals = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
     if not vals:
         raise click.BadParameter("empty list")
+    if any(not 0 <= v < float("inf") for v in vals):
+        raise click.BadParameter(f"expected finite numbers of 0 or more, got {text!r}")
+    if len(set(vals)) < len(vals):
+        raise click.BadParameter(f"a number is listed twice in {text!r}")
     return vals
+
+
+def number_list(text: str, option: str) -> list[float]:
+    """:func:`_floats` for an argparse script: its refusal as a one-line UadcError naming ``option``."""
+    try:
+        return list(_floats(text))
+    except click.BadParameter as exc:
+        raise UadcError(f"{option}: {exc.message}") from None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from bench.loco import add_checkpoint_args, fold_table, loco_summary, trained_checkpoint, write_outputs
+from bench.loco import add_checkpoint_args, fold_table, loco_summary, number_list, trained_checkpoint, write_outputs
 from bench.loco_patch_knn import features, score_setting
 
 CRITERION = ("image_auroc", "pixel_auroc")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe, ckpt = trained_checkpoint(a.recipe, a.artifacts, a.checkpoint)
         if recipe.cfg["model"]["method"] == "us":
             raise UadcError("method us has no feature-distance head to weigh")
-        alphas = [float(v) for v in a.alphas.split(",") if float(v) != 0]
+        alphas = [v for v in number_list(a.alphas, "--alphas") if v != 0]   # nan failed after every feature was made
         with torch_threads(a.threads):
             d = features(recipe, ckpt)
             settings, res = grid(d, alphas, log)

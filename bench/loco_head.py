@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.loco import fold_table, leave_one_out, trained_checkpoint, write_outputs
+from bench.loco import fold_table, leave_one_out, number_list, trained_checkpoint, write_outputs
 
 CRITERION = ("image_auroc", "pixel_auroc")
 
@@ -122,13 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda m: print(f"[loco_head] {m}", file=sys.stderr, flush=True)  # noqa: E731
     try:
         recipe, ckpt = trained_checkpoint(a.recipe, a.artifacts)
-        try:
-            sigmas, topk = [float(v) for v in a.sigmas.split(",")], [float(v) for v in a.topk.split(",")]
-        except ValueError as exc:
-            raise UadcError(f"--sigmas / --topk: comma-separated numbers ({exc})") from None
-        default = recipe_setting(recipe)
-        if default["sigma"] not in sigmas or default["topk"] is not None and default["topk"] not in topk:
-            raise UadcError(f"the recipe's setting {key(default)} is not in the grid (add its sigma / top-k)")
+        sigmas, topk = number_list(a.sigmas, "--sigmas"), number_list(a.topk, "--topk")
+        if any(not 0 < k <= 1 for k in topk):   # 0 was labelled top0% and scored as top 1%
+            raise UadcError(f"--topk: fractions of the map in (0, 1], got {a.topk!r}")
+        default = recipe_setting(recipe)   # the recipe's own setting is always in the grid, as in bench.loco
+        sigmas += [default["sigma"]] * (default["sigma"] not in sigmas)
+        topk += [default["topk"]] * (default["topk"] is not None and default["topk"] not in topk)
         with torch_threads(a.threads):
             maps = layer_maps(recipe, ckpt)
             settings, res = grid(maps, sigmas, topk, log)

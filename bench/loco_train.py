@@ -156,8 +156,8 @@ def render_markdown(r: dict) -> str:
                   "| pixel AUROC chosen / recipe |", "|---|---|---:|---:|---:|"]
         for x in r["folds"]:
             c, d = x["chosen_metrics"], x["default_metrics"]
-            lines.append(f"| {x['held_out']} | `{x['chosen_key']}` | {f(x['inner_mean_image_auroc'])} / "
-                         f"{f(x['inner_default_image_auroc'])} | {f(c['image_auroc'])} / {f(d['image_auroc'])} | "
+            lines.append(f"| {x['held_out']} | `{x['chosen_key']}` | {f(x['inner_criterion'])} / "
+                         f"{f(x['inner_default_criterion'])} | {f(c['image_auroc'])} / {f(d['image_auroc'])} | "
                          f"{f(c['pixel_auroc'])} / {f(d['pixel_auroc'])} |")
         mc, md = r["mean"]["chosen"], r["mean"]["default"]
         lines += [f"| **mean** | | | **{f(mc['image_auroc'])} / {f(md['image_auroc'])}** | "

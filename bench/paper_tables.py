@@ -35,6 +35,7 @@ import numpy as np
 
 from uadc.config.recipe import Recipe, load_recipe
 from uadc.core.errors import UadcError
+from uadc.report.markdown import signed
 
 if TYPE_CHECKING:
     from uadc.pipeline.baseline import Baseline
@@ -429,7 +430,7 @@ def render_tables5_7(rows: list[dict], best: tuple[str, str]) -> list[str]:
         cal = f"{r['calibrator']} / {r['calib_data']}" if r["calibrator"] else "—"
         b = [f"{r['bytes'].get(p, 0):,}" for p in PARTITIONS]
         lines.append(f"| {r['method']} | {r['backbone']} | {r['precision']} | {q} | {cal} | {_f(r['image_auroc'])} "
-                     f"| {_f(r['pixel_auroc'])} | {_f(0.0 - r['image_drop'], '+.4f')} | {_f(r['latency_p50_ms'], '.2f')} | "
+                     f"| {_f(r['pixel_auroc'])} | {signed(-r['image_drop'], '—')} | {_f(r['latency_p50_ms'], '.2f')} | "
                      + " | ".join(b) + f" | {r['model_bytes']:,} | {_rel(r['source'])} |")
     return lines + [""]
 
@@ -455,6 +456,12 @@ def _check_out(out: Path) -> None:
     if out.is_symlink() or (out.exists() and not out.is_dir()) or \
             (out.is_dir() and any(out.iterdir()) and not (out / RESULT_JSON).is_file()):
         raise UadcError(f"--out {out} exists and is not a bench output (no {RESULT_JSON}); choose another --out")
+
+
+def _within(a: Path, b: Path) -> bool:
+    """``a`` is ``b`` or lies inside it (resolved: links and ``..`` followed)."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or b in a.parents
 
 
 @contextlib.contextmanager
@@ -489,6 +496,9 @@ def run_bench(recipe_paths: list[Path], artifacts: Path, out: Path, opts: BenchO
     if len(set(names)) != len(names):
         raise UadcError(f"two recipes share an artifact folder name: {names}")
     _check_out(out)
+    if _within(out, artifacts) or _within(artifacts, out):   # the swap into --out replaced the whole folder
+        raise UadcError(f"--out {out} and --artifacts {artifacts} must not hold one another: the finished tables "
+                        f"replace --out whole; choose an --out outside --artifacts")
     ckpts = {r.name: ensure_checkpoints(r, artifacts, opts.one_class, log) for r in recipes}
     default = next((r for r in recipes if r.model.method == DEFAULT_METHOD), recipes[0])
     bases = {default.name: api.baseline(default, artifacts=artifacts, threads=opts.threads)}  # shared with Table 4

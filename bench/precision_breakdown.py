@@ -71,7 +71,8 @@ def markdown(name: str, b: dict) -> str:
               f"| nodes outside the groups | | {b['outside_groups_us']:.0f} |",
               "", "| kind | all FP32 µs | all INT8 µs | INT8 / FP32 |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {v['fp32_us']:.0f} | {v['int8_us']:.0f} | "
-              f"{v['int8_us'] / v['fp32_us'] if v['fp32_us'] else float('inf'):.2f} |" for k, v in b["kinds"].items()]
+              + (f"{v['int8_us'] / v['fp32_us']:.2f} |" if v['fp32_us'] >= 0.5 else "- |")   # under 1 µs: no ratio
+              for k, v in b["kinds"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -44,15 +44,24 @@ def _polygraphy_labels(model: Path, images: np.ndarray) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=summary(__doc__))
     ap.add_argument("artifact", type=Path)
-    ap.add_argument("--recipe", default="recipes/stfpm_effnet_lite0.yaml")
+    ap.add_argument("--recipe", default=None, help="the recipe whose test images are judged (default: the "
+                    "artifact's own, by the name it records: a built-in recipe's name or recipes/<name>.yaml)")
     a = ap.parse_args(argv)
+    from uadc.config.packaged import packaged_recipes
     from uadc.config.recipe import load_recipe
     from uadc.core.ort_session import make_session
     from uadc.data.mvtec import list_test_samples
     from uadc.data.sources import resolve_sources
     from uadc.runtime import Detector
+    det = Detector.load(a.artifact)   # first: a missing artifact was named as a missing default recipe
+    if a.recipe is None:
+        own = Path("recipes") / f"{det.manifest.recipe}.yaml"
+        a.recipe = str(own) if own.is_file() else det.manifest.recipe   # else a built-in recipe of that name
+        if not own.is_file() and a.recipe not in {r.name for r in packaged_recipes()}:
+            print(f"error: {a.artifact} was compiled from recipe {a.recipe!r}, found neither as {own} nor built in: "
+                  f"give it with --recipe", file=sys.stderr)
+            return 2
     recipe = load_recipe(a.recipe)
-    det = Detector.load(a.artifact)
     if not det.manifest.postprocess:
         print(f"error: {a.artifact} has no in-graph post-processing (compile with --postprocess)", file=sys.stderr)
         return 2

@@ -150,11 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=positive, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target", default="ort-cpu-int8")
-    ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder, removed at the end")
+    ap.add_argument("--workdir", type=Path, default=None, help="an absent or empty folder, kept afterwards (default: "
+                    "a temporary folder, removed at the end)")
     args = ap.parse_args(argv)
     if args.kill > args.n:
         ap.error(f"--kill {args.kill}: more than --n {args.n}")
     if args.workdir is not None:
+        if args.workdir.exists() and not (args.workdir.is_dir() and not any(args.workdir.iterdir())):
+            ap.error(f"--workdir {args.workdir}: exists and is not an empty folder (data/, r.yaml and art/ go there)")
+        args.workdir.mkdir(parents=True, exist_ok=True)
         return _run(args, args.workdir)
     with tempfile.TemporaryDirectory(prefix="uadc-stress-") as tmp:   # each run left ~1.4 MB in /tmp
         return _run(args, Path(tmp))

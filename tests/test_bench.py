@@ -145,6 +145,44 @@ def test_out_must_be_a_bench_output(recipe_factory, tmp_path):
     assert (out / "notes.txt").read_text() == "keep" and not (tmp_path / "a").exists()
 
 
+def test_bench_grids_and_folders_are_checked_before_the_work(recipe_factory, tmp_path, capsys):
+    """A sigma of nan or -1 was scored by the LOCO benches and could be chosen (loco_head chose
+    sigma=nan); --out inside --artifacts trained everything, then refused to write (the reverse
+    would have swapped the checkpoints away); stress wrote into a full --workdir; pred_label_check
+    named a missing artifact as a missing default recipe; a 0 µs kind's ratio printed inf."""
+    import click
+
+    from bench import loco, pred_label_check, stress
+    from bench.precision_breakdown import markdown as breakdown_md
+    assert loco._floats("0,2.5") == (0.0, 2.5) and loco.number_list("1,4", "--sigmas") == [1.0, 4.0]
+    for bad, said in (("1,nan", "finite numbers of 0 or more"), ("1,-1", "finite numbers of 0 or more"),
+                      ("1,inf", "finite numbers of 0 or more"), ("2,2", "listed twice")):
+        with pytest.raises(click.BadParameter, match=said):
+            loco._floats(bad)
+        with pytest.raises(UadcError, match=f"--alphas: .*{said}"):
+            loco.number_list(bad, "--alphas")
+    r = recipe_factory("tiny")
+    for out, art in ((tmp_path / "same", tmp_path / "same"), (tmp_path / "res", tmp_path / "res" / "art"),
+                     (tmp_path / "art2" / "tables", tmp_path / "art2")):
+        with pytest.raises(UadcError, match="must not hold one another"):
+            run_bench([r], art, out, BenchOptions(log=lambda m: None))
+        assert not art.exists()   # refused before any training
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "mine.txt").write_text("keep")
+    with pytest.raises(SystemExit) as e:
+        stress.main(["--workdir", str(full)])
+    assert e.value.code == 2 and "exists and is not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in full.iterdir()] == ["mine.txt"]
+    with pytest.raises(UadcError, match="artifact folder not found"):
+        pred_label_check.main([str(tmp_path / "nothere")])
+    b = {"batch": 1, "fp32_us": 10.2, "all_int8_us": 8.0, "chosen_us": 1.0, "chosen_ratio": 1.0, "floor_us": 1.0, "floor_ratio": 1.0, "groups_floor_ratio": 1.0,
+         "parts": {}, "qdq_us": 0.0, "outside_groups_us": 0.0,
+         "kinds": {"backbone Add": {"fp32_us": 0.2, "int8_us": 3.0}, "conv": {"fp32_us": 10.0, "int8_us": 5.0}}}
+    text = breakdown_md("art", b)
+    assert "| backbone Add | 0 | 3 | - |" in text and "| conv | 10 | 5 | 0.50 |" in text and "inf" not in text
+
+
 def test_cli_user_error(tmp_path):
     res = CliRunner().invoke(main, ["--recipes", str(tmp_path / "nope.yaml"), "--artifacts", str(tmp_path / "a")])
     assert res.exit_code == 2 and res.output.strip().startswith("error: recipe not found")
