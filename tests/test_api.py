@@ -694,6 +694,40 @@ def test_ignore_blocks_and_seeded_blocks_in_two_threads_leave_the_process_as_fou
     assert torch.equal(torch.cat(drawn), alone)
 
 
+def test_a_checkpoint_loaded_in_another_thread_leaves_a_trainings_stream_alone(trained):
+    """load_checkpoint built its model under a bare fork_rng: saved, drawn, restored while a training in
+    another thread drew from its seeded stream, which went back mid-run (weights not reproducible)."""
+    import threading
+    import time
+    from uadc.config.recipe import load_recipe
+    from uadc.core.scoped import seeded
+    from uadc.training.checkpoint import checkpoint_path, load_checkpoint
+    recipe_path, art = trained
+    recipe = load_recipe(recipe_path)
+    with seeded(0):
+        alone = [torch.rand(1) for _ in range(150)]
+    drawn, started = [], threading.Event()
+
+    def training():
+        with seeded(0):
+            for i in range(150):
+                drawn.append(torch.rand(1))
+                if i == 0:
+                    started.set()
+                time.sleep(0.002)
+
+    def loading():
+        started.wait(10)
+        for _ in range(3):
+            load_checkpoint(checkpoint_path(recipe, art), recipe)
+    threads = [threading.Thread(target=f) for f in (training, loading)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert torch.equal(torch.cat(drawn), torch.cat(alone))
+
+
 def test_third_party_warnings_in_a_quiet_block_are_kept_whatever_the_callers_filters():
     """Under a caller's `error` filter (pytest's filterwarnings, PYTHONWARNINGS) torch's exporter's
     FutureWarning (attributed to copyreg) became an export failure; the filters are the caller's again."""

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uadc.core.scoped import streams_kept
 from uadc.models.backbones import FeatureExtractor, build_backbone
 from uadc.models.base import KDModel
 from uadc.models.heads import GaussianBlur, reduce_score
@@ -211,7 +212,7 @@ class UninformedStudents(KDModel):
                                       for i in range(0, len(images), 32))
         f_mean, f_std = f_mean.view(1, -1, 1, 1), f_std.view(1, -1, 1, 1)
         desc = self.teacher.descriptor
-        with torch.random.fork_rng(devices=[]):  # own seed, leave the global stream to the students
+        with streams_kept():  # own seed, leave the global stream to the students (one thread at a time)
             torch.default_generator.manual_seed(seed)   # initialised on the CPU, moved after
             decoder = nn.Conv2d(desc.conv2.out_channels, f_mean.shape[1], 1).to(images.device)
         params = list(desc.parameters()) + list(decoder.parameters())
