@@ -284,3 +284,19 @@ def test_a_compile_for_onnx_runtime_does_not_import_openvino(int8_artifact, tmp_
     from uadc.backends.openvino import version
     assert got.stdout.split() == [str(version()), "False"]   # "None" where OpenVINO is not installed
     assert not (tmp_path / "home" / "intel").exists()
+
+
+def test_importing_openvino_leaves_the_start_method_threads_and_home_alone(tmp_path):
+    """`import openvino` sends a telemetry event at import: a thread pool left running forked a process,
+    which fixed multiprocessing's start method to fork for the caller, and wrote ~/intel/."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (optional extra uadc[openvino])")
+    import os
+    import subprocess
+    code = ("import multiprocessing as mp, os, threading, time\n"
+            "from uadc.backends import openvino as ov\n"
+            "ov.require(); time.sleep(1)\n"
+            "print(mp.get_start_method(allow_none=True), len(threading.enumerate()), os.environ.get('CI'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "HOME": str(tmp_path)})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["None", "1", "None"] and not (tmp_path / "intel").exists(), p.stdout

@@ -28,6 +28,7 @@ import numpy as np
 from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES
 from uadc.core.errors import RuntimeFault, UadcError
 from uadc.core.process import signal_stack_kept
+from uadc.core.scoped import environment_kept
 
 RUNTIME_LABEL = "openvino CPU"
 
@@ -50,7 +51,7 @@ def import_error() -> str | None:
     """Why ``import openvino`` fails here (not installed, or installed and broken: a missing shared
     library, a numpy it was not built for), or None."""
     try:
-        import openvino  # noqa: F401
+        _import_openvino()
     except ModuleNotFoundError as exc:
         if exc.name == "openvino":
             return "OpenVINO is not installed: pip install 'uadc[openvino]'"
@@ -58,6 +59,22 @@ def import_error() -> str | None:
     except Exception as exc:  # noqa: BLE001 - a broken install raises ImportError, OSError, AttributeError...
         return f"OpenVINO does not import here: {type(exc).__name__}: {exc}"
     return None
+
+
+def _import_openvino() -> None:
+    """``import openvino`` without its import-time telemetry (``openvino.tools.ovc`` sends an event): it
+    forked a process from a thread pool it left running, which fixed multiprocessing's start method
+    to fork for the caller, and wrote ~/intel/. The telemetry stands down in a CI job, so the import
+    runs with ``CI=true``, the caller's environment back after it. (An app that imported OpenVINO
+    first keeps its telemetry as it was; one that lets uadc import it first sends none.)"""
+    import os
+    import sys
+    if "openvino" in sys.modules:
+        import openvino  # noqa: F401
+        return
+    with environment_kept():
+        os.environ["CI"] = "true"
+        import openvino  # noqa: F401
 
 
 def version() -> str | None:
