@@ -67,14 +67,14 @@ def _import_openvino() -> None:
     to fork for the caller, and wrote ~/intel/. The telemetry stands down in a CI job, so the import
     runs with ``CI=true``, the caller's environment back after it. (An app that imported OpenVINO
     first keeps its telemetry as it was; one that lets uadc import it first sends none.)"""
+    import importlib
     import os
     import sys
-    if "openvino" in sys.modules:
-        import openvino  # noqa: F401
+    if sys.modules.get("openvino") is not None:   # imported already (None: an import that must fail)
         return
     with environment_kept():
         os.environ["CI"] = "true"
-        import openvino  # noqa: F401
+        importlib.import_module("openvino")
 
 
 def version() -> str | None:
