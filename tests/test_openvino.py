@@ -86,6 +86,12 @@ def test_openvino_fp32_and_int8_compile_verify_and_report(base, tmp_path, monkey
     monkeypatch.setattr(ov, "ov_predictor", lambda compiled: calls.append(compiled) or real(compiled))
     again = uadc.evaluate(tmp_path / "fp32", base.recipe, write=False)
     assert len(calls) == 1 and again.mean == pytest.approx(fp32.metrics.compiled["mean"], abs=1e-9)
+    by_file = uadc.evaluate(fp32_path, base.recipe, write=False)   # its model file too (ONNX Runtime before)
+    assert len(calls) == 2 and by_file.extra["runtime"] == "openvino" and by_file.mean == again.mean
+    beside = tmp_path / "fp32" / "other.onnx"   # another ONNX beside an artifact is not its target's model
+    beside.write_bytes(fp32_path.read_bytes())
+    assert uadc.evaluate(beside, base.recipe, write=False).extra["runtime"] == "onnxruntime" and len(calls) == 2
+    beside.unlink()
     monkeypatch.undo()
 
     int8 = uadc.compile(base, "openvino-cpu-int8", out=tmp_path / "int8", latency_runs=3, threads=1)

@@ -26,7 +26,7 @@ artifacts_opt = click.option("--artifacts", type=_Path(path_type=Path), default=
 @click.option("-v", "--verbose", is_flag=True, help="also show debug logs and third-party output")
 @click.option("-q", "--quiet", is_flag=True, help="only warnings and errors; no progress bars")
 def main(verbose: bool, quiet: bool) -> None:
-    """uadc: compile knowledge-distillation anomaly detectors for ONNX Runtime and TensorRT."""
+    """uadc: compile knowledge-distillation anomaly detectors for ONNX Runtime, OpenVINO and TensorRT."""
     _setup_logging(verbose, quiet)
 
 

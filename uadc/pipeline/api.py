@@ -165,9 +165,13 @@ def _own_runtime(path: Path, threads: int | None) -> Any:
     """``model -> predictor`` on an artifact's own CPU runtime when that is not ONNX Runtime: an
     OpenVINO artifact is scored by OpenVINO at its target's float precision, as its compile scored
     it (ONNX Runtime gave FP32 figures for a bf16 artifact); None: ONNX Runtime."""
-    if not (path.is_dir() and (path / MANIFEST_FILE).is_file()):
+    folder = path if path.is_dir() else path.parent   # its model file too (it was scored on ONNX Runtime)
+    if not (folder / MANIFEST_FILE).is_file():
         return None
-    target = TARGETS.get(read_manifest(path, verify=False).target)
+    m = read_manifest(folder, verify=False)
+    if not path.is_dir() and path.resolve() != (folder / m.model_file).resolve():
+        return None   # another ONNX beside an artifact: not the one its target names
+    target = TARGETS.get(m.target)
     return target_predictor(target, threads) if target is not None else None
 
 
