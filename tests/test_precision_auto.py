@@ -336,11 +336,18 @@ def test_openvino_bf16_auto_judges_fidelity_on_openvino(make_base, tmp_path, mon
                                    else "openvino CPU (f32: this CPU does not run bf16)")
     ps = res.extra["precision_search"]
     assert ps["final"]["int8_groups"] > 0 and ps["final"]["within_budget"]
+    # its float groups run in bf16 and say so (every one read fp32, and "N FP32" in the summary)
+    assert {g["precision"] for g in ps["groups"]} <= {"int8", "bf16"}
+    line = next(x for x in res.summary_lines() if x.startswith("precision auto:"))
+    from uadc.report.markdown import float_counts
+    assert f"groups INT8, {float_counts(ps)};" in line and "FP32" not in line
     if bf16_here:  # the float-only model is measured, not assumed equal to the FP32 reference
         s = P._Search(base, get_target("openvino-cpu-int8-bf16"), base.fp32, P.auto_candidates(
             base, get_target("openvino-cpu-int8-bf16"), CompileOptions("openvino-cpu-int8-bf16", precision="auto")),
             ["qdq", "partition_check", "cleanup"], 1, fused_groups(base.fp32, ["student"]), {})
         assert s.fidelity(frozenset())["spearman"] < 1.0
+        s.model = lambda groups: base.fp32   # the fake profile times any model; no ranges to quantize with here
+        assert P._ort_cost_model(s, base, base.fp32, 1, None)[2] == [{"float": "bf16"}] * len(s.groups)
         with pytest.raises(UadcError, match="with no layer quantized already breaks the fidelity budget") as e:
             uadc.compile(make_base(**STRICT), "openvino-cpu-int8-bf16", precision="auto", out=tmp_path / "x",
                          evaluate=False)
@@ -483,3 +490,36 @@ def test_a_compile_to_another_out_uses_the_recipes_timing_cache_where_it_exists(
     assert _timing_cache(base, opts, out) == (tmp_path / "deploy" / "timing_cache").absolute()
     (tmp_path / "art" / "tc" / "timing_cache").mkdir(parents=True)
     assert _timing_cache(base, opts, out) == (tmp_path / "art" / "tc" / "timing_cache").absolute()
+
+
+def test_a_category_with_one_validation_normal_borrows_the_pooled_spread():
+    """Its spread was floored at 1e-12: its noise copies' z reached 1e11, so a 1e-6 relative change
+    in the scores dropped the pooled rank correlation to 0.95 and precision auto quantized nothing."""
+    from uadc.pipeline.precision_search import _standards
+    from uadc.verify.fidelity import spearman
+    rng = np.random.default_rng(0)
+    normals = {"a": rng.normal(1.0, 0.1, 8), "b": rng.normal(3.0, 0.3, 8), "small": np.array([2.0])}
+    std = _standards(normals)
+    pooled = np.sqrt(np.mean([normals["a"].std() ** 2, normals["b"].std() ** 2]))
+    assert std["small"] == (2.0, pytest.approx(pooled)) and std["a"][1] == pytest.approx(normals["a"].std())
+    # each category's normals and their noise-pasted copies (higher scores), a tiny relative change on the candidate
+    ref = {c: np.r_[v, v * 3] for c, v in normals.items()}
+    out = {c: v * (1 + 1e-6 * rng.standard_normal(v.shape)) for c, v in ref.items()}
+    z = lambda d: np.concatenate([(d[c] - m) / s for c, (m, s) in std.items()])  # noqa: E731
+    assert spearman(z(ref), z(out)) > 0.999
+    assert _standards({"x": np.array([1.0]), "y": np.array([5.0])}) == {"x": (1.0, 2.0), "y": (5.0, 2.0)}
+    assert _standards({"x": np.array([1.0, 1.0])}) == {"x": (1.0, 1.0)}   # nothing to borrow: unit spread
+
+
+def test_groups_left_float_because_all_float_was_faster_say_so():
+    """A within-budget assignment slower than all float ended all float: its groups read "Q/DQ cost more
+    once neighbours went FP32" (and were FP16 on TensorRT)."""
+    from uadc.pipeline.precision import _reason
+    from uadc.report.markdown import float_counts
+    fastest, over, fits = frozenset({0, 1, 2, 3}), frozenset({0}), frozenset({1, 2})
+    why = [_reason(gi, frozenset({0, 1, 2, 3}), fastest, over, frozenset(), fits) for gi in range(5)]
+    assert why == ["fidelity budget", "all float was faster than what fits the budget",
+                   "all float was faster than what fits the budget", "Q/DQ cost more once neighbours went float",
+                   "not faster"]
+    groups = [{"precision": p} for p in ("int8", "fp16", "fp16", "fp32")]
+    assert float_counts({"groups": groups}) == "2 FP16, 1 FP32" and float_counts({"groups": groups[:1]}) == "0 float"

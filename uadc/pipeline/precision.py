@@ -258,7 +258,7 @@ def _ort_cost_model(s: _Search, baseline: Baseline, fp32: onnx.ModelProto, threa
                "crossing_scale": round(cm.scale, 3), "other_fp32_us": round(cm.rest32, 1),
                "fp32_us": round(cm.cost(frozenset()), 1), "all_int8_us": round(cm.cost(cm.all), 1),
                "timing_cache": cache}
-    return cm, profile, [{"float": "fp32"} for _ in s.groups]
+    return cm, profile, [{"float": s.ctx.target.float_precision} for _ in s.groups]   # bf16 on OpenVINO's bf16 targets
 
 
 def _check_mapped(t32: np.ndarray, t8: np.ndarray, groups: list[Group]) -> None:
@@ -289,20 +289,25 @@ def _assign(s: _Search, cm: CostModel) -> tuple[frozenset[int], dict, list[dict]
             steps.append(step("islands reverted", settled, cm, s.fidelity(settled)))
             if s.fid.passes(s.figs[settled]):
                 final = settled
+    fits = final
     if final and cm.cost(final) > cm.cost(frozenset()) - cm.floor:  # nothing that fits the budget pays
         final = frozenset()
         steps.append(step("all float (faster than what fits the budget)", final, cm, s.fidelity(final)))
-    return final, sens, steps, [_reason(gi, faster, fastest, over_budget, final) for gi in range(len(s.groups))]
+    return final, sens, steps, [_reason(gi, faster, fastest, over_budget, final, fits)
+                                for gi in range(len(s.groups))]
 
 
 def _reason(gi: int, faster: frozenset[int], fastest: frozenset[int], over_budget: frozenset[int],
-            final: frozenset[int]) -> str:
+            final: frozenset[int], fits: frozenset[int]) -> str:
+    """Why group ``gi`` ended as it did; ``fits``: the assignment within budget before the all-float check."""
     if gi in final:
         return "faster" if gi in faster else "avoids Q/DQ around it"
     if gi in over_budget:
         return "fidelity budget"
+    if gi in fits:   # within budget, but that assignment was slower than all float
+        return "all float was faster than what fits the budget"
     if gi in fastest:
-        return "Q/DQ cost more once neighbours went FP32"
+        return "Q/DQ cost more once neighbours went float"
     return "not faster" if gi not in faster else "Q/DQ would cost more"
 
 
@@ -333,7 +338,7 @@ def _record(s: _Search, cm: CostModel, final: frozenset[int], sens: dict, steps:
         "profile": profile,
         "groups": groups,
         "steps": steps,
-        "final": {"int8_groups": len(final), "fp32_groups": len(s.groups) - len(final),
+        "final": {"int8_groups": len(final), "float_groups": len(s.groups) - len(final),
                   "predicted_us": round(cm.cost(final), 1), "qdq_us": round(cm._crossing(final, cm.scale), 1),
                   "fidelity": fig, "within_budget": s.fid.passes(fig)},
     }

@@ -105,6 +105,20 @@ class CostModel:
 
 # --------------------------------------------------------------------------------- fidelity
 
+def _standards(normal_scores: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+    """Per category: its FP32 normals' score mean and spread, to pool categories for ranking. A
+    category whose normals have no spread (one normal) takes the others' pooled spread: 1e-12 made its
+    noise copies' z about 1e11, so any score change moved it and the pooled rank correlation failed
+    every candidate (precision auto quantized nothing, blaming the fidelity budget)."""
+    means = {c: float(v.mean()) for c, v in normal_scores.items()}
+    tiny = 1e-6 * (1.0 + max(abs(m) for m in means.values()))   # float32 rounding of equal scores, not a spread
+    own = {c: float(v.std()) if float(v.std()) > tiny else None for c, v in normal_scores.items()}
+    spreads = [sd for sd in own.values() if sd is not None]
+    between = float(np.std(list(means.values())))   # no category has a spread: the categories' own differences
+    pooled = float(np.sqrt(np.mean(np.square(spreads)))) if spreads else between if between > tiny else 1.0
+    return {c: (means[c], own[c] or pooled) for c in normal_scores}
+
+
 class Fidelity:
     """Label-free fidelity of candidates vs FP32. Per category: its validation normals plus the
     same images with a seeded square of N(0,1) noise pasted in (a synthetic defect: normals
@@ -130,9 +144,7 @@ class Fidelity:
                       for c, x in self.images.items()}
         self.ref = outputs_on(fp32, self.images, threads, 8, "auto fp32")
         src = self.normals
-        # per category: the FP32 normals' score mean and spread, to pool categories for ranking
-        self.standard = {c: (float(self.ref[c][1][:n].mean()), max(float(self.ref[c][1][:n].std()), 1e-12))
-                         for c, n in src.items()}
+        self.standard = _standards({c: self.ref[c][1][:n] for c, n in src.items()})
         cats = np.concatenate([[c] * n for c, n in src.items()])  # thresholds from normals, label-free
         self.thresholds = reference_thresholds(np.concatenate([self.ref[c][1][:n] for c, n in src.items()]),
                                                np.concatenate([self.ref[c][0][:n] for c, n in src.items()]), cats,

@@ -102,13 +102,22 @@ def _speed_line(p: dict) -> str:
             f"{prof['all_int8_us']:.0f} µs, chosen {f['predicted_us']:.0f} µs")
 
 
+def float_counts(p: dict) -> str:
+    """The float groups of a precision search by precision: "21 FP32", "20 BF16", "40 FP16, 2 FP32"."""
+    counts: dict[str, int] = {}
+    for g in p["groups"]:
+        if g["precision"] != "int8":
+            counts[g["precision"]] = counts.get(g["precision"], 0) + 1
+    return ", ".join(f"{n} {k.upper()}" for k, n in sorted(counts.items())) or "0 float"
+
+
 def _precision_lines(p: dict) -> list[str]:
     """``precision: auto``: every group's decision with its speed each way and fidelity cost."""
     f = p["final"]
     fp16 = "float_stage" in p
     budget = ", ".join(f"{k} ≥ {v:g}" for k, v in p["budget"].items())
     lines = ["## Precision search (precision: auto)", "",
-             f"- {f['int8_groups']} groups INT8, {f['fp32_groups']} {'float' if fp16 else 'FP32'}, chosen in "
+             f"- {f['int8_groups']} groups INT8, {float_counts(p)}, chosen in "
              f"{p['seconds']:.1f} s; budget {budget}",
              _speed_line(p),
              f"- fidelity of the chosen assignment vs FP32 (run on {p.get('fidelity_runtime', 'onnxruntime CPU')}): "

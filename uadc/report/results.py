@@ -15,6 +15,7 @@ from typing import Any
 from uadc.core.constants import REPORT_SCHEMA
 from uadc.core.errors import one_line
 from uadc.core.io import to_json
+from uadc.report.markdown import float_counts
 
 
 @dataclass
@@ -138,8 +139,7 @@ class CompileResult:
             lines.append(self.engine.get("status", ""))
         if (ps := self.extra.get("precision_search")) is not None:
             fs = ps.get("float_stage")  # TensorRT: the float layers' FP16/FP32 stage
-            floats = (f"{ps['final']['fp32_groups']} float; float layers: {fs['fp16_groups']} of {fs['groups']} "
-                      f"groups FP16, modelled on {ps['profile']['gpu']}") if fs else f"{ps['final']['fp32_groups']} FP32"
+            floats = float_counts(ps) + (f" (float layers modelled on {ps['profile']['gpu']})" if fs else "")
             lines.append(f"precision auto: {ps['final']['int8_groups']} groups INT8, {floats}; "
                          f"search {ps['seconds']:.1f} s (report.md lists every decision)")
         if dec := (self.deploy or {}).get("decisions"):
