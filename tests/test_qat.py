@@ -221,6 +221,28 @@ def test_qat_loss_decreases(qat_run):
     assert s["final_loss"] < s["ptq_loss"]
 
 
+def test_a_fine_tune_that_raised_its_loss_is_a_warning(qat_run, tmp_path, monkeypatch, caplog):
+    """`qat.lr: 100` collapsed the student (loss 2.22 -> 3.25) and QAT wrote it without a word."""
+    import logging
+
+    from uadc.core.scoped import torch_threads
+    from uadc.quant.qat import run as qat_module
+    from uadc.training.run import load_images
+    base, recipe = qat_run["baseline"], qat_run["recipe"]
+    losses = iter([1.0, 2.5])
+    monkeypatch.setattr(qat_module, "mean_loss", lambda *a, **k: next(losses))
+    monkeypatch.setattr(qat_module, "fine_tune", lambda *a, **k: [])
+    opts = QatOptions(TARGET)
+    _, ptq = qat_settings(recipe, opts, check_target(TARGET))
+    with torch_threads(1), caplog.at_level(logging.WARNING, "uadc"):
+        images = load_images(base.data.train, "loading images")
+        res = run_qat(recipe, opts, base.fp32, base.model, images,
+                      base.calibration_images(ptq.calib_data, ptq.calib_samples), base.checkpoint,
+                      tmp_path / "art", base.checkpoint_sha256)
+    assert (res.summary["ptq_loss"], res.summary["final_loss"]) == (1.0, 2.5)
+    assert "fine-tuning raised the distillation loss (1.0000 after PTQ -> 2.5000)" in caplog.text
+
+
 def _act_quant(model: onnx.ModelProto) -> dict[str, float]:
     """Activation tensor -> scale of every QuantizeLinear whose input is not an initializer."""
     inits = {i.name: i for i in model.graph.initializer}

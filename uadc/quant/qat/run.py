@@ -129,6 +129,10 @@ def run_qat(recipe: Recipe, opts: QatOptions, fp32: onnx.ModelProto, model, trai
                  len(placement.acts), len(placement.weight_edges), losses["ptq_loss"])
         history = fine_tune(net, model, order, data, st["epochs"], st["lr"], st["batch_size"], recipe.seed)
         losses["final_loss"] = mean_loss(net, model, order, data, st["batch_size"])
+    if losses["final_loss"] > losses["ptq_loss"]:   # lr 100 collapsed the student: shipped with exit 0 before
+        log.warning("qat: fine-tuning raised the distillation loss (%.4f after PTQ -> %.4f): the QAT model is worse "
+                    "than its PTQ start; lower qat.lr or qat.epochs, or compile without --from-qat",
+                    losses["ptq_loss"], losses["final_loss"])
     ctx.quant_params = learned_params(net)
     qat_model, _ = run_passes(with_weights(fp32, net.net.weights()), ["qdq", "partition_check"], ctx)
     st["weights"] = _weights(ctx)   # checked against the recipe at compile: 8-bit shipped under a 7-bit recipe
