@@ -223,8 +223,10 @@ class AutoPrecisionConfig(_Section):
                                  "copies) needs this many images for its own score rank correlation; smaller sets are "
                                  "ranked in the pool of every category (scores standardised per category by the FP32 "
                                  "normals), where one swap among a few images cannot decide the search")
-    min_saving: float = Field(0.05, ge=0, le=1, description="INT8 counts as faster only if it saves this share of a "
-                              "group's FP32 time (and 2 µs when profiled): timing noise must not flip a decision")
+    min_saving: float = Field(0.05, ge=0, le=1, description="a group flips between INT8 and FP32 only if the flip "
+                              "saves this share of its FP32 time (and 2 µs when profiled): timing noise must not flip a "
+                              "decision. The search's starts (INT8 where faster alone, all FP32, all INT8 per set of "
+                              "partitions) are then compared on predicted time alone, so 1 keeps the cheapest start")
     profile_runs: int = Field(100, ge=3, le=1000, description="profiled runs per model (each node's fastest counts)")
     profile_batch: int = Field(1, ge=1, le=64, description="images per profiled run (CPU targets): the deployed batch")
     timing_cache: bool = Field(True, description="keep the profiles in <artifacts>/<recipe>/timing_cache (beside "
