@@ -329,3 +329,31 @@ def test_infinite_scores_and_no_images_are_refused_alike():
             metric(masks, maps)
     with pytest.raises(ValueError, match="no images"):
         image_auroc(np.array([]), np.array([]))
+
+
+def test_metrics_in_two_threads_leave_the_warning_filters_as_found(monkeypatch):
+    """scikit-learn's type_of_target sets an `error` filter inside catch_warnings; two evaluations in
+    two threads each put back the copy they saved, and the other's `error` filter stayed for good."""
+    import threading
+    import time
+    import warnings
+
+    from uadc.evaluation import metrics as m
+    real = m.roc_auc_score
+
+    def sklearn_like(y, s):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", np.exceptions.VisibleDeprecationWarning)
+            time.sleep(0.2)   # the other thread enters meanwhile
+            return real(y, s)
+    monkeypatch.setattr(m, "roc_auc_score", sklearn_like)
+    before = warnings.filters[:]
+    y, s = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])
+    out: list = []
+    threads = [threading.Thread(target=lambda: out.append(m.image_auroc(y, s))) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join(10)
+    assert out == [1.0, 1.0] and warnings.filters == before

@@ -200,6 +200,16 @@ def warnings_ignored(category: type[Warning] = Warning) -> Iterator[None]:
             _set_filters(warnings.filters[:], bool(_users.get("quiet")))
 
 
+@contextlib.contextmanager
+def filters_serialized() -> Iterator[None]:
+    """For third-party code that sets warning filters with ``catch_warnings`` (scikit-learn's
+    ``type_of_target`` makes numpy's VisibleDeprecationWarning an error for a moment): such blocks run
+    one at a time and never beside uadc's own filter changes. Two evaluations in two threads left that
+    ``error`` filter in place for good (each put back the copy it saved, the other's change in it)."""
+    with _SHARED:
+        yield
+
+
 def _restore_environment(saved: tuple[dict, list]) -> None:
     env, filters = saved
     for key in set(os.environ) - set(env):

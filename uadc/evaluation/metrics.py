@@ -39,6 +39,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
+from uadc.core.scoped import filters_serialized
+
 __all__ = [
     "image_auroc",
     "pixel_auroc",
@@ -127,7 +129,8 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
             f"({'anomalous' if y.size and y[0] == 1 else 'good'}); "
             "need both good and anomalous images"
         )
-    return float(roc_auc_score(y.astype(np.int8), s))
+    with filters_serialized():
+        return float(roc_auc_score(y.astype(np.int8), s))
 
 
 # --------------------------------------------------------------------------- pixel level
@@ -137,14 +140,16 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     """Pixel-level ROC AUC over all pixels of all images."""
     gt, scores = _pixel_inputs(masks, maps)
     _require_both_classes(gt, "pixel AUROC")
-    return float(roc_auc_score(gt.reshape(-1), scores.reshape(-1)))
+    with filters_serialized():
+        return float(roc_auc_score(gt.reshape(-1), scores.reshape(-1)))
 
 
 def pixel_f1_max(masks: np.ndarray, maps: np.ndarray) -> float:
     """Maximum pixel-level F1 over all thresholds (``score >= t`` is positive)."""
     gt, scores = _pixel_inputs(masks, maps)
     _require_both_classes(gt, "pixel F1")
-    precision, recall, _ = precision_recall_curve(gt.reshape(-1), scores.reshape(-1))
+    with filters_serialized():
+        precision, recall, _ = precision_recall_curve(gt.reshape(-1), scores.reshape(-1))
     denom = precision + recall
     f1 = np.divide(2.0 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
     return float(f1.max())
