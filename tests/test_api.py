@@ -93,6 +93,8 @@ def test_each_compile_uses_its_own_latency_settings(trained, tmp_path):
     assert (a.latency.ort_fp32["runs"], a.latency.compiled["runs"], a.latency.threads) == (3, 3, 1)
     assert (c.latency.ort_fp32["runs"], c.latency.torch_fp32["runs"], c.latency.threads) == (7, 7, 2)
     assert c.environment["threads"] == 2
+    import yaml   # plain types: torch's version was a TorchVersion, which yaml.safe_dump refused (MLflow's YAML)
+    assert yaml.safe_load(yaml.safe_dump(c.to_dict()))["environment"]["torch"] == torch.__version__
     # the compiled model as `uadc predict` runs it: on 2 threads teacher and student run at once
     assert a.latency.deployed is None and c.latency.deployed["schedule"] == "branches"
     assert c.latency.deployed["runs"] == 7 and c.to_dict()["latency_ms"]["deployed"]["p50"] > 0

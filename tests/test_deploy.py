@@ -441,6 +441,11 @@ def test_evaluating_an_artifact_checks_it_takes_the_recipes_input(int8_artifact,
     # the counts the figures rest on (tiny_data: 4 good and 6 defective test images per category)
     assert d["test_images"] == {c: {"good": 4, "defective": 6} for c in d["categories"]}
     assert uadc.EvalResult.from_dict(d).to_dict() == d
+    gone = tmp_path / "no-model"   # an artifact folder whose model.onnx was deleted: "give its checkpoint file" before
+    shutil.copytree(res.path, gone)
+    (gone / "model.onnx").unlink()
+    with pytest.raises(UadcError, match=r"^artifact .*no-model: model.onnx is missing \(listed in artifact.json\)$"):
+        uadc.evaluate(gone, recipe)
     for name, data, why in (("big", {"image_size": 96}, "takes 64x64 px images; recipe big makes 96 px ones"),
                             ("imagenet", {"normalization": "imagenet"}, "normalises inputs with mean")):
         other = write_recipe(tmp_path / f"{name}.yaml", tiny_data, data={"val_fraction": 0.25, **data})

@@ -179,7 +179,8 @@ def _is_onnx(x: Any) -> bool:
     if not isinstance(x, (str, os.PathLike)):
         return False
     p = Path(x)
-    return p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file())
+    # an artifact folder whose model.onnx is gone too: judged as one ("give its checkpoint file" before)
+    return p.suffix == ".onnx" or (p.is_dir() and ((p / "model.onnx").is_file() or (p / MANIFEST_FILE).is_file()))
 
 
 def _artifacts_root(artifacts: Any) -> Path | None:

@@ -487,6 +487,6 @@ def environment(threads: int) -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "torch": str(torch.__version__), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "polygraphy": polygraphy.__version__, "openvino": ov.version(), "uadc": __version__,
             "platform": platform.platform()}

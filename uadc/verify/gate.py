@@ -155,7 +155,7 @@ class GateResult:
     runtime: dict                               # {"reference": ..., "candidate": ...}
     images: dict                                # images per kind used for the figures
     figures: list[Figure]
-    categories: dict[str, dict[str, float]]     # per-category label-free figures
+    categories: dict[str, dict[str, float | None]]   # per-category label-free figures (None: not judged)
     labelled: dict | None                       # AUROC/AUPRO drops where labels exist, else None
     polygraphy: dict                            # tensor comparison (informational, not judged)
     thresholds: dict
