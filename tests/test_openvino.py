@@ -306,3 +306,21 @@ def test_importing_openvino_leaves_the_start_method_threads_and_home_alone(tmp_p
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "HOME": str(tmp_path)})
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["None", "1", "None"] and not (tmp_path / "intel").exists(), p.stdout
+
+
+def test_an_openvino_artifact_where_openvino_does_not_import_says_it_runs_on_onnx_runtime(base, tmp_path, caplog,
+                                                                                        monkeypatch):
+    """Backend auto ran an OpenVINO artifact on ONNX Runtime without a word (fp32), or with only a rounding
+    note (int8) that did not say OpenVINO was missing."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (optional extra uadc[openvino])")
+    import logging
+
+    from uadc.backends import openvino as ov
+    from uadc.runtime import Detector
+    uadc.compile(base, "openvino-cpu-fp32", out=tmp_path / "ov", latency_runs=2, threads=1, evaluate=False)
+    monkeypatch.setattr(ov, "import_error", lambda: "OpenVINO is not installed: pip install 'uadc[openvino]'")
+    with caplog.at_level(logging.WARNING, "uadc"):
+        det = Detector.load(tmp_path / "ov")
+    assert det.backend_name == "onnxruntime"
+    assert "an artifact of target openvino-cpu-fp32, but OpenVINO is not installed: pip install 'uadc[openvino]': " \
+           "running it on ONNX Runtime (CPU) instead" in caplog.text

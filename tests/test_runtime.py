@@ -1305,7 +1305,6 @@ def test_a_broken_openvino_install_is_named_as_such(int8_artifact, monkeypatch):
     'uadc[openvino]'", while compile gave the real reason."""
     from uadc.backends import openvino as ov
     from uadc.runtime import Detector, detector
-    monkeypatch.setattr(detector, "_importable", lambda module: False)
     monkeypatch.setattr(ov, "import_error", lambda: "OpenVINO does not import here: ImportError: libopenvino.so")
     with pytest.raises(UadcError, match=r"does not import here \(OpenVINO does not import here: ImportError: libopenvino"):
         Detector.load(int8_artifact[2].path, backend="openvino")

@@ -165,6 +165,12 @@ def _trt_here() -> tuple[bool, str]:
     return trt_available()
 
 
+def _openvino_missing() -> str | None:
+    """Why OpenVINO cannot run here, or None (imported without its import-time telemetry)."""
+    from uadc.backends.openvino import import_error
+    return import_error()
+
+
 def _importable(module: str) -> bool:
     try:
         __import__(module)
@@ -286,9 +292,14 @@ class Detector:
         if backend == "auto" and engine.is_file():   # a JetPack venv without tensorrt ran the ONNX on the CPU unsaid
             log.warning("%s: %s is here but TensorRT cannot run here (%s): running %s on ONNX Runtime (CPU) instead",
                         folder, ENGINE_FILE, trt_why, manifest.model_file)
-        if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and _importable("openvino")):
-            from uadc.backends.openvino import import_error   # installed and broken: its reason, not "pip install"
-            _check_importable("openvino", import_error() or "pip install 'uadc[openvino]'")
+        ov_missing = _openvino_missing() if backend == "openvino" or manifest.runtime == "openvino" else None
+        if backend == "auto" and manifest.runtime == "openvino" and ov_missing:   # it fell back without a word
+            log.warning("%s: an artifact of target %s, but %s: running it on ONNX Runtime (CPU) instead", folder,
+                        manifest.target, ov_missing)
+        if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and not ov_missing):
+            if ov_missing:   # installed and broken: its reason, not only "pip install"
+                raise UadcError(f"backend openvino: the openvino Python package does not import here ({ov_missing}); "
+                                f"backend auto runs the artifact with what is here")
             _only_auto(schedule, "OpenVINO")
             manifest.check_model_file()   # ONNX Runtime's session checks it below
             from uadc.backends.parallel import cap_threads   # more than the cores: said, as on ONNX Runtime
