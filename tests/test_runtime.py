@@ -1304,7 +1304,7 @@ def test_a_broken_openvino_install_is_named_as_such(int8_artifact, monkeypatch):
     """An openvino that is installed and fails to import (a missing shared library) said "pip install
     'uadc[openvino]'", while compile gave the real reason."""
     from uadc.backends import openvino as ov
-    from uadc.runtime import Detector, detector
+    from uadc.runtime import Detector
     monkeypatch.setattr(ov, "import_error", lambda: "OpenVINO does not import here: ImportError: libopenvino.so")
     with pytest.raises(UadcError, match=r"does not import here \(OpenVINO does not import here: ImportError: libopenvino"):
         Detector.load(int8_artifact[2].path, backend="openvino")
