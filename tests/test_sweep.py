@@ -143,6 +143,22 @@ def test_misspelt_names_stop_the_sweep_before_any_work(tiny, axes, msg):
         make_plan(spec, base, name)
 
 
+def test_a_recipe_without_its_data_is_named_among_several(tiny, tmp_path):
+    """With two recipes, a missing data root was one line naming a data.sources key, not which recipe."""
+    from uadc.pipeline.sweep.run import run_sweep
+    d, recipe = tiny
+    doc = yaml.safe_load(recipe.read_text())
+    doc.update(name="nodata", data={**doc["data"], "sources": [{"root": str(tmp_path / "gone"),
+                                                                "categories": ["stripes"]}]})
+    other = tmp_path / "nodata.yaml"
+    other.write_text(yaml.safe_dump(doc))
+    sweep = tmp_path / "two.yaml"
+    sweep.write_text(yaml.safe_dump({"recipes": [str(recipe), str(other)], "axes": {"target": ["ort-cpu-fp32"]}}))
+    with pytest.raises(UadcError, match=r"^sweep two: recipe nodata: data.sources\[0\].root: data folder not found"):
+        run_sweep(sweep, out=tmp_path / "out", artifacts=tmp_path / "art", sequential=True)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "art" / "tiny").exists()   # before any work
+
+
 def test_two_recipes_of_one_name_and_other_settings_are_refused(tiny, tmp_path):
     """Both trained into artifacts/tiny/: one model trained, and the second recipe's cells ran its checkpoint."""
     d, recipe = tiny

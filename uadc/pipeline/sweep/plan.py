@@ -136,9 +136,10 @@ def plan_recipes(pairs: list[tuple[Recipe, Recipe]], axes: Axes, run: RunConfig,
                                                                                    "one_class"))):
             try:   # an image size or seed the recipe refuses: named as the sweep's (it read as the recipe's own)
                 variants = _models(original, recipe, size, seed, bool(one_class))
-            except UadcError as exc:
+            except UadcError as exc:   # which recipe too: with several, a missing data root named none
                 given = ", ".join(f"axes.{k} {v}" for k, v in (("image_size", size), ("seed", seed)) if v is not None)
-                raise UadcError(f"sweep {name}: {given}: {exc}" if given else str(exc)) from None
+                where = f"recipe {shown(original.path) if original.path else original.name}"
+                raise UadcError(f"sweep {name}: {where}{', ' + given if given else ''}: {exc}") from None
             for model in variants:
                 _check_same_settings(models.setdefault(model.key, model), model, name)
                 for cell in _cells(axes, model, {"image_size": size, "seed": seed, "one_class": bool(one_class)}):

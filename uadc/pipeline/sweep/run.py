@@ -110,7 +110,10 @@ def run_plan(plan: Plan, artifacts: Path, out: Path, *, address: str | None = No
     check_writable(out)
     check_writable(artifacts)   # a file there failed every cell (exit 1) and wrote a table of failures
     for model in plan.models.values():   # the cells checked theirs only after the baseline, their records written
-        check_outside_data(out, model.recipe())
+        try:
+            check_outside_data(out, model.recipe())
+        except UadcError as exc:   # which recipe: with several, a missing data root named none
+            raise UadcError(f"sweep {plan.name}: recipe {model.name}: {exc}") from None
     made = not out.exists()
     ensure_dir(out)
     try:
