@@ -509,6 +509,15 @@ def test_a_category_with_one_validation_normal_borrows_the_pooled_spread():
     assert spearman(z(ref), z(out)) > 0.999
     assert _standards({"x": np.array([1.0]), "y": np.array([5.0])}) == {"x": (1.0, 2.0), "y": (5.0, 2.0)}
     assert _standards({"x": np.array([1.0, 1.0])}) == {"x": (1.0, 1.0)}   # nothing to borrow: unit spread
+    # every category with one normal: each normal sits at z = 0, a tie any score change broke (0.949)
+    from uadc.pipeline.precision_search import _tied_alike
+    std = _standards({"x": np.array([2.0]), "y": np.array([3.0])})
+    ref = {"x": np.array([2.0, 6.0]), "y": np.array([3.0, 9.0])}
+    out = {c: v * (1 + 1e-4 * np.array([1, -1])) for c, v in ref.items()}
+    z = lambda d: np.concatenate([(d[c] - m) / s for c, (m, s) in std.items()])  # noqa: E731
+    assert spearman(*_tied_alike(z(ref), z(out))) == pytest.approx(1.0)
+    swapped = {"x": np.array([2.0, 1.0]), "y": np.array([3.0, 9.0])}   # a real change of order still counts
+    assert spearman(*_tied_alike(z(ref), z(swapped))) < 0.9
 
 
 def test_groups_left_float_because_all_float_was_faster_say_so():

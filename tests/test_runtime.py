@@ -754,9 +754,13 @@ def test_a_bf16_artifact_on_an_fp32_runtime_says_its_thresholds_may_not_fit(int8
             precision="f32", lock=threading.Lock(), run_fn=None))
         with pytest.raises(UadcError, match="OpenVINO computes in f32 here: .*choose the backend to run it anyway"):
             Detector.load(folder)   # a CPU without bf16: OpenVINO takes the hint and computes in f32
-    monkeypatch.setattr(detector, "_importable", lambda module: False)
-    with pytest.raises(UadcError, match="ONNX Runtime computes in fp32 here: .*run it where OpenVINO runs bf16"):
+    from uadc.backends import openvino as ov_backend
+    monkeypatch.setattr(ov_backend, "import_error", lambda: "OpenVINO is not installed: pip install 'uadc[openvino]'")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="uadc"), \
+            pytest.raises(UadcError, match="ONNX Runtime computes in fp32 here: .*run it where OpenVINO runs bf16"):
         Detector.load(folder)
+    assert "running it on ONNX Runtime" not in caplog.text   # refused: no line saying it runs there
     caplog.clear()   # an INT8 artifact of one runtime on another: its kernels round INT8 differently
     ov_int8 = _edited_artifact(int8_artifact[2].path, tmp_path / "ovint8", target="openvino-cpu-int8", runtime="openvino")
     with caplog.at_level(logging.WARNING, logger="uadc"):

@@ -292,10 +292,8 @@ class Detector:
         if backend == "auto" and engine.is_file():   # a JetPack venv without tensorrt ran the ONNX on the CPU unsaid
             log.warning("%s: %s is here but TensorRT cannot run here (%s): running %s on ONNX Runtime (CPU) instead",
                         folder, ENGINE_FILE, trt_why, manifest.model_file)
-        ov_missing = _openvino_missing() if backend == "openvino" or manifest.runtime == "openvino" else None
-        if backend == "auto" and manifest.runtime == "openvino" and ov_missing:   # it fell back without a word
-            log.warning("%s: an artifact of target %s, but %s: running it on ONNX Runtime (CPU) instead", folder,
-                        manifest.target, ov_missing)
+        ov_missing = _openvino_missing() if backend in ("openvino", "auto") and manifest.runtime == "openvino" \
+            or backend == "openvino" else None
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and not ov_missing):
             if ov_missing:   # installed and broken: its reason, not only "pip install"
                 raise UadcError(f"backend openvino: the openvino Python package does not import here ({ov_missing}); "
@@ -311,6 +309,9 @@ class Detector:
                 raise
             return cls(manifest, ovb, batch_size)
         _check_precision(manifest, "ONNX Runtime", auto=backend == "auto")
+        if backend == "auto" and ov_missing:   # it fell back without a word (after a refusal: no such line)
+            log.warning("%s: an artifact of target %s, but %s: running it on ONNX Runtime (CPU) instead", folder,
+                        manifest.target, ov_missing)
         backend = _OrtBackend(model, threads, schedule)
         first = backend.session.get_inputs()[0]   # the runtime's own view of the model
         manifest.check_model_input(first.name, first.shape)
