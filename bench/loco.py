@@ -288,6 +288,14 @@ def _floats(text: str) -> tuple[float, ...]:
     return vals
 
 
+def topk_fractions(text: str) -> tuple[float, ...]:
+    """``--topk``: fractions of the map in (0, 1] (0 was labelled top0% and scored as top 1%)."""
+    ks = _floats(text)
+    if any(not 0 < k <= 1 for k in ks):
+        raise click.BadParameter("top-k fractions must be in (0, 1]", param_hint="--topk")
+    return ks
+
+
 def number_list(text: str, option: str) -> list[float]:
     """:func:`_floats` for an argparse script: its refusal as a one-line UadcError naming ``option``."""
     try:
@@ -311,9 +319,7 @@ def number_list(text: str, option: str) -> list[float]:
 def main(recipe: Path, data: Path, artifacts: Path, out: Path | None, epochs: int | None, threads: int | None,
          sigmas: str, topk: str) -> None:
     """Leave-one-category-out choice of smoothing and image-score reduction for the unified default."""
-    ks = _floats(topk)
-    if any(not 0 < k <= 1 for k in ks):
-        raise click.BadParameter("top-k fractions must be in (0, 1]", param_hint="--topk")
+    ks = topk_fractions(topk)
     command = "python -m bench.loco " + shlex.join(sys.argv[1:])
     try:
         run_loco(recipe, data, artifacts, out or artifacts / "bench_loco", epochs, threads, _floats(sigmas), ks,

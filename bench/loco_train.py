@@ -26,7 +26,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from bench.loco import (DATA, RECIPE, SIGMAS, TOPK, _floats, _log, ensure_model, grid_metrics, key,
+from bench.loco import (DATA, RECIPE, SIGMAS, TOPK, _floats, topk_fractions, _log, ensure_model, grid_metrics, key,
                         leave_one_out, loco_recipe, raw_maps)
 from uadc.config.recipe import read_yaml_mapping
 from uadc.core.errors import UadcError
@@ -75,6 +75,8 @@ def run_grid(recipe_path: Path, data: Path, grid: Path, artifacts: Path, out: Pa
                "score_reduction": m["score_reduction"],
                "score_topk": m["score_topk"] if m["score_reduction"] == "topk_mean" else None}
     sigmas = tuple(sorted({*sigmas, default["smoothing_sigma"]}))
+    if default["score_topk"] is not None:   # as bench.loco: the recipe's own setting is in the grid (no folds before)
+        topk = tuple(sorted({*topk, default["score_topk"]}))
     ensure_dir(out)
     check_writable(out)
     result = {"command": command, "recipe": str(recipe_path), "data": str(data), "device": device,
@@ -185,7 +187,7 @@ def main(recipe: Path, data: Path, grid: Path, artifacts: Path, out: Path | None
     command = "python -m bench.loco_train " + shlex.join(sys.argv[1:])
     try:
         run_grid(recipe, data, grid, artifacts, out or artifacts / "bench_loco_train", device, threads,
-                 _floats(sigmas), _floats(topk), command.strip())
+                 _floats(sigmas), topk_fractions(topk), command.strip())
     except UadcError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

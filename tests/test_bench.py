@@ -161,6 +161,13 @@ def test_bench_grids_and_folders_are_checked_before_the_work(recipe_factory, tmp
             loco._floats(bad)
         with pytest.raises(UadcError, match=f"--alphas: .*{said}"):
             loco.number_list(bad, "--alphas")
+    from bench import loco_train
+    for bad in ("0,0.05", "0.05,5"):   # top0% was scored as top 1%, top500% accepted
+        with pytest.raises(click.BadParameter, match=r"top-k fractions must be in \(0, 1\]"):
+            loco.topk_fractions(bad)
+        res = CliRunner().invoke(loco_train.main, ["--topk", bad, "--artifacts", str(tmp_path / "lt")])
+        assert res.exit_code == 2 and "top-k fractions must be in (0, 1]" in res.output, res.output
+    assert not (tmp_path / "lt").exists()
     r = recipe_factory("tiny")
     for out, art in ((tmp_path / "same", tmp_path / "same"), (tmp_path / "res", tmp_path / "res" / "art"),
                      (tmp_path / "art2" / "tables", tmp_path / "art2")):

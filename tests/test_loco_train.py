@@ -45,7 +45,8 @@ def test_run_grid_end_to_end_never_chooses_an_unselectable_config(tmp_path, tiny
     data = tmp_path / "data"
     data.mkdir()
     (data / "tiny").symlink_to(tiny_data)
-    base = write_recipe(tmp_path / "base.yaml", tiny_data)
+    # a top-k recipe whose own top-k is not in --topk: it was left out of the grid, and the result had no folds
+    base = write_recipe(tmp_path / "base.yaml", tiny_data, model={"score_reduction": "topk_mean", "score_topk": 0.02})
     grid = _grid(tmp_path, "configs:\n  - name: default\n  - name: summed\n    overrides: {model: {combine: sum}}\n"
                            "    selectable: false\n    why: test\n")
     base_recipe = loco_train.loco_recipe(base, data, None, 1)
@@ -61,6 +62,7 @@ def test_run_grid_end_to_end_never_chooses_an_unselectable_config(tmp_path, tiny
     assert all(c["model"]["reused"] for c in res["configs"])
     assert any(k.startswith("summed|") for k in res["all_settings"])
     assert all(f["chosen_key"].startswith("default|") for f in res["folds"])
+    assert any("top2%" in k for k in res["all_settings"]) and res["mean"]
     assert json.loads((out / loco_train.RESULT_JSON).read_text())["folds"] == json.loads(json.dumps(res["folds"]))
     assert "| summed |" in (out / loco_train.RESULT_MD).read_text()
 
