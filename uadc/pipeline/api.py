@@ -264,11 +264,8 @@ def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None
     within the recipe's ``compile.auto`` budget; default: the recipe's ``compile.precision``)."""
     if target is not None and not (isinstance(target, str) and target):
         raise UadcError(f"target: expected a target's name (uadc compile --help lists them), got {target!r:.60}")
-    # names stripped as in compare's lists: " minmax" was an unknown calibrator there only
-    given, (calibrator, calibration) = calibrator, (v.strip() if isinstance(v, str) else v
-                                                     for v in (calibrator, calibration))
     if calibrator is not None and not (isinstance(calibrator, str) and calibrator):   # ['mse'] was "unknown"
-        raise UadcError(f"calibrator: expected a calibrator's name (entropy, mse, ...), got {given!r:.60}")
+        raise UadcError(f"calibrator: expected a calibrator's name (entropy, mse, ...), got {calibrator!r:.60}")
     flags(("per_channel", "postprocess"), force=force, evaluate=evaluate, split=split, build_engine=build_engine,
           per_channel=per_channel, postprocess=postprocess)
     out, dump_passes = as_path(out, "out", optional=True), as_path(dump_passes, "dump_passes", optional=True)
