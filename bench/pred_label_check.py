@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     from uadc.data.sources import resolve_sources
     from uadc.runtime import Detector
     det = Detector.load(a.artifact)   # first: a missing artifact was named as a missing default recipe
-    if a.recipe is None:
+    defaulted = a.recipe is None
+    if defaulted:
         own = Path("recipes") / f"{det.manifest.recipe}.yaml"
         a.recipe = str(own) if own.is_file() else det.manifest.recipe   # else a built-in recipe of that name
         if not own.is_file() and a.recipe not in {r.name for r in packaged_recipes()}:
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"give it with --recipe", file=sys.stderr)
             return 2
     recipe = load_recipe(a.recipe)
+    if defaulted and recipe.hash != det.manifest.recipe_hash:   # a same-named recipe of other settings or data
+        print(f"error: {a.recipe} is not the recipe {a.artifact} was compiled from (recipe hash {recipe.hash}, the "
+              f"artifact's {det.manifest.recipe_hash}): give its own with --recipe", file=sys.stderr)
+        return 2
     if not det.manifest.postprocess:
         print(f"error: {a.artifact} has no in-graph post-processing (compile with --postprocess)", file=sys.stderr)
         return 2

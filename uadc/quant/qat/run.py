@@ -129,7 +129,7 @@ def run_qat(recipe: Recipe, opts: QatOptions, fp32: onnx.ModelProto, model, trai
                  len(placement.acts), len(placement.weight_edges), losses["ptq_loss"])
         history = fine_tune(net, model, order, data, st["epochs"], st["lr"], st["batch_size"], recipe.seed)
         losses["final_loss"] = mean_loss(net, model, order, data, st["batch_size"])
-    if losses["final_loss"] > losses["ptq_loss"]:   # lr 100 collapsed the student: shipped with exit 0 before
+    if not losses["final_loss"] <= losses["ptq_loss"]:   # lr 100 collapsed the student (NaN too): exit 0 before
         log.warning("qat: fine-tuning raised the distillation loss (%.4f after PTQ -> %.4f): the QAT model is worse "
                     "than its PTQ start; lower qat.lr or qat.epochs, or compile without --from-qat",
                     losses["ptq_loss"], losses["final_loss"])
