@@ -150,6 +150,20 @@ def test_fp16_typed_model_keeps_fixed_float_inputs():
     assert np.allclose(_run(typed, x), _run(model, x), atol=1e-2)
 
 
+def test_an_auto_assignment_without_fp16_layers_builds_strongly_typed_from_tensorrt_10():
+    """Precision auto kept its float layers FP32 (no FP16 chosen, so the model had no FP16 type): TensorRT
+    10.x built weakly typed with --fp16 and pins on ONNX node names, which a layer TensorRT splits into
+    several escapes, while both READMEs said strongly typed, exactly as chosen."""
+    s = BuildSettings(precision="int8", fp32_layers=("head/node_linalg_vector_norm",), model_typed=True)
+    for version in ("10.3.0", "11.0.0"):
+        plan = plan_build(s, version, has_qdq=True)
+        assert plan.strongly_typed and plan.builder_flags == () and plan.fp32_layers == () and not plan.notes
+    eight = plan_build(s, "8.5.2", has_qdq=True)   # no strong typing there: the pins, obeyed
+    assert not eight.strongly_typed and eight.fp32_layers == ("head/node_linalg_vector_norm",)
+    cmd10 = trtexec_command("model.onnx", s, (3, 64, 64), trt_version="10.3")
+    assert "--stronglyTyped" in cmd10 and "--layerPrecisions" not in cmd10 and "--fp16" not in cmd10
+
+
 def test_layer_precisions_build_plan_and_trtexec():
     s = BuildSettings(precision="int8", fp32_layers=("student/add", "head/node_Mul_3"))
     for version in ("8.5.2", "10.3.0"):

@@ -45,7 +45,8 @@ def build_settings(target: Target, fp32_layers: list[str] | None = None,
                                      workspace_mb=int(target.builder.get("workspace_mb", 1024)),
                                      max_batch=int(target.builder.get("max_batch", 8)),
                                      timing_cache="timing.cache",
-                                     fp32_layers=tuple(fp32_layers) if fp32_layers is not None else None)
+                                     fp32_layers=tuple(fp32_layers) if fp32_layers is not None else None,
+                                     model_typed=fp32_layers is not None)   # compile types the FP16 layers it chose
 
 
 def cache_amax(compiled: onnx.ModelProto, ranges: dict) -> dict[str, float]:

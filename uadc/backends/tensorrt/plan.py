@@ -125,6 +125,9 @@ class BuildSettings:
     layers FP32 and every other float layer FP16. With an FP16-typed model on TensorRT >= 10 (not
     DLA) the build is strongly typed and the model's types say it; otherwise weak typing with these
     layer precisions obeyed (an FP32-typed model on TensorRT 11 runs its FP16 choices in FP32).
+    ``model_typed``: with ``fp32_layers``, the model types the whole assignment (precision auto's shipped
+    model: its FP16 layers FP16-typed, so an FP32-typed one has none): strongly typed from TensorRT 10 on
+    too, which runs it exactly, where layer pins name ONNX nodes that TensorRT may split into several layers.
     """
 
     precision: str = "fp32"
@@ -139,6 +142,7 @@ class BuildSettings:
     builder_optimization_level: int | None = None
     int8_fp16_fallback: bool = True
     fp32_layers: tuple[str, ...] | None = None
+    model_typed: bool = False
 
     def __post_init__(self) -> None:
         if self.fp32_layers is not None:
@@ -226,7 +230,7 @@ def plan_build(
         notes.append("strongly typed network on DLA: only layers the model types as FP16/INT8 can run on DLA")
     if settings.dla_core is not None and settings.min_batch != settings.max_batch:
         notes.append("DLA is meant for static shapes: set min_batch = opt_batch = max_batch, or layers may fall back")
-    if settings.fp32_layers is not None and strongly and not fp16_model:
+    if settings.fp32_layers is not None and strongly and not fp16_model and not settings.model_typed:
         notes.append("TensorRT 11 networks are strongly typed: the layers precision auto chose FP16 run in the "
                      "model's FP32 type (slower than modelled, as accurate as FP32)")
     network_flags = (("EXPLICIT_BATCH",) if major < 10 else ()) + (
@@ -293,7 +297,8 @@ def _choose_strong_typing(settings: BuildSettings, major: int, calibration: bool
     if settings.strongly_typed is False:
         return False
     if settings.fp32_layers is not None:  # precision auto: its FP16 layers typed in the model run exactly as chosen
-        return fp16_model and major >= 10 and settings.dla_core is None  # else weak typing and layer precisions
+        typed = fp16_model or settings.model_typed
+        return typed and major >= 10 and settings.dla_core is None  # else weak typing and layer precisions
     return major >= 10 and settings.precision == "int8" and not calibration and settings.dla_core is None
 
 
