@@ -129,7 +129,10 @@ def test_compile_jetson_int8_bundle(trained):
     for f in ("model.onnx", "model_fp32.onnx", "calibration.cache", "build_engine.sh", "README.md"):
         assert (out / f).is_file(), f
     readme = (out / "README.md").read_text()   # the explicit-INT8 note was dropped where the implicit one was added
-    assert "`model_fp32.onnx` and `calibration.cache` (the same ranges" in readme and "Explicit quantization" in readme
+    assert "Also here: `model_fp32.onnx` (the float model" in readme and "Explicit quantization" in readme
+    # its command saves an engine for the batches build_engine.sh's does (an unsaved batch-1 one before)
+    assert "--saveEngine=model_implicit.engine --minShapes=image:1x3x64x64" in readme
+    assert "--maxShapes=image:8x3x64x64 --optShapesCalib=image:1x3x64x64`" in readme
     # for TensorRT 8.5 too, which parses opset 17 (it was the exported opset 18)
     from uadc.passes.pipeline import opset_of
     assert opset_of(onnx.load(out / "model_fp32.onnx")) == 17 == opset_of(onnx.load(out / "model.onnx"))

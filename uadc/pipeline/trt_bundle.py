@@ -25,8 +25,10 @@ PRECISION_NOTES = {
     "fp16": "The ONNX is FP16-typed (float32 inputs/outputs, the `fp16` pass): TensorRT 11 takes the precision "
             "from the model (strong typing); 8.5-10.x build it with BuilderFlag.FP16.",
     "int8": "Explicit quantization: the ONNX carries symmetric INT8 Q/DQ (scales from uadc's calibration, or "
-            "learned by QAT); layers outside Q/DQ pairs run in FP16 (or FP32). Works on TensorRT 8.5-10.x (JetPack "
-            "5/6) and 11.",
+            "learned by QAT). Layers outside Q/DQ pairs (the teacher and the head, unless quantized) run FP32 on "
+            "TensorRT 10.x and 11 (strongly typed), as the report's figures assume; 8.x has no strong typing, so "
+            "the script builds with --int8 --fp16 and TensorRT may run them in FP16: check the engine with "
+            "`uadc verify` there. Works on TensorRT 8.5-10.x (JetPack 5/6) and 11.",
 }
 
 
@@ -85,7 +87,8 @@ def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto,
         cache = "calibration.cache"
     # precision auto that kept every layer FP32 builds FP32, and its README says so
     auto = None if fp32_layers is None else AUTO_NOTE if settings.precision != "fp32" else PRECISION_NOTES["fp32"]
-    notes = [auto or PRECISION_NOTES[settings.precision], _IMPLICIT_NOTE if cache else None]   # both, not either
+    notes = [auto or PRECISION_NOTES[settings.precision],   # both, not either
+             _implicit_note(shape, settings.max_batch) if cache else None]
     write_build_script(out, settings, shape, target, "\n\n".join(n for n in notes if n) or None)
     violations = check_trt_rules(compiled)
     oldest = target.min_trt_version or "8.5"
@@ -114,13 +117,18 @@ def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto,
     return section
 
 
-# the bundle's README listed model.onnx and build_engine.sh only
-_IMPLICIT_NOTE = ("`model_fp32.onnx` and `calibration.cache` (the same ranges as the Q/DQ nodes) are for an "
-                  "implicit-quantization build on TensorRT 10 or older, e.g. `trtexec --onnx=model_fp32.onnx --int8 "
-                  "--calib=calibration.cache`; its first line, `TRT-8500-EntropyCalibration2`, names the TensorRT "
-                  "version that reads it: put the device's version code there first (`TRT-100300-...` for 10.3.0, "
-                  "`TRT-8502-...` for 8.5.2). `build_engine.sh` builds the explicit Q/DQ `model.onnx`, the model "
-                  "uadc verified.")
+def _implicit_note(shape: tuple[int, int, int], max_batch: int) -> str:
+    """The device README's word on ``model_fp32.onnx`` + ``calibration.cache`` (it listed model.onnx and
+    build_engine.sh only, and its command built an unsaved batch-1 engine)."""
+    chw = "x".join(map(str, shape))
+    return (f"Also here: `model_fp32.onnx` (the float model: input `image`, outputs `anomaly_map` and `score` only) "
+            f"and `calibration.cache` (the ranges of the Q/DQ nodes in TensorRT's calibration-cache format), for an "
+            f"implicit-quantization build on TensorRT 10 or older. The cache's first line, `TRT-8500-...`, names "
+            f"the TensorRT version that reads it: put the device's version code there first (`TRT-100300-...` for "
+            f"10.3.0, `TRT-8502-...` for 8.5.2), then `trtexec --onnx=model_fp32.onnx --int8 --fp16 "
+            f"--calib=calibration.cache --saveEngine=model_implicit.engine --minShapes=image:1x{chw} "
+            f"--optShapes=image:1x{chw} --maxShapes=image:{max_batch}x{chw} --optShapesCalib=image:1x{chw}`. "
+            f"`build_engine.sh` builds the explicit Q/DQ `model.onnx`, the model uadc verified.")
 
 
 def write_build_script(out: Path, settings, shape, target: Target, note: str | None = None) -> Path:
