@@ -303,6 +303,28 @@ def test_stdout_that_cannot_be_written_is_one_error_line(tmp_path):
         assert p.returncode == 2 and p.stderr == "error: cannot write to stdout: No space left on device\n", p.stderr
 
 
+def test_closed_or_vanishing_standard_streams_are_no_traceback(recipe_factory, tmp_path):
+    """`uadc doctor >&-` was an AttributeError traceback (Python makes a closed stdout None), `2>&-` turned a
+    user error's exit 2 into 1, and a stderr reader gone (`2>&1 >out.json | head -1`) ended a training
+    with a silent exit 1 at its next log line: no checkpoint, no JSON."""
+    import shlex
+    import subprocess
+    import sys
+    uadc = f"{shlex.quote(sys.executable)} -m uadc"
+
+    def sh(cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=tmp_path)
+    p = sh(f"{uadc} recipes list >&-")
+    assert p.returncode == 2 and p.stderr == "error: cannot write to stdout: Bad file descriptor\n", p.stderr
+    p = sh(f"{uadc} train nope.yaml 2>&-")
+    assert p.returncode == 2 and p.stdout == "" and p.stderr == ""
+    recipe = recipe_factory(train={"epochs": 3, "threads": 1})
+    p = sh(f"{uadc} train {shlex.quote(str(recipe))} --artifacts art --json 2>&1 >out.json | head -c 1 >/dev/null; "
+           f"echo ${{PIPESTATUS[0]}}")
+    assert p.stdout.strip() == "0", p
+    assert json.loads((tmp_path / "out.json").read_text())["models"][0]["epochs"] == 3
+
+
 @pytest.mark.parametrize("args, said", [
     (["predict", "x", "y", "--category", "a", "--category=b"], "--category given twice ('a', then 'b'): give it once"),
     (["compile", "demo", "--per-channel", "--per-tensor"], "--per-channel and --per-tensor both given: give one"),

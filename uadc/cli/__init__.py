@@ -356,6 +356,8 @@ def doctor(as_json: bool) -> None:
 
 def run() -> None:
     """The console script: once the command has exited, its exit code stands through the teardown."""
+    from uadc.core.process import standard_fds_held
+    standard_fds_held()
     try:
         main()
     except SystemExit:

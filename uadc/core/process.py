@@ -78,10 +78,74 @@ class _FailingStdout:
         return getattr(self.stream, name)
 
 
+class _ClosedStream:
+    """``sys.stdout`` where fd 1 was closed when the process started (``uadc doctor >&-``): Python
+    made it None, and the first print was an AttributeError traceback; a write now fails as on a
+    closed pipe."""
+
+    def write(self, text: str) -> int:
+        raise OSError(9, "Bad file descriptor")
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        raise OSError(9, "Bad file descriptor")
+
+    def isatty(self) -> bool:
+        return False
+
+
+class _ForgivingStderr:
+    """``sys.stderr`` of the command line: when its reader is gone (``2>&1 | head -1``) or it fails,
+    the line is dropped and fd 2 points at /dev/null: a log line that cannot be shown is no reason to
+    stop a training (a BrokenPipeError ended it with a silent exit 1)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def _guarded(self, call: Callable[[], Any], default: Any = None) -> Any:
+        try:
+            return call()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            return default
+
+    def write(self, text: str) -> int:
+        return self._guarded(lambda: self.stream.write(text), len(text))
+
+    def flush(self) -> None:
+        self._guarded(self.stream.flush)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def standard_fds_held() -> None:
+    """At the command line's start: a standard fd closed by the caller (``>&-``, ``2>&-``) is opened
+    on /dev/null, so the next file uadc opens does not take its number (a native library's print to
+    fd 1 would have written into a checkpoint); a closed stdout then fails its writes as one error
+    line, and a closed stderr drops its lines."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+    if sys.stdout is None:
+        sys.stdout = _ClosedStream()
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")   # noqa: SIM115 - the process's stderr, for its whole life
+
+
 @contextlib.contextmanager
 def stdout_failures_as_errors() -> Iterator[None]:
-    """For the command line's own process: see :class:`_FailingStdout`."""
+    """For the command line's own process: see :class:`_FailingStdout` and :class:`_ForgivingStderr`."""
     guard = sys.stdout = _FailingStdout(sys.stdout)
+    quiet_guard = sys.stderr = _ForgivingStderr(sys.stderr)
     try:
         yield
     finally:
@@ -90,6 +154,8 @@ def stdout_failures_as_errors() -> Iterator[None]:
         finally:
             if sys.stdout is guard:
                 sys.stdout = guard.stream
+            if sys.stderr is quiet_guard:
+                sys.stderr = quiet_guard.stream
         if guard.failed is not None:   # the output is lost, whatever the command went on to say
             raise guard.failed
 
