@@ -303,6 +303,23 @@ def test_stdout_that_cannot_be_written_is_one_error_line(tmp_path):
         assert p.returncode == 2 and p.stderr == "error: cannot write to stdout: No space left on device\n", p.stderr
 
 
+def test_a_path_the_system_cannot_look_up_is_a_user_error(recipe_factory, tmp_path, monkeypatch):
+    """A part over 255 bytes (any path argument or option) or a symlink loop (eval --checkpoint) was an
+    OSError / RuntimeError traceback, exit 1, and --json printed no document."""
+    monkeypatch.chdir(tmp_path)
+    long = "b" * 300
+    recipe = recipe_factory()
+    for args in (["eval", f"{long}.yaml"], ["recipes", "show", f"{long}.yaml"], ["check-trt", long]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and res.output.endswith("...: File name too long\n"), res.output
+    res = CliRunner().invoke(main, ["compile", f"{long}.yaml", "--json"])
+    assert res.exit_code == 2 and json.loads(res.stdout)["error"].endswith("...: File name too long")
+    (tmp_path / "lp1").symlink_to("lp2")
+    (tmp_path / "lp2").symlink_to("lp1")
+    res = CliRunner().invoke(main, ["eval", str(recipe), "--checkpoint", "lp1"])
+    assert res.exit_code == 2 and "lp1" in res.output and "Traceback" not in res.output, res.output
+
+
 def test_closed_or_vanishing_standard_streams_are_no_traceback(recipe_factory, tmp_path):
     """`uadc doctor >&-` was an AttributeError traceback (Python makes a closed stdout None), `2>&-` turned a
     user error's exit 2 into 1, and a stderr reader gone (`2>&1 >out.json | head -1`) ended a training

@@ -102,7 +102,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         args = [*(ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args), *ctx.args]
-        with exit_on_user_error(), own_process(), stdout_failures_as_errors():   # its process is uadc's
+        with exit_on_user_error(), own_process(), stdout_failures_as_errors(), path_errors_named():   # uadc's process
             try:
                 return super().invoke(ctx)
             except click.ClickException as exc:
@@ -154,6 +154,24 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 @contextlib.contextmanager
+def path_errors_named() -> Iterator[None]:
+    """A path the system cannot even look up (a part over 255 bytes, a symlink loop) given anywhere is a
+    user error: it was an OSError / RuntimeError traceback, exit 1, from whichever check met it first."""
+    import errno
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+            raise
+        name = str(exc.filename)
+        raise UadcError(f"{name if len(name) <= 120 else name[:117] + '...'}: {exc.strerror}") from None
+    except RuntimeError as exc:   # pathlib's resolve() on a loop (Python < 3.13)
+        if not str(exc).startswith("Symlink loop"):
+            raise
+        raise UadcError(one_line(str(exc))) from None
+
+
+@contextlib.contextmanager
 def _errors_as_json(out: Any, also: Any = None):
     """A user error, Ctrl-C (130) or SIGTERM (143) in the block is also one JSON document on ``out``
     (None: not) and given to ``also(message, code)``, then raised on to the usual one-line ``error:``."""
@@ -179,7 +197,8 @@ def json_output(f):
             sys.exit(getattr(f(*args, **kwargs), "exit_code", 0))
         from uadc.core.io import to_json
         from uadc.core.scoped import stdout_to_stderr
-        with _errors_as_json(sys.stdout), stdout_to_stderr(), dependencies_checked():   # the document once fd 1 is stdout
+        with _errors_as_json(sys.stdout), path_errors_named(), stdout_to_stderr(), \
+                dependencies_checked():   # the document once fd 1 is stdout
             res = f(*args, **kwargs)
             doc = res.to_dict()
             if getattr(res, "path", None) is not None and "path" not in doc:
