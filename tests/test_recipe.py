@@ -417,3 +417,17 @@ def test_section_hash_takes_a_name_or_names_and_refuses_unknown_ones(tmp_path, t
     assert r.section_hash("data") == r.section_hash(("data",)) != r.section_hash(("data", "model"))
     with pytest.raises(UadcError, match="section_hash: no recipe section 'dta'"):
         r.section_hash(("dta",))
+
+
+def test_a_utf8_recipe_reads_the_same_under_any_locale(recipe_factory):
+    """Recipes were read in the locale's encoding: under LC_ALL=C a UTF-8 comment made the recipe
+    'not a text file' (uadc writes UTF-8, and YAML is UTF-8)."""
+    import os
+    import subprocess
+    import sys
+    recipe = recipe_factory()
+    recipe.write_text("# réglages d'usine: café\n" + recipe.read_text(), encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    p = subprocess.run([sys.executable, "-m", "uadc", "recipes", "show", str(recipe)], env=env,
+                       capture_output=True)
+    assert p.returncode == 0, p.stderr

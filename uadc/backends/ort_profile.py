@@ -54,7 +54,7 @@ def node_times(models: list, feeds: dict[str, np.ndarray], threads: int | None, 
         for _ in range(warmup + runs):
             for sess in sessions:
                 sess.run(None, feeds)
-        return [_parse(json.loads(Path(sess.end_profiling()).read_text()), warmup) for sess in sessions]
+        return [_parse(json.loads(Path(sess.end_profiling()).read_text(encoding="utf-8")), warmup) for sess in sessions]
 
 
 def _parse(events: list[dict], warmup: int) -> list[NodeTime]:
@@ -105,7 +105,7 @@ def _graph_bytes(model) -> bytes:
 
 def _cpu_name() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -126,7 +126,7 @@ def cached_node_times(cache_dir: Path, models: list, feeds: dict[str, np.ndarray
     path = Path(cache_dir) / f"{key[:24]}.json"
     if path.is_file():
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             times = [[NodeTime(**t) for t in ts] for ts in data["times"]] if data.get("key") == key else None
             # an entry cut short (`"times": []`, a model without nodes) decided on no profile at all
             if times is not None and len(times) == len(models) and all(times) and \

@@ -48,7 +48,7 @@ class PackagedRecipe:
             path = str((self.path.parent / written).resolve())
             value = path if re.fullmatch(r"[\w./-]+", path) else json.dumps(path)   # quoted when YAML needs it
             return f"{m.group(1)}{value}{m.group(5)}"
-        original = self.path.read_text().removeprefix("\ufeff")   # a BOM (Notepad) in the copy came after its header
+        original = self.path.read_text(encoding="utf-8").removeprefix("\ufeff")   # a BOM (Notepad) in the copy came after its header
         text = "".join(_PATH_LINE.sub(absolute, line) for line in original.splitlines(keepends=True))
         # the rewrite reads plain `key: value` lines: check that the copy reads what the recipe reads
         if _path_values(text, None) != _path_values(original, self.path.parent):
@@ -60,7 +60,7 @@ class PackagedRecipe:
 
     def shown_text(self) -> str:
         """What `uadc recipes show` prints: a header, then :meth:`copy_text`."""
-        named = isinstance(doc := _loaded(self.path.read_text()), dict) and doc.get("name") is not None
+        named = isinstance(doc := _loaded(self.path.read_text(encoding="utf-8")), dict) and doc.get("name") is not None
         name = "" if named else (f"\n# Its name (artifacts folder) is its file name: add `name: {self.name}` to share "
                                  f"this recipe's checkpoint.")
         body = _SHOWN_HEADER.sub("", self.copy_text(), count=1)   # a copy shown again: one header, not two
@@ -152,7 +152,7 @@ def shown_recipe(source: str) -> PackagedRecipe:
         raise UadcError(f"recipe {shown(source)}: a folder, not a YAML file" if path.is_dir()
                         else f"recipe not found: {shown(source)}")
     try:
-        path.read_text()
+        path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UadcError(f"recipe {source}: cannot read it as text ({type(exc).__name__})") from exc
     return PackagedRecipe(_stem(path.name), path.resolve(), _summary(path))
@@ -173,7 +173,7 @@ def _summary(path: Path) -> str:
     """The first sentence of the recipe's leading comment block (whole, not cut at a line end)."""
     lines = []
     try:
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             if not line.startswith("#"):
                 break
             lines.append(line.lstrip("#").strip())

@@ -109,7 +109,7 @@ def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) ->
     if path.stat().st_size > max_bytes:
         raise UadcError(f"{named}: {what} larger than {max_bytes} bytes")
     try:
-        raw = load_yaml_text(path.read_text())
+        raw = load_yaml_text(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise UadcError(f"{named}: not a text file") from None
     except yaml.YAMLError as exc:

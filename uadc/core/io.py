@@ -54,7 +54,7 @@ def _host() -> tuple[str, str]:
     import hashlib
     import socket
     try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="utf-8").strip()
     except OSError:
         boot = ""
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8], hashlib.sha256(boot.encode()).hexdigest()[:4]

@@ -375,7 +375,7 @@ def read_manifest(folder: Path, verify: bool = True) -> Manifest:
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise UadcError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a uadc manifest")
     try:
-        manifest = Manifest.from_dict(json.loads(path.read_text()))
+        manifest = Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
         raise UadcError(f"{path}: not a valid uadc manifest ({type(exc).__name__}: {str(exc)[:200]})") from None
     if manifest.schema > MANIFEST_SCHEMA:

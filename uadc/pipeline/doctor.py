@@ -215,7 +215,7 @@ def _version(dists: tuple[str, ...]) -> str | None:
 
 def _cpuinfo() -> list[str]:
     try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
     except OSError:
         return []
 

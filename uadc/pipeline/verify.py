@@ -288,7 +288,7 @@ def _manifest(artifact: Path) -> Manifest | None:
 
 def _json_or_empty(path: Path) -> dict:
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}

@@ -107,7 +107,7 @@ def read_golden(path: Path) -> GoldenSet:
     listed = None
     if (folder / MANIFEST_FILE).is_file():   # checked, not trusted: an edited golden.json's budgets passed anything
         listed = set(read_manifest(folder).files)
-    meta = _read(meta_path, lambda: json.loads(meta_path.read_text()))
+    meta = _read(meta_path, lambda: json.loads(meta_path.read_text(encoding="utf-8")))
     if not isinstance(meta, dict) or not {"runner", "inputs", "outputs", "images"} <= set(meta):
         raise UadcError(f"{meta_path} is not a golden set's {GOLDEN_META}; pass an artifact folder or its "
                         f"{GOLDEN_META}")

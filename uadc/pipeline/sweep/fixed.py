@@ -63,7 +63,7 @@ def run_fixed_grid(recipe: Recipe, axes: Axes, out: Path, artifacts: Path, folde
     if failed and (not keep_failed or len(failed) == len(plan.cells)):
         cell, error = next(iter(failed.items()))
         raise UadcError(f"{what}: {cell}: {error}")
-    return [(c, {"error": failed[c.id]} if c.id in failed else json.loads((out / c.artifact / REPORT_FILE).read_text()))
+    return [(c, {"error": failed[c.id]} if c.id in failed else json.loads((out / c.artifact / REPORT_FILE).read_text(encoding="utf-8")))
             for c in plan.cells]
 
 
@@ -79,7 +79,7 @@ def _drop_records(plan: Plan, out: Path, sha: str | None) -> None:
     ours = {c.artifact for c in plan.cells}
     for path in sorted((out / RECORDS).glob("*.json")):
         try:
-            rec = json.loads(path.read_text())
+            rec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         if isinstance(rec, dict) and rec.get("artifact") in ours and rec.get("key") not in keys:

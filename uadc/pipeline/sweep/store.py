@@ -25,7 +25,7 @@ def record_path(out: Path, key: str) -> Path:
 def load_record(out: Path, key: str) -> dict | None:
     """The finished (status ok) record of ``key``, or None (absent, failed or unreadable)."""
     try:
-        rec = json.loads(record_path(out, key).read_text())
+        rec = json.loads(record_path(out, key).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(rec, dict) or rec.get("status") != "ok" or rec.get("key") != key:
