@@ -57,6 +57,7 @@ def test_defaults_filled_and_paths_resolved(tmp_path):
      "data.sources[0].categories: '../../etc' is not a plain folder name"),
     ({"data": {"sources": [{"root": "x", "categories": ["a\nb"]}]}}, "is not a plain folder name"),
     ({**SRC, "name": "a\nb"}, "name: must be a plain folder name"),
+    ({**SRC, "name": "é" * 100}, "at most 128 bytes in UTF-8)"),   # 100 characters, 200 bytes: an OSError
     # the filesystem's 255-byte limit: an OSError traceback before training
     ({"data": {"sources": [{"root": "x", "categories": ["a" * 300]}]}}, "at most 255 bytes"),
     ({"data": {"sources": [{"root": "/tmp/" + "a" * 300}]}}, "data.sources[0].root: a part of the path is 300 bytes"),

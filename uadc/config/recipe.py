@@ -312,12 +312,12 @@ class RecipeConfig(_Section):
     @classmethod
     def _plain_name(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and not _is_plain(v):
-            raise ValueError("must be a plain folder name (no '/', '..' or leading '.', at most 128 characters)")
+            raise ValueError("must be a plain folder name (no '/', '..' or leading '.', at most 128 bytes in UTF-8)")
         return v
 
 
-def _is_plain(name: str) -> bool:
-    return is_plain_name(name) and len(name) <= 128
+def _is_plain(name: str) -> bool:   # bytes: 128 'é' made a 256-byte folder name, an OSError traceback
+    return is_plain_name(name) and len(name.encode("utf-8", "surrogateescape")) <= 128
 
 
 class Recipe:
