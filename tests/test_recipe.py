@@ -209,6 +209,21 @@ def test_an_image_size_the_deepest_features_do_not_divide_is_warned_about(recipe
         uadc.train(recipe, artifacts=tmp_path / "art")
     assert "data.image_size 66 is not a multiple of 8, the stride of the model's deepest features" in caplog.text
     assert "; 64 or 72 line up" in caplog.text
+    import torch
+    from uadc.training.fit import _warn_misaligned
+
+    class Deep:   # a 48 px image whose deepest cell is 1 px: stride 64 (it suggested "0 or 64")
+        below_taps = 1
+
+        def eval(self):
+            return self
+
+        def teacher_features(self, x):
+            return [torch.zeros(1, 1, 1, 1)]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="uadc"):
+        _warn_misaligned(Deep(), torch.zeros(1, 3, 48, 48), None)
+    assert "48 is not a multiple of 64" in caplog.text and caplog.text.rstrip().endswith("; 64 lines up")
 
 
 def test_a_checkpoint_is_not_judged_on_categories_found_since_it_was_trained(recipe_factory, tiny_data, tmp_path):

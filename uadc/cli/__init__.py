@@ -87,7 +87,8 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
               "in the recipe's compile.auto budget (trt/jetson-int8: also FP16) (default: the recipe's compile.precision)")
 @click.option("--per-channel/--per-tensor", default=None, help="weight scales (default: the target's)")
 @click.option("--out", type=_Path(path_type=Path), default=None, help="artifact folder")
-@click.option("--force", is_flag=True, help="replace an existing uadc artifact folder at --out")
+@click.option("--force", is_flag=True, help="replace a folder uadc wrote at --out, whole: an artifact, or a sweep's "
+              "or calibrator comparison's folder (never a QAT folder, a recipe's artifacts or a folder of yours)")
 @click.option("--checkpoint", type=_Path(path_type=Path), default=None)
 @click.option("--dump-passes", type=_Path(path_type=Path), default=None,
               help="save the model after every pass (before --postprocess adds its nodes)")

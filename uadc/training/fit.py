@@ -44,11 +44,11 @@ def _warn_misaligned(model: KDModel, images: torch.Tensor, t_cache: list[torch.T
     stride = 2 ** math.ceil(math.log2(size / max(side, 1)) - 1e-9)   # side = ceil(size / stride): 40 px, stride 32
     stride *= int(getattr(model, "below_taps", 1))   # RD's embedding halves the deepest tap again
     if stride > 1 and size % stride:
-        low = size - size % stride
+        low = size - size % stride   # 0 or below the 32 px minimum is no size to suggest
+        sizes = f"{low} or {low + stride} line up" if low >= 32 else f"{low + stride} lines up"
         log.warning("data.image_size %d is not a multiple of %d, the stride of the model's deepest features: their "
                     "cells do not line up with the pixels, and anomaly maps can peak at the image borders (a review "
-                    "measured far lower AUROC at 33 and 129 px than at 32 and 128); %d or %d line up",
-                    size, stride, low, low + stride)
+                    "measured far lower AUROC at 33 and 129 px than at 32 and 128); %s", size, stride, sizes)
 
 
 def _optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
