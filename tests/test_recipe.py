@@ -447,3 +447,16 @@ def test_a_utf8_recipe_reads_the_same_under_any_locale(recipe_factory):
     p = subprocess.run([sys.executable, "-m", "uadc", "recipes", "show", str(recipe)], env=env,
                        capture_output=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_a_built_in_name_beside_a_file_of_that_name_says_which_ran(tmp_path, monkeypatch, caplog):
+    """`uadc recipes show demo > demo.yaml`, edited, then `uadc train demo`: the built-in trained for 20 epochs
+    into the same artifacts/demo, without a word about the edited copy."""
+    from uadc.config.packaged import packaged_recipe, resolve_recipe_path
+    monkeypatch.chdir(tmp_path)
+    assert resolve_recipe_path("demo") == packaged_recipe("demo").path and not caplog.text
+    (tmp_path / "demo.yaml").write_text("name: demo\n")
+    with caplog.at_level("WARNING", logger="uadc"):
+        assert resolve_recipe_path("demo") == packaged_recipe("demo").path
+    assert "recipe demo: the built-in recipe of that name, not demo.yaml here" in caplog.text
+    assert resolve_recipe_path("demo.yaml") == Path("demo.yaml")

@@ -12,6 +12,7 @@ only exists beside this project's source tree (elsewhere: copy the recipe with
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from pathlib import Path
 from uadc.config.yaml_file import load_yaml_text
 from uadc.core.errors import UadcError
 from uadc.core.images import shown
+
+log = logging.getLogger(__name__)
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 # a recipe line holding a path (data root, validation folder, weights file): its value, quoted or not
@@ -133,7 +136,12 @@ def resolve_recipe_path(source: "str | Path", base: Path | None = None) -> Path:
         return path
     if path.is_dir() and str(source) not in {r.name for r in packaged_recipes()}:
         return path   # a folder given as the recipe: said to be one, not "not found" (a built-in's name still wins)
-    return packaged_recipe(str(source)).path
+    built_in = packaged_recipe(str(source)).path
+    mine = next((p for p in (path.with_name(path.name + s) for s in RECIPE_SUFFIXES) if p.is_file()), None)
+    if mine is not None:   # `recipes show demo > demo.yaml`, edited, then `uadc train demo`: the built-in ran
+        log.warning("recipe %s: the built-in recipe of that name, not %s here (give the file name to use it)",
+                    source, shown(mine))
+    return built_in
 
 
 def check_recipe_file(path: Path) -> None:
