@@ -255,10 +255,14 @@ def test_a_checkpoint_of_other_training_settings_is_named(recipe_factory, tmp_pa
     import torch
     lrs = [h["lr"] for h in torch.load(ckpt, weights_only=True)["history"]]
     assert 0 < lrs[1] < lrs[0] <= 0.003   # each epoch's last step (the last epoch said 0.0: the rate after it)
-    with caplog.at_level("INFO", logger="uadc"):
+    with caplog.at_level("WARNING", logger="uadc"):   # a warning: -q hid the INFO line, and compile went on
         uadc.evaluate(recipe, artifacts=tmp_path / "art", write=False)
     assert "was trained with other training settings than recipe" in caplog.text
     assert "(train.epochs: 2 in the checkpoint, 1 in the recipe)" in caplog.text
+    res = uadc.compile(recipe, "ort-cpu-fp32", artifacts=tmp_path / "art", out=tmp_path / "fp32", evaluate=False,
+                       latency_runs=2, threads=1)   # report.json names the recipe the checkpoint trained with
+    assert res.extra["model"]["trained_recipe_hash"] == torch.load(ckpt, weights_only=True)["recipe_hash"] != \
+        res.recipe_hash
 
 
 def test_one_class_knn_validation_is_checked_for_every_category_before_training(tmp_path):

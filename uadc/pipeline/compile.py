@@ -314,7 +314,9 @@ def _model_record(baseline: Baseline) -> dict:
     trained = (baseline.blob or {}).get("recipe") or {}
     dcam = (trained.get("train") or {}).get("dcam") if trained else None
     model = model_config(baseline.recipe.cfg["model"])   # the taps used: a recipe without taps showed none
-    return {**model, "dcam": bool(dcam.get("enabled")) if isinstance(dcam, dict) else None}
+    # the recipe the checkpoint trained with (report.json's recipe_hash is the compiling recipe's), as eval.json
+    return {**model, "dcam": bool(dcam.get("enabled")) if isinstance(dcam, dict) else None,
+            "trained_recipe_hash": (baseline.blob or {}).get("recipe_hash")}
 
 
 def _shipped(target: Target, auto: AutoPrecision | None) -> Target:

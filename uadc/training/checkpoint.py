@@ -268,7 +268,8 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
                         f"recipe's would include images the checkpoint trained on (its thresholds set on them); use "
                         f"seed {trained.seed} or retrain with `uadc train`")
     if recipe is not None and trained.cfg["train"] != recipe.cfg["train"]:   # same model, other training: say so
-        log.info("checkpoint %s was trained with other training settings than recipe %s (%s)", path,
+        # a warning: at INFO, -q hid it, and an edited recipe compiled its old model as if trained with it
+        log.warning("checkpoint %s was trained with other training settings than recipe %s (%s)", path,
                  recipe.path or recipe.name, _first_difference(trained.cfg["train"], recipe.cfg["train"], "train"))
     check_finite_weights(blob["state_dict"], path)
     # its (CPU) initialisation is overwritten: leave the caller's stream, and wait for a training in another
