@@ -927,6 +927,13 @@ def test_training_over_another_recipes_checkpoint_of_one_name_says_so(tiny_data,
         uadc.train(b, artifacts=art)
     assert "replacing a checkpoint trained with other data/model settings (data.image_size: 64 in the checkpoint, " \
            "32 in the recipe); recipes that share the name 'r' share this folder" in caplog.text
+    caplog.clear()   # settings the model refuses: nothing is replaced, so nothing is said of replacing
+    (tmp_path / "c").mkdir()
+    c = write_recipe(tmp_path / "c" / "r.yaml", tiny_data, train={"epochs": 1, "threads": 1},
+                     model={"taps": ["blocks.1", "blocks.99"]})
+    with caplog.at_level("WARNING", logger="uadc"), pytest.raises(UadcError, match="unknown feature tap 'blocks.99'"):
+        uadc.train(c, artifacts=art)
+    assert "replacing a checkpoint" not in caplog.text
 
 
 def test_a_kdmodel_left_on_another_device_is_one_line(recipe_factory, tmp_path):

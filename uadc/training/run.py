@@ -79,7 +79,6 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
     paths = [checkpoint_path(recipe, artifacts, cat) for cat, _ in groups]
     for (cat, _), path in zip(groups, paths):   # a checkpoint path that cannot be written fails before the training
         check_recipe_copy(path, recipe, cat)
-        note_replaced_checkpoint(path, recipe)   # a one-class one too: it stores the whole recipe
         check_writable(path.parent)
         if path.exists() and not path.is_file():
             raise UadcError(f"cannot write {path}: something other than a file is there")
@@ -96,6 +95,8 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
             # the caller's random streams come back afterwards
             with seeded(recipe.seed, cuda=train_device(recipe.train.device).type == "cuda"):
                 model = make_model(recipe)  # a setting the model refuses (an unknown tap) fails here too
+                # after it: "replacing a checkpoint" was said of settings the model then refused, nothing replaced
+                note_replaced_checkpoint(path, recipe)   # a one-class one too: it stores the whole recipe
                 with file_lock(path):
                     models.append(_train_one(recipe, data, cat, images, cats, path, on_epoch, model))
     return TrainResult(recipe.name, recipe.hash, one_class, models)
