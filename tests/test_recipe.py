@@ -103,6 +103,8 @@ def test_numbers_and_booleans_read_as_yaml_1_2(tmp_path):
         with pytest.raises(UadcError, match=message):
             load_recipe(p)
     assert yaml.safe_load("a: no") == {"a": False}     # PyYAML's own loader is left as it was
+    p.write_text(yaml.safe_dump({**SRC, "name": "x"}).replace("name: x", "name: 2024-01-05"))
+    assert load_recipe(p).name == "2024-01-05"   # no YAML 1.1 timestamp: "expected str, got datetime.date"
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -48,10 +48,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 # YAML 1.2 numbers and booleans, as every other tool reads them; PyYAML's YAML 1.1 read `seed: 010` as 8,
-# `1:30` as 90, `0b11` as 3, `no` / `on` as booleans, and `1e-3` as text (its floats need a dot)
+# `1:30` as 90, `0b11` as 3, `no` / `on` as booleans, and `1e-3` as text (its floats need a dot); and no
+# timestamps (not in YAML 1.2's core schema): `name: 2024-01-05` was a date, "expected str"
 _BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _UniqueKeyLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT, _TIMESTAMP)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _UniqueKeyLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _UniqueKeyLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
