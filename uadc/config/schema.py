@@ -1,4 +1,4 @@
-"""The recipe's keys for people and editors: ``uadc recipe-schema`` (a key list, also in the README)
+"""The recipe's keys for people and editors: ``uadc recipe-schema`` (a key list; the README names the keys it discusses)
 and ``--json`` (a JSON Schema), both read from the typed models in :mod:`uadc.config.recipe`."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def json_schema() -> dict:
 
 
 def describe_schema(model: type[BaseModel] = RecipeConfig, prefix: str = "") -> list[str]:
-    """Human-readable key list (``uadc recipe-schema`` and the README)."""
+    """Human-readable key list (``uadc recipe-schema``)."""
     lines = []
     for key, f in model.model_fields.items():
         ann, sub = f.annotation, submodel(f.annotation)

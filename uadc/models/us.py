@@ -21,7 +21,7 @@ predictive variance ``v = mean over channels of var_i(s_i)``; each standardised 
 over the training images (buffers in ``head``, set by ``fit_head_stats``; identity until then),
 summed, upsampled to the image size, gaussian-smoothed; image score = max.
 
-Training order (``uadc/train.py`` for method ``us``)::
+Training order (``uadc/training/run.py`` for method ``us``)::
 
     model.pretrain_teacher(images, epochs=t["epochs"], lr=t["lr"], batch_size=t["batch_size"],
                            seed=recipe.seed)       # before fit(): it changes teacher outputs
