@@ -77,7 +77,7 @@ def test_demo_data_complete_and_attributed():
     assert "CC BY 4.0" in (DEMO_DATA / "README.md").read_text()
 
 
-def test_cli_recipes_list_and_show():
+def test_cli_recipes_list_and_show(tmp_path):
     res = CliRunner().invoke(main, ["recipes", "list"])
     assert res.exit_code == 0, res.output
     demo = next(line for line in res.output.splitlines() if line.startswith("demo "))
@@ -90,6 +90,11 @@ def test_cli_recipes_list_and_show():
         assert r.summary.endswith((".", "!", "?")) and r.summary.count("(") == r.summary.count(")"), r.summary
     default = next(r for r in packaged_recipes() if r.name == "stfpm_effnet_lite0")
     assert default.summary.endswith("Magnetic-tile, Hazelnut-Toy).")
+    from uadc.config.settings import recipe_file_state   # a listed category gone: it said "data found"
+    one = tmp_path / "r.yaml"
+    one.write_text(yaml.safe_dump({"data": {"sources": [{"root": str(DEMO_DATA), "categories": ["hazelnut_toy",
+                                                                                                 "gone"]}]}}))
+    assert recipe_file_state(one) == "files missing: set data.sources[0].categories (gone)"
     res = CliRunner().invoke(main, ["recipes", "show", "demo"])
     assert res.exit_code == 0, res.output
     assert yaml.safe_load(res.output)["data"]["sources"][0]["root"] == str(DEMO_DATA.resolve())

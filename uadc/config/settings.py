@@ -78,5 +78,7 @@ def recipe_file_state(path: Path) -> str:
     except UadcError as exc:
         return f"needs edits: {exc}"
     missing = [f"data.sources[{i}].root" for i, s in enumerate(r.data.sources) if not Path(s.root).is_dir()]
+    missing += [f"data.sources[{i}].categories ({c})" for i, s in enumerate(r.data.sources) if Path(s.root).is_dir()
+                for c in s.categories or [] if not (Path(s.root) / c).is_dir()]   # "data found" with one gone
     missing += ["model.weights"] if r.model.weights and not Path(r.model.weights).is_file() else []
     return f"files missing: set {', '.join(missing)}" if missing else "data found"
