@@ -23,7 +23,7 @@ from uadc.data.prepare import RecipeData, prepare_data
 from uadc.data.sources import data_fingerprint
 from uadc.evaluation import metrics
 from uadc.models import KDModel
-from uadc.training.checkpoint import checkpoint_path, judged_categories, load_checkpoint
+from uadc.training.checkpoint import ONE_CLASS_DIR, checkpoint_path, judged_categories, load_checkpoint
 
 # images (N,3,H,W) float32 normalised -> (anomaly maps (N,H,W), scores (N,))
 Predictor = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -164,6 +164,11 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
     own = ckpt.resolve() == checkpoint_path(recipe, artifacts).resolve()
     if write and own:   # before the work: a read-only folder stopped it at the end
         check_writable(recipe.artifact_dir(artifacts))
+    if own and not ckpt.exists():   # only one-class models trained: name them and what judges them
+        found = sorted(p.parent.name for p in (ckpt.parent / ONE_CLASS_DIR).glob(f"*/{ckpt.name}"))
+        if found:
+            raise UadcError(f"checkpoint not found: {ckpt} (run `uadc train` first); {ckpt.parent / ONE_CLASS_DIR} "
+                            f"holds one-class models of {', '.join(found)}: `uadc eval --one-class` judges them")
     with torch_threads(recipe.train.threads):
         model, blob = load_checkpoint(ckpt, recipe)
         data = prepare_data(recipe)
