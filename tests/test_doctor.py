@@ -81,6 +81,17 @@ def test_cli_doctor_text_and_json(fake_cpu):
     assert {t["target"] for t in d["targets"]} == set(TARGETS)
 
 
+def test_doctor_json_stopped_by_ctrl_c_is_one_document(monkeypatch):
+    """Ctrl-C during doctor's checks (seconds: imports, an OpenVINO child) left `--json`'s stdout empty,
+    where every other command prints {"error": ..., "exit_code": 130}."""
+    def stopped():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(doc, "doctor", stopped)
+    res = CliRunner().invoke(main, ["doctor", "--json"])
+    assert res.exit_code == 130 and json.loads(res.stdout) == {"error": "interrupted", "exit_code": 130}
+
+
 @pytest.mark.parametrize("blocked", ["onnx", "polygraphy", "torch"])
 def test_a_package_that_does_not_import_is_one_line_and_doctor_says_so(blocked, tmp_path):
     """With onnx (or polygraphy) installed but not importable, `uadc doctor` itself ended in a traceback

@@ -351,7 +351,8 @@ def doctor(as_json: bool) -> None:
     """What uadc sees here: versions, CPU INT8 features, threads, GPU/TensorRT, and what each target can do here."""
     from uadc.core.io import to_json
     from uadc.pipeline.doctor import doctor as run_doctor
-    rep = run_doctor()
+    with _errors_as_json(sys.stdout if as_json else None):   # Ctrl-C in its checks: a document, as elsewhere
+        rep = run_doctor()
     click.echo(to_json(rep.to_dict()) if as_json else rep.to_text(), nl=not as_json)
 
 
