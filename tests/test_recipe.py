@@ -466,3 +466,17 @@ def test_a_built_in_name_beside_a_file_of_that_name_says_which_ran(tmp_path, mon
         assert resolve_recipe_path("demo") == packaged_recipe("demo").path
     assert "recipe demo: the built-in recipe of that name, not demo.yaml here" in caplog.text
     assert resolve_recipe_path("demo.yaml") == Path("demo.yaml")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes are POSIX-only")
+@pytest.mark.parametrize("command", [["train"], ["recipes", "show"]])
+def test_a_recipe_given_as_a_pipe_says_so(tmp_path, command):
+    """`uadc train <(cat r.yaml)` said "recipe not found: /dev/fd/63": the path exists, as a pipe."""
+    import os
+    from click.testing import CliRunner
+    from uadc.cli import main
+    os.mkfifo(tmp_path / "r.yaml")
+    res = CliRunner().invoke(main, [*command, str(tmp_path / "r.yaml")])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == f"error: recipe {tmp_path / 'r.yaml'}: not a regular file (a pipe or a device); " \
+                                 "save it to a file first"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from uadc.config.yaml_file import load_yaml_text
+from uadc.config.yaml_file import file_checked, load_yaml_text
 from uadc.core.errors import UadcError
 from uadc.core.images import shown
 
@@ -156,9 +156,7 @@ def shown_recipe(source: str) -> PackagedRecipe:
     """A recipe to print as a portable copy: a recipe file as given, else a built-in by name."""
     path = resolve_recipe_path(source)
     check_recipe_file(path)
-    if not path.is_file():
-        raise UadcError(f"recipe {shown(source)}: a folder, not a YAML file" if path.is_dir()
-                        else f"recipe not found: {shown(source)}")
+    file_checked(path, "recipe")
     try:
         path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -101,13 +101,25 @@ def load_yaml_text(text: str) -> object:
     return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no tags run code
 
 
+def file_checked(path: Path, what: str) -> None:
+    """One line for a ``what`` path that is not a regular file: missing, a folder, or a pipe
+    (`uadc train <(cat r.yaml)` read "not found"; its relative paths would have no folder to resolve in)."""
+    if path.is_file():
+        return
+    named = shown(path)
+    if path.is_dir():
+        raise UadcError(f"{what} {named}: a folder, not a YAML file")
+    if path.exists():
+        raise UadcError(f"{what} {named}: not a regular file (a pipe or a device); save it to a file first")
+    raise UadcError(f"{what} not found: {named}")
+
+
 def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) -> dict:
     """A YAML file's top-level mapping, size-bounded; one-line UadcError for a missing, oversized,
     binary, malformed (a repeated key included) or non-mapping file."""
     path = Path(path)
     named = shown(path)   # a newline in its name would end the error line
-    if not path.is_file():
-        raise UadcError(f"{what} {named}: a folder, not a YAML file" if path.is_dir() else f"{what} not found: {named}")
+    file_checked(path, what)
     if path.stat().st_size > max_bytes:
         raise UadcError(f"{named}: {what} larger than {max_bytes} bytes")
     try:
@@ -127,4 +139,4 @@ def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) ->
     return raw or {}
 
 
-__all__ = ["MAX_YAML_BYTES", "dump_yaml", "load_yaml_text", "read_yaml_mapping"]
+__all__ = ["MAX_YAML_BYTES", "dump_yaml", "file_checked", "load_yaml_text", "read_yaml_mapping"]
