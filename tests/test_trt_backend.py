@@ -636,9 +636,11 @@ def test_build_script_refuses_calibration_on_trt11_and_missing_trtexec(tmp_path)
         result = _run_script(script, tmp_path / f"bin{code}")
         assert result.returncode == 0 and "--calib=calib.cache.device" in (tmp_path / "log").read_text(), result.stderr
         assert (tmp_path / "calib.cache.device").read_text() == f"TRT-{code}-EntropyCalibration2\nimage: 3c010204\n"
+    (tmp_path / "calib.cache.device").unlink()
     _fake_trtexec(tmp_path / "bin", "110000", tmp_path / "log")
     result = _run_script(script, tmp_path / "bin")
     assert result.returncode == 3 and "removed implicit INT8 calibration" in result.stderr
+    assert not (tmp_path / "calib.cache.device").exists()   # the refusal wrote a cache copy first
     empty = tmp_path / "empty_bin"
     empty.mkdir()
     env = {"PATH": f"{empty}{os.pathsep}/usr/bin:/bin"}

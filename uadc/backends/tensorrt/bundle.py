@@ -232,7 +232,7 @@ def _render_script(
             "fi",
         ]
     record = q(engine_name + ENGINE_SOURCE_SUFFIX)   # which model.onnx the engine is: the runtime checks it
-    lines += _version_lines(min_version) + _cache_lines(calib_cache) + _dispatch_lines(variants) + [
+    lines += _version_lines(min_version) + _dispatch_lines(variants) + _cache_lines(calib_cache) + [   # refusals first
         "",
         f"rm -f -- {q(engine_name)} {record}   # a failed build leaves no engine of the model.onnx before",
         'echo "+ ${cmd[*]} $*"',
