@@ -57,7 +57,7 @@ def test_defaults_filled_and_paths_resolved(tmp_path):
      "data.sources[0].categories: '../../etc' is not a plain folder name"),
     ({"data": {"sources": [{"root": "x", "categories": ["a\nb"]}]}}, "is not a plain folder name"),
     ({**SRC, "name": "a\nb"}, "name: must be a plain folder name"),
-    ({**SRC, "name": "é" * 100}, "at most 128 bytes in UTF-8)"),   # 100 characters, 200 bytes: an OSError
+    ({**SRC, "name": "é" * 100}, "valid UTF-8, at most 128 bytes)"),   # 100 characters, 200 bytes: an OSError
     # the filesystem's 255-byte limit: an OSError traceback before training
     ({"data": {"sources": [{"root": "x", "categories": ["a" * 300]}]}}, "at most 255 bytes"),
     ({"data": {"sources": [{"root": "/tmp/" + "a" * 300}]}}, "data.sources[0].root: a part of the path is 300 bytes"),
@@ -364,6 +364,21 @@ def test_the_recipe_copy_reads_back_with_the_same_hash_and_odd_file_names_need_a
     (tmp_path / ".a.yaml").write_text(yaml.safe_dump(SRC))
     with pytest.raises(UadcError, match=r"\.a\.yaml: its file name is no plain folder name .* give the recipe a name"):
         load_recipe(tmp_path / ".a.yaml")
+
+
+@pytest.mark.skipif(__import__("sys").getfilesystemencoding() != "utf-8", reason="needs a UTF-8 file system encoding")
+def test_a_recipe_file_name_that_is_not_utf8_needs_a_name_key(tmp_path):
+    """A recipe stem with a latin-1 byte (`caf\xe9.yaml`) named its artifacts folder with a lone surrogate:
+    `--json` paths held "\udce9", which strict JSON readers turn into another path."""
+    import os
+    path = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.yaml")
+    Path(path).write_text(yaml.safe_dump(SRC))
+    with pytest.raises(UadcError, match=r"caf\\xe9\.yaml: its file name is no plain folder name .* name: key"):
+        load_recipe(Path(path))
+    Path(path).write_text(yaml.safe_dump({**SRC, "name": "cafe"}))
+    assert load_recipe(Path(path)).name == "cafe"
+    with pytest.raises(UadcError, match="name: must be a plain folder name"):   # YAML's "\udce9": the same byte
+        recipe_from_dict({**SRC, "name": "caf\udce9"})
 
 
 def test_every_target_runs_where_its_family_says_and_ships_a_known_precision():

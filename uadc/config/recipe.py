@@ -23,6 +23,7 @@ from uadc.config.validation import first_error, listed_twice, merged
 from uadc.config.yaml_file import read_yaml_mapping
 from uadc.core.constants import CALIBRATION_KINDS, DEFAULT_TAPS, MAX_THREADS, PARTITIONS
 from uadc.core.errors import UadcError
+from uadc.core.images import shown
 from uadc.core.io import is_plain_name
 
 METHODS = ("stfpm", "paste", "rd", "us")
@@ -312,12 +313,15 @@ class RecipeConfig(_Section):
     @classmethod
     def _plain_name(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and not _is_plain(v):
-            raise ValueError("must be a plain folder name (no '/', '..' or leading '.', at most 128 bytes in UTF-8)")
+            raise ValueError("must be a plain folder name (no '/', '..' or leading '.', valid UTF-8, at most 128 bytes)")
         return v
 
 
 def _is_plain(name: str) -> bool:   # bytes: 128 'é' made a 256-byte folder name, an OSError traceback
-    return is_plain_name(name) and len(name.encode("utf-8", "surrogateescape")) <= 128
+    try:   # strict: a non-UTF-8 byte in a file stem (a lone surrogate here) gave --json paths no reader maps back
+        return is_plain_name(name) and len(name.encode("utf-8")) <= 128
+    except UnicodeEncodeError:
+        return False
 
 
 class Recipe:
@@ -450,8 +454,8 @@ def recipe_from_dict(raw: dict, path: Path | None = None, keep_name: bool = Fals
     if config.name is None and not keep_name:
         stem = path.stem if path else "recipe"
         if not _is_plain(stem):   # every such recipe trained into one folder, `recipe/`, over the others
-            raise UadcError(f"{path}: its file name is no plain folder name for its artifacts; give the recipe "
-                            f"a name: key")
+            raise UadcError(f"{shown(path)}: its file name is no plain folder name for its artifacts; give the "
+                            f"recipe a name: key")
         config = config.model_copy(update={"name": stem})
     _check_semantics(config)
     return Recipe(config, path)
