@@ -335,6 +335,13 @@ def test_test_images_that_are_training_images_or_loose_in_test_are_named(data, c
     assert f"category 'b': {n - n // 2} of its training images are test images too" in caplog.text, caplog.text
     assert f"category 'b': {n // 2} of its {n // 2} validation normals (drawn from train/good by " \
            f"data.val_fraction) are test images" in caplog.text
+    # byte-identical copies (cp -r train/good test/good) too: only links were seen
+    shutil.rmtree(data / "b" / "test" / "good")
+    shutil.copytree(data / "b" / "train" / "good", data / "b" / "test" / "good")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="uadc"):
+        prepare_data(recipe_from_dict({"data": {"sources": [{"root": str(data)}], "image_size": 32, "val_fraction": 0}}))
+    assert f"category 'b': {n} of its training images are test images too" in caplog.text, caplog.text
 
 
 def test_an_image_removed_while_a_folder_is_read_is_named_so(tmp_path):

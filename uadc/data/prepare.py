@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,19 +78,56 @@ def _val_in_tests(val: dict[str, list[Sample]], tests: dict[str, ImageDataset], 
     def _val_source(c: str) -> str:   # it said "(data.val)" of normals drawn from a test/good linked to train/good
         return "data.val" if c in given else "drawn from train/good by data.val_fraction"
 
-    test_files = {file_key(s.path) for ds in tests.values() for s in ds.samples}
+    is_test = _test_image_matcher(tests)
     return [f"category {c!r}: {n} of its {len(ss)} validation normals ({_val_source(c)}) are test images: "
             f"thresholds are set on images the test decisions are reported on; keep them apart"
-            for c, ss in val.items() if (n := sum(file_key(s.path) in test_files for s in ss))]
+            for c, ss in val.items() if (n := sum(is_test(s.path) for s in ss))]
 
 
 def _train_in_tests(train: list[Sample], tests: dict[str, ImageDataset]) -> list[str]:
     """Training images that are also test images (a test/good linked to train/good): AUROC on images
     the model trained on, with no warning."""
-    test_files = {file_key(s.path) for ds in tests.values() for s in ds.samples}
-    both = Counter(s.category for s in train if file_key(s.path) in test_files)
+    is_test = _test_image_matcher(tests)
+    both = Counter(s.category for s in train if is_test(s.path))
     return [f"category {c!r}: {n} of its training images are test images too: its figures judge images the model "
             f"trained on; keep train/ and test/ apart" for c, n in both.items()]
+
+
+def _test_image_matcher(tests: dict[str, ImageDataset]) -> Callable[[Path], bool]:
+    """Whether a file is one of the test images: the same file (a link) or a byte-identical copy
+    (`cp -r train/good test/good` was trained on without a word). Only same-sized files are read."""
+    paths = [s.path for ds in tests.values() for s in ds.samples]
+    keys = {file_key(p) for p in paths}
+    by_size: dict[int | None, list[Path]] = {}
+    for p in paths:
+        by_size.setdefault(_size(p), []).append(p)
+    by_size.pop(None, None)
+    digests: dict[int, set[str | None]] = {}
+
+    def is_test(path: Path) -> bool:
+        if file_key(path) in keys:
+            return True
+        size = _size(path)
+        if size not in by_size:
+            return False
+        if size not in digests:
+            digests[size] = {_digest(q) for q in by_size[size]} - {None}
+        return _digest(path) in digests[size]
+    return is_test
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:   # gone since it was listed: its reader names it
+        return None
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _sources(recipe: Recipe) -> list[tuple[Path, str]]:
