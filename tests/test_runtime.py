@@ -1077,6 +1077,40 @@ def test_overlays_of_an_input_folder_given_as_dotdot_stay_under_overlays(int8_ar
     assert all((cam / r["overlay"]).is_file() for r in run.records)
 
 
+def test_overlays_of_inputs_given_with_dotdot_beside_other_inputs_stay_distinct_and_inside(int8_artifact, tiny_data,
+                                                                                           tmp_path, monkeypatch):
+    """`uadc predict ART . ../good --overlays` labelled ../good's files by the input `.` (a parent as text):
+    overlays/blob/../good/... was refused, or written outside --out; `a x/b a/../b` gave x/b's and
+    a/../b's images one overlay file between them (exit 0)."""
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    det = Detector.load(int8_artifact[2].path)
+    src = sorted((tiny_data / "stripes" / "test").rglob("*.png"))
+    for i, folder in enumerate(["t/blob", "t/good", "a", "x/b", "b"]):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "0.png").write_bytes(src[i].read_bytes())
+    monkeypatch.chdir(tmp_path / "t" / "blob")
+    run = predict_paths(det, [Path("."), Path("../good")], out=tmp_path / "o1", overlays=True)
+    assert sorted(r["overlay"] for r in run.records) == ["overlays/blob/0.png", "overlays/good/0.png"]
+    monkeypatch.chdir(tmp_path)
+    run = predict_paths(det, [Path("a"), Path("x/b"), Path("a/../b")], out=tmp_path / "o2", overlays=True)
+    named = [r["overlay"] for r in run.records]
+    assert len(set(named)) == 3 and not any(".." in o for o in named), named
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["a", "b", "o1", "o2", "t", "x"]
+
+
+def test_an_earlier_runs_overlays_predicted_into_the_same_out_are_refused(int8_artifact, tiny_data, tmp_path):
+    """`uadc predict ART o/overlays --out o --overlays` deleted its own input images as stale overlays (exit 0)."""
+    from uadc.runtime import Detector
+    from uadc.runtime.batch import predict_paths
+    det = Detector.load(int8_artifact[2].path)
+    predict_paths(det, [tiny_data / "stripes" / "test"], out=tmp_path / "o", overlays=True)
+    before = sorted((tmp_path / "o" / "overlays").rglob("*.png"))
+    with pytest.raises(UadcError, match=r"/overlays, which this run rewrites; give another --out \(nothing was"):
+        predict_paths(det, [tmp_path / "o" / "overlays"], out=tmp_path / "o", overlays=True)
+    assert sorted((tmp_path / "o" / "overlays").rglob("*.png")) == before and before
+
+
 def test_an_image_named_as_a_folder_of_images_gets_its_own_overlay(int8_artifact, tiny_data, tmp_path):
     """`x.jpg` beside a folder `x.png/` took overlays/cam/x.png as a file; the folder's overlays then
     failed to write, after every image had run (exit 2, no tables)."""

@@ -125,12 +125,18 @@ def overlay_names(files: list[Path], roots: list[Path]) -> dict[Path, Path]:
             # named as the folder it is: '..' or 'a/..' is a name pathlib keeps, and overlays/../x
             # wrote over the input images themselves
             labels[root] = _unique(Path(Path(os.path.abspath(root)).name or "root"), used)
-    wanted = {f: Path(printable(str(next((labels[r] / f.relative_to(r) for r in labels if r in f.parents),
+    wanted = {f: Path(printable(str(next((labels[r] / f.relative_to(r) for r in labels if _below(f, r)),
                                          Path(f.name)).with_suffix(".png")))) for f in files}   # as the tables say
     # a folder's name is taken too: `x.jpg` beside a folder `x.png/` wrote overlays/x.png as a file, and
     # the folder's overlays then failed, after every image had run
     taken = {d for name in wanted.values() for d in name.parents}
     return {f: _unique(name, taken) for f, name in wanted.items()}
+
+
+def _below(f: Path, root: Path) -> bool:
+    """``f`` was found under ``root`` (spelt ``root/<relative path>``): `.` is a parent of `../good/x.png`
+    and `a` of `a/../b/x.png` only as text, which named overlays `../good/...` outside --out."""
+    return root in f.parents and ".." not in f.relative_to(root).parts
 
 
 def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | None = None, out: Path | None = None,
@@ -151,6 +157,7 @@ def predict_paths(detector: Detector, inputs: Sequence[Path], category: str | No
     if out:
         check_outside_artifacts(Path(out))   # its files are hashed in artifact.json: a bundle listed ours as unlisted
         _check_out(Path(out))
+        _check_inputs_outside_overlays(Path(out), found.files)
     with file_lock(Path(out), inside=True) if out else contextlib.nullcontext(), logged_warnings() as said:
         run = _predict(detector, found, category, out, overlays, batch_size, infer, roots)
     run.warnings += said   # every warning the run logged (an image noted once per folder, the category one)
@@ -249,6 +256,16 @@ def _check_out(out: Path) -> None:
     header = ",".join(CSV_FIELDS)   # the whole header: a user's table may start with path,category,score too
     check_own_file(out / PREDICTIONS_CSV, lambda head: head.split("\n", 1)[0].rstrip("\r") == header, "uadc predict")
     check_own_file(out / PREDICTIONS_JSONL, is_record, "uadc predict")
+
+
+def _check_inputs_outside_overlays(out: Path, files: list[Path]) -> None:
+    """An input image under ``out/overlays/`` (an earlier run's overlays predicted into the same --out) is a
+    file this run replaces or removes as stale: its inputs were deleted while the tables named them."""
+    own = os.path.realpath(out / OVERLAYS_DIR) + os.sep
+    inside = next((f for f in files if os.path.realpath(f).startswith(own)), None)
+    if inside is not None:
+        raise UadcError(f"input {shown(inside)} is in {shown(out / OVERLAYS_DIR)}, which this run rewrites; "
+                        f"give another --out (nothing was changed)")
 
 
 def _check_overlays_free(out: Path, names: dict[Path, Path]) -> None:
