@@ -1057,8 +1057,14 @@ def test_the_api_under_a_callers_torch_and_process_settings(tmp_path, recipe_fac
         with torch.inference_mode():
             uadc.train(r, artifacts=art)
         assert torch.get_default_dtype() == torch.float64
+        # what it trained then loaded as a float64 model ("weight ... is torch.float32, the model's is torch.float64")
+        # and exported float64 constants beside float32 weights (ONNX Runtime refused the model)
+        f64 = uadc.evaluate(r, artifacts=art, write=False).mean
+        uadc.compile(r, "ort-cpu-fp32", artifacts=art, out=tmp_path / "c64", evaluate=False, latency_runs=1)
+        assert torch.get_default_dtype() == torch.float64
     finally:
         torch.set_default_dtype(dtype)
+    assert uadc.evaluate(r, artifacts=art, write=False).mean == f64
     model = uadc.baseline(r, artifacts=art).model.train()
     model.teacher.eval()
     modes = [m.training for m in model.modules()]

@@ -64,11 +64,20 @@ def training_state() -> Iterator[None]:
     dtype mismatch deep in a backbone."""
     import torch
 
+    with float32_default(), torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+@contextlib.contextmanager
+def float32_default() -> Iterator[None]:
+    """float32 as torch's default dtype in the block, the caller's back after it (a caller's float64 default
+    built float64 models from checkpoints and exported float64 constants next to float32 weights)."""
+    import torch
+
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
+        yield
     finally:
         torch.set_default_dtype(dtype)
 

@@ -21,7 +21,8 @@ import torch
 from uadc import __version__
 from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES, PARTITIONS
 from uadc.core.errors import UadcError, raise_interrupt_behind
-from uadc.core.scoped import environment_kept, eval_mode, quiet_third_party, start_method_kept, tqdm_monitor_off
+from uadc.core.scoped import (environment_kept, eval_mode, float32_default, quiet_third_party, start_method_kept,
+                              tqdm_monitor_off)
 from uadc.export.partitions import (assign_partitions, partition_counts, partition_models, partition_of,
                                     set_partition)
 from uadc.models import KDModel
@@ -29,11 +30,13 @@ from uadc.models import KDModel
 
 def export_model(model: KDModel, image_size: int, meta: dict, opset: int = 18) -> onnx.ModelProto:
     """Export with a dynamic batch; returns the tagged model (not yet simplified)."""
-    x = torch.zeros(2, 3, image_size, image_size)
+    x = torch.zeros(2, 3, image_size, image_size, dtype=torch.float32)
     # The exporter narrates every step and warns about torchvision ops we never use (shown
     # with `uadc --verbose`).
-    # torch.export sets TORCHINDUCTOR_CACHE_DIR as it traces, and multiprocessing's start method
-    with quiet_third_party(), environment_kept(), tqdm_monitor_off(), start_method_kept(), eval_mode(model):
+    # torch.export sets TORCHINDUCTOR_CACHE_DIR as it traces, and multiprocessing's start method; a caller's
+    # float64 default dtype made the traced constants float64 beside float32 weights (ORT refused the model)
+    with quiet_third_party(), environment_kept(), tqdm_monitor_off(), start_method_kept(), eval_mode(model), \
+            float32_default():
         batch = torch.export.Dim("batch", min=1, max=4096)   # imports sympy, which adds a warning filter
         try:
             program = torch.onnx.export(

@@ -20,7 +20,7 @@ from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError, pickle_refusal
 from uadc.core.io import atomic_save, atomic_write_text, contained, same_name, sha256_stream
 from uadc.core.process import signals_deferred
-from uadc.core.scoped import streams_kept, warnings_ignored
+from uadc.core.scoped import float32_default, streams_kept, warnings_ignored
 from uadc.models import KDModel, build_model
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
     check_finite_weights(blob["state_dict"], path)
     # its (CPU) initialisation is overwritten: leave the caller's stream, and wait for a training in another
     # thread (a bare fork_rng rewound that training's seeded stream mid-run: not reproducible)
-    with streams_kept():
+    with streams_kept(), float32_default():   # a caller's float64 default made a float64 model
         # every weight comes from the checkpoint: the initial weights' file is not read (moved with a project,
         # its stored path is gone)
         model = build_model({**trained.cfg["model"], "pretrained": False, "weights": None}, trained.data.image_size)
