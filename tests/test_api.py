@@ -355,6 +355,16 @@ def test_every_public_function_shows_its_typed_signature():
     assert "artifact" in inspect.signature(uadc.verify).parameters
 
 
+def test_the_first_api_name_in_an_app_without_numpy_leaves_the_warning_filters_alone():
+    """`uadc.UadcError` in an app that never imported numpy left numpy's four import-time filters in place
+    (uadc.core.scoped imported numpy before the filters were kept)."""
+    import subprocess
+    code = ("import sys, warnings\nfilters = warnings.filters[:]\nimport uadc\nuadc.UadcError\n"
+            "assert warnings.filters == filters, [f for f in warnings.filters if f not in filters]\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-500:]
+
+
 def test_the_api_leaves_the_callers_random_stream_and_root_logger_alone(trained, tmp_path):
     """Two promises of the README broken by libraries uadc imports or calls: the first `uadc.<name>` in a
     process imported sklearn, whose `rich` draws from Python's `random` at import; ORT's quantizer calls

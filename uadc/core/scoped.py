@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import numbers
 import os
 import sys
 import threading
 import warnings
 from typing import Any, Callable, Iterator
-
-import numpy as np
 
 from uadc.core.constants import MAX_THREADS
 from uadc.core.errors import UadcError
@@ -24,7 +23,7 @@ def check_threads(threads: Any) -> int | None:
     """A thread count as given to the API: None or 0 (the default), else a whole number >= 1."""
     if threads is None:
         return None
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 0 <= threads <= MAX_THREADS:
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 0 <= threads <= MAX_THREADS:
         raise UadcError(f"threads: expected a whole number from 1 to {MAX_THREADS} (or None or 0 for the default), "
                         f"got {threads!r}")   # 10**6 aborted the caller's process in oneDNN
     return int(threads)
@@ -108,6 +107,7 @@ def streams_kept(cuda: bool = False) -> Iterator[None]:
     has no use for."""
     import random
 
+    import numpy as np   # here, not at import: `uadc.<name>` imports this module before it keeps the filters
     import torch
 
     with _RANDOM:
@@ -127,6 +127,7 @@ def seeded(seed: int, cuda: bool = False) -> Iterator[None]:
     caller's streams come back on exit."""
     import random
 
+    import numpy as np
     import torch
 
     with streams_kept(cuda):
@@ -266,6 +267,8 @@ def process_state_kept() -> Iterator[None]:
     import random
     import signal
     import threading
+
+    import numpy as np
 
     hook, py_state, np_state = sys.excepthook, random.getstate(), np.random.get_state()
     faults = faulthandler.is_enabled()   # Ray's driver enables it for good
