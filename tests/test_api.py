@@ -353,6 +353,9 @@ def test_every_public_function_shows_its_typed_signature():
         assert inspect.signature(getattr(uadc, name)) == inspect.signature(getattr(api, name)), name
     assert inspect.signature(uadc.bundle) == inspect.signature(bundle.bundle)     # torch-free, as the CLI's
     assert "artifact" in inspect.signature(uadc.verify).parameters
+    import pydoc   # help() showed the package's docstring ("Polygraphy comparisons...") with no parameters
+    text = pydoc.render_doc(uadc.verify, renderer=pydoc.plaintext)
+    assert "normal_only" in text and inspect.getdoc(api.verify).splitlines()[0] in text, text
 
 
 def test_the_first_api_name_in_an_app_without_numpy_leaves_the_warning_filters_alone():

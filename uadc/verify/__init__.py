@@ -23,5 +23,11 @@ class _CallablePackage(types.ModuleType):
         import inspect
         return inspect.signature(_api_verify())
 
+    @property
+    def __doc__(self):   # help(uadc.verify) documents a module by its docstring: the function's, then
+        import inspect
+        f = _api_verify()
+        return f"uadc.verify{inspect.signature(f)}\n\n{inspect.getdoc(f)}"
+
 
 sys.modules[__name__].__class__ = _CallablePackage
