@@ -99,6 +99,9 @@ def test_16_bit_images_equal_the_training_loader_and_float_ones_are_refused_alik
             read()
     with pytest.raises(UadcError, match=r"^unsupported image \(a PIL image\): 32-bit float"):   # was 'image image'
         preprocess(Image.open(tmp_path / "f.tif"), pre)
+    # premultiplied gray + alpha (an in-memory image): Pillow's raw "conversion from La to L not supported"
+    la = Image.fromarray(np.stack([np.full((8, 8), 200, np.uint8), np.full((8, 8), 255, np.uint8)], -1), "LA")
+    assert np.array_equal(preprocess(la.convert("La"), pre), preprocess(la, pre))
 
 
 def test_dim_high_bit_images_and_animations_are_noted_once_per_folder(tmp_path, caplog):

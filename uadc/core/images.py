@@ -102,6 +102,8 @@ def eight_bit(im: Image.Image, source: Any) -> Image.Image:
         raise UadcError(f"unsupported image {shown(source)}: 32-bit float pixels (mode F); save it as 8- or 16-bit")
     if im.mode in ("P", "PA") and "transparency" in im.info:
         return im.convert("RGBA")   # the same colours; converting the palette directly makes Pillow warn on stderr
+    if im.mode == "La":   # premultiplied: Pillow converts it only to LA (to L or RGB: its raw ValueError)
+        return im.convert("LA")
     return im
 
 
