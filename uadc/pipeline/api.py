@@ -231,7 +231,8 @@ def baseline(source: Any, recipe: RecipeLike | None = None, *, artifacts: Path |
     """The FP32 baseline (export, FP32 metrics, latency) that several compiles can share.
 
     ``source``: a recipe (its checkpoint), a checkpoint path (with ``recipe``) or a ``KDModel``
-    (with ``recipe``). Never trains: a missing checkpoint is an error naming ``uadc train``."""
+    (with ``recipe``). Never trains: a missing checkpoint is an error naming ``uadc train``. Lazy: the
+    checkpoint is loaded (and refused, e.g. a one-class model's) at the first attribute read or compile."""
     if isinstance(source, Baseline):
         _baseline_recipe(source, recipe, "compile")
         return source
