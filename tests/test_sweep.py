@@ -621,17 +621,20 @@ def test_sweep_csv_cells_are_inert_and_no_best_cell_says_none():
     assert "Best cell per objective: none" in table.render_markdown("s", [], {"image_auroc": None}, [])
 
 
-def test_a_checkpoint_of_other_training_settings_fails_its_cells_naming_them(tmp_path, tiny_data):
+@pytest.mark.parametrize("sequential", [True, pytest.param(False, marks=needs_ray)])
+def test_a_checkpoint_of_other_training_settings_fails_its_cells_naming_them(tmp_path, tiny_data, sequential):
     """train.epochs edited in the recipe since its checkpoint was trained: the sweep ran every cell on the old
-    model and reported them as fresh results ("3 run, 0 models trained")."""
+    model and reported them as fresh results ("3 run, 0 models trained"). On Ray the refusal then ended the
+    whole sweep (exit 2, no table), where sequential fails that model's cells and runs the others."""
     import uadc
     recipe = write_recipe(tmp_path / "r.yaml", tiny_data, data={"image_size": 32}, train={"epochs": 1, "threads": 1})
     uadc.train(recipe, artifacts=tmp_path / "art")
     recipe.write_text(recipe.read_text().replace("epochs: 1", "epochs: 2"))
     res = uadc.sweep({"recipe": str(recipe), "axes": {"target": ["ort-cpu-fp32"]}, "run": {"latency_runs": 1}},
-                     artifacts=tmp_path / "art", out=tmp_path / "out", sequential=True)
+                     artifacts=tmp_path / "art", out=tmp_path / "out", sequential=sequential)
     assert not res.ok and res.trained == 0
     (rec,) = json.loads((tmp_path / "out" / "sweep.json").read_text())["cells"]
+    assert rec["status"] == "failed"
     assert "was trained with other training settings than r's recipe (train.epochs: 1 in the checkpoint, 2 in the " \
            "recipe); a sweep trains missing models only" in rec["error"]
 

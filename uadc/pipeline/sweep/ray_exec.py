@@ -134,8 +134,15 @@ def _run(ray, plan: Plan, out: Path, artifacts: Path, done: dict[int, dict],
             continue
         model = plan.models[cell.model]
         if model.key not in infos:
-            infos[model.key] = _model_info(ray, train_t, model, artifacts, run, total, opts)
+            try:
+                infos[model.key] = _model_info(ray, train_t, model, artifacts, run, total, opts)
+            except UadcError as exc:   # a checkpoint of other settings: its cells fail, the others run (as sequential)
+                infos[model.key] = C.one_line(exc)
         info = infos[model.key]
+        if isinstance(info, str):
+            records[i] = C.failed_record(cell, None, None, info)
+            on_record(records[i])
+            continue
         if model.key not in bases:
             bases[model.key] = base_t.options(name=f"baseline:{model.name}").remote(model, info, run)
         # the task name is the worker's process title while it runs (ray::cell:<id>)
@@ -148,7 +155,7 @@ def _run(ray, plan: Plan, out: Path, artifacts: Path, done: dict[int, dict],
             records[i] = _result(ray, ready[0], plan, i, infos, out)
             on_record(records[i])
     except BaseException:   # Ctrl-C / SIGTERM: cells went on finishing (and writing) through Ray's shutdown
-        for ref in [*pending, *bases.values(), *(v for v in infos.values() if not isinstance(v, C.ModelInfo))]:
+        for ref in [*pending, *bases.values(), *(v for v in infos.values() if not isinstance(v, (C.ModelInfo, str)))]:
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
         raise
