@@ -427,6 +427,44 @@ def test_a_run_that_stops_replaces_the_earlier_reports_with_its_error(artifacts,
     assert r.exit_code == 0 and json.loads(rep.read_text())["kind"] == "diff", r.output   # still replaceable
 
 
+def test_a_model_whose_map_has_another_shape_is_one_line_and_a_crash_replaces_the_reports(artifacts, tmp_path,
+                                                                                          monkeypatch):
+    """A candidate with a 2x smaller anomaly map ended in an AttributeError traceback (exit 1), and the
+    --json / --markdown files kept the previous run's PASS."""
+    from onnx import helper
+    _, fp32, _ = artifacts
+    m = onnx.load(str(fp32 / "model.onnx"))
+    for node in m.graph.node:
+        node.output[:] = ["am_raw" if o == "anomaly_map" else o for o in node.output]
+        node.input[:] = ["am_raw" if i == "anomaly_map" else i for i in node.input]
+    m.graph.node.append(helper.make_node("MaxPool", ["am_raw"], ["anomaly_map"], kernel_shape=[2, 2], strides=[2, 2]))
+    out = next(o for o in m.graph.output if o.name == "anomaly_map")
+    for d in out.type.tensor_type.shape.dim[2:]:
+        d.Clear()
+        d.dim_param = "half"
+    onnx.save(m, str(tmp_path / "small_map.onnx"))
+    rep, md = tmp_path / "v.json", tmp_path / "v.md"
+    r = CliRunner().invoke(main, ["verify", str(fp32), "--normal-only", "--json", str(rep), "--markdown", str(md)])
+    assert r.exit_code == 0 and json.loads(rep.read_text())["passed"], r.output
+    for args in (["verify", str(tmp_path / "small_map.onnx"), "--golden", str(fp32)],
+                 ["diff", str(fp32), str(tmp_path / "small_map.onnx")]):
+        r = CliRunner().invoke(main, [*args, "--json", str(rep), "--markdown", str(md)])
+        assert r.exit_code == 2 and "output anomaly_map has other shapes" in r.output, r.output
+        assert "Traceback" not in r.output and not json.loads(rep.read_text())["passed"]
+    r = CliRunner().invoke(main, ["verify", str(fp32), "--normal-only", "--json", str(rep), "--markdown", str(md)])
+    assert r.exit_code == 0 and json.loads(rep.read_text())["passed"], r.output
+    from uadc.pipeline import api
+
+    def crash(*args, **kwargs):
+        raise AttributeError("'bool' object has no attribute 'max_absdiff'")
+
+    monkeypatch.setattr(api, "verify", crash)   # a bug: its traceback stands, the old PASS does not
+    r = CliRunner().invoke(main, ["verify", str(fp32), "--json", str(rep), "--markdown", str(md)])
+    assert isinstance(r.exception, AttributeError)
+    assert json.loads(rep.read_text())["error"] == "internal error: AttributeError: 'bool' object has no attribute " \
+                                                  "'max_absdiff'" and md.read_text().startswith("# uadc verify: ERROR")
+
+
 def test_a_category_without_validation_normals_passes_its_own_gate(tmp_path):
     """The golden set fitted that category a threshold of its own on the training normals it drew, the
     artifact decides it at its global one: an FP32 artifact failed its own gate on identical outputs."""

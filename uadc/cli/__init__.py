@@ -247,11 +247,17 @@ def _gate_options(f):
     def checked(*args, json_out: Path | None = None, md_out: Path | None = None, **kwargs):
         from uadc.verify.gate import check_report_paths, error_document, write_error_reports
         kind, stdout = f.__name__[:-4], str(json_out) == "-"   # `--json -`: a document, always, as in a file
+        report = functools.partial(write_error_reports, kind, json_out, md_out)
         with _errors_as_json(None, lambda *e: stdout and click.echo(error_document(kind, *e), nl=False)):
             check_report_paths(json_out, md_out)       # before the work, not after it
-            with _errors_as_json(None, functools.partial(write_error_reports, kind, json_out, md_out)), \
-                    dependencies_checked():
-                return f(*args, json_out=json_out, md_out=md_out, **kwargs)
+            with _errors_as_json(None, report):
+                try:
+                    with dependencies_checked():
+                        return f(*args, json_out=json_out, md_out=md_out, **kwargs)
+                except Exception as exc:   # a bug: its traceback stands, and the last run's PASS is not left to read
+                    if not isinstance(exc, UadcError):
+                        report(f"internal error: {type(exc).__name__}: {one_line(str(exc))}", 1)
+                    raise
     return checked
 
 

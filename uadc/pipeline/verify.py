@@ -260,6 +260,7 @@ def tensor_check(results, atol: float = TENSOR_ATOL, rtol: float = TENSOR_RTOL) 
     """Polygraphy's comparator on two runners' results: pass flag and per-output errors."""
     from polygraphy.comparator import Comparator
     from uadc.verify.polygraphy_compare import _passed_per_output, _simple_compare
+    _check_same_shapes(results)
     with quiet_third_party():
         acc = Comparator.compare_accuracy(results, compare_func=_simple_compare(atol, rtol))
     per: dict[str, dict] = {}
@@ -275,6 +276,19 @@ def tensor_check(results, atol: float = TENSOR_ATOL, rtol: float = TENSOR_RTOL) 
                for n, e in per.items()}
     return {"passed": bool(outputs) and all(o["passed"] for o in outputs.values()), "atol": atol, "rtol": rtol,
             "max_abs": max((o["max_abs"] for o in outputs.values()), default=0.0), "outputs": outputs}
+
+
+def _check_same_shapes(results) -> None:
+    """Outputs of other shapes (a 16x16 map against a 32x32 one) are no model's regression but another
+    model: Polygraphy's comparator gives False for them, which was an AttributeError traceback (exit 1)."""
+    shapes: dict[str, dict[str, tuple]] = {}
+    for runner, iterations in results.items():
+        for name, arr in (iterations[0].items() if iterations else ()):
+            shapes.setdefault(name, {})[runner] = tuple(np.shape(arr))
+    for name, by in shapes.items():
+        if len(set(by.values())) > 1:
+            raise UadcError(f"output {name} has other shapes ({'; '.join(f'{r} {s}' for r, s in by.items())}): "
+                            f"not outputs of one model to compare")
 
 
 # --------------------------------------------------------------------------------- gate
