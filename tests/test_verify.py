@@ -332,6 +332,20 @@ def test_golden_files_are_checked_not_trusted(artifacts, tmp_path):
         with pytest.raises(UadcError, match=why) as e:
             uadc.verify(int8, golden=loose)
         assert "TOPSECRET" not in str(e.value)
+    # records and thresholds edited: KeyError / ValueError / TypeError tracebacks (exit 1)
+    first = dict(meta["images"][0])
+    test = next(i for i, im in enumerate(meta["images"]) if im["kind"] == "test")
+    for edit, why in ((lambda m: m["images"][0].pop("kind"), "image record 0 is not one golden.json holds"),
+                      (lambda m: m["images"][test].update(label="x"), f"image record {test} is not one golden.json"),
+                      (lambda m: m["images"][0].update(category=["a"]), "image record 0 is not one golden.json holds"),
+                      (lambda m: m["thresholds"].pop("global"), "no global thresholds"),
+                      (lambda m: m["thresholds"]["global"].update(image="1"), "thresholds of 'global' are not numbers")):
+        m = json.loads(json.dumps(meta))
+        edit(m)
+        (loose / "golden.json").write_text(json.dumps(m))
+        with pytest.raises(UadcError, match=why):
+            uadc.verify(int8, golden=loose)
+    assert first == meta["images"][0]
     linked = tmp_path / "linked"          # a golden set of links to its files still judges
     linked.mkdir()
     for f in fp32.iterdir():

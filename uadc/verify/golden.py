@@ -169,7 +169,30 @@ def _masks(path: Path) -> np.ndarray:
         return np.unpackbits(z["masks"], axis=-1, count=shape[-1]).astype(bool).reshape(shape)
 
 
+_KINDS = {"normal": None, "test": (0, 1), "random": None, "user": None}   # a record's kind -> its labels
+
+
+def _check_records(g: GoldenSet) -> None:
+    """Each image record and threshold as build_golden writes them: an edited golden.json beside no
+    manifest (`--golden G`) ended in KeyError / ValueError / TypeError tracebacks."""
+    where = f"golden set {g.path or ''}"
+    for i, im in enumerate(g.images):
+        ok = isinstance(im, dict) and im.get("kind") in _KINDS and \
+            (im.get("label") is None if _KINDS[im["kind"]] is None else im.get("label") in _KINDS[im["kind"]]) and \
+            (im.get("category") is None or isinstance(im.get("category"), str))
+        if not ok or isinstance(im.get("label"), bool):
+            raise UadcError(f"{where}: image record {i} is not one golden.json holds ({str(im)[:120]})")
+    thr = g.meta.get("thresholds")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)  # noqa: E731
+    if not isinstance(thr, dict) or "global" not in thr:
+        raise UadcError(f"{where}: no global thresholds")
+    for cat, t in thr.items():
+        if not isinstance(t, dict) or not all(number(t.get(k)) for k in ("image", "pixel", "score_std")):
+            raise UadcError(f"{where}: thresholds of {cat!r} are not numbers image, pixel and score_std")
+
+
 def _check(g: GoldenSet) -> None:
+    _check_records(g)
     n = sum(len(f[INPUT_NAME]) for f in g.feeds)
     if len(g.feeds) != len(g.outputs) or n != len(g.images) or \
             n != sum(len(o[OUTPUT_NAMES[1]]) for o in g.outputs):
