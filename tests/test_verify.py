@@ -586,6 +586,13 @@ def test_diff_refuses_a_candidate_that_does_not_cover_the_images_categories(arti
     assert uadc.verify(stripes).images   # its own golden set: judged
     d = uadc.diff(fp32, stripes, images=[tiny_data / "stripes" / "test" / "good"])   # the shared category: judged
     assert set(d.categories) == {"stripes"}
+    # images of a category A has no thresholds for: A decides them at global, and B did at its own gray ones
+    # while the note said both decide at global
+    d = uadc.diff(stripes, fp32, images=[tiny_data / "gray"])
+    assert any("both sides decide them at the global thresholds" in n for n in d.notes), d.notes
+    ours = json.loads((fp32 / "artifact.json").read_text())["thresholds"]
+    cand = d.thresholds["candidate"]["gray"]
+    assert cand["image"] == pytest.approx(ours["global"]["image"]["value"]) and cand["source"] != "artifact.json", cand
     # `uadc eval RECIPE --checkpoint ARTIFACT` scored gray under the stripes model's name, exit 0
     for given in (stripes, stripes / "model.onnx"):
         with pytest.raises(UadcError, match=r"was compiled for stripes; recipe \w+'s test data holds gray, which it "

@@ -327,16 +327,19 @@ def _golden_of_another_recipe(folder: Path, g: GoldenSet) -> list[str]:
 GLOBAL_FALLBACK = "artifact.json global (no thresholds of its own for this category)"
 
 
-def _manifest_thresholds(artifact: Path, base: dict) -> dict | None:
-    """The artifact's own operating thresholds (artifact.json) in the gate's format, or None."""
+def _manifest_thresholds(artifact: Path, base: dict, global_for: Sequence[str] = ()) -> dict | None:
+    """The artifact's own operating thresholds (artifact.json) in the gate's format, or None.
+    ``global_for``: categories decided at the global ones whatever the artifact knows (images in folders the
+    reference has no category for: B at its own category's against A at global agreed on 0.43)."""
     m = _manifest(artifact)
     t = m.thresholds if m is not None else None
     if t is None:
         return None
     out = {}
     for cat, spread in base.items():
-        own = cat == "global" or (cat in t.categories and t.validation.get(cat, 1) > 0)   # 0: a copy of global
-        ct = t.get(cat if cat in t.categories else None)
+        mine = cat in t.categories and cat not in global_for
+        own = cat == "global" or (mine and t.validation.get(cat, 1) > 0)   # 0: a copy of global
+        ct = t.get(cat if mine else None)
         # "n" stays the spread's: the normals its score_std came from (the artifact's count judged a spread of 2);
         # the keys in the reference's order
         out[cat] = {**spread, "image": ct.image.value, "pixel": ct.pixel.value,
@@ -520,7 +523,7 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
         notes.append("the reference has no operating thresholds: both sides decide at thresholds fitted on its "
                      "outputs on these images")
     else:
-        cand_thr = _manifest_thresholds(b, ref_thr) or _bare_candidate(ref_thr, notes)
+        cand_thr = _manifest_thresholds(b, ref_thr, unknown) or _bare_candidate(ref_thr, notes)
         if unknown:
             notes.append(f"images under {', '.join(unknown)} are in no folder named after a category "
                          f"({', '.join(known)}): both sides decide them at the global thresholds")
