@@ -126,7 +126,7 @@ def _f(v, fmt: str) -> str:
 def render_markdown(name: str, rows: list[dict], best: dict, front: list[str]) -> str:
     lines = [f"Sweep {name}: {len(rows)} cells, {sum(r['status'] == 'ok' for r in rows)} ok. AUROC drop = FP32 - "
              "compiled; latency p50 at batch 1; speed-up = ORT FP32's p50 / the cell's (below 1: slower).", "",
-             "| cell | status | image AUROC | pixel AUROC | image drop | pixel drop | agreement | latency ms | "
+             "| cell | status | image AUROC | pixel AUROC | image drop | pixel drop | test agreement | latency ms | "
              "speed-up vs ORT FP32 | MB | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         status = ("ok, REGRESSION" if r.get("gate_passed") is False else "ok") if r["status"] == "ok" else \
