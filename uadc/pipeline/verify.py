@@ -40,7 +40,6 @@ from uadc.verify.images import load_image_dirs
 
 log = logging.getLogger(__name__)
 BATCH = 8
-TENSOR_ATOL, TENSOR_RTOL = 1e-4, 1e-3     # the Polygraphy tensor check (reported, not judged)
 FIGURE_KINDS = ("normal", "test", "user")  # random inputs feed the tensor check only
 _GOLDEN_CACHE: "weakref.WeakKeyDictionary[Any, GoldenSet]" = weakref.WeakKeyDictionary()
 
@@ -256,41 +255,6 @@ def _outputs(iterations: list, side: str) -> tuple[np.ndarray, np.ndarray]:
     return maps.reshape(len(maps), *maps.shape[-2:]), scores
 
 
-def tensor_check(results, atol: float = TENSOR_ATOL, rtol: float = TENSOR_RTOL) -> dict:
-    """Polygraphy's comparator on two runners' results: pass flag and per-output errors."""
-    from polygraphy.comparator import Comparator
-    from uadc.verify.polygraphy_compare import _passed_per_output, _simple_compare
-    _check_same_shapes(results)
-    with quiet_third_party():
-        acc = Comparator.compare_accuracy(results, compare_func=_simple_compare(atol, rtol))
-    per: dict[str, dict] = {}
-    for result in ([acc] if hasattr(acc, "items") else list(acc)):
-        for _, iterations in result.items():
-            for iteration in iterations:
-                for name, r in iteration.items():
-                    e = per.setdefault(name, {"max_abs": 0.0, "means": []})
-                    e["max_abs"] = max(e["max_abs"], float(r.max_absdiff))
-                    e["means"].append(float(r.mean_absdiff))
-    passed = _passed_per_output(acc)
-    outputs = {n: {"passed": passed.get(n, False), "max_abs": e["max_abs"], "mean_abs": float(np.mean(e["means"]))}
-               for n, e in per.items()}
-    return {"passed": bool(outputs) and all(o["passed"] for o in outputs.values()), "atol": atol, "rtol": rtol,
-            "max_abs": max((o["max_abs"] for o in outputs.values()), default=0.0), "outputs": outputs}
-
-
-def _check_same_shapes(results) -> None:
-    """Outputs of other shapes (a 16x16 map against a 32x32 one) are no model's regression but another
-    model: Polygraphy's comparator gives False for them, which was an AttributeError traceback (exit 1)."""
-    shapes: dict[str, dict[str, tuple]] = {}
-    for runner, iterations in results.items():
-        for name, arr in (iterations[0].items() if iterations else ()):
-            shapes.setdefault(name, {})[runner] = tuple(np.shape(arr))
-    for name, by in shapes.items():
-        if len(set(by.values())) > 1:
-            raise UadcError(f"output {name} has other shapes ({'; '.join(f'{r} {s}' for r, s in by.items())}): "
-                            f"not outputs of one model to compare")
-
-
 # --------------------------------------------------------------------------------- gate
 
 def _manifest(artifact: Path) -> Manifest | None:
@@ -468,6 +432,7 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
     golden_results.append((GOLDEN_RUNNER, [IterationResult(OrderedDict((n, o[n]) for n in OUTPUT_NAMES),
                                                            runner_name=GOLDEN_RUNNER) for o in g.outputs]))
     golden_results.extend(results)
+    from uadc.verify.polygraphy_compare import tensor_check   # imports torch: when the gate runs
     tensors = tensor_check(golden_results)
     cand = _outputs(list(results.values())[0], f"candidate ({artifact})")
     ref = _outputs(g.outputs, f"golden set ({g.path})")
@@ -510,6 +475,7 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
     ra, la = artifact_runner(a, "A", threads)
     rb, lb = artifact_runner(b, "B", threads)
     results = run_feeds([ra, rb], feeds)
+    from uadc.verify.polygraphy_compare import tensor_check
     tensors = tensor_check(results)
     its = dict(results.items())
     ref, cand = _outputs(its["A"], f"reference (A, {a})"), _outputs(its["B"], f"candidate (B, {b})")

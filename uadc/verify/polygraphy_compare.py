@@ -98,15 +98,19 @@ def _abs_errors(reference: list, candidate: list) -> dict[str, dict]:
     return {name: {"max_abs": e["max_abs"], "mean_abs": e["sum"] / max(e["count"], 1)} for name, e in stats.items()}
 
 
-def _passed_per_output(accuracy) -> dict[str, bool]:
-    # Polygraphy < 0.50 returns one AccuracyResult; newer ones a list with one per compare function.
-    results = [accuracy] if hasattr(accuracy, "items") else list(accuracy)
-    passed: dict[str, bool] = {}
-    for result in results:
+def _outcomes(accuracy):
+    """(output name, its compare result) of every iteration. Polygraphy < 0.50 returns one
+    AccuracyResult; newer ones a list with one per compare function."""
+    for result in ([accuracy] if hasattr(accuracy, "items") else list(accuracy)):
         for _, iterations in result.items():
             for iteration in iterations:
-                for name, outcome in iteration.items():
-                    passed[name] = passed.get(name, True) and bool(outcome)
+                yield from iteration.items()
+
+
+def _passed_per_output(accuracy) -> dict[str, bool]:
+    passed: dict[str, bool] = {}
+    for name, outcome in _outcomes(accuracy):
+        passed[name] = passed.get(name, True) and bool(outcome)
     return passed
 
 
@@ -120,18 +124,49 @@ def compare_stats(runners: list[BaseRunner], feeds: list[dict[str, np.ndarray]])
         raise UadcError("feeds must be a non-empty list of {input name: array} dicts")
     with quiet_third_party():
         results = Comparator.run(runners, data_loader=feeds)
+        _check_same_shapes(results)
         accuracy = Comparator.compare_accuracy(results, compare_func=_simple_compare(np.inf, np.inf))
     per: dict[str, dict] = {}
-    for result in ([accuracy] if hasattr(accuracy, "items") else list(accuracy)):
-        for _, iterations in result.items():
-            for iteration in iterations:
-                for name, r in iteration.items():
-                    e = per.setdefault(name, {"max_abs": 0.0, "means": [], "max_rel": 0.0, "medians": []})
-                    e["max_abs"] = max(e["max_abs"], float(r.max_absdiff))
-                    e["max_rel"] = max(e["max_rel"], float(r.max_reldiff))
-                    e["means"].append(float(r.mean_absdiff))
-                    e["medians"].append(float(r.median_absdiff))
+    for name, r in _outcomes(accuracy):
+        e = per.setdefault(name, {"max_abs": 0.0, "means": [], "max_rel": 0.0, "medians": []})
+        e["max_abs"] = max(e["max_abs"], float(r.max_absdiff))
+        e["max_rel"] = max(e["max_rel"], float(r.max_reldiff))
+        e["means"].append(float(r.mean_absdiff))
+        e["medians"].append(float(r.median_absdiff))
     outputs = {n: {"max_abs": e["max_abs"], "mean_abs": float(np.mean(e["means"])), "max_rel": e["max_rel"],
                    "median_abs": float(np.median(e["medians"]))} for n, e in per.items()}
     return {"max_abs": max(o["max_abs"] for o in outputs.values()),
             "mean_abs": float(np.mean([o["mean_abs"] for o in outputs.values()])), "outputs": outputs}
+
+
+TENSOR_ATOL, TENSOR_RTOL = 1e-4, 1e-3     # the gate's tensor check (reported, not judged)
+
+
+def tensor_check(results, atol: float = TENSOR_ATOL, rtol: float = TENSOR_RTOL) -> dict:
+    """Polygraphy's comparator on two runners' results: pass flag and per-output errors."""
+    _check_same_shapes(results)
+    with quiet_third_party():
+        acc = Comparator.compare_accuracy(results, compare_func=_simple_compare(atol, rtol))
+    per: dict[str, dict] = {}
+    for name, r in _outcomes(acc):
+        e = per.setdefault(name, {"max_abs": 0.0, "means": []})
+        e["max_abs"] = max(e["max_abs"], float(r.max_absdiff))
+        e["means"].append(float(r.mean_absdiff))
+    passed = _passed_per_output(acc)
+    outputs = {n: {"passed": passed.get(n, False), "max_abs": e["max_abs"], "mean_abs": float(np.mean(e["means"]))}
+               for n, e in per.items()}
+    return {"passed": bool(outputs) and all(o["passed"] for o in outputs.values()), "atol": atol, "rtol": rtol,
+            "max_abs": max((o["max_abs"] for o in outputs.values()), default=0.0), "outputs": outputs}
+
+
+def _check_same_shapes(results) -> None:
+    """Outputs of other shapes (a 16x16 map against a 32x32 one) are no model's regression but another
+    model: Polygraphy's comparator gives False for them, which was an AttributeError traceback (exit 1)."""
+    shapes: dict[str, dict[str, tuple]] = {}
+    for runner, iterations in results.items():
+        for name, arr in (iterations[0].items() if iterations else ()):
+            shapes.setdefault(name, {})[runner] = tuple(np.shape(arr))
+    for name, by in shapes.items():
+        if len(set(by.values())) > 1:
+            raise UadcError(f"output {name} has other shapes ({'; '.join(f'{r} {s}' for r, s in by.items())}): "
+                            f"not outputs of one model to compare")
