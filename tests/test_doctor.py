@@ -81,6 +81,13 @@ def test_cli_doctor_text_and_json(fake_cpu):
     assert {t["target"] for t in d["targets"]} == set(TARGETS)
 
 
+def test_doctor_without_torch_says_not_installed_for_its_threads(fake_cpu):
+    """The runtime-only install (no torch) printed `threads: torch None`."""
+    r = doc.doctor()
+    r.threads["torch"] = None
+    assert "threads: torch not installed, usable cores" in r.to_text()
+
+
 def test_doctor_json_stopped_by_ctrl_c_is_one_document(monkeypatch):
     """Ctrl-C during doctor's checks (seconds: imports, an OpenVINO child) left `--json`'s stdout empty,
     where every other command prints {"error": ..., "exit_code": 130}."""

@@ -81,7 +81,7 @@ class DoctorReport(JsonResult):
         t = self.threads
         lines = [f"uadc {self.uadc}, Python {self.python}, {self.platform}", f"versions: {v}",
                  f"CPU: {self.cpu}; {self.cores} cores", f"CPU features for INT8: {feats}",
-                 f"threads: torch {t['torch']}, usable cores {t['affinity']}, OMP_NUM_THREADS "
+                 f"threads: torch {t['torch'] if t['torch'] is not None else 'not installed'}, usable cores {t['affinity']}, OMP_NUM_THREADS "
                  f"{t['omp_num_threads'] or 'unset'}",
                  f"GPU: {self.gpu or 'none'}",
                  f"TensorRT: {self.tensorrt or 'no'} ({self.tensorrt_reason})",
