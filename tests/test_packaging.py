@@ -158,10 +158,14 @@ def test_recipes_show_takes_a_recipe_file_too(tmp_path, monkeypatch):
 def test_wheel_runs_demo_in_fresh_venv(tmp_path):
     """`python -m build` (sdist, then the wheel from it), installed outside the source tree."""
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "-o", str(dist), str(ROOT)], check=True,
-                   capture_output=True)
+    built = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "-o", str(dist), str(ROOT)], check=True,
+                           capture_output=True, text=True)
+    assert "would be ignored" not in built.stdout + built.stderr   # five setuptools boxes about the demo's folders
     wheels, sdists = list(dist.glob("uadc-*.whl")), list(dist.glob("uadc-*.tar.gz"))
     assert len(wheels) == 1 and len(sdists) == 1
+    import tarfile
+    with tarfile.open(sdists[0]) as sdist:   # the tests it carries read the example sweep files
+        assert any(n.endswith("/sweeps/default_grid.yaml") for n in sdist.getnames())
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt")]
@@ -180,6 +184,12 @@ def test_wheel_runs_demo_in_fresh_venv(tmp_path):
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import uadc.config.packaged as p; "
                             "print(p.recipes_dir())"], cwd=work, env=env, capture_output=True, text=True, check=True)
     assert Path(where.stdout.strip()).is_relative_to(venv)   # the recipes came from the wheel
+    images = subprocess.run([str(venv / "bin" / "python"), "-c", "from importlib.resources import files; print(files("
+                             "'uadc.examples') / 'hazelnut_toy_256/hazelnut_toy/test')"], cwd=work, env=env,
+                            capture_output=True, text=True, check=True).stdout.strip()
+    res = subprocess.run([uadc, "predict", doc["path"], images, "--out", "preds", "--json"], cwd=work, env=env,
+                         capture_output=True, text=True)   # the README's predict on the installed images
+    assert res.returncode == 0 and json.loads(res.stdout)["images"] == 23, res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("call, found, missing, hint", [
