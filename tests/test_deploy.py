@@ -47,6 +47,10 @@ def test_small_validation_sets_get_a_margin_above_the_largest_value():
     plain, _ = quantile_threshold(val, 0.01, margin=False)
     assert plain == pytest.approx(np.quantile(val, 0.99, method="weibull"), rel=2e-5)   # rank q(n+1), just above
     assert float(np.float32(t)) == t      # float32-exact: numpy, ORT and TensorRT decide alike
+    # fewer false alarms asked for, a higher threshold: 1e-17 fell to the largest value (1 - 1e-17 is 1.0)
+    assert quantile_threshold(val, 1e-12)[0] > quantile_threshold(val, 1e-9)[0] > t
+    with pytest.raises(ValueError, match="not in \\(0, 1\\) distinctly from 0"):
+        quantile_threshold(val, 1e-17)
 
 
 def test_thresholds_on_tied_few_or_far_apart_values_keep_their_meaning():

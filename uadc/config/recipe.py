@@ -276,6 +276,13 @@ class DeployConfig(_Section):
                                    "quantile (shrinks as validation grows; pixels: an estimate); false: plain quantile")
     postprocess: bool = Field(False, description="append pred_score/pred_label/pred_mask to the graph")
 
+    @field_validator("false_alarm_rate")
+    @classmethod
+    def _distinct_from_zero(cls, v: float) -> float:   # 1 - 1e-17 is 1.0: the bound was NaN, the threshold the max
+        if 1.0 - v == 1.0:
+            raise ValueError(f"{v:g} is too small to tell from 0 (1 minus it is 1.0 in float64); give at least 1e-15")
+        return v
+
 
 class VerifyConfig(_Section):
     """Budgets of `uadc verify` / `uadc diff` and the golden image set `uadc compile` stores."""
