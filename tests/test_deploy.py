@@ -601,6 +601,11 @@ def test_an_artifact_without_thresholds_is_a_warning_at_compile(recipe_factory, 
     assert "the artifact has no operating thresholds, so `uadc predict` cannot decide with it" in caplog.text
     assert "on validation normals only (no images)" in (res.path / "report.md").read_text()
     assert "(data.val_fraction 0 and no data.val)" in caplog.text
+    caplog.clear()   # its bundle went out without a word too
+    with caplog.at_level("WARNING", logger="uadc"):
+        uadc.bundle(res.path, tmp_path / "b")
+    assert "has no operating thresholds (compiled without validation normals): `uadc predict` and Detector refuse " \
+           "the bundle" in caplog.text
     # one training image per category and data.val_fraction 0.1: the advice was "set data.val_fraction > 0"
     from conftest import write_recipe
     from synthetic import make_category

@@ -93,6 +93,9 @@ def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
                 raise UadcError(f"artifact {source}: {rel} changed while it was being copied; nothing was written")
         write_manifest(tmp, dataclasses.replace(manifest, files={}, bundle=provenance, folder=None, unlisted=[]))
     _warn_of_a_failed_gate(source, manifest.files)
+    if manifest.thresholds is None:   # it shipped without a word; its first predict on the line refused it
+        log.warning("%s has no operating thresholds (compiled without validation normals): `uadc predict` and "
+                    "Detector refuse the bundle; it serves raw scores only", source)
     final = Path(out)   # left out: a bundle's bundle's too (it said "nothing"); the path absolute, as compile's
     return BundleResult(final.absolute(), source, keep, provenance["left_out"], list(manifest.unlisted),
                         sum((final / rel).stat().st_size for rel in [*keep, MANIFEST_FILE]),
