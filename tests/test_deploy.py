@@ -317,7 +317,10 @@ def test_a_manifest_that_misdescribes_the_model_or_cannot_be_read_is_one_error(i
                       (lambda t: _resized(t, 2), "the manifest was edited"),
                       (lambda t: t.replace('"schema": ', '"schema": 1e400, "x": ', 1), "schema must be a whole number"),
                       (lambda t: t.replace('"n": ', '"n": 1e400, "x": ', 1), "threshold n must be a whole number"),
-                      (lambda t: "[" * 100000 + "]" * 100000, "RecursionError")):
+                      (lambda t: "[" * 100000 + "]" * 100000, "RecursionError"),
+                      # informational, so edited unseen by predict, verify and bundle: a line read of pred_* outputs
+                      (lambda t: json.dumps({**json.loads(t), "outputs": [*json.loads(t)["outputs"], "pred_label"]}),
+                       r"outputs \[.*'pred_label'\] are not the model's \(anomaly_map, score")):
         bad = tmp_path / "edited"
         shutil.rmtree(bad, ignore_errors=True)
         shutil.copytree(res.path, bad)

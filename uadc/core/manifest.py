@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from uadc.core.constants import (ARTIFACT_PRECISIONS, DEPLOY_METADATA, ENGINE_SOURCE_SUFFIX, INPUT_NAME, MANIFEST_FILE,
-                                 MANIFEST_SCHEMA, MODEL_FILE, OUTPUT_NAMES, RUNTIMES, TARGET_RUNTIMES)
+                                 MANIFEST_SCHEMA, MODEL_FILE, OUTPUT_NAMES, PRED_OUTPUTS, RUNTIMES, TARGET_RUNTIMES)
 from uadc.core.errors import UadcError
 from uadc.core.io import TMP_TAG, JsonResult, as_path, atomic_write_json, same_name, sha256_file
 from uadc.core.numbers import flags
@@ -260,6 +260,10 @@ class Manifest(JsonResult):
             raise UadcError(f"{(self.folder or Path('.')) / self.model_file} is not the model {MANIFEST_FILE} was "
                             f"written for (its {DEPLOY_METADATA} metadata differs: {', '.join(differ)}); "
                             f"{self.again()}")
+        wrote = [*OUTPUT_NAMES, *(PRED_OUTPUTS if self.postprocess else ())]
+        if list(self.outputs) != wrote:   # informational only, and so edited unseen: a line read pred_* gone
+            raise UadcError(f"{(self.folder or Path('.')) / MANIFEST_FILE}: outputs {list(self.outputs)!r:.120} are "
+                            f"not the model's ({', '.join(wrote)}); {self.again()}")
 
     def check_model_file(self) -> None:
         """:meth:`check_model_metadata` on the folder's model file, read here (``uadc verify``, ``diff``,
