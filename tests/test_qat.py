@@ -301,7 +301,7 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert res.output.count("QAT model written") == 1 and res.output.count("artifact written") == 1   # twice before
-    assert "image AUROC" in res.output
+    assert f"-> {TARGET} (QAT) " in res.output   # it read as the PTQ artifact's figure ("-> ort-cpu-int8 ...")
     qat_report = json.loads((art / recipe.name / f"{TARGET}-qat" / "report.json").read_text())
     assert {k: v for k, v in _keys(qat_report).items() if k != "qat"} == _keys(ptq_report)
     assert qat_report["qdq_nodes"] == ptq_report["qdq_nodes"]

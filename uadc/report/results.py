@@ -127,7 +127,8 @@ class CompileResult:
         lines = [f"torch vs ORT FP32: {'passed' if v['passed'] else 'FAILED'} (max abs {v['max_abs']:.2e}){gate}"]
         if self.metrics is not None:
             f, c = self.metrics.fp32["mean"], self.metrics.compiled["mean"]
-            lines.append(f"image AUROC fp32 {f['image_auroc']:.4f} -> {self.target} {c['image_auroc']:.4f}" + (
+            shipped = f"{self.target} (QAT)" if self.calibrator == "qat" else self.target   # not the PTQ artifact's
+            lines.append(f"image AUROC fp32 {f['image_auroc']:.4f} -> {shipped} {c['image_auroc']:.4f}" + (
                 f"; pixel AUROC {f['pixel_auroc']:.4f} -> {c['pixel_auroc']:.4f}" if "pixel_auroc" in f else ""))
         lat = self.latency
         deployed = (f", {lat.deployed['p50']:.2f} ms as uadc predict runs it ({lat.deployed['schedule']})"
