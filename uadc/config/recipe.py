@@ -131,8 +131,8 @@ class ModelConfig(_Section):
     pretrained: bool = Field(True, description="teacher weights: the packaged ones or model.weights")
     weights: Optional[str] = Field(None, description="torchvision/lukemelas-format state dict")
     taps: Optional[list[str]] = Field(None, min_length=1, description="teacher stages whose features are distilled "
-                                      "(method us: one stage; default: the backbone's, e.g. efficientnet_lite0 "
-                                      "blocks.2, blocks.4, blocks.10)")
+                                      "(method us: one stage, default the first of the backbone's; default: the "
+                                      "backbone's, e.g. efficientnet_lite0 blocks.2, blocks.4, blocks.10)")
     split: Optional[str] = Field(None, description="paste: last teacher stage shared with the student")
     combine: Literal["product", "sum"] = Field("product", description="how per-layer maps combine")
     smoothing_sigma: float = Field(4.0, ge=0, le=64, description="gaussian sigma of the map (0: off)")
