@@ -40,8 +40,6 @@ def test_defaults_filled_and_paths_resolved(tmp_path):
     (_with(deploy={"false_alarm_rate": 0.5}), "deploy.false_alarm_rate: must be below 0.5, got 0.5"),
     # 1 - 1e-17 is 1.0: the tolerance factor was NaN and the thresholds fell to the largest validation value
     (_with(deploy={"false_alarm_rate": 1e-17}), "deploy.false_alarm_rate: 1e-17 is too small to tell from 0"),
-    # SGD's momentum given with Adam: trained exactly as without it, not a word
-    (_with(train={"optimizer": "adam", "momentum": 0.5}), "train.momentum: applies to optimizer sgd, not 'adam'"),
     (_with(compile={"quantize": ["students"]}), "compile.quantize[0]: 'students' is not one of"),
     ({"data": {"sources": [{"root": "x", "cats": []}]}}, "data.sources[0].cats: unknown key"),
     ({"data": {}}, "data.sources: at least one"),

@@ -496,9 +496,6 @@ def _check_semantics(cfg: RecipeConfig) -> None:
     if cfg.deploy.postprocess and cfg.data.val_fraction == 0 and not cfg.data.val:   # refused after training before
         raise UadcError("deploy.postprocess: the in-graph decisions need operating thresholds, set on validation "
                         "normals; set data.val_fraction > 0 or give data.val")
-    t = cfg.train
-    if t.optimizer != "sgd" and t.momentum != TrainConfig.model_fields["momentum"].default:   # read by SGD only
-        raise UadcError(f"train.momentum: applies to optimizer sgd, not {t.optimizer!r}")
     d = cfg.train.dcam
     if d.enabled and m.method not in ("stfpm", "paste", "rd"):
         raise UadcError(f"train.dcam.enabled: DCAM applies to stfpm, paste and rd, not {m.method!r}")
