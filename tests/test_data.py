@@ -342,6 +342,14 @@ def test_test_images_that_are_training_images_or_loose_in_test_are_named(data, c
     with caplog.at_level("WARNING", logger="uadc"):
         prepare_data(recipe_from_dict({"data": {"sources": [{"root": str(data)}], "image_size": 32, "val_fraction": 0}}))
     assert f"category 'b': {n} of its training images are test images too" in caplog.text, caplog.text
+    # a copy of another category's test image is named there, not blamed on the category that trains on it
+    shutil.rmtree(data / "b" / "test" / "good")
+    shutil.copy(data / "a" / "test" / "blob" / "000.png", data / "b" / "train" / "good" / "copy.png")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="uadc"):
+        prepare_data(recipe_from_dict({"data": {"sources": [{"root": str(data)}], "image_size": 32, "val_fraction": 0}}))
+    assert "category 'a': 1 of its test images are training images of category 'b'" in caplog.text, caplog.text
+    assert "category 'b': 1 of its training images" not in caplog.text
 
 
 def test_an_image_removed_while_a_folder_is_read_is_named_so(tmp_path):

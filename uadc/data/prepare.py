@@ -71,48 +71,50 @@ def _one_class(tests: dict[str, ImageDataset]) -> dict[str, str]:
     return out
 
 
-def _val_in_tests(val: dict[str, list[Sample]], tests: dict[str, ImageDataset], given: set[str]) -> list[str]:
+def _val_in_tests(val: dict[str, list[Sample]], is_test: Callable[[Path], str | None], given: set[str]) -> list[str]:
     """Validation normals that are also test images: the thresholds are then set on the very images
     whose decisions are reported (false-reject rates look better than the line will see). ``given``:
     the categories whose normals come from data.val (the others' from data.val_fraction)."""
     def _val_source(c: str) -> str:   # it said "(data.val)" of normals drawn from a test/good linked to train/good
         return "data.val" if c in given else "drawn from train/good by data.val_fraction"
 
-    is_test = _test_image_matcher(tests)
     return [f"category {c!r}: {n} of its {len(ss)} validation normals ({_val_source(c)}) are test images: "
             f"thresholds are set on images the test decisions are reported on; keep them apart"
-            for c, ss in val.items() if (n := sum(is_test(s.path) for s in ss))]
+            for c, ss in val.items() if (n := sum(is_test(s.path) is not None for s in ss))]
 
 
-def _train_in_tests(train: list[Sample], tests: dict[str, ImageDataset]) -> list[str]:
+def _train_in_tests(train: list[Sample], is_test: Callable[[Path], str | None]) -> list[str]:
     """Training images that are also test images (a test/good linked to train/good): AUROC on images
-    the model trained on, with no warning."""
-    is_test = _test_image_matcher(tests)
-    both = Counter(s.category for s in train if is_test(s.path))
+    the model trained on, with no warning. A copy in another category's test set is named there (a
+    shared blank frame was blamed on the category that trained on it, also one-class)."""
+    both = Counter((s.category, t) for s in train if (t := is_test(s.path)) is not None)
     return [f"category {c!r}: {n} of its training images are test images too: its figures judge images the model "
-            f"trained on; keep train/ and test/ apart" for c, n in both.items()]
+            f"trained on; keep train/ and test/ apart" if c == t else
+            f"category {t!r}: {n} of its test images are training images of category {c!r}: a unified model's figures "
+            f"for {t!r} judge images it trained on" for (c, t), n in both.items()]
 
 
-def _test_image_matcher(tests: dict[str, ImageDataset]) -> Callable[[Path], bool]:
-    """Whether a file is one of the test images: the same file (a link) or a byte-identical copy
-    (`cp -r train/good test/good` was trained on without a word). Only same-sized files are read."""
-    paths = [s.path for ds in tests.values() for s in ds.samples]
-    keys = {file_key(p) for p in paths}
-    by_size: dict[int | None, list[Path]] = {}
-    for p in paths:
-        by_size.setdefault(_size(p), []).append(p)
+def _test_image_matcher(tests: dict[str, ImageDataset]) -> Callable[[Path], str | None]:
+    """The test category a file is a test image of: the same file (a link) or a byte-identical copy
+    (`cp -r train/good test/good` was trained on without a word); None if none. Only same-sized files are read."""
+    paths = [(s.path, c) for c, ds in tests.items() for s in ds.samples]
+    keys = {file_key(p): c for p, c in paths}
+    by_size: dict[int | None, list[tuple[Path, str]]] = {}
+    for p, c in paths:
+        by_size.setdefault(_size(p), []).append((p, c))
     by_size.pop(None, None)
-    digests: dict[int, set[str | None]] = {}
+    digests: dict[int, dict[str | None, str]] = {}
 
-    def is_test(path: Path) -> bool:
-        if file_key(path) in keys:
-            return True
+    def is_test(path: Path) -> str | None:
+        if (c := keys.get(file_key(path))) is not None:
+            return c
         size = _size(path)
         if size not in by_size:
-            return False
+            return None
         if size not in digests:
-            digests[size] = {_digest(q) for q in by_size[size]} - {None}
-        return _digest(path) in digests[size]
+            digests[size] = {_digest(q): c for q, c in by_size[size]}
+            digests[size].pop(None, None)
+        return digests[size].get(_digest(path))
     return is_test
 
 
@@ -169,8 +171,9 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeD
                  f"or more train/good images" for c, ds in val.items() if not len(ds) and any(len(v) for v in val.values())]
     warnings += [f"category {c!r}: its test folder holds {kind} images only, and AUROC needs good and defective "
                  f"ones: not evaluated" for c, kind in one_class.items()]
-    warnings += _val_in_tests(val_samples, tests, {_own_name(v.category, pairs) for v in recipe.data.val or []})
-    warnings += _train_in_tests(train.samples, tests)
+    is_test = _test_image_matcher(tests)   # each test image's digest read once, for both checks
+    warnings += _val_in_tests(val_samples, is_test, {_own_name(v.category, pairs) for v in recipe.data.val or []})
+    warnings += _train_in_tests(train.samples, is_test)
     for w in warnings:
         log.warning(w)
     untested = [c for _, c in pairs if c not in tests and c not in one_class]
