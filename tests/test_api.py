@@ -1092,3 +1092,42 @@ def test_the_api_under_a_callers_torch_and_process_settings(tmp_path, recipe_fac
         uadc.compile(r, "ort-cpu-fp32", artifacts=art, evaluate=None)
     with pytest.raises(uadc.UadcError, match="the KDModel's weights are float64; .*pass model.float()"):
         uadc.evaluate(model.double(), r, write=False)
+
+
+def test_overlapping_float32_blocks_restore_the_callers_default_dtype_once():
+    """Two uadc calls in two threads under a caller's float64 default: the second ran in float64 once the
+    first ended, and float32 stayed the default after both (each block restored its own saved dtype)."""
+    import threading
+
+    import torch
+    from uadc.core.scoped import float32_default
+    a_in, a_out, seen = threading.Event(), threading.Event(), {}
+
+    def first():
+        with float32_default():
+            a_in.set()
+            a_out.wait(10)
+
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        t = threading.Thread(target=first)
+        t.start()
+        a_in.wait(10)
+        with float32_default():
+            a_out.set()
+            t.join(10)
+            seen["inside"] = torch.get_default_dtype()
+        seen["after"] = torch.get_default_dtype()
+    finally:
+        torch.set_default_dtype(dtype)
+    assert seen == {"inside": torch.float32, "after": torch.float64}
+
+
+def test_uadc_verify_docstring_without_torch_is_the_packages():
+    """help(uadc.verify) on the torch-free install raised ModuleNotFoundError (its docstring imported the API)."""
+    import subprocess
+    code = ("import sys, pydoc; sys.modules['torch'] = None\nimport uadc.verify\n"
+            "assert 'Polygraphy comparisons' in uadc.verify.__doc__\npydoc.render_doc(uadc.verify)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-800:]

@@ -73,12 +73,11 @@ def float32_default() -> Iterator[None]:
     built float64 models from checkpoints and exported float64 constants next to float32 weights)."""
     import torch
 
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
+    # process-wide: the first block in saves the caller's, the last one out restores it (each restoring its
+    # own left a float32 default behind two overlapping calls)
+    with _shared_state("dtype", torch.get_default_dtype, torch.set_default_dtype):
+        torch.set_default_dtype(torch.float32)
         yield
-    finally:
-        torch.set_default_dtype(dtype)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ import importlib
 import sys
 import types
 
+_PACKAGE_DOC = __doc__
+
 
 def _api_verify():
     return importlib.import_module("uadc.pipeline.api").verify
@@ -24,9 +26,12 @@ class _CallablePackage(types.ModuleType):
         return inspect.signature(_api_verify())
 
     @property
-    def __doc__(self):   # help(uadc.verify) documents a module by its docstring: the function's, then
+    def __doc__(self):   # help(uadc.verify) documents a module by its docstring: show the function's there
         import inspect
-        f = _api_verify()
+        try:
+            f = _api_verify()
+        except ImportError:   # no torch (the runtime's install): the package's own
+            return _PACKAGE_DOC
         return f"uadc.verify{inspect.signature(f)}\n\n{inspect.getdoc(f)}"
 
 
