@@ -487,7 +487,7 @@ def test_a_built_in_name_beside_a_file_of_that_name_says_which_ran(tmp_path, mon
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes are POSIX-only")
 @pytest.mark.parametrize("command", [["train"], ["recipes", "show"]])
-def test_a_recipe_given_as_a_pipe_says_so(tmp_path, command):
+def test_a_recipe_given_as_a_pipe_says_so(tmp_path, command, monkeypatch):
     """`uadc train <(cat r.yaml)` said "recipe not found: /dev/fd/63": the path exists, as a pipe."""
     import os
     from click.testing import CliRunner
@@ -497,3 +497,6 @@ def test_a_recipe_given_as_a_pipe_says_so(tmp_path, command):
     assert res.exit_code == 2
     assert res.stderr.strip() == f"error: recipe {tmp_path / 'r.yaml'}: not a regular file (a pipe or a device); " \
                                  "save it to a file first"
+    monkeypatch.chdir(tmp_path)   # a bare name was looked up as a built-in recipe: "recipe not found"
+    res = CliRunner().invoke(main, [*command, "r.yaml"])
+    assert res.exit_code == 2 and "r.yaml: not a regular file (a pipe or a device)" in res.stderr, res.stderr

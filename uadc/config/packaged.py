@@ -132,8 +132,8 @@ def resolve_recipe_path(source: "str | Path", base: Path | None = None) -> Path:
     path = Path(source)
     if base is not None and not path.is_absolute():
         path = base / path
-    if path.is_file() or not _is_name(str(source)):
-        return path
+    if (path.exists() and not path.is_dir()) or not _is_name(str(source)):
+        return path   # a file, or a pipe named like a built-in (said to be one, not "not found")
     if path.is_dir() and str(source) not in {r.name for r in packaged_recipes()}:
         return path   # a folder given as the recipe: said to be one, not "not found" (a built-in's name still wins)
     built_in = packaged_recipe(str(source)).path
