@@ -393,10 +393,13 @@ def test_two_sweeps_into_one_folder_take_turns_and_the_second_reuses(tiny, tmp_p
     docs = [json.loads(p.communicate(timeout=300)[0]) for p in runs]
     assert sorted((doc["executed"], doc["reused"]) for doc in docs) == [(0, 2), (2, 0)], docs
     table = json.loads((tmp_path / "o" / "sweep.json").read_text())
-    assert [r["gate_passed"] for r in table["cells"]] == [True, True] and not any(r["emulated"] for r in table["cells"])
+    # the tiny INT8 cell's own gate may fail on a CPU whose INT8 kernels round otherwise (AMX: gray's decision
+    # agreement 0.90): the table must say what each cell's report says, and the FP32 cell passes everywhere
+    assert table["cells"][0]["gate_passed"] is True and not any(r["emulated"] for r in table["cells"])
     for row in table["cells"]:
         report = json.loads((tmp_path / "o" / row["artifact"] / "report.json").read_text())
         assert row["latency_ms"] == report["latency_ms"]["compiled"]["p50"], (row, report["latency_ms"])
+        assert row["gate_passed"] == report["verification"]["gate"]["passed"], row
 
 
 @needs_ray
