@@ -500,3 +500,15 @@ def test_a_recipe_given_as_a_pipe_says_so(tmp_path, command, monkeypatch):
     monkeypatch.chdir(tmp_path)   # a bare name was looked up as a built-in recipe: "recipe not found"
     res = CliRunner().invoke(main, [*command, "r.yaml"])
     assert res.exit_code == 2 and "r.yaml: not a regular file (a pipe or a device)" in res.stderr, res.stderr
+
+
+def test_keys_of_a_knn_term_that_is_off_are_not_another_model(tmp_path):
+    """``image_knn.k: 5`` with weight 0 builds nothing, yet the checkpoint was refused as another model
+    ("retrain with `uadc train`"); the hash of a recipe at the defaults stays what uadc 0.2.0 stored."""
+    from uadc.training.checkpoint import model_hash
+    base = load_recipe(write_recipe(tmp_path / "a.yaml", tmp_path))
+    off = load_recipe(write_recipe(tmp_path / "b.yaml", tmp_path, model={"image_knn": {"k": 5},
+                                                                      "patch_knn": {"bank": 64}}))
+    on = load_recipe(write_recipe(tmp_path / "c.yaml", tmp_path, model={"image_knn": {"k": 5, "weight": 1.0}}))
+    assert model_hash(off) == model_hash(base) == model_hash(base, raw=True) != model_hash(off, raw=True)
+    assert model_hash(on) != model_hash(base)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from uadc import __version__
-from uadc.config.recipe import Recipe, recipe_from_dict
+from uadc.config.recipe import ModelConfig, Recipe, recipe_from_dict
 from uadc.config.yaml_file import dump_yaml
 from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError, pickle_refusal
@@ -33,10 +33,11 @@ RECIPE_COPY = "recipe.yaml"      # the trained recipe, beside its checkpoint (fo
 HEAD_KEYS = ("head", "score_reduction", "score_topk", "score_pool")  # weight-free head settings a checkpoint serves alike
 
 
-def model_hash(recipe: Recipe) -> str:
+def model_hash(recipe: Recipe, raw: bool = False) -> str:
     """Hash of what a checkpoint must agree with to be used (data and architecture), without where the
     files live: the demo in another venv's site-packages, or a moved project, is the same training
-    (the data itself is compared by ``data_files`` when its folders moved)."""
+    (the data itself is compared by ``data_files`` when its folders moved). ``raw``: as uadc 0.2.0 hashed it
+    at first, with the keys of a kNN term that is off."""
     cfg = copy.deepcopy({k: recipe.cfg[k] for k in ("data", "model")})
     for s in cfg["data"]["sources"]:
         s["root"] = None
@@ -44,6 +45,9 @@ def model_hash(recipe: Recipe) -> str:
         v["folder"] = None
     if cfg["model"].get("weights"):   # the initial weights' file by name: another file is another teacher
         cfg["model"]["weights"] = Path(cfg["model"]["weights"]).name
+    for knn in ("image_knn", "patch_knn"):   # off, its other keys build nothing: editing them forced a retraining
+        if not raw and not (cfg["model"].get(knn) or {}).get("weight"):
+            cfg["model"][knn] = ModelConfig.model_fields[knn].default_factory().model_dump(mode="json")
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -186,7 +186,7 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
     meta = read_json(d / QAT_JSON, "QAT summary")
     again = "run `uadc qat` again"
     # a qat.json of uadc before 0.2's path-free model hash holds the hash of the data and model sections
-    hashes = (model_hash(recipe), recipe.section_hash(("data", "model")))
+    hashes = (model_hash(recipe), model_hash(recipe, raw=True), recipe.section_hash(("data", "model")))
     if not isinstance(meta, dict) or meta.get("model_hash") not in hashes:
         raise UadcError(f"QAT model {path} was made for other model settings than recipe {recipe.name}'s: {again}")
     if meta.get("target") not in (None, target):   # a TensorRT artifact shipped with CPU-style quantization
