@@ -110,6 +110,12 @@ def test_eval_of_a_one_class_checkpoint_keeps_the_unified_eval_json(recipe_facto
     assert sorted(models) == ["gray", "stripes"] and all(len(m["checkpoint_sha256"]) == 64 for m in models.values())
     written.unlink()
     assert uadc.evaluate(r, one_class=True, artifacts=art, write=False).path is None and not written.exists()
+    kept = (art / "tiny" / "eval.json").rename(tmp_path / "eval.json")   # --no-write: e.g. a read-only artifacts folder
+    for extra in ([], ["--one-class"]):
+        res = CliRunner().invoke(main, ["eval", str(r), *extra, "--no-write", "--artifacts", str(art)])
+        assert res.exit_code == 0 and not written.exists() and not (art / "tiny" / "eval.json").exists(), res.output
+        assert extra or "not written (--no-write)" in res.output
+    kept.rename(art / "tiny" / "eval.json")
     with pytest.raises(uadc.UadcError, match=r"one_class takes the recipe alone"):   # the first was ignored
         uadc.evaluate(other, r, one_class=True, artifacts=art)
     gray = art / "tiny" / "one_class" / "gray" / "checkpoint.pt"    # another category's, or the unified, model

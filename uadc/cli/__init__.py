@@ -51,9 +51,11 @@ def train(recipe: Path, one_class: bool, epochs: int | None, eval_every: int | N
 @recipe_arg
 @click.option("--checkpoint", type=_Path(path_type=Path), default=None, help="default: the recipe's")
 @click.option("--one-class", is_flag=True, help="evaluate the per-category models and compare with unified")
+@click.option("--no-write", is_flag=True, help="print the figures only; write no eval.json (e.g. a read-only "
+              "artifacts folder)")
 @artifacts_opt
 @json_output
-def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: Path | None) -> None:
+def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, no_write: bool, artifacts: Path | None) -> None:
     """Evaluate per category and mean: image/pixel AUROC, AUPRO, pixel F1-max."""
     from uadc.config.recipe import load_recipe
     from uadc.evaluation.run import format_comparison, format_defects, format_table
@@ -63,16 +65,17 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, artifacts: 
     if one_class:
         if checkpoint is not None:   # it was ignored, even a path that does not exist
             raise UadcError("--one-class evaluates each category's own checkpoint; drop --checkpoint")
-        res = api.evaluate(r, one_class=True, artifacts=artifacts)
+        res = api.evaluate(r, one_class=True, artifacts=artifacts, write=not no_write)
         click.echo(format_table(res.one_class, f"{r.name} (one model per category)"))
         click.echo(format_comparison(res.unified, res.one_class))
         return res
-    res = api.evaluate(checkpoint_arg(checkpoint) or r, r, artifacts=artifacts)
+    res = api.evaluate(checkpoint_arg(checkpoint) or r, r, artifacts=artifacts, write=not no_write)
     epochs = res.extra.get("epochs")       # None for a compiled artifact: name it instead
     kind = f"one-class {', '.join(res.extra['trained_on'])}" if res.extra.get("one_class") else "unified"
     click.echo(format_table(res, f"{r.name} ({kind}, {f'{epochs} epoch' + 's' * (epochs != 1) if epochs else checkpoint})"))
     click.echo(format_defects(res), nl=bool(res.defects))
-    click.echo(one_line(f"written: {res.path}") if res.path else "not written: eval.json holds the recipe's own unified checkpoint's figures")
+    click.echo(one_line(f"written: {res.path}") if res.path else "not written (--no-write)" if no_write
+               else "not written: eval.json holds the recipe's own unified checkpoint's figures")
     return res
 
 
