@@ -432,6 +432,53 @@ def test_colour_masks_inverted_masks_and_a_capitalised_good_folder(tmp_path, dat
     assert {s.defect for s in samples} == {"good", "blob"} and sum(s.label == 0 for s in samples) == 1
 
 
+def test_masks_of_a_few_class_levels_keep_every_class_and_anti_aliased_edges_are_cut(tmp_path):
+    """A grey mask of two classes (0/100/255) and a palette mask of VOC colours (128,0,0) / (64,0,0)
+    marked 64 of their 128 defect pixels: the cut at half the peak dropped the darker class."""
+    from uadc.data.mvtec import load_mask
+    grey = np.zeros((32, 48), np.uint8)
+    grey[4:12, 4:12], grey[20:28, 20:28] = 100, 255
+    assert load_mask(_mask_of(tmp_path, Image.fromarray(grey)), 48).sum() == pytest.approx(128 * 1.5, rel=0.1)
+    palette = Image.fromarray((grey > 0).astype(np.uint8) + (grey == 255), "P")   # indices 0, 1, 2
+    palette.putpalette([0, 0, 0, 64, 0, 0, 128, 0, 0] + [0] * 759)
+    assert load_mask(_mask_of(tmp_path, palette), 48).sum() == pytest.approx(128 * 1.5, rel=0.1)
+    soft = np.zeros((32, 48), np.uint8)   # one defect with an edge ramp of many levels: cut at half its peak
+    soft[8:24, 8:40] = 255
+    for i, v in enumerate((20, 60, 100, 140, 180, 220)):
+        soft[8 + i, 8:40] = v
+    assert load_mask(_mask_of(tmp_path, Image.fromarray(soft)), 48).sum() == pytest.approx((16 - 3) * 32 * 1.5, rel=0.05)
+
+
+def test_a_category_unpacked_one_folder_deeper_is_named_and_test_in_capitals_is_read(data, caplog):
+    """`gray/gray/train/good` (an archive unpacked twice) was left out without a word; `Test/` read as
+    "no test folder", the category left out of the mean."""
+    nested = data / "c" / "c"
+    nested.parent.mkdir()
+    shutil.copytree(data / "b", nested)
+    with caplog.at_level("WARNING", logger="uadc"):
+        assert [c for _, c in resolve_sources([{"root": str(data), "categories": None}])] == ["a", "b"]
+    assert f"{data / 'c'} holds a category one folder deeper (c/train/good/): left out" in caplog.text
+    (data / "a" / "test").rename(data / "a" / "Test")
+    samples = list_test_samples(data, "a")
+    assert {s.defect for s in samples} == {"good", "blob"} and len(samples) == 3
+    assert sorted(build_test_sets([(data, "a"), (data, "b")], 32, NORM)) == ["a", "b"]
+
+
+def test_validation_normals_that_copy_training_images_are_named(data, caplog):
+    """A `data.val` folder of copies (`cp`) of train/good images set thresholds on images the model trained
+    on, without a word (links are left out of training)."""
+    from uadc.config.recipe import recipe_from_dict
+    from uadc.data.prepare import prepare_data
+    val = data.parent / "val_a"
+    val.mkdir()
+    for name in ("000.png", "001.png"):
+        shutil.copy(data / "a" / "train" / "good" / name, val / name)
+    cfg = {"data": {"sources": [{"root": str(data)}], "image_size": 32, "val": [{"category": "a", "folder": str(val)}]}}
+    with caplog.at_level("WARNING", logger="uadc"):
+        prepare_data(recipe_from_dict(cfg))
+    assert "category 'a': 2 of its validation normals (data.val) are copies of its training images" in caplog.text
+
+
 def test_a_category_named_in_another_unicode_form_is_the_same_category(tmp_path):
     """A folder copied from macOS is named in NFD, the name typed in a recipe or `--category` in NFC:
     'category Prüfteil not found (found: Prüfteil)', 'unknown category', and images under a folder of the

@@ -100,6 +100,7 @@ def _mask_names(img: Path) -> list[str]:
     return list(dict.fromkeys(names + [n.lower() for n in names]))   # exact spelling first
 
 
+MASK_CLASS_LEVELS = 3   # non-zero levels a mask may hold and still be read as classes, every one a defect
 _MASK_LOOKALIKES = ("groundtruth", "ground-truth", "gt", "masks", "mask")
 
 
@@ -115,7 +116,7 @@ def _child_dir(parent: Path | None, name: str) -> Path | None:
 
 def list_test_samples(root: Path, category: str) -> list[Sample]:
     cat = _category_dir(root, category)
-    test = cat / "test"
+    test = _test_dir(cat)
     if not test.is_dir():
         raise UadcError(f"missing folder {test}")
     samples = []
@@ -166,10 +167,11 @@ def _turned(path: Path) -> str:
 
 
 def _mask_pixels(sample: Sample) -> np.ndarray:
-    """A defect image's mask as booleans at the mask's own size. Binary masks (0/255, 0/65535) are cut
-    at half their peak; label or instance masks (values all below 128: 0/1, 0/2, 1..N per defect, in
-    8 or 16 bits) mark their defect with any non-zero value, which a fixed 8-bit cut would empty. A
-    JPEG-saved mask is always cut at half its peak: its ringing near 0 is noise, not defect."""
+    """A defect image's mask as booleans at the mask's own size. Label or instance masks (values all
+    below 128: 0/1, 0/2, 1..N per defect, in 8 or 16 bits) and masks of a few levels (one per defect
+    class: 0/100/255, palette colours) mark their defect with any non-zero value; masks of more levels
+    (anti-aliased edges) are cut at half their peak. A JPEG-saved mask is always cut at half its peak:
+    its ringing near 0 is noise, not defect."""
     with open_image(sample.mask_path, "mask") as m:
         with open_image(sample.path) as im:
             if m.size != im.size:
@@ -179,7 +181,10 @@ def _mask_pixels(sample: Sample) -> np.ndarray:
         deep = m.mode.startswith("I;16") or m.mode == "I"   # raw values: 8 bits would round 0/1 to 0/0
         a = np.asarray(m, dtype=np.float64) if deep else _mask_levels(eight_bit(m, sample.mask_path))
     peak = float(a.max(initial=0))
-    return a > (peak / 2 if lossy or peak >= 128 else 0)
+    # a few levels are classes (0/100/255, palette colours): a cut at half the peak dropped the darker
+    # ones; anti-aliased or resized edges spread over many levels, and are cut
+    classes = not lossy and len(np.unique(a[a > 0])) <= MASK_CLASS_LEVELS
+    return a > (peak / 2 if lossy or (peak >= 128 and not classes) else 0)
 
 
 def _mask_levels(m: Image.Image) -> np.ndarray:
@@ -273,7 +278,12 @@ def build_test_sets(pairs: Sequence[tuple[Path, str]], image_size: int, norm: tu
     """The labelled test set of every category that has a ``test`` folder: a new product often has
     defect-free images only, and is trained and given thresholds without one (not evaluated)."""
     return {cat: ImageDataset(list_test_samples(root, cat), image_size, *norm) for root, cat in pairs
-            if (_category_dir(root, cat) / "test").exists()}
+            if _test_dir(_category_dir(root, cat)).exists()}
+
+
+def _test_dir(cat: Path) -> Path:
+    """``test/``, or ``Test/`` (it was "no test folder": the category left out of the mean, unevaluated)."""
+    return cat / "test" if (cat / "test").exists() else _child_dir(cat, "test") or cat / "test"
 
 
 def validate_test_masks(ds: ImageDataset) -> None:

@@ -94,10 +94,25 @@ def _train_in_tests(train: list[Sample], is_test: Callable[[Path], str | None]) 
             f"for {t!r} judge images it trained on" for (c, t), n in both.items()]
 
 
+def _val_in_train(train: list[Sample], val: dict[str, list[Sample]], given: set[str]) -> list[str]:
+    """data.val normals that are copies of training images (a link is left out of training already):
+    thresholds set on images the model trained on sit low, and the line sees more false alarms."""
+    is_val = _copy_matcher([(s.path, c) for c, ss in val.items() if c in given for s in ss])
+    both = Counter(s.category for s in train if is_val(s.path) == s.category)
+    return [f"category {c!r}: {n} of its validation normals (data.val) are copies of its training images: thresholds "
+            f"are set on images the model trained on (too low: more false alarms); keep data.val apart from "
+            f"train/good" for c, n in both.items()]
+
+
 def _test_image_matcher(tests: dict[str, ImageDataset]) -> Callable[[Path], str | None]:
     """The test category a file is a test image of: the same file (a link) or a byte-identical copy
-    (`cp -r train/good test/good` was trained on without a word); None if none. Only same-sized files are read."""
-    paths = [(s.path, c) for c, ds in tests.items() for s in ds.samples]
+    (`cp -r train/good test/good` was trained on without a word); None if none."""
+    return _copy_matcher([(s.path, c) for c, ds in tests.items() for s in ds.samples])
+
+
+def _copy_matcher(paths: list[tuple[Path, str]]) -> Callable[[Path], str | None]:
+    """The category of the listed file a file is (a link) or copies byte for byte; None if none. Only
+    same-sized files are read."""
     keys = {file_key(p): c for p, c in paths}
     by_size: dict[int | None, list[tuple[Path, str]]] = {}
     for p, c in paths:
@@ -172,8 +187,10 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeD
     warnings += [f"category {c!r}: its test folder holds {kind} images only, and AUROC needs good and defective "
                  f"ones: not evaluated" for c, kind in one_class.items()]
     is_test = _test_image_matcher(tests)   # each test image's digest read once, for both checks
-    warnings += _val_in_tests(val_samples, is_test, {_own_name(v.category, pairs) for v in recipe.data.val or []})
+    given = {_own_name(v.category, pairs) for v in recipe.data.val or []}
+    warnings += _val_in_tests(val_samples, is_test, given)
     warnings += _train_in_tests(train.samples, is_test)
+    warnings += _val_in_train(train.samples, val_samples, given)
     for w in warnings:
         log.warning(w)
     untested = [c for _, c in pairs if c not in tests and c not in one_class]

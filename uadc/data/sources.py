@@ -17,6 +17,11 @@ from uadc.core.manifest import GLOBAL
 log = logging.getLogger(__name__)
 
 
+def _nested_category(folder: Path) -> Path | None:
+    return next((q for q in sorted(folder.iterdir()) if not is_hidden(q.name) and (q / "train" / "good").is_dir()),
+                None)
+
+
 def list_categories(root: Path) -> list[str]:
     if not root.is_dir():
         raise UadcError(f"data folder not found: {root}")
@@ -28,6 +33,9 @@ def list_categories(root: Path) -> list[str]:
         if near:
             log.warning("%s has %s/ but no train/good/: left out (uadc reads <category>/train/good/*.png; list "
                         "the folders it should read there)", p, " and ".join(sorted(near)))
+        elif p.name not in cats and (deeper := _nested_category(p)):   # an archive unpacked twice: gray/gray/
+            log.warning("%s holds a category one folder deeper (%s/train/good/): left out; give %s as a data.sources "
+                        "root, or move it up", p, deeper.name, p)
     if not cats:
         raise UadcError(f"no MVTec-layout category (<cat>/train/good) in {root}")
     return cats
