@@ -645,6 +645,20 @@ def test_force_never_replaces_a_folder_only_named_like_uadcs_and_out_stays_outsi
     assert not nested.exists()
 
 
+def test_an_out_written_with_dotdot_past_an_artifact_is_beside_it_and_a_link_into_one_is_in_it(tmp_path):
+    """`--out "$ART/../predictions"` (a common script line) was refused as inside the artifact: the path's
+    parents as written hold ART."""
+    from uadc.core.manifest import MANIFEST_FILE, check_outside_artifacts
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / MANIFEST_FILE).write_text("{}")
+    check_outside_artifacts(art / ".." / "predictions")
+    (tmp_path / "link").symlink_to(art, target_is_directory=True)
+    for inside in (art / "sub", tmp_path / "link" / "sub"):
+        with pytest.raises(UadcError, match=f"inside the artifact folder"):
+            check_outside_artifacts(inside)
+
+
 def test_an_artifact_with_external_weights_is_not_run_in_parts_or_bundled(int8_artifact, tmp_path):
     """A model with its weights in a file beside it (uadc writes none), manifest signed: `bundle` shipped it
     with exit 0, and the branch schedule read the weights from the working folder."""

@@ -180,6 +180,13 @@ def test_only_a_failed_import_of_a_package_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UadcError, match=r"^json .* has no module json.nothing .*a version uadc does not support"):
         with dependencies_checked():
             as_uadc("import json.nothing")
+    # on the runtime-only install (no torch) a missing runtime package is named, not `pip install uadc` (GBs)
+    monkeypatch.setitem(sys.modules, "filelock", None)
+    with pytest.raises(UadcError, match=r"\(pip install uadc, with the extras"), dependencies_checked():
+        as_uadc("import filelock")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(UadcError, match=r"this needs it: pip install filelock$"), dependencies_checked():
+        as_uadc("import filelock")
 
 
 def test_doctor_leaves_the_callers_process_as_found(tmp_path):

@@ -163,6 +163,9 @@ def test_wheel_runs_demo_in_fresh_venv(tmp_path):
     assert "would be ignored" not in built.stdout + built.stderr   # five setuptools boxes about the demo's folders
     wheels, sdists = list(dist.glob("uadc-*.whl")), list(dist.glob("uadc-*.tar.gz"))
     assert len(wheels) == 1 and len(sdists) == 1
+    import zipfile
+    with zipfile.ZipFile(wheels[0]) as whl:   # PEP 561: without it type checkers read uadc as untyped
+        assert "uadc/py.typed" in whl.namelist()
     import tarfile
     with tarfile.open(sdists[0]) as sdist:   # the tests it carries read the example sweep files
         assert any(n.endswith("/sweeps/default_grid.yaml") for n in sdist.getnames())

@@ -194,9 +194,13 @@ def test_runtime_without_torch_matches_in_process_evaluation(int8_artifact, tmp_
             said = None
         except uadc.UadcError as exc:
             said = str(exc) if isinstance(exc, ImportError) else "not an ImportError"   # a caller's guard catches it
+        import pydoc   # help(uadc) read every listed name, and stopped at train's error
+        doc = pydoc.render_doc(uadc, renderer=pydoc.plaintext)
+        listed = {{n: n in dir(uadc) for n in ("Detector", "bundle", "train")}}
         json.dump({{"scores": [p.score for p in preds], "labels": [p.label for p in preds],
                    "maps": [p.anomaly_map.tolist() for p in preds], "said": said,
-                   "torch": sys.modules.get("torch") is not None}}, sys.stdout)
+                   "torch": sys.modules.get("torch") is not None, "listed": listed,
+                   "doc": "class Detector" in doc}}, sys.stdout)
     """)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
     p = subprocess.run([PY, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
@@ -204,6 +208,7 @@ def test_runtime_without_torch_matches_in_process_evaluation(int8_artifact, tmp_
     out = json.loads(p.stdout)
     assert not out["torch"] and (tmp_path / "bundle" / "artifact.json").is_file()
     assert out["said"].startswith("the torch module does not import here (ModuleNotFoundError: import of torch"), out
+    assert out["listed"] == {"Detector": True, "bundle": True, "train": False} and out["doc"], out
     np.testing.assert_allclose(out["scores"], scores, atol=1e-5)
     np.testing.assert_allclose(np.asarray(out["maps"]), maps, atol=1e-5)
     from uadc.runtime import Detector

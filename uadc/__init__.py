@@ -83,4 +83,18 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    """The public names; on an install without torch or pydantic (the runtime's) those that import there:
+    help(uadc) and inspect.getmembers read every name dir() gives, and stopped at the first one's error."""
+    import importlib.util
+    if all(importlib.util.find_spec(m) is not None for m in ("torch", "pydantic")):
+        return sorted(__all__)
+    from uadc.core.errors import MissingDependency
+    names = []
+    for name in sorted(__all__):
+        try:
+            if name not in globals():
+                __getattr__(name)
+            names.append(name)
+        except MissingDependency:
+            pass
+    return names

@@ -2,6 +2,7 @@
 
 import contextlib
 import importlib
+import importlib.util
 import logging
 import re
 import sys
@@ -82,8 +83,21 @@ def dependencies_checked() -> Iterator[None]:
                 exc.name != name and _imports(name):   # the package is there, without that module
             raise MissingDependency(f"{name} {_version(name)} has no module {exc.name} ({why}): a version uadc does "
                                     f"not support; install the one its requirements name (pip install uadc)") from None
-        raise MissingDependency(f"the {name} module does not import here ({why}); this needs it: install uadc's "
-                                f"dependencies again (pip install uadc, with the extras you use)") from None
+        raise MissingDependency(f"the {name} module does not import here ({why}); this needs it: "
+                                f"{_reinstall(name)}") from None
+
+
+# the runtime-only install's packages (README: an edge box), by module -> PyPI name
+RUNTIME_PACKAGES = {"numpy": "numpy", "PIL": "pillow", "onnxruntime": "onnxruntime", "click": "click",
+                    "filelock": "filelock"}
+
+
+def _reinstall(name: str) -> str:
+    """How to get ``name`` back: on a runtime-only install (no torch) `pip install uadc` pulls the whole
+    compile stack (GBs) where one package is missing."""
+    if name in RUNTIME_PACKAGES and importlib.util.find_spec("torch") is None:
+        return f"pip install {RUNTIME_PACKAGES[name]}"
+    return "install uadc's dependencies again (pip install uadc, with the extras you use)"
 
 
 def _failed_import(exc: BaseException) -> str | None:

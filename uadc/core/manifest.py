@@ -327,8 +327,9 @@ def check_outside_artifacts(out: Path, below: bool = False) -> None:
     """Refuse an output folder in an artifact folder (one holding ``artifact.json``); ``below``: only in
     one strictly above ``out`` (``out`` itself may be an artifact, to be replaced)."""
     out = Path(out)
-    inside = next((d for d in (() if below else (out,)) + tuple(out.absolute().parents)
-                   if (d / MANIFEST_FILE).is_file()), None)
+    # `ART/../preds` is beside ART, not in it (its parents as written held ART); a link is where it leads too
+    above = (*Path(os.path.normpath(out.absolute())).parents, *out.resolve().parents)
+    inside = next((d for d in (() if below else (out,)) + above if (d / MANIFEST_FILE).is_file()), None)
     if inside is not None:
         raise UadcError(f"--out {out}: inside the artifact folder {inside}; choose a folder outside it")
 
