@@ -965,6 +965,24 @@ def test_a_kdmodel_left_on_another_device_is_one_line(recipe_factory, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_kdmodel_of_other_model_settings_than_the_recipe_is_one_line(recipe_factory, tmp_path):
+    """A model of taps blocks.1 + blocks.3 compiled with a recipe of taps [blocks.1] was filed as that
+    recipe's artifact (artifact.json naming it), and evaluate judged it without a word."""
+    from uadc.config.recipe import load_recipe
+    from uadc.training.checkpoint import make_model
+    model = make_model(load_recipe(recipe_factory("two", model={"taps": ["blocks.1", "blocks.3"]})))
+    state = torch.random.get_rng_state()
+    for other, said in ((recipe_factory("one", model={"taps": ["blocks.1"]}), r"weight student\.\S+ only in the model"),
+                        (recipe_factory("rd", model={"method": "rd"}), "a STFPM, the recipe builds a ReverseDistillation")):
+        for call in (lambda: uadc.evaluate(model, other, write=False), lambda: uadc.baseline(model, other),
+                     lambda: uadc.compile(model, "ort-cpu-fp32", recipe=other, out=tmp_path / "c", latency_runs=1)):
+            with pytest.raises(UadcError, match=rf"^the KDModel is not what recipe {Path(other).stem}'s model settings "
+                                                rf"build \({said}.*\): give the recipe it was trained with$"):
+                call()
+    assert not (tmp_path / "c").exists() and torch.equal(torch.random.get_rng_state(), state)
+    uadc.baseline(model, recipe_factory("two", model={"taps": ["blocks.1", "blocks.3"]}))   # its own recipe fits
+
+
 @pytest.mark.parametrize("method", ["stfpm", "us"])
 def test_training_on_the_cpu_of_a_gpu_machine_leaves_cuda_alone(method, recipe_factory, tmp_path, monkeypatch):
     """Seeding forked every CUDA generator, and US seeded them too: on a GPU machine each CPU training

@@ -35,7 +35,8 @@ from uadc.models import KDModel
 from uadc.models.heads import ImageKNN
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
 from uadc.quant.calibrate import calibration_images
-from uadc.training.checkpoint import check_held_out, checkpoint_path, judged_categories, load_checkpoint
+from uadc.training.checkpoint import (check_held_out, check_model_fits, checkpoint_path, judged_categories,
+                                      load_checkpoint)
 from uadc.verify.polygraphy_compare import TorchCpuRunner, compare, ort_runner
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class ModelSource:
 def resolve_source(source: Any, recipe: Recipe, artifacts: Path | None = None) -> ModelSource:
     """A recipe's own checkpoint, a checkpoint path, or a ``KDModel``; never trains."""
     if isinstance(source, KDModel):
+        check_model_fits(on_cpu(source), recipe)
         # a copy: the caller's model (mid-fine-tune, its BatchNorm in train mode) was left in eval mode
         return ModelSource(copy.deepcopy(on_cpu(source)).eval(), None, {"categories": None})
     if isinstance(source, (str, os.PathLike)) and names_checkpoint(source, recipe):

@@ -296,6 +296,21 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
     return model, blob
 
 
+def check_model_fits(model: KDModel, recipe: Recipe) -> None:
+    """Refuse a ``KDModel`` the recipe's model settings do not build (another method, backbone, taps or
+    kNN term): it was compiled and judged as that recipe's, its artifact naming a recipe that cannot make it."""
+    with streams_kept(), float32_default():   # the recipe's model, built to compare: no draw from the caller's stream
+        want = build_model({**recipe.cfg["model"], "pretrained": False, "weights": None}, recipe.data.image_size)
+    have, need = model.state_dict(), want.state_dict()
+    odd = [f"a {type(model).__name__}, the recipe builds a {type(want).__name__}"] if type(model) is not type(want) \
+        else [f"weight {k} {'only in the model' if k in have else 'missing'}" for k in sorted(set(have) ^ set(need))]
+    odd += [f"weight {k} is {tuple(have[k].shape)}, the recipe's {tuple(need[k].shape)}" for k in need
+            if not odd and "knn." not in k and have[k].shape != need[k].shape]   # a kNN bank's size is the data's
+    if odd:
+        raise UadcError(f"the KDModel is not what recipe {recipe.name}'s model settings build ({odd[0]}): give the "
+                        f"recipe it was trained with")
+
+
 def held_out(recipe: Recipe, data: Any, categories: list[str]) -> list[str]:
     """``category/file`` of the validation normals split from train/good (not data.val folders): the
     images the checkpoint did not train on."""
