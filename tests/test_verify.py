@@ -796,3 +796,20 @@ def test_images_with_normal_only_nested_folders_and_score_shift_agree_with_diff(
     assert uadc.verify(int8, images=[test]).figure("score_shift").value == pytest.approx(d.figure("score_shift").value)
     notes = uadc.verify(int8, normal_only=True).notes
     assert any(n.startswith("--normal-only: the labelled test images are left out") for n in notes), notes
+
+
+def test_a_damaged_or_missing_model_is_said_as_predict_says_it(artifacts, tmp_path):
+    """`diff` read a truncated model.onnx before its manifest ("not an ONNX model (DecodeError)"), and
+    verify / diff called a folder whose model.onnx was deleted "not a uadc artifact folder"."""
+    _, fp32, int8 = artifacts
+    bad = tmp_path / "bad"
+    shutil.copytree(int8, bad)
+    (bad / "model.onnx").write_bytes((bad / "model.onnx").read_bytes()[:1000])
+    for call in (lambda: uadc.diff(fp32, bad), lambda: uadc.verify(bad)):
+        with pytest.raises(UadcError, match=r"model.onnx does not match its sha256 in artifact.json \(changed after "
+                                            r"compile\)"):
+            call()
+    (bad / "model.onnx").unlink()
+    for call in (lambda: uadc.diff(fp32, bad), lambda: uadc.verify(bad)):
+        with pytest.raises(UadcError, match=r"model.onnx is missing \(listed in artifact.json\)"):
+            call()

@@ -398,10 +398,13 @@ def read_manifest(folder: Path, verify: bool = True) -> Manifest:
     return manifest
 
 
-def verify_files(folder: Path, manifest: Manifest) -> None:
+def verify_files(folder: Path, manifest: Manifest, only: Sequence[str] | None = None) -> None:
+    """Every listed file (``only``: those of them) exists and matches its sha256."""
     if manifest.model_file not in manifest.files:
         raise UadcError(f"{folder / MANIFEST_FILE}: does not list {manifest.model_file}")
     for rel, digest in manifest.files.items():
+        if only is not None and rel not in only:
+            continue
         p = folder / rel
         if not p.is_file():
             raise UadcError(f"artifact {folder}: {rel} is missing (listed in {MANIFEST_FILE})")

@@ -28,7 +28,7 @@ from uadc.config.targets import inference_hint_of
 from uadc.core.constants import (ENGINE_FILE, GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MANIFEST_FILE, MODEL_FILE,
                                  OUTPUT_NAMES, REPORT_FILE)
 from uadc.core.errors import RuntimeFault, UadcError, raise_interrupt_behind
-from uadc.core.manifest import Manifest, read_manifest
+from uadc.core.manifest import Manifest, read_manifest, verify_files
 from uadc.core.ort_session import make_session
 from uadc.core.scoped import quiet_third_party
 from uadc.pipeline.deploy import fp32_val_outputs
@@ -149,6 +149,9 @@ def _graph_bytes(model: onnx.ModelProto) -> bytes:
 
 def _model_path(artifact: Path) -> Path:
     artifact = Path(artifact)
+    if artifact.is_dir() and (artifact / MANIFEST_FILE).is_file():   # its model gone or changed: said as predict says it
+        manifest = read_manifest(artifact, verify=False)            # (`diff` read it first: "not an ONNX model")
+        verify_files(artifact, manifest, only=[manifest.model_file])
     path = artifact / MODEL_FILE if artifact.is_dir() else artifact
     if not path.is_file() or path.suffix != ".onnx":
         raise UadcError(f"not a uadc artifact folder (no {MODEL_FILE}) or ONNX file: {artifact}")
