@@ -69,6 +69,15 @@ def out_file(text: str) -> Path:
     return path
 
 
+def out_folder(text: str) -> Path:
+    """An argparse type: a folder to write into (made if missing), checked before the work (an existing file
+    there ended a run in FileExistsError after it)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: a file, not a folder")
+    return path
+
+
 def positive(text: str) -> int:
     """An argparse type: a whole number of 1 or more (``--cycles 0`` ended in numpy's traceback)."""
     return _at_least(text, 1)

@@ -18,7 +18,7 @@ Writes ``head_equivalence.json`` and ``head_equivalence.md`` to ``--out`` (defau
 
 from __future__ import annotations
 
-from bench import as_script, positive, positives, summary
+from bench import as_script, out_folder, positive, positives, summary
 
 import argparse
 import copy
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=summary(__doc__))
     ap.add_argument("--recipe", default="recipes/stfpm_effnet_lite0.yaml")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=out_folder, default=None)
     ap.add_argument("--threads", type=positive, default=2)
     ap.add_argument("--rounds", type=positive, default=3)
     ap.add_argument("--runs", type=positive, default=100)

@@ -19,7 +19,7 @@ recipe's setting must be in the grid (checked). Writes ``loco_head.json`` / ``lo
 
 from __future__ import annotations
 
-from bench import as_script, summary
+from bench import as_script, out_folder, summary
 
 import argparse
 import itertools
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=summary(__doc__))
     ap.add_argument("--recipe", default="recipes/stfpm_effnet_lite0.yaml")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    ap.add_argument("--out", type=Path, default=None, help="default <artifacts>/<recipe>/loco_head")
+    ap.add_argument("--out", type=out_folder, default=None, help="default <artifacts>/<recipe>/loco_head")
     ap.add_argument("--sigmas", default="2,4")
     ap.add_argument("--topk", default="0.01,0.05")
     ap.add_argument("--threads", type=int, default=2)

@@ -464,6 +464,14 @@ def _within(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def check_out_place(out: Path, artifacts: Path, names: list[str]) -> None:
+    """The finished tables replace --out whole: not --artifacts or a folder above it, nor a recipe's own
+    folder (the default, <artifacts>/bench, lies beside those)."""
+    if _within(artifacts, out) or any(_within(out, artifacts / n) or _within(artifacts / n, out) for n in names):
+        raise UadcError(f"--out {out} holds --artifacts {artifacts} or a recipe's folder there, and the finished "
+                        f"tables replace --out whole; choose another --out (default: <artifacts>/bench)")
+
+
 @contextlib.contextmanager
 def _atomic_out(final: Path) -> Iterator[Path]:
     """A temp folder beside ``final``, renamed into place (replacing ``final``) only when the block succeeds."""
@@ -496,9 +504,7 @@ def run_bench(recipe_paths: list[Path], artifacts: Path, out: Path, opts: BenchO
     if len(set(names)) != len(names):
         raise UadcError(f"two recipes share an artifact folder name: {names}")
     _check_out(out)
-    if _within(out, artifacts) or _within(artifacts, out):   # the swap into --out replaced the whole folder
-        raise UadcError(f"--out {out} and --artifacts {artifacts} must not hold one another: the finished tables "
-                        f"replace --out whole; choose an --out outside --artifacts")
+    check_out_place(out, artifacts, names)
     ckpts = {r.name: ensure_checkpoints(r, artifacts, opts.one_class, log) for r in recipes}
     default = next((r for r in recipes if r.model.method == DEFAULT_METHOD), recipes[0])
     bases = {default.name: api.baseline(default, artifacts=artifacts, threads=opts.threads)}  # shared with Table 4

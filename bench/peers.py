@@ -27,7 +27,7 @@ NNCF, OpenVINO and matplotlib are bench dependencies (``pip install 'uadc[bench]
 
 from __future__ import annotations
 
-from bench import as_script, positive, positives, summary
+from bench import as_script, out_folder, positive, positives, summary
 
 import argparse
 import json
@@ -239,14 +239,15 @@ def plot(result: dict, path: Path) -> bool:
         return False
     from uadc.core.io import atomic_save
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in result["recipes"]:
+    batch = min((int(k[1:]) for r in result["recipes"] for s in r["systems"] for k in s.get("latency", {})), default=1)
+    for r in result["recipes"]:   # the smallest batch measured (--batches 8: there was no b1, a KeyError)
         for s in r["systems"]:
             if "skipped" in s:
                 continue
-            x, y = s["latency"]["b1"]["p50_ms"], s["accuracy"]["mean"]["image_auroc"]
+            x, y = s["latency"][f"b{batch}"]["p50_ms"], s["accuracy"]["mean"]["image_auroc"]
             ax.scatter(x, y, marker="o" if s["origin"] == "uadc" else "s")
             ax.annotate(f"{s['name'][:38]} ({r['image_size']}px)", (x, y), fontsize=6)
-    ax.set_xlabel("p50 latency, batch 1 (ms)")
+    ax.set_xlabel(f"p50 latency, batch {batch} (ms)")
     ax.set_ylabel("mean image AUROC")
     ax.set_title("AUROC vs latency (circles: uadc, squares: peers)")
     fig.tight_layout()
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipes", default="recipes/stfpm_effnet_lite0.yaml",
                     help="comma-separated recipes, one per input size (each needs its checkpoint)")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    ap.add_argument("--out", type=Path, default=None, help="default <artifacts>/peers")
+    ap.add_argument("--out", type=out_folder, default=None, help="default <artifacts>/peers")
     ap.add_argument("--threads", type=positive, default=2)
     ap.add_argument("--batches", type=positives, default="1,8")
     ap.add_argument("--rounds", type=positive, default=3)

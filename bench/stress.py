@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from uadc.config.targets import TARGETS
+
 TMP_TAG = ".uadc-tmp-"
 
 
@@ -79,10 +81,12 @@ def checkpoint_problems(path: Path, recipe: Path) -> list[str]:
     return []
 
 
-def kill_when(proc: subprocess.Popen, delay: float, watch: Path | None = None, sig: int = signal.SIGKILL) -> str:
-    """``sig`` (SIGKILL) to ``proc`` after ``delay`` s, or earlier the moment a writer temp appears
-    under ``watch`` (the most dangerous moment: the artifact is half written). Returns when."""
-    t0 = time.monotonic()
+def kill_when(proc: subprocess.Popen, delay: float, watch: Path | None = None, sig: int = signal.SIGKILL,
+              start: float | None = None) -> str:
+    """``sig`` (SIGKILL) to ``proc`` ``delay`` s after ``start`` (a ``time.monotonic()``; default now), or
+    earlier the moment a writer temp appears under ``watch`` (the most dangerous moment: the artifact is
+    half written). Returns when, counted from ``start``."""
+    t0 = time.monotonic() if start is None else start
     while proc.poll() is None:
         if watch is not None and watch.exists() and [t for t in temps_under(watch)
                                                      if not t.name.startswith(".probe")]:  # not the write probe
@@ -90,7 +94,7 @@ def kill_when(proc: subprocess.Popen, delay: float, watch: Path | None = None, s
             return "while writing"
         if time.monotonic() - t0 >= delay:
             proc.send_signal(sig)
-            return f"after {delay:.1f} s"
+            return f"after {time.monotonic() - t0:.1f} s"
         time.sleep(0.02)
     return "finished before the kill"
 
@@ -117,11 +121,11 @@ def stress(recipe: Path, art: Path, n: int, kills: int, seed: int, target: str =
                                        "--no-eval"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env) for _ in range(n)]
     victims = set(rng.choice(n, size=min(kills, n), replace=False).tolist())
-    when = {}
+    when, start = {}, time.monotonic()   # each delay from the common start, not from the kill before it
     for i in sorted(victims):  # first victim dies while an artifact is being written, the others at random
         first = i == min(victims)
         when[i] = kill_when(procs[i], 3600.0 if first else float(rng.uniform(2.0, max_delay)),
-                            out.parent if first else None)
+                            out.parent if first else None, start=start)
     outcome = {"ok": 0, "clean_error": 0, "killed": 0, "bad_exit": 0}
     for i, p in enumerate(procs):
         _, err = p.communicate()
@@ -148,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=positive, default=4, help="concurrent compiles")
     ap.add_argument("--kill", type=non_negative, default=2, help="how many of them get SIGKILL")
     ap.add_argument("--rounds", type=positive, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--target", default="ort-cpu-int8")
+    ap.add_argument("--seed", type=non_negative, default=0)
+    ap.add_argument("--target", default="ort-cpu-int8", choices=sorted(TARGETS))   # else "a broken promise" after training
     ap.add_argument("--workdir", type=Path, default=None, help="an absent or empty folder, kept afterwards (default: "
                     "a temporary folder, removed at the end)")
     args = ap.parse_args(argv)

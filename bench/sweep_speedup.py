@@ -208,8 +208,10 @@ def run_bench(sweep: Path, checkpoint: Path, out: Path, order: list[str], num_cp
 
 def _summarize(result: dict, cells: list[str]) -> None:
     runs = result["runs"]
-    wall = {r: v["wall_seconds"] for r, v in runs.items()}
+    # only runs that finished every cell: a run that stopped early is no wall time of the grid
+    wall = {r: v["wall_seconds"] for r, v in runs.items() if v["rc"] == 0 and v["cells_ok"] == len(cells)}
     result["ratios"] = {f"{o}_over_a": round(wall[o] / wall["a"], 3) for o in ("b", "c") if "a" in wall and o in wall}
+    result["failed_runs"] = sorted(r for r in runs if r not in wall)
     if len(runs) > 1:
         mism = compare_cells(cells, {r: v["cells"] for r, v in runs.items()})
         result["mismatches"], result["identical"] = mism, not mism
@@ -231,6 +233,8 @@ def render_markdown(r: dict) -> str:
         lines.append(f"| {name} | {what} | {v['wall_seconds']:.1f} | {v['rc']} | {v['cells_ok']}/{len(r['cells'])} | "
                      f"{v['load_before']:.2f} | {v['load_mean']:.2f} | {v['load_max']:.2f} |")
     lines.append("")
+    if r.get("failed_runs"):
+        lines.append(f"- **run {', '.join(r['failed_runs'])} failed** (exit or cells above): no ratio against it")
     for k, ratio in r["ratios"].items():
         other = k.split("_")[0]
         lines.append(f"- wall({other}) / wall(a) = **{ratio:.2f}×** (target ≥ {r['target_ratio']}×: "
@@ -286,8 +290,11 @@ def main(sweep: Path, checkpoint: Path | None, out: Path, order: str, num_cpus: 
             return
         if checkpoint is None:
             raise UadcError("--checkpoint: give the trained checkpoint of the sweep's recipe")
-        run_bench(sweep, checkpoint, out, runs, num_cpus, command="python -m bench.sweep_speedup " +
-                  shlex.join(sys.argv[1:]))
+        result = run_bench(sweep, checkpoint, out, runs, num_cpus, command="python -m bench.sweep_speedup " +
+                           shlex.join(sys.argv[1:]))
+        if result["failed_runs"]:
+            click.echo(f"error: run {', '.join(result['failed_runs'])} failed; see {out / RESULT_MD}", err=True)
+            sys.exit(1)
     except UadcError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -80,15 +80,16 @@ def _qat(recipe, base, art: Path, out: Path):
     from uadc.quant.qat.run import load_qat_model
     try:
         qm = load_qat_model(recipe, "ort-cpu-int8", art)
-    except uadc.UadcError:
-        return uadc.qat(recipe, "ort-cpu-int8", artifacts=art, source=base.checkpoint, compile_after=True).compiled.path
+    except uadc.UadcError:   # fine-tuned where `uadc qat` keeps it; compiled into the bench's folder below, not
+        uadc.qat(recipe, "ort-cpu-int8", artifacts=art, source=base.checkpoint, compile_after=False)  # <target>-qat
+        qm = load_qat_model(recipe, "ort-cpu-int8", art)
     return uadc.compile(base, "ort-cpu-int8", qat_model=qm, out=out, force=True, evaluate=False, latency_runs=1).path
 
 
 @click.command(help=summary(__doc__), context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=Path("recipes/stfpm_effnet_lite0.yaml"))
 @click.option("--artifacts", type=click.Path(path_type=Path), default=None, help="artifacts root (checkpoint inside)")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="folder for the result tables (verify_detection.md / .json; default: <artifacts>/bench_verify_detection)")
 @click.option("--reuse", is_flag=True, help="reuse case artifacts already in <artifacts>/<recipe>/verify_bench")
 def main(recipe_path: Path, artifacts: Path | None, out: Path | None, reuse: bool) -> None:

@@ -147,8 +147,8 @@ def test_out_must_be_a_bench_output(recipe_factory, tmp_path):
 
 def test_bench_grids_and_folders_are_checked_before_the_work(recipe_factory, tmp_path, capsys):
     """A sigma of nan or -1 was scored by the LOCO benches and could be chosen (loco_head chose
-    sigma=nan); --out inside --artifacts trained everything, then refused to write (the reverse
-    would have swapped the checkpoints away); stress wrote into a full --workdir; pred_label_check
+    sigma=nan); --out as a recipe's folder trained everything, then refused to write (one holding
+    --artifacts would have swapped the checkpoints away; the default, <artifacts>/bench, was refused too); stress wrote into a full --workdir; pred_label_check
     named a missing artifact as a missing default recipe; a 0 µs kind's ratio printed inf."""
     import click
 
@@ -170,10 +170,12 @@ def test_bench_grids_and_folders_are_checked_before_the_work(recipe_factory, tmp
     assert not (tmp_path / "lt").exists()
     r = recipe_factory("tiny")
     for out, art in ((tmp_path / "same", tmp_path / "same"), (tmp_path / "res", tmp_path / "res" / "art"),
-                     (tmp_path / "art2" / "tables", tmp_path / "art2")):
-        with pytest.raises(UadcError, match="must not hold one another"):
+                     (tmp_path / "art2" / "tiny", tmp_path / "art2"), (tmp_path / "art3" / "tiny" / "t", tmp_path / "art3")):
+        with pytest.raises(UadcError, match="holds --artifacts .* or a recipe's folder there"):
             run_bench([r], art, out, BenchOptions(log=lambda m: None))
         assert not art.exists()   # refused before any training
+    from bench.paper_tables import check_out_place
+    check_out_place(tmp_path / "art4" / "bench", tmp_path / "art4", ["tiny"])   # the documented default
     full = tmp_path / "full"
     full.mkdir()
     (full / "mine.txt").write_text("keep")
@@ -188,6 +190,23 @@ def test_bench_grids_and_folders_are_checked_before_the_work(recipe_factory, tmp
          "kinds": {"backbone Add": {"fp32_us": 0.2, "int8_us": 3.0}, "conv": {"fp32_us": 10.0, "int8_us": 5.0}}}
     text = breakdown_md("art", b)
     assert "| backbone Add | 0 | 3 | - |" in text and "| conv | 10 | 5 | 0.50 |" in text and "inf" not in text
+    # stress: an unknown target or a negative seed trained first, then "a broken promise" / a numpy traceback
+    for bad in (["--target", "bogus"], ["--seed", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            stress.main(["--workdir", str(tmp_path / "st"), *bad])
+        assert e.value.code == 2 and not (tmp_path / "st").exists()
+    # --out an existing file: the bench ran, then FileExistsError
+    from bench import head_equivalence, loco_head, peers
+    (tmp_path / "afile").write_text("")
+    for script in (head_equivalence, loco_head, peers):
+        with pytest.raises(SystemExit) as e:
+            script.main(["--out", str(tmp_path / "afile"), "--artifacts", str(tmp_path / "none")])
+        assert e.value.code == 2 and "a file, not a folder" in capsys.readouterr().err
+    # peers' plot of --batches 8 (no batch 1): a KeyError after the tables were written
+    pytest.importorskip("matplotlib")
+    system = {"name": "uadc x", "origin": "uadc", "latency": {"b8": {"p50_ms": 2.0}},
+              "accuracy": {"mean": {"image_auroc": 0.9}}}
+    assert peers.plot({"recipes": [{"image_size": 32, "systems": [system]}]}, tmp_path / "p.png")
 
 
 def test_cli_user_error(tmp_path):

@@ -40,3 +40,16 @@ def test_mismatches_are_listed():
         {"cell": "x", "figure": "pixel_auroc", "values": {"a": 0.8, "c": 0.80001}}]
     assert {m["figure"] for m in S.compare_cells(["x"], {"a": same, "b": {}})} == {"status", "image_auroc",
                                                                                   "pixel_auroc"}
+
+
+def test_a_failed_run_gives_no_ratio():
+    """Run a exited 2 with 0 of 1 cells (Ray not installed), and the table said `3.88× (target met)`, exit 0."""
+    cell = {"status": "ok", "image_auroc": 0.9, "pixel_auroc": 0.8}
+    runs = {"a": {"wall_seconds": 2.0, "rc": 2, "cells_ok": 0, "cells": {}},
+            "b": {"wall_seconds": 7.8, "rc": 0, "cells_ok": 1, "cells": {"x": cell}}}
+    result = {"runs": runs}
+    S._summarize(result, ["x"])
+    assert result["ratios"] == {} and result["failed_runs"] == ["a"]
+    runs["a"].update(rc=0, cells_ok=1, cells={"x": cell})
+    S._summarize(result, ["x"])
+    assert result["ratios"] == {"b_over_a": 3.9} and result["failed_runs"] == []
