@@ -302,6 +302,11 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
     assert res.exit_code == 0, res.output
     assert res.output.count("QAT model written") == 1 and res.output.count("artifact written") == 1   # twice before
     assert f"-> {TARGET} (QAT) " in res.output   # it read as the PTQ artifact's figure ("-> ort-cpu-int8 ...")
+    # the epoch lines average the losses before each step (one step: the PTQ loss); the final one was DEBUG only
+    import re
+    said = re.search(r"distillation loss ([\d.]+) after PTQ -> ([\d.]+) after fine-tuning", res.output)
+    summary = json.loads((art / recipe.name / f"qat_{TARGET}" / "qat.json").read_text())
+    assert said and float(said[2]) == pytest.approx(summary["final_loss"], abs=1e-4), res.output
     qat_report = json.loads((art / recipe.name / f"{TARGET}-qat" / "report.json").read_text())
     assert {k: v for k, v in _keys(qat_report).items() if k != "qat"} == _keys(ptq_report)
     assert qat_report["qdq_nodes"] == ptq_report["qdq_nodes"]

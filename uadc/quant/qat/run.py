@@ -144,7 +144,9 @@ def run_qat(recipe: Recipe, opts: QatOptions, fp32: onnx.ModelProto, model, trai
                     100 * check["head_inputs_differing_fraction"])
     summary["seconds"] = round(time.time() - t_start, 2)
     _write(out, qat_model, summary)
-    log.debug("QAT model written: %s (loss %.4f -> %.4f)", out / QAT_FILE, losses["ptq_loss"], losses["final_loss"])
+    # the epoch lines average losses taken before each step (one step: the PTQ loss again): say what it ended at
+    log.info("qat: distillation loss %.4f after PTQ -> %.4f after fine-tuning", losses["ptq_loss"],
+             losses["final_loss"])
     return QatResult(qat_model, out / QAT_FILE, ptq_model, net, placement, order, summary, st["quantize"])
 
 
