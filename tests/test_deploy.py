@@ -655,7 +655,7 @@ def test_an_out_written_with_dotdot_past_an_artifact_is_beside_it_and_a_link_int
     check_outside_artifacts(art / ".." / "predictions")
     (tmp_path / "link").symlink_to(art, target_is_directory=True)
     for inside in (art / "sub", tmp_path / "link" / "sub"):
-        with pytest.raises(UadcError, match=f"inside the artifact folder"):
+        with pytest.raises(UadcError, match="inside the artifact folder"):
             check_outside_artifacts(inside)
 
 
