@@ -105,8 +105,8 @@ def test_16_bit_images_equal_the_training_loader_and_float_ones_are_refused_alik
 
 
 def test_dim_high_bit_images_and_animations_are_noted_once_per_folder(tmp_path, caplog):
-    """12-bit camera data in 16-bit PNGs read nearly black, and an animated GIF was scored on its
-    first frame, both without a word."""
+    """12-bit camera data in 16-bit PNGs read nearly black, and a multi-page TIFF (an animated GIF, before GIFs
+    were refused) was scored on its first page, both without a word."""
     import logging
     pre = Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
     for i in range(2):
@@ -115,20 +115,20 @@ def test_dim_high_bit_images_and_animations_are_noted_once_per_folder(tmp_path, 
     full.mkdir()
     Image.fromarray(np.linspace(0, 65535, 1024).reshape(32, 32).astype(np.uint16)).save(full / "f.png")
     frames = [Image.new("RGB", (32, 32), (v, v, v)) for v in (10, 200)]
-    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "pages.tif", save_all=True, append_images=frames[1:])
     with caplog.at_level(logging.WARNING, "uadc"):
-        for name in ("c0.png", "c1.png", "full/f.png", "anim.gif"):
+        for name in ("c0.png", "c1.png", "full/f.png", "pages.tif"):
             preprocess(tmp_path / name, pre)
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2, said   # c1.png is in c0.png's folder; full/f.png uses the whole range
     assert "c0.png: I;16 pixels only up to 4095 of 65535" in said[0] and "12-bit" in said[0]
-    assert "anim.gif: several frames" in said[1] and "reads the first" in said[1]
+    assert "pages.tif: several frames" in said[1] and "reads the first" in said[1]
     sub = tmp_path / "sub"
     sub.mkdir()
-    frames[0].save(sub / "x\nerror: fake.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(sub / "x\nerror: fake.tif", save_all=True, append_images=frames[1:])
     with caplog.at_level(logging.WARNING, "uadc"):
-        preprocess(sub / "x\nerror: fake.gif", pre)
-    assert caplog.records[-1].getMessage().startswith(f"{sub}/x\\x0aerror: fake.gif: several frames")
+        preprocess(sub / "x\nerror: fake.tif", pre)
+    assert caplog.records[-1].getMessage().startswith(f"{sub}/x\\x0aerror: fake.tif: several frames")
 
 
 def test_predict_lines_cannot_be_faked_by_file_names_or_split_by_library_warnings(int8_artifact, tmp_path):
@@ -666,8 +666,8 @@ def test_file_names_that_are_not_utf8_are_written_as_escapes(int8_artifact, tmp_
     assert len(run.records) == 1
     (junk := Path(os.fsdecode(os.fsencode(cam) + b"/bad\xe9.png"))).write_bytes(b"junk")   # Pillow's repr: `\udce9`
     run = predict_paths(det, [junk], category="gray", out=tmp_path / "out2")
-    assert run.failed[0][1] == f"unreadable image {cam}/bad\\xe9.png: UnidentifiedImageError: cannot identify image " \
-                               f"file '{cam}/bad\\xe9.png'", run.failed
+    assert run.failed[0][1] == f"unreadable image {cam}/bad\\xe9.png: not a PNG, JPEG, BMP or TIFF image (uadc reads " \
+                               f"those only)", run.failed
 
 
 def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path):
@@ -1473,3 +1473,20 @@ def test_an_image_gone_after_scoring_keeps_its_overlay_and_a_long_row_is_still_o
     (live / "1.png").write_bytes((live / "0.png").read_bytes())
     again = predict_paths(det, [tmp_path / "live"], out=out, overlays=True, category="stripes")
     assert len(again.records) == 2
+
+
+def test_only_png_jpeg_bmp_and_tiff_bytes_are_decoded_whatever_the_name(tmp_path):
+    """A PostScript file named part.png was handed to Ghostscript (a `gs` on PATH ran; its -dSAFER has been
+    bypassed before), and GIF / WebP bytes named .png were read though uadc does not read those types."""
+    from uadc.core.errors import UadcError
+    from uadc.core.images import open_image
+    (tmp_path / "part.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nshowpage\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "gif.png", "GIF")
+    for name in ("part.png", "gif.png"):
+        with pytest.raises(UadcError, match=rf"^unreadable image {tmp_path}/{name}: not a PNG, JPEG, BMP or TIFF image"):
+            with open_image(tmp_path / name):
+                pass
+    for fmt in ("PNG", "JPEG", "BMP", "TIFF"):   # each named .png: the bytes decide, among these
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "ok.png", fmt)
+        with open_image(tmp_path / "ok.png") as im:
+            assert im.size == (8, 8)

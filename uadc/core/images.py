@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from uadc.core.constants import MASKS_FOLDER, OVERLAYS_DIR, PREDICTIONS_JSONL
 from uadc.core.errors import UadcError, one_line
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 _NOTED: set[tuple[str, str]] = set()   # (what, folder): a dataset's folder of like images warns once, not per image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff")   # .jfif: a web JPEG saved on Windows
+# the decoders uadc lets Pillow use, whatever a file is named: a PostScript file named x.png was handed to
+# Ghostscript (whose -dSAFER has been bypassed), a GIF or WebP so named read without a word
+READ_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")   # a camera's MPO JPEG opens as JPEG
 # images of formats uadc does not read in a folder walk: named in a warning / left_out, not dropped silently
 OTHER_IMAGE_EXTS = frozenset((".webp", ".gif", ".avif", ".heic", ".heif", ".jp2", ".pgm", ".ppm", ".pnm", ".ico",
                               ".tga", ".jxl"))
@@ -45,7 +48,7 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
                                                            else "not a regular file"))
     try:
         with warnings_ignored(Image.DecompressionBombWarning):   # 1-2x Pillow's pixel limit: read and resized
-            im = Image.open(path)
+            im = Image.open(path, formats=READ_FORMATS)
         with im:
             if getattr(im, "is_animated", False):
                 _note_once("frames", path, "several frames (an animation or a multi-page file); uadc reads the first")
@@ -56,6 +59,9 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
         where = f" {shown(path)}" if isinstance(path, (str, os.PathLike)) else ""      # a stream has no name to show
         if isinstance(exc, OSError) and exc.strerror:   # the system's reason (a file removed meanwhile), not a class
             raise UadcError(f"unreadable {what}{where}: {exc.strerror}") from None
+        if isinstance(exc, UnidentifiedImageError):   # another format's bytes (whatever the name), or none
+            raise UadcError(f"unreadable {what}{where}: not a PNG, JPEG, BMP or TIFF image (uadc reads those "
+                            f"only)") from None
         why = re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))   # no memory address in the line
         if where:   # Pillow names the file by repr: a latin-1 name's byte read `\udce9`, not `\xe9` as shown
             why = why.replace(repr(str(path)), f"'{shown(path)}'")
