@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
 from uadc.core.io import file_key
-from uadc.core.images import (IMAGE_EXTS, OTHER_IMAGE_EXTS, check_utf8_name, eight_bit, is_hidden, not_a_file,
+from uadc.core.images import (IMAGE_EXTS, OTHER_IMAGE_EXTS, READ_FORMATS, check_utf8_name, eight_bit, is_hidden, not_a_file,
                               open_image)
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
 def _turned(path: Path) -> str:
     """Why an image's size reads transposed: uadc turns it upright by its EXIF orientation, as viewers do."""
     try:
-        with Image.open(path) as raw:
+        with Image.open(path, formats=READ_FORMATS) as raw:
             turned = raw.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # the orientations that swap width and height
     except Exception:  # noqa: BLE001 - it opened a moment ago: no reason to add
         return ""
