@@ -23,8 +23,8 @@ from torch.utils.data import Dataset
 from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
 from uadc.core.io import file_key
-from uadc.core.images import (IMAGE_EXTS, OTHER_IMAGE_EXTS, READ_FORMATS, check_utf8_name, eight_bit, is_hidden, not_a_file,
-                              open_image)
+from uadc.core.images import (IMAGE_EXTS, OTHER_IMAGE_EXTS, READ_FORMATS, check_utf8_name, eight_bit, is_hidden,
+                              not_a_file, open_image)
 
 log = logging.getLogger(__name__)
 
