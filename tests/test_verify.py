@@ -339,13 +339,24 @@ def test_golden_files_are_checked_not_trusted(artifacts, tmp_path):
                       (lambda m: m["images"][test].update(label="x"), f"image record {test} is not one golden.json"),
                       (lambda m: m["images"][0].update(category=["a"]), "image record 0 is not one golden.json holds"),
                       (lambda m: m["thresholds"].pop("global"), "no global thresholds"),
-                      (lambda m: m["thresholds"]["global"].update(image="1"), "thresholds of 'global' are not numbers")):
+                      (lambda m: m["thresholds"]["global"].update(image="1"), "thresholds of 'global' are not numbers"),
+                      (lambda m: m["thresholds"]["global"].update(n="x"), "n 'x' is not a count of normals"),
+                      (lambda m: m["thresholds"]["global"].update(n=None), "n None is not a count of normals"),
+                      (lambda m: m.update(runner=["x"]), r"runner \['x'\] is not what compile writes there"),
+                      (lambda m: m.update(verify="x"), "verify 'x' is not what compile writes there"),
+                      (lambda m: m.update(reference_model=5), "reference_model 5 is not what compile writes"),
+                      (lambda m: m.update(reference_model="../x.onnx"), "reference_model '../x.onnx' is not a file")):
         m = json.loads(json.dumps(meta))
         edit(m)
         (loose / "golden.json").write_text(json.dumps(m))
         with pytest.raises(UadcError, match=why):
             uadc.verify(int8, golden=loose)
     assert first == meta["images"][0]
+    (loose / "golden.json").write_text(json.dumps(meta))   # a crafted mask shape asked for 35 TiB: MemoryError
+    with np.load(fp32 / "golden_masks.npz") as z:
+        np.savez(loose / "golden_masks.npz", masks=z["masks"], shape=np.asarray([3, 32, 10 ** 11]))
+    with pytest.raises(UadcError, match=r"golden_masks.npz: ValueError: shape \[3, 32, 100000000000\] is not that of"):
+        uadc.verify(int8, golden=loose)
     linked = tmp_path / "linked"          # a golden set of links to its files still judges
     linked.mkdir()
     for f in fp32.iterdir():

@@ -113,6 +113,11 @@ def read_golden(path: Path) -> GoldenSet:
                         f"{GOLDEN_META}")
     if meta.get("schema") != GOLDEN_SCHEMA:
         raise UadcError(f"{meta_path}: golden schema {meta.get('schema')!r}, expected {GOLDEN_SCHEMA}")
+    for key, kinds in (("runner", str), ("verify", (dict, type(None))), ("reference_model", str)):
+        if key in meta and not isinstance(meta[key], kinds):   # a TypeError / ValueError traceback: exit 1, "regression"
+            raise UadcError(f"{meta_path}: {key} {meta[key]!r:.80} is not what compile writes there")
+    if "reference_model" in meta and not is_plain_name(meta["reference_model"]):   # a model from anywhere judged
+        raise UadcError(f"{meta_path}: reference_model {meta['reference_model']!r:.80} is not a file name in its folder")
     inputs, outputs_file = (_member(folder, meta[k], k, meta_path) for k in ("inputs", "outputs"))
     mask_file = _member(folder, meta["masks"], "masks", meta_path) if meta.get("masks") else None
     used = [meta_path.name, inputs.name, outputs_file.name, *([mask_file.name] if mask_file else []),
@@ -165,8 +170,11 @@ def _read(path: Path, load: Any) -> Any:
 
 def _masks(path: Path) -> np.ndarray:
     with np.load(path) as z:
-        shape = tuple(int(s) for s in z["shape"])
-        return np.unpackbits(z["masks"], axis=-1, count=shape[-1]).astype(bool).reshape(shape)
+        shape, packed = tuple(int(s) for s in z["shape"]), z["masks"]
+        # the stored shape must be the packed array's: a crafted one asked for 35 TiB (a MemoryError traceback)
+        if len(shape) != packed.ndim or shape[:-1] != packed.shape[:-1] or not 0 < shape[-1] <= 8 * packed.shape[-1]:
+            raise ValueError(f"shape {list(shape)} is not that of its packed masks {list(packed.shape)}")
+        return np.unpackbits(packed, axis=-1, count=shape[-1]).astype(bool).reshape(shape)
 
 
 _KINDS = {"normal": None, "test": (0, 1), "random": None, "user": None}   # a record's kind -> its labels
@@ -189,6 +197,8 @@ def _check_records(g: GoldenSet) -> None:
     for cat, t in thr.items():
         if not isinstance(t, dict) or not all(number(t.get(k)) for k in ("image", "pixel", "score_std")):
             raise UadcError(f"{where}: thresholds of {cat!r} are not numbers image, pixel and score_std")
+        if "n" in t and not (isinstance(t["n"], int) and not isinstance(t["n"], bool) and t["n"] >= 0):
+            raise UadcError(f"{where}: thresholds of {cat!r}: n {t['n']!r:.40} is not a count of normals")
 
 
 def _check(g: GoldenSet) -> None:
