@@ -364,8 +364,12 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
     blob = torch.load(ckpt, weights_only=True)
     torch.save({**blob, "train_seconds": (blob.get("train_seconds") or 0) + 1}, ckpt)
     meta = art / recipe.name / f"qat_{TARGET}" / "qat.json"
+    orig = json.loads(meta.read_text())
+    edited = [json.dumps({**orig, "settings": s}) for s in ("abc", {**orig["settings"], "weights": "x"},
+                                                            {**orig["settings"], "weights": {"bits": 8}})]
     for damage, said in ((None, "fine-tuned from another checkpoint"), ("[1, 2]", "other model settings"),
-                         ("{not json", "cannot read QAT summary")):
+                         ("{not json", "cannot read QAT summary"),   # TypeError / AttributeError / KeyError before:
+                         *((e, "its settings are not what `uadc qat` writes") for e in edited)):
         if damage is not None:
             meta.write_text(damage)
         res = CliRunner().invoke(main, ["compile", str(path), "--target", TARGET, "--from-qat", "--artifacts",

@@ -194,7 +194,7 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
     if meta.get("target") not in (None, target):   # a TensorRT artifact shipped with CPU-style quantization
         raise UadcError(f"QAT model {path} was fine-tuned for {meta['target']}, not {target}: run "
                         f"`uadc qat --target {target}`")
-    made, wanted = (meta.get("settings") or {}).get("weights"), _weights(PassContext(
+    made, wanted = _settings(meta, d / QAT_JSON).get("weights"), _weights(PassContext(
         target=get_target(target), per_channel=recipe.compile.per_channel, reduce_range=recipe.compile.reduce_range))
     if made is not None and made != wanted and (made["bits"] != wanted["bits"] or recipe.compile.per_channel is not None):
         raise UadcError(f"QAT model {path} has {_said(made)} weights, recipe {recipe.name} asks for {_said(wanted)} "
@@ -213,6 +213,16 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
 def _weights(ctx: PassContext) -> dict:
     per_channel, _, _ = qdq_options(ctx)
     return {"bits": weight_bits(ctx), "per_channel": per_channel}
+
+
+def _settings(meta: dict, path: Path) -> dict:
+    """qat.json's settings as `uadc qat` writes them (an edited file gave TypeError / KeyError tracebacks)."""
+    st = meta.get("settings") or {}
+    w = st.get("weights") if isinstance(st, dict) else None
+    if not isinstance(st, dict) or w is not None and not (isinstance(w, dict) and type(w.get("bits")) is int and
+                                                          isinstance(w.get("per_channel"), bool)):
+        raise UadcError(f"QAT summary {path}: its settings are not what `uadc qat` writes; run `uadc qat` again")
+    return st
 
 
 def _said(weights: dict) -> str:
