@@ -285,6 +285,13 @@ def test_crafted_checkpoint_runs_nothing(trained, tmp_path):
     torch.save(blob, tmp_path / "int.pt")
     with pytest.raises(UadcError, match=f"int.pt: weight {re.escape(name)} is torch.int64, the model's is torch.float32"):
         uadc.evaluate(tmp_path / "int.pt", recipe, artifacts=art)
+    # a sparse or meta tensor: NotImplementedError / RuntimeError tracebacks in the NaN check
+    for kind, tensor in (("sparse_coo", blob["state_dict"][name].float().to_sparse()),
+                         ("strided", torch.empty(blob["state_dict"][name].shape, device="meta"))):
+        blob["state_dict"][name] = tensor
+        torch.save(blob, tmp_path / "odd.pt")
+        with pytest.raises(UadcError, match=f"odd.pt: weight {re.escape(name)} is a {kind} tensor on .*not a dense one"):
+            uadc.evaluate(tmp_path / "odd.pt", recipe, artifacts=art)
 
 
 def test_no_top_level_calibrators_module_and_plugin_entry_point(tmp_path):

@@ -397,6 +397,11 @@ def _first_difference(trained: Any, asked: Any, key: str = "") -> str:
 def check_finite_weights(state_dict: dict, path: Path) -> None:
     """A checkpoint with NaN/Inf weights is refused before any export or artifact: the error
     names the tensors, which is the cause (an export would only show NaN outputs downstream)."""
+    odd = next(((k, v) for k, v in state_dict.items() if isinstance(v, torch.Tensor) and
+                (v.layout != torch.strided or v.device.type != "cpu")), None)
+    if odd:   # a sparse or meta tensor: NotImplementedError / RuntimeError tracebacks in the checks below
+        raise UadcError(f"checkpoint {path}: weight {odd[0]} is a {str(odd[1].layout).removeprefix('torch.')} tensor "
+                        f"on {odd[1].device}, not a dense one in memory as uadc writes them; retrain with `uadc train`")
     bad = [f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()})" for k, v in state_dict.items()
            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
