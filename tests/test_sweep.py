@@ -117,6 +117,10 @@ def test_cell_key_follows_inputs(tiny):
      r"axes: quantize\[0\] lists 'student' twice"),
     # the sweep's folder under <artifacts>/sweeps/: a newline made two lines of every listing
     ({"name": "a\nb", "recipe": "r.yaml", "axes": {"target": ["ort-cpu-fp32"]}}, r"name 'a\\nb' is not a plain folder name"),
+    # the file's stem was used, or the sweep file's own folder read as the recipe ("a folder, not a YAML file")
+    ({"name": "", "recipe": "r.yaml"}, "name: must not be empty"),
+    ({"recipe": ""}, "recipe: must not be empty"),
+    ({"recipes": [{"path": ""}]}, r"recipes\[0\]\.path: must not be empty"),
 ])
 def test_bad_sweep_file_is_one_line_error(tmp_path, doc, msg):
     """Worded as recipe errors are (pydantic's own "List should have at least 1 item after validation" before)."""
@@ -126,6 +130,10 @@ def test_bad_sweep_file_is_one_line_error(tmp_path, doc, msg):
         load_sweep(p)
     with pytest.raises(UadcError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         load_sweep(doc)   # a dict (the API) is held to the same rules
+    odd = tmp_path / "c\nd.yaml"   # a newline in the file's name read as a space
+    odd.write_text(yaml.safe_dump(doc))
+    with pytest.raises(UadcError, match=r"^\S+/c\\x0ad\.yaml: "):
+        load_sweep(odd)
 
 
 @pytest.mark.parametrize("axes, msg", [

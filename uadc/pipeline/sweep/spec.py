@@ -34,6 +34,7 @@ from uadc.config.packaged import resolve_recipe_path
 from uadc.config.validation import first_error, listed_twice
 from uadc.core.constants import MAX_THREADS
 from uadc.core.errors import UadcError
+from uadc.core.images import shown
 from uadc.core.io import is_plain_name
 
 MAX_SWEEP_BYTES = 1 << 20
@@ -51,7 +52,7 @@ _Name = Annotated[str, Field(min_length=1)]
 
 
 class RecipeEntry(_Strict):
-    path: str = Field(description="recipe YAML, relative to the sweep file, or a built-in recipe's name")
+    path: str = Field(min_length=1, description="recipe YAML, relative to the sweep file, or a built-in recipe's name")
     overrides: dict[str, Any] = Field(default_factory=dict, description="{section: {key: value}} for this recipe")
 
 
@@ -105,9 +106,9 @@ class RunConfig(_Strict):
 
 
 class SweepSpec(_Strict):
-    name: Optional[str] = Field(None, description="output folder name (default: the sweep file's stem)")
-    recipe: Optional[str] = None
-    recipes: Optional[list[RecipeEntry | str]] = Field(None, min_length=1)
+    name: Optional[str] = Field(None, min_length=1, description="output folder name (default: the sweep file's stem)")
+    recipe: Optional[str] = Field(None, min_length=1)   # "" was the sweep file's folder: "a folder, not a YAML file"
+    recipes: Optional[list[RecipeEntry | Annotated[str, Field(min_length=1)]]] = Field(None, min_length=1)
     overrides: dict[str, Any] = Field(default_factory=dict)
     axes: Axes = Axes()
     run: RunConfig = RunConfig()
@@ -138,8 +139,9 @@ def load_sweep(source: "str | Path | dict | SweepSpec") -> tuple[SweepSpec, Path
                                    Path.cwd(), "sweep", "sweep")
     else:
         path = Path(source)
-        spec = _validate(read_yaml_mapping(path, "sweep file", MAX_SWEEP_BYTES), str(path))
-        base, where, stem = path.resolve().parent, str(path), path.stem
+        where = shown(path)   # a newline in its name is \x0a, as elsewhere (it read as a space)
+        spec = _validate(read_yaml_mapping(path, "sweep file", MAX_SWEEP_BYTES), where)
+        base, stem = path.resolve().parent, path.stem
     name = spec.name or stem   # the folder under <artifacts>/sweeps/: a newline in it broke every listing
     if not is_plain_name(name) or len(name) > 128:
         raise UadcError(f"{where}: name {name!r} is not a plain folder name (no '/', '..', leading '.' or control "
