@@ -696,3 +696,18 @@ def test_a_sweeps_bad_recipe_and_empty_axis_value_are_named(tiny, tmp_path):
         sweep.write_text(yaml.safe_dump(doc))
         res = CliRunner().invoke(main, ["-q", "sweep", str(sweep), "--sequential", "--artifacts", str(d / "art")])
         assert res.exit_code == 2 and said in res.output, res.output
+
+
+def test_a_cell_that_shipped_no_calibrated_model_lists_no_calibration(tmp_path):
+    """A `precision: auto` cell that kept every group FP32 was listed with the calibrator, data and sample
+    count of its axes (four rows of one FP32 model), while its report.json said none."""
+    from types import SimpleNamespace
+    from uadc.pipeline.sweep.cells import summarize
+    lat = SimpleNamespace(compiled={"p50": 1.0}, ort_fp32={"p50": 1.0}, speedup_vs_ort_fp32=1.0, emulated=False)
+    res = SimpleNamespace(path=tmp_path / "c", target="ort-cpu-int8", precision="fp32", latency=lat, model_bytes=1,
+                          compile_seconds=1.0, verification={"fp32_vs_compiled": {"max_abs": 0.0}}, metrics=None,
+                          calibrator=None, quantized_partitions=[])
+    row = summarize(res, tmp_path)
+    assert (row["calibrator"], row["calib_data"], row["calib_samples"], row["quantize"]) == (None, None, None, None)
+    res.calibrator, res.quantized_partitions = "minmax", ["student"]
+    assert "calibrator" not in summarize(res, tmp_path)   # calibrated: the cell's axes say how

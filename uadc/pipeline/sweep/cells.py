@@ -173,6 +173,9 @@ def summarize(res, out: Path) -> dict:
            "speedup_vs_fp32": round(lat.speedup_vs_ort_fp32, 3), "model_bytes": res.model_bytes,
            "compile_seconds": res.compile_seconds,
            "max_abs_vs_fp32": res.verification["fp32_vs_compiled"]["max_abs"]}
+    if not res.calibrator:   # nothing calibrated (precision auto kept FP32, a QAT model): the cell's calibration
+        row.update(calibrator=None, calib_data=None, calib_samples=None,   # axes describe no shipped model
+                   quantize="+".join(res.quantized_partitions) or None)
     m = res.metrics
     if m is not None:
         row.update(image_auroc=m.compiled["mean"]["image_auroc"], pixel_auroc=m.compiled["mean"].get("pixel_auroc"),
