@@ -775,6 +775,14 @@ def test_a_bf16_artifact_on_an_fp32_runtime_says_its_thresholds_may_not_fit(int8
         det = Detector.load(ov_int8, backend="onnxruntime")
     said = "its thresholds were set on OpenVINO's INT8 kernels; ONNX Runtime rounds INT8 differently"
     assert said in caplog.text and len(det.warnings) == 1 and said in det.warnings[0]
+    # a TensorRT INT8 artifact's thresholds were set on ONNX Runtime's emulation: OpenVINO ran it without a word
+    from types import SimpleNamespace
+    trt = SimpleNamespace(runtime="tensorrt", target="trt-int8", folder="T")
+    for backend, warned in (("OpenVINO", True), ("ONNX Runtime", False), ("TensorRT", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="uadc"):
+            detector._check_precision(trt, backend)
+        assert ("T: its thresholds were set on ONNX Runtime's INT8 kernels; OpenVINO rounds" in caplog.text) is warned
     # `uadc predict --json` listed only the category warning: a pipeline reading stdout never saw this one
     from click.testing import CliRunner
     from uadc.cli import main

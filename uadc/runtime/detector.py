@@ -192,9 +192,11 @@ def _check_precision(manifest: Manifest, backend: str, runs_in: str = "fp32", au
     rounds differently. A bf16 artifact's thresholds and kNN bank were made of bf16 features: in fp32
     ONNX Runtime scored one 1.4x higher and flipped 4 of 80 decisions, so backend auto refuses to run it so."""
     from uadc.config.targets import TARGETS, inference_hint_of
-    own = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "tensorrt": "TensorRT"}.get(manifest.runtime)
+    own = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}.get(manifest.runtime)
+    if manifest.runtime == "tensorrt" and backend != "TensorRT":   # set on ONNX Runtime's emulation of its INT8
+        own = "ONNX Runtime"                                       # (OpenVINO ran it without a word)
     target = TARGETS.get(manifest.target)
-    if own and own != backend and target is not None and target.quantized and manifest.runtime != "tensorrt":
+    if own and own != backend and target is not None and target.quantized:
         log.warning("%s: its thresholds were set on %s's INT8 kernels; %s rounds INT8 differently, so images scored "
                     "near a threshold may be decided differently", manifest.folder, own, backend)
     if manifest.runtime == "openvino" and inference_hint_of(manifest.target) == "bf16" and runs_in != "bf16":
