@@ -84,6 +84,11 @@ def test_compile_int8_student_only(trained):
     res = CliRunner().invoke(main, ["check-trt", str(out)])
     (out / "artifact.json").write_text(json.dumps(meta))
     assert res.exit_code == 1 and res.output.splitlines()[-1] == f"{out}: {n} violations of TensorRT Q/DQ rules"
+    model_bytes = (out / "model.onnx").read_bytes()   # another model in the folder was checked under its target
+    (out / "model.onnx").write_bytes(model_bytes + b"x")
+    res = CliRunner().invoke(main, ["check-trt", str(out)])
+    (out / "model.onnx").write_bytes(model_bytes)
+    assert res.exit_code == 2 and "model.onnx does not match its sha256 in artifact.json" in res.output, res.output
     # a partition judged alone: ONNX Runtime's traceback (exit 1, nothing on stdout under --json) or an AttributeError
     for part in ("student", "head"):
         model = out / "partitions" / f"{part}.onnx"

@@ -9,7 +9,7 @@ from uadc.backends.tensorrt.rules import Violation, check_trt_rules, format_viol
 from uadc.config.targets import TARGETS
 from uadc.core.constants import MANIFEST_FILE, MODEL_FILE, QDQ_OPS
 from uadc.core.errors import UadcError
-from uadc.core.manifest import read_manifest
+from uadc.core.manifest import read_manifest, verify_files
 
 
 @dataclass
@@ -44,13 +44,16 @@ def check_trt_model(path: Path) -> TrtRuleCheck:
         held = sorted(p.name for p in path.glob("*.onnx") if p.is_file())   # uadc qat's folder: qat_model.onnx
         raise UadcError(f"{path}: a folder without {MODEL_FILE}; give an ONNX file or an artifact folder"
                         + (f" (it holds {', '.join(held[:3])}: give {path / held[0]})" if held else ""))
+    manifest = read_manifest(path, verify=False) if (path / MANIFEST_FILE).is_file() else None
+    if manifest is not None:   # another artifact's model copied in was checked under this folder's target
+        verify_files(path, manifest, only=[manifest.model_file])
     file = path / MODEL_FILE if path.is_dir() else path
     model = load_onnx(file)
     try:   # Q/DQ parameters kept as external data were judged as fine, unread
         load_qdq_params(model, file.parent)
     except (OSError, ValueError) as exc:
         raise UadcError(f"cannot read the Q/DQ parameters of {file} (external data): {exc}") from None
-    target = read_manifest(path, verify=False).target if (path / MANIFEST_FILE).is_file() else None
+    target = manifest.target if manifest is not None else None
     known = TARGETS.get(target) if target else None   # a newer uadc's target: no note
     other = target if known and known.runtime != "tensorrt" else None
     return TrtRuleCheck(path, check_trt_rules(model), any(n.op_type in QDQ_OPS for n in walk_nodes(model.graph)), other)
