@@ -5,6 +5,7 @@ sound. Subprocesses, a tiny 32 px recipe, bounded loops (README "Guarantees").""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -166,6 +167,29 @@ def test_ctrl_c_between_the_checkpoint_and_its_recipe_copy_lands_after_both(reci
     folder = tmp_path / "tiny"
     assert ck.read_checkpoint(folder / "checkpoint.pt")["recipe"]["train"]["epochs"] == 2
     assert yaml.safe_load((folder / "recipe.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_ctrl_c_during_an_artifact_folders_swap_lands_after_it(tmp_path, monkeypatch, ctrl_c_raises):
+    """Between the swap's two renames a Ctrl-C left the old and the new artifact both in temps, which the next
+    writer deleted (neither survived); during the old folder's removal it said "nothing was written"."""
+    from uadc.core import io
+    final = tmp_path / "art"
+    manifest = {"schema": 1, "uadc_version": "x", "files": {}}
+    with io.atomic_dir(final) as tmp:
+        (tmp / "artifact.json").write_text(json.dumps({**manifest, "v": "old"}))
+    real = os.replace
+
+    def replace(a, b):
+        real(a, b)
+        if os.path.basename(b) != "art":   # the old folder moved aside: the window between the renames
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt) as e:
+        with io.atomic_dir(final) as tmp:
+            (tmp / "artifact.json").write_text(json.dumps({**manifest, "v": "new"}))
+    monkeypatch.undo()
+    assert json.loads((final / "artifact.json").read_text())["v"] == "new" and e.value.uadc_after_step
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".art.lock", "art"]
 
 
 def test_another_machines_temp_is_left_to_it(tmp_path, monkeypatch):

@@ -386,19 +386,26 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        old = None
-        try:
-            if final.exists():
-                old = _tmp_name(final)
-                os.replace(final, old)
-            os.replace(tmp, final)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and not final.exists():
-                os.replace(old, final)
-            raise UadcError(f"cannot write {final}: {exc.strerror or exc}") from None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        # Ctrl-C / SIGTERM held over the swap and the old folder's removal: between the renames both versions
+        # sat in temps the next writer deleted, and a stop in the removal said "nothing was written"
+        with signals_deferred():
+            _swap_in(tmp, final)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    old = None
+    try:
+        if final.exists():
+            old = _tmp_name(final)
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not final.exists():
+            os.replace(old, final)
+        raise UadcError(f"cannot write {final}: {exc.strerror or exc}") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
