@@ -988,6 +988,10 @@ def test_a_kdmodel_of_other_model_settings_than_the_recipe_is_one_line(recipe_fa
                 call()
     assert not (tmp_path / "c").exists() and torch.equal(torch.random.get_rng_state(), state)
     uadc.baseline(model, recipe_factory("two", model={"taps": ["blocks.1", "blocks.3"]}))   # its own recipe fits
+    # its weight-free head settings are the recipe's, as a checkpoint's are (the model's own were used, unsaid)
+    topk = recipe_factory("two", model={"taps": ["blocks.1", "blocks.3"], "score_reduction": "topk_mean"})
+    assert model.head.score_reduction == "max" and uadc.baseline(model, topk).model.head.score_reduction == \
+        "topk_mean" and model.head.score_reduction == "max"
 
 
 @pytest.mark.parametrize("method", ["stfpm", "us"])

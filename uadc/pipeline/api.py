@@ -32,7 +32,7 @@ from uadc.pipeline.compile import CompileOptions, check_compile_settings, compil
 from uadc.pipeline.deploy import target_predictor
 from uadc.pipeline.sweep.run import SweepResult
 from uadc.report.results import CompileResult
-from uadc.training.checkpoint import check_model_fits, checkpoint_path, missing_checkpoint
+from uadc.training.checkpoint import as_recipe_model, checkpoint_path, missing_checkpoint
 from uadc.training.run import TrainResult, train_recipe
 from uadc.verify.gate import DiffResult, VerifyResult
 
@@ -99,9 +99,9 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
     if isinstance(model_or_artifact, KDModel):
         from uadc.evaluation.run import test_arrays, torch_predictor
         from uadc.data.prepare import prepare_data
-        check_model_fits(on_cpu(model_or_artifact), r)
+        model = as_recipe_model(on_cpu(model_or_artifact), r)   # the recipe's head, as a checkpoint's
         with torch_threads(r.train.threads):
-            return _evaluate(torch_predictor(model_or_artifact), test_arrays(prepare_data(r)), r.eval.batch_size)
+            return _evaluate(torch_predictor(model), test_arrays(prepare_data(r)), r.eval.batch_size)
     if _is_onnx(model_or_artifact):
         from uadc.backends.ort import make_session, ort_predictor
         from uadc.data.prepare import prepare_data

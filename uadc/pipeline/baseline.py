@@ -35,7 +35,7 @@ from uadc.models import KDModel
 from uadc.models.heads import ImageKNN
 from uadc.passes.pipeline import PassContext, check_finite, run_passes
 from uadc.quant.calibrate import calibration_images
-from uadc.training.checkpoint import (check_held_out, check_model_fits, checkpoint_path, judged_categories,
+from uadc.training.checkpoint import (as_recipe_model, check_held_out, checkpoint_path, judged_categories,
                                       load_checkpoint)
 from uadc.verify.polygraphy_compare import TorchCpuRunner, compare, ort_runner
 
@@ -52,10 +52,8 @@ class ModelSource:
 
 def resolve_source(source: Any, recipe: Recipe, artifacts: Path | None = None) -> ModelSource:
     """A recipe's own checkpoint, a checkpoint path, or a ``KDModel``; never trains."""
-    if isinstance(source, KDModel):
-        check_model_fits(on_cpu(source), recipe)
-        # a copy: the caller's model (mid-fine-tune, its BatchNorm in train mode) was left in eval mode
-        return ModelSource(copy.deepcopy(on_cpu(source)).eval(), None, {"categories": None})
+    if isinstance(source, KDModel):   # a new model: the caller's (mid-fine-tune, in train mode) is left as it was
+        return ModelSource(as_recipe_model(on_cpu(source), recipe), None, {"categories": None})
     if isinstance(source, (str, os.PathLike)) and names_checkpoint(source, recipe):
         model, blob = load_checkpoint(Path(source), recipe)
         return ModelSource(model, Path(source), blob)

@@ -296,10 +296,12 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
     return model, blob
 
 
-def check_model_fits(model: KDModel, recipe: Recipe) -> None:
-    """Refuse a ``KDModel`` the recipe's model settings do not build (another method, backbone, taps or
-    kNN term): it was compiled and judged as that recipe's, its artifact naming a recipe that cannot make it."""
-    with streams_kept(), float32_default():   # the recipe's model, built to compare: no draw from the caller's stream
+def as_recipe_model(model: KDModel, recipe: Recipe) -> KDModel:
+    """``model``'s weights in the model the recipe builds (eval mode), as a checkpoint is loaded: its scoring
+    head's weight-free settings are the recipe's. Refuses a ``KDModel`` the recipe's model settings do not
+    build (another method, backbone, taps or kNN term): it was compiled and judged as that recipe's, its
+    artifact naming a recipe that cannot make it."""
+    with streams_kept(), float32_default():   # no draw from the caller's stream
         want = build_model({**recipe.cfg["model"], "pretrained": False, "weights": None}, recipe.data.image_size)
     have, need = model.state_dict(), want.state_dict()
     odd = [f"a {type(model).__name__}, the recipe builds a {type(want).__name__}"] if type(model) is not type(want) \
@@ -309,6 +311,8 @@ def check_model_fits(model: KDModel, recipe: Recipe) -> None:
     if odd:
         raise UadcError(f"the KDModel is not what recipe {recipe.name}'s model settings build ({odd[0]}): give the "
                         f"recipe it was trained with")
+    want.load_state_dict(have)   # copies: the caller's model (mid-fine-tune, in train mode) is left as it was
+    return want.eval()
 
 
 def held_out(recipe: Recipe, data: Any, categories: list[str]) -> list[str]:
