@@ -980,7 +980,9 @@ def test_a_kdmodel_of_other_model_settings_than_the_recipe_is_one_line(recipe_fa
     model = make_model(load_recipe(recipe_factory("two", model={"taps": ["blocks.1", "blocks.3"]})))
     state = torch.random.get_rng_state()
     for other, said in ((recipe_factory("one", model={"taps": ["blocks.1"]}), r"weight student\.\S+ only in the model"),
-                        (recipe_factory("rd", model={"method": "rd"}), "a STFPM, the recipe builds a ReverseDistillation")):
+                        (recipe_factory("rd", model={"method": "rd"}), "a STFPM, the recipe builds a ReverseDistillation"),
+                        (recipe_factory("sum", model={"taps": ["blocks.1", "blocks.3"], "combine": "sum"}),   # no weight
+                         "head.combine is 'product', the recipe's 'sum'")):
         for call in (lambda: uadc.evaluate(model, other, write=False), lambda: uadc.baseline(model, other),
                      lambda: uadc.compile(model, "ort-cpu-fp32", recipe=other, out=tmp_path / "c", latency_runs=1)):
             with pytest.raises(UadcError, match=rf"^the KDModel is not what recipe {Path(other).stem}'s model settings "

@@ -657,6 +657,9 @@ def test_an_out_written_with_dotdot_past_an_artifact_is_beside_it_and_a_link_int
     for inside in (art / "sub", tmp_path / "link" / "sub"):
         with pytest.raises(UadcError, match="inside the artifact folder"):
             check_outside_artifacts(inside)
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")   # a link loop: RuntimeError from resolve(), not UadcError
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    check_outside_artifacts(tmp_path / "loopA" / "x")
 
 
 def test_an_artifact_with_external_weights_is_not_run_in_parts_or_bundled(int8_artifact, tmp_path):

@@ -512,3 +512,7 @@ def test_keys_of_a_knn_term_that_is_off_are_not_another_model(tmp_path):
     on = load_recipe(write_recipe(tmp_path / "c.yaml", tmp_path, model={"image_knn": {"k": 5, "weight": 1.0}}))
     assert model_hash(off) == model_hash(base) == model_hash(base, raw=True) != model_hash(off, raw=True)
     assert model_hash(on) != model_hash(base)
+    # the refusal names the setting that makes another model, not the off term's key listed first
+    from uadc.training.checkpoint import _first_difference, _hashed
+    other = load_recipe(write_recipe(tmp_path / "d.yaml", tmp_path, model={"image_knn": {"k": 5}, "smoothing_sigma": 2.0}))
+    assert _first_difference(_hashed(base), _hashed(other)).startswith("model.smoothing_sigma: ")

@@ -328,7 +328,11 @@ def check_outside_artifacts(out: Path, below: bool = False) -> None:
     one strictly above ``out`` (``out`` itself may be an artifact, to be replaced)."""
     out = Path(out)
     # `ART/../preds` is beside ART, not in it (its parents as written held ART); a link is where it leads too
-    above = (*Path(os.path.normpath(out.absolute())).parents, *out.resolve().parents)
+    try:
+        real = out.resolve().parents
+    except (OSError, RuntimeError):   # a link loop: its folder cannot be made either, and says so there
+        real = ()
+    above = (*Path(os.path.normpath(out.absolute())).parents, *real)
     inside = next((d for d in (() if below else (out,)) + above if (d / MANIFEST_FILE).is_file()), None)
     if inside is not None:
         raise UadcError(f"--out {out}: inside the artifact folder {inside}; choose a folder outside it")

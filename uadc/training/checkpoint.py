@@ -38,6 +38,12 @@ def model_hash(recipe: Recipe, raw: bool = False) -> str:
     files live: the demo in another venv's site-packages, or a moved project, is the same training
     (the data itself is compared by ``data_files`` when its folders moved). ``raw``: as uadc 0.2.0 hashed it
     at first, with the keys of a kNN term that is off."""
+    return hashlib.sha256(json.dumps(_hashed(recipe, raw), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _hashed(recipe: Recipe, raw: bool = False) -> dict:
+    """The data and model settings :func:`model_hash` reads (the first difference is named among them: a kNN
+    key of a term that is off was named though it made no difference)."""
     cfg = copy.deepcopy({k: recipe.cfg[k] for k in ("data", "model")})
     for s in cfg["data"]["sources"]:
         s["root"] = None
@@ -48,7 +54,7 @@ def model_hash(recipe: Recipe, raw: bool = False) -> str:
     for knn in ("image_knn", "patch_knn"):   # off, its other keys build nothing: editing them forced a retraining
         if not raw and not (cfg["model"].get(knn) or {}).get("weight"):
             cfg["model"][knn] = ModelConfig.model_fields[knn].default_factory().model_dump(mode="json")
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cfg
 
 
 def _data_folders(recipe: Recipe) -> list[str]:
@@ -259,8 +265,7 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
         trained = trained.with_overrides(model={k: recipe.cfg["model"][k] for k in HEAD_KEYS})
     # Recompute from the stored recipe rather than trusting a stored hash of an older definition.
     if recipe is not None and model_hash(trained) != model_hash(recipe):
-        where = _first_difference({k: trained.cfg[k] for k in ("data", "model")},
-                                  {k: recipe.cfg[k] for k in ("data", "model")})
+        where = _first_difference(_hashed(trained), _hashed(recipe))
         raise UadcError(f"checkpoint {path} was trained with different data/model settings than "
                         f"recipe {recipe.path or recipe.name} ({where}); retrain with `uadc train`"
                         f"{_ONE_CLASS_HINT if blob.get('one_class') else ''}")
@@ -276,12 +281,7 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
         log.warning("checkpoint %s was trained with other training settings than recipe %s (%s)", path,
                  recipe.path or recipe.name, _first_difference(trained.cfg["train"], recipe.cfg["train"], "train"))
     check_finite_weights(blob["state_dict"], path)
-    # its (CPU) initialisation is overwritten: leave the caller's stream, and wait for a training in another
-    # thread (a bare fork_rng rewound that training's seeded stream mid-run: not reproducible)
-    with streams_kept(), float32_default():   # a caller's float64 default made a float64 model
-        # every weight comes from the checkpoint: the initial weights' file is not read (moved with a project,
-        # its stored path is gone)
-        model = build_model({**trained.cfg["model"], "pretrained": False, "weights": None}, trained.data.image_size)
+    model = _weightless(trained)
     own = model.state_dict()   # load_state_dict casts: int64 weights were truncated to whole numbers, silently
     odd = next(((k, v.dtype) for k, v in blob["state_dict"].items() if k in own and isinstance(v, torch.Tensor)
                 and v.dtype != own[k].dtype), None)
@@ -296,23 +296,43 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
     return model, blob
 
 
+def _weightless(recipe: Recipe) -> KDModel:
+    """The recipe's model with every weight still to load (from a checkpoint or a model): the initial weights'
+    file is not read (moved with a project, its stored path is gone). Its (CPU) initialisation leaves the
+    caller's stream, and waits for a training in another thread (a bare fork_rng rewound that training's seeded
+    stream mid-run); a caller's float64 default made a float64 model."""
+    with streams_kept(), float32_default():
+        return build_model({**recipe.cfg["model"], "pretrained": False, "weights": None}, recipe.data.image_size)
+
+
 def as_recipe_model(model: KDModel, recipe: Recipe) -> KDModel:
     """``model``'s weights in the model the recipe builds (eval mode), as a checkpoint is loaded: its scoring
     head's weight-free settings are the recipe's. Refuses a ``KDModel`` the recipe's model settings do not
-    build (another method, backbone, taps or kNN term): it was compiled and judged as that recipe's, its
-    artifact naming a recipe that cannot make it."""
-    with streams_kept(), float32_default():   # no draw from the caller's stream
-        want = build_model({**recipe.cfg["model"], "pretrained": False, "weights": None}, recipe.data.image_size)
+    build (another method, backbone, taps, kNN term, combine, smoothing or image size): it was compiled and
+    judged as that recipe's, its artifact naming a recipe that cannot make it."""
+    want = _weightless(recipe)
     have, need = model.state_dict(), want.state_dict()
     odd = [f"a {type(model).__name__}, the recipe builds a {type(want).__name__}"] if type(model) is not type(want) \
         else [f"weight {k} {'only in the model' if k in have else 'missing'}" for k in sorted(set(have) ^ set(need))]
     odd += [f"weight {k} is {tuple(have[k].shape)}, the recipe's {tuple(need[k].shape)}" for k in need
             if not odd and "knn." not in k and have[k].shape != need[k].shape]   # a kNN bank's size is the data's
+    if not odd:   # settings held as plain attributes (head.combine, head.blur.sigma, head.image_size)
+        mine, theirs = _settings_of(model), _settings_of(want)
+        odd = [f"{k} is {mine[k]!r}, the recipe's {theirs[k]!r}" for k in sorted(set(mine) & set(theirs))
+               if mine[k] != theirs[k]]
     if odd:
         raise UadcError(f"the KDModel is not what recipe {recipe.name}'s model settings build ({odd[0]}): give the "
                         f"recipe it was trained with")
     want.load_state_dict(have)   # copies: the caller's model (mid-fine-tune, in train mode) is left as it was
     return want.eval()
+
+
+def _settings_of(model: KDModel) -> dict[str, Any]:
+    """``module.attribute`` -> value of every plain setting a model's modules hold, but the head's weight-free
+    ones (the recipe picks those) and the head's kind's own (exact and fast hold others)."""
+    plain = (int, float, str, bool, tuple, type(None))
+    return {f"{name}.{k}".lstrip("."): v for name, mod in model.named_modules() for k, v in vars(mod).items()
+            if not k.startswith("_") and k != "training" and k not in HEAD_KEYS and isinstance(v, plain)}
 
 
 def held_out(recipe: Recipe, data: Any, categories: list[str]) -> list[str]:
@@ -379,8 +399,7 @@ def note_replaced_checkpoint(path: Path, recipe: Recipe) -> None:
     except (UadcError, KeyError, TypeError):   # unreadable or foreign: nothing to say of its settings
         return
     if model_hash(trained) != model_hash(recipe):
-        where = _first_difference({k: trained.cfg[k] for k in ("data", "model")},
-                                  {k: recipe.cfg[k] for k in ("data", "model")})
+        where = _first_difference(_hashed(trained), _hashed(recipe))
         log.warning("%s: replacing a checkpoint trained with other data/model settings (%s); recipes that share the "
                     "name %r share this folder", path, where, recipe.name)
 
