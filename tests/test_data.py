@@ -447,6 +447,12 @@ def test_masks_of_a_few_class_levels_keep_every_class_and_anti_aliased_edges_are
     for i, v in enumerate((20, 60, 100, 140, 180, 220)):
         soft[8 + i, 8:40] = v
     assert load_mask(_mask_of(tmp_path, Image.fromarray(soft)), 48).sum() == pytest.approx((16 - 3) * 32 * 1.5, rel=0.05)
+    big = np.zeros((256, 256), np.uint8)   # BOX-resized to a quarter: edges at levels 16 and 64, one pixel wide
+    big[60:181, 40:201] = 255
+    small = np.asarray(Image.fromarray(big).resize((64, 64), Image.BOX))
+    assert np.unique(small).tolist() == [0, 16, 64, 255]
+    s = _mask_of(tmp_path, Image.fromarray(small), size=(64, 64))
+    assert load_mask(s, 64).sum() == (np.asarray(Image.fromarray(small > 127).resize((64, 64), Image.NEAREST))).sum()
 
 
 def test_a_category_unpacked_one_folder_deeper_is_named_and_test_in_capitals_is_read(data, caplog):

@@ -100,7 +100,6 @@ def _mask_names(img: Path) -> list[str]:
     return list(dict.fromkeys(names + [n.lower() for n in names]))   # exact spelling first
 
 
-MASK_CLASS_LEVELS = 3   # non-zero levels a mask may hold and still be read as classes, every one a defect
 _MASK_LOOKALIKES = ("groundtruth", "ground-truth", "gt", "masks", "mask")
 
 
@@ -168,10 +167,10 @@ def _turned(path: Path) -> str:
 
 def _mask_pixels(sample: Sample) -> np.ndarray:
     """A defect image's mask as booleans at the mask's own size. Label or instance masks (values all
-    below 128: 0/1, 0/2, 1..N per defect, in 8 or 16 bits) and masks of a few levels (one per defect
-    class: 0/100/255, palette colours) mark their defect with any non-zero value; masks of more levels
-    (anti-aliased edges) are cut at half their peak. A JPEG-saved mask is always cut at half its peak:
-    its ringing near 0 is noise, not defect."""
+    below 128: 0/1, 0/2, 1..N per defect, in 8 or 16 bits) mark their defect with any non-zero value;
+    others are cut at half their peak, plus every darker level that fills an area (a defect class:
+    0/100/255, palette colours), not anti-aliased edges. A JPEG-saved mask is always cut at half its
+    peak: its ringing near 0 is noise, not defect."""
     with open_image(sample.mask_path, "mask") as m:
         with open_image(sample.path) as im:
             if m.size != im.size:
@@ -181,10 +180,21 @@ def _mask_pixels(sample: Sample) -> np.ndarray:
         deep = m.mode.startswith("I;16") or m.mode == "I"   # raw values: 8 bits would round 0/1 to 0/0
         a = np.asarray(m, dtype=np.float64) if deep else _mask_levels(eight_bit(m, sample.mask_path))
     peak = float(a.max(initial=0))
-    # a few levels are classes (0/100/255, palette colours): a cut at half the peak dropped the darker
-    # ones; anti-aliased or resized edges spread over many levels, and are cut
-    classes = not lossy and len(np.unique(a[a > 0])) <= MASK_CLASS_LEVELS
-    return a > (peak / 2 if lossy or (peak >= 128 and not classes) else 0)
+    if not lossy and peak < 128:   # a label mask
+        return a > 0
+    marked = a > peak / 2
+    return marked if lossy else marked | _class_levels(a, peak / 2)
+
+
+def _class_levels(a: np.ndarray, cut: float) -> np.ndarray:
+    """Pixels at a level below ``cut`` that is a defect class of its own (0/100/255, palette colours: the cut
+    dropped the darker class): one that fills an area, some pixel with its 4 neighbours at the same level.
+    Anti-aliased or resized edges (a 0/255 mask BOX-resized: levels 16 and 64) are one pixel wide: cut."""
+    inner = np.zeros(a.shape, bool)
+    c = a[1:-1, 1:-1]
+    inner[1:-1, 1:-1] = (c > 0) & (c <= cut) & (c == a[:-2, 1:-1]) & (c == a[2:, 1:-1]) & (c == a[1:-1, :-2]) & \
+        (c == a[1:-1, 2:])
+    return np.isin(a, np.unique(a[inner])) if inner.any() else inner
 
 
 def _mask_levels(m: Image.Image) -> np.ndarray:
