@@ -1494,6 +1494,14 @@ def test_only_png_jpeg_bmp_and_tiff_bytes_are_decoded_whatever_the_name(tmp_path
         with pytest.raises(UadcError, match=rf"^unreadable image {tmp_path}/{name}: not a PNG, JPEG, BMP or TIFF image"):
             with open_image(tmp_path / name):
                 pass
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8)).save(good)
+    (tmp_path / "cut.png").write_bytes(good.read_bytes()[:12])   # a damaged PNG is said so, not "another format"
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name, said in (("cut.png", "damaged or cut short"), ("empty.png", "an empty file")):
+        with pytest.raises(UadcError, match=rf"^unreadable image {tmp_path}/{name}: {said}"):
+            with open_image(tmp_path / name):
+                pass
     for fmt in ("PNG", "JPEG", "BMP", "TIFF"):   # each named .png: the bytes decide, among these
         Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "ok.png", fmt)
         with open_image(tmp_path / "ok.png") as im:

@@ -60,12 +60,32 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
         if isinstance(exc, OSError) and exc.strerror:   # the system's reason (a file removed meanwhile), not a class
             raise UadcError(f"unreadable {what}{where}: {exc.strerror}") from None
         if isinstance(exc, UnidentifiedImageError):   # another format's bytes (whatever the name), or none
-            raise UadcError(f"unreadable {what}{where}: not a PNG, JPEG, BMP or TIFF image (uadc reads those "
-                            f"only)") from None
+            raise UadcError(f"unreadable {what}{where}: {_unidentified(path)}") from None
         why = re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))   # no memory address in the line
         if where:   # Pillow names the file by repr: a latin-1 name's byte read `\udce9`, not `\xe9` as shown
             why = why.replace(repr(str(path)), f"'{shown(path)}'")
         raise UadcError(f"unreadable {what}{where}: {type(exc).__name__}: {why[:200]}") from None
+
+
+# how the formats uadc reads begin: such a file Pillow cannot open is damaged, not of another format
+_SIGNATURES = (b"\x89PNG", b"\xff\xd8", b"BM", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _unidentified(source: Any) -> str:
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                head = f.read(8)
+        else:
+            at = source.tell()
+            head, _ = source.read(8), source.seek(at)
+    except (OSError, AttributeError, ValueError):
+        head = b"?"
+    if not head:
+        return "an empty file"
+    if head.startswith(_SIGNATURES):
+        return "damaged or cut short (Pillow cannot identify it)"
+    return "not a PNG, JPEG, BMP or TIFF image (uadc reads those only)"
 
 
 def upright(im: Image.Image) -> Image.Image:
