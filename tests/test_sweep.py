@@ -711,3 +711,12 @@ def test_a_cell_that_shipped_no_calibrated_model_lists_no_calibration(tmp_path):
     assert (row["calibrator"], row["calib_data"], row["calib_samples"], row["quantize"]) == (None, None, None, None)
     res.calibrator, res.quantized_partitions = "minmax", ["student"]
     assert "calibrator" not in summarize(res, tmp_path)   # calibrated: the cell's axes say how
+    # a record written before that (reused on a rerun: the cell key is unchanged) is listed the same way
+    from uadc.pipeline.sweep.plan import Cell, Model, Plan
+    from uadc.pipeline.sweep.table import make_rows
+    axes = {"target": "ort-cpu-int8", "calibrator": "minmax", "calib_data": "train", "calib_samples": 4,
+            "quantize": ["student"], "precision": "auto"}
+    plan = Plan("s", {"m": Model("m", "tiny", {"data": {"image_size": 32}, "seed": 0})},
+                [Cell("c", "m", axes, {})], None)
+    row = make_rows(plan, [{"status": "ok", "precision": "fp32"}])[0]
+    assert (row["calibrator"], row["calib_data"], row["calib_samples"], row["quantize"]) == (None, None, None, None)

@@ -38,6 +38,8 @@ def make_rows(plan: Plan, records: list[dict]) -> list[dict]:
         row.update({k: v for k, v in rec.items() if k in row})
         if rec.get("status") != "ok":   # the precision shipped: a failed cell's axis value (target, auto) read as one
             row["precision"] = None
+        if row["precision"] == "fp32":   # auto kept every group FP32 (records written before summarize said so listed their axes)
+            row.update(calibrator=None, calib_data=None, calib_samples=None, quantize=None)
         row.update(cell=cell.id, key=rec.get("key"))
         rows.append(row)
     return rows
