@@ -121,6 +121,7 @@ def test_cell_key_follows_inputs(tiny):
     ({"name": "", "recipe": "r.yaml"}, "name: must not be empty"),
     ({"recipe": ""}, "recipe: must not be empty"),
     ({"recipes": [{"path": ""}]}, r"recipes\[0\]\.path: must not be empty"),
+    ({"recipes": [""]}, r"recipes\[0\]: must not be empty"),   # said "expected a mapping, got ''"
 ])
 def test_bad_sweep_file_is_one_line_error(tmp_path, doc, msg):
     """Worded as recipe errors are (pydantic's own "List should have at least 1 item after validation" before)."""

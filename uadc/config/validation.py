@@ -78,8 +78,8 @@ def merged(base: dict, over: dict) -> dict:
 def _is_label(part: Any) -> bool:
     """A union branch's label in an error location, a model's among them (`recipes[0].RecipeEntry.path`);
     a user's capitalised key (`LR`) is not one: it was dropped from "unknown key"."""
-    return part in ("literal", "str", "int", "float", "bool", "list", "none", "function-after") or (
-        isinstance(part, str) and part in _model_names(BaseModel))
+    return part in ("literal", "str", "int", "float", "bool", "list", "none") or (
+        isinstance(part, str) and (part.startswith(("constrained-", "function-")) or part in _model_names(BaseModel)))
 
 
 def _model_names(model: type) -> set[str]:
@@ -104,6 +104,17 @@ def _did_you_mean(model: type[BaseModel] | None, loc: tuple) -> str:
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
+def _where(parts: tuple) -> str:
+    """An error location as a user wrote the key (`recipes[0].path`), union branch labels left out."""
+    loc = ""
+    for part in parts:
+        if isinstance(part, int):
+            loc += f"[{part}]"
+        elif not _is_label(part):
+            loc += f".{part}" if loc else str(part)
+    return loc
+
+
 def first_error(exc: ValidationError, root: str = "recipe", model: type[BaseModel] | None = None) -> str:
     """``key.path[i]: what was expected, got what`` for the first problem, worded as uadc's errors
     (recipes, sweep files, verify budgets); ``root`` names a problem of the whole document, and
@@ -112,13 +123,10 @@ def first_error(exc: ValidationError, root: str = "recipe", model: type[BaseMode
     err = errors[0]
     if err["type"] == "missing":   # `dta:` said "data: required", never naming the misspelt key beside it
         err = next((e for e in errors if e["type"] == "extra_forbidden" and e["loc"][:-1] == err["loc"][:-1]), err)
-    loc = ""
-    for part in err["loc"]:
-        if isinstance(part, int):
-            loc += f"[{part}]"
-        elif not _is_label(part):
-            loc += f".{part}" if loc else str(part)
-    loc = loc or root
+    if err["type"].endswith("_type"):   # `recipes: [""]` said "expected a mapping": the str branch's error fits
+        err = next((e for e in errors if not e["type"].endswith("_type")
+                    and _where(e["loc"]) == _where(err["loc"])), err)
+    loc = _where(err["loc"]) or root
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "extra_forbidden":
         section, dot, key = str(err["loc"][-1]).partition(".")
