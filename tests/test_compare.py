@@ -193,6 +193,26 @@ def test_verify_and_eval_tables_print_no_negative_zero():
     assert "-0.0000" not in table and table.splitlines()[2].endswith("+0.0000")
 
 
+def test_a_tables_change_is_the_difference_of_the_figures_it_shows():
+    """FP32 0.98424 and compiled 0.98426 printed as 0.9842 and 0.9843 with a drop of +0.0000 beside them
+    (report.md, `uadc eval --one-class`'s comparison, `uadc calibrators`' matrix)."""
+    from uadc.evaluation.run import format_comparison
+    from uadc.pipeline.compare import render_matrix
+    from uadc.report.markdown import _metrics_table
+    f, c = {"image_auroc": 0.98424}, {"image_auroc": 0.98426}
+    rows = _metrics_table({"fp32": {"categories": {"a": f}, "mean": f},
+                           "compiled": {"categories": {"a": c}, "mean": c}, "drop": {}})
+    assert rows[2] == "| a | image_auroc | 0.9842 | 0.9843 | -0.0001 |"
+    uni, one = ({"categories": {"a": {**m, "pixel_auroc": m["image_auroc"]}}} for m in (f, c))
+    assert format_comparison(_Res({**uni, "mean": {}}), _Res({**one, "mean": {}})).splitlines()[1].endswith(
+        "0.9842     0.9843  -0.0001")
+    cell = {"image_auroc": 0.98426, "pixel_auroc": None, "image_drop": -2e-5, "pixel_drop": None}
+    matrix = render_matrix({"fp32": {**f, "pixel_auroc": None}, "target": "t", "quantized_partitions": ["student"],
+                            "calib_samples": 8, "cells": {"minmax/train": cell}, "best": "minmax/train"},
+                           ["minmax"], ["train"])
+    assert "| minmax | 0.9843 / - (+0.0001 / -) |" in matrix
+
+
 class _Res:
     def __init__(self, d):
         self.categories, self.mean = d["categories"], d["mean"]

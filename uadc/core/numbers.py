@@ -15,7 +15,13 @@ def fixed(value: float, places: int = 4, sign: bool = False) -> str:
     return f"{v:+.{places}f}" if sign else f"{v:.{places}f}"
 
 
-__all__ = ["fixed"]
+def fixed_difference(a: float, b: float, places: int = 4) -> str:
+    """``a - b`` as the two print at ``places`` decimals: 0.98424 and 0.98426 print 0.9842 and 0.9843,
+    and their exact difference printed "+0.0000" beside them."""
+    return fixed(round(float(a), places) - round(float(b), places), places, sign=True)
+
+
+__all__ = ["fixed", "fixed_difference"]
 
 
 def whole_number(value: Any, name: str, minimum: int = 1) -> int:

@@ -15,7 +15,7 @@ from uadc.config.recipe import Recipe
 from uadc.core.constants import EVAL_FILE, METRIC_KEYS
 from uadc.core.errors import NonFiniteOutputs, UadcError
 from uadc.core.io import JsonResult, atomic_write_json, check_writable, read_json, sha256_file
-from uadc.core.numbers import fixed
+from uadc.core.numbers import fixed_difference
 from uadc.core.progress import progress
 from uadc.core.scoped import eval_mode, torch_threads
 from uadc.data.mvtec import ImageDataset
@@ -276,5 +276,5 @@ def format_comparison(unified: EvalResult | None, one_class: EvalResult) -> str:
             if k not in one_class.categories[cat]:     # no test masks: image AUROC only
                 continue
             u, o = unified.categories[cat][k], one_class.categories[cat][k]
-            rows.append(f"{cat:<16}{k:<13}{u:>10.4f}{o:>11.4f}{fixed(u - o, 4, sign=True):>9}")
+            rows.append(f"{cat:<16}{k:<13}{u:>10.4f}{o:>11.4f}{fixed_difference(u, o):>9}")
     return "\n".join(rows)

@@ -20,12 +20,12 @@ from uadc.config.settings import resolve_ptq
 from uadc.config.targets import get_target
 from uadc.core.errors import UadcError, md_cell
 from uadc.core.io import atomic_write_json, atomic_write_text, contained, to_json
+from uadc.core.numbers import fixed_difference
 from uadc.core.scoped import quiet_third_party
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.sweep.fixed import run_fixed_grid
 from uadc.pipeline.sweep.run import check_grid_out
 from uadc.pipeline.sweep.spec import Axes
-from uadc.report.markdown import signed
 
 log = logging.getLogger(__name__)
 LATENCY_RUNS = 10
@@ -137,6 +137,10 @@ def _num(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)     # pixel figures are None without test masks
 
 
+def _change(value: float | None, fp32: float | None) -> str:
+    return "-" if value is None or fp32 is None else fixed_difference(value, fp32)
+
+
 def render_matrix(result: dict, calibrators: list[str], sources: list[str]) -> str:
     f = result["fp32"]
     lines = [f"Calibrators on {result['target']} (quantized: {', '.join(result['quantized_partitions'])}; "
@@ -151,9 +155,8 @@ def render_matrix(result: dict, calibrators: list[str], sources: list[str]) -> s
             if c.get("error"):
                 row.append(md_cell(f"failed: {c['error']}"))
                 continue
-            pixel_drop = None if c["pixel_drop"] is None else -c["pixel_drop"]
-            row.append(f"{c['image_auroc']:.4f} / {_num(c['pixel_auroc'], '.4f')} "
-                       f"({signed(-c['image_drop'])} / {signed(pixel_drop)})"
+            row.append(f"{c['image_auroc']:.4f} / {_num(c['pixel_auroc'], '.4f')} "   # changes of the figures shown
+                       f"({_change(c['image_auroc'], f['image_auroc'])} / {_change(c['pixel_auroc'], f['pixel_auroc'])})"
                        + (" REGRESSION" if c.get("gate_passed") is False else ""))
         lines.append(f"| {md_cell(cal)} | " + " | ".join(row) + " |")
     lines += ["", f"Best cell (smallest image-AUROC drop, passing its regression gate where any does): "
