@@ -299,6 +299,10 @@ def test_predict_cli_writes_predictions_and_overlays(int8_artifact, tmp_path, ti
     p = subprocess.run([PY, "-m", "uadc.cli", "predict", str(tmp_path / "nope"), str(test), "--json"],
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and json.loads(p.stdout)["exit_code"] == 2 and "nope" in json.loads(p.stdout)["error"]
+    # --overlays where no image could be read: the tables only are named ("overlays/" was, though none existed)
+    p = subprocess.run([PY, "-m", "uadc.cli", "predict", str(res.path), str(broken), "--out", str(tmp_path / "o2"),
+                        "--overlays"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 1 and "overlays" not in p.stdout and not (tmp_path / "o2" / "overlays").exists(), p.stdout
 
 
 def test_an_image_over_pillows_warning_limit_predicts_without_its_warning(int8_artifact, tmp_path):
@@ -565,6 +569,10 @@ def test_detector_inputs_and_errors(int8_artifact, tiny_data):
         det.predict([arr, np.zeros((3, 64, 64))])
     with pytest.raises(UadcError, match=r"^input 2: image array: empty"):
         det.predict([arr, arr, np.zeros((0, 4), np.uint8)])
+    import torch   # a tensor is an array: iterated as a batch, its one image was scored as 64 rows
+    rgb = torch.from_numpy(np.asarray(Image.open(f).convert("RGB")))
+    assert det.predict(rgb, category="gray").score == pytest.approx(one.score, abs=1e-6)
+    assert len(det.predict(torch.stack([rgb, rgb]), category="gray")) == 2
     with pytest.raises(UadcError, match=r"^image: expected a path, image bytes, .* got int$"):   # "got int64 ()"
         det.predict(3)
     with pytest.raises(UadcError, match=r"^inputs: expected an image or a list of images, got a dict$"):
@@ -1501,6 +1509,11 @@ def test_only_png_jpeg_bmp_and_tiff_bytes_are_decoded_whatever_the_name(tmp_path
     for name, said in (("cut.png", "damaged or cut short"), ("empty.png", "an empty file")):
         with pytest.raises(UadcError, match=rf"^unreadable image {tmp_path}/{name}: {said}"):
             with open_image(tmp_path / name):
+                pass
+    import io   # bytes of a PNG's signature only: Pillow's probe had read them, "an empty file" was said
+    for data, said in ((good.read_bytes()[:8], "damaged or cut short"), (b"hello", "not a PNG"), (b"", "an empty")):
+        with pytest.raises(UadcError, match=rf"^unreadable image bytes: {said}"):
+            with open_image(io.BytesIO(data), "image bytes"):
                 pass
     for fmt in ("PNG", "JPEG", "BMP", "TIFF"):   # each named .png: the bytes decide, among these
         Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "ok.png", fmt)

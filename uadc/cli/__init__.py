@@ -173,7 +173,7 @@ def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out:
         click.echo(f"skipped {shown(path)}: {reason}", err=True)
     click.echo(f"{run.summary_line()} ({det.backend_name})")
     click.echo(one_line(f"written: {run.written[0]}, {run.written[1]}"     # predictions.jsonl, .csv
-                        + (f", {out / 'overlays'}/" if overlays else "")))
+                        + (f", {out / 'overlays'}/" if len(run.written) > 2 else "")))   # none: no folder
     return run   # exit 1 when an image could not be read (run.exit_code)
 
 

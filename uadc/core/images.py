@@ -76,9 +76,9 @@ def _unidentified(source: Any) -> str:
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as f:
                 head = f.read(8)
-        else:
+        else:   # from its start, as Pillow reads it: where Pillow's probe stopped, 8 bytes read as empty
             at = source.tell()
-            head, _ = source.read(8), source.seek(at)
+            head, _ = (source.seek(0), source.read(8))[1], source.seek(at)
     except (OSError, AttributeError, ValueError):
         head = b"?"
     if not head:
