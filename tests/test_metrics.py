@@ -314,6 +314,7 @@ def test_a_defect_type_whose_masks_cover_the_image_has_no_pixel_auroc():
     out = defect_breakdown(kinds, labels, rng.random(7), masks, maps)
     assert "pixel_auroc" not in out["color"] and "image_auroc" in out["color"]
     assert 0 <= out["scratch"]["pixel_auroc"] <= 1
+    assert [type(k) for k in out] == [str, str]   # numpy's str_: EvalResult.to_dict() did not dump to YAML
 
 
 def test_infinite_scores_and_no_images_are_refused_alike():

@@ -122,7 +122,7 @@ def evaluate(predictor: Predictor, arrays: TestArrays, batch_size: int = 16, des
 def defect_breakdown(kinds: np.ndarray, labels, scores, masks, maps) -> dict[str, dict[str, float]]:
     """Per defect type: image AUROC against the good images, pixel AUROC on that type's images."""
     out = {}
-    for kind in sorted(set(kinds) - {"good"}):
+    for kind in sorted(str(k) for k in set(kinds) - {"good"}):   # str: numpy's str_ kept YAML from dumping it
         sel, only = (kinds == kind) | (kinds == "good"), kinds == kind
         out[kind] = {"count": int(only.sum()), "image_auroc": metrics.image_auroc(labels[sel], scores[sel])}
         if metrics.has_pixels(masks[only]):
