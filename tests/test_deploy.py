@@ -4,6 +4,7 @@ the artifact.json manifest (tamper check) and in-graph post-processing."""
 from __future__ import annotations
 
 import json
+import os
 import logging
 import shutil
 import subprocess
@@ -391,9 +392,12 @@ def test_bundle_keeps_what_the_line_runs_and_leaves_the_golden_files_out(int8_ar
     (tmp_path / "failed" / "report.json").write_text(json.dumps(
         {"verification": {"gate": {"passed": False, "failures": ["image_auroc_drop 0.0556 > 0.02"]}}}))
     with caplog.at_level("WARNING", logger="uadc"):
-        _warn_of_a_failed_gate(tmp_path / "failed", {"report.json": "x"})
+        _warn_of_a_failed_gate(tmp_path / "failed", {"report.json": "x"}, False)
+        _warn_of_a_failed_gate(tmp_path / "failed", {"report.json": "x"}, True)   # a bundle's: no golden set in it
     assert "failed its own regression gate at compile (image_auroc_drop 0.0556 > 0.02): the bundle ships it" \
         in caplog.text
+    assert [r.getMessage().endswith(f"`uadc verify {tmp_path / 'failed'}{g}` lists the figures")
+            for r, g in zip(caplog.records, ("", " --golden FULL_ARTIFACT"))] == [True, True]
     assert sorted(p.name for p in out.iterdir()) == sorted([*b.files, "artifact.json"])
     assert not set(b.files) & set(GOLDEN_FILES) and set(b.left_out) <= set(GOLDEN_FILES) and "golden.json" in b.left_out
     m = read_manifest(out)   # every kept file hashed; provenance recorded
@@ -431,6 +435,37 @@ def test_bundle_keeps_what_the_line_runs_and_leaves_the_golden_files_out(int8_ar
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and "does not match its sha256" in p.stderr and p.stderr.strip().count("\n") == 0
     assert not (tmp_path / "never").exists()
+
+
+def test_a_users_files_in_an_output_folder_are_kept_and_a_bundle_stays_out_of_artifacts(int8_artifact, tmp_path):
+    """`bundle --force` and a recompile replaced a folder and the images and scripts a user had put in it, without
+    a word; a bundle written inside an artifact folder was deleted by that artifact's next compile; `--out .`
+    wrote the bundle, then ended in a FileNotFoundError traceback (the working folder was swapped away)."""
+    import uadc
+    from uadc.core.io import check_replaceable
+    _, _, res = int8_artifact
+    line = uadc.bundle(res.path, tmp_path / "line").path
+    (line / "model.engine").write_bytes(b"built on the device")   # the device's own files are uadc's to replace
+    (line / "timing.cache").write_bytes(b"x")
+    check_replaceable(line)
+    (line / "images").mkdir()
+    (line / "images" / "a.png").write_bytes(b"theirs")
+    (line / "run_line.sh").write_text("#!/bin/sh\n")
+    with pytest.raises(UadcError, match=rf"^output folder {line} holds files its artifact.json does not list "
+                                        rf"\(images/a.png and 1 more\): move them out first, or choose another --out"):
+        uadc.bundle(res.path, line, force=True)
+    assert (line / "images" / "a.png").read_bytes() == b"theirs"
+    copy = tmp_path / "copy"
+    shutil.copytree(res.path, copy)
+    with pytest.raises(UadcError, match=f"--out {copy / 'sub'}: inside the artifact folder {copy}"):
+        uadc.bundle(res.path, copy / "sub")
+    assert not (copy / "sub").exists()
+    here = tmp_path / "here"
+    here.mkdir()
+    p = subprocess.run([PY, "-m", "uadc.cli", "bundle", str(res.path), "--out", ".", "--json"],
+                       capture_output=True, text=True, cwd=here, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0 and json.loads(p.stdout)["path"] == str(here), p.stderr
+    assert (here / "artifact.json").is_file()
 
 
 def test_evaluating_an_artifact_checks_it_takes_the_recipes_input(int8_artifact, tmp_path, tiny_data):

@@ -3,6 +3,7 @@ same verification, metrics and report; a clear one-line error when OpenVINO is m
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -324,3 +325,9 @@ def test_an_openvino_artifact_where_openvino_does_not_import_says_it_runs_on_onn
     assert det.backend_name == "onnxruntime"
     assert "an artifact of target openvino-cpu-fp32, but OpenVINO is not installed: pip install 'uadc[openvino]': " \
            "running it on ONNX Runtime (CPU) instead" in caplog.text
+    monkeypatch.undo()   # an engine there and no TensorRT: the warning named ONNX Runtime while OpenVINO ran it
+    (tmp_path / "ov" / "model.engine").write_bytes(b"stray")
+    if importlib.util.find_spec("tensorrt") is None:
+        det = Detector.load(tmp_path / "ov")
+        assert det.backend_name == "openvino" and any("TensorRT cannot run here" in w and w.endswith(
+            "running model.onnx on OpenVINO instead") for w in det.warnings), det.warnings

@@ -440,7 +440,7 @@ def test_recipes_show_reads_as_loading_does(tmp_path):
 def test_a_category_with_a_c1_character_is_a_plain_name():
     """A Windows-1252 name read as latin-1 holds C1 characters (U+0092 for its apostrophe): refusing them broke
     one-class training of a folder that trained before; only the line breaks among them (U+0085) are refused."""
-    from uadc.core.io import is_plain_name
+    from uadc.core.names import is_plain_name
     assert recipe_from_dict({"data": {"sources": [{"root": "d", "categories": ["bob\x92s"]}]}}).data.sources[0] \
         .categories == ["bob\x92s"]
     assert not is_plain_name("a\x85b") and not is_plain_name("a\u2028b") and not is_plain_name("a\x7fb")

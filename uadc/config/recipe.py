@@ -24,7 +24,7 @@ from uadc.config.yaml_file import read_yaml_mapping
 from uadc.core.constants import CALIBRATION_KINDS, DEFAULT_TAPS, MAX_THREADS, PARTITIONS
 from uadc.core.errors import UadcError
 from uadc.core.images import shown
-from uadc.core.io import is_plain_name
+from uadc.core.names import is_plain_name
 
 METHODS = ("stfpm", "paste", "rd", "us")
 BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2", "mobilenet_v2")

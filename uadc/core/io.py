@@ -25,11 +25,11 @@ import math
 import os
 import re
 import shutil
-import unicodedata
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from uadc.core.constants import DEVICE_FILES, ENGINE_FILE, ENGINE_SOURCE_SUFFIX, MANIFEST_FILE
 from uadc.core.errors import UadcError, one_line
 from uadc.core.process import signals_deferred
 
@@ -321,8 +321,32 @@ def check_replaceable(final: Path, replace: bool = True, remedy: str = "choose a
     if not is_output_dir(final):
         raise UadcError(f"output folder {final} exists and was not written by uadc; "
                         f"{remedy} (nothing was changed)")
+    added = files_added_to_artifact(final)
+    if added:   # a user's images and scripts beside the artifact went with it, without a word
+        more = f" and {len(added) - 1} more" if len(added) > 1 else ""
+        raise UadcError(f"output folder {final} holds files its {MANIFEST_FILE} does not list ({added[0]}{more}): "
+                        f"move them out first, or {remedy} (nothing was changed)")
     if not replace:
         raise UadcError(f"output folder {final} exists; pass --force (force=True) to replace it")
+
+
+def files_added_to_artifact(folder: Path) -> list[str]:
+    """Files and links in an artifact folder that its ``artifact.json`` does not list and no uadc step
+    makes there (the device's engine files, writers' temps): added by someone, and theirs to keep."""
+    try:
+        listed = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):   # no artifact.json (a sweep's folder), or not uadc's
+        return []
+    if not isinstance(listed, dict):
+        return []
+    known = {*listed, MANIFEST_FILE, *DEVICE_FILES}
+    added = []
+    for root, dirs, files in os.walk(folder):   # links to folders are not walked: named themselves
+        for name in sorted(files) + sorted(d for d in dirs if os.path.islink(os.path.join(root, d))):
+            rel = Path(root, name).relative_to(folder).as_posix()
+            if rel not in known and TMP_TAG not in name and not rel.startswith(f"{ENGINE_FILE}{ENGINE_SOURCE_SUFFIX}"):
+                added.append(rel)
+    return sorted(added)
 
 
 @contextlib.contextmanager
@@ -444,40 +468,6 @@ def staged_files(final: Path, then: Callable[[], Any] | None = None) -> Iterator
         if made and not done:
             with contextlib.suppress(OSError):
                 final.parent.rmdir()
-
-
-def same_name(a: str, b: str) -> bool:
-    """Two names that read the same: a folder copied from macOS is named in decomposed Unicode (NFD),
-    the name a user types is composed (NFC); 'Prüfteil' was "not found (found: Prüfteil)"."""
-    return a == b or unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b)
-
-
-def is_plain_name(name: str) -> bool:
-    """One path component that stays inside the folder it is joined to: no separators, no ``..``,
-    no leading dot (hidden), no control characters (a newline in a folder name breaks every log)."""
-    return bool(name) and name not in (".", "..") and not name.startswith(".") and _encodable(name) and \
-        not any(c in _NOT_IN_NAMES or ord(c) < 32 for c in name)   # controls, line breaks, bidi overrides
-
-
-# other C1 characters stay: a Windows-1252 name read as latin-1 holds them (U+0092 for an apostrophe)
-_NOT_IN_NAMES = frozenset("/\\\x7f\x85\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def _encodable(name: str) -> bool:
-    """A file name the OS can take: a lone surrogate (YAML's "\\ud800") passed, then file_lock raised."""
-    try:
-        os.fsencode(name)
-        return True
-    except UnicodeError:
-        return False
-
-
-def contained(root: Path, name: str, what: str = "name") -> Path:
-    """``root / name`` where ``name`` is one plain path component (:func:`is_plain_name`)."""
-    if not is_plain_name(name):
-        raise UadcError(f"{what} {name!r} is not a plain folder name (no '/', '..', leading '.', control or "
-                        f"line-break character)")
-    return Path(root) / name
 
 
 def as_path(value: Any, name: str, optional: bool = False) -> Path | None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from uadc.config.recipe import Recipe
 from uadc.core.errors import UadcError
-from uadc.core.io import file_key, same_name
+from uadc.core.io import file_key
+from uadc.core.names import same_name
 from uadc.data.mvtec import (ImageDataset, Sample, build_test_sets, build_train_set, list_folder_samples,
                              list_train_samples, split_validation, validate_test_masks)
 from uadc.data.sources import resolve_sources

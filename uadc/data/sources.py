@@ -11,7 +11,7 @@ from typing import Sequence
 from uadc.config.recipe import Recipe
 from uadc.core.errors import UadcError
 from uadc.core.images import check_utf8_name, is_hidden
-from uadc.core.io import same_name
+from uadc.core.names import same_name
 from uadc.core.manifest import GLOBAL
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from uadc.core.constants import GOLDEN_FILES, MANIFEST_FILE, REPORT_FILE
 from uadc.core.errors import UadcError
 from uadc.core.io import JsonResult, as_path, atomic_dir, is_output_dir, read_json, sha256_file
 from uadc.core.numbers import flags
-from uadc.core.manifest import read_manifest, write_manifest
+from uadc.core.manifest import check_outside_artifacts, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ class BundleResult(JsonResult):
 
     def summary_line(self) -> str:
         return (f"{self.path}: {len(self.files)} files and {MANIFEST_FILE}, {self.bytes / 1e6:.1f} MB (the artifact: "
-                f"{self.source_bytes / 1e6:.1f} MB); left out: {', '.join(self.left_out) or 'nothing'}")
+                f"{self.source_bytes / 1e6:.1f} MB); left out: {', '.join(self.left_out) or 'nothing'}"
+                + (f"; not copied (not in its {MANIFEST_FILE}): {', '.join(self.unlisted)}" if self.unlisted else ""))
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "source": str(self.source), "files": self.files, "left_out": self.left_out,
@@ -78,7 +79,9 @@ def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
     manifest = read_manifest(source)             # every listed file present and unchanged
     manifest.check_model_file()                  # and artifact.json the one compile wrote for its model
     _check_apart(source, Path(out))
+    check_outside_artifacts(Path(out), below=True)   # a later compile of that artifact deleted it, without --force
     _check_not_an_artifact(Path(out))
+    final = Path(out).absolute()   # now: `--out .` is swapped away below, and the working folder with it
     keep = sorted(rel for rel in manifest.files if rel not in GOLDEN_FILES)
     left_out = sorted(set(manifest.files) - set(keep))
     earlier = (manifest.bundle or {}).get("left_out") if isinstance(manifest.bundle, dict) else None
@@ -92,21 +95,22 @@ def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
             if sha256_file(tmp / rel) != manifest.files[rel]:
                 raise UadcError(f"artifact {source}: {rel} changed while it was being copied; nothing was written")
         write_manifest(tmp, dataclasses.replace(manifest, files={}, bundle=provenance, folder=None, unlisted=[]))
-    _warn_of_a_failed_gate(source, manifest.files)
+    _warn_of_a_failed_gate(source, manifest.files, manifest.bundle is not None)
     if manifest.thresholds is None:   # it shipped without a word; its first predict on the line refused it
         log.warning("%s has no operating thresholds (compiled without validation normals): `uadc predict` and "
                     "Detector refuse the bundle; it serves raw scores only", source)
-    final = Path(out)   # left out: a bundle's bundle's too (it said "nothing"); the path absolute, as compile's
-    return BundleResult(final.absolute(), source, keep, provenance["left_out"], list(manifest.unlisted),
+    # left out: a bundle's bundle's too (it said "nothing"); the path absolute, as compile's
+    return BundleResult(final, source, keep, provenance["left_out"], list(manifest.unlisted),
                         sum((final / rel).stat().st_size for rel in [*keep, MANIFEST_FILE]),
                         sum((source / rel).stat().st_size for rel in [*manifest.files, MANIFEST_FILE]))
 
 
-def _warn_of_a_failed_gate(source: Path, files: dict) -> None:
+def _warn_of_a_failed_gate(source: Path, files: dict, is_bundle: bool) -> None:
     """A bundle of an artifact that failed its own regression gate at compile went out without a word."""
     report = read_json(source / REPORT_FILE, "report") if REPORT_FILE in files else None
     gate = ((report or {}).get("verification") or {}).get("gate") if isinstance(report, dict) else None
     if isinstance(gate, dict) and gate.get("passed") is False:
         first = (gate.get("failures") or ["a figure out of budget"])[0]
         log.warning("%s failed its own regression gate at compile (%s): the bundle ships it as compiled; "
-                    "`uadc verify %s` lists the figures", source, first, source)
+                    "`uadc verify %s%s` lists the figures", source, first, source,
+                    " --golden FULL_ARTIFACT" if is_bundle else "")   # a bundle holds no golden set

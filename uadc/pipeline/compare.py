@@ -19,7 +19,8 @@ from uadc.config.recipe import Recipe, default_artifacts_root
 from uadc.config.settings import resolve_ptq
 from uadc.config.targets import get_target
 from uadc.core.errors import UadcError, md_cell
-from uadc.core.io import atomic_write_json, atomic_write_text, contained, to_json
+from uadc.core.io import atomic_write_json, atomic_write_text, to_json
+from uadc.core.names import contained
 from uadc.core.numbers import fixed_difference
 from uadc.core.scoped import quiet_third_party
 from uadc.pipeline.baseline import Baseline

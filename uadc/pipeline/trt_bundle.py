@@ -16,6 +16,7 @@ from uadc.backends import tensorrt as trt_backend
 from uadc.backends.tensorrt.cache import write_calibration_cache
 from uadc.backends.tensorrt.rules import check_trt_rules
 from uadc.config.targets import Target
+from uadc.core.constants import TIMING_CACHE_FILE
 from uadc.passes.opset import convert_opset
 from uadc.passes.pipeline import PassContext
 from uadc.pipeline.precision_trt import fp32_layers as float_layers
@@ -46,7 +47,7 @@ def build_settings(target: Target, fp32_layers: list[str] | None = None,
     return trt_backend.BuildSettings(precision=precision,
                                      workspace_mb=int(target.builder.get("workspace_mb", 1024)),
                                      max_batch=int(target.builder.get("max_batch", 8)),
-                                     timing_cache="timing.cache",
+                                     timing_cache=TIMING_CACHE_FILE,
                                      fp32_layers=tuple(fp32_layers) if fp32_layers is not None else None,
                                      model_typed=fp32_layers is not None)   # compile types the FP16 layers it chose
 

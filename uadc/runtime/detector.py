@@ -291,11 +291,12 @@ class Detector:
                 log.warning("%s", unrecorded)
             return cls(manifest, _TrtBackend(engine), batch_size)
         model = folder / manifest.model_file
-        if backend == "auto" and engine.is_file():   # a JetPack venv without tensorrt ran the ONNX on the CPU unsaid
-            log.warning("%s: %s is here but TensorRT cannot run here (%s): running %s on ONNX Runtime (CPU) instead",
-                        folder, ENGINE_FILE, trt_why, manifest.model_file)
         ov_missing = _openvino_missing() if backend in ("openvino", "auto") and manifest.runtime == "openvino" \
             or backend == "openvino" else None
+        if backend == "auto" and engine.is_file():   # a JetPack venv without tensorrt ran the ONNX on the CPU unsaid
+            log.warning("%s: %s is here but TensorRT cannot run here (%s): running %s on %s instead", folder,
+                        ENGINE_FILE, trt_why, manifest.model_file,
+                        "OpenVINO" if manifest.runtime == "openvino" and not ov_missing else "ONNX Runtime (CPU)")
         if backend == "openvino" or (backend == "auto" and manifest.runtime == "openvino" and not ov_missing):
             if ov_missing:   # installed and broken: its reason, not only "pip install"
                 raise UadcError(f"backend openvino: the openvino Python package does not import here ({ov_missing}); "

@@ -28,7 +28,8 @@ from uadc.core.constants import (GOLDEN_INPUTS, GOLDEN_MASKS, GOLDEN_META, GOLDE
                                  INPUT_NAME, MANIFEST_FILE, OUTPUT_NAMES)
 from uadc.core.errors import UadcError
 from uadc.core.manifest import read_manifest
-from uadc.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, is_plain_name
+from uadc.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from uadc.core.names import is_plain_name
 from uadc.core.scoped import quiet_third_party
 
 MAX_GOLDEN_BYTES = 2 << 30   # far above a 1024 px golden set (base64 float32 in JSON)

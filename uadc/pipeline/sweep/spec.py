@@ -35,7 +35,7 @@ from uadc.config.validation import first_error, listed_twice
 from uadc.core.constants import MAX_THREADS
 from uadc.core.errors import UadcError
 from uadc.core.images import shown
-from uadc.core.io import is_plain_name
+from uadc.core.names import is_plain_name
 
 MAX_SWEEP_BYTES = 1 << 20
 MAX_CELLS = 10_000
