@@ -472,6 +472,17 @@ def test_a_utf8_recipe_reads_the_same_under_any_locale(recipe_factory):
     assert p.returncode == 0, p.stderr
 
 
+def test_a_recipe_that_cannot_be_read_is_one_line(recipe_factory, monkeypatch):
+    """No read permission: `uadc sweep` and `uadc.load_recipe` ended in a PermissionError traceback."""
+    recipe = recipe_factory()
+
+    def refused(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "read_text", refused)   # as root, chmod 000 would not stop the read
+    with pytest.raises(UadcError, match=rf"^{recipe}: cannot read the recipe: Permission denied$"):
+        load_recipe(recipe)
+
+
 def test_a_built_in_name_beside_a_file_of_that_name_says_which_ran(tmp_path, monkeypatch, caplog):
     """`uadc recipes show demo > demo.yaml`, edited, then `uadc train demo`: the built-in trained for 20 epochs
     into the same artifacts/demo, without a word about the edited copy."""

@@ -134,6 +134,8 @@ def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) ->
         raise UadcError(f"{named}: not valid YAML: {first}{where}") from None
     except RecursionError:
         raise UadcError(f"{named}: YAML nested too deeply") from None
+    except OSError as exc:   # no read permission: a PermissionError traceback from `uadc sweep` and the API
+        raise UadcError(f"{named}: cannot read the {what}: {exc.strerror or type(exc).__name__}") from None
     if raw is not None and not isinstance(raw, dict):
         raise UadcError(f"{named}: expected a mapping at the top level, got {type(raw).__name__}")
     return raw or {}
