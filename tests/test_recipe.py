@@ -293,6 +293,13 @@ def test_compile_settings_only_compile_used_are_checked_before_training(recipe_f
     with pytest.raises(UadcError, match=re.escape("compile.passes: unknown pass(es) 'nonsense'; available: ")):
         uadc.train(recipe_factory(compile={"passes": ["cleanup", "nonsense"]}), artifacts=tmp_path / "art")
     assert not (tmp_path / "art").exists()
+    for compile_, said in (({"passes": ["qdq", "qdq"]}, "qdq is listed 2 times"),   # refused after the training
+                           ({"passes": [], "target": "ort-cpu-int8"}, "target ort-cpu-int8 needs qdq"),
+                           ({"calib_data": "mixed", "calib_samples": 1}, "calib_samples must be at least 2, got 1")):
+        with pytest.raises(UadcError, match=said):
+            uadc.train(recipe_factory(compile=compile_), artifacts=tmp_path / "art")
+        assert not (tmp_path / "art").exists()
+    check_compile_settings(load_recipe(recipe_factory(compile={"passes": [], "target": "ort-cpu-fp32"})))
     with caplog.at_level("WARNING", logger="uadc"):
         check_compile_settings(load_recipe(recipe_factory(compile={"calibrator": "bogus", "auto": {"gpu": "g"}})))
     assert "compile.calibrator: unknown calibrator 'bogus' here" in caplog.text

@@ -229,6 +229,9 @@ def check_compile_settings(recipe: Recipe) -> None:
     unknown = [p for p in c.passes or [] if p not in PASSES]
     if unknown:
         raise UadcError(f"compile.passes: unknown pass(es) {', '.join(map(repr, unknown))}; available: {', '.join(PASSES)}")
+    if c.passes is not None:   # [qdq, qdq], or [] for an INT8 compile.target: refused by compile, after the training
+        _check_pass_list(list(c.passes), get_target(c.target))
+    resolve_ptq(recipe, get_target(c.target))   # calib_data mixed of 1 sample, the same
     if c.calibrator is not None and c.calibrator not in available_calibrators():
         log.warning("compile.calibrator: unknown calibrator %r here (known: %s); `uadc compile` to an INT8 target will "
                     "refuse it unless --calibrator overrides it", c.calibrator, ", ".join(available_calibrators()))
@@ -292,6 +295,15 @@ SHARED_PASSES = ("shape_inference", "simplify")   # run on the FP32 export every
 def _pass_names(baseline: Baseline, target: Target, opts: CompileOptions, warn: bool = False) -> list[str]:
     given = opts.passes if opts.passes is not None else baseline.recipe.compile.passes
     names = list(target.passes if given is None else given)
+    _check_pass_list(names, target)
+    shared = [n for n in names if n in SHARED_PASSES]
+    if warn and given is not None and names[:len(shared)] != list(SHARED_PASSES):   # dropped or moved, silently
+        log.warning("compile.passes: %s run once on the shared FP32 export, before the other passes, whatever the "
+                    "list says (it has %s)", " and ".join(SHARED_PASSES), ", ".join(shared) or "neither")
+    return [n for n in names if n not in SHARED_PASSES]
+
+
+def _check_pass_list(names: list[str], target: Target) -> None:
     need = [p for p in PRECISION_PASSES if p in target.passes and p not in names]
     extra = [p for p in PRECISION_PASSES if p in names and p not in target.passes]
     if need or extra:   # without qdq an INT8 target shipped the FP32 model as int8, exit 0; [] was ignored
@@ -301,11 +313,6 @@ def _pass_names(baseline: Baseline, target: Target, opts: CompileOptions, warn: 
     twice = next((p for p in PRECISION_PASSES if names.count(p) > 1), None)   # qdq twice: an endless Q/DQ walk
     if twice:
         raise UadcError(f"compile.passes {names}: {twice} is listed {names.count(twice)} times; it runs once")
-    shared = [n for n in names if n in SHARED_PASSES]
-    if warn and given is not None and names[:len(shared)] != list(SHARED_PASSES):   # dropped or moved, silently
-        log.warning("compile.passes: %s run once on the shared FP32 export, before the other passes, whatever the "
-                    "list says (it has %s)", " and ".join(SHARED_PASSES), ", ".join(shared) or "neither")
-    return [n for n in names if n not in SHARED_PASSES]
 
 
 def _model_record(baseline: Baseline) -> dict:
