@@ -182,7 +182,11 @@ def test_a_warm_up_as_long_as_the_training_is_warned_about(recipe_factory, tmp_p
     recipe = recipe_factory(train={"epochs": 1, "warmup_epochs": 1, "threads": 1})
     with caplog.at_level("WARNING", logger="uadc"):
         uadc.train(recipe, artifacts=tmp_path / "art")
-    assert "train.warmup_epochs (1) >= train.epochs (1): the learning rate never reaches train.lr" in caplog.text
+    # as long as the training: its last step is at train.lr ("never reaches" was said)
+    assert "train.warmup_epochs (1) = train.epochs (1): the learning rate reaches train.lr on the last step only" \
+        in caplog.text
+    from uadc.training.fit import _lr_factor
+    assert [_lr_factor(s, 4, 4, "cosine") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert "not a multiple of" not in caplog.text   # 64 px: the stride-8 features line up
 
 

@@ -74,9 +74,10 @@ def fit(model: KDModel, images: torch.Tensor, t: TrainConfig, seed: int, desc: s
     bs = min(t.batch_size, len(images))
     steps_per_epoch = max(1, len(images) // bs)  # drop the ragged last batch (BN statistics)
     total = steps_per_epoch * t.epochs
-    if t.warmup_epochs >= t.epochs:   # the learning rate then never reaches train.lr
-        log.warning("train.warmup_epochs (%d) >= train.epochs (%d): the learning rate never reaches train.lr",
-                    t.warmup_epochs, t.epochs)
+    if t.warmup_epochs >= t.epochs:   # the warm-up's last step is at train.lr: equal epochs reach it once
+        log.warning("train.warmup_epochs (%d) %s train.epochs (%d): the learning rate %s", t.warmup_epochs,
+                    *((">", t.epochs, "never reaches train.lr") if t.warmup_epochs > t.epochs else
+                      ("=", t.epochs, "reaches train.lr on the last step only")))
     t_setup = time.time()   # teacher caching and DCAM set-up count as training time too
     t_cache = cache_teacher(model.eval(), images, 32) if t.cache_teacher else None
     # DCAM: training-only attention blocks and loss, dropped after training (never exported).
