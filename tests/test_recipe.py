@@ -60,6 +60,8 @@ def test_defaults_filled_and_paths_resolved(tmp_path):
     ({"data": {"sources": [{"root": "x", "categories": ["a\nb"]}]}}, "is not a plain folder name"),
     ({**SRC, "name": "a\nb"}, "name: must be a plain folder name"),
     ({**SRC, "name": "é" * 100}, "valid UTF-8, at most 128 bytes)"),   # 100 characters, 200 bytes: an OSError
+    ({**SRC, "name": " "}, "name: must be a plain folder name"),   # trained into artifacts/ /
+    ({**SRC, "name": "line1 "}, "no '/', '..', leading '.' or space at either end"),
     # the filesystem's 255-byte limit: an OSError traceback before training
     ({"data": {"sources": [{"root": "x", "categories": ["a" * 300]}]}}, "at most 255 bytes"),
     ({"data": {"sources": [{"root": "/tmp/" + "a" * 300}]}}, "data.sources[0].root: a part of the path is 300 bytes"),

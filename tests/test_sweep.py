@@ -117,6 +117,7 @@ def test_cell_key_follows_inputs(tiny):
      r"axes: quantize\[0\] lists 'student' twice"),
     # the sweep's folder under <artifacts>/sweeps/: a newline made two lines of every listing
     ({"name": "a\nb", "recipe": "r.yaml", "axes": {"target": ["ort-cpu-fp32"]}}, r"name 'a\\nb' is not a plain folder name"),
+    ({"name": " grid", "recipe": "r.yaml"}, r"name ' grid' is not a plain folder name .* space at either end"),
     # the file's stem was used, or the sweep file's own folder read as the recipe ("a folder, not a YAML file")
     ({"name": "", "recipe": "r.yaml"}, "name: must not be empty"),
     ({"recipe": ""}, "recipe: must not be empty"),

@@ -24,7 +24,7 @@ from uadc.config.yaml_file import read_yaml_mapping
 from uadc.core.constants import CALIBRATION_KINDS, DEFAULT_TAPS, MAX_THREADS, PARTITIONS
 from uadc.core.errors import UadcError
 from uadc.core.images import shown
-from uadc.core.names import is_plain_name
+from uadc.core.names import is_output_name, is_plain_name
 
 METHODS = ("stfpm", "paste", "rd", "us")
 BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2", "mobilenet_v2")
@@ -319,16 +319,10 @@ class RecipeConfig(_Section):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not _is_plain(v):
-            raise ValueError("must be a plain folder name (no '/', '..' or leading '.', valid UTF-8, at most 128 bytes)")
+        if v is not None and not is_output_name(v):
+            raise ValueError("must be a plain folder name (no '/', '..', leading '.' or space at either end, valid UTF-8, "
+                             "at most 128 bytes)")
         return v
-
-
-def _is_plain(name: str) -> bool:   # bytes: 128 'é' made a 256-byte folder name, an OSError traceback
-    try:   # strict: a non-UTF-8 byte in a file stem (a lone surrogate here) gave --json paths no reader maps back
-        return is_plain_name(name) and len(name.encode("utf-8")) <= 128
-    except UnicodeEncodeError:
-        return False
 
 
 class Recipe:
@@ -460,7 +454,7 @@ def recipe_from_dict(raw: dict, path: Path | None = None, keep_name: bool = Fals
         raise UadcError("recipe: nested too deeply") from None
     if config.name is None and not keep_name:
         stem = path.stem if path else "recipe"
-        if not _is_plain(stem):   # every such recipe trained into one folder, `recipe/`, over the others
+        if not is_output_name(stem):   # every such recipe trained into one folder, `recipe/`, over the others
             raise UadcError(f"{shown(path)}: its file name is no plain folder name for its artifacts; give the "
                             f"recipe a name: key")
         config = config.model_copy(update={"name": stem})

@@ -41,3 +41,13 @@ def contained(root: Path, name: str, what: str = "name") -> Path:
         raise UadcError(f"{what} {name!r} is not a plain folder name (no '/', '..', leading '.', control or "
                         f"line-break character)")
     return Path(root) / name
+
+
+def is_output_name(name: str, max_bytes: int = 128) -> bool:
+    """A name a user gives an output folder (a recipe's, a sweep's): plain, valid UTF-8 (a lone surrogate from
+    a file stem gave --json paths no reader maps back), at most ``max_bytes`` (128 'é' made a 256-byte
+    folder name), and no space at either end (`name: ' '` trained into `artifacts/ /`)."""
+    try:
+        return is_plain_name(name) and name == name.strip() and len(name.encode("utf-8")) <= max_bytes
+    except UnicodeEncodeError:
+        return False

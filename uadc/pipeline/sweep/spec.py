@@ -35,7 +35,7 @@ from uadc.config.validation import first_error, listed_twice
 from uadc.core.constants import MAX_THREADS
 from uadc.core.errors import UadcError
 from uadc.core.images import shown
-from uadc.core.names import is_plain_name
+from uadc.core.names import is_output_name
 
 MAX_SWEEP_BYTES = 1 << 20
 MAX_CELLS = 10_000
@@ -143,9 +143,9 @@ def load_sweep(source: "str | Path | dict | SweepSpec") -> tuple[SweepSpec, Path
         spec = _validate(read_yaml_mapping(path, "sweep file", MAX_SWEEP_BYTES), where)
         base, stem = path.resolve().parent, path.stem
     name = spec.name or stem   # the folder under <artifacts>/sweeps/: a newline in it broke every listing
-    if not is_plain_name(name) or len(name) > 128:
-        raise UadcError(f"{where}: name {name!r} is not a plain folder name (no '/', '..', leading '.' or control "
-                        f"character, at most 128 characters)")
+    if not is_output_name(name):
+        raise UadcError(f"{where}: name {name!r} is not a plain folder name (no '/', '..', leading '.', space at "
+                        f"either end or control character, valid UTF-8, at most 128 bytes)")
     return spec, base, name
 
 
