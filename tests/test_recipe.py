@@ -52,6 +52,8 @@ def test_defaults_filled_and_paths_resolved(tmp_path):
     # US's students describe one stage: every tap after the first was ignored, silently
     (_with(model={"method": "us", "taps": ["blocks.1", "blocks.3"]}), "model.taps: method us describes one teacher stage"),
     ([1, 2], "recipe: expected a mapping"),
+    ({**SRC, 1: 2}, "recipe: key 1 is not a name; write it in quotes"),   # "[1]: Keys should be strings"
+    ({"data": {**SRC["data"], None: 2}}, "data: key None is not a name"),
     # a category names a folder under the data root and, one-class, under the artifacts: one plain name
     ({"data": {"sources": [{"root": "x", "categories": ["/tmp/data/bottle"]}]}},
      "data.sources[0].categories: '/tmp/data/bottle' is not a plain folder name"),

@@ -126,6 +126,8 @@ def first_error(exc: ValidationError, root: str = "recipe", model: type[BaseMode
     if err["type"].endswith("_type"):   # `recipes: [""]` said "expected a mapping": the str branch's error fits
         err = next((e for e in errors if not e["type"].endswith("_type")
                     and _where(e["loc"]) == _where(err["loc"])), err)
+    if err["type"] == "invalid_key":   # `1: 2` read "[1]: Keys should be strings", as if a list's item
+        return f"{_where(err['loc'][:-1]) or root}: key {short(err.get('input'))} is not a name; write it in quotes"
     loc = _where(err["loc"]) or root
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "extra_forbidden":
