@@ -241,6 +241,13 @@ def test_missing_tensor_is_uadc_error(models, name, key, tmp_path):
         build_backbone(name, weights=tmp_path / "broken.pth")
 
 
+def test_a_weights_path_that_is_no_file_names_the_key(tmp_path):
+    """A folder given as model.weights was "not found", and neither said which recipe key held it."""
+    for path, said in ((tmp_path, "is a folder, not a file"), (tmp_path / "nope.pth", "not found")):
+        with pytest.raises(UadcError, match=f"^model.weights: weights file for 'resnet18' {said}: {path}$"):
+            build_backbone("resnet18", weights=path)
+
+
 @pytest.mark.parametrize("name", ["resnet18", "wide_resnet50_2", "mobilenet_v2"])
 def test_no_bundled_weights(name):
     with pytest.raises(UadcError, match="no bundled weights"):

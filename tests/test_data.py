@@ -542,7 +542,10 @@ def test_a_validation_folder_of_masks_is_refused(data):
     shutil.copy(next((data / "b" / "train" / "good").iterdir()), mixed / "000.png")
     shutil.copy(next((data / "b" / "ground_truth").rglob("*_mask.png")), mixed)
     masks = next((data / "b" / "ground_truth").iterdir())
-    for folder, said in ((masks, "is in a ground_truth/ folder of masks"), (mixed, "holds masks (000_mask.png")):
+    (data.parent / "empty").mkdir()   # the key named, as other recipe errors do
+    for folder, said in ((masks, "is in a ground_truth/ folder of masks"), (mixed, "holds masks (000_mask.png"),
+                         (data.parent / "nope", "data.val: validation folder not found: "),
+                         (data.parent / "empty", "data.val: validation folder ")):
         recipe = recipe_from_dict({"data": {"sources": [{"root": str(data)}], "image_size": 32,
                                             "val": [{"category": "b", "folder": str(folder)}]}})
         with pytest.raises(UadcError, match=re.escape(said)):

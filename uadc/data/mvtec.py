@@ -275,8 +275,8 @@ def list_folder_samples(folder: Path, category: str) -> list[Sample]:
     if MASKS_FOLDER in (p.lower() for p in Path(folder).resolve().parts):
         raise UadcError(f"validation folder {folder} is in a {MASKS_FOLDER}/ folder of masks; give a folder of "
                         f"defect-free images")
-    samples = _good_samples(folder, category, f"validation folder not found: {folder}",
-                            f"validation folder {folder} holds no images")
+    samples = _good_samples(folder, category, f"data.val: validation folder not found: {folder}",
+                            f"data.val: validation folder {folder} holds no images")
     masks = [s.path.name for s in samples if s.path.stem.lower().endswith("_mask")]
     if masks:
         raise UadcError(f"validation folder {folder} holds masks ({masks[0]}{' and others' if len(masks) > 1 else ''}: "

@@ -63,8 +63,9 @@ def build_backbone(name: str, pretrained: bool = True, weights: str | Path | Non
 
 
 def load_state_dict_file(model: nn.Module, path: Path, name: str) -> None:
-    if not path.is_file():
-        raise UadcError(f"weights file for {name!r} not found: {path}")
+    if not path.is_file():   # a folder was "not found" too; the key named, as other recipe errors do
+        raise UadcError(f"model.weights: weights file for {name!r} " + ("is a folder, not a file" if path.is_dir()
+                                                                          else "not found") + f": {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:   # not torch's advice to retry unsafely, which would run it
