@@ -410,8 +410,12 @@ def test_bundle_keeps_what_the_line_runs_and_leaves_the_golden_files_out(int8_ar
                          capture_output=True, text=True, cwd=ROOT)
     assert cli.returncode == 0 and json.loads(cli.stdout)["files"] == b.files, cli.stderr
     assert all((out / f).read_bytes() == (tmp_path / "again" / f).read_bytes() for f in [*b.files, "artifact.json"])
-    with pytest.raises(UadcError, match="pass --golden"):
+    with pytest.raises(UadcError, match="a deployment bundle .* leaves them out; pass --golden"):
         uadc.verify(out)
+    shutil.copy(res.path / "model.onnx", tmp_path / "bare.onnx")   # not a bundle: "a bundle leaves them out" was said
+    with pytest.raises(UadcError, match=r"no golden outputs at \S+: not an artifact folder \(no artifact.json\); "
+                                        r"pass --golden ARTIFACT"):
+        uadc.verify(tmp_path / "bare.onnx")
     assert uadc.verify(out, golden=res.path).figures
     with pytest.raises(UadcError, match="golden set not found: .*typo"):    # not "a bundle leaves them out"
         uadc.verify(out, golden=tmp_path / "typo")

@@ -154,6 +154,10 @@ def test_budgets_defaults_overrides_and_errors():
         budgets(None, {"spearman_min": "high"})
     with pytest.raises(UadcError, match=r"budget spearman_min=True \(--budget\): expected a number"):
         budgets(None, {"spearman_min": True})   # a budget of 1.0
+    for typed in ("0_5", "\uff11", "0.5.1"):   # float() read `0_5` as 5.0 (a check switched off) and fullwidth digits
+        with pytest.raises(UadcError, match=f"budget score_ratio_tol={typed} \\(--budget\\): expected a number"):
+            budgets(None, {"score_ratio_tol": typed})
+    assert budgets(None, {"score_ratio_tol": " .5 "})["score_ratio_tol"] == 0.5
     with pytest.raises(UadcError, match="verify budget spearman_min: 3.0 is above the maximum 1"):
         budgets(None, {"spearman_min": "3"})
     with pytest.raises(UadcError, match="KEY=VALUE"):
@@ -420,6 +424,8 @@ def test_report_paths_replace_only_earlier_reports_and_are_checked_before_the_wo
                          (["--markdown", str(notes)], "was not written by uadc verify or diff"),
                          (["--json", str(tmp_path)], "was not written by uadc verify or diff"),
                          (["--json", str(tmp_path / "x"), "--markdown", str(tmp_path / "x")], "name the same file"),
+                         (["--json", str(tmp_path / "x"), "--markdown", str(tmp_path / "d" / ".." / "x")],
+                          "name the same file"),   # the Markdown was written over the JSON, exit 0
                          (["--markdown", "-"], "the Markdown report is on stdout already"),
                          # x/ missing: the check looked at nothing, then the writer made x/ and the path the model
                          (["--json", str(int8 / "x" / ".." / "model.onnx")], "'..' follows")):

@@ -9,6 +9,7 @@ overrides them (``--budget spearman_min=0.95``).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +37,23 @@ RULES = {
 }
 BUDGET_KEYS = tuple(k for k, _ in RULES.values())
 EXIT_PASS, EXIT_REGRESSION = 0, 1          # usage errors exit 2 (UadcError)
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.I | re.A)   # as typed
 _OWN_JSON = re.compile(r'\{\s*"schema": \d+,\s*"kind": "(verify|diff)"')
 _OWN_MARKDOWN = re.compile(r"# uadc (verify|diff): ")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """One file by two spellings: `..`, a link, a hard link."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except (OSError, RuntimeError):   # a link loop: refused where the report is written
+        return False
 
 
 def check_report_paths(json_out: Path | None, md_out: Path | None) -> None:
     """Before any work: ``--json`` / ``--markdown`` may replace an earlier verify/diff report of
     their kind, never another file (an artifact's model.onnx, a user's notes) or each other."""
-    if json_out and md_out and Path(json_out).absolute() == Path(md_out).absolute():
+    if json_out and md_out and _same_file(Path(json_out), Path(md_out)):   # `./d/../r.json` too: the JSON lost
         raise UadcError(f"--json and --markdown name the same file: {json_out}")
     if str(md_out) == "-":
         raise UadcError("--markdown -: the Markdown report is on stdout already (or `--json -` puts the JSON there)")
@@ -80,8 +90,8 @@ def budgets(recipe_verify: dict | None = None, overrides: dict[str, Any] | None 
         if key not in BUDGET_KEYS:
             raise UadcError(f"budget {key} (--budget): unknown; expected one of {', '.join(BUDGET_KEYS)}")
         try:
-            if isinstance(value, bool):   # True read as a budget of 1.0
-                raise TypeError
+            if isinstance(value, bool) or (isinstance(value, str) and not _NUMBER.fullmatch(value.strip())):
+                raise TypeError   # True read as 1.0; float() takes `0_5` (5.0) and non-ASCII digits
             base[key] = float(value)
         except (TypeError, ValueError):
             raise UadcError(f"budget {key}={value} (--budget): expected a number") from None

@@ -100,10 +100,14 @@ def read_golden(path: Path) -> GoldenSet:
     if not path.exists():
         raise UadcError(f"golden set not found: {path} (give an artifact folder or its {GOLDEN_META})")
     if not meta_path.is_file():
-        if (meta_path.parent / MANIFEST_FILE).is_file():
-            read_manifest(meta_path.parent)   # an artifact whose listed golden.json is gone: that, not "a bundle"
-        raise UadcError(f"no golden outputs at {path}: a deployment bundle (`uadc bundle`) leaves them out, an "
-                        f"older uadc did not write them; pass --golden FULL_ARTIFACT, or compile the artifact again")
+        if not (meta_path.parent / MANIFEST_FILE).is_file():   # a bare model, a recipe's folder: "a bundle" was said
+            raise UadcError(f"no golden outputs at {path}: not an artifact folder (no {MANIFEST_FILE}); pass --golden "
+                            f"ARTIFACT, the folder `uadc compile` wrote")
+        # an artifact whose listed golden.json is gone: that, not "a bundle"
+        why = ("a deployment bundle (`uadc bundle`) leaves them out" if read_manifest(meta_path.parent).bundle
+               is not None else "an older uadc did not write them")
+        raise UadcError(f"no golden outputs at {path}: {why}; pass --golden FULL_ARTIFACT, or compile the artifact "
+                        f"again")
     folder = meta_path.parent
     listed = None
     if (folder / MANIFEST_FILE).is_file():   # checked, not trusted: an edited golden.json's budgets passed anything
