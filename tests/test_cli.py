@@ -307,7 +307,7 @@ def test_stdout_that_cannot_be_written_is_one_error_line(tmp_path):
     document's own write raised a second one."""
     import subprocess
     import sys
-    for args in (["calibrators", "list"], ["recipes", "list"]):
+    for args in (["calibrators", "list"], ["recipes", "list"], ["--help"], ["--version"]):   # the last two at parsing
         with open("/dev/full", "w") as full:
             p = subprocess.run([sys.executable, "-m", "uadc", *args], stdout=full, stderr=subprocess.PIPE, text=True)
         assert p.returncode == 2 and p.stderr == "error: cannot write to stdout: No space left on device\n", p.stderr

@@ -95,10 +95,11 @@ class _Group(click.Group):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         given = list(args)   # click's parser consumes the list
-        try:
-            return super().parse_args(ctx, args)
-        except click.ClickException as exc:   # an option before the command: `uadc --bogus train`
-            self._usage_failed(ctx, given, exc)
+        with exit_on_user_error(), stdout_failures_as_errors():   # `uadc --help > /dev/full`: printed here, a traceback
+            try:
+                return super().parse_args(ctx, args)
+            except click.ClickException as exc:   # an option before the command: `uadc --bogus train`
+                self._usage_failed(ctx, given, exc)
 
     def invoke(self, ctx: click.Context):
         args = [*(ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args), *ctx.args]
