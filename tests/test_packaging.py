@@ -122,6 +122,11 @@ def test_a_shown_recipe_saved_anywhere_reads_the_same_files(tmp_path):
         assert again.output.startswith(f"# uadc recipe {shown_name!r} ({copy})")
     res = CliRunner().invoke(main, ["recipes", "show", str(ROOT / "sweeps" / "default_grid.yaml")])
     assert res.exit_code == 2 and res.output.startswith("error: ")   # printed as a recipe before
+    home = tmp_path / "Prüfteil 数据"   # a path to copy and edit by hand: "\u00fc" was printed for ü
+    (home / "data").mkdir(parents=True)
+    (home / "r.yaml").write_text("data:\n  sources:\n    - root: data\n", encoding="utf-8")
+    res = CliRunner().invoke(main, ["recipes", "show", str(home / "r.yaml")])
+    assert res.exit_code == 0 and f'root: "{home / "data"}"' in res.output, res.output
 
 
 def test_recipes_show_takes_a_recipe_file_too(tmp_path, monkeypatch):

@@ -49,7 +49,8 @@ class PackagedRecipe:
             if Path(written).is_absolute():
                 return m.group(0)
             path = str((self.path.parent / written).resolve())
-            value = path if re.fullmatch(r"[\w./-]+", path) else json.dumps(path)   # quoted when YAML needs it
+            # quoted when YAML needs it; an "ü" as written, not "\u00fc" (a control or undecodable byte escaped)
+            value = path if re.fullmatch(r"[\w./-]+", path) else json.dumps(path, ensure_ascii=not path.isprintable())
             return f"{m.group(1)}{value}{m.group(5)}"
         original = self.path.read_text(encoding="utf-8").removeprefix("\ufeff")   # a BOM (Notepad) in the copy came after its header
         text = "".join(_PATH_LINE.sub(absolute, line) for line in original.splitlines(keepends=True))
