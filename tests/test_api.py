@@ -1032,7 +1032,8 @@ class _PluginRange:
             sys.exit(3)
 
     def compute_range(self):
-        return {"strings": ("-1", "1"), "bools": (False, True), "below": (-5.0, -1.0)}.get(self.how, (-self.hi, self.hi))
+        return {"strings": ("-1", "1"), "bools": (False, True), "below": (-5.0, -1.0),
+                "huge": (-1e39, 1e39)}.get(self.how, (-self.hi, self.hi))
 
 
 @pytest.mark.parametrize("how, why", [
@@ -1041,6 +1042,8 @@ class _PluginRange:
     ("strings", r"calibrator 'qa-strings': compute_range returned \('-1', '1'\) .*expected \(lo, hi\), two numbers"),
     ("bools", r"calibrator 'qa-bools': compute_range returned \(False, True\)"),
     ("below", r"calibrator 'qa-below': compute_range returned \(-5.0, -1.0\) for tensor '.+', whose values were all >= 0"),
+    # finite in float64, not in the quantizer's float32: blamed on "NaN/Inf in the model weights", a traceback in qat
+    ("huge", r"calibrator 'qa-huge': compute_range returned \(-1e\+39, 1e\+39\) .*each within \+-1.7e\+38 \(float32\)"),
 ])
 def test_a_plugin_calibrator_is_kept_in_its_place(how, why, trained, tmp_path, monkeypatch, capsys):
     """A plug-in's prints reached stdout, its seeds / variables / warning filters outlived the call, its

@@ -156,10 +156,14 @@ def _range_of(calibrator: str, tensor: str, cal: Any) -> tuple[float, float]:
     except (TypeError, ValueError):
         raise UadcError(f"calibrator {calibrator!r}: compute_range returned {got!r} for tensor {tensor!r}; "
                         f"expected (lo, hi), two numbers") from None
-    if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
+    # float32's range: the quantizer's scale (hi - lo) / 255 is a float32; 1e39 became inf (a traceback after QAT)
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi and max(-lo, hi) <= _RANGE_LIMIT):
         raise UadcError(f"calibrator {calibrator!r}: compute_range returned ({lo}, {hi}) for tensor {tensor!r}; "
-                        f"expected finite lo <= hi")
+                        f"expected finite lo <= hi, each within +-{_RANGE_LIMIT:.3g} (float32)")
     return lo, hi
+
+
+_RANGE_LIMIT = float(np.finfo(np.float32).max) / 2
 
 
 def collect_ranges(model: onnx.ModelProto, images: np.ndarray, tensor_names: list[str], calibrator: str,
