@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
@@ -356,6 +357,27 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
                                         "--out", str(tmp_path / "moot"), *extra])
         assert res.exit_code == 2 and said in res.output, res.output
     assert report["quantized_partitions"] == ["student"]
+
+    # qat.json is tied to its model: another target's model copied in shipped as this target's, an empty one was
+    # "no Q/DQ nodes", `settings: null` compiled with its weights unchecked
+    qdir = art / recipe.name / f"qat_{TARGET}"
+    model_bytes, meta_text = (qdir / "qat_model.onnx").read_bytes(), (qdir / "qat.json").read_text()
+    for model, meta_doc, said in ((b"", None, "is not the one its qat.json describes (empty)"),
+                                  (qat_run["baseline"].fp32.SerializeToString(), None, "(its sha256 differs)"),
+                                  (None, {**json.loads(meta_text), "settings": None}, "its settings are not what")):
+        (qdir / "qat_model.onnx").write_bytes(model_bytes if model is None else model)
+        (qdir / "qat.json").write_text(meta_text if meta_doc is None else json.dumps(meta_doc))
+        res = CliRunner().invoke(main, ["compile", str(path), "--target", TARGET, "--from-qat", "--artifacts",
+                                        str(art), "--out", str(tmp_path / "swapped")])
+        assert res.exit_code == 2 and said in res.output, res.output
+    (qdir / "qat_model.onnx").write_bytes(model_bytes)
+    (qdir / "qat.json").write_text(meta_text)
+    both = path.parent / "both.yaml"   # the recipe's compile.quantize changed since: compiled as fine-tuned, unsaid
+    both.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "name": recipe.name,
+                                    "compile": {"quantize": ["student", "teacher"]}}))
+    res = CliRunner().invoke(main, ["compile", str(both), "--target", TARGET, "--from-qat", "--artifacts", str(art),
+                                    "--out", str(tmp_path / "both"), "--no-eval"])
+    assert res.exit_code == 0 and "quantizes student (as `uadc qat` was run), not recipe" in res.output, res.output
 
     # Stale or damaged: the recipe trained again since (another checkpoint file, same settings), or a
     # qat.json that is not the summary uadc wrote, is one error line, not a silent mixed artifact.

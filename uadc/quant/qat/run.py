@@ -172,6 +172,7 @@ def _summary(recipe: Recipe, checkpoint: Path | None, sha256: str | None, target
 def _write(out: Path, qat_model: onnx.ModelProto, summary: dict) -> None:
     with atomic_dir(out) as tmp:
         onnx.save(qat_model, str(tmp / QAT_FILE))
+        summary["model_sha256"] = sha256_file(tmp / QAT_FILE)   # another target's model copied in compiled as this one
         atomic_write_json(tmp / QAT_JSON, summary)
 
 
@@ -203,6 +204,14 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
     if checkpoint is not None and sha is not None and Path(checkpoint).is_file() and sha != sha256_file(checkpoint):
         raise UadcError(f"QAT model {path} was fine-tuned from another checkpoint than {checkpoint} (trained again "
                         f"since?): {again}")
+    if path.stat().st_size == 0 or meta.get("model_sha256") not in (None, sha256_file(path)):   # None: before 0.2
+        raise UadcError(f"QAT model {path} is not the one its {QAT_JSON} describes (" +
+                        ("empty" if path.stat().st_size == 0 else "its sha256 differs") + f"): {again}")
+    made_q = _settings(meta, d / QAT_JSON).get("quantize")
+    if isinstance(made_q, list) and sorted(map(str, made_q)) != sorted(recipe.compile.quantize):
+        log.warning("QAT model %s quantizes %s (as `uadc qat` was run), not recipe %s's compile.quantize %s; run "
+                    "`uadc qat` again to follow the recipe", path, ", ".join(map(str, made_q)), recipe.name,
+                    ", ".join(recipe.compile.quantize))
     try:
         model = onnx.load(str(path))
     except Exception as exc:
@@ -217,7 +226,7 @@ def _weights(ctx: PassContext) -> dict:
 
 def _settings(meta: dict, path: Path) -> dict:
     """qat.json's settings as `uadc qat` writes them (an edited file gave TypeError / KeyError tracebacks)."""
-    st = meta.get("settings") or {}
+    st = meta.get("settings", {})   # null: not what uadc qat writes (compiled, its weights unchecked)
     w = st.get("weights") if isinstance(st, dict) else None
     if not isinstance(st, dict) or w is not None and not (isinstance(w, dict) and type(w.get("bits")) is int and
                                                           isinstance(w.get("per_channel"), bool)):
