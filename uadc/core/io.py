@@ -330,6 +330,9 @@ def check_replaceable(final: Path, replace: bool = True, remedy: str = "choose a
         raise UadcError(f"output folder {final} exists; pass --force (force=True) to replace it")
 
 
+_DESKTOP_LITTER = frozenset((".DS_Store", "Thumbs.db", "desktop.ini"))
+
+
 def files_added_to_artifact(folder: Path) -> list[str]:
     """Files and links in an artifact folder that its ``artifact.json`` does not list and no uadc step
     makes there (the device's engine files, writers' temps): added by someone, and theirs to keep."""
@@ -344,7 +347,8 @@ def files_added_to_artifact(folder: Path) -> list[str]:
     for root, dirs, files in os.walk(folder):   # links to folders are not walked: named themselves
         for name in sorted(files) + sorted(d for d in dirs if os.path.islink(os.path.join(root, d))):
             rel = Path(root, name).relative_to(folder).as_posix()
-            if rel not in known and TMP_TAG not in name and not rel.startswith(f"{ENGINE_FILE}{ENGINE_SOURCE_SUFFIX}"):
+            if rel not in known and TMP_TAG not in name and not rel.startswith(f"{ENGINE_FILE}{ENGINE_SOURCE_SUFFIX}") \
+                    and name not in _DESKTOP_LITTER and not name.startswith("._"):   # a file manager's, not a user's
                 added.append(rel)
     return sorted(added)
 
