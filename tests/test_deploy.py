@@ -451,8 +451,10 @@ def test_a_users_files_in_an_output_folder_are_kept_and_a_bundle_stays_out_of_ar
     line = uadc.bundle(res.path, tmp_path / "line").path
     (line / "model.engine").write_bytes(b"built on the device")   # the device's own files are uadc's to replace
     (line / "timing.cache").write_bytes(b"x")
+    (line / "model_implicit.engine").write_bytes(b"the README's trtexec line")
     copied = uadc.bundle(line, tmp_path / "again")   # what it did not copy was said under --json only
-    assert copied.summary_line().endswith("; not copied (not in its artifact.json): model.engine, timing.cache")
+    assert copied.summary_line().endswith("; not copied (not in its artifact.json): model.engine, "
+                                          "model_implicit.engine, timing.cache")
     (line / ".DS_Store").write_bytes(b"a file manager's")
     check_replaceable(line)
     (line / "images").mkdir()

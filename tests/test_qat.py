@@ -377,7 +377,8 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
                                     "compile": {"quantize": ["student", "teacher"]}}))
     res = CliRunner().invoke(main, ["compile", str(both), "--target", TARGET, "--from-qat", "--artifacts", str(art),
                                     "--out", str(tmp_path / "both"), "--no-eval"])
-    assert res.exit_code == 0 and "quantizes student (as `uadc qat` was run), not recipe" in res.output, res.output
+    assert res.exit_code == 0 and "the QAT model quantizes student (as `uadc qat` was run), not the recipe's compile.quantize " \
+        "student, teacher" in res.output, res.output
 
     # Stale or damaged: the recipe trained again since (another checkpoint file, same settings), or a
     # qat.json that is not the summary uadc wrote, is one error line, not a silent mixed artifact.

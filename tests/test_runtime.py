@@ -573,6 +573,15 @@ def test_detector_inputs_and_errors(int8_artifact, tiny_data):
     rgb = torch.from_numpy(np.asarray(Image.open(f).convert("RGB")))
     assert det.predict(rgb, category="gray").score == pytest.approx(one.score, abs=1e-6)
     assert len(det.predict(torch.stack([rgb, rgb]), category="gray")) == 2
+    class Paths:   # a pandas Series of paths (1-D, with __array__) stays a batch
+        ndim = 1
+        def __array__(self, dtype=None, copy=None):
+            return np.array([str(f), str(f)])
+        def __iter__(self):
+            return iter([f, f])
+    assert len(det.predict(Paths(), category="gray")) == 2
+    with pytest.raises(UadcError, match=r"^image: a Tensor numpy cannot read \(.*\); pass a CPU array"):
+        det.predict(rgb.float().div(255).requires_grad_(), category="gray")   # torch's RuntimeError, raw
     with pytest.raises(UadcError, match=r"^image: expected a path, image bytes, .* got int$"):   # "got int64 ()"
         det.predict(3)
     with pytest.raises(UadcError, match=r"^inputs: expected an image or a list of images, got a dict$"):

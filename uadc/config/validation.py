@@ -127,7 +127,9 @@ def first_error(exc: ValidationError, root: str = "recipe", model: type[BaseMode
         err = next((e for e in errors if not e["type"].endswith("_type")
                     and _where(e["loc"]) == _where(err["loc"])), err)
     if err["type"] == "invalid_key":   # `1: 2` read "[1]: Keys should be strings", as if a list's item
-        return f"{_where(err['loc'][:-1]) or root}: key {short(err.get('input'))} is not a name; write it in quotes"
+        key = err.get("input")   # as YAML wrote it: `null:` was "key None ... write it in quotes"
+        said = "null" if key is None else str(key).lower() if isinstance(key, bool) else short(key)
+        return f"{_where(err['loc'][:-1]) or root}: key {said} is not a setting's name"
     loc = _where(err["loc"]) or root
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "extra_forbidden":

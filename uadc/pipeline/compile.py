@@ -229,9 +229,16 @@ def check_compile_settings(recipe: Recipe) -> None:
     unknown = [p for p in c.passes or [] if p not in PASSES]
     if unknown:
         raise UadcError(f"compile.passes: unknown pass(es) {', '.join(map(repr, unknown))}; available: {', '.join(PASSES)}")
-    if c.passes is not None:   # [qdq, qdq], or [] for an INT8 compile.target: refused by compile, after the training
-        _check_pass_list(list(c.passes), get_target(c.target))
-    resolve_ptq(recipe, get_target(c.target))   # calib_data mixed of 1 sample, the same
+    if c.passes is not None:   # [qdq, qdq]: refused by every compile, after the training
+        _check_twice(list(c.passes))
+        try:   # [] for an INT8 compile.target: another --target may take it
+            _check_pass_list(list(c.passes), get_target(c.target))
+        except UadcError as exc:
+            log.warning("%s: `uadc compile` without --target (compile.target) will refuse it", exc)
+    try:   # calib_data mixed of 1 sample: --calib-samples may give more
+        resolve_ptq(recipe, get_target(c.target))
+    except UadcError as exc:
+        log.warning("compile.%s; `uadc compile` to an INT8 target refuses it unless --calib-samples gives more", exc)
     if c.calibrator is not None and c.calibrator not in available_calibrators():
         log.warning("compile.calibrator: unknown calibrator %r here (known: %s); `uadc compile` to an INT8 target will "
                     "refuse it unless --calibrator overrides it", c.calibrator, ", ".join(available_calibrators()))
@@ -252,7 +259,7 @@ def _check_options(target: Target, ptq: PtqSettings, opts: CompileOptions) -> No
     if opts.build_engine and target.runtime != "tensorrt":
         raise UadcError(f"--build-engine builds a TensorRT engine; target {target.name} runs on {target.runtime}")
     if opts.qat_model is not None:
-        _check_qat_options(target, opts, given)
+        _check_qat_options(target, opts, given, ptq.quantize)
     if not 1 <= opts.latency_runs <= 10_000:
         raise UadcError(f"latency runs must be within 1..10000, got {opts.latency_runs}")
 
@@ -263,9 +270,9 @@ def _check_qat_size(model: onnx.ModelProto | None, size: int) -> None:   # ONNX 
         raise UadcError(f"qat_model: it takes {dims[-1].dim_value} px inputs, the model being compiled {size} px")
 
 
-def _check_qat_options(target: Target, opts: CompileOptions, given: dict) -> None:
+def _check_qat_options(target: Target, opts: CompileOptions, given: dict, recipe_quantize: tuple) -> None:
     """A QAT model carries its own scales and quantized partitions: calibration options would be
-    ignored, and another ``quantize`` would only be written into the report."""
+    ignored, and another ``quantize`` would only be written into the report (the recipe's: warned)."""
     if not isinstance(opts.qat_model, onnx.ModelProto):
         raise UadcError(f"qat_model: expected the onnx.ModelProto uadc.qat wrote, got {type(opts.qat_model).__name__}")
     if not target.quantized:
@@ -281,6 +288,10 @@ def _check_qat_options(target: Target, opts: CompileOptions, given: dict) -> Non
     if opts.quantize is not None and sorted(opts.quantize) != _qat_partitions(opts.qat_model):
         raise UadcError(f"--from-qat: the QAT model quantizes {', '.join(_qat_partitions(opts.qat_model)) or 'nothing'}, "
                         f"not {', '.join(opts.quantize)}")
+    if opts.quantize is None and sorted(recipe_quantize) != _qat_partitions(opts.qat_model):   # changed since, unsaid
+        log.warning("--from-qat: the QAT model quantizes %s (as `uadc qat` was run), not the recipe's compile.quantize "
+                    "%s; run `uadc qat` again to follow the recipe", ", ".join(_qat_partitions(opts.qat_model)),
+                    ", ".join(recipe_quantize))
 
 
 def _qat_partitions(model: onnx.ModelProto) -> list[str]:
@@ -310,6 +321,10 @@ def _check_pass_list(names: list[str], target: Target) -> None:
         raise UadcError(f"compile.passes {names}: target {target.name} "
                         + (f"needs {', '.join(need)}" if need else f"does not take {', '.join(extra)}")
                         + f" (its own list: {', '.join(target.passes)})")
+    _check_twice(names)
+
+
+def _check_twice(names: list[str]) -> None:
     twice = next((p for p in PRECISION_PASSES if names.count(p) > 1), None)   # qdq twice: an endless Q/DQ walk
     if twice:
         raise UadcError(f"compile.passes {names}: {twice} is listed {names.count(twice)} times; it runs once")

@@ -16,7 +16,7 @@ from uadc.backends import tensorrt as trt_backend
 from uadc.backends.tensorrt.cache import write_calibration_cache
 from uadc.backends.tensorrt.rules import check_trt_rules
 from uadc.config.targets import Target
-from uadc.core.constants import TIMING_CACHE_FILE
+from uadc.core.constants import IMPLICIT_ENGINE_FILE, TIMING_CACHE_FILE
 from uadc.passes.opset import convert_opset
 from uadc.passes.pipeline import PassContext
 from uadc.pipeline.precision_trt import fp32_layers as float_layers
@@ -127,7 +127,7 @@ def _implicit_note(shape: tuple[int, int, int], max_batch: int) -> str:
             f"implicit-quantization build on TensorRT 10 or older. The cache's first line, `TRT-8500-...`, names "
             f"the TensorRT version that reads it: put the device's version code there first (`TRT-100300-...` for "
             f"10.3.0, `TRT-8502-...` for 8.5.2), then `trtexec --onnx=model_fp32.onnx --int8 --fp16 "
-            f"--calib=calibration.cache --saveEngine=model_implicit.engine --minShapes=image:1x{chw} "
+            f"--calib=calibration.cache --saveEngine={IMPLICIT_ENGINE_FILE} --minShapes=image:1x{chw} "
             f"--optShapes=image:1x{chw} --maxShapes=image:{max_batch}x{chw} --optShapesCalib=image:1x{chw}`. "
             f"`build_engine.sh` builds the explicit Q/DQ `model.onnx`, the model uadc verified.")
 

@@ -181,8 +181,10 @@ def _importable(module: str) -> bool:
 
 def _single(inputs: Any) -> bool:
     """One image rather than a batch: a path, bytes, a file object, a PIL image or an array below 4-D."""
-    if isinstance(getattr(inputs, "ndim", None), int) and hasattr(inputs, "__array__"):
-        return inputs.ndim < 4   # a torch tensor too: iterated, its one image was scored as 32 rows
+    if isinstance(inputs, np.ndarray):
+        return inputs.ndim < 4
+    if isinstance(getattr(inputs, "ndim", None), int) and inputs.ndim >= 2 and hasattr(inputs, "__array__"):
+        return inputs.ndim < 4   # a torch tensor: iterated, its one image was scored as 32 rows (a pandas Series of paths: a batch)
     return isinstance(inputs, (str, Path, bytes, bytearray, memoryview)) or hasattr(inputs, "read") \
         or hasattr(inputs, "getpixel") or not hasattr(inputs, "__iter__")
 

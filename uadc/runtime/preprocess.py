@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from uadc.core.errors import UadcError
+from uadc.core.errors import UadcError, one_line
 from uadc.core.images import eight_bit, find_images, open_image, upright
 from uadc.core.manifest import RESIZE_FILTERS, Preprocessing
 
@@ -102,10 +102,15 @@ def load_rgb(source: Any, pre: Preprocessing) -> np.ndarray:
             return _from_pil(im, pre, "image bytes")
     if isinstance(source, Image.Image):   # as displayed, as a path or bytes of it are read
         return _from_pil(source, pre, turn=True)
-    if not isinstance(source, np.ndarray) and (np.asarray(source).dtype == object or np.ndim(source) == 0):
+    try:   # a torch tensor that requires grad or lives on a GPU: torch's RuntimeError / TypeError
+        arr = np.asarray(source)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise UadcError(f"image: a {type(source).__name__} numpy cannot read ({one_line(str(exc))[:120]}); "
+                        f"pass a CPU array (tensor.detach().cpu())") from None
+    if not isinstance(source, np.ndarray) and (arr.dtype == object or arr.ndim == 0):
         raise UadcError(f"image: expected a path, image bytes, a binary file, a PIL image or an array, "
                         f"got {type(source).__name__}")
-    return _from_array(np.asarray(source), pre)
+    return _from_array(arr, pre)
 
 
 def preprocess(source: Any, pre: Preprocessing) -> np.ndarray:

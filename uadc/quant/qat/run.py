@@ -204,14 +204,9 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
     if checkpoint is not None and sha is not None and Path(checkpoint).is_file() and sha != sha256_file(checkpoint):
         raise UadcError(f"QAT model {path} was fine-tuned from another checkpoint than {checkpoint} (trained again "
                         f"since?): {again}")
-    if path.stat().st_size == 0 or meta.get("model_sha256") not in (None, sha256_file(path)):   # None: before 0.2
+    if path.stat().st_size == 0 or meta.get("model_sha256") not in (None, sha256_file(path)):   # None: written before it was recorded
         raise UadcError(f"QAT model {path} is not the one its {QAT_JSON} describes (" +
                         ("empty" if path.stat().st_size == 0 else "its sha256 differs") + f"): {again}")
-    made_q = _settings(meta, d / QAT_JSON).get("quantize")
-    if isinstance(made_q, list) and sorted(map(str, made_q)) != sorted(recipe.compile.quantize):
-        log.warning("QAT model %s quantizes %s (as `uadc qat` was run), not recipe %s's compile.quantize %s; run "
-                    "`uadc qat` again to follow the recipe", path, ", ".join(map(str, made_q)), recipe.name,
-                    ", ".join(recipe.compile.quantize))
     try:
         model = onnx.load(str(path))
     except Exception as exc:
