@@ -215,3 +215,17 @@ def test_bf16_targets_are_unavailable_where_openvino_computes_f32(monkeypatch):
         assert (targets[name].can, targets[name].detail) == (
             "unavailable", "OpenVINO computes in f32 on this CPU when asked for bf16"), targets[name]
     assert targets["openvino-cpu-int8"].can == "run"
+
+
+def test_a_package_that_is_installed_but_does_not_import_says_so_on_the_versions_line(fake_cpu, monkeypatch):
+    """A broken onnxruntime showed `onnxruntime 1.x` on the versions line, while every target said it did not import."""
+    real = doc.importlib.import_module
+
+    def broken(name, *a, **k):
+        if name.split(".")[0] == "onnxruntime":
+            raise ImportError("x")
+        return real(name, *a, **k)
+    monkeypatch.setattr(doc.importlib, "import_module", broken)
+    r = doc.doctor()
+    assert r.not_importing == ["onnxruntime"] and r.to_dict()["not_importing"] == ["onnxruntime"]
+    assert f"onnxruntime {r.versions['onnxruntime']} (does not import)" in r.to_text().splitlines()[1]

@@ -70,12 +70,14 @@ class DoctorReport(JsonResult):
     tensorrt_reason: str
     onnxruntime_providers: list[str]
     targets: list[TargetSupport] = field(default_factory=list)
+    not_importing: list[str] = field(default_factory=list)   # installed (a version), yet it does not import
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def to_text(self) -> str:
-        v = ", ".join(f"{k} {ver or 'not installed'}" for k, ver in self.versions.items())
+        v = ", ".join(f"{k} {ver or 'not installed'}" + (" (does not import)" if k in self.not_importing else "")
+                      for k, ver in self.versions.items())
         feats = ", ".join(f"{k} {'yes' if on else 'no' if on is not None else '?'}"
                           for k, on in self.cpu_features.items())
         t = self.threads
@@ -115,7 +117,18 @@ def _doctor() -> DoctorReport:
                                                                 None)
     report.targets = [TargetSupport(t.name, t.runtime, t.precision, "unavailable", broken) if broken else
                       _support(t, report, trt_ok, ov, bf16) for t in TARGETS.values()]
+    # the versions line named a broken install's version as if it worked (its targets said otherwise)
+    report.not_importing = [n for n in ("torch", "onnx", "onnxruntime", "polygraphy") if versions[n] and not _imports(n)]
+    report.not_importing += ["openvino"] if versions["openvino"] and ov is not None else []
     return report
+
+
+def _imports(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+        return True
+    except Exception:  # noqa: BLE001 - ImportError, or OSError for a missing shared library
+        return False
 
 
 _OV_CHECK = ("from uadc.backends.openvino import import_error, precision_here\n"
