@@ -516,12 +516,17 @@ def test_a_recipe_changed_in_place_is_checked_again(recipe_factory, tmp_path):
     """`r.train.epochs = -1` trained an empty checkpoint over a good one, which nothing could load after;
     `r.data.sources = []` and `r.train.batch_size = 0` were tracebacks deep inside."""
     r = uadc.load_recipe(recipe_factory(train={"epochs": 1, "threads": 1}))
-    for section, key, value, text in (("train", "epochs", -1, "epochs: -1 is below the minimum 1"),
-                                      ("train", "batch_size", 0, "batch_size: 0 is below the minimum 1"),
-                                      ("train", "epochs", "x", "epochs: expected int"),
-                                      ("eval", "batch_size", 0, "batch_size: 0 is below the minimum 1")):
-        with pytest.raises(uadc.UadcError, match=text):
+    # each names the key as a recipe file would (`train.epochs`, it said `epochs`); a mistyped one is an unknown key
+    for section, key, value, text in (("train", "epochs", -1, "train.epochs: -1 is below the minimum 1"),
+                                      ("train", "batch_size", 0, "train.batch_size: 0 is below the minimum 1"),
+                                      ("train", "epochs", "x", "train.epochs: expected int"),
+                                      ("eval", "batch_size", 0, "eval.batch_size: 0 is below the minimum 1"),
+                                      ("train", "epoch", 3, r"train.epoch: unknown key \(did you mean 'epochs'\?\)"),
+                                      ("model", "image_knn", {"k": 0}, "model.image_knn.k: 0 is below the minimum 1")):
+        with pytest.raises(uadc.UadcError, match=f"^{text}"):
             setattr(getattr(r, section), key, value)
+    with pytest.raises(uadc.UadcError, match=r"^train.dcam.kl_weight: -1 is below the minimum 0"):
+        r.train.dcam.kl_weight = -1
     r.train.epochs = 2                      # a valid change is taken
     assert r.train.epochs == 2 and uadc.load_recipe(r).train.epochs == 2
     for name in ("train", "seed", "colour"):   # a whole section was Python's AttributeError (no setter)

@@ -549,3 +549,16 @@ def test_keys_of_a_knn_term_that_is_off_are_not_another_model(tmp_path):
     from uadc.training.checkpoint import _first_difference, _hashed
     other = load_recipe(write_recipe(tmp_path / "d.yaml", tmp_path, model={"image_knn": {"k": 5}, "smoothing_sigma": 2.0}))
     assert _first_difference(_hashed(base), _hashed(other)).startswith("model.smoothing_sigma: ")
+
+
+@pytest.mark.parametrize("command", [["train"], ["eval"], ["compile"], ["recipes", "show"]])
+def test_a_recipe_files_error_names_the_file(tmp_path, command, monkeypatch):
+    """`uadc train a.yaml` said `error: train.epochs: ...` without the file: among a pipeline's recipes, which one?"""
+    from click.testing import CliRunner
+    from uadc.cli import main
+    monkeypatch.chdir(tmp_path)
+    write_recipe(tmp_path / "a.yaml", tmp_path, train={"epochs": 0})
+    res = CliRunner().invoke(main, [*command, "a.yaml"])
+    assert res.exit_code == 2, res.stderr
+    assert re.fullmatch(r"error: (\S*/)?a\.yaml: train\.epochs: 0 is below the minimum 1\n", res.stderr), res.stderr
+    assert not (tmp_path / "artifacts").exists()

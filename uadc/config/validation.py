@@ -132,7 +132,7 @@ def first_error(exc: ValidationError, root: str = "recipe", model: type[BaseMode
         return f"{_where(err['loc'][:-1]) or root}: key {said} is not a setting's name"
     loc = _where(err["loc"]) or root
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-    if kind == "extra_forbidden":
+    if kind in ("extra_forbidden", "no_such_attribute"):   # the latter: `section.typo = 1` through the API
         section, dot, key = str(err["loc"][-1]).partition(".")
         if dot and model is not None and len(err["loc"]) == 1 and section in model.model_fields:
             return f"{loc}: unknown key; write it nested, {{{section}: {{{key}: ...}}}}"

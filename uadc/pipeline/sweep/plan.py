@@ -112,8 +112,9 @@ def make_plan(spec: SweepSpec, base: Path, name: str) -> Plan:
         try:
             original = load_recipe(entry.path)
         except UadcError as exc:   # which of its recipes: the line named a key, never the file
-            named = shown(entry.path)
-            raise UadcError(f"sweep {name}: " + (str(exc) if named in str(exc) else f"recipe {named}: {exc}")) from None
+            named, text = shown(entry.path), str(exc)
+            text = f"recipe {text}" if text.startswith(named) else text if named in text else f"recipe {named}: {text}"
+            raise UadcError(f"sweep {name}: {text}") from None
         recipe = original
         for overrides, where in ((spec.overrides, "overrides"), (entry.overrides, f"overrides of {entry.path}")):
             if overrides:
