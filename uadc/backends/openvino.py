@@ -54,7 +54,8 @@ def import_error() -> str | None:
         _import_openvino()
     except ModuleNotFoundError as exc:
         if exc.name == "openvino":
-            return "OpenVINO is not installed: pip install 'uadc[openvino]'"
+            return ("OpenVINO is not installed: pip install 'uadc[openvino]' (a runtime-only install: "
+                    "pip install openvino)")
         return f"OpenVINO does not import here: {exc}"
     except Exception as exc:  # noqa: BLE001 - a broken install raises ImportError, OSError, AttributeError...
         return f"OpenVINO does not import here: {type(exc).__name__}: {exc}"
@@ -110,7 +111,9 @@ class TwoPartModel:
         def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             got = _by_name(body.infer(feeds))
             got.update(_by_name(tail.infer({n: got[n] if n in got else feeds[n] for n in tail_inputs})))
-            return got
+            # the graph's outputs only: a tensor the body hands the tail (an image kNN's Expand takes the
+            # batch's Shape, 1 row) is no output, and was taken for one that lost rows at batch 2
+            return {n: a for n, a in got.items() if n in self.output_names}
         return run
 
 
