@@ -104,17 +104,22 @@ def test_eval_of_a_one_class_checkpoint_keeps_the_unified_eval_json(recipe_facto
     assert CliRunner().invoke(main, ["train", str(r), "--artifacts", str(art), "--epochs", "2"]).exit_code == 0
     res = CliRunner().invoke(main, ["eval", str(r), "--one-class", "--artifacts", str(art)])
     assert res.exit_code == 0 and "no unified eval.json of this recipe's current checkpoint" in res.output
+    assert f"written: {art / 'tiny' / 'one_class_eval.json'}" in res.output   # as eval says of eval.json
     # which models were judged is recorded (a partial retrain mixed models, unseen); write=False wrote all the same
     written = art / "tiny" / "one_class_eval.json"
     models = json.loads(written.read_text())["one_class"]["models"]
     assert sorted(models) == ["gray", "stripes"] and all(len(m["checkpoint_sha256"]) == 64 for m in models.values())
+    # per defect type too, as README says of an EvalResult (the one-class figures had none)
+    defects = json.loads(written.read_text())["one_class"]["defects"]
+    assert sorted(defects) == ["gray", "stripes"] and all(d and all("count" in x for x in d.values())
+                                                           for d in defects.values())
     written.unlink()
     assert uadc.evaluate(r, one_class=True, artifacts=art, write=False).path is None and not written.exists()
     kept = (art / "tiny" / "eval.json").rename(tmp_path / "eval.json")   # --no-write: e.g. a read-only artifacts folder
     for extra in ([], ["--one-class"]):
         res = CliRunner().invoke(main, ["eval", str(r), *extra, "--no-write", "--artifacts", str(art)])
         assert res.exit_code == 0 and not written.exists() and not (art / "tiny" / "eval.json").exists(), res.output
-        assert extra or "not written (--no-write)" in res.output
+        assert "not written (--no-write)" in res.output
     kept.rename(art / "tiny" / "eval.json")
     with pytest.raises(uadc.UadcError, match=r"one_class takes the recipe alone"):   # the first was ignored
         uadc.evaluate(other, r, one_class=True, artifacts=art)

@@ -215,3 +215,14 @@ def test_unified_table_bench(bench_run):
     assert all(i["reused"] for infos in again.values() for i in infos.values())
     assert {v: {k: i["path"] for k, i in infos.items()} for v, infos in again.items()} == \
         {v: {k: i["path"] for k, i in infos.items()} for v, infos in res["models"].items()}
+
+
+def test_a_validation_folder_in_a_settings_difference_is_not_none(recipe_factory, tiny_data):
+    """`data.val: None in the checkpoint, [{'category': 'gray', 'folder': None}] in the recipe`: the folder
+    the user typed read as None (where data lives is not compared, so it is shown as `<folder>`)."""
+    from uadc.config.recipe import load_recipe
+    from uadc.training.checkpoint import _model_difference
+    plain = load_recipe(recipe_factory("plain"))
+    val = load_recipe(recipe_factory("val", data={"val": [{"category": "gray", "folder": str(tiny_data)}]}))
+    assert _model_difference(plain, val) == \
+        "data.val: None in the checkpoint, [{'category': 'gray', 'folder': '<folder>'}] in the recipe"

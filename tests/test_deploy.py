@@ -45,8 +45,10 @@ def test_small_validation_sets_get_a_margin_above_the_largest_value():
     val = np.array([1.0, 1.1, 0.9, 1.05, 0.95])
     t, level = quantile_threshold(val, 0.01)
     assert t > val.max() and level == 1.0
-    plain, _ = quantile_threshold(val, 0.01, margin=False)
+    plain, level = quantile_threshold(val, 0.01, margin=False)
     assert plain == pytest.approx(np.quantile(val, 0.99, method="weibull"), rel=2e-5)   # rank q(n+1), just above
+    assert level == 1.0   # the largest of 5 values, which it was said to sit at as the 0.99 quantile
+    assert quantile_threshold(np.arange(1.0, 101.0), 0.01, margin=False)[1] == 0.99   # rank 99.99 of 100: inside
     assert float(np.float32(t)) == t      # float32-exact: numpy, ORT and TensorRT decide alike
     # fewer false alarms asked for, a higher threshold: 1e-17 fell to the largest value (1 - 1e-17 is 1.0)
     assert quantile_threshold(val, 1e-12)[0] > quantile_threshold(val, 1e-9)[0] > t
@@ -518,9 +520,20 @@ def test_a_product_with_defect_free_images_only_is_trained_compiled_and_given_th
     with caplog.at_level(logging.INFO, logger="uadc"):
         uadc.train(recipe, artifacts=art)
     assert "no test folder for gray: trained and given operating thresholds, not evaluated" in caplog.text
-    assert set(uadc.evaluate(recipe, artifacts=art, write=False).categories) == {"stripes"}
+    caplog.clear()
+    from conftest import write_recipe
+    with caplog.at_level(logging.INFO, logger="uadc"):   # without validation normals it promised thresholds too
+        prepare_data(load_recipe(write_recipe(tmp_path / "none.yaml", data, data={"image_size": 32,
+                                                                                  "val_fraction": 0.0})))
+    assert "no test folder for gray: trained, not evaluated" in caplog.text
+    ev = uadc.evaluate(recipe, artifacts=art, write=False)
+    # the document says which category its mean leaves out (a pipeline reading `mean` saw one product's figures)
+    assert set(ev.categories) == {"stripes"} and ev.to_dict()["not_evaluated"] == {"gray": "no test folder"}
     res = uadc.compile(recipe, "ort-cpu-int8", artifacts=art, latency_runs=1, threads=1)
     assert set(res.metrics.compiled["categories"]) == {"stripes"}
+    assert json.loads((res.path / "report.json").read_text())["metrics"]["not_evaluated"] == {"gray": "no test folder"}
+    assert "Not evaluated (not in the mean): gray (no test folder)" in (res.path / "report.md").read_text()
+    assert uadc.evaluate(res.path, recipe).to_dict()["not_evaluated"] == {"gray": "no test folder"}
     assert {"stripes", "gray"} <= set(read_manifest(res.path).thresholds.categories)
     shutil.rmtree(data / "stripes" / "test" / "good")   # defective test images only: AUROC undefined
     with caplog.at_level(logging.WARNING, logger="uadc"):

@@ -68,6 +68,7 @@ def eval_cmd(recipe: Path, checkpoint: Path | None, one_class: bool, no_write: b
         res = api.evaluate(r, one_class=True, artifacts=artifacts, write=not no_write)
         click.echo(format_table(res.one_class, f"{r.name} (one model per category)"))
         click.echo(format_comparison(res.unified, res.one_class))
+        click.echo(one_line(f"written: {res.path}") if res.path else "not written (--no-write)")
         return res
     res = api.evaluate(checkpoint_arg(checkpoint) or r, r, artifacts=artifacts, write=not no_write)
     epochs = res.extra.get("epochs")       # None for a compiled artifact: name it instead
@@ -239,9 +240,9 @@ def _gate_options(f):
         click.option("--recipe", type=_Path(path_type=Path), default=None,
                      help="take budgets from this recipe's verify: section (default: the ones stored at compile)"),
         click.option("--normal-only", is_flag=True, help="judge on normal images only (no labelled test images)"),
-        click.option("--json", "json_out", type=_Path(path_type=Path), default=None,
+        click.option("--json", "json_out", type=_Path(path_type=Path, file=True), default=None,
                      help="write the JSON report (-: on stdout instead of the Markdown)"),
-        click.option("--markdown", "md_out", type=_Path(path_type=Path), default=None,
+        click.option("--markdown", "md_out", type=_Path(path_type=Path, file=True), default=None,
                      help="write the Markdown report (also on stdout)"),
         click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None)]):
         f = opt(f)

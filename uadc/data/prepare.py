@@ -29,6 +29,7 @@ class RecipeData:
     tests: dict[str, ImageDataset]           # category -> test set with masks (categories with a test folder)
     val: dict[str, ImageDataset] = field(default_factory=dict)  # category -> validation normals
     warnings: list[str] = field(default_factory=list)
+    not_evaluated: dict[str, str] = field(default_factory=dict)   # category -> why it has no figures
 
     @property
     def categories(self) -> list[str]:
@@ -195,6 +196,9 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeD
     for w in warnings:
         log.warning(w)
     untested = [c for _, c in pairs if c not in tests and c not in one_class]
-    if untested:
-        log.info("no test folder for %s: trained and given operating thresholds, not evaluated", ", ".join(untested))
-    return RecipeData(pairs, train, tests, val, warnings)
+    if untested:   # thresholds only where some category has validation normals (its own, or the global ones)
+        given = "trained and given operating thresholds" if any(len(v) for v in val.values()) else "trained"
+        log.info("no test folder for %s: %s, not evaluated", ", ".join(untested), given)
+    not_evaluated = {c: f"its test folder holds {kind} images only" for c, kind in one_class.items()}
+    not_evaluated.update({c: "no test folder" for c in untested})
+    return RecipeData(pairs, train, tests, val, warnings, not_evaluated)

@@ -180,6 +180,9 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
     result.extra = {"checkpoint": str(Path(ckpt).absolute()),   # eval.json's bytes: not the working folder's
                     "checkpoint_sha256": blob.sha256, "recipe_hash": recipe.hash,
                     "data_fingerprint": data_fingerprint(recipe),   # the test images judged (names and sizes)
+                    # a category left out of `mean` (one kind of test image, or none): said in the document too
+                    **({"not_evaluated": skipped} if (skipped := {c: why for c, why in data.not_evaluated.items()
+                                                                   if c in cats}) else {}),
                     # the training's own (train --json's): another when `train --epochs N` overrode the recipe
                     "trained_recipe_hash": blob.get("recipe_hash"), "train_seconds": blob.get("train_seconds"),
                     **({"one_class": True, "trained_on": list(blob.get("categories") or [])} if one_class else {}),
@@ -216,9 +219,10 @@ def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None, write: boo
     if write:
         check_writable(recipe.artifact_dir(artifacts))
     with torch_threads(recipe.train.threads):
-        arrays = test_arrays(prepare_data(recipe))
+        data = prepare_data(recipe)
+        arrays = test_arrays(data)
         _need_tests(arrays)
-        per_cat, models, counts = {}, {}, {}
+        per_cat, models, counts, defects = {}, {}, {}, {}
         for cat, arr in arrays.items():
             path = checkpoint_path(recipe, artifacts, cat)
             model, blob = load_checkpoint(path, recipe)
@@ -228,11 +232,13 @@ def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None, write: boo
                                 f"--one-class`")
             models[cat] = {"checkpoint": str(Path(path).absolute()), "checkpoint_sha256": blob.sha256,
                            "epochs": len(blob.get("history", []))}   # a partial retrain mixes models: visible here
-            res = evaluate(torch_predictor(model), {cat: arr}, recipe.eval.batch_size)
-            per_cat[cat], counts[cat] = res.categories[cat], res.images[cat]
+            res = evaluate(torch_predictor(model), {cat: arr}, recipe.eval.batch_size,   # per defect, as eval.json's
+                           defects={cat: [x.defect for x in data.tests[cat].samples]})
+            per_cat[cat], counts[cat], defects[cat] = res.categories[cat], res.images[cat], res.defects[cat]
     s = metrics.summarize(per_cat)
-    one_class = EvalResult(s["mean"], s["categories"], extra={"recipe_hash": recipe.hash, "models": models},
-                           images=counts)
+    skipped = {"not_evaluated": data.not_evaluated} if data.not_evaluated else {}
+    one_class = EvalResult(s["mean"], s["categories"], defects,
+                           extra={"recipe_hash": recipe.hash, "models": models, **skipped}, images=counts)
     result = OneClassResult(one_class, _unified_eval(recipe.artifact_dir(artifacts) / EVAL_FILE, recipe, per_cat,
                                                      checkpoint_path(recipe, artifacts)))
     if write:

@@ -110,7 +110,8 @@ def quantile_threshold(values: np.ndarray, far: float, margin: bool = True,
     if not 0.0 < far < 1.0 or q == 1.0:   # 1 - 1e-17 is 1.0: a NaN bound, and the threshold fell to the max
         raise ValueError(f"false-alarm rate {far!r} is not in (0, 1) distinctly from 0 in float64")
     if not margin:   # rank q(n+1): a new normal exceeds it with probability `far` ("linear" flagged 1/7 of 7)
-        return _above(np.quantile(v, q, method="weibull"), v), q
+        # beyond the largest value it sits at the largest, as the bound's level says there (q read as kept)
+        return _above(np.quantile(v, q, method="weibull"), v), q if q * (n + 1) <= n else 1.0
     j = int(stats.binom.ppf(CONFIDENCE, n, q)) + 1      # 1-based rank of the upper bound
     if j <= n:
         return _above(v[j - 1], v), j / n

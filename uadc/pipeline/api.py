@@ -121,7 +121,8 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
         res = _evaluate(predictor, test_arrays(data), r.eval.batch_size,
                         defects={c: [x.defect for x in ds.samples] for c, ds in data.tests.items()})
         res.extra = {"model": str(Path(model).absolute()), "model_sha256": sha256_file(model),
-                     "runtime": "openvino" if own else "onnxruntime", "recipe_hash": r.hash}
+                     "runtime": "openvino" if own else "onnxruntime", "recipe_hash": r.hash,
+                     **({"not_evaluated": data.not_evaluated} if data.not_evaluated else {})}
         return res
     ckpt = Path(model_or_artifact) if isinstance(model_or_artifact, (str, os.PathLike)) and \
         names_checkpoint(model_or_artifact, r) else None      # "--checkpoint nope" fell back to the recipe's

@@ -453,7 +453,9 @@ def _metrics(baseline: Baseline, compiled: onnx.ModelProto, target: Target, fp16
                 "on the CPU" + (", its FP16 layers simulated (weights and activations rounded). " if fp16 else
                 ". ") + "On the device TensorRT fuses layers and may pick other tactics, so figures can differ "
                 "slightly.")
-    return Metrics(fp32, comp, _drops(fp32, comp), runtime, note, target.quantized)   # float TensorRT: emulated too
+    skipped = {c: why for c, why in baseline.data.not_evaluated.items() if c in baseline.categories}
+    return Metrics(fp32, comp, _drops(fp32, comp), runtime, note, target.quantized,   # float TensorRT: emulated too
+                   skipped)
 
 
 def _write_artifacts(tmp: Path, baseline: Baseline, compiled, result: CompileResult, calib, target: Target,

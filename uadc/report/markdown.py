@@ -179,6 +179,9 @@ def render_markdown(r: dict) -> str:
         if "compiled_note" in r["metrics"]:
             lines += [f"> {r['metrics']['compiled_note']}", ""]
         lines += _metrics_table(r["metrics"]) + [""]
+        if r["metrics"].get("not_evaluated"):   # `mean` is of the others: say so beside it
+            lines += ["Not evaluated (not in the mean): " + "; ".join(
+                f"{md_cell(c)} ({md_cell(why)})" for c, why in r["metrics"]["not_evaluated"].items()), ""]
     if r.get("deploy"):
         lines += _deploy_lines(r["deploy"])
     lat = r["latency_ms"]

@@ -51,9 +51,12 @@ class Metrics:
     compiled_by: str             # runtime that produced "compiled"
     note: str | None = None
     int8: bool = True            # an emulated FP16 / FP32 TensorRT target's figures are no INT8 prediction
+    not_evaluated: dict[str, str] = field(default_factory=dict)   # category -> why `mean` leaves it out
 
     def to_dict(self) -> dict:
         d = {"fp32": self.fp32, "compiled": self.compiled, "drop": self.drop, "compiled_by": self.compiled_by}
+        if self.not_evaluated:
+            d["not_evaluated"] = dict(self.not_evaluated)
         if self.note:
             d.update({"emulated_int8": self.compiled} if self.int8 else {}, compiled_note=self.note)
         return d

@@ -42,14 +42,14 @@ def model_hash(recipe: Recipe, raw: bool = False) -> str:
     return hashlib.sha256(json.dumps(_hashed(recipe, raw), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _hashed(recipe: Recipe, raw: bool = False) -> dict:
+def _hashed(recipe: Recipe, raw: bool = False, folder: str | None = None) -> dict:
     """The data and model settings :func:`model_hash` reads (the first difference is named among them: a kNN
-    key of a term that is off was named though it made no difference)."""
+    key of a term that is off was named though it made no difference); where the data lives is ``folder``."""
     cfg = copy.deepcopy({k: recipe.cfg[k] for k in ("data", "model")})
     for s in cfg["data"]["sources"]:
-        s["root"] = None
+        s["root"] = folder
     for v in cfg["data"].get("val") or []:
-        v["folder"] = None
+        v["folder"] = folder
     if cfg["model"].get("weights"):   # the initial weights' file by name: another file is another teacher
         cfg["model"]["weights"] = Path(cfg["model"]["weights"]).name
     for knn in ("image_knn", "patch_knn"):   # off, its other keys build nothing: editing them forced a retraining
@@ -266,7 +266,7 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
         trained = trained.with_overrides(model={k: recipe.cfg["model"][k] for k in HEAD_KEYS})
     # Recompute from the stored recipe rather than trusting a stored hash of an older definition.
     if recipe is not None and model_hash(trained) != model_hash(recipe):
-        where = _first_difference(_hashed(trained), _hashed(recipe))
+        where = _model_difference(trained, recipe)
         raise UadcError(f"checkpoint {path} was trained with different data/model settings than "
                         f"recipe {recipe.path or recipe.name} ({where}); retrain with `uadc train`"
                         f"{_ONE_CLASS_HINT if blob.get('one_class') else ''}")
@@ -400,9 +400,14 @@ def note_replaced_checkpoint(path: Path, recipe: Recipe) -> None:
     except (UadcError, KeyError, TypeError):   # unreadable or foreign: nothing to say of its settings
         return
     if model_hash(trained) != model_hash(recipe):
-        where = _first_difference(_hashed(trained), _hashed(recipe))
+        where = _model_difference(trained, recipe)
         log.warning("%s: replacing a checkpoint trained with other data/model settings (%s); recipes that share the "
                     "name %r share this folder", path, where, recipe.name)
+
+
+def _model_difference(trained: Recipe, asked: Recipe) -> str:
+    """The first data/model setting that differs; a folder (not compared) shown as `<folder>`, not `None`."""
+    return _first_difference(_hashed(trained, folder="<folder>"), _hashed(asked, folder="<folder>"))
 
 
 def _first_difference(trained: Any, asked: Any, key: str = "") -> str:
