@@ -230,6 +230,20 @@ def test_predict_on_a_runtime_only_install_says_its_warnings(int8_artifact, tiny
     assert (tmp_path / "P" / "predictions.jsonl").is_file()
 
 
+def test_a_command_beyond_a_runtime_only_install_says_it_needs_the_full_install(tmp_path):
+    """`uadc train` on an edge box's runtime-only install named pydantic, its first import, and advised
+    "install uadc's dependencies again": the command needs torch and the compile stack."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules.update(torch=None, torchvision=None, "
+                                               "pydantic=None)\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    p = subprocess.run([PY, "-m", "uadc", "train", "demo"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.startswith("error: the pydantic module does not import here"), p.stderr
+    assert p.stderr.rstrip().endswith("this needs it: the full install (pip install uadc: torch and the compile "
+                                      "stack); a runtime-only install runs `uadc predict`, `uadc bundle` and "
+                                      "`Detector`"), p.stderr
+    assert not (tmp_path / "artifacts").exists()
+
+
 def test_a_hard_linked_copy_of_an_image_runs_once(tmp_path):
     """A camera folder and its `cp -al` backup given together: each image ran twice (resolved paths differ)."""
     from uadc.core.images import find_images
@@ -687,7 +701,7 @@ def test_file_names_that_are_not_utf8_are_written_as_escapes(int8_artifact, tmp_
                                f"those only)", run.failed
 
 
-def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path):
+def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path, monkeypatch):
     """A folder named in latin-1 ended in pybind's "incompatible constructor arguments" (cut off); the
     model file for its folder said "artifact folder not found"; a broken link as --out "File exists"."""
     from uadc.core.io import ensure_dir
@@ -715,6 +729,15 @@ def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path):
         said = Detector.load(tmp_path / "eng").warnings   # auto ran the ONNX on the CPU without a word
         assert any("model.engine is here but TensorRT cannot run here (tensorrt does not import): running model.onnx "
                    "on ONNX Runtime" in w for w in said), said
+        # TensorRT but no Polygraphy (a runtime-only install on a device): "install uadc's dependencies again",
+        # which pulls torch onto the device, and a raw ModuleNotFoundError from Detector.load
+        import uadc.runtime.detector as det
+        with monkeypatch.context() as m:
+            m.setattr(det, "_importable", lambda module: module != "polygraphy")
+            with pytest.raises(UadcError, match=r"^backend polygraphy: .*pip install polygraphy"):
+                Detector.load(tmp_path / "eng", backend="tensorrt")
+            said = Detector.load(tmp_path / "eng").warnings
+        assert any("polygraphy, which runs the engine, does not import (pip install polygraphy)" in w for w in said)
         # an engine of another TensorRT version (a JetPack upgrade), or damaged: Polygraphy's 21-frame traceback
         fake = tmp_path / "fake" / "tensorrt"
         fake.mkdir(parents=True)

@@ -95,9 +95,20 @@ RUNTIME_PACKAGES = {"numpy": "numpy", "PIL": "pillow", "onnxruntime": "onnxrunti
 def _reinstall(name: str) -> str:
     """How to get ``name`` back: on a runtime-only install (no torch) `pip install uadc` pulls the whole
     compile stack (GBs) where one package is missing."""
-    if name in RUNTIME_PACKAGES and importlib.util.find_spec("torch") is None:
+    if _torch_installed():
+        return "install uadc's dependencies again (pip install uadc, with the extras you use)"
+    if name in RUNTIME_PACKAGES:
         return f"pip install {RUNTIME_PACKAGES[name]}"
-    return "install uadc's dependencies again (pip install uadc, with the extras you use)"
+    # the command itself is beyond a runtime-only install: naming pydantic, its first import, hid that
+    return ("the full install (pip install uadc: torch and the compile stack); a runtime-only install runs "
+            "`uadc predict`, `uadc bundle` and `Detector`")
+
+
+def _torch_installed() -> bool:
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):   # an import hook refusing it, a half-removed package
+        return False
 
 
 def _failed_import(exc: BaseException) -> str | None:

@@ -161,6 +161,8 @@ def _trt_here() -> tuple[bool, str]:
     """TensorRT imports and sees a CUDA GPU (a container started without the NVIDIA runtime: ONNX Runtime)."""
     if not _importable("tensorrt"):
         return False, "tensorrt does not import"
+    if not _importable("polygraphy"):   # the engine runs through it: a runtime-only install need not hold it
+        return False, "polygraphy, which runs the engine, does not import (pip install polygraphy)"
     from uadc.backends.tensorrt.plan import trt_available
     return trt_available()
 
@@ -284,6 +286,7 @@ class Detector:
                                 f"{folder}: an artifact of target {manifest.target} has no TensorRT engine; backend auto or "
                                 f"{manifest.runtime}")
             _check_importable("tensorrt", "it needs an NVIDIA GPU with TensorRT")
+            _check_importable("polygraphy", "uadc runs the engine through it: pip install polygraphy")
             _only_auto(schedule, "TensorRT")
             _check_precision(manifest, "TensorRT")
             if (folder / manifest.model_file).is_file():   # the ONNX the engine was built from, as compile wrote it
