@@ -34,7 +34,7 @@ def test_defaults_filled_and_paths_resolved(tmp_path):
     (_with(model={"backbone": "resnet19"}), "model.backbone: 'resnet19' is not one of efficientnet_lite0, resnet18"),
     (_with(model={"colour": 1}), "model.colour: unknown key"),
     (_with(train={"epochs": "ten"}), "train.epochs: expected int, got 'ten'"),
-    (_with(train={"epochs": True}), "train.epochs: expected int, got True"),
+    (_with(train={"epochs": True}), "train.epochs: expected int, got true"),
     (_with(train={"epochs": 0}), "train.epochs: 0 is below the minimum 1"),
     (_with(train={"lr": 0}), "train.lr: must be above 0.0, got 0"),            # "0 is below the minimum 0.0"
     (_with(deploy={"false_alarm_rate": 0.5}), "deploy.false_alarm_rate: must be below 0.5, got 0.5"),

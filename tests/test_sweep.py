@@ -108,7 +108,7 @@ def test_cell_key_follows_inputs(tiny):
     ({"recipe": "r.yaml", "axes": {"quantize": [["student", "teacher"], ["teacher", "student"]]}},   # one cell, run twice
      r"axes: quantize lists \['student', 'teacher'\] twice (the same partitions in another order)"),
     # converted where a recipe refuses them: seed 1 (a new model), False, 8, 64
-    ({"recipe": "r.yaml", "axes": {"seed": [True]}}, r"axes.seed\[0\]: expected int, got True"),
+    ({"recipe": "r.yaml", "axes": {"seed": [True]}}, r"axes.seed\[0\]: expected int, got true"),
     ({"recipe": "r.yaml", "axes": {"one_class": ["no"]}}, r"axes.one_class\[0\]: expected bool, got 'no'"),
     ({"recipe": "r.yaml", "axes": {"calib_samples": ["8"]}}, r"axes.calib_samples\[0\]: expected int, got '8'"),
     ({"recipe": "r.yaml", "run": {"evaluate": "off"}}, r"run.evaluate: expected bool, got 'off'"),
@@ -546,8 +546,11 @@ def test_a_recipe_listed_twice_is_refused_as_an_axis_value_is(tiny, tmp_path):
     path = tmp_path / "twice.yaml"
     path.write_text(yaml.safe_dump({"recipes": [str(recipe), str(recipe)], "axes": {"target": ["ort-cpu-fp32"]}}))
     spec, base, name = load_sweep(path)
-    with pytest.raises(UadcError, match=f"recipes: {recipe} is listed twice"):
+    with pytest.raises(UadcError, match=f"^sweep twice: recipes: {recipe} is listed twice"):   # the sweep named
         make_plan(spec, base, name)
+    path.write_text(yaml.safe_dump({"recipes": [str(recipe)], "axes": {"one_class": [True, True]}}))
+    with pytest.raises(UadcError, match="axes: one_class lists true twice"):   # as the file writes it, not True
+        load_sweep(path)
 
 
 def test_two_entries_of_one_model_with_other_compile_settings_are_refused(tiny, tmp_path):
@@ -722,3 +725,27 @@ def test_a_cell_that_shipped_no_calibrated_model_lists_no_calibration(tmp_path):
                 [Cell("c", "m", axes, {})], None)
     row = make_rows(plan, [{"status": "ok", "precision": "fp32"}])[0]
     assert (row["calibrator"], row["calib_data"], row["calib_samples"], row["quantize"]) == (None, None, None, None)
+
+
+def test_a_model_name_the_sweep_makes_too_long_says_what_made_it(tmp_path, tiny_data):
+    """A recipe `uadc train --one-class` trains was refused by a sweep with `name: must be a plain folder
+    name`, a key the user never wrote: the sweep's own `<name>-oc-<category>` passed 128 bytes."""
+    import shutil
+    long = "c" * 125
+    shutil.copytree(tiny_data / "gray", tmp_path / "data" / long)
+    recipe = write_recipe(tmp_path / "oc.yaml", tmp_path / "data", train={"epochs": 1})
+    cfg = yaml.safe_load(recipe.read_text())
+    cfg["data"]["sources"][0]["categories"] = [long]
+    recipe.write_text(yaml.safe_dump({**cfg, "name": "tiny"}))
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"recipe": str(recipe), "axes": {"one_class": [True]}}))
+    with pytest.raises(UadcError, match=r"^sweep s: recipe .*oc.yaml: the one-class model of 'c{60}' trains as "
+                                        r"'tiny-oc-c{52}'\.\.\., 133 bytes, and a model's folder name takes at most "
+                                        r"128: shorten the recipe's name or the category's folder$"):
+        make_plan(*load_sweep(path))
+    recipe = write_recipe(tmp_path / "named.yaml", tiny_data, train={"epochs": 1})
+    recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "name": "n" * 126}))
+    path.write_text(yaml.safe_dump({"recipe": str(recipe), "axes": {"image_size": [32, 64]}}))
+    with pytest.raises(UadcError, match=r"axes.image_size 32: the model of these axis values trains as 'n{60}'"
+                                        r"\.\.\., 131 bytes, .*shorten the recipe's name$"):
+        make_plan(*load_sweep(path))

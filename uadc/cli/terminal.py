@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -211,5 +212,13 @@ def json_output(f):
 
 
 class _Path(click.Path):   # "" (an unset $DIR) was Path("."): predict walked the whole working folder, wrote there
+    def __init__(self, *args: Any, file: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.file = file   # a file written: `--json out/` wrote a file named `out` (pathlib drops the '/')
+
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        return self.fail("an empty path", param, ctx) if value == "" else super().convert(value, param, ctx)
+        if value == "":
+            return self.fail("an empty path", param, ctx)
+        if self.file and isinstance(value, str) and value != "-" and value.endswith(("/", os.sep)):
+            return self.fail(f"{value} ends in '/', a folder; give a file's path", param, ctx)
+        return super().convert(value, param, ctx)

@@ -15,7 +15,9 @@ from uadc.core.errors import UadcError
 
 
 def short(value: Any) -> str:
-    """A bounded repr of a user's value for an error line."""
+    """A bounded repr of a user's value for an error line (``true`` / ``null`` as a YAML file writes them)."""
+    if value is None or isinstance(value, bool):   # `one_class: [true, true]` was said "lists True twice"
+        return "null" if value is None else str(value).lower()
     # reprlib: bounded depth and items, so nested YAML anchors (a "billion laughs") cannot expand
     r = reprlib.Repr()
     r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 60, 60

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from uadc.config.targets import TARGETS
 from uadc.core.constants import CALIBRATION_KINDS, CHECKPOINT_FILE, PARTITIONS
 from uadc.core.errors import UadcError
 from uadc.core.images import shown
+from uadc.core.names import is_output_name
 from uadc.core.scoped import quiet_third_party
 from uadc.data.sources import data_fingerprint
 from uadc.pipeline.sweep.spec import AXES, MAX_CELLS, MAX_COMBINATIONS, Axes, RunConfig, SweepSpec
@@ -108,7 +110,11 @@ def _calibrator_code(name: str | None) -> str | None:
 
 def make_plan(spec: SweepSpec, base: Path, name: str) -> Plan:
     pairs = []
-    for entry in spec.recipe_entries(base):
+    try:
+        entries = spec.recipe_entries(base)
+    except UadcError as exc:   # `recipe not found: nope.yaml` named no sweep file, as the others do
+        raise UadcError(f"sweep {name}: {exc}") from None
+    for entry in entries:
         try:
             original = load_recipe(entry.path)
         except UadcError as exc:   # which of its recipes: the line named a key, never the file
@@ -211,13 +217,23 @@ def _models(original: Recipe, recipe: Recipe, size: int | None, seed: int | None
     if seed is not None and seed != recipe.seed:
         recipe = recipe.with_overrides(seed=seed)
         parts.append(f"seed{seed}")
-    name = "-".join([recipe.name, *parts])
+    name = _variant_name("-".join([recipe.name, *parts]), "the model of these axis values")
     variants = [(recipe.with_overrides(name=name) if parts else recipe, None)]
     if one_class:
         from uadc.data.sources import resolve_sources
-        variants = [(_one_category(recipe, root, cat, f"{name}-oc-{cat}"), cat)
+        variants = [(_one_category(recipe, root, cat, _variant_name(f"{name}-oc-{cat}", f"the one-class model of "
+                                                                    f"{cat[:60]!r}", " or the category's folder")), cat)
                     for root, cat in resolve_sources([s.model_dump() for s in recipe.data.sources])]
     return [Model(_hash([r.name, train_hash(r)])[:16], r.name, r.cfg, cat, data_fingerprint(r)) for r, cat in variants]
+
+
+def _variant_name(name: str, what: str, or_: str = "") -> str:
+    """A model name the sweep makes (`tiny-64px`, `tiny-oc-<category>`), checked as a recipe's own; the
+    error says what made it (it blamed the recipe's `name:`, which `uadc train --one-class` had taken)."""
+    if not is_output_name(name):
+        raise UadcError(f"{what} trains as {name[:60]!r}..., {len(os.fsencode(name))} bytes, and a model's folder "
+                        f"name takes at most 128: shorten the recipe's name{or_}")
+    return name
 
 
 def _one_category(recipe: Recipe, root: Path, category: str, name: str) -> Recipe:
