@@ -57,7 +57,8 @@ class RecipeEntry(_Strict):
 
 
 class Axes(_Strict):
-    """Each axis: a list of values; a ``null`` value (or an omitted axis) is the recipe's own."""
+    """Each axis: a list of values; a ``null`` value (or an omitted axis) is the recipe's own, except
+    ``one_class``: true or false, as a recipe has no such setting (omitted: the unified model)."""
 
     target: Optional[list[Optional[_Name]]] = Field(None, min_length=1)   # "": null (the recipe's), unsaid
     calibrator: Optional[list[Optional[_Name]]] = Field(None, min_length=1)
