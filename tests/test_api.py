@@ -522,6 +522,7 @@ def test_a_recipe_changed_in_place_is_checked_again(recipe_factory, tmp_path):
                                       ("train", "epochs", "x", "train.epochs: expected int"),
                                       ("eval", "batch_size", 0, "eval.batch_size: 0 is below the minimum 1"),
                                       ("train", "epoch", 3, r"train.epoch: unknown key \(did you mean 'epochs'\?\)"),
+                                      ("train", "train_epochs", 3, r"train.train_epochs: unknown key"),
                                       ("model", "image_knn", {"k": 0}, "model.image_knn.k: 0 is below the minimum 1")):
         with pytest.raises(uadc.UadcError, match=f"^{text}"):
             setattr(getattr(r, section), key, value)

@@ -562,3 +562,6 @@ def test_a_recipe_files_error_names_the_file(tmp_path, command, monkeypatch):
     assert res.exit_code == 2, res.stderr
     assert re.fullmatch(r"error: (\S*/)?a\.yaml: train\.epochs: 0 is below the minimum 1\n", res.stderr), res.stderr
     assert not (tmp_path / "artifacts").exists()
+    (tmp_path / " sp.yaml").write_text((tmp_path / "a.yaml").read_text())   # named once (it read `sp.yaml: sp.yaml:`)
+    res = CliRunner().invoke(main, [*command, " sp.yaml"])
+    assert res.exit_code == 2 and res.stderr.count("sp.yaml") == 1, res.stderr

@@ -734,7 +734,7 @@ def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path, monkeypat
         import uadc.runtime.detector as det
         with monkeypatch.context() as m:
             m.setattr(det, "_importable", lambda module: module != "polygraphy")
-            with pytest.raises(UadcError, match=r"^backend polygraphy: .*pip install polygraphy"):
+            with pytest.raises(UadcError, match=r"^backend tensorrt: the polygraphy Python package .*pip install polygraphy"):
                 Detector.load(tmp_path / "eng", backend="tensorrt")
             said = Detector.load(tmp_path / "eng").warnings
         assert any("polygraphy, which runs the engine, does not import (pip install polygraphy)" in w for w in said)

@@ -743,6 +743,13 @@ def test_a_model_name_the_sweep_makes_too_long_says_what_made_it(tmp_path, tiny_
                                         r"'tiny-oc-c{52}'\.\.\., 133 bytes, and a model's folder name takes at most "
                                         r"128: shorten the recipe's name or the category's folder$"):
         make_plan(*load_sweep(path))
+    cfg["data"]["sources"][0]["categories"] = ["gray "]   # trains with --one-class; no folder name with the space
+    shutil.copytree(tiny_data / "gray", tmp_path / "data" / "gray ")
+    recipe.write_text(yaml.safe_dump({**cfg, "name": "tiny"}))
+    with pytest.raises(UadcError, match=r"the one-class model of 'gray ' trains as 'tiny-oc-gray ', no plain folder "
+                                        r"name \(no space at either end, no control character\); rename or the "
+                                        r"category's folder$"):
+        make_plan(*load_sweep(path))
     recipe = write_recipe(tmp_path / "named.yaml", tiny_data, train={"epochs": 1})
     recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "name": "n" * 126}))
     path.write_text(yaml.safe_dump({"recipe": str(recipe), "axes": {"image_size": [32, 64]}}))

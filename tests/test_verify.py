@@ -430,8 +430,10 @@ def test_report_paths_replace_only_earlier_reports_and_are_checked_before_the_wo
                          # x/ missing: the check looked at nothing, then the writer made x/ and the path the model
                          (["--json", str(int8 / "x" / ".." / "model.onnx")], "'..' follows"),
                          # a folder asked for: a file named `new` was written (pathlib dropped the '/')
-                         (["--json", str(tmp_path / "new") + "/"], "new/ ends in '/', a folder; give a file's path"),
-                         (["--markdown", str(tmp_path / "new") + "/"], "ends in '/', a folder")):
+                         (["--json", str(tmp_path / "new") + "/"], "new/ names a folder (it ends in '/', '.' or '..'); "
+                                                                   "give a file's path"),
+                         (["--markdown", str(tmp_path / "new") + "/"], "names a folder"),
+                         (["--json", str(tmp_path / "new") + "/."], "names a folder")):
             r = CliRunner().invoke(main, cmd + out)
             assert r.exit_code == 2 and why in r.output, (cmd, out, r.output)
     assert not calls and {f: f.read_bytes() for f in before} == before and not (tmp_path / "new").exists()

@@ -219,6 +219,6 @@ class _Path(click.Path):   # "" (an unset $DIR) was Path("."): predict walked th
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
         if value == "":
             return self.fail("an empty path", param, ctx)
-        if self.file and isinstance(value, str) and value != "-" and value.endswith(("/", os.sep)):
-            return self.fail(f"{value} ends in '/', a folder; give a file's path", param, ctx)
+        if self.file and isinstance(value, str) and value != "-" and os.path.basename(value) in ("", ".", ".."):
+            return self.fail(f"{value} names a folder (it ends in '/', '.' or '..'); give a file's path", param, ctx)
         return super().convert(value, param, ctx)

@@ -53,8 +53,8 @@ class _Section(BaseModel):
             super().__setattr__(name, value)
         except ValidationError as exc:   # the API's one kind of error, as for a recipe file
             said = first_error(exc, root=self._place or "recipe", model=type(self))
-            raise UadcError(f"{self._place}.{said}" if self._place and not said.startswith(self._place)
-                            else said) from None
+            placed = not self._place or said.startswith((f"{self._place}.", f"{self._place}:"))   # `train_epochs`
+            raise UadcError(said if placed else f"{self._place}.{said}") from None
 
 
 def _resolve(value: Optional[str], info: ValidationInfo) -> Optional[str]:
@@ -462,7 +462,7 @@ def load_recipe(source: "str | Path | dict | Recipe") -> Recipe:
     try:
         return recipe_from_dict(raw, path)
     except UadcError as exc:   # which file: a line that names a key only is no help among several recipes
-        named = shown(path)
+        named = " ".join(shown(path).split())   # as the error's one line writes it (` a.yaml` is `a.yaml`)
         raise UadcError(str(exc) if str(exc).startswith(named) else f"{named}: {exc}") from None
 
 

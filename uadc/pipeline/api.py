@@ -101,7 +101,11 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
         from uadc.data.prepare import prepare_data
         model = as_recipe_model(on_cpu(model_or_artifact), r)   # the recipe's head, as a checkpoint's
         with torch_threads(r.train.threads):
-            return _evaluate(torch_predictor(model), test_arrays(prepare_data(r)), r.eval.batch_size)
+            data = prepare_data(r)
+            res = _evaluate(torch_predictor(model), test_arrays(data), r.eval.batch_size)
+        if data.not_evaluated:   # as a checkpoint's or an artifact's figures say it
+            res.extra["not_evaluated"] = data.not_evaluated
+        return res
     if _is_onnx(model_or_artifact):
         from uadc.backends.ort import make_session, ort_predictor
         from uadc.data.prepare import prepare_data

@@ -286,7 +286,10 @@ class Detector:
                                 f"{folder}: an artifact of target {manifest.target} has no TensorRT engine; backend auto or "
                                 f"{manifest.runtime}")
             _check_importable("tensorrt", "it needs an NVIDIA GPU with TensorRT")
-            _check_importable("polygraphy", "uadc runs the engine through it: pip install polygraphy")
+            if not _importable("polygraphy"):
+                raise UadcError("backend tensorrt: the polygraphy Python package does not import here (uadc runs the "
+                                "engine through it: pip install polygraphy); backend auto runs the artifact with what "
+                                "is here")
             _only_auto(schedule, "TensorRT")
             _check_precision(manifest, "TensorRT")
             if (folder / manifest.model_file).is_file():   # the ONNX the engine was built from, as compile wrote it

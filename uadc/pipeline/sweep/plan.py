@@ -230,10 +230,15 @@ def _models(original: Recipe, recipe: Recipe, size: int | None, seed: int | None
 def _variant_name(name: str, what: str, or_: str = "") -> str:
     """A model name the sweep makes (`tiny-64px`, `tiny-oc-<category>`), checked as a recipe's own; the
     error says what made it (it blamed the recipe's `name:`, which `uadc train --one-class` had taken)."""
-    if not is_output_name(name):
-        raise UadcError(f"{what} trains as {name[:60]!r}..., {len(os.fsencode(name))} bytes, and a model's folder "
-                        f"name takes at most 128: shorten the recipe's name{or_}")
-    return name
+    if is_output_name(name):
+        return name
+    size = len(os.fsencode(name))
+    shown_name = f"{name[:60]!r}..." if len(name) > 60 else repr(name)
+    if is_output_name(name, max_bytes=size):   # plain but long
+        raise UadcError(f"{what} trains as {shown_name}, {size} bytes, and a model's folder name takes at most 128: "
+                        f"shorten the recipe's name{or_}")
+    raise UadcError(f"{what} trains as {shown_name}, no plain folder name (no space at either end, no control "
+                    f"character); rename{or_ or ' the recipe'}")
 
 
 def _one_category(recipe: Recipe, root: Path, category: str, name: str) -> Recipe:
