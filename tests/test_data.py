@@ -409,6 +409,22 @@ def test_masks_in_16_bits_jpeg_soft_or_not_square_mark_what_they_show(tmp_path):
         validate_test_masks(ImageDataset([s], 32, *NORM))
 
 
+def test_masks_that_vanish_at_the_working_size_are_said(tmp_path, caplog):
+    """Defects smaller than a pixel at data.image_size: the category's pixel figures vanished (`-` in the
+    table, which README reads as "no ground_truth folder") and the mean pixel AUROC was the others', unsaid."""
+    from uadc.data.mvtec import ImageDataset
+    dot = np.zeros((256, 384), np.uint8)
+    dot[1:3, 1:3] = 255                                   # 4 pixels of 98304: none left at 32 px (NEAREST)
+    with caplog.at_level("WARNING", logger="uadc"):
+        validate_test_masks(ImageDataset([_mask_of(tmp_path, Image.fromarray(dot), size=(384, 256))], 32, *NORM))
+    assert "category 'c': no defect mask marks a pixel at data.image_size 32" in caplog.text
+    caplog.clear()
+    dot[100:140, 100:160] = 255                           # a defect that stays: nothing said
+    with caplog.at_level("WARNING", logger="uadc"):
+        validate_test_masks(ImageDataset([_mask_of(tmp_path, Image.fromarray(dot), size=(384, 256))], 32, *NORM))
+    assert "no defect mask marks a pixel" not in caplog.text
+
+
 def test_colour_masks_inverted_masks_and_a_capitalised_good_folder(tmp_path, data, caplog):
     """A colour mask (one colour per class) lost its red defect: luminance 76, below the cut its white one
     set; an alpha-only mask on white marked the whole image; black-on-white masks were read without a

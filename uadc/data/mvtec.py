@@ -302,6 +302,7 @@ def validate_test_masks(ds: ImageDataset) -> None:
     Empty means empty at the mask's own resolution: a tiny defect that vanishes when resized to
     the working size is legitimate (its image still counts for image AUROC)."""
     most: dict[tuple[str, str], list[int]] = {}
+    seen: dict[str, bool] = {}   # category -> a mask marks a pixel at the working size
     for s in ds.samples:
         load_image(s.path, ds.size)  # an unreadable test image fails here, not after training
         if s.mask_path is None:
@@ -312,6 +313,12 @@ def validate_test_masks(ds: ImageDataset) -> None:
         counts = most.setdefault((s.category, s.defect), [0, 0])
         counts[0] += marked.mean() > 0.5
         counts[1] += 1
+        small = marked if marked.shape == (ds.size, ds.size) else \
+            np.asarray(Image.fromarray(marked).resize((ds.size, ds.size), Image.NEAREST))   # as load_mask does
+        seen[s.category] = seen.get(s.category, False) or bool(small.any())
+    for cat in (c for c, any_pixel in seen.items() if not any_pixel):   # its pixel figures vanished unsaid
+        log.warning("category %r: no defect mask marks a pixel at data.image_size %d (each defect is smaller than a "
+                    "pixel there): it gets image AUROC only; raise data.image_size for pixel metrics", cat, ds.size)
     for (cat, defect), (n, total) in most.items():
         if n:   # inverted masks gave pixel AUROC ~0.4 without a word (a colour cast marked whole is real)
             log.warning("%s/%s: %d of %d masks mark more than half their image; masks mark defects non-zero on "
