@@ -1551,3 +1551,23 @@ def test_only_png_jpeg_bmp_and_tiff_bytes_are_decoded_whatever_the_name(tmp_path
         Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "ok.png", fmt)
         with open_image(tmp_path / "ok.png") as im:
             assert im.size == (8, 8)
+
+
+def test_a_truncated_image_is_unreadable_in_every_format(tmp_path):
+    """A cut JPEG, BMP or TIFF said `image P: cannot read its pixels (...)` where a cut PNG and training said
+    `unreadable image P: ...`, the words README promises a grep of the tables finds."""
+    from uadc.core.errors import UadcError
+    from uadc.core.manifest import Preprocessing
+    from uadc.runtime.preprocess import load_rgb
+    rng = np.random.default_rng(0)
+    pixels = Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8))
+    pre = Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
+    for fmt, ext in (("JPEG", "jpg"), ("BMP", "bmp"), ("TIFF", "tif"), ("PNG", "png")):
+        whole = tmp_path / f"whole.{ext}"
+        pixels.save(whole, fmt)
+        cut = tmp_path / f"cut.{ext}"
+        cut.write_bytes(whole.read_bytes()[:int(whole.stat().st_size * 0.6)])
+        for source, said in ((cut, f"unreadable image {cut}: "), (cut.read_bytes(), "unreadable image bytes: ")):
+            with pytest.raises(UadcError) as e:
+                load_rgb(source, pre)
+            assert str(e.value).startswith(said), (fmt, str(e.value))

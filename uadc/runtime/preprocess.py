@@ -95,10 +95,12 @@ def load_rgb(source: Any, pre: Preprocessing) -> np.ndarray:
     PIL image or array."""
     if isinstance(source, (str, os.PathLike)):
         with open_image(source) as im:
+            im.load()   # a truncated file: `unreadable image PATH: ...` as training says it, whatever the format
             return _from_pil(im, pre, source)
     stream = _encoded(source)
     if stream is not None:
         with open_image(stream, "image bytes") as im:
+            im.load()
             return _from_pil(im, pre, "image bytes")
     if isinstance(source, Image.Image):   # as displayed, as a path or bytes of it are read
         return _from_pil(source, pre, turn=True)
