@@ -120,6 +120,9 @@ def test_the_calibration_cache_holds_the_qdq_models_own_ranges(trained, tmp_path
     assert "Resize" in {producer.get(t) for t in qdq}
     for tensor, amax in qdq.items():
         assert cache[tensor] == pytest.approx(amax, rel=1e-6), tensor
+    # and nothing else: the float tensors (`anomaly_map`, the student's last features) had ranges an implicit
+    # build may use to quantize them, unlike the verified model
+    assert set(cache) <= set(qdq) and "anomaly_map" not in cache, sorted(set(cache) - set(qdq))[:5]
 
 
 def test_compile_jetson_int8_bundle(trained):

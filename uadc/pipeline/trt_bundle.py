@@ -53,16 +53,17 @@ def build_settings(target: Target, fp32_layers: list[str] | None = None,
 
 
 def cache_amax(compiled: onnx.ModelProto, ranges: dict) -> dict[str, float]:
-    """Each tensor's amax for the calibration cache: the calibrated range, replaced by the Q/DQ
-    model's own scale x 127 wherever an activation is quantized there, so an implicit build uses
-    the explicit build's ranges (the quantizer gives a Resize's output its input's scale, not the
-    output's own calibrated range). A Q/DQ tensor without a calibrated range is left out."""
-    amax = {k: max(abs(lo), abs(hi)) for k, (lo, hi) in ranges.items()}
+    """Each activation the Q/DQ model quantizes, with that model's own scale x 127 as its amax, so an
+    implicit build uses the explicit build's ranges (the quantizer gives a Resize's output its input's
+    scale, not the output's own calibrated range). Tensors the Q/DQ model keeps float are left out: the
+    cache held every calibrated range, `anomaly_map` among them, which an implicit build may quantize.
+    A Q/DQ tensor without a calibrated range is left out."""
     consts = {i.name: i for i in compiled.graph.initializer}
     consts.update({n.output[0]: n.attribute[0].t for n in compiled.graph.node
                    if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    amax = {}
     for node in compiled.graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[0] in amax and node.input[1] in consts:
+        if node.op_type == "QuantizeLinear" and node.input[0] in ranges and node.input[1] in consts:
             scale = numpy_helper.to_array(consts[node.input[1]])
             if scale.size == 1:   # activations are per-tensor (per-channel scales are weights')
                 amax[node.input[0]] = float(scale.reshape(())) * 127.0
