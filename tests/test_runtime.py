@@ -1022,8 +1022,13 @@ def test_overlays_linked_to_another_folder_are_replaced_without_a_traceback(int8
     (out / "overlays").symlink_to(elsewhere)
     predict_paths(det, [tiny_data / "gray" / "test"], out=out, overlays=True)
     assert list(elsewhere.rglob("*.png"))
+    photo = elsewhere / "vacation.png"            # not uadc's: a line naming it made the next run delete it
+    Image.new("RGB", (8, 8)).save(photo)
+    with open(out / "predictions.jsonl", "a") as f:
+        f.write('{"path": "x.png", "score": 0.1, "verdict": "good", "overlay": "overlays/vacation.png"}\n')
     predict_paths(det, [tiny_data / "gray" / "test"], out=out)      # no overlays now: the earlier ones are stale
-    assert (out / "overlays").is_symlink() and elsewhere.is_dir() and not list(elsewhere.rglob("*.png"))
+    assert (out / "overlays").is_symlink() and elsewhere.is_dir() and [p.name for p in elsewhere.rglob("*.png")] == \
+        ["vacation.png"]
 
 
 def test_split_partitions_of_a_postprocessed_model_keep_its_category_input(int8_artifact):

@@ -3,12 +3,14 @@ them), label-free fidelity figures, budgets, exit codes 0/1/2, stable JSON keys,
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -344,6 +346,8 @@ def test_golden_files_are_checked_not_trusted(artifacts, tmp_path):
                       (lambda m: m["images"][0].update(category=["a"]), "image record 0 is not one golden.json holds"),
                       (lambda m: m["thresholds"].pop("global"), "no global thresholds"),
                       (lambda m: m["thresholds"]["global"].update(image="1"), "thresholds of 'global' are not numbers"),
+                      # numpy's isfinite: a TypeError traceback (exit 1, a "regression") on an int past 64 bits
+                      (lambda m: m["thresholds"]["global"].update(image=10 ** 400), "thresholds of 'global' are not"),
                       (lambda m: m["thresholds"]["global"].update(n="x"), "n 'x' is not a count of normals"),
                       (lambda m: m["thresholds"]["global"].update(n=None), "n None is not a count of normals"),
                       (lambda m: m.update(runner=["x"]), r"runner \['x'\] is not what compile writes there"),
@@ -360,6 +364,17 @@ def test_golden_files_are_checked_not_trusted(artifacts, tmp_path):
     with np.load(fp32 / "golden_masks.npz") as z:
         np.savez(loose / "golden_masks.npz", masks=z["masks"], shape=np.asarray([3, 32, 10 ** 11]))
     with pytest.raises(UadcError, match=r"golden_masks.npz: ValueError: shape \[3, 32, 100000000000\] is not that of"):
+        uadc.verify(int8, golden=loose)
+    # the masks' own .npy header claiming (10**7, 10**7): numpy allocated it first (MemoryError, 90 TiB)
+    lie = io.BytesIO()
+    np.lib.format.write_array_header_1_0(lie, {"descr": "|u1", "fortran_order": False, "shape": (10 ** 7, 10 ** 7)})
+    with zipfile.ZipFile(loose / "golden_masks.npz", "w") as z:
+        z.writestr("masks.npy", lie.getvalue() + bytes(100))
+        with io.BytesIO() as buf:
+            np.save(buf, np.asarray([3, 32, 32]))
+            z.writestr("shape.npy", buf.getvalue())
+    with pytest.raises(UadcError, match=r"golden_masks.npz: ValueError: masks: its header claims shape \[10000000, "
+                                        r"10000000\] of uint8, more than its"):
         uadc.verify(int8, golden=loose)
     linked = tmp_path / "linked"          # a golden set of links to its files still judges
     linked.mkdir()

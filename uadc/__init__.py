@@ -15,7 +15,28 @@ Public API (imported lazily, so ``import uadc.runtime`` stays free of torch)::
 from __future__ import annotations
 
 import logging as _logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:   # what a type checker reads (py.typed); at run time each name is imported on first use
+    from uadc.config.recipe import Recipe as Recipe, load_recipe as load_recipe
+    from uadc.config.targets import TARGETS as TARGETS
+    from uadc.core.errors import NonFiniteOutputs as NonFiniteOutputs, RuntimeFault as RuntimeFault
+    from uadc.core.errors import UadcError as UadcError
+    from uadc.core.manifest import Manifest as Manifest, read_manifest as read_manifest
+    from uadc.evaluation.run import EvalResult as EvalResult, OneClassResult as OneClassResult
+    from uadc.models.base import KDModel as KDModel
+    from uadc.pipeline.api import QatRunResult as QatRunResult, baseline as baseline, compare_calibrators as \
+        compare_calibrators, compile as compile, diff as diff, evaluate as evaluate, qat as qat, sweep as sweep, \
+        train as train, verify as verify
+    from uadc.pipeline.baseline import Baseline as Baseline
+    from uadc.pipeline.bundle import BundleResult as BundleResult, bundle as bundle
+    from uadc.pipeline.compare import CompareResult as CompareResult
+    from uadc.pipeline.doctor import DoctorReport as DoctorReport, doctor as doctor
+    from uadc.pipeline.sweep.run import SweepResult as SweepResult
+    from uadc.report.results import CompileResult as CompileResult
+    from uadc.runtime import Detector as Detector, Prediction as Prediction
+    from uadc.training.run import TrainResult as TrainResult
+    from uadc.verify.gate import DiffResult as DiffResult, VerifyResult as VerifyResult
 
 __version__ = "0.2.0"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from uadc.core.errors import UadcError
+from uadc.core.io import parse_json
 from uadc.core.ort_session import make_session
 
 _SUFFIXES = re.compile(r"(_token_\d+|_nchwc|/duplicated)+$")
@@ -126,7 +127,7 @@ def cached_node_times(cache_dir: Path, models: list, feeds: dict[str, np.ndarray
     path = Path(cache_dir) / f"{key[:24]}.json"
     if path.is_file():
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = parse_json(path.read_text(encoding="utf-8"))
             times = [[NodeTime(**t) for t in ts] for ts in data["times"]] if data.get("key") == key else None
             # an entry cut short (`"times": []`, a model without nodes) decided on no profile at all
             if times is not None and len(times) == len(models) and all(times) and \

@@ -27,7 +27,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Union
 
 from uadc.core.constants import DEVICE_FILES, ENGINE_FILE, ENGINE_SOURCE_SUFFIX, MANIFEST_FILE
 from uadc.core.errors import UadcError, one_line
@@ -251,10 +251,19 @@ def _finite(v: Any) -> Any:
     return v
 
 
+def parse_json(text: "str | bytes") -> Any:
+    """``json.loads``; a document nested past Python's recursion limit (`[[[...` 100k deep) is a ValueError
+    as any damaged one is, not a RecursionError traceback from the readers that catch ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_json(path: Path, what: str) -> Any:
     """A JSON file read back (one uadc wrote); missing, unreadable or damaged: one UadcError line."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return parse_json(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UadcError(f"{what} not found: {path}") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -300,7 +309,7 @@ def is_marker(path: Path, keys: tuple[str, ...]) -> bool:
     try:
         if not path.is_file() or path.stat().st_size > 256 << 20:
             return False
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):   # unreadable, not UTF-8, not JSON: not uadc's
         return False
     return isinstance(doc, dict) and all(k in doc for k in keys)
@@ -472,6 +481,9 @@ def staged_files(final: Path, then: Callable[[], Any] | None = None) -> Iterator
         if made and not done:
             with contextlib.suppress(OSError):
                 final.parent.rmdir()
+
+
+PathArg = Union[str, "os.PathLike[str]"]   # a path argument of the public API, as as_path takes it
 
 
 def as_path(value: Any, name: str, optional: bool = False) -> Path | None:

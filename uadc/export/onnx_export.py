@@ -21,6 +21,7 @@ import torch
 from uadc import __version__
 from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES, PARTITIONS
 from uadc.core.errors import UadcError, raise_interrupt_behind
+from uadc.core.io import parse_json
 from uadc.core.scoped import (environment_kept, eval_mode, float32_default, quiet_third_party, start_method_kept,
                               tqdm_monitor_off)
 from uadc.export.partitions import (assign_partitions, partition_counts, partition_models, partition_of,
@@ -91,8 +92,8 @@ def get_metadata(model: onnx.ModelProto) -> dict:
     for p in model.metadata_props:
         if p.key.startswith("uadc."):
             try:
-                out[p.key[5:]] = json.loads(p.value)
-            except json.JSONDecodeError:
+                out[p.key[5:]] = parse_json(p.value)
+            except ValueError:
                 out[p.key[5:]] = p.value
     return out
 

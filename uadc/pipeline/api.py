@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Literal, Sequence, Union, overload
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from uadc.config.validation import name_list
 from uadc.core.constants import CALIBRATION_KINDS, DEPLOY_METADATA, MANIFEST_FILE
 from uadc.core.errors import UadcError
 from uadc.core.manifest import model_metadata, read_manifest
-from uadc.core.io import JsonResult, as_path, check_replaceable, sha256_file
+from uadc.core.io import JsonResult, PathArg, as_path, check_replaceable, sha256_file
 from uadc.core.numbers import flags, whole_number
 from uadc.core.scoped import check_threads, torch_threads, training_state
 from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluate, evaluate_checkpoint, \
@@ -41,7 +41,7 @@ RecipeLike = Union[str, os.PathLike, dict, Recipe]   # a real alias: typing.get_
 
 
 def train(recipe: RecipeLike, *, one_class: bool = False, epochs: int | None = None, eval_every: int | None = None,
-          artifacts: Path | None = None) -> TrainResult:
+          artifacts: PathArg | None = None) -> TrainResult:
     """Train the recipe's model (unified, or one per category) and write its checkpoint(s)."""
     flags(one_class=one_class)
     r = load_recipe(recipe)
@@ -66,8 +66,23 @@ def ensure_checkpoint(recipe: Recipe, artifacts: Path | None, given: Any, train_
     log.info("checkpoint written: %s", train(recipe, artifacts=artifacts).checkpoints[0])
 
 
+@overload
+def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_class: Literal[False] = False,
+             artifacts: PathArg | None = None, write: bool = True) -> EvalResult: ...
+
+
+@overload
+def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_class: Literal[True],
+             artifacts: PathArg | None = None, write: bool = True) -> OneClassResult: ...
+
+
+@overload
 def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_class: bool = False,
-             artifacts: Path | None = None, write: bool = True) -> EvalResult | OneClassResult:
+             artifacts: PathArg | None = None, write: bool = True) -> EvalResult | OneClassResult: ...
+
+
+def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_class: bool = False,
+             artifacts: PathArg | None = None, write: bool = True) -> EvalResult | OneClassResult:
     """AD metrics on the recipe's test sets for: a recipe (its checkpoint), a checkpoint path,
     a ``KDModel``, or a compiled artifact folder (run on its target's CPU runtime: ONNX Runtime or
     OpenVINO; a TensorRT artifact's model by ONNX Runtime, as its compile emulates it) / ONNX file
@@ -232,7 +247,7 @@ def _check_source(source: Any, what: str) -> None:
                         f"(`uadc.evaluate` judges an artifact)")
 
 
-def baseline(source: Any, recipe: RecipeLike | None = None, *, artifacts: Path | None = None,
+def baseline(source: Any, recipe: RecipeLike | None = None, *, artifacts: PathArg | None = None,
              threads: int | None = None) -> Baseline:
     """The FP32 baseline (export, FP32 metrics, latency) that several compiles can share.
 
@@ -256,9 +271,9 @@ def baseline(source: Any, recipe: RecipeLike | None = None, *, artifacts: Path |
 def compile(source: Any, target: str | None = None, *, recipe: RecipeLike | None = None,
             calibration: "str | Iterable[np.ndarray] | None" = None, calib_samples: int | None = None,
             calibrator: str | None = None, quantize: Sequence[str] | None = None, per_channel: bool | None = None,
-            out: Path | None = None, force: bool = False, evaluate: bool = True, latency_runs: int = 30,
-            threads: int | None = None, artifacts: Path | None = None, split: bool = False,
-            build_engine: bool = False, dump_passes: Path | None = None, qat_model: Any = None,
+            out: PathArg | None = None, force: bool = False, evaluate: bool = True, latency_runs: int = 30,
+            threads: int | None = None, artifacts: PathArg | None = None, split: bool = False,
+            build_engine: bool = False, dump_passes: PathArg | None = None, qat_model: Any = None,
             postprocess: bool | None = None, precision: str | None = None) -> CompileResult:
     """Compile ``source`` for ``target`` and write the artifact folder; returns its report.
 
@@ -318,7 +333,7 @@ class QatRunResult(JsonResult):
 
 
 def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = None, compile_after: bool = True,
-        artifacts: Path | None = None, source: Any = None) -> QatRunResult:
+        artifacts: PathArg | None = None, source: Any = None) -> QatRunResult:
     """Quantization-aware fine-tuning from the PTQ placement; then (by default) compile it into
     ``<artifacts>/<recipe>/<target>-qat``."""
     from uadc.quant.qat.run import check_target, qat_dir, with_qat_record
@@ -367,8 +382,8 @@ def _qat_run(r: Recipe, target: str, t: Any, epochs: int | None, source: Any, ar
 
 def compare_calibrators(recipe: RecipeLike, target: str = "ort-cpu-int8", calibrators: Sequence[str] = ("entropy", "mse"),
                         sources: Sequence[str] = ("train", "random-normal"), *, calib_samples: int | None = None,
-                        quantize: Sequence[str] | None = None, out: Path | None = None,
-                        artifacts: Path | None = None, ray: bool = False, address: str | None = None
+                        quantize: Sequence[str] | None = None, out: PathArg | None = None,
+                        artifacts: PathArg | None = None, ray: bool = False, address: str | None = None
                         ) -> CompareResult:
     """The calibrator x calibration-data matrix (a sweep: in this process, or on Ray with ``ray``/``address``):
     a ``CompareResult``, also written as ``compare.json`` / ``compare.md`` under ``out``."""
@@ -385,7 +400,7 @@ def compare_calibrators(recipe: RecipeLike, target: str = "ort-cpu-int8", calibr
                _artifacts_root(artifacts), ray=ray, address=address)
 
 
-def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path | None = None,
+def verify(artifact: PathArg, *, images: PathArg | Sequence[PathArg] | None = None, golden: PathArg | None = None,
            budgets: dict | None = None, recipe: RecipeLike | None = None, normal_only: bool = False,
            threads: int | None = None) -> VerifyResult:
     """Judge an artifact against its golden FP32 outputs (``VerifyResult``; ``.exit_code`` 0/1).
@@ -399,7 +414,7 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
                    threads=threads)
 
 
-def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dict | None = None,
+def diff(a: PathArg, b: PathArg, *, images: PathArg | Sequence[PathArg] | None = None, budgets: dict | None = None,
          recipe: RecipeLike | None = None, normal_only: bool = False, threads: int | None = None) -> DiffResult:
     """Judge artifact ``b`` against artifact ``a`` with the verify figures (``DiffResult``)."""
     from uadc.pipeline.verify import diff as run
@@ -410,7 +425,7 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
                    threads=threads)
 
 
-def _folders(images: "str | Path | Sequence[Path] | None") -> list[Path] | None:
+def _folders(images: PathArg | Sequence[PathArg] | None) -> list[Path] | None:
     """``images=`` as one folder or several (a bare string is one folder, not its characters)."""
     if images is None or isinstance(images, (str, os.PathLike)):
         return None if images is None else [as_path(images, "images")]
@@ -425,7 +440,7 @@ def _budgets(budgets: Any) -> dict | None:
     return budgets
 
 
-def sweep(sweep_file: Any, *, artifacts: Path | None = None, out: Path | None = None, address: str | None = None,
+def sweep(sweep_file: Any, *, artifacts: PathArg | None = None, out: PathArg | None = None, address: str | None = None,
           num_cpus: int | None = None, sequential: bool = False) -> SweepResult:
     """Run a sweep file's grid (recipes x axes) as Ray tasks (local Ray, or ``address``'s cluster);
     ``sequential``: in this process without Ray. Returns a ``SweepResult`` (the table)."""

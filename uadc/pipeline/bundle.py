@@ -21,7 +21,7 @@ from pathlib import Path
 
 from uadc.core.constants import GOLDEN_FILES, MANIFEST_FILE, REPORT_FILE
 from uadc.core.errors import UadcError
-from uadc.core.io import JsonResult, as_path, atomic_dir, is_output_dir, read_json, sha256_file
+from uadc.core.io import JsonResult, PathArg, as_path, atomic_dir, is_output_dir, read_json, sha256_file
 from uadc.core.numbers import flags
 from uadc.core.manifest import check_outside_artifacts, read_manifest, write_manifest
 
@@ -70,7 +70,7 @@ def _check_not_an_artifact(out: Path) -> None:
                         f"(choose another --out)")
 
 
-def bundle(artifact: Path, out: Path, *, force: bool = False) -> BundleResult:
+def bundle(artifact: PathArg, out: PathArg, *, force: bool = False) -> BundleResult:
     """Write the deployment copy of ``artifact`` to ``out`` (atomically; ``force`` replaces an
     earlier uadc output there). The artifact is verified against its manifest first. Torch-free:
     an edge box without torch runs it (``uadc.bundle`` is this function)."""

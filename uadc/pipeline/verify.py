@@ -11,7 +11,6 @@ inputs, and a seeded sample of labelled test images, with the FP32 reference's o
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import weakref
@@ -28,6 +27,7 @@ from uadc.config.targets import inference_hint_of
 from uadc.core.constants import (ENGINE_FILE, GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MANIFEST_FILE, MODEL_FILE,
                                  OUTPUT_NAMES, REPORT_FILE)
 from uadc.core.errors import RuntimeFault, UadcError, raise_interrupt_behind
+from uadc.core.io import parse_json
 from uadc.core.manifest import Manifest, read_manifest, verify_files
 from uadc.core.ort_session import make_session
 from uadc.core.scoped import quiet_third_party
@@ -269,7 +269,7 @@ def _manifest(artifact: Path) -> Manifest | None:
 
 def _json_or_empty(path: Path) -> dict:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}

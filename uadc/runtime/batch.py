@@ -16,12 +16,13 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from uadc.core.constants import OVERLAYS_DIR, PREDICTIONS_CSV, PREDICTIONS_JSONL
 from uadc.core.errors import NonFiniteOutputs, UadcError, csv_cell
 from uadc.core.images import FoundImages, find_images, printable, shown
 from uadc.core.io import (atomic_write_bytes, atomic_write_text, check_dir_creatable, check_own_file, check_writable,
-                          file_lock, staged_files)
+                          file_lock, parse_json, staged_files)
 from uadc.core.process import signals_deferred
 from uadc.core.scoped import logged_warnings
 from uadc.core.manifest import GLOBAL, check_outside_artifacts, infer_category, named_in
@@ -30,6 +31,7 @@ from uadc.runtime.detector import Detector, Prediction
 from uadc.runtime.preprocess import load_rgb, model_input
 
 log = logging.getLogger(__name__)
+OVERLAY_MARK = ("Software", "uadc predict")   # a text chunk in each overlay PNG
 MAX_LISTED = 100   # failures named in the summary (--json); the tables name every one
 CSV_FIELDS = ("path", "category", "score", "normalized_score", "label", "verdict", "threshold", "mask_fraction",
               "latency_ms", "overlay", "error")   # an image that could not be read: verdict "error", the reason
@@ -236,7 +238,9 @@ def _run_images(detector: Detector, files: list[Path], category: str | None, inf
             if stage is not None:
                 img = overlay(rgbs[j], pred, detector)
                 buf = io.BytesIO()
-                Image.fromarray(img).save(buf, format="PNG")
+                mark = PngInfo()
+                mark.add_text(*OVERLAY_MARK)   # what a later run may remove as its own
+                Image.fromarray(img).save(buf, format="PNG", pnginfo=mark)
                 atomic_write_bytes(stage / names[f], buf.getvalue())
                 run.written.append(run.out / OVERLAYS_DIR / names[f])
                 run.records[-1]["overlay"] = (OVERLAYS_DIR / names[f]).as_posix()
@@ -248,7 +252,7 @@ def _check_out(out: Path) -> None:
     check_dir_creatable(out)
     def is_record(head: str) -> bool:   # a user's JSONL of paths is no prediction: an image's row or a failure's
         try:
-            first = json.loads(head.split("\n", 1)[0])
+            first = parse_json(head.split("\n", 1)[0])
         except ValueError:
             return False
         return isinstance(first, dict) and ({"path", "score", "verdict"} <= first.keys() or set(first) == {"path", "error"})
@@ -329,9 +333,19 @@ def _stale_overlays(out: Path, run: PredictRun) -> list[Path]:
 
 
 def _overlay_files(out: Path, named: set[str]) -> list[Path]:
+    """The named overlays under ``out/overlays/`` (a link to another disk too) that uadc wrote: a line of the
+    editable predictions.jsonl named any PNG there, e.g. a photo in a folder `overlays` was linked to."""
     root = (out / OVERLAYS_DIR).resolve()
     paths = [out / o for o in sorted(named)]
-    return [p for p in paths if p.suffix == ".png" and root in p.resolve().parents and p.is_file()]
+    return [p for p in paths if p.suffix == ".png" and root in p.resolve().parents and p.is_file() and _ours(p)]
+
+
+def _ours(png: Path) -> bool:
+    try:
+        with Image.open(png) as im:
+            return im.format == "PNG" and im.info.get(OVERLAY_MARK[0]) == OVERLAY_MARK[1]
+    except Exception:  # noqa: BLE001 - unreadable: not an overlay uadc wrote
+        return False
 
 
 def _named_overlays(out: Path) -> set[str]:
@@ -341,7 +355,7 @@ def _named_overlays(out: Path) -> set[str]:
         return named
     for line in old.read_text(errors="replace").splitlines():
         try:
-            named.add(json.loads(line).get("overlay"))
+            named.add(parse_json(line).get("overlay"))
         except (ValueError, AttributeError):
             continue
     return {n for n in named if isinstance(n, str)}

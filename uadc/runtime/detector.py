@@ -18,9 +18,10 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Sequence, TypeAlias, TypeVar, Union, overload
 
 import numpy as np
+from PIL.Image import Image as PILImage
 
 from uadc.core.constants import ENGINE_FILE
 from uadc.core.errors import NonFiniteOutputs, RuntimeFault, UadcError, one_line
@@ -30,6 +31,9 @@ from uadc.core.scoped import check_threads, logged_warnings
 from uadc.runtime.preprocess import preprocess
 
 log = logging.getLogger(__name__)
+_D = TypeVar("_D", bound="Detector")
+# what predict takes as one image (-> one Prediction); an array may be one or a batch
+OneImage: TypeAlias = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], PILImage]
 
 
 @dataclass
@@ -241,7 +245,7 @@ class Detector:
         if self.closed:
             raise UadcError(f"{self.manifest.folder}: this Detector was closed; load the artifact again")
 
-    def __enter__(self) -> "Detector":
+    def __enter__(self: _D) -> _D:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -416,6 +420,17 @@ class Detector:
         # each its own arrays: a view kept the whole batch's maps alive as long as one result was kept
         return [Prediction(float(scores[i]), float(norm[i]), int(labels[i]), maps[i].copy(), masks[i].copy(), category,
                            thr.image.value, latency_ms, sources[i]) for i in range(len(scores))]
+
+    @overload
+    def predict(self, inputs: OneImage, category: str | None = None) -> Prediction: ...
+
+    @overload
+    def predict(self, inputs: "list[Any] | tuple[Any, ...]", category: "str | None | Sequence[str | None]" = None
+                ) -> list[Prediction]: ...
+
+    @overload   # an array: HxW(x3) is one image, NxHxWx3 a batch
+    def predict(self, inputs: Any, category: "str | None | Sequence[str | None]" = None
+                ) -> "Prediction | list[Prediction]": ...
 
     def predict(self, inputs: Any, category: "str | None | Sequence[str | None]" = None
                 ) -> "Prediction | list[Prediction]":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -164,8 +165,8 @@ def _read(path: Path, load: Any) -> Any:
     from polygraphy.exception import PolygraphyException
     try:
         return load()
-    except (OSError, ValueError, KeyError, TypeError, EOFError, RecursionError, zipfile.BadZipFile,
-            PolygraphyException) as exc:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, RecursionError, MemoryError, zipfile.BadZipFile,
+            PolygraphyException) as exc:   # MemoryError: a crafted .npy header asking for TiBs, allocated first
         reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else
                   "nested too deeply" if isinstance(exc, RecursionError) else
                   "not in Polygraphy's format" if isinstance(exc, PolygraphyException) else   # its text quotes the file
@@ -175,6 +176,7 @@ def _read(path: Path, load: Any) -> Any:
 
 def _masks(path: Path) -> np.ndarray:
     with np.load(path) as z:
+        _check_npy_size(z, "masks")
         shape, packed = tuple(int(s) for s in z["shape"]), z["masks"]
         # the stored shape must be the packed array's: a crafted one asked for 35 TiB (a MemoryError traceback)
         if len(shape) != packed.ndim or shape[:-1] != packed.shape[:-1] or not 0 < shape[-1] <= 8 * packed.shape[-1]:
@@ -182,7 +184,27 @@ def _masks(path: Path) -> np.ndarray:
         return np.unpackbits(packed, axis=-1, count=shape[-1]).astype(bool).reshape(shape)
 
 
+def _check_npy_size(z: Any, name: str) -> None:
+    """An array's .npy header must fit the bytes behind it: numpy allocates what the header says before it
+    reads (a 100-byte member claiming (10**7, 10**7) was a MemoryError, a smaller lie GBs of memory)."""
+    info = z.zip.getinfo(f"{name}.npy")
+    with z.zip.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    if math.prod(shape) * dtype.itemsize > info.file_size:
+        raise ValueError(f"{name}: its header claims shape {list(shape)[:4]} of {dtype}, more than its {info.file_size} bytes")
+
+
 _KINDS = {"normal": None, "test": (0, 1), "random": None, "user": None}   # a record's kind -> its labels
+
+
+def _finite(v: "int | float") -> bool:
+    """numpy's isfinite raised TypeError on an int past 64 bits (`10**400`): a traceback, exit 1."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _check_records(g: GoldenSet) -> None:
@@ -196,7 +218,7 @@ def _check_records(g: GoldenSet) -> None:
         if not ok or isinstance(im.get("label"), bool):
             raise UadcError(f"{where}: image record {i} is not one golden.json holds ({str(im)[:120]})")
     thr = g.meta.get("thresholds")
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)  # noqa: E731
     if not isinstance(thr, dict) or "global" not in thr:
         raise UadcError(f"{where}: no global thresholds")
     for cat, t in thr.items():

@@ -6,12 +6,11 @@ Failed cells are recorded too (with their one-line error) but are tried again by
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from uadc.core.constants import REPORT_FILE
 from uadc.core.errors import UadcError
-from uadc.core.io import atomic_write_json
+from uadc.core.io import atomic_write_json, parse_json
 from uadc.core.manifest import read_manifest
 
 RECORDS = "records"
@@ -25,7 +24,7 @@ def record_path(out: Path, key: str) -> Path:
 def load_record(out: Path, key: str) -> dict | None:
     """The finished (status ok) record of ``key``, or None (absent, failed or unreadable)."""
     try:
-        rec = json.loads(record_path(out, key).read_text(encoding="utf-8"))
+        rec = parse_json(record_path(out, key).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(rec, dict) or rec.get("status") != "ok" or rec.get("key") != key:
