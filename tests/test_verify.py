@@ -850,3 +850,26 @@ def test_a_damaged_or_missing_model_is_said_as_predict_says_it(artifacts, tmp_pa
     for call in (lambda: uadc.diff(fp32, bad), lambda: uadc.verify(bad)):
         with pytest.raises(UadcError, match=r"model.onnx is missing \(listed in artifact.json\)"):
             call()
+
+
+def test_forged_metadata_and_json_nested_too_deeply_are_one_line(artifacts, tiny_data, tmp_path):
+    """An edited `uadc.image_size` of 200000 made `diff --images` take 23 GB (0 blamed every image); JSON nested
+    100k deep (a report.json, a model's metadata) was a RecursionError traceback, exit 1, where verify, diff
+    and bundle read it."""
+    from uadc.export.onnx_export import set_metadata
+    _, fp32, _ = artifacts
+    model = onnx.load(str(fp32 / "model.onnx"))
+    set_metadata(model, {"image_size": 200000})
+    onnx.save(model, str(tmp_path / "big.onnx"))
+    with pytest.raises(UadcError, match=r"big.onnx: its metadata's image_size 200000 is not 1 to 8192$"):
+        uadc.diff(tmp_path / "big.onnx", tmp_path / "big.onnx", images=tiny_data / "gray" / "train")
+    deep = "[" * 100000 + "]" * 100000
+    set_metadata(model, {"image_size": 64, "partitions": deep})
+    onnx.save(model, str(tmp_path / "deep.onnx"))
+    from uadc.export.onnx_export import get_metadata
+    assert get_metadata(model)["partitions"] == deep   # kept as text, as any value that is no JSON
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.json").write_text(deep)           # a user's folder: not uadc's, refused in one line
+    with pytest.raises(UadcError, match="not written by|holds files|not uadc"):
+        uadc.bundle(fp32, mine)

@@ -13,7 +13,7 @@ from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
 from uadc.core.images import IMAGE_EXTS, find_images
 from uadc.core.io import file_key
-from uadc.core.manifest import infer_category, named_in
+from uadc.core.manifest import MAX_IMAGE_SIZE, infer_category, named_in
 from uadc.data.mvtec import load_image
 from uadc.export.onnx_export import get_metadata
 
@@ -36,6 +36,8 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
         std = np.asarray(meta["normalization"]["std"], np.float32)
     except (KeyError, TypeError, ValueError):
         raise UadcError(f"{model_path}: no uadc preprocessing metadata (image_size, normalization)") from None
+    if not 1 <= size <= MAX_IMAGE_SIZE:   # an edited 200000 took 23 GB; 0 blamed each image ("height and width")
+        raise UadcError(f"{model_path}: its metadata's image_size {size} is not 1 to {MAX_IMAGE_SIZE}")
     images, records, notes = [], [], []
     seen: set[Path] = set()
     judged: set[tuple] = set()   # `--images data/gray --images data/gray/test` judged the test images twice
