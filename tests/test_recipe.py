@@ -131,6 +131,12 @@ def test_hash_changes_with_content():
     a = recipe_from_dict(_with())
     b = recipe_from_dict(_with(train={"epochs": 11}))
     assert a.hash != b.hash and len(a.hash) == 16
+    # where the data lives is no setting (its files are fingerprinted apart): a moved project, or its data
+    # copied elsewhere, was another recipe to verify's note and to `eval --one-class`'s comparison
+    moved = recipe_from_dict(_with(data={"sources": [{**s, "root": "/elsewhere/data"} for s in SRC["data"]["sources"]],
+                                         "val": [{"category": "a", "folder": "/elsewhere/val"}]}))
+    here = recipe_from_dict(_with(data={"val": [{"category": "a", "folder": "/here/val"}]}))
+    assert moved.hash == here.hash != a.hash
 
 
 def test_schema_is_described():
