@@ -533,6 +533,7 @@ def test_every_public_name_is_documented_and_every_result_prints_as_json():
         if isinstance(obj, type) and hasattr(obj, "to_dict"):
             assert callable(getattr(obj, "to_json", None)), name
     assert "QatRunResult" in uadc.__all__ and json.loads(uadc.doctor().to_json())["uadc"] == uadc.__version__
+    assert sorted(uadc.__all__) == sorted(["__version__", *uadc._API])   # the literal list and the lazy table agree
 
 
 def test_a_writer_that_fails_like_a_full_disk_is_one_line_and_leaves_no_temp(tmp_path):

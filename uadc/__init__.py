@@ -81,7 +81,12 @@ _API = {
     "DoctorReport": "uadc.pipeline.doctor",
 }
 
-__all__ = ["__version__", *_API]
+# a literal (linters see the names the TYPE_CHECKING block re-exports); tests check it is _API's
+__all__ = ["__version__", "load_recipe", "Recipe", "UadcError", "train", "evaluate", "compile", "baseline",
+           "qat", "QatRunResult", "compare_calibrators", "sweep", "verify", "diff", "bundle", "BundleResult",
+           "VerifyResult", "DiffResult", "SweepResult", "CompareResult", "Baseline", "TrainResult",
+           "EvalResult", "OneClassResult", "KDModel", "RuntimeFault", "NonFiniteOutputs", "CompileResult",
+           "TARGETS", "Detector", "Prediction", "Manifest", "read_manifest", "doctor", "DoctorReport"]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -41,20 +41,25 @@ MAX_RECIPE_BYTES = 1 << 20
 MAX_SEED = 2**32 - 1  # numpy's seed range
 
 
+_PLACES = {"Source": "data.sources[]", "ValSource": "data.val[]", "DataConfig": "data", "ImageKnnConfig":
+           "model.image_knn", "PatchKnnConfig": "model.patch_knn", "ModelConfig": "model", "DcamConfig":
+           "train.dcam", "TrainConfig": "train", "EvalConfig": "eval", "AutoPrecisionConfig": "compile.auto",
+           "CompileConfig": "compile", "QatConfig": "qat", "DeployConfig": "deploy", "VerifyConfig": "verify"}
+
+
 class _Section(BaseModel):
     # validate_assignment: `recipe.train.epochs = -1` is refused where it is written (it trained an empty checkpoint)
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False,
                               validate_assignment=True)
 
-    _place: ClassVar[str] = ""   # where the section sits in a recipe: `train.epochs`, not `epochs`
-
     def __setattr__(self, name: str, value: Any) -> None:
         try:
             super().__setattr__(name, value)
         except ValidationError as exc:   # the API's one kind of error, as for a recipe file
-            said = first_error(exc, root=self._place or "recipe", model=type(self))
-            placed = not self._place or said.startswith((f"{self._place}.", f"{self._place}:"))   # `train_epochs`
-            raise UadcError(said if placed else f"{self._place}.{said}") from None
+            place = _PLACES.get(type(self).__name__, "")   # where it sits: `train.epochs`, not `epochs`
+            said = first_error(exc, root=place or "recipe", model=type(self))
+            placed = not place or said.startswith((f"{place}.", f"{place}:"))   # `train_epochs` is no `train.`
+            raise UadcError(said if placed else f"{place}.{said}") from None
 
 
 def _resolve(value: Optional[str], info: ValidationInfo) -> Optional[str]:
@@ -69,7 +74,6 @@ def _resolve(value: Optional[str], info: ValidationInfo) -> Optional[str]:
 
 
 class Source(_Section):
-    _place: ClassVar[str] = "data.sources[]"
     root: str = Field(description="dataset root in MVTec layout (<root>/<category>/...)")
     categories: Optional[list[str]] = Field(None, min_length=1, description="categories under root; all if omitted")
 
@@ -87,7 +91,6 @@ class Source(_Section):
 
 
 class ValSource(_Section):
-    _place: ClassVar[str] = "data.val[]"
     category: str = Field(description="category the folder's normal images belong to")
     folder: str = Field(description="folder of defect-free images of that category")
 
@@ -95,7 +98,6 @@ class ValSource(_Section):
 
 
 class DataConfig(_Section):
-    _place: ClassVar[str] = "data"
     sources: list[Source] = Field(min_length=1, description="list of {root, categories}")
     image_size: int = Field(256, ge=32, le=1024, description="square input size in pixels; a multiple of the deepest "
                             "features' stride (16 or 32; RD's embedding twice its deepest tap's) keeps them aligned "
@@ -113,7 +115,6 @@ class ImageKnnConfig(_Section):
     """Image score += weight x distance of the image's pooled teacher features to the nearest training
     normals, both standardised on the validation normals: evidence of image-wide changes (uneven
     brightness, wrong part) that a local map reduced by its top pixels ranks poorly."""
-    _place: ClassVar[str] = "model.image_knn"
     weight: float = Field(0.0, ge=0, le=100, description="weight of the standardised kNN distance (0: off)")
     taps: Optional[list[str]] = Field(None, min_length=1, description="teacher taps pooled (default: all model.taps)")
     k: int = Field(1, ge=1, le=64, description="nearest training normals averaged")
@@ -125,7 +126,6 @@ class PatchKnnConfig(_Section):
     """Map += weight x distance of each location's teacher features to the nearest training patch (a PatchCore-style
     memory bank: a greedy coreset of the training patches), in units of the map's spread on the validation normals:
     local evidence the student's discrepancy misses (large, low-contrast defects like magnetic_tile's uneven)."""
-    _place: ClassVar[str] = "model.patch_knn"
     weight: float = Field(0.0, ge=0, le=100, description="weight of the scaled patch distance (0: off)")
     taps: Optional[list[str]] = Field(None, min_length=1, description="teacher taps described per location (subset "
                                       "of model.taps; default: all), each 3x3 averaged, at the finest one's size")
@@ -133,7 +133,6 @@ class PatchKnnConfig(_Section):
 
 
 class ModelConfig(_Section):
-    _place: ClassVar[str] = "model"
     method: Literal["stfpm", "paste", "rd", "us"] = Field("stfpm", description="the knowledge-distillation method: "
         "STFPM, PaSTe (partial student), Reverse Distillation or Uninformed Students")
     backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2", "mobilenet_v2"] = Field(
@@ -183,7 +182,6 @@ class ModelConfig(_Section):
 
 class DcamConfig(_Section):
     """DCAM (Jena et al.): training-only attention on the student's maps; never exported."""
-    _place: ClassVar[str] = "train.dcam"
     enabled: bool = Field(False, description="train with DCAM attention blocks and loss (stfpm, paste, rd)")
     attention: Literal["channel", "spatial", "cbam"] = Field(
         "cbam", description="attention block per student map: channel, spatial or both (CBAM)")
@@ -196,7 +194,6 @@ class DcamConfig(_Section):
 
 
 class TrainConfig(_Section):
-    _place: ClassVar[str] = "train"
     epochs: int = Field(10, ge=1, le=10_000, description="passes over the training images")
     batch_size: int = Field(16, ge=1, le=4096, description="images per optimiser step")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="the student's optimiser")
@@ -215,7 +212,6 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    _place: ClassVar[str] = "eval"
     batch_size: int = Field(16, ge=1, le=4096, description="images per forward pass when scoring the test sets")
 
 
@@ -223,7 +219,6 @@ class AutoPrecisionConfig(_Section):
     """Budget and effort of ``compile.precision: auto`` (label-free: FP32 vs candidate outputs per category on
     validation normals plus copies with a pasted noise square, and N(0,1) inputs; each figure is the minimum
     over the categories)."""
-    _place: ClassVar[str] = "compile.auto"
     spearman_min: float = Field(0.99, ge=-1, le=1, description="min rank correlation of image scores vs FP32")
     decision_agreement_min: float = Field(0.99, ge=0, le=1, description="min share of the same decisions at "
                                           "the FP32 operating threshold")
@@ -252,7 +247,6 @@ class AutoPrecisionConfig(_Section):
 
 
 class CompileConfig(_Section):
-    _place: ClassVar[str] = "compile"
     target: str = Field("ort-cpu-int8", description="what `uadc compile` builds without --target (`uadc doctor` "
                         "lists the targets)")
     precision: Literal["target", "auto"] = Field("target", description="target: the target's precision on the "
@@ -279,14 +273,12 @@ class CompileConfig(_Section):
 
 
 class QatConfig(_Section):
-    _place: ClassVar[str] = "qat"
     epochs: int = Field(2, ge=1, le=10_000, description="fine-tuning passes over the training images")
     lr: float = Field(1e-4, gt=0, le=100, description="fine-tuning learning rate")
     batch_size: int = Field(16, ge=1, le=4096, description="images per fine-tuning step")
 
 
 class DeployConfig(_Section):
-    _place: ClassVar[str] = "deploy"
     false_alarm_rate: float = Field(0.01, gt=0, lt=0.5, description="target share of normal images (and "
                                     "pixels) flagged; sets the label-free operating thresholds")
     threshold_margin: bool = Field(True, description="threshold = one-sided 95% upper confidence bound of the "
@@ -303,7 +295,6 @@ class DeployConfig(_Section):
 
 class VerifyConfig(_Section):
     """Budgets of `uadc verify` / `uadc diff` and the golden image set `uadc compile` stores."""
-    _place: ClassVar[str] = "verify"
     spearman_min: float = Field(0.9, ge=-1, le=1, description="min rank correlation of image scores")
     decision_agreement_min: float = Field(0.95, ge=0, le=1, description="min share of same decisions at the "
                                           "operating threshold")
