@@ -530,6 +530,8 @@ def test_trtexec_int8_commands():
     assert "--int8" in qdq_85 and "--fp16" in qdq_85 and not any(t.startswith("--calib=") for t in qdq_85)
     qdq_10 = _tokens(trtexec_command("m.onnx", settings, (3, 64, 64), trt_version="10.3"))
     assert "--stronglyTyped" in qdq_10 and "--int8" not in qdq_10 and "--fp16" not in qdq_10
+    # its float layers are FP32, as the report's figures take them: TF32 (Ampere's, Orin's default) was left on
+    assert "--noTF32" in qdq_10 and "--noTF32" not in qdq_85   # 8.x: weak typing, float layers may run FP16
     implicit = _tokens(trtexec_command("m.onnx", settings, (3, 64, 64), calib_cache="calib.cache", trt_version="8.5"))
     assert "--int8" in implicit and "--calib=calib.cache.device" in implicit   # headed with the device's version
     with pytest.raises(UadcError):
@@ -767,7 +769,7 @@ class _FakeTrt:
     ("fp32", "10.3.0", False, False, False, False),   # TF32 off so FP32 engines match ORT
     ("fp16", "8.6.1", False, True, False, True),      # weak typing: the FP16 builder flag
     ("int8", "8.6.1", True, True, True, True),        # weak typing, FP16 fallback
-    ("int8", "10.3.0", True, False, False, True),     # strongly typed Q/DQ: no precision flags
+    ("int8", "10.3.0", True, False, False, False),    # strongly typed Q/DQ: no precision flags, float layers FP32
 ])
 def test_build_plan_maps_onto_polygraphy_config(precision, version, qdq, fp16, int8, tf32):
     from uadc.backends.tensorrt.build import _create_config

@@ -242,8 +242,10 @@ def plan_build(
         builder_flags=_builder_flags(settings, strongly),
         strongly_typed=strongly,
         # FP32 means IEEE FP32 math so engines match ONNX Runtime; TF32 (on by default on Ampere+) is ~1e-3 relative.
-        # precision auto's FP32 layers too: its fidelity was judged with them in IEEE FP32
-        cleared_flags=("TF32",) if settings.precision == "fp32" or settings.fp32_layers is not None else (),
+        # precision auto's FP32 layers too: its fidelity was judged with them in IEEE FP32; and a strongly typed
+        # INT8 engine's float layers, which the report's figures (and the bundle's README) take as FP32
+        cleared_flags=("TF32",) if settings.precision == "fp32" or settings.fp32_layers is not None or
+        (settings.precision == "int8" and strongly) else (),
         calibration=calibration,
         notes=tuple(notes),
         fp32_layers=tuple(settings.fp32_layers or ()) if not strongly else (),
