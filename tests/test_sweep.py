@@ -187,8 +187,8 @@ def test_two_recipes_of_one_name_and_other_settings_are_refused(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("extra, msg", [
-    ({"overrides": {"compile": {"calib_sampls": 8}}}, "sweep overrides: compile.calib_sampls: unknown key"),
-    ({"overrides": {"compile.calib_samples": 8}}, "sweep overrides: 'compile.calib_samples': write it nested, "
+    ({"overrides": {"compile": {"calib_sampls": 8}}}, "sweep grid: overrides: compile.calib_sampls: unknown key"),
+    ({"overrides": {"compile.calib_samples": 8}}, "sweep grid: overrides: 'compile.calib_samples': write it nested, "
                                                   "{compile: {calib_samples: ...}}"),   # "unknown key" of a real one
 ])
 def test_override_errors_say_they_come_from_the_sweep_file(tiny, tmp_path, extra, msg):
@@ -551,6 +551,8 @@ def test_a_recipe_listed_twice_is_refused_as_an_axis_value_is(tiny, tmp_path):
     path.write_text(yaml.safe_dump({"recipes": [str(recipe)], "axes": {"one_class": [True, True]}}))
     with pytest.raises(UadcError, match="axes: one_class lists true twice"):   # as the file writes it, not True
         load_sweep(path)
+    from uadc.config.validation import short
+    assert short([True, None, 2]) == "[true, null, 2]"   # inside a list too
 
 
 def test_two_entries_of_one_model_with_other_compile_settings_are_refused(tiny, tmp_path):

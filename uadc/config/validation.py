@@ -18,6 +18,8 @@ def short(value: Any) -> str:
     """A bounded repr of a user's value for an error line (``true`` / ``null`` as a YAML file writes them)."""
     if value is None or isinstance(value, bool):   # `one_class: [true, true]` was said "lists True twice"
         return "null" if value is None else str(value).lower()
+    if isinstance(value, list) and len(value) <= 4 and all(v is None or isinstance(v, (bool, int, float)) for v in value):
+        return "[" + ", ".join(short(v) for v in value) + "]"   # `[true, null]`, not `[True, None]`
     # reprlib: bounded depth and items, so nested YAML anchors (a "billion laughs") cannot expand
     r = reprlib.Repr()
     r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 60, 60

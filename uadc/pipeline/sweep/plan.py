@@ -122,7 +122,8 @@ def make_plan(spec: SweepSpec, base: Path, name: str) -> Plan:
             text = f"recipe {text}" if text.startswith(named) else text if named in text else f"recipe {named}: {text}"
             raise UadcError(f"sweep {name}: {text}") from None
         recipe = original
-        for overrides, where in ((spec.overrides, "overrides"), (entry.overrides, f"overrides of {entry.path}")):
+        for overrides, where in ((spec.overrides, f"{name}: overrides"),   # which sweep, as its other errors say
+                                 (entry.overrides, f"{name}: overrides of {entry.path}")):
             if overrides:
                 recipe = _override(recipe, overrides, where, base)
         pairs.append((original, recipe))
