@@ -45,7 +45,7 @@ def _readme_example() -> str:
 
 _TYPED_USE = """
 from pathlib import Path
-from typing import assert_type
+from typing_extensions import assert_type   # Python 3.10 too (typing has it from 3.11)
 import uadc
 from uadc import verify
 
@@ -230,6 +230,11 @@ def test_the_model_given_is_the_model_judged(trained, tmp_path, tiny_data):
     for name in uadc.__all__:     # Sphinx, typeguard and pydantic's validate_call read them
         if callable(f := getattr(uadc, name)) and not isinstance(f, type):
             typing.get_type_hints(f)
+    # each in a process of its own: a forward reference resolved by an earlier one hid `bundle`'s NameError
+    for name in ("bundle", "read_manifest", "Detector.load", "Detector.predict", "verify"):
+        p = subprocess.run([sys.executable, "-c", f"import typing, uadc; typing.get_type_hints(uadc.{name})"],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, (name, p.stderr[-500:])
 
 
 class _Boom:

@@ -137,6 +137,8 @@ def test_hash_changes_with_content():
                                          "val": [{"category": "a", "folder": "/elsewhere/val"}]}))
     here = recipe_from_dict(_with(data={"val": [{"category": "a", "folder": "/here/val"}]}))
     assert moved.hash == here.hash != a.hash
+    weights = [recipe_from_dict(_with(model={"backbone": "resnet18", "weights": f"/{d}/w.pt"})) for d in ("a", "b")]
+    assert weights[0].hash == weights[1].hash   # the weights file by name, as the checkpoint check takes it
 
 
 def test_schema_is_described():

@@ -856,6 +856,7 @@ def test_forged_metadata_and_json_nested_too_deeply_are_one_line(artifacts, tiny
     """An edited `uadc.image_size` of 200000 made `diff --images` take 23 GB (0 blamed every image); JSON nested
     100k deep (a report.json, a model's metadata) was a RecursionError traceback, exit 1, where verify, diff
     and bundle read it."""
+    from uadc.core.io import sha256_file
     from uadc.export.onnx_export import set_metadata
     _, fp32, _ = artifacts
     model = onnx.load(str(fp32 / "model.onnx"))
@@ -863,11 +864,27 @@ def test_forged_metadata_and_json_nested_too_deeply_are_one_line(artifacts, tiny
     onnx.save(model, str(tmp_path / "big.onnx"))
     with pytest.raises(UadcError, match=r"big.onnx: its metadata's image_size 200000 is not 1 to 8192$"):
         uadc.diff(tmp_path / "big.onnx", tmp_path / "big.onnx", images=tiny_data / "gray" / "train")
+    for size, said in ((float("inf"), "inf is not a whole number"), (True, "True is not a whole number")):
+        set_metadata(model, {"image_size": size})     # an OverflowError traceback; `true` read as 1
+        onnx.save(model, str(tmp_path / "odd.onnx"))
+        with pytest.raises(UadcError, match=f"odd.onnx: its metadata's image_size {said}$"):
+            uadc.diff(tmp_path / "odd.onnx", tmp_path / "odd.onnx", images=tiny_data / "gray" / "train")
     deep = "[" * 100000 + "]" * 100000
     set_metadata(model, {"image_size": 64, "partitions": deep})
     onnx.save(model, str(tmp_path / "deep.onnx"))
     from uadc.export.onnx_export import get_metadata
     assert get_metadata(model)["partitions"] == deep   # kept as text, as any value that is no JSON
+    forged = Path(shutil.copytree(fp32, tmp_path / "forged"))   # uadc.deploy nested deep, its sha256 updated
+    m = onnx.load(str(forged / "model.onnx"))
+    for p in m.metadata_props:
+        if p.key == "uadc.deploy":
+            p.value = deep
+    onnx.save(m, str(forged / "model.onnx"))
+    doc = json.loads((forged / "artifact.json").read_text())
+    doc["files"]["model.onnx"] = sha256_file(forged / "model.onnx")
+    (forged / "artifact.json").write_text(json.dumps(doc))
+    with pytest.raises(UadcError):   # a RecursionError traceback, exit 1 (verify's "regression")
+        uadc.Detector.load(forged)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "report.json").write_text(deep)           # a user's folder: not uadc's, refused in one line

@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from uadc.config.locations import without_locations
 from uadc.config.packaged import check_recipe_file, resolve_recipe_path
 from uadc.config.targets import TARGETS
 from uadc.config.validation import first_error, listed_twice, merged
@@ -394,13 +395,9 @@ class Recipe:
 
     @property
     def hash(self) -> str:
-        """The settings' hash, where the data lives left out (its files are fingerprinted apart): a project
-        moved or its data copied elsewhere was another recipe to verify's note and eval --one-class."""
-        cfg = copy.deepcopy(self.cfg)
-        for source in cfg["data"]["sources"]:
-            source["root"] = None
-        for val in cfg["data"].get("val") or []:
-            val["folder"] = None
+        """The settings' hash, where files live left out: a moved project was another recipe to verify's
+        note and eval --one-class (the data's files are fingerprinted apart)."""
+        cfg = without_locations(self.cfg)
         return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def section_hash(self, sections: "str | tuple[str, ...]") -> str:
@@ -448,7 +445,7 @@ def default_artifacts_root() -> Path:
     return Path.cwd() / "artifacts"
 
 
-def load_recipe(source: "str | Path | dict | Recipe") -> Recipe:
+def load_recipe(source: "str | os.PathLike[str] | dict | Recipe") -> Recipe:
     """A recipe from a YAML file, a built-in recipe name (``demo``), a dict or a Recipe (checked again)."""
     if isinstance(source, Recipe):
         return recipe_from_dict(source.cfg, source.path, keep_name=True)

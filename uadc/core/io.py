@@ -346,7 +346,7 @@ def files_added_to_artifact(folder: Path) -> list[str]:
     """Files and links in an artifact folder that its ``artifact.json`` does not list and no uadc step
     makes there (the device's engine files, writers' temps): added by someone, and theirs to keep."""
     try:
-        listed = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8")).get("files")
+        listed = parse_json((folder / MANIFEST_FILE).read_text(encoding="utf-8")).get("files")
     except (OSError, ValueError, AttributeError):   # no artifact.json (a sweep's folder), or not uadc's
         return []
     if not isinstance(listed, dict):
@@ -483,7 +483,7 @@ def staged_files(final: Path, then: Callable[[], Any] | None = None) -> Iterator
                 final.parent.rmdir()
 
 
-PathArg = Union[str, "os.PathLike[str]"]   # a path argument of the public API, as as_path takes it
+PathArg = Union[str, os.PathLike[str]]   # a path argument of the public API, as as_path takes it
 
 
 def as_path(value: Any, name: str, optional: bool = False) -> Path | None:

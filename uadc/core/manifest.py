@@ -25,7 +25,7 @@ import numpy as np
 from uadc.core.constants import (ARTIFACT_PRECISIONS, DEPLOY_METADATA, ENGINE_SOURCE_SUFFIX, INPUT_NAME, MANIFEST_FILE,
                                  MANIFEST_SCHEMA, MODEL_FILE, OUTPUT_NAMES, PRED_OUTPUTS, RUNTIMES, TARGET_RUNTIMES)
 from uadc.core.errors import UadcError
-from uadc.core.io import TMP_TAG, JsonResult, as_path, atomic_write_json, sha256_file
+from uadc.core.io import TMP_TAG, JsonResult, PathArg, as_path, atomic_write_json, parse_json, sha256_file
 from uadc.core.names import same_name
 from uadc.core.numbers import flags
 
@@ -252,7 +252,7 @@ class Manifest(JsonResult):
         """The model file carries the essentials compile wrote into it (``uadc.deploy``): another
         model put in its place (its sha256 updated too) would be decided at these thresholds."""
         try:
-            theirs = json.loads(props.get(DEPLOY_METADATA) or "null")
+            theirs = parse_json(props.get(DEPLOY_METADATA) or "null")
         except ValueError:
             theirs = None
         mine = json.loads(json.dumps(self.essentials()))
@@ -370,7 +370,7 @@ def write_manifest(folder: Path, manifest: Manifest) -> Path:
     return atomic_write_json(folder / MANIFEST_FILE, manifest.to_dict())
 
 
-def read_manifest(folder: Path, verify: bool = True) -> Manifest:
+def read_manifest(folder: PathArg, verify: bool = True) -> Manifest:
     """The manifest of an artifact folder; with ``verify``, every listed file must exist and
     match its sha256 (one-line ``UadcError`` otherwise)."""
     folder = as_path(folder, "artifact")

@@ -28,7 +28,7 @@ from uadc.core.constants import (ENGINE_FILE, GOLDEN_META, GOLDEN_REFERENCE, GOL
                                  OUTPUT_NAMES, REPORT_FILE)
 from uadc.core.errors import RuntimeFault, UadcError, raise_interrupt_behind
 from uadc.core.io import parse_json
-from uadc.core.manifest import MAX_IMAGE_SIZE, Manifest, read_manifest, verify_files
+from uadc.core.manifest import Manifest, read_manifest, verify_files
 from uadc.core.ort_session import make_session
 from uadc.core.scoped import quiet_third_party
 from uadc.pipeline.deploy import fp32_val_outputs
@@ -36,7 +36,7 @@ from uadc.verify import fidelity
 from uadc.verify.gate import (DiffResult, GateResult, NonFiniteCandidate, VerifyResult, budgets as make_budgets,
                               judge_all)
 from uadc.verify.golden import GoldenSet, batches, read_golden, write_golden
-from uadc.verify.images import load_image_dirs
+from uadc.verify.images import load_image_dirs, metadata_image_size
 
 log = logging.getLogger(__name__)
 BATCH = 8
@@ -167,13 +167,9 @@ def _input_spec(model: Path) -> tuple[int, np.ndarray] | None:
     meta = get_metadata(onnx_model)
     try:
         norm = meta["normalization"]
-        size = int(meta["image_size"])
-        spec = size, np.asarray([*norm["mean"], *norm["std"]], np.float64)
+        return metadata_image_size(meta, model), np.asarray([*norm["mean"], *norm["std"]], np.float64)
     except (KeyError, TypeError, ValueError):
         return None
-    if not 1 <= size <= MAX_IMAGE_SIZE:   # an edited one: GBs of images made at that size
-        raise UadcError(f"{model}: its metadata's image_size {size} is not 1 to {MAX_IMAGE_SIZE}")
-    return spec
 
 
 def _graph_size(model: Path) -> int | None:

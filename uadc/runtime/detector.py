@@ -25,7 +25,7 @@ from PIL.Image import Image as PILImage
 
 from uadc.core.constants import ENGINE_FILE
 from uadc.core.errors import NonFiniteOutputs, RuntimeFault, UadcError, one_line
-from uadc.core.io import JsonResult, as_path
+from uadc.core.io import JsonResult, PathArg, as_path
 from uadc.core.manifest import GLOBAL, NO_VALIDATION_ADVICE, CategoryThresholds, Manifest, read_manifest
 from uadc.core.scoped import check_threads, logged_warnings
 from uadc.runtime.preprocess import preprocess
@@ -252,7 +252,7 @@ class Detector:
         self.close()
 
     @classmethod
-    def load(cls, artifact: str | Path, backend: str = "auto", threads: int | None = None,
+    def load(cls, artifact: PathArg, backend: str = "auto", threads: int | None = None,
              verify: bool = True, batch_size: int = 8, schedule: str = "auto") -> "Detector":
         """Read and verify ``artifact.json`` (sha256 of every listed file), then open the model:
         ``backend`` ``auto`` (TensorRT when ``model.engine`` exists and tensorrt imports; OpenVINO

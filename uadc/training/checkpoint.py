@@ -3,7 +3,6 @@ elsewhere can hold tensors and plain data, never code."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 from uadc import __version__
+from uadc.config.locations import without_locations
 from uadc.config.recipe import ModelConfig, Recipe, recipe_from_dict
 from uadc.config.yaml_file import dump_yaml
 from uadc.core.constants import CHECKPOINT_FILE
@@ -45,13 +45,7 @@ def model_hash(recipe: Recipe, raw: bool = False) -> str:
 def _hashed(recipe: Recipe, raw: bool = False, folder: str | None = None) -> dict:
     """The data and model settings :func:`model_hash` reads (the first difference is named among them: a kNN
     key of a term that is off was named though it made no difference); where the data lives is ``folder``."""
-    cfg = copy.deepcopy({k: recipe.cfg[k] for k in ("data", "model")})
-    for s in cfg["data"]["sources"]:
-        s["root"] = folder
-    for v in cfg["data"].get("val") or []:
-        v["folder"] = folder
-    if cfg["model"].get("weights"):   # the initial weights' file by name: another file is another teacher
-        cfg["model"]["weights"] = Path(cfg["model"]["weights"]).name
+    cfg = without_locations({k: recipe.cfg[k] for k in ("data", "model")}, folder)
     for knn in ("image_knn", "patch_knn"):   # off, its other keys build nothing: editing them forced a retraining
         if not raw and not (cfg["model"].get(knn) or {}).get("weight"):
             cfg["model"][knn] = ModelConfig.model_fields[knn].default_factory().model_dump(mode="json")

@@ -23,6 +23,22 @@ def _folder_name(d: Path) -> str:
     return Path(os.path.abspath(d)).name or str(d)
 
 
+def metadata_image_size(meta: dict, model: Path) -> int:
+    """The input size a model's uadc metadata names (KeyError without it); one bounded by the manifest's
+    limit: an edited 200000 made GBs of images (`diff --images` took 23 GB), 0 blamed each image, Infinity
+    was an OverflowError and `true` read as 1."""
+    size = meta["image_size"]
+    if isinstance(size, bool) or not isinstance(size, (int, float, str)):
+        raise UadcError(f"{model}: its metadata's image_size {str(size)[:40]} is not a whole number")
+    try:
+        whole = int(size)
+    except (ValueError, OverflowError):
+        raise UadcError(f"{model}: its metadata's image_size {str(size)[:40]} is not a whole number") from None
+    if not 1 <= whole <= MAX_IMAGE_SIZE or whole != float(size):
+        raise UadcError(f"{model}: its metadata's image_size {str(size)[:40]} is not 1 to {MAX_IMAGE_SIZE}")
+    return whole
+
+
 def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
                     categories: Sequence[str] = ()) -> tuple[np.ndarray, list[dict], list[str]]:
     """Images under ``dirs`` (recursively, sorted, at most ``limit`` a folder), preprocessed as the
@@ -31,13 +47,11 @@ def load_image_dirs(dirs: Sequence[Path], model_path: Path, limit: int = 512,
     note for each folder cut to ``limit``."""
     meta = get_metadata(onnx.load(str(model_path), load_external_data=False))
     try:
-        size = int(meta["image_size"])
+        size = metadata_image_size(meta, model_path)
         mean = np.asarray(meta["normalization"]["mean"], np.float32)
         std = np.asarray(meta["normalization"]["std"], np.float32)
     except (KeyError, TypeError, ValueError):
         raise UadcError(f"{model_path}: no uadc preprocessing metadata (image_size, normalization)") from None
-    if not 1 <= size <= MAX_IMAGE_SIZE:   # an edited 200000 took 23 GB; 0 blamed each image ("height and width")
-        raise UadcError(f"{model_path}: its metadata's image_size {size} is not 1 to {MAX_IMAGE_SIZE}")
     images, records, notes = [], [], []
     seen: set[Path] = set()
     judged: set[tuple] = set()   # `--images data/gray --images data/gray/test` judged the test images twice

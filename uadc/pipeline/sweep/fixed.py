@@ -21,7 +21,7 @@ from typing import Any, Callable
 from uadc.config.recipe import Recipe
 from uadc.core.constants import REPORT_FILE
 from uadc.core.errors import UadcError
-from uadc.core.io import sha256_file
+from uadc.core.io import parse_json, sha256_file
 from uadc.pipeline.sweep.plan import Cell, Plan, cell_key, plan_recipes
 from uadc.pipeline.sweep.spec import Axes, RunConfig
 from uadc.pipeline.sweep.store import RECORDS
@@ -79,7 +79,7 @@ def _drop_records(plan: Plan, out: Path, sha: str | None) -> None:
     ours = {c.artifact for c in plan.cells}
     for path in sorted((out / RECORDS).glob("*.json")):
         try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
+            rec = parse_json(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         if isinstance(rec, dict) and rec.get("artifact") in ours and rec.get("key") not in keys:
