@@ -411,3 +411,17 @@ def test_an_error_line_is_at_most_2000_characters_with_its_prefix(recipe_factory
     res = CliRunner().invoke(main, ["train", str(r), "--artifacts", str(tmp_path / "art")])
     line = res.output.strip().splitlines()[-1]
     assert res.exit_code == 2 and line.startswith("error: ") and len(line) == 2000, len(line)
+
+
+def test_a_file_given_with_a_trailing_slash_is_refused(tmp_path):
+    """`uadc train r.yaml/` and `uadc predict ART img.png/` ran the file (pathlib drops the '/'), where
+    `cat r.yaml/` says "Not a directory"; a folder with one is still a folder."""
+    (tmp_path / "r.yaml").write_text("name: r\n")
+    (tmp_path / "img.png").write_bytes(b"x")
+    for args, name in ((["train", f"{tmp_path / 'r.yaml'}/"], "RECIPE"),
+                       (["predict", str(tmp_path), f"{tmp_path / 'img.png'}/"], "INPUTS...")):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and f"Invalid value for '{name}': " in res.stderr, res.stderr
+        assert "is a file, not a folder (it ends in '/')" in res.stderr
+    res = CliRunner().invoke(main, ["predict", f"{tmp_path}/", f"{tmp_path}/"])   # folders: past the option check
+    assert "is a file, not a folder" not in res.stderr

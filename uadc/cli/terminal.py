@@ -221,4 +221,6 @@ class _Path(click.Path):   # "" (an unset $DIR) was Path("."): predict walked th
             return self.fail("an empty path", param, ctx)
         if self.file and isinstance(value, str) and value != "-" and os.path.basename(value) in ("", ".", ".."):
             return self.fail(f"{value} names a folder (it ends in '/', '.' or '..'); give a file's path", param, ctx)
+        if isinstance(value, str) and value.endswith(("/", os.sep)) and os.path.isfile(value.rstrip("/" + os.sep)):
+            return self.fail(f"{value} is a file, not a folder (it ends in '/')", param, ctx)   # pathlib drops it
         return super().convert(value, param, ctx)
