@@ -541,6 +541,32 @@ def test_every_public_name_is_documented_and_every_result_prints_as_json():
     assert sorted(uadc.__all__) == sorted(["__version__", *uadc._API])   # the literal list and the lazy table agree
 
 
+def test_the_types_of_public_results_fields_are_public():
+    """TrainResult.models, CompileResult.metrics and .latency were uadc.training.run.TrainedModel and
+    uadc.report.results.Metrics / Latency: a pipeline could not annotate them from uadc."""
+    import dataclasses
+    import typing
+
+    def classes(hint):
+        if isinstance(hint, type):
+            yield hint
+        for arg in typing.get_args(hint):
+            yield from classes(arg)
+
+    public = [getattr(uadc, n) for n in uadc.__all__[1:]]
+    missing, seen = set(), set()
+    todo = [obj for obj in public if isinstance(obj, type) and dataclasses.is_dataclass(obj)]
+    while todo:   # fields of fields too (Manifest.thresholds -> Thresholds -> CategoryThresholds -> Threshold)
+        cls = todo.pop()
+        seen.add(cls)
+        for hint in typing.get_type_hints(cls).values():
+            for c in classes(hint):
+                if c.__module__.startswith("uadc.") and dataclasses.is_dataclass(c):
+                    missing |= {c.__name__} if all(c is not p for p in public) else set()
+                    todo += [c] if c not in seen else []
+    assert not missing, missing
+
+
 def test_a_writer_that_fails_like_a_full_disk_is_one_line_and_leaves_no_temp(tmp_path):
     """torch.save reports ENOSPC as a RuntimeError of its zip writer: `uadc train` on a full disk was a traceback."""
     from uadc.core.io import atomic_save

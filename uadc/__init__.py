@@ -22,7 +22,8 @@ if TYPE_CHECKING:   # what a type checker reads (py.typed); at run time each nam
     from uadc.config.targets import TARGETS as TARGETS
     from uadc.core.errors import NonFiniteOutputs as NonFiniteOutputs, RuntimeFault as RuntimeFault
     from uadc.core.errors import UadcError as UadcError
-    from uadc.core.manifest import Manifest as Manifest, read_manifest as read_manifest
+    from uadc.core.manifest import CategoryThresholds as CategoryThresholds, Manifest as Manifest, \
+        Preprocessing as Preprocessing, Threshold as Threshold, Thresholds as Thresholds, read_manifest as read_manifest
     from uadc.evaluation.run import EvalResult as EvalResult, OneClassResult as OneClassResult
     from uadc.models.base import KDModel as KDModel
     from uadc.pipeline.api import QatRunResult as QatRunResult, baseline as baseline, compare_calibrators as \
@@ -31,12 +32,12 @@ if TYPE_CHECKING:   # what a type checker reads (py.typed); at run time each nam
     from uadc.pipeline.baseline import Baseline as Baseline
     from uadc.pipeline.bundle import BundleResult as BundleResult, bundle as bundle
     from uadc.pipeline.compare import CompareResult as CompareResult
-    from uadc.pipeline.doctor import DoctorReport as DoctorReport, doctor as doctor
+    from uadc.pipeline.doctor import DoctorReport as DoctorReport, TargetSupport as TargetSupport, doctor as doctor
     from uadc.pipeline.sweep.run import SweepResult as SweepResult
-    from uadc.report.results import CompileResult as CompileResult
+    from uadc.report.results import CompileResult as CompileResult, Latency as Latency, Metrics as Metrics
     from uadc.runtime import Detector as Detector, Prediction as Prediction
-    from uadc.training.run import TrainResult as TrainResult
-    from uadc.verify.gate import DiffResult as DiffResult, VerifyResult as VerifyResult
+    from uadc.training.run import TrainedModel as TrainedModel, TrainResult as TrainResult
+    from uadc.verify.gate import DiffResult as DiffResult, Figure as Figure, VerifyResult as VerifyResult
 
 __version__ = "0.2.0"
 
@@ -66,12 +67,15 @@ _API = {
     "CompareResult": "uadc.pipeline.compare",
     "Baseline": "uadc.pipeline.baseline",
     "TrainResult": "uadc.training.run",
+    "TrainedModel": "uadc.training.run",
     "EvalResult": "uadc.evaluation.run",
     "OneClassResult": "uadc.evaluation.run",
     "KDModel": "uadc.models.base",
     "RuntimeFault": "uadc.core.errors",
     "NonFiniteOutputs": "uadc.core.errors",
     "CompileResult": "uadc.report.results",
+    "Metrics": "uadc.report.results",
+    "Latency": "uadc.report.results",
     "TARGETS": "uadc.config.targets",
     "Detector": "uadc.runtime",
     "Prediction": "uadc.runtime",
@@ -79,14 +83,21 @@ _API = {
     "read_manifest": "uadc.core.manifest",
     "doctor": "uadc.pipeline.doctor",
     "DoctorReport": "uadc.pipeline.doctor",
+    "TargetSupport": "uadc.pipeline.doctor",
+    "Figure": "uadc.verify.gate",
+    "Thresholds": "uadc.core.manifest",
+    "CategoryThresholds": "uadc.core.manifest",
+    "Threshold": "uadc.core.manifest",
+    "Preprocessing": "uadc.core.manifest",
 }
 
 # a literal (linters see the names the TYPE_CHECKING block re-exports); tests check it is _API's
 __all__ = ["__version__", "load_recipe", "Recipe", "UadcError", "train", "evaluate", "compile", "baseline",
            "qat", "QatRunResult", "compare_calibrators", "sweep", "verify", "diff", "bundle", "BundleResult",
            "VerifyResult", "DiffResult", "SweepResult", "CompareResult", "Baseline", "TrainResult",
-           "EvalResult", "OneClassResult", "KDModel", "RuntimeFault", "NonFiniteOutputs", "CompileResult",
-           "TARGETS", "Detector", "Prediction", "Manifest", "read_manifest", "doctor", "DoctorReport"]
+           "TrainedModel", "EvalResult", "OneClassResult", "KDModel", "RuntimeFault", "NonFiniteOutputs", "CompileResult",
+           "Metrics", "Latency", "TARGETS", "Detector", "Prediction", "Manifest", "read_manifest", "doctor", "DoctorReport",
+           "TargetSupport", "Figure", "Thresholds", "CategoryThresholds", "Threshold", "Preprocessing"]
 
 
 def __getattr__(name: str) -> Any:

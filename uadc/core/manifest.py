@@ -89,6 +89,8 @@ class Threshold:
 
 @dataclass(frozen=True)
 class CategoryThresholds:
+    """The image and pixel operating thresholds of one category (or of all together: ``global``)."""
+
     image: Threshold        # on the image score
     pixel: Threshold        # on anomaly-map values (the mask)
 
@@ -104,7 +106,7 @@ NO_VALIDATION_ADVICE = ("give data.val (defect-free images per category), or set
 
 
 @dataclass(frozen=True)
-class Thresholds:
+class Thresholds(JsonResult):
     """Label-free operating points of one artifact, computed on its own validation outputs."""
 
     false_alarm_rate: float

@@ -48,6 +48,8 @@ COMPILE_NEEDS = ("torch", "onnx", "onnxruntime", "polygraphy.backend.onnxrt", "P
 
 @dataclass
 class TargetSupport:
+    """Whether this machine can run one target, emulate it (another runtime on the CPU), only bundle it, or not."""
+
     target: str
     runtime: str
     precision: str

@@ -14,12 +14,12 @@ from typing import Any
 
 from uadc.core.constants import REPORT_SCHEMA
 from uadc.core.errors import one_line
-from uadc.core.io import to_json
+from uadc.core.io import JsonResult, to_json
 from uadc.report.markdown import float_counts
 
 
 @dataclass
-class Latency:
+class Latency(JsonResult):
     """p50/p90 ms at ``batch``; each entry also names its runtime."""
 
     torch_fp32: dict
@@ -42,7 +42,7 @@ class Latency:
 
 
 @dataclass
-class Metrics:
+class Metrics(JsonResult):
     """AD metrics, each ``{"mean": {...}, "categories": {...}}``; drop = fp32 - compiled."""
 
     fp32: dict

@@ -117,6 +117,8 @@ def parse_budget_args(items: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 @dataclass
 class Figure:
+    """One figure of a verdict: its value, budget and rule, and whether it passed."""
+
     name: str
     value: float | None
     budget: float
