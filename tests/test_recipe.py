@@ -1,3 +1,4 @@
+import json
 import re
 from pathlib import Path
 
@@ -327,6 +328,10 @@ def test_compile_settings_only_compile_used_are_checked_before_training(recipe_f
         check_compile_settings(load_recipe(recipe_factory(compile={"calibrator": "bogus", "auto": {"gpu": "g"}})))
     assert "compile.calibrator: unknown calibrator 'bogus' here" in caplog.text
     assert "compile.auto.gpu: 'g' is not one of " in caplog.text
+    caplog.clear()   # a 5000-character value was a 5100-character warning line
+    with caplog.at_level("WARNING", logger="uadc"):
+        check_compile_settings(load_recipe(recipe_factory(compile={"calibrator": "c" * 5000, "auto": {"gpu": "g" * 5000}})))
+    assert len(caplog.records) == 2 and all(len(r.getMessage()) < 400 for r in caplog.records)
 
 
 def test_a_one_class_run_stopped_half_way_names_the_models_it_replaced(recipe_factory, tmp_path, monkeypatch, caplog):
@@ -573,3 +578,44 @@ def test_a_recipe_files_error_names_the_file(tmp_path, command, monkeypatch):
     (tmp_path / " sp.yaml").write_text((tmp_path / "a.yaml").read_text())   # named once (it read `sp.yaml: sp.yaml:`)
     res = CliRunner().invoke(main, [*command, " sp.yaml"])
     assert res.exit_code == 2 and res.stderr.count("sp.yaml") == 1, res.stderr
+
+
+def test_yaml_files_as_editors_and_yaml_write_them(tmp_path):
+    """Merge keys: an anchored mapping overriding a merged key was "appears twice" once an alias met it again,
+    and a key repeated inside a merged mapping was silently taken; a latin-1 comment or a UTF-16 file
+    (PowerShell 5's `>`) read "not a text file"; a NUL had no line; a BOM inside a key was invisible;
+    `categories: [02]` said "expected str, got 2" without the quotes it needs; `recipes show r.json`
+    advised `name: r.json`, though loading names it `r`."""
+    from uadc.config.packaged import shown_recipe
+    from uadc.config.yaml_file import load_yaml_text
+    assert load_yaml_text("x:\n  a: &c\n    <<: {seed: 1}\n    seed: 5\ny:\n  <<: *c\n") == \
+        {"x": {"a": {"seed": 5}}, "y": {"seed": 5}}
+    base = yaml.safe_dump(SRC).replace("- a", "- a\n    - b")
+    p = tmp_path / "r.yaml"
+    p.write_text(base + "seed: 3\nz: &c\n  <<: {seed: 1, seed: 2}\n")
+    with pytest.raises(UadcError, match=r"key 'seed' appears twice in one mapping \(lines 9 and 9\)"):
+        load_recipe(p)
+    p.write_bytes(base.encode() + b"# caf\xe9\n")
+    with pytest.raises(UadcError, match=rf"not UTF-8 text \(byte 0xe9 on line {base.count(chr(10)) + 1}\)"):
+        load_recipe(p)
+    p.write_bytes(("# café\n" + base).encode("utf-16"))
+    assert load_recipe(p).seed == load_recipe(_written(tmp_path / "plain.yaml", base)).seed
+    p.write_bytes(b"seed: 1\n\x00\n")
+    with pytest.raises(UadcError, match=r"character #x0000 on line 2 is not allowed"):
+        load_recipe(p)
+    p.write_text("\ufeff\ufeff" + base)
+    with pytest.raises(UadcError, match=r": \\ufeff\w+: unknown key"):
+        load_recipe(p)
+    p.write_text(base.replace("- a", "- 02"))
+    with pytest.raises(UadcError, match=r"expected str, got 2 \(a name that looks like a number needs quotes\)"):
+        load_recipe(p)
+    j = tmp_path / "r.json"
+    j.write_text(json.dumps(SRC))
+    assert load_recipe(j).name == shown_recipe(str(j)).name == "r"
+    p.write_bytes(("# café\n" + base).encode("utf-16"))
+    assert "\n# café\ndata:\n" in shown_recipe(str(p)).shown_text()
+
+
+def _written(path, text):
+    path.write_text(text)
+    return path

@@ -193,9 +193,14 @@ def test_two_recipes_of_one_name_and_other_settings_are_refused(tiny, tmp_path):
 ])
 def test_override_errors_say_they_come_from_the_sweep_file(tiny, tmp_path, extra, msg):
     d, recipe = tiny
-    spec, base, name = load_sweep(_sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32"]}, **extra))
+    path = _sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32"]}, **extra)
+    spec, base, name = load_sweep(path)
     with pytest.raises(UadcError, match="^" + re.escape(msg)):
         make_plan(spec, base, name)
+    # the command names the file too: a sweep's `name: exp1` was all it said where the mistake was
+    path.write_text(path.read_text() + "name: exp1\n")
+    res = CliRunner().invoke(main, ["sweep", str(path), "--sequential", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and res.output.startswith(f"error: {path}: sweep exp1: "), res.output
 
 
 def test_sequential_sweep_records_failures_and_resumes(tiny, tmp_path):

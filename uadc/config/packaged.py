@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from uadc.config.yaml_file import file_checked, load_yaml_text
+from uadc.config.yaml_file import file_checked, load_yaml_text, yaml_text
 from uadc.core.errors import UadcError
 from uadc.core.images import shown
 
@@ -52,7 +52,7 @@ class PackagedRecipe:
             # quoted when YAML needs it; an "ü" as written, not "\u00fc" (a control or undecodable byte escaped)
             value = path if re.fullmatch(r"[\w./-]+", path) else json.dumps(path, ensure_ascii=not path.isprintable())
             return f"{m.group(1)}{value}{m.group(5)}"
-        original = self.path.read_text(encoding="utf-8").removeprefix("\ufeff")   # a BOM (Notepad) in the copy came after its header
+        original = yaml_text(self.path).removeprefix("\ufeff")   # a BOM (Notepad) in the copy came after its header
         text = "".join(_PATH_LINE.sub(absolute, line) for line in original.splitlines(keepends=True))
         # the rewrite reads plain `key: value` lines: check that the copy reads what the recipe reads
         if _path_values(text, None) != _path_values(original, self.path.parent):
@@ -64,7 +64,7 @@ class PackagedRecipe:
 
     def shown_text(self) -> str:
         """What `uadc recipes show` prints: a header, then :meth:`copy_text`."""
-        named = isinstance(doc := _loaded(self.path.read_text(encoding="utf-8")), dict) and doc.get("name") is not None
+        named = isinstance(doc := _loaded(yaml_text(self.path)), dict) and doc.get("name") is not None
         name = "" if named else (f"\n# Its name (artifacts folder) is its file name: add `name: {self.name}` to share "
                                  f"this recipe's checkpoint.")
         body = _SHOWN_HEADER.sub("", self.copy_text(), count=1)   # a copy shown again: one header, not two
@@ -159,10 +159,11 @@ def shown_recipe(source: str) -> PackagedRecipe:
     check_recipe_file(path)
     file_checked(path, "recipe")
     try:
-        path.read_text(encoding="utf-8")
+        yaml_text(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise UadcError(f"recipe {source}: cannot read it as text ({type(exc).__name__})") from exc
-    return PackagedRecipe(_stem(path.name), path.resolve(), _summary(path))
+    # the name loading gives it (the file's stem, whatever its suffix: `r.json` is `r`)
+    return PackagedRecipe(path.stem, path.resolve(), _summary(path))
 
 
 def _is_name(text: str) -> bool:
@@ -180,7 +181,7 @@ def _summary(path: Path) -> str:
     """The first sentence of the recipe's leading comment block (whole, not cut at a line end)."""
     lines = []
     try:
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in yaml_text(path).splitlines():
             if not line.startswith("#"):
                 break
             lines.append(line.lstrip("#").strip())

@@ -7,6 +7,7 @@ import difflib
 import math
 import reprlib
 import typing
+import unicodedata
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -108,6 +109,13 @@ def _did_you_mean(model: type[BaseModel] | None, loc: tuple) -> str:
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
+def _visible(text: str) -> str:
+    """Invisible characters of a key written as escapes: a byte-order mark pasted into a key read
+    "\ufeffcompile: unknown key (did you mean 'compile'?)" with the difference unseen."""
+    return "".join(c if c == " " or not unicodedata.category(c).startswith(("C", "Z")) else
+                   c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _where(parts: tuple) -> str:
     """An error location as a user wrote the key (`recipes[0].path`), union branch labels left out."""
     loc = ""
@@ -115,7 +123,7 @@ def _where(parts: tuple) -> str:
         if isinstance(part, int):
             loc += f"[{part}]"
         elif not _is_label(part):
-            loc += f".{part}" if loc else str(part)
+            loc += f".{_visible(str(part))}" if loc else _visible(str(part))
     return loc
 
 
@@ -162,5 +170,8 @@ def first_error(exc: ValidationError, root: str = "recipe", model: type[BaseMode
     if kind.endswith("_type") or kind in ("model_type", "dict_type"):
         expected = {"int_type": "int", "float_type": "number", "bool_type": "bool", "string_type": "str",
                     "list_type": "list", "model_type": "a mapping", "dict_type": "a mapping"}.get(kind, kind)
-        return f"{loc}: expected {expected}, got {short(value)}"
+        # `categories: [02, 01]` (BTAD's names) read as numbers: YAML needs the quotes
+        quote = " (a name that looks like a number needs quotes)" if expected == "str" and \
+            isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+        return f"{loc}: expected {expected}, got {short(value)}{quote}"
     return f"{loc}: {err['msg'].removeprefix('Value error, ')}"

@@ -22,8 +22,13 @@ MAX_YAML_BYTES = 1 << 20
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``SafeLoader`` that refuses a key repeated in one mapping (merge keys ``<<`` may override)."""
 
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
+    def flatten_mapping(self, node):
+        # checked here, once per node: PyYAML flattens a mapping in place, its merged keys put before its own,
+        # so an anchored mapping that overrides a merged key read as a repeated key where an alias met it again,
+        # and a mapping merged in (`<<: {seed: 1, seed: 2}`) is flattened here without construct_mapping's turn
+        checked = self.__dict__.setdefault("_checked", set())
+        if node not in checked:
+            checked.add(node)
             seen: dict = {}
             for key_node, _ in node.value:
                 if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
@@ -33,7 +38,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     raise yaml.YAMLError(f"key {key_node.value!r} appears twice in one mapping "
                                          f"(lines {seen[key]} and {key_node.start_mark.line + 1})")
                 seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
+        super().flatten_mapping(node)
 
     def construct_object(self, node, deep=False):
         try:
@@ -114,6 +119,17 @@ def file_checked(path: Path, what: str) -> None:
     raise UadcError(f"{what} not found: {named}")
 
 
+def yaml_text(path: Path) -> str:
+    """A YAML file's text: UTF-8 (a leading BOM left to YAML), or UTF-16 / UTF-32 with a BOM, as YAML allows:
+    Windows PowerShell 5 writes `uadc recipes show demo > my.yaml` as UTF-16, which read "not a text file"."""
+    data = Path(path).read_bytes()
+    if data[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        return data.decode("utf-32")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return data.decode("utf-16")
+    return data.decode("utf-8")
+
+
 def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) -> dict:
     """A YAML file's top-level mapping, size-bounded; one-line UadcError for a missing, oversized,
     binary, malformed (a repeated key included) or non-mapping file."""
@@ -122,10 +138,18 @@ def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) ->
     file_checked(path, what)
     if path.stat().st_size > max_bytes:
         raise UadcError(f"{named}: {what} larger than {max_bytes} bytes")
+    text = ""
     try:
-        raw = load_yaml_text(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UadcError(f"{named}: not a text file") from None
+        text = yaml_text(path)
+        raw = load_yaml_text(text)
+    except UnicodeDecodeError as exc:   # a latin-1 comment read "not a text file"
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise UadcError(f"{named}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); "
+                        f"save it as UTF-8") from None
+    except yaml.reader.ReaderError as exc:   # a NUL or control character: PyYAML gives its offset alone
+        line = text[:exc.position].count("\n") + 1
+        raise UadcError(f"{named}: not valid YAML: character #x{exc.character:04x} on line {line} "
+                        f"is not allowed in YAML") from None
     except yaml.YAMLError as exc:
         mark, first = getattr(exc, "problem_mark", None), str(exc).splitlines()[0][:200]
         problem = getattr(exc, "problem", None)   # a tab: "while scanning for the next token", where?
@@ -141,4 +165,4 @@ def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) ->
     return raw or {}
 
 
-__all__ = ["MAX_YAML_BYTES", "dump_yaml", "file_checked", "load_yaml_text", "read_yaml_mapping"]
+__all__ = ["MAX_YAML_BYTES", "dump_yaml", "file_checked", "load_yaml_text", "read_yaml_mapping", "yaml_text"]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uadc.config.validation import short
 from uadc.core.errors import UadcError
 
 
@@ -406,7 +407,7 @@ def _tap_index(m: dict, knn: dict, name: str, skip_teacher: int) -> list[int]:
     taps = knn.get("taps") or m["taps"]
     unknown = [t for t in taps if t not in m["taps"]]
     if unknown:
-        raise UadcError(f"model.{name}.taps: {unknown[0]!r} is not one of model.taps ({', '.join(m['taps'])})")
+        raise UadcError(f"model.{name}.taps: {short(unknown[0])} is not one of model.taps ({', '.join(m['taps'])})")
     return [skip_teacher + m["taps"].index(t) for t in taps]
 
 

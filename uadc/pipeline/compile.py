@@ -21,6 +21,7 @@ from uadc.backends.ort import latency_ms, make_session, paired_latency_ms
 from uadc.backends.parallel import ParallelSession, cap_threads
 from uadc.backends.ort_profile import TIMING_CACHE_DIR
 from uadc.config.recipe import Recipe
+from uadc.config.validation import short
 from uadc.config.settings import PtqSettings, resolve_ptq
 from uadc.evaluation.run import evaluate
 from uadc.config.targets import Target, get_target
@@ -228,7 +229,7 @@ def check_compile_settings(recipe: Recipe) -> None:
     c = recipe.compile
     unknown = [p for p in c.passes or [] if p not in PASSES]
     if unknown:
-        raise UadcError(f"compile.passes: unknown pass(es) {', '.join(map(repr, unknown))}; available: {', '.join(PASSES)}")
+        raise UadcError(f"compile.passes: unknown pass(es) {', '.join(map(short, unknown))}; available: {', '.join(PASSES)}")
     if c.passes is not None:   # [qdq, qdq]: refused by every compile, after the training
         _check_twice(list(c.passes))
         try:   # [] for an INT8 compile.target: another --target may take it
@@ -240,17 +241,17 @@ def check_compile_settings(recipe: Recipe) -> None:
     except UadcError as exc:
         log.warning("compile.%s; `uadc compile` to an INT8 target refuses it unless --calib-samples gives more", exc)
     if c.calibrator is not None and c.calibrator not in available_calibrators():
-        log.warning("compile.calibrator: unknown calibrator %r here (known: %s); `uadc compile` to an INT8 target will "
-                    "refuse it unless --calibrator overrides it", c.calibrator, ", ".join(available_calibrators()))
+        log.warning("compile.calibrator: unknown calibrator %s here (known: %s); `uadc compile` to an INT8 target will "
+                    "refuse it unless --calibrator overrides it", short(c.calibrator), ", ".join(available_calibrators()))
     if c.auto.gpu is not None and c.auto.gpu not in GPUS:
-        log.warning("compile.auto.gpu: %r is not one of %s; `uadc compile --precision auto` on TensorRT will refuse "
-                    "it", c.auto.gpu, ", ".join(GPUS))
+        log.warning("compile.auto.gpu: %s is not one of %s; `uadc compile --precision auto` on TensorRT will refuse "
+                    "it", short(c.auto.gpu), ", ".join(GPUS))
 
 
 def _check_options(target: Target, ptq: PtqSettings, opts: CompileOptions) -> None:
     from uadc.calibrators import available_calibrators
     if target.quantized and opts.qat_model is None and ptq.calibrator not in available_calibrators():
-        raise UadcError(f"unknown calibrator {ptq.calibrator!r}; expected one of {', '.join(available_calibrators())}")
+        raise UadcError(f"unknown calibrator {short(ptq.calibrator)}; expected one of {', '.join(available_calibrators())}")
     given = {"calibrator": opts.calibrator, "calib_data": opts.calib_data, "calib_samples": opts.calib_samples,
              "calibration": opts.calibration, "quantize": opts.quantize, "per_channel": opts.per_channel}
     if not target.quantized and any(v is not None for v in given.values()):

@@ -20,6 +20,7 @@ from uadc.core.errors import UadcError, pickle_refusal
 _REGISTRY: dict[str, tuple[Callable[[], nn.Module], Callable[[], Path] | None, tuple]] = {}
 
 from uadc.config.recipe import BACKBONE_NORMALIZATION, IMAGENET_NORM  # noqa: E402,F401  (owned by config)
+from uadc.config.validation import short  # noqa: E402
 
 
 def register(name: str, default_weights: Callable[[], Path] | None = None):
@@ -97,14 +98,14 @@ class FeatureExtractor(nn.Module):
         names = [n for n, _ in backbone.stages()]
         for t in taps:
             if t not in names:
-                raise UadcError(f"model.taps: unknown feature tap {t!r}; stages are: {', '.join(names)}")
+                raise UadcError(f"model.taps: unknown feature tap {short(t)}; stages are: {', '.join(names)}")
         order = sorted(taps, key=names.index)
         if order != list(taps):
             raise UadcError(f"model.taps: feature taps must be in network order: {', '.join(order)}")
         first = 0 if start is None else names.index(start) + 1
         last = names.index(taps[-1])
         if first > names.index(taps[0]):
-            raise UadcError(f"tap {taps[0]!r} lies before the split point {start!r}")
+            raise UadcError(f"tap {short(taps[0])} lies before the split point {short(start)}")
         stages = backbone.stages()[first:last + 1]
         self.stage_names = [n for n, _ in stages]
         self.stages = nn.ModuleList([m for _, m in stages])

@@ -7,12 +7,14 @@ import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
 from typing import Any, Callable
 
 from uadc.config.recipe import default_artifacts_root
 from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError
+from uadc.core.images import shown
 from uadc.core.io import JsonResult, check_writable, ensure_dir, file_lock, sha256_file
 from uadc.core.numbers import whole_number
 from uadc.data.sources import check_outside_data
@@ -69,7 +71,12 @@ def run_sweep(source: Any, *, artifacts: Path | None = None, out: Path | None = 
     if not sequential and importlib.util.find_spec("ray") is None:
         raise UadcError(INSTALL_HINT)   # before any work
     spec, base, name = load_sweep(source)
-    plan = make_plan(spec, base, name)
+    try:
+        plan = make_plan(spec, base, name)
+    except UadcError as exc:   # "sweep exp1: ..." named its `name:`, not the file that holds the mistake
+        if isinstance(source, (str, PathLike)):
+            raise UadcError(f"{shown(Path(source))}: {exc}") from None
+        raise
     artifacts = Path(artifacts or default_artifacts_root()).absolute()   # workers may run elsewhere
     out = Path(out).absolute() if out else artifacts / "sweeps" / name
     check_grid_out(out)
