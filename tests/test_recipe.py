@@ -610,6 +610,11 @@ def test_yaml_files_as_editors_and_yaml_write_them(tmp_path):
     with pytest.raises(UadcError, match=r"expected str, got 2 \(a name that looks like a number needs quotes\)"):
         load_recipe(p)
     j = tmp_path / "r.json"
+    j.write_text(json.dumps({"seed": 4, **SRC}, indent="\t"))   # tabs: PyYAML refused valid JSON
+    assert load_recipe(j).seed == 4
+    j.write_text(json.dumps(SRC, indent="\t")[:-1] + ',\n\t"data": {}}')
+    with pytest.raises(UadcError, match="not valid JSON: key 'data' appears twice in one object"):
+        load_recipe(j)
     j.write_text(json.dumps(SRC))
     assert load_recipe(j).name == shown_recipe(str(j)).name == "r"
     p.write_bytes(("# café\n" + base).encode("utf-16"))

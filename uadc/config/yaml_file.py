@@ -8,6 +8,7 @@ both line numbers (YAML 1.2 forbids it too).
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -130,6 +131,25 @@ def yaml_text(path: Path) -> str:
     return data.decode("utf-8")
 
 
+def _tabbed_json(text: str, named: str) -> object:
+    """A JSON document PyYAML cannot read (tabs: `json.dump(..., indent="\\t")`), read as JSON with a repeated
+    key refused as YAML refuses it; None if it is no JSON either."""
+    body = text.lstrip("\ufeff")
+    if "\t" not in body or not body.lstrip().startswith("{"):
+        return None
+
+    def unique(pairs: list) -> dict:
+        keys = [k for k, _ in pairs]
+        twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if twice is not None:
+            raise UadcError(f"{named}: not valid JSON: key {twice!r} appears twice in one object")
+        return dict(pairs)
+    try:
+        return json.loads(body, object_pairs_hook=unique)
+    except (ValueError, RecursionError):
+        return None
+
+
 def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) -> dict:
     """A YAML file's top-level mapping, size-bounded; one-line UadcError for a missing, oversized,
     binary, malformed (a repeated key included) or non-mapping file."""
@@ -151,11 +171,13 @@ def read_yaml_mapping(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) ->
         raise UadcError(f"{named}: not valid YAML: character #x{exc.character:04x} on line {line} "
                         f"is not allowed in YAML") from None
     except yaml.YAMLError as exc:
-        mark, first = getattr(exc, "problem_mark", None), str(exc).splitlines()[0][:200]
-        problem = getattr(exc, "problem", None)   # a tab: "while scanning for the next token", where?
-        where = f" (line {mark.line + 1}, column {mark.column + 1}" + (f": {problem})" if problem != first else ")") \
-            if mark and problem else ""
-        raise UadcError(f"{named}: not valid YAML: {first}{where}") from None
+        raw = _tabbed_json(text, named)
+        if raw is None:
+            mark, first = getattr(exc, "problem_mark", None), str(exc).splitlines()[0][:200]
+            problem = getattr(exc, "problem", None)   # a tab: "while scanning for the next token", where?
+            where = f" (line {mark.line + 1}, column {mark.column + 1}" + (f": {problem})" if problem != first else ")") \
+                if mark and problem else ""
+            raise UadcError(f"{named}: not valid YAML: {first}{where}") from None
     except RecursionError:
         raise UadcError(f"{named}: YAML nested too deeply") from None
     except OSError as exc:   # no read permission: a PermissionError traceback from `uadc sweep` and the API
