@@ -178,6 +178,7 @@ def test_ctrl_c_during_an_artifact_folders_swap_lands_after_it(tmp_path, monkeyp
     with io.atomic_dir(final) as tmp:
         (tmp / "artifact.json").write_text(json.dumps({**manifest, "v": "old"}))
     real = os.replace
+    monkeypatch.setattr(io, "exchange_paths", lambda a, b: False)   # two renames, where one swap is impossible
 
     def replace(a, b):
         real(a, b)
@@ -190,6 +191,31 @@ def test_ctrl_c_during_an_artifact_folders_swap_lands_after_it(tmp_path, monkeyp
     monkeypatch.undo()
     assert json.loads((final / "artifact.json").read_text())["v"] == "new" and e.value.uadc_after_step
     assert sorted(p.name for p in tmp_path.iterdir()) == [".art.lock", "art"]
+
+
+def test_an_artifact_folder_is_swapped_in_one_step(tmp_path, monkeypatch):
+    """A kill -9 between the swap's two renames (old moved aside, new not yet in) left no artifact folder, the old
+    and the new one in temps that the next writer deleted. Where Linux swaps two paths in one step, no moment
+    leaves the folder missing."""
+    from uadc.core import io
+    from uadc.core.process import exchange_paths
+    (a := tmp_path / "a").mkdir(), (b := tmp_path / "b").mkdir()
+    if not exchange_paths(a, b):
+        pytest.skip("this system or file system cannot swap two paths in one step (renameat2 RENAME_EXCHANGE)")
+    final = tmp_path / "art"
+    manifest = {"schema": 1, "uadc_version": "x", "files": {}}
+    with io.atomic_dir(final) as tmp:
+        (tmp / "artifact.json").write_text(json.dumps({**manifest, "v": "old"}))
+    real_replace = os.replace
+
+    def replace(src, dst):
+        assert os.path.basename(src) != "art", "the artifact folder was moved away"
+        real_replace(src, dst)
+    monkeypatch.setattr(io.os, "replace", replace)
+    with io.atomic_dir(final) as tmp:
+        (tmp / "artifact.json").write_text(json.dumps({**manifest, "v": "new"}))
+    assert json.loads((final / "artifact.json").read_text())["v"] == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".art.lock", "a", "art", "b"]
 
 
 def test_another_machines_temp_is_left_to_it(tmp_path, monkeypatch):

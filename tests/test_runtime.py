@@ -445,6 +445,14 @@ def test_a_new_run_into_an_out_folder_removes_the_overlays_of_the_tables_it_repl
         predict_paths(det, [test / "good"], out=out, overlays=True)
     assert theirs.read_bytes() == b"the user's notes"
     assert {f: (out / f).read_bytes() for f in tables} == tables
+    # one of uadc's own that the tables do not name (a run killed while its overlays moved in, before its tables):
+    # the rerun was refused until the folder was cleaned by hand
+    theirs.unlink()
+    predict_paths(det, [test / "good"], out=out, overlays=True)
+    orphan = out / second.records[0]["overlay"]
+    (out / "predictions.jsonl").write_text("")
+    predict_paths(det, [test / "good"], out=out, overlays=True)
+    assert orphan.is_file()
 
 
 def test_a_run_stopped_half_way_leaves_the_out_folder_as_it_was(int8_artifact, tiny_data, tmp_path, monkeypatch):

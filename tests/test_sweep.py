@@ -255,17 +255,33 @@ def test_a_rerun_reusing_every_cell_of_another_grid_redraws_the_plot(tiny, tmp_p
     grid into the same folder: the plot showed cells the table beside it did not hold."""
     d, recipe = tiny
     out = tmp_path / "o"
+    plots = []
     for targets in (["ort-cpu-fp32"], ["ort-cpu-fp32", "ort-cpu-int8"], ["ort-cpu-fp32"]):
         sweep = _sweep_file(tmp_path, recipe, axes={"target": targets, "calibrator": ["minmax"]})
         res = CliRunner().invoke(main, ["-q", "sweep", str(sweep), "--sequential", "--artifacts", str(d / "art"),
                                         "--out", str(out), "--json"])
         assert res.exit_code == 0, res.output
+        plots.append((out / "pareto.png").read_bytes())
     assert json.loads(res.stdout)["executed"] == 0
-    assert (out / "pareto.png").stat().st_mtime_ns >= (out / "sweep.json").stat().st_mtime_ns
+    assert plots[2] != plots[1] and (out / "pareto.png").stat().st_mtime_ns <= (out / "sweep.json").stat().st_mtime_ns
     png, table = (out / "pareto.png").read_bytes(), (out / "sweep.json").read_text()
     assert CliRunner().invoke(main, ["-q", "sweep", str(sweep), "--sequential", "--artifacts", str(d / "art"),
                                      "--out", str(out)]).exit_code == 0
     assert (out / "pareto.png").read_bytes() == png and (out / "sweep.json").read_text() == table   # same grid: kept
+    # a run stopped while it drew the plot had written the new sweep.json: its rerun kept the old plot
+    import uadc.pipeline.sweep.table as table_module
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+    sweep = _sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32", "ort-cpu-int8"], "calibrator": ["minmax"]})
+    args = ["-q", "sweep", str(sweep), "--sequential", "--artifacts", str(d / "art"), "--out", str(out)]
+    real = table_module.write_pareto_png
+    table_module.write_pareto_png = stopped
+    try:
+        assert CliRunner().invoke(main, args).exit_code == 130
+    finally:
+        table_module.write_pareto_png = real
+    assert CliRunner().invoke(main, args).exit_code == 0 and (out / "pareto.png").read_bytes() != png
     # nothing to plot (no evaluation): the last run's plot of other cells stayed beside the new table
     sweep = _sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32"]}, run={"latency_runs": 2, "evaluate": False})
     res = CliRunner().invoke(main, ["-q", "sweep", str(sweep), "--sequential", "--artifacts", str(d / "art"),

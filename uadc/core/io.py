@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Union
 
 from uadc.core.constants import DEVICE_FILES, ENGINE_FILE, ENGINE_SOURCE_SUFFIX, MANIFEST_FILE
 from uadc.core.errors import UadcError, one_line
-from uadc.core.process import signals_deferred
+from uadc.core.process import exchange_paths, signals_deferred
 
 TMP_TAG = ".uadc-tmp-"
 LOCK_INSIDE = "uadc.lock"   # a folder's own lock file (hidden) where its parent cannot hold one
@@ -432,10 +432,14 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
 def _swap_in(tmp: Path, final: Path) -> None:
     old = None
     try:
-        if final.exists():
+        if final.exists() and exchange_paths(tmp, final):   # one step: a kill -9 between two renames left
+            old = tmp                                        # no folder, and both in temps the next writer removed
+        elif final.exists():
             old = _tmp_name(final)
             os.replace(final, old)
-        os.replace(tmp, final)
+            os.replace(tmp, final)
+        else:
+            os.replace(tmp, final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not final.exists():

@@ -95,14 +95,16 @@ def write_table(plan: Plan, records: list[dict], out: Path) -> dict:
     doc = {"name": plan.name, "cells": rows, "best": best, "pareto": front,
            "failed": [r["cell"] for r in rows if r["status"] != "ok"]}
     plot = not (out / "pareto.png").is_file() or _previous(files["json"]) != to_json(doc)
-    atomic_write_json(files["json"], doc)
-    atomic_write_text(files["markdown"], md + "\n")
-    atomic_write_text(files["csv"], _csv(rows))
+    # the plot before sweep.json, which says whether it is current: a run stopped while it was drawn
+    # (a second) had written the new sweep.json, and the rerun kept the plot of the grid before
     png = write_pareto_png(rows, front, out / "pareto.png", plan.name) if plot else out / "pareto.png"
     if png:
         files["pareto"] = png
     elif plot:   # nothing to plot now (no AUROC, every cell failed): the last run's plot showed other cells
         (out / "pareto.png").unlink(missing_ok=True)
+    atomic_write_json(files["json"], doc)
+    atomic_write_text(files["markdown"], md + "\n")
+    atomic_write_text(files["csv"], _csv(rows))
     return {"rows": rows, "best": best, "pareto": front, "files": files, "markdown": md}
 
 
