@@ -351,8 +351,9 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
 
     # Options the QAT model makes moot were accepted and ignored (and --quantize written into the report)
     for extra, said in ((["--quantize", "teacher"], "the QAT model quantizes student, not teacher"),
-                        (["--calibrator", "mse"], "calibrator do(es) not apply"),
-                        (["--per-tensor"], "per_channel do(es) not apply")):
+                        (["--calibrator", "mse"], "calibrator (--calibrator) do not apply"),
+                        (["--per-tensor", "--calib-samples", "4"], "calib_samples (--calib-samples), per_channel "
+                                                                   "(--per-channel / --per-tensor) do not apply")):
         res = CliRunner().invoke(main, ["compile", str(path), "--target", TARGET, "--from-qat", "--artifacts", str(art),
                                         "--out", str(tmp_path / "moot"), *extra])
         assert res.exit_code == 2 and said in res.output, res.output
@@ -390,7 +391,7 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
     orig = json.loads(meta.read_text())
     edited = [json.dumps({**orig, "settings": s}) for s in ("abc", {**orig["settings"], "weights": "x"},
                                                             {**orig["settings"], "weights": {"bits": 8}})]
-    for damage, said in ((None, "fine-tuned from another checkpoint"), ("[1, 2]", "other model settings"),
+    for damage, said in ((None, "fine-tuned from another checkpoint"), ("[1, 2]", "qat.json: not the summary `uadc qat` writes"),
                          ("{not json", "cannot read QAT summary"),   # TypeError / AttributeError / KeyError before:
                          *((e, "its settings are not what `uadc qat` writes") for e in edited)):
         if damage is not None:

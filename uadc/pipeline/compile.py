@@ -78,7 +78,6 @@ def default_out(recipe: Recipe, target: Target, qat: bool, artifacts: Path | Non
     return recipe.artifact_dir(artifacts) / f"{target.name}{'-qat' if qat else ''}"
 
 
-
 def _timing_cache(baseline: Baseline, opts: CompileOptions, out: Path) -> Path:
     """Precision auto's profiles: the recipe's own cache where one exists (``--out`` elsewhere profiled
     again and shipped another assignment of the same checkpoint), else beside the artifact folder."""
@@ -252,8 +251,10 @@ def _check_options(target: Target, ptq: PtqSettings, opts: CompileOptions) -> No
     from uadc.calibrators import available_calibrators
     if target.quantized and opts.qat_model is None and ptq.calibrator not in available_calibrators():
         raise UadcError(f"unknown calibrator {short(ptq.calibrator)}; expected one of {', '.join(available_calibrators())}")
-    given = {"calibrator": opts.calibrator, "calib_data": opts.calib_data, "calib_samples": opts.calib_samples,
-             "calibration": opts.calibration, "quantize": opts.quantize, "per_channel": opts.per_channel}
+    # named as the API and the command line name them: `--per-tensor` was said "per_channel"
+    given = {"calibrator (--calibrator)": opts.calibrator, "calib_data (--calib-data)": opts.calib_data,
+             "calib_samples (--calib-samples)": opts.calib_samples, "calibration (--calib-data)": opts.calibration,
+             "quantize (--quantize)": opts.quantize, "per_channel (--per-channel / --per-tensor)": opts.per_channel}
     if not target.quantized and any(v is not None for v in given.values()):
         named = ", ".join(k for k, v in given.items() if v is not None)
         raise UadcError(f"target {target.name} is {target.precision}: quantization options do not apply ({named})")
@@ -283,9 +284,9 @@ def _check_qat_options(target: Target, opts: CompileOptions, given: dict, recipe
     made_for = json.loads({p.key: p.value for p in opts.qat_model.metadata_props}.get(QAT_METADATA, "{}")).get("target")
     if made_for not in (None, target.name):
         raise UadcError(f"qat_model: fine-tuned for {made_for}, not {target.name}: run `uadc qat --target {target.name}`")
-    ignored = [k for k, v in given.items() if v is not None and k != "quantize"]
+    ignored = [k for k, v in given.items() if v is not None and not k.startswith("quantize")]
     if ignored:
-        raise UadcError(f"--from-qat: the QAT model carries its own scales; {', '.join(ignored)} do(es) not apply")
+        raise UadcError(f"--from-qat: the QAT model carries its own scales; {', '.join(ignored)} do not apply")
     if opts.quantize is not None and sorted(opts.quantize) != _qat_partitions(opts.qat_model):
         raise UadcError(f"--from-qat: the QAT model quantizes {', '.join(_qat_partitions(opts.qat_model)) or 'nothing'}, "
                         f"not {', '.join(opts.quantize)}")

@@ -190,7 +190,9 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
     again = "run `uadc qat` again"
     # a qat.json of uadc before 0.2's path-free model hash holds the hash of the data and model sections
     hashes = (model_hash(recipe), model_hash(recipe, raw=True), recipe.section_hash(("data", "model")))
-    if not isinstance(meta, dict) or meta.get("model_hash") not in hashes:
+    if not isinstance(meta, dict):   # `[1]` read "made for other model settings"
+        raise UadcError(f"{d / QAT_JSON}: not the summary `uadc qat` writes (a JSON object): {again}")
+    if meta.get("model_hash") not in hashes:
         raise UadcError(f"QAT model {path} was made for other model settings than recipe {recipe.name}'s: {again}")
     if meta.get("target") not in (None, target):   # a TensorRT artifact shipped with CPU-style quantization
         raise UadcError(f"QAT model {path} was fine-tuned for {meta['target']}, not {target}: run "
