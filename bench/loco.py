@@ -15,7 +15,7 @@ Writes ``loco.md`` and ``loco.json`` (same numbers) to ``--out``.
 
 from __future__ import annotations
 
-from bench import as_script
+from bench import as_script, positive
 
 import datetime as _dt
 import shlex
@@ -58,6 +58,19 @@ def loco_recipe(base: Path, data_root: Path, epochs: int | None = None, threads:
     if train:
         over["train"] = train
     return recipe.with_overrides(**over)
+
+
+def map_only_note(recipe: Recipe, exact_layers: bool = False) -> str | None:
+    """What a study that scores the anomaly map alone leaves out of the recipe's detector (its 'recipe'
+    figures are then not `uadc eval`'s); ``exact_layers``: per-tap maps upsampled as the exact head does."""
+    m = recipe.config.model
+    left = [f"the image kNN term (weight {m.image_knn.weight:g})"] if m.image_knn.weight else []
+    if exact_layers and m.head != "exact":
+        left.insert(0, f"model.head {m.head} (maps upsampled as the exact head does)")
+    if exact_layers and m.patch_knn.weight:
+        left.append(f"the patch kNN term (weight {m.patch_knn.weight:g})")
+    return None if not left else (f"scores the anomaly map alone, without {' and '.join(left)} of recipe "
+                                  f"{recipe.name}: its 'recipe' figures are not `uadc eval`'s")
 
 
 def ensure_model(recipe: Recipe, artifacts: Path, log: Callable[[str], None]) -> dict:
@@ -151,7 +164,7 @@ def add_checkpoint_args(ap, stem: str) -> None:
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the recipe's")
     ap.add_argument("--out", type=Path, default=None, help=f"default <artifacts>/<recipe>/{stem}")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive, default=2)
 
 
 def loco_summary(settings: list[dict], res: dict, default: dict, key: Callable[[dict], str],
@@ -225,6 +238,8 @@ def run_loco(recipe_path: Path, data: Path, artifacts: Path, out: Path, epochs: 
         topk = tuple(sorted({*topk, default["score_topk"]}))
     ensure_dir(out)
     check_writable(out)
+    if note := map_only_note(recipe):
+        log(f"note: this study {note}")
     model = ensure_model(recipe, artifacts, log)
     maps = raw_maps(recipe, Path(model["path"]), log, threads)
     settings, res = grid_metrics(maps, sigmas, topk, log)
@@ -236,7 +251,8 @@ def run_loco(recipe_path: Path, data: Path, artifacts: Path, out: Path, epochs: 
               "recipe": recipe.name, "base_recipe": str(recipe_path), "categories": list(maps),
               "epochs": recipe.train.epochs, "seed": recipe.seed, "model": model, "default": default,
               "default_key": key(default), "grid": [key(s) for s in settings], "folds": folds, "mean": mean,
-              "unanimous": next(iter(chosen_keys)) if len(chosen_keys) == 1 else None, "all_settings": res}
+              "unanimous": next(iter(chosen_keys)) if len(chosen_keys) == 1 else None, "all_settings": res,
+              "note": note}
     atomic_write_json(out / RESULT_JSON, result)
     atomic_write_text(out / RESULT_MD, render_markdown(result))
     log(f"written: {out / RESULT_MD}, {out / RESULT_JSON}")
@@ -251,7 +267,7 @@ def render_markdown(r: dict) -> str:
              f"{'reused' if r['model']['reused'] else 'trained'}: `{r['model']['path']}`) over "
              f"{', '.join(r['categories'])}; grid: {', '.join(r['grid'])}. For each held-out category the "
              f"setting with the best mean image AUROC on the other categories is chosen and evaluated on it; "
-             f"recipe setting: `{r['default_key']}`.", "",
+             f"recipe setting: `{r['default_key']}`." + (f" This study {r['note']}." if r.get("note") else ""), "",
              "| held out | chosen (without it) | inner mean image AUROC chosen / recipe | image AUROC chosen | "
              "image AUROC recipe | pixel AUROC chosen | pixel AUROC recipe |",
              "|---|---|---:|---:|---:|---:|---:|"]

@@ -19,7 +19,7 @@ recipe's setting must be in the grid (checked). Writes ``loco_head.json`` / ``lo
 
 from __future__ import annotations
 
-from bench import as_script, out_folder, summary
+from bench import as_script, out_folder, positive, summary
 
 import argparse
 import itertools
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.loco import fold_table, leave_one_out, number_list, trained_checkpoint, write_outputs
+from bench.loco import fold_table, leave_one_out, map_only_note, number_list, trained_checkpoint, write_outputs
 
 CRITERION = ("image_auroc", "pixel_auroc")
 
@@ -102,7 +102,7 @@ def markdown(r: dict) -> str:
              f"Checkpoint `{r['checkpoint']}`; taps {', '.join(f'{i}={t}' for i, t in enumerate(r['taps']))}; "
              f"{len(r['grid'])} settings; criterion: mean of image and pixel AUROC on the other categories.", "",
              *fold_table(r, "recipe"), "",
-             f"Recipe setting: `{r['default_key']}`. "
+             (f"This study {r['note']}. " if r.get("note") else "") + f"Recipe setting: `{r['default_key']}`. "
              + (f"Every fold chose `{r['unanimous']}`." if r["unanimous"] else "The folds chose different settings."),
              ""]
     return "\n".join(lines)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=out_folder, default=None, help="default <artifacts>/<recipe>/loco_head")
     ap.add_argument("--sigmas", default="2,4")
     ap.add_argument("--topk", default="0.01,0.05")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive, default=2)
     a = ap.parse_args(argv)
     from uadc.core.errors import UadcError
     from uadc.core.scoped import torch_threads
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         sigmas, topk = number_list(a.sigmas, "--sigmas"), number_list(a.topk, "--topk")
         if any(not 0 < k <= 1 for k in topk):   # 0 was labelled top0% and scored as top 1%
             raise UadcError(f"--topk: fractions of the map in (0, 1], got {a.topk!r}")
+        if note := map_only_note(recipe, exact_layers=True):
+            log(f"note: this study {note}")
         default = recipe_setting(recipe)   # the recipe's own setting is always in the grid, as in bench.loco
         sigmas += [default["sigma"]] * (default["sigma"] not in sigmas)
         topk += [default["topk"]] * (default["topk"] is not None and default["topk"] not in topk)
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
          "grid": [key(s) for s in settings], "default_key": key(default), "folds": folds,
          "mean": {w: {k: float(np.mean([f[f"{w}_metrics"][k] for f in folds])) for k in CRITERION}
                   for w in ("chosen", "default")},
-         "unanimous": next(iter(chosen)) if len(chosen) == 1 else None, "all_settings": res}
+         "unanimous": next(iter(chosen)) if len(chosen) == 1 else None, "all_settings": res,
+         "note": map_only_note(recipe, exact_layers=True)}
     write_outputs(a.out or a.artifacts / recipe.name / "loco_head", "loco_head", r, markdown(r))
     print(markdown(r))
     return 0

@@ -19,7 +19,7 @@ mean over every category, what a recipe would adopt. Writes ``loco_image_knn.jso
 
 from __future__ import annotations
 
-from bench import as_script, positive_floats, positives, summary
+from bench import as_script, positive, positive_floats, positives, summary
 
 import argparse
 import itertools
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="default <artifacts>/<recipe>/loco_image_knn")
     ap.add_argument("--k", type=positives, default="1,3")
     ap.add_argument("--weights", type=positive_floats, default="0.25,0.5,1,2")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive, default=2)
     a = ap.parse_args(argv)
     from uadc.core.errors import UadcError
     from uadc.core.scoped import torch_threads

@@ -27,7 +27,7 @@ import click
 import numpy as np
 
 from bench.loco import (DATA, RECIPE, SIGMAS, TOPK, _floats, topk_fractions, _log, ensure_model, grid_metrics, key,
-                        leave_one_out, loco_recipe, raw_maps)
+                        leave_one_out, loco_recipe, map_only_note, raw_maps)
 from uadc.config.recipe import read_yaml_mapping
 from uadc.core.errors import UadcError
 
@@ -80,7 +80,10 @@ def run_grid(recipe_path: Path, data: Path, grid: Path, artifacts: Path, out: Pa
     ensure_dir(out)
     check_writable(out)
     result = {"command": command, "recipe": str(recipe_path), "data": str(data), "device": device,
-              "categories": None, "configs": [], "all_settings": {}, "criterion": list(CRITERION)}
+              "categories": None, "configs": [], "all_settings": {}, "criterion": list(CRITERION),
+              "note": map_only_note(base)}
+    if result["note"]:
+        log(f"note: this study {result['note']}")
     settings: list[dict] = []
     for cfg in configs:
         recipe = base.with_overrides(name=f"{base.name}_{cfg['name']}",
@@ -136,7 +139,8 @@ def render_markdown(r: dict) -> str:
     lines = [f"# Leave-one-category-out choice of the training and scoring settings ({r.get('date', '')})", "",
              f"`{r['command']}`" if r["command"] else "", "",
              f"One unified model per config over {', '.join(cats)} (train.device `{r['device']}`); criterion: mean "
-             f"of image and pixel AUROC over the other categories; recipe setting `{r.get('default_key')}`.", "",
+             f"of image and pixel AUROC over the other categories; recipe setting `{r.get('default_key')}`."
+             + (f" This study {r['note']}." if r.get("note") else ""), "",
              "| config | overrides | selectable | trained on | train s | " + " | ".join(cats) + " | mean image | "
              "mean pixel |", "|---|---|---|---|---:|" + "---:|" * (len(cats) + 2)]
     for c in r["configs"]:

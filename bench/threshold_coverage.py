@@ -70,7 +70,7 @@ def markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=summary(__doc__))
-    ap.add_argument("--draws", type=int, default=1000)
+    ap.add_argument("--draws", type=positive, default=1000)
     ap.add_argument("--json", type=out_file, default=None, help="also write the figures here")
     a = ap.parse_args(argv)
     if a.draws < 10:

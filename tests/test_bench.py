@@ -209,6 +209,24 @@ def test_bench_grids_and_folders_are_checked_before_the_work(recipe_factory, tmp
     assert peers.plot({"recipes": [{"image_size": 32, "systems": [system]}]}, tmp_path / "p.png")
 
 
+def test_map_only_studies_say_what_of_the_recipe_they_leave_out(recipe_factory, tmp_path, capsys):
+    """bench.loco_head labelled the exact head's map 'recipe' for a `head: fast` recipe with an image kNN (its
+    figures were not `uadc eval`'s, unsaid); --threads 0 ran silently."""
+    from bench import loco, loco_head
+    from uadc import load_recipe
+    plain = load_recipe(recipe_factory("plain"))
+    knn = load_recipe(recipe_factory("knn", model={"head": "fast", "image_knn": {"weight": 0.5}}))
+    assert loco.map_only_note(plain, exact_layers=True) is None
+    assert "without the image kNN term (weight 0.5)" in loco.map_only_note(knn)
+    assert "model.head fast" not in loco.map_only_note(knn)   # bench.loco reads the head's own maps
+    assert "without model.head fast (maps upsampled as the exact head does) and the image kNN term" in \
+        loco.map_only_note(knn, exact_layers=True)
+    for argv in (["--threads", "0"], ["--threads", "-2"]):
+        with pytest.raises(SystemExit) as e:
+            loco_head.main(argv)
+        assert e.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
 def test_cli_user_error(tmp_path):
     res = CliRunner().invoke(main, ["--recipes", str(tmp_path / "nope.yaml"), "--artifacts", str(tmp_path / "a")])
     assert res.exit_code == 2 and res.output.strip().startswith("error: recipe not found")
