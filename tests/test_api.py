@@ -1232,6 +1232,44 @@ def test_overlapping_float32_blocks_restore_the_callers_default_dtype_once():
     assert seen == {"inside": torch.float32, "after": torch.float64}
 
 
+def test_overlapping_calls_in_worker_threads_leave_new_threads_the_callers_torch_thread_count():
+    """Two calls in worker threads (train.threads 1, then 2) each restored their own count: torch's count for
+    threads started later was left at 1, so a server's new pool threads ran torch on one core, unsaid."""
+    import threading
+
+    import torch
+    from uadc.core.scoped import torch_threads
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with torch_threads(1):
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with torch_threads(2):
+            b_in.set()
+            a_out.wait(10)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        threads = [threading.Thread(target=f) for f in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        new = []
+        (t := threading.Thread(target=lambda: new.append(torch.get_num_threads()))).start()
+        t.join()
+        seen = (torch.get_num_threads(), new[0])
+    finally:
+        torch.set_num_threads(before)
+    assert seen == (3, 3)
+
+
 def test_uadc_verify_docstring_without_torch_is_the_packages():
     """help(uadc.verify) on the torch-free install raised ModuleNotFoundError (its docstring imported the API)."""
     import subprocess

@@ -86,15 +86,29 @@ def torch_threads(threads: int | None) -> Iterator[int]:
     import torch
 
     threads = check_threads(threads)
-    before = torch.get_num_threads()
-    n = int(threads) if threads else before
-    if n != before:
-        torch.set_num_threads(n)
-    try:
-        yield n
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
+    # the count is the thread's, but each set_num_threads is also what threads started later get: two calls
+    # in worker threads restoring their own counts in turn left a pool's new threads at the other's 1, so the
+    # first block in keeps that default and the last one out puts it back, as for the default dtype
+    with _shared_state("threads", lambda: _in_new_thread(torch.get_num_threads),
+                       lambda n: _in_new_thread(lambda: torch.set_num_threads(n))):
+        before = torch.get_num_threads()
+        n = int(threads) if threads else before
+        if n != before:
+            torch.set_num_threads(n)
+        try:
+            yield n
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
+
+
+def _in_new_thread(call: Callable[[], Any]) -> Any:
+    """``call()`` in a thread of its own (torch's thread count as a new thread sees it, or sets it)."""
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(call()), name="uadc-threads", daemon=True)
+    t.start()
+    t.join()
+    return out[0] if out else None
 
 
 @contextlib.contextmanager
