@@ -119,3 +119,23 @@ def test_peers_bench_times_ort_artifacts_as_the_runtime_runs_them(int8_artifact,
     assert kinds == ["onnxruntime", peers.SCHEDULED]
     t = peers._time_child(peers.SCHEDULED, str(res.path / "model.onnx"), 2, 2, 3, 64, None)
     assert t["p50"] > 0 and t["runs"] == 3
+
+
+def test_a_fully_quantized_model_still_runs_its_branches_apart(int8_artifact, tiny_data, tmp_path):
+    """With the teacher and the student quantized and no float reader of the image (the head quantized too, or
+    US), one image Q/DQ went to the teacher and the student read it: `--schedule branches` was refused and
+    `auto` ran one session. Each quantized partition now has its own Q/DQ of the image (the same range)."""
+    import onnx
+
+    import uadc
+    from uadc.runtime import Detector
+    recipe, art, _ = int8_artifact
+    res = uadc.compile(recipe, "ort-cpu-int8", artifacts=art, quantize="student,teacher,head", evaluate=False,
+                       out=tmp_path / "all", latency_runs=2, threads=1)
+    model = onnx.load(str(res.path / "model.onnx"))
+    assert sum(n.op_type == "QuantizeLinear" and n.input[0] == "image" for n in model.graph.node) == 2
+    images = sorted((tiny_data / "gray" / "test").rglob("*.png"))[:3]
+    preds = {s: Detector.load(res.path, schedule=s, threads=2).predict(images, category="gray")
+             for s in ("sequential", "branches")}
+    np.testing.assert_allclose([q.score for q in preds["branches"]], [q.score for q in preds["sequential"]],
+                               rtol=1e-5, atol=1e-6)

@@ -41,7 +41,8 @@ def _fork_shared(model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
     ORT rewires *every* consumer of a quantized tensor to its DequantizeLinear output, so the
     image (read by teacher and student) or a teacher activation feeding the student would reach
     the float teacher fake-quantized. Activations get an ``Identity`` fork (removed again after
-    quantization); float initializers are duplicated. Tensors produced inside a quantized
+    quantization); float initializers are duplicated. An activation several quantized partitions read
+    is forked too, so that each has its own Q/DQ (the same range). Tensors produced inside a quantized
     partition are not forked: a float consumer of those reads the DQ output (partition boundary).
     Returns {forked activation: original}."""
     g = GraphIndex(model)
@@ -53,7 +54,11 @@ def _fork_shared(model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
     new_inits = []
     for tensor, users in g.consumers.items():
         q_users = [c for c in users if part[c] in quantized]
-        if not q_users or (len(q_users) == len(users) and tensor not in outputs):
+        # every reader quantized: one Q/DQ serves them, unless they are partitions of their own reading an
+        # activation (the image read by a quantized teacher and student): one pair went to the teacher, the
+        # student read the teacher's tensor, and the `branches` schedule could not run them apart
+        alone = tensor in inits or len({part[c] for c in q_users}) == 1
+        if not q_users or (len(q_users) == len(users) and tensor not in outputs and alone):
             continue
         if tensor in g.producer and part[g.producer[tensor]] in quantized:
             continue
