@@ -123,6 +123,10 @@ def test_thresholds_normalise_to_one_half_per_category_and_global():
     assert thr.validation == {"a": 30, "b": 25}
     with pytest.raises(UadcError, match="unknown category"):
         thr.get("c")
+    # one validation normal (low == high): the normalised score was a step, 0 or 1, around the threshold
+    from uadc.core.manifest import Threshold
+    one = Threshold(value=1.2, low=0.6, high=0.6, quantile=1.0, n=1)
+    assert one.normalize([0.6, 0.9, 1.2, 1.5, 1.8]).tolist() == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
 
 
 def test_decision_rates_and_mask_overlap():

@@ -70,9 +70,16 @@ class Threshold:
     quantile: float         # quantile level of the validation values that gave ``value``
     n: int                  # validation values it rests on (images, or pixels)
 
+    @property
+    def span(self) -> float:
+        """What [0, 1] spans: ``high - low``; with one validation value (low == high), twice its distance
+        to the threshold, so that it is 0 and the threshold 0.5 (a span of 1e-12 made the normalised
+        score a step, 0 or 1)."""
+        width = self.high - self.low
+        return width if width > _EPS else max(2 * (self.value - self.low), _EPS)
+
     def normalize(self, x: Any) -> np.ndarray:
-        span = max(self.high - self.low, _EPS)
-        return np.clip((np.asarray(x, np.float32) - self.value) / span + 0.5, 0.0, 1.0).astype(np.float32)
+        return np.clip((np.asarray(x, np.float32) - self.value) / self.span + 0.5, 0.0, 1.0).astype(np.float32)
 
     def decide(self, x: Any) -> np.ndarray:
         """True where ``x`` (raw) is at or above the threshold (a defect)."""

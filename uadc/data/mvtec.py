@@ -303,8 +303,12 @@ def validate_test_masks(ds: ImageDataset) -> None:
     the working size is legitimate (its image still counts for image AUROC)."""
     most: dict[tuple[str, str], list[int]] = {}
     seen: dict[str, bool] = {}   # category -> a mask marks a pixel at the working size
+    shape: dict[str, tuple[int, int]] = {}   # category -> its first image's size
     for s in ds.samples:
         load_image(s.path, ds.size)  # an unreadable test image fails here, not after training
+        if s.category not in shape:
+            with open_image(s.path) as im:
+                shape[s.category] = im.size
         if s.mask_path is None:
             continue
         marked = _mask_pixels(s)
@@ -319,6 +323,11 @@ def validate_test_masks(ds: ImageDataset) -> None:
     for cat in (c for c, any_pixel in seen.items() if not any_pixel):   # its pixel figures vanished unsaid
         log.warning("category %r: no defect mask marks a pixel at data.image_size %d (each defect is smaller than a "
                     "pixel there): it gets image AUROC only; raise data.image_size for pixel metrics", cat, ds.size)
+    for cat, (w, h) in shape.items():   # a 300x20 strip's 9-px defects became 1 px wide, its pixel AUROC 0.008, unsaid
+        if max(w, h) > 2 * min(w, h):
+            log.warning("category %r: its images are %dx%d, resized to %dx%d (stretched, the aspect ratio not kept): "
+                        "a defect is squeezed %.1f times more along the long side than across; crop or tile them near square first",
+                        cat, w, h, ds.size, ds.size, max(w, h) / min(w, h))
     for (cat, defect), (n, total) in most.items():
         if n:   # inverted masks gave pixel AUROC ~0.4 without a word (a colour cast marked whole is real)
             log.warning("%s/%s: %d of %d masks mark more than half their image; masks mark defects non-zero on "

@@ -9,7 +9,8 @@ It is declared with a default initializer ``[len(categories)]`` (IR >= 4: an inp
 initializer is optional), so a runtime that feeds only ``image`` gets the global decision, and
 Polygraphy's ``run --onnxrt`` works on the file as is.
 
-- ``pred_score`` (N,) float32: ``clip((score - t) / (high - low) + 0.5, 0, 1)`` (threshold -> 0.5)
+- ``pred_score`` (N,) float32: ``clip((score - t) / span + 0.5, 0, 1)`` (threshold -> 0.5; span: high - low,
+  ``Threshold.span``)
 - ``pred_label`` (N,) bool: ``score >= t``
 - ``pred_mask`` (N,1,H,W) bool: ``anomaly_map >= t_pixel``
 """
@@ -31,7 +32,7 @@ def _table(thr: Thresholds, categories: list[str]) -> dict[str, np.ndarray]:
     rows = [thr.get(c) for c in categories] + [thr.global_]
     f = lambda xs: np.asarray(xs, np.float32)  # noqa: E731
     return {"img_thr": f([r.image.value for r in rows]),
-            "img_span": f([max(r.image.high - r.image.low, 1e-12) for r in rows]),
+            "img_span": f([r.image.span for r in rows]),
             "pix_thr": f([r.pixel.value for r in rows])}
 
 
