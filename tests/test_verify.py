@@ -890,3 +890,10 @@ def test_forged_metadata_and_json_nested_too_deeply_are_one_line(artifacts, tiny
     (mine / "report.json").write_text(deep)           # a user's folder: not uadc's, refused in one line
     with pytest.raises(UadcError, match="not written by|holds files|not uadc"):
         uadc.bundle(fp32, mine)
+
+
+def test_golden_batches_hold_as_many_pixels_at_any_image_size():
+    """Batches of 8 at every image size: a 1024-px compile peaked at 12 GB running the golden set through
+    ONNX Runtime (the training itself at 9.3)."""
+    from uadc.pipeline import verify as pv
+    assert [pv.feed_batch(s) for s in (32, 256, 320, 512, 1024)] == [8, 8, 5, 2, 1]

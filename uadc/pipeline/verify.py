@@ -40,6 +40,12 @@ from uadc.verify.images import load_image_dirs, metadata_image_size
 
 log = logging.getLogger(__name__)
 BATCH = 8
+
+
+def feed_batch(size: int) -> int:
+    """Images per golden or judged batch: 8 up to 256 px, fewer above, as many pixels a batch (8 images of
+    1024 px through the FP32 model took 12 GB)."""
+    return max(1, min(BATCH, BATCH * 256 * 256 // (size * size)))
 FIGURE_KINDS = ("normal", "test", "user")  # random inputs feed the tensor check only
 _GOLDEN_CACHE: "weakref.WeakKeyDictionary[Any, GoldenSet]" = weakref.WeakKeyDictionary()
 
@@ -88,7 +94,7 @@ def build_golden(baseline: Any, cfg: VerifyConfig | None = None) -> GoldenSet:
                 s = ds.samples[int(where[j])]
                 records.append({"kind": "test", "category": cat, "label": int(lab),
                                 "source": f"test:{s.defect}/{s.path.name}"})
-    feeds = batches(np.stack(images), BATCH)
+    feeds = batches(np.stack(images), feed_batch(baseline.size))
     sess = make_session(baseline.fp32, baseline.threads)
     outputs = [OrderedDict(zip(OUTPUT_NAMES, sess.run(list(OUTPUT_NAMES), dict(f)))) for f in feeds]
     g = GoldenSet(feeds, outputs, records, np.stack(masks) if masks else None)
@@ -468,7 +474,7 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
     if images:
         known = [c for c in (reference_thresholds or {}) if c != "global"] or _categories(a, b)
         x, records, notes = load_image_dirs(images, ma, categories=known)
-        feeds = batches(x, BATCH)
+        feeds = batches(x, feed_batch(x.shape[-1]))
         unknown = sorted({r["category"] for r in records} - set(known)) if known else []
     elif g is None:
         raise UadcError(f"{a} has no golden set ({GOLDEN_META}) to take images from: pass --images DIR")
