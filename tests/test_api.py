@@ -1277,3 +1277,35 @@ def test_uadc_verify_docstring_without_torch_is_the_packages():
             "assert 'Polygraphy comparisons' in uadc.verify.__doc__\npydoc.render_doc(uadc.verify)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-800:]
+
+
+def test_a_print_in_another_thread_survives_quiet_blocks_ending(tmp_path):
+    """CPython's print() holds sys.stdout as a borrowed reference across its writes: the router a quiet block
+    put there was freed as the last block ended, and an app thread printing meanwhile crashed the process
+    (SIGSEGV, or "'str' object has no attribute 'write'" from the freed memory's next owner)."""
+    import subprocess
+    script = tmp_path / "prints.py"
+    script.write_text(
+        "import io, sys, threading, time\n"
+        "from uadc.core.scoped import quiet_third_party\n"
+        "stop = threading.Event()\n"
+        "class Slow:\n"
+        "    def __init__(self, s): self.s = s\n"
+        "    def write(self, t):\n"
+        "        for _ in range(50): pass\n"
+        "        return self.s.write(t)\n"
+        "    def flush(self): pass\n"
+        "sys.stdout = Slow(io.StringIO())\n"
+        "def printer():\n"
+        "    while not stop.is_set(): print('tick', 1, 2, 3, 4, 5, 6, 7, 8, 9)\n"
+        "def quiet():\n"
+        "    while not stop.is_set():\n"
+        "        with quiet_third_party(): pass\n"
+        "ts = [threading.Thread(target=printer) for _ in range(2)] + [threading.Thread(target=quiet)]\n"
+        "sys.setswitchinterval(1e-6)\n"
+        "[t.start() for t in ts]\n"
+        "time.sleep(4)\n"
+        "stop.set(); [t.join() for t in ts]\n"
+        "sys.__stdout__.write('survived')\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout == "survived", (p.returncode, p.stderr[-2000:])

@@ -350,6 +350,14 @@ class _QuietRecords(logging.Filter):
 
 
 _RECORDS = _QuietRecords()
+# every router ever made, kept: CPython's print() holds sys.stdout as a borrowed reference across its writes,
+# so a router freed as the last quiet block put the stream back crashed another thread's print (SIGSEGV, or
+# "'str' object has no attribute 'write'" from the freed memory's next owner)
+_routers: dict[int, _Routed] = {}
+
+
+def _router(stream: Any) -> _Routed:
+    return _routers.setdefault(id(stream), _Routed(stream))   # holds the stream: its id stays its own
 
 
 def _route() -> tuple:
@@ -367,7 +375,7 @@ def _route() -> tuple:
     for h in handlers:
         h.addFilter(_RECORDS)
     saved = (sys.stdout, sys.stderr, show, routed_warning, handlers)
-    sys.stdout, sys.stderr, warnings.showwarning = _Routed(sys.stdout), _Routed(sys.stderr), routed_warning
+    sys.stdout, sys.stderr, warnings.showwarning = _router(sys.stdout), _router(sys.stderr), routed_warning
     # a caller's `error` filter made the exporter's FutureWarning an export failure; `default` marked a
     # warning seen here as shown, so the caller never saw it
     _set_filters(warnings.filters[:], True)
