@@ -4,7 +4,7 @@ At 128 px a uadc model is a few hundred small nodes: ORT's intra-op threads most
 other there (INT8 convolutions on a 8x8 map barely split), so two cores give little over one. The
 graph has coarser parallelism of its own:
 
-* ``branches``: the teacher and the student read only the image, so their partitions run at the same
+* ``branches``: the teacher and the student read only the image (STFPM, US; not PaSTe, RD), so their partitions run at the same
   time, each in its own session (half the cores each), then the head and whatever follows it
   (``uadc.export.partitions.branch_models``);
 * ``batch``: a batch is split into one chunk per core, each run by its own whole-model session.
@@ -153,7 +153,7 @@ def _branch_sessions(model: Any, threads: int, required: bool):
     if parts is None:
         if required:
             raise UadcError("schedule 'branches': the graph has no independent teacher and student partitions "
-                            "(e.g. PaSTe's student reads teacher features) or keeps weights in external data "
+                            "(PaSTe's and Reverse Distillation's students read teacher features) or keeps weights in external data "
                             "files; use 'batch' or 'auto'")
         return None
     return tuple(make_session(p, threads) for p in parts)
