@@ -13,7 +13,7 @@ true false-alarm rate, mean and 95th percentile over the draws. No model, no dat
 
 from __future__ import annotations
 
-from bench import as_script, out_file, summary
+from bench import as_script, out_file, positive, summary
 
 import argparse
 import math

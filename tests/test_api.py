@@ -1282,11 +1282,14 @@ def test_uadc_verify_docstring_without_torch_is_the_packages():
 def test_a_print_in_another_thread_survives_quiet_blocks_ending(tmp_path):
     """CPython's print() holds sys.stdout as a borrowed reference across its writes: the router a quiet block
     put there was freed as the last block ended, and an app thread printing meanwhile crashed the process
-    (SIGSEGV, or "'str' object has no attribute 'write'" from the freed memory's next owner)."""
+    (SIGSEGV, or "'str' object has no attribute 'write'" from the freed memory's next owner); so did the
+    command line's own stream guards (uadc.cli.main run in an app); one router per stream seen kept every
+    captured StringIO alive."""
     import subprocess
     script = tmp_path / "prints.py"
     script.write_text(
         "import io, sys, threading, time\n"
+        "from uadc.core.process import stdout_failures_as_errors\n"
         "from uadc.core.scoped import quiet_third_party\n"
         "stop = threading.Event()\n"
         "class Slow:\n"
@@ -1298,14 +1301,25 @@ def test_a_print_in_another_thread_survives_quiet_blocks_ending(tmp_path):
         "sys.stdout = Slow(io.StringIO())\n"
         "def printer():\n"
         "    while not stop.is_set(): print('tick', 1, 2, 3, 4, 5, 6, 7, 8, 9)\n"
-        "def quiet():\n"
+        "def swap(block):\n"
         "    while not stop.is_set():\n"
-        "        with quiet_third_party(): pass\n"
-        "ts = [threading.Thread(target=printer) for _ in range(2)] + [threading.Thread(target=quiet)]\n"
+        "        with block(): pass\n"
+        "block = quiet_third_party if sys.argv[1] == 'quiet' else stdout_failures_as_errors\n"
+        "ts = [threading.Thread(target=printer) for _ in range(2)] + [threading.Thread(target=swap, args=(block,))]\n"
         "sys.setswitchinterval(1e-6)\n"
         "[t.start() for t in ts]\n"
-        "time.sleep(4)\n"
+        "time.sleep(3)\n"
         "stop.set(); [t.join() for t in ts]\n"
         "sys.__stdout__.write('survived')\n")
-    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and p.stdout == "survived", (p.returncode, p.stderr[-2000:])
+    for block in ("quiet", "guard"):   # each swaps sys.stdout in its own way (not nested in one another here)
+        p = subprocess.run([sys.executable, str(script), block], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and p.stdout == "survived", (block, p.returncode, p.stderr[-2000:])
+    import contextlib
+    import io
+
+    from uadc.core import scoped
+    for _ in range(3):   # each capture's stream was kept for good
+        with contextlib.redirect_stdout(io.StringIO()):
+            with scoped.quiet_third_party():
+                pass
+    assert all(r.stream is not None for r in scoped._ROUTERS.values()) and len(scoped._ROUTERS) == 2

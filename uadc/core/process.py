@@ -142,11 +142,22 @@ def standard_fds_held() -> None:
         sys.stderr = open(os.devnull, "w")   # noqa: SIM115 - the process's stderr, for its whole life
 
 
+# one of each for the life of the process, pointed at the streams they guard: another thread's print() holds
+# sys.stdout as a borrowed reference, and a guard freed as a command ended crashed the process (uadc.cli.main
+# run in an app while a thread printed)
+_GUARD, _QUIET_GUARD = _FailingStdout(None), _ForgivingStderr(None)
+
+
 @contextlib.contextmanager
 def stdout_failures_as_errors() -> Iterator[None]:
-    """For the command line's own process: see :class:`_FailingStdout` and :class:`_ForgivingStderr`."""
-    guard = sys.stdout = _FailingStdout(sys.stdout)
-    quiet_guard = sys.stderr = _ForgivingStderr(sys.stderr)
+    """For the command line's own process: see :class:`_FailingStdout` and :class:`_ForgivingStderr`.
+    A command run inside another (already guarded) keeps the guards as they are."""
+    guard, quiet_guard = _GUARD, _QUIET_GUARD
+    if sys.stdout is guard or sys.stderr is quiet_guard:
+        yield
+        return
+    guard.stream, guard.failed, quiet_guard.stream = sys.stdout, None, sys.stderr
+    sys.stdout, sys.stderr = guard, quiet_guard
     try:
         yield
     finally:

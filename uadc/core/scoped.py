@@ -350,14 +350,18 @@ class _QuietRecords(logging.Filter):
 
 
 _RECORDS = _QuietRecords()
-# every router ever made, kept: CPython's print() holds sys.stdout as a borrowed reference across its writes,
-# so a router freed as the last quiet block put the stream back crashed another thread's print (SIGSEGV, or
-# "'str' object has no attribute 'write'" from the freed memory's next owner)
-_routers: dict[int, _Routed] = {}
+# one router per stream for the life of the process, pointed at the stream it stands for: CPython's print()
+# holds sys.stdout as a borrowed reference across its writes, so a router freed as the last quiet block put the
+# stream back crashed another thread's print (SIGSEGV, or "'str' object has no attribute 'write'" from the
+# freed memory's next owner); one router per stream seen kept every captured StringIO alive
+_ROUTERS = {"stdout": _Routed(None), "stderr": _Routed(None)}
 
 
-def _router(stream: Any) -> _Routed:
-    return _routers.setdefault(id(stream), _Routed(stream))   # holds the stream: its id stays its own
+def _router(name: str) -> _Routed:
+    router, current = _ROUTERS[name], getattr(sys, name)
+    if current is not router:   # still in place (someone replaced it back meanwhile): it writes to its stream
+        router.stream = current
+    return router
 
 
 def _route() -> tuple:
@@ -375,7 +379,7 @@ def _route() -> tuple:
     for h in handlers:
         h.addFilter(_RECORDS)
     saved = (sys.stdout, sys.stderr, show, routed_warning, handlers)
-    sys.stdout, sys.stderr, warnings.showwarning = _router(sys.stdout), _router(sys.stderr), routed_warning
+    sys.stdout, sys.stderr, warnings.showwarning = _router("stdout"), _router("stderr"), routed_warning
     # a caller's `error` filter made the exporter's FutureWarning an export failure; `default` marked a
     # warning seen here as shown, so the caller never saw it
     _set_filters(warnings.filters[:], True)
