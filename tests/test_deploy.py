@@ -4,6 +4,7 @@ the artifact.json manifest (tamper check) and in-graph post-processing."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import os
 import logging
 import shutil
@@ -123,10 +124,17 @@ def test_thresholds_normalise_to_one_half_per_category_and_global():
     assert thr.validation == {"a": 30, "b": 25}
     with pytest.raises(UadcError, match="unknown category"):
         thr.get("c")
-    # one validation normal (low == high): the normalised score was a step, 0 or 1, around the threshold
+    # one validation normal (low == high): the normalised score was a step, 0 or 1, around the threshold, also
+    # where the threshold is the normal's own value plus a hair (no spread to borrow)
     from uadc.core.manifest import Threshold
-    one = Threshold(value=1.2, low=0.6, high=0.6, quantile=1.0, n=1)
-    assert one.normalize([0.6, 0.9, 1.2, 1.5, 1.8]).tolist() == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    from uadc.evaluation.thresholds import threshold_of
+    one = threshold_of(np.array([0.3585324]), 0.01, True)
+    assert one.n == 1 and one.span == pytest.approx(abs(one.value))
+    v = one.value
+    assert one.normalize([0.4 * v, 0.75 * v, v, 1.25 * v, 2 * v]).tolist() == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+    old = Threshold.from_dict({k: x for k, x in asdict(one).items() if k != "span"})   # an artifact from before
+    assert old.span is None and old.normalize([0.99 * v, 1.01 * v]).tolist() == [0.0, 1.0]   # as its graph does
+    assert Threshold.from_dict(asdict(one)) == one
 
 
 def test_decision_rates_and_mask_overlap():

@@ -58,6 +58,13 @@ def _whole(x: Any, what: str, low: int = 0) -> int:
     return x
 
 
+def normal_span(value: float, low: float, high: float) -> float:
+    """What a normalised score's [0, 1] spans: the validation values' range; with one value (or all equal),
+    the threshold's own size, so that half the threshold is 0, the threshold 0.5 and 1.5 times it 1 (a
+    span of 0 made the score a step, 0 or 1, for every category of one validation normal)."""
+    return high - low if high > low else max(abs(value), _EPS)
+
+
 @dataclass(frozen=True)
 class Threshold:
     """One operating threshold (raw model units) and its min-max normalisation (anomalib's
@@ -69,17 +76,14 @@ class Threshold:
     high: float             # largest validation value
     quantile: float         # quantile level of the validation values that gave ``value``
     n: int                  # validation values it rests on (images, or pixels)
+    span: float | None = None   # what [0, 1] spans (normal_span); None: an artifact of before it, high - low
 
-    @property
-    def span(self) -> float:
-        """What [0, 1] spans: ``high - low``; with one validation value (low == high), twice its distance
-        to the threshold, so that it is 0 and the threshold 0.5 (a span of 1e-12 made the normalised
-        score a step, 0 or 1)."""
-        width = self.high - self.low
-        return width if width > _EPS else max(2 * (self.value - self.low), _EPS)
+    def scale(self) -> float:
+        """The normalisation's span, as this artifact's graph (``pred_score``) was built with it."""
+        return self.span if self.span is not None else max(self.high - self.low, _EPS)
 
     def normalize(self, x: Any) -> np.ndarray:
-        return np.clip((np.asarray(x, np.float32) - self.value) / self.span + 0.5, 0.0, 1.0).astype(np.float32)
+        return np.clip((np.asarray(x, np.float32) - self.value) / self.scale() + 0.5, 0.0, 1.0).astype(np.float32)
 
     def decide(self, x: Any) -> np.ndarray:
         """True where ``x`` (raw) is at or above the threshold (a defect)."""
@@ -88,7 +92,8 @@ class Threshold:
     @classmethod
     def from_dict(cls, d: dict) -> "Threshold":
         t = cls(*(_finite(d[k], f"threshold {k}") for k in ("value", "low", "high")),
-                _in(d["quantile"], "threshold quantile", 0, 1), _whole(d["n"], "threshold n"))
+                _in(d["quantile"], "threshold quantile", 0, 1), _whole(d["n"], "threshold n"),
+                None if d.get("span") is None else _finite(d["span"], "threshold span", positive=True))
         if t.low > t.high:
             raise ValueError(f"threshold low {t.low!r} is above its high {t.high!r}")
         return t

@@ -38,7 +38,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
-from uadc.core.manifest import GLOBAL, CategoryThresholds, Threshold, Thresholds
+from uadc.core.manifest import GLOBAL, CategoryThresholds, Threshold, Thresholds, normal_span
 
 CONFIDENCE = 0.95
 ESTIMATOR = ("one-sided 95% upper confidence bound of the (1 - false_alarm_rate) quantile of validation normals: "
@@ -170,7 +170,9 @@ def _pooled_pixels(maps: list[np.ndarray]) -> np.ndarray:
 def threshold_of(values: np.ndarray, far: float, margin: bool, spread: PooledSpread | None = None) -> Threshold:
     v = np.asarray(values, np.float32).ravel()
     value, level = quantile_threshold(v, far, margin, spread)
-    return Threshold(value=value, low=_f32(v.min()), high=_f32(v.max()), quantile=round(level, 6), n=int(v.size))
+    low, high = _f32(v.min()), _f32(v.max())
+    return Threshold(value=value, low=low, high=high, quantile=round(level, 6), n=int(v.size),
+                     span=normal_span(value, low, high))
 
 
 @_own_numpy_errors

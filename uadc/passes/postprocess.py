@@ -10,7 +10,7 @@ initializer is optional), so a runtime that feeds only ``image`` gets the global
 Polygraphy's ``run --onnxrt`` works on the file as is.
 
 - ``pred_score`` (N,) float32: ``clip((score - t) / span + 0.5, 0, 1)`` (threshold -> 0.5; span: high - low,
-  ``Threshold.span``)
+  ``Threshold.scale()``)
 - ``pred_label`` (N,) bool: ``score >= t``
 - ``pred_mask`` (N,1,H,W) bool: ``anomaly_map >= t_pixel``
 """
@@ -32,7 +32,7 @@ def _table(thr: Thresholds, categories: list[str]) -> dict[str, np.ndarray]:
     rows = [thr.get(c) for c in categories] + [thr.global_]
     f = lambda xs: np.asarray(xs, np.float32)  # noqa: E731
     return {"img_thr": f([r.image.value for r in rows]),
-            "img_span": f([r.image.span for r in rows]),
+            "img_span": f([r.image.scale() for r in rows]),
             "pix_thr": f([r.pixel.value for r in rows])}
 
 
