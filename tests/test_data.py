@@ -423,10 +423,13 @@ def test_masks_that_vanish_at_the_working_size_are_said(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="uadc"):
         validate_test_masks(ImageDataset([_mask_of(tmp_path, Image.fromarray(dot), size=(384, 256))], 32, *NORM))
     assert "no defect mask marks a pixel" not in caplog.text and "stretched" not in caplog.text   # 1.5:1
-    strip = np.zeros((20, 300), np.uint8)                  # a 300x20 strip: stretched 7.5 times to a square, unsaid
+    strip = np.zeros((20, 300), np.uint8)                  # a 300x20 strip: squeezed 15 times more one way, unsaid
     strip[5:15, 100:109] = 255
+    (tmp_path / "sq").mkdir()
+    square = _mask_of(tmp_path / "sq", Image.fromarray(dot), size=(384, 256))   # first, and near square
     with caplog.at_level("WARNING", logger="uadc"):
-        validate_test_masks(ImageDataset([_mask_of(tmp_path, Image.fromarray(strip), size=(300, 20))], 32, *NORM))
+        validate_test_masks(ImageDataset([square, _mask_of(tmp_path, Image.fromarray(strip), size=(300, 20))], 32,
+                                         *NORM))
     assert "category 'c': its images are 300x20, resized to 32x32 (stretched, the aspect ratio not kept): a defect " \
            "is squeezed 15.0 times more along the long side than across" in caplog.text
 

@@ -351,9 +351,9 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
 
     # Options the QAT model makes moot were accepted and ignored (and --quantize written into the report)
     for extra, said in ((["--quantize", "teacher"], "the QAT model quantizes student, not teacher"),
-                        (["--calibrator", "mse"], "calibrator (--calibrator) do not apply"),
-                        (["--per-tensor", "--calib-samples", "4"], "calib_samples (--calib-samples), per_channel "
-                                                                   "(--per-channel / --per-tensor) do not apply")):
+                        (["--calibrator", "mse"], "own scales, so these do not apply: --calibrator / calibrator"),
+                        (["--per-tensor", "--calib-samples", "4"], "do not apply: --calib-samples / calib_samples; "
+                                                                   "--per-channel, --per-tensor / per_channel")):
         res = CliRunner().invoke(main, ["compile", str(path), "--target", TARGET, "--from-qat", "--artifacts", str(art),
                                         "--out", str(tmp_path / "moot"), *extra])
         assert res.exit_code == 2 and said in res.output, res.output

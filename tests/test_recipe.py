@@ -615,6 +615,15 @@ def test_yaml_files_as_editors_and_yaml_write_them(tmp_path):
     j.write_text(json.dumps(SRC, indent="\t")[:-1] + ',\n\t"data": {}}')
     with pytest.raises(UadcError, match="not valid JSON: key 'data' appears twice in one object"):
         load_recipe(j)
+    j.write_text(json.dumps({**SRC, **{f"k{i}": i for i in range(50000)}}, indent="\t"))   # pairwise: a minute
+    with pytest.raises(UadcError, match="k0: unknown key"):
+        load_recipe(j)
+    j.write_text(json.dumps({"seed": int("9" * 200), **SRC}, indent="\t"))
+    with pytest.raises(UadcError, match="an integer of 200 characters is too long"):
+        load_recipe(j)
+    p.write_bytes(b"\xff\xfe\x00\x81" * 64)   # binary that starts like a UTF-16 byte-order mark
+    with pytest.raises(UadcError, match=r"r.yaml: not a text file$"):
+        load_recipe(p)
     j.write_text(json.dumps(SRC))
     assert load_recipe(j).name == shown_recipe(str(j)).name == "r"
     p.write_bytes(("# café\n" + base).encode("utf-16"))

@@ -453,6 +453,14 @@ def test_a_new_run_into_an_out_folder_removes_the_overlays_of_the_tables_it_repl
     (out / "predictions.jsonl").write_text("")
     predict_paths(det, [test / "good"], out=out, overlays=True)
     assert orphan.is_file()
+    # ... but not one reached through a linked folder (an archive of earlier overlays): refused as before
+    import shutil
+    archive = tmp_path / "archive"
+    shutil.move(str(orphan.parent), archive)
+    orphan.parent.symlink_to(archive, target_is_directory=True)
+    (out / "predictions.jsonl").write_text("")
+    with pytest.raises(UadcError, match="was not written by uadc predict"):
+        predict_paths(det, [test / "good"], out=out, overlays=True)
 
 
 def test_a_run_stopped_half_way_leaves_the_out_folder_as_it_was(int8_artifact, tiny_data, tmp_path, monkeypatch):

@@ -282,6 +282,17 @@ def test_a_rerun_reusing_every_cell_of_another_grid_redraws_the_plot(tiny, tmp_p
     finally:
         table_module.write_pareto_png = real
     assert CliRunner().invoke(main, args).exit_code == 0 and (out / "pareto.png").read_bytes() != png
+    # a plot that fails: the tables are still written (drawn first, it took them along), the stale plot removed
+    (out / "sweep.json").unlink()
+
+    def broken(*a, **k):
+        raise RuntimeError("matplotlib")
+    table_module.write_pareto_png = broken
+    try:
+        assert CliRunner().invoke(main, args).exit_code != 0
+    finally:
+        table_module.write_pareto_png = real
+    assert (out / "sweep.json").is_file() and not (out / "pareto.png").exists()
     # nothing to plot (no evaluation): the last run's plot of other cells stayed beside the new table
     sweep = _sweep_file(tmp_path, recipe, axes={"target": ["ort-cpu-fp32"]}, run={"latency_runs": 2, "evaluate": False})
     res = CliRunner().invoke(main, ["-q", "sweep", str(sweep), "--sequential", "--artifacts", str(d / "art"),

@@ -558,11 +558,11 @@ CASES: list[Case] = [
     Case("opt-calibrator-unknown", COMPILE("--no-eval", "--target", "ort-cpu-int8", "--calibrator", "bogus",
                                            "--out", "o"), msg="unknown calibrator"),
     Case("opt-calibrator-on-fp32", COMPILE("--no-eval", "--target", "ort-cpu-fp32", "--calibrator", "entropy",
-                                           "--out", "o"), msg="quantization options do not apply (calibrator (--calibrator))"),
+                                           "--out", "o"), msg="quantization options do not apply: --calibrator / calibrator"),
     Case("opt-quantize-on-fp32", COMPILE("--no-eval", "--target", "ort-cpu-fp32", "--quantize", "student,teacher",
                                          "--per-tensor", "--out", "o"),     # silently ignored before
-         msg="ort-cpu-fp32 is fp32: quantization options do not apply (quantize (--quantize), per_channel "
-             "(--per-channel / --per-tensor))"),
+         msg="ort-cpu-fp32 is fp32, so quantization options do not apply: --quantize / quantize; "
+             "--per-channel, --per-tensor / per_channel"),
     Case("opt-from-qat-on-fp32", COMPILE("--no-eval", "--target", "ort-cpu-fp32", "--from-qat", "--out", "o"),
          msg="QAT needs an int8 target"),
     Case("opt-quantize-twice", COMPILE("--no-eval", "--target", "ort-cpu-int8", "--quantize", "student,student",

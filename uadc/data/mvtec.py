@@ -303,12 +303,13 @@ def validate_test_masks(ds: ImageDataset) -> None:
     the working size is legitimate (its image still counts for image AUROC)."""
     most: dict[tuple[str, str], list[int]] = {}
     seen: dict[str, bool] = {}   # category -> a mask marks a pixel at the working size
-    shape: dict[str, tuple[int, int]] = {}   # category -> its first image's size
+    shape: dict[str, tuple[int, int]] = {}   # category -> its most stretched image's size
     for s in ds.samples:
+        with open_image(s.path) as im:
+            w, h = im.size
+        if max(w, h) * min(*shape.get(s.category, (1, 1))) > max(*shape.get(s.category, (1, 1))) * min(w, h):
+            shape[s.category] = (w, h)
         load_image(s.path, ds.size)  # an unreadable test image fails here, not after training
-        if s.category not in shape:
-            with open_image(s.path) as im:
-                shape[s.category] = im.size
         if s.mask_path is None:
             continue
         marked = _mask_pixels(s)

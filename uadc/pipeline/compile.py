@@ -252,12 +252,12 @@ def _check_options(target: Target, ptq: PtqSettings, opts: CompileOptions) -> No
     if target.quantized and opts.qat_model is None and ptq.calibrator not in available_calibrators():
         raise UadcError(f"unknown calibrator {short(ptq.calibrator)}; expected one of {', '.join(available_calibrators())}")
     # named as the API and the command line name them: `--per-tensor` was said "per_channel"
-    given = {"calibrator (--calibrator)": opts.calibrator, "calib_data (--calib-data)": opts.calib_data,
-             "calib_samples (--calib-samples)": opts.calib_samples, "calibration (--calib-data)": opts.calibration,
-             "quantize (--quantize)": opts.quantize, "per_channel (--per-channel / --per-tensor)": opts.per_channel}
+    given = {"--calibrator / calibrator": opts.calibrator, "calib_data": opts.calib_data,
+             "--calib-samples / calib_samples": opts.calib_samples, "--calib-data / calibration": opts.calibration,
+             "--quantize / quantize": opts.quantize, "--per-channel, --per-tensor / per_channel": opts.per_channel}
     if not target.quantized and any(v is not None for v in given.values()):
-        named = ", ".join(k for k, v in given.items() if v is not None)
-        raise UadcError(f"target {target.name} is {target.precision}: quantization options do not apply ({named})")
+        named = "; ".join(k for k, v in given.items() if v is not None)
+        raise UadcError(f"target {target.name} is {target.precision}, so quantization options do not apply: {named}")
     if opts.build_engine and target.runtime != "tensorrt":
         raise UadcError(f"--build-engine builds a TensorRT engine; target {target.name} runs on {target.runtime}")
     if opts.qat_model is not None:
@@ -284,9 +284,9 @@ def _check_qat_options(target: Target, opts: CompileOptions, given: dict, recipe
     made_for = json.loads({p.key: p.value for p in opts.qat_model.metadata_props}.get(QAT_METADATA, "{}")).get("target")
     if made_for not in (None, target.name):
         raise UadcError(f"qat_model: fine-tuned for {made_for}, not {target.name}: run `uadc qat --target {target.name}`")
-    ignored = [k for k, v in given.items() if v is not None and not k.startswith("quantize")]
+    ignored = [k for k, v in given.items() if v is not None and not k.startswith("--quantize")]
     if ignored:
-        raise UadcError(f"--from-qat: the QAT model carries its own scales; {', '.join(ignored)} do not apply")
+        raise UadcError(f"--from-qat: the QAT model carries its own scales, so these do not apply: {'; '.join(ignored)}")
     if opts.quantize is not None and sorted(opts.quantize) != _qat_partitions(opts.qat_model):
         raise UadcError(f"--from-qat: the QAT model quantizes {', '.join(_qat_partitions(opts.qat_model)) or 'nothing'}, "
                         f"not {', '.join(opts.quantize)}")

@@ -273,17 +273,17 @@ def _check_inputs_outside_overlays(out: Path, files: list[Path]) -> None:
 
 
 def _check_overlays_free(out: Path, names: dict[Path, Path]) -> None:
-    """An overlay this run would write where a file lies that the replaced tables do not name is a
-    user's file (or another tool's), and one whose folder this user cannot change would fail once
+    """An overlay this run would write where a file lies that the replaced tables do not name and that
+    carries no uadc mark (inside ``overlays/``) is a user's file (or another tool's), and one whose folder this user cannot change would fail once
     the others moved in: both refused before any image runs."""
-    ours = _named_overlays(out)
+    ours, root = _named_overlays(out), (out / OVERLAYS_DIR).resolve()
     for name in names.values():
         rel = Path(OVERLAYS_DIR) / name
         p = out / rel
         # one marked as uadc's that the tables do not name: a run killed while its overlays moved in (its
         # tables not yet written), whose rerun was refused until the folder was cleaned by hand
         if (p.exists() or p.is_symlink()) and rel.as_posix() not in ours and not (
-                p.is_file() and not p.is_symlink() and _ours(p)):
+                p.is_file() and not p.is_symlink() and root in p.resolve().parents and _ours(p)):
             raise UadcError(f"{p} exists and was not written by uadc predict; choose another --out "
                             f"(nothing was changed)")
     _check_folders_writable({(out / OVERLAYS_DIR / name).parent for name in names.values()}, "write overlays into")

@@ -97,15 +97,24 @@ def write_table(plan: Plan, records: list[dict], out: Path) -> dict:
     plot = not (out / "pareto.png").is_file() or _previous(files["json"]) != to_json(doc)
     # the plot before sweep.json, which says whether it is current: a run stopped while it was drawn
     # (a second) had written the new sweep.json, and the rerun kept the plot of the grid before
-    png = write_pareto_png(rows, front, out / "pareto.png", plan.name) if plot else out / "pareto.png"
+    try:
+        png = write_pareto_png(rows, front, out / "pareto.png", plan.name) if plot else out / "pareto.png"
+    except Exception:   # the plot failed (matplotlib, the disk): the tables still, no stale plot beside them
+        (out / "pareto.png").unlink(missing_ok=True)
+        _write_tables(files, doc, md, rows)
+        raise
     if png:
         files["pareto"] = png
     elif plot:   # nothing to plot now (no AUROC, every cell failed): the last run's plot showed other cells
         (out / "pareto.png").unlink(missing_ok=True)
+    _write_tables(files, doc, md, rows)
+    return {"rows": rows, "best": best, "pareto": front, "files": files, "markdown": md}
+
+
+def _write_tables(files: dict[str, Path], doc: dict, md: str, rows: list[dict]) -> None:
     atomic_write_json(files["json"], doc)
     atomic_write_text(files["markdown"], md + "\n")
     atomic_write_text(files["csv"], _csv(rows))
-    return {"rows": rows, "best": best, "pareto": front, "files": files, "markdown": md}
 
 
 def _previous(path: Path) -> str | None:
