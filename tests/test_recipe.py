@@ -514,6 +514,7 @@ def test_a_recipe_that_cannot_be_read_is_one_line(recipe_factory, monkeypatch):
     def refused(self, *a, **k):
         raise PermissionError(13, "Permission denied", str(self))
     monkeypatch.setattr(Path, "read_text", refused)   # as root, chmod 000 would not stop the read
+    monkeypatch.setattr(Path, "read_bytes", refused)
     with pytest.raises(UadcError, match=rf"^{recipe}: cannot read the recipe: Permission denied$"):
         load_recipe(recipe)
 
