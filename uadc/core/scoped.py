@@ -51,8 +51,7 @@ def start_method_kept() -> Iterator[None]:
     try:
         yield
     finally:
-        if unset:
-            mpc._default_context._actual_context = None
+        mpc._default_context._actual_context = None if unset else mpc._default_context._actual_context
 
 
 @contextlib.contextmanager
@@ -86,9 +85,8 @@ def torch_threads(threads: int | None) -> Iterator[int]:
     import torch
 
     threads = check_threads(threads)
-    # the count is the thread's, but each set_num_threads is also what threads started later get: two calls
-    # in worker threads restoring their own counts in turn left a pool's new threads at the other's 1, so the
-    # first block in keeps that default and the last one out puts it back, as for the default dtype
+    # the count is the thread's, and each set also what threads started later get (two calls in worker threads
+    # left a pool's new threads at one's 1): the first block in keeps that, the last one out puts it back
     with _shared_state("threads", lambda: _in_new_thread(torch.get_num_threads),
                        lambda n: _in_new_thread(lambda: torch.set_num_threads(n))):
         before = torch.get_num_threads()
@@ -105,8 +103,7 @@ def torch_threads(threads: int | None) -> Iterator[int]:
 def _in_new_thread(call: Callable[[], Any]) -> Any:
     """``call()`` in a thread of its own (torch's thread count as a new thread sees it, or sets it)."""
     out: list = []
-    t = threading.Thread(target=lambda: out.append(call()), name="uadc-threads", daemon=True)
-    t.start()
+    (t := threading.Thread(target=lambda: out.append(call()), name="uadc-threads", daemon=True)).start()
     t.join()
     return out[0] if out else None
 
@@ -350,18 +347,15 @@ class _QuietRecords(logging.Filter):
 
 
 _RECORDS = _QuietRecords()
-# one router per stream for the life of the process, pointed at the stream it stands for: CPython's print()
-# holds sys.stdout as a borrowed reference across its writes, so a router freed as the last quiet block put the
-# stream back crashed another thread's print (SIGSEGV, or "'str' object has no attribute 'write'" from the
-# freed memory's next owner); one router per stream seen kept every captured StringIO alive
+# one router per stream for the life of the process, re-pointed: print() holds sys.stdout as a borrowed
+# reference across its writes, and a router freed as the last quiet block ended crashed another thread's print
 _ROUTERS = {"stdout": _Routed(None), "stderr": _Routed(None)}
 
 
 def _router(name: str) -> _Routed:
-    router, current = _ROUTERS[name], getattr(sys, name)
-    if current is not router:   # still in place (someone replaced it back meanwhile): it writes to its stream
-        router.stream = current
-    return router
+    if (current := getattr(sys, name)) is not _ROUTERS[name]:   # still in place: it writes to its stream
+        _ROUTERS[name].stream = current
+    return _ROUTERS[name]
 
 
 def _route() -> tuple:
