@@ -1279,7 +1279,7 @@ def test_uadc_verify_docstring_without_torch_is_the_packages():
     assert p.returncode == 0, p.stderr[-800:]
 
 
-def test_a_print_in_another_thread_survives_quiet_blocks_ending(tmp_path):
+def test_a_print_in_another_thread_survives_quiet_blocks_ending(tmp_path, monkeypatch):
     """CPython's print() holds sys.stdout as a borrowed reference across its writes: the router a quiet block
     put there was freed as the last block ended, and an app thread printing meanwhile crashed the process
     (SIGSEGV, or "'str' object has no attribute 'write'" from the freed memory's next owner); so did the
@@ -1317,9 +1317,19 @@ def test_a_print_in_another_thread_survives_quiet_blocks_ending(tmp_path):
     import contextlib
     import io
 
+    import logging
+
     from uadc.core import scoped
+    with scoped.quiet_third_party():
+        handler = logging.StreamHandler()   # a library's, made in a block: it keeps the stream of then
     for _ in range(3):   # each capture's stream was kept for good
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(buf := io.StringIO()):
             with scoped.quiet_third_party():
                 pass
-    assert all(r.stream is not None for r in scoped._ROUTERS.values()) and len(scoped._ROUTERS) == 2
+        assert handler.stream.stream is not buf   # one router re-pointed sent it into the app's capture
+    later = scoped.time.monotonic() + 61
+    monkeypatch.setattr(scoped.time, "monotonic", lambda: later)
+    with scoped.quiet_third_party():
+        pass
+    assert buf not in [entry[0].stream for entry in scoped._routers.values()]   # put back a minute ago: gone
+    assert handler.stream in [entry[0] for entry in scoped._routers.values()]   # held by the handler: kept

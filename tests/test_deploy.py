@@ -135,6 +135,8 @@ def test_thresholds_normalise_to_one_half_per_category_and_global():
     old = Threshold.from_dict({k: x for k, x in asdict(one).items() if k != "span"})   # an artifact from before
     assert old.span is None and old.normalize([0.99 * v, 1.01 * v]).tolist() == [0.0, 1.0]   # as its graph does
     assert Threshold.from_dict(asdict(one)) == one
+    close = threshold_of(np.array([0.9, np.nextafter(np.float32(0.9), np.float32(1))], np.float32), 0.01, True)
+    assert close.span == pytest.approx(abs(close.value))   # a float step apart: no spread either
 
 
 def test_decision_rates_and_mask_overlap():

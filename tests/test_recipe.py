@@ -629,6 +629,8 @@ def test_yaml_files_as_editors_and_yaml_write_them(tmp_path):
     assert load_recipe(j).name == shown_recipe(str(j)).name == "r"
     p.write_bytes(("# café\n" + base).encode("utf-16"))
     assert "\n# café\ndata:\n" in shown_recipe(str(p)).shown_text()
+    p.write_bytes(("# " + "設定" * 140 + "\n" + base).encode("utf-16"))   # mostly not ASCII, still a recipe
+    assert load_recipe(p).name == "r"
 
 
 def _written(path, text):

@@ -198,7 +198,7 @@ def json_output(f):
         if not as_json:
             sys.exit(getattr(f(*args, **kwargs), "exit_code", 0))
         from uadc.core.io import to_json
-        from uadc.core.scoped import stdout_to_stderr
+        from uadc.core.process import stdout_to_stderr
         with _errors_as_json(sys.stdout), path_errors_named(), stdout_to_stderr(), \
                 dependencies_checked():   # the document once fd 1 is stdout
             res = f(*args, **kwargs)

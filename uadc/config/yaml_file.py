@@ -130,7 +130,7 @@ def yaml_text(path: Path) -> str:
     if wide is None:
         return data.decode("utf-8")
     text = data.decode(wide)
-    if 2 * sum(c < "\x80" for c in text) < len(text):   # a recipe's keys are ASCII: binary that starts like a BOM
+    if ":" not in text or any(c < " " and c not in "\t\n\r" for c in text):   # binary that starts like a BOM
         raise UnicodeDecodeError(wide, data, 0, len(data), "binary")
     return text
 

@@ -172,6 +172,30 @@ def stdout_failures_as_errors() -> Iterator[None]:
             raise guard.failed
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator:
+    """For --json: while the command runs, everything bound for stdout (our text, third-party
+    prints, C-level writes to fd 1) goes to stderr; yields the real stdout for the one document."""
+    real = sys.stdout
+    real.flush()
+    try:
+        fd = real.fileno()
+    except (AttributeError, OSError, ValueError):   # not a real file (click's test runner)
+        fd = None
+    saved = os.dup(fd) if fd is not None else None
+    if saved is not None:
+        os.dup2(sys.stderr.fileno(), fd)
+    sys.stdout = sys.stderr
+    try:
+        yield real
+    finally:
+        sys.stdout = real
+        if saved is not None:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
 class _AltStack(ctypes.Structure):   # Linux's stack_t
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 

@@ -9,6 +9,7 @@ import numbers
 import os
 import sys
 import threading
+import time
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -347,15 +348,22 @@ class _QuietRecords(logging.Filter):
 
 
 _RECORDS = _QuietRecords()
-# one router per stream for the life of the process, re-pointed: print() holds sys.stdout as a borrowed
-# reference across its writes, and a router freed as the last quiet block ended crashed another thread's print
-_ROUTERS = {"stdout": _Routed(None), "stderr": _Routed(None)}
+# a router per stream, kept: print() holds sys.stdout as a borrowed reference across its writes, and a router
+# freed as the last quiet block ended crashed another thread's print. One that nothing else holds (a handler
+# made in a block holds its own) goes a minute after it was put back, with the stream it held.
+_routers: dict[int, list] = {}   # id(stream) -> [its router, when it was put back (0: in place)]
 
 
-def _router(name: str) -> _Routed:
-    if (current := getattr(sys, name)) is not _ROUTERS[name]:   # still in place: it writes to its stream
-        _ROUTERS[name].stream = current
-    return _ROUTERS[name]
+def _router(stream: Any) -> Any:
+    now = time.monotonic()
+    for key, entry in list(_routers.items()):
+        if entry[1] and now - entry[1] > 60 and sys.getrefcount(entry[0]) <= 2:
+            del _routers[key]
+    if isinstance(stream, _Routed):
+        return stream
+    entry = _routers.setdefault(id(stream), [_Routed(stream), 0.0])   # it holds the stream: the id stays its own
+    entry[1] = 0.0
+    return entry[0]
 
 
 def _route() -> tuple:
@@ -373,7 +381,7 @@ def _route() -> tuple:
     for h in handlers:
         h.addFilter(_RECORDS)
     saved = (sys.stdout, sys.stderr, show, routed_warning, handlers)
-    sys.stdout, sys.stderr, warnings.showwarning = _router("stdout"), _router("stderr"), routed_warning
+    sys.stdout, sys.stderr, warnings.showwarning = _router(sys.stdout), _router(sys.stderr), routed_warning
     # a caller's `error` filter made the exporter's FutureWarning an export failure; `default` marked a
     # warning seen here as shown, so the caller never saw it
     _set_filters(warnings.filters[:], True)
@@ -382,6 +390,9 @@ def _route() -> tuple:
 
 def _unroute(saved: tuple) -> None:
     out, err, show, routed_warning, handlers = saved
+    for entry in (_routers.get(id(out)), _routers.get(id(err))):
+        if entry is not None:
+            entry[1] = time.monotonic()
     if isinstance(sys.stdout, _Routed):   # unless someone replaced it meanwhile
         sys.stdout = out
     if isinstance(sys.stderr, _Routed):
@@ -437,30 +448,6 @@ def default_threads() -> int:
 
 def stderr_is_terminal() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
-
-
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator:
-    """For --json: while the command runs, everything bound for stdout (our text, third-party
-    prints, C-level writes to fd 1) goes to stderr; yields the real stdout for the one document."""
-    real = sys.stdout
-    real.flush()
-    try:
-        fd = real.fileno()
-    except (AttributeError, OSError, ValueError):   # not a real file (click's test runner)
-        fd = None
-    saved = os.dup(fd) if fd is not None else None
-    if saved is not None:
-        os.dup2(sys.stderr.fileno(), fd)
-    sys.stdout = sys.stderr
-    try:
-        yield real
-    finally:
-        sys.stdout = real
-        if saved is not None:
-            sys.stderr.flush()
-            os.dup2(saved, fd)
-            os.close(saved)
 
 
 @contextlib.contextmanager

@@ -305,7 +305,7 @@ def validate_test_masks(ds: ImageDataset) -> None:
     seen: dict[str, bool] = {}   # category -> a mask marks a pixel at the working size
     shape: dict[str, tuple[int, int]] = {}   # category -> its most stretched image's size
     for s in ds.samples:
-        with open_image(s.path) as im:
+        with Image.open(s.path) as im:   # its header: the ratio is the same turned upright
             w, h = im.size
         if max(w, h) * min(*shape.get(s.category, (1, 1))) > max(*shape.get(s.category, (1, 1))) * min(w, h):
             shape[s.category] = (w, h)

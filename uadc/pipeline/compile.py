@@ -252,8 +252,8 @@ def _check_options(target: Target, ptq: PtqSettings, opts: CompileOptions) -> No
     if target.quantized and opts.qat_model is None and ptq.calibrator not in available_calibrators():
         raise UadcError(f"unknown calibrator {short(ptq.calibrator)}; expected one of {', '.join(available_calibrators())}")
     # named as the API and the command line name them: `--per-tensor` was said "per_channel"
-    given = {"--calibrator / calibrator": opts.calibrator, "calib_data": opts.calib_data,
-             "--calib-samples / calib_samples": opts.calib_samples, "--calib-data / calibration": opts.calibration,
+    given = {"--calibrator / calibrator": opts.calibrator, "--calib-data / calibration": opts.calib_data,
+             "--calib-samples / calib_samples": opts.calib_samples, "calibration (images)": opts.calibration,
              "--quantize / quantize": opts.quantize, "--per-channel, --per-tensor / per_channel": opts.per_channel}
     if not target.quantized and any(v is not None for v in given.values()):
         named = "; ".join(k for k, v in given.items() if v is not None)
