@@ -631,6 +631,9 @@ def test_yaml_files_as_editors_and_yaml_write_them(tmp_path):
     assert "\n# café\ndata:\n" in shown_recipe(str(p)).shown_text()
     p.write_bytes(("# " + "設定" * 140 + "\n" + base).encode("utf-16"))   # mostly not ASCII, still a recipe
     assert load_recipe(p).name == "r"
+    p.write_bytes("# 設定だけ".encode("utf-16"))   # comments only: what an empty recipe is told
+    with pytest.raises(UadcError, match="data: required"):
+        load_recipe(p)
 
 
 def _written(path, text):

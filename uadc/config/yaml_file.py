@@ -130,8 +130,8 @@ def yaml_text(path: Path) -> str:
     if wide is None:
         return data.decode("utf-8")
     text = data.decode(wide)
-    if ":" not in text or any(c < " " and c not in "\t\n\r" for c in text):   # binary that starts like a BOM
-        raise UnicodeDecodeError(wide, data, 0, len(data), "binary")
+    if any(c < " " and c not in "\t\n\r\x0c" for c in text) or (text.strip() and not any(c in text for c in ":#\n")):
+        raise UnicodeDecodeError(wide, data, 0, len(data), "binary")   # binary that starts like a BOM
     return text
 
 

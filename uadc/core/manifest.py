@@ -62,8 +62,9 @@ def normal_span(value: float, low: float, high: float) -> float:
     """What a normalised score's [0, 1] spans: the validation values' range; with one value (or all equal),
     the threshold's own size, so that half the threshold is 0, the threshold 0.5 and 1.5 times it 1 (a
     span of 0 made the score a step, 0 or 1, for every category of one validation normal)."""
-    width = high - low   # normals a float step apart are no spread either
-    return width if width > 1e-6 * max(abs(value), abs(high)) else max(abs(value), _EPS)
+    size = max(abs(value), abs(low), abs(high))
+    width = high - low   # normals a few float32 steps apart are no spread either
+    return width if width > max(5e-7 * size, _EPS) else max(size, _EPS)
 
 
 @dataclass(frozen=True)

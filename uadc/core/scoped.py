@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
@@ -352,12 +353,14 @@ _RECORDS = _QuietRecords()
 # freed as the last quiet block ended crashed another thread's print. One that nothing else holds (a handler
 # made in a block holds its own) goes a minute after it was put back, with the stream it held.
 _routers: dict[int, list] = {}   # id(stream) -> [its router, when it was put back (0: in place)]
+_put_back: collections.deque = collections.deque()   # (when, id(stream)), oldest first: no scan of every router
 
 
 def _router(stream: Any) -> Any:
-    now = time.monotonic()
-    for key, entry in list(_routers.items()):
-        if entry[1] and now - entry[1] > 60 and sys.getrefcount(entry[0]) <= 2:
+    while _put_back and time.monotonic() - _put_back[0][0] > 60:
+        when, key = _put_back.popleft()
+        entry = _routers.get(key)
+        if entry is not None and entry[1] == when and sys.getrefcount(entry[0]) <= 2:
             del _routers[key]
     if isinstance(stream, _Routed):
         return stream
@@ -390,9 +393,10 @@ def _route() -> tuple:
 
 def _unroute(saved: tuple) -> None:
     out, err, show, routed_warning, handlers = saved
-    for entry in (_routers.get(id(out)), _routers.get(id(err))):
-        if entry is not None:
-            entry[1] = time.monotonic()
+    for key in {id(out), id(err)}:
+        if key in _routers:
+            _routers[key][1] = now = time.monotonic()
+            _put_back.append((now, key))
     if isinstance(sys.stdout, _Routed):   # unless someone replaced it meanwhile
         sys.stdout = out
     if isinstance(sys.stderr, _Routed):

@@ -305,11 +305,11 @@ def validate_test_masks(ds: ImageDataset) -> None:
     seen: dict[str, bool] = {}   # category -> a mask marks a pixel at the working size
     shape: dict[str, tuple[int, int]] = {}   # category -> its most stretched image's size
     for s in ds.samples:
-        with Image.open(s.path) as im:   # its header: the ratio is the same turned upright
+        load_image(s.path, ds.size)  # an unreadable test image fails here, not after training
+        with Image.open(s.path, formats=READ_FORMATS) as im:   # its header: the ratio is the same turned upright
             w, h = im.size
         if max(w, h) * min(*shape.get(s.category, (1, 1))) > max(*shape.get(s.category, (1, 1))) * min(w, h):
             shape[s.category] = (w, h)
-        load_image(s.path, ds.size)  # an unreadable test image fails here, not after training
         if s.mask_path is None:
             continue
         marked = _mask_pixels(s)
