@@ -199,6 +199,9 @@ def test_the_model_given_is_the_model_judged(trained, tmp_path, tiny_data):
     via_baseline = uadc.evaluate(b, write=False)
     assert via_baseline.extra["checkpoint"] == str(ckpt) and via_baseline.mean == own.mean
     assert uadc.evaluate(ckpt, write=False).mean == own.mean                 # its own recipe, as compile reads it
+    by_model = uadc.evaluate(b.model, recipe, write=False)   # a KDModel's lacked the per-defect figures and the hash
+    assert by_model.defects and by_model.defects == own.defects and by_model.mean == own.mean
+    assert by_model.extra["recipe_hash"] == own.extra["recipe_hash"]
     imagenet = write_recipe(tmp_path / "imagenet.yaml", tiny_data, train={"epochs": 1, "threads": 1})
     imagenet.write_text(imagenet.read_text().replace("data:\n", "data:\n  normalization: imagenet\n"))
     for call in (lambda: uadc.baseline(b, imagenet), lambda: uadc.evaluate(b, imagenet),

@@ -84,6 +84,11 @@ def test_arrays(data: RecipeData, categories: list[str] | None = None) -> TestAr
     return {c: load_test_arrays(ds) for c, ds in data.tests.items() if not categories or c in categories}
 
 
+def defect_types(data: RecipeData, categories: list[str] | None = None) -> dict[str, list[str]]:
+    """Each test image's defect type, per category, in test_arrays' order: the per-defect figures."""
+    return {c: [x.defect for x in ds.samples] for c, ds in data.tests.items() if not categories or c in categories}
+
+
 def predict(predictor: Predictor, images: np.ndarray, batch_size: int, desc: str = "predict"
             ) -> tuple[np.ndarray, np.ndarray]:
     maps, scores = [], []
@@ -173,8 +178,8 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
         model, blob = load_checkpoint(ckpt, recipe)
         data = prepare_data(recipe)
         cats = judged_categories(blob, data.categories, ckpt)     # a one-class model: its own category
-        kinds = {c: [s.defect for s in ds.samples] for c, ds in data.tests.items() if c in cats}
-        result = evaluate(torch_predictor(model), test_arrays(data, cats), recipe.eval.batch_size, defects=kinds)
+        result = evaluate(torch_predictor(model), test_arrays(data, cats), recipe.eval.batch_size,
+                          defects=defect_types(data, cats))
     history = blob.get("history", [])
     one_class = bool(blob.get("one_class"))
     result.extra = {"checkpoint": str(Path(ckpt).absolute()),   # eval.json's bytes: not the working folder's
@@ -233,7 +238,7 @@ def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None, write: boo
             models[cat] = {"checkpoint": str(Path(path).absolute()), "checkpoint_sha256": blob.sha256,
                            "epochs": len(blob.get("history", []))}   # a partial retrain mixes models: visible here
             res = evaluate(torch_predictor(model), {cat: arr}, recipe.eval.batch_size,   # per defect, as eval.json's
-                           defects={cat: [x.defect for x in data.tests[cat].samples]})
+                           defects=defect_types(data, [cat]))
             per_cat[cat], counts[cat], defects[cat] = res.categories[cat], res.images[cat], res.defects[cat]
     s = metrics.summarize(per_cat)
     skipped = {"not_evaluated": data.not_evaluated} if data.not_evaluated else {}

@@ -112,19 +112,19 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
     if one_class:
         return evaluate_one_class(r, artifacts, write=write)
     if isinstance(model_or_artifact, KDModel):
-        from uadc.evaluation.run import test_arrays, torch_predictor
+        from uadc.evaluation.run import defect_types, test_arrays, torch_predictor
         from uadc.data.prepare import prepare_data
         model = as_recipe_model(on_cpu(model_or_artifact), r)   # the recipe's head, as a checkpoint's
         with torch_threads(r.train.threads):
             data = prepare_data(r)
-            res = _evaluate(torch_predictor(model), test_arrays(data), r.eval.batch_size)
-        if data.not_evaluated:   # as a checkpoint's or an artifact's figures say it
-            res.extra["not_evaluated"] = data.not_evaluated
+            res = _evaluate(torch_predictor(model), test_arrays(data), r.eval.batch_size, defects=defect_types(data))
+        res.extra = {"recipe_hash": r.hash,   # as a checkpoint's or an artifact's figures say it
+                     **({"not_evaluated": data.not_evaluated} if data.not_evaluated else {})}
         return res
     if _is_onnx(model_or_artifact):
         from uadc.backends.ort import make_session, ort_predictor
         from uadc.data.prepare import prepare_data
-        from uadc.evaluation.run import test_arrays
+        from uadc.evaluation.run import defect_types, test_arrays
         from uadc.export.onnx_export import check_whole_model, load_onnx
         model = _onnx_for(Path(model_or_artifact), r)
         check_whole_model(load_onnx(model), model)   # a --split partition: ONNX Runtime's traceback, exit 1
@@ -137,8 +137,7 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
         predictor = own(str(model)) if own else ort_predictor(session)
         data = prepare_data(r)   # per defect type, and which model was judged (the document said neither)
         _check_compiled_for(model, model_or_artifact, data.tests, r)
-        res = _evaluate(predictor, test_arrays(data), r.eval.batch_size,
-                        defects={c: [x.defect for x in ds.samples] for c, ds in data.tests.items()})
+        res = _evaluate(predictor, test_arrays(data), r.eval.batch_size, defects=defect_types(data))
         res.extra = {"model": str(Path(model).absolute()), "model_sha256": sha256_file(model),
                      "runtime": "openvino" if own else "onnxruntime", "recipe_hash": r.hash,
                      **({"not_evaluated": data.not_evaluated} if data.not_evaluated else {})}
