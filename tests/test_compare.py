@@ -191,6 +191,7 @@ def test_verify_and_eval_tables_print_no_negative_zero():
     close = {**metrics, "pixel_auroc": 0.9 + 2e-7}
     table = format_comparison(_Res(uni), _Res({"categories": {"a": close}, "mean": close}))
     assert "-0.0000" not in table and table.splitlines()[2].endswith("+0.0000")
+    assert table.splitlines()[-1] == "delta = unified - one-class: positive where the unified model scores higher"
 
 
 def test_a_tables_change_is_the_difference_of_the_figures_it_shows():

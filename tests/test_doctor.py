@@ -61,12 +61,24 @@ def test_every_target_reported_and_trt_is_bundle_only_without_tensorrt(fake_cpu,
     assert r.tensorrt is None and "test" in r.tensorrt_reason
 
 
-def test_trt_present_runs_gpu_targets_and_emulates_jetson_on_x86(fake_cpu, monkeypatch):
-    monkeypatch.setattr(doc, "trt_available", lambda: (True, "TensorRT 10.0 with 1 CUDA device(s)"))
-    monkeypatch.setattr(doc.platform, "machine", lambda: "x86_64")
-    by = {t.target: t.can for t in doc.doctor().targets}
-    assert by["trt-int8"] == "run" and by["jetson-int8"] == "emulate"
+def test_trt_present_runs_gpu_targets_and_emulates_jetson_off_a_jetson(fake_cpu, monkeypatch):
+    """A TensorRT without package metadata (a tarball's, or on PYTHONPATH) with uadc's CPU torch: doctor said
+    `tensorrt not installed`, `GPU: none` and `TensorRT None on the GPU`; any aarch64 machine (a Grace Hopper
+    server) was taken for a Jetson."""
+    import sys
+    import types
+    monkeypatch.setattr(doc, "trt_available", lambda: (True, "TensorRT 10.3.0 with 1 CUDA device(s)"))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    monkeypatch.setattr(doc, "cuda_device_count", lambda: (1, ""))
+    monkeypatch.setattr(doc, "_version", lambda dists: None)
+    monkeypatch.setattr(doc, "_is_jetson", lambda: False)
     monkeypatch.setattr(doc.platform, "machine", lambda: "aarch64")
+    r = doc.doctor()
+    by = {t.target: t for t in r.targets}
+    assert by["trt-int8"].can == "run" and by["jetson-int8"].can == "emulate"
+    assert r.tensorrt == r.versions["tensorrt"] == "10.3.0" and r.gpu == "1 CUDA device(s)"
+    assert by["trt-fp16"].detail == "TensorRT 10.3.0 on 1 CUDA device(s): --build-engine builds it"
+    monkeypatch.setattr(doc, "_is_jetson", lambda: True)
     assert {t.target: t.can for t in doc.doctor().targets}["jetson-int8"] == "run"
 
 

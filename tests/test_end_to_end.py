@@ -70,7 +70,15 @@ def test_compile_int8_student_only(trained):
     cal = json.loads((out / "calibration.json").read_text())
     assert cal["calibrator"] == "entropy" and cal["ranges"]
     assert sorted(p.name for p in (out / "partitions").iterdir()) == ["head.onnx", "student.onnx", "teacher.onnx"]
-    assert (out / "report.md").read_text().startswith("# uadc compile report")
+    md = (out / "report.md").read_text()
+    assert md.startswith("# uadc compile report")
+    # how latency was timed, and each output's own differences (mean_abs alone is the two outputs' means' mean)
+    lat = report["latency_ms"]
+    assert lat["compiled"]["runs"] == lat["ort_fp32"]["runs"] and lat["compiled"]["warmup"] == 5
+    assert f"## Latency (batch 1, {lat['threads']} thread" in md and \
+        f"{lat['compiled']['runs']} timed runs after 5 warm-up" in md
+    fvc = report["verification"]["fp32_vs_compiled"]
+    assert f"anomaly_map max abs {fvc['outputs']['anomaly_map']['max_abs']:.4g}" in md and "; score max abs" in md
     # ORT's asymmetric Q/DQ breaks TensorRT's rules: a count, and that the artifact is no TensorRT one (52 bare lines)
     res = CliRunner().invoke(main, ["check-trt", str(out)])
     n = res.output.count("\nQDQ") + res.output.startswith("QDQ")

@@ -1494,6 +1494,34 @@ def test_an_engine_built_from_another_model_is_refused(int8_artifact, tmp_path, 
         Detector.load(art, backend="tensorrt")
 
 
+def test_an_engine_compile_built_and_the_device_rebuilt_is_checked_by_its_record(int8_artifact, tmp_path):
+    """`compile --build-engine` listed model.engine and timing.cache with their hashes in artifact.json: once the
+    documented build_engine.sh rebuilt the engine on the device, every load of the artifact (ONNX Runtime's too)
+    and its bundle were refused as 'changed after compile'."""
+    import hashlib
+
+    import uadc
+    from uadc.core.manifest import read_manifest, write_manifest
+    from uadc.runtime import Detector
+    art = tmp_path / "art"
+    shutil.copytree(int8_artifact[2].path, art)
+    (art / "model.engine").write_bytes(b"built at compile")
+    (art / "timing.cache").write_bytes(b"timings")
+    write_manifest(art, read_manifest(art, verify=False))   # as compile --build-engine leaves the folder
+    files = read_manifest(art).files
+    assert "model.engine" in files and "timing.cache" not in files   # the engine goes with a bundle; timings stay
+    (art / "model.engine").write_bytes(b"rebuilt on the device")       # build_engine.sh: a new engine, its record
+    (art / "timing.cache").write_bytes(b"new timings")
+    (art / "model.engine.onnx.sha256").write_text(hashlib.sha256((art / "model.onnx").read_bytes()).hexdigest() + "\n")
+    Detector.load(art, backend="onnxruntime").close()
+    line = uadc.bundle(art, tmp_path / "line")   # the device's engine is not the artifact's: not copied, said so
+    assert "model.engine" not in line.files and "model.engine" in line.unlisted
+    assert "model.engine" not in read_manifest(line.path).files
+    (art / "model.engine.onnx.sha256").unlink()   # changed, and nothing says the device built it
+    with pytest.raises(UadcError, match="model.engine does not match its sha256 in artifact.json"):
+        read_manifest(art)
+
+
 def test_a_category_taken_from_the_folder_predict_runs_in_is_said(int8_artifact, tiny_data, tmp_path, monkeypatch,
                                                                    caplog):
     """`cd gray; uadc predict ART cam1` judged cam1's images at gray's thresholds without a word (a project folder

@@ -410,6 +410,8 @@ def test_best_cells_and_the_front_skip_gate_failures_and_emulated_latencies():
     assert best["image_auroc"] == "fp32" and best["latency"] == "int8"
     assert pareto_front(rows) == ["fp32", "int8"]
     md = render_markdown("g", rows, best, pareto_front(rows))
+    timed = render_markdown("g", rows, best, pareto_front(rows), {"threads": 2, "runs": 10, "warmup": 5})
+    assert "latency p50 at batch 1, 2 threads, 10 timed runs after 5 warm-up; speed-up" in timed
     assert "| trt | ok |" in md and "| 0.30* |" in md and "| bad | ok, REGRESSION |" in md
     assert "*: emulated by ONNX Runtime" in md and "never a best cell" in md
     # "x FP32" read as the README's latency ratios (0.37 "x FP32": faster), for a cell 2.7 times slower

@@ -6,6 +6,7 @@ comparison tests run only where ``tensorrt`` imports and a CUDA GPU is visible.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import stat
@@ -392,6 +393,12 @@ def test_a_calibration_cache_reaches_tensorrt_from_memory_and_is_never_rewritten
     assert cal.read_calibration_cache() == path.read_bytes() and cal.get_batch(["image"]) is None
     cal.write_calibration_cache(memoryview(b"other"))
     assert cal.read_calibration_cache() == path.read_bytes() == b"TRT-8501-MinMaxCalibration\nimage: 3c010204\n"
+    # uadc's cache names 8.5.0: TensorRT 10.3 skipped it and calibrated on nothing (build_engine.sh rewrites the
+    # header on the device; the API's build did not)
+    other = _cache_calibrator(trt, path, plan_build(BuildSettings(precision="int8"), "10.3.0", has_qdq=False,
+                                                    calibration=True))
+    assert other.read_calibration_cache() == b"TRT-100300-MinMaxCalibration\nimage: 3c010204\n"
+    assert path.read_bytes() == b"TRT-8501-MinMaxCalibration\nimage: 3c010204\n"
 
 
 def test_version_codes():
@@ -809,7 +816,7 @@ def test_precision_auto_build_maps_fp32_layers_onto_polygraphy(tmp_path, monkeyp
 
     class Recorder:
         def __init__(self, network, config=None, save_timing_cache=None):
-            seen["network"], seen["config"] = network, config
+            seen["network"], seen["config"], seen["timing"] = network, config, save_timing_cache
 
         def __call__(self):
             return b"engine"
@@ -825,6 +832,11 @@ def test_precision_auto_build_maps_fp32_layers_onto_polygraphy(tmp_path, monkeyp
     build_engine(tmp_path / "m.onnx", tmp_path / "p.engine", plain)
     assert not isinstance(seen["network"], poly_trt.SetLayerPrecisions)
     assert seen["config"].precision_constraints is None
+    # the target's timing cache beside the engine (it was the working folder's `timing.cache`, shared by every
+    # target and a traceback where that folder is read-only), as build_engine.sh keeps it
+    (tmp_path / "engines").mkdir()
+    build_engine(tmp_path / "m.onnx", tmp_path / "engines" / "m.engine", dataclasses.replace(plain, timing_cache="t.cache"))
+    assert seen["timing"] == str(tmp_path / "engines" / "t.cache")
 
 
 def test_only_an_int8_targets_emulated_figures_are_called_emulated_int8():

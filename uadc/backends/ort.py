@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from uadc.core.constants import INPUT_NAME, OUTPUT_NAMES
+from uadc.core.constants import INPUT_NAME, LATENCY_WARMUP, OUTPUT_NAMES
 from uadc.core.ort_session import make_session  # noqa: F401  (the one factory, re-exported)
 
 
@@ -19,7 +19,7 @@ def ort_predictor(session):
     return run
 
 
-def paired_latency_ms(fns: list, runs: int = 30, warmup: int = 5) -> list[dict[str, float]]:
+def paired_latency_ms(fns: list, runs: int = 30, warmup: int = LATENCY_WARMUP) -> list[dict[str, float]]:
     """``latency_ms`` of each of ``fns``, their runs interleaved: a ratio of two is measured under the
     same machine load (one timed after the other was not: an FP32 artifact ran 1.48x "faster" than FP32)."""
     for _ in range(warmup):
@@ -31,15 +31,15 @@ def paired_latency_ms(fns: list, runs: int = 30, warmup: int = 5) -> list[dict[s
             t0 = time.perf_counter()
             fn()
             t.append((time.perf_counter() - t0) * 1000)
-    return [_summary(t, runs) for t in times]
+    return [_summary(t, runs, warmup) for t in times]
 
 
-def _summary(times: list[float], runs: int) -> dict[str, float]:
+def _summary(times: list[float], runs: int, warmup: int) -> dict[str, float]:
     return {"p50": round(float(np.percentile(times, 50)), 3), "p90": round(float(np.percentile(times, 90)), 3),
-            "runs": runs}
+            "runs": runs, "warmup": warmup}
 
 
-def latency_ms(fn, runs: int = 30, warmup: int = 5) -> dict[str, float]:
+def latency_ms(fn, runs: int = 30, warmup: int = LATENCY_WARMUP) -> dict[str, float]:
     """p50/p90 wall time of ``fn()`` in milliseconds after warm-up runs."""
     for _ in range(warmup):
         fn()
@@ -48,4 +48,4 @@ def latency_ms(fn, runs: int = 30, warmup: int = 5) -> dict[str, float]:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1000)
-    return _summary(times, runs)
+    return _summary(times, runs, warmup)

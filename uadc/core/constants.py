@@ -16,6 +16,7 @@ DEFAULT_TAPS = {   # model.taps when a recipe leaves it out (method us takes one
     "wide_resnet50_2": ("layer1", "layer2", "layer3"),
 }
 
+LATENCY_WARMUP = 5                        # untimed runs before every latency measurement
 REPORT_SCHEMA = 3                         # report.json; changes are listed in README ("report.json")
 REPORT_FILE, REPORT_MD = "report.json", "report.md"
 MODEL_FILE = "model.onnx"

@@ -22,8 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from uadc.core.constants import (ARTIFACT_PRECISIONS, DEPLOY_METADATA, ENGINE_SOURCE_SUFFIX, INPUT_NAME, MANIFEST_FILE,
-                                 MANIFEST_SCHEMA, MODEL_FILE, OUTPUT_NAMES, PRED_OUTPUTS, RUNTIMES, TARGET_RUNTIMES)
+from uadc.core.constants import (ARTIFACT_PRECISIONS, DEPLOY_METADATA, DEVICE_FILES, ENGINE_FILE, ENGINE_SOURCE_SUFFIX,
+                                 INPUT_NAME, MANIFEST_FILE, MANIFEST_SCHEMA, MODEL_FILE, OUTPUT_NAMES, PRED_OUTPUTS, RUNTIMES, TARGET_RUNTIMES)
 from uadc.core.errors import UadcError
 from uadc.core.io import TMP_TAG, JsonResult, PathArg, as_path, atomic_write_json, parse_json, sha256_file
 from uadc.core.names import same_name
@@ -292,13 +292,10 @@ class Manifest(JsonResult):
         folder that kept its engine) ran with this manifest's thresholds: refused when build_engine.sh's
         record says so; the warning to give when nothing records it (an engine built by hand)."""
         listed, model = self.files.get(Path(engine).name), self.files.get(self.model_file)
-        if listed is not None:   # built at compile (--build-engine): its hash is checked with the others
+        built = _engine_record(Path(engine))
+        if built is None and listed is not None:   # built at compile (--build-engine): its hash is checked
             return None
         record = Path(engine).with_name(Path(engine).name + ENGINE_SOURCE_SUFFIX)
-        try:
-            built = record.read_text(encoding="ascii", errors="replace").strip()[:64] if record.is_file() else None
-        except OSError as exc:
-            raise UadcError(f"{record}: cannot be read ({exc.strerror})") from None
         if built is None:
             return (f"{engine}: nothing records which {self.model_file} it was built from (no {record.name}, "
                     f"which build_engine.sh writes); if {self.model_file} changed since, rerun build_engine.sh")
@@ -374,15 +371,38 @@ def named_in(path: Path, category: str) -> bool:
     return any(same_name(category, part) for part in Path(os.path.normpath(path)).parts[:-1])
 
 
-def _listed_files(folder: Path) -> list[Path]:
+def _engine_record(engine: Path) -> str | None:
+    """The sha256 of the model.onnx that build_engine.sh built ``engine`` from (its record), if one says."""
+    record = engine.with_name(engine.name + ENGINE_SOURCE_SUFFIX)
+    try:
+        return record.read_text(encoding="ascii", errors="replace").strip()[:64] if record.is_file() else None
+    except OSError as exc:
+        raise UadcError(f"{record}: cannot be read ({exc.strerror})") from None
+
+
+def _folder_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE
                   and TMP_TAG not in p.name and not p.name.startswith(".uadc"))
 
 
+def _device_file(rel: str) -> bool:
+    """The device's files beside the engine (timing cache, record, implicit engine): each build there
+    rewrites them, so no hash of them holds (an older uadc listed them)."""
+    return rel in DEVICE_FILES and rel != ENGINE_FILE
+
+
+def rebuilt_on_device(folder: Path, rel: str, digest: str) -> bool:
+    """A listed file whose hash no longer applies: a device file, or an engine compile built that
+    build_engine.sh rebuilt on the device (``check_engine`` reads its record instead)."""
+    return _device_file(rel) or (rel == ENGINE_FILE and _engine_record(folder / rel) is not None
+                                 and (folder / rel).is_file() and sha256_file(folder / rel) != digest)
+
+
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
-    """Hash every file now in ``folder`` into the manifest and write ``artifact.json`` last."""
+    """Hash every file now in ``folder`` (but the device's) into the manifest and write ``artifact.json`` last."""
     folder = Path(folder)
-    manifest.files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in _listed_files(folder)}
+    manifest.files = {rel: sha256_file(p) for p in _folder_files(folder)
+                      if not _device_file(rel := p.relative_to(folder).as_posix())}
     return atomic_write_json(folder / MANIFEST_FILE, manifest.to_dict())
 
 
@@ -414,7 +434,7 @@ def read_manifest(folder: PathArg, verify: bool = True) -> Manifest:
     if verify:
         verify_files(folder, manifest)
     listed = set(manifest.files)
-    manifest.unlisted = [p.relative_to(folder).as_posix() for p in _listed_files(folder)
+    manifest.unlisted = [p.relative_to(folder).as_posix() for p in _folder_files(folder)
                          if p.relative_to(folder).as_posix() not in listed]
     return manifest
 
@@ -427,8 +447,10 @@ def verify_files(folder: Path, manifest: Manifest, only: Sequence[str] | None = 
         if only is not None and rel not in only:
             continue
         p = folder / rel
+        if _device_file(rel):
+            continue
         if not p.is_file():
             raise UadcError(f"artifact {folder}: {rel} is missing (listed in {MANIFEST_FILE})")
-        if sha256_file(p) != digest:
+        if sha256_file(p) != digest and not rebuilt_on_device(folder, rel, digest):
             raise UadcError(f"artifact {folder}: {rel} does not match its sha256 in {MANIFEST_FILE} (changed after "
                             f"{'bundle' if manifest.bundle else 'compile'}); {manifest.again()}")

@@ -288,4 +288,4 @@ def format_comparison(unified: EvalResult | None, one_class: EvalResult) -> str:
                 continue
             u, o = unified.categories[cat][k], one_class.categories[cat][k]
             rows.append(f"{cat:<16}{k:<13}{u:>10.4f}{o:>11.4f}{fixed_difference(u, o):>9}")
-    return "\n".join(rows)
+    return "\n".join(rows + ["delta = unified - one-class: positive where the unified model scores higher"])

@@ -28,7 +28,7 @@ from typing import Any
 
 from uadc import __version__
 from uadc.backends.openvino import import_error as ov_import_error, precision_here
-from uadc.backends.tensorrt.plan import trt_available
+from uadc.backends.tensorrt.plan import cuda_device_count, trt_available
 from uadc.config.targets import TARGETS, Target
 from uadc.core.io import JsonResult
 from uadc.core.scoped import process_state_kept
@@ -108,7 +108,9 @@ def _doctor() -> DoctorReport:
     table, flags = _cpu_flags()
     features = {label: (flag in flags if flags is not None else None) for flag, label in table.items()}
     trt_ok, trt_reason = trt_available()
-    gpu = _gpu()
+    gpu = _gpu(trt_ok)
+    if trt_ok:   # the one that runs: a tarball's or PYTHONPATH's TensorRT has no package metadata
+        versions["tensorrt"] = getattr(sys.modules.get("tensorrt"), "__version__", None) or versions["tensorrt"]
     report = DoctorReport(
         uadc=__version__, python=platform.python_version(), platform=platform.platform(), versions=versions,
         cpu=_cpu_model(), cpu_features=features, cores=os.cpu_count() or 1, threads=_threads(),
@@ -184,7 +186,7 @@ def _support(t: Target, r: DoctorReport, trt_ok: bool, ov_error: str | None, bf1
         note = _bf16_note(r) if t.float_precision == "bf16" else ""
         return out("run", "OpenVINO CPU" + (_int8_note(r) if t.quantized else "") + note)
     if t.runtime == "tensorrt":
-        if trt_ok and (t.device != "jetson" or platform.machine() == "aarch64"):
+        if trt_ok and (t.device != "jetson" or _is_jetson()):
             return out("run", f"TensorRT {r.versions['tensorrt']} on {r.gpu or 'the GPU'}: --build-engine builds it")
         if trt_ok:
             return out("emulate", "TensorRT engine built on this GPU stands in; build the device's engine on "
@@ -194,6 +196,15 @@ def _support(t: Target, r: DoctorReport, trt_ok: bool, ov_error: str | None, bf1
                                   f"({'no TensorRT' if r.versions['tensorrt'] is None else 'TensorRT unusable'}, "
                                   f"{'no GPU' if r.gpu is None else r.gpu})")
     return out("unavailable", f"unknown runtime {t.runtime!r}")
+
+
+def _is_jetson() -> bool:
+    """A Jetson (L4T), not any Arm machine with a GPU (a Grace Hopper server's engines are not a Jetson's)."""
+    try:
+        model = Path("/proc/device-tree/model").read_bytes().decode("utf-8", "replace")
+    except OSError:
+        model = ""
+    return Path("/etc/nv_tegra_release").is_file() or "jetson" in model.lower()
 
 
 def _int8_note(r: DoctorReport) -> str:
@@ -265,12 +276,12 @@ def _threads() -> dict[str, int | str | None]:
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
-def _gpu() -> str | None:
+def _gpu(trt_ok: bool = False) -> str | None:
     torch = _torch()
-    if torch is None or not torch.cuda.is_available():
-        return None
-    n = torch.cuda.device_count()
-    return f"{n} CUDA device(s): {torch.cuda.get_device_name(0)}"
+    if torch is not None and torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} CUDA device(s): {torch.cuda.get_device_name(0)}"
+    n = cuda_device_count()[0] if trt_ok else 0   # a CPU torch sees none where TensorRT sees the driver's
+    return f"{n} CUDA device(s)" if n > 0 else None
 
 
 def _ort_providers() -> list[str]:

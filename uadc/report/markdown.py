@@ -143,6 +143,15 @@ def _precision_lines(p: dict) -> list[str]:
     return lines + [""]
 
 
+def _abs_diffs(c: dict) -> str:
+    """Max and mean absolute differences, per output where given (an anomaly map's pixels and a
+    score each; `mean_abs` alone is their two means' mean)."""
+    outs = c.get("outputs") or {}
+    if not outs:
+        return f"max abs {c['max_abs']:.4g}, mean abs {c['mean_abs']:.4g}"
+    return "; ".join(f"{md_cell(n)} max abs {o['max_abs']:.4g}, mean abs {o['mean_abs']:.4g}" for n, o in outs.items())
+
+
 def render_markdown(r: dict) -> str:
     lines = [f"# uadc compile report: {r['recipe']} → {r['target']}", "",
              f"- precision: **{r['precision']}** on {r['runtime']}",
@@ -161,8 +170,7 @@ def render_markdown(r: dict) -> str:
     lines += ["## Verification (Polygraphy)", "",
               f"- torch eager FP32 vs ONNX Runtime FP32: **{'PASSED' if t['passed'] else 'FAILED'}** "
               f"(max abs {t['max_abs']:.3g}, atol {t['atol']:g})",
-              f"- ONNX Runtime FP32 vs compiled: max abs {v['fp32_vs_compiled']['max_abs']:.4g}, "
-              f"mean abs {v['fp32_vs_compiled']['mean_abs']:.4g}"]
+              "- ONNX Runtime FP32 vs compiled: " + _abs_diffs(v["fp32_vs_compiled"])]
     if "gate" in v:
         g = v["gate"]
         lines.append(f"- regression gate (`uadc verify` on the golden set, stored budgets): "
@@ -171,8 +179,7 @@ def render_markdown(r: dict) -> str:
                          + ("; ..." if len(g["failures"]) > 5 else "") if g["failures"] else ""))
     if "fp16_typed_vs_simulated" in v:
         f = v["fp16_typed_vs_simulated"]
-        lines.append(f"- shipped model ({f['nodes_fp16']} nodes FP16-typed) vs their simulation: "
-                     f"max abs {f['max_abs']:.4g}, mean abs {f['mean_abs']:.4g}")
+        lines.append(f"- shipped model ({f['nodes_fp16']} nodes FP16-typed) vs their simulation: " + _abs_diffs(f))
     lines.append("")
     if "metrics" in r:
         lines += ["## Anomaly-detection metrics", ""]
@@ -185,7 +192,11 @@ def render_markdown(r: dict) -> str:
     if r.get("deploy"):
         lines += _deploy_lines(r["deploy"])
     lat = r["latency_ms"]
-    lines += [f"## Latency (batch {lat['batch']}, {lat['threads']} thread{'s' * (lat['threads'] != 1)}, {r['environment']['cpu']})", "",
+    timed = lat["compiled"]   # older reports have no warm-up count
+    runs = f", {timed['runs']} timed runs" + (f" after {timed['warmup']} warm-up" if "warmup" in timed else "") \
+        if "runs" in timed else ""
+    lines += [f"## Latency (batch {lat['batch']}, {lat['threads']} thread{'s' * (lat['threads'] != 1)}{runs}, "
+              f"{r['environment']['cpu']})", "",
               "| runtime | p50 ms | p90 ms |", "|---|---:|---:|"]
     for k in ("torch_fp32", "ort_fp32", "compiled"):   # the compiled row names what ran it (ORT emulating TensorRT)
         name = f"compiled, {lat['runtime']}" if k == "compiled" and lat.get("runtime") else k

@@ -6,13 +6,14 @@ and writes the engine atomically. tensorrt and Polygraphy's TensorRT parts are i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import onnx
 
-from uadc.backends.tensorrt.cache import read_calibration_cache, read_calibration_header, trt_version_code
+from uadc.backends.tensorrt.cache import cache_header, read_calibration_cache, read_calibration_header, trt_version_code
 from uadc.backends.tensorrt.plan import (
     CALIBRATOR_BASES,
     IMAGE_INPUT,
@@ -46,6 +47,9 @@ def build_engine(
     ``validate``: check Q/DQ models against TensorRT's rules before building.
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if settings.timing_cache is not None and not Path(settings.timing_cache).is_absolute():   # beside the engine,
+        # as build_engine.sh keeps it (it was the working folder's, whichever that was)
+        settings = dataclasses.replace(settings, timing_cache=engine_path.parent / settings.timing_cache)
     model = _load_onnx(onnx_path)
     qdq = has_qdq(model)
     if validate and qdq:
@@ -128,10 +132,12 @@ def _cache_calibrator(trt: Any, cache_path: Path, plan: BuildPlan) -> Any:
     if base_name is None:
         raise UadcError(f"{cache_path}: calibrator {algorithm!r} is not supported; "
                         "use EntropyCalibration2 or MinMaxCalibration")
-    expected = trt_version_code(".".join(str(p) for p in plan.trt_version))
-    if code != expected:
-        LOG.warning("calibration cache %s was written for TensorRT code %s, this is %s", cache_path, code, expected)
-    return _replay(getattr(trt, base_name), cache_path.read_bytes())
+    version = ".".join(str(p) for p in plan.trt_version)
+    data = cache_path.read_bytes()
+    if code != trt_version_code(version):   # TensorRT skips a cache naming another version and calibrates on
+        # nothing (build_engine.sh rewrites the header on the device the same way)
+        data = cache_header(version, algorithm).encode() + b"\n" + data.partition(b"\n")[2]
+    return _replay(getattr(trt, base_name), data)
 
 
 def _replay(base: type, cache: bytes) -> Any:

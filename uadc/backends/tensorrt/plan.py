@@ -72,13 +72,13 @@ def trt_available() -> tuple[bool, str]:
         import tensorrt as trt
     except Exception as exc:  # ImportError, or OSError when libnvinfer is missing
         return False, f"tensorrt not importable: {exc}"
-    count, reason = _cuda_device_count()
+    count, reason = cuda_device_count()
     if count <= 0:
         return False, reason
     return True, f"TensorRT {trt.__version__} with {count} CUDA device(s)"
 
 
-def _cuda_device_count() -> tuple[int, str]:
+def cuda_device_count() -> tuple[int, str]:
     """Ask the CUDA driver directly (ctypes), so no CUDA Python package is needed."""
     lib = None
     for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):

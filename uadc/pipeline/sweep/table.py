@@ -10,6 +10,7 @@ import io
 import logging
 from pathlib import Path
 
+from uadc.core.constants import LATENCY_WARMUP
 from uadc.core.errors import csv_cell, md_cell
 from uadc.core.io import atomic_save, atomic_write_json, atomic_write_text, to_json
 from uadc.pipeline.sweep.plan import Plan
@@ -90,9 +91,10 @@ def write_table(plan: Plan, records: list[dict], out: Path) -> dict:
     rerun that reused every cell of the same grid keeps its files byte-identical)."""
     rows = make_rows(plan, records)
     best, front = best_cells(rows), pareto_front(rows)
-    md = render_markdown(plan.name, rows, best, front)
+    timing = {"batch": 1, "threads": plan.run.threads, "runs": plan.run.latency_runs, "warmup": LATENCY_WARMUP}
+    md = render_markdown(plan.name, rows, best, front, timing)
     files = {"json": out / "sweep.json", "markdown": out / "sweep.md", "csv": out / "sweep.csv"}
-    doc = {"name": plan.name, "cells": rows, "best": best, "pareto": front,
+    doc = {"name": plan.name, "latency": timing, "cells": rows, "best": best, "pareto": front,
            "failed": [r["cell"] for r in rows if r["status"] != "ok"]}
     plot = not (out / "pareto.png").is_file() or _previous(files["json"]) != to_json(doc)
     # the plot before sweep.json, which says whether it is current: a run stopped while it was drawn
@@ -136,9 +138,11 @@ def _f(v, fmt: str) -> str:
     return "" if v is None else format(v, fmt)
 
 
-def render_markdown(name: str, rows: list[dict], best: dict, front: list[str]) -> str:
+def render_markdown(name: str, rows: list[dict], best: dict, front: list[str], timing: dict | None = None) -> str:
+    how = "" if timing is None else (f", {timing['threads']} thread{'s' * (timing['threads'] != 1)}, {timing['runs']} "
+                                     f"timed runs after {timing['warmup']} warm-up")
     lines = [f"Sweep {name}: {len(rows)} cells, {sum(r['status'] == 'ok' for r in rows)} ok. AUROC drop = FP32 - "
-             "compiled; latency p50 at batch 1; speed-up = ORT FP32's p50 / the cell's (below 1: slower).", "",
+             f"compiled; latency p50 at batch 1{how}; speed-up = ORT FP32's p50 / the cell's (below 1: slower).", "",
              "| cell | status | image AUROC | pixel AUROC | image drop | pixel drop | test agreement | latency ms | "
              "speed-up vs ORT FP32 | MB | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
