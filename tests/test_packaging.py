@@ -171,6 +171,10 @@ def test_wheel_runs_demo_in_fresh_venv(tmp_path):
     import zipfile
     with zipfile.ZipFile(wheels[0]) as whl:   # PEP 561: without it type checkers read uadc as untyped
         assert "uadc/py.typed" in whl.namelist()
+        meta = whl.read(next(n for n in whl.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        # the CC BY 4.0 demo images it ships: licence scanners read the metadata alone (it said Apache-2.0)
+        assert "License-Expression: Apache-2.0 AND CC-BY-4.0" in meta
+        assert sum(n.split("/")[1] == "licenses" for n in whl.namelist() if ".dist-info/" in n) == 2
     import tarfile
     with tarfile.open(sdists[0]) as sdist:   # the tests it carries read the example sweep files
         assert any(n.endswith("/sweeps/default_grid.yaml") for n in sdist.getnames())
