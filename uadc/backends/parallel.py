@@ -62,8 +62,11 @@ class ParallelSession:
         parallel = self.threads > 1 and schedule != "sequential"
         self._pool = ThreadPoolExecutor(self.threads - 1) if parallel else None
         self._pid = os.getpid()
-        self._branches = _branch_sessions(model, max(1, self.threads // 2), schedule == "branches") \
-            if parallel and schedule in ("auto", "branches") else None
+        # 'branches' on a graph that cannot split is refused whatever the threads (one ran it whole, exit 0)
+        parts = _branch_parts(model, schedule == "branches") if (parallel and schedule == "auto") or \
+            schedule == "branches" else None
+        self._branches = tuple(make_session(p, max(1, self.threads // 2)) for p in parts) \
+            if parallel and parts is not None else None
         self._chunks = [make_session(model, 1) for _ in range(self.threads)] \
             if parallel and schedule in ("auto", "batch") else []
 
@@ -135,8 +138,8 @@ def _run_all(session, feeds: dict) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(names, {i.name: feeds[i.name] for i in session.get_inputs()})))
 
 
-def _branch_sessions(model: Any, threads: int, required: bool):
-    """(teacher, student, join) sessions when teacher and student read only the graph's input
+def _branch_parts(model: Any, required: bool):
+    """(teacher, student, join) models when teacher and student read only the graph's input
     (``uadc.export.partitions.branch_models``); else None (``required``: a one-line error instead)."""
     try:
         import onnx
@@ -156,4 +159,4 @@ def _branch_sessions(model: Any, threads: int, required: bool):
                             "(PaSTe's and Reverse Distillation's students read teacher features) or keeps weights in external data "
                             "files; use 'batch' or 'auto'")
         return None
-    return tuple(make_session(p, threads) for p in parts)
+    return parts
