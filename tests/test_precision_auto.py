@@ -532,3 +532,18 @@ def test_groups_left_float_because_all_float_was_faster_say_so():
                    "not faster"]
     groups = [{"precision": p} for p in ("int8", "fp16", "fp16", "fp32")]
     assert float_counts({"groups": groups}) == "2 FP16, 1 FP32" and float_counts({"groups": groups[:1]}) == "0 float"
+
+
+def test_the_image_crosses_into_each_partition_that_reads_it_in_int8(make_base):
+    """The qdq pass gives the image a Q/DQ pair per quantized partition (teacher and student run apart); the cost
+    model counted one pair when the first layers of both ran INT8, so such an assignment looked cheaper."""
+    from uadc.passes.groups import Boundaries
+    fp32 = make_base().fp32
+    groups = fused_groups(fp32, ["teacher", "student", "head"])
+    b = Boundaries(fp32, groups)
+    first = {groups[gi].partition: gi for gi in range(len(groups))
+             if any("image" in b.g.nodes[k].input for k in groups[gi].index)}
+    assert set(first) == {"teacher", "student"}
+    t, s = b.crossings({first["teacher"]}), b.crossings({first["student"]})
+    both = b.crossings({first["teacher"], first["student"]})
+    assert both == (t[0] + s[0], t[1] + s[1]) and t[1] >= b.elements["image"]

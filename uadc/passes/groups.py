@@ -103,6 +103,7 @@ class Boundaries:
         self.elements = tensor_elements(model)
         self.floats = float_tensors(model)
         self.group_of = {k: gi for gi, grp in enumerate(groups) for k in grp.index}
+        self.part = [partition_of(n) for n in self.g.nodes]
         self.outputs = {o.name for o in model.graph.output}
         # tensors touching a group: only those can cross (the rest is FP32 on both sides)
         self.tensors = sorted({t for grp in groups for k in grp.index
@@ -114,15 +115,18 @@ class Boundaries:
 
     def crossings(self, int8: set[int]) -> tuple[int, int]:
         """(Q/DQ nodes, elements they convert) when the groups ``int8`` (indices) run INT8: a
-        tensor whose producer and some reader differ in precision crosses once per direction."""
+        tensor whose producer and some reader differ in precision crosses once per direction; the
+        image once into each partition with INT8 readers (the qdq pass forks it for teacher and student)."""
         nodes = elements = 0
         for t in self.tensors:
             src = self._int8(self.g.producer.get(t), int8)
-            readers = [self._int8(c, int8) for c in self.g.consumers.get(t, [])]
+            users = self.g.consumers.get(t, [])
+            readers = [self._int8(c, int8) for c in users]
             if t in self.outputs:
                 readers.append(False)
             n = self.elements.get(t, 0)
-            for crosses in (not src and any(readers), src and not all(readers)):  # Q before INT8 readers, DQ after
-                if crosses:
-                    nodes, elements = nodes + 1, elements + n
+            parts = {self.part[c] for c, q in zip(users, readers) if q}   # a Q before INT8 readers: the graph's
+            into = 0 if src or not parts else len(parts) if t not in self.g.producer else 1   # input, one per partition
+            out = int(src and not all(readers))                            # a DQ after
+            nodes, elements = nodes + into + out, elements + n * (into + out)
         return nodes, elements
