@@ -80,6 +80,10 @@ def test_trt_present_runs_gpu_targets_and_emulates_jetson_off_a_jetson(fake_cpu,
     assert by["trt-fp16"].detail == "TensorRT 10.3.0 on 1 CUDA device(s): --build-engine builds it"
     monkeypatch.setattr(doc, "_is_jetson", lambda: True)
     assert {t.target: t.can for t in doc.doctor().targets}["jetson-int8"] == "run"
+    monkeypatch.setattr(doc, "trt_available", lambda: (False, "no CUDA GPU visible"))   # it imports; no GPU
+    monkeypatch.setattr(doc, "cuda_device_count", lambda: (0, "no CUDA GPU visible"))
+    r = doc.doctor()
+    assert r.versions["tensorrt"] == "10.3.0" and r.tensorrt is None and r.gpu is None
 
 
 def test_cli_doctor_text_and_json(fake_cpu):

@@ -1510,12 +1510,16 @@ def test_an_engine_compile_built_and_the_device_rebuilt_is_checked_by_its_record
     write_manifest(art, read_manifest(art, verify=False))   # as compile --build-engine leaves the folder
     files = read_manifest(art).files
     assert "model.engine" in files and "timing.cache" not in files   # the engine goes with a bundle; timings stay
+    (art / "model.engine.onnx.sha256").write_text("0" * 64 + "\n")   # an older engine's record left beside it
+    assert read_manifest(art).check_engine(art / "model.engine") is None   # the listed engine, unchanged, runs
     (art / "model.engine").write_bytes(b"rebuilt on the device")       # build_engine.sh: a new engine, its record
     (art / "timing.cache").write_bytes(b"new timings")
     (art / "model.engine.onnx.sha256").write_text(hashlib.sha256((art / "model.onnx").read_bytes()).hexdigest() + "\n")
     Detector.load(art, backend="onnxruntime").close()
-    line = uadc.bundle(art, tmp_path / "line")   # the device's engine is not the artifact's: not copied, said so
-    assert "model.engine" not in line.files and "model.engine" in line.unlisted
+    line = uadc.bundle(art, tmp_path / "line")   # the device's engine is not the artifact's: left out, said so
+    assert "model.engine" not in line.files and "model.engine" in line.left_out and "model.engine" not in line.unlisted
+    assert line.source_bytes == sum((art / f).stat().st_size for f in [*line.files, *line.left_out, "artifact.json"]
+                                    if f != "model.engine")
     assert "model.engine" not in read_manifest(line.path).files
     (art / "model.engine.onnx.sha256").unlink()   # changed, and nothing says the device built it
     with pytest.raises(UadcError, match="model.engine does not match its sha256 in artifact.json"):

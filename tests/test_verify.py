@@ -784,7 +784,8 @@ def test_the_gate_judges_each_categorys_drops_and_its_stored_budgets_with_images
         uadc.verify(loose)
     for pair in ((loose, int8), (int8, loose)):   # diff read its golden budgets, labels and masks unchecked
         with pytest.raises(UadcError, match=r"loose has no artifact.json: not a uadc artifact folder \(to judge a "
-                                            r"bare model, give its model.onnx\)"):
+                                            r"bare model, give its model.onnx with --images; to judge against the "
+                                            r"golden set it holds, `uadc verify CANDIDATE --golden .*loose`\)$"):
             uadc.diff(*pair)
     v = uadc.verify(int8, golden=loose, budgets={"spearman_min": -1})
     assert any("is in no artifact folder (artifact.json): nothing checks its files" in n for n in v.notes)

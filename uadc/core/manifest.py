@@ -292,9 +292,9 @@ class Manifest(JsonResult):
         folder that kept its engine) ran with this manifest's thresholds: refused when build_engine.sh's
         record says so; the warning to give when nothing records it (an engine built by hand)."""
         listed, model = self.files.get(Path(engine).name), self.files.get(self.model_file)
+        if listed is not None and sha256_file(engine) == listed:   # built at compile (--build-engine), unchanged:
+            return None                                             # a record beside it is another engine's
         built = _engine_record(Path(engine))
-        if built is None and listed is not None:   # built at compile (--build-engine): its hash is checked
-            return None
         record = Path(engine).with_name(Path(engine).name + ENGINE_SOURCE_SUFFIX)
         if built is None:
             return (f"{engine}: nothing records which {self.model_file} it was built from (no {record.name}, "

@@ -98,12 +98,15 @@ def tensor_elements(model: onnx.ModelProto) -> dict[str, int]:
 class Boundaries:
     """FP32<->INT8 crossings of a model under an assignment of its groups."""
 
-    def __init__(self, model: onnx.ModelProto, groups: list[Group]):
+    def __init__(self, model: onnx.ModelProto, groups: list[Group], forked: bool = False):
+        """``forked``: Q/DQ crossings (the qdq pass gives the image a pair per partition that reads it
+        INT8); an FP16 stage's casts are shared by every reader."""
         self.g = GraphIndex(model)
         self.elements = tensor_elements(model)
         self.floats = float_tensors(model)
         self.group_of = {k: gi for gi, grp in enumerate(groups) for k in grp.index}
         self.part = [partition_of(n) for n in self.g.nodes]
+        self.forked = forked
         self.outputs = {o.name for o in model.graph.output}
         # tensors touching a group: only those can cross (the rest is FP32 on both sides)
         self.tensors = sorted({t for grp in groups for k in grp.index
@@ -115,8 +118,8 @@ class Boundaries:
 
     def crossings(self, int8: set[int]) -> tuple[int, int]:
         """(Q/DQ nodes, elements they convert) when the groups ``int8`` (indices) run INT8: a
-        tensor whose producer and some reader differ in precision crosses once per direction; the
-        image once into each partition with INT8 readers (the qdq pass forks it for teacher and student)."""
+        tensor whose producer and some reader differ in precision crosses once per direction; with
+        ``forked``, the image once into each partition with INT8 readers (one Q/DQ pair each)."""
         nodes = elements = 0
         for t in self.tensors:
             src = self._int8(self.g.producer.get(t), int8)
@@ -126,7 +129,7 @@ class Boundaries:
                 readers.append(False)
             n = self.elements.get(t, 0)
             parts = {self.part[c] for c, q in zip(users, readers) if q}   # a Q before INT8 readers: the graph's
-            into = 0 if src or not parts else len(parts) if t not in self.g.producer else 1   # input, one per partition
+            into = 0 if src or not parts else len(parts) if self.forked and t not in self.g.producer else 1  # input
             out = int(src and not all(readers))                            # a DQ after
             nodes, elements = nodes + into + out, elements + n * (into + out)
         return nodes, elements

@@ -82,9 +82,10 @@ def bundle(artifact: PathArg, out: PathArg, *, force: bool = False) -> BundleRes
     check_outside_artifacts(Path(out), below=True)   # a later compile of that artifact deleted it, without --force
     _check_not_an_artifact(Path(out))
     final = Path(out).absolute()   # now: `--out .` is swapped away below, and the working folder with it
+    # the device's build (an engine rebuilt there, an older uadc's listed timing cache): not the artifact's
     device = [rel for rel, digest in manifest.files.items() if rebuilt_on_device(source, rel, digest)]
     keep = sorted(rel for rel in manifest.files if rel not in GOLDEN_FILES and rel not in device)
-    left_out = sorted(set(manifest.files) - set(keep) - set(device))   # the device's build: its engine, not the artifact's
+    left_out = sorted(set(manifest.files) - set(keep) - set(device))
     earlier = (manifest.bundle or {}).get("left_out") if isinstance(manifest.bundle, dict) else None
     earlier = [x for x in earlier if isinstance(x, str)] if isinstance(earlier, list) else []   # a bundle's bundle
     provenance = {"source_manifest_sha256": sha256_file(source / MANIFEST_FILE),
@@ -101,9 +102,11 @@ def bundle(artifact: PathArg, out: PathArg, *, force: bool = False) -> BundleRes
         log.warning("%s has no operating thresholds (compiled without validation normals): `uadc predict` and "
                     "Detector refuse the bundle; it serves raw scores only", source)
     # left out: a bundle's bundle's too (it said "nothing"); the path absolute, as compile's
-    return BundleResult(final, source, keep, provenance["left_out"], sorted([*manifest.unlisted, *device]),
+    device = [rel for rel in device if (source / rel).is_file()]
+    return BundleResult(final, source, keep, sorted([*provenance["left_out"], *device]), list(manifest.unlisted),
                         sum((final / rel).stat().st_size for rel in [*keep, MANIFEST_FILE]),
-                        sum((source / rel).stat().st_size for rel in [*manifest.files, MANIFEST_FILE] if (source / rel).is_file()))
+                        sum((source / rel).stat().st_size for rel in [*manifest.files, MANIFEST_FILE]
+                            if rel not in device and (source / rel).is_file()))
 
 
 def _warn_of_a_failed_gate(source: Path, files: dict, is_bundle: bool) -> None:

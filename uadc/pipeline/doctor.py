@@ -108,9 +108,9 @@ def _doctor() -> DoctorReport:
     table, flags = _cpu_flags()
     features = {label: (flag in flags if flags is not None else None) for flag, label in table.items()}
     trt_ok, trt_reason = trt_available()
-    gpu = _gpu(trt_ok)
-    if trt_ok:   # the one that runs: a tarball's or PYTHONPATH's TensorRT has no package metadata
-        versions["tensorrt"] = getattr(sys.modules.get("tensorrt"), "__version__", None) or versions["tensorrt"]
+    gpu = _gpu()
+    # the one that imports (trt_available imported it): a tarball's or PYTHONPATH's TensorRT has no package metadata
+    versions["tensorrt"] = getattr(sys.modules.get("tensorrt"), "__version__", None) or versions["tensorrt"]
     report = DoctorReport(
         uadc=__version__, python=platform.python_version(), platform=platform.platform(), versions=versions,
         cpu=_cpu_model(), cpu_features=features, cores=os.cpu_count() or 1, threads=_threads(),
@@ -276,11 +276,11 @@ def _threads() -> dict[str, int | str | None]:
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
-def _gpu(trt_ok: bool = False) -> str | None:
+def _gpu() -> str | None:
     torch = _torch()
     if torch is not None and torch.cuda.is_available():
         return f"{torch.cuda.device_count()} CUDA device(s): {torch.cuda.get_device_name(0)}"
-    n = cuda_device_count()[0] if trt_ok else 0   # a CPU torch sees none where TensorRT sees the driver's
+    n = cuda_device_count()[0]   # a CPU torch sees none where the driver (and TensorRT) sees some
     return f"{n} CUDA device(s)" if n > 0 else None
 
 

@@ -252,7 +252,7 @@ def _ort_cost_model(s: _Search, baseline: Baseline, fp32: onnx.ModelProto, threa
     t32, rest32, _ = _group_times(prof32, fp32, s.groups)
     t8, rest8, qdq = _group_times(prof8, fp32, s.groups)
     _check_mapped(t32, t8, s.groups)
-    cm = CostModel(t32, t8, rest32, rest8, Boundaries(fp32, s.groups), b.min_saving, qdq)
+    cm = CostModel(t32, t8, rest32, rest8, Boundaries(fp32, s.groups, forked=True), b.min_saving, qdq)
     profile = {"batch": int(len(feeds[INPUT_NAME])), "runs": b.profile_runs, "min_saving": b.min_saving,
                "qdq_us_per_node": round(cm.per_node, 2), "qdq_ns_per_element": round(1000 * cm.per_element, 4),
                "crossing_scale": round(cm.scale, 3), "other_fp32_us": round(cm.rest32, 1),

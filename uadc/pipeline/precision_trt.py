@@ -92,7 +92,7 @@ def trt_cost_model(fp32: onnx.ModelProto, groups: list[Group], spec: GpuSpec, st
     t = group_times(fp32, groups, spec)
     floats = ["fp16" if set(g.nodes) <= stage.nodes else "fp32" for g in groups]
     t_float = np.array([t[p][gi] for gi, p in enumerate(floats)])
-    cm = CostModel(t_float, t["int8"], 0.0, 0.0, Boundaries(fp32, groups), min_saving,
+    cm = CostModel(t_float, t["int8"], 0.0, 0.0, Boundaries(fp32, groups, forked=True), min_saving,
                    prices=crossing_prices(spec, "int8", "fp16"), floor_us=FLOOR_US)
     profile = {"model": "TensorRT roofline (uadc.backends.tensorrt.cost), batch 1", "gpu": spec.name,
                "gpu_source": spec.source, "min_saving": min_saving,

@@ -6,6 +6,7 @@ and adds Polygraphy's ORT-vs-TensorRT comparison and the AD metrics of the engin
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,10 @@ def write_trt_files(out: Path, compiled: onnx.ModelProto, fp32: onnx.ModelProto,
     if not build:
         section["status"] = "engine: not built (--build-engine not given; build_engine.sh builds it on the device)"
         return section
-    engine = trt_backend.build_engine(out / "model.onnx", out / "model.engine", settings, input_shape=shape)
+    # no timing cache: one build here, and a cache of this GPU shipped in the artifact would meet build_engine.sh's
+    # rebuild on the device (which keeps its own beside its engine)
+    engine = trt_backend.build_engine(out / "model.onnx", out / "model.engine",
+                                      dataclasses.replace(settings, timing_cache=None), input_shape=shape)
     section["status"] = f"engine: built {engine.name}"
     if feeds:
         from uadc.verify.trt import compare_onnx_vs_trt

@@ -468,10 +468,11 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
     A's golden set (or ``reference_budgets``, the golden set's, when A is its bare reference model)."""
     t0 = time.time()
     a, b = Path(a), Path(b)
+    ma, mb = _model_path(a), _model_path(b)
     for side in (a, b):   # its golden budgets, masks and labels were read unchecked (verify refused the folder)
-        _check_artifact_folder(side, f"give its {MODEL_FILE}")
-    ma = _model_path(a)
-    check_same_input(ma, _model_path(b))  # usage errors before any work
+        _check_artifact_folder(side, f"give its {MODEL_FILE} with --images; to judge against the golden set it "
+                                     f"holds, `uadc verify CANDIDATE --golden {side}`")
+    check_same_input(ma, mb)  # usage errors before any work
     g = read_golden(a) if a.is_dir() and (a / GOLDEN_META).is_file() else None
     masks, notes = None, []
     stored = g.meta.get("verify") if g is not None and (a / MANIFEST_FILE).is_file() else reference_budgets
