@@ -199,6 +199,9 @@ def test_the_model_given_is_the_model_judged(trained, tmp_path, tiny_data):
     via_baseline = uadc.evaluate(b, write=False)
     assert via_baseline.extra["checkpoint"] == str(ckpt) and via_baseline.mean == own.mean
     assert uadc.evaluate(ckpt, write=False).mean == own.mean                 # its own recipe, as compile reads it
+    dotted = tmp_path / "x" / ".." / "e2" / "tiny" / "checkpoint.pt"   # eval.json's bytes changed with the spelling
+    (tmp_path / "x").mkdir()
+    assert uadc.evaluate(dotted, recipe, write=False).extra["checkpoint"] == str(ckpt)
     by_model = uadc.evaluate(b.model, recipe, write=False)   # a KDModel's lacked the per-defect figures and the hash
     assert by_model.defects and by_model.defects == own.defects and by_model.mean == own.mean
     assert by_model.extra["recipe_hash"] == own.extra["recipe_hash"]

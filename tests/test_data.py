@@ -597,3 +597,38 @@ def test_a_validation_category_typed_in_the_other_unicode_form_is_its_folder(dat
     d = prepare_data(recipe_from_dict({"data": {"sources": [{"root": str(data)}], "image_size": 32, "val": [
         {"category": nfc, "folder": str(val)}, {"category": nfd, "folder": str(data.parent / "val_copy")}]}}))
     assert len(d.val[nfd]) == 2
+
+
+def test_an_empty_test_folder_loose_training_images_other_products_normals_and_macos_forks(data, caplog):
+    """An empty `test/` (or `test/good/` made, nothing in it yet) stopped training where no `test/` trains the
+    product unevaluated; images straight in `train/` were left out without a word; `data.val` normals that are
+    another product's test images were counted as the category's own; a macOS zip's `__MACOSX/` was named as a
+    category one folder deeper."""
+    from uadc.config.recipe import recipe_from_dict
+    from uadc.data.prepare import prepare_data
+    for p in (data / "b" / "test", data / "b" / "ground_truth"):
+        shutil.rmtree(p, ignore_errors=True)
+    (data / "b" / "test" / "good").mkdir(parents=True)
+    shutil.copy(data / "a" / "train" / "good" / "000.png", data / "a" / "train" / "loose.png")
+    forks = data / "__MACOSX" / "a" / "train" / "good"
+    forks.mkdir(parents=True)
+    (forks / "._000.png").write_bytes(b"\0\5\26\7")
+    val = data.parent / f"{data.name}_val_a"   # beside this test's folder, its own
+    shutil.copytree(data / "a" / "test" / "good", val)
+    cfg = {"data": {"sources": [{"root": str(data)}], "image_size": 32,
+                    "val": [{"category": "a", "folder": str(val)}]}}
+    with caplog.at_level("INFO", logger="uadc"):
+        d = prepare_data(recipe_from_dict(cfg))
+    assert sorted(d.tests) == ["a"] and d.not_evaluated == {"b": "no test images"}
+    assert "no test images for b: trained and given operating thresholds, not evaluated" in caplog.text
+    assert f"{data / 'a' / 'train'}: 1 image directly in it is not read (training images go in train/good/)" in caplog.text
+    assert "__MACOSX" not in caplog.text
+    other = data.parent / f"{data.name}_val_b"   # b's normals taken from a's test images: a's, not b's own, were blamed
+    shutil.copytree(data / "a" / "test" / "good", other)
+    caplog.clear()
+    shutil.rmtree(data / "b" / "test")
+    cfg["data"]["val"] = [{"category": "b", "folder": str(other)}]
+    with caplog.at_level("WARNING", logger="uadc"):
+        prepare_data(recipe_from_dict(cfg))
+    assert "category 'b': 1 of its 1 validation normals (data.val) are test images of category 'a': its thresholds " \
+           "are set on another product's images" in caplog.text

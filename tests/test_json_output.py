@@ -166,6 +166,9 @@ def test_an_option_before_the_command_gives_the_same_error_line():
 def test_a_global_option_after_the_command_says_where_it_goes(args, said):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and res.stderr.splitlines()[-1].endswith(f"goes before the command, {said}")
+    # under `python -m uadc` the hint was `uadc -q -m uadc doctor ...`
+    res = CliRunner().invoke(main, args, prog_name="python -m uadc")
+    assert res.exit_code == 2 and res.stderr.splitlines()[-1].endswith(f"goes before the command, python -m {said}")
 
 
 def test_quiet_and_verbose_together_are_a_usage_error():

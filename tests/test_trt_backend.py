@@ -847,3 +847,14 @@ def test_only_an_int8_targets_emulated_figures_are_called_emulated_int8():
     assert "emulated_int8" in Metrics(m, m, {}, "onnxruntime CPU", note, True).to_dict()
     d = Metrics(m, m, {}, "onnxruntime CPU", note, False).to_dict()
     assert "emulated_int8" not in d and d["compiled_note"] == note
+
+
+def test_an_empty_tensorrt_folder_on_the_path_is_no_tensorrt(monkeypatch):
+    """A namespace package (an empty `tensorrt/` folder on the path) imports: doctor said "no CUDA GPU visible"
+    of it, and on a GPU machine `trt.__version__` was an AttributeError."""
+    import sys
+    import types
+    stub = types.ModuleType("tensorrt")
+    stub.__path__ = ["/somewhere/tensorrt"]
+    monkeypatch.setitem(sys.modules, "tensorrt", stub)
+    assert trt_available.__wrapped__() == (False, "tensorrt imports from /somewhere/tensorrt but is no TensorRT (no __version__)")

@@ -783,10 +783,15 @@ def test_the_gate_judges_each_categorys_drops_and_its_stored_budgets_with_images
     with pytest.raises(UadcError, match=r"loose has no artifact.json: not a uadc artifact folder"):
         uadc.verify(loose)
     for pair in ((loose, int8), (int8, loose)):   # diff read its golden budgets, labels and masks unchecked
-        with pytest.raises(UadcError, match=r"loose has no artifact.json: not a uadc artifact folder \(to judge a "
-                                            r"bare model, give its model.onnx with --images; to judge against the "
-                                            r"golden set it holds, `uadc verify CANDIDATE --golden .*loose`\)$"):
+        with pytest.raises(UadcError, match=r"loose has no artifact.json: not a uadc artifact folder \(`uadc verify "
+                                            r"CANDIDATE --golden .*loose` judges against the golden set it holds\)$"):
             uadc.diff(*pair)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(loose / "model.onnx", bare / "model.onnx")
+    with pytest.raises(UadcError, match=r"bare has no artifact.json: not a uadc artifact folder \(give its "
+                                        r"model.onnx with --images\)$"):
+        uadc.diff(bare, int8)
     v = uadc.verify(int8, golden=loose, budgets={"spearman_min": -1})
     assert any("is in no artifact folder (artifact.json): nothing checks its files" in n for n in v.notes)
     assert v.budgets["map_dice_min"] == budgets({})["map_dice_min"] and v.budgets["spearman_min"] == -1

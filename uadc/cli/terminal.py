@@ -113,8 +113,11 @@ class _Group(click.Group):
     def _usage_failed(self, ctx: click.Context, args: list[str], exc: click.ClickException) -> NoReturn:
         if isinstance(exc, click.NoSuchOption) and exc.ctx and exc.ctx.parent and \
                 exc.option_name in ("-q", "--quiet", "-v", "--verbose"):   # `uadc doctor -q`
+            root = exc.ctx.find_root().info_name or "uadc"
+            rest = exc.ctx.command_path[len(root):].strip()
+            prog = "python -m uadc" if "-m" in root.split() else "uadc"   # it said `uadc -q -m uadc doctor`
             exc.message = f"{exc.message.rstrip('.')}: {exc.option_name} goes before the command, " \
-                          f"uadc {exc.option_name} {exc.ctx.command_path.split(' ', 1)[1]} ..."
+                          f"{prog} {exc.option_name} {rest} ..."
         if self._json_on_stdout(ctx, args):   # a usage error too is one JSON document under --json
             from uadc.core.io import to_json
             click.echo(to_json({"error": exc.format_message(), "exit_code": exc.exit_code}), nl=False)

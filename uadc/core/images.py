@@ -165,8 +165,9 @@ def not_a_file(f: Path) -> str | None:
 
 def is_hidden(name: str) -> bool:
     """Dot names: macOS's ``._x.png`` resource forks copied with a dataset (not images), editor
-    and notebook folders, uadc's own temps. Left out of folder walks."""
-    return name.startswith(".")
+    and notebook folders, uadc's own temps; a macOS zip's ``__MACOSX`` folder of those forks (taken for
+    a category nested one level deeper). Left out of folder walks."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def printable(text: str) -> str:

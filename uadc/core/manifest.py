@@ -375,7 +375,8 @@ def _engine_record(engine: Path) -> str | None:
     """The sha256 of the model.onnx that build_engine.sh built ``engine`` from (its record), if one says."""
     record = engine.with_name(engine.name + ENGINE_SOURCE_SUFFIX)
     try:
-        return record.read_text(encoding="ascii", errors="replace").strip()[:64] if record.is_file() else None
+        # an empty record (a build stopped as it wrote it) records nothing
+        return (record.read_text(encoding="ascii", errors="replace").strip()[:64] or None) if record.is_file() else None
     except OSError as exc:
         raise UadcError(f"{record}: cannot be read ({exc.strerror})") from None
 

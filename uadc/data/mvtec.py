@@ -72,6 +72,7 @@ def _category_dir(root: Path, category: str) -> Path:
 
 def list_train_samples(root: Path, category: str) -> list[Sample]:
     good = _category_dir(root, category) / "train" / "good"
+    _warn_loose(good.parent, "training images go in train/good/")
     return _good_samples(good, category, f"missing folder {good}",
                          f"category {category!r} has no training images in {good}")
 
@@ -113,16 +114,22 @@ def _child_dir(parent: Path | None, name: str) -> Path | None:
     return next((p for p in sorted(parent.iterdir()) if p.is_dir() and p.name.lower() == name.lower()), None)
 
 
+def _warn_loose(folder: Path, where: str) -> None:
+    """Images directly in ``train/`` or ``test/`` are not read: left out without a word, they were."""
+    loose = sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+                and not is_hidden(p.name)) if folder.is_dir() else 0
+    if loose:
+        log.warning("%s: %d image%s directly in it %s not read (%s)", folder, loose, "s" * (loose != 1),
+                    "are" if loose != 1 else "is", where)
+
+
 def list_test_samples(root: Path, category: str) -> list[Sample]:
     cat = _category_dir(root, category)
     test = _test_dir(cat)
     if not test.is_dir():
         raise UadcError(f"missing folder {test}")
     samples = []
-    loose = sum(1 for p in test.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not is_hidden(p.name))
-    if loose:   # no defect type to label them: left out of the figures without a word
-        log.warning("%s: %d image%s directly in it %s not read (test images go in test/good/ or test/<defect type>/)",
-                    test, loose, "s" * (loose != 1), "are" if loose != 1 else "is")
+    _warn_loose(test, "test images go in test/good/ or test/<defect type>/")   # no defect type to label them
     gt = _child_dir(cat, MASKS_FOLDER)   # without ground_truth/: image-level labels, no pixel metrics
     masked = gt is not None
     if not masked and (near := [p.name for p in cat.iterdir() if p.is_dir() and p.name.lower() in _MASK_LOOKALIKES]):
@@ -285,10 +292,21 @@ def list_folder_samples(folder: Path, category: str) -> list[Sample]:
 
 
 def build_test_sets(pairs: Sequence[tuple[Path, str]], image_size: int, norm: tuple) -> dict[str, ImageDataset]:
-    """The labelled test set of every category that has a ``test`` folder: a new product often has
-    defect-free images only, and is trained and given thresholds without one (not evaluated)."""
+    """The labelled test set of every category whose ``test`` folder holds images: a new product often
+    has defect-free images only, and is trained and given thresholds without them (not evaluated)."""
     return {cat: ImageDataset(list_test_samples(root, cat), image_size, *norm) for root, cat in pairs
-            if _test_dir(_category_dir(root, cat)).exists()}
+            if untested(root, cat) is None}
+
+
+def untested(root: Path, category: str) -> str | None:
+    """Why a category has no test set ("no test folder", or an empty one's "no test images"), else None.
+    An empty ``test/`` (or one with ``test/good/`` made and nothing in it yet) stopped training."""
+    test = _test_dir(_category_dir(root, category))
+    if not test.is_dir():
+        return "no test folder"
+    folders = [test, *(p for p in test.iterdir() if p.is_dir() and not is_hidden(p.name))]
+    return None if any(p.suffix.lower() in IMAGE_EXTS and not is_hidden(p.name) for d in folders
+                       for p in d.iterdir()) else "no test images"
 
 
 def _test_dir(cat: Path) -> Path:

@@ -15,7 +15,7 @@ from uadc.core.errors import UadcError
 from uadc.core.io import file_key
 from uadc.core.names import same_name
 from uadc.data.mvtec import (ImageDataset, Sample, build_test_sets, build_train_set, list_folder_samples,
-                             list_train_samples, split_validation, validate_test_masks)
+                             list_train_samples, split_validation, untested, validate_test_masks)
 from uadc.data.sources import resolve_sources
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,11 @@ def _val_in_tests(val: dict[str, list[Sample]], is_test: Callable[[Path], str | 
     def _val_source(c: str) -> str:   # it said "(data.val)" of normals drawn from a test/good linked to train/good
         return "data.val" if c in given else "drawn from train/good by data.val_fraction"
 
-    return [f"category {c!r}: {n} of its {len(ss)} validation normals ({_val_source(c)}) are test images: "
-            f"thresholds are set on images the test decisions are reported on; keep them apart"
-            for c, ss in val.items() if (n := sum(is_test(s.path) is not None for s in ss))]
+    both = Counter((c, t) for c, ss in val.items() for s in ss if (t := is_test(s.path)) is not None)
+    return [f"category {c!r}: {n} of its {len(val[c])} validation normals ({_val_source(c)}) are " + (
+            "test images: thresholds are set on images the test decisions are reported on; keep them apart" if c == t
+            else f"test images of category {t!r}: its thresholds are set on another product's images")
+            for (c, t), n in both.items()]
 
 
 def _train_in_tests(train: list[Sample], is_test: Callable[[Path], str | None]) -> list[str]:
@@ -195,10 +197,10 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeD
     warnings += _val_in_train(train.samples, val_samples, given)
     for w in warnings:
         log.warning(w)
-    untested = [c for _, c in pairs if c not in tests and c not in one_class]
-    if untested:   # thresholds only where some category has validation normals (its own, or the global ones)
-        given = "trained and given operating thresholds" if any(len(v) for v in val.values()) else "trained"
-        log.info("no test folder for %s: %s, not evaluated", ", ".join(untested), given)
+    why = {c: untested(root, c) or "no test images" for root, c in pairs if c not in tests and c not in one_class}
+    given = "trained and given operating thresholds" if any(len(v) for v in val.values()) else "trained"
+    for reason in sorted(set(why.values())):   # thresholds only where some category has validation normals
+        log.info("%s for %s: %s, not evaluated", reason, ", ".join(c for c in why if why[c] == reason), given)
     not_evaluated = {c: f"its test folder holds {kind} images only" for c, kind in one_class.items()}
-    not_evaluated.update({c: "no test folder" for c in untested})
+    not_evaluated.update(why)
     return RecipeData(pairs, train, tests, val, warnings, not_evaluated)

@@ -411,7 +411,7 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
     t0 = time.time()
     artifact = Path(artifact)
     model = _model_path(artifact)
-    _check_artifact_folder(artifact, f"`uadc verify {artifact / MODEL_FILE} --golden ARTIFACT`")
+    _check_artifact_folder(artifact, f"to judge a bare model, `uadc verify {artifact / MODEL_FILE} --golden ARTIFACT`")
     g = read_golden(golden if golden is not None else model.parent)
     notes = _golden_of_another_recipe(model.parent, g)
     check_same_input(g.path.parent / g.meta.get("reference_model", GOLDEN_REFERENCE), model,
@@ -450,10 +450,10 @@ def verify(artifact: Path, *, images: Sequence[Path] | None = None, golden: Path
                   g.images, g.masks, ref, cand, (ref_thr, cand_thr), b, per_cat, normal_only, tensors, t0, notes)
 
 
-def _check_artifact_folder(path: Path, bare: str) -> None:
+def _check_artifact_folder(path: Path, hint: str) -> None:
     """A folder without artifact.json is no artifact: a copy with its golden budgets edited passed (predict refuses it)."""
-    if path.is_dir() and not (path / MANIFEST_FILE).is_file():
-        raise UadcError(f"{path} has no {MANIFEST_FILE}: not a uadc artifact folder (to judge a bare model, {bare})")
+    if path.is_dir() and not (path / MANIFEST_FILE).is_file() and any(path.iterdir()):   # empty: "no model.onnx"
+        raise UadcError(f"{path} has no {MANIFEST_FILE}: not a uadc artifact folder ({hint})")
 
 
 def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dict | None = None, recipe: Any = None,
@@ -468,11 +468,12 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
     A's golden set (or ``reference_budgets``, the golden set's, when A is its bare reference model)."""
     t0 = time.time()
     a, b = Path(a), Path(b)
-    ma, mb = _model_path(a), _model_path(b)
-    for side in (a, b):   # its golden budgets, masks and labels were read unchecked (verify refused the folder)
-        _check_artifact_folder(side, f"give its {MODEL_FILE} with --images; to judge against the golden set it "
-                                     f"holds, `uadc verify CANDIDATE --golden {side}`")
-    check_same_input(ma, mb)  # usage errors before any work
+    for side, images_too in ((a, " with --images"), (b, "")):   # its golden budgets, masks and labels were read
+        # unchecked (verify refused the folder)
+        _check_artifact_folder(side, f"`uadc verify CANDIDATE --golden {side}` judges against the golden set it holds"
+                               if (side / GOLDEN_META).is_file() else f"give its {MODEL_FILE}{images_too}")
+    ma = _model_path(a)
+    check_same_input(ma, _model_path(b))  # usage errors before any work
     g = read_golden(a) if a.is_dir() and (a / GOLDEN_META).is_file() else None
     masks, notes = None, []
     stored = g.meta.get("verify") if g is not None and (a / MANIFEST_FILE).is_file() else reference_budgets

@@ -72,6 +72,9 @@ def trt_available() -> tuple[bool, str]:
         import tensorrt as trt
     except Exception as exc:  # ImportError, or OSError when libnvinfer is missing
         return False, f"tensorrt not importable: {exc}"
+    if not isinstance(getattr(trt, "__version__", None), str):   # an empty tensorrt/ folder on the path imports
+        where = next(iter(getattr(trt, "__path__", [])), "?")
+        return False, f"tensorrt imports from {where} but is no TensorRT (no __version__)"
     count, reason = cuda_device_count()
     if count <= 0:
         return False, reason
