@@ -118,6 +118,18 @@ def test_run_passes_records_and_dumps(tmp_path, images):
     with pytest.raises(UadcError, match="a folder holding 00_input.onnx, not an earlier dump"):
         run_passes(model, FLOAT_PASSES, _ctx(images=images, dump_dir=tmp_path))
     assert len(list(tmp_path.iterdir())) == 3
+    from uadc.config.recipe import recipe_from_dict
+    from uadc.passes.pipeline import check_dump_dir
+    art = tmp_path / "art"   # another artifact's folder: its next compile refused the dumps as a user's files
+    art.mkdir()
+    (art / "artifact.json").write_text("{}")
+    with pytest.raises(UadcError, match=rf"^--dump-passes {art / 'sub'}: inside the artifact folder {art}; "):
+        check_dump_dir(art / "sub")
+    data = tmp_path / "data" / "a" / "train" / "good"   # the recipe's data: read back as images
+    data.mkdir(parents=True)
+    recipe = recipe_from_dict({"data": {"sources": [{"root": str(tmp_path / "data")}], "image_size": 32}})
+    with pytest.raises(UadcError, match=rf"^--dump-passes {data / 'dumps'}: inside the recipe's data folder "):
+        check_dump_dir(data / "dumps", recipe)
     # tags, model metadata and the dynamic batch survive the simplifier
     assert all(partition_of(n) and n.name.startswith(partition_of(n) + "/") for n in out.graph.node)
     assert all(any(p.key == PARTITION_KEY for p in n.metadata_props) for n in out.graph.node)

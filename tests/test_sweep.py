@@ -563,14 +563,19 @@ def test_a_grid_never_writes_into_a_folder_it_did_not_make(tiny, tmp_path):
     (tmp_path / "art" / "tiny").mkdir(parents=True)
     (tmp_path / "art" / "tiny" / "checkpoint.pt").write_bytes(b"x")
     (tmp_path / "lnk").symlink_to(tmp_path / "elsewhere")
+    compiled = tmp_path / "compiled"   # every cell failed after the FP32 baseline, its records left in the artifact
+    compiled.mkdir()
+    (compiled / "artifact.json").write_text("{}")
     for out, said in ((mine, "a folder that no uadc grid wrote (it holds sweep.md)"),
                       (tmp_path / "art" / "tiny", "a recipe's artifact folder (it holds checkpoint.pt)"),
-                      (tmp_path / "lnk", "a symlink; give the folder it points to")):
+                      (tmp_path / "lnk", "a symlink; give the folder it points to"),
+                      (compiled / "cmp", f"inside the artifact folder {compiled}; choose a folder outside it")):
         for args in (["sweep", str(sweep), "--sequential"], ["calibrators", "compare", str(recipe)]):
             res = CliRunner().invoke(main, [*args, "--out", str(out), "--artifacts", str(d / "art")])
             assert res.exit_code == 2 and res.output.strip().splitlines()[-1] == f"error: --out {out}: {said}" + (
                 "; choose an empty or new folder (nothing was changed)" if out == mine else
-                "; choose another" if "artifact" in said else ""), res.output
+                "; choose another" if "artifact folder (it holds" in said else ""), res.output
+    assert sorted(p.name for p in compiled.iterdir()) == ["artifact.json"]
     assert (mine / "sweep.md").read_text() == "MY REPORT" and not (tmp_path / "elsewhere").exists()
 
 

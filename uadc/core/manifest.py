@@ -337,7 +337,7 @@ def model_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def check_outside_artifacts(out: Path, below: bool = False) -> None:
+def check_outside_artifacts(out: Path, below: bool = False, what: str = "--out") -> None:
     """Refuse an output folder in an artifact folder (one holding ``artifact.json``); ``below``: only in
     one strictly above ``out`` (``out`` itself may be an artifact, to be replaced)."""
     out = Path(out)
@@ -349,7 +349,7 @@ def check_outside_artifacts(out: Path, below: bool = False) -> None:
     above = (*Path(os.path.normpath(out.absolute())).parents, *real)
     inside = next((d for d in (() if below else (out,)) + above if (d / MANIFEST_FILE).is_file()), None)
     if inside is not None:
-        raise UadcError(f"--out {out}: inside the artifact folder {inside}; choose a folder outside it")
+        raise UadcError(f"{what} {out}: inside the artifact folder {inside}; choose a folder outside it")
 
 
 def infer_category(path: Path, categories: Sequence[str]) -> str | None:

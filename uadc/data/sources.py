@@ -72,7 +72,7 @@ def resolve_sources(sources: Sequence[dict]) -> list[tuple[Path, str]]:
     return pairs
 
 
-def check_outside_data(out: Path, recipe: Recipe) -> None:
+def check_outside_data(out: Path, recipe: Recipe, what: str = "--out") -> None:
     """An output written into a category's folder or a validation folder is read as data by the
     recipe's next run (an artifact named ``x.png`` in train/good stopped it), and puts files in the user's
     dataset."""
@@ -81,7 +81,7 @@ def check_outside_data(out: Path, recipe: Recipe) -> None:
     for folder in [*folders, *(Path(v.folder) for v in recipe.data.val or [])]:
         real = Path(os.path.realpath(folder))
         if where == real or real in where.parents:
-            raise UadcError(f"--out {out}: inside the recipe's data folder {folder}; choose a folder outside its data")
+            raise UadcError(f"{what} {out}: inside the recipe's data folder {folder}; choose a folder outside its data")
 
 
 def data_fingerprint(recipe: Recipe) -> str:

@@ -33,11 +33,14 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from uadc.config.recipe import Recipe
 from uadc.config.targets import Target
 from uadc.core.errors import UadcError, raise_interrupt_behind
+from uadc.core.manifest import check_outside_artifacts
 from uadc.core.io import atomic_write_bytes, atomic_write_text, ensure_dir, is_marker
 from uadc.core.ort_session import make_session
 from uadc.core.scoped import native_stderr_logged, quiet_third_party
+from uadc.data.sources import check_outside_data
 from uadc.export.partitions import (
     assign_partitions, meta_partition, partition_of, prefix_partition, set_partition,
 )
@@ -311,10 +314,14 @@ DUMP_NAME = re.compile(r"\d\d_\w+\.onnx")   # what a dump holds: 00_input.onnx, 
 DUMP_MARKER, DUMP_KIND = "passes.json", "uadc pass dumps"   # only a folder marked so has its dumps replaced
 
 
-def check_dump_dir(dump: Path) -> None:
+def check_dump_dir(dump: Path, recipe: Recipe | None = None) -> None:
     """A dump folder must be new, empty or an earlier dump's (its marker and dumps only): a user's
-    files of a dump's name (``01_resnet.onnx``) were replaced, and other files mixed in."""
+    files of a dump's name (``01_resnet.onnx``) were replaced, and other files mixed in. Like ``--out``,
+    never in an artifact folder (its next compile refused its files) or the recipe's data."""
     dump = Path(dump)
+    check_outside_artifacts(dump, what="--dump-passes")
+    if recipe is not None:
+        check_outside_data(dump, recipe, what="--dump-passes")
     if dump.exists() and not dump.is_dir():
         raise UadcError(f"--dump-passes: not a folder: {dump}")
     names = sorted(p.name for p in dump.iterdir()) if dump.is_dir() else []

@@ -85,7 +85,7 @@ def _timing_cache(baseline: Baseline, opts: CompileOptions, out: Path) -> Path:
     return own.absolute() if own.is_dir() else out.absolute().parent / TIMING_CACHE_DIR
 
 
-def _check_apart(out: Path, dump: Path | None) -> None:
+def _check_apart(out: Path, dump: Path | None, recipe: Recipe) -> None:
     """The pass dumps are written while the artifact is built in a temp folder that replaces
     ``out``: one inside the other would be replaced, or become part of the artifact."""
     if (out / "qat.json").is_file() and not (out / "artifact.json").is_file():   # replaced with --force before
@@ -95,7 +95,7 @@ def _check_apart(out: Path, dump: Path | None) -> None:
     a, b = out.absolute().resolve(), Path(dump).absolute().resolve()
     if a == b or a in b.parents or b in a.parents:
         raise UadcError(f"--dump-passes {dump} and the artifact folder {out} overlap: give the dumps their own folder")
-    check_dump_dir(dump)
+    check_dump_dir(dump, recipe)
 
 
 def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
@@ -114,7 +114,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     check_outside_data(out, baseline.recipe)
     check_replaceable(out.absolute(), replace=opts.force or opts.out is None)  # before any work
     check_writable(out.absolute().parent)
-    _check_apart(out, opts.dump_passes)
+    _check_apart(out, opts.dump_passes, baseline.recipe)
     if opts.calibration is not None:   # checked before the export (8-14 s), and read once: a generator fed two stages
         opts = replace(opts, calibration=baseline.calibration_images(ptq.calib_data, ptq.calib_samples, opts.calibration))
     cache = _timing_cache(baseline, opts, out)

@@ -16,6 +16,7 @@ from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError
 from uadc.core.images import shown
 from uadc.core.io import JsonResult, check_writable, ensure_dir, file_lock, sha256_file
+from uadc.core.manifest import check_outside_artifacts
 from uadc.core.numbers import whole_number
 from uadc.data.sources import check_outside_data
 from uadc.pipeline.sweep.plan import Plan, cell_key, make_plan
@@ -90,6 +91,7 @@ def check_grid_out(out: Path) -> None:
     recipe's own artifact folder, had files overwritten and cells written beside its checkpoint."""
     if out.is_symlink():
         raise UadcError(f"--out {out}: a symlink; give the folder it points to")
+    check_outside_artifacts(out)   # every cell failed after the FP32 baseline, its records left in the artifact
     found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if CHECKPOINT_FILE in found:
         raise UadcError(f"--out {out}: a recipe's artifact folder (it holds {CHECKPOINT_FILE}); choose another")
