@@ -202,6 +202,9 @@ def test_the_model_given_is_the_model_judged(trained, tmp_path, tiny_data):
     dotted = tmp_path / "x" / ".." / "e2" / "tiny" / "checkpoint.pt"   # eval.json's bytes changed with the spelling
     (tmp_path / "x").mkdir()
     assert uadc.evaluate(dotted, recipe, write=False).extra["checkpoint"] == str(ckpt)
+    (tmp_path / "lnk").symlink_to(other / "tiny")   # a `..` after a link: the path it names, not one beside the link
+    assert uadc.evaluate(tmp_path / "lnk" / ".." / "tiny" / "checkpoint.pt", recipe,
+                         write=False).extra["checkpoint"] == str(ckpt)
     by_model = uadc.evaluate(b.model, recipe, write=False)   # a KDModel's lacked the per-defect figures and the hash
     assert by_model.defects and by_model.defects == own.defects and by_model.mean == own.mean
     assert by_model.extra["recipe_hash"] == own.extra["recipe_hash"]

@@ -164,8 +164,10 @@ def test_an_option_before_the_command_gives_the_same_error_line():
 @pytest.mark.parametrize("args, said", [(["doctor", "-q"], "uadc -q doctor ..."),
                                         (["recipes", "list", "--verbose"], "uadc --verbose recipes list ...")])
 def test_a_global_option_after_the_command_says_where_it_goes(args, said):
-    res = CliRunner().invoke(main, args)
+    res = CliRunner().invoke(main, args, prog_name="uadc")
     assert res.exit_code == 2 and res.stderr.splitlines()[-1].endswith(f"goes before the command, {said}")
+    res = CliRunner().invoke(main, args, prog_name="myuadc")   # a renamed entry point is named as run
+    assert res.stderr.splitlines()[-1].endswith(f"goes before the command, my{said}")
     # under `python -m uadc` the hint was `uadc -q -m uadc doctor ...`
     res = CliRunner().invoke(main, args, prog_name="python -m uadc")
     assert res.exit_code == 2 and res.stderr.splitlines()[-1].endswith(f"goes before the command, python -m {said}")

@@ -1494,7 +1494,7 @@ def test_an_engine_built_from_another_model_is_refused(int8_artifact, tmp_path, 
         Detector.load(art, backend="tensorrt")
 
 
-def test_an_engine_compile_built_and_the_device_rebuilt_is_checked_by_its_record(int8_artifact, tmp_path):
+def test_an_engine_compile_built_and_the_device_rebuilt_is_checked_by_its_record(int8_artifact, tmp_path, monkeypatch):
     """`compile --build-engine` listed model.engine and timing.cache with their hashes in artifact.json: once the
     documented build_engine.sh rebuilt the engine on the device, every load of the artifact (ONNX Runtime's too)
     and its bundle were refused as 'changed after compile'."""
@@ -1516,6 +1516,11 @@ def test_an_engine_compile_built_and_the_device_rebuilt_is_checked_by_its_record
     (art / "timing.cache").write_bytes(b"new timings")
     (art / "model.engine.onnx.sha256").write_text(hashlib.sha256((art / "model.onnx").read_bytes()).hexdigest() + "\n")
     Detector.load(art, backend="onnxruntime").close()
+    import sys
+    import types
+    from uadc.pipeline.verify import artifact_runner
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))   # an empty tensorrt/ on the path:
+    assert artifact_runner(art, "B")[1] == "onnxruntime CPU"   # verify ran its engine (AttributeError: no Runtime)
     line = uadc.bundle(art, tmp_path / "line")   # the device's engine is not the artifact's: left out, said so
     assert "model.engine" not in line.files and "model.engine" in line.left_out and "model.engine" not in line.unlisted
     assert line.source_bytes == sum((art / f).stat().st_size for f in [*line.files, *line.left_out, "artifact.json"]

@@ -147,7 +147,7 @@ def _skip_reason(f: Path, root: Path, blocked: dict[Path, str]) -> str | None:
             return why
     parts = f.relative_to(root).parts
     if any(is_hidden(x) for x in parts):
-        return "hidden (a name starting with '.')"
+        return "hidden (a name starting with '.', or a macOS zip's __MACOSX)"
     if MASKS_FOLDER in (part.lower() for part in parts[:-1]):   # Ground_Truth too, as data reads it
         return f"masks under {MASKS_FOLDER}/"
     return not_a_file(f)   # named like an image, but a dangling link, a pipe, a folder: counted, not read

@@ -297,7 +297,8 @@ class Manifest(JsonResult):
         built = _engine_record(Path(engine))
         record = Path(engine).with_name(Path(engine).name + ENGINE_SOURCE_SUFFIX)
         if built is None:
-            return (f"{engine}: nothing records which {self.model_file} it was built from (no {record.name}, "
+            return (f"{engine}: nothing records which {self.model_file} it was built from "
+                    f"({'an empty' if record.is_file() else 'no'} {record.name}, "
                     f"which build_engine.sh writes); if {self.model_file} changed since, rerun build_engine.sh")
         if model is not None and built != model:
             raise UadcError(f"{engine} was built from another {self.model_file} (sha256 {built[:12]}, this "
@@ -349,7 +350,8 @@ def check_outside_artifacts(out: Path, below: bool = False, what: str = "--out")
     above = (*Path(os.path.normpath(out.absolute())).parents, *real)
     inside = next((d for d in (() if below else (out,)) + above if (d / MANIFEST_FILE).is_file()), None)
     if inside is not None:
-        raise UadcError(f"{what} {out}: inside the artifact folder {inside}; choose a folder outside it")
+        where = "an artifact folder" if inside == out else f"inside the artifact folder {inside}"
+        raise UadcError(f"{what} {out}: {where}; choose a folder outside it")
 
 
 def infer_category(path: Path, categories: Sequence[str]) -> str | None:

@@ -10,6 +10,7 @@ mask, mask size mismatch) is a ``UadcError`` naming the file.
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,9 +305,11 @@ def untested(root: Path, category: str) -> str | None:
     test = _test_dir(_category_dir(root, category))
     if not test.is_dir():
         return "no test folder"
-    folders = [test, *(p for p in test.iterdir() if p.is_dir() and not is_hidden(p.name))]
-    return None if any(p.suffix.lower() in IMAGE_EXTS and not is_hidden(p.name) for d in folders
-                       for p in d.iterdir()) else "no test images"
+    for _, dirs, files in os.walk(test):   # any file at all: read as a test set, which names what it cannot read
+        dirs[:] = [d for d in dirs if not is_hidden(d)]   # (a .webp, images a folder too deep)
+        if any(not is_hidden(f) for f in files):
+            return None
+    return "no test images"
 
 
 def _test_dir(cat: Path) -> Path:

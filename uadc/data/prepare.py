@@ -83,7 +83,8 @@ def _val_in_tests(val: dict[str, list[Sample]], is_test: Callable[[Path], str | 
     both = Counter((c, t) for c, ss in val.items() for s in ss if (t := is_test(s.path)) is not None)
     return [f"category {c!r}: {n} of its {len(val[c])} validation normals ({_val_source(c)}) are " + (
             "test images: thresholds are set on images the test decisions are reported on; keep them apart" if c == t
-            else f"test images of category {t!r}: its thresholds are set on another product's images")
+            else f"test images of category {t!r} too (the same files): keep each product's normals and test images "
+            f"apart")
             for (c, t), n in both.items()]
 
 

@@ -183,7 +183,7 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
                           defects=defect_types(data, cats))
     history = blob.get("history", [])
     one_class = bool(blob.get("one_class"))
-    result.extra = {"checkpoint": os.path.abspath(ckpt),   # eval.json's bytes: not the working folder's
+    result.extra = {"checkpoint": os.path.realpath(ckpt),   # eval.json's bytes: not the working folder's
                     "checkpoint_sha256": blob.sha256, "recipe_hash": recipe.hash,
                     "data_fingerprint": data_fingerprint(recipe),   # the test images judged (names and sizes)
                     # a category left out of `mean` (one kind of test image, or none): said in the document too
@@ -236,7 +236,7 @@ def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None, write: boo
                 raise UadcError(f"{path}: not the one-class model of {cat!r} (a {'one-class' if blob.get('one_class') else 'unified'} "
                                 f"model of {', '.join(blob.get('categories') or ['?'])}); retrain with `uadc train "
                                 f"--one-class`")
-            models[cat] = {"checkpoint": os.path.abspath(path), "checkpoint_sha256": blob.sha256,
+            models[cat] = {"checkpoint": os.path.realpath(path), "checkpoint_sha256": blob.sha256,
                            "epochs": len(blob.get("history", []))}   # a partial retrain mixes models: visible here
             res = evaluate(torch_predictor(model), {cat: arr}, recipe.eval.batch_size,   # per defect, as eval.json's
                            defects=defect_types(data, [cat]))

@@ -153,7 +153,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
         quantized_partitions=(_qat_partitions(opts.qat_model) if opts.qat_model is not None else list(ptq.quantize))
         if shipped.quantized else [],
         recipe=baseline.recipe.name, recipe_hash=baseline.recipe.hash,
-        checkpoint=os.path.abspath(baseline.checkpoint) if baseline.checkpoint else None,   # not the cwd's
+        checkpoint=os.path.realpath(baseline.checkpoint) if baseline.checkpoint else None,   # not the cwd's
         nodes=partition_counts(compiled), qdq_nodes=_qdq_counts(compiled), bytes=partition_bytes(compiled),
         model_bytes=compiled.ByteSize(), passes=[{**p, "seconds": round(p["seconds"], 4)} for p in passes],
         verification=verification, compile_seconds=compile_seconds,

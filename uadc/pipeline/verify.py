@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from uadc.backends import openvino as ov
+from uadc.backends.tensorrt.plan import trt_available
 from uadc.config.recipe import VerifyConfig
 from uadc.config.targets import inference_hint_of
 from uadc.core.constants import (ENGINE_FILE, GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MANIFEST_FILE, MODEL_FILE,
@@ -213,18 +214,20 @@ def artifact_runner(artifact: Path, name: str, threads: int | None = None) -> tu
     if manifest is not None:
         manifest.check_model_file()   # a file (or the manifest) changed after compile: one line
     engine = folder / ENGINE_FILE if folder else None
-    if engine is not None and engine.is_file():
+    usable, why = trt_available() if engine is not None and engine.is_file() else (False, "")
+    if usable:   # an empty tensorrt/ folder on the path imports, then had no Runtime (a traceback)
         try:
-            import tensorrt  # noqa: F401
             from polygraphy.backend.common import BytesFromPath
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
             unrecorded = manifest.check_engine(engine) if manifest is not None else None
             if unrecorded:
                 log.warning("%s", unrecorded)
             return TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name=name), f"tensorrt ({ENGINE_FILE})"
-        except ImportError:
-            log.info("%s has model.engine but tensorrt is not importable: running model.onnx with ONNX Runtime",
-                     model.parent)
+        except ImportError as exc:
+            why = str(exc)
+    if why:   # an engine here that TensorRT cannot run
+        log.info("%s has model.engine but TensorRT cannot run it here (%s): running model.onnx with ONNX Runtime",
+                 model.parent, why)
     from polygraphy.backend.onnxrt import OnnxrtRunner
     rep = _report(folder) if folder else {}
     if rep.get("runtime") == "openvino" and ov.import_error() is None:
@@ -470,8 +473,9 @@ def diff(a: Path, b: Path, *, images: Sequence[Path] | None = None, budgets: dic
     a, b = Path(a), Path(b)
     for side, images_too in ((a, " with --images"), (b, "")):   # its golden budgets, masks and labels were read
         # unchecked (verify refused the folder)
-        _check_artifact_folder(side, f"`uadc verify CANDIDATE --golden {side}` judges against the golden set it holds"
-                               if (side / GOLDEN_META).is_file() else f"give its {MODEL_FILE}{images_too}")
+        if (side / GOLDEN_META).is_file() or (side / MODEL_FILE).is_file():   # else: "no model.onnx", below
+            _check_artifact_folder(side, f"`uadc verify CANDIDATE --golden {side}` judges against the golden set it "
+                                   f"holds" if (side / GOLDEN_META).is_file() else f"give its {MODEL_FILE}{images_too}")
     ma = _model_path(a)
     check_same_input(ma, _model_path(b))  # usage errors before any work
     g = read_golden(a) if a.is_dir() and (a / GOLDEN_META).is_file() else None
