@@ -1519,8 +1519,14 @@ def test_an_engine_compile_built_and_the_device_rebuilt_is_checked_by_its_record
     import sys
     import types
     from uadc.pipeline.verify import artifact_runner
-    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))   # an empty tensorrt/ on the path:
-    assert artifact_runner(art, "B")[1] == "onnxruntime CPU"   # verify ran its engine (AttributeError: no Runtime)
+    from uadc.backends.tensorrt.plan import trt_available
+    trt_available.cache_clear()   # its answer is cached: a GPU machine's would stand
+    try:
+        with monkeypatch.context() as m:   # an empty tensorrt/ on the path: verify ran the engine (no Runtime)
+            m.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+            assert artifact_runner(art, "B")[1] == "onnxruntime CPU"
+    finally:
+        trt_available.cache_clear()
     line = uadc.bundle(art, tmp_path / "line")   # the device's engine is not the artifact's: left out, said so
     assert "model.engine" not in line.files and "model.engine" in line.left_out and "model.engine" not in line.unlisted
     assert line.source_bytes == sum((art / f).stat().st_size for f in [*line.files, *line.left_out, "artifact.json"]

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -115,7 +116,7 @@ class _Group(click.Group):
                 exc.option_name in ("-q", "--quiet", "-v", "--verbose"):   # `uadc doctor -q`
             root = exc.ctx.find_root().info_name or "uadc"
             rest = exc.ctx.command_path[len(root):].strip()
-            prog = "python -m uadc" if "-m" in root.split() else root   # it said `uadc -q -m uadc doctor`
+            prog = "python -m uadc" if "-m" in root.split() else root if re.fullmatch(r"\w[\w-]*", root) else "uadc"
             exc.message = f"{exc.message.rstrip('.')}: {exc.option_name} goes before the command, " \
                           f"{prog} {exc.option_name} {rest} ..."
         if self._json_on_stdout(ctx, args):   # a usage error too is one JSON document under --json

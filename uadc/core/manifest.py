@@ -350,8 +350,9 @@ def check_outside_artifacts(out: Path, below: bool = False, what: str = "--out")
     above = (*Path(os.path.normpath(out.absolute())).parents, *real)
     inside = next((d for d in (() if below else (out,)) + above if (d / MANIFEST_FILE).is_file()), None)
     if inside is not None:
-        where = "an artifact folder" if inside == out else f"inside the artifact folder {inside}"
-        raise UadcError(f"{what} {out}: {where}; choose a folder outside it")
+        where = "an artifact folder; choose another folder" if inside == out else \
+            f"inside the artifact folder {inside}; choose a folder outside it"
+        raise UadcError(f"{what} {out}: {where}")
 
 
 def infer_category(path: Path, categories: Sequence[str]) -> str | None:

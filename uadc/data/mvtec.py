@@ -305,11 +305,22 @@ def untested(root: Path, category: str) -> str | None:
     test = _test_dir(_category_dir(root, category))
     if not test.is_dir():
         return "no test folder"
-    for _, dirs, files in os.walk(test):   # any file at all: read as a test set, which names what it cannot read
-        dirs[:] = [d for d in dirs if not is_hidden(d)]   # (a .webp, images a folder too deep)
-        if any(not is_hidden(f) for f in files):
-            return None
-    return "no test images"
+    return None if _holds_images(test, set()) else "no test images"
+
+
+def _holds_images(folder: Path, seen: set[str]) -> bool:
+    """Any image file below ``folder``, linked folders followed as the loader follows them: a test set, read,
+    which names what it cannot read (a .webp, images a folder too deep); notes or Thumbs.db alone are none."""
+    real = os.path.realpath(folder)
+    if real in seen:   # a link loop
+        return False
+    seen.add(real)
+    for p in folder.iterdir():
+        if is_hidden(p.name):
+            continue
+        if p.is_dir() and _holds_images(p, seen) or p.is_file() and p.suffix.lower() in (*IMAGE_EXTS, *OTHER_IMAGE_EXTS):
+            return True
+    return False
 
 
 def _test_dir(cat: Path) -> Path:

@@ -44,7 +44,7 @@ def check_trt_model(path: Path) -> TrtRuleCheck:
         held = sorted(p.name for p in path.glob("*.onnx") if p.is_file())   # uadc qat's folder: qat_model.onnx
         raise UadcError(f"{path}: a folder without {MODEL_FILE}; give an ONNX file or an artifact folder"
                         + (f" (it holds {len(held)} ONNX files, {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}: "
-                           f"give one of them, {path / '<name>.onnx'})" if len(held) > 1 else
+                           f"give the path of one of them)" if len(held) > 1 else
                            f" (it holds {held[0]}: give {path / held[0]})" if held else ""))
     manifest = read_manifest(path, verify=False) if (path / MANIFEST_FILE).is_file() else None
     if manifest is not None:   # another artifact's model copied in was checked under this folder's target
