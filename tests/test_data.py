@@ -625,10 +625,14 @@ def test_an_empty_test_folder_loose_training_images_other_products_normals_and_m
     assert "__MACOSX" not in caplog.text
     (data / "b" / "test" / "good" / "notes.txt").write_text("to do")   # notes or Thumbs.db alone: no test set
     assert prepare_data(recipe_from_dict(cfg)).not_evaluated == {"b": "no test images"}
+    (data / "b" / "test" / "good" / "x.png").symlink_to(data / "gone.png")   # a broken link: named by the loader
+    with pytest.raises(UadcError, match="unreadable image .*x.png: broken link"):
+        prepare_data(recipe_from_dict(cfg))
+    (data / "b" / "test" / "good" / "x.png").unlink()
     moved = data.parent / f"{data.name}_moved"   # linked test folders are read, as the loader reads them
-    for kind in ("good", "blob"):                # (a walk that did not follow them left a unevaluated)
-        (data / "a" / "test" / kind).rename(moved / kind) if moved.exists() else \
-            (moved.mkdir(), (data / "a" / "test" / kind).rename(moved / kind))
+    moved.mkdir()                                # (a walk that did not follow them left a unevaluated)
+    for kind in ("good", "blob"):
+        (data / "a" / "test" / kind).rename(moved / kind)
         (data / "a" / "test" / kind).symlink_to(moved / kind, target_is_directory=True)
     assert sorted(prepare_data(recipe_from_dict(cfg)).tests) == ["a"]
     other = data.parent / f"{data.name}_val_b"   # b's normals taken from a's test images: a's, not b's own, were blamed

@@ -315,12 +315,13 @@ def _holds_images(folder: Path, seen: set[str]) -> bool:
     if real in seen:   # a link loop
         return False
     seen.add(real)
-    for p in folder.iterdir():
-        if is_hidden(p.name):
-            continue
-        if p.is_dir() and _holds_images(p, seen) or p.is_file() and p.suffix.lower() in (*IMAGE_EXTS, *OTHER_IMAGE_EXTS):
-            return True
-    return False
+    try:
+        found = [p for p in folder.iterdir() if not is_hidden(p.name)]
+    except OSError as exc:
+        raise UadcError(f"unreadable test folder {folder}: {exc.strerror}") from None
+    # a broken link or a FIFO named like an image: the loader names it ("unreadable image")
+    return any(p.is_dir() and _holds_images(p, seen) or not p.is_dir() and p.suffix.lower() in (*IMAGE_EXTS,
+               *OTHER_IMAGE_EXTS) for p in found)
 
 
 def _test_dir(cat: Path) -> Path:
