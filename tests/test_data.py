@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from synthetic import make_category
-from uadc.data.mvtec import build_test_sets, build_train_set, list_test_samples, validate_test_masks
+from uadc.data.mvtec import build_test_sets, build_train_set, list_test_samples, untested, validate_test_masks
 from uadc.data.sources import resolve_sources
 from uadc.core.errors import UadcError
 
@@ -493,6 +493,8 @@ def test_a_category_unpacked_one_folder_deeper_is_named_and_test_in_capitals_is_
     samples = list_test_samples(data, "a")
     assert {s.defect for s in samples} == {"good", "blob"} and len(samples) == 3
     assert sorted(build_test_sets([(data, "a"), (data, "b")], 32, NORM)) == ["a", "b"]
+    (data / "a" / "test").write_text("notes")   # a file named `test` beside `Test/` made it "no test folder"
+    assert len(list_test_samples(data, "a")) == 3 and untested(data, "a") is None
 
 
 def test_validation_normals_that_copy_training_images_are_named(data, caplog):
@@ -624,7 +626,12 @@ def test_an_empty_test_folder_loose_training_images_other_products_normals_and_m
     assert f"{data / 'a' / 'train'}: 1 image directly in it is not read (training images go in train/good/)" in caplog.text
     assert "__MACOSX" not in caplog.text
     (data / "b" / "test" / "good" / "notes.txt").write_text("to do")   # notes or Thumbs.db alone: no test set
-    assert prepare_data(recipe_from_dict(cfg)).not_evaluated == {"b": "no test images"}
+    assert prepare_data(recipe_from_dict(cfg)).not_evaluated == {"b": "no test images (it holds .txt files only)"}
+    (data / "b" / "test" / "good" / "raw.DNG").write_bytes(b"II*\0")   # raw images alone: said what it holds
+    with caplog.at_level("INFO", logger="uadc"):
+        assert prepare_data(recipe_from_dict(cfg)).not_evaluated["b"] == "no test images (it holds .dng, .txt files only)"
+    assert "no test images (it holds .dng, .txt files only) for b: trained and given operating thresholds" in caplog.text
+    (data / "b" / "test" / "good" / "raw.DNG").unlink()
     (data / "b" / "test" / "good" / "x.png").symlink_to(data / "gone.png")   # a broken link: named by the loader
     with pytest.raises(UadcError, match="unreadable image .*x.png: broken link"):
         prepare_data(recipe_from_dict(cfg))

@@ -14,7 +14,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -305,28 +305,32 @@ def untested(root: Path, category: str) -> str | None:
     test = _test_dir(_category_dir(root, category))
     if not test.is_dir():
         return "no test folder"
-    return None if _holds_images(test, set()) else "no test images"
+    if any(p.suffix.lower() in (*IMAGE_EXTS, *OTHER_IMAGE_EXTS) for p in _files_below(test, set())):
+        return None
+    # a test folder of .dng or .exr images said "no test images" alone: what it holds
+    kinds = sorted({p.suffix.lower() or "suffixless" for p in _files_below(test, set())})
+    return f"no test images (it holds {', '.join(kinds[:5])}{', ...' * (len(kinds) > 5)} files only)" if kinds \
+        else "no test images"
 
 
-def _holds_images(folder: Path, seen: set[str]) -> bool:
-    """Any image file below ``folder``, linked folders followed as the loader follows them: a test set, read,
+def _files_below(folder: Path, seen: set[str]) -> Iterator[Path]:
+    """Every file below ``folder``, linked folders followed as the loader follows them: a test set, read,
     which names what it cannot read (a .webp, images a folder too deep); notes or Thumbs.db alone are none."""
     real = os.path.realpath(folder)
     if real in seen:   # a link loop
-        return False
+        return
     seen.add(real)
     try:
         found = [p for p in folder.iterdir() if not is_hidden(p.name)]
     except OSError as exc:
         raise UadcError(f"unreadable test folder {folder}: {exc.strerror}") from None
-    # a broken link or a FIFO named like an image: the loader names it ("unreadable image")
-    return any(p.is_dir() and _holds_images(p, seen) or not p.is_dir() and p.suffix.lower() in (*IMAGE_EXTS,
-               *OTHER_IMAGE_EXTS) for p in found)
+    for p in found:   # a broken link or a FIFO named like an image: the loader names it ("unreadable image")
+        yield from _files_below(p, seen) if p.is_dir() else (p,)
 
 
 def _test_dir(cat: Path) -> Path:
     """``test/``, or ``Test/`` (it was "no test folder": the category left out of the mean, unevaluated)."""
-    return cat / "test" if (cat / "test").exists() else _child_dir(cat, "test") or cat / "test"
+    return (_child_dir(cat, "test") if cat.is_dir() else None) or cat / "test"   # a file `test` beside `Test/`: Test/
 
 
 def validate_test_masks(ds: ImageDataset) -> None:
