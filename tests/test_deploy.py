@@ -108,6 +108,8 @@ def test_a_small_category_borrows_the_pooled_log_spread_and_keeps_its_coverage()
     assert t.categories["wide"].image.value == quantile_threshold(wide["wide"][1], 0.01)[0]
     assert t.categories["narrow"].image.value > quantile_threshold(wide["narrow"][1], 0.01)[0]
     assert compute_thresholds({"a": wide["wide"]}, 0.01).image_spread is None     # one category: nothing to pool
+    zero = (np.zeros((3, 2, 2), np.float32), np.zeros(3, np.float32))   # a category scored 0: left out of the pool
+    assert compute_thresholds({**wide, "zero": zero}, 0.01).image_spread == t.image_spread   # (it was None for all)
 
 
 def test_thresholds_normalise_to_one_half_per_category_and_global():

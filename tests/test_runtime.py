@@ -4,6 +4,7 @@ in-process evaluation, and ``uadc predict`` over folders."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
@@ -610,6 +611,10 @@ def test_detector_inputs_and_errors(int8_artifact, tiny_data):
         def __iter__(self):
             return iter([f, f])
     assert len(det.predict(Paths(), category="gray")) == 2
+    paths = det.predict(np.array([str(f), str(f)]), category="gray")   # refused as one malformed image array
+    assert len(paths) == 2 and paths[0].source == str(f)
+    rerun = det.predict(f, category="gray")   # the same result, whatever the timing: it never compared equal
+    assert dataclasses.replace(rerun, latency_ms=one.latency_ms + 5) == one
     with pytest.raises(UadcError, match=r"^image: a Tensor numpy cannot read \(.*\); pass a CPU array"):
         det.predict(rgb.float().div(255).requires_grad_(), category="gray")   # torch's RuntimeError, raw
     with pytest.raises(UadcError, match=r"^image: expected a path, image bytes, .* got int$"):   # "got int64 ()"
@@ -958,8 +963,10 @@ def test_a_model_whose_outputs_do_not_fit_or_are_not_finite_gets_no_verdict(int8
     run = predict_paths(det, good, out=tmp_path / "out")
     assert run.records == [] and len(run.failed) == len(list(good.iterdir())) and run.exit_code == 1
     assert run.summary()["failures"][0]["error"].endswith("check the artifact with `uadc verify`)")
-    for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines():
-        assert set(json.loads(line, parse_constant=pytest.fail)) == {"path", "error"}
+    for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines():   # the category: it named none
+        assert json.loads(line, parse_constant=pytest.fail).keys() - {"path", "error"} == {"category"}
+        assert json.loads(line)["category"] == "gray"
+    assert {r["category"] for r in csv.DictReader(open(tmp_path / "out" / "predictions.csv"))} == {"gray"}
     for name, m in (("wide", wide), ("small", small)):
         det = Detector.load(_edited_artifact(src, tmp_path / name, model=m))
         with pytest.raises(RuntimeFault, match="expected \\[1, .*\\] and \\[1\\]"):

@@ -170,7 +170,7 @@ def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out:
     with Detector.load(artifact, backend=backend, batch_size=batch_size, schedule=schedule, threads=threads) as det:
         run = predict_paths(det, list(inputs), category, out, overlays, batch_size)
     from uadc.core.images import shown   # not at import: `uadc doctor` runs where Pillow is broken
-    for path, reason in run.failed:
+    for path, reason, _ in run.failed:
         click.echo(f"skipped {shown(path)}: {reason}", err=True)
     click.echo(f"{run.summary_line()} ({det.backend_name})")
     click.echo(one_line(f"written: {run.written[0]}, {run.written[1]}"     # predictions.jsonl, .csv

@@ -68,10 +68,11 @@ class PooledSpread:
 
 
 def pooled_log_spread(groups: list[np.ndarray]) -> PooledSpread | None:
-    """The pooled log spread of per-category values, or None where it cannot be formed: fewer
-    than two categories with 2+ values, or a value <= 0."""
-    logs = [np.log(np.asarray(g, np.float64)) for g in groups if len(g) >= 2]
-    if len(logs) < 2 or not all(np.all(np.isfinite(x)) for x in logs):
+    """The pooled log spread of per-category values, or None where it cannot be formed: fewer than two
+    categories with 2+ values, all of them > 0. A category with a value <= 0 (its bound is on the raw values)
+    is left out of the pool: it took every other category's pooled spread away."""
+    logs = [x for x in (np.log(np.asarray(g, np.float64)) for g in groups if len(g) >= 2) if np.all(np.isfinite(x))]
+    if len(logs) < 2:
         return None
     df = sum(len(x) - 1 for x in logs)
     return PooledSpread(math.sqrt(sum((len(x) - 1) * x.var(ddof=1) for x in logs) / df), df)

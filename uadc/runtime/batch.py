@@ -40,7 +40,7 @@ CSV_FIELDS = ("path", "category", "score", "normalized_score", "label", "verdict
 @dataclass
 class PredictRun:
     records: list[dict]                       # one per predicted image (Prediction.to_dict())
-    failed: list[tuple[str, str]]             # (path, reason) of skipped images
+    failed: list[tuple[str, str, str | None]]   # (path, reason, category judged as) of skipped images
     out: Path | None = None
     written: list[Path] = field(default_factory=list)
     left_out: dict[str, int] = field(default_factory=dict)   # files a folder walk passed over, by reason
@@ -53,7 +53,8 @@ class PredictRun:
             verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + 1
         lat = [r["latency_ms"] for r in self.records]
         return {"images": len(self.records), "failed": len(self.failed),
-                "failures": [{"path": printable(f), "error": printable(e)} for f, e in self.failed[:MAX_LISTED]],
+                "failures": [{"path": printable(f), "category": c and printable(c), "error": printable(e)}
+                             for f, e, c in self.failed[:MAX_LISTED]],
                 "verdicts": verdicts,
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat else None,
                 "left_out": dict(self.left_out), "warnings": list(self.warnings), "backend": self.backend,
@@ -212,6 +213,8 @@ def _warn_categories_from_above(files: list[Path], categories: list[str]) -> Non
 def _run_images(detector: Detector, files: list[Path], category: str | None, infer: bool, batch_size: int,
                 run: PredictRun, stage: Path | None, names: dict[Path, Path]) -> None:
     """Predict ``files`` a batch at a time into ``run``; with ``stage``, each overlay is written there."""
+    def category_of(f: Path) -> str | None:   # a failure's row named none: a table filtered by product lost it
+        return category if category is not None else (infer_category(f, detector.categories) if infer else None)
     for i in _progress(range(0, len(files), batch_size), desc="predict", unit="batch"):
         chunk, arrays, rgbs = [], [], []
         pre = detector.manifest.preprocessing
@@ -220,7 +223,7 @@ def _run_images(detector: Detector, files: list[Path], category: str | None, inf
                 rgb = load_rgb(f, pre) if stage is not None else None   # no tables), a replaced one showed another
                 arrays.append(model_input(rgb, pre) if rgb is not None else detector.preprocess(f))
             except UadcError as exc:
-                run.failed.append((str(f), str(exc)))
+                run.failed.append((str(f), str(exc), category_of(f)))
                 continue
             chunk.append(f)
             rgbs.append(rgb)
@@ -228,11 +231,11 @@ def _run_images(detector: Detector, files: list[Path], category: str | None, inf
             continue
         maps, scores, ms = detector.run(np.stack(arrays))
         for j, f in enumerate(chunk):
-            cat = category if category is not None else (infer_category(f, detector.categories) if infer else None)
+            cat = category_of(f)
             try:
                 pred = detector.decide(maps[j:j + 1], scores[j:j + 1], cat, ms, [str(f)])[0]
             except NonFiniteOutputs as exc:   # no verdict for this image; the others stand
-                run.failed.append((str(f), str(exc)))
+                run.failed.append((str(f), str(exc), cat))
                 continue
             run.records.append(pred.to_dict())
             if stage is not None:
@@ -255,7 +258,8 @@ def _check_out(out: Path) -> None:
             first = parse_json(head.split("\n", 1)[0])
         except ValueError:
             return False
-        return isinstance(first, dict) and ({"path", "score", "verdict"} <= first.keys() or set(first) == {"path", "error"})
+        return isinstance(first, dict) and ({"path", "score", "verdict"} <= first.keys() or   # a failure's row
+                                            {"path", "error"} <= first.keys() <= {"path", "category", "error"})
 
     header = ",".join(CSV_FIELDS)   # the whole header: a user's table may start with path,category,score too
     check_own_file(out / PREDICTIONS_CSV, lambda head: head.split("\n", 1)[0].rstrip("\r") == header, "uadc predict")
@@ -313,13 +317,14 @@ def _write_tables(run: PredictRun, out: Path) -> None:
     # a file name that is not UTF-8 is written as \\xNN in both tables (same text in each)
     records = [{k: printable(v) if isinstance(v, str) else v for k, v in r.items()} for r in run.records]
     lines = "".join(json.dumps(r) + "\n" for r in records)
-    lines += "".join(json.dumps({"path": printable(p), "error": printable(e)}) + "\n" for p, e in run.failed)
+    failed = [{"path": printable(p), "category": c and printable(c), "error": printable(e)}
+              for p, e, c in run.failed]
+    lines += "".join(json.dumps(r) + "\n" for r in failed)
     run.written.insert(0, atomic_write_text(out / PREDICTIONS_JSONL, lines))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
-    failed = [{"path": printable(p), "verdict": "error", "error": printable(e)} for p, e in run.failed]
-    w.writerows({k: csv_cell(v) for k, v in r.items()} for r in records + failed)   # a CSV reader sees them too
+    w.writerows({k: csv_cell(v) for k, v in r.items()} for r in records + [{**r, "verdict": "error"} for r in failed])   # a CSV reader sees them too
     run.written.insert(1, atomic_write_text(out / PREDICTIONS_CSV, buf.getvalue()))
     for p in stale:
         p.unlink(missing_ok=True)

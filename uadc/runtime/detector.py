@@ -48,7 +48,7 @@ class Prediction(JsonResult):
     mask: np.ndarray                   # (H, W) bool: anomaly_map >= pixel threshold
     category: str | None               # None: the global thresholds were used
     threshold: float                   # raw image threshold applied
-    latency_ms: float                  # model run time per image (batch time / batch size)
+    latency_ms: float = field(compare=False)   # model run time per image (batch time / batch size): two runs' equal
     source: str | None = None          # the path, when predicted from a file
     extra: dict = field(default_factory=dict)
 
@@ -60,7 +60,7 @@ class Prediction(JsonResult):
         if not isinstance(other, Prediction):
             return NotImplemented
         return all(np.array_equal(getattr(self, f.name), getattr(other, f.name)) if f.name in ("anomaly_map", "mask")
-                   else getattr(self, f.name) == getattr(other, f.name) for f in fields(self))
+                   else getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.compare)
 
     def to_dict(self) -> dict:
         """JSON-ready summary (arrays left out: the mask's area is given instead)."""
@@ -187,8 +187,8 @@ def _importable(module: str) -> bool:
 
 def _single(inputs: Any) -> bool:
     """One image rather than a batch: a path, bytes, a file object, a PIL image or an array below 4-D."""
-    if isinstance(inputs, np.ndarray):
-        return inputs.ndim < 4
+    if isinstance(inputs, np.ndarray):   # an array of paths is a batch (it was refused as one malformed image)
+        return inputs.ndim < 4 and not (inputs.ndim == 1 and inputs.dtype.kind in "USO")
     if isinstance(getattr(inputs, "ndim", None), int) and inputs.ndim >= 2 and hasattr(inputs, "__array__"):
         return inputs.ndim < 4   # a torch tensor: iterated, its one image was scored as 32 rows (a pandas Series of paths: a batch)
     return isinstance(inputs, (str, Path, bytes, bytearray, memoryview)) or hasattr(inputs, "read") \
