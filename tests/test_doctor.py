@@ -245,3 +245,13 @@ def test_a_package_that_is_installed_but_does_not_import_says_so_on_the_versions
     r = doc.doctor()
     assert r.not_importing == ["onnxruntime"] and r.to_dict()["not_importing"] == ["onnxruntime"]
     assert f"onnxruntime {r.versions['onnxruntime']} (does not import)" in r.to_text().splitlines()[1]
+
+
+def test_the_openvino_check_runs_no_module_of_the_current_folder(tmp_path, monkeypatch):
+    """The child process that imports OpenVINO for doctor ran an `openvino.py` of the folder doctor runs in."""
+    import sys
+    (tmp_path / "openvino.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\nraise ImportError('shadowed')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "openvino", raising=False)   # the check runs in a child
+    why, _ = doc._openvino_check()
+    assert not (tmp_path / "ran").exists() and "shadowed" not in (why or "")

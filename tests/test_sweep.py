@@ -344,7 +344,7 @@ def test_ray_sweep_matches_sequential(tiny, tmp_path):
 
 
 @needs_ray
-def test_a_ray_uadc_starts_leaves_the_process_as_it_was(tiny, tmp_path):
+def test_a_ray_uadc_starts_leaves_the_process_as_it_was(tiny, tmp_path, monkeypatch):
     """Ray sets environment variables (PYTHONBREAKPOINT, RAY_*), replaces sys.excepthook and seeds
     Python's random: after the sweep they are the caller's again. An address Ray cannot parse is one line."""
     import os
@@ -361,6 +361,10 @@ def test_a_ray_uadc_starts_leaves_the_process_as_it_was(tiny, tmp_path):
         with pytest.raises(UadcError, match=f"{text} .*sets up Ray; a sequential run uses none"):
             api.sweep(sweep, artifacts=d / "art", out=tmp_path / "seq", sequential=True, **kw)
     random.seed(3)
+    here = tmp_path / "cwd"   # a module in the folder uadc runs in, named like a dependency: it ran in Ray's workers
+    here.mkdir()
+    (here / "onnxruntime.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\nraise ImportError('shadowed')\n")
+    monkeypatch.chdir(here)
     env, hook, state = dict(os.environ), sys.excepthook, random.getstate()
     import signal
     import warnings
@@ -379,6 +383,7 @@ def test_a_ray_uadc_starts_leaves_the_process_as_it_was(tiny, tmp_path):
         if faults:
             faulthandler.enable(file=sys.__stderr__)
     assert dict(os.environ) == env and sys.excepthook is hook and random.getstate() == state
+    assert not (tmp_path / "ran").exists()
 
 
 @needs_ray

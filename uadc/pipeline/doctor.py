@@ -135,7 +135,8 @@ def _imports(name: str) -> bool:
         return False
 
 
-_OV_CHECK = ("from uadc.backends.openvino import import_error, precision_here\n"
+_OV_CHECK = ("import sys\nsys.path[:] = [p for p in sys.path if p]\n"   # not the current folder: an openvino.py there ran
+             "from uadc.backends.openvino import import_error, precision_here\n"
              "why = import_error()\nprint(why or '', precision_here('bf16') if why is None else '', sep='\\n', end='')")
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 from pathlib import Path
 from typing import Callable
@@ -52,9 +53,11 @@ def run_on_ray(plan: Plan, out: Path, artifacts: Path, address: str | None, num_
         main_thread = threading.current_thread() is threading.main_thread()
         on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
         try:
-            with quiet_third_party():   # Ray's start-up notes (token authentication, ...) under --verbose
+            with quiet_third_party(), tempfile.TemporaryDirectory(prefix="uadc-ray-") as empty:
+                # Ray puts the folder uadc runs in first on every worker's sys.path: an onnxruntime.py or
+                # numpy.py there ran in the workers. An empty working_dir is what they get instead.
                 ray.init(**kwargs, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                         configure_logging=False)
+                         configure_logging=False, runtime_env={"working_dir": empty})
         except (ConnectionError, ValueError) as exc:   # ValueError: an address Ray cannot parse
             raise UadcError(f"cannot connect to the Ray cluster at {address}: {C.one_line(exc)}") from None
         if main_thread:   # Ray's handler aborted the process (SIGABRT, a C++ stack dump) on `docker stop`
