@@ -3,6 +3,7 @@ them), label-free fidelity figures, budgets, exit codes 0/1/2, stable JSON keys,
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -376,6 +377,29 @@ def test_golden_files_are_checked_not_trusted(artifacts, tmp_path):
     with pytest.raises(UadcError, match=r"golden_masks.npz: ValueError: masks: its header claims shape \[10000000, "
                                         r"10000000\] of uint8, more than its"):
         uadc.verify(int8, golden=loose)
+    # honest headers over deflated zeros: far more masks than the golden images have (GBs of memory before)
+    with zipfile.ZipFile(loose / "golden_masks.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        with io.BytesIO() as buf:
+            np.save(buf, np.zeros((4000, 32, 4), np.uint8))
+            z.writestr("masks.npy", buf.getvalue())
+            buf.seek(0), buf.truncate()
+            np.save(buf, np.asarray([4000, 32, 32]))
+            z.writestr("shape.npy", buf.getvalue())
+    with pytest.raises(UadcError, match=r"golden_masks.npz: ValueError: masks: 512128 bytes inflated, more than the "
+                                        r"golden images' masks take"):
+        uadc.verify(int8, golden=loose)
+    (loose / "golden_masks.npz").write_bytes((fp32 / "golden_masks.npz").read_bytes())
+    feeds = json.loads((fp32 / "golden_inputs.json").read_text())   # an .npz or a torch tensor in a feed
+    with io.BytesIO() as buf:
+        np.savez_compressed(buf, x=np.zeros((64, 3, 32, 32), np.float32))
+        feeds[0]["image"]["array"] = base64.b64encode(buf.getvalue()).decode()
+    for payload, why in ((feeds, "an array that is not a plain .npy"),
+                         ([{"image": {"tensor": "AA==", "polygraphy_class": "Tensor"}}], "a Tensor payload")):
+        (loose / "golden_inputs.json").write_text(json.dumps(payload))
+        with pytest.raises(UadcError, match=f"golden_inputs.json: ValueError: {why}"):
+            uadc.verify(int8, golden=loose)
+    (loose / "golden_inputs.json").write_bytes((fp32 / "golden_inputs.json").read_bytes())
+    assert uadc.verify(int8, golden=loose).figures
     linked = tmp_path / "linked"          # a golden set of links to its files still judges
     linked.mkdir()
     for f in fp32.iterdir():

@@ -14,6 +14,7 @@ operating thresholds and the reference model's hash.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -133,14 +134,17 @@ def read_golden(path: Path) -> GoldenSet:
         raise UadcError(f"{folder / unlisted[0]}: not listed in {folder / MANIFEST_FILE}, so not the file compile wrote; "
                         f"compile the artifact again")
     with quiet_third_party():  # Polygraphy logs every load
-        feeds = _read(inputs, lambda: [dict(f) for f in load_json(str(inputs))])
-        results = _read(outputs_file, lambda: RunResults.load(str(outputs_file)))
+        feeds = _read(inputs, lambda: _check_json_arrays(inputs) or [dict(f) for f in load_json(str(inputs))])
+        results = _read(outputs_file, lambda: _check_json_arrays(outputs_file) or RunResults.load(str(outputs_file)))
     runs = dict(results.items())
     if meta["runner"] not in runs:
         raise UadcError(f"{outputs_file}: no results of runner {meta['runner']!r}")
     outputs = [{n: np.asarray(it[n]) for n in OUTPUT_NAMES} for it in runs[meta["runner"]]]
-    masks = _read(mask_file, lambda: _masks(mask_file)) if mask_file else None
     images = meta.pop("images")
+    pixels = max((math.prod(a.shape[-2:]) for f in feeds for a in f.values() if np.ndim(a) >= 2), default=0)
+    # the packed masks of every image at most (a 249 KB file of deflated zeros asked 4.6 GB before its refusal)
+    most = (len(images) if isinstance(images, list) else 0) * (pixels // 8 + math.isqrt(pixels) + 1) + 4096
+    masks = _read(mask_file, lambda: _masks(mask_file, most)) if mask_file else None
     g = GoldenSet(feeds, outputs, images, masks, meta, meta_path)
     _check(g)
     return g
@@ -174,9 +178,9 @@ def _read(path: Path, load: Any) -> Any:
         raise UadcError(f"unreadable golden set file {path}: {reason}") from None
 
 
-def _masks(path: Path) -> np.ndarray:
+def _masks(path: Path, most: int) -> np.ndarray:
     with np.load(path) as z:
-        _check_npy_size(z, "masks")
+        _check_npy_size(z, "masks", most)
         shape, packed = tuple(int(s) for s in z["shape"]), z["masks"]
         # the stored shape must be the packed array's: a crafted one asked for 35 TiB (a MemoryError traceback)
         if len(shape) != packed.ndim or shape[:-1] != packed.shape[:-1] or not 0 < shape[-1] <= 8 * packed.shape[-1]:
@@ -184,16 +188,47 @@ def _masks(path: Path) -> np.ndarray:
         return np.unpackbits(packed, axis=-1, count=shape[-1]).astype(bool).reshape(shape)
 
 
-def _check_npy_size(z: Any, name: str) -> None:
+def _check_npy_size(z: Any, name: str, most: int) -> None:
     """An array's .npy header must fit the bytes behind it: numpy allocates what the header says before it
-    reads (a 100-byte member claiming (10**7, 10**7) was a MemoryError, a smaller lie GBs of memory)."""
+    reads (a 100-byte member claiming (10**7, 10**7) was a MemoryError, a smaller lie GBs of memory); and
+    those bytes, inflated, at most ``most``."""
     info = z.zip.getinfo(f"{name}.npy")
+    if info.file_size > most:
+        raise ValueError(f"{name}: {info.file_size} bytes inflated, more than the golden images' masks take ({most})")
     with z.zip.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(f)
+        shape, dtype = _npy_header(f)
     if math.prod(shape) * dtype.itemsize > info.file_size:
         raise ValueError(f"{name}: its header claims shape {list(shape)[:4]} of {dtype}, more than its {info.file_size} bytes")
+
+
+def _npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(f)
+    return shape, dtype
+
+
+def _check_json_arrays(path: Path) -> None:
+    """Every array in a golden JSON file is a plain .npy whose header fits its bytes, as compile writes them:
+    Polygraphy's decoder also inflates a compressed .npz (1.8 MB of deflated zeros took 2.15 GB before the
+    refusal) and reads torch tensors, neither of which compile writes."""
+    def check(d: dict) -> dict:
+        kind = d.get("polygraphy_class")
+        if kind is not None and kind != "ndarray" and ("array" in d or "tensor" in d):
+            raise ValueError(f"a {str(kind)[:40]} payload, which compile does not write")
+        if kind == "ndarray":
+            if not isinstance(d.get("array"), str):
+                raise ValueError("an array without its base64 .npy payload")
+            data = base64.b64decode(d["array"].encode(), validate=True)
+            if not data.startswith(b"\x93NUMPY"):
+                raise ValueError("an array that is not a plain .npy (compile writes no other)")
+            f = io.BytesIO(data)
+            shape, dtype = _npy_header(f)
+            if math.prod(shape) * dtype.itemsize > len(data) - f.tell():
+                raise ValueError(f"an array whose header claims shape {list(shape)[:4]} of {dtype}, more than its bytes")
+        return d
+    with open(path, "rb") as f:
+        json.load(f, object_hook=check)
 
 
 _KINDS = {"normal": None, "test": (0, 1), "random": None, "user": None}   # a record's kind -> its labels
