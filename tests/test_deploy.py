@@ -482,6 +482,23 @@ def test_a_users_files_in_an_output_folder_are_kept_and_a_bundle_stays_out_of_ar
                                         rf"\(images/a.png and 1 more\): move them out first, or choose another --out"):
         uadc.bundle(res.path, line, force=True)
     assert (line / "images" / "a.png").read_bytes() == b"theirs"
+    shutil.rmtree(line / "images")
+    (line / "run_line.sh").unlink()
+    (line / "photos").mkdir()   # an empty folder of the user's went without a word
+    with pytest.raises(UadcError, match=r"holds files its artifact.json does not list \(photos/\)"):
+        check_replaceable(line)
+    notes = tmp_path / "notes"   # a copy of a report made a folder of notes and photos uadc's: `compile --force`
+    notes.mkdir()                # replaced it whole
+    shutil.copy(res.path / "report.json", notes)
+    (notes / "notes.txt").write_text("mine")
+    with pytest.raises(UadcError, match=rf"^output folder {notes} holds files no uadc step writes there \(notes.txt "
+                                        rf"and 1 more\): move them out first, or choose another --out"):
+        check_replaceable(notes)
+    qat = tmp_path / "qat"       # a QAT run's folder is replaced (its two files)
+    qat.mkdir()
+    (qat / "qat.json").write_text(json.dumps({"recipe_hash": "r", "model_hash": "m", "target": "ort-cpu-int8"}))
+    (qat / "qat_model.onnx").write_bytes(b"x")
+    check_replaceable(qat)
     copy = tmp_path / "copy"
     shutil.copytree(res.path, copy)
     with pytest.raises(UadcError, match=f"--out {copy / 'sub'}: inside the artifact folder {copy}"):

@@ -266,6 +266,12 @@ def _fake_uadc_out(e: Env) -> None:
     d.mkdir()
     (d / "report.json").write_text('{"schema": 3, "target": "ort-cpu-fp32", "recipe_hash": "0123456789abcdef"}')
     (d / "old.txt").write_text("from an older compile")
+    (d / "artifact.json").write_text('{"schema": 1, "uadc_version": "0.1", "files": {"report.json": "0", "old.txt": "0"}}')
+
+
+def _copied_report(e: Env) -> None:
+    _fake_uadc_out(e)
+    (e.d / "old_out" / "artifact.json").unlink()   # a report.json copied among notes: not an artifact folder
 
 
 def _ckpt_in_recipe_dir(e: Env) -> None:
@@ -548,6 +554,10 @@ CASES: list[Case] = [
                                                    "--force"),
          code=0, msg="artifact written", setup=_fake_uadc_out, allow=("old_out", ".old_out.lock"), slow=True,
          check=_sound_artifact("old_out")),
+    # a folder of notes holding a copy of a report.json was uadc's: replaced whole, the notes with it
+    Case("out-force-a-folder-with-a-copied-report", COMPILE("--target", "ort-cpu-fp32", "--no-eval", "--out", "old_out",
+                                                            "--force"),
+         msg="holds files no uadc step writes there (old.txt and 1 more)", setup=_copied_report),
     # options ---------------------------------------------------------------------------------
     Case("opt-quantize-comma", COMPILE("--no-eval", "--quantize", ",", "--out", "o"), msg="empty items"),
     Case("opt-quantize-unknown", COMPILE("--no-eval", "--quantize", "everything", "--out", "o"), msg="everything"),

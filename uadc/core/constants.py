@@ -24,6 +24,7 @@ ENGINE_FILE = "model.engine"   # a TensorRT artifact's engine, built on the devi
 ENGINE_SOURCE_SUFFIX = ".onnx.sha256"   # build_engine.sh writes <engine>.onnx.sha256: the model.onnx it built from
 TIMING_CACHE_FILE = "timing.cache"      # build_engine.sh's (trtexec --timingCacheFile), beside the engine
 IMPLICIT_ENGINE_FILE = "model_implicit.engine"   # the implicit-quantization build a TensorRT artifact's README gives
+QAT_FILE, QAT_JSON = "qat_model.onnx", "qat.json"   # what `uadc qat` writes into its folder
 DEVICE_FILES = (ENGINE_FILE, ENGINE_FILE + ENGINE_SOURCE_SUFFIX, TIMING_CACHE_FILE, IMPLICIT_ENGINE_FILE)   # unlisted
 CHECKPOINT_FILE = "checkpoint.pt"
 EVAL_FILE = "eval.json"

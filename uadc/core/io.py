@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
-from uadc.core.constants import DEVICE_FILES, ENGINE_FILE, ENGINE_SOURCE_SUFFIX, MANIFEST_FILE
+from uadc.core.constants import DEVICE_FILES, ENGINE_FILE, ENGINE_SOURCE_SUFFIX, MANIFEST_FILE, QAT_FILE, QAT_JSON
 from uadc.core.errors import UadcError, one_line
 from uadc.core.process import exchange_paths, signals_deferred
 
@@ -39,7 +39,7 @@ LOCK_INSIDE = "uadc.lock"   # a folder's own lock file (hidden) where its parent
 # a folder uadc wrote holds one of these, as uadc writes it (keys it always has): a user's own
 # report.json made --force delete the folder and every file beside it
 OUTPUT_MARKERS = {"artifact.json": ("schema", "uadc_version", "files"), "report.json": ("schema", "target", "recipe_hash"),
-                  "qat.json": ("recipe_hash", "model_hash", "target"), "compare.json": ("cells", "target", "fp32"),
+                  QAT_JSON: ("recipe_hash", "model_hash", "target"), "compare.json": ("cells", "target", "fp32"),
                   "sweep.json": ("cells", "pareto", "name")}
 _TMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TMP_TAG)
                      + r"(?P<pid>\d+)(?:@(?P<host>[0-9a-f]{8})(?:\.(?P<boot>[0-9a-f]{4}))?)?-[0-9a-f]+(?:\.tmp)?$")
@@ -330,10 +330,13 @@ def check_replaceable(final: Path, replace: bool = True, remedy: str = "choose a
     if not is_output_dir(final):
         raise UadcError(f"output folder {final} exists and was not written by uadc; "
                         f"{remedy} (nothing was changed)")
-    added = files_added_to_artifact(final)
+    listed = (final / MANIFEST_FILE).is_file()   # else a QAT run's folder: its two files, nothing else
+    added = files_added_to_artifact(final) if listed else _files_added(final, {QAT_FILE, QAT_JSON})
     if added:   # a user's images and scripts beside the artifact went with it, without a word
         more = f" and {len(added) - 1} more" if len(added) > 1 else ""
-        raise UadcError(f"output folder {final} holds files its {MANIFEST_FILE} does not list ({added[0]}{more}): "
+        # a copied report.json made a folder of notes and photos uadc's, replaced whole by `compile --force`
+        what = f"files its {MANIFEST_FILE} does not list" if listed else "files no uadc step writes there"
+        raise UadcError(f"output folder {final} holds {what} ({added[0]}{more}): "
                         f"move them out first, or {remedy} (nothing was changed)")
     if not replace:
         raise UadcError(f"output folder {final} exists; pass --force (force=True) to replace it")
@@ -351,14 +354,25 @@ def files_added_to_artifact(folder: Path) -> list[str]:
         return []
     if not isinstance(listed, dict):
         return []
-    known = {*listed, MANIFEST_FILE, *DEVICE_FILES}
+    return _files_added(folder, {*listed, MANIFEST_FILE, *DEVICE_FILES})
+
+
+def _files_added(folder: Path, known: set[str]) -> list[str]:
+    """What in ``folder`` is none of the ``known`` files, their folders, uadc's temps or a file manager's litter;
+    a folder that holds none of the known files is named itself (an empty one went without a word)."""
+    parents = {p.as_posix() for k in known for p in Path(k).parents}
     added = []
     for root, dirs, files in os.walk(folder):   # links to folders are not walked: named themselves
-        for name in sorted(files) + sorted(d for d in dirs if os.path.islink(os.path.join(root, d))):
+        ours = [d for d in dirs if TMP_TAG in d]
+        dirs[:] = [d for d in dirs if d not in ours]   # a writer's temp folder: removed with the rest
+        for name in sorted(files) + sorted(dirs):
             rel = Path(root, name).relative_to(folder).as_posix()
+            is_dir = name in dirs and not os.path.islink(os.path.join(root, name))
+            if is_dir and (rel in parents or any(os.scandir(os.path.join(root, name)))):
+                continue   # a folder of files: each judged by itself
             if rel not in known and TMP_TAG not in name and not rel.startswith(f"{ENGINE_FILE}{ENGINE_SOURCE_SUFFIX}") \
                     and name not in _DESKTOP_LITTER and not name.startswith("._"):   # a file manager's, not a user's
-                added.append(rel)
+                added.append(rel + "/" * is_dir)
     return sorted(added)
 
 

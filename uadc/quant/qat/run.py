@@ -16,6 +16,7 @@ import torch
 from uadc.config.recipe import Recipe
 from uadc.config.settings import PtqSettings, resolve_ptq
 from uadc.config.targets import QAT_TARGETS, Target, get_target
+from uadc.core.constants import QAT_FILE, QAT_JSON
 from uadc.core.errors import UadcError
 from uadc.core.io import atomic_dir, atomic_write_json, check_replaceable, check_writable, read_json, sha256_file
 from uadc.core.numbers import whole_number
@@ -31,7 +32,6 @@ from uadc.training.checkpoint import model_hash
 
 log = logging.getLogger(__name__)
 
-QAT_FILE, QAT_JSON = "qat_model.onnx", "qat.json"
 QAT_METADATA = "uadc.qat"   # metadata_props key of a loaded QAT model: its settings and qat.json
 PROBE_IMAGES = 4
 
