@@ -340,6 +340,12 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
     qat_model = load_qat_model(recipe, TARGET, art)
     with pytest.raises(UadcError, match=f"qat_model: fine-tuned for {TARGET}, not trt-int8"):
         api.compile(qat_run["baseline"], "trt-int8", qat_model=qat_model, out=tmp_path / "trt2")
+    raw = onnx.load(str(art / recipe.name / f"qat_{TARGET}" / "qat_model.onnx"))   # read from disk: it shipped
+    with pytest.raises(UadcError, match=f"qat_model: fine-tuned for {TARGET}, not trt-int8"):
+        api.compile(qat_run["baseline"], "trt-int8", qat_model=raw, out=tmp_path / "trt3")
+    del raw.metadata_props[:]   # a model that says nothing of its target
+    with pytest.raises(UadcError, match="qat_model: it says nothing of the target it was fine-tuned for"):
+        api.compile(qat_run["baseline"], "trt-int8", qat_model=raw, out=tmp_path / "trt4")
     wide = onnx.ModelProto()
     wide.CopyFrom(qat_model)
     wide.graph.input[0].type.tensor_type.shape.dim[-1].dim_value = 999
@@ -447,7 +453,8 @@ def test_compile_from_qat_without_qat_model(qat_run, tmp_path):
                                     "--artifacts", str(art)])
     assert res.exit_code == 2, res.output
     out = res.output.strip()
-    assert out.startswith("error: ") and "run `uadc qat` first" in out and len(out.splitlines()) == 1
+    # the hint names the target: `uadc qat` alone fine-tuned for the recipe's, and the compile failed again
+    assert out.startswith("error: ") and f"run `uadc qat --target {TARGET}` first" in out and len(out.splitlines()) == 1
     assert "Traceback" not in out and sorted(p.relative_to(art) for p in art.rglob("*")) == before
 
 
@@ -511,3 +518,9 @@ def test_a_qat_model_with_other_weight_bits_than_the_recipe_is_refused(qat_run):
                          ({"per_channel": False}, "asks for 7-bit per-tensor")):
         with pytest.raises(UadcError, match=said):
             load_qat_model(recipe.with_overrides(compile=change), TARGET, art)
+    from uadc.config.targets import get_target
+    from uadc.quant.qat.run import check_qat_model   # the model read from disk into the API: the same check
+    raw = onnx.load(str(art / recipe.name / f"qat_{TARGET}" / "qat_model.onnx"))
+    check_qat_model(raw, get_target(TARGET), None, None)
+    with pytest.raises(UadcError, match="qat_model: it has 7-bit per-channel weights, the recipe asks for 8-bit"):
+        check_qat_model(raw, get_target(TARGET), None, False)

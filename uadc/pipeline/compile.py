@@ -42,7 +42,7 @@ from uadc.pipeline.deploy import bank_runner, deploy_evaluation, finalize_model,
 from uadc.pipeline.precision import AutoPrecision, auto_candidates, search_precision
 from uadc.pipeline.precision_trt import fp32_layers
 from uadc.quant.calibrate import calibrate_ranges
-from uadc.quant.qat.run import QAT_METADATA
+from uadc.quant.qat.run import QAT_METADATA, check_qat_model
 from uadc.report.markdown import render_markdown
 from uadc.report.results import CompileResult, Latency, Metrics
 from uadc.verify.polygraphy_compare import compare_stats, ort_runner
@@ -261,7 +261,7 @@ def _check_options(target: Target, ptq: PtqSettings, opts: CompileOptions) -> No
     if opts.build_engine and target.runtime != "tensorrt":
         raise UadcError(f"--build-engine builds a TensorRT engine; target {target.name} runs on {target.runtime}")
     if opts.qat_model is not None:
-        _check_qat_options(target, opts, given, ptq.quantize)
+        _check_qat_options(target, opts, given, ptq)
     if not 1 <= opts.latency_runs <= 10_000:
         raise UadcError(f"latency runs must be within 1..10000, got {opts.latency_runs}")
 
@@ -272,7 +272,7 @@ def _check_qat_size(model: onnx.ModelProto | None, size: int) -> None:   # ONNX 
         raise UadcError(f"qat_model: it takes {dims[-1].dim_value} px inputs, the model being compiled {size} px")
 
 
-def _check_qat_options(target: Target, opts: CompileOptions, given: dict, recipe_quantize: tuple) -> None:
+def _check_qat_options(target: Target, opts: CompileOptions, given: dict, ptq: PtqSettings) -> None:
     """A QAT model carries its own scales and quantized partitions: calibration options would be
     ignored, and another ``quantize`` would only be written into the report (the recipe's: warned)."""
     if not isinstance(opts.qat_model, onnx.ModelProto):
@@ -281,19 +281,17 @@ def _check_qat_options(target: Target, opts: CompileOptions, given: dict, recipe
         raise UadcError(f"--from-qat needs an int8 target; {target.name} is {target.precision}")
     if not any(n.op_type in QDQ_OPS for n in opts.qat_model.graph.node):   # reported as an int8 QAT artifact before
         raise UadcError("qat_model: it has no Q/DQ nodes (not a QAT model); give the model uadc.qat wrote")
-    made_for = json.loads({p.key: p.value for p in opts.qat_model.metadata_props}.get(QAT_METADATA, "{}")).get("target")
-    if made_for not in (None, target.name):
-        raise UadcError(f"qat_model: fine-tuned for {made_for}, not {target.name}: run `uadc qat --target {target.name}`")
     ignored = [k for k, v in given.items() if v is not None and not k.startswith("--quantize")]
     if ignored:
         raise UadcError(f"--from-qat: the QAT model carries its own scales, so these do not apply: {'; '.join(ignored)}")
+    check_qat_model(opts.qat_model, target, ptq.per_channel, ptq.reduce_range)
     if opts.quantize is not None and sorted(opts.quantize) != _qat_partitions(opts.qat_model):
         raise UadcError(f"--from-qat: the QAT model quantizes {', '.join(_qat_partitions(opts.qat_model)) or 'nothing'}, "
                         f"not {', '.join(opts.quantize)}")
-    if opts.quantize is None and sorted(recipe_quantize) != _qat_partitions(opts.qat_model):   # changed since, unsaid
+    if opts.quantize is None and sorted(ptq.quantize) != _qat_partitions(opts.qat_model):   # changed since, unsaid
         log.warning("--from-qat: the QAT model quantizes %s (as `uadc qat` was run), not the recipe's compile.quantize "
                     "%s; run `uadc qat` again to follow the recipe", ", ".join(_qat_partitions(opts.qat_model)),
-                    ", ".join(recipe_quantize))
+                    ", ".join(ptq.quantize))
 
 
 def _qat_partitions(model: onnx.ModelProto) -> list[str]:

@@ -170,6 +170,9 @@ def _summary(recipe: Recipe, checkpoint: Path | None, sha256: str | None, target
 
 
 def _write(out: Path, qat_model: onnx.ModelProto, summary: dict) -> None:
+    # the model itself says what it was fine-tuned for: read from disk into `uadc.compile(qat_model=)`, another
+    # target's model (TensorRT's 8-bit float-weight Q/DQ as ort-cpu-int8) shipped unchecked
+    _set_record(qat_model, {"target": summary["target"], "settings": summary["settings"]})
     with atomic_dir(out) as tmp:
         onnx.save(qat_model, str(tmp / QAT_FILE))
         summary["model_sha256"] = sha256_file(tmp / QAT_FILE)   # another target's model copied in compiled as this one
@@ -185,7 +188,7 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
     d = qat_dir(recipe, target, artifacts)
     path = d / QAT_FILE
     if not path.is_file():
-        raise UadcError(f"no QAT model for target {target} at {path}: run `uadc qat` first")
+        raise UadcError(f"no QAT model for target {target} at {path}: run `uadc qat --target {target}` first")
     meta = read_json(d / QAT_JSON, "QAT summary")
     again = "run `uadc qat` again"
     # a qat.json of uadc before 0.2's path-free model hash holds the hash of the data and model sections
@@ -197,11 +200,10 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
     if meta.get("target") not in (None, target):   # a TensorRT artifact shipped with CPU-style quantization
         raise UadcError(f"QAT model {path} was fine-tuned for {meta['target']}, not {target}: run "
                         f"`uadc qat --target {target}`")
-    made, wanted = _settings(meta, d / QAT_JSON).get("weights"), _weights(PassContext(
-        target=get_target(target), per_channel=recipe.compile.per_channel, reduce_range=recipe.compile.reduce_range))
-    if made is not None and made != wanted and (made["bits"] != wanted["bits"] or recipe.compile.per_channel is not None):
-        raise UadcError(f"QAT model {path} has {_said(made)} weights, recipe {recipe.name} asks for {_said(wanted)} "
-                        f"(compile.reduce_range / per_channel): {again}")
+    differ = _weights_differ(_settings(meta, d / QAT_JSON).get("weights"), get_target(target),
+                             recipe.compile.per_channel, recipe.compile.reduce_range)
+    if differ:
+        raise UadcError(f"QAT model {path} {differ.replace('the recipe', f'recipe {recipe.name}')}: {again}")
     sha = meta.get("checkpoint_sha256")
     if checkpoint is not None and sha is not None and Path(checkpoint).is_file() and sha != sha256_file(checkpoint):
         raise UadcError(f"QAT model {path} was fine-tuned from another checkpoint than {checkpoint} (trained again "
@@ -214,6 +216,30 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
     except Exception as exc:
         raise UadcError(f"cannot read QAT model {path}: {exc}") from None
     return with_qat_record(model, meta.get("settings"), path, meta.get("target"))
+
+
+def _weights_differ(made: dict | None, target: Target, per_channel: bool | None, reduce_range: bool | None) -> str | None:
+    """How weights made at QAT differ from what the recipe asks for (a per-channel choice only where it asks)."""
+    wanted = _weights(PassContext(target=target, per_channel=per_channel, reduce_range=reduce_range))
+    if made is not None and made != wanted and (made["bits"] != wanted["bits"] or per_channel is not None):
+        return f"has {_said(made)} weights, the recipe asks for {_said(wanted)} (compile.reduce_range / per_channel)"
+    return None
+
+
+def check_qat_model(model: onnx.ModelProto, target: Target, per_channel: bool | None, reduce_range: bool | None) -> None:
+    """A QAT model given to compile was fine-tuned for ``target``, with the weights the recipe asks for."""
+    record = json.loads({p.key: p.value for p in model.metadata_props}.get(QAT_METADATA, "null"))
+    if not isinstance(record, dict):
+        raise UadcError(f"qat_model: it says nothing of the target it was fine-tuned for (not written by this uadc's "
+                        f"`uadc qat`); run `uadc qat --target {target.name}` again")
+    made_for = record.get("target")
+    if made_for not in (None, target.name):   # None: a qat.json written before targets were recorded
+        raise UadcError(f"qat_model: fine-tuned for {made_for}, not {target.name}: run `uadc qat --target {target.name}`")
+    settings = record.get("settings")
+    differ = _weights_differ(settings.get("weights") if isinstance(settings, dict) else None, target, per_channel,
+                             reduce_range)
+    if differ:
+        raise UadcError(f"qat_model: it {differ}: run `uadc qat --target {target.name}` again")
 
 
 def _weights(ctx: PassContext) -> dict:
@@ -239,10 +265,17 @@ def with_qat_record(model: onnx.ModelProto, settings: dict | None, qat_file: Pat
                     target: str | None = None) -> onnx.ModelProto:
     """``model`` (read from ``qat_file``) with what it was fine-tuned with (and for) in its metadata, for the
     compile's report and its target check; the file's sha256 ties the report to it (a later `uadc qat` replaces it)."""
+    return _set_record(model, {"settings": settings, "summary": str(qat_file.parent / QAT_JSON),
+                               "model_sha256": sha256_file(qat_file), "target": target})
+
+
+def _set_record(model: onnx.ModelProto, record: dict) -> onnx.ModelProto:
+    kept = [p for p in model.metadata_props if p.key != QAT_METADATA]   # one record: the file's own is replaced
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
     entry = model.metadata_props.add()
-    entry.key, entry.value = QAT_METADATA, json.dumps({"settings": settings, "summary": str(qat_file.parent / QAT_JSON),
-                                                       "model_sha256": sha256_file(qat_file), "target": target})
+    entry.key, entry.value = QAT_METADATA, json.dumps(record)
     return model
 
 
-__all__ = ["QatOptions", "QatResult", "run_qat", "load_qat_model", "with_qat_record"]
+__all__ = ["QatOptions", "QatResult", "run_qat", "load_qat_model", "with_qat_record", "check_qat_model"]
