@@ -496,6 +496,8 @@ def test_qat_with_another_recipes_baseline_compiles_into_its_own_folder(qat_run,
     import yaml
 
     import uadc
+    with pytest.raises(UadcError, match="^qat: expected a recipe, a checkpoint, a KDModel or a Baseline, got int 42"):
+        uadc.qat(qat_run["recipe_path"], TARGET, source=42)   # said "compile: ..."
     cfg = yaml.safe_load(qat_run["recipe_path"].read_text())
     cfg.update(name="other", deploy={"postprocess": True, "false_alarm_rate": 0.2})
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(cfg))

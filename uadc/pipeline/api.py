@@ -369,6 +369,8 @@ def _qat_run(r: Recipe, target: str, t: Any, epochs: int | None, source: Any, ar
         _baseline_recipe(b, r, "qat", ("data", "model"))
         b = b.with_recipe(r)   # its artifact goes to r's folder with r's deploy settings (it went to the Baseline's)
     else:
+        if source is not None:
+            _check_source(source, "qat")   # named as qat's argument ("compile: expected a recipe ..." before)
         b = baseline(source if source is not None else r, r, artifacts=artifacts)
     opts = QatOptions(target=target, epochs=epochs)
     _, ptq = qat_settings(r, opts, t)
