@@ -199,7 +199,7 @@ def test_compile_after_one_class_training_names_what_compiles_them(recipe_factor
                                     str(art / "tiny" / "one_class" / "gray" / "checkpoint.pt"), "--artifacts", str(art)])
     assert res.exit_code == 2 and res.output.rstrip().endswith(
         "retrain with `uadc train` (a one-class checkpoint is judged by `uadc eval --one-class` of the recipe that "
-        "trained it)"), res.output
+        "trained it; `uadc train --one-class` retrains those)"), res.output
 
 
 def test_one_class_epoch_lines_name_their_category(recipe_factory, tmp_path):

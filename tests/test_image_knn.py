@@ -325,3 +325,5 @@ def test_k_above_the_bank_is_a_warning(recipe_factory, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="uadc"):
         uadc.train(r, artifacts=tmp_path / "art")
     assert "model.image_knn.k 64 is more than its bank of" in caplog.text
+    # every training image is in the bank: raising max_bank, which it said, changes nothing
+    assert "(lower k, or give more training images)" in caplog.text and "max_bank" not in caplog.text

@@ -233,7 +233,8 @@ def _check_metadata(blob: dict, path: Path) -> None:
 
 
 _MODEL_SECTIONS = ("name", "seed", "data", "model", "train")
-_ONE_CLASS_HINT = " (a one-class checkpoint is judged by `uadc eval --one-class` of the recipe that trained it)"
+_ONE_CLASS_HINT = (" (a one-class checkpoint is judged by `uadc eval --one-class` of the recipe that trained it; "
+                   "`uadc train --one-class` retrains those)")   # `uadc train` alone left eval --one-class refusing
 
 
 def trained_recipe(blob: dict, path: Path) -> Recipe:

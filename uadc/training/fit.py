@@ -165,7 +165,8 @@ def fit_image_knn(model: KDModel, images: torch.Tensor, val_images: torch.Tensor
     knn.set_bank(bank[knn.bank_indices(len(bank), max_bank, seed).to(bank.device)])  # on the model's device
     if knn.k > knn.bank_size:   # the term averaged over every bank image, silently
         log.warning("model.image_knn.k %d is more than its bank of %d training images: each score averages "
-                    "over all of them (lower k, or raise image_knn.max_bank)", knn.k, knn.bank_size)
+                    "over all of them (lower k%s)", knn.k, knn.bank_size,   # max_bank only where it capped the bank
+                    ", or raise image_knn.max_bank" if knn.bank_size < len(bank) else ", or give more training images")
     scores, dists = [], []
     for i in range(0, len(val_images), batch_size):
         x = val_images[i:i + batch_size]

@@ -161,7 +161,7 @@ def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, images: torch.
     if "image_knn" in banks:
         stages["image_knn"] = fit_image_knn(model, images, knn_val.to(device),
                                             recipe.cfg["model"]["image_knn"]["max_bank"], recipe.seed)
-    seconds = round(time.time() - t0 - sum(h.get("eval_seconds", 0) for h in history), 1)
+    seconds = round(max(time.time() - t0 - sum(h.get("eval_seconds", 0) for h in history), 0.0), 1)
     model.cpu()
     stats = {**model_stats(model, recipe.data.image_size), "train_peak_rss_mb": peak_rss_mb()}
     save_checkpoint(path, model, recipe, history, [cat] if cat else cats,
