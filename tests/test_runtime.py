@@ -1098,6 +1098,12 @@ def test_an_unverified_load_reads_no_model_from_outside_the_artifact(int8_artifa
         for verify in (False, True):
             with pytest.raises(UadcError, match=r"artifact\.json: file entry .* leaves the artifact folder$"):
                 Detector.load(folder, verify=verify)
+    import uadc   # a name longer than a file name can be: a raw OSError (ENAMETOOLONG) from the API
+    meta = json.loads((folder / "artifact.json").read_text())
+    (folder / "artifact.json").write_text(json.dumps({**meta, "model_file": "model.onnx",
+                                                      "files": {**meta["files"], "a" * 5000: "0" * 64}}))
+    with pytest.raises(UadcError, match=r"artifact\.json: file entry 'a+'\.\.\. is longer than a file name can be$"):
+        uadc.read_manifest(folder)
 
 
 def test_wrong_types_at_the_runtimes_helpers_are_one_line(int8_artifact):

@@ -435,6 +435,8 @@ def read_manifest(folder: PathArg, verify: bool = True) -> Manifest:
     for rel in (manifest.model_file, *manifest.files):   # even unverified, nothing is read from outside the folder
         if ".." in Path(rel).parts or Path(rel).is_absolute():
             raise UadcError(f"{path}: file entry {rel!r} leaves the artifact folder")
+        if any(len(os.fsencode(p)) > 255 for p in Path(rel).parts) or len(os.fsencode(rel)) > 4000:
+            raise UadcError(f"{path}: file entry {rel[:60]!r}... is longer than a file name can be")   # OSError before
     if verify:
         verify_files(folder, manifest)
     listed = set(manifest.files)
