@@ -69,7 +69,7 @@ def test_compare_writes_matrix_and_cell_folders_and_reuses_cells(trained, tmp_pa
     assert json.loads((out / "compare.json").read_text()) == result
 
 
-def test_compare_other_inputs_make_records_stale(trained, tmp_path):
+def test_compare_other_inputs_make_records_stale(trained, tmp_path, caplog):
     """Other inputs recompile the same folder, so the first inputs' record no longer names their result."""
     from uadc.pipeline import api
     d, recipe = trained
@@ -84,6 +84,25 @@ def test_compare_other_inputs_make_records_stale(trained, tmp_path):
     assert report.stat().st_mtime_ns != stamp   # compiled again, not the 4-sample folder read back
     assert json.loads((report.parent / "calibration.json").read_text())["samples"] == 8
     assert len(list((tmp_path / "o" / "records").glob("*.json"))) == 1
+    # another run's record written while this one waited for the folder: it survived, naming the folder this run
+    # then filled, and a later rerun reused it (the other run's figures under its settings, exit 0)
+    import threading
+    import time
+
+    from uadc.core.io import file_lock
+    (theirs,) = (tmp_path / "o" / "records").glob("*.json")
+    text = theirs.read_text()
+    with file_lock(tmp_path / "o"):
+        t = threading.Thread(target=lambda: run(calib_samples=4))
+        with caplog.at_level("INFO", logger="uadc"):
+            t.start()
+            for _ in range(600):
+                if "waiting for another uadc process writing" in caplog.text:
+                    break
+                time.sleep(0.1)
+            theirs.write_text(text)
+    t.join(300)
+    assert [p.read_text() != text for p in (tmp_path / "o" / "records").glob("*.json")] == [True]
 
 
 @pytest.mark.parametrize("extra, text", [

@@ -52,13 +52,16 @@ def run_fixed_grid(recipe: Recipe, axes: Axes, out: Path, artifacts: Path, folde
     if baseline is None:   # a checkpoint of other settings failed every cell, after the work, into a half-made out
         from uadc.training.checkpoint import load_checkpoint
         load_checkpoint(ckpt, recipe)
-    _drop_records(plan, out, sha256_file(ckpt) if reuse else None)
+    sha = sha256_file(ckpt) if reuse else None
     from uadc.pipeline.sweep import cells as C
     from uadc.pipeline.sweep.run import run_plan
     seeded = (C.given_baseline(C.ensure_model(model, artifacts, False), run, baseline)
               if baseline is not None and local else nullcontext())
     with seeded:
-        res = run_plan(plan, artifacts, out, address=address, sequential=local, table=False)
+        # under the folder's lock: records another run into it wrote meanwhile named folders this run then
+        # filled, and a later rerun reused them, another run's figures under this one's settings
+        res = run_plan(plan, artifacts, out, address=address, sequential=local, table=False,
+                       locked=lambda: _drop_records(plan, out, sha))
     failed = {r["cell"]: r["error"] for r in res.rows if r["status"] != "ok"}
     if failed and (not keep_failed or len(failed) == len(plan.cells)):
         cell, error = next(iter(failed.items()))

@@ -102,9 +102,9 @@ def check_grid_out(out: Path) -> None:
 
 def run_plan(plan: Plan, artifacts: Path, out: Path, *, address: str | None = None, num_cpus: int | None = None,
              sequential: bool = False, on_record: Callable[[dict], None] | None = None, table: bool = True,
-             t0: float | None = None) -> SweepResult:
+             t0: float | None = None, locked: Callable[[], None] | None = None) -> SweepResult:
     """Run a plan into ``out`` (absolute paths); ``table=False``: only the cell records, no sweep.* files
-    (``uadc calibrators compare`` writes its own matrix)."""
+    (``uadc calibrators compare`` writes its own matrix); ``locked`` runs first under the folder's lock."""
     t0 = time.time() if t0 is None else t0
     if num_cpus is not None:
         whole_number(num_cpus, "num_cpus")
@@ -129,6 +129,8 @@ def run_plan(plan: Plan, artifacts: Path, out: Path, *, address: str | None = No
         with file_lock(out):   # a second run into the folder waits, then reuses (both compiled every cell before)
             # the grid's mark before its first cell: one stopped in it left cells/ alone, which its rerun refused
             ensure_dir(out / RECORDS)
+            if locked is not None:
+                locked()
             return _run_plan(plan, artifacts, out, address, num_cpus, sequential, on_record, table, t0)
     except BaseException:
         if made and [p.name for p in out.iterdir()] in ([], [RECORDS]):   # a new --out that nothing was written
