@@ -740,6 +740,15 @@ def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path, monkeypat
         with pytest.raises(UadcError, match=f"--out {out}: {said} folder"):
             predict_paths(Detector.load(res.path), [res.path / "model.onnx"], out=out)
     assert sorted(p.name for p in latin1.iterdir()) == sorted(p.name for p in res.path.iterdir())
+    from click.testing import CliRunner
+
+    from uadc.cli import main
+    monkeypatch.chdir(latin1)   # the default --out inside the artifact: named as the default, not as typed
+    r = CliRunner().invoke(main, ["predict", ".", str(res.path / "model.onnx")])
+    assert r.exit_code == 2 and "--out (default, not given) predictions: inside the artifact folder" in r.output
+    import uadc   # a bundle's source as typed (relative) beside its absolute path
+    monkeypatch.chdir(res.path.parent)
+    assert uadc.bundle(res.path.name, tmp_path / "b1").source == res.path
     with pytest.raises(UadcError, match=r"an artifact of target ort-cpu-int8 has no TensorRT engine; backend auto "
                                         r"or onnxruntime$"):      # "run build_engine.sh", which it has not
         Detector.load(res.path, backend="tensorrt")

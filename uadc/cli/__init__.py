@@ -167,6 +167,9 @@ def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out:
     """Run a compiled artifact (verified against its artifact.json) on image files and folders."""
     from uadc.runtime import Detector
     from uadc.runtime.batch import predict_paths
+    if click.get_current_context().get_parameter_source("out") is click.core.ParameterSource.DEFAULT:
+        from uadc.core.manifest import check_outside_artifacts   # "--out predictions" named an option not typed
+        check_outside_artifacts(out, what="--out (default, not given)")
     with Detector.load(artifact, backend=backend, batch_size=batch_size, schedule=schedule, threads=threads) as det:
         run = predict_paths(det, list(inputs), category, out, overlays, batch_size)
     from uadc.core.images import shown   # not at import: `uadc doctor` runs where Pillow is broken

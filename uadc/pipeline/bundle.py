@@ -103,7 +103,7 @@ def bundle(artifact: PathArg, out: PathArg, *, force: bool = False) -> BundleRes
                     "Detector refuse the bundle; it serves raw scores only", source)
     # left out: a bundle's bundle's too (it said "nothing"); the path absolute, as compile's
     device = [rel for rel in device if (source / rel).is_file()]
-    return BundleResult(final, source, keep, sorted([*provenance["left_out"], *device]), list(manifest.unlisted),
+    return BundleResult(final, source.absolute(), keep, sorted([*provenance["left_out"], *device]), list(manifest.unlisted),
                         sum((final / rel).stat().st_size for rel in [*keep, MANIFEST_FILE]),
                         sum((source / rel).stat().st_size for rel in [*manifest.files, MANIFEST_FILE]
                             if rel not in device and (source / rel).is_file()))
