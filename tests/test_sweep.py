@@ -733,6 +733,10 @@ def test_two_sweeps_missing_one_model_train_it_once(tmp_path, tiny_data, monkeyp
         t.join(30)
     assert len(calls) == 1 and len(infos) == 2 and infos[0].sha256 == infos[1].sha256
     assert sorted(i.trained for i in infos) == [False, True]
+    from dataclasses import replace   # a worker reading the checkpoint after a retrain: its cells were recorded
+    from uadc.pipeline.sweep.spec import RunConfig  # under the sweep's checkpoint, with the new one's latency
+    with pytest.raises(UadcError, match="was trained again since the sweep read it; run the sweep again"):
+        C._baseline(model, replace(infos[0], sha256="0" * 64), RunConfig(threads=1), None).checkpoint_sha256
 
 
 def test_a_sweeps_bad_recipe_and_empty_axis_value_are_named(tiny, tmp_path):

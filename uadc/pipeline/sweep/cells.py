@@ -98,6 +98,9 @@ def _baseline(model: Model, info: ModelInfo, run: RunConfig, state: BaselineStat
     b = _BASELINES.get(key)
     if b is None:
         b = api.baseline(Path(info.checkpoint), model.recipe(), threads=run.threads)
+        if b.checkpoint_sha256 not in (None, info.sha256):   # a worker's cells recorded under the sweep's checkpoint
+            raise UadcError(f"checkpoint {info.checkpoint} was trained again since the sweep read it; run the sweep "
+                            f"again")
         if state is not None:  # computed once per model by its baseline task
             import onnx
             b.__dict__["fp32_simplified"] = (onnx.load_from_string(state.onnx), state.records)
