@@ -160,7 +160,8 @@ def _prepare(out: Path, runs: list[str]) -> None:
 
 def run_bench(sweep: Path, checkpoint: Path, out: Path, order: list[str], num_cpus: int,
               log: Callable[[str], None] = _log, command: str = "") -> dict:
-    from uadc.core.io import atomic_write_json, atomic_write_text, ensure_dir, sha256_file
+    from uadc.core.hashing import sha256_file
+    from uadc.core.io import atomic_write_json, atomic_write_text, ensure_dir
     from uadc.training.checkpoint import load_checkpoint
     sweep, checkpoint, out = sweep.resolve(), checkpoint.resolve(), out.resolve()
     plan = plan_of(sweep)

@@ -141,7 +141,7 @@ def edited_artifact(src: Path, dst: Path, model=None, **changes) -> Path:
     """A copy of artifact ``src`` with ``changes`` in artifact.json and in the model's own uadc.deploy
     metadata (or another ``model`` in its place), every sha256 updated: a consistent, edited artifact."""
     import onnx
-    from uadc.core.io import sha256_file
+    from uadc.core.hashing import sha256_file
     from uadc.core.manifest import Manifest
     from uadc.export.onnx_export import set_metadata
     shutil.copytree(src, dst)

@@ -1001,7 +1001,7 @@ def test_progress_bars_draw_when_asked_and_quiet_ones_start_no_thread(capsys):
 def test_a_baseline_kept_across_a_retrain_names_the_checkpoint_it_read(recipe_factory, tmp_path):
     """golden.json's checkpoint_sha256 (what `uadc verify` tells a retrain by) hashed the file at compile time:
     a Baseline built before `uadc train` ran again named the new checkpoint for the old model."""
-    from uadc.core.io import sha256_file
+    from uadc.core.hashing import sha256_file
     from uadc.verify.golden import read_golden
     r, art = recipe_factory(train={"epochs": 1, "threads": 1}), tmp_path / "art"
     uadc.train(r, artifacts=art)

@@ -758,7 +758,7 @@ def test_an_artifact_with_external_weights_is_not_run_in_parts_or_bundled(int8_a
     import onnx
     import uadc
     from conftest import edited_artifact
-    from uadc.core.io import sha256_file
+    from uadc.core.hashing import sha256_file
     _, _, res = int8_artifact
     m = onnx.load(str(res.path / "model.onnx"))
     onnx.external_data_helper.convert_model_to_external_data(m, location="w.bin", size_threshold=1024)

@@ -280,7 +280,7 @@ def test_one_class_comparison_uses_only_this_recipes_unified_eval(tmp_path):
     path = tmp_path / "eval.json"
     ckpt = tmp_path / "checkpoint.pt"
     ckpt.write_bytes(b"weights")
-    from uadc.core.io import sha256_file
+    from uadc.core.hashing import sha256_file
     sha = sha256_file(ckpt)
 
     def written(cats, recipe_hash=recipe.hash, checkpoint_sha=sha, data=data_fingerprint(recipe)) -> EvalResult | None:

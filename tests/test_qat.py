@@ -314,7 +314,7 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
     summary = art / recipe.name / f"qat_{TARGET}" / "qat.json"
     assert json.loads(summary.read_text())["settings"]["epochs"] == 1
     # what the QAT model was fine-tuned with is in the compile's report (it was recorded nowhere)
-    from uadc.core.io import sha256_file   # which qat_model.onnx: a later `uadc qat` replaces it under the same path
+    from uadc.core.hashing import sha256_file   # which qat_model.onnx: a later `uadc qat` replaces it under the same path
     assert qat_report["qat"] == {"settings": json.loads(summary.read_text())["settings"], "summary": str(summary),
                                  "model_sha256": sha256_file(summary.parent / "qat_model.onnx"), "target": TARGET}
 

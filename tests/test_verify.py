@@ -48,7 +48,7 @@ def artifacts(tmp_path_factory, tiny_data):
 def _scaled_copy(src: Path, dst: Path, factor: float, rehash: bool = True) -> Path:
     """The artifact with every student conv weight scaled (an injected regression), its sha256 in
     artifact.json updated to match (``rehash``: else a file changed after compile)."""
-    from uadc.core.io import sha256_file
+    from uadc.core.hashing import sha256_file
     shutil.copytree(src, dst)
     m = onnx.load(str(dst / "model.onnx"))
     from uadc.export.partitions import partition_of
@@ -890,7 +890,7 @@ def test_forged_metadata_and_json_nested_too_deeply_are_one_line(artifacts, tiny
     """An edited `uadc.image_size` of 200000 made `diff --images` take 23 GB (0 blamed every image); JSON nested
     100k deep (a report.json, a model's metadata) was a RecursionError traceback, exit 1, where verify, diff
     and bundle read it."""
-    from uadc.core.io import sha256_file
+    from uadc.core.hashing import sha256_file
     from uadc.export.onnx_export import set_metadata
     _, fp32, _ = artifacts
     model = onnx.load(str(fp32 / "model.onnx"))

@@ -3,7 +3,7 @@ line and no traceback, and that nothing outside the case's intended output chang
 
 from __future__ import annotations
 
-from uadc.core.io import sha256_file
+from uadc.core.hashing import sha256_file
 import os
 import stat
 import traceback

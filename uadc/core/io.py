@@ -332,12 +332,10 @@ def check_replaceable(final: Path, replace: bool = True, remedy: str = "choose a
                         f"{remedy} (nothing was changed)")
     listed = (final / MANIFEST_FILE).is_file()   # else a QAT run's folder: its two files, nothing else
     added = files_added_to_artifact(final) if listed else _files_added(final, {QAT_FILE, QAT_JSON})
-    if added:   # a user's images and scripts beside the artifact went with it, without a word
-        more = f" and {len(added) - 1} more" if len(added) > 1 else ""
-        # a copied report.json made a folder of notes and photos uadc's, replaced whole by `compile --force`
+    if added:   # a user's images and scripts beside the artifact (or a copied report.json's) went with it, unsaid
         what = f"files its {MANIFEST_FILE} does not list" if listed else "files no uadc step writes there"
-        raise UadcError(f"output folder {final} holds {what} ({added[0]}{more}): "
-                        f"move them out first, or {remedy} (nothing was changed)")
+        raise UadcError(f"output folder {final} holds {what} ({added[0]}{f' and {len(added) - 1} more' * (len(added) > 1)}"
+                        f"): move them out first, or {remedy} (nothing was changed)")
     if not replace:
         raise UadcError(f"output folder {final} exists; pass --force (force=True) to replace it")
 
@@ -363,12 +361,11 @@ def _files_added(folder: Path, known: set[str]) -> list[str]:
     parents = {p.as_posix() for k in known for p in Path(k).parents}
     added = []
     for root, dirs, files in os.walk(folder):   # links to folders are not walked: named themselves
-        ours = [d for d in dirs if TMP_TAG in d]
-        dirs[:] = [d for d in dirs if d not in ours]   # a writer's temp folder: removed with the rest
+        dirs[:] = [d for d in dirs if TMP_TAG not in d]   # a writer's temp folder: removed with the rest
         for name in sorted(files) + sorted(dirs):
-            rel = Path(root, name).relative_to(folder).as_posix()
-            is_dir = name in dirs and not os.path.islink(os.path.join(root, name))
-            if is_dir and (rel in parents or any(os.scandir(os.path.join(root, name)))):
+            rel, is_dir = Path(root, name).relative_to(folder).as_posix(), name in dirs and not os.path.islink(
+                os.path.join(root, name))
+            if is_dir and (rel in parents or os.listdir(os.path.join(root, name))):
                 continue   # a folder of files: each judged by itself
             if rel not in known and TMP_TAG not in name and not rel.startswith(f"{ENGINE_FILE}{ENGINE_SOURCE_SUFFIX}") \
                     and name not in _DESKTOP_LITTER and not name.startswith("._"):   # a file manager's, not a user's
@@ -513,18 +510,3 @@ def as_path(value: Any, name: str, optional: bool = False) -> Path | None:
         return Path(value)
     raise UadcError(f"{name}: expected a path, got {type(value).__name__} {value!r:.60}")
 
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return sha256_stream(f)
-
-
-def sha256_stream(f: Any) -> str:
-    """The sha256 of a binary file's bytes from its start (it is read to its end)."""
-    import hashlib
-
-    f.seek(0)
-    h = hashlib.sha256()
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-        h.update(chunk)
-    return h.hexdigest()

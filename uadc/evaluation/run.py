@@ -15,7 +15,8 @@ import torch
 from uadc.config.recipe import Recipe
 from uadc.core.constants import EVAL_FILE, METRIC_KEYS
 from uadc.core.errors import NonFiniteOutputs, UadcError
-from uadc.core.io import JsonResult, atomic_write_json, check_writable, read_json, sha256_file
+from uadc.core.hashing import sha256_file
+from uadc.core.io import JsonResult, atomic_write_json, check_writable, read_json
 from uadc.core.numbers import fixed_difference
 from uadc.core.progress import progress
 from uadc.core.scoped import eval_mode, torch_threads

@@ -20,7 +20,8 @@ from uadc.config.validation import name_list
 from uadc.core.constants import CALIBRATION_KINDS, DEPLOY_METADATA, MANIFEST_FILE
 from uadc.core.errors import UadcError
 from uadc.core.manifest import model_metadata, read_manifest
-from uadc.core.io import JsonResult, PathArg, as_path, check_replaceable, sha256_file
+from uadc.core.hashing import sha256_file
+from uadc.core.io import JsonResult, PathArg, as_path, check_replaceable
 from uadc.core.numbers import flags, whole_number
 from uadc.core.scoped import check_threads, torch_threads, training_state
 from uadc.evaluation.run import EvalResult, OneClassResult, evaluate as _evaluate, evaluate_checkpoint, \

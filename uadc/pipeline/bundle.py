@@ -21,7 +21,8 @@ from pathlib import Path
 
 from uadc.core.constants import GOLDEN_FILES, MANIFEST_FILE, REPORT_FILE
 from uadc.core.errors import UadcError
-from uadc.core.io import JsonResult, PathArg, as_path, atomic_dir, is_output_dir, read_json, sha256_file
+from uadc.core.hashing import sha256_file
+from uadc.core.io import JsonResult, PathArg, as_path, atomic_dir, is_output_dir, read_json
 from uadc.core.numbers import flags
 from uadc.core.manifest import check_outside_artifacts, read_manifest, rebuilt_on_device, write_manifest
 

@@ -18,7 +18,8 @@ from uadc.config.recipe import ModelConfig, Recipe, recipe_from_dict
 from uadc.config.yaml_file import dump_yaml
 from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError, pickle_refusal
-from uadc.core.io import atomic_save, atomic_write_text, sha256_stream
+from uadc.core.hashing import sha256_stream
+from uadc.core.io import atomic_save, atomic_write_text
 from uadc.core.names import contained, same_name
 from uadc.core.process import signals_deferred
 from uadc.core.scoped import float32_default, streams_kept, warnings_ignored

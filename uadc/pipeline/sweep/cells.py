@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Iterator
 
 from uadc.core.errors import UadcError
-from uadc.core.io import file_lock, sha256_file
+from uadc.core.hashing import sha256_file
+from uadc.core.io import file_lock
 from uadc.pipeline.baseline import Baseline
 from uadc.pipeline.sweep.plan import Cell, Model, cell_key
 from uadc.pipeline.sweep.spec import RunConfig

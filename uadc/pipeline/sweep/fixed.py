@@ -21,7 +21,8 @@ from typing import Any, Callable
 from uadc.config.recipe import Recipe
 from uadc.core.constants import REPORT_FILE
 from uadc.core.errors import UadcError
-from uadc.core.io import parse_json, sha256_file
+from uadc.core.hashing import sha256_file
+from uadc.core.io import parse_json
 from uadc.pipeline.sweep.plan import Cell, Plan, cell_key, plan_recipes
 from uadc.pipeline.sweep.spec import Axes, RunConfig
 from uadc.pipeline.sweep.store import RECORDS

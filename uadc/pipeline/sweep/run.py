@@ -15,7 +15,8 @@ from uadc.config.recipe import default_artifacts_root
 from uadc.core.constants import CHECKPOINT_FILE
 from uadc.core.errors import UadcError
 from uadc.core.images import shown
-from uadc.core.io import JsonResult, check_writable, ensure_dir, file_lock, sha256_file
+from uadc.core.hashing import sha256_file
+from uadc.core.io import JsonResult, check_writable, ensure_dir, file_lock
 from uadc.core.manifest import check_outside_artifacts
 from uadc.core.numbers import whole_number
 from uadc.data.sources import check_outside_data

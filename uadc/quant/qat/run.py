@@ -18,7 +18,8 @@ from uadc.config.settings import PtqSettings, resolve_ptq
 from uadc.config.targets import QAT_TARGETS, Target, get_target
 from uadc.core.constants import QAT_FILE, QAT_JSON
 from uadc.core.errors import UadcError
-from uadc.core.io import atomic_dir, atomic_write_json, check_replaceable, check_writable, read_json, sha256_file
+from uadc.core.hashing import sha256_file
+from uadc.core.io import atomic_dir, atomic_write_json, check_replaceable, check_writable, read_json
 from uadc.core.numbers import whole_number
 from uadc.core.scoped import seeded
 from uadc.passes.pipeline import PassContext, run_passes
