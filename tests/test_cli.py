@@ -199,7 +199,11 @@ def test_compile_after_one_class_training_names_what_compiles_them(recipe_factor
                                     str(art / "tiny" / "one_class" / "gray" / "checkpoint.pt"), "--artifacts", str(art)])
     assert res.exit_code == 2 and res.output.rstrip().endswith(
         "retrain with `uadc train` (a one-class checkpoint is judged by `uadc eval --one-class` of the recipe that "
-        "trained it; `uadc train --one-class` retrains those)"), res.output
+        "trained it)"), res.output
+    cfg["model"] = {**cfg.get("model", {}), "smoothing_sigma": 2.0}   # eval --one-class said "retrain with `uadc train`"
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump({**cfg, "name": "tiny", "data": yaml.safe_load(r.read_text())["data"]}))
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "changed.yaml"), "--one-class", "--artifacts", str(art)])
+    assert res.exit_code == 2 and res.output.rstrip().endswith("retrain with `uadc train --one-class`"), res.output
 
 
 def test_one_class_epoch_lines_name_their_category(recipe_factory, tmp_path):

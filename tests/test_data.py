@@ -622,15 +622,20 @@ def test_an_empty_test_folder_loose_training_images_other_products_normals_and_m
     with caplog.at_level("INFO", logger="uadc"):
         d = prepare_data(recipe_from_dict(cfg))
     assert sorted(d.tests) == ["a"] and d.not_evaluated == {"b": "no test images"}
-    assert "no test images for b: trained and given operating thresholds, not evaluated" in caplog.text
+    assert "b: trained and given operating thresholds, not evaluated (no test images)" in caplog.text
     assert f"{data / 'a' / 'train'}: 1 image directly in it is not read (training images go in train/good/)" in caplog.text
     assert "__MACOSX" not in caplog.text
     (data / "b" / "test" / "good" / "notes.txt").write_text("to do")   # notes or Thumbs.db alone: no test set
-    assert prepare_data(recipe_from_dict(cfg)).not_evaluated == {"b": "no test images (it holds .txt files only)"}
+    assert prepare_data(recipe_from_dict(cfg)).not_evaluated == {"b": "no test images: it holds .txt files only"}
     (data / "b" / "test" / "good" / "raw.DNG").write_bytes(b"II*\0")   # raw images alone: said what it holds
     with caplog.at_level("INFO", logger="uadc"):
-        assert prepare_data(recipe_from_dict(cfg)).not_evaluated["b"] == "no test images (it holds .dng, .txt files only)"
-    assert "no test images (it holds .dng, .txt files only) for b: trained and given operating thresholds" in caplog.text
+        assert prepare_data(recipe_from_dict(cfg)).not_evaluated["b"] == "no test images: it holds .dng, .txt files only"
+    assert "b: trained and given operating thresholds, not evaluated (no test images: it holds .dng, .txt files only)" in caplog.text
+    (data / "b" / "test" / "good" / "Thumbs.db").write_bytes(b"x")   # a file manager's: not named
+    (data / "b" / "test" / "good" / os.fsdecode(b"odd.\xff\nx")).write_bytes(b"x")   # a traceback writing report.md
+    assert prepare_data(recipe_from_dict(cfg)).not_evaluated["b"] == "no test images: it holds .\\xff\\x0ax, .dng, .txt files only"
+    for name in ("Thumbs.db", os.fsdecode(b"odd.\xff\nx")):
+        (data / "b" / "test" / "good" / name).unlink()
     (data / "b" / "test" / "good" / "raw.DNG").unlink()
     (data / "b" / "test" / "good" / "x.png").symlink_to(data / "gone.png")   # a broken link: named by the loader
     with pytest.raises(UadcError, match="unreadable image .*x.png: broken link"):

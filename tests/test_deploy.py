@@ -491,9 +491,19 @@ def test_a_users_files_in_an_output_folder_are_kept_and_a_bundle_stays_out_of_ar
     notes.mkdir()                # replaced it whole
     shutil.copy(res.path / "report.json", notes)
     (notes / "notes.txt").write_text("mine")
-    with pytest.raises(UadcError, match=rf"^output folder {notes} holds files no uadc step writes there \(notes.txt "
-                                        rf"and 1 more\): move them out first, or choose another --out"):
+    with pytest.raises(UadcError, match=rf"^output folder {notes} holds a uadc report but no artifact.json: not an "
+                                        rf"output uadc replaces; choose another --out"):
         check_replaceable(notes)
+    grid = tmp_path / "grid"     # a comparison's folder is replaced (its tables, records, cells); a user's file in it
+    (grid / "records").mkdir(parents=True)   # or in a cell is named
+    (grid / "compare.json").write_text(json.dumps({"cells": [], "target": "ort-cpu-int8", "fp32": {}}))
+    (grid / ".minmax_train.lock").write_text("")
+    shutil.copytree(res.path, grid / "minmax_train")
+    check_replaceable(grid)
+    (grid / "minmax_train" / "mine.png").write_bytes(b"theirs")
+    (grid / "notes.txt").write_text("mine")
+    with pytest.raises(UadcError, match=r"holds files no uadc step writes there \(minmax_train/mine.png and 1 more\)"):
+        check_replaceable(grid)
     qat = tmp_path / "qat"       # a QAT run's folder is replaced (its two files)
     qat.mkdir()
     (qat / "qat.json").write_text(json.dumps({"recipe_hash": "r", "model_hash": "m", "target": "ort-cpu-int8"}))
@@ -509,6 +519,9 @@ def test_a_users_files_in_an_output_folder_are_kept_and_a_bundle_stays_out_of_ar
     p = subprocess.run([PY, "-m", "uadc.cli", "bundle", str(res.path), "--out", ".", "--json"],
                        capture_output=True, text=True, cwd=here, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0 and json.loads(p.stdout)["path"] == str(here), p.stderr
+    p = subprocess.run([PY, "-m", "uadc.cli", "bundle", os.path.relpath(res.path, here), "--out", ".", "--force",
+                        "--json"], capture_output=True, text=True, cwd=here, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0 and json.loads(p.stdout)["source"] == str(res.path), p.stderr   # the source relative: exit 1
     assert (here / "artifact.json").is_file()
 
 
@@ -552,13 +565,13 @@ def test_a_product_with_defect_free_images_only_is_trained_compiled_and_given_th
     art = tmp_path / "art"
     with caplog.at_level(logging.INFO, logger="uadc"):
         uadc.train(recipe, artifacts=art)
-    assert "no test folder for gray: trained and given operating thresholds, not evaluated" in caplog.text
+    assert "gray: trained and given operating thresholds, not evaluated (no test folder)" in caplog.text
     caplog.clear()
     from conftest import write_recipe
     with caplog.at_level(logging.INFO, logger="uadc"):   # without validation normals it promised thresholds too
         prepare_data(load_recipe(write_recipe(tmp_path / "none.yaml", data, data={"image_size": 32,
                                                                                   "val_fraction": 0.0})))
-    assert "no test folder for gray: trained, not evaluated" in caplog.text
+    assert "gray: trained, not evaluated (no test folder)" in caplog.text
     ev = uadc.evaluate(recipe, artifacts=art, write=False)
     # the document says which category its mean leaves out (a pipeline reading `mean` saw one product's figures)
     assert set(ev.categories) == {"stripes"} and ev.to_dict()["not_evaluated"] == {"gray": "no test folder"}

@@ -236,6 +236,6 @@ def test_another_machines_temp_is_left_to_it(tmp_path, monkeypatch):
     week = time.time() - (io.FOREIGN_TEMP_DAYS + 1) * 86400
     os.utime(old, (week, week))
     ours = io._tmp_name(tmp_path / "cell")
-    assert io._TMP_RE.match(ours.name).group("host", "boot") == io._host()
+    assert io.TMP_RE.match(ours.name).group("host", "boot") == io._host()
     io.atomic_write_bytes(tmp_path / "x.txt", b"x")   # a write cleans its folder
     assert there.is_dir() and not here.exists() and not old.exists() and not rebooted.exists()

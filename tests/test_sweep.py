@@ -737,6 +737,10 @@ def test_two_sweeps_missing_one_model_train_it_once(tmp_path, tiny_data, monkeyp
     from uadc.pipeline.sweep.spec import RunConfig  # under the sweep's checkpoint, with the new one's latency
     with pytest.raises(UadcError, match="was trained again since the sweep read it; run the sweep again"):
         C._baseline(model, replace(infos[0], sha256="0" * 64), RunConfig(threads=1), None).checkpoint_sha256
+    b = api.baseline(Path(infos[0].checkpoint), model.recipe())   # a caller's Baseline (calibrators compare) too
+    with pytest.raises(UadcError, match="was trained again since the sweep read it"):
+        with C.given_baseline(replace(infos[0], sha256="0" * 64), RunConfig(threads=1), b):
+            pass
 
 
 def test_a_sweeps_bad_recipe_and_empty_axis_value_are_named(tiny, tmp_path):
@@ -806,3 +810,15 @@ def test_a_model_name_the_sweep_makes_too_long_says_what_made_it(tmp_path, tiny_
     with pytest.raises(UadcError, match=r"axes.image_size 32: the model of these axis values trains as 'n{60}'"
                                         r"\.\.\., 131 bytes, .*shorten the recipe's name$"):
         make_plan(*load_sweep(path))
+
+
+def test_a_ray_jobs_own_working_dir_is_not_given_a_second_one(monkeypatch):
+    """Run as `ray job submit --working-dir` entrypoint, uadc's empty working_dir (which keeps the folder it runs in
+    off the workers' sys.path) clashed with the job's: ray.init refused to merge them ("cannot connect ... at None")."""
+    from uadc.pipeline.sweep.ray_exec import _job_working_dir
+    for value, has in (('{"runtime_env": {"working_dir": "gcs://_ray_pkg_0.zip"}}', True), ('{"runtime_env": {}}', False),
+                       ('{"runtime_env": ["x"]}', False), ("[1]", False), ("not json", False), ("", False)):
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", value)
+        assert _job_working_dir() is has, value
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert _job_working_dir() is False

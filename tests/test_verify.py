@@ -388,12 +388,22 @@ def test_golden_files_are_checked_not_trusted(artifacts, tmp_path):
     with pytest.raises(UadcError, match=r"golden_masks.npz: ValueError: masks: 512128 bytes inflated, more than the "
                                         r"golden images' masks take"):
         uadc.verify(int8, golden=loose)
+    with np.load(fp32 / "golden_masks.npz") as z, zipfile.ZipFile(loose / "golden_masks.npz", "w",
+                                                                 zipfile.ZIP_DEFLATED) as out:
+        out.writestr("masks.npy", z.zip.read("masks.npy"))
+        with io.BytesIO() as buf:   # its shape member a deflated million numbers
+            np.save(buf, np.zeros(10 ** 6, np.int64))
+            out.writestr("shape.npy", buf.getvalue())
+    with pytest.raises(UadcError, match=r"golden_masks.npz: ValueError: shape: 8000128 bytes inflated"):
+        uadc.verify(int8, golden=loose)
     (loose / "golden_masks.npz").write_bytes((fp32 / "golden_masks.npz").read_bytes())
     feeds = json.loads((fp32 / "golden_inputs.json").read_text())   # an .npz or a torch tensor in a feed
     with io.BytesIO() as buf:
         np.savez_compressed(buf, x=np.zeros((64, 3, 32, 32), np.float32))
         feeds[0]["image"]["array"] = base64.b64encode(buf.getvalue()).decode()
-    for payload, why in ((feeds, "an array that is not a plain .npy"),
+    legacy = json.loads(json.dumps(feeds))   # Polygraphy's older tag: the same decoder, unchecked
+    legacy[0]["image"] = {"ndarray": "polygraphy_serialized_json_type", "array": feeds[0]["image"]["array"]}
+    for payload, why in ((feeds, "an array that is not a plain .npy"), (legacy, "an array that is not a plain .npy"),
                          ([{"image": {"tensor": "AA==", "polygraphy_class": "Tensor"}}], "a Tensor payload")):
         (loose / "golden_inputs.json").write_text(json.dumps(payload))
         with pytest.raises(UadcError, match=f"golden_inputs.json: ValueError: {why}"):

@@ -145,6 +145,16 @@ def qat(recipe: Path, target: str | None, epochs: int | None, then_compile: bool
         click.echo("\n".join(res.compiled.summary_lines()))
 
 
+def _check_default_out(out: Path) -> None:
+    """predict's default --out inside an artifact: named as the default, not as an option typed."""
+    from uadc.core.manifest import check_outside_artifacts
+    try:
+        check_outside_artifacts(out)
+    except UadcError as exc:
+        where = str(exc).split(": ", 1)[1].split(";")[0]
+        raise UadcError(f"the default --out ./{out} is {where}: pass --out DIR outside it") from None
+
+
 @main.command()
 @click.argument("artifact", type=_Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=_Path(path_type=Path))
@@ -167,10 +177,9 @@ def predict(artifact: Path, inputs: tuple[Path, ...], category: str | None, out:
     """Run a compiled artifact (verified against its artifact.json) on image files and folders."""
     from uadc.runtime import Detector
     from uadc.runtime.batch import predict_paths
-    if click.get_current_context().get_parameter_source("out") is click.core.ParameterSource.DEFAULT:
-        from uadc.core.manifest import check_outside_artifacts   # "--out predictions" named an option not typed
-        check_outside_artifacts(out, what="--out (default, not given)")
     with Detector.load(artifact, backend=backend, batch_size=batch_size, schedule=schedule, threads=threads) as det:
+        if click.get_current_context().get_parameter_source("out") is click.core.ParameterSource.DEFAULT:
+            _check_default_out(out)
         run = predict_paths(det, list(inputs), category, out, overlays, batch_size)
     from uadc.core.images import shown   # not at import: `uadc doctor` runs where Pillow is broken
     for path, reason, _ in run.failed:

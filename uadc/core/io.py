@@ -23,17 +23,16 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
-from uadc.core.constants import DEVICE_FILES, ENGINE_FILE, ENGINE_SOURCE_SUFFIX, MANIFEST_FILE, QAT_FILE, QAT_JSON
+from uadc.core.constants import GRID_FILES, MANIFEST_FILE, QAT_FILE, QAT_JSON, TMP_TAG
 from uadc.core.errors import UadcError, one_line
+from uadc.core.folders import TMP_RE, files_added, files_added_to_artifact, grid_added
 from uadc.core.process import exchange_paths, signals_deferred
 
-TMP_TAG = ".uadc-tmp-"
 LOCK_INSIDE = "uadc.lock"   # a folder's own lock file (hidden) where its parent cannot hold one
 # A folder holding one of these was written by uadc and may be replaced by a newer output.
 # a folder uadc wrote holds one of these, as uadc writes it (keys it always has): a user's own
@@ -41,8 +40,6 @@ LOCK_INSIDE = "uadc.lock"   # a folder's own lock file (hidden) where its parent
 OUTPUT_MARKERS = {"artifact.json": ("schema", "uadc_version", "files"), "report.json": ("schema", "target", "recipe_hash"),
                   QAT_JSON: ("recipe_hash", "model_hash", "target"), "compare.json": ("cells", "target", "fp32"),
                   "sweep.json": ("cells", "pareto", "name")}
-_TMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TMP_TAG)
-                     + r"(?P<pid>\d+)(?:@(?P<host>[0-9a-f]{8})(?:\.(?P<boot>[0-9a-f]{4}))?)?-[0-9a-f]+(?:\.tmp)?$")
 FOREIGN_TEMP_DAYS = 7   # another machine's temp (a shared artifacts root) is removed once this old
 
 
@@ -101,7 +98,7 @@ def clean_stale_temps(folder: Path) -> list[Path]:
 
 def _stale(p: Path) -> bool:
     import time
-    m = _TMP_RE.match(p.name)
+    m = TMP_RE.match(p.name)
     if m is None:
         return False
     host, boot = _host()
@@ -330,47 +327,20 @@ def check_replaceable(final: Path, replace: bool = True, remedy: str = "choose a
     if not is_output_dir(final):
         raise UadcError(f"output folder {final} exists and was not written by uadc; "
                         f"{remedy} (nothing was changed)")
-    listed = (final / MANIFEST_FILE).is_file()   # else a QAT run's folder: its two files, nothing else
-    added = files_added_to_artifact(final) if listed else _files_added(final, {QAT_FILE, QAT_JSON})
-    if added:   # a user's images and scripts beside the artifact (or a copied report.json's) went with it, unsaid
+    listed = (final / MANIFEST_FILE).is_file()   # else a QAT run's folder (its two files) or a grid's (its tables, cells)
+    grid = not listed and any(is_marker(final / n, OUTPUT_MARKERS[n]) for n in GRID_FILES if n in OUTPUT_MARKERS)
+    if not listed and not grid and not is_marker(final / QAT_JSON, OUTPUT_MARKERS[QAT_JSON]):
+        # a report.json copied among a user's notes and photos made the folder uadc's: replaced whole by --force
+        raise UadcError(f"output folder {final} holds a uadc report but no {MANIFEST_FILE}: not an output uadc "
+                        f"replaces; {remedy} (nothing was changed)")
+    added = files_added_to_artifact(final) if listed else grid_added(final) if grid else \
+        files_added(final, {QAT_FILE, QAT_JSON})
+    if added:   # a user's images and scripts beside the artifact went with it, without a word
         what = f"files its {MANIFEST_FILE} does not list" if listed else "files no uadc step writes there"
         raise UadcError(f"output folder {final} holds {what} ({added[0]}{f' and {len(added) - 1} more' * (len(added) > 1)}"
                         f"): move them out first, or {remedy} (nothing was changed)")
     if not replace:
         raise UadcError(f"output folder {final} exists; pass --force (force=True) to replace it")
-
-
-_DESKTOP_LITTER = frozenset((".DS_Store", "Thumbs.db", "desktop.ini"))
-
-
-def files_added_to_artifact(folder: Path) -> list[str]:
-    """Files and links in an artifact folder that its ``artifact.json`` does not list and no uadc step
-    makes there (the device's engine files, writers' temps): added by someone, and theirs to keep."""
-    try:
-        listed = parse_json((folder / MANIFEST_FILE).read_text(encoding="utf-8")).get("files")
-    except (OSError, ValueError, AttributeError):   # no artifact.json (a sweep's folder), or not uadc's
-        return []
-    if not isinstance(listed, dict):
-        return []
-    return _files_added(folder, {*listed, MANIFEST_FILE, *DEVICE_FILES})
-
-
-def _files_added(folder: Path, known: set[str]) -> list[str]:
-    """What in ``folder`` is none of the ``known`` files, their folders, uadc's temps or a file manager's litter;
-    a folder that holds none of the known files is named itself (an empty one went without a word)."""
-    parents = {p.as_posix() for k in known for p in Path(k).parents}
-    added = []
-    for root, dirs, files in os.walk(folder):   # links to folders are not walked: named themselves
-        dirs[:] = [d for d in dirs if TMP_TAG not in d]   # a writer's temp folder: removed with the rest
-        for name in sorted(files) + sorted(dirs):
-            rel, is_dir = Path(root, name).relative_to(folder).as_posix(), name in dirs and not os.path.islink(
-                os.path.join(root, name))
-            if is_dir and (rel in parents or os.listdir(os.path.join(root, name))):
-                continue   # a folder of files: each judged by itself
-            if rel not in known and TMP_TAG not in name and not rel.startswith(f"{ENGINE_FILE}{ENGINE_SOURCE_SUFFIX}") \
-                    and name not in _DESKTOP_LITTER and not name.startswith("._"):   # a file manager's, not a user's
-                added.append(rel + "/" * is_dir)
-    return sorted(added)
 
 
 @contextlib.contextmanager

@@ -23,10 +23,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from uadc.core.constants import (ARTIFACT_PRECISIONS, DEPLOY_METADATA, DEVICE_FILES, ENGINE_FILE, ENGINE_SOURCE_SUFFIX,
-                                 INPUT_NAME, MANIFEST_FILE, MANIFEST_SCHEMA, MODEL_FILE, OUTPUT_NAMES, PRED_OUTPUTS, RUNTIMES, TARGET_RUNTIMES)
+                                 INPUT_NAME, MANIFEST_FILE, MANIFEST_SCHEMA, MODEL_FILE, OUTPUT_NAMES, PRED_OUTPUTS, RUNTIMES, TARGET_RUNTIMES,
+                                 TMP_TAG)
 from uadc.core.errors import UadcError
 from uadc.core.hashing import sha256_file
-from uadc.core.io import TMP_TAG, JsonResult, PathArg, as_path, atomic_write_json, parse_json
+from uadc.core.io import JsonResult, PathArg, as_path, atomic_write_json, parse_json
 from uadc.core.names import same_name
 from uadc.core.numbers import flags
 

@@ -24,8 +24,9 @@ from torch.utils.data import Dataset
 from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
 from uadc.core.io import file_key
+from uadc.core.folders import DESKTOP_LITTER
 from uadc.core.images import (IMAGE_EXTS, OTHER_IMAGE_EXTS, READ_FORMATS, check_utf8_name, eight_bit, is_hidden,
-                              not_a_file, open_image)
+                              not_a_file, open_image, shown)
 
 log = logging.getLogger(__name__)
 
@@ -307,9 +308,10 @@ def untested(root: Path, category: str) -> str | None:
         return "no test folder"
     if any(p.suffix.lower() in (*IMAGE_EXTS, *OTHER_IMAGE_EXTS) for p in _files_below(test, set())):
         return None
-    # a test folder of .dng or .exr images said "no test images" alone: what it holds
-    kinds = sorted({p.suffix.lower() or "suffixless" for p in _files_below(test, set())})
-    return f"no test images (it holds {', '.join(kinds[:5])}{', ...' * (len(kinds) > 5)} files only)" if kinds \
+    # a test folder of .dng or .exr images said "no test images" alone: what it holds (a file manager's litter aside)
+    kinds = sorted({shown(p.suffix.lower()) or "suffixless" for p in _files_below(test, set()) if p.name not in
+                    DESKTOP_LITTER})
+    return f"no test images: it holds {', '.join(kinds[:5])}{', ...' * (len(kinds) > 5)} files only" if kinds \
         else "no test images"
 
 

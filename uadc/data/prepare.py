@@ -201,7 +201,7 @@ def prepare_data(recipe: Recipe, categories: list[str] | None = None) -> RecipeD
     why = {c: untested(root, c) or "no test images" for root, c in pairs if c not in tests and c not in one_class}
     given = "trained and given operating thresholds" if any(len(v) for v in val.values()) else "trained"
     for reason in sorted(set(why.values())):   # thresholds only where some category has validation normals
-        log.info("%s for %s: %s, not evaluated", reason, ", ".join(c for c in why if why[c] == reason), given)
+        log.info("%s: %s, not evaluated (%s)", ", ".join(c for c in why if why[c] == reason), given, reason)
     not_evaluated = {c: f"its test folder holds {kind} images only" for c, kind in one_class.items()}
     not_evaluated.update(why)
     return RecipeData(pairs, train, tests, val, warnings, not_evaluated)

@@ -232,7 +232,7 @@ def evaluate_one_class(recipe: Recipe, artifacts: Path | None = None, write: boo
         per_cat, models, counts, defects = {}, {}, {}, {}
         for cat, arr in arrays.items():
             path = checkpoint_path(recipe, artifacts, cat)
-            model, blob = load_checkpoint(path, recipe)
+            model, blob = load_checkpoint(path, recipe, retrain="uadc train --one-class")
             if not blob.get("one_class") or list(blob.get("categories") or []) != [cat]:
                 raise UadcError(f"{path}: not the one-class model of {cat!r} (a {'one-class' if blob.get('one_class') else 'unified'} "
                                 f"model of {', '.join(blob.get('categories') or ['?'])}); retrain with `uadc train "

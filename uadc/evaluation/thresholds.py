@@ -11,10 +11,10 @@ false-alarm rate ``a`` the threshold estimates the ``q = 1 - a`` quantile of the
   ``a = 0.01``), a one-sided normal tolerance bound on the log values (95 % confidence that at
   least ``q`` of normals fall below; the exact noncentral-t k factor), never below the largest value seen.
   For image scores of a unified model a category's log-scale spread is the larger of its own and
-  the spread pooled over all categories (within-category variances weighted by degrees of
-  freedom), with the degrees of freedom of the one taken: a category with 3 normals borrows the
-  spread of all of them instead of a factor ``k`` of 13 on a spread from 3 values, and no
-  category is given a spread narrower than its own. Each category keeps its own mean.
+  the spread pooled over all categories scored above 0 (within-category variances weighted by degrees
+  of freedom), with the degrees of freedom of the one taken: a category with 3 normals within the pooled
+  spread borrows it instead of a factor ``k`` of 13 on a spread from 3 values, and no category is given a
+  spread narrower than its own (the switch is a step in the threshold). Each category keeps its own mean.
 - with ``deploy.threshold_margin: false``: the plain empirical quantile at rank ``q (n + 1)`` (numpy
   "weibull"), the largest value when ``n`` is too small: a new normal exceeds it with probability ``a``
   (numpy's "linear" flagged 1 of 7 validation normals at ``a = 0.01``).

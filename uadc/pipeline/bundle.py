@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ def bundle(artifact: PathArg, out: PathArg, *, force: bool = False) -> BundleRes
     _check_apart(source, Path(out))
     check_outside_artifacts(Path(out), below=True)   # a later compile of that artifact deleted it, without --force
     _check_not_an_artifact(Path(out))
-    final = Path(out).absolute()   # now: `--out .` is swapped away below, and the working folder with it
+    final, source = Path(out).absolute(), Path(os.path.abspath(source))   # now: `--out .` is swapped away below, and the cwd with it
     # the device's build (an engine rebuilt there, an older uadc's listed timing cache): not the artifact's
     device = [rel for rel, digest in manifest.files.items() if rebuilt_on_device(source, rel, digest)]
     keep = sorted(rel for rel in manifest.files if rel not in GOLDEN_FILES and rel not in device)
@@ -104,7 +105,7 @@ def bundle(artifact: PathArg, out: PathArg, *, force: bool = False) -> BundleRes
                     "Detector refuse the bundle; it serves raw scores only", source)
     # left out: a bundle's bundle's too (it said "nothing"); the path absolute, as compile's
     device = [rel for rel in device if (source / rel).is_file()]
-    return BundleResult(final, source.absolute(), keep, sorted([*provenance["left_out"], *device]), list(manifest.unlisted),
+    return BundleResult(final, source, keep, sorted([*provenance["left_out"], *device]), list(manifest.unlisted),
                         sum((final / rel).stat().st_size for rel in [*keep, MANIFEST_FILE]),
                         sum((source / rel).stat().st_size for rel in [*manifest.files, MANIFEST_FILE]
                             if rel not in device and (source / rel).is_file()))

@@ -3,7 +3,6 @@ verification -> latency -> AD metrics -> artifact folder written atomically -> `
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -42,7 +41,7 @@ from uadc.pipeline.deploy import bank_runner, deploy_evaluation, finalize_model,
 from uadc.pipeline.precision import AutoPrecision, auto_candidates, search_precision
 from uadc.pipeline.precision_trt import fp32_layers
 from uadc.quant.calibrate import calibrate_ranges
-from uadc.quant.qat.run import QAT_METADATA, check_qat_model
+from uadc.quant.qat.run import check_qat_model, qat_record
 from uadc.report.markdown import render_markdown
 from uadc.report.results import CompileResult, Latency, Metrics
 from uadc.verify.polygraphy_compare import compare_stats, ort_runner
@@ -163,8 +162,7 @@ def compile_target(baseline: Baseline, opts: CompileOptions) -> CompileResult:
     if auto is not None:
         result.extra["precision_search"] = auto.record
     if opts.qat_model is not None:   # --from-qat: what the model was fine-tuned with (recorded nowhere before)
-        meta = {p.key: p.value for p in opts.qat_model.metadata_props}
-        result.extra["qat"] = json.loads(meta[QAT_METADATA]) if QAT_METADATA in meta else None
+        result.extra["qat"] = qat_record(opts.qat_model)
     fp16 = auto.fp16_nodes - set(auto.nodes) if auto is not None and auto.fp16_nodes else frozenset()
     judged = simulate_fp16(compiled, fp16) if fp16 else compiled  # TensorRT: as its FP16 layers round
     if fp16:  # ship those layers FP16-typed (strongly typed TensorRT runs exactly them), checked against `judged`

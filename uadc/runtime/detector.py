@@ -188,7 +188,8 @@ def _importable(module: str) -> bool:
 def _single(inputs: Any) -> bool:
     """One image rather than a batch: a path, bytes, a file object, a PIL image or an array below 4-D."""
     if isinstance(inputs, np.ndarray):   # an array of paths is a batch (it was refused as one malformed image)
-        return inputs.ndim < 4 and not (inputs.ndim == 1 and inputs.dtype.kind in "USO")
+        return inputs.ndim < 4 and not (inputs.ndim == 1 and inputs.dtype.kind in "UO")   # (bytes: numpy drops
+                                                                                        # their trailing zeros)
     if isinstance(getattr(inputs, "ndim", None), int) and inputs.ndim >= 2 and hasattr(inputs, "__array__"):
         return inputs.ndim < 4   # a torch tensor: iterated, its one image was scored as 32 rows (a pandas Series of paths: a batch)
     return isinstance(inputs, (str, Path, bytes, bytearray, memoryview)) or hasattr(inputs, "read") \

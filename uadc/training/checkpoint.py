@@ -234,8 +234,7 @@ def _check_metadata(blob: dict, path: Path) -> None:
 
 
 _MODEL_SECTIONS = ("name", "seed", "data", "model", "train")
-_ONE_CLASS_HINT = (" (a one-class checkpoint is judged by `uadc eval --one-class` of the recipe that trained it; "
-                   "`uadc train --one-class` retrains those)")   # `uadc train` alone left eval --one-class refusing
+_ONE_CLASS_HINT = " (a one-class checkpoint is judged by `uadc eval --one-class` of the recipe that trained it)"
 
 
 def trained_recipe(blob: dict, path: Path) -> Recipe:
@@ -253,8 +252,9 @@ def other_training(path: Path, recipe: Recipe) -> str | None:
     return None if trained == asked else _first_difference(trained, asked, "train")
 
 
-def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, dict]:
-    """The model (eval mode) and the checkpoint dict; refuses a checkpoint of other settings."""
+def load_checkpoint(path: Path, recipe: Recipe | None = None, retrain: str = "uadc train") -> tuple[KDModel, dict]:
+    """The model (eval mode) and the checkpoint dict; refuses a checkpoint of other settings, naming
+    ``retrain`` (``uadc eval --one-class`` names ``uadc train --one-class``: `uadc train` left it refusing)."""
     blob = read_checkpoint(path)
     trained = trained_recipe(blob, path)
     if recipe is not None:  # the scoring head holds no weights: the recipe asking now picks it
@@ -264,8 +264,8 @@ def load_checkpoint(path: Path, recipe: Recipe | None = None) -> tuple[KDModel, 
     if recipe is not None and model_hash(trained) != model_hash(recipe):
         where = _model_difference(trained, recipe)
         raise UadcError(f"checkpoint {path} was trained with different data/model settings than "
-                        f"recipe {recipe.path or recipe.name} ({where}); retrain with `uadc train`"
-                        f"{_ONE_CLASS_HINT if blob.get('one_class') else ''}")
+                        f"recipe {recipe.path or recipe.name} ({where}); retrain with `{retrain}`"
+                        f"{_ONE_CLASS_HINT if blob.get('one_class') and '--one-class' not in retrain else ''}")
     if recipe is not None:
         _check_moved_data(blob, trained, recipe, path)
     if recipe is not None and trained.seed != recipe.seed and recipe.data.val_fraction > 0:

@@ -166,7 +166,7 @@ def fit_image_knn(model: KDModel, images: torch.Tensor, val_images: torch.Tensor
     if knn.k > knn.bank_size:   # the term averaged over every bank image, silently
         log.warning("model.image_knn.k %d is more than its bank of %d training images: each score averages "
                     "over all of them (lower k%s)", knn.k, knn.bank_size,   # max_bank only where it capped the bank
-                    ", or raise image_knn.max_bank" if knn.bank_size < len(bank) else ", or give more training images")
+                    ", or raise image_knn.max_bank" if knn.k <= len(bank) else ", or give more training images")
     scores, dists = [], []
     for i in range(0, len(val_images), batch_size):
         x = val_images[i:i + batch_size]

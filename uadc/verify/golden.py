@@ -181,6 +181,7 @@ def _read(path: Path, load: Any) -> Any:
 def _masks(path: Path, most: int) -> np.ndarray:
     with np.load(path) as z:
         _check_npy_size(z, "masks", most)
+        _check_npy_size(z, "shape", 1024)   # three numbers (620 KB of deflated zeros there took 1.8 GB)
         shape, packed = tuple(int(s) for s in z["shape"]), z["masks"]
         # the stored shape must be the packed array's: a crafted one asked for 35 TiB (a MemoryError traceback)
         if len(shape) != packed.ndim or shape[:-1] != packed.shape[:-1] or not 0 < shape[-1] <= 8 * packed.shape[-1]:
@@ -212,8 +213,8 @@ def _check_json_arrays(path: Path) -> None:
     """Every array in a golden JSON file is a plain .npy whose header fits its bytes, as compile writes them:
     Polygraphy's decoder also inflates a compressed .npz (1.8 MB of deflated zeros took 2.15 GB before the
     refusal) and reads torch tensors, neither of which compile writes."""
-    def check(d: dict) -> dict:
-        kind = d.get("polygraphy_class")
+    def check(d: dict) -> dict:   # Polygraphy's tag, or its older one ({"ndarray": "polygraphy_serialized_json_type"})
+        kind = d.get("polygraphy_class") or next((k for k, v in d.items() if v == "polygraphy_serialized_json_type"), None)
         if kind is not None and kind != "ndarray" and ("array" in d or "tensor" in d):
             raise ValueError(f"a {str(kind)[:40]} payload, which compile does not write")
         if kind == "ndarray":

@@ -99,9 +99,7 @@ def _baseline(model: Model, info: ModelInfo, run: RunConfig, state: BaselineStat
     b = _BASELINES.get(key)
     if b is None:
         b = api.baseline(Path(info.checkpoint), model.recipe(), threads=run.threads)
-        if b.checkpoint_sha256 not in (None, info.sha256):   # a worker's cells recorded under the sweep's checkpoint
-            raise UadcError(f"checkpoint {info.checkpoint} was trained again since the sweep read it; run the sweep "
-                            f"again")
+        _check_same_checkpoint(b, info)
         if state is not None:  # computed once per model by its baseline task
             import onnx
             b.__dict__["fp32_simplified"] = (onnx.load_from_string(state.onnx), state.records)
@@ -115,9 +113,16 @@ def _baseline(model: Model, info: ModelInfo, run: RunConfig, state: BaselineStat
     return b
 
 
+def _check_same_checkpoint(b: Baseline, info: ModelInfo) -> None:
+    """The model read is the one the sweep hashed: a retrain meanwhile was recorded under the old hash."""
+    if b.checkpoint_sha256 not in (None, info.sha256):
+        raise UadcError(f"checkpoint {info.checkpoint} was trained again since the sweep read it; run the sweep again")
+
+
 @contextmanager
 def given_baseline(info: ModelInfo, run: RunConfig, b: Baseline) -> Iterator[None]:
     """In this process, the model's cells compile from the caller's baseline (already exported)."""
+    _check_same_checkpoint(b, info)
     key = (info.key, info.sha256, run.threads)
     _BASELINES[key] = b
     try:

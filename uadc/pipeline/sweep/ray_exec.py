@@ -11,6 +11,7 @@ leaves only a temp folder that the retry removes. Results stream back with ``ray
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -55,11 +56,14 @@ def run_on_ray(plan: Plan, out: Path, artifacts: Path, address: str | None, num_
         try:
             with quiet_third_party(), tempfile.TemporaryDirectory(prefix="uadc-ray-") as empty:
                 # Ray puts the folder uadc runs in first on every worker's sys.path: an onnxruntime.py or
-                # numpy.py there ran in the workers. An empty working_dir is what they get instead.
+                # numpy.py there ran in the workers. An empty working_dir is what they get instead (a job's
+                # own working_dir, `ray job submit --working-dir`, already keeps that folder out: two clash)
+                env = {} if _job_working_dir() else {"runtime_env": {"working_dir": empty}}
                 ray.init(**kwargs, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                         configure_logging=False, runtime_env={"working_dir": empty})
+                         configure_logging=False, **env)
         except (ConnectionError, ValueError) as exc:   # ValueError: an address Ray cannot parse
-            raise UadcError(f"cannot connect to the Ray cluster at {address}: {C.one_line(exc)}") from None
+            where = "start a local Ray" if local else f"connect to the Ray cluster at {address}"
+            raise UadcError(f"cannot {where}: {C.one_line(exc)}") from None
         if main_thread:   # Ray's handler aborted the process (SIGABRT, a C++ stack dump) on `docker stop`
             signal.signal(signal.SIGTERM, on_sigterm)
         try:
@@ -67,6 +71,16 @@ def run_on_ray(plan: Plan, out: Path, artifacts: Path, address: str | None, num_
             return _run(ray, plan, out, artifacts, done, on_record)
         finally:
             ray.shutdown()
+
+
+def _job_working_dir() -> bool:
+    """Whether this process is a Ray job's driver whose job gives a working_dir."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return False
+    env = job.get("runtime_env") if isinstance(job, dict) else None
+    return isinstance(env, dict) and bool(env.get("working_dir"))
 
 
 def _check_fits(ray, run, local: bool) -> None:

@@ -227,18 +227,34 @@ def _weights_differ(made: dict | None, target: Target, per_channel: bool | None,
     return None
 
 
+def qat_record(model: onnx.ModelProto) -> dict | None:
+    """What a QAT model says it was fine-tuned with and for (report.json's ``qat``), each key present; None
+    where it says nothing. A record edited by hand is one UadcError line (KeyError, TypeError before)."""
+    text = {p.key: p.value for p in model.metadata_props}.get(QAT_METADATA)
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("target"), (str, type(None))):
+        raise UadcError(f"qat_model: its {QAT_METADATA} record is not what `uadc qat` writes; run `uadc qat` again")
+    if record.get("settings") is not None:
+        _settings(record, f"qat_model's {QAT_METADATA} record")
+    return {k: record.get(k) for k in ("settings", "summary", "model_sha256", "target")}
+
+
 def check_qat_model(model: onnx.ModelProto, target: Target, per_channel: bool | None, reduce_range: bool | None) -> None:
     """A QAT model given to compile was fine-tuned for ``target``, with the weights the recipe asks for."""
-    record = json.loads({p.key: p.value for p in model.metadata_props}.get(QAT_METADATA, "null"))
-    if not isinstance(record, dict):
+    record = qat_record(model)
+    if record is None:   # `uadc compile --from-qat` reads a folder of an older uadc: its qat.json says
         raise UadcError(f"qat_model: it says nothing of the target it was fine-tuned for (not written by this uadc's "
-                        f"`uadc qat`); run `uadc qat --target {target.name}` again")
-    made_for = record.get("target")
+                        f"`uadc qat`); run `uadc qat --target {target.name}` again, or compile its folder with "
+                        f"--from-qat")
+    made_for = record["target"]
     if made_for not in (None, target.name):   # None: a qat.json written before targets were recorded
         raise UadcError(f"qat_model: fine-tuned for {made_for}, not {target.name}: run `uadc qat --target {target.name}`")
-    settings = record.get("settings")
-    differ = _weights_differ(settings.get("weights") if isinstance(settings, dict) else None, target, per_channel,
-                             reduce_range)
+    differ = _weights_differ((record["settings"] or {}).get("weights"), target, per_channel, reduce_range)
     if differ:
         raise UadcError(f"qat_model: it {differ}: run `uadc qat --target {target.name}` again")
 
@@ -279,4 +295,4 @@ def _set_record(model: onnx.ModelProto, record: dict) -> onnx.ModelProto:
     return model
 
 
-__all__ = ["QatOptions", "QatResult", "run_qat", "load_qat_model", "with_qat_record", "check_qat_model"]
+__all__ = ["QatOptions", "QatResult", "run_qat", "load_qat_model", "with_qat_record", "check_qat_model", "qat_record"]

@@ -1,0 +1,67 @@
+"""What in an output folder uadc wrote and what someone added: the rule every replacement (``--force``) keeps.
+
+A folder is replaced whole only where all it holds is uadc's: an artifact's listed files (and the device's
+engine files), a QAT run's two files, a grid's tables, records and cell artifacts; writers' temps and a file
+manager's litter aside. Anything else is named, and the replacement refused (``uadc.core.io``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from uadc.core.constants import DEVICE_FILES, ENGINE_FILE, ENGINE_SOURCE_SUFFIX, GRID_FILES, MANIFEST_FILE, TMP_TAG
+
+TMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TMP_TAG)
+                    + r"(?P<pid>\d+)(?:@(?P<host>[0-9a-f]{8})(?:\.(?P<boot>[0-9a-f]{4}))?)?-[0-9a-f]+(?:\.tmp)?$")
+DESKTOP_LITTER = frozenset((".DS_Store", "Thumbs.db", "desktop.ini"))
+
+
+def _litter(name: str) -> bool:   # a file manager's, not a user's
+    return name in DESKTOP_LITTER or name.startswith("._")
+
+
+def files_added_to_artifact(folder: Path) -> list[str]:
+    """Files and links in an artifact folder that its ``artifact.json`` does not list and no uadc step
+    makes there (the device's engine files, writers' temps): added by someone, and theirs to keep."""
+    try:
+        listed = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):   # no artifact.json (a sweep's folder), or not uadc's
+        return []
+    if not isinstance(listed, dict):
+        return []
+    return files_added(folder, {*listed, MANIFEST_FILE, *DEVICE_FILES})
+
+
+def files_added(folder: Path, known: set[str]) -> list[str]:
+    """What in ``folder`` is none of the ``known`` files, their folders, writers' temps or a file manager's
+    litter; a folder that holds none of the known files is named itself (an empty one went without a word)."""
+    parents = {p.as_posix() for k in known for p in Path(k).parents}
+    added = []
+    for root, dirs, files in os.walk(folder):   # links to folders are not walked: named themselves
+        dirs[:] = [d for d in dirs if not TMP_RE.match(d)]   # a writer's temp folder: removed with the rest
+        for name in sorted(files) + sorted(dirs):
+            rel, is_dir = Path(root, name).relative_to(folder).as_posix(), name in dirs and not os.path.islink(
+                os.path.join(root, name))
+            if is_dir and (rel in parents or os.listdir(os.path.join(root, name))):
+                continue   # a folder of files: each judged by itself
+            if rel not in known and not TMP_RE.match(name) and not _litter(name) \
+                    and not rel.startswith(f"{ENGINE_FILE}{ENGINE_SOURCE_SUFFIX}"):
+                added.append(rel + "/" * is_dir)
+    return sorted(added)
+
+
+def grid_added(folder: Path) -> list[str]:
+    """What a sweep's or a calibrator comparison's folder holds beyond its tables, records, cells' locks and
+    the cell artifacts (each judged as an artifact): a copied sweep.json made a user's folder replaceable."""
+    added = []
+    for p in sorted(folder.iterdir()):
+        name, is_dir = p.name, p.is_dir() and not p.is_symlink()
+        if name in GRID_FILES or TMP_RE.match(name) or _litter(name) or name.startswith(".") and name.endswith(".lock"):
+            continue
+        if is_dir and (p / MANIFEST_FILE).is_file():
+            added += [f"{name}/{rel}" for rel in files_added_to_artifact(p)]
+        else:
+            added.append(name + "/" * is_dir)
+    return added
