@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict
 import os
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -491,8 +492,8 @@ def test_a_users_files_in_an_output_folder_are_kept_and_a_bundle_stays_out_of_ar
     notes.mkdir()                # replaced it whole
     shutil.copy(res.path / "report.json", notes)
     (notes / "notes.txt").write_text("mine")
-    with pytest.raises(UadcError, match=rf"^output folder {notes} holds a uadc report but no artifact.json: not an "
-                                        rf"output uadc replaces; choose another --out"):
+    with pytest.raises(UadcError, match=rf"^output folder {notes} holds a uadc report but no artifact.json of uadc's: "
+                                        rf"not an output uadc replaces; choose another --out"):
         check_replaceable(notes)
     grid = tmp_path / "grid"     # a comparison's folder is replaced (its tables, records, cells); a user's file in it
     (grid / "records").mkdir(parents=True)   # or in a cell is named
@@ -504,6 +505,27 @@ def test_a_users_files_in_an_output_folder_are_kept_and_a_bundle_stays_out_of_ar
     (grid / "notes.txt").write_text("mine")
     with pytest.raises(UadcError, match=r"holds files no uadc step writes there \(minmax_train/mine.png and 1 more\)"):
         check_replaceable(grid)
+    sweep = tmp_path / "sweep"   # a sweep's: its tables, records, cells/ of locks and artifacts
+    (sweep / "records").mkdir(parents=True)
+    (sweep / "records" / "k.json").write_text("{}")
+    (sweep / "sweep.json").write_text(json.dumps({"cells": [], "pareto": [], "name": "grid"}))
+    for name in ("sweep.md", "sweep.csv", "pareto.png"):
+        (sweep / name).write_text("x")
+    shutil.copytree(res.path, sweep / "cells" / "ort-cpu-int8-0123abcd")
+    (sweep / "cells" / ".ort-cpu-int8.lock").write_text("")
+    check_replaceable(sweep)   # refused before: "cells/ and 1 more"
+    for mine in ("records/thesis.docx", ".backup.lock/photo.jpg", "cells/notes.txt"):
+        (sweep / mine).parent.mkdir(exist_ok=True)
+        (sweep / mine).write_text("mine")
+        with pytest.raises(UadcError, match=f"holds files no uadc step writes there \\({re.escape(mine.split('/photo')[0])}"):
+            check_replaceable(sweep)
+        (sweep / mine).unlink()
+        if mine.startswith(".backup"):
+            (sweep / ".backup.lock").rmdir()
+    check_replaceable(sweep)
+    (notes / "artifact.json").write_text('{"name": "another tool\'s"}')   # not uadc's: the notes went with it
+    with pytest.raises(UadcError, match="holds a uadc report but no artifact.json of uadc's"):
+        check_replaceable(notes)
     qat = tmp_path / "qat"       # a QAT run's folder is replaced (its two files)
     qat.mkdir()
     (qat / "qat.json").write_text(json.dumps({"recipe_hash": "r", "model_hash": "m", "target": "ort-cpu-int8"}))

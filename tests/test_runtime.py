@@ -747,11 +747,16 @@ def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path, monkeypat
     from uadc.cli import main
     monkeypatch.chdir(latin1)   # the default --out inside the artifact: named as the default, not as typed
     r = CliRunner().invoke(main, ["predict", ".", str(res.path / "model.onnx")])
-    assert r.exit_code == 2 and "the default --out ./predictions is inside the artifact folder" in r.output
-    assert r.output.rstrip().endswith(": pass --out DIR outside it"), r.output
+    assert r.exit_code == 2 and "the default --out predictions: inside the artifact folder" in r.output
+    assert r.output.rstrip().endswith("choose a folder outside it, with --out DIR"), r.output
     import uadc   # a bundle's source as typed (relative) beside its absolute path
     monkeypatch.chdir(res.path.parent)
     assert uadc.bundle(res.path.name, tmp_path / "b1").source == res.path
+    (tmp_path / "deep" / "sub").mkdir(parents=True)   # through a link, then `..`: folded as text it named another
+    (tmp_path / "lnk").symlink_to(tmp_path / "deep" / "sub")   # folder (a FileNotFoundError traceback)
+    shutil.copytree(res.path, tmp_path / "deep" / "art")
+    monkeypatch.chdir(tmp_path)
+    assert uadc.bundle(Path("lnk/../art"), tmp_path / "b2").source == tmp_path / "lnk" / ".." / "art"
     with pytest.raises(UadcError, match=r"an artifact of target ort-cpu-int8 has no TensorRT engine; backend auto "
                                         r"or onnxruntime$"):      # "run build_engine.sh", which it has not
         Detector.load(res.path, backend="tensorrt")

@@ -365,6 +365,8 @@ def test_a_ray_uadc_starts_leaves_the_process_as_it_was(tiny, tmp_path, monkeypa
     here.mkdir()
     (here / "onnxruntime.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\nraise ImportError('shadowed')\n")
     monkeypatch.chdir(here)
+    # as a `ray job submit --working-dir` entrypoint: the job's package, which this local Ray cannot fetch
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}')
     env, hook, state = dict(os.environ), sys.excepthook, random.getstate()
     import signal
     import warnings
@@ -738,8 +740,13 @@ def test_two_sweeps_missing_one_model_train_it_once(tmp_path, tiny_data, monkeyp
     with pytest.raises(UadcError, match="was trained again since the sweep read it; run the sweep again"):
         C._baseline(model, replace(infos[0], sha256="0" * 64), RunConfig(threads=1), None).checkpoint_sha256
     b = api.baseline(Path(infos[0].checkpoint), model.recipe())   # a caller's Baseline (calibrators compare) too
-    with pytest.raises(UadcError, match="was trained again since the sweep read it"):
+    with pytest.raises(UadcError, match="was trained again since the sweep read it; build a new Baseline"):
         with C.given_baseline(replace(infos[0], sha256="0" * 64), RunConfig(threads=1), b):
+            pass
+    from uadc.training.checkpoint import load_checkpoint   # a model in memory: recorded as the checkpoint file's
+    kd = api.baseline(load_checkpoint(Path(infos[0].checkpoint))[0], model.recipe())
+    with pytest.raises(UadcError, match="^baseline: built from a model in memory"):
+        with C.given_baseline(infos[0], RunConfig(threads=1), kd):
             pass
 
 

@@ -394,16 +394,21 @@ def test_golden_files_are_checked_not_trusted(artifacts, tmp_path):
         with io.BytesIO() as buf:   # its shape member a deflated million numbers
             np.save(buf, np.zeros(10 ** 6, np.int64))
             out.writestr("shape.npy", buf.getvalue())
-    with pytest.raises(UadcError, match=r"golden_masks.npz: ValueError: shape: 8000128 bytes inflated"):
+    with pytest.raises(UadcError, match=r"golden_masks.npz: ValueError: shape: 8000128 bytes inflated, more than three "):
         uadc.verify(int8, golden=loose)
     (loose / "golden_masks.npz").write_bytes((fp32 / "golden_masks.npz").read_bytes())
     feeds = json.loads((fp32 / "golden_inputs.json").read_text())   # an .npz or a torch tensor in a feed
     with io.BytesIO() as buf:
         np.savez_compressed(buf, x=np.zeros((64, 3, 32, 32), np.float32))
         feeds[0]["image"]["array"] = base64.b64encode(buf.getvalue()).decode()
-    legacy = json.loads(json.dumps(feeds))   # Polygraphy's older tag: the same decoder, unchecked
-    legacy[0]["image"] = {"ndarray": "polygraphy_serialized_json_type", "array": feeds[0]["image"]["array"]}
+    legacy = json.loads(json.dumps(feeds))   # Polygraphy's older tags: the same decoder, unchecked
+    legacy[0]["image"] = {"__polygraphy_encoded_ndarray": "polygraphy_serialized_json_type",
+                          "array": feeds[0]["image"]["array"]}
+    both = json.loads(json.dumps(legacy))    # a tensor under the older tag beside an array's current one
+    both[0]["image"] = {**json.loads((fp32 / "golden_inputs.json").read_text())[0]["image"],
+                        "__polygraphy_encoded_Tensor": "polygraphy_serialized_json_type", "tensor": "AA=="}
     for payload, why in ((feeds, "an array that is not a plain .npy"), (legacy, "an array that is not a plain .npy"),
+                         (both, "a Tensor / ndarray payload"),
                          ([{"image": {"tensor": "AA==", "polygraphy_class": "Tensor"}}], "a Tensor payload")):
         (loose / "golden_inputs.json").write_text(json.dumps(payload))
         with pytest.raises(UadcError, match=f"golden_inputs.json: ValueError: {why}"):

@@ -557,7 +557,7 @@ CASES: list[Case] = [
     # a folder of notes holding a copy of a report.json was uadc's: replaced whole, the notes with it
     Case("out-force-a-folder-with-a-copied-report", COMPILE("--target", "ort-cpu-fp32", "--no-eval", "--out", "old_out",
                                                             "--force"),
-         msg="holds a uadc report but no artifact.json: not an output uadc replaces", setup=_copied_report),
+         msg="holds a uadc report but no artifact.json of uadc's: not an output uadc replaces", setup=_copied_report),
     # options ---------------------------------------------------------------------------------
     Case("opt-quantize-comma", COMPILE("--no-eval", "--quantize", ",", "--out", "o"), msg="empty items"),
     Case("opt-quantize-unknown", COMPILE("--no-eval", "--quantize", "everything", "--out", "o"), msg="everything"),

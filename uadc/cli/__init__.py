@@ -149,10 +149,9 @@ def _check_default_out(out: Path) -> None:
     """predict's default --out inside an artifact: named as the default, not as an option typed."""
     from uadc.core.manifest import check_outside_artifacts
     try:
-        check_outside_artifacts(out)
+        check_outside_artifacts(out, what="the default --out")
     except UadcError as exc:
-        where = str(exc).split(": ", 1)[1].split(";")[0]
-        raise UadcError(f"the default --out ./{out} is {where}: pass --out DIR outside it") from None
+        raise UadcError(f"{exc}, with --out DIR") from None
 
 
 @main.command()

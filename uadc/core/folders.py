@@ -11,7 +11,8 @@ import os
 import re
 from pathlib import Path
 
-from uadc.core.constants import DEVICE_FILES, ENGINE_FILE, ENGINE_SOURCE_SUFFIX, GRID_FILES, MANIFEST_FILE, TMP_TAG
+from uadc.core.constants import (DEVICE_FILES, ENGINE_FILE, ENGINE_SOURCE_SUFFIX, GRID_FILES, GRID_FOLDERS, MANIFEST_FILE,
+                                 TMP_TAG)
 
 TMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TMP_TAG)
                     + r"(?P<pid>\d+)(?:@(?P<host>[0-9a-f]{8})(?:\.(?P<boot>[0-9a-f]{4}))?)?-[0-9a-f]+(?:\.tmp)?$")
@@ -22,16 +23,17 @@ def _litter(name: str) -> bool:   # a file manager's, not a user's
     return name in DESKTOP_LITTER or name.startswith("._")
 
 
-def files_added_to_artifact(folder: Path) -> list[str]:
+def files_added_to_artifact(folder: Path) -> list[str] | None:
     """Files and links in an artifact folder that its ``artifact.json`` does not list and no uadc step
-    makes there (the device's engine files, writers' temps): added by someone, and theirs to keep."""
+    makes there (the device's engine files, writers' temps): added by someone, and theirs to keep. None
+    where ``artifact.json`` is not uadc's (another tool's file of that name: the folder is not an artifact)."""
     try:
-        listed = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8")).get("files")
-    except (OSError, ValueError, AttributeError):   # no artifact.json (a sweep's folder), or not uadc's
-        return []
-    if not isinstance(listed, dict):
-        return []
-    return files_added(folder, {*listed, MANIFEST_FILE, *DEVICE_FILES})
+        doc = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict) or not {"schema", "uadc_version"} <= doc.keys():
+        return None
+    return files_added(folder, {*doc["files"], MANIFEST_FILE, *DEVICE_FILES})
 
 
 def files_added(folder: Path, known: set[str]) -> list[str]:
@@ -53,15 +55,33 @@ def files_added(folder: Path, known: set[str]) -> list[str]:
 
 
 def grid_added(folder: Path) -> list[str]:
-    """What a sweep's or a calibrator comparison's folder holds beyond its tables, records, cells' locks and
-    the cell artifacts (each judged as an artifact): a copied sweep.json made a user's folder replaceable."""
+    """What a sweep's or a calibrator comparison's folder holds beyond its tables, its records (JSON files),
+    its cells' locks and the cell artifacts (each judged as an artifact; a sweep keeps them under ``cells/``):
+    a copied sweep.json made a user's folder replaceable."""
     added = []
-    for p in sorted(folder.iterdir()):
-        name, is_dir = p.name, p.is_dir() and not p.is_symlink()
-        if name in GRID_FILES or TMP_RE.match(name) or _litter(name) or name.startswith(".") and name.endswith(".lock"):
-            continue
-        if is_dir and (p / MANIFEST_FILE).is_file():
-            added += [f"{name}/{rel}" for rel in files_added_to_artifact(p)]
-        else:
-            added.append(name + "/" * is_dir)
+    for p, rel in _entries(folder, ""):
+        if p.name == GRID_FOLDERS[0] and p.is_dir() and not p.is_symlink():   # records/
+            added += [f"{rel}/{q.name}" for q in sorted(p.iterdir()) if not (q.suffix == ".json" and q.is_file()
+                                                                             or TMP_RE.match(q.name))]
+        elif p.name == GRID_FOLDERS[1] and not rel.count("/") and p.is_dir() and not p.is_symlink():   # cells/
+            added += _cells_added(p, rel)
+        elif not (p.name in GRID_FILES and p.is_file()):
+            added += _cells_added_one(p, rel)
     return added
+
+
+def _entries(folder: Path, prefix: str) -> list[tuple[Path, str]]:
+    return [(p, f"{prefix}{p.name}") for p in sorted(folder.iterdir())]
+
+
+def _cells_added(folder: Path, prefix: str) -> list[str]:
+    return [x for p, rel in _entries(folder, prefix + "/") for x in _cells_added_one(p, rel)]
+
+
+def _cells_added_one(p: Path, rel: str) -> list[str]:
+    """A cell artifact judged as one; a cell's lock, a writer's temp or litter passed over; else named."""
+    if TMP_RE.match(p.name) or _litter(p.name) or p.name.startswith(".") and p.name.endswith(".lock") and p.is_file():
+        return []
+    is_dir = p.is_dir() and not p.is_symlink()
+    added = files_added_to_artifact(p) if is_dir and (p / MANIFEST_FILE).is_file() else None
+    return [f"{rel}/{a}" for a in added] if added is not None else [rel + "/" * is_dir]

@@ -327,16 +327,15 @@ def check_replaceable(final: Path, replace: bool = True, remedy: str = "choose a
     if not is_output_dir(final):
         raise UadcError(f"output folder {final} exists and was not written by uadc; "
                         f"{remedy} (nothing was changed)")
-    listed = (final / MANIFEST_FILE).is_file()   # else a QAT run's folder (its two files) or a grid's (its tables, cells)
-    grid = not listed and any(is_marker(final / n, OUTPUT_MARKERS[n]) for n in GRID_FILES if n in OUTPUT_MARKERS)
-    if not listed and not grid and not is_marker(final / QAT_JSON, OUTPUT_MARKERS[QAT_JSON]):
+    listed = files_added_to_artifact(final)   # None: no artifact.json of uadc's (another tool's named so: a user's)
+    grid = listed is None and any(is_marker(final / n, OUTPUT_MARKERS[n]) for n in GRID_FILES if n in OUTPUT_MARKERS)
+    if listed is None and not grid and not is_marker(final / QAT_JSON, OUTPUT_MARKERS[QAT_JSON]):
         # a report.json copied among a user's notes and photos made the folder uadc's: replaced whole by --force
-        raise UadcError(f"output folder {final} holds a uadc report but no {MANIFEST_FILE}: not an output uadc "
-                        f"replaces; {remedy} (nothing was changed)")
-    added = files_added_to_artifact(final) if listed else grid_added(final) if grid else \
-        files_added(final, {QAT_FILE, QAT_JSON})
+        raise UadcError(f"output folder {final} holds a uadc report but no {MANIFEST_FILE} of uadc's: not an output "
+                        f"uadc replaces; {remedy} (nothing was changed)")
+    added = listed if listed is not None else grid_added(final) if grid else files_added(final, {QAT_FILE, QAT_JSON})
     if added:   # a user's images and scripts beside the artifact went with it, without a word
-        what = f"files its {MANIFEST_FILE} does not list" if listed else "files no uadc step writes there"
+        what = f"files its {MANIFEST_FILE} does not list" if listed is not None else "files no uadc step writes there"
         raise UadcError(f"output folder {final} holds {what} ({added[0]}{f' and {len(added) - 1} more' * (len(added) > 1)}"
                         f"): move them out first, or {remedy} (nothing was changed)")
     if not replace:

@@ -52,6 +52,15 @@ class BundleResult(JsonResult):
                 "unlisted": self.unlisted, "bytes": self.bytes, "source_bytes": self.source_bytes}
 
 
+def _absolute(path: Path) -> Path:
+    """``path`` absolute, its ``..`` folded where that names the same folder (not past a link)."""
+    normed = Path(os.path.abspath(path))
+    try:
+        return normed if os.path.samefile(normed, path) else path.absolute()
+    except OSError:
+        return path.absolute()
+
+
 def _check_apart(source: Path, out: Path) -> None:
     src, dst = source.resolve(), out.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
@@ -83,7 +92,7 @@ def bundle(artifact: PathArg, out: PathArg, *, force: bool = False) -> BundleRes
     _check_apart(source, Path(out))
     check_outside_artifacts(Path(out), below=True)   # a later compile of that artifact deleted it, without --force
     _check_not_an_artifact(Path(out))
-    final, source = Path(out).absolute(), Path(os.path.abspath(source))   # now: `--out .` is swapped away below, and the cwd with it
+    final, source = Path(out).absolute(), _absolute(source)   # now: `--out .` is swapped away below, and the cwd with it
     # the device's build (an engine rebuilt there, an older uadc's listed timing cache): not the artifact's
     device = [rel for rel, digest in manifest.files.items() if rebuilt_on_device(source, rel, digest)]
     keep = sorted(rel for rel in manifest.files if rel not in GOLDEN_FILES and rel not in device)

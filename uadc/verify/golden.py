@@ -180,8 +180,8 @@ def _read(path: Path, load: Any) -> Any:
 
 def _masks(path: Path, most: int) -> np.ndarray:
     with np.load(path) as z:
-        _check_npy_size(z, "masks", most)
-        _check_npy_size(z, "shape", 1024)   # three numbers (620 KB of deflated zeros there took 1.8 GB)
+        _check_npy_size(z, "masks", most, "the golden images' masks take")
+        _check_npy_size(z, "shape", 1024, "three numbers take")   # 620 KB of deflated zeros there took 1.8 GB
         shape, packed = tuple(int(s) for s in z["shape"]), z["masks"]
         # the stored shape must be the packed array's: a crafted one asked for 35 TiB (a MemoryError traceback)
         if len(shape) != packed.ndim or shape[:-1] != packed.shape[:-1] or not 0 < shape[-1] <= 8 * packed.shape[-1]:
@@ -189,13 +189,13 @@ def _masks(path: Path, most: int) -> np.ndarray:
         return np.unpackbits(packed, axis=-1, count=shape[-1]).astype(bool).reshape(shape)
 
 
-def _check_npy_size(z: Any, name: str, most: int) -> None:
+def _check_npy_size(z: Any, name: str, most: int, what: str) -> None:
     """An array's .npy header must fit the bytes behind it: numpy allocates what the header says before it
     reads (a 100-byte member claiming (10**7, 10**7) was a MemoryError, a smaller lie GBs of memory); and
     those bytes, inflated, at most ``most``."""
     info = z.zip.getinfo(f"{name}.npy")
     if info.file_size > most:
-        raise ValueError(f"{name}: {info.file_size} bytes inflated, more than the golden images' masks take ({most})")
+        raise ValueError(f"{name}: {info.file_size} bytes inflated, more than {what} ({most})")
     with z.zip.open(info) as f:
         shape, dtype = _npy_header(f)
     if math.prod(shape) * dtype.itemsize > info.file_size:
@@ -213,11 +213,12 @@ def _check_json_arrays(path: Path) -> None:
     """Every array in a golden JSON file is a plain .npy whose header fits its bytes, as compile writes them:
     Polygraphy's decoder also inflates a compressed .npz (1.8 MB of deflated zeros took 2.15 GB before the
     refusal) and reads torch tensors, neither of which compile writes."""
-    def check(d: dict) -> dict:   # Polygraphy's tag, or its older one ({"ndarray": "polygraphy_serialized_json_type"})
-        kind = d.get("polygraphy_class") or next((k for k, v in d.items() if v == "polygraphy_serialized_json_type"), None)
-        if kind is not None and kind != "ndarray" and ("array" in d or "tensor" in d):
-            raise ValueError(f"a {str(kind)[:40]} payload, which compile does not write")
-        if kind == "ndarray":
+    def check(d: dict) -> dict:   # Polygraphy's tag, and its older ones ({"__polygraphy_encoded_X": "polygraphy_...")
+        kinds = {str(d["polygraphy_class"])[:40]} if "polygraphy_class" in d else set()
+        kinds |= {k.removeprefix("__polygraphy_encoded_")[:40] for k, v in d.items() if v == "polygraphy_serialized_json_type"}
+        if "tensor" in d or kinds - {"ndarray"} and ("array" in d or "tensor" in d) or len(kinds) > 1:
+            raise ValueError(f"a {' / '.join(sorted(kinds)) or 'tensor'} payload, which compile does not write")
+        if kinds == {"ndarray"}:
             if not isinstance(d.get("array"), str):
                 raise ValueError("an array without its base64 .npy payload")
             data = base64.b64decode(d["array"].encode(), validate=True)

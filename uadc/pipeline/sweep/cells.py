@@ -113,16 +113,19 @@ def _baseline(model: Model, info: ModelInfo, run: RunConfig, state: BaselineStat
     return b
 
 
-def _check_same_checkpoint(b: Baseline, info: ModelInfo) -> None:
+def _check_same_checkpoint(b: Baseline, info: ModelInfo, again: str = "run the sweep again") -> None:
     """The model read is the one the sweep hashed: a retrain meanwhile was recorded under the old hash."""
     if b.checkpoint_sha256 not in (None, info.sha256):
-        raise UadcError(f"checkpoint {info.checkpoint} was trained again since the sweep read it; run the sweep again")
+        raise UadcError(f"checkpoint {info.checkpoint} was trained again since the sweep read it; {again}")
 
 
 @contextmanager
 def given_baseline(info: ModelInfo, run: RunConfig, b: Baseline) -> Iterator[None]:
     """In this process, the model's cells compile from the caller's baseline (already exported)."""
-    _check_same_checkpoint(b, info)
+    if b.checkpoint_sha256 is None:   # a KDModel's: its cells were recorded, and reused, as the checkpoint file's
+        raise UadcError("baseline: built from a model in memory, not from a checkpoint file, so its results cannot be "
+                        "recorded under one; pass uadc.baseline(CHECKPOINT, recipe)")
+    _check_same_checkpoint(b, info, "build a new Baseline (uadc.baseline)")
     key = (info.key, info.sha256, run.threads)
     _BASELINES[key] = b
     try:

@@ -58,7 +58,9 @@ def run_on_ray(plan: Plan, out: Path, artifacts: Path, address: str | None, num_
                 # Ray puts the folder uadc runs in first on every worker's sys.path: an onnxruntime.py or
                 # numpy.py there ran in the workers. An empty working_dir is what they get instead (a job's
                 # own working_dir, `ray job submit --working-dir`, already keeps that folder out: two clash)
-                env = {} if _job_working_dir() else {"runtime_env": {"working_dir": empty}}
+                env = {} if _job_working_dir() and not local else {"runtime_env": {"working_dir": empty}}
+                if env and _job_working_dir():   # a local Ray cannot fetch the job's package from its cluster:
+                    os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"   # ours (restored by process_state_kept)
                 ray.init(**kwargs, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                          configure_logging=False, **env)
         except (ConnectionError, ValueError) as exc:   # ValueError: an address Ray cannot parse

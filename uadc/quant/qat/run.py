@@ -201,7 +201,7 @@ def load_qat_model(recipe: Recipe, target: str, artifacts: Path | None = None,
     if meta.get("target") not in (None, target):   # a TensorRT artifact shipped with CPU-style quantization
         raise UadcError(f"QAT model {path} was fine-tuned for {meta['target']}, not {target}: run "
                         f"`uadc qat --target {target}`")
-    differ = _weights_differ(_settings(meta, d / QAT_JSON).get("weights"), get_target(target),
+    differ = _weights_differ(_settings(meta, f"QAT summary {d / QAT_JSON}").get("weights"), get_target(target),
                              recipe.compile.per_channel, recipe.compile.reduce_range)
     if differ:
         raise UadcError(f"QAT model {path} {differ.replace('the recipe', f'recipe {recipe.name}')}: {again}")
@@ -235,12 +235,13 @@ def qat_record(model: onnx.ModelProto) -> dict | None:
         return None
     try:
         record = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         record = None
-    if not isinstance(record, dict) or not isinstance(record.get("target"), (str, type(None))):
+    if not isinstance(record, dict) or record.get("target") == "" or \
+            not all(isinstance(record.get(k), (str, type(None))) for k in ("target", "summary", "model_sha256")):
         raise UadcError(f"qat_model: its {QAT_METADATA} record is not what `uadc qat` writes; run `uadc qat` again")
     if record.get("settings") is not None:
-        _settings(record, f"qat_model's {QAT_METADATA} record")
+        _settings(record, f"qat_model: its {QAT_METADATA} record")
     return {k: record.get(k) for k in ("settings", "summary", "model_sha256", "target")}
 
 
@@ -264,13 +265,13 @@ def _weights(ctx: PassContext) -> dict:
     return {"bits": weight_bits(ctx), "per_channel": per_channel}
 
 
-def _settings(meta: dict, path: Path) -> dict:
+def _settings(meta: dict, where: str) -> dict:
     """qat.json's settings as `uadc qat` writes them (an edited file gave TypeError / KeyError tracebacks)."""
     st = meta.get("settings", {})   # null: not what uadc qat writes (compiled, its weights unchecked)
     w = st.get("weights") if isinstance(st, dict) else None
     if not isinstance(st, dict) or w is not None and not (isinstance(w, dict) and type(w.get("bits")) is int and
                                                           isinstance(w.get("per_channel"), bool)):
-        raise UadcError(f"QAT summary {path}: its settings are not what `uadc qat` writes; run `uadc qat` again")
+        raise UadcError(f"{where}: its settings are not what `uadc qat` writes; run `uadc qat` again")
     return st
 
 
