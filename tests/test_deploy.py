@@ -507,14 +507,14 @@ def test_a_users_files_in_an_output_folder_are_kept_and_a_bundle_stays_out_of_ar
         check_replaceable(grid)
     sweep = tmp_path / "sweep"   # a sweep's: its tables, records, cells/ of locks and artifacts
     (sweep / "records").mkdir(parents=True)
-    (sweep / "records" / "k.json").write_text("{}")
+    (sweep / "records" / "k.json").write_text('{"key": "k"}')
     (sweep / "sweep.json").write_text(json.dumps({"cells": [], "pareto": [], "name": "grid"}))
     for name in ("sweep.md", "sweep.csv", "pareto.png"):
         (sweep / name).write_text("x")
     shutil.copytree(res.path, sweep / "cells" / "ort-cpu-int8-0123abcd")
     (sweep / "cells" / ".ort-cpu-int8.lock").write_text("")
     check_replaceable(sweep)   # refused before: "cells/ and 1 more"
-    for mine in ("records/thesis.docx", ".backup.lock/photo.jpg", "cells/notes.txt"):
+    for mine in ("records/thesis.docx", "records/mine.json", ".backup.lock/photo.jpg", "cells/notes.txt", ".mine.lock"):
         (sweep / mine).parent.mkdir(exist_ok=True)
         (sweep / mine).write_text("mine")
         with pytest.raises(UadcError, match=f"holds files no uadc step writes there \\({re.escape(mine.split('/photo')[0])}"):
@@ -523,6 +523,9 @@ def test_a_users_files_in_an_output_folder_are_kept_and_a_bundle_stays_out_of_ar
         if mine.startswith(".backup"):
             (sweep / ".backup.lock").rmdir()
     check_replaceable(sweep)
+    shutil.copytree(res.path, sweep / "art")   # a sweep keeps its cells under cells/: an artifact beside is a user's
+    with pytest.raises(UadcError, match=r"holds files no uadc step writes there \(art/\)"):
+        check_replaceable(sweep)
     (notes / "artifact.json").write_text('{"name": "another tool\'s"}')   # not uadc's: the notes went with it
     with pytest.raises(UadcError, match="holds a uadc report but no artifact.json of uadc's"):
         check_replaceable(notes)

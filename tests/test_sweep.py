@@ -366,7 +366,8 @@ def test_a_ray_uadc_starts_leaves_the_process_as_it_was(tiny, tmp_path, monkeypa
     (here / "onnxruntime.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\nraise ImportError('shadowed')\n")
     monkeypatch.chdir(here)
     # as a `ray job submit --working-dir` entrypoint: the job's package, which this local Ray cannot fetch
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}')
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip", '
+                                                      '"py_modules": ["gcs://_ray_pkg_4567.zip"]}}')
     env, hook, state = dict(os.environ), sys.excepthook, random.getstate()
     import signal
     import warnings

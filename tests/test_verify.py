@@ -409,6 +409,7 @@ def test_golden_files_are_checked_not_trusted(artifacts, tmp_path):
                         "__polygraphy_encoded_Tensor": "polygraphy_serialized_json_type", "tensor": "AA=="}
     for payload, why in ((feeds, "an array that is not a plain .npy"), (legacy, "an array that is not a plain .npy"),
                          (both, "a Tensor / ndarray payload"),
+                         ([{"image": {"polygraphy_class": "LazyArray", "values": None}}], "a LazyArray payload"),
                          ([{"image": {"tensor": "AA==", "polygraphy_class": "Tensor"}}], "a Tensor payload")):
         (loose / "golden_inputs.json").write_text(json.dumps(payload))
         with pytest.raises(UadcError, match=f"golden_inputs.json: ValueError: {why}"):

@@ -17,6 +17,7 @@ from uadc.core.constants import (DEVICE_FILES, ENGINE_FILE, ENGINE_SOURCE_SUFFIX
 TMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TMP_TAG)
                     + r"(?P<pid>\d+)(?:@(?P<host>[0-9a-f]{8})(?:\.(?P<boot>[0-9a-f]{4}))?)?-[0-9a-f]+(?:\.tmp)?$")
 DESKTOP_LITTER = frozenset((".DS_Store", "Thumbs.db", "desktop.ini"))
+MAX_MARKER_BYTES = 256 << 20   # a manifest or record larger is no uadc one (uadc.core.io reads markers as far)
 
 
 def _litter(name: str) -> bool:   # a file manager's, not a user's
@@ -28,6 +29,8 @@ def files_added_to_artifact(folder: Path) -> list[str] | None:
     makes there (the device's engine files, writers' temps): added by someone, and theirs to keep. None
     where ``artifact.json`` is not uadc's (another tool's file of that name: the folder is not an artifact)."""
     try:
+        if (folder / MANIFEST_FILE).stat().st_size > MAX_MARKER_BYTES:
+            return None
         doc = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
@@ -54,19 +57,18 @@ def files_added(folder: Path, known: set[str]) -> list[str]:
     return sorted(added)
 
 
-def grid_added(folder: Path) -> list[str]:
-    """What a sweep's or a calibrator comparison's folder holds beyond its tables, its records (JSON files),
-    its cells' locks and the cell artifacts (each judged as an artifact; a sweep keeps them under ``cells/``):
-    a copied sweep.json made a user's folder replaceable."""
+def grid_added(folder: Path, sweep: bool) -> list[str]:
+    """What a sweep's (``sweep``) or a calibrator comparison's folder holds beyond its tables, its records, its
+    cells' locks and its cell artifacts (each judged as an artifact; a sweep keeps them under ``cells/``, a
+    comparison beside its tables): a copied sweep.json made a user's folder replaceable."""
     added = []
     for p, rel in _entries(folder, ""):
-        if p.name == GRID_FOLDERS[0] and p.is_dir() and not p.is_symlink():   # records/
-            added += [f"{rel}/{q.name}" for q in sorted(p.iterdir()) if not (q.suffix == ".json" and q.is_file()
-                                                                             or TMP_RE.match(q.name))]
-        elif p.name == GRID_FOLDERS[1] and not rel.count("/") and p.is_dir() and not p.is_symlink():   # cells/
-            added += _cells_added(p, rel)
+        if p.name == GRID_FOLDERS[0] and _plain_dir(p):   # records/: uadc's records only
+            added += [f"{rel}/{q.name}" for q in sorted(p.iterdir()) if not (_record(q) or TMP_RE.match(q.name))]
+        elif sweep and p.name == GRID_FOLDERS[1] and _plain_dir(p):   # cells/
+            added += [x for q, r in _entries(p, rel + "/") for x in _cell_added(q, r)]
         elif not (p.name in GRID_FILES and p.is_file()):
-            added += _cells_added_one(p, rel)
+            added += [rel + "/" * _plain_dir(p)] if sweep and not _passed_over(p) else _cell_added(p, rel)
     return added
 
 
@@ -74,14 +76,31 @@ def _entries(folder: Path, prefix: str) -> list[tuple[Path, str]]:
     return [(p, f"{prefix}{p.name}") for p in sorted(folder.iterdir())]
 
 
-def _cells_added(folder: Path, prefix: str) -> list[str]:
-    return [x for p, rel in _entries(folder, prefix + "/") for x in _cells_added_one(p, rel)]
+def _plain_dir(p: Path) -> bool:
+    return p.is_dir() and not p.is_symlink()
 
 
-def _cells_added_one(p: Path, rel: str) -> list[str]:
-    """A cell artifact judged as one; a cell's lock, a writer's temp or litter passed over; else named."""
-    if TMP_RE.match(p.name) or _litter(p.name) or p.name.startswith(".") and p.name.endswith(".lock") and p.is_file():
+def _passed_over(p: Path) -> bool:
+    """A writer's temp, a file manager's litter, or a lock file (empty, as the lock library leaves it)."""
+    return bool(TMP_RE.match(p.name)) or _litter(p.name) or (
+        p.name.startswith(".") and p.name.endswith(".lock") and p.is_file() and not p.is_symlink()
+        and p.stat().st_size == 0)
+
+
+def _record(p: Path) -> bool:
+    """A grid's cell record (JSON naming its key), not a user's JSON file among them."""
+    try:
+        if p.suffix != ".json" or not p.is_file() or p.stat().st_size > MAX_MARKER_BYTES:
+            return False
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and "key" in doc
+
+
+def _cell_added(p: Path, rel: str) -> list[str]:
+    """A cell artifact judged as one; a lock, a temp or litter passed over; anything else named."""
+    if _passed_over(p):
         return []
-    is_dir = p.is_dir() and not p.is_symlink()
-    added = files_added_to_artifact(p) if is_dir and (p / MANIFEST_FILE).is_file() else None
-    return [f"{rel}/{a}" for a in added] if added is not None else [rel + "/" * is_dir]
+    added = files_added_to_artifact(p) if _plain_dir(p) and (p / MANIFEST_FILE).is_file() else None
+    return [f"{rel}/{a}" for a in added] if added is not None else [rel + "/" * _plain_dir(p)]

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Union
 
 from uadc.core.constants import GRID_FILES, MANIFEST_FILE, QAT_FILE, QAT_JSON, TMP_TAG
 from uadc.core.errors import UadcError, one_line
-from uadc.core.folders import TMP_RE, files_added, files_added_to_artifact, grid_added
+from uadc.core.folders import MAX_MARKER_BYTES, TMP_RE, files_added, files_added_to_artifact, grid_added
 from uadc.core.process import exchange_paths, signals_deferred
 
 LOCK_INSIDE = "uadc.lock"   # a folder's own lock file (hidden) where its parent cannot hold one
@@ -304,7 +304,7 @@ def is_output_dir(path: Path) -> bool:
 
 def is_marker(path: Path, keys: tuple[str, ...]) -> bool:
     try:
-        if not path.is_file() or path.stat().st_size > 256 << 20:
+        if not path.is_file() or path.stat().st_size > MAX_MARKER_BYTES:
             return False
         doc = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):   # unreadable, not UTF-8, not JSON: not uadc's
@@ -328,12 +328,13 @@ def check_replaceable(final: Path, replace: bool = True, remedy: str = "choose a
         raise UadcError(f"output folder {final} exists and was not written by uadc; "
                         f"{remedy} (nothing was changed)")
     listed = files_added_to_artifact(final)   # None: no artifact.json of uadc's (another tool's named so: a user's)
-    grid = listed is None and any(is_marker(final / n, OUTPUT_MARKERS[n]) for n in GRID_FILES if n in OUTPUT_MARKERS)
+    sweep = is_marker(final / GRID_FILES[0], OUTPUT_MARKERS[GRID_FILES[0]])   # sweep.json; else compare.json
+    grid = listed is None and (sweep or is_marker(final / "compare.json", OUTPUT_MARKERS["compare.json"]))
     if listed is None and not grid and not is_marker(final / QAT_JSON, OUTPUT_MARKERS[QAT_JSON]):
         # a report.json copied among a user's notes and photos made the folder uadc's: replaced whole by --force
         raise UadcError(f"output folder {final} holds a uadc report but no {MANIFEST_FILE} of uadc's: not an output "
                         f"uadc replaces; {remedy} (nothing was changed)")
-    added = listed if listed is not None else grid_added(final) if grid else files_added(final, {QAT_FILE, QAT_JSON})
+    added = listed if listed is not None else grid_added(final, sweep) if grid else files_added(final, {QAT_FILE, QAT_JSON})
     if added:   # a user's images and scripts beside the artifact went with it, without a word
         what = f"files its {MANIFEST_FILE} does not list" if listed is not None else "files no uadc step writes there"
         raise UadcError(f"output folder {final} holds {what} ({added[0]}{f' and {len(added) - 1} more' * (len(added) > 1)}"

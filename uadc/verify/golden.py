@@ -134,8 +134,9 @@ def read_golden(path: Path) -> GoldenSet:
         raise UadcError(f"{folder / unlisted[0]}: not listed in {folder / MANIFEST_FILE}, so not the file compile wrote; "
                         f"compile the artifact again")
     with quiet_third_party():  # Polygraphy logs every load
-        feeds = _read(inputs, lambda: _check_json_arrays(inputs) or [dict(f) for f in load_json(str(inputs))])
-        results = _read(outputs_file, lambda: _check_json_arrays(outputs_file) or RunResults.load(str(outputs_file)))
+        feeds = _read(inputs, lambda: _check_json_arrays(inputs, _FEED_KINDS) or [dict(f) for f in load_json(str(inputs))])
+        results = _read(outputs_file, lambda: _check_json_arrays(outputs_file, _RESULT_KINDS)
+                        or RunResults.load(str(outputs_file)))
     runs = dict(results.items())
     if meta["runner"] not in runs:
         raise UadcError(f"{outputs_file}: no results of runner {meta['runner']!r}")
@@ -209,15 +210,20 @@ def _npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
-def _check_json_arrays(path: Path) -> None:
+_FEED_KINDS = frozenset({"ndarray"})   # what compile writes into golden_inputs.json, and golden_outputs.json
+_RESULT_KINDS = frozenset({"ndarray", "LazyArray", "IterationResult", "RunResults"})
+
+
+def _check_json_arrays(path: Path, allowed: frozenset) -> None:
     """Every array in a golden JSON file is a plain .npy whose header fits its bytes, as compile writes them:
     Polygraphy's decoder also inflates a compressed .npz (1.8 MB of deflated zeros took 2.15 GB before the
     refusal) and reads torch tensors, neither of which compile writes."""
     def check(d: dict) -> dict:   # Polygraphy's tag, and its older ones ({"__polygraphy_encoded_X": "polygraphy_...")
         kinds = {str(d["polygraphy_class"])[:40]} if "polygraphy_class" in d else set()
         kinds |= {k.removeprefix("__polygraphy_encoded_")[:40] for k, v in d.items() if v == "polygraphy_serialized_json_type"}
-        if "tensor" in d or kinds - {"ndarray"} and ("array" in d or "tensor" in d) or len(kinds) > 1:
-            raise ValueError(f"a {' / '.join(sorted(kinds)) or 'tensor'} payload, which compile does not write")
+        if "tensor" in d or kinds - allowed or len(kinds) > 1 or kinds - {"ndarray"} and "array" in d or \
+                "LazyArray" in kinds and not isinstance(d.get("values"), dict):   # a null one: a TypeError traceback
+            raise ValueError(f"a {' / '.join(sorted(kinds)) or 'tensor'} payload, which compile does not write there")
         if kinds == {"ndarray"}:
             if not isinstance(d.get("array"), str):
                 raise ValueError("an array without its base64 .npy payload")

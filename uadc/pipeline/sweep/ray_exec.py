@@ -59,8 +59,8 @@ def run_on_ray(plan: Plan, out: Path, artifacts: Path, address: str | None, num_
                 # numpy.py there ran in the workers. An empty working_dir is what they get instead (a job's
                 # own working_dir, `ray job submit --working-dir`, already keeps that folder out: two clash)
                 env = {} if _job_working_dir() and not local else {"runtime_env": {"working_dir": empty}}
-                if env and _job_working_dir():   # a local Ray cannot fetch the job's package from its cluster:
-                    os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"   # ours (restored by process_state_kept)
+                if local:   # a Ray job's runtime env (its packages, py_modules, pip) lives on its cluster, which
+                    os.environ.pop("RAY_JOB_CONFIG_JSON_ENV_VAR", None)   # a local Ray cannot reach (restored after)
                 ray.init(**kwargs, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                          configure_logging=False, **env)
         except (ConnectionError, ValueError) as exc:   # ValueError: an address Ray cannot parse
