@@ -231,6 +231,7 @@ def test_sequential_sweep_records_failures_and_resumes(tiny, tmp_path):
     assert (again["reused"], again["executed"], len(again["failed"]), again["trained"]) == (2, 1, 1, 0)
     assert again["failed"] == json.loads((tmp_path / "o" / "sweep.json").read_text())["failed"]   # int vs list
     assert again["cells"] == json.loads((tmp_path / "o" / "sweep.json").read_text())["cells"]   # named as there
+    assert again["latency"] == json.loads((tmp_path / "o" / "sweep.json").read_text())["latency"]   # how it was timed
     assert (tmp_path / "o" / "sweep.csv").read_text() == first
     # a finished cell whose artifact folder was deleted is computed again
     import shutil

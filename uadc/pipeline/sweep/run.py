@@ -44,6 +44,7 @@ class SweepResult(JsonResult):
     trained: int                     # models trained by this run
     wall_seconds: float
     markdown: str = field(repr=False, default="")
+    latency: dict | None = None      # how latency_ms was timed (batch, threads, runs, warmup), as in sweep.json
 
     @property
     def ok(self) -> bool:
@@ -59,7 +60,8 @@ class SweepResult(JsonResult):
                 f"{self.trained} models trained; {self.wall_seconds:.1f} s; written: {self.out}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "out": str(self.out), "cells": self.rows, "best": self.best, "pareto": self.pareto,
+        return {"name": self.name, "latency": self.latency, "out": str(self.out), "cells": self.rows, "best": self.best,
+                "pareto": self.pareto,
                 "files": {k: str(v) for k, v in self.files.items()}, "executed": self.executed,
                 "reused": self.reused, "trained": self.trained,
                 "failed": [r["cell"] for r in self.rows if r.get("status") != "ok"],   # as sweep.json (a count before)
@@ -174,7 +176,8 @@ def _run_plan(plan: Plan, artifacts: Path, out: Path, address: str | None, num_c
     failed = sum(1 for r in records if r["status"] != "ok")
     trained = len({r["model"] for r in records if r.get("trained") and not r.get("reused")})
     return SweepResult(plan.name, out, t["rows"], t["best"], t["pareto"], t["files"],
-                       len(records) - reused, reused, failed, trained, round(time.time() - t0, 2), t["markdown"])
+                       len(records) - reused, reused, failed, trained, round(time.time() - t0, 2), t["markdown"],
+                       t.get("latency"))
 
 
 def finished_records(plan: Plan, out: Path, artifacts: Path) -> dict[int, dict]:

@@ -110,7 +110,7 @@ def write_table(plan: Plan, records: list[dict], out: Path) -> dict:
     elif plot:   # nothing to plot now (no AUROC, every cell failed): the last run's plot showed other cells
         (out / "pareto.png").unlink(missing_ok=True)
     _write_tables(files, doc, md, rows)
-    return {"rows": rows, "best": best, "pareto": front, "files": files, "markdown": md}
+    return {"rows": rows, "best": best, "pareto": front, "files": files, "markdown": md, "latency": timing}
 
 
 def _write_tables(files: dict[str, Path], doc: dict, md: str, rows: list[dict]) -> None:
