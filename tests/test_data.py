@@ -409,6 +409,29 @@ def test_masks_in_16_bits_jpeg_soft_or_not_square_mark_what_they_show(tmp_path):
         validate_test_masks(ImageDataset([s], 32, *NORM))
 
 
+def test_an_image_over_pillows_warning_limit_is_checked_without_its_warning(tmp_path):
+    """A 90-megapixel test image (1-2x Pillow's pixel limit: read, resized) printed Pillow's DecompressionBombWarning
+    at train, eval and compile (the mask check read its header without uadc's filter); predict did not."""
+    import warnings
+
+    from uadc.data.mvtec import ImageDataset, Sample
+    Image.new("L", (9500, 9500), 60).save(tmp_path / "big.png")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        validate_test_masks(ImageDataset([Sample(tmp_path / "big.png", "c", "good", None)], 32, *NORM))
+    assert not [w for w in seen if "DecompressionBomb" in w.category.__name__]
+
+
+def test_a_cameras_mpo_jpeg_is_one_photo_not_an_animation(tmp_path, caplog):
+    """A phone's JPEG carrying a preview (MPO) was warned about as an animation or a multi-page file."""
+    from uadc.core.images import open_image
+    a = Image.new("RGB", (48, 32), (90, 120, 150))
+    a.save(tmp_path / "cam.jpg", format="MPO", save_all=True, append_images=[a.resize((24, 16))])
+    with caplog.at_level("WARNING", logger="uadc"), open_image(tmp_path / "cam.jpg") as im:
+        assert im.size == (48, 32)
+    assert "several frames" not in caplog.text
+
+
 def test_masks_that_vanish_at_the_working_size_are_said(tmp_path, caplog):
     """Defects smaller than a pixel at data.image_size: the category's pixel figures vanished (`-` in the
     table, which README reads as "no ground_truth folder") and the mean pixel AUROC was the others', unsaid."""

@@ -50,7 +50,7 @@ def open_image(path: Any, what: str = "image") -> Iterator[Image.Image]:
         with warnings_ignored(Image.DecompressionBombWarning):   # 1-2x Pillow's pixel limit: read and resized
             im = Image.open(path, formats=READ_FORMATS)
         with im:
-            if getattr(im, "is_animated", False):
+            if getattr(im, "is_animated", False) and im.format != "MPO":   # a camera's JPEG with its preview: one photo
                 _note_once("frames", path, "several frames (an animation or a multi-page file); uadc reads the first")
             yield upright(im)
     except UadcError:

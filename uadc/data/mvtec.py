@@ -23,10 +23,11 @@ from torch.utils.data import Dataset
 
 from uadc.core.constants import MASKS_FOLDER
 from uadc.core.errors import UadcError
-from uadc.core.io import file_key
 from uadc.core.folders import DESKTOP_LITTER
 from uadc.core.images import (IMAGE_EXTS, OTHER_IMAGE_EXTS, READ_FORMATS, check_utf8_name, eight_bit, is_hidden,
                               not_a_file, open_image, shown)
+from uadc.core.io import file_key
+from uadc.core.scoped import warnings_ignored
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
 def _turned(path: Path) -> str:
     """Why an image's size reads transposed: uadc turns it upright by its EXIF orientation, as viewers do."""
     try:
-        with Image.open(path, formats=READ_FORMATS) as raw:
+        with warnings_ignored(Image.DecompressionBombWarning), Image.open(path, formats=READ_FORMATS) as raw:
             turned = raw.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # the orientations that swap width and height
     except Exception:  # noqa: BLE001 - it opened a moment ago: no reason to add
         return ""
@@ -345,7 +346,8 @@ def validate_test_masks(ds: ImageDataset) -> None:
     shape: dict[str, tuple[int, int]] = {}   # category -> its most stretched image's size
     for s in ds.samples:
         load_image(s.path, ds.size)  # an unreadable test image fails here, not after training
-        with Image.open(s.path, formats=READ_FORMATS) as im:   # its header: the ratio is the same turned upright
+        # its header (the ratio is the same turned upright), read as the loader reads it: no Pillow warning
+        with warnings_ignored(Image.DecompressionBombWarning), Image.open(s.path, formats=READ_FORMATS) as im:
             w, h = im.size
         if max(w, h) * min(*shape.get(s.category, (1, 1))) > max(*shape.get(s.category, (1, 1))) * min(w, h):
             shape[s.category] = (w, h)
