@@ -57,6 +57,15 @@ def test_training_never_overwrites_the_recipe_file_it_reads(tiny_data, tmp_path)
     res = CliRunner().invoke(main, ["train", str(own), "--artifacts", str(tmp_path)])
     assert res.exit_code == 2 and "would overwrite the recipe file itself" in res.output, res.output
     assert own.read_text() == text and sorted(p.name for p in own.parent.iterdir()) == ["recipe.yaml"]
+    # --artifacts in the recipe's data or in an artifact folder: trained, exit 0, then every compile refused it
+    good = tiny_data / "gray" / "train" / "good"
+    (tmp_path / "art" / "exp1").mkdir(parents=True)
+    (tmp_path / "art" / "exp1" / "artifact.json").write_text("{}")
+    for arts, said in ((good / "arts", "inside the recipe's data folder"), (tmp_path / "art", "inside the artifact folder")):
+        res = CliRunner().invoke(main, ["train", str(write_recipe(tmp_path / "r.yaml", tiny_data)), "--artifacts",
+                                        str(arts if "data" in said else tmp_path / "art" / "exp1")])
+        assert res.exit_code == 2 and "--artifacts " in res.output and said in res.output, res.output
+    assert not (good / "arts").exists()
 
 
 def test_eval_of_a_one_class_checkpoint_keeps_the_unified_eval_json(recipe_factory, tmp_path, monkeypatch):

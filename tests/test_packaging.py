@@ -127,6 +127,10 @@ def test_a_shown_recipe_saved_anywhere_reads_the_same_files(tmp_path):
     (home / "r.yaml").write_text("data:\n  sources:\n    - root: data\n", encoding="utf-8")
     res = CliRunner().invoke(main, ["recipes", "show", str(home / "r.yaml")])
     assert res.exit_code == 0 and f'root: "{home / "data"}"' in res.output, res.output
+    for null in ("null", "~"):   # `weights: null`, as every recipe copy train writes has it, was refused
+        (home / "w.yaml").write_text(f"data:\n  sources:\n    - root: data\nmodel:\n  weights: {null}\n", encoding="utf-8")
+        res = CliRunner().invoke(main, ["recipes", "show", str(home / "w.yaml")])
+        assert res.exit_code == 0 and f"weights: {null}\n" in res.output, res.output
 
 
 def test_recipes_show_takes_a_recipe_file_too(tmp_path, monkeypatch):

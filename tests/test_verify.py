@@ -482,6 +482,8 @@ def test_report_paths_replace_only_earlier_reports_and_are_checked_before_the_wo
                          (["--json", str(tmp_path / "x"), "--markdown", str(tmp_path / "d" / ".." / "x")],
                           "name the same file"),   # the Markdown was written over the JSON, exit 0
                          (["--markdown", "-"], "the Markdown report is on stdout already"),
+                         # a report beside the artifact's files: its next compile refused the folder
+                         (["--json", str(int8 / "v.json")], f"--json {int8 / 'v.json'}: inside the artifact folder"),
                          # x/ missing: the check looked at nothing, then the writer made x/ and the path the model
                          (["--json", str(int8 / "x" / ".." / "model.onnx")], "'..' follows"),
                          # a folder asked for: a file named `new` was written (pathlib dropped the '/')

@@ -46,8 +46,8 @@ class PackagedRecipe:
         resolves them), comments kept: a copy saved anywhere reads the same files."""
         def absolute(m: re.Match) -> str:
             written = m.group(3) or m.group(4)
-            if Path(written).is_absolute():
-                return m.group(0)
+            if Path(written).is_absolute() or m.group(4) in ("null", "Null", "NULL", "~"):   # no path: the copy
+                return m.group(0)                                      # train writes has `weights: null`
             path = str((self.path.parent / written).resolve())
             # quoted when YAML needs it; an "ü" as written, not "\u00fc" (a control or undecodable byte escaped)
             value = path if re.fullmatch(r"[\w./-]+", path) else json.dumps(path, ensure_ascii=not path.isprintable())

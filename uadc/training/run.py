@@ -16,9 +16,11 @@ from torch.utils.data import ConcatDataset
 from uadc.config.recipe import Recipe
 from uadc.core.errors import UadcError
 from uadc.core.io import JsonResult, check_writable, file_lock
+from uadc.core.manifest import check_outside_artifacts
 from uadc.core.progress import progress
 from uadc.core.scoped import seeded, torch_threads
 from uadc.data.mvtec import load_image
+from uadc.data.sources import check_outside_data
 from uadc.data.prepare import RecipeData, prepare_data
 from uadc.models import KDModel
 from uadc.models.profile import model_stats, peak_rss_mb
@@ -69,6 +71,9 @@ def train_recipe(recipe: Recipe, artifacts: Path | None = None, one_class: bool 
     ``on_epoch(category, data)`` may return a per-epoch callback (learning curves); time it
     spends (``eval_seconds`` in the history) is not counted in ``train_seconds``."""
     check_writable(recipe.artifact_dir(artifacts))  # a read-only root fails before any work
+    # checkpoints in the recipe's data or in an artifact folder: trained, then every compile refused that --artifacts
+    check_outside_artifacts(recipe.artifact_dir(artifacts), what="--artifacts")
+    check_outside_data(recipe.artifact_dir(artifacts), recipe, what="--artifacts")
     data = prepare_data(recipe)
     for ds in data.val.values():   # an unreadable validation normal stopped `uadc compile`, after the training
         for s in ds.samples:

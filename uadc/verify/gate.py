@@ -20,6 +20,7 @@ from uadc.config.validation import first_error
 from uadc.core.constants import VERIFY_SCHEMA
 from uadc.core.errors import UadcError, md_cell
 from uadc.core.io import check_own_file
+from uadc.core.manifest import check_outside_artifacts
 from uadc.core.numbers import fixed
 
 # figure -> (budget key, rule)
@@ -63,6 +64,9 @@ def check_report_paths(json_out: Path | None, md_out: Path | None) -> None:
     if md_out:
         check_own_file(Path(md_out), lambda head: bool(_OWN_MARKDOWN.match(head)),
                        "uadc verify or diff as a --markdown report")
+    for what, out in (("--json", json_out), ("--markdown", md_out)):   # a report in an artifact folder stopped its
+        if out and str(out) != "-":                                     # recompile (a file its manifest does not list)
+            check_outside_artifacts(Path(out), below=True, what=what)
 
 
 def error_document(kind: str, message: str, code: int) -> str:
