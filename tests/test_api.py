@@ -77,6 +77,11 @@ def test_the_public_api_type_checks(tmp_path):
                         "--cache-dir", str(tmp_path / "cache"), "use.py", "readme.py"],
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-1000:]
+    # a misspelt name is an error, not Any (the lazy module __getattr__ answered every name)
+    (tmp_path / "typo.py").write_text("import uadc\nfrom uadc import trian\nuadc.evalute('r.yaml')\n")
+    p = subprocess.run([sys.executable, "-m", "mypy", "--follow-imports=silent", "--cache-dir", str(tmp_path / "cache"),
+                        "typo.py"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert p.returncode == 1 and '"trian"' in p.stdout and '"evalute"' in p.stdout, p.stdout[-3000:]
 
 
 def test_readme_python_api_example_runs(trained, monkeypatch):
@@ -955,6 +960,7 @@ def test_any_path_object_names_the_same_file_as_its_string(trained, tmp_path, ti
     image = next((tiny_data / "gray" / "test" / "good").iterdir())
     det = uadc.Detector.load(AppPath(c.path))
     assert det.predict(AppPath(image)).score == det.predict(PurePosixPath(image)).score == det.predict(str(image)).score
+    assert det.predict(AppPath(image)).source == det.predict([AppPath(image)])[0].source == str(image)   # was its repr
 
 
 def test_train_compile_and_predict_leave_no_thread_running(tiny_data, tmp_path):

@@ -100,23 +100,24 @@ __all__ = ["__version__", "load_recipe", "Recipe", "UadcError", "train", "evalua
            "TargetSupport", "Figure", "Thresholds", "CategoryThresholds", "Threshold", "Preprocessing"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _API.get(name)
-    if module is None:
-        raise AttributeError(f"module 'uadc' has no attribute {name!r}")
-    import importlib
-    import random
+if not TYPE_CHECKING:   # else a type checker reads every misspelt `uadc.evalute` as Any, and passes it
+    def __getattr__(name: str) -> Any:
+        module = _API.get(name)
+        if module is None:
+            raise AttributeError(f"module 'uadc' has no attribute {name!r}")
+        import importlib
+        import random
 
-    from uadc.core.errors import dependencies_checked
-    from uadc.core.scoped import environment_kept
-    state = random.getstate()   # a library imported on the way may draw (rich seeds itself at import)
-    try:   # pydantic or torch missing (the runtime's own install): one UadcError naming it, as the CLI says it
-        with environment_kept(), dependencies_checked():   # or set environment variables and warning filters
-            value = getattr(importlib.import_module(module), name)
-    finally:
-        random.setstate(state)
-    globals()[name] = value
-    return value
+        from uadc.core.errors import dependencies_checked
+        from uadc.core.scoped import environment_kept
+        state = random.getstate()   # a library imported on the way may draw (rich seeds itself at import)
+        try:   # pydantic or torch missing (the runtime's own install): one UadcError naming it, as the CLI says it
+            with environment_kept(), dependencies_checked():   # or set environment variables and warning filters
+                value = getattr(importlib.import_module(module), name)
+        finally:
+            random.setstate(state)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:
@@ -129,8 +130,7 @@ def __dir__() -> list[str]:
     names = []
     for name in sorted(__all__):
         try:
-            if name not in globals():
-                __getattr__(name)
+            getattr(importlib.import_module(__name__), name)   # the module __getattr__ (hidden from type checkers)
             names.append(name)
         except MissingDependency:
             pass

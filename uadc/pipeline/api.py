@@ -85,7 +85,7 @@ def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_cl
 def evaluate(model_or_artifact: Any, recipe: RecipeLike | None = None, *, one_class: bool = False,
              artifacts: PathArg | None = None, write: bool = True) -> EvalResult | OneClassResult:
     """AD metrics on the recipe's test sets for: a recipe (its checkpoint), a checkpoint path,
-    a ``KDModel``, or a compiled artifact folder (run on its target's CPU runtime: ONNX Runtime or
+    a ``KDModel``, a ``Baseline``, or a compiled artifact folder (run on its target's CPU runtime: ONNX Runtime or
     OpenVINO; a TensorRT artifact's model by ONNX Runtime, as its compile emulates it) / ONNX file
     (ONNX Runtime)."""
     _check_source(model_or_artifact, "evaluate")
@@ -251,9 +251,10 @@ def baseline(source: Any, recipe: RecipeLike | None = None, *, artifacts: PathAr
              threads: int | None = None) -> Baseline:
     """The FP32 baseline (export, FP32 metrics, latency) that several compiles can share.
 
-    ``source``: a recipe (its checkpoint), a checkpoint path (with ``recipe``) or a ``KDModel``
-    (with ``recipe``). Never trains: a missing checkpoint is an error naming ``uadc train``. Lazy: the
-    checkpoint is loaded (and refused, e.g. a one-class model's) at the first attribute read or compile."""
+    ``source``: a recipe (its checkpoint), a checkpoint path (its own recipe, or ``recipe``) or a
+    ``KDModel`` (with ``recipe``). Never trains: a missing checkpoint is an error naming ``uadc train``.
+    The checkpoint is loaded (and refused, e.g. a one-class model's) here; the export, FP32 metrics and
+    latency are computed at their first read or compile."""
     if isinstance(source, Baseline):
         _baseline_recipe(source, recipe, "compile")
         return source

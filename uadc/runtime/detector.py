@@ -454,7 +454,7 @@ class Detector:
             batch = [self._input(x, None if single else i + j) for j, x in enumerate(chunk)]
             maps, scores, ms = self.run(np.stack(batch))
             preds += [self.decide(maps[j:j + 1], scores[j:j + 1], cats[i + j], ms,
-                                  [str(x) if isinstance(x, (str, os.PathLike)) else None])[0] for j, x in enumerate(chunk)]
+                                  [os.fsdecode(x) if isinstance(x, (str, os.PathLike)) else None])[0] for j, x in enumerate(chunk)]
         return preds[0] if single else preds
 
     def _input(self, x: Any, index: int | None) -> np.ndarray:
