@@ -310,6 +310,10 @@ def test_a_category_folder_without_train_good_is_named_not_dropped_silently(data
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and all("but no train/good/: left out" in m for m in said)
     assert said[0].startswith(f"{data / 'capital'} has train/") and said[1].startswith(f"{data / 'flat'} has train/")
+    caplog.clear()   # train lists the root three times (prepare, the checkpoint, the outside-data check): said once
+    with caplog.at_level("WARNING", logger="uadc"):
+        resolve_sources([{"root": str(data), "categories": None}])
+    assert not caplog.records
 
 
 def test_test_images_that_are_training_images_or_loose_in_test_are_named(data, caplog):

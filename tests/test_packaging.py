@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import hashlib
 import json
 import os
@@ -210,8 +211,10 @@ def test_wheel_runs_demo_in_fresh_venv(tmp_path):
 
 @pytest.mark.parametrize("call, found, missing, hint", [
     (load_recipe, "recipes/quickstart.yaml", "recipes/nope.yaml",
-     r"recipe not found: recipes/quickstart.yaml \(outside a uadc checkout, built-in recipes go by name: give "
+     r"recipe not found: recipes/quickstart.yaml \(no such file; built-in recipes go by name, not path: give "
      r"'quickstart'\)$"),
+    (load_recipe, "./demo", "sub/nope",   # it said `recipe not found: demo (...: give 'demo')`
+     r"recipe not found: \./demo \(no such file; built-in recipes go by name, not path: give 'demo'\)$"),
     ("find_images", "examples/hazelnut_toy_256/hazelnut_toy/test", "examples/nope",
      r"input not found: examples/hazelnut_toy_256/hazelnut_toy/test \(the demo images installed with uadc are at "
      r".*hazelnut_toy_256/hazelnut_toy/test\)$"),
@@ -224,7 +227,7 @@ def test_the_readmes_checkout_paths_elsewhere_name_what_to_give(call, found, mis
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UadcError, match=hint):
         call(found)
-    with pytest.raises(UadcError, match=f"^[a-z ]+ not found: {missing}$"):
+    with pytest.raises(UadcError, match=f"^[a-z ]+ not found: {re.escape(missing)}"):
         call(missing)
 
 

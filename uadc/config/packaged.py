@@ -145,18 +145,18 @@ def resolve_recipe_path(source: "str | Path", base: Path | None = None) -> Path:
     return built_in
 
 
-def check_recipe_file(path: Path) -> None:
+def check_recipe_file(path: Path, given: "str | os.PathLike[str] | None" = None) -> None:
     """A missing recipe file named like a built-in one (the README's ``recipes/quickstart.yaml``
-    outside a checkout) says that built-ins go by name."""
+    outside a checkout, or ``./demo``) says that built-ins go by name; ``given``: as typed."""
     if not path.exists() and not path.is_symlink() and _stem(path.name) in {r.name for r in packaged_recipes()}:
-        raise UadcError(f"recipe not found: {shown(path)} (outside a uadc checkout, built-in recipes go by name: "
-                        f"give {_stem(path.name)!r})")
+        raise UadcError(f"recipe not found: {shown(os.fspath(given) if given is not None else path)} (no such file; "
+                        f"built-in recipes go by name, not path: give {_stem(path.name)!r})")
 
 
 def shown_recipe(source: str) -> PackagedRecipe:
     """A recipe to print as a portable copy: a recipe file as given, else a built-in by name."""
     path = resolve_recipe_path(source)
-    check_recipe_file(path)
+    check_recipe_file(path, source)
     file_checked(path, "recipe")
     try:
         yaml_text(path)

@@ -452,7 +452,7 @@ def load_recipe(source: "str | os.PathLike[str] | dict | Recipe") -> Recipe:
     if isinstance(source, dict):
         return recipe_from_dict(source)
     path = resolve_recipe_path(source)  # a file, or a built-in recipe's name (``demo``)
-    check_recipe_file(path)
+    check_recipe_file(path, source)
     raw = read_yaml_mapping(path, "recipe", MAX_RECIPE_BYTES)
     try:
         return recipe_from_dict(raw, path)

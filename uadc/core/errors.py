@@ -21,6 +21,20 @@ class UadcError(Exception):
         return text if len(text) <= 1993 else text[:1990] + "..."   # the line, with "error: ", at most 2000
 
 
+_WARNED: set[tuple] = set()   # the keys warn_once has warned about in this process
+
+
+def warn_once(logger: logging.Logger, key: tuple, msg: str, *args: object) -> None:
+    """``logger.warning(msg, *args)`` the first time ``key`` is seen: a step that reads the same folder
+    several times (a data layout checked by prepare, the checkpoint and the outside-data check) says it once."""
+    if key in _WARNED:
+        return
+    if len(_WARNED) > 10_000:   # a long-running service sees many folders
+        _WARNED.clear()
+    _WARNED.add(key)
+    logger.warning(msg, *args)
+
+
 def one_line(text: str) -> str:
     """``text`` with its control characters shown as ``\\xNN`` (``\\uNNNN``): a file name holding a newline cannot
     start a line of its own (a fake ``error:`` line for a pipeline's grep), a C1 one (``\\x9b``, a terminal's CSI)

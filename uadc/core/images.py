@@ -21,12 +21,11 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from uadc.core.constants import MASKS_FOLDER, OVERLAYS_DIR, PREDICTIONS_JSONL
-from uadc.core.errors import UadcError, one_line
+from uadc.core.errors import UadcError, one_line, warn_once
 from uadc.core.io import file_key
 from uadc.core.scoped import warnings_ignored
 
 log = logging.getLogger(__name__)
-_NOTED: set[tuple[str, str]] = set()   # (what, folder): a dataset's folder of like images warns once, not per image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff")   # .jfif: a web JPEG saved on Windows
 # the decoders uadc lets Pillow use, whatever a file is named: a PostScript file named x.png was handed to
@@ -100,13 +99,8 @@ def _note_once(what: str, source: Any, text: str) -> None:
     """``source: text`` as a warning, once per folder (bytes and PIL images: once); a newline in a
     file name cannot start a line of its own."""
     named = isinstance(source, (str, os.PathLike))
-    key = (what, os.path.dirname(str(source)) if named else "")
-    if key not in _NOTED:
-        if len(_NOTED) > 10_000:   # a long-running service sees many folders
-            _NOTED.clear()
-        _NOTED.add(key)
-        log.warning("%s: %s (noted once per folder)", shown(source) if named else
-                    "an image given as bytes or a PIL image", text)
+    warn_once(log, ("image", what, os.path.dirname(str(source)) if named else ""), "%s: %s (noted once per folder)",
+              shown(source) if named else "an image given as bytes or a PIL image", text)
 
 
 def eight_bit(im: Image.Image, source: Any) -> Image.Image:

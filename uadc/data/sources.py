@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from uadc.config.recipe import Recipe
-from uadc.core.errors import UadcError
+from uadc.core.errors import UadcError, warn_once
 from uadc.core.images import check_utf8_name, is_hidden
 from uadc.core.names import same_name
 from uadc.core.manifest import GLOBAL
@@ -30,12 +30,12 @@ def list_categories(root: Path) -> list[str]:
     for p in folders:   # a category laid out a little differently was left out without a word
         near = [x.name for x in p.iterdir() if x.is_dir() and x.name.lower() in ("train", "test")] \
             if p.name not in cats else []
-        if near:
-            log.warning("%s has %s/ but no train/good/: left out (uadc reads <category>/train/good/*.png; list "
-                        "the folders it should read there)", p, " and ".join(sorted(near)))
+        if near:   # once: prepare, the checkpoint and the outside-data check each list the root
+            warn_once(log, ("layout", str(p)), "%s has %s/ but no train/good/: left out (uadc reads "
+                      "<category>/train/good/*.png: rename the folders so)", p, " and ".join(sorted(near)))
         elif p.name not in cats and (deeper := _nested_category(p)):   # an archive unpacked twice: gray/gray/
-            log.warning("%s holds a category one folder deeper (%s/train/good/): left out; give %s as a data.sources "
-                        "root, or move it up", p, deeper.name, p)
+            warn_once(log, ("nested", str(p)), "%s holds a category one folder deeper (%s/train/good/): left out; "
+                      "give %s as a data.sources root, or move it up", p, deeper.name, p)
     if not cats:
         raise UadcError(f"no MVTec-layout category (<cat>/train/good) in {root}")
     return cats
