@@ -245,6 +245,22 @@ def test_a_command_beyond_a_runtime_only_install_says_it_needs_the_full_install(
     assert not (tmp_path / "artifacts").exists()
 
 
+def test_verify_on_a_runtime_only_install_replaces_the_last_report(tmp_path):
+    """`uadc verify A --json v.json` there stopped before its report writers (they imported pydantic): the
+    last run's PASS stayed in v.json, and `--json -` printed nothing."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules.update(torch=None, torchvision=None, "
+                                               "pydantic=None)\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    (tmp_path / "A").mkdir()
+    (tmp_path / "v.json").write_text('{"schema": 1, "kind": "verify", "passed": true}')
+    for cmd, out in ((["verify", "A", "--json", "v.json"], None), (["verify", "A", "--json", "-"], "stdout"),
+                     (["diff", "A", "A", "--json", "-"], "stdout")):
+        p = subprocess.run([PY, "-m", "uadc", *cmd], capture_output=True, text=True, env=env, cwd=tmp_path)
+        doc = json.loads(p.stdout if out else (tmp_path / "v.json").read_text())
+        assert p.returncode == 2 and doc["passed"] is False and doc["exit_code"] == 2, (p.stdout, p.stderr)
+        assert "pydantic" in doc["error"] and doc["kind"] == cmd[0]
+
+
 def test_a_hard_linked_copy_of_an_image_runs_once(tmp_path):
     """A camera folder and its `cp -al` backup given together: each image ran twice (resolved paths differ)."""
     from uadc.core.images import find_images

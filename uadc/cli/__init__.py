@@ -260,7 +260,7 @@ def _gate_options(f):
 
     @functools.wraps(f)
     def checked(*args, json_out: Path | None = None, md_out: Path | None = None, **kwargs):
-        from uadc.verify.gate import check_report_paths, error_document, write_error_reports
+        from uadc.verify.reports import check_report_paths, error_document, write_error_reports
         kind, stdout = f.__name__[:-4], str(json_out) == "-"   # `--json -`: a document, always, as in a file
         report = functools.partial(write_error_reports, kind, json_out, md_out)
         with _errors_as_json(None, lambda *e: stdout and click.echo(error_document(kind, *e), nl=False)):

@@ -9,7 +9,6 @@ overrides them (``--budget spearman_min=0.95``).
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,6 @@ from uadc.config.recipe import VerifyConfig
 from uadc.config.validation import first_error
 from uadc.core.constants import VERIFY_SCHEMA
 from uadc.core.errors import UadcError, md_cell
-from uadc.core.io import check_own_file
-from uadc.core.manifest import check_outside_artifacts
 from uadc.core.numbers import fixed
 
 # figure -> (budget key, rule)
@@ -39,53 +36,6 @@ RULES = {
 BUDGET_KEYS = tuple(k for k, _ in RULES.values())
 EXIT_PASS, EXIT_REGRESSION = 0, 1          # usage errors exit 2 (UadcError)
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.I | re.A)   # as typed
-_OWN_JSON = re.compile(r'\{\s*"schema": \d+,\s*"kind": "(verify|diff)"')
-_OWN_MARKDOWN = re.compile(r"# uadc (verify|diff): ")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """One file by two spellings: `..`, a link, a hard link."""
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except (OSError, RuntimeError):   # a link loop: refused where the report is written
-        return False
-
-
-def check_report_paths(json_out: Path | None, md_out: Path | None) -> None:
-    """Before any work: ``--json`` / ``--markdown`` may replace an earlier verify/diff report of
-    their kind, never another file (an artifact's model.onnx, a user's notes) or each other."""
-    if json_out and md_out and _same_file(Path(json_out), Path(md_out)):   # `./d/../r.json` too: the JSON lost
-        raise UadcError(f"--json and --markdown name the same file: {json_out}")
-    if str(md_out) == "-":
-        raise UadcError("--markdown -: the Markdown report is on stdout already (or `--json -` puts the JSON there)")
-    if json_out and str(json_out) != "-":   # `-`: stdout
-        check_own_file(Path(json_out), lambda head: bool(_OWN_JSON.match(head)),
-                       "uadc verify or diff as a --json report")
-    if md_out:
-        check_own_file(Path(md_out), lambda head: bool(_OWN_MARKDOWN.match(head)),
-                       "uadc verify or diff as a --markdown report")
-    for what, out in (("--json", json_out), ("--markdown", md_out)):   # a report in an artifact folder stopped its
-        if out and str(out) != "-":                                     # recompile (a file its manifest does not list)
-            check_outside_artifacts(Path(out), below=True, what=what)
-
-
-def error_document(kind: str, message: str, code: int) -> str:
-    """The JSON report of a run that stopped, the same at ``--json FILE`` and ``--json -``."""
-    from uadc.core.io import to_json
-    return to_json({"schema": VERIFY_SCHEMA, "kind": kind, "passed": False, "exit_code": code, "error": message})
-
-
-def write_error_reports(kind: str, json_out: Path | None, md_out: Path | None, message: str, code: int) -> None:
-    """A run that stopped (user error, Ctrl-C) replaces the earlier reports at ``--json`` /
-    ``--markdown``: a pipeline reading them after exit 2 must not find the last run's PASS."""
-    from uadc.core.io import atomic_write_text
-    if json_out and str(json_out) != "-":
-        atomic_write_text(Path(json_out), error_document(kind, message, code))
-    if md_out:
-        verdict = "REGRESSION" if message.startswith("REGRESSION: ") else "ERROR"   # a NaN candidate: no mistake
-        atomic_write_text(Path(md_out), f"# uadc {kind}: {verdict}\n\n{message} (exit {code})\n")
-
-
 def budgets(recipe_verify: dict | None = None, overrides: dict[str, Any] | None = None) -> dict[str, float]:
     """Budgets: VerifyConfig defaults, then the recipe's ``verify:`` section, then overrides
     (``KEY=VALUE`` strings or numbers). An unknown key or a bad value is a UadcError."""
