@@ -773,6 +773,7 @@ def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path, monkeypat
     shutil.copytree(res.path, tmp_path / "deep" / "art")
     monkeypatch.chdir(tmp_path)
     assert uadc.bundle(Path("lnk/../art"), tmp_path / "b2").source == tmp_path / "lnk" / ".." / "art"
+    assert uadc.bundle("deep/art", Path("..") / tmp_path.name / "b3").path == tmp_path / "b3"   # it kept the ..
     with pytest.raises(UadcError, match=r"an artifact of target ort-cpu-int8 has no TensorRT engine; backend auto "
                                         r"or onnxruntime$"):      # "run build_engine.sh", which it has not
         Detector.load(res.path, backend="tensorrt")

@@ -53,10 +53,13 @@ class BundleResult(JsonResult):
 
 
 def _absolute(path: Path) -> Path:
-    """``path`` absolute, its ``..`` folded where that names the same folder (not past a link)."""
+    """``path`` absolute, its ``..`` folded where that names the same folder (not past a link); a path not
+    made yet (``--out ../B``) by its folder's."""
     normed = Path(os.path.abspath(path))
+    made = os.path.lexists(path) or path.name in ("", ".", "..")
     try:
-        return normed if os.path.samefile(normed, path) else path.absolute()
+        return normed if os.path.samefile(*((normed, path) if made else (normed.parent, path.parent))) \
+            else path.absolute()
     except OSError:
         return path.absolute()
 
@@ -92,7 +95,7 @@ def bundle(artifact: PathArg, out: PathArg, *, force: bool = False) -> BundleRes
     _check_apart(source, Path(out))
     check_outside_artifacts(Path(out), below=True)   # a later compile of that artifact deleted it, without --force
     _check_not_an_artifact(Path(out))
-    final, source = Path(out).absolute(), _absolute(source)   # now: `--out .` is swapped away below, and the cwd with it
+    final, source = _absolute(Path(out)), _absolute(source)   # now: `--out .` is swapped away below, and the cwd with it
     # the device's build (an engine rebuilt there, an older uadc's listed timing cache): not the artifact's
     device = [rel for rel, digest in manifest.files.items() if rebuilt_on_device(source, rel, digest)]
     keep = sorted(rel for rel in manifest.files if rel not in GOLDEN_FILES and rel not in device)
