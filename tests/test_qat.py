@@ -308,6 +308,11 @@ def test_cli_qat_then_compile_from_qat(qat_run, tmp_path):
     said = re.search(r"distillation loss ([\d.]+) after PTQ -> ([\d.]+) after fine-tuning", res.output)
     summary = json.loads((art / recipe.name / f"qat_{TARGET}" / "qat.json").read_text())
     assert said and float(said[2]) == pytest.approx(summary["final_loss"], abs=1e-4), res.output
+    art2 = _artifacts_without_qat(qat_run, tmp_path / "art2")
+    quiet = CliRunner().invoke(main, ["-q", "qat", str(path), "--target", TARGET, "--epochs", "1", "--no-compile",
+                                      "--artifacts", str(art2)], catch_exceptions=False)
+    written = tmp_path / "art2" / recipe.name / f"qat_{TARGET}" / "qat_model.onnx"   # it was a log line: -q said nothing
+    assert quiet.exit_code == 0 and quiet.stdout == f"QAT model written: {written}\n", quiet.output
     qat_report = json.loads((art / recipe.name / f"{TARGET}-qat" / "report.json").read_text())
     assert {k: v for k, v in _keys(qat_report).items() if k != "qat"} == _keys(ptq_report)
     assert qat_report["qdq_nodes"] == ptq_report["qdq_nodes"]

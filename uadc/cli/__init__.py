@@ -140,8 +140,10 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
 def qat(recipe: Path, target: str | None, epochs: int | None, then_compile: bool, artifacts: Path | None) -> None:
     """Quantization-aware fine-tuning from the PTQ placement; writes qat_<target>/qat_model.onnx."""
     from uadc.pipeline import api
-    res = api.qat(recipe, target, epochs=epochs, compile_after=then_compile, artifacts=artifacts)   # logs its path
-    if res.compiled is not None:
+    res = api.qat(recipe, target, epochs=epochs, compile_after=then_compile, artifacts=artifacts)
+    if res.compiled is None:   # the result (stdout, kept by -q): it was a log line, so `-q qat --no-compile` said nothing
+        click.echo(one_line(f"QAT model written: {res.qat_model_path}"))
+    else:
         click.echo("\n".join(res.compiled.summary_lines()))
 
 

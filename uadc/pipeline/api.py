@@ -355,7 +355,8 @@ def qat(recipe: RecipeLike, target: str | None = None, *, epochs: int | None = N
         check_replaceable(default_out(r, t, True, artifacts).absolute(), remedy=remedy + " or pass --no-compile")
     with training_state():   # what it loads and fine-tunes: never inference tensors of a caller's inference_mode()
         res, b = _qat_run(r, target, t, epochs, source, artifacts)
-    log.info("QAT model written: %s", res.path)   # before the compile: a stop there keeps it (said "nothing written")
+    if compile_after:   # before the compile: a stop there keeps it (said "nothing written"); else the caller's result
+        log.info("QAT model written: %s", res.path)
     compiled = None
     if compile_after:
         model = with_qat_record(res.model, res.summary.get("settings"), res.path, target)
