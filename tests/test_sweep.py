@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from conftest import write_recipe
 from uadc.cli import main
+from uadc.config.recipe import load_recipe
 from uadc.core.errors import UadcError
 from uadc.pipeline.sweep.plan import cell_key, make_plan
 from uadc.pipeline.sweep.spec import load_sweep
@@ -544,6 +545,15 @@ def test_example_sweep_files_are_valid():
     for f in files:
         spec, base, name = load_sweep(f)
         assert len(make_plan(spec, base, name).cells) >= 1
+        with pytest.raises(UadcError, match=r": a sweep file \(its (recipe|recipes) and axes keys\), not a recipe: run it "
+                                            r"with `uadc sweep "):   # "recipe: unknown key", as if mistyped
+            load_recipe(f)
+
+
+def test_the_keys_that_mark_a_sweep_file_are_a_sweep_files_only():
+    from uadc.config.recipe import SWEEP_FILE_KEYS, RecipeConfig
+    from uadc.pipeline.sweep.spec import SweepSpec
+    assert set(SWEEP_FILE_KEYS) <= set(SweepSpec.model_fields) - set(RecipeConfig.model_fields)
 
 
 def test_a_sweep_names_a_builtin_recipe_as_the_command_line_does(tmp_path):

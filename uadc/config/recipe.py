@@ -445,6 +445,10 @@ def default_artifacts_root() -> Path:
     return Path.cwd() / "artifacts"
 
 
+# keys of a sweep file that no recipe has (uadc.pipeline.sweep.spec.SweepSpec; a test keeps the two in step)
+SWEEP_FILE_KEYS = ("recipe", "recipes", "axes")
+
+
 def load_recipe(source: "str | os.PathLike[str] | dict | Recipe") -> Recipe:
     """A recipe from a YAML file, a built-in recipe name (``demo``), a dict or a Recipe (checked again)."""
     if isinstance(source, Recipe):
@@ -454,6 +458,10 @@ def load_recipe(source: "str | os.PathLike[str] | dict | Recipe") -> Recipe:
     path = resolve_recipe_path(source)  # a file, or a built-in recipe's name (``demo``)
     check_recipe_file(path, source)
     raw = read_yaml_mapping(path, "recipe", MAX_RECIPE_BYTES)
+    if any(k in raw for k in SWEEP_FILE_KEYS):   # it said "recipe: unknown key", as if the recipe were mistyped
+        keys = [k for k in SWEEP_FILE_KEYS if k in raw]
+        raise UadcError(f"{shown(path)}: a sweep file (its {' and '.join(keys)} key{'s' * (len(keys) > 1)}), "
+                        f"not a recipe: run it with `uadc sweep {shown(path)}`, or give one of the recipes it names")
     try:
         return recipe_from_dict(raw, path)
     except UadcError as exc:   # which file: a line that names a key only is no help among several recipes
