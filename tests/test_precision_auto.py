@@ -262,6 +262,12 @@ def test_cli_precision_option(make_base, tmp_path):
     assert res.exit_code == 2 and "error: precision auto is not supported for target jetson-fp16" in res.output
     res = CliRunner().invoke(main, ["compile", str(recipe), "--precision", "fastest"])
     assert res.exit_code == 2 and "'fastest' is not one of 'target', 'auto'" in res.output
+    res = CliRunner().invoke(main, ["compile", str(recipe), "--checkpoint", str(ckpt), "--target", "ort-cpu-int8",
+                                    "--precision", "auto", "--from-qat", "--out", str(tmp_path / "y")])
+    assert res.exit_code == 2 and res.output.endswith(   # it said "no QAT model ...: run `uadc qat` first", then refused it
+        "error: precision auto picks what to quantize itself; it does not combine with --from-qat\n"), res.output
+    with pytest.raises(UadcError, match=r"^precision \(--precision\): '' is not one of target, auto$"):
+        uadc.compile(base, "ort-cpu-int8", precision="", out=tmp_path / "z", evaluate=False)   # the recipe's ran
 
 
 def test_needs_validation_normals(make_base):

@@ -110,11 +110,13 @@ def compile_cmd(recipe: Path, target: str | None, calibrator, calib_data, calib_
                 postprocess, artifacts, precision) -> None:
     """Export, run the target's passes, verify with Polygraphy and write the artifact folder."""
     from uadc.config.recipe import load_recipe
+    from uadc.config.settings import check_auto_without_qat
     from uadc.config.validation import comma_list
     from uadc.pipeline import api
     from uadc.training.checkpoint import checkpoint_arg, checkpoint_path
     r = load_recipe(recipe)
     target = r.compile.target if target is None else target   # "" is no target (it ran the recipe's)
+    check_auto_without_qat(precision, from_qat)
     if dump_passes is not None and dump_passes.exists() and not dump_passes.is_dir():
         raise UadcError(f"--dump-passes: not a folder: {dump_passes}")
     if checkpoint is None:

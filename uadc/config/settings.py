@@ -29,6 +29,13 @@ def auto_applies(mode: str, target: Target, explicit: bool, qat: bool = False) -
     return mode == "auto" and (explicit or (target.name in AUTO_PRECISION_TARGETS and not qat))
 
 
+def check_auto_without_qat(precision: str | None, qat: bool) -> None:
+    """``--precision auto`` with ``--from-qat``: refused before any work (the CLI loaded the QAT model first,
+    so it sent the user off to run ``uadc qat``, whose model it then refused)."""
+    if precision == "auto" and qat:
+        raise UadcError("precision auto picks what to quantize itself; it does not combine with --from-qat")
+
+
 @dataclass(frozen=True)
 class PtqSettings:
     calibrator: str

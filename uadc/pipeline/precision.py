@@ -42,7 +42,7 @@ import onnx
 
 from uadc.backends.ort_profile import NodeTime, cached_node_times, node_times, source_name
 from uadc.config.settings import AUTO_PRECISION_TARGETS, EXPLICIT_AUTO_TARGETS
-from uadc.config.settings import PtqSettings, auto_applies, resolve_ptq
+from uadc.config.settings import PtqSettings, auto_applies, check_auto_without_qat, resolve_ptq
 from uadc.config.targets import Target
 from uadc.core.constants import INPUT_NAME, PARTITIONS, QDQ_OPS
 from uadc.core.errors import RuntimeFault, UadcError
@@ -85,12 +85,11 @@ def auto_candidates(baseline: Baseline, target: Target, opts) -> PtqSettings | N
     """PTQ settings over the candidate partitions (``--quantize``, else all) when ``opts``
     (CompileOptions) or the recipe ask for precision auto and it applies (``auto_applies``); None for
     ``target``. Checked before any work."""
-    mode = opts.precision or baseline.recipe.compile.precision
+    mode = opts.precision if opts.precision is not None else baseline.recipe.compile.precision   # "": refused
     if not auto_applies(mode, target, opts.precision is not None, opts.qat_model is not None):
         return None
     check_supported(target)
-    if opts.qat_model is not None:
-        raise UadcError("precision auto picks what to quantize itself; it does not combine with --from-qat")
+    check_auto_without_qat(mode, opts.qat_model is not None)
     if target.runtime == "tensorrt":
         gpu_spec(baseline.recipe.compile.auto.gpu, target.device)  # an unknown compile.auto.gpu fails here
     return resolve_ptq(baseline.recipe, target, opts.calibrator, opts.calib_data, opts.calib_samples,

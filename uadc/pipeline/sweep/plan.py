@@ -262,7 +262,7 @@ def _cells(grid: Axes, model: Model, fixed: dict) -> list[Cell]:
         elif target is not None:
             try:  # the recipe's defaults filled in, so equal settings are one cell
                 explicit = opts["precision"] is not None
-                auto = auto_applies(opts["precision"] or recipe.compile.precision, target, explicit)
+                auto = auto_applies(opts["precision"] if explicit else recipe.compile.precision, target, explicit)
                 ptq = resolve_ptq(recipe, target, opts["calibrator"], opts["calib_data"], opts["calib_samples"],
                                   opts["quantize"])
                 opts.update(calibrator=ptq.calibrator, calib_data=ptq.calib_data, calib_samples=ptq.calib_samples,
