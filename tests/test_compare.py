@@ -233,6 +233,19 @@ def test_a_tables_change_is_the_difference_of_the_figures_it_shows():
     assert "| minmax | 0.9843 / - (+0.0001 / -) |" in matrix
 
 
+def test_a_matrix_whose_compiles_ran_no_gate_says_so():
+    """On TensorRT targets (no gate at compile) compare.md read as if every cell had passed its gate."""
+    from uadc.pipeline.compare import render_matrix
+    cell = {"image_auroc": 0.9, "pixel_auroc": None, "image_drop": 0.05, "pixel_drop": None}
+    doc = {"fp32": {"image_auroc": 0.95, "pixel_auroc": None}, "target": "trt-int8", "quantized_partitions": ["student"],
+           "calib_samples": 8, "best": "minmax/train"}
+    ungated = render_matrix({**doc, "cells": {"minmax/train": {**cell, "gate_passed": None}}}, ["minmax"], ["train"])
+    gated = render_matrix({**doc, "cells": {"minmax/train": {**cell, "gate_passed": True}}}, ["minmax"], ["train"])
+    assert "No regression gate ran at these compiles" in ungated and ungated.endswith("(smallest image-AUROC drop, "
+                                                                                      "no gate ran): **minmax/train**")
+    assert "No regression gate ran" not in gated and "passing its regression gate where any does" in gated
+
+
 class _Res:
     def __init__(self, d):
         self.categories, self.mean = d["categories"], d["mean"]
