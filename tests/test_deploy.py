@@ -3,6 +3,7 @@ the artifact.json manifest (tamper check) and in-graph post-processing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
 import os
@@ -808,7 +809,37 @@ def test_an_artifact_with_external_weights_is_not_run_in_parts_or_bundled(int8_a
         uadc.bundle(art, tmp_path / "b")
     with pytest.raises(UadcError, match="no independent teacher and student partitions .* or keeps weights in external"):
         uadc.Detector.load(art, schedule="branches")
+    with _without_onnx(), pytest.raises(UadcError, match="keeps weights in external data files, which uadc never writes"):
+        uadc.bundle(art, tmp_path / "b")   # the runtime-only install: shipped, exit 0 (the model then did not load)
     assert not (tmp_path / "b").exists()
+
+
+@contextlib.contextmanager
+def _without_onnx():
+    """As on the runtime-only install: `import onnx` fails."""
+    saved = sys.modules.get("onnx")
+    sys.modules["onnx"] = None
+    try:
+        yield
+    finally:
+        sys.modules["onnx"] = saved
+
+
+def test_the_wire_format_reader_sees_what_onnx_sees(int8_artifact, tmp_path):
+    """The runtime-only install's checks (no onnx package) read the protobuf itself: the same facts as onnx."""
+    from uadc.core.onnx_wire import graph_facts
+    _, _, res = int8_artifact
+    m = onnx.load(str(res.path / "model.onnx"))
+    assert graph_facts(res.path / "model.onnx") == (False, {n.domain for n in m.graph.node})
+    m.graph.node.append(onnx.helper.make_node("Evil", [m.graph.input[0].name], ["o"], domain="com.évil"))
+    onnx.save(m, str(tmp_path / "e.onnx"), save_as_external_data=True, location="w.bin", size_threshold=1024)
+    assert graph_facts(tmp_path / "e.onnx") == (True, {n.domain for n in m.graph.node}) and "com.évil" in \
+        graph_facts(tmp_path / "e.onnx")[1]
+    data = (res.path / "model.onnx").read_bytes()
+    for bad in (data[:len(data) // 2], b"\xff" * 40, b"\x0b"):   # cut, not protobuf, a group (wire type 3)
+        (tmp_path / "bad.onnx").write_bytes(bad)
+        with pytest.raises(ValueError):
+            graph_facts(tmp_path / "bad.onnx")
 
 
 def test_a_category_named_global_gets_its_own_thresholds():
@@ -832,6 +863,8 @@ def test_a_model_with_a_custom_operator_is_refused_by_bundle_too(int8_artifact, 
     m.opset_import.append(onnx.helper.make_opsetid("com.evil", 1))
     bad = edited_artifact(res.path, tmp_path / "evil", model=m)
     with pytest.raises(UadcError, match=r"model.onnx: uses operators of domain 'com.evil', which uadc never writes"):
+        uadc.bundle(bad, tmp_path / "b")
+    with _without_onnx(), pytest.raises(UadcError, match=r"model.onnx: uses operators of domain 'com.evil', which"):
         uadc.bundle(bad, tmp_path / "b")
     assert not (tmp_path / "b").exists()
 

@@ -319,8 +319,14 @@ def model_metadata(path: Path) -> dict[str, str]:
     """An ONNX file's ``metadata_props`` (through onnx where it is installed, else ONNX Runtime's reader)."""
     try:
         import onnx
-    except ImportError:   # the torch-free runtime may run without onnx
+    except ImportError:   # the torch-free runtime may run without onnx: the same checks, from the wire format
         import onnxruntime as ort
+
+        from uadc.core.onnx_wire import graph_facts
+        try:
+            _check_graph(path, *graph_facts(path))
+        except ValueError as exc:
+            raise UadcError(f"{path}: not a readable ONNX model ({exc})") from None
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -329,15 +335,19 @@ def model_metadata(path: Path) -> dict[str, str]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and others: a damaged file
         raise UadcError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        # uadc writes none; `bundle` shipped such a model without the file it reads (or one a link led to)
+    _check_graph(path, any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer),
+                 {n.domain for n in model.graph.node})
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _check_graph(path: Path, external: bool, domains: set[str]) -> None:
+    if external:   # uadc writes none; `bundle` shipped such a model without the file it reads (or one a link led to)
         raise UadcError(f"{path}: keeps weights in external data files, which uadc never writes: not the model "
                         f"compile wrote")
-    foreign = sorted({n.domain for n in model.graph.node} - ONNX_DOMAINS)
+    foreign = sorted(domains - ONNX_DOMAINS)
     if foreign:   # a custom operator: bundle shipped it (exit 0) and the line's runtime could not load it
         raise UadcError(f"{path}: uses operators of domain {foreign[0]!r}, which uadc never writes: not the model "
                         f"compile wrote")
-    return {p.key: p.value for p in model.metadata_props}
 
 
 def check_outside_artifacts(out: Path, below: bool = False, what: str = "--out") -> None:
