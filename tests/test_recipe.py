@@ -401,6 +401,11 @@ def test_the_recipe_copy_reads_back_with_the_same_hash_and_odd_file_names_need_a
     (tmp_path / ".a.yaml").write_text(yaml.safe_dump(SRC))
     with pytest.raises(UadcError, match=r"\.a\.yaml: its file name is no plain folder name .* give the recipe a name"):
         load_recipe(tmp_path / ".a.yaml")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({**SRC, "name": "given"}))
+    named = load_recipe(tmp_path / "b.yaml")   # its name set back to null: the file's stem, as the schema says
+    assert named.with_overrides(name=None).name == load_recipe(named.with_overrides(name=None)).name == "b"
+    named.config.name = None   # it was `recipe`: every such recipe trained into one shared artifacts/recipe/
+    assert named.name == "b" and recipe_from_dict({**SRC}).name == "recipe"
 
 
 @pytest.mark.skipif(__import__("sys").getfilesystemencoding() != "utf-8", reason="needs a UTF-8 file system encoding")

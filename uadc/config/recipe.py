@@ -386,7 +386,10 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        return self.config.name or "recipe"
+        """``name:``, else the file's stem (as loading fills it in: ``r.config.name = None`` trained into
+        ``recipe/``), else ``recipe`` (a dict)."""
+        stem = self.path.stem if self.path is not None else None
+        return self.config.name or (stem if stem and is_output_name(stem) else "recipe")
 
     @property
     def cfg(self) -> dict:
@@ -477,7 +480,7 @@ def recipe_from_dict(raw: dict, path: Path | None = None, keep_name: bool = Fals
         raise UadcError(first_error(exc, model=RecipeConfig)) from None
     except RecursionError:
         raise UadcError("recipe: nested too deeply") from None
-    if config.name is None and not keep_name:
+    if config.name is None and (not keep_name or path is not None):   # with_overrides(name=None): the stem again
         stem = path.stem if path else "recipe"
         if not is_output_name(stem):   # every such recipe trained into one folder, `recipe/`, over the others
             raise UadcError(f"{shown(path)}: its file name is no plain folder name for its artifacts; give the "
