@@ -172,6 +172,10 @@ def test_recipe_schema_gives_every_key_a_meaning():
     assert res.exit_code == 0
     bare = [ln for ln in res.output.splitlines() if ln and not ln.startswith(" ") and "): " not in ln]
     assert bare == [], bare
+    from uadc.config.schema import json_schema
+    from uadc.config.targets import TARGETS
+    target = json_schema()["$defs"]["CompileConfig"]["properties"]["target"]   # an editor accepted `target: bogus`
+    assert target["enum"] == list(TARGETS) and target["default"] in target["enum"]
 
 
 @pytest.mark.parametrize("split, taps, message", [

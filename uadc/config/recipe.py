@@ -249,7 +249,7 @@ class AutoPrecisionConfig(_Section):
 
 class CompileConfig(_Section):
     target: str = Field("ort-cpu-int8", description="what `uadc compile` builds without --target (`uadc doctor` "
-                        "lists the targets)")
+                        "lists the targets)", json_schema_extra={"enum": list(TARGETS)})   # an editor's check too
     precision: Literal["target", "auto"] = Field("target", description="target: the target's precision on the "
         "compile.quantize partitions; auto: per fused group INT8 or float, the fastest within the compile.auto budget "
         "(CPU INT8 targets: ORT's profile; trt/jetson-int8 with --precision auto: FP16/FP32 too, modelled latency)")
