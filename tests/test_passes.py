@@ -413,6 +413,25 @@ def test_collect_ranges_minmax():
     assert clipped["r"] == (0.0, pytest.approx(float(x.max())))
 
 
+@pytest.mark.parametrize("lo, hi, warned", [(0.0, 0.0, True), (-1e-40, 1e-40, True), (-1e30, 1e30, True),
+                                            (-3.0, 3.0, False)])
+def test_a_range_of_zero_width_or_far_wider_than_the_values_is_warned_about(lo, hi, warned, monkeypatch, caplog):
+    """A plug-in's (0, 0) or (-1e38, 1e38) compiled without a word: ONNX Runtime quantized the tensor with
+    scale 1, or to zero, and calibration.json named ranges the model did not use."""
+    from uadc.calibrators import base
+    from uadc.calibrators.base import Calibrator, register
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    register("qa-fixed")(type("QAFixed", (Calibrator,), {"observe": lambda self, x: None,
+                                                         "compute_range": lambda self: (lo, hi)}))
+    x = np.random.default_rng(3).standard_normal((4, 3, 4, 4)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="uadc"):
+        collect_ranges(_relu_model(), x, ["m"], "qa-fixed")
+        collect_ranges(_relu_model(), x, ["m"], "minmax")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == warned and all(m.startswith("calibrator 'qa-fixed': 1 tensor(s) got a range of zero width or "
+                                                    "a million times wider than the values observed (m: ") for m in said)
+
+
 def test_tensors_to_calibrate_tiny_kd():
     assert set(tensors_to_calibrate(tiny_kd(), ["student"])) == {"image", "s1", "s1r", "t1r", "sa", "s2"}
 

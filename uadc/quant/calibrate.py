@@ -191,7 +191,7 @@ def collect_ranges(model: onnx.ModelProto, images: np.ndarray, tensor_names: lis
     except Exception as exc:
         raise UadcError(f"calibration: cannot expose tensors as outputs: {str(exc).splitlines()[0]}") from None
     step = fixed_batch or max(1, int(batch_size))
-    lo_seen = dict.fromkeys(tensor_names, np.inf)
+    lo_seen, hi_seen = dict.fromkeys(tensor_names, np.inf), dict.fromkeys(tensor_names, -np.inf)
     starts = range(0, len(images), step)
     starts = progress(starts, desc=f"calibrate ({calibrator})", unit="batch")
     for s in starts:
@@ -202,6 +202,7 @@ def collect_ranges(model: onnx.ModelProto, images: np.ndarray, tensor_names: lis
             finite = value[np.isfinite(value)]   # before the calibrator sees it: a plug-in's np.abs(x, out=x)
             if finite.size:                      # made every tensor look non-negative (lo clipped to 0)
                 lo_seen[name] = min(lo_seen[name], float(finite.min()))
+                hi_seen[name] = max(hi_seen[name], float(finite.max()))
             _plugin_call(calibrator, name, "observe", cals[name].observe, value)
     ranges = {}
     for name, cal in cals.items():
@@ -215,7 +216,22 @@ def collect_ranges(model: onnx.ModelProto, images: np.ndarray, tensor_names: lis
                                 f"whose values were all >= 0")
             lo = max(lo, 0.0)
         ranges[name] = (lo, hi)
+    _warn_of_absurd_ranges(calibrator, ranges, lo_seen, hi_seen)
     return ranges
+
+
+def _warn_of_absurd_ranges(calibrator: str, ranges: dict, lo_seen: dict, hi_seen: dict) -> None:
+    """A plug-in's range of zero width, or a million times wider than the values it observed, compiled
+    without a word: ONNX Runtime quantizes the first with scale 1 and the second to zero (the student
+    destroyed, calibration.json naming ranges the model does not use)."""
+    odd = [(name, lo, hi) for name, (lo, hi) in ranges.items() if hi_seen[name] > lo_seen[name] and not
+           (1e-6 <= (hi - lo) / (hi_seen[name] - lo_seen[name]) <= 1e6)]
+    if odd:
+        name, lo, hi = odd[0]
+        log.warning("calibrator %r: %d tensor(s) got a range of zero width or a million times wider than the values "
+                    "observed (%s: (%g, %g), values %g..%g): ONNX Runtime quantizes such a tensor with scale 1, or to "
+                    "zero; the compile's figures show the cost", calibrator, len(odd), name, lo, hi,
+                    lo_seen[name], hi_seen[name])
 
 
 @contextlib.contextmanager
