@@ -306,14 +306,21 @@ def test_a_category_folder_without_train_good_is_named_not_dropped_silently(data
     (data / "capital" / "train" / "Good").mkdir(parents=True)
     (data / "notes").mkdir()   # a folder with no train/ or test/ is no category, and no warning
     with caplog.at_level("WARNING", logger="uadc"):
-        assert [c for _, c in resolve_sources([{"root": str(data), "categories": None}])] == ["a", "b"]
+        assert [c for _, c in resolve_sources([{"root": str(data), "categories": None}], warn=True)] == ["a", "b"]
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and all("but no train/good/: left out" in m for m in said)
     assert said[0].startswith(f"{data / 'capital'} has train/") and said[1].startswith(f"{data / 'flat'} has train/")
-    caplog.clear()   # train lists the root three times (prepare, the checkpoint, the outside-data check): said once
+    from uadc.config.recipe import recipe_from_dict
+    from uadc.data.prepare import prepare_data
+    from uadc.data.sources import check_outside_data
+    from uadc.training.checkpoint import data_files
+    caplog.clear()   # train listed the root three times (data preparation, the checkpoint, the outside-data
+    recipe = recipe_from_dict({"data": {"sources": [{"root": str(data)}], "image_size": 32}})   # check): said thrice
     with caplog.at_level("WARNING", logger="uadc"):
-        resolve_sources([{"root": str(data), "categories": None}])
-    assert not caplog.records
+        prepare_data(recipe)
+        data_files(recipe)
+        check_outside_data(data.parent / "out", recipe)
+    assert [r.getMessage() for r in caplog.records if "but no train/good" in r.getMessage()] == said
 
 
 def test_test_images_that_are_training_images_or_loose_in_test_are_named(data, caplog):

@@ -550,10 +550,16 @@ def test_example_sweep_files_are_valid():
             load_recipe(f)
 
 
-def test_the_keys_that_mark_a_sweep_file_are_a_sweep_files_only():
+def test_the_keys_that_mark_a_sweep_file_are_a_sweep_files_only(tmp_path):
     from uadc.config.recipe import SWEEP_FILE_KEYS, RecipeConfig
     from uadc.pipeline.sweep.spec import SweepSpec
     assert set(SWEEP_FILE_KEYS) <= set(SweepSpec.model_fields) - set(RecipeConfig.model_fields)
+    (tmp_path / "my sweep.yaml").write_text("recipe: r.yaml\naxes: {target: [ort-cpu-fp32]}\n")
+    with pytest.raises(UadcError, match=r"run it with `uadc sweep '.*/my sweep.yaml'`"):   # pasted, it split in two
+        load_recipe(tmp_path / "my sweep.yaml")
+    (tmp_path / "r.yaml").write_text("data: {sources: [{root: d}]}\nrecipe: tiny\n")   # a recipe's stray key
+    with pytest.raises(UadcError, match=r"r.yaml: recipe: unknown key"):   # not "a sweep file ... run uadc sweep"
+        load_recipe(tmp_path / "r.yaml")
 
 
 def test_a_sweep_names_a_builtin_recipe_as_the_command_line_does(tmp_path):

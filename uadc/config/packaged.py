@@ -130,6 +130,7 @@ def resolve_recipe_path(source: "str | Path", base: Path | None = None) -> Path:
     if not isinstance(source, (str, os.PathLike)):
         raise UadcError(f"recipe: expected a path, a built-in recipe's name, a dict or a Recipe, "
                         f"got {type(source).__name__}")
+    source = os.fsdecode(source)   # an app's own PathLike: its path, not its repr
     path = Path(source)
     if base is not None and not path.is_absolute():
         path = base / path

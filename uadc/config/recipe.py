@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -461,10 +462,11 @@ def load_recipe(source: "str | os.PathLike[str] | dict | Recipe") -> Recipe:
     path = resolve_recipe_path(source)  # a file, or a built-in recipe's name (``demo``)
     check_recipe_file(path, source)
     raw = read_yaml_mapping(path, "recipe", MAX_RECIPE_BYTES)
-    if any(k in raw for k in SWEEP_FILE_KEYS):   # it said "recipe: unknown key", as if the recipe were mistyped
-        keys = [k for k in SWEEP_FILE_KEYS if k in raw]
+    keys = [k for k in SWEEP_FILE_KEYS if k in raw]
+    if keys and not any(k in raw for k in RecipeConfig.model_fields):   # "recipe: unknown key", as if mistyped
         raise UadcError(f"{shown(path)}: a sweep file (its {' and '.join(keys)} key{'s' * (len(keys) > 1)}), "
-                        f"not a recipe: run it with `uadc sweep {shown(path)}`, or give one of the recipes it names")
+                        f"not a recipe: run it with `uadc sweep {shlex.quote(shown(path))}`, or give one of the "
+                        f"recipes it names")
     try:
         return recipe_from_dict(raw, path)
     except UadcError as exc:   # which file: a line that names a key only is no help among several recipes

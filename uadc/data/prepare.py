@@ -154,7 +154,7 @@ def _digest(path: Path) -> str | None:
 
 def _sources(recipe: Recipe) -> list[tuple[Path, str]]:
     try:
-        return resolve_sources([s.model_dump() for s in recipe.data.sources])
+        return resolve_sources([s.model_dump() for s in recipe.data.sources], warn=True)
     except UadcError as exc:   # a built-in recipe cannot be edited where it is installed: say how to copy it
         from uadc.config.packaged import recipes_dir
         if recipe.path is None or Path(recipe.path).resolve().parent != recipes_dir().resolve():

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from uadc.config.recipe import Recipe
-from uadc.core.errors import UadcError, warn_once
+from uadc.core.errors import UadcError
 from uadc.core.images import check_utf8_name, is_hidden
 from uadc.core.names import same_name
 from uadc.core.manifest import GLOBAL
@@ -22,7 +22,8 @@ def _nested_category(folder: Path) -> Path | None:
                 None)
 
 
-def list_categories(root: Path) -> list[str]:
+def list_categories(root: Path, warn: bool = False) -> list[str]:
+    """The MVTec-layout categories under ``root``; ``warn``: name the folders laid out a little differently."""
     if not root.is_dir():
         raise UadcError(f"data folder not found: {root}")
     folders = sorted(p for p in root.iterdir() if not is_hidden(p.name) and p.is_dir())
@@ -30,20 +31,22 @@ def list_categories(root: Path) -> list[str]:
     for p in folders:   # a category laid out a little differently was left out without a word
         near = [x.name for x in p.iterdir() if x.is_dir() and x.name.lower() in ("train", "test")] \
             if p.name not in cats else []
-        if near:   # once: prepare, the checkpoint and the outside-data check each list the root
-            warn_once(log, ("layout", str(p)), "%s has %s/ but no train/good/: left out (uadc reads "
-                      "<category>/train/good/*.png: rename the folders so)", p, " and ".join(sorted(near)))
-        elif p.name not in cats and (deeper := _nested_category(p)):   # an archive unpacked twice: gray/gray/
-            warn_once(log, ("nested", str(p)), "%s holds a category one folder deeper (%s/train/good/): left out; "
-                      "give %s as a data.sources root, or move it up", p, deeper.name, p)
+        if near and warn:
+            log.warning("%s has %s/ but no train/good/: left out (uadc reads <category>/train/good/*.png: rename the "
+                        "folders so)", p, " and ".join(sorted(near)))
+        elif warn and p.name not in cats and (deeper := _nested_category(p)):   # an archive unpacked twice: gray/gray/
+            log.warning("%s holds a category one folder deeper (%s/train/good/): left out; give %s as a data.sources "
+                        "root, or move it up", p, deeper.name, p)
     if not cats:
         raise UadcError(f"no MVTec-layout category (<cat>/train/good) in {root}")
     return cats
 
 
 
-def resolve_sources(sources: Sequence[dict]) -> list[tuple[Path, str]]:
-    """(root, category) pairs from recipe ``data.sources``; duplicate category names are errors."""
+def resolve_sources(sources: Sequence[dict], warn: bool = False) -> list[tuple[Path, str]]:
+    """(root, category) pairs from recipe ``data.sources``; duplicate category names are errors. ``warn``:
+    name the folders a listed root leaves out (data preparation does, once a command: the checkpoint's and
+    the outside-data check's listings said it again, three times a train)."""
     pairs, seen, folders = [], {}, {}
     for i, src in enumerate(sources):
         root = Path(src["root"])
@@ -52,7 +55,7 @@ def resolve_sources(sources: Sequence[dict]) -> list[tuple[Path, str]]:
             raise UadcError(f"data.sources[{i}].root: data folder not found: {root} (set this key in the recipe "
                             f"to your data; relative paths resolve against the file that sets them, the recipe or a "
                             f"sweep file's overrides, or the current folder for a recipe given as a dict)")
-        cats = src.get("categories") or list_categories(root)
+        cats = src.get("categories") or list_categories(root, warn)
         for c in cats:
             if not (root / c).exists():   # the folder's name in another Unicode form (copied from macOS: NFD)
                 c = next((p.name for p in root.iterdir() if same_name(p.name, c)), c)
