@@ -836,7 +836,10 @@ def test_the_wire_format_reader_sees_what_onnx_sees(int8_artifact, tmp_path):
     assert graph_facts(tmp_path / "e.onnx") == (True, {n.domain for n in m.graph.node}) and "com.évil" in \
         graph_facts(tmp_path / "e.onnx")[1]
     data = (res.path / "model.onnx").read_bytes()
-    for bad in (data[:len(data) // 2], b"\xff" * 40, b"\x0b"):   # cut, not protobuf, a group (wire type 3)
+    (tmp_path / "g.onnx").write_bytes(b"\xfb\x07\xfc\x07" + data)   # an unknown (empty) group: onnx reads it
+    assert onnx.load(str(tmp_path / "g.onnx")).graph.node and graph_facts(tmp_path / "g.onnx") == \
+        graph_facts(res.path / "model.onnx")
+    for bad in (data[:len(data) // 2], b"\xff" * 40, b"\x0b", b"\x00\x01" + data):   # cut, not protobuf, a group
         (tmp_path / "bad.onnx").write_bytes(bad)
         with pytest.raises(ValueError):
             graph_facts(tmp_path / "bad.onnx")

@@ -774,6 +774,7 @@ def test_artifact_paths_that_were_misreported(int8_artifact, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert uadc.bundle(Path("lnk/../art"), tmp_path / "b2").source == tmp_path / "lnk" / ".." / "art"
     assert uadc.bundle("deep/art", Path("..") / tmp_path.name / "b3").path == tmp_path / "b3"   # it kept the ..
+    assert uadc.bundle("deep/art", Path("..") / tmp_path.name / "new" / "b4").path == tmp_path / "new" / "b4"
     with pytest.raises(UadcError, match=r"an artifact of target ort-cpu-int8 has no TensorRT engine; backend auto "
                                         r"or onnxruntime$"):      # "run build_engine.sh", which it has not
         Detector.load(res.path, backend="tensorrt")

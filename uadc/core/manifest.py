@@ -325,11 +325,14 @@ def model_metadata(path: Path) -> dict[str, str]:
         from uadc.core.onnx_wire import graph_facts
         try:
             _check_graph(path, *graph_facts(path))
-        except ValueError as exc:
-            raise UadcError(f"{path}: not a readable ONNX model ({exc})") from None
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except UadcError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the reader's ValueError, ORT's InvalidProtobuf and others
+            raise UadcError(f"{path}: not a readable ONNX model ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
         return dict(sess.get_modelmeta().custom_metadata_map)
     try:
         model = onnx.load(str(path), load_external_data=False)

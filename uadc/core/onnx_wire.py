@@ -34,7 +34,12 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, object
     while i < end:
         key, i = _varint(buf, i)
         number, wire = key >> 3, key & 7
-        if wire == 0:
+        if number == 0:
+            raise ValueError("field number 0")
+        if wire == 3:   # an unknown group (a deprecated encoding protobuf still skips): skipped whole
+            i = _skip_group(buf, i, end)
+            yield number, None
+        elif wire == 0:
             value, i = _varint(buf, i)
             yield number, value
         elif wire in (1, 5):
@@ -50,6 +55,30 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, object
             raise ValueError(f"wire type {wire}")
     if i != end:
         raise ValueError("a field runs past its message")
+
+
+def _skip_group(buf: memoryview, i: int, end: int) -> int:
+    """The offset after the end-group tag matching a start-group just read (groups nest)."""
+    depth = 1
+    while depth:
+        if i >= end:
+            raise ValueError("a group without its end")
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            i += size
+        elif wire in (3, 4):
+            depth += 1 if wire == 3 else -1
+        else:
+            raise ValueError(f"wire type {wire}")
+    if i > end:
+        raise ValueError("a group runs past its message")
+    return i
 
 
 def graph_facts(path: Path) -> tuple[bool, set[str]]:

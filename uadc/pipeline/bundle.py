@@ -54,12 +54,14 @@ class BundleResult(JsonResult):
 
 def _absolute(path: Path) -> Path:
     """``path`` absolute, its ``..`` folded where that names the same folder (not past a link); a path not
-    made yet (``--out ../B``) by its folder's."""
-    normed = Path(os.path.abspath(path))
-    made = os.path.lexists(path) or path.name in ("", ".", "..")
+    made yet (``--out ../new/B``) by its deepest folder that exists."""
+    normed, probe = Path(os.path.abspath(path)), path
+    while not os.path.lexists(probe) and probe.name not in ("", ".", ".."):
+        probe = probe.parent
+    if ".." in path.parts[len(probe.parts):]:   # `new/..` below it: folded as text it may name another folder
+        return path.absolute()
     try:
-        return normed if os.path.samefile(*((normed, path) if made else (normed.parent, path.parent))) \
-            else path.absolute()
+        return normed if os.path.samefile(os.path.abspath(probe), probe) else path.absolute()
     except OSError:
         return path.absolute()
 
