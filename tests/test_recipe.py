@@ -176,6 +176,7 @@ def test_recipe_schema_gives_every_key_a_meaning():
     from uadc.config.targets import TARGETS
     target = json_schema()["$defs"]["CompileConfig"]["properties"]["target"]   # an editor accepted `target: bogus`
     assert target["enum"] == list(TARGETS) and target["default"] in target["enum"]
+    assert f"compile.target (str, default 'ort-cpu-int8', one of {' | '.join(TARGETS)}): " in res.output
 
 
 @pytest.mark.parametrize("split, taps, message", [

@@ -30,6 +30,9 @@ def describe_schema(model: type[BaseModel] = RecipeConfig, prefix: str = "") -> 
         req = "required" if f.is_required() else f"default {default!r}"
         bounds = ", ".join(f"{k} {getattr(m, k)}" for m in f.metadata for k in ("ge", "gt", "le", "lt")
                            if hasattr(m, k))
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        if isinstance(extra.get("enum"), list):   # compile.target: the JSON Schema's enum, here too
+            bounds = ", ".join([*filter(None, [bounds]), "one of " + " | ".join(map(str, extra["enum"]))])
         line = f"{prefix}{key} ({_type_name(ann)}, {req}{', ' + bounds if bounds else ''})"
         lines.append(line + (f": {f.description}" if f.description else ""))
         if sub is not None:
