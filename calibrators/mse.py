@@ -39,7 +39,10 @@ def histc(x: np.ndarray, bins: int, lo: float, hi: float) -> np.ndarray:
     """``torch.histc``: equal bins over ``[lo, hi]``; an empty range becomes ``[lo-1, hi+1]``."""
     if lo == hi:
         lo, hi = lo - 1.0, hi + 1.0
-    return np.histogram(x, bins=bins, range=(lo, hi))[0].astype(np.float64)
+    try:
+        return np.histogram(x, bins=bins, range=(lo, hi))[0].astype(np.float64)
+    except ValueError:   # a range too narrow for float32 bins (a tensor of 5 +- 3e-6): the calibration stopped
+        return np.histogram(np.asarray(x, dtype=np.float64), bins=bins, range=(lo, hi))[0].astype(np.float64)
 
 
 def upscale_histogram(hist: np.ndarray, lo: float, hi: float, new_lo: float, new_hi: float,

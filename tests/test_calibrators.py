@@ -312,6 +312,16 @@ def test_float16_tensors_calibrate_as_their_float32_values(name):
     assert half.compute_range() == full.compute_range()
 
 
+@pytest.mark.parametrize("name", BUILTINS)
+def test_a_tensor_that_barely_varies_calibrates(name):
+    """mse stopped the compile ('Too many bins for data range') on a tensor of 5 +- 3e-6 (a saturated sigmoid's)."""
+    x = (_gauss(20_000) * 1e-6 + 5).astype(np.float32)
+    cal = get_calibrator(name)
+    cal.observe(x)
+    lo, hi = cal.compute_range()
+    assert lo <= float(x.max()) and hi >= float(np.median(x)) and np.isfinite([lo, hi]).all()
+
+
 def test_symmetric_flags():
     assert EntropyCalibrator.symmetric and PercentileCalibrator.symmetric
     assert not MSECalibrator.symmetric and not calibrators.MinMaxCalibrator.symmetric

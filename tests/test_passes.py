@@ -430,6 +430,12 @@ def test_a_range_of_zero_width_or_far_wider_than_the_values_is_warned_about(lo, 
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == warned and all(m.startswith("calibrator 'qa-fixed': 1 tensor(s) got a range of zero width or "
                                                     "a million times wider than the values observed (m: ") for m in said)
+    caplog.clear()   # a saturated tensor (values 10 +- 1e-5): a built-in's correct (-10, 10) is not warned about
+    with caplog.at_level("WARNING", logger="uadc"):
+        for name in ("minmax", "entropy", "percentile", "mse"):
+            for sym in (False, True):
+                collect_ranges(_relu_model(), x * 1e-6 + 5, ["m"], name, activation_symmetric=sym)
+    assert not caplog.records
 
 
 def test_tensors_to_calibrate_tiny_kd():

@@ -17,7 +17,7 @@ from typing import Any
 
 from uadc.config.recipe import Recipe, default_artifacts_root
 from uadc.config.settings import resolve_ptq
-from uadc.config.targets import get_target
+from uadc.config.targets import TARGETS, get_target
 from uadc.core.errors import UadcError, md_cell
 from uadc.core.io import atomic_write_json, atomic_write_text, to_json
 from uadc.core.names import contained
@@ -168,6 +168,6 @@ def render_matrix(result: dict, calibrators: list[str], sources: list[str]) -> s
 def _ungated(result: dict) -> str:
     """A TensorRT target's compile runs no gate (the engine is built on the device): its matrix read as if
     every cell had passed one."""
-    cells = [c for c in result["cells"].values() if not c.get("error")]
-    return "" if all(c.get("gate_passed") is not None for c in cells) else \
-        " No regression gate ran at these compiles (TensorRT: `uadc verify CELL` judges one, by ONNX Runtime's emulation)."
+    target = TARGETS.get(result["target"])
+    return " No regression gate ran at these compiles (TensorRT: `uadc verify CELL` judges one, by ONNX Runtime's " \
+        "emulation)." if target is not None and target.runtime == "tensorrt" else ""

@@ -224,13 +224,15 @@ def _warn_of_absurd_ranges(calibrator: str, ranges: dict, lo_seen: dict, hi_seen
     """A plug-in's range of zero width, or a million times wider than the values it observed, compiled
     without a word: ONNX Runtime quantizes the first with scale 1 and the second to zero (the student
     destroyed, calibration.json naming ranges the model does not use)."""
-    odd = [(name, lo, hi) for name, (lo, hi) in ranges.items() if hi_seen[name] > lo_seen[name] and not
-           (1e-6 <= (hi - lo) / (hi_seen[name] - lo_seen[name]) <= 1e6)]
+    def size(name: str) -> float:   # the values' magnitude, not their spread: a saturated sigmoid's (-1, 1) is fine
+        return max(abs(lo_seen[name]), abs(hi_seen[name])) if np.isfinite(lo_seen[name]) else 0.0
+    odd = [(name, lo, hi) for name, (lo, hi) in ranges.items() if size(name) > 0 and not
+           (1e-6 <= (hi - lo) / size(name) <= 1e6)]
     if odd:
         name, lo, hi = odd[0]
         log.warning("calibrator %r: %d tensor(s) got a range of zero width or a million times wider than the values "
-                    "observed (%s: (%g, %g), values %g..%g): ONNX Runtime quantizes such a tensor with scale 1, or to "
-                    "zero; the compile's figures show the cost", calibrator, len(odd), name, lo, hi,
+                    "observed (%s: (%.6g, %.6g), values %.6g..%.6g): ONNX Runtime quantizes such a tensor with scale 1, "
+                    "or to zero; the compile's figures show the cost", calibrator, len(odd), name, lo, hi,
                     lo_seen[name], hi_seen[name])
 
 
