@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -550,11 +551,28 @@ def test_example_sweep_files_are_valid():
             load_recipe(f)
 
 
+@pytest.mark.parametrize("one_class", [False, True])
+def test_a_sweep_names_category_folders_laid_out_otherwise(tiny_data, tmp_path, one_class, caplog):
+    """Only data preparation said it: a sweep on Ray (its cells' lines reach no terminal) and a one-class sweep
+    (its cells name their categories) said nothing of a `Train/` folder left out."""
+    shutil.copytree(tiny_data, tmp_path / "data")
+    (tmp_path / "data" / "Bad" / "Train" / "good").mkdir(parents=True)
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "data", data={"sources": [{"root": str(tmp_path / "data")}]})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"recipe": str(recipe), "axes": {"target": ["ort-cpu-fp32"],
+                                                                                       "one_class": [one_class]}}))
+    with caplog.at_level("WARNING", logger="uadc"):
+        make_plan(*load_sweep(tmp_path / "s.yaml"))
+    assert [r.getMessage() for r in caplog.records] == [f"{tmp_path / 'data' / 'Bad'} has Train/ but no train/good/: "
+                                                        f"left out (uadc reads <category>/train/good/*.png: rename "
+                                                        f"the folders so)"]
+
+
 def test_the_keys_that_mark_a_sweep_file_are_a_sweep_files_only(tmp_path):
     from uadc.config.recipe import SWEEP_FILE_KEYS, RecipeConfig
     from uadc.pipeline.sweep.spec import SweepSpec
     assert set(SWEEP_FILE_KEYS) <= set(SweepSpec.model_fields) - set(RecipeConfig.model_fields)
-    (tmp_path / "my sweep.yaml").write_text("recipe: r.yaml\naxes: {target: [ort-cpu-fp32]}\n")
+    assert set(SweepSpec.model_fields) & set(RecipeConfig.model_fields) == {"name"}   # the one key of both
+    (tmp_path / "my sweep.yaml").write_text("name: g\nrecipe: r.yaml\naxes: {target: [ort-cpu-fp32]}\n")
     with pytest.raises(UadcError, match=r"run it with `uadc sweep '.*/my sweep.yaml'`"):   # pasted, it split in two
         load_recipe(tmp_path / "my sweep.yaml")
     (tmp_path / "r.yaml").write_text("data: {sources: [{root: d}]}\nrecipe: tiny\n")   # a recipe's stray key

@@ -150,7 +150,7 @@ def check_recipe_file(path: Path, given: "str | os.PathLike[str] | None" = None)
     """A missing recipe file named like a built-in one (the README's ``recipes/quickstart.yaml``
     outside a checkout, or ``./demo``) says that built-ins go by name; ``given``: as typed."""
     if not path.exists() and not path.is_symlink() and _stem(path.name) in {r.name for r in packaged_recipes()}:
-        raise UadcError(f"recipe not found: {shown(os.fspath(given) if given is not None else path)} (no such file; "
+        raise UadcError(f"recipe not found: {shown(os.fsdecode(given) if given is not None else path)} (no such file; "
                         f"built-in recipes go by name, not path: give {_stem(path.name)!r})")
 
 

@@ -463,7 +463,7 @@ def load_recipe(source: "str | os.PathLike[str] | dict | Recipe") -> Recipe:
     check_recipe_file(path, source)
     raw = read_yaml_mapping(path, "recipe", MAX_RECIPE_BYTES)
     keys = [k for k in SWEEP_FILE_KEYS if k in raw]
-    if keys and not any(k in raw for k in RecipeConfig.model_fields):   # "recipe: unknown key", as if mistyped
+    if keys and not any(k in raw for k in RecipeConfig.model_fields if k != "name"):   # a key of both: "name"
         raise UadcError(f"{shown(path)}: a sweep file (its {' and '.join(keys)} key{'s' * (len(keys) > 1)}), "
                         f"not a recipe: run it with `uadc sweep {shlex.quote(shown(path))}`, or give one of the "
                         f"recipes it names")

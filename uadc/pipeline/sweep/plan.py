@@ -140,6 +140,7 @@ def plan_recipes(pairs: list[tuple[Recipe, Recipe]], axes: Axes, run: RunConfig,
     models: dict[str, Model] = {}
     cells: dict[tuple, Cell] = {}
     for original, recipe in pairs:
+        _say_data_layout(recipe)
         for size, seed, one_class in itertools.product(*(axes.values(a) for a in ("image_size", "seed",
                                                                                    "one_class"))):
             try:   # an image size or seed the recipe refuses: named as the sweep's (it read as the recipe's own)
@@ -205,6 +206,16 @@ def _override(recipe: Recipe, overrides: dict, where: str, base: Path) -> Recipe
         return recipe.with_overrides(relative_to=base, **overrides)
     except UadcError as exc:
         raise UadcError(f"sweep {where}: {exc}") from None
+
+
+def _say_data_layout(recipe: Recipe) -> None:
+    """The recipe's category folders laid out otherwise, named here, in the sweep's own process: Ray's cells
+    say it where no terminal reads it, and one-class cells list no data root at all."""
+    from uadc.data.sources import resolve_sources
+    try:
+        resolve_sources([s.model_dump() for s in recipe.data.sources], warn=True)
+    except UadcError:   # missing data: its cells fail and say why
+        pass
 
 
 def _models(original: Recipe, recipe: Recipe, size: int | None, seed: int | None, one_class: bool) -> list[Model]:
