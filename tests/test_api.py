@@ -804,6 +804,22 @@ def test_ignore_blocks_and_seeded_blocks_in_two_threads_leave_the_process_as_fou
     assert torch.equal(torch.cat(drawn), alone)
 
 
+def test_a_seeded_block_leaves_pythons_and_numpys_streams_to_the_app():
+    """Training seeded Python's and NumPy's global streams: an app's other threads drew the recipe's numbers
+    meanwhile (the same ones every training), then their own draws again once it ended."""
+    import random
+    import numpy as np
+    from uadc.core.scoped import seeded
+    random.seed(111)
+    np.random.seed(111)
+    with seeded(0):
+        drawn = (random.random(), float(np.random.rand()), torch.rand(1))
+    py, nprs = random.Random(111), np.random.RandomState(111)
+    assert drawn[:2] == (py.random(), float(nprs.rand())) and random.random() == py.random()
+    torch.manual_seed(0)
+    assert torch.equal(drawn[2], torch.rand(1))   # torch's is the recipe's
+
+
 def test_a_checkpoint_loaded_in_another_thread_leaves_a_trainings_stream_alone(trained):
     """load_checkpoint built its model under a bare fork_rng: saved, drawn, restored while a training in
     another thread drew from its seeded stream, which went back mid-run (weights not reproducible)."""

@@ -134,17 +134,14 @@ def streams_kept(cuda: bool = False) -> Iterator[None]:
 
 @contextlib.contextmanager
 def seeded(seed: int, cuda: bool = False) -> Iterator[None]:
-    """Run the block from ``seed`` on Python's, NumPy's and torch's global generators (a model's
-    initialisation and dropout draw from them; CUDA's only with ``cuda``, training on a GPU); the
-    caller's streams come back on exit."""
-    import random
-
-    import numpy as np
+    """Run the block from ``seed`` on torch's global generator (a model's initialisation and dropout
+    draw from it; CUDA's only with ``cuda``, training on a GPU); the caller's comes back on exit.
+    Python's and NumPy's global streams are not touched: uadc draws from generators of its own, and
+    seeding them handed an app's other threads the recipe's numbers for the whole training (then
+    replayed their own draws once it ended)."""
     import torch
 
-    with streams_kept(cuda):
-        random.seed(seed)
-        np.random.seed(seed)
+    with _RANDOM, torch.random.fork_rng(devices=None if cuda else []):
         if cuda:
             torch.manual_seed(seed)
         else:
