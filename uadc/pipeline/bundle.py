@@ -56,10 +56,8 @@ def _absolute(path: Path) -> Path:
     """``path`` absolute, its ``..`` folded where that names the same folder (not past a link); a path not
     made yet (``--out ../new/B``) by its deepest folder that exists."""
     normed, probe = Path(os.path.abspath(path)), path
-    while not os.path.lexists(probe) and probe.name not in ("", ".", ".."):
-        probe = probe.parent
-    if ".." in path.parts[len(probe.parts):]:   # `new/..` below it: folded as text it may name another folder
-        return path.absolute()
+    while not os.path.lexists(probe) and probe.name not in ("", ".", ".."):   # `new/..`: stops at a missing ..,
+        probe = probe.parent                                                      # which samefile refuses below
     try:
         return normed if os.path.samefile(os.path.abspath(probe), probe) else path.absolute()
     except OSError:

@@ -221,19 +221,22 @@ def collect_ranges(model: onnx.ModelProto, images: np.ndarray, tensor_names: lis
 
 
 def _warn_of_absurd_ranges(calibrator: str, ranges: dict, lo_seen: dict, hi_seen: dict) -> None:
-    """A plug-in's range of zero width, or a million times wider than the values it observed, compiled
-    without a word: ONNX Runtime quantizes the first with scale 1 and the second to zero (the student
-    destroyed, calibration.json naming ranges the model does not use)."""
-    def size(name: str) -> float:   # the values' magnitude, not their spread: a saturated sigmoid's (-1, 1) is fine
-        return max(abs(lo_seen[name]), abs(hi_seen[name])) if np.isfinite(lo_seen[name]) else 0.0
-    odd = [(name, lo, hi) for name, (lo, hi) in ranges.items() if size(name) > 0 and not
-           (1e-6 <= (hi - lo) / size(name) <= 1e6)]
+    """A plug-in's range that leaves the values observed no INT8 steps compiled without a word: (0, 0) for
+    values up to 3 (ONNX Runtime quantizes it with scale 1), or (-1e30, 1e30) (every value rounds to zero).
+    Measured as ONNX Runtime uses a range, stretched to hold 0, against the size of the values: a
+    built-in's (c, c) for a constant tensor, or (-1, 1) for a saturated sigmoid, is no such range."""
+    def width(lo: float, hi: float) -> float:
+        return max(hi, 0.0) - min(lo, 0.0)
+    odd = []
+    for name, (lo, hi) in ranges.items():
+        size = max(abs(lo_seen[name]), abs(hi_seen[name])) if np.isfinite(lo_seen[name]) else 0.0
+        if size > 0 and not 1e-6 * size <= width(lo, hi) <= 100 * size:
+            odd.append((name, lo, hi, "next to no width" if width(lo, hi) < size else "over 100 times"))
     if odd:
-        name, lo, hi = odd[0]
-        log.warning("calibrator %r: %d tensor(s) got a range of zero width or a million times wider than the values "
-                    "observed (%s: (%.6g, %.6g), values %.6g..%.6g): ONNX Runtime quantizes such a tensor with scale 1, "
-                    "or to zero; the compile's figures show the cost", calibrator, len(odd), name, lo, hi,
-                    lo_seen[name], hi_seen[name])
+        name, lo, hi, what = odd[0]
+        log.warning("calibrator %r: %d tensor(s) got a range of %s the size of the values observed (%s: (%.6g, %.6g), "
+                    "values %.6g..%.6g): its INT8 steps cannot tell those values apart; the compile's figures show the "
+                    "cost", calibrator, len(odd), what, name, lo, hi, lo_seen[name], hi_seen[name])
 
 
 @contextlib.contextmanager
