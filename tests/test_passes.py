@@ -114,6 +114,16 @@ def test_run_passes_records_and_dumps(tmp_path, images):
     run_passes(model, FLOAT_PASSES[:2], _ctx(images=images, dump_dir=tmp_path))   # an earlier dump's are replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "00_input.onnx", "01_shape_inference.onnx", "02_simplify.onnx", "passes.json"]
+    from uadc.passes import pipeline
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}   # a stop half-way deleted the earlier dump's
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):   # files and left a passes.json of
+        mp.setitem(pipeline.PASSES, "cleanup", stopped)                            # passes it did not hold
+        run_passes(model, FLOAT_PASSES, _ctx(images=images, dump_dir=tmp_path))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert not [p for p in tmp_path.parent.iterdir() if ".uadc-tmp-" in p.name]
     (tmp_path / "passes.json").unlink()   # a folder of models named like dumps is not replaced
     with pytest.raises(UadcError, match="a folder holding 00_input.onnx, not an earlier dump"):
         run_passes(model, FLOAT_PASSES, _ctx(images=images, dump_dir=tmp_path))

@@ -389,10 +389,20 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     is untouched."""
     final = Path(final).absolute()
     check_replaceable(final, replace)
+    with replaced_dir(final, lambda: check_replaceable(final, replace)) as tmp:   # again, under the lock
+        yield tmp
+
+
+@contextlib.contextmanager
+def replaced_dir(final: Path, check: Callable[[], Any] | None = None) -> Iterator[Path]:
+    """:func:`atomic_dir` for a folder the caller has judged replaceable (a compile's pass dumps:
+    ``check_dump_dir``); ``check`` runs again under the lock."""
+    final = Path(final).absolute()
     ensure_dir(final.parent)
     check_writable(final.parent)
     with file_lock(final):
-        check_replaceable(final, replace)  # again, under the lock
+        if check is not None:
+            check()
         clean_stale_temps(final.parent)
         tmp = _tmp_name(final)
         tmp.mkdir()

@@ -37,7 +37,7 @@ from uadc.config.recipe import Recipe
 from uadc.config.targets import Target
 from uadc.core.errors import UadcError, raise_interrupt_behind
 from uadc.core.manifest import check_outside_artifacts
-from uadc.core.io import atomic_write_bytes, atomic_write_text, ensure_dir, is_marker
+from uadc.core.io import is_marker, replaced_dir
 from uadc.core.ort_session import make_session
 from uadc.core.scoped import native_stderr_logged, quiet_third_party
 from uadc.data.sources import check_outside_data
@@ -339,14 +339,18 @@ def run_passes(model: onnx.ModelProto, names: list[str], ctx: PassContext) -> tu
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise UadcError(f"unknown pass(es) {', '.join(map(repr, unknown))}; available: {', '.join(PASSES)}")
-    if ctx.dump_dir is not None:
-        check_dump_dir(ctx.dump_dir)
-        ensure_dir(Path(ctx.dump_dir))
-        atomic_write_text(Path(ctx.dump_dir) / DUMP_MARKER, json.dumps({"kind": DUMP_KIND, "passes": names}) + "\n")
-        for old in Path(ctx.dump_dir).iterdir():   # an earlier dump's: not mixed with this one
-            if DUMP_NAME.fullmatch(old.name):
-                old.unlink()
-        atomic_write_bytes(Path(ctx.dump_dir) / "00_input.onnx", model.SerializeToString())
+    if ctx.dump_dir is None:
+        return _run(model, names, ctx, None)
+    check_dump_dir(ctx.dump_dir)
+    # written beside it and swapped in whole: a stop half-way left the earlier dump's files deleted, a few of
+    # this one's, and a passes.json listing passes it did not hold
+    with replaced_dir(Path(ctx.dump_dir), lambda: check_dump_dir(ctx.dump_dir)) as tmp:
+        (tmp / DUMP_MARKER).write_text(json.dumps({"kind": DUMP_KIND, "passes": names}) + "\n")
+        (tmp / "00_input.onnx").write_bytes(model.SerializeToString())
+        return _run(model, names, ctx, tmp)
+
+
+def _run(model: onnx.ModelProto, names: list[str], ctx: PassContext, dump: Path | None) -> tuple:
     try:
         from uadc.core.progress import progress
         steps = progress(names, desc="passes", unit="pass")
@@ -359,8 +363,8 @@ def run_passes(model: onnx.ModelProto, names: list[str], ctx: PassContext) -> tu
         model = PASSES[name](model, ctx)
         records.append({"name": name, "seconds": time.perf_counter() - t0,
                         "nodes_before": before, "nodes_after": len(model.graph.node)})
-        if ctx.dump_dir is not None:
-            atomic_write_bytes(Path(ctx.dump_dir) / f"{k:02d}_{name}.onnx", model.SerializeToString())
+        if dump is not None:
+            (dump / f"{k:02d}_{name}.onnx").write_bytes(model.SerializeToString())
     return model, records
 
 
