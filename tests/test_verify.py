@@ -853,6 +853,12 @@ def test_the_gate_judges_each_categorys_drops_and_its_stored_budgets_with_images
     # its line is a REGRESSION line, as the README says (it was `error: REGRESSION: ...`: `^REGRESSION:` missed it)
     assert r.stderr.splitlines()[-1].startswith("REGRESSION: the candidate (") and "error: " not in r.stderr
     assert (tmp_path / "nan.md").read_text().startswith("# uadc verify: REGRESSION\n")
+    with pytest.raises(uadc.NonFiniteOutputs) as caught:   # README's class: it was a plain UadcError subclass
+        uadc.verify(tmp_path / "nan.onnx", golden=fp32)
+    assert caught.value.exit_code == 1
+    with pytest.raises(uadc.NonFiniteOutputs) as caught:   # the reference's NaN: a plain UadcError
+        uadc.diff(tmp_path / "nan.onnx", fp32, images=[tiny_data / "gray" / "train" / "good"])
+    assert caught.value.exit_code == 2 and "the reference" in str(caught.value)
 
 
 def test_a_masks_folder_given_as_images_is_refused(artifacts, tiny_data):

@@ -27,7 +27,7 @@ from uadc.config.recipe import VerifyConfig
 from uadc.config.targets import inference_hint_of
 from uadc.core.constants import (ENGINE_FILE, GOLDEN_META, GOLDEN_REFERENCE, GOLDEN_RUNNER, MANIFEST_FILE, MODEL_FILE,
                                  OUTPUT_NAMES, REPORT_FILE)
-from uadc.core.errors import RuntimeFault, UadcError, raise_interrupt_behind
+from uadc.core.errors import NonFiniteOutputs, RuntimeFault, UadcError, raise_interrupt_behind
 from uadc.core.io import parse_json
 from uadc.core.manifest import Manifest, read_manifest, verify_files
 from uadc.core.ort_session import make_session
@@ -263,7 +263,8 @@ def _outputs(iterations: list, side: str) -> tuple[np.ndarray, np.ndarray]:
     scores = np.concatenate([np.asarray(it[OUTPUT_NAMES[1]]).reshape(-1) for it in iterations]).astype(np.float32)
     if not (np.isfinite(maps).all() and np.isfinite(scores).all()):
         said = f"the {side} produced non-finite outputs (NaN/Inf) on the verification images"
-        raise NonFiniteCandidate(f"REGRESSION: {said}") if side.startswith("candidate") else UadcError(said)
+        # `except uadc.NonFiniteOutputs` catches either side (the reference's was a plain UadcError); exit 2 for it
+        raise NonFiniteCandidate(f"REGRESSION: {said}") if side.startswith("candidate") else NonFiniteOutputs(said)
     return maps.reshape(len(maps), *maps.shape[-2:]), scores
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from uadc.config.recipe import VerifyConfig
 from uadc.config.validation import first_error
 from uadc.core.constants import VERIFY_SCHEMA
-from uadc.core.errors import UadcError, md_cell
+from uadc.core.errors import NonFiniteOutputs, UadcError, md_cell
 from uadc.core.numbers import fixed
 
 # figure -> (budget key, rule)
@@ -211,7 +211,7 @@ def _row(f: Figure) -> str:
     return f"| {f.name} | {v} | {md_cell(need)} | {'not judged' if not f.judged else 'pass' if f.passed else '**FAIL**'} |"
 
 
-class NonFiniteCandidate(UadcError):
+class NonFiniteCandidate(NonFiniteOutputs):
     """The candidate's NaN / Inf outputs: a broken model is a regression (exit 1), not a usage error (2);
     its line is a ``REGRESSION: ...`` line, as a figure out of budget's, not an ``error:`` one."""
 
