@@ -568,7 +568,8 @@ def test_a_sweep_names_category_folders_laid_out_otherwise(tiny_data, tmp_path, 
 
 
 def test_the_keys_that_mark_a_sweep_file_are_a_sweep_files_only(tmp_path):
-    from uadc.config.recipe import SWEEP_FILE_KEYS, RecipeConfig
+    from uadc.config.packaged import SWEEP_FILE_KEYS
+    from uadc.config.recipe import RecipeConfig
     from uadc.pipeline.sweep.spec import SweepSpec
     assert set(SWEEP_FILE_KEYS) <= set(SweepSpec.model_fields) - set(RecipeConfig.model_fields)
     assert set(SweepSpec.model_fields) & set(RecipeConfig.model_fields) == {"name"}   # the one key of both

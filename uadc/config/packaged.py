@@ -15,9 +15,11 @@ import json
 import logging
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Iterable
 
 from uadc.config.yaml_file import file_checked, load_yaml_text, yaml_text
 from uadc.core.errors import UadcError
@@ -152,6 +154,20 @@ def check_recipe_file(path: Path, given: "str | os.PathLike[str] | None" = None)
     if not path.exists() and not path.is_symlink() and _stem(path.name) in {r.name for r in packaged_recipes()}:
         raise UadcError(f"recipe not found: {shown(os.fsdecode(given) if given is not None else path)} (no such file; "
                         f"built-in recipes go by name, not path: give {_stem(path.name)!r})")
+
+
+# keys of a sweep file that no recipe has (uadc.pipeline.sweep.spec.SweepSpec; a test keeps the two in step)
+SWEEP_FILE_KEYS = ("recipe", "recipes", "axes")
+
+
+def check_not_a_sweep_file(raw: dict, path: Path, recipe_keys: Iterable[str]) -> None:
+    """A sweep file given as a recipe said "recipe: unknown key", as if the recipe were mistyped; a recipe
+    with a stray ``recipe:`` key (it holds a recipe's own keys; ``name`` is a key of both) is mistyped."""
+    keys = [k for k in SWEEP_FILE_KEYS if k in raw]
+    if keys and not any(k in raw for k in recipe_keys if k != "name"):
+        raise UadcError(f"{shown(path)}: a sweep file (its {' and '.join(keys)} key{'s' * (len(keys) > 1)}), "
+                        f"not a recipe: run it with `uadc sweep {shlex.quote(shown(path))}`, or give one of the "
+                        f"recipes it names")
 
 
 def shown_recipe(source: str) -> PackagedRecipe:

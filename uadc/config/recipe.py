@@ -12,14 +12,13 @@ import copy
 import hashlib
 import json
 import os
-import shlex
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from uadc.config.locations import without_locations
-from uadc.config.packaged import check_recipe_file, resolve_recipe_path
+from uadc.config.packaged import check_not_a_sweep_file, check_recipe_file, resolve_recipe_path
 from uadc.config.targets import TARGETS
 from uadc.config.validation import first_error, listed_twice, merged
 from uadc.config.yaml_file import read_yaml_mapping
@@ -387,8 +386,7 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        """``name:``, else the file's stem (as loading fills it in: ``r.config.name = None`` trained into
-        ``recipe/``), else ``recipe`` (a dict)."""
+        """``name:``, else the file's stem (``config.name = None`` trained into ``recipe/``), else ``recipe``."""
         stem = self.path.stem if self.path is not None else None
         return self.config.name or (stem if stem and is_output_name(stem) else "recipe")
 
@@ -449,10 +447,6 @@ def default_artifacts_root() -> Path:
     return Path.cwd() / "artifacts"
 
 
-# keys of a sweep file that no recipe has (uadc.pipeline.sweep.spec.SweepSpec; a test keeps the two in step)
-SWEEP_FILE_KEYS = ("recipe", "recipes", "axes")
-
-
 def load_recipe(source: "str | os.PathLike[str] | dict | Recipe") -> Recipe:
     """A recipe from a YAML file, a built-in recipe name (``demo``), a dict or a Recipe (checked again)."""
     if isinstance(source, Recipe):
@@ -462,11 +456,7 @@ def load_recipe(source: "str | os.PathLike[str] | dict | Recipe") -> Recipe:
     path = resolve_recipe_path(source)  # a file, or a built-in recipe's name (``demo``)
     check_recipe_file(path, source)
     raw = read_yaml_mapping(path, "recipe", MAX_RECIPE_BYTES)
-    keys = [k for k in SWEEP_FILE_KEYS if k in raw]
-    if keys and not any(k in raw for k in RecipeConfig.model_fields if k != "name"):   # a key of both: "name"
-        raise UadcError(f"{shown(path)}: a sweep file (its {' and '.join(keys)} key{'s' * (len(keys) > 1)}), "
-                        f"not a recipe: run it with `uadc sweep {shlex.quote(shown(path))}`, or give one of the "
-                        f"recipes it names")
+    check_not_a_sweep_file(raw, path, RecipeConfig.model_fields)
     try:
         return recipe_from_dict(raw, path)
     except UadcError as exc:   # which file: a line that names a key only is no help among several recipes
