@@ -237,6 +237,15 @@ def test_learning_curve_seconds_include_teacher_caching(recipe_factory, tmp_path
     assert res.exit_code == 0, res.output
     extra = json.loads((art / "tiny" / "eval.json").read_text())
     assert extra["learning_curve"][-1]["train_seconds"] >= 0.6 and extra["train_seconds"] >= 0.6
+    # Uninformed Students' descriptor teacher, trained before epoch 1, was missing from the curve too
+    from uadc.models.us import UninformedStudents
+    pretrain = UninformedStudents.pretrain_teacher
+    monkeypatch.setattr(UninformedStudents, "pretrain_teacher", lambda *a, **k: (time.sleep(0.6), pretrain(*a, **k))[1])
+    us = recipe_factory("us", model={"method": "us", "taps": ["blocks.3"]}, train={"epochs": 1, "threads": 1})
+    assert CliRunner().invoke(main, ["train", str(us), "--eval-every", "1", "--artifacts", str(art)]).exit_code == 0
+    assert CliRunner().invoke(main, ["eval", str(us), "--artifacts", str(art)]).exit_code == 0
+    extra = json.loads((art / "us" / "eval.json").read_text())
+    assert extra["learning_curve"][-1]["train_seconds"] >= 0.6
 
 
 def test_readme_command_synopsis_lists_every_option():

@@ -194,7 +194,8 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
                     "trained_recipe_hash": blob.get("recipe_hash"), "train_seconds": blob.get("train_seconds"),
                     **({"one_class": True, "trained_on": list(blob.get("categories") or [])} if one_class else {}),
                     "epochs": len(history), "model_stats": blob.get("stats"),
-                    "learning_curve": [{"epoch": h["epoch"], "train_seconds": _seconds_until(history, h["epoch"]),
+                    "learning_curve": [{"epoch": h["epoch"], "train_seconds": _seconds_until(history, h["epoch"],
+                                                                                             _pretrain_seconds(blob)),
                                         "mean": h["test"]["mean"], "categories": h["test"]["categories"]}
                                        for h in history if "test" in h]}
     if write and own and not one_class:   # eval.json is the recipe's own model's: the one-class comparison reads it
@@ -202,9 +203,20 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: Path | None = None, artifact
     return result
 
 
-def _seconds_until(history: list[dict], epoch: int) -> float:
-    """Training time (test evaluations excluded, teacher caching included) up to the end of ``epoch``."""
-    return round(sum(h["seconds"] + h.get("setup_seconds", 0) for h in history if h["epoch"] <= epoch), 1)
+def _seconds_until(history: list[dict], epoch: int, before: float = 0.0) -> float:
+    """Training time (test evaluations excluded, teacher caching and ``before`` the first epoch included:
+    Uninformed Students' descriptor teacher) up to the end of ``epoch``."""
+    return round(before + sum(h["seconds"] + h.get("setup_seconds", 0) for h in history if h["epoch"] <= epoch), 1)
+
+
+def _pretrain_seconds(blob: dict) -> float:
+    """The descriptor teacher's training (US), as recorded; an older checkpoint's from its epochs."""
+    if isinstance(blob.get("pretrain_seconds"), (int, float)):
+        return float(blob["pretrain_seconds"])
+    epochs = blob.get("teacher_history")
+    return float(sum(h.get("seconds", 0) for h in epochs if isinstance(h, dict) and isinstance(h.get("seconds", 0),
+                                                                                                (int, float)))) \
+        if isinstance(epochs, list) else 0.0
 
 
 @dataclass

@@ -156,6 +156,7 @@ def _train_one(recipe: Recipe, data: RecipeData, cat: str | None, images: torch.
     if hasattr(model, "pretrain_teacher"):  # US: the descriptor teacher is distilled first
         stages["teacher_history"] = model.pretrain_teacher(images, epochs=t.epochs, lr=t.lr,
                                                            batch_size=t.batch_size, seed=recipe.seed)
+        stages["pretrain_seconds"] = round(time.time() - t0, 2)   # before epoch 1: on the learning curve's clock
     callback = _on_cpu(on_epoch(cat, data), device) if on_epoch else None
     history = fit(model, images, t, recipe.seed, desc=f"train {cat or 'unified'}", on_epoch=callback)
     if hasattr(model, "fit_head_stats"):  # US: standardise error/variance on normal data
