@@ -423,8 +423,9 @@ def test_collect_ranges_minmax():
     assert clipped["r"] == (0.0, pytest.approx(float(x.max())))
 
 
-@pytest.mark.parametrize("lo, hi, warned", [(0.0, 0.0, "next to no width"), (-1e-40, 1e-40, "next to no width"),
-                                            (-1e30, 1e30, "over 100 times"), (-1e3, 1e3, "over 100 times"),
+@pytest.mark.parametrize("lo, hi, warned", [(0.0, 0.0, "next to no width against"),
+                                            (-1e-40, 1e-40, "next to no width against"), (0.0, 1e-5, "next to no width against"),
+                                            (-1e30, 1e30, "over 10 times the size of"), (-1e2, 1e2, "over 10 times the size of"),
                                             (-3.0, 3.0, None), (5.0, 5.0, None)])
 def test_a_range_of_zero_width_or_far_wider_than_the_values_is_warned_about(lo, hi, warned, monkeypatch, caplog):
     """A plug-in's (0, 0) or (-1e38, 1e38) compiled without a word: ONNX Runtime quantized the tensor with
@@ -439,7 +440,7 @@ def test_a_range_of_zero_width_or_far_wider_than_the_values_is_warned_about(lo, 
         collect_ranges(_relu_model(), x, ["m"], "qa-fixed")
         collect_ranges(_relu_model(), x, ["m"], "minmax")
     said = [r.getMessage() for r in caplog.records]
-    assert said == ([f"calibrator 'qa-fixed': 1 tensor(s) got a range of {warned} the size of the values observed "
+    assert said == ([f"calibrator 'qa-fixed': 1 tensor(s) got a range of {warned} the values observed "
                      f"(m: ({lo:.6g}, {hi:.6g}), values {2 * x.min():.6g}..{2 * x.max():.6g}): its INT8 steps cannot "
                      f"tell those values apart; the compile's figures show the cost"] if warned else [])
     caplog.clear()   # a saturated tensor, a constant one: a built-in's (-1, 1) or (c, c) is not warned about

@@ -557,9 +557,10 @@ def test_a_sweep_names_category_folders_laid_out_otherwise(tiny_data, tmp_path, 
     (its cells name their categories) said nothing of a `Train/` folder left out."""
     shutil.copytree(tiny_data, tmp_path / "data")
     (tmp_path / "data" / "Bad" / "Train" / "good").mkdir(parents=True)
-    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "data", data={"sources": [{"root": str(tmp_path / "data")}]})
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"recipe": str(recipe), "axes": {"target": ["ort-cpu-fp32"],
-                                                                                       "one_class": [one_class]}}))
+    recipes = [write_recipe(tmp_path / f"{n}.yaml", tmp_path / "data", data={"sources": [{"root": str(tmp_path / "data")}]},
+                            train={"epochs": i + 1}) for i, n in enumerate(("r", "r2"))]   # one data root: said once
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"recipes": [str(r) for r in recipes],
+                                                     "axes": {"target": ["ort-cpu-fp32"], "one_class": [one_class]}}))
     with caplog.at_level("WARNING", logger="uadc"):
         make_plan(*load_sweep(tmp_path / "s.yaml"))
     assert [r.getMessage() for r in caplog.records] == [f"{tmp_path / 'data' / 'Bad'} has Train/ but no train/good/: "

@@ -222,7 +222,7 @@ def collect_ranges(model: onnx.ModelProto, images: np.ndarray, tensor_names: lis
 
 def _warn_of_absurd_ranges(calibrator: str, ranges: dict, lo_seen: dict, hi_seen: dict) -> None:
     """A plug-in's range that leaves the values observed no INT8 steps compiled without a word: (0, 0) for
-    values up to 3 (ONNX Runtime quantizes it with scale 1), or (-1e30, 1e30) (every value rounds to zero).
+    values up to 3 (ONNX Runtime quantizes it with scale 1), or (-1e3, 1e3) (every value rounds to zero).
     Measured as ONNX Runtime uses a range, stretched to hold 0, against the size of the values: a
     built-in's (c, c) for a constant tensor, or (-1, 1) for a saturated sigmoid, is no such range."""
     def width(lo: float, hi: float) -> float:
@@ -230,13 +230,14 @@ def _warn_of_absurd_ranges(calibrator: str, ranges: dict, lo_seen: dict, hi_seen
     odd = []
     for name, (lo, hi) in ranges.items():
         size = max(abs(lo_seen[name]), abs(hi_seen[name])) if np.isfinite(lo_seen[name]) else 0.0
-        if size > 0 and not 1e-6 * size <= width(lo, hi) <= 100 * size:
-            odd.append((name, lo, hi, "next to no width" if width(lo, hi) < size else "over 100 times"))
+        if size > 0 and not 1e-5 * size <= width(lo, hi) <= 10 * size:   # built-ins: 1/4096 to 2 times
+            odd.append((name, lo + 0.0, hi + 0.0, "next to no width against" if width(lo, hi) < size else
+                        "over 10 times the size of"))
     if odd:
         name, lo, hi, what = odd[0]
-        log.warning("calibrator %r: %d tensor(s) got a range of %s the size of the values observed (%s: (%.6g, %.6g), "
-                    "values %.6g..%.6g): its INT8 steps cannot tell those values apart; the compile's figures show the "
-                    "cost", calibrator, len(odd), what, name, lo, hi, lo_seen[name], hi_seen[name])
+        log.warning("calibrator %r: %d tensor(s) got a range of %s the values observed (%s: (%.6g, %.6g), values "
+                    "%.6g..%.6g): its INT8 steps cannot tell those values apart; the compile's figures show the cost",
+                    calibrator, len(odd), what, name, lo, hi, lo_seen[name], hi_seen[name])
 
 
 @contextlib.contextmanager

@@ -139,8 +139,9 @@ def plan_recipes(pairs: list[tuple[Recipe, Recipe]], axes: Axes, run: RunConfig,
                         f"{MAX_COMBINATIONS}; at most {MAX_CELLS} distinct cells)")
     models: dict[str, Model] = {}
     cells: dict[tuple, Cell] = {}
+    said: set = set()
     for original, recipe in pairs:
-        _say_data_layout(recipe)
+        _say_data_layout(recipe, said)
         for size, seed, one_class in itertools.product(*(axes.values(a) for a in ("image_size", "seed",
                                                                                    "one_class"))):
             try:   # an image size or seed the recipe refuses: named as the sweep's (it read as the recipe's own)
@@ -208,12 +209,14 @@ def _override(recipe: Recipe, overrides: dict, where: str, base: Path) -> Recipe
         raise UadcError(f"sweep {where}: {exc}") from None
 
 
-def _say_data_layout(recipe: Recipe) -> None:
-    """The recipe's category folders laid out otherwise, named here, in the sweep's own process: Ray's cells
-    say it where no terminal reads it, and one-class cells list no data root at all."""
+def _say_data_layout(recipe: Recipe, said: set) -> None:
+    """The recipe's category folders laid out otherwise, named here, in the sweep's own process (once a data
+    root: ``said``): Ray's cells say it where no terminal reads it, one-class cells list no data root at all."""
     from uadc.data.sources import resolve_sources
+    sources = [s.model_dump() for s in recipe.data.sources if str(s.root) not in said]
+    said.update(str(s["root"]) for s in sources)
     try:
-        resolve_sources([s.model_dump() for s in recipe.data.sources], warn=True)
+        resolve_sources(sources, warn=True)
     except UadcError:   # missing data: its cells fail and say why
         pass
 
