@@ -124,6 +124,19 @@ def test_run_passes_records_and_dumps(tmp_path, images):
         run_passes(model, FLOAT_PASSES, _ctx(images=images, dump_dir=tmp_path))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert not [p for p in tmp_path.parent.iterdir() if ".uadc-tmp-" in p.name]
+
+    def missing(*a, **k):   # a pass's own OSError stays its own (it read "cannot write <dump folder>")
+        raise FileNotFoundError(2, "No such file or directory", "/data/calib/x.png")
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(FileNotFoundError, match="x.png"):
+        mp.setitem(pipeline.PASSES, "cleanup", missing)
+        run_passes(model, FLOAT_PASSES, _ctx(images=images, dump_dir=tmp_path))
+    (tmp_path.parent / f"{tmp_path.name}-link").symlink_to(tmp_path)   # the swap replaced the link with a folder
+    with pytest.raises(UadcError, match=r"-link: a symbolic link; give the folder it points to"):
+        run_passes(model, FLOAT_PASSES, _ctx(images=images, dump_dir=tmp_path.parent / f"{tmp_path.name}-link"))
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(UadcError, match=r"the current folder or one above it"):
+        mp.chdir(tmp_path)   # `--dump-passes .`: the compile went on in a deleted folder (a traceback)
+        run_passes(model, FLOAT_PASSES, _ctx(images=images, dump_dir=type(tmp_path)(".")))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     (tmp_path / "passes.json").unlink()   # a folder of models named like dumps is not replaced
     with pytest.raises(UadcError, match="a folder holding 00_input.onnx, not an earlier dump"):
         run_passes(model, FLOAT_PASSES, _ctx(images=images, dump_dir=tmp_path))

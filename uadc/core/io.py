@@ -394,9 +394,10 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def replaced_dir(final: Path, check: Callable[[], Any] | None = None) -> Iterator[Path]:
+def replaced_dir(final: Path, check: Callable[[], Any] | None = None, io_errors: bool = True) -> Iterator[Path]:
     """:func:`atomic_dir` for a folder the caller has judged replaceable (a compile's pass dumps:
-    ``check_dump_dir``); ``check`` runs again under the lock."""
+    ``check_dump_dir``); ``check`` runs again under the lock. ``io_errors``: an OSError in the block is
+    "cannot write ``final``" (else it is the block's own: a pass's missing file)."""
     final = Path(final).absolute()
     ensure_dir(final.parent)
     check_writable(final.parent)
@@ -410,6 +411,8 @@ def replaced_dir(final: Path, check: Callable[[], Any] | None = None) -> Iterato
             yield tmp
         except OSError as exc:  # disk full, quota, ...: one line, and the temp is gone
             shutil.rmtree(tmp, ignore_errors=True)
+            if not io_errors:
+                raise
             raise UadcError(f"cannot write {final}: {exc.strerror or exc}") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -322,8 +322,13 @@ def check_dump_dir(dump: Path, recipe: Recipe | None = None) -> None:
     check_outside_artifacts(dump, what="--dump-passes")
     if recipe is not None:
         check_outside_data(dump, recipe, what="--dump-passes")
+    if dump.is_symlink():   # the swap that writes it whole replaced the link with a folder
+        raise UadcError(f"--dump-passes {dump}: a symbolic link; give the folder it points to, or another path")
     if dump.exists() and not dump.is_dir():
         raise UadcError(f"--dump-passes: not a folder: {dump}")
+    if dump.is_dir() and (Path.cwd() == dump.resolve() or dump.resolve() in Path.cwd().parents):
+        raise UadcError(f"--dump-passes {dump}: the current folder or one above it, which the dump replaces whole; "
+                        f"give a folder of its own")   # the compile then ran in a deleted folder (a traceback)
     names = sorted(p.name for p in dump.iterdir()) if dump.is_dir() else []
     other = [n for n in names if not DUMP_NAME.fullmatch(n) and n != DUMP_MARKER]
     if other or (names and not is_marker(dump / DUMP_MARKER, ("kind", "passes"))):
@@ -344,7 +349,7 @@ def run_passes(model: onnx.ModelProto, names: list[str], ctx: PassContext) -> tu
     check_dump_dir(ctx.dump_dir)
     # written beside it and swapped in whole: a stop half-way left the earlier dump's files deleted, a few of
     # this one's, and a passes.json listing passes it did not hold
-    with replaced_dir(Path(ctx.dump_dir), lambda: check_dump_dir(ctx.dump_dir)) as tmp:
+    with replaced_dir(Path(ctx.dump_dir), lambda: check_dump_dir(ctx.dump_dir), io_errors=False) as tmp:
         (tmp / DUMP_MARKER).write_text(json.dumps({"kind": DUMP_KIND, "passes": names}) + "\n")
         (tmp / "00_input.onnx").write_bytes(model.SerializeToString())
         return _run(model, names, ctx, tmp)
